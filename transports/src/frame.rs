@@ -1,0 +1,311 @@
+//! The frame codec: a u32 big-endian length, a postcard header, the raw
+//! body.
+//!
+//! ```text
+//! +-----------------+----------------------+---------------------+
+//! | length (u32 BE) | header (postcard)    | body (raw bytes)    |
+//! +-----------------+----------------------+---------------------+
+//!                   |<------------- length bytes --------------->|
+//! ```
+//!
+//! The header is self-delimiting, so no second length is needed. The
+//! decoder checks the declared length against its limit before it reserves
+//! a single byte for the frame, and hands out the body as a slice of the
+//! received buffer: no copy when decoding, none when forwarding.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::protocol::Header;
+
+/// Size of the length prefix.
+pub const LENGTH_PREFIX_BYTES: usize = 4;
+
+/// Largest header accepted. Message headers are small (ids, names); the
+/// largest legitimate header is a handshake listing every member of a large
+/// cluster. Anything larger is a broken or hostile peer.
+pub const MAX_HEADER_BYTES: usize = 1024 * 1024;
+
+/// Largest frame a codec accepts before a handshake negotiated a larger one:
+/// enough for any handshake.
+pub const HANDSHAKE_MAX_FRAME_BYTES: usize = MAX_HEADER_BYTES;
+
+/// Errors of the frame layer. Each one ends the connection it came from.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The declared frame length exceeds the limit; nothing was allocated.
+    #[error("frame of {declared} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// The length the peer declared.
+        declared: u64,
+        /// The limit in force.
+        max: usize,
+    },
+    /// A frame of length zero, which cannot hold a header.
+    #[error("empty frame (length 0)")]
+    Empty,
+    /// The header could not be decoded.
+    #[error("undecodable frame header")]
+    Header(#[source] postcard::Error),
+    /// The header is larger than [`MAX_HEADER_BYTES`].
+    #[error("frame header of {size} bytes exceeds the limit of {MAX_HEADER_BYTES} bytes")]
+    HeaderTooLarge {
+        /// Size of the header.
+        size: usize,
+    },
+    /// The connection ended in the middle of a frame.
+    #[error("connection closed in the middle of a frame ({buffered} bytes buffered)")]
+    Truncated {
+        /// Bytes received of the unfinished frame.
+        buffered: usize,
+    },
+    /// Reading or writing the socket failed.
+    #[error("i/o error on the connection")]
+    Io(#[from] std::io::Error),
+}
+
+/// A decoded frame: the header, and the received bytes it came in.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    header: Header,
+    raw: Bytes,
+    header_len: usize,
+}
+
+impl Frame {
+    /// The decoded header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Takes the header out, keeping the body.
+    pub fn into_parts(self) -> (Header, Bytes) {
+        let body = self.raw.slice(self.header_len..);
+        (self.header, body)
+    }
+
+    /// The body, as a slice of the received buffer (no copy).
+    pub fn body(&self) -> Bytes {
+        self.raw.slice(self.header_len..)
+    }
+
+    /// Length of the body in bytes.
+    pub fn body_len(&self) -> usize {
+        self.raw.len() - self.header_len
+    }
+
+    /// Header and body exactly as received (without the length prefix), for
+    /// forwarding without re-encoding.
+    pub fn raw(&self) -> &Bytes {
+        &self.raw
+    }
+
+    /// Decodes one frame's contents (everything after the length prefix).
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::Header`] if the header cannot be decoded,
+    /// [`FrameError::Empty`] if `raw` is empty.
+    pub fn decode(raw: Bytes) -> Result<Frame, FrameError> {
+        if raw.is_empty() {
+            return Err(FrameError::Empty);
+        }
+        let window = &raw[..raw.len().min(MAX_HEADER_BYTES)];
+        let (header, rest) = match postcard::take_from_bytes::<Header>(window) {
+            Ok(ok) => ok,
+            Err(e) if window.len() == MAX_HEADER_BYTES && raw.len() > MAX_HEADER_BYTES => {
+                // The header did not end within the allowed size.
+                tracing::trace!(error = %e, "header does not fit the header limit");
+                return Err(FrameError::HeaderTooLarge { size: raw.len() });
+            }
+            Err(e) => return Err(FrameError::Header(e)),
+        };
+        let header_len = window.len() - rest.len();
+        Ok(Frame {
+            header,
+            raw,
+            header_len,
+        })
+    }
+}
+
+/// Encodes `header` with its length prefix into `dst`, declaring a body of
+/// `body_len` bytes that the caller writes right after (or sends as a
+/// separate buffer in the same vectored write).
+///
+/// # Errors
+///
+/// [`FrameError::HeaderTooLarge`] or [`FrameError::TooLarge`] if the frame
+/// would break the limits; `dst` is left as it was.
+pub fn encode_header(
+    header: &Header,
+    body_len: usize,
+    max_frame: usize,
+    dst: &mut BytesMut,
+) -> Result<(), FrameError> {
+    let start = dst.len();
+    dst.put_u32(0);
+    if let Err(e) = postcard::to_io(header, (&mut *dst).writer()) {
+        dst.truncate(start);
+        return Err(FrameError::Header(e));
+    }
+    let header_len = dst.len() - start - LENGTH_PREFIX_BYTES;
+    if header_len > MAX_HEADER_BYTES {
+        dst.truncate(start);
+        return Err(FrameError::HeaderTooLarge { size: header_len });
+    }
+    let total = header_len + body_len;
+    if total > max_frame || total > u32::MAX as usize {
+        dst.truncate(start);
+        return Err(FrameError::TooLarge {
+            declared: total as u64,
+            max: max_frame,
+        });
+    }
+    dst[start..start + LENGTH_PREFIX_BYTES].copy_from_slice(&(total as u32).to_be_bytes());
+    Ok(())
+}
+
+/// A frame to be written: either a header and body, or bytes received
+/// earlier and forwarded as they are.
+#[derive(Clone, Debug)]
+pub enum OutFrame {
+    /// A header to encode, followed by a body.
+    Parts {
+        /// The header.
+        header: Header,
+        /// The body, possibly empty.
+        body: Bytes,
+    },
+    /// Header and body exactly as received ([`Frame::raw`]).
+    Raw(Bytes),
+}
+
+impl OutFrame {
+    /// A frame with a header and no body.
+    pub fn control(header: Header) -> Self {
+        OutFrame::Parts {
+            header,
+            body: Bytes::new(),
+        }
+    }
+
+    /// The number of body (or raw) bytes this frame carries.
+    pub fn payload_len(&self) -> usize {
+        match self {
+            OutFrame::Parts { body, .. } => body.len(),
+            OutFrame::Raw(raw) => raw.len(),
+        }
+    }
+}
+
+/// The codec. Frames above `max_frame` bytes (header plus body) are refused
+/// before any allocation.
+#[derive(Clone, Copy, Debug)]
+pub struct FrameCodec {
+    max_frame: usize,
+}
+
+impl FrameCodec {
+    /// A codec refusing frames over `max_frame` bytes.
+    pub fn new(max_frame: usize) -> Self {
+        FrameCodec { max_frame }
+    }
+
+    /// A codec for bodies of at most `max_message_bytes`, plus a header.
+    pub fn for_messages(max_message_bytes: u64) -> Self {
+        let max = usize::try_from(max_message_bytes)
+            .unwrap_or(usize::MAX)
+            .saturating_add(MAX_HEADER_BYTES)
+            .min(u32::MAX as usize);
+        FrameCodec { max_frame: max }
+    }
+
+    /// The frame limit in force.
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+
+    /// Changes the limit, as after a handshake.
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame;
+    }
+}
+
+impl Default for FrameCodec {
+    fn default() -> Self {
+        FrameCodec::new(HANDSHAKE_MAX_FRAME_BYTES)
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        if src.len() < LENGTH_PREFIX_BYTES {
+            return Ok(None);
+        }
+        let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
+        prefix.copy_from_slice(&src[..LENGTH_PREFIX_BYTES]);
+        let len = u32::from_be_bytes(prefix) as usize;
+        if len == 0 {
+            return Err(FrameError::Empty);
+        }
+        if len > self.max_frame {
+            return Err(FrameError::TooLarge {
+                declared: len as u64,
+                max: self.max_frame,
+            });
+        }
+        let needed = LENGTH_PREFIX_BYTES + len;
+        if src.len() < needed {
+            // Within the limit: reserve the whole frame once, so a large body
+            // is read straight into its final buffer.
+            src.reserve(needed - src.len());
+            return Ok(None);
+        }
+        src.advance(LENGTH_PREFIX_BYTES);
+        let raw = src.split_to(len).freeze();
+        Frame::decode(raw).map(Some)
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        match self.decode(buf)? {
+            Some(frame) => Ok(Some(frame)),
+            None if buf.is_empty() => Ok(None),
+            None => Err(FrameError::Truncated {
+                buffered: buf.len(),
+            }),
+        }
+    }
+}
+
+impl Encoder<OutFrame> for FrameCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, item: OutFrame, dst: &mut BytesMut) -> Result<(), FrameError> {
+        match item {
+            OutFrame::Parts { header, body } => {
+                encode_header(&header, body.len(), self.max_frame, dst)?;
+                dst.extend_from_slice(&body);
+            }
+            OutFrame::Raw(raw) => {
+                if raw.len() > self.max_frame {
+                    return Err(FrameError::TooLarge {
+                        declared: raw.len() as u64,
+                        max: self.max_frame,
+                    });
+                }
+                if raw.is_empty() {
+                    return Err(FrameError::Empty);
+                }
+                dst.reserve(LENGTH_PREFIX_BYTES + raw.len());
+                dst.put_u32(raw.len() as u32);
+                dst.extend_from_slice(&raw);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,212 @@
+//! The handshake that opens every connection: the connecting end sends
+//! [`Hello`], the accepting end answers [`Welcome`] or [`Refused`] and
+//! closes. A version or cluster-name mismatch is a clear error on both ends:
+//! the acceptor logs and refuses, the connector gets
+//! [`HandshakeError::Refused`] with the reason.
+//!
+//! [`Refused`]: crate::protocol::Header::Refused
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use crate::frame::{FrameCodec, FrameError, OutFrame, HANDSHAKE_MAX_FRAME_BYTES};
+use crate::io::FrameReader;
+use crate::protocol::{Header, Hello, Refusal, RefusalReason, Welcome, PROTOCOL_VERSION};
+use tokio_util::codec::Encoder;
+
+/// Why a handshake failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandshakeError {
+    /// The other end refused us.
+    #[error("the peer refused the connection: {} ({})", .refusal.reason, .refusal.detail)]
+    Refused {
+        /// What the peer said.
+        refusal: Refusal,
+    },
+    /// We refused the other end (and told it why).
+    #[error("refused the peer: {0}")]
+    Mismatch(RefusalReason),
+    /// The peer sent another frame than the handshake expects.
+    #[error("expected a {expected} frame, got {got}")]
+    Unexpected {
+        /// What we waited for.
+        expected: &'static str,
+        /// What came.
+        got: &'static str,
+    },
+    /// The peer closed the connection during the handshake.
+    #[error("the peer closed the connection during the handshake")]
+    Closed,
+    /// The handshake did not complete in time.
+    #[error("the handshake did not complete within {0:?}")]
+    Timeout(Duration),
+    /// A frame error (oversized, undecodable) or an i/o error.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
+/// Writes one frame directly (outside any writer task).
+///
+/// # Errors
+///
+/// The frame or i/o error.
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    frame: OutFrame,
+) -> Result<(), FrameError> {
+    let mut buf = bytes::BytesMut::new();
+    FrameCodec::new(HANDSHAKE_MAX_FRAME_BYTES.max(frame.payload_len() + HANDSHAKE_MAX_FRAME_BYTES))
+        .encode(frame, &mut buf)?;
+    io.write_all(&buf).await?;
+    io.flush().await?;
+    Ok(())
+}
+
+/// The connecting side: sends `hello`, waits for the answer.
+///
+/// The reader keeps any bytes that arrived after the answer.
+///
+/// # Errors
+///
+/// [`HandshakeError`]; in particular `Refused` with the peer's reason, and
+/// `Mismatch` if the peer's `Welcome` is of another version or cluster.
+pub async fn connect_handshake<R, W>(
+    reader: &mut FrameReader<R>,
+    writer: &mut W,
+    hello: &Hello,
+    timeout: Duration,
+) -> Result<Welcome, HandshakeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let exchange = async {
+        write_frame(writer, OutFrame::control(Header::Hello(hello.clone()))).await?;
+        match reader.next().await? {
+            None => Err(HandshakeError::Closed),
+            Some(frame) => match frame.into_parts().0 {
+                Header::Welcome(welcome) => {
+                    if welcome.version != hello.version {
+                        return Err(HandshakeError::Mismatch(RefusalReason::VersionMismatch {
+                            ours: hello.version,
+                            theirs: welcome.version,
+                        }));
+                    }
+                    if welcome.cluster != hello.cluster {
+                        return Err(HandshakeError::Mismatch(RefusalReason::ClusterMismatch {
+                            ours: hello.cluster.clone(),
+                            theirs: welcome.cluster,
+                        }));
+                    }
+                    Ok(welcome)
+                }
+                Header::Refused(refusal) => Err(HandshakeError::Refused { refusal }),
+                other => Err(HandshakeError::Unexpected {
+                    expected: "welcome",
+                    got: other.kind(),
+                }),
+            },
+        }
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(HandshakeError::Timeout(timeout)),
+    }
+}
+
+/// The accepting side, first half: reads the peer's [`Hello`].
+///
+/// A first frame that is not a `Hello` is answered with a
+/// `ProtocolViolation` refusal.
+///
+/// # Errors
+///
+/// [`HandshakeError`]; the caller closes the connection.
+pub async fn read_hello<R, W>(
+    reader: &mut FrameReader<R>,
+    writer: &mut W,
+    timeout: Duration,
+) -> Result<Hello, HandshakeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let first = match tokio::time::timeout(timeout, reader.next()).await {
+        Err(_) => return Err(HandshakeError::Timeout(timeout)),
+        Ok(r) => r?,
+    };
+    match first {
+        None => Err(HandshakeError::Closed),
+        Some(frame) => match frame.into_parts().0 {
+            Header::Hello(hello) => Ok(hello),
+            other => {
+                let got = other.kind();
+                refuse(
+                    writer,
+                    RefusalReason::ProtocolViolation,
+                    format!("expected a hello frame first, got {got}"),
+                )
+                .await;
+                Err(HandshakeError::Unexpected {
+                    expected: "hello",
+                    got,
+                })
+            }
+        },
+    }
+}
+
+/// Checks a peer's [`Hello`] against our cluster name and credentials.
+///
+/// # Errors
+///
+/// The [`Refusal`] to send back.
+pub fn check_hello(
+    hello: &Hello,
+    cluster: &str,
+    credentials: Option<&str>,
+) -> Result<(), Refusal> {
+    if hello.version != PROTOCOL_VERSION {
+        return Err(Refusal {
+            reason: RefusalReason::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs: hello.version,
+            },
+            detail: format!(
+                "node {} speaks protocol version {}, this end speaks {}",
+                hello.node, hello.version, PROTOCOL_VERSION
+            ),
+        });
+    }
+    if hello.cluster != cluster {
+        return Err(Refusal {
+            reason: RefusalReason::ClusterMismatch {
+                ours: cluster.to_owned(),
+                theirs: hello.cluster.clone(),
+            },
+            detail: format!(
+                "node {} belongs to cluster {:?}, this end to {:?}",
+                hello.node, hello.cluster, cluster
+            ),
+        });
+    }
+    if let Some(expected) = credentials {
+        if hello.credentials.as_deref() != Some(expected) {
+            return Err(Refusal {
+                reason: RefusalReason::BadCredentials,
+                detail: format!("node {} presented wrong or no credentials", hello.node),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Sends a refusal, best effort (the connection is closed next anyway).
+pub async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, reason: RefusalReason, detail: String) {
+    let frame = OutFrame::control(Header::Refused(Refusal { reason, detail }));
+    if let Err(e) = write_frame(writer, frame).await {
+        tracing::debug!(error = %e, "could not send refusal");
+    }
+}

@@ -1,0 +1,453 @@
+//! The two halves of a connection: a frame reader, and a bounded outgoing
+//! queue drained by one writer task that puts many frames into each
+//! syscall.
+//!
+//! The queue is bounded twice: in frames (a tokio channel) and in bytes (a
+//! semaphore whose permits the writer gives back once the bytes are
+//! written). Data frames and control frames are treated differently when it
+//! is full:
+//!
+//! - [`OutQueue::try_push_data`] never waits: it fails with
+//!   [`PushError::Full`] so that the caller can answer the sender with an
+//!   error. A share of the frame slots is kept free for control frames.
+//! - [`OutQueue::push_data`] waits for room in frames and bytes (a node's own
+//!   sends: back-pressure instead of growth).
+//! - [`OutQueue::push_control`] waits for a frame slot only; control frames
+//!   are small and must not be lost.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::codec::Decoder;
+use tokio_util::sync::CancellationToken;
+
+use crate::frame::{encode_header, Frame, FrameCodec, FrameError, OutFrame, LENGTH_PREFIX_BYTES};
+
+/// Bytes requested from the socket per read when the buffer runs low.
+pub const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Frames the writer takes from its queue per batch.
+pub const WRITE_BATCH_FRAMES: usize = 256;
+/// Bodies at least this large are written from their own buffer in the
+/// vectored write instead of being copied into the batch buffer.
+pub const VECTORED_MIN_BYTES: usize = 16 * 1024;
+/// Buffers per `write_vectored` call.
+const MAX_IOSLICES: usize = 64;
+
+/// Reads frames from one half of a connection.
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    io: R,
+    buf: BytesMut,
+    codec: FrameCodec,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// A reader with the given codec.
+    pub fn new(io: R, codec: FrameCodec) -> Self {
+        FrameReader {
+            io,
+            buf: BytesMut::with_capacity(READ_CHUNK_BYTES),
+            codec,
+        }
+    }
+
+    /// The codec, to change its limit after the handshake.
+    pub fn codec_mut(&mut self) -> &mut FrameCodec {
+        &mut self.codec
+    }
+
+    /// The next frame, or `None` at a clean end of stream.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError`] for an oversized, undecodable or truncated frame, or an
+    /// i/o error. The connection should be closed after any error.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: bytes read stay buffered for the next call.
+    pub async fn next(&mut self) -> Result<Option<Frame>, FrameError> {
+        loop {
+            if let Some(frame) = self.codec.decode(&mut self.buf)? {
+                return Ok(Some(frame));
+            }
+            if self.buf.capacity() - self.buf.len() < READ_CHUNK_BYTES / 4 {
+                self.buf.reserve(READ_CHUNK_BYTES);
+            }
+            if self.io.read_buf(&mut self.buf).await? == 0 {
+                return self.codec.decode_eof(&mut self.buf);
+            }
+        }
+    }
+
+    /// Gives back the underlying reader.
+    pub fn into_inner(self) -> R {
+        self.io
+    }
+}
+
+/// One entry of an outgoing queue.
+#[derive(Debug)]
+struct OutItem {
+    frame: OutFrame,
+    permits: u32,
+}
+
+/// Why a frame could not be queued.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PushError {
+    /// The queue is full: the receiving end does not keep up.
+    #[error("outgoing queue full")]
+    Full(OutFrame),
+    /// The connection is closed.
+    #[error("connection closed")]
+    Closed(OutFrame),
+}
+
+/// The sending side of a connection's outgoing queue. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct OutQueue {
+    tx: mpsc::Sender<OutItem>,
+    bytes: Arc<Semaphore>,
+    max_bytes: u32,
+    control_reserve: usize,
+    closed: CancellationToken,
+}
+
+/// The writer's side of an outgoing queue.
+#[derive(Debug)]
+pub struct OutReceiver {
+    rx: mpsc::Receiver<OutItem>,
+    bytes: Arc<Semaphore>,
+    closed: CancellationToken,
+}
+
+/// A queue of at most `frames` frames and about `bytes` payload bytes.
+///
+/// A single frame larger than `bytes` is still accepted when the queue is
+/// otherwise empty, so the byte bound never makes a frame impossible to
+/// send.
+pub fn out_queue(frames: usize, bytes: usize) -> (OutQueue, OutReceiver) {
+    let frames = frames.max(4);
+    let max_bytes = u32::try_from(bytes).unwrap_or(u32::MAX).max(1);
+    let (tx, rx) = mpsc::channel(frames);
+    let sem = Arc::new(Semaphore::new(max_bytes as usize));
+    let closed = CancellationToken::new();
+    (
+        OutQueue {
+            tx,
+            bytes: sem.clone(),
+            max_bytes,
+            control_reserve: frames / 8,
+            closed: closed.clone(),
+        },
+        OutReceiver {
+            rx,
+            bytes: sem,
+            closed,
+        },
+    )
+}
+
+impl OutQueue {
+    fn permits_for(&self, frame: &OutFrame) -> u32 {
+        u32::try_from(frame.payload_len())
+            .unwrap_or(u32::MAX)
+            .min(self.max_bytes)
+    }
+
+    /// Queues a data frame without waiting.
+    ///
+    /// # Errors
+    ///
+    /// [`PushError::Full`] when the frame slots left are reserved for control
+    /// frames or the bytes are used up; [`PushError::Closed`] when the
+    /// writer is gone. The frame is handed back.
+    pub fn try_push_data(&self, frame: OutFrame) -> Result<(), PushError> {
+        if self.closed.is_cancelled() || self.tx.is_closed() {
+            return Err(PushError::Closed(frame));
+        }
+        if self.tx.capacity() <= self.control_reserve {
+            return Err(PushError::Full(frame));
+        }
+        let permits = self.permits_for(&frame);
+        let Ok(permit) = self.bytes.try_acquire_many(permits) else {
+            return Err(PushError::Full(frame));
+        };
+        match self.tx.try_send(OutItem { frame, permits }) {
+            Ok(()) => {
+                permit.forget();
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(item)) => Err(PushError::Full(item.frame)),
+            Err(mpsc::error::TrySendError::Closed(item)) => Err(PushError::Closed(item.frame)),
+        }
+    }
+
+    /// Queues a data frame, waiting for room in frames and bytes.
+    ///
+    /// # Errors
+    ///
+    /// [`PushError::Closed`] when the writer is gone.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a cancelled call queued nothing.
+    pub async fn push_data(&self, frame: OutFrame) -> Result<(), PushError> {
+        let permits = self.permits_for(&frame);
+        let permit = tokio::select! {
+            p = self.bytes.acquire_many(permits) => p,
+            _ = self.closed.cancelled() => return Err(PushError::Closed(frame)),
+        };
+        let Ok(permit) = permit else {
+            return Err(PushError::Closed(frame));
+        };
+        let slot = tokio::select! {
+            s = self.tx.reserve() => s,
+            _ = self.closed.cancelled() => return Err(PushError::Closed(frame)),
+        };
+        match slot {
+            Ok(slot) => {
+                permit.forget();
+                slot.send(OutItem { frame, permits });
+                Ok(())
+            }
+            Err(_) => Err(PushError::Closed(frame)),
+        }
+    }
+
+    /// Queues a control frame, waiting for a frame slot.
+    ///
+    /// # Errors
+    ///
+    /// [`PushError::Closed`] when the writer is gone.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a cancelled call queued nothing.
+    pub async fn push_control(&self, frame: OutFrame) -> Result<(), PushError> {
+        let slot = tokio::select! {
+            s = self.tx.reserve() => s,
+            _ = self.closed.cancelled() => return Err(PushError::Closed(frame)),
+        };
+        match slot {
+            Ok(slot) => {
+                slot.send(OutItem { frame, permits: 0 });
+                Ok(())
+            }
+            Err(_) => Err(PushError::Closed(frame)),
+        }
+    }
+
+    /// Queues a control frame if a slot is free.
+    ///
+    /// # Errors
+    ///
+    /// [`PushError::Full`] or [`PushError::Closed`], handing the frame back.
+    pub fn try_push_control(&self, frame: OutFrame) -> Result<(), PushError> {
+        match self.tx.try_send(OutItem { frame, permits: 0 }) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(item)) => Err(PushError::Full(item.frame)),
+            Err(mpsc::error::TrySendError::Closed(item)) => Err(PushError::Closed(item.frame)),
+        }
+    }
+
+    /// Frames waiting to be written: a measure of the receiver's load.
+    pub fn queued_frames(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Whether the connection's writer has stopped.
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled() || self.tx.is_closed()
+    }
+
+    /// Stops the writer without draining: frames still queued are dropped.
+    /// Used to cut off a slow consumer or a misbehaving peer.
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+
+    /// Resolves once the writer has stopped or [`OutQueue::close`] was called.
+    pub async fn closed(&self) {
+        tokio::select! {
+            _ = self.closed.cancelled() => {}
+            _ = self.tx.closed() => {}
+        }
+    }
+}
+
+/// Drains `rx` into `io` until every [`OutQueue`] is dropped (then flushes
+/// and shuts the write side down) or [`OutQueue::close`] is called (then
+/// stops at once).
+///
+/// Each batch of up to [`WRITE_BATCH_FRAMES`] frames goes out in as few
+/// vectored writes as the kernel takes: headers and small bodies are copied
+/// into one buffer, bodies of [`VECTORED_MIN_BYTES`] and more are written
+/// from their own `Bytes`.
+///
+/// # Errors
+///
+/// The i/o error that ended the connection. A frame that cannot be encoded
+/// (over `max_frame`) is logged and skipped, not fatal.
+pub async fn run_writer<W: AsyncWrite + Unpin>(
+    mut io: W,
+    mut rx: OutReceiver,
+    max_frame: usize,
+) -> Result<(), FrameError> {
+    let mut batch = Vec::with_capacity(WRITE_BATCH_FRAMES);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let mut chunks: VecDeque<Bytes> = VecDeque::new();
+    let result = loop {
+        let n = tokio::select! {
+            biased;
+            _ = rx.closed.cancelled() => break Ok(()),
+            n = rx.rx.recv_many(&mut batch, WRITE_BATCH_FRAMES) => n,
+        };
+        if n == 0 {
+            break io.shutdown().await.map_err(FrameError::from);
+        }
+        let mut permits = 0usize;
+        for item in batch.drain(..) {
+            permits += item.permits as usize;
+            let body = match item.frame {
+                OutFrame::Parts { header, body } => {
+                    if let Err(e) = encode_header(&header, body.len(), max_frame, &mut buf) {
+                        tracing::error!(error = %e, kind = header.kind(), "dropping frame that cannot be encoded");
+                        continue;
+                    }
+                    body
+                }
+                OutFrame::Raw(raw) => {
+                    if raw.len() > max_frame || raw.is_empty() {
+                        tracing::error!(len = raw.len(), max_frame, "dropping raw frame outside the limit");
+                        continue;
+                    }
+                    buf.reserve(LENGTH_PREFIX_BYTES);
+                    buf.put_u32(raw.len() as u32);
+                    raw
+                }
+            };
+            if body.len() >= VECTORED_MIN_BYTES {
+                chunks.push_back(buf.split().freeze());
+                chunks.push_back(body);
+            } else {
+                buf.extend_from_slice(&body);
+            }
+        }
+        if !buf.is_empty() {
+            chunks.push_back(buf.split().freeze());
+        }
+        let written = tokio::select! {
+            biased;
+            _ = rx.closed.cancelled() => break Ok(()),
+            w = write_chunks(&mut io, &mut chunks) => w,
+        };
+        rx.bytes.add_permits(permits);
+        if let Err(e) = written {
+            break Err(FrameError::Io(e));
+        }
+    };
+    rx.closed.cancel();
+    rx.rx.close();
+    result
+}
+
+/// Writes every chunk, many per syscall.
+async fn write_chunks<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    chunks: &mut VecDeque<Bytes>,
+) -> std::io::Result<()> {
+    while !chunks.is_empty() {
+        let n = {
+            let mut slices = [IoSlice::new(&[]); MAX_IOSLICES];
+            let mut count = 0;
+            for (slot, chunk) in slices.iter_mut().zip(chunks.iter()) {
+                *slot = IoSlice::new(chunk);
+                count += 1;
+            }
+            io.write_vectored(&slices[..count]).await?
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let mut left = n;
+        while left > 0 {
+            let Some(front) = chunks.front_mut() else {
+                break;
+            };
+            if front.len() <= left {
+                left -= front.len();
+                chunks.pop_front();
+            } else {
+                bytes::Buf::advance(front, left);
+                left = 0;
+            }
+        }
+    }
+    io.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Header;
+
+    #[tokio::test]
+    async fn writer_batches_and_reader_reads_back() {
+        let (client, server) = tokio::io::duplex(1024);
+        let (q, rx) = out_queue(64, 1 << 20);
+        let writer = tokio::spawn(run_writer(client, rx, 1 << 20));
+        let big = Bytes::from(vec![7u8; 100_000]);
+        for i in 0..10u64 {
+            let body = if i == 5 { big.clone() } else { Bytes::from(vec![i as u8; 10]) };
+            q.push_data(OutFrame::Parts {
+                header: Header::Subscribed { token: i },
+                body,
+            })
+            .await
+            .expect("queued");
+        }
+        drop(q);
+        let mut reader = FrameReader::new(server, FrameCodec::new(1 << 20));
+        for i in 0..10u64 {
+            let frame = reader.next().await.expect("frame").expect("not eof");
+            assert_eq!(frame.header(), &Header::Subscribed { token: i });
+            if i == 5 {
+                assert_eq!(frame.body(), big);
+            } else {
+                assert_eq!(&frame.body()[..], &[i as u8; 10]);
+            }
+        }
+        assert!(reader.next().await.expect("clean eof").is_none());
+        writer.await.expect("join").expect("writer ok");
+    }
+
+    #[test]
+    fn try_push_data_reports_full_and_keeps_control_room() {
+        let (q, _rx) = out_queue(16, 1000);
+        let frame = || OutFrame::Parts {
+            header: Header::Goodbye,
+            body: Bytes::from_static(b"x"),
+        };
+        let mut pushed = 0;
+        while q.try_push_data(frame()).is_ok() {
+            pushed += 1;
+        }
+        assert_eq!(pushed, 16 - 16 / 8);
+        assert!(q.try_push_control(OutFrame::control(Header::Goodbye)).is_ok());
+
+        let (q, _rx) = out_queue(16, 100);
+        let body = |n| OutFrame::Parts {
+            header: Header::Goodbye,
+            body: Bytes::from(vec![0u8; n]),
+        };
+        assert!(q.try_push_data(body(60)).is_ok());
+        assert!(matches!(q.try_push_data(body(60)), Err(PushError::Full(_))));
+    }
+}

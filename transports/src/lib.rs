@@ -1,0 +1,28 @@
+//! Wire format and connections of clustercomm.
+//!
+//! Everything that crosses a socket is defined here: the frame codec, the
+//! headers, the handshake, the bounded outgoing queue and its writer task,
+//! TCP tuning, and the configuration every process reads.
+//!
+//! # Layout
+//!
+//! - [`protocol`]: the frame headers (`Hello`, `Message`, `Ack`, ...), node
+//!   ids and targets.
+//! - [`frame`]: the codec (length prefix, postcard header, raw body).
+//! - [`io`]: the frame reader and the outgoing queue with its writer task.
+//! - [`handshake`]: opening a connection, refusing a bad one.
+//! - [`tcp`]: listening and connecting with socket options applied.
+//! - [`config`]: the TOML configuration, its defaults and validation.
+
+pub mod config;
+pub mod frame;
+pub mod handshake;
+pub mod io;
+pub mod protocol;
+pub mod tcp;
+
+pub use config::{Config, ConfigError};
+pub use frame::{Frame, FrameCodec, FrameError, OutFrame};
+pub use handshake::HandshakeError;
+pub use io::{out_queue, run_writer, FrameReader, OutQueue, OutReceiver, PushError};
+pub use protocol::{Header, NodeId, Target};

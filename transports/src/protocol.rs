@@ -1,0 +1,423 @@
+//! The frame headers every path carries: handshake, messages, routing
+//! results, acknowledgements and membership events.
+//!
+//! Headers are postcard-encoded; bodies follow them raw and are never
+//! re-encoded. [`Header::Hello`] must stay the first variant and
+//! [`Hello::version`] its first field, so that a peer speaking another
+//! protocol version can still read which version it is talking to.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks. Peers with another version are
+/// refused at the handshake with [`RefusalReason::VersionMismatch`].
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The unique name of a cluster element, such as `server-1`.
+///
+/// Cheap to clone (a reference-counted string), because every message
+/// header carries one.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct NodeId(Arc<str>);
+
+impl NodeId {
+    /// Creates a node id from any string.
+    pub fn new(id: impl AsRef<str>) -> Self {
+        NodeId(Arc::from(id.as_ref()))
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for NodeId {
+    fn from(s: &str) -> Self {
+        NodeId::new(s)
+    }
+}
+
+impl From<String> for NodeId {
+    fn from(s: String) -> Self {
+        NodeId(Arc::from(s))
+    }
+}
+
+impl PartialEq<str> for NodeId {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for NodeId {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+/// Where a message goes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Target {
+    /// One node.
+    Node(NodeId),
+    /// Every current member of the group that offers the service.
+    Group(String),
+    /// Exactly one member of the group that offers the service, preferring
+    /// the least loaded.
+    AnyOf(String),
+    /// Every other node in the cluster that offers the service; never the
+    /// sender itself.
+    All,
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Node(n) => write!(f, "node {n}"),
+            Target::Group(g) => write!(f, "group {g}"),
+            Target::AnyOf(g) => write!(f, "any member of group {g}"),
+            Target::All => f.write_str("all nodes"),
+        }
+    }
+}
+
+/// The role a node plays in the cluster.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// An application server.
+    #[default]
+    Server,
+    /// A dispatcher, which keeps session channels to the servers of its
+    /// group.
+    Dispatcher,
+}
+
+/// What a node tells the message server (or a peer) when it connects.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol version; must stay the first field.
+    pub version: u16,
+    /// Cluster name; both ends must agree.
+    pub cluster: String,
+    /// The connecting node.
+    pub node: NodeId,
+    /// A fresh number each time the node starts.
+    pub incarnation: u64,
+    /// Role of the node.
+    pub role: Role,
+    /// Groups the node belongs to.
+    pub groups: Vec<String>,
+    /// Services the node offers at connect time.
+    pub services: Vec<String>,
+    /// Where the node accepts direct (lazy and session) channels.
+    pub direct_addr: Option<SocketAddr>,
+    /// Shared cluster secret, if the cluster is configured with one.
+    pub credentials: Option<String>,
+    /// Largest body the node is willing to send or receive.
+    pub max_message_bytes: u64,
+}
+
+/// The message server's answer to an accepted [`Hello`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Protocol version of the server.
+    pub version: u16,
+    /// Cluster name of the server.
+    pub cluster: String,
+    /// The negotiated body limit: the smaller of both ends' limits.
+    pub max_message_bytes: u64,
+    /// Every member currently registered, the new node included.
+    pub members: Vec<MemberInfo>,
+}
+
+/// Why a handshake was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum RefusalReason {
+    /// The two ends speak different protocol versions.
+    VersionMismatch {
+        /// The refusing end's version.
+        ours: u16,
+        /// The version the other end announced.
+        theirs: u16,
+    },
+    /// The two ends belong to different clusters.
+    ClusterMismatch {
+        /// The refusing end's cluster name.
+        ours: String,
+        /// The cluster name the other end announced.
+        theirs: String,
+    },
+    /// A node with this id is still registered and live.
+    DuplicateNode,
+    /// The credentials did not match.
+    BadCredentials,
+    /// The first frame was not a handshake, or could not be decoded.
+    ProtocolViolation,
+}
+
+impl fmt::Display for RefusalReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RefusalReason::VersionMismatch { ours, theirs } => write!(
+                f,
+                "protocol version mismatch: the refusing end speaks {ours}, this end {theirs}"
+            ),
+            RefusalReason::ClusterMismatch { ours, theirs } => write!(
+                f,
+                "cluster name mismatch: the refusing end is in cluster {ours:?}, this end in {theirs:?}"
+            ),
+            RefusalReason::DuplicateNode => {
+                f.write_str("a node with this id is already registered and live")
+            }
+            RefusalReason::BadCredentials => f.write_str("bad credentials"),
+            RefusalReason::ProtocolViolation => f.write_str("protocol violation"),
+        }
+    }
+}
+
+/// A refused handshake: the reason, and a sentence for the logs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// Machine-readable reason.
+    pub reason: RefusalReason,
+    /// Human-readable detail.
+    pub detail: String,
+}
+
+/// How the receiver treats a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum MessageKind {
+    /// One-way, no acknowledgement.
+    Notify,
+    /// Acknowledged once accepted into the service's inbox.
+    Send,
+    /// Expects one reply; no separate acknowledgement.
+    Request,
+    /// The reply to a request.
+    Reply {
+        /// Sequence number of the request answered.
+        request_seq: u64,
+        /// Incarnation of the requester, so a reply never reaches a later
+        /// incarnation.
+        requester_incarnation: u64,
+    },
+}
+
+/// Header of a message frame; the body follows raw.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageHeader {
+    /// The sending node.
+    pub sender: NodeId,
+    /// The sender's incarnation.
+    pub incarnation: u64,
+    /// Per-sender, per-incarnation sequence number.
+    pub seq: u64,
+    /// Where the message goes.
+    pub target: Target,
+    /// The service addressed on each receiver.
+    pub service: Arc<str>,
+    /// How the receiver treats it.
+    pub kind: MessageKind,
+}
+
+/// Why a message did not reach a receiver.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum DeliveryFailure {
+    /// No such node, group, or no member in it.
+    UnknownTarget,
+    /// The receiver (or every candidate) does not offer the service.
+    NoSuchService,
+    /// The body is larger than the path allows.
+    PayloadTooLarge {
+        /// Size of the body.
+        size: u64,
+        /// The limit it exceeded.
+        max: u64,
+    },
+    /// The receiver's queue was full: it is not keeping up.
+    ReceiverOverloaded,
+    /// The receiver refused the message for the given reason.
+    Rejected(String),
+    /// The receiver stopped before the message left.
+    TargetStopped,
+}
+
+impl fmt::Display for DeliveryFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeliveryFailure::UnknownTarget => f.write_str("unknown target"),
+            DeliveryFailure::NoSuchService => f.write_str("no such service"),
+            DeliveryFailure::PayloadTooLarge { size, max } => {
+                write!(f, "payload of {size} bytes exceeds the limit of {max}")
+            }
+            DeliveryFailure::ReceiverOverloaded => f.write_str("receiver overloaded"),
+            DeliveryFailure::Rejected(r) => write!(f, "rejected: {r}"),
+            DeliveryFailure::TargetStopped => f.write_str("target stopped"),
+        }
+    }
+}
+
+/// The message server's word to a sender about where a message went.
+///
+/// Sent for every acknowledged message or request whose receivers the
+/// sender cannot know (`Group`, `AnyOf`, `All`), and for any message the
+/// server could not route.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Routed {
+    /// Sequence number of the message.
+    pub seq: u64,
+    /// Receivers the message was forwarded to, with their incarnations.
+    pub receivers: Vec<(NodeId, u64)>,
+    /// Receivers the message could not be forwarded to.
+    pub failed: Vec<(NodeId, DeliveryFailure)>,
+    /// Set when the message could not be routed at all.
+    pub error: Option<DeliveryFailure>,
+}
+
+/// Outcome a receiver reports for one message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AckStatus {
+    /// Accepted into the service's inbox.
+    Accepted,
+    /// Not accepted.
+    Failed(DeliveryFailure),
+}
+
+/// A receiver's acknowledgement of one message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// The original sender.
+    pub to: NodeId,
+    /// The original sender's incarnation; a stale ack is dropped.
+    pub to_incarnation: u64,
+    /// Sequence number of the message acknowledged.
+    pub seq: u64,
+    /// The receiver.
+    pub from: NodeId,
+    /// The receiver's incarnation.
+    pub from_incarnation: u64,
+    /// What happened.
+    pub status: AckStatus,
+}
+
+/// What the cluster knows about one member.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    /// The node.
+    pub id: NodeId,
+    /// Its current incarnation.
+    pub incarnation: u64,
+    /// Its role.
+    pub role: Role,
+    /// Groups it belongs to.
+    pub groups: Vec<String>,
+    /// Services it offers.
+    pub services: Vec<String>,
+    /// Where it accepts direct channels.
+    pub direct_addr: Option<SocketAddr>,
+}
+
+/// Why a member left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaveReason {
+    /// It said goodbye: a planned stop.
+    Stopped,
+    /// Its connection broke without a goodbye.
+    Disconnected,
+    /// It was declared failed (silent past the failure timeout).
+    Failed,
+}
+
+/// A change of membership, pushed by the message server to every node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberEvent {
+    /// A node joined.
+    Joined(MemberInfo),
+    /// A node changed its services.
+    Updated(MemberInfo),
+    /// A node left.
+    Left {
+        /// The node.
+        id: NodeId,
+        /// The incarnation that left.
+        incarnation: u64,
+        /// Why.
+        reason: LeaveReason,
+    },
+}
+
+/// The header of every frame.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Header {
+    /// Opens a connection; must stay the first variant.
+    Hello(Hello),
+    /// Accepts a connection.
+    Welcome(Welcome),
+    /// Refuses a connection; the refusing end closes it afterwards.
+    Refused(Refusal),
+    /// A message; the body follows.
+    Message(MessageHeader),
+    /// Where a message went (server to sender).
+    Routed(Routed),
+    /// A receiver's acknowledgement.
+    Ack(Ack),
+    /// A membership change.
+    Member(MemberEvent),
+    /// A node starts offering a service; answered by `Subscribed`.
+    Subscribe {
+        /// Correlates the answer.
+        token: u64,
+        /// The service.
+        service: String,
+    },
+    /// A node stops offering a service.
+    Unsubscribe {
+        /// The service.
+        service: String,
+    },
+    /// The server registered a `Subscribe`.
+    Subscribed {
+        /// The token of the `Subscribe`.
+        token: u64,
+    },
+    /// A planned stop: the sender closes the connection after this.
+    Goodbye,
+}
+
+impl Header {
+    /// A short name of the variant for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Header::Hello(_) => "hello",
+            Header::Welcome(_) => "welcome",
+            Header::Refused(_) => "refused",
+            Header::Message(_) => "message",
+            Header::Routed(_) => "routed",
+            Header::Ack(_) => "ack",
+            Header::Member(_) => "member",
+            Header::Subscribe { .. } => "subscribe",
+            Header::Unsubscribe { .. } => "unsubscribe",
+            Header::Subscribed { .. } => "subscribed",
+            Header::Goodbye => "goodbye",
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! TCP set-up: listening and connecting with the socket options of
+//! `[tcp]` applied through socket2.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::config::TcpConfig;
+
+/// Backlog of listening sockets.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+fn socket_for(addr: &SocketAddr, tcp: &TcpConfig) -> io::Result<TcpSocket> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(n) = tcp.send_buffer_bytes {
+        socket.set_send_buffer_size(u32::try_from(n).unwrap_or(u32::MAX))?;
+    }
+    if let Some(n) = tcp.recv_buffer_bytes {
+        socket.set_recv_buffer_size(u32::try_from(n).unwrap_or(u32::MAX))?;
+    }
+    Ok(socket)
+}
+
+/// Binds a listener on `addr`. Buffer sizes are set on the listening socket
+/// so accepted connections inherit them before the window is negotiated.
+///
+/// # Errors
+///
+/// The socket error, for example when the address is in use.
+pub fn listen(addr: SocketAddr, tcp: &TcpConfig) -> io::Result<TcpListener> {
+    let socket = socket_for(&addr, tcp)?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Applies nodelay and keepalive to a connected stream.
+///
+/// # Errors
+///
+/// The socket error.
+pub fn tune(stream: &TcpStream, tcp: &TcpConfig) -> io::Result<()> {
+    stream.set_nodelay(tcp.nodelay)?;
+    let sock = SockRef::from(stream);
+    if tcp.keepalive_ms > 0 {
+        let idle = Duration::from_millis(tcp.keepalive_ms);
+        let keepalive = TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(idle.min(Duration::from_secs(1)).max(Duration::from_millis(100)))
+            .with_retries(3);
+        sock.set_tcp_keepalive(&keepalive)?;
+    }
+    Ok(())
+}
+
+/// Connects to `addr` (`host:port`), trying each resolved address, with
+/// buffer sizes set before the connect and nodelay/keepalive after.
+///
+/// # Errors
+///
+/// The last connect error, or `TimedOut` if `timeout` passed first.
+pub async fn connect(addr: &str, tcp: &TcpConfig, timeout: Duration) -> io::Result<TcpStream> {
+    let attempt = async {
+        let mut last = io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{addr} resolves to no address"),
+        );
+        for resolved in tokio::net::lookup_host(addr).await? {
+            let socket = socket_for(&resolved, tcp)?;
+            match socket.connect(resolved).await {
+                Ok(stream) => {
+                    tune(&stream, tcp)?;
+                    return Ok(stream);
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connecting to {addr} took longer than {timeout:?}"),
+        )),
+    }
+}
