@@ -99,7 +99,6 @@ struct OutItem {
 
 /// Why a frame could not be queued.
 #[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
 pub enum PushError {
     /// The queue is full: the receiving end does not keep up.
     #[error("outgoing queue full")]

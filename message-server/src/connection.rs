@@ -1,0 +1,431 @@
+//! One node's connection: handshake and registration, then a read loop that
+//! routes each frame straight into the receivers' queues, beside a writer
+//! task that drains this node's own queue.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use transports::frame::FrameCodec;
+use transports::handshake::{self, HandshakeError};
+use transports::protocol::{
+    DeliveryFailure, Header, LeaveReason, MemberEvent, MemberInfo, MessageHeader, MessageKind,
+    NodeId, RefusalReason, Routed, Target, Welcome, PROTOCOL_VERSION,
+};
+use transports::{out_queue, FrameError, FrameReader, OutFrame, OutQueue, PushError};
+
+use crate::counters::Counters;
+use crate::server::{ConnHandle, Shared};
+use crate::table::Resolution;
+
+/// Why a connection ended.
+enum End {
+    Goodbye,
+    Eof,
+    Cancelled,
+    WriterStopped,
+    Frame(FrameError),
+    Violation(String),
+}
+
+/// Serves one accepted connection to its end.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let span = tracing::debug_span!("conn", %peer, node = tracing::field::Empty);
+    async move {
+        if let Err(e) = transports::tcp::tune(&stream, &shared.config.tcp) {
+            tracing::debug!(error = %e, "could not tune socket");
+        }
+        let (rd, mut wr) = stream.into_split();
+        let mut reader = FrameReader::new(rd, FrameCodec::default());
+        let timeout = shared.config.connect_timeout();
+        let hello = tokio::select! {
+            _ = cancel.cancelled() => return,
+            h = handshake::read_hello(&mut reader, &mut wr, timeout) => h,
+        };
+        let hello = match hello {
+            Ok(h) => h,
+            Err(e) => {
+                if matches!(e, HandshakeError::Frame(_) | HandshakeError::Unexpected { .. }) {
+                    Counters::add(&shared.counters.protocol_errors, 1);
+                }
+                tracing::info!(error = %e, "closing connection before registration");
+                return;
+            }
+        };
+        tracing::Span::current().record("node", tracing::field::display(&hello.node));
+        let cluster = &shared.config.cluster;
+        if let Err(refusal) =
+            handshake::check_hello(&hello, &cluster.name, cluster.credentials.as_deref())
+        {
+            tracing::warn!(reason = %refusal.reason, detail = %refusal.detail, "refusing node");
+            Counters::add(&shared.counters.connections_refused, 1);
+            handshake::refuse(&mut wr, refusal.reason, refusal.detail).await;
+            return;
+        }
+
+        let max_message = hello
+            .max_message_bytes
+            .min(shared.config.limits.max_message_bytes);
+        let codec = FrameCodec::for_messages(max_message);
+        *reader.codec_mut() = codec;
+        let (queue, rx) = out_queue(
+            shared.config.message_server.queue_frames,
+            shared.config.message_server.queue_bytes,
+        );
+        let me = MemberInfo {
+            id: hello.node.clone(),
+            incarnation: hello.incarnation,
+            role: hello.role,
+            groups: hello.groups.clone(),
+            services: hello.services.clone(),
+            direct_addr: hello.direct_addr,
+        };
+        if let Err(e) = register(&shared, &me, &queue, codec.max_frame(), max_message) {
+            tracing::warn!(error = %e, "refusing node");
+            Counters::add(&shared.counters.connections_refused, 1);
+            handshake::refuse(&mut wr, RefusalReason::DuplicateNode, e.to_string()).await;
+            return;
+        }
+        Counters::add(&shared.counters.connections_accepted, 1);
+        tracing::info!(incarnation = me.incarnation, groups = ?me.groups, "member joined");
+        let max_frame = codec.max_frame();
+        let writer_queue = queue.clone();
+        tasks.spawn(
+            async move {
+                if let Err(e) = transports::run_writer(wr, rx, max_frame).await {
+                    tracing::debug!(error = %e, "writer stopped");
+                }
+                writer_queue.close();
+            }
+            .in_current_span(),
+        );
+
+        let mut conn = Connection {
+            shared: shared.clone(),
+            me: me.id.clone(),
+            incarnation: me.incarnation,
+            queue: queue.clone(),
+        };
+        let end = conn.read_loop(&mut reader, &cancel).await;
+        let reason = match &end {
+            End::Goodbye => LeaveReason::Stopped,
+            _ => LeaveReason::Disconnected,
+        };
+        match &end {
+            End::Goodbye => tracing::info!("member left (planned stop)"),
+            End::Eof => tracing::info!("member disconnected"),
+            End::Cancelled => tracing::debug!("connection closed by shutdown"),
+            End::WriterStopped => tracing::warn!("member disconnected: its writer stopped"),
+            End::Frame(e) => tracing::warn!(error = %e, "member disconnected on a frame error"),
+            End::Violation(why) => {
+                Counters::add(&shared.counters.protocol_errors, 1);
+                tracing::warn!(reason = %why, "closing connection: protocol violation")
+            }
+        }
+        unregister(&shared, &me.id, me.incarnation, reason);
+        match end {
+            // Let the writer drain what is queued (a planned stop).
+            End::Goodbye | End::Eof => drop(queue),
+            _ => queue.close(),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Registers the node, queues its `Welcome` first, and tells everyone else;
+/// all under the write lock, so every node sees membership in one order.
+fn register(
+    shared: &Shared,
+    me: &MemberInfo,
+    queue: &OutQueue,
+    max_frame: usize,
+    max_message: u64,
+) -> Result<(), crate::table::RegisterError> {
+    let mut state = shared.write();
+    state.table.register(me.clone())?;
+    let welcome = Header::Welcome(Welcome {
+        version: PROTOCOL_VERSION,
+        cluster: shared.config.cluster.name.clone(),
+        max_message_bytes: max_message,
+        members: state.table.members(),
+    });
+    // The queue is new and empty: this cannot fail for lack of room.
+    if let Err(e) = queue.try_push_control(OutFrame::control(welcome)) {
+        tracing::error!(error = %e, "could not queue welcome");
+    }
+    let event = Header::Member(MemberEvent::Joined(me.clone()));
+    broadcast_locked(shared, &state.conns, &event);
+    state.conns.insert(
+        me.id.clone(),
+        ConnHandle {
+            incarnation: me.incarnation,
+            queue: queue.clone(),
+            max_frame,
+        },
+    );
+    Ok(())
+}
+
+fn unregister(shared: &Shared, id: &NodeId, incarnation: u64, reason: LeaveReason) {
+    let mut state = shared.write();
+    if state.table.remove(id, incarnation).is_none() {
+        return;
+    }
+    if state
+        .conns
+        .get(id)
+        .is_some_and(|c| c.incarnation == incarnation)
+    {
+        state.conns.remove(id);
+    }
+    let event = Header::Member(MemberEvent::Left {
+        id: id.clone(),
+        incarnation,
+        reason,
+    });
+    broadcast_locked(shared, &state.conns, &event);
+}
+
+/// Queues a membership event to every connection, under the lock that
+/// orders membership. A connection with no room even for control frames is
+/// hopelessly behind and is cut off.
+fn broadcast_locked(
+    shared: &Shared,
+    conns: &std::collections::HashMap<NodeId, ConnHandle>,
+    event: &Header,
+) {
+    for (id, conn) in conns {
+        match conn.queue.try_push_control(OutFrame::control(event.clone())) {
+            Ok(()) | Err(PushError::Closed(_)) => {}
+            Err(_) => {
+                tracing::warn!(node = %id, "cutting off slow consumer: no room for a membership event");
+                Counters::add(&shared.counters.slow_consumers, 1);
+                conn.queue.close();
+            }
+        }
+    }
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    me: NodeId,
+    incarnation: u64,
+    queue: OutQueue,
+}
+
+impl Connection {
+    async fn read_loop(
+        &mut self,
+        reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+        cancel: &CancellationToken,
+    ) -> End {
+        loop {
+            let frame = tokio::select! {
+                _ = cancel.cancelled() => return End::Cancelled,
+                _ = self.queue.closed() => return End::WriterStopped,
+                f = reader.next() => f,
+            };
+            let frame = match frame {
+                Ok(Some(f)) => f,
+                Ok(None) => return End::Eof,
+                Err(e) => return End::Frame(e),
+            };
+            let end = match frame.header() {
+                Header::Message(h) => {
+                    if h.sender != self.me || h.incarnation != self.incarnation {
+                        Some(End::Violation(format!(
+                            "message claims sender {} incarnation {}",
+                            h.sender, h.incarnation
+                        )))
+                    } else {
+                        self.route(h, frame.raw(), frame.body_len()).await;
+                        None
+                    }
+                }
+                Header::Ack(ack) => {
+                    if ack.from != self.me || ack.from_incarnation != self.incarnation {
+                        Some(End::Violation(format!("ack claims to be from {}", ack.from)))
+                    } else {
+                        self.forward_ack(&ack.to, ack.to_incarnation, frame.raw())
+                            .await;
+                        None
+                    }
+                }
+                Header::Subscribe { token, service } => {
+                    self.update_services(service, true);
+                    let reply = OutFrame::control(Header::Subscribed { token: *token });
+                    self.reply(reply).await;
+                    None
+                }
+                Header::Unsubscribe { service } => {
+                    self.update_services(service, false);
+                    None
+                }
+                Header::Goodbye => Some(End::Goodbye),
+                other => Some(End::Violation(format!(
+                    "unexpected {} frame from a node",
+                    other.kind()
+                ))),
+            };
+            if let Some(end) = end {
+                return end;
+            }
+        }
+    }
+
+    fn update_services(&self, service: &str, add: bool) {
+        let mut state = self.shared.write();
+        let updated = if add {
+            state.table.subscribe(&self.me, service)
+        } else {
+            state.table.unsubscribe(&self.me, service)
+        };
+        if let Some(info) = updated {
+            let event = Header::Member(MemberEvent::Updated(info));
+            broadcast_locked(&self.shared, &state.conns, &event);
+        }
+    }
+
+    /// Queues a control frame to this node, waiting for room up to the
+    /// slow-consumer limit.
+    async fn reply(&self, frame: OutFrame) {
+        push_control_bounded(&self.shared, &self.me, &self.queue, frame).await;
+    }
+
+    async fn forward_ack(&self, to: &NodeId, to_incarnation: u64, raw: &Bytes) {
+        let queue = {
+            let state = self.shared.read();
+            match state.conns.get(to) {
+                Some(c) if c.incarnation == to_incarnation => Some(c.queue.clone()),
+                _ => None,
+            }
+        };
+        match queue {
+            Some(q) => push_control_bounded(&self.shared, to, &q, OutFrame::Raw(raw.clone())).await,
+            None => tracing::trace!(%to, "dropping ack for a sender that is gone"),
+        }
+    }
+
+    /// Routes one message into its receivers' queues and tells the sender
+    /// where it went when the sender cannot know (fan-out, `AnyOf`) or when
+    /// it failed.
+    async fn route(&self, h: &MessageHeader, raw: &Bytes, body_len: usize) {
+        let counters = &self.shared.counters;
+        Counters::add(&counters.messages, 1);
+        Counters::add(&counters.message_bytes, body_len as u64);
+        let acked = h.kind != MessageKind::Notify;
+        let resolved = {
+            let state = self.shared.read();
+            let load = |id: &NodeId| state.conns.get(id).map_or(usize::MAX, |c| c.queue.queued_frames());
+            match state.table.resolve(&self.me, &h.target, &h.service, load) {
+                Ok(Resolution::One(id)) => Ok(vec![(state.conns.get(&id).cloned(), id)]),
+                Ok(Resolution::Many(ids)) => Ok(ids
+                    .into_iter()
+                    .map(|id| (state.conns.get(&id).cloned(), id))
+                    .collect::<Vec<_>>()),
+                Err(f) => Err(f),
+            }
+        };
+        let receivers = match resolved {
+            Ok(r) => r,
+            Err(failure) => {
+                Counters::add(&counters.route_failures, 1);
+                if acked {
+                    self.reply(routed(h.seq, vec![], vec![], Some(failure))).await;
+                } else {
+                    tracing::debug!(%failure, target = %h.target, "dropping unroutable notify");
+                }
+                return;
+            }
+        };
+        let single = receivers.len() == 1;
+        let mut ok = Vec::with_capacity(receivers.len());
+        let mut failed = Vec::new();
+        for (conn, id) in receivers {
+            let outcome = match conn {
+                None => Err(DeliveryFailure::TargetStopped),
+                Some(c) if raw.len() > c.max_frame => Err(DeliveryFailure::PayloadTooLarge {
+                    size: body_len as u64,
+                    max: c.max_frame as u64,
+                }),
+                Some(c) => match c.queue.try_push_data(OutFrame::Raw(raw.clone())) {
+                    Ok(()) => Ok(c.incarnation),
+                    Err(PushError::Full(_)) => {
+                        Counters::add(&counters.overloaded, 1);
+                        Err(DeliveryFailure::ReceiverOverloaded)
+                    }
+                    Err(_) => Err(DeliveryFailure::TargetStopped),
+                },
+            };
+            match outcome {
+                Ok(incarnation) => {
+                    Counters::add(&counters.deliveries, 1);
+                    Counters::add(&counters.delivery_bytes, body_len as u64);
+                    ok.push((id, incarnation));
+                }
+                Err(f) => {
+                    Counters::add(&counters.route_failures, 1);
+                    failed.push((id, f));
+                }
+            }
+        }
+        if !acked {
+            return;
+        }
+        let direct = matches!(h.target, Target::Node(_));
+        if direct && failed.is_empty() {
+            // The sender knows its only receiver; its ack will say the rest.
+            return;
+        }
+        let error = if single && ok.is_empty() {
+            failed.first().map(|(_, f)| f.clone())
+        } else {
+            None
+        };
+        self.reply(routed(h.seq, ok, failed, error)).await;
+    }
+}
+
+fn routed(
+    seq: u64,
+    receivers: Vec<(NodeId, u64)>,
+    failed: Vec<(NodeId, DeliveryFailure)>,
+    error: Option<DeliveryFailure>,
+) -> OutFrame {
+    OutFrame::control(Header::Routed(Routed {
+        seq,
+        receivers,
+        failed,
+        error,
+    }))
+}
+
+/// Queues a control frame, waiting up to `message_server.slow_consumer_ms`;
+/// a consumer that does not make room by then is cut off.
+async fn push_control_bounded(shared: &Shared, to: &NodeId, queue: &OutQueue, frame: OutFrame) {
+    let frame = match queue.try_push_control(frame) {
+        Ok(()) | Err(PushError::Closed(_)) => return,
+        Err(PushError::Full(frame)) => frame,
+    };
+    let limit = Duration::from_millis(shared.config.message_server.slow_consumer_ms);
+    if tokio::time::timeout(limit, queue.push_control(frame))
+        .await
+        .is_err()
+    {
+        tracing::warn!(node = %to, "cutting off slow consumer: control frame waited too long");
+        Counters::add(&shared.counters.slow_consumers, 1);
+        queue.close();
+    }
+}

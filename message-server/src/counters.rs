@@ -1,0 +1,68 @@
+//! Counters of what passed through the message server, readable while it
+//! runs (tests and the monitor read them to see which path a message took).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Live counters, updated with relaxed atomics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub(crate) connections_accepted: AtomicU64,
+    pub(crate) connections_refused: AtomicU64,
+    pub(crate) protocol_errors: AtomicU64,
+    pub(crate) messages: AtomicU64,
+    pub(crate) message_bytes: AtomicU64,
+    pub(crate) deliveries: AtomicU64,
+    pub(crate) delivery_bytes: AtomicU64,
+    pub(crate) route_failures: AtomicU64,
+    pub(crate) overloaded: AtomicU64,
+    pub(crate) slow_consumers: AtomicU64,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CountersSnapshot {
+    /// Connections that completed the handshake.
+    pub connections_accepted: u64,
+    /// Connections refused at the handshake.
+    pub connections_refused: u64,
+    /// Connections closed for a protocol violation or a bad frame.
+    pub protocol_errors: u64,
+    /// Message frames received from senders.
+    pub messages: u64,
+    /// Body bytes of those messages.
+    pub message_bytes: u64,
+    /// Message frames forwarded to receivers (a broadcast counts once per
+    /// receiver).
+    pub deliveries: u64,
+    /// Body bytes forwarded to receivers.
+    pub delivery_bytes: u64,
+    /// Messages, or receivers of a fan-out, that could not be routed.
+    pub route_failures: u64,
+    /// Of those, how many because the receiver's queue was full.
+    pub overloaded: u64,
+    /// Connections cut off for not reading their control traffic.
+    pub slow_consumers: u64,
+}
+
+impl Counters {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Reads every counter.
+    pub fn snapshot(&self) -> CountersSnapshot {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CountersSnapshot {
+            connections_accepted: r(&self.connections_accepted),
+            connections_refused: r(&self.connections_refused),
+            protocol_errors: r(&self.protocol_errors),
+            messages: r(&self.messages),
+            message_bytes: r(&self.message_bytes),
+            deliveries: r(&self.deliveries),
+            delivery_bytes: r(&self.delivery_bytes),
+            route_failures: r(&self.route_failures),
+            overloaded: r(&self.overloaded),
+            slow_consumers: r(&self.slow_consumers),
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The listener: binds, accepts, runs one connection task per node, and
+//! shuts down on the future it is given.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use transports::protocol::{MemberInfo, NodeId};
+use transports::{Config, OutQueue};
+
+use crate::connection;
+use crate::counters::{Counters, CountersSnapshot};
+use crate::table::RoutingTable;
+
+/// Time the server waits for its connection tasks after shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Errors that stop the message server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Accepting connections failed for good.
+    #[error("accepting connections failed")]
+    Accept(#[source] std::io::Error),
+}
+
+/// A connected node as the server sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnHandle {
+    pub(crate) incarnation: u64,
+    pub(crate) queue: OutQueue,
+    /// Largest frame this node accepts (negotiated at the handshake).
+    pub(crate) max_frame: usize,
+}
+
+/// The table and the connections, under one read-mostly lock.
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    pub(crate) table: RoutingTable,
+    pub(crate) conns: HashMap<NodeId, ConnHandle>,
+}
+
+/// What every connection task shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    state: RwLock<State>,
+    pub(crate) counters: Counters,
+}
+
+impl Shared {
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, State> {
+        // A panic while holding the lock would poison it; the state is still
+        // consistent at every await-free step, so keep serving.
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A cheap handle to read a running server's state.
+#[derive(Debug, Clone)]
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+}
+
+impl ServerHandle {
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The counters now.
+    pub fn counters(&self) -> CountersSnapshot {
+        self.shared.counters.snapshot()
+    }
+
+    /// The members now.
+    pub fn members(&self) -> Vec<MemberInfo> {
+        self.shared.read().table.members()
+    }
+}
+
+/// A bound message server, ready to run.
+#[derive(Debug)]
+pub struct MessageServer {
+    listener: TcpListener,
+    handle: ServerHandle,
+}
+
+impl MessageServer {
+    /// Binds `config.message_server.listen`.
+    ///
+    /// # Errors
+    ///
+    /// [`ServerError::Bind`] if the address cannot be bound.
+    pub async fn bind(config: Config) -> Result<MessageServer, ServerError> {
+        let addr = config.message_server.listen;
+        let listener = transports::tcp::listen(addr, &config.tcp)
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        let shared = Arc::new(Shared {
+            config,
+            state: RwLock::new(State::default()),
+            counters: Counters::default(),
+        });
+        Ok(MessageServer {
+            listener,
+            handle: ServerHandle { shared, local_addr },
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.handle.local_addr
+    }
+
+    /// A handle to read counters and members while the server runs.
+    pub fn handle(&self) -> ServerHandle {
+        self.handle.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then closes every connection and
+    /// waits up to [`SHUTDOWN_GRACE`] for the connection tasks.
+    ///
+    /// # Errors
+    ///
+    /// [`ServerError::Accept`] if the listener fails for good; a failing
+    /// connection never stops the server.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let shared = self.handle.shared.clone();
+        tracing::info!(addr = %self.handle.local_addr, "message server listening");
+        tokio::pin!(shutdown);
+        let result = loop {
+            tokio::select! {
+                _ = &mut shutdown => break Ok(()),
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let shared = shared.clone();
+                        let cancel = cancel.child_token();
+                        let tasks = tracker.clone();
+                        tracker.spawn(connection::serve(shared, stream, peer, cancel, tasks));
+                    }
+                    Err(e) if is_transient(&e) => {
+                        tracing::warn!(error = %e, "accept failed; continuing");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => break Err(ServerError::Accept(e)),
+                },
+            }
+        };
+        tracing::info!("message server shutting down");
+        cancel.cancel();
+        tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+            tracing::warn!("connection tasks did not finish within the grace period");
+        }
+        result
+    }
+}
+
+fn is_transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
+    ) || e.raw_os_error().is_some_and(|c| c == 23 || c == 24) // ENFILE, EMFILE
+}

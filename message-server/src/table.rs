@@ -1,0 +1,332 @@
+//! The routing table: who is connected, in which groups, offering which
+//! services, and where each target resolves to.
+//!
+//! Pure state: no sockets, no clock. The connection tasks keep one table
+//! behind a read-mostly lock and consult it for every message.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use transports::protocol::{DeliveryFailure, MemberInfo, NodeId, Target};
+
+/// Why a registration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegisterError {
+    /// A node with this id is registered and live.
+    #[error("node {id} is already registered (incarnation {incarnation})")]
+    Duplicate {
+        /// The node id.
+        id: NodeId,
+        /// The incarnation that holds it.
+        incarnation: u64,
+    },
+}
+
+/// Where a message goes, as resolved by the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// One receiver (`Node` and `AnyOf` targets).
+    One(NodeId),
+    /// Any number of receivers (`Group` and `All` targets), possibly none
+    /// for `All` when the sender is alone.
+    Many(Vec<NodeId>),
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    info: MemberInfo,
+    services: HashSet<String>,
+}
+
+/// The registry of members and the resolution of targets.
+#[derive(Debug, Default)]
+pub struct RoutingTable {
+    nodes: BTreeMap<NodeId, Entry>,
+    groups: BTreeMap<String, BTreeSet<NodeId>>,
+    any_of_cursor: AtomicUsize,
+}
+
+impl RoutingTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of registered members.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether no member is registered.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Registers a member.
+    ///
+    /// # Errors
+    ///
+    /// [`RegisterError::Duplicate`] if the id is taken.
+    pub fn register(&mut self, info: MemberInfo) -> Result<(), RegisterError> {
+        if let Some(existing) = self.nodes.get(&info.id) {
+            return Err(RegisterError::Duplicate {
+                id: info.id.clone(),
+                incarnation: existing.info.incarnation,
+            });
+        }
+        for g in &info.groups {
+            self.groups
+                .entry(g.clone())
+                .or_default()
+                .insert(info.id.clone());
+        }
+        let services = info.services.iter().cloned().collect();
+        self.nodes
+            .insert(info.id.clone(), Entry { info, services });
+        Ok(())
+    }
+
+    /// Removes a member if `incarnation` is the registered one; returns what
+    /// was removed.
+    pub fn remove(&mut self, id: &NodeId, incarnation: u64) -> Option<MemberInfo> {
+        if self.nodes.get(id)?.info.incarnation != incarnation {
+            return None;
+        }
+        let entry = self.nodes.remove(id)?;
+        for g in &entry.info.groups {
+            if let Some(members) = self.groups.get_mut(g) {
+                members.remove(id);
+                if members.is_empty() {
+                    self.groups.remove(g);
+                }
+            }
+        }
+        Some(entry.info)
+    }
+
+    /// Adds a service to a member; returns the updated member, or `None` if
+    /// the member is unknown or already offered it.
+    pub fn subscribe(&mut self, id: &NodeId, service: &str) -> Option<MemberInfo> {
+        let entry = self.nodes.get_mut(id)?;
+        if !entry.services.insert(service.to_owned()) {
+            return None;
+        }
+        entry.info.services.push(service.to_owned());
+        Some(entry.info.clone())
+    }
+
+    /// Removes a service from a member; returns the updated member, or
+    /// `None` if nothing changed.
+    pub fn unsubscribe(&mut self, id: &NodeId, service: &str) -> Option<MemberInfo> {
+        let entry = self.nodes.get_mut(id)?;
+        if !entry.services.remove(service) {
+            return None;
+        }
+        entry.info.services.retain(|s| s != service);
+        Some(entry.info.clone())
+    }
+
+    /// The member registered under `id`.
+    pub fn member(&self, id: &NodeId) -> Option<&MemberInfo> {
+        self.nodes.get(id).map(|e| &e.info)
+    }
+
+    /// Every member, ordered by id.
+    pub fn members(&self) -> Vec<MemberInfo> {
+        self.nodes.values().map(|e| e.info.clone()).collect()
+    }
+
+    fn offers(&self, id: &NodeId, service: &str) -> bool {
+        self.nodes
+            .get(id)
+            .is_some_and(|e| e.services.contains(service))
+    }
+
+    /// Resolves `target` for a message from `sender` to `service`.
+    ///
+    /// - `Node`: the node, if registered and offering the service.
+    /// - `Group`: every member offering the service, the sender included if
+    ///   it is a member.
+    /// - `AnyOf`: the member offering the service with the lowest `load`,
+    ///   other members preferred over the sender; ties rotate.
+    /// - `All`: every other member offering the service (possibly none).
+    ///
+    /// # Errors
+    ///
+    /// [`DeliveryFailure::UnknownTarget`] for an unknown node or an empty
+    /// group; [`DeliveryFailure::NoSuchService`] when no candidate offers
+    /// the service.
+    pub fn resolve(
+        &self,
+        sender: &NodeId,
+        target: &Target,
+        service: &str,
+        load: impl Fn(&NodeId) -> usize,
+    ) -> Result<Resolution, DeliveryFailure> {
+        match target {
+            Target::Node(id) => match self.nodes.get(id) {
+                None => Err(DeliveryFailure::UnknownTarget),
+                Some(e) if !e.services.contains(service) => Err(DeliveryFailure::NoSuchService),
+                Some(_) => Ok(Resolution::One(id.clone())),
+            },
+            Target::Group(g) => {
+                let members = self.groups.get(g).ok_or(DeliveryFailure::UnknownTarget)?;
+                let receivers: Vec<NodeId> = members
+                    .iter()
+                    .filter(|id| self.offers(id, service))
+                    .cloned()
+                    .collect();
+                if receivers.is_empty() {
+                    return Err(DeliveryFailure::NoSuchService);
+                }
+                Ok(Resolution::Many(receivers))
+            }
+            Target::AnyOf(g) => {
+                let members = self.groups.get(g).ok_or(DeliveryFailure::UnknownTarget)?;
+                let candidates: Vec<&NodeId> = members
+                    .iter()
+                    .filter(|id| self.offers(id, service))
+                    .collect();
+                if candidates.is_empty() {
+                    return Err(DeliveryFailure::NoSuchService);
+                }
+                let others: Vec<&NodeId> =
+                    candidates.iter().copied().filter(|id| *id != sender).collect();
+                let pool = if others.is_empty() { candidates } else { others };
+                let loads: Vec<usize> = pool.iter().map(|id| load(id)).collect();
+                let min = loads.iter().copied().min().unwrap_or(0);
+                let least: Vec<&NodeId> = pool
+                    .iter()
+                    .zip(&loads)
+                    .filter(|(_, l)| **l == min)
+                    .map(|(id, _)| *id)
+                    .collect();
+                let turn = self.any_of_cursor.fetch_add(1, Ordering::Relaxed);
+                Ok(Resolution::One(least[turn % least.len()].clone()))
+            }
+            Target::All => Ok(Resolution::Many(
+                self.nodes
+                    .iter()
+                    .filter(|(id, e)| *id != sender && e.services.contains(service))
+                    .map(|(id, _)| id.clone())
+                    .collect(),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use transports::protocol::Role;
+
+    fn member(id: &str, groups: &[&str], services: &[&str]) -> MemberInfo {
+        MemberInfo {
+            id: NodeId::new(id),
+            incarnation: 1,
+            role: Role::Server,
+            groups: groups.iter().map(|s| s.to_string()).collect(),
+            services: services.iter().map(|s| s.to_string()).collect(),
+            direct_addr: None,
+        }
+    }
+
+    fn table() -> RoutingTable {
+        let mut t = RoutingTable::new();
+        t.register(member("a", &["web"], &["svc"])).expect("a");
+        t.register(member("b", &["web"], &["svc"])).expect("b");
+        t.register(member("c", &["batch"], &["svc", "other"])).expect("c");
+        t.register(member("d", &["batch"], &[])).expect("d");
+        t
+    }
+
+    fn ids(list: &[&str]) -> Vec<NodeId> {
+        list.iter().map(|s| NodeId::new(s)).collect()
+    }
+
+    #[test]
+    fn resolves_each_target_kind() {
+        let t = table();
+        let a = NodeId::new("a");
+        let none = |_: &NodeId| 0;
+        let cases: Vec<(Target, &str, Result<Resolution, DeliveryFailure>)> = vec![
+            (Target::Node("b".into()), "svc", Ok(Resolution::One("b".into()))),
+            (Target::Node("zz".into()), "svc", Err(DeliveryFailure::UnknownTarget)),
+            (Target::Node("d".into()), "svc", Err(DeliveryFailure::NoSuchService)),
+            (Target::Group("web".into()), "svc", Ok(Resolution::Many(ids(&["a", "b"])))),
+            (Target::Group("batch".into()), "svc", Ok(Resolution::Many(ids(&["c"])))),
+            (Target::Group("batch".into()), "nope", Err(DeliveryFailure::NoSuchService)),
+            (Target::Group("nogroup".into()), "svc", Err(DeliveryFailure::UnknownTarget)),
+            (Target::AnyOf("nogroup".into()), "svc", Err(DeliveryFailure::UnknownTarget)),
+            (Target::AnyOf("web".into()), "svc", Ok(Resolution::One("b".into()))),
+            (Target::All, "svc", Ok(Resolution::Many(ids(&["b", "c"])))),
+            (Target::All, "other", Ok(Resolution::Many(ids(&["c"])))),
+            (Target::All, "nope", Ok(Resolution::Many(vec![]))),
+        ];
+        for (target, service, expected) in cases {
+            assert_eq!(t.resolve(&a, &target, service, none), expected, "{target} {service}");
+        }
+    }
+
+    #[test]
+    fn any_of_rotates_and_prefers_least_loaded() {
+        let mut t = RoutingTable::new();
+        for id in ["a", "b", "c", "s"] {
+            t.register(member(id, &["g"], &["svc"])).expect("register");
+        }
+        let s = NodeId::new("s");
+        let mut counts = BTreeMap::new();
+        for _ in 0..30 {
+            match t.resolve(&s, &Target::AnyOf("g".into()), "svc", |_| 0) {
+                Ok(Resolution::One(id)) => *counts.entry(id).or_insert(0) += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(counts.len(), 3, "the sender is never picked while others exist");
+        assert!(counts.values().all(|&c| c == 10), "{counts:?}");
+
+        let loaded = |id: &NodeId| if id == "b" { 0 } else { 5 };
+        for _ in 0..5 {
+            assert_eq!(
+                t.resolve(&s, &Target::AnyOf("g".into()), "svc", loaded),
+                Ok(Resolution::One("b".into()))
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_registration_is_refused_and_remove_checks_incarnation() {
+        let mut t = table();
+        assert!(matches!(
+            t.register(member("a", &[], &[])),
+            Err(RegisterError::Duplicate { .. })
+        ));
+        assert_eq!(t.remove(&"a".into(), 99), None, "another incarnation");
+        assert!(t.remove(&"a".into(), 1).is_some());
+        assert!(t.register(member("a", &[], &[])).is_ok());
+    }
+
+    #[test]
+    fn remove_cleans_groups_and_subscribe_updates_services() {
+        let mut t = table();
+        t.remove(&"c".into(), 1);
+        t.remove(&"d".into(), 1);
+        let a = NodeId::new("a");
+        assert_eq!(
+            t.resolve(&a, &Target::Group("batch".into()), "svc", |_| 0),
+            Err(DeliveryFailure::UnknownTarget)
+        );
+        assert!(t.subscribe(&"b".into(), "new").is_some());
+        assert!(t.subscribe(&"b".into(), "new").is_none(), "no change twice");
+        assert_eq!(
+            t.resolve(&a, &Target::Node("b".into()), "new", |_| 0),
+            Ok(Resolution::One("b".into()))
+        );
+        assert!(t.unsubscribe(&"b".into(), "new").is_some());
+        assert_eq!(
+            t.resolve(&a, &Target::Node("b".into()), "new", |_| 0),
+            Err(DeliveryFailure::NoSuchService)
+        );
+    }
+}
