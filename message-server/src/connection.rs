@@ -56,7 +56,10 @@ pub(crate) async fn serve(
         let hello = match hello {
             Ok(h) => h,
             Err(e) => {
-                if matches!(e, HandshakeError::Frame(_) | HandshakeError::Unexpected { .. }) {
+                if matches!(
+                    e,
+                    HandshakeError::Frame(_) | HandshakeError::Unexpected { .. }
+                ) {
                     Counters::add(&shared.counters.protocol_errors, 1);
                 }
                 tracing::info!(error = %e, "closing connection before registration");
@@ -207,7 +210,10 @@ fn broadcast_locked(
     event: &Header,
 ) {
     for (id, conn) in conns {
-        match conn.queue.try_push_control(OutFrame::control(event.clone())) {
+        match conn
+            .queue
+            .try_push_control(OutFrame::control(event.clone()))
+        {
             Ok(()) | Err(PushError::Closed(_)) => {}
             Err(_) => {
                 tracing::warn!(node = %id, "cutting off slow consumer: no room for a membership event");
@@ -256,7 +262,10 @@ impl Connection {
                 }
                 Header::Ack(ack) => {
                     if ack.from != self.me || ack.from_incarnation != self.incarnation {
-                        Some(End::Violation(format!("ack claims to be from {}", ack.from)))
+                        Some(End::Violation(format!(
+                            "ack claims to be from {}",
+                            ack.from
+                        )))
                     } else {
                         self.forward_ack(&ack.to, ack.to_incarnation, frame.raw())
                             .await;
@@ -328,7 +337,12 @@ impl Connection {
         let acked = h.kind != MessageKind::Notify;
         let resolved = {
             let state = self.shared.read();
-            let load = |id: &NodeId| state.conns.get(id).map_or(usize::MAX, |c| c.queue.queued_frames());
+            let load = |id: &NodeId| {
+                state
+                    .conns
+                    .get(id)
+                    .map_or(usize::MAX, |c| c.queue.queued_frames())
+            };
             match state.table.resolve(&self.me, &h.target, &h.service, load) {
                 Ok(Resolution::One(id)) => Ok(vec![(state.conns.get(&id).cloned(), id)]),
                 Ok(Resolution::Many(ids)) => Ok(ids
@@ -343,7 +357,8 @@ impl Connection {
             Err(failure) => {
                 Counters::add(&counters.route_failures, 1);
                 if acked {
-                    self.reply(routed(h.seq, vec![], vec![], Some(failure))).await;
+                    self.reply(routed(h.seq, vec![], vec![], Some(failure)))
+                        .await;
                 } else {
                     tracing::debug!(%failure, target = %h.target, "dropping unroutable notify");
                 }

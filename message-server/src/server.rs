@@ -173,7 +173,10 @@ impl MessageServer {
         tracing::info!("message server shutting down");
         cancel.cancel();
         tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+        if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("connection tasks did not finish within the grace period");
         }
         result

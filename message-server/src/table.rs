@@ -82,8 +82,7 @@ impl RoutingTable {
                 .insert(info.id.clone());
         }
         let services = info.services.iter().cloned().collect();
-        self.nodes
-            .insert(info.id.clone(), Entry { info, services });
+        self.nodes.insert(info.id.clone(), Entry { info, services });
         Ok(())
     }
 
@@ -191,9 +190,16 @@ impl RoutingTable {
                 if candidates.is_empty() {
                     return Err(DeliveryFailure::NoSuchService);
                 }
-                let others: Vec<&NodeId> =
-                    candidates.iter().copied().filter(|id| *id != sender).collect();
-                let pool = if others.is_empty() { candidates } else { others };
+                let others: Vec<&NodeId> = candidates
+                    .iter()
+                    .copied()
+                    .filter(|id| *id != sender)
+                    .collect();
+                let pool = if others.is_empty() {
+                    candidates
+                } else {
+                    others
+                };
                 let loads: Vec<usize> = pool.iter().map(|id| load(id)).collect();
                 let min = loads.iter().copied().min().unwrap_or(0);
                 let least: Vec<&NodeId> = pool
@@ -236,7 +242,8 @@ mod tests {
         let mut t = RoutingTable::new();
         t.register(member("a", &["web"], &["svc"])).expect("a");
         t.register(member("b", &["web"], &["svc"])).expect("b");
-        t.register(member("c", &["batch"], &["svc", "other"])).expect("c");
+        t.register(member("c", &["batch"], &["svc", "other"]))
+            .expect("c");
         t.register(member("d", &["batch"], &[])).expect("d");
         t
     }
@@ -251,21 +258,61 @@ mod tests {
         let a = NodeId::new("a");
         let none = |_: &NodeId| 0;
         let cases: Vec<(Target, &str, Result<Resolution, DeliveryFailure>)> = vec![
-            (Target::Node("b".into()), "svc", Ok(Resolution::One("b".into()))),
-            (Target::Node("zz".into()), "svc", Err(DeliveryFailure::UnknownTarget)),
-            (Target::Node("d".into()), "svc", Err(DeliveryFailure::NoSuchService)),
-            (Target::Group("web".into()), "svc", Ok(Resolution::Many(ids(&["a", "b"])))),
-            (Target::Group("batch".into()), "svc", Ok(Resolution::Many(ids(&["c"])))),
-            (Target::Group("batch".into()), "nope", Err(DeliveryFailure::NoSuchService)),
-            (Target::Group("nogroup".into()), "svc", Err(DeliveryFailure::UnknownTarget)),
-            (Target::AnyOf("nogroup".into()), "svc", Err(DeliveryFailure::UnknownTarget)),
-            (Target::AnyOf("web".into()), "svc", Ok(Resolution::One("b".into()))),
+            (
+                Target::Node("b".into()),
+                "svc",
+                Ok(Resolution::One("b".into())),
+            ),
+            (
+                Target::Node("zz".into()),
+                "svc",
+                Err(DeliveryFailure::UnknownTarget),
+            ),
+            (
+                Target::Node("d".into()),
+                "svc",
+                Err(DeliveryFailure::NoSuchService),
+            ),
+            (
+                Target::Group("web".into()),
+                "svc",
+                Ok(Resolution::Many(ids(&["a", "b"]))),
+            ),
+            (
+                Target::Group("batch".into()),
+                "svc",
+                Ok(Resolution::Many(ids(&["c"]))),
+            ),
+            (
+                Target::Group("batch".into()),
+                "nope",
+                Err(DeliveryFailure::NoSuchService),
+            ),
+            (
+                Target::Group("nogroup".into()),
+                "svc",
+                Err(DeliveryFailure::UnknownTarget),
+            ),
+            (
+                Target::AnyOf("nogroup".into()),
+                "svc",
+                Err(DeliveryFailure::UnknownTarget),
+            ),
+            (
+                Target::AnyOf("web".into()),
+                "svc",
+                Ok(Resolution::One("b".into())),
+            ),
             (Target::All, "svc", Ok(Resolution::Many(ids(&["b", "c"])))),
             (Target::All, "other", Ok(Resolution::Many(ids(&["c"])))),
             (Target::All, "nope", Ok(Resolution::Many(vec![]))),
         ];
         for (target, service, expected) in cases {
-            assert_eq!(t.resolve(&a, &target, service, none), expected, "{target} {service}");
+            assert_eq!(
+                t.resolve(&a, &target, service, none),
+                expected,
+                "{target} {service}"
+            );
         }
     }
 
@@ -283,7 +330,11 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-        assert_eq!(counts.len(), 3, "the sender is never picked while others exist");
+        assert_eq!(
+            counts.len(),
+            3,
+            "the sender is never picked while others exist"
+        );
         assert!(counts.values().all(|&c| c == 10), "{counts:?}");
 
         let loaded = |id: &NodeId| if id == "b" { 0 } else { 5 };

@@ -402,10 +402,7 @@ impl Config {
     /// # Errors
     ///
     /// [`ConfigError::Invalid`] naming the variable if its value is bad.
-    pub fn apply_env(
-        &mut self,
-        var: impl Fn(&str) -> Option<String>,
-    ) -> Result<(), ConfigError> {
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(name) = var("CLUSTERCOMM_CLUSTER") {
             self.cluster.name = name;
         }
@@ -455,7 +452,10 @@ impl Config {
         }
         let ms = &self.message_server;
         if ms.addresses.is_empty() {
-            return bad("message_server.addresses", "needs at least one address".into());
+            return bad(
+                "message_server.addresses",
+                "needs at least one address".into(),
+            );
         }
         if let Some(a) = ms.addresses.iter().find(|a| !a.contains(':')) {
             return bad(
@@ -469,7 +469,10 @@ impl Config {
             ("message_server.slow_consumer_ms", ms.slow_consumer_ms),
             ("node.send_timeout_ms", self.node.send_timeout_ms),
             ("lazy.idle_close_ms", self.lazy.idle_close_ms),
-            ("lazy.auto_activate_window_ms", self.lazy.auto_activate_window_ms),
+            (
+                "lazy.auto_activate_window_ms",
+                self.lazy.auto_activate_window_ms,
+            ),
             ("limits.max_message_bytes", self.limits.max_message_bytes),
         ] {
             if v == 0 {
@@ -491,7 +494,11 @@ impl Config {
             ("node.queue_frames", self.node.queue_frames, 16),
             ("node.queue_bytes", self.node.queue_bytes, 64 * 1024),
             ("node.inbox_capacity", self.node.inbox_capacity, 1),
-            ("node.processor_concurrency", self.node.processor_concurrency, 1),
+            (
+                "node.processor_concurrency",
+                self.node.processor_concurrency,
+                1,
+            ),
         ] {
             if v < min {
                 return bad(key, format!("{v} is below the minimum of {min}"));
@@ -569,8 +576,8 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let err = Config::parse("[lazy]\nthreshhold_bytes = 5\n", "test.toml")
-            .expect_err("unknown key");
+        let err =
+            Config::parse("[lazy]\nthreshhold_bytes = 5\n", "test.toml").expect_err("unknown key");
         let text = format!("{err}");
         assert!(text.contains("threshhold_bytes"), "{text}");
         assert!(text.contains("test.toml"), "{text}");
@@ -586,10 +593,22 @@ mod tests {
     #[test]
     fn inconsistent_values_name_the_key() {
         let cases = [
-            ("[node]\nbusy_lower = 900\nbusy_upper = 100\n", "node.busy_lower"),
-            ("[cluster]\nfailure_timeout_ms = 10\n", "cluster.failure_timeout_ms"),
-            ("[lazy]\nthreshold_bytes = 100\n[limits]\nmax_message_bytes = 10\n", "lazy.threshold_bytes"),
-            ("[message_server]\naddresses = []\n", "message_server.addresses"),
+            (
+                "[node]\nbusy_lower = 900\nbusy_upper = 100\n",
+                "node.busy_lower",
+            ),
+            (
+                "[cluster]\nfailure_timeout_ms = 10\n",
+                "cluster.failure_timeout_ms",
+            ),
+            (
+                "[lazy]\nthreshold_bytes = 100\n[limits]\nmax_message_bytes = 10\n",
+                "lazy.threshold_bytes",
+            ),
+            (
+                "[message_server]\naddresses = []\n",
+                "message_server.addresses",
+            ),
             ("[node]\ninbox_capacity = 0\n", "node.inbox_capacity"),
         ];
         for (text, key) in cases {
@@ -602,20 +621,32 @@ mod tests {
 
     #[test]
     fn node_sections_override_and_are_validated() {
-        let text = "[lazy]\nthreshold_bytes = 1000\n[nodes.server-1.lazy]\nthreshold_bytes = 2000\n";
+        let text =
+            "[lazy]\nthreshold_bytes = 1000\n[nodes.server-1.lazy]\nthreshold_bytes = 2000\n";
         let c = Config::parse(text, "t").expect("valid");
-        assert_eq!(c.for_node("server-1").expect("merge").lazy.threshold_bytes, 2000);
-        assert_eq!(c.for_node("server-2").expect("merge").lazy.threshold_bytes, 1000);
+        assert_eq!(
+            c.for_node("server-1").expect("merge").lazy.threshold_bytes,
+            2000
+        );
+        assert_eq!(
+            c.for_node("server-2").expect("merge").lazy.threshold_bytes,
+            1000
+        );
 
         let bad = "[nodes.server-1.node]\nbusy_lower = 5000\n";
         match Config::parse(bad, "t") {
-            Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "nodes.server-1.node.busy_lower"),
+            Err(ConfigError::Invalid { key, .. }) => {
+                assert_eq!(key, "nodes.server-1.node.busy_lower")
+            }
             other => panic!("expected an error, got {other:?}"),
         }
         let unknown = "[nodes.server-1.lazy]\nbogus = 1\n";
         let err = Config::parse(unknown, "t").expect_err("unknown key in node section");
         let text = format!("{err}");
-        assert!(text.contains("bogus") && text.contains("nodes.server-1"), "{text}");
+        assert!(
+            text.contains("bogus") && text.contains("nodes.server-1"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -163,11 +163,7 @@ where
 /// # Errors
 ///
 /// The [`Refusal`] to send back.
-pub fn check_hello(
-    hello: &Hello,
-    cluster: &str,
-    credentials: Option<&str>,
-) -> Result<(), Refusal> {
+pub fn check_hello(hello: &Hello, cluster: &str, credentials: Option<&str>) -> Result<(), Refusal> {
     if hello.version != PROTOCOL_VERSION {
         return Err(Refusal {
             reason: RefusalReason::VersionMismatch {

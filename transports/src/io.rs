@@ -324,7 +324,11 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
                 }
                 OutFrame::Raw(raw) => {
                     if raw.len() > max_frame || raw.is_empty() {
-                        tracing::error!(len = raw.len(), max_frame, "dropping raw frame outside the limit");
+                        tracing::error!(
+                            len = raw.len(),
+                            max_frame,
+                            "dropping raw frame outside the limit"
+                        );
                         continue;
                     }
                     buf.reserve(LENGTH_PREFIX_BYTES);
@@ -404,7 +408,11 @@ mod tests {
         let writer = tokio::spawn(run_writer(client, rx, 1 << 20));
         let big = Bytes::from(vec![7u8; 100_000]);
         for i in 0..10u64 {
-            let body = if i == 5 { big.clone() } else { Bytes::from(vec![i as u8; 10]) };
+            let body = if i == 5 {
+                big.clone()
+            } else {
+                Bytes::from(vec![i as u8; 10])
+            };
             q.push_data(OutFrame::Parts {
                 header: Header::Subscribed { token: i },
                 body,
@@ -439,7 +447,9 @@ mod tests {
             pushed += 1;
         }
         assert_eq!(pushed, 16 - 16 / 8);
-        assert!(q.try_push_control(OutFrame::control(Header::Goodbye)).is_ok());
+        assert!(q
+            .try_push_control(OutFrame::control(Header::Goodbye))
+            .is_ok());
 
         let (q, _rx) = out_queue(16, 100);
         let body = |n| OutFrame::Parts {

@@ -53,7 +53,10 @@ pub fn tune(stream: &TcpStream, tcp: &TcpConfig) -> io::Result<()> {
         let idle = Duration::from_millis(tcp.keepalive_ms);
         let keepalive = TcpKeepalive::new()
             .with_time(idle)
-            .with_interval(idle.min(Duration::from_secs(1)).max(Duration::from_millis(100)))
+            .with_interval(
+                idle.min(Duration::from_secs(1))
+                    .max(Duration::from_millis(100)),
+            )
             .with_retries(3);
         sock.set_tcp_keepalive(&keepalive)?;
     }

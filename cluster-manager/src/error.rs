@@ -1,0 +1,170 @@
+//! What a sender is told: the delivery report, and the errors that say
+//! whether a message was definitely not delivered or may have been.
+
+use std::fmt;
+use std::time::Duration;
+
+use transports::protocol::{DeliveryFailure, NodeId, Target};
+
+/// Who got a message and who did not.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeliveryReport {
+    /// Receivers that accepted the message into the service's inbox,
+    /// ordered by id.
+    pub delivered: Vec<NodeId>,
+    /// Receivers that did not, with the reason, ordered by id.
+    pub failed: Vec<(NodeId, SendError)>,
+}
+
+impl DeliveryReport {
+    /// Whether every receiver accepted the message.
+    pub fn is_complete(&self) -> bool {
+        self.failed.is_empty()
+    }
+}
+
+impl fmt::Display for DeliveryReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "delivered to {} receiver(s), failed for {}",
+            self.delivered.len(),
+            self.failed.len()
+        )?;
+        for (node, e) in &self.failed {
+            write!(f, "; {node}: {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a send, notify or request failed.
+///
+/// [`SendError::is_definite`] tells the two kinds apart: definitely not
+/// delivered, or uncertain (it may have been delivered).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// No such node, or no such group or an empty one. Definite.
+    #[error("unknown target: {0}")]
+    UnknownTarget(Target),
+    /// The target does not offer the service. Definite.
+    #[error("no such service {service:?} on {target}")]
+    NoSuchService {
+        /// The target.
+        target: Target,
+        /// The service.
+        service: String,
+    },
+    /// The body exceeds the limit. Definite: nothing was sent.
+    #[error("payload of {size} bytes exceeds the limit of {max} bytes")]
+    PayloadTooLarge {
+        /// Body size.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The receiver (or the message server on its behalf) refused the
+    /// message, for example because it is not keeping up. Definite.
+    #[error("node {node} rejected the message: {reason}")]
+    Rejected {
+        /// The receiver.
+        node: NodeId,
+        /// Why.
+        reason: String,
+    },
+    /// The target stopped. Definite when `in_flight` is false (the message
+    /// never left); uncertain when true (it may have been delivered).
+    #[error("node {node} stopped {}", if *.in_flight { "while the message was in flight; it may have been delivered" } else { "before the message left" })]
+    TargetStopped {
+        /// The receiver.
+        node: NodeId,
+        /// Whether the message had already been forwarded to it.
+        in_flight: bool,
+    },
+    /// No answer in time. Uncertain.
+    #[error("no answer within {after:?} (waiting for {waiting_for:?}); the message may have been delivered")]
+    Timeout {
+        /// The timeout that passed.
+        after: Duration,
+        /// Receivers still unaccounted for; empty when not yet known.
+        waiting_for: Vec<NodeId>,
+    },
+    /// The connection carrying the message broke before its outcome was
+    /// known. Uncertain.
+    #[error("the connection to the message server broke while the message was in flight; it may have been delivered")]
+    Disconnected,
+    /// A `Group` or `All` message reached some receivers but not all; the
+    /// report says which.
+    #[error("{0}")]
+    Incomplete(DeliveryReport),
+    /// The target kind does not fit the operation (a request needs one
+    /// receiver: `Node` or `AnyOf`). Definite.
+    #[error("{0} is not a valid target here: a request goes to one node or any member of a group")]
+    InvalidTarget(Target),
+    /// The node is shut down. Definite for new sends.
+    #[error("the node is shut down")]
+    Shutdown,
+}
+
+impl SendError {
+    /// Whether the message was definitely not delivered (to anyone, for a
+    /// fan-out: an `Incomplete` report is neither).
+    pub fn is_definite(&self) -> bool {
+        match self {
+            SendError::UnknownTarget(_)
+            | SendError::NoSuchService { .. }
+            | SendError::PayloadTooLarge { .. }
+            | SendError::Rejected { .. }
+            | SendError::InvalidTarget(_)
+            | SendError::Shutdown => true,
+            SendError::TargetStopped { in_flight, .. } => !in_flight,
+            SendError::Timeout { .. } | SendError::Disconnected | SendError::Incomplete(_) => false,
+        }
+    }
+
+    /// The error for a wire-level failure at `node` (or the whole target).
+    pub fn from_failure(
+        failure: &DeliveryFailure,
+        target: &Target,
+        node: Option<&NodeId>,
+        service: &str,
+    ) -> SendError {
+        let node_or_target = || node.cloned().map_or_else(|| target.clone(), Target::Node);
+        match failure {
+            DeliveryFailure::UnknownTarget => SendError::UnknownTarget(node_or_target()),
+            DeliveryFailure::NoSuchService => SendError::NoSuchService {
+                target: node_or_target(),
+                service: service.to_owned(),
+            },
+            DeliveryFailure::PayloadTooLarge { size, max } => SendError::PayloadTooLarge {
+                size: *size,
+                max: *max,
+            },
+            DeliveryFailure::ReceiverOverloaded => SendError::Rejected {
+                node: node
+                    .cloned()
+                    .unwrap_or_else(|| NodeId::new(target.to_string())),
+                reason: "receiver overloaded: its queue at the message server is full".into(),
+            },
+            DeliveryFailure::Rejected(reason) => SendError::Rejected {
+                node: node
+                    .cloned()
+                    .unwrap_or_else(|| NodeId::new(target.to_string())),
+                reason: reason.clone(),
+            },
+            DeliveryFailure::TargetStopped => SendError::TargetStopped {
+                node: node
+                    .cloned()
+                    .unwrap_or_else(|| NodeId::new(target.to_string())),
+                in_flight: false,
+            },
+            _ => SendError::Rejected {
+                node: node
+                    .cloned()
+                    .unwrap_or_else(|| NodeId::new(target.to_string())),
+                reason: failure.to_string(),
+            },
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! The cluster manager: the part of each node that decides what happens to
+//! a message after the application hands it over, and keeps track of it
+//! until its outcome is known.
+//!
+//! Everything here is pure state with table-driven tests; the node runtime
+//! drives it from its connection tasks.
+//!
+//! # Layout
+//!
+//! - [`tracker`]: acknowledged messages and requests waiting for their
+//!   receivers, and how each one ends.
+//! - [`error`]: the delivery report and the send errors, definite or
+//!   uncertain.
+
+pub mod error;
+pub mod tracker;
+
+pub use error::{DeliveryReport, SendError};
+pub use tracker::{Awaiting, Completion, DeliveryTracker};

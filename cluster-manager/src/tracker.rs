@@ -1,0 +1,552 @@
+//! Delivery tracking: which acknowledged messages and requests are waiting
+//! for whom, and what their outcome is.
+//!
+//! Pure state: the runtime feeds it routing results, acknowledgements,
+//! replies and membership changes, and gets back the completions to hand
+//! to the waiting senders (`W` is whatever the runtime uses to wake one,
+//! such as a oneshot sender). Timeouts belong to the caller: it calls
+//! [`DeliveryTracker::cancel`] when its own deadline passes.
+//!
+//! Acknowledgements and replies may overtake the message server's routing
+//! result (they travel through other connections' queues), so they are
+//! recorded even before the set of receivers is known.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use transports::protocol::{Ack, AckStatus, NodeId, Routed, Target};
+
+use crate::error::{DeliveryReport, SendError};
+
+/// What is awaited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Awaiting {
+    /// Acknowledgements from every receiver.
+    Acks,
+    /// One reply.
+    Reply,
+}
+
+/// How a tracked message ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    /// Every receiver acknowledged (possibly none, for `All` in a cluster of
+    /// one).
+    Delivered(DeliveryReport),
+    /// The reply to a request.
+    Replied {
+        /// Who replied.
+        from: NodeId,
+        /// The reply's body.
+        body: Bytes,
+    },
+    /// The message failed.
+    Failed(SendError),
+}
+
+#[derive(Debug)]
+struct Pending<W> {
+    waiter: W,
+    target: Target,
+    service: Arc<str>,
+    awaiting: Awaiting,
+    /// Receivers, once known: at send time for `Node`, from the routing
+    /// result otherwise.
+    expected: Option<Vec<NodeId>>,
+    delivered: Vec<NodeId>,
+    failed: Vec<(NodeId, SendError)>,
+}
+
+impl<W> Pending<W> {
+    fn accounted(&self, id: &NodeId) -> bool {
+        self.delivered.contains(id) || self.failed.iter().any(|(n, _)| n == id)
+    }
+
+    fn is_settled(&self) -> bool {
+        match &self.expected {
+            None => false,
+            Some(expected) => expected.iter().all(|id| self.accounted(id)),
+        }
+    }
+
+    fn outcome(mut self) -> (W, Completion) {
+        self.delivered.sort();
+        self.failed.sort_by(|a, b| a.0.cmp(&b.0));
+        let single = matches!(self.target, Target::Node(_) | Target::AnyOf(_));
+        let completion = if self.awaiting == Awaiting::Reply || (single && !self.failed.is_empty())
+        {
+            match self.failed.into_iter().next() {
+                Some((_, e)) => Completion::Failed(e),
+                // A request settles only through a reply or a failure.
+                None => Completion::Failed(SendError::Disconnected),
+            }
+        } else if self.failed.is_empty() {
+            Completion::Delivered(DeliveryReport {
+                delivered: self.delivered,
+                failed: vec![],
+            })
+        } else {
+            Completion::Failed(SendError::Incomplete(DeliveryReport {
+                delivered: self.delivered,
+                failed: self.failed,
+            }))
+        };
+        (self.waiter, completion)
+    }
+}
+
+/// The messages a node waits on, by sequence number.
+#[derive(Debug)]
+pub struct DeliveryTracker<W> {
+    pending: HashMap<u64, Pending<W>>,
+}
+
+impl<W> Default for DeliveryTracker<W> {
+    fn default() -> Self {
+        DeliveryTracker {
+            pending: HashMap::new(),
+        }
+    }
+}
+
+impl<W> DeliveryTracker<W> {
+    /// An empty tracker.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Messages waiting for an outcome.
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether nothing is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Starts tracking message `seq`.
+    pub fn track(
+        &mut self,
+        seq: u64,
+        target: Target,
+        service: Arc<str>,
+        awaiting: Awaiting,
+        waiter: W,
+    ) {
+        let expected = match &target {
+            Target::Node(id) => Some(vec![id.clone()]),
+            _ => None,
+        };
+        self.pending.insert(
+            seq,
+            Pending {
+                waiter,
+                target,
+                service,
+                awaiting,
+                expected,
+                delivered: Vec::new(),
+                failed: Vec::new(),
+            },
+        );
+    }
+
+    /// Stops tracking `seq` (its sender gave up, for example on timeout);
+    /// returns the waiter and the receivers still unaccounted for (empty if
+    /// they were not yet known).
+    pub fn cancel(&mut self, seq: u64) -> Option<(W, Vec<NodeId>)> {
+        let p = self.pending.remove(&seq)?;
+        let missing = p
+            .expected
+            .as_ref()
+            .map(|e| e.iter().filter(|id| !p.accounted(id)).cloned().collect())
+            .unwrap_or_default();
+        Some((p.waiter, missing))
+    }
+
+    fn settle(&mut self, seq: u64) -> Option<(W, Completion)> {
+        if self.pending.get(&seq)?.is_settled() {
+            self.pending.remove(&seq).map(Pending::outcome)
+        } else {
+            None
+        }
+    }
+
+    /// The message server's word on where `routed.seq` went. `is_live`
+    /// tells whether a receiver incarnation is still a member: one that
+    /// already left counts as stopped with the message in flight.
+    pub fn handle_routed(
+        &mut self,
+        routed: &Routed,
+        is_live: impl Fn(&NodeId, u64) -> bool,
+    ) -> Option<(W, Completion)> {
+        let p = self.pending.get_mut(&routed.seq)?;
+        if let Some(failure) = &routed.error {
+            let node = routed.failed.first().map(|(n, _)| n);
+            let err = SendError::from_failure(failure, &p.target, node, &p.service);
+            let p = self.pending.remove(&routed.seq)?;
+            return Some((p.waiter, Completion::Failed(err)));
+        }
+        let mut expected: Vec<NodeId> = routed.receivers.iter().map(|(id, _)| id.clone()).collect();
+        for (id, failure) in &routed.failed {
+            expected.push(id.clone());
+            if !p.accounted(id) {
+                let e = SendError::from_failure(failure, &p.target, Some(id), &p.service);
+                p.failed.push((id.clone(), e));
+            }
+        }
+        for (id, incarnation) in &routed.receivers {
+            if !p.accounted(id) && !is_live(id, *incarnation) {
+                p.failed.push((
+                    id.clone(),
+                    SendError::TargetStopped {
+                        node: id.clone(),
+                        in_flight: true,
+                    },
+                ));
+            }
+        }
+        if let Some(known) = &p.expected {
+            // A `Node` target: keep the one receiver known at send time.
+            for id in known {
+                if !expected.contains(id) {
+                    expected.push(id.clone());
+                }
+            }
+        }
+        p.expected = Some(expected);
+        self.settle(routed.seq)
+    }
+
+    /// A receiver's acknowledgement. The caller has checked that it is meant
+    /// for this incarnation.
+    pub fn handle_ack(&mut self, ack: &Ack) -> Option<(W, Completion)> {
+        let p = self.pending.get_mut(&ack.seq)?;
+        if p.accounted(&ack.from) {
+            return None;
+        }
+        match &ack.status {
+            AckStatus::Accepted => p.delivered.push(ack.from.clone()),
+            AckStatus::Failed(failure) => {
+                let e = SendError::from_failure(failure, &p.target, Some(&ack.from), &p.service);
+                p.failed.push((ack.from.clone(), e));
+            }
+        }
+        self.settle(ack.seq)
+    }
+
+    /// The reply to request `request_seq`.
+    pub fn handle_reply(
+        &mut self,
+        request_seq: u64,
+        from: &NodeId,
+        body: Bytes,
+    ) -> Option<(W, Completion)> {
+        match self.pending.get(&request_seq) {
+            Some(p) if p.awaiting == Awaiting::Reply => {}
+            _ => return None,
+        }
+        let p = self.pending.remove(&request_seq)?;
+        Some((
+            p.waiter,
+            Completion::Replied {
+                from: from.clone(),
+                body,
+            },
+        ))
+    }
+
+    /// A member left: every message waiting on it fails for that receiver
+    /// (it may have been delivered).
+    pub fn handle_member_left(&mut self, id: &NodeId) -> Vec<(W, Completion)> {
+        let mut settled = Vec::new();
+        for (seq, p) in self.pending.iter_mut() {
+            let waits = p.expected.as_ref().is_some_and(|e| e.contains(id)) && !p.accounted(id);
+            if waits {
+                p.failed.push((
+                    id.clone(),
+                    SendError::TargetStopped {
+                        node: id.clone(),
+                        in_flight: true,
+                    },
+                ));
+                if p.is_settled() {
+                    settled.push(*seq);
+                }
+            }
+        }
+        settled
+            .into_iter()
+            .filter_map(|seq| self.pending.remove(&seq).map(Pending::outcome))
+            .collect()
+    }
+
+    /// Fails everything still waiting, as when the connection is lost.
+    pub fn fail_all(&mut self, error: &SendError) -> Vec<(W, Completion)> {
+        self.pending
+            .drain()
+            .map(|(_, p)| (p.waiter, Completion::Failed(error.clone())))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use transports::protocol::DeliveryFailure;
+
+    fn id(s: &str) -> NodeId {
+        NodeId::new(s)
+    }
+
+    fn ack(seq: u64, from: &str, status: AckStatus) -> Ack {
+        Ack {
+            to: id("me"),
+            to_incarnation: 1,
+            seq,
+            from: id(from),
+            from_incarnation: 7,
+            status,
+        }
+    }
+
+    fn routed(
+        seq: u64,
+        receivers: &[&str],
+        failed: Vec<(NodeId, DeliveryFailure)>,
+        error: Option<DeliveryFailure>,
+    ) -> Routed {
+        Routed {
+            seq,
+            receivers: receivers.iter().map(|r| (id(r), 7)).collect(),
+            failed,
+            error,
+        }
+    }
+
+    fn svc() -> Arc<str> {
+        Arc::from("svc")
+    }
+
+    #[test]
+    fn node_send_completes_on_ack() {
+        let mut t = DeliveryTracker::new();
+        t.track(1, Target::Node(id("b")), svc(), Awaiting::Acks, "w1");
+        let (w, c) = t
+            .handle_ack(&ack(1, "b", AckStatus::Accepted))
+            .expect("settled");
+        assert_eq!(w, "w1");
+        assert_eq!(
+            c,
+            Completion::Delivered(DeliveryReport {
+                delivered: vec![id("b")],
+                failed: vec![]
+            })
+        );
+        assert!(t.is_empty());
+        assert!(
+            t.handle_ack(&ack(1, "b", AckStatus::Accepted)).is_none(),
+            "a late duplicate is ignored"
+        );
+    }
+
+    #[test]
+    fn group_send_waits_for_routed_and_all_acks_in_any_order() {
+        let mut t = DeliveryTracker::new();
+        t.track(5, Target::Group("g".into()), svc(), Awaiting::Acks, ());
+        // An ack overtakes the routing result.
+        assert!(t.handle_ack(&ack(5, "a", AckStatus::Accepted)).is_none());
+        assert!(t
+            .handle_routed(&routed(5, &["a", "b"], vec![], None), |_, _| true)
+            .is_none());
+        let (_, c) = t
+            .handle_ack(&ack(5, "b", AckStatus::Accepted))
+            .expect("settled");
+        assert_eq!(
+            c,
+            Completion::Delivered(DeliveryReport {
+                delivered: vec![id("a"), id("b")],
+                failed: vec![]
+            })
+        );
+    }
+
+    #[test]
+    fn outcomes_table() {
+        type Case = (&'static str, Target, Vec<Step>, Completion);
+        enum Step {
+            Routed(Routed),
+            Ack(Ack),
+            Left(&'static str),
+        }
+        let stopped = |n: &str| SendError::TargetStopped {
+            node: id(n),
+            in_flight: true,
+        };
+        let cases: Vec<Case> = vec![
+            (
+                "unknown node",
+                Target::Node(id("x")),
+                vec![Step::Routed(routed(
+                    1,
+                    &[],
+                    vec![],
+                    Some(DeliveryFailure::UnknownTarget),
+                ))],
+                Completion::Failed(SendError::UnknownTarget(Target::Node(id("x")))),
+            ),
+            (
+                "receiver lacks service",
+                Target::Node(id("b")),
+                vec![Step::Ack(ack(
+                    1,
+                    "b",
+                    AckStatus::Failed(DeliveryFailure::NoSuchService),
+                ))],
+                Completion::Failed(SendError::NoSuchService {
+                    target: Target::Node(id("b")),
+                    service: "svc".into(),
+                }),
+            ),
+            (
+                "node target left in flight",
+                Target::Node(id("b")),
+                vec![Step::Left("b")],
+                Completion::Failed(stopped("b")),
+            ),
+            (
+                "all in a cluster of one",
+                Target::All,
+                vec![Step::Routed(routed(1, &[], vec![], None))],
+                Completion::Delivered(DeliveryReport::default()),
+            ),
+            (
+                "group member left",
+                Target::Group("g".into()),
+                vec![
+                    Step::Routed(routed(1, &["a", "b"], vec![], None)),
+                    Step::Ack(ack(1, "a", AckStatus::Accepted)),
+                    Step::Left("b"),
+                ],
+                Completion::Failed(SendError::Incomplete(DeliveryReport {
+                    delivered: vec![id("a")],
+                    failed: vec![(id("b"), stopped("b"))],
+                })),
+            ),
+            (
+                "group member overloaded at the server",
+                Target::Group("g".into()),
+                vec![
+                    Step::Routed(routed(
+                        1,
+                        &["a"],
+                        vec![(id("b"), DeliveryFailure::ReceiverOverloaded)],
+                        None,
+                    )),
+                    Step::Ack(ack(1, "a", AckStatus::Accepted)),
+                ],
+                Completion::Failed(SendError::Incomplete(DeliveryReport {
+                    delivered: vec![id("a")],
+                    failed: vec![(
+                        id("b"),
+                        SendError::Rejected {
+                            node: id("b"),
+                            reason: "receiver overloaded: its queue at the message server is full"
+                                .into(),
+                        },
+                    )],
+                })),
+            ),
+            (
+                "any-of routed then acked",
+                Target::AnyOf("g".into()),
+                vec![
+                    Step::Routed(routed(1, &["c"], vec![], None)),
+                    Step::Ack(ack(1, "c", AckStatus::Accepted)),
+                ],
+                Completion::Delivered(DeliveryReport {
+                    delivered: vec![id("c")],
+                    failed: vec![],
+                }),
+            ),
+        ];
+        for (name, target, steps, expected) in cases {
+            let mut t = DeliveryTracker::new();
+            t.track(1, target, svc(), Awaiting::Acks, ());
+            let mut got = None;
+            for step in steps {
+                let r = match step {
+                    Step::Routed(r) => t.handle_routed(&r, |_, _| true),
+                    Step::Ack(a) => t.handle_ack(&a),
+                    Step::Left(n) => t.handle_member_left(&id(n)).pop(),
+                };
+                if let Some((_, c)) = r {
+                    assert!(got.is_none(), "{name}: settled twice");
+                    got = Some(c);
+                }
+            }
+            assert_eq!(got.as_ref(), Some(&expected), "{name}");
+            assert!(t.is_empty(), "{name}: nothing left pending");
+        }
+    }
+
+    #[test]
+    fn routed_to_a_receiver_that_already_left_fails_it() {
+        let mut t = DeliveryTracker::new();
+        t.track(3, Target::AnyOf("g".into()), svc(), Awaiting::Acks, ());
+        let (_, c) = t
+            .handle_routed(&routed(3, &["b"], vec![], None), |_, _| false)
+            .expect("settled at once");
+        assert_eq!(
+            c,
+            Completion::Failed(SendError::TargetStopped {
+                node: id("b"),
+                in_flight: true
+            })
+        );
+    }
+
+    #[test]
+    fn requests_settle_on_reply_or_failure() {
+        let mut t = DeliveryTracker::new();
+        t.track(1, Target::Node(id("b")), svc(), Awaiting::Reply, 1);
+        t.track(2, Target::Node(id("b")), svc(), Awaiting::Reply, 2);
+        let (w, c) = t
+            .handle_reply(1, &id("b"), Bytes::from_static(b"hi"))
+            .expect("reply");
+        assert_eq!(
+            (w, c),
+            (
+                1,
+                Completion::Replied {
+                    from: id("b"),
+                    body: Bytes::from_static(b"hi")
+                }
+            )
+        );
+        let left = t.handle_member_left(&id("b"));
+        assert_eq!(left.len(), 1);
+        assert_eq!(
+            left[0].1,
+            Completion::Failed(SendError::TargetStopped {
+                node: id("b"),
+                in_flight: true
+            })
+        );
+    }
+
+    #[test]
+    fn cancel_reports_missing_receivers_and_fail_all_drains() {
+        let mut t = DeliveryTracker::new();
+        t.track(1, Target::Group("g".into()), svc(), Awaiting::Acks, ());
+        t.handle_routed(&routed(1, &["a", "b"], vec![], None), |_, _| true);
+        t.handle_ack(&ack(1, "a", AckStatus::Accepted));
+        assert_eq!(t.cancel(1).map(|(_, m)| m), Some(vec![id("b")]));
+        t.track(2, Target::All, svc(), Awaiting::Acks, ());
+        t.track(3, Target::All, svc(), Awaiting::Acks, ());
+        assert_eq!(t.fail_all(&SendError::Disconnected).len(), 2);
+        assert!(t.is_empty());
+    }
+}
