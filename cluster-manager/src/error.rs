@@ -102,6 +102,9 @@ pub enum SendError {
     /// receiver: `Node` or `AnyOf`). Definite.
     #[error("{0} is not a valid target here: a request goes to one node or any member of a group")]
     InvalidTarget(Target),
+    /// `reply` was called on a message that is not a request. Definite.
+    #[error("the message is not a request; there is nobody waiting for a reply")]
+    NotARequest,
     /// The node is shut down. Definite for new sends.
     #[error("the node is shut down")]
     Shutdown,
@@ -117,6 +120,7 @@ impl SendError {
             | SendError::PayloadTooLarge { .. }
             | SendError::Rejected { .. }
             | SendError::InvalidTarget(_)
+            | SendError::NotARequest
             | SendError::Shutdown => true,
             SendError::TargetStopped { in_flight, .. } => !in_flight,
             SendError::Timeout { .. } | SendError::Disconnected | SendError::Incomplete(_) => false,

@@ -248,6 +248,11 @@ impl Connection {
                 Ok(None) => return End::Eof,
                 Err(e) => return End::Frame(e),
             };
+            tracing::trace!(
+                kind = frame.header().kind(),
+                len = frame.raw().len(),
+                "frame"
+            );
             let end = match frame.header() {
                 Header::Message(h) => {
                     if h.sender != self.me || h.incarnation != self.incarnation {
@@ -334,7 +339,10 @@ impl Connection {
         let counters = &self.shared.counters;
         Counters::add(&counters.messages, 1);
         Counters::add(&counters.message_bytes, body_len as u64);
-        let acked = h.kind != MessageKind::Notify;
+        // Replies go to the requesting runtime, not to a service, and
+        // nobody waits for their routing result.
+        let is_reply = matches!(h.kind, MessageKind::Reply { .. });
+        let acked = matches!(h.kind, MessageKind::Send | MessageKind::Request);
         let resolved = {
             let state = self.shared.read();
             let load = |id: &NodeId| {
@@ -343,7 +351,12 @@ impl Connection {
                     .get(id)
                     .map_or(usize::MAX, |c| c.queue.queued_frames())
             };
-            match state.table.resolve(&self.me, &h.target, &h.service, load) {
+            let resolution = if is_reply {
+                state.table.resolve_node(&h.target)
+            } else {
+                state.table.resolve(&self.me, &h.target, &h.service, load)
+            };
+            match resolution {
                 Ok(Resolution::One(id)) => Ok(vec![(state.conns.get(&id).cloned(), id)]),
                 Ok(Resolution::Many(ids)) => Ok(ids
                     .into_iter()
@@ -432,7 +445,7 @@ fn routed(
 async fn push_control_bounded(shared: &Shared, to: &NodeId, queue: &OutQueue, frame: OutFrame) {
     let frame = match queue.try_push_control(frame) {
         Ok(()) | Err(PushError::Closed(_)) => return,
-        Err(PushError::Full(frame)) => frame,
+        Err(PushError::Full(frame)) => *frame,
     };
     let limit = Duration::from_millis(shared.config.message_server.slow_consumer_ms);
     if tokio::time::timeout(limit, queue.push_control(frame))

@@ -142,6 +142,20 @@ impl RoutingTable {
             .is_some_and(|e| e.services.contains(service))
     }
 
+    /// Resolves a `Node` target without looking at services (for replies,
+    /// which go to the requesting runtime).
+    ///
+    /// # Errors
+    ///
+    /// [`DeliveryFailure::UnknownTarget`] for an unknown node or another
+    /// kind of target.
+    pub fn resolve_node(&self, target: &Target) -> Result<Resolution, DeliveryFailure> {
+        match target {
+            Target::Node(id) if self.nodes.contains_key(id) => Ok(Resolution::One(id.clone())),
+            _ => Err(DeliveryFailure::UnknownTarget),
+        }
+    }
+
     /// Resolves `target` for a message from `sender` to `service`.
     ///
     /// - `Node`: the node, if registered and offering the service.
@@ -249,7 +263,7 @@ mod tests {
     }
 
     fn ids(list: &[&str]) -> Vec<NodeId> {
-        list.iter().map(|s| NodeId::new(s)).collect()
+        list.iter().map(NodeId::new).collect()
     }
 
     #[test]
@@ -314,6 +328,23 @@ mod tests {
                 "{target} {service}"
             );
         }
+    }
+
+    #[test]
+    fn replies_resolve_without_services() {
+        let t = table();
+        assert_eq!(
+            t.resolve_node(&Target::Node("d".into())),
+            Ok(Resolution::One("d".into()))
+        );
+        assert_eq!(
+            t.resolve_node(&Target::Node("zz".into())),
+            Err(DeliveryFailure::UnknownTarget)
+        );
+        assert_eq!(
+            t.resolve_node(&Target::All),
+            Err(DeliveryFailure::UnknownTarget)
+        );
     }
 
     #[test]

@@ -26,6 +26,7 @@ use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 
 use crate::frame::{encode_header, Frame, FrameCodec, FrameError, OutFrame, LENGTH_PREFIX_BYTES};
+use crate::protocol::Header;
 
 /// Bytes requested from the socket per read when the buffer runs low.
 pub const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -100,12 +101,13 @@ struct OutItem {
 /// Why a frame could not be queued.
 #[derive(Debug, thiserror::Error)]
 pub enum PushError {
-    /// The queue is full: the receiving end does not keep up.
+    /// The queue is full: the receiving end does not keep up. The frame is
+    /// handed back (boxed: errors stay small on the hot path).
     #[error("outgoing queue full")]
-    Full(OutFrame),
-    /// The connection is closed.
+    Full(Box<OutFrame>),
+    /// The connection is closed; the frame is handed back.
     #[error("connection closed")]
-    Closed(OutFrame),
+    Closed(Box<OutFrame>),
 }
 
 /// The sending side of a connection's outgoing queue. Cheap to clone.
@@ -169,22 +171,26 @@ impl OutQueue {
     /// writer is gone. The frame is handed back.
     pub fn try_push_data(&self, frame: OutFrame) -> Result<(), PushError> {
         if self.closed.is_cancelled() || self.tx.is_closed() {
-            return Err(PushError::Closed(frame));
+            return Err(PushError::Closed(Box::new(frame)));
         }
         if self.tx.capacity() <= self.control_reserve {
-            return Err(PushError::Full(frame));
+            return Err(PushError::Full(Box::new(frame)));
         }
         let permits = self.permits_for(&frame);
         let Ok(permit) = self.bytes.try_acquire_many(permits) else {
-            return Err(PushError::Full(frame));
+            return Err(PushError::Full(Box::new(frame)));
         };
         match self.tx.try_send(OutItem { frame, permits }) {
             Ok(()) => {
                 permit.forget();
                 Ok(())
             }
-            Err(mpsc::error::TrySendError::Full(item)) => Err(PushError::Full(item.frame)),
-            Err(mpsc::error::TrySendError::Closed(item)) => Err(PushError::Closed(item.frame)),
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                Err(PushError::Full(Box::new(item.frame)))
+            }
+            Err(mpsc::error::TrySendError::Closed(item)) => {
+                Err(PushError::Closed(Box::new(item.frame)))
+            }
         }
     }
 
@@ -201,14 +207,14 @@ impl OutQueue {
         let permits = self.permits_for(&frame);
         let permit = tokio::select! {
             p = self.bytes.acquire_many(permits) => p,
-            _ = self.closed.cancelled() => return Err(PushError::Closed(frame)),
+            _ = self.closed.cancelled() => return Err(PushError::Closed(Box::new(frame))),
         };
         let Ok(permit) = permit else {
-            return Err(PushError::Closed(frame));
+            return Err(PushError::Closed(Box::new(frame)));
         };
         let slot = tokio::select! {
             s = self.tx.reserve() => s,
-            _ = self.closed.cancelled() => return Err(PushError::Closed(frame)),
+            _ = self.closed.cancelled() => return Err(PushError::Closed(Box::new(frame))),
         };
         match slot {
             Ok(slot) => {
@@ -216,7 +222,7 @@ impl OutQueue {
                 slot.send(OutItem { frame, permits });
                 Ok(())
             }
-            Err(_) => Err(PushError::Closed(frame)),
+            Err(_) => Err(PushError::Closed(Box::new(frame))),
         }
     }
 
@@ -232,14 +238,14 @@ impl OutQueue {
     pub async fn push_control(&self, frame: OutFrame) -> Result<(), PushError> {
         let slot = tokio::select! {
             s = self.tx.reserve() => s,
-            _ = self.closed.cancelled() => return Err(PushError::Closed(frame)),
+            _ = self.closed.cancelled() => return Err(PushError::Closed(Box::new(frame))),
         };
         match slot {
             Ok(slot) => {
                 slot.send(OutItem { frame, permits: 0 });
                 Ok(())
             }
-            Err(_) => Err(PushError::Closed(frame)),
+            Err(_) => Err(PushError::Closed(Box::new(frame))),
         }
     }
 
@@ -251,8 +257,12 @@ impl OutQueue {
     pub fn try_push_control(&self, frame: OutFrame) -> Result<(), PushError> {
         match self.tx.try_send(OutItem { frame, permits: 0 }) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(item)) => Err(PushError::Full(item.frame)),
-            Err(mpsc::error::TrySendError::Closed(item)) => Err(PushError::Closed(item.frame)),
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                Err(PushError::Full(Box::new(item.frame)))
+            }
+            Err(mpsc::error::TrySendError::Closed(item)) => {
+                Err(PushError::Closed(Box::new(item.frame)))
+            }
         }
     }
 
@@ -281,9 +291,9 @@ impl OutQueue {
     }
 }
 
-/// Drains `rx` into `io` until every [`OutQueue`] is dropped (then flushes
-/// and shuts the write side down) or [`OutQueue::close`] is called (then
-/// stops at once).
+/// Drains `rx` into `io` until every [`OutQueue`] is dropped or a
+/// [`Header::Goodbye`] was written (then flushes and shuts the write side
+/// down), or [`OutQueue::close`] is called (then stops at once).
 ///
 /// Each batch of up to [`WRITE_BATCH_FRAMES`] frames goes out in as few
 /// vectored writes as the kernel takes: headers and small bodies are copied
@@ -312,8 +322,20 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
             break io.shutdown().await.map_err(FrameError::from);
         }
         let mut permits = 0usize;
+        let mut goodbye = false;
         for item in batch.drain(..) {
             permits += item.permits as usize;
+            if goodbye {
+                // Nothing follows a goodbye.
+                continue;
+            }
+            if let OutFrame::Parts {
+                header: Header::Goodbye,
+                ..
+            } = &item.frame
+            {
+                goodbye = true;
+            }
             let body = match item.frame {
                 OutFrame::Parts { header, body } => {
                     if let Err(e) = encode_header(&header, body.len(), max_frame, &mut buf) {
@@ -354,6 +376,9 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
         rx.bytes.add_permits(permits);
         if let Err(e) = written {
             break Err(FrameError::Io(e));
+        }
+        if goodbye {
+            break io.shutdown().await.map_err(FrameError::from);
         }
     };
     rx.closed.cancel();
@@ -399,7 +424,6 @@ async fn write_chunks<W: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::Header;
 
     #[tokio::test]
     async fn writer_batches_and_reader_reads_back() {

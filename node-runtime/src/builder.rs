@@ -1,0 +1,200 @@
+//! Building and starting a node.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tracing::Instrument;
+use transports::frame::{FrameCodec, HANDSHAKE_MAX_FRAME_BYTES};
+use transports::handshake;
+use transports::protocol::{Hello, NodeId, Role, PROTOCOL_VERSION};
+use transports::{out_queue, Config, FrameReader};
+
+use crate::connection;
+use crate::node::{Inner, Node};
+use crate::NodeError;
+
+/// Configures a node; [`NodeBuilder::start`] connects it.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), node_runtime::NodeError> {
+/// let node = node_runtime::Node::builder("server-1")
+///     .message_server("127.0.0.1:7400")
+///     .groups(["web"])
+///     .start()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until started"]
+pub struct NodeBuilder {
+    id: NodeId,
+    config: Config,
+    addresses: Option<Vec<String>>,
+    groups: Vec<String>,
+    role: Role,
+}
+
+impl NodeBuilder {
+    pub(crate) fn new(id: NodeId) -> Self {
+        NodeBuilder {
+            id,
+            config: Config::default(),
+            addresses: None,
+            groups: Vec::new(),
+            role: Role::Server,
+        }
+    }
+
+    /// Uses this configuration (its `[nodes.<id>]` section is merged in at
+    /// start). Defaults to [`Config::default`].
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Connects to this message server, overriding
+    /// `message_server.addresses`.
+    pub fn message_server(mut self, address: impl ToString) -> Self {
+        self.addresses = Some(vec![address.to_string()]);
+        self
+    }
+
+    /// Connects to these message servers, primary first, then standbys.
+    pub fn message_servers<I, S>(mut self, addresses: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: ToString,
+    {
+        self.addresses = Some(addresses.into_iter().map(|a| a.to_string()).collect());
+        self
+    }
+
+    /// The groups this node belongs to.
+    pub fn groups<I, S>(mut self, groups: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.groups = groups.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The node's role (server by default).
+    pub fn role(mut self, role: Role) -> Self {
+        self.role = role;
+        self
+    }
+
+    /// Connects to the first reachable message server, registers, and starts
+    /// the node's tasks.
+    ///
+    /// # Errors
+    ///
+    /// [`NodeError::Config`] for a bad configuration,
+    /// [`NodeError::Connect`] if no message server answers within
+    /// `message_server.connect_timeout_ms` (for example when none is
+    /// running), [`NodeError::Handshake`] if one refused this node (another
+    /// cluster, another protocol version, the id already live).
+    pub async fn start(self) -> Result<Node, NodeError> {
+        let mut config = self.config.for_node(self.id.as_str())?;
+        if let Some(addresses) = self.addresses {
+            config.message_server.addresses = addresses;
+        }
+        config.validate("")?;
+        let incarnation = fresh_incarnation();
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            cluster: config.cluster.name.clone(),
+            node: self.id.clone(),
+            incarnation,
+            role: self.role,
+            groups: self.groups,
+            services: Vec::new(),
+            direct_addr: None,
+            credentials: config.cluster.credentials.clone(),
+            max_message_bytes: config.limits.max_message_bytes,
+        };
+
+        let mut last_error = None;
+        let mut connected = None;
+        for address in &config.message_server.addresses {
+            match transports::tcp::connect(address, &config.tcp, config.connect_timeout()).await {
+                Ok(stream) => {
+                    connected = Some((address.clone(), stream));
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(%address, error = %e, "message server unreachable");
+                    last_error = Some(e);
+                }
+            }
+        }
+        let Some((address, stream)) = connected else {
+            return Err(NodeError::Connect {
+                addresses: config.message_server.addresses.clone(),
+                source: last_error
+                    .unwrap_or_else(|| std::io::Error::other("no message server address")),
+            });
+        };
+
+        let (rd, mut wr) = stream.into_split();
+        let mut reader = FrameReader::new(rd, FrameCodec::new(HANDSHAKE_MAX_FRAME_BYTES));
+        let welcome =
+            handshake::connect_handshake(&mut reader, &mut wr, &hello, config.connect_timeout())
+                .await
+                .map_err(|source| NodeError::Handshake {
+                    address: address.clone(),
+                    source,
+                })?;
+        let max_message = welcome
+            .max_message_bytes
+            .min(config.limits.max_message_bytes);
+        let codec = FrameCodec::for_messages(max_message);
+        *reader.codec_mut() = codec;
+        let (queue, rx) = out_queue(config.node.queue_frames, config.node.queue_bytes);
+        let inner = Arc::new(Inner::new(
+            self.id.clone(),
+            incarnation,
+            config,
+            max_message,
+            queue,
+            welcome.members,
+        ));
+        let span = tracing::info_span!("node", id = %self.id, incarnation);
+        tracing::info!(parent: &span, %address, "node connected to the message server");
+        let max_frame = codec.max_frame();
+        let writer_queue = inner.queue.clone();
+        inner.tasks.spawn(
+            async move {
+                if let Err(e) = transports::run_writer(wr, rx, max_frame).await {
+                    tracing::debug!(error = %e, "writer to the message server stopped");
+                }
+                writer_queue.close();
+            }
+            .instrument(span.clone()),
+        );
+        inner
+            .tasks
+            .spawn(connection::read_loop(inner.clone(), reader).instrument(span));
+        Ok(Node::from_inner(inner))
+    }
+}
+
+/// A number that differs for each start of a node: the wall clock in
+/// nanoseconds, bumped so that two nodes started in the same process at the
+/// same instant still differ, and so that it grows across restarts.
+fn fresh_incarnation() -> u64 {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    let mut prev = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(prev + 1);
+        match LAST.compare_exchange(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(p) => prev = p,
+        }
+    }
+}

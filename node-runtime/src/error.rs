@@ -1,0 +1,53 @@
+//! Errors of starting and running a node. Send errors live in
+//! `cluster-manager` and are re-exported by this crate.
+
+use std::time::Duration;
+
+use transports::handshake::HandshakeError;
+use transports::ConfigError;
+
+/// Why a node could not start, or an operation on it failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The configuration is invalid; the source names the key.
+    #[error("invalid node configuration")]
+    Config(#[from] ConfigError),
+    /// No message server address could be reached.
+    #[error("cannot reach the message server at {addresses:?} (is it running?)")]
+    Connect {
+        /// The addresses tried, in order.
+        addresses: Vec<String>,
+        /// The error of the last attempt.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The message server was reached but the handshake failed, for example
+    /// because it refused this node.
+    #[error("handshake with the message server at {address} failed")]
+    Handshake {
+        /// The server's address.
+        address: String,
+        /// What went wrong.
+        #[source]
+        source: HandshakeError,
+    },
+    /// The direct-channel listener could not be bound.
+    #[error("cannot listen for direct channels on {address}")]
+    DirectListen {
+        /// The address.
+        address: std::net::SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The service already has an inbox on this node.
+    #[error("service {0:?} is already subscribed on this node")]
+    AlreadySubscribed(String),
+    /// The message server did not confirm in time.
+    #[error("the message server did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The connection to the message server is gone.
+    #[error("the connection to the message server is closed")]
+    Disconnected,
+}

@@ -1,0 +1,51 @@
+//! The library an application server embeds to join a clustercomm
+//! cluster.
+//!
+//! A [`Node`] connects to the message server, registers its groups, offers
+//! services through inboxes, and sends to one node, a group, any member of
+//! a group, or every node. Acknowledged sends resolve with a
+//! [`DeliveryReport`] naming the receivers, or a [`SendError`] that says
+//! whether the message was definitely not delivered or may have been.
+//!
+//! ```no_run
+//! use node_runtime::{Node, Target};
+//!
+//! # async fn run() -> anyhow::Result<()> {
+//! let node = Node::builder("server-1")
+//!     .message_server("127.0.0.1:7400")
+//!     .groups(["web"])
+//!     .start()
+//!     .await?;
+//! let mut inbox = node.subscribe("cache-invalidation").await?;
+//! let report = node.send(Target::All, "cache-invalidation", "user:42").await;
+//! if let Some(message) = inbox.recv().await {
+//!     println!("{} says {:?}", message.sender(), message.body());
+//! }
+//! # let _ = report;
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//!
+//! - [`builder`]: configuring and starting a node.
+//! - [`node`]: the [`Node`] handle: send, notify, request, subscribe.
+//! - [`inbox`]: service inboxes and delivered messages.
+//! - [`membership`]: the members view and its events.
+//! - `connection`: the read task on the message-server connection.
+//! - [`error`]: start-up and operation errors.
+
+pub mod builder;
+mod connection;
+pub mod error;
+pub mod inbox;
+pub mod membership;
+pub mod node;
+
+pub use builder::NodeBuilder;
+pub use cluster_manager::{DeliveryReport, SendError};
+pub use error::NodeError;
+pub use inbox::{Inbox, Message};
+pub use membership::{EventsError, MembershipEvent, MembershipEvents};
+pub use node::{Node, Reply};
+pub use transports::protocol::{LeaveReason, MemberInfo, NodeId, Role, Target};
+pub use transports::Config;
