@@ -46,6 +46,6 @@ pub use cluster_manager::{DeliveryReport, SendError};
 pub use error::NodeError;
 pub use inbox::{Inbox, Message};
 pub use membership::{EventsError, MembershipEvent, MembershipEvents};
-pub use node::{Node, Reply};
+pub use node::{Node, Pending, Reply};
 pub use transports::protocol::{LeaveReason, MemberInfo, NodeId, Role, Target};
 pub use transports::Config;

@@ -138,15 +138,17 @@ impl Inner {
         }
     }
 
-    /// Sends a tracked message and waits for its completion.
-    async fn tracked(
-        &self,
+    /// Queues a tracked message; the returned handle awaits its outcome.
+    /// Messages submitted one after another from one task go out in that
+    /// order.
+    async fn submit(
+        self: &Arc<Self>,
         target: Target,
         service: &str,
         body: Bytes,
         kind: MessageKind,
         awaiting: Awaiting,
-    ) -> Result<Completion, SendError> {
+    ) -> Result<Pending, SendError> {
         self.check_size(&body)?;
         if self.cancel.is_cancelled() {
             return Err(SendError::Shutdown);
@@ -157,29 +159,15 @@ impl Inner {
         let (tx, rx) = oneshot::channel();
         self.tracker()
             .track(seq, target.clone(), service.clone(), awaiting, tx);
-        let guard = PendingGuard { inner: self, seq };
+        let pending = Pending {
+            inner: self.clone(),
+            seq,
+            deadline,
+            rx: Some(rx),
+        };
         self.enqueue(self.message(seq, target, service, kind, body), deadline)
             .await?;
-        let outcome = tokio::time::timeout_at(deadline, rx).await;
-        match outcome {
-            Ok(Ok(c)) => {
-                std::mem::forget(guard);
-                Ok(c)
-            }
-            Ok(Err(_)) => Err(self.closed_error()),
-            Err(_) => {
-                std::mem::forget(guard);
-                let waiting_for = self
-                    .tracker()
-                    .cancel(seq)
-                    .map(|(_, m)| m)
-                    .unwrap_or_default();
-                Err(SendError::Timeout {
-                    after: self.config.send_timeout(),
-                    waiting_for,
-                })
-            }
-        }
+        Ok(pending)
     }
 
     pub(crate) async fn send_reply(
@@ -223,14 +211,65 @@ impl Inner {
     }
 }
 
-/// Removes a pending entry when a send future is dropped before its outcome.
-struct PendingGuard<'a> {
-    inner: &'a Inner,
+/// A message on its way: queued for the wire, its outcome not yet known.
+///
+/// Returned by [`Node::submit`]; [`Pending::outcome`] waits for the
+/// receivers' acknowledgements. Dropping it stops tracking the message (it
+/// may still be delivered).
+#[derive(Debug)]
+#[must_use = "a pending send does nothing unless its outcome is awaited"]
+pub struct Pending {
+    inner: Arc<Inner>,
     seq: u64,
+    deadline: Instant,
+    rx: Option<oneshot::Receiver<Completion>>,
 }
 
-impl Drop for PendingGuard<'_> {
+impl Pending {
+    /// The message's sequence number.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    async fn completion(mut self) -> Result<Completion, SendError> {
+        let Some(rx) = self.rx.take() else {
+            return Err(SendError::Shutdown);
+        };
+        match tokio::time::timeout_at(self.deadline, rx).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(_)) => Err(self.inner.closed_error()),
+            Err(_) => {
+                let waiting_for = self
+                    .inner
+                    .tracker()
+                    .cancel(self.seq)
+                    .map(|(_, m)| m)
+                    .unwrap_or_default();
+                Err(SendError::Timeout {
+                    after: self.inner.config.send_timeout(),
+                    waiting_for,
+                })
+            }
+        }
+    }
+
+    /// Waits until every receiver has accepted the message, or it failed.
+    ///
+    /// # Errors
+    ///
+    /// As [`Node::send`].
+    pub async fn outcome(self) -> Result<DeliveryReport, SendError> {
+        match self.completion().await? {
+            Completion::Delivered(report) => Ok(report),
+            Completion::Failed(e) => Err(e),
+            Completion::Replied { .. } => Err(SendError::Disconnected),
+        }
+    }
+}
+
+impl Drop for Pending {
     fn drop(&mut self) {
+        // A settled message is no longer tracked; cancel is a no-op then.
         self.inner.tracker().cancel(self.seq);
     }
 }
@@ -383,21 +422,32 @@ impl Node {
         service: &str,
         body: impl Into<Bytes>,
     ) -> Result<DeliveryReport, SendError> {
-        match self
-            .inner
-            .tracked(
+        self.submit(target, service, body).await?.outcome().await
+    }
+
+    /// Queues an acknowledged message and returns as soon as it is queued,
+    /// with a handle to await its outcome: pipelining without giving up
+    /// order. Messages submitted one after another go out in that order.
+    ///
+    /// # Errors
+    ///
+    /// `PayloadTooLarge`, `Shutdown`, `Disconnected`, or `Timeout` if the
+    /// outgoing queue stayed full for the send timeout.
+    pub async fn submit(
+        &self,
+        target: Target,
+        service: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<Pending, SendError> {
+        self.inner
+            .submit(
                 target,
                 service,
                 body.into(),
                 MessageKind::Send,
                 Awaiting::Acks,
             )
-            .await?
-        {
-            Completion::Delivered(report) => Ok(report),
-            Completion::Failed(e) => Err(e),
-            Completion::Replied { .. } => Err(SendError::Disconnected),
-        }
+            .await
     }
 
     /// Sends `body` one-way: resolves once the message is queued for the
@@ -444,17 +494,17 @@ impl Node {
         if matches!(target, Target::Group(_) | Target::All) {
             return Err(SendError::InvalidTarget(target));
         }
-        match self
+        let pending = self
             .inner
-            .tracked(
+            .submit(
                 target,
                 service,
                 body.into(),
                 MessageKind::Request,
                 Awaiting::Reply,
             )
-            .await?
-        {
+            .await?;
+        match pending.completion().await? {
             Completion::Replied { from, body } => Ok(Reply { from, body }),
             Completion::Failed(e) => Err(e),
             Completion::Delivered(_) => Err(SendError::Disconnected),
