@@ -1,0 +1,63 @@
+//! Shared counters and bounded waits on them.
+//!
+//! Receivers count into a [`Counter`]; the measuring task polls it until the
+//! expected total arrives, never longer than a timeout.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::bail;
+use tokio::time::Instant;
+
+/// How often a wait looks at the counter. Tokio's timer has millisecond
+/// resolution, so a completion time is late by at most about this much.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(1);
+
+/// A cheap, cloneable event counter.
+#[derive(Debug, Clone, Default)]
+pub struct Counter(Arc<AtomicU64>);
+
+impl Counter {
+    /// A counter at zero.
+    pub fn new() -> Counter {
+        Counter::default()
+    }
+
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The count now.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Waits until `counter` reaches `target` and returns when it saw that.
+///
+/// # Errors
+///
+/// If the counter is still short of `target` after `timeout`; the message
+/// says how far it got.
+pub async fn wait_for_count(
+    counter: &Counter,
+    target: u64,
+    timeout: Duration,
+) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = Instant::now();
+        if counter.get() >= target {
+            return Ok(now);
+        }
+        if now >= deadline {
+            bail!(
+                "counted {} of {target} within {timeout:?}",
+                counter.get()
+            );
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}

@@ -1,0 +1,266 @@
+//! Harness for clustercomm's integration and fault tests: an in-process
+//! message server, child processes (the `message-server` binary and the
+//! `test-node` helper) that print a readiness line and are killed and reaped
+//! when dropped, and short timings for fast tests.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use message_server::{MessageServer, ServerHandle};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio::sync::oneshot;
+use transports::Config;
+
+/// Upper bound for any single wait in a test.
+pub const TEST_WAIT: Duration = Duration::from_secs(30);
+
+/// Installs a log subscriber honouring `RUST_LOG` (once per process).
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A configuration with short timings, for tests: heartbeat 200 ms,
+/// failure timeout 1 s, send timeout 5 s, listening on an ephemeral
+/// loopback port.
+pub fn test_config() -> Config {
+    let mut config = Config::default();
+    config.message_server.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.cluster.heartbeat_interval_ms = 200;
+    config.cluster.failure_timeout_ms = 1_000;
+    config.node.send_timeout_ms = 5_000;
+    config.message_server.connect_timeout_ms = 2_000;
+    config
+}
+
+/// Runs `f` under [`TEST_WAIT`], so that no test can hang.
+///
+/// # Errors
+///
+/// The test's own error, or a timeout.
+pub async fn bounded<T>(f: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::time::timeout(TEST_WAIT, f)
+        .await
+        .context("test exceeded its time bound")?
+}
+
+/// A message server running in this process.
+pub struct TestServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its counters and members.
+    pub handle: ServerHandle,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestServer {
+    /// Starts a server with `config` (use [`test_config`]).
+    ///
+    /// # Errors
+    ///
+    /// If the server cannot bind.
+    pub async fn start(config: Config) -> anyhow::Result<TestServer> {
+        let server = MessageServer::bind(config).await?;
+        let addr = server.local_addr();
+        let handle = server.handle();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = server
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(TestServer {
+            addr,
+            handle,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// Stops the server and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The directory holding the workspace's built binaries (`target/debug`).
+fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/debug/deps/<test> -> target/debug
+    let deps = exe.parent().context("test binary has no directory")?;
+    let dir = if deps.ends_with("deps") {
+        deps.parent().context("no target directory")?
+    } else {
+        deps
+    };
+    Ok(dir.to_path_buf())
+}
+
+/// Path of the `message-server` binary built by `cargo test --workspace`
+/// (or named by `CLUSTERCOMM_MESSAGE_SERVER_BIN`).
+///
+/// # Errors
+///
+/// If it has not been built.
+pub fn message_server_bin() -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var("CLUSTERCOMM_MESSAGE_SERVER_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let path = bin_dir()?.join("message-server");
+    if !path.exists() {
+        bail!(
+            "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A child process that printed a readiness line; killed (SIGKILL) and
+/// reaped when dropped.
+pub struct ChildProcess {
+    /// The process.
+    pub child: Child,
+    /// Its standard output after the readiness line.
+    pub stdout: Lines<BufReader<ChildStdout>>,
+    /// The readiness line.
+    pub ready_line: String,
+}
+
+impl ChildProcess {
+    /// Spawns `cmd` and waits (bounded) for a stdout line starting with
+    /// `ready_prefix`.
+    ///
+    /// # Errors
+    ///
+    /// If it cannot start, exits, or is not ready in time.
+    pub async fn spawn(mut cmd: Command, ready_prefix: &str) -> anyhow::Result<ChildProcess> {
+        cmd.stdout(Stdio::piped()).kill_on_drop(true);
+        let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(TEST_WAIT, async {
+            while let Some(line) = lines.next_line().await? {
+                if line.starts_with(ready_prefix) {
+                    return Ok(line);
+                }
+            }
+            bail!("process exited before printing {ready_prefix:?}")
+        })
+        .await
+        .context("process not ready in time")??;
+        Ok(ChildProcess {
+            child,
+            stdout: lines,
+            ready_line: ready,
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> anyhow::Result<u32> {
+        self.child.id().context("process already reaped")
+    }
+
+    /// Sends `signal` (e.g. `"KILL"`, `"STOP"`, `"CONT"`) with kill(1).
+    ///
+    /// # Errors
+    ///
+    /// If kill fails.
+    pub async fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid()?.to_string())
+            .status()
+            .await?;
+        if !status.success() {
+            bail!("kill -{signal} failed");
+        }
+        Ok(())
+    }
+
+    /// SIGKILL and reap.
+    ///
+    /// # Errors
+    ///
+    /// If the process cannot be killed.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
+    /// A field of `/proc/<pid>/status` in KiB, such as `VmHWM` (peak
+    /// resident memory).
+    ///
+    /// # Errors
+    ///
+    /// If the file or field cannot be read.
+    pub fn proc_status_kib(&self, field: &str) -> anyhow::Result<u64> {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?))?;
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(field))
+            .with_context(|| format!("no {field} in /proc status"))?;
+        let kib = line
+            .split_whitespace()
+            .nth(1)
+            .context("malformed status line")?
+            .parse()?;
+        Ok(kib)
+    }
+}
+
+/// Starts the `message-server` binary on an ephemeral loopback port and
+/// returns it with the address it printed.
+///
+/// # Errors
+///
+/// If the binary is missing or does not come up.
+pub async fn spawn_message_server(extra_args: &[&str]) -> anyhow::Result<(ChildProcess, SocketAddr)> {
+    let mut cmd = Command::new(message_server_bin()?);
+    cmd.args(["--listen", "127.0.0.1:0"]).args(extra_args);
+    let child = ChildProcess::spawn(cmd, "message-server listening on").await?;
+    let addr = child
+        .ready_line
+        .rsplit(' ')
+        .next()
+        .context("no address in readiness line")?
+        .parse()?;
+    Ok((child, addr))
+}
+
+/// Starts the `test-node` helper: a node that subscribes `service` and
+/// acknowledges everything it receives.
+///
+/// # Errors
+///
+/// If it does not come up.
+pub async fn spawn_test_node(
+    server: SocketAddr,
+    id: &str,
+    service: &str,
+) -> anyhow::Result<ChildProcess> {
+    let mut cmd = Command::new(bin_dir()?.join("test-node"));
+    cmd.args(["--server", &server.to_string(), "--id", id, "--service", service]);
+    ChildProcess::spawn(cmd, "ready").await
+}

@@ -1,0 +1,233 @@
+//! Acknowledged delivery to each kind of target, over real loopback
+//! sockets: who gets a message, and what the sender's report says.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use bytes::Bytes;
+use clustercomm_tests::{bounded, init_logging, test_config, TestServer};
+use node_runtime::{Node, NodeId, Target};
+use tokio::task::JoinHandle;
+
+const SERVICE: &str = "svc";
+
+/// Every body each node received, in order.
+type Received = Arc<Mutex<Vec<(NodeId, Bytes)>>>;
+
+struct Member {
+    node: Node,
+    received: Received,
+    _drain: JoinHandle<()>,
+}
+
+async fn member(server: &TestServer, id: &str, groups: &[&str]) -> anyhow::Result<Member> {
+    let node = Node::builder(id)
+        .config(test_config())
+        .message_server(server.addr)
+        .groups(groups.iter().copied())
+        .start()
+        .await?;
+    let mut inbox = node.subscribe(SERVICE).await?;
+    let received: Received = Arc::default();
+    let sink = received.clone();
+    let drain = tokio::spawn(async move {
+        while let Some(m) = inbox.recv().await {
+            sink.lock()
+                .expect("lock")
+                .push((m.sender().clone(), m.body().clone()));
+        }
+    });
+    Ok(Member {
+        node,
+        received,
+        _drain: drain,
+    })
+}
+
+fn ids(list: &[&str]) -> Vec<NodeId> {
+    list.iter().map(|s| NodeId::new(s)).collect()
+}
+
+/// How many times `member` received `body`, once a marker sent after it by
+/// `from` has arrived (order per sender and receiver makes the count final).
+async fn count_after_marker(from: &Node, member: &Member, body: &[u8]) -> anyhow::Result<usize> {
+    let marker = format!("marker-{}", from.pending() + rand_suffix());
+    from.send(Target::Node(member.node.id().clone()), SERVICE, marker.clone())
+        .await?;
+    loop {
+        {
+            let got = member.received.lock().expect("lock");
+            if got.iter().any(|(_, b)| b == marker.as_bytes()) {
+                return Ok(got.iter().filter(|(_, b)| b == body).count());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn rand_suffix() -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_nodes_two_groups() -> anyhow::Result<()> {
+    init_logging();
+    bounded(async {
+        let server = TestServer::start(test_config()).await?;
+        let n1 = member(&server, "n1", &["web"]).await?;
+        let n2 = member(&server, "n2", &["web"]).await?;
+        let n3 = member(&server, "n3", &["batch"]).await?;
+        let n4 = member(&server, "n4", &["batch"]).await?;
+        let all = [&n1, &n2, &n3, &n4];
+
+        // Node: exactly the one receiver.
+        let report = n1
+            .node
+            .send(Target::Node("n3".into()), SERVICE, "to-n3")
+            .await?;
+        assert_eq!(report.delivered, ids(&["n3"]));
+        assert!(report.failed.is_empty());
+        for m in all {
+            let expected = usize::from(m.node.id() == "n3");
+            assert_eq!(count_after_marker(&n2.node, m, b"to-n3").await?, expected, "{}", m.node.id());
+        }
+
+        // Group: every member of the group, nobody else.
+        let report = n1
+            .node
+            .send(Target::Group("batch".into()), SERVICE, "to-batch")
+            .await?;
+        assert_eq!(report.delivered, ids(&["n3", "n4"]));
+        for m in all {
+            let expected = usize::from(m.node.id() == "n3" || m.node.id() == "n4");
+            assert_eq!(count_after_marker(&n2.node, m, b"to-batch").await?, expected, "{}", m.node.id());
+        }
+
+        // AnyOf: one member each time, spread over the members.
+        let mut picked: BTreeMap<NodeId, usize> = BTreeMap::new();
+        for _ in 0..100 {
+            let report = n1
+                .node
+                .send(Target::AnyOf("batch".into()), SERVICE, "to-any")
+                .await?;
+            ensure!(report.delivered.len() == 1, "any-of reached {:?}", report.delivered);
+            *picked.entry(report.delivered[0].clone()).or_default() += 1;
+        }
+        assert_eq!(picked.keys().cloned().collect::<Vec<_>>(), ids(&["n3", "n4"]));
+        assert!(picked.values().all(|&c| c > 0 && c < 100), "{picked:?}");
+        for m in all {
+            let got = count_after_marker(&n2.node, m, b"to-any").await?;
+            assert_eq!(got, picked.get(m.node.id()).copied().unwrap_or(0), "{}", m.node.id());
+        }
+
+        // All: every other node exactly once, never the sender.
+        let report = n1.node.send(Target::All, SERVICE, "to-all").await?;
+        assert_eq!(report.delivered, ids(&["n2", "n3", "n4"]));
+        for m in all {
+            let expected = usize::from(m.node.id() != "n1");
+            assert_eq!(count_after_marker(&n2.node, m, b"to-all").await?, expected, "{}", m.node.id());
+        }
+
+        // The server carried every one of these (no other path exists yet).
+        let counters = server.handle.counters();
+        assert!(counters.deliveries >= 1 + 2 + 100 + 3, "{counters:?}");
+        assert_eq!(counters.route_failures, 0, "{counters:?}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_membership_events_reach_every_node() -> anyhow::Result<()> {
+    init_logging();
+    bounded(async {
+        let server = TestServer::start(test_config()).await?;
+        let a = member(&server, "a", &["web"]).await?;
+        let mut events = a.node.membership_events();
+        let b = member(&server, "b", &["web"]).await?;
+        match events.recv().await? {
+            node_runtime::MembershipEvent::Joined(info) => assert_eq!(info.id, "b"),
+            other => anyhow::bail!("expected b to join, got {other:?}"),
+        }
+        let members: Vec<NodeId> = a.node.members().into_iter().map(|m| m.id).collect();
+        assert_eq!(members, ids(&["a", "b"]));
+        b.node.shutdown().await;
+        loop {
+            match events.recv().await? {
+                node_runtime::MembershipEvent::Left { id, reason, .. } => {
+                    assert_eq!(id, "b");
+                    assert_eq!(reason, node_runtime::LeaveReason::Stopped);
+                    break;
+                }
+                _ => continue,
+            }
+        }
+        let members: Vec<NodeId> = a.node.members().into_iter().map(|m| m.id).collect();
+        assert_eq!(members, ids(&["a"]));
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_thousand_acknowledged_in_order_each_once() -> anyhow::Result<()> {
+    init_logging();
+    const COUNT: u64 = 100_000;
+    const WINDOW: usize = 512;
+    bounded(async {
+        let server = TestServer::start(test_config()).await?;
+        let sender = Node::builder("sender")
+            .config(test_config())
+            .message_server(server.addr)
+            .start()
+            .await?;
+        let receiver = Node::builder("receiver")
+            .config(test_config())
+            .message_server(server.addr)
+            .start()
+            .await?;
+        let mut inbox = receiver.subscribe("seq").await?;
+        let check = tokio::spawn(async move {
+            let mut next = 0u64;
+            while next < COUNT {
+                let m = inbox.recv().await.context("inbox closed early")?;
+                let body: [u8; 8] = m.body()[..].try_into().context("body is 8 bytes")?;
+                let n = u64::from_be_bytes(body);
+                ensure!(n == next, "expected message {next}, got {n}: out of order, lost or duplicated");
+                next += 1;
+            }
+            // Nothing more may arrive: a duplicate would show up here.
+            let extra = tokio::time::timeout(Duration::from_millis(200), inbox.recv()).await;
+            ensure!(extra.is_err(), "a message arrived after all {COUNT}");
+            anyhow::Ok(next)
+        });
+
+        let target = Target::Node("receiver".into());
+        let mut window = std::collections::VecDeque::with_capacity(WINDOW);
+        let mut delivered = 0u64;
+        for i in 0..COUNT {
+            let pending = sender
+                .submit(target.clone(), "seq", Bytes::copy_from_slice(&i.to_be_bytes()))
+                .await?;
+            window.push_back(pending);
+            if window.len() >= WINDOW {
+                let report = window.pop_front().context("window")?.outcome().await?;
+                ensure!(report.delivered == ids(&["receiver"]));
+                delivered += 1;
+            }
+        }
+        for pending in window {
+            pending.outcome().await?;
+            delivered += 1;
+        }
+        assert_eq!(delivered, COUNT);
+        assert_eq!(check.await??, COUNT);
+        assert_eq!(sender.pending(), 0);
+        Ok(())
+    })
+    .await
+}

@@ -1,0 +1,367 @@
+//! Every way a send can fail ends in the right error at the sender, in
+//! bounded time: unknown targets, missing services, oversized bodies, a
+//! receiver killed mid-stream, a slow receiver, a refused handshake, and no
+//! message server at all.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use bytes::Bytes;
+use clustercomm_tests::{bounded, init_logging, spawn_test_node, test_config, TestServer};
+use node_runtime::{Config, Node, NodeError, SendError, Target};
+use transports::handshake::HandshakeError;
+use transports::protocol::RefusalReason;
+
+async fn node(server: &TestServer, id: &str, config: Config) -> anyhow::Result<Node> {
+    Ok(Node::builder(id)
+        .config(config)
+        .message_server(server.addr)
+        .groups(["g"])
+        .start()
+        .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_targets_and_missing_services_are_definite_errors() -> anyhow::Result<()> {
+    init_logging();
+    bounded(async {
+        let server = TestServer::start(test_config()).await?;
+        let a = node(&server, "a", test_config()).await?;
+        let b = node(&server, "b", test_config()).await?;
+        let _inbox = b.subscribe("svc").await?;
+
+        let cases: Vec<(Target, &str, SendError)> = vec![
+            (
+                Target::Node("ghost".into()),
+                "svc",
+                SendError::UnknownTarget(Target::Node("ghost".into())),
+            ),
+            (
+                Target::Group("nogroup".into()),
+                "svc",
+                SendError::UnknownTarget(Target::Group("nogroup".into())),
+            ),
+            (
+                Target::AnyOf("nogroup".into()),
+                "svc",
+                SendError::UnknownTarget(Target::AnyOf("nogroup".into())),
+            ),
+            (
+                Target::Node("b".into()),
+                "nobody-subscribed",
+                SendError::NoSuchService {
+                    target: Target::Node("b".into()),
+                    service: "nobody-subscribed".into(),
+                },
+            ),
+            (
+                Target::Group("g".into()),
+                "nobody-subscribed",
+                SendError::NoSuchService {
+                    target: Target::Group("g".into()),
+                    service: "nobody-subscribed".into(),
+                },
+            ),
+        ];
+        for (target, service, expected) in cases {
+            let err = a
+                .send(target.clone(), service, "x")
+                .await
+                .expect_err("must fail");
+            assert_eq!(err, expected, "{target} {service}");
+            assert!(err.is_definite(), "{err}");
+            let err = a
+                .request(target.clone(), service, "x")
+                .await
+                .expect_err("must fail");
+            if !matches!(target, Target::Group(_)) {
+                assert_eq!(err, expected, "request to {target} {service}");
+            }
+        }
+        assert_eq!(
+            a.request(Target::All, "svc", "x").await,
+            Err(SendError::InvalidTarget(Target::All))
+        );
+        // A dropped inbox unsubscribes: the next send says so.
+        drop(_inbox);
+        let err = a.send(Target::Node("b".into()), "svc", "x").await;
+        assert!(
+            matches!(err, Err(SendError::NoSuchService { .. })),
+            "{err:?}"
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_bodies_fail_before_anything_is_sent() -> anyhow::Result<()> {
+    init_logging();
+    bounded(async {
+        let mut server_config = test_config();
+        server_config.limits.max_message_bytes = 1 << 20;
+        let server = TestServer::start(server_config).await?;
+        // The node would allow more; the server's limit wins at the handshake.
+        let a = node(&server, "a", test_config()).await?;
+        let b = node(&server, "b", test_config()).await?;
+        let mut inbox = b.subscribe("svc").await?;
+        assert_eq!(a.max_message_bytes(), 1 << 20);
+
+        let before = server.handle.counters();
+        let too_big = Bytes::from(vec![0u8; (1 << 20) + 1]);
+        for result in [
+            a.send(Target::Node("b".into()), "svc", too_big.clone())
+                .await
+                .map(|_| ()),
+            a.notify(Target::Node("b".into()), "svc", too_big.clone())
+                .await,
+            a.request(Target::Node("b".into()), "svc", too_big.clone())
+                .await
+                .map(|_| ()),
+        ] {
+            assert_eq!(
+                result,
+                Err(SendError::PayloadTooLarge {
+                    size: (1 << 20) + 1,
+                    max: 1 << 20
+                })
+            );
+        }
+        assert_eq!(server.handle.counters().messages, before.messages, "nothing reached the server");
+
+        // Exactly the limit goes through.
+        let at_limit = Bytes::from(vec![7u8; 1 << 20]);
+        a.send(Target::Node("b".into()), "svc", at_limit.clone())
+            .await?;
+        let got = inbox.recv().await.context("inbox")?;
+        assert_eq!(got.body(), &at_limit);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_killed_mid_stream_fails_the_sender_within_the_failure_timeout() -> anyhow::Result<()>
+{
+    init_logging();
+    bounded(async {
+        let config = test_config();
+        let failure_timeout = config.failure_timeout();
+        let server = TestServer::start(config.clone()).await?;
+        let mut receiver = spawn_test_node(server.addr, "victim", "svc").await?;
+        let sender = node(&server, "sender", config).await?;
+
+        // Stream acknowledged messages with many in flight.
+        let target = Target::Node("victim".into());
+        let mut window = std::collections::VecDeque::new();
+        let mut acked = 0u64;
+        let mut killed_at: Option<Instant> = None;
+        let mut first_error: Option<(SendError, Duration)> = None;
+        let body = Bytes::from(vec![1u8; 512]);
+        while first_error.is_none() {
+            if acked >= 2_000 && killed_at.is_none() {
+                receiver.signal("KILL").await?;
+                killed_at = Some(Instant::now());
+            }
+            match sender.submit(target.clone(), "svc", body.clone()).await {
+                Ok(p) => window.push_back(p),
+                Err(e) => {
+                    let since = killed_at.context("error before the kill")?.elapsed();
+                    first_error = Some((e, since));
+                    break;
+                }
+            }
+            if window.len() >= 256 {
+                let p = window.pop_front().context("window")?;
+                match p.outcome().await {
+                    Ok(_) => acked += 1,
+                    Err(e) => {
+                        let since = killed_at
+                            .with_context(|| format!("error before the kill: {e}"))?
+                            .elapsed();
+                        first_error = Some((e, since));
+                    }
+                }
+            }
+        }
+        let (error, after) = first_error.context("an error")?;
+        eprintln!("after {acked} acknowledged messages and the kill, the sender got: {error} ({after:?} after the kill)");
+        ensure!(
+            after <= failure_timeout,
+            "the sender learnt of the kill after {after:?}, over the failure timeout {failure_timeout:?}"
+        );
+        assert!(
+            matches!(
+                error,
+                SendError::TargetStopped { in_flight: true, .. } | SendError::UnknownTarget(_)
+            ),
+            "{error}"
+        );
+        // Everything still in flight ends in an error too, none hangs.
+        for p in window {
+            match p.outcome().await {
+                Ok(_) => {}
+                Err(SendError::TargetStopped { .. }) | Err(SendError::UnknownTarget(_)) => {}
+                Err(e) => bail!("unexpected error for an in-flight message: {e}"),
+            }
+        }
+        assert_eq!(sender.pending(), 0);
+        receiver.kill().await.ok();
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_receiver_gets_senders_errors_not_silent_loss() -> anyhow::Result<()> {
+    init_logging();
+    const COUNT: usize = 600;
+    bounded(async {
+        let mut server_config = test_config();
+        server_config.message_server.queue_frames = 64;
+        server_config.message_server.queue_bytes = 256 * 1024;
+        let server = TestServer::start(server_config).await?;
+        let mut config = test_config();
+        config.node.inbox_capacity = 1;
+        config.node.send_timeout_ms = 20_000;
+        let sender = node(&server, "sender", config.clone()).await?;
+        let slow = node(&server, "slow", config).await?;
+        let mut inbox = slow.subscribe("svc").await?;
+
+        // The receiver does not read: its socket buffers, then its queue at
+        // the server fill up, and the server answers the sender.
+        let body = Bytes::from(vec![9u8; 32 * 1024]);
+        let mut pending = Vec::with_capacity(COUNT);
+        let mut rejected = 0usize;
+        for _ in 0..COUNT {
+            pending.push(sender.submit(Target::Node("slow".into()), "svc", body.clone()).await?);
+        }
+        // Now let the receiver drain, and account for every message.
+        let drain = tokio::spawn(async move {
+            let mut n = 0usize;
+            while tokio::time::timeout(Duration::from_secs(2), inbox.recv())
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+            {
+                n += 1;
+            }
+            n
+        });
+        let mut delivered = 0usize;
+        for p in pending {
+            match p.outcome().await {
+                Ok(_) => delivered += 1,
+                Err(SendError::Rejected { reason, .. }) => {
+                    assert!(reason.contains("overloaded"), "{reason}");
+                    rejected += 1;
+                }
+                Err(e) => bail!("unexpected error: {e}"),
+            }
+        }
+        let received = drain.await?;
+        assert!(rejected > 0, "the slow receiver's queue never filled");
+        assert_eq!(delivered + rejected, COUNT);
+        assert_eq!(received, delivered, "every acknowledged message, and only those, arrived");
+        assert!(server.handle.counters().overloaded as usize >= rejected);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_message_server_is_a_clear_error_without_hanging() -> anyhow::Result<()> {
+    init_logging();
+    bounded(async {
+        // A port nobody listens on.
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?
+        };
+        let config = test_config();
+        let started = Instant::now();
+        let result = Node::builder("lonely")
+            .config(config.clone())
+            .message_server(addr)
+            .start()
+            .await;
+        let took = started.elapsed();
+        match result {
+            Err(e @ NodeError::Connect { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains(&addr.to_string()) && text.contains("is it running"), "{text}");
+            }
+            Err(e) => bail!("expected a connect error, got {e}"),
+            Ok(_) => bail!("started without a message server"),
+        }
+        assert!(took <= config.connect_timeout() + Duration::from_secs(1), "{took:?}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_refusals_name_the_cause_on_both_ends() -> anyhow::Result<()> {
+    init_logging();
+    bounded(async {
+        let server = TestServer::start(test_config()).await?;
+        let _a = node(&server, "a", test_config()).await?;
+
+        // The same id while the first is live.
+        match node(&server, "a", test_config()).await {
+            Err(e) => match e.downcast_ref::<NodeError>() {
+                Some(NodeError::Handshake {
+                    source: HandshakeError::Refused { refusal },
+                    ..
+                }) => assert_eq!(refusal.reason, RefusalReason::DuplicateNode),
+                _ => bail!("expected a duplicate refusal, got {e:#}"),
+            },
+            Ok(_) => bail!("a second live registration of the same id was accepted"),
+        }
+
+        // Another cluster.
+        let mut other = test_config();
+        other.cluster.name = "other-cluster".into();
+        match node(&server, "c", other).await {
+            Err(e) => match e.downcast_ref::<NodeError>() {
+                Some(NodeError::Handshake {
+                    source: HandshakeError::Refused { refusal },
+                    ..
+                }) => {
+                    assert!(matches!(refusal.reason, RefusalReason::ClusterMismatch { .. }));
+                    assert!(format!("{e:#}").contains("other-cluster"), "{e:#}");
+                }
+                _ => bail!("expected a cluster refusal, got {e:#}"),
+            },
+            Ok(_) => bail!("a node of another cluster was accepted"),
+        }
+
+        // Wrong credentials.
+        let mut secret = test_config();
+        secret.cluster.credentials = Some("s3cret".into());
+        let guarded = TestServer::start(secret.clone()).await?;
+        let mut wrong = secret.clone();
+        wrong.cluster.credentials = Some("guess".into());
+        let refused = Node::builder("d")
+            .config(wrong)
+            .message_server(guarded.addr)
+            .start()
+            .await;
+        assert!(
+            matches!(&refused, Err(NodeError::Handshake { source: HandshakeError::Refused { refusal }, .. }) if refusal.reason == RefusalReason::BadCredentials),
+            "{refused:?}"
+        );
+        Node::builder("d")
+            .config(secret)
+            .message_server(guarded.addr)
+            .start()
+            .await?;
+
+        let counters = server.handle.counters();
+        assert_eq!(counters.connections_refused, 2);
+        assert_eq!(counters.connections_accepted, 1);
+        Ok(())
+    })
+    .await
+}
