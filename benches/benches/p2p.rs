@@ -61,7 +61,10 @@ async fn run(options: Options) -> anyhow::Result<()> {
     let cluster = Cluster::start().await?;
     let mut table = Table::new();
 
-    let ours = report("clustercomm notify", notify_case(&cluster, &options, &body).await);
+    let ours = report(
+        "clustercomm notify",
+        notify_case(&cluster, &options, &body).await,
+    );
     let raw = report("raw TCP sink", raw_tcp::sink(&options, BODY_LEN).await);
     table.push(format!("notify {BODY_LEN} B"), ours, raw);
 
@@ -99,12 +102,13 @@ async fn run(options: Options) -> anyhow::Result<()> {
         "raw TCP: one loopback connection, 4-byte length prefix, BufWriter batching; \
          the ack variant keeps {IN_FLIGHT} frames unacknowledged."
     );
-    println!(
-        "clustercomm crosses two hops (node -> message server -> node), raw TCP one."
-    );
+    println!("clustercomm crosses two hops (node -> message server -> node), raw TCP one.");
     println!("Numbers are from one run on a shared machine: compare ratios, not absolutes.");
     ensure!(
-        table.rows().iter().all(|r| r.ours.is_some() && r.raw.is_some()),
+        table
+            .rows()
+            .iter()
+            .all(|r| r.ours.is_some() && r.raw.is_some()),
         "some cases failed (see above)"
     );
     Ok(())
@@ -147,13 +151,10 @@ impl Cluster {
         let server_task = tokio::spawn(server.run(std::future::pending()));
 
         let start = |id: &'static str| async move {
-            tokio::time::timeout(
-                WAIT_TIMEOUT,
-                Node::builder(id).message_server(addr).start(),
-            )
-            .await
-            .with_context(|| format!("starting {id} timed out"))?
-            .with_context(|| format!("starting {id}"))
+            tokio::time::timeout(WAIT_TIMEOUT, Node::builder(id).message_server(addr).start())
+                .await
+                .with_context(|| format!("starting {id} timed out"))?
+                .with_context(|| format!("starting {id}"))
         };
         let a = start(SENDER).await?;
         let b = start(RECEIVER).await?;

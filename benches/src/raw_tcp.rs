@@ -240,7 +240,10 @@ where
 }
 
 /// Shuts the writer down and waits for the reader to see end of stream.
-async fn close<W>(mut writer: BufWriter<W>, reader: JoinHandle<anyhow::Result<()>>) -> anyhow::Result<()>
+async fn close<W>(
+    mut writer: BufWriter<W>,
+    reader: JoinHandle<anyhow::Result<()>>,
+) -> anyhow::Result<()>
 where
     W: AsyncWrite + Unpin,
 {

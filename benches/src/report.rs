@@ -78,7 +78,10 @@ impl fmt::Display for Table {
 }
 
 fn rate_cell(rate: Option<f64>) -> String {
-    rate.map_or_else(|| "failed".to_owned(), |r| group_thousands(r.round() as u64))
+    rate.map_or_else(
+        || "failed".to_owned(),
+        |r| group_thousands(r.round() as u64),
+    )
 }
 
 /// `1234567` as `1,234,567`.

@@ -53,10 +53,7 @@ pub async fn wait_for_count(
             return Ok(now);
         }
         if now >= deadline {
-            bail!(
-                "counted {} of {target} within {timeout:?}",
-                counter.get()
-            );
+            bail!("counted {} of {target} within {timeout:?}", counter.get());
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }

@@ -52,12 +52,22 @@ async fn main() -> anyhow::Result<()> {
         writeln!(out, "message-server listening on {}", server.local_addr())?;
         out.flush()?;
     }
-    server
-        .run(async {
-            if let Err(e) = tokio::signal::ctrl_c().await {
-                tracing::error!(error = %e, "cannot wait for ctrl-c; stopping");
-            }
-        })
-        .await?;
+    server.run(shutdown_signal()).await?;
     Ok(())
+}
+
+/// Resolves on ctrl-c (SIGINT) or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }

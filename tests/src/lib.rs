@@ -236,7 +236,9 @@ impl ChildProcess {
 /// # Errors
 ///
 /// If the binary is missing or does not come up.
-pub async fn spawn_message_server(extra_args: &[&str]) -> anyhow::Result<(ChildProcess, SocketAddr)> {
+pub async fn spawn_message_server(
+    extra_args: &[&str],
+) -> anyhow::Result<(ChildProcess, SocketAddr)> {
     let mut cmd = Command::new(message_server_bin()?);
     cmd.args(["--listen", "127.0.0.1:0"]).args(extra_args);
     let child = ChildProcess::spawn(cmd, "message-server listening on").await?;
@@ -261,6 +263,13 @@ pub async fn spawn_test_node(
     service: &str,
 ) -> anyhow::Result<ChildProcess> {
     let mut cmd = Command::new(bin_dir()?.join("test-node"));
-    cmd.args(["--server", &server.to_string(), "--id", id, "--service", service]);
+    cmd.args([
+        "--server",
+        &server.to_string(),
+        "--id",
+        id,
+        "--service",
+        service,
+    ]);
     ChildProcess::spawn(cmd, "ready").await
 }

@@ -54,8 +54,12 @@ fn ids(list: &[&str]) -> Vec<NodeId> {
 /// `from` has arrived (order per sender and receiver makes the count final).
 async fn count_after_marker(from: &Node, member: &Member, body: &[u8]) -> anyhow::Result<usize> {
     let marker = format!("marker-{}", from.pending() + rand_suffix());
-    from.send(Target::Node(member.node.id().clone()), SERVICE, marker.clone())
-        .await?;
+    from.send(
+        Target::Node(member.node.id().clone()),
+        SERVICE,
+        marker.clone(),
+    )
+    .await?;
     loop {
         {
             let got = member.received.lock().expect("lock");
@@ -93,7 +97,12 @@ async fn four_nodes_two_groups() -> anyhow::Result<()> {
         assert!(report.failed.is_empty());
         for m in all {
             let expected = usize::from(m.node.id() == "n3");
-            assert_eq!(count_after_marker(&n2.node, m, b"to-n3").await?, expected, "{}", m.node.id());
+            assert_eq!(
+                count_after_marker(&n2.node, m, b"to-n3").await?,
+                expected,
+                "{}",
+                m.node.id()
+            );
         }
 
         // Group: every member of the group, nobody else.
@@ -104,7 +113,12 @@ async fn four_nodes_two_groups() -> anyhow::Result<()> {
         assert_eq!(report.delivered, ids(&["n3", "n4"]));
         for m in all {
             let expected = usize::from(m.node.id() == "n3" || m.node.id() == "n4");
-            assert_eq!(count_after_marker(&n2.node, m, b"to-batch").await?, expected, "{}", m.node.id());
+            assert_eq!(
+                count_after_marker(&n2.node, m, b"to-batch").await?,
+                expected,
+                "{}",
+                m.node.id()
+            );
         }
 
         // AnyOf: one member each time, spread over the members.
@@ -114,14 +128,26 @@ async fn four_nodes_two_groups() -> anyhow::Result<()> {
                 .node
                 .send(Target::AnyOf("batch".into()), SERVICE, "to-any")
                 .await?;
-            ensure!(report.delivered.len() == 1, "any-of reached {:?}", report.delivered);
+            ensure!(
+                report.delivered.len() == 1,
+                "any-of reached {:?}",
+                report.delivered
+            );
             *picked.entry(report.delivered[0].clone()).or_default() += 1;
         }
-        assert_eq!(picked.keys().cloned().collect::<Vec<_>>(), ids(&["n3", "n4"]));
+        assert_eq!(
+            picked.keys().cloned().collect::<Vec<_>>(),
+            ids(&["n3", "n4"])
+        );
         assert!(picked.values().all(|&c| c > 0 && c < 100), "{picked:?}");
         for m in all {
             let got = count_after_marker(&n2.node, m, b"to-any").await?;
-            assert_eq!(got, picked.get(m.node.id()).copied().unwrap_or(0), "{}", m.node.id());
+            assert_eq!(
+                got,
+                picked.get(m.node.id()).copied().unwrap_or(0),
+                "{}",
+                m.node.id()
+            );
         }
 
         // All: every other node exactly once, never the sender.
@@ -129,7 +155,12 @@ async fn four_nodes_two_groups() -> anyhow::Result<()> {
         assert_eq!(report.delivered, ids(&["n2", "n3", "n4"]));
         for m in all {
             let expected = usize::from(m.node.id() != "n1");
-            assert_eq!(count_after_marker(&n2.node, m, b"to-all").await?, expected, "{}", m.node.id());
+            assert_eq!(
+                count_after_marker(&n2.node, m, b"to-all").await?,
+                expected,
+                "{}",
+                m.node.id()
+            );
         }
 
         // The server carried every one of these (no other path exists yet).
@@ -197,7 +228,10 @@ async fn hundred_thousand_acknowledged_in_order_each_once() -> anyhow::Result<()
                 let m = inbox.recv().await.context("inbox closed early")?;
                 let body: [u8; 8] = m.body()[..].try_into().context("body is 8 bytes")?;
                 let n = u64::from_be_bytes(body);
-                ensure!(n == next, "expected message {next}, got {n}: out of order, lost or duplicated");
+                ensure!(
+                    n == next,
+                    "expected message {next}, got {n}: out of order, lost or duplicated"
+                );
                 next += 1;
             }
             // Nothing more may arrive: a duplicate would show up here.
@@ -211,7 +245,11 @@ async fn hundred_thousand_acknowledged_in_order_each_once() -> anyhow::Result<()
         let mut delivered = 0u64;
         for i in 0..COUNT {
             let pending = sender
-                .submit(target.clone(), "seq", Bytes::copy_from_slice(&i.to_be_bytes()))
+                .submit(
+                    target.clone(),
+                    "seq",
+                    Bytes::copy_from_slice(&i.to_be_bytes()),
+                )
                 .await?;
             window.push_back(pending);
             if window.len() >= WINDOW {

@@ -127,7 +127,11 @@ async fn oversized_bodies_fail_before_anything_is_sent() -> anyhow::Result<()> {
                 })
             );
         }
-        assert_eq!(server.handle.counters().messages, before.messages, "nothing reached the server");
+        assert_eq!(
+            server.handle.counters().messages,
+            before.messages,
+            "nothing reached the server"
+        );
 
         // Exactly the limit goes through.
         let at_limit = Bytes::from(vec![7u8; 1 << 20]);
@@ -141,8 +145,8 @@ async fn oversized_bodies_fail_before_anything_is_sent() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn receiver_killed_mid_stream_fails_the_sender_within_the_failure_timeout() -> anyhow::Result<()>
-{
+async fn receiver_killed_mid_stream_fails_the_sender_within_the_failure_timeout(
+) -> anyhow::Result<()> {
     init_logging();
     bounded(async {
         let config = test_config();
@@ -234,7 +238,11 @@ async fn slow_receiver_gets_senders_errors_not_silent_loss() -> anyhow::Result<(
         let mut pending = Vec::with_capacity(COUNT);
         let mut rejected = 0usize;
         for _ in 0..COUNT {
-            pending.push(sender.submit(Target::Node("slow".into()), "svc", body.clone()).await?);
+            pending.push(
+                sender
+                    .submit(Target::Node("slow".into()), "svc", body.clone())
+                    .await?,
+            );
         }
         // Now let the receiver drain, and account for every message.
         let drain = tokio::spawn(async move {
@@ -263,7 +271,10 @@ async fn slow_receiver_gets_senders_errors_not_silent_loss() -> anyhow::Result<(
         let received = drain.await?;
         assert!(rejected > 0, "the slow receiver's queue never filled");
         assert_eq!(delivered + rejected, COUNT);
-        assert_eq!(received, delivered, "every acknowledged message, and only those, arrived");
+        assert_eq!(
+            received, delivered,
+            "every acknowledged message, and only those, arrived"
+        );
         assert!(server.handle.counters().overloaded as usize >= rejected);
         Ok(())
     })
@@ -290,12 +301,18 @@ async fn no_message_server_is_a_clear_error_without_hanging() -> anyhow::Result<
         match result {
             Err(e @ NodeError::Connect { .. }) => {
                 let text = e.to_string();
-                assert!(text.contains(&addr.to_string()) && text.contains("is it running"), "{text}");
+                assert!(
+                    text.contains(&addr.to_string()) && text.contains("is it running"),
+                    "{text}"
+                );
             }
             Err(e) => bail!("expected a connect error, got {e}"),
             Ok(_) => bail!("started without a message server"),
         }
-        assert!(took <= config.connect_timeout() + Duration::from_secs(1), "{took:?}");
+        assert!(
+            took <= config.connect_timeout() + Duration::from_secs(1),
+            "{took:?}"
+        );
         Ok(())
     })
     .await
