@@ -49,3 +49,8 @@ pub use membership::{EventsError, MembershipEvent, MembershipEvents};
 pub use node::{Node, Pending, Reply};
 pub use transports::protocol::{LeaveReason, MemberInfo, NodeId, Role, Target};
 pub use transports::Config;
+
+/// The README's examples, compiled and run as doc-tests.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
