@@ -47,7 +47,7 @@ async fn member(server: &TestServer, id: &str, groups: &[&str]) -> anyhow::Resul
 }
 
 fn ids(list: &[&str]) -> Vec<NodeId> {
-    list.iter().map(|s| NodeId::new(s)).collect()
+    list.iter().map(NodeId::new).collect()
 }
 
 /// How many times `member` received `body`, once a marker sent after it by
