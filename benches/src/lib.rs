@@ -22,4 +22,4 @@ pub mod wait;
 
 pub use options::Options;
 pub use report::{Row, Table};
-pub use wait::{wait_for_count, Counter};
+pub use wait::{wait_for_count, wait_until, Counter};

@@ -1,7 +1,9 @@
 //! Command-line options and the durations of each phase.
 //!
-//! `cargo bench` passes `--bench` (and possibly filters) to a
-//! `harness = false` target; anything not recognised here is ignored.
+//! `cargo bench` passes `--bench` to a `harness = false` target; flags not
+//! recognised here are ignored. Arguments that are not flags are filters,
+//! as with libtest: only cases whose name contains one of them run (handy
+//! for profiling one case).
 
 use std::time::Duration;
 
@@ -18,7 +20,7 @@ pub const QUICK_MEASURE: Duration = Duration::from_secs(1);
 pub const WAIT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How long each phase of a case runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Options {
     /// Whether `--quick` was given.
     pub quick: bool,
@@ -26,6 +28,8 @@ pub struct Options {
     pub warmup: Duration,
     /// The measured interval.
     pub measure: Duration,
+    /// Case-name filters; empty runs every case.
+    pub filters: Vec<String>,
 }
 
 impl Options {
@@ -35,26 +39,37 @@ impl Options {
     }
 
     /// Options from `args` (without the program name): `--quick` selects
-    /// the short phases; every other argument is ignored.
+    /// the short phases, other flags are ignored, the rest are filters.
     pub fn from_args<I, S>(args: I) -> Options
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let quick = args.into_iter().any(|a| a.as_ref() == "--quick");
-        if quick {
-            Options {
-                quick,
-                warmup: QUICK_WARMUP,
-                measure: QUICK_MEASURE,
-            }
-        } else {
-            Options {
-                quick,
-                warmup: FULL_WARMUP,
-                measure: FULL_MEASURE,
+        let mut quick = false;
+        let mut filters = Vec::new();
+        for arg in args {
+            match arg.as_ref() {
+                "--quick" => quick = true,
+                flag if flag.starts_with('-') => {}
+                filter => filters.push(filter.to_owned()),
             }
         }
+        let (warmup, measure) = if quick {
+            (QUICK_WARMUP, QUICK_MEASURE)
+        } else {
+            (FULL_WARMUP, FULL_MEASURE)
+        };
+        Options {
+            quick,
+            warmup,
+            measure,
+            filters,
+        }
+    }
+
+    /// Whether the case named `case` should run.
+    pub fn selects(&self, case: &str) -> bool {
+        self.filters.is_empty() || self.filters.iter().any(|f| case.contains(f.as_str()))
     }
 }
 
@@ -63,12 +78,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn quick_is_recognised_and_the_rest_ignored() {
+    fn quick_is_recognised_other_flags_ignored() {
         let cases: &[(&[&str], bool)] = &[
             (&[], false),
             (&["--bench"], false),
             (&["--bench", "--quick"], true),
-            (&["--quick", "p2p"], true),
+            (&["--quick", "--bench"], true),
             (&["--quickly"], false),
         ];
         for (args, quick) in cases {
@@ -76,6 +91,17 @@ mod tests {
             assert_eq!(o.quick, *quick, "{args:?}");
             let measure = if *quick { QUICK_MEASURE } else { FULL_MEASURE };
             assert_eq!(o.measure, measure, "{args:?}");
+            assert!(o.filters.is_empty(), "{args:?}");
         }
+    }
+
+    #[test]
+    fn filters_select_cases_by_substring() {
+        let all = Options::from_args(["--bench"]);
+        assert!(all.selects("notify 128 B"));
+        let some = Options::from_args(["--quick", "notify", "--bench"]);
+        assert_eq!(some.filters, ["notify"]);
+        assert!(some.selects("notify 128 B"));
+        assert!(!some.selects("send 128 B, pipelined"));
     }
 }

@@ -46,14 +46,23 @@ pub async fn wait_for_count(
     target: u64,
     timeout: Duration,
 ) -> anyhow::Result<Instant> {
+    match wait_until(timeout, || counter.get() >= target).await {
+        Some(at) => Ok(at),
+        None => bail!("counted {} of {target} within {timeout:?}", counter.get()),
+    }
+}
+
+/// Polls `done` every [`POLL_INTERVAL`] until it holds and returns when it
+/// saw that, or `None` once `timeout` passed.
+pub async fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> Option<Instant> {
     let deadline = Instant::now() + timeout;
     loop {
         let now = Instant::now();
-        if counter.get() >= target {
-            return Ok(now);
+        if done() {
+            return Some(now);
         }
         if now >= deadline {
-            bail!("counted {} of {target} within {timeout:?}", counter.get());
+            return None;
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }

@@ -126,6 +126,11 @@ impl<W> DeliveryTracker<W> {
         self.pending.is_empty()
     }
 
+    /// Whether message `seq` is waiting for an outcome.
+    pub fn is_tracked(&self, seq: u64) -> bool {
+        self.pending.contains_key(&seq)
+    }
+
     /// Starts tracking message `seq`.
     pub fn track(
         &mut self,

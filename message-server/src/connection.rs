@@ -369,16 +369,16 @@ impl Connection {
             Ok(r) => r,
             Err(failure) => {
                 Counters::add(&counters.route_failures, 1);
-                if acked {
-                    self.reply(routed(h.seq, vec![], vec![], Some(failure)))
-                        .await;
-                } else {
-                    tracing::debug!(%failure, target = %h.target, "dropping unroutable notify");
-                }
+                // Also for one-way messages: the sender hears of every
+                // message that went nowhere.
+                self.reply(routed(h.seq, vec![], vec![], Some(failure)))
+                    .await;
                 return;
             }
         };
         let single = receivers.len() == 1;
+        let slow_consumer =
+            Duration::from_millis(self.shared.config.message_server.slow_consumer_ms);
         let mut ok = Vec::with_capacity(receivers.len());
         let mut failed = Vec::new();
         for (conn, id) in receivers {
@@ -388,13 +388,20 @@ impl Connection {
                     size: body_len as u64,
                     max: c.max_frame as u64,
                 }),
-                Some(c) => match c.queue.try_push_data(OutFrame::Raw(raw.clone())) {
+                // A full queue slows the sender down (this read loop waits,
+                // so the sender's socket fills); a receiver that makes no
+                // room within the slow-consumer limit is answered for.
+                Some(c) => match c
+                    .queue
+                    .push_data_within(OutFrame::Raw(raw.clone()), slow_consumer)
+                    .await
+                {
                     Ok(()) => Ok(c.incarnation),
-                    Err(PushError::Full(_)) => {
+                    Err(PushError::Full(_) | PushError::Congested) => {
                         Counters::add(&counters.overloaded, 1);
                         Err(DeliveryFailure::ReceiverOverloaded)
                     }
-                    Err(_) => Err(DeliveryFailure::TargetStopped),
+                    Err(PushError::Closed(_)) => Err(DeliveryFailure::TargetStopped),
                 },
             };
             match outcome {
@@ -409,12 +416,9 @@ impl Connection {
                 }
             }
         }
-        if !acked {
-            return;
-        }
-        let direct = matches!(h.target, Target::Node(_));
-        if direct && failed.is_empty() {
-            // The sender knows its only receiver; its ack will say the rest.
+        if failed.is_empty() && (!acked || matches!(h.target, Target::Node(_))) {
+            // Nobody waits (one-way), or the sender knows its only receiver
+            // and its ack will say the rest.
             return;
         }
         let error = if single && ok.is_empty() {
@@ -444,8 +448,8 @@ fn routed(
 /// a consumer that does not make room by then is cut off.
 async fn push_control_bounded(shared: &Shared, to: &NodeId, queue: &OutQueue, frame: OutFrame) {
     let frame = match queue.try_push_control(frame) {
-        Ok(()) | Err(PushError::Closed(_)) => return,
         Err(PushError::Full(frame)) => *frame,
+        Ok(()) | Err(_) => return,
     };
     let limit = Duration::from_millis(shared.config.message_server.slow_consumer_ms);
     if tokio::time::timeout(limit, queue.push_control(frame))

@@ -46,10 +46,20 @@ pub(crate) async fn read_loop(inner: Arc<Inner>, mut reader: FrameReader<OwnedRe
                 }
             }
             Header::Routed(routed) => {
-                let done = inner
-                    .tracker()
-                    .handle_routed(&routed, |id, inc| inner.members.is_live(id, inc));
-                complete(done);
+                let done =
+                    {
+                        let mut tracker = inner.tracker();
+                        if tracker.is_tracked(routed.seq) {
+                            Ok(tracker
+                                .handle_routed(&routed, |id, inc| inner.members.is_live(id, inc)))
+                        } else {
+                            Err(routed)
+                        }
+                    };
+                match done {
+                    Ok(done) => complete(done),
+                    Err(routed) => late_failure(&inner, &routed),
+                }
             }
             Header::Ack(ack) => {
                 if ack.to_incarnation == inner.incarnation {
@@ -160,6 +170,24 @@ async fn deliver(inner: &Arc<Inner>, h: MessageHeader, body: Bytes) -> bool {
         }
     }
     true
+}
+
+/// A routing failure for a message nobody waits on (a `notify`, or a send
+/// whose caller gave up): counted, and logged, never silent.
+fn late_failure(inner: &Inner, routed: &transports::protocol::Routed) {
+    let failures = routed.failed.len() + usize::from(routed.error.is_some());
+    if failures == 0 {
+        return;
+    }
+    inner
+        .late_failures
+        .fetch_add(failures as u64, std::sync::atomic::Ordering::Relaxed);
+    tracing::warn!(
+        seq = routed.seq,
+        error = ?routed.error,
+        failed = ?routed.failed,
+        "a message nobody waits on was not delivered"
+    );
 }
 
 async fn unsubscribe(inner: &Inner, service: &Arc<str>) {

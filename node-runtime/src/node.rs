@@ -48,6 +48,8 @@ pub(crate) struct Inner {
     pub(crate) inboxes: RwLock<HashMap<Arc<str>, mpsc::Sender<Message>>>,
     pub(crate) subscriptions: Mutex<HashMap<u64, oneshot::Sender<()>>>,
     pub(crate) members: MemberView,
+    /// Routing failures reported for messages nobody waits on.
+    pub(crate) late_failures: AtomicU64,
     pub(crate) cancel: CancellationToken,
     pub(crate) tasks: TaskTracker,
 }
@@ -74,6 +76,7 @@ impl Inner {
             inboxes: RwLock::new(HashMap::new()),
             subscriptions: Mutex::new(HashMap::new()),
             members: MemberView::new(members),
+            late_failures: AtomicU64::new(0),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         }
@@ -519,6 +522,14 @@ impl Node {
     /// A stream of membership changes from now on.
     pub fn membership_events(&self) -> MembershipEvents {
         self.inner.members.subscribe()
+    }
+
+    /// How many receivers missed a message that nobody was waiting on: a
+    /// `notify` that could not be routed or queued (unknown target, no such
+    /// service, receiver overloaded), or a send whose caller stopped
+    /// waiting. Each is also logged at `warn`.
+    pub fn late_failures(&self) -> u64 {
+        self.inner.late_failures.load(Ordering::Relaxed)
     }
 
     /// Acknowledged messages and requests still waiting for an outcome.

@@ -224,6 +224,9 @@ async fn slow_receiver_gets_senders_errors_not_silent_loss() -> anyhow::Result<(
         let mut server_config = test_config();
         server_config.message_server.queue_frames = 64;
         server_config.message_server.queue_bytes = 256 * 1024;
+        // How long the server holds a sender back before answering for a
+        // receiver that makes no room.
+        server_config.message_server.slow_consumer_ms = 300;
         let server = TestServer::start(server_config).await?;
         let mut config = test_config();
         config.node.inbox_capacity = 1;
@@ -244,7 +247,11 @@ async fn slow_receiver_gets_senders_errors_not_silent_loss() -> anyhow::Result<(
                     .await?,
             );
         }
-        // Now let the receiver drain, and account for every message.
+        // The receiver stays silent until the server has given up on it at
+        // least once; then it drains, and every message is accounted for.
+        while server.handle.counters().overloaded == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let drain = tokio::spawn(async move {
             let mut n = 0usize;
             while tokio::time::timeout(Duration::from_secs(2), inbox.recv())
@@ -378,6 +385,52 @@ async fn handshake_refusals_name_the_cause_on_both_ends() -> anyhow::Result<()> 
         let counters = server.handle.counters();
         assert_eq!(counters.connections_refused, 2);
         assert_eq!(counters.connections_accepted, 1);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_way_messages_are_slowed_down_or_reported_never_silently_lost() -> anyhow::Result<()> {
+    init_logging();
+    const COUNT: u64 = 400;
+    bounded(async {
+        let mut server_config = test_config();
+        server_config.message_server.queue_frames = 64;
+        server_config.message_server.queue_bytes = 256 * 1024;
+        server_config.message_server.slow_consumer_ms = 300;
+        let server = TestServer::start(server_config).await?;
+        let mut config = test_config();
+        config.node.inbox_capacity = 1;
+        let sender = node(&server, "sender", config.clone()).await?;
+        let slow = node(&server, "slow", config).await?;
+        let mut inbox = slow.subscribe("svc").await?;
+
+        // Unroutable one-way messages are reported back and counted.
+        sender.notify(Target::Node("ghost".into()), "svc", "x").await?;
+        sender.notify(Target::Node("slow".into()), "unknown-service", "x").await?;
+        // A fast reader first: one-way messages are held back, not dropped.
+        let reader = tokio::spawn(async move {
+            let mut n = 0u64;
+            while tokio::time::timeout(Duration::from_secs(2), inbox.recv())
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+            {
+                n += 1;
+            }
+            n
+        });
+        let body = Bytes::from(vec![5u8; 32 * 1024]);
+        for _ in 0..COUNT {
+            sender.notify(Target::Node("slow".into()), "svc", body.clone()).await?;
+        }
+        let received = reader.await?;
+        // Every one-way message either arrived or was reported.
+        let reported = sender.late_failures();
+        assert!(reported >= 2, "the two unroutable notifies were reported: {reported}");
+        assert_eq!(received + (reported - 2), COUNT, "received {received}, reported {reported}");
         Ok(())
     })
     .await

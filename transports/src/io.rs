@@ -17,7 +17,9 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -95,7 +97,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 #[derive(Debug)]
 struct OutItem {
     frame: OutFrame,
+    /// Byte permits to give back once written.
     permits: u32,
+    /// Whether the frame holds one of the data slots.
+    data_slot: bool,
 }
 
 /// Why a frame could not be queued.
@@ -108,6 +113,10 @@ pub enum PushError {
     /// The connection is closed; the frame is handed back.
     #[error("connection closed")]
     Closed(Box<OutFrame>),
+    /// No room was made within the allowed wait; the consumer is marked
+    /// congested. The frame was dropped.
+    #[error("the receiving end made no room in time")]
+    Congested,
 }
 
 /// The sending side of a connection's outgoing queue. Cheap to clone.
@@ -116,8 +125,13 @@ pub struct OutQueue {
     tx: mpsc::Sender<OutItem>,
     bytes: Arc<Semaphore>,
     max_bytes: u32,
-    control_reserve: usize,
+    /// Frame slots data may use: the channel's capacity less a reserve kept
+    /// for control frames.
+    data_slots: Arc<Semaphore>,
     closed: CancellationToken,
+    /// Set when a bounded wait for room timed out: the consumer is not
+    /// keeping up, so further data fails at once until the queue drains.
+    congested: Arc<AtomicBool>,
 }
 
 /// The writer's side of an outgoing queue.
@@ -125,6 +139,7 @@ pub struct OutQueue {
 pub struct OutReceiver {
     rx: mpsc::Receiver<OutItem>,
     bytes: Arc<Semaphore>,
+    data_slots: Arc<Semaphore>,
     closed: CancellationToken,
 }
 
@@ -138,18 +153,21 @@ pub fn out_queue(frames: usize, bytes: usize) -> (OutQueue, OutReceiver) {
     let max_bytes = u32::try_from(bytes).unwrap_or(u32::MAX).max(1);
     let (tx, rx) = mpsc::channel(frames);
     let sem = Arc::new(Semaphore::new(max_bytes as usize));
+    let data_slots = Arc::new(Semaphore::new(frames - frames / 8));
     let closed = CancellationToken::new();
     (
         OutQueue {
             tx,
             bytes: sem.clone(),
             max_bytes,
-            control_reserve: frames / 8,
+            data_slots: data_slots.clone(),
             closed: closed.clone(),
+            congested: Arc::new(AtomicBool::new(false)),
         },
         OutReceiver {
             rx,
             bytes: sem,
+            data_slots,
             closed,
         },
     )
@@ -173,15 +191,21 @@ impl OutQueue {
         if self.closed.is_cancelled() || self.tx.is_closed() {
             return Err(PushError::Closed(Box::new(frame)));
         }
-        if self.tx.capacity() <= self.control_reserve {
+        let Ok(slot) = self.data_slots.try_acquire() else {
             return Err(PushError::Full(Box::new(frame)));
-        }
+        };
         let permits = self.permits_for(&frame);
         let Ok(permit) = self.bytes.try_acquire_many(permits) else {
             return Err(PushError::Full(Box::new(frame)));
         };
-        match self.tx.try_send(OutItem { frame, permits }) {
+        let item = OutItem {
+            frame,
+            permits,
+            data_slot: true,
+        };
+        match self.tx.try_send(item) {
             Ok(()) => {
+                slot.forget();
                 permit.forget();
                 Ok(())
             }
@@ -204,6 +228,13 @@ impl OutQueue {
     ///
     /// Cancel safe: a cancelled call queued nothing.
     pub async fn push_data(&self, frame: OutFrame) -> Result<(), PushError> {
+        let data_slot = tokio::select! {
+            p = self.data_slots.acquire() => p,
+            _ = self.closed.cancelled() => return Err(PushError::Closed(Box::new(frame))),
+        };
+        let Ok(data_slot) = data_slot else {
+            return Err(PushError::Closed(Box::new(frame)));
+        };
         let permits = self.permits_for(&frame);
         let permit = tokio::select! {
             p = self.bytes.acquire_many(permits) => p,
@@ -219,11 +250,67 @@ impl OutQueue {
         match slot {
             Ok(slot) => {
                 permit.forget();
-                slot.send(OutItem { frame, permits });
+                data_slot.forget();
+                slot.send(OutItem {
+                    frame,
+                    permits,
+                    data_slot: true,
+                });
                 Ok(())
             }
             Err(_) => Err(PushError::Closed(Box::new(frame))),
         }
+    }
+
+    /// Queues a data frame, waiting at most `wait` for room; the way to
+    /// slow a sender down for a slow consumer without stalling for ever.
+    ///
+    /// When a wait times out the queue is marked congested: until it has
+    /// drained below a quarter of its frames and bytes, further calls fail
+    /// at once instead of each waiting again.
+    ///
+    /// # Errors
+    ///
+    /// [`PushError::Congested`] when there was no room in time (the frame is
+    /// dropped), [`PushError::Full`] when the queue is congested and full,
+    /// [`PushError::Closed`] when the writer is gone.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a cancelled call queued nothing.
+    pub async fn push_data_within(&self, frame: OutFrame, wait: Duration) -> Result<(), PushError> {
+        if self.congested.load(Ordering::Relaxed) {
+            if self.is_drained() {
+                self.congested.store(false, Ordering::Relaxed);
+            } else {
+                return self.try_push_data(frame);
+            }
+        }
+        let frame = match self.try_push_data(frame) {
+            Err(PushError::Full(f)) => *f,
+            other => return other,
+        };
+        match tokio::time::timeout(wait, self.push_data(frame)).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.congested.store(true, Ordering::Relaxed);
+                Err(PushError::Congested)
+            }
+        }
+    }
+
+    /// Whether the queue holds under a quarter of its frames and bytes.
+    fn is_drained(&self) -> bool {
+        let data_capacity = self.tx.max_capacity() - self.tx.max_capacity() / 8;
+        let frames_used = data_capacity.saturating_sub(self.data_slots.available_permits());
+        let bytes_used = (self.max_bytes as usize).saturating_sub(self.bytes.available_permits());
+        frames_used < data_capacity / 4 && bytes_used < self.max_bytes as usize / 4
+    }
+
+    /// Whether the consumer was found not keeping up (see
+    /// [`OutQueue::push_data_within`]).
+    pub fn is_congested(&self) -> bool {
+        self.congested.load(Ordering::Relaxed)
     }
 
     /// Queues a control frame, waiting for a frame slot.
@@ -242,7 +329,11 @@ impl OutQueue {
         };
         match slot {
             Ok(slot) => {
-                slot.send(OutItem { frame, permits: 0 });
+                slot.send(OutItem {
+                    frame,
+                    permits: 0,
+                    data_slot: false,
+                });
                 Ok(())
             }
             Err(_) => Err(PushError::Closed(Box::new(frame))),
@@ -255,7 +346,12 @@ impl OutQueue {
     ///
     /// [`PushError::Full`] or [`PushError::Closed`], handing the frame back.
     pub fn try_push_control(&self, frame: OutFrame) -> Result<(), PushError> {
-        match self.tx.try_send(OutItem { frame, permits: 0 }) {
+        let item = OutItem {
+            frame,
+            permits: 0,
+            data_slot: false,
+        };
+        match self.tx.try_send(item) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(item)) => {
                 Err(PushError::Full(Box::new(item.frame)))
@@ -322,9 +418,11 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
             break io.shutdown().await.map_err(FrameError::from);
         }
         let mut permits = 0usize;
+        let mut data_slots = 0usize;
         let mut goodbye = false;
         for item in batch.drain(..) {
             permits += item.permits as usize;
+            data_slots += usize::from(item.data_slot);
             if goodbye {
                 // Nothing follows a goodbye.
                 continue;
@@ -374,6 +472,7 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
             w = write_chunks(&mut io, &mut chunks) => w,
         };
         rx.bytes.add_permits(permits);
+        rx.data_slots.add_permits(data_slots);
         if let Err(e) = written {
             break Err(FrameError::Io(e));
         }
@@ -457,6 +556,35 @@ mod tests {
         }
         assert!(reader.next().await.expect("clean eof").is_none());
         writer.await.expect("join").expect("writer ok");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bounded_wait_marks_congestion_until_drained() {
+        let (q, rx) = out_queue(8, 1 << 20);
+        let frame = || OutFrame::control(Header::Subscribed { token: 0 });
+        while q.try_push_data(frame()).is_ok() {}
+        let wait = Duration::from_millis(100);
+        assert!(matches!(
+            q.push_data_within(frame(), wait).await,
+            Err(PushError::Congested)
+        ));
+        assert!(q.is_congested());
+        // Congested and still full: fails at once, no second wait.
+        let started = tokio::time::Instant::now();
+        assert!(matches!(
+            q.push_data_within(frame(), wait).await,
+            Err(PushError::Full(_))
+        ));
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        // Drained: accepted again and no longer congested.
+        let writer = tokio::spawn(run_writer(tokio::io::sink(), rx, 1 << 20));
+        while q.queued_frames() > 0 {
+            tokio::task::yield_now().await;
+        }
+        assert!(q.push_data_within(frame(), wait).await.is_ok());
+        assert!(!q.is_congested());
+        drop(q);
+        writer.await.expect("join").expect("writer");
     }
 
     #[test]
