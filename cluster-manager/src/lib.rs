@@ -7,13 +7,20 @@
 //!
 //! # Layout
 //!
+//! - [`path`]: which path a message takes (threshold, allow-list, open
+//!   channel, hot pair, target kind).
+//! - [`activation`]: the auto-activation counters per peer.
 //! - [`tracker`]: acknowledged messages and requests waiting for their
 //!   receivers, and how each one ends.
 //! - [`error`]: the delivery report and the send errors, definite or
 //!   uncertain.
 
+pub mod activation;
 pub mod error;
+pub mod path;
 pub mod tracker;
 
+pub use activation::AutoActivation;
 pub use error::{DeliveryReport, SendError};
+pub use path::{Path, PathFacts, TargetKind};
 pub use tracker::{Awaiting, Completion, DeliveryTracker};

@@ -407,8 +407,12 @@ async fn one_way_messages_are_slowed_down_or_reported_never_silently_lost() -> a
         let mut inbox = slow.subscribe("svc").await?;
 
         // Unroutable one-way messages are reported back and counted.
-        sender.notify(Target::Node("ghost".into()), "svc", "x").await?;
-        sender.notify(Target::Node("slow".into()), "unknown-service", "x").await?;
+        sender
+            .notify(Target::Node("ghost".into()), "svc", "x")
+            .await?;
+        sender
+            .notify(Target::Node("slow".into()), "unknown-service", "x")
+            .await?;
         // A fast reader first: one-way messages are held back, not dropped.
         let reader = tokio::spawn(async move {
             let mut n = 0u64;
@@ -424,13 +428,22 @@ async fn one_way_messages_are_slowed_down_or_reported_never_silently_lost() -> a
         });
         let body = Bytes::from(vec![5u8; 32 * 1024]);
         for _ in 0..COUNT {
-            sender.notify(Target::Node("slow".into()), "svc", body.clone()).await?;
+            sender
+                .notify(Target::Node("slow".into()), "svc", body.clone())
+                .await?;
         }
         let received = reader.await?;
         // Every one-way message either arrived or was reported.
         let reported = sender.late_failures();
-        assert!(reported >= 2, "the two unroutable notifies were reported: {reported}");
-        assert_eq!(received + (reported - 2), COUNT, "received {received}, reported {reported}");
+        assert!(
+            reported >= 2,
+            "the two unroutable notifies were reported: {reported}"
+        );
+        assert_eq!(
+            received + (reported - 2),
+            COUNT,
+            "received {received}, reported {reported}"
+        );
         Ok(())
     })
     .await
