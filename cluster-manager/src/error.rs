@@ -90,10 +90,31 @@ pub enum SendError {
         /// Receivers still unaccounted for; empty when not yet known.
         waiting_for: Vec<NodeId>,
     },
-    /// The connection carrying the message broke before its outcome was
-    /// known. Uncertain.
-    #[error("the connection to the message server broke while the message was in flight; it may have been delivered")]
+    /// The connection carrying the message (to the message server, or a
+    /// direct channel) broke before its outcome was known. Uncertain.
+    #[error("the connection carrying the message broke while it was in flight; it may have been delivered")]
     Disconnected,
+    /// A body too large for the message server could not take a direct
+    /// channel to `node`. Definite: nothing was sent.
+    #[error(
+        "no direct channel to {node} ({reason}), and the body is too large for the message server"
+    )]
+    DirectUnavailable {
+        /// The receiver.
+        node: NodeId,
+        /// Why the channel could not be opened.
+        reason: String,
+    },
+    /// Session channels are for dispatchers only. Definite.
+    #[error("only a dispatcher node has session channels")]
+    NotADispatcher,
+    /// A session channel goes only to a server node of the dispatcher's own
+    /// group. Definite.
+    #[error("{node} is not a server node of this dispatcher's group: no session channel")]
+    NotInSessionGroup {
+        /// The requested target.
+        node: NodeId,
+    },
     /// A `Group` or `All` message reached some receivers but not all; the
     /// report says which.
     #[error("{0}")]
@@ -121,6 +142,9 @@ impl SendError {
             | SendError::Rejected { .. }
             | SendError::InvalidTarget(_)
             | SendError::NotARequest
+            | SendError::DirectUnavailable { .. }
+            | SendError::NotADispatcher
+            | SendError::NotInSessionGroup { .. }
             | SendError::Shutdown => true,
             SendError::TargetStopped { in_flight, .. } => !in_flight,
             SendError::Timeout { .. } | SendError::Disconnected | SendError::Incomplete(_) => false,

@@ -56,6 +56,9 @@ struct Pending<W> {
     expected: Option<Vec<NodeId>>,
     delivered: Vec<NodeId>,
     failed: Vec<(NodeId, SendError)>,
+    /// Set for a `Node` message sent through the message server: counted
+    /// in [`DeliveryTracker::server_in_flight`].
+    via_server: bool,
 }
 
 impl<W> Pending<W> {
@@ -100,12 +103,15 @@ impl<W> Pending<W> {
 #[derive(Debug)]
 pub struct DeliveryTracker<W> {
     pending: HashMap<u64, Pending<W>>,
+    /// Unsettled `Node` messages sent through the message server, per node.
+    server_in_flight: HashMap<NodeId, usize>,
 }
 
 impl<W> Default for DeliveryTracker<W> {
     fn default() -> Self {
         DeliveryTracker {
             pending: HashMap::new(),
+            server_in_flight: HashMap::new(),
         }
     }
 }
@@ -154,15 +160,85 @@ impl<W> DeliveryTracker<W> {
                 expected,
                 delivered: Vec::new(),
                 failed: Vec::new(),
+                via_server: false,
             },
         );
+    }
+
+    /// Notes that `Node` message `seq` went through the message server, so
+    /// that a switch of that node's traffic to a direct channel can wait
+    /// until nothing sent the other way is still unsettled (order).
+    pub fn mark_via_server(&mut self, seq: u64) {
+        let Some(p) = self.pending.get_mut(&seq) else {
+            return;
+        };
+        if let (false, Target::Node(id)) = (p.via_server, &p.target) {
+            p.via_server = true;
+            *self.server_in_flight.entry(id.clone()).or_default() += 1;
+        }
+    }
+
+    /// Unsettled `Node` messages to `node` sent through the message server.
+    pub fn server_in_flight(&self, node: &NodeId) -> usize {
+        self.server_in_flight.get(node).copied().unwrap_or(0)
+    }
+
+    /// Removes a pending entry, keeping the per-node counts right.
+    fn take(&mut self, seq: u64) -> Option<Pending<W>> {
+        let p = self.pending.remove(&seq)?;
+        if let (true, Target::Node(id)) = (p.via_server, &p.target) {
+            if let Some(n) = self.server_in_flight.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.server_in_flight.remove(id);
+                }
+            }
+        }
+        Some(p)
+    }
+
+    /// Starts tracking message `seq` whose receivers the sender already
+    /// knows (a fan-out it sends to each member itself).
+    pub fn track_expecting(
+        &mut self,
+        seq: u64,
+        target: Target,
+        service: Arc<str>,
+        awaiting: Awaiting,
+        expected: Vec<NodeId>,
+        waiter: W,
+    ) -> Option<(W, Completion)> {
+        self.track(seq, target, service, awaiting, waiter);
+        if let Some(p) = self.pending.get_mut(&seq) {
+            p.expected = Some(expected);
+        }
+        self.settle(seq)
+    }
+
+    /// Receiver `node` of message `seq` failed for a reason the sender
+    /// found itself (a direct channel broke, could not be opened, ...).
+    pub fn handle_failure(
+        &mut self,
+        seq: u64,
+        node: &NodeId,
+        error: SendError,
+    ) -> Option<(W, Completion)> {
+        let p = self.pending.get_mut(&seq)?;
+        if p.accounted(node) {
+            return None;
+        }
+        p.failed.push((node.clone(), error));
+        if p.expected.is_none() {
+            p.expected = Some(vec![node.clone()]);
+        }
+        self.settle(seq)
     }
 
     /// Stops tracking `seq` (its sender gave up, for example on timeout);
     /// returns the waiter and the receivers still unaccounted for (empty if
     /// they were not yet known).
     pub fn cancel(&mut self, seq: u64) -> Option<(W, Vec<NodeId>)> {
-        let p = self.pending.remove(&seq)?;
+        let p = self.take(seq)?;
         let missing = p
             .expected
             .as_ref()
@@ -173,7 +249,7 @@ impl<W> DeliveryTracker<W> {
 
     fn settle(&mut self, seq: u64) -> Option<(W, Completion)> {
         if self.pending.get(&seq)?.is_settled() {
-            self.pending.remove(&seq).map(Pending::outcome)
+            self.take(seq).map(Pending::outcome)
         } else {
             None
         }
@@ -188,10 +264,22 @@ impl<W> DeliveryTracker<W> {
         is_live: impl Fn(&NodeId, u64) -> bool,
     ) -> Option<(W, Completion)> {
         let p = self.pending.get_mut(&routed.seq)?;
+        if routed.error.is_some() && p.expected.is_some() && !routed.failed.is_empty() {
+            // The sender knows its receivers (one node, or a fan-out it sends
+            // itself): the failure is that receiver's, not the whole
+            // message's.
+            for (id, failure) in &routed.failed {
+                if !p.accounted(id) {
+                    let e = SendError::from_failure(failure, &p.target, Some(id), &p.service);
+                    p.failed.push((id.clone(), e));
+                }
+            }
+            return self.settle(routed.seq);
+        }
         if let Some(failure) = &routed.error {
             let node = routed.failed.first().map(|(n, _)| n);
             let err = SendError::from_failure(failure, &p.target, node, &p.service);
-            let p = self.pending.remove(&routed.seq)?;
+            let p = self.take(routed.seq)?;
             return Some((p.waiter, Completion::Failed(err)));
         }
         let mut expected: Vec<NodeId> = routed.receivers.iter().map(|(id, _)| id.clone()).collect();
@@ -253,7 +341,7 @@ impl<W> DeliveryTracker<W> {
             Some(p) if p.awaiting == Awaiting::Reply => {}
             _ => return None,
         }
-        let p = self.pending.remove(&request_seq)?;
+        let p = self.take(request_seq)?;
         Some((
             p.waiter,
             Completion::Replied {
@@ -284,12 +372,13 @@ impl<W> DeliveryTracker<W> {
         }
         settled
             .into_iter()
-            .filter_map(|seq| self.pending.remove(&seq).map(Pending::outcome))
+            .filter_map(|seq| self.take(seq).map(Pending::outcome))
             .collect()
     }
 
     /// Fails everything still waiting, as when the connection is lost.
     pub fn fail_all(&mut self, error: &SendError) -> Vec<(W, Completion)> {
+        self.server_in_flight.clear();
         self.pending
             .drain()
             .map(|(_, p)| (p.waiter, Completion::Failed(error.clone())))
@@ -495,6 +584,69 @@ mod tests {
             assert_eq!(got.as_ref(), Some(&expected), "{name}");
             assert!(t.is_empty(), "{name}: nothing left pending");
         }
+    }
+
+    #[test]
+    fn server_in_flight_counts_node_messages_until_settled() {
+        let mut t = DeliveryTracker::new();
+        for seq in 1..=3 {
+            t.track(seq, Target::Node(id("b")), svc(), Awaiting::Acks, ());
+            t.mark_via_server(seq);
+            t.mark_via_server(seq); // twice counts once
+        }
+        t.track(4, Target::Node(id("b")), svc(), Awaiting::Acks, ()); // direct
+        assert_eq!(t.server_in_flight(&id("b")), 3);
+        t.handle_ack(&ack(1, "b", AckStatus::Accepted));
+        t.cancel(2);
+        assert_eq!(t.server_in_flight(&id("b")), 1);
+        t.handle_member_left(&id("b"));
+        assert_eq!(t.server_in_flight(&id("b")), 0);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn fan_out_sent_by_the_sender_settles_per_member() {
+        let mut t = DeliveryTracker::new();
+        let expected = vec![id("a"), id("b"), id("c")];
+        assert!(t
+            .track_expecting(
+                9,
+                Target::Group("g".into()),
+                svc(),
+                Awaiting::Acks,
+                expected,
+                ()
+            )
+            .is_none());
+        assert!(t.handle_ack(&ack(9, "a", AckStatus::Accepted)).is_none());
+        // b was sent through the server as a fallback and is gone.
+        let r = routed(
+            9,
+            &[],
+            vec![(id("b"), DeliveryFailure::UnknownTarget)],
+            Some(DeliveryFailure::UnknownTarget),
+        );
+        assert!(t.handle_routed(&r, |_, _| true).is_none());
+        // c's direct channel broke.
+        let (_, c) = t
+            .handle_failure(9, &id("c"), SendError::Disconnected)
+            .expect("settled");
+        assert_eq!(
+            c,
+            Completion::Failed(SendError::Incomplete(DeliveryReport {
+                delivered: vec![id("a")],
+                failed: vec![
+                    (id("b"), SendError::UnknownTarget(Target::Node(id("b")))),
+                    (id("c"), SendError::Disconnected),
+                ],
+            }))
+        );
+        // An empty fan-out settles at once.
+        let done = t.track_expecting(10, Target::All, svc(), Awaiting::Acks, vec![], ());
+        assert_eq!(
+            done.map(|(_, c)| c),
+            Some(Completion::Delivered(DeliveryReport::default()))
+        );
     }
 
     #[test]

@@ -103,13 +103,11 @@ pub(crate) async fn serve(
         Counters::add(&shared.counters.connections_accepted, 1);
         tracing::info!(incarnation = me.incarnation, groups = ?me.groups, "member joined");
         let max_frame = codec.max_frame();
-        let writer_queue = queue.clone();
         tasks.spawn(
             async move {
                 if let Err(e) = transports::run_writer(wr, rx, max_frame).await {
                     tracing::debug!(error = %e, "writer stopped");
                 }
-                writer_queue.close();
             }
             .in_current_span(),
         );
@@ -287,6 +285,19 @@ impl Connection {
                     self.update_services(service, false);
                     None
                 }
+                Header::Resolve {
+                    token,
+                    target,
+                    service,
+                } => {
+                    let result = self.resolve_members(target, service);
+                    let reply = OutFrame::control(Header::Resolved {
+                        token: *token,
+                        result,
+                    });
+                    self.reply(reply).await;
+                    None
+                }
                 Header::Goodbye => Some(End::Goodbye),
                 other => Some(End::Violation(format!(
                     "unexpected {} frame from a node",
@@ -297,6 +308,32 @@ impl Connection {
                 return end;
             }
         }
+    }
+
+    /// The members `target` resolves to now, with their incarnations.
+    fn resolve_members(
+        &self,
+        target: &Target,
+        service: &str,
+    ) -> Result<Vec<(NodeId, u64)>, DeliveryFailure> {
+        let state = self.shared.read();
+        let load = |id: &NodeId| {
+            state
+                .conns
+                .get(id)
+                .map_or(usize::MAX, |c| c.queue.queued_frames())
+        };
+        let ids = match state.table.resolve(&self.me, target, service, load)? {
+            Resolution::One(id) => vec![id],
+            Resolution::Many(ids) => ids,
+        };
+        Ok(ids
+            .into_iter()
+            .filter_map(|id| {
+                let incarnation = state.table.member(&id)?.incarnation;
+                Some((id, incarnation))
+            })
+            .collect())
     }
 
     fn update_services(&self, service: &str, add: bool) {
@@ -371,7 +408,13 @@ impl Connection {
                 Counters::add(&counters.route_failures, 1);
                 // Also for one-way messages: the sender hears of every
                 // message that went nowhere.
-                self.reply(routed(h.seq, vec![], vec![], Some(failure)))
+                // Name the node of a `Node` target, so that a sender
+                // reaching several nodes one by one knows which one failed.
+                let failed = match &h.target {
+                    Target::Node(id) => vec![(id.clone(), failure.clone())],
+                    _ => vec![],
+                };
+                self.reply(routed(h.seq, vec![], failed, Some(failure)))
                     .await;
                 return;
             }

@@ -60,6 +60,8 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     state: RwLock<State>,
     pub(crate) counters: Counters,
+    /// Every connection's reader and writer task.
+    pub(crate) tasks: TaskTracker,
 }
 
 impl Shared {
@@ -92,6 +94,12 @@ impl ServerHandle {
         self.shared.counters.snapshot()
     }
 
+    /// Connection tasks (one reader and one writer per connection) still
+    /// running: zero once every node has gone and its socket is closed.
+    pub fn connection_tasks(&self) -> usize {
+        self.shared.tasks.len()
+    }
+
     /// The members now.
     pub fn members(&self) -> Vec<MemberInfo> {
         self.shared.read().table.members()
@@ -122,6 +130,7 @@ impl MessageServer {
             config,
             state: RwLock::new(State::default()),
             counters: Counters::default(),
+            tasks: TaskTracker::new(),
         });
         Ok(MessageServer {
             listener,
@@ -148,8 +157,8 @@ impl MessageServer {
     /// connection never stops the server.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         let cancel = CancellationToken::new();
-        let tracker = TaskTracker::new();
         let shared = self.handle.shared.clone();
+        let tracker = shared.tasks.clone();
         tracing::info!(addr = %self.handle.local_addr, "message server listening");
         tokio::pin!(shutdown);
         let result = loop {

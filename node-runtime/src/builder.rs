@@ -10,9 +10,9 @@ use transports::handshake;
 use transports::protocol::{Hello, NodeId, Role, PROTOCOL_VERSION};
 use transports::{out_queue, Config, FrameReader};
 
-use crate::connection;
-use crate::node::{Inner, Node};
+use crate::node::{Inner, Node, Parts};
 use crate::NodeError;
+use crate::{connection, direct, routing};
 
 /// Configures a node; [`NodeBuilder::start`] connects it.
 ///
@@ -103,7 +103,7 @@ impl NodeBuilder {
         }
         config.validate("")?;
         let incarnation = fresh_incarnation();
-        let hello = Hello {
+        let mut hello = Hello {
             version: PROTOCOL_VERSION,
             cluster: config.cluster.name.clone(),
             node: self.id.clone(),
@@ -138,6 +138,31 @@ impl NodeBuilder {
             });
         };
 
+        // The direct-channel listener, announced at registration: the
+        // configured address, or the interface that reaches the message
+        // server when listening on all of them.
+        let direct_listen = config.node.direct_listen;
+        let listener = transports::tcp::listen(direct_listen, &config.tcp).map_err(|source| {
+            NodeError::DirectListen {
+                address: direct_listen,
+                source,
+            }
+        })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|source| NodeError::DirectListen {
+                address: direct_listen,
+                source,
+            })?;
+        hello.direct_addr = Some(match config.node.direct_advertise {
+            Some(addr) => addr,
+            None if bound.ip().is_unspecified() => match stream.local_addr() {
+                Ok(local) => std::net::SocketAddr::new(local.ip(), bound.port()),
+                Err(_) => bound,
+            },
+            None => bound,
+        });
+
         let (rd, mut wr) = stream.into_split();
         let mut reader = FrameReader::new(rd, FrameCodec::new(HANDSHAKE_MAX_FRAME_BYTES));
         let welcome =
@@ -153,27 +178,36 @@ impl NodeBuilder {
         let codec = FrameCodec::for_messages(max_message);
         *reader.codec_mut() = codec;
         let (queue, rx) = out_queue(config.node.queue_frames, config.node.queue_bytes);
-        let inner = Arc::new(Inner::new(
-            self.id.clone(),
-            incarnation,
+        let role = hello.role;
+        let inner = Arc::new(Inner::new(Parts {
+            hello,
             config,
-            max_message,
+            server_max: max_message,
             queue,
-            welcome.members,
-        ));
+            members: welcome.members,
+        }));
         let span = tracing::info_span!("node", id = %self.id, incarnation);
         tracing::info!(parent: &span, %address, "node connected to the message server");
         let max_frame = codec.max_frame();
-        let writer_queue = inner.queue.clone();
         inner.tasks.spawn(
             async move {
                 if let Err(e) = transports::run_writer(wr, rx, max_frame).await {
                     tracing::debug!(error = %e, "writer to the message server stopped");
                 }
-                writer_queue.close();
             }
             .instrument(span.clone()),
         );
+        inner
+            .tasks
+            .spawn(direct::accept_loop(inner.clone(), listener).instrument(span.clone()));
+        inner
+            .tasks
+            .spawn(direct::idle_sweeper(inner.clone()).instrument(span.clone()));
+        if role == Role::Dispatcher {
+            inner
+                .tasks
+                .spawn(routing::session_keeper(inner.clone()).instrument(span.clone()));
+        }
         inner
             .tasks
             .spawn(connection::read_loop(inner.clone(), reader).instrument(span));

@@ -11,12 +11,14 @@ use tokio::net::tcp::OwnedReadHalf;
 use transports::protocol::{
     Ack, AckStatus, DeliveryFailure, Header, MemberEvent, MessageHeader, MessageKind,
 };
-use transports::{FrameReader, OutFrame};
+use transports::{FrameReader, OutFrame, OutQueue};
+
+use crate::counters::Counters;
 
 use crate::inbox::Message;
 use crate::node::Inner;
 
-fn complete(
+pub(crate) fn complete(
     done: impl IntoIterator<Item = (tokio::sync::oneshot::Sender<Completion>, Completion)>,
 ) {
     for (waiter, completion) in done {
@@ -41,8 +43,22 @@ pub(crate) async fn read_loop(inner: Arc<Inner>, mut reader: FrameReader<OwnedRe
         let (header, body) = frame.into_parts();
         match header {
             Header::Message(h) => {
-                if !deliver(&inner, h, body).await {
+                Counters::add(&inner.counters.received_server, 1);
+                if deliver(&inner, h, body, &inner.queue, Received::Server)
+                    .await
+                    .is_err()
+                {
                     break None;
+                }
+            }
+            Header::Resolved { token, result } => {
+                let waiter = inner
+                    .resolves
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&token);
+                if let Some(w) = waiter {
+                    let _ = w.send(result);
                 }
             }
             Header::Routed(routed) => {
@@ -104,9 +120,32 @@ pub(crate) async fn read_loop(inner: Arc<Inner>, mut reader: FrameReader<OwnedRe
     }
 }
 
-/// Hands a message to its service's inbox, or completes a request with its
-/// reply. Returns false if the node is shutting down.
-async fn deliver(inner: &Arc<Inner>, h: MessageHeader, body: Bytes) -> bool {
+/// The path a message arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Received {
+    /// Through the message server.
+    Server,
+    /// Over a lazy or session channel.
+    Direct,
+}
+
+/// The node is shutting down; stop reading.
+pub(crate) struct Stopping;
+
+/// Hands a message to its service's inbox (acknowledging it on `acks`, the
+/// connection it came on), or completes a request with its reply.
+///
+/// # Errors
+///
+/// [`Stopping`] if the node is shutting down.
+pub(crate) async fn deliver(
+    inner: &Arc<Inner>,
+    h: MessageHeader,
+    body: Bytes,
+    acks: &OutQueue,
+    path: Received,
+) -> Result<(), Stopping> {
+    tracing::trace!(sender = %h.sender, seq = h.seq, ?path, "message");
     if let MessageKind::Reply {
         request_seq,
         requester_incarnation,
@@ -115,7 +154,7 @@ async fn deliver(inner: &Arc<Inner>, h: MessageHeader, body: Bytes) -> bool {
         if requester_incarnation == inner.incarnation {
             complete(inner.tracker().handle_reply(request_seq, &h.sender, body));
         }
-        return true;
+        return Ok(());
     }
     let inbox = inner
         .inboxes
@@ -136,7 +175,7 @@ async fn deliver(inner: &Arc<Inner>, h: MessageHeader, body: Bytes) -> bool {
         None => AckStatus::Failed(DeliveryFailure::NoSuchService),
         Some(tx) => {
             let accepted = tokio::select! {
-                _ = inner.cancel.cancelled() => return false,
+                _ = inner.cancel.cancelled() => return Err(Stopping),
                 r = tx.send(message) => r.is_ok(),
             };
             if accepted {
@@ -164,30 +203,36 @@ async fn deliver(inner: &Arc<Inner>, h: MessageHeader, body: Bytes) -> bool {
             status,
         });
         if let Err(transports::PushError::Full(frame)) =
-            inner.queue.try_push_control(OutFrame::control(ack))
+            acks.try_push_control(OutFrame::control(ack))
         {
-            let _ = inner.queue.push_control(*frame).await;
+            let _ = acks.push_control(*frame).await;
         }
     }
-    true
+    Ok(())
 }
 
 /// A routing failure for a message nobody waits on (a `notify`, or a send
 /// whose caller gave up): counted, and logged, never silent.
 fn late_failure(inner: &Inner, routed: &transports::protocol::Routed) {
-    let failures = routed.failed.len() + usize::from(routed.error.is_some());
+    // A failed `Node` message names its node in `failed` and in `error`.
+    let failures = match (routed.failed.len(), &routed.error) {
+        (0, Some(_)) => 1,
+        (n, _) => n,
+    };
     if failures == 0 {
         return;
     }
-    inner
+    let before = inner
         .late_failures
         .fetch_add(failures as u64, std::sync::atomic::Ordering::Relaxed);
-    tracing::warn!(
-        seq = routed.seq,
-        error = ?routed.error,
-        failed = ?routed.failed,
-        "a message nobody waits on was not delivered"
-    );
+    tracing::debug!(seq = routed.seq, error = ?routed.error, failed = ?routed.failed, "a message nobody waits on was not delivered");
+    if before == 0 || (before + failures as u64).next_power_of_two() != before.next_power_of_two() {
+        tracing::warn!(
+            total = before + failures as u64,
+            last_error = ?routed.error,
+            "one-way messages were not delivered (see Node::late_failures)"
+        );
+    }
 }
 
 async fn unsubscribe(inner: &Inner, service: &Arc<str>) {

@@ -32,17 +32,24 @@
 //! - [`inbox`]: service inboxes and delivered messages.
 //! - [`membership`]: the members view and its events.
 //! - `connection`: the read task on the message-server connection.
+//! - `routing`: the cluster manager's driver: path choice and fallback.
+//! - `direct`: lazy and session channels, both ends.
+//! - [`counters`]: what went over which path.
 //! - [`error`]: start-up and operation errors.
 
 pub mod builder;
 mod connection;
+pub mod counters;
+mod direct;
 pub mod error;
 pub mod inbox;
 pub mod membership;
 pub mod node;
+mod routing;
 
 pub use builder::NodeBuilder;
 pub use cluster_manager::{DeliveryReport, SendError};
+pub use counters::PathCounters;
 pub use error::NodeError;
 pub use inbox::{Inbox, Message};
 pub use membership::{EventsError, MembershipEvent, MembershipEvents};

@@ -95,6 +95,29 @@ impl MemberView {
             .collect()
     }
 
+    pub(crate) fn member(&self, id: &NodeId) -> Option<MemberInfo> {
+        self.members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    pub(crate) fn is_member(&self, id: &NodeId) -> bool {
+        self.members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(id)
+    }
+
+    pub(crate) fn direct_addr(&self, id: &NodeId) -> Option<std::net::SocketAddr> {
+        self.members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .and_then(|m| m.direct_addr)
+    }
+
     pub(crate) fn is_live(&self, id: &NodeId, incarnation: u64) -> bool {
         self.members
             .read()

@@ -6,15 +6,21 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cluster_manager::{Awaiting, Completion, DeliveryReport, DeliveryTracker, SendError};
+use cluster_manager::{
+    AutoActivation, Awaiting, Completion, DeliveryReport, DeliveryTracker, SendError,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use transports::protocol::{Header, MemberInfo, MessageHeader, MessageKind, NodeId, Target};
+use transports::protocol::{
+    DeliveryFailure, Header, Hello, MemberInfo, MessageHeader, MessageKind, NodeId, Target,
+};
 use transports::{Config, OutFrame, OutQueue};
 
 use crate::builder::NodeBuilder;
+use crate::counters::{Counters, PathCounters};
+use crate::direct::DirectPool;
 use crate::inbox::{Inbox, Message};
 use crate::membership::{MemberView, MembershipEvents};
 use crate::NodeError;
@@ -33,74 +39,114 @@ pub struct Reply {
 
 type Waiter = oneshot::Sender<Completion>;
 
+/// What a node learnt while connecting, to build its shared state from.
+#[derive(Debug)]
+pub(crate) struct Parts {
+    pub(crate) hello: Hello,
+    pub(crate) config: Config,
+    pub(crate) server_max: u64,
+    pub(crate) queue: OutQueue,
+    pub(crate) members: Vec<MemberInfo>,
+}
+
 /// State shared by the node handles and the node's tasks.
 #[derive(Debug)]
 pub(crate) struct Inner {
     pub(crate) id: NodeId,
     pub(crate) incarnation: u64,
+    /// What this node says when it opens a connection.
+    pub(crate) hello: Hello,
     pub(crate) config: Config,
-    /// The negotiated body limit.
-    pub(crate) max_message: u64,
+    /// The body limit of the message-server path (negotiated).
+    pub(crate) server_max: u64,
     seq: AtomicU64,
     tokens: AtomicU64,
+    /// The connection to the message server.
     pub(crate) queue: OutQueue,
     pub(crate) tracker: Mutex<DeliveryTracker<Waiter>>,
     pub(crate) inboxes: RwLock<HashMap<Arc<str>, mpsc::Sender<Message>>>,
     pub(crate) subscriptions: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    pub(crate) resolves: Mutex<HashMap<u64, oneshot::Sender<ResolveResult>>>,
     pub(crate) members: MemberView,
+    pub(crate) direct: DirectPool,
+    activation: Mutex<AutoActivation>,
+    pub(crate) counters: Counters,
     /// Routing failures reported for messages nobody waits on.
     pub(crate) late_failures: AtomicU64,
+    epoch: std::time::Instant,
     pub(crate) cancel: CancellationToken,
     pub(crate) tasks: TaskTracker,
 }
 
+/// The members a target resolves to, or why not.
+pub(crate) type ResolveResult = Result<Vec<(NodeId, u64)>, DeliveryFailure>;
+
 impl Inner {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        id: NodeId,
-        incarnation: u64,
-        config: Config,
-        max_message: u64,
-        queue: OutQueue,
-        members: Vec<MemberInfo>,
-    ) -> Inner {
+    pub(crate) fn new(parts: Parts) -> Inner {
+        let lazy = &parts.config.lazy;
+        let activation = AutoActivation::new(
+            lazy.auto_activate_messages,
+            Duration::from_millis(lazy.auto_activate_window_ms),
+        );
         Inner {
-            id,
-            incarnation,
-            config,
-            max_message,
+            id: parts.hello.node.clone(),
+            incarnation: parts.hello.incarnation,
+            hello: parts.hello,
+            config: parts.config,
+            server_max: parts.server_max,
             seq: AtomicU64::new(1),
             tokens: AtomicU64::new(1),
-            queue,
+            queue: parts.queue,
             tracker: Mutex::new(DeliveryTracker::new()),
             inboxes: RwLock::new(HashMap::new()),
             subscriptions: Mutex::new(HashMap::new()),
-            members: MemberView::new(members),
+            resolves: Mutex::new(HashMap::new()),
+            members: MemberView::new(parts.members),
+            direct: DirectPool::default(),
+            activation: Mutex::new(activation),
+            counters: Counters::default(),
             late_failures: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         }
+    }
+
+    /// Milliseconds since the node started (for idle tracking).
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    pub(crate) fn activation(&self) -> std::sync::MutexGuard<'_, AutoActivation> {
+        self.activation.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn next_token(&self) -> u64 {
+        self.tokens.fetch_add(1, Ordering::Relaxed)
     }
 
     pub(crate) fn tracker(&self) -> std::sync::MutexGuard<'_, DeliveryTracker<Waiter>> {
         self.tracker.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn next_seq(&self) -> u64 {
+    pub(crate) fn next_seq(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn check_size(&self, body: &Bytes) -> Result<(), SendError> {
-        if body.len() as u64 > self.max_message {
+    /// Bodies above `limits.max_message_bytes` fail before anything is
+    /// sent, whatever the path.
+    pub(crate) fn check_size(&self, body: &Bytes) -> Result<(), SendError> {
+        let max = self.config.limits.max_message_bytes;
+        if body.len() as u64 > max {
             return Err(SendError::PayloadTooLarge {
                 size: body.len() as u64,
-                max: self.max_message,
+                max,
             });
         }
         Ok(())
     }
 
-    fn message(
+    pub(crate) fn message(
         &self,
         seq: u64,
         target: Target,
@@ -121,8 +167,12 @@ impl Inner {
         }
     }
 
-    /// Queues a frame by `deadline`.
-    async fn enqueue(&self, frame: OutFrame, deadline: Instant) -> Result<(), SendError> {
+    /// Queues a frame to the message server by `deadline`.
+    pub(crate) async fn enqueue(
+        &self,
+        frame: OutFrame,
+        deadline: Instant,
+    ) -> Result<(), SendError> {
         match tokio::time::timeout_at(deadline, self.queue.push_data(frame)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(self.closed_error()),
@@ -133,44 +183,12 @@ impl Inner {
         }
     }
 
-    fn closed_error(&self) -> SendError {
+    pub(crate) fn closed_error(&self) -> SendError {
         if self.cancel.is_cancelled() {
             SendError::Shutdown
         } else {
             SendError::Disconnected
         }
-    }
-
-    /// Queues a tracked message; the returned handle awaits its outcome.
-    /// Messages submitted one after another from one task go out in that
-    /// order.
-    async fn submit(
-        self: &Arc<Self>,
-        target: Target,
-        service: &str,
-        body: Bytes,
-        kind: MessageKind,
-        awaiting: Awaiting,
-    ) -> Result<Pending, SendError> {
-        self.check_size(&body)?;
-        if self.cancel.is_cancelled() {
-            return Err(SendError::Shutdown);
-        }
-        let deadline = Instant::now() + self.config.send_timeout();
-        let seq = self.next_seq();
-        let service: Arc<str> = Arc::from(service);
-        let (tx, rx) = oneshot::channel();
-        self.tracker()
-            .track(seq, target.clone(), service.clone(), awaiting, tx);
-        let pending = Pending {
-            inner: self.clone(),
-            seq,
-            deadline,
-            rx: Some(rx),
-        };
-        self.enqueue(self.message(seq, target, service, kind, body), deadline)
-            .await?;
-        Ok(pending)
     }
 
     pub(crate) async fn send_reply(
@@ -229,6 +247,20 @@ pub struct Pending {
 }
 
 impl Pending {
+    pub(crate) fn new(
+        inner: Arc<Inner>,
+        seq: u64,
+        deadline: Instant,
+        rx: oneshot::Receiver<Completion>,
+    ) -> Pending {
+        Pending {
+            inner,
+            seq,
+            deadline,
+            rx: Some(rx),
+        }
+    }
+
     /// The message's sequence number.
     pub fn seq(&self) -> u64 {
         self.seq
@@ -349,10 +381,27 @@ impl Node {
         &self.inner.config
     }
 
-    /// The largest body this node may send, as negotiated with the message
-    /// server.
+    /// The largest body this node may send (`limits.max_message_bytes`);
+    /// larger ones fail with `PayloadTooLarge` before anything is sent.
     pub fn max_message_bytes(&self) -> u64 {
-        self.inner.max_message
+        self.inner.config.limits.max_message_bytes
+    }
+
+    /// The largest body the message-server path carries (the smaller of the
+    /// server's and this node's limits); larger bodies need a lazy channel.
+    pub fn server_max_message_bytes(&self) -> u64 {
+        self.inner.server_max
+    }
+
+    /// The address this node announced for direct channels.
+    pub fn direct_addr(&self) -> Option<std::net::SocketAddr> {
+        self.inner.hello.direct_addr
+    }
+
+    /// What this node sent on each path, and what became of its direct
+    /// channels.
+    pub fn counters(&self) -> PathCounters {
+        self.inner.counters.snapshot()
     }
 
     /// Starts offering `service` and returns its inbox. Resolves once the
@@ -466,21 +515,25 @@ impl Node {
         service: &str,
         body: impl Into<Bytes>,
     ) -> Result<(), SendError> {
-        let inner = &self.inner;
-        let body = body.into();
-        inner.check_size(&body)?;
-        if inner.cancel.is_cancelled() {
-            return Err(SendError::Shutdown);
-        }
-        let deadline = Instant::now() + inner.config.send_timeout();
-        let frame = inner.message(
-            inner.next_seq(),
-            target,
-            Arc::from(service),
-            MessageKind::Notify,
-            body,
-        );
-        inner.enqueue(frame, deadline).await
+        self.inner.notify(target, service, body.into()).await
+    }
+
+    /// Sends `body` one-way to `target` over this dispatcher's session
+    /// channel: no message server hop, no acknowledgement round trip.
+    ///
+    /// # Errors
+    ///
+    /// `NotADispatcher` unless this node has the dispatcher role;
+    /// `NotInSessionGroup` unless `target` is a server node of this node's
+    /// group; `DirectUnavailable` if the channel cannot be opened;
+    /// `PayloadTooLarge`, `Timeout`, `Disconnected`.
+    pub async fn session(
+        &self,
+        target: &NodeId,
+        service: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<(), SendError> {
+        self.inner.session(target, service, body.into()).await
     }
 
     /// Sends a request to one node (`Node` or `AnyOf`) and awaits its reply.

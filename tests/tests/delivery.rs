@@ -269,3 +269,35 @@ async fn hundred_thousand_acknowledged_in_order_each_once() -> anyhow::Result<()
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_releases_every_connection_when_nodes_go() -> anyhow::Result<()> {
+    init_logging();
+    bounded(async {
+        let server = TestServer::start(test_config()).await?;
+        let mut nodes = Vec::new();
+        for i in 0..6 {
+            nodes.push(member(&server, &format!("n{i}"), &["g"]).await?);
+        }
+        nodes[0]
+            .node
+            .send(Target::Group("g".into()), SERVICE, "hello")
+            .await?;
+        assert_eq!(
+            server.handle.connection_tasks(),
+            12,
+            "a reader and a writer per node"
+        );
+        // Planned stops and plain drops alike.
+        for m in &nodes[..3] {
+            m.node.clone().shutdown().await;
+        }
+        drop(nodes);
+        while server.handle.connection_tasks() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(server.handle.members().is_empty());
+        Ok(())
+    })
+    .await
+}

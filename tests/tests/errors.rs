@@ -98,47 +98,92 @@ async fn unknown_targets_and_missing_services_are_definite_errors() -> anyhow::R
 async fn oversized_bodies_fail_before_anything_is_sent() -> anyhow::Result<()> {
     init_logging();
     bounded(async {
-        let mut server_config = test_config();
-        server_config.limits.max_message_bytes = 1 << 20;
-        let server = TestServer::start(server_config).await?;
-        // The node would allow more; the server's limit wins at the handshake.
-        let a = node(&server, "a", test_config()).await?;
-        let b = node(&server, "b", test_config()).await?;
+        const MIB: u64 = 1 << 20;
+        let server = TestServer::start(test_config()).await?;
+        let mut config = test_config();
+        config.limits.max_message_bytes = MIB;
+        config.lazy.threshold_bytes = 64 * 1024;
+        let a = node(&server, "a", config.clone()).await?;
+        let b = node(&server, "b", config).await?;
         let mut inbox = b.subscribe("svc").await?;
-        assert_eq!(a.max_message_bytes(), 1 << 20);
+        assert_eq!(a.max_message_bytes(), MIB);
 
-        let before = server.handle.counters();
-        let too_big = Bytes::from(vec![0u8; (1 << 20) + 1]);
-        for result in [
-            a.send(Target::Node("b".into()), "svc", too_big.clone())
+        // Over `limits.max_message_bytes`: refused before anything is sent,
+        // on every path.
+        let before = (server.handle.counters(), a.counters());
+        let too_big = Bytes::from(vec![0u8; MIB as usize + 1]);
+        let expected = Err(SendError::PayloadTooLarge {
+            size: MIB + 1,
+            max: MIB,
+        });
+        let b_id = Target::Node("b".into());
+        assert_eq!(
+            a.send(b_id.clone(), "svc", too_big.clone())
                 .await
                 .map(|_| ()),
-            a.notify(Target::Node("b".into()), "svc", too_big.clone())
-                .await,
-            a.request(Target::Node("b".into()), "svc", too_big.clone())
+            expected
+        );
+        assert_eq!(
+            a.notify(b_id.clone(), "svc", too_big.clone()).await,
+            expected
+        );
+        assert_eq!(
+            a.request(b_id.clone(), "svc", too_big.clone())
                 .await
                 .map(|_| ()),
-        ] {
-            assert_eq!(
-                result,
-                Err(SendError::PayloadTooLarge {
-                    size: (1 << 20) + 1,
-                    max: 1 << 20
-                })
-            );
-        }
+            expected
+        );
+        assert_eq!(
+            a.send(Target::All, "svc", too_big.clone())
+                .await
+                .map(|_| ()),
+            expected
+        );
         assert_eq!(
             server.handle.counters().messages,
-            before.messages,
+            before.0.messages,
             "nothing reached the server"
         );
+        assert_eq!(a.counters(), before.1, "nothing left on any path");
 
         // Exactly the limit goes through.
-        let at_limit = Bytes::from(vec![7u8; 1 << 20]);
-        a.send(Target::Node("b".into()), "svc", at_limit.clone())
-            .await?;
+        let at_limit = Bytes::from(vec![7u8; MIB as usize]);
+        a.send(b_id, "svc", at_limit.clone()).await?;
         let got = inbox.recv().await.context("inbox")?;
         assert_eq!(got.body(), &at_limit);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_server_limit_need_a_lazy_channel() -> anyhow::Result<()> {
+    init_logging();
+    bounded(async {
+        const MIB: u64 = 1 << 20;
+        let mut server_config = test_config();
+        server_config.limits.max_message_bytes = MIB;
+        let server = TestServer::start(server_config).await?;
+        // The nodes allow more than the server, but their service is not on
+        // the lazy allow-list: the server's limit applies.
+        let mut config = test_config();
+        config.lazy.services = vec!["bulk".into()];
+        let a = node(&server, "a", config.clone()).await?;
+        let b = node(&server, "b", config).await?;
+        let _inbox = b.subscribe("svc").await?;
+        assert_eq!(a.server_max_message_bytes(), MIB);
+        let body = Bytes::from(vec![0u8; MIB as usize + 1]);
+        assert_eq!(
+            a.send(Target::Node("b".into()), "svc", body.clone())
+                .await
+                .map(|_| ()),
+            Err(SendError::PayloadTooLarge {
+                size: MIB + 1,
+                max: MIB
+            })
+        );
+        // Nothing reached the server.
+        assert_eq!(server.handle.counters().messages, 0);
         Ok(())
     })
     .await

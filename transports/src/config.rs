@@ -213,6 +213,10 @@ pub struct NodeConfig {
     /// Where the node accepts direct channels. Default
     /// [`DEFAULT_DIRECT_LISTEN`].
     pub direct_listen: SocketAddr,
+    /// The direct-channel address announced to other nodes. None: the
+    /// listen address, or, when that is unspecified (`0.0.0.0`), the
+    /// interface that reaches the message server.
+    pub direct_advertise: Option<SocketAddr>,
     /// Time a send waits for its acknowledgements, and a request for its
     /// reply. Default [`DEFAULT_SEND_TIMEOUT_MS`].
     pub send_timeout_ms: u64,
@@ -239,6 +243,7 @@ impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
             direct_listen: SocketAddr::from(([0, 0, 0, 0], 0)),
+            direct_advertise: None,
             send_timeout_ms: DEFAULT_SEND_TIMEOUT_MS,
             inbox_capacity: DEFAULT_INBOX_CAPACITY,
             busy_upper: DEFAULT_BUSY_UPPER,

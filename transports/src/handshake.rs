@@ -199,6 +199,33 @@ pub fn check_hello(hello: &Hello, cluster: &str, credentials: Option<&str>) -> R
     Ok(())
 }
 
+/// The accepting side of a peer connection: reads the [`Hello`], checks it
+/// against our cluster and credentials, and refuses a mismatch (telling the
+/// peer why).
+///
+/// # Errors
+///
+/// [`HandshakeError::Mismatch`] with the reason when refused; otherwise as
+/// [`read_hello`].
+pub async fn accept_hello<R, W>(
+    reader: &mut FrameReader<R>,
+    writer: &mut W,
+    cluster: &str,
+    credentials: Option<&str>,
+    timeout: Duration,
+) -> Result<Hello, HandshakeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let hello = read_hello(reader, writer, timeout).await?;
+    if let Err(refusal) = check_hello(&hello, cluster, credentials) {
+        refuse(writer, refusal.reason.clone(), refusal.detail).await;
+        return Err(HandshakeError::Mismatch(refusal.reason));
+    }
+    Ok(hello)
+}
+
 /// Sends a refusal, best effort (the connection is closed next anyway).
 pub async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, reason: RefusalReason, detail: String) {
     let frame = OutFrame::control(Header::Refused(Refusal { reason, detail }));

@@ -401,6 +401,23 @@ pub enum Header {
     },
     /// A planned stop: the sender closes the connection after this.
     Goodbye,
+    /// Asks the message server who a target resolves to (for fan-outs the
+    /// node sends over lazy channels itself); answered by `Resolved`.
+    Resolve {
+        /// Correlates the answer.
+        token: u64,
+        /// The target.
+        target: Target,
+        /// The service.
+        service: String,
+    },
+    /// The members a `Resolve` resolved to, or why it failed.
+    Resolved {
+        /// The token of the `Resolve`.
+        token: u64,
+        /// Receivers with their incarnations, or the failure.
+        result: Result<Vec<(NodeId, u64)>, DeliveryFailure>,
+    },
 }
 
 impl Header {
@@ -418,6 +435,8 @@ impl Header {
             Header::Unsubscribe { .. } => "unsubscribe",
             Header::Subscribed { .. } => "subscribed",
             Header::Goodbye => "goodbye",
+            Header::Resolve { .. } => "resolve",
+            Header::Resolved { .. } => "resolved",
         }
     }
 }

@@ -1,0 +1,483 @@
+//! Direct channels between nodes, both ends: lazy channels (opened on first
+//! need, reused, closed when idle) and session channels (a dispatcher's
+//! standing connections to the server nodes of its group).
+//!
+//! A channel carries the same frames as the message-server path, after the
+//! same handshake and credentials. Data flows from the opener to the peer;
+//! acknowledgements come back on the same connection.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cluster_manager::SendError;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
+use transports::frame::FrameCodec;
+use transports::handshake::{self, HandshakeError};
+use transports::protocol::{Header, NodeId, Welcome, PROTOCOL_VERSION};
+use transports::{out_queue, FrameReader, OutFrame, OutQueue};
+
+use crate::connection::{complete, deliver, Received};
+use crate::counters::Counters;
+use crate::node::Inner;
+
+/// The two kinds of direct channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum ChannelKind {
+    /// Opened on need, closed when idle.
+    Lazy,
+    /// Kept open by a dispatcher to each server of its group.
+    Session,
+}
+
+impl ChannelKind {
+    fn name(self) -> &'static str {
+        match self {
+            ChannelKind::Lazy => "lazy",
+            ChannelKind::Session => "session",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct UseState {
+    /// Set once the channel is being closed: no new use.
+    closing: bool,
+    /// Senders between `begin_use` and the frame being queued.
+    active: usize,
+    /// Acknowledged messages sent on it and not yet acknowledged.
+    in_flight: HashSet<u64>,
+}
+
+/// An open outgoing direct channel.
+#[derive(Debug)]
+pub(crate) struct DirectConn {
+    pub(crate) peer: NodeId,
+    pub(crate) kind: ChannelKind,
+    pub(crate) queue: OutQueue,
+    /// The body limit negotiated with the peer.
+    pub(crate) max_message: u64,
+    last_used_ms: AtomicU64,
+    state: Mutex<UseState>,
+}
+
+/// A use of a channel: while it lives, the channel is not closed as idle.
+pub(crate) struct Use {
+    conn: Arc<DirectConn>,
+}
+
+impl Drop for Use {
+    fn drop(&mut self) {
+        let mut s = self.conn.lock();
+        s.active = s.active.saturating_sub(1);
+    }
+}
+
+impl DirectConn {
+    fn lock(&self) -> std::sync::MutexGuard<'_, UseState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a use (sending message `seq`, if tracked); `None` if the
+    /// channel is closing or closed, so the caller opens another.
+    pub(crate) fn begin_use(self: &Arc<Self>, inner: &Inner, seq: Option<u64>) -> Option<Use> {
+        let mut s = self.lock();
+        if s.closing || self.queue.is_closed() {
+            return None;
+        }
+        s.active += 1;
+        if let Some(seq) = seq {
+            s.in_flight.insert(seq);
+        }
+        self.last_used_ms.store(inner.now_ms(), Ordering::Relaxed);
+        Some(Use { conn: self.clone() })
+    }
+
+    /// The message no longer waits on this channel (it settled).
+    pub(crate) fn settled(&self, seq: u64) {
+        self.lock().in_flight.remove(&seq);
+    }
+
+    /// Marks the channel closing if it has been idle for `idle_ms` with
+    /// nothing in flight; the caller then says goodbye.
+    fn close_if_idle(&self, now_ms: u64, idle_ms: u64) -> bool {
+        let mut s = self.lock();
+        let idle = now_ms.saturating_sub(self.last_used_ms.load(Ordering::Relaxed)) >= idle_ms;
+        if s.closing || s.active > 0 || !s.in_flight.is_empty() || !idle {
+            return false;
+        }
+        s.closing = true;
+        true
+    }
+
+    /// Forgets messages that settled another way (timed out, or their
+    /// sender stopped waiting), so they do not keep the channel open.
+    fn prune_in_flight(&self, still_tracked: impl Fn(u64) -> bool) {
+        self.lock().in_flight.retain(|seq| still_tracked(*seq));
+    }
+
+    fn take_in_flight(&self) -> Vec<u64> {
+        let mut s = self.lock();
+        s.closing = true;
+        s.in_flight.drain().collect()
+    }
+
+    fn is_closing(&self) -> bool {
+        self.lock().closing
+    }
+}
+
+type Key = (NodeId, ChannelKind);
+
+/// The node's outgoing direct channels.
+#[derive(Debug, Default)]
+pub(crate) struct DirectPool {
+    open: Mutex<HashMap<Key, Arc<DirectConn>>>,
+    /// One gate per peer and kind, so that concurrent first sends open one
+    /// connection.
+    gates: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl DirectPool {
+    fn open_map(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Arc<DirectConn>>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The open channel to `peer`, if any.
+    pub(crate) fn get(&self, peer: &NodeId, kind: ChannelKind) -> Option<Arc<DirectConn>> {
+        self.open_map()
+            .get(&(peer.clone(), kind))
+            .filter(|c| !c.queue.is_closed() && !c.is_closing())
+            .cloned()
+    }
+
+    fn gate(&self, peer: &NodeId, kind: ChannelKind) -> Arc<tokio::sync::Mutex<()>> {
+        self.gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((peer.clone(), kind))
+            .or_default()
+            .clone()
+    }
+
+    fn remove(&self, conn: &Arc<DirectConn>) {
+        let mut open = self.open_map();
+        let key = (conn.peer.clone(), conn.kind);
+        if open.get(&key).is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            open.remove(&key);
+        }
+    }
+
+    /// Every open channel.
+    pub(crate) fn all(&self) -> Vec<Arc<DirectConn>> {
+        self.open_map().values().cloned().collect()
+    }
+}
+
+/// The channel of `kind` to `peer`, opening it if needed (one opener at a
+/// time per peer).
+///
+/// # Errors
+///
+/// Why the channel could not be opened, in words.
+pub(crate) async fn get_or_open(
+    inner: &Arc<Inner>,
+    peer: &NodeId,
+    kind: ChannelKind,
+) -> Result<Arc<DirectConn>, String> {
+    if let Some(c) = inner.direct.get(peer, kind) {
+        return Ok(c);
+    }
+    let gate = inner.direct.gate(peer, kind);
+    let _opening = gate.lock().await;
+    if let Some(c) = inner.direct.get(peer, kind) {
+        return Ok(c);
+    }
+    let (opened, failed) = match kind {
+        ChannelKind::Lazy => (&inner.counters.lazy_opened, &inner.counters.lazy_failed),
+        ChannelKind::Session => (
+            &inner.counters.session_opened,
+            &inner.counters.session_failed,
+        ),
+    };
+    let Some(addr) = inner.members.direct_addr(peer) else {
+        Counters::add(failed, 1);
+        return Err(format!("{peer} announced no direct-channel address"));
+    };
+    match open(inner, peer, addr, kind).await {
+        Ok(conn) => {
+            Counters::add(opened, 1);
+            tracing::info!(%peer, %addr, kind = kind.name(), "channel started");
+            inner
+                .direct
+                .open_map()
+                .insert((peer.clone(), kind), conn.clone());
+            Ok(conn)
+        }
+        Err(e) => {
+            Counters::add(failed, 1);
+            tracing::warn!(%peer, %addr, kind = kind.name(), error = %e, "channel could not be opened");
+            Err(format!("connecting to {addr}: {e}"))
+        }
+    }
+}
+
+/// Why opening a channel failed.
+#[derive(Debug, thiserror::Error)]
+enum OpenError {
+    #[error(transparent)]
+    Connect(#[from] std::io::Error),
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+}
+
+async fn open(
+    inner: &Arc<Inner>,
+    peer: &NodeId,
+    addr: SocketAddr,
+    kind: ChannelKind,
+) -> Result<Arc<DirectConn>, OpenError> {
+    let config = &inner.config;
+    let stream =
+        transports::tcp::connect(&addr.to_string(), &config.tcp, config.connect_timeout()).await?;
+    let (rd, mut wr) = stream.into_split();
+    let mut reader = FrameReader::new(rd, FrameCodec::default());
+    let welcome =
+        handshake::connect_handshake(&mut reader, &mut wr, &inner.hello, config.connect_timeout())
+            .await?;
+    let max_message = welcome
+        .max_message_bytes
+        .min(config.limits.max_message_bytes);
+    // Only acknowledgements come back: small frames.
+    *reader.codec_mut() = FrameCodec::default();
+    let (queue, rx) = out_queue(config.node.queue_frames, config.node.queue_bytes);
+    let conn = Arc::new(DirectConn {
+        peer: peer.clone(),
+        kind,
+        queue,
+        max_message,
+        last_used_ms: AtomicU64::new(inner.now_ms()),
+        state: Mutex::new(UseState::default()),
+    });
+    let span = tracing::debug_span!("peer", %peer, kind = kind.name());
+    let max_frame = FrameCodec::for_messages(max_message).max_frame();
+    inner.tasks.spawn(
+        async move {
+            // The writer holds no sender of its own queue: it ends when the
+            // channel is dropped, says goodbye, or is closed.
+            if let Err(e) = transports::run_writer(wr, rx, max_frame).await {
+                tracing::debug!(error = %e, "direct channel writer stopped");
+            }
+        }
+        .instrument(span.clone()),
+    );
+    inner
+        .tasks
+        .spawn(outgoing_reader(inner.clone(), conn.clone(), reader).instrument(span));
+    Ok(conn)
+}
+
+/// Reads the acknowledgements on an outgoing channel; when it ends, every
+/// message still waiting on it fails for that receiver.
+async fn outgoing_reader(
+    inner: Arc<Inner>,
+    conn: Arc<DirectConn>,
+    mut reader: FrameReader<OwnedReadHalf>,
+) {
+    let unexpected = loop {
+        let frame = tokio::select! {
+            _ = inner.cancel.cancelled() => break None,
+            _ = conn.queue.closed() => break (!conn.is_closing()).then(|| "the writer stopped".to_owned()),
+            f = reader.next() => f,
+        };
+        match frame {
+            Ok(Some(frame)) => match frame.into_parts().0 {
+                Header::Ack(ack) if ack.from == conn.peer => {
+                    if ack.to_incarnation == inner.incarnation {
+                        conn.settled(ack.seq);
+                        complete(inner.tracker().handle_ack(&ack));
+                    }
+                }
+                Header::Goodbye => {
+                    break (!conn.is_closing()).then(|| "the peer said goodbye".to_owned())
+                }
+                other => break Some(format!("unexpected {} frame", other.kind())),
+            },
+            Ok(None) => {
+                break (!conn.is_closing()).then(|| "the peer closed the connection".to_owned())
+            }
+            Err(e) => break Some(e.to_string()),
+        }
+    };
+    inner.direct.remove(&conn);
+    let lost = conn.take_in_flight();
+    conn.queue.close();
+    if conn.kind == ChannelKind::Lazy {
+        Counters::add(&inner.counters.lazy_closed, 1);
+    }
+    match unexpected {
+        None => tracing::info!(kind = conn.kind.name(), "channel stopped"),
+        Some(reason) => {
+            tracing::error!(kind = conn.kind.name(), %reason, in_flight = lost.len(), "channel stopped unexpectedly")
+        }
+    }
+    let mut tracker = inner.tracker();
+    let done: Vec<_> = lost
+        .into_iter()
+        .filter_map(|seq| tracker.handle_failure(seq, &conn.peer, SendError::Disconnected))
+        .collect();
+    drop(tracker);
+    complete(done);
+}
+
+/// Closes lazy channels idle for `lazy.idle_close_ms` with nothing in
+/// flight, and forgets stale auto-activation windows. Runs for the node's
+/// life.
+pub(crate) async fn idle_sweeper(inner: Arc<Inner>) {
+    let idle_ms = inner.config.lazy.idle_close_ms;
+    let tick = Duration::from_millis((idle_ms / 4).clamp(10, 1_000));
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let now = inner.now_ms();
+        for conn in inner.direct.all() {
+            if conn.kind != ChannelKind::Lazy {
+                continue;
+            }
+            conn.prune_in_flight(|seq| inner.tracker().is_tracked(seq));
+            if conn.close_if_idle(now, idle_ms) {
+                tracing::debug!(peer = %conn.peer, "closing idle lazy channel");
+                inner.direct.remove(&conn);
+                if conn
+                    .queue
+                    .try_push_control(OutFrame::control(Header::Goodbye))
+                    .is_err()
+                {
+                    conn.queue.close();
+                }
+            }
+        }
+        inner.activation().handle_timeout(std::time::Instant::now());
+    }
+}
+
+/// Accepts direct channels from other nodes for the node's life.
+pub(crate) async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, addr)) => {
+                let span = tracing::debug_span!("inbound", %addr, peer = tracing::field::Empty);
+                inner
+                    .tasks
+                    .spawn(serve_inbound(inner.clone(), stream).instrument(span));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a direct channel failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// One inbound direct channel: handshake, then deliver each message and
+/// acknowledge it on the same connection.
+async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
+    let config = &inner.config;
+    if let Err(e) = transports::tcp::tune(&stream, &config.tcp) {
+        tracing::debug!(error = %e, "could not tune socket");
+    }
+    let (rd, mut wr) = stream.into_split();
+    let mut reader = FrameReader::new(rd, FrameCodec::default());
+    let hello = match handshake::accept_hello(
+        &mut reader,
+        &mut wr,
+        &config.cluster.name,
+        config.cluster.credentials.as_deref(),
+        config.connect_timeout(),
+    )
+    .await
+    {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(error = %e, "refused a direct channel");
+            return;
+        }
+    };
+    tracing::Span::current().record("peer", tracing::field::display(&hello.node));
+    let max_message = hello.max_message_bytes.min(config.limits.max_message_bytes);
+    let welcome = Header::Welcome(Welcome {
+        version: PROTOCOL_VERSION,
+        cluster: config.cluster.name.clone(),
+        max_message_bytes: config.limits.max_message_bytes,
+        members: Vec::new(),
+    });
+    if let Err(e) = handshake::write_frame(&mut wr, OutFrame::control(welcome)).await {
+        tracing::debug!(error = %e, "could not answer a direct channel");
+        return;
+    }
+    let codec = FrameCodec::for_messages(max_message);
+    *reader.codec_mut() = codec;
+    let (queue, rx) = out_queue(config.node.queue_frames, config.node.queue_bytes);
+    inner.tasks.spawn(
+        async move {
+            if let Err(e) = transports::run_writer(wr, rx, codec.max_frame()).await {
+                tracing::debug!(error = %e, "inbound channel writer stopped");
+            }
+        }
+        .in_current_span(),
+    );
+    tracing::debug!("inbound channel started");
+    loop {
+        let frame = tokio::select! {
+            _ = inner.cancel.cancelled() => break,
+            _ = queue.closed() => break,
+            f = reader.next() => f,
+        };
+        let frame = match frame {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "closing inbound channel on a frame error");
+                break;
+            }
+        };
+        match frame.into_parts() {
+            (Header::Message(h), body) => {
+                if h.sender != hello.node || h.incarnation != hello.incarnation {
+                    tracing::warn!(sender = %h.sender, "closing inbound channel: message from another sender");
+                    break;
+                }
+                Counters::add(&inner.counters.received_direct, 1);
+                if deliver(&inner, h, body, &queue, Received::Direct)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            (Header::Goodbye, _) => break,
+            (other, _) => {
+                tracing::warn!(
+                    kind = other.kind(),
+                    "closing inbound channel: unexpected frame"
+                );
+                break;
+            }
+        }
+    }
+    tracing::debug!("inbound channel stopped");
+    // A goodbye back lets the opener tell a planned stop from a break.
+    let _ = queue.try_push_control(OutFrame::control(Header::Goodbye));
+}

@@ -1,0 +1,457 @@
+//! The cluster manager's driver: for each message, gather the facts, let
+//! [`cluster_manager::path::choose`] pick the path, and carry it out:
+//! through the message server, over a lazy channel, or fanned out over one
+//! lazy channel per member. Falls back to the message server when a channel
+//! cannot be opened and the body fits there; otherwise fails clearly.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cluster_manager::path::{self, Path, PathFacts, TargetKind};
+use cluster_manager::{Awaiting, SendError};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use transports::protocol::{Header, MessageKind, NodeId, Role, Target};
+use transports::{OutFrame, PushError};
+
+use crate::connection::complete;
+use crate::counters::Counters;
+use crate::direct::{get_or_open, ChannelKind, DirectConn};
+use crate::node::{Inner, Pending};
+
+/// Where one message goes.
+enum Route {
+    Server,
+    Direct(Arc<DirectConn>),
+    FanOut(Vec<NodeId>),
+}
+
+/// A message addressed to one receiver at a time.
+struct Outgoing {
+    seq: u64,
+    service: Arc<str>,
+    kind: MessageKind,
+    body: Bytes,
+}
+
+impl Inner {
+    /// Picks the route of a message (opening a lazy channel if that is the
+    /// path).
+    async fn route(
+        self: &Arc<Self>,
+        target: &Target,
+        service: &str,
+        body_len: u64,
+        deadline: Instant,
+    ) -> Result<Route, SendError> {
+        let allowed = path::service_allowed(&self.config.lazy, service);
+        let (kind, peer) = match target {
+            Target::Node(id) => (TargetKind::Node, Some(id)),
+            Target::AnyOf(_) => (TargetKind::AnyOf, None),
+            Target::Group(_) | Target::All => (TargetKind::FanOut, None),
+        };
+        let mut facts = PathFacts {
+            body_len,
+            target: kind,
+            service_allowed: allowed,
+            lazy_open: false,
+            hot_pair: false,
+            target_reachable: false,
+        };
+        if let (Some(peer), true) = (peer, allowed) {
+            facts.lazy_open = self.direct.get(peer, ChannelKind::Lazy).is_some();
+            facts.target_reachable = *peer != self.id && self.members.direct_addr(peer).is_some();
+            facts.hot_pair = self
+                .activation()
+                .handle_message(peer, std::time::Instant::now());
+        }
+        let small = body_len <= self.config.lazy.threshold_bytes;
+        match (path::choose(self.config.lazy.threshold_bytes, facts), peer) {
+            // A small message moves to the direct channel only once nothing
+            // sent to that node through the message server is unsettled,
+            // so the switch never overtakes earlier messages.
+            (Path::Lazy, Some(peer)) if small && self.tracker().server_in_flight(peer) > 0 => {
+                Ok(Route::Server)
+            }
+            (Path::Lazy, Some(peer)) => match get_or_open(self, peer, ChannelKind::Lazy).await {
+                Ok(conn) => Ok(Route::Direct(conn)),
+                Err(reason) if body_len <= self.server_max => {
+                    tracing::debug!(%peer, %reason, "no lazy channel; falling back to the message server");
+                    Ok(Route::Server)
+                }
+                Err(reason) => Err(SendError::DirectUnavailable {
+                    node: peer.clone(),
+                    reason,
+                }),
+            },
+            (Path::LazyFanOut, _) => Ok(Route::FanOut(
+                self.resolve(target, service, deadline).await?,
+            )),
+            _ => Ok(Route::Server),
+        }
+    }
+
+    /// The error for a body the message-server path cannot carry.
+    fn server_size_error(
+        &self,
+        target: &Target,
+        service: &str,
+        body_len: u64,
+    ) -> Result<(), SendError> {
+        if body_len <= self.server_max {
+            return Ok(());
+        }
+        if let Target::Node(peer) = target {
+            let lazy_would_do = body_len > self.config.lazy.threshold_bytes
+                && path::service_allowed(&self.config.lazy, service);
+            if lazy_would_do && self.members.is_member(peer) && *peer != self.id {
+                return Err(SendError::DirectUnavailable {
+                    node: peer.clone(),
+                    reason: "it announced no direct-channel address".into(),
+                });
+            }
+        }
+        Err(SendError::PayloadTooLarge {
+            size: body_len,
+            max: self.server_max,
+        })
+    }
+
+    /// Queues an acknowledged message (or request) on its path; the handle
+    /// awaits its outcome. Messages submitted one after another from one
+    /// task go out in that order on each path.
+    pub(crate) async fn submit(
+        self: &Arc<Self>,
+        target: Target,
+        service: &str,
+        body: Bytes,
+        kind: MessageKind,
+        awaiting: Awaiting,
+    ) -> Result<Pending, SendError> {
+        self.check_size(&body)?;
+        if self.cancel.is_cancelled() {
+            return Err(SendError::Shutdown);
+        }
+        let deadline = Instant::now() + self.config.send_timeout();
+        let body_len = body.len() as u64;
+        let route = self.route(&target, service, body_len, deadline).await?;
+        let service: Arc<str> = Arc::from(service);
+        let seq = self.next_seq();
+        let (tx, rx) = oneshot::channel();
+        let pending = Pending::new(self.clone(), seq, deadline, rx);
+        match route {
+            Route::Server => {
+                self.server_size_error(&target, &service, body_len)?;
+                {
+                    let mut tracker = self.tracker();
+                    tracker.track(seq, target.clone(), service.clone(), awaiting, tx);
+                    tracker.mark_via_server(seq);
+                }
+                self.enqueue(self.message(seq, target, service, kind, body), deadline)
+                    .await?;
+                self.count_server(body_len);
+            }
+            Route::Direct(conn) => {
+                self.tracker()
+                    .track(seq, target.clone(), service.clone(), awaiting, tx);
+                let msg = Outgoing {
+                    seq,
+                    service,
+                    kind,
+                    body,
+                };
+                self.push_direct(conn, &msg, true, deadline).await?;
+            }
+            Route::FanOut(members) => {
+                let done = self.tracker().track_expecting(
+                    seq,
+                    target,
+                    service.clone(),
+                    awaiting,
+                    members.clone(),
+                    tx,
+                );
+                complete(done);
+                let msg = Outgoing {
+                    seq,
+                    service,
+                    kind,
+                    body,
+                };
+                for member in &members {
+                    if let Err(e) = self.send_to_member(member, &msg, true, deadline).await {
+                        complete(self.tracker().handle_failure(seq, member, e));
+                    }
+                }
+            }
+        }
+        Ok(pending)
+    }
+
+    /// Sends a one-way message on its path.
+    pub(crate) async fn notify(
+        self: &Arc<Self>,
+        target: Target,
+        service: &str,
+        body: Bytes,
+    ) -> Result<(), SendError> {
+        self.check_size(&body)?;
+        if self.cancel.is_cancelled() {
+            return Err(SendError::Shutdown);
+        }
+        let deadline = Instant::now() + self.config.send_timeout();
+        let body_len = body.len() as u64;
+        let route = self.route(&target, service, body_len, deadline).await?;
+        let msg = Outgoing {
+            seq: self.next_seq(),
+            service: Arc::from(service),
+            kind: MessageKind::Notify,
+            body,
+        };
+        match route {
+            Route::Server => {
+                self.server_size_error(&target, &msg.service, body_len)?;
+                let frame = self.message(msg.seq, target, msg.service, msg.kind, msg.body);
+                self.enqueue(frame, deadline).await?;
+                self.count_server(body_len);
+            }
+            Route::Direct(conn) => self.push_direct(conn, &msg, false, deadline).await?,
+            Route::FanOut(members) => {
+                for member in &members {
+                    if let Err(e) = self.send_to_member(member, &msg, false, deadline).await {
+                        self.late_failure(member, &e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one-way over the session channel to a server of this
+    /// dispatcher's group.
+    pub(crate) async fn session(
+        self: &Arc<Self>,
+        target: &NodeId,
+        service: &str,
+        body: Bytes,
+    ) -> Result<(), SendError> {
+        self.check_size(&body)?;
+        if self.hello.role != Role::Dispatcher {
+            return Err(SendError::NotADispatcher);
+        }
+        if !self.is_session_peer(target) {
+            return Err(SendError::NotInSessionGroup {
+                node: target.clone(),
+            });
+        }
+        let deadline = Instant::now() + self.config.send_timeout();
+        let conn = get_or_open(self, target, ChannelKind::Session)
+            .await
+            .map_err(|reason| SendError::DirectUnavailable {
+                node: target.clone(),
+                reason,
+            })?;
+        let msg = Outgoing {
+            seq: self.next_seq(),
+            service: Arc::from(service),
+            kind: MessageKind::Notify,
+            body,
+        };
+        self.push_direct(conn, &msg, false, deadline).await
+    }
+
+    /// Whether `peer` is a server node sharing a group with this node.
+    pub(crate) fn is_session_peer(&self, peer: &NodeId) -> bool {
+        *peer != self.id
+            && self.members.member(peer).is_some_and(|m| {
+                m.role == Role::Server && m.groups.iter().any(|g| self.hello.groups.contains(g))
+            })
+    }
+
+    /// Sends one fan-out copy to `member`: over its lazy channel, or through
+    /// the message server when the channel cannot be opened and the body
+    /// fits there.
+    async fn send_to_member(
+        self: &Arc<Self>,
+        member: &NodeId,
+        msg: &Outgoing,
+        tracked: bool,
+        deadline: Instant,
+    ) -> Result<(), SendError> {
+        match get_or_open(self, member, ChannelKind::Lazy).await {
+            Ok(conn) => self.push_direct(conn, msg, tracked, deadline).await,
+            Err(reason) => {
+                let body_len = msg.body.len() as u64;
+                if body_len > self.server_max {
+                    return Err(SendError::DirectUnavailable {
+                        node: member.clone(),
+                        reason,
+                    });
+                }
+                let frame = self.message(
+                    msg.seq,
+                    Target::Node(member.clone()),
+                    msg.service.clone(),
+                    msg.kind,
+                    msg.body.clone(),
+                );
+                self.enqueue(frame, deadline).await?;
+                self.count_server(body_len);
+                Ok(())
+            }
+        }
+    }
+
+    /// Queues a message on a direct channel; a channel found closing is
+    /// replaced once.
+    async fn push_direct(
+        self: &Arc<Self>,
+        mut conn: Arc<DirectConn>,
+        msg: &Outgoing,
+        tracked: bool,
+        deadline: Instant,
+    ) -> Result<(), SendError> {
+        let peer = conn.peer.clone();
+        let body_len = msg.body.len() as u64;
+        for attempt in 0..2 {
+            let usage = conn.begin_use(self, tracked.then_some(msg.seq));
+            let Some(_usage) = usage else {
+                if attempt == 1 {
+                    break;
+                }
+                conn = get_or_open(self, &peer, conn.kind)
+                    .await
+                    .map_err(|reason| SendError::DirectUnavailable {
+                        node: peer.clone(),
+                        reason,
+                    })?;
+                continue;
+            };
+            if body_len > conn.max_message {
+                return Err(SendError::PayloadTooLarge {
+                    size: body_len,
+                    max: conn.max_message,
+                });
+            }
+            let frame = self.message(
+                msg.seq,
+                Target::Node(peer.clone()),
+                msg.service.clone(),
+                msg.kind,
+                msg.body.clone(),
+            );
+            return match tokio::time::timeout_at(deadline, conn.queue.push_data(frame)).await {
+                Ok(Ok(())) => {
+                    let (messages, bytes) = match conn.kind {
+                        ChannelKind::Lazy => {
+                            (&self.counters.lazy_messages, &self.counters.lazy_bytes)
+                        }
+                        ChannelKind::Session => (
+                            &self.counters.session_messages,
+                            &self.counters.session_bytes,
+                        ),
+                    };
+                    Counters::add(messages, 1);
+                    Counters::add(bytes, body_len);
+                    Ok(())
+                }
+                Ok(Err(PushError::Closed(_))) | Ok(Err(_)) => Err(SendError::Disconnected),
+                Err(_) => Err(SendError::Timeout {
+                    after: self.config.send_timeout(),
+                    waiting_for: vec![peer.clone()],
+                }),
+            };
+        }
+        Err(SendError::DirectUnavailable {
+            node: peer,
+            reason: "the channel kept closing".into(),
+        })
+    }
+
+    fn count_server(&self, body_len: u64) {
+        Counters::add(&self.counters.server_messages, 1);
+        Counters::add(&self.counters.server_bytes, body_len);
+    }
+
+    fn late_failure(&self, member: &NodeId, error: &SendError) {
+        self.late_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(%member, %error, "a one-way message was not delivered");
+    }
+
+    /// Asks the message server which members `target` resolves to.
+    async fn resolve(
+        &self,
+        target: &Target,
+        service: &str,
+        deadline: Instant,
+    ) -> Result<Vec<NodeId>, SendError> {
+        let token = self.next_token();
+        let (tx, rx) = oneshot::channel();
+        self.resolves
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(token, tx);
+        let frame = OutFrame::control(Header::Resolve {
+            token,
+            target: target.clone(),
+            service: service.to_owned(),
+        });
+        let answer = tokio::time::timeout_at(deadline, async {
+            self.queue
+                .push_control(frame)
+                .await
+                .map_err(|_| self.closed_error())?;
+            rx.await.map_err(|_| self.closed_error())
+        })
+        .await;
+        let result = match answer {
+            Ok(r) => r,
+            Err(_) => {
+                self.resolves
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&token);
+                Err(SendError::Timeout {
+                    after: self.config.send_timeout(),
+                    waiting_for: vec![],
+                })
+            }
+        }?;
+        result
+            .map(|members| members.into_iter().map(|(id, _)| id).collect())
+            .map_err(|f| SendError::from_failure(&f, target, None, service))
+    }
+}
+
+/// Keeps a dispatcher's session channels open: to every server node of its
+/// group, opened when either joins and reopened when broken.
+pub(crate) async fn session_keeper(inner: Arc<Inner>) {
+    let mut events = inner.members.subscribe();
+    let mut tick = tokio::time::interval(Duration::from_millis(
+        inner.config.message_server.reconnect_delay_ms,
+    ));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let peers: Vec<NodeId> = inner
+            .members
+            .snapshot()
+            .into_iter()
+            .map(|m| m.id)
+            .filter(|id| inner.is_session_peer(id))
+            .collect();
+        for peer in peers {
+            if inner.direct.get(&peer, ChannelKind::Session).is_none() {
+                if let Err(reason) = get_or_open(&inner, &peer, ChannelKind::Session).await {
+                    tracing::debug!(%peer, %reason, "session channel not open yet");
+                }
+            }
+        }
+        tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            _ = events.recv() => {}
+            _ = tick.tick() => {}
+        }
+    }
+}
