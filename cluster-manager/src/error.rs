@@ -73,6 +73,14 @@ pub enum SendError {
         /// Why.
         reason: String,
     },
+    /// The receiver is not keeping up: its inbox, or its queue at the
+    /// message server, stayed full, and the message was not accepted.
+    /// Definite.
+    #[error("node {node} is overloaded: the message was not accepted")]
+    Overloaded {
+        /// The receiver.
+        node: NodeId,
+    },
     /// The target stopped. Definite when `in_flight` is false (the message
     /// never left); uncertain when true (it may have been delivered).
     #[error("node {node} stopped {}", if *.in_flight { "while the message was in flight; it may have been delivered" } else { "before the message left" })]
@@ -123,6 +131,10 @@ pub enum SendError {
     /// receiver: `Node` or `AnyOf`). Definite.
     #[error("{0} is not a valid target here: a request goes to one node or any member of a group")]
     InvalidTarget(Target),
+    /// A service name that is empty or longer than
+    /// `transports::protocol::MAX_NAME_BYTES`. Definite.
+    #[error("invalid service or group name {0:?}: 1 to 255 bytes")]
+    InvalidName(String),
     /// `reply` was called on a message that is not a request. Definite.
     #[error("the message is not a request; there is nobody waiting for a reply")]
     NotARequest,
@@ -140,8 +152,10 @@ impl SendError {
             | SendError::NoSuchService { .. }
             | SendError::PayloadTooLarge { .. }
             | SendError::Rejected { .. }
+            | SendError::Overloaded { .. }
             | SendError::InvalidTarget(_)
             | SendError::NotARequest
+            | SendError::InvalidName(_)
             | SendError::DirectUnavailable { .. }
             | SendError::NotADispatcher
             | SendError::NotInSessionGroup { .. }
@@ -169,11 +183,10 @@ impl SendError {
                 size: *size,
                 max: *max,
             },
-            DeliveryFailure::ReceiverOverloaded => SendError::Rejected {
+            DeliveryFailure::ReceiverOverloaded => SendError::Overloaded {
                 node: node
                     .cloned()
                     .unwrap_or_else(|| NodeId::new(target.to_string())),
-                reason: "receiver overloaded: its queue at the message server is full".into(),
             },
             DeliveryFailure::Rejected(reason) => SendError::Rejected {
                 node: node

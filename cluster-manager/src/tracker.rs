@@ -338,7 +338,11 @@ impl<W> DeliveryTracker<W> {
         body: Bytes,
     ) -> Option<(W, Completion)> {
         match self.pending.get(&request_seq) {
-            Some(p) if p.awaiting == Awaiting::Reply => {}
+            // Only the receiver the request went to may answer it (any, for
+            // `AnyOf` before the routing result names it).
+            Some(p)
+                if p.awaiting == Awaiting::Reply
+                    && p.expected.as_ref().is_none_or(|e| e.contains(from)) => {}
             _ => return None,
         }
         let p = self.take(request_seq)?;
@@ -543,14 +547,7 @@ mod tests {
                 ],
                 Completion::Failed(SendError::Incomplete(DeliveryReport {
                     delivered: vec![id("a")],
-                    failed: vec![(
-                        id("b"),
-                        SendError::Rejected {
-                            node: id("b"),
-                            reason: "receiver overloaded: its queue at the message server is full"
-                                .into(),
-                        },
-                    )],
+                    failed: vec![(id("b"), SendError::Overloaded { node: id("b") })],
                 })),
             ),
             (

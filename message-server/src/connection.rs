@@ -14,8 +14,9 @@ use tracing::Instrument;
 use transports::frame::FrameCodec;
 use transports::handshake::{self, HandshakeError};
 use transports::protocol::{
-    DeliveryFailure, Header, LeaveReason, MemberEvent, MemberInfo, MessageHeader, MessageKind,
-    NodeId, RefusalReason, Routed, Target, Welcome, PROTOCOL_VERSION,
+    valid_name, DeliveryFailure, Header, LeaveReason, MemberEvent, MemberInfo, MessageHeader,
+    MessageKind, NodeId, RefusalReason, Routed, Target, Welcome, MAX_NAMES_PER_NODE,
+    PROTOCOL_VERSION,
 };
 use transports::{out_queue, FrameError, FrameReader, OutFrame, OutQueue, PushError};
 
@@ -77,6 +78,25 @@ pub(crate) async fn serve(
             return;
         }
 
+        let names_ok = valid_name(hello.node.as_str())
+            && hello.groups.len() <= MAX_NAMES_PER_NODE
+            && hello.services.len() <= MAX_NAMES_PER_NODE
+            && hello
+                .groups
+                .iter()
+                .chain(&hello.services)
+                .all(|n| valid_name(n));
+        if !names_ok {
+            tracing::warn!("refusing node: invalid names in its hello");
+            Counters::add(&shared.counters.connections_refused, 1);
+            handshake::refuse(
+                &mut wr,
+                RefusalReason::ProtocolViolation,
+                "node ids, groups and services are 1 to 255 bytes, at most 1024 of each".into(),
+            )
+            .await;
+            return;
+        }
         let max_message = hello
             .max_message_bytes
             .min(shared.config.limits.max_message_bytes);
@@ -275,6 +295,13 @@ impl Connection {
                         None
                     }
                 }
+                Header::Subscribe { service, .. }
+                    if !valid_name(service) || self.service_count() >= MAX_NAMES_PER_NODE =>
+                {
+                    Some(End::Violation(
+                        "service name of bad length, or too many services".into(),
+                    ))
+                }
                 Header::Subscribe { token, service } => {
                     self.update_services(service, true);
                     let reply = OutFrame::control(Header::Subscribed { token: *token });
@@ -334,6 +361,14 @@ impl Connection {
                 Some((id, incarnation))
             })
             .collect())
+    }
+
+    fn service_count(&self) -> usize {
+        self.shared
+            .read()
+            .table
+            .member(&self.me)
+            .map_or(0, |m| m.services.len())
     }
 
     fn update_services(&self, service: &str, add: bool) {
@@ -420,45 +455,52 @@ impl Connection {
             }
         };
         let single = receivers.len() == 1;
-        let slow_consumer =
-            Duration::from_millis(self.shared.config.message_server.slow_consumer_ms);
         let mut ok = Vec::with_capacity(receivers.len());
         let mut failed = Vec::new();
+        // First every receiver with room; then the full ones, all against
+        // one deadline, so a fan-out holds its sender back at most one
+        // slow-consumer period however many receivers are slow.
+        let mut waiting = Vec::new();
         for (conn, id) in receivers {
-            let outcome = match conn {
-                None => Err(DeliveryFailure::TargetStopped),
-                Some(c) if raw.len() > c.max_frame => Err(DeliveryFailure::PayloadTooLarge {
-                    size: body_len as u64,
-                    max: c.max_frame as u64,
-                }),
-                // A full queue slows the sender down (this read loop waits,
-                // so the sender's socket fills); a receiver that makes no
-                // room within the slow-consumer limit is answered for.
-                Some(c) => match c
-                    .queue
-                    .push_data_within(OutFrame::Raw(raw.clone()), slow_consumer)
-                    .await
-                {
-                    Ok(()) => Ok(c.incarnation),
-                    Err(PushError::Full(_) | PushError::Congested) => {
-                        Counters::add(&counters.overloaded, 1);
-                        Err(DeliveryFailure::ReceiverOverloaded)
-                    }
-                    Err(PushError::Closed(_)) => Err(DeliveryFailure::TargetStopped),
+            match conn {
+                None => failed.push((id, DeliveryFailure::TargetStopped)),
+                Some(c) if raw.len() > c.max_frame => failed.push((
+                    id,
+                    DeliveryFailure::PayloadTooLarge {
+                        size: body_len as u64,
+                        max: c.max_frame as u64,
+                    },
+                )),
+                Some(c) => match c.queue.try_push_data(OutFrame::Raw(raw.clone())) {
+                    Ok(()) => ok.push((id, c.incarnation)),
+                    Err(PushError::Full(_) | PushError::Congested) => waiting.push((c, id)),
+                    Err(PushError::Closed(_)) => failed.push((id, DeliveryFailure::TargetStopped)),
                 },
-            };
-            match outcome {
-                Ok(incarnation) => {
-                    Counters::add(&counters.deliveries, 1);
-                    Counters::add(&counters.delivery_bytes, body_len as u64);
-                    ok.push((id, incarnation));
-                }
-                Err(f) => {
-                    Counters::add(&counters.route_failures, 1);
-                    failed.push((id, f));
-                }
             }
         }
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(self.shared.config.message_server.slow_consumer_ms);
+        for (c, id) in waiting {
+            // A full queue slows the sender down (this read loop waits, so
+            // the sender's socket fills); a receiver that makes no room in
+            // time is answered for.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match c
+                .queue
+                .push_data_within(OutFrame::Raw(raw.clone()), left)
+                .await
+            {
+                Ok(()) => ok.push((id, c.incarnation)),
+                Err(PushError::Full(_) | PushError::Congested) => {
+                    Counters::add(&counters.overloaded, 1);
+                    failed.push((id, DeliveryFailure::ReceiverOverloaded));
+                }
+                Err(PushError::Closed(_)) => failed.push((id, DeliveryFailure::TargetStopped)),
+            }
+        }
+        Counters::add(&counters.deliveries, ok.len() as u64);
+        Counters::add(&counters.delivery_bytes, (ok.len() * body_len) as u64);
+        Counters::add(&counters.route_failures, failed.len() as u64);
         if failed.is_empty() && (!acked || matches!(h.target, Target::Node(_))) {
             // Nobody waits (one-way), or the sender knows its only receiver
             // and its ack will say the rest.

@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tracing::Instrument;
 use transports::frame::{FrameCodec, HANDSHAKE_MAX_FRAME_BYTES};
 use transports::handshake;
-use transports::protocol::{Hello, NodeId, Role, PROTOCOL_VERSION};
+use transports::protocol::{valid_name, Hello, NodeId, Role, MAX_NAMES_PER_NODE, PROTOCOL_VERSION};
 use transports::{out_queue, Config, FrameReader};
 
 use crate::node::{Inner, Node, Parts};
@@ -97,6 +97,18 @@ impl NodeBuilder {
     /// running), [`NodeError::Handshake`] if one refused this node (another
     /// cluster, another protocol version, the id already live).
     pub async fn start(self) -> Result<Node, NodeError> {
+        if !valid_name(self.id.as_str()) {
+            return Err(NodeError::invalid_name("node id", self.id.as_str()));
+        }
+        if let Some(g) = self.groups.iter().find(|g| !valid_name(g)) {
+            return Err(NodeError::invalid_name("group", g));
+        }
+        if self.groups.len() > MAX_NAMES_PER_NODE {
+            return Err(NodeError::invalid_name(
+                "group list",
+                &self.groups.join(","),
+            ));
+        }
         let mut config = self.config.for_node(self.id.as_str())?;
         if let Some(addresses) = self.addresses {
             config.message_server.addresses = addresses;

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use cluster_manager::{Completion, SendError};
 use tokio::net::tcp::OwnedReadHalf;
+use tokio::sync::mpsc;
 use transports::protocol::{
-    Ack, AckStatus, DeliveryFailure, Header, MemberEvent, MessageHeader, MessageKind,
+    Ack, AckStatus, DeliveryFailure, Header, MemberEvent, MessageHeader, MessageKind, NodeId,
 };
 use transports::{FrameReader, OutFrame, OutQueue};
 
@@ -79,7 +80,25 @@ pub(crate) async fn read_loop(inner: Arc<Inner>, mut reader: FrameReader<OwnedRe
             }
             Header::Ack(ack) => {
                 if ack.to_incarnation == inner.incarnation {
-                    complete(inner.tracker().handle_ack(&ack));
+                    let done = {
+                        let mut tracker = inner.tracker();
+                        tracker
+                            .is_tracked(ack.seq)
+                            .then(|| tracker.handle_ack(&ack))
+                    };
+                    match (done, &ack.status) {
+                        (Some(done), _) => complete(done),
+                        (None, AckStatus::Failed(f)) => late_failure(
+                            &inner,
+                            &transports::protocol::Routed {
+                                seq: ack.seq,
+                                receivers: vec![],
+                                failed: vec![(ack.from.clone(), f.clone())],
+                                error: None,
+                            },
+                        ),
+                        (None, AckStatus::Accepted) => {}
+                    }
                 } else {
                     tracing::trace!(seq = ack.seq, "dropping ack for another incarnation");
                 }
@@ -156,64 +175,132 @@ pub(crate) async fn deliver(
         }
         return Ok(());
     }
-    let inbox = inner
+    let queue = inner
         .inboxes
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .get(&h.service)
         .cloned();
-    let message = Message {
-        sender: h.sender.clone(),
-        sender_incarnation: h.incarnation,
+    let answer = Answer {
+        queue: acks.clone(),
+        to: h.sender.clone(),
+        to_incarnation: h.incarnation,
         seq: h.seq,
-        service: h.service.clone(),
-        body,
         kind: h.kind,
-        replier: (h.kind == MessageKind::Request).then(|| inner.clone()),
     };
-    let status = match inbox {
-        None => AckStatus::Failed(DeliveryFailure::NoSuchService),
-        Some(tx) => {
-            let accepted = tokio::select! {
-                _ = inner.cancel.cancelled() => return Err(Stopping),
-                r = tx.send(message) => r.is_ok(),
-            };
-            if accepted {
-                AckStatus::Accepted
-            } else {
-                // The inbox was dropped: unsubscribe.
-                unsubscribe(inner, &h.service).await;
-                AckStatus::Failed(DeliveryFailure::NoSuchService)
-            }
-        }
-    };
-    let needs_answer = match h.kind {
-        MessageKind::Send => true,
-        // A request is answered by its reply; only a failure is acked.
-        MessageKind::Request => status != AckStatus::Accepted,
-        _ => false,
-    };
-    if needs_answer {
-        let ack = Header::Ack(Ack {
-            to: h.sender,
-            to_incarnation: h.incarnation,
+    let delivery = Delivery {
+        message: Message {
+            sender: h.sender,
+            sender_incarnation: h.incarnation,
             seq: h.seq,
-            from: inner.id.clone(),
-            from_incarnation: inner.incarnation,
-            status,
-        });
-        if let Err(transports::PushError::Full(frame)) =
-            acks.try_push_control(OutFrame::control(ack))
-        {
-            let _ = acks.push_control(*frame).await;
-        }
+            service: h.service.clone(),
+            body,
+            kind: h.kind,
+            replier: (h.kind == MessageKind::Request).then(|| inner.clone()),
+        },
+        answer,
+    };
+    // Never wait for the application here: the service's pump does.
+    let refused = match queue {
+        None => Some((delivery.answer, DeliveryFailure::NoSuchService)),
+        Some(tx) => match tx.try_send(delivery) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(d)) => {
+                Some((d.answer, DeliveryFailure::ReceiverOverloaded))
+            }
+            Err(mpsc::error::TrySendError::Closed(d)) => {
+                unsubscribe(inner, &h.service).await;
+                Some((d.answer, DeliveryFailure::NoSuchService))
+            }
+        },
+    };
+    if let Some((answer, failure)) = refused {
+        answer.send(inner, AckStatus::Failed(failure)).await;
     }
     Ok(())
 }
 
+/// A message on its way into a service's inbox, with whom to acknowledge.
+pub(crate) struct Delivery {
+    message: Message,
+    answer: Answer,
+}
+
+/// Where and how to answer one delivered message.
+pub(crate) struct Answer {
+    /// The connection the message came on.
+    queue: OutQueue,
+    to: NodeId,
+    to_incarnation: u64,
+    seq: u64,
+    kind: MessageKind,
+}
+
+impl Answer {
+    /// Acknowledges: every outcome of a `Send`, a failed `Request` (a
+    /// request's success is its reply), and a failed `Notify` (so its sender
+    /// counts it instead of losing it silently).
+    async fn send(self, inner: &Inner, status: AckStatus) {
+        let needed = match self.kind {
+            MessageKind::Send => true,
+            MessageKind::Request | MessageKind::Notify => status != AckStatus::Accepted,
+            MessageKind::Reply { .. } => false,
+        };
+        if !needed {
+            return;
+        }
+        let ack = OutFrame::control(Header::Ack(Ack {
+            to: self.to,
+            to_incarnation: self.to_incarnation,
+            seq: self.seq,
+            from: inner.id.clone(),
+            from_incarnation: inner.incarnation,
+            status,
+        }));
+        // Waiting here waits only for this node's own outgoing socket.
+        if let Err(transports::PushError::Full(frame)) = self.queue.try_push_control(ack) {
+            let _ = self.queue.push_control(*frame).await;
+        }
+    }
+}
+
+/// Moves one service's deliveries into its inbox as the application makes
+/// room, acknowledging each once accepted. One task per subscribed service.
+pub(crate) async fn pump(
+    inner: Arc<Inner>,
+    service: Arc<str>,
+    mut deliveries: mpsc::Receiver<Delivery>,
+    inbox: mpsc::Sender<Message>,
+) {
+    loop {
+        let delivery = tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            d = deliveries.recv() => match d {
+                Some(d) => d,
+                None => return,
+            },
+        };
+        let Delivery { message, answer } = delivery;
+        let accepted = tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            r = inbox.send(message) => r.is_ok(),
+        };
+        if accepted {
+            answer.send(&inner, AckStatus::Accepted).await;
+        } else {
+            // The inbox was dropped: unsubscribe, and refuse what is left.
+            deliveries.close();
+            unsubscribe_now(&inner, &service).await;
+            answer
+                .send(&inner, AckStatus::Failed(DeliveryFailure::NoSuchService))
+                .await;
+        }
+    }
+}
+
 /// A routing failure for a message nobody waits on (a `notify`, or a send
 /// whose caller gave up): counted, and logged, never silent.
-fn late_failure(inner: &Inner, routed: &transports::protocol::Routed) {
+pub(crate) fn late_failure(inner: &Inner, routed: &transports::protocol::Routed) {
     // A failed `Node` message names its node in `failed` and in `error`.
     let failures = match (routed.failed.len(), &routed.error) {
         (0, Some(_)) => 1,
@@ -235,14 +322,27 @@ fn late_failure(inner: &Inner, routed: &transports::protocol::Routed) {
     }
 }
 
+/// Unsubscribes `service` if its inbox is gone.
 async fn unsubscribe(inner: &Inner, service: &Arc<str>) {
-    let removed = {
-        let mut inboxes = inner.inboxes.write().unwrap_or_else(|p| p.into_inner());
-        match inboxes.get(service) {
-            Some(tx) if tx.is_closed() => inboxes.remove(service).is_some(),
-            _ => false,
-        }
-    };
+    let closed = inner
+        .inboxes
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(service)
+        .is_some_and(|tx| tx.is_closed());
+    if closed {
+        unsubscribe_now(inner, service).await;
+    }
+}
+
+/// Removes `service`'s delivery queue and tells the message server.
+async fn unsubscribe_now(inner: &Inner, service: &Arc<str>) {
+    let removed = inner
+        .inboxes
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(service)
+        .is_some();
     if removed {
         tracing::debug!(%service, "inbox dropped; unsubscribing");
         let frame = OutFrame::control(Header::Unsubscribe {

@@ -18,10 +18,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 use transports::frame::FrameCodec;
 use transports::handshake::{self, HandshakeError};
-use transports::protocol::{Header, NodeId, Welcome, PROTOCOL_VERSION};
+use transports::protocol::{AckStatus, Header, NodeId, Routed, Welcome, PROTOCOL_VERSION};
 use transports::{out_queue, FrameReader, OutFrame, OutQueue};
 
-use crate::connection::{complete, deliver, Received};
+use crate::connection::{complete, deliver, late_failure, Received};
 use crate::counters::Counters;
 use crate::node::Inner;
 
@@ -299,7 +299,25 @@ async fn outgoing_reader(
                 Header::Ack(ack) if ack.from == conn.peer => {
                     if ack.to_incarnation == inner.incarnation {
                         conn.settled(ack.seq);
-                        complete(inner.tracker().handle_ack(&ack));
+                        let done = {
+                            let mut tracker = inner.tracker();
+                            tracker
+                                .is_tracked(ack.seq)
+                                .then(|| tracker.handle_ack(&ack))
+                        };
+                        match (done, &ack.status) {
+                            (Some(done), _) => complete(done),
+                            (None, AckStatus::Failed(f)) => late_failure(
+                                &inner,
+                                &Routed {
+                                    seq: ack.seq,
+                                    receivers: vec![],
+                                    failed: vec![(ack.from.clone(), f.clone())],
+                                    error: None,
+                                },
+                            ),
+                            (None, AckStatus::Accepted) => {}
+                        }
                     }
                 }
                 Header::Goodbye => {

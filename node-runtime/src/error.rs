@@ -41,6 +41,15 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    /// A node id, group or service name that is empty or longer than
+    /// `transports::protocol::MAX_NAME_BYTES`, or too many of them.
+    #[error("invalid {what} {name:?}: names are 1 to 255 bytes, at most 1024 groups")]
+    InvalidName {
+        /// What the name is for.
+        what: &'static str,
+        /// The name (cut to 64 bytes).
+        name: String,
+    },
     /// The service already has an inbox on this node.
     #[error("service {0:?} is already subscribed on this node")]
     AlreadySubscribed(String),
@@ -50,4 +59,18 @@ pub enum NodeError {
     /// The connection to the message server is gone.
     #[error("the connection to the message server is closed")]
     Disconnected,
+}
+
+impl NodeError {
+    pub(crate) fn invalid_name(what: &'static str, name: &str) -> NodeError {
+        let mut cut = name.to_owned();
+        if cut.len() > 64 {
+            let mut end = 64;
+            while !cut.is_char_boundary(end) {
+                end -= 1;
+            }
+            cut.truncate(end);
+        }
+        NodeError::InvalidName { what, name: cut }
+    }
 }

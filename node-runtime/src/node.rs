@@ -19,9 +19,10 @@ use transports::protocol::{
 use transports::{Config, OutFrame, OutQueue};
 
 use crate::builder::NodeBuilder;
+use crate::connection::{pump, Delivery};
 use crate::counters::{Counters, PathCounters};
 use crate::direct::DirectPool;
-use crate::inbox::{Inbox, Message};
+use crate::inbox::Inbox;
 use crate::membership::{MemberView, MembershipEvents};
 use crate::NodeError;
 
@@ -64,7 +65,8 @@ pub(crate) struct Inner {
     /// The connection to the message server.
     pub(crate) queue: OutQueue,
     pub(crate) tracker: Mutex<DeliveryTracker<Waiter>>,
-    pub(crate) inboxes: RwLock<HashMap<Arc<str>, mpsc::Sender<Message>>>,
+    /// Each subscribed service's delivery queue, drained by its pump.
+    pub(crate) inboxes: RwLock<HashMap<Arc<str>, mpsc::Sender<Delivery>>>,
     pub(crate) subscriptions: Mutex<HashMap<u64, oneshot::Sender<()>>>,
     pub(crate) resolves: Mutex<HashMap<u64, oneshot::Sender<ResolveResult>>>,
     pub(crate) members: MemberView,
@@ -409,19 +411,29 @@ impl Node {
     ///
     /// # Errors
     ///
+    /// [`NodeError::InvalidName`] for an empty or overlong name;
     /// [`NodeError::AlreadySubscribed`] if the service has a live inbox here;
     /// [`NodeError::Timeout`] or [`NodeError::Disconnected`] if the message
     /// server did not confirm.
     pub async fn subscribe(&self, service: &str) -> Result<Inbox, NodeError> {
+        if !transports::protocol::valid_name(service) {
+            return Err(NodeError::invalid_name("service", service));
+        }
         let inner = &self.inner;
-        let (tx, rx) = mpsc::channel(inner.config.node.inbox_capacity);
+        let capacity = inner.config.node.inbox_capacity;
+        let (tx, rx) = mpsc::channel(capacity);
+        let (delivery_tx, delivery_rx) = mpsc::channel(capacity);
+        let name: Arc<str> = Arc::from(service);
         {
             let mut inboxes = inner.inboxes.write().unwrap_or_else(|p| p.into_inner());
             if inboxes.get(service).is_some_and(|s| !s.is_closed()) {
                 return Err(NodeError::AlreadySubscribed(service.to_owned()));
             }
-            inboxes.insert(Arc::from(service), tx);
+            inboxes.insert(name.clone(), delivery_tx);
         }
+        inner
+            .tasks
+            .spawn(pump(inner.clone(), name, delivery_rx, tx));
         let token = inner.tokens.fetch_add(1, Ordering::Relaxed);
         let (done_tx, done_rx) = oneshot::channel();
         inner
@@ -449,7 +461,14 @@ impl Node {
                 rx,
             }),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(NodeError::Timeout(timeout)),
+            Err(_) => {
+                inner
+                    .subscriptions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&token);
+                Err(NodeError::Timeout(timeout))
+            }
         }
     }
 

@@ -12,7 +12,7 @@ use cluster_manager::path::{self, Path, PathFacts, TargetKind};
 use cluster_manager::{Awaiting, SendError};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use transports::protocol::{Header, MessageKind, NodeId, Role, Target};
+use transports::protocol::{valid_name, Header, MessageKind, NodeId, Role, Target};
 use transports::{OutFrame, PushError};
 
 use crate::connection::complete;
@@ -45,6 +45,16 @@ impl Inner {
         body_len: u64,
         deadline: Instant,
     ) -> Result<Route, SendError> {
+        let target_name = match target {
+            Target::Node(id) => id.as_str(),
+            Target::Group(g) | Target::AnyOf(g) => g,
+            Target::All => "all",
+        };
+        for name in [service, target_name] {
+            if !valid_name(name) {
+                return Err(SendError::InvalidName(name.chars().take(64).collect()));
+            }
+        }
         let allowed = path::service_allowed(&self.config.lazy, service);
         let (kind, peer) = match target {
             Target::Node(id) => (TargetKind::Node, Some(id)),
@@ -237,6 +247,9 @@ impl Inner {
         body: Bytes,
     ) -> Result<(), SendError> {
         self.check_size(&body)?;
+        if !valid_name(service) {
+            return Err(SendError::InvalidName(service.chars().take(64).collect()));
+        }
         if self.hello.role != Role::Dispatcher {
             return Err(SendError::NotADispatcher);
         }

@@ -3,6 +3,8 @@
 //! receiver killed mid-stream, a slow receiver, a refused handshake, and no
 //! message server at all.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
@@ -261,45 +263,84 @@ async fn receiver_killed_mid_stream_fails_the_sender_within_the_failure_timeout(
     .await
 }
 
+/// Outcomes of acknowledged sends, counted as they resolve.
+#[derive(Default)]
+struct Outcomes {
+    delivered: AtomicUsize,
+    overloaded: AtomicUsize,
+    other: std::sync::Mutex<Vec<String>>,
+}
+
+impl Outcomes {
+    fn settled(&self) -> usize {
+        self.delivered.load(Ordering::SeqCst)
+            + self.overloaded.load(Ordering::SeqCst)
+            + self.other.lock().expect("lock").len()
+    }
+}
+
+/// Submits `count` acknowledged sends and resolves each in its own task,
+/// so that a send held back by a slow receiver does not hide later ones.
+async fn flood(
+    sender: &Node,
+    to: &str,
+    count: usize,
+    body: Bytes,
+) -> anyhow::Result<(Arc<Outcomes>, tokio::task::JoinSet<()>)> {
+    let outcomes = Arc::new(Outcomes::default());
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        let pending = sender
+            .submit(Target::Node(to.into()), "svc", body.clone())
+            .await?;
+        let outcomes = outcomes.clone();
+        tasks.spawn(async move {
+            match pending.outcome().await {
+                Ok(_) => outcomes.delivered.fetch_add(1, Ordering::SeqCst),
+                Err(SendError::Overloaded { .. }) => {
+                    outcomes.overloaded.fetch_add(1, Ordering::SeqCst)
+                }
+                Err(e) => {
+                    outcomes.other.lock().expect("lock").push(e.to_string());
+                    0
+                }
+            };
+        });
+    }
+    Ok((outcomes, tasks))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_receiver_gets_senders_errors_not_silent_loss() -> anyhow::Result<()> {
+async fn full_inbox_answers_overloaded_and_never_blocks_the_node() -> anyhow::Result<()> {
     init_logging();
-    const COUNT: usize = 600;
+    const COUNT: usize = 300;
     bounded(async {
-        let mut server_config = test_config();
-        server_config.message_server.queue_frames = 64;
-        server_config.message_server.queue_bytes = 256 * 1024;
-        // How long the server holds a sender back before answering for a
-        // receiver that makes no room.
-        server_config.message_server.slow_consumer_ms = 300;
-        let server = TestServer::start(server_config).await?;
+        let server = TestServer::start(test_config()).await?;
         let mut config = test_config();
-        config.node.inbox_capacity = 1;
-        config.node.send_timeout_ms = 20_000;
+        config.node.inbox_capacity = 4;
         let sender = node(&server, "sender", config.clone()).await?;
+        let mut replies = sender.subscribe("back").await?;
         let slow = node(&server, "slow", config).await?;
         let mut inbox = slow.subscribe("svc").await?;
 
-        // The receiver does not read: its socket buffers, then its queue at
-        // the server fill up, and the server answers the sender.
-        let body = Bytes::from(vec![9u8; 32 * 1024]);
-        let mut pending = Vec::with_capacity(COUNT);
-        let mut rejected = 0usize;
-        for _ in 0..COUNT {
-            pending.push(
-                sender
-                    .submit(Target::Node("slow".into()), "svc", body.clone())
-                    .await?,
-            );
+        // The application on `slow` does not read: its inbox fills, and
+        // the node answers the rest with `Overloaded` at once.
+        let (outcomes, mut tasks) = flood(&sender, "slow", COUNT, Bytes::from_static(b"x")).await?;
+        while outcomes.overloaded.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        // The receiver stays silent until the server has given up on it at
-        // least once; then it drains, and every message is accounted for.
-        while server.handle.counters().overloaded == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        // Its own sends still complete: a full inbox never blocks the node.
+        slow.send(Target::Node("sender".into()), "back", "still here")
+            .await?;
+        assert_eq!(
+            &replies.recv().await.context("reply")?.body()[..],
+            b"still here"
+        );
+
+        // Now the application reads; every message is accounted for.
         let drain = tokio::spawn(async move {
             let mut n = 0usize;
-            while tokio::time::timeout(Duration::from_secs(2), inbox.recv())
+            while tokio::time::timeout(Duration::from_secs(1), inbox.recv())
                 .await
                 .ok()
                 .flatten()
@@ -309,25 +350,55 @@ async fn slow_receiver_gets_senders_errors_not_silent_loss() -> anyhow::Result<(
             }
             n
         });
-        let mut delivered = 0usize;
-        for p in pending {
-            match p.outcome().await {
-                Ok(_) => delivered += 1,
-                Err(SendError::Rejected { reason, .. }) => {
-                    assert!(reason.contains("overloaded"), "{reason}");
-                    rejected += 1;
-                }
-                Err(e) => bail!("unexpected error: {e}"),
-            }
-        }
+        while tasks.join_next().await.is_some() {}
         let received = drain.await?;
-        assert!(rejected > 0, "the slow receiver's queue never filled");
-        assert_eq!(delivered + rejected, COUNT);
+        let other = outcomes.other.lock().expect("lock").clone();
+        assert!(other.is_empty(), "unexpected errors: {other:?}");
+        let delivered = outcomes.delivered.load(Ordering::SeqCst);
+        assert_eq!(outcomes.settled(), COUNT);
+        assert!(outcomes.overloaded.load(Ordering::SeqCst) > 0);
         assert_eq!(
             received, delivered,
             "every acknowledged message, and only those, arrived"
         );
-        assert!(server.handle.counters().overloaded as usize >= rejected);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_receiver_is_answered_for_by_the_server() -> anyhow::Result<()> {
+    init_logging();
+    const COUNT: usize = 400;
+    bounded(async {
+        let mut server_config = test_config();
+        server_config.message_server.queue_frames = 64;
+        server_config.message_server.queue_bytes = 256 * 1024;
+        // How long the server holds a sender back before answering for a
+        // receiver that makes no room.
+        server_config.message_server.slow_consumer_ms = 300;
+        let server = TestServer::start(server_config).await?;
+        let receiver = spawn_test_node(server.addr, "frozen", "svc").await?;
+        let mut config = test_config();
+        config.node.send_timeout_ms = 20_000;
+        let sender = node(&server, "sender", config).await?;
+
+        // SIGSTOP: the receiver's socket fills, then its queue at the
+        // server; the server answers the sender instead of dropping.
+        receiver.signal("STOP").await?;
+        let (outcomes, mut tasks) =
+            flood(&sender, "frozen", COUNT, Bytes::from(vec![9u8; 32 * 1024])).await?;
+        while server.handle.counters().overloaded == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        receiver.signal("CONT").await?;
+        while tasks.join_next().await.is_some() {}
+        let other = outcomes.other.lock().expect("lock").clone();
+        assert!(other.is_empty(), "unexpected errors: {other:?}");
+        let overloaded = outcomes.overloaded.load(Ordering::SeqCst);
+        assert!(overloaded > 0);
+        assert_eq!(outcomes.settled(), COUNT, "every send got an outcome");
+        assert!(server.handle.counters().overloaded as usize >= overloaded);
         Ok(())
     })
     .await

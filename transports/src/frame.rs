@@ -10,8 +10,10 @@
 //!
 //! The header is self-delimiting, so no second length is needed. The
 //! decoder checks the declared length against its limit before it reserves
-//! a single byte for the frame, and hands out the body as a slice of the
-//! received buffer: no copy when decoding, none when forwarding.
+//! a single byte for the frame, and hands out a large body as a slice of
+//! the received buffer: no copy when decoding, none when forwarding (small
+//! frames, up to [`COPY_FRAMES_UP_TO`], are copied once so they never pin a
+//! shared read buffer).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
@@ -25,6 +27,13 @@ pub const LENGTH_PREFIX_BYTES: usize = 4;
 /// largest legitimate header is a handshake listing every member of a large
 /// cluster. Anything larger is a broken or hostile peer.
 pub const MAX_HEADER_BYTES: usize = 1024 * 1024;
+
+/// Frames up to this size are copied out of the read buffer when decoded;
+/// larger ones are handed out as slices of it, never copied. A small
+/// message waiting in a queue thus holds only its own bytes, not the read
+/// buffer it shared with its neighbours, which keeps queue byte limits
+/// honest.
+pub const COPY_FRAMES_UP_TO: usize = 4 * 1024;
 
 /// Largest frame a codec accepts before a handshake negotiated a larger one:
 /// enough for any handshake.
@@ -267,7 +276,15 @@ impl Decoder for FrameCodec {
             return Ok(None);
         }
         src.advance(LENGTH_PREFIX_BYTES);
-        let raw = src.split_to(len).freeze();
+        let raw = if len <= COPY_FRAMES_UP_TO {
+            // A small frame gets its own allocation, so that a message kept
+            // in a queue never pins the whole read buffer it arrived in.
+            let raw = Bytes::copy_from_slice(&src[..len]);
+            src.advance(len);
+            raw
+        } else {
+            src.split_to(len).freeze()
+        };
         Frame::decode(raw).map(Some)
     }
 

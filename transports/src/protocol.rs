@@ -16,6 +16,20 @@ use serde::{Deserialize, Serialize};
 /// refused at the handshake with [`RefusalReason::VersionMismatch`].
 pub const PROTOCOL_VERSION: u16 = 1;
 
+/// Longest node id, group or service name, in bytes. Keeps every header
+/// small; longer names are refused where they enter (builder, subscribe,
+/// send, and the message server's handshake).
+pub const MAX_NAME_BYTES: usize = 255;
+
+/// Most groups or services one node may announce.
+pub const MAX_NAMES_PER_NODE: usize = 1024;
+
+/// Whether `name` is a usable node id, group or service name: 1 to
+/// [`MAX_NAME_BYTES`] bytes.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_NAME_BYTES
+}
+
 /// The unique name of a cluster element, such as `server-1`.
 ///
 /// Cheap to clone (a reference-counted string), because every message
