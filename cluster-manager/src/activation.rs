@@ -56,6 +56,12 @@ impl AutoActivation {
         w.count > self.limit
     }
 
+    /// Forgets `peer`'s count, as when its lazy channel closed for idling:
+    /// its traffic returns to the message server until it is hot again.
+    pub fn forget(&mut self, peer: &NodeId) {
+        self.peers.remove(peer);
+    }
+
     /// Forgets peers whose window ended before `now`, so the map stays as
     /// small as the set of recently active peers.
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -102,6 +108,11 @@ mod tests {
         for (i, (peer, offset, hot)) in steps.into_iter().enumerate() {
             assert_eq!(a.handle_message(peer, t0 + ms(offset)), hot, "step {i}");
         }
+        a.forget(&b);
+        assert!(
+            !a.handle_message(&b, t0 + ms(160)),
+            "forgotten: counting restarts"
+        );
         a.handle_timeout(t0 + ms(240));
         assert_eq!(a.len(), 1, "c's window ended long ago");
         a.handle_timeout(t0 + ms(260));

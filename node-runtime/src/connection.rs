@@ -32,8 +32,14 @@ pub(crate) fn complete(
 pub(crate) async fn read_loop(inner: Arc<Inner>, mut reader: FrameReader<OwnedReadHalf>) {
     let end = loop {
         let frame = tokio::select! {
+            biased;
             _ = inner.cancel.cancelled() => break None,
-            _ = inner.queue.closed() => break Some("the writer stopped".to_owned()),
+            _ = inner.queue.closed() => {
+                if inner.cancel.is_cancelled() {
+                    break None;
+                }
+                break Some("the writer stopped".to_owned());
+            }
             f = reader.next() => f,
         };
         let frame = match frame {

@@ -320,9 +320,9 @@ async fn outgoing_reader(
                         }
                     }
                 }
-                Header::Goodbye => {
-                    break (!conn.is_closing()).then(|| "the peer said goodbye".to_owned())
-                }
+                // The peer stopped as planned: not an error (what was in
+                // flight still fails below).
+                Header::Goodbye => break None,
                 other => break Some(format!("unexpected {} frame", other.kind())),
             },
             Ok(None) => {
@@ -374,6 +374,7 @@ pub(crate) async fn idle_sweeper(inner: Arc<Inner>) {
             if conn.close_if_idle(now, idle_ms) {
                 tracing::debug!(peer = %conn.peer, "closing idle lazy channel");
                 inner.direct.remove(&conn);
+                inner.activation().forget(&conn.peer);
                 if conn
                     .queue
                     .try_push_control(OutFrame::control(Header::Goodbye))
