@@ -217,16 +217,7 @@ impl ChildProcess {
     /// If the file or field cannot be read.
     pub fn proc_status_kib(&self, field: &str) -> anyhow::Result<u64> {
         let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?))?;
-        let line = text
-            .lines()
-            .find(|l| l.starts_with(field))
-            .with_context(|| format!("no {field} in /proc status"))?;
-        let kib = line
-            .split_whitespace()
-            .nth(1)
-            .context("malformed status line")?
-            .parse()?;
-        Ok(kib)
+        status_field(&text, field)
     }
 }
 
@@ -262,14 +253,46 @@ pub async fn spawn_test_node(
     id: &str,
     service: &str,
 ) -> anyhow::Result<ChildProcess> {
+    spawn_test_node_with(server, id, service, &[]).await
+}
+
+/// [`spawn_test_node`] with extra arguments (`--groups a,b`,
+/// `--max-message-bytes N`).
+///
+/// # Errors
+///
+/// If it does not come up.
+pub async fn spawn_test_node_with(
+    server: SocketAddr,
+    id: &str,
+    service: &str,
+    extra: &[&str],
+) -> anyhow::Result<ChildProcess> {
     let mut cmd = Command::new(bin_dir()?.join("test-node"));
-    cmd.args([
-        "--server",
-        &server.to_string(),
-        "--id",
-        id,
-        "--service",
-        service,
-    ]);
+    let server = server.to_string();
+    cmd.args(["--server", &server, "--id", id, "--service", service]);
+    cmd.args(extra);
     ChildProcess::spawn(cmd, "ready").await
+}
+
+/// A field of this process's `/proc/self/status` in KiB (e.g. `VmHWM`).
+///
+/// # Errors
+///
+/// If it cannot be read.
+pub fn own_status_kib(field: &str) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string("/proc/self/status")?;
+    status_field(&text, field)
+}
+
+fn status_field(text: &str, field: &str) -> anyhow::Result<u64> {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(field))
+        .with_context(|| format!("no {field} in /proc status"))?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("malformed status line")?
+        .parse()?)
 }

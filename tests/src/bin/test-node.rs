@@ -20,6 +20,9 @@ struct Args {
     /// Groups, comma-separated.
     #[arg(long, default_value = "")]
     groups: String,
+    /// Largest body accepted (`limits.max_message_bytes`).
+    #[arg(long)]
+    max_message_bytes: Option<u64>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -31,7 +34,12 @@ async fn main() -> anyhow::Result<()> {
         .filter(|g| !g.is_empty())
         .map(str::to_owned)
         .collect();
+    let mut config = node_runtime::Config::default();
+    if let Some(max) = args.max_message_bytes {
+        config.limits.max_message_bytes = max;
+    }
     let node = Node::builder(args.id.as_str())
+        .config(config)
         .message_server(&args.server)
         .groups(groups)
         .start()
