@@ -3,7 +3,8 @@
 //! the result table.
 //!
 //! The benchmarks themselves live in `benches/` (run them with
-//! `cargo bench -p clustercomm-benches --bench p2p`, add `-- --quick` for a
+//! `cargo bench -p clustercomm-benches --bench p2p` for small-message
+//! throughput or `--bench bulk` for large bodies; add `-- --quick` for a
 //! short run). Numbers are only meaningful as ratios against the peers
 //! measured in the same process, on the same runtime, at the same moment.
 //!
@@ -14,10 +15,20 @@
 //!   ack loop over loopback.
 //! - [`wait`]: counters and bounded waits on them.
 //! - [`report`]: rates and the markdown result table.
+//! - [`transfer`]: bulk phases (how long, how many bodies) and what they
+//!   moved.
+//! - [`bulk_tcp`]: the raw-TCP bulk-copy peer: length-prefixed bodies, a
+//!   1-byte ack each.
+//! - [`bulk_report`]: the bulk benchmark's table (MB/s per path, ratios).
+//! - [`memory`]: peak and current resident memory from `/proc/self/status`.
 
+pub mod bulk_report;
+pub mod bulk_tcp;
+pub mod memory;
 pub mod options;
 pub mod raw_tcp;
 pub mod report;
+pub mod transfer;
 pub mod wait;
 
 pub use options::Options;

@@ -35,6 +35,11 @@ pub const MAX_HEADER_BYTES: usize = 1024 * 1024;
 /// honest.
 pub const COPY_FRAMES_UP_TO: usize = 4 * 1024;
 
+/// Frames up to this size are reserved in the decoder's buffer as soon as
+/// their length is known; larger ones are left to the reader
+/// ([`crate::io::FrameReader`] gives each a buffer of exactly its size).
+pub const RESERVE_FRAMES_UP_TO: usize = 1024 * 1024;
+
 /// Largest frame a codec accepts before a handshake negotiated a larger one:
 /// enough for any handshake.
 pub const HANDSHAKE_MAX_FRAME_BYTES: usize = MAX_HEADER_BYTES;
@@ -270,9 +275,11 @@ impl Decoder for FrameCodec {
         }
         let needed = LENGTH_PREFIX_BYTES + len;
         if src.len() < needed {
-            // Within the limit: reserve the whole frame once, so a large body
-            // is read straight into its final buffer.
-            src.reserve(needed - src.len());
+            // Within the limit: reserve the whole frame once, up to a size;
+            // `FrameReader` reads larger frames into a buffer of their own.
+            if len <= RESERVE_FRAMES_UP_TO {
+                src.reserve(needed - src.len());
+            }
             return Ok(None);
         }
         src.advance(LENGTH_PREFIX_BYTES);

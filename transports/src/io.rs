@@ -41,12 +41,22 @@ pub const VECTORED_MIN_BYTES: usize = 16 * 1024;
 const MAX_IOSLICES: usize = 64;
 
 /// Reads frames from one half of a connection.
+///
+/// Small frames are decoded from one shared read buffer. A frame larger
+/// than [`EXACT_BUFFER_FROM_BYTES`] is read into a buffer of exactly its
+/// size, allocated once: its body is never copied or reallocated on the way
+/// in, and never shares an allocation with other frames.
 #[derive(Debug)]
 pub struct FrameReader<R> {
     io: R,
     buf: BytesMut,
     codec: FrameCodec,
+    /// A large frame being read: its buffer, and its declared length.
+    large: Option<(BytesMut, usize)>,
 }
+
+/// Frames above this size get a buffer of their own, of exactly their size.
+pub const EXACT_BUFFER_FROM_BYTES: usize = crate::frame::RESERVE_FRAMES_UP_TO;
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// A reader with the given codec.
@@ -55,6 +65,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             io,
             buf: BytesMut::with_capacity(READ_CHUNK_BYTES),
             codec,
+            large: None,
         }
     }
 
@@ -75,8 +86,36 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Cancel safe: bytes read stay buffered for the next call.
     pub async fn next(&mut self) -> Result<Option<Frame>, FrameError> {
         loop {
+            if let Some((big, len)) = &mut self.large {
+                let missing = *len - big.len();
+                if missing == 0 {
+                    let (big, _) = self.large.take().unwrap_or_default();
+                    return Frame::decode(big.freeze()).map(Some);
+                }
+                if self.io.read_buf(&mut (&mut *big).limit(missing)).await? == 0 {
+                    return Err(FrameError::Truncated {
+                        buffered: LENGTH_PREFIX_BYTES + big.len(),
+                    });
+                }
+                continue;
+            }
             if let Some(frame) = self.codec.decode(&mut self.buf)? {
                 return Ok(Some(frame));
+            }
+            // The codec checked the declared length against the limit.
+            if self.buf.len() >= LENGTH_PREFIX_BYTES {
+                let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
+                prefix.copy_from_slice(&self.buf[..LENGTH_PREFIX_BYTES]);
+                let len = u32::from_be_bytes(prefix) as usize;
+                if len > EXACT_BUFFER_FROM_BYTES {
+                    bytes::Buf::advance(&mut self.buf, LENGTH_PREFIX_BYTES);
+                    let mut big = BytesMut::with_capacity(len);
+                    let have = self.buf.len().min(len);
+                    big.extend_from_slice(&self.buf[..have]);
+                    bytes::Buf::advance(&mut self.buf, have);
+                    self.large = Some((big, len));
+                    continue;
+                }
             }
             if self.buf.capacity() - self.buf.len() < READ_CHUNK_BYTES / 4 {
                 self.buf.reserve(READ_CHUNK_BYTES);
@@ -585,6 +624,39 @@ mod tests {
         assert!(!q.is_congested());
         drop(q);
         writer.await.expect("join").expect("writer");
+    }
+
+    #[tokio::test]
+    async fn large_frames_get_exact_buffers_between_small_ones() {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (q, rx) = out_queue(64, 64 << 20);
+        let writer = tokio::spawn(run_writer(client, rx, 64 << 20));
+        let sizes = [10usize, 3 << 20, 20, (1 << 20) + 1, 0, 5 << 20, 7];
+        let bodies: Vec<Bytes> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Bytes::from(vec![i as u8 + 1; *n]))
+            .collect();
+        let expected = bodies.clone();
+        let feeder = tokio::spawn(async move {
+            for (i, body) in bodies.into_iter().enumerate() {
+                q.push_data(OutFrame::Parts {
+                    header: Header::Subscribed { token: i as u64 },
+                    body,
+                })
+                .await
+                .expect("queued");
+            }
+        });
+        let mut reader = FrameReader::new(server, FrameCodec::new(64 << 20));
+        for (i, body) in expected.iter().enumerate() {
+            let frame = reader.next().await.expect("frame").expect("not eof");
+            assert_eq!(frame.header(), &Header::Subscribed { token: i as u64 });
+            assert_eq!(&frame.body(), body, "frame {i}");
+        }
+        assert!(reader.next().await.expect("clean eof").is_none());
+        feeder.await.expect("feeder");
+        writer.await.expect("join").expect("writer ok");
     }
 
     #[test]
