@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use cluster_manager::{Completion, SendError};
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::tcp::OwnedReadHalf;
+
 use tokio::sync::mpsc;
 use transports::protocol::{
     Ack, AckStatus, DeliveryFailure, Header, MemberEvent, MessageHeader, MessageKind, NodeId,
@@ -206,13 +208,36 @@ pub(crate) async fn deliver(
         },
         answer,
     };
-    // Never wait for the application here: the service's pump does.
+    // A full backlog holds this connection back (so the sender slows
+    // down) for at most `node.inbox_wait_ms`; a service that stays full
+    // that long is congested, and is answered `Overloaded` at once until
+    // its backlog drains, so the connection's other traffic flows.
     let refused = match queue {
         None => Some((delivery.answer, DeliveryFailure::NoSuchService)),
-        Some(tx) => match tx.try_send(delivery) {
+        Some(q) => match q.tx.try_send(delivery) {
             Ok(()) => None,
             Err(mpsc::error::TrySendError::Full(d)) => {
-                Some((d.answer, DeliveryFailure::ReceiverOverloaded))
+                if q.congested.load(Ordering::Relaxed) && !q.is_drained() {
+                    Some((d.answer, DeliveryFailure::ReceiverOverloaded))
+                } else {
+                    q.congested.store(false, Ordering::Relaxed);
+                    let wait = std::time::Duration::from_millis(inner.config.node.inbox_wait_ms);
+                    let sent = tokio::select! {
+                        _ = inner.cancel.cancelled() => return Err(Stopping),
+                        r = tokio::time::timeout(wait, q.tx.reserve()) => r,
+                    };
+                    match sent {
+                        Ok(Ok(slot)) => {
+                            slot.send(d);
+                            None
+                        }
+                        Ok(Err(_)) => Some((d.answer, DeliveryFailure::NoSuchService)),
+                        Err(_) => {
+                            q.congested.store(true, Ordering::Relaxed);
+                            Some((d.answer, DeliveryFailure::ReceiverOverloaded))
+                        }
+                    }
+                }
             }
             Err(mpsc::error::TrySendError::Closed(d)) => {
                 unsubscribe(inner, &h.service).await;
@@ -224,6 +249,25 @@ pub(crate) async fn deliver(
         answer.send(inner, AckStatus::Failed(failure)).await;
     }
     Ok(())
+}
+
+/// A subscribed service's delivery queue, drained by its pump.
+#[derive(Debug, Clone)]
+pub(crate) struct ServiceQueue {
+    pub(crate) tx: mpsc::Sender<Delivery>,
+    /// Set when the backlog stayed full for `node.inbox_wait_ms`.
+    pub(crate) congested: Arc<AtomicBool>,
+}
+
+impl ServiceQueue {
+    /// Whether under a quarter of the backlog is in use.
+    fn is_drained(&self) -> bool {
+        self.tx.capacity() * 4 >= self.tx.max_capacity() * 3
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
 }
 
 /// A message on its way into a service's inbox, with whom to acknowledge.
@@ -335,7 +379,7 @@ async fn unsubscribe(inner: &Inner, service: &Arc<str>) {
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .get(service)
-        .is_some_and(|tx| tx.is_closed());
+        .is_some_and(|q| q.is_closed());
     if closed {
         unsubscribe_now(inner, service).await;
     }

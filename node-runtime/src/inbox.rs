@@ -96,10 +96,15 @@ impl Message {
 
 /// The inbox of one service: messages in arrival order.
 ///
-/// Bounded (`node.inbox_capacity`): while it is full the node stops taking
-/// messages from the network, so senders slow down instead of the node
-/// growing. Dropping the inbox unsubscribes the service; messages that
-/// arrive afterwards are answered with `NoSuchService`.
+/// Bounded: `node.inbox_capacity` messages in the inbox, and as many again
+/// waiting to enter it. A message is acknowledged once it is in the inbox.
+/// When both are full, the connection the next message came on is held
+/// back (its sender slows down) for up to `node.inbox_wait_ms`; if the
+/// application has not made room by then, that message and the following
+/// ones are answered `Overloaded` until the backlog drains. The node's
+/// other traffic (its own acknowledgements, replies, membership) never
+/// waits longer than that. Dropping the inbox unsubscribes the service;
+/// messages that arrive afterwards are answered with `NoSuchService`.
 #[derive(Debug)]
 pub struct Inbox {
     pub(crate) service: String,

@@ -19,7 +19,7 @@ use transports::protocol::{
 use transports::{Config, OutFrame, OutQueue};
 
 use crate::builder::NodeBuilder;
-use crate::connection::{pump, Delivery};
+use crate::connection::{pump, ServiceQueue};
 use crate::counters::{Counters, PathCounters};
 use crate::direct::DirectPool;
 use crate::inbox::Inbox;
@@ -66,7 +66,7 @@ pub(crate) struct Inner {
     pub(crate) queue: OutQueue,
     pub(crate) tracker: Mutex<DeliveryTracker<Waiter>>,
     /// Each subscribed service's delivery queue, drained by its pump.
-    pub(crate) inboxes: RwLock<HashMap<Arc<str>, mpsc::Sender<Delivery>>>,
+    pub(crate) inboxes: RwLock<HashMap<Arc<str>, ServiceQueue>>,
     pub(crate) subscriptions: Mutex<HashMap<u64, oneshot::Sender<()>>>,
     pub(crate) resolves: Mutex<HashMap<u64, oneshot::Sender<ResolveResult>>>,
     pub(crate) members: MemberView,
@@ -429,7 +429,13 @@ impl Node {
             if inboxes.get(service).is_some_and(|s| !s.is_closed()) {
                 return Err(NodeError::AlreadySubscribed(service.to_owned()));
             }
-            inboxes.insert(name.clone(), delivery_tx);
+            inboxes.insert(
+                name.clone(),
+                ServiceQueue {
+                    tx: delivery_tx,
+                    congested: Arc::default(),
+                },
+            );
         }
         inner
             .tasks

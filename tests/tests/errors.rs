@@ -318,6 +318,7 @@ async fn full_inbox_answers_overloaded_and_never_blocks_the_node() -> anyhow::Re
         let server = TestServer::start(test_config()).await?;
         let mut config = test_config();
         config.node.inbox_capacity = 4;
+        config.node.inbox_wait_ms = 200;
         let sender = node(&server, "sender", config.clone()).await?;
         let mut replies = sender.subscribe("back").await?;
         let slow = node(&server, "slow", config).await?;

@@ -56,6 +56,8 @@ pub const DEFAULT_SLOW_CONSUMER_MS: u64 = 5_000;
 pub const DEFAULT_DIRECT_LISTEN: &str = "0.0.0.0:0";
 /// Default capacity of each service inbox, in messages.
 pub const DEFAULT_INBOX_CAPACITY: usize = 1_024;
+/// Default time a full inbox may hold a connection back.
+pub const DEFAULT_INBOX_WAIT_MS: u64 = 1_000;
 /// Default backlog above which a node reports itself busy.
 pub const DEFAULT_BUSY_UPPER: usize = 768;
 /// Default backlog below which a busy node is no longer busy.
@@ -222,6 +224,10 @@ pub struct NodeConfig {
     pub send_timeout_ms: u64,
     /// Capacity of each service inbox. Default [`DEFAULT_INBOX_CAPACITY`].
     pub inbox_capacity: usize,
+    /// How long a full inbox backlog may hold back the connection a message
+    /// came on (slowing its sender down) before the message is answered
+    /// `Overloaded`. Default [`DEFAULT_INBOX_WAIT_MS`].
+    pub inbox_wait_ms: u64,
     /// Backlog above which the node reports itself busy.
     /// Default [`DEFAULT_BUSY_UPPER`].
     pub busy_upper: usize,
@@ -246,6 +252,7 @@ impl Default for NodeConfig {
             direct_advertise: None,
             send_timeout_ms: DEFAULT_SEND_TIMEOUT_MS,
             inbox_capacity: DEFAULT_INBOX_CAPACITY,
+            inbox_wait_ms: DEFAULT_INBOX_WAIT_MS,
             busy_upper: DEFAULT_BUSY_UPPER,
             busy_lower: DEFAULT_BUSY_LOWER,
             processor_concurrency: DEFAULT_PROCESSOR_CONCURRENCY,
