@@ -628,3 +628,36 @@ async fn large_group_fan_out_goes_over_one_lazy_channel_per_member() -> anyhow::
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_channel_is_reopened_when_its_server_comes_back() -> anyhow::Result<()> {
+    init_logging();
+    bounded(async {
+        let mut config = test_config();
+        config.message_server.reconnect_delay_ms = 50;
+        let server = TestServer::start(config.clone()).await?;
+        let d = start(&server, "d", config, &["web"], Role::Dispatcher).await?;
+        let mut s1 =
+            clustercomm_tests::spawn_test_node_with(server.addr, "s1", "svc", &["--groups", "web"])
+                .await?;
+        wait_until("session to s1 open", || d.counters().session_opened == 1).await?;
+        d.session(&"s1".into(), "svc", "first").await?;
+
+        // The server node dies: the channel breaks. A new s1 process joins
+        // (a new incarnation) and the dispatcher opens a new session to it.
+        s1.kill().await?;
+        wait_until("s1 gone", || !d.members().iter().any(|m| m.id == "s1")).await?;
+        let _s1 =
+            clustercomm_tests::spawn_test_node_with(server.addr, "s1", "svc", &["--groups", "web"])
+                .await?;
+        wait_until("session to the new s1 open", || {
+            d.counters().session_opened == 2
+        })
+        .await?;
+        d.session(&"s1".into(), "svc", "second").await?;
+        let c = d.counters();
+        assert_eq!((c.session_messages, c.server_messages), (2, 0));
+        Ok(())
+    })
+    .await
+}
