@@ -15,13 +15,13 @@ use transports::frame::FrameCodec;
 use transports::handshake::{self, HandshakeError};
 use transports::protocol::{
     valid_name, DeliveryFailure, Header, LeaveReason, MemberEvent, MemberInfo, MessageHeader,
-    MessageKind, NodeId, RefusalReason, Routed, Target, Welcome, MAX_NAMES_PER_NODE,
-    PROTOCOL_VERSION,
+    MessageKind, NodeId, RefusalReason, Routed, Target, MAX_NAMES_PER_NODE,
 };
 use transports::{out_queue, FrameError, FrameReader, OutFrame, OutQueue, PushError};
 
 use crate::counters::Counters;
-use crate::server::{ConnHandle, Shared};
+use crate::registry::{broadcast_locked, hold, register, unregister, warming_up, Held};
+use crate::server::Shared;
 use crate::table::Resolution;
 
 /// Why a connection ended.
@@ -114,12 +114,15 @@ pub(crate) async fn serve(
             services: hello.services.clone(),
             direct_addr: hello.direct_addr,
         };
-        if let Err(e) = register(&shared, &me, &queue, codec.max_frame(), max_message) {
-            tracing::warn!(error = %e, "refusing node");
-            Counters::add(&shared.counters.connections_refused, 1);
-            handshake::refuse(&mut wr, RefusalReason::DuplicateNode, e.to_string()).await;
-            return;
-        }
+        let conn_id = match register(&shared, &me, &queue, codec.max_frame(), max_message) {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::warn!(error = %e, "refusing node");
+                Counters::add(&shared.counters.connections_refused, 1);
+                handshake::refuse(&mut wr, RefusalReason::DuplicateNode, e.to_string()).await;
+                return;
+            }
+        };
         Counters::add(&shared.counters.connections_accepted, 1);
         tracing::info!(incarnation = me.incarnation, groups = ?me.groups, "member joined");
         let max_frame = codec.max_frame();
@@ -154,7 +157,7 @@ pub(crate) async fn serve(
                 tracing::warn!(reason = %why, "closing connection: protocol violation")
             }
         }
-        unregister(&shared, &me.id, me.incarnation, reason);
+        unregister(&shared, &me.id, me.incarnation, conn_id, reason);
         match end {
             // Let the writer drain what is queued (a planned stop).
             End::Goodbye | End::Eof => drop(queue),
@@ -163,83 +166,6 @@ pub(crate) async fn serve(
     }
     .instrument(span)
     .await
-}
-
-/// Registers the node, queues its `Welcome` first, and tells everyone else;
-/// all under the write lock, so every node sees membership in one order.
-fn register(
-    shared: &Shared,
-    me: &MemberInfo,
-    queue: &OutQueue,
-    max_frame: usize,
-    max_message: u64,
-) -> Result<(), crate::table::RegisterError> {
-    let mut state = shared.write();
-    state.table.register(me.clone())?;
-    let welcome = Header::Welcome(Welcome {
-        version: PROTOCOL_VERSION,
-        cluster: shared.config.cluster.name.clone(),
-        max_message_bytes: max_message,
-        members: state.table.members(),
-    });
-    // The queue is new and empty: this cannot fail for lack of room.
-    if let Err(e) = queue.try_push_control(OutFrame::control(welcome)) {
-        tracing::error!(error = %e, "could not queue welcome");
-    }
-    let event = Header::Member(MemberEvent::Joined(me.clone()));
-    broadcast_locked(shared, &state.conns, &event);
-    state.conns.insert(
-        me.id.clone(),
-        ConnHandle {
-            incarnation: me.incarnation,
-            queue: queue.clone(),
-            max_frame,
-        },
-    );
-    Ok(())
-}
-
-fn unregister(shared: &Shared, id: &NodeId, incarnation: u64, reason: LeaveReason) {
-    let mut state = shared.write();
-    if state.table.remove(id, incarnation).is_none() {
-        return;
-    }
-    if state
-        .conns
-        .get(id)
-        .is_some_and(|c| c.incarnation == incarnation)
-    {
-        state.conns.remove(id);
-    }
-    let event = Header::Member(MemberEvent::Left {
-        id: id.clone(),
-        incarnation,
-        reason,
-    });
-    broadcast_locked(shared, &state.conns, &event);
-}
-
-/// Queues a membership event to every connection, under the lock that
-/// orders membership. A connection with no room even for control frames is
-/// hopelessly behind and is cut off.
-fn broadcast_locked(
-    shared: &Shared,
-    conns: &std::collections::HashMap<NodeId, ConnHandle>,
-    event: &Header,
-) {
-    for (id, conn) in conns {
-        match conn
-            .queue
-            .try_push_control(OutFrame::control(event.clone()))
-        {
-            Ok(()) | Err(PushError::Closed(_)) => {}
-            Err(_) => {
-                tracing::warn!(node = %id, "cutting off slow consumer: no room for a membership event");
-                Counters::add(&shared.counters.slow_consumers, 1);
-                conn.queue.close();
-            }
-        }
-    }
 }
 
 struct Connection {
@@ -439,6 +365,36 @@ impl Connection {
         };
         let receivers = match resolved {
             Ok(r) => r,
+            Err(DeliveryFailure::UnknownTarget) if warming_up(&self.shared) => {
+                // Just restarted: the node may not have re-registered yet.
+                let Target::Node(target) = &h.target else {
+                    self.reply(routed(
+                        h.seq,
+                        vec![],
+                        vec![],
+                        Some(DeliveryFailure::UnknownTarget),
+                    ))
+                    .await;
+                    return;
+                };
+                let held = Held {
+                    raw: raw.clone(),
+                    sender: self.me.clone(),
+                    seq: h.seq,
+                };
+                if hold(&self.shared, target, held).is_err() {
+                    Counters::add(&counters.route_failures, 1);
+                    let failed = vec![(target.clone(), DeliveryFailure::UnknownTarget)];
+                    self.reply(routed(
+                        h.seq,
+                        vec![],
+                        failed,
+                        Some(DeliveryFailure::UnknownTarget),
+                    ))
+                    .await;
+                }
+                return;
+            }
             Err(failure) => {
                 Counters::add(&counters.route_failures, 1);
                 // Also for one-way messages: the sender hears of every

@@ -21,11 +21,13 @@
 //! - [`table`]: the pure routing table (members, groups, services, target
 //!   resolution).
 //! - [`server`]: binding, accepting, shutdown.
-//! - `connection`: one node's handshake, registration and read loop.
+//! - `connection`: one node's handshake and read loop.
+//! - `registry`: registration, takeover on reconnect, the warm-up hold.
 //! - [`counters`]: what passed through.
 
 mod connection;
 pub mod counters;
+mod registry;
 pub mod server;
 pub mod table;
 

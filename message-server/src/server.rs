@@ -15,6 +15,7 @@ use transports::{Config, OutQueue};
 
 use crate::connection;
 use crate::counters::{Counters, CountersSnapshot};
+use crate::registry::{self, HeldMessages};
 use crate::table::RoutingTable;
 
 /// Time the server waits for its connection tasks after shutdown.
@@ -41,6 +42,8 @@ pub enum ServerError {
 /// A connected node as the server sees it.
 #[derive(Debug, Clone)]
 pub(crate) struct ConnHandle {
+    /// Tells this connection from a later one of the same node.
+    pub(crate) conn_id: u64,
     pub(crate) incarnation: u64,
     pub(crate) queue: OutQueue,
     /// Largest frame this node accepts (negotiated at the handshake).
@@ -52,6 +55,9 @@ pub(crate) struct ConnHandle {
 pub(crate) struct State {
     pub(crate) table: RoutingTable,
     pub(crate) conns: HashMap<NodeId, ConnHandle>,
+    pub(crate) next_conn_id: u64,
+    /// Messages held for nodes not re-registered yet (warm-up).
+    pub(crate) held: HeldMessages,
 }
 
 /// What every connection task shares.
@@ -62,6 +68,8 @@ pub(crate) struct Shared {
     pub(crate) counters: Counters,
     /// Every connection's reader and writer task.
     pub(crate) tasks: TaskTracker,
+    /// When the server started: its warm-up runs from here.
+    pub(crate) started: std::time::Instant,
 }
 
 impl Shared {
@@ -131,6 +139,7 @@ impl MessageServer {
             state: RwLock::new(State::default()),
             counters: Counters::default(),
             tasks: TaskTracker::new(),
+            started: std::time::Instant::now(),
         });
         Ok(MessageServer {
             listener,
@@ -160,6 +169,26 @@ impl MessageServer {
         let shared = self.handle.shared.clone();
         let tracker = shared.tasks.clone();
         tracing::info!(addr = %self.handle.local_addr, "message server listening");
+        let expiry = shared.clone();
+        let expiry_cancel = cancel.clone();
+        // Housekeeping is tracked apart from the connection tasks.
+        let housekeeping = TaskTracker::new();
+        housekeeping.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    _ = expiry_cancel.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let n = registry::expire_held(&expiry);
+                if n > 0 {
+                    tracing::info!(
+                        messages = n,
+                        "warm-up over: held messages answered as unknown targets"
+                    );
+                }
+            }
+        });
         tokio::pin!(shutdown);
         let result = loop {
             tokio::select! {
@@ -182,6 +211,8 @@ impl MessageServer {
         tracing::info!("message server shutting down");
         cancel.cancel();
         tracker.close();
+        housekeeping.close();
+        housekeeping.wait().await;
         if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
             .await
             .is_err()

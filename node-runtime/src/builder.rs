@@ -5,14 +5,12 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::Instrument;
-use transports::frame::{FrameCodec, HANDSHAKE_MAX_FRAME_BYTES};
-use transports::handshake;
 use transports::protocol::{valid_name, Hello, NodeId, Role, MAX_NAMES_PER_NODE, PROTOCOL_VERSION};
-use transports::{out_queue, Config, FrameReader};
+use transports::{out_queue, Config};
 
 use crate::node::{Inner, Node, Parts};
 use crate::NodeError;
-use crate::{connection, direct, routing};
+use crate::{direct, routing, supervisor};
 
 /// Configures a node; [`NodeBuilder::start`] connects it.
 ///
@@ -128,31 +126,9 @@ impl NodeBuilder {
             max_message_bytes: config.limits.max_message_bytes,
         };
 
-        let mut last_error = None;
-        let mut connected = None;
-        for address in &config.message_server.addresses {
-            match transports::tcp::connect(address, &config.tcp, config.connect_timeout()).await {
-                Ok(stream) => {
-                    connected = Some((address.clone(), stream));
-                    break;
-                }
-                Err(e) => {
-                    tracing::debug!(%address, error = %e, "message server unreachable");
-                    last_error = Some(e);
-                }
-            }
-        }
-        let Some((address, stream)) = connected else {
-            return Err(NodeError::Connect {
-                addresses: config.message_server.addresses.clone(),
-                source: last_error
-                    .unwrap_or_else(|| std::io::Error::other("no message server address")),
-            });
-        };
-
         // The direct-channel listener, announced at registration: the
-        // configured address, or the interface that reaches the message
-        // server when listening on all of them.
+        // configured address, or, when listening on every interface, the
+        // one that routes to the message server.
         let direct_listen = config.node.direct_listen;
         let listener = transports::tcp::listen(direct_listen, &config.tcp).map_err(|source| {
             NodeError::DirectListen {
@@ -168,47 +144,35 @@ impl NodeBuilder {
             })?;
         hello.direct_addr = Some(match config.node.direct_advertise {
             Some(addr) => addr,
-            None if bound.ip().is_unspecified() => match stream.local_addr() {
-                Ok(local) => std::net::SocketAddr::new(local.ip(), bound.port()),
-                Err(_) => bound,
-            },
+            None if bound.ip().is_unspecified() => {
+                let ip = route_to(&config.message_server.addresses)
+                    .await
+                    .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+                std::net::SocketAddr::new(ip, bound.port())
+            }
             None => bound,
         });
 
-        let (rd, mut wr) = stream.into_split();
-        let mut reader = FrameReader::new(rd, FrameCodec::new(HANDSHAKE_MAX_FRAME_BYTES));
-        let welcome =
-            handshake::connect_handshake(&mut reader, &mut wr, &hello, config.connect_timeout())
-                .await
-                .map_err(|source| NodeError::Handshake {
-                    address: address.clone(),
-                    source,
-                })?;
+        let (link, welcome) = supervisor::connect_first(&config, &hello).await?;
         let max_message = welcome
             .max_message_bytes
             .min(config.limits.max_message_bytes);
-        let codec = FrameCodec::for_messages(max_message);
-        *reader.codec_mut() = codec;
         let (queue, rx) = out_queue(config.node.queue_frames, config.node.queue_bytes);
         let role = hello.role;
+        let address = link.address.clone();
         let inner = Arc::new(Inner::new(Parts {
             hello,
             config,
             server_max: max_message,
             queue,
             members: welcome.members,
+            server_index: link.index,
         }));
         let span = tracing::info_span!("node", id = %self.id, incarnation);
         tracing::info!(parent: &span, %address, "node connected to the message server");
-        let max_frame = codec.max_frame();
-        inner.tasks.spawn(
-            async move {
-                if let Err(e) = transports::run_writer(wr, rx, max_frame).await {
-                    tracing::debug!(error = %e, "writer to the message server stopped");
-                }
-            }
-            .instrument(span.clone()),
-        );
+        inner
+            .tasks
+            .spawn(supervisor::supervise(inner.clone(), rx, link).instrument(span.clone()));
         inner
             .tasks
             .spawn(direct::accept_loop(inner.clone(), listener).instrument(span.clone()));
@@ -218,11 +182,8 @@ impl NodeBuilder {
         if role == Role::Dispatcher {
             inner
                 .tasks
-                .spawn(routing::session_keeper(inner.clone()).instrument(span.clone()));
+                .spawn(routing::session_keeper(inner.clone()).instrument(span));
         }
-        inner
-            .tasks
-            .spawn(connection::read_loop(inner.clone(), reader).instrument(span));
         Ok(Node::from_inner(inner))
     }
 }
@@ -243,4 +204,31 @@ fn fresh_incarnation() -> u64 {
             Err(p) => prev = p,
         }
     }
+}
+
+/// The local address that routes to the first resolvable message server
+/// (no packet is sent: a UDP socket is only connected).
+async fn route_to(addresses: &[String]) -> Option<std::net::IpAddr> {
+    for address in addresses {
+        let Ok(mut resolved) = tokio::net::lookup_host(address).await else {
+            continue;
+        };
+        let Some(target) = resolved.next() else {
+            continue;
+        };
+        let unspecified: std::net::SocketAddr = if target.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let Ok(socket) = tokio::net::UdpSocket::bind(unspecified).await else {
+            continue;
+        };
+        if socket.connect(target).await.is_ok() {
+            if let Ok(local) = socket.local_addr() {
+                return Some(local.ip());
+            }
+        }
+    }
+    None
 }

@@ -6,13 +6,13 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cluster_manager::{Completion, SendError};
+use cluster_manager::Completion;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::tcp::OwnedReadHalf;
 
 use tokio::sync::mpsc;
 use transports::protocol::{
-    Ack, AckStatus, DeliveryFailure, Header, MemberEvent, MessageHeader, MessageKind, NodeId,
+    Ack, AckStatus, DeliveryFailure, Header, MessageHeader, MessageKind, NodeId, Routed,
 };
 use transports::{FrameReader, OutFrame, OutQueue};
 
@@ -30,34 +30,42 @@ pub(crate) fn complete(
     }
 }
 
-/// Reads frames until the connection ends or the node shuts down.
-pub(crate) async fn read_loop(inner: Arc<Inner>, mut reader: FrameReader<OwnedReadHalf>) {
-    let end = loop {
+/// How a link to the message server ended.
+#[derive(Debug)]
+pub(crate) enum LinkEnd {
+    /// The node is shutting down.
+    Shutdown,
+    /// The connection broke, or the server misbehaved.
+    Lost(String),
+    /// The primary answers again (while this link is to a standby).
+    PrimaryBack,
+}
+
+/// Reads frames from the message server until the link ends.
+pub(crate) async fn read_frames(
+    inner: &Arc<Inner>,
+    reader: &mut FrameReader<OwnedReadHalf>,
+) -> LinkEnd {
+    loop {
         let frame = tokio::select! {
             biased;
-            _ = inner.cancel.cancelled() => break None,
-            _ = inner.queue.closed() => {
-                if inner.cancel.is_cancelled() {
-                    break None;
-                }
-                break Some("the writer stopped".to_owned());
-            }
+            _ = inner.cancel.cancelled() => return LinkEnd::Shutdown,
             f = reader.next() => f,
         };
         let frame = match frame {
             Ok(Some(f)) => f,
-            Ok(None) => break Some("the message server closed the connection".to_owned()),
-            Err(e) => break Some(format!("frame error: {e}")),
+            Ok(None) => return LinkEnd::Lost("the message server closed the connection".into()),
+            Err(e) => return LinkEnd::Lost(format!("frame error: {e}")),
         };
         let (header, body) = frame.into_parts();
         match header {
             Header::Message(h) => {
                 Counters::add(&inner.counters.received_server, 1);
-                if deliver(&inner, h, body, &inner.queue, Received::Server)
+                if deliver(inner, h, body, &inner.queue, Received::Server)
                     .await
                     .is_err()
                 {
-                    break None;
+                    return LinkEnd::Shutdown;
                 }
             }
             Header::Resolved { token, result } => {
@@ -70,55 +78,17 @@ pub(crate) async fn read_loop(inner: Arc<Inner>, mut reader: FrameReader<OwnedRe
                     let _ = w.send(result);
                 }
             }
-            Header::Routed(routed) => {
-                let done =
-                    {
-                        let mut tracker = inner.tracker();
-                        if tracker.is_tracked(routed.seq) {
-                            Ok(tracker
-                                .handle_routed(&routed, |id, inc| inner.members.is_live(id, inc)))
-                        } else {
-                            Err(routed)
-                        }
-                    };
-                match done {
-                    Ok(done) => complete(done),
-                    Err(routed) => late_failure(&inner, &routed),
-                }
-            }
+            Header::Routed(routed) => handle_routed(inner, routed),
             Header::Ack(ack) => {
                 if ack.to_incarnation == inner.incarnation {
-                    let done = {
-                        let mut tracker = inner.tracker();
-                        tracker
-                            .is_tracked(ack.seq)
-                            .then(|| tracker.handle_ack(&ack))
-                    };
-                    match (done, &ack.status) {
-                        (Some(done), _) => complete(done),
-                        (None, AckStatus::Failed(f)) => late_failure(
-                            &inner,
-                            &transports::protocol::Routed {
-                                seq: ack.seq,
-                                receivers: vec![],
-                                failed: vec![(ack.from.clone(), f.clone())],
-                                error: None,
-                            },
-                        ),
-                        (None, AckStatus::Accepted) => {}
-                    }
+                    handle_ack(inner, &ack);
                 } else {
                     tracing::trace!(seq = ack.seq, "dropping ack for another incarnation");
                 }
             }
             Header::Member(event) => {
-                let joined_or_updated = !matches!(event, MemberEvent::Left { .. });
-                if let Some(left) = inner.members.apply(event) {
-                    tracing::info!(node = %left, "member left");
-                    complete(inner.tracker().handle_member_left(&left));
-                } else if joined_or_updated {
-                    tracing::debug!("membership updated");
-                }
+                let changes = inner.members.apply(event);
+                inner.handle_changes(changes).await;
             }
             Header::Subscribed { token } => {
                 let waiter = inner
@@ -130,20 +100,65 @@ pub(crate) async fn read_loop(inner: Arc<Inner>, mut reader: FrameReader<OwnedRe
                     let _ = w.send(());
                 }
             }
-            Header::Goodbye => break Some("the message server is stopping".to_owned()),
+            Header::Goodbye => return LinkEnd::Lost("the message server is stopping".into()),
             other => {
-                break Some(format!(
+                return LinkEnd::Lost(format!(
                     "unexpected {} frame from the message server",
                     other.kind()
                 ))
             }
         }
+    }
+}
+
+/// A receiver's acknowledgement, from any connection.
+pub(crate) fn handle_ack(inner: &Inner, ack: &Ack) {
+    let done = {
+        let mut tracker = inner.tracker();
+        tracker.is_tracked(ack.seq).then(|| tracker.handle_ack(ack))
     };
-    if let Some(reason) = end {
-        tracing::error!(%reason, "lost the connection to the message server");
-        inner.members.disconnected();
-        inner.close(&SendError::Disconnected);
-        inner.queue.close();
+    match (done, &ack.status) {
+        (Some(done), _) => complete(done),
+        (None, AckStatus::Failed(f)) => late_failure(
+            inner,
+            &Routed {
+                seq: ack.seq,
+                receivers: vec![],
+                failed: vec![(ack.from.clone(), f.clone())],
+                error: None,
+            },
+        ),
+        (None, AckStatus::Accepted) => {}
+    }
+}
+
+/// The message server's word on where a message went. A `Node` message to
+/// a member that is only reconnecting (the server does not know it right
+/// now) is parked: it goes out again when that member registers.
+fn handle_routed(inner: &Inner, routed: Routed) {
+    if routed.error == Some(DeliveryFailure::UnknownTarget) {
+        let parked_for = inner
+            .resend_buffer()
+            .get(routed.seq)
+            .and_then(|r| r.node().cloned());
+        if let Some(node) = parked_for {
+            if inner.members.is_member(&node) && inner.tracker().is_tracked(routed.seq) {
+                tracing::debug!(%node, seq = routed.seq, "target reconnecting: message parked");
+                return;
+            }
+        }
+    }
+    let done = {
+        let mut tracker = inner.tracker();
+        if tracker.is_tracked(routed.seq) {
+            Ok(tracker.handle_routed(&routed, |id, inc| inner.members.is_live(id, inc)))
+        } else {
+            Err(routed)
+        }
+    };
+    match done {
+        Ok(done) => complete(done),
+        Err(routed) => late_failure(inner, &routed),
     }
 }
 
@@ -183,12 +198,6 @@ pub(crate) async fn deliver(
         }
         return Ok(());
     }
-    let queue = inner
-        .inboxes
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&h.service)
-        .cloned();
     let answer = Answer {
         queue: acks.clone(),
         to: h.sender.clone(),
@@ -196,6 +205,19 @@ pub(crate) async fn deliver(
         seq: h.seq,
         kind: h.kind,
     };
+    // At most once per runtime: a resent message is acknowledged again,
+    // not delivered again.
+    if !inner.dedup().is_new(&h.sender, h.incarnation, h.seq) {
+        tracing::trace!(sender = %h.sender, seq = h.seq, "duplicate dropped");
+        answer.send(inner, AckStatus::Accepted).await;
+        return Ok(());
+    }
+    let queue = inner
+        .inboxes
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&h.service)
+        .cloned();
     let delivery = Delivery {
         message: Message {
             sender: h.sender,
@@ -350,7 +372,7 @@ pub(crate) async fn pump(
 
 /// A routing failure for a message nobody waits on (a `notify`, or a send
 /// whose caller gave up): counted, and logged, never silent.
-pub(crate) fn late_failure(inner: &Inner, routed: &transports::protocol::Routed) {
+pub(crate) fn late_failure(inner: &Inner, routed: &Routed) {
     // A failed `Node` message names its node in `failed` and in `error`.
     let failures = match (routed.failed.len(), &routed.error) {
         (0, Some(_)) => 1,

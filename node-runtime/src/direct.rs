@@ -353,11 +353,13 @@ async fn outgoing_reader(
 }
 
 /// Closes lazy channels idle for `lazy.idle_close_ms` with nothing in
-/// flight, and forgets stale auto-activation windows. Runs for the node's
-/// life.
+/// flight, forgets stale auto-activation windows, and declares gone the
+/// members that disconnected and did not return within the failure
+/// timeout. Runs for the node's life.
 pub(crate) async fn idle_sweeper(inner: Arc<Inner>) {
     let idle_ms = inner.config.lazy.idle_close_ms;
-    let tick = Duration::from_millis((idle_ms / 4).clamp(10, 1_000));
+    let failure_ms = inner.config.cluster.failure_timeout_ms;
+    let tick = Duration::from_millis((idle_ms.min(failure_ms) / 4).clamp(10, 1_000));
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -385,6 +387,9 @@ pub(crate) async fn idle_sweeper(inner: Arc<Inner>) {
             }
         }
         inner.activation().handle_timeout(std::time::Instant::now());
+        // Members that disconnected and did not come back in time.
+        let gone = inner.members.expire(std::time::Instant::now());
+        inner.handle_changes(gone).await;
     }
 }
 

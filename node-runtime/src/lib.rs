@@ -31,7 +31,11 @@
 //! - [`node`]: the [`Node`] handle: send, notify, request, subscribe.
 //! - [`inbox`]: service inboxes and delivered messages.
 //! - [`membership`]: the members view and its events.
-//! - `connection`: the read task on the message-server connection.
+//! - `supervisor`: the link to the message server: reconnect, standby,
+//!   resend.
+//! - `connection`: reading the message-server link: deliveries, acks,
+//!   routing results, membership.
+//! - `reliable`: the resend buffer and duplicate suppression.
 //! - `routing`: the cluster manager's driver: path choice and fallback.
 //! - `direct`: lazy and session channels, both ends.
 //! - [`counters`]: what went over which path.
@@ -45,7 +49,9 @@ pub mod error;
 pub mod inbox;
 pub mod membership;
 pub mod node;
+mod reliable;
 mod routing;
+mod supervisor;
 
 pub use builder::NodeBuilder;
 pub use cluster_manager::{DeliveryReport, SendError};

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::RwLock;
+use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 use transports::protocol::{LeaveReason, MemberEvent, MemberInfo, NodeId};
@@ -27,8 +28,15 @@ pub enum MembershipEvent {
         /// Why: a planned stop, a broken connection, or declared failed.
         reason: LeaveReason,
     },
-    /// This node lost its connection to the message server.
+    /// This node lost its connection to the message server; it reconnects
+    /// by itself.
     Disconnected,
+    /// This node is connected to a message server again (after
+    /// [`MembershipEvent::Disconnected`]).
+    Reconnected {
+        /// The message server's address.
+        address: String,
+    },
 }
 
 /// Why [`MembershipEvents::recv`] returned no event.
@@ -70,60 +78,88 @@ impl MembershipEvents {
     }
 }
 
+/// What applying a server event changed, for the runtime to act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Change {
+    /// A member is gone for good: fail what waits on it.
+    Left(NodeId),
+    /// A member (re)registered with the message server: what waits on it
+    /// may be resent.
+    Present(NodeId),
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    info: MemberInfo,
+    /// Set while the member is disconnected from the message server: it is
+    /// declared gone at this instant unless it registers again.
+    gone_at: Option<Instant>,
+}
+
 /// The current members, by id.
+///
+/// A member whose connection to the message server broke is kept for the
+/// failure timeout (it may be reconnecting, or the message server may have
+/// restarted); it is declared gone only if it does not register again in
+/// time. A planned stop or a declared failure takes effect at once.
 #[derive(Debug)]
 pub(crate) struct MemberView {
-    members: RwLock<BTreeMap<NodeId, MemberInfo>>,
+    members: RwLock<BTreeMap<NodeId, Entry>>,
     events: broadcast::Sender<MembershipEvent>,
+    grace: Duration,
 }
 
 impl MemberView {
-    pub(crate) fn new(initial: Vec<MemberInfo>) -> Self {
+    pub(crate) fn new(initial: Vec<MemberInfo>, grace: Duration) -> Self {
         let (events, _) = broadcast::channel(MEMBERSHIP_EVENT_CAPACITY);
         MemberView {
-            members: RwLock::new(initial.into_iter().map(|m| (m.id.clone(), m)).collect()),
+            members: RwLock::new(
+                initial
+                    .into_iter()
+                    .map(|m| {
+                        (
+                            m.id.clone(),
+                            Entry {
+                                info: m,
+                                gone_at: None,
+                            },
+                        )
+                    })
+                    .collect(),
+            ),
             events,
+            grace,
         }
     }
 
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<NodeId, Entry>> {
+        self.members.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<NodeId, Entry>> {
+        self.members.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub(crate) fn snapshot(&self) -> Vec<MemberInfo> {
-        self.members
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.read().values().map(|e| e.info.clone()).collect()
     }
 
     pub(crate) fn member(&self, id: &NodeId) -> Option<MemberInfo> {
-        self.members
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
+        self.read().get(id).map(|e| e.info.clone())
     }
 
     pub(crate) fn is_member(&self, id: &NodeId) -> bool {
-        self.members
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(id)
+        self.read().contains_key(id)
     }
 
     pub(crate) fn direct_addr(&self, id: &NodeId) -> Option<std::net::SocketAddr> {
-        self.members
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .and_then(|m| m.direct_addr)
+        self.read().get(id).and_then(|e| e.info.direct_addr)
     }
 
     pub(crate) fn is_live(&self, id: &NodeId, incarnation: u64) -> bool {
-        self.members
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        self.read()
             .get(id)
-            .is_some_and(|m| m.incarnation == incarnation)
+            .is_some_and(|e| e.info.incarnation == incarnation)
     }
 
     pub(crate) fn subscribe(&self) -> MembershipEvents {
@@ -132,49 +168,128 @@ impl MemberView {
         }
     }
 
-    /// Applies a server event; returns the id that left, if one did.
-    pub(crate) fn apply(&self, event: MemberEvent) -> Option<NodeId> {
-        let mut left = None;
-        let app_event = {
-            let mut members = self.members.write().unwrap_or_else(|p| p.into_inner());
+    pub(crate) fn emit_event(&self, event: MembershipEvent) {
+        self.emit(event);
+    }
+
+    fn emit(&self, event: MembershipEvent) {
+        // No subscriber is fine.
+        let _ = self.events.send(event);
+    }
+
+    /// Applies a server event.
+    pub(crate) fn apply(&self, event: MemberEvent) -> Vec<Change> {
+        let mut changes = Vec::new();
+        let mut events = Vec::new();
+        {
+            let mut members = self.write();
             match event {
-                MemberEvent::Joined(info) => {
-                    members.insert(info.id.clone(), info.clone());
-                    Some(MembershipEvent::Joined(info))
-                }
-                MemberEvent::Updated(info) => match members.get(&info.id) {
-                    Some(m) if m.incarnation == info.incarnation => {
-                        members.insert(info.id.clone(), info.clone());
-                        Some(MembershipEvent::Updated(info))
+                MemberEvent::Joined(info) | MemberEvent::Updated(info) => {
+                    let id = info.id.clone();
+                    let mut back = false;
+                    match members.get(&id) {
+                        Some(e) if e.info.incarnation == info.incarnation => {
+                            back = e.gone_at.is_some();
+                            if e.info != info {
+                                events.push(MembershipEvent::Updated(info.clone()));
+                            }
+                        }
+                        Some(old) => {
+                            // A new incarnation: the old one is gone.
+                            events.push(MembershipEvent::Left {
+                                id: id.clone(),
+                                incarnation: old.info.incarnation,
+                                reason: LeaveReason::Disconnected,
+                            });
+                            changes.push(Change::Left(id.clone()));
+                            events.push(MembershipEvent::Joined(info.clone()));
+                        }
+                        None => events.push(MembershipEvent::Joined(info.clone())),
                     }
-                    _ => None,
-                },
+                    members.insert(
+                        id.clone(),
+                        Entry {
+                            info,
+                            gone_at: None,
+                        },
+                    );
+                    if back {
+                        changes.push(Change::Present(id));
+                    }
+                }
                 MemberEvent::Left {
                     id,
                     incarnation,
                     reason,
-                } => match members.get(&id) {
-                    Some(m) if m.incarnation == incarnation => {
-                        members.remove(&id);
-                        left = Some(id.clone());
-                        Some(MembershipEvent::Left {
-                            id,
-                            incarnation,
-                            reason,
-                        })
+                } => match members.get_mut(&id) {
+                    Some(e) if e.info.incarnation == incarnation => {
+                        if reason == LeaveReason::Disconnected {
+                            // Maybe reconnecting: wait for the failure timeout.
+                            e.gone_at.get_or_insert(Instant::now() + self.grace);
+                        } else {
+                            members.remove(&id);
+                            events.push(MembershipEvent::Left {
+                                id: id.clone(),
+                                incarnation,
+                                reason,
+                            });
+                            changes.push(Change::Left(id));
+                        }
                     }
-                    _ => None,
+                    _ => {}
                 },
             }
-        };
-        if let Some(e) = app_event {
-            // No subscriber is fine.
-            let _ = self.events.send(e);
         }
-        left
+        for e in events {
+            self.emit(e);
+        }
+        changes
+    }
+
+    /// Takes the member list of a new connection's `Welcome`: members it
+    /// lacks get the failure timeout to register again.
+    pub(crate) fn reconcile(&self, current: Vec<MemberInfo>) -> Vec<Change> {
+        let now = Instant::now();
+        let mut changes = Vec::new();
+        {
+            let mut members = self.write();
+            for e in members.values_mut() {
+                if !current.iter().any(|m| m.id == e.info.id) {
+                    e.gone_at.get_or_insert(now + self.grace);
+                }
+            }
+        }
+        for info in current {
+            changes.extend(self.apply(MemberEvent::Joined(info)));
+        }
+        changes
+    }
+
+    /// Declares gone the members whose grace ran out.
+    pub(crate) fn expire(&self, now: Instant) -> Vec<Change> {
+        let gone: Vec<Entry> = {
+            let mut members = self.write();
+            let ids: Vec<NodeId> = members
+                .iter()
+                .filter(|(_, e)| e.gone_at.is_some_and(|t| t <= now))
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.iter().filter_map(|id| members.remove(id)).collect()
+        };
+        gone.into_iter()
+            .map(|e| {
+                tracing::info!(node = %e.info.id, "member did not come back within the failure timeout");
+                self.emit(MembershipEvent::Left {
+                    id: e.info.id.clone(),
+                    incarnation: e.info.incarnation,
+                    reason: LeaveReason::Failed,
+                });
+                Change::Left(e.info.id)
+            })
+            .collect()
     }
 
     pub(crate) fn disconnected(&self) {
-        let _ = self.events.send(MembershipEvent::Disconnected);
+        self.emit(MembershipEvent::Disconnected);
     }
 }

@@ -19,11 +19,13 @@ use transports::protocol::{
 use transports::{Config, OutFrame, OutQueue};
 
 use crate::builder::NodeBuilder;
+use crate::connection::complete;
 use crate::connection::{pump, ServiceQueue};
 use crate::counters::{Counters, PathCounters};
 use crate::direct::DirectPool;
 use crate::inbox::Inbox;
-use crate::membership::{MemberView, MembershipEvents};
+use crate::membership::{Change, MemberView, MembershipEvents};
+use crate::reliable::{Dedup, ResendBuffer};
 use crate::NodeError;
 
 /// Time [`Node::shutdown`] waits for the node's tasks to finish.
@@ -48,6 +50,7 @@ pub(crate) struct Parts {
     pub(crate) server_max: u64,
     pub(crate) queue: OutQueue,
     pub(crate) members: Vec<MemberInfo>,
+    pub(crate) server_index: usize,
 }
 
 /// State shared by the node handles and the node's tasks.
@@ -71,6 +74,19 @@ pub(crate) struct Inner {
     pub(crate) resolves: Mutex<HashMap<u64, oneshot::Sender<ResolveResult>>>,
     pub(crate) members: MemberView,
     pub(crate) direct: DirectPool,
+    /// Acknowledged messages sent through the message server, kept until
+    /// their outcome is known, to be resent after a reconnect.
+    pub(crate) resend: Mutex<ResendBuffer>,
+    /// Which message numbers of each sender were delivered here.
+    pub(crate) dedup: Mutex<Dedup>,
+    /// Orders message-server sends: the sequence number is taken and the
+    /// frame queued under it, so the wire order is the number order.
+    pub(crate) send_lock: tokio::sync::Mutex<()>,
+    /// Bounds the acknowledged messages awaiting an outcome
+    /// (`node.max_in_flight`).
+    pub(crate) in_flight: Arc<tokio::sync::Semaphore>,
+    /// The index in `message_server.addresses` connected to now.
+    pub(crate) server_index: std::sync::atomic::AtomicUsize,
     activation: Mutex<AutoActivation>,
     pub(crate) counters: Counters,
     /// Routing failures reported for messages nobody waits on.
@@ -85,6 +101,8 @@ pub(crate) type ResolveResult = Result<Vec<(NodeId, u64)>, DeliveryFailure>;
 
 impl Inner {
     pub(crate) fn new(parts: Parts) -> Inner {
+        let failure_timeout = parts.config.failure_timeout();
+        let max_in_flight = parts.config.node.max_in_flight;
         let lazy = &parts.config.lazy;
         let activation = AutoActivation::new(
             lazy.auto_activate_messages,
@@ -103,8 +121,13 @@ impl Inner {
             inboxes: RwLock::new(HashMap::new()),
             subscriptions: Mutex::new(HashMap::new()),
             resolves: Mutex::new(HashMap::new()),
-            members: MemberView::new(parts.members),
+            members: MemberView::new(parts.members, failure_timeout),
             direct: DirectPool::default(),
+            resend: Mutex::new(ResendBuffer::default()),
+            dedup: Mutex::new(Dedup::default()),
+            send_lock: tokio::sync::Mutex::new(()),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
+            server_index: std::sync::atomic::AtomicUsize::new(parts.server_index),
             activation: Mutex::new(activation),
             counters: Counters::default(),
             late_failures: AtomicU64::new(0),
@@ -117,6 +140,60 @@ impl Inner {
     /// Milliseconds since the node started (for idle tracking).
     pub(crate) fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// This node's `Hello` as of now: its current services included.
+    pub(crate) fn current_hello(&self) -> Hello {
+        let mut hello = self.hello.clone();
+        hello.services = self
+            .inboxes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .map(|s| s.to_string())
+            .collect();
+        hello
+    }
+
+    /// Acts on membership changes: fails what waited on members gone for
+    /// good, resends to members that are back.
+    pub(crate) async fn handle_changes(&self, changes: Vec<Change>) {
+        for change in changes {
+            match change {
+                Change::Left(id) => {
+                    tracing::info!(node = %id, "member left");
+                    self.dedup().forget(&id);
+                    complete(self.tracker().handle_member_left(&id));
+                }
+                Change::Present(id) => self.resync(&id).await,
+            }
+        }
+    }
+
+    /// Sends again, in order, what `node` has not acknowledged: it was
+    /// disconnected, so acknowledgements (or the messages) may be lost.
+    async fn resync(&self, node: &NodeId) {
+        let _order = self.send_lock.lock().await;
+        let frames = {
+            let resend = self.resend_buffer();
+            resend.to_node(node, |seq| self.tracker().is_tracked(seq))
+        };
+        if !frames.is_empty() {
+            tracing::debug!(%node, messages = frames.len(), "member back: resending what it has not acknowledged");
+        }
+        for frame in frames {
+            if self.queue.push_data(frame).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    pub(crate) fn resend_buffer(&self) -> std::sync::MutexGuard<'_, ResendBuffer> {
+        self.resend.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn dedup(&self) -> std::sync::MutexGuard<'_, Dedup> {
+        self.dedup.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn activation(&self) -> std::sync::MutexGuard<'_, AutoActivation> {
@@ -146,6 +223,23 @@ impl Inner {
             });
         }
         Ok(())
+    }
+
+    pub(crate) fn header(
+        &self,
+        seq: u64,
+        target: Target,
+        service: Arc<str>,
+        kind: MessageKind,
+    ) -> MessageHeader {
+        MessageHeader {
+            sender: self.id.clone(),
+            incarnation: self.incarnation,
+            seq,
+            target,
+            service,
+            kind,
+        }
     }
 
     pub(crate) fn message(
@@ -246,6 +340,7 @@ pub struct Pending {
     seq: u64,
     deadline: Instant,
     rx: Option<oneshot::Receiver<Completion>>,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Pending {
@@ -254,12 +349,14 @@ impl Pending {
         seq: u64,
         deadline: Instant,
         rx: oneshot::Receiver<Completion>,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> Pending {
         Pending {
             inner,
             seq,
             deadline,
             rx: Some(rx),
+            _slot: slot,
         }
     }
 
@@ -308,6 +405,7 @@ impl Drop for Pending {
     fn drop(&mut self) {
         // A settled message is no longer tracked; cancel is a no-op then.
         self.inner.tracker().cancel(self.seq);
+        self.inner.resend_buffer().remove(self.seq);
     }
 }
 

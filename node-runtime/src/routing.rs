@@ -19,6 +19,12 @@ use crate::connection::complete;
 use crate::counters::Counters;
 use crate::direct::{get_or_open, ChannelKind, DirectConn};
 use crate::node::{Inner, Pending};
+use crate::reliable::Resend;
+
+/// The server route returns early in `submit`.
+fn unreachable_route() {
+    tracing::error!("server route reached the direct branch");
+}
 
 /// Where one message goes.
 enum Route {
@@ -147,21 +153,56 @@ impl Inner {
         let body_len = body.len() as u64;
         let route = self.route(&target, service, body_len, deadline).await?;
         let service: Arc<str> = Arc::from(service);
-        let seq = self.next_seq();
-        let (tx, rx) = oneshot::channel();
-        let pending = Pending::new(self.clone(), seq, deadline, rx);
-        match route {
-            Route::Server => {
-                self.server_size_error(&target, &service, body_len)?;
-                {
-                    let mut tracker = self.tracker();
-                    tracker.track(seq, target.clone(), service.clone(), awaiting, tx);
-                    tracker.mark_via_server(seq);
+        let slot =
+            match tokio::time::timeout_at(deadline, self.in_flight.clone().acquire_owned()).await {
+                Ok(Ok(slot)) => slot,
+                Ok(Err(_)) => return Err(SendError::Shutdown),
+                Err(_) => {
+                    return Err(SendError::Timeout {
+                        after: self.config.send_timeout(),
+                        waiting_for: vec![],
+                    })
                 }
-                self.enqueue(self.message(seq, target, service, kind, body), deadline)
-                    .await?;
-                self.count_server(body_len);
+            };
+        let (tx, rx) = oneshot::channel();
+        if let Route::Server = route {
+            self.server_size_error(&target, &service, body_len)?;
+            // The number is taken and the frame queued under the lock, so
+            // the wire order is the number order (receivers deduplicate by
+            // number; resends go out in number order).
+            let Ok(_order) = tokio::time::timeout_at(deadline, self.send_lock.lock()).await else {
+                return Err(SendError::Timeout {
+                    after: self.config.send_timeout(),
+                    waiting_for: vec![],
+                });
+            };
+            let seq = self.next_seq();
+            let pending = Pending::new(self.clone(), seq, deadline, rx, Some(slot));
+            {
+                let mut tracker = self.tracker();
+                tracker.track(seq, target.clone(), service.clone(), awaiting, tx);
+                tracker.mark_via_server(seq);
             }
+            let header = self.header(seq, target, service, kind);
+            self.resend_buffer().insert(
+                seq,
+                Resend {
+                    header: header.clone(),
+                    body: body.clone(),
+                },
+            );
+            let frame = OutFrame::Parts {
+                header: Header::Message(header),
+                body,
+            };
+            self.enqueue(frame, deadline).await?;
+            self.count_server(body_len);
+            return Ok(pending);
+        }
+        let seq = self.next_seq();
+        let pending = Pending::new(self.clone(), seq, deadline, rx, Some(slot));
+        match route {
+            Route::Server => unreachable_route(),
             Route::Direct(conn) => {
                 self.tracker()
                     .track(seq, target.clone(), service.clone(), awaiting, tx);

@@ -28,8 +28,8 @@ pub fn init_logging() {
 }
 
 /// A configuration with short timings, for tests: heartbeat 200 ms,
-/// failure timeout 1 s, send timeout 5 s, listening on an ephemeral
-/// loopback port.
+/// failure timeout 1 s, send timeout 5 s, reconnect delay 50 ms (at most
+/// 500 ms), listening on an ephemeral loopback port.
 pub fn test_config() -> Config {
     let mut config = Config::default();
     config.message_server.listen = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -37,6 +37,8 @@ pub fn test_config() -> Config {
     config.cluster.failure_timeout_ms = 1_000;
     config.node.send_timeout_ms = 5_000;
     config.message_server.connect_timeout_ms = 2_000;
+    config.message_server.reconnect_delay_ms = 50;
+    config.message_server.reconnect_max_delay_ms = 500;
     config
 }
 

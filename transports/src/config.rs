@@ -58,6 +58,8 @@ pub const DEFAULT_DIRECT_LISTEN: &str = "0.0.0.0:0";
 pub const DEFAULT_INBOX_CAPACITY: usize = 1_024;
 /// Default time a full inbox may hold a connection back.
 pub const DEFAULT_INBOX_WAIT_MS: u64 = 1_000;
+/// Default bound of acknowledged messages awaiting an outcome.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 65_536;
 /// Default backlog above which a node reports itself busy.
 pub const DEFAULT_BUSY_UPPER: usize = 768;
 /// Default backlog below which a busy node is no longer busy.
@@ -228,6 +230,10 @@ pub struct NodeConfig {
     /// came on (slowing its sender down) before the message is answered
     /// `Overloaded`. Default [`DEFAULT_INBOX_WAIT_MS`].
     pub inbox_wait_ms: u64,
+    /// Acknowledged messages a node may have awaiting their outcome;
+    /// further sends wait (bounded by the send timeout). Bounds the resend
+    /// buffer. Default [`DEFAULT_MAX_IN_FLIGHT`].
+    pub max_in_flight: usize,
     /// Backlog above which the node reports itself busy.
     /// Default [`DEFAULT_BUSY_UPPER`].
     pub busy_upper: usize,
@@ -253,6 +259,7 @@ impl Default for NodeConfig {
             send_timeout_ms: DEFAULT_SEND_TIMEOUT_MS,
             inbox_capacity: DEFAULT_INBOX_CAPACITY,
             inbox_wait_ms: DEFAULT_INBOX_WAIT_MS,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             busy_upper: DEFAULT_BUSY_UPPER,
             busy_lower: DEFAULT_BUSY_LOWER,
             processor_concurrency: DEFAULT_PROCESSOR_CONCURRENCY,
@@ -506,6 +513,7 @@ impl Config {
             ("node.queue_frames", self.node.queue_frames, 16),
             ("node.queue_bytes", self.node.queue_bytes, 64 * 1024),
             ("node.inbox_capacity", self.node.inbox_capacity, 1),
+            ("node.max_in_flight", self.node.max_in_flight, 1),
             (
                 "node.processor_concurrency",
                 self.node.processor_concurrency,

@@ -426,6 +426,31 @@ impl OutQueue {
     }
 }
 
+/// How [`write_queue`] ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteEnd {
+    /// Every [`OutQueue`] was dropped, or a [`Header::Goodbye`] was written;
+    /// the write side was flushed and shut down.
+    Finished,
+    /// [`OutQueue::close`] was called.
+    Closed,
+}
+
+/// Gives permits back when a batch is done, also if the writing future is
+/// dropped half-way.
+struct Release<'a> {
+    rx: &'a OutReceiver,
+    permits: usize,
+    data_slots: usize,
+}
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        self.rx.bytes.add_permits(self.permits);
+        self.rx.data_slots.add_permits(self.data_slots);
+    }
+}
+
 /// Drains `rx` into `io` until every [`OutQueue`] is dropped or a
 /// [`Header::Goodbye`] was written (then flushes and shuts the write side
 /// down), or [`OutQueue::close`] is called (then stops at once).
@@ -435,33 +460,45 @@ impl OutQueue {
 /// into one buffer, bodies of [`VECTORED_MIN_BYTES`] and more are written
 /// from their own `Bytes`.
 ///
+/// The queue outlives an i/o error: the caller may reconnect and call this
+/// again with the same `rx` (the batch being written when the connection
+/// broke is lost; acknowledged messages are resent by their senders).
+///
 /// # Errors
 ///
 /// The i/o error that ended the connection. A frame that cannot be encoded
 /// (over `max_frame`) is logged and skipped, not fatal.
-pub async fn run_writer<W: AsyncWrite + Unpin>(
-    mut io: W,
-    mut rx: OutReceiver,
+///
+/// # Cancel safety
+///
+/// Dropping the future loses the batch being written, nothing else.
+pub async fn write_queue<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    rx: &mut OutReceiver,
     max_frame: usize,
-) -> Result<(), FrameError> {
+) -> Result<WriteEnd, FrameError> {
     let mut batch = Vec::with_capacity(WRITE_BATCH_FRAMES);
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let mut chunks: VecDeque<Bytes> = VecDeque::new();
-    let result = loop {
+    loop {
         let n = tokio::select! {
             biased;
-            _ = rx.closed.cancelled() => break Ok(()),
+            _ = rx.closed.cancelled() => return Ok(WriteEnd::Closed),
             n = rx.rx.recv_many(&mut batch, WRITE_BATCH_FRAMES) => n,
         };
         if n == 0 {
-            break io.shutdown().await.map_err(FrameError::from);
+            io.shutdown().await?;
+            return Ok(WriteEnd::Finished);
         }
-        let mut permits = 0usize;
-        let mut data_slots = 0usize;
+        let mut release = Release {
+            rx,
+            permits: 0,
+            data_slots: 0,
+        };
         let mut goodbye = false;
         for item in batch.drain(..) {
-            permits += item.permits as usize;
-            data_slots += usize::from(item.data_slot);
+            release.permits += item.permits as usize;
+            release.data_slots += usize::from(item.data_slot);
             if goodbye {
                 // Nothing follows a goodbye.
                 continue;
@@ -505,23 +542,37 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
         if !buf.is_empty() {
             chunks.push_back(buf.split().freeze());
         }
+        let closed = release.rx.closed.clone();
         let written = tokio::select! {
             biased;
-            _ = rx.closed.cancelled() => break Ok(()),
-            w = write_chunks(&mut io, &mut chunks) => w,
+            _ = closed.cancelled() => return Ok(WriteEnd::Closed),
+            w = write_chunks(io, &mut chunks) => w,
         };
-        rx.bytes.add_permits(permits);
-        rx.data_slots.add_permits(data_slots);
-        if let Err(e) = written {
-            break Err(FrameError::Io(e));
-        }
+        drop(release);
+        chunks.clear();
+        written?;
         if goodbye {
-            break io.shutdown().await.map_err(FrameError::from);
+            io.shutdown().await?;
+            return Ok(WriteEnd::Finished);
         }
-    };
+    }
+}
+
+/// [`write_queue`] for a connection that owns its queue: when it ends, the
+/// queue is closed (senders see [`PushError::Closed`]).
+///
+/// # Errors
+///
+/// As [`write_queue`].
+pub async fn run_writer<W: AsyncWrite + Unpin>(
+    mut io: W,
+    mut rx: OutReceiver,
+    max_frame: usize,
+) -> Result<(), FrameError> {
+    let result = write_queue(&mut io, &mut rx, max_frame).await;
     rx.closed.cancel();
     rx.rx.close();
-    result
+    result.map(|_| ())
 }
 
 /// Writes every chunk, many per syscall.

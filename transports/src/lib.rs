@@ -24,5 +24,7 @@ pub mod tcp;
 pub use config::{Config, ConfigError};
 pub use frame::{Frame, FrameCodec, FrameError, OutFrame};
 pub use handshake::HandshakeError;
-pub use io::{out_queue, run_writer, FrameReader, OutQueue, OutReceiver, PushError};
+pub use io::{
+    out_queue, run_writer, write_queue, FrameReader, OutQueue, OutReceiver, PushError, WriteEnd,
+};
 pub use protocol::{Header, NodeId, Target};

@@ -1,0 +1,222 @@
+//! Registration under the lock that orders membership: a node's first
+//! registration, the takeover by a runtime that reconnects with the same
+//! incarnation, its removal, and the warm-up hold.
+//!
+//! The message server holds only soft state. After it restarts, nodes
+//! re-register one by one; a message to a node that has not re-registered
+//! yet is held (bounded) for the warm-up period, `cluster.failure_timeout_ms`
+//! after start, and handed over in order when that node registers. What is
+//! still held when the warm-up ends is answered `UnknownTarget`.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use bytes::Bytes;
+use transports::protocol::{
+    DeliveryFailure, Header, LeaveReason, MemberEvent, MemberInfo, NodeId, Routed, Welcome,
+    PROTOCOL_VERSION,
+};
+use transports::{OutFrame, OutQueue, PushError};
+
+use crate::counters::Counters;
+use crate::server::{ConnHandle, Shared, State};
+use crate::table::RegisterError;
+
+/// A message held for a node that has not re-registered yet.
+#[derive(Debug)]
+pub(crate) struct Held {
+    pub(crate) raw: Bytes,
+    pub(crate) sender: NodeId,
+    pub(crate) seq: u64,
+}
+
+/// Messages held per target, and in all.
+#[derive(Debug, Default)]
+pub(crate) struct HeldMessages {
+    by_target: HashMap<NodeId, VecDeque<Held>>,
+    bytes: usize,
+}
+
+/// Registers the node (taking over from a previous connection of the same
+/// incarnation), queues its `Welcome` and then what was held for it, and
+/// tells everyone else. Returns the connection's id.
+pub(crate) fn register(
+    shared: &Shared,
+    me: &MemberInfo,
+    queue: &OutQueue,
+    max_frame: usize,
+    max_message: u64,
+) -> Result<u64, RegisterError> {
+    let mut state = shared.write();
+    let takeover = state
+        .table
+        .member(&me.id)
+        .is_some_and(|m| m.incarnation == me.incarnation);
+    if takeover {
+        // The same runtime reconnected before its old connection was seen
+        // to break: the old one is closed, the node never left.
+        state.table.remove(&me.id, me.incarnation);
+        if let Some(old) = state.conns.remove(&me.id) {
+            old.queue.close();
+        }
+        tracing::info!(node = %me.id, "member reconnected; old connection closed");
+    }
+    state.table.register(me.clone())?;
+    let welcome = Header::Welcome(Welcome {
+        version: PROTOCOL_VERSION,
+        cluster: shared.config.cluster.name.clone(),
+        max_message_bytes: max_message,
+        members: state.table.members(),
+    });
+    // The queue is new and empty: this cannot fail for lack of room.
+    if let Err(e) = queue.try_push_control(OutFrame::control(welcome)) {
+        tracing::error!(error = %e, "could not queue welcome");
+    }
+    let event = Header::Member(MemberEvent::Joined(me.clone()));
+    broadcast_locked(shared, &state.conns, &event);
+    state.next_conn_id += 1;
+    let conn_id = state.next_conn_id;
+    state.conns.insert(
+        me.id.clone(),
+        ConnHandle {
+            conn_id,
+            incarnation: me.incarnation,
+            queue: queue.clone(),
+            max_frame,
+        },
+    );
+    let held = state.held.by_target.remove(&me.id).unwrap_or_default();
+    for h in held {
+        state.held.bytes -= h.raw.len();
+        if queue.try_push_data(OutFrame::Raw(h.raw)).is_err() {
+            tracing::error!(node = %me.id, sender = %h.sender, seq = h.seq, "held message did not fit the new queue");
+        }
+    }
+    Ok(conn_id)
+}
+
+/// Removes the node if `conn_id` is still its connection, and tells
+/// everyone.
+pub(crate) fn unregister(
+    shared: &Shared,
+    id: &NodeId,
+    incarnation: u64,
+    conn_id: u64,
+    reason: LeaveReason,
+) {
+    let mut state = shared.write();
+    if state.conns.get(id).is_none_or(|c| c.conn_id != conn_id) {
+        return;
+    }
+    state.conns.remove(id);
+    state.table.remove(id, incarnation);
+    let event = Header::Member(MemberEvent::Left {
+        id: id.clone(),
+        incarnation,
+        reason,
+    });
+    broadcast_locked(shared, &state.conns, &event);
+}
+
+/// Queues a membership event to every connection, under the lock that
+/// orders membership. A connection with no room even for control frames is
+/// hopelessly behind and is cut off.
+pub(crate) fn broadcast_locked(
+    shared: &Shared,
+    conns: &HashMap<NodeId, ConnHandle>,
+    event: &Header,
+) {
+    for (id, conn) in conns {
+        match conn
+            .queue
+            .try_push_control(OutFrame::control(event.clone()))
+        {
+            Ok(()) | Err(PushError::Closed(_)) => {}
+            Err(_) => {
+                tracing::warn!(node = %id, "cutting off slow consumer: no room for a membership event");
+                Counters::add(&shared.counters.slow_consumers, 1);
+                conn.queue.close();
+            }
+        }
+    }
+}
+
+/// Whether the server is still in its warm-up after start.
+pub(crate) fn warming_up(shared: &Shared) -> bool {
+    shared.started.elapsed() < Duration::from_millis(shared.config.cluster.failure_timeout_ms)
+}
+
+/// Holds a message for `target`, unknown during the warm-up. If `target`
+/// registered in the meantime, queues it there instead.
+///
+/// # Errors
+///
+/// Hands the message back if it cannot be held (warm-up over, or the
+/// bounds reached).
+pub(crate) fn hold(shared: &Shared, target: &NodeId, held: Held) -> Result<(), Held> {
+    let mut state = shared.write();
+    if let Some(conn) = state.conns.get(target) {
+        return match conn.queue.try_push_data(OutFrame::Raw(held.raw.clone())) {
+            Ok(()) => Ok(()),
+            Err(_) => Err(held),
+        };
+    }
+    let ms = &shared.config.message_server;
+    let per_target = state.held.by_target.get(target).map_or(0, VecDeque::len);
+    if !warming_up(shared)
+        || per_target >= ms.queue_frames / 2
+        || state.held.bytes + held.raw.len() > ms.queue_bytes
+    {
+        return Err(held);
+    }
+    state.held.bytes += held.raw.len();
+    state
+        .held
+        .by_target
+        .entry(target.clone())
+        .or_default()
+        .push_back(held);
+    Ok(())
+}
+
+/// After the warm-up, answers every message still held with
+/// `UnknownTarget`. Returns how many.
+pub(crate) fn expire_held(shared: &Shared) -> usize {
+    if warming_up(shared) {
+        return 0;
+    }
+    let (expired, conns) = {
+        let mut state: std::sync::RwLockWriteGuard<'_, State> = shared.write();
+        if state.held.by_target.is_empty() {
+            return 0;
+        }
+        state.held.bytes = 0;
+        let expired: Vec<(NodeId, Held)> = state
+            .held
+            .by_target
+            .drain()
+            .flat_map(|(t, q)| q.into_iter().map(move |h| (t.clone(), h)))
+            .collect();
+        (expired, state.conns.clone())
+    };
+    let n = expired.len();
+    for (target, h) in expired {
+        Counters::add(&shared.counters.route_failures, 1);
+        if let Some(conn) = conns.get(&h.sender) {
+            let routed = Header::Routed(Routed {
+                seq: h.seq,
+                receivers: vec![],
+                failed: vec![(target.clone(), DeliveryFailure::UnknownTarget)],
+                error: Some(DeliveryFailure::UnknownTarget),
+            });
+            if conn
+                .queue
+                .try_push_control(OutFrame::control(routed))
+                .is_err()
+            {
+                tracing::warn!(sender = %h.sender, "could not answer for an expired held message");
+            }
+        }
+    }
+    n
+}

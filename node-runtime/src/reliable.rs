@@ -1,0 +1,203 @@
+//! What makes acknowledged delivery survive a lost connection: the resend
+//! buffer on the sending side, and duplicate suppression on the receiving
+//! side.
+//!
+//! A sender keeps every acknowledged message it sent through the message
+//! server until its outcome is known. After reconnecting it sends them all
+//! again, in sequence order, before anything newer; after a receiver
+//! re-registers it sends again what that receiver has not acknowledged.
+//! Receivers remember which sequence numbers of each (sender, incarnation)
+//! they delivered, in a sliding window, and deliver each at most once (a
+//! duplicate `send` is acknowledged again, not delivered).
+
+use std::collections::{BTreeMap, HashMap};
+
+use bytes::Bytes;
+use transports::protocol::{Header, MessageHeader, NodeId, Target};
+use transports::OutFrame;
+
+/// Sequence numbers remembered per sender incarnation.
+pub const DEDUP_WINDOW: u64 = 1 << 17;
+
+const WORDS: usize = (DEDUP_WINDOW / 64) as usize;
+
+/// The sequence numbers of one sender incarnation seen recently.
+#[derive(Debug)]
+pub(crate) struct SeqWindow {
+    top: u64,
+    bits: Box<[u64; WORDS]>,
+}
+
+impl SeqWindow {
+    pub(crate) fn new() -> Self {
+        SeqWindow {
+            top: 0,
+            bits: Box::new([0; WORDS]),
+        }
+    }
+
+    fn bit(seq: u64) -> (usize, u64) {
+        let i = seq % DEDUP_WINDOW;
+        ((i / 64) as usize, 1u64 << (i % 64))
+    }
+
+    /// Records `seq`; true if it was not seen before. A number older than
+    /// the window counts as seen.
+    pub(crate) fn insert(&mut self, seq: u64) -> bool {
+        if seq > self.top {
+            let gap = seq - self.top;
+            if gap >= DEDUP_WINDOW {
+                self.bits.fill(0);
+            } else {
+                for s in self.top + 1..seq {
+                    let (w, b) = Self::bit(s);
+                    self.bits[w] &= !b;
+                }
+            }
+            self.top = seq;
+            let (w, b) = Self::bit(seq);
+            self.bits[w] |= b;
+            return true;
+        }
+        if self.top - seq >= DEDUP_WINDOW {
+            tracing::warn!(
+                seq,
+                top = self.top,
+                "message older than the duplicate window: dropped"
+            );
+            return false;
+        }
+        let (w, b) = Self::bit(seq);
+        let fresh = self.bits[w] & b == 0;
+        self.bits[w] |= b;
+        fresh
+    }
+}
+
+/// Duplicate suppression for every sender incarnation.
+#[derive(Debug, Default)]
+pub(crate) struct Dedup {
+    windows: HashMap<(NodeId, u64), SeqWindow>,
+}
+
+impl Dedup {
+    /// Whether message `seq` of `sender`'s `incarnation` is new (and
+    /// records it).
+    pub(crate) fn is_new(&mut self, sender: &NodeId, incarnation: u64, seq: u64) -> bool {
+        self.windows
+            .entry((sender.clone(), incarnation))
+            .or_insert_with(SeqWindow::new)
+            .insert(seq)
+    }
+
+    /// Forgets a sender that is gone.
+    pub(crate) fn forget(&mut self, sender: &NodeId) {
+        self.windows.retain(|(id, _), _| id != sender);
+    }
+}
+
+/// An acknowledged message kept for resending.
+#[derive(Debug, Clone)]
+pub(crate) struct Resend {
+    pub(crate) header: MessageHeader,
+    pub(crate) body: Bytes,
+}
+
+impl Resend {
+    pub(crate) fn frame(&self) -> OutFrame {
+        OutFrame::Parts {
+            header: Header::Message(self.header.clone()),
+            body: self.body.clone(),
+        }
+    }
+
+    /// The one node it is addressed to, if it is a `Node` message.
+    pub(crate) fn node(&self) -> Option<&NodeId> {
+        match &self.header.target {
+            Target::Node(id) => Some(id),
+            _ => None,
+        }
+    }
+}
+
+/// The resend buffer, by sequence number.
+#[derive(Debug, Default)]
+pub(crate) struct ResendBuffer {
+    by_seq: BTreeMap<u64, Resend>,
+}
+
+impl ResendBuffer {
+    pub(crate) fn insert(&mut self, seq: u64, resend: Resend) {
+        self.by_seq.insert(seq, resend);
+    }
+
+    pub(crate) fn remove(&mut self, seq: u64) {
+        self.by_seq.remove(&seq);
+    }
+
+    /// Every message still waiting for its outcome, in sequence order.
+    pub(crate) fn all(&self, still_tracked: impl Fn(u64) -> bool) -> Vec<OutFrame> {
+        self.by_seq
+            .iter()
+            .filter(|(seq, _)| still_tracked(**seq))
+            .map(|(_, r)| r.frame())
+            .collect()
+    }
+
+    /// The messages to `node` still waiting, in sequence order.
+    pub(crate) fn to_node(
+        &self,
+        node: &NodeId,
+        still_tracked: impl Fn(u64) -> bool,
+    ) -> Vec<OutFrame> {
+        self.by_seq
+            .iter()
+            .filter(|(seq, r)| r.node() == Some(node) && still_tracked(**seq))
+            .map(|(_, r)| r.frame())
+            .collect()
+    }
+
+    pub(crate) fn get(&self, seq: u64) -> Option<&Resend> {
+        self.by_seq.get(&seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_delivers_each_number_once_in_any_order() {
+        let mut w = SeqWindow::new();
+        let steps: Vec<(u64, bool)> = vec![
+            (1, true),
+            (2, true),
+            (2, false),
+            (5, true),
+            (3, true), // late, within the window
+            (3, false),
+            (4, true),
+            (1, false),
+            (5, false),
+            (5 + DEDUP_WINDOW, true),
+            (5, false), // now older than the window
+            (6 + DEDUP_WINDOW, true),
+            (4 + DEDUP_WINDOW, true), // in the gap that was cleared
+        ];
+        for (i, (seq, fresh)) in steps.into_iter().enumerate() {
+            assert_eq!(w.insert(seq), fresh, "step {i}: seq {seq}");
+        }
+    }
+
+    #[test]
+    fn dedup_is_per_sender_incarnation() {
+        let mut d = Dedup::default();
+        let a = NodeId::new("a");
+        assert!(d.is_new(&a, 1, 7));
+        assert!(!d.is_new(&a, 1, 7));
+        assert!(d.is_new(&a, 2, 7), "a new incarnation starts afresh");
+        assert!(d.is_new(&NodeId::new("b"), 1, 7));
+        d.forget(&a);
+        assert!(d.is_new(&a, 1, 7));
+    }
+}

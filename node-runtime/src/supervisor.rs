@@ -1,0 +1,264 @@
+//! The node's link to the message server, kept up for the node's life.
+//!
+//! One task runs the link: it writes the node's outgoing queue and reads
+//! what the server sends. When the link breaks it reconnects, every
+//! `message_server.reconnect_delay_ms` with a back-off capped at
+//! `reconnect_max_delay_ms`, walking the configured addresses in order
+//! (primary first, then standbys), and registers again with the same
+//! incarnation and its current services. Then it resends, before anything
+//! newer, every acknowledged message still waiting for its outcome
+//! (receivers drop the duplicates). While connected to a standby it probes
+//! the primary and moves back as soon as it answers.
+//!
+//! Sends made while disconnected wait in the bounded outgoing queue, each
+//! bounded by its send timeout; they do not fail at once.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use transports::frame::{encode_header, FrameCodec, HANDSHAKE_MAX_FRAME_BYTES};
+use transports::handshake::{self, HandshakeError};
+use transports::protocol::{Hello, Welcome};
+use transports::{write_queue, Config, FrameReader, OutFrame, OutReceiver, WriteEnd};
+
+use crate::connection::{read_frames, LinkEnd};
+use crate::membership::{Change, MembershipEvent};
+use crate::node::Inner;
+use crate::NodeError;
+
+/// A connected, registered link to one message server.
+#[derive(Debug)]
+pub(crate) struct Link {
+    pub(crate) address: String,
+    pub(crate) index: usize,
+    pub(crate) reader: FrameReader<OwnedReadHalf>,
+    pub(crate) writer: OwnedWriteHalf,
+    pub(crate) max_frame: usize,
+}
+
+/// Why one attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AttemptError {
+    #[error(transparent)]
+    Connect(#[from] std::io::Error),
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+}
+
+/// Connects to `message_server.addresses[index]` and registers.
+pub(crate) async fn connect(
+    config: &Config,
+    hello: &Hello,
+    index: usize,
+) -> Result<(Link, Welcome), AttemptError> {
+    let address = config
+        .message_server
+        .addresses
+        .get(index)
+        .cloned()
+        .unwrap_or_default();
+    let stream = transports::tcp::connect(&address, &config.tcp, config.connect_timeout()).await?;
+    let (rd, mut wr) = stream.into_split();
+    let mut reader = FrameReader::new(rd, FrameCodec::new(HANDSHAKE_MAX_FRAME_BYTES));
+    let welcome =
+        handshake::connect_handshake(&mut reader, &mut wr, hello, config.connect_timeout()).await?;
+    let max_message = welcome
+        .max_message_bytes
+        .min(config.limits.max_message_bytes);
+    let codec = FrameCodec::for_messages(max_message);
+    *reader.codec_mut() = codec;
+    Ok((
+        Link {
+            address,
+            index,
+            reader,
+            writer: wr,
+            max_frame: codec.max_frame(),
+        },
+        welcome,
+    ))
+}
+
+/// The first connection of a node: each address in order, once.
+///
+/// # Errors
+///
+/// [`NodeError::Connect`] if no server answered, [`NodeError::Handshake`]
+/// if the last one that answered refused.
+pub(crate) async fn connect_first(
+    config: &Config,
+    hello: &Hello,
+) -> Result<(Link, Welcome), NodeError> {
+    let mut last_io = None;
+    let mut last_refusal = None;
+    for index in 0..config.message_server.addresses.len() {
+        match connect(config, hello, index).await {
+            Ok(ok) => return Ok(ok),
+            Err(AttemptError::Connect(e)) => last_io = Some(e),
+            Err(AttemptError::Handshake(e)) => {
+                last_refusal = Some((config.message_server.addresses[index].clone(), e))
+            }
+        }
+    }
+    if let Some((address, source)) = last_refusal {
+        return Err(NodeError::Handshake { address, source });
+    }
+    Err(NodeError::Connect {
+        addresses: config.message_server.addresses.clone(),
+        source: last_io.unwrap_or_else(|| std::io::Error::other("no message server address")),
+    })
+}
+
+/// Runs the link until the node shuts down.
+pub(crate) async fn supervise(inner: Arc<Inner>, mut rx: OutReceiver, mut link: Link) {
+    let mut prelude = Vec::new();
+    loop {
+        let end = run_link(&inner, &mut rx, &mut link, std::mem::take(&mut prelude)).await;
+        match end {
+            LinkEnd::Shutdown => return,
+            LinkEnd::Lost(reason) => {
+                tracing::error!(address = %link.address, %reason, "channel stopped: lost the connection to the message server");
+            }
+            LinkEnd::PrimaryBack => {
+                tracing::info!(address = %link.address, "channel stopped: the primary message server is back, moving to it");
+            }
+        }
+        inner.members.disconnected();
+        let Some((new_link, welcome)) = reconnect(&inner).await else {
+            return;
+        };
+        link = new_link;
+        inner.server_index.store(link.index, Ordering::Relaxed);
+        tracing::info!(address = %link.address, "channel started: registered with the message server again");
+        // Members the new server does not know yet get the failure timeout
+        // to register; everything awaiting an outcome goes out again first.
+        let changes: Vec<Change> = inner
+            .members
+            .reconcile(welcome.members)
+            .into_iter()
+            .filter(|c| matches!(c, Change::Left(_)))
+            .collect();
+        inner.handle_changes(changes).await;
+        prelude = {
+            let resend = inner.resend_buffer();
+            resend.all(|seq| inner.tracker().is_tracked(seq))
+        };
+        inner.members.emit_event(MembershipEvent::Reconnected {
+            address: link.address.clone(),
+        });
+    }
+}
+
+async fn run_link(
+    inner: &Arc<Inner>,
+    rx: &mut OutReceiver,
+    link: &mut Link,
+    prelude: Vec<OutFrame>,
+) -> LinkEnd {
+    if !prelude.is_empty() {
+        tracing::info!(messages = prelude.len(), "resending what awaits an outcome");
+        if let Err(e) = write_all_frames(&mut link.writer, prelude, link.max_frame).await {
+            return LinkEnd::Lost(format!("resending: {e}"));
+        }
+    }
+    let reading = read_frames(inner, &mut link.reader);
+    let writing = write_queue(&mut link.writer, rx, link.max_frame);
+    let probing = probe_primary(inner, link.index);
+    tokio::pin!(reading, writing, probing);
+    let end = tokio::select! {
+        r = &mut reading => Some(r),
+        w = &mut writing => Some(match w {
+            Ok(WriteEnd::Finished | WriteEnd::Closed) => LinkEnd::Shutdown,
+            Err(e) => LinkEnd::Lost(format!("writing: {e}")),
+        }),
+        _ = &mut probing => Some(LinkEnd::PrimaryBack),
+        _ = inner.cancel.cancelled() => None,
+    };
+    match end {
+        Some(LinkEnd::Shutdown) | None => {
+            // Shutting down: let the goodbye out.
+            let grace = Duration::from_secs(1);
+            let _ = tokio::time::timeout(grace, &mut writing).await;
+            LinkEnd::Shutdown
+        }
+        Some(end) => end,
+    }
+}
+
+async fn write_all_frames(
+    writer: &mut OwnedWriteHalf,
+    frames: Vec<OutFrame>,
+    max_frame: usize,
+) -> Result<(), transports::FrameError> {
+    let mut buf = BytesMut::new();
+    for frame in frames {
+        if let OutFrame::Parts { header, body } = frame {
+            encode_header(&header, body.len(), max_frame, &mut buf)?;
+            if body.len() > 64 * 1024 {
+                writer.write_all(&buf).await?;
+                buf.clear();
+                writer.write_all(&body).await?;
+            } else {
+                buf.extend_from_slice(&body);
+            }
+        }
+        if buf.len() > 256 * 1024 {
+            writer.write_all(&buf).await?;
+            buf.clear();
+        }
+    }
+    writer.write_all(&buf).await?;
+    Ok(())
+}
+
+/// Resolves when the primary answers while this link is to a standby.
+async fn probe_primary(inner: &Inner, index: usize) {
+    if index == 0 {
+        return std::future::pending().await;
+    }
+    let config = &inner.config;
+    let Some(primary) = config.message_server.addresses.first() else {
+        return std::future::pending().await;
+    };
+    let every = Duration::from_millis(config.message_server.reconnect_delay_ms);
+    loop {
+        tokio::time::sleep(every).await;
+        if transports::tcp::connect(primary, &config.tcp, config.connect_timeout())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+}
+
+/// Reconnects, with a capped back-off; `None` if the node shuts down.
+async fn reconnect(inner: &Arc<Inner>) -> Option<(Link, Welcome)> {
+    let ms = &inner.config.message_server;
+    let mut delay = Duration::from_millis(ms.reconnect_delay_ms);
+    let max = Duration::from_millis(ms.reconnect_max_delay_ms);
+    loop {
+        tokio::select! {
+            _ = inner.cancel.cancelled() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        let hello = inner.current_hello();
+        for index in 0..ms.addresses.len() {
+            let attempt = tokio::select! {
+                _ = inner.cancel.cancelled() => return None,
+                a = connect(&inner.config, &hello, index) => a,
+            };
+            match attempt {
+                Ok(ok) => return Some(ok),
+                Err(e) => {
+                    tracing::debug!(address = %ms.addresses[index], error = %e, "reconnect attempt failed")
+                }
+            }
+        }
+        delay = (delay * 2).min(max);
+    }
+}
