@@ -169,24 +169,21 @@ async fn run_link(
     let writing = write_queue(&mut link.writer, rx, link.max_frame);
     let probing = probe_primary(inner, link.index);
     tokio::pin!(reading, writing, probing);
-    let end = tokio::select! {
-        r = &mut reading => Some(r),
-        w = &mut writing => Some(match w {
+    // `None`: the writer is still running and may flush a goodbye.
+    let (end, writer_done) = tokio::select! {
+        r = &mut reading => (r, false),
+        w = &mut writing => (match w {
             Ok(WriteEnd::Finished | WriteEnd::Closed) => LinkEnd::Shutdown,
             Err(e) => LinkEnd::Lost(format!("writing: {e}")),
-        }),
-        _ = &mut probing => Some(LinkEnd::PrimaryBack),
-        _ = inner.cancel.cancelled() => None,
+        }, true),
+        _ = &mut probing => (LinkEnd::PrimaryBack, false),
+        _ = inner.cancel.cancelled() => (LinkEnd::Shutdown, false),
     };
-    match end {
-        Some(LinkEnd::Shutdown) | None => {
-            // Shutting down: let the goodbye out.
-            let grace = Duration::from_secs(1);
-            let _ = tokio::time::timeout(grace, &mut writing).await;
-            LinkEnd::Shutdown
-        }
-        Some(end) => end,
+    if matches!(end, LinkEnd::Shutdown) && !writer_done {
+        // Shutting down: let the goodbye out.
+        let _ = tokio::time::timeout(Duration::from_secs(1), &mut writing).await;
     }
+    end
 }
 
 async fn write_all_frames(

@@ -1,7 +1,10 @@
 //! Harness for clustercomm's integration and fault tests: an in-process
 //! message server, child processes (the `message-server` binary and the
 //! `test-node` helper) that print a readiness line and are killed and reaped
-//! when dropped, and short timings for fast tests.
+//! when dropped, short timings for fast tests, and the [`fault`] ledger
+//! that accounts for every message.
+
+pub mod fault;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -159,6 +162,10 @@ impl ChildProcess {
     /// If it cannot start, exits, or is not ready in time.
     pub async fn spawn(mut cmd: Command, ready_prefix: &str) -> anyhow::Result<ChildProcess> {
         cmd.stdout(Stdio::piped()).kill_on_drop(true);
+        // Children log to stderr only when asked (RUST_LOG is passed on).
+        if std::env::var_os("CLUSTERCOMM_CHILD_LOGS").is_none() {
+            cmd.stderr(Stdio::null());
+        }
         let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
         let stdout = child.stdout.take().context("no stdout")?;
         let mut lines = BufReader::new(stdout).lines();
