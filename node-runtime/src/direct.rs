@@ -388,8 +388,10 @@ pub(crate) async fn idle_sweeper(inner: Arc<Inner>) {
         }
         inner.activation().handle_timeout(std::time::Instant::now());
         // Members that disconnected and did not come back in time.
-        let gone = inner.members.expire(std::time::Instant::now());
-        inner.handle_changes(gone).await;
+        if inner.link_up.load(std::sync::atomic::Ordering::SeqCst) {
+            let gone = inner.members.expire(std::time::Instant::now());
+            inner.handle_changes(gone).await;
+        }
     }
 }
 

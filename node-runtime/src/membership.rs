@@ -253,9 +253,11 @@ impl MemberView {
         let mut changes = Vec::new();
         {
             let mut members = self.write();
+            // A fresh chance with every new link: what happened while this
+            // node was away is unknown.
             for e in members.values_mut() {
                 if !current.iter().any(|m| m.id == e.info.id) {
-                    e.gone_at.get_or_insert(now + self.grace);
+                    e.gone_at = Some(now + self.grace);
                 }
             }
         }

@@ -85,6 +85,9 @@ pub(crate) struct Inner {
     /// Bounds the acknowledged messages awaiting an outcome
     /// (`node.max_in_flight`).
     pub(crate) in_flight: Arc<tokio::sync::Semaphore>,
+    /// Whether the link to the message server is up: members are declared
+    /// gone only while it is (while it is down, nothing is known).
+    pub(crate) link_up: std::sync::atomic::AtomicBool,
     /// The index in `message_server.addresses` connected to now.
     pub(crate) server_index: std::sync::atomic::AtomicUsize,
     activation: Mutex<AutoActivation>,
@@ -128,6 +131,7 @@ impl Inner {
             send_lock: tokio::sync::Mutex::new(()),
             in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
             server_index: std::sync::atomic::AtomicUsize::new(parts.server_index),
+            link_up: std::sync::atomic::AtomicBool::new(true),
             activation: Mutex::new(activation),
             counters: Counters::default(),
             late_failures: AtomicU64::new(0),

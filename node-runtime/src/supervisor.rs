@@ -127,6 +127,7 @@ pub(crate) async fn supervise(inner: Arc<Inner>, mut rx: OutReceiver, mut link: 
                 tracing::info!(address = %link.address, "channel stopped: the primary message server is back, moving to it");
             }
         }
+        inner.link_up.store(false, Ordering::SeqCst);
         inner.members.disconnected();
         let Some((new_link, welcome)) = reconnect(&inner).await else {
             return;
@@ -143,6 +144,7 @@ pub(crate) async fn supervise(inner: Arc<Inner>, mut rx: OutReceiver, mut link: 
             .filter(|c| matches!(c, Change::Left(_)))
             .collect();
         inner.handle_changes(changes).await;
+        inner.link_up.store(true, Ordering::SeqCst);
         prelude = {
             let resend = inner.resend_buffer();
             resend.all(|seq| inner.tracker().is_tracked(seq))

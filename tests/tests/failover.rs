@@ -42,7 +42,10 @@ fn server_config_file(tag: &str, config: &Config) -> anyhow::Result<std::path::P
     Ok(path)
 }
 
-async fn start_server(addr: SocketAddr, config_file: &std::path::Path) -> anyhow::Result<ChildProcess> {
+async fn start_server(
+    addr: SocketAddr,
+    config_file: &std::path::Path,
+) -> anyhow::Result<ChildProcess> {
     let mut cmd = Command::new(message_server_bin()?);
     cmd.arg("--listen")
         .arg(addr.to_string())
@@ -56,7 +59,10 @@ struct Lcg(u64);
 
 impl Lcg {
     fn next_ms(&mut self, lo: u64, hi: u64) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         lo + (self.0 >> 33) % (hi - lo)
     }
 }
@@ -164,7 +170,11 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_killed_and_restarted_loses_nothing() -> anyhow::Result<()> {
     init_logging();
-    let (messages, kills) = if long() { (400_000u64, 60) } else { (100_000, 20) };
+    let (messages, kills) = if long() {
+        (400_000u64, 60)
+    } else {
+        (100_000, 20)
+    };
     let run = async {
         let addr = free_addr()?;
         let config = test_config();
@@ -193,12 +203,23 @@ async fn server_killed_and_restarted_loses_nothing() -> anyhow::Result<()> {
             }
         };
         let started = Instant::now();
-        let ledger = run_traffic(vec![addr.to_string()], messages / u64::from(SENDERS), killer).await?;
+        let ledger = run_traffic(
+            vec![addr.to_string()],
+            messages / u64::from(SENDERS),
+            killer,
+        )
+        .await?;
         let tally = ledger.tally();
         eprintln!("{kills} kills, {:?}: {tally}", started.elapsed());
         ensure!(tally.sent == messages, "{tally}");
-        ensure!(tally.errors == 0, "errors while every target was alive: {tally}");
-        ensure!(tally.lost == 0 && tally.duplicated == 0 && tally.reordered == 0, "{tally}");
+        ensure!(
+            tally.errors == 0,
+            "errors while every target was alive: {tally}"
+        );
+        ensure!(
+            tally.lost == 0 && tally.duplicated == 0 && tally.reordered == 0,
+            "{tally}"
+        );
         ensure!(tally.unexpected == 0, "{tally}");
         let _ = std::fs::remove_file(&file);
         anyhow::Ok(())
