@@ -497,6 +497,21 @@ impl Node {
         self.inner.server_max
     }
 
+    /// The message server this node is registered with now (an entry of
+    /// `message_server.addresses`), or `None` while it is reconnecting.
+    pub fn message_server(&self) -> Option<String> {
+        if !self.inner.link_up.load(Ordering::SeqCst) {
+            return None;
+        }
+        let index = self.inner.server_index.load(Ordering::SeqCst);
+        self.inner
+            .config
+            .message_server
+            .addresses
+            .get(index)
+            .cloned()
+    }
+
     /// The address this node announced for direct channels.
     pub fn direct_addr(&self) -> Option<std::net::SocketAddr> {
         self.inner.hello.direct_addr

@@ -70,12 +70,14 @@ impl Lcg {
 /// Four receivers and four senders against `addresses`; each sender sends
 /// `per_sender` acknowledged messages round-robin over the receivers while
 /// `faults` runs. Returns the ledger once every sender is done and every
-/// acknowledged message had time to be recorded.
+/// acknowledged message had time to be recorded, with the nodes (still
+/// running).
 async fn run_traffic<F>(
     addresses: Vec<String>,
     per_sender: u64,
+    nodes_out: Arc<std::sync::Mutex<Vec<Node>>>,
     faults: F,
-) -> anyhow::Result<Ledger>
+) -> anyhow::Result<(Ledger, Vec<Node>)>
 where
     F: std::future::Future<Output = anyhow::Result<()>>,
 {
@@ -111,6 +113,7 @@ where
         }
         senders.push(node);
     }
+    *nodes_out.lock().expect("lock") = senders.iter().chain(&receivers).cloned().collect();
     let done = Arc::new(AtomicBool::new(false));
     let mut tasks = tokio::task::JoinSet::new();
     for (s, node) in senders.iter().enumerate() {
@@ -161,10 +164,13 @@ where
     while ledger.delivered_count() < ledger.acknowledged_count() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    for n in senders.into_iter().chain(receivers) {
+    Ok((ledger, senders.into_iter().chain(receivers).collect()))
+}
+
+async fn shutdown(nodes: Vec<Node>) {
+    for n in nodes {
         n.shutdown().await;
     }
-    Ok(ledger)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,12 +209,14 @@ async fn server_killed_and_restarted_loses_nothing() -> anyhow::Result<()> {
             }
         };
         let started = Instant::now();
-        let ledger = run_traffic(
+        let (ledger, nodes) = run_traffic(
             vec![addr.to_string()],
             messages / u64::from(SENDERS),
+            Arc::default(),
             killer,
         )
         .await?;
+        shutdown(nodes).await;
         let tally = ledger.tally();
         eprintln!("{kills} kills, {:?}: {tally}", started.elapsed());
         ensure!(tally.sent == messages, "{tally}");
@@ -227,4 +235,99 @@ async fn server_killed_and_restarted_loses_nothing() -> anyhow::Result<()> {
     tokio::time::timeout(Duration::from_secs(if long() { 900 } else { 240 }), run)
         .await
         .context("the failover test exceeded its time bound")?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_takes_over_and_nodes_return_to_the_primary() -> anyhow::Result<()> {
+    init_logging();
+    let messages = if long() { 200_000u64 } else { 40_000 };
+    let run = async {
+        let (primary, standby) = (free_addr()?, free_addr()?);
+        let config = test_config();
+        let file = server_config_file("standby", &config)?;
+        let mut primary_server = start_server(primary, &file).await?;
+        let _standby_server = start_server(standby, &file).await?;
+        let addresses = vec![primary.to_string(), standby.to_string()];
+        let back = Arc::new(tokio::sync::Mutex::new(None));
+        let watched: Arc<std::sync::Mutex<Vec<Node>>> = Arc::default();
+        let bound = config.failure_timeout() + Duration::from_secs(1);
+        let faults = {
+            let file = file.clone();
+            let back = back.clone();
+            let watched = watched.clone();
+            async move {
+                // Let traffic flow, kill the primary: every node moves to the
+                // standby within the bound; traffic flows there for a while;
+                // then the primary comes back.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                primary_server.kill().await?;
+                let killed = Instant::now();
+                loop {
+                    let all_on_standby = watched
+                        .lock()
+                        .expect("lock")
+                        .iter()
+                        .all(|n| n.message_server() == Some(standby.to_string()));
+                    if all_on_standby {
+                        break;
+                    }
+                    ensure!(
+                        killed.elapsed() < bound,
+                        "nodes did not all move to the standby within {bound:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                eprintln!(
+                    "every node moved to the standby {:?} after the kill",
+                    killed.elapsed()
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                *back.lock().await = Some(start_server(primary, &file).await?);
+                anyhow::Ok(())
+            }
+        };
+        let started = Instant::now();
+        let (ledger, nodes) =
+            run_traffic(addresses, messages / u64::from(SENDERS), watched, faults).await?;
+        // Every node goes back to the primary (bounded).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let on_primary = |nodes: &[Node]| {
+            nodes
+                .iter()
+                .all(|n| n.message_server() == Some(primary.to_string()))
+        };
+        while !on_primary(&nodes) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let where_: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("{}: {:?}", n.id(), n.message_server()))
+            .collect();
+        let all_back = on_primary(&nodes);
+        shutdown(nodes).await;
+        let tally = ledger.tally();
+        eprintln!(
+            "primary killed, standby used, primary back ({:?}): {tally}",
+            started.elapsed()
+        );
+        ensure!(tally.sent == messages, "{tally}");
+        ensure!(
+            tally.errors == 0,
+            "errors while every target was alive: {tally}"
+        );
+        ensure!(
+            tally.lost == 0 && tally.duplicated == 0 && tally.reordered == 0,
+            "{tally}"
+        );
+        ensure!(tally.unexpected == 0, "{tally}");
+        ensure!(
+            all_back,
+            "not every node returned to the primary: {where_:?}"
+        );
+        let _ = std::fs::remove_file(&file);
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(if long() { 900 } else { 240 }), run)
+        .await
+        .context("the standby test exceeded its time bound")?
 }
