@@ -20,7 +20,7 @@ use transports::protocol::{
 use transports::{out_queue, FrameError, FrameReader, OutFrame, OutQueue, PushError};
 
 use crate::counters::Counters;
-use crate::registry::{broadcast_locked, hold, register, unregister, warming_up, Held};
+use crate::registry::{broadcast_locked, hold, register, unregister, warming_up, Held, Refused};
 use crate::server::Shared;
 use crate::table::Resolution;
 
@@ -119,7 +119,11 @@ pub(crate) async fn serve(
             Err(e) => {
                 tracing::warn!(error = %e, "refusing node");
                 Counters::add(&shared.counters.connections_refused, 1);
-                handshake::refuse(&mut wr, RefusalReason::DuplicateNode, e.to_string()).await;
+                let reason = match e {
+                    Refused::IncarnationFailed => RefusalReason::IncarnationFailed,
+                    Refused::Duplicate(_) => RefusalReason::DuplicateNode,
+                };
+                handshake::refuse(&mut wr, reason, e.to_string()).await;
                 return;
             }
         };
@@ -198,6 +202,16 @@ impl Connection {
                 "frame"
             );
             let end = match frame.header() {
+                Header::Message(h) if h.sender == self.me && h.incarnation < self.incarnation => {
+                    // Queued by an earlier incarnation (declared failed)
+                    // before it rejoined: refused.
+                    Counters::add(&self.shared.counters.stale_frames, 1);
+                    None
+                }
+                Header::Ack(a) if a.from == self.me && a.from_incarnation < self.incarnation => {
+                    Counters::add(&self.shared.counters.stale_frames, 1);
+                    None
+                }
                 Header::Message(h) => {
                     if h.sender != self.me || h.incarnation != self.incarnation {
                         Some(End::Violation(format!(

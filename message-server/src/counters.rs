@@ -16,6 +16,8 @@ pub struct Counters {
     pub(crate) route_failures: AtomicU64,
     pub(crate) overloaded: AtomicU64,
     pub(crate) slow_consumers: AtomicU64,
+    pub(crate) failed_nodes: AtomicU64,
+    pub(crate) stale_frames: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -42,6 +44,10 @@ pub struct CountersSnapshot {
     pub overloaded: u64,
     /// Connections cut off for not reading their control traffic.
     pub slow_consumers: u64,
+    /// Nodes declared failed (no heartbeat within the failure timeout).
+    pub failed_nodes: u64,
+    /// Frames refused because they came from an earlier incarnation.
+    pub stale_frames: u64,
 }
 
 impl Counters {
@@ -63,6 +69,8 @@ impl Counters {
             route_failures: r(&self.route_failures),
             overloaded: r(&self.overloaded),
             slow_consumers: r(&self.slow_consumers),
+            failed_nodes: r(&self.failed_nodes),
+            stale_frames: r(&self.stale_frames),
         }
     }
 }

@@ -9,6 +9,8 @@
 //! still held when the warm-up ends is answered `UnknownTarget`.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -46,8 +48,11 @@ pub(crate) fn register(
     queue: &OutQueue,
     max_frame: usize,
     max_message: u64,
-) -> Result<u64, RegisterError> {
+) -> Result<u64, Refused> {
     let mut state = shared.write();
+    if state.failed.contains(&(me.id.clone(), me.incarnation)) {
+        return Err(Refused::IncarnationFailed);
+    }
     let takeover = state
         .table
         .member(&me.id)
@@ -61,12 +66,16 @@ pub(crate) fn register(
         }
         tracing::info!(node = %me.id, "member reconnected; old connection closed");
     }
-    state.table.register(me.clone())?;
+    state
+        .table
+        .register(me.clone())
+        .map_err(Refused::Duplicate)?;
     let welcome = Header::Welcome(Welcome {
         version: PROTOCOL_VERSION,
         cluster: shared.config.cluster.name.clone(),
         max_message_bytes: max_message,
         members: state.table.members(),
+        heartbeat_addr: shared.heartbeat_addr,
     });
     // The queue is new and empty: this cannot fail for lack of room.
     if let Err(e) = queue.try_push_control(OutFrame::control(welcome)) {
@@ -83,6 +92,7 @@ pub(crate) fn register(
             incarnation: me.incarnation,
             queue: queue.clone(),
             max_frame,
+            last_seen: Arc::new(AtomicU64::new(shared.now_ms())),
         },
     );
     let held = state.held.by_target.remove(&me.id).unwrap_or_default();
@@ -93,6 +103,51 @@ pub(crate) fn register(
         }
     }
     Ok(conn_id)
+}
+
+/// Why a registration was refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Refused {
+    #[error(transparent)]
+    Duplicate(RegisterError),
+    #[error("this incarnation was declared failed")]
+    IncarnationFailed,
+}
+
+/// Incarnations declared failed that are remembered (and refused).
+const FAILED_REMEMBERED: usize = 4096;
+
+/// Declares the node failed (silent past the failure timeout): it is
+/// removed, its connection closed, everyone told, and nothing from that
+/// incarnation is accepted again.
+pub(crate) fn declare_failed(shared: &Shared, id: &NodeId, incarnation: u64) {
+    let mut state = shared.write();
+    let Some(conn) = state
+        .conns
+        .get(id)
+        .filter(|c| c.incarnation == incarnation)
+        .cloned()
+    else {
+        return;
+    };
+    state.conns.remove(id);
+    state.table.remove(id, incarnation);
+    if state.failed_order.len() >= FAILED_REMEMBERED {
+        if let Some(old) = state.failed_order.pop_front() {
+            state.failed.remove(&old);
+        }
+    }
+    state.failed.insert((id.clone(), incarnation));
+    state.failed_order.push_back((id.clone(), incarnation));
+    conn.queue.close();
+    Counters::add(&shared.counters.failed_nodes, 1);
+    tracing::warn!(node = %id, incarnation, "member failed: no heartbeat within the failure timeout");
+    let event = Header::Member(MemberEvent::Left {
+        id: id.clone(),
+        incarnation,
+        reason: LeaveReason::Failed,
+    });
+    broadcast_locked(shared, &state.conns, &event);
 }
 
 /// Removes the node if `conn_id` is still its connection, and tells

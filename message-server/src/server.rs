@@ -1,15 +1,17 @@
 //! The listener: binds, accepts, runs one connection task per node, and
 //! shuts down on the future it is given.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use transports::heartbeat::Beat;
 use transports::protocol::{MemberInfo, NodeId};
 use transports::{Config, OutQueue};
 
@@ -48,6 +50,9 @@ pub(crate) struct ConnHandle {
     pub(crate) queue: OutQueue,
     /// Largest frame this node accepts (negotiated at the handshake).
     pub(crate) max_frame: usize,
+    /// When the last heartbeat (or the registration) came, in ms since the
+    /// server started.
+    pub(crate) last_seen: Arc<AtomicU64>,
 }
 
 /// The table and the connections, under one read-mostly lock.
@@ -58,6 +63,9 @@ pub(crate) struct State {
     pub(crate) next_conn_id: u64,
     /// Messages held for nodes not re-registered yet (warm-up).
     pub(crate) held: HeldMessages,
+    /// Incarnations declared failed (refused if they come back).
+    pub(crate) failed: HashSet<(NodeId, u64)>,
+    pub(crate) failed_order: VecDeque<(NodeId, u64)>,
 }
 
 /// What every connection task shares.
@@ -70,9 +78,16 @@ pub(crate) struct Shared {
     pub(crate) tasks: TaskTracker,
     /// When the server started: its warm-up runs from here.
     pub(crate) started: std::time::Instant,
+    /// Where heartbeats are received.
+    pub(crate) heartbeat_addr: Option<SocketAddr>,
 }
 
 impl Shared {
+    /// Milliseconds since the server started.
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
     pub(crate) fn read(&self) -> RwLockReadGuard<'_, State> {
         // A panic while holding the lock would poison it; the state is still
         // consistent at every await-free step, so keep serving.
@@ -118,6 +133,7 @@ impl ServerHandle {
 #[derive(Debug)]
 pub struct MessageServer {
     listener: TcpListener,
+    heartbeat: tokio::net::UdpSocket,
     handle: ServerHandle,
 }
 
@@ -134,15 +150,25 @@ impl MessageServer {
         let local_addr = listener
             .local_addr()
             .map_err(|source| ServerError::Bind { addr, source })?;
+        let heartbeat_at = config.cluster.heartbeat_listen.unwrap_or(local_addr);
+        let heartbeat = tokio::net::UdpSocket::bind(heartbeat_at)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: heartbeat_at,
+                source,
+            })?;
+        let heartbeat_addr = heartbeat.local_addr().ok();
         let shared = Arc::new(Shared {
             config,
             state: RwLock::new(State::default()),
             counters: Counters::default(),
             tasks: TaskTracker::new(),
             started: std::time::Instant::now(),
+            heartbeat_addr,
         });
         Ok(MessageServer {
             listener,
+            heartbeat,
             handle: ServerHandle { shared, local_addr },
         })
     }
@@ -173,6 +199,8 @@ impl MessageServer {
         let expiry_cancel = cancel.clone();
         // Housekeeping is tracked apart from the connection tasks.
         let housekeeping = TaskTracker::new();
+        housekeeping.spawn(heartbeats(shared.clone(), self.heartbeat, cancel.clone()));
+        housekeeping.spawn(failure_detector(shared.clone(), cancel.clone()));
         housekeeping.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
@@ -229,4 +257,68 @@ fn is_transient(e: &std::io::Error) -> bool {
         e.kind(),
         ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
     ) || e.raw_os_error().is_some_and(|c| c == 23 || c == 24) // ENFILE, EMFILE
+}
+
+/// Answers heartbeats and notes when each registered node was last heard.
+async fn heartbeats(shared: Arc<Shared>, socket: tokio::net::UdpSocket, cancel: CancellationToken) {
+    let mut buf = [0u8; transports::heartbeat::MAX_DATAGRAM_BYTES + 1];
+    loop {
+        let (n, from) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, "heartbeat receive failed");
+                    continue;
+                }
+            },
+        };
+        let Some(Beat::Ping {
+            node,
+            incarnation,
+            nonce,
+        }) = Beat::decode(&buf[..n])
+        else {
+            continue;
+        };
+        let known = {
+            let state = shared.read();
+            match state.conns.get(&node) {
+                Some(c) if c.incarnation == incarnation => {
+                    c.last_seen.store(shared.now_ms(), Ordering::Relaxed);
+                    true
+                }
+                _ => false,
+            }
+        };
+        if known {
+            let _ = socket.send_to(&Beat::Pong { nonce }.encode(), from).await;
+        }
+    }
+}
+
+/// Declares failed every node silent for the failure timeout.
+async fn failure_detector(shared: Arc<Shared>, cancel: CancellationToken) {
+    let cluster = &shared.config.cluster;
+    let timeout = cluster.failure_timeout_ms;
+    let mut tick = tokio::time::interval(Duration::from_millis(
+        (cluster.heartbeat_interval_ms / 2).max(10),
+    ));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = shared.now_ms();
+        let silent: Vec<(NodeId, u64)> = shared
+            .read()
+            .conns
+            .iter()
+            .filter(|(_, c)| now.saturating_sub(c.last_seen.load(Ordering::Relaxed)) > timeout)
+            .map(|(id, c)| (id.clone(), c.incarnation))
+            .collect();
+        for (id, incarnation) in silent {
+            registry::declare_failed(&shared, &id, incarnation);
+        }
+    }
 }

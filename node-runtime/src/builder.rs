@@ -153,6 +153,17 @@ impl NodeBuilder {
             None => bound,
         });
 
+        let heartbeat_at = config
+            .cluster
+            .heartbeat_listen
+            .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+        let heartbeat_socket =
+            tokio::net::UdpSocket::bind(heartbeat_at)
+                .await
+                .map_err(|source| NodeError::HeartbeatListen {
+                    address: heartbeat_at,
+                    source,
+                })?;
         let (link, welcome) = supervisor::connect_first(&config, &hello).await?;
         let max_message = welcome
             .max_message_bytes
@@ -176,6 +187,9 @@ impl NodeBuilder {
         inner
             .tasks
             .spawn(direct::accept_loop(inner.clone(), listener).instrument(span.clone()));
+        inner.tasks.spawn(
+            supervisor::heartbeats(inner.clone(), heartbeat_socket).instrument(span.clone()),
+        );
         inner
             .tasks
             .spawn(direct::idle_sweeper(inner.clone()).instrument(span.clone()));
@@ -191,7 +205,7 @@ impl NodeBuilder {
 /// A number that differs for each start of a node: the wall clock in
 /// nanoseconds, bumped so that two nodes started in the same process at the
 /// same instant still differ, and so that it grows across restarts.
-fn fresh_incarnation() -> u64 {
+pub(crate) fn fresh_incarnation() -> u64 {
     static LAST: AtomicU64 = AtomicU64::new(0);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)

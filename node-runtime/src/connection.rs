@@ -80,7 +80,7 @@ pub(crate) async fn read_frames(
             }
             Header::Routed(routed) => handle_routed(inner, routed),
             Header::Ack(ack) => {
-                if ack.to_incarnation == inner.incarnation {
+                if ack.to_incarnation == inner.incarnation() {
                     handle_ack(inner, &ack);
                 } else {
                     tracing::trace!(seq = ack.seq, "dropping ack for another incarnation");
@@ -193,7 +193,7 @@ pub(crate) async fn deliver(
         requester_incarnation,
     } = h.kind
     {
-        if requester_incarnation == inner.incarnation {
+        if requester_incarnation == inner.incarnation() {
             complete(inner.tracker().handle_reply(request_seq, &h.sender, body));
         }
         return Ok(());
@@ -205,6 +205,20 @@ pub(crate) async fn deliver(
         seq: h.seq,
         kind: h.kind,
     };
+    // Nothing is accepted from an incarnation declared failed.
+    if inner.members.is_failed(&h.sender, h.incarnation) {
+        tracing::debug!(sender = %h.sender, incarnation = h.incarnation, "refused a message from a failed incarnation");
+        Counters::add(&inner.counters.refused_failed, 1);
+        answer
+            .send(
+                inner,
+                AckStatus::Failed(DeliveryFailure::Rejected(
+                    "the sender's incarnation was declared failed".into(),
+                )),
+            )
+            .await;
+        return Ok(());
+    }
     // At most once per runtime: a resent message is acknowledged again,
     // not delivered again.
     if !inner.dedup().is_new(&h.sender, h.incarnation, h.seq) {
@@ -326,7 +340,7 @@ impl Answer {
             to_incarnation: self.to_incarnation,
             seq: self.seq,
             from: inner.id.clone(),
-            from_incarnation: inner.incarnation,
+            from_incarnation: inner.incarnation(),
             status,
         }));
         // Waiting here waits only for this node's own outgoing socket.

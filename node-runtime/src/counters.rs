@@ -18,6 +18,7 @@ pub(crate) struct Counters {
     pub(crate) session_failed: AtomicU64,
     pub(crate) received_server: AtomicU64,
     pub(crate) received_direct: AtomicU64,
+    pub(crate) refused_failed: AtomicU64,
 }
 
 impl Counters {
@@ -41,6 +42,7 @@ impl Counters {
             session_failed: r(&self.session_failed),
             received_server: r(&self.received_server),
             received_direct: r(&self.received_direct),
+            refused_failed: r(&self.refused_failed),
         }
     }
 }
@@ -76,4 +78,7 @@ pub struct PathCounters {
     pub received_server: u64,
     /// Messages received over direct (lazy or session) channels.
     pub received_direct: u64,
+    /// Messages refused because their sender's incarnation was declared
+    /// failed.
+    pub refused_failed: u64,
 }

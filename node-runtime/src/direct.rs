@@ -246,9 +246,13 @@ async fn open(
         transports::tcp::connect(&addr.to_string(), &config.tcp, config.connect_timeout()).await?;
     let (rd, mut wr) = stream.into_split();
     let mut reader = FrameReader::new(rd, FrameCodec::default());
-    let welcome =
-        handshake::connect_handshake(&mut reader, &mut wr, &inner.hello, config.connect_timeout())
-            .await?;
+    let welcome = handshake::connect_handshake(
+        &mut reader,
+        &mut wr,
+        &inner.hello(),
+        config.connect_timeout(),
+    )
+    .await?;
     let max_message = welcome
         .max_message_bytes
         .min(config.limits.max_message_bytes);
@@ -297,7 +301,7 @@ async fn outgoing_reader(
         match frame {
             Ok(Some(frame)) => match frame.into_parts().0 {
                 Header::Ack(ack) if ack.from == conn.peer => {
-                    if ack.to_incarnation == inner.incarnation {
+                    if ack.to_incarnation == inner.incarnation() {
                         conn.settled(ack.seq);
                         let done = {
                             let mut tracker = inner.tracker();
@@ -448,6 +452,7 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
         cluster: config.cluster.name.clone(),
         max_message_bytes: config.limits.max_message_bytes,
         members: Vec::new(),
+        heartbeat_addr: None,
     });
     if let Err(e) = handshake::write_frame(&mut wr, OutFrame::control(welcome)).await {
         tracing::debug!(error = %e, "could not answer a direct channel");

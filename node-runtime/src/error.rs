@@ -50,6 +50,15 @@ pub enum NodeError {
         /// The name (cut to 64 bytes).
         name: String,
     },
+    /// The heartbeat socket could not be bound.
+    #[error("cannot bind the heartbeat socket on {address}")]
+    HeartbeatListen {
+        /// The address.
+        address: std::net::SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The service already has an inbox on this node.
     #[error("service {0:?} is already subscribed on this node")]
     AlreadySubscribed(String),

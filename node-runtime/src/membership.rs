@@ -105,6 +105,8 @@ struct Entry {
 #[derive(Debug)]
 pub(crate) struct MemberView {
     members: RwLock<BTreeMap<NodeId, Entry>>,
+    /// Incarnations declared failed: nothing from them is accepted.
+    failed: RwLock<std::collections::HashSet<(NodeId, u64)>>,
     events: broadcast::Sender<MembershipEvent>,
     grace: Duration,
 }
@@ -129,7 +131,16 @@ impl MemberView {
             ),
             events,
             grace,
+            failed: RwLock::default(),
         }
+    }
+
+    /// Whether `incarnation` of `id` was declared failed.
+    pub(crate) fn is_failed(&self, id: &NodeId, incarnation: u64) -> bool {
+        self.failed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(id.clone(), incarnation))
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<NodeId, Entry>> {
@@ -227,6 +238,12 @@ impl MemberView {
                             // Maybe reconnecting: wait for the failure timeout.
                             e.gone_at.get_or_insert(Instant::now() + self.grace);
                         } else {
+                            if reason == LeaveReason::Failed {
+                                self.failed
+                                    .write()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .insert((id.clone(), incarnation));
+                            }
                             members.remove(&id);
                             events.push(MembershipEvent::Left {
                                 id: id.clone(),

@@ -57,9 +57,11 @@ pub(crate) struct Parts {
 #[derive(Debug)]
 pub(crate) struct Inner {
     pub(crate) id: NodeId,
-    pub(crate) incarnation: u64,
+    /// The current incarnation; a new one when this node was declared
+    /// failed and rejoins.
+    incarnation: AtomicU64,
     /// What this node says when it opens a connection.
-    pub(crate) hello: Hello,
+    hello: Mutex<Hello>,
     pub(crate) config: Config,
     /// The body limit of the message-server path (negotiated).
     pub(crate) server_max: u64,
@@ -88,6 +90,13 @@ pub(crate) struct Inner {
     /// Whether the link to the message server is up: members are declared
     /// gone only while it is (while it is down, nothing is known).
     pub(crate) link_up: std::sync::atomic::AtomicBool,
+    /// Where the message server takes heartbeats, for the current link.
+    pub(crate) server_heartbeat: Mutex<Option<std::net::SocketAddr>>,
+    /// When the server last answered a heartbeat (ms since start).
+    pub(crate) last_pong_ms: AtomicU64,
+    /// Woken when the server stopped answering heartbeats: the link is
+    /// dead even if TCP has not noticed.
+    pub(crate) link_dead: tokio::sync::Notify,
     /// The index in `message_server.addresses` connected to now.
     pub(crate) server_index: std::sync::atomic::AtomicUsize,
     activation: Mutex<AutoActivation>,
@@ -113,8 +122,8 @@ impl Inner {
         );
         Inner {
             id: parts.hello.node.clone(),
-            incarnation: parts.hello.incarnation,
-            hello: parts.hello,
+            incarnation: AtomicU64::new(parts.hello.incarnation),
+            hello: Mutex::new(parts.hello),
             config: parts.config,
             server_max: parts.server_max,
             seq: AtomicU64::new(1),
@@ -132,6 +141,9 @@ impl Inner {
             in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
             server_index: std::sync::atomic::AtomicUsize::new(parts.server_index),
             link_up: std::sync::atomic::AtomicBool::new(true),
+            server_heartbeat: Mutex::new(None),
+            last_pong_ms: AtomicU64::new(0),
+            link_dead: tokio::sync::Notify::new(),
             activation: Mutex::new(activation),
             counters: Counters::default(),
             late_failures: AtomicU64::new(0),
@@ -146,9 +158,42 @@ impl Inner {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    /// A new link is up: heartbeats go to its server, and its silence is
+    /// measured from now.
+    pub(crate) fn link_started(&self, heartbeat: Option<std::net::SocketAddr>) {
+        *self
+            .server_heartbeat
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = heartbeat;
+        self.last_pong_ms.store(self.now_ms(), Ordering::SeqCst);
+    }
+
+    /// The current incarnation.
+    pub(crate) fn incarnation(&self) -> u64 {
+        self.incarnation.load(Ordering::SeqCst)
+    }
+
+    /// Takes a new incarnation (this node was declared failed): what the
+    /// old one was waiting for fails, its resend buffer is dropped.
+    pub(crate) fn new_incarnation(&self, incarnation: u64) {
+        self.incarnation.store(incarnation, Ordering::SeqCst);
+        self.hello
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .incarnation = incarnation;
+        let done = self.tracker().fail_all(&SendError::Disconnected);
+        complete(done);
+        *self.resend_buffer() = ResendBuffer::default();
+    }
+
+    /// This node's `Hello` as it stands (role, groups, direct address).
+    pub(crate) fn hello(&self) -> Hello {
+        self.hello.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// This node's `Hello` as of now: its current services included.
     pub(crate) fn current_hello(&self) -> Hello {
-        let mut hello = self.hello.clone();
+        let mut hello = self.hello();
         hello.services = self
             .inboxes
             .read()
@@ -238,7 +283,7 @@ impl Inner {
     ) -> MessageHeader {
         MessageHeader {
             sender: self.id.clone(),
-            incarnation: self.incarnation,
+            incarnation: self.incarnation(),
             seq,
             target,
             service,
@@ -257,7 +302,7 @@ impl Inner {
         OutFrame::Parts {
             header: Header::Message(MessageHeader {
                 sender: self.id.clone(),
-                incarnation: self.incarnation,
+                incarnation: self.incarnation(),
                 seq,
                 target,
                 service,
@@ -476,7 +521,7 @@ impl Node {
 
     /// This node's incarnation: a fresh number each start.
     pub fn incarnation(&self) -> u64 {
-        self.inner.incarnation
+        self.inner.incarnation()
     }
 
     /// The configuration in force for this node (its `[nodes.<id>]` section
@@ -514,7 +559,7 @@ impl Node {
 
     /// The address this node announced for direct channels.
     pub fn direct_addr(&self) -> Option<std::net::SocketAddr> {
-        self.inner.hello.direct_addr
+        self.inner.hello().direct_addr
     }
 
     /// What this node sent on each path, and what became of its direct

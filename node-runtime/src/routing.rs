@@ -291,7 +291,7 @@ impl Inner {
         if !valid_name(service) {
             return Err(SendError::InvalidName(service.chars().take(64).collect()));
         }
-        if self.hello.role != Role::Dispatcher {
+        if self.hello().role != Role::Dispatcher {
             return Err(SendError::NotADispatcher);
         }
         if !self.is_session_peer(target) {
@@ -317,9 +317,10 @@ impl Inner {
 
     /// Whether `peer` is a server node sharing a group with this node.
     pub(crate) fn is_session_peer(&self, peer: &NodeId) -> bool {
+        let groups = self.hello().groups;
         *peer != self.id
             && self.members.member(peer).is_some_and(|m| {
-                m.role == Role::Server && m.groups.iter().any(|g| self.hello.groups.contains(g))
+                m.role == Role::Server && m.groups.iter().any(|g| groups.contains(g))
             })
     }
 

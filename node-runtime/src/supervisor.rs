@@ -22,7 +22,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use transports::frame::{encode_header, FrameCodec, HANDSHAKE_MAX_FRAME_BYTES};
 use transports::handshake::{self, HandshakeError};
-use transports::protocol::{Hello, Welcome};
+use transports::protocol::{Hello, RefusalReason, Welcome};
 use transports::{write_queue, Config, FrameReader, OutFrame, OutReceiver, WriteEnd};
 
 use crate::connection::{read_frames, LinkEnd};
@@ -34,6 +34,8 @@ use crate::NodeError;
 #[derive(Debug)]
 pub(crate) struct Link {
     pub(crate) address: String,
+    /// Where the server takes heartbeats.
+    pub(crate) heartbeat: Option<std::net::SocketAddr>,
     pub(crate) index: usize,
     pub(crate) reader: FrameReader<OwnedReadHalf>,
     pub(crate) writer: OwnedWriteHalf,
@@ -62,6 +64,7 @@ pub(crate) async fn connect(
         .cloned()
         .unwrap_or_default();
     let stream = transports::tcp::connect(&address, &config.tcp, config.connect_timeout()).await?;
+    let peer = stream.peer_addr()?;
     let (rd, mut wr) = stream.into_split();
     let mut reader = FrameReader::new(rd, FrameCodec::new(HANDSHAKE_MAX_FRAME_BYTES));
     let welcome =
@@ -71,8 +74,15 @@ pub(crate) async fn connect(
         .min(config.limits.max_message_bytes);
     let codec = FrameCodec::for_messages(max_message);
     *reader.codec_mut() = codec;
+    let heartbeat = welcome.heartbeat_addr.map(|mut hb| {
+        if hb.ip().is_unspecified() {
+            hb.set_ip(peer.ip());
+        }
+        hb
+    });
     Ok((
         Link {
+            heartbeat,
             address,
             index,
             reader,
@@ -117,6 +127,7 @@ pub(crate) async fn connect_first(
 pub(crate) async fn supervise(inner: Arc<Inner>, mut rx: OutReceiver, mut link: Link) {
     let mut prelude = Vec::new();
     loop {
+        inner.link_started(link.heartbeat);
         let end = run_link(&inner, &mut rx, &mut link, std::mem::take(&mut prelude)).await;
         match end {
             LinkEnd::Shutdown => return,
@@ -168,6 +179,7 @@ async fn run_link(
         }
     }
     let reading = read_frames(inner, &mut link.reader);
+    let silent = inner.link_dead.notified();
     let writing = write_queue(&mut link.writer, rx, link.max_frame);
     let probing = probe_primary(inner, link.index);
     tokio::pin!(reading, writing, probing);
@@ -179,6 +191,7 @@ async fn run_link(
             Err(e) => LinkEnd::Lost(format!("writing: {e}")),
         }, true),
         _ = &mut probing => (LinkEnd::PrimaryBack, false),
+        _ = silent => (LinkEnd::Lost("the message server did not answer heartbeats within the failure timeout".into()), false),
         _ = inner.cancel.cancelled() => (LinkEnd::Shutdown, false),
     };
     if matches!(end, LinkEnd::Shutdown) && !writer_done {
@@ -235,6 +248,22 @@ async fn probe_primary(inner: &Inner, index: usize) {
     }
 }
 
+/// Registers the new incarnation right away (boxed: it recurses through
+/// [`reconnect`]).
+fn reconnect_now(
+    inner: &Arc<Inner>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<(Link, Welcome)>> + Send + '_>> {
+    Box::pin(async move {
+        let hello = inner.current_hello();
+        for index in 0..inner.config.message_server.addresses.len() {
+            if let Ok(ok) = connect(&inner.config, &hello, index).await {
+                return Some(ok);
+            }
+        }
+        reconnect(inner).await
+    })
+}
+
 /// Reconnects, with a capped back-off; `None` if the node shuts down.
 async fn reconnect(inner: &Arc<Inner>) -> Option<(Link, Welcome)> {
     let ms = &inner.config.message_server;
@@ -253,11 +282,65 @@ async fn reconnect(inner: &Arc<Inner>) -> Option<(Link, Welcome)> {
             };
             match attempt {
                 Ok(ok) => return Some(ok),
+                Err(AttemptError::Handshake(HandshakeError::Refused { refusal }))
+                    if refusal.reason == RefusalReason::IncarnationFailed =>
+                {
+                    let fresh = crate::builder::fresh_incarnation();
+                    tracing::warn!(
+                        old = inner.incarnation(),
+                        new = fresh,
+                        "this node was declared failed; rejoining as a new incarnation"
+                    );
+                    inner.new_incarnation(fresh);
+                    return reconnect_now(inner).await;
+                }
                 Err(e) => {
                     tracing::debug!(address = %ms.addresses[index], error = %e, "reconnect attempt failed")
                 }
             }
         }
         delay = (delay * 2).min(max);
+    }
+}
+
+/// Sends heartbeats to the current message server and notices when it
+/// stops answering (a stopped or cut-off server that TCP has not noticed).
+pub(crate) async fn heartbeats(inner: Arc<Inner>, socket: tokio::net::UdpSocket) {
+    let cluster = &inner.config.cluster;
+    let mut tick = tokio::time::interval(Duration::from_millis(cluster.heartbeat_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut buf = [0u8; transports::heartbeat::MAX_DATAGRAM_BYTES + 1];
+    let mut nonce = 0u64;
+    loop {
+        tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            _ = tick.tick() => {
+                if !inner.link_up.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let target = *inner.server_heartbeat.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(target) = target else { continue };
+                nonce += 1;
+                let ping = transports::heartbeat::Beat::Ping {
+                    node: inner.id.clone(),
+                    incarnation: inner.incarnation(),
+                    nonce,
+                };
+                if let Err(e) = socket.send_to(&ping.encode(), target).await {
+                    tracing::debug!(error = %e, "heartbeat not sent");
+                }
+                let silent = inner.now_ms().saturating_sub(inner.last_pong_ms.load(Ordering::SeqCst));
+                if silent > cluster.failure_timeout_ms {
+                    inner.link_dead.notify_one();
+                }
+            }
+            r = socket.recv_from(&mut buf) => {
+                if let Ok((n, _)) = r {
+                    if let Some(transports::heartbeat::Beat::Pong { .. }) = transports::heartbeat::Beat::decode(&buf[..n]) {
+                        inner.last_pong_ms.store(inner.now_ms(), Ordering::SeqCst);
+                    }
+                }
+            }
+        }
     }
 }

@@ -12,11 +12,13 @@
 //! - [`io`]: the frame reader and the outgoing queue with its writer task.
 //! - [`handshake`]: opening a connection, refusing a bad one.
 //! - [`tcp`]: listening and connecting with socket options applied.
+//! - [`heartbeat`]: the UDP heartbeat datagrams.
 //! - [`config`]: the TOML configuration, its defaults and validation.
 
 pub mod config;
 pub mod frame;
 pub mod handshake;
+pub mod heartbeat;
 pub mod io;
 pub mod protocol;
 pub mod tcp;

@@ -159,6 +159,9 @@ pub struct Welcome {
     pub max_message_bytes: u64,
     /// Every member currently registered, the new node included.
     pub members: Vec<MemberInfo>,
+    /// Where to send heartbeats (UDP); an unspecified IP means the address
+    /// this connection reached.
+    pub heartbeat_addr: Option<SocketAddr>,
 }
 
 /// Why a handshake was refused.
@@ -185,6 +188,9 @@ pub enum RefusalReason {
     BadCredentials,
     /// The first frame was not a handshake, or could not be decoded.
     ProtocolViolation,
+    /// This incarnation of the node was declared failed; it must rejoin as
+    /// a new one.
+    IncarnationFailed,
 }
 
 impl fmt::Display for RefusalReason {
@@ -203,6 +209,9 @@ impl fmt::Display for RefusalReason {
             }
             RefusalReason::BadCredentials => f.write_str("bad credentials"),
             RefusalReason::ProtocolViolation => f.write_str("protocol violation"),
+            RefusalReason::IncarnationFailed => {
+                f.write_str("this incarnation was declared failed; rejoin as a new one")
+            }
         }
     }
 }

@@ -126,14 +126,22 @@ fn member_info() -> impl Strategy<Value = MemberInfo> {
 }
 
 fn welcome() -> impl Strategy<Value = Welcome> {
-    (any::<u16>(), text(), any::<u64>(), vec(member_info(), 0..4)).prop_map(
-        |(version, cluster, max_message_bytes, members)| Welcome {
-            version,
-            cluster,
-            max_message_bytes,
-            members,
-        },
+    (
+        any::<u16>(),
+        text(),
+        any::<u64>(),
+        vec(member_info(), 0..4),
+        proptest::option::of(socket_addr()),
     )
+        .prop_map(
+            |(version, cluster, max_message_bytes, members, heartbeat_addr)| Welcome {
+                version,
+                cluster,
+                max_message_bytes,
+                members,
+                heartbeat_addr,
+            },
+        )
 }
 
 fn refusal_reason() -> impl Strategy<Value = RefusalReason> {
@@ -144,6 +152,7 @@ fn refusal_reason() -> impl Strategy<Value = RefusalReason> {
         Just(RefusalReason::DuplicateNode),
         Just(RefusalReason::BadCredentials),
         Just(RefusalReason::ProtocolViolation),
+        Just(RefusalReason::IncarnationFailed),
     ]
 }
 
