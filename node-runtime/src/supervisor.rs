@@ -248,31 +248,18 @@ async fn probe_primary(inner: &Inner, index: usize) {
     }
 }
 
-/// Registers the new incarnation right away (boxed: it recurses through
-/// [`reconnect`]).
-fn reconnect_now(
-    inner: &Arc<Inner>,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<(Link, Welcome)>> + Send + '_>> {
-    Box::pin(async move {
-        let hello = inner.current_hello();
-        for index in 0..inner.config.message_server.addresses.len() {
-            if let Ok(ok) = connect(&inner.config, &hello, index).await {
-                return Some(ok);
-            }
-        }
-        reconnect(inner).await
-    })
-}
-
 /// Reconnects, with a capped back-off; `None` if the node shuts down.
 async fn reconnect(inner: &Arc<Inner>) -> Option<(Link, Welcome)> {
     let ms = &inner.config.message_server;
     let mut delay = Duration::from_millis(ms.reconnect_delay_ms);
     let max = Duration::from_millis(ms.reconnect_max_delay_ms);
+    let mut rejoin = false;
     loop {
-        tokio::select! {
-            _ = inner.cancel.cancelled() => return None,
-            _ = tokio::time::sleep(delay) => {}
+        if !std::mem::take(&mut rejoin) {
+            tokio::select! {
+                _ = inner.cancel.cancelled() => return None,
+                _ = tokio::time::sleep(delay) => {}
+            }
         }
         let hello = inner.current_hello();
         for index in 0..ms.addresses.len() {
@@ -292,7 +279,8 @@ async fn reconnect(inner: &Arc<Inner>) -> Option<(Link, Welcome)> {
                         "this node was declared failed; rejoining as a new incarnation"
                     );
                     inner.new_incarnation(fresh);
-                    return reconnect_now(inner).await;
+                    rejoin = true;
+                    break;
                 }
                 Err(e) => {
                     tracing::debug!(address = %ms.addresses[index], error = %e, "reconnect attempt failed")
