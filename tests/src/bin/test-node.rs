@@ -23,6 +23,15 @@ struct Args {
     /// Largest body accepted (`limits.max_message_bytes`).
     #[arg(long)]
     max_message_bytes: Option<u64>,
+    /// Send a one-way "pings" message to this node every 20 ms.
+    #[arg(long)]
+    ping: Option<String>,
+    /// Body size of those pings.
+    #[arg(long, default_value_t = 16)]
+    ping_bytes: usize,
+    /// Test timings: heartbeat 200 ms, failure timeout 1 s, reconnect 50 ms.
+    #[arg(long)]
+    fast: bool,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -38,6 +47,13 @@ async fn main() -> anyhow::Result<()> {
     if let Some(max) = args.max_message_bytes {
         config.limits.max_message_bytes = max;
     }
+    if args.fast {
+        config.cluster.heartbeat_interval_ms = 200;
+        config.cluster.failure_timeout_ms = 1_000;
+        config.message_server.reconnect_delay_ms = 50;
+        config.message_server.reconnect_max_delay_ms = 500;
+        config.lazy.threshold_bytes = 1024;
+    }
     let node = Node::builder(args.id.as_str())
         .config(config)
         .message_server(&args.server)
@@ -45,6 +61,23 @@ async fn main() -> anyhow::Result<()> {
         .start()
         .await?;
     let mut inbox = node.subscribe(&args.service).await?;
+    if let Some(target) = args.ping {
+        let node = node.clone();
+        let body = bytes::Bytes::from(vec![0x70u8; args.ping_bytes]);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
+            loop {
+                tick.tick().await;
+                let _ = node
+                    .notify(
+                        node_runtime::Target::Node(target.as_str().into()),
+                        "pings",
+                        body.clone(),
+                    )
+                    .await;
+            }
+        });
+    }
     println!("ready {}", args.id);
     while let Some(message) = inbox.recv().await {
         if message.is_request() {
