@@ -62,6 +62,8 @@ pub(crate) struct DirectConn {
     /// The body limit negotiated with the peer.
     pub(crate) max_message: u64,
     last_used_ms: AtomicU64,
+    /// When the peer last answered a probe (ms since the node started).
+    last_pong_ms: AtomicU64,
     state: Mutex<UseState>,
 }
 
@@ -172,6 +174,18 @@ impl DirectPool {
         }
     }
 
+    /// Closes every channel to `peer` (it is gone for good).
+    pub(crate) fn close_peer(&self, peer: &NodeId) {
+        let gone: Vec<Arc<DirectConn>> = {
+            let mut open = self.open_map();
+            let keys: Vec<Key> = open.keys().filter(|(p, _)| p == peer).cloned().collect();
+            keys.iter().filter_map(|k| open.remove(k)).collect()
+        };
+        for conn in gone {
+            conn.queue.close();
+        }
+    }
+
     /// Every open channel.
     pub(crate) fn all(&self) -> Vec<Arc<DirectConn>> {
         self.open_map().values().cloned().collect()
@@ -265,6 +279,7 @@ async fn open(
         queue,
         max_message,
         last_used_ms: AtomicU64::new(inner.now_ms()),
+        last_pong_ms: AtomicU64::new(inner.now_ms()),
         state: Mutex::new(UseState::default()),
     });
     let span = tracing::debug_span!("peer", %peer, kind = kind.name());
@@ -298,8 +313,13 @@ async fn outgoing_reader(
             _ = conn.queue.closed() => break (!conn.is_closing()).then(|| "the writer stopped".to_owned()),
             f = reader.next() => f,
         };
+        if let Ok(Some(_)) = &frame {
+            // Anything from the peer shows it is alive.
+            conn.last_pong_ms.store(inner.now_ms(), Ordering::Relaxed);
+        }
         match frame {
             Ok(Some(frame)) => match frame.into_parts().0 {
+                Header::Pong { .. } => {}
                 Header::Ack(ack) if ack.from == conn.peer => {
                     if ack.to_incarnation == inner.incarnation() {
                         conn.settled(ack.seq);
@@ -366,13 +386,39 @@ pub(crate) async fn idle_sweeper(inner: Arc<Inner>) {
     let tick = Duration::from_millis((idle_ms.min(failure_ms) / 4).clamp(10, 1_000));
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let probe_every = inner.config.cluster.heartbeat_interval_ms;
+    let mut last_probe = 0u64;
+    let mut nonce = 0u64;
     loop {
         tokio::select! {
             _ = inner.cancel.cancelled() => return,
             _ = interval.tick() => {}
         }
         let now = inner.now_ms();
+        nonce += 1;
         for conn in inner.direct.all() {
+            // The channel monitor: probe every channel; one whose peer has
+            // not answered for the failure timeout is broken and closed
+            // (what was in flight on it fails); the next need reopens it.
+            // A peer busy reading a large body cannot answer at once:
+            // while frames wait to be written it gets four times as long.
+            let silent = now.saturating_sub(conn.last_pong_ms.load(Ordering::Relaxed));
+            let allowed = if conn.queue.queued_frames() > 0 {
+                failure_ms * 4
+            } else {
+                failure_ms
+            };
+            if silent > allowed {
+                tracing::error!(peer = %conn.peer, kind = conn.kind.name(), "channel stopped unexpectedly: no answer to probes within the failure timeout");
+                inner.direct.remove(&conn);
+                conn.queue.close();
+                continue;
+            }
+            if now.saturating_sub(last_probe) >= probe_every {
+                let _ = conn
+                    .queue
+                    .try_push_control(OutFrame::control(Header::Ping { nonce }));
+            }
             if conn.kind != ChannelKind::Lazy {
                 continue;
             }
@@ -392,6 +438,9 @@ pub(crate) async fn idle_sweeper(inner: Arc<Inner>) {
         }
         inner.activation().handle_timeout(std::time::Instant::now());
         // Members that disconnected and did not come back in time.
+        if now.saturating_sub(last_probe) >= probe_every {
+            last_probe = now;
+        }
         if inner.link_up.load(std::sync::atomic::Ordering::SeqCst) {
             let gone = inner.members.expire(std::time::Instant::now());
             inner.handle_changes(gone).await;
@@ -497,6 +546,9 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
                 {
                     break;
                 }
+            }
+            (Header::Ping { nonce }, _) => {
+                let _ = queue.try_push_control(OutFrame::control(Header::Pong { nonce }));
             }
             (Header::Goodbye, _) => break,
             (other, _) => {

@@ -212,6 +212,7 @@ impl Inner {
                 Change::Left(id) => {
                     tracing::info!(node = %id, "member left");
                     self.dedup().forget(&id);
+                    self.direct.close_peer(&id);
                     complete(self.tracker().handle_member_left(&id));
                 }
                 Change::Present(id) => self.resync(&id).await,

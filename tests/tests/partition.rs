@@ -306,3 +306,70 @@ async fn partition_longer_than_the_failure_timeout_errors_then_rejoins() -> anyh
     };
     tokio::time::timeout(Duration::from_secs(60), run).await?
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_monitor_closes_a_cut_lazy_channel_and_reopens_it() -> anyhow::Result<()> {
+    if !in_private_netns("channel_monitor_closes_a_cut_lazy_channel_and_reopens_it")? {
+        return Ok(());
+    }
+    init_logging();
+    let run = async {
+        run("ip", &["link", "set", "lo", "up"])?;
+        let mut config = test_config();
+        config.lazy.threshold_bytes = 1024;
+        config.lazy.auto_activate_messages = 0;
+        let failure_timeout = config.failure_timeout();
+        let server = TestServer::start(config.clone()).await?;
+        let sender = Node::builder("sender")
+            .config(config.clone())
+            .message_server(server.addr)
+            .start()
+            .await?;
+        // The receiver's direct channels go through 127.0.0.2; its link to
+        // the message server does not.
+        let mut receiver_config = config.clone();
+        receiver_config.node.direct_listen = "127.0.0.2:0".parse()?;
+        let receiver = Node::builder("receiver")
+            .config(receiver_config)
+            .message_server(server.addr)
+            .start()
+            .await?;
+        let mut inbox = receiver.subscribe("bulk").await?;
+        tokio::spawn(async move { while inbox.recv().await.is_some() {} });
+        let big = bytes::Bytes::from(vec![1u8; 64 * 1024]);
+        sender
+            .send(Target::Node("receiver".into()), "bulk", big.clone())
+            .await?;
+        ensure!(sender.counters().lazy_opened == 1);
+
+        let partition = Partition::start()?;
+        let cut_at = Instant::now();
+        let result = sender
+            .send(Target::Node("receiver".into()), "bulk", big.clone())
+            .await;
+        let after = cut_at.elapsed();
+        eprintln!("send over the cut channel ended after {after:?}: {result:?}");
+        match result {
+            Err(node_runtime::SendError::Disconnected) => {}
+            other => bail!("expected the cut channel to fail the send, got {other:?}"),
+        }
+        ensure!(
+            after <= failure_timeout + Duration::from_secs(1),
+            "the broken channel was noticed after {after:?}"
+        );
+        ensure!(sender.counters().lazy_closed >= 1);
+        // The receiver never left the cluster.
+        ensure!(sender.members().iter().any(|m| m.id == "receiver"));
+        drop(partition);
+        sender
+            .send(Target::Node("receiver".into()), "bulk", big)
+            .await?;
+        ensure!(
+            sender.counters().lazy_opened == 2,
+            "{:?}",
+            sender.counters()
+        );
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(60), run).await?
+}

@@ -434,6 +434,16 @@ pub enum Header {
         /// The service.
         service: String,
     },
+    /// Liveness probe on a direct channel; answered by `Pong`.
+    Ping {
+        /// Echoed in the answer.
+        nonce: u64,
+    },
+    /// The answer to a `Ping`.
+    Pong {
+        /// The ping's nonce.
+        nonce: u64,
+    },
     /// The members a `Resolve` resolved to, or why it failed.
     Resolved {
         /// The token of the `Resolve`.
@@ -459,6 +469,8 @@ impl Header {
             Header::Subscribed { .. } => "subscribed",
             Header::Goodbye => "goodbye",
             Header::Resolve { .. } => "resolve",
+            Header::Ping { .. } => "ping",
+            Header::Pong { .. } => "pong",
             Header::Resolved { .. } => "resolved",
         }
     }

@@ -289,6 +289,21 @@ fn header() -> impl Strategy<Value = Header> {
         text().prop_map(|service| Header::Unsubscribe { service }),
         any::<u64>().prop_map(|token| Header::Subscribed { token }),
         Just(Header::Goodbye),
+        (any::<u64>(), target(), text()).prop_map(|(token, target, service)| Header::Resolve {
+            token,
+            target,
+            service
+        }),
+        (
+            any::<u64>(),
+            prop_oneof![
+                vec((node_id(), any::<u64>()), 0..4).prop_map(Ok),
+                delivery_failure().prop_map(Err),
+            ]
+        )
+            .prop_map(|(token, result)| Header::Resolved { token, result }),
+        any::<u64>().prop_map(|nonce| Header::Ping { nonce }),
+        any::<u64>().prop_map(|nonce| Header::Pong { nonce }),
     ]
 }
 
