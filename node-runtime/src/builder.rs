@@ -154,8 +154,8 @@ impl NodeBuilder {
         });
 
         let heartbeat_at = config
-            .cluster
-            .heartbeat_listen
+            .node
+            .heartbeat_bind
             .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
         let heartbeat_socket =
             tokio::net::UdpSocket::bind(heartbeat_at)

@@ -149,8 +149,8 @@ pub struct ClusterConfig {
     /// Silence after which a node is declared failed.
     /// Default [`DEFAULT_FAILURE_TIMEOUT_MS`].
     pub failure_timeout_ms: u64,
-    /// Address for heartbeats (UDP), so cluster traffic can use its own
-    /// interface. None: the interface of the message-server connection.
+    /// Where the message server receives heartbeats (UDP), so cluster
+    /// traffic can use its own interface. None: its listen address.
     pub heartbeat_listen: Option<SocketAddr>,
 }
 
@@ -217,6 +217,9 @@ pub struct NodeConfig {
     /// Where the node accepts direct channels. Default
     /// [`DEFAULT_DIRECT_LISTEN`].
     pub direct_listen: SocketAddr,
+    /// Where a node sends its heartbeats from (UDP). None: any interface,
+    /// an ephemeral port.
+    pub heartbeat_bind: Option<SocketAddr>,
     /// The direct-channel address announced to other nodes. None: the
     /// listen address, or, when that is unspecified (`0.0.0.0`), the
     /// interface that reaches the message server.
@@ -256,6 +259,7 @@ impl Default for NodeConfig {
         NodeConfig {
             direct_listen: SocketAddr::from(([0, 0, 0, 0], 0)),
             direct_advertise: None,
+            heartbeat_bind: None,
             send_timeout_ms: DEFAULT_SEND_TIMEOUT_MS,
             inbox_capacity: DEFAULT_INBOX_CAPACITY,
             inbox_wait_ms: DEFAULT_INBOX_WAIT_MS,
