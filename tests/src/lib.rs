@@ -147,8 +147,9 @@ pub fn message_server_bin() -> anyhow::Result<PathBuf> {
 pub struct ChildProcess {
     /// The process.
     pub child: Child,
-    /// Its standard output after the readiness line.
-    pub stdout: Lines<BufReader<ChildStdout>>,
+    /// Its standard output after the readiness line (see
+    /// [`ChildProcess::take_stdout`]).
+    pub stdout: Option<Lines<BufReader<ChildStdout>>>,
     /// The readiness line.
     pub ready_line: String,
 }
@@ -181,9 +182,18 @@ impl ChildProcess {
         .context("process not ready in time")??;
         Ok(ChildProcess {
             child,
-            stdout: lines,
+            stdout: Some(lines),
             ready_line: ready,
         })
+    }
+
+    /// Takes the process's remaining standard output, line by line.
+    ///
+    /// # Errors
+    ///
+    /// If it was taken already.
+    pub fn take_stdout(&mut self) -> anyhow::Result<Lines<BufReader<ChildStdout>>> {
+        self.stdout.take().context("stdout already taken")
     }
 
     /// The process id.

@@ -32,6 +32,12 @@ struct Args {
     /// Test timings: heartbeat 200 ms, failure timeout 1 s, reconnect 50 ms.
     #[arg(long)]
     fast: bool,
+    /// Print `got SENDER NUMBER` for each fault-ledger message received.
+    #[arg(long)]
+    print: bool,
+    /// Inbox capacity (`node.inbox_capacity`).
+    #[arg(long)]
+    inbox_capacity: Option<usize>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -46,6 +52,9 @@ async fn main() -> anyhow::Result<()> {
     let mut config = node_runtime::Config::default();
     if let Some(max) = args.max_message_bytes {
         config.limits.max_message_bytes = max;
+    }
+    if let Some(n) = args.inbox_capacity {
+        config.node.inbox_capacity = n;
     }
     if args.fast {
         config.cluster.heartbeat_interval_ms = 200;
@@ -79,7 +88,15 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     println!("ready {}", args.id);
+    let mut out = std::io::stdout().lock();
     while let Some(message) = inbox.recv().await {
+        if args.print {
+            if let Some((sender, number)) = clustercomm_tests::fault::parse(message.body()) {
+                use std::io::Write;
+                writeln!(out, "got {sender} {number}")?;
+                out.flush()?;
+            }
+        }
         if message.is_request() {
             let _ = message.reply(message.body().clone()).await;
         }
