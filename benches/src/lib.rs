@@ -21,6 +21,7 @@
 //!   1-byte ack each.
 //! - [`bulk_report`]: the bulk benchmark's table (MB/s per path, ratios).
 //! - [`memory`]: peak and current resident memory from `/proc/self/status`.
+//! - [`suite`]: the suite's cases and outcomes, shared by every system.
 
 pub mod bulk_report;
 pub mod bulk_tcp;
@@ -28,6 +29,7 @@ pub mod memory;
 pub mod options;
 pub mod raw_tcp;
 pub mod report;
+pub mod suite;
 pub mod transfer;
 pub mod wait;
 
