@@ -21,11 +21,6 @@ use crate::direct::{get_or_open, ChannelKind, DirectConn};
 use crate::node::{Inner, Pending};
 use crate::reliable::Resend;
 
-/// The server route returns early in `submit`.
-fn unreachable_route() {
-    tracing::error!("server route reached the direct branch");
-}
-
 /// Where one message goes.
 enum Route {
     Server,
@@ -165,47 +160,48 @@ impl Inner {
                 }
             };
         let (tx, rx) = oneshot::channel();
-        if let Route::Server = route {
-            self.server_size_error(&target, &service, body_len)?;
-            // The number is taken and the frame queued under the lock, so
-            // the wire order is the number order (receivers deduplicate by
-            // number; resends go out in number order).
-            let Ok(_order) = tokio::time::timeout_at(deadline, self.send_lock.lock()).await else {
-                return Err(SendError::Timeout {
-                    after: self.config.send_timeout(),
-                    waiting_for: vec![],
-                });
-            };
-            let seq = self.next_seq();
-            let pending = Pending::new(self.clone(), seq, deadline, rx, Some(slot));
-            {
-                let mut tracker = self.tracker();
-                tracker.track(seq, target.clone(), service.clone(), awaiting, tx);
-                tracker.mark_via_server(seq);
-            }
-            let header = self.header(seq, target, service, kind);
-            self.resend_buffer().insert(
-                seq,
-                Resend {
-                    header: header.clone(),
-                    body: body.clone(),
-                },
-            );
-            let frame = OutFrame::Parts {
-                header: Header::Message(header),
-                body,
-            };
-            self.enqueue(frame, deadline).await?;
-            self.count_server(body_len);
-            return Ok(pending);
-        }
-        let seq = self.next_seq();
-        let pending = Pending::new(self.clone(), seq, deadline, rx, Some(slot));
+        let seq;
         match route {
-            Route::Server => unreachable_route(),
+            Route::Server => {
+                self.server_size_error(&target, &service, body_len)?;
+                // The number is taken and the frame queued under the lock,
+                // so the wire order is the number order (receivers
+                // deduplicate by number; resends go out in number order).
+                let Ok(_order) = tokio::time::timeout_at(deadline, self.send_lock.lock()).await
+                else {
+                    return Err(SendError::Timeout {
+                        after: self.config.send_timeout(),
+                        waiting_for: vec![],
+                    });
+                };
+                seq = self.next_seq();
+                {
+                    let mut tracker = self.tracker();
+                    tracker.track(seq, target.clone(), service.clone(), awaiting, tx);
+                    tracker.mark_via_server(seq);
+                }
+                let header = self.header(seq, target, service, kind);
+                self.resend_buffer().insert(
+                    seq,
+                    Resend {
+                        header: header.clone(),
+                        body: body.clone(),
+                    },
+                );
+                let frame = OutFrame::Parts {
+                    header: Header::Message(header),
+                    body,
+                };
+                let pending = Pending::new(self.clone(), seq, deadline, rx, Some(slot));
+                self.enqueue(frame, deadline).await?;
+                self.count_server(body_len);
+                Ok(pending)
+            }
             Route::Direct(conn) => {
+                seq = self.next_seq();
                 self.tracker()
                     .track(seq, target.clone(), service.clone(), awaiting, tx);
+                let pending = Pending::new(self.clone(), seq, deadline, rx, Some(slot));
                 let msg = Outgoing {
                     seq,
                     service,
@@ -213,8 +209,10 @@ impl Inner {
                     body,
                 };
                 self.push_direct(conn, &msg, true, deadline).await?;
+                Ok(pending)
             }
             Route::FanOut(members) => {
+                seq = self.next_seq();
                 let done = self.tracker().track_expecting(
                     seq,
                     target,
@@ -223,6 +221,7 @@ impl Inner {
                     members.clone(),
                     tx,
                 );
+                let pending = Pending::new(self.clone(), seq, deadline, rx, Some(slot));
                 complete(done);
                 let msg = Outgoing {
                     seq,
@@ -235,9 +234,9 @@ impl Inner {
                         complete(self.tracker().handle_failure(seq, member, e));
                     }
                 }
+                Ok(pending)
             }
         }
-        Ok(pending)
     }
 
     /// Sends a one-way message on its path.
