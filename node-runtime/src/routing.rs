@@ -103,6 +103,25 @@ impl Inner {
         }
     }
 
+    /// What every send does first: check the body and the node, set the
+    /// deadline, choose the route.
+    async fn start_send(
+        self: &Arc<Self>,
+        target: &Target,
+        service: &str,
+        body: &Bytes,
+    ) -> Result<(Route, Instant), SendError> {
+        self.check_size(body)?;
+        if self.cancel.is_cancelled() {
+            return Err(SendError::Shutdown);
+        }
+        let deadline = Instant::now() + self.config.send_timeout();
+        let route = self
+            .route(target, service, body.len() as u64, deadline)
+            .await?;
+        Ok((route, deadline))
+    }
+
     /// The error for a body the message-server path cannot carry.
     fn server_size_error(
         &self,
@@ -140,13 +159,8 @@ impl Inner {
         kind: MessageKind,
         awaiting: Awaiting,
     ) -> Result<Pending, SendError> {
-        self.check_size(&body)?;
-        if self.cancel.is_cancelled() {
-            return Err(SendError::Shutdown);
-        }
-        let deadline = Instant::now() + self.config.send_timeout();
+        let (route, deadline) = self.start_send(&target, service, &body).await?;
         let body_len = body.len() as u64;
-        let route = self.route(&target, service, body_len, deadline).await?;
         let service: Arc<str> = Arc::from(service);
         let slot =
             match tokio::time::timeout_at(deadline, self.in_flight.clone().acquire_owned()).await {
@@ -246,13 +260,8 @@ impl Inner {
         service: &str,
         body: Bytes,
     ) -> Result<(), SendError> {
-        self.check_size(&body)?;
-        if self.cancel.is_cancelled() {
-            return Err(SendError::Shutdown);
-        }
-        let deadline = Instant::now() + self.config.send_timeout();
+        let (route, deadline) = self.start_send(&target, service, &body).await?;
         let body_len = body.len() as u64;
-        let route = self.route(&target, service, body_len, deadline).await?;
         let msg = Outgoing {
             seq: self.next_seq(),
             service: Arc::from(service),
