@@ -22,11 +22,16 @@
 //! - [`bulk_report`]: the bulk benchmark's table (MB/s per path, ratios).
 //! - [`memory`]: peak and current resident memory from `/proc/self/status`.
 //! - [`suite`]: the suite's cases and outcomes, shared by every system.
+//! - [`nats`]: the nats-server peer: starts a local server, runs every case
+//!   through the async-nats client.
+//! - [`raw_cases`]: raw loopback TCP as the floor of every suite case.
 
 pub mod bulk_report;
 pub mod bulk_tcp;
 pub mod memory;
+pub mod nats;
 pub mod options;
+pub mod raw_cases;
 pub mod raw_tcp;
 pub mod report;
 pub mod suite;

@@ -1,0 +1,734 @@
+//! The nats-server peer: every [`Case`] run with the same pattern against a
+//! local `nats-server` through the `async-nats` client, in the same run as
+//! clustercomm.
+//!
+//! [`Nats::start`] finds `nats-server` on `PATH` (installing the Debian
+//! package with `apt-get` if it is missing), starts it on a free loopback
+//! port with `max_payload` raised to [`MAX_PAYLOAD`] and waits until it
+//! answers. [`Nats::run`] then measures one case; each case opens its own
+//! client connections, one per role (publisher, each subscriber, responder,
+//! requester), like separate nodes, and closes them at the end.
+//!
+//! | case | NATS pattern | result |
+//! | --- | --- | --- |
+//! | `Notify`, `SendPipelined`, `Session` | one publisher, one subscriber on one subject | messages/s received |
+//! | `FanOutAll`, `FanOutGroup` | one publisher, `receivers` subscribers on one subject | deliveries/s (all subscribers) |
+//! | `AnyOf` | one publisher, a queue group of `members` subscribers | messages/s received in all |
+//! | `RequestLatency` | a responder echoing the payload, one requester, one request at a time | µs percentiles |
+//! | `RequestRate` | the same responder, `outstanding` requester tasks on one client | requests/s |
+//! | `Bulk` | bodies published as requests, answered with a 1-byte ack, [`BULK_IN_FLIGHT`] in flight | MB/s |
+//!
+//! One-way cases publish as fast as the client takes messages, with a
+//! [`Client::flush`] (a PING/PONG round trip) every [`FLUSH_EVERY`]
+//! messages or [`FLUSH_EVERY_BYTES`] bytes, pipelined one deep, so the
+//! publisher never runs more than two windows ahead of the server. A slow
+//! subscriber may have messages dropped (by the server or the client): the
+//! rate counts only what arrived, up to the moment the last of it arrived,
+//! and a note goes to stderr. `Bulk`'s path is irrelevant here: both rows
+//! go through the server.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context};
+use async_nats::{Client, ConnectOptions, Subject};
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::options::{Options, WAIT_TIMEOUT};
+use crate::raw_cases::{bulk_plans, BULK_IN_FLIGHT};
+use crate::report::per_second;
+use crate::suite::{Case, Latency, Outcome};
+use crate::transfer::{Plan, Transfer};
+use crate::wait::{Counter, POLL_INTERVAL};
+
+/// The `max_payload` the server is configured with: 64 MB, NATS's
+/// documented maximum. A body larger than what the server announces is
+/// skipped.
+pub const MAX_PAYLOAD: usize = 64 * 1024 * 1024;
+
+/// The server's `max_pending` (bytes it buffers for one slow client); it
+/// must be at least [`MAX_PAYLOAD`], and is larger so that a few bulk
+/// bodies in flight never make the receiver a slow consumer.
+pub const MAX_PENDING: usize = 4 * MAX_PAYLOAD;
+
+/// One-way publishes between two flushes...
+pub const FLUSH_EVERY: u64 = 4096;
+
+/// ...or body bytes between two flushes, whichever comes first.
+pub const FLUSH_EVERY_BYTES: u64 = 4 << 20;
+
+/// Messages a subscription may queue inside the client before it drops
+/// them as a slow consumer (async-nats's default is 65 536).
+pub const SUBSCRIPTION_CAPACITY: usize = 1 << 20;
+
+/// How long a one-way receive count may stand still before the wait
+/// settles for what arrived (messages were dropped).
+pub const STALL: Duration = Duration::from_millis(500);
+
+/// Upper bound on nats-server starting to accept connections.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Upper bound on each `apt-get` command run to install nats-server.
+pub const APT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The byte a bulk receiver answers each body with.
+pub const BULK_ACK: u8 = 0x06;
+
+/// The queue group of [`Case::AnyOf`].
+const QUEUE_GROUP: &str = "members";
+
+/// A running nats-server on a loopback port, killed and reaped on drop.
+pub struct Nats {
+    child: Child,
+    url: String,
+    max_payload: usize,
+    files: Vec<PathBuf>,
+    subjects: AtomicU64,
+}
+
+impl Nats {
+    /// Finds (or installs) nats-server, starts it on a free loopback port
+    /// with `max_payload` raised to [`MAX_PAYLOAD`], and waits until it
+    /// accepts a client. What it does beyond the lookup (installing, the
+    /// server it started) goes to stderr. `quick` does not change the
+    /// server: it is taken so that every peer starts the same way.
+    ///
+    /// # Errors
+    ///
+    /// A reason, if nats-server is not on `PATH` and `apt-get install -y
+    /// nats-server` (after `apt-get update` if needed) did not make it so,
+    /// or if it did not start and accept a client within
+    /// [`STARTUP_TIMEOUT`].
+    pub async fn start(quick: bool) -> Result<Nats, String> {
+        let _ = quick;
+        let binary = match find_on_path("nats-server") {
+            Some(binary) => binary,
+            None => install().await?,
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("finding a free loopback port: {e}"))?
+            .port();
+        let stem = format!("clustercomm-bench-nats-{}-{port}", std::process::id());
+        let config = std::env::temp_dir().join(format!("{stem}.conf"));
+        let log = std::env::temp_dir().join(format!("{stem}.log"));
+        std::fs::write(
+            &config,
+            format!("max_payload: {MAX_PAYLOAD}\nmax_pending: {MAX_PENDING}\n"),
+        )
+        .map_err(|e| format!("writing {}: {e}", config.display()))?;
+        let log_file =
+            File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
+        let log_file2 = log_file
+            .try_clone()
+            .map_err(|e| format!("duplicating the log file handle: {e}"))?;
+        let child = Command::new(&binary)
+            .arg("-c")
+            .arg(&config)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(log_file2)
+            .spawn();
+        let child = match child {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = std::fs::remove_file(&config);
+                let _ = std::fs::remove_file(&log);
+                return Err(format!("starting {}: {e}", binary.display()));
+            }
+        };
+        let mut nats = Nats {
+            child,
+            url: format!("nats://127.0.0.1:{port}"),
+            max_payload: 0,
+            files: vec![config, log.clone()],
+            subjects: AtomicU64::new(0),
+        };
+        // `nats` is dropped (the server killed) on every early return.
+        nats.wait_ready().await.map_err(|e| {
+            let tail = log_tail(&log);
+            format!("{} did not start: {e:#}{tail}", binary.display())
+        })?;
+        eprintln!(
+            "nats: {} listening on {} (max_payload {} bytes)",
+            binary.display(),
+            nats.url,
+            nats.max_payload
+        );
+        Ok(nats)
+    }
+
+    /// The server's client URL (`nats://127.0.0.1:PORT`).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The largest payload the server accepts, as it announced it.
+    pub fn max_payload(&self) -> usize {
+        self.max_payload
+    }
+
+    /// Measures `case` with the NATS pattern described in the module docs.
+    /// Never panics on a peer problem: failures come back as
+    /// [`Outcome::Failed`], bodies over the server's limit as
+    /// [`Outcome::Skipped`].
+    pub async fn run(&self, case: Case, options: &Options) -> Outcome {
+        let result = match case {
+            Case::Notify { body } | Case::Session { body } | Case::SendPipelined { body, .. } => {
+                self.one_way(1, Fan::Subject, body, options)
+                    .await
+                    .map(Outcome::Rate)
+            }
+            Case::FanOutAll { receivers, body } | Case::FanOutGroup { receivers, body } => self
+                .one_way(receivers, Fan::Subject, body, options)
+                .await
+                .map(Outcome::Rate),
+            Case::AnyOf { members, body } => self
+                .one_way(members, Fan::Queue, body, options)
+                .await
+                .map(Outcome::Rate),
+            Case::RequestLatency { body } => self.request_latency(body, options).await,
+            Case::RequestRate { body, outstanding } => self
+                .request_rate(body, outstanding, options)
+                .await
+                .map(Outcome::Rate),
+            Case::Bulk { body, .. } => self.bulk(body, options).await,
+        };
+        result.unwrap_or_else(|e| Outcome::Failed(format!("{e:#}")))
+    }
+
+    /// Connects, reads the server's limit and checks a round trip.
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let addr = self.url.trim_start_matches("nats://").to_owned();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("nats-server exited ({status})");
+            }
+            if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!("no connection accepted within {STARTUP_TIMEOUT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let client = self.connect("ready").await?;
+        tokio::time::timeout(STARTUP_TIMEOUT, client.flush())
+            .await
+            .context("first flush timed out")??;
+        self.max_payload = client.server_info().max_payload;
+        Ok(())
+    }
+
+    /// A new client connection named `role`.
+    async fn connect(&self, role: &str) -> anyhow::Result<Client> {
+        tokio::time::timeout(
+            WAIT_TIMEOUT,
+            ConnectOptions::new()
+                .name(format!("bench-{role}"))
+                .request_timeout(Some(WAIT_TIMEOUT))
+                .subscription_capacity(SUBSCRIPTION_CAPACITY)
+                .connect(self.url.as_str()),
+        )
+        .await
+        .with_context(|| format!("connecting {role} timed out"))?
+        .with_context(|| format!("connecting {role} to {}", self.url))
+    }
+
+    /// A subject no earlier case used.
+    fn subject(&self, kind: &str) -> Subject {
+        let n = self.subjects.fetch_add(1, Ordering::Relaxed);
+        Subject::from(format!("bench.{kind}.{n}"))
+    }
+
+    /// One publisher, `subscribers` subscriber clients (plain or in one
+    /// queue group): deliveries per second over the measured phase.
+    async fn one_way(
+        &self,
+        subscribers: usize,
+        fan: Fan,
+        body: usize,
+        options: &Options,
+    ) -> anyhow::Result<f64> {
+        ensure!(subscribers > 0, "no subscribers");
+        let subject = self.subject("oneway");
+        let received = Counter::new();
+        let mut tasks = Tasks::default();
+        let mut clients = Vec::with_capacity(subscribers);
+        for i in 0..subscribers {
+            let client = self.connect(&format!("subscriber-{i}")).await?;
+            let mut subscription = match fan {
+                Fan::Subject => client.subscribe(subject.clone()).await?,
+                Fan::Queue => {
+                    client
+                        .queue_subscribe(subject.clone(), QUEUE_GROUP.to_owned())
+                        .await?
+                }
+            };
+            flush(&client).await.context("registering a subscription")?;
+            let received = received.clone();
+            tasks.spawn(async move {
+                while subscription.next().await.is_some() {
+                    received.add(1);
+                }
+            });
+            clients.push(client);
+        }
+        let per_publish = match fan {
+            Fan::Subject => subscribers as u64,
+            Fan::Queue => 1,
+        };
+        let publisher = self.connect("publisher").await?;
+        let payload = Bytes::from(vec![0xAB; body]);
+
+        let warm = publish_for(&publisher, &subject, &payload, options.warmup).await?;
+        settle(&received, warm * per_publish)
+            .await
+            .context("nats warm-up")?;
+
+        let base = received.get();
+        let start = Instant::now();
+        let sent = publish_for(&publisher, &subject, &payload, options.measure).await?;
+        let expected = sent * per_publish;
+        let (count, done) = settle(&received, base + expected)
+            .await
+            .context("nats one-way")?;
+        let got = count - base;
+        if got < expected {
+            eprintln!(
+                "nats: {got} of {expected} deliveries arrived ({} dropped: slow consumer); \
+                 the rate counts only what arrived",
+                expected - got
+            );
+        }
+        ensure!(got > 0, "no message arrived");
+        Ok(per_second(got, done - start))
+    }
+
+    /// Starts a responder client echoing every request's payload on a new
+    /// subject; returns the subject, the client and its task.
+    async fn responder(&self, reply: Option<Bytes>) -> anyhow::Result<(Subject, Client, Tasks)> {
+        let subject = self.subject("request");
+        let client = self.connect("responder").await?;
+        let mut subscription = client.subscribe(subject.clone()).await?;
+        flush(&client).await.context("registering the responder")?;
+        let mut tasks = Tasks::default();
+        let answering = client.clone();
+        tasks.spawn(async move {
+            while let Some(message) = subscription.next().await {
+                let Some(to) = message.reply else { continue };
+                let answer = reply.clone().unwrap_or(message.payload);
+                if answering.publish(to, answer).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok((subject, client, tasks))
+    }
+
+    /// Sequential requests: per-request round-trip percentiles.
+    async fn request_latency(&self, body: usize, options: &Options) -> anyhow::Result<Outcome> {
+        let (subject, _responder, _tasks) = self.responder(None).await?;
+        let requester = self.connect("requester").await?;
+        let payload = Bytes::from(vec![0xAB; body]);
+        let start = Instant::now();
+        while start.elapsed() < options.warmup {
+            request(&requester, &subject, &payload).await?;
+        }
+        let mut samples = Vec::new();
+        let start = Instant::now();
+        while start.elapsed() < options.measure {
+            let sent = Instant::now();
+            request(&requester, &subject, &payload).await?;
+            samples.push(sent.elapsed().as_secs_f64() * 1e6);
+        }
+        Latency::from_samples(samples)
+            .map(Outcome::Latency)
+            .context("no request completed")
+    }
+
+    /// `outstanding` requester tasks on one client: requests per second.
+    async fn request_rate(
+        &self,
+        body: usize,
+        outstanding: usize,
+        options: &Options,
+    ) -> anyhow::Result<f64> {
+        ensure!(outstanding > 0, "no requests in flight");
+        let (subject, _responder, _tasks) = self.responder(None).await?;
+        let requester = self.connect("requester").await?;
+        let payload = Bytes::from(vec![0xAB; body]);
+        requests_for(&requester, &subject, &payload, outstanding, options.warmup).await?;
+        let (done, elapsed) =
+            requests_for(&requester, &subject, &payload, outstanding, options.measure).await?;
+        Ok(per_second(done, elapsed))
+    }
+
+    /// Bodies sent as requests, each answered with a 1-byte ack,
+    /// [`BULK_IN_FLIGHT`] in flight: MB/s.
+    async fn bulk(&self, body: usize, options: &Options) -> anyhow::Result<Outcome> {
+        if body > self.max_payload {
+            return Ok(Outcome::Skipped("over nats max_payload".to_owned()));
+        }
+        let ack = Bytes::from_static(&[BULK_ACK]);
+        let (subject, _receiver, _tasks) = self.responder(Some(ack)).await?;
+        let sender = self.connect("bulk-sender").await?;
+        let payload = Bytes::from(vec![0xAB; body]);
+        let (warmup, measure) = bulk_plans(options);
+        send_bodies(&sender, &subject, &payload, &warmup).await?;
+        let transfer = send_bodies(&sender, &subject, &payload, &measure).await?;
+        Ok(Outcome::Rate(transfer.mb_per_second()))
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for file in &self.files {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+}
+
+/// How a one-way case's subscribers share the subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fan {
+    /// Every subscriber gets every message.
+    Subject,
+    /// One queue group: each message goes to one of them.
+    Queue,
+}
+
+/// Tasks aborted when the case ends, however it ends.
+#[derive(Default)]
+struct Tasks(Vec<JoinHandle<()>>);
+
+impl Tasks {
+    fn spawn(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.0.push(tokio::spawn(task));
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// A flush (PING/PONG round trip), bounded.
+async fn flush(client: &Client) -> anyhow::Result<()> {
+    tokio::time::timeout(WAIT_TIMEOUT, client.flush())
+        .await
+        .context("flush timed out")??;
+    Ok(())
+}
+
+/// One request, bounded.
+async fn request(client: &Client, subject: &Subject, payload: &Bytes) -> anyhow::Result<()> {
+    tokio::time::timeout(
+        WAIT_TIMEOUT,
+        client.request(subject.clone(), payload.clone()),
+    )
+    .await
+    .context("request timed out")??;
+    Ok(())
+}
+
+/// Publishes `payload` for `duration` and returns how many. A flush is
+/// started every [`FLUSH_EVERY`] messages or [`FLUSH_EVERY_BYTES`] bytes,
+/// and the previous one awaited first; ends with a flush.
+async fn publish_for(
+    client: &Client,
+    subject: &Subject,
+    payload: &Bytes,
+    duration: Duration,
+) -> anyhow::Result<u64> {
+    let len = payload.len().max(1) as u64;
+    let window = FLUSH_EVERY.min(FLUSH_EVERY_BYTES / len).max(1);
+    let mut pending: Option<JoinHandle<anyhow::Result<()>>> = None;
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed() < duration {
+        for _ in 0..window {
+            client.publish(subject.clone(), payload.clone()).await?;
+        }
+        sent += window;
+        if let Some(previous) = pending.take() {
+            tokio::time::timeout(WAIT_TIMEOUT, previous)
+                .await
+                .context("flush timed out")???;
+        }
+        let client = client.clone();
+        pending = Some(tokio::spawn(async move { flush(&client).await }));
+    }
+    if let Some(previous) = pending {
+        tokio::time::timeout(WAIT_TIMEOUT, previous)
+            .await
+            .context("flush timed out")???;
+    }
+    flush(client).await?;
+    Ok(sent)
+}
+
+/// Waits for `counter` to reach `target` and returns the count and when it
+/// was seen. If the count stands still for [`STALL`] first (messages were
+/// dropped), settles for what arrived, as of its last change.
+///
+/// # Errors
+///
+/// If the count is still moving but short of `target` after
+/// [`WAIT_TIMEOUT`].
+async fn settle(counter: &Counter, target: u64) -> anyhow::Result<(u64, Instant)> {
+    let deadline = Instant::now() + WAIT_TIMEOUT;
+    let mut last = counter.get();
+    let mut last_change = Instant::now();
+    loop {
+        let now = Instant::now();
+        let count = counter.get();
+        if count >= target {
+            return Ok((count, now));
+        }
+        if count != last {
+            last = count;
+            last_change = now;
+        } else if now - last_change >= STALL {
+            return Ok((count, last_change));
+        }
+        if now >= deadline {
+            bail!("counted {count} of {target} within {WAIT_TIMEOUT:?}");
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// `tasks` requesters looping requests until `duration` has passed: how
+/// many completed, and the time from the start until the last did.
+async fn requests_for(
+    client: &Client,
+    subject: &Subject,
+    payload: &Bytes,
+    tasks: usize,
+    duration: Duration,
+) -> anyhow::Result<(u64, Duration)> {
+    let start = Instant::now();
+    let done = Counter::new();
+    let mut running: FuturesUnordered<JoinHandle<anyhow::Result<()>>> = (0..tasks)
+        .map(|_| {
+            let (client, subject, payload, done) = (
+                client.clone(),
+                subject.clone(),
+                payload.clone(),
+                done.clone(),
+            );
+            tokio::spawn(async move {
+                while start.elapsed() < duration {
+                    request(&client, &subject, &payload).await?;
+                    done.add(1);
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let mut result = Ok(());
+    while let Some(finished) = running.next().await {
+        let outcome = finished.context("requester task panicked").and_then(|r| r);
+        if result.is_ok() {
+            result = outcome;
+        }
+    }
+    result?;
+    Ok((done.get(), start.elapsed()))
+}
+
+/// Sends bodies for `plan` as requests, at most [`BULK_IN_FLIGHT`]
+/// unanswered; the transfer from the first body to the last answer.
+async fn send_bodies(
+    client: &Client,
+    subject: &Subject,
+    payload: &Bytes,
+    plan: &Plan,
+) -> anyhow::Result<Transfer> {
+    let mut in_flight = FuturesUnordered::new();
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while plan.more(sent, start.elapsed()) {
+        if in_flight.len() >= BULK_IN_FLIGHT {
+            wait_one(&mut in_flight).await?;
+        }
+        let (client, subject, payload) = (client.clone(), subject.clone(), payload.clone());
+        in_flight.push(tokio::spawn(async move {
+            request(&client, &subject, &payload).await
+        }));
+        sent += 1;
+    }
+    while !in_flight.is_empty() {
+        wait_one(&mut in_flight).await?;
+    }
+    Ok(Transfer::new(sent, payload.len(), start.elapsed()))
+}
+
+/// Waits for one of the bulk requests to be answered.
+async fn wait_one(
+    in_flight: &mut FuturesUnordered<JoinHandle<anyhow::Result<()>>>,
+) -> anyhow::Result<()> {
+    match in_flight.next().await {
+        Some(done) => done.context("bulk request task panicked")?,
+        None => Ok(()),
+    }
+}
+
+/// Where Debian and hand installs put binaries, looked at after `PATH`
+/// (the package installs `/usr/sbin/nats-server`, and some environments
+/// leave the `sbin` directories off `PATH`).
+const USUAL_DIRS: &[&str] = &["/usr/local/bin", "/usr/local/sbin", "/usr/bin", "/usr/sbin"];
+
+/// `name` in a directory of `PATH` (or of [`USUAL_DIRS`]), if it is an
+/// executable file there.
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(USUAL_DIRS.iter().map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// Installs the Debian package `nats-server`, running `apt-get update`
+/// first only if a plain install fails; returns the binary.
+async fn install() -> Result<PathBuf, String> {
+    const INSTALL: &[&str] = &["install", "-y", "-q", "nats-server"];
+    eprintln!("nats: nats-server is not on PATH; running `apt-get install -y nats-server`");
+    let mut failure = apt(INSTALL).await.err();
+    if let Some(e) = &failure {
+        eprintln!("nats: {e}; running `apt-get update` and installing again");
+        failure = match apt(&["update", "-q"]).await {
+            Ok(()) => apt(INSTALL).await.err(),
+            Err(e) => Some(e),
+        };
+    }
+    match (find_on_path("nats-server"), failure) {
+        (Some(binary), _) => {
+            eprintln!("nats: installed {}", binary.display());
+            Ok(binary)
+        }
+        (None, Some(e)) => Err(format!("nats-server not on PATH and not installable: {e}")),
+        (None, None) => Err("the nats-server package installed no nats-server binary".to_owned()),
+    }
+}
+
+/// Runs `apt-get ARGS` non-interactively, its output on stderr, killed
+/// after [`APT_TIMEOUT`].
+async fn apt(args: &[&str]) -> Result<(), String> {
+    let what = format!("`apt-get {}`", args.join(" "));
+    let mut child = Command::new("apt-get")
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(std::io::stderr()))
+        .stderr(Stdio::from(std::io::stderr()))
+        .spawn()
+        .map_err(|e| format!("{what} could not start: {e}"))?;
+    let status = wait_child(&mut child, APT_TIMEOUT)
+        .await
+        .map_err(|e| format!("{what}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{what} failed ({status})"))
+    }
+}
+
+/// Waits for `child` to exit, killing it after `timeout`.
+async fn wait_child(child: &mut Child, timeout: Duration) -> Result<ExitStatus, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Ok(status),
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("killed after {timeout:?}"));
+            }
+            Ok(None) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// The last lines of the server's log, for an error message.
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(5)..].join("\n");
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("; its log ends:\n{tail}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::suite::{cases, BulkPath};
+
+    /// Needs nats-server (installs it with apt-get if it can):
+    /// `cargo test -p clustercomm-benches --lib -- --ignored --nocapture`.
+    /// Runs every case of a full run with short phases.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "starts nats-server, which CI need not have"]
+    async fn nats_runs_every_case() {
+        let nats = match Nats::start(true).await {
+            Ok(nats) => nats,
+            Err(why) => panic!("nats-server unavailable: {why}"),
+        };
+        let mut options = Options::from_args(["--quick"]);
+        options.warmup = Duration::from_millis(100);
+        options.measure = Duration::from_millis(500);
+        let mut all = vec![
+            Case::Notify { body: 128 },
+            Case::RequestLatency { body: 128 },
+        ];
+        all.extend(cases(false));
+        all.push(Case::Bulk {
+            body: nats.max_payload() + 1,
+            path: BulkPath::Server,
+        });
+        for case in all {
+            let started = Instant::now();
+            let outcome = nats.run(case, &options).await;
+            println!(
+                "nats {case}: {outcome} {} ({:.1} s)",
+                case.unit(),
+                started.elapsed().as_secs_f64()
+            );
+            match case {
+                Case::Bulk { body, .. } if body > nats.max_payload() => assert_eq!(
+                    outcome,
+                    Outcome::Skipped("over nats max_payload".to_owned())
+                ),
+                _ => assert!(
+                    outcome.value().is_some_and(|v| v > 0.0),
+                    "{case}: {outcome}"
+                ),
+            }
+        }
+    }
+}
