@@ -21,16 +21,21 @@
 //!   1-byte ack each.
 //! - [`bulk_report`]: the bulk benchmark's table (MB/s per path, ratios).
 //! - [`memory`]: peak and current resident memory from `/proc/self/status`.
+//! - [`plot`]: the sweep picture (PNG).
 //! - [`suite`]: the suite's cases and outcomes, shared by every system.
 //! - [`nats`]: the nats-server peer: starts a local server, runs every case
 //!   through the async-nats client.
 //! - [`raw_cases`]: raw loopback TCP as the floor of every suite case.
+//! - [`ours`]: clustercomm's side of the suite: every case against a fresh
+//!   message-server process, and the lazy-versus-server path sweep.
 
 pub mod bulk_report;
 pub mod bulk_tcp;
 pub mod memory;
 pub mod nats;
 pub mod options;
+pub mod ours;
+pub mod plot;
 pub mod raw_cases;
 pub mod raw_tcp;
 pub mod report;

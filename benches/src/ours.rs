@@ -1,0 +1,1288 @@
+//! The clustercomm side of the suite: every [`Case`] run against a fresh
+//! message server and fresh nodes, and the path sweep that compares the
+//! lazy channel with the message server across body sizes.
+//!
+//! Each [`run`] starts the message server as its own process
+//! (`bench-message-server`, found next to the running executable, see
+//! [`server_binary`]) so that its peak resident memory (`VmHWM` from
+//! `/proc/<pid>/status`) can be reported apart from the nodes'; if the
+//! binary is missing the server runs in this process instead and its
+//! memory is unknown. The nodes run in this process, on the caller's
+//! runtime, each with its own connection to the server, like separate
+//! application servers. At the end of a case the nodes are shut down and
+//! the server process killed and reaped.
+//!
+//! | case | clustercomm pattern | result |
+//! | --- | --- | --- |
+//! | `Notify` | `notify(Target::Node)` from one node to another, as fast as it returns | messages/s received |
+//! | `SendPipelined` | `submit` + `Pending::outcome` in an ordered window of `outstanding` | messages/s acknowledged |
+//! | `FanOutAll` | `notify(Target::All)` from a sender to `receivers` nodes | deliveries/s (all receivers) |
+//! | `FanOutGroup` | `notify(Target::Group)` to `receivers` nodes of one group | deliveries/s (all receivers) |
+//! | `AnyOf` | `notify(Target::AnyOf)` over a group of `members` nodes | messages/s received in all |
+//! | `RequestLatency` | `request` to a node that replies with the body, one at a time | µs percentiles |
+//! | `RequestRate` | the same responder, `outstanding` requester tasks on one node | requests/s |
+//! | `Session` | `session` from a dispatcher to a server node of its group | messages/s received |
+//! | `Bulk` | acknowledged sends, [`BULK_IN_FLIGHT`] in flight, 64 KiB threshold; `Server` with an empty lazy allow-list | MB/s |
+//!
+//! Small-message cases turn lazy auto-activation off
+//! (`lazy.auto_activate_messages = 0`), so they measure the message-server
+//! path (the session channel for `Session`). Every case checks the nodes'
+//! [`PathCounters`] and fails if any message took another path.
+//!
+//! One-way cases have no flow control past the sender's outgoing queue: a
+//! message the server or a receiver could not take is dropped (counted by
+//! the sender's `late_failures`). The rate counts only what arrived, up to
+//! the moment the last of it arrived, and a note goes to stderr.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Once;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context};
+use bytes::Bytes;
+use message_server::MessageServer;
+use node_runtime::{Config, Node, NodeId, PathCounters, Pending, Role, Target};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+
+use crate::memory;
+use crate::options::{Options, WAIT_TIMEOUT};
+use crate::raw_cases::{bulk_plans, BULK_IN_FLIGHT};
+use crate::report::per_second;
+use crate::suite::{BulkPath, Case, Latency, Outcome};
+use crate::transfer::{Plan, Transfer};
+use crate::wait::{wait_for_count, wait_until, Counter, POLL_INTERVAL};
+
+/// The message-server binary of this package (`src/bin/`).
+pub const SERVER_BINARY: &str = "bench-message-server";
+
+/// Upper bound on the server process printing its address.
+pub const SERVER_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The service every receiver offers.
+pub const SERVICE: &str = "bench";
+
+/// The group of the fan-out, any-of and session cases.
+pub const GROUP: &str = "web";
+
+/// `lazy.threshold_bytes` of the bulk cases (the default).
+pub const BULK_THRESHOLD_BYTES: u64 = 64 * 1024;
+
+/// `limits.max_message_bytes` of the nodes and the server in the bulk
+/// cases and the sweep.
+pub const BULK_MAX_MESSAGE_BYTES: u64 = 128 * 1024 * 1024;
+
+/// One-way sends issued between two looks at the clock.
+pub const SENDS_PER_CLOCK_CHECK: u64 = 16;
+
+/// How long a one-way receive count may stand still before the wait
+/// settles for what arrived (messages were dropped).
+pub const STALL: Duration = Duration::from_millis(500);
+
+/// Bytes the sweep keeps in flight: `SWEEP_WINDOW_BYTES / body` bodies,
+/// at least [`BULK_IN_FLIGHT`], at most [`SWEEP_MAX_IN_FLIGHT`].
+pub const SWEEP_WINDOW_BYTES: usize = 8 * 1024 * 1024;
+
+/// Most bodies the sweep keeps in flight (small bodies).
+pub const SWEEP_MAX_IN_FLIGHT: usize = 256;
+
+/// Least number of measured bodies per sweep point and path.
+pub const SWEEP_MIN_BODIES: u64 = 3;
+
+/// Runs `case` against a fresh message-server process and fresh nodes:
+/// the outcome, and the server process's peak resident memory during the
+/// case in KiB (`VmHWM`, read as the case ends; `None` if unknown, for
+/// example when the server had to run in this process).
+///
+/// A case that ran but went wrong (a node did not start, a send failed, a
+/// message took the wrong path, a wait timed out) is
+/// [`Outcome::Failed`].
+///
+/// # Errors
+///
+/// Only if no message server could be started at all.
+pub async fn run(case: Case, options: &Options) -> anyhow::Result<(Outcome, Option<u64>)> {
+    let max_message_bytes = match case {
+        Case::Bulk { .. } => Some(BULK_MAX_MESSAGE_BYTES),
+        _ => None,
+    };
+    let mut cluster = Cluster::start(max_message_bytes).await?;
+    let budget = options.warmup + options.measure + 4 * WAIT_TIMEOUT;
+    let outcome = match tokio::time::timeout(budget, measure(case, options, &mut cluster)).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(e)) => Outcome::Failed(format!("{e:#}")),
+        Err(_) => Outcome::Failed(format!("the case took longer than {budget:?}")),
+    };
+    let peak = cluster.peak_kib();
+    cluster.stop().await;
+    Ok((outcome, peak))
+}
+
+/// One size of the path sweep: acknowledged-send throughput over a lazy
+/// channel and through the message server. A path whose measurement
+/// failed is `NaN` (the reason went to stderr).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SweepPoint {
+    /// Body size in bytes.
+    pub body: usize,
+    /// MB/s (10^6 bytes) over a lazy channel.
+    pub lazy_mb_s: f64,
+    /// MB/s through the message server.
+    pub server_mb_s: f64,
+}
+
+/// Measures both paths at each of `sizes`, one short phase each (half the
+/// options' warm-up, a third of their measured phase, at least
+/// [`SWEEP_MIN_BODIES`] bodies), on one message-server process and two
+/// node pairs: one with a lazy threshold of 0 (every body goes over a lazy
+/// channel), one with an empty lazy allow-list (every body goes through
+/// the server). Small bodies are kept many in flight (see
+/// [`sweep_in_flight`]) so the rate shows the per-message cost of each
+/// path, not round trips.
+///
+/// # Errors
+///
+/// If the server or the nodes could not be started; a failed point is
+/// `NaN` instead.
+pub async fn sweep(sizes: &[usize], options: &Options) -> anyhow::Result<Vec<SweepPoint>> {
+    let mut cluster = Cluster::start(Some(BULK_MAX_MESSAGE_BYTES)).await?;
+    let result = sweep_on(&mut cluster, sizes, options).await;
+    cluster.stop().await;
+    result
+}
+
+/// Bodies the sweep keeps in flight at `body` bytes.
+pub fn sweep_in_flight(body: usize) -> usize {
+    (SWEEP_WINDOW_BYTES / body.max(1)).clamp(BULK_IN_FLIGHT, SWEEP_MAX_IN_FLIGHT)
+}
+
+/// The `lazy.threshold_bytes` the sweep suggests: the crossover, the last
+/// size at which the message server was at least as fast as the lazy
+/// channel, provided the lazy channel was faster at every larger size.
+/// Bodies up to the threshold then take the server, larger ones the lazy
+/// channel. Points with a `NaN` are ignored; order does not matter.
+///
+/// `None` when there is no crossover in the range: the lazy channel was
+/// faster at every size, or the server was still at least as fast at the
+/// largest.
+pub fn recommend_threshold(points: &[SweepPoint]) -> Option<usize> {
+    let mut points: Vec<&SweepPoint> = points
+        .iter()
+        .filter(|p| p.lazy_mb_s.is_finite() && p.server_mb_s.is_finite())
+        .collect();
+    points.sort_by_key(|p| p.body);
+    let last_server = points.iter().rposition(|p| p.server_mb_s >= p.lazy_mb_s)?;
+    if last_server + 1 == points.len() {
+        return None;
+    }
+    Some(points[last_server].body)
+}
+
+/// Where the suite looks for [`SERVER_BINARY`]: next to the running
+/// executable, or one directory up (benches and tests run from
+/// `target/<profile>/deps/`, binaries live in `target/<profile>/`).
+/// `None` if it is in neither place.
+pub fn server_binary() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    let found = [Some(dir), dir.parent()]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(SERVER_BINARY))
+        .find(|p| p.is_file());
+    found
+}
+
+// ---------------------------------------------------------------------------
+// The message server of one case
+// ---------------------------------------------------------------------------
+
+/// A `bench-message-server` child, killed and reaped on drop. Its stdin
+/// stays open while it lives: end of file stops the server, so it also
+/// ends if this process dies.
+struct ServerProcess {
+    child: Child,
+    _stdin: Option<ChildStdin>,
+    _stdout: Option<BufReader<ChildStdout>>,
+}
+
+impl ServerProcess {
+    /// Starts the binary on a free loopback port and reads the address it
+    /// printed.
+    async fn start(
+        binary: &Path,
+        max_message_bytes: Option<u64>,
+    ) -> anyhow::Result<(ServerProcess, SocketAddr)> {
+        let mut command = Command::new(binary);
+        command
+            .args(["--listen", "127.0.0.1:0"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(max) = max_message_bytes {
+            command.arg("--max-message-bytes").arg(max.to_string());
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let stdout = child.stdout.take();
+        let mut process = ServerProcess {
+            _stdin: child.stdin.take(),
+            child,
+            _stdout: None,
+        };
+        let stdout = stdout.context("no stdout pipe")?;
+        // Blocking read on a blocking thread; if the child never prints,
+        // dropping `process` kills it and the read ends with end of file.
+        let read = tokio::task::spawn_blocking(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let read = reader.read_line(&mut line);
+            (reader, read.map(|_| line))
+        });
+        let (reader, line) = tokio::time::timeout(SERVER_START_TIMEOUT, read)
+            .await
+            .with_context(|| format!("no address printed within {SERVER_START_TIMEOUT:?}"))?
+            .context("reader thread panicked")?;
+        process._stdout = Some(reader);
+        let line = line.context("reading the server's stdout")?;
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .with_context(|| format!("unexpected first line {line:?} (did it exit?)"))?
+            .parse()
+            .with_context(|| format!("bad address in {line:?}"))?;
+        Ok((process, addr))
+    }
+
+    /// `VmHWM` of the child, in KiB.
+    fn peak_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        memory::parse_status(&status).map(|m| m.hwm_kib)
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The message server of a case: its own process, or a task here.
+enum Server {
+    Process(ServerProcess),
+    InProcess(JoinHandle<Result<(), message_server::ServerError>>),
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Server::InProcess(task) = self {
+            task.abort();
+        }
+    }
+}
+
+/// Says once per process that the server runs in-process.
+static FALLBACK_NOTE: Once = Once::new();
+
+impl Server {
+    /// The server process, or an in-process server if the binary is
+    /// missing or would not start.
+    async fn start(max_message_bytes: Option<u64>) -> anyhow::Result<(Server, SocketAddr)> {
+        let why = match server_binary() {
+            Some(binary) => match ServerProcess::start(&binary, max_message_bytes).await {
+                Ok((process, addr)) => return Ok((Server::Process(process), addr)),
+                Err(e) => format!("{} failed: {e:#}", binary.display()),
+            },
+            None => format!(
+                "{SERVER_BINARY} not found next to {}",
+                std::env::current_exe()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| "this executable".to_owned())
+            ),
+        };
+        FALLBACK_NOTE.call_once(|| {
+            eprintln!(
+                "clustercomm: {why}; running the message server in this process \
+                 (its memory is not reported; `cargo build --release -p clustercomm-benches \
+                 --bins` builds it)"
+            );
+        });
+        let mut config = transports::Config::default();
+        config.message_server.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        if let Some(max) = max_message_bytes {
+            config.limits.max_message_bytes = max;
+        }
+        let server = MessageServer::bind(config)
+            .await
+            .context("binding the in-process message server")?;
+        let addr = server.local_addr();
+        let task = tokio::spawn(server.run(std::future::pending()));
+        Ok((Server::InProcess(task), addr))
+    }
+
+    fn peak_kib(&self) -> Option<u64> {
+        match self {
+            Server::Process(p) => p.peak_kib(),
+            Server::InProcess(_) => None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The nodes of one case
+// ---------------------------------------------------------------------------
+
+/// A server and the nodes and tasks of one case, all stopped by
+/// [`Cluster::stop`] (or, failing that, on drop).
+struct Cluster {
+    server: Server,
+    addr: SocketAddr,
+    nodes: Vec<Node>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Cluster {
+    async fn start(max_message_bytes: Option<u64>) -> anyhow::Result<Cluster> {
+        let (server, addr) = Server::start(max_message_bytes).await?;
+        Ok(Cluster {
+            server,
+            addr,
+            nodes: Vec::new(),
+            tasks: Vec::new(),
+        })
+    }
+
+    /// Starts a node in `groups` with `role`.
+    async fn node(
+        &mut self,
+        id: &str,
+        config: &Config,
+        groups: &[&str],
+        role: Role,
+    ) -> anyhow::Result<Node> {
+        let builder = Node::builder(id)
+            .config(config.clone())
+            .message_server(self.addr)
+            .groups(groups.iter().copied())
+            .role(role);
+        let node = tokio::time::timeout(WAIT_TIMEOUT, builder.start())
+            .await
+            .with_context(|| format!("starting {id} timed out"))?
+            .with_context(|| format!("starting {id}"))?;
+        self.nodes.push(node.clone());
+        Ok(node)
+    }
+
+    /// Subscribes `node` to [`SERVICE`] and counts what arrives into
+    /// `received`.
+    async fn drain_into(&mut self, node: &Node, received: &Counter) -> anyhow::Result<()> {
+        let mut inbox = subscribe(node).await?;
+        let counter = received.clone();
+        self.tasks.push(tokio::spawn(async move {
+            while let Some(message) = inbox.recv().await {
+                drop(message);
+                counter.add(1);
+            }
+        }));
+        Ok(())
+    }
+
+    /// Subscribes `node` to [`SERVICE`] and answers every request with its
+    /// own body.
+    async fn respond(&mut self, node: &Node) -> anyhow::Result<()> {
+        let mut inbox = subscribe(node).await?;
+        self.tasks.push(tokio::spawn(async move {
+            while let Some(message) = inbox.recv().await {
+                if message.is_request() {
+                    let body = message.body().clone();
+                    // A failed reply fails that request at the requester
+                    // (by its timeout); keep answering the others.
+                    let _ = message.reply(body).await;
+                }
+            }
+        }));
+        Ok(())
+    }
+
+    fn peak_kib(&self) -> Option<u64> {
+        self.server.peak_kib()
+    }
+
+    /// Shuts the nodes down together (each waits at most its grace
+    /// period), stops the tasks, then kills and reaps the server.
+    async fn stop(mut self) {
+        let nodes = std::mem::take(&mut self.nodes);
+        let all = futures_util::future::join_all(nodes.into_iter().map(Node::shutdown));
+        let _ = tokio::time::timeout(WAIT_TIMEOUT, all).await;
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        // Dropping `self` kills the server.
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+async fn subscribe(node: &Node) -> anyhow::Result<node_runtime::Inbox> {
+    tokio::time::timeout(WAIT_TIMEOUT, node.subscribe(SERVICE))
+        .await
+        .with_context(|| format!("{} subscribing timed out", node.id()))?
+        .with_context(|| format!("{} subscribing", node.id()))
+}
+
+/// The configuration of the small-message cases: auto-activation off, so
+/// that everything goes through the message server.
+fn small_config() -> Config {
+    let mut config = Config::default();
+    config.lazy.auto_activate_messages = 0;
+    config.node.direct_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config
+}
+
+/// The configuration of a bulk pair forced onto `via` (lazy bodies above
+/// `threshold`).
+fn bulk_config(via: Via, threshold: u64) -> Config {
+    let mut config = small_config();
+    config.limits.max_message_bytes = BULK_MAX_MESSAGE_BYTES;
+    config.lazy.threshold_bytes = threshold;
+    config.lazy.services = match via {
+        Via::Server => vec![],
+        Via::Lazy | Via::Session => vec!["*".to_owned()],
+    };
+    config
+}
+
+// ---------------------------------------------------------------------------
+// Paths
+// ---------------------------------------------------------------------------
+
+/// The path a case's messages must take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Server,
+    Lazy,
+    Session,
+}
+
+impl Via {
+    fn describe(self) -> &'static str {
+        match self {
+            Via::Server => "through the message server",
+            Via::Lazy => "over a lazy channel",
+            Via::Session => "over the session channel",
+        }
+    }
+}
+
+/// The sender's and the receivers' counters at the start of a phase.
+struct PathCheck {
+    via: Via,
+    sender: PathCounters,
+    receivers: Vec<PathCounters>,
+}
+
+impl PathCheck {
+    fn begin(via: Via, sender: &Node, receivers: &[Node]) -> PathCheck {
+        PathCheck {
+            via,
+            sender: sender.counters(),
+            receivers: receivers.iter().map(Node::counters).collect(),
+        }
+    }
+
+    /// Checks that the sender sent its `sends` messages on the path and no
+    /// other, and that the receivers got nothing on another path; with
+    /// `arrived`, also that exactly that many arrived on the path.
+    fn verify(
+        &self,
+        sender: &Node,
+        receivers: &[Node],
+        sends: u64,
+        arrived: Option<u64>,
+    ) -> anyhow::Result<()> {
+        let now = sender.counters();
+        let server = now.server_messages - self.sender.server_messages;
+        let lazy = now.lazy_messages - self.sender.lazy_messages;
+        let session = now.session_messages - self.sender.session_messages;
+        let (mut server_in, mut direct_in) = (0, 0);
+        for (node, before) in receivers.iter().zip(&self.receivers) {
+            let c = node.counters();
+            server_in += c.received_server - before.received_server;
+            direct_in += c.received_direct - before.received_direct;
+        }
+        let counts = format!(
+            "sender counted {server} via server + {lazy} lazy + {session} session, receivers \
+             {server_in} via server + {direct_in} direct"
+        );
+        let (on, off, arrived_on, arrived_off) = match self.via {
+            Via::Server => (server, lazy + session, server_in, direct_in),
+            Via::Lazy => (lazy, server + session, direct_in, server_in),
+            Via::Session => (session, server + lazy, direct_in, server_in),
+        };
+        ensure!(
+            on == sends && off == 0 && arrived_off == 0,
+            "expected all {sends} messages {}: {counts}",
+            self.via.describe()
+        );
+        if let Some(arrived) = arrived {
+            ensure!(
+                arrived_on == arrived,
+                "expected {arrived} arrivals {}: {counts}",
+                self.via.describe()
+            );
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The cases
+// ---------------------------------------------------------------------------
+
+async fn measure(case: Case, options: &Options, cluster: &mut Cluster) -> anyhow::Result<Outcome> {
+    match case {
+        Case::Notify { body } => {
+            let config = small_config();
+            let received = Counter::new();
+            let receiver = cluster.node("receiver", &config, &[], Role::Server).await?;
+            cluster.drain_into(&receiver, &received).await?;
+            let sender = cluster.node("sender", &config, &[], Role::Server).await?;
+            let how = OneWay::Notify(Target::Node(receiver.id().clone()));
+            let setup = OneWaySetup {
+                sender,
+                how,
+                receivers: vec![receiver],
+                received,
+                per_send: 1,
+                via: Via::Server,
+            };
+            setup.run(body, options).await.map(Outcome::Rate)
+        }
+        Case::SendPipelined { body, outstanding } => {
+            send_pipelined(cluster, body, outstanding, options).await
+        }
+        Case::FanOutAll { receivers, body } => {
+            fan_out(cluster, receivers, body, Target::All, options).await
+        }
+        Case::FanOutGroup { receivers, body } => {
+            let target = Target::Group(GROUP.to_owned());
+            fan_out(cluster, receivers, body, target, options).await
+        }
+        Case::AnyOf { members, body } => {
+            let target = Target::AnyOf(GROUP.to_owned());
+            fan_out(cluster, members, body, target, options).await
+        }
+        Case::RequestLatency { body } => request_latency(cluster, body, options).await,
+        Case::RequestRate { body, outstanding } => {
+            request_rate(cluster, body, outstanding, options).await
+        }
+        Case::Session { body } => session(cluster, body, options).await,
+        Case::Bulk { body, path } => {
+            let via = match path {
+                BulkPath::Lazy => Via::Lazy,
+                BulkPath::Server => Via::Server,
+            };
+            let pair = Pair::start(cluster, via, BULK_THRESHOLD_BYTES, "bulk").await?;
+            let (warmup, measure) = bulk_plans(options);
+            let payload = Bytes::from(vec![0xB5; body]);
+            let transfer = pair
+                .transfer(&payload, BULK_IN_FLIGHT, &warmup, &measure)
+                .await?;
+            Ok(Outcome::Rate(transfer.mb_per_second()))
+        }
+    }
+}
+
+/// How a one-way case sends.
+enum OneWay {
+    Notify(Target),
+    Session(NodeId),
+}
+
+/// A one-way case: who sends how, who receives, and what that yields.
+struct OneWaySetup {
+    sender: Node,
+    how: OneWay,
+    receivers: Vec<Node>,
+    received: Counter,
+    /// Deliveries each send makes.
+    per_send: u64,
+    via: Via,
+}
+
+impl OneWaySetup {
+    /// Warm-up, then the measured phase: deliveries per second from the
+    /// first send of the phase to the last arrival.
+    async fn run(&self, body: usize, options: &Options) -> anyhow::Result<f64> {
+        let payload = Bytes::from(vec![0x5A; body]);
+        let check = PathCheck::begin(self.via, &self.sender, &self.receivers);
+        let late = self.sender.late_failures();
+
+        let warm = self.send_for(&payload, options.warmup).await?;
+        settle(&self.received, warm * self.per_send)
+            .await
+            .context("warm-up")?;
+
+        let base = self.received.get();
+        let start = Instant::now();
+        let sent = self.send_for(&payload, options.measure).await?;
+        let sending = start.elapsed();
+        let expected = sent * self.per_send;
+        let (count, done) = settle(&self.received, base + expected).await?;
+        let got = count - base;
+        if got < expected {
+            eprintln!(
+                "clustercomm: {got} of {expected} deliveries arrived ({} missing; the sender \
+                 counted {} late failures); {} sends/s offered; the rate counts only what \
+                 arrived",
+                expected - got,
+                self.sender.late_failures() - late,
+                per_second(sent, sending).round(),
+            );
+        }
+        ensure!(got > 0, "no message arrived");
+        check.verify(&self.sender, &self.receivers, warm + sent, None)?;
+        Ok(per_second(got, done - start))
+    }
+
+    /// Sends for `duration`; how many sends returned `Ok`.
+    async fn send_for(&self, payload: &Bytes, duration: Duration) -> anyhow::Result<u64> {
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while start.elapsed() < duration {
+            for _ in 0..SENDS_PER_CLOCK_CHECK {
+                let result = match &self.how {
+                    OneWay::Notify(target) => {
+                        self.sender
+                            .notify(target.clone(), SERVICE, payload.clone())
+                            .await
+                    }
+                    OneWay::Session(node) => {
+                        self.sender.session(node, SERVICE, payload.clone()).await
+                    }
+                };
+                result.context("one-way send")?;
+                sent += 1;
+            }
+        }
+        Ok(sent)
+    }
+}
+
+/// `receivers` nodes in [`GROUP`] and a sender outside it; one-way to
+/// `target`. `AnyOf` counts one delivery per send, the others one per
+/// receiver.
+async fn fan_out(
+    cluster: &mut Cluster,
+    receivers: usize,
+    body: usize,
+    target: Target,
+    options: &Options,
+) -> anyhow::Result<Outcome> {
+    ensure!(receivers > 0, "no receivers");
+    let config = small_config();
+    let received = Counter::new();
+    let mut nodes = Vec::with_capacity(receivers);
+    for i in 0..receivers {
+        let node = cluster
+            .node(&format!("receiver-{i}"), &config, &[GROUP], Role::Server)
+            .await?;
+        cluster.drain_into(&node, &received).await?;
+        nodes.push(node);
+    }
+    let sender = cluster.node("sender", &config, &[], Role::Server).await?;
+    let per_send = match target {
+        Target::AnyOf(_) => 1,
+        _ => receivers as u64,
+    };
+    let setup = OneWaySetup {
+        sender,
+        how: OneWay::Notify(target),
+        receivers: nodes,
+        received,
+        per_send,
+        via: Via::Server,
+    };
+    setup.run(body, options).await.map(Outcome::Rate)
+}
+
+/// A dispatcher and a server node in [`GROUP`]; one-way over the session
+/// channel once it is open.
+async fn session(cluster: &mut Cluster, body: usize, options: &Options) -> anyhow::Result<Outcome> {
+    let config = small_config();
+    let received = Counter::new();
+    let server = cluster
+        .node("session-server", &config, &[GROUP], Role::Server)
+        .await?;
+    cluster.drain_into(&server, &received).await?;
+    let dispatcher = cluster
+        .node("dispatcher", &config, &[GROUP], Role::Dispatcher)
+        .await?;
+    if wait_until(WAIT_TIMEOUT, || dispatcher.counters().session_opened >= 1)
+        .await
+        .is_none()
+    {
+        let c = dispatcher.counters();
+        bail!(
+            "the session channel did not open within {WAIT_TIMEOUT:?} ({} opened, {} failed)",
+            c.session_opened,
+            c.session_failed
+        );
+    }
+    let setup = OneWaySetup {
+        how: OneWay::Session(server.id().clone()),
+        sender: dispatcher,
+        receivers: vec![server],
+        received,
+        per_send: 1,
+        via: Via::Session,
+    };
+    setup.run(body, options).await.map(Outcome::Rate)
+}
+
+/// Acknowledged sends from one node to another, `outstanding` in an
+/// ordered window: acknowledgements per second.
+async fn send_pipelined(
+    cluster: &mut Cluster,
+    body: usize,
+    outstanding: usize,
+    options: &Options,
+) -> anyhow::Result<Outcome> {
+    ensure!(outstanding > 0, "nothing in flight");
+    let config = small_config();
+    let received = Counter::new();
+    let receiver = cluster.node("receiver", &config, &[], Role::Server).await?;
+    cluster.drain_into(&receiver, &received).await?;
+    let sender = cluster.node("sender", &config, &[], Role::Server).await?;
+    let target = Target::Node(receiver.id().clone());
+    let payload = Bytes::from(vec![0x5A; body]);
+    let receivers = [receiver];
+    let check = PathCheck::begin(Via::Server, &sender, &receivers);
+    let plan = |duration| Plan {
+        duration,
+        min_bodies: 1,
+    };
+    let (warm, _) = send_window(
+        &sender,
+        &target,
+        &payload,
+        outstanding,
+        &plan(options.warmup),
+    )
+    .await
+    .context("warm-up")?;
+    let start = Instant::now();
+    let (acked, done) = send_window(
+        &sender,
+        &target,
+        &payload,
+        outstanding,
+        &plan(options.measure),
+    )
+    .await?;
+    wait_for_count(&received, warm + acked, WAIT_TIMEOUT)
+        .await
+        .context("draining the receiver's inbox")?;
+    check.verify(&sender, &receivers, warm + acked, Some(warm + acked))?;
+    Ok(Outcome::Rate(per_second(acked, done - start)))
+}
+
+/// Sends `payload` to `target` for `plan`, at most `window` unacknowledged,
+/// each awaited in order; returns how many, and when the last outcome
+/// arrived.
+///
+/// # Errors
+///
+/// If any send failed, or a submit or an outcome took longer than
+/// [`WAIT_TIMEOUT`].
+async fn send_window(
+    sender: &Node,
+    target: &Target,
+    payload: &Bytes,
+    window: usize,
+    plan: &Plan,
+) -> anyhow::Result<(u64, Instant)> {
+    let start = Instant::now();
+    let mut pending: VecDeque<Pending> = VecDeque::with_capacity(window);
+    let mut sent = 0u64;
+    while plan.more(sent, start.elapsed()) {
+        if pending.len() >= window {
+            if let Some(oldest) = pending.pop_front() {
+                settle_send(oldest).await?;
+            }
+        }
+        let next = tokio::time::timeout(
+            WAIT_TIMEOUT,
+            sender.submit(target.clone(), SERVICE, payload.clone()),
+        )
+        .await
+        .context("submit timed out")?
+        .context("submit")?;
+        pending.push_back(next);
+        sent += 1;
+    }
+    while let Some(oldest) = pending.pop_front() {
+        settle_send(oldest).await?;
+    }
+    Ok((sent, Instant::now()))
+}
+
+/// Waits for one send's outcome and checks it reached its one receiver.
+async fn settle_send(pending: Pending) -> anyhow::Result<()> {
+    let seq = pending.seq();
+    let report = tokio::time::timeout(WAIT_TIMEOUT, pending.outcome())
+        .await
+        .with_context(|| format!("no outcome for message {seq} within {WAIT_TIMEOUT:?}"))?
+        .with_context(|| format!("send {seq}"))?;
+    ensure!(
+        report.is_complete() && report.delivered.len() == 1,
+        "message {seq} not delivered: {report:?}"
+    );
+    Ok(())
+}
+
+/// A requester and a responder that echoes the body.
+async fn request_pair(cluster: &mut Cluster) -> anyhow::Result<(Node, Node)> {
+    let config = small_config();
+    let responder = cluster
+        .node("responder", &config, &[], Role::Server)
+        .await?;
+    cluster.respond(&responder).await?;
+    let requester = cluster
+        .node("requester", &config, &[], Role::Server)
+        .await?;
+    Ok((requester, responder))
+}
+
+/// One request, bounded; checks the echo.
+async fn request(node: &Node, target: &Target, payload: &Bytes) -> anyhow::Result<()> {
+    let reply = tokio::time::timeout(
+        WAIT_TIMEOUT,
+        node.request(target.clone(), SERVICE, payload.clone()),
+    )
+    .await
+    .context("request timed out")?
+    .context("request")?;
+    ensure!(
+        reply.body.len() == payload.len(),
+        "a {}-byte reply to a {}-byte request",
+        reply.body.len(),
+        payload.len()
+    );
+    Ok(())
+}
+
+/// Sequential requests: per-request round-trip percentiles.
+async fn request_latency(
+    cluster: &mut Cluster,
+    body: usize,
+    options: &Options,
+) -> anyhow::Result<Outcome> {
+    let (requester, responder) = request_pair(cluster).await?;
+    let target = Target::Node(responder.id().clone());
+    let payload = Bytes::from(vec![0x5A; body]);
+    let responders = [responder];
+    let check = PathCheck::begin(Via::Server, &requester, &responders);
+    let mut requests = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < options.warmup {
+        request(&requester, &target, &payload)
+            .await
+            .context("warm-up")?;
+        requests += 1;
+    }
+    let mut samples = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < options.measure {
+        let sent = Instant::now();
+        request(&requester, &target, &payload).await?;
+        samples.push(sent.elapsed().as_secs_f64() * 1e6);
+    }
+    requests += samples.len() as u64;
+    check.verify(&requester, &responders, requests, Some(requests))?;
+    Latency::from_samples(samples)
+        .map(Outcome::Latency)
+        .context("no request completed")
+}
+
+/// `outstanding` requester tasks on one node: requests per second.
+async fn request_rate(
+    cluster: &mut Cluster,
+    body: usize,
+    outstanding: usize,
+    options: &Options,
+) -> anyhow::Result<Outcome> {
+    ensure!(outstanding > 0, "no requests in flight");
+    let (requester, responder) = request_pair(cluster).await?;
+    let target = Target::Node(responder.id().clone());
+    let payload = Bytes::from(vec![0x5A; body]);
+    let responders = [responder];
+    let check = PathCheck::begin(Via::Server, &requester, &responders);
+    let (warm, _) = requests_for(&requester, &target, &payload, outstanding, options.warmup)
+        .await
+        .context("warm-up")?;
+    let (done, elapsed) =
+        requests_for(&requester, &target, &payload, outstanding, options.measure).await?;
+    check.verify(&requester, &responders, warm + done, Some(warm + done))?;
+    Ok(Outcome::Rate(per_second(done, elapsed)))
+}
+
+/// `tasks` requesters looping requests until `duration` has passed: how
+/// many completed, and the time from the start until the last did.
+async fn requests_for(
+    node: &Node,
+    target: &Target,
+    payload: &Bytes,
+    tasks: usize,
+    duration: Duration,
+) -> anyhow::Result<(u64, Duration)> {
+    let start = Instant::now();
+    let mut running = JoinSet::new();
+    for _ in 0..tasks {
+        let (node, target, payload) = (node.clone(), target.clone(), payload.clone());
+        running.spawn(async move {
+            let mut done = 0u64;
+            while start.elapsed() < duration {
+                request(&node, &target, &payload).await?;
+                done += 1;
+            }
+            anyhow::Ok(done)
+        });
+    }
+    let joined = tokio::time::timeout(duration + WAIT_TIMEOUT, async {
+        let mut done = 0u64;
+        while let Some(joined) = running.join_next().await {
+            done += joined.context("requester task panicked")??;
+        }
+        anyhow::Ok(done)
+    })
+    .await;
+    match joined {
+        Ok(done) => Ok((done?, start.elapsed())),
+        Err(_) => {
+            running.abort_all();
+            bail!("requesters still running {WAIT_TIMEOUT:?} after the deadline")
+        }
+    }
+}
+
+/// Waits for `counter` to reach `target` and returns the count and when it
+/// was seen. If the count stands still for [`STALL`] first (messages were
+/// dropped), settles for what arrived, as of its last change.
+///
+/// # Errors
+///
+/// If the count is still moving but short of `target` after
+/// [`WAIT_TIMEOUT`].
+async fn settle(counter: &Counter, target: u64) -> anyhow::Result<(u64, Instant)> {
+    let deadline = Instant::now() + WAIT_TIMEOUT;
+    let mut last = counter.get();
+    let mut last_change = Instant::now();
+    loop {
+        let now = Instant::now();
+        let count = counter.get();
+        if count >= target {
+            return Ok((count, now));
+        }
+        if count != last {
+            last = count;
+            last_change = now;
+        } else if now - last_change >= STALL {
+            return Ok((count, last_change));
+        }
+        if now >= deadline {
+            bail!("counted {count} of {target} within {WAIT_TIMEOUT:?}");
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Bulk and the sweep
+// ---------------------------------------------------------------------------
+
+/// A sender and a receiver draining [`SERVICE`], configured for one path.
+struct Pair {
+    via: Via,
+    sender: Node,
+    receivers: [Node; 1],
+    received: Counter,
+}
+
+impl Pair {
+    /// Starts `{prefix}-{via}-b` (the receiver) and `{prefix}-{via}-a`;
+    /// for a lazy pair, waits until the sender knows the receiver's
+    /// direct-channel address and service (without it the send would
+    /// fall back to the message server).
+    async fn start(
+        cluster: &mut Cluster,
+        via: Via,
+        threshold: u64,
+        prefix: &str,
+    ) -> anyhow::Result<Pair> {
+        let config = bulk_config(via, threshold);
+        let name = match via {
+            Via::Server => "server",
+            Via::Lazy | Via::Session => "lazy",
+        };
+        let received = Counter::new();
+        let receiver = cluster
+            .node(&format!("{prefix}-{name}-b"), &config, &[], Role::Server)
+            .await?;
+        cluster.drain_into(&receiver, &received).await?;
+        let sender = cluster
+            .node(&format!("{prefix}-{name}-a"), &config, &[], Role::Server)
+            .await?;
+        if via == Via::Lazy {
+            let id = receiver.id().clone();
+            let known = || {
+                sender.members().iter().any(|m| {
+                    m.id == id && m.direct_addr.is_some() && m.services.iter().any(|s| s == SERVICE)
+                })
+            };
+            if wait_until(WAIT_TIMEOUT, known).await.is_none() {
+                bail!(
+                    "{} did not learn of {id}'s direct address and {SERVICE} service",
+                    sender.id()
+                );
+            }
+        }
+        Ok(Pair {
+            via,
+            sender,
+            receivers: [receiver],
+            received,
+        })
+    }
+
+    /// Warm-up and measured phase of acknowledged sends, `window` in
+    /// flight: what the measured phase moved. Waits until the receiver
+    /// drained every body, and checks their path.
+    async fn transfer(
+        &self,
+        payload: &Bytes,
+        window: usize,
+        warmup: &Plan,
+        measure: &Plan,
+    ) -> anyhow::Result<Transfer> {
+        let target = Target::Node(self.receivers[0].id().clone());
+        let check = PathCheck::begin(self.via, &self.sender, &self.receivers);
+        let base = self.received.get();
+        let (warm, _) = send_window(&self.sender, &target, payload, window, warmup)
+            .await
+            .context("warm-up")?;
+        let start = Instant::now();
+        let (sent, done) = send_window(&self.sender, &target, payload, window, measure).await?;
+        let transfer = Transfer::new(sent, payload.len(), done - start);
+        wait_for_count(&self.received, base + warm + sent, WAIT_TIMEOUT)
+            .await
+            .context("draining the receiver's inbox")?;
+        check.verify(
+            &self.sender,
+            &self.receivers,
+            warm + sent,
+            Some(warm + sent),
+        )?;
+        Ok(transfer)
+    }
+}
+
+async fn sweep_on(
+    cluster: &mut Cluster,
+    sizes: &[usize],
+    options: &Options,
+) -> anyhow::Result<Vec<SweepPoint>> {
+    // Threshold 0: every body of the lazy pair goes over its channel.
+    let lazy = Pair::start(cluster, Via::Lazy, 0, "sweep").await?;
+    let server = Pair::start(cluster, Via::Server, BULK_THRESHOLD_BYTES, "sweep").await?;
+    let warmup = Plan {
+        duration: options.warmup / 2,
+        min_bodies: 1,
+    };
+    let measure = Plan {
+        duration: options.measure / 3,
+        min_bodies: SWEEP_MIN_BODIES,
+    };
+    let mut points = Vec::with_capacity(sizes.len());
+    for &body in sizes {
+        let mut rates = [f64::NAN; 2];
+        if body as u64 > BULK_MAX_MESSAGE_BYTES {
+            eprintln!("clustercomm sweep: {body} B is over the {BULK_MAX_MESSAGE_BYTES} B limit");
+        } else {
+            let payload = Bytes::from(vec![0xB5; body]);
+            let window = sweep_in_flight(body);
+            for (rate, pair) in rates.iter_mut().zip([&lazy, &server]) {
+                let budget = options.warmup + options.measure + 2 * WAIT_TIMEOUT;
+                let outcome = tokio::time::timeout(
+                    budget,
+                    pair.transfer(&payload, window, &warmup, &measure),
+                )
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("took longer than {budget:?}")));
+                match outcome {
+                    Ok(transfer) => *rate = transfer.mb_per_second(),
+                    Err(e) => eprintln!(
+                        "clustercomm sweep: {body} B {} failed: {e:#}",
+                        pair.via.describe()
+                    ),
+                }
+            }
+        }
+        points.push(SweepPoint {
+            body,
+            lazy_mb_s: rates[0],
+            server_mb_s: rates[1],
+        });
+    }
+    Ok(points)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(body: usize, lazy_mb_s: f64, server_mb_s: f64) -> SweepPoint {
+        SweepPoint {
+            body,
+            lazy_mb_s,
+            server_mb_s,
+        }
+    }
+
+    #[test]
+    fn threshold_is_the_crossover() {
+        // Server ahead up to 16 KiB, lazy from 64 KiB on.
+        let points = [
+            point(1 << 10, 10.0, 20.0),
+            point(4 << 10, 40.0, 60.0),
+            point(16 << 10, 100.0, 100.0),
+            point(64 << 10, 300.0, 200.0),
+            point(1 << 20, 900.0, 400.0),
+        ];
+        assert_eq!(recommend_threshold(&points), Some(16 << 10));
+        // Order does not matter.
+        let mut reversed = points;
+        reversed.reverse();
+        assert_eq!(recommend_threshold(&reversed), Some(16 << 10));
+        // An early lazy win followed by a server win: the later crossover.
+        let noisy = [
+            point(1 << 10, 30.0, 20.0),
+            point(4 << 10, 40.0, 60.0),
+            point(16 << 10, 200.0, 100.0),
+        ];
+        assert_eq!(recommend_threshold(&noisy), Some(4 << 10));
+        // A failed point is ignored.
+        let failed = [
+            point(1 << 10, 10.0, 20.0),
+            point(4 << 10, f64::NAN, 60.0),
+            point(16 << 10, 200.0, 100.0),
+        ];
+        assert_eq!(recommend_threshold(&failed), Some(1 << 10));
+    }
+
+    #[test]
+    fn no_crossover_no_threshold() {
+        assert_eq!(recommend_threshold(&[]), None);
+        let lazy_always = [point(1 << 10, 30.0, 20.0), point(4 << 10, 90.0, 60.0)];
+        assert_eq!(recommend_threshold(&lazy_always), None);
+        let server_at_the_end = [point(1 << 10, 30.0, 20.0), point(4 << 10, 50.0, 60.0)];
+        assert_eq!(recommend_threshold(&server_at_the_end), None);
+    }
+
+    #[test]
+    fn sweep_window() {
+        assert_eq!(sweep_in_flight(1 << 10), SWEEP_MAX_IN_FLIGHT);
+        assert_eq!(sweep_in_flight(1 << 20), 8);
+        assert_eq!(sweep_in_flight(16 << 20), BULK_IN_FLIGHT);
+        assert_eq!(sweep_in_flight(0), SWEEP_MAX_IN_FLIGHT);
+    }
+
+    /// Runs a few cases for real, against the server binary if it was
+    /// built (`cargo build --release -p clustercomm-benches --bins`):
+    /// `cargo test --release -p clustercomm-benches --lib ours -- --ignored
+    /// --nocapture`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a benchmark: slow, and meaningful only in release builds"]
+    async fn cases_run_for_real() {
+        let options = Options::from_args(["--quick"]);
+        println!("server binary: {:?}", server_binary());
+        let cases = [
+            Case::Notify { body: 128 },
+            Case::SendPipelined {
+                body: 128,
+                outstanding: 256,
+            },
+            Case::FanOutAll {
+                receivers: 8,
+                body: 128,
+            },
+            Case::FanOutGroup {
+                receivers: 8,
+                body: 128,
+            },
+            Case::AnyOf {
+                members: 4,
+                body: 128,
+            },
+            Case::RequestLatency { body: 128 },
+            Case::RequestRate {
+                body: 128,
+                outstanding: 32,
+            },
+            Case::Session { body: 128 },
+            Case::Bulk {
+                body: 1 << 20,
+                path: BulkPath::Lazy,
+            },
+            Case::Bulk {
+                body: 16 << 20,
+                path: BulkPath::Server,
+            },
+        ];
+        let mut failed = Vec::new();
+        for case in cases {
+            let started = Instant::now();
+            let (outcome, peak) = run(case, &options).await.expect("a message server");
+            println!(
+                "clustercomm {case}: {outcome} {} (server VmHWM {}; {:.1} s)",
+                case.unit(),
+                peak.map_or("unknown".to_owned(), |k| format!("{} MiB", k / 1024)),
+                started.elapsed().as_secs_f64()
+            );
+            if outcome.value().is_none_or(|v| v <= 0.0) {
+                failed.push(format!("{case}: {outcome}"));
+            }
+        }
+        let started = Instant::now();
+        let points = sweep(&[1 << 10, 64 << 10, 1 << 20], &options)
+            .await
+            .expect("sweep");
+        for p in &points {
+            println!(
+                "sweep {} B: lazy {:.1} MB/s, server {:.1} MB/s",
+                p.body, p.lazy_mb_s, p.server_mb_s
+            );
+        }
+        println!(
+            "sweep took {:.1} s; recommended threshold {:?}",
+            started.elapsed().as_secs_f64(),
+            recommend_threshold(&points)
+        );
+        assert!(failed.is_empty(), "{failed:#?}");
+        assert!(points
+            .iter()
+            .all(|p| p.lazy_mb_s > 0.0 && p.server_mb_s > 0.0));
+    }
+}
