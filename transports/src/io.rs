@@ -267,6 +267,11 @@ impl OutQueue {
     ///
     /// Cancel safe: a cancelled call queued nothing.
     pub async fn push_data(&self, frame: OutFrame) -> Result<(), PushError> {
+        // The usual case, room everywhere, without building any future.
+        let frame = match self.try_push_room(frame) {
+            Ok(()) => return Ok(()),
+            Err(frame) => frame,
+        };
         let data_slot = tokio::select! {
             p = self.data_slots.acquire() => p,
             _ = self.closed.cancelled() => return Err(PushError::Closed(Box::new(frame))),
@@ -299,6 +304,33 @@ impl OutQueue {
             }
             Err(_) => Err(PushError::Closed(Box::new(frame))),
         }
+    }
+
+    /// Queues a data frame if there is room in frames, bytes and slots at
+    /// once (no control reserve kept: this is the waiting sender's path);
+    /// hands it back otherwise.
+    fn try_push_room(&self, frame: OutFrame) -> Result<(), OutFrame> {
+        if self.closed.is_cancelled() {
+            return Err(frame);
+        }
+        let Ok(data_slot) = self.data_slots.try_acquire() else {
+            return Err(frame);
+        };
+        let permits = self.permits_for(&frame);
+        let Ok(permit) = self.bytes.try_acquire_many(permits) else {
+            return Err(frame);
+        };
+        let Ok(slot) = self.tx.try_reserve() else {
+            return Err(frame);
+        };
+        permit.forget();
+        data_slot.forget();
+        slot.send(OutItem {
+            frame,
+            permits,
+            data_slot: true,
+        });
+        Ok(())
     }
 
     /// Queues a data frame, waiting at most `wait` for room; the way to
@@ -362,6 +394,16 @@ impl OutQueue {
     ///
     /// Cancel safe: a cancelled call queued nothing.
     pub async fn push_control(&self, frame: OutFrame) -> Result<(), PushError> {
+        if !self.closed.is_cancelled() {
+            if let Ok(slot) = self.tx.try_reserve() {
+                slot.send(OutItem {
+                    frame,
+                    permits: 0,
+                    data_slot: false,
+                });
+                return Ok(());
+            }
+        }
         let slot = tokio::select! {
             s = self.tx.reserve() => s,
             _ = self.closed.cancelled() => return Err(PushError::Closed(Box::new(frame))),
