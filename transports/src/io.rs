@@ -309,6 +309,9 @@ impl OutQueue {
     /// Queues a data frame if there is room in frames, bytes and slots at
     /// once (no control reserve kept: this is the waiting sender's path);
     /// hands it back otherwise.
+    // The frame goes back by value: boxing it would allocate on every
+    // fall-through to the waiting path.
+    #[allow(clippy::result_large_err)]
     fn try_push_room(&self, frame: OutFrame) -> Result<(), OutFrame> {
         if self.closed.is_cancelled() {
             return Err(frame);
