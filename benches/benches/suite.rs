@@ -289,6 +289,10 @@ async fn main() -> anyhow::Result<()> {
     let _ = writeln!(report, "\n## Targets\n");
     report.push_str(&targets(&rows));
     println!("\n{report}");
+    if !options.filters.is_empty() {
+        // A partial run (filters) does not replace the recorded results.
+        return Ok(());
+    }
     std::fs::create_dir_all(results_dir())?;
     let name = if options.quick {
         "suite-quick.md"
