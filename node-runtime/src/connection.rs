@@ -232,23 +232,36 @@ pub(crate) async fn deliver(
         .unwrap_or_else(|p| p.into_inner())
         .get(&h.service)
         .cloned();
-    let delivery = Delivery {
-        message: Message {
-            sender: h.sender,
-            sender_incarnation: h.incarnation,
-            seq: h.seq,
-            service: h.service.clone(),
-            body,
-            kind: h.kind,
-            replier: (h.kind == MessageKind::Request).then(|| inner.clone()),
-        },
-        answer,
+    let mut message = Message {
+        sender: h.sender,
+        sender_incarnation: h.incarnation,
+        seq: h.seq,
+        service: h.service.clone(),
+        body,
+        kind: h.kind,
+        replier: (h.kind == MessageKind::Request).then(|| inner.clone()),
     };
+    // Straight into the inbox when nothing waits before it: the pump is
+    // only for a backlog (which keeps order: nothing overtakes it).
+    if let Some(q) = &queue {
+        if q.backlog.load(Ordering::Acquire) == 0 {
+            match q.inbox.try_send(message) {
+                Ok(()) => {
+                    answer.send(inner, AckStatus::Accepted).await;
+                    return Ok(());
+                }
+                Err(mpsc::error::TrySendError::Full(m))
+                | Err(mpsc::error::TrySendError::Closed(m)) => message = m,
+            }
+        }
+        q.backlog.fetch_add(1, Ordering::AcqRel);
+    }
+    let delivery = Delivery { message, answer };
     // A full backlog holds this connection back (so the sender slows
     // down) for at most `node.inbox_wait_ms`; a service that stays full
     // that long is congested, and is answered `Overloaded` at once until
     // its backlog drains, so the connection's other traffic flows.
-    let refused = match queue {
+    let refused = match &queue {
         None => Some((delivery.answer, DeliveryFailure::NoSuchService)),
         Some(q) => match q.tx.try_send(delivery) {
             Ok(()) => None,
@@ -282,6 +295,9 @@ pub(crate) async fn deliver(
         },
     };
     if let Some((answer, failure)) = refused {
+        if let Some(q) = &queue {
+            q.backlog.fetch_sub(1, Ordering::AcqRel);
+        }
         answer.send(inner, AckStatus::Failed(failure)).await;
     }
     Ok(())
@@ -291,6 +307,10 @@ pub(crate) async fn deliver(
 #[derive(Debug, Clone)]
 pub(crate) struct ServiceQueue {
     pub(crate) tx: mpsc::Sender<Delivery>,
+    /// The inbox itself, for deliveries when no backlog waits.
+    pub(crate) inbox: mpsc::Sender<Message>,
+    /// Messages queued to, or held by, the pump.
+    pub(crate) backlog: Arc<std::sync::atomic::AtomicUsize>,
     /// Set when the backlog stayed full for `node.inbox_wait_ms`.
     pub(crate) congested: Arc<AtomicBool>,
 }
@@ -302,7 +322,7 @@ impl ServiceQueue {
     }
 
     pub(crate) fn is_closed(&self) -> bool {
-        self.tx.is_closed()
+        self.tx.is_closed() || self.inbox.is_closed()
     }
 }
 
@@ -357,6 +377,7 @@ pub(crate) async fn pump(
     service: Arc<str>,
     mut deliveries: mpsc::Receiver<Delivery>,
     inbox: mpsc::Sender<Message>,
+    backlog: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     loop {
         let delivery = tokio::select! {
@@ -371,6 +392,9 @@ pub(crate) async fn pump(
             _ = inner.cancel.cancelled() => return,
             r = inbox.send(message) => r.is_ok(),
         };
+        // In the inbox (or refused) before the count drops: a delivery
+        // that then goes straight in comes after it.
+        backlog.fetch_sub(1, Ordering::AcqRel);
         if accepted {
             answer.send(&inner, AckStatus::Accepted).await;
         } else {

@@ -586,6 +586,7 @@ impl Node {
         let capacity = inner.config.node.inbox_capacity;
         let (tx, rx) = mpsc::channel(capacity);
         let (delivery_tx, delivery_rx) = mpsc::channel(capacity);
+        let backlog: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
         let name: Arc<str> = Arc::from(service);
         {
             let mut inboxes = inner.inboxes.write().unwrap_or_else(|p| p.into_inner());
@@ -596,13 +597,15 @@ impl Node {
                 name.clone(),
                 ServiceQueue {
                     tx: delivery_tx,
+                    inbox: tx.clone(),
+                    backlog: backlog.clone(),
                     congested: Arc::default(),
                 },
             );
         }
         inner
             .tasks
-            .spawn(pump(inner.clone(), name, delivery_rx, tx));
+            .spawn(pump(inner.clone(), name, delivery_rx, tx, backlog));
         let token = inner.tokens.fetch_add(1, Ordering::Relaxed);
         let (done_tx, done_rx) = oneshot::channel();
         inner
