@@ -45,7 +45,7 @@ use crate::raw_cases::{bulk_plans, BULK_IN_FLIGHT};
 use crate::report::per_second;
 use crate::suite::{Case, Latency, Outcome};
 use crate::transfer::{Plan, Transfer};
-use crate::wait::{Counter, POLL_INTERVAL};
+use crate::wait::{settle, Counter};
 
 /// The `max_payload` the server is configured with: 64 MB, NATS's
 /// documented maximum. A body larger than what the server announces is
@@ -67,9 +67,8 @@ pub const FLUSH_EVERY_BYTES: u64 = 4 << 20;
 /// them as a slow consumer (async-nats's default is 65 536).
 pub const SUBSCRIPTION_CAPACITY: usize = 1 << 20;
 
-/// How long a one-way receive count may stand still before the wait
-/// settles for what arrived (messages were dropped).
-pub const STALL: Duration = Duration::from_millis(500);
+/// How long a count may stand still before it is taken as final.
+pub use crate::wait::STALL;
 
 /// Upper bound on nats-server starting to accept connections.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -479,37 +478,6 @@ async fn publish_for(
     }
     flush(client).await?;
     Ok(sent)
-}
-
-/// Waits for `counter` to reach `target` and returns the count and when it
-/// was seen. If the count stands still for [`STALL`] first (messages were
-/// dropped), settles for what arrived, as of its last change.
-///
-/// # Errors
-///
-/// If the count is still moving but short of `target` after
-/// [`WAIT_TIMEOUT`].
-async fn settle(counter: &Counter, target: u64) -> anyhow::Result<(u64, Instant)> {
-    let deadline = Instant::now() + WAIT_TIMEOUT;
-    let mut last = counter.get();
-    let mut last_change = Instant::now();
-    loop {
-        let now = Instant::now();
-        let count = counter.get();
-        if count >= target {
-            return Ok((count, now));
-        }
-        if count != last {
-            last = count;
-            last_change = now;
-        } else if now - last_change >= STALL {
-            return Ok((count, last_change));
-        }
-        if now >= deadline {
-            bail!("counted {count} of {target} within {WAIT_TIMEOUT:?}");
-        }
-        tokio::time::sleep(POLL_INTERVAL).await;
-    }
 }
 
 /// `tasks` requesters looping requests until `duration` has passed: how

@@ -55,7 +55,7 @@ use crate::raw_cases::{bulk_plans, BULK_IN_FLIGHT};
 use crate::report::per_second;
 use crate::suite::{BulkPath, Case, Latency, Outcome};
 use crate::transfer::{Plan, Transfer};
-use crate::wait::{wait_for_count, wait_until, Counter, POLL_INTERVAL};
+use crate::wait::{settle, wait_for_count, wait_until, Counter};
 
 /// The message-server binary of this package (`src/bin/`).
 pub const SERVER_BINARY: &str = "bench-message-server";
@@ -79,9 +79,8 @@ pub const BULK_MAX_MESSAGE_BYTES: u64 = 128 * 1024 * 1024;
 /// One-way sends issued between two looks at the clock.
 pub const SENDS_PER_CLOCK_CHECK: u64 = 16;
 
-/// How long a one-way receive count may stand still before the wait
-/// settles for what arrived (messages were dropped).
-pub const STALL: Duration = Duration::from_millis(500);
+/// How long a count may stand still before it is taken as final.
+pub use crate::wait::STALL;
 
 /// Bytes the sweep keeps in flight: `SWEEP_WINDOW_BYTES / body` bodies,
 /// at least [`BULK_IN_FLIGHT`], at most [`SWEEP_MAX_IN_FLIGHT`].
@@ -975,37 +974,6 @@ async fn requests_for(
             running.abort_all();
             bail!("requesters still running {WAIT_TIMEOUT:?} after the deadline")
         }
-    }
-}
-
-/// Waits for `counter` to reach `target` and returns the count and when it
-/// was seen. If the count stands still for [`STALL`] first (messages were
-/// dropped), settles for what arrived, as of its last change.
-///
-/// # Errors
-///
-/// If the count is still moving but short of `target` after
-/// [`WAIT_TIMEOUT`].
-async fn settle(counter: &Counter, target: u64) -> anyhow::Result<(u64, Instant)> {
-    let deadline = Instant::now() + WAIT_TIMEOUT;
-    let mut last = counter.get();
-    let mut last_change = Instant::now();
-    loop {
-        let now = Instant::now();
-        let count = counter.get();
-        if count >= target {
-            return Ok((count, now));
-        }
-        if count != last {
-            last = count;
-            last_change = now;
-        } else if now - last_change >= STALL {
-            return Ok((count, last_change));
-        }
-        if now >= deadline {
-            bail!("counted {count} of {target} within {WAIT_TIMEOUT:?}");
-        }
-        tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
 

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::bail;
+
+use crate::options::WAIT_TIMEOUT;
 use tokio::time::Instant;
 
 /// How often a wait looks at the counter. Tokio's timer has millisecond
@@ -63,6 +65,41 @@ pub async fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> Op
         }
         if now >= deadline {
             return None;
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// How long a count may stand still before [`settle`] takes it as final
+/// (messages were dropped).
+pub const STALL: Duration = Duration::from_millis(500);
+
+/// Waits for `counter` to reach `target` and returns the count and when it
+/// was seen. If the count stands still for [`STALL`] first (messages were
+/// dropped), settles for what arrived, as of its last change.
+///
+/// # Errors
+///
+/// If the count is still moving but short of `target` after
+/// [`WAIT_TIMEOUT`].
+pub async fn settle(counter: &Counter, target: u64) -> anyhow::Result<(u64, Instant)> {
+    let deadline = Instant::now() + WAIT_TIMEOUT;
+    let mut last = counter.get();
+    let mut last_change = Instant::now();
+    loop {
+        let now = Instant::now();
+        let count = counter.get();
+        if count >= target {
+            return Ok((count, now));
+        }
+        if count != last {
+            last = count;
+            last_change = now;
+        } else if now - last_change >= STALL {
+            return Ok((count, last_change));
+        }
+        if now >= deadline {
+            bail!("counted {count} of {target} within {WAIT_TIMEOUT:?}");
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }
