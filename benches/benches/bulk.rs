@@ -27,6 +27,7 @@ use clustercomm_benches::bulk_report::{BulkRow, BulkTable};
 use clustercomm_benches::memory;
 use clustercomm_benches::options::WAIT_TIMEOUT;
 use clustercomm_benches::transfer::{size_label, Plan, Transfer, MIB};
+use clustercomm_benches::wait::delivered_once;
 use clustercomm_benches::{bulk_tcp, wait_for_count, wait_until, Counter, Options};
 use message_server::{MessageServer, ServerHandle};
 use node_runtime::{Node, PathCounters, Pending, Target};
@@ -484,7 +485,7 @@ async fn send_bodies(pair: &Pair, body: &Bytes, plan: &Plan) -> anyhow::Result<(
     while plan.more(sent, start.elapsed()) {
         if window.len() == IN_FLIGHT {
             if let Some(oldest) = window.pop_front() {
-                settle(oldest).await?;
+                delivered_once(oldest).await?;
             }
         }
         let pending = tokio::time::timeout(
@@ -498,21 +499,7 @@ async fn send_bodies(pair: &Pair, body: &Bytes, plan: &Plan) -> anyhow::Result<(
         sent += 1;
     }
     while let Some(oldest) = window.pop_front() {
-        settle(oldest).await?;
+        delivered_once(oldest).await?;
     }
     Ok((sent, Instant::now()))
-}
-
-/// Waits for one send's outcome and checks it was delivered.
-async fn settle(pending: Pending) -> anyhow::Result<()> {
-    let seq = pending.seq();
-    let report = tokio::time::timeout(WAIT_TIMEOUT, pending.outcome())
-        .await
-        .with_context(|| format!("no outcome for message {seq} within {WAIT_TIMEOUT:?}"))?
-        .with_context(|| format!("send {seq}"))?;
-    ensure!(
-        report.is_complete() && report.delivered.len() == 1,
-        "message {seq} not delivered: {report:?}"
-    );
-    Ok(())
 }

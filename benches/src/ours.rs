@@ -55,7 +55,7 @@ use crate::raw_cases::{bulk_plans, BULK_IN_FLIGHT};
 use crate::report::per_second;
 use crate::suite::{BulkPath, Case, Latency, Outcome};
 use crate::transfer::{Plan, Transfer};
-use crate::wait::{settle, wait_for_count, wait_until, Counter};
+use crate::wait::{delivered_once, settle, wait_for_count, wait_until, Counter};
 
 /// The message-server binary of this package (`src/bin/`).
 pub const SERVER_BINARY: &str = "bench-message-server";
@@ -819,7 +819,7 @@ async fn send_window(
     while plan.more(sent, start.elapsed()) {
         if pending.len() >= window {
             if let Some(oldest) = pending.pop_front() {
-                settle_send(oldest).await?;
+                delivered_once(oldest).await?;
             }
         }
         let next = tokio::time::timeout(
@@ -833,23 +833,9 @@ async fn send_window(
         sent += 1;
     }
     while let Some(oldest) = pending.pop_front() {
-        settle_send(oldest).await?;
+        delivered_once(oldest).await?;
     }
     Ok((sent, Instant::now()))
-}
-
-/// Waits for one send's outcome and checks it reached its one receiver.
-async fn settle_send(pending: Pending) -> anyhow::Result<()> {
-    let seq = pending.seq();
-    let report = tokio::time::timeout(WAIT_TIMEOUT, pending.outcome())
-        .await
-        .with_context(|| format!("no outcome for message {seq} within {WAIT_TIMEOUT:?}"))?
-        .with_context(|| format!("send {seq}"))?;
-    ensure!(
-        report.is_complete() && report.delivered.len() == 1,
-        "message {seq} not delivered: {report:?}"
-    );
-    Ok(())
 }
 
 /// A requester and a responder that echoes the body.

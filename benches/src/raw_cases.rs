@@ -26,14 +26,14 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 
 use crate::bulk_tcp;
 use crate::options::{Options, WAIT_TIMEOUT};
-use crate::raw_tcp::{self, loopback_pair, FRAMES_PER_CLOCK_CHECK, READ_CHUNK};
+use crate::raw_tcp::{self, loopback_pair, write_frames_for, FRAMES_PER_CLOCK_CHECK, READ_CHUNK};
 use crate::report::per_second;
 use crate::suite::{Case, Latency, Outcome};
 use crate::transfer::Plan;
@@ -288,16 +288,16 @@ async fn echo_rate(options: &Options, body_len: usize, outstanding: usize) -> an
         Some(window.clone()),
     ));
     let mut writer = BufWriter::new(client_write);
-    let frame = frame(body_len)?;
+    let body = Bytes::from(vec![0u8; body_len]);
 
-    let warm = write_windowed(&mut writer, &frame, &window, options.warmup).await?;
+    let warm = write_frames_for(&mut writer, &body, options.warmup, Some(&window)).await?;
     wait_for_count(&replies, warm, WAIT_TIMEOUT)
         .await
         .context("raw echo warm-up")?;
 
     let base = replies.get();
     let start = Instant::now();
-    let sent = write_windowed(&mut writer, &frame, &window, options.measure).await?;
+    let sent = write_frames_for(&mut writer, &body, options.measure, Some(&window)).await?;
     let done = wait_for_count(&replies, base + sent, WAIT_TIMEOUT)
         .await
         .context("raw echo rate")?;
@@ -309,40 +309,6 @@ async fn echo_rate(options: &Options, body_len: usize, outstanding: usize) -> an
             .context("raw echo task did not stop")???;
     }
     Ok(per_second(sent, done - start))
-}
-
-/// Writes frames for `duration`, each after taking a permit from `window`
-/// (returned when its reply arrives); flushes before waiting for one, and
-/// at the end. Returns how many.
-async fn write_windowed<W>(
-    writer: &mut BufWriter<W>,
-    frame: &Bytes,
-    window: &Semaphore,
-    duration: Duration,
-) -> anyhow::Result<u64>
-where
-    W: AsyncWrite + Unpin,
-{
-    let start = Instant::now();
-    let mut sent = 0u64;
-    while start.elapsed() < duration {
-        for _ in 0..FRAMES_PER_CLOCK_CHECK {
-            match window.try_acquire() {
-                Ok(permit) => permit.forget(),
-                Err(_) => {
-                    writer.flush().await?;
-                    tokio::time::timeout(WAIT_TIMEOUT, window.acquire())
-                        .await
-                        .context("no reply within the timeout")??
-                        .forget();
-                }
-            }
-            writer.write_all(frame).await?;
-            sent += 1;
-        }
-    }
-    writer.flush().await?;
-    Ok(sent)
 }
 
 /// Echoes every complete frame back as it arrives (one write and flush

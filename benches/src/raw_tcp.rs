@@ -140,7 +140,7 @@ pub async fn pipelined_ack(
 /// frame first takes a permit (returned when its ack arrives); when none is
 /// free the buffer is flushed before waiting, so buffered frames can be
 /// acknowledged. Ends with a flush.
-async fn write_frames_for<W>(
+pub(crate) async fn write_frames_for<W>(
     writer: &mut BufWriter<W>,
     body: &Bytes,
     duration: Duration,
