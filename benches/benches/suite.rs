@@ -169,6 +169,7 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("{machine}; one run on a shared machine: compare ratios, not absolutes.\n");
     let nats = match Nats::start(options.quick).await {
+        Ok(_) if options.ours_only => None,
         Ok(n) => Some(n),
         Err(why) => {
             println!("nats-server unavailable ({why}): its column is skipped.\n");
@@ -186,9 +187,14 @@ async fn main() -> anyhow::Result<()> {
         };
         let nats_outcome = match &nats {
             Some(n) => n.run(case, &options).await,
+            None if options.ours_only => Outcome::Skipped("--ours-only".into()),
             None => Outcome::Skipped("nats-server unavailable".into()),
         };
-        let raw = raw_cases::run(case, &options).await;
+        let raw = if options.ours_only {
+            Outcome::Skipped("--ours-only".into())
+        } else {
+            raw_cases::run(case, &options).await
+        };
         println!("{case}: ours {ours}, NATS {nats_outcome}, raw TCP {raw}");
         rows.push(Row {
             case,

@@ -30,6 +30,8 @@ pub struct Options {
     pub measure: Duration,
     /// Case-name filters; empty runs every case.
     pub filters: Vec<String>,
+    /// `--ours-only`: skip the peers (for profiling clustercomm alone).
+    pub ours_only: bool,
 }
 
 impl Options {
@@ -39,17 +41,20 @@ impl Options {
     }
 
     /// Options from `args` (without the program name): `--quick` selects
-    /// the short phases, other flags are ignored, the rest are filters.
+    /// the short phases, `--ours-only` skips the peers, other flags are
+    /// ignored, the rest are filters.
     pub fn from_args<I, S>(args: I) -> Options
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
         let mut quick = false;
+        let mut ours_only = false;
         let mut filters = Vec::new();
         for arg in args {
             match arg.as_ref() {
                 "--quick" => quick = true,
+                "--ours-only" => ours_only = true,
                 flag if flag.starts_with('-') => {}
                 filter => filters.push(filter.to_owned()),
             }
@@ -64,6 +69,7 @@ impl Options {
             warmup,
             measure,
             filters,
+            ours_only,
         }
     }
 

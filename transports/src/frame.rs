@@ -18,7 +18,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
-use crate::protocol::Header;
+use crate::protocol::{AckRef, Header, MessageRef, ACK_TAG, MESSAGE_TAG};
 
 /// Size of the length prefix.
 pub const LENGTH_PREFIX_BYTES: usize = 4;
@@ -253,11 +253,15 @@ impl Default for FrameCodec {
     }
 }
 
-impl Decoder for FrameCodec {
-    type Item = Frame;
-    type Error = FrameError;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+impl FrameCodec {
+    /// Takes one whole frame's contents (everything after the length
+    /// prefix) off `src`, undecoded; `None` until a whole frame is there.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::Empty`] or [`FrameError::TooLarge`] from the length
+    /// prefix alone, before anything is reserved.
+    pub fn decode_raw(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
         if src.len() < LENGTH_PREFIX_BYTES {
             return Ok(None);
         }
@@ -292,16 +296,91 @@ impl Decoder for FrameCodec {
         } else {
             src.split_to(len).freeze()
         };
-        Frame::decode(raw).map(Some)
+        Ok(Some(raw))
     }
 
-    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
-        match self.decode(buf)? {
-            Some(frame) => Ok(Some(frame)),
+    /// [`FrameCodec::decode_raw`] at the end of the stream: what is left
+    /// must be whole frames.
+    ///
+    /// # Errors
+    ///
+    /// As [`FrameCodec::decode_raw`], and [`FrameError::Truncated`] for a
+    /// partial frame.
+    pub fn decode_raw_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
+        match self.decode_raw(buf)? {
+            Some(raw) => Ok(Some(raw)),
             None if buf.is_empty() => Ok(None),
             None => Err(FrameError::Truncated {
                 buffered: buf.len(),
             }),
+        }
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        match self.decode_raw(src)? {
+            Some(raw) => Frame::decode(raw).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        match self.decode_raw_eof(buf)? {
+            Some(raw) => Frame::decode(raw).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+/// A received frame's header, read in place where it matters for speed:
+/// messages and acknowledgements borrow their names from the frame and
+/// allocate nothing; every other header is decoded whole.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peeked<'a> {
+    /// A message header.
+    Message(MessageRef<'a>),
+    /// An acknowledgement.
+    Ack(AckRef<'a>),
+    /// Any other header.
+    Other(Header),
+}
+
+/// Reads the header of one frame's contents (`raw`, everything after the
+/// length prefix, as [`FrameCodec::decode_raw`] hands it out). Returns the
+/// header and its length: the body is `raw[len..]`.
+///
+/// # Errors
+///
+/// [`FrameError::Empty`], [`FrameError::Header`] or
+/// [`FrameError::HeaderTooLarge`], as [`Frame::decode`].
+pub fn peek(raw: &[u8]) -> Result<(Peeked<'_>, usize), FrameError> {
+    fn take<'a, T: serde::Deserialize<'a>>(raw: &'a [u8]) -> Result<(T, usize), FrameError> {
+        let window = &raw[..raw.len().min(MAX_HEADER_BYTES)];
+        match postcard::take_from_bytes::<T>(&window[1..]) {
+            Ok((value, rest)) => Ok((value, window.len() - rest.len())),
+            Err(_) if window.len() == MAX_HEADER_BYTES && raw.len() > MAX_HEADER_BYTES => {
+                Err(FrameError::HeaderTooLarge { size: raw.len() })
+            }
+            Err(e) => Err(FrameError::Header(e)),
+        }
+    }
+    match raw.first() {
+        None => Err(FrameError::Empty),
+        Some(&MESSAGE_TAG) => take::<MessageRef<'_>>(raw).map(|(h, n)| (Peeked::Message(h), n)),
+        Some(&ACK_TAG) => take::<AckRef<'_>>(raw).map(|(a, n)| (Peeked::Ack(a), n)),
+        Some(_) => {
+            let window = &raw[..raw.len().min(MAX_HEADER_BYTES)];
+            match postcard::take_from_bytes::<Header>(window) {
+                Ok((header, rest)) => Ok((Peeked::Other(header), window.len() - rest.len())),
+                Err(_) if window.len() == MAX_HEADER_BYTES && raw.len() > MAX_HEADER_BYTES => {
+                    Err(FrameError::HeaderTooLarge { size: raw.len() })
+                }
+                Err(e) => Err(FrameError::Header(e)),
+            }
         }
     }
 }

@@ -24,7 +24,6 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
-use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 
 use crate::frame::{encode_header, Frame, FrameCodec, FrameError, OutFrame, LENGTH_PREFIX_BYTES};
@@ -85,12 +84,30 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     ///
     /// Cancel safe: bytes read stay buffered for the next call.
     pub async fn next(&mut self) -> Result<Option<Frame>, FrameError> {
+        match self.next_raw().await? {
+            Some(raw) => Frame::decode(raw).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The next frame's contents (everything after the length prefix),
+    /// undecoded, or `None` at a clean end of stream; read its header with
+    /// [`crate::frame::peek`].
+    ///
+    /// # Errors
+    ///
+    /// As [`FrameReader::next`], but a bad header is left to the caller.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: bytes read stay buffered for the next call.
+    pub async fn next_raw(&mut self) -> Result<Option<Bytes>, FrameError> {
         loop {
             if let Some((big, len)) = &mut self.large {
                 let missing = *len - big.len();
                 if missing == 0 {
                     let (big, _) = self.large.take().unwrap_or_default();
-                    return Frame::decode(big.freeze()).map(Some);
+                    return Ok(Some(big.freeze()));
                 }
                 if self.io.read_buf(&mut (&mut *big).limit(missing)).await? == 0 {
                     return Err(FrameError::Truncated {
@@ -99,8 +116,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
                 continue;
             }
-            if let Some(frame) = self.codec.decode(&mut self.buf)? {
-                return Ok(Some(frame));
+            if let Some(raw) = self.codec.decode_raw(&mut self.buf)? {
+                return Ok(Some(raw));
             }
             // The codec checked the declared length against the limit.
             if self.buf.len() >= LENGTH_PREFIX_BYTES {
@@ -121,7 +138,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 self.buf.reserve(READ_CHUNK_BYTES);
             }
             if self.io.read_buf(&mut self.buf).await? == 0 {
-                return self.codec.decode_eof(&mut self.buf);
+                return self.codec.decode_raw_eof(&mut self.buf);
             }
         }
     }

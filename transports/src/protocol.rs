@@ -261,6 +261,98 @@ pub struct MessageHeader {
     pub kind: MessageKind,
 }
 
+/// A [`Target`] read in place from a received frame: names borrowed, not
+/// allocated. Same wire layout as [`Target`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TargetRef<'a> {
+    /// One node.
+    Node(&'a str),
+    /// Every member of the group.
+    Group(&'a str),
+    /// One member of the group.
+    AnyOf(&'a str),
+    /// Every other node.
+    All,
+}
+
+impl TargetRef<'_> {
+    /// An owned copy.
+    pub fn to_target(&self) -> Target {
+        match *self {
+            TargetRef::Node(n) => Target::Node(NodeId::new(n)),
+            TargetRef::Group(g) => Target::Group(g.to_owned()),
+            TargetRef::AnyOf(g) => Target::AnyOf(g.to_owned()),
+            TargetRef::All => Target::All,
+        }
+    }
+}
+
+impl<'a> From<&'a Target> for TargetRef<'a> {
+    fn from(target: &'a Target) -> Self {
+        match target {
+            Target::Node(n) => TargetRef::Node(n.as_str()),
+            Target::Group(g) => TargetRef::Group(g),
+            Target::AnyOf(g) => TargetRef::AnyOf(g),
+            Target::All => TargetRef::All,
+        }
+    }
+}
+
+impl fmt::Display for TargetRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TargetRef::Node(n) => write!(f, "node {n}"),
+            TargetRef::Group(g) => write!(f, "group {g}"),
+            TargetRef::AnyOf(g) => write!(f, "any member of group {g}"),
+            TargetRef::All => f.write_str("all nodes"),
+        }
+    }
+}
+
+/// A [`MessageHeader`] read in place from a received frame: the names are
+/// borrowed from the frame, so routing or delivering a message allocates
+/// nothing for its header. Same wire layout as [`MessageHeader`], so either
+/// encodes what the other decodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageRef<'a> {
+    /// The sending node.
+    pub sender: &'a str,
+    /// The sender's incarnation.
+    pub incarnation: u64,
+    /// Per-sender, per-incarnation sequence number.
+    pub seq: u64,
+    /// Where the message goes.
+    #[serde(borrow)]
+    pub target: TargetRef<'a>,
+    /// The service addressed on each receiver.
+    pub service: &'a str,
+    /// How the receiver treats it.
+    pub kind: MessageKind,
+}
+
+/// An [`Ack`] read in place from a received frame. Same wire layout.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckRef<'a> {
+    /// The original sender.
+    pub to: &'a str,
+    /// The original sender's incarnation.
+    pub to_incarnation: u64,
+    /// Sequence number of the message acknowledged.
+    pub seq: u64,
+    /// The receiver.
+    pub from: &'a str,
+    /// The receiver's incarnation.
+    pub from_incarnation: u64,
+    /// What happened.
+    pub status: AckStatus,
+}
+
+/// Index of [`Header::Message`] among the variants: the first byte of every
+/// message frame (postcard writes the variant index as a varint).
+pub const MESSAGE_TAG: u8 = 3;
+/// Index of [`Header::Ack`] among the variants.
+pub const ACK_TAG: u8 = 5;
+
 /// Why a message did not reach a receiver.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]

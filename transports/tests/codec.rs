@@ -21,8 +21,8 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::codec::{Decoder, Encoder};
 
 use transports::frame::{
-    Frame, FrameCodec, FrameError, OutFrame, HANDSHAKE_MAX_FRAME_BYTES, LENGTH_PREFIX_BYTES,
-    MAX_HEADER_BYTES,
+    peek, Frame, FrameCodec, FrameError, OutFrame, Peeked, HANDSHAKE_MAX_FRAME_BYTES,
+    LENGTH_PREFIX_BYTES, MAX_HEADER_BYTES,
 };
 use transports::io::FrameReader;
 use transports::protocol::{
@@ -373,6 +373,37 @@ fn check_frame(frame: &Frame, header: &Header, body: &Bytes) {
     let (h, b) = frame.clone().into_parts();
     assert_eq!(&h, header);
     assert_eq!(&b, body);
+    check_peek(frame.raw(), header, body);
+}
+
+/// Reading the header in place gives the same fields and the same body.
+fn check_peek(raw: &[u8], header: &Header, body: &[u8]) {
+    let (peeked, len) = peek(raw).expect("a valid frame peeks");
+    assert_eq!(&raw[len..], body);
+    match (peeked, header) {
+        (Peeked::Message(m), Header::Message(h)) => {
+            assert_eq!(m.sender, h.sender.as_str());
+            assert_eq!(m.incarnation, h.incarnation);
+            assert_eq!(m.seq, h.seq);
+            assert_eq!(m.target.to_target(), h.target);
+            assert_eq!(m.service, &*h.service);
+            assert_eq!(m.kind, h.kind);
+        }
+        (Peeked::Ack(a), Header::Ack(h)) => {
+            assert_eq!(a.to, h.to.as_str());
+            assert_eq!(a.from, h.from.as_str());
+            assert_eq!(
+                (a.to_incarnation, a.seq, a.from_incarnation),
+                (h.to_incarnation, h.seq, h.from_incarnation)
+            );
+            assert_eq!(&a.status, &h.status);
+        }
+        (Peeked::Other(o), h) => {
+            assert!(!matches!(h, Header::Message(_) | Header::Ack(_)));
+            assert_eq!(&o, h);
+        }
+        (p, h) => panic!("peeked {p:?} for {h:?}"),
+    }
 }
 
 /// A length prefix followed by `contents`.
@@ -447,6 +478,18 @@ fn decode_arbitrary(input: &[u8], limit: usize) {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Reading a header in place never panics on arbitrary bytes, whatever
+    /// tag they start with.
+    #[test]
+    fn peek_never_panics(tag in 0u8..16, rest in vec(any::<u8>(), 0..300)) {
+        let mut raw = vec![tag];
+        raw.extend_from_slice(&rest);
+        if let Ok((_, len)) = peek(&raw) {
+            prop_assert!(len <= raw.len());
+        }
+        prop_assert!(matches!(peek(&[]), Err(FrameError::Empty)));
+    }
 
     /// One frame: header and body come back as they went in.
     #[test]
