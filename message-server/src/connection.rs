@@ -11,17 +11,17 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
-use transports::frame::FrameCodec;
+use transports::frame::{peek, FrameCodec, Peeked};
 use transports::handshake::{self, HandshakeError};
 use transports::protocol::{
-    valid_name, DeliveryFailure, Header, LeaveReason, MemberEvent, MemberInfo, MessageHeader,
-    MessageKind, NodeId, RefusalReason, Routed, Target, MAX_NAMES_PER_NODE,
+    valid_name, DeliveryFailure, Header, LeaveReason, MemberEvent, MemberInfo, MessageKind,
+    MessageRef, NodeId, RefusalReason, Routed, Target, TargetRef, MAX_NAMES_PER_NODE,
 };
 use transports::{out_queue, FrameError, FrameReader, OutFrame, OutQueue, PushError};
 
 use crate::counters::Counters;
 use crate::registry::{broadcast_locked, hold, register, unregister, warming_up, Held, Refused};
-use crate::server::Shared;
+use crate::server::{ConnHandle, Shared};
 use crate::table::Resolution;
 
 /// Why a connection ended.
@@ -144,6 +144,7 @@ pub(crate) async fn serve(
             me: me.id.clone(),
             incarnation: me.incarnation,
             queue: queue.clone(),
+            routes: RouteCache::default(),
         };
         let end = conn.read_loop(&mut reader, &cancel).await;
         let reason = match &end {
@@ -177,6 +178,102 @@ struct Connection {
     me: NodeId,
     incarnation: u64,
     queue: OutQueue,
+    routes: RouteCache,
+}
+
+/// Most routes a connection keeps resolved; past it the cache starts over.
+const MAX_CACHED_ROUTES: usize = 64;
+
+/// The targets this connection's node sent to lately, resolved: a message
+/// to one of them is routed without locking the shared state or hashing a
+/// name. Good while the state's generation stays the same (every
+/// registration, departure or subscription changes it).
+#[derive(Default)]
+struct RouteCache {
+    generation: u64,
+    entries: Vec<CachedRoute>,
+    /// Rotates `AnyOf` ties among equally loaded members.
+    turn: usize,
+}
+
+struct CachedRoute {
+    reply: bool,
+    target: Target,
+    service: Box<str>,
+    resolved: Resolved,
+}
+
+/// One receiver of a route: the connection is `None` when the table knows
+/// the node but its connection is already gone.
+#[derive(Clone)]
+struct Receiver {
+    id: NodeId,
+    conn: Option<ConnHandle>,
+}
+
+impl Receiver {
+    fn load(&self) -> usize {
+        self.conn
+            .as_ref()
+            .map_or(usize::MAX, |c| c.queue.queued_frames())
+    }
+}
+
+/// What a (target, service) resolved to.
+enum Resolved {
+    /// `Node` targets and replies.
+    One(Receiver),
+    /// `AnyOf`: the candidates; each message goes to the least loaded.
+    AnyOf(Vec<Receiver>),
+    /// `Group` and `All`: every one of them.
+    Many(Vec<Receiver>),
+}
+
+impl RouteCache {
+    /// The cached route of (`reply`, `target`, `service`), if still good.
+    fn find(
+        &mut self,
+        generation: u64,
+        reply: bool,
+        target: TargetRef<'_>,
+        service: &str,
+    ) -> Option<usize> {
+        if self.generation != generation {
+            self.entries.clear();
+            self.generation = generation;
+            return None;
+        }
+        self.entries.iter().position(|e| {
+            e.reply == reply && &*e.service == service && TargetRef::from(&e.target) == target
+        })
+    }
+
+    fn insert(&mut self, generation: u64, route: CachedRoute) -> usize {
+        if self.generation != generation || self.entries.len() >= MAX_CACHED_ROUTES {
+            self.entries.clear();
+            self.generation = generation;
+        }
+        self.entries.push(route);
+        self.entries.len() - 1
+    }
+
+    /// The least loaded candidate; ties rotate.
+    fn least_loaded(turn: &mut usize, candidates: &[Receiver]) -> usize {
+        let n = candidates.len().max(1);
+        let start = *turn % n;
+        *turn = turn.wrapping_add(1);
+        let mut best = start;
+        let mut best_load = candidates.get(start).map_or(usize::MAX, Receiver::load);
+        for k in 1..n {
+            let i = (start + k) % n;
+            let load = candidates[i].load();
+            if load < best_load {
+                best = i;
+                best_load = load;
+            }
+        }
+        best
+    }
 }
 
 impl Connection {
@@ -186,94 +283,101 @@ impl Connection {
         cancel: &CancellationToken,
     ) -> End {
         loop {
-            let frame = tokio::select! {
+            let raw = tokio::select! {
+                biased;
                 _ = cancel.cancelled() => return End::Cancelled,
                 _ = self.queue.closed() => return End::WriterStopped,
-                f = reader.next() => f,
+                f = reader.next_raw() => f,
             };
-            let frame = match frame {
-                Ok(Some(f)) => f,
+            let raw = match raw {
+                Ok(Some(raw)) => raw,
                 Ok(None) => return End::Eof,
                 Err(e) => return End::Frame(e),
             };
-            tracing::trace!(
-                kind = frame.header().kind(),
-                len = frame.raw().len(),
-                "frame"
-            );
-            let end = match frame.header() {
-                Header::Message(h) if h.sender == self.me && h.incarnation < self.incarnation => {
+            let (header, header_len) = match peek(&raw) {
+                Ok(peeked) => peeked,
+                Err(e) => return End::Frame(e),
+            };
+            let end = match header {
+                Peeked::Message(h)
+                    if h.sender == self.me.as_str() && h.incarnation < self.incarnation =>
+                {
                     // Queued by an earlier incarnation (declared failed)
                     // before it rejoined: refused.
                     Counters::add(&self.shared.counters.stale_frames, 1);
                     None
                 }
-                Header::Ack(a) if a.from == self.me && a.from_incarnation < self.incarnation => {
+                Peeked::Ack(a)
+                    if a.from == self.me.as_str() && a.from_incarnation < self.incarnation =>
+                {
                     Counters::add(&self.shared.counters.stale_frames, 1);
                     None
                 }
-                Header::Message(h) => {
-                    if h.sender != self.me || h.incarnation != self.incarnation {
+                Peeked::Message(h) => {
+                    if h.sender != self.me.as_str() || h.incarnation != self.incarnation {
                         Some(End::Violation(format!(
                             "message claims sender {} incarnation {}",
                             h.sender, h.incarnation
                         )))
                     } else {
-                        self.route(h, frame.raw(), frame.body_len()).await;
+                        self.route(&h, &raw, raw.len() - header_len).await;
                         None
                     }
                 }
-                Header::Ack(ack) => {
-                    if ack.from != self.me || ack.from_incarnation != self.incarnation {
+                Peeked::Ack(ack) => {
+                    if ack.from != self.me.as_str() || ack.from_incarnation != self.incarnation {
                         Some(End::Violation(format!(
                             "ack claims to be from {}",
                             ack.from
                         )))
                     } else {
-                        self.forward_ack(&ack.to, ack.to_incarnation, frame.raw())
-                            .await;
+                        self.forward_ack(ack.to, ack.to_incarnation, &raw).await;
                         None
                     }
                 }
-                Header::Subscribe { service, .. }
-                    if !valid_name(service) || self.service_count() >= MAX_NAMES_PER_NODE =>
-                {
-                    Some(End::Violation(
-                        "service name of bad length, or too many services".into(),
-                    ))
-                }
-                Header::Subscribe { token, service } => {
-                    self.update_services(service, true);
-                    let reply = OutFrame::control(Header::Subscribed { token: *token });
-                    self.reply(reply).await;
-                    None
-                }
-                Header::Unsubscribe { service } => {
-                    self.update_services(service, false);
-                    None
-                }
-                Header::Resolve {
-                    token,
-                    target,
-                    service,
-                } => {
-                    let result = self.resolve_members(target, service);
-                    let reply = OutFrame::control(Header::Resolved {
-                        token: *token,
-                        result,
-                    });
-                    self.reply(reply).await;
-                    None
-                }
-                Header::Goodbye => Some(End::Goodbye),
-                other => Some(End::Violation(format!(
-                    "unexpected {} frame from a node",
-                    other.kind()
-                ))),
+                Peeked::Other(header) => self.control(header).await,
             };
             if let Some(end) = end {
                 return end;
             }
+        }
+    }
+
+    /// Handles a frame other than a message or an ack.
+    async fn control(&mut self, header: Header) -> Option<End> {
+        match header {
+            Header::Subscribe { service, .. }
+                if !valid_name(&service) || self.service_count() >= MAX_NAMES_PER_NODE =>
+            {
+                Some(End::Violation(
+                    "service name of bad length, or too many services".into(),
+                ))
+            }
+            Header::Subscribe { token, service } => {
+                self.update_services(&service, true);
+                let reply = OutFrame::control(Header::Subscribed { token });
+                self.reply(reply).await;
+                None
+            }
+            Header::Unsubscribe { service } => {
+                self.update_services(&service, false);
+                None
+            }
+            Header::Resolve {
+                token,
+                target,
+                service,
+            } => {
+                let result = self.resolve_members(&target, &service);
+                let reply = OutFrame::control(Header::Resolved { token, result });
+                self.reply(reply).await;
+                None
+            }
+            Header::Goodbye => Some(End::Goodbye),
+            other => Some(End::Violation(format!(
+                "unexpected {} frame from a node",
+                other.kind()
+            ))),
         }
     }
 
@@ -290,7 +394,10 @@ impl Connection {
                 .get(id)
                 .map_or(usize::MAX, |c| c.queue.queued_frames())
         };
-        let ids = match state.table.resolve(&self.me, target, service, load)? {
+        let ids = match state
+            .table
+            .resolve(self.me.as_str(), target, service, load)?
+        {
             Resolution::One(id) => vec![id],
             Resolution::Many(ids) => ids,
         };
@@ -330,7 +437,7 @@ impl Connection {
         push_control_bounded(&self.shared, &self.me, &self.queue, frame).await;
     }
 
-    async fn forward_ack(&self, to: &NodeId, to_incarnation: u64, raw: &Bytes) {
+    async fn forward_ack(&self, to: &str, to_incarnation: u64, raw: &Bytes) {
         let queue = {
             let state = self.shared.read();
             match state.conns.get(to) {
@@ -339,7 +446,15 @@ impl Connection {
             }
         };
         match queue {
-            Some(q) => push_control_bounded(&self.shared, to, &q, OutFrame::Raw(raw.clone())).await,
+            Some(q) => {
+                push_control_bounded(
+                    &self.shared,
+                    &NodeId::new(to),
+                    &q,
+                    OutFrame::Raw(raw.clone()),
+                )
+                .await
+            }
             None => tracing::trace!(%to, "dropping ack for a sender that is gone"),
         }
     }
@@ -347,7 +462,7 @@ impl Connection {
     /// Routes one message into its receivers' queues and tells the sender
     /// where it went when the sender cannot know (fan-out, `AnyOf`) or when
     /// it failed.
-    async fn route(&self, h: &MessageHeader, raw: &Bytes, body_len: usize) {
+    async fn route(&mut self, h: &MessageRef<'_>, raw: &Bytes, body_len: usize) {
         let counters = &self.shared.counters;
         Counters::add(&counters.messages, 1);
         Counters::add(&counters.message_bytes, body_len as u64);
@@ -355,134 +470,209 @@ impl Connection {
         // nobody waits for their routing result.
         let is_reply = matches!(h.kind, MessageKind::Reply { .. });
         let acked = matches!(h.kind, MessageKind::Send | MessageKind::Request);
-        let resolved = {
-            let state = self.shared.read();
-            let load = |id: &NodeId| {
-                state
-                    .conns
-                    .get(id)
-                    .map_or(usize::MAX, |c| c.queue.queued_frames())
-            };
-            let resolution = if is_reply {
-                state.table.resolve_node(&h.target)
-            } else {
-                state.table.resolve(&self.me, &h.target, &h.service, load)
-            };
-            match resolution {
-                Ok(Resolution::One(id)) => Ok(vec![(state.conns.get(&id).cloned(), id)]),
-                Ok(Resolution::Many(ids)) => Ok(ids
-                    .into_iter()
-                    .map(|id| (state.conns.get(&id).cloned(), id))
-                    .collect::<Vec<_>>()),
-                Err(f) => Err(f),
-            }
+        let to_node = matches!(h.target, TargetRef::Node(_));
+        let generation = self.shared.generation();
+        let index = match self.routes.find(generation, is_reply, h.target, h.service) {
+            Some(i) => i,
+            None => match resolve_route(
+                &self.shared,
+                &self.me,
+                &mut self.routes,
+                is_reply,
+                h.target,
+                h.service,
+            ) {
+                Ok(i) => i,
+                Err(failure) => return self.route_failed(h, raw, failure).await,
+            },
         };
-        let receivers = match resolved {
-            Ok(r) => r,
-            Err(DeliveryFailure::UnknownTarget) if warming_up(&self.shared) => {
-                // Just restarted: the node may not have re-registered yet.
-                let Target::Node(target) = &h.target else {
-                    self.reply(routed(
-                        h.seq,
-                        vec![],
-                        vec![],
-                        Some(DeliveryFailure::UnknownTarget),
-                    ))
-                    .await;
-                    return;
-                };
-                let held = Held {
-                    raw: raw.clone(),
-                    sender: self.me.clone(),
-                    seq: h.seq,
-                };
-                if hold(&self.shared, target, held).is_err() {
-                    Counters::add(&counters.route_failures, 1);
-                    let failed = vec![(target.clone(), DeliveryFailure::UnknownTarget)];
-                    self.reply(routed(
-                        h.seq,
-                        vec![],
-                        failed,
-                        Some(DeliveryFailure::UnknownTarget),
-                    ))
-                    .await;
-                }
-                return;
+        let routes = &mut self.routes;
+        let entry = &routes.entries[index];
+        let receivers: &[Receiver] = match &entry.resolved {
+            Resolved::One(r) => std::slice::from_ref(r),
+            Resolved::AnyOf(candidates) => {
+                let i = RouteCache::least_loaded(&mut routes.turn, candidates);
+                std::slice::from_ref(&candidates[i])
             }
-            Err(failure) => {
-                Counters::add(&counters.route_failures, 1);
-                // Also for one-way messages: the sender hears of every
-                // message that went nowhere.
-                // Name the node of a `Node` target, so that a sender
-                // reaching several nodes one by one knows which one failed.
-                let failed = match &h.target {
-                    Target::Node(id) => vec![(id.clone(), failure.clone())],
-                    _ => vec![],
-                };
-                self.reply(routed(h.seq, vec![], failed, Some(failure)))
-                    .await;
-                return;
-            }
+            Resolved::Many(all) => all,
         };
-        let single = receivers.len() == 1;
-        let mut ok = Vec::with_capacity(receivers.len());
+        let single = !matches!(entry.resolved, Resolved::Many(_));
+        // Who got it is only reported for fan-outs and `AnyOf`.
+        let name_receivers = !single || (acked && !to_node);
+        let mut delivered = 0usize;
+        let mut ok = Vec::new();
         let mut failed = Vec::new();
         // First every receiver with room; then the full ones, all against
         // one deadline, so a fan-out holds its sender back at most one
         // slow-consumer period however many receivers are slow.
         let mut waiting = Vec::new();
-        for (conn, id) in receivers {
-            match conn {
-                None => failed.push((id, DeliveryFailure::TargetStopped)),
+        for r in receivers {
+            match &r.conn {
+                None => failed.push((r.id.clone(), DeliveryFailure::TargetStopped)),
                 Some(c) if raw.len() > c.max_frame => failed.push((
-                    id,
+                    r.id.clone(),
                     DeliveryFailure::PayloadTooLarge {
                         size: body_len as u64,
                         max: c.max_frame as u64,
                     },
                 )),
                 Some(c) => match c.queue.try_push_data(OutFrame::Raw(raw.clone())) {
-                    Ok(()) => ok.push((id, c.incarnation)),
-                    Err(PushError::Full(_) | PushError::Congested) => waiting.push((c, id)),
-                    Err(PushError::Closed(_)) => failed.push((id, DeliveryFailure::TargetStopped)),
+                    Ok(()) => {
+                        delivered += 1;
+                        if name_receivers {
+                            ok.push((r.id.clone(), c.incarnation));
+                        }
+                    }
+                    Err(PushError::Full(_) | PushError::Congested) => waiting.push(r.clone()),
+                    Err(PushError::Closed(_)) => {
+                        failed.push((r.id.clone(), DeliveryFailure::TargetStopped))
+                    }
                 },
             }
         }
-        let deadline = tokio::time::Instant::now()
-            + Duration::from_millis(self.shared.config.message_server.slow_consumer_ms);
-        for (c, id) in waiting {
-            // A full queue slows the sender down (this read loop waits, so
-            // the sender's socket fills); a receiver that makes no room in
-            // time is answered for.
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match c
-                .queue
-                .push_data_within(OutFrame::Raw(raw.clone()), left)
-                .await
-            {
-                Ok(()) => ok.push((id, c.incarnation)),
-                Err(PushError::Full(_) | PushError::Congested) => {
-                    Counters::add(&counters.overloaded, 1);
-                    failed.push((id, DeliveryFailure::ReceiverOverloaded));
+        if !waiting.is_empty() {
+            let deadline = tokio::time::Instant::now()
+                + Duration::from_millis(self.shared.config.message_server.slow_consumer_ms);
+            for r in waiting {
+                let Some(c) = &r.conn else { continue };
+                // A full queue slows the sender down (this read loop waits,
+                // so the sender's socket fills); a receiver that makes no
+                // room in time is answered for.
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                match c
+                    .queue
+                    .push_data_within(OutFrame::Raw(raw.clone()), left)
+                    .await
+                {
+                    Ok(()) => {
+                        delivered += 1;
+                        if name_receivers {
+                            ok.push((r.id.clone(), c.incarnation));
+                        }
+                    }
+                    Err(PushError::Full(_) | PushError::Congested) => {
+                        Counters::add(&counters.overloaded, 1);
+                        failed.push((r.id.clone(), DeliveryFailure::ReceiverOverloaded));
+                    }
+                    Err(PushError::Closed(_)) => {
+                        failed.push((r.id.clone(), DeliveryFailure::TargetStopped))
+                    }
                 }
-                Err(PushError::Closed(_)) => failed.push((id, DeliveryFailure::TargetStopped)),
             }
         }
-        Counters::add(&counters.deliveries, ok.len() as u64);
-        Counters::add(&counters.delivery_bytes, (ok.len() * body_len) as u64);
-        Counters::add(&counters.route_failures, failed.len() as u64);
-        if failed.is_empty() && (!acked || matches!(h.target, Target::Node(_))) {
+        Counters::add(&counters.deliveries, delivered as u64);
+        Counters::add(&counters.delivery_bytes, (delivered * body_len) as u64);
+        if !failed.is_empty() {
+            Counters::add(&counters.route_failures, failed.len() as u64);
+        }
+        if failed.is_empty() && (!acked || to_node) {
             // Nobody waits (one-way), or the sender knows its only receiver
             // and its ack will say the rest.
             return;
         }
-        let error = if single && ok.is_empty() {
+        let error = if single && delivered == 0 {
             failed.first().map(|(_, f)| f.clone())
         } else {
             None
         };
         self.reply(routed(h.seq, ok, failed, error)).await;
     }
+
+    /// A message the table could not route: held during the warm-up after
+    /// a restart (its target may not have re-registered yet), answered with
+    /// the failure otherwise.
+    async fn route_failed(&self, h: &MessageRef<'_>, raw: &Bytes, failure: DeliveryFailure) {
+        let counters = &self.shared.counters;
+        if failure == DeliveryFailure::UnknownTarget && warming_up(&self.shared) {
+            let TargetRef::Node(target) = h.target else {
+                self.reply(routed(
+                    h.seq,
+                    vec![],
+                    vec![],
+                    Some(DeliveryFailure::UnknownTarget),
+                ))
+                .await;
+                return;
+            };
+            let target = NodeId::new(target);
+            let held = Held {
+                raw: raw.clone(),
+                sender: self.me.clone(),
+                seq: h.seq,
+            };
+            if hold(&self.shared, &target, held).is_err() {
+                Counters::add(&counters.route_failures, 1);
+                let failed = vec![(target, DeliveryFailure::UnknownTarget)];
+                self.reply(routed(
+                    h.seq,
+                    vec![],
+                    failed,
+                    Some(DeliveryFailure::UnknownTarget),
+                ))
+                .await;
+            }
+            return;
+        }
+        Counters::add(&counters.route_failures, 1);
+        // Also for one-way messages: the sender hears of every message that
+        // went nowhere. Name the node of a `Node` target, so that a sender
+        // reaching several nodes one by one knows which one failed.
+        let failed = match h.target {
+            TargetRef::Node(id) => vec![(NodeId::new(id), failure.clone())],
+            _ => vec![],
+        };
+        self.reply(routed(h.seq, vec![], failed, Some(failure)))
+            .await;
+    }
+}
+
+/// Resolves a route under the state's read lock and caches it; returns
+/// its index in the cache.
+fn resolve_route(
+    shared: &Shared,
+    me: &NodeId,
+    routes: &mut RouteCache,
+    is_reply: bool,
+    target: TargetRef<'_>,
+    service: &str,
+) -> Result<usize, DeliveryFailure> {
+    let (generation, resolved) = {
+        let state = shared.read();
+        // Stable while the read lock is held: writers change it under
+        // the write lock.
+        let generation = shared.generation();
+        let receiver = |id: NodeId| Receiver {
+            conn: state.conns.get(&id).cloned(),
+            id,
+        };
+        let me = me.as_str();
+        let resolved = match target {
+            _ if is_reply => match state.table.resolve_node(target)? {
+                Resolution::One(id) => Resolved::One(receiver(id)),
+                Resolution::Many(ids) => Resolved::Many(ids.into_iter().map(receiver).collect()),
+            },
+            TargetRef::AnyOf(group) => Resolved::AnyOf(
+                state
+                    .table
+                    .any_of_candidates(me, group, service)?
+                    .into_iter()
+                    .map(receiver)
+                    .collect(),
+            ),
+            _ => match state.table.resolve(me, target, service, |_| 0)? {
+                Resolution::One(id) => Resolved::One(receiver(id)),
+                Resolution::Many(ids) => Resolved::Many(ids.into_iter().map(receiver).collect()),
+            },
+        };
+        (generation, resolved)
+    };
+    let route = CachedRoute {
+        reply: is_reply,
+        target: target.to_target(),
+        service: service.into(),
+        resolved,
+    };
+    Ok(routes.insert(generation, route))
 }
 
 fn routed(

@@ -237,7 +237,9 @@ pub(crate) fn hold(shared: &Shared, target: &NodeId, held: Held) -> Result<(), H
 /// After the warm-up, answers every message still held with
 /// `UnknownTarget`. Returns how many.
 pub(crate) fn expire_held(shared: &Shared) -> usize {
-    if warming_up(shared) {
+    // Checked under the read lock first: a write lock invalidates every
+    // connection's cached routes.
+    if warming_up(shared) || shared.read().held.by_target.is_empty() {
         return 0;
     }
     let (expired, conns) = {

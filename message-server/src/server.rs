@@ -80,6 +80,9 @@ pub(crate) struct Shared {
     pub(crate) started: std::time::Instant,
     /// Where heartbeats are received.
     pub(crate) heartbeat_addr: Option<SocketAddr>,
+    /// Bumped whenever the state is locked for writing: a connection's
+    /// cached routes are good while it stays the same.
+    generation: AtomicU64,
 }
 
 impl Shared {
@@ -95,7 +98,16 @@ impl Shared {
     }
 
     pub(crate) fn write(&self) -> RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(|p| p.into_inner())
+        let guard = self.state.write().unwrap_or_else(|p| p.into_inner());
+        // Before any change: a route cached under the old number is never
+        // used after the change it missed.
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        guard
+    }
+
+    /// The state's generation: it changes with every write lock.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 }
 
@@ -165,6 +177,7 @@ impl MessageServer {
             tasks: TaskTracker::new(),
             started: std::time::Instant::now(),
             heartbeat_addr,
+            generation: AtomicU64::new(0),
         });
         Ok(MessageServer {
             listener,

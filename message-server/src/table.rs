@@ -7,7 +7,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use transports::protocol::{DeliveryFailure, MemberInfo, NodeId, Target};
+#[cfg(test)]
+use transports::protocol::Target;
+use transports::protocol::{DeliveryFailure, MemberInfo, NodeId, TargetRef};
 
 /// Why a registration was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -136,7 +138,7 @@ impl RoutingTable {
         self.nodes.values().map(|e| e.info.clone()).collect()
     }
 
-    fn offers(&self, id: &NodeId, service: &str) -> bool {
+    fn offers(&self, id: &str, service: &str) -> bool {
         self.nodes
             .get(id)
             .is_some_and(|e| e.services.contains(service))
@@ -149,10 +151,53 @@ impl RoutingTable {
     ///
     /// [`DeliveryFailure::UnknownTarget`] for an unknown node or another
     /// kind of target.
-    pub fn resolve_node(&self, target: &Target) -> Result<Resolution, DeliveryFailure> {
-        match target {
-            Target::Node(id) if self.nodes.contains_key(id) => Ok(Resolution::One(id.clone())),
+    pub fn resolve_node<'t>(
+        &self,
+        target: impl Into<TargetRef<'t>>,
+    ) -> Result<Resolution, DeliveryFailure> {
+        match target.into() {
+            TargetRef::Node(id) => match self.nodes.get_key_value(id) {
+                Some((id, _)) => Ok(Resolution::One(id.clone())),
+                None => Err(DeliveryFailure::UnknownTarget),
+            },
             _ => Err(DeliveryFailure::UnknownTarget),
+        }
+    }
+
+    /// The members of `group` an `AnyOf` message from `sender` to `service`
+    /// may go to: those offering the service, other members preferred over
+    /// the sender (which is a candidate only when it is the only one).
+    ///
+    /// # Errors
+    ///
+    /// [`DeliveryFailure::UnknownTarget`] for an unknown or empty group;
+    /// [`DeliveryFailure::NoSuchService`] when no member offers the service.
+    pub fn any_of_candidates(
+        &self,
+        sender: &str,
+        group: &str,
+        service: &str,
+    ) -> Result<Vec<NodeId>, DeliveryFailure> {
+        let members = self
+            .groups
+            .get(group)
+            .ok_or(DeliveryFailure::UnknownTarget)?;
+        let candidates: Vec<&NodeId> = members
+            .iter()
+            .filter(|id| self.offers(id.as_str(), service))
+            .collect();
+        if candidates.is_empty() {
+            return Err(DeliveryFailure::NoSuchService);
+        }
+        let others: Vec<NodeId> = candidates
+            .iter()
+            .filter(|id| id.as_str() != sender)
+            .map(|id| (*id).clone())
+            .collect();
+        if others.is_empty() {
+            Ok(candidates.into_iter().cloned().collect())
+        } else {
+            Ok(others)
         }
     }
 
@@ -170,24 +215,26 @@ impl RoutingTable {
     /// [`DeliveryFailure::UnknownTarget`] for an unknown node or an empty
     /// group; [`DeliveryFailure::NoSuchService`] when no candidate offers
     /// the service.
-    pub fn resolve(
+    pub fn resolve<'t>(
         &self,
-        sender: &NodeId,
-        target: &Target,
+        sender: &str,
+        target: impl Into<TargetRef<'t>>,
         service: &str,
         load: impl Fn(&NodeId) -> usize,
     ) -> Result<Resolution, DeliveryFailure> {
-        match target {
-            Target::Node(id) => match self.nodes.get(id) {
+        match target.into() {
+            TargetRef::Node(id) => match self.nodes.get_key_value(id) {
                 None => Err(DeliveryFailure::UnknownTarget),
-                Some(e) if !e.services.contains(service) => Err(DeliveryFailure::NoSuchService),
-                Some(_) => Ok(Resolution::One(id.clone())),
+                Some((_, e)) if !e.services.contains(service) => {
+                    Err(DeliveryFailure::NoSuchService)
+                }
+                Some((id, _)) => Ok(Resolution::One(id.clone())),
             },
-            Target::Group(g) => {
+            TargetRef::Group(g) => {
                 let members = self.groups.get(g).ok_or(DeliveryFailure::UnknownTarget)?;
                 let receivers: Vec<NodeId> = members
                     .iter()
-                    .filter(|id| self.offers(id, service))
+                    .filter(|id| self.offers(id.as_str(), service))
                     .cloned()
                     .collect();
                 if receivers.is_empty() {
@@ -195,40 +242,23 @@ impl RoutingTable {
                 }
                 Ok(Resolution::Many(receivers))
             }
-            Target::AnyOf(g) => {
-                let members = self.groups.get(g).ok_or(DeliveryFailure::UnknownTarget)?;
-                let candidates: Vec<&NodeId> = members
-                    .iter()
-                    .filter(|id| self.offers(id, service))
-                    .collect();
-                if candidates.is_empty() {
-                    return Err(DeliveryFailure::NoSuchService);
-                }
-                let others: Vec<&NodeId> = candidates
-                    .iter()
-                    .copied()
-                    .filter(|id| *id != sender)
-                    .collect();
-                let pool = if others.is_empty() {
-                    candidates
-                } else {
-                    others
-                };
-                let loads: Vec<usize> = pool.iter().map(|id| load(id)).collect();
+            TargetRef::AnyOf(g) => {
+                let pool = self.any_of_candidates(sender, g, service)?;
+                let loads: Vec<usize> = pool.iter().map(&load).collect();
                 let min = loads.iter().copied().min().unwrap_or(0);
                 let least: Vec<&NodeId> = pool
                     .iter()
                     .zip(&loads)
                     .filter(|(_, l)| **l == min)
-                    .map(|(id, _)| *id)
+                    .map(|(id, _)| id)
                     .collect();
                 let turn = self.any_of_cursor.fetch_add(1, Ordering::Relaxed);
                 Ok(Resolution::One(least[turn % least.len()].clone()))
             }
-            Target::All => Ok(Resolution::Many(
+            TargetRef::All => Ok(Resolution::Many(
                 self.nodes
                     .iter()
-                    .filter(|(id, e)| *id != sender && e.services.contains(service))
+                    .filter(|(id, e)| id.as_str() != sender && e.services.contains(service))
                     .map(|(id, _)| id.clone())
                     .collect(),
             )),
@@ -323,7 +353,7 @@ mod tests {
         ];
         for (target, service, expected) in cases {
             assert_eq!(
-                t.resolve(&a, &target, service, none),
+                t.resolve(a.as_str(), &target, service, none),
                 expected,
                 "{target} {service}"
             );
@@ -356,7 +386,7 @@ mod tests {
         let s = NodeId::new("s");
         let mut counts = BTreeMap::new();
         for _ in 0..30 {
-            match t.resolve(&s, &Target::AnyOf("g".into()), "svc", |_| 0) {
+            match t.resolve(s.as_str(), &Target::AnyOf("g".into()), "svc", |_| 0) {
                 Ok(Resolution::One(id)) => *counts.entry(id).or_insert(0) += 1,
                 other => panic!("{other:?}"),
             }
@@ -371,7 +401,7 @@ mod tests {
         let loaded = |id: &NodeId| if id == "b" { 0 } else { 5 };
         for _ in 0..5 {
             assert_eq!(
-                t.resolve(&s, &Target::AnyOf("g".into()), "svc", loaded),
+                t.resolve(s.as_str(), &Target::AnyOf("g".into()), "svc", loaded),
                 Ok(Resolution::One("b".into()))
             );
         }
@@ -396,18 +426,18 @@ mod tests {
         t.remove(&"d".into(), 1);
         let a = NodeId::new("a");
         assert_eq!(
-            t.resolve(&a, &Target::Group("batch".into()), "svc", |_| 0),
+            t.resolve(a.as_str(), &Target::Group("batch".into()), "svc", |_| 0),
             Err(DeliveryFailure::UnknownTarget)
         );
         assert!(t.subscribe(&"b".into(), "new").is_some());
         assert!(t.subscribe(&"b".into(), "new").is_none(), "no change twice");
         assert_eq!(
-            t.resolve(&a, &Target::Node("b".into()), "new", |_| 0),
+            t.resolve(a.as_str(), &Target::Node("b".into()), "new", |_| 0),
             Ok(Resolution::One("b".into()))
         );
         assert!(t.unsubscribe(&"b".into(), "new").is_some());
         assert_eq!(
-            t.resolve(&a, &Target::Node("b".into()), "new", |_| 0),
+            t.resolve(a.as_str(), &Target::Node("b".into()), "new", |_| 0),
             Err(DeliveryFailure::NoSuchService)
         );
     }

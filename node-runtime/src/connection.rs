@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::tcp::OwnedReadHalf;
 
 use tokio::sync::mpsc;
+use transports::frame::{peek, Peeked};
 use transports::protocol::{
-    Ack, AckStatus, DeliveryFailure, Header, MessageHeader, MessageKind, NodeId, Routed,
+    Ack, AckRef, AckStatus, DeliveryFailure, Header, MessageKind, MessageRef, NodeId, Routed,
 };
 use transports::{FrameReader, OutFrame, OutQueue};
 
@@ -47,27 +48,43 @@ pub(crate) async fn read_frames(
     reader: &mut FrameReader<OwnedReadHalf>,
 ) -> LinkEnd {
     loop {
-        let frame = tokio::select! {
+        let raw = tokio::select! {
             biased;
             _ = inner.cancel.cancelled() => return LinkEnd::Shutdown,
-            f = reader.next() => f,
+            f = reader.next_raw() => f,
         };
-        let frame = match frame {
-            Ok(Some(f)) => f,
+        let raw = match raw {
+            Ok(Some(raw)) => raw,
             Ok(None) => return LinkEnd::Lost("the message server closed the connection".into()),
             Err(e) => return LinkEnd::Lost(format!("frame error: {e}")),
         };
-        let (header, body) = frame.into_parts();
-        match header {
-            Header::Message(h) => {
+        let (header, header_len) = match peek(&raw) {
+            Ok(peeked) => peeked,
+            Err(e) => return LinkEnd::Lost(format!("frame error: {e}")),
+        };
+        let header = match header {
+            Peeked::Message(h) => {
                 Counters::add(&inner.counters.received_server, 1);
-                if deliver(inner, h, body, &inner.queue, Received::Server)
+                let body = raw.slice(header_len..);
+                if deliver(inner, &h, body, &inner.queue, Received::Server)
                     .await
                     .is_err()
                 {
                     return LinkEnd::Shutdown;
                 }
+                continue;
             }
+            Peeked::Ack(ack) => {
+                if ack.to_incarnation == inner.incarnation() {
+                    handle_ack(inner, &ack);
+                } else {
+                    tracing::trace!(seq = ack.seq, "dropping ack for another incarnation");
+                }
+                continue;
+            }
+            Peeked::Other(header) => header,
+        };
+        match header {
             Header::Resolved { token, result } => {
                 let waiter = inner
                     .resolves
@@ -79,13 +96,6 @@ pub(crate) async fn read_frames(
                 }
             }
             Header::Routed(routed) => handle_routed(inner, routed),
-            Header::Ack(ack) => {
-                if ack.to_incarnation == inner.incarnation() {
-                    handle_ack(inner, &ack);
-                } else {
-                    tracing::trace!(seq = ack.seq, "dropping ack for another incarnation");
-                }
-            }
             Header::Member(event) => {
                 let changes = inner.members.apply(event);
                 inner.handle_changes(changes).await;
@@ -112,7 +122,16 @@ pub(crate) async fn read_frames(
 }
 
 /// A receiver's acknowledgement, from any connection.
-pub(crate) fn handle_ack(inner: &Inner, ack: &Ack) {
+pub(crate) fn handle_ack(inner: &Inner, ack: &AckRef<'_>) {
+    let ack = Ack {
+        to: inner.id.clone(),
+        to_incarnation: ack.to_incarnation,
+        seq: ack.seq,
+        from: inner.members.id_of(ack.from),
+        from_incarnation: ack.from_incarnation,
+        status: ack.status.clone(),
+    };
+    let ack = &ack;
     let done = {
         let mut tracker = inner.tracker();
         tracker.is_tracked(ack.seq).then(|| tracker.handle_ack(ack))
@@ -182,123 +201,153 @@ pub(crate) struct Stopping;
 /// [`Stopping`] if the node is shutting down.
 pub(crate) async fn deliver(
     inner: &Arc<Inner>,
-    h: MessageHeader,
+    h: &MessageRef<'_>,
     body: Bytes,
     acks: &OutQueue,
     path: Received,
 ) -> Result<(), Stopping> {
-    tracing::trace!(sender = %h.sender, seq = h.seq, ?path, "message");
+    tracing::trace!(sender = h.sender, seq = h.seq, ?path, "message");
     if let MessageKind::Reply {
         request_seq,
         requester_incarnation,
     } = h.kind
     {
         if requester_incarnation == inner.incarnation() {
-            complete(inner.tracker().handle_reply(request_seq, &h.sender, body));
+            let from = inner.members.id_of(h.sender);
+            complete(inner.tracker().handle_reply(request_seq, &from, body));
         }
         return Ok(());
     }
-    let answer = Answer {
-        queue: acks.clone(),
-        to: h.sender.clone(),
+    let answer = |to: NodeId| Answer {
+        to,
         to_incarnation: h.incarnation,
         seq: h.seq,
         kind: h.kind,
     };
     // Nothing is accepted from an incarnation declared failed.
-    if inner.members.is_failed(&h.sender, h.incarnation) {
-        tracing::debug!(sender = %h.sender, incarnation = h.incarnation, "refused a message from a failed incarnation");
+    if inner.members.is_failed(h.sender, h.incarnation) {
+        tracing::debug!(
+            sender = h.sender,
+            incarnation = h.incarnation,
+            "refused a message from a failed incarnation"
+        );
         Counters::add(&inner.counters.refused_failed, 1);
-        answer
-            .send(
-                inner,
-                AckStatus::Failed(DeliveryFailure::Rejected(
-                    "the sender's incarnation was declared failed".into(),
-                )),
-            )
+        let status = AckStatus::Failed(DeliveryFailure::Rejected(
+            "the sender's incarnation was declared failed".into(),
+        ));
+        answer(NodeId::new(h.sender))
+            .send(inner, acks, status)
             .await;
         return Ok(());
     }
     // At most once per runtime: a resent message is acknowledged again,
     // not delivered again.
-    if !inner.dedup().is_new(&h.sender, h.incarnation, h.seq) {
-        tracing::trace!(sender = %h.sender, seq = h.seq, "duplicate dropped");
-        answer.send(inner, AckStatus::Accepted).await;
+    let (sender, new) = inner.dedup().check(h.sender, h.incarnation, h.seq);
+    if !new {
+        tracing::trace!(sender = h.sender, seq = h.seq, "duplicate dropped");
+        answer(sender).send(inner, acks, AckStatus::Accepted).await;
         return Ok(());
     }
-    let queue = inner
-        .inboxes
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&h.service)
-        .cloned();
-    let mut message = Message {
-        sender: h.sender,
-        sender_incarnation: h.incarnation,
-        seq: h.seq,
-        service: h.service.clone(),
-        body,
-        kind: h.kind,
-        replier: (h.kind == MessageKind::Request).then(|| inner.clone()),
-    };
-    // Straight into the inbox when nothing waits before it: the pump is
-    // only for a backlog (which keeps order: nothing overtakes it).
-    if let Some(q) = &queue {
-        if q.backlog.load(Ordering::Acquire) == 0 {
-            match q.inbox.try_send(message) {
-                Ok(()) => {
-                    answer.send(inner, AckStatus::Accepted).await;
-                    return Ok(());
+    // Only a `Send` is acknowledged when all goes well.
+    let ack_to = (h.kind == MessageKind::Send).then(|| sender.clone());
+    /// How the attempt to put the message straight into its inbox went.
+    enum Straight {
+        Delivered,
+        NoService(NodeId),
+        Backlog(ServiceQueue, Message),
+    }
+    let straight = {
+        let inboxes = inner.inboxes.read().unwrap_or_else(|p| p.into_inner());
+        match inboxes.get_key_value(h.service) {
+            None => Straight::NoService(sender),
+            Some((service, q)) => {
+                let message = Message {
+                    sender,
+                    sender_incarnation: h.incarnation,
+                    seq: h.seq,
+                    service: service.clone(),
+                    body,
+                    kind: h.kind,
+                    replier: (h.kind == MessageKind::Request).then(|| inner.clone()),
+                };
+                // Straight into the inbox when nothing waits before it: the
+                // pump is only for a backlog (which keeps order: nothing
+                // overtakes it).
+                let message = if q.backlog.load(Ordering::Acquire) == 0 {
+                    match q.inbox.try_send(message) {
+                        Ok(()) => None,
+                        Err(mpsc::error::TrySendError::Full(m))
+                        | Err(mpsc::error::TrySendError::Closed(m)) => Some(m),
+                    }
+                } else {
+                    Some(message)
+                };
+                match message {
+                    None => Straight::Delivered,
+                    Some(m) => {
+                        q.backlog.fetch_add(1, Ordering::AcqRel);
+                        Straight::Backlog(q.clone(), m)
+                    }
                 }
-                Err(mpsc::error::TrySendError::Full(m))
-                | Err(mpsc::error::TrySendError::Closed(m)) => message = m,
             }
         }
-        q.backlog.fetch_add(1, Ordering::AcqRel);
-    }
-    let delivery = Delivery { message, answer };
+    };
+    let (q, message) = match straight {
+        Straight::Delivered => {
+            if let Some(to) = ack_to {
+                answer(to).send(inner, acks, AckStatus::Accepted).await;
+            }
+            return Ok(());
+        }
+        Straight::NoService(sender) => {
+            let failed = AckStatus::Failed(DeliveryFailure::NoSuchService);
+            answer(sender).send(inner, acks, failed).await;
+            return Ok(());
+        }
+        Straight::Backlog(q, message) => (q, message),
+    };
+    let delivery = Delivery {
+        answer: answer(message.sender.clone()),
+        message,
+        acks: acks.clone(),
+    };
     // A full backlog holds this connection back (so the sender slows
     // down) for at most `node.inbox_wait_ms`; a service that stays full
     // that long is congested, and is answered `Overloaded` at once until
     // its backlog drains, so the connection's other traffic flows.
-    let refused = match &queue {
-        None => Some((delivery.answer, DeliveryFailure::NoSuchService)),
-        Some(q) => match q.tx.try_send(delivery) {
-            Ok(()) => None,
-            Err(mpsc::error::TrySendError::Full(d)) => {
-                if q.congested.load(Ordering::Relaxed) && !q.is_drained() {
-                    Some((d.answer, DeliveryFailure::ReceiverOverloaded))
-                } else {
-                    q.congested.store(false, Ordering::Relaxed);
-                    let wait = std::time::Duration::from_millis(inner.config.node.inbox_wait_ms);
-                    let sent = tokio::select! {
-                        _ = inner.cancel.cancelled() => return Err(Stopping),
-                        r = tokio::time::timeout(wait, q.tx.reserve()) => r,
-                    };
-                    match sent {
-                        Ok(Ok(slot)) => {
-                            slot.send(d);
-                            None
-                        }
-                        Ok(Err(_)) => Some((d.answer, DeliveryFailure::NoSuchService)),
-                        Err(_) => {
-                            q.congested.store(true, Ordering::Relaxed);
-                            Some((d.answer, DeliveryFailure::ReceiverOverloaded))
-                        }
+    let refused = match q.tx.try_send(delivery) {
+        Ok(()) => None,
+        Err(mpsc::error::TrySendError::Full(d)) => {
+            if q.congested.load(Ordering::Relaxed) && !q.is_drained() {
+                Some((d.answer, DeliveryFailure::ReceiverOverloaded))
+            } else {
+                q.congested.store(false, Ordering::Relaxed);
+                let wait = std::time::Duration::from_millis(inner.config.node.inbox_wait_ms);
+                let sent = tokio::select! {
+                    _ = inner.cancel.cancelled() => return Err(Stopping),
+                    r = tokio::time::timeout(wait, q.tx.reserve()) => r,
+                };
+                match sent {
+                    Ok(Ok(slot)) => {
+                        slot.send(d);
+                        None
+                    }
+                    Ok(Err(_)) => Some((d.answer, DeliveryFailure::NoSuchService)),
+                    Err(_) => {
+                        q.congested.store(true, Ordering::Relaxed);
+                        Some((d.answer, DeliveryFailure::ReceiverOverloaded))
                     }
                 }
             }
-            Err(mpsc::error::TrySendError::Closed(d)) => {
-                unsubscribe(inner, &h.service).await;
-                Some((d.answer, DeliveryFailure::NoSuchService))
-            }
-        },
+        }
+        Err(mpsc::error::TrySendError::Closed(d)) => {
+            unsubscribe(inner, &d.message.service).await;
+            Some((d.answer, DeliveryFailure::NoSuchService))
+        }
     };
     if let Some((answer, failure)) = refused {
-        if let Some(q) = &queue {
-            q.backlog.fetch_sub(1, Ordering::AcqRel);
-        }
-        answer.send(inner, AckStatus::Failed(failure)).await;
+        q.backlog.fetch_sub(1, Ordering::AcqRel);
+        answer.send(inner, acks, AckStatus::Failed(failure)).await;
     }
     Ok(())
 }
@@ -330,12 +379,12 @@ impl ServiceQueue {
 pub(crate) struct Delivery {
     message: Message,
     answer: Answer,
+    /// The connection the message came on.
+    acks: OutQueue,
 }
 
-/// Where and how to answer one delivered message.
+/// How to answer one delivered message.
 pub(crate) struct Answer {
-    /// The connection the message came on.
-    queue: OutQueue,
     to: NodeId,
     to_incarnation: u64,
     seq: u64,
@@ -346,7 +395,7 @@ impl Answer {
     /// Acknowledges: every outcome of a `Send`, a failed `Request` (a
     /// request's success is its reply), and a failed `Notify` (so its sender
     /// counts it instead of losing it silently).
-    async fn send(self, inner: &Inner, status: AckStatus) {
+    async fn send(self, inner: &Inner, queue: &OutQueue, status: AckStatus) {
         let needed = match self.kind {
             MessageKind::Send => true,
             MessageKind::Request | MessageKind::Notify => status != AckStatus::Accepted,
@@ -364,8 +413,8 @@ impl Answer {
             status,
         }));
         // Waiting here waits only for this node's own outgoing socket.
-        if let Err(transports::PushError::Full(frame)) = self.queue.try_push_control(ack) {
-            let _ = self.queue.push_control(*frame).await;
+        if let Err(transports::PushError::Full(frame)) = queue.try_push_control(ack) {
+            let _ = queue.push_control(*frame).await;
         }
     }
 }
@@ -387,7 +436,11 @@ pub(crate) async fn pump(
                 None => return,
             },
         };
-        let Delivery { message, answer } = delivery;
+        let Delivery {
+            message,
+            answer,
+            acks,
+        } = delivery;
         let accepted = tokio::select! {
             _ = inner.cancel.cancelled() => return,
             r = inbox.send(message) => r.is_ok(),
@@ -396,13 +449,17 @@ pub(crate) async fn pump(
         // that then goes straight in comes after it.
         backlog.fetch_sub(1, Ordering::AcqRel);
         if accepted {
-            answer.send(&inner, AckStatus::Accepted).await;
+            answer.send(&inner, &acks, AckStatus::Accepted).await;
         } else {
             // The inbox was dropped: unsubscribe, and refuse what is left.
             deliveries.close();
             unsubscribe_now(&inner, &service).await;
             answer
-                .send(&inner, AckStatus::Failed(DeliveryFailure::NoSuchService))
+                .send(
+                    &inner,
+                    &acks,
+                    AckStatus::Failed(DeliveryFailure::NoSuchService),
+                )
                 .await;
         }
     }

@@ -17,6 +17,7 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 use transports::frame::FrameCodec;
+use transports::frame::{peek, Peeked};
 use transports::handshake::{self, HandshakeError};
 use transports::protocol::{AckStatus, Header, NodeId, Routed, Welcome, PROTOCOL_VERSION};
 use transports::{out_queue, FrameReader, OutFrame, OutQueue};
@@ -520,38 +521,57 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
     );
     tracing::debug!("inbound channel started");
     loop {
-        let frame = tokio::select! {
+        let raw = tokio::select! {
             _ = inner.cancel.cancelled() => break,
             _ = queue.closed() => break,
-            f = reader.next() => f,
+            f = reader.next_raw() => f,
         };
-        let frame = match frame {
-            Ok(Some(f)) => f,
+        let raw = match raw {
+            Ok(Some(raw)) => raw,
             Ok(None) => break,
             Err(e) => {
                 tracing::warn!(error = %e, "closing inbound channel on a frame error");
                 break;
             }
         };
-        match frame.into_parts() {
-            (Header::Message(h), body) => {
-                if h.sender != hello.node || h.incarnation != hello.incarnation {
-                    tracing::warn!(sender = %h.sender, "closing inbound channel: message from another sender");
+        let (header, header_len) = match peek(&raw) {
+            Ok(peeked) => peeked,
+            Err(e) => {
+                tracing::warn!(error = %e, "closing inbound channel on a frame error");
+                break;
+            }
+        };
+        let header = match header {
+            Peeked::Message(h) => {
+                if h.sender != hello.node.as_str() || h.incarnation != hello.incarnation {
+                    tracing::warn!(
+                        sender = h.sender,
+                        "closing inbound channel: message from another sender"
+                    );
                     break;
                 }
                 Counters::add(&inner.counters.received_direct, 1);
-                if deliver(&inner, h, body, &queue, Received::Direct)
+                let body = raw.slice(header_len..);
+                if deliver(&inner, &h, body, &queue, Received::Direct)
                     .await
                     .is_err()
                 {
                     break;
                 }
+                continue;
             }
-            (Header::Ping { nonce }, _) => {
+            Peeked::Ack(_) => {
+                tracing::warn!(kind = "ack", "closing inbound channel: unexpected frame");
+                break;
+            }
+            Peeked::Other(header) => header,
+        };
+        match header {
+            Header::Ping { nonce } => {
                 let _ = queue.try_push_control(OutFrame::control(Header::Pong { nonce }));
             }
-            (Header::Goodbye, _) => break,
-            (other, _) => {
+            Header::Goodbye => break,
+            other => {
                 tracing::warn!(
                     kind = other.kind(),
                     "closing inbound channel: unexpected frame"

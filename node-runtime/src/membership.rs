@@ -136,11 +136,13 @@ impl MemberView {
     }
 
     /// Whether `incarnation` of `id` was declared failed.
-    pub(crate) fn is_failed(&self, id: &NodeId, incarnation: u64) -> bool {
-        self.failed
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&(id.clone(), incarnation))
+    pub(crate) fn is_failed(&self, id: &str, incarnation: u64) -> bool {
+        let failed = self.failed.read().unwrap_or_else(|p| p.into_inner());
+        // Usually empty; a scan otherwise (failures are rare).
+        !failed.is_empty()
+            && failed
+                .iter()
+                .any(|(f, i)| *i == incarnation && f.as_str() == id)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<NodeId, Entry>> {
@@ -157,6 +159,14 @@ impl MemberView {
 
     pub(crate) fn member(&self, id: &NodeId) -> Option<MemberInfo> {
         self.read().get(id).map(|e| e.info.clone())
+    }
+
+    /// The id of the member named `name`, shared with the membership (no
+    /// allocation), or a new one for a name not (or no longer) a member.
+    pub(crate) fn id_of(&self, name: &str) -> NodeId {
+        self.read()
+            .get_key_value(name)
+            .map_or_else(|| NodeId::new(name), |(id, _)| id.clone())
     }
 
     pub(crate) fn is_member(&self, id: &NodeId) -> bool {

@@ -77,22 +77,55 @@ impl SeqWindow {
 /// Duplicate suppression for every sender incarnation.
 #[derive(Debug, Default)]
 pub(crate) struct Dedup {
-    windows: HashMap<(NodeId, u64), SeqWindow>,
+    senders: HashMap<NodeId, SenderWindows>,
+}
+
+/// One sender's windows, one per incarnation heard from.
+#[derive(Debug)]
+struct SenderWindows {
+    /// The sender's id, handed out to its messages (shared, not allocated
+    /// again per message).
+    id: NodeId,
+    windows: Vec<(u64, SeqWindow)>,
 }
 
 impl Dedup {
     /// Whether message `seq` of `sender`'s `incarnation` is new (and
     /// records it).
+    #[cfg(test)]
     pub(crate) fn is_new(&mut self, sender: &NodeId, incarnation: u64, seq: u64) -> bool {
-        self.windows
-            .entry((sender.clone(), incarnation))
-            .or_insert_with(SeqWindow::new)
-            .insert(seq)
+        self.check(sender.as_str(), incarnation, seq).1
+    }
+
+    /// Records message `seq` of `sender`'s `incarnation`; returns the
+    /// sender's id and whether the message is new.
+    pub(crate) fn check(&mut self, sender: &str, incarnation: u64, seq: u64) -> (NodeId, bool) {
+        if !self.senders.contains_key(sender) {
+            let id = NodeId::new(sender);
+            let windows = SenderWindows {
+                id: id.clone(),
+                windows: Vec::new(),
+            };
+            self.senders.insert(id, windows);
+        }
+        let Some(entry) = self.senders.get_mut(sender) else {
+            // Inserted just above.
+            return (NodeId::new(sender), true);
+        };
+        let window = match entry.windows.iter().position(|(i, _)| *i == incarnation) {
+            Some(at) => &mut entry.windows[at].1,
+            None => {
+                entry.windows.push((incarnation, SeqWindow::new()));
+                let last = entry.windows.len() - 1;
+                &mut entry.windows[last].1
+            }
+        };
+        (entry.id.clone(), window.insert(seq))
     }
 
     /// Forgets a sender that is gone.
     pub(crate) fn forget(&mut self, sender: &NodeId) {
-        self.windows.retain(|(id, _), _| id != sender);
+        self.senders.remove(sender);
     }
 }
 

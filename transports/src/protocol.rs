@@ -74,6 +74,12 @@ impl From<String> for NodeId {
     }
 }
 
+impl std::borrow::Borrow<str> for NodeId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl PartialEq<str> for NodeId {
     fn eq(&self, other: &str) -> bool {
         &*self.0 == other
