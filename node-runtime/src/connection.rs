@@ -419,6 +419,9 @@ impl Answer {
     }
 }
 
+/// Deliveries a pump takes from its backlog at a time.
+const PUMP_BATCH: usize = 128;
+
 /// Moves one service's deliveries into its inbox as the application makes
 /// room, acknowledging each once accepted. One task per subscribed service.
 pub(crate) async fn pump(
@@ -428,39 +431,46 @@ pub(crate) async fn pump(
     inbox: mpsc::Sender<Message>,
     backlog: Arc<std::sync::atomic::AtomicUsize>,
 ) {
+    let mut batch = Vec::with_capacity(PUMP_BATCH);
     loop {
-        let delivery = tokio::select! {
+        let n = tokio::select! {
             _ = inner.cancel.cancelled() => return,
-            d = deliveries.recv() => match d {
-                Some(d) => d,
-                None => return,
-            },
+            n = deliveries.recv_many(&mut batch, PUMP_BATCH) => n,
         };
-        let Delivery {
-            message,
-            answer,
-            acks,
-        } = delivery;
-        let accepted = tokio::select! {
-            _ = inner.cancel.cancelled() => return,
-            r = inbox.send(message) => r.is_ok(),
-        };
-        // In the inbox (or refused) before the count drops: a delivery
-        // that then goes straight in comes after it.
-        backlog.fetch_sub(1, Ordering::AcqRel);
-        if accepted {
-            answer.send(&inner, &acks, AckStatus::Accepted).await;
-        } else {
-            // The inbox was dropped: unsubscribe, and refuse what is left.
-            deliveries.close();
-            unsubscribe_now(&inner, &service).await;
-            answer
-                .send(
-                    &inner,
-                    &acks,
-                    AckStatus::Failed(DeliveryFailure::NoSuchService),
-                )
-                .await;
+        if n == 0 {
+            return;
+        }
+        for delivery in batch.drain(..) {
+            let Delivery {
+                message,
+                answer,
+                acks,
+            } = delivery;
+            let accepted = match inbox.try_send(message) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+                Err(mpsc::error::TrySendError::Full(message)) => tokio::select! {
+                    _ = inner.cancel.cancelled() => return,
+                    r = inbox.send(message) => r.is_ok(),
+                },
+            };
+            // In the inbox (or refused) before the count drops: a delivery
+            // that then goes straight in comes after it.
+            backlog.fetch_sub(1, Ordering::AcqRel);
+            if accepted {
+                answer.send(&inner, &acks, AckStatus::Accepted).await;
+            } else {
+                // The inbox was dropped: unsubscribe, and refuse what is left.
+                deliveries.close();
+                unsubscribe_now(&inner, &service).await;
+                answer
+                    .send(
+                        &inner,
+                        &acks,
+                        AckStatus::Failed(DeliveryFailure::NoSuchService),
+                    )
+                    .await;
+            }
         }
     }
 }

@@ -175,9 +175,15 @@ pub enum PushError {
     Congested,
 }
 
-/// The sending side of a connection's outgoing queue. Cheap to clone.
+/// The sending side of a connection's outgoing queue. Cheap to clone (one
+/// reference count).
 #[derive(Clone, Debug)]
 pub struct OutQueue {
+    shared: Arc<QueueShared>,
+}
+
+#[derive(Debug)]
+struct QueueShared {
     tx: mpsc::Sender<OutItem>,
     bytes: Arc<Semaphore>,
     max_bytes: u32,
@@ -187,7 +193,7 @@ pub struct OutQueue {
     closed: CancellationToken,
     /// Set when a bounded wait for room timed out: the consumer is not
     /// keeping up, so further data fails at once until the queue drains.
-    congested: Arc<AtomicBool>,
+    congested: AtomicBool,
 }
 
 /// The writer's side of an outgoing queue.
@@ -213,12 +219,14 @@ pub fn out_queue(frames: usize, bytes: usize) -> (OutQueue, OutReceiver) {
     let closed = CancellationToken::new();
     (
         OutQueue {
-            tx,
-            bytes: sem.clone(),
-            max_bytes,
-            data_slots: data_slots.clone(),
-            closed: closed.clone(),
-            congested: Arc::new(AtomicBool::new(false)),
+            shared: Arc::new(QueueShared {
+                tx,
+                bytes: sem.clone(),
+                max_bytes,
+                data_slots: data_slots.clone(),
+                closed: closed.clone(),
+                congested: AtomicBool::new(false),
+            }),
         },
         OutReceiver {
             rx,
@@ -233,7 +241,7 @@ impl OutQueue {
     fn permits_for(&self, frame: &OutFrame) -> u32 {
         u32::try_from(frame.payload_len())
             .unwrap_or(u32::MAX)
-            .min(self.max_bytes)
+            .min(self.shared.max_bytes)
     }
 
     /// Queues a data frame without waiting.
@@ -244,14 +252,14 @@ impl OutQueue {
     /// frames or the bytes are used up; [`PushError::Closed`] when the
     /// writer is gone. The frame is handed back.
     pub fn try_push_data(&self, frame: OutFrame) -> Result<(), PushError> {
-        if self.closed.is_cancelled() || self.tx.is_closed() {
+        if self.shared.closed.is_cancelled() || self.shared.tx.is_closed() {
             return Err(PushError::Closed(Box::new(frame)));
         }
-        let Ok(slot) = self.data_slots.try_acquire() else {
+        let Ok(slot) = self.shared.data_slots.try_acquire() else {
             return Err(PushError::Full(Box::new(frame)));
         };
         let permits = self.permits_for(&frame);
-        let Ok(permit) = self.bytes.try_acquire_many(permits) else {
+        let Ok(permit) = self.shared.bytes.try_acquire_many(permits) else {
             return Err(PushError::Full(Box::new(frame)));
         };
         let item = OutItem {
@@ -259,7 +267,7 @@ impl OutQueue {
             permits,
             data_slot: true,
         };
-        match self.tx.try_send(item) {
+        match self.shared.tx.try_send(item) {
             Ok(()) => {
                 slot.forget();
                 permit.forget();
@@ -290,23 +298,23 @@ impl OutQueue {
             Err(frame) => frame,
         };
         let data_slot = tokio::select! {
-            p = self.data_slots.acquire() => p,
-            _ = self.closed.cancelled() => return Err(PushError::Closed(Box::new(frame))),
+            p = self.shared.data_slots.acquire() => p,
+            _ = self.shared.closed.cancelled() => return Err(PushError::Closed(Box::new(frame))),
         };
         let Ok(data_slot) = data_slot else {
             return Err(PushError::Closed(Box::new(frame)));
         };
         let permits = self.permits_for(&frame);
         let permit = tokio::select! {
-            p = self.bytes.acquire_many(permits) => p,
-            _ = self.closed.cancelled() => return Err(PushError::Closed(Box::new(frame))),
+            p = self.shared.bytes.acquire_many(permits) => p,
+            _ = self.shared.closed.cancelled() => return Err(PushError::Closed(Box::new(frame))),
         };
         let Ok(permit) = permit else {
             return Err(PushError::Closed(Box::new(frame)));
         };
         let slot = tokio::select! {
-            s = self.tx.reserve() => s,
-            _ = self.closed.cancelled() => return Err(PushError::Closed(Box::new(frame))),
+            s = self.shared.tx.reserve() => s,
+            _ = self.shared.closed.cancelled() => return Err(PushError::Closed(Box::new(frame))),
         };
         match slot {
             Ok(slot) => {
@@ -330,17 +338,17 @@ impl OutQueue {
     // fall-through to the waiting path.
     #[allow(clippy::result_large_err)]
     fn try_push_room(&self, frame: OutFrame) -> Result<(), OutFrame> {
-        if self.closed.is_cancelled() {
+        if self.shared.closed.is_cancelled() {
             return Err(frame);
         }
-        let Ok(data_slot) = self.data_slots.try_acquire() else {
+        let Ok(data_slot) = self.shared.data_slots.try_acquire() else {
             return Err(frame);
         };
         let permits = self.permits_for(&frame);
-        let Ok(permit) = self.bytes.try_acquire_many(permits) else {
+        let Ok(permit) = self.shared.bytes.try_acquire_many(permits) else {
             return Err(frame);
         };
-        let Ok(slot) = self.tx.try_reserve() else {
+        let Ok(slot) = self.shared.tx.try_reserve() else {
             return Err(frame);
         };
         permit.forget();
@@ -370,9 +378,9 @@ impl OutQueue {
     ///
     /// Cancel safe: a cancelled call queued nothing.
     pub async fn push_data_within(&self, frame: OutFrame, wait: Duration) -> Result<(), PushError> {
-        if self.congested.load(Ordering::Relaxed) {
+        if self.shared.congested.load(Ordering::Relaxed) {
             if self.is_drained() {
-                self.congested.store(false, Ordering::Relaxed);
+                self.shared.congested.store(false, Ordering::Relaxed);
             } else {
                 return self.try_push_data(frame);
             }
@@ -384,7 +392,7 @@ impl OutQueue {
         match tokio::time::timeout(wait, self.push_data(frame)).await {
             Ok(result) => result,
             Err(_) => {
-                self.congested.store(true, Ordering::Relaxed);
+                self.shared.congested.store(true, Ordering::Relaxed);
                 Err(PushError::Congested)
             }
         }
@@ -392,16 +400,17 @@ impl OutQueue {
 
     /// Whether the queue holds under a quarter of its frames and bytes.
     fn is_drained(&self) -> bool {
-        let data_capacity = self.tx.max_capacity() - self.tx.max_capacity() / 8;
-        let frames_used = data_capacity.saturating_sub(self.data_slots.available_permits());
-        let bytes_used = (self.max_bytes as usize).saturating_sub(self.bytes.available_permits());
-        frames_used < data_capacity / 4 && bytes_used < self.max_bytes as usize / 4
+        let data_capacity = self.shared.tx.max_capacity() - self.shared.tx.max_capacity() / 8;
+        let frames_used = data_capacity.saturating_sub(self.shared.data_slots.available_permits());
+        let bytes_used =
+            (self.shared.max_bytes as usize).saturating_sub(self.shared.bytes.available_permits());
+        frames_used < data_capacity / 4 && bytes_used < self.shared.max_bytes as usize / 4
     }
 
     /// Whether the consumer was found not keeping up (see
     /// [`OutQueue::push_data_within`]).
     pub fn is_congested(&self) -> bool {
-        self.congested.load(Ordering::Relaxed)
+        self.shared.congested.load(Ordering::Relaxed)
     }
 
     /// Queues a control frame, waiting for a frame slot.
@@ -414,8 +423,8 @@ impl OutQueue {
     ///
     /// Cancel safe: a cancelled call queued nothing.
     pub async fn push_control(&self, frame: OutFrame) -> Result<(), PushError> {
-        if !self.closed.is_cancelled() {
-            if let Ok(slot) = self.tx.try_reserve() {
+        if !self.shared.closed.is_cancelled() {
+            if let Ok(slot) = self.shared.tx.try_reserve() {
                 slot.send(OutItem {
                     frame,
                     permits: 0,
@@ -425,8 +434,8 @@ impl OutQueue {
             }
         }
         let slot = tokio::select! {
-            s = self.tx.reserve() => s,
-            _ = self.closed.cancelled() => return Err(PushError::Closed(Box::new(frame))),
+            s = self.shared.tx.reserve() => s,
+            _ = self.shared.closed.cancelled() => return Err(PushError::Closed(Box::new(frame))),
         };
         match slot {
             Ok(slot) => {
@@ -452,7 +461,7 @@ impl OutQueue {
             permits: 0,
             data_slot: false,
         };
-        match self.tx.try_send(item) {
+        match self.shared.tx.try_send(item) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(item)) => {
                 Err(PushError::Full(Box::new(item.frame)))
@@ -465,25 +474,25 @@ impl OutQueue {
 
     /// Frames waiting to be written: a measure of the receiver's load.
     pub fn queued_frames(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        self.shared.tx.max_capacity() - self.shared.tx.capacity()
     }
 
     /// Whether the connection's writer has stopped.
     pub fn is_closed(&self) -> bool {
-        self.closed.is_cancelled() || self.tx.is_closed()
+        self.shared.closed.is_cancelled() || self.shared.tx.is_closed()
     }
 
     /// Stops the writer without draining: frames still queued are dropped.
     /// Used to cut off a slow consumer or a misbehaving peer.
     pub fn close(&self) {
-        self.closed.cancel();
+        self.shared.closed.cancel();
     }
 
     /// Resolves once the writer has stopped or [`OutQueue::close`] was called.
     pub async fn closed(&self) {
         tokio::select! {
-            _ = self.closed.cancelled() => {}
-            _ = self.tx.closed() => {}
+            _ = self.shared.closed.cancelled() => {}
+            _ = self.shared.tx.closed() => {}
         }
     }
 }
