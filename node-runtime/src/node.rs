@@ -319,6 +319,16 @@ impl Inner {
         frame: OutFrame,
         deadline: Instant,
     ) -> Result<(), SendError> {
+        // Room at once, usually: no timer, no waiting future.
+        match self.queue.try_push_room(frame) {
+            Ok(()) => Ok(()),
+            Err(frame) => Box::pin(self.enqueue_waiting(frame, deadline)).await,
+        }
+    }
+
+    /// [`Inner::enqueue`] when the queue is full: waits for room by
+    /// `deadline`.
+    async fn enqueue_waiting(&self, frame: OutFrame, deadline: Instant) -> Result<(), SendError> {
         match tokio::time::timeout_at(deadline, self.queue.push_data(frame)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(self.closed_error()),

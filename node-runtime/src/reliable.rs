@@ -10,7 +10,7 @@
 //! they delivered, in a sliding window, and deliver each at most once (a
 //! duplicate `send` is acknowledged again, not delivered).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use bytes::Bytes;
 use transports::protocol::{Header, MessageHeader, NodeId, Target};
@@ -153,10 +153,36 @@ impl Resend {
     }
 }
 
-/// The resend buffer, by sequence number.
+/// Hashes the sequence numbers this node gave out itself: no need for a
+/// keyed hash against floods, and a multiply spreads consecutive numbers.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct SeqHasher(u64);
+
+impl std::hash::Hasher for SeqHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// A map keyed by this node's own sequence numbers.
+pub(crate) type SeqMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<SeqHasher>>;
+
+/// The resend buffer, by sequence number. Inserting and removing cost the
+/// same wherever the number falls; the rare full walks (after a reconnect)
+/// sort.
 #[derive(Debug, Default)]
 pub(crate) struct ResendBuffer {
-    by_seq: BTreeMap<u64, Resend>,
+    by_seq: SeqMap<Resend>,
 }
 
 impl ResendBuffer {
@@ -168,13 +194,21 @@ impl ResendBuffer {
         self.by_seq.remove(&seq);
     }
 
+    /// The entries `keep` selects, in sequence order, as frames.
+    fn frames(&self, keep: impl Fn(u64, &Resend) -> bool) -> Vec<OutFrame> {
+        let mut chosen: Vec<(u64, &Resend)> = self
+            .by_seq
+            .iter()
+            .filter(|(seq, r)| keep(**seq, r))
+            .map(|(seq, r)| (*seq, r))
+            .collect();
+        chosen.sort_unstable_by_key(|(seq, _)| *seq);
+        chosen.into_iter().map(|(_, r)| r.frame()).collect()
+    }
+
     /// Every message still waiting for its outcome, in sequence order.
     pub(crate) fn all(&self, still_tracked: impl Fn(u64) -> bool) -> Vec<OutFrame> {
-        self.by_seq
-            .iter()
-            .filter(|(seq, _)| still_tracked(**seq))
-            .map(|(_, r)| r.frame())
-            .collect()
+        self.frames(|seq, _| still_tracked(seq))
     }
 
     /// The messages to `node` still waiting, in sequence order.
@@ -183,11 +217,7 @@ impl ResendBuffer {
         node: &NodeId,
         still_tracked: impl Fn(u64) -> bool,
     ) -> Vec<OutFrame> {
-        self.by_seq
-            .iter()
-            .filter(|(seq, r)| r.node() == Some(node) && still_tracked(**seq))
-            .map(|(_, r)| r.frame())
-            .collect()
+        self.frames(|seq, r| r.node() == Some(node) && still_tracked(seq))
     }
 
     pub(crate) fn get(&self, seq: u64) -> Option<&Resend> {
@@ -198,6 +228,47 @@ impl ResendBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resend_buffer_walks_in_sequence_order() {
+        use transports::protocol::MessageKind;
+        let resend = |seq: u64, to: &str| Resend {
+            header: MessageHeader {
+                sender: NodeId::new("me"),
+                incarnation: 1,
+                seq,
+                target: Target::Node(NodeId::new(to)),
+                service: "svc".into(),
+                kind: MessageKind::Send,
+            },
+            body: Bytes::new(),
+        };
+        let mut buffer = ResendBuffer::default();
+        for seq in [9u64, 3, 7, 1, 5, 2] {
+            buffer.insert(seq, resend(seq, if seq % 2 == 0 { "b" } else { "a" }));
+        }
+        buffer.remove(7);
+        let seqs = |frames: Vec<OutFrame>| -> Vec<u64> {
+            frames
+                .into_iter()
+                .map(|f| match f {
+                    OutFrame::Parts {
+                        header: Header::Message(h),
+                        ..
+                    } => h.seq,
+                    other => panic!("not a message: {other:?}"),
+                })
+                .collect()
+        };
+        assert_eq!(seqs(buffer.all(|_| true)), [1, 2, 3, 5, 9]);
+        assert_eq!(seqs(buffer.all(|s| s != 3)), [1, 2, 5, 9]);
+        assert_eq!(
+            seqs(buffer.to_node(&NodeId::new("a"), |_| true)),
+            [1, 3, 5, 9]
+        );
+        assert!(buffer.get(7).is_none());
+        assert_eq!(buffer.get(9).map(|r| r.header.seq), Some(9));
+    }
 
     #[test]
     fn window_delivers_each_number_once_in_any_order() {

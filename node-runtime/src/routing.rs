@@ -85,19 +85,21 @@ impl Inner {
             (Path::Lazy, Some(peer)) if small && self.tracker().server_in_flight(peer) > 0 => {
                 Ok(Route::Server)
             }
-            (Path::Lazy, Some(peer)) => match get_or_open(self, peer, ChannelKind::Lazy).await {
-                Ok(conn) => Ok(Route::Direct(conn)),
-                Err(reason) if body_len <= self.server_max => {
-                    tracing::debug!(%peer, %reason, "no lazy channel; falling back to the message server");
-                    Ok(Route::Server)
+            (Path::Lazy, Some(peer)) => {
+                match Box::pin(get_or_open(self, peer, ChannelKind::Lazy)).await {
+                    Ok(conn) => Ok(Route::Direct(conn)),
+                    Err(reason) if body_len <= self.server_max => {
+                        tracing::debug!(%peer, %reason, "no lazy channel; falling back to the message server");
+                        Ok(Route::Server)
+                    }
+                    Err(reason) => Err(SendError::DirectUnavailable {
+                        node: peer.clone(),
+                        reason,
+                    }),
                 }
-                Err(reason) => Err(SendError::DirectUnavailable {
-                    node: peer.clone(),
-                    reason,
-                }),
-            },
+            }
             (Path::LazyFanOut, _) => Ok(Route::FanOut(
-                self.resolve(target, service, deadline).await?,
+                Box::pin(self.resolve(target, service, deadline)).await?,
             )),
             _ => Ok(Route::Server),
         }
@@ -162,17 +164,27 @@ impl Inner {
         let (route, deadline) = self.start_send(&target, service, &body).await?;
         let body_len = body.len() as u64;
         let service: Arc<str> = Arc::from(service);
-        let slot =
-            match tokio::time::timeout_at(deadline, self.in_flight.clone().acquire_owned()).await {
-                Ok(Ok(slot)) => slot,
-                Ok(Err(_)) => return Err(SendError::Shutdown),
-                Err(_) => {
-                    return Err(SendError::Timeout {
-                        after: self.config.send_timeout(),
-                        waiting_for: vec![],
-                    })
+        let slot = match self.in_flight.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(SendError::Shutdown),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                let waited = Box::pin(tokio::time::timeout_at(
+                    deadline,
+                    self.in_flight.clone().acquire_owned(),
+                ))
+                .await;
+                match waited {
+                    Ok(Ok(slot)) => slot,
+                    Ok(Err(_)) => return Err(SendError::Shutdown),
+                    Err(_) => {
+                        return Err(SendError::Timeout {
+                            after: self.config.send_timeout(),
+                            waiting_for: vec![],
+                        })
+                    }
                 }
-            };
+            }
+        };
         let (tx, rx) = oneshot::channel();
         let seq;
         match route {
@@ -181,12 +193,20 @@ impl Inner {
                 // The number is taken and the frame queued under the lock,
                 // so the wire order is the number order (receivers
                 // deduplicate by number; resends go out in number order).
-                let Ok(_order) = tokio::time::timeout_at(deadline, self.send_lock.lock()).await
-                else {
-                    return Err(SendError::Timeout {
-                        after: self.config.send_timeout(),
-                        waiting_for: vec![],
-                    });
+                let _order = match self.send_lock.try_lock() {
+                    Ok(order) => order,
+                    Err(_) => {
+                        let waited =
+                            Box::pin(tokio::time::timeout_at(deadline, self.send_lock.lock()))
+                                .await;
+                        let Ok(order) = waited else {
+                            return Err(SendError::Timeout {
+                                after: self.config.send_timeout(),
+                                waiting_for: vec![],
+                            });
+                        };
+                        order
+                    }
                 };
                 seq = self.next_seq();
                 {
@@ -222,7 +242,7 @@ impl Inner {
                     kind,
                     body,
                 };
-                self.push_direct(conn, &msg, true, deadline).await?;
+                Box::pin(self.push_direct(conn, &msg, true, deadline)).await?;
                 Ok(pending)
             }
             Route::FanOut(members) => {
@@ -244,7 +264,9 @@ impl Inner {
                     body,
                 };
                 for member in &members {
-                    if let Err(e) = self.send_to_member(member, &msg, true, deadline).await {
+                    if let Err(e) =
+                        Box::pin(self.send_to_member(member, &msg, true, deadline)).await
+                    {
                         complete(self.tracker().handle_failure(seq, member, e));
                     }
                 }
@@ -275,10 +297,12 @@ impl Inner {
                 self.enqueue(frame, deadline).await?;
                 self.count_server(body_len);
             }
-            Route::Direct(conn) => self.push_direct(conn, &msg, false, deadline).await?,
+            Route::Direct(conn) => Box::pin(self.push_direct(conn, &msg, false, deadline)).await?,
             Route::FanOut(members) => {
                 for member in &members {
-                    if let Err(e) = self.send_to_member(member, &msg, false, deadline).await {
+                    if let Err(e) =
+                        Box::pin(self.send_to_member(member, &msg, false, deadline)).await
+                    {
                         self.late_failure(member, &e);
                     }
                 }

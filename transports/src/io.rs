@@ -333,11 +333,16 @@ impl OutQueue {
 
     /// Queues a data frame if there is room in frames, bytes and slots at
     /// once (no control reserve kept: this is the waiting sender's path);
-    /// hands it back otherwise.
+    /// hands it back otherwise, also when the queue is closed. The
+    /// non-waiting first step of [`OutQueue::push_data`].
+    ///
+    /// # Errors
+    ///
+    /// The frame, handed back, when it could not be queued right now.
     // The frame goes back by value: boxing it would allocate on every
     // fall-through to the waiting path.
     #[allow(clippy::result_large_err)]
-    fn try_push_room(&self, frame: OutFrame) -> Result<(), OutFrame> {
+    pub fn try_push_room(&self, frame: OutFrame) -> Result<(), OutFrame> {
         if self.shared.closed.is_cancelled() {
             return Err(frame);
         }
