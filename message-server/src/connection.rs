@@ -335,6 +335,24 @@ impl Connection {
                         None
                     }
                 }
+                Peeked::Acks(acks)
+                    if acks.from == self.me.as_str()
+                        && acks.from_incarnation < self.incarnation =>
+                {
+                    Counters::add(&self.shared.counters.stale_frames, 1);
+                    None
+                }
+                Peeked::Acks(acks) => {
+                    if acks.from != self.me.as_str() || acks.from_incarnation != self.incarnation {
+                        Some(End::Violation(format!(
+                            "acks claim to be from {}",
+                            acks.from
+                        )))
+                    } else {
+                        self.forward_ack(acks.to, acks.to_incarnation, &raw).await;
+                        None
+                    }
+                }
                 Peeked::Other(header) => self.control(header).await,
             };
             if let Some(end) = end {

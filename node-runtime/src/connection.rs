@@ -13,9 +13,9 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::mpsc;
 use transports::frame::{peek, Peeked};
 use transports::protocol::{
-    Ack, AckRef, AckStatus, DeliveryFailure, Header, MessageKind, MessageRef, NodeId, Routed,
+    Ack, AckRef, AckStatus, Acks, DeliveryFailure, Header, MessageKind, MessageRef, NodeId, Routed,
 };
-use transports::{FrameReader, OutFrame, OutQueue};
+use transports::{Frame, FrameReader, OutFrame, OutQueue};
 
 use crate::counters::Counters;
 
@@ -47,7 +47,13 @@ pub(crate) async fn read_frames(
     inner: &Arc<Inner>,
     reader: &mut FrameReader<OwnedReadHalf>,
 ) -> LinkEnd {
+    let mut acks = AckBatch::new(inner.id.clone(), inner.incarnation());
     loop {
+        if !reader.has_buffered_frame() {
+            // About to wait for the socket: what was accepted meanwhile is
+            // acknowledged now.
+            acks.flush(&inner.queue).await;
+        }
         let raw = tokio::select! {
             biased;
             _ = inner.cancel.cancelled() => return LinkEnd::Shutdown,
@@ -66,7 +72,7 @@ pub(crate) async fn read_frames(
             Peeked::Message(h) => {
                 Counters::add(&inner.counters.received_server, 1);
                 let body = raw.slice(header_len..);
-                if deliver(inner, &h, body, &inner.queue, Received::Server)
+                if deliver(inner, &h, body, &inner.queue, &mut acks, Received::Server)
                     .await
                     .is_err()
                 {
@@ -79,6 +85,17 @@ pub(crate) async fn read_frames(
                     handle_ack(inner, &ack);
                 } else {
                     tracing::trace!(seq = ack.seq, "dropping ack for another incarnation");
+                }
+                continue;
+            }
+            Peeked::Acks(_) => {
+                match Frame::decode(raw) {
+                    Ok(frame) => {
+                        if let (Header::Acks(batch), _) = frame.into_parts() {
+                            handle_acks(inner, &batch);
+                        }
+                    }
+                    Err(e) => return LinkEnd::Lost(format!("frame error: {e}")),
                 }
                 continue;
             }
@@ -151,6 +168,111 @@ pub(crate) fn handle_ack(inner: &Inner, ack: &AckRef<'_>) {
     }
 }
 
+/// Several acknowledgements of accepted messages, from any connection.
+pub(crate) fn handle_acks(inner: &Inner, acks: &Acks) {
+    if acks.to_incarnation != inner.incarnation() {
+        tracing::trace!(n = acks.seqs.len(), "dropping acks for another incarnation");
+        return;
+    }
+    let mut done = Vec::new();
+    {
+        let mut tracker = inner.tracker();
+        for &seq in &acks.seqs {
+            if !tracker.is_tracked(seq) {
+                continue;
+            }
+            let ack = Ack {
+                to: inner.id.clone(),
+                to_incarnation: acks.to_incarnation,
+                seq,
+                from: acks.from.clone(),
+                from_incarnation: acks.from_incarnation,
+                status: AckStatus::Accepted,
+            };
+            done.extend(tracker.handle_ack(&ack));
+        }
+    }
+    complete(done);
+}
+
+/// Acknowledgements of accepted messages gathered while frames keep
+/// arriving: sent as one [`Acks`] frame per sender when the reader is about
+/// to wait for the socket, when the sender changes, when the batch is full,
+/// or before the reader may wait on a full inbox. A batch of one goes as a
+/// plain [`Ack`].
+#[derive(Debug)]
+pub(crate) struct AckBatch {
+    /// This node and its incarnation: who acknowledges.
+    from: (NodeId, u64),
+    to: Option<(NodeId, u64)>,
+    seqs: Vec<u64>,
+}
+
+/// Most acknowledgements in one [`Acks`] frame.
+const MAX_BATCHED_ACKS: usize = 1024;
+
+impl AckBatch {
+    /// An empty batch of acknowledgements from `node`'s `incarnation`.
+    pub(crate) fn new(node: NodeId, incarnation: u64) -> Self {
+        AckBatch {
+            from: (node, incarnation),
+            to: None,
+            seqs: Vec::new(),
+        }
+    }
+
+    /// Adds the acknowledgement of message `seq` from `to`'s incarnation
+    /// `to_incarnation`.
+    pub(crate) async fn add(
+        &mut self,
+        queue: &OutQueue,
+        to: NodeId,
+        to_incarnation: u64,
+        seq: u64,
+    ) {
+        let same = matches!(&self.to, Some((t, i)) if *i == to_incarnation && *t == to);
+        if !same {
+            self.flush(queue).await;
+            self.to = Some((to, to_incarnation));
+        }
+        self.seqs.push(seq);
+        if self.seqs.len() >= MAX_BATCHED_ACKS {
+            self.flush(queue).await;
+        }
+    }
+
+    /// Sends what was gathered.
+    pub(crate) async fn flush(&mut self, queue: &OutQueue) {
+        let Some((to, to_incarnation)) = self.to.clone() else {
+            return;
+        };
+        let header = match self.seqs.len() {
+            0 => return,
+            1 => Header::Ack(Ack {
+                to,
+                to_incarnation,
+                seq: self.seqs[0],
+                from: self.from.0.clone(),
+                from_incarnation: self.from.1,
+                status: AckStatus::Accepted,
+            }),
+            _ => Header::Acks(Acks {
+                to,
+                to_incarnation,
+                from: self.from.0.clone(),
+                from_incarnation: self.from.1,
+                seqs: self.seqs.clone(),
+            }),
+        };
+        self.seqs.clear();
+        let frame = OutFrame::control(header);
+        // Waiting here waits only for this node's own outgoing socket.
+        if let Err(transports::PushError::Full(frame)) = queue.try_push_control(frame) {
+            let _ = queue.push_control(*frame).await;
+        }
+    }
+}
+
 /// The message server's word on where a message went. A `Node` message to
 /// a member that is only reconnecting (the server does not know it right
 /// now) is parked: it goes out again when that member registers.
@@ -204,6 +326,7 @@ pub(crate) async fn deliver(
     h: &MessageRef<'_>,
     body: Bytes,
     acks: &OutQueue,
+    batch: &mut AckBatch,
     path: Received,
 ) -> Result<(), Stopping> {
     tracing::trace!(sender = h.sender, seq = h.seq, ?path, "message");
@@ -295,7 +418,7 @@ pub(crate) async fn deliver(
     let (q, message) = match straight {
         Straight::Delivered => {
             if let Some(to) = ack_to {
-                answer(to).send(inner, acks, AckStatus::Accepted).await;
+                batch.add(acks, to, h.incarnation, h.seq).await;
             }
             return Ok(());
         }
@@ -322,6 +445,8 @@ pub(crate) async fn deliver(
                 Some((d.answer, DeliveryFailure::ReceiverOverloaded))
             } else {
                 q.congested.store(false, Ordering::Relaxed);
+                // This may wait: what was accepted before goes out first.
+                batch.flush(acks).await;
                 let wait = std::time::Duration::from_millis(inner.config.node.inbox_wait_ms);
                 let sent = tokio::select! {
                     _ = inner.cancel.cancelled() => return Err(Stopping),
@@ -526,5 +651,64 @@ async fn unsubscribe_now(inner: &Inner, service: &Arc<str>) {
             service: service.to_string(),
         });
         let _ = inner.queue.push_control(frame).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use transports::{out_queue, FrameCodec};
+
+    /// Acknowledgements gathered per sender go out as one frame each: a
+    /// change of sender (or of its incarnation) flushes, a lone one is a
+    /// plain `Ack`, and nothing is sent twice.
+    #[tokio::test]
+    async fn acks_are_batched_per_sender() {
+        let (queue, rx) = out_queue(64, 1 << 20);
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let writer = tokio::spawn(transports::run_writer(client, rx, 1 << 20));
+        let me = NodeId::new("me");
+        let (a, b) = (NodeId::new("a"), NodeId::new("b"));
+        let mut batch = AckBatch::new(me.clone(), 7);
+        for seq in 1..=3 {
+            batch.add(&queue, a.clone(), 1, seq).await;
+        }
+        batch.add(&queue, b.clone(), 1, 10).await;
+        batch.add(&queue, a.clone(), 2, 20).await;
+        batch.add(&queue, a.clone(), 2, 21).await;
+        batch.flush(&queue).await;
+        batch.flush(&queue).await;
+        drop(queue);
+        let mut reader = FrameReader::new(server, FrameCodec::new(1 << 20));
+        let mut got = Vec::new();
+        while let Some(frame) = reader.next().await.expect("frame") {
+            got.push(frame.into_parts().0);
+        }
+        writer.await.expect("join").expect("writer");
+        let acks = |to: &NodeId, to_incarnation, seqs: Vec<u64>| {
+            Header::Acks(Acks {
+                to: to.clone(),
+                to_incarnation,
+                from: me.clone(),
+                from_incarnation: 7,
+                seqs,
+            })
+        };
+        let single = Header::Ack(Ack {
+            to: b.clone(),
+            to_incarnation: 1,
+            seq: 10,
+            from: me.clone(),
+            from_incarnation: 7,
+            status: AckStatus::Accepted,
+        });
+        assert_eq!(
+            got,
+            vec![
+                acks(&a, 1, vec![1, 2, 3]),
+                single,
+                acks(&a, 2, vec![20, 21]),
+            ]
+        );
     }
 }

@@ -22,7 +22,7 @@ use transports::handshake::{self, HandshakeError};
 use transports::protocol::{AckStatus, Header, NodeId, Routed, Welcome, PROTOCOL_VERSION};
 use transports::{out_queue, FrameReader, OutFrame, OutQueue};
 
-use crate::connection::{complete, deliver, late_failure, Received};
+use crate::connection::{complete, deliver, handle_acks, late_failure, AckBatch, Received};
 use crate::counters::Counters;
 use crate::node::Inner;
 
@@ -345,6 +345,12 @@ async fn outgoing_reader(
                         }
                     }
                 }
+                Header::Acks(acks) if acks.from == conn.peer => {
+                    for &seq in &acks.seqs {
+                        conn.settled(seq);
+                    }
+                    handle_acks(&inner, &acks);
+                }
                 // The peer stopped as planned: not an error (what was in
                 // flight still fails below).
                 Header::Goodbye => break None,
@@ -520,7 +526,11 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
         .in_current_span(),
     );
     tracing::debug!("inbound channel started");
+    let mut acks = AckBatch::new(inner.id.clone(), inner.incarnation());
     loop {
+        if !reader.has_buffered_frame() {
+            acks.flush(&queue).await;
+        }
         let raw = tokio::select! {
             _ = inner.cancel.cancelled() => break,
             _ = queue.closed() => break,
@@ -552,7 +562,7 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
                 }
                 Counters::add(&inner.counters.received_direct, 1);
                 let body = raw.slice(header_len..);
-                if deliver(&inner, &h, body, &queue, Received::Direct)
+                if deliver(&inner, &h, body, &queue, &mut acks, Received::Direct)
                     .await
                     .is_err()
                 {
@@ -560,7 +570,7 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
                 }
                 continue;
             }
-            Peeked::Ack(_) => {
+            Peeked::Ack(_) | Peeked::Acks(_) => {
                 tracing::warn!(kind = "ack", "closing inbound channel: unexpected frame");
                 break;
             }

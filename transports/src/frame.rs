@@ -18,7 +18,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
-use crate::protocol::{AckRef, Header, MessageRef, ACK_TAG, MESSAGE_TAG};
+use crate::protocol::{AckRef, AcksRef, Header, MessageRef, ACKS_TAG, ACK_TAG, MESSAGE_TAG};
 
 /// Size of the length prefix.
 pub const LENGTH_PREFIX_BYTES: usize = 4;
@@ -345,6 +345,8 @@ pub enum Peeked<'a> {
     Message(MessageRef<'a>),
     /// An acknowledgement.
     Ack(AckRef<'a>),
+    /// Several acknowledgements.
+    Acks(AcksRef<'a>),
     /// Any other header.
     Other(Header),
 }
@@ -372,6 +374,7 @@ pub fn peek(raw: &[u8]) -> Result<(Peeked<'_>, usize), FrameError> {
         None => Err(FrameError::Empty),
         Some(&MESSAGE_TAG) => take::<MessageRef<'_>>(raw).map(|(h, n)| (Peeked::Message(h), n)),
         Some(&ACK_TAG) => take::<AckRef<'_>>(raw).map(|(a, n)| (Peeked::Ack(a), n)),
+        Some(&ACKS_TAG) => take::<AcksRef<'_>>(raw).map(|(a, n)| (Peeked::Acks(a), n)),
         Some(_) => {
             let window = &raw[..raw.len().min(MAX_HEADER_BYTES)];
             match postcard::take_from_bytes::<Header>(window) {

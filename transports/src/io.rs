@@ -143,6 +143,20 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Whether a whole frame is already buffered, so that the next
+    /// [`FrameReader::next_raw`] returns without reading the socket. A
+    /// reader that batches work (acknowledgements, say) flushes it when
+    /// this turns false.
+    pub fn has_buffered_frame(&self) -> bool {
+        if self.large.is_some() || self.buf.len() < LENGTH_PREFIX_BYTES {
+            return false;
+        }
+        let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
+        prefix.copy_from_slice(&self.buf[..LENGTH_PREFIX_BYTES]);
+        let len = u32::from_be_bytes(prefix) as usize;
+        self.buf.len() - LENGTH_PREFIX_BYTES >= len
+    }
+
     /// Gives back the underlying reader.
     pub fn into_inner(self) -> R {
         self.io

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks. Peers with another version are
 /// refused at the handshake with [`RefusalReason::VersionMismatch`].
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Longest node id, group or service name, in bytes. Keeps every header
 /// small; longer names are refused where they enter (builder, subscribe,
@@ -353,11 +353,76 @@ pub struct AckRef<'a> {
     pub status: AckStatus,
 }
 
+/// Several messages from one sender accepted by one receiver, acknowledged
+/// in one frame: what a receiver sends instead of one [`Ack`] per message
+/// when many arrive together. Failures are always acknowledged one by one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acks {
+    /// The original sender.
+    pub to: NodeId,
+    /// The original sender's incarnation; stale acks are dropped.
+    pub to_incarnation: u64,
+    /// The receiver.
+    pub from: NodeId,
+    /// The receiver's incarnation.
+    pub from_incarnation: u64,
+    /// Sequence numbers of the messages accepted into their inboxes.
+    pub seqs: Vec<u64>,
+}
+
+/// An [`Acks`] read in place: the names borrowed, the numbers checked and
+/// counted but not collected. Same wire layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub struct AcksRef<'a> {
+    /// The original sender.
+    pub to: &'a str,
+    /// The original sender's incarnation.
+    pub to_incarnation: u64,
+    /// The receiver.
+    pub from: &'a str,
+    /// The receiver's incarnation.
+    pub from_incarnation: u64,
+    /// How many sequence numbers the frame carries.
+    pub seqs: SeqCount,
+}
+
+/// The length of a list of sequence numbers, each of them decoded (so a
+/// malformed list is refused) without collecting them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeqCount(pub usize);
+
+impl<'de> Deserialize<'de> for SeqCount {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Count;
+        impl<'de> serde::de::Visitor<'de> for Count {
+            type Value = SeqCount;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of sequence numbers")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<SeqCount, A::Error> {
+                let mut n = 0;
+                while seq.next_element::<u64>()?.is_some() {
+                    n += 1;
+                }
+                Ok(SeqCount(n))
+            }
+        }
+        d.deserialize_seq(Count)
+    }
+}
+
 /// Index of [`Header::Message`] among the variants: the first byte of every
 /// message frame (postcard writes the variant index as a varint).
 pub const MESSAGE_TAG: u8 = 3;
 /// Index of [`Header::Ack`] among the variants.
 pub const ACK_TAG: u8 = 5;
+/// Index of [`Header::Acks`] among the variants.
+pub const ACKS_TAG: u8 = 15;
 
 /// Why a message did not reach a receiver.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -549,6 +614,9 @@ pub enum Header {
         /// Receivers with their incarnations, or the failure.
         result: Result<Vec<(NodeId, u64)>, DeliveryFailure>,
     },
+    /// Several acknowledgements in one frame (must stay at index
+    /// [`ACKS_TAG`]).
+    Acks(Acks),
 }
 
 impl Header {
@@ -570,6 +638,7 @@ impl Header {
             Header::Ping { .. } => "ping",
             Header::Pong { .. } => "pong",
             Header::Resolved { .. } => "resolved",
+            Header::Acks(_) => "acks",
         }
     }
 }

@@ -26,7 +26,7 @@ use transports::frame::{
 };
 use transports::io::FrameReader;
 use transports::protocol::{
-    Ack, AckStatus, DeliveryFailure, Header, Hello, LeaveReason, MemberEvent, MemberInfo,
+    Ack, AckStatus, Acks, DeliveryFailure, Header, Hello, LeaveReason, MemberEvent, MemberInfo,
     MessageHeader, MessageKind, NodeId, Refusal, RefusalReason, Role, Routed, Target, Welcome,
 };
 
@@ -304,6 +304,22 @@ fn header() -> impl Strategy<Value = Header> {
             .prop_map(|(token, result)| Header::Resolved { token, result }),
         any::<u64>().prop_map(|nonce| Header::Ping { nonce }),
         any::<u64>().prop_map(|nonce| Header::Pong { nonce }),
+        (
+            node_id(),
+            any::<u64>(),
+            node_id(),
+            any::<u64>(),
+            vec(any::<u64>(), 0..64)
+        )
+            .prop_map(|(to, to_incarnation, from, from_incarnation, seqs)| {
+                Header::Acks(Acks {
+                    to,
+                    to_incarnation,
+                    from,
+                    from_incarnation,
+                    seqs,
+                })
+            }),
     ]
 }
 
@@ -398,8 +414,19 @@ fn check_peek(raw: &[u8], header: &Header, body: &[u8]) {
             );
             assert_eq!(&a.status, &h.status);
         }
+        (Peeked::Acks(a), Header::Acks(h)) => {
+            assert_eq!((a.to, a.from), (h.to.as_str(), h.from.as_str()));
+            assert_eq!(
+                (a.to_incarnation, a.from_incarnation),
+                (h.to_incarnation, h.from_incarnation)
+            );
+            assert_eq!(a.seqs.0, h.seqs.len());
+        }
         (Peeked::Other(o), h) => {
-            assert!(!matches!(h, Header::Message(_) | Header::Ack(_)));
+            assert!(!matches!(
+                h,
+                Header::Message(_) | Header::Ack(_) | Header::Acks(_)
+            ));
             assert_eq!(&o, h);
         }
         (p, h) => panic!("peeked {p:?} for {h:?}"),
