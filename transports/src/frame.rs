@@ -144,6 +144,9 @@ impl Frame {
     }
 }
 
+/// Headers up to this size are encoded on the stack and copied once.
+const SMALL_HEADER_BYTES: usize = 512;
+
 /// Encodes `header` with its length prefix into `dst`, declaring a body of
 /// `body_len` bytes that the caller writes right after (or sends as a
 /// separate buffer in the same vectored write).
@@ -160,9 +163,21 @@ pub fn encode_header(
 ) -> Result<(), FrameError> {
     let start = dst.len();
     dst.put_u32(0);
-    if let Err(e) = postcard::to_io(header, (&mut *dst).writer()) {
-        dst.truncate(start);
-        return Err(FrameError::Header(e));
+    // Message headers fit a small stack buffer and go in with one copy;
+    // only large ones (handshakes, membership lists) are written in pieces.
+    let mut small = [0u8; SMALL_HEADER_BYTES];
+    match postcard::to_slice(header, &mut small) {
+        Ok(encoded) => dst.extend_from_slice(encoded),
+        Err(postcard::Error::SerializeBufferFull) => {
+            if let Err(e) = postcard::to_io(header, (&mut *dst).writer()) {
+                dst.truncate(start);
+                return Err(FrameError::Header(e));
+            }
+        }
+        Err(e) => {
+            dst.truncate(start);
+            return Err(FrameError::Header(e));
+        }
     }
     let header_len = dst.len() - start - LENGTH_PREFIX_BYTES;
     if header_len > MAX_HEADER_BYTES {
