@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
-use transports::frame::{peek, FrameCodec, Peeked};
+use transports::frame::{compact, peek, FrameCodec, Peeked};
 use transports::handshake::{self, HandshakeError};
 use transports::protocol::{
     valid_name, DeliveryFailure, Header, LeaveReason, MemberEvent, MemberInfo, MessageKind,
@@ -101,7 +101,9 @@ pub(crate) async fn serve(
             .max_message_bytes
             .min(shared.config.limits.max_message_bytes);
         let codec = FrameCodec::for_messages(max_message);
-        *reader.codec_mut() = codec;
+        // Frames are forwarded as slices of the read buffer; one that
+        // waits in a backlog is copied first (see `share`).
+        *reader.codec_mut() = codec.without_small_copies();
         let (queue, rx) = out_queue(
             shared.config.message_server.queue_frames,
             shared.config.message_server.queue_bytes,
@@ -465,13 +467,8 @@ impl Connection {
         };
         match queue {
             Some(q) => {
-                push_control_bounded(
-                    &self.shared,
-                    &NodeId::new(to),
-                    &q,
-                    OutFrame::Raw(raw.clone()),
-                )
-                .await
+                let frame = OutFrame::Raw(share(raw, &q));
+                push_control_bounded(&self.shared, &NodeId::new(to), &q, frame).await
             }
             None => tracing::trace!(%to, "dropping ack for a sender that is gone"),
         }
@@ -534,7 +531,7 @@ impl Connection {
                         max: c.max_frame as u64,
                     },
                 )),
-                Some(c) => match c.queue.try_push_data(OutFrame::Raw(raw.clone())) {
+                Some(c) => match c.queue.try_push_data(OutFrame::Raw(share(raw, &c.queue))) {
                     Ok(()) => {
                         delivered += 1;
                         if name_receivers {
@@ -559,7 +556,7 @@ impl Connection {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 match c
                     .queue
-                    .push_data_within(OutFrame::Raw(raw.clone()), left)
+                    .push_data_within(OutFrame::Raw(compact(raw)), left)
                     .await
                 {
                     Ok(()) => {
@@ -614,7 +611,7 @@ impl Connection {
             };
             let target = NodeId::new(target);
             let held = Held {
-                raw: raw.clone(),
+                raw: compact(raw),
                 sender: self.me.clone(),
                 seq: h.seq,
             };
@@ -693,6 +690,22 @@ fn resolve_route(
     Ok(routes.insert(generation, route))
 }
 
+/// Frames a queue may hold that are slices of a read buffer; past that a
+/// frame is copied before it is queued, so a slow receiver pins at most
+/// this many read buffers.
+const SHARED_FRAMES_PER_QUEUE: usize = 32;
+
+/// `raw` to be queued on `queue`: the received slice itself while the
+/// queue is short (it is written out soon), a copy of its own once the
+/// queue backs up.
+fn share(raw: &Bytes, queue: &OutQueue) -> Bytes {
+    if queue.queued_frames() < SHARED_FRAMES_PER_QUEUE {
+        raw.clone()
+    } else {
+        compact(raw)
+    }
+}
+
 fn routed(
     seq: u64,
     receivers: Vec<(NodeId, u64)>,
@@ -722,5 +735,29 @@ async fn push_control_bounded(shared: &Shared, to: &NodeId, queue: &OutQueue, fr
         tracing::warn!(node = %to, "cutting off slow consumer: control frame waited too long");
         Counters::add(&shared.counters.slow_consumers, 1);
         queue.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame goes on as the received slice while the queue is short, and
+    /// as a copy of its own once the queue backs up.
+    #[test]
+    fn frames_are_copied_only_into_backed_up_queues() {
+        let (queue, _rx) = transports::out_queue(1024, 1 << 20);
+        let buffer = Bytes::from(vec![7u8; 4096]);
+        let raw = buffer.slice(100..300);
+        let shared = share(&raw, &queue);
+        assert_eq!(shared.as_ptr(), raw.as_ptr(), "short queue: no copy");
+        for _ in 0..SHARED_FRAMES_PER_QUEUE {
+            queue
+                .try_push_data(OutFrame::Raw(raw.clone()))
+                .expect("room");
+        }
+        let copied = share(&raw, &queue);
+        assert_ne!(copied.as_ptr(), raw.as_ptr(), "backed-up queue: a copy");
+        assert_eq!(copied, raw);
     }
 }
