@@ -24,9 +24,9 @@
 //! | `Session` | `session` from a dispatcher to a server node of its group | messages/s received |
 //! | `Bulk` | acknowledged sends, [`BULK_IN_FLIGHT`] in flight, 64 KiB threshold; `Server` with an empty lazy allow-list | MB/s |
 //!
-//! Receivers' inboxes hold as many messages as the NATS subscribers of the
-//! suite may queue ([`crate::nats::SUBSCRIPTION_CAPACITY`]), so both sides
-//! buffer alike. Small-message cases turn lazy auto-activation off
+//! Nodes run on the default configuration (inboxes of
+//! `node.inbox_capacity` = 1024 messages included), except that
+//! small-message cases turn lazy auto-activation off
 //! (`lazy.auto_activate_messages = 0`), so they measure the message-server
 //! path (the session channel for `Session`). Every case checks the nodes'
 //! [`PathCounters`] and fails if any message took another path.
@@ -449,8 +449,6 @@ fn small_config() -> Config {
     let mut config = Config::default();
     config.lazy.auto_activate_messages = 0;
     config.node.direct_listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    // The same buffering as the NATS subscribers get in this suite.
-    config.node.inbox_capacity = crate::nats::SUBSCRIPTION_CAPACITY;
     config
 }
 

@@ -546,6 +546,10 @@ impl Answer {
 
 /// Deliveries a pump takes from its backlog at a time.
 const PUMP_BATCH: usize = 128;
+/// Inbox slots a pump waits for at once when the inbox is full...
+const PUMP_RESERVE: usize = 32;
+/// ...for at most this long; then it takes what room there is.
+const PUMP_RESERVE_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Moves one service's deliveries into its inbox as the application makes
 /// room, acknowledging each once accepted. One task per subscribed service.
@@ -565,38 +569,63 @@ pub(crate) async fn pump(
         if n == 0 {
             return;
         }
-        for delivery in batch.drain(..) {
-            let Delivery {
-                message,
-                answer,
-                acks,
-            } = delivery;
-            let accepted = match inbox.try_send(message) {
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-                Err(mpsc::error::TrySendError::Full(message)) => tokio::select! {
-                    _ = inner.cancel.cancelled() => return,
-                    r = inbox.send(message) => r.is_ok(),
-                },
+        let mut pending = batch.drain(..).peekable();
+        while pending.peek().is_some() {
+            // Room for several at once when the inbox is full: the
+            // application then wakes this pump once per few messages it
+            // takes, not once per message.
+            let want = pending
+                .len()
+                .clamp(1, PUMP_RESERVE.min(inbox.max_capacity()));
+            let room = match inbox.try_reserve_many(want) {
+                Ok(room) => Ok(room),
+                Err(mpsc::error::TrySendError::Closed(())) => Err(()),
+                Err(mpsc::error::TrySendError::Full(())) => {
+                    // Not for long, though: an application that takes a
+                    // few and stops gets those few.
+                    let room = async {
+                        match tokio::time::timeout(PUMP_RESERVE_WAIT, inbox.reserve_many(want))
+                            .await
+                        {
+                            Ok(room) => room,
+                            Err(_) => inbox.reserve_many(1).await,
+                        }
+                    };
+                    tokio::select! {
+                        _ = inner.cancel.cancelled() => return,
+                        r = room => r.map_err(|_| ()),
+                    }
+                }
             };
-            // In the inbox (or refused) before the count drops: a delivery
-            // that then goes straight in comes after it.
-            backlog.fetch_sub(1, Ordering::AcqRel);
-            if accepted {
-                answer.send(&inner, &acks, AckStatus::Accepted).await;
-            } else {
+            let Ok(room) = room else {
                 // The inbox was dropped: unsubscribe, and refuse what is left.
                 deliveries.close();
                 unsubscribe_now(&inner, &service).await;
-                answer
-                    .send(
-                        &inner,
-                        &acks,
-                        AckStatus::Failed(DeliveryFailure::NoSuchService),
-                    )
-                    .await;
+                for Delivery { answer, acks, .. } in pending.by_ref() {
+                    backlog.fetch_sub(1, Ordering::AcqRel);
+                    let refused = AckStatus::Failed(DeliveryFailure::NoSuchService);
+                    answer.send(&inner, &acks, refused).await;
+                }
+                break;
+            };
+            let mut accepted = Vec::with_capacity(want);
+            for (permit, delivery) in room.zip(pending.by_ref()) {
+                let Delivery {
+                    message,
+                    answer,
+                    acks,
+                } = delivery;
+                permit.send(message);
+                // In the inbox before the count drops: a delivery that then
+                // goes straight in comes after it.
+                backlog.fetch_sub(1, Ordering::AcqRel);
+                accepted.push((answer, acks));
+            }
+            for (answer, acks) in accepted {
+                answer.send(&inner, &acks, AckStatus::Accepted).await;
             }
         }
+        drop(pending);
     }
 }
 
