@@ -168,7 +168,9 @@ impl NodeBuilder {
         let max_message = welcome
             .max_message_bytes
             .min(config.limits.max_message_bytes);
-        let (queue, rx) = out_queue(config.node.queue_frames, config.node.queue_bytes);
+        let (queue, mut rx) = out_queue(config.node.queue_frames, config.node.queue_bytes);
+        // The application's sends come in bursts: let them share writes.
+        rx.coalesce_small_batches();
         let role = hello.role;
         let address = link.address.clone();
         let inner = Arc::new(Inner::new(Parts {

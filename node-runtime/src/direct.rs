@@ -273,7 +273,9 @@ async fn open(
         .min(config.limits.max_message_bytes);
     // Only acknowledgements come back: small frames.
     *reader.codec_mut() = FrameCodec::default();
-    let (queue, rx) = out_queue(config.node.queue_frames, config.node.queue_bytes);
+    let (queue, mut rx) = out_queue(config.node.queue_frames, config.node.queue_bytes);
+    // The application's sends come in bursts: let them share writes.
+    rx.coalesce_small_batches();
     let conn = Arc::new(DirectConn {
         peer: peer.clone(),
         kind,

@@ -217,7 +217,21 @@ pub struct OutReceiver {
     bytes: Arc<Semaphore>,
     data_slots: Arc<Semaphore>,
     closed: CancellationToken,
+    /// Whether a small batch waits one scheduling turn for more.
+    coalesce: bool,
 }
+
+impl OutReceiver {
+    /// Lets the writer wait one scheduling turn before writing a batch of
+    /// fewer than [`COALESCE_BELOW`] frames, so that frames queued by a
+    /// task that is still running (a burst of sends) share one write.
+    pub fn coalesce_small_batches(&mut self) {
+        self.coalesce = true;
+    }
+}
+
+/// See [`OutReceiver::coalesce_small_batches`].
+pub const COALESCE_BELOW: usize = 4;
 
 /// A queue of at most `frames` frames and about `bytes` payload bytes.
 ///
@@ -247,6 +261,7 @@ pub fn out_queue(frames: usize, bytes: usize) -> (OutQueue, OutReceiver) {
             bytes: sem,
             data_slots,
             closed,
+            coalesce: false,
         },
     )
 }
@@ -580,6 +595,15 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
             io.shutdown().await?;
             return Ok(WriteEnd::Finished);
         }
+        if rx.coalesce && n < COALESCE_BELOW {
+            tokio::task::yield_now().await;
+            while batch.len() < WRITE_BATCH_FRAMES {
+                match rx.rx.try_recv() {
+                    Ok(item) => batch.push(item),
+                    Err(_) => break,
+                }
+            }
+        }
         let mut release = Release {
             rx,
             permits: 0,
@@ -736,6 +760,86 @@ mod tests {
         }
         assert!(reader.next().await.expect("clean eof").is_none());
         writer.await.expect("join").expect("writer ok");
+    }
+
+    /// Counts the write calls that reach it.
+    struct CountingSink {
+        writes: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl AsyncWrite for CountingSink {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_write_vectored(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            std::task::Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// One frame, then a burst queued while the writer waits its turn: with
+    /// coalescing they share one write, without it the first goes alone.
+    #[tokio::test(flavor = "current_thread")]
+    async fn small_batches_wait_a_turn_when_coalescing() {
+        for coalesce in [false, true] {
+            let (q, mut rx) = out_queue(64, 1 << 20);
+            if coalesce {
+                rx.coalesce_small_batches();
+            }
+            let writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let sink = CountingSink {
+                writes: writes.clone(),
+            };
+            let writer = tokio::spawn(run_writer(sink, rx, 1 << 20));
+            let frame = || OutFrame::control(Header::Subscribed { token: 1 });
+            // Let the writer start waiting.
+            tokio::task::yield_now().await;
+            q.try_push_data(frame()).expect("room");
+            // The writer takes the one frame, and (coalescing) waits a turn.
+            tokio::task::yield_now().await;
+            for _ in 0..9 {
+                q.try_push_data(frame()).expect("room");
+            }
+            while q.queued_frames() > 0 {
+                tokio::task::yield_now().await;
+            }
+            let expected = if coalesce { 1 } else { 2 };
+            assert_eq!(
+                writes.load(Ordering::SeqCst),
+                expected,
+                "coalesce {coalesce}"
+            );
+            drop(q);
+            writer.await.expect("join").expect("writer");
+        }
     }
 
     #[tokio::test(start_paused = true)]
