@@ -14,8 +14,8 @@ use tracing::Instrument;
 use transports::frame::{compact, peek, FrameCodec, Peeked};
 use transports::handshake::{self, HandshakeError};
 use transports::protocol::{
-    valid_name, DeliveryFailure, Header, LeaveReason, MemberEvent, MemberInfo, MessageKind,
-    MessageRef, NodeId, RefusalReason, Routed, Target, TargetRef, MAX_NAMES_PER_NODE,
+    valid_name, AckRef, AcksRef, DeliveryFailure, Header, LeaveReason, MemberEvent, MemberInfo,
+    MessageKind, MessageRef, NodeId, RefusalReason, Routed, Target, TargetRef, MAX_NAMES_PER_NODE,
 };
 use transports::{out_queue, FrameError, FrameReader, OutFrame, OutQueue, PushError};
 
@@ -309,12 +309,6 @@ impl Connection {
                     Counters::add(&self.shared.counters.stale_frames, 1);
                     None
                 }
-                Peeked::Ack(a)
-                    if a.from == self.me.as_str() && a.from_incarnation < self.incarnation =>
-                {
-                    Counters::add(&self.shared.counters.stale_frames, 1);
-                    None
-                }
                 Peeked::Message(h) => {
                     if h.sender != self.me.as_str() || h.incarnation != self.incarnation {
                         Some(End::Violation(format!(
@@ -326,34 +320,22 @@ impl Connection {
                         None
                     }
                 }
-                Peeked::Ack(ack) => {
-                    if ack.from != self.me.as_str() || ack.from_incarnation != self.incarnation {
-                        Some(End::Violation(format!(
-                            "ack claims to be from {}",
-                            ack.from
-                        )))
-                    } else {
-                        self.forward_ack(ack.to, ack.to_incarnation, &raw).await;
-                        None
-                    }
-                }
-                Peeked::Acks(acks)
-                    if acks.from == self.me.as_str()
-                        && acks.from_incarnation < self.incarnation =>
-                {
-                    Counters::add(&self.shared.counters.stale_frames, 1);
-                    None
-                }
-                Peeked::Acks(acks) => {
-                    if acks.from != self.me.as_str() || acks.from_incarnation != self.incarnation {
-                        Some(End::Violation(format!(
-                            "acks claim to be from {}",
-                            acks.from
-                        )))
-                    } else {
-                        self.forward_ack(acks.to, acks.to_incarnation, &raw).await;
-                        None
-                    }
+                Peeked::Ack(AckRef {
+                    to,
+                    to_incarnation,
+                    from,
+                    from_incarnation,
+                    ..
+                })
+                | Peeked::Acks(AcksRef {
+                    to,
+                    to_incarnation,
+                    from,
+                    from_incarnation,
+                    ..
+                }) => {
+                    self.acknowledgement(from, from_incarnation, to, to_incarnation, &raw)
+                        .await
                 }
                 Peeked::Other(header) => self.control(header).await,
             };
@@ -361,6 +343,30 @@ impl Connection {
                 return end;
             }
         }
+    }
+
+    /// An `Ack` or `Acks` frame: forwarded to the original sender if it
+    /// really comes from this connection's node; a late one from an earlier
+    /// incarnation is dropped.
+    async fn acknowledgement(
+        &self,
+        from: &str,
+        from_incarnation: u64,
+        to: &str,
+        to_incarnation: u64,
+        raw: &Bytes,
+    ) -> Option<End> {
+        if from != self.me.as_str() || from_incarnation > self.incarnation {
+            return Some(End::Violation(format!(
+                "acknowledgement claims to be from {from} incarnation {from_incarnation}"
+            )));
+        }
+        if from_incarnation < self.incarnation {
+            Counters::add(&self.shared.counters.stale_frames, 1);
+            return None;
+        }
+        self.forward_ack(to, to_incarnation, raw).await;
+        None
     }
 
     /// Handles a frame other than a message or an ack.

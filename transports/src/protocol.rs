@@ -109,12 +109,7 @@ pub enum Target {
 
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Target::Node(n) => write!(f, "node {n}"),
-            Target::Group(g) => write!(f, "group {g}"),
-            Target::AnyOf(g) => write!(f, "any member of group {g}"),
-            Target::All => f.write_str("all nodes"),
-        }
+        fmt::Display::fmt(&TargetRef::from(self), f)
     }
 }
 
