@@ -56,7 +56,10 @@ pub(crate) async fn read_frames(
         }
         let raw = tokio::select! {
             biased;
-            _ = inner.cancel.cancelled() => return LinkEnd::Shutdown,
+            _ = inner.cancel.cancelled() => {
+                acks.flush_now(&inner.queue);
+                return LinkEnd::Shutdown;
+            }
             f = reader.next_raw() => f,
         };
         let raw = match raw {
@@ -76,6 +79,7 @@ pub(crate) async fn read_frames(
                     .await
                     .is_err()
                 {
+                    acks.flush_now(&inner.queue);
                     return LinkEnd::Shutdown;
                 }
                 continue;
@@ -243,11 +247,29 @@ impl AckBatch {
 
     /// Sends what was gathered.
     pub(crate) async fn flush(&mut self, queue: &OutQueue) {
-        let Some((to, to_incarnation)) = self.to.clone() else {
-            return;
-        };
+        // Waiting here waits only for this node's own outgoing socket.
+        if let Some(frame) = self.take_frame() {
+            if let Err(transports::PushError::Full(frame)) = queue.try_push_control(frame) {
+                let _ = queue.push_control(*frame).await;
+            }
+        }
+    }
+
+    /// Queues what was gathered if there is room right now: the last word
+    /// of a reader that is stopping.
+    pub(crate) fn flush_now(&mut self, queue: &OutQueue) {
+        if let Some(frame) = self.take_frame() {
+            if queue.try_push_control(frame).is_err() {
+                tracing::debug!("acknowledgements lost at shutdown: the queue is full");
+            }
+        }
+    }
+
+    /// The frame acknowledging what was gathered, if anything was.
+    fn take_frame(&mut self) -> Option<OutFrame> {
+        let (to, to_incarnation) = self.to.clone()?;
         let header = match self.seqs.len() {
-            0 => return,
+            0 => return None,
             1 => Header::Ack(Ack {
                 to,
                 to_incarnation,
@@ -265,11 +287,7 @@ impl AckBatch {
             }),
         };
         self.seqs.clear();
-        let frame = OutFrame::control(header);
-        // Waiting here waits only for this node's own outgoing socket.
-        if let Err(transports::PushError::Full(frame)) = queue.try_push_control(frame) {
-            let _ = queue.push_control(*frame).await;
-        }
+        Some(OutFrame::control(header))
     }
 }
 

@@ -592,6 +592,8 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
             }
         }
     }
+    // What was accepted is acknowledged before the goodbye.
+    acks.flush_now(&queue);
     tracing::debug!("inbound channel stopped");
     // A goodbye back lets the opener tell a planned stop from a break.
     let _ = queue.try_push_control(OutFrame::control(Header::Goodbye));
