@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context};
 use bytes::Bytes;
 use clustercomm_tests::{bounded, init_logging, test_config, TestServer};
-use node_runtime::{Node, NodeId, Target};
+use node_runtime::{MembershipEvent, Node, NodeId, Target};
 use tokio::task::JoinHandle;
 
 const SERVICE: &str = "svc";
@@ -167,6 +167,82 @@ async fn four_nodes_two_groups() -> anyhow::Result<()> {
         let counters = server.handle.counters();
         assert!(counters.deliveries >= 1 + 2 + 100 + 3, "{counters:?}");
         assert_eq!(counters.route_failures, 0, "{counters:?}");
+        Ok(())
+    })
+    .await
+}
+
+/// The message server keeps what each sender's targets resolved to; a
+/// join, a new service or a departure shows in the very next message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_follow_membership_changes() -> anyhow::Result<()> {
+    init_logging();
+    bounded(async {
+        let server = TestServer::start(test_config()).await?;
+        let s = member(&server, "s", &[]).await?;
+        let a = member(&server, "a", &["g"]).await?;
+        let group = || Target::Group("g".into());
+        for _ in 0..3 {
+            assert_eq!(
+                s.node.send(group(), SERVICE, "1").await?.delivered,
+                ids(&["a"])
+            );
+            assert_eq!(
+                s.node.send(Target::All, SERVICE, "1").await?.delivered,
+                ids(&["a"])
+            );
+            let any = s.node.send(Target::AnyOf("g".into()), SERVICE, "1").await?;
+            assert_eq!(any.delivered, ids(&["a"]));
+        }
+
+        // b joins (registered and subscribed once `member` returns).
+        let b = member(&server, "b", &["g"]).await?;
+        assert_eq!(
+            s.node.send(group(), SERVICE, "2").await?.delivered,
+            ids(&["a", "b"])
+        );
+        assert_eq!(
+            s.node.send(Target::All, SERVICE, "2").await?.delivered,
+            ids(&["a", "b"])
+        );
+
+        // a new service on b: reachable at once, and only on b.
+        let mut other = b.node.subscribe("other").await?;
+        let report = s.node.send(group(), "other", "3").await?;
+        assert_eq!(report.delivered, ids(&["b"]));
+        let got = other.recv().await.context("b's second inbox closed")?;
+        assert_eq!(&got.body()[..], b"3");
+
+        // a stops: once its departure is known, routes leave it out.
+        let mut events = s.node.membership_events();
+        a.node.clone().shutdown().await;
+        loop {
+            if let MembershipEvent::Left { id, .. } = events.recv().await? {
+                if id == "a" {
+                    break;
+                }
+            }
+        }
+        assert_eq!(
+            s.node.send(group(), SERVICE, "4").await?.delivered,
+            ids(&["b"])
+        );
+        assert_eq!(
+            s.node.send(Target::All, SERVICE, "4").await?.delivered,
+            ids(&["b"])
+        );
+        let any = s.node.send(Target::AnyOf("g".into()), SERVICE, "4").await?;
+        assert_eq!(any.delivered, ids(&["b"]));
+        let gone = s.node.send(Target::Node("a".into()), SERVICE, "5").await;
+        ensure!(
+            gone.is_err(),
+            "a message to a stopped node was accepted: {gone:?}"
+        );
+
+        // What reached b: every message to the group or to all since it
+        // joined, once each.
+        assert_eq!(count_after_marker(&s.node, &b, b"2").await?, 2);
+        assert_eq!(count_after_marker(&s.node, &b, b"4").await?, 3);
         Ok(())
     })
     .await
