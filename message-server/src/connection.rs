@@ -185,6 +185,9 @@ struct Connection {
 
 /// Most routes a connection keeps resolved; past it the cache starts over.
 const MAX_CACHED_ROUTES: usize = 64;
+/// Most receivers a connection's cached routes hold in all; past it the
+/// cache starts over.
+const MAX_CACHED_RECEIVERS: usize = 1024;
 
 /// The targets this connection's node sent to lately, resolved: a message
 /// to one of them is routed without locking the shared state or hashing a
@@ -194,6 +197,8 @@ const MAX_CACHED_ROUTES: usize = 64;
 struct RouteCache {
     generation: u64,
     entries: Vec<CachedRoute>,
+    /// Receivers held by all entries: the cache's size.
+    receivers: usize,
     /// Rotates `AnyOf` ties among equally loaded members.
     turn: usize,
 }
@@ -231,6 +236,16 @@ enum Resolved {
     Many(Vec<Receiver>),
 }
 
+impl Resolved {
+    /// How many receivers it holds.
+    fn len(&self) -> usize {
+        match self {
+            Resolved::One(_) => 1,
+            Resolved::AnyOf(all) | Resolved::Many(all) => all.len(),
+        }
+    }
+}
+
 impl RouteCache {
     /// The cached route of (`reply`, `target`, `service`), if still good.
     fn find(
@@ -241,7 +256,7 @@ impl RouteCache {
         service: &str,
     ) -> Option<usize> {
         if self.generation != generation {
-            self.entries.clear();
+            self.clear();
             self.generation = generation;
             return None;
         }
@@ -251,12 +266,24 @@ impl RouteCache {
     }
 
     fn insert(&mut self, generation: u64, route: CachedRoute) -> usize {
-        if self.generation != generation || self.entries.len() >= MAX_CACHED_ROUTES {
-            self.entries.clear();
+        let receivers = route.resolved.len();
+        if self.generation != generation
+            || self.entries.len() >= MAX_CACHED_ROUTES
+            || self.receivers + receivers > MAX_CACHED_RECEIVERS
+        {
+            // Starting over keeps the cache bounded (one fan-out larger
+            // than the bound is still kept, alone).
+            self.clear();
             self.generation = generation;
         }
+        self.receivers += receivers;
         self.entries.push(route);
         self.entries.len() - 1
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.receivers = 0;
     }
 
     /// The least loaded candidate; ties rotate.
@@ -747,6 +774,49 @@ async fn push_control_bounded(shared: &Shared, to: &NodeId, queue: &OutQueue, fr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fan_out(to: &str, receivers: usize) -> CachedRoute {
+        CachedRoute {
+            reply: false,
+            target: Target::Group(to.into()),
+            service: "svc".into(),
+            resolved: Resolved::Many(
+                (0..receivers)
+                    .map(|i| Receiver {
+                        id: NodeId::new(format!("n{i}")),
+                        conn: None,
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    /// The cache is bounded in routes and in receivers held, and forgets
+    /// everything when the state's generation moves.
+    #[test]
+    fn route_cache_stays_bounded() {
+        let mut cache = RouteCache::default();
+        let g = |name| TargetRef::Group(name);
+        cache.insert(1, fan_out("a", 600));
+        assert_eq!(cache.find(1, false, g("a"), "svc"), Some(0));
+        // A second large fan-out would pass the receiver bound: start over.
+        cache.insert(1, fan_out("b", 600));
+        assert_eq!(cache.find(1, false, g("a"), "svc"), None);
+        assert_eq!(cache.find(1, false, g("b"), "svc"), Some(0));
+        assert_eq!(cache.receivers, 600);
+        // One larger than the bound is still kept, alone.
+        cache.insert(1, fan_out("c", 5000));
+        assert_eq!((cache.entries.len(), cache.receivers), (1, 5000));
+        // Many small ones: at most MAX_CACHED_ROUTES.
+        for i in 0..200 {
+            cache.insert(1, fan_out(&format!("s{i}"), 1));
+            assert!(cache.entries.len() <= MAX_CACHED_ROUTES);
+            assert!(cache.receivers <= MAX_CACHED_RECEIVERS);
+        }
+        // Another generation: nothing is found any more.
+        assert_eq!(cache.find(2, false, g("s199"), "svc"), None);
+        assert_eq!((cache.entries.len(), cache.receivers), (0, 0));
+    }
 
     /// A frame goes on as the received slice while the queue is short, and
     /// as a copy of its own once the queue backs up.
