@@ -152,8 +152,12 @@ impl DirectPool {
 
     /// The open channel to `peer`, if any.
     pub(crate) fn get(&self, peer: &NodeId, kind: ChannelKind) -> Option<Arc<DirectConn>> {
-        self.open_map()
-            .get(&(peer.clone(), kind))
+        let open = self.open_map();
+        if open.is_empty() {
+            // The usual case for small messages: no key to build.
+            return None;
+        }
+        open.get(&(peer.clone(), kind))
             .filter(|c| !c.queue.is_closed() && !c.is_closing())
             .cloned()
     }

@@ -72,10 +72,17 @@ impl Inner {
         };
         if let (Some(peer), true) = (peer, allowed) {
             facts.lazy_open = self.direct.get(peer, ChannelKind::Lazy).is_some();
-            facts.target_reachable = *peer != self.id && self.members.direct_addr(peer).is_some();
-            facts.hot_pair = self
-                .activation()
-                .handle_message(peer, std::time::Instant::now());
+            // Auto-activation off: no pair is ever hot, nothing to count.
+            facts.hot_pair = self.config.lazy.auto_activate_messages > 0
+                && self
+                    .activation()
+                    .handle_message(peer, std::time::Instant::now());
+            // Only a message that could go direct needs the address.
+            let could_go_direct =
+                body_len > self.config.lazy.threshold_bytes || facts.lazy_open || facts.hot_pair;
+            facts.target_reachable = could_go_direct
+                && *peer != self.id
+                && self.members.direct_addr(peer).is_some();
         }
         let small = body_len <= self.config.lazy.threshold_bytes;
         match (path::choose(self.config.lazy.threshold_bytes, facts), peer) {
