@@ -54,13 +54,18 @@ pub(crate) async fn read_frames(
             // acknowledged now.
             acks.flush(&inner.queue).await;
         }
-        let raw = tokio::select! {
-            biased;
-            _ = inner.cancel.cancelled() => {
-                acks.flush_now(&inner.queue);
-                return LinkEnd::Shutdown;
-            }
-            f = reader.next_raw() => f,
+        // What the last read brought first, without awaiting.
+        let raw = match reader.try_next_raw() {
+            Ok(Some(raw)) => Ok(Some(raw)),
+            Ok(None) => tokio::select! {
+                biased;
+                _ = inner.cancel.cancelled() => {
+                    acks.flush_now(&inner.queue);
+                    return LinkEnd::Shutdown;
+                }
+                f = reader.next_raw() => f,
+            },
+            Err(e) => Err(e),
         };
         let raw = match raw {
             Ok(Some(raw)) => raw,

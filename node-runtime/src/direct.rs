@@ -537,10 +537,15 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
         if !reader.has_buffered_frame() {
             acks.flush(&queue).await;
         }
-        let raw = tokio::select! {
-            _ = inner.cancel.cancelled() => break,
-            _ = queue.closed() => break,
-            f = reader.next_raw() => f,
+        // What the last read brought first, without awaiting.
+        let raw = match reader.try_next_raw() {
+            Ok(Some(raw)) => Ok(Some(raw)),
+            Ok(None) => tokio::select! {
+                _ = inner.cancel.cancelled() => break,
+                _ = queue.closed() => break,
+                f = reader.next_raw() => f,
+            },
+            Err(e) => Err(e),
         };
         let raw = match raw {
             Ok(Some(raw)) => raw,

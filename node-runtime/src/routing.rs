@@ -80,9 +80,8 @@ impl Inner {
             // Only a message that could go direct needs the address.
             let could_go_direct =
                 body_len > self.config.lazy.threshold_bytes || facts.lazy_open || facts.hot_pair;
-            facts.target_reachable = could_go_direct
-                && *peer != self.id
-                && self.members.direct_addr(peer).is_some();
+            facts.target_reachable =
+                could_go_direct && *peer != self.id && self.members.direct_addr(peer).is_some();
         }
         let small = body_len <= self.config.lazy.threshold_bytes;
         match (path::choose(self.config.lazy.threshold_bytes, facts), peer) {

@@ -143,6 +143,20 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The next frame's contents if a whole one is already buffered (no
+    /// socket read, nothing to await); `None` otherwise. A read loop drains
+    /// what one read brought with this before it awaits the socket.
+    ///
+    /// # Errors
+    ///
+    /// As [`FrameReader::next_raw`].
+    pub fn try_next_raw(&mut self) -> Result<Option<Bytes>, FrameError> {
+        if self.large.is_some() {
+            return Ok(None);
+        }
+        self.codec.decode_raw(&mut self.buf)
+    }
+
     /// Whether a whole frame is already buffered, so that the next
     /// [`FrameReader::next_raw`] returns without reading the socket. A
     /// reader that batches work (acknowledgements, say) flushes it when
@@ -839,6 +853,36 @@ mod tests {
             );
             drop(q);
             writer.await.expect("join").expect("writer");
+        }
+    }
+
+    /// Frames that one read brought come out without awaiting; past them
+    /// `try_next_raw` says so instead of reading.
+    #[tokio::test]
+    async fn buffered_frames_come_out_without_awaiting() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut wire = BytesMut::new();
+        for token in 0..3u64 {
+            encode_header(&Header::Subscribed { token }, 0, 1 << 20, &mut wire).expect("encodes");
+        }
+        client.write_all(&wire).await.expect("written");
+        let mut reader = FrameReader::new(server, FrameCodec::new(1 << 20));
+        assert!(reader.try_next_raw().expect("nothing read yet").is_none());
+        let first = reader.next_raw().await.expect("read").expect("frame");
+        assert!(reader.has_buffered_frame());
+        let second = reader.try_next_raw().expect("decodes").expect("buffered");
+        let third = reader.try_next_raw().expect("decodes").expect("buffered");
+        assert!(!reader.has_buffered_frame());
+        assert!(reader.try_next_raw().expect("no error").is_none());
+        for (token, raw) in [first, second, third].into_iter().enumerate() {
+            let frame = Frame::decode(raw).expect("frame");
+            assert_eq!(
+                frame.header(),
+                &Header::Subscribed {
+                    token: token as u64
+                }
+            );
         }
     }
 
