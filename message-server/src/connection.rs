@@ -17,11 +17,11 @@ use transports::protocol::{
     valid_name, AckRef, AcksRef, DeliveryFailure, Header, LeaveReason, MemberEvent, MemberInfo,
     MessageKind, MessageRef, NodeId, RefusalReason, Routed, Target, TargetRef, MAX_NAMES_PER_NODE,
 };
-use transports::{out_queue, FrameError, FrameReader, OutFrame, OutQueue, PushError};
+use transports::{out_queue, FrameError, FrameReader, OutFrame, OutQueue, PushError, WeakOutQueue};
 
 use crate::counters::Counters;
 use crate::registry::{broadcast_locked, hold, register, unregister, warming_up, Held, Refused};
-use crate::server::{ConnHandle, Shared};
+use crate::server::Shared;
 use crate::table::Resolution;
 
 /// Why a connection ended.
@@ -215,14 +215,28 @@ struct CachedRoute {
 #[derive(Clone)]
 struct Receiver {
     id: NodeId,
-    conn: Option<ConnHandle>,
+    conn: Option<CachedConn>,
+}
+
+/// What a route needs of a receiver's connection. The queue is held weakly:
+/// a cached route must not keep a departed node's connection open.
+#[derive(Clone)]
+struct CachedConn {
+    queue: WeakOutQueue,
+    incarnation: u64,
+    max_frame: usize,
 }
 
 impl Receiver {
+    /// The receiver's queue and connection details, while it is open.
+    fn open(&self) -> Option<(OutQueue, &CachedConn)> {
+        let conn = self.conn.as_ref()?;
+        Some((conn.queue.upgrade()?, conn))
+    }
+
     fn load(&self) -> usize {
-        self.conn
-            .as_ref()
-            .map_or(usize::MAX, |c| c.queue.queued_frames())
+        self.open()
+            .map_or(usize::MAX, |(queue, _)| queue.queued_frames())
     }
 }
 
@@ -560,23 +574,25 @@ impl Connection {
         // slow-consumer period however many receivers are slow.
         let mut waiting = Vec::new();
         for r in receivers {
-            match &r.conn {
+            match r.open() {
                 None => failed.push((r.id.clone(), DeliveryFailure::TargetStopped)),
-                Some(c) if raw.len() > c.max_frame => failed.push((
+                Some((_, c)) if raw.len() > c.max_frame => failed.push((
                     r.id.clone(),
                     DeliveryFailure::PayloadTooLarge {
                         size: body_len as u64,
                         max: c.max_frame as u64,
                     },
                 )),
-                Some(c) => match c.queue.try_push_data(OutFrame::Raw(share(raw, &c.queue))) {
+                Some((queue, c)) => match queue.try_push_data(OutFrame::Raw(share(raw, &queue))) {
                     Ok(()) => {
                         delivered += 1;
                         if name_receivers {
                             ok.push((r.id.clone(), c.incarnation));
                         }
                     }
-                    Err(PushError::Full(_) | PushError::Congested) => waiting.push(r.clone()),
+                    Err(PushError::Full(_) | PushError::Congested) => {
+                        waiting.push((r.id.clone(), c.incarnation, queue))
+                    }
                     Err(PushError::Closed(_)) => {
                         failed.push((r.id.clone(), DeliveryFailure::TargetStopped))
                     }
@@ -586,30 +602,26 @@ impl Connection {
         if !waiting.is_empty() {
             let deadline = tokio::time::Instant::now()
                 + Duration::from_millis(self.shared.config.message_server.slow_consumer_ms);
-            for r in waiting {
-                let Some(c) = &r.conn else { continue };
+            for (id, incarnation, queue) in waiting {
                 // A full queue slows the sender down (this read loop waits,
                 // so the sender's socket fills); a receiver that makes no
                 // room in time is answered for.
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                match c
-                    .queue
+                match queue
                     .push_data_within(OutFrame::Raw(compact(raw)), left)
                     .await
                 {
                     Ok(()) => {
                         delivered += 1;
                         if name_receivers {
-                            ok.push((r.id.clone(), c.incarnation));
+                            ok.push((id, incarnation));
                         }
                     }
                     Err(PushError::Full(_) | PushError::Congested) => {
                         Counters::add(&counters.overloaded, 1);
-                        failed.push((r.id.clone(), DeliveryFailure::ReceiverOverloaded));
+                        failed.push((id, DeliveryFailure::ReceiverOverloaded));
                     }
-                    Err(PushError::Closed(_)) => {
-                        failed.push((r.id.clone(), DeliveryFailure::TargetStopped))
-                    }
+                    Err(PushError::Closed(_)) => failed.push((id, DeliveryFailure::TargetStopped)),
                 }
             }
         }
@@ -695,7 +707,11 @@ fn resolve_route(
         // the write lock.
         let generation = shared.generation();
         let receiver = |id: NodeId| Receiver {
-            conn: state.conns.get(&id).cloned(),
+            conn: state.conns.get(&id).map(|c| CachedConn {
+                queue: c.queue.downgrade(),
+                incarnation: c.incarnation,
+                max_frame: c.max_frame,
+            }),
             id,
         };
         let me = me.as_str();

@@ -366,11 +366,18 @@ async fn server_releases_every_connection_when_nodes_go() -> anyhow::Result<()> 
             base + 12,
             "a reader and a writer per node"
         );
-        // Planned stops and plain drops alike.
+        // Planned stops and plain drops alike, while the sender stays: the
+        // routes it used must not keep the receivers' connections open.
+        let sender = nodes.remove(0);
         for m in &nodes[..3] {
             m.node.clone().shutdown().await;
         }
         drop(nodes);
+        while server.handle.connection_tasks() > base + 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(server.handle.members().len(), 1);
+        drop(sender);
         while server.handle.connection_tasks() > base {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

@@ -210,6 +210,21 @@ pub struct OutQueue {
     shared: Arc<QueueShared>,
 }
 
+/// A reference to an [`OutQueue`] that does not keep it open: once every
+/// [`OutQueue`] is gone, [`WeakOutQueue::upgrade`] fails and the writer
+/// finishes. For caches that must not outlive the connection.
+#[derive(Clone, Debug)]
+pub struct WeakOutQueue {
+    shared: std::sync::Weak<QueueShared>,
+}
+
+impl WeakOutQueue {
+    /// The queue, if some [`OutQueue`] still holds it.
+    pub fn upgrade(&self) -> Option<OutQueue> {
+        self.shared.upgrade().map(|shared| OutQueue { shared })
+    }
+}
+
 #[derive(Debug)]
 struct QueueShared {
     tx: mpsc::Sender<OutItem>,
@@ -517,6 +532,13 @@ impl OutQueue {
             Err(mpsc::error::TrySendError::Closed(item)) => {
                 Err(PushError::Closed(Box::new(item.frame)))
             }
+        }
+    }
+
+    /// A reference that does not keep the queue open.
+    pub fn downgrade(&self) -> WeakOutQueue {
+        WeakOutQueue {
+            shared: Arc::downgrade(&self.shared),
         }
     }
 
