@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
-use transports::frame::{compact, peek, FrameCodec, Peeked};
+use transports::frame::{peek, FrameCodec, Peeked};
 use transports::handshake::{self, HandshakeError};
 use transports::protocol::{
     valid_name, AckRef, AcksRef, DeliveryFailure, Header, LeaveReason, MemberEvent, MemberInfo,
@@ -101,9 +101,7 @@ pub(crate) async fn serve(
             .max_message_bytes
             .min(shared.config.limits.max_message_bytes);
         let codec = FrameCodec::for_messages(max_message);
-        // Frames are forwarded as slices of the read buffer; one that
-        // waits in a backlog is copied first (see `share`).
-        *reader.codec_mut() = codec.without_small_copies();
+        *reader.codec_mut() = codec;
         let (queue, rx) = out_queue(
             shared.config.message_server.queue_frames,
             shared.config.message_server.queue_bytes,
@@ -491,6 +489,17 @@ impl Connection {
     }
 
     fn update_services(&self, service: &str, add: bool) {
+        // Nothing to change: no write lock, which would make every
+        // connection resolve its routes again.
+        let offered = self
+            .shared
+            .read()
+            .table
+            .member(&self.me)
+            .is_some_and(|m| m.services.iter().any(|s| s == service));
+        if offered == add {
+            return;
+        }
         let mut state = self.shared.write();
         let updated = if add {
             state.table.subscribe(&self.me, service)
@@ -519,8 +528,13 @@ impl Connection {
         };
         match queue {
             Some(q) => {
-                let frame = OutFrame::Raw(share(raw, &q));
-                push_control_bounded(&self.shared, &NodeId::new(to), &q, frame).await
+                push_control_bounded(
+                    &self.shared,
+                    &NodeId::new(to),
+                    &q,
+                    OutFrame::Raw(raw.clone()),
+                )
+                .await
             }
             None => tracing::trace!(%to, "dropping ack for a sender that is gone"),
         }
@@ -583,7 +597,7 @@ impl Connection {
                         max: c.max_frame as u64,
                     },
                 )),
-                Some((queue, c)) => match queue.try_push_data(OutFrame::Raw(share(raw, &queue))) {
+                Some((queue, c)) => match queue.try_push_data(OutFrame::Raw(raw.clone())) {
                     Ok(()) => {
                         delivered += 1;
                         if name_receivers {
@@ -608,7 +622,7 @@ impl Connection {
                 // room in time is answered for.
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 match queue
-                    .push_data_within(OutFrame::Raw(compact(raw)), left)
+                    .push_data_within(OutFrame::Raw(raw.clone()), left)
                     .await
                 {
                     Ok(()) => {
@@ -661,7 +675,7 @@ impl Connection {
             };
             let target = NodeId::new(target);
             let held = Held {
-                raw: compact(raw),
+                raw: raw.clone(),
                 sender: self.me.clone(),
                 seq: h.seq,
             };
@@ -744,22 +758,6 @@ fn resolve_route(
     Ok(routes.insert(generation, route))
 }
 
-/// Frames a queue may hold that are slices of a read buffer; past that a
-/// frame is copied before it is queued, so a slow receiver pins at most
-/// this many read buffers.
-const SHARED_FRAMES_PER_QUEUE: usize = 32;
-
-/// `raw` to be queued on `queue`: the received slice itself while the
-/// queue is short (it is written out soon), a copy of its own once the
-/// queue backs up.
-fn share(raw: &Bytes, queue: &OutQueue) -> Bytes {
-    if queue.queued_frames() < SHARED_FRAMES_PER_QUEUE {
-        raw.clone()
-    } else {
-        compact(raw)
-    }
-}
-
 fn routed(
     seq: u64,
     receivers: Vec<(NodeId, u64)>,
@@ -837,24 +835,5 @@ mod tests {
         // Another generation: nothing is found any more.
         assert_eq!(cache.find(2, false, g("s199"), "svc"), None);
         assert_eq!((cache.entries.len(), cache.receivers), (0, 0));
-    }
-
-    /// A frame goes on as the received slice while the queue is short, and
-    /// as a copy of its own once the queue backs up.
-    #[test]
-    fn frames_are_copied_only_into_backed_up_queues() {
-        let (queue, _rx) = transports::out_queue(1024, 1 << 20);
-        let buffer = Bytes::from(vec![7u8; 4096]);
-        let raw = buffer.slice(100..300);
-        let shared = share(&raw, &queue);
-        assert_eq!(shared.as_ptr(), raw.as_ptr(), "short queue: no copy");
-        for _ in 0..SHARED_FRAMES_PER_QUEUE {
-            queue
-                .try_push_data(OutFrame::Raw(raw.clone()))
-                .expect("room");
-        }
-        let copied = share(&raw, &queue);
-        assert_ne!(copied.as_ptr(), raw.as_ptr(), "backed-up queue: a copy");
-        assert_eq!(copied, raw);
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use cluster_manager::Completion;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::net::tcp::OwnedReadHalf;
 
 use tokio::sync::mpsc;
@@ -47,22 +47,23 @@ pub(crate) async fn read_frames(
     inner: &Arc<Inner>,
     reader: &mut FrameReader<OwnedReadHalf>,
 ) -> LinkEnd {
-    let mut acks = AckBatch::new(inner.id.clone(), inner.incarnation());
+    let mut acks = AckBatch::new(
+        inner.id.clone(),
+        inner.incarnation.clone(),
+        inner.queue.clone(),
+    );
     loop {
         if !reader.has_buffered_frame() {
             // About to wait for the socket: what was accepted meanwhile is
             // acknowledged now.
-            acks.flush(&inner.queue).await;
+            acks.flush().await;
         }
         // What the last read brought first, without awaiting.
         let raw = match reader.try_next_raw() {
             Ok(Some(raw)) => Ok(Some(raw)),
             Ok(None) => tokio::select! {
                 biased;
-                _ = inner.cancel.cancelled() => {
-                    acks.flush_now(&inner.queue);
-                    return LinkEnd::Shutdown;
-                }
+                _ = inner.cancel.cancelled() => return LinkEnd::Shutdown,
                 f = reader.next_raw() => f,
             },
             Err(e) => Err(e),
@@ -84,7 +85,6 @@ pub(crate) async fn read_frames(
                     .await
                     .is_err()
                 {
-                    acks.flush_now(&inner.queue);
                     return LinkEnd::Shutdown;
                 }
                 continue;
@@ -211,8 +211,13 @@ pub(crate) fn handle_acks(inner: &Inner, acks: &Acks) {
 /// plain [`Ack`].
 #[derive(Debug)]
 pub(crate) struct AckBatch {
-    /// This node and its incarnation: who acknowledges.
-    from: (NodeId, u64),
+    /// This node: who acknowledges.
+    from: NodeId,
+    /// Its incarnation, read when a frame is made (it may change while a
+    /// direct channel stays open).
+    incarnation: Arc<AtomicU64>,
+    /// Where the acknowledgements go.
+    queue: OutQueue,
     to: Option<(NodeId, u64)>,
     seqs: Vec<u64>,
 }
@@ -221,10 +226,13 @@ pub(crate) struct AckBatch {
 const MAX_BATCHED_ACKS: usize = 1024;
 
 impl AckBatch {
-    /// An empty batch of acknowledgements from `node`'s `incarnation`.
-    pub(crate) fn new(node: NodeId, incarnation: u64) -> Self {
+    /// An empty batch of acknowledgements from `node` (of the incarnation
+    /// `incarnation` holds when they go out), to be queued on `queue`.
+    pub(crate) fn new(node: NodeId, incarnation: Arc<AtomicU64>, queue: OutQueue) -> Self {
         AckBatch {
-            from: (node, incarnation),
+            from: node,
+            incarnation,
+            queue,
             to: None,
             seqs: Vec::new(),
         }
@@ -232,40 +240,37 @@ impl AckBatch {
 
     /// Adds the acknowledgement of message `seq` from `to`'s incarnation
     /// `to_incarnation`.
-    pub(crate) async fn add(
-        &mut self,
-        queue: &OutQueue,
-        to: NodeId,
-        to_incarnation: u64,
-        seq: u64,
-    ) {
+    pub(crate) async fn add(&mut self, to: NodeId, to_incarnation: u64, seq: u64) {
         let same = matches!(&self.to, Some((t, i)) if *i == to_incarnation && *t == to);
         if !same {
-            self.flush(queue).await;
+            self.flush().await;
             self.to = Some((to, to_incarnation));
         }
         self.seqs.push(seq);
         if self.seqs.len() >= MAX_BATCHED_ACKS {
-            self.flush(queue).await;
+            self.flush().await;
         }
     }
 
     /// Sends what was gathered.
-    pub(crate) async fn flush(&mut self, queue: &OutQueue) {
+    pub(crate) async fn flush(&mut self) {
         // Waiting here waits only for this node's own outgoing socket.
         if let Some(frame) = self.take_frame() {
-            if let Err(transports::PushError::Full(frame)) = queue.try_push_control(frame) {
-                let _ = queue.push_control(*frame).await;
+            if let Err(transports::PushError::Full(frame)) = self.queue.try_push_control(frame) {
+                let _ = self.queue.push_control(*frame).await;
             }
         }
     }
 
     /// Queues what was gathered if there is room right now: the last word
-    /// of a reader that is stopping.
-    pub(crate) fn flush_now(&mut self, queue: &OutQueue) {
+    /// of a reader that stops, or whose future is dropped (see `Drop`).
+    pub(crate) fn flush_now(&mut self) {
         if let Some(frame) = self.take_frame() {
-            if queue.try_push_control(frame).is_err() {
-                tracing::debug!("acknowledgements lost at shutdown: the queue is full");
+            if self.queue.try_push_control(frame).is_err() {
+                tracing::warn!(
+                    to = ?self.to,
+                    "acknowledgements lost: the outgoing queue is full or closed"
+                );
             }
         }
     }
@@ -273,26 +278,36 @@ impl AckBatch {
     /// The frame acknowledging what was gathered, if anything was.
     fn take_frame(&mut self) -> Option<OutFrame> {
         let (to, to_incarnation) = self.to.clone()?;
+        let from_incarnation = self.incarnation.load(Ordering::SeqCst);
         let header = match self.seqs.len() {
             0 => return None,
             1 => Header::Ack(Ack {
                 to,
                 to_incarnation,
                 seq: self.seqs[0],
-                from: self.from.0.clone(),
-                from_incarnation: self.from.1,
+                from: self.from.clone(),
+                from_incarnation,
                 status: AckStatus::Accepted,
             }),
             _ => Header::Acks(Acks {
                 to,
                 to_incarnation,
-                from: self.from.0.clone(),
-                from_incarnation: self.from.1,
+                from: self.from.clone(),
+                from_incarnation,
                 seqs: self.seqs.clone(),
             }),
         };
         self.seqs.clear();
         Some(OutFrame::control(header))
+    }
+}
+
+impl Drop for AckBatch {
+    /// A reader whose future is dropped (its link replaced, say) still
+    /// queues what it accepted: the node's queue to the message server
+    /// outlives the link, so the acknowledgements go out on the next one.
+    fn drop(&mut self) {
+        self.flush_now();
     }
 }
 
@@ -441,7 +456,7 @@ pub(crate) async fn deliver(
     let (q, message) = match straight {
         Straight::Delivered => {
             if let Some(to) = ack_to {
-                batch.add(acks, to, h.incarnation, h.seq).await;
+                batch.add(to, h.incarnation, h.seq).await;
             }
             return Ok(());
         }
@@ -469,7 +484,7 @@ pub(crate) async fn deliver(
             } else {
                 q.congested.store(false, Ordering::Relaxed);
                 // This may wait: what was accepted before goes out first.
-                batch.flush(acks).await;
+                batch.flush().await;
                 let wait = std::time::Duration::from_millis(inner.config.node.inbox_wait_ms);
                 let sent = tokio::select! {
                     _ = inner.cancel.cancelled() => return Err(Stopping),
@@ -567,7 +582,9 @@ impl Answer {
     }
 }
 
-/// Deliveries a pump takes from its backlog at a time.
+/// Deliveries a pump takes from its backlog at a time. Taking them frees
+/// their places, so a full backlog holds up to this many more than its
+/// capacity (`node.inbox_capacity`) while the pump works through them.
 const PUMP_BATCH: usize = 128;
 /// Inbox slots a pump waits for at once when the inbox is full...
 const PUMP_RESERVE: usize = 32;
@@ -721,15 +738,18 @@ mod tests {
         let writer = tokio::spawn(transports::run_writer(client, rx, 1 << 20));
         let me = NodeId::new("me");
         let (a, b) = (NodeId::new("a"), NodeId::new("b"));
-        let mut batch = AckBatch::new(me.clone(), 7);
+        let mut batch = AckBatch::new(me.clone(), Arc::new(AtomicU64::new(7)), queue.clone());
         for seq in 1..=3 {
-            batch.add(&queue, a.clone(), 1, seq).await;
+            batch.add(a.clone(), 1, seq).await;
         }
-        batch.add(&queue, b.clone(), 1, 10).await;
-        batch.add(&queue, a.clone(), 2, 20).await;
-        batch.add(&queue, a.clone(), 2, 21).await;
-        batch.flush(&queue).await;
-        batch.flush(&queue).await;
+        batch.add(b.clone(), 1, 10).await;
+        batch.add(a.clone(), 2, 20).await;
+        batch.add(a.clone(), 2, 21).await;
+        batch.flush().await;
+        batch.flush().await;
+        // What is gathered when the batch is dropped still goes out.
+        batch.add(b.clone(), 3, 30).await;
+        drop(batch);
         drop(queue);
         let mut reader = FrameReader::new(server, FrameCodec::new(1 << 20));
         let mut got = Vec::new();
@@ -760,6 +780,14 @@ mod tests {
                 acks(&a, 1, vec![1, 2, 3]),
                 single,
                 acks(&a, 2, vec![20, 21]),
+                Header::Ack(Ack {
+                    to: b.clone(),
+                    to_incarnation: 3,
+                    seq: 30,
+                    from: me.clone(),
+                    from_incarnation: 7,
+                    status: AckStatus::Accepted,
+                }),
             ]
         );
     }

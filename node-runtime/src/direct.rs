@@ -352,10 +352,12 @@ async fn outgoing_reader(
                     }
                 }
                 Header::Acks(acks) if acks.from == conn.peer => {
-                    for &seq in &acks.seqs {
-                        conn.settled(seq);
+                    if acks.to_incarnation == inner.incarnation() {
+                        for &seq in &acks.seqs {
+                            conn.settled(seq);
+                        }
+                        handle_acks(&inner, &acks);
                     }
-                    handle_acks(&inner, &acks);
                 }
                 // The peer stopped as planned: not an error (what was in
                 // flight still fails below).
@@ -532,10 +534,10 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
         .in_current_span(),
     );
     tracing::debug!("inbound channel started");
-    let mut acks = AckBatch::new(inner.id.clone(), inner.incarnation());
+    let mut acks = AckBatch::new(inner.id.clone(), inner.incarnation.clone(), queue.clone());
     loop {
         if !reader.has_buffered_frame() {
-            acks.flush(&queue).await;
+            acks.flush().await;
         }
         // What the last read brought first, without awaiting.
         let raw = match reader.try_next_raw() {
@@ -602,7 +604,7 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
         }
     }
     // What was accepted is acknowledged before the goodbye.
-    acks.flush_now(&queue);
+    acks.flush_now();
     tracing::debug!("inbound channel stopped");
     // A goodbye back lets the opener tell a planned stop from a break.
     let _ = queue.try_push_control(OutFrame::control(Header::Goodbye));

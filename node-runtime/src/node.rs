@@ -59,7 +59,7 @@ pub(crate) struct Inner {
     pub(crate) id: NodeId,
     /// The current incarnation; a new one when this node was declared
     /// failed and rejoins.
-    incarnation: AtomicU64,
+    pub(crate) incarnation: Arc<AtomicU64>,
     /// What this node says when it opens a connection.
     hello: Mutex<Hello>,
     pub(crate) config: Config,
@@ -122,7 +122,7 @@ impl Inner {
         );
         Inner {
             id: parts.hello.node.clone(),
-            incarnation: AtomicU64::new(parts.hello.incarnation),
+            incarnation: Arc::new(AtomicU64::new(parts.hello.incarnation)),
             hello: Mutex::new(parts.hello),
             config: parts.config,
             server_max: parts.server_max,

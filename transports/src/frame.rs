@@ -35,17 +35,6 @@ pub const MAX_HEADER_BYTES: usize = 1024 * 1024;
 /// honest.
 pub const COPY_FRAMES_UP_TO: usize = 4 * 1024;
 
-/// `raw` as a buffer of its own when it is a small slice of a larger one
-/// (so that keeping it does not pin the rest); `raw` itself otherwise.
-/// Cheap to call: it copies at most [`COPY_FRAMES_UP_TO`] bytes.
-pub fn compact(raw: &Bytes) -> Bytes {
-    if raw.len() <= COPY_FRAMES_UP_TO {
-        Bytes::copy_from_slice(raw)
-    } else {
-        raw.clone()
-    }
-}
-
 /// Frames up to this size are reserved in the decoder's buffer as soon as
 /// their length is known; larger ones are left to the reader
 /// ([`crate::io::FrameReader`] gives each a buffer of exactly its size).
@@ -245,27 +234,12 @@ impl OutFrame {
 #[derive(Clone, Copy, Debug)]
 pub struct FrameCodec {
     max_frame: usize,
-    /// Whether frames up to [`COPY_FRAMES_UP_TO`] are copied out of the
-    /// read buffer (the default).
-    copy_small: bool,
 }
 
 impl FrameCodec {
     /// A codec refusing frames over `max_frame` bytes.
     pub fn new(max_frame: usize) -> Self {
-        FrameCodec {
-            max_frame,
-            copy_small: true,
-        }
-    }
-
-    /// Hands small frames out as slices of the read buffer too, without
-    /// copying them. For a reader that forwards frames at once and copies
-    /// any it keeps for long itself (see [`compact`]): a slice pins the
-    /// whole read buffer it came in.
-    pub fn without_small_copies(mut self) -> Self {
-        self.copy_small = false;
-        self
+        FrameCodec { max_frame }
     }
 
     /// A codec for bodies of at most `max_message_bytes`, plus a header.
@@ -274,10 +248,7 @@ impl FrameCodec {
             .unwrap_or(usize::MAX)
             .saturating_add(MAX_HEADER_BYTES)
             .min(u32::MAX as usize);
-        FrameCodec {
-            max_frame: max,
-            copy_small: true,
-        }
+        FrameCodec { max_frame: max }
     }
 
     /// The frame limit in force.
@@ -331,7 +302,7 @@ impl FrameCodec {
             return Ok(None);
         }
         src.advance(LENGTH_PREFIX_BYTES);
-        let raw = if self.copy_small && len <= COPY_FRAMES_UP_TO {
+        let raw = if len <= COPY_FRAMES_UP_TO {
             // A small frame gets its own allocation, so that a message kept
             // in a queue never pins the whole read buffer it arrived in.
             let raw = Bytes::copy_from_slice(&src[..len]);

@@ -547,6 +547,11 @@ pub enum MemberEvent {
 }
 
 /// The header of every frame.
+///
+/// Variants keep their places: `Hello` first (see the module docs), and
+/// `Message`, `Ack` and `Acks` at [`MESSAGE_TAG`], [`ACK_TAG`] and
+/// [`ACKS_TAG`], which [`crate::frame::peek`] dispatches on. New variants go
+/// at the end.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Header {
     /// Opens a connection; must stay the first variant.

@@ -729,6 +729,39 @@ async fn read_through_duplex(wire: Bytes, pieces: Vec<usize>, pipe: usize) -> Ve
 // Malformed input, one case each
 // ---------------------------------------------------------------------------
 
+/// The tags `peek` dispatches on are the variant indexes postcard writes.
+#[test]
+fn peek_tags_match_the_header_variants() {
+    use transports::protocol::{ACKS_TAG, ACK_TAG, MESSAGE_TAG};
+    let first = |h: &Header| postcard::to_allocvec(h).expect("serializes")[0];
+    let message = Header::Message(MessageHeader {
+        sender: NodeId::new("a"),
+        incarnation: 1,
+        seq: 2,
+        target: Target::All,
+        service: Arc::from("svc"),
+        kind: MessageKind::Notify,
+    });
+    let ack = Header::Ack(Ack {
+        to: NodeId::new("a"),
+        to_incarnation: 1,
+        seq: 2,
+        from: NodeId::new("b"),
+        from_incarnation: 3,
+        status: AckStatus::Accepted,
+    });
+    let acks = Header::Acks(Acks {
+        to: NodeId::new("a"),
+        to_incarnation: 1,
+        from: NodeId::new("b"),
+        from_incarnation: 3,
+        seqs: vec![4, 5],
+    });
+    assert_eq!(first(&message), MESSAGE_TAG);
+    assert_eq!(first(&ack), ACK_TAG);
+    assert_eq!(first(&acks), ACKS_TAG);
+}
+
 #[test]
 fn length_prefix_u32_max_is_too_large_and_reserves_nothing() {
     let mut codec = FrameCodec::default();
