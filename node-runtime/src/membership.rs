@@ -157,16 +157,17 @@ impl MemberView {
         self.read().values().map(|e| e.info.clone()).collect()
     }
 
-    pub(crate) fn member(&self, id: &NodeId) -> Option<MemberInfo> {
-        self.read().get(id).map(|e| e.info.clone())
-    }
-
     /// The id of the member named `name`, shared with the membership (no
     /// allocation), or a new one for a name not (or no longer) a member.
     pub(crate) fn id_of(&self, name: &str) -> NodeId {
         self.read()
             .get_key_value(name)
             .map_or_else(|| NodeId::new(name), |(id, _)| id.clone())
+    }
+
+    /// Whether `id` is a member and `f` holds for it (no copy taken).
+    pub(crate) fn member_is(&self, id: &NodeId, f: impl FnOnce(&MemberInfo) -> bool) -> bool {
+        self.read().get(id).is_some_and(|e| f(&e.info))
     }
 
     pub(crate) fn is_member(&self, id: &NodeId) -> bool {

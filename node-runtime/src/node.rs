@@ -186,6 +186,12 @@ impl Inner {
         *self.resend_buffer() = ResendBuffer::default();
     }
 
+    /// Looks at this node's `Hello` without copying it (the per-message
+    /// checks of the session path).
+    pub(crate) fn with_hello<T>(&self, f: impl FnOnce(&Hello) -> T) -> T {
+        f(&self.hello.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// This node's `Hello` as it stands (role, groups, direct address).
     pub(crate) fn hello(&self) -> Hello {
         self.hello.lock().unwrap_or_else(|p| p.into_inner()).clone()

@@ -329,7 +329,7 @@ impl Inner {
         if !valid_name(service) {
             return Err(SendError::InvalidName(service.chars().take(64).collect()));
         }
-        if self.hello().role != Role::Dispatcher {
+        if self.with_hello(|h| h.role) != Role::Dispatcher {
             return Err(SendError::NotADispatcher);
         }
         if !self.is_session_peer(target) {
@@ -338,12 +338,16 @@ impl Inner {
             });
         }
         let deadline = Instant::now() + self.config.send_timeout();
-        let conn = get_or_open(self, target, ChannelKind::Session)
-            .await
-            .map_err(|reason| SendError::DirectUnavailable {
-                node: target.clone(),
-                reason,
-            })?;
+        // Open already, usually: the opening path is boxed (a large future).
+        let conn = match self.direct.get(target, ChannelKind::Session) {
+            Some(conn) => conn,
+            None => Box::pin(get_or_open(self, target, ChannelKind::Session))
+                .await
+                .map_err(|reason| SendError::DirectUnavailable {
+                    node: target.clone(),
+                    reason,
+                })?,
+        };
         let msg = Outgoing {
             seq: self.next_seq(),
             service: Arc::from(service),
@@ -355,10 +359,12 @@ impl Inner {
 
     /// Whether `peer` is a server node sharing a group with this node.
     pub(crate) fn is_session_peer(&self, peer: &NodeId) -> bool {
-        let groups = self.hello().groups;
+        // The membership lock, then this node's hello: never the other way
+        // round anywhere.
         *peer != self.id
-            && self.members.member(peer).is_some_and(|m| {
-                m.role == Role::Server && m.groups.iter().any(|g| groups.contains(g))
+            && self.members.member_is(peer, |m| {
+                m.role == Role::Server
+                    && self.with_hello(|h| m.groups.iter().any(|g| h.groups.contains(g)))
             })
     }
 
@@ -413,7 +419,7 @@ impl Inner {
                 if attempt == 1 {
                     break;
                 }
-                conn = get_or_open(self, &peer, conn.kind)
+                conn = Box::pin(get_or_open(self, &peer, conn.kind))
                     .await
                     .map_err(|reason| SendError::DirectUnavailable {
                         node: peer.clone(),
@@ -434,7 +440,18 @@ impl Inner {
                 msg.kind,
                 msg.body.clone(),
             );
-            return match tokio::time::timeout_at(deadline, conn.queue.push_data(frame)).await {
+            // Room at once, usually: no timer, no waiting future.
+            let queued = match conn.queue.try_push_room(frame) {
+                Ok(()) => Ok(Ok(())),
+                Err(frame) => {
+                    Box::pin(tokio::time::timeout_at(
+                        deadline,
+                        conn.queue.push_data(frame),
+                    ))
+                    .await
+                }
+            };
+            return match queued {
                 Ok(Ok(())) => {
                     let (messages, bytes) = match conn.kind {
                         ChannelKind::Lazy => {
