@@ -49,6 +49,18 @@ pub fn service_allowed(lazy: &LazyConfig, service: &str) -> bool {
     lazy.services.iter().any(|s| s == "*" || s == service)
 }
 
+/// Whether a single-node message could leave the message-server path: a
+/// body above the threshold, an open lazy channel, or a hot pair. Only then
+/// does the target's reachability matter (callers may skip looking it up).
+pub fn could_go_direct(
+    threshold_bytes: u64,
+    body_len: u64,
+    lazy_open: bool,
+    hot_pair: bool,
+) -> bool {
+    body_len > threshold_bytes || lazy_open || hot_pair
+}
+
 /// Chooses the path for one message.
 ///
 /// - Bodies above `threshold_bytes` of allowed services go direct: to one
@@ -66,7 +78,16 @@ pub fn choose(threshold_bytes: u64, facts: PathFacts) -> Path {
     match facts.target {
         TargetKind::FanOut if large => Path::LazyFanOut,
         TargetKind::Node if !facts.target_reachable => Path::Server,
-        TargetKind::Node if large || facts.lazy_open || facts.hot_pair => Path::Lazy,
+        TargetKind::Node
+            if could_go_direct(
+                threshold_bytes,
+                facts.body_len,
+                facts.lazy_open,
+                facts.hot_pair,
+            ) =>
+        {
+            Path::Lazy
+        }
         _ => Path::Server,
     }
 }

@@ -325,15 +325,14 @@ impl Connection {
     ) -> End {
         loop {
             // What the last read brought first, without awaiting.
-            let raw = match reader.try_next_raw() {
-                Ok(Some(raw)) => Ok(Some(raw)),
-                Ok(None) => tokio::select! {
+            let raw = match reader.try_next_raw().transpose() {
+                Some(buffered) => buffered.map(Some),
+                None => tokio::select! {
                     biased;
                     _ = cancel.cancelled() => return End::Cancelled,
                     _ = self.queue.closed() => return End::WriterStopped,
                     f = reader.next_raw() => f,
                 },
-                Err(e) => Err(e),
             };
             let raw = match raw {
                 Ok(Some(raw)) => raw,

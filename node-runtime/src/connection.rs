@@ -59,14 +59,13 @@ pub(crate) async fn read_frames(
             acks.flush().await;
         }
         // What the last read brought first, without awaiting.
-        let raw = match reader.try_next_raw() {
-            Ok(Some(raw)) => Ok(Some(raw)),
-            Ok(None) => tokio::select! {
+        let raw = match reader.try_next_raw().transpose() {
+            Some(buffered) => buffered.map(Some),
+            None => tokio::select! {
                 biased;
                 _ = inner.cancel.cancelled() => return LinkEnd::Shutdown,
                 f = reader.next_raw() => f,
             },
-            Err(e) => Err(e),
         };
         let raw = match raw {
             Ok(Some(raw)) => raw,
@@ -91,7 +90,7 @@ pub(crate) async fn read_frames(
             }
             Peeked::Ack(ack) => {
                 if ack.to_incarnation == inner.incarnation() {
-                    handle_ack(inner, &ack);
+                    handle_ack_ref(inner, &ack);
                 } else {
                     tracing::trace!(seq = ack.seq, "dropping ack for another incarnation");
                 }
@@ -148,16 +147,7 @@ pub(crate) async fn read_frames(
 }
 
 /// A receiver's acknowledgement, from any connection.
-pub(crate) fn handle_ack(inner: &Inner, ack: &AckRef<'_>) {
-    let ack = Ack {
-        to: inner.id.clone(),
-        to_incarnation: ack.to_incarnation,
-        seq: ack.seq,
-        from: inner.members.id_of(ack.from),
-        from_incarnation: ack.from_incarnation,
-        status: ack.status.clone(),
-    };
-    let ack = &ack;
+pub(crate) fn handle_ack(inner: &Inner, ack: &Ack) {
     let done = {
         let mut tracker = inner.tracker();
         tracker.is_tracked(ack.seq).then(|| tracker.handle_ack(ack))
@@ -175,6 +165,19 @@ pub(crate) fn handle_ack(inner: &Inner, ack: &AckRef<'_>) {
         ),
         (None, AckStatus::Accepted) => {}
     }
+}
+
+/// [`handle_ack`] for an acknowledgement read in place.
+fn handle_ack_ref(inner: &Inner, ack: &AckRef<'_>) {
+    let ack = Ack {
+        to: inner.id.clone(),
+        to_incarnation: ack.to_incarnation,
+        seq: ack.seq,
+        from: inner.members.id_of(ack.from),
+        from_incarnation: ack.from_incarnation,
+        status: ack.status.clone(),
+    };
+    handle_ack(inner, &ack);
 }
 
 /// Several acknowledgements of accepted messages, from any connection.

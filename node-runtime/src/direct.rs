@@ -19,10 +19,10 @@ use tracing::Instrument;
 use transports::frame::FrameCodec;
 use transports::frame::{peek, Peeked};
 use transports::handshake::{self, HandshakeError};
-use transports::protocol::{AckStatus, Header, NodeId, Routed, Welcome, PROTOCOL_VERSION};
+use transports::protocol::{Header, NodeId, Welcome, PROTOCOL_VERSION};
 use transports::{out_queue, FrameReader, OutFrame, OutQueue};
 
-use crate::connection::{complete, deliver, handle_acks, late_failure, AckBatch, Received};
+use crate::connection::{complete, deliver, handle_ack, handle_acks, AckBatch, Received};
 use crate::counters::Counters;
 use crate::node::Inner;
 
@@ -330,25 +330,7 @@ async fn outgoing_reader(
                 Header::Ack(ack) if ack.from == conn.peer => {
                     if ack.to_incarnation == inner.incarnation() {
                         conn.settled(ack.seq);
-                        let done = {
-                            let mut tracker = inner.tracker();
-                            tracker
-                                .is_tracked(ack.seq)
-                                .then(|| tracker.handle_ack(&ack))
-                        };
-                        match (done, &ack.status) {
-                            (Some(done), _) => complete(done),
-                            (None, AckStatus::Failed(f)) => late_failure(
-                                &inner,
-                                &Routed {
-                                    seq: ack.seq,
-                                    receivers: vec![],
-                                    failed: vec![(ack.from.clone(), f.clone())],
-                                    error: None,
-                                },
-                            ),
-                            (None, AckStatus::Accepted) => {}
-                        }
+                        handle_ack(&inner, &ack);
                     }
                 }
                 Header::Acks(acks) if acks.from == conn.peer => {
@@ -540,14 +522,13 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
             acks.flush().await;
         }
         // What the last read brought first, without awaiting.
-        let raw = match reader.try_next_raw() {
-            Ok(Some(raw)) => Ok(Some(raw)),
-            Ok(None) => tokio::select! {
+        let raw = match reader.try_next_raw().transpose() {
+            Some(buffered) => buffered.map(Some),
+            None => tokio::select! {
                 _ = inner.cancel.cancelled() => break,
                 _ = queue.closed() => break,
                 f = reader.next_raw() => f,
             },
-            Err(e) => Err(e),
         };
         let raw = match raw {
             Ok(Some(raw)) => raw,

@@ -78,8 +78,12 @@ impl Inner {
                     .activation()
                     .handle_message(peer, std::time::Instant::now());
             // Only a message that could go direct needs the address.
-            let could_go_direct =
-                body_len > self.config.lazy.threshold_bytes || facts.lazy_open || facts.hot_pair;
+            let could_go_direct = path::could_go_direct(
+                self.config.lazy.threshold_bytes,
+                body_len,
+                facts.lazy_open,
+                facts.hot_pair,
+            );
             facts.target_reachable =
                 could_go_direct && *peer != self.id && self.members.direct_addr(peer).is_some();
         }
