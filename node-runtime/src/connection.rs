@@ -255,6 +255,11 @@ impl AckBatch {
         }
     }
 
+    /// Whether the acknowledgements go out on `queue`.
+    fn goes_to(&self, queue: &OutQueue) -> bool {
+        self.queue.same_queue(queue)
+    }
+
     /// Sends what was gathered.
     pub(crate) async fn flush(&mut self) {
         // Waiting here waits only for this node's own outgoing socket.
@@ -414,11 +419,15 @@ pub(crate) async fn deliver(
     }
     // Only a `Send` is acknowledged when all goes well.
     let ack_to = (h.kind == MessageKind::Send).then(|| sender.clone());
-    /// How the attempt to put the message straight into its inbox went.
+    /// How the attempt to hand the message over without waiting went.
     enum Straight {
+        /// In the inbox.
         Delivered,
+        /// In the pump's backlog (it acknowledges once the inbox takes it).
+        Queued,
         NoService(NodeId),
-        Backlog(ServiceQueue, Message),
+        /// The backlog is full, or its pump is gone.
+        Refused(ServiceQueue, mpsc::error::TrySendError<Delivery>),
     }
     let straight = {
         let inboxes = inner.inboxes.read().unwrap_or_else(|p| p.into_inner());
@@ -448,40 +457,45 @@ pub(crate) async fn deliver(
                 };
                 match message {
                     None => Straight::Delivered,
-                    Some(m) => {
+                    Some(message) => {
                         q.backlog.fetch_add(1, Ordering::AcqRel);
-                        Straight::Backlog(q.clone(), m)
+                        let delivery = Delivery {
+                            answer: answer(message.sender.clone()),
+                            message,
+                            acks: acks.clone(),
+                        };
+                        // Into the backlog while the lock is held: the
+                        // queue is cloned only when this has to wait.
+                        match q.tx.try_send(delivery) {
+                            Ok(()) => Straight::Queued,
+                            Err(refused) => Straight::Refused(q.clone(), refused),
+                        }
                     }
                 }
             }
         }
     };
-    let (q, message) = match straight {
+    let (q, refused) = match straight {
         Straight::Delivered => {
             if let Some(to) = ack_to {
                 batch.add(to, h.incarnation, h.seq).await;
             }
             return Ok(());
         }
+        Straight::Queued => return Ok(()),
         Straight::NoService(sender) => {
             let failed = AckStatus::Failed(DeliveryFailure::NoSuchService);
             answer(sender).send(inner, acks, failed).await;
             return Ok(());
         }
-        Straight::Backlog(q, message) => (q, message),
-    };
-    let delivery = Delivery {
-        answer: answer(message.sender.clone()),
-        message,
-        acks: acks.clone(),
+        Straight::Refused(q, refused) => (q, refused),
     };
     // A full backlog holds this connection back (so the sender slows
     // down) for at most `node.inbox_wait_ms`; a service that stays full
     // that long is congested, and is answered `Overloaded` at once until
     // its backlog drains, so the connection's other traffic flows.
-    let refused = match q.tx.try_send(delivery) {
-        Ok(()) => None,
-        Err(mpsc::error::TrySendError::Full(d)) => {
+    let refused = match refused {
+        mpsc::error::TrySendError::Full(d) => {
             if q.congested.load(Ordering::Relaxed) && !q.is_drained() {
                 Some((d.answer, DeliveryFailure::ReceiverOverloaded))
             } else {
@@ -506,7 +520,7 @@ pub(crate) async fn deliver(
                 }
             }
         }
-        Err(mpsc::error::TrySendError::Closed(d)) => {
+        mpsc::error::TrySendError::Closed(d) => {
             unsubscribe(inner, &d.message.service).await;
             Some((d.answer, DeliveryFailure::NoSuchService))
         }
@@ -604,7 +618,15 @@ pub(crate) async fn pump(
     backlog: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     let mut batch = Vec::with_capacity(PUMP_BATCH);
+    // Acknowledgements of accepted `Send`s, gathered per connection and
+    // sent as one `Acks` frame before the pump waits.
+    let mut accepted: Vec<(Answer, OutQueue)> = Vec::with_capacity(PUMP_RESERVE);
+    let mut acks: Option<AckBatch> = None;
     loop {
+        // Sent, and let go of: an idle pump holds no connection open.
+        if let Some(mut gathered) = acks.take() {
+            gathered.flush().await;
+        }
         let n = tokio::select! {
             _ = inner.cancel.cancelled() => return,
             n = deliveries.recv_many(&mut batch, PUMP_BATCH) => n,
@@ -624,6 +646,9 @@ pub(crate) async fn pump(
                 Ok(room) => Ok(room),
                 Err(mpsc::error::TrySendError::Closed(())) => Err(()),
                 Err(mpsc::error::TrySendError::Full(())) => {
+                    if let Some(gathered) = acks.as_mut() {
+                        gathered.flush().await;
+                    }
                     // Not for long, though: an application that takes a
                     // few and stops gets those few.
                     let room = async {
@@ -651,7 +676,6 @@ pub(crate) async fn pump(
                 }
                 break;
             };
-            let mut accepted = Vec::with_capacity(want);
             for (permit, delivery) in room.zip(pending.by_ref()) {
                 let Delivery {
                     message,
@@ -662,10 +686,28 @@ pub(crate) async fn pump(
                 // In the inbox before the count drops: a delivery that then
                 // goes straight in comes after it.
                 backlog.fetch_sub(1, Ordering::AcqRel);
-                accepted.push((answer, acks));
+                // Only a `Send` is acknowledged when all goes well.
+                if answer.kind == MessageKind::Send {
+                    accepted.push((answer, acks));
+                }
             }
-            for (answer, acks) in accepted {
-                answer.send(&inner, &acks, AckStatus::Accepted).await;
+            for (answer, queue) in accepted.drain(..) {
+                let same = matches!(&acks, Some(gathered) if gathered.goes_to(&queue));
+                if !same {
+                    if let Some(mut previous) = acks.take() {
+                        previous.flush().await;
+                    }
+                    acks = Some(AckBatch::new(
+                        inner.id.clone(),
+                        inner.incarnation.clone(),
+                        queue,
+                    ));
+                }
+                if let Some(gathered) = acks.as_mut() {
+                    gathered
+                        .add(answer.to, answer.to_incarnation, answer.seq)
+                        .await;
+                }
             }
         }
         drop(pending);

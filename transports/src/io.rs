@@ -542,6 +542,11 @@ impl OutQueue {
         }
     }
 
+    /// Whether `other` is a handle to this same queue.
+    pub fn same_queue(&self, other: &OutQueue) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// Frames waiting to be written: a measure of the receiver's load.
     pub fn queued_frames(&self) -> usize {
         self.shared.tx.max_capacity() - self.shared.tx.capacity()
