@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::net::tcp::OwnedReadHalf;
 
 use tokio::sync::mpsc;
-use transports::frame::{peek, Peeked};
+use transports::frame::{owned_body, peek, Peeked};
 use transports::protocol::{
     Ack, AckRef, AckStatus, Acks, DeliveryFailure, Header, MessageKind, MessageRef, NodeId, Routed,
 };
@@ -79,7 +79,7 @@ pub(crate) async fn read_frames(
         let header = match header {
             Peeked::Message(h) => {
                 Counters::add(&inner.counters.received_server, 1);
-                let body = raw.slice(header_len..);
+                let body = owned_body(&raw, header_len);
                 if deliver(inner, &h, body, &inner.queue, &mut acks, Received::Server)
                     .await
                     .is_err()

@@ -17,7 +17,7 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 use transports::frame::FrameCodec;
-use transports::frame::{peek, Peeked};
+use transports::frame::{owned_body, peek, Peeked};
 use transports::handshake::{self, HandshakeError};
 use transports::protocol::{Header, NodeId, Welcome, PROTOCOL_VERSION};
 use transports::{out_queue, FrameReader, OutFrame, OutQueue};
@@ -276,7 +276,7 @@ async fn open(
         .max_message_bytes
         .min(config.limits.max_message_bytes);
     // Only acknowledgements come back: small frames.
-    *reader.codec_mut() = FrameCodec::default();
+    *reader.codec_mut() = FrameCodec::default().in_place();
     let (queue, mut rx) = out_queue(config.node.queue_frames, config.node.queue_bytes);
     // The application's sends come in bursts: let them share writes.
     rx.coalesce_small_batches();
@@ -505,7 +505,8 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
         return;
     }
     let codec = FrameCodec::for_messages(max_message);
-    *reader.codec_mut() = codec;
+    // Message bodies are copied out as they are delivered.
+    *reader.codec_mut() = codec.in_place();
     let (queue, rx) = out_queue(config.node.queue_frames, config.node.queue_bytes);
     inner.tasks.spawn(
         async move {
@@ -555,7 +556,7 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
                     break;
                 }
                 Counters::add(&inner.counters.received_direct, 1);
-                let body = raw.slice(header_len..);
+                let body = owned_body(&raw, header_len);
                 if deliver(&inner, &h, body, &queue, &mut acks, Received::Direct)
                     .await
                     .is_err()

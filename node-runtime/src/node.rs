@@ -100,6 +100,8 @@ pub(crate) struct Inner {
     /// The index in `message_server.addresses` connected to now.
     pub(crate) server_index: std::sync::atomic::AtomicUsize,
     activation: Mutex<AutoActivation>,
+    /// Service names sent to, shared instead of allocated per message.
+    service_names: RwLock<std::collections::HashSet<Arc<str>>>,
     pub(crate) counters: Counters,
     /// Routing failures reported for messages nobody waits on.
     pub(crate) late_failures: AtomicU64,
@@ -107,6 +109,9 @@ pub(crate) struct Inner {
     pub(crate) cancel: CancellationToken,
     pub(crate) tasks: TaskTracker,
 }
+
+/// Most service names a node keeps shared (see `Inner::service_name`).
+const MAX_SERVICE_NAMES: usize = 1024;
 
 /// The members a target resolves to, or why not.
 pub(crate) type ResolveResult = Result<Vec<(NodeId, u64)>, DeliveryFailure>;
@@ -145,6 +150,7 @@ impl Inner {
             last_pong_ms: AtomicU64::new(0),
             link_dead: tokio::sync::Notify::new(),
             activation: Mutex::new(activation),
+            service_names: RwLock::default(),
             counters: Counters::default(),
             late_failures: AtomicU64::new(0),
             epoch: std::time::Instant::now(),
@@ -250,6 +256,32 @@ impl Inner {
 
     pub(crate) fn dedup(&self) -> std::sync::MutexGuard<'_, Dedup> {
         self.dedup.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `service` as a shared name: the same allocation for every message
+    /// to it, for up to [`MAX_SERVICE_NAMES`] names (beyond that, each
+    /// message gets its own, so that the table stays bounded).
+    pub(crate) fn service_name(&self, service: &str) -> Arc<str> {
+        if let Some(name) = self
+            .service_names
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(service)
+        {
+            return name.clone();
+        }
+        let mut names = self
+            .service_names
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(name) = names.get(service) {
+            return name.clone();
+        }
+        let name: Arc<str> = Arc::from(service);
+        if names.len() < MAX_SERVICE_NAMES {
+            names.insert(name.clone());
+        }
+        name
     }
 
     pub(crate) fn activation(&self) -> std::sync::MutexGuard<'_, AutoActivation> {

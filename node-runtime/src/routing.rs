@@ -173,7 +173,7 @@ impl Inner {
     ) -> Result<Pending, SendError> {
         let (route, deadline) = self.start_send(&target, service, &body).await?;
         let body_len = body.len() as u64;
-        let service: Arc<str> = Arc::from(service);
+        let service: Arc<str> = self.service_name(service);
         let slot = match self.in_flight.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(tokio::sync::TryAcquireError::Closed) => return Err(SendError::Shutdown),
@@ -296,7 +296,7 @@ impl Inner {
         let body_len = body.len() as u64;
         let msg = Outgoing {
             seq: self.next_seq(),
-            service: Arc::from(service),
+            service: self.service_name(service),
             kind: MessageKind::Notify,
             body,
         };
@@ -354,7 +354,7 @@ impl Inner {
         };
         let msg = Outgoing {
             seq: self.next_seq(),
-            service: Arc::from(service),
+            service: self.service_name(service),
             kind: MessageKind::Notify,
             body,
         };

@@ -73,7 +73,8 @@ pub(crate) async fn connect(
         .max_message_bytes
         .min(config.limits.max_message_bytes);
     let codec = FrameCodec::for_messages(max_message);
-    *reader.codec_mut() = codec;
+    // Message bodies are copied out as they are delivered.
+    *reader.codec_mut() = codec.in_place();
     let heartbeat = welcome.heartbeat_addr.map(|mut hb| {
         if hb.ip().is_unspecified() {
             hb.set_ip(peer.ip());

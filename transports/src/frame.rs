@@ -234,12 +234,27 @@ impl OutFrame {
 #[derive(Clone, Copy, Debug)]
 pub struct FrameCodec {
     max_frame: usize,
+    /// Whether frames up to [`COPY_FRAMES_UP_TO`] are copied out of the
+    /// read buffer (see [`FrameCodec::in_place`]).
+    copy_small: bool,
 }
 
 impl FrameCodec {
     /// A codec refusing frames over `max_frame` bytes.
     pub fn new(max_frame: usize) -> Self {
-        FrameCodec { max_frame }
+        FrameCodec {
+            max_frame,
+            copy_small: true,
+        }
+    }
+
+    /// The same codec, handing small frames out as slices of the read
+    /// buffer instead of copies. For a reader that keeps nothing of a frame
+    /// but what it copies itself ([`owned_body`]): a slice kept would pin
+    /// the whole read buffer it came in.
+    pub fn in_place(mut self) -> Self {
+        self.copy_small = false;
+        self
     }
 
     /// A codec for bodies of at most `max_message_bytes`, plus a header.
@@ -248,7 +263,7 @@ impl FrameCodec {
             .unwrap_or(usize::MAX)
             .saturating_add(MAX_HEADER_BYTES)
             .min(u32::MAX as usize);
-        FrameCodec { max_frame: max }
+        FrameCodec::new(max)
     }
 
     /// The frame limit in force.
@@ -259,6 +274,19 @@ impl FrameCodec {
     /// Changes the limit, as after a handshake.
     pub fn set_max_frame(&mut self, max_frame: usize) {
         self.max_frame = max_frame;
+    }
+}
+
+/// The body of a frame read with [`FrameCodec::in_place`], whose header
+/// takes its first `header_len` bytes, in a buffer of its own: a small body
+/// is copied (one allocation, the read buffer is let go of), a large one
+/// already has its own buffer and is sliced.
+pub fn owned_body(raw: &Bytes, header_len: usize) -> Bytes {
+    let body = raw.get(header_len..).unwrap_or_default();
+    if raw.len() <= COPY_FRAMES_UP_TO {
+        Bytes::copy_from_slice(body)
+    } else {
+        raw.slice(header_len.min(raw.len())..)
     }
 }
 
@@ -302,7 +330,7 @@ impl FrameCodec {
             return Ok(None);
         }
         src.advance(LENGTH_PREFIX_BYTES);
-        let raw = if len <= COPY_FRAMES_UP_TO {
+        let raw = if self.copy_small && len <= COPY_FRAMES_UP_TO {
             // A small frame gets its own allocation, so that a message kept
             // in a queue never pins the whole read buffer it arrived in.
             let raw = Bytes::copy_from_slice(&src[..len]);

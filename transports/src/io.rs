@@ -2,28 +2,31 @@
 //! queue drained by one writer task that puts many frames into each
 //! syscall.
 //!
-//! The queue is bounded twice: in frames (a tokio channel) and in bytes (a
-//! semaphore whose permits the writer gives back once the bytes are
-//! written). Data frames and control frames are treated differently when it
-//! is full:
+//! The queue is one lock around a deque, bounded in queued frames, in data
+//! frames and in payload bytes (both given back once the writer has written
+//! them). A push takes the lock once and wakes the writer only if it sleeps;
+//! the writer takes everything queued in one swap. Data frames and control
+//! frames are treated differently when it is full:
 //!
 //! - [`OutQueue::try_push_data`] never waits: it fails with
 //!   [`PushError::Full`] so that the caller can answer the sender with an
 //!   error. A share of the frame slots is kept free for control frames.
 //! - [`OutQueue::push_data`] waits for room in frames and bytes (a node's own
-//!   sends: back-pressure instead of growth).
+//!   sends: back-pressure instead of growth); waiting senders are served in
+//!   the order they came, and nobody overtakes them.
 //! - [`OutQueue::push_control`] waits for a frame slot only; control frames
 //!   are small and must not be lost.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::frame::{encode_header, Frame, FrameCodec, FrameError, OutFrame, LENGTH_PREFIX_BYTES};
@@ -31,8 +34,6 @@ use crate::protocol::Header;
 
 /// Bytes requested from the socket per read when the buffer runs low.
 pub const READ_CHUNK_BYTES: usize = 64 * 1024;
-/// Frames the writer takes from its queue per batch.
-pub const WRITE_BATCH_FRAMES: usize = 256;
 /// Bodies at least this large are written from their own buffer in the
 /// vectored write instead of being copied into the batch buffer.
 pub const VECTORED_MIN_BYTES: usize = 16 * 1024;
@@ -181,7 +182,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 #[derive(Debug)]
 struct OutItem {
     frame: OutFrame,
-    /// Byte permits to give back once written.
+    /// Payload bytes it holds until written.
     permits: u32,
     /// Whether the frame holds one of the data slots.
     data_slot: bool,
@@ -207,7 +208,7 @@ pub enum PushError {
 /// reference count).
 #[derive(Clone, Debug)]
 pub struct OutQueue {
-    shared: Arc<QueueShared>,
+    shared: Arc<Senders>,
 }
 
 /// A reference to an [`OutQueue`] that does not keep it open: once every
@@ -215,7 +216,7 @@ pub struct OutQueue {
 /// finishes. For caches that must not outlive the connection.
 #[derive(Clone, Debug)]
 pub struct WeakOutQueue {
-    shared: std::sync::Weak<QueueShared>,
+    shared: std::sync::Weak<Senders>,
 }
 
 impl WeakOutQueue {
@@ -225,27 +226,156 @@ impl WeakOutQueue {
     }
 }
 
+/// What every [`OutQueue`] handle shares; dropped with the last of them,
+/// which tells the writer that nothing more will come.
 #[derive(Debug)]
-struct QueueShared {
-    tx: mpsc::Sender<OutItem>,
-    bytes: Arc<Semaphore>,
+struct Senders {
+    core: Arc<Core>,
+}
+
+impl Drop for Senders {
+    fn drop(&mut self) {
+        let waker = {
+            let mut state = self.core.lock();
+            state.senders_gone = true;
+            state.writer.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+/// The queue itself, shared by the senders and the writer.
+#[derive(Debug)]
+struct Core {
+    state: Mutex<State>,
+    /// Frames the queue holds (taken frames no longer count).
+    max_frames: usize,
+    /// Frames data may use (queued or being written): `max_frames` less a
+    /// reserve kept for control frames.
+    max_data: usize,
+    /// Payload bytes queued or being written.
     max_bytes: u32,
-    /// Frame slots data may use: the channel's capacity less a reserve kept
-    /// for control frames.
-    data_slots: Arc<Semaphore>,
+    /// Wakes senders waiting for room.
+    room: Notify,
+    /// Cancelled by [`OutQueue::close`] or when the writer's side is gone.
     closed: CancellationToken,
+    /// The same, readable without a lock on every push.
+    is_closed: AtomicBool,
     /// Set when a bounded wait for room timed out: the consumer is not
     /// keeping up, so further data fails at once until the queue drains.
     congested: AtomicBool,
+    /// Frames queued, readable without the lock (a receiver's load, asked
+    /// for on every `AnyOf` choice).
+    queued: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    items: VecDeque<OutItem>,
+    /// Data frames queued or being written.
+    data: usize,
+    /// Payload bytes queued or being written.
+    bytes: usize,
+    /// The writer, when it waits for frames.
+    writer: Option<Waker>,
+    /// Every [`OutQueue`] is gone.
+    senders_gone: bool,
+    /// Data senders waiting for room, in arrival order (their tickets):
+    /// only the first may take room, and nobody overtakes them.
+    waiting: VecDeque<u64>,
+    next_ticket: u64,
+    /// Senders waiting for a frame slot for a control frame.
+    control_waiting: usize,
+}
+
+impl Core {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_closed(&self) -> bool {
+        self.is_closed.load(Ordering::Acquire)
+    }
+
+    fn close(&self) {
+        self.is_closed.store(true, Ordering::Release);
+        self.closed.cancel();
+    }
+
+    fn permits_for(&self, frame: &OutFrame) -> u32 {
+        u32::try_from(frame.payload_len())
+            .unwrap_or(u32::MAX)
+            .min(self.max_bytes)
+    }
+
+    /// Whether a data frame of `permits` bytes fits now.
+    fn data_fits(&self, state: &State, permits: u32) -> bool {
+        state.items.len() < self.max_frames
+            && state.data < self.max_data
+            && state.bytes + permits as usize <= self.max_bytes as usize
+    }
+
+    /// Queues a data frame known to fit; returns the waker to wake once
+    /// the lock is released.
+    fn put(&self, state: &mut State, item: OutItem) -> Option<Waker> {
+        if item.data_slot {
+            state.data += 1;
+            state.bytes += item.permits as usize;
+        }
+        state.items.push_back(item);
+        self.queued.store(state.items.len(), Ordering::Relaxed);
+        state.writer.take()
+    }
+
+    /// Wakes waiting senders if there are any: room was made.
+    fn made_room(&self, state: &State) {
+        if !state.waiting.is_empty() || state.control_waiting > 0 {
+            self.room.notify_waiters();
+        }
+    }
+}
+
+/// A data sender's place in line while it waits for room; gives the place
+/// up if the wait is abandoned.
+struct Ticket<'a> {
+    core: &'a Core,
+    number: Option<u64>,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if let Some(number) = self.number {
+            let mut state = self.core.lock();
+            let first = state.waiting.front() == Some(&number);
+            state.waiting.retain(|t| *t != number);
+            if first {
+                // The next in line may fit now.
+                self.core.made_room(&state);
+            }
+        }
+    }
+}
+
+/// A control sender counted as waiting while it waits.
+struct ControlWait<'a> {
+    core: &'a Core,
+    counted: bool,
+}
+
+impl Drop for ControlWait<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.core.lock().control_waiting -= 1;
+        }
+    }
 }
 
 /// The writer's side of an outgoing queue.
 #[derive(Debug)]
 pub struct OutReceiver {
-    rx: mpsc::Receiver<OutItem>,
-    bytes: Arc<Semaphore>,
-    data_slots: Arc<Semaphore>,
-    closed: CancellationToken,
+    core: Arc<Core>,
     /// Whether a small batch waits one scheduling turn for more.
     coalesce: bool,
 }
@@ -256,6 +386,61 @@ impl OutReceiver {
     /// task that is still running (a burst of sends) share one write.
     pub fn coalesce_small_batches(&mut self) {
         self.coalesce = true;
+    }
+
+    /// Moves every queued frame into `batch` (which must be empty):
+    /// `Ready(true)` if it took any, `Ready(false)` once every sender is
+    /// gone and nothing is left, `Pending` (the writer to be woken) if
+    /// there is nothing yet.
+    fn poll_take(&self, cx: &mut Context<'_>, batch: &mut VecDeque<OutItem>) -> Poll<bool> {
+        let mut state = self.core.lock();
+        if state.items.is_empty() {
+            if state.senders_gone {
+                return Poll::Ready(false);
+            }
+            if !matches!(&state.writer, Some(w) if w.will_wake(cx.waker())) {
+                state.writer = Some(cx.waker().clone());
+            }
+            return Poll::Pending;
+        }
+        // A swap: the frames are not moved one by one.
+        std::mem::swap(&mut state.items, batch);
+        self.core.queued.store(0, Ordering::Relaxed);
+        self.core.made_room(&state);
+        Poll::Ready(true)
+    }
+
+    /// Moves what was queued meanwhile into `batch`, without waiting.
+    fn take_more(&self, batch: &mut VecDeque<OutItem>) {
+        let mut state = self.core.lock();
+        if state.items.is_empty() {
+            return;
+        }
+        batch.extend(state.items.drain(..));
+        self.core.queued.store(0, Ordering::Relaxed);
+        self.core.made_room(&state);
+    }
+
+    /// Gives back what written frames held.
+    fn release(&self, data: usize, bytes: usize) {
+        if data == 0 && bytes == 0 {
+            return;
+        }
+        let mut state = self.core.lock();
+        state.data -= data;
+        state.bytes -= bytes;
+        self.core.made_room(&state);
+    }
+}
+
+impl Drop for OutReceiver {
+    /// Nothing will be written any more: senders see the queue closed, and
+    /// what was queued is dropped now, not when the last sender goes.
+    fn drop(&mut self) {
+        self.core.close();
+        let items = std::mem::take(&mut self.core.lock().items);
+        self.core.queued.store(0, Ordering::Relaxed);
+        drop(items);
     }
 }
 
@@ -270,36 +455,75 @@ pub const COALESCE_BELOW: usize = 4;
 pub fn out_queue(frames: usize, bytes: usize) -> (OutQueue, OutReceiver) {
     let frames = frames.max(4);
     let max_bytes = u32::try_from(bytes).unwrap_or(u32::MAX).max(1);
-    let (tx, rx) = mpsc::channel(frames);
-    let sem = Arc::new(Semaphore::new(max_bytes as usize));
-    let data_slots = Arc::new(Semaphore::new(frames - frames / 8));
-    let closed = CancellationToken::new();
+    let core = Arc::new(Core {
+        state: Mutex::new(State::default()),
+        max_frames: frames,
+        max_data: frames - frames / 8,
+        max_bytes,
+        room: Notify::new(),
+        closed: CancellationToken::new(),
+        is_closed: AtomicBool::new(false),
+        congested: AtomicBool::new(false),
+        queued: AtomicUsize::new(0),
+    });
     (
         OutQueue {
-            shared: Arc::new(QueueShared {
-                tx,
-                bytes: sem.clone(),
-                max_bytes,
-                data_slots: data_slots.clone(),
-                closed: closed.clone(),
-                congested: AtomicBool::new(false),
-            }),
+            shared: Arc::new(Senders { core: core.clone() }),
         },
         OutReceiver {
-            rx,
-            bytes: sem,
-            data_slots,
-            closed,
+            core,
             coalesce: false,
         },
     )
 }
 
+/// What a waiting data sender found when it looked.
+enum Look {
+    /// Queued; the writer to wake, if it sleeps.
+    Queued(Option<Waker>),
+    Closed(OutFrame),
+    Wait(OutFrame),
+}
+
+/// Why a data frame was not queued at once.
+enum TryData {
+    Full(OutFrame),
+    Closed(OutFrame),
+}
+
 impl OutQueue {
-    fn permits_for(&self, frame: &OutFrame) -> u32 {
-        u32::try_from(frame.payload_len())
-            .unwrap_or(u32::MAX)
-            .min(self.shared.max_bytes)
+    fn core(&self) -> &Core {
+        &self.shared.core
+    }
+
+    /// Queues a data frame now if it fits and nobody waits before it.
+    // The frame goes back by value: boxing it would allocate on every
+    // fall-through to the waiting path.
+    #[allow(clippy::result_large_err)]
+    fn try_data(&self, frame: OutFrame) -> Result<(), TryData> {
+        let core = self.core();
+        if core.is_closed() {
+            return Err(TryData::Closed(frame));
+        }
+        let permits = core.permits_for(&frame);
+        let waker = {
+            let mut state = core.lock();
+            if !state.waiting.is_empty() || !core.data_fits(&state, permits) {
+                return Err(TryData::Full(frame));
+            }
+            core.put(
+                &mut state,
+                OutItem {
+                    frame,
+                    permits,
+                    data_slot: true,
+                },
+            )
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        Ok(())
     }
 
     /// Queues a data frame without waiting.
@@ -310,37 +534,15 @@ impl OutQueue {
     /// frames or the bytes are used up; [`PushError::Closed`] when the
     /// writer is gone. The frame is handed back.
     pub fn try_push_data(&self, frame: OutFrame) -> Result<(), PushError> {
-        if self.shared.closed.is_cancelled() || self.shared.tx.is_closed() {
-            return Err(PushError::Closed(Box::new(frame)));
-        }
-        let Ok(slot) = self.shared.data_slots.try_acquire() else {
-            return Err(PushError::Full(Box::new(frame)));
-        };
-        let permits = self.permits_for(&frame);
-        let Ok(permit) = self.shared.bytes.try_acquire_many(permits) else {
-            return Err(PushError::Full(Box::new(frame)));
-        };
-        let item = OutItem {
-            frame,
-            permits,
-            data_slot: true,
-        };
-        match self.shared.tx.try_send(item) {
-            Ok(()) => {
-                slot.forget();
-                permit.forget();
-                Ok(())
-            }
-            Err(mpsc::error::TrySendError::Full(item)) => {
-                Err(PushError::Full(Box::new(item.frame)))
-            }
-            Err(mpsc::error::TrySendError::Closed(item)) => {
-                Err(PushError::Closed(Box::new(item.frame)))
-            }
+        match self.try_data(frame) {
+            Ok(()) => Ok(()),
+            Err(TryData::Full(frame)) => Err(PushError::Full(Box::new(frame))),
+            Err(TryData::Closed(frame)) => Err(PushError::Closed(Box::new(frame))),
         }
     }
 
-    /// Queues a data frame, waiting for room in frames and bytes.
+    /// Queues a data frame, waiting for room in frames and bytes. Waiting
+    /// senders are served in the order they came.
     ///
     /// # Errors
     ///
@@ -350,49 +552,68 @@ impl OutQueue {
     ///
     /// Cancel safe: a cancelled call queued nothing.
     pub async fn push_data(&self, frame: OutFrame) -> Result<(), PushError> {
-        // The usual case, room everywhere, without building any future.
-        let frame = match self.try_push_room(frame) {
+        // The usual case, room at once, without building any future.
+        let frame = match self.try_data(frame) {
             Ok(()) => return Ok(()),
-            Err(frame) => frame,
+            Err(TryData::Full(frame)) => frame,
+            Err(TryData::Closed(frame)) => return Err(PushError::Closed(Box::new(frame))),
         };
-        let data_slot = tokio::select! {
-            p = self.shared.data_slots.acquire() => p,
-            _ = self.shared.closed.cancelled() => return Err(PushError::Closed(Box::new(frame))),
-        };
-        let Ok(data_slot) = data_slot else {
-            return Err(PushError::Closed(Box::new(frame)));
-        };
-        let permits = self.permits_for(&frame);
-        let permit = tokio::select! {
-            p = self.shared.bytes.acquire_many(permits) => p,
-            _ = self.shared.closed.cancelled() => return Err(PushError::Closed(Box::new(frame))),
-        };
-        let Ok(permit) = permit else {
-            return Err(PushError::Closed(Box::new(frame)));
-        };
-        let slot = tokio::select! {
-            s = self.shared.tx.reserve() => s,
-            _ = self.shared.closed.cancelled() => return Err(PushError::Closed(Box::new(frame))),
-        };
-        match slot {
-            Ok(slot) => {
-                permit.forget();
-                data_slot.forget();
-                slot.send(OutItem {
-                    frame,
-                    permits,
-                    data_slot: true,
+        let core = self.core();
+        let permits = core.permits_for(&frame);
+        let mut ticket = Ticket { core, number: None };
+        let mut frame = frame;
+        loop {
+            let notified = core.room.notified();
+            tokio::pin!(notified);
+            // Registered before looking, so no room made after the look is
+            // missed.
+            notified.as_mut().enable();
+            let look = {
+                let mut state = core.lock();
+                let number = *ticket.number.get_or_insert_with(|| {
+                    let number = state.next_ticket;
+                    state.next_ticket += 1;
+                    state.waiting.push_back(number);
+                    number
                 });
-                Ok(())
+                if core.is_closed() {
+                    Look::Closed(frame)
+                } else if state.waiting.front() == Some(&number) && core.data_fits(&state, permits)
+                {
+                    state.waiting.pop_front();
+                    ticket.number = None;
+                    // The next in line may fit too.
+                    core.made_room(&state);
+                    let item = OutItem {
+                        frame,
+                        permits,
+                        data_slot: true,
+                    };
+                    Look::Queued(core.put(&mut state, item))
+                } else {
+                    Look::Wait(frame)
+                }
+            };
+            frame = match look {
+                Look::Queued(waker) => {
+                    if let Some(waker) = waker {
+                        waker.wake();
+                    }
+                    return Ok(());
+                }
+                Look::Closed(frame) => return Err(PushError::Closed(Box::new(frame))),
+                Look::Wait(frame) => frame,
+            };
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = core.closed.cancelled() => {}
             }
-            Err(_) => Err(PushError::Closed(Box::new(frame))),
         }
     }
 
-    /// Queues a data frame if there is room in frames, bytes and slots at
-    /// once (no control reserve kept: this is the waiting sender's path);
-    /// hands it back otherwise, also when the queue is closed. The
-    /// non-waiting first step of [`OutQueue::push_data`].
+    /// Queues a data frame if there is room right now; hands it back
+    /// otherwise, also when the queue is closed. The non-waiting first
+    /// step of [`OutQueue::push_data`].
     ///
     /// # Errors
     ///
@@ -401,27 +622,10 @@ impl OutQueue {
     // fall-through to the waiting path.
     #[allow(clippy::result_large_err)]
     pub fn try_push_room(&self, frame: OutFrame) -> Result<(), OutFrame> {
-        if self.shared.closed.is_cancelled() {
-            return Err(frame);
+        match self.try_data(frame) {
+            Ok(()) => Ok(()),
+            Err(TryData::Full(frame)) | Err(TryData::Closed(frame)) => Err(frame),
         }
-        let Ok(data_slot) = self.shared.data_slots.try_acquire() else {
-            return Err(frame);
-        };
-        let permits = self.permits_for(&frame);
-        let Ok(permit) = self.shared.bytes.try_acquire_many(permits) else {
-            return Err(frame);
-        };
-        let Ok(slot) = self.shared.tx.try_reserve() else {
-            return Err(frame);
-        };
-        permit.forget();
-        data_slot.forget();
-        slot.send(OutItem {
-            frame,
-            permits,
-            data_slot: true,
-        });
-        Ok(())
     }
 
     /// Queues a data frame, waiting at most `wait` for room; the way to
@@ -441,9 +645,10 @@ impl OutQueue {
     ///
     /// Cancel safe: a cancelled call queued nothing.
     pub async fn push_data_within(&self, frame: OutFrame, wait: Duration) -> Result<(), PushError> {
-        if self.shared.congested.load(Ordering::Relaxed) {
+        let core = self.core();
+        if core.congested.load(Ordering::Relaxed) {
             if self.is_drained() {
-                self.shared.congested.store(false, Ordering::Relaxed);
+                core.congested.store(false, Ordering::Relaxed);
             } else {
                 return self.try_push_data(frame);
             }
@@ -455,7 +660,7 @@ impl OutQueue {
         match tokio::time::timeout(wait, self.push_data(frame)).await {
             Ok(result) => result,
             Err(_) => {
-                self.shared.congested.store(true, Ordering::Relaxed);
+                core.congested.store(true, Ordering::Relaxed);
                 Err(PushError::Congested)
             }
         }
@@ -463,17 +668,43 @@ impl OutQueue {
 
     /// Whether the queue holds under a quarter of its frames and bytes.
     fn is_drained(&self) -> bool {
-        let data_capacity = self.shared.tx.max_capacity() - self.shared.tx.max_capacity() / 8;
-        let frames_used = data_capacity.saturating_sub(self.shared.data_slots.available_permits());
-        let bytes_used =
-            (self.shared.max_bytes as usize).saturating_sub(self.shared.bytes.available_permits());
-        frames_used < data_capacity / 4 && bytes_used < self.shared.max_bytes as usize / 4
+        let core = self.core();
+        let state = core.lock();
+        state.data < core.max_data / 4 && state.bytes < core.max_bytes as usize / 4
     }
 
     /// Whether the consumer was found not keeping up (see
     /// [`OutQueue::push_data_within`]).
     pub fn is_congested(&self) -> bool {
-        self.shared.congested.load(Ordering::Relaxed)
+        self.core().congested.load(Ordering::Relaxed)
+    }
+
+    /// Queues a control frame if a frame slot is free; the frame back if
+    /// not, with whether the queue is closed.
+    #[allow(clippy::result_large_err)]
+    fn try_control(&self, frame: OutFrame) -> Result<(), (OutFrame, bool)> {
+        let core = self.core();
+        if core.is_closed() {
+            return Err((frame, true));
+        }
+        let waker = {
+            let mut state = core.lock();
+            if state.items.len() >= core.max_frames {
+                return Err((frame, false));
+            }
+            core.put(
+                &mut state,
+                OutItem {
+                    frame,
+                    permits: 0,
+                    data_slot: false,
+                },
+            )
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        Ok(())
     }
 
     /// Queues a control frame, waiting for a frame slot.
@@ -486,30 +717,33 @@ impl OutQueue {
     ///
     /// Cancel safe: a cancelled call queued nothing.
     pub async fn push_control(&self, frame: OutFrame) -> Result<(), PushError> {
-        if !self.shared.closed.is_cancelled() {
-            if let Ok(slot) = self.shared.tx.try_reserve() {
-                slot.send(OutItem {
-                    frame,
-                    permits: 0,
-                    data_slot: false,
-                });
-                return Ok(());
-            }
-        }
-        let slot = tokio::select! {
-            s = self.shared.tx.reserve() => s,
-            _ = self.shared.closed.cancelled() => return Err(PushError::Closed(Box::new(frame))),
+        let mut frame = match self.try_control(frame) {
+            Ok(()) => return Ok(()),
+            Err((frame, true)) => return Err(PushError::Closed(Box::new(frame))),
+            Err((frame, false)) => frame,
         };
-        match slot {
-            Ok(slot) => {
-                slot.send(OutItem {
-                    frame,
-                    permits: 0,
-                    data_slot: false,
-                });
-                Ok(())
+        let core = self.core();
+        let mut counted = ControlWait {
+            core,
+            counted: false,
+        };
+        loop {
+            let notified = core.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !counted.counted {
+                core.lock().control_waiting += 1;
+                counted.counted = true;
             }
-            Err(_) => Err(PushError::Closed(Box::new(frame))),
+            frame = match self.try_control(frame) {
+                Ok(()) => return Ok(()),
+                Err((frame, true)) => return Err(PushError::Closed(Box::new(frame))),
+                Err((frame, false)) => frame,
+            };
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = core.closed.cancelled() => {}
+            }
         }
     }
 
@@ -519,19 +753,10 @@ impl OutQueue {
     ///
     /// [`PushError::Full`] or [`PushError::Closed`], handing the frame back.
     pub fn try_push_control(&self, frame: OutFrame) -> Result<(), PushError> {
-        let item = OutItem {
-            frame,
-            permits: 0,
-            data_slot: false,
-        };
-        match self.shared.tx.try_send(item) {
+        match self.try_control(frame) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(item)) => {
-                Err(PushError::Full(Box::new(item.frame)))
-            }
-            Err(mpsc::error::TrySendError::Closed(item)) => {
-                Err(PushError::Closed(Box::new(item.frame)))
-            }
+            Err((frame, true)) => Err(PushError::Closed(Box::new(frame))),
+            Err((frame, false)) => Err(PushError::Full(Box::new(frame))),
         }
     }
 
@@ -549,26 +774,23 @@ impl OutQueue {
 
     /// Frames waiting to be written: a measure of the receiver's load.
     pub fn queued_frames(&self) -> usize {
-        self.shared.tx.max_capacity() - self.shared.tx.capacity()
+        self.core().queued.load(Ordering::Relaxed)
     }
 
     /// Whether the connection's writer has stopped.
     pub fn is_closed(&self) -> bool {
-        self.shared.closed.is_cancelled() || self.shared.tx.is_closed()
+        self.core().is_closed()
     }
 
     /// Stops the writer without draining: frames still queued are dropped.
     /// Used to cut off a slow consumer or a misbehaving peer.
     pub fn close(&self) {
-        self.shared.closed.cancel();
+        self.core().close();
     }
 
     /// Resolves once the writer has stopped or [`OutQueue::close`] was called.
     pub async fn closed(&self) {
-        tokio::select! {
-            _ = self.shared.closed.cancelled() => {}
-            _ = self.shared.tx.closed() => {}
-        }
+        self.core().closed.cancelled().await;
     }
 }
 
@@ -582,8 +804,8 @@ pub enum WriteEnd {
     Closed,
 }
 
-/// Gives permits back when a batch is done, also if the writing future is
-/// dropped half-way.
+/// Gives back what a batch held when it is done, also if the writing
+/// future is dropped half-way.
 struct Release<'a> {
     rx: &'a OutReceiver,
     permits: usize,
@@ -592,8 +814,7 @@ struct Release<'a> {
 
 impl Drop for Release<'_> {
     fn drop(&mut self) {
-        self.rx.bytes.add_permits(self.permits);
-        self.rx.data_slots.add_permits(self.data_slots);
+        self.rx.release(self.data_slots, self.permits);
     }
 }
 
@@ -601,7 +822,7 @@ impl Drop for Release<'_> {
 /// [`Header::Goodbye`] was written (then flushes and shuts the write side
 /// down), or [`OutQueue::close`] is called (then stops at once).
 ///
-/// Each batch of up to [`WRITE_BATCH_FRAMES`] frames goes out in as few
+/// Each batch (everything queued when the writer looks) goes out in as few
 /// vectored writes as the kernel takes: headers and small bodies are copied
 /// into one buffer, bodies of [`VECTORED_MIN_BYTES`] and more are written
 /// from their own `Bytes`.
@@ -623,27 +844,23 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
     rx: &mut OutReceiver,
     max_frame: usize,
 ) -> Result<WriteEnd, FrameError> {
-    let mut batch = Vec::with_capacity(WRITE_BATCH_FRAMES);
+    let mut batch = VecDeque::new();
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let mut chunks: VecDeque<Bytes> = VecDeque::new();
+    let closed = rx.core.closed.clone();
     loop {
-        let n = tokio::select! {
+        let took = tokio::select! {
             biased;
-            _ = rx.closed.cancelled() => return Ok(WriteEnd::Closed),
-            n = rx.rx.recv_many(&mut batch, WRITE_BATCH_FRAMES) => n,
+            _ = closed.cancelled() => return Ok(WriteEnd::Closed),
+            took = std::future::poll_fn(|cx| rx.poll_take(cx, &mut batch)) => took,
         };
-        if n == 0 {
+        if !took {
             io.shutdown().await?;
             return Ok(WriteEnd::Finished);
         }
-        if rx.coalesce && n < COALESCE_BELOW {
+        if rx.coalesce && batch.len() < COALESCE_BELOW {
             tokio::task::yield_now().await;
-            while batch.len() < WRITE_BATCH_FRAMES {
-                match rx.rx.try_recv() {
-                    Ok(item) => batch.push(item),
-                    Err(_) => break,
-                }
-            }
+            rx.take_more(&mut batch);
         }
         let mut release = Release {
             rx,
@@ -697,7 +914,6 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
         if !buf.is_empty() {
             chunks.push_back(buf.split().freeze());
         }
-        let closed = release.rx.closed.clone();
         let written = tokio::select! {
             biased;
             _ = closed.cancelled() => return Ok(WriteEnd::Closed),
@@ -725,8 +941,8 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
     max_frame: usize,
 ) -> Result<(), FrameError> {
     let result = write_queue(&mut io, &mut rx, max_frame).await;
-    rx.closed.cancel();
-    rx.rx.close();
+    // Dropping the receiver closes the queue for its senders.
+    drop(rx);
     result.map(|_| ())
 }
 
@@ -998,5 +1214,155 @@ mod tests {
         };
         assert!(q.try_push_data(body(60)).is_ok());
         assert!(matches!(q.try_push_data(body(60)), Err(PushError::Full(_))));
+    }
+
+    fn numbered(token: u64, len: usize) -> OutFrame {
+        OutFrame::Parts {
+            header: Header::Subscribed { token },
+            body: Bytes::from(vec![0u8; len]),
+        }
+    }
+
+    fn token_of(item: &OutItem) -> u64 {
+        match &item.frame {
+            OutFrame::Parts {
+                header: Header::Subscribed { token },
+                ..
+            } => *token,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+
+    /// Takes what is queued, as the writer does, and gives back what the
+    /// taken frames held, as the writer does once they are written.
+    fn take_and_write(rx: &OutReceiver) -> Vec<u64> {
+        let mut batch = VecDeque::new();
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        if rx.poll_take(&mut cx, &mut batch).is_pending() {
+            return vec![];
+        }
+        let tokens = batch.iter().map(token_of).collect();
+        let data = batch.iter().filter(|i| i.data_slot).count();
+        let bytes = batch.iter().map(|i| i.permits as usize).sum();
+        rx.release(data, bytes);
+        tokens
+    }
+
+    /// A sender that waits for room is served before anyone who comes
+    /// later, even one that would fit at once; waiting senders keep their
+    /// order.
+    #[tokio::test(flavor = "current_thread")]
+    async fn waiting_senders_are_served_in_order_and_not_overtaken() {
+        let (q, rx) = out_queue(64, 100);
+        q.try_push_data(numbered(0, 80)).expect("room");
+        let first = tokio::spawn({
+            let q = q.clone();
+            async move { q.push_data(numbered(1, 60)).await }
+        });
+        tokio::task::yield_now().await;
+        let second = tokio::spawn({
+            let q = q.clone();
+            async move { q.push_data(numbered(2, 10)).await }
+        });
+        tokio::task::yield_now().await;
+        // 10 bytes would fit, but two senders wait before this one.
+        assert!(matches!(
+            q.try_push_data(numbered(3, 10)),
+            Err(PushError::Full(_))
+        ));
+        assert_eq!(take_and_write(&rx), vec![0]);
+        first.await.expect("join").expect("queued");
+        second.await.expect("join").expect("queued");
+        assert_eq!(take_and_write(&rx), vec![1, 2]);
+        q.try_push_data(numbered(4, 10)).expect("nobody waits now");
+        assert_eq!(take_and_write(&rx), vec![4]);
+    }
+
+    /// A wait given up (its future dropped) gives its place up: the next
+    /// in line is served.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_abandoned_wait_lets_the_next_sender_in() {
+        let (q, rx) = out_queue(64, 100);
+        q.try_push_data(numbered(0, 100)).expect("room");
+        let abandoned = tokio::spawn({
+            let q = q.clone();
+            async move { q.push_data(numbered(1, 100)).await }
+        });
+        tokio::task::yield_now().await;
+        let next = tokio::spawn({
+            let q = q.clone();
+            async move { q.push_data(numbered(2, 50)).await }
+        });
+        tokio::task::yield_now().await;
+        abandoned.abort();
+        assert!(abandoned.await.is_err(), "aborted");
+        assert_eq!(take_and_write(&rx), vec![0]);
+        next.await.expect("join").expect("queued");
+        assert_eq!(take_and_write(&rx), vec![2]);
+    }
+
+    /// Closing wakes waiting senders with their frames handed back; a
+    /// dropped writer closes the queue too.
+    #[tokio::test(flavor = "current_thread")]
+    async fn closing_fails_waiting_senders_and_later_pushes() {
+        let (q, rx) = out_queue(8, 100);
+        q.try_push_data(numbered(0, 100)).expect("room");
+        let waiting = tokio::spawn({
+            let q = q.clone();
+            async move { q.push_data(numbered(1, 10)).await }
+        });
+        tokio::task::yield_now().await;
+        q.close();
+        assert!(matches!(
+            waiting.await.expect("join"),
+            Err(PushError::Closed(_))
+        ));
+        assert!(q.is_closed());
+        assert!(matches!(
+            q.try_push_control(numbered(2, 0)),
+            Err(PushError::Closed(_))
+        ));
+        q.closed().await;
+
+        let (q, rx2) = out_queue(8, 100);
+        drop(rx2);
+        assert!(q.is_closed());
+        assert!(matches!(
+            q.push_control(numbered(3, 0)).await,
+            Err(PushError::Closed(_))
+        ));
+        drop(rx);
+    }
+
+    /// Control frames use the slots data may not, and wait only for a
+    /// slot; the writer finishes once every sender is gone.
+    #[tokio::test(flavor = "current_thread")]
+    async fn control_frames_wait_for_a_slot_and_the_writer_ends_with_the_senders() {
+        let (q, rx) = out_queue(8, 1 << 20);
+        while q.try_push_data(numbered(0, 1)).is_ok() {}
+        assert_eq!(q.queued_frames(), 7);
+        q.try_push_control(numbered(1, 0))
+            .expect("the reserved slot");
+        assert!(matches!(
+            q.try_push_control(numbered(2, 0)),
+            Err(PushError::Full(_))
+        ));
+        let control = tokio::spawn({
+            let q = q.clone();
+            async move { q.push_control(numbered(2, 0)).await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(take_and_write(&rx).len(), 8);
+        control.await.expect("join").expect("queued");
+        assert_eq!(take_and_write(&rx), vec![2]);
+        let weak = q.downgrade();
+        assert!(weak.upgrade().is_some());
+        drop(q);
+        assert!(weak.upgrade().is_none());
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut batch = VecDeque::new();
+        assert_eq!(rx.poll_take(&mut cx, &mut batch), Poll::Ready(false));
     }
 }

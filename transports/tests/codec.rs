@@ -1142,3 +1142,37 @@ async fn frame_reader_refuses_oversized_prefix() {
     assert!(matches!(err, FrameError::TooLarge { .. }), "{err:?}");
     drop(client);
 }
+
+/// A codec reading in place hands small frames out as slices of its read
+/// buffer; `owned_body` gives their bodies buffers of their own, equal to
+/// what a copying codec gives.
+#[test]
+fn in_place_frames_give_owned_bodies_equal_to_copied_ones() {
+    let mut wire = BytesMut::new();
+    let small = Bytes::from(vec![3u8; 100]);
+    let large = Bytes::from(vec![4u8; transports::frame::COPY_FRAMES_UP_TO + 10]);
+    for (token, body) in [(1u64, &small), (2, &large)] {
+        transports::frame::encode_header(
+            &Header::Subscribed { token },
+            body.len(),
+            1 << 20,
+            &mut wire,
+        )
+        .expect("encodes");
+        wire.put_slice(body);
+    }
+    for in_place in [false, true] {
+        let mut codec = FrameCodec::new(1 << 20);
+        if in_place {
+            codec = codec.in_place();
+        }
+        let mut src = wire.clone();
+        for body in [&small, &large] {
+            let raw = codec.decode_raw(&mut src).expect("decodes").expect("whole");
+            let (_, header_len) = transports::frame::peek(&raw).expect("peeks");
+            let owned = transports::frame::owned_body(&raw, header_len);
+            assert_eq!(&owned, body, "in place {in_place}");
+        }
+        assert!(src.is_empty());
+    }
+}
