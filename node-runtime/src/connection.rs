@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::net::tcp::OwnedReadHalf;
 
 use tokio::sync::mpsc;
-use transports::frame::{owned_body, peek, Peeked};
+use transports::frame::{peek, BodyArena, Peeked};
 use transports::protocol::{
     Ack, AckRef, AckStatus, Acks, DeliveryFailure, Header, MessageKind, MessageRef, NodeId, Routed,
 };
@@ -47,6 +47,8 @@ pub(crate) async fn read_frames(
     inner: &Arc<Inner>,
     reader: &mut FrameReader<OwnedReadHalf>,
 ) -> LinkEnd {
+    // Delivered bodies are copied out of the read buffer into this.
+    let mut bodies = BodyArena::new();
     let mut acks = AckBatch::new(
         inner.id.clone(),
         inner.incarnation.clone(),
@@ -79,7 +81,7 @@ pub(crate) async fn read_frames(
         let header = match header {
             Peeked::Message(h) => {
                 Counters::add(&inner.counters.received_server, 1);
-                let body = owned_body(&raw, header_len);
+                let body = bodies.owned_body(&raw, header_len);
                 if deliver(inner, &h, body, &inner.queue, &mut acks, Received::Server)
                     .await
                     .is_err()

@@ -17,7 +17,7 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 use transports::frame::FrameCodec;
-use transports::frame::{owned_body, peek, Peeked};
+use transports::frame::{peek, BodyArena, Peeked};
 use transports::handshake::{self, HandshakeError};
 use transports::protocol::{Header, NodeId, Welcome, PROTOCOL_VERSION};
 use transports::{out_queue, FrameReader, OutFrame, OutQueue};
@@ -517,6 +517,8 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
         .in_current_span(),
     );
     tracing::debug!("inbound channel started");
+    // Delivered bodies are copied out of the read buffer into this.
+    let mut bodies = BodyArena::new();
     let mut acks = AckBatch::new(inner.id.clone(), inner.incarnation.clone(), queue.clone());
     loop {
         if !reader.has_buffered_frame() {
@@ -556,7 +558,7 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
                     break;
                 }
                 Counters::add(&inner.counters.received_direct, 1);
-                let body = owned_body(&raw, header_len);
+                let body = bodies.owned_body(&raw, header_len);
                 if deliver(&inner, &h, body, &queue, &mut acks, Received::Direct)
                     .await
                     .is_err()

@@ -89,6 +89,22 @@ struct SenderWindows {
     windows: Vec<(u64, SeqWindow)>,
 }
 
+impl SenderWindows {
+    /// Records message `seq` of this sender's `incarnation`; returns the
+    /// sender's id and whether the message is new.
+    fn record(&mut self, incarnation: u64, seq: u64) -> (NodeId, bool) {
+        let window = match self.windows.iter().position(|(i, _)| *i == incarnation) {
+            Some(at) => &mut self.windows[at].1,
+            None => {
+                self.windows.push((incarnation, SeqWindow::new()));
+                let last = self.windows.len() - 1;
+                &mut self.windows[last].1
+            }
+        };
+        (self.id.clone(), window.insert(seq))
+    }
+}
+
 impl Dedup {
     /// Whether message `seq` of `sender`'s `incarnation` is new (and
     /// records it).
@@ -100,27 +116,18 @@ impl Dedup {
     /// Records message `seq` of `sender`'s `incarnation`; returns the
     /// sender's id and whether the message is new.
     pub(crate) fn check(&mut self, sender: &str, incarnation: u64, seq: u64) -> (NodeId, bool) {
-        if !self.senders.contains_key(sender) {
-            let id = NodeId::new(sender);
-            let windows = SenderWindows {
-                id: id.clone(),
-                windows: Vec::new(),
-            };
-            self.senders.insert(id, windows);
+        // One lookup for a sender heard from before, the usual case.
+        if let Some(entry) = self.senders.get_mut(sender) {
+            return entry.record(incarnation, seq);
         }
-        let Some(entry) = self.senders.get_mut(sender) else {
-            // Inserted just above.
-            return (NodeId::new(sender), true);
+        let id = NodeId::new(sender);
+        let mut entry = SenderWindows {
+            id: id.clone(),
+            windows: Vec::new(),
         };
-        let window = match entry.windows.iter().position(|(i, _)| *i == incarnation) {
-            Some(at) => &mut entry.windows[at].1,
-            None => {
-                entry.windows.push((incarnation, SeqWindow::new()));
-                let last = entry.windows.len() - 1;
-                &mut entry.windows[last].1
-            }
-        };
-        (entry.id.clone(), window.insert(seq))
+        let recorded = entry.record(incarnation, seq);
+        self.senders.insert(id, entry);
+        recorded
     }
 
     /// Forgets a sender that is gone.

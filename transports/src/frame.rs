@@ -277,16 +277,48 @@ impl FrameCodec {
     }
 }
 
-/// The body of a frame read with [`FrameCodec::in_place`], whose header
-/// takes its first `header_len` bytes, in a buffer of its own: a small body
-/// is copied (one allocation, the read buffer is let go of), a large one
-/// already has its own buffer and is sliced.
-pub fn owned_body(raw: &Bytes, header_len: usize) -> Bytes {
-    let body = raw.get(header_len..).unwrap_or_default();
-    if raw.len() <= COPY_FRAMES_UP_TO {
-        Bytes::copy_from_slice(body)
-    } else {
-        raw.slice(header_len.min(raw.len())..)
+/// Where a reader that takes frames in place ([`FrameCodec::in_place`])
+/// copies the bodies it keeps: small bodies are packed into shared chunks
+/// of [`BODY_CHUNK_BYTES`], so that one allocation (and, on the thread that
+/// drops the messages, one free) serves many messages, while a kept body
+/// pins at most one chunk, never a whole read buffer.
+#[derive(Debug, Default)]
+pub struct BodyArena {
+    chunk: BytesMut,
+}
+
+/// The size of a [`BodyArena`]'s chunks.
+pub const BODY_CHUNK_BYTES: usize = 4 * 1024;
+
+/// Bodies above this size get an allocation of their own in a
+/// [`BodyArena`] (packing them would waste chunk space).
+pub const PACKED_BODY_BYTES: usize = BODY_CHUNK_BYTES / 4;
+
+impl BodyArena {
+    /// An arena with no chunk yet.
+    pub fn new() -> Self {
+        BodyArena::default()
+    }
+
+    /// The body of `raw` (a frame read in place, whose header takes its
+    /// first `header_len` bytes) in memory of its own: a small body is
+    /// copied into the current chunk, a medium one into an allocation of
+    /// its own, and a large frame, which already has a buffer of its own,
+    /// is sliced.
+    pub fn owned_body(&mut self, raw: &Bytes, header_len: usize) -> Bytes {
+        let body = raw.get(header_len..).unwrap_or_default();
+        if raw.len() > COPY_FRAMES_UP_TO {
+            return raw.slice(header_len.min(raw.len())..);
+        }
+        if body.len() > PACKED_BODY_BYTES {
+            return Bytes::copy_from_slice(body);
+        }
+        if self.chunk.capacity() - self.chunk.len() < body.len() {
+            // The full chunk lives on in the bodies cut from it.
+            self.chunk = BytesMut::with_capacity(BODY_CHUNK_BYTES);
+        }
+        self.chunk.extend_from_slice(body);
+        self.chunk.split().freeze()
     }
 }
 

@@ -1144,7 +1144,7 @@ async fn frame_reader_refuses_oversized_prefix() {
 }
 
 /// A codec reading in place hands small frames out as slices of its read
-/// buffer; `owned_body` gives their bodies buffers of their own, equal to
+/// buffer; a `BodyArena` gives their bodies memory of their own, equal to
 /// what a copying codec gives.
 #[test]
 fn in_place_frames_give_owned_bodies_equal_to_copied_ones() {
@@ -1167,10 +1167,11 @@ fn in_place_frames_give_owned_bodies_equal_to_copied_ones() {
             codec = codec.in_place();
         }
         let mut src = wire.clone();
+        let mut arena = transports::frame::BodyArena::new();
         for body in [&small, &large] {
             let raw = codec.decode_raw(&mut src).expect("decodes").expect("whole");
             let (_, header_len) = transports::frame::peek(&raw).expect("peeks");
-            let owned = transports::frame::owned_body(&raw, header_len);
+            let owned = arena.owned_body(&raw, header_len);
             assert_eq!(&owned, body, "in place {in_place}");
         }
         assert!(src.is_empty());
