@@ -330,6 +330,18 @@ impl<W> DeliveryTracker<W> {
         self.settle(ack.seq)
     }
 
+    /// [`DeliveryTracker::handle_ack`] for an `Accepted` acknowledgement of
+    /// message `seq` by `from` (one of a batch); `None` also when `seq` is
+    /// not tracked.
+    pub fn handle_accepted(&mut self, seq: u64, from: &NodeId) -> Option<(W, Completion)> {
+        let p = self.pending.get_mut(&seq)?;
+        if p.accounted(from) {
+            return None;
+        }
+        p.delivered.push(from.clone());
+        self.settle(seq)
+    }
+
     /// The reply to request `request_seq`.
     pub fn handle_reply(
         &mut self,
@@ -448,6 +460,30 @@ mod tests {
             t.handle_ack(&ack(1, "b", AckStatus::Accepted)).is_none(),
             "a late duplicate is ignored"
         );
+    }
+
+    /// A batched acceptance settles like a plain ack: once per receiver,
+    /// ignored when untracked or already counted.
+    #[test]
+    fn batched_acceptances_settle_like_acks() {
+        let mut t = DeliveryTracker::new();
+        t.track(1, Target::Group("g".into()), svc(), Awaiting::Acks, "w1");
+        assert!(t
+            .handle_routed(&routed(1, &["a", "b"], vec![], None), |_, _| true)
+            .is_none());
+        assert!(t.handle_accepted(1, &id("a")).is_none());
+        assert!(t.handle_accepted(1, &id("a")).is_none(), "counted once");
+        assert!(t.handle_accepted(9, &id("a")).is_none(), "untracked");
+        let (w, c) = t.handle_accepted(1, &id("b")).expect("settled");
+        assert_eq!(w, "w1");
+        assert_eq!(
+            c,
+            Completion::Delivered(DeliveryReport {
+                delivered: vec![id("a"), id("b")],
+                failed: vec![]
+            })
+        );
+        assert!(t.is_empty());
     }
 
     #[test]

@@ -192,18 +192,7 @@ pub(crate) fn handle_acks(inner: &Inner, acks: &Acks) {
     {
         let mut tracker = inner.tracker();
         for &seq in &acks.seqs {
-            if !tracker.is_tracked(seq) {
-                continue;
-            }
-            let ack = Ack {
-                to: inner.id.clone(),
-                to_incarnation: acks.to_incarnation,
-                seq,
-                from: acks.from.clone(),
-                from_incarnation: acks.from_incarnation,
-                status: AckStatus::Accepted,
-            };
-            done.extend(tracker.handle_ack(&ack));
+            done.extend(tracker.handle_accepted(seq, &acks.from));
         }
     }
     complete(done);

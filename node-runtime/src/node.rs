@@ -107,6 +107,9 @@ pub(crate) struct Inner {
     pub(crate) late_failures: AtomicU64,
     epoch: std::time::Instant,
     pub(crate) cancel: CancellationToken,
+    /// Set just before `cancel` is: read on every send, without the
+    /// token's lock.
+    stopping: std::sync::atomic::AtomicBool,
     pub(crate) tasks: TaskTracker,
 }
 
@@ -155,6 +158,7 @@ impl Inner {
             late_failures: AtomicU64::new(0),
             epoch: std::time::Instant::now(),
             cancel: CancellationToken::new(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             tasks: TaskTracker::new(),
         }
     }
@@ -377,8 +381,13 @@ impl Inner {
         }
     }
 
+    /// Whether the node is shutting down.
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
     pub(crate) fn closed_error(&self) -> SendError {
-        if self.cancel.is_cancelled() {
+        if self.is_stopping() {
             SendError::Shutdown
         } else {
             SendError::Disconnected
@@ -520,7 +529,7 @@ impl Drop for DropGuard {
 }
 
 fn begin_shutdown(inner: &Inner) {
-    if inner.cancel.is_cancelled() {
+    if inner.stopping.swap(true, Ordering::SeqCst) {
         return;
     }
     inner.cancel.cancel();

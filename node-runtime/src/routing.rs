@@ -124,7 +124,7 @@ impl Inner {
         body: &Bytes,
     ) -> Result<(Route, Instant), SendError> {
         self.check_size(body)?;
-        if self.cancel.is_cancelled() {
+        if self.is_stopping() {
             return Err(SendError::Shutdown);
         }
         let deadline = Instant::now() + self.config.send_timeout();
