@@ -5,7 +5,9 @@
 //! The queue is one lock around a deque, bounded in queued frames, in data
 //! frames and in payload bytes (both given back once the writer has written
 //! them). A push takes the lock once and wakes the writer only if it sleeps;
-//! the writer takes everything queued in one swap. Data frames and control
+//! a small frame is encoded right then into the queue's staging buffer (see
+//! [`STAGE_BELOW_BYTES`]), so the writer finds it ready to write; the
+//! writer takes everything queued in one swap. Data frames and control
 //! frames are treated differently when it is full:
 //!
 //! - [`OutQueue::try_push_data`] never waits: it fails with
@@ -181,12 +183,39 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 /// One entry of an outgoing queue.
 #[derive(Debug)]
 struct OutItem {
-    frame: OutFrame,
+    what: Queued,
     /// Payload bytes it holds until written.
-    permits: u32,
-    /// Whether the frame holds one of the data slots.
-    data_slot: bool,
+    permits: usize,
+    /// Data slots it holds until written.
+    data: usize,
 }
+
+impl OutItem {
+    fn frame(frame: OutFrame, permits: u32, data_slot: bool) -> Self {
+        OutItem {
+            what: Queued::Frame(frame),
+            permits: permits as usize,
+            data: usize::from(data_slot),
+        }
+    }
+}
+
+/// What an [`OutItem`] holds.
+#[derive(Debug)]
+enum Queued {
+    /// A frame to encode and write.
+    Frame(OutFrame),
+    /// Small frames encoded as they were queued, ready to write as they
+    /// are.
+    Framed(Bytes),
+}
+
+/// Frames with a payload under this size are encoded into the queue's
+/// staging buffer as they are queued (under its lock, on the sender's
+/// thread), so that the writer finds them ready to write: no entry per
+/// frame, and the frame's header (its shared names) is built and dropped
+/// on one thread.
+pub const STAGE_BELOW_BYTES: usize = 4 * 1024;
 
 /// Why a frame could not be queued.
 #[derive(Debug, thiserror::Error)]
@@ -269,11 +298,21 @@ struct Core {
     /// Frames queued, readable without the lock (a receiver's load, asked
     /// for on every `AnyOf` choice).
     queued: AtomicUsize,
+    /// The frame limit of the connection being written (staged frames are
+    /// checked against it when they are queued).
+    max_frame: AtomicUsize,
 }
 
 #[derive(Debug, Default)]
 struct State {
     items: VecDeque<OutItem>,
+    /// Frames queued (in `items` or `staged`).
+    frames: usize,
+    /// Small frames encoded since the last item, in order after it.
+    staged: BytesMut,
+    /// What the staged frames hold: payload bytes and data slots.
+    staged_permits: usize,
+    staged_data: usize,
     /// Data frames queued or being written.
     data: usize,
     /// Payload bytes queued or being written.
@@ -312,7 +351,7 @@ impl Core {
 
     /// Whether a data frame of `permits` bytes fits now.
     fn data_fits(&self, state: &State, permits: u32) -> bool {
-        state.items.len() < self.max_frames
+        state.frames < self.max_frames
             && state.data < self.max_data
             && state.bytes + permits as usize <= self.max_bytes as usize
     }
@@ -320,13 +359,72 @@ impl Core {
     /// Queues a data frame known to fit; returns the waker to wake once
     /// the lock is released.
     fn put(&self, state: &mut State, item: OutItem) -> Option<Waker> {
-        if item.data_slot {
-            state.data += 1;
-            state.bytes += item.permits as usize;
+        let OutItem {
+            what,
+            permits,
+            data,
+        } = item;
+        match what {
+            Queued::Frame(frame) if stages(&frame) => {
+                let start = state.staged.len();
+                let max_frame = self.max_frame.load(Ordering::Relaxed);
+                if let Err(e) = encode_frame(&frame, max_frame, &mut state.staged) {
+                    state.staged.truncate(start);
+                    // As the writer does with a frame it cannot encode.
+                    tracing::error!(error = %e, "dropping frame that cannot be encoded");
+                    return None;
+                }
+                state.staged_permits += permits;
+                state.staged_data += data;
+            }
+            what => {
+                self.seal(state);
+                state.items.push_back(OutItem {
+                    what,
+                    permits,
+                    data,
+                });
+            }
         }
-        state.items.push_back(item);
-        self.queued.store(state.items.len(), Ordering::Relaxed);
+        state.data += data;
+        state.bytes += permits;
+        state.frames += 1;
+        self.queued.store(state.frames, Ordering::Relaxed);
         state.writer.take()
+    }
+
+    /// Closes the staged frames into one item, so that what is queued next
+    /// goes after them.
+    fn seal(&self, state: &mut State) {
+        if state.staged.is_empty() {
+            return;
+        }
+        let bytes = state.staged.split().freeze();
+        let item = OutItem {
+            what: Queued::Framed(bytes),
+            permits: std::mem::take(&mut state.staged_permits),
+            data: std::mem::take(&mut state.staged_data),
+        };
+        state.items.push_back(item);
+    }
+
+    /// Moves everything queued into `batch`; how many frames that was.
+    fn take_all(&self, state: &mut State, batch: &mut VecDeque<OutItem>) -> usize {
+        let frames = state.frames;
+        if frames == 0 {
+            return 0;
+        }
+        self.seal(state);
+        if batch.is_empty() {
+            // A swap: the entries are not moved one by one.
+            std::mem::swap(&mut state.items, batch);
+        } else {
+            batch.extend(state.items.drain(..));
+        }
+        state.frames = 0;
+        self.queued.store(0, Ordering::Relaxed);
+        self.made_room(state);
+        frames
     }
 
     /// Wakes waiting senders if there are any: room was made.
@@ -388,37 +486,32 @@ impl OutReceiver {
         self.coalesce = true;
     }
 
-    /// Moves every queued frame into `batch` (which must be empty):
-    /// `Ready(true)` if it took any, `Ready(false)` once every sender is
-    /// gone and nothing is left, `Pending` (the writer to be woken) if
-    /// there is nothing yet.
-    fn poll_take(&self, cx: &mut Context<'_>, batch: &mut VecDeque<OutItem>) -> Poll<bool> {
+    /// Moves every queued frame into `batch`: `Ready(Some(frames))` if it
+    /// took any, `Ready(None)` once every sender is gone and nothing is
+    /// left, `Pending` (the writer to be woken) if there is nothing yet.
+    fn poll_take(
+        &self,
+        cx: &mut Context<'_>,
+        batch: &mut VecDeque<OutItem>,
+    ) -> Poll<Option<usize>> {
         let mut state = self.core.lock();
-        if state.items.is_empty() {
-            if state.senders_gone {
-                return Poll::Ready(false);
-            }
-            if !matches!(&state.writer, Some(w) if w.will_wake(cx.waker())) {
-                state.writer = Some(cx.waker().clone());
-            }
-            return Poll::Pending;
+        let frames = self.core.take_all(&mut state, batch);
+        if frames > 0 {
+            return Poll::Ready(Some(frames));
         }
-        // A swap: the frames are not moved one by one.
-        std::mem::swap(&mut state.items, batch);
-        self.core.queued.store(0, Ordering::Relaxed);
-        self.core.made_room(&state);
-        Poll::Ready(true)
+        if state.senders_gone {
+            return Poll::Ready(None);
+        }
+        if !matches!(&state.writer, Some(w) if w.will_wake(cx.waker())) {
+            state.writer = Some(cx.waker().clone());
+        }
+        Poll::Pending
     }
 
     /// Moves what was queued meanwhile into `batch`, without waiting.
     fn take_more(&self, batch: &mut VecDeque<OutItem>) {
         let mut state = self.core.lock();
-        if state.items.is_empty() {
-            return;
-        }
-        batch.extend(state.items.drain(..));
-        self.core.queued.store(0, Ordering::Relaxed);
-        self.core.made_room(&state);
+        self.core.take_all(&mut state, batch);
     }
 
     /// Gives back what written frames held.
@@ -438,9 +531,18 @@ impl Drop for OutReceiver {
     /// what was queued is dropped now, not when the last sender goes.
     fn drop(&mut self) {
         self.core.close();
-        let items = std::mem::take(&mut self.core.lock().items);
+        let (items, staged) = {
+            let mut state = self.core.lock();
+            state.frames = 0;
+            state.staged_permits = 0;
+            state.staged_data = 0;
+            (
+                std::mem::take(&mut state.items),
+                std::mem::take(&mut state.staged),
+            )
+        };
         self.core.queued.store(0, Ordering::Relaxed);
-        drop(items);
+        drop((items, staged));
     }
 }
 
@@ -465,6 +567,7 @@ pub fn out_queue(frames: usize, bytes: usize) -> (OutQueue, OutReceiver) {
         is_closed: AtomicBool::new(false),
         congested: AtomicBool::new(false),
         queued: AtomicUsize::new(0),
+        max_frame: AtomicUsize::new(u32::MAX as usize),
     });
     (
         OutQueue {
@@ -511,14 +614,7 @@ impl OutQueue {
             if !state.waiting.is_empty() || !core.data_fits(&state, permits) {
                 return Err(TryData::Full(frame));
             }
-            core.put(
-                &mut state,
-                OutItem {
-                    frame,
-                    permits,
-                    data_slot: true,
-                },
-            )
+            core.put(&mut state, OutItem::frame(frame, permits, true))
         };
         if let Some(waker) = waker {
             waker.wake();
@@ -584,11 +680,7 @@ impl OutQueue {
                     ticket.number = None;
                     // The next in line may fit too.
                     core.made_room(&state);
-                    let item = OutItem {
-                        frame,
-                        permits,
-                        data_slot: true,
-                    };
+                    let item = OutItem::frame(frame, permits, true);
                     Look::Queued(core.put(&mut state, item))
                 } else {
                     Look::Wait(frame)
@@ -689,17 +781,10 @@ impl OutQueue {
         }
         let waker = {
             let mut state = core.lock();
-            if state.items.len() >= core.max_frames {
+            if state.frames >= core.max_frames {
                 return Err((frame, false));
             }
-            core.put(
-                &mut state,
-                OutItem {
-                    frame,
-                    permits: 0,
-                    data_slot: false,
-                },
-            )
+            core.put(&mut state, OutItem::frame(frame, 0, false))
         };
         if let Some(waker) = waker {
             waker.wake();
@@ -794,6 +879,45 @@ impl OutQueue {
     }
 }
 
+/// Whether `frame` is encoded into the staging buffer when queued: small
+/// ones, but never a goodbye (the writer must see it to stop after it).
+fn stages(frame: &OutFrame) -> bool {
+    match frame {
+        OutFrame::Parts {
+            header: Header::Goodbye,
+            ..
+        } => false,
+        OutFrame::Parts { body, .. } => body.len() < STAGE_BELOW_BYTES,
+        OutFrame::Raw(raw) => raw.len() < STAGE_BELOW_BYTES,
+    }
+}
+
+/// Encodes a whole frame (length prefix, header, body) into `dst`; `dst`
+/// may hold part of it on error.
+fn encode_frame(frame: &OutFrame, max_frame: usize, dst: &mut BytesMut) -> Result<(), FrameError> {
+    match frame {
+        OutFrame::Parts { header, body } => {
+            encode_header(header, body.len(), max_frame, dst)?;
+            dst.extend_from_slice(body);
+        }
+        OutFrame::Raw(raw) => {
+            if raw.is_empty() {
+                return Err(FrameError::Empty);
+            }
+            if raw.len() > max_frame {
+                return Err(FrameError::TooLarge {
+                    declared: raw.len() as u64,
+                    max: max_frame,
+                });
+            }
+            dst.reserve(LENGTH_PREFIX_BYTES + raw.len());
+            dst.put_u32(raw.len() as u32);
+            dst.extend_from_slice(raw);
+        }
+    }
+    Ok(())
+}
+
 /// How [`write_queue`] ended without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteEnd {
@@ -848,17 +972,20 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let mut chunks: VecDeque<Bytes> = VecDeque::new();
     let closed = rx.core.closed.clone();
+    // Frames staged from now on are checked against this connection's
+    // limit as they are queued.
+    rx.core.max_frame.store(max_frame, Ordering::Relaxed);
     loop {
         let took = tokio::select! {
             biased;
             _ = closed.cancelled() => return Ok(WriteEnd::Closed),
             took = std::future::poll_fn(|cx| rx.poll_take(cx, &mut batch)) => took,
         };
-        if !took {
+        let Some(frames) = took else {
             io.shutdown().await?;
             return Ok(WriteEnd::Finished);
-        }
-        if rx.coalesce && batch.len() < COALESCE_BELOW {
+        };
+        if rx.coalesce && frames < COALESCE_BELOW {
             tokio::task::yield_now().await;
             rx.take_more(&mut batch);
         }
@@ -869,20 +996,31 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
         };
         let mut goodbye = false;
         for item in batch.drain(..) {
-            release.permits += item.permits as usize;
-            release.data_slots += usize::from(item.data_slot);
+            release.permits += item.permits;
+            release.data_slots += item.data;
             if goodbye {
                 // Nothing follows a goodbye.
                 continue;
             }
+            let frame = match item.what {
+                Queued::Framed(bytes) => {
+                    // Encoded when queued: written as it is.
+                    if !buf.is_empty() {
+                        chunks.push_back(buf.split().freeze());
+                    }
+                    chunks.push_back(bytes);
+                    continue;
+                }
+                Queued::Frame(frame) => frame,
+            };
             if let OutFrame::Parts {
                 header: Header::Goodbye,
                 ..
-            } = &item.frame
+            } = &frame
             {
                 goodbye = true;
             }
-            let body = match item.frame {
+            let body = match frame {
                 OutFrame::Parts { header, body } => {
                     if let Err(e) = encode_header(&header, body.len(), max_frame, &mut buf) {
                         tracing::error!(error = %e, kind = header.kind(), "dropping frame that cannot be encoded");
@@ -1223,13 +1361,25 @@ mod tests {
         }
     }
 
-    fn token_of(item: &OutItem) -> u64 {
-        match &item.frame {
-            OutFrame::Parts {
-                header: Header::Subscribed { token },
-                ..
-            } => *token,
+    /// The tokens of the `Subscribed` frames an entry holds, staged or not.
+    fn tokens_of(item: &OutItem) -> Vec<u64> {
+        let token = |header: &Header| match header {
+            Header::Subscribed { token } => *token,
             other => panic!("unexpected frame {other:?}"),
+        };
+        match &item.what {
+            Queued::Frame(OutFrame::Parts { header, .. }) => vec![token(header)],
+            Queued::Frame(other) => panic!("unexpected frame {other:?}"),
+            Queued::Framed(bytes) => {
+                let mut src = BytesMut::from(&bytes[..]);
+                let mut codec = FrameCodec::new(1 << 20);
+                let mut tokens = vec![];
+                while let Some(raw) = codec.decode_raw(&mut src).expect("decodes") {
+                    tokens.push(token(Frame::decode(raw).expect("frame").header()));
+                }
+                assert!(src.is_empty(), "whole frames");
+                tokens
+            }
         }
     }
 
@@ -1242,9 +1392,9 @@ mod tests {
         if rx.poll_take(&mut cx, &mut batch).is_pending() {
             return vec![];
         }
-        let tokens = batch.iter().map(token_of).collect();
-        let data = batch.iter().filter(|i| i.data_slot).count();
-        let bytes = batch.iter().map(|i| i.permits as usize).sum();
+        let tokens = batch.iter().flat_map(tokens_of).collect();
+        let data = batch.iter().map(|i| i.data).sum();
+        let bytes = batch.iter().map(|i| i.permits).sum();
         rx.release(data, bytes);
         tokens
     }
@@ -1363,6 +1513,6 @@ mod tests {
         let waker = std::task::Waker::noop();
         let mut cx = Context::from_waker(waker);
         let mut batch = VecDeque::new();
-        assert_eq!(rx.poll_take(&mut cx, &mut batch), Poll::Ready(false));
+        assert_eq!(rx.poll_take(&mut cx, &mut batch), Poll::Ready(None));
     }
 }
