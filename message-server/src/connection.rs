@@ -101,7 +101,10 @@ pub(crate) async fn serve(
             .max_message_bytes
             .min(shared.config.limits.max_message_bytes);
         let codec = FrameCodec::for_messages(max_message);
-        *reader.codec_mut() = codec;
+        // Small frames are read in place: routing copies them into the
+        // receivers' queues (which stage them), and what is kept longer is
+        // copied (see `route_failed`).
+        *reader.codec_mut() = codec.in_place();
         let (queue, rx) = out_queue(
             shared.config.message_server.queue_frames,
             shared.config.message_server.queue_bytes,
@@ -674,7 +677,8 @@ impl Connection {
             };
             let target = NodeId::new(target);
             let held = Held {
-                raw: raw.clone(),
+                // Its own copy: held frames must not pin the read buffer.
+                raw: Bytes::copy_from_slice(raw),
                 sender: self.me.clone(),
                 seq: h.seq,
             };

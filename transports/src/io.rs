@@ -6,7 +6,7 @@
 //! frames and in payload bytes (both given back once the writer has written
 //! them). A push takes the lock once and wakes the writer only if it sleeps;
 //! a small frame is encoded right then into the queue's staging buffer (see
-//! [`STAGE_BELOW_BYTES`]), so the writer finds it ready to write; the
+//! [`STAGE_UP_TO_BYTES`]), so the writer finds it ready to write; the
 //! writer takes everything queued in one swap. Data frames and control
 //! frames are treated differently when it is full:
 //!
@@ -210,12 +210,14 @@ enum Queued {
     Framed(Bytes),
 }
 
-/// Frames with a payload under this size are encoded into the queue's
+/// Frames with a payload up to this size are encoded into the queue's
 /// staging buffer as they are queued (under its lock, on the sender's
 /// thread), so that the writer finds them ready to write: no entry per
 /// frame, and the frame's header (its shared names) is built and dropped
-/// on one thread.
-pub const STAGE_BELOW_BYTES: usize = 4 * 1024;
+/// on one thread. The same bound as [`crate::frame::COPY_FRAMES_UP_TO`]: a
+/// frame read in place ([`crate::frame::FrameCodec::in_place`]) and queued
+/// is copied, so it never pins the read buffer it came in.
+pub const STAGE_UP_TO_BYTES: usize = crate::frame::COPY_FRAMES_UP_TO;
 
 /// Why a frame could not be queued.
 #[derive(Debug, thiserror::Error)]
@@ -887,8 +889,8 @@ fn stages(frame: &OutFrame) -> bool {
             header: Header::Goodbye,
             ..
         } => false,
-        OutFrame::Parts { body, .. } => body.len() < STAGE_BELOW_BYTES,
-        OutFrame::Raw(raw) => raw.len() < STAGE_BELOW_BYTES,
+        OutFrame::Parts { body, .. } => body.len() <= STAGE_UP_TO_BYTES,
+        OutFrame::Raw(raw) => raw.len() <= STAGE_UP_TO_BYTES,
     }
 }
 
