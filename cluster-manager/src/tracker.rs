@@ -45,6 +45,30 @@ pub enum Completion {
     Failed(SendError),
 }
 
+/// Hashes the sequence numbers a node gave out itself: no need for a keyed
+/// hash against floods, and a multiply spreads consecutive numbers.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SeqHasher(u64);
+
+impl std::hash::Hasher for SeqHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// A map keyed by a node's own sequence numbers.
+pub type SeqMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<SeqHasher>>;
+
 #[derive(Debug)]
 struct Pending<W> {
     waiter: W,
@@ -102,7 +126,7 @@ impl<W> Pending<W> {
 /// The messages a node waits on, by sequence number.
 #[derive(Debug)]
 pub struct DeliveryTracker<W> {
-    pending: HashMap<u64, Pending<W>>,
+    pending: SeqMap<Pending<W>>,
     /// Unsettled `Node` messages sent through the message server, per node.
     server_in_flight: HashMap<NodeId, usize>,
 }
@@ -110,7 +134,7 @@ pub struct DeliveryTracker<W> {
 impl<W> Default for DeliveryTracker<W> {
     fn default() -> Self {
         DeliveryTracker {
-            pending: HashMap::new(),
+            pending: SeqMap::default(),
             server_in_flight: HashMap::new(),
         }
     }

@@ -160,29 +160,8 @@ impl Resend {
     }
 }
 
-/// Hashes the sequence numbers this node gave out itself: no need for a
-/// keyed hash against floods, and a multiply spreads consecutive numbers.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct SeqHasher(u64);
-
-impl std::hash::Hasher for SeqHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
 /// A map keyed by this node's own sequence numbers.
-pub(crate) type SeqMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<SeqHasher>>;
+pub(crate) type SeqMap<V> = cluster_manager::tracker::SeqMap<V>;
 
 /// The resend buffer, by sequence number. Inserting and removing cost the
 /// same wherever the number falls; the rare full walks (after a reconnect)

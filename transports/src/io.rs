@@ -368,6 +368,13 @@ impl Core {
         } = item;
         match what {
             Queued::Frame(frame) if stages(&frame) => {
+                let need = STAGED_HEADER_ROOM + frame.payload_len();
+                if state.staged.capacity() - state.staged.len() < need {
+                    self.seal(state);
+                    // Empty now: a new chunk, or the old one taken back if
+                    // what was cut from it is written already.
+                    state.staged.reserve(STAGING_CHUNK_BYTES.max(need));
+                }
                 let start = state.staged.len();
                 let max_frame = self.max_frame.load(Ordering::Relaxed);
                 if let Err(e) = encode_frame(&frame, max_frame, &mut state.staged) {
@@ -880,6 +887,16 @@ impl OutQueue {
         self.core().closed.cancelled().await;
     }
 }
+
+/// The staging buffer grows in chunks of this size: a frame that does not
+/// fit the room left starts a new chunk (the full one is queued as it is),
+/// so staged bytes are never copied again and an idle connection keeps at
+/// most one chunk.
+const STAGING_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Room a staged frame's length prefix and header are assumed to need (a
+/// larger header still fits: the chunk then grows).
+const STAGED_HEADER_ROOM: usize = LENGTH_PREFIX_BYTES + 512;
 
 /// Whether `frame` is encoded into the staging buffer when queued: small
 /// ones, but never a goodbye (the writer must see it to stop after it).
@@ -1516,5 +1533,20 @@ mod tests {
         let mut cx = Context::from_waker(waker);
         let mut batch = VecDeque::new();
         assert_eq!(rx.poll_take(&mut cx, &mut batch), Poll::Ready(None));
+    }
+
+    /// A burst is staged in chunks, queued one after the other in order;
+    /// the staging buffer never grows past one chunk.
+    #[test]
+    fn staging_grows_in_chunks() {
+        let (q, rx) = out_queue(1024, 64 << 20);
+        for token in 0..256 {
+            q.try_push_data(numbered(token, 4000)).expect("room");
+            assert!(q.core().lock().staged.capacity() <= 2 * STAGING_CHUNK_BYTES);
+        }
+        assert!(q.core().lock().items.len() > 10, "full chunks queued");
+        assert_eq!(take_and_write(&rx), (0..256).collect::<Vec<_>>());
+        q.try_push_data(numbered(256, 10)).expect("room");
+        assert_eq!(take_and_write(&rx), vec![256]);
     }
 }
