@@ -360,33 +360,42 @@ impl Core {
 
     /// Queues a data frame known to fit; returns the waker to wake once
     /// the lock is released.
-    fn put(&self, state: &mut State, item: OutItem) -> Option<Waker> {
+    fn put(&self, state: &mut State, item: OutItem, staging: &Staging) -> Put {
         let OutItem {
             what,
             permits,
             data,
         } = item;
-        match what {
-            Queued::Frame(frame) if stages(&frame) => {
-                let need = STAGED_HEADER_ROOM + frame.payload_len();
+        let mut spent = None;
+        match (what, staging) {
+            (Queued::Frame(frame), Staging::Head(head)) => {
+                let payload = match &frame {
+                    OutFrame::Parts { body, .. } => &body[..],
+                    OutFrame::Raw(raw) => &raw[..],
+                };
+                let need = head.len + payload.len();
                 if state.staged.capacity() - state.staged.len() < need {
                     self.seal(state);
                     // Empty now: a new chunk, or the old one taken back if
                     // what was cut from it is written already.
                     state.staged.reserve(STAGING_CHUNK_BYTES.max(need));
                 }
-                let start = state.staged.len();
-                let max_frame = self.max_frame.load(Ordering::Relaxed);
-                if let Err(e) = encode_frame(&frame, max_frame, &mut state.staged) {
-                    state.staged.truncate(start);
-                    // As the writer does with a frame it cannot encode.
-                    tracing::error!(error = %e, "dropping frame that cannot be encoded");
-                    return None;
-                }
+                state.staged.extend_from_slice(head.bytes());
+                state.staged.extend_from_slice(payload);
                 state.staged_permits += permits;
                 state.staged_data += data;
+                // Dropped by the caller, once the lock is released.
+                spent = Some(frame);
             }
-            what => {
+            (Queued::Frame(frame), Staging::Invalid) => {
+                // As the writer does with a frame it cannot encode (the
+                // error was logged when it was looked at).
+                return Put {
+                    writer: None,
+                    spent: Some(frame),
+                };
+            }
+            (what, _) => {
                 self.seal(state);
                 state.items.push_back(OutItem {
                     what,
@@ -399,7 +408,10 @@ impl Core {
         state.bytes += permits;
         state.frames += 1;
         self.queued.store(state.frames, Ordering::Relaxed);
-        state.writer.take()
+        Put {
+            writer: state.writer.take(),
+            spent,
+        }
     }
 
     /// Closes the staged frames into one item, so that what is queued next
@@ -591,8 +603,8 @@ pub fn out_queue(frames: usize, bytes: usize) -> (OutQueue, OutReceiver) {
 
 /// What a waiting data sender found when it looked.
 enum Look {
-    /// Queued; the writer to wake, if it sleeps.
-    Queued(Option<Waker>),
+    /// Queued; what is left to do once the lock is released.
+    Queued(Put),
     Closed(OutFrame),
     Wait(OutFrame),
 }
@@ -618,16 +630,16 @@ impl OutQueue {
             return Err(TryData::Closed(frame));
         }
         let permits = core.permits_for(&frame);
-        let waker = {
+        // The header is encoded before the lock is taken.
+        let staging = staging(&frame, core.max_frame.load(Ordering::Relaxed));
+        let put = {
             let mut state = core.lock();
             if !state.waiting.is_empty() || !core.data_fits(&state, permits) {
                 return Err(TryData::Full(frame));
             }
-            core.put(&mut state, OutItem::frame(frame, permits, true))
+            core.put(&mut state, OutItem::frame(frame, permits, true), &staging)
         };
-        if let Some(waker) = waker {
-            waker.wake();
-        }
+        put.finish();
         Ok(())
     }
 
@@ -665,6 +677,7 @@ impl OutQueue {
         };
         let core = self.core();
         let permits = core.permits_for(&frame);
+        let staging = staging(&frame, core.max_frame.load(Ordering::Relaxed));
         let mut ticket = Ticket { core, number: None };
         let mut frame = frame;
         loop {
@@ -690,16 +703,14 @@ impl OutQueue {
                     // The next in line may fit too.
                     core.made_room(&state);
                     let item = OutItem::frame(frame, permits, true);
-                    Look::Queued(core.put(&mut state, item))
+                    Look::Queued(core.put(&mut state, item, &staging))
                 } else {
                     Look::Wait(frame)
                 }
             };
             frame = match look {
-                Look::Queued(waker) => {
-                    if let Some(waker) = waker {
-                        waker.wake();
-                    }
+                Look::Queued(put) => {
+                    put.finish();
                     return Ok(());
                 }
                 Look::Closed(frame) => return Err(PushError::Closed(Box::new(frame))),
@@ -788,16 +799,15 @@ impl OutQueue {
         if core.is_closed() {
             return Err((frame, true));
         }
-        let waker = {
+        let staging = staging(&frame, core.max_frame.load(Ordering::Relaxed));
+        let put = {
             let mut state = core.lock();
             if state.frames >= core.max_frames {
                 return Err((frame, false));
             }
-            core.put(&mut state, OutItem::frame(frame, 0, false))
+            core.put(&mut state, OutItem::frame(frame, 0, false), &staging)
         };
-        if let Some(waker) = waker {
-            waker.wake();
-        }
+        put.finish();
         Ok(())
     }
 
@@ -894,47 +904,89 @@ impl OutQueue {
 /// most one chunk.
 const STAGING_CHUNK_BYTES: usize = 64 * 1024;
 
-/// Room a staged frame's length prefix and header are assumed to need (a
-/// larger header still fits: the chunk then grows).
-const STAGED_HEADER_ROOM: usize = LENGTH_PREFIX_BYTES + 512;
+/// What queuing a frame leaves to do once the lock is released.
+#[must_use]
+struct Put {
+    /// The writer to wake, if it slept.
+    writer: Option<Waker>,
+    /// A frame whose bytes were copied: dropped outside the lock.
+    spent: Option<OutFrame>,
+}
 
-/// Whether `frame` is encoded into the staging buffer when queued: small
-/// ones, but never a goodbye (the writer must see it to stop after it).
-fn stages(frame: &OutFrame) -> bool {
-    match frame {
-        OutFrame::Parts {
-            header: Header::Goodbye,
-            ..
-        } => false,
-        OutFrame::Parts { body, .. } => body.len() <= STAGE_UP_TO_BYTES,
-        OutFrame::Raw(raw) => raw.len() <= STAGE_UP_TO_BYTES,
+impl Put {
+    fn finish(self) {
+        if let Some(waker) = self.writer {
+            waker.wake();
+        }
+        drop(self.spent);
     }
 }
 
-/// Encodes a whole frame (length prefix, header, body) into `dst`; `dst`
-/// may hold part of it on error.
-fn encode_frame(frame: &OutFrame, max_frame: usize, dst: &mut BytesMut) -> Result<(), FrameError> {
-    match frame {
-        OutFrame::Parts { header, body } => {
-            encode_header(header, body.len(), max_frame, dst)?;
-            dst.extend_from_slice(body);
-        }
-        OutFrame::Raw(raw) => {
-            if raw.is_empty() {
-                return Err(FrameError::Empty);
-            }
-            if raw.len() > max_frame {
-                return Err(FrameError::TooLarge {
-                    declared: raw.len() as u64,
-                    max: max_frame,
-                });
-            }
-            dst.reserve(LENGTH_PREFIX_BYTES + raw.len());
-            dst.put_u32(raw.len() as u32);
-            dst.extend_from_slice(raw);
-        }
+/// The most bytes a staged frame's length prefix and header take; a frame
+/// with a larger header is queued as it is and encoded by the writer.
+const STAGED_HEAD_BYTES: usize = 256;
+
+/// A staged frame's length prefix and encoded header.
+struct Head {
+    buf: [u8; STAGED_HEAD_BYTES],
+    len: usize,
+}
+
+impl Head {
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
-    Ok(())
+}
+
+/// How a frame is queued, decided (and its header encoded) before the
+/// queue's lock is taken.
+// Lives on the stack for one push: boxing the head would allocate per frame.
+#[allow(clippy::large_enum_variant)]
+enum Staging {
+    /// Into the staging buffer: this head, then the payload.
+    Head(Head),
+    /// As an entry of its own, encoded by the writer.
+    Item,
+    /// Not at all: it cannot be encoded within the limits (logged).
+    Invalid,
+}
+
+/// How `frame` is to be queued on a connection whose frames may take
+/// `max_frame` bytes: small ones are staged, but never a goodbye (the
+/// writer must see it to stop after it).
+fn staging(frame: &OutFrame, max_frame: usize) -> Staging {
+    let mut head = Head {
+        buf: [0u8; STAGED_HEAD_BYTES],
+        len: LENGTH_PREFIX_BYTES,
+    };
+    let total = match frame {
+        OutFrame::Parts {
+            header: Header::Goodbye,
+            ..
+        } => return Staging::Item,
+        OutFrame::Parts { body, .. } if body.len() > STAGE_UP_TO_BYTES => return Staging::Item,
+        OutFrame::Raw(raw) if raw.len() > STAGE_UP_TO_BYTES => return Staging::Item,
+        OutFrame::Parts { header, body } => {
+            let encoded = match postcard::to_slice(header, &mut head.buf[LENGTH_PREFIX_BYTES..]) {
+                Ok(encoded) => encoded.len(),
+                // A large header: the writer encodes it.
+                Err(postcard::Error::SerializeBufferFull) => return Staging::Item,
+                Err(e) => {
+                    tracing::error!(error = %e, kind = header.kind(), "dropping frame that cannot be encoded");
+                    return Staging::Invalid;
+                }
+            };
+            head.len += encoded;
+            encoded + body.len()
+        }
+        OutFrame::Raw(raw) => raw.len(),
+    };
+    if total == 0 || total > max_frame {
+        tracing::error!(len = total, max_frame, "dropping frame outside the limit");
+        return Staging::Invalid;
+    }
+    head.buf[..LENGTH_PREFIX_BYTES].copy_from_slice(&(total as u32).to_be_bytes());
+    Staging::Head(head)
 }
 
 /// How [`write_queue`] ended without an error.
@@ -1548,5 +1600,19 @@ mod tests {
         assert_eq!(take_and_write(&rx), (0..256).collect::<Vec<_>>());
         q.try_push_data(numbered(256, 10)).expect("room");
         assert_eq!(take_and_write(&rx), vec![256]);
+    }
+
+    /// A frame over the connection's limit is dropped when queued, as the
+    /// writer drops one it cannot encode; the queue holds nothing for it.
+    #[test]
+    fn a_staged_frame_over_the_limit_is_dropped() {
+        let (q, rx) = out_queue(64, 1 << 20);
+        q.core().max_frame.store(100, Ordering::Relaxed);
+        q.try_push_data(numbered(1, 200))
+            .expect("accepted and dropped");
+        assert_eq!(q.queued_frames(), 0);
+        q.try_push_data(numbered(2, 10)).expect("room");
+        assert_eq!(take_and_write(&rx), vec![2]);
+        assert_eq!(q.core().lock().bytes, 0, "nothing held");
     }
 }
