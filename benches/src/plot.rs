@@ -62,10 +62,10 @@ pub fn sweep_png(
         .x_label_area_size(if labels { 50 } else { 10 })
         .y_label_area_size(if labels { 80 } else { 10 });
     if labels {
-        builder.caption(
-            format!("clustercomm: throughput by body size ({machine})"),
-            ("sans-serif", 22),
-        );
+        let caption = format!("clustercomm: throughput by body size ({machine})");
+        // Smaller for a long machine name, so the caption fits the width.
+        let font = (1800 / caption.chars().count().max(1)).clamp(12, 22) as u32;
+        builder.caption(caption, ("sans-serif", font));
     }
     let mut chart = builder.build_cartesian_2d(x_lo..x_hi, 0.0..y_hi)?;
     if labels {
