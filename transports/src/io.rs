@@ -1454,6 +1454,26 @@ mod tests {
         }
     }
 
+    /// A task pushing a data frame, waiting for room.
+    fn spawn_push(
+        q: &OutQueue,
+        token: u64,
+        len: usize,
+    ) -> tokio::task::JoinHandle<Result<(), PushError>> {
+        let q = q.clone();
+        tokio::spawn(async move { q.push_data(numbered(token, len)).await })
+    }
+
+    /// A task pushing a control frame, waiting for a slot.
+    fn spawn_push_control(
+        q: &OutQueue,
+        token: u64,
+        len: usize,
+    ) -> tokio::task::JoinHandle<Result<(), PushError>> {
+        let q = q.clone();
+        tokio::spawn(async move { q.push_control(numbered(token, len)).await })
+    }
+
     /// Takes what is queued, as the writer does, and gives back what the
     /// taken frames held, as the writer does once they are written.
     fn take_and_write(rx: &OutReceiver) -> Vec<u64> {
@@ -1477,15 +1497,9 @@ mod tests {
     async fn waiting_senders_are_served_in_order_and_not_overtaken() {
         let (q, rx) = out_queue(64, 100);
         q.try_push_data(numbered(0, 80)).expect("room");
-        let first = tokio::spawn({
-            let q = q.clone();
-            async move { q.push_data(numbered(1, 60)).await }
-        });
+        let first = spawn_push(&q, 1, 60);
         tokio::task::yield_now().await;
-        let second = tokio::spawn({
-            let q = q.clone();
-            async move { q.push_data(numbered(2, 10)).await }
-        });
+        let second = spawn_push(&q, 2, 10);
         tokio::task::yield_now().await;
         // 10 bytes would fit, but two senders wait before this one.
         assert!(matches!(
@@ -1506,15 +1520,9 @@ mod tests {
     async fn an_abandoned_wait_lets_the_next_sender_in() {
         let (q, rx) = out_queue(64, 100);
         q.try_push_data(numbered(0, 100)).expect("room");
-        let abandoned = tokio::spawn({
-            let q = q.clone();
-            async move { q.push_data(numbered(1, 100)).await }
-        });
+        let abandoned = spawn_push(&q, 1, 100);
         tokio::task::yield_now().await;
-        let next = tokio::spawn({
-            let q = q.clone();
-            async move { q.push_data(numbered(2, 50)).await }
-        });
+        let next = spawn_push(&q, 2, 50);
         tokio::task::yield_now().await;
         abandoned.abort();
         assert!(abandoned.await.is_err(), "aborted");
@@ -1529,10 +1537,7 @@ mod tests {
     async fn closing_fails_waiting_senders_and_later_pushes() {
         let (q, rx) = out_queue(8, 100);
         q.try_push_data(numbered(0, 100)).expect("room");
-        let waiting = tokio::spawn({
-            let q = q.clone();
-            async move { q.push_data(numbered(1, 10)).await }
-        });
+        let waiting = spawn_push(&q, 1, 10);
         tokio::task::yield_now().await;
         q.close();
         assert!(matches!(
@@ -1569,10 +1574,7 @@ mod tests {
             q.try_push_control(numbered(2, 0)),
             Err(PushError::Full(_))
         ));
-        let control = tokio::spawn({
-            let q = q.clone();
-            async move { q.push_control(numbered(2, 0)).await }
-        });
+        let control = spawn_push_control(&q, 2, 0);
         tokio::task::yield_now().await;
         assert_eq!(take_and_write(&rx).len(), 8);
         control.await.expect("join").expect("queued");
