@@ -12,7 +12,9 @@ use cluster_manager::path::{self, Path, PathFacts, TargetKind};
 use cluster_manager::{Awaiting, SendError};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use transports::protocol::{valid_name, Header, MessageKind, NodeId, Role, Target};
+use transports::protocol::{
+    valid_name, Header, MessageKind, MessageRef, NodeId, Role, Target, TargetRef,
+};
 use transports::{OutFrame, PushError};
 
 use crate::connection::complete;
@@ -294,7 +296,7 @@ impl Inner {
     ) -> Result<(), SendError> {
         let (route, deadline) = self.start_send(&target, service, &body).await?;
         let body_len = body.len() as u64;
-        let msg = Outgoing {
+        let one_way = |body| Outgoing {
             seq: self.next_seq(),
             service: self.service_name(service),
             kind: MessageKind::Notify,
@@ -302,13 +304,31 @@ impl Inner {
         };
         match route {
             Route::Server => {
-                self.server_size_error(&target, &msg.service, body_len)?;
-                let frame = self.message(msg.seq, target, msg.service, msg.kind, msg.body);
-                self.enqueue(frame, deadline).await?;
+                self.server_size_error(&target, service, body_len)?;
+                let seq = self.next_seq();
+                // Usually queued at once, its header encoded from the names
+                // in place; otherwise as a frame, waiting for room.
+                let header = MessageRef {
+                    sender: self.id.as_str(),
+                    incarnation: self.incarnation(),
+                    seq,
+                    target: TargetRef::from(&target),
+                    service,
+                    kind: MessageKind::Notify,
+                };
+                if !self.queue.try_push_message(&header, &body) {
+                    let service = self.service_name(service);
+                    let frame = self.message(seq, target, service, MessageKind::Notify, body);
+                    self.enqueue(frame, deadline).await?;
+                }
                 self.count_server(body_len);
             }
-            Route::Direct(conn) => Box::pin(self.push_direct(conn, &msg, false, deadline)).await?,
+            Route::Direct(conn) => {
+                let msg = one_way(body);
+                Box::pin(self.push_direct(conn, &msg, false, deadline)).await?
+            }
             Route::FanOut(members) => {
+                let msg = one_way(body);
                 for member in &members {
                     if let Err(e) =
                         Box::pin(self.send_to_member(member, &msg, false, deadline)).await

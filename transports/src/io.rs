@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::frame::{encode_header, Frame, FrameCodec, FrameError, OutFrame, LENGTH_PREFIX_BYTES};
-use crate::protocol::Header;
+use crate::protocol::{Header, MessageRef, MESSAGE_TAG};
 
 /// Bytes requested from the socket per read when the buffer runs low.
 pub const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -373,17 +373,7 @@ impl Core {
                     OutFrame::Parts { body, .. } => &body[..],
                     OutFrame::Raw(raw) => &raw[..],
                 };
-                let need = head.len + payload.len();
-                if state.staged.capacity() - state.staged.len() < need {
-                    self.seal(state);
-                    // Empty now: a new chunk, or the old one taken back if
-                    // what was cut from it is written already.
-                    state.staged.reserve(STAGING_CHUNK_BYTES.max(need));
-                }
-                state.staged.extend_from_slice(head.bytes());
-                state.staged.extend_from_slice(payload);
-                state.staged_permits += permits;
-                state.staged_data += data;
+                self.stage(state, head, payload, permits, data);
                 // Dropped by the caller, once the lock is released.
                 spent = Some(frame);
             }
@@ -404,14 +394,36 @@ impl Core {
                 });
             }
         }
+        Put {
+            writer: self.count(state, permits, data),
+            spent,
+        }
+    }
+
+    /// Counts a frame just queued; the writer to wake, if it sleeps.
+    fn count(&self, state: &mut State, permits: usize, data: usize) -> Option<Waker> {
         state.data += data;
         state.bytes += permits;
         state.frames += 1;
         self.queued.store(state.frames, Ordering::Relaxed);
-        Put {
-            writer: state.writer.take(),
-            spent,
+        state.writer.take()
+    }
+
+    /// Appends a frame (`head`, then `payload`) to the staging buffer,
+    /// starting a new chunk if it does not fit; the frame's counts are the
+    /// caller's to add.
+    fn stage(&self, state: &mut State, head: &Head, payload: &[u8], permits: usize, data: usize) {
+        let need = head.len + payload.len();
+        if state.staged.capacity() - state.staged.len() < need {
+            self.seal(state);
+            // Empty now: a new chunk, or the old one taken back if what was
+            // cut from it is written already.
+            state.staged.reserve(STAGING_CHUNK_BYTES.max(need));
         }
+        state.staged.extend_from_slice(head.bytes());
+        state.staged.extend_from_slice(payload);
+        state.staged_permits += permits;
+        state.staged_data += data;
     }
 
     /// Closes the staged frames into one item, so that what is queued next
@@ -740,6 +752,45 @@ impl OutQueue {
         }
     }
 
+    /// Queues a message given by reference, without building its frame: its
+    /// header is encoded (the names read in place) and the frame staged if
+    /// its body is small ([`STAGE_UP_TO_BYTES`]), it fits within the
+    /// connection's limit, there is room right now and nobody waits before
+    /// it. Whether it was queued; if not, nothing was, and the caller
+    /// queues the frame the usual way (which reports what went wrong).
+    pub fn try_push_message(&self, header: &MessageRef<'_>, body: &[u8]) -> bool {
+        let core = self.core();
+        if body.len() > STAGE_UP_TO_BYTES || core.is_closed() {
+            return false;
+        }
+        let mut head = Head::new();
+        // The `Header::Message` variant's index, then its fields.
+        let Ok(tag) = head.append(&u32::from(MESSAGE_TAG)) else {
+            return false;
+        };
+        let Ok(encoded) = head.append(header) else {
+            return false;
+        };
+        let total = tag + encoded + body.len();
+        if total > core.max_frame.load(Ordering::Relaxed) {
+            return false;
+        }
+        head.set_length(total);
+        let permits = (body.len().min(u32::MAX as usize) as u32).min(core.max_bytes);
+        let waker = {
+            let mut state = core.lock();
+            if !state.waiting.is_empty() || !core.data_fits(&state, permits) {
+                return false;
+            }
+            core.stage(&mut state, &head, body, permits as usize, 1);
+            core.count(&mut state, permits as usize, 1)
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        true
+    }
+
     /// Queues a data frame, waiting at most `wait` for room; the way to
     /// slow a sender down for a slow consumer without stalling for ever.
     ///
@@ -933,6 +984,26 @@ struct Head {
 }
 
 impl Head {
+    /// Room for the length prefix, nothing else yet.
+    fn new() -> Self {
+        Head {
+            buf: [0u8; STAGED_HEAD_BYTES],
+            len: LENGTH_PREFIX_BYTES,
+        }
+    }
+
+    /// Encodes `value` after what is there; how many bytes it took.
+    fn append(&mut self, value: &impl serde::Serialize) -> Result<usize, postcard::Error> {
+        let encoded = postcard::to_slice(value, &mut self.buf[self.len..])?.len();
+        self.len += encoded;
+        Ok(encoded)
+    }
+
+    /// Writes the length prefix: `total` bytes follow it.
+    fn set_length(&mut self, total: usize) {
+        self.buf[..LENGTH_PREFIX_BYTES].copy_from_slice(&(total as u32).to_be_bytes());
+    }
+
     fn bytes(&self) -> &[u8] {
         &self.buf[..self.len]
     }
@@ -955,10 +1026,7 @@ enum Staging {
 /// `max_frame` bytes: small ones are staged, but never a goodbye (the
 /// writer must see it to stop after it).
 fn staging(frame: &OutFrame, max_frame: usize) -> Staging {
-    let mut head = Head {
-        buf: [0u8; STAGED_HEAD_BYTES],
-        len: LENGTH_PREFIX_BYTES,
-    };
+    let mut head = Head::new();
     let total = match frame {
         OutFrame::Parts {
             header: Header::Goodbye,
@@ -966,26 +1034,22 @@ fn staging(frame: &OutFrame, max_frame: usize) -> Staging {
         } => return Staging::Item,
         OutFrame::Parts { body, .. } if body.len() > STAGE_UP_TO_BYTES => return Staging::Item,
         OutFrame::Raw(raw) if raw.len() > STAGE_UP_TO_BYTES => return Staging::Item,
-        OutFrame::Parts { header, body } => {
-            let encoded = match postcard::to_slice(header, &mut head.buf[LENGTH_PREFIX_BYTES..]) {
-                Ok(encoded) => encoded.len(),
-                // A large header: the writer encodes it.
-                Err(postcard::Error::SerializeBufferFull) => return Staging::Item,
-                Err(e) => {
-                    tracing::error!(error = %e, kind = header.kind(), "dropping frame that cannot be encoded");
-                    return Staging::Invalid;
-                }
-            };
-            head.len += encoded;
-            encoded + body.len()
-        }
+        OutFrame::Parts { header, body } => match head.append(header) {
+            Ok(encoded) => encoded + body.len(),
+            // A large header: the writer encodes it.
+            Err(postcard::Error::SerializeBufferFull) => return Staging::Item,
+            Err(e) => {
+                tracing::error!(error = %e, kind = header.kind(), "dropping frame that cannot be encoded");
+                return Staging::Invalid;
+            }
+        },
         OutFrame::Raw(raw) => raw.len(),
     };
     if total == 0 || total > max_frame {
         tracing::error!(len = total, max_frame, "dropping frame outside the limit");
         return Staging::Invalid;
     }
-    head.buf[..LENGTH_PREFIX_BYTES].copy_from_slice(&(total as u32).to_be_bytes());
+    head.set_length(total);
     Staging::Head(head)
 }
 
@@ -1617,4 +1681,55 @@ mod tests {
         assert_eq!(take_and_write(&rx), vec![2]);
         assert_eq!(q.core().lock().bytes, 0, "nothing held");
     }
+
+    /// A message queued by reference is staged as exactly the bytes its
+    /// owned frame would be; it is refused (nothing queued) when the queue
+    /// is full, when someone waits, or when its body is not small.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_message_by_reference_stages_the_same_bytes() {
+        use crate::protocol::{MessageHeader, MessageKind, MessageRef, NodeId, Target, TargetRef};
+        let target = Target::Node(NodeId::new("b"));
+        let body = Bytes::from_static(b"hello");
+        let by_ref = MessageRef {
+            sender: "a",
+            incarnation: 7,
+            seq: 42,
+            target: TargetRef::from(&target),
+            service: "svc",
+            kind: MessageKind::Notify,
+        };
+        let owned = OutFrame::Parts {
+            header: Header::Message(MessageHeader {
+                sender: NodeId::new("a"),
+                incarnation: 7,
+                seq: 42,
+                target: target.clone(),
+                service: Arc::from("svc"),
+                kind: MessageKind::Notify,
+            }),
+            body: body.clone(),
+        };
+        let staged = |push: &dyn Fn(&OutQueue)| {
+            let (q, rx) = out_queue(64, 1 << 20);
+            push(&q);
+            let mut state = rx.core.lock();
+            state.staged.split().freeze()
+        };
+        let a = staged(&|q| assert!(q.try_push_message(&by_ref, &body)));
+        let b = staged(&|q| q.try_push_data(owned.clone()).expect("room"));
+        assert_eq!(a, b);
+
+        let (q, rx) = out_queue(64, 10);
+        q.try_push_data(numbered(0, 10)).expect("room");
+        assert!(!q.try_push_message(&by_ref, &body), "no bytes left");
+        let waiting = spawn_push(&q, 1, 10);
+        tokio::task::yield_now().await;
+        assert_eq!(take_and_write(&rx), vec![0]);
+        assert!(!q.try_push_message(&by_ref, &body), "someone waits");
+        waiting.await.expect("join").expect("queued");
+        let big = vec![0u8; STAGE_UP_TO_BYTES + 1];
+        assert!(!q.try_push_message(&by_ref, &big), "not small");
+        assert_eq!(take_and_write(&rx), vec![1]);
+    }
+
 }
