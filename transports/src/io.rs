@@ -1731,5 +1731,4 @@ mod tests {
         assert!(!q.try_push_message(&by_ref, &big), "not small");
         assert_eq!(take_and_write(&rx), vec![1]);
     }
-
 }
