@@ -160,15 +160,12 @@ impl Resend {
     }
 }
 
-/// A map keyed by this node's own sequence numbers.
-pub(crate) type SeqMap<V> = cluster_manager::tracker::SeqMap<V>;
-
 /// The resend buffer, by sequence number. Inserting and removing cost the
 /// same wherever the number falls; the rare full walks (after a reconnect)
 /// sort.
 #[derive(Debug, Default)]
 pub(crate) struct ResendBuffer {
-    by_seq: SeqMap<Resend>,
+    by_seq: cluster_manager::tracker::SeqMap<Resend>,
 }
 
 impl ResendBuffer {

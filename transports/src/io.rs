@@ -346,9 +346,12 @@ impl Core {
     }
 
     fn permits_for(&self, frame: &OutFrame) -> u32 {
-        u32::try_from(frame.payload_len())
-            .unwrap_or(u32::MAX)
-            .min(self.max_bytes)
+        self.permits_for_len(frame.payload_len())
+    }
+
+    /// The byte permits a payload of `len` bytes holds.
+    fn permits_for_len(&self, len: usize) -> u32 {
+        u32::try_from(len).unwrap_or(u32::MAX).min(self.max_bytes)
     }
 
     /// Whether a data frame of `permits` bytes fits now.
@@ -776,7 +779,7 @@ impl OutQueue {
             return false;
         }
         head.set_length(total);
-        let permits = (body.len().min(u32::MAX as usize) as u32).min(core.max_bytes);
+        let permits = core.permits_for_len(body.len());
         let waker = {
             let mut state = core.lock();
             if !state.waiting.is_empty() || !core.data_fits(&state, permits) {
