@@ -161,6 +161,12 @@ fn targets(rows: &[Row]) -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
+    // On a worker thread, like an application's own tasks: a client
+    // driven from `block_on` is woken across threads for every completion.
+    tokio::spawn(run()).await?
+}
+
+async fn run() -> anyhow::Result<()> {
     let options = Options::from_env();
     let machine = machine();
     println!(
