@@ -75,8 +75,9 @@ struct Pending<W> {
     target: Target,
     service: Arc<str>,
     awaiting: Awaiting,
-    /// Receivers, once known: at send time for `Node`, from the routing
-    /// result otherwise.
+    /// Receivers, once known, if not just the `Node` target (see
+    /// [`Pending::expected`]): from the routing result, or the members of
+    /// a fan-out the sender sends itself.
     expected: Option<Vec<NodeId>>,
     delivered: Vec<NodeId>,
     failed: Vec<(NodeId, SendError)>,
@@ -86,12 +87,22 @@ struct Pending<W> {
 }
 
 impl<W> Pending<W> {
+    /// Receivers, once known: a `Node` target's one node from the start
+    /// (no list is allocated for it), others from `expected`.
+    fn expected(&self) -> Option<&[NodeId]> {
+        match (&self.expected, &self.target) {
+            (Some(known), _) => Some(known),
+            (None, Target::Node(id)) => Some(std::slice::from_ref(id)),
+            (None, _) => None,
+        }
+    }
+
     fn accounted(&self, id: &NodeId) -> bool {
         self.delivered.contains(id) || self.failed.iter().any(|(n, _)| n == id)
     }
 
     fn is_settled(&self) -> bool {
-        match &self.expected {
+        match self.expected() {
             None => false,
             Some(expected) => expected.iter().all(|id| self.accounted(id)),
         }
@@ -156,6 +167,17 @@ impl<W> DeliveryTracker<W> {
         self.pending.is_empty()
     }
 
+    /// The waiter of message `seq`, if it is waiting for an outcome.
+    pub fn waiter(&self, seq: u64) -> Option<&W> {
+        self.pending.get(&seq).map(|p| &p.waiter)
+    }
+
+    /// The waiters of every message waiting for an outcome, in no
+    /// particular order.
+    pub fn waiters(&self) -> impl Iterator<Item = (u64, &W)> {
+        self.pending.iter().map(|(seq, p)| (*seq, &p.waiter))
+    }
+
     /// Whether message `seq` is waiting for an outcome.
     pub fn is_tracked(&self, seq: u64) -> bool {
         self.pending.contains_key(&seq)
@@ -170,10 +192,6 @@ impl<W> DeliveryTracker<W> {
         awaiting: Awaiting,
         waiter: W,
     ) {
-        let expected = match &target {
-            Target::Node(id) => Some(vec![id.clone()]),
-            _ => None,
-        };
         self.pending.insert(
             seq,
             Pending {
@@ -181,7 +199,7 @@ impl<W> DeliveryTracker<W> {
                 target,
                 service,
                 awaiting,
-                expected,
+                expected: None,
                 delivered: Vec::new(),
                 failed: Vec::new(),
                 via_server: false,
@@ -252,7 +270,7 @@ impl<W> DeliveryTracker<W> {
             return None;
         }
         p.failed.push((node.clone(), error));
-        if p.expected.is_none() {
+        if p.expected().is_none() {
             p.expected = Some(vec![node.clone()]);
         }
         self.settle(seq)
@@ -264,8 +282,7 @@ impl<W> DeliveryTracker<W> {
     pub fn cancel(&mut self, seq: u64) -> Option<(W, Vec<NodeId>)> {
         let p = self.take(seq)?;
         let missing = p
-            .expected
-            .as_ref()
+            .expected()
             .map(|e| e.iter().filter(|id| !p.accounted(id)).cloned().collect())
             .unwrap_or_default();
         Some((p.waiter, missing))
@@ -288,7 +305,7 @@ impl<W> DeliveryTracker<W> {
         is_live: impl Fn(&NodeId, u64) -> bool,
     ) -> Option<(W, Completion)> {
         let p = self.pending.get_mut(&routed.seq)?;
-        if routed.error.is_some() && p.expected.is_some() && !routed.failed.is_empty() {
+        if routed.error.is_some() && p.expected().is_some() && !routed.failed.is_empty() {
             // The sender knows its receivers (one node, or a fan-out it sends
             // itself): the failure is that receiver's, not the whole
             // message's.
@@ -325,7 +342,7 @@ impl<W> DeliveryTracker<W> {
                 ));
             }
         }
-        if let Some(known) = &p.expected {
+        if let Some(known) = p.expected() {
             // A `Node` target: keep the one receiver known at send time.
             for id in known {
                 if !expected.contains(id) {
@@ -363,7 +380,11 @@ impl<W> DeliveryTracker<W> {
             return None;
         }
         p.delivered.push(from.clone());
-        self.settle(seq)
+        if p.is_settled() {
+            self.take(seq).map(Pending::outcome)
+        } else {
+            None
+        }
     }
 
     /// The reply to request `request_seq`.
@@ -378,7 +399,7 @@ impl<W> DeliveryTracker<W> {
             // `AnyOf` before the routing result names it).
             Some(p)
                 if p.awaiting == Awaiting::Reply
-                    && p.expected.as_ref().is_none_or(|e| e.contains(from)) => {}
+                    && p.expected().is_none_or(|e| e.contains(from)) => {}
             _ => return None,
         }
         let p = self.take(request_seq)?;
@@ -396,7 +417,7 @@ impl<W> DeliveryTracker<W> {
     pub fn handle_member_left(&mut self, id: &NodeId) -> Vec<(W, Completion)> {
         let mut settled = Vec::new();
         for (seq, p) in self.pending.iter_mut() {
-            let waits = p.expected.as_ref().is_some_and(|e| e.contains(id)) && !p.accounted(id);
+            let waits = p.expected().is_some_and(|e| e.contains(id)) && !p.accounted(id);
             if waits {
                 p.failed.push((
                     id.clone(),

@@ -20,14 +20,12 @@ use transports::{Frame, FrameReader, OutFrame, OutQueue};
 use crate::counters::Counters;
 
 use crate::inbox::Message;
-use crate::node::Inner;
+use crate::node::{Inner, Waiter};
 
-pub(crate) fn complete(
-    done: impl IntoIterator<Item = (tokio::sync::oneshot::Sender<Completion>, Completion)>,
-) {
+pub(crate) fn complete(done: impl IntoIterator<Item = (Waiter, Completion)>) {
     for (waiter, completion) in done {
         // The sender may have stopped waiting; nothing to do then.
-        let _ = waiter.send(completion);
+        let _ = waiter.tx.send(completion);
     }
 }
 
@@ -316,11 +314,12 @@ impl Drop for AckBatch {
 fn handle_routed(inner: &Inner, routed: Routed) {
     if routed.error == Some(DeliveryFailure::UnknownTarget) {
         let parked_for = inner
-            .resend_buffer()
-            .get(routed.seq)
+            .tracker()
+            .waiter(routed.seq)
+            .and_then(|w| w.resend.as_ref())
             .and_then(|r| r.node().cloned());
         if let Some(node) = parked_for {
-            if inner.members.is_member(&node) && inner.tracker().is_tracked(routed.seq) {
+            if inner.members.is_member(&node) {
                 tracing::debug!(%node, seq = routed.seq, "target reconnecting: message parked");
                 return;
             }

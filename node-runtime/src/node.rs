@@ -25,7 +25,7 @@ use crate::counters::{Counters, PathCounters};
 use crate::direct::DirectPool;
 use crate::inbox::Inbox;
 use crate::membership::{Change, MemberView, MembershipEvents};
-use crate::reliable::{Dedup, ResendBuffer};
+use crate::reliable::{resend_frames, Dedup, Resend};
 use crate::NodeError;
 
 /// Time [`Node::shutdown`] waits for the node's tasks to finish.
@@ -40,7 +40,15 @@ pub struct Reply {
     pub body: Bytes,
 }
 
-type Waiter = oneshot::Sender<Completion>;
+/// Who waits on a tracked message, and what to send again after a
+/// reconnect: a message sent through the message server keeps its frame
+/// here until its outcome is known, so settling, cancelling or failing it
+/// drops what would be resent with it, under the one tracker lock.
+#[derive(Debug)]
+pub(crate) struct Waiter {
+    pub(crate) tx: oneshot::Sender<Completion>,
+    pub(crate) resend: Option<Resend>,
+}
 
 /// What a node learnt while connecting, to build its shared state from.
 #[derive(Debug)]
@@ -76,9 +84,6 @@ pub(crate) struct Inner {
     pub(crate) resolves: Mutex<HashMap<u64, oneshot::Sender<ResolveResult>>>,
     pub(crate) members: MemberView,
     pub(crate) direct: DirectPool,
-    /// Acknowledged messages sent through the message server, kept until
-    /// their outcome is known, to be resent after a reconnect.
-    pub(crate) resend: Mutex<ResendBuffer>,
     /// Which message numbers of each sender were delivered here.
     pub(crate) dedup: Mutex<Dedup>,
     /// Orders message-server sends: the sequence number is taken and the
@@ -143,7 +148,6 @@ impl Inner {
             resolves: Mutex::new(HashMap::new()),
             members: MemberView::new(parts.members, failure_timeout),
             direct: DirectPool::default(),
-            resend: Mutex::new(ResendBuffer::default()),
             dedup: Mutex::new(Dedup::default()),
             send_lock: tokio::sync::Mutex::new(()),
             in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
@@ -184,7 +188,7 @@ impl Inner {
     }
 
     /// Takes a new incarnation (this node was declared failed): what the
-    /// old one was waiting for fails, its resend buffer is dropped.
+    /// old one was waiting for fails, and with it what would be resent.
     pub(crate) fn new_incarnation(&self, incarnation: u64) {
         self.incarnation.store(incarnation, Ordering::SeqCst);
         self.hello
@@ -193,7 +197,6 @@ impl Inner {
             .incarnation = incarnation;
         let done = self.tracker().fail_all(&SendError::Disconnected);
         complete(done);
-        *self.resend_buffer() = ResendBuffer::default();
     }
 
     /// Looks at this node's `Hello` without copying it (the per-message
@@ -240,10 +243,7 @@ impl Inner {
     /// disconnected, so acknowledgements (or the messages) may be lost.
     async fn resync(&self, node: &NodeId) {
         let _order = self.send_lock.lock().await;
-        let frames = {
-            let resend = self.resend_buffer();
-            resend.to_node(node, |seq| self.tracker().is_tracked(seq))
-        };
+        let frames = resend_frames(&self.tracker(), |r| r.node() == Some(node));
         if !frames.is_empty() {
             tracing::debug!(%node, messages = frames.len(), "member back: resending what it has not acknowledged");
         }
@@ -252,10 +252,6 @@ impl Inner {
                 return;
             }
         }
-    }
-
-    pub(crate) fn resend_buffer(&self) -> std::sync::MutexGuard<'_, ResendBuffer> {
-        self.resend.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn dedup(&self) -> std::sync::MutexGuard<'_, Dedup> {
@@ -422,7 +418,7 @@ impl Inner {
     pub(crate) fn close(&self, error: &SendError) {
         let done = self.tracker().fail_all(error);
         for (w, c) in done {
-            let _ = w.send(c);
+            let _ = w.tx.send(c);
         }
         self.inboxes
             .write()
@@ -447,6 +443,9 @@ pub struct Pending {
     seq: u64,
     deadline: Instant,
     rx: Option<oneshot::Receiver<Completion>>,
+    /// Set once the outcome arrived: the tracker let go of the message
+    /// then, so dropping this handle has nothing to cancel.
+    settled: bool,
     _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
@@ -463,6 +462,7 @@ impl Pending {
             seq,
             deadline,
             rx: Some(rx),
+            settled: false,
             _slot: slot,
         }
     }
@@ -477,7 +477,10 @@ impl Pending {
             return Err(SendError::Shutdown);
         };
         match tokio::time::timeout_at(self.deadline, rx).await {
-            Ok(Ok(c)) => Ok(c),
+            Ok(Ok(c)) => {
+                self.settled = true;
+                Ok(c)
+            }
             Ok(Err(_)) => Err(self.inner.closed_error()),
             Err(_) => {
                 let waiting_for = self
@@ -510,9 +513,10 @@ impl Pending {
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        // A settled message is no longer tracked; cancel is a no-op then.
-        self.inner.tracker().cancel(self.seq);
-        self.inner.resend_buffer().remove(self.seq);
+        // An unsettled message stops being tracked (and resent).
+        if !self.settled {
+            self.inner.tracker().cancel(self.seq);
+        }
     }
 }
 

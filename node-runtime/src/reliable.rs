@@ -1,9 +1,10 @@
-//! What makes acknowledged delivery survive a lost connection: the resend
-//! buffer on the sending side, and duplicate suppression on the receiving
-//! side.
+//! What makes acknowledged delivery survive a lost connection: the frames
+//! kept for resending on the sending side, and duplicate suppression on the
+//! receiving side.
 //!
 //! A sender keeps every acknowledged message it sent through the message
-//! server until its outcome is known. After reconnecting it sends them all
+//! server until its outcome is known (with its waiter in the delivery
+//! tracker, see [`Waiter`]). After reconnecting it sends them all
 //! again, in sequence order, before anything newer; after a receiver
 //! re-registers it sends again what that receiver has not acknowledged.
 //! Receivers remember which sequence numbers of each (sender, incarnation)
@@ -13,8 +14,11 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
+use cluster_manager::tracker::DeliveryTracker;
 use transports::protocol::{Header, MessageHeader, NodeId, Target};
 use transports::OutFrame;
+
+use crate::node::Waiter;
 
 /// Sequence numbers remembered per sender incarnation.
 pub const DEDUP_WINDOW: u64 = 1 << 17;
@@ -160,52 +164,19 @@ impl Resend {
     }
 }
 
-/// The resend buffer, by sequence number. Inserting and removing cost the
-/// same wherever the number falls; the rare full walks (after a reconnect)
-/// sort.
-#[derive(Debug, Default)]
-pub(crate) struct ResendBuffer {
-    by_seq: cluster_manager::tracker::SeqMap<Resend>,
-}
-
-impl ResendBuffer {
-    pub(crate) fn insert(&mut self, seq: u64, resend: Resend) {
-        self.by_seq.insert(seq, resend);
-    }
-
-    pub(crate) fn remove(&mut self, seq: u64) {
-        self.by_seq.remove(&seq);
-    }
-
-    /// The entries `keep` selects, in sequence order, as frames.
-    fn frames(&self, keep: impl Fn(u64, &Resend) -> bool) -> Vec<OutFrame> {
-        let mut chosen: Vec<(u64, &Resend)> = self
-            .by_seq
-            .iter()
-            .filter(|(seq, r)| keep(**seq, r))
-            .map(|(seq, r)| (*seq, r))
-            .collect();
-        chosen.sort_unstable_by_key(|(seq, _)| *seq);
-        chosen.into_iter().map(|(_, r)| r.frame()).collect()
-    }
-
-    /// Every message still waiting for its outcome, in sequence order.
-    pub(crate) fn all(&self, still_tracked: impl Fn(u64) -> bool) -> Vec<OutFrame> {
-        self.frames(|seq, _| still_tracked(seq))
-    }
-
-    /// The messages to `node` still waiting, in sequence order.
-    pub(crate) fn to_node(
-        &self,
-        node: &NodeId,
-        still_tracked: impl Fn(u64) -> bool,
-    ) -> Vec<OutFrame> {
-        self.frames(|seq, r| r.node() == Some(node) && still_tracked(seq))
-    }
-
-    pub(crate) fn get(&self, seq: u64) -> Option<&Resend> {
-        self.by_seq.get(&seq)
-    }
+/// What [`Waiter`]s of `tracker` keep for resending and `keep` selects, in
+/// sequence order, as frames (the rare walks after a reconnect sort).
+pub(crate) fn resend_frames(
+    tracker: &DeliveryTracker<Waiter>,
+    keep: impl Fn(&Resend) -> bool,
+) -> Vec<OutFrame> {
+    let mut chosen: Vec<(u64, &Resend)> = tracker
+        .waiters()
+        .filter_map(|(seq, w)| w.resend.as_ref().map(|r| (seq, r)))
+        .filter(|(_, r)| keep(r))
+        .collect();
+    chosen.sort_unstable_by_key(|(seq, _)| *seq);
+    chosen.into_iter().map(|(_, r)| r.frame()).collect()
 }
 
 #[cfg(test)]
@@ -213,24 +184,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn resend_buffer_walks_in_sequence_order() {
+    fn resend_frames_walk_what_is_tracked_in_sequence_order() {
+        use cluster_manager::Awaiting;
+        use tokio::sync::oneshot;
         use transports::protocol::MessageKind;
-        let resend = |seq: u64, to: &str| Resend {
-            header: MessageHeader {
-                sender: NodeId::new("me"),
-                incarnation: 1,
-                seq,
-                target: Target::Node(NodeId::new(to)),
-                service: "svc".into(),
-                kind: MessageKind::Send,
-            },
-            body: Bytes::new(),
+        let header = |seq: u64, to: &str| MessageHeader {
+            sender: NodeId::new("me"),
+            incarnation: 1,
+            seq,
+            target: Target::Node(NodeId::new(to)),
+            service: "svc".into(),
+            kind: MessageKind::Send,
         };
-        let mut buffer = ResendBuffer::default();
-        for seq in [9u64, 3, 7, 1, 5, 2] {
-            buffer.insert(seq, resend(seq, if seq % 2 == 0 { "b" } else { "a" }));
+        let mut tracker = DeliveryTracker::new();
+        let mut receivers = Vec::new();
+        for seq in [9u64, 3, 7, 1, 5, 2, 4] {
+            let to = if seq % 2 == 0 { "b" } else { "a" };
+            let (tx, rx) = oneshot::channel();
+            receivers.push(rx);
+            // 4 went over a direct channel: tracked, nothing to resend.
+            let resend = (seq != 4).then(|| Resend {
+                header: header(seq, to),
+                body: Bytes::new(),
+            });
+            let target = Target::Node(NodeId::new(to));
+            tracker.track(
+                seq,
+                target,
+                "svc".into(),
+                Awaiting::Acks,
+                Waiter { tx, resend },
+            );
         }
-        buffer.remove(7);
+        // Settled and cancelled messages are not resent.
+        assert!(tracker.handle_accepted(7, &NodeId::new("a")).is_some());
+        assert!(tracker.cancel(2).is_some());
         let seqs = |frames: Vec<OutFrame>| -> Vec<u64> {
             frames
                 .into_iter()
@@ -243,14 +231,14 @@ mod tests {
                 })
                 .collect()
         };
-        assert_eq!(seqs(buffer.all(|_| true)), [1, 2, 3, 5, 9]);
-        assert_eq!(seqs(buffer.all(|s| s != 3)), [1, 2, 5, 9]);
+        assert_eq!(seqs(resend_frames(&tracker, |_| true)), [1, 3, 5, 9]);
+        let b = NodeId::new("b");
+        assert!(seqs(resend_frames(&tracker, |r| r.node() == Some(&b))).is_empty());
+        let a = NodeId::new("a");
         assert_eq!(
-            seqs(buffer.to_node(&NodeId::new("a"), |_| true)),
+            seqs(resend_frames(&tracker, |r| r.node() == Some(&a))),
             [1, 3, 5, 9]
         );
-        assert!(buffer.get(7).is_none());
-        assert_eq!(buffer.get(9).map(|r| r.header.seq), Some(9));
     }
 
     #[test]

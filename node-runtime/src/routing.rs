@@ -20,7 +20,7 @@ use transports::{OutFrame, PushError};
 use crate::connection::complete;
 use crate::counters::Counters;
 use crate::direct::{get_or_open, ChannelKind, DirectConn};
-use crate::node::{Inner, Pending};
+use crate::node::{Inner, Pending, Waiter};
 use crate::reliable::Resend;
 
 /// Where one message goes.
@@ -221,32 +221,48 @@ impl Inner {
                     }
                 };
                 seq = self.next_seq();
+                // Tracked (with what a reconnect resends) before it is
+                // queued: its acknowledgement may come back at once.
+                let resend = Resend {
+                    header: self.header(seq, target.clone(), service.clone(), kind),
+                    body: body.clone(),
+                };
                 {
                     let mut tracker = self.tracker();
-                    tracker.track(seq, target.clone(), service.clone(), awaiting, tx);
+                    let waiter = Waiter {
+                        tx,
+                        resend: Some(resend),
+                    };
+                    tracker.track(seq, target.clone(), service.clone(), awaiting, waiter);
                     tracker.mark_via_server(seq);
                 }
-                let header = self.header(seq, target, service, kind);
-                self.resend_buffer().insert(
-                    seq,
-                    Resend {
-                        header: header.clone(),
-                        body: body.clone(),
-                    },
-                );
-                let frame = OutFrame::Parts {
-                    header: Header::Message(header),
-                    body,
-                };
                 let pending = Pending::new(self.clone(), seq, deadline, rx, Some(slot));
-                self.enqueue(frame, deadline).await?;
+                // Usually queued at once, its header encoded from the names
+                // in place; otherwise as a frame, waiting for room.
+                let header = MessageRef {
+                    sender: self.id.as_str(),
+                    incarnation: self.incarnation(),
+                    seq,
+                    target: TargetRef::from(&target),
+                    service: &service,
+                    kind,
+                };
+                if !self.queue.try_push_message(&header, &body) {
+                    let header = self.header(seq, target, service, kind);
+                    let frame = OutFrame::Parts {
+                        header: Header::Message(header),
+                        body,
+                    };
+                    self.enqueue(frame, deadline).await?;
+                }
                 self.count_server(body_len);
                 Ok(pending)
             }
             Route::Direct(conn) => {
                 seq = self.next_seq();
+                let waiter = Waiter { tx, resend: None };
                 self.tracker()
-                    .track(seq, target.clone(), service.clone(), awaiting, tx);
+                    .track(seq, target.clone(), service.clone(), awaiting, waiter);
                 let pending = Pending::new(self.clone(), seq, deadline, rx, Some(slot));
                 let msg = Outgoing {
                     seq,
@@ -265,7 +281,7 @@ impl Inner {
                     service.clone(),
                     awaiting,
                     members.clone(),
-                    tx,
+                    Waiter { tx, resend: None },
                 );
                 let pending = Pending::new(self.clone(), seq, deadline, rx, Some(slot));
                 complete(done);

@@ -28,6 +28,7 @@ use transports::{write_queue, Config, FrameReader, OutFrame, OutReceiver, WriteE
 use crate::connection::{read_frames, LinkEnd};
 use crate::membership::{Change, MembershipEvent};
 use crate::node::Inner;
+use crate::reliable::resend_frames;
 use crate::NodeError;
 
 /// A connected, registered link to one message server.
@@ -157,10 +158,7 @@ pub(crate) async fn supervise(inner: Arc<Inner>, mut rx: OutReceiver, mut link: 
             .collect();
         inner.handle_changes(changes).await;
         inner.link_up.store(true, Ordering::SeqCst);
-        prelude = {
-            let resend = inner.resend_buffer();
-            resend.all(|seq| inner.tracker().is_tracked(seq))
-        };
+        prelude = resend_frames(&inner.tracker(), |_| true);
         inner.members.emit_event(MembershipEvent::Reconnected {
             address: link.address.clone(),
         });
