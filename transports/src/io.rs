@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::frame::{encode_header, Frame, FrameCodec, FrameError, OutFrame, LENGTH_PREFIX_BYTES};
-use crate::protocol::{Header, MessageRef, MESSAGE_TAG};
+use crate::protocol::{Header, MessageRef};
 
 /// Bytes requested from the socket per read when the buffer runs low.
 pub const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -767,14 +767,10 @@ impl OutQueue {
             return false;
         }
         let mut head = Head::new();
-        // The `Header::Message` variant's index, then its fields.
-        let Ok(tag) = head.append(&u32::from(MESSAGE_TAG)) else {
+        let Some(encoded) = head.append_message(header) else {
             return false;
         };
-        let Ok(encoded) = head.append(header) else {
-            return false;
-        };
-        let total = tag + encoded + body.len();
+        let total = encoded + body.len();
         if total > core.max_frame.load(Ordering::Relaxed) {
             return false;
         }
@@ -1002,6 +998,14 @@ impl Head {
         Ok(encoded)
     }
 
+    /// Encodes `Header::Message(header)` after what is there; how many
+    /// bytes it took, or `None` if it does not fit.
+    fn append_message(&mut self, header: &MessageRef<'_>) -> Option<usize> {
+        let encoded = crate::wire::encode_message(header, &mut self.buf[self.len..])?;
+        self.len += encoded;
+        Some(encoded)
+    }
+
     /// Writes the length prefix: `total` bytes follow it.
     fn set_length(&mut self, total: usize) {
         self.buf[..LENGTH_PREFIX_BYTES].copy_from_slice(&(total as u32).to_be_bytes());
@@ -1037,6 +1041,14 @@ fn staging(frame: &OutFrame, max_frame: usize) -> Staging {
         } => return Staging::Item,
         OutFrame::Parts { body, .. } if body.len() > STAGE_UP_TO_BYTES => return Staging::Item,
         OutFrame::Raw(raw) if raw.len() > STAGE_UP_TO_BYTES => return Staging::Item,
+        OutFrame::Parts {
+            header: Header::Message(message),
+            body,
+        } => match head.append_message(&MessageRef::from(message)) {
+            Some(encoded) => encoded + body.len(),
+            // Long names: the writer encodes it.
+            None => return Staging::Item,
+        },
         OutFrame::Parts { header, body } => match head.append(header) {
             Ok(encoded) => encoded + body.len(),
             // A large header: the writer encodes it.

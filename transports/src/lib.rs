@@ -22,6 +22,7 @@ pub mod heartbeat;
 pub mod io;
 pub mod protocol;
 pub mod tcp;
+mod wire;
 
 pub use config::{Config, ConfigError};
 pub use frame::{Frame, FrameCodec, FrameError, OutFrame};

@@ -331,6 +331,19 @@ pub struct MessageRef<'a> {
     pub kind: MessageKind,
 }
 
+impl<'a> From<&'a MessageHeader> for MessageRef<'a> {
+    fn from(h: &'a MessageHeader) -> Self {
+        MessageRef {
+            sender: h.sender.as_str(),
+            incarnation: h.incarnation,
+            seq: h.seq,
+            target: TargetRef::from(&h.target),
+            service: &h.service,
+            kind: h.kind,
+        }
+    }
+}
+
 /// An [`Ack`] read in place from a received frame. Same wire layout.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AckRef<'a> {

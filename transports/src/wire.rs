@@ -1,0 +1,356 @@
+//! The message header's postcard encoding, written out by hand.
+//!
+//! Every message is framed with a [`MessageRef`] header, read by the
+//! message server and by each receiver, so its encoding is the hottest
+//! code on the wire. Through serde, postcard copies each varint through a
+//! scratch buffer and dispatches each field through the visitor
+//! machinery; here the same bytes are written and read directly. The
+//! layout is exactly postcard's (and so the one [`crate::frame`] documents):
+//! varints are LEB128, at most 10 bytes for a `u64` and 5 for a variant
+//! index; a string is its length as a varint, then its UTF-8 bytes; an enum
+//! is its variant index as a varint, then its fields. Decoding accepts what
+//! postcard accepts and fails where it fails, with the same
+//! [`postcard::Error`]; the tests check both against postcard itself.
+
+use postcard::Error;
+
+use crate::protocol::{MessageKind, MessageRef, TargetRef, MESSAGE_TAG};
+
+/// Most bytes a `u64` varint takes.
+const MAX_VARINT_U64: usize = 10;
+/// Most bytes a `u32` varint (a variant index) takes.
+const MAX_VARINT_U32: usize = 5;
+
+/// Writes into a byte slice; `None` once it is full.
+struct Writer<'a> {
+    out: &'a mut [u8],
+    len: usize,
+}
+
+impl Writer<'_> {
+    fn varint(&mut self, mut value: u64) -> Option<()> {
+        loop {
+            let byte = self.out.get_mut(self.len)?;
+            self.len += 1;
+            if value < 0x80 {
+                *byte = value as u8;
+                return Some(());
+            }
+            *byte = (value as u8) | 0x80;
+            value >>= 7;
+        }
+    }
+
+    fn str(&mut self, s: &str) -> Option<()> {
+        self.varint(s.len() as u64)?;
+        let end = self.len.checked_add(s.len())?;
+        self.out
+            .get_mut(self.len..end)?
+            .copy_from_slice(s.as_bytes());
+        self.len = end;
+        Some(())
+    }
+}
+
+/// Encodes `Header::Message(h)` (the variant index, then the fields) at the
+/// start of `out`: how many bytes it took, or `None` if `out` is too small.
+pub(crate) fn encode_message(h: &MessageRef<'_>, out: &mut [u8]) -> Option<usize> {
+    let mut w = Writer { out, len: 0 };
+    w.varint(u64::from(MESSAGE_TAG))?;
+    w.str(h.sender)?;
+    w.varint(h.incarnation)?;
+    w.varint(h.seq)?;
+    match h.target {
+        TargetRef::Node(name) => {
+            w.varint(0)?;
+            w.str(name)?;
+        }
+        TargetRef::Group(name) => {
+            w.varint(1)?;
+            w.str(name)?;
+        }
+        TargetRef::AnyOf(name) => {
+            w.varint(2)?;
+            w.str(name)?;
+        }
+        TargetRef::All => w.varint(3)?,
+    }
+    w.str(h.service)?;
+    match h.kind {
+        MessageKind::Notify => w.varint(0)?,
+        MessageKind::Send => w.varint(1)?,
+        MessageKind::Request => w.varint(2)?,
+        MessageKind::Reply {
+            request_seq,
+            requester_incarnation,
+        } => {
+            w.varint(3)?;
+            w.varint(request_seq)?;
+            w.varint(requester_incarnation)?;
+        }
+    }
+    Some(w.len)
+}
+
+/// Reads from a byte slice, as postcard's deserializer does.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn byte(&mut self) -> Result<u8, Error> {
+        let b = *self
+            .buf
+            .get(self.pos)
+            .ok_or(Error::DeserializeUnexpectedEnd)?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    /// A varint of at most `max_bytes` bytes whose last byte holds at most
+    /// `max_last` (the bits left of the type's width).
+    fn varint(&mut self, max_bytes: usize, max_last: u8) -> Result<u64, Error> {
+        let mut out = 0u64;
+        for i in 0..max_bytes {
+            let b = self.byte()?;
+            out |= u64::from(b & 0x7F) << (7 * i);
+            if b & 0x80 == 0 {
+                if i == max_bytes - 1 && b > max_last {
+                    return Err(Error::DeserializeBadVarint);
+                }
+                return Ok(out);
+            }
+        }
+        Err(Error::DeserializeBadVarint)
+    }
+
+    fn u64(&mut self) -> Result<u64, Error> {
+        // 64 bits: one bit left for the tenth byte.
+        self.varint(MAX_VARINT_U64, 0x01)
+    }
+
+    fn variant(&mut self) -> Result<u32, Error> {
+        // 32 bits: four bits left for the fifth byte.
+        self.varint(MAX_VARINT_U32, 0x0F).map(|v| v as u32)
+    }
+
+    fn str(&mut self) -> Result<&'a str, Error> {
+        let len = self.u64()?;
+        let len = usize::try_from(len).map_err(|_| Error::DeserializeUnexpectedEnd)?;
+        let end = self
+            .pos
+            .checked_add(len)
+            .ok_or(Error::DeserializeUnexpectedEnd)?;
+        let bytes = self
+            .buf
+            .get(self.pos..end)
+            .ok_or(Error::DeserializeUnexpectedEnd)?;
+        self.pos = end;
+        std::str::from_utf8(bytes).map_err(|_| Error::DeserializeBadUtf8)
+    }
+}
+
+/// Decodes a [`MessageRef`] (the fields, after the variant index) from the
+/// start of `buf`: the header and how many bytes it took.
+///
+/// # Errors
+///
+/// As postcard: [`Error::DeserializeUnexpectedEnd`] when `buf` ends too
+/// early, [`Error::DeserializeBadVarint`], [`Error::DeserializeBadUtf8`],
+/// and [`Error::SerdeDeCustom`] for an unknown variant.
+pub(crate) fn decode_message(buf: &[u8]) -> Result<(MessageRef<'_>, usize), Error> {
+    let mut r = Reader { buf, pos: 0 };
+    let sender = r.str()?;
+    let incarnation = r.u64()?;
+    let seq = r.u64()?;
+    let target = match r.variant()? {
+        0 => TargetRef::Node(r.str()?),
+        1 => TargetRef::Group(r.str()?),
+        2 => TargetRef::AnyOf(r.str()?),
+        3 => TargetRef::All,
+        _ => return Err(Error::SerdeDeCustom),
+    };
+    let service = r.str()?;
+    let kind = match r.variant()? {
+        0 => MessageKind::Notify,
+        1 => MessageKind::Send,
+        2 => MessageKind::Request,
+        3 => MessageKind::Reply {
+            request_seq: r.u64()?,
+            requester_incarnation: r.u64()?,
+        },
+        _ => return Err(Error::SerdeDeCustom),
+    };
+    let header = MessageRef {
+        sender,
+        incarnation,
+        seq,
+        target,
+        service,
+        kind,
+    };
+    Ok((header, r.pos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (no dependency for a test).
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+
+        /// A number of any width, edges included.
+        fn number(&mut self) -> u64 {
+            match self.below(6) {
+                0 => 0,
+                1 => u64::MAX,
+                2 => self.below(128),
+                3 => 1 << self.below(64),
+                4 => (1 << self.below(64)) - 1,
+                _ => self.next(),
+            }
+        }
+    }
+
+    const NAMES: [&str; 6] = [
+        "",
+        "a",
+        "node-1",
+        "web",
+        "ünïcødé",
+        "a-rather-long-service-name-x",
+    ];
+
+    fn header<'a>(rng: &mut Rng, long: &'a str) -> MessageRef<'a> {
+        let name = |rng: &mut Rng| -> &'a str {
+            match rng.below(8) {
+                7 => long,
+                i => NAMES[i as usize % NAMES.len()],
+            }
+        };
+        let target = match rng.below(4) {
+            0 => TargetRef::Node(name(rng)),
+            1 => TargetRef::Group(name(rng)),
+            2 => TargetRef::AnyOf(name(rng)),
+            _ => TargetRef::All,
+        };
+        let kind = match rng.below(4) {
+            0 => MessageKind::Notify,
+            1 => MessageKind::Send,
+            2 => MessageKind::Request,
+            _ => MessageKind::Reply {
+                request_seq: rng.number(),
+                requester_incarnation: rng.number(),
+            },
+        };
+        MessageRef {
+            sender: name(rng),
+            incarnation: rng.number(),
+            seq: rng.number(),
+            target,
+            service: name(rng),
+            kind,
+        }
+    }
+
+    /// What postcard itself makes of `Header::Message`'s fields in `buf`.
+    fn postcard_decode(buf: &[u8]) -> Result<(MessageRef<'_>, usize), Error> {
+        postcard::take_from_bytes::<MessageRef<'_>>(buf)
+            .map(|(h, rest)| (h, buf.len() - rest.len()))
+    }
+
+    #[test]
+    fn encodes_exactly_what_postcard_encodes() {
+        let long = "x".repeat(300);
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        for _ in 0..5_000 {
+            let h = header(&mut rng, &long);
+            let mut ours = [0u8; 1024];
+            let n = encode_message(&h, &mut ours).expect("fits");
+            let mut theirs = postcard::to_allocvec(&u32::from(MESSAGE_TAG)).expect("tag");
+            theirs.extend(postcard::to_allocvec(&h).expect("header"));
+            assert_eq!(&ours[..n], &theirs[..], "{h:?}");
+            // Decoding it gives it back, whole.
+            assert_eq!(decode_message(&ours[1..n]), Ok((h, n - 1)));
+            // Too small a buffer is `None` at every cut, never a panic.
+            for cut in [0, 1, n / 2, n - 1] {
+                assert_eq!(encode_message(&h, &mut ours[..cut]), None);
+            }
+        }
+    }
+
+    #[test]
+    fn decodes_whatever_bytes_exactly_as_postcard() {
+        let long = "y".repeat(200);
+        let mut rng = Rng(0xDEAD_BEEF_CAFE_F00D);
+        let mut buf = [0u8; 1024];
+        for round in 0..20_000 {
+            let h = header(&mut rng, &long);
+            let n = encode_message(&h, &mut buf).expect("fits");
+            let mut bytes = buf[1..n].to_vec();
+            // Damage it: flip, cut, extend, or replace with noise.
+            match round % 5 {
+                0 => {
+                    for _ in 0..=rng.below(3) {
+                        let i = rng.below(bytes.len() as u64) as usize;
+                        bytes[i] ^= 1 << rng.below(8);
+                    }
+                }
+                1 => bytes.truncate(rng.below(bytes.len() as u64) as usize),
+                2 => bytes.extend((0..rng.below(8)).map(|_| rng.next() as u8)),
+                3 => {
+                    let len = rng.below(40) as usize;
+                    bytes = (0..len).map(|_| rng.next() as u8).collect();
+                }
+                _ => {
+                    // Long varints: continuation bytes where a number was.
+                    let i = rng.below(bytes.len() as u64) as usize;
+                    bytes.splice(i..i, std::iter::repeat_n(0xFF, rng.below(12) as usize));
+                }
+            }
+            assert_eq!(
+                decode_message(&bytes),
+                postcard_decode(&bytes),
+                "round {round}: {bytes:02x?}"
+            );
+        }
+    }
+
+    #[test]
+    fn varint_edges_match_postcard() {
+        let cases: [&[u8]; 8] = [
+            // The largest u64, and one past it in the tenth byte.
+            &[0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01],
+            &[0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x02],
+            // Eleven bytes.
+            &[
+                0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x00,
+            ],
+            // An overlong zero, which postcard accepts.
+            &[0x80, 0x00],
+            &[0x80],
+            &[],
+            &[0x00],
+            &[0x05, b'a', b'b'],
+        ];
+        for bytes in cases {
+            let mut theirs = postcard::Deserializer::from_bytes(bytes);
+            let theirs: Result<u64, _> = serde::Deserialize::deserialize(&mut theirs);
+            let ours = Reader { buf: bytes, pos: 0 }.u64();
+            assert_eq!(ours, theirs, "{bytes:02x?}");
+        }
+    }
+}
