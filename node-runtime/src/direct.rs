@@ -140,6 +140,10 @@ type Key = (NodeId, ChannelKind);
 #[derive(Debug, Default)]
 pub(crate) struct DirectPool {
     open: Mutex<HashMap<Key, Arc<DirectConn>>>,
+    /// How many channels `open` holds, kept up to date under its lock:
+    /// every small message asks whether one is open, and the answer is
+    /// usually no, so it is read without the lock.
+    open_count: std::sync::atomic::AtomicUsize,
     /// One gate per peer and kind, so that concurrent first sends open one
     /// connection.
     gates: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
@@ -152,12 +156,12 @@ impl DirectPool {
 
     /// The open channel to `peer`, if any.
     pub(crate) fn get(&self, peer: &NodeId, kind: ChannelKind) -> Option<Arc<DirectConn>> {
-        let open = self.open_map();
-        if open.is_empty() {
-            // The usual case for small messages: no key to build.
+        if self.open_count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            // The usual case for small messages: no lock, no key to build.
             return None;
         }
-        open.get(&(peer.clone(), kind))
+        self.open_map()
+            .get(&(peer.clone(), kind))
             .filter(|c| !c.queue.is_closed() && !c.is_closing())
             .cloned()
     }
@@ -177,6 +181,20 @@ impl DirectPool {
         if open.get(&key).is_some_and(|c| Arc::ptr_eq(c, conn)) {
             open.remove(&key);
         }
+        self.counted(&open);
+    }
+
+    /// Publishes how many channels `open` (locked) holds.
+    fn counted(&self, open: &HashMap<Key, Arc<DirectConn>>) {
+        self.open_count
+            .store(open.len(), std::sync::atomic::Ordering::Release);
+    }
+
+    /// Adds an opened channel.
+    fn insert(&self, conn: Arc<DirectConn>) {
+        let mut open = self.open_map();
+        open.insert((conn.peer.clone(), conn.kind), conn);
+        self.counted(&open);
     }
 
     /// Closes every channel to `peer` (it is gone for good).
@@ -184,7 +202,9 @@ impl DirectPool {
         let gone: Vec<Arc<DirectConn>> = {
             let mut open = self.open_map();
             let keys: Vec<Key> = open.keys().filter(|(p, _)| p == peer).cloned().collect();
-            keys.iter().filter_map(|k| open.remove(k)).collect()
+            let gone = keys.iter().filter_map(|k| open.remove(k)).collect();
+            self.counted(&open);
+            gone
         };
         for conn in gone {
             conn.queue.close();
@@ -231,10 +251,7 @@ pub(crate) async fn get_or_open(
         Ok(conn) => {
             Counters::add(opened, 1);
             tracing::info!(%peer, %addr, kind = kind.name(), "channel started");
-            inner
-                .direct
-                .open_map()
-                .insert((peer.clone(), kind), conn.clone());
+            inner.direct.insert(conn.clone());
             Ok(conn)
         }
         Err(e) => {

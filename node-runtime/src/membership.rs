@@ -107,6 +107,9 @@ pub(crate) struct MemberView {
     members: RwLock<BTreeMap<NodeId, Entry>>,
     /// Incarnations declared failed: nothing from them is accepted.
     failed: RwLock<std::collections::HashSet<(NodeId, u64)>>,
+    /// Whether `failed` holds anything: every received message asks, and
+    /// the answer is nearly always no, so it is read without the lock.
+    any_failed: std::sync::atomic::AtomicBool,
     events: broadcast::Sender<MembershipEvent>,
     grace: Duration,
 }
@@ -132,17 +135,20 @@ impl MemberView {
             events,
             grace,
             failed: RwLock::default(),
+            any_failed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// Whether `incarnation` of `id` was declared failed.
     pub(crate) fn is_failed(&self, id: &str, incarnation: u64) -> bool {
+        if !self.any_failed.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
+        // A scan (failures are rare).
         let failed = self.failed.read().unwrap_or_else(|p| p.into_inner());
-        // Usually empty; a scan otherwise (failures are rare).
-        !failed.is_empty()
-            && failed
-                .iter()
-                .any(|(f, i)| *i == incarnation && f.as_str() == id)
+        failed
+            .iter()
+            .any(|(f, i)| *i == incarnation && f.as_str() == id)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<NodeId, Entry>> {
@@ -254,6 +260,8 @@ impl MemberView {
                                     .write()
                                     .unwrap_or_else(|p| p.into_inner())
                                     .insert((id.clone(), incarnation));
+                                self.any_failed
+                                    .store(true, std::sync::atomic::Ordering::Release);
                             }
                             members.remove(&id);
                             events.push(MembershipEvent::Left {

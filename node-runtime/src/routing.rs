@@ -27,7 +27,8 @@ use crate::reliable::Resend;
 enum Route {
     Server,
     Direct(Arc<DirectConn>),
-    FanOut(Vec<NodeId>),
+    /// The members, and the deadline the send keeps to.
+    FanOut(Vec<NodeId>, Instant),
 }
 
 /// A message addressed to one receiver at a time.
@@ -40,13 +41,14 @@ struct Outgoing {
 
 impl Inner {
     /// Picks the route of a message (opening a lazy channel if that is the
-    /// path).
+    /// path). `deadline` is the send's, if it took one already; a fan-out
+    /// that has to ask the message server for its members takes one then.
     async fn route(
         self: &Arc<Self>,
         target: &Target,
         service: &str,
         body_len: u64,
-        deadline: Instant,
+        deadline: Option<Instant>,
     ) -> Result<Route, SendError> {
         let target_name = match target {
             Target::Node(id) => id.as_str(),
@@ -110,30 +112,37 @@ impl Inner {
                     }),
                 }
             }
-            (Path::LazyFanOut, _) => Ok(Route::FanOut(
-                Box::pin(self.resolve(target, service, deadline)).await?,
-            )),
+            (Path::LazyFanOut, _) => {
+                let deadline = deadline.unwrap_or_else(|| self.deadline());
+                let members = Box::pin(self.resolve(target, service, deadline)).await?;
+                Ok(Route::FanOut(members, deadline))
+            }
             _ => Ok(Route::Server),
         }
     }
 
-    /// What every send does first: check the body and the node, set the
-    /// deadline, choose the route.
+    /// What every send does first: check the body and the node, choose
+    /// the route (keeping to `deadline` if the send took one already).
     async fn start_send(
         self: &Arc<Self>,
         target: &Target,
         service: &str,
         body: &Bytes,
-    ) -> Result<(Route, Instant), SendError> {
+        deadline: Option<Instant>,
+    ) -> Result<Route, SendError> {
         self.check_size(body)?;
         if self.is_stopping() {
             return Err(SendError::Shutdown);
         }
-        let deadline = Instant::now() + self.config.send_timeout();
-        let route = self
-            .route(target, service, body.len() as u64, deadline)
-            .await?;
-        Ok((route, deadline))
+        self.route(target, service, body.len() as u64, deadline)
+            .await
+    }
+
+    /// A send's deadline, `send_timeout` from now. An acknowledged send
+    /// takes it at once (its handle keeps it); a one-way send only when it
+    /// has to wait, or fan out (most never do, and skip the clock).
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.config.send_timeout()
     }
 
     /// The error for a body the message-server path cannot carry.
@@ -173,7 +182,10 @@ impl Inner {
         kind: MessageKind,
         awaiting: Awaiting,
     ) -> Result<Pending, SendError> {
-        let (route, deadline) = self.start_send(&target, service, &body).await?;
+        let deadline = self.deadline();
+        let route = self
+            .start_send(&target, service, &body, Some(deadline))
+            .await?;
         let body_len = body.len() as u64;
         let service: Arc<str> = self.service_name(service);
         let slot = match self.in_flight.clone().try_acquire_owned() {
@@ -273,7 +285,7 @@ impl Inner {
                 Box::pin(self.push_direct(conn, &msg, true, deadline)).await?;
                 Ok(pending)
             }
-            Route::FanOut(members) => {
+            Route::FanOut(members, _) => {
                 seq = self.next_seq();
                 let done = self.tracker().track_expecting(
                     seq,
@@ -310,7 +322,7 @@ impl Inner {
         service: &str,
         body: Bytes,
     ) -> Result<(), SendError> {
-        let (route, deadline) = self.start_send(&target, service, &body).await?;
+        let route = self.start_send(&target, service, &body, None).await?;
         let body_len = body.len() as u64;
         let one_way = |body| Outgoing {
             seq: self.next_seq(),
@@ -335,15 +347,15 @@ impl Inner {
                 if !self.queue.try_push_message(&header, &body) {
                     let service = self.service_name(service);
                     let frame = self.message(seq, target, service, MessageKind::Notify, body);
-                    self.enqueue(frame, deadline).await?;
+                    self.enqueue(frame, self.deadline()).await?;
                 }
                 self.count_server(body_len);
             }
             Route::Direct(conn) => {
                 let msg = one_way(body);
-                Box::pin(self.push_direct(conn, &msg, false, deadline)).await?
+                Box::pin(self.push_direct(conn, &msg, false, self.deadline())).await?
             }
-            Route::FanOut(members) => {
+            Route::FanOut(members, deadline) => {
                 let msg = one_way(body);
                 for member in &members {
                     if let Err(e) =
