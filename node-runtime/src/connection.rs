@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use cluster_manager::Completion;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use tokio::net::tcp::OwnedReadHalf;
 
 use tokio::sync::mpsc;
@@ -19,7 +19,7 @@ use transports::{Frame, FrameReader, OutFrame, OutQueue};
 
 use crate::counters::Counters;
 
-use crate::inbox::Message;
+use crate::inbox::{Closed, InboxSender, Message};
 use crate::node::{Inner, Waiter};
 
 pub(crate) fn complete(done: impl IntoIterator<Item = (Waiter, Completion)>) {
@@ -437,11 +437,8 @@ pub(crate) async fn deliver(
                 // pump is only for a backlog (which keeps order: nothing
                 // overtakes it).
                 let message = if q.backlog.load(Ordering::Acquire) == 0 {
-                    match q.inbox.try_send(message) {
-                        Ok(()) => None,
-                        Err(mpsc::error::TrySendError::Full(m))
-                        | Err(mpsc::error::TrySendError::Closed(m)) => Some(m),
-                    }
+                    // Full, or its receiver gone: the pump sorts it out.
+                    q.inbox.try_send(message).err()
                 } else {
                     Some(message)
                 };
@@ -527,7 +524,7 @@ pub(crate) async fn deliver(
 pub(crate) struct ServiceQueue {
     pub(crate) tx: mpsc::Sender<Delivery>,
     /// The inbox itself, for deliveries when no backlog waits.
-    pub(crate) inbox: mpsc::Sender<Message>,
+    pub(crate) inbox: InboxSender,
     /// Messages queued to, or held by, the pump.
     pub(crate) backlog: Arc<std::sync::atomic::AtomicUsize>,
     /// Set when the backlog stayed full for `node.inbox_wait_ms`.
@@ -604,7 +601,7 @@ pub(crate) async fn pump(
     inner: Arc<Inner>,
     service: Arc<str>,
     mut deliveries: mpsc::Receiver<Delivery>,
-    inbox: mpsc::Sender<Message>,
+    inbox: InboxSender,
     backlog: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     let mut batch = Vec::with_capacity(PUMP_BATCH);
@@ -629,33 +626,29 @@ pub(crate) async fn pump(
             // Room for several at once when the inbox is full: the
             // application then wakes this pump once per few messages it
             // takes, not once per message.
-            let want = pending
-                .len()
-                .clamp(1, PUMP_RESERVE.min(inbox.max_capacity()));
-            let room = match inbox.try_reserve_many(want) {
-                Ok(room) => Ok(room),
-                Err(mpsc::error::TrySendError::Closed(())) => Err(()),
-                Err(mpsc::error::TrySendError::Full(())) => {
+            let want = pending.len().clamp(1, PUMP_RESERVE.min(inbox.capacity()));
+            let closed = match into_inbox(&inbox, &mut pending, &backlog, &mut accepted) {
+                Ok(0) => {
                     if let Some(gathered) = acks.as_mut() {
                         gathered.flush().await;
                     }
                     // Not for long, though: an application that takes a
                     // few and stops gets those few.
                     let room = async {
-                        match tokio::time::timeout(PUMP_RESERVE_WAIT, inbox.reserve_many(want))
-                            .await
-                        {
+                        match tokio::time::timeout(PUMP_RESERVE_WAIT, inbox.room(want)).await {
                             Ok(room) => room,
-                            Err(_) => inbox.reserve_many(1).await,
+                            Err(_) => inbox.room(1).await,
                         }
                     };
                     tokio::select! {
                         _ = inner.cancel.cancelled() => return,
-                        r = room => r.map_err(|_| ()),
+                        r = room => r.is_err(),
                     }
                 }
+                Ok(_) => false,
+                Err(Closed) => true,
             };
-            let Ok(room) = room else {
+            if closed {
                 // The inbox was dropped: unsubscribe, and refuse what is left.
                 deliveries.close();
                 unsubscribe_now(&inner, &service).await;
@@ -665,21 +658,6 @@ pub(crate) async fn pump(
                     answer.send(&inner, &acks, refused).await;
                 }
                 break;
-            };
-            for (permit, delivery) in room.zip(pending.by_ref()) {
-                let Delivery {
-                    message,
-                    answer,
-                    acks,
-                } = delivery;
-                permit.send(message);
-                // In the inbox before the count drops: a delivery that then
-                // goes straight in comes after it.
-                backlog.fetch_sub(1, Ordering::AcqRel);
-                // Only a `Send` is acknowledged when all goes well.
-                if answer.kind == MessageKind::Send {
-                    accepted.push((answer, acks));
-                }
             }
             for (answer, queue) in accepted.drain(..) {
                 let same = matches!(&acks, Some(gathered) if gathered.goes_to(&queue));
@@ -702,6 +680,43 @@ pub(crate) async fn pump(
         }
         drop(pending);
     }
+}
+
+/// Moves as many of `pending` into `inbox` as fit, under one lock of it
+/// (the receiver is woken once): how many. Those that are `Send`s join
+/// `accepted`, to be acknowledged.
+///
+/// # Errors
+///
+/// [`Closed`] if the inbox was dropped; nothing was moved.
+fn into_inbox(
+    inbox: &InboxSender,
+    pending: &mut impl Iterator<Item = Delivery>,
+    backlog: &AtomicUsize,
+    accepted: &mut Vec<(Answer, OutQueue)>,
+) -> Result<usize, Closed> {
+    let mut slots = inbox.slots()?;
+    let mut moved = 0;
+    while slots.has_room() {
+        let Some(Delivery {
+            message,
+            answer,
+            acks,
+        }) = pending.next()
+        else {
+            break;
+        };
+        slots.push(message);
+        moved += 1;
+        // In the inbox before the count drops: a delivery that then goes
+        // straight in comes after it.
+        backlog.fetch_sub(1, Ordering::AcqRel);
+        // Only a `Send` is acknowledged when all goes well.
+        if answer.kind == MessageKind::Send {
+            accepted.push((answer, acks));
+        }
+    }
+    Ok(moved)
 }
 
 /// A routing failure for a message nobody waits on (a `notify`, or a send

@@ -1,10 +1,13 @@
 //! Service inboxes and the messages in them.
 
+use std::collections::VecDeque;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use transports::protocol::{MessageKind, NodeId};
 
 use crate::node::Inner;
@@ -105,10 +108,222 @@ impl Message {
 /// other traffic (its own acknowledgements, replies, membership) never
 /// waits longer than that. Dropping the inbox unsubscribes the service;
 /// messages that arrive afterwards are answered with `NoSuchService`.
+///
+/// The inbox takes what has arrived in one go and hands it out from a
+/// batch of its own, so a busy service takes the shared lock once per
+/// batch, not once per message; the batch still counts against the
+/// capacity until each message is handed out.
 #[derive(Debug)]
 pub struct Inbox {
     pub(crate) service: String,
-    pub(crate) rx: mpsc::Receiver<Message>,
+    shared: Arc<Shared>,
+    /// Taken from the shared queue, not yet handed out.
+    batch: VecDeque<Message>,
+}
+
+/// The half of an inbox the node holds: the reader and the pump put
+/// messages in. Dropping the last one ends the inbox.
+#[derive(Debug)]
+pub(crate) struct InboxSender {
+    shared: Arc<Shared>,
+}
+
+/// An inbox and its sender, holding `capacity` messages.
+pub(crate) fn inbox(service: &str, capacity: usize) -> (InboxSender, Inbox) {
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            queue: VecDeque::new(),
+            waker: None,
+            senders: 1,
+            receiver_gone: false,
+        }),
+        capacity: capacity.max(1),
+        lent: AtomicUsize::new(0),
+        room_wanted: AtomicBool::new(false),
+        room: Notify::new(),
+    });
+    let inbox = Inbox {
+        service: service.to_owned(),
+        shared: shared.clone(),
+        batch: VecDeque::new(),
+    };
+    (InboxSender { shared }, inbox)
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    capacity: usize,
+    /// How many messages the receiver's batch holds: set under the lock
+    /// when it takes a batch, lowered (by the receiver alone, without the
+    /// lock) as it hands them out. Senders may read it a little high,
+    /// never low, so the capacity holds.
+    lent: AtomicUsize,
+    /// Set by a sender waiting for room: the receiver then notifies
+    /// `room` as it hands messages out.
+    room_wanted: AtomicBool,
+    room: Notify,
+}
+
+#[derive(Debug)]
+struct State {
+    queue: VecDeque<Message>,
+    /// The receiver, waiting for a message.
+    waker: Option<Waker>,
+    senders: usize,
+    receiver_gone: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Free places, seen from a sender holding the lock.
+    fn room(&self, state: &State) -> usize {
+        let used = state.queue.len() + self.lent.load(Ordering::Acquire);
+        self.capacity.saturating_sub(used)
+    }
+}
+
+impl InboxSender {
+    /// Puts `message` in if there is room now; gives it back if the inbox
+    /// is full or its receiver is gone.
+    pub(crate) fn try_send(&self, message: Message) -> Result<(), Message> {
+        let waker = {
+            let mut state = self.shared.lock();
+            if state.receiver_gone || self.shared.room(&state) == 0 {
+                return Err(message);
+            }
+            state.queue.push_back(message);
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        Ok(())
+    }
+
+    /// Room for several messages at once: the inbox stays locked until the
+    /// [`Slots`] are dropped, which wakes the receiver once.
+    ///
+    /// # Errors
+    ///
+    /// [`Closed`] if the receiver is gone.
+    pub(crate) fn slots(&self) -> Result<Slots<'_>, Closed> {
+        let state = self.shared.lock();
+        if state.receiver_gone {
+            return Err(Closed);
+        }
+        let room = self.shared.room(&state);
+        Ok(Slots {
+            state,
+            room,
+            pushed: false,
+        })
+    }
+
+    /// Waits until the inbox has room for `want` messages (or as many as
+    /// it holds at all).
+    ///
+    /// # Errors
+    ///
+    /// [`Closed`] if the receiver is gone.
+    pub(crate) async fn room(&self, want: usize) -> Result<(), Closed> {
+        let want = want.clamp(1, self.shared.capacity);
+        loop {
+            let notified = self.shared.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let state = self.shared.lock();
+                if state.receiver_gone {
+                    return Err(Closed);
+                }
+                if self.shared.room(&state) >= want {
+                    return Ok(());
+                }
+                self.shared.room_wanted.store(true, Ordering::SeqCst);
+            }
+            notified.await;
+        }
+    }
+
+    /// Whether the receiver is gone.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.shared.lock().receiver_gone
+    }
+
+    /// How many messages the inbox holds at most.
+    pub(crate) fn capacity(&self) -> usize {
+        self.shared.capacity
+    }
+}
+
+impl Clone for InboxSender {
+    fn clone(&self) -> Self {
+        self.shared.lock().senders += 1;
+        InboxSender {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for InboxSender {
+    fn drop(&mut self) {
+        let waker = {
+            let mut state = self.shared.lock();
+            state.senders -= 1;
+            if state.senders > 0 {
+                return;
+            }
+            state.waker.take()
+        };
+        // The last one: a waiting receiver learns the inbox has ended.
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+/// The receiver of an inbox is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Closed;
+
+/// Places in a locked inbox, from [`InboxSender::slots`].
+pub(crate) struct Slots<'a> {
+    state: MutexGuard<'a, State>,
+    room: usize,
+    pushed: bool,
+}
+
+impl Slots<'_> {
+    /// Whether another message fits.
+    pub(crate) fn has_room(&self) -> bool {
+        self.room > 0
+    }
+
+    /// Puts `message` in; only when [`Slots::has_room`] says it fits.
+    pub(crate) fn push(&mut self, message: Message) {
+        debug_assert!(self.room > 0, "pushed into a full inbox");
+        self.room = self.room.saturating_sub(1);
+        self.state.queue.push_back(message);
+        self.pushed = true;
+    }
+}
+
+impl Drop for Slots<'_> {
+    fn drop(&mut self) {
+        if !self.pushed {
+            return;
+        }
+        if let Some(waker) = self.state.waker.take() {
+            // Woken after the lock is let go would be better, but the
+            // guard is a field; waking under it only costs the receiver a
+            // brief wait for the lock.
+            waker.wake();
+        }
+    }
 }
 
 impl Inbox {
@@ -123,21 +338,197 @@ impl Inbox {
     ///
     /// Cancel safe: no message is lost if the call is cancelled.
     pub async fn recv(&mut self) -> Option<Message> {
-        self.rx.recv().await
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// [`Inbox::recv`] as a poll; takes from tokio's cooperative budget, as
+    /// its channels do, so a service that never waits still lets the other
+    /// tasks of its thread run.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+        if let Some(message) = self.next_taken() {
+            coop.made_progress();
+            return Poll::Ready(Some(message));
+        }
+        let mut state = self.shared.lock();
+        if !state.queue.is_empty() {
+            take_batch(&self.shared, &mut state, &mut self.batch);
+            drop(state);
+            coop.made_progress();
+            return Poll::Ready(self.next_taken());
+        }
+        if state.senders == 0 {
+            return Poll::Ready(None);
+        }
+        match &mut state.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            w => *w = Some(cx.waker().clone()),
+        }
+        Poll::Pending
     }
 
     /// A message if one is waiting.
     pub fn try_recv(&mut self) -> Option<Message> {
-        self.rx.try_recv().ok()
+        if let Some(message) = self.next_taken() {
+            return Some(message);
+        }
+        let mut state = self.shared.lock();
+        if state.queue.is_empty() {
+            return None;
+        }
+        take_batch(&self.shared, &mut state, &mut self.batch);
+        drop(state);
+        self.next_taken()
     }
 
     /// Messages waiting.
     pub fn len(&self) -> usize {
-        self.rx.len()
+        self.batch.len() + self.shared.lock().queue.len()
     }
 
     /// Whether no message is waiting.
     pub fn is_empty(&self) -> bool {
-        self.rx.is_empty()
+        self.len() == 0
+    }
+
+    /// The next message of the batch; its place is free again.
+    fn next_taken(&mut self) -> Option<Message> {
+        let message = self.batch.pop_front()?;
+        self.shared.lent.store(self.batch.len(), Ordering::Release);
+        if self.shared.room_wanted.load(Ordering::Relaxed)
+            && self.shared.room_wanted.swap(false, Ordering::SeqCst)
+        {
+            self.shared.room.notify_waiters();
+        }
+        Some(message)
+    }
+}
+
+/// Takes everything queued into `batch` (which is empty), under the lock,
+/// so senders never see the messages in neither place.
+fn take_batch(shared: &Shared, state: &mut State, batch: &mut VecDeque<Message>) {
+    std::mem::swap(&mut state.queue, batch);
+    shared.lent.store(batch.len(), Ordering::Release);
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        let queued = {
+            let mut state = self.shared.lock();
+            state.receiver_gone = true;
+            std::mem::take(&mut state.queue)
+        };
+        self.shared.lent.store(0, Ordering::Release);
+        // A sender waiting for room learns the inbox is gone.
+        self.shared.room.notify_waiters();
+        drop(queued);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Polls once: whether it is still pending.
+    fn pending<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> bool {
+        f.poll(&mut Context::from_waker(Waker::noop())).is_pending()
+    }
+
+    fn message(seq: u64) -> Message {
+        Message {
+            sender: NodeId::new("a"),
+            sender_incarnation: 1,
+            seq,
+            service: Arc::from("svc"),
+            body: Bytes::new(),
+            kind: MessageKind::Notify,
+            replier: None,
+        }
+    }
+
+    #[test]
+    fn the_capacity_holds_while_a_batch_is_handed_out() {
+        let (tx, mut rx) = inbox("svc", 4);
+        for seq in 0..4 {
+            assert!(tx.try_send(message(seq)).is_ok(), "{seq} fits");
+        }
+        assert_eq!(tx.try_send(message(4)).map_err(|m| m.seq), Err(4), "full");
+        assert_eq!(rx.len(), 4);
+        // The receiver takes all four as one batch; only what it handed
+        // out makes room.
+        assert_eq!(rx.try_recv().map(|m| m.seq), Some(0));
+        assert!(tx.try_send(message(4)).is_ok(), "one place free");
+        assert!(tx.try_send(message(5)).is_err(), "still only one");
+        let mut slots = tx.slots().expect("open");
+        assert!(!slots.has_room());
+        drop(slots);
+        let seqs: Vec<u64> = std::iter::from_fn(|| rx.try_recv().map(|m| m.seq)).collect();
+        assert_eq!(seqs, [1, 2, 3, 4], "in order, across batches");
+        assert!(rx.is_empty());
+        slots = tx.slots().expect("open");
+        for seq in 6..10 {
+            assert!(slots.has_room());
+            slots.push(message(seq));
+        }
+        assert!(!slots.has_room());
+        drop(slots);
+        assert_eq!(rx.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_receiver_is_woken_and_ends_with_the_last_sender() {
+        let (tx, mut rx) = inbox("svc", 8);
+        let other = tx.clone();
+        let receiver = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(m) = rx.recv().await {
+                got.push(m.seq);
+            }
+            got
+        });
+        for seq in 0..20 {
+            // Wait for room as the pump does, then put it in.
+            tx.room(1).await.expect("open");
+            let mut slots = tx.slots().expect("open");
+            assert!(slots.has_room());
+            slots.push(message(seq));
+            drop(slots);
+            tokio::task::yield_now().await;
+        }
+        // The first sender gone, the other still delivers.
+        drop(tx);
+        other.room(1).await.expect("open");
+        assert!(other.try_send(message(20)).is_ok());
+        drop(other);
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), receiver)
+            .await
+            .expect("the receiver ends")
+            .expect("no panic");
+        assert_eq!(got.len(), 21, "{got:?}");
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "in order: {got:?}");
+    }
+
+    #[tokio::test]
+    async fn room_waits_for_the_receiver_and_fails_once_it_is_gone() {
+        let (tx, mut rx) = inbox("svc", 2);
+        assert!(tx.try_send(message(0)).is_ok());
+        assert!(tx.try_send(message(1)).is_ok());
+        let room = tx.room(2);
+        tokio::pin!(room);
+        assert!(pending(room.as_mut()), "no room yet");
+        assert!(rx.recv().await.is_some());
+        assert!(pending(room.as_mut()), "room for one, two wanted");
+        assert!(rx.recv().await.is_some());
+        assert_eq!(room.await, Ok(()));
+        assert!(tx.try_send(message(2)).is_ok());
+        assert!(tx.try_send(message(3)).is_ok());
+        let waiting = tx.room(1);
+        tokio::pin!(waiting);
+        assert!(pending(waiting.as_mut()));
+        drop(rx);
+        assert_eq!(waiting.await, Err(Closed));
+        assert!(tx.is_closed());
+        assert!(tx.try_send(message(4)).is_err());
+        assert!(tx.slots().is_err());
     }
 }

@@ -645,7 +645,7 @@ impl Node {
         }
         let inner = &self.inner;
         let capacity = inner.config.node.inbox_capacity;
-        let (tx, rx) = mpsc::channel(capacity);
+        let (tx, rx) = crate::inbox::inbox(service, capacity);
         let (delivery_tx, delivery_rx) = mpsc::channel(capacity);
         let backlog: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
         let name: Arc<str> = Arc::from(service);
@@ -689,10 +689,7 @@ impl Node {
         })
         .await;
         match confirmed {
-            Ok(Ok(())) => Ok(Inbox {
-                service: service.to_owned(),
-                rx,
-            }),
+            Ok(Ok(())) => Ok(rx),
             Ok(Err(e)) => Err(e),
             Err(_) => {
                 inner
