@@ -518,6 +518,10 @@ impl OutReceiver {
     /// Lets the writer wait one scheduling turn before writing a batch of
     /// fewer than [`COALESCE_BELOW`] frames, so that frames queued by a
     /// task that is still running (a burst of sends) share one write.
+    ///
+    /// Adaptive: after [`COALESCE_CREDIT`] waits in a row that gathered
+    /// nothing (one request at a time, say), it writes at once, trying a
+    /// wait again every [`COALESCE_PROBE_EVERY`] small batches.
     pub fn coalesce_small_batches(&mut self) {
         self.coalesce = true;
     }
@@ -584,6 +588,14 @@ impl Drop for OutReceiver {
 
 /// See [`OutReceiver::coalesce_small_batches`].
 pub const COALESCE_BELOW: usize = 4;
+
+/// How many waits in a row may gather no frame before a coalescing writer
+/// stops waiting; one that gathers some restores them.
+pub const COALESCE_CREDIT: u8 = 4;
+
+/// A writer that stopped waiting still tries once per this many small
+/// batches, to notice when waiting pays off again.
+pub const COALESCE_PROBE_EVERY: u32 = 1024;
 
 /// A queue of at most `frames` frames and about `bytes` payload bytes.
 ///
@@ -1125,6 +1137,10 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
     // Frames staged from now on are checked against this connection's
     // limit as they are queued.
     rx.core.max_frame.store(max_frame, Ordering::Relaxed);
+    // Coalescing (see `OutReceiver::coalesce_small_batches`): waits left
+    // that may gather nothing, and small batches seen.
+    let mut credit = COALESCE_CREDIT;
+    let mut small_batches = 0u32;
     loop {
         let took = tokio::select! {
             biased;
@@ -1136,8 +1152,19 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
             return Ok(WriteEnd::Finished);
         };
         if rx.coalesce && frames < COALESCE_BELOW {
-            tokio::task::yield_now().await;
-            rx.take_more(&mut batch);
+            small_batches = small_batches.wrapping_add(1);
+            // Only while waiting pays off: a lone request/reply pair gains
+            // nothing from it but latency.
+            if credit > 0 || small_batches % COALESCE_PROBE_EVERY == 0 {
+                let before = batch.len();
+                tokio::task::yield_now().await;
+                rx.take_more(&mut batch);
+                credit = if batch.len() > before {
+                    COALESCE_CREDIT
+                } else {
+                    credit.saturating_sub(1)
+                };
+            }
         }
         let mut release = Release {
             rx,
