@@ -191,7 +191,39 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// Rounds a small-message case runs per system, the systems taking turns,
+/// each round measuring its share of the measured interval. The best
+/// round of each system counts: a shared machine's neighbours only ever
+/// slow a round down, and taking turns puts every system through the same
+/// moments. Bulk cases run once (their rounds are their bodies).
+pub const ROUNDS: u32 = 2;
+
+impl Case {
+    /// How many rounds this case runs per system (see [`ROUNDS`]).
+    pub fn rounds(&self) -> u32 {
+        match self {
+            Case::Bulk { .. } => 1,
+            _ => ROUNDS,
+        }
+    }
+}
+
 impl Outcome {
+    /// The better of two rounds of one system: the higher rate, the lower
+    /// p50 latency (with its other percentiles). A failed round fails the
+    /// case: a failure is never hidden behind a good round.
+    pub fn best(self, other: Outcome) -> Outcome {
+        match (self, other) {
+            (Outcome::Failed(why), _) | (_, Outcome::Failed(why)) => Outcome::Failed(why),
+            (Outcome::Rate(a), Outcome::Rate(b)) => Outcome::Rate(a.max(b)),
+            (Outcome::Latency(a), Outcome::Latency(b)) => {
+                Outcome::Latency(if b.p50_us < a.p50_us { b } else { a })
+            }
+            (Outcome::Skipped(_), other) => other,
+            (this, _) => this,
+        }
+    }
+
     /// The number compared across systems: the rate, or the p50 latency.
     pub fn value(&self) -> Option<f64> {
         match self {
@@ -286,6 +318,33 @@ pub fn sweep_sizes(quick: bool) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_best_round_counts_and_a_failed_one_fails() {
+        let latency = |p50_us| Latency {
+            p50_us,
+            p99_us: p50_us * 2.0,
+            p999_us: p50_us * 3.0,
+        };
+        let value = |o: Outcome| o.value();
+        assert_eq!(
+            value(Outcome::Rate(3.0).best(Outcome::Rate(5.0))),
+            Some(5.0)
+        );
+        assert_eq!(
+            value(Outcome::Rate(5.0).best(Outcome::Rate(3.0))),
+            Some(5.0)
+        );
+        let lower = Outcome::Latency(latency(40.0)).best(Outcome::Latency(latency(50.0)));
+        assert!(matches!(lower, Outcome::Latency(l) if l.p50_us == 40.0 && l.p99_us == 80.0));
+        let failed = Outcome::Rate(5.0).best(Outcome::Failed("lost".into()));
+        assert!(matches!(failed, Outcome::Failed(why) if why == "lost"));
+        let failed = Outcome::Failed("first".into()).best(Outcome::Rate(5.0));
+        assert!(matches!(failed, Outcome::Failed(why) if why == "first"));
+        let first = Outcome::Skipped("not run".into()).best(Outcome::Rate(2.0));
+        assert_eq!(value(first), Some(2.0));
+        assert_eq!(Case::Notify { body: 128 }.rounds(), ROUNDS);
+    }
 
     #[test]
     fn percentiles_and_names() {
