@@ -69,6 +69,61 @@ impl std::hash::Hasher for SeqHasher {
 /// A map keyed by a node's own sequence numbers.
 pub type SeqMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<SeqHasher>>;
 
+/// Hashes names the local application chose (the nodes it sends to, the
+/// services it names), eight bytes at a step with a multiply, and mixes
+/// the result: several times cheaper than the default keyed hash on short
+/// names. Not for names a peer chooses and the map keeps (a peer could
+/// pick colliding ones); the tables it serves are filled by this node.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NameHasher(u64);
+
+/// The multiplier (an odd constant with well-spread bits).
+const NAME_MUL: u64 = 0x9E37_79B9_7F4A_7C15;
+
+impl NameHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(NAME_MUL);
+    }
+}
+
+impl std::hash::Hasher for NameHasher {
+    fn finish(&self) -> u64 {
+        // Spread the high bits the multiply filled into the low ones the
+        // table indexes by.
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+        h ^ (h >> 33)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut words = bytes.chunks_exact(8);
+        for word in &mut words {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(word);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = words.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            // The length keeps "a" and "a\0" apart.
+            self.add(u64::from_le_bytes(w) ^ ((rest.len() as u64) << 59));
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+}
+
+/// A map keyed by names this node chose (see [`NameHasher`]).
+pub type NameMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<NameHasher>>;
+
 #[derive(Debug)]
 struct Pending<W> {
     waiter: W,
@@ -139,14 +194,14 @@ impl<W> Pending<W> {
 pub struct DeliveryTracker<W> {
     pending: SeqMap<Pending<W>>,
     /// Unsettled `Node` messages sent through the message server, per node.
-    server_in_flight: HashMap<NodeId, usize>,
+    server_in_flight: NameMap<NodeId, usize>,
 }
 
 impl<W> Default for DeliveryTracker<W> {
     fn default() -> Self {
         DeliveryTracker {
             pending: SeqMap::default(),
-            server_in_flight: HashMap::new(),
+            server_in_flight: NameMap::default(),
         }
     }
 }
@@ -450,6 +505,25 @@ impl<W> DeliveryTracker<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn name_hashes_spread_over_the_low_bits() {
+        use std::hash::BuildHasher;
+        let build = std::hash::BuildHasherDefault::<NameHasher>::default();
+        // Names that differ in a digit, in the last byte, in length.
+        let names: Vec<String> = (0..4096).map(|i| format!("node-{i}")).collect();
+        let mut buckets = vec![0u32; 1024];
+        for name in &names {
+            buckets[(build.hash_one(name.as_str()) & 1023) as usize] += 1;
+        }
+        // Four per bucket on average; a poor mix piles them up.
+        let fullest = buckets.iter().copied().max().unwrap_or(0);
+        assert!(fullest <= 16, "a bucket holds {fullest} of 4096 names");
+        let mut seen = std::collections::HashSet::new();
+        for name in ["", "a", "a\0", "ab", "abcdefgh", "abcdefgh\0", "abcdefghi"] {
+            assert!(seen.insert(build.hash_one(name)), "{name:?} collides");
+        }
+    }
     use transports::protocol::DeliveryFailure;
 
     fn id(s: &str) -> NodeId {

@@ -106,7 +106,12 @@ pub(crate) struct Inner {
     pub(crate) server_index: std::sync::atomic::AtomicUsize,
     activation: Mutex<AutoActivation>,
     /// Service names sent to, shared instead of allocated per message.
-    service_names: RwLock<std::collections::HashSet<Arc<str>>>,
+    service_names: RwLock<
+        std::collections::HashSet<
+            Arc<str>,
+            std::hash::BuildHasherDefault<cluster_manager::tracker::NameHasher>,
+        >,
+    >,
     pub(crate) counters: Counters,
     /// Routing failures reported for messages nobody waits on.
     pub(crate) late_failures: AtomicU64,
