@@ -599,6 +599,13 @@ impl Connection {
                         max: c.max_frame as u64,
                     },
                 )),
+                // Small frames are copied in without touching `raw`'s count.
+                Some((queue, c)) if queue.try_push_raw(raw) => {
+                    delivered += 1;
+                    if name_receivers {
+                        ok.push((r.id.clone(), c.incarnation));
+                    }
+                }
                 Some((queue, c)) => match queue.try_push_data(OutFrame::Raw(raw.clone())) {
                     Ok(()) => {
                         delivered += 1;

@@ -802,6 +802,39 @@ impl OutQueue {
         true
     }
 
+    /// Queues a received frame's contents (everything after the length
+    /// prefix) given by reference, as [`OutFrame::Raw`] would be, if it is
+    /// small ([`STAGE_UP_TO_BYTES`]), fits within the connection's limit,
+    /// there is room right now and nobody waits before it: copied straight
+    /// into the staging buffer, no buffer shared or cloned. Whether it was
+    /// queued; if not, nothing was, and the caller queues the frame the
+    /// usual way (which reports what went wrong).
+    pub fn try_push_raw(&self, raw: &[u8]) -> bool {
+        let core = self.core();
+        if raw.is_empty()
+            || raw.len() > STAGE_UP_TO_BYTES
+            || raw.len() > core.max_frame.load(Ordering::Relaxed)
+            || core.is_closed()
+        {
+            return false;
+        }
+        let mut head = Head::new();
+        head.set_length(raw.len());
+        let permits = core.permits_for_len(raw.len());
+        let waker = {
+            let mut state = core.lock();
+            if !state.waiting.is_empty() || !core.data_fits(&state, permits) {
+                return false;
+            }
+            core.stage(&mut state, &head, raw, permits as usize, 1);
+            core.count(&mut state, permits as usize, 1)
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        true
+    }
+
     /// Queues a data frame, waiting at most `wait` for room; the way to
     /// slow a sender down for a slow consumer without stalling for ever.
     ///
