@@ -1806,4 +1806,37 @@ mod tests {
         assert!(!q.try_push_message(&by_ref, &big), "not small");
         assert_eq!(take_and_write(&rx), vec![1]);
     }
+
+    /// A received frame queued by reference is staged as exactly the bytes
+    /// of its `OutFrame::Raw`; refused (nothing queued) when full, when
+    /// someone waits, when empty, or when not small.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_raw_frame_by_reference_stages_the_same_bytes() {
+        let raw = Bytes::from_static(b"\x03a received frame");
+        let staged = |push: &dyn Fn(&OutQueue)| {
+            let (q, rx) = out_queue(64, 1 << 20);
+            push(&q);
+            let mut state = rx.core.lock();
+            (state.staged.split().freeze(), state.frames, state.bytes)
+        };
+        let a = staged(&|q| assert!(q.try_push_raw(&raw)));
+        let b = staged(&|q| q.try_push_data(OutFrame::Raw(raw.clone())).expect("room"));
+        assert_eq!(a, b);
+        assert_eq!(a.1, 1, "one frame");
+
+        let (q, rx) = out_queue(64, 10);
+        q.try_push_data(numbered(0, 10)).expect("room");
+        assert!(!q.try_push_raw(&raw), "no bytes left");
+        let waiting = spawn_push(&q, 1, 10);
+        tokio::task::yield_now().await;
+        assert_eq!(take_and_write(&rx), vec![0]);
+        assert!(!q.try_push_raw(b"x"), "someone waits");
+        waiting.await.expect("join").expect("queued");
+        assert!(!q.try_push_raw(&[]), "empty");
+        assert!(
+            !q.try_push_raw(&vec![0u8; STAGE_UP_TO_BYTES + 1]),
+            "not small"
+        );
+        assert_eq!(take_and_write(&rx), vec![1]);
+    }
 }
