@@ -32,9 +32,9 @@ enum Route {
 }
 
 /// A message addressed to one receiver at a time.
-struct Outgoing {
+struct Outgoing<'a> {
     seq: u64,
-    service: Arc<str>,
+    service: &'a str,
     kind: MessageKind,
     body: Bytes,
 }
@@ -278,11 +278,11 @@ impl Inner {
                 let pending = Pending::new(self.clone(), seq, deadline, rx, Some(slot));
                 let msg = Outgoing {
                     seq,
-                    service,
+                    service: &service,
                     kind,
                     body,
                 };
-                Box::pin(self.push_direct(conn, &msg, true, deadline)).await?;
+                Box::pin(self.push_direct(conn, &msg, true, Some(deadline))).await?;
                 Ok(pending)
             }
             Route::FanOut(members, _) => {
@@ -299,7 +299,7 @@ impl Inner {
                 complete(done);
                 let msg = Outgoing {
                     seq,
-                    service,
+                    service: &service,
                     kind,
                     body,
                 };
@@ -326,7 +326,7 @@ impl Inner {
         let body_len = body.len() as u64;
         let one_way = |body| Outgoing {
             seq: self.next_seq(),
-            service: self.service_name(service),
+            service,
             kind: MessageKind::Notify,
             body,
         };
@@ -353,7 +353,7 @@ impl Inner {
             }
             Route::Direct(conn) => {
                 let msg = one_way(body);
-                Box::pin(self.push_direct(conn, &msg, false, self.deadline())).await?
+                Box::pin(self.push_direct(conn, &msg, false, None)).await?
             }
             Route::FanOut(members, deadline) => {
                 let msg = one_way(body);
@@ -389,7 +389,6 @@ impl Inner {
                 node: target.clone(),
             });
         }
-        let deadline = Instant::now() + self.config.send_timeout();
         // Open already, usually: the opening path is boxed (a large future).
         let conn = match self.direct.get(target, ChannelKind::Session) {
             Some(conn) => conn,
@@ -402,11 +401,11 @@ impl Inner {
         };
         let msg = Outgoing {
             seq: self.next_seq(),
-            service: self.service_name(service),
+            service,
             kind: MessageKind::Notify,
             body,
         };
-        self.push_direct(conn, &msg, false, deadline).await
+        self.push_direct(conn, &msg, false, None).await
     }
 
     /// Whether `peer` is a server node sharing a group with this node.
@@ -426,12 +425,12 @@ impl Inner {
     async fn send_to_member(
         self: &Arc<Self>,
         member: &NodeId,
-        msg: &Outgoing,
+        msg: &Outgoing<'_>,
         tracked: bool,
         deadline: Instant,
     ) -> Result<(), SendError> {
         match get_or_open(self, member, ChannelKind::Lazy).await {
-            Ok(conn) => self.push_direct(conn, msg, tracked, deadline).await,
+            Ok(conn) => self.push_direct(conn, msg, tracked, Some(deadline)).await,
             Err(reason) => {
                 let body_len = msg.body.len() as u64;
                 if body_len > self.server_max {
@@ -443,7 +442,7 @@ impl Inner {
                 let frame = self.message(
                     msg.seq,
                     Target::Node(member.clone()),
-                    msg.service.clone(),
+                    self.service_name(msg.service),
                     msg.kind,
                     msg.body.clone(),
                 );
@@ -455,13 +454,14 @@ impl Inner {
     }
 
     /// Queues a message on a direct channel; a channel found closing is
-    /// replaced once.
+    /// replaced once. `deadline` is the send's, if it took one; a one-way
+    /// send takes one only if it has to wait for room.
     async fn push_direct(
         self: &Arc<Self>,
         mut conn: Arc<DirectConn>,
-        msg: &Outgoing,
+        msg: &Outgoing<'_>,
         tracked: bool,
-        deadline: Instant,
+        deadline: Option<Instant>,
     ) -> Result<(), SendError> {
         let peer = conn.peer.clone();
         let body_len = msg.body.len() as u64;
@@ -485,22 +485,36 @@ impl Inner {
                     max: conn.max_message,
                 });
             }
-            let frame = self.message(
-                msg.seq,
-                Target::Node(peer.clone()),
-                msg.service.clone(),
-                msg.kind,
-                msg.body.clone(),
-            );
-            // Room at once, usually: no timer, no waiting future.
-            let queued = match conn.queue.try_push_room(frame) {
-                Ok(()) => Ok(Ok(())),
-                Err(frame) => {
-                    Box::pin(tokio::time::timeout_at(
-                        deadline,
-                        conn.queue.push_data(frame),
-                    ))
-                    .await
+            // Room at once, usually: the header encoded from the names in
+            // place, no frame built, no timer, no waiting future.
+            let header = MessageRef {
+                sender: self.id.as_str(),
+                incarnation: self.incarnation(),
+                seq: msg.seq,
+                target: TargetRef::Node(peer.as_str()),
+                service: msg.service,
+                kind: msg.kind,
+            };
+            let queued = if conn.queue.try_push_message(&header, &msg.body) {
+                Ok(Ok(()))
+            } else {
+                let frame = self.message(
+                    msg.seq,
+                    Target::Node(peer.clone()),
+                    self.service_name(msg.service),
+                    msg.kind,
+                    msg.body.clone(),
+                );
+                match conn.queue.try_push_room(frame) {
+                    Ok(()) => Ok(Ok(())),
+                    Err(frame) => {
+                        let deadline = deadline.unwrap_or_else(|| self.deadline());
+                        Box::pin(tokio::time::timeout_at(
+                            deadline,
+                            conn.queue.push_data(frame),
+                        ))
+                        .await
+                    }
                 }
             };
             return match queued {
