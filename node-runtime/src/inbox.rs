@@ -100,7 +100,9 @@ impl Message {
 /// The inbox of one service: messages in arrival order.
 ///
 /// Bounded: `node.inbox_capacity` messages in the inbox, and as many again
-/// waiting to enter it. A message is acknowledged once it is in the inbox.
+/// waiting to enter it (one-way messages wait in the inbox's own queue,
+/// acknowledged ones with the node, so at most twice as many again when
+/// both kinds wait). A message is acknowledged once it is in the inbox.
 /// When both are full, the connection the next message came on is held
 /// back (its sender slows down) for up to `node.inbox_wait_ms`; if the
 /// application has not made room by then, that message and the following
@@ -179,20 +181,38 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Free places, seen from a sender holding the lock.
+    /// Free places in the inbox proper, seen from a sender holding the
+    /// lock.
     fn room(&self, state: &State) -> usize {
-        let used = state.queue.len() + self.lent.load(Ordering::Acquire);
-        self.capacity.saturating_sub(used)
+        self.capacity.saturating_sub(self.used(state))
+    }
+
+    /// Free places counting those past the capacity, where one-way messages
+    /// may wait (as many again).
+    fn room_waiting(&self, state: &State) -> usize {
+        (2 * self.capacity).saturating_sub(self.used(state))
+    }
+
+    fn used(&self, state: &State) -> usize {
+        state.queue.len() + self.lent.load(Ordering::Acquire)
     }
 }
 
 impl InboxSender {
     /// Puts `message` in if there is room now; gives it back if the inbox
-    /// is full or its receiver is gone.
+    /// is full or its receiver is gone. A one-way message may also take one
+    /// of the places past the capacity, where it waits to enter the inbox
+    /// proper (nobody is to be told when it does); the caller sees to it
+    /// that nothing waits before it elsewhere.
     pub(crate) fn try_send(&self, message: Message) -> Result<(), Message> {
         let waker = {
             let mut state = self.shared.lock();
-            if state.receiver_gone || self.shared.room(&state) == 0 {
+            let room = if message.kind == MessageKind::Notify {
+                self.shared.room_waiting(&state)
+            } else {
+                self.shared.room(&state)
+            };
+            if state.receiver_gone || room == 0 {
                 return Err(message);
             }
             state.queue.push_back(message);
@@ -434,7 +454,15 @@ mod tests {
         f.poll(&mut Context::from_waker(Waker::noop())).is_pending()
     }
 
+    /// An acknowledged message (it only ever takes the inbox's places).
     fn message(seq: u64) -> Message {
+        Message {
+            kind: MessageKind::Send,
+            ..one_way(seq)
+        }
+    }
+
+    fn one_way(seq: u64) -> Message {
         Message {
             sender: NodeId::new("a"),
             sender_incarnation: 1,
@@ -444,6 +472,36 @@ mod tests {
             kind: MessageKind::Notify,
             replier: None,
         }
+    }
+
+    #[test]
+    fn one_way_messages_may_wait_past_the_capacity_in_order() {
+        let (tx, mut rx) = inbox("svc", 2);
+        assert!(tx.try_send(message(0)).is_ok());
+        assert!(tx.try_send(one_way(1)).is_ok());
+        // Full for acknowledged messages, and for the pump.
+        assert!(tx.try_send(message(2)).is_err());
+        assert!(!tx.slots().expect("open").has_room());
+        // One-way messages take the places past it, as many again.
+        assert!(tx.try_send(one_way(2)).is_ok());
+        assert!(tx.try_send(one_way(3)).is_ok());
+        assert!(
+            tx.try_send(one_way(4)).is_err(),
+            "twice the capacity at most"
+        );
+        assert_eq!(rx.len(), 4);
+        // Handing two out leaves two: the inbox proper is full until a
+        // third goes.
+        assert_eq!(rx.try_recv().map(|m| m.seq), Some(0));
+        assert_eq!(rx.try_recv().map(|m| m.seq), Some(1));
+        assert!(!tx.slots().expect("open").has_room());
+        assert_eq!(rx.try_recv().map(|m| m.seq), Some(2));
+        let mut slots = tx.slots().expect("open");
+        assert!(slots.has_room());
+        slots.push(message(5));
+        drop(slots);
+        let rest: Vec<u64> = std::iter::from_fn(|| rx.try_recv().map(|m| m.seq)).collect();
+        assert_eq!(rest, [3, 5], "in arrival order");
     }
 
     #[test]
