@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
-use transports::frame::{peek, FrameCodec, Peeked};
+use transports::frame::{peek, FrameCodec, Peeked, RawFrame};
 use transports::handshake::{self, HandshakeError};
 use transports::protocol::{
     valid_name, AckRef, AcksRef, DeliveryFailure, Header, LeaveReason, MemberEvent, MemberInfo,
@@ -328,14 +328,16 @@ impl Connection {
     ) -> End {
         loop {
             // What the last read brought first, without awaiting.
-            let raw = match reader.try_next_raw().transpose() {
-                Some(buffered) => buffered.map(Some),
-                None => tokio::select! {
+            // Small frames are read in place.
+            let raw = if reader.has_buffered_frame() {
+                reader.try_next_frame()
+            } else {
+                tokio::select! {
                     biased;
                     _ = cancel.cancelled() => return End::Cancelled,
                     _ = self.queue.closed() => return End::WriterStopped,
-                    f = reader.next_raw() => f,
-                },
+                    f = reader.next_frame() => f,
+                }
             };
             let raw = match raw {
                 Ok(Some(raw)) => raw,
@@ -400,7 +402,7 @@ impl Connection {
         from_incarnation: u64,
         to: &str,
         to_incarnation: u64,
-        raw: &Bytes,
+        raw: &RawFrame<'_>,
     ) -> Option<End> {
         if from != self.me.as_str() || from_incarnation > self.incarnation {
             return Some(End::Violation(format!(
@@ -520,7 +522,7 @@ impl Connection {
         push_control_bounded(&self.shared, &self.me, &self.queue, frame).await;
     }
 
-    async fn forward_ack(&self, to: &str, to_incarnation: u64, raw: &Bytes) {
+    async fn forward_ack(&self, to: &str, to_incarnation: u64, raw: &RawFrame<'_>) {
         let queue = {
             let state = self.shared.read();
             match state.conns.get(to) {
@@ -534,7 +536,7 @@ impl Connection {
                     &self.shared,
                     &NodeId::new(to),
                     &q,
-                    OutFrame::Raw(raw.clone()),
+                    OutFrame::Raw(raw.to_bytes()),
                 )
                 .await
             }
@@ -545,7 +547,7 @@ impl Connection {
     /// Routes one message into its receivers' queues and tells the sender
     /// where it went when the sender cannot know (fan-out, `AnyOf`) or when
     /// it failed.
-    async fn route(&mut self, h: &MessageRef<'_>, raw: &Bytes, body_len: usize) {
+    async fn route(&mut self, h: &MessageRef<'_>, raw: &RawFrame<'_>, body_len: usize) {
         let counters = &self.shared.counters;
         Counters::add(&counters.messages, 1);
         Counters::add(&counters.message_bytes, body_len as u64);
@@ -606,7 +608,7 @@ impl Connection {
                         ok.push((r.id.clone(), c.incarnation));
                     }
                 }
-                Some((queue, c)) => match queue.try_push_data(OutFrame::Raw(raw.clone())) {
+                Some((queue, c)) => match queue.try_push_data(OutFrame::Raw(raw.to_bytes())) {
                     Ok(()) => {
                         delivered += 1;
                         if name_receivers {
@@ -631,7 +633,7 @@ impl Connection {
                 // room in time is answered for.
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 match queue
-                    .push_data_within(OutFrame::Raw(raw.clone()), left)
+                    .push_data_within(OutFrame::Raw(raw.to_bytes()), left)
                     .await
                 {
                     Ok(()) => {
@@ -669,7 +671,7 @@ impl Connection {
     /// A message the table could not route: held during the warm-up after
     /// a restart (its target may not have re-registered yet), answered with
     /// the failure otherwise.
-    async fn route_failed(&self, h: &MessageRef<'_>, raw: &Bytes, failure: DeliveryFailure) {
+    async fn route_failed(&self, h: &MessageRef<'_>, raw: &RawFrame<'_>, failure: DeliveryFailure) {
         let counters = &self.shared.counters;
         if failure == DeliveryFailure::UnknownTarget && warming_up(&self.shared) {
             let TargetRef::Node(target) = h.target else {

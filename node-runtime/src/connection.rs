@@ -58,14 +58,16 @@ pub(crate) async fn read_frames(
             // acknowledged now.
             acks.flush().await;
         }
-        // What the last read brought first, without awaiting.
-        let raw = match reader.try_next_raw().transpose() {
-            Some(buffered) => buffered.map(Some),
-            None => tokio::select! {
+        // What the last read brought first, without awaiting; small
+        // frames are read in place.
+        let raw = if reader.has_buffered_frame() {
+            reader.try_next_frame()
+        } else {
+            tokio::select! {
                 biased;
                 _ = inner.cancel.cancelled() => return LinkEnd::Shutdown,
-                f = reader.next_raw() => f,
-            },
+                f = reader.next_frame() => f,
+            }
         };
         let raw = match raw {
             Ok(Some(raw)) => raw,
@@ -97,7 +99,7 @@ pub(crate) async fn read_frames(
                 continue;
             }
             Peeked::Acks(_) => {
-                match Frame::decode(raw) {
+                match Frame::decode(raw.to_bytes()) {
                     Ok(frame) => {
                         if let (Header::Acks(batch), _) = frame.into_parts() {
                             handle_acks(inner, &batch);

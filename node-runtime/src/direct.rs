@@ -541,14 +541,16 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
         if !reader.has_buffered_frame() {
             acks.flush().await;
         }
-        // What the last read brought first, without awaiting.
-        let raw = match reader.try_next_raw().transpose() {
-            Some(buffered) => buffered.map(Some),
-            None => tokio::select! {
+        // What the last read brought first, without awaiting; small
+        // frames are read in place.
+        let raw = if reader.has_buffered_frame() {
+            reader.try_next_frame()
+        } else {
+            tokio::select! {
                 _ = inner.cancel.cancelled() => break,
                 _ = queue.closed() => break,
-                f = reader.next_raw() => f,
-            },
+                f = reader.next_frame() => f,
+            }
         };
         let raw = match raw {
             Ok(Some(raw)) => raw,

@@ -277,6 +277,41 @@ impl FrameCodec {
     }
 }
 
+/// A frame's contents (everything after the length prefix) as read. A
+/// small one (up to [`COPY_FRAMES_UP_TO`]) is borrowed from
+/// the reader's buffer until the reader is used again: no allocation, no
+/// reference count touched. A larger one is a buffer of its own, to be
+/// shared as it is.
+#[derive(Debug)]
+pub enum RawFrame<'a> {
+    /// In the read buffer.
+    Borrowed(&'a [u8]),
+    /// In a buffer of its own.
+    Owned(Bytes),
+}
+
+impl std::ops::Deref for RawFrame<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            RawFrame::Borrowed(raw) => raw,
+            RawFrame::Owned(raw) => raw,
+        }
+    }
+}
+
+impl RawFrame<'_> {
+    /// The contents as a buffer that outlives the reader: copied if
+    /// borrowed (small), shared if owned.
+    pub fn to_bytes(&self) -> Bytes {
+        match self {
+            RawFrame::Borrowed(raw) => Bytes::copy_from_slice(raw),
+            RawFrame::Owned(raw) => raw.clone(),
+        }
+    }
+}
+
 /// Where a reader that takes frames in place ([`FrameCodec::in_place`])
 /// copies the bodies it keeps: small bodies are packed into shared chunks
 /// of [`BODY_CHUNK_BYTES`], so that one allocation (and, on the thread that
@@ -305,10 +340,12 @@ impl BodyArena {
     /// copied into the current chunk, a medium one into an allocation of
     /// its own, and a large frame, which already has a buffer of its own,
     /// is sliced.
-    pub fn owned_body(&mut self, raw: &Bytes, header_len: usize) -> Bytes {
+    pub fn owned_body(&mut self, raw: &RawFrame<'_>, header_len: usize) -> Bytes {
         let body = raw.get(header_len..).unwrap_or_default();
-        if raw.len() > COPY_FRAMES_UP_TO {
-            return raw.slice(header_len.min(raw.len())..);
+        if let RawFrame::Owned(raw) = raw {
+            if raw.len() > COPY_FRAMES_UP_TO {
+                return raw.slice(header_len.min(raw.len())..);
+            }
         }
         if body.len() > PACKED_BODY_BYTES {
             return Bytes::copy_from_slice(body);

@@ -31,7 +31,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::frame::{encode_header, Frame, FrameCodec, FrameError, OutFrame, LENGTH_PREFIX_BYTES};
+use crate::frame::{
+    encode_header, Frame, FrameCodec, FrameError, OutFrame, RawFrame, LENGTH_PREFIX_BYTES,
+};
 use crate::protocol::{Header, MessageRef};
 
 /// Bytes requested from the socket per read when the buffer runs low.
@@ -55,6 +57,9 @@ pub struct FrameReader<R> {
     codec: FrameCodec,
     /// A large frame being read: its buffer, and its declared length.
     large: Option<(BytesMut, usize)>,
+    /// Bytes at the front of `buf` still lent out by the last
+    /// [`FrameReader::try_next_frame`]; dropped at the next call.
+    lent: usize,
 }
 
 /// Frames above this size get a buffer of their own, of exactly their size.
@@ -68,7 +73,74 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buf: BytesMut::with_capacity(READ_CHUNK_BYTES),
             codec,
             large: None,
+            lent: 0,
         }
+    }
+
+    /// Drops what the last borrowed frame held.
+    fn settle(&mut self) {
+        if self.lent > 0 {
+            bytes::Buf::advance(&mut self.buf, self.lent);
+            self.lent = 0;
+        }
+    }
+
+    /// The next frame if a whole one is already buffered (no socket read,
+    /// nothing to await), a small one borrowed in place; `None`
+    /// otherwise. A read loop takes what one read brought with this (while
+    /// [`FrameReader::has_buffered_frame`] holds) and awaits
+    /// [`FrameReader::next_frame`] otherwise.
+    ///
+    /// # Errors
+    ///
+    /// As [`FrameReader::next_raw`].
+    pub fn try_next_frame(&mut self) -> Result<Option<RawFrame<'_>>, FrameError> {
+        self.settle();
+        if self.large.is_some() {
+            return Ok(None);
+        }
+        if let Some(len) = self.buffered_len() {
+            if (1..=crate::frame::COPY_FRAMES_UP_TO).contains(&len) && len <= self.codec.max_frame()
+            {
+                self.lent = LENGTH_PREFIX_BYTES + len;
+                return Ok(Some(RawFrame::Borrowed(
+                    &self.buf[LENGTH_PREFIX_BYTES..self.lent],
+                )));
+            }
+        }
+        // Larger ones, and every error, the codec's way.
+        Ok(self.codec.decode_raw(&mut self.buf)?.map(RawFrame::Owned))
+    }
+
+    /// The next frame, reading the socket if none is buffered, or `None`
+    /// at a clean end of stream.
+    ///
+    /// # Errors
+    ///
+    /// As [`FrameReader::next_raw`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: bytes read stay buffered for the next call.
+    pub async fn next_frame(&mut self) -> Result<Option<RawFrame<'_>>, FrameError> {
+        self.settle();
+        if self.has_buffered_frame() {
+            return self.try_next_frame();
+        }
+        Ok(self.next_raw().await?.map(RawFrame::Owned))
+    }
+
+    /// The length of the whole frame at the front of the buffer, if there
+    /// is one.
+    fn buffered_len(&self) -> Option<usize> {
+        let buf = &self.buf[self.lent..];
+        if buf.len() < LENGTH_PREFIX_BYTES {
+            return None;
+        }
+        let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
+        prefix.copy_from_slice(&buf[..LENGTH_PREFIX_BYTES]);
+        let len = u32::from_be_bytes(prefix) as usize;
+        (buf.len() - LENGTH_PREFIX_BYTES >= len).then_some(len)
     }
 
     /// The codec, to change its limit after the handshake.
@@ -105,6 +177,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     ///
     /// Cancel safe: bytes read stay buffered for the next call.
     pub async fn next_raw(&mut self) -> Result<Option<Bytes>, FrameError> {
+        self.settle();
         loop {
             if let Some((big, len)) = &mut self.large {
                 let missing = *len - big.len();
@@ -154,6 +227,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     ///
     /// As [`FrameReader::next_raw`].
     pub fn try_next_raw(&mut self) -> Result<Option<Bytes>, FrameError> {
+        self.settle();
         if self.large.is_some() {
             return Ok(None);
         }
@@ -165,13 +239,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// reader that batches work (acknowledgements, say) flushes it when
     /// this turns false.
     pub fn has_buffered_frame(&self) -> bool {
-        if self.large.is_some() || self.buf.len() < LENGTH_PREFIX_BYTES {
-            return false;
-        }
-        let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
-        prefix.copy_from_slice(&self.buf[..LENGTH_PREFIX_BYTES]);
-        let len = u32::from_be_bytes(prefix) as usize;
-        self.buf.len() - LENGTH_PREFIX_BYTES >= len
+        self.large.is_none() && self.buffered_len().is_some()
     }
 
     /// Gives back the underlying reader.

@@ -21,8 +21,8 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::codec::{Decoder, Encoder};
 
 use transports::frame::{
-    peek, Frame, FrameCodec, FrameError, OutFrame, Peeked, HANDSHAKE_MAX_FRAME_BYTES,
-    LENGTH_PREFIX_BYTES, MAX_HEADER_BYTES,
+    peek, Frame, FrameCodec, FrameError, OutFrame, Peeked, RawFrame, COPY_FRAMES_UP_TO,
+    HANDSHAKE_MAX_FRAME_BYTES, LENGTH_PREFIX_BYTES, MAX_HEADER_BYTES,
 };
 use transports::io::FrameReader;
 use transports::protocol::{
@@ -1082,6 +1082,95 @@ async fn frame_reader_reads_frames_written_in_tiny_pieces() {
     }
 }
 
+/// Frames taken in place: small ones borrowed from the read buffer, larger
+/// ones in buffers of their own, in order and whole, however the bytes
+/// arrive; an empty frame and an oversized one are the codec's errors.
+#[tokio::test]
+async fn frame_reader_lends_small_frames_and_owns_large_ones() {
+    let sizes = [
+        0usize,
+        1,
+        100,
+        COPY_FRAMES_UP_TO - 20,
+        COPY_FRAMES_UP_TO + 1,
+        50_000,
+        7,
+    ];
+    let specs: Vec<(Header, Bytes, Form)> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let body = Bytes::from(vec![i as u8; n]);
+            (Header::Subscribed { token: i as u64 }, body, Form::Parts)
+        })
+        .collect();
+    let wire = encode_all(&mut FrameCodec::default(), &specs).freeze();
+    for pieces in [vec![wire.len()], vec![1, 2, 3, 1, 5, 7, 4096]] {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let bytes = wire.clone();
+        let writer = tokio::spawn(async move {
+            let mut rest = &bytes[..];
+            for n in pieces.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (now, later) = rest.split_at((*n).min(rest.len()));
+                client.write_all(now).await.expect("write");
+                rest = later;
+            }
+            client.shutdown().await.expect("shutdown");
+        });
+        let mut reader = FrameReader::new(server, FrameCodec::new(1 << 20).in_place());
+        for (header, body, _) in &specs {
+            let raw = if reader.has_buffered_frame() {
+                reader.try_next_frame()
+            } else {
+                tokio::time::timeout(TEST_TIMEOUT, reader.next_frame())
+                    .await
+                    .expect("within the timeout")
+            };
+            let raw = raw.expect("reads").expect("not the end");
+            let whole = header_len_of(header) + body.len();
+            assert_eq!(raw.len(), whole);
+            if let RawFrame::Borrowed(_) = raw {
+                assert!(whole <= COPY_FRAMES_UP_TO, "a large frame of {whole} lent");
+            }
+            let (peeked, header_len) = transports::frame::peek(&raw).expect("peeks");
+            assert!(matches!(peeked, Peeked::Other(h) if &h == header));
+            assert_eq!(&raw[header_len..], &body[..]);
+            assert_eq!(raw.to_bytes(), Bytes::copy_from_slice(&raw));
+        }
+        let end = tokio::time::timeout(TEST_TIMEOUT, reader.next_frame())
+            .await
+            .expect("within the timeout")
+            .expect("a clean end");
+        assert!(end.is_none());
+        writer.await.expect("writer task");
+    }
+
+    // An empty frame, then one over the limit: errors, not frames.
+    for (prefix, limit) in [(0u32, 1 << 20), (5_000, 4_096)] {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let mut bytes = prefix.to_be_bytes().to_vec();
+        bytes.extend(vec![1u8; prefix as usize]);
+        client.write_all(&bytes).await.expect("write");
+        let mut reader = FrameReader::new(server, FrameCodec::new(limit).in_place());
+        let err = tokio::time::timeout(TEST_TIMEOUT, reader.next_frame())
+            .await
+            .expect("within the timeout")
+            .expect_err("refused");
+        assert!(
+            matches!(err, FrameError::Empty | FrameError::TooLarge { .. }),
+            "{err:?}"
+        );
+    }
+}
+
+/// How many bytes `header` takes encoded.
+fn header_len_of(header: &Header) -> usize {
+    postcard::to_allocvec(header).expect("encodes").len()
+}
+
 #[tokio::test]
 async fn frame_reader_reports_truncated_at_end_of_stream() {
     let mut wire = BytesMut::new();
@@ -1171,8 +1260,11 @@ fn in_place_frames_give_owned_bodies_equal_to_copied_ones() {
         for body in [&small, &large] {
             let raw = codec.decode_raw(&mut src).expect("decodes").expect("whole");
             let (_, header_len) = transports::frame::peek(&raw).expect("peeks");
-            let owned = arena.owned_body(&raw, header_len);
+            let owned = arena.owned_body(&RawFrame::Owned(raw.clone()), header_len);
             assert_eq!(&owned, body, "in place {in_place}");
+            // Borrowed from a read buffer: the same body, in memory of its own.
+            let borrowed = arena.owned_body(&RawFrame::Borrowed(&raw), header_len);
+            assert_eq!(&borrowed, body, "borrowed, in place {in_place}");
         }
         assert!(src.is_empty());
     }
