@@ -88,6 +88,11 @@ pub(crate) async fn read_frames(
                 {
                     return LinkEnd::Shutdown;
                 }
+                // Each delivery takes from tokio's cooperative budget, as a
+                // channel send does: a reader with a socket that never runs
+                // dry still lets the applications it woke take their
+                // messages (a woken task waits for the waker to yield).
+                tokio::task::consume_budget().await;
                 continue;
             }
             Peeked::Ack(ack) => {

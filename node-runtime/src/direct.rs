@@ -584,6 +584,9 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
                 {
                     break;
                 }
+                // As the message-server reader: the applications it woke
+                // get their turn.
+                tokio::task::consume_budget().await;
                 continue;
             }
             Peeked::Ack(_) | Peeked::Acks(_) => {
