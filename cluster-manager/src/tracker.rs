@@ -124,6 +124,31 @@ impl std::hash::Hasher for NameHasher {
 /// A map keyed by names this node chose (see [`NameHasher`]).
 pub type NameMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<NameHasher>>;
 
+/// A message waiting for an outcome, as [`DeliveryTracker::waiting`] shows
+/// it.
+#[derive(Debug)]
+pub struct Waiting<'a, W> {
+    /// Its sequence number.
+    pub seq: u64,
+    /// Where it went.
+    pub target: &'a Target,
+    /// The service it addressed.
+    pub service: &'a Arc<str>,
+    /// Who waits on it.
+    pub waiter: &'a W,
+}
+
+impl<'a, W> Waiting<'a, W> {
+    fn of(seq: u64, p: &'a Pending<W>) -> Self {
+        Waiting {
+            seq,
+            target: &p.target,
+            service: &p.service,
+            waiter: &p.waiter,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Pending<W> {
     waiter: W,
@@ -222,15 +247,15 @@ impl<W> DeliveryTracker<W> {
         self.pending.is_empty()
     }
 
-    /// The waiter of message `seq`, if it is waiting for an outcome.
-    pub fn waiter(&self, seq: u64) -> Option<&W> {
-        self.pending.get(&seq).map(|p| &p.waiter)
+    /// Message `seq`, if it is waiting for an outcome: its target, service
+    /// and waiter.
+    pub fn waiting(&self, seq: u64) -> Option<Waiting<'_, W>> {
+        self.pending.get(&seq).map(|p| Waiting::of(seq, p))
     }
 
-    /// The waiters of every message waiting for an outcome, in no
-    /// particular order.
-    pub fn waiters(&self) -> impl Iterator<Item = (u64, &W)> {
-        self.pending.iter().map(|(seq, p)| (*seq, &p.waiter))
+    /// Every message waiting for an outcome, in no particular order.
+    pub fn all_waiting(&self) -> impl Iterator<Item = Waiting<'_, W>> {
+        self.pending.iter().map(|(seq, p)| Waiting::of(*seq, p))
     }
 
     /// Whether message `seq` is waiting for an outcome.
@@ -271,7 +296,13 @@ impl<W> DeliveryTracker<W> {
         };
         if let (false, Target::Node(id)) = (p.via_server, &p.target) {
             p.via_server = true;
-            *self.server_in_flight.entry(id.clone()).or_default() += 1;
+            // The id is cloned only for a node not counted yet.
+            match self.server_in_flight.get_mut(id) {
+                Some(n) => *n += 1,
+                None => {
+                    self.server_in_flight.insert(id.clone(), 1);
+                }
+            }
         }
     }
 

@@ -21,6 +21,7 @@ use crate::counters::Counters;
 
 use crate::inbox::{Closed, InboxSender, Message};
 use crate::node::{Inner, Waiter};
+use crate::reliable::node_of;
 
 pub(crate) fn complete(done: impl IntoIterator<Item = (Waiter, Completion)>) {
     for (waiter, completion) in done {
@@ -322,9 +323,9 @@ fn handle_routed(inner: &Inner, routed: Routed) {
     if routed.error == Some(DeliveryFailure::UnknownTarget) {
         let parked_for = inner
             .tracker()
-            .waiter(routed.seq)
-            .and_then(|w| w.resend.as_ref())
-            .and_then(|r| r.node().cloned());
+            .waiting(routed.seq)
+            .filter(|w| w.waiter.resend.is_some())
+            .and_then(|w| node_of(w.target).cloned());
         if let Some(node) = parked_for {
             if inner.members.is_member(&node) {
                 tracing::debug!(%node, seq = routed.seq, "target reconnecting: message parked");

@@ -25,7 +25,7 @@ use crate::counters::{Counters, PathCounters};
 use crate::direct::DirectPool;
 use crate::inbox::Inbox;
 use crate::membership::{Change, MemberView, MembershipEvents};
-use crate::reliable::{resend_frames, Dedup, Resend};
+use crate::reliable::{node_of, resend_frames, Dedup, Resend};
 use crate::NodeError;
 
 /// Time [`Node::shutdown`] waits for the node's tasks to finish.
@@ -248,7 +248,9 @@ impl Inner {
     /// disconnected, so acknowledgements (or the messages) may be lost.
     async fn resync(&self, node: &NodeId) {
         let _order = self.send_lock.lock().await;
-        let frames = resend_frames(&self.tracker(), |r| r.node() == Some(node));
+        let frames = resend_frames(&self.tracker(), &self.id, self.incarnation(), |target| {
+            node_of(target) == Some(node)
+        });
         if !frames.is_empty() {
             tracing::debug!(%node, messages = frames.len(), "member back: resending what it has not acknowledged");
         }

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use cluster_manager::tracker::DeliveryTracker;
-use transports::protocol::{Header, MessageHeader, NodeId, Target};
+use transports::protocol::{Header, MessageHeader, MessageKind, NodeId, Target};
 use transports::OutFrame;
 
 use crate::node::Waiter;
@@ -140,43 +140,55 @@ impl Dedup {
     }
 }
 
-/// An acknowledged message kept for resending.
+/// An acknowledged message kept for resending: what its tracker entry does
+/// not hold already (the number, target and service are there; the sender
+/// is this node, in its current incarnation, as the tracker is emptied
+/// when the incarnation changes).
 #[derive(Debug, Clone)]
 pub(crate) struct Resend {
-    pub(crate) header: MessageHeader,
+    pub(crate) kind: MessageKind,
     pub(crate) body: Bytes,
 }
 
-impl Resend {
-    pub(crate) fn frame(&self) -> OutFrame {
-        OutFrame::Parts {
-            header: Header::Message(self.header.clone()),
-            body: self.body.clone(),
-        }
-    }
-
-    /// The one node it is addressed to, if it is a `Node` message.
-    pub(crate) fn node(&self) -> Option<&NodeId> {
-        match &self.header.target {
-            Target::Node(id) => Some(id),
-            _ => None,
-        }
+/// The one node `target` names, if it is a `Node` target.
+pub(crate) fn node_of(target: &Target) -> Option<&NodeId> {
+    match target {
+        Target::Node(id) => Some(id),
+        _ => None,
     }
 }
 
-/// What [`Waiter`]s of `tracker` keep for resending and `keep` selects, in
-/// sequence order, as frames (the rare walks after a reconnect sort).
+/// The messages of `tracker` kept for resending whose target `keep`
+/// selects, in sequence order, as frames from `sender`'s `incarnation`
+/// (the rare walks after a reconnect sort).
 pub(crate) fn resend_frames(
     tracker: &DeliveryTracker<Waiter>,
-    keep: impl Fn(&Resend) -> bool,
+    sender: &NodeId,
+    incarnation: u64,
+    keep: impl Fn(&Target) -> bool,
 ) -> Vec<OutFrame> {
-    let mut chosen: Vec<(u64, &Resend)> = tracker
-        .waiters()
-        .filter_map(|(seq, w)| w.resend.as_ref().map(|r| (seq, r)))
-        .filter(|(_, r)| keep(r))
+    let mut chosen: Vec<_> = tracker
+        .all_waiting()
+        .filter(|w| w.waiter.resend.is_some() && keep(w.target))
         .collect();
-    chosen.sort_unstable_by_key(|(seq, _)| *seq);
-    chosen.into_iter().map(|(_, r)| r.frame()).collect()
+    chosen.sort_unstable_by_key(|w| w.seq);
+    chosen
+        .into_iter()
+        .filter_map(|w| {
+            let resend = w.waiter.resend.as_ref()?;
+            Some(OutFrame::Parts {
+                header: Header::Message(MessageHeader {
+                    sender: sender.clone(),
+                    incarnation,
+                    seq: w.seq,
+                    target: w.target.clone(),
+                    service: w.service.clone(),
+                    kind: resend.kind,
+                }),
+                body: resend.body.clone(),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -187,15 +199,6 @@ mod tests {
     fn resend_frames_walk_what_is_tracked_in_sequence_order() {
         use cluster_manager::Awaiting;
         use tokio::sync::oneshot;
-        use transports::protocol::MessageKind;
-        let header = |seq: u64, to: &str| MessageHeader {
-            sender: NodeId::new("me"),
-            incarnation: 1,
-            seq,
-            target: Target::Node(NodeId::new(to)),
-            service: "svc".into(),
-            kind: MessageKind::Send,
-        };
         let mut tracker = DeliveryTracker::new();
         let mut receivers = Vec::new();
         for seq in [9u64, 3, 7, 1, 5, 2, 4] {
@@ -204,8 +207,8 @@ mod tests {
             receivers.push(rx);
             // 4 went over a direct channel: tracked, nothing to resend.
             let resend = (seq != 4).then(|| Resend {
-                header: header(seq, to),
-                body: Bytes::new(),
+                kind: MessageKind::Send,
+                body: Bytes::from(format!("body {seq}")),
             });
             let target = Target::Node(NodeId::new(to));
             tracker.track(
@@ -219,26 +222,32 @@ mod tests {
         // Settled and cancelled messages are not resent.
         assert!(tracker.handle_accepted(7, &NodeId::new("a")).is_some());
         assert!(tracker.cancel(2).is_some());
-        let seqs = |frames: Vec<OutFrame>| -> Vec<u64> {
-            frames
+        let me = NodeId::new("me");
+        let frames = |keep: &dyn Fn(&Target) -> bool| -> Vec<u64> {
+            resend_frames(&tracker, &me, 5, keep)
                 .into_iter()
                 .map(|f| match f {
                     OutFrame::Parts {
                         header: Header::Message(h),
-                        ..
-                    } => h.seq,
+                        body,
+                    } => {
+                        // The whole message, from this incarnation.
+                        assert_eq!(h.sender, me);
+                        assert_eq!(h.incarnation, 5);
+                        assert_eq!(&*h.service, "svc");
+                        assert_eq!(h.kind, MessageKind::Send);
+                        assert_eq!(body, format!("body {}", h.seq));
+                        h.seq
+                    }
                     other => panic!("not a message: {other:?}"),
                 })
                 .collect()
         };
-        assert_eq!(seqs(resend_frames(&tracker, |_| true)), [1, 3, 5, 9]);
+        assert_eq!(frames(&|_| true), [1, 3, 5, 9]);
         let b = NodeId::new("b");
-        assert!(seqs(resend_frames(&tracker, |r| r.node() == Some(&b))).is_empty());
+        assert!(frames(&|t| node_of(t) == Some(&b)).is_empty());
         let a = NodeId::new("a");
-        assert_eq!(
-            seqs(resend_frames(&tracker, |r| r.node() == Some(&a))),
-            [1, 3, 5, 9]
-        );
+        assert_eq!(frames(&|t| node_of(t) == Some(&a)), [1, 3, 5, 9]);
     }
 
     #[test]

@@ -236,7 +236,7 @@ impl Inner {
                 // Tracked (with what a reconnect resends) before it is
                 // queued: its acknowledgement may come back at once.
                 let resend = Resend {
-                    header: self.header(seq, target.clone(), service.clone(), kind),
+                    kind,
                     body: body.clone(),
                 };
                 {

@@ -158,7 +158,7 @@ pub(crate) async fn supervise(inner: Arc<Inner>, mut rx: OutReceiver, mut link: 
             .collect();
         inner.handle_changes(changes).await;
         inner.link_up.store(true, Ordering::SeqCst);
-        prelude = resend_frames(&inner.tracker(), |_| true);
+        prelude = resend_frames(&inner.tracker(), &inner.id, inner.incarnation(), |_| true);
         inner.members.emit_event(MembershipEvent::Reconnected {
             address: link.address.clone(),
         });

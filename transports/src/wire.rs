@@ -28,6 +28,7 @@ struct Writer<'a> {
 }
 
 impl Writer<'_> {
+    #[inline]
     fn varint(&mut self, mut value: u64) -> Option<()> {
         loop {
             let byte = self.out.get_mut(self.len)?;
@@ -41,6 +42,7 @@ impl Writer<'_> {
         }
     }
 
+    #[inline]
     fn str(&mut self, s: &str) -> Option<()> {
         self.varint(s.len() as u64)?;
         let end = self.len.checked_add(s.len())?;
@@ -99,6 +101,7 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    #[inline]
     fn byte(&mut self) -> Result<u8, Error> {
         let b = *self
             .buf
@@ -110,6 +113,7 @@ impl<'a> Reader<'a> {
 
     /// A varint of at most `max_bytes` bytes whose last byte holds at most
     /// `max_last` (the bits left of the type's width).
+    #[inline]
     fn varint(&mut self, max_bytes: usize, max_last: u8) -> Result<u64, Error> {
         let mut out = 0u64;
         for i in 0..max_bytes {
@@ -125,16 +129,19 @@ impl<'a> Reader<'a> {
         Err(Error::DeserializeBadVarint)
     }
 
+    #[inline]
     fn u64(&mut self) -> Result<u64, Error> {
         // 64 bits: one bit left for the tenth byte.
         self.varint(MAX_VARINT_U64, 0x01)
     }
 
+    #[inline]
     fn variant(&mut self) -> Result<u32, Error> {
         // 32 bits: four bits left for the fifth byte.
         self.varint(MAX_VARINT_U32, 0x0F).map(|v| v as u32)
     }
 
+    #[inline]
     fn str(&mut self) -> Result<&'a str, Error> {
         let len = self.u64()?;
         let len = usize::try_from(len).map_err(|_| Error::DeserializeUnexpectedEnd)?;
