@@ -250,7 +250,7 @@ impl FrameCodec {
 
     /// The same codec, handing small frames out as slices of the read
     /// buffer instead of copies. For a reader that keeps nothing of a frame
-    /// but what it copies itself ([`owned_body`]): a slice kept would pin
+    /// but what it copies itself ([`BodyArena::owned_body`]): a slice kept would pin
     /// the whole read buffer it came in.
     pub fn in_place(mut self) -> Self {
         self.copy_small = false;
