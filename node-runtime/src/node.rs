@@ -1,7 +1,7 @@
 //! The node handle the application holds, and the state its tasks share.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -9,7 +9,7 @@ use bytes::Bytes;
 use cluster_manager::{
     AutoActivation, Awaiting, Completion, DeliveryReport, DeliveryTracker, SendError,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -91,7 +91,7 @@ pub(crate) struct Inner {
     pub(crate) send_lock: tokio::sync::Mutex<()>,
     /// Bounds the acknowledged messages awaiting an outcome
     /// (`node.max_in_flight`).
-    pub(crate) in_flight: Arc<tokio::sync::Semaphore>,
+    pub(crate) in_flight: InFlight,
     /// Whether the link to the message server is up: members are declared
     /// gone only while it is (while it is down, nothing is known).
     pub(crate) link_up: std::sync::atomic::AtomicBool,
@@ -155,7 +155,7 @@ impl Inner {
             direct: DirectPool::default(),
             dedup: Mutex::new(Dedup::default()),
             send_lock: tokio::sync::Mutex::new(()),
-            in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
+            in_flight: InFlight::new(max_in_flight),
             server_index: std::sync::atomic::AtomicUsize::new(parts.server_index),
             link_up: std::sync::atomic::AtomicBool::new(true),
             server_heartbeat: Mutex::new(None),
@@ -453,7 +453,6 @@ pub struct Pending {
     /// Set once the outcome arrived: the tracker let go of the message
     /// then, so dropping this handle has nothing to cancel.
     settled: bool,
-    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Pending {
@@ -462,15 +461,16 @@ impl Pending {
         seq: u64,
         deadline: Instant,
         rx: oneshot::Receiver<Completion>,
-        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+        slot: Slot<'_>,
     ) -> Pending {
+        // Given back when this handle drops.
+        slot.keep();
         Pending {
             inner,
             seq,
             deadline,
             rx: Some(rx),
             settled: false,
-            _slot: slot,
         }
     }
 
@@ -480,10 +480,21 @@ impl Pending {
     }
 
     async fn completion(mut self) -> Result<Completion, SendError> {
-        let Some(rx) = self.rx.take() else {
+        let Some(mut rx) = self.rx.take() else {
             return Err(SendError::Shutdown);
         };
-        match tokio::time::timeout_at(self.deadline, rx).await {
+        // Often there already (many in flight): one poll, no timer armed.
+        // A poll, not a `try_recv`, so that it takes from tokio's
+        // cooperative budget and a sender that never waits still yields.
+        let first = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(std::pin::Pin::new(&mut rx), cx))
+        })
+        .await;
+        let outcome = match first {
+            std::task::Poll::Ready(received) => Ok(received),
+            std::task::Poll::Pending => tokio::time::timeout_at(self.deadline, rx).await,
+        };
+        match outcome {
             Ok(Ok(c)) => {
                 self.settled = true;
                 Ok(c)
@@ -524,6 +535,114 @@ impl Drop for Pending {
         if !self.settled {
             self.inner.tracker().cancel(self.seq);
         }
+        self.inner.in_flight.give_back();
+    }
+}
+
+/// Bounds the acknowledged messages awaiting an outcome
+/// (`node.max_in_flight`): a count, and a wait for room. A semaphore takes
+/// its lock on every release; here a release is one atomic operation
+/// unless someone waits.
+#[derive(Debug)]
+pub(crate) struct InFlight {
+    used: AtomicUsize,
+    max: usize,
+    /// Senders waiting for room.
+    waiting: AtomicUsize,
+    room: Notify,
+}
+
+impl InFlight {
+    fn new(max: usize) -> Self {
+        InFlight {
+            used: AtomicUsize::new(0),
+            max: max.max(1),
+            waiting: AtomicUsize::new(0),
+            room: Notify::new(),
+        }
+    }
+
+    /// A place if one is free now.
+    pub(crate) fn try_take(&self) -> Option<Slot<'_>> {
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            if used >= self.max {
+                return None;
+            }
+            match self.used.compare_exchange_weak(
+                used,
+                used + 1,
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(Slot(self)),
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    /// A place, waiting for one.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a cancelled wait takes no place and is no longer
+    /// counted as waiting.
+    pub(crate) async fn take(&self) -> Slot<'_> {
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Counted before looking, so a place given back after the
+            // look finds this waiter (both sequentially consistent); and
+            // uncounted however the wait ends, cancelled included.
+            let _counted = Waiting::count(&self.waiting);
+            if let Some(slot) = self.try_take() {
+                return slot;
+            }
+            notified.await;
+        }
+    }
+
+    /// Gives a place back.
+    fn give_back(&self) {
+        self.used.fetch_sub(1, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.room.notify_one();
+        }
+    }
+}
+
+/// One sender counted in [`InFlight::waiting`] while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn count(waiting: &'a AtomicUsize) -> Self {
+        waiting.fetch_add(1, Ordering::SeqCst);
+        Waiting(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A place taken in [`InFlight`]; given back when dropped, unless a
+/// [`Pending`] keeps it.
+#[derive(Debug)]
+pub(crate) struct Slot<'a>(&'a InFlight);
+
+impl Slot<'_> {
+    /// Keeps the place taken: its [`Pending`] gives it back.
+    fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.give_back();
     }
 }
 
@@ -857,5 +976,48 @@ impl Node {
         {
             tracing::warn!(node = %self.inner.id, "node tasks did not stop within the grace period");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Polls once: whether it is still pending.
+    fn pending<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> bool {
+        let waker = std::task::Waker::noop();
+        f.poll(&mut std::task::Context::from_waker(waker))
+            .is_pending()
+    }
+
+    #[tokio::test]
+    async fn in_flight_places_are_bounded_waited_for_and_given_back() {
+        let places = InFlight::new(2);
+        let a = places.try_take().expect("first");
+        let b = places.try_take().expect("second");
+        assert!(places.try_take().is_none(), "two at most");
+        // A waiter that gives up is no longer counted.
+        {
+            let gave_up = places.take();
+            tokio::pin!(gave_up);
+            assert!(pending(gave_up.as_mut()));
+            assert_eq!(places.waiting.load(Ordering::SeqCst), 1);
+        }
+        assert_eq!(places.waiting.load(Ordering::SeqCst), 0);
+        let waiter = places.take();
+        tokio::pin!(waiter);
+        assert!(pending(waiter.as_mut()));
+        drop(a);
+        let c = tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+            .await
+            .expect("woken when a place is given back");
+        assert!(places.try_take().is_none(), "b and c hold both");
+        // A kept place is given back by hand (as a `Pending` does).
+        c.keep();
+        assert_eq!(places.used.load(Ordering::SeqCst), 2);
+        places.give_back();
+        drop(b);
+        assert_eq!(places.used.load(Ordering::SeqCst), 0);
+        assert_eq!(places.waiting.load(Ordering::SeqCst), 0);
     }
 }

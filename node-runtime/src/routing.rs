@@ -188,18 +188,13 @@ impl Inner {
             .await?;
         let body_len = body.len() as u64;
         let service: Arc<str> = self.service_name(service);
-        let slot = match self.in_flight.clone().try_acquire_owned() {
-            Ok(slot) => slot,
-            Err(tokio::sync::TryAcquireError::Closed) => return Err(SendError::Shutdown),
-            Err(tokio::sync::TryAcquireError::NoPermits) => {
-                let waited = Box::pin(tokio::time::timeout_at(
-                    deadline,
-                    self.in_flight.clone().acquire_owned(),
-                ))
-                .await;
+        let slot = match self.in_flight.try_take() {
+            Some(slot) => slot,
+            None => {
+                let waited =
+                    Box::pin(tokio::time::timeout_at(deadline, self.in_flight.take())).await;
                 match waited {
-                    Ok(Ok(slot)) => slot,
-                    Ok(Err(_)) => return Err(SendError::Shutdown),
+                    Ok(slot) => slot,
                     Err(_) => {
                         return Err(SendError::Timeout {
                             after: self.config.send_timeout(),
@@ -248,7 +243,7 @@ impl Inner {
                     tracker.track(seq, target.clone(), service.clone(), awaiting, waiter);
                     tracker.mark_via_server(seq);
                 }
-                let pending = Pending::new(self.clone(), seq, deadline, rx, Some(slot));
+                let pending = Pending::new(self.clone(), seq, deadline, rx, slot);
                 // Usually queued at once, its header encoded from the names
                 // in place; otherwise as a frame, waiting for room.
                 let header = MessageRef {
@@ -275,7 +270,7 @@ impl Inner {
                 let waiter = Waiter { tx, resend: None };
                 self.tracker()
                     .track(seq, target.clone(), service.clone(), awaiting, waiter);
-                let pending = Pending::new(self.clone(), seq, deadline, rx, Some(slot));
+                let pending = Pending::new(self.clone(), seq, deadline, rx, slot);
                 let msg = Outgoing {
                     seq,
                     service: &service,
@@ -295,7 +290,7 @@ impl Inner {
                     members.clone(),
                     Waiter { tx, resend: None },
                 );
-                let pending = Pending::new(self.clone(), seq, deadline, rx, Some(slot));
+                let pending = Pending::new(self.clone(), seq, deadline, rx, slot);
                 complete(done);
                 let msg = Outgoing {
                     seq,
