@@ -591,6 +591,8 @@ impl Connection {
         // one deadline, so a fan-out holds its sender back at most one
         // slow-consumer period however many receivers are slow.
         let mut waiting = Vec::new();
+        // `raw` as a buffer of its own, once one is needed.
+        let mut owned: Option<Bytes> = None;
         for r in receivers {
             match r.open() {
                 None => failed.push((r.id.clone(), DeliveryFailure::TargetStopped)),
@@ -601,27 +603,31 @@ impl Connection {
                         max: c.max_frame as u64,
                     },
                 )),
-                // Small frames are copied in without touching `raw`'s count.
-                Some((queue, c)) if queue.try_push_raw(raw) => {
-                    delivered += 1;
-                    if name_receivers {
-                        ok.push((r.id.clone(), c.incarnation));
-                    }
-                }
-                Some((queue, c)) => match queue.try_push_data(OutFrame::Raw(raw.to_bytes())) {
-                    Ok(()) => {
-                        delivered += 1;
-                        if name_receivers {
-                            ok.push((r.id.clone(), c.incarnation));
+                Some((queue, c)) => {
+                    // A small frame is copied straight in; otherwise (a
+                    // large frame, or no room) it goes as a buffer of its
+                    // own, made once for all receivers.
+                    let pushed = if queue.try_push_raw(raw) {
+                        Ok(())
+                    } else {
+                        let own = owned.get_or_insert_with(|| raw.to_bytes()).clone();
+                        queue.try_push_data(OutFrame::Raw(own))
+                    };
+                    match pushed {
+                        Ok(()) => {
+                            delivered += 1;
+                            if name_receivers {
+                                ok.push((r.id.clone(), c.incarnation));
+                            }
+                        }
+                        Err(PushError::Full(_) | PushError::Congested) => {
+                            waiting.push((r.id.clone(), c.incarnation, queue))
+                        }
+                        Err(PushError::Closed(_)) => {
+                            failed.push((r.id.clone(), DeliveryFailure::TargetStopped))
                         }
                     }
-                    Err(PushError::Full(_) | PushError::Congested) => {
-                        waiting.push((r.id.clone(), c.incarnation, queue))
-                    }
-                    Err(PushError::Closed(_)) => {
-                        failed.push((r.id.clone(), DeliveryFailure::TargetStopped))
-                    }
-                },
+                }
             }
         }
         if !waiting.is_empty() {
@@ -633,7 +639,10 @@ impl Connection {
                 // room in time is answered for.
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 match queue
-                    .push_data_within(OutFrame::Raw(raw.to_bytes()), left)
+                    .push_data_within(
+                        OutFrame::Raw(owned.get_or_insert_with(|| raw.to_bytes()).clone()),
+                        left,
+                    )
                     .await
                 {
                     Ok(()) => {

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -141,7 +141,7 @@ pub(crate) fn inbox(service: &str, capacity: usize) -> (InboxSender, Inbox) {
         }),
         capacity: capacity.max(1),
         lent: AtomicUsize::new(0),
-        room_wanted: AtomicBool::new(false),
+        room_wanted: AtomicUsize::new(0),
         room: Notify::new(),
     });
     let inbox = Inbox {
@@ -161,9 +161,12 @@ struct Shared {
     /// lock) as it hands them out. Senders may read it a little high,
     /// never low, so the capacity holds.
     lent: AtomicUsize,
-    /// Set by a sender waiting for room: the receiver then notifies
-    /// `room` as it hands messages out.
-    room_wanted: AtomicBool,
+    /// How many places the sender waiting for room (the pump; one at a
+    /// time) wants, 0 if none: the receiver notifies `room` once it may
+    /// have handed that many out. Set before the waiter looks at the
+    /// room, read after the receiver lowers `lent`, both sequentially
+    /// consistent, so one of the two sees the other.
+    room_wanted: AtomicUsize,
     room: Notify,
 }
 
@@ -190,11 +193,26 @@ impl Shared {
     /// Free places counting those past the capacity, where one-way messages
     /// may wait (as many again).
     fn room_waiting(&self, state: &State) -> usize {
-        (2 * self.capacity).saturating_sub(self.used(state))
+        self.capacity
+            .saturating_mul(2)
+            .saturating_sub(self.used(state))
     }
 
     fn used(&self, state: &State) -> usize {
-        state.queue.len() + self.lent.load(Ordering::Acquire)
+        state.queue.len() + self.lent.load(Ordering::SeqCst)
+    }
+
+    /// Wakes the sender waiting for room if it may have enough now:
+    /// `lent` is the receiver's batch (what it knows of the room without
+    /// the lock; the waiter checks again).
+    fn room_made(&self, lent: usize) {
+        let wanted = self.room_wanted.load(Ordering::SeqCst);
+        if wanted > 0
+            && self.capacity.saturating_sub(lent) >= wanted
+            && self.room_wanted.swap(0, Ordering::SeqCst) > 0
+        {
+            self.room.notify_waiters();
+        }
     }
 }
 
@@ -244,7 +262,7 @@ impl InboxSender {
     }
 
     /// Waits until the inbox has room for `want` messages (or as many as
-    /// it holds at all).
+    /// it holds at all). One waiter at a time (the service's pump).
     ///
     /// # Errors
     ///
@@ -260,10 +278,12 @@ impl InboxSender {
                 if state.receiver_gone {
                     return Err(Closed);
                 }
+                // Said before looking (see `Shared::room_wanted`).
+                self.shared.room_wanted.store(want, Ordering::SeqCst);
                 if self.shared.room(&state) >= want {
+                    self.shared.room_wanted.store(0, Ordering::SeqCst);
                     return Ok(());
                 }
-                self.shared.room_wanted.store(true, Ordering::SeqCst);
             }
             notified.await;
         }
@@ -384,6 +404,9 @@ impl Inbox {
             Some(w) if w.will_wake(cx.waker()) => {}
             w => *w = Some(cx.waker().clone()),
         }
+        drop(state);
+        // Empty: whoever waits for room has it.
+        self.shared.room_made(0);
         Poll::Pending
     }
 
@@ -414,12 +437,9 @@ impl Inbox {
     /// The next message of the batch; its place is free again.
     fn next_taken(&mut self) -> Option<Message> {
         let message = self.batch.pop_front()?;
-        self.shared.lent.store(self.batch.len(), Ordering::Release);
-        if self.shared.room_wanted.load(Ordering::Relaxed)
-            && self.shared.room_wanted.swap(false, Ordering::SeqCst)
-        {
-            self.shared.room.notify_waiters();
-        }
+        let lent = self.batch.len();
+        self.shared.lent.store(lent, Ordering::SeqCst);
+        self.shared.room_made(lent);
         Some(message)
     }
 }
@@ -428,7 +448,7 @@ impl Inbox {
 /// so senders never see the messages in neither place.
 fn take_batch(shared: &Shared, state: &mut State, batch: &mut VecDeque<Message>) {
     std::mem::swap(&mut state.queue, batch);
-    shared.lent.store(batch.len(), Ordering::Release);
+    shared.lent.store(batch.len(), Ordering::SeqCst);
 }
 
 impl Drop for Inbox {
@@ -438,7 +458,7 @@ impl Drop for Inbox {
             state.receiver_gone = true;
             std::mem::take(&mut state.queue)
         };
-        self.shared.lent.store(0, Ordering::Release);
+        self.shared.lent.store(0, Ordering::SeqCst);
         // A sender waiting for room learns the inbox is gone.
         self.shared.room.notify_waiters();
         drop(queued);
@@ -564,6 +584,50 @@ mod tests {
             .expect("no panic");
         assert_eq!(got.len(), 21, "{got:?}");
         assert!(got.windows(2).all(|w| w[0] < w[1]), "in order: {got:?}");
+    }
+
+    /// A pump waiting for room against a receiver handing messages out on
+    /// another thread, many times over small capacities: no wakeup may be
+    /// lost (the test would time out), nothing lost or reordered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_pump_is_always_woken_by_the_receiver() {
+        const COUNT: u64 = 20_000;
+        for capacity in [1usize, 2, 3, 8] {
+            let (tx, mut rx) = inbox("svc", capacity);
+            let receiver = tokio::spawn(async move {
+                let mut next = 0u64;
+                while let Some(m) = rx.recv().await {
+                    assert_eq!(m.seq, next, "in order");
+                    next += 1;
+                    if next % 7 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                next
+            });
+            let pump = tokio::spawn(async move {
+                let mut seq = 0u64;
+                while seq < COUNT {
+                    let want = 1 + (seq as usize % capacity);
+                    tx.room(want).await.expect("open");
+                    let mut slots = tx.slots().expect("open");
+                    while slots.has_room() && seq < COUNT {
+                        slots.push(message(seq));
+                        seq += 1;
+                    }
+                }
+            });
+            let within = std::time::Duration::from_secs(30);
+            tokio::time::timeout(within, pump)
+                .await
+                .expect("the pump was always woken")
+                .expect("no panic");
+            let got = tokio::time::timeout(within, receiver)
+                .await
+                .expect("the receiver ends")
+                .expect("no panic");
+            assert_eq!(got, COUNT, "capacity {capacity}");
+        }
     }
 
     #[tokio::test]

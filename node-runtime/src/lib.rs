@@ -35,7 +35,8 @@
 //!   resend.
 //! - `connection`: reading the message-server link: deliveries, acks,
 //!   routing results, membership.
-//! - `reliable`: the resend buffer and duplicate suppression.
+//! - `reliable`: what is resent after a reconnect, and duplicate
+//!   suppression.
 //! - `routing`: the cluster manager's driver: path choice and fallback.
 //! - `direct`: lazy and session channels, both ends.
 //! - [`counters`]: what went over which path.

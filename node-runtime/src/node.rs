@@ -41,9 +41,10 @@ pub struct Reply {
 }
 
 /// Who waits on a tracked message, and what to send again after a
-/// reconnect: a message sent through the message server keeps its frame
-/// here until its outcome is known, so settling, cancelling or failing it
-/// drops what would be resent with it, under the one tracker lock.
+/// reconnect: a message sent through the message server keeps its body
+/// and kind here until its outcome is known (the rest of its frame is in
+/// its tracker entry), so settling, cancelling or failing it drops what
+/// would be resent with it, under the one tracker lock.
 #[derive(Debug)]
 pub(crate) struct Waiter {
     pub(crate) tx: oneshot::Sender<Completion>,
@@ -531,9 +532,11 @@ impl Pending {
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        // An unsettled message stops being tracked (and resent).
+        // An unsettled message stops being tracked (and resent); what it
+        // held is freed after the lock is let go.
         if !self.settled {
-            self.inner.tracker().cancel(self.seq);
+            let cancelled = self.inner.tracker().cancel(self.seq);
+            drop(cancelled);
         }
         self.inner.in_flight.give_back();
     }
@@ -564,7 +567,10 @@ impl InFlight {
 
     /// A place if one is free now.
     pub(crate) fn try_take(&self) -> Option<Slot<'_>> {
-        let mut used = self.used.load(Ordering::Relaxed);
+        // Sequentially consistent throughout: a waiter counts itself, then
+        // looks here; a place given back is counted, then the waiters
+        // looked at (see `InFlight::take`).
+        let mut used = self.used.load(Ordering::SeqCst);
         loop {
             if used >= self.max {
                 return None;
@@ -573,7 +579,7 @@ impl InFlight {
                 used,
                 used + 1,
                 Ordering::SeqCst,
-                Ordering::Relaxed,
+                Ordering::SeqCst,
             ) {
                 Ok(_) => return Some(Slot(self)),
                 Err(now) => used = now,

@@ -124,23 +124,51 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Cancel safe: bytes read stay buffered for the next call.
     pub async fn next_frame(&mut self) -> Result<Option<RawFrame<'_>>, FrameError> {
         self.settle();
-        if self.has_buffered_frame() {
-            return self.try_next_frame();
+        loop {
+            if self.has_buffered_frame() {
+                return self.try_next_frame();
+            }
+            // A large frame (read into a buffer of its own), a bad prefix,
+            // or a frame beyond this reader's limit: the owned way, which
+            // checks and reports.
+            let small = match self.prefix() {
+                None => true,
+                Some(len) => {
+                    (1..=crate::frame::COPY_FRAMES_UP_TO).contains(&len)
+                        && len <= self.codec.max_frame()
+                }
+            };
+            if self.large.is_some() || !small {
+                return Ok(self.next_raw().await?.map(RawFrame::Owned));
+            }
+            // More of a small frame, to be lent once it is whole.
+            if self.buf.capacity() - self.buf.len() < READ_CHUNK_BYTES / 4 {
+                self.buf.reserve(READ_CHUNK_BYTES);
+            }
+            if self.io.read_buf(&mut self.buf).await? == 0 {
+                return Ok(self
+                    .codec
+                    .decode_raw_eof(&mut self.buf)?
+                    .map(RawFrame::Owned));
+            }
         }
-        Ok(self.next_raw().await?.map(RawFrame::Owned))
+    }
+
+    /// The length the prefix at the front of the buffer declares, if the
+    /// prefix is there.
+    fn prefix(&self) -> Option<usize> {
+        let buf = &self.buf[self.lent..];
+        let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
+        prefix.copy_from_slice(buf.get(..LENGTH_PREFIX_BYTES)?);
+        Some(u32::from_be_bytes(prefix) as usize)
     }
 
     /// The length of the whole frame at the front of the buffer, if there
     /// is one.
     fn buffered_len(&self) -> Option<usize> {
-        let buf = &self.buf[self.lent..];
-        if buf.len() < LENGTH_PREFIX_BYTES {
-            return None;
-        }
-        let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
-        prefix.copy_from_slice(&buf[..LENGTH_PREFIX_BYTES]);
-        let len = u32::from_be_bytes(prefix) as usize;
-        (buf.len() - LENGTH_PREFIX_BYTES >= len).then_some(len)
+        let len = self.prefix()?;
+        let have = self.buf.len() - self.lent - LENGTH_PREFIX_BYTES;
+        (have >= len).then_some(len)
     }
 
     /// The codec, to change its limit after the handshake.
