@@ -450,6 +450,25 @@ impl Core {
         u32::try_from(len).unwrap_or(u32::MAX).min(self.max_bytes)
     }
 
+    /// Stages a small data frame (`head`, then `payload`) if there is room
+    /// right now and nobody waits before it, and wakes the writer if it
+    /// sleeps; whether it did (if not, nothing was queued).
+    fn stage_now(&self, head: &Head, payload: &[u8]) -> bool {
+        let permits = self.permits_for_len(payload.len());
+        let waker = {
+            let mut state = self.lock();
+            if !state.waiting.is_empty() || !self.data_fits(&state, permits) {
+                return false;
+            }
+            self.stage(&mut state, head, payload, permits as usize, 1);
+            self.count(&mut state, permits as usize, 1)
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        true
+    }
+
     /// Whether a data frame of `permits` bytes fits now.
     fn data_fits(&self, state: &State, permits: u32) -> bool {
         state.frames < self.max_frames
@@ -883,19 +902,7 @@ impl OutQueue {
             return false;
         }
         head.set_length(total);
-        let permits = core.permits_for_len(body.len());
-        let waker = {
-            let mut state = core.lock();
-            if !state.waiting.is_empty() || !core.data_fits(&state, permits) {
-                return false;
-            }
-            core.stage(&mut state, &head, body, permits as usize, 1);
-            core.count(&mut state, permits as usize, 1)
-        };
-        if let Some(waker) = waker {
-            waker.wake();
-        }
-        true
+        core.stage_now(&head, body)
     }
 
     /// Queues a received frame's contents (everything after the length
@@ -916,19 +923,7 @@ impl OutQueue {
         }
         let mut head = Head::new();
         head.set_length(raw.len());
-        let permits = core.permits_for_len(raw.len());
-        let waker = {
-            let mut state = core.lock();
-            if !state.waiting.is_empty() || !core.data_fits(&state, permits) {
-                return false;
-            }
-            core.stage(&mut state, &head, raw, permits as usize, 1);
-            core.count(&mut state, permits as usize, 1)
-        };
-        if let Some(waker) = waker {
-            waker.wake();
-        }
-        true
+        core.stage_now(&head, raw)
     }
 
     /// Queues a data frame, waiting at most `wait` for room; the way to
