@@ -93,6 +93,10 @@ pub(crate) async fn read_frames(
                 // channel send does: a reader with a socket that never runs
                 // dry still lets the applications it woke take their
                 // messages (a woken task waits for the waker to yield).
+                // Before it yields, what it accepted is acknowledged.
+                if !tokio::task::coop::has_budget_remaining() {
+                    acks.flush().await;
+                }
                 tokio::task::consume_budget().await;
                 continue;
             }

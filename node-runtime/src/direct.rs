@@ -585,7 +585,10 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
                     break;
                 }
                 // As the message-server reader: the applications it woke
-                // get their turn.
+                // get their turn, after what it accepted is acknowledged.
+                if !tokio::task::coop::has_budget_remaining() {
+                    acks.flush().await;
+                }
                 tokio::task::consume_budget().await;
                 continue;
             }
