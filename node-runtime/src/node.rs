@@ -14,7 +14,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use transports::protocol::{
-    DeliveryFailure, Header, Hello, MemberInfo, MessageHeader, MessageKind, NodeId, Target,
+    DeliveryFailure, Header, Hello, MemberInfo, MessageHeader, MessageKind, MessageRef, NodeId,
+    Target, TargetRef,
 };
 use transports::{Config, OutFrame, OutQueue};
 
@@ -319,6 +320,25 @@ impl Inner {
             });
         }
         Ok(())
+    }
+
+    /// The header of this node's message `seq`, by reference: what the
+    /// queues encode in place when a message is queued without a frame.
+    pub(crate) fn message_ref<'a>(
+        &'a self,
+        seq: u64,
+        target: TargetRef<'a>,
+        service: &'a str,
+        kind: MessageKind,
+    ) -> MessageRef<'a> {
+        MessageRef {
+            sender: self.id.as_str(),
+            incarnation: self.incarnation(),
+            seq,
+            target,
+            service,
+            kind,
+        }
     }
 
     pub(crate) fn header(

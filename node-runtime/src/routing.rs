@@ -12,9 +12,7 @@ use cluster_manager::path::{self, Path, PathFacts, TargetKind};
 use cluster_manager::{Awaiting, SendError};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use transports::protocol::{
-    valid_name, Header, MessageKind, MessageRef, NodeId, Role, Target, TargetRef,
-};
+use transports::protocol::{valid_name, Header, MessageKind, NodeId, Role, Target, TargetRef};
 use transports::{OutFrame, PushError};
 
 use crate::connection::complete;
@@ -246,14 +244,7 @@ impl Inner {
                 let pending = Pending::new(self.clone(), seq, deadline, rx, slot);
                 // Usually queued at once, its header encoded from the names
                 // in place; otherwise as a frame, waiting for room.
-                let header = MessageRef {
-                    sender: self.id.as_str(),
-                    incarnation: self.incarnation(),
-                    seq,
-                    target: TargetRef::from(&target),
-                    service: &service,
-                    kind,
-                };
+                let header = self.message_ref(seq, TargetRef::from(&target), &service, kind);
                 if !self.queue.try_push_message(&header, &body) {
                     let header = self.header(seq, target, service, kind);
                     let frame = OutFrame::Parts {
@@ -331,14 +322,8 @@ impl Inner {
                 let seq = self.next_seq();
                 // Usually queued at once, its header encoded from the names
                 // in place; otherwise as a frame, waiting for room.
-                let header = MessageRef {
-                    sender: self.id.as_str(),
-                    incarnation: self.incarnation(),
-                    seq,
-                    target: TargetRef::from(&target),
-                    service,
-                    kind: MessageKind::Notify,
-                };
+                let target_ref = TargetRef::from(&target);
+                let header = self.message_ref(seq, target_ref, service, MessageKind::Notify);
                 if !self.queue.try_push_message(&header, &body) {
                     let service = self.service_name(service);
                     let frame = self.message(seq, target, service, MessageKind::Notify, body);
@@ -482,14 +467,8 @@ impl Inner {
             }
             // Room at once, usually: the header encoded from the names in
             // place, no frame built, no timer, no waiting future.
-            let header = MessageRef {
-                sender: self.id.as_str(),
-                incarnation: self.incarnation(),
-                seq: msg.seq,
-                target: TargetRef::Node(peer.as_str()),
-                service: msg.service,
-                kind: msg.kind,
-            };
+            let target = TargetRef::Node(peer.as_str());
+            let header = self.message_ref(msg.seq, target, msg.service, msg.kind);
             let queued = if conn.queue.try_push_message(&header, &msg.body) {
                 Ok(Ok(()))
             } else {
