@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
-use transports::frame::{peek, FrameCodec, Peeked, RawFrame};
+use transports::frame::{peek_cached, FrameCodec, NameCache, Peeked, RawFrame};
 use transports::handshake::{self, HandshakeError};
 use transports::protocol::{
     valid_name, AckRef, AcksRef, DeliveryFailure, Header, LeaveReason, MemberEvent, MemberInfo,
@@ -326,6 +326,9 @@ impl Connection {
         reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
         cancel: &CancellationToken,
     ) -> End {
+        // This node's name, and the targets and services it names, are
+        // validated once, not per message.
+        let mut names = NameCache::new();
         loop {
             // What the last read brought first, without awaiting.
             // Small frames are read in place.
@@ -344,7 +347,7 @@ impl Connection {
                 Ok(None) => return End::Eof,
                 Err(e) => return End::Frame(e),
             };
-            let (header, header_len) = match peek(&raw) {
+            let (header, header_len) = match peek_cached(&raw, &mut names) {
                 Ok(peeked) => peeked,
                 Err(e) => return End::Frame(e),
             };

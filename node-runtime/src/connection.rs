@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use tokio::net::tcp::OwnedReadHalf;
 
 use tokio::sync::mpsc;
-use transports::frame::{peek, BodyArena, Peeked};
+use transports::frame::{peek_cached, BodyArena, NameCache, Peeked};
 use transports::protocol::{
     Ack, AckRef, AckStatus, Acks, DeliveryFailure, Header, MessageKind, MessageRef, NodeId, Routed,
 };
@@ -48,6 +48,8 @@ pub(crate) async fn read_frames(
 ) -> LinkEnd {
     // Delivered bodies are copied out of the read buffer into this.
     let mut bodies = BodyArena::new();
+    // Senders' and services' names are validated once, not per message.
+    let mut names = NameCache::new();
     let mut acks = AckBatch::new(
         inner.id.clone(),
         inner.incarnation.clone(),
@@ -75,7 +77,7 @@ pub(crate) async fn read_frames(
             Ok(None) => return LinkEnd::Lost("the message server closed the connection".into()),
             Err(e) => return LinkEnd::Lost(format!("frame error: {e}")),
         };
-        let (header, header_len) = match peek(&raw) {
+        let (header, header_len) = match peek_cached(&raw, &mut names) {
             Ok(peeked) => peeked,
             Err(e) => return LinkEnd::Lost(format!("frame error: {e}")),
         };

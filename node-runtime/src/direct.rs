@@ -17,7 +17,7 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 use transports::frame::FrameCodec;
-use transports::frame::{peek, BodyArena, Peeked};
+use transports::frame::{peek_cached, BodyArena, NameCache, Peeked};
 use transports::handshake::{self, HandshakeError};
 use transports::protocol::{Header, NodeId, Welcome, PROTOCOL_VERSION};
 use transports::{out_queue, FrameReader, OutFrame, OutQueue};
@@ -536,6 +536,9 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
     tracing::debug!("inbound channel started");
     // Delivered bodies are copied out of the read buffer into this.
     let mut bodies = BodyArena::new();
+    // The sender's and its services' names are validated once, not per
+    // message.
+    let mut names = NameCache::new();
     let mut acks = AckBatch::new(inner.id.clone(), inner.incarnation.clone(), queue.clone());
     loop {
         if !reader.has_buffered_frame() {
@@ -560,7 +563,7 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
                 break;
             }
         };
-        let (header, header_len) = match peek(&raw) {
+        let (header, header_len) = match peek_cached(&raw, &mut names) {
             Ok(peeked) => peeked,
             Err(e) => {
                 tracing::warn!(error = %e, "closing inbound channel on a frame error");

@@ -81,7 +81,12 @@ impl SeqWindow {
 /// Duplicate suppression for every sender incarnation.
 #[derive(Debug, Default)]
 pub(crate) struct Dedup {
-    senders: HashMap<NodeId, SenderWindows>,
+    senders: Vec<SenderWindows>,
+    /// Where each sender is in `senders`.
+    index: HashMap<NodeId, usize>,
+    /// Where the sender of the last message checked is: the next message
+    /// is usually from it, found by comparing its name, not by hashing.
+    last: usize,
 }
 
 /// One sender's windows, one per incarnation heard from.
@@ -120,23 +125,37 @@ impl Dedup {
     /// Records message `seq` of `sender`'s `incarnation`; returns the
     /// sender's id and whether the message is new.
     pub(crate) fn check(&mut self, sender: &str, incarnation: u64, seq: u64) -> (NodeId, bool) {
-        // One lookup for a sender heard from before, the usual case.
-        if let Some(entry) = self.senders.get_mut(sender) {
-            return entry.record(incarnation, seq);
+        if let Some(entry) = self.senders.get_mut(self.last) {
+            if entry.id.as_str() == sender {
+                return entry.record(incarnation, seq);
+            }
         }
-        let id = NodeId::new(sender);
-        let mut entry = SenderWindows {
-            id: id.clone(),
-            windows: Vec::new(),
+        let at = match self.index.get(sender) {
+            Some(&at) => at,
+            None => {
+                let id = NodeId::new(sender);
+                self.senders.push(SenderWindows {
+                    id: id.clone(),
+                    windows: Vec::new(),
+                });
+                let at = self.senders.len() - 1;
+                self.index.insert(id, at);
+                at
+            }
         };
-        let recorded = entry.record(incarnation, seq);
-        self.senders.insert(id, entry);
-        recorded
+        self.last = at;
+        self.senders[at].record(incarnation, seq)
     }
 
     /// Forgets a sender that is gone.
     pub(crate) fn forget(&mut self, sender: &NodeId) {
-        self.senders.remove(sender);
+        let Some(at) = self.index.remove(sender) else {
+            return;
+        };
+        self.senders.swap_remove(at);
+        if let Some(moved) = self.senders.get(at) {
+            self.index.insert(moved.id.clone(), at);
+        }
     }
 }
 
@@ -283,5 +302,31 @@ mod tests {
         assert!(d.is_new(&NodeId::new("b"), 1, 7));
         d.forget(&a);
         assert!(d.is_new(&a, 1, 7));
+    }
+
+    #[test]
+    fn forgetting_a_sender_keeps_the_others() {
+        let mut d = Dedup::default();
+        let ids: Vec<NodeId> = ["a", "b", "c", "d"].map(NodeId::new).into();
+        for id in &ids {
+            assert!(d.is_new(id, 1, 1));
+        }
+        // The first one's place goes to the last one.
+        d.forget(&ids[0]);
+        d.forget(&NodeId::new("never-heard-of"));
+        for id in &ids[1..] {
+            assert!(!d.is_new(id, 1, 1), "{id:?} is still remembered");
+        }
+        assert!(d.is_new(&ids[0], 1, 1), "a forgotten sender starts afresh");
+        // Alternating senders, each found again by name or by its place.
+        for seq in 2..100 {
+            for id in ids.iter().rev() {
+                assert!(d.is_new(id, 1, seq));
+                assert!(!d.is_new(id, 1, seq));
+            }
+        }
+        d.forget(&ids[3]);
+        assert!(d.is_new(&ids[3], 1, 50), "forgotten: new again");
+        assert!(!d.is_new(&ids[2], 1, 50));
     }
 }

@@ -19,6 +19,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use crate::protocol::{AckRef, AcksRef, Header, MessageRef, ACKS_TAG, ACK_TAG, MESSAGE_TAG};
+pub use crate::wire::NameCache;
 
 /// Size of the length prefix.
 pub const LENGTH_PREFIX_BYTES: usize = 4;
@@ -472,6 +473,29 @@ pub enum Peeked<'a> {
 /// [`FrameError::Empty`], [`FrameError::Header`] or
 /// [`FrameError::HeaderTooLarge`], as [`Frame::decode`].
 pub fn peek(raw: &[u8]) -> Result<(Peeked<'_>, usize), FrameError> {
+    peek_with(raw, None)
+}
+
+/// [`peek`] for a connection's reader, which keeps a [`NameCache`] from
+/// one frame to the next: a message header naming the same sender, target
+/// and service as the one before is read without validating its names
+/// again. The peeked header borrows from `raw` and from `names`.
+///
+/// # Errors
+///
+/// As [`peek`].
+pub fn peek_cached<'a>(
+    raw: &'a [u8],
+    names: &'a mut NameCache,
+) -> Result<(Peeked<'a>, usize), FrameError> {
+    peek_with(raw, Some(names))
+}
+
+#[inline]
+fn peek_with<'a>(
+    raw: &'a [u8],
+    names: Option<&'a mut NameCache>,
+) -> Result<(Peeked<'a>, usize), FrameError> {
     fn take<'a, T: serde::Deserialize<'a>>(raw: &'a [u8]) -> Result<(T, usize), FrameError> {
         let window = &raw[..raw.len().min(MAX_HEADER_BYTES)];
         match postcard::take_from_bytes::<T>(&window[1..]) {
@@ -487,7 +511,11 @@ pub fn peek(raw: &[u8]) -> Result<(Peeked<'_>, usize), FrameError> {
         Some(&MESSAGE_TAG) => {
             // The hottest header: decoded by hand, as postcard would.
             let window = &raw[..raw.len().min(MAX_HEADER_BYTES)];
-            match crate::wire::decode_message(&window[1..]) {
+            let decoded = match names {
+                Some(names) => crate::wire::decode_message_cached(&window[1..], names),
+                None => crate::wire::decode_message(&window[1..]),
+            };
+            match decoded {
                 Ok((h, n)) => Ok((Peeked::Message(h), n + 1)),
                 Err(_) if window.len() == MAX_HEADER_BYTES && raw.len() > MAX_HEADER_BYTES => {
                     Err(FrameError::HeaderTooLarge { size: raw.len() })

@@ -142,7 +142,7 @@ impl<'a> Reader<'a> {
     }
 
     #[inline]
-    fn str(&mut self) -> Result<&'a str, Error> {
+    fn bytes(&mut self) -> Result<&'a [u8], Error> {
         let len = self.u64()?;
         let len = usize::try_from(len).map_err(|_| Error::DeserializeUnexpectedEnd)?;
         let end = self
@@ -154,7 +154,48 @@ impl<'a> Reader<'a> {
             .get(self.pos..end)
             .ok_or(Error::DeserializeUnexpectedEnd)?;
         self.pos = end;
-        std::str::from_utf8(bytes).map_err(|_| Error::DeserializeBadUtf8)
+        Ok(bytes)
+    }
+
+    /// A string, checked against `slot` first: the same bytes as the
+    /// string there are that string, with no UTF-8 validation; other bytes
+    /// are validated and, when valid, kept in `slot` for the next header.
+    #[inline]
+    fn str<'s>(&mut self, slot: Option<&'s mut String>) -> Result<&'s str, Error>
+    where
+        'a: 's,
+    {
+        let bytes = self.bytes()?;
+        match slot {
+            Some(slot) if slot.as_bytes() == bytes => Ok(slot.as_str()),
+            slot => {
+                let s = std::str::from_utf8(bytes).map_err(|_| Error::DeserializeBadUtf8)?;
+                if let Some(slot) = slot {
+                    slot.clear();
+                    slot.push_str(s);
+                }
+                Ok(s)
+            }
+        }
+    }
+}
+
+/// The names of the last message header decoded on one connection, kept
+/// so that the next header naming them again (the usual case: one sender
+/// per connection, a few targets and services) is checked by comparing
+/// bytes instead of validating UTF-8 again. Its strings keep their
+/// capacity, so a changing name costs a copy, not an allocation.
+#[derive(Debug, Default)]
+pub struct NameCache {
+    sender: String,
+    target: String,
+    service: String,
+}
+
+impl NameCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
     }
 }
 
@@ -167,18 +208,43 @@ impl<'a> Reader<'a> {
 /// early, [`Error::DeserializeBadVarint`], [`Error::DeserializeBadUtf8`],
 /// and [`Error::SerdeDeCustom`] for an unknown variant.
 pub(crate) fn decode_message(buf: &[u8]) -> Result<(MessageRef<'_>, usize), Error> {
+    decode(buf, None)
+}
+
+/// [`decode_message`], with the names checked against (and then kept in)
+/// `names`: the header borrows from both.
+pub(crate) fn decode_message_cached<'a>(
+    buf: &'a [u8],
+    names: &'a mut NameCache,
+) -> Result<(MessageRef<'a>, usize), Error> {
+    decode(buf, Some(names))
+}
+
+#[inline]
+fn decode<'a>(
+    buf: &'a [u8],
+    names: Option<&'a mut NameCache>,
+) -> Result<(MessageRef<'a>, usize), Error> {
+    let (sender_slot, target_slot, service_slot) = match names {
+        Some(NameCache {
+            sender,
+            target,
+            service,
+        }) => (Some(sender), Some(target), Some(service)),
+        None => (None, None, None),
+    };
     let mut r = Reader { buf, pos: 0 };
-    let sender = r.str()?;
+    let sender = r.str(sender_slot)?;
     let incarnation = r.u64()?;
     let seq = r.u64()?;
     let target = match r.variant()? {
-        0 => TargetRef::Node(r.str()?),
-        1 => TargetRef::Group(r.str()?),
-        2 => TargetRef::AnyOf(r.str()?),
+        0 => TargetRef::Node(r.str(target_slot)?),
+        1 => TargetRef::Group(r.str(target_slot)?),
+        2 => TargetRef::AnyOf(r.str(target_slot)?),
         3 => TargetRef::All,
         _ => return Err(Error::SerdeDeCustom),
     };
-    let service = r.str()?;
+    let service = r.str(service_slot)?;
     let kind = match r.variant()? {
         0 => MessageKind::Notify,
         1 => MessageKind::Send,
@@ -303,6 +369,7 @@ mod tests {
     fn decodes_whatever_bytes_exactly_as_postcard() {
         let long = "y".repeat(200);
         let mut rng = Rng(0xDEAD_BEEF_CAFE_F00D);
+        let mut cache = NameCache::new();
         let mut buf = [0u8; 1024];
         for round in 0..20_000 {
             let h = header(&mut rng, &long);
@@ -328,12 +395,59 @@ mod tests {
                     bytes.splice(i..i, std::iter::repeat_n(0xFF, rng.below(12) as usize));
                 }
             }
+            let theirs = postcard_decode(&bytes);
             assert_eq!(
                 decode_message(&bytes),
-                postcard_decode(&bytes),
+                theirs,
                 "round {round}: {bytes:02x?}"
             );
+            // Through a cache that keeps the names of earlier rounds (hits
+            // and misses both), the same.
+            assert_eq!(
+                decode_message_cached(&bytes, &mut cache),
+                theirs,
+                "round {round}, cached: {bytes:02x?}"
+            );
         }
+    }
+
+    #[test]
+    fn a_cache_hit_gives_the_same_header_as_a_miss() {
+        let mut cache = NameCache::new();
+        let mut buf = [0u8; 256];
+        let h = MessageRef {
+            sender: "node-1",
+            incarnation: 1_764_554_400_123_456_789,
+            seq: 7,
+            target: TargetRef::Node("ünïcødé"),
+            service: "web",
+            kind: MessageKind::Send,
+        };
+        let n = encode_message(&h, &mut buf).expect("fits");
+        for _ in 0..3 {
+            assert_eq!(
+                decode_message_cached(&buf[1..n], &mut cache),
+                Ok((h, n - 1))
+            );
+        }
+        // Other names replace the kept ones; invalid UTF-8 is refused
+        // whatever the cache holds.
+        let other = MessageRef {
+            sender: "node-2",
+            target: TargetRef::Group("g"),
+            ..h
+        };
+        let m = encode_message(&other, &mut buf).expect("fits");
+        assert_eq!(
+            decode_message_cached(&buf[1..m], &mut cache),
+            Ok((other, m - 1))
+        );
+        assert_eq!(cache.sender, "node-2");
+        buf[2] = 0xFF;
+        assert_eq!(
+            decode_message_cached(&buf[1..m], &mut cache),
+            Err(Error::DeserializeBadUtf8)
+        );
     }
 
     #[test]
@@ -354,10 +468,36 @@ mod tests {
             &[0x05, b'a', b'b'],
         ];
         for bytes in cases {
-            let mut theirs = postcard::Deserializer::from_bytes(bytes);
-            let theirs: Result<u64, _> = serde::Deserialize::deserialize(&mut theirs);
-            let ours = Reader { buf: bytes, pos: 0 }.u64();
-            assert_eq!(ours, theirs, "{bytes:02x?}");
+            check_u64(bytes);
         }
+        // Every length, with and without bytes after it.
+        let mut rng = Rng(0x0123_4567_89AB_CDEF);
+        for _ in 0..20_000 {
+            let mut bytes = Vec::new();
+            let len = 1 + rng.below(11) as usize;
+            for i in 0..len {
+                let b = rng.next() as u8;
+                bytes.push(if i + 1 < len { b | 0x80 } else { b & 0x7F });
+            }
+            check_u64(&bytes);
+            bytes.extend((0..rng.below(10)).map(|_| rng.next() as u8));
+            check_u64(&bytes);
+        }
+    }
+
+    /// The number (and its length), or the error, that postcard reads from
+    /// `bytes`: the same from ours.
+    fn check_u64(bytes: &[u8]) {
+        let mut theirs = postcard::Deserializer::from_bytes(bytes);
+        let value: Result<u64, _> = serde::Deserialize::deserialize(&mut theirs);
+        let theirs = value.map(|v| {
+            (
+                v,
+                bytes.len() - theirs.finalize().map_or(0, |rest| rest.len()),
+            )
+        });
+        let mut reader = Reader { buf: bytes, pos: 0 };
+        let ours = reader.u64().map(|v| (v, reader.pos));
+        assert_eq!(ours, theirs, "{bytes:02x?}");
     }
 }
