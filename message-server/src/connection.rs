@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use transports::frame::{peek_cached, FrameCodec, NameCache, Peeked, RawFrame};
 use transports::handshake::{self, HandshakeError};
+use transports::io::Wakes;
 use transports::protocol::{
     valid_name, AckRef, AcksRef, DeliveryFailure, Header, LeaveReason, MemberEvent, MemberInfo,
     MessageKind, MessageRef, NodeId, RefusalReason, Routed, Target, TargetRef, MAX_NAMES_PER_NODE,
@@ -184,6 +185,10 @@ struct Connection {
     routes: RouteCache,
 }
 
+/// Most frames a read loop routes before it wakes the receivers' writers
+/// it found asleep (it wakes them sooner when it runs out of frames).
+const WAKE_EVERY_FRAMES: usize = 128;
+
 /// Most routes a connection keeps resolved; past it the cache starts over.
 const MAX_CACHED_ROUTES: usize = 64;
 /// Most receivers a connection's cached routes hold in all; past it the
@@ -329,12 +334,23 @@ impl Connection {
         // This node's name, and the targets and services it names, are
         // validated once, not per message.
         let mut names = NameCache::new();
+        // Receivers' writers found asleep are woken once per run of frames
+        // routed from one read, not once per frame: before this loop waits
+        // for anything, and at least every `WAKE_EVERY_FRAMES` frames.
+        let mut wakes = Wakes::new();
+        let mut since_wake = 0usize;
         loop {
+            since_wake += 1;
+            if since_wake >= WAKE_EVERY_FRAMES {
+                wakes.wake_all();
+                since_wake = 0;
+            }
             // What the last read brought first, without awaiting.
             // Small frames are read in place.
             let raw = if reader.has_buffered_frame() {
                 reader.try_next_frame()
             } else {
+                wakes.wake_all();
                 tokio::select! {
                     biased;
                     _ = cancel.cancelled() => return End::Cancelled,
@@ -351,6 +367,11 @@ impl Connection {
                 Ok(peeked) => peeked,
                 Err(e) => return End::Frame(e),
             };
+            if !matches!(header, Peeked::Message(_)) {
+                // Acknowledgements and control frames may wait for room:
+                // the writers held back are woken first.
+                wakes.wake_all();
+            }
             let end = match header {
                 Peeked::Message(h)
                     if h.sender == self.me.as_str() && h.incarnation < self.incarnation =>
@@ -367,7 +388,8 @@ impl Connection {
                             h.sender, h.incarnation
                         )))
                     } else {
-                        self.route(&h, &raw, raw.len() - header_len).await;
+                        self.route(&h, &raw, raw.len() - header_len, &mut wakes)
+                            .await;
                         None
                     }
                 }
@@ -550,7 +572,16 @@ impl Connection {
     /// Routes one message into its receivers' queues and tells the sender
     /// where it went when the sender cannot know (fan-out, `AnyOf`) or when
     /// it failed.
-    async fn route(&mut self, h: &MessageRef<'_>, raw: &RawFrame<'_>, body_len: usize) {
+    ///
+    /// Writers found asleep are left in `wakes` for the caller to wake,
+    /// unless this has to wait, when it wakes them first.
+    async fn route(
+        &mut self,
+        h: &MessageRef<'_>,
+        raw: &RawFrame<'_>,
+        body_len: usize,
+        wakes: &mut Wakes,
+    ) {
         let counters = &self.shared.counters;
         Counters::add(&counters.messages, 1);
         Counters::add(&counters.message_bytes, body_len as u64);
@@ -571,7 +602,10 @@ impl Connection {
                 h.service,
             ) {
                 Ok(i) => i,
-                Err(failure) => return self.route_failed(h, raw, failure).await,
+                Err(failure) => {
+                    wakes.wake_all();
+                    return self.route_failed(h, raw, failure).await;
+                }
             },
         };
         let routes = &mut self.routes;
@@ -610,7 +644,7 @@ impl Connection {
                     // A small frame is copied straight in; otherwise (a
                     // large frame, or no room) it goes as a buffer of its
                     // own, made once for all receivers.
-                    let pushed = if queue.try_push_raw(raw) {
+                    let pushed = if queue.try_push_raw_later(raw, wakes) {
                         Ok(())
                     } else {
                         let own = owned.get_or_insert_with(|| raw.to_bytes()).clone();
@@ -634,6 +668,7 @@ impl Connection {
             }
         }
         if !waiting.is_empty() {
+            wakes.wake_all();
             let deadline = tokio::time::Instant::now()
                 + Duration::from_millis(self.shared.config.message_server.slow_consumer_ms);
             for (id, incarnation, queue) in waiting {
@@ -677,6 +712,7 @@ impl Connection {
         } else {
             None
         };
+        wakes.wake_all();
         self.reply(routed(h.seq, ok, failed, error)).await;
     }
 

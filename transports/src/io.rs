@@ -439,19 +439,27 @@ impl Core {
     /// right now and nobody waits before it, and wakes the writer if it
     /// sleeps; whether it did (if not, nothing was queued).
     fn stage_now(&self, head: &Head, payload: &[u8]) -> bool {
-        let permits = self.permits_for_len(payload.len());
-        let waker = {
-            let mut state = self.lock();
-            if !state.waiting.is_empty() || !self.data_fits(&state, permits) {
-                return false;
+        match self.stage_now_quiet(head, payload) {
+            Ok(waker) => {
+                if let Some(waker) = waker {
+                    waker.wake();
+                }
+                true
             }
-            self.stage(&mut state, head, payload, permits as usize, 1);
-            self.count(&mut state, permits as usize, 1)
-        };
-        if let Some(waker) = waker {
-            waker.wake();
+            Err(()) => false,
         }
-        true
+    }
+
+    /// [`Core::stage_now`], handing the sleeping writer's waker (if any)
+    /// to the caller instead of waking it; `Err` if nothing was staged.
+    fn stage_now_quiet(&self, head: &Head, payload: &[u8]) -> Result<Option<Waker>, ()> {
+        let permits = self.permits_for_len(payload.len());
+        let mut state = self.lock();
+        if !state.waiting.is_empty() || !self.data_fits(&state, permits) {
+            return Err(());
+        }
+        self.stage(&mut state, head, payload, permits as usize, 1);
+        Ok(self.count(&mut state, permits as usize, 1))
     }
 
     /// Whether a data frame of `permits` bytes fits now.
@@ -697,6 +705,41 @@ pub const COALESCE_CREDIT: u8 = 4;
 /// batches, to notice when waiting pays off again.
 pub const COALESCE_PROBE_EVERY: u32 = 1024;
 
+/// Writers' wakers held back while a reader queues a run of frames (see
+/// [`OutQueue::try_push_raw_later`]): each writer found asleep is woken
+/// once, when [`Wakes::wake_all`] is called or the batch drops, instead of
+/// once per frame. The batch grows by at most one waker per queue between
+/// two wakes (a writer's waker is handed out once per sleep).
+#[derive(Debug, Default)]
+pub struct Wakes {
+    wakers: Vec<Waker>,
+}
+
+impl Wakes {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Wakes every writer held back.
+    pub fn wake_all(&mut self) {
+        for waker in self.wakers.drain(..) {
+            waker.wake();
+        }
+    }
+
+    /// Whether no writer is held back.
+    pub fn is_empty(&self) -> bool {
+        self.wakers.is_empty()
+    }
+}
+
+impl Drop for Wakes {
+    fn drop(&mut self) {
+        self.wake_all();
+    }
+}
+
 /// A queue of at most `frames` frames and about `bytes` payload bytes.
 ///
 /// A single frame larger than `bytes` is still accepted when the queue is
@@ -898,6 +941,15 @@ impl OutQueue {
     /// queued; if not, nothing was, and the caller queues the frame the
     /// usual way (which reports what went wrong).
     pub fn try_push_raw(&self, raw: &[u8]) -> bool {
+        let mut wakes = Wakes::new();
+        self.try_push_raw_later(raw, &mut wakes)
+    }
+
+    /// [`OutQueue::try_push_raw`] for a reader that queues many frames in
+    /// a row: a writer found asleep is woken when `wakes` is (or when it
+    /// drops), not at once, so that it wakes once for the whole run of
+    /// frames. The caller wakes `wakes` before it waits for anything.
+    pub fn try_push_raw_later(&self, raw: &[u8], wakes: &mut Wakes) -> bool {
         let core = self.core();
         if raw.is_empty()
             || raw.len() > STAGE_UP_TO_BYTES
@@ -908,7 +960,15 @@ impl OutQueue {
         }
         let mut head = Head::new();
         head.set_length(raw.len());
-        core.stage_now(&head, raw)
+        match core.stage_now_quiet(&head, raw) {
+            Ok(waker) => {
+                if let Some(waker) = waker {
+                    wakes.wakers.push(waker);
+                }
+                true
+            }
+            Err(()) => false,
+        }
     }
 
     /// Queues a data frame, waiting at most `wait` for room; the way to
@@ -1916,5 +1976,46 @@ mod tests {
             "not small"
         );
         assert_eq!(take_and_write(&rx), vec![1]);
+    }
+    /// Counts its wakes.
+    struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Frames queued with their wakes held back wake the sleeping writer
+    /// once, when the batch is woken (or dropped), not per frame.
+    #[test]
+    fn held_back_wakes_wake_the_writer_once_per_batch() {
+        let (q, rx) = out_queue(64, 1 << 20);
+        let counter = Arc::new(CountingWaker(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(counter.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut batch = VecDeque::new();
+        let wakes_seen = || counter.0.load(Ordering::SeqCst);
+        // The writer finds nothing and sleeps.
+        assert!(rx.poll_take(&mut cx, &mut batch).is_pending());
+        let mut wakes = Wakes::new();
+        for _ in 0..3 {
+            assert!(q.try_push_raw_later(b"\x03frame", &mut wakes));
+        }
+        assert_eq!(wakes_seen(), 0, "held back");
+        assert!(!wakes.is_empty());
+        wakes.wake_all();
+        assert_eq!(wakes_seen(), 1, "woken once for three frames");
+        assert!(wakes.is_empty());
+        assert!(rx.poll_take(&mut cx, &mut batch).is_ready());
+        // Asleep again: a batch dropped wakes what it holds.
+        batch.clear();
+        assert!(rx.poll_take(&mut cx, &mut batch).is_pending());
+        {
+            let mut wakes = Wakes::new();
+            assert!(q.try_push_raw_later(b"\x03frame", &mut wakes));
+            assert_eq!(wakes_seen(), 1);
+        }
+        assert_eq!(wakes_seen(), 2, "woken when the batch dropped");
     }
 }
