@@ -50,6 +50,7 @@ pub(crate) async fn read_frames(
     let mut bodies = BodyArena::new();
     // Senders' and services' names are validated once, not per message.
     let mut names = NameCache::new();
+    let mut inboxes = InboxCache::default();
     let mut acks = AckBatch::new(
         inner.id.clone(),
         inner.incarnation.clone(),
@@ -85,9 +86,18 @@ pub(crate) async fn read_frames(
             Peeked::Message(h) => {
                 Counters::add(&inner.counters.received_server, 1);
                 let body = bodies.owned_body(&raw, header_len);
-                if deliver(inner, &h, body, &inner.queue, &mut acks, Received::Server)
-                    .await
-                    .is_err()
+                let queue = &inner.queue;
+                if deliver(
+                    inner,
+                    &h,
+                    body,
+                    queue,
+                    &mut acks,
+                    &mut inboxes,
+                    Received::Server,
+                )
+                .await
+                .is_err()
                 {
                     return LinkEnd::Shutdown;
                 }
@@ -377,6 +387,7 @@ pub(crate) async fn deliver(
     body: Bytes,
     acks: &OutQueue,
     batch: &mut AckBatch,
+    cache: &mut InboxCache,
     path: Received,
 ) -> Result<(), Stopping> {
     tracing::trace!(sender = h.sender, seq = h.seq, ?path, "message");
@@ -433,11 +444,41 @@ pub(crate) async fn deliver(
         /// The backlog is full, or its pump is gone.
         Refused(ServiceQueue, mpsc::error::TrySendError<Delivery>),
     }
+    // The inbox of the last message's service, while no backlog waits
+    // before it: no lookup.
+    let (sender, body) = match cache.get(inner, h.service) {
+        Some(cached) if cached.backlog.load(Ordering::Acquire) == 0 => {
+            let message = Message {
+                sender,
+                sender_incarnation: h.incarnation,
+                seq: h.seq,
+                service: cached.service.clone(),
+                body,
+                kind: h.kind,
+                replier: (h.kind == MessageKind::Request).then(|| inner.clone()),
+            };
+            match cached.inbox.try_send(message) {
+                Ok(()) => {
+                    if let Some(to) = ack_to {
+                        batch.add(to, h.incarnation, h.seq).await;
+                    }
+                    return Ok(());
+                }
+                // Full, or its receiver gone: the usual way below.
+                Err(message) => (message.sender, message.body),
+            }
+        }
+        _ => (sender, body),
+    };
     let straight = {
+        // Read before the table: a change after it makes the entry kept
+        // below stale at once.
+        let generation = inner.inboxes_generation.load(Ordering::Acquire);
         let inboxes = inner.inboxes.read().unwrap_or_else(|p| p.into_inner());
         match inboxes.get_key_value(h.service) {
             None => Straight::NoService(sender),
             Some((service, q)) => {
+                cache.keep(generation, service, q);
                 let message = Message {
                     sender,
                     sender_incarnation: h.incarnation,
@@ -531,6 +572,50 @@ pub(crate) async fn deliver(
         answer.send(inner, acks, AckStatus::Failed(failure)).await;
     }
     Ok(())
+}
+
+/// The inbox a reader delivered to last, kept while the node's services
+/// stay the same (checked against [`Inner::inboxes_generation`] for each
+/// message), so that a run of messages to one service is delivered without
+/// locking and searching the table of inboxes for each. Holds no pump open:
+/// it keeps the inbox, not the pump's queue.
+#[derive(Debug, Default)]
+pub(crate) struct InboxCache {
+    entry: Option<CachedInbox>,
+}
+
+#[derive(Debug)]
+struct CachedInbox {
+    generation: u64,
+    service: Arc<str>,
+    inbox: InboxSender,
+    backlog: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl InboxCache {
+    /// The inbox kept, if it is `service`'s and still current.
+    fn get(&self, inner: &Inner, service: &str) -> Option<&CachedInbox> {
+        let entry = self.entry.as_ref()?;
+        let current = entry.generation == inner.inboxes_generation.load(Ordering::Acquire);
+        (current && *entry.service == *service).then_some(entry)
+    }
+
+    /// Keeps `service`'s queue `q`, as found in the table of inboxes of
+    /// `generation`.
+    fn keep(&mut self, generation: u64, service: &Arc<str>, q: &ServiceQueue) {
+        let kept = self
+            .entry
+            .as_ref()
+            .is_some_and(|e| e.generation == generation && Arc::ptr_eq(&e.service, service));
+        if !kept {
+            self.entry = Some(CachedInbox {
+                generation,
+                service: service.clone(),
+                inbox: q.inbox.clone(),
+                backlog: q.backlog.clone(),
+            });
+        }
+    }
 }
 
 /// A subscribed service's delivery queue, drained by its pump.
@@ -772,12 +857,11 @@ async fn unsubscribe(inner: &Inner, service: &Arc<str>) {
 
 /// Removes `service`'s delivery queue and tells the message server.
 async fn unsubscribe_now(inner: &Inner, service: &Arc<str>) {
-    let removed = inner
-        .inboxes
-        .write()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(service)
-        .is_some();
+    let removed = {
+        let mut inboxes = inner.inboxes.write().unwrap_or_else(|p| p.into_inner());
+        inner.inboxes_generation.fetch_add(1, Ordering::AcqRel);
+        inboxes.remove(service).is_some()
+    };
     if removed {
         tracing::debug!(%service, "inbox dropped; unsubscribing");
         let frame = OutFrame::control(Header::Unsubscribe {

@@ -22,7 +22,9 @@ use transports::handshake::{self, HandshakeError};
 use transports::protocol::{Header, NodeId, Welcome, PROTOCOL_VERSION};
 use transports::{out_queue, FrameReader, OutFrame, OutQueue};
 
-use crate::connection::{complete, deliver, handle_ack, handle_acks, AckBatch, Received};
+use crate::connection::{
+    complete, deliver, handle_ack, handle_acks, AckBatch, InboxCache, Received,
+};
 use crate::counters::Counters;
 use crate::node::Inner;
 
@@ -539,6 +541,7 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
     // The sender's and its services' names are validated once, not per
     // message.
     let mut names = NameCache::new();
+    let mut inboxes = InboxCache::default();
     let mut acks = AckBatch::new(inner.id.clone(), inner.incarnation.clone(), queue.clone());
     loop {
         if !reader.has_buffered_frame() {
@@ -581,9 +584,17 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
                 }
                 Counters::add(&inner.counters.received_direct, 1);
                 let body = bodies.owned_body(&raw, header_len);
-                if deliver(&inner, &h, body, &queue, &mut acks, Received::Direct)
-                    .await
-                    .is_err()
+                if deliver(
+                    &inner,
+                    &h,
+                    body,
+                    &queue,
+                    &mut acks,
+                    &mut inboxes,
+                    Received::Direct,
+                )
+                .await
+                .is_err()
                 {
                     break;
                 }

@@ -82,6 +82,10 @@ pub(crate) struct Inner {
     pub(crate) tracker: Mutex<DeliveryTracker<Waiter>>,
     /// Each subscribed service's delivery queue, drained by its pump.
     pub(crate) inboxes: RwLock<HashMap<Arc<str>, ServiceQueue>>,
+    /// Changed (under `inboxes`' write lock) whenever `inboxes` changes:
+    /// readers keep the inbox they delivered to last while it stays the
+    /// same (see [`crate::connection::InboxCache`]).
+    pub(crate) inboxes_generation: AtomicU64,
     pub(crate) subscriptions: Mutex<HashMap<u64, oneshot::Sender<()>>>,
     pub(crate) resolves: Mutex<HashMap<u64, oneshot::Sender<ResolveResult>>>,
     pub(crate) members: MemberView,
@@ -148,6 +152,7 @@ impl Inner {
             server_max: parts.server_max,
             seq: AtomicU64::new(1),
             tokens: AtomicU64::new(1),
+            inboxes_generation: AtomicU64::new(0),
             queue: parts.queue,
             tracker: Mutex::new(DeliveryTracker::new()),
             inboxes: RwLock::new(HashMap::new()),
@@ -815,6 +820,7 @@ impl Node {
                     congested: Arc::default(),
                 },
             );
+            inner.inboxes_generation.fetch_add(1, Ordering::AcqRel);
         }
         inner
             .tasks

@@ -30,7 +30,7 @@ async fn unknown_targets_and_missing_services_are_definite_errors() -> anyhow::R
         let server = TestServer::start(test_config()).await?;
         let a = node(&server, "a", test_config()).await?;
         let b = node(&server, "b", test_config()).await?;
-        let _inbox = b.subscribe("svc").await?;
+        let mut inbox = b.subscribe("svc").await?;
 
         let cases: Vec<(Target, &str, SendError)> = vec![
             (
@@ -84,13 +84,26 @@ async fn unknown_targets_and_missing_services_are_definite_errors() -> anyhow::R
             a.request(Target::All, "svc", "x").await,
             Err(SendError::InvalidTarget(Target::All))
         );
-        // A dropped inbox unsubscribes: the next send says so.
-        drop(_inbox);
+        // Delivered once, so b's reader knows the inbox...
+        a.send(Target::Node("b".into()), "svc", "first").await?;
+        let first = inbox.recv().await.context("the first message")?;
+        assert_eq!(&first.body()[..], b"first");
+        // ...and a dropped inbox unsubscribes all the same: the next send
+        // says so.
+        drop(inbox);
         let err = a.send(Target::Node("b".into()), "svc", "x").await;
         assert!(
             matches!(err, Err(SendError::NoSuchService { .. })),
             "{err:?}"
         );
+        // Subscribed again: the new inbox gets what comes next.
+        let mut again = b.subscribe("svc").await?;
+        a.send(Target::Node("b".into()), "svc", "again").await?;
+        let next = again
+            .recv()
+            .await
+            .context("the message after resubscribing")?;
+        assert_eq!(&next.body()[..], b"again");
         Ok(())
     })
     .await
