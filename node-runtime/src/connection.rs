@@ -13,7 +13,8 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::mpsc;
 use transports::frame::{peek_cached, BodyArena, NameCache, Peeked};
 use transports::protocol::{
-    Ack, AckRef, AckStatus, Acks, DeliveryFailure, Header, MessageKind, MessageRef, NodeId, Routed,
+    same_name, Ack, AckRef, AckStatus, Acks, DeliveryFailure, Header, MessageKind, MessageRef,
+    NodeId, Routed,
 };
 use transports::{Frame, FrameReader, OutFrame, OutQueue};
 
@@ -597,7 +598,7 @@ impl InboxCache {
     fn get(&self, inner: &Inner, service: &str) -> Option<&CachedInbox> {
         let entry = self.entry.as_ref()?;
         let current = entry.generation == inner.inboxes_generation.load(Ordering::Acquire);
-        (current && *entry.service == *service).then_some(entry)
+        (current && same_name(&entry.service, service)).then_some(entry)
     }
 
     /// Keeps `service`'s queue `q`, as found in the table of inboxes of

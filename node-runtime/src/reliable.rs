@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use cluster_manager::tracker::DeliveryTracker;
-use transports::protocol::{Header, MessageHeader, MessageKind, NodeId, Target};
+use transports::protocol::{same_name, Header, MessageHeader, MessageKind, NodeId, Target};
 use transports::OutFrame;
 
 use crate::node::Waiter;
@@ -126,7 +126,7 @@ impl Dedup {
     /// sender's id and whether the message is new.
     pub(crate) fn check(&mut self, sender: &str, incarnation: u64, seq: u64) -> (NodeId, bool) {
         if let Some(entry) = self.senders.get_mut(self.last) {
-            if entry.id.as_str() == sender {
+            if same_name(entry.id.as_str(), sender) {
                 return entry.record(incarnation, seq);
             }
         }
