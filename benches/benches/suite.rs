@@ -168,6 +168,10 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run() -> anyhow::Result<()> {
     let options = Options::from_env();
+    if options.help {
+        println!("{}", clustercomm_benches::options::USAGE);
+        return Ok(());
+    }
     let machine = machine();
     println!(
         "# clustercomm benchmark suite{}",

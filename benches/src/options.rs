@@ -32,7 +32,22 @@ pub struct Options {
     pub filters: Vec<String>,
     /// `--ours-only`: skip the peers (for profiling clustercomm alone).
     pub ours_only: bool,
+    /// `--help` or `-h`: print [`USAGE`] and run nothing.
+    pub help: bool,
 }
+
+/// What the suite's command line takes.
+pub const USAGE: &str = "\
+usage: cargo bench -p clustercomm-benches --bench suite -- [--quick] [--ours-only] [CASE...]
+
+  --quick       short phases: about a minute in all (a full run takes under 10)
+  --ours-only   skip nats-server and raw TCP (for profiling clustercomm alone)
+  CASE          run only the cases whose name contains one of these
+                (say \"notify 128\" \"fan-out\"); a partial run does not
+                replace the results in benches/results/
+  -h, --help    print this and run nothing
+
+Other flags (cargo passes --bench) are ignored.";
 
 impl Options {
     /// Options from the process arguments.
@@ -50,11 +65,13 @@ impl Options {
     {
         let mut quick = false;
         let mut ours_only = false;
+        let mut help = false;
         let mut filters = Vec::new();
         for arg in args {
             match arg.as_ref() {
                 "--quick" => quick = true,
                 "--ours-only" => ours_only = true,
+                "--help" | "-h" => help = true,
                 flag if flag.starts_with('-') => {}
                 filter => filters.push(filter.to_owned()),
             }
@@ -70,6 +87,7 @@ impl Options {
             measure,
             filters,
             ours_only,
+            help,
         }
     }
 
@@ -105,6 +123,9 @@ mod tests {
     fn filters_select_cases_by_substring() {
         let all = Options::from_args(["--bench"]);
         assert!(all.selects("notify 128 B"));
+        assert!(Options::from_args(["--help"]).help);
+        assert!(Options::from_args(["--bench", "-h"]).help);
+        assert!(!Options::from_args(["--bench", "--quick"]).help);
         let some = Options::from_args(["--quick", "notify", "--bench"]);
         assert_eq!(some.filters, ["notify"]);
         assert!(some.selects("notify 128 B"));
