@@ -276,6 +276,28 @@ impl Inner {
     /// to it, for up to [`MAX_SERVICE_NAMES`] names (beyond that, each
     /// message gets its own, so that the table stays bounded).
     pub(crate) fn service_name(&self, service: &str) -> Arc<str> {
+        thread_local! {
+            /// The name this thread asked for last: a sender usually sends
+            /// to one service many times in a row. Any `Arc<str>` with
+            /// the same text serves, whichever node interned it.
+            static LAST: std::cell::RefCell<Option<Arc<str>>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        let last = LAST.with_borrow(|last| {
+            last.as_ref()
+                .filter(|name| transports::protocol::same_name(name, service))
+                .cloned()
+        });
+        if let Some(name) = last {
+            return name;
+        }
+        let name = self.interned_service_name(service);
+        LAST.set(Some(name.clone()));
+        name
+    }
+
+    /// [`Inner::service_name`] from the node's table of names.
+    fn interned_service_name(&self, service: &str) -> Arc<str> {
         if let Some(name) = self
             .service_names
             .read()
