@@ -511,11 +511,7 @@ fn peek_with<'a>(
         Some(&MESSAGE_TAG) => {
             // The hottest header: decoded by hand, as postcard would.
             let window = &raw[..raw.len().min(MAX_HEADER_BYTES)];
-            let decoded = match names {
-                Some(names) => crate::wire::decode_message_cached(&window[1..], names),
-                None => crate::wire::decode_message(&window[1..]),
-            };
-            match decoded {
+            match crate::wire::decode_message_with(&window[1..], names) {
                 Ok((h, n)) => Ok((Peeked::Message(h), n + 1)),
                 Err(_) if window.len() == MAX_HEADER_BYTES && raw.len() > MAX_HEADER_BYTES => {
                     Err(FrameError::HeaderTooLarge { size: raw.len() })

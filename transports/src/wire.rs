@@ -228,28 +228,17 @@ impl NameCache {
 }
 
 /// Decodes a [`MessageRef`] (the fields, after the variant index) from the
-/// start of `buf`: the header and how many bytes it took.
+/// start of `buf`: the header and how many bytes it took. With `names`,
+/// the names are checked against (and then kept in) the cache, and the
+/// header borrows from both.
 ///
 /// # Errors
 ///
 /// As postcard: [`Error::DeserializeUnexpectedEnd`] when `buf` ends too
 /// early, [`Error::DeserializeBadVarint`], [`Error::DeserializeBadUtf8`],
 /// and [`Error::SerdeDeCustom`] for an unknown variant.
-pub(crate) fn decode_message(buf: &[u8]) -> Result<(MessageRef<'_>, usize), Error> {
-    decode(buf, None)
-}
-
-/// [`decode_message`], with the names checked against (and then kept in)
-/// `names`: the header borrows from both.
-pub(crate) fn decode_message_cached<'a>(
-    buf: &'a [u8],
-    names: &'a mut NameCache,
-) -> Result<(MessageRef<'a>, usize), Error> {
-    decode(buf, Some(names))
-}
-
 #[inline]
-fn decode<'a>(
+pub(crate) fn decode_message_with<'a>(
     buf: &'a [u8],
     names: Option<&'a mut NameCache>,
 ) -> Result<(MessageRef<'a>, usize), Error> {
@@ -297,6 +286,11 @@ fn decode<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Decodes without a cache.
+    fn decode_message(buf: &[u8]) -> Result<(MessageRef<'_>, usize), Error> {
+        decode_message_with(buf, None)
+    }
 
     /// A small deterministic generator (no dependency for a test).
     struct Rng(u64);
@@ -432,7 +426,7 @@ mod tests {
             // Through a cache that keeps the names of earlier rounds (hits
             // and misses both), the same.
             assert_eq!(
-                decode_message_cached(&bytes, &mut cache),
+                decode_message_with(&bytes, Some(&mut cache)),
                 theirs,
                 "round {round}, cached: {bytes:02x?}"
             );
@@ -474,7 +468,7 @@ mod tests {
         let n = encode_message(&h, &mut buf).expect("fits");
         for _ in 0..3 {
             assert_eq!(
-                decode_message_cached(&buf[1..n], &mut cache),
+                decode_message_with(&buf[1..n], Some(&mut cache)),
                 Ok((h, n - 1))
             );
         }
@@ -487,13 +481,13 @@ mod tests {
         };
         let m = encode_message(&other, &mut buf).expect("fits");
         assert_eq!(
-            decode_message_cached(&buf[1..m], &mut cache),
+            decode_message_with(&buf[1..m], Some(&mut cache)),
             Ok((other, m - 1))
         );
         assert_eq!(cache.sender, "node-2");
         buf[2] = 0xFF;
         assert_eq!(
-            decode_message_cached(&buf[1..m], &mut cache),
+            decode_message_with(&buf[1..m], Some(&mut cache)),
             Err(Error::DeserializeBadUtf8)
         );
     }
