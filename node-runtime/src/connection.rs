@@ -445,20 +445,23 @@ pub(crate) async fn deliver(
         /// The backlog is full, or its pump is gone.
         Refused(ServiceQueue, mpsc::error::TrySendError<Delivery>),
     }
+    let new_message = |sender: NodeId, service: &Arc<str>, body: Bytes| Message {
+        sender,
+        sender_incarnation: h.incarnation,
+        seq: h.seq,
+        service: service.clone(),
+        body,
+        kind: h.kind,
+        replier: (h.kind == MessageKind::Request).then(|| inner.clone()),
+    };
     // The inbox of the last message's service, while no backlog waits
     // before it: no lookup.
     let (sender, body) = match cache.get(inner, h.service) {
         Some(cached) if cached.backlog.load(Ordering::Acquire) == 0 => {
-            let message = Message {
-                sender,
-                sender_incarnation: h.incarnation,
-                seq: h.seq,
-                service: cached.service.clone(),
-                body,
-                kind: h.kind,
-                replier: (h.kind == MessageKind::Request).then(|| inner.clone()),
-            };
-            match cached.inbox.try_send(message) {
+            match cached
+                .inbox
+                .try_send(new_message(sender, &cached.service, body))
+            {
                 Ok(()) => {
                     if let Some(to) = ack_to {
                         batch.add(to, h.incarnation, h.seq).await;
@@ -480,15 +483,7 @@ pub(crate) async fn deliver(
             None => Straight::NoService(sender),
             Some((service, q)) => {
                 cache.keep(generation, service, q);
-                let message = Message {
-                    sender,
-                    sender_incarnation: h.incarnation,
-                    seq: h.seq,
-                    service: service.clone(),
-                    body,
-                    kind: h.kind,
-                    replier: (h.kind == MessageKind::Request).then(|| inner.clone()),
-                };
+                let message = new_message(sender, service, body);
                 // Straight into the inbox when nothing waits before it: the
                 // pump is only for a backlog (which keeps order: nothing
                 // overtakes it).

@@ -399,6 +399,17 @@ impl Inner {
             })
     }
 
+    /// `msg` as a frame of its own, addressed to `node`.
+    fn frame_to(&self, node: &NodeId, msg: &Outgoing<'_>) -> OutFrame {
+        self.message(
+            msg.seq,
+            Target::Node(node.clone()),
+            self.service_name(msg.service),
+            msg.kind,
+            msg.body.clone(),
+        )
+    }
+
     /// Sends one fan-out copy to `member`: over its lazy channel, or through
     /// the message server when the channel cannot be opened and the body
     /// fits there.
@@ -419,13 +430,7 @@ impl Inner {
                         reason,
                     });
                 }
-                let frame = self.message(
-                    msg.seq,
-                    Target::Node(member.clone()),
-                    self.service_name(msg.service),
-                    msg.kind,
-                    msg.body.clone(),
-                );
+                let frame = self.frame_to(member, msg);
                 self.enqueue(frame, deadline).await?;
                 self.count_server(body_len);
                 Ok(())
@@ -472,13 +477,7 @@ impl Inner {
             let queued = if conn.queue.try_push_message(&header, &msg.body) {
                 Ok(Ok(()))
             } else {
-                let frame = self.message(
-                    msg.seq,
-                    Target::Node(peer.clone()),
-                    self.service_name(msg.service),
-                    msg.kind,
-                    msg.body.clone(),
-                );
+                let frame = self.frame_to(&peer, msg);
                 match conn.queue.try_push_room(frame) {
                     Ok(()) => Ok(Ok(())),
                     Err(frame) => {
