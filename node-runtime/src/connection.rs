@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use cluster_manager::Completion;
+use smol_str::SmolStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use tokio::net::tcp::OwnedReadHalf;
 
@@ -449,9 +450,9 @@ pub(crate) async fn deliver(
         sender,
         sender_incarnation: h.incarnation,
         seq: h.seq,
-        service: service.clone(),
+        service: SmolStr::new(&**service),
         body,
-        kind: h.kind,
+        one_way: h.kind == MessageKind::Notify,
         replier: (h.kind == MessageKind::Request).then(|| inner.clone()),
     };
     // The inbox of the last message's service, while no backlog waits
@@ -839,7 +840,7 @@ pub(crate) fn late_failure(inner: &Inner, routed: &Routed) {
 }
 
 /// Unsubscribes `service` if its inbox is gone.
-async fn unsubscribe(inner: &Inner, service: &Arc<str>) {
+async fn unsubscribe(inner: &Inner, service: &str) {
     let closed = inner
         .inboxes
         .read()
@@ -852,7 +853,7 @@ async fn unsubscribe(inner: &Inner, service: &Arc<str>) {
 }
 
 /// Removes `service`'s delivery queue and tells the message server.
-async fn unsubscribe_now(inner: &Inner, service: &Arc<str>) {
+async fn unsubscribe_now(inner: &Inner, service: &str) {
     let removed = {
         let mut inboxes = inner.inboxes.write().unwrap_or_else(|p| p.into_inner());
         inner.inboxes_generation.fetch_add(1, Ordering::AcqRel);

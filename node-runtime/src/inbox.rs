@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
+use smol_str::SmolStr;
 use tokio::sync::Notify;
-use transports::protocol::{MessageKind, NodeId};
+use transports::protocol::NodeId;
 
 use crate::node::Inner;
 use crate::SendError;
@@ -18,10 +19,15 @@ pub struct Message {
     pub(crate) sender: NodeId,
     pub(crate) sender_incarnation: u64,
     pub(crate) seq: u64,
-    pub(crate) service: Arc<str>,
+    /// Inline for names of up to 23 bytes: no shared count to contend on
+    /// between the reader that delivers and the application that drops.
+    pub(crate) service: SmolStr,
     pub(crate) body: Bytes,
-    pub(crate) kind: MessageKind,
-    /// Set for requests: the runtime that sends the reply.
+    /// A `Notify`: nobody is told when it enters the inbox, so it may
+    /// wait past the capacity.
+    pub(crate) one_way: bool,
+    /// Set for requests (and only for them): the runtime that sends the
+    /// reply.
     pub(crate) replier: Option<Arc<Inner>>,
 }
 
@@ -32,7 +38,8 @@ impl fmt::Debug for Message {
             .field("sender_incarnation", &self.sender_incarnation)
             .field("seq", &self.seq)
             .field("service", &self.service)
-            .field("kind", &self.kind)
+            .field("one_way", &self.one_way)
+            .field("request", &self.is_request())
             .field("body_len", &self.body.len())
             .finish()
     }
@@ -71,7 +78,7 @@ impl Message {
 
     /// Whether the sender awaits a reply.
     pub fn is_request(&self) -> bool {
-        self.kind == MessageKind::Request
+        self.replier.is_some()
     }
 
     /// Answers a request.
@@ -225,7 +232,7 @@ impl InboxSender {
     pub(crate) fn try_send(&self, message: Message) -> Result<(), Message> {
         let waker = {
             let mut state = self.shared.lock();
-            let room = if message.kind == MessageKind::Notify {
+            let room = if message.one_way {
                 self.shared.room_waiting(&state)
             } else {
                 self.shared.room(&state)
@@ -477,7 +484,7 @@ mod tests {
     /// An acknowledged message (it only ever takes the inbox's places).
     fn message(seq: u64) -> Message {
         Message {
-            kind: MessageKind::Send,
+            one_way: false,
             ..one_way(seq)
         }
     }
@@ -487,9 +494,9 @@ mod tests {
             sender: NodeId::new("a"),
             sender_incarnation: 1,
             seq,
-            service: Arc::from("svc"),
+            service: SmolStr::new("svc"),
             body: Bytes::new(),
-            kind: MessageKind::Notify,
+            one_way: true,
             replier: None,
         }
     }

@@ -450,7 +450,7 @@ impl Inner {
         requester: &NodeId,
         requester_incarnation: u64,
         request_seq: u64,
-        service: &Arc<str>,
+        service: &str,
         body: Bytes,
     ) -> Result<(), SendError> {
         self.check_size(&body)?;
@@ -462,7 +462,7 @@ impl Inner {
         let frame = self.message(
             self.next_seq(),
             Target::Node(requester.clone()),
-            service.clone(),
+            self.service_name(service),
             kind,
             body,
         );
