@@ -140,14 +140,15 @@ pub(crate) struct InboxSender {
 /// An inbox and its sender, holding `capacity` messages.
 pub(crate) fn inbox(service: &str, capacity: usize) -> (InboxSender, Inbox) {
     let shared = Arc::new(Shared {
-        state: Mutex::new(State {
+        state: OwnLine(Mutex::new(State {
             queue: VecDeque::new(),
             waker: None,
             senders: 1,
             receiver_gone: false,
-        }),
+        })),
         capacity: capacity.max(1),
-        lent: AtomicUsize::new(0),
+        lent_step: (capacity / 8).clamp(1, LENT_STEP),
+        lent: OwnLine(AtomicUsize::new(0)),
         room_wanted: AtomicUsize::new(0),
         room: Notify::new(),
     });
@@ -159,15 +160,40 @@ pub(crate) fn inbox(service: &str, capacity: usize) -> (InboxSender, Inbox) {
     (InboxSender { shared }, inbox)
 }
 
+/// Messages the receiver hands out at most between two updates of
+/// [`Shared::lent`] (see [`Inbox::next_taken`]); fewer in a small inbox
+/// (an eighth of its capacity), so that it never looks much fuller than it
+/// is.
+const LENT_STEP: usize = 32;
+
+/// A value on a cache line of its own: a thread that writes it does not
+/// take its neighbours' line away from the threads that use them.
+#[derive(Debug)]
+#[repr(align(64))]
+struct OwnLine<T>(T);
+
+impl<T> std::ops::Deref for OwnLine<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 #[derive(Debug)]
 struct Shared {
-    state: Mutex<State>,
+    /// Written by every sender for every message.
+    state: OwnLine<Mutex<State>>,
     capacity: usize,
+    /// See [`LENT_STEP`].
+    lent_step: usize,
     /// How many messages the receiver's batch holds: set under the lock
     /// when it takes a batch, lowered (by the receiver alone, without the
-    /// lock) as it hands them out. Senders may read it a little high,
-    /// never low, so the capacity holds.
-    lent: AtomicUsize,
+    /// lock) as it hands them out, every `lent_step` messages or when
+    /// someone waits for room. Senders may read it high, never low, so
+    /// the capacity holds; read high, the inbox only looks fuller than it
+    /// is, by less than a step.
+    lent: OwnLine<AtomicUsize>,
     /// How many places the sender waiting for room (the pump; one at a
     /// time) wants, 0 if none: the receiver notifies `room` once it may
     /// have handed that many out. Set before the waiter looks at the
@@ -442,11 +468,22 @@ impl Inbox {
     }
 
     /// The next message of the batch; its place is free again.
+    ///
+    /// Senders read [`Shared::lent`] for every message they put in, so
+    /// writing it for every message taken would move its cache line
+    /// between the threads each time (measured: 4% of `notify`'s
+    /// throughput). It is written every `lent_step` messages, when the
+    /// batch is done, and whenever a sender waits for room (the waiter
+    /// says so before it looks at `lent`, this reads that after it took
+    /// the message, both sequentially consistent: one of the two sees the
+    /// other).
     fn next_taken(&mut self) -> Option<Message> {
         let message = self.batch.pop_front()?;
         let lent = self.batch.len();
-        self.shared.lent.store(lent, Ordering::SeqCst);
-        self.shared.room_made(lent);
+        if lent % self.shared.lent_step == 0 || self.shared.room_wanted.load(Ordering::SeqCst) > 0 {
+            self.shared.lent.store(lent, Ordering::SeqCst);
+            self.shared.room_made(lent);
+        }
         Some(message)
     }
 }
@@ -659,5 +696,36 @@ mod tests {
         assert!(tx.is_closed());
         assert!(tx.try_send(message(4)).is_err());
         assert!(tx.slots().is_err());
+    }
+
+    /// A large inbox shows the places its receiver frees a step at a time
+    /// (it never looks fuller than it is by a step or more), and at once
+    /// to a sender that waits for room.
+    #[test]
+    fn a_large_inbox_shows_room_in_steps_and_at_once_to_a_waiter() {
+        let (tx, mut rx) = inbox("svc", 256);
+        assert_eq!(tx.shared.lent_step, LENT_STEP);
+        for seq in 0..256 {
+            assert!(tx.try_send(message(seq)).is_ok(), "{seq} fits");
+        }
+        assert!(tx.try_send(message(256)).is_err(), "full");
+        for seq in 0..31 {
+            assert_eq!(rx.try_recv().map(|m| m.seq), Some(seq));
+        }
+        assert!(
+            tx.try_send(message(256)).is_err(),
+            "not shown before a step"
+        );
+        assert_eq!(rx.try_recv().map(|m| m.seq), Some(31));
+        for seq in 256..288 {
+            assert!(tx.try_send(message(seq)).is_ok(), "{seq}: a step shown");
+        }
+        assert!(tx.try_send(message(288)).is_err(), "full again");
+        let mut room = std::pin::pin!(tx.room(1));
+        assert!(pending(room.as_mut()), "no room yet");
+        assert_eq!(rx.try_recv().map(|m| m.seq), Some(32));
+        assert!(!pending(room.as_mut()), "shown to the waiter at once");
+        let rest: Vec<u64> = std::iter::from_fn(|| rx.try_recv().map(|m| m.seq)).collect();
+        assert_eq!(rest, (33..288).collect::<Vec<_>>(), "all, in order");
     }
 }
