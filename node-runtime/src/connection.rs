@@ -88,20 +88,14 @@ pub(crate) async fn read_frames(
             Peeked::Message(h) => {
                 Counters::add(&inner.counters.received_server, 1);
                 let body = bodies.owned_body(&raw, header_len);
-                let queue = &inner.queue;
-                if deliver(
-                    inner,
-                    &h,
-                    body,
-                    queue,
-                    &mut acks,
-                    &mut inboxes,
-                    Received::Server,
-                )
-                .await
-                .is_err()
-                {
-                    return LinkEnd::Shutdown;
+                let later = deliver_now(inner, &h, body, &mut acks, &mut inboxes, Received::Server);
+                if let Some(later) = later {
+                    let queue = &inner.queue;
+                    let delivered =
+                        deliver_later(inner, &h, later, queue, &mut acks, &mut inboxes).await;
+                    if delivered.is_err() {
+                        return LinkEnd::Shutdown;
+                    }
                 }
                 // Each delivery takes from tokio's cooperative budget, as a
                 // channel send does: a reader with a socket that never runs
@@ -270,6 +264,27 @@ impl AckBatch {
         }
     }
 
+    /// [`AckBatch::add`] when that needs no flush (the batch is empty or
+    /// for the same sender, and stays under its limit); gives `to` back
+    /// otherwise.
+    pub(crate) fn try_add(
+        &mut self,
+        to: NodeId,
+        to_incarnation: u64,
+        seq: u64,
+    ) -> Result<(), NodeId> {
+        if self.seqs.len() + 1 >= MAX_BATCHED_ACKS {
+            return Err(to);
+        }
+        if self.seqs.is_empty() {
+            self.to = Some((to, to_incarnation));
+        } else if !matches!(&self.to, Some((t, i)) if *i == to_incarnation && *t == to) {
+            return Err(to);
+        }
+        self.seqs.push(seq);
+        Ok(())
+    }
+
     /// Whether the acknowledgements go out on `queue`.
     fn goes_to(&self, queue: &OutQueue) -> bool {
         self.queue.same_queue(queue)
@@ -377,21 +392,31 @@ pub(crate) enum Received {
 /// The node is shutting down; stop reading.
 pub(crate) struct Stopping;
 
-/// Hands a message to its service's inbox (acknowledging it on `acks`, the
-/// connection it came on), or completes a request with its reply.
-///
-/// # Errors
-///
-/// [`Stopping`] if the node is shutting down.
-pub(crate) async fn deliver(
+/// What [`deliver_now`] left to [`deliver_later`]: whatever may wait.
+pub(crate) enum Later {
+    /// From an incarnation declared failed: refused.
+    Failed,
+    /// Seen before, from `sender`: acknowledged again, not delivered again.
+    Duplicate(NodeId),
+    /// Recorded as seen from `sender`, not delivered yet.
+    New { sender: NodeId, body: Bytes },
+    /// Delivered; its acknowledgement to `sender` waits for the batch.
+    Ack(NodeId),
+}
+
+/// Hands a message to its service's inbox, or completes a request with
+/// its reply, as far as that goes without waiting: the usual message is
+/// done here (`None`), and no future is made for it (the reader's is
+/// large: making and moving one for each message showed in profiles).
+/// What may wait is left to [`deliver_later`].
+pub(crate) fn deliver_now(
     inner: &Arc<Inner>,
     h: &MessageRef<'_>,
     body: Bytes,
-    acks: &OutQueue,
     batch: &mut AckBatch,
     cache: &mut InboxCache,
     path: Received,
-) -> Result<(), Stopping> {
+) -> Option<Later> {
     tracing::trace!(sender = h.sender, seq = h.seq, ?path, "message");
     if let MessageKind::Reply {
         request_seq,
@@ -402,39 +427,111 @@ pub(crate) async fn deliver(
             let from = inner.members.id_of(h.sender);
             complete(inner.tracker().handle_reply(request_seq, &from, body));
         }
-        return Ok(());
+        return None;
     }
+    // Nothing is accepted from an incarnation declared failed.
+    if inner.members.is_failed(h.sender, h.incarnation) {
+        return Some(Later::Failed);
+    }
+    // At most once per runtime: a resent message is acknowledged again,
+    // not delivered again.
+    let (sender, new) = inner.dedup().check(h.sender, h.incarnation, h.seq);
+    if !new {
+        return Some(Later::Duplicate(sender));
+    }
+    // The inbox of the last message's service, while no backlog waits
+    // before it: no lookup.
+    let cached = match cache.get(inner, h.service) {
+        Some(cached) if cached.backlog.load(Ordering::Acquire) == 0 => cached,
+        _ => return Some(Later::New { sender, body }),
+    };
+    // Only a `Send` is acknowledged when all goes well.
+    let ack_to = (h.kind == MessageKind::Send).then(|| sender.clone());
+    match cached
+        .inbox
+        .try_send(new_message(inner, h, sender, &cached.service, body))
+    {
+        Ok(()) => ack_to.and_then(|to| {
+            batch
+                .try_add(to, h.incarnation, h.seq)
+                .err()
+                .map(Later::Ack)
+        }),
+        // Full, or its receiver gone: the usual way.
+        Err(message) => Some(Later::New {
+            sender: message.sender,
+            body: message.body,
+        }),
+    }
+}
+
+/// The message `h` from `sender` to `service`, with `body`.
+fn new_message(
+    inner: &Arc<Inner>,
+    h: &MessageRef<'_>,
+    sender: NodeId,
+    service: &str,
+    body: Bytes,
+) -> Message {
+    Message {
+        sender,
+        sender_incarnation: h.incarnation,
+        seq: h.seq,
+        service: SmolStr::new(service),
+        body,
+        one_way: h.kind == MessageKind::Notify,
+        replier: (h.kind == MessageKind::Request).then(|| inner.clone()),
+    }
+}
+
+/// Does what [`deliver_now`] left: refusals and acknowledgements that may
+/// wait for room in this node's outgoing queue (`acks`, the connection the
+/// message came on), and deliveries that may wait for the service's inbox.
+///
+/// # Errors
+///
+/// [`Stopping`] if the node is shutting down.
+pub(crate) async fn deliver_later(
+    inner: &Arc<Inner>,
+    h: &MessageRef<'_>,
+    later: Later,
+    acks: &OutQueue,
+    batch: &mut AckBatch,
+    cache: &mut InboxCache,
+) -> Result<(), Stopping> {
     let answer = |to: NodeId| Answer {
         to,
         to_incarnation: h.incarnation,
         seq: h.seq,
         kind: h.kind,
     };
-    // Nothing is accepted from an incarnation declared failed.
-    if inner.members.is_failed(h.sender, h.incarnation) {
-        tracing::debug!(
-            sender = h.sender,
-            incarnation = h.incarnation,
-            "refused a message from a failed incarnation"
-        );
-        Counters::add(&inner.counters.refused_failed, 1);
-        let status = AckStatus::Failed(DeliveryFailure::Rejected(
-            "the sender's incarnation was declared failed".into(),
-        ));
-        answer(NodeId::new(h.sender))
-            .send(inner, acks, status)
-            .await;
-        return Ok(());
-    }
-    // At most once per runtime: a resent message is acknowledged again,
-    // not delivered again.
-    let (sender, new) = inner.dedup().check(h.sender, h.incarnation, h.seq);
-    if !new {
-        tracing::trace!(sender = h.sender, seq = h.seq, "duplicate dropped");
-        answer(sender).send(inner, acks, AckStatus::Accepted).await;
-        return Ok(());
-    }
-    // Only a `Send` is acknowledged when all goes well.
+    let (sender, body) = match later {
+        Later::Failed => {
+            tracing::debug!(
+                sender = h.sender,
+                incarnation = h.incarnation,
+                "refused a message from a failed incarnation"
+            );
+            Counters::add(&inner.counters.refused_failed, 1);
+            let status = AckStatus::Failed(DeliveryFailure::Rejected(
+                "the sender's incarnation was declared failed".into(),
+            ));
+            answer(NodeId::new(h.sender))
+                .send(inner, acks, status)
+                .await;
+            return Ok(());
+        }
+        Later::Duplicate(sender) => {
+            tracing::trace!(sender = h.sender, seq = h.seq, "duplicate dropped");
+            answer(sender).send(inner, acks, AckStatus::Accepted).await;
+            return Ok(());
+        }
+        Later::Ack(to) => {
+            batch.add(to, h.incarnation, h.seq).await;
+            return Ok(());
+        }
+        Later::New { sender, body } => (sender, body),
+    };
     let ack_to = (h.kind == MessageKind::Send).then(|| sender.clone());
     /// How the attempt to hand the message over without waiting went.
     enum Straight {
@@ -446,35 +543,6 @@ pub(crate) async fn deliver(
         /// The backlog is full, or its pump is gone.
         Refused(ServiceQueue, mpsc::error::TrySendError<Delivery>),
     }
-    let new_message = |sender: NodeId, service: &Arc<str>, body: Bytes| Message {
-        sender,
-        sender_incarnation: h.incarnation,
-        seq: h.seq,
-        service: SmolStr::new(&**service),
-        body,
-        one_way: h.kind == MessageKind::Notify,
-        replier: (h.kind == MessageKind::Request).then(|| inner.clone()),
-    };
-    // The inbox of the last message's service, while no backlog waits
-    // before it: no lookup.
-    let (sender, body) = match cache.get(inner, h.service) {
-        Some(cached) if cached.backlog.load(Ordering::Acquire) == 0 => {
-            match cached
-                .inbox
-                .try_send(new_message(sender, &cached.service, body))
-            {
-                Ok(()) => {
-                    if let Some(to) = ack_to {
-                        batch.add(to, h.incarnation, h.seq).await;
-                    }
-                    return Ok(());
-                }
-                // Full, or its receiver gone: the usual way below.
-                Err(message) => (message.sender, message.body),
-            }
-        }
-        _ => (sender, body),
-    };
     let straight = {
         // Read before the table: a change after it makes the entry kept
         // below stale at once.
@@ -484,7 +552,7 @@ pub(crate) async fn deliver(
             None => Straight::NoService(sender),
             Some((service, q)) => {
                 cache.keep(generation, service, q);
-                let message = new_message(sender, service, body);
+                let message = new_message(inner, h, sender, service, body);
                 // Straight into the inbox when nothing waits before it: the
                 // pump is only for a backlog (which keeps order: nothing
                 // overtakes it).
@@ -876,6 +944,38 @@ mod tests {
     /// Acknowledgements gathered per sender go out as one frame each: a
     /// change of sender (or of its incarnation) flushes, a lone one is a
     /// plain `Ack`, and nothing is sent twice.
+    /// `try_add` takes an acknowledgement only where `add` would not
+    /// flush first or after: the readers' path without a future.
+    #[tokio::test]
+    async fn try_add_takes_only_what_needs_no_flush() {
+        let (queue, _rx) = out_queue(64, 1 << 20);
+        let (a, b) = (NodeId::new("a"), NodeId::new("b"));
+        let mut batch = AckBatch::new(NodeId::new("me"), Arc::new(AtomicU64::new(7)), queue);
+        assert!(batch.try_add(a.clone(), 1, 1).is_ok(), "an empty batch");
+        assert!(batch.try_add(a.clone(), 1, 2).is_ok(), "the same sender");
+        assert_eq!(
+            batch.try_add(b.clone(), 1, 3).err(),
+            Some(b),
+            "another sender"
+        );
+        assert_eq!(
+            batch.try_add(a.clone(), 2, 3).err(),
+            Some(a.clone()),
+            "another incarnation"
+        );
+        for seq in 3..MAX_BATCHED_ACKS as u64 {
+            assert!(batch.try_add(a.clone(), 1, seq).is_ok(), "{seq}");
+        }
+        assert_eq!(
+            batch.try_add(a.clone(), 1, 9999).err(),
+            Some(a),
+            "the limit"
+        );
+        assert_eq!(batch.seqs.len(), MAX_BATCHED_ACKS - 1);
+        batch.flush().await;
+        assert!(batch.seqs.is_empty());
+    }
+
     #[tokio::test]
     async fn acks_are_batched_per_sender() {
         let (queue, rx) = out_queue(64, 1 << 20);

@@ -23,7 +23,7 @@ use transports::protocol::{Header, NodeId, Welcome, PROTOCOL_VERSION};
 use transports::{out_queue, FrameReader, OutFrame, OutQueue};
 
 use crate::connection::{
-    complete, deliver, handle_ack, handle_acks, AckBatch, InboxCache, Received,
+    complete, deliver_later, deliver_now, handle_ack, handle_acks, AckBatch, InboxCache, Received,
 };
 use crate::counters::Counters;
 use crate::node::Inner;
@@ -584,19 +584,14 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
                 }
                 Counters::add(&inner.counters.received_direct, 1);
                 let body = bodies.owned_body(&raw, header_len);
-                if deliver(
-                    &inner,
-                    &h,
-                    body,
-                    &queue,
-                    &mut acks,
-                    &mut inboxes,
-                    Received::Direct,
-                )
-                .await
-                .is_err()
-                {
-                    break;
+                let later =
+                    deliver_now(&inner, &h, body, &mut acks, &mut inboxes, Received::Direct);
+                if let Some(later) = later {
+                    let delivered =
+                        deliver_later(&inner, &h, later, &queue, &mut acks, &mut inboxes).await;
+                    if delivered.is_err() {
+                        break;
+                    }
                 }
                 // As the message-server reader: the applications it woke
                 // get their turn, after what it accepted is acknowledged.
