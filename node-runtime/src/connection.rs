@@ -449,7 +449,7 @@ pub(crate) fn deliver_now(
     let ack_to = (h.kind == MessageKind::Send).then(|| sender.clone());
     match cached
         .inbox
-        .try_send(new_message(inner, h, sender, &cached.service, body))
+        .try_send(new_message(inner, h, sender, cached.name.clone(), body))
     {
         Ok(()) => ack_to.and_then(|to| {
             batch
@@ -470,14 +470,14 @@ fn new_message(
     inner: &Arc<Inner>,
     h: &MessageRef<'_>,
     sender: NodeId,
-    service: &str,
+    service: SmolStr,
     body: Bytes,
 ) -> Message {
     Message {
         sender,
         sender_incarnation: h.incarnation,
         seq: h.seq,
-        service: SmolStr::new(service),
+        service,
         body,
         one_way: h.kind == MessageKind::Notify,
         replier: (h.kind == MessageKind::Request).then(|| inner.clone()),
@@ -552,7 +552,7 @@ pub(crate) async fn deliver_later(
             None => Straight::NoService(sender),
             Some((service, q)) => {
                 cache.keep(generation, service, q);
-                let message = new_message(inner, h, sender, service, body);
+                let message = new_message(inner, h, sender, SmolStr::new(&**service), body);
                 // Straight into the inbox when nothing waits before it: the
                 // pump is only for a backlog (which keeps order: nothing
                 // overtakes it).
@@ -653,6 +653,8 @@ pub(crate) struct InboxCache {
 struct CachedInbox {
     generation: u64,
     service: Arc<str>,
+    /// The same, as its messages carry it (made once, not per message).
+    name: SmolStr,
     inbox: InboxSender,
     backlog: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -676,6 +678,7 @@ impl InboxCache {
             self.entry = Some(CachedInbox {
                 generation,
                 service: service.clone(),
+                name: SmolStr::new(&**service),
                 inbox: q.inbox.clone(),
                 backlog: q.backlog.clone(),
             });
