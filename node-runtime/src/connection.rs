@@ -434,11 +434,18 @@ pub(crate) fn deliver_now(
         return Some(Later::Failed);
     }
     // At most once per runtime: a resent message is acknowledged again,
-    // not delivered again.
-    let (sender, new) = inner.dedup().check(h.sender, h.incarnation, h.seq);
-    if !new {
-        return Some(Later::Duplicate(sender));
-    }
+    // not delivered again. Only acknowledged messages are ever resent (they
+    // alone are kept for it), so a one-way message, sent once, skips the
+    // check and its lock.
+    let sender = if h.kind == MessageKind::Notify {
+        cache.sender(h.sender)
+    } else {
+        let (sender, new) = inner.dedup().check(h.sender, h.incarnation, h.seq);
+        if !new {
+            return Some(Later::Duplicate(sender));
+        }
+        sender
+    };
     // The inbox of the last message's service, while no backlog waits
     // before it: no lookup.
     let cached = match cache.get(inner, h.service) {
@@ -647,6 +654,8 @@ pub(crate) async fn deliver_later(
 #[derive(Debug, Default)]
 pub(crate) struct InboxCache {
     entry: Option<CachedInbox>,
+    /// The sender of the last one-way message, as its messages carry it.
+    sender: Option<NodeId>,
 }
 
 #[derive(Debug)]
@@ -660,6 +669,14 @@ struct CachedInbox {
 }
 
 impl InboxCache {
+    /// `name` as a node id: the one kept if it is the last sender's.
+    fn sender(&mut self, name: &str) -> NodeId {
+        match &self.sender {
+            Some(id) if same_name(id.as_str(), name) => id.clone(),
+            _ => self.sender.insert(NodeId::new(name)).clone(),
+        }
+    }
+
     /// The inbox kept, if it is `service`'s and still current.
     fn get(&self, inner: &Inner, service: &str) -> Option<&CachedInbox> {
         let entry = self.entry.as_ref()?;
@@ -947,6 +964,21 @@ mod tests {
     /// Acknowledgements gathered per sender go out as one frame each: a
     /// change of sender (or of its incarnation) flushes, a lone one is a
     /// plain `Ack`, and nothing is sent twice.
+    /// One-way messages skip duplicate suppression (nothing resends them);
+    /// their sender's id is kept by the reader instead, and replaced when
+    /// another sender's message comes.
+    #[test]
+    fn the_inbox_cache_keeps_the_last_one_way_sender() {
+        let mut cache = InboxCache::default();
+        let a = cache.sender("sender-a");
+        assert_eq!(a, "sender-a");
+        assert_eq!(cache.sender("sender-a"), a);
+        let long = "a-sender-whose-name-is-not-kept-inline";
+        assert_eq!(cache.sender(long), long);
+        assert_eq!(cache.sender(long), long);
+        assert_eq!(cache.sender("sender-a"), a);
+    }
+
     /// `try_add` takes an acknowledgement only where `add` would not
     /// flush first or after: the readers' path without a future.
     #[tokio::test]
