@@ -398,7 +398,8 @@ pub(crate) enum Later {
     Failed,
     /// Seen before, from `sender`: acknowledged again, not delivered again.
     Duplicate(NodeId),
-    /// Recorded as seen from `sender`, not delivered yet.
+    /// Accepted from `sender` (recorded as seen, unless one-way), not
+    /// delivered yet.
     New { sender: NodeId, body: Bytes },
     /// Delivered; its acknowledgement to `sender` waits for the batch.
     Ack(NodeId),

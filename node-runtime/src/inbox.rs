@@ -471,8 +471,8 @@ impl Inbox {
     ///
     /// Senders read [`Shared::lent`] for every message they put in, so
     /// writing it for every message taken would move its cache line
-    /// between the threads each time (measured: 4% of `notify`'s
-    /// throughput). It is written every `lent_step` messages, when the
+    /// between the threads each time (measured: about 2% of
+    /// `notify`'s throughput). It is written every `lent_step` messages, when the
     /// batch is done, and whenever a sender waits for room (the waiter
     /// says so before it looks at `lent`, this reads that after it took
     /// the message, both sequentially consistent: one of the two sees the
