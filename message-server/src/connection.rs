@@ -412,7 +412,7 @@ impl Connection {
                     self.acknowledgement(from, from_incarnation, to, to_incarnation, &raw)
                         .await
                 }
-                Peeked::Other(header) => self.control(header).await,
+                Peeked::Other(header) => self.control(*header).await,
             };
             if let Some(end) = end {
                 return end;

@@ -127,7 +127,7 @@ pub(crate) async fn read_frames(
                 }
                 continue;
             }
-            Peeked::Other(header) => header,
+            Peeked::Other(header) => *header,
         };
         match header {
             Header::Resolved { token, result } => {

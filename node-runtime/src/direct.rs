@@ -605,7 +605,7 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
                 tracing::warn!(kind = "ack", "closing inbound channel: unexpected frame");
                 break;
             }
-            Peeked::Other(header) => header,
+            Peeked::Other(header) => *header,
         };
         match header {
             Header::Ping { nonce } => {

@@ -460,8 +460,9 @@ pub enum Peeked<'a> {
     Ack(AckRef<'a>),
     /// Several acknowledgements.
     Acks(AcksRef<'a>),
-    /// Any other header.
-    Other(Header),
+    /// Any other header (boxed: these are rare, and a smaller `Peeked`
+    /// moves without a `memcpy` on the path of every message).
+    Other(Box<Header>),
 }
 
 /// Reads the header of one frame's contents (`raw`, everything after the
@@ -524,7 +525,9 @@ fn peek_with<'a>(
         Some(_) => {
             let window = &raw[..raw.len().min(MAX_HEADER_BYTES)];
             match postcard::take_from_bytes::<Header>(window) {
-                Ok((header, rest)) => Ok((Peeked::Other(header), window.len() - rest.len())),
+                Ok((header, rest)) => {
+                    Ok((Peeked::Other(Box::new(header)), window.len() - rest.len()))
+                }
                 Err(_) if window.len() == MAX_HEADER_BYTES && raw.len() > MAX_HEADER_BYTES => {
                     Err(FrameError::HeaderTooLarge { size: raw.len() })
                 }

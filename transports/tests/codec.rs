@@ -427,7 +427,7 @@ fn check_peek(raw: &[u8], header: &Header, body: &[u8]) {
                 h,
                 Header::Message(_) | Header::Ack(_) | Header::Acks(_)
             ));
-            assert_eq!(&o, h);
+            assert_eq!(&*o, h);
         }
         (p, h) => panic!("peeked {p:?} for {h:?}"),
     }
@@ -1136,7 +1136,7 @@ async fn frame_reader_lends_small_frames_and_owns_large_ones() {
                 assert!(whole <= COPY_FRAMES_UP_TO, "a large frame of {whole} lent");
             }
             let (peeked, header_len) = transports::frame::peek(&raw).expect("peeks");
-            assert!(matches!(peeked, Peeked::Other(h) if &h == header));
+            assert!(matches!(peeked, Peeked::Other(h) if &*h == header));
             assert_eq!(&raw[header_len..], &body[..]);
             assert_eq!(raw.to_bytes(), Bytes::copy_from_slice(&raw));
         }
