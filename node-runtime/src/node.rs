@@ -94,7 +94,7 @@ pub(crate) struct Inner {
     pub(crate) dedup: Mutex<Dedup>,
     /// Orders message-server sends: the sequence number is taken and the
     /// frame queued under it, so the wire order is the number order.
-    pub(crate) send_lock: tokio::sync::Mutex<()>,
+    pub(crate) send_lock: OrderLock,
     /// Bounds the acknowledged messages awaiting an outcome
     /// (`node.max_in_flight`).
     pub(crate) in_flight: InFlight,
@@ -161,7 +161,7 @@ impl Inner {
             members: MemberView::new(parts.members, failure_timeout),
             direct: DirectPool::default(),
             dedup: Mutex::new(Dedup::default()),
-            send_lock: tokio::sync::Mutex::new(()),
+            send_lock: OrderLock::default(),
             in_flight: InFlight::new(max_in_flight),
             server_index: std::sync::atomic::AtomicUsize::new(parts.server_index),
             link_up: std::sync::atomic::AtomicBool::new(true),
@@ -665,7 +665,75 @@ impl InFlight {
     }
 }
 
-/// One sender counted in [`InFlight::waiting`] while it lives.
+/// Orders acknowledged sends through the message server: held while a
+/// message takes its number and is queued (and while a reconnect resends),
+/// so that the wire order is the number order. A tokio mutex takes its
+/// semaphore's lock on every release; here taking and giving back are one
+/// atomic operation each unless someone waits. A task that only tries
+/// ([`OrderLock::try_lock`]) never goes before one that waits, so a task
+/// sending in a loop cannot keep a waiter out.
+#[derive(Debug, Default)]
+pub(crate) struct OrderLock {
+    locked: std::sync::atomic::AtomicBool,
+    /// Tasks waiting for the lock.
+    waiting: AtomicUsize,
+    free: Notify,
+}
+
+impl OrderLock {
+    /// The lock if it is free now and nobody waits for it.
+    pub(crate) fn try_lock(&self) -> Option<Order<'_>> {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        self.grab()
+    }
+
+    fn grab(&self) -> Option<Order<'_>> {
+        self.locked
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .ok()
+            .map(|_| Order(self))
+    }
+
+    /// The lock, waiting for it.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a cancelled wait holds nothing and is no longer
+    /// counted as waiting.
+    pub(crate) async fn lock(&self) -> Order<'_> {
+        loop {
+            let notified = self.free.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Counted before looking, so a release after the look finds
+            // this waiter (both sequentially consistent); uncounted however
+            // the wait ends.
+            let _counted = Waiting::count(&self.waiting);
+            if let Some(order) = self.grab() {
+                return order;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// [`OrderLock`] held; given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Order<'a>(&'a OrderLock);
+
+impl Drop for Order<'_> {
+    fn drop(&mut self) {
+        self.0.locked.store(false, Ordering::SeqCst);
+        if self.0.waiting.load(Ordering::SeqCst) > 0 {
+            self.0.free.notify_one();
+        }
+    }
+}
+
+/// One sender counted in [`InFlight::waiting`] (or [`OrderLock`]'s) while
+/// it lives.
 struct Waiting<'a>(&'a AtomicUsize);
 
 impl<'a> Waiting<'a> {
@@ -1073,5 +1141,83 @@ mod tests {
         drop(b);
         assert_eq!(places.used.load(Ordering::SeqCst), 0);
         assert_eq!(places.waiting.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn the_order_lock_excludes_and_lets_waiters_go_first() {
+        let lock = OrderLock::default();
+        let held = lock.try_lock().expect("free");
+        assert!(lock.try_lock().is_none(), "held");
+        // A waiter that gives up is no longer counted.
+        {
+            let gave_up = lock.lock();
+            tokio::pin!(gave_up);
+            assert!(pending(gave_up.as_mut()));
+            assert_eq!(lock.waiting.load(Ordering::SeqCst), 1);
+        }
+        assert_eq!(lock.waiting.load(Ordering::SeqCst), 0);
+        let waiter = lock.lock();
+        tokio::pin!(waiter);
+        assert!(pending(waiter.as_mut()));
+        drop(held);
+        // Free, but a waiter goes first: trying does not take it.
+        assert!(lock.try_lock().is_none(), "the waiter goes first");
+        let order = tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+            .await
+            .expect("woken when the lock is given back");
+        assert!(lock.try_lock().is_none(), "the waiter holds it");
+        drop(order);
+        assert!(lock.try_lock().is_some(), "free again");
+        assert_eq!(lock.waiting.load(Ordering::SeqCst), 0);
+    }
+
+    /// Many tasks on two threads, taking the lock by trying, by waiting,
+    /// and by waits that time out: never two inside at once, and every
+    /// task gets through.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_order_lock_holds_under_contention() {
+        use std::sync::atomic::AtomicBool;
+        const TASKS: usize = 8;
+        const ROUNDS: usize = 2_000;
+        let lock = Arc::new(OrderLock::default());
+        let inside = Arc::new(AtomicBool::new(false));
+        let entered = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let (lock, inside, entered) = (lock.clone(), inside.clone(), entered.clone());
+            tasks.push(tokio::spawn(async move {
+                for round in 0..ROUNDS {
+                    let order = match (t + round) % 3 {
+                        0 => match lock.try_lock() {
+                            Some(order) => order,
+                            None => lock.lock().await,
+                        },
+                        1 => {
+                            let short = std::time::Duration::from_micros(50);
+                            match tokio::time::timeout(short, lock.lock()).await {
+                                Ok(order) => order,
+                                Err(_) => lock.lock().await,
+                            }
+                        }
+                        _ => lock.lock().await,
+                    };
+                    assert!(!inside.swap(true, Ordering::SeqCst), "two inside");
+                    entered.fetch_add(1, Ordering::SeqCst);
+                    if round % 5 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                    inside.store(false, Ordering::SeqCst);
+                    drop(order);
+                }
+            }));
+        }
+        for task in tasks {
+            tokio::time::timeout(std::time::Duration::from_secs(60), task)
+                .await
+                .expect("no task stuck")
+                .expect("no panic");
+        }
+        assert_eq!(entered.load(Ordering::SeqCst), TASKS * ROUNDS);
+        assert_eq!(lock.waiting.load(Ordering::SeqCst), 0);
     }
 }

@@ -211,8 +211,8 @@ impl Inner {
                 // so the wire order is the number order (receivers
                 // deduplicate by number; resends go out in number order).
                 let _order = match self.send_lock.try_lock() {
-                    Ok(order) => order,
-                    Err(_) => {
+                    Some(order) => order,
+                    None => {
                         let waited =
                             Box::pin(tokio::time::timeout_at(deadline, self.send_lock.lock()))
                                 .await;
