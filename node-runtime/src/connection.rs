@@ -662,8 +662,8 @@ pub(crate) struct InboxCache {
 #[derive(Debug)]
 struct CachedInbox {
     generation: u64,
-    service: Arc<str>,
-    /// The same, as its messages carry it (made once, not per message).
+    /// The service's name, as its messages carry it (made once, not per
+    /// message).
     name: SmolStr,
     inbox: InboxSender,
     backlog: Arc<std::sync::atomic::AtomicUsize>,
@@ -682,21 +682,20 @@ impl InboxCache {
     fn get(&self, inner: &Inner, service: &str) -> Option<&CachedInbox> {
         let entry = self.entry.as_ref()?;
         let current = entry.generation == inner.inboxes_generation.load(Ordering::Acquire);
-        (current && same_name(&entry.service, service)).then_some(entry)
+        (current && same_name(&entry.name, service)).then_some(entry)
     }
 
     /// Keeps `service`'s queue `q`, as found in the table of inboxes of
     /// `generation`.
-    fn keep(&mut self, generation: u64, service: &Arc<str>, q: &ServiceQueue) {
+    fn keep(&mut self, generation: u64, service: &str, q: &ServiceQueue) {
         let kept = self
             .entry
             .as_ref()
-            .is_some_and(|e| e.generation == generation && Arc::ptr_eq(&e.service, service));
+            .is_some_and(|e| e.generation == generation && same_name(&e.name, service));
         if !kept {
             self.entry = Some(CachedInbox {
                 generation,
-                service: service.clone(),
-                name: SmolStr::new(&**service),
+                name: SmolStr::new(service),
                 inbox: q.inbox.clone(),
                 backlog: q.backlog.clone(),
             });
