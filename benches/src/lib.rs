@@ -31,6 +31,7 @@
 
 pub mod bulk_report;
 pub mod bulk_tcp;
+pub mod latency;
 pub mod memory;
 pub mod nats;
 pub mod options;

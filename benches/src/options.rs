@@ -7,14 +7,14 @@
 
 use std::time::Duration;
 
-/// Warm-up per case in a full run.
-pub const FULL_WARMUP: Duration = Duration::from_millis(500);
-/// Measured interval per case in a full run.
-pub const FULL_MEASURE: Duration = Duration::from_secs(3);
-/// Warm-up per case with `--quick`.
-pub const QUICK_WARMUP: Duration = Duration::from_millis(200);
-/// Measured interval per case with `--quick`.
-pub const QUICK_MEASURE: Duration = Duration::from_secs(1);
+/// Warm-up of each round of a case in a full run.
+pub const FULL_WARMUP: Duration = Duration::from_millis(300);
+/// Measured interval of each round of a case in a full run.
+pub const FULL_MEASURE: Duration = Duration::from_millis(600);
+/// Warm-up of each round with `--quick`.
+pub const QUICK_WARMUP: Duration = Duration::from_millis(150);
+/// Measured interval of each round with `--quick`.
+pub const QUICK_MEASURE: Duration = Duration::from_millis(250);
 /// Upper bound on any single wait (for receivers to catch up, for tasks to
 /// finish); past it the case fails instead of hanging.
 pub const WAIT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -24,10 +24,14 @@ pub const WAIT_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct Options {
     /// Whether `--quick` was given.
     pub quick: bool,
-    /// Traffic sent before measuring, to fill caches, buffers and windows.
+    /// Traffic sent before measuring, to fill caches, buffers and windows
+    /// (each round).
     pub warmup: Duration,
-    /// The measured interval.
+    /// The measured interval of one round.
     pub measure: Duration,
+    /// `--rounds N`: rounds per case instead of each case's own
+    /// ([`crate::suite::ROUNDS`], [`crate::suite::BULK_ROUNDS`]).
+    pub rounds: Option<u32>,
     /// Case-name filters; empty runs every case.
     pub filters: Vec<String>,
     /// `--ours-only`: skip the peers (for profiling clustercomm alone).
@@ -38,10 +42,13 @@ pub struct Options {
 
 /// What the suite's command line takes.
 pub const USAGE: &str = "\
-usage: cargo bench -p clustercomm-benches --bench suite -- [--quick] [--ours-only] [CASE...]
+usage: cargo bench -p clustercomm-benches --bench suite -- [--quick] [--ours-only] [--rounds N] [CASE...]
 
-  --quick       short phases: about a minute in all (a full run takes under 10)
-  --ours-only   skip nats-server and raw TCP (for profiling clustercomm alone)
+  --quick       short rounds: a few minutes in all (a full run takes about 15)
+  --ours-only   skip nats-server, the relay and raw TCP (for profiling
+                clustercomm alone, or an A/B of two builds)
+  --rounds N    N rounds per case instead of 5 (3 for bulk); the table
+                shows the median round and the range
   CASE          run only the cases whose name contains one of these
                 (say \"notify 128\" \"fan-out\"); a partial run does not
                 replace the results in benches/results/
@@ -56,8 +63,9 @@ impl Options {
     }
 
     /// Options from `args` (without the program name): `--quick` selects
-    /// the short phases, `--ours-only` skips the peers, other flags are
-    /// ignored, the rest are filters.
+    /// the short phases, `--ours-only` skips the peers, `--rounds N` sets
+    /// the rounds (a missing or zero `N` asks for the usage), other flags
+    /// are ignored, the rest are filters.
     pub fn from_args<I, S>(args: I) -> Options
     where
         I: IntoIterator<Item = S>,
@@ -66,10 +74,21 @@ impl Options {
         let mut quick = false;
         let mut ours_only = false;
         let mut help = false;
+        let mut rounds = None;
         let mut filters = Vec::new();
-        for arg in args {
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
             match arg.as_ref() {
                 "--quick" => quick = true,
+                "--rounds" => {
+                    rounds = args
+                        .next()
+                        .and_then(|n| n.as_ref().parse::<u32>().ok())
+                        .filter(|&n| n > 0);
+                    if rounds.is_none() {
+                        help = true;
+                    }
+                }
                 "--ours-only" => ours_only = true,
                 "--help" | "-h" => help = true,
                 flag if flag.starts_with('-') => {}
@@ -85,6 +104,7 @@ impl Options {
             quick,
             warmup,
             measure,
+            rounds,
             filters,
             ours_only,
             help,
@@ -130,5 +150,10 @@ mod tests {
         assert_eq!(some.filters, ["notify"]);
         assert!(some.selects("notify 128 B"));
         assert!(!some.selects("send 128 B, pipelined"));
+        let rounds = Options::from_args(["--rounds", "7", "notify"]);
+        assert_eq!((rounds.rounds, rounds.help), (Some(7), false));
+        assert_eq!(rounds.filters, ["notify"]);
+        assert!(Options::from_args(["--rounds", "0"]).help);
+        assert!(Options::from_args(["--rounds"]).help);
     }
 }

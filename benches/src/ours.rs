@@ -3,11 +3,10 @@
 //! lazy channel with the message server across body sizes.
 //!
 //! Each [`run`] starts the message server as its own process
-//! (`bench-message-server`, found next to the running executable, see
-//! [`server_binary`]) so that its peak resident memory (`VmHWM` from
-//! `/proc/<pid>/status`) can be reported apart from the nodes'; if the
-//! binary is missing the server runs in this process instead and its
-//! memory is unknown. The nodes run in this process, on the caller's
+//! (`bench-message-server`, see [`server_binary`]) so that its peak
+//! resident memory (`VmHWM` from `/proc/<pid>/status`) can be reported
+//! apart from the nodes'. There is no fallback: without the binary the
+//! case fails, naming it. The nodes run in this process, on the caller's
 //! runtime, each with its own connection to the server, like separate
 //! application servers. At the end of a case the nodes are shut down and
 //! the server process killed and reaped.
@@ -15,6 +14,7 @@
 //! | case | clustercomm pattern | result |
 //! | --- | --- | --- |
 //! | `Notify` | `notify(Target::Node)` from one node to another, as fast as it returns | messages/s received |
+//! | `FixedRate` | the same `notify`, paced at the case's rate, bodies stamped with their due time ([`crate::latency`]) | µs percentiles of arrival minus due time |
 //! | `SendPipelined` | `submit` + `Pending::outcome` in an ordered window of `outstanding` | messages/s acknowledged |
 //! | `FanOutAll` | `notify(Target::All)` from a sender to `receivers` nodes | deliveries/s (all receivers) |
 //! | `FanOutGroup` | `notify(Target::Group)` to `receivers` nodes of one group | deliveries/s (all receivers) |
@@ -34,28 +34,29 @@
 //! One-way cases have no flow control past the sender's outgoing queue: a
 //! message the server or a receiver could not take is dropped (counted by
 //! the sender's `late_failures`). The rate counts only what arrived, up to
-//! the moment the last of it arrived, and a note goes to stderr.
+//! the moment the last of it arrived; what did not arrive is the
+//! measurement's loss, reported as the sender's late failures when they
+//! account for it, and unexplained when they do not.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::Once;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
 use bytes::Bytes;
-use message_server::MessageServer;
 use node_runtime::{Config, Node, NodeId, PathCounters, Pending, Role, Target};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
+use crate::latency::{self, PacedSender, Recorder};
 use crate::memory;
 use crate::options::{Options, WAIT_TIMEOUT};
 use crate::raw_cases::{bulk_plans, BULK_IN_FLIGHT};
 use crate::report::per_second;
-use crate::suite::{BulkPath, Case, Latency, Outcome};
+use crate::suite::{BulkPath, Case, Latency, Measurement, Outcome};
 use crate::transfer::{Plan, Transfer};
 use crate::wait::{delivered_once, settle, wait_for_count, wait_until, Counter};
 
@@ -94,10 +95,10 @@ pub const SWEEP_MAX_IN_FLIGHT: usize = 256;
 /// Least number of measured bodies per sweep point and path.
 pub const SWEEP_MIN_BODIES: u64 = 3;
 
-/// Runs `case` against a fresh message-server process and fresh nodes:
-/// the outcome, and the server process's peak resident memory during the
-/// case in KiB (`VmHWM`, read as the case ends; `None` if unknown, for
-/// example when the server had to run in this process).
+/// Runs `case` against a fresh message-server process (`server`, the
+/// `bench-message-server` binary) and fresh nodes: the measurement, and
+/// the server process's peak resident memory during the case in KiB
+/// (`VmHWM`, read as the case ends; `None` if it could not be read).
 ///
 /// A case that ran but went wrong (a node did not start, a send failed, a
 /// message took the wrong path, a wait timed out) is
@@ -105,22 +106,26 @@ pub const SWEEP_MIN_BODIES: u64 = 3;
 ///
 /// # Errors
 ///
-/// Only if no message server could be started at all.
-pub async fn run(case: Case, options: &Options) -> anyhow::Result<(Outcome, Option<u64>)> {
+/// Only if the message server process could not be started.
+pub async fn run(
+    case: Case,
+    options: &Options,
+    server: &Path,
+) -> anyhow::Result<(Measurement, Option<u64>)> {
     let max_message_bytes = match case {
         Case::Bulk { .. } => Some(BULK_MAX_MESSAGE_BYTES),
         _ => None,
     };
-    let mut cluster = Cluster::start(max_message_bytes).await?;
+    let mut cluster = Cluster::start(server, max_message_bytes).await?;
     let budget = options.warmup + options.measure + 4 * WAIT_TIMEOUT;
-    let outcome = match tokio::time::timeout(budget, measure(case, options, &mut cluster)).await {
-        Ok(Ok(outcome)) => outcome,
-        Ok(Err(e)) => Outcome::Failed(format!("{e:#}")),
-        Err(_) => Outcome::Failed(format!("the case took longer than {budget:?}")),
+    let measured = match tokio::time::timeout(budget, measure(case, options, &mut cluster)).await {
+        Ok(Ok(measured)) => measured,
+        Ok(Err(e)) => Measurement::failed(format!("{e:#}")),
+        Err(_) => Measurement::failed(format!("the case took longer than {budget:?}")),
     };
     let peak = cluster.peak_kib();
     cluster.stop().await;
-    Ok((outcome, peak))
+    Ok((measured, peak))
 }
 
 /// One size of the path sweep: acknowledged-send throughput over a lazy
@@ -136,7 +141,8 @@ pub struct SweepPoint {
     pub server_mb_s: f64,
 }
 
-/// Measures both paths at each of `sizes`, one short phase each (half the
+/// Measures both paths at each of `sizes` (against `server`, the
+/// `bench-message-server` binary), one short phase each (half the
 /// options' warm-up, a third of their measured phase, at least
 /// [`SWEEP_MIN_BODIES`] bodies), on one message-server process and two
 /// node pairs: one with a lazy threshold of 0 (every body goes over a lazy
@@ -149,8 +155,12 @@ pub struct SweepPoint {
 ///
 /// If the server or the nodes could not be started; a failed point is
 /// `NaN` instead.
-pub async fn sweep(sizes: &[usize], options: &Options) -> anyhow::Result<Vec<SweepPoint>> {
-    let mut cluster = Cluster::start(Some(BULK_MAX_MESSAGE_BYTES)).await?;
+pub async fn sweep(
+    sizes: &[usize],
+    options: &Options,
+    server: &Path,
+) -> anyhow::Result<Vec<SweepPoint>> {
+    let mut cluster = Cluster::start(server, Some(BULK_MAX_MESSAGE_BYTES)).await?;
     let result = sweep_on(&mut cluster, sizes, options).await;
     cluster.stop().await;
     result
@@ -183,10 +193,12 @@ pub fn recommend_threshold(points: &[SweepPoint]) -> Option<usize> {
     Some(points[last_server].body)
 }
 
-/// Where the suite looks for [`SERVER_BINARY`]: next to the running
+/// Where the suite looks for [`SERVER_BINARY`] first: next to the running
 /// executable, or one directory up (benches and tests run from
-/// `target/<profile>/deps/`, binaries live in `target/<profile>/`).
-/// `None` if it is in neither place.
+/// `target/<profile>/deps/`, binaries live in `target/<profile>/`), so
+/// that a copied pair of suite and server binaries (an A/B) runs its own
+/// server. `None` if it is in neither place; the suite then takes the
+/// path cargo built it at.
 pub fn server_binary() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
@@ -274,67 +286,6 @@ impl Drop for ServerProcess {
     }
 }
 
-/// The message server of a case: its own process, or a task here.
-enum Server {
-    Process(ServerProcess),
-    InProcess(JoinHandle<Result<(), message_server::ServerError>>),
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Server::InProcess(task) = self {
-            task.abort();
-        }
-    }
-}
-
-/// Says once per process that the server runs in-process.
-static FALLBACK_NOTE: Once = Once::new();
-
-impl Server {
-    /// The server process, or an in-process server if the binary is
-    /// missing or would not start.
-    async fn start(max_message_bytes: Option<u64>) -> anyhow::Result<(Server, SocketAddr)> {
-        let why = match server_binary() {
-            Some(binary) => match ServerProcess::start(&binary, max_message_bytes).await {
-                Ok((process, addr)) => return Ok((Server::Process(process), addr)),
-                Err(e) => format!("{} failed: {e:#}", binary.display()),
-            },
-            None => format!(
-                "{SERVER_BINARY} not found next to {}",
-                std::env::current_exe()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|_| "this executable".to_owned())
-            ),
-        };
-        FALLBACK_NOTE.call_once(|| {
-            eprintln!(
-                "clustercomm: {why}; running the message server in this process \
-                 (its memory is not reported; `cargo build --release -p clustercomm-benches \
-                 --bins` builds it)"
-            );
-        });
-        let mut config = transports::Config::default();
-        config.message_server.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        if let Some(max) = max_message_bytes {
-            config.limits.max_message_bytes = max;
-        }
-        let server = MessageServer::bind(config)
-            .await
-            .context("binding the in-process message server")?;
-        let addr = server.local_addr();
-        let task = tokio::spawn(server.run(std::future::pending()));
-        Ok((Server::InProcess(task), addr))
-    }
-
-    fn peak_kib(&self) -> Option<u64> {
-        match self {
-            Server::Process(p) => p.peak_kib(),
-            Server::InProcess(_) => None,
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------
 // The nodes of one case
 // ---------------------------------------------------------------------------
@@ -342,15 +293,17 @@ impl Server {
 /// A server and the nodes and tasks of one case, all stopped by
 /// [`Cluster::stop`] (or, failing that, on drop).
 struct Cluster {
-    server: Server,
+    server: ServerProcess,
     addr: SocketAddr,
     nodes: Vec<Node>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Cluster {
-    async fn start(max_message_bytes: Option<u64>) -> anyhow::Result<Cluster> {
-        let (server, addr) = Server::start(max_message_bytes).await?;
+    async fn start(binary: &Path, max_message_bytes: Option<u64>) -> anyhow::Result<Cluster> {
+        let (server, addr) = ServerProcess::start(binary, max_message_bytes)
+            .await
+            .with_context(|| format!("starting the message server {}", binary.display()))?;
         Ok(Cluster {
             server,
             addr,
@@ -552,7 +505,12 @@ impl PathCheck {
 // The cases
 // ---------------------------------------------------------------------------
 
-async fn measure(case: Case, options: &Options, cluster: &mut Cluster) -> anyhow::Result<Outcome> {
+async fn measure(
+    case: Case,
+    options: &Options,
+    cluster: &mut Cluster,
+) -> anyhow::Result<Measurement> {
+    let rate = |outcome: anyhow::Result<Outcome>| outcome.map(Measurement::from);
     match case {
         Case::Notify { body } => {
             let config = small_config();
@@ -569,11 +527,12 @@ async fn measure(case: Case, options: &Options, cluster: &mut Cluster) -> anyhow
                 per_send: 1,
                 via: Via::Server,
             };
-            setup.run(body, options).await.map(Outcome::Rate)
+            setup.run(body, options).await
         }
-        Case::SendPipelined { body, outstanding } => {
-            send_pipelined(cluster, body, outstanding, options).await
-        }
+        Case::FixedRate { body, rate } => fixed_rate(cluster, body, rate, options).await,
+        Case::SendPipelined {
+            body, outstanding, ..
+        } => rate(send_pipelined(cluster, body, outstanding, options).await),
         Case::FanOutAll { receivers, body } => {
             fan_out(cluster, receivers, body, Target::All, options).await
         }
@@ -585,9 +544,9 @@ async fn measure(case: Case, options: &Options, cluster: &mut Cluster) -> anyhow
             let target = Target::AnyOf(GROUP.to_owned());
             fan_out(cluster, members, body, target, options).await
         }
-        Case::RequestLatency { body } => request_latency(cluster, body, options).await,
+        Case::RequestLatency { body } => rate(request_latency(cluster, body, options).await),
         Case::RequestRate { body, outstanding } => {
-            request_rate(cluster, body, outstanding, options).await
+            rate(request_rate(cluster, body, outstanding, options).await)
         }
         Case::Session { body } => session(cluster, body, options).await,
         Case::Bulk { body, path } => {
@@ -601,9 +560,80 @@ async fn measure(case: Case, options: &Options, cluster: &mut Cluster) -> anyhow
             let transfer = pair
                 .transfer(&payload, BULK_IN_FLIGHT, &warmup, &measure)
                 .await?;
-            Ok(Outcome::Rate(transfer.mb_per_second()))
+            Ok(Outcome::Rate(transfer.mb_per_second()).into())
         }
     }
+}
+
+/// `notify` from one node to another at `rate` messages per second: the
+/// latency from each message's due time to its arrival in the receiver's
+/// task, and what did not arrive (see [`latency::fixed_rate`]).
+async fn fixed_rate(
+    cluster: &mut Cluster,
+    body: usize,
+    rate: u64,
+    options: &Options,
+) -> anyhow::Result<Measurement> {
+    ensure!(rate > 0, "no rate to send at");
+    let config = small_config();
+    let recorder = Recorder::new();
+    let receiver = cluster.node("receiver", &config, &[], Role::Server).await?;
+    let mut inbox = subscribe(&receiver).await?;
+    let recording = recorder.clone();
+    cluster.tasks.push(tokio::spawn(async move {
+        while let Some(message) = inbox.recv().await {
+            recording.record(message.body());
+        }
+    }));
+    let sender = cluster.node("sender", &config, &[], Role::Server).await?;
+    let receivers = [receiver];
+    let check = PathCheck::begin(Via::Server, &sender, &receivers);
+    let late = sender.late_failures();
+    let mut paced = PacedNotify {
+        node: sender.clone(),
+        target: Target::Node(receivers[0].id().clone()),
+        sent: 0,
+    };
+    let measured = latency::fixed_rate(&mut paced, &recorder, body, rate as f64, options).await?;
+    check.verify(&sender, &receivers, paced.sent, None)?;
+    let late = sender.late_failures() - late;
+    Ok(explain_loss(measured, late))
+}
+
+/// A node's `notify` as a fixed-rate sender.
+struct PacedNotify {
+    node: Node,
+    target: Target,
+    sent: u64,
+}
+
+impl PacedSender for PacedNotify {
+    async fn send(&mut self, body: Bytes) -> anyhow::Result<()> {
+        self.node
+            .notify(self.target.clone(), SERVICE, body)
+            .await
+            .context("one-way send")?;
+        self.sent += 1;
+        Ok(())
+    }
+}
+
+/// `measured` with its loss put down to the sender's `late` failures
+/// when they account for all of it; otherwise the loss stays
+/// unexplained (and stderr says what the sender counted).
+fn explain_loss(measured: Measurement, late: u64) -> Measurement {
+    let lost = measured.lost;
+    if lost == 0 {
+        return measured;
+    }
+    if late >= lost {
+        let why = format!("the sender reported {late} late failures");
+        return measured.with_loss(lost, Some(why));
+    }
+    eprintln!(
+        "clustercomm: {lost} messages lost, but the sender reported only {late} late failures"
+    );
+    measured.with_loss(lost, None)
 }
 
 /// How a one-way case sends.
@@ -625,11 +655,11 @@ struct OneWaySetup {
 
 impl OneWaySetup {
     /// Warm-up, then the measured phase: deliveries per second from the
-    /// first send of the phase to the last arrival.
-    async fn run(&self, body: usize, options: &Options) -> anyhow::Result<f64> {
+    /// first send of the phase to the last arrival, and what did not
+    /// arrive.
+    async fn run(&self, body: usize, options: &Options) -> anyhow::Result<Measurement> {
         let payload = Bytes::from(vec![0x5A; body]);
         let check = PathCheck::begin(self.via, &self.sender, &self.receivers);
-        let late = self.sender.late_failures();
 
         let warm = self.send_for(&payload, options.warmup).await?;
         settle(&self.received, warm * self.per_send)
@@ -637,25 +667,17 @@ impl OneWaySetup {
             .context("warm-up")?;
 
         let base = self.received.get();
+        let late = self.sender.late_failures();
         let start = Instant::now();
         let sent = self.send_for(&payload, options.measure).await?;
-        let sending = start.elapsed();
         let expected = sent * self.per_send;
         let (count, done) = settle(&self.received, base + expected).await?;
         let got = count - base;
-        if got < expected {
-            eprintln!(
-                "clustercomm: {got} of {expected} deliveries arrived ({} missing; the sender \
-                 counted {} late failures); {} sends/s offered; the rate counts only what \
-                 arrived",
-                expected - got,
-                self.sender.late_failures() - late,
-                per_second(sent, sending).round(),
-            );
-        }
         ensure!(got > 0, "no message arrived");
         check.verify(&self.sender, &self.receivers, warm + sent, None)?;
-        Ok(per_second(got, done - start))
+        let measured = Measurement::from(Outcome::Rate(per_second(got, done - start)))
+            .with_loss(expected.saturating_sub(got), None);
+        Ok(explain_loss(measured, self.sender.late_failures() - late))
     }
 
     /// Sends for `duration`; how many sends returned `Ok`.
@@ -691,7 +713,7 @@ async fn fan_out(
     body: usize,
     target: Target,
     options: &Options,
-) -> anyhow::Result<Outcome> {
+) -> anyhow::Result<Measurement> {
     ensure!(receivers > 0, "no receivers");
     let config = small_config();
     let received = Counter::new();
@@ -716,12 +738,16 @@ async fn fan_out(
         per_send,
         via: Via::Server,
     };
-    setup.run(body, options).await.map(Outcome::Rate)
+    setup.run(body, options).await
 }
 
 /// A dispatcher and a server node in [`GROUP`]; one-way over the session
 /// channel once it is open.
-async fn session(cluster: &mut Cluster, body: usize, options: &Options) -> anyhow::Result<Outcome> {
+async fn session(
+    cluster: &mut Cluster,
+    body: usize,
+    options: &Options,
+) -> anyhow::Result<Measurement> {
     let config = small_config();
     let received = Counter::new();
     let server = cluster
@@ -750,7 +776,7 @@ async fn session(cluster: &mut Cluster, body: usize, options: &Options) -> anyho
         per_send: 1,
         via: Via::Session,
     };
-    setup.run(body, options).await.map(Outcome::Rate)
+    setup.run(body, options).await
 }
 
 /// Acknowledged sends from one node to another, `outstanding` in an
@@ -892,16 +918,16 @@ async fn request_latency(
             .context("warm-up")?;
         requests += 1;
     }
-    let mut samples = Vec::new();
+    let mut samples = crate::latency::histogram();
     let start = Instant::now();
     while start.elapsed() < options.measure {
         let sent = Instant::now();
         request(&requester, &target, &payload).await?;
-        samples.push(sent.elapsed().as_secs_f64() * 1e6);
+        crate::latency::record(&mut samples, sent.elapsed().as_nanos() as u64);
     }
-    requests += samples.len() as u64;
+    requests += samples.len();
     check.verify(&requester, &responders, requests, Some(requests))?;
-    Latency::from_samples(samples)
+    Latency::from_histogram(&samples)
         .map(Outcome::Latency)
         .context("no request completed")
 }
@@ -1181,6 +1207,7 @@ mod tests {
             Case::SendPipelined {
                 body: 128,
                 outstanding: 256,
+                peer: crate::suite::SendPeer::Publish,
             },
             Case::FanOutAll {
                 receivers: 8,
@@ -1212,19 +1239,24 @@ mod tests {
         let mut failed = Vec::new();
         for case in cases {
             let started = Instant::now();
-            let (outcome, peak) = run(case, &options).await.expect("a message server");
+            let binary =
+                server_binary().expect("cargo build --release -p clustercomm-benches --bins");
+            let (outcome, peak) = run(case, &options, &binary)
+                .await
+                .expect("a message server");
             println!(
                 "clustercomm {case}: {outcome} {} (server VmHWM {}; {:.1} s)",
                 case.unit(),
                 peak.map_or("unknown".to_owned(), |k| format!("{} MiB", k / 1024)),
                 started.elapsed().as_secs_f64()
             );
-            if outcome.value().is_none_or(|v| v <= 0.0) {
+            if outcome.outcome.value().is_none_or(|v| v <= 0.0) {
                 failed.push(format!("{case}: {outcome}"));
             }
         }
         let started = Instant::now();
-        let points = sweep(&[1 << 10, 64 << 10, 1 << 20], &options)
+        let binary = server_binary().expect("the server binary");
+        let points = sweep(&[1 << 10, 64 << 10, 1 << 20], &options, &binary)
             .await
             .expect("sweep");
         for p in &points {

@@ -35,7 +35,7 @@ use crate::bulk_tcp;
 use crate::options::{Options, WAIT_TIMEOUT};
 use crate::raw_tcp::{self, loopback_pair, write_frames_for, FRAMES_PER_CLOCK_CHECK, READ_CHUNK};
 use crate::report::per_second;
-use crate::suite::{Case, Latency, Outcome};
+use crate::suite::{Case, Latency, Measurement, Outcome};
 use crate::transfer::Plan;
 use crate::wait::{wait_for_count, Counter};
 
@@ -77,17 +77,19 @@ pub fn bulk_plans(options: &Options) -> (Plan, Plan) {
 }
 
 /// Measures `case` over raw loopback TCP with the pattern described in
-/// the module docs; a failure comes back as [`Outcome::Failed`].
-pub async fn run(case: Case, options: &Options) -> Outcome {
+/// the module docs; a failure comes back as [`Outcome::Failed`]. TCP
+/// loses nothing, so the measurement's loss is always 0. The fixed-rate
+/// case has no direct counterpart (the relay is its floor).
+pub async fn run(case: Case, options: &Options) -> Measurement {
     let result = match case {
         Case::Notify { body } | Case::Session { body } => {
             raw_tcp::sink(options, body).await.map(Outcome::Rate)
         }
-        Case::SendPipelined { body, outstanding } => {
-            raw_tcp::pipelined_ack(options, body, outstanding)
-                .await
-                .map(Outcome::Rate)
-        }
+        Case::SendPipelined {
+            body, outstanding, ..
+        } => raw_tcp::pipelined_ack(options, body, outstanding)
+            .await
+            .map(Outcome::Rate),
         Case::FanOutAll { receivers, body } | Case::FanOutGroup { receivers, body } => {
             spread(options, body, receivers, Spread::Every)
                 .await
@@ -101,8 +103,11 @@ pub async fn run(case: Case, options: &Options) -> Outcome {
             .await
             .map(Outcome::Rate),
         Case::Bulk { body, .. } => bulk(options, body).await.map(Outcome::Rate),
+        Case::FixedRate { .. } => Ok(Outcome::Skipped("n/a".to_owned())),
     };
-    result.unwrap_or_else(|e| Outcome::Failed(format!("{e:#}")))
+    result
+        .unwrap_or_else(|e| Outcome::Failed(format!("{e:#}")))
+        .into()
 }
 
 /// How the producer spreads frames over the connections.
@@ -243,19 +248,19 @@ async fn ping_pong(options: &Options, body_len: usize) -> anyhow::Result<Outcome
     while start.elapsed() < options.warmup {
         round_trip(&mut client, &frame, &mut reply).await?;
     }
-    let mut samples = Vec::new();
+    let mut samples = crate::latency::histogram();
     let start = Instant::now();
     while start.elapsed() < options.measure {
         let sent = Instant::now();
         round_trip(&mut client, &frame, &mut reply).await?;
-        samples.push(sent.elapsed().as_secs_f64() * 1e6);
+        crate::latency::record(&mut samples, sent.elapsed().as_nanos() as u64);
     }
 
     client.shutdown().await?;
     tokio::time::timeout(WAIT_TIMEOUT, echo)
         .await
         .context("raw echo did not stop")???;
-    Latency::from_samples(samples)
+    Latency::from_histogram(&samples)
         .map(Outcome::Latency)
         .context("no round trip completed")
 }
@@ -429,6 +434,7 @@ mod tests {
             Case::SendPipelined {
                 body: 128,
                 outstanding: 16,
+                peer: crate::suite::SendPeer::Publish,
             },
             Case::FanOutAll {
                 receivers: 3,
@@ -448,8 +454,8 @@ mod tests {
                 path: BulkPath::Lazy,
             },
         ] {
-            let outcome = run(case, &options).await;
-            println!("raw {case}: {outcome} {}", case.unit());
+            let outcome = run(case, &options).await.outcome;
+            println!("raw {case}: {outcome:?} {}", case.unit());
             assert!(
                 outcome.value().is_some_and(|v| v > 0.0),
                 "{case}: {outcome}"
@@ -465,8 +471,8 @@ mod tests {
         options.warmup = Duration::from_millis(100);
         options.measure = Duration::from_millis(500);
         for case in crate::suite::cases(false) {
-            let outcome = run(case, &options).await;
-            println!("raw {case}: {outcome} {}", case.unit());
+            let outcome = run(case, &options).await.outcome;
+            println!("raw {case}: {outcome:?} {}", case.unit());
             assert!(
                 outcome.value().is_some_and(|v| v > 0.0),
                 "{case}: {outcome}"

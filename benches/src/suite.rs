@@ -1,15 +1,31 @@
 //! The benchmark suite's vocabulary: the cases every system runs with the
-//! same pattern, and what a measurement yields.
+//! same pattern, the systems, what one measurement yields, and how the
+//! rounds of one case are summarised.
 //!
-//! `clustercomm` ([`crate::ours`]), nats-server ([`crate::nats`]) and raw
-//! loopback TCP ([`crate::raw_cases`]) each implement every [`Case`] they
-//! can; the driver (`benches/suite.rs`) runs them side by side in one run
-//! and prints the ratios.
+//! Five systems run every case they have a counterpart for, in the same
+//! run, taking turns round by round:
+//!
+//! | system | module | what it is |
+//! | --- | --- | --- |
+//! | [`System::Ours`] | [`crate::ours`] | clustercomm: a `bench-message-server` process and nodes in this process |
+//! | [`System::NatsGo`] | [`crate::nats_go`] | nats-server driven by NATS's own Go client (nats.go), the reference peer of every ours/NATS ratio |
+//! | [`System::AsyncNats`] | [`crate::nats`] | the same nats-server driven by the async-nats Rust client, a second column |
+//! | [`System::Relay`] | [`crate::relay_cases`] | raw TCP through a relay process (sender → relay → receiver): the floor of every path through a server |
+//! | [`System::Raw`] | [`crate::raw_cases`] | raw loopback TCP, direct: the floor of the direct paths (session and lazy channels) |
+//!
+//! A system that has no counterpart for a case says so with
+//! [`System::pattern`] returning `None` ("n/a" in the table). Cases that a
+//! system runs with the same pattern map to the same [`System::pattern`],
+//! and the driver measures that pattern once per round and reuses it (so
+//! fan-out All and Group never show two different NATS numbers of one
+//! run).
 
 use std::fmt;
 
+pub use crate::latency::Latency;
+
 /// Which path a bulk case forces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BulkPath {
     /// Over a lazy channel, node to node.
     Lazy,
@@ -17,8 +33,18 @@ pub enum BulkPath {
     Server,
 }
 
+/// What an acknowledged `send` is compared with on the NATS side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SendPeer {
+    /// Core NATS publish: fire and forget, nothing acknowledged.
+    Publish,
+    /// JetStream publish-with-ack to a file-backed stream
+    /// (`nats-server -js`), the same window of acks outstanding.
+    JetStream,
+}
+
 /// One benchmark case, run with the same pattern by every system.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Case {
     /// Point to point, one-way (`notify`; NATS publish), messages/s
     /// received.
@@ -26,14 +52,26 @@ pub enum Case {
         /// Body size.
         body: usize,
     },
-    /// Point to point, acknowledged `send` with `outstanding` in flight
-    /// (NATS: publish, the peer the target is set against), messages/s
-    /// acknowledged.
+    /// One-way point to point at a fixed rate: latency from each
+    /// message's intended send time to its arrival (corrected for
+    /// coordinated omission), from an HdrHistogram.
+    FixedRate {
+        /// Body size (at least [`crate::latency::STAMP_LEN`]).
+        body: usize,
+        /// Messages per second. In [`cases`] this is 0: the driver sets
+        /// it for each system to [`FIXED_RATE_PERCENT`] of that system's
+        /// own median `notify` rate of the same body in the same run.
+        rate: u64,
+    },
+    /// Point to point, acknowledged `send` with `outstanding` in flight,
+    /// messages/s acknowledged; compared with `peer` on the NATS side.
     SendPipelined {
         /// Body size.
         body: usize,
         /// Messages in flight.
         outstanding: usize,
+        /// The NATS pattern it is compared with.
+        peer: SendPeer,
     },
     /// One-way fan-out to `receivers` (`Target::All`; NATS: one subject,
     /// that many subscribers), deliveries/s.
@@ -71,8 +109,8 @@ pub enum Case {
         /// Requests in flight.
         outstanding: usize,
     },
-    /// One-way over a dispatcher's session channel (NATS: publish),
-    /// messages/s received.
+    /// One-way over a dispatcher's session channel (a direct path: no
+    /// NATS counterpart), messages/s received.
     Session {
         /// Body size.
         body: usize,
@@ -86,6 +124,10 @@ pub enum Case {
     },
 }
 
+/// The fixed-rate case runs each system at this percentage of its own
+/// maximum (its median `notify` rate in the same run).
+pub const FIXED_RATE_PERCENT: u64 = 50;
+
 impl Case {
     /// The unit of the case's result.
     pub fn unit(&self) -> &'static str {
@@ -95,9 +137,47 @@ impl Case {
             | Case::AnyOf { .. }
             | Case::Session { .. } => "msgs/s",
             Case::FanOutAll { .. } | Case::FanOutGroup { .. } => "deliveries/s",
-            Case::RequestLatency { .. } => "µs p50/p99/p99.9",
+            Case::RequestLatency { .. } | Case::FixedRate { .. } => "µs p50/p99/p99.9",
             Case::RequestRate { .. } => "requests/s",
             Case::Bulk { .. } => "MB/s",
+        }
+    }
+
+    /// Whether the case's messages go through a server (the message
+    /// server, nats-server, the relay) rather than over a direct
+    /// connection (session and lazy channels).
+    pub fn through_server(&self) -> bool {
+        !matches!(
+            self,
+            Case::Session { .. }
+                | Case::Bulk {
+                    path: BulkPath::Lazy,
+                    ..
+                }
+        )
+    }
+
+    /// Whether the case is a latency case (lower is better).
+    pub fn is_latency(&self) -> bool {
+        matches!(self, Case::RequestLatency { .. } | Case::FixedRate { .. })
+    }
+
+    /// How many rounds this case runs per system: [`ROUNDS`], or
+    /// [`BULK_ROUNDS`] for bulk cases.
+    pub fn rounds(&self) -> u32 {
+        match self {
+            Case::Bulk { .. } => BULK_ROUNDS,
+            _ => ROUNDS,
+        }
+    }
+
+    /// The same case at `rate` messages per second (only
+    /// [`Case::FixedRate`] has a rate; other cases are returned as they
+    /// are).
+    pub fn at_rate(self, rate: u64) -> Case {
+        match self {
+            Case::FixedRate { body, .. } => Case::FixedRate { body, rate },
+            other => other,
         }
     }
 }
@@ -117,8 +197,21 @@ impl fmt::Display for Case {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             Case::Notify { body } => write!(f, "notify {}", size(body)),
-            Case::SendPipelined { body, outstanding } => {
-                write!(f, "send {}, {outstanding} in flight", size(body))
+            Case::FixedRate { body, .. } => write!(
+                f,
+                "notify {} at {FIXED_RATE_PERCENT}% of max rate",
+                size(body)
+            ),
+            Case::SendPipelined {
+                body,
+                outstanding,
+                peer,
+            } => {
+                let peer = match peer {
+                    SendPeer::Publish => "NATS publish",
+                    SendPeer::JetStream => "JetStream publish-with-ack",
+                };
+                write!(f, "send {}, {outstanding} in flight vs {peer}", size(body))
             }
             Case::FanOutAll { receivers, body } => {
                 write!(f, "fan-out All to {receivers}, {}", size(body))
@@ -148,33 +241,105 @@ impl fmt::Display for Case {
     }
 }
 
-/// Latency percentiles, in microseconds.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Latency {
-    /// Median.
-    pub p50_us: f64,
-    /// 99th percentile.
-    pub p99_us: f64,
-    /// 99.9th percentile.
-    pub p999_us: f64,
+/// The systems of the suite (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum System {
+    /// clustercomm.
+    Ours,
+    /// nats-server through NATS's own Go client.
+    NatsGo,
+    /// nats-server through the async-nats client.
+    AsyncNats,
+    /// Raw TCP through a relay process.
+    Relay,
+    /// Raw loopback TCP, direct.
+    Raw,
 }
 
-impl Latency {
-    /// Percentiles of `samples` (microseconds); `None` if there are none.
-    pub fn from_samples(mut samples: Vec<f64>) -> Option<Latency> {
-        if samples.is_empty() {
-            return None;
+impl System {
+    /// Every system, in the order of the table's columns (and of the
+    /// turns within a round).
+    pub const ALL: [System; 5] = [
+        System::Ours,
+        System::NatsGo,
+        System::AsyncNats,
+        System::Relay,
+        System::Raw,
+    ];
+
+    /// The column heading, with the client's version where one is used.
+    pub fn heading(self) -> &'static str {
+        match self {
+            System::Ours => "ours",
+            System::NatsGo => "nats-server 2.9.10, nats.go 1.22",
+            System::AsyncNats => "nats-server 2.9.10, async-nats 0.46",
+            System::Relay => "raw TCP via relay",
+            System::Raw => "raw TCP direct",
         }
-        samples.sort_by(|a, b| a.total_cmp(b));
-        let at = |q: f64| {
-            let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
-            samples[i.min(samples.len() - 1)]
+    }
+
+    /// The case this system actually runs for `case`, or `None` if it
+    /// has no counterpart ("n/a"). Cases with the same pattern are
+    /// measured once per round and the result reused for each of them:
+    ///
+    /// - NATS: `notify` and a send compared with publish are one
+    ///   publisher and one subscriber; fan-out All and Group are one
+    ///   subject with that many subscribers; both bulk paths go through
+    ///   the server. The direct paths (session channel, lazy channel)
+    ///   have no NATS counterpart. async-nats has no JetStream case.
+    /// - The relay carries what goes through a server, so it has no
+    ///   direct-path case; direct raw TCP has no fixed-rate case (the
+    ///   relay is that case's floor).
+    /// - Ours runs a send once whichever NATS peer it is compared with.
+    pub fn pattern(self, case: Case) -> Option<Case> {
+        let send = |body, outstanding| Case::SendPipelined {
+            body,
+            outstanding,
+            peer: SendPeer::Publish,
         };
-        Some(Latency {
-            p50_us: at(0.50),
-            p99_us: at(0.99),
-            p999_us: at(0.999),
-        })
+        match (self, case) {
+            (System::NatsGo | System::AsyncNats, Case::Session { .. }) => None,
+            (
+                System::NatsGo | System::AsyncNats | System::Relay,
+                Case::Bulk {
+                    path: BulkPath::Lazy,
+                    ..
+                },
+            ) => None,
+            (
+                System::AsyncNats,
+                Case::SendPipelined {
+                    peer: SendPeer::JetStream,
+                    ..
+                },
+            ) => None,
+            (
+                System::NatsGo | System::AsyncNats,
+                Case::SendPipelined {
+                    body,
+                    peer: SendPeer::Publish,
+                    ..
+                },
+            ) => Some(Case::Notify { body }),
+            (
+                System::NatsGo | System::AsyncNats | System::Relay | System::Raw,
+                Case::FanOutGroup { receivers, body },
+            ) => Some(Case::FanOutAll { receivers, body }),
+            (System::Relay, Case::Session { .. }) => None,
+            (System::Raw, Case::FixedRate { .. }) => None,
+            (
+                System::Ours | System::Relay | System::Raw,
+                Case::SendPipelined {
+                    body, outstanding, ..
+                },
+            ) => Some(send(body, outstanding)),
+            (System::Raw, Case::Session { body }) => Some(Case::Notify { body }),
+            (System::Raw, Case::Bulk { body, .. }) => Some(Case::Bulk {
+                body,
+                path: BulkPath::Lazy,
+            }),
+            (_, case) => Some(case),
+        }
     }
 }
 
@@ -191,39 +356,7 @@ pub enum Outcome {
     Failed(String),
 }
 
-/// Rounds a small-message case runs per system, the systems taking turns,
-/// each round measuring its share of the measured interval. The best
-/// round of each system counts: a shared machine's neighbours only ever
-/// slow a round down, and taking turns puts every system through the same
-/// moments. Bulk cases run once (their rounds are their bodies).
-pub const ROUNDS: u32 = 2;
-
-impl Case {
-    /// How many rounds this case runs per system (see [`ROUNDS`]).
-    pub fn rounds(&self) -> u32 {
-        match self {
-            Case::Bulk { .. } => 1,
-            _ => ROUNDS,
-        }
-    }
-}
-
 impl Outcome {
-    /// The better of two rounds of one system: the higher rate, the lower
-    /// p50 latency (with its other percentiles). A failed round fails the
-    /// case: a failure is never hidden behind a good round.
-    pub fn best(self, other: Outcome) -> Outcome {
-        match (self, other) {
-            (Outcome::Failed(why), _) | (_, Outcome::Failed(why)) => Outcome::Failed(why),
-            (Outcome::Rate(a), Outcome::Rate(b)) => Outcome::Rate(a.max(b)),
-            (Outcome::Latency(a), Outcome::Latency(b)) => {
-                Outcome::Latency(if b.p50_us < a.p50_us { b } else { a })
-            }
-            (Outcome::Skipped(_), other) => other,
-            (this, _) => this,
-        }
-    }
-
     /// The number compared across systems: the rate, or the p50 latency.
     pub fn value(&self) -> Option<f64> {
         match self {
@@ -234,15 +367,61 @@ impl Outcome {
     }
 }
 
+/// One round of one system in one case: the outcome, and what of a
+/// one-way case did not arrive.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Measurement {
+    /// The rate or the latency (or why there is none).
+    pub outcome: Outcome,
+    /// One-way messages the system accepted but did not deliver in the
+    /// measured phase (always 0 for acknowledged and TCP cases).
+    pub lost: u64,
+    /// What the system itself reported of that loss (the sender's late
+    /// failures, a slow-consumer error, messages a client dropped); `None`
+    /// with `lost > 0` is loss nothing accounted for.
+    pub loss_reported: Option<String>,
+}
+
+impl From<Outcome> for Measurement {
+    fn from(outcome: Outcome) -> Measurement {
+        Measurement {
+            outcome,
+            lost: 0,
+            loss_reported: None,
+        }
+    }
+}
+
+impl Measurement {
+    /// A failed round, with the reason.
+    pub fn failed(why: impl Into<String>) -> Measurement {
+        Outcome::Failed(why.into()).into()
+    }
+
+    /// A round not run, with the reason.
+    pub fn skipped(why: impl Into<String>) -> Measurement {
+        Outcome::Skipped(why.into()).into()
+    }
+
+    /// This measurement with `lost` messages, and what the system
+    /// reported of them.
+    pub fn with_loss(mut self, lost: u64, reported: Option<String>) -> Measurement {
+        self.lost = lost;
+        self.loss_reported = if lost > 0 { reported } else { None };
+        self
+    }
+}
+
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Outcome::Rate(r) if *r >= 100.0 => {
-                write!(f, "{}", crate::report::group_thousands(*r as u64))
-            }
-            Outcome::Rate(r) => write!(f, "{r:.1}"),
+            Outcome::Rate(r) => write!(f, "{}", short_rate(*r)),
             Outcome::Latency(l) => {
-                write!(f, "{:.0} / {:.0} / {:.0}", l.p50_us, l.p99_us, l.p999_us)
+                write!(f, "{:.0} / {:.0} / {:.0}", l.p50_us, l.p99_us, l.p999_us)?;
+                match l.rate {
+                    Some(rate) => write!(f, " at {}/s", short_rate(rate)),
+                    None => Ok(()),
+                }
             }
             Outcome::Skipped(why) => write!(f, "skipped ({why})"),
             Outcome::Failed(why) => write!(f, "failed ({why})"),
@@ -250,19 +429,221 @@ impl fmt::Display for Outcome {
     }
 }
 
-/// The cases of a run: `quick` keeps every kind of case but fewer sizes.
+impl fmt::Display for Measurement {
+    /// The outcome, and the loss if there was any.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.outcome)?;
+        match (self.lost, &self.loss_reported) {
+            (0, _) => Ok(()),
+            (lost, Some(why)) => write!(f, ", {lost} lost ({why})"),
+            (lost, None) => write!(f, ", {lost} lost (unexplained)"),
+        }
+    }
+}
+
+/// Rounds a small-message case runs per system, the systems taking turns
+/// within each round. The table shows the median round with the range
+/// beside it, and targets are judged on the median.
+pub const ROUNDS: u32 = 5;
+
+/// Rounds of a bulk case per system.
+pub const BULK_ROUNDS: u32 = 3;
+
+/// The rounds of one system in one case.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Summary {
+    /// Every round, in the order run.
+    pub rounds: Vec<Measurement>,
+}
+
+/// The median of `values` (the mean of the middle two for an even
+/// count); `None` if empty.
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted: Vec<f64> = values.to_vec();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(sorted[n / 2]),
+        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
+    }
+}
+
+impl Summary {
+    /// Adds a round.
+    pub fn push(&mut self, round: Measurement) {
+        self.rounds.push(round);
+    }
+
+    /// The first failure of any round: a failed round fails the case,
+    /// never hidden behind good ones.
+    pub fn failure(&self) -> Option<&str> {
+        self.rounds.iter().find_map(|m| match &m.outcome {
+            Outcome::Failed(why) => Some(why.as_str()),
+            _ => None,
+        })
+    }
+
+    /// Why no round ran, if none did.
+    pub fn skipped(&self) -> Option<&str> {
+        if self.rounds.iter().any(|m| m.outcome.value().is_some()) {
+            return None;
+        }
+        self.rounds.iter().find_map(|m| match &m.outcome {
+            Outcome::Skipped(why) => Some(why.as_str()),
+            _ => None,
+        })
+    }
+
+    /// The compared values of the rounds that measured something.
+    fn values(&self, pick: impl Fn(&Outcome) -> Option<f64>) -> Vec<f64> {
+        self.rounds
+            .iter()
+            .filter_map(|m| pick(&m.outcome))
+            .collect()
+    }
+
+    /// The median of the rounds' rates or p50 latencies; `None` if a
+    /// round failed or none measured anything.
+    pub fn median(&self) -> Option<f64> {
+        if self.failure().is_some() {
+            return None;
+        }
+        median(&self.values(Outcome::value))
+    }
+
+    /// The lowest and highest of the rounds' rates or p50 latencies.
+    pub fn range(&self) -> Option<(f64, f64)> {
+        let values = self.values(Outcome::value);
+        let min = values.iter().copied().reduce(f64::min)?;
+        let max = values.iter().copied().reduce(f64::max)?;
+        Some((min, max))
+    }
+
+    /// The median of each percentile over the rounds (for latency
+    /// cases), with the median offered rate of a fixed-rate case; `None`
+    /// if a round failed or none measured latency.
+    pub fn median_latency(&self) -> Option<Latency> {
+        if self.failure().is_some() {
+            return None;
+        }
+        let latencies: Vec<Latency> = self
+            .rounds
+            .iter()
+            .filter_map(|m| match m.outcome {
+                Outcome::Latency(l) => Some(l),
+                _ => None,
+            })
+            .collect();
+        let pick = |f: fn(&Latency) -> f64| median(&latencies.iter().map(f).collect::<Vec<_>>());
+        let rates: Vec<f64> = latencies.iter().filter_map(|l| l.rate).collect();
+        Some(Latency {
+            p50_us: pick(|l| l.p50_us)?,
+            p99_us: pick(|l| l.p99_us)?,
+            p999_us: pick(|l| l.p999_us)?,
+            rate: median(&rates),
+        })
+    }
+
+    /// The lowest and highest p99 of the rounds (latency cases).
+    pub fn p99_range(&self) -> Option<(f64, f64)> {
+        let values = self.values(|o| match o {
+            Outcome::Latency(l) => Some(l.p99_us),
+            _ => None,
+        });
+        let min = values.iter().copied().reduce(f64::min)?;
+        let max = values.iter().copied().reduce(f64::max)?;
+        Some((min, max))
+    }
+
+    /// Messages lost over all rounds.
+    pub fn lost(&self) -> u64 {
+        self.rounds.iter().map(|m| m.lost).sum()
+    }
+
+    /// Messages lost over all rounds that the system did not account for
+    /// (rounds with loss and no report).
+    pub fn unexplained_loss(&self) -> u64 {
+        self.rounds
+            .iter()
+            .filter(|m| m.loss_reported.is_none())
+            .map(|m| m.lost)
+            .sum()
+    }
+
+    /// What the system reported of its loss, each distinct text once.
+    pub fn loss_reports(&self) -> Vec<&str> {
+        let mut reports: Vec<&str> = Vec::new();
+        for m in &self.rounds {
+            if let Some(r) = m.loss_reported.as_deref() {
+                if !reports.contains(&r) {
+                    reports.push(r);
+                }
+            }
+        }
+        reports
+    }
+}
+
+/// A rate for a table cell: `2.19 M`, `612 K`, `3,852` (MB/s and
+/// requests stay whole numbers below 100,000).
+pub fn short_rate(rate: f64) -> String {
+    if rate >= 1e6 {
+        format!("{:.2} M", rate / 1e6)
+    } else if rate >= 1e5 {
+        format!("{:.0} K", rate / 1e3)
+    } else if rate >= 100.0 {
+        crate::report::group_thousands(rate.round() as u64)
+    } else {
+        format!("{rate:.1}")
+    }
+}
+
+impl fmt::Display for Summary {
+    /// The median with the range of the rounds beside it; for latency the
+    /// median p50 / p99 / p99.9 with the ranges of p50 and p99 (and the
+    /// offered rate of a fixed-rate case).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(why) = self.failure() {
+            return write!(f, "failed ({why})");
+        }
+        if let Some(why) = self.skipped() {
+            return write!(f, "{why}");
+        }
+        if let Some(l) = self.median_latency() {
+            write!(f, "{:.0} / {:.0} / {:.0}", l.p50_us, l.p99_us, l.p999_us)?;
+            if let (Some((a, b)), Some((c, d))) = (self.range(), self.p99_range()) {
+                write!(f, " (p50 {a:.0}–{b:.0}, p99 {c:.0}–{d:.0})")?;
+            }
+            if let Some(rate) = l.rate {
+                write!(f, " at {}/s", short_rate(rate))?;
+            }
+            return Ok(());
+        }
+        match (self.median(), self.range()) {
+            (Some(m), Some((a, b))) => {
+                write!(f, "{} ({}–{})", short_rate(m), short_rate(a), short_rate(b))
+            }
+            _ => write!(f, "-"),
+        }
+    }
+}
+
+/// The cases of a run: `quick` keeps every kind of case but fewer bulk
+/// sizes.
 pub fn cases(quick: bool) -> Vec<Case> {
+    let send = |body, peer| Case::SendPipelined {
+        body,
+        outstanding: 256,
+        peer,
+    };
     let mut cases = vec![
         Case::Notify { body: 128 },
         Case::Notify { body: 1024 },
-        Case::SendPipelined {
-            body: 128,
-            outstanding: 256,
-        },
-        Case::SendPipelined {
-            body: 1024,
-            outstanding: 256,
-        },
+        Case::FixedRate { body: 128, rate: 0 },
+        send(128, SendPeer::Publish),
+        send(128, SendPeer::JetStream),
+        send(1024, SendPeer::Publish),
         Case::FanOutAll {
             receivers: 8,
             body: 128,
@@ -319,42 +700,138 @@ pub fn sweep_sizes(quick: bool) -> Vec<usize> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_best_round_counts_and_a_failed_one_fails() {
-        let latency = |p50_us| Latency {
+    fn latency(p50_us: f64) -> Latency {
+        Latency {
             p50_us,
             p99_us: p50_us * 2.0,
             p999_us: p50_us * 3.0,
-        };
-        let value = |o: Outcome| o.value();
-        assert_eq!(
-            value(Outcome::Rate(3.0).best(Outcome::Rate(5.0))),
-            Some(5.0)
+            rate: None,
+        }
+    }
+
+    fn rounds(outcomes: Vec<Outcome>) -> Summary {
+        Summary {
+            rounds: outcomes.into_iter().map(Measurement::from).collect(),
+        }
+    }
+
+    #[test]
+    fn the_median_round_counts_and_a_failed_one_fails() {
+        let rates = rounds([5.0, 1.0, 3.0, 9.0, 4.0].map(Outcome::Rate).to_vec());
+        assert_eq!(rates.median(), Some(4.0));
+        assert_eq!(rates.range(), Some((1.0, 9.0)));
+        assert_eq!(rates.to_string(), "4.0 (1.0–9.0)");
+        assert_eq!(median(&[1.0, 2.0, 3.0, 10.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
+
+        let failed = rounds(vec![Outcome::Rate(5.0), Outcome::Failed("lost".into())]);
+        assert_eq!(failed.median(), None);
+        assert_eq!(failed.failure(), Some("lost"));
+        assert_eq!(failed.to_string(), "failed (lost)");
+
+        let skipped = rounds(vec![Outcome::Skipped("n/a".into())]);
+        assert_eq!(skipped.skipped(), Some("n/a"));
+        assert_eq!(skipped.median(), None);
+        assert_eq!(skipped.to_string(), "n/a");
+
+        let lat = rounds(
+            [40.0, 50.0, 45.0]
+                .map(|p| Outcome::Latency(latency(p)))
+                .to_vec(),
         );
-        assert_eq!(
-            value(Outcome::Rate(5.0).best(Outcome::Rate(3.0))),
-            Some(5.0)
-        );
-        let lower = Outcome::Latency(latency(40.0)).best(Outcome::Latency(latency(50.0)));
-        assert!(matches!(lower, Outcome::Latency(l) if l.p50_us == 40.0 && l.p99_us == 80.0));
-        let failed = Outcome::Rate(5.0).best(Outcome::Failed("lost".into()));
-        assert!(matches!(failed, Outcome::Failed(why) if why == "lost"));
-        let failed = Outcome::Failed("first".into()).best(Outcome::Rate(5.0));
-        assert!(matches!(failed, Outcome::Failed(why) if why == "first"));
-        let first = Outcome::Skipped("not run".into()).best(Outcome::Rate(2.0));
-        assert_eq!(value(first), Some(2.0));
+        let m = lat.median_latency().expect("latency");
+        assert_eq!((m.p50_us, m.p99_us, m.p999_us), (45.0, 90.0, 135.0));
+        assert_eq!(lat.to_string(), "45 / 90 / 135 (p50 40–50, p99 80–100)");
         assert_eq!(Case::Notify { body: 128 }.rounds(), ROUNDS);
     }
 
     #[test]
+    fn loss_is_summed_and_unexplained_loss_kept_apart() {
+        let mut s = Summary::default();
+        s.push(Measurement::from(Outcome::Rate(1.0)).with_loss(10, Some("slow consumer".into())));
+        s.push(Measurement::from(Outcome::Rate(1.0)).with_loss(3, None));
+        s.push(Measurement::from(Outcome::Rate(1.0)).with_loss(0, Some("ignored".into())));
+        assert_eq!(s.lost(), 13);
+        assert_eq!(s.unexplained_loss(), 3);
+        assert_eq!(s.loss_reports(), ["slow consumer"]);
+    }
+
+    #[test]
+    fn patterns_are_shared_where_the_peer_does_the_same() {
+        let send = |peer| Case::SendPipelined {
+            body: 128,
+            outstanding: 256,
+            peer,
+        };
+        let all = Case::FanOutAll {
+            receivers: 8,
+            body: 128,
+        };
+        let group = Case::FanOutGroup {
+            receivers: 8,
+            body: 128,
+        };
+        let lazy = Case::Bulk {
+            body: 1 << 20,
+            path: BulkPath::Lazy,
+        };
+        let server = Case::Bulk {
+            body: 1 << 20,
+            path: BulkPath::Server,
+        };
+        let session = Case::Session { body: 128 };
+        let notify = Case::Notify { body: 128 };
+        // NATS: a publish, a notify; All and Group alike; no direct path.
+        for nats in [System::NatsGo, System::AsyncNats] {
+            assert_eq!(nats.pattern(send(SendPeer::Publish)), Some(notify));
+            assert_eq!(nats.pattern(group), Some(all));
+            assert_eq!(nats.pattern(session), None);
+            assert_eq!(nats.pattern(lazy), None);
+            assert_eq!(nats.pattern(server), Some(server));
+        }
+        assert_eq!(
+            System::NatsGo.pattern(send(SendPeer::JetStream)),
+            Some(send(SendPeer::JetStream))
+        );
+        assert_eq!(System::AsyncNats.pattern(send(SendPeer::JetStream)), None);
+        // Ours and the floors run one send whatever it is compared with.
+        for system in [System::Ours, System::Relay, System::Raw] {
+            assert_eq!(
+                system.pattern(send(SendPeer::JetStream)),
+                Some(send(SendPeer::Publish))
+            );
+        }
+        assert_eq!(System::Ours.pattern(group), Some(group));
+        assert_eq!(System::Relay.pattern(session), None);
+        assert_eq!(System::Relay.pattern(lazy), None);
+        assert_eq!(System::Raw.pattern(session), Some(notify));
+        assert_eq!(System::Raw.pattern(server), Some(lazy));
+        let fixed = Case::FixedRate { body: 128, rate: 0 };
+        assert_eq!(System::Raw.pattern(fixed), None);
+        assert_eq!(System::Relay.pattern(fixed), Some(fixed));
+        assert!(!session.through_server() && !lazy.through_server());
+        assert!(server.through_server() && notify.through_server());
+    }
+
+    #[test]
     fn percentiles_and_names() {
-        let l = Latency::from_samples((1..=1000).map(f64::from).collect()).expect("samples");
-        assert_eq!((l.p50_us, l.p99_us, l.p999_us), (501.0, 990.0, 999.0));
         assert_eq!(size(128), "128 B");
         assert_eq!(size(1024), "1 KiB");
         assert_eq!(size(16 << 20), "16 MiB");
+        assert_eq!(short_rate(2_187_261.0), "2.19 M");
+        assert_eq!(short_rate(612_345.0), "612 K");
+        assert_eq!(short_rate(3_852.4), "3,852");
         assert_eq!(sweep_sizes(false).first(), Some(&1024));
         assert_eq!(sweep_sizes(true).last(), Some(&(16 << 20)));
         assert!(cases(true).len() < cases(false).len());
+        let fixed = Case::FixedRate { body: 128, rate: 0 }.at_rate(1000);
+        assert_eq!(
+            fixed,
+            Case::FixedRate {
+                body: 128,
+                rate: 1000
+            }
+        );
+        assert_eq!(fixed.to_string(), "notify 128 B at 50% of max rate");
     }
 }
