@@ -552,11 +552,20 @@ async fn sweep(options: &Options, server: &Path, machine: &str) -> String {
     text
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before any thread starts, so that every thread inherits it: the
+    // fixed-rate pacer sleeps to the microsecond.
+    if let Err(e) = clustercomm_benches::latency::fine_timers() {
+        eprintln!("timer slack not lowered ({e}): fixed-rate loads are paced more coarsely");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("building the runtime")?;
     // On a worker thread, like an application's own tasks: a client
     // driven from `block_on` is woken across threads for every completion.
-    tokio::spawn(run()).await?
+    runtime.block_on(async { tokio::spawn(run()).await? })
 }
 
 async fn run() -> anyhow::Result<()> {

@@ -34,13 +34,8 @@ pub const SIGNIFICANT_DIGITS: u8 = 3;
 /// values are recorded as this.
 pub const HIGHEST_NS: u64 = 60_000_000_000;
 
-/// A gap to the next due message longer than this is slept through (less
-/// [`TIMER_SLACK`]); a shorter one is spun through with `yield_now`, since
-/// tokio's timer has millisecond resolution.
-pub const SLEEP_ABOVE: Duration = Duration::from_millis(2);
-
-/// How much earlier than the next due message a sleep ends.
-pub const TIMER_SLACK: Duration = Duration::from_millis(1);
+/// The timer slack the suite asks for (see [`fine_timers`]).
+pub const TIMER_SLACK_NS: u64 = 1_000;
 
 /// Latency percentiles, in microseconds.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -268,18 +263,116 @@ impl Recorder {
     }
 }
 
-/// Sends stamped bodies of `body_len` bytes through `sender` at `rate`
-/// for `duration`: how many.
+/// Asks the kernel for timers of microsecond precision in this process:
+/// sets the timer slack of the calling thread, which threads it creates
+/// afterwards inherit (the default, 50 µs, makes the shortest sleep last
+/// about 70 µs). Call it first thing in `main`, before the runtime starts.
+/// Without it a fixed-rate load is paced more coarsely, which shows as
+/// latency of every system alike.
 ///
 /// # Errors
 ///
-/// The first error of `sender`.
+/// If `/proc/self/timerslack_ns` cannot be written (a kernel before 4.6).
+pub fn fine_timers() -> std::io::Result<()> {
+    std::fs::write("/proc/self/timerslack_ns", TIMER_SLACK_NS.to_string())
+}
+
+/// A thread that wakes the pacer when its next message is due.
+///
+/// Waiting for a due time in the pacer's task would take either tokio's
+/// timer, whose resolution is a millisecond, or a spin that keeps a core
+/// busy and takes it from the system under test (on two cores that shows
+/// as milliseconds of tail latency). The ticker sleeps instead, on a
+/// thread of its own, to the microsecond where the kernel allows (see
+/// [`fine_timers`]).
+struct Ticker {
+    shared: Arc<TickerShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct TickerShared {
+    /// The due time (ns since [`epoch`]) the pacer waits for, or
+    /// [`NOT_WAITING`].
+    due_ns: std::sync::atomic::AtomicU64,
+    stop: std::sync::atomic::AtomicBool,
+    due: tokio::sync::Notify,
+}
+
+const NOT_WAITING: u64 = u64::MAX;
+
+impl Ticker {
+    fn start() -> anyhow::Result<Ticker> {
+        let shared = Arc::new(TickerShared {
+            due_ns: std::sync::atomic::AtomicU64::new(NOT_WAITING),
+            stop: std::sync::atomic::AtomicBool::new(false),
+            due: tokio::sync::Notify::new(),
+        });
+        let ticking = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("pacer-ticker".to_owned())
+            .spawn(move || {
+                use std::sync::atomic::Ordering;
+                while !ticking.stop.load(Ordering::Acquire) {
+                    let due = ticking.due_ns.swap(NOT_WAITING, Ordering::AcqRel);
+                    if due == NOT_WAITING {
+                        std::thread::park_timeout(Duration::from_millis(1));
+                        continue;
+                    }
+                    let now = now_ns();
+                    if due > now {
+                        std::thread::sleep(Duration::from_nanos(due - now));
+                    }
+                    ticking.due.notify_one();
+                }
+            })
+            .context("starting the pacer's ticker thread")?;
+        Ok(Ticker {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Waits until `due`.
+    async fn until(&self, due: Instant) {
+        self.shared
+            .due_ns
+            .store(ns_at(due), std::sync::atomic::Ordering::Release);
+        if let Some(thread) = &self.thread {
+            thread.thread().unpark();
+        }
+        self.shared.due.notified().await;
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.shared
+            .stop
+            .store(true, std::sync::atomic::Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
+            // The thread sleeps at most until the due time it was given,
+            // which a running pacer keeps near.
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Sends stamped bodies of `body_len` bytes through `sender` at `rate`
+/// for `duration`: how many. Whatever is due is sent at once, each body
+/// stamped with its own due time, then the pacer waits on a [`Ticker`]
+/// for the next.
+///
+/// # Errors
+///
+/// The first error of `sender`, or if the ticker thread cannot start.
 pub async fn pace<S: PacedSender>(
     sender: &mut S,
     body_len: usize,
     rate: f64,
     duration: Duration,
 ) -> anyhow::Result<u64> {
+    let ticker = Ticker::start()?;
     let start = Instant::now();
     let mut schedule = Schedule::new(rate, start);
     loop {
@@ -295,13 +388,9 @@ pub async fn pace<S: PacedSender>(
         if sent_any {
             sender.flush().await?;
         }
-        let gap = schedule
-            .due(schedule.taken())
-            .saturating_duration_since(Instant::now());
-        if gap > SLEEP_ABOVE {
-            tokio::time::sleep(gap - TIMER_SLACK).await;
-        } else {
-            tokio::task::yield_now().await;
+        let next = schedule.due(schedule.taken()).min(start + duration);
+        if next > Instant::now() {
+            ticker.until(next).await;
         }
     }
     Ok(schedule.taken())
