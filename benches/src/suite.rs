@@ -585,18 +585,46 @@ impl Summary {
     }
 }
 
+/// The unit a rate is shown in: (divisor, suffix).
+fn rate_unit(rate: f64) -> (f64, &'static str) {
+    if rate >= 1e6 {
+        (1e6, " M")
+    } else if rate >= 1e5 {
+        (1e3, " K")
+    } else {
+        (1.0, "")
+    }
+}
+
+/// `rate` in the unit of `unit`, without the suffix.
+fn rate_in(rate: f64, unit: (f64, &'static str)) -> String {
+    let scaled = rate / unit.0;
+    match unit.1 {
+        " M" => format!("{scaled:.2}"),
+        " K" => format!("{scaled:.0}"),
+        _ if scaled >= 100.0 => crate::report::group_thousands(scaled.round() as u64),
+        _ => format!("{scaled:.1}"),
+    }
+}
+
 /// A rate for a table cell: `2.19 M`, `612 K`, `3,852` (MB/s and
 /// requests stay whole numbers below 100,000).
 pub fn short_rate(rate: f64) -> String {
-    if rate >= 1e6 {
-        format!("{:.2} M", rate / 1e6)
-    } else if rate >= 1e5 {
-        format!("{:.0} K", rate / 1e3)
-    } else if rate >= 100.0 {
-        crate::report::group_thousands(rate.round() as u64)
-    } else {
-        format!("{rate:.1}")
-    }
+    let unit = rate_unit(rate);
+    format!("{}{}", rate_in(rate, unit), unit.1)
+}
+
+/// A median with the range of the rounds, in the median's unit:
+/// `2.19 M (2.05–2.30)`.
+pub fn rate_with_range(median: f64, min: f64, max: f64) -> String {
+    let unit = rate_unit(median);
+    format!(
+        "{}{} ({}–{})",
+        rate_in(median, unit),
+        unit.1,
+        rate_in(min, unit),
+        rate_in(max, unit)
+    )
 }
 
 impl fmt::Display for Summary {
@@ -821,6 +849,14 @@ mod tests {
         assert_eq!(short_rate(2_187_261.0), "2.19 M");
         assert_eq!(short_rate(612_345.0), "612 K");
         assert_eq!(short_rate(3_852.4), "3,852");
+        assert_eq!(
+            rate_with_range(2_187_261.0, 1_950_000.0, 2_301_000.0),
+            "2.19 M (1.95–2.30)"
+        );
+        assert_eq!(
+            rate_with_range(3_852.0, 3_700.0, 4_012.0),
+            "3,852 (3,700–4,012)"
+        );
         assert_eq!(sweep_sizes(false).first(), Some(&1024));
         assert_eq!(sweep_sizes(true).last(), Some(&(16 << 20)));
         assert!(cases(true).len() < cases(false).len());
