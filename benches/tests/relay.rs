@@ -182,46 +182,48 @@ async fn hostile_clients_are_closed_and_the_relay_serves_on() {
     );
 }
 
+/// [`suite::FIXED_RATE_PERCENT`] of `rate`, as a fixed rate.
+fn share(rate: f64) -> u64 {
+    (rate * suite::FIXED_RATE_PERCENT as f64 / 100.0) as u64
+}
+
 /// Every case of a quick suite run that goes through a server, with the
 /// suite's quick phases: the relay beside direct raw TCP and clustercomm
-/// (the fixed-rate case at half the relay's own notify rate). Run in
-/// release with `--ignored --nocapture`.
+/// (the fixed-rate case at half of each system's own notify rate, as in
+/// the suite). Run in release with `--ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "about half a minute; prints relay, raw and ours numbers"]
 async fn quick_phases_beside_raw_and_ours() {
     let options = Options::from_args(["--quick"]);
     let server = PathBuf::from(env!("CARGO_BIN_EXE_bench-message-server"));
-    let mut notify_rate = 0.0;
+    let (mut relay_notify, mut ours_notify) = (0.0, 0.0);
     println!("| case | unit | relay | raw direct | ours | ours/relay |");
     println!("| --- | --- | --- | --- | --- | --- |");
     for case in suite::cases(true) {
         if !case.through_server() {
             continue;
         }
-        let case = match case {
-            Case::FixedRate { .. } => {
-                case.at_rate((notify_rate * suite::FIXED_RATE_PERCENT as f64 / 100.0) as u64)
-            }
-            _ => case,
-        };
         let Some(relay_case) = System::Relay.pattern(case) else {
             continue;
         };
+        let relay_case = relay_case.at_rate(share(relay_notify));
         let relayed = relay_cases::run(relay_case, &options, &relay()).await;
-        if case == (Case::Notify { body: 128 }) {
-            notify_rate = relayed.outcome.value().unwrap_or(0.0);
-        }
         let raw = match System::Raw.pattern(case) {
             Some(raw_case) => raw_cases::run(raw_case, &options).await.to_string(),
             None => "n/a".to_owned(),
         };
         let ours_case = System::Ours.pattern(case).unwrap_or(case);
+        let ours_case = ours_case.at_rate(share(ours_notify));
         let ours = match ours::run(ours_case, &options, &server).await {
             Ok((m, _)) => m,
-            Err(e) => clustercomm_benches::suite::Measurement::failed(format!("{e:#}")),
+            Err(e) => suite::Measurement::failed(format!("{e:#}")),
         };
+        if case == (Case::Notify { body: 128 }) {
+            relay_notify = relayed.outcome.value().unwrap_or(0.0);
+            ours_notify = ours.outcome.value().unwrap_or(0.0);
+        }
         let ratio = match (ours.outcome.value(), relayed.outcome.value()) {
-            (Some(o), Some(r)) if r > 0.0 && case.is_latency() => format!("{:.2}x", r / o),
+            (Some(o), Some(r)) if o > 0.0 && case.is_latency() => format!("{:.2}x", r / o),
             (Some(o), Some(r)) if r > 0.0 => format!("{:.2}x", o / r),
             _ => "-".to_owned(),
         };
