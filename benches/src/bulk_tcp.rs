@@ -80,7 +80,7 @@ pub async fn bulk_ack(
 
 /// Writes bodies for `plan`, each after taking a window permit (given back
 /// when its ack arrives), and returns how many.
-async fn send_bodies<W>(
+pub(crate) async fn send_bodies<W>(
     writer: &mut W,
     prefix: &[u8; 4],
     body: &Bytes,

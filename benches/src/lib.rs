@@ -26,6 +26,8 @@
 //! - [`nats`]: the nats-server peer: starts a local server, runs every case
 //!   through the async-nats client.
 //! - [`raw_cases`]: raw loopback TCP as the floor of every suite case.
+//! - [`relay_cases`]: raw TCP through a relay process (`bench-relay`) as
+//!   the floor of every suite case that goes through a server.
 //! - [`ours`]: clustercomm's side of the suite: every case against a fresh
 //!   message-server process, and the lazy-versus-server path sweep.
 
@@ -39,6 +41,7 @@ pub mod ours;
 pub mod plot;
 pub mod raw_cases;
 pub mod raw_tcp;
+pub mod relay_cases;
 pub mod report;
 pub mod suite;
 pub mod transfer;

@@ -266,7 +266,11 @@ async fn ping_pong(options: &Options, body_len: usize) -> anyhow::Result<Outcome
 }
 
 /// Writes `frame` and reads its echo into `reply`, bounded.
-async fn round_trip(stream: &mut TcpStream, frame: &Bytes, reply: &mut [u8]) -> anyhow::Result<()> {
+pub(crate) async fn round_trip(
+    stream: &mut TcpStream,
+    frame: &Bytes,
+    reply: &mut [u8],
+) -> anyhow::Result<()> {
     tokio::time::timeout(WAIT_TIMEOUT, async {
         stream.write_all(frame).await?;
         stream.read_exact(reply).await?;
@@ -342,7 +346,7 @@ async fn echo(stream: TcpStream) -> anyhow::Result<()> {
 }
 
 /// Complete frames at the start of `buf`: how many, and their bytes.
-fn complete_frames(buf: &[u8]) -> (u64, usize) {
+pub(crate) fn complete_frames(buf: &[u8]) -> (u64, usize) {
     let (mut frames, mut at) = (0u64, 0usize);
     while buf.len() - at >= 4 {
         let len = u32::from_be_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
@@ -357,7 +361,7 @@ fn complete_frames(buf: &[u8]) -> (u64, usize) {
 
 /// Reads frames until end of stream, splitting each body off as `Bytes`
 /// and counting them; with a `window`, gives a permit back per frame.
-async fn count_frames<R>(
+pub(crate) async fn count_frames<R>(
     mut read: R,
     counter: Counter,
     window: Option<Arc<Semaphore>>,

@@ -1,0 +1,865 @@
+//! Raw TCP through a relay process as the floor of every suite case that
+//! goes through a server: sender → `bench-relay` → receiver, two loopback
+//! hops with nothing in the middle but a program that forwards bytes.
+//! The suite reports ours/relay for these cases; it shows how close the
+//! message server's path is to the physical limit of two hops.
+//!
+//! Each [`run`] starts a fresh relay process ([`RelayProcess`], the
+//! `bench-relay` binary found by [`relay_binary`]) and connects the case's
+//! clients to it, each over its own loopback connection (nodelay). The
+//! relay's protocol (see `src/bin/bench-relay.rs`): a client says its id
+//! ([`connect`]), then sends frames `[u32 BE len][u32 BE destination][body]`
+//! to a client id, to [`ALL`] the other clients or to [`ANY`] one of them
+//! in turn. Senders batch frames exactly as [`crate::raw_cases`] and
+//! [`crate::raw_tcp`] do (a [`BATCH_BYTES`] `BufWriter`, or straight from
+//! the body for bulk), and receivers parse them the same way.
+//!
+//! | case | through the relay | result |
+//! | --- | --- | --- |
+//! | `Notify` | one sender, one receiver, one-way | frames/s received |
+//! | `FixedRate` | the same at the case's rate, bodies stamped with their due time ([`crate::latency`]) | µs percentiles of arrival minus due time |
+//! | `SendPipelined` | the receiver answers each frame with an ack frame to the sender, `outstanding` unacknowledged | acks/s |
+//! | `FanOutAll`, `FanOutGroup` | frames to [`ALL`] of `receivers` receivers | deliveries/s |
+//! | `AnyOf` | frames to [`ANY`] of `members` receivers | frames/s received in all |
+//! | `RequestLatency` | a frame echoed back (readdressed), one at a time | µs percentiles |
+//! | `RequestRate` | frames echoed back, `outstanding` in flight | replies/s |
+//! | `Bulk` through the server | bodies each answered by a 1-byte ack frame, [`BULK_IN_FLIGHT`] in flight, [`bulk_plans`] | MB/s |
+//!
+//! `Session` and lazy-channel bulk are direct paths with no relay
+//! counterpart ("n/a"). TCP loses nothing: the loss is always 0, and a
+//! count that falls short fails the case instead of giving a rate.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, ensure, Context};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::bulk_tcp::{self, send_bodies};
+use crate::latency::{self, PacedSender, Recorder};
+use crate::options::{Options, WAIT_TIMEOUT};
+use crate::raw_cases::{
+    bulk_plans, complete_frames, count_frames, round_trip, BATCH_BYTES, BULK_IN_FLIGHT,
+};
+use crate::raw_tcp::{write_frames_for, READ_CHUNK};
+use crate::report::per_second;
+use crate::suite::{BulkPath, Case, Latency, Measurement, Outcome};
+use crate::transfer::Transfer;
+use crate::wait::{wait_for_count, wait_until, Counter};
+
+/// The relay binary of this package (`src/bin/`).
+pub const RELAY_BINARY: &str = "bench-relay";
+
+/// Upper bound on the relay process printing its address.
+pub const RELAY_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Upper bound on the relay process exiting once its stdin is closed.
+pub const RELAY_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The destination of a frame for every other connected client.
+pub const ALL: u32 = 0xFFFF_FFFF;
+
+/// The destination of a frame for the next of the other connected
+/// clients, round robin.
+pub const ANY: u32 = 0xFFFF_FFFE;
+
+/// Bytes of the destination at the start of every payload (and of a
+/// client's hello).
+pub const DEST_LEN: usize = 4;
+
+/// Largest body the relay carries, the message server's limit in the
+/// bulk cases ([`crate::ours::BULK_MAX_MESSAGE_BYTES`]).
+pub const MAX_BODY: usize = 128 * 1024 * 1024;
+
+/// Largest payload (destination and body) the relay takes; a longer one
+/// closes the connection.
+pub const MAX_PAYLOAD: usize = DEST_LEN + MAX_BODY;
+
+/// The id of the sending (or requesting) client of every case; the
+/// receivers are `SENDER + 1` onwards.
+const SENDER: u32 = 1;
+
+/// Where the suite looks for [`RELAY_BINARY`]: next to the running
+/// executable, or one directory up (benches and tests run from
+/// `target/<profile>/deps/`, binaries live in `target/<profile>/`), as
+/// [`crate::ours::server_binary`] does. `None` if it is in neither place.
+pub fn relay_binary() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    let found = [Some(dir), dir.parent()]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(RELAY_BINARY))
+        .find(|p| p.is_file());
+    found
+}
+
+/// Measures `case` through a fresh relay process (`relay`, the
+/// `bench-relay` binary) with the pattern described in the module docs.
+/// Anything that goes wrong (the relay does not start or exits badly, a
+/// wait times out, a count falls short) is [`Outcome::Failed`]; the direct
+/// paths are [`Outcome::Skipped`] ("n/a"). The loss is always 0.
+pub async fn run(case: Case, options: &Options, relay: &Path) -> Measurement {
+    if !case.through_server() {
+        return Measurement::skipped("n/a");
+    }
+    let process = match RelayProcess::start(relay, Stdio::inherit()).await {
+        Ok(process) => process,
+        Err(e) => return Measurement::failed(format!("{e:#}")),
+    };
+    let measured = run_at(case, options, process.addr()).await;
+    match process.stop().await {
+        Err(e) if measured.outcome.value().is_some() => Measurement::failed(format!("{e:#}")),
+        _ => measured,
+    }
+}
+
+/// Measures `case` as [`run`] does, through a relay already listening at
+/// `relay` (whose client ids 1 and up must be free).
+pub async fn run_at(case: Case, options: &Options, relay: SocketAddr) -> Measurement {
+    let budget = options.warmup + options.measure + 4 * WAIT_TIMEOUT;
+    let measured = match tokio::time::timeout(budget, measure(case, options, relay)).await {
+        Ok(measured) => measured,
+        Err(_) => Err(anyhow!("the relay case did not finish within {budget:?}")),
+    };
+    measured.unwrap_or_else(|e| Measurement::failed(format!("{e:#}")))
+}
+
+/// Connects to the relay at `relay` as client `id` (nodelay) and waits
+/// for the relay to take it.
+///
+/// # Errors
+///
+/// The connection fails, the relay closes it (a reserved id, or one in
+/// use) or answers otherwise, or all that takes longer than
+/// [`WAIT_TIMEOUT`].
+pub async fn connect(relay: SocketAddr, id: u32) -> anyhow::Result<TcpStream> {
+    tokio::time::timeout(WAIT_TIMEOUT, async {
+        let mut stream = TcpStream::connect(relay)
+            .await
+            .context("connecting to the relay")?;
+        stream.set_nodelay(true)?;
+        stream.write_all(&id.to_be_bytes()).await?;
+        let mut welcome = [0u8; DEST_LEN];
+        stream
+            .read_exact(&mut welcome)
+            .await
+            .with_context(|| format!("the relay refused client {id}"))?;
+        ensure!(
+            welcome == id.to_be_bytes(),
+            "the relay answered client {id} with {welcome:?}"
+        );
+        Ok(stream)
+    })
+    .await
+    .context("connecting to the relay timed out")?
+}
+
+// ---------------------------------------------------------------------------
+// The relay process
+// ---------------------------------------------------------------------------
+
+/// A `bench-relay` child on a free loopback port, killed and reaped on
+/// drop. Its stdin stays open while it lives: end of file stops the relay,
+/// so it also ends if this process dies.
+#[derive(Debug)]
+pub struct RelayProcess {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    _stdout: Option<BufReader<ChildStdout>>,
+    addr: SocketAddr,
+}
+
+impl RelayProcess {
+    /// Starts `binary`, its stderr going to `stderr` (`Stdio::piped()`
+    /// to get it back from [`RelayProcess::stop`]), and reads the address
+    /// it printed.
+    ///
+    /// # Errors
+    ///
+    /// The binary does not start, or does not print `listening on ADDR`
+    /// within [`RELAY_START_TIMEOUT`].
+    pub async fn start(binary: &Path, stderr: Stdio) -> anyhow::Result<RelayProcess> {
+        let mut child = Command::new(binary)
+            .args(["--listen", "127.0.0.1:0"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let stdout = child.stdout.take();
+        let mut process = RelayProcess {
+            stdin: child.stdin.take(),
+            child,
+            _stdout: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        let stdout = stdout.context("no stdout pipe")?;
+        // Blocking read on a blocking thread; if the child never prints,
+        // dropping `process` kills it and the read ends with end of file.
+        let read = tokio::task::spawn_blocking(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let read = reader.read_line(&mut line);
+            (reader, read.map(|_| line))
+        });
+        let (reader, line) = tokio::time::timeout(RELAY_START_TIMEOUT, read)
+            .await
+            .with_context(|| format!("no address printed within {RELAY_START_TIMEOUT:?}"))?
+            .context("reader thread panicked")?;
+        process._stdout = Some(reader);
+        let line = line.context("reading the relay's stdout")?;
+        process.addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .with_context(|| format!("unexpected first line {line:?} (did it exit?)"))?
+            .parse()
+            .with_context(|| format!("bad address in {line:?}"))?;
+        Ok(process)
+    }
+
+    /// The address the relay listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Closes the relay's stdin, waits for it to exit and gives back what
+    /// it wrote on stderr (empty unless started with `Stdio::piped()`).
+    ///
+    /// # Errors
+    ///
+    /// The relay does not exit within [`RELAY_STOP_TIMEOUT`] (it is then
+    /// killed), or exits unsuccessfully.
+    pub async fn stop(mut self) -> anyhow::Result<String> {
+        drop(self.stdin.take());
+        let child = &mut self.child;
+        let exited = wait_until(RELAY_STOP_TIMEOUT, || {
+            matches!(child.try_wait(), Ok(Some(_)) | Err(_))
+        })
+        .await;
+        ensure!(
+            exited.is_some(),
+            "the relay did not exit within {RELAY_STOP_TIMEOUT:?} of its stdin closing"
+        );
+        let status = self.child.wait().context("reaping the relay")?;
+        let stderr = match self.child.stderr.take() {
+            // The relay has exited: the pipe holds what it wrote, then
+            // end of file.
+            Some(mut pipe) => tokio::task::spawn_blocking(move || {
+                let mut text = String::new();
+                pipe.read_to_string(&mut text).map(|_| text)
+            })
+            .await
+            .context("stderr reader panicked")?
+            .context("reading the relay's stderr")?,
+            None => String::new(),
+        };
+        ensure!(
+            status.success(),
+            "the relay exited with {status}: {}",
+            stderr.trim()
+        );
+        Ok(stderr)
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Frames
+// ---------------------------------------------------------------------------
+
+/// A payload: `dest` and a body of `body_len` bytes.
+fn payload(dest: u32, body_len: usize) -> Bytes {
+    let mut payload = BytesMut::with_capacity(DEST_LEN + body_len);
+    payload.put_u32(dest);
+    payload.put_bytes(0xAB, body_len);
+    payload.freeze()
+}
+
+/// A whole frame: the length prefix and `dest` and `body`.
+fn frame(dest: u32, body: &[u8]) -> anyhow::Result<Bytes> {
+    let len = u32::try_from(DEST_LEN + body.len()).context("body too long for a u32 prefix")?;
+    let mut frame = BytesMut::with_capacity(4 + DEST_LEN + body.len());
+    frame.put_u32(len);
+    frame.put_u32(dest);
+    frame.put_slice(body);
+    Ok(frame.freeze())
+}
+
+/// The payload of the first frame of `frames`, which holds only complete
+/// frames, split off; `None` once it is empty.
+fn next_payload(frames: &mut BytesMut) -> Option<Bytes> {
+    let prefix: [u8; 4] = frames.get(..4)?.try_into().ok()?;
+    let len = u32::from_be_bytes(prefix) as usize;
+    frames.advance(4);
+    Some(frames.split_to(len.min(frames.len())).freeze())
+}
+
+/// Sets the destination of every frame in `frames` (complete frames only)
+/// to `to`.
+fn readdress(frames: &mut [u8], to: u32) {
+    let mut at = 0;
+    while frames.len() - at >= 4 + DEST_LEN {
+        let len = u32::from_be_bytes([frames[at], frames[at + 1], frames[at + 2], frames[at + 3]])
+            as usize;
+        frames[at + 4..at + 4 + DEST_LEN].copy_from_slice(&to.to_be_bytes());
+        at += 4 + len;
+    }
+}
+
+/// Room to reserve before the next read, given the partial frame `rest`:
+/// the rest of a large frame at once, else [`READ_CHUNK`].
+///
+/// # Errors
+///
+/// The partial frame is longer than [`MAX_PAYLOAD`].
+fn room_for(rest: &[u8]) -> anyhow::Result<usize> {
+    let Some(prefix) = rest.get(..4) else {
+        return Ok(READ_CHUNK);
+    };
+    let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+    ensure!(
+        len <= MAX_PAYLOAD,
+        "a frame of {len} bytes is over the limit"
+    );
+    Ok((4 + len).saturating_sub(rest.len()).max(READ_CHUNK))
+}
+
+// ---------------------------------------------------------------------------
+// The clients of one case
+// ---------------------------------------------------------------------------
+
+/// How an answering client answers each frame.
+#[derive(Debug, Clone)]
+enum Answer {
+    /// With this frame (an ack addressed to the sender).
+    Ack(Bytes),
+    /// With the frame itself, readdressed to `to`.
+    Echo {
+        /// The requester.
+        to: u32,
+    },
+}
+
+/// The clients of one case: their tasks, the write sides of those that
+/// only read, and the stop signals of those that answer. Dropping it
+/// aborts whatever still runs.
+#[derive(Default)]
+struct Clients {
+    tasks: JoinSet<anyhow::Result<()>>,
+    quiet: Vec<OwnedWriteHalf>,
+    stops: Vec<oneshot::Sender<()>>,
+}
+
+impl Clients {
+    /// `count` receivers with ids from `SENDER + 1`, counting the frames
+    /// they get into `received`.
+    async fn receivers(
+        &mut self,
+        relay: SocketAddr,
+        count: usize,
+        received: &Counter,
+    ) -> anyhow::Result<()> {
+        for i in 0..count {
+            let id = receiver_id(i)?;
+            let (read, write) = connect(relay, id).await?.into_split();
+            self.tasks
+                .spawn(count_frames(read, received.clone(), None::<Arc<Semaphore>>));
+            self.quiet.push(write);
+        }
+        Ok(())
+    }
+
+    /// Client `SENDER + 1`, answering every frame `how`, counting them
+    /// into `answered`.
+    async fn answering(
+        &mut self,
+        relay: SocketAddr,
+        how: Answer,
+        answered: &Counter,
+    ) -> anyhow::Result<()> {
+        let (read, write) = connect(relay, receiver_id(0)?).await?.into_split();
+        let (stop, stopped) = oneshot::channel();
+        self.tasks
+            .spawn(answer(read, write, how, answered.clone(), stopped));
+        self.stops.push(stop);
+        Ok(())
+    }
+
+    /// The sender (or requester), with its incoming frames counted into
+    /// `incoming` and each giving a permit back to `window`: its write
+    /// side.
+    fn sender(
+        &mut self,
+        stream: TcpStream,
+        incoming: &Counter,
+        window: Option<Arc<Semaphore>>,
+    ) -> OwnedWriteHalf {
+        let (read, write) = stream.into_split();
+        self.tasks
+            .spawn(count_frames(read, incoming.clone(), window));
+        write
+    }
+
+    /// Ends every client (the sender's write side is already shut down):
+    /// the quiet ones shut their write sides, the answering ones are told
+    /// to stop; each task then reads until the relay closes its side.
+    async fn close(mut self) -> anyhow::Result<()> {
+        for write in &mut self.quiet {
+            write.shutdown().await?;
+        }
+        self.stops.clear();
+        tokio::time::timeout(WAIT_TIMEOUT, async {
+            while let Some(joined) = self.tasks.join_next().await {
+                joined.context("a relay client task panicked")??;
+            }
+            anyhow::Ok(())
+        })
+        .await
+        .context("the relay clients did not stop")?
+    }
+}
+
+/// The id of receiver `i` (from 0).
+fn receiver_id(i: usize) -> anyhow::Result<u32> {
+    u32::try_from(i)
+        .ok()
+        .and_then(|i| i.checked_add(SENDER + 1))
+        .filter(|&id| id < ANY)
+        .context("too many receivers for the relay's ids")
+}
+
+/// Reads frames, answering each `how` (one write and flush per read) and
+/// counting them into `answered`. When `stop` fires (or its sender is
+/// dropped) it shuts its write side down and reads on, answering nothing,
+/// until the relay closes its side.
+async fn answer(
+    mut read: OwnedReadHalf,
+    write: OwnedWriteHalf,
+    how: Answer,
+    answered: Counter,
+    mut stop: oneshot::Receiver<()>,
+) -> anyhow::Result<()> {
+    let mut write = BufWriter::new(write);
+    let mut buf = BytesMut::with_capacity(2 * READ_CHUNK);
+    let mut room = READ_CHUNK;
+    let mut stopping = false;
+    loop {
+        buf.reserve(room);
+        let n = tokio::select! {
+            biased;
+            n = read.read_buf(&mut buf) => n?,
+            _ = &mut stop, if !stopping => {
+                write.shutdown().await?;
+                stopping = true;
+                continue;
+            }
+        };
+        if n == 0 {
+            ensure!(buf.is_empty(), "stream ended inside a frame");
+            return Ok(());
+        }
+        let (frames, complete) = complete_frames(&buf);
+        room = room_for(&buf[complete..])?;
+        let mut chunk = buf.split_to(complete);
+        if stopping || frames == 0 {
+            continue;
+        }
+        match &how {
+            Answer::Ack(ack) => {
+                while let Some(payload) = next_payload(&mut chunk) {
+                    drop(payload);
+                    write.write_all(ack).await?;
+                }
+            }
+            Answer::Echo { to } => {
+                readdress(&mut chunk, *to);
+                write.write_all(&chunk).await?;
+            }
+        }
+        write.flush().await?;
+        answered.add(frames);
+    }
+}
+
+/// Reads frames until end of stream, recording each body (after the
+/// destination) in `recorder`.
+async fn record_frames(mut read: OwnedReadHalf, recorder: Recorder) -> anyhow::Result<()> {
+    let mut buf = BytesMut::with_capacity(2 * READ_CHUNK);
+    let mut room = READ_CHUNK;
+    loop {
+        buf.reserve(room);
+        if read.read_buf(&mut buf).await? == 0 {
+            ensure!(buf.is_empty(), "stream ended inside a frame");
+            return Ok(());
+        }
+        let (_, complete) = complete_frames(&buf);
+        room = room_for(&buf[complete..])?;
+        let mut chunk = buf.split_to(complete);
+        while let Some(payload) = next_payload(&mut chunk) {
+            recorder.record(payload.get(DEST_LEN..).unwrap_or_default());
+        }
+    }
+}
+
+/// A client's write side as a fixed-rate sender: each body a frame to
+/// `dest` in a [`BATCH_BYTES`] `BufWriter`, flushed when nothing more is
+/// due.
+struct PacedRelay {
+    writer: BufWriter<OwnedWriteHalf>,
+    dest: [u8; DEST_LEN],
+}
+
+impl PacedSender for PacedRelay {
+    async fn send(&mut self, body: Bytes) -> anyhow::Result<()> {
+        let len = u32::try_from(DEST_LEN + body.len()).context("body too long for a u32 prefix")?;
+        self.writer.write_all(&len.to_be_bytes()).await?;
+        self.writer.write_all(&self.dest).await?;
+        self.writer.write_all(&body).await?;
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        self.writer.flush().await?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The cases
+// ---------------------------------------------------------------------------
+
+async fn measure(case: Case, options: &Options, relay: SocketAddr) -> anyhow::Result<Measurement> {
+    let rate = |rate: f64| Measurement::from(Outcome::Rate(rate));
+    Ok(match case {
+        Case::Notify { body } => rate(one_way(options, relay, body, 1, receiver_id(0)?).await?),
+        Case::FixedRate { body, rate } => fixed_rate(options, relay, body, rate).await?,
+        Case::SendPipelined {
+            body, outstanding, ..
+        } => rate(acked(options, relay, body, outstanding).await?),
+        Case::FanOutAll { receivers, body } | Case::FanOutGroup { receivers, body } => {
+            rate(one_way(options, relay, body, receivers, ALL).await?)
+        }
+        Case::AnyOf { members, body } => rate(one_way(options, relay, body, members, ANY).await?),
+        Case::RequestLatency { body } => ping_pong(options, relay, body).await?.into(),
+        Case::RequestRate { body, outstanding } => {
+            rate(echo_rate(options, relay, body, outstanding).await?)
+        }
+        Case::Bulk {
+            body,
+            path: BulkPath::Server,
+        } => rate(bulk(options, relay, body).await?),
+        Case::Session { .. }
+        | Case::Bulk {
+            path: BulkPath::Lazy,
+            ..
+        } => Measurement::skipped("n/a"),
+    })
+}
+
+/// One sender, `receivers` receivers, frames to `dest` (a receiver,
+/// [`ALL`] or [`ANY`]): frames received per second over the measured
+/// phase, by all receivers.
+async fn one_way(
+    options: &Options,
+    relay: SocketAddr,
+    body_len: usize,
+    receivers: usize,
+    dest: u32,
+) -> anyhow::Result<f64> {
+    ensure!(receivers > 0, "no receivers");
+    let per_frame = if dest == ALL { receivers as u64 } else { 1 };
+    let received = Counter::new();
+    let mut clients = Clients::default();
+    clients.receivers(relay, receivers, &received).await?;
+    let sender = connect(relay, SENDER).await?;
+    let write = clients.sender(sender, &Counter::new(), None);
+    let mut writer = BufWriter::with_capacity(BATCH_BYTES, write);
+    let payload = payload(dest, body_len);
+
+    let warm = write_frames_for(&mut writer, &payload, options.warmup, None).await?;
+    wait_for_count(&received, warm * per_frame, WAIT_TIMEOUT)
+        .await
+        .context("relay one-way warm-up")?;
+
+    let base = received.get();
+    let start = Instant::now();
+    let sent = write_frames_for(&mut writer, &payload, options.measure, None).await?;
+    let done = wait_for_count(&received, base + sent * per_frame, WAIT_TIMEOUT)
+        .await
+        .context("relay one-way")?;
+
+    writer.shutdown().await?;
+    clients.close().await?;
+    let expected = (warm + sent) * per_frame;
+    ensure!(
+        received.get() == expected,
+        "the receivers counted {} frames, {expected} were sent",
+        received.get()
+    );
+    Ok(per_second(sent * per_frame, done - start))
+}
+
+/// One-way at `rate` frames per second: latency from due time to arrival.
+async fn fixed_rate(
+    options: &Options,
+    relay: SocketAddr,
+    body_len: usize,
+    rate: u64,
+) -> anyhow::Result<Measurement> {
+    ensure!(rate > 0, "no rate to send at");
+    let recorder = Recorder::new();
+    let mut clients = Clients::default();
+    let (read, write) = connect(relay, receiver_id(0)?).await?.into_split();
+    clients.tasks.spawn(record_frames(read, recorder.clone()));
+    clients.quiet.push(write);
+    let sender = connect(relay, SENDER).await?;
+    let write = clients.sender(sender, &Counter::new(), None);
+    let mut paced = PacedRelay {
+        writer: BufWriter::with_capacity(BATCH_BYTES, write),
+        dest: receiver_id(0)?.to_be_bytes(),
+    };
+    let measured =
+        latency::fixed_rate(&mut paced, &recorder, body_len, rate as f64, options).await?;
+    paced.writer.shutdown().await?;
+    clients.close().await?;
+    ensure!(
+        measured.lost == 0,
+        "{} frames of the measured phase did not arrive",
+        measured.lost
+    );
+    Ok(measured)
+}
+
+/// Frames each answered by an ack frame, at most `outstanding`
+/// unacknowledged: acks per second over the measured phase.
+async fn acked(
+    options: &Options,
+    relay: SocketAddr,
+    body_len: usize,
+    outstanding: usize,
+) -> anyhow::Result<f64> {
+    ensure!(outstanding > 0, "no frames in flight");
+    let mut clients = Clients::default();
+    let ack = frame(SENDER, &[0; 4])?;
+    clients
+        .answering(relay, Answer::Ack(ack), &Counter::new())
+        .await?;
+    let window = Arc::new(Semaphore::new(outstanding));
+    let acks = Counter::new();
+    let sender = connect(relay, SENDER).await?;
+    let write = clients.sender(sender, &acks, Some(window.clone()));
+    let mut writer = BufWriter::with_capacity(BATCH_BYTES, write);
+    let payload = payload(receiver_id(0)?, body_len);
+
+    let warm = write_frames_for(&mut writer, &payload, options.warmup, Some(&window)).await?;
+    wait_for_count(&acks, warm, WAIT_TIMEOUT)
+        .await
+        .context("relay acked warm-up")?;
+
+    let base = acks.get();
+    let start = Instant::now();
+    let sent = write_frames_for(&mut writer, &payload, options.measure, Some(&window)).await?;
+    let done = wait_for_count(&acks, base + sent, WAIT_TIMEOUT)
+        .await
+        .context("relay acked")?;
+
+    writer.shutdown().await?;
+    clients.close().await?;
+    Ok(per_second(sent, done - start))
+}
+
+/// One frame echoed back through the relay at a time: round-trip
+/// percentiles.
+async fn ping_pong(
+    options: &Options,
+    relay: SocketAddr,
+    body_len: usize,
+) -> anyhow::Result<Outcome> {
+    let mut clients = Clients::default();
+    clients
+        .answering(relay, Answer::Echo { to: SENDER }, &Counter::new())
+        .await?;
+    let mut client = connect(relay, SENDER).await?;
+    let frame = frame(receiver_id(0)?, &vec![0xAB; body_len])?;
+    let mut reply = vec![0u8; frame.len()];
+
+    let start = Instant::now();
+    while start.elapsed() < options.warmup {
+        round_trip(&mut client, &frame, &mut reply).await?;
+    }
+    if reply.get(4..4 + DEST_LEN) != Some(&SENDER.to_be_bytes()[..]) {
+        bail!("the echo came back addressed to someone else");
+    }
+    let mut samples = latency::histogram();
+    let start = Instant::now();
+    while start.elapsed() < options.measure {
+        let sent = Instant::now();
+        round_trip(&mut client, &frame, &mut reply).await?;
+        latency::record(&mut samples, sent.elapsed().as_nanos() as u64);
+    }
+
+    client.shutdown().await?;
+    clients.close().await?;
+    Latency::from_histogram(&samples)
+        .map(Outcome::Latency)
+        .context("no round trip completed")
+}
+
+/// Frames echoed back through the relay, at most `outstanding`
+/// unanswered: replies per second over the measured phase.
+async fn echo_rate(
+    options: &Options,
+    relay: SocketAddr,
+    body_len: usize,
+    outstanding: usize,
+) -> anyhow::Result<f64> {
+    ensure!(outstanding > 0, "no frames in flight");
+    let mut clients = Clients::default();
+    clients
+        .answering(relay, Answer::Echo { to: SENDER }, &Counter::new())
+        .await?;
+    let window = Arc::new(Semaphore::new(outstanding));
+    let replies = Counter::new();
+    let client = connect(relay, SENDER).await?;
+    let write = clients.sender(client, &replies, Some(window.clone()));
+    let mut writer = BufWriter::with_capacity(BATCH_BYTES, write);
+    let payload = payload(receiver_id(0)?, body_len);
+
+    let warm = write_frames_for(&mut writer, &payload, options.warmup, Some(&window)).await?;
+    wait_for_count(&replies, warm, WAIT_TIMEOUT)
+        .await
+        .context("relay echo warm-up")?;
+
+    let base = replies.get();
+    let start = Instant::now();
+    let sent = write_frames_for(&mut writer, &payload, options.measure, Some(&window)).await?;
+    let done = wait_for_count(&replies, base + sent, WAIT_TIMEOUT)
+        .await
+        .context("relay echo rate")?;
+
+    writer.shutdown().await?;
+    clients.close().await?;
+    Ok(per_second(sent, done - start))
+}
+
+/// Bodies of `body_len` bytes, each answered by a 1-byte ack frame,
+/// [`BULK_IN_FLIGHT`] unacknowledged, for [`bulk_plans`]: MB/s.
+async fn bulk(options: &Options, relay: SocketAddr, body_len: usize) -> anyhow::Result<f64> {
+    ensure!(
+        body_len <= MAX_BODY,
+        "a {body_len}-byte body is over the relay's limit"
+    );
+    let received = Counter::new();
+    let mut clients = Clients::default();
+    let ack = frame(SENDER, &[bulk_tcp::ACK])?;
+    clients
+        .answering(relay, Answer::Ack(ack), &received)
+        .await?;
+    let window = Arc::new(Semaphore::new(BULK_IN_FLIGHT));
+    let acks = Counter::new();
+    let sender = connect(relay, SENDER).await?;
+    let mut write = clients.sender(sender, &acks, Some(window.clone()));
+    let payload = payload(receiver_id(0)?, body_len);
+    let prefix = u32::try_from(payload.len())
+        .context("body too long for a u32 prefix")?
+        .to_be_bytes();
+    let (warmup, measure) = bulk_plans(options);
+
+    let warm = send_bodies(&mut write, &prefix, &payload, &window, &warmup).await?;
+    wait_for_count(&acks, warm, WAIT_TIMEOUT)
+        .await
+        .context("relay bulk warm-up")?;
+
+    let start = Instant::now();
+    let sent = send_bodies(&mut write, &prefix, &payload, &window, &measure).await?;
+    let done = wait_for_count(&acks, warm + sent, WAIT_TIMEOUT)
+        .await
+        .context("relay bulk")?;
+
+    write.shutdown().await?;
+    clients.close().await?;
+    ensure!(
+        received.get() == warm + sent,
+        "the receiver counted {} bodies, {} were sent",
+        received.get(),
+        warm + sent
+    );
+    Ok(Transfer::new(sent, body_len, done - start).mb_per_second())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_carry_their_destination_first() {
+        let f = frame(7, b"hi").expect("frame");
+        assert_eq!(&f[..], &[0, 0, 0, 6, 0, 0, 0, 7, b'h', b'i']);
+        let p = payload(ALL, 3);
+        assert_eq!(&p[..], &[0xFF, 0xFF, 0xFF, 0xFF, 0xAB, 0xAB, 0xAB]);
+    }
+
+    #[test]
+    fn payloads_are_split_off_in_order() {
+        let mut frames = BytesMut::new();
+        frames.extend_from_slice(&frame(2, b"one").expect("frame"));
+        frames.extend_from_slice(&frame(3, b"").expect("frame"));
+        let first = next_payload(&mut frames).expect("first");
+        assert_eq!(&first[..], &[0, 0, 0, 2, b'o', b'n', b'e']);
+        let second = next_payload(&mut frames).expect("second");
+        assert_eq!(&second[..], &[0, 0, 0, 3]);
+        assert!(next_payload(&mut frames).is_none());
+    }
+
+    #[test]
+    fn echoes_are_readdressed_frame_by_frame() {
+        let mut frames = [frame(2, b"ab"), frame(2, b""), frame(9, b"xyz")]
+            .iter()
+            .flat_map(|f| f.as_ref().expect("frame").to_vec())
+            .collect::<Vec<u8>>();
+        readdress(&mut frames, 1);
+        let expected = [frame(1, b"ab"), frame(1, b""), frame(1, b"xyz")]
+            .iter()
+            .flat_map(|f| f.as_ref().expect("frame").to_vec())
+            .collect::<Vec<u8>>();
+        assert_eq!(frames, expected);
+    }
+
+    #[test]
+    fn reads_make_room_for_the_rest_of_a_large_frame() {
+        assert_eq!(room_for(&[]).expect("empty"), READ_CHUNK);
+        assert_eq!(room_for(&[0, 0]).expect("no prefix yet"), READ_CHUNK);
+        let big = frame(2, &vec![0; 1 << 20]).expect("frame");
+        assert_eq!(room_for(&big[..10]).expect("big"), 4 + (1 << 20) + 4 - 10);
+        assert_eq!(room_for(&big[..100]).expect("small"), (1 << 20) + 8 - 100);
+        let small = frame(2, &[0; 100]).expect("frame");
+        assert_eq!(room_for(&small[..10]).expect("small"), READ_CHUNK);
+        let over = ((MAX_PAYLOAD + 1) as u32).to_be_bytes();
+        assert!(room_for(&over).is_err());
+    }
+
+    #[test]
+    fn receiver_ids_follow_the_sender_and_avoid_the_reserved_ones() {
+        assert_eq!(receiver_id(0).expect("first"), SENDER + 1);
+        assert_eq!(receiver_id(7).expect("eighth"), SENDER + 8);
+        assert!(receiver_id(usize::MAX).is_err());
+        assert!(receiver_id((ANY - SENDER - 1) as usize).is_err());
+    }
+}
