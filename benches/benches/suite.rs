@@ -28,7 +28,7 @@ use clustercomm_benches::nats::Nats;
 use clustercomm_benches::suite::{
     self, BulkPath, Case, Measurement, Outcome, SendPeer, Summary, System, FIXED_RATE_PERCENT,
 };
-use clustercomm_benches::{ours, plot, raw_cases, Options};
+use clustercomm_benches::{ours, plot, raw_cases, relay_cases, Options};
 
 /// One case: every system's rounds.
 struct Row {
@@ -59,7 +59,7 @@ struct Peers {
     server: PathBuf,
     nats_go: Result<(), String>,
     async_nats: Result<Nats, String>,
-    relay: Result<(), String>,
+    relay: Result<PathBuf, String>,
 }
 
 impl Peers {
@@ -77,11 +77,15 @@ impl Peers {
         if let Err(why) = &async_nats {
             println!("nats-server unavailable to async-nats ({why}): its column is skipped.");
         }
+        let relay = relay_binary();
+        if let Err(why) = &relay {
+            println!("the relay floor is unavailable ({why}): its column is skipped.");
+        }
         Peers {
             server,
             nats_go: Err("not built yet".to_owned()),
             async_nats,
-            relay: Err("not built yet".to_owned()),
+            relay,
         }
     }
 
@@ -107,7 +111,7 @@ impl Peers {
                 Err(why) => (Measurement::skipped(why.clone()), None),
             },
             System::Relay => match &self.relay {
-                Ok(()) => (Measurement::skipped("not built yet"), None),
+                Ok(relay) => (relay_cases::run(case, options, relay).await, None),
                 Err(why) => (Measurement::skipped(why.clone()), None),
             },
             System::Raw if options.ours_only => (Measurement::skipped("--ours-only"), None),
@@ -128,6 +132,17 @@ fn server_binary() -> anyhow::Result<PathBuf> {
         found.display()
     );
     Ok(found)
+}
+
+/// The relay binary, found as [`server_binary`] is.
+fn relay_binary() -> Result<PathBuf, String> {
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_bench-relay"));
+    let found = relay_cases::relay_binary().unwrap_or(built);
+    if found.is_file() {
+        Ok(found)
+    } else {
+        Err(format!("{} is missing", found.display()))
+    }
 }
 
 /// Measurements already taken, by system, the pattern the system ran
@@ -207,7 +222,10 @@ async fn run_case(
 
 /// The rate a system's fixed-rate case runs at: [`FIXED_RATE_PERCENT`] of
 /// its median `notify` of the same body in this run (measured now, one
-/// round, if no earlier row has it).
+/// round, if no earlier row has it). The relay, a floor rather than a
+/// peer, runs at ours' rate: the latency two bare hops give at the load
+/// ours was measured at (half the relay's own maximum is more than the
+/// load generator itself can pace).
 async fn fixed_rate(
     peers: &Peers,
     taken: &mut Taken,
@@ -216,6 +234,10 @@ async fn fixed_rate(
     body: usize,
     options: &Options,
 ) -> Result<u64, String> {
+    let system = match system {
+        System::Relay => System::Ours,
+        other => other,
+    };
     let notify = Case::Notify { body };
     let median = rows
         .iter()

@@ -650,7 +650,7 @@ impl fmt::Display for Summary {
         }
         match (self.median(), self.range()) {
             (Some(m), Some((a, b))) => {
-                write!(f, "{} ({}–{})", short_rate(m), short_rate(a), short_rate(b))
+                write!(f, "{}", rate_with_range(m, a, b))
             }
             _ => write!(f, "-"),
         }
