@@ -23,6 +23,8 @@
 //! - [`memory`]: peak and current resident memory from `/proc/self/status`.
 //! - [`plot`]: the sweep picture (PNG).
 //! - [`suite`]: the suite's cases and outcomes, shared by every system.
+//! - [`nats_server`]: nats-server for the NATS peers: install, start on a
+//!   loopback port (core or JetStream), kill and clean up on drop.
 //! - [`nats`]: the nats-server peer: starts a local server, runs every case
 //!   through the async-nats client.
 //! - [`raw_cases`]: raw loopback TCP as the floor of every suite case.
@@ -34,6 +36,7 @@ pub mod bulk_tcp;
 pub mod latency;
 pub mod memory;
 pub mod nats;
+pub mod nats_server;
 pub mod options;
 pub mod ours;
 pub mod plot;

@@ -2,10 +2,9 @@
 //! local `nats-server` through the `async-nats` client, in the same run as
 //! clustercomm.
 //!
-//! [`Nats::start`] finds `nats-server` on `PATH` (installing the Debian
-//! package with `apt-get` if it is missing), starts it on a free loopback
-//! port with `max_payload` raised to [`MAX_PAYLOAD`] and waits until it
-//! answers. [`Nats::run`] then measures one case; each case opens its own
+//! [`Nats::start`] starts a [`NatsServer`] (installing nats-server with
+//! `apt-get` if it is missing) with `max_payload` raised to
+//! [`MAX_PAYLOAD`]. [`Nats::run`] then measures one case; each case opens its own
 //! client connections, one per role (publisher, each subscriber, responder,
 //! requester), like separate nodes, and closes them at the end.
 //!
@@ -27,19 +26,17 @@
 //! and a note goes to stderr. `Bulk`'s path is irrelevant here: both rows
 //! go through the server.
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context};
+use anyhow::{ensure, Context};
 use async_nats::{Client, ConnectOptions, Subject};
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::nats_server::{NatsServer, ServerSetup};
 use crate::options::{Options, WAIT_TIMEOUT};
 use crate::raw_cases::{bulk_plans, BULK_IN_FLIGHT};
 use crate::report::per_second;
@@ -47,15 +44,7 @@ use crate::suite::{Case, Latency, Outcome};
 use crate::transfer::{Plan, Transfer};
 use crate::wait::{settle, Counter};
 
-/// The `max_payload` the server is configured with: 64 MB, NATS's
-/// documented maximum. A body larger than what the server announces is
-/// skipped.
-pub const MAX_PAYLOAD: usize = 64 * 1024 * 1024;
-
-/// The server's `max_pending` (bytes it buffers for one slow client); it
-/// must be at least [`MAX_PAYLOAD`], and is larger so that a few bulk
-/// bodies in flight never make the receiver a slow consumer.
-pub const MAX_PENDING: usize = 4 * MAX_PAYLOAD;
+pub use crate::nats_server::{APT_TIMEOUT, MAX_PAYLOAD, MAX_PENDING, STARTUP_TIMEOUT};
 
 /// One-way publishes between two flushes...
 pub const FLUSH_EVERY: u64 = 4096;
@@ -70,12 +59,6 @@ pub const SUBSCRIPTION_CAPACITY: usize = 1 << 20;
 /// How long a count may stand still before it is taken as final.
 pub use crate::wait::STALL;
 
-/// Upper bound on nats-server starting to accept connections.
-pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Upper bound on each `apt-get` command run to install nats-server.
-pub const APT_TIMEOUT: Duration = Duration::from_secs(600);
-
 /// The byte a bulk receiver answers each body with.
 pub const BULK_ACK: u8 = 0x06;
 
@@ -84,10 +67,7 @@ const QUEUE_GROUP: &str = "members";
 
 /// A running nats-server on a loopback port, killed and reaped on drop.
 pub struct Nats {
-    child: Child,
-    url: String,
-    max_payload: usize,
-    files: Vec<PathBuf>,
+    server: NatsServer,
     subjects: AtomicU64,
 }
 
@@ -106,72 +86,21 @@ impl Nats {
     /// [`STARTUP_TIMEOUT`].
     pub async fn start(quick: bool) -> Result<Nats, String> {
         let _ = quick;
-        let binary = match find_on_path("nats-server") {
-            Some(binary) => binary,
-            None => install().await?,
-        };
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("finding a free loopback port: {e}"))?
-            .port();
-        let stem = format!("clustercomm-bench-nats-{}-{port}", std::process::id());
-        let config = std::env::temp_dir().join(format!("{stem}.conf"));
-        let log = std::env::temp_dir().join(format!("{stem}.log"));
-        std::fs::write(
-            &config,
-            format!("max_payload: {MAX_PAYLOAD}\nmax_pending: {MAX_PENDING}\n"),
-        )
-        .map_err(|e| format!("writing {}: {e}", config.display()))?;
-        let log_file =
-            File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
-        let log_file2 = log_file
-            .try_clone()
-            .map_err(|e| format!("duplicating the log file handle: {e}"))?;
-        let child = Command::new(&binary)
-            .arg("-c")
-            .arg(&config)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(log_file2)
-            .spawn();
-        let child = match child {
-            Ok(child) => child,
-            Err(e) => {
-                let _ = std::fs::remove_file(&config);
-                let _ = std::fs::remove_file(&log);
-                return Err(format!("starting {}: {e}", binary.display()));
-            }
-        };
-        let mut nats = Nats {
-            child,
-            url: format!("nats://127.0.0.1:{port}"),
-            max_payload: 0,
-            files: vec![config, log.clone()],
+        let server = NatsServer::start(ServerSetup::core("nats")).await?;
+        Ok(Nats {
+            server,
             subjects: AtomicU64::new(0),
-        };
-        // `nats` is dropped (the server killed) on every early return.
-        nats.wait_ready().await.map_err(|e| {
-            let tail = log_tail(&log);
-            format!("{} did not start: {e:#}{tail}", binary.display())
-        })?;
-        eprintln!(
-            "nats: {} listening on {} (max_payload {} bytes)",
-            binary.display(),
-            nats.url,
-            nats.max_payload
-        );
-        Ok(nats)
+        })
     }
 
     /// The server's client URL (`nats://127.0.0.1:PORT`).
     pub fn url(&self) -> &str {
-        &self.url
+        self.server.url()
     }
 
     /// The largest payload the server accepts, as it announced it.
     pub fn max_payload(&self) -> usize {
-        self.max_payload
+        self.server.max_payload()
     }
 
     /// Measures `case` with the NATS pattern described in the module docs.
@@ -204,30 +133,6 @@ impl Nats {
         result.unwrap_or_else(|e| Outcome::Failed(format!("{e:#}")))
     }
 
-    /// Connects, reads the server's limit and checks a round trip.
-    async fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        let addr = self.url.trim_start_matches("nats://").to_owned();
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("nats-server exited ({status})");
-            }
-            if tokio::net::TcpStream::connect(&addr).await.is_ok() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                bail!("no connection accepted within {STARTUP_TIMEOUT:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let client = self.connect("ready").await?;
-        tokio::time::timeout(STARTUP_TIMEOUT, client.flush())
-            .await
-            .context("first flush timed out")??;
-        self.max_payload = client.server_info().max_payload;
-        Ok(())
-    }
-
     /// A new client connection named `role`.
     async fn connect(&self, role: &str) -> anyhow::Result<Client> {
         tokio::time::timeout(
@@ -236,11 +141,11 @@ impl Nats {
                 .name(format!("bench-{role}"))
                 .request_timeout(Some(WAIT_TIMEOUT))
                 .subscription_capacity(SUBSCRIPTION_CAPACITY)
-                .connect(self.url.as_str()),
+                .connect(self.url()),
         )
         .await
         .with_context(|| format!("connecting {role} timed out"))?
-        .with_context(|| format!("connecting {role} to {}", self.url))
+        .with_context(|| format!("connecting {role} to {}", self.url()))
     }
 
     /// A subject no earlier case used.
@@ -375,7 +280,7 @@ impl Nats {
     /// Bodies sent as requests, each answered with a 1-byte ack,
     /// [`BULK_IN_FLIGHT`] in flight: MB/s.
     async fn bulk(&self, body: usize, options: &Options) -> anyhow::Result<Outcome> {
-        if body > self.max_payload {
+        if body > self.max_payload() {
             return Ok(Outcome::Skipped("over nats max_payload".to_owned()));
         }
         let ack = Bytes::from_static(&[BULK_ACK]);
@@ -386,16 +291,6 @@ impl Nats {
         send_bodies(&sender, &subject, &payload, &warmup).await?;
         let transfer = send_bodies(&sender, &subject, &payload, &measure).await?;
         Ok(Outcome::Rate(transfer.mb_per_second()))
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for file in &self.files {
-            let _ = std::fs::remove_file(file);
-        }
     }
 }
 
@@ -554,102 +449,6 @@ async fn wait_one(
     match in_flight.next().await {
         Some(done) => done.context("bulk request task panicked")?,
         None => Ok(()),
-    }
-}
-
-/// Where Debian and hand installs put binaries, looked at after `PATH`
-/// (the package installs `/usr/sbin/nats-server`, and some environments
-/// leave the `sbin` directories off `PATH`).
-const USUAL_DIRS: &[&str] = &["/usr/local/bin", "/usr/local/sbin", "/usr/bin", "/usr/sbin"];
-
-/// `name` in a directory of `PATH` (or of [`USUAL_DIRS`]), if it is an
-/// executable file there.
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(USUAL_DIRS.iter().map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|candidate| is_executable(candidate))
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    path.metadata()
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
-}
-
-/// Installs the Debian package `nats-server`, running `apt-get update`
-/// first only if a plain install fails; returns the binary.
-async fn install() -> Result<PathBuf, String> {
-    const INSTALL: &[&str] = &["install", "-y", "-q", "nats-server"];
-    eprintln!("nats: nats-server is not on PATH; running `apt-get install -y nats-server`");
-    let mut failure = apt(INSTALL).await.err();
-    if let Some(e) = &failure {
-        eprintln!("nats: {e}; running `apt-get update` and installing again");
-        failure = match apt(&["update", "-q"]).await {
-            Ok(()) => apt(INSTALL).await.err(),
-            Err(e) => Some(e),
-        };
-    }
-    match (find_on_path("nats-server"), failure) {
-        (Some(binary), _) => {
-            eprintln!("nats: installed {}", binary.display());
-            Ok(binary)
-        }
-        (None, Some(e)) => Err(format!("nats-server not on PATH and not installable: {e}")),
-        (None, None) => Err("the nats-server package installed no nats-server binary".to_owned()),
-    }
-}
-
-/// Runs `apt-get ARGS` non-interactively, its output on stderr, killed
-/// after [`APT_TIMEOUT`].
-async fn apt(args: &[&str]) -> Result<(), String> {
-    let what = format!("`apt-get {}`", args.join(" "));
-    let mut child = Command::new("apt-get")
-        .args(args)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(std::io::stderr()))
-        .stderr(Stdio::from(std::io::stderr()))
-        .spawn()
-        .map_err(|e| format!("{what} could not start: {e}"))?;
-    let status = wait_child(&mut child, APT_TIMEOUT)
-        .await
-        .map_err(|e| format!("{what}: {e}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("{what} failed ({status})"))
-    }
-}
-
-/// Waits for `child` to exit, killing it after `timeout`.
-async fn wait_child(child: &mut Child, timeout: Duration) -> Result<ExitStatus, String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Ok(status),
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("killed after {timeout:?}"));
-            }
-            Ok(None) => tokio::time::sleep(Duration::from_millis(100)).await,
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-}
-
-/// The last lines of the server's log, for an error message.
-fn log_tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(5)..].join("\n");
-    if tail.is_empty() {
-        String::new()
-    } else {
-        format!("; its log ends:\n{tail}")
     }
 }
 
