@@ -1,46 +1,60 @@
-//! The nats-server peer: every [`Case`] run with the same pattern against a
+//! The async-nats peer: every [`Case`] run with the same pattern against a
 //! local `nats-server` through the `async-nats` client, in the same run as
-//! clustercomm.
+//! clustercomm (a second NATS column beside [`crate::nats_go`], NATS's own
+//! Go client).
 //!
 //! [`Nats::start`] starts a [`NatsServer`] (installing nats-server with
 //! `apt-get` if it is missing) with `max_payload` raised to
-//! [`MAX_PAYLOAD`]. [`Nats::run`] then measures one case; each case opens its own
-//! client connections, one per role (publisher, each subscriber, responder,
-//! requester), like separate nodes, and closes them at the end.
+//! [`MAX_PAYLOAD`]. [`Nats::run`] then measures one case; each case opens
+//! its own client connections, one per role (publisher, each subscriber,
+//! responder, requester), like separate nodes, and closes them at the end.
 //!
 //! | case | NATS pattern | result |
 //! | --- | --- | --- |
-//! | `Notify`, `SendPipelined`, `Session` | one publisher, one subscriber on one subject | messages/s received |
+//! | `Notify`, `SendPipelined` (vs publish), `Session` | one publisher, one subscriber on one subject | messages/s received |
+//! | `FixedRate` | the same, the publisher on a fixed schedule ([`latency::fixed_rate`]) | µs percentiles from each message's due time |
 //! | `FanOutAll`, `FanOutGroup` | one publisher, `receivers` subscribers on one subject | deliveries/s (all subscribers) |
 //! | `AnyOf` | one publisher, a queue group of `members` subscribers | messages/s received in all |
 //! | `RequestLatency` | a responder echoing the payload, one requester, one request at a time | µs percentiles |
 //! | `RequestRate` | the same responder, `outstanding` requester tasks on one client | requests/s |
 //! | `Bulk` | bodies published as requests, answered with a 1-byte ack, [`BULK_IN_FLIGHT`] in flight | MB/s |
+//! | `SendPipelined` (vs JetStream) | none: skipped (nats.go runs it) | |
 //!
 //! One-way cases publish as fast as the client takes messages, with a
-//! [`Client::flush`] (a PING/PONG round trip) every [`FLUSH_EVERY`]
-//! messages or [`FLUSH_EVERY_BYTES`] bytes, pipelined one deep, so the
-//! publisher never runs more than two windows ahead of the server. A slow
-//! subscriber may have messages dropped (by the server or the client): the
-//! rate counts only what arrived, up to the moment the last of it arrived,
-//! and a note goes to stderr. `Bulk`'s path is irrelevant here: both rows
-//! go through the server.
+//! [`Client::flush`] every [`FLUSH_EVERY`] messages or
+//! [`FLUSH_EVERY_BYTES`] bytes, pipelined one deep. In async-nats 0.46
+//! `flush` is local: it queues a command behind every publish already
+//! handed to the client and resolves once the connection task has written
+//! all of them to the socket and flushed the stream (a no-op for plain
+//! TCP). It is no PING/PONG round trip and says nothing about the server
+//! having them; it keeps the publisher at most two windows ahead of the
+//! socket (the client's bounded command channel and write buffer hold it
+//! back too).
+//!
+//! A slow subscriber may have messages dropped, by the client (its
+//! subscription channel is full) or by the server (it disconnects a slow
+//! consumer). The rate counts only what arrived, up to the moment the
+//! last of it arrived; what did not arrive is the measurement's loss,
+//! explained only by what async-nats itself reported through its event
+//! callback (slow-consumer events, disconnects). `Bulk`'s path is
+//! irrelevant here: both rows go through the server.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
-use async_nats::{Client, ConnectOptions, Subject};
+use async_nats::{Client, ConnectOptions, Event, ServerError, Subject};
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::latency::{self, PacedSender, Recorder};
 use crate::nats_server::{NatsServer, ServerSetup};
 use crate::options::{Options, WAIT_TIMEOUT};
 use crate::raw_cases::{bulk_plans, BULK_IN_FLIGHT};
 use crate::report::per_second;
-use crate::suite::{Case, Latency, Outcome};
+use crate::suite::{Case, Latency, Measurement, Outcome, SendPeer};
 use crate::transfer::{Plan, Transfer};
 use crate::wait::{settle, Counter};
 
@@ -65,7 +79,8 @@ pub const BULK_ACK: u8 = 0x06;
 /// The queue group of [`Case::AnyOf`].
 const QUEUE_GROUP: &str = "members";
 
-/// A running nats-server on a loopback port, killed and reaped on drop.
+/// A running nats-server on a loopback port and the async-nats side of
+/// every case; the server is killed and reaped on drop.
 pub struct Nats {
     server: NatsServer,
     subjects: AtomicU64,
@@ -104,43 +119,49 @@ impl Nats {
     }
 
     /// Measures `case` with the NATS pattern described in the module docs.
-    /// Never panics on a peer problem: failures come back as
-    /// [`Outcome::Failed`], bodies over the server's limit as
+    /// One-way cases carry their loss (explained by what async-nats
+    /// reported, if it reported anything). Never panics on a peer problem:
+    /// failures come back as [`Outcome::Failed`], bodies over the server's
+    /// limit and the JetStream send (which async-nats does not run) as
     /// [`Outcome::Skipped`].
-    pub async fn run(&self, case: Case, options: &Options) -> Outcome {
+    pub async fn run(&self, case: Case, options: &Options) -> Measurement {
         let result = match case {
+            Case::SendPipelined {
+                peer: SendPeer::JetStream,
+                ..
+            } => Ok(Measurement::skipped("n/a")),
             Case::Notify { body } | Case::Session { body } | Case::SendPipelined { body, .. } => {
-                self.one_way(1, Fan::Subject, body, options)
-                    .await
-                    .map(Outcome::Rate)
+                self.one_way(1, Fan::Subject, body, options).await
             }
-            Case::FanOutAll { receivers, body } | Case::FanOutGroup { receivers, body } => self
-                .one_way(receivers, Fan::Subject, body, options)
-                .await
-                .map(Outcome::Rate),
-            Case::AnyOf { members, body } => self
-                .one_way(members, Fan::Queue, body, options)
-                .await
-                .map(Outcome::Rate),
+            Case::FanOutAll { receivers, body } | Case::FanOutGroup { receivers, body } => {
+                self.one_way(receivers, Fan::Subject, body, options).await
+            }
+            Case::AnyOf { members, body } => self.one_way(members, Fan::Queue, body, options).await,
+            Case::FixedRate { body, rate } => self.fixed_rate(body, rate, options).await,
             Case::RequestLatency { body } => self.request_latency(body, options).await,
             Case::RequestRate { body, outstanding } => self
                 .request_rate(body, outstanding, options)
                 .await
-                .map(Outcome::Rate),
+                .map(|rate| Outcome::Rate(rate).into()),
             Case::Bulk { body, .. } => self.bulk(body, options).await,
-            Case::FixedRate { .. } => Ok(Outcome::Skipped("not yet".to_owned())),
         };
-        result.unwrap_or_else(|e| Outcome::Failed(format!("{e:#}")))
+        result.unwrap_or_else(|e| Measurement::failed(format!("{e:#}")))
     }
 
-    /// A new client connection named `role`.
-    async fn connect(&self, role: &str) -> anyhow::Result<Client> {
+    /// A new client connection named `role`, counting what async-nats
+    /// reports into `reported`.
+    async fn connect(&self, role: &str, reported: &Reported) -> anyhow::Result<Client> {
+        let events = reported.clone();
         tokio::time::timeout(
             WAIT_TIMEOUT,
             ConnectOptions::new()
                 .name(format!("bench-{role}"))
                 .request_timeout(Some(WAIT_TIMEOUT))
                 .subscription_capacity(SUBSCRIPTION_CAPACITY)
+                .event_callback(move |event| {
+                    events.take(&event);
+                    async {}
+                })
                 .connect(self.url()),
         )
         .await
@@ -155,21 +176,23 @@ impl Nats {
     }
 
     /// One publisher, `subscribers` subscriber clients (plain or in one
-    /// queue group): deliveries per second over the measured phase.
+    /// queue group): deliveries per second over the measured phase, and
+    /// the deliveries that did not arrive as loss.
     async fn one_way(
         &self,
         subscribers: usize,
         fan: Fan,
         body: usize,
         options: &Options,
-    ) -> anyhow::Result<f64> {
+    ) -> anyhow::Result<Measurement> {
         ensure!(subscribers > 0, "no subscribers");
         let subject = self.subject("oneway");
+        let reported = Reported::default();
         let received = Counter::new();
         let mut tasks = Tasks::default();
         let mut clients = Vec::with_capacity(subscribers);
         for i in 0..subscribers {
-            let client = self.connect(&format!("subscriber-{i}")).await?;
+            let client = self.connect(&format!("subscriber-{i}"), &reported).await?;
             let mut subscription = match fan {
                 Fan::Subject => client.subscribe(subject.clone()).await?,
                 Fan::Queue => {
@@ -178,7 +201,11 @@ impl Nats {
                         .await?
                 }
             };
-            flush(&client).await.context("registering a subscription")?;
+            // The SUB is written to the socket; a round trip makes sure
+            // the server has taken it before anything is published.
+            round_trip(&client)
+                .await
+                .context("registering a subscription")?;
             let received = received.clone();
             tasks.spawn(async move {
                 while subscription.next().await.is_some() {
@@ -191,7 +218,7 @@ impl Nats {
             Fan::Subject => subscribers as u64,
             Fan::Queue => 1,
         };
-        let publisher = self.connect("publisher").await?;
+        let publisher = self.connect("publisher", &reported).await?;
         let payload = Bytes::from(vec![0xAB; body]);
 
         let warm = publish_for(&publisher, &subject, &payload, options.warmup).await?;
@@ -207,24 +234,56 @@ impl Nats {
             .await
             .context("nats one-way")?;
         let got = count - base;
-        if got < expected {
-            eprintln!(
-                "nats: {got} of {expected} deliveries arrived ({} dropped: slow consumer); \
-                 the rate counts only what arrived",
-                expected - got
-            );
-        }
         ensure!(got > 0, "no message arrived");
-        Ok(per_second(got, done - start))
+        Ok(
+            Measurement::from(Outcome::Rate(per_second(got, done - start)))
+                .with_loss(expected.saturating_sub(got), reported.text()),
+        )
     }
 
-    /// Starts a responder client echoing every request's payload on a new
-    /// subject; returns the subject, the client and its task.
+    /// One publisher on a fixed schedule at `rate`, one subscriber
+    /// recording each message's latency from its due time.
+    async fn fixed_rate(
+        &self,
+        body: usize,
+        rate: u64,
+        options: &Options,
+    ) -> anyhow::Result<Measurement> {
+        let subject = self.subject("fixedrate");
+        let reported = Reported::default();
+        let subscriber = self.connect("subscriber", &reported).await?;
+        let mut subscription = subscriber.subscribe(subject.clone()).await?;
+        round_trip(&subscriber)
+            .await
+            .context("registering the subscription")?;
+        let recorder = Recorder::new();
+        let mut tasks = Tasks::default();
+        let recording = recorder.clone();
+        tasks.spawn(async move {
+            while let Some(message) = subscription.next().await {
+                recording.record(&message.payload);
+            }
+        });
+        let mut publisher = Publisher {
+            client: self.connect("publisher", &reported).await?,
+            subject,
+        };
+        let measured =
+            latency::fixed_rate(&mut publisher, &recorder, body, rate as f64, options).await?;
+        let lost = measured.lost;
+        Ok(measured.with_loss(lost, reported.text()))
+    }
+
+    /// Starts a responder client echoing every request's payload (or
+    /// answering `reply`) on a new subject; returns the subject, the
+    /// client and its task.
     async fn responder(&self, reply: Option<Bytes>) -> anyhow::Result<(Subject, Client, Tasks)> {
         let subject = self.subject("request");
-        let client = self.connect("responder").await?;
+        let client = self.connect("responder", &Reported::default()).await?;
         let mut subscription = client.subscribe(subject.clone()).await?;
-        flush(&client).await.context("registering the responder")?;
+        round_trip(&client)
+            .await
+            .context("registering the responder")?;
         let mut tasks = Tasks::default();
         let answering = client.clone();
         tasks.spawn(async move {
@@ -240,23 +299,23 @@ impl Nats {
     }
 
     /// Sequential requests: per-request round-trip percentiles.
-    async fn request_latency(&self, body: usize, options: &Options) -> anyhow::Result<Outcome> {
+    async fn request_latency(&self, body: usize, options: &Options) -> anyhow::Result<Measurement> {
         let (subject, _responder, _tasks) = self.responder(None).await?;
-        let requester = self.connect("requester").await?;
+        let requester = self.connect("requester", &Reported::default()).await?;
         let payload = Bytes::from(vec![0xAB; body]);
         let start = Instant::now();
         while start.elapsed() < options.warmup {
             request(&requester, &subject, &payload).await?;
         }
-        let mut samples = crate::latency::histogram();
+        let mut samples = latency::histogram();
         let start = Instant::now();
         while start.elapsed() < options.measure {
             let sent = Instant::now();
             request(&requester, &subject, &payload).await?;
-            crate::latency::record(&mut samples, sent.elapsed().as_nanos() as u64);
+            latency::record(&mut samples, sent.elapsed().as_nanos() as u64);
         }
         Latency::from_histogram(&samples)
-            .map(Outcome::Latency)
+            .map(|l| Outcome::Latency(l).into())
             .context("no request completed")
     }
 
@@ -269,7 +328,7 @@ impl Nats {
     ) -> anyhow::Result<f64> {
         ensure!(outstanding > 0, "no requests in flight");
         let (subject, _responder, _tasks) = self.responder(None).await?;
-        let requester = self.connect("requester").await?;
+        let requester = self.connect("requester", &Reported::default()).await?;
         let payload = Bytes::from(vec![0xAB; body]);
         requests_for(&requester, &subject, &payload, outstanding, options.warmup).await?;
         let (done, elapsed) =
@@ -279,18 +338,72 @@ impl Nats {
 
     /// Bodies sent as requests, each answered with a 1-byte ack,
     /// [`BULK_IN_FLIGHT`] in flight: MB/s.
-    async fn bulk(&self, body: usize, options: &Options) -> anyhow::Result<Outcome> {
+    async fn bulk(&self, body: usize, options: &Options) -> anyhow::Result<Measurement> {
         if body > self.max_payload() {
-            return Ok(Outcome::Skipped("over nats max_payload".to_owned()));
+            return Ok(Measurement::skipped("over nats max_payload"));
         }
         let ack = Bytes::from_static(&[BULK_ACK]);
         let (subject, _receiver, _tasks) = self.responder(Some(ack)).await?;
-        let sender = self.connect("bulk-sender").await?;
+        let sender = self.connect("bulk-sender", &Reported::default()).await?;
         let payload = Bytes::from(vec![0xAB; body]);
         let (warmup, measure) = bulk_plans(options);
         send_bodies(&sender, &subject, &payload, &warmup).await?;
         let transfer = send_bodies(&sender, &subject, &payload, &measure).await?;
-        Ok(Outcome::Rate(transfer.mb_per_second()))
+        Ok(Outcome::Rate(transfer.mb_per_second()).into())
+    }
+}
+
+/// What async-nats reported through the event callbacks of one case's
+/// connections (clones share the counts).
+#[derive(Debug, Clone, Default)]
+struct Reported {
+    slow_consumers: Counter,
+    disconnects: Counter,
+}
+
+impl Reported {
+    /// Counts `event` if it says messages may have been lost. (Events
+    /// reach the callback through a channel of 128 that drops what does
+    /// not fit, so these are lower bounds.)
+    fn take(&self, event: &Event) {
+        match event {
+            Event::SlowConsumer(_) | Event::ServerError(ServerError::SlowConsumer(_)) => {
+                self.slow_consumers.add(1)
+            }
+            Event::Disconnected => self.disconnects.add(1),
+            _ => {}
+        }
+    }
+
+    /// What was reported, for a measurement's loss; `None` if nothing.
+    fn text(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        match self.slow_consumers.get() {
+            0 => {}
+            1 => parts.push("1 slow-consumer event".to_owned()),
+            n => parts.push(format!("{n} slow-consumer events")),
+        }
+        match self.disconnects.get() {
+            0 => {}
+            1 => parts.push("1 disconnect".to_owned()),
+            n => parts.push(format!("{n} disconnects")),
+        }
+        (!parts.is_empty()).then(|| format!("async-nats reported {}", parts.join(", ")))
+    }
+}
+
+/// A fixed-rate publisher. Its `flush` is the trait's no-op: async-nats's
+/// connection task writes whatever it is handed without being asked, and
+/// its `Client::flush` would only wait for that write.
+struct Publisher {
+    client: Client,
+    subject: Subject,
+}
+
+impl PacedSender for Publisher {
+    async fn send(&mut self, body: Bytes) -> anyhow::Result<()> {
+        self.client.publish(self.subject.clone(), body).await?;
+        Ok(())
     }
 }
 
@@ -321,12 +434,30 @@ impl Drop for Tasks {
     }
 }
 
-/// A flush (PING/PONG round trip), bounded.
+/// A flush, bounded: everything handed to the client so far is written
+/// to its socket (no round trip; see the module docs).
 async fn flush(client: &Client) -> anyhow::Result<()> {
     tokio::time::timeout(WAIT_TIMEOUT, client.flush())
         .await
         .context("flush timed out")??;
     Ok(())
+}
+
+/// A round trip to the server, bounded: a request to a subject no one
+/// answers, which the server turns down ("no responders") only after it
+/// has processed everything the client sent before.
+async fn round_trip(client: &Client) -> anyhow::Result<()> {
+    let answer = tokio::time::timeout(
+        WAIT_TIMEOUT,
+        client.request("bench.round-trip", Bytes::new()),
+    )
+    .await
+    .context("round trip timed out")?;
+    match answer {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+        Err(e) => Err(e).context("round trip"),
+    }
 }
 
 /// One request, bounded.
@@ -342,7 +473,8 @@ async fn request(client: &Client, subject: &Subject, payload: &Bytes) -> anyhow:
 
 /// Publishes `payload` for `duration` and returns how many. A flush is
 /// started every [`FLUSH_EVERY`] messages or [`FLUSH_EVERY_BYTES`] bytes,
-/// and the previous one awaited first; ends with a flush.
+/// and the previous one awaited first; ends with a flush (everything
+/// written to the client's socket).
 async fn publish_for(
     client: &Client,
     subject: &Subject,
@@ -455,11 +587,13 @@ async fn wait_one(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::suite::{cases, BulkPath};
+    use crate::suite::{cases, BulkPath, FIXED_RATE_PERCENT};
 
     /// Needs nats-server (installs it with apt-get if it can):
     /// `cargo test -p clustercomm-benches --lib -- --ignored --nocapture`.
-    /// Runs every case of a full run with short phases.
+    /// Runs every case of a full run with short phases; the fixed-rate
+    /// case at [`FIXED_RATE_PERCENT`] of the `notify` rate just measured,
+    /// as the driver does.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "starts nats-server, which CI need not have"]
     async fn nats_runs_every_case() {
@@ -479,23 +613,39 @@ mod tests {
             body: nats.max_payload() + 1,
             path: BulkPath::Server,
         });
+        let mut notify_rate = 0.0;
         for case in all {
+            let case = case.at_rate((notify_rate * FIXED_RATE_PERCENT as f64 / 100.0) as u64);
             let started = Instant::now();
-            let outcome = nats.run(case, &options).await;
+            let measured = nats.run(case, &options).await;
             println!(
-                "nats {case}: {outcome} {} ({:.1} s)",
+                "nats {case}: {measured} {} ({:.1} s)",
                 case.unit(),
                 started.elapsed().as_secs_f64()
             );
-            match case {
-                Case::Bulk { body, .. } if body > nats.max_payload() => assert_eq!(
-                    outcome,
+            match (case, &measured.outcome) {
+                (Case::Notify { body: 128 }, Outcome::Rate(rate)) => notify_rate = *rate,
+                (Case::Bulk { body, .. }, outcome) if body > nats.max_payload() => assert_eq!(
+                    *outcome,
                     Outcome::Skipped("over nats max_payload".to_owned())
                 ),
-                _ => assert!(
-                    outcome.value().is_some_and(|v| v > 0.0),
-                    "{case}: {outcome}"
-                ),
+                (
+                    Case::SendPipelined {
+                        peer: SendPeer::JetStream,
+                        ..
+                    },
+                    outcome,
+                ) => assert_eq!(*outcome, Outcome::Skipped("n/a".to_owned())),
+                (Case::FixedRate { .. }, Outcome::Latency(l)) => {
+                    assert!(l.p50_us > 0.0 && l.rate.is_some_and(|r| r > 0.0), "{l:?}")
+                }
+                _ => {}
+            }
+            if !matches!(measured.outcome, Outcome::Skipped(_)) {
+                assert!(
+                    measured.outcome.value().is_some_and(|v| v > 0.0),
+                    "{case}: {measured}"
+                );
             }
         }
     }
