@@ -25,8 +25,10 @@
 //! - [`suite`]: the suite's cases and outcomes, shared by every system.
 //! - [`nats_server`]: nats-server for the NATS peers: install, start on a
 //!   loopback port (core or JetStream), kill and clean up on drop.
-//! - [`nats`]: the nats-server peer: starts a local server, runs every case
-//!   through the async-nats client.
+//! - [`nats_go`]: the reference NATS peer: a small Go program on NATS's own
+//!   client (nats.go) runs every case against nats-server.
+//! - [`nats`]: the async-nats peer: every case through the async-nats
+//!   client, a second NATS column.
 //! - [`raw_cases`]: raw loopback TCP as the floor of every suite case.
 //! - [`ours`]: clustercomm's side of the suite: every case against a fresh
 //!   message-server process, and the lazy-versus-server path sweep.
@@ -36,6 +38,7 @@ pub mod bulk_tcp;
 pub mod latency;
 pub mod memory;
 pub mod nats;
+pub mod nats_go;
 pub mod nats_server;
 pub mod options;
 pub mod ours;
