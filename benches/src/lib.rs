@@ -23,8 +23,12 @@
 //! - [`memory`]: peak and current resident memory from `/proc/self/status`.
 //! - [`plot`]: the sweep picture (PNG).
 //! - [`suite`]: the suite's cases and outcomes, shared by every system.
-//! - [`nats`]: the nats-server peer: starts a local server, runs every case
-//!   through the async-nats client.
+//! - [`nats_server`]: nats-server for the NATS peers: install, start on a
+//!   loopback port (core or JetStream), kill and clean up on drop.
+//! - [`nats_go`]: the reference NATS peer: a small Go program on NATS's own
+//!   client (nats.go) runs every case against nats-server.
+//! - [`nats`]: the async-nats peer: every case through the async-nats
+//!   client, a second NATS column.
 //! - [`raw_cases`]: raw loopback TCP as the floor of every suite case.
 //! - [`relay_cases`]: raw TCP through a relay process (`bench-relay`) as
 //!   the floor of every suite case that goes through a server.
@@ -36,6 +40,8 @@ pub mod bulk_tcp;
 pub mod latency;
 pub mod memory;
 pub mod nats;
+pub mod nats_go;
+pub mod nats_server;
 pub mod options;
 pub mod ours;
 pub mod plot;

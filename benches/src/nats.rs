@@ -1,61 +1,64 @@
-//! The nats-server peer: every [`Case`] run with the same pattern against a
+//! The async-nats peer: every [`Case`] run with the same pattern against a
 //! local `nats-server` through the `async-nats` client, in the same run as
-//! clustercomm.
+//! clustercomm (a second NATS column beside [`crate::nats_go`], NATS's own
+//! Go client).
 //!
-//! [`Nats::start`] finds `nats-server` on `PATH` (installing the Debian
-//! package with `apt-get` if it is missing), starts it on a free loopback
-//! port with `max_payload` raised to [`MAX_PAYLOAD`] and waits until it
-//! answers. [`Nats::run`] then measures one case; each case opens its own
-//! client connections, one per role (publisher, each subscriber, responder,
-//! requester), like separate nodes, and closes them at the end.
+//! [`Nats::start`] starts a [`NatsServer`] (installing nats-server with
+//! `apt-get` if it is missing) with `max_payload` raised to
+//! [`MAX_PAYLOAD`]. [`Nats::run`] then measures one case; each case opens
+//! its own client connections, one per role (publisher, each subscriber,
+//! responder, requester), like separate nodes, and closes them at the end.
 //!
 //! | case | NATS pattern | result |
 //! | --- | --- | --- |
-//! | `Notify`, `SendPipelined`, `Session` | one publisher, one subscriber on one subject | messages/s received |
+//! | `Notify`, `SendPipelined` (vs publish), `Session` | one publisher, one subscriber on one subject | messages/s received |
+//! | `FixedRate` | the same, the publisher on a fixed schedule ([`latency::fixed_rate`]) | µs percentiles from each message's due time |
 //! | `FanOutAll`, `FanOutGroup` | one publisher, `receivers` subscribers on one subject | deliveries/s (all subscribers) |
 //! | `AnyOf` | one publisher, a queue group of `members` subscribers | messages/s received in all |
 //! | `RequestLatency` | a responder echoing the payload, one requester, one request at a time | µs percentiles |
 //! | `RequestRate` | the same responder, `outstanding` requester tasks on one client | requests/s |
 //! | `Bulk` | bodies published as requests, answered with a 1-byte ack, [`BULK_IN_FLIGHT`] in flight | MB/s |
+//! | `SendPipelined` (vs JetStream) | none: skipped (nats.go runs it) | |
 //!
 //! One-way cases publish as fast as the client takes messages, with a
-//! [`Client::flush`] (a PING/PONG round trip) every [`FLUSH_EVERY`]
-//! messages or [`FLUSH_EVERY_BYTES`] bytes, pipelined one deep, so the
-//! publisher never runs more than two windows ahead of the server. A slow
-//! subscriber may have messages dropped (by the server or the client): the
-//! rate counts only what arrived, up to the moment the last of it arrived,
-//! and a note goes to stderr. `Bulk`'s path is irrelevant here: both rows
-//! go through the server.
+//! [`Client::flush`] every [`FLUSH_EVERY`] messages or
+//! [`FLUSH_EVERY_BYTES`] bytes, pipelined one deep. In async-nats 0.46
+//! `flush` is local: it queues a command behind every publish already
+//! handed to the client and resolves once the connection task has written
+//! all of them to the socket and flushed the stream (a no-op for plain
+//! TCP). It is no PING/PONG round trip and says nothing about the server
+//! having them; it keeps the publisher at most two windows ahead of the
+//! socket (the client's bounded command channel and write buffer hold it
+//! back too).
+//!
+//! A slow subscriber may have messages dropped, by the client (its
+//! subscription channel is full) or by the server (it disconnects a slow
+//! consumer). The rate counts only what arrived, up to the moment the
+//! last of it arrived; what did not arrive is the measurement's loss,
+//! explained only by what async-nats itself reported through its event
+//! callback (slow-consumer events, disconnects). `Bulk`'s path is
+//! irrelevant here: both rows go through the server.
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context};
-use async_nats::{Client, ConnectOptions, Subject};
+use anyhow::{ensure, Context};
+use async_nats::{Client, ConnectOptions, Event, ServerError, Subject};
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::latency::{self, PacedSender, Recorder};
+use crate::nats_server::{NatsServer, ServerSetup};
 use crate::options::{Options, WAIT_TIMEOUT};
 use crate::raw_cases::{bulk_plans, BULK_IN_FLIGHT};
 use crate::report::per_second;
-use crate::suite::{Case, Latency, Outcome};
+use crate::suite::{Case, Latency, Measurement, Outcome, SendPeer};
 use crate::transfer::{Plan, Transfer};
 use crate::wait::{settle, Counter};
 
-/// The `max_payload` the server is configured with: 64 MB, NATS's
-/// documented maximum. A body larger than what the server announces is
-/// skipped.
-pub const MAX_PAYLOAD: usize = 64 * 1024 * 1024;
-
-/// The server's `max_pending` (bytes it buffers for one slow client); it
-/// must be at least [`MAX_PAYLOAD`], and is larger so that a few bulk
-/// bodies in flight never make the receiver a slow consumer.
-pub const MAX_PENDING: usize = 4 * MAX_PAYLOAD;
+pub use crate::nats_server::{APT_TIMEOUT, MAX_PAYLOAD, MAX_PENDING, STARTUP_TIMEOUT};
 
 /// One-way publishes between two flushes...
 pub const FLUSH_EVERY: u64 = 4096;
@@ -70,24 +73,16 @@ pub const SUBSCRIPTION_CAPACITY: usize = 1 << 20;
 /// How long a count may stand still before it is taken as final.
 pub use crate::wait::STALL;
 
-/// Upper bound on nats-server starting to accept connections.
-pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Upper bound on each `apt-get` command run to install nats-server.
-pub const APT_TIMEOUT: Duration = Duration::from_secs(600);
-
 /// The byte a bulk receiver answers each body with.
 pub const BULK_ACK: u8 = 0x06;
 
 /// The queue group of [`Case::AnyOf`].
 const QUEUE_GROUP: &str = "members";
 
-/// A running nats-server on a loopback port, killed and reaped on drop.
+/// A running nats-server on a loopback port and the async-nats side of
+/// every case; the server is killed and reaped on drop.
 pub struct Nats {
-    child: Child,
-    url: String,
-    max_payload: usize,
-    files: Vec<PathBuf>,
+    server: NatsServer,
     subjects: AtomicU64,
 }
 
@@ -106,141 +101,72 @@ impl Nats {
     /// [`STARTUP_TIMEOUT`].
     pub async fn start(quick: bool) -> Result<Nats, String> {
         let _ = quick;
-        let binary = match find_on_path("nats-server") {
-            Some(binary) => binary,
-            None => install().await?,
-        };
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("finding a free loopback port: {e}"))?
-            .port();
-        let stem = format!("clustercomm-bench-nats-{}-{port}", std::process::id());
-        let config = std::env::temp_dir().join(format!("{stem}.conf"));
-        let log = std::env::temp_dir().join(format!("{stem}.log"));
-        std::fs::write(
-            &config,
-            format!("max_payload: {MAX_PAYLOAD}\nmax_pending: {MAX_PENDING}\n"),
-        )
-        .map_err(|e| format!("writing {}: {e}", config.display()))?;
-        let log_file =
-            File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
-        let log_file2 = log_file
-            .try_clone()
-            .map_err(|e| format!("duplicating the log file handle: {e}"))?;
-        let child = Command::new(&binary)
-            .arg("-c")
-            .arg(&config)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(log_file2)
-            .spawn();
-        let child = match child {
-            Ok(child) => child,
-            Err(e) => {
-                let _ = std::fs::remove_file(&config);
-                let _ = std::fs::remove_file(&log);
-                return Err(format!("starting {}: {e}", binary.display()));
-            }
-        };
-        let mut nats = Nats {
-            child,
-            url: format!("nats://127.0.0.1:{port}"),
-            max_payload: 0,
-            files: vec![config, log.clone()],
+        let server = NatsServer::start(ServerSetup::core("nats")).await?;
+        Ok(Nats {
+            server,
             subjects: AtomicU64::new(0),
-        };
-        // `nats` is dropped (the server killed) on every early return.
-        nats.wait_ready().await.map_err(|e| {
-            let tail = log_tail(&log);
-            format!("{} did not start: {e:#}{tail}", binary.display())
-        })?;
-        eprintln!(
-            "nats: {} listening on {} (max_payload {} bytes)",
-            binary.display(),
-            nats.url,
-            nats.max_payload
-        );
-        Ok(nats)
+        })
     }
 
     /// The server's client URL (`nats://127.0.0.1:PORT`).
     pub fn url(&self) -> &str {
-        &self.url
+        self.server.url()
     }
 
     /// The largest payload the server accepts, as it announced it.
     pub fn max_payload(&self) -> usize {
-        self.max_payload
+        self.server.max_payload()
     }
 
     /// Measures `case` with the NATS pattern described in the module docs.
-    /// Never panics on a peer problem: failures come back as
-    /// [`Outcome::Failed`], bodies over the server's limit as
+    /// One-way cases carry their loss (explained by what async-nats
+    /// reported, if it reported anything). Never panics on a peer problem:
+    /// failures come back as [`Outcome::Failed`], bodies over the server's
+    /// limit and the JetStream send (which async-nats does not run) as
     /// [`Outcome::Skipped`].
-    pub async fn run(&self, case: Case, options: &Options) -> Outcome {
+    pub async fn run(&self, case: Case, options: &Options) -> Measurement {
         let result = match case {
+            Case::SendPipelined {
+                peer: SendPeer::JetStream,
+                ..
+            } => Ok(Measurement::skipped("n/a")),
             Case::Notify { body } | Case::Session { body } | Case::SendPipelined { body, .. } => {
-                self.one_way(1, Fan::Subject, body, options)
-                    .await
-                    .map(Outcome::Rate)
+                self.one_way(1, Fan::Subject, body, options).await
             }
-            Case::FanOutAll { receivers, body } | Case::FanOutGroup { receivers, body } => self
-                .one_way(receivers, Fan::Subject, body, options)
-                .await
-                .map(Outcome::Rate),
-            Case::AnyOf { members, body } => self
-                .one_way(members, Fan::Queue, body, options)
-                .await
-                .map(Outcome::Rate),
+            Case::FanOutAll { receivers, body } | Case::FanOutGroup { receivers, body } => {
+                self.one_way(receivers, Fan::Subject, body, options).await
+            }
+            Case::AnyOf { members, body } => self.one_way(members, Fan::Queue, body, options).await,
+            Case::FixedRate { body, rate } => self.fixed_rate(body, rate, options).await,
             Case::RequestLatency { body } => self.request_latency(body, options).await,
             Case::RequestRate { body, outstanding } => self
                 .request_rate(body, outstanding, options)
                 .await
-                .map(Outcome::Rate),
+                .map(|rate| Outcome::Rate(rate).into()),
             Case::Bulk { body, .. } => self.bulk(body, options).await,
-            Case::FixedRate { .. } => Ok(Outcome::Skipped("not yet".to_owned())),
         };
-        result.unwrap_or_else(|e| Outcome::Failed(format!("{e:#}")))
+        result.unwrap_or_else(|e| Measurement::failed(format!("{e:#}")))
     }
 
-    /// Connects, reads the server's limit and checks a round trip.
-    async fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        let addr = self.url.trim_start_matches("nats://").to_owned();
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("nats-server exited ({status})");
-            }
-            if tokio::net::TcpStream::connect(&addr).await.is_ok() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                bail!("no connection accepted within {STARTUP_TIMEOUT:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let client = self.connect("ready").await?;
-        tokio::time::timeout(STARTUP_TIMEOUT, client.flush())
-            .await
-            .context("first flush timed out")??;
-        self.max_payload = client.server_info().max_payload;
-        Ok(())
-    }
-
-    /// A new client connection named `role`.
-    async fn connect(&self, role: &str) -> anyhow::Result<Client> {
+    /// A new client connection named `role`, counting what async-nats
+    /// reports into `reported`.
+    async fn connect(&self, role: &str, reported: &Reported) -> anyhow::Result<Client> {
+        let events = reported.clone();
         tokio::time::timeout(
             WAIT_TIMEOUT,
             ConnectOptions::new()
                 .name(format!("bench-{role}"))
                 .request_timeout(Some(WAIT_TIMEOUT))
                 .subscription_capacity(SUBSCRIPTION_CAPACITY)
-                .connect(self.url.as_str()),
+                .event_callback(move |event| {
+                    events.take(&event);
+                    async {}
+                })
+                .connect(self.url()),
         )
         .await
         .with_context(|| format!("connecting {role} timed out"))?
-        .with_context(|| format!("connecting {role} to {}", self.url))
+        .with_context(|| format!("connecting {role} to {}", self.url()))
     }
 
     /// A subject no earlier case used.
@@ -250,21 +176,23 @@ impl Nats {
     }
 
     /// One publisher, `subscribers` subscriber clients (plain or in one
-    /// queue group): deliveries per second over the measured phase.
+    /// queue group): deliveries per second over the measured phase, and
+    /// the deliveries that did not arrive as loss.
     async fn one_way(
         &self,
         subscribers: usize,
         fan: Fan,
         body: usize,
         options: &Options,
-    ) -> anyhow::Result<f64> {
+    ) -> anyhow::Result<Measurement> {
         ensure!(subscribers > 0, "no subscribers");
         let subject = self.subject("oneway");
+        let reported = Reported::default();
         let received = Counter::new();
         let mut tasks = Tasks::default();
         let mut clients = Vec::with_capacity(subscribers);
         for i in 0..subscribers {
-            let client = self.connect(&format!("subscriber-{i}")).await?;
+            let client = self.connect(&format!("subscriber-{i}"), &reported).await?;
             let mut subscription = match fan {
                 Fan::Subject => client.subscribe(subject.clone()).await?,
                 Fan::Queue => {
@@ -273,7 +201,11 @@ impl Nats {
                         .await?
                 }
             };
-            flush(&client).await.context("registering a subscription")?;
+            // The SUB is written to the socket; a round trip makes sure
+            // the server has taken it before anything is published.
+            round_trip(&client)
+                .await
+                .context("registering a subscription")?;
             let received = received.clone();
             tasks.spawn(async move {
                 while subscription.next().await.is_some() {
@@ -286,7 +218,7 @@ impl Nats {
             Fan::Subject => subscribers as u64,
             Fan::Queue => 1,
         };
-        let publisher = self.connect("publisher").await?;
+        let publisher = self.connect("publisher", &reported).await?;
         let payload = Bytes::from(vec![0xAB; body]);
 
         let warm = publish_for(&publisher, &subject, &payload, options.warmup).await?;
@@ -302,24 +234,56 @@ impl Nats {
             .await
             .context("nats one-way")?;
         let got = count - base;
-        if got < expected {
-            eprintln!(
-                "nats: {got} of {expected} deliveries arrived ({} dropped: slow consumer); \
-                 the rate counts only what arrived",
-                expected - got
-            );
-        }
         ensure!(got > 0, "no message arrived");
-        Ok(per_second(got, done - start))
+        Ok(
+            Measurement::from(Outcome::Rate(per_second(got, done - start)))
+                .with_loss(expected.saturating_sub(got), reported.text()),
+        )
     }
 
-    /// Starts a responder client echoing every request's payload on a new
-    /// subject; returns the subject, the client and its task.
+    /// One publisher on a fixed schedule at `rate`, one subscriber
+    /// recording each message's latency from its due time.
+    async fn fixed_rate(
+        &self,
+        body: usize,
+        rate: u64,
+        options: &Options,
+    ) -> anyhow::Result<Measurement> {
+        let subject = self.subject("fixedrate");
+        let reported = Reported::default();
+        let subscriber = self.connect("subscriber", &reported).await?;
+        let mut subscription = subscriber.subscribe(subject.clone()).await?;
+        round_trip(&subscriber)
+            .await
+            .context("registering the subscription")?;
+        let recorder = Recorder::new();
+        let mut tasks = Tasks::default();
+        let recording = recorder.clone();
+        tasks.spawn(async move {
+            while let Some(message) = subscription.next().await {
+                recording.record(&message.payload);
+            }
+        });
+        let mut publisher = Publisher {
+            client: self.connect("publisher", &reported).await?,
+            subject,
+        };
+        let measured =
+            latency::fixed_rate(&mut publisher, &recorder, body, rate as f64, options).await?;
+        let lost = measured.lost;
+        Ok(measured.with_loss(lost, reported.text()))
+    }
+
+    /// Starts a responder client echoing every request's payload (or
+    /// answering `reply`) on a new subject; returns the subject, the
+    /// client and its task.
     async fn responder(&self, reply: Option<Bytes>) -> anyhow::Result<(Subject, Client, Tasks)> {
         let subject = self.subject("request");
-        let client = self.connect("responder").await?;
+        let client = self.connect("responder", &Reported::default()).await?;
         let mut subscription = client.subscribe(subject.clone()).await?;
-        flush(&client).await.context("registering the responder")?;
+        round_trip(&client)
+            .await
+            .context("registering the responder")?;
         let mut tasks = Tasks::default();
         let answering = client.clone();
         tasks.spawn(async move {
@@ -335,23 +299,23 @@ impl Nats {
     }
 
     /// Sequential requests: per-request round-trip percentiles.
-    async fn request_latency(&self, body: usize, options: &Options) -> anyhow::Result<Outcome> {
+    async fn request_latency(&self, body: usize, options: &Options) -> anyhow::Result<Measurement> {
         let (subject, _responder, _tasks) = self.responder(None).await?;
-        let requester = self.connect("requester").await?;
+        let requester = self.connect("requester", &Reported::default()).await?;
         let payload = Bytes::from(vec![0xAB; body]);
         let start = Instant::now();
         while start.elapsed() < options.warmup {
             request(&requester, &subject, &payload).await?;
         }
-        let mut samples = crate::latency::histogram();
+        let mut samples = latency::histogram();
         let start = Instant::now();
         while start.elapsed() < options.measure {
             let sent = Instant::now();
             request(&requester, &subject, &payload).await?;
-            crate::latency::record(&mut samples, sent.elapsed().as_nanos() as u64);
+            latency::record(&mut samples, sent.elapsed().as_nanos() as u64);
         }
         Latency::from_histogram(&samples)
-            .map(Outcome::Latency)
+            .map(|l| Outcome::Latency(l).into())
             .context("no request completed")
     }
 
@@ -364,7 +328,7 @@ impl Nats {
     ) -> anyhow::Result<f64> {
         ensure!(outstanding > 0, "no requests in flight");
         let (subject, _responder, _tasks) = self.responder(None).await?;
-        let requester = self.connect("requester").await?;
+        let requester = self.connect("requester", &Reported::default()).await?;
         let payload = Bytes::from(vec![0xAB; body]);
         requests_for(&requester, &subject, &payload, outstanding, options.warmup).await?;
         let (done, elapsed) =
@@ -374,28 +338,72 @@ impl Nats {
 
     /// Bodies sent as requests, each answered with a 1-byte ack,
     /// [`BULK_IN_FLIGHT`] in flight: MB/s.
-    async fn bulk(&self, body: usize, options: &Options) -> anyhow::Result<Outcome> {
-        if body > self.max_payload {
-            return Ok(Outcome::Skipped("over nats max_payload".to_owned()));
+    async fn bulk(&self, body: usize, options: &Options) -> anyhow::Result<Measurement> {
+        if body > self.max_payload() {
+            return Ok(Measurement::skipped("over nats max_payload"));
         }
         let ack = Bytes::from_static(&[BULK_ACK]);
         let (subject, _receiver, _tasks) = self.responder(Some(ack)).await?;
-        let sender = self.connect("bulk-sender").await?;
+        let sender = self.connect("bulk-sender", &Reported::default()).await?;
         let payload = Bytes::from(vec![0xAB; body]);
         let (warmup, measure) = bulk_plans(options);
         send_bodies(&sender, &subject, &payload, &warmup).await?;
         let transfer = send_bodies(&sender, &subject, &payload, &measure).await?;
-        Ok(Outcome::Rate(transfer.mb_per_second()))
+        Ok(Outcome::Rate(transfer.mb_per_second()).into())
     }
 }
 
-impl Drop for Nats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for file in &self.files {
-            let _ = std::fs::remove_file(file);
+/// What async-nats reported through the event callbacks of one case's
+/// connections (clones share the counts).
+#[derive(Debug, Clone, Default)]
+struct Reported {
+    slow_consumers: Counter,
+    disconnects: Counter,
+}
+
+impl Reported {
+    /// Counts `event` if it says messages may have been lost. (Events
+    /// reach the callback through a channel of 128 that drops what does
+    /// not fit, so these are lower bounds.)
+    fn take(&self, event: &Event) {
+        match event {
+            Event::SlowConsumer(_) | Event::ServerError(ServerError::SlowConsumer(_)) => {
+                self.slow_consumers.add(1)
+            }
+            Event::Disconnected => self.disconnects.add(1),
+            _ => {}
         }
+    }
+
+    /// What was reported, for a measurement's loss; `None` if nothing.
+    fn text(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        match self.slow_consumers.get() {
+            0 => {}
+            1 => parts.push("1 slow-consumer event".to_owned()),
+            n => parts.push(format!("{n} slow-consumer events")),
+        }
+        match self.disconnects.get() {
+            0 => {}
+            1 => parts.push("1 disconnect".to_owned()),
+            n => parts.push(format!("{n} disconnects")),
+        }
+        (!parts.is_empty()).then(|| format!("async-nats reported {}", parts.join(", ")))
+    }
+}
+
+/// A fixed-rate publisher. Its `flush` is the trait's no-op: async-nats's
+/// connection task writes whatever it is handed without being asked, and
+/// its `Client::flush` would only wait for that write.
+struct Publisher {
+    client: Client,
+    subject: Subject,
+}
+
+impl PacedSender for Publisher {
+    async fn send(&mut self, body: Bytes) -> anyhow::Result<()> {
+        self.client.publish(self.subject.clone(), body).await?;
+        Ok(())
     }
 }
 
@@ -426,12 +434,30 @@ impl Drop for Tasks {
     }
 }
 
-/// A flush (PING/PONG round trip), bounded.
+/// A flush, bounded: everything handed to the client so far is written
+/// to its socket (no round trip; see the module docs).
 async fn flush(client: &Client) -> anyhow::Result<()> {
     tokio::time::timeout(WAIT_TIMEOUT, client.flush())
         .await
         .context("flush timed out")??;
     Ok(())
+}
+
+/// A round trip to the server, bounded: a request to a subject no one
+/// answers, which the server turns down ("no responders") only after it
+/// has processed everything the client sent before.
+async fn round_trip(client: &Client) -> anyhow::Result<()> {
+    let answer = tokio::time::timeout(
+        WAIT_TIMEOUT,
+        client.request("bench.round-trip", Bytes::new()),
+    )
+    .await
+    .context("round trip timed out")?;
+    match answer {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+        Err(e) => Err(e).context("round trip"),
+    }
 }
 
 /// One request, bounded.
@@ -447,7 +473,8 @@ async fn request(client: &Client, subject: &Subject, payload: &Bytes) -> anyhow:
 
 /// Publishes `payload` for `duration` and returns how many. A flush is
 /// started every [`FLUSH_EVERY`] messages or [`FLUSH_EVERY_BYTES`] bytes,
-/// and the previous one awaited first; ends with a flush.
+/// and the previous one awaited first; ends with a flush (everything
+/// written to the client's socket).
 async fn publish_for(
     client: &Client,
     subject: &Subject,
@@ -557,110 +584,16 @@ async fn wait_one(
     }
 }
 
-/// Where Debian and hand installs put binaries, looked at after `PATH`
-/// (the package installs `/usr/sbin/nats-server`, and some environments
-/// leave the `sbin` directories off `PATH`).
-const USUAL_DIRS: &[&str] = &["/usr/local/bin", "/usr/local/sbin", "/usr/bin", "/usr/sbin"];
-
-/// `name` in a directory of `PATH` (or of [`USUAL_DIRS`]), if it is an
-/// executable file there.
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(USUAL_DIRS.iter().map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|candidate| is_executable(candidate))
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    path.metadata()
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
-}
-
-/// Installs the Debian package `nats-server`, running `apt-get update`
-/// first only if a plain install fails; returns the binary.
-async fn install() -> Result<PathBuf, String> {
-    const INSTALL: &[&str] = &["install", "-y", "-q", "nats-server"];
-    eprintln!("nats: nats-server is not on PATH; running `apt-get install -y nats-server`");
-    let mut failure = apt(INSTALL).await.err();
-    if let Some(e) = &failure {
-        eprintln!("nats: {e}; running `apt-get update` and installing again");
-        failure = match apt(&["update", "-q"]).await {
-            Ok(()) => apt(INSTALL).await.err(),
-            Err(e) => Some(e),
-        };
-    }
-    match (find_on_path("nats-server"), failure) {
-        (Some(binary), _) => {
-            eprintln!("nats: installed {}", binary.display());
-            Ok(binary)
-        }
-        (None, Some(e)) => Err(format!("nats-server not on PATH and not installable: {e}")),
-        (None, None) => Err("the nats-server package installed no nats-server binary".to_owned()),
-    }
-}
-
-/// Runs `apt-get ARGS` non-interactively, its output on stderr, killed
-/// after [`APT_TIMEOUT`].
-async fn apt(args: &[&str]) -> Result<(), String> {
-    let what = format!("`apt-get {}`", args.join(" "));
-    let mut child = Command::new("apt-get")
-        .args(args)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(std::io::stderr()))
-        .stderr(Stdio::from(std::io::stderr()))
-        .spawn()
-        .map_err(|e| format!("{what} could not start: {e}"))?;
-    let status = wait_child(&mut child, APT_TIMEOUT)
-        .await
-        .map_err(|e| format!("{what}: {e}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("{what} failed ({status})"))
-    }
-}
-
-/// Waits for `child` to exit, killing it after `timeout`.
-async fn wait_child(child: &mut Child, timeout: Duration) -> Result<ExitStatus, String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Ok(status),
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("killed after {timeout:?}"));
-            }
-            Ok(None) => tokio::time::sleep(Duration::from_millis(100)).await,
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-}
-
-/// The last lines of the server's log, for an error message.
-fn log_tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(5)..].join("\n");
-    if tail.is_empty() {
-        String::new()
-    } else {
-        format!("; its log ends:\n{tail}")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::suite::{cases, BulkPath};
+    use crate::suite::{cases, BulkPath, FIXED_RATE_PERCENT};
 
     /// Needs nats-server (installs it with apt-get if it can):
     /// `cargo test -p clustercomm-benches --lib -- --ignored --nocapture`.
-    /// Runs every case of a full run with short phases.
+    /// Runs every case of a full run with short phases; the fixed-rate
+    /// case at [`FIXED_RATE_PERCENT`] of the `notify` rate just measured,
+    /// as the driver does.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "starts nats-server, which CI need not have"]
     async fn nats_runs_every_case() {
@@ -680,23 +613,39 @@ mod tests {
             body: nats.max_payload() + 1,
             path: BulkPath::Server,
         });
+        let mut notify_rate = 0.0;
         for case in all {
+            let case = case.at_rate((notify_rate * FIXED_RATE_PERCENT as f64 / 100.0) as u64);
             let started = Instant::now();
-            let outcome = nats.run(case, &options).await;
+            let measured = nats.run(case, &options).await;
             println!(
-                "nats {case}: {outcome} {} ({:.1} s)",
+                "nats {case}: {measured} {} ({:.1} s)",
                 case.unit(),
                 started.elapsed().as_secs_f64()
             );
-            match case {
-                Case::Bulk { body, .. } if body > nats.max_payload() => assert_eq!(
-                    outcome,
+            match (case, &measured.outcome) {
+                (Case::Notify { body: 128 }, Outcome::Rate(rate)) => notify_rate = *rate,
+                (Case::Bulk { body, .. }, outcome) if body > nats.max_payload() => assert_eq!(
+                    *outcome,
                     Outcome::Skipped("over nats max_payload".to_owned())
                 ),
-                _ => assert!(
-                    outcome.value().is_some_and(|v| v > 0.0),
-                    "{case}: {outcome}"
-                ),
+                (
+                    Case::SendPipelined {
+                        peer: SendPeer::JetStream,
+                        ..
+                    },
+                    outcome,
+                ) => assert_eq!(*outcome, Outcome::Skipped("n/a".to_owned())),
+                (Case::FixedRate { .. }, Outcome::Latency(l)) => {
+                    assert!(l.p50_us > 0.0 && l.rate.is_some_and(|r| r > 0.0), "{l:?}")
+                }
+                _ => {}
+            }
+            if !matches!(measured.outcome, Outcome::Skipped(_)) {
+                assert!(
+                    measured.outcome.value().is_some_and(|v| v > 0.0),
+                    "{case}: {measured}"
+                );
             }
         }
     }
