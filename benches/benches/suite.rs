@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clustercomm_benches::latency::Latency;
 use clustercomm_benches::nats::Nats;
+use clustercomm_benches::nats_go::NatsGo;
 use clustercomm_benches::suite::{
     self, BulkPath, Case, Measurement, Outcome, SendPeer, Summary, System, FIXED_RATE_PERCENT,
 };
@@ -57,7 +58,7 @@ impl Row {
 /// The peers of the run and why any is missing.
 struct Peers {
     server: PathBuf,
-    nats_go: Result<(), String>,
+    nats_go: Result<NatsGo, String>,
     async_nats: Result<Nats, String>,
     relay: Result<PathBuf, String>,
 }
@@ -73,6 +74,10 @@ impl Peers {
                 relay: Err(off),
             };
         }
+        let nats_go = NatsGo::start(options.quick).await;
+        if let Err(why) = &nats_go {
+            println!("NATS's Go client unavailable ({why}): its column is skipped.");
+        }
         let async_nats = Nats::start(options.quick).await;
         if let Err(why) = &async_nats {
             println!("nats-server unavailable to async-nats ({why}): its column is skipped.");
@@ -83,7 +88,7 @@ impl Peers {
         }
         Peers {
             server,
-            nats_go: Err("not built yet".to_owned()),
+            nats_go,
             async_nats,
             relay,
         }
@@ -103,11 +108,11 @@ impl Peers {
                 Err(e) => (Measurement::failed(format!("{e:#}")), None),
             },
             System::NatsGo => match &self.nats_go {
-                Ok(()) => (Measurement::skipped("not built yet"), None),
+                Ok(nats) => (nats.run(case, options).await, None),
                 Err(why) => (Measurement::skipped(why.clone()), None),
             },
             System::AsyncNats => match &self.async_nats {
-                Ok(nats) => (nats.run(case, options).await.into(), None),
+                Ok(nats) => (nats.run(case, options).await, None),
                 Err(why) => (Measurement::skipped(why.clone()), None),
             },
             System::Relay => match &self.relay {

@@ -48,6 +48,7 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -57,13 +58,13 @@ import (
 // (messages were lost), as in the Rust suite.
 const stall = 500 * time.Millisecond
 
-// sleepAbove is the gap to the next due message above which the paced
-// publisher sleeps (less timerSlack); shorter gaps are spun through with
-// runtime.Gosched, mirroring latency::pace in Rust.
-const sleepAbove = 2 * time.Millisecond
+// timerSlackNs is the timer slack the paced publisher's thread asks the
+// kernel for (PR_SET_TIMERSLACK), as latency::fine_timers does in Rust:
+// with the default 50 µs the shortest sleep lasts about 70 µs.
+const timerSlackNs = 1000
 
-// timerSlack is how much earlier than the next due message a sleep ends.
-const timerSlack = time.Millisecond
+// prSetTimerslack is prctl's PR_SET_TIMERSLACK.
+const prSetTimerslack = 29
 
 // stampLen is the length of the due-time stamp at the start of a fixed-rate
 // body: nanoseconds on this process's clock, big-endian.
@@ -470,15 +471,24 @@ func oneway(cfg config, out *bufio.Writer) error {
 
 // pace publishes stamped bodies at rate for d on a fixed schedule (message
 // i due at start + i/rate), every message that is due, each stamped with
-// its due time; it returns how many.
+// its due time; it returns how many. Between due times it sleeps on its
+// own OS thread with nanosleep and a 1 µs timer slack, as the Rust suite's
+// pacer does (latency::pace): a spin would take a core from the server,
+// and Go's time.Sleep is as coarse as the netpoller's timeout.
 func pace(nc *nats.Conn, subj string, body []byte, rate float64, d time.Duration) (int64, error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	// Best effort: without it the sleeps are coarser, which shows as
+	// latency.
+	_, _, _ = syscall.RawSyscall(syscall.SYS_PRCTL, prSetTimerslack, timerSlackNs, 0)
 	interval := 1e9 / rate
 	start := now()
 	due := func(i int64) int64 { return start + int64(float64(i)*interval) }
+	end := start + int64(d)
 	var taken int64
 	for {
 		t := now()
-		if t-start >= int64(d) {
+		if t >= end {
 			return taken, nil
 		}
 		for due(taken) <= t {
@@ -488,11 +498,13 @@ func pace(nc *nats.Conn, subj string, body []byte, rate float64, d time.Duration
 			}
 			taken++
 		}
-		gap := time.Duration(due(taken) - now())
-		if gap > sleepAbove {
-			time.Sleep(gap - timerSlack)
-		} else {
-			runtime.Gosched()
+		next := due(taken)
+		if next > end {
+			next = end
+		}
+		if gap := next - now(); gap > 0 {
+			ts := syscall.NsecToTimespec(gap)
+			_ = syscall.Nanosleep(&ts, nil)
 		}
 	}
 }
