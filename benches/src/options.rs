@@ -50,7 +50,8 @@ usage: cargo bench -p clustercomm-benches --bench suite -- [--quick] [--ours-onl
   --rounds N    N rounds per case instead of 5 (3 for bulk); the table
                 shows the median round and the range
   CASE          run only the cases whose name contains one of these
-                (say \"notify 128\" \"fan-out\"); a partial run does not
+                (say \"notify 128\" \"fan-out\"), or is exactly one that
+                starts with = (\"=notify 128 B\"); a partial run does not
                 replace the results in benches/results/
   -h, --help    print this and run nothing
 
@@ -111,9 +112,15 @@ impl Options {
         }
     }
 
-    /// Whether the case named `case` should run.
+    /// Whether the case named `case` should run: every case without
+    /// filters, else a case whose name contains a filter, or is exactly a
+    /// filter that starts with `=` (without it).
     pub fn selects(&self, case: &str) -> bool {
-        self.filters.is_empty() || self.filters.iter().any(|f| case.contains(f.as_str()))
+        self.filters.is_empty()
+            || self.filters.iter().any(|f| match f.strip_prefix('=') {
+                Some(exact) => case == exact,
+                None => case.contains(f.as_str()),
+            })
     }
 }
 
@@ -150,6 +157,9 @@ mod tests {
         assert_eq!(some.filters, ["notify"]);
         assert!(some.selects("notify 128 B"));
         assert!(!some.selects("send 128 B, pipelined"));
+        let exact = Options::from_args(["=notify 128 B"]);
+        assert!(exact.selects("notify 128 B"));
+        assert!(!exact.selects("notify 128 B at 50% of max rate"));
         let rounds = Options::from_args(["--rounds", "7", "notify"]);
         assert_eq!((rounds.rounds, rounds.help), (Some(7), false));
         assert_eq!(rounds.filters, ["notify"]);
