@@ -1,16 +1,21 @@
-//! Shared pieces of the clustercomm benchmarks: run options, the raw-TCP
-//! peers every case is compared against in the same run, bounded waits, and
-//! the result table.
+//! Shared pieces of the clustercomm benchmarks: the suite's cases and
+//! systems, the peers every case is compared against in the same run
+//! (nats-server through NATS's own Go client and through async-nats, raw
+//! TCP through a relay process, raw TCP direct), latency histograms and
+//! fixed-rate pacing, bounded waits, and the result tables.
 //!
-//! The benchmarks themselves live in `benches/` (run them with
-//! `cargo bench -p clustercomm-benches --bench p2p` for small-message
-//! throughput or `--bench bulk` for large bodies; add `-- --quick` for a
-//! short run). Numbers are only meaningful as ratios against the peers
-//! measured in the same process, on the same runtime, at the same moment.
+//! The benchmarks themselves live in `benches/`: the suite
+//! (`cargo bench -p clustercomm-benches --bench suite`, `-- --quick` for
+//! short rounds) and the older, narrower `--bench p2p` and `--bench bulk`.
+//! Numbers are only meaningful as ratios against the peers measured in the
+//! same run, at nearly the same moment.
 //!
 //! # Layout
 //!
-//! - [`options`]: command-line options (`--quick`) and phase durations.
+//! - [`options`]: command-line options (`--quick`, `--rounds`, filters)
+//!   and phase durations.
+//! - [`latency`]: HdrHistogram percentiles, due-time stamps, and the
+//!   fixed-rate pacer that measures latency without coordinated omission.
 //! - [`raw_tcp`]: the raw-TCP peers: a one-way frame sink and a pipelined
 //!   ack loop over loopback.
 //! - [`wait`]: counters and bounded waits on them.
