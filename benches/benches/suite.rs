@@ -409,6 +409,7 @@ fn targets(rows: &[Row]) -> String {
     let latency = find(rows, Case::RequestLatency { body: 128 });
     let of = |system| latency.and_then(|r| r.of(system).median_latency());
     let (ours, raw, nats) = (of(System::Ours), of(System::Raw), of(System::NatsGo));
+    let relay = of(System::Relay);
     let ok = match (ours, raw, nats) {
         (Some(o), Some(r), Some(n)) => Some(
             o.p50_us <= 3.0 * r.p50_us
@@ -429,10 +430,12 @@ fn targets(rows: &[Row]) -> String {
         "request/reply 1 outstanding: p50 at most 3x and p99 at most 5x raw TCP ping-pong, \
          both below NATS",
         format!(
-            "p50/p99 µs: ours {}, raw {}, NATS {}",
+            "p50/p99 µs: ours {}, raw direct {}, NATS {}; the relay floor (four hops through a \
+             process, as ours) {}",
             show(ours),
             show(raw),
-            show(nats)
+            show(nats),
+            show(relay)
         ),
     );
     let x = ratio_of(find(rows, Case::Notify { body: 128 }), System::Relay);
