@@ -283,7 +283,8 @@ async fn open(
     let stream =
         transports::tcp::connect(&addr.to_string(), &config.tcp, config.connect_timeout()).await?;
     let (rd, mut wr) = stream.into_split();
-    let mut reader = FrameReader::new(rd, FrameCodec::default());
+    let mut reader =
+        FrameReader::with_read_chunk(rd, FrameCodec::default(), config.node.read_chunk_bytes);
     let welcome = handshake::connect_handshake(
         &mut reader,
         &mut wr,
@@ -494,7 +495,8 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
         tracing::debug!(error = %e, "could not tune socket");
     }
     let (rd, mut wr) = stream.into_split();
-    let mut reader = FrameReader::new(rd, FrameCodec::default());
+    let mut reader =
+        FrameReader::with_read_chunk(rd, FrameCodec::default(), config.node.read_chunk_bytes);
     let hello = match handshake::accept_hello(
         &mut reader,
         &mut wr,

@@ -67,7 +67,11 @@ pub(crate) async fn connect(
     let stream = transports::tcp::connect(&address, &config.tcp, config.connect_timeout()).await?;
     let peer = stream.peer_addr()?;
     let (rd, mut wr) = stream.into_split();
-    let mut reader = FrameReader::new(rd, FrameCodec::new(HANDSHAKE_MAX_FRAME_BYTES));
+    let mut reader = FrameReader::with_read_chunk(
+        rd,
+        FrameCodec::new(HANDSHAKE_MAX_FRAME_BYTES),
+        config.node.read_chunk_bytes,
+    );
     let welcome =
         handshake::connect_handshake(&mut reader, &mut wr, hello, config.connect_timeout()).await?;
     let max_message = welcome

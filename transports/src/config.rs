@@ -49,6 +49,15 @@ pub const DEFAULT_RECONNECT_MAX_DELAY_MS: u64 = 5_000;
 pub const DEFAULT_QUEUE_FRAMES: usize = 8_192;
 /// Default byte capacity of each connection's outgoing queue.
 pub const DEFAULT_QUEUE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Default `node.read_chunk_bytes`: 256 KiB. A node has few connections
+/// (its link to the message server, its direct channels), and a backlog
+/// of small messages taken four times as much per read costs fewer
+/// system calls and wake-ups: `notify` 128 B through the server measured
+/// about 7% faster than with the message server's 64 KiB
+/// ([`crate::io::READ_CHUNK_BYTES`]), which keeps its smaller reads for its
+/// thousands of connections.
+pub const DEFAULT_NODE_READ_CHUNK_BYTES: usize = 256 * 1024;
 /// Default time a control frame (ack, routing result) may wait for room in
 /// a slow consumer's queue before that consumer is disconnected.
 pub const DEFAULT_SLOW_CONSUMER_MS: u64 = 5_000;
@@ -252,6 +261,10 @@ pub struct NodeConfig {
     /// Bytes the node's outgoing queue holds; senders wait for room.
     /// Default [`DEFAULT_QUEUE_BYTES`].
     pub queue_bytes: usize,
+    /// Bytes a node asks the socket for per read on each of its
+    /// connections (each keeps a buffer that size). Default
+    /// [`DEFAULT_NODE_READ_CHUNK_BYTES`].
+    pub read_chunk_bytes: usize,
 }
 
 impl Default for NodeConfig {
@@ -269,6 +282,7 @@ impl Default for NodeConfig {
             processor_concurrency: DEFAULT_PROCESSOR_CONCURRENCY,
             queue_frames: DEFAULT_QUEUE_FRAMES,
             queue_bytes: DEFAULT_QUEUE_BYTES,
+            read_chunk_bytes: DEFAULT_NODE_READ_CHUNK_BYTES,
         }
     }
 }
@@ -528,6 +542,13 @@ impl Config {
                 return bad(key, format!("{v} is below the minimum of {min}"));
             }
         }
+        let chunk = self.node.read_chunk_bytes;
+        if !(4 * 1024..=16 * 1024 * 1024).contains(&chunk) {
+            return bad(
+                "node.read_chunk_bytes",
+                format!("{chunk} is outside 4096 to 16777216 (4 KiB to 16 MiB)"),
+            );
+        }
         if ms.queue_bytes > u32::MAX as usize || self.node.queue_bytes > u32::MAX as usize {
             return bad("queue_bytes", "must be below 4 GiB".into());
         }
@@ -634,6 +655,11 @@ mod tests {
                 "message_server.addresses",
             ),
             ("[node]\ninbox_capacity = 0\n", "node.inbox_capacity"),
+            ("[node]\nread_chunk_bytes = 1024\n", "node.read_chunk_bytes"),
+            (
+                "[node]\nread_chunk_bytes = 1073741824\n",
+                "node.read_chunk_bytes",
+            ),
         ];
         for (text, key) in cases {
             match Config::parse(text, "t") {

@@ -36,7 +36,9 @@ use crate::frame::{
 };
 use crate::protocol::{Header, MessageRef};
 
-/// Bytes requested from the socket per read when the buffer runs low.
+/// Bytes requested from the socket per read when the buffer runs low, by
+/// default (the message server's connections); a node reads more at once
+/// (`node.read_chunk_bytes`, see [`FrameReader::with_read_chunk`]).
 pub const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// Bodies at least this large are written from their own buffer in the
 /// vectored write instead of being copied into the batch buffer.
@@ -60,20 +62,33 @@ pub struct FrameReader<R> {
     /// Bytes at the front of `buf` still lent out by the last
     /// [`FrameReader::try_next_frame`]; dropped at the next call.
     lent: usize,
+    /// Bytes requested from the socket per read when the buffer runs low.
+    read_chunk: usize,
 }
 
 /// Frames above this size get a buffer of their own, of exactly their size.
 pub const EXACT_BUFFER_FROM_BYTES: usize = crate::frame::RESERVE_FRAMES_UP_TO;
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
-    /// A reader with the given codec.
+    /// A reader with the given codec, reading [`READ_CHUNK_BYTES`] at a
+    /// time.
     pub fn new(io: R, codec: FrameCodec) -> Self {
+        FrameReader::with_read_chunk(io, codec, READ_CHUNK_BYTES)
+    }
+
+    /// A reader with the given codec that asks the socket for up to
+    /// `read_chunk` bytes per read (at least 4 KiB): larger reads take
+    /// more of a backlog per system call, at the cost of a buffer that
+    /// size for as long as the connection lives.
+    pub fn with_read_chunk(io: R, codec: FrameCodec, read_chunk: usize) -> Self {
+        let read_chunk = read_chunk.max(4 * 1024);
         FrameReader {
             io,
-            buf: BytesMut::with_capacity(READ_CHUNK_BYTES),
+            buf: BytesMut::with_capacity(read_chunk),
             codec,
             large: None,
             lent: 0,
+            read_chunk,
         }
     }
 
@@ -142,8 +157,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 return Ok(self.next_raw().await?.map(RawFrame::Owned));
             }
             // More of a small frame, to be lent once it is whole.
-            if self.buf.capacity() - self.buf.len() < READ_CHUNK_BYTES / 4 {
-                self.buf.reserve(READ_CHUNK_BYTES);
+            if self.buf.capacity() - self.buf.len() < self.read_chunk / 4 {
+                self.buf.reserve(self.read_chunk);
             }
             if self.io.read_buf(&mut self.buf).await? == 0 {
                 return Ok(self
@@ -238,8 +253,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     continue;
                 }
             }
-            if self.buf.capacity() - self.buf.len() < READ_CHUNK_BYTES / 4 {
-                self.buf.reserve(READ_CHUNK_BYTES);
+            if self.buf.capacity() - self.buf.len() < self.read_chunk / 4 {
+                self.buf.reserve(self.read_chunk);
             }
             if self.io.read_buf(&mut self.buf).await? == 0 {
                 return self.codec.decode_raw_eof(&mut self.buf);
