@@ -25,6 +25,8 @@
 //! - [`bulk_tcp`]: the raw-TCP bulk-copy peer: length-prefixed bodies, a
 //!   1-byte ack each.
 //! - [`bulk_report`]: the bulk benchmark's table (MB/s per path, ratios).
+//! - [`child`]: the suite's helper processes (the message server, the
+//!   relay): started, their address read, stopped, killed on drop.
 //! - [`memory`]: peak and current resident memory from `/proc/self/status`.
 //! - [`plot`]: the sweep picture (PNG).
 //! - [`suite`]: the suite's cases and outcomes, shared by every system.
@@ -42,6 +44,7 @@
 
 pub mod bulk_report;
 pub mod bulk_tcp;
+pub mod child;
 pub mod latency;
 pub mod memory;
 pub mod nats;

@@ -39,10 +39,9 @@
 //! account for it, and unexplained when they do not.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
@@ -51,6 +50,7 @@ use node_runtime::{Config, Node, NodeId, PathCounters, Pending, Role, Target};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
+use crate::child::ListeningChild;
 use crate::latency::{self, PacedSender, Recorder};
 use crate::memory;
 use crate::options::{Options, WAIT_TIMEOUT};
@@ -62,9 +62,6 @@ use crate::wait::{delivered_once, settle, wait_for_count, wait_until, Counter};
 
 /// The message-server binary of this package (`src/bin/`).
 pub const SERVER_BINARY: &str = "bench-message-server";
-
-/// Upper bound on the server process printing its address.
-pub const SERVER_START_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The service every receiver offers.
 pub const SERVICE: &str = "bench";
@@ -214,76 +211,23 @@ pub fn server_binary() -> Option<PathBuf> {
 // The message server of one case
 // ---------------------------------------------------------------------------
 
-/// A `bench-message-server` child, killed and reaped on drop. Its stdin
-/// stays open while it lives: end of file stops the server, so it also
-/// ends if this process dies.
-struct ServerProcess {
-    child: Child,
-    _stdin: Option<ChildStdin>,
-    _stdout: Option<BufReader<ChildStdout>>,
+/// Starts a `bench-message-server` process (`binary`) on a free loopback
+/// port, with `limits.max_message_bytes` at `max_message_bytes` if given.
+async fn start_server(
+    binary: &Path,
+    max_message_bytes: Option<u64>,
+) -> anyhow::Result<ListeningChild> {
+    let mut args = vec!["--listen".to_owned(), "127.0.0.1:0".to_owned()];
+    if let Some(max) = max_message_bytes {
+        args.extend(["--max-message-bytes".to_owned(), max.to_string()]);
+    }
+    ListeningChild::start(binary, args, Stdio::inherit()).await
 }
 
-impl ServerProcess {
-    /// Starts the binary on a free loopback port and reads the address it
-    /// printed.
-    async fn start(
-        binary: &Path,
-        max_message_bytes: Option<u64>,
-    ) -> anyhow::Result<(ServerProcess, SocketAddr)> {
-        let mut command = Command::new(binary);
-        command
-            .args(["--listen", "127.0.0.1:0"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        if let Some(max) = max_message_bytes {
-            command.arg("--max-message-bytes").arg(max.to_string());
-        }
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let stdout = child.stdout.take();
-        let mut process = ServerProcess {
-            _stdin: child.stdin.take(),
-            child,
-            _stdout: None,
-        };
-        let stdout = stdout.context("no stdout pipe")?;
-        // Blocking read on a blocking thread; if the child never prints,
-        // dropping `process` kills it and the read ends with end of file.
-        let read = tokio::task::spawn_blocking(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let read = reader.read_line(&mut line);
-            (reader, read.map(|_| line))
-        });
-        let (reader, line) = tokio::time::timeout(SERVER_START_TIMEOUT, read)
-            .await
-            .with_context(|| format!("no address printed within {SERVER_START_TIMEOUT:?}"))?
-            .context("reader thread panicked")?;
-        process._stdout = Some(reader);
-        let line = line.context("reading the server's stdout")?;
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .with_context(|| format!("unexpected first line {line:?} (did it exit?)"))?
-            .parse()
-            .with_context(|| format!("bad address in {line:?}"))?;
-        Ok((process, addr))
-    }
-
-    /// `VmHWM` of the child, in KiB.
-    fn peak_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        memory::parse_status(&status).map(|m| m.hwm_kib)
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `VmHWM` of process `pid`, in KiB.
+fn peak_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    memory::parse_status(&status).map(|m| m.hwm_kib)
 }
 
 // ---------------------------------------------------------------------------
@@ -293,7 +237,7 @@ impl Drop for ServerProcess {
 /// A server and the nodes and tasks of one case, all stopped by
 /// [`Cluster::stop`] (or, failing that, on drop).
 struct Cluster {
-    server: ServerProcess,
+    server: ListeningChild,
     addr: SocketAddr,
     nodes: Vec<Node>,
     tasks: Vec<JoinHandle<()>>,
@@ -301,9 +245,10 @@ struct Cluster {
 
 impl Cluster {
     async fn start(binary: &Path, max_message_bytes: Option<u64>) -> anyhow::Result<Cluster> {
-        let (server, addr) = ServerProcess::start(binary, max_message_bytes)
+        let server = start_server(binary, max_message_bytes)
             .await
             .with_context(|| format!("starting the message server {}", binary.display()))?;
+        let addr = server.addr();
         Ok(Cluster {
             server,
             addr,
@@ -365,7 +310,7 @@ impl Cluster {
     }
 
     fn peak_kib(&self) -> Option<u64> {
-        self.server.peak_kib()
+        peak_kib(self.server.id())
     }
 
     /// Shuts the nodes down together (each waits at most its grace

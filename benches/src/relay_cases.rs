@@ -4,7 +4,7 @@
 //! The suite reports ours/relay for these cases; it shows how close the
 //! message server's path is to the physical limit of two hops.
 //!
-//! Each [`run`] starts a fresh relay process ([`RelayProcess`], the
+//! Each [`run`] starts a fresh relay process ([`start_relay`], the
 //! `bench-relay` binary found by [`relay_binary`]) and connects the case's
 //! clients to it, each over its own loopback connection (nodelay). The
 //! relay's protocol (see `src/bin/bench-relay.rs`): a client says its id
@@ -29,12 +29,10 @@
 //! counterpart ("n/a"). TCP loses nothing: the loss is always 0, and a
 //! count that falls short fails the case instead of giving a rate.
 
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{anyhow, bail, ensure, Context};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -46,6 +44,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::bulk_tcp::{self, send_bodies};
+use crate::child::ListeningChild;
 use crate::latency::{self, PacedSender, Recorder};
 use crate::options::{Options, WAIT_TIMEOUT};
 use crate::raw_cases::{
@@ -55,16 +54,10 @@ use crate::raw_tcp::{write_frames_for, READ_CHUNK};
 use crate::report::per_second;
 use crate::suite::{BulkPath, Case, Latency, Measurement, Outcome};
 use crate::transfer::Transfer;
-use crate::wait::{wait_for_count, wait_until, Counter};
+use crate::wait::{wait_for_count, Counter};
 
 /// The relay binary of this package (`src/bin/`).
 pub const RELAY_BINARY: &str = "bench-relay";
-
-/// Upper bound on the relay process printing its address.
-pub const RELAY_START_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Upper bound on the relay process exiting once its stdin is closed.
-pub const RELAY_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The destination of a frame for every other connected client.
 pub const ALL: u32 = 0xFFFF_FFFF;
@@ -113,7 +106,7 @@ pub async fn run(case: Case, options: &Options, relay: &Path) -> Measurement {
     if !case.through_server() {
         return Measurement::skipped("n/a");
     }
-    let process = match RelayProcess::start(relay, Stdio::inherit()).await {
+    let process = match start_relay(relay, Stdio::inherit()).await {
         Ok(process) => process,
         Err(e) => return Measurement::failed(format!("{e:#}")),
     };
@@ -169,115 +162,15 @@ pub async fn connect(relay: SocketAddr, id: u32) -> anyhow::Result<TcpStream> {
 // The relay process
 // ---------------------------------------------------------------------------
 
-/// A `bench-relay` child on a free loopback port, killed and reaped on
-/// drop. Its stdin stays open while it lives: end of file stops the relay,
-/// so it also ends if this process dies.
-#[derive(Debug)]
-pub struct RelayProcess {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    _stdout: Option<BufReader<ChildStdout>>,
-    addr: SocketAddr,
-}
-
-impl RelayProcess {
-    /// Starts `binary`, its stderr going to `stderr` (`Stdio::piped()`
-    /// to get it back from [`RelayProcess::stop`]), and reads the address
-    /// it printed.
-    ///
-    /// # Errors
-    ///
-    /// The binary does not start, or does not print `listening on ADDR`
-    /// within [`RELAY_START_TIMEOUT`].
-    pub async fn start(binary: &Path, stderr: Stdio) -> anyhow::Result<RelayProcess> {
-        let mut child = Command::new(binary)
-            .args(["--listen", "127.0.0.1:0"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let stdout = child.stdout.take();
-        let mut process = RelayProcess {
-            stdin: child.stdin.take(),
-            child,
-            _stdout: None,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        };
-        let stdout = stdout.context("no stdout pipe")?;
-        // Blocking read on a blocking thread; if the child never prints,
-        // dropping `process` kills it and the read ends with end of file.
-        let read = tokio::task::spawn_blocking(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let read = reader.read_line(&mut line);
-            (reader, read.map(|_| line))
-        });
-        let (reader, line) = tokio::time::timeout(RELAY_START_TIMEOUT, read)
-            .await
-            .with_context(|| format!("no address printed within {RELAY_START_TIMEOUT:?}"))?
-            .context("reader thread panicked")?;
-        process._stdout = Some(reader);
-        let line = line.context("reading the relay's stdout")?;
-        process.addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .with_context(|| format!("unexpected first line {line:?} (did it exit?)"))?
-            .parse()
-            .with_context(|| format!("bad address in {line:?}"))?;
-        Ok(process)
-    }
-
-    /// The address the relay listens on.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Closes the relay's stdin, waits for it to exit and gives back what
-    /// it wrote on stderr (empty unless started with `Stdio::piped()`).
-    ///
-    /// # Errors
-    ///
-    /// The relay does not exit within [`RELAY_STOP_TIMEOUT`] (it is then
-    /// killed), or exits unsuccessfully.
-    pub async fn stop(mut self) -> anyhow::Result<String> {
-        drop(self.stdin.take());
-        let child = &mut self.child;
-        let exited = wait_until(RELAY_STOP_TIMEOUT, || {
-            matches!(child.try_wait(), Ok(Some(_)) | Err(_))
-        })
-        .await;
-        ensure!(
-            exited.is_some(),
-            "the relay did not exit within {RELAY_STOP_TIMEOUT:?} of its stdin closing"
-        );
-        let status = self.child.wait().context("reaping the relay")?;
-        let stderr = match self.child.stderr.take() {
-            // The relay has exited: the pipe holds what it wrote, then
-            // end of file.
-            Some(mut pipe) => tokio::task::spawn_blocking(move || {
-                let mut text = String::new();
-                pipe.read_to_string(&mut text).map(|_| text)
-            })
-            .await
-            .context("stderr reader panicked")?
-            .context("reading the relay's stderr")?,
-            None => String::new(),
-        };
-        ensure!(
-            status.success(),
-            "the relay exited with {status}: {}",
-            stderr.trim()
-        );
-        Ok(stderr)
-    }
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts a `bench-relay` process (`binary`) on a free loopback port, its
+/// stderr going to `stderr` (`Stdio::piped()` to get it back from
+/// [`ListeningChild::stop`]).
+///
+/// # Errors
+///
+/// As [`ListeningChild::start`].
+pub async fn start_relay(binary: &Path, stderr: Stdio) -> anyhow::Result<ListeningChild> {
+    ListeningChild::start(binary, ["--listen", "127.0.0.1:0"], stderr).await
 }
 
 // ---------------------------------------------------------------------------

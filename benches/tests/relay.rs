@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use clustercomm_benches::relay_cases::{self, RelayProcess, ALL, MAX_PAYLOAD};
+use clustercomm_benches::relay_cases::{self, ALL, MAX_PAYLOAD};
 use clustercomm_benches::suite::{self, BulkPath, Case, Outcome, SendPeer, System};
 use clustercomm_benches::{ours, raw_cases, Options};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -116,7 +116,7 @@ async fn hello(relay: std::net::SocketAddr, hello: &[u8]) -> TcpStream {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_clients_are_closed_and_the_relay_serves_on() {
-    let process = RelayProcess::start(&relay(), Stdio::piped())
+    let process = relay_cases::start_relay(&relay(), Stdio::piped())
         .await
         .expect("relay starts");
     let addr = process.addr();
