@@ -445,14 +445,18 @@ async fn measure(case: Case, options: &Options, relay: SocketAddr) -> anyhow::Re
         Case::FixedRate { body, rate } => fixed_rate(options, relay, body, rate).await?,
         Case::SendPipelined {
             body, outstanding, ..
-        } => rate(acked(options, relay, body, outstanding).await?),
+        } => {
+            let ack = Answer::Ack(frame(SENDER, &[0; 4])?);
+            rate(answered(options, relay, body, outstanding, ack, "acked").await?)
+        }
         Case::FanOutAll { receivers, body } | Case::FanOutGroup { receivers, body } => {
             rate(one_way(options, relay, body, receivers, ALL).await?)
         }
         Case::AnyOf { members, body } => rate(one_way(options, relay, body, members, ANY).await?),
         Case::RequestLatency { body } => ping_pong(options, relay, body).await?.into(),
         Case::RequestRate { body, outstanding } => {
-            rate(echo_rate(options, relay, body, outstanding).await?)
+            let echo = Answer::Echo { to: SENDER };
+            rate(answered(options, relay, body, outstanding, echo, "echo rate").await?)
         }
         Case::Bulk {
             body,
@@ -540,38 +544,38 @@ async fn fixed_rate(
     Ok(measured)
 }
 
-/// Frames each answered by an ack frame, at most `outstanding`
-/// unacknowledged: acks per second over the measured phase.
-async fn acked(
+/// Frames each answered through the relay (`answer`: an ack frame or the
+/// frame echoed back), at most `outstanding` unanswered: answers per
+/// second over the measured phase. `what` names the case in errors.
+async fn answered(
     options: &Options,
     relay: SocketAddr,
     body_len: usize,
     outstanding: usize,
+    answer: Answer,
+    what: &str,
 ) -> anyhow::Result<f64> {
     ensure!(outstanding > 0, "no frames in flight");
     let mut clients = Clients::default();
-    let ack = frame(SENDER, &[0; 4])?;
-    clients
-        .answering(relay, Answer::Ack(ack), &Counter::new())
-        .await?;
+    clients.answering(relay, answer, &Counter::new()).await?;
     let window = Arc::new(Semaphore::new(outstanding));
-    let acks = Counter::new();
+    let answers = Counter::new();
     let sender = connect(relay, SENDER).await?;
-    let write = clients.sender(sender, &acks, Some(window.clone()));
+    let write = clients.sender(sender, &answers, Some(window.clone()));
     let mut writer = BufWriter::with_capacity(BATCH_BYTES, write);
     let payload = payload(receiver_id(0)?, body_len);
 
     let warm = write_frames_for(&mut writer, &payload, options.warmup, Some(&window)).await?;
-    wait_for_count(&acks, warm, WAIT_TIMEOUT)
+    wait_for_count(&answers, warm, WAIT_TIMEOUT)
         .await
-        .context("relay acked warm-up")?;
+        .with_context(|| format!("relay {what} warm-up"))?;
 
-    let base = acks.get();
+    let base = answers.get();
     let start = Instant::now();
     let sent = write_frames_for(&mut writer, &payload, options.measure, Some(&window)).await?;
-    let done = wait_for_count(&acks, base + sent, WAIT_TIMEOUT)
+    let done = wait_for_count(&answers, base + sent, WAIT_TIMEOUT)
         .await
-        .context("relay acked")?;
+        .with_context(|| format!("relay {what}"))?;
 
     writer.shutdown().await?;
     clients.close().await?;
@@ -613,43 +617,6 @@ async fn ping_pong(
     Latency::from_histogram(&samples)
         .map(Outcome::Latency)
         .context("no round trip completed")
-}
-
-/// Frames echoed back through the relay, at most `outstanding`
-/// unanswered: replies per second over the measured phase.
-async fn echo_rate(
-    options: &Options,
-    relay: SocketAddr,
-    body_len: usize,
-    outstanding: usize,
-) -> anyhow::Result<f64> {
-    ensure!(outstanding > 0, "no frames in flight");
-    let mut clients = Clients::default();
-    clients
-        .answering(relay, Answer::Echo { to: SENDER }, &Counter::new())
-        .await?;
-    let window = Arc::new(Semaphore::new(outstanding));
-    let replies = Counter::new();
-    let client = connect(relay, SENDER).await?;
-    let write = clients.sender(client, &replies, Some(window.clone()));
-    let mut writer = BufWriter::with_capacity(BATCH_BYTES, write);
-    let payload = payload(receiver_id(0)?, body_len);
-
-    let warm = write_frames_for(&mut writer, &payload, options.warmup, Some(&window)).await?;
-    wait_for_count(&replies, warm, WAIT_TIMEOUT)
-        .await
-        .context("relay echo warm-up")?;
-
-    let base = replies.get();
-    let start = Instant::now();
-    let sent = write_frames_for(&mut writer, &payload, options.measure, Some(&window)).await?;
-    let done = wait_for_count(&replies, base + sent, WAIT_TIMEOUT)
-        .await
-        .context("relay echo rate")?;
-
-    writer.shutdown().await?;
-    clients.close().await?;
-    Ok(per_second(sent, done - start))
 }
 
 /// Bodies of `body_len` bytes, each answered by a 1-byte ack frame,
