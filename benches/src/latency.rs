@@ -360,7 +360,7 @@ impl Drop for Ticker {
 
 /// Sends stamped bodies of `body_len` bytes through `sender` at `rate`
 /// for `duration`: how many. Whatever is due is sent at once, each body
-/// stamped with its own due time, then the pacer waits on a [`Ticker`]
+/// stamped with its own due time, then the pacer waits on a ticker thread
 /// for the next.
 ///
 /// # Errors
