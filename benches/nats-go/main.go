@@ -607,6 +607,20 @@ func (c *connections) responder(answer []byte, timeout time.Duration) (string, e
 	return subj, nil
 }
 
+// requester starts a responder echoing every payload and connects a
+// requester: the subject to request on, and the requester's connection.
+func (c *connections) requester(timeout time.Duration) (string, *nats.Conn, error) {
+	subj, err := c.responder(nil, timeout)
+	if err != nil {
+		return "", nil, err
+	}
+	nc, err := c.connect("requester")
+	if err != nil {
+		return "", nil, err
+	}
+	return subj, nc, nil
+}
+
 func filled(n int) []byte {
 	b := make([]byte, n)
 	for i := range b {
@@ -618,11 +632,7 @@ func filled(n int) []byte {
 func requestLatency(cfg config, out *bufio.Writer) error {
 	c := &connections{url: cfg.url}
 	defer c.close()
-	subj, err := c.responder(nil, cfg.timeout)
-	if err != nil {
-		return err
-	}
-	nc, err := c.connect("requester")
+	subj, nc, err := c.requester(cfg.timeout)
 	if err != nil {
 		return err
 	}
@@ -686,11 +696,7 @@ func requestsFor(nc *nats.Conn, subj string, payload []byte, n int, d, timeout t
 func requestRate(cfg config, out *bufio.Writer) error {
 	c := &connections{url: cfg.url}
 	defer c.close()
-	subj, err := c.responder(nil, cfg.timeout)
-	if err != nil {
-		return err
-	}
-	nc, err := c.connect("requester")
+	subj, nc, err := c.requester(cfg.timeout)
 	if err != nil {
 		return err
 	}

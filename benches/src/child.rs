@@ -6,7 +6,7 @@
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
@@ -19,6 +19,21 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Upper bound on a helper exiting once its stdin is closed.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A helper binary named `name` next to the running executable, or one
+/// directory up (benches and tests run from `target/<profile>/deps/`,
+/// binaries live in `target/<profile>/`), so that a copied suite (an A/B)
+/// runs the helpers copied beside it. `None` if it is in neither place.
+pub fn beside_exe(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    let found = [Some(dir), dir.parent()]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file());
+    found
+}
 
 /// A running helper process.
 #[derive(Debug)]

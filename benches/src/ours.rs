@@ -190,21 +190,11 @@ pub fn recommend_threshold(points: &[SweepPoint]) -> Option<usize> {
     Some(points[last_server].body)
 }
 
-/// Where the suite looks for [`SERVER_BINARY`] first: next to the running
-/// executable, or one directory up (benches and tests run from
-/// `target/<profile>/deps/`, binaries live in `target/<profile>/`), so
-/// that a copied pair of suite and server binaries (an A/B) runs its own
-/// server. `None` if it is in neither place; the suite then takes the
-/// path cargo built it at.
+/// Where the suite looks for [`SERVER_BINARY`] first (see
+/// [`crate::child::beside_exe`]); `None` if it is not there, and the suite
+/// then takes the path cargo built it at.
 pub fn server_binary() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?;
-    let found = [Some(dir), dir.parent()]
-        .into_iter()
-        .flatten()
-        .map(|d| d.join(SERVER_BINARY))
-        .find(|p| p.is_file());
-    found
+    crate::child::beside_exe(SERVER_BINARY)
 }
 
 // ---------------------------------------------------------------------------

@@ -82,19 +82,10 @@ pub const MAX_PAYLOAD: usize = DEST_LEN + MAX_BODY;
 /// receivers are `SENDER + 1` onwards.
 const SENDER: u32 = 1;
 
-/// Where the suite looks for [`RELAY_BINARY`]: next to the running
-/// executable, or one directory up (benches and tests run from
-/// `target/<profile>/deps/`, binaries live in `target/<profile>/`), as
-/// [`crate::ours::server_binary`] does. `None` if it is in neither place.
+/// Where the suite looks for [`RELAY_BINARY`] first (see
+/// [`crate::child::beside_exe`]); `None` if it is not there.
 pub fn relay_binary() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?;
-    let found = [Some(dir), dir.parent()]
-        .into_iter()
-        .flatten()
-        .map(|d| d.join(RELAY_BINARY))
-        .find(|p| p.is_file());
-    found
+    crate::child::beside_exe(RELAY_BINARY)
 }
 
 /// Measures `case` through a fresh relay process (`relay`, the
