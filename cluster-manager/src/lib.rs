@@ -16,7 +16,11 @@
 //!   uncertain.
 
 pub mod activation;
+pub mod channels;
+pub mod dedup;
 pub mod error;
+pub mod link;
+pub mod members;
 pub mod path;
 pub mod tracker;
 

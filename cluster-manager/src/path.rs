@@ -30,6 +30,10 @@ pub struct PathFacts {
     pub hot_pair: bool,
     /// Whether the target announced a direct-channel address.
     pub target_reachable: bool,
+    /// Messages to the (single) target sent through the message server and
+    /// not yet settled: a small message does not switch to the direct
+    /// channel while any are (see [`choose`]).
+    pub server_in_flight: usize,
 }
 
 /// The chosen path.
@@ -68,6 +72,10 @@ pub fn could_go_direct(
 ///   channel per member.
 /// - A single-node message of an allowed service also goes direct when a
 ///   lazy channel to that node is already open, or the pair is hot.
+/// - The switch rule: a message at or below the threshold moves from the
+///   message server to the direct channel only once nothing sent to that
+///   node through the message server is unsettled, so the switch never
+///   overtakes earlier messages (order holds per sender and receiver).
 /// - Everything else, and every `AnyOf` (the server picks the member),
 ///   goes through the message server.
 pub fn choose(threshold_bytes: u64, facts: PathFacts) -> Path {
@@ -78,6 +86,7 @@ pub fn choose(threshold_bytes: u64, facts: PathFacts) -> Path {
     match facts.target {
         TargetKind::FanOut if large => Path::LazyFanOut,
         TargetKind::Node if !facts.target_reachable => Path::Server,
+        TargetKind::Node if !large && facts.server_in_flight > 0 => Path::Server,
         TargetKind::Node
             if could_go_direct(
                 threshold_bytes,
@@ -89,6 +98,55 @@ pub fn choose(threshold_bytes: u64, facts: PathFacts) -> Path {
             Path::Lazy
         }
         _ => Path::Server,
+    }
+}
+
+/// What becomes of a message whose direct channel could not be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// It goes through the message server instead.
+    Server,
+    /// It fails (`DirectUnavailable`): the message-server path cannot
+    /// carry its body.
+    Fail,
+}
+
+/// The fallback rule: a message whose channel cannot be opened falls back
+/// to the message server when its body fits there (`server_max`, the
+/// negotiated limit of that path), and fails clearly otherwise; it never
+/// hangs.
+pub fn fallback(body_len: u64, server_max: u64) -> Fallback {
+    if body_len <= server_max {
+        Fallback::Server
+    } else {
+        Fallback::Fail
+    }
+}
+
+/// Why a body cannot go through the message server, when the caller
+/// already knows it is above that path's limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TooLarge {
+    /// A lazy channel would carry it, but the target announced no
+    /// direct-channel address (`DirectUnavailable`).
+    NoDirectAddress,
+    /// No path carries it (`PayloadTooLarge`).
+    Payload,
+}
+
+/// For a body above the message server's limit: whether a lazy channel
+/// would have carried it (an allowed service, above the threshold, to a
+/// member other than this node), so that the error names the real cause.
+pub fn too_large(
+    threshold_bytes: u64,
+    body_len: u64,
+    allowed: bool,
+    other_member: bool,
+) -> TooLarge {
+    if body_len > threshold_bytes && allowed && other_member {
+        TooLarge::NoDirectAddress
+    } else {
+        TooLarge::Payload
     }
 }
 
@@ -106,6 +164,7 @@ mod tests {
             lazy_open: false,
             hot_pair: false,
             target_reachable: true,
+            server_in_flight: 0,
         }
     }
 
@@ -182,6 +241,81 @@ mod tests {
         ];
         for (name, f, expected) in cases {
             assert_eq!(choose(T, f), expected, "{name}");
+        }
+    }
+
+    /// The switch rule: small messages wait for the server path to drain
+    /// before they take the direct channel; large ones go at once (the
+    /// server path could not carry them in order anyway).
+    #[test]
+    fn switch_rule_table() {
+        use Path::*;
+        use TargetKind::*;
+        let open = |body, in_flight| PathFacts {
+            lazy_open: true,
+            server_in_flight: in_flight,
+            ..facts(body, Node)
+        };
+        let hot = |body, in_flight| PathFacts {
+            hot_pair: true,
+            server_in_flight: in_flight,
+            ..facts(body, Node)
+        };
+        let cases: Vec<(&str, PathFacts, Path)> = vec![
+            ("open, server path drained", open(10, 0), Lazy),
+            (
+                "open, one unsettled through the server",
+                open(10, 1),
+                Server,
+            ),
+            ("hot, many unsettled", hot(10, 100), Server),
+            ("hot, drained", hot(10, 0), Lazy),
+            ("at the threshold, unsettled", open(T, 1), Server),
+            ("large, unsettled: direct at once", open(T + 1, 5), Lazy),
+            (
+                "fan-out ignores the count",
+                PathFacts {
+                    server_in_flight: 3,
+                    ..facts(T + 1, FanOut)
+                },
+                LazyFanOut,
+            ),
+        ];
+        for (name, f, expected) in cases {
+            assert_eq!(choose(T, f), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn fallback_table() {
+        let cases = [
+            (0, 100, Fallback::Server),
+            (100, 100, Fallback::Server),
+            (101, 100, Fallback::Fail),
+        ];
+        for (body, max, expected) in cases {
+            assert_eq!(fallback(body, max), expected, "{body} of {max}");
+        }
+        let cases = [
+            (
+                "large, allowed, another member",
+                T + 1,
+                true,
+                true,
+                TooLarge::NoDirectAddress,
+            ),
+            ("at the threshold", T, true, true, TooLarge::Payload),
+            ("not allowed", T + 1, false, true, TooLarge::Payload),
+            (
+                "to itself or a non-member",
+                T + 1,
+                true,
+                false,
+                TooLarge::Payload,
+            ),
+        ];
+        for (name, body, allowed, other, expected) in cases {
+            assert_eq!(too_large(T, body, allowed, other), expected, "{name}");
         }
     }
 

@@ -11,11 +11,11 @@
 //! result (they travel through other connections' queues), so they are
 //! recorded even before the set of receivers is known.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use transports::protocol::{Ack, AckStatus, NodeId, Routed, Target};
+use rustc_hash::FxHashMap;
+use transports::protocol::{Ack, AckStatus, MessageHeader, MessageKind, NodeId, Routed, Target};
 
 use crate::error::{DeliveryReport, SendError};
 
@@ -45,84 +45,11 @@ pub enum Completion {
     Failed(SendError),
 }
 
-/// Hashes the sequence numbers a node gave out itself: no need for a keyed
-/// hash against floods, and a multiply spreads consecutive numbers.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SeqHasher(u64);
+/// A map keyed by sequence numbers (this node's own).
+pub type SeqMap<V> = FxHashMap<u64, V>;
 
-impl std::hash::Hasher for SeqHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-/// A map keyed by a node's own sequence numbers.
-pub type SeqMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<SeqHasher>>;
-
-/// Hashes names the local application chose (the nodes it sends to, the
-/// services it names), eight bytes at a step with a multiply, and mixes
-/// the result: several times cheaper than the default keyed hash on short
-/// names. Not for names a peer chooses and the map keeps (a peer could
-/// pick colliding ones); the tables it serves are filled by this node.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct NameHasher(u64);
-
-/// The multiplier (an odd constant with well-spread bits).
-const NAME_MUL: u64 = 0x9E37_79B9_7F4A_7C15;
-
-impl NameHasher {
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(NAME_MUL);
-    }
-}
-
-impl std::hash::Hasher for NameHasher {
-    fn finish(&self) -> u64 {
-        // Spread the high bits the multiply filled into the low ones the
-        // table indexes by.
-        let mut h = self.0;
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
-        h ^ (h >> 33)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        let mut words = bytes.chunks_exact(8);
-        for word in &mut words {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(word);
-            self.add(u64::from_le_bytes(w));
-        }
-        let rest = words.remainder();
-        if !rest.is_empty() {
-            let mut w = [0u8; 8];
-            w[..rest.len()].copy_from_slice(rest);
-            // The length keeps "a" and "a\0" apart.
-            self.add(u64::from_le_bytes(w) ^ ((rest.len() as u64) << 59));
-        }
-    }
-
-    fn write_u8(&mut self, i: u8) {
-        self.add(u64::from(i));
-    }
-
-    fn write_usize(&mut self, i: usize) {
-        self.add(i as u64);
-    }
-}
-
-/// A map keyed by names this node chose (see [`NameHasher`]).
-pub type NameMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<NameHasher>>;
+/// A map keyed by names this node chose (the nodes it sends to).
+pub type NameMap<K, V> = FxHashMap<K, V>;
 
 /// A message waiting for an outcome, as [`DeliveryTracker::waiting`] shows
 /// it.
@@ -136,6 +63,9 @@ pub struct Waiting<'a, W> {
     pub service: &'a Arc<str>,
     /// Who waits on it.
     pub waiter: &'a W,
+    /// Whether it went through the message server (and is kept for
+    /// resending after a reconnect).
+    pub resendable: bool,
 }
 
 impl<'a, W> Waiting<'a, W> {
@@ -145,6 +75,7 @@ impl<'a, W> Waiting<'a, W> {
             target: &p.target,
             service: &p.service,
             waiter: &p.waiter,
+            resendable: p.resend.is_some(),
         }
     }
 }
@@ -164,6 +95,21 @@ struct Pending<W> {
     /// Set for a `Node` message sent through the message server: counted
     /// in [`DeliveryTracker::server_in_flight`].
     via_server: bool,
+    /// What a reconnect sends again, for a message sent through the
+    /// message server (the rest of its frame is above).
+    resend: Option<Resend>,
+}
+
+/// What a message sent through the message server keeps for resending
+/// until its outcome is known: what its entry does not hold already (the
+/// sender is this node, in its current incarnation, as the tracker is
+/// emptied when the incarnation changes).
+#[derive(Debug, Clone)]
+pub struct Resend {
+    /// The message's kind.
+    pub kind: MessageKind,
+    /// Its body (a reference, not a copy).
+    pub body: Bytes,
 }
 
 impl<W> Pending<W> {
@@ -283,17 +229,20 @@ impl<W> DeliveryTracker<W> {
                 delivered: Vec::new(),
                 failed: Vec::new(),
                 via_server: false,
+                resend: None,
             },
         );
     }
 
-    /// Notes that `Node` message `seq` went through the message server, so
-    /// that a switch of that node's traffic to a direct channel can wait
+    /// Notes that message `seq` went through the message server, keeping
+    /// `resend` to send it again after a reconnect; for a `Node` message,
+    /// a switch of that node's traffic to a direct channel then waits
     /// until nothing sent the other way is still unsettled (order).
-    pub fn mark_via_server(&mut self, seq: u64) {
+    pub fn mark_via_server(&mut self, seq: u64, resend: Resend) {
         let Some(p) = self.pending.get_mut(&seq) else {
             return;
         };
+        p.resend = Some(resend);
         if let (false, Target::Node(id)) = (p.via_server, &p.target) {
             p.via_server = true;
             // The id is cloned only for a node not counted yet.
@@ -309,6 +258,41 @@ impl<W> DeliveryTracker<W> {
     /// Unsettled `Node` messages to `node` sent through the message server.
     pub fn server_in_flight(&self, node: &NodeId) -> usize {
         self.server_in_flight.get(node).copied().unwrap_or(0)
+    }
+
+    /// The messages kept for resending whose target `keep` selects, in
+    /// sequence order (the order they were first sent in), as the headers
+    /// and bodies `sender`'s `incarnation` sends again: after a reconnect
+    /// all of them go out before anything newer; after a receiver
+    /// re-registers, those to it. Receivers drop the duplicates.
+    pub fn resend_order(
+        &self,
+        sender: &NodeId,
+        incarnation: u64,
+        keep: impl Fn(&Target) -> bool,
+    ) -> Vec<(MessageHeader, Bytes)> {
+        let mut chosen: Vec<(u64, &Pending<W>, &Resend)> = self
+            .pending
+            .iter()
+            .filter_map(|(seq, p)| Some((*seq, p, p.resend.as_ref()?)))
+            .filter(|(_, p, _)| keep(&p.target))
+            .collect();
+        // The rare walks after a reconnect sort; sends never do.
+        chosen.sort_unstable_by_key(|(seq, _, _)| *seq);
+        chosen
+            .into_iter()
+            .map(|(seq, p, resend)| {
+                let header = MessageHeader {
+                    sender: sender.clone(),
+                    incarnation,
+                    seq,
+                    target: p.target.clone(),
+                    service: p.service.clone(),
+                    kind: resend.kind,
+                };
+                (header, resend.body.clone())
+            })
+            .collect()
     }
 
     /// Removes a pending entry, keeping the per-node counts right.
@@ -537,24 +521,6 @@ impl<W> DeliveryTracker<W> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn name_hashes_spread_over_the_low_bits() {
-        use std::hash::BuildHasher;
-        let build = std::hash::BuildHasherDefault::<NameHasher>::default();
-        // Names that differ in a digit, in the last byte, in length.
-        let names: Vec<String> = (0..4096).map(|i| format!("node-{i}")).collect();
-        let mut buckets = vec![0u32; 1024];
-        for name in &names {
-            buckets[(build.hash_one(name.as_str()) & 1023) as usize] += 1;
-        }
-        // Four per bucket on average; a poor mix piles them up.
-        let fullest = buckets.iter().copied().max().unwrap_or(0);
-        assert!(fullest <= 16, "a bucket holds {fullest} of 4096 names");
-        let mut seen = std::collections::HashSet::new();
-        for name in ["", "a", "a\0", "ab", "abcdefgh", "abcdefgh\0", "abcdefghi"] {
-            assert!(seen.insert(build.hash_one(name)), "{name:?} collides");
-        }
-    }
     use transports::protocol::DeliveryFailure;
 
     fn id(s: &str) -> NodeId {
@@ -769,13 +735,74 @@ mod tests {
         }
     }
 
+    fn resend(seq: u64) -> Resend {
+        Resend {
+            kind: MessageKind::Send,
+            body: Bytes::from(format!("body {seq}")),
+        }
+    }
+
+    /// What a reconnect sends again: every message that went through the
+    /// message server and awaits its outcome, in sequence order, from the
+    /// current incarnation; what went direct, settled or was given up is
+    /// not resent.
+    #[test]
+    fn resend_order_table() {
+        let mut t = DeliveryTracker::new();
+        for seq in [9u64, 3, 7, 1, 5, 2, 4] {
+            let to = if seq % 2 == 0 { "b" } else { "a" };
+            t.track(seq, Target::Node(id(to)), svc(), Awaiting::Acks, ());
+            // 4 went over a direct channel: tracked, nothing to resend.
+            if seq != 4 {
+                t.mark_via_server(seq, resend(seq));
+            }
+        }
+        assert!(t.handle_accepted(7, &id("a")).is_some());
+        assert!(t.cancel(2).is_some());
+        let me = id("me");
+        let order = |keep: &dyn Fn(&Target) -> bool| -> Vec<u64> {
+            t.resend_order(&me, 5, keep)
+                .into_iter()
+                .map(|(h, body)| {
+                    assert_eq!((h.sender.as_str(), h.incarnation), ("me", 5));
+                    assert_eq!(h.kind, MessageKind::Send);
+                    assert_eq!(body, format!("body {}", h.seq));
+                    h.seq
+                })
+                .collect()
+        };
+        type Keep = Box<dyn Fn(&Target) -> bool>;
+        let cases: Vec<(&str, Keep, Vec<u64>)> = vec![
+            (
+                "after a reconnect: all",
+                Box::new(|_| true),
+                vec![1, 3, 5, 9],
+            ),
+            (
+                "a is back",
+                Box::new(|t| *t == Target::Node(id("a"))),
+                vec![1, 3, 5, 9],
+            ),
+            (
+                "b is back: 2 given up, 4 went direct",
+                Box::new(|t| *t == Target::Node(id("b"))),
+                vec![],
+            ),
+        ];
+        for (name, keep, expected) in cases {
+            assert_eq!(order(&*keep), expected, "{name}");
+        }
+        assert!(t.waiting(9).is_some_and(|w| w.resendable));
+        assert!(t.waiting(4).is_some_and(|w| !w.resendable));
+    }
+
     #[test]
     fn server_in_flight_counts_node_messages_until_settled() {
         let mut t = DeliveryTracker::new();
         for seq in 1..=3 {
             t.track(seq, Target::Node(id("b")), svc(), Awaiting::Acks, ());
-            t.mark_via_server(seq);
-            t.mark_via_server(seq); // twice counts once
+            t.mark_via_server(seq, resend(seq));
+            t.mark_via_server(seq, resend(seq)); // twice counts once
         }
         t.track(4, Target::Node(id("b")), svc(), Awaiting::Acks, ()); // direct
         assert_eq!(t.server_in_flight(&id("b")), 3);

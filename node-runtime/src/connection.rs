@@ -23,12 +23,11 @@ use crate::counters::Counters;
 
 use crate::inbox::{Closed, InboxSender, Message};
 use crate::node::{Inner, Waiter};
-use crate::reliable::node_of;
 
 pub(crate) fn complete(done: impl IntoIterator<Item = (Waiter, Completion)>) {
     for (waiter, completion) in done {
         // The sender may have stopped waiting; nothing to do then.
-        let _ = waiter.tx.send(completion);
+        let _ = waiter.send(completion);
     }
 }
 
@@ -357,8 +356,11 @@ fn handle_routed(inner: &Inner, routed: Routed) {
         let parked_for = inner
             .tracker()
             .waiting(routed.seq)
-            .filter(|w| w.waiter.resend.is_some())
-            .and_then(|w| node_of(w.target).cloned());
+            .filter(|w| w.resendable)
+            .and_then(|w| match w.target {
+                transports::protocol::Target::Node(id) => Some(id.clone()),
+                _ => None,
+            });
         if let Some(node) = parked_for {
             if inner.members.is_member(&node) {
                 tracing::debug!(%node, seq = routed.seq, "target reconnecting: message parked");
@@ -441,7 +443,7 @@ pub(crate) fn deliver_now(
     let sender = if h.kind == MessageKind::Notify {
         cache.sender(h.sender)
     } else {
-        let (sender, new) = inner.dedup().check(h.sender, h.incarnation, h.seq);
+        let (sender, new) = inner.dedup().handle_message(h.sender, h.incarnation, h.seq);
         if !new {
             return Some(Later::Duplicate(sender));
         }

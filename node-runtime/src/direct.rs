@@ -6,12 +6,12 @@
 //! same handshake and credentials. Data flows from the opener to the peer;
 //! acknowledgements come back on the same connection.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use cluster_manager::channels::{ChannelKind, ChannelPolicy, ChannelState, Verdict};
 use cluster_manager::SendError;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
@@ -28,35 +28,9 @@ use crate::connection::{
 use crate::counters::Counters;
 use crate::node::Inner;
 
-/// The two kinds of direct channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum ChannelKind {
-    /// Opened on need, closed when idle.
-    Lazy,
-    /// Kept open by a dispatcher to each server of its group.
-    Session,
-}
-
-impl ChannelKind {
-    fn name(self) -> &'static str {
-        match self {
-            ChannelKind::Lazy => "lazy",
-            ChannelKind::Session => "session",
-        }
-    }
-}
-
-#[derive(Debug, Default)]
-struct UseState {
-    /// Set once the channel is being closed: no new use.
-    closing: bool,
-    /// Senders between `begin_use` and the frame being queued.
-    active: usize,
-    /// Acknowledged messages sent on it and not yet acknowledged.
-    in_flight: HashSet<u64>,
-}
-
-/// An open outgoing direct channel.
+/// An open outgoing direct channel: its socket's queue, and its state
+/// (who uses it, what waits on it, when it was last heard from), which
+/// [`cluster_manager::channels`] decides on.
 #[derive(Debug)]
 pub(crate) struct DirectConn {
     pub(crate) peer: NodeId,
@@ -64,10 +38,7 @@ pub(crate) struct DirectConn {
     pub(crate) queue: OutQueue,
     /// The body limit negotiated with the peer.
     pub(crate) max_message: u64,
-    last_used_ms: AtomicU64,
-    /// When the peer last answered a probe (ms since the node started).
-    last_pong_ms: AtomicU64,
-    state: Mutex<UseState>,
+    state: Mutex<ChannelState>,
 }
 
 /// A use of a channel: while it lives, the channel is not closed as idle.
@@ -77,62 +48,34 @@ pub(crate) struct Use {
 
 impl Drop for Use {
     fn drop(&mut self) {
-        let mut s = self.conn.lock();
-        s.active = s.active.saturating_sub(1);
+        self.conn.lock().end_use();
     }
 }
 
 impl DirectConn {
-    fn lock(&self) -> std::sync::MutexGuard<'_, UseState> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ChannelState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Starts a use (sending message `seq`, if tracked); `None` if the
     /// channel is closing or closed, so the caller opens another.
-    pub(crate) fn begin_use(self: &Arc<Self>, inner: &Inner, seq: Option<u64>) -> Option<Use> {
-        let mut s = self.lock();
-        if s.closing || self.queue.is_closed() {
+    pub(crate) fn begin_use(self: &Arc<Self>, seq: Option<u64>) -> Option<Use> {
+        if self.queue.is_closed() {
             return None;
         }
-        s.active += 1;
-        if let Some(seq) = seq {
-            s.in_flight.insert(seq);
-        }
-        self.last_used_ms.store(inner.now_ms(), Ordering::Relaxed);
-        Some(Use { conn: self.clone() })
+        let now = Instant::now();
+        self.lock()
+            .begin_use(now, seq)
+            .then(|| Use { conn: self.clone() })
     }
 
     /// The message no longer waits on this channel (it settled).
     pub(crate) fn settled(&self, seq: u64) {
-        self.lock().in_flight.remove(&seq);
-    }
-
-    /// Marks the channel closing if it has been idle for `idle_ms` with
-    /// nothing in flight; the caller then says goodbye.
-    fn close_if_idle(&self, now_ms: u64, idle_ms: u64) -> bool {
-        let mut s = self.lock();
-        let idle = now_ms.saturating_sub(self.last_used_ms.load(Ordering::Relaxed)) >= idle_ms;
-        if s.closing || s.active > 0 || !s.in_flight.is_empty() || !idle {
-            return false;
-        }
-        s.closing = true;
-        true
-    }
-
-    /// Forgets messages that settled another way (timed out, or their
-    /// sender stopped waiting), so they do not keep the channel open.
-    fn prune_in_flight(&self, still_tracked: impl Fn(u64) -> bool) {
-        self.lock().in_flight.retain(|seq| still_tracked(*seq));
-    }
-
-    fn take_in_flight(&self) -> Vec<u64> {
-        let mut s = self.lock();
-        s.closing = true;
-        s.in_flight.drain().collect()
+        self.lock().handle_settled(seq);
     }
 
     fn is_closing(&self) -> bool {
-        self.lock().closing
+        self.lock().is_closing()
     }
 }
 
@@ -305,9 +248,7 @@ async fn open(
         kind,
         queue,
         max_message,
-        last_used_ms: AtomicU64::new(inner.now_ms()),
-        last_pong_ms: AtomicU64::new(inner.now_ms()),
-        state: Mutex::new(UseState::default()),
+        state: Mutex::new(ChannelState::new(kind, Instant::now())),
     });
     let span = tracing::debug_span!("peer", %peer, kind = kind.name());
     let max_frame = FrameCodec::for_messages(max_message).max_frame();
@@ -342,7 +283,7 @@ async fn outgoing_reader(
         };
         if let Ok(Some(_)) = &frame {
             // Anything from the peer shows it is alive.
-            conn.last_pong_ms.store(inner.now_ms(), Ordering::Relaxed);
+            conn.lock().handle_frame(Instant::now());
         }
         match frame {
             Ok(Some(frame)) => match frame.into_parts().0 {
@@ -373,7 +314,7 @@ async fn outgoing_reader(
         }
     };
     inner.direct.remove(&conn);
-    let lost = conn.take_in_flight();
+    let lost = conn.lock().take_in_flight();
     conn.queue.close();
     if conn.kind == ChannelKind::Lazy {
         Counters::add(&inner.counters.lazy_closed, 1);
@@ -398,68 +339,66 @@ async fn outgoing_reader(
 /// members that disconnected and did not return within the failure
 /// timeout. Runs for the node's life.
 pub(crate) async fn idle_sweeper(inner: Arc<Inner>) {
-    let idle_ms = inner.config.lazy.idle_close_ms;
-    let failure_ms = inner.config.cluster.failure_timeout_ms;
-    let tick = Duration::from_millis((idle_ms.min(failure_ms) / 4).clamp(10, 1_000));
+    let policy = ChannelPolicy {
+        idle_close: Duration::from_millis(inner.config.lazy.idle_close_ms),
+        failure_timeout: inner.config.failure_timeout(),
+    };
+    let tick = (policy.idle_close.min(policy.failure_timeout) / 4)
+        .clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let probe_every = inner.config.cluster.heartbeat_interval_ms;
-    let mut last_probe = 0u64;
+    let probe_every = Duration::from_millis(inner.config.cluster.heartbeat_interval_ms);
+    let mut last_probe: Option<Instant> = None;
     let mut nonce = 0u64;
     loop {
         tokio::select! {
             _ = inner.cancel.cancelled() => return,
             _ = interval.tick() => {}
         }
-        let now = inner.now_ms();
-        nonce += 1;
+        let now = Instant::now();
+        let probe = last_probe.is_none_or(|at| now.saturating_duration_since(at) >= probe_every);
+        if probe {
+            last_probe = Some(now);
+            nonce += 1;
+        }
         for conn in inner.direct.all() {
-            // The channel monitor: probe every channel; one whose peer has
-            // not answered for the failure timeout is broken and closed
-            // (what was in flight on it fails); the next need reopens it.
-            // A peer busy reading a large body cannot answer at once:
-            // while frames wait to be written it gets four times as long.
-            let silent = now.saturating_sub(conn.last_pong_ms.load(Ordering::Relaxed));
-            let allowed = if conn.queue.queued_frames() > 0 {
-                failure_ms * 4
-            } else {
-                failure_ms
-            };
-            if silent > allowed {
-                tracing::error!(peer = %conn.peer, kind = conn.kind.name(), "channel stopped unexpectedly: no answer to probes within the failure timeout");
-                inner.direct.remove(&conn);
-                conn.queue.close();
-                continue;
-            }
-            if now.saturating_sub(last_probe) >= probe_every {
-                let _ = conn
-                    .queue
-                    .try_push_control(OutFrame::control(Header::Ping { nonce }));
-            }
-            if conn.kind != ChannelKind::Lazy {
-                continue;
-            }
-            conn.prune_in_flight(|seq| inner.tracker().is_tracked(seq));
-            if conn.close_if_idle(now, idle_ms) {
-                tracing::debug!(peer = %conn.peer, "closing idle lazy channel");
-                inner.direct.remove(&conn);
-                inner.activation().forget(&conn.peer);
-                if conn
-                    .queue
-                    .try_push_control(OutFrame::control(Header::Goodbye))
-                    .is_err()
-                {
+            // The channel monitor: one whose peer has not answered probes
+            // within the failure timeout is broken and closed (what was in
+            // flight on it fails); the next need reopens it.
+            let queued = conn.queue.queued_frames();
+            let verdict = conn
+                .lock()
+                .check(now, &policy, queued, |seq| inner.tracker().is_tracked(seq));
+            match verdict {
+                Verdict::Broken => {
+                    tracing::error!(peer = %conn.peer, kind = conn.kind.name(), "channel stopped unexpectedly: no answer to probes within the failure timeout");
+                    inner.direct.remove(&conn);
                     conn.queue.close();
                 }
+                Verdict::CloseIdle => {
+                    tracing::debug!(peer = %conn.peer, "closing idle lazy channel");
+                    inner.direct.remove(&conn);
+                    inner.activation().forget(&conn.peer);
+                    if conn
+                        .queue
+                        .try_push_control(OutFrame::control(Header::Goodbye))
+                        .is_err()
+                    {
+                        conn.queue.close();
+                    }
+                }
+                Verdict::Keep if probe => {
+                    let _ = conn
+                        .queue
+                        .try_push_control(OutFrame::control(Header::Ping { nonce }));
+                }
+                Verdict::Keep => {}
             }
         }
-        inner.activation().handle_timeout(std::time::Instant::now());
+        inner.activation().handle_timeout(now);
         // Members that disconnected and did not come back in time.
-        if now.saturating_sub(last_probe) >= probe_every {
-            last_probe = now;
-        }
-        if inner.link_up.load(std::sync::atomic::Ordering::SeqCst) {
-            let gone = inner.members.expire(std::time::Instant::now());
+        if inner.link().is_up() {
+            let gone = inner.members.expire(now);
             inner.handle_changes(gone).await;
         }
     }

@@ -50,7 +50,6 @@ pub mod error;
 pub mod inbox;
 pub mod membership;
 pub mod node;
-mod reliable;
 mod routing;
 mod supervisor;
 

@@ -25,9 +25,11 @@ use crate::connection::{pump, ServiceQueue};
 use crate::counters::{Counters, PathCounters};
 use crate::direct::DirectPool;
 use crate::inbox::Inbox;
-use crate::membership::{Change, MemberView, MembershipEvents};
-use crate::reliable::{node_of, resend_frames, Dedup, Resend};
+use crate::membership::{MemberView, MembershipEvents};
 use crate::NodeError;
+use cluster_manager::dedup::Dedup;
+use cluster_manager::link::{LinkPolicy, LinkState};
+use cluster_manager::members::Change;
 
 /// Time [`Node::shutdown`] waits for the node's tasks to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -41,15 +43,26 @@ pub struct Reply {
     pub body: Bytes,
 }
 
-/// Who waits on a tracked message, and what to send again after a
-/// reconnect: a message sent through the message server keeps its body
-/// and kind here until its outcome is known (the rest of its frame is in
-/// its tracker entry), so settling, cancelling or failing it drops what
-/// would be resent with it, under the one tracker lock.
-#[derive(Debug)]
-pub(crate) struct Waiter {
-    pub(crate) tx: oneshot::Sender<Completion>,
-    pub(crate) resend: Option<Resend>,
+/// Who waits on a tracked message: the sender's handle.
+pub(crate) type Waiter = oneshot::Sender<Completion>;
+
+/// What the tracker keeps for resending, in sequence order, as frames
+/// from `sender`'s `incarnation` (see
+/// [`DeliveryTracker::resend_order`]).
+pub(crate) fn resend_frames(
+    tracker: &DeliveryTracker<Waiter>,
+    sender: &NodeId,
+    incarnation: u64,
+    keep: impl Fn(&Target) -> bool,
+) -> Vec<OutFrame> {
+    tracker
+        .resend_order(sender, incarnation, keep)
+        .into_iter()
+        .map(|(header, body)| OutFrame::Parts {
+            header: Header::Message(header),
+            body,
+        })
+        .collect()
 }
 
 /// What a node learnt while connecting, to build its shared state from.
@@ -98,30 +111,19 @@ pub(crate) struct Inner {
     /// Bounds the acknowledged messages awaiting an outcome
     /// (`node.max_in_flight`).
     pub(crate) in_flight: InFlight,
-    /// Whether the link to the message server is up: members are declared
-    /// gone only while it is (while it is down, nothing is known).
-    pub(crate) link_up: std::sync::atomic::AtomicBool,
+    /// The link to the message server as the cluster manager sees it:
+    /// up or down, which address, its heartbeat deadline, its back-off.
+    /// Members are declared gone only while it is up (while it is down,
+    /// nothing is known).
+    link: Mutex<LinkState>,
     /// Where the message server takes heartbeats, for the current link.
     pub(crate) server_heartbeat: Mutex<Option<std::net::SocketAddr>>,
-    /// When the server last answered a heartbeat (ms since start).
-    pub(crate) last_pong_ms: AtomicU64,
-    /// Woken when the server stopped answering heartbeats: the link is
-    /// dead even if TCP has not noticed.
-    pub(crate) link_dead: tokio::sync::Notify,
-    /// The index in `message_server.addresses` connected to now.
-    pub(crate) server_index: std::sync::atomic::AtomicUsize,
     activation: Mutex<AutoActivation>,
     /// Service names sent to, shared instead of allocated per message.
-    service_names: RwLock<
-        std::collections::HashSet<
-            Arc<str>,
-            std::hash::BuildHasherDefault<cluster_manager::tracker::NameHasher>,
-        >,
-    >,
+    service_names: RwLock<rustc_hash::FxHashSet<Arc<str>>>,
     pub(crate) counters: Counters,
     /// Routing failures reported for messages nobody waits on.
     pub(crate) late_failures: AtomicU64,
-    epoch: std::time::Instant,
     pub(crate) cancel: CancellationToken,
     /// Set just before `cancel` is: read on every send, without the
     /// token's lock.
@@ -138,6 +140,13 @@ pub(crate) type ResolveResult = Result<Vec<(NodeId, u64)>, DeliveryFailure>;
 impl Inner {
     pub(crate) fn new(parts: Parts) -> Inner {
         let failure_timeout = parts.config.failure_timeout();
+        let ms = &parts.config.message_server;
+        let link_policy = LinkPolicy {
+            addresses: ms.addresses.len(),
+            reconnect_delay: Duration::from_millis(ms.reconnect_delay_ms),
+            reconnect_max_delay: Duration::from_millis(ms.reconnect_max_delay_ms),
+            failure_timeout,
+        };
         let max_in_flight = parts.config.node.max_in_flight;
         let lazy = &parts.config.lazy;
         let activation = AutoActivation::new(
@@ -163,35 +172,36 @@ impl Inner {
             dedup: Mutex::new(Dedup::default()),
             send_lock: OrderLock::default(),
             in_flight: InFlight::new(max_in_flight),
-            server_index: std::sync::atomic::AtomicUsize::new(parts.server_index),
-            link_up: std::sync::atomic::AtomicBool::new(true),
+            link: Mutex::new(LinkState::new(
+                link_policy,
+                parts.server_index,
+                std::time::Instant::now(),
+            )),
             server_heartbeat: Mutex::new(None),
-            last_pong_ms: AtomicU64::new(0),
-            link_dead: tokio::sync::Notify::new(),
             activation: Mutex::new(activation),
             service_names: RwLock::default(),
             counters: Counters::default(),
             late_failures: AtomicU64::new(0),
-            epoch: std::time::Instant::now(),
             cancel: CancellationToken::new(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             tasks: TaskTracker::new(),
         }
     }
 
-    /// Milliseconds since the node started (for idle tracking).
-    pub(crate) fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
-    /// A new link is up: heartbeats go to its server, and its silence is
-    /// measured from now.
-    pub(crate) fn link_started(&self, heartbeat: Option<std::net::SocketAddr>) {
+    /// A new link to address `index` is up: heartbeats go to its server,
+    /// and its silence is measured from now.
+    pub(crate) fn link_started(&self, heartbeat: Option<std::net::SocketAddr>, index: usize) {
         *self
             .server_heartbeat
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = heartbeat;
-        self.last_pong_ms.store(self.now_ms(), Ordering::SeqCst);
+        self.link()
+            .handle_connected(std::time::Instant::now(), index);
+    }
+
+    /// The link's state.
+    pub(crate) fn link(&self) -> std::sync::MutexGuard<'_, LinkState> {
+        self.link.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The current incarnation.
@@ -255,9 +265,12 @@ impl Inner {
     /// disconnected, so acknowledgements (or the messages) may be lost.
     async fn resync(&self, node: &NodeId) {
         let _order = self.send_lock.lock().await;
-        let frames = resend_frames(&self.tracker(), &self.id, self.incarnation(), |target| {
-            node_of(target) == Some(node)
-        });
+        let frames = resend_frames(
+            &self.tracker(),
+            &self.id,
+            self.incarnation(),
+            |target| matches!(target, Target::Node(id) if id == node),
+        );
         if !frames.is_empty() {
             tracing::debug!(%node, messages = frames.len(), "member back: resending what it has not acknowledged");
         }
@@ -473,7 +486,7 @@ impl Inner {
     pub(crate) fn close(&self, error: &SendError) {
         let done = self.tracker().fail_all(error);
         for (w, c) in done {
-            let _ = w.tx.send(c);
+            let _ = w.send(c);
         }
         self.inboxes
             .write()
@@ -854,10 +867,7 @@ impl Node {
     /// The message server this node is registered with now (an entry of
     /// `message_server.addresses`), or `None` while it is reconnecting.
     pub fn message_server(&self) -> Option<String> {
-        if !self.inner.link_up.load(Ordering::SeqCst) {
-            return None;
-        }
-        let index = self.inner.server_index.load(Ordering::SeqCst);
+        let index = self.inner.link().index()?;
         self.inner
             .config
             .message_server

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use cluster_manager::path::{self, Path, PathFacts, TargetKind};
+use cluster_manager::path::{self, Fallback, Path, PathFacts, TargetKind, TooLarge};
 use cluster_manager::{Awaiting, SendError};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -17,9 +17,10 @@ use transports::{OutFrame, PushError};
 
 use crate::connection::complete;
 use crate::counters::Counters;
-use crate::direct::{get_or_open, ChannelKind, DirectConn};
-use crate::node::{Inner, Pending, Waiter};
-use crate::reliable::Resend;
+use crate::direct::{get_or_open, DirectConn};
+use crate::node::{Inner, Pending};
+use cluster_manager::channels::ChannelKind;
+use cluster_manager::tracker::Resend;
 
 /// Where one message goes.
 enum Route {
@@ -71,6 +72,7 @@ impl Inner {
             lazy_open: false,
             hot_pair: false,
             target_reachable: false,
+            server_in_flight: 0,
         };
         if let (Some(peer), true) = (peer, allowed) {
             facts.lazy_open = self.direct.get(peer, ChannelKind::Lazy).is_some();
@@ -88,26 +90,24 @@ impl Inner {
             );
             facts.target_reachable =
                 could_go_direct && *peer != self.id && self.members.direct_addr(peer).is_some();
-        }
-        let small = body_len <= self.config.lazy.threshold_bytes;
-        match (path::choose(self.config.lazy.threshold_bytes, facts), peer) {
-            // A small message moves to the direct channel only once nothing
-            // sent to that node through the message server is unsettled,
-            // so the switch never overtakes earlier messages.
-            (Path::Lazy, Some(peer)) if small && self.tracker().server_in_flight(peer) > 0 => {
-                Ok(Route::Server)
+            if facts.target_reachable && body_len <= self.config.lazy.threshold_bytes {
+                facts.server_in_flight = self.tracker().server_in_flight(peer);
             }
+        }
+        match (path::choose(self.config.lazy.threshold_bytes, facts), peer) {
             (Path::Lazy, Some(peer)) => {
                 match Box::pin(get_or_open(self, peer, ChannelKind::Lazy)).await {
                     Ok(conn) => Ok(Route::Direct(conn)),
-                    Err(reason) if body_len <= self.server_max => {
-                        tracing::debug!(%peer, %reason, "no lazy channel; falling back to the message server");
-                        Ok(Route::Server)
-                    }
-                    Err(reason) => Err(SendError::DirectUnavailable {
-                        node: peer.clone(),
-                        reason,
-                    }),
+                    Err(reason) => match path::fallback(body_len, self.server_max) {
+                        Fallback::Server => {
+                            tracing::debug!(%peer, %reason, "no lazy channel; falling back to the message server");
+                            Ok(Route::Server)
+                        }
+                        Fallback::Fail => Err(SendError::DirectUnavailable {
+                            node: peer.clone(),
+                            reason,
+                        }),
+                    },
                 }
             }
             (Path::LazyFanOut, _) => {
@@ -154,9 +154,12 @@ impl Inner {
             return Ok(());
         }
         if let Target::Node(peer) = target {
-            let lazy_would_do = body_len > self.config.lazy.threshold_bytes
-                && path::service_allowed(&self.config.lazy, service);
-            if lazy_would_do && self.members.is_member(peer) && *peer != self.id {
+            let allowed = path::service_allowed(&self.config.lazy, service);
+            let other_member = *peer != self.id && self.members.is_member(peer);
+            let threshold = self.config.lazy.threshold_bytes;
+            if path::too_large(threshold, body_len, allowed, other_member)
+                == TooLarge::NoDirectAddress
+            {
                 return Err(SendError::DirectUnavailable {
                     node: peer.clone(),
                     reason: "it announced no direct-channel address".into(),
@@ -234,12 +237,8 @@ impl Inner {
                 };
                 {
                     let mut tracker = self.tracker();
-                    let waiter = Waiter {
-                        tx,
-                        resend: Some(resend),
-                    };
-                    tracker.track(seq, target.clone(), service.clone(), awaiting, waiter);
-                    tracker.mark_via_server(seq);
+                    tracker.track(seq, target.clone(), service.clone(), awaiting, tx);
+                    tracker.mark_via_server(seq, resend);
                 }
                 let pending = Pending::new(self.clone(), seq, deadline, rx, slot);
                 // Usually queued at once, its header encoded from the names
@@ -258,9 +257,8 @@ impl Inner {
             }
             Route::Direct(conn) => {
                 seq = self.next_seq();
-                let waiter = Waiter { tx, resend: None };
                 self.tracker()
-                    .track(seq, target.clone(), service.clone(), awaiting, waiter);
+                    .track(seq, target.clone(), service.clone(), awaiting, tx);
                 let pending = Pending::new(self.clone(), seq, deadline, rx, slot);
                 let msg = Outgoing {
                     seq,
@@ -279,7 +277,7 @@ impl Inner {
                     service.clone(),
                     awaiting,
                     members.clone(),
-                    Waiter { tx, resend: None },
+                    tx,
                 );
                 let pending = Pending::new(self.clone(), seq, deadline, rx, slot);
                 complete(done);
@@ -424,7 +422,7 @@ impl Inner {
             Ok(conn) => self.push_direct(conn, msg, tracked, Some(deadline)).await,
             Err(reason) => {
                 let body_len = msg.body.len() as u64;
-                if body_len > self.server_max {
+                if path::fallback(body_len, self.server_max) == Fallback::Fail {
                     return Err(SendError::DirectUnavailable {
                         node: member.clone(),
                         reason,
@@ -451,7 +449,7 @@ impl Inner {
         let peer = conn.peer.clone();
         let body_len = msg.body.len() as u64;
         for attempt in 0..2 {
-            let usage = conn.begin_use(self, tracked.then_some(msg.seq));
+            let usage = conn.begin_use(tracked.then_some(msg.seq));
             let Some(_usage) = usage else {
                 if attempt == 1 {
                     break;

@@ -13,9 +13,10 @@
 //! Sends made while disconnected wait in the bounded outgoing queue, each
 //! bounded by its send timeout; they do not fail at once.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use cluster_manager::link::LinkAction;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
@@ -26,10 +27,10 @@ use transports::protocol::{Hello, RefusalReason, Welcome};
 use transports::{write_queue, Config, FrameReader, OutFrame, OutReceiver, WriteEnd};
 
 use crate::connection::{read_frames, LinkEnd};
-use crate::membership::{Change, MembershipEvent};
-use crate::node::Inner;
-use crate::reliable::resend_frames;
+use crate::membership::MembershipEvent;
+use crate::node::{resend_frames, Inner};
 use crate::NodeError;
+use cluster_manager::members::Change;
 
 /// A connected, registered link to one message server.
 #[derive(Debug)]
@@ -133,7 +134,7 @@ pub(crate) async fn connect_first(
 pub(crate) async fn supervise(inner: Arc<Inner>, mut rx: OutReceiver, mut link: Link) {
     let mut prelude = Vec::new();
     loop {
-        inner.link_started(link.heartbeat);
+        inner.link_started(link.heartbeat, link.index);
         let end = run_link(&inner, &mut rx, &mut link, std::mem::take(&mut prelude)).await;
         match end {
             LinkEnd::Shutdown => return,
@@ -144,13 +145,12 @@ pub(crate) async fn supervise(inner: Arc<Inner>, mut rx: OutReceiver, mut link: 
                 tracing::info!(address = %link.address, "channel stopped: the primary message server is back, moving to it");
             }
         }
-        inner.link_up.store(false, Ordering::SeqCst);
+        inner.link().handle_lost(Instant::now());
         inner.members.disconnected();
         let Some((new_link, welcome)) = reconnect(&inner).await else {
             return;
         };
         link = new_link;
-        inner.server_index.store(link.index, Ordering::Relaxed);
         tracing::info!(address = %link.address, "channel started: registered with the message server again");
         // Members the new server does not know yet get the failure timeout
         // to register; everything awaiting an outcome goes out again first.
@@ -161,7 +161,7 @@ pub(crate) async fn supervise(inner: Arc<Inner>, mut rx: OutReceiver, mut link: 
             .filter(|c| matches!(c, Change::Left(_)))
             .collect();
         inner.handle_changes(changes).await;
-        inner.link_up.store(true, Ordering::SeqCst);
+        inner.link().handle_connected(Instant::now(), link.index);
         prelude = resend_frames(&inner.tracker(), &inner.id, inner.incarnation(), |_| true);
         inner.members.emit_event(MembershipEvent::Reconnected {
             address: link.address.clone(),
@@ -182,10 +182,9 @@ async fn run_link(
         }
     }
     let reading = read_frames(inner, &mut link.reader);
-    let silent = inner.link_dead.notified();
     let writing = write_queue(&mut link.writer, rx, link.max_frame);
-    let probing = probe_primary(inner, link.index);
-    tokio::pin!(reading, writing, probing);
+    let watching = watch_link(inner);
+    tokio::pin!(reading, writing, watching);
     // `None`: the writer is still running and may flush a goodbye.
     let (end, writer_done) = tokio::select! {
         r = &mut reading => (r, false),
@@ -193,8 +192,7 @@ async fn run_link(
             Ok(WriteEnd::Finished | WriteEnd::Closed) => LinkEnd::Shutdown,
             Err(e) => LinkEnd::Lost(format!("writing: {e}")),
         }, true),
-        _ = &mut probing => (LinkEnd::PrimaryBack, false),
-        _ = silent => (LinkEnd::Lost("the message server did not answer heartbeats within the failure timeout".into()), false),
+        end = &mut watching => (end, false),
         _ = inner.cancel.cancelled() => (LinkEnd::Shutdown, false),
     };
     if matches!(end, LinkEnd::Shutdown) && !writer_done {
@@ -230,42 +228,55 @@ async fn write_all_frames(
     Ok(())
 }
 
-/// Resolves when the primary answers while this link is to a standby.
-async fn probe_primary(inner: &Inner, index: usize) {
-    if index == 0 {
-        return std::future::pending().await;
-    }
+/// Watches the link's deadlines ([`cluster_manager::link::LinkState`]): resolves when the server
+/// stopped answering heartbeats, or when the primary answers a probe while
+/// this link is to a standby.
+async fn watch_link(inner: &Inner) -> LinkEnd {
     let config = &inner.config;
-    let Some(primary) = config.message_server.addresses.first() else {
-        return std::future::pending().await;
-    };
-    let every = Duration::from_millis(config.message_server.reconnect_delay_ms);
     loop {
-        tokio::time::sleep(every).await;
-        if transports::tcp::connect(primary, &config.tcp, config.connect_timeout())
-            .await
-            .is_ok()
-        {
-            return;
+        let due = inner.link().poll_timeout();
+        tokio::time::sleep_until(due.into()).await;
+        let action = inner.link().handle_timeout(Instant::now());
+        match action {
+            Some(LinkAction::Dead) => {
+                return LinkEnd::Lost(
+                    "the message server did not answer heartbeats within the failure timeout"
+                        .into(),
+                )
+            }
+            Some(LinkAction::ProbePrimary) => {
+                let Some(primary) = config.message_server.addresses.first() else {
+                    continue;
+                };
+                if transports::tcp::connect(primary, &config.tcp, config.connect_timeout())
+                    .await
+                    .is_ok()
+                {
+                    return LinkEnd::PrimaryBack;
+                }
+            }
+            Some(LinkAction::Reconnect) | None => {}
         }
     }
 }
 
-/// Reconnects, with a capped back-off; `None` if the node shuts down.
+/// Reconnects when [`cluster_manager::link::LinkState`] says (a capped back-off, the addresses in
+/// order); `None` if the node shuts down.
 async fn reconnect(inner: &Arc<Inner>) -> Option<(Link, Welcome)> {
     let ms = &inner.config.message_server;
-    let mut delay = Duration::from_millis(ms.reconnect_delay_ms);
-    let max = Duration::from_millis(ms.reconnect_max_delay_ms);
-    let mut rejoin = false;
     loop {
-        if !std::mem::take(&mut rejoin) {
-            tokio::select! {
-                _ = inner.cancel.cancelled() => return None,
-                _ = tokio::time::sleep(delay) => {}
-            }
+        let due = inner.link().poll_timeout();
+        tokio::select! {
+            _ = inner.cancel.cancelled() => return None,
+            _ = tokio::time::sleep_until(due.into()) => {}
+        }
+        if inner.link().handle_timeout(Instant::now()) != Some(LinkAction::Reconnect) {
+            continue;
         }
         let hello = inner.current_hello();
-        for index in 0..ms.addresses.len() {
+        let order = inner.link().attempt_order();
+        let mut rejoin = false;
+        for index in order {
             let attempt = tokio::select! {
                 _ = inner.cancel.cancelled() => return None,
                 a = connect(&inner.config, &hello, index) => a,
@@ -290,7 +301,12 @@ async fn reconnect(inner: &Arc<Inner>) -> Option<(Link, Welcome)> {
                 }
             }
         }
-        delay = (delay * 2).min(max);
+        let now = Instant::now();
+        if rejoin {
+            inner.link().handle_rejoin(now);
+        } else {
+            inner.link().handle_round_failed(now);
+        }
     }
 }
 
@@ -306,7 +322,7 @@ pub(crate) async fn heartbeats(inner: Arc<Inner>, socket: tokio::net::UdpSocket)
         tokio::select! {
             _ = inner.cancel.cancelled() => return,
             _ = tick.tick() => {
-                if !inner.link_up.load(Ordering::SeqCst) {
+                if !inner.link().is_up() {
                     continue;
                 }
                 let target = *inner.server_heartbeat.lock().unwrap_or_else(|p| p.into_inner());
@@ -320,15 +336,11 @@ pub(crate) async fn heartbeats(inner: Arc<Inner>, socket: tokio::net::UdpSocket)
                 if let Err(e) = socket.send_to(&ping.encode(), target).await {
                     tracing::debug!(error = %e, "heartbeat not sent");
                 }
-                let silent = inner.now_ms().saturating_sub(inner.last_pong_ms.load(Ordering::SeqCst));
-                if silent > cluster.failure_timeout_ms {
-                    inner.link_dead.notify_one();
-                }
             }
             r = socket.recv_from(&mut buf) => {
                 if let Ok((n, _)) = r {
                     if let Some(transports::heartbeat::Beat::Pong { .. }) = transports::heartbeat::Beat::decode(&buf[..n]) {
-                        inner.last_pong_ms.store(inner.now_ms(), Ordering::SeqCst);
+                        inner.link().handle_pong(Instant::now());
                     }
                 }
             }

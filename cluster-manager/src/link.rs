@@ -1,0 +1,336 @@
+//! The node's link to the message server, as the cluster manager sees it:
+//! whether it is up, which address it uses, when the server counts as
+//! silent, when to probe the primary from a standby, and when to try
+//! reconnecting (address order and back-off). The runtime connects,
+//! writes and reads; this decides when and where.
+//!
+//! Pure state with the time passed in: the runtime asks
+//! [`LinkState::poll_timeout`] when to wake next, and
+//! [`LinkState::handle_timeout`] what to do then.
+//!
+//! - While up, the server must answer heartbeats: silent for longer than
+//!   the failure timeout, the link is dead even if TCP has not noticed.
+//! - While up on a standby (an index above 0), the primary is probed every
+//!   reconnect delay; once it answers, the node moves back to it.
+//! - While down, a round of attempts walks the addresses in order (primary
+//!   first, then standbys); the first round starts one reconnect delay
+//!   after the loss (also when the link was dropped for the primary), each
+//!   failed round doubles the wait up to its cap. A node told that its
+//!   incarnation was declared failed rejoins at once as a new one.
+
+use std::time::{Duration, Instant};
+
+/// The link's timing, from the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkPolicy {
+    /// How many message server addresses there are (primary first).
+    pub addresses: usize,
+    /// The first wait after a loss, and the primary probe period
+    /// (`message_server.reconnect_delay_ms`).
+    pub reconnect_delay: Duration,
+    /// The cap of the doubling wait (`message_server.reconnect_max_delay_ms`).
+    pub reconnect_max_delay: Duration,
+    /// How long the server may stay silent (`cluster.failure_timeout_ms`).
+    pub failure_timeout: Duration,
+}
+
+/// What the runtime should do now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkAction {
+    /// The server stopped answering heartbeats: drop the link.
+    Dead,
+    /// Try connecting to the primary; on success drop the standby link
+    /// (and call [`LinkState::handle_lost`]).
+    ProbePrimary,
+    /// Start a round of connection attempts, in [`LinkState::attempt_order`].
+    Reconnect,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Up {
+        index: usize,
+        last_heard: Instant,
+        next_probe: Option<Instant>,
+    },
+    Down {
+        /// The wait after the next failed round.
+        delay: Duration,
+        next_round: Instant,
+    },
+}
+
+/// The link's state.
+#[derive(Debug, Clone)]
+pub struct LinkState {
+    policy: LinkPolicy,
+    phase: Phase,
+}
+
+impl LinkState {
+    /// A link connected at `now` to address `index`.
+    pub fn new(policy: LinkPolicy, index: usize, now: Instant) -> Self {
+        let mut link = LinkState {
+            policy,
+            phase: Phase::Down {
+                delay: policy.reconnect_delay,
+                next_round: now,
+            },
+        };
+        link.handle_connected(now, index);
+        link
+    }
+
+    /// Whether the link is up.
+    pub fn is_up(&self) -> bool {
+        matches!(self.phase, Phase::Up { .. })
+    }
+
+    /// The address index in use, while up.
+    pub fn index(&self) -> Option<usize> {
+        match self.phase {
+            Phase::Up { index, .. } => Some(index),
+            Phase::Down { .. } => None,
+        }
+    }
+
+    /// Registered with address `index` at `now`.
+    pub fn handle_connected(&mut self, now: Instant, index: usize) {
+        let next_probe = (index > 0).then(|| now + self.policy.reconnect_delay);
+        self.phase = Phase::Up {
+            index,
+            last_heard: now,
+            next_probe,
+        };
+    }
+
+    /// The server answered a heartbeat at `now`.
+    pub fn handle_pong(&mut self, now: Instant) {
+        if let Phase::Up { last_heard, .. } = &mut self.phase {
+            *last_heard = (*last_heard).max(now);
+        }
+    }
+
+    /// The link broke (or was dropped) at `now`: the first round of
+    /// attempts waits one reconnect delay.
+    pub fn handle_lost(&mut self, now: Instant) {
+        if self.is_up() {
+            self.phase = Phase::Down {
+                delay: self.policy.reconnect_delay,
+                next_round: now + self.policy.reconnect_delay,
+            };
+        }
+    }
+
+    /// A whole round of attempts failed at `now`: wait, doubling up to the
+    /// cap.
+    pub fn handle_round_failed(&mut self, now: Instant) {
+        if let Phase::Down { delay, next_round } = &mut self.phase {
+            *delay = (*delay * 2).min(self.policy.reconnect_max_delay);
+            *next_round = now + *delay;
+        }
+    }
+
+    /// A server said this node's incarnation was declared failed: the node
+    /// takes a new one and tries again at once.
+    pub fn handle_rejoin(&mut self, now: Instant) {
+        if let Phase::Down { next_round, .. } = &mut self.phase {
+            *next_round = now;
+        }
+    }
+
+    /// The addresses a round tries, in order: primary first, then standbys.
+    pub fn attempt_order(&self) -> std::ops::Range<usize> {
+        0..self.policy.addresses
+    }
+
+    /// When [`LinkState::handle_timeout`] has something to do next.
+    pub fn poll_timeout(&self) -> Instant {
+        match self.phase {
+            Phase::Up {
+                last_heard,
+                next_probe,
+                ..
+            } => {
+                let silent = last_heard + self.policy.failure_timeout + Duration::from_nanos(1);
+                next_probe.map_or(silent, |p| p.min(silent))
+            }
+            Phase::Down { next_round, .. } => next_round,
+        }
+    }
+
+    /// What to do at `now`, if anything.
+    pub fn handle_timeout(&mut self, now: Instant) -> Option<LinkAction> {
+        let policy = self.policy;
+        match &mut self.phase {
+            Phase::Up {
+                last_heard,
+                next_probe,
+                ..
+            } => {
+                if now.saturating_duration_since(*last_heard) > policy.failure_timeout {
+                    return Some(LinkAction::Dead);
+                }
+                match next_probe {
+                    Some(at) if *at <= now => {
+                        *at = now + policy.reconnect_delay;
+                        Some(LinkAction::ProbePrimary)
+                    }
+                    _ => None,
+                }
+            }
+            Phase::Down { next_round, .. } => (*next_round <= now).then_some(LinkAction::Reconnect),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    fn policy() -> LinkPolicy {
+        LinkPolicy {
+            addresses: 3,
+            reconnect_delay: MS(100),
+            reconnect_max_delay: MS(500),
+            failure_timeout: MS(1_000),
+        }
+    }
+
+    /// An event at an offset in ms.
+    enum Step {
+        Pong,
+        Lost,
+        RoundFailed,
+        Rejoin,
+        Connected(usize),
+        /// A timeout: what it asks for, and when the next one is due.
+        Timeout(Option<LinkAction>, u64),
+    }
+
+    fn run(start_index: usize, steps: &[(u64, Step)]) {
+        let t0 = Instant::now();
+        let mut link = LinkState::new(policy(), start_index, t0);
+        for (i, (at, step)) in steps.iter().enumerate() {
+            let now = t0 + MS(*at);
+            match step {
+                Step::Pong => link.handle_pong(now),
+                Step::Lost => link.handle_lost(now),
+                Step::RoundFailed => link.handle_round_failed(now),
+                Step::Rejoin => link.handle_rejoin(now),
+                Step::Connected(index) => link.handle_connected(now, *index),
+                Step::Timeout(action, next) => {
+                    assert_eq!(link.handle_timeout(now), *action, "step {i} at {at} ms");
+                    let due = link.poll_timeout().saturating_duration_since(t0);
+                    assert_eq!(due.as_millis() as u64, *next, "step {i}: next timeout");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn heartbeat_deadline_table() {
+        use LinkAction::*;
+        use Step::*;
+        run(
+            0,
+            &[
+                (1_000, Timeout(None, 1_000)),
+                (600, Pong),
+                (1_500, Timeout(None, 1_600)),
+                (1_600, Timeout(None, 1_600)),
+                (1_601, Timeout(Some(Dead), 1_600)),
+            ],
+        );
+        // An old pong arriving late does not move the deadline back.
+        run(
+            0,
+            &[
+                (800, Pong),
+                (300, Pong),
+                (1_801, Timeout(Some(Dead), 1_800)),
+            ],
+        );
+    }
+
+    #[test]
+    fn back_off_table() {
+        use LinkAction::*;
+        use Step::*;
+        run(
+            0,
+            &[
+                (50, Lost),
+                (100, Timeout(None, 150)),
+                (150, Timeout(Some(Reconnect), 150)),
+                // Rounds fail: the wait doubles to 200, 400, then is
+                // capped at 500.
+                (160, RoundFailed),
+                (160, Timeout(None, 360)),
+                (360, RoundFailed),
+                (360, Timeout(None, 760)),
+                (760, RoundFailed),
+                (760, Timeout(None, 1_260)),
+                (1_260, RoundFailed),
+                (1_260, Timeout(None, 1_760)),
+                // Back up: the next loss starts from the base delay again.
+                (1_900, Connected(0)),
+                (2_000, Lost),
+                (2_100, Timeout(Some(Reconnect), 2_100)),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_rejoin_retries_at_once_and_a_primary_back_after_the_delay() {
+        use LinkAction::*;
+        use Step::*;
+        run(
+            0,
+            &[
+                (0, Lost),
+                (100, Timeout(Some(Reconnect), 100)),
+                (110, RoundFailed),
+                (120, Rejoin),
+                (120, Timeout(Some(Reconnect), 120)),
+            ],
+        );
+        run(
+            2,
+            &[
+                (100, Timeout(Some(ProbePrimary), 200)),
+                (150, Lost),
+                (150, Timeout(None, 250)),
+                (250, Timeout(Some(Reconnect), 250)),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_standby_link_probes_the_primary_every_reconnect_delay() {
+        use LinkAction::*;
+        use Step::*;
+        run(
+            1,
+            &[
+                (99, Timeout(None, 100)),
+                (100, Timeout(Some(ProbePrimary), 200)),
+                (150, Pong),
+                (200, Timeout(Some(ProbePrimary), 300)),
+                // Moved to the primary: no more probes.
+                (250, Connected(0)),
+                (300, Timeout(None, 1_250)),
+            ],
+        );
+    }
+
+    #[test]
+    fn attempts_walk_the_addresses_in_order() {
+        let link = LinkState::new(policy(), 0, Instant::now());
+        assert_eq!(link.attempt_order().collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(link.index(), Some(0));
+        assert!(link.is_up());
+    }
+}

@@ -1,0 +1,408 @@
+//! The node's view of the cluster's members, kept current by the message
+//! server's membership events.
+//!
+//! Pure state with the time passed in. A member whose connection to the
+//! message server broke is kept for the failure timeout (it may be
+//! reconnecting, or the message server may have restarted); it is
+//! declared gone only if it does not register again in time. A planned
+//! stop or a declared failure takes effect at once. Every call returns
+//! what changed for the node to act on ([`Change`]) and what the
+//! application is told ([`MembershipEvent`]).
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use transports::protocol::{LeaveReason, MemberEvent, MemberInfo, NodeId};
+
+/// A change the application may react to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MembershipEvent {
+    /// A node joined the cluster.
+    Joined(MemberInfo),
+    /// A node changed its services.
+    Updated(MemberInfo),
+    /// A node left.
+    Left {
+        /// The node.
+        id: NodeId,
+        /// The incarnation that left.
+        incarnation: u64,
+        /// Why: a planned stop, a broken connection, or declared failed.
+        reason: LeaveReason,
+    },
+    /// This node lost its connection to the message server; it reconnects
+    /// by itself.
+    Disconnected,
+    /// This node is connected to a message server again (after
+    /// [`MembershipEvent::Disconnected`]).
+    Reconnected {
+        /// The message server's address.
+        address: String,
+    },
+}
+
+/// What a membership update changed, for the node to act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A member is gone for good: fail what waits on it, forget its
+    /// duplicate window, close its channels.
+    Left(NodeId),
+    /// A member (re)registered with the message server: what waits on it
+    /// may be resent.
+    Present(NodeId),
+}
+
+/// What an update produced.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Update {
+    /// For the node to act on.
+    pub changes: Vec<Change>,
+    /// For the application.
+    pub events: Vec<MembershipEvent>,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    info: MemberInfo,
+    /// Set while the member is disconnected from the message server: it is
+    /// declared gone at this instant unless it registers again.
+    gone_at: Option<Instant>,
+}
+
+/// The current members, by id.
+#[derive(Debug)]
+pub struct Members {
+    members: BTreeMap<NodeId, Entry>,
+    /// Incarnations declared failed: nothing from them is accepted.
+    failed: HashSet<(NodeId, u64)>,
+    grace: Duration,
+}
+
+impl Members {
+    /// The members a node was welcomed with; a disconnected member gets
+    /// `grace` (the failure timeout) to come back.
+    pub fn new(initial: Vec<MemberInfo>, grace: Duration) -> Self {
+        Members {
+            members: initial
+                .into_iter()
+                .map(|info| {
+                    let entry = Entry {
+                        info,
+                        gone_at: None,
+                    };
+                    (entry.info.id.clone(), entry)
+                })
+                .collect(),
+            failed: HashSet::new(),
+            grace,
+        }
+    }
+
+    /// Whether `incarnation` of `id` was declared failed.
+    pub fn is_failed(&self, id: &str, incarnation: u64) -> bool {
+        // A scan: failures are rare, and this is asked per message.
+        !self.failed.is_empty()
+            && self
+                .failed
+                .iter()
+                .any(|(f, i)| *i == incarnation && f.as_str() == id)
+    }
+
+    /// Whether any incarnation was declared failed.
+    pub fn any_failed(&self) -> bool {
+        !self.failed.is_empty()
+    }
+
+    /// Every member's information.
+    pub fn snapshot(&self) -> Vec<MemberInfo> {
+        self.members.values().map(|e| e.info.clone()).collect()
+    }
+
+    /// The member `id`, if it is one.
+    pub fn get(&self, id: &str) -> Option<&MemberInfo> {
+        self.members.get(id).map(|e| &e.info)
+    }
+
+    /// The id of the member named `name`, shared with the table (no
+    /// allocation), or a new one for a name not (or no longer) a member.
+    pub fn id_of(&self, name: &str) -> NodeId {
+        self.members
+            .get_key_value(name)
+            .map_or_else(|| NodeId::new(name), |(id, _)| id.clone())
+    }
+
+    /// Whether `id` is a member.
+    pub fn is_member(&self, id: &NodeId) -> bool {
+        self.members.contains_key(id)
+    }
+
+    /// The direct-channel address `id` announced.
+    pub fn direct_addr(&self, id: &NodeId) -> Option<std::net::SocketAddr> {
+        self.get(id.as_str()).and_then(|m| m.direct_addr)
+    }
+
+    /// Whether `incarnation` of `id` is the member now.
+    pub fn is_live(&self, id: &NodeId, incarnation: u64) -> bool {
+        self.get(id.as_str())
+            .is_some_and(|m| m.incarnation == incarnation)
+    }
+
+    /// Applies a server event received at `now`.
+    pub fn handle_event(&mut self, now: Instant, event: MemberEvent) -> Update {
+        let mut update = Update::default();
+        match event {
+            MemberEvent::Joined(info) | MemberEvent::Updated(info) => {
+                let id = info.id.clone();
+                let mut back = false;
+                match self.members.get(&id) {
+                    Some(e) if e.info.incarnation == info.incarnation => {
+                        back = e.gone_at.is_some();
+                        if e.info != info {
+                            update.events.push(MembershipEvent::Updated(info.clone()));
+                        }
+                    }
+                    Some(old) => {
+                        // A new incarnation: the old one is gone.
+                        update.events.push(MembershipEvent::Left {
+                            id: id.clone(),
+                            incarnation: old.info.incarnation,
+                            reason: LeaveReason::Disconnected,
+                        });
+                        update.changes.push(Change::Left(id.clone()));
+                        update.events.push(MembershipEvent::Joined(info.clone()));
+                    }
+                    None => update.events.push(MembershipEvent::Joined(info.clone())),
+                }
+                self.members.insert(
+                    id.clone(),
+                    Entry {
+                        info,
+                        gone_at: None,
+                    },
+                );
+                if back {
+                    update.changes.push(Change::Present(id));
+                }
+            }
+            MemberEvent::Left {
+                id,
+                incarnation,
+                reason,
+            } => match self.members.get_mut(&id) {
+                Some(e) if e.info.incarnation == incarnation => {
+                    if reason == LeaveReason::Disconnected {
+                        // Maybe reconnecting: wait for the failure timeout.
+                        e.gone_at.get_or_insert(now + self.grace);
+                    } else {
+                        if reason == LeaveReason::Failed {
+                            self.failed.insert((id.clone(), incarnation));
+                        }
+                        self.members.remove(&id);
+                        update.events.push(MembershipEvent::Left {
+                            id: id.clone(),
+                            incarnation,
+                            reason,
+                        });
+                        update.changes.push(Change::Left(id));
+                    }
+                }
+                _ => {}
+            },
+        }
+        update
+    }
+
+    /// Takes the member list of a new link's `Welcome` at `now`: members
+    /// it lacks get the failure timeout to register again (what happened
+    /// while this node was away is unknown).
+    pub fn handle_welcome(&mut self, now: Instant, current: Vec<MemberInfo>) -> Update {
+        for e in self.members.values_mut() {
+            if !current.iter().any(|m| m.id == e.info.id) {
+                e.gone_at = Some(now + self.grace);
+            }
+        }
+        let mut update = Update::default();
+        for info in current {
+            let one = self.handle_event(now, MemberEvent::Joined(info));
+            update.changes.extend(one.changes);
+            update.events.extend(one.events);
+        }
+        update
+    }
+
+    /// When the next disconnected member's grace runs out.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.members.values().filter_map(|e| e.gone_at).min()
+    }
+
+    /// Declares gone the members whose grace ran out by `now`.
+    pub fn handle_timeout(&mut self, now: Instant) -> Update {
+        let ids: Vec<NodeId> = self
+            .members
+            .iter()
+            .filter(|(_, e)| e.gone_at.is_some_and(|t| t <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut update = Update::default();
+        for id in ids {
+            let Some(e) = self.members.remove(&id) else {
+                continue;
+            };
+            tracing::info!(node = %id, "member did not come back within the failure timeout");
+            update.events.push(MembershipEvent::Left {
+                id: id.clone(),
+                incarnation: e.info.incarnation,
+                reason: LeaveReason::Failed,
+            });
+            update.changes.push(Change::Left(id));
+        }
+        update
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: &str, incarnation: u64) -> MemberInfo {
+        MemberInfo {
+            id: NodeId::new(id),
+            incarnation,
+            role: transports::protocol::Role::Server,
+            groups: vec![],
+            services: vec![],
+            direct_addr: None,
+        }
+    }
+
+    fn left(id: &str, incarnation: u64, reason: LeaveReason) -> MemberEvent {
+        MemberEvent::Left {
+            id: NodeId::new(id),
+            incarnation,
+            reason,
+        }
+    }
+
+    #[test]
+    fn failure_deadline_table() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let b = NodeId::new("b");
+        // (offset, event or a timeout, the changes it makes)
+        enum Step {
+            Event(MemberEvent),
+            Welcome(Vec<MemberInfo>),
+            Timeout,
+        }
+        type Case = (&'static str, Vec<(u64, Step, Vec<Change>)>);
+        let cases: Vec<Case> = vec![
+            (
+                "disconnected and back in time: present again, never left",
+                vec![
+                    (
+                        0,
+                        Step::Event(left("b", 1, LeaveReason::Disconnected)),
+                        vec![],
+                    ),
+                    (999, Step::Timeout, vec![]),
+                    (
+                        999,
+                        Step::Event(MemberEvent::Joined(info("b", 1))),
+                        vec![Change::Present(b.clone())],
+                    ),
+                    (5_000, Step::Timeout, vec![]),
+                ],
+            ),
+            (
+                "disconnected for the failure timeout: gone",
+                vec![
+                    (
+                        0,
+                        Step::Event(left("b", 1, LeaveReason::Disconnected)),
+                        vec![],
+                    ),
+                    (
+                        500,
+                        Step::Event(left("b", 1, LeaveReason::Disconnected)),
+                        vec![],
+                    ),
+                    (1_000, Step::Timeout, vec![Change::Left(b.clone())]),
+                ],
+            ),
+            (
+                "a planned stop: gone at once",
+                vec![(
+                    0,
+                    Step::Event(left("b", 1, LeaveReason::Stopped)),
+                    vec![Change::Left(b.clone())],
+                )],
+            ),
+            (
+                "another incarnation's leave is ignored",
+                vec![
+                    (0, Step::Event(left("b", 2, LeaveReason::Stopped)), vec![]),
+                    (5_000, Step::Timeout, vec![]),
+                ],
+            ),
+            (
+                "a new incarnation replaces the old one",
+                vec![(
+                    0,
+                    Step::Event(MemberEvent::Joined(info("b", 2))),
+                    vec![Change::Left(b.clone())],
+                )],
+            ),
+            (
+                "missing from a new server's welcome: the grace starts",
+                vec![
+                    (0, Step::Welcome(vec![]), vec![]),
+                    (999, Step::Timeout, vec![]),
+                    (1_000, Step::Timeout, vec![Change::Left(b.clone())]),
+                ],
+            ),
+            (
+                "in the welcome: nothing changes",
+                vec![
+                    (0, Step::Welcome(vec![info("b", 1)]), vec![]),
+                    (5_000, Step::Timeout, vec![]),
+                ],
+            ),
+        ];
+        for (name, steps) in cases {
+            let mut m = Members::new(vec![info("b", 1)], ms(1_000));
+            for (i, (at, step, changes)) in steps.into_iter().enumerate() {
+                let now = t0 + ms(at);
+                let update = match step {
+                    Step::Event(e) => m.handle_event(now, e),
+                    Step::Welcome(list) => m.handle_welcome(now, list),
+                    Step::Timeout => m.handle_timeout(now),
+                };
+                assert_eq!(update.changes, changes, "{name}: step {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_failed_incarnation_is_remembered_and_events_name_it() {
+        let t0 = Instant::now();
+        let mut m = Members::new(vec![info("b", 1)], Duration::from_secs(1));
+        assert!(!m.any_failed());
+        let update = m.handle_event(t0, left("b", 1, LeaveReason::Failed));
+        assert_eq!(
+            update.events,
+            [MembershipEvent::Left {
+                id: NodeId::new("b"),
+                incarnation: 1,
+                reason: LeaveReason::Failed
+            }]
+        );
+        assert!(m.is_failed("b", 1));
+        assert!(!m.is_failed("b", 2));
+        assert!(!m.is_member(&NodeId::new("b")));
+        let update = m.handle_event(t0, MemberEvent::Joined(info("b", 2)));
+        assert_eq!(update.events, [MembershipEvent::Joined(info("b", 2))]);
+        assert!(m.is_live(&NodeId::new("b"), 2));
+        assert_eq!(m.poll_timeout(), None);
+    }
+}
