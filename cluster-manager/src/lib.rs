@@ -17,6 +17,7 @@
 
 pub mod activation;
 pub mod channels;
+pub mod core;
 pub mod dedup;
 pub mod error;
 pub mod link;
