@@ -157,7 +157,7 @@ impl MessageServer {
     /// [`ServerError::Bind`] if the address cannot be bound.
     pub async fn bind(config: Config) -> Result<MessageServer, ServerError> {
         let addr = config.message_server.listen;
-        let listener = transports::tcp::listen(addr, &config.tcp)
+        let listener = transports::tcp::listen(addr, &config.tcp.options())
             .map_err(|source| ServerError::Bind { addr, source })?;
         let local_addr = listener
             .local_addr()

@@ -130,12 +130,13 @@ impl NodeBuilder {
         // configured address, or, when listening on every interface, the
         // one that routes to the message server.
         let direct_listen = config.node.direct_listen;
-        let listener = transports::tcp::listen(direct_listen, &config.tcp).map_err(|source| {
-            NodeError::DirectListen {
-                address: direct_listen,
-                source,
-            }
-        })?;
+        let listener =
+            transports::tcp::listen(direct_listen, &config.tcp.options()).map_err(|source| {
+                NodeError::DirectListen {
+                    address: direct_listen,
+                    source,
+                }
+            })?;
         let bound = listener
             .local_addr()
             .map_err(|source| NodeError::DirectListen {

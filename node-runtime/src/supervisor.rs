@@ -64,7 +64,8 @@ pub(crate) async fn connect(
         .get(index)
         .cloned()
         .unwrap_or_default();
-    let stream = transports::tcp::connect(&address, &config.tcp, config.connect_timeout()).await?;
+    let stream =
+        transports::tcp::connect(&address, &config.tcp.options(), config.connect_timeout()).await?;
     let peer = stream.peer_addr()?;
     let (rd, mut wr) = stream.into_split();
     let mut reader = FrameReader::with_read_chunk(
@@ -242,7 +243,7 @@ async fn probe_primary(inner: &Inner, index: usize) {
     let every = Duration::from_millis(config.message_server.reconnect_delay_ms);
     loop {
         tokio::time::sleep(every).await;
-        if transports::tcp::connect(primary, &config.tcp, config.connect_timeout())
+        if transports::tcp::connect(primary, &config.tcp.options(), config.connect_timeout())
             .await
             .is_ok()
         {

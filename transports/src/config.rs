@@ -25,6 +25,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::tcp::TcpOptions;
+
 /// Default cluster name.
 pub const DEFAULT_CLUSTER_NAME: &str = "clustercomm";
 /// Default port of the message server.
@@ -86,8 +88,9 @@ pub const DEFAULT_AUTO_ACTIVATE_MESSAGES: u64 = 10_000;
 pub const DEFAULT_AUTO_ACTIVATE_WINDOW_MS: u64 = 1_000;
 /// Default largest body of one message.
 pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 64 * 1024 * 1024;
-/// Default TCP keepalive idle time.
-pub const DEFAULT_TCP_KEEPALIVE_MS: u64 = 10_000;
+/// Default TCP keepalive idle time: the socket layer's own default,
+/// [`crate::tcp::DEFAULT_KEEPALIVE_MS`].
+pub const DEFAULT_TCP_KEEPALIVE_MS: u64 = crate::tcp::DEFAULT_KEEPALIVE_MS;
 
 /// An error in the configuration, naming the file and the key.
 #[derive(Debug, thiserror::Error)]
@@ -360,6 +363,24 @@ impl Default for TcpConfig {
             keepalive_ms: DEFAULT_TCP_KEEPALIVE_MS,
             send_buffer_bytes: None,
             recv_buffer_bytes: None,
+        }
+    }
+}
+
+impl TcpConfig {
+    /// The socket options [`crate::tcp`] applies.
+    pub fn options(&self) -> TcpOptions {
+        TcpOptions::from(self)
+    }
+}
+
+impl From<&TcpConfig> for TcpOptions {
+    fn from(tcp: &TcpConfig) -> Self {
+        TcpOptions {
+            nodelay: tcp.nodelay,
+            keepalive_ms: tcp.keepalive_ms,
+            send_buffer_bytes: tcp.send_buffer_bytes,
+            recv_buffer_bytes: tcp.recv_buffer_bytes,
         }
     }
 }
@@ -697,6 +718,11 @@ mod tests {
             text.contains("bogus") && text.contains("nodes.server-1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn tcp_defaults_are_the_socket_defaults() {
+        assert_eq!(TcpConfig::default().options(), TcpOptions::default());
     }
 
     #[test]
