@@ -4,9 +4,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use cluster_config::Config;
 use tracing::Instrument;
+use transports::out_queue;
 use transports::protocol::{valid_name, Hello, NodeId, Role, MAX_NAMES_PER_NODE, PROTOCOL_VERSION};
-use transports::{out_queue, Config};
 
 use crate::node::{Inner, Node, Parts};
 use crate::NodeError;

@@ -18,12 +18,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use cluster_config::Config;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use transports::frame::{encode_header, FrameCodec, HANDSHAKE_MAX_FRAME_BYTES};
 use transports::handshake::{self, HandshakeError};
 use transports::protocol::{Hello, RefusalReason, Welcome};
-use transports::{write_queue, Config, FrameReader, OutFrame, OutReceiver, WriteEnd};
+use transports::{write_queue, FrameReader, OutFrame, OutReceiver, WriteEnd};
 
 use crate::connection::{read_frames, LinkEnd};
 use crate::membership::{Change, MembershipEvent};
