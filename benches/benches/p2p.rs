@@ -143,7 +143,7 @@ struct Cluster {
 
 impl Cluster {
     async fn start() -> anyhow::Result<Cluster> {
-        let mut config = transports::Config::default();
+        let mut config = cluster_config::Config::default();
         config.message_server.listen = "127.0.0.1:0".parse()?;
         let server = MessageServer::bind(config)
             .await

@@ -2,7 +2,7 @@
 //! (direct) channel, or fanned out over lazy channels. The sender never
 //! chooses; this function does, from facts the runtime gathers.
 
-use transports::config::LazyConfig;
+use cluster_config::LazyConfig;
 
 /// The kind of target, as far as path choice cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

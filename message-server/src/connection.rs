@@ -46,7 +46,7 @@ pub(crate) async fn serve(
 ) {
     let span = tracing::debug_span!("conn", %peer, node = tracing::field::Empty);
     async move {
-        if let Err(e) = transports::tcp::tune(&stream, &shared.config.tcp) {
+        if let Err(e) = transports::tcp::tune(&stream, &shared.config.tcp.options()) {
             tracing::debug!(error = %e, "could not tune socket");
         }
         let (rd, mut wr) = stream.into_split();

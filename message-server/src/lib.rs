@@ -10,7 +10,7 @@
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), message_server::ServerError> {
-//! let server = message_server::MessageServer::bind(transports::Config::default()).await?;
+//! let server = message_server::MessageServer::bind(cluster_config::Config::default()).await?;
 //! println!("listening on {}", server.local_addr());
 //! server.run(std::future::pending()).await
 //! # }

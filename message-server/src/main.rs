@@ -10,8 +10,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
+use cluster_config::Config;
 use message_server::MessageServer;
-use transports::Config;
 
 /// The clustercomm message server.
 #[derive(Debug, Parser)]

@@ -8,12 +8,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
+use cluster_config::Config;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use transports::heartbeat::Beat;
 use transports::protocol::{MemberInfo, NodeId};
-use transports::{Config, OutQueue};
+use transports::OutQueue;
 
 use crate::connection;
 use crate::counters::{Counters, CountersSnapshot};
@@ -157,7 +158,7 @@ impl MessageServer {
     /// [`ServerError::Bind`] if the address cannot be bound.
     pub async fn bind(config: Config) -> Result<MessageServer, ServerError> {
         let addr = config.message_server.listen;
-        let listener = transports::tcp::listen(addr, &config.tcp)
+        let listener = transports::tcp::listen(addr, &config.tcp.options())
             .map_err(|source| ServerError::Bind { addr, source })?;
         let local_addr = listener
             .local_addr()

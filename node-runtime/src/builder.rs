@@ -4,9 +4,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use cluster_config::Config;
 use tracing::Instrument;
+use transports::out_queue;
 use transports::protocol::{valid_name, Hello, NodeId, Role, MAX_NAMES_PER_NODE, PROTOCOL_VERSION};
-use transports::{out_queue, Config};
 
 use crate::node::{Inner, Node, Parts};
 use crate::NodeError;
@@ -130,12 +131,13 @@ impl NodeBuilder {
         // configured address, or, when listening on every interface, the
         // one that routes to the message server.
         let direct_listen = config.node.direct_listen;
-        let listener = transports::tcp::listen(direct_listen, &config.tcp).map_err(|source| {
-            NodeError::DirectListen {
-                address: direct_listen,
-                source,
-            }
-        })?;
+        let listener =
+            transports::tcp::listen(direct_listen, &config.tcp.options()).map_err(|source| {
+                NodeError::DirectListen {
+                    address: direct_listen,
+                    source,
+                }
+            })?;
         let bound = listener
             .local_addr()
             .map_err(|source| NodeError::DirectListen {

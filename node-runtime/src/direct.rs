@@ -223,8 +223,12 @@ async fn open(
     kind: ChannelKind,
 ) -> Result<Arc<DirectConn>, OpenError> {
     let config = &inner.config;
-    let stream =
-        transports::tcp::connect(&addr.to_string(), &config.tcp, config.connect_timeout()).await?;
+    let stream = transports::tcp::connect(
+        &addr.to_string(),
+        &config.tcp.options(),
+        config.connect_timeout(),
+    )
+    .await?;
     let (rd, mut wr) = stream.into_split();
     let mut reader =
         FrameReader::with_read_chunk(rd, FrameCodec::default(), config.node.read_chunk_bytes);
@@ -430,7 +434,7 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
 /// acknowledge it on the same connection.
 async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
     let config = &inner.config;
-    if let Err(e) = transports::tcp::tune(&stream, &config.tcp) {
+    if let Err(e) = transports::tcp::tune(&stream, &config.tcp.options()) {
         tracing::debug!(error = %e, "could not tune socket");
     }
     let (rd, mut wr) = stream.into_split();

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use cluster_config::ConfigError;
 use transports::handshake::HandshakeError;
-use transports::ConfigError;
 
 /// Why a node could not start, or an operation on it failed.
 #[derive(Debug, thiserror::Error)]

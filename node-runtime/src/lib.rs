@@ -27,7 +27,8 @@
 //!
 //! # Layout
 //!
-//! - [`builder`]: configuring and starting a node.
+//! - [`builder`]: configuring and starting a node ([`Config`] is the
+//!   `cluster-config` crate's, re-exported here).
 //! - [`node`]: the [`Node`] handle: send, notify, request, subscribe.
 //! - [`inbox`]: service inboxes and delivered messages.
 //! - [`membership`]: the members view and its events.
@@ -54,6 +55,7 @@ mod routing;
 mod supervisor;
 
 pub use builder::NodeBuilder;
+pub use cluster_config::Config;
 pub use cluster_manager::{DeliveryReport, SendError};
 pub use counters::PathCounters;
 pub use error::NodeError;
@@ -61,7 +63,6 @@ pub use inbox::{Inbox, Message};
 pub use membership::{EventsError, MembershipEvent, MembershipEvents};
 pub use node::{Node, Pending, Reply};
 pub use transports::protocol::{LeaveReason, MemberInfo, NodeId, Role, Target};
-pub use transports::Config;
 
 /// The README's examples, compiled and run as doc-tests.
 #[doc = include_str!("../../README.md")]

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use cluster_config::Config;
 use cluster_manager::{
     AutoActivation, Awaiting, Completion, DeliveryReport, DeliveryTracker, SendError,
 };
@@ -17,7 +18,7 @@ use transports::protocol::{
     DeliveryFailure, Header, Hello, MemberInfo, MessageHeader, MessageKind, MessageRef, NodeId,
     Target, TargetRef,
 };
-use transports::{Config, OutFrame, OutQueue};
+use transports::{OutFrame, OutQueue};
 
 use crate::builder::NodeBuilder;
 use crate::connection::complete;

@@ -19,12 +19,13 @@ use std::time::{Duration, Instant};
 use cluster_manager::link::LinkAction;
 
 use bytes::BytesMut;
+use cluster_config::Config;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use transports::frame::{encode_header, FrameCodec, HANDSHAKE_MAX_FRAME_BYTES};
 use transports::handshake::{self, HandshakeError};
 use transports::protocol::{Hello, RefusalReason, Welcome};
-use transports::{write_queue, Config, FrameReader, OutFrame, OutReceiver, WriteEnd};
+use transports::{write_queue, FrameReader, OutFrame, OutReceiver, WriteEnd};
 
 use crate::connection::{read_frames, LinkEnd};
 use crate::membership::MembershipEvent;
@@ -65,7 +66,8 @@ pub(crate) async fn connect(
         .get(index)
         .cloned()
         .unwrap_or_default();
-    let stream = transports::tcp::connect(&address, &config.tcp, config.connect_timeout()).await?;
+    let stream =
+        transports::tcp::connect(&address, &config.tcp.options(), config.connect_timeout()).await?;
     let peer = stream.peer_addr()?;
     let (rd, mut wr) = stream.into_split();
     let mut reader = FrameReader::with_read_chunk(
@@ -248,7 +250,7 @@ async fn watch_link(inner: &Inner) -> LinkEnd {
                 let Some(primary) = config.message_server.addresses.first() else {
                     continue;
                 };
-                if transports::tcp::connect(primary, &config.tcp, config.connect_timeout())
+                if transports::tcp::connect(primary, &config.tcp.options(), config.connect_timeout())
                     .await
                     .is_ok()
                 {

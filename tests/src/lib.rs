@@ -13,11 +13,11 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use cluster_config::Config;
 use message_server::{MessageServer, ServerHandle};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio::sync::oneshot;
-use transports::Config;
 
 /// Upper bound for any single wait in a test.
 pub const TEST_WAIT: Duration = Duration::from_secs(30);

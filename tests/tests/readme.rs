@@ -1,7 +1,7 @@
 //! The README's configuration reference is the code's defaults.
 
 use anyhow::Context;
-use transports::Config;
+use cluster_config::Config;
 
 #[test]
 fn config_reference_matches_the_defaults() -> anyhow::Result<()> {

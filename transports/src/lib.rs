@@ -2,7 +2,8 @@
 //!
 //! Everything that crosses a socket is defined here: the frame codec, the
 //! headers, the handshake, the bounded outgoing queue and its writer task,
-//! TCP tuning, and the configuration every process reads.
+//! and TCP tuning. The configuration every process reads is the
+//! `cluster-config` crate's, which builds on this one.
 //!
 //! # Layout
 //!
@@ -13,9 +14,7 @@
 //! - [`handshake`]: opening a connection, refusing a bad one.
 //! - [`tcp`]: listening and connecting with socket options applied.
 //! - [`heartbeat`]: the UDP heartbeat datagrams.
-//! - [`config`]: the TOML configuration, its defaults and validation.
 
-pub mod config;
 pub mod frame;
 pub mod handshake;
 pub mod heartbeat;
@@ -24,7 +23,6 @@ pub mod protocol;
 pub mod tcp;
 mod wire;
 
-pub use config::{Config, ConfigError};
 pub use frame::{Frame, FrameCodec, FrameError, OutFrame};
 pub use handshake::HandshakeError;
 pub use io::{

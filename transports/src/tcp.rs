@@ -1,5 +1,6 @@
-//! TCP set-up: listening and connecting with the socket options of
-//! `[tcp]` applied through socket2.
+//! TCP set-up: listening and connecting with [`TcpOptions`] applied
+//! through socket2. The configuration's `[tcp]` section turns into these
+//! options; this module knows nothing of the configuration.
 
 use std::io;
 use std::net::SocketAddr;
@@ -8,12 +9,38 @@ use std::time::Duration;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use crate::config::TcpConfig;
-
 /// Backlog of listening sockets.
 pub const LISTEN_BACKLOG: u32 = 1024;
 
-fn socket_for(addr: &SocketAddr, tcp: &TcpConfig) -> io::Result<TcpSocket> {
+/// Default [`TcpOptions::keepalive_ms`]: 10 s.
+pub const DEFAULT_KEEPALIVE_MS: u64 = 10_000;
+
+/// Socket options applied to every connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpOptions {
+    /// Disable Nagle's algorithm. Default true.
+    pub nodelay: bool,
+    /// TCP keepalive idle time; 0 disables. Default
+    /// [`DEFAULT_KEEPALIVE_MS`].
+    pub keepalive_ms: u64,
+    /// `SO_SNDBUF`; none keeps the system default.
+    pub send_buffer_bytes: Option<usize>,
+    /// `SO_RCVBUF`; none keeps the system default.
+    pub recv_buffer_bytes: Option<usize>,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        TcpOptions {
+            nodelay: true,
+            keepalive_ms: DEFAULT_KEEPALIVE_MS,
+            send_buffer_bytes: None,
+            recv_buffer_bytes: None,
+        }
+    }
+}
+
+fn socket_for(addr: &SocketAddr, tcp: &TcpOptions) -> io::Result<TcpSocket> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -34,7 +61,7 @@ fn socket_for(addr: &SocketAddr, tcp: &TcpConfig) -> io::Result<TcpSocket> {
 /// # Errors
 ///
 /// The socket error, for example when the address is in use.
-pub fn listen(addr: SocketAddr, tcp: &TcpConfig) -> io::Result<TcpListener> {
+pub fn listen(addr: SocketAddr, tcp: &TcpOptions) -> io::Result<TcpListener> {
     let socket = socket_for(&addr, tcp)?;
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
@@ -46,7 +73,7 @@ pub fn listen(addr: SocketAddr, tcp: &TcpConfig) -> io::Result<TcpListener> {
 /// # Errors
 ///
 /// The socket error.
-pub fn tune(stream: &TcpStream, tcp: &TcpConfig) -> io::Result<()> {
+pub fn tune(stream: &TcpStream, tcp: &TcpOptions) -> io::Result<()> {
     stream.set_nodelay(tcp.nodelay)?;
     let sock = SockRef::from(stream);
     if tcp.keepalive_ms > 0 {
@@ -69,7 +96,7 @@ pub fn tune(stream: &TcpStream, tcp: &TcpConfig) -> io::Result<()> {
 /// # Errors
 ///
 /// The last connect error, or `TimedOut` if `timeout` passed first.
-pub async fn connect(addr: &str, tcp: &TcpConfig, timeout: Duration) -> io::Result<TcpStream> {
+pub async fn connect(addr: &str, tcp: &TcpOptions, timeout: Duration) -> io::Result<TcpStream> {
     let attempt = async {
         let mut last = io::Error::new(
             io::ErrorKind::NotFound,

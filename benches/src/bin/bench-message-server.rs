@@ -70,7 +70,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Args> {
 
 fn main() -> anyhow::Result<()> {
     let args = parse_args(std::env::args().skip(1))?;
-    let mut config = transports::Config::default();
+    let mut config = cluster_config::Config::default();
     config.message_server.listen = args.listen;
     if let Some(max) = args.max_message_bytes {
         config.limits.max_message_bytes = max;

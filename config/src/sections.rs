@@ -1,0 +1,297 @@
+//! [`Config`] and its sections, one struct per TOML table, each with its
+//! defaults.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use transports::tcp::TcpOptions;
+
+use crate::defaults::*;
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `[cluster]`
+    pub cluster: ClusterConfig,
+    /// `[message_server]`
+    pub message_server: MessageServerConfig,
+    /// `[node]`
+    pub node: NodeConfig,
+    /// `[lazy]`
+    pub lazy: LazyConfig,
+    /// `[limits]`
+    pub limits: LimitsConfig,
+    /// `[tcp]`
+    pub tcp: TcpConfig,
+    /// `[nodes.<id>]`: per-node overrides of any of the sections above.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub nodes: BTreeMap<String, toml::Table>,
+}
+
+impl Config {
+    /// `cluster.failure_timeout_ms` as a duration.
+    pub fn failure_timeout(&self) -> Duration {
+        Duration::from_millis(self.cluster.failure_timeout_ms)
+    }
+
+    /// `node.send_timeout_ms` as a duration.
+    pub fn send_timeout(&self) -> Duration {
+        Duration::from_millis(self.node.send_timeout_ms)
+    }
+
+    /// `message_server.connect_timeout_ms` as a duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.message_server.connect_timeout_ms)
+    }
+}
+
+/// `[cluster]`: what every member must agree on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Cluster name; nodes of another cluster are refused.
+    /// Default [`DEFAULT_CLUSTER_NAME`].
+    pub name: String,
+    /// Shared secret every node must present; none by default.
+    pub credentials: Option<String>,
+    /// Interval between heartbeats. Default [`DEFAULT_HEARTBEAT_INTERVAL_MS`].
+    pub heartbeat_interval_ms: u64,
+    /// Silence after which a node is declared failed.
+    /// Default [`DEFAULT_FAILURE_TIMEOUT_MS`].
+    pub failure_timeout_ms: u64,
+    /// Where the message server receives heartbeats (UDP), so cluster
+    /// traffic can use its own interface. None: its listen address.
+    pub heartbeat_listen: Option<SocketAddr>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            name: DEFAULT_CLUSTER_NAME.to_owned(),
+            credentials: None,
+            heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
+            failure_timeout_ms: DEFAULT_FAILURE_TIMEOUT_MS,
+            heartbeat_listen: None,
+        }
+    }
+}
+
+/// `[message_server]`: where the message server is and how it queues.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MessageServerConfig {
+    /// Addresses nodes connect to, `host:port`, primary first, then
+    /// standbys. Default `[DEFAULT_SERVER_ADDRESS]`.
+    pub addresses: Vec<String>,
+    /// Where the message server listens. Default [`DEFAULT_SERVER_LISTEN`].
+    pub listen: SocketAddr,
+    /// Time allowed to connect and complete the handshake.
+    /// Default [`DEFAULT_CONNECT_TIMEOUT_MS`].
+    pub connect_timeout_ms: u64,
+    /// Delay before reconnecting. Default [`DEFAULT_RECONNECT_DELAY_MS`].
+    pub reconnect_delay_ms: u64,
+    /// Cap of the reconnect back-off. Default
+    /// [`DEFAULT_RECONNECT_MAX_DELAY_MS`].
+    pub reconnect_max_delay_ms: u64,
+    /// Frames each connection's outgoing queue holds.
+    /// Default [`DEFAULT_QUEUE_FRAMES`].
+    pub queue_frames: usize,
+    /// Bytes each connection's outgoing queue holds; a message that does not
+    /// fit is answered to its sender with an error.
+    /// Default [`DEFAULT_QUEUE_BYTES`].
+    pub queue_bytes: usize,
+    /// How long a control frame waits for a slow consumer before that
+    /// consumer is disconnected. Default [`DEFAULT_SLOW_CONSUMER_MS`].
+    pub slow_consumer_ms: u64,
+}
+
+impl Default for MessageServerConfig {
+    fn default() -> Self {
+        MessageServerConfig {
+            addresses: vec![DEFAULT_SERVER_ADDRESS.to_owned()],
+            listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_SERVER_PORT)),
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            reconnect_delay_ms: DEFAULT_RECONNECT_DELAY_MS,
+            reconnect_max_delay_ms: DEFAULT_RECONNECT_MAX_DELAY_MS,
+            queue_frames: DEFAULT_QUEUE_FRAMES,
+            queue_bytes: DEFAULT_QUEUE_BYTES,
+            slow_consumer_ms: DEFAULT_SLOW_CONSUMER_MS,
+        }
+    }
+}
+
+/// `[node]`: how a node runtime behaves.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Where the node accepts direct channels. Default
+    /// [`DEFAULT_DIRECT_LISTEN`].
+    pub direct_listen: SocketAddr,
+    /// Where a node sends its heartbeats from (UDP). None: any interface,
+    /// an ephemeral port.
+    pub heartbeat_bind: Option<SocketAddr>,
+    /// The direct-channel address announced to other nodes. None: the
+    /// listen address, or, when that is unspecified (`0.0.0.0`), the
+    /// interface that reaches the message server.
+    pub direct_advertise: Option<SocketAddr>,
+    /// Time a send waits for its acknowledgements, and a request for its
+    /// reply. Default [`DEFAULT_SEND_TIMEOUT_MS`].
+    pub send_timeout_ms: u64,
+    /// Capacity of each service inbox. Default [`DEFAULT_INBOX_CAPACITY`].
+    pub inbox_capacity: usize,
+    /// How long a full inbox backlog may hold back the connection a message
+    /// came on (slowing its sender down) before the message is answered
+    /// `Overloaded`. Default [`DEFAULT_INBOX_WAIT_MS`].
+    pub inbox_wait_ms: u64,
+    /// Acknowledged messages a node may have awaiting their outcome;
+    /// further sends wait (bounded by the send timeout). Bounds the resend
+    /// buffer. Default [`DEFAULT_MAX_IN_FLIGHT`].
+    pub max_in_flight: usize,
+    /// Backlog above which the node reports itself busy.
+    /// Default [`DEFAULT_BUSY_UPPER`].
+    pub busy_upper: usize,
+    /// Backlog below which the node is no longer busy.
+    /// Default [`DEFAULT_BUSY_LOWER`].
+    pub busy_lower: usize,
+    /// Messages processed concurrently. Default
+    /// [`DEFAULT_PROCESSOR_CONCURRENCY`].
+    pub processor_concurrency: usize,
+    /// Frames the node's outgoing queue to the message server holds.
+    /// Default [`DEFAULT_QUEUE_FRAMES`].
+    pub queue_frames: usize,
+    /// Bytes the node's outgoing queue holds; senders wait for room.
+    /// Default [`DEFAULT_QUEUE_BYTES`].
+    pub queue_bytes: usize,
+    /// Bytes a node asks the socket for per read on each of its
+    /// connections (each keeps a buffer that size). Default
+    /// [`DEFAULT_NODE_READ_CHUNK_BYTES`].
+    pub read_chunk_bytes: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            direct_listen: SocketAddr::from(([0, 0, 0, 0], 0)),
+            direct_advertise: None,
+            heartbeat_bind: None,
+            send_timeout_ms: DEFAULT_SEND_TIMEOUT_MS,
+            inbox_capacity: DEFAULT_INBOX_CAPACITY,
+            inbox_wait_ms: DEFAULT_INBOX_WAIT_MS,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            busy_upper: DEFAULT_BUSY_UPPER,
+            busy_lower: DEFAULT_BUSY_LOWER,
+            processor_concurrency: DEFAULT_PROCESSOR_CONCURRENCY,
+            queue_frames: DEFAULT_QUEUE_FRAMES,
+            queue_bytes: DEFAULT_QUEUE_BYTES,
+            read_chunk_bytes: DEFAULT_NODE_READ_CHUNK_BYTES,
+        }
+    }
+}
+
+/// `[lazy]`: when messages bypass the message server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LazyConfig {
+    /// Bodies larger than this take a lazy channel.
+    /// Default [`DEFAULT_LAZY_THRESHOLD_BYTES`].
+    pub threshold_bytes: u64,
+    /// Services allowed on lazy channels; `"*"` for all. Default `["*"]`.
+    pub services: Vec<String>,
+    /// Idle time after which a lazy channel closes.
+    /// Default [`DEFAULT_LAZY_IDLE_CLOSE_MS`].
+    pub idle_close_ms: u64,
+    /// Messages a pair must exchange within the window for a lazy channel to
+    /// open even for small bodies; 0 disables auto-activation.
+    /// Default [`DEFAULT_AUTO_ACTIVATE_MESSAGES`].
+    pub auto_activate_messages: u64,
+    /// The auto-activation window. Default
+    /// [`DEFAULT_AUTO_ACTIVATE_WINDOW_MS`].
+    pub auto_activate_window_ms: u64,
+}
+
+impl Default for LazyConfig {
+    fn default() -> Self {
+        LazyConfig {
+            threshold_bytes: DEFAULT_LAZY_THRESHOLD_BYTES,
+            services: vec!["*".to_owned()],
+            idle_close_ms: DEFAULT_LAZY_IDLE_CLOSE_MS,
+            auto_activate_messages: DEFAULT_AUTO_ACTIVATE_MESSAGES,
+            auto_activate_window_ms: DEFAULT_AUTO_ACTIVATE_WINDOW_MS,
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest body of one message; larger ones fail with
+    /// `PayloadTooLarge` before anything is sent.
+    /// Default [`DEFAULT_MAX_MESSAGE_BYTES`].
+    pub max_message_bytes: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        }
+    }
+}
+
+/// `[tcp]`: socket options for every connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TcpConfig {
+    /// Disable Nagle's algorithm. Default true.
+    pub nodelay: bool,
+    /// TCP keepalive idle time; 0 disables. Default
+    /// [`DEFAULT_TCP_KEEPALIVE_MS`].
+    pub keepalive_ms: u64,
+    /// `SO_SNDBUF`; none keeps the system default.
+    pub send_buffer_bytes: Option<usize>,
+    /// `SO_RCVBUF`; none keeps the system default.
+    pub recv_buffer_bytes: Option<usize>,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        TcpConfig {
+            nodelay: true,
+            keepalive_ms: DEFAULT_TCP_KEEPALIVE_MS,
+            send_buffer_bytes: None,
+            recv_buffer_bytes: None,
+        }
+    }
+}
+
+impl TcpConfig {
+    /// The socket options [`transports::tcp`] applies.
+    pub fn options(&self) -> TcpOptions {
+        TcpOptions::from(self)
+    }
+}
+
+impl From<&TcpConfig> for TcpOptions {
+    fn from(tcp: &TcpConfig) -> Self {
+        TcpOptions {
+            nodelay: tcp.nodelay,
+            keepalive_ms: tcp.keepalive_ms,
+            send_buffer_bytes: tcp.send_buffer_bytes,
+            recv_buffer_bytes: tcp.recv_buffer_bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_defaults_are_the_socket_defaults() {
+        assert_eq!(TcpConfig::default().options(), TcpOptions::default());
+    }
+}

@@ -1,0 +1,165 @@
+//! Range and consistency checks, run once at start-up; an error names the
+//! first bad key.
+
+use crate::{Config, ConfigError};
+
+impl Config {
+    /// Checks ranges and consistency; `prefix` is put before key names.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] naming the first bad key.
+    pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, reason: String| {
+            Err(ConfigError::Invalid {
+                key: format!("{prefix}{key}"),
+                reason,
+            })
+        };
+        if self.cluster.name.is_empty() {
+            return bad("cluster.name", "must not be empty".into());
+        }
+        if self.cluster.heartbeat_interval_ms == 0 {
+            return bad("cluster.heartbeat_interval_ms", "must be above 0".into());
+        }
+        if self.cluster.failure_timeout_ms <= self.cluster.heartbeat_interval_ms {
+            return bad(
+                "cluster.failure_timeout_ms",
+                format!(
+                    "{} must be above cluster.heartbeat_interval_ms ({})",
+                    self.cluster.failure_timeout_ms, self.cluster.heartbeat_interval_ms
+                ),
+            );
+        }
+        let ms = &self.message_server;
+        if ms.addresses.is_empty() {
+            return bad(
+                "message_server.addresses",
+                "needs at least one address".into(),
+            );
+        }
+        if let Some(a) = ms.addresses.iter().find(|a| !a.contains(':')) {
+            return bad(
+                "message_server.addresses",
+                format!("{a:?} is not host:port"),
+            );
+        }
+        for (key, v) in [
+            ("message_server.connect_timeout_ms", ms.connect_timeout_ms),
+            ("message_server.reconnect_delay_ms", ms.reconnect_delay_ms),
+            ("message_server.slow_consumer_ms", ms.slow_consumer_ms),
+            ("node.send_timeout_ms", self.node.send_timeout_ms),
+            ("lazy.idle_close_ms", self.lazy.idle_close_ms),
+            (
+                "lazy.auto_activate_window_ms",
+                self.lazy.auto_activate_window_ms,
+            ),
+            ("limits.max_message_bytes", self.limits.max_message_bytes),
+        ] {
+            if v == 0 {
+                return bad(key, "must be above 0".into());
+            }
+        }
+        if ms.reconnect_max_delay_ms < ms.reconnect_delay_ms {
+            return bad(
+                "message_server.reconnect_max_delay_ms",
+                format!(
+                    "{} is below message_server.reconnect_delay_ms ({})",
+                    ms.reconnect_max_delay_ms, ms.reconnect_delay_ms
+                ),
+            );
+        }
+        for (key, v, min) in [
+            ("message_server.queue_frames", ms.queue_frames, 16),
+            ("message_server.queue_bytes", ms.queue_bytes, 64 * 1024),
+            ("node.queue_frames", self.node.queue_frames, 16),
+            ("node.queue_bytes", self.node.queue_bytes, 64 * 1024),
+            ("node.inbox_capacity", self.node.inbox_capacity, 1),
+            ("node.max_in_flight", self.node.max_in_flight, 1),
+            (
+                "node.processor_concurrency",
+                self.node.processor_concurrency,
+                1,
+            ),
+        ] {
+            if v < min {
+                return bad(key, format!("{v} is below the minimum of {min}"));
+            }
+        }
+        let chunk = self.node.read_chunk_bytes;
+        if !(4 * 1024..=16 * 1024 * 1024).contains(&chunk) {
+            return bad(
+                "node.read_chunk_bytes",
+                format!("{chunk} is outside 4096 to 16777216 (4 KiB to 16 MiB)"),
+            );
+        }
+        if ms.queue_bytes > u32::MAX as usize || self.node.queue_bytes > u32::MAX as usize {
+            return bad("queue_bytes", "must be below 4 GiB".into());
+        }
+        if self.node.busy_lower >= self.node.busy_upper {
+            return bad(
+                "node.busy_lower",
+                format!(
+                    "{} must be below node.busy_upper ({})",
+                    self.node.busy_lower, self.node.busy_upper
+                ),
+            );
+        }
+        let max_frame_body = u64::from(u32::MAX) - transports::frame::MAX_HEADER_BYTES as u64;
+        if self.limits.max_message_bytes > max_frame_body {
+            return bad(
+                "limits.max_message_bytes",
+                format!("must be at most {max_frame_body} (4 GiB less a header)"),
+            );
+        }
+        if self.lazy.threshold_bytes > self.limits.max_message_bytes {
+            return bad(
+                "lazy.threshold_bytes",
+                format!(
+                    "{} is above limits.max_message_bytes ({})",
+                    self.lazy.threshold_bytes, self.limits.max_message_bytes
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inconsistent_values_name_the_key() {
+        let cases = [
+            (
+                "[node]\nbusy_lower = 900\nbusy_upper = 100\n",
+                "node.busy_lower",
+            ),
+            (
+                "[cluster]\nfailure_timeout_ms = 10\n",
+                "cluster.failure_timeout_ms",
+            ),
+            (
+                "[lazy]\nthreshold_bytes = 100\n[limits]\nmax_message_bytes = 10\n",
+                "lazy.threshold_bytes",
+            ),
+            (
+                "[message_server]\naddresses = []\n",
+                "message_server.addresses",
+            ),
+            ("[node]\ninbox_capacity = 0\n", "node.inbox_capacity"),
+            ("[node]\nread_chunk_bytes = 1024\n", "node.read_chunk_bytes"),
+            (
+                "[node]\nread_chunk_bytes = 1073741824\n",
+                "node.read_chunk_bytes",
+            ),
+        ];
+        for (text, key) in cases {
+            match Config::parse(text, "t") {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: expected an error naming {key}, got {other:?}"),
+            }
+        }
+    }
+}
