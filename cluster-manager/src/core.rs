@@ -191,8 +191,8 @@ impl<W> NodeCore<W> {
     // ---- sending ----------------------------------------------------
 
     /// Checks a message and chooses its path at `now`. `lazy_open` says
-    /// whether a lazy channel to a node is open (the runtime holds the
-    /// channels).
+    /// whether a lazy channel to the message's node (if it has one) is
+    /// open: the runtime holds the channels.
     ///
     /// # Errors
     ///
@@ -203,7 +203,7 @@ impl<W> NodeCore<W> {
         &mut self,
         now: Instant,
         msg: &Outgoing<'_>,
-        lazy_open: impl FnOnce(&NodeId) -> bool,
+        lazy_open: bool,
     ) -> Result<Route, SendError> {
         self.check_size(msg.body_len)?;
         let target_name = match msg.target {
@@ -233,7 +233,7 @@ impl<W> NodeCore<W> {
             server_in_flight: 0,
         };
         if let (Some(peer), true) = (peer, allowed) {
-            facts.lazy_open = lazy_open(peer);
+            facts.lazy_open = lazy_open;
             facts.hot_pair = self.activation.handle_message(peer, now);
             // Only a message that could go direct needs the address.
             if path::could_go_direct(threshold, msg.body_len, facts.lazy_open, facts.hot_pair) {

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cluster_manager::Completion;
+use cluster_manager::core::Receipt;
 use smol_str::SmolStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use tokio::net::tcp::OwnedReadHalf;
 
 use tokio::sync::mpsc;
@@ -21,15 +21,9 @@ use transports::{Frame, FrameReader, OutFrame, OutQueue};
 
 use crate::counters::Counters;
 
+use crate::core::CoreCell;
 use crate::inbox::{Closed, InboxSender, Message};
-use crate::node::{Inner, Waiter};
-
-pub(crate) fn complete(done: impl IntoIterator<Item = (Waiter, Completion)>) {
-    for (waiter, completion) in done {
-        // The sender may have stopped waiting; nothing to do then.
-        let _ = waiter.send(completion);
-    }
-}
+use crate::node::Inner;
 
 /// How a link to the message server ended.
 #[derive(Debug)]
@@ -52,11 +46,7 @@ pub(crate) async fn read_frames(
     // Senders' and services' names are validated once, not per message.
     let mut names = NameCache::new();
     let mut inboxes = InboxCache::default();
-    let mut acks = AckBatch::new(
-        inner.id.clone(),
-        inner.incarnation.clone(),
-        inner.queue.clone(),
-    );
+    let mut acks = AckBatch::new(inner.id.clone(), inner.core.clone(), inner.queue.clone());
     loop {
         if !reader.has_buffered_frame() {
             // About to wait for the socket: what was accepted meanwhile is
@@ -108,11 +98,7 @@ pub(crate) async fn read_frames(
                 continue;
             }
             Peeked::Ack(ack) => {
-                if ack.to_incarnation == inner.incarnation() {
-                    handle_ack_ref(inner, &ack);
-                } else {
-                    tracing::trace!(seq = ack.seq, "dropping ack for another incarnation");
-                }
+                handle_ack_ref(inner, &ack);
                 continue;
             }
             Peeked::Acks(_) => {
@@ -140,10 +126,7 @@ pub(crate) async fn read_frames(
                 }
             }
             Header::Routed(routed) => handle_routed(inner, routed),
-            Header::Member(event) => {
-                let changes = inner.members.apply(event);
-                inner.handle_changes(changes).await;
-            }
+            Header::Member(event) => inner.handle_member_event(event).await,
             Header::Subscribed { token } => {
                 let waiter = inner
                     .subscriptions
@@ -167,52 +150,30 @@ pub(crate) async fn read_frames(
 
 /// A receiver's acknowledgement, from any connection.
 pub(crate) fn handle_ack(inner: &Inner, ack: &Ack) {
-    let done = {
-        let mut tracker = inner.tracker();
-        tracker.is_tracked(ack.seq).then(|| tracker.handle_ack(ack))
-    };
-    match (done, &ack.status) {
-        (Some(done), _) => complete(done),
-        (None, AckStatus::Failed(f)) => late_failure(
-            inner,
-            &Routed {
-                seq: ack.seq,
-                receivers: vec![],
-                failed: vec![(ack.from.clone(), f.clone())],
-                error: None,
-            },
-        ),
-        (None, AckStatus::Accepted) => {}
-    }
+    let ((), out) = inner.core.run(|core| core.handle_ack(ack));
+    inner.dispatch(out.events);
 }
 
 /// [`handle_ack`] for an acknowledgement read in place.
 fn handle_ack_ref(inner: &Inner, ack: &AckRef<'_>) {
-    let ack = Ack {
-        to: inner.id.clone(),
-        to_incarnation: ack.to_incarnation,
-        seq: ack.seq,
-        from: inner.members.id_of(ack.from),
-        from_incarnation: ack.from_incarnation,
-        status: ack.status.clone(),
-    };
-    handle_ack(inner, &ack);
+    let ((), out) = inner.core.run(|core| {
+        let ack = Ack {
+            to: inner.id.clone(),
+            to_incarnation: ack.to_incarnation,
+            seq: ack.seq,
+            from: core.members().id_of(ack.from),
+            from_incarnation: ack.from_incarnation,
+            status: ack.status.clone(),
+        };
+        core.handle_ack(&ack)
+    });
+    inner.dispatch(out.events);
 }
 
 /// Several acknowledgements of accepted messages, from any connection.
 pub(crate) fn handle_acks(inner: &Inner, acks: &Acks) {
-    if acks.to_incarnation != inner.incarnation() {
-        tracing::trace!(n = acks.seqs.len(), "dropping acks for another incarnation");
-        return;
-    }
-    let mut done = Vec::new();
-    {
-        let mut tracker = inner.tracker();
-        for &seq in &acks.seqs {
-            done.extend(tracker.handle_accepted(seq, &acks.from));
-        }
-    }
-    complete(done);
+    let ((), out) = inner.core.run(|core| core.handle_acks(acks));
+    inner.dispatch(out.events);
 }
 
 /// Acknowledgements of accepted messages gathered while frames keep
@@ -224,9 +185,9 @@ pub(crate) fn handle_acks(inner: &Inner, acks: &Acks) {
 pub(crate) struct AckBatch {
     /// This node: who acknowledges.
     from: NodeId,
-    /// Its incarnation, read when a frame is made (it may change while a
-    /// direct channel stays open).
-    incarnation: Arc<AtomicU64>,
+    /// Its core, for the incarnation, read when a frame is made (it may
+    /// change while a direct channel stays open).
+    core: Arc<CoreCell>,
     /// Where the acknowledgements go.
     queue: OutQueue,
     to: Option<(NodeId, u64)>,
@@ -238,11 +199,11 @@ const MAX_BATCHED_ACKS: usize = 1024;
 
 impl AckBatch {
     /// An empty batch of acknowledgements from `node` (of the incarnation
-    /// `incarnation` holds when they go out), to be queued on `queue`.
-    pub(crate) fn new(node: NodeId, incarnation: Arc<AtomicU64>, queue: OutQueue) -> Self {
+    /// its core has when they go out), to be queued on `queue`.
+    pub(crate) fn new(node: NodeId, core: Arc<CoreCell>, queue: OutQueue) -> Self {
         AckBatch {
             from: node,
-            incarnation,
+            core,
             queue,
             to: None,
             seqs: Vec::new(),
@@ -315,7 +276,7 @@ impl AckBatch {
     /// The frame acknowledging what was gathered, if anything was.
     fn take_frame(&mut self) -> Option<OutFrame> {
         let (to, to_incarnation) = self.to.clone()?;
-        let from_incarnation = self.incarnation.load(Ordering::SeqCst);
+        let from_incarnation = self.core.lock().incarnation();
         let header = match self.seqs.len() {
             0 => return None,
             1 => Header::Ack(Ack {
@@ -348,38 +309,11 @@ impl Drop for AckBatch {
     }
 }
 
-/// The message server's word on where a message went. A `Node` message to
-/// a member that is only reconnecting (the server does not know it right
-/// now) is parked: it goes out again when that member registers.
+/// The message server's word on where a message went (the core parks a
+/// message to a member that is only reconnecting).
 fn handle_routed(inner: &Inner, routed: Routed) {
-    if routed.error == Some(DeliveryFailure::UnknownTarget) {
-        let parked_for = inner
-            .tracker()
-            .waiting(routed.seq)
-            .filter(|w| w.resendable)
-            .and_then(|w| match w.target {
-                transports::protocol::Target::Node(id) => Some(id.clone()),
-                _ => None,
-            });
-        if let Some(node) = parked_for {
-            if inner.members.is_member(&node) {
-                tracing::debug!(%node, seq = routed.seq, "target reconnecting: message parked");
-                return;
-            }
-        }
-    }
-    let done = {
-        let mut tracker = inner.tracker();
-        if tracker.is_tracked(routed.seq) {
-            Ok(tracker.handle_routed(&routed, |id, inc| inner.members.is_live(id, inc)))
-        } else {
-            Err(routed)
-        }
-    };
-    match done {
-        Ok(done) => complete(done),
-        Err(routed) => late_failure(inner, &routed),
-    }
+    let ((), out) = inner.core.run(|core| core.handle_routed(routed));
+    inner.dispatch(out.events);
 }
 
 /// The path a message arrived on.
@@ -426,28 +360,39 @@ pub(crate) fn deliver_now(
         requester_incarnation,
     } = h.kind
     {
-        if requester_incarnation == inner.incarnation() {
-            let from = inner.members.id_of(h.sender);
-            complete(inner.tracker().handle_reply(request_seq, &from, body));
-        }
+        let ((), out) = inner
+            .core
+            .run(|core| core.handle_reply(h.sender, requester_incarnation, request_seq, body));
+        inner.dispatch(out.events);
         return None;
     }
-    // Nothing is accepted from an incarnation declared failed.
-    if inner.members.is_failed(h.sender, h.incarnation) {
-        return Some(Later::Failed);
-    }
-    // At most once per runtime: a resent message is acknowledged again,
-    // not delivered again. Only acknowledged messages are ever resent (they
+    // Nothing is accepted from an incarnation declared failed. At most
+    // once per runtime: a resent message is acknowledged again, not
+    // delivered again. Only acknowledged messages are ever resent (they
     // alone are kept for it), so a one-way message, sent once, skips the
-    // check and its lock.
+    // duplicate window and the core's lock (unless an incarnation was
+    // declared failed).
     let sender = if h.kind == MessageKind::Notify {
+        let failed = inner.core.any_failed()
+            && inner
+                .core
+                .lock()
+                .members()
+                .is_failed(h.sender, h.incarnation);
+        if failed {
+            return Some(Later::Failed);
+        }
         cache.sender(h.sender)
     } else {
-        let (sender, new) = inner.dedup().handle_message(h.sender, h.incarnation, h.seq);
-        if !new {
-            return Some(Later::Duplicate(sender));
+        let receipt = inner
+            .core
+            .lock()
+            .handle_message(h.sender, h.incarnation, h.seq, h.kind);
+        match receipt {
+            Receipt::Deliver(sender) => sender,
+            Receipt::Duplicate(sender) => return Some(Later::Duplicate(sender)),
+            Receipt::Refused => return Some(Later::Failed),
         }
-        sender
     };
     // The inbox of the last message's service, while no backlog waits
     // before it: no lookup.
@@ -851,11 +796,7 @@ pub(crate) async fn pump(
                     if let Some(mut previous) = acks.take() {
                         previous.flush().await;
                     }
-                    acks = Some(AckBatch::new(
-                        inner.id.clone(),
-                        inner.incarnation.clone(),
-                        queue,
-                    ));
+                    acks = Some(AckBatch::new(inner.id.clone(), inner.core.clone(), queue));
                 }
                 if let Some(gathered) = acks.as_mut() {
                     gathered
@@ -987,7 +928,7 @@ mod tests {
     async fn try_add_takes_only_what_needs_no_flush() {
         let (queue, _rx) = out_queue(64, 1 << 20);
         let (a, b) = (NodeId::new("a"), NodeId::new("b"));
-        let mut batch = AckBatch::new(NodeId::new("me"), Arc::new(AtomicU64::new(7)), queue);
+        let mut batch = AckBatch::new(NodeId::new("me"), CoreCell::for_tests("me", 7), queue);
         assert!(batch.try_add(a.clone(), 1, 1).is_ok(), "an empty batch");
         assert!(batch.try_add(a.clone(), 1, 2).is_ok(), "the same sender");
         assert_eq!(
@@ -1020,7 +961,7 @@ mod tests {
         let writer = tokio::spawn(transports::run_writer(client, rx, 1 << 20));
         let me = NodeId::new("me");
         let (a, b) = (NodeId::new("a"), NodeId::new("b"));
-        let mut batch = AckBatch::new(me.clone(), Arc::new(AtomicU64::new(7)), queue.clone());
+        let mut batch = AckBatch::new(me.clone(), CoreCell::for_tests("me", 7), queue.clone());
         for seq in 1..=3 {
             batch.add(a.clone(), 1, seq).await;
         }

@@ -23,7 +23,7 @@ use transports::protocol::{Header, NodeId, Welcome, PROTOCOL_VERSION};
 use transports::{out_queue, FrameReader, OutFrame, OutQueue};
 
 use crate::connection::{
-    complete, deliver_later, deliver_now, handle_ack, handle_acks, AckBatch, InboxCache, Received,
+    deliver_later, deliver_now, handle_ack, handle_acks, AckBatch, InboxCache, Received,
 };
 use crate::counters::Counters;
 use crate::node::Inner;
@@ -188,7 +188,8 @@ pub(crate) async fn get_or_open(
             &inner.counters.session_failed,
         ),
     };
-    let Some(addr) = inner.members.direct_addr(peer) else {
+    let addr = inner.core.lock().members().direct_addr(peer);
+    let Some(addr) = addr else {
         Counters::add(failed, 1);
         return Err(format!("{peer} announced no direct-channel address"));
     };
@@ -329,13 +330,12 @@ async fn outgoing_reader(
             tracing::error!(kind = conn.kind.name(), %reason, in_flight = lost.len(), "channel stopped unexpectedly")
         }
     }
-    let mut tracker = inner.tracker();
-    let done: Vec<_> = lost
-        .into_iter()
-        .filter_map(|seq| tracker.handle_failure(seq, &conn.peer, SendError::Disconnected))
-        .collect();
-    drop(tracker);
-    complete(done);
+    let ((), out) = inner.core.run(|core| {
+        for seq in lost {
+            core.handle_failure(seq, &conn.peer, SendError::Disconnected);
+        }
+    });
+    inner.dispatch(out.events);
 }
 
 /// Closes lazy channels idle for `lazy.idle_close_ms` with nothing in
@@ -370,9 +370,10 @@ pub(crate) async fn idle_sweeper(inner: Arc<Inner>) {
             // within the failure timeout is broken and closed (what was in
             // flight on it fails); the next need reopens it.
             let queued = conn.queue.queued_frames();
-            let verdict = conn
-                .lock()
-                .check(now, &policy, queued, |seq| inner.tracker().is_tracked(seq));
+            // The channel's lock, then the core's: never the other way.
+            let verdict = conn.lock().check(now, &policy, queued, |seq| {
+                inner.core.lock().tracker().is_tracked(seq)
+            });
             match verdict {
                 Verdict::Broken => {
                     tracing::error!(peer = %conn.peer, kind = conn.kind.name(), "channel stopped unexpectedly: no answer to probes within the failure timeout");
@@ -382,7 +383,7 @@ pub(crate) async fn idle_sweeper(inner: Arc<Inner>) {
                 Verdict::CloseIdle => {
                     tracing::debug!(peer = %conn.peer, "closing idle lazy channel");
                     inner.direct.remove(&conn);
-                    inner.activation().forget(&conn.peer);
+                    inner.core.lock().handle_channel_idle(&conn.peer);
                     if conn
                         .queue
                         .try_push_control(OutFrame::control(Header::Goodbye))
@@ -398,12 +399,6 @@ pub(crate) async fn idle_sweeper(inner: Arc<Inner>) {
                 }
                 Verdict::Keep => {}
             }
-        }
-        inner.activation().handle_timeout(now);
-        // Members that disconnected and did not come back in time.
-        if inner.link().is_up() {
-            let gone = inner.members.expire(now);
-            inner.handle_changes(gone).await;
         }
     }
 }
@@ -487,7 +482,7 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
     // message.
     let mut names = NameCache::new();
     let mut inboxes = InboxCache::default();
-    let mut acks = AckBatch::new(inner.id.clone(), inner.incarnation.clone(), queue.clone());
+    let mut acks = AckBatch::new(inner.id.clone(), inner.core.clone(), queue.clone());
     loop {
         if !reader.has_buffered_frame() {
             acks.flush().await;

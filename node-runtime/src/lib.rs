@@ -45,6 +45,7 @@
 
 pub mod builder;
 mod connection;
+mod core;
 pub mod counters;
 mod direct;
 pub mod error;

@@ -1,36 +1,33 @@
 //! The node handle the application holds, and the state its tasks share.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use cluster_config::Config;
-use cluster_manager::{
-    AutoActivation, Awaiting, Completion, DeliveryReport, DeliveryTracker, SendError,
-};
-use tokio::sync::{mpsc, oneshot, Notify};
+use cluster_manager::core::{CoreConfig, Event, NodeCore, Transmit};
+use cluster_manager::link::LinkPolicy;
+use cluster_manager::{Awaiting, Completion, DeliveryReport, SendError};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use transports::protocol::{
-    DeliveryFailure, Header, Hello, MemberInfo, MessageHeader, MessageKind, MessageRef, NodeId,
-    Target, TargetRef,
+    DeliveryFailure, Header, Hello, MemberEvent, MemberInfo, MessageHeader, MessageKind,
+    MessageRef, NodeId, Target, TargetRef,
 };
 use transports::{OutFrame, OutQueue};
 
 use crate::builder::NodeBuilder;
-use crate::connection::complete;
-use crate::connection::{pump, ServiceQueue};
+use crate::connection::{late_failure, pump, ServiceQueue};
+use crate::core::{complete, CoreCell, Waiter};
 use crate::counters::{Counters, PathCounters};
 use crate::direct::DirectPool;
 use crate::inbox::Inbox;
 use crate::membership::{MemberView, MembershipEvents};
 use crate::NodeError;
-use cluster_manager::dedup::Dedup;
-use cluster_manager::link::{LinkPolicy, LinkState};
-use cluster_manager::members::Change;
 
 /// Time [`Node::shutdown`] waits for the node's tasks to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -44,20 +41,9 @@ pub struct Reply {
     pub body: Bytes,
 }
 
-/// Who waits on a tracked message: the sender's handle.
-pub(crate) type Waiter = oneshot::Sender<Completion>;
-
-/// What the tracker keeps for resending, in sequence order, as frames
-/// from `sender`'s `incarnation` (see
-/// [`DeliveryTracker::resend_order`]).
-pub(crate) fn resend_frames(
-    tracker: &DeliveryTracker<Waiter>,
-    sender: &NodeId,
-    incarnation: u64,
-    keep: impl Fn(&Target) -> bool,
-) -> Vec<OutFrame> {
-    tracker
-        .resend_order(sender, incarnation, keep)
+/// Messages the core gives to send again, as frames.
+pub(crate) fn resend_frames(transmits: Vec<Transmit>) -> Vec<OutFrame> {
+    transmits
         .into_iter()
         .map(|(header, body)| OutFrame::Parts {
             header: Header::Message(header),
@@ -81,19 +67,16 @@ pub(crate) struct Parts {
 #[derive(Debug)]
 pub(crate) struct Inner {
     pub(crate) id: NodeId,
-    /// The current incarnation; a new one when this node was declared
-    /// failed and rejoins.
-    pub(crate) incarnation: Arc<AtomicU64>,
+    /// Every decision: paths, outcomes, duplicates, members, the link.
+    pub(crate) core: Arc<CoreCell>,
     /// What this node says when it opens a connection.
     hello: Mutex<Hello>,
     pub(crate) config: Config,
     /// The body limit of the message-server path (negotiated).
     pub(crate) server_max: u64,
-    seq: AtomicU64,
     tokens: AtomicU64,
     /// The connection to the message server.
     pub(crate) queue: OutQueue,
-    pub(crate) tracker: Mutex<DeliveryTracker<Waiter>>,
     /// Each subscribed service's delivery queue, drained by its pump.
     pub(crate) inboxes: RwLock<HashMap<Arc<str>, ServiceQueue>>,
     /// Changed (under `inboxes`' write lock) whenever `inboxes` changes:
@@ -102,33 +85,24 @@ pub(crate) struct Inner {
     pub(crate) inboxes_generation: AtomicU64,
     pub(crate) subscriptions: Mutex<HashMap<u64, oneshot::Sender<()>>>,
     pub(crate) resolves: Mutex<HashMap<u64, oneshot::Sender<ResolveResult>>>,
+    /// The application's stream of membership events.
     pub(crate) members: MemberView,
     pub(crate) direct: DirectPool,
-    /// Which message numbers of each sender were delivered here.
-    pub(crate) dedup: Mutex<Dedup>,
     /// Orders message-server sends: the sequence number is taken and the
-    /// frame queued under it, so the wire order is the number order.
-    pub(crate) send_lock: OrderLock,
+    /// frame queued under it, so the wire order is the number order (also
+    /// for what a member that is back gets again).
+    pub(crate) send_lock: tokio::sync::Mutex<()>,
     /// Bounds the acknowledged messages awaiting an outcome
-    /// (`node.max_in_flight`).
-    pub(crate) in_flight: InFlight,
-    /// The link to the message server as the cluster manager sees it:
-    /// up or down, which address, its heartbeat deadline, its back-off.
-    /// Members are declared gone only while it is up (while it is down,
-    /// nothing is known).
-    link: Mutex<LinkState>,
+    /// (`node.max_in_flight`); a [`Pending`] holds a place.
+    pub(crate) in_flight: Arc<Semaphore>,
     /// Where the message server takes heartbeats, for the current link.
     pub(crate) server_heartbeat: Mutex<Option<std::net::SocketAddr>>,
-    activation: Mutex<AutoActivation>,
     /// Service names sent to, shared instead of allocated per message.
     service_names: RwLock<rustc_hash::FxHashSet<Arc<str>>>,
     pub(crate) counters: Counters,
     /// Routing failures reported for messages nobody waits on.
     pub(crate) late_failures: AtomicU64,
     pub(crate) cancel: CancellationToken,
-    /// Set just before `cancel` is: read on every send, without the
-    /// token's lock.
-    stopping: std::sync::atomic::AtomicBool,
     pub(crate) tasks: TaskTracker,
 }
 
@@ -140,51 +114,57 @@ pub(crate) type ResolveResult = Result<Vec<(NodeId, u64)>, DeliveryFailure>;
 
 impl Inner {
     pub(crate) fn new(parts: Parts) -> Inner {
-        let failure_timeout = parts.config.failure_timeout();
-        let ms = &parts.config.message_server;
-        let link_policy = LinkPolicy {
-            addresses: ms.addresses.len(),
-            reconnect_delay: Duration::from_millis(ms.reconnect_delay_ms),
-            reconnect_max_delay: Duration::from_millis(ms.reconnect_max_delay_ms),
-            failure_timeout,
+        let config = &parts.config;
+        let ms = &config.message_server;
+        let lazy = &config.lazy;
+        let core = CoreConfig {
+            id: parts.hello.node.clone(),
+            incarnation: parts.hello.incarnation,
+            role: parts.hello.role,
+            groups: parts.hello.groups.clone(),
+            lazy_threshold_bytes: lazy.threshold_bytes,
+            lazy_services: lazy.services.clone(),
+            auto_activate_messages: lazy.auto_activate_messages,
+            auto_activate_window: Duration::from_millis(lazy.auto_activate_window_ms),
+            max_message_bytes: config.limits.max_message_bytes,
+            server_max_message_bytes: parts.server_max,
+            link: LinkPolicy {
+                addresses: ms.addresses.len(),
+                reconnect_delay: Duration::from_millis(ms.reconnect_delay_ms),
+                reconnect_max_delay: Duration::from_millis(ms.reconnect_max_delay_ms),
+                failure_timeout: config.failure_timeout(),
+            },
         };
-        let max_in_flight = parts.config.node.max_in_flight;
-        let lazy = &parts.config.lazy;
-        let activation = AutoActivation::new(
-            lazy.auto_activate_messages,
-            Duration::from_millis(lazy.auto_activate_window_ms),
+        let core = NodeCore::new(
+            core,
+            parts.members,
+            parts.server_index,
+            std::time::Instant::now(),
         );
+        let max_in_flight = parts.config.node.max_in_flight;
         Inner {
             id: parts.hello.node.clone(),
-            incarnation: Arc::new(AtomicU64::new(parts.hello.incarnation)),
+            core: Arc::new(CoreCell::new(core)),
             hello: Mutex::new(parts.hello),
             config: parts.config,
             server_max: parts.server_max,
-            seq: AtomicU64::new(1),
             tokens: AtomicU64::new(1),
             inboxes_generation: AtomicU64::new(0),
             queue: parts.queue,
-            tracker: Mutex::new(DeliveryTracker::new()),
             inboxes: RwLock::new(HashMap::new()),
             subscriptions: Mutex::new(HashMap::new()),
             resolves: Mutex::new(HashMap::new()),
-            members: MemberView::new(parts.members, failure_timeout),
+            members: MemberView::new(),
             direct: DirectPool::default(),
-            dedup: Mutex::new(Dedup::default()),
-            send_lock: OrderLock::default(),
-            in_flight: InFlight::new(max_in_flight),
-            link: Mutex::new(LinkState::new(
-                link_policy,
-                parts.server_index,
-                std::time::Instant::now(),
+            send_lock: tokio::sync::Mutex::new(()),
+            in_flight: Arc::new(Semaphore::new(
+                max_in_flight.clamp(1, Semaphore::MAX_PERMITS),
             )),
             server_heartbeat: Mutex::new(None),
-            activation: Mutex::new(activation),
             service_names: RwLock::default(),
             counters: Counters::default(),
             late_failures: AtomicU64::new(0),
             cancel: CancellationToken::new(),
-            stopping: std::sync::atomic::AtomicBool::new(false),
             tasks: TaskTracker::new(),
         }
     }
@@ -196,36 +176,56 @@ impl Inner {
             .server_heartbeat
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = heartbeat;
-        self.link()
-            .handle_connected(std::time::Instant::now(), index);
-    }
-
-    /// The link's state.
-    pub(crate) fn link(&self) -> std::sync::MutexGuard<'_, LinkState> {
-        self.link.lock().unwrap_or_else(|p| p.into_inner())
+        let _ = index;
     }
 
     /// The current incarnation.
     pub(crate) fn incarnation(&self) -> u64 {
-        self.incarnation.load(Ordering::SeqCst)
+        self.core.lock().incarnation()
     }
 
     /// Takes a new incarnation (this node was declared failed): what the
     /// old one was waiting for fails, and with it what would be resent.
     pub(crate) fn new_incarnation(&self, incarnation: u64) {
-        self.incarnation.store(incarnation, Ordering::SeqCst);
         self.hello
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .incarnation = incarnation;
-        let done = self.tracker().fail_all(&SendError::Disconnected);
-        complete(done);
+        let ((), out) = self
+            .core
+            .run(|core| core.handle_new_incarnation(std::time::Instant::now(), incarnation));
+        self.dispatch(out.events);
     }
 
-    /// Looks at this node's `Hello` without copying it (the per-message
-    /// checks of the session path).
-    pub(crate) fn with_hello<T>(&self, f: impl FnOnce(&Hello) -> T) -> T {
-        f(&self.hello.lock().unwrap_or_else(|p| p.into_inner()))
+    /// Acts on what the core decided: wakes the waiting senders, tells the
+    /// application, closes the channels of members gone, counts what
+    /// nobody waits on.
+    pub(crate) fn dispatch(&self, events: Vec<Event<Waiter>>) {
+        for event in events {
+            match event {
+                Event::Completed(waiter, completion) => complete(waiter, completion),
+                Event::Membership(event) => self.members.emit(event),
+                Event::PeerGone(id) => self.direct.close_peer(&id),
+                Event::LateFailure(routed) => late_failure(self, &routed),
+            }
+        }
+    }
+
+    /// Applies a membership event from the message server, under the
+    /// send order: a member that is back gets what it missed before
+    /// anything newer.
+    pub(crate) async fn handle_member_event(&self, event: MemberEvent) {
+        let _order = self.send_lock.lock().await;
+        let ((), out) = self
+            .core
+            .run(|core| core.handle_member_event(std::time::Instant::now(), event));
+        self.core.timers.notify_one();
+        self.dispatch(out.events);
+        for frame in resend_frames(out.transmits) {
+            if self.queue.push_data(frame).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// This node's `Hello` as it stands (role, groups, direct address).
@@ -244,46 +244,6 @@ impl Inner {
             .map(|s| s.to_string())
             .collect();
         hello
-    }
-
-    /// Acts on membership changes: fails what waited on members gone for
-    /// good, resends to members that are back.
-    pub(crate) async fn handle_changes(&self, changes: Vec<Change>) {
-        for change in changes {
-            match change {
-                Change::Left(id) => {
-                    tracing::info!(node = %id, "member left");
-                    self.dedup().forget(&id);
-                    self.direct.close_peer(&id);
-                    complete(self.tracker().handle_member_left(&id));
-                }
-                Change::Present(id) => self.resync(&id).await,
-            }
-        }
-    }
-
-    /// Sends again, in order, what `node` has not acknowledged: it was
-    /// disconnected, so acknowledgements (or the messages) may be lost.
-    async fn resync(&self, node: &NodeId) {
-        let _order = self.send_lock.lock().await;
-        let frames = resend_frames(
-            &self.tracker(),
-            &self.id,
-            self.incarnation(),
-            |target| matches!(target, Target::Node(id) if id == node),
-        );
-        if !frames.is_empty() {
-            tracing::debug!(%node, messages = frames.len(), "member back: resending what it has not acknowledged");
-        }
-        for frame in frames {
-            if self.queue.push_data(frame).await.is_err() {
-                return;
-            }
-        }
-    }
-
-    pub(crate) fn dedup(&self) -> std::sync::MutexGuard<'_, Dedup> {
-        self.dedup.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// `service` as a shared name: the same allocation for every message
@@ -334,20 +294,8 @@ impl Inner {
         name
     }
 
-    pub(crate) fn activation(&self) -> std::sync::MutexGuard<'_, AutoActivation> {
-        self.activation.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     pub(crate) fn next_token(&self) -> u64 {
         self.tokens.fetch_add(1, Ordering::Relaxed)
-    }
-
-    pub(crate) fn tracker(&self) -> std::sync::MutexGuard<'_, DeliveryTracker<Waiter>> {
-        self.tracker.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub(crate) fn next_seq(&self) -> u64 {
-        self.seq.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Bodies above `limits.max_message_bytes` fail before anything is
@@ -368,13 +316,14 @@ impl Inner {
     pub(crate) fn message_ref<'a>(
         &'a self,
         seq: u64,
+        incarnation: u64,
         target: TargetRef<'a>,
         service: &'a str,
         kind: MessageKind,
     ) -> MessageRef<'a> {
         MessageRef {
             sender: self.id.as_str(),
-            incarnation: self.incarnation(),
+            incarnation,
             seq,
             target,
             service,
@@ -385,13 +334,14 @@ impl Inner {
     pub(crate) fn header(
         &self,
         seq: u64,
+        incarnation: u64,
         target: Target,
         service: Arc<str>,
         kind: MessageKind,
     ) -> MessageHeader {
         MessageHeader {
             sender: self.id.clone(),
-            incarnation: self.incarnation(),
+            incarnation,
             seq,
             target,
             service,
@@ -402,6 +352,7 @@ impl Inner {
     pub(crate) fn message(
         &self,
         seq: u64,
+        incarnation: u64,
         target: Target,
         service: Arc<str>,
         kind: MessageKind,
@@ -410,7 +361,7 @@ impl Inner {
         OutFrame::Parts {
             header: Header::Message(MessageHeader {
                 sender: self.id.clone(),
-                incarnation: self.incarnation(),
+                incarnation,
                 seq,
                 target,
                 service,
@@ -448,15 +399,11 @@ impl Inner {
 
     /// Whether the node is shutting down.
     pub(crate) fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::Acquire)
+        self.core.is_stopping()
     }
 
     pub(crate) fn closed_error(&self) -> SendError {
-        if self.is_stopping() {
-            SendError::Shutdown
-        } else {
-            SendError::Disconnected
-        }
+        self.core.closed_error()
     }
 
     pub(crate) async fn send_reply(
@@ -473,8 +420,13 @@ impl Inner {
             request_seq,
             requester_incarnation,
         };
+        let (seq, incarnation) = {
+            let mut core = self.core.lock();
+            (core.next_seq(), core.incarnation())
+        };
         let frame = self.message(
-            self.next_seq(),
+            seq,
+            incarnation,
             Target::Node(requester.clone()),
             self.service_name(service),
             kind,
@@ -485,10 +437,8 @@ impl Inner {
 
     /// Fails everything pending and closes inboxes; idempotent.
     pub(crate) fn close(&self, error: &SendError) {
-        let done = self.tracker().fail_all(error);
-        for (w, c) in done {
-            let _ = w.send(c);
-        }
+        let ((), out) = self.core.run(|core| core.handle_shutdown(error));
+        self.dispatch(out.events);
         self.inboxes
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -504,35 +454,41 @@ impl Inner {
 ///
 /// Returned by [`Node::submit`]; [`Pending::outcome`] waits for the
 /// receivers' acknowledgements. Dropping it stops tracking the message (it
-/// may still be delivered).
+/// may still be delivered). It holds the node's core and its place among
+/// the messages in flight (`node.max_in_flight`), not the node.
 #[derive(Debug)]
 #[must_use = "a pending send does nothing unless its outcome is awaited"]
 pub struct Pending {
-    inner: Arc<Inner>,
+    core: Arc<CoreCell>,
     seq: u64,
     deadline: Instant,
+    /// The send timeout, for the error that says how long it waited.
+    after: Duration,
     rx: Option<oneshot::Receiver<Completion>>,
     /// Set once the outcome arrived: the tracker let go of the message
     /// then, so dropping this handle has nothing to cancel.
     settled: bool,
+    /// Its place among the messages in flight; given back on drop.
+    _place: OwnedSemaphorePermit,
 }
 
 impl Pending {
     pub(crate) fn new(
-        inner: Arc<Inner>,
+        core: Arc<CoreCell>,
         seq: u64,
         deadline: Instant,
+        after: Duration,
         rx: oneshot::Receiver<Completion>,
-        slot: Slot<'_>,
+        place: OwnedSemaphorePermit,
     ) -> Pending {
-        // Given back when this handle drops.
-        slot.keep();
         Pending {
-            inner,
+            core,
             seq,
             deadline,
+            after,
             rx: Some(rx),
             settled: false,
+            _place: place,
         }
     }
 
@@ -561,16 +517,16 @@ impl Pending {
                 self.settled = true;
                 Ok(c)
             }
-            Ok(Err(_)) => Err(self.inner.closed_error()),
+            Ok(Err(_)) => Err(self.core.closed_error()),
             Err(_) => {
                 let waiting_for = self
-                    .inner
-                    .tracker()
-                    .cancel(self.seq)
+                    .core
+                    .lock()
+                    .handle_cancel(self.seq)
                     .map(|(_, m)| m)
                     .unwrap_or_default();
                 Err(SendError::Timeout {
-                    after: self.inner.config.send_timeout(),
+                    after: self.after,
                     waiting_for,
                 })
             }
@@ -596,188 +552,9 @@ impl Drop for Pending {
         // An unsettled message stops being tracked (and resent); what it
         // held is freed after the lock is let go.
         if !self.settled {
-            let cancelled = self.inner.tracker().cancel(self.seq);
+            let cancelled = self.core.lock().handle_cancel(self.seq);
             drop(cancelled);
         }
-        self.inner.in_flight.give_back();
-    }
-}
-
-/// Bounds the acknowledged messages awaiting an outcome
-/// (`node.max_in_flight`): a count, and a wait for room. A semaphore takes
-/// its lock on every release; here a release is one atomic operation
-/// unless someone waits.
-#[derive(Debug)]
-pub(crate) struct InFlight {
-    used: AtomicUsize,
-    max: usize,
-    /// Senders waiting for room.
-    waiting: AtomicUsize,
-    room: Notify,
-}
-
-impl InFlight {
-    fn new(max: usize) -> Self {
-        InFlight {
-            used: AtomicUsize::new(0),
-            max: max.max(1),
-            waiting: AtomicUsize::new(0),
-            room: Notify::new(),
-        }
-    }
-
-    /// A place if one is free now.
-    pub(crate) fn try_take(&self) -> Option<Slot<'_>> {
-        // Sequentially consistent throughout: a waiter counts itself, then
-        // looks here; a place given back is counted, then the waiters
-        // looked at (see `InFlight::take`).
-        let mut used = self.used.load(Ordering::SeqCst);
-        loop {
-            if used >= self.max {
-                return None;
-            }
-            match self.used.compare_exchange_weak(
-                used,
-                used + 1,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            ) {
-                Ok(_) => return Some(Slot(self)),
-                Err(now) => used = now,
-            }
-        }
-    }
-
-    /// A place, waiting for one.
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel safe: a cancelled wait takes no place and is no longer
-    /// counted as waiting.
-    pub(crate) async fn take(&self) -> Slot<'_> {
-        loop {
-            let notified = self.room.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            // Counted before looking, so a place given back after the
-            // look finds this waiter (both sequentially consistent); and
-            // uncounted however the wait ends, cancelled included.
-            let _counted = Waiting::count(&self.waiting);
-            if let Some(slot) = self.try_take() {
-                return slot;
-            }
-            notified.await;
-        }
-    }
-
-    /// Gives a place back.
-    fn give_back(&self) {
-        self.used.fetch_sub(1, Ordering::SeqCst);
-        if self.waiting.load(Ordering::SeqCst) > 0 {
-            self.room.notify_one();
-        }
-    }
-}
-
-/// Orders acknowledged sends through the message server: held while a
-/// message takes its number and is queued (and while a reconnect resends),
-/// so that the wire order is the number order. A tokio mutex takes its
-/// semaphore's lock on every release; here taking and giving back are one
-/// atomic operation each unless someone waits. A task that only tries
-/// ([`OrderLock::try_lock`]) never goes before one that waits, so a task
-/// sending in a loop cannot keep a waiter out.
-#[derive(Debug, Default)]
-pub(crate) struct OrderLock {
-    locked: std::sync::atomic::AtomicBool,
-    /// Tasks waiting for the lock.
-    waiting: AtomicUsize,
-    free: Notify,
-}
-
-impl OrderLock {
-    /// The lock if it is free now and nobody waits for it.
-    pub(crate) fn try_lock(&self) -> Option<Order<'_>> {
-        if self.waiting.load(Ordering::SeqCst) > 0 {
-            return None;
-        }
-        self.grab()
-    }
-
-    fn grab(&self) -> Option<Order<'_>> {
-        self.locked
-            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-            .ok()
-            .map(|_| Order(self))
-    }
-
-    /// The lock, waiting for it.
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel safe: a cancelled wait holds nothing and is no longer
-    /// counted as waiting.
-    pub(crate) async fn lock(&self) -> Order<'_> {
-        loop {
-            let notified = self.free.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            // Counted before looking, so a release after the look finds
-            // this waiter (both sequentially consistent); uncounted however
-            // the wait ends.
-            let _counted = Waiting::count(&self.waiting);
-            if let Some(order) = self.grab() {
-                return order;
-            }
-            notified.await;
-        }
-    }
-}
-
-/// [`OrderLock`] held; given back when dropped.
-#[derive(Debug)]
-pub(crate) struct Order<'a>(&'a OrderLock);
-
-impl Drop for Order<'_> {
-    fn drop(&mut self) {
-        self.0.locked.store(false, Ordering::SeqCst);
-        if self.0.waiting.load(Ordering::SeqCst) > 0 {
-            self.0.free.notify_one();
-        }
-    }
-}
-
-/// One sender counted in [`InFlight::waiting`] (or [`OrderLock`]'s) while
-/// it lives.
-struct Waiting<'a>(&'a AtomicUsize);
-
-impl<'a> Waiting<'a> {
-    fn count(waiting: &'a AtomicUsize) -> Self {
-        waiting.fetch_add(1, Ordering::SeqCst);
-        Waiting(waiting)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// A place taken in [`InFlight`]; given back when dropped, unless a
-/// [`Pending`] keeps it.
-#[derive(Debug)]
-pub(crate) struct Slot<'a>(&'a InFlight);
-
-impl Slot<'_> {
-    /// Keeps the place taken: its [`Pending`] gives it back.
-    fn keep(self) {
-        std::mem::forget(self);
-    }
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        self.0.give_back();
     }
 }
 
@@ -794,7 +571,7 @@ impl Drop for DropGuard {
 }
 
 fn begin_shutdown(inner: &Inner) {
-    if inner.stopping.swap(true, Ordering::SeqCst) {
+    if inner.core.begin_stopping() {
         return;
     }
     inner.cancel.cancel();
@@ -868,7 +645,7 @@ impl Node {
     /// The message server this node is registered with now (an entry of
     /// `message_server.addresses`), or `None` while it is reconnecting.
     pub fn message_server(&self) -> Option<String> {
-        let index = self.inner.link().index()?;
+        let index = self.inner.core.lock().link().index()?;
         self.inner
             .config
             .message_server
@@ -1077,7 +854,7 @@ impl Node {
 
     /// The current members of the cluster, this node included.
     pub fn members(&self) -> Vec<MemberInfo> {
-        self.inner.members.snapshot()
+        self.inner.core.lock().members().snapshot()
     }
 
     /// A stream of membership changes from now on.
@@ -1095,7 +872,7 @@ impl Node {
 
     /// Acknowledged messages and requests still waiting for an outcome.
     pub fn pending(&self) -> usize {
-        self.inner.tracker().len()
+        self.inner.core.lock().tracker().len()
     }
 
     /// Stops the node: tells the message server it is a planned stop, fails
@@ -1109,126 +886,5 @@ impl Node {
         {
             tracing::warn!(node = %self.inner.id, "node tasks did not stop within the grace period");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Polls once: whether it is still pending.
-    fn pending<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> bool {
-        let waker = std::task::Waker::noop();
-        f.poll(&mut std::task::Context::from_waker(waker))
-            .is_pending()
-    }
-
-    #[tokio::test]
-    async fn in_flight_places_are_bounded_waited_for_and_given_back() {
-        let places = InFlight::new(2);
-        let a = places.try_take().expect("first");
-        let b = places.try_take().expect("second");
-        assert!(places.try_take().is_none(), "two at most");
-        // A waiter that gives up is no longer counted.
-        {
-            let gave_up = places.take();
-            tokio::pin!(gave_up);
-            assert!(pending(gave_up.as_mut()));
-            assert_eq!(places.waiting.load(Ordering::SeqCst), 1);
-        }
-        assert_eq!(places.waiting.load(Ordering::SeqCst), 0);
-        let waiter = places.take();
-        tokio::pin!(waiter);
-        assert!(pending(waiter.as_mut()));
-        drop(a);
-        let c = tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
-            .await
-            .expect("woken when a place is given back");
-        assert!(places.try_take().is_none(), "b and c hold both");
-        // A kept place is given back by hand (as a `Pending` does).
-        c.keep();
-        assert_eq!(places.used.load(Ordering::SeqCst), 2);
-        places.give_back();
-        drop(b);
-        assert_eq!(places.used.load(Ordering::SeqCst), 0);
-        assert_eq!(places.waiting.load(Ordering::SeqCst), 0);
-    }
-
-    #[tokio::test]
-    async fn the_order_lock_excludes_and_lets_waiters_go_first() {
-        let lock = OrderLock::default();
-        let held = lock.try_lock().expect("free");
-        assert!(lock.try_lock().is_none(), "held");
-        // A waiter that gives up is no longer counted.
-        {
-            let gave_up = lock.lock();
-            tokio::pin!(gave_up);
-            assert!(pending(gave_up.as_mut()));
-            assert_eq!(lock.waiting.load(Ordering::SeqCst), 1);
-        }
-        assert_eq!(lock.waiting.load(Ordering::SeqCst), 0);
-        let waiter = lock.lock();
-        tokio::pin!(waiter);
-        assert!(pending(waiter.as_mut()));
-        drop(held);
-        // Free, but a waiter goes first: trying does not take it.
-        assert!(lock.try_lock().is_none(), "the waiter goes first");
-        let order = tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
-            .await
-            .expect("woken when the lock is given back");
-        assert!(lock.try_lock().is_none(), "the waiter holds it");
-        drop(order);
-        assert!(lock.try_lock().is_some(), "free again");
-        assert_eq!(lock.waiting.load(Ordering::SeqCst), 0);
-    }
-
-    /// Many tasks on two threads, taking the lock by trying, by waiting,
-    /// and by waits that time out: never two inside at once, and every
-    /// task gets through.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_order_lock_holds_under_contention() {
-        use std::sync::atomic::AtomicBool;
-        const TASKS: usize = 8;
-        const ROUNDS: usize = 2_000;
-        let lock = Arc::new(OrderLock::default());
-        let inside = Arc::new(AtomicBool::new(false));
-        let entered = Arc::new(AtomicUsize::new(0));
-        let mut tasks = Vec::new();
-        for t in 0..TASKS {
-            let (lock, inside, entered) = (lock.clone(), inside.clone(), entered.clone());
-            tasks.push(tokio::spawn(async move {
-                for round in 0..ROUNDS {
-                    let order = match (t + round) % 3 {
-                        0 => match lock.try_lock() {
-                            Some(order) => order,
-                            None => lock.lock().await,
-                        },
-                        1 => {
-                            let short = std::time::Duration::from_micros(50);
-                            match tokio::time::timeout(short, lock.lock()).await {
-                                Ok(order) => order,
-                                Err(_) => lock.lock().await,
-                            }
-                        }
-                        _ => lock.lock().await,
-                    };
-                    assert!(!inside.swap(true, Ordering::SeqCst), "two inside");
-                    entered.fetch_add(1, Ordering::SeqCst);
-                    if round % 5 == 0 {
-                        tokio::task::yield_now().await;
-                    }
-                    inside.store(false, Ordering::SeqCst);
-                    drop(order);
-                }
-            }));
-        }
-        for task in tasks {
-            tokio::time::timeout(std::time::Duration::from_secs(60), task)
-                .await
-                .expect("no task stuck")
-                .expect("no panic");
-        }
-        assert_eq!(entered.load(Ordering::SeqCst), TASKS * ROUNDS);
-        assert_eq!(lock.waiting.load(Ordering::SeqCst), 0);
     }
 }

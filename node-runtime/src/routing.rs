@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use cluster_manager::path::{self, Fallback, Path, PathFacts, TargetKind, TooLarge};
-use cluster_manager::{Awaiting, SendError};
+use cluster_manager::core::{self, Outgoing};
+use cluster_manager::path::{self, Fallback};
+use cluster_manager::{Awaiting, Completion, SendError};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use transports::protocol::{valid_name, Header, MessageKind, NodeId, Role, Target, TargetRef};
 use transports::{OutFrame, PushError};
 
-use crate::connection::complete;
 use crate::counters::Counters;
 use crate::direct::{get_or_open, DirectConn};
 use crate::node::{Inner, Pending};
@@ -30,9 +30,17 @@ enum Route {
     FanOut(Vec<NodeId>, Instant),
 }
 
-/// A message addressed to one receiver at a time.
-struct Outgoing<'a> {
+/// A route, and the number (of the incarnation) the message takes on it.
+struct Numbered {
+    route: Route,
     seq: u64,
+    incarnation: u64,
+}
+
+/// A message addressed to one receiver at a time.
+struct OneByOne<'a> {
+    seq: u64,
+    incarnation: u64,
     service: &'a str,
     kind: MessageKind,
     body: Bytes,
@@ -40,83 +48,56 @@ struct Outgoing<'a> {
 
 impl Inner {
     /// Picks the route of a message (opening a lazy channel if that is the
-    /// path). `deadline` is the send's, if it took one already; a fan-out
-    /// that has to ask the message server for its members takes one then.
+    /// path), and numbers it. `deadline` is the send's, if it took one
+    /// already; a fan-out that has to ask the message server for its
+    /// members takes one then.
     async fn route(
         self: &Arc<Self>,
         target: &Target,
         service: &str,
         body_len: u64,
         deadline: Option<Instant>,
-    ) -> Result<Route, SendError> {
-        let target_name = match target {
-            Target::Node(id) => id.as_str(),
-            Target::Group(g) | Target::AnyOf(g) => g,
-            Target::All => "all",
-        };
-        for name in [service, target_name] {
-            if !valid_name(name) {
-                return Err(SendError::InvalidName(name.chars().take(64).collect()));
-            }
-        }
-        let allowed = path::service_allowed(&self.config.lazy, service);
-        let (kind, peer) = match target {
-            Target::Node(id) => (TargetKind::Node, Some(id)),
-            Target::AnyOf(_) => (TargetKind::AnyOf, None),
-            Target::Group(_) | Target::All => (TargetKind::FanOut, None),
-        };
-        let mut facts = PathFacts {
+    ) -> Result<Numbered, SendError> {
+        let msg = Outgoing {
+            target,
+            service,
             body_len,
-            target: kind,
-            service_allowed: allowed,
-            lazy_open: false,
-            hot_pair: false,
-            target_reachable: false,
-            server_in_flight: 0,
         };
-        if let (Some(peer), true) = (peer, allowed) {
-            facts.lazy_open = self.direct.get(peer, ChannelKind::Lazy).is_some();
-            // Auto-activation off: no pair is ever hot, nothing to count.
-            facts.hot_pair = self.config.lazy.auto_activate_messages > 0
-                && self
-                    .activation()
-                    .handle_message(peer, std::time::Instant::now());
-            // Only a message that could go direct needs the address.
-            let could_go_direct = path::could_go_direct(
-                self.config.lazy.threshold_bytes,
-                body_len,
-                facts.lazy_open,
-                facts.hot_pair,
-            );
-            facts.target_reachable =
-                could_go_direct && *peer != self.id && self.members.direct_addr(peer).is_some();
-            if facts.target_reachable && body_len <= self.config.lazy.threshold_bytes {
-                facts.server_in_flight = self.tracker().server_in_flight(peer);
-            }
-        }
-        match (path::choose(self.config.lazy.threshold_bytes, facts), peer) {
-            (Path::Lazy, Some(peer)) => {
-                match Box::pin(get_or_open(self, peer, ChannelKind::Lazy)).await {
-                    Ok(conn) => Ok(Route::Direct(conn)),
-                    Err(reason) => match path::fallback(body_len, self.server_max) {
-                        Fallback::Server => {
-                            tracing::debug!(%peer, %reason, "no lazy channel; falling back to the message server");
-                            Ok(Route::Server)
-                        }
-                        Fallback::Fail => Err(SendError::DirectUnavailable {
-                            node: peer.clone(),
-                            reason,
-                        }),
-                    },
+        // Looked up before the core is locked: the channel pool is never
+        // locked inside the core's lock.
+        let lazy_open = match target {
+            Target::Node(peer) => self.direct.get(peer, ChannelKind::Lazy).is_some(),
+            _ => false,
+        };
+        let (route, seq, incarnation) = {
+            let mut core = self.core.lock();
+            let route = core.handle_send(std::time::Instant::now(), &msg, lazy_open)?;
+            (route, core.next_seq(), core.incarnation())
+        };
+        let route = match route {
+            core::Route::Server => Route::Server,
+            core::Route::Lazy(peer) => {
+                match Box::pin(get_or_open(self, &peer, ChannelKind::Lazy)).await {
+                    Ok(conn) => Route::Direct(conn),
+                    Err(reason) => {
+                        self.core
+                            .lock()
+                            .handle_open_failed(&peer, body_len, reason)?;
+                        Route::Server
+                    }
                 }
             }
-            (Path::LazyFanOut, _) => {
+            core::Route::LazyFanOut => {
                 let deadline = deadline.unwrap_or_else(|| self.deadline());
                 let members = Box::pin(self.resolve(target, service, deadline)).await?;
-                Ok(Route::FanOut(members, deadline))
+                Route::FanOut(members, deadline)
             }
-            _ => Ok(Route::Server),
-        }
+        };
+        Ok(Numbered {
+            route,
+            seq,
+            incarnation,
+        })
     }
 
     /// What every send does first: check the body and the node, choose
@@ -127,7 +108,7 @@ impl Inner {
         service: &str,
         body: &Bytes,
         deadline: Option<Instant>,
-    ) -> Result<Route, SendError> {
+    ) -> Result<Numbered, SendError> {
         self.check_size(body)?;
         if self.is_stopping() {
             return Err(SendError::Shutdown);
@@ -143,35 +124,6 @@ impl Inner {
         Instant::now() + self.config.send_timeout()
     }
 
-    /// The error for a body the message-server path cannot carry.
-    fn server_size_error(
-        &self,
-        target: &Target,
-        service: &str,
-        body_len: u64,
-    ) -> Result<(), SendError> {
-        if body_len <= self.server_max {
-            return Ok(());
-        }
-        if let Target::Node(peer) = target {
-            let allowed = path::service_allowed(&self.config.lazy, service);
-            let other_member = *peer != self.id && self.members.is_member(peer);
-            let threshold = self.config.lazy.threshold_bytes;
-            if path::too_large(threshold, body_len, allowed, other_member)
-                == TooLarge::NoDirectAddress
-            {
-                return Err(SendError::DirectUnavailable {
-                    node: peer.clone(),
-                    reason: "it announced no direct-channel address".into(),
-                });
-            }
-        }
-        Err(SendError::PayloadTooLarge {
-            size: body_len,
-            max: self.server_max,
-        })
-    }
-
     /// Queues an acknowledged message (or request) on its path; the handle
     /// awaits its outcome. Messages submitted one after another from one
     /// task go out in that order on each path.
@@ -184,18 +136,22 @@ impl Inner {
         awaiting: Awaiting,
     ) -> Result<Pending, SendError> {
         let deadline = self.deadline();
-        let route = self
+        let numbered = self
             .start_send(&target, service, &body, Some(deadline))
             .await?;
         let body_len = body.len() as u64;
         let service: Arc<str> = self.service_name(service);
-        let slot = match self.in_flight.try_take() {
-            Some(slot) => slot,
-            None => {
-                let waited =
-                    Box::pin(tokio::time::timeout_at(deadline, self.in_flight.take())).await;
+        let permit = match self.in_flight.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let waited = Box::pin(tokio::time::timeout_at(
+                    deadline,
+                    self.in_flight.clone().acquire_owned(),
+                ))
+                .await;
                 match waited {
-                    Ok(slot) => slot,
+                    Ok(Ok(permit)) => permit,
+                    Ok(Err(_)) => return Err(SendError::Shutdown),
                     Err(_) => {
                         return Err(SendError::Timeout {
                             after: self.config.send_timeout(),
@@ -206,16 +162,14 @@ impl Inner {
             }
         };
         let (tx, rx) = oneshot::channel();
-        let seq;
-        match route {
+        match numbered.route {
             Route::Server => {
-                self.server_size_error(&target, &service, body_len)?;
-                // The number is taken and the frame queued under the lock,
+                // The number is taken and the frame queued in send order,
                 // so the wire order is the number order (receivers
                 // deduplicate by number; resends go out in number order).
                 let _order = match self.send_lock.try_lock() {
-                    Some(order) => order,
-                    None => {
+                    Ok(order) => order,
+                    Err(_) => {
                         let waited =
                             Box::pin(tokio::time::timeout_at(deadline, self.send_lock.lock()))
                                 .await;
@@ -228,24 +182,26 @@ impl Inner {
                         order
                     }
                 };
-                seq = self.next_seq();
                 // Tracked (with what a reconnect resends) before it is
                 // queued: its acknowledgement may come back at once.
                 let resend = Resend {
                     kind,
                     body: body.clone(),
                 };
-                {
-                    let mut tracker = self.tracker();
-                    tracker.track(seq, target.clone(), service.clone(), awaiting, tx);
-                    tracker.mark_via_server(seq, resend);
-                }
-                let pending = Pending::new(self.clone(), seq, deadline, rx, slot);
+                let (seq, incarnation) = {
+                    let mut core = self.core.lock();
+                    let seq = core.next_seq();
+                    let resend = Some(resend);
+                    core.track(seq, target.clone(), service.clone(), awaiting, tx, resend);
+                    (seq, core.incarnation())
+                };
+                let pending = self.pending(seq, deadline, rx, permit);
                 // Usually queued at once, its header encoded from the names
                 // in place; otherwise as a frame, waiting for room.
-                let header = self.message_ref(seq, TargetRef::from(&target), &service, kind);
+                let header =
+                    self.message_ref(seq, incarnation, TargetRef::from(&target), &service, kind);
                 if !self.queue.try_push_message(&header, &body) {
-                    let header = self.header(seq, target, service, kind);
+                    let header = self.header(seq, incarnation, target, service, kind);
                     let frame = OutFrame::Parts {
                         header: Header::Message(header),
                         body,
@@ -256,12 +212,16 @@ impl Inner {
                 Ok(pending)
             }
             Route::Direct(conn) => {
-                seq = self.next_seq();
-                self.tracker()
-                    .track(seq, target.clone(), service.clone(), awaiting, tx);
-                let pending = Pending::new(self.clone(), seq, deadline, rx, slot);
-                let msg = Outgoing {
+                let Numbered {
+                    seq, incarnation, ..
+                } = numbered;
+                self.core
+                    .lock()
+                    .track(seq, target.clone(), service.clone(), awaiting, tx, None);
+                let pending = self.pending(seq, deadline, rx, permit);
+                let msg = OneByOne {
                     seq,
+                    incarnation,
                     service: &service,
                     kind,
                     body,
@@ -270,19 +230,17 @@ impl Inner {
                 Ok(pending)
             }
             Route::FanOut(members, _) => {
-                seq = self.next_seq();
-                let done = self.tracker().track_expecting(
+                let Numbered {
+                    seq, incarnation, ..
+                } = numbered;
+                let ((), out) = self.core.run(|core| {
+                    core.track_fan_out(seq, target, service.clone(), awaiting, members.clone(), tx)
+                });
+                let pending = self.pending(seq, deadline, rx, permit);
+                self.dispatch(out.events);
+                let msg = OneByOne {
                     seq,
-                    target,
-                    service.clone(),
-                    awaiting,
-                    members.clone(),
-                    tx,
-                );
-                let pending = Pending::new(self.clone(), seq, deadline, rx, slot);
-                complete(done);
-                let msg = Outgoing {
-                    seq,
+                    incarnation,
                     service: &service,
                     kind,
                     body,
@@ -291,12 +249,31 @@ impl Inner {
                     if let Err(e) =
                         Box::pin(self.send_to_member(member, &msg, true, deadline)).await
                     {
-                        complete(self.tracker().handle_failure(seq, member, e));
+                        let ((), out) = self.core.run(|core| core.handle_failure(seq, member, e));
+                        self.dispatch(out.events);
                     }
                 }
                 Ok(pending)
             }
         }
+    }
+
+    /// The handle of acknowledged message `seq`.
+    fn pending(
+        &self,
+        seq: u64,
+        deadline: Instant,
+        rx: oneshot::Receiver<Completion>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Pending {
+        Pending::new(
+            self.core.clone(),
+            seq,
+            deadline,
+            self.config.send_timeout(),
+            rx,
+            permit,
+        )
     }
 
     /// Sends a one-way message on its path.
@@ -306,25 +283,30 @@ impl Inner {
         service: &str,
         body: Bytes,
     ) -> Result<(), SendError> {
-        let route = self.start_send(&target, service, &body, None).await?;
+        let Numbered {
+            route,
+            seq,
+            incarnation,
+        } = self.start_send(&target, service, &body, None).await?;
         let body_len = body.len() as u64;
-        let one_way = |body| Outgoing {
-            seq: self.next_seq(),
+        let one_way = |body| OneByOne {
+            seq,
+            incarnation,
             service,
             kind: MessageKind::Notify,
             body,
         };
         match route {
             Route::Server => {
-                self.server_size_error(&target, service, body_len)?;
-                let seq = self.next_seq();
                 // Usually queued at once, its header encoded from the names
                 // in place; otherwise as a frame, waiting for room.
                 let target_ref = TargetRef::from(&target);
-                let header = self.message_ref(seq, target_ref, service, MessageKind::Notify);
+                let header =
+                    self.message_ref(seq, incarnation, target_ref, service, MessageKind::Notify);
                 if !self.queue.try_push_message(&header, &body) {
                     let service = self.service_name(service);
-                    let frame = self.message(seq, target, service, MessageKind::Notify, body);
+                    let frame =
+                        self.message(seq, incarnation, target, service, MessageKind::Notify, body);
                     self.enqueue(frame, self.deadline()).await?;
                 }
                 self.count_server(body_len);
@@ -359,7 +341,7 @@ impl Inner {
         if !valid_name(service) {
             return Err(SendError::InvalidName(service.chars().take(64).collect()));
         }
-        if self.with_hello(|h| h.role) != Role::Dispatcher {
+        if self.core.lock().config().role != Role::Dispatcher {
             return Err(SendError::NotADispatcher);
         }
         if !self.is_session_peer(target) {
@@ -377,8 +359,13 @@ impl Inner {
                     reason,
                 })?,
         };
-        let msg = Outgoing {
-            seq: self.next_seq(),
+        let (seq, incarnation) = {
+            let mut core = self.core.lock();
+            (core.next_seq(), core.incarnation())
+        };
+        let msg = OneByOne {
+            seq,
+            incarnation,
             service,
             kind: MessageKind::Notify,
             body,
@@ -388,19 +375,14 @@ impl Inner {
 
     /// Whether `peer` is a server node sharing a group with this node.
     pub(crate) fn is_session_peer(&self, peer: &NodeId) -> bool {
-        // The membership lock, then this node's hello: never the other way
-        // round anywhere.
-        *peer != self.id
-            && self.members.member_is(peer, |m| {
-                m.role == Role::Server
-                    && self.with_hello(|h| m.groups.iter().any(|g| h.groups.contains(g)))
-            })
+        self.core.lock().is_session_peer(peer)
     }
 
     /// `msg` as a frame of its own, addressed to `node`.
-    fn frame_to(&self, node: &NodeId, msg: &Outgoing<'_>) -> OutFrame {
+    fn frame_to(&self, node: &NodeId, msg: &OneByOne<'_>) -> OutFrame {
         self.message(
             msg.seq,
+            msg.incarnation,
             Target::Node(node.clone()),
             self.service_name(msg.service),
             msg.kind,
@@ -414,7 +396,7 @@ impl Inner {
     async fn send_to_member(
         self: &Arc<Self>,
         member: &NodeId,
-        msg: &Outgoing<'_>,
+        msg: &OneByOne<'_>,
         tracked: bool,
         deadline: Instant,
     ) -> Result<(), SendError> {
@@ -442,7 +424,7 @@ impl Inner {
     async fn push_direct(
         self: &Arc<Self>,
         mut conn: Arc<DirectConn>,
-        msg: &Outgoing<'_>,
+        msg: &OneByOne<'_>,
         tracked: bool,
         deadline: Option<Instant>,
     ) -> Result<(), SendError> {
@@ -471,7 +453,7 @@ impl Inner {
             // Room at once, usually: the header encoded from the names in
             // place, no frame built, no timer, no waiting future.
             let target = TargetRef::Node(peer.as_str());
-            let header = self.message_ref(msg.seq, target, msg.service, msg.kind);
+            let header = self.message_ref(msg.seq, msg.incarnation, target, msg.service, msg.kind);
             let queued = if conn.queue.try_push_message(&header, &msg.body) {
                 Ok(Ok(()))
             } else {
@@ -581,13 +563,15 @@ pub(crate) async fn session_keeper(inner: Arc<Inner>) {
     ));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let peers: Vec<NodeId> = inner
-            .members
-            .snapshot()
-            .into_iter()
-            .map(|m| m.id)
-            .filter(|id| inner.is_session_peer(id))
-            .collect();
+        let peers: Vec<NodeId> = {
+            let core = inner.core.lock();
+            core.members()
+                .snapshot()
+                .into_iter()
+                .map(|m| m.id)
+                .filter(|id| core.is_session_peer(id))
+                .collect()
+        };
         for peer in peers {
             if inner.direct.get(&peer, ChannelKind::Session).is_none() {
                 if let Err(reason) = get_or_open(&inner, &peer, ChannelKind::Session).await {

@@ -31,7 +31,6 @@ use crate::connection::{read_frames, LinkEnd};
 use crate::membership::MembershipEvent;
 use crate::node::{resend_frames, Inner};
 use crate::NodeError;
-use cluster_manager::members::Change;
 
 /// A connected, registered link to one message server.
 #[derive(Debug)]
@@ -147,8 +146,8 @@ pub(crate) async fn supervise(inner: Arc<Inner>, mut rx: OutReceiver, mut link: 
                 tracing::info!(address = %link.address, "channel stopped: the primary message server is back, moving to it");
             }
         }
-        inner.link().handle_lost(Instant::now());
-        inner.members.disconnected();
+        let ((), out) = inner.core.run(|core| core.handle_link_lost(Instant::now()));
+        inner.dispatch(out.events);
         let Some((new_link, welcome)) = reconnect(&inner).await else {
             return;
         };
@@ -156,16 +155,14 @@ pub(crate) async fn supervise(inner: Arc<Inner>, mut rx: OutReceiver, mut link: 
         tracing::info!(address = %link.address, "channel started: registered with the message server again");
         // Members the new server does not know yet get the failure timeout
         // to register; everything awaiting an outcome goes out again first.
-        let changes: Vec<Change> = inner
-            .members
-            .reconcile(welcome.members)
-            .into_iter()
-            .filter(|c| matches!(c, Change::Left(_)))
-            .collect();
-        inner.handle_changes(changes).await;
-        inner.link().handle_connected(Instant::now(), link.index);
-        prelude = resend_frames(&inner.tracker(), &inner.id, inner.incarnation(), |_| true);
-        inner.members.emit_event(MembershipEvent::Reconnected {
+        let index = link.index;
+        let ((), out) = inner
+            .core
+            .run(|core| core.handle_link_up(Instant::now(), index, welcome.members));
+        inner.core.timers.notify_one();
+        prelude = resend_frames(out.transmits);
+        inner.dispatch(out.events);
+        inner.members.emit(MembershipEvent::Reconnected {
             address: link.address.clone(),
         });
     }
@@ -236,9 +233,14 @@ async fn write_all_frames(
 async fn watch_link(inner: &Inner) -> LinkEnd {
     let config = &inner.config;
     loop {
-        let due = inner.link().poll_timeout();
-        tokio::time::sleep_until(due.into()).await;
-        let action = inner.link().handle_timeout(Instant::now());
+        let due = inner.core.lock().poll_timeout();
+        tokio::select! {
+            _ = tokio::time::sleep_until(due.into()) => {}
+            // A deadline moved earlier (a member disconnected).
+            _ = inner.core.timers.notified() => continue,
+        }
+        let (action, out) = inner.core.run(|core| core.handle_timeout(Instant::now()));
+        inner.dispatch(out.events);
         match action {
             Some(LinkAction::Dead) => {
                 return LinkEnd::Lost(
@@ -250,9 +252,13 @@ async fn watch_link(inner: &Inner) -> LinkEnd {
                 let Some(primary) = config.message_server.addresses.first() else {
                     continue;
                 };
-                if transports::tcp::connect(primary, &config.tcp.options(), config.connect_timeout())
-                    .await
-                    .is_ok()
+                if transports::tcp::connect(
+                    primary,
+                    &config.tcp.options(),
+                    config.connect_timeout(),
+                )
+                .await
+                .is_ok()
                 {
                     return LinkEnd::PrimaryBack;
                 }
@@ -267,16 +273,18 @@ async fn watch_link(inner: &Inner) -> LinkEnd {
 async fn reconnect(inner: &Arc<Inner>) -> Option<(Link, Welcome)> {
     let ms = &inner.config.message_server;
     loop {
-        let due = inner.link().poll_timeout();
+        let due = inner.core.lock().poll_timeout();
         tokio::select! {
             _ = inner.cancel.cancelled() => return None,
             _ = tokio::time::sleep_until(due.into()) => {}
         }
-        if inner.link().handle_timeout(Instant::now()) != Some(LinkAction::Reconnect) {
+        let (action, out) = inner.core.run(|core| core.handle_timeout(Instant::now()));
+        inner.dispatch(out.events);
+        if action != Some(LinkAction::Reconnect) {
             continue;
         }
         let hello = inner.current_hello();
-        let order = inner.link().attempt_order();
+        let order = inner.core.lock().link().attempt_order();
         let mut rejoin = false;
         for index in order {
             let attempt = tokio::select! {
@@ -303,11 +311,9 @@ async fn reconnect(inner: &Arc<Inner>) -> Option<(Link, Welcome)> {
                 }
             }
         }
-        let now = Instant::now();
-        if rejoin {
-            inner.link().handle_rejoin(now);
-        } else {
-            inner.link().handle_round_failed(now);
+        // A rejoin tries again at once (the core saw the new incarnation).
+        if !rejoin {
+            inner.core.lock().handle_attempts_failed(Instant::now());
         }
     }
 }
@@ -324,7 +330,7 @@ pub(crate) async fn heartbeats(inner: Arc<Inner>, socket: tokio::net::UdpSocket)
         tokio::select! {
             _ = inner.cancel.cancelled() => return,
             _ = tick.tick() => {
-                if !inner.link().is_up() {
+                if !inner.core.lock().link().is_up() {
                     continue;
                 }
                 let target = *inner.server_heartbeat.lock().unwrap_or_else(|p| p.into_inner());
@@ -342,7 +348,7 @@ pub(crate) async fn heartbeats(inner: Arc<Inner>, socket: tokio::net::UdpSocket)
             r = socket.recv_from(&mut buf) => {
                 if let Ok((n, _)) = r {
                     if let Some(transports::heartbeat::Beat::Pong { .. }) = transports::heartbeat::Beat::decode(&buf[..n]) {
-                        inner.link().handle_pong(Instant::now());
+                        inner.core.lock().handle_pong(Instant::now());
                     }
                 }
             }
