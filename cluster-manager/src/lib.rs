@@ -1,19 +1,41 @@
-//! The cluster manager: the part of each node that decides what happens to
-//! a message after the application hands it over, and keeps track of it
-//! until its outcome is known.
+//! The cluster manager: the node's brain. Every decision a node makes
+//! about a message, from the moment the application hands it over until
+//! its outcome is known, and about the node's links and members, is made
+//! here, as pure state with no sockets, no tasks, no locks and no clock
+//! (`.ci/run` checks that tokio stays out of this crate's dependencies).
 //!
-//! Everything here is pure state with table-driven tests; the node runtime
-//! drives it from its connection tasks.
+//! [`core::NodeCore`] follows quinn's contract: time is an input
+//! (`handle_*(now, ...)`), and the runtime pulls what to do
+//! (`poll_event`, `poll_transmit`, `poll_timeout`). `node-runtime` is its
+//! driver: it owns the sockets, tasks and inboxes, feeds the core what it
+//! reads, and carries out what the core decides.
 //!
 //! # Layout
 //!
+//! Where each decision lives:
+//!
+//! - [`core`]: [`NodeCore`], the one state machine that holds the rest and
+//!   is driven by the runtime.
 //! - [`path`]: which path a message takes (threshold, allow-list, open
-//!   channel, hot pair, target kind).
-//! - [`activation`]: the auto-activation counters per peer.
+//!   channel, hot pair, target kind), the order-preserving switch to a
+//!   direct channel, and the fallback when a channel cannot be opened.
+//! - [`activation`]: the auto-activation counters per peer (hot pairs).
+//! - [`channels`]: one direct channel's state: its uses, what is in flight
+//!   on it, idle close, and the probe deadline that declares it broken.
+//! - [`link`]: the link to the message server: heartbeat deadline, primary
+//!   probe, address order and reconnect back-off.
+//! - [`members`]: who is a member, and when a disconnected one is declared
+//!   gone (its failure deadline); the membership events.
 //! - [`tracker`]: acknowledged messages and requests waiting for their
-//!   receivers, and how each one ends.
+//!   receivers, how each one ends, and the order in which they are resent
+//!   after a reconnect.
+//! - [`dedup`]: the receivers' duplicate window per sender incarnation.
 //! - [`error`]: the delivery report and the send errors, definite or
 //!   uncertain.
+//!
+//! Each has table-driven tests beside it; `tests/pair.rs` drives two
+//! cores and a simulated message server on a virtual clock through the
+//! failover scenarios the process tests cover.
 
 pub mod activation;
 pub mod channels;
@@ -25,6 +47,7 @@ pub mod members;
 pub mod path;
 pub mod tracker;
 
+pub use crate::core::NodeCore;
 pub use activation::AutoActivation;
 pub use error::{DeliveryReport, SendError};
 pub use path::{Path, PathFacts, TargetKind};

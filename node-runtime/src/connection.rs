@@ -435,7 +435,7 @@ fn new_message(
         service,
         body,
         one_way: h.kind == MessageKind::Notify,
-        replier: (h.kind == MessageKind::Request).then(|| inner.clone()),
+        replier: (h.kind == MessageKind::Request).then(|| Arc::downgrade(inner)),
     }
 }
 

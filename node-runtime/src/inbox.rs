@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
@@ -27,8 +27,9 @@ pub struct Message {
     /// wait past the capacity.
     pub(crate) one_way: bool,
     /// Set for requests (and only for them): the runtime that sends the
-    /// reply.
-    pub(crate) replier: Option<Arc<Inner>>,
+    /// reply. Weak: a message the application keeps does not keep its
+    /// node alive.
+    pub(crate) replier: Option<Weak<Inner>>,
 }
 
 impl fmt::Debug for Message {
@@ -89,8 +90,11 @@ impl Message {
     /// [`SendError::PayloadTooLarge`] for a body over the limit;
     /// [`SendError::Shutdown`] if the node stopped.
     pub async fn reply(&self, body: impl Into<Bytes>) -> Result<(), SendError> {
-        let Some(inner) = &self.replier else {
+        let Some(replier) = &self.replier else {
             return Err(SendError::NotARequest);
+        };
+        let Some(inner) = replier.upgrade() else {
+            return Err(SendError::Shutdown);
         };
         inner
             .send_reply(

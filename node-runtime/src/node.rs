@@ -104,6 +104,9 @@ pub(crate) struct Inner {
     pub(crate) late_failures: AtomicU64,
     pub(crate) cancel: CancellationToken,
     pub(crate) tasks: TaskTracker,
+    /// When the node started: the time given to the core where it does not
+    /// need the clock.
+    pub(crate) started: std::time::Instant,
 }
 
 /// Most service names a node keeps shared (see `Inner::service_name`).
@@ -166,6 +169,7 @@ impl Inner {
             late_failures: AtomicU64::new(0),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            started: std::time::Instant::now(),
         }
     }
 

@@ -69,9 +69,16 @@ impl Inner {
             Target::Node(peer) => self.direct.get(peer, ChannelKind::Lazy).is_some(),
             _ => false,
         };
+        // The clock is read only when auto-activation counts messages (the
+        // only use the core has for the time of a send).
+        let now = if self.config.lazy.auto_activate_messages > 0 {
+            std::time::Instant::now()
+        } else {
+            self.started
+        };
         let (route, seq, incarnation) = {
             let mut core = self.core.lock();
-            let route = core.handle_send(std::time::Instant::now(), &msg, lazy_open)?;
+            let route = core.handle_send(now, &msg, lazy_open)?;
             (route, core.next_seq(), core.incarnation())
         };
         let route = match route {
