@@ -306,24 +306,6 @@ impl RouteCache {
         self.entries.clear();
         self.receivers = 0;
     }
-
-    /// The least loaded candidate; ties rotate.
-    fn least_loaded(turn: &mut usize, candidates: &[Receiver]) -> usize {
-        let n = candidates.len().max(1);
-        let start = *turn % n;
-        *turn = turn.wrapping_add(1);
-        let mut best = start;
-        let mut best_load = candidates.get(start).map_or(usize::MAX, Receiver::load);
-        for k in 1..n {
-            let i = (start + k) % n;
-            let load = candidates[i].load();
-            if load < best_load {
-                best = i;
-                best_load = load;
-            }
-        }
-        best
-    }
 }
 
 impl Connection {
@@ -615,8 +597,13 @@ impl Connection {
         let receivers: &[Receiver] = match &entry.resolved {
             Resolved::One(r) => std::slice::from_ref(r),
             Resolved::AnyOf(candidates) => {
-                let i = RouteCache::least_loaded(&mut routes.turn, candidates);
-                std::slice::from_ref(&candidates[i])
+                let turn = routes.turn;
+                routes.turn = turn.wrapping_add(1);
+                let load = |i: usize| candidates[i].load();
+                match crate::table::least_loaded(candidates.len(), turn, load) {
+                    Some(i) => std::slice::from_ref(&candidates[i]),
+                    None => &[],
+                }
             }
             Resolved::Many(all) => all,
         };

@@ -244,16 +244,10 @@ impl RoutingTable {
             }
             TargetRef::AnyOf(g) => {
                 let pool = self.any_of_candidates(sender, g, service)?;
-                let loads: Vec<usize> = pool.iter().map(&load).collect();
-                let min = loads.iter().copied().min().unwrap_or(0);
-                let least: Vec<&NodeId> = pool
-                    .iter()
-                    .zip(&loads)
-                    .filter(|(_, l)| **l == min)
-                    .map(|(id, _)| id)
-                    .collect();
                 let turn = self.any_of_cursor.fetch_add(1, Ordering::Relaxed);
-                Ok(Resolution::One(least[turn % least.len()].clone()))
+                let i = least_loaded(pool.len(), turn, |i| load(&pool[i]))
+                    .ok_or(DeliveryFailure::NoSuchService)?;
+                Ok(Resolution::One(pool[i].clone()))
             }
             TargetRef::All => Ok(Resolution::Many(
                 self.nodes
@@ -264,6 +258,28 @@ impl RoutingTable {
             )),
         }
     }
+}
+
+/// `AnyOf`'s choice among `n` candidates: the least loaded (`load(i)`),
+/// the first found from a start that moves with `turn`, so that ties
+/// rotate. `None` when there is no candidate. The routing table and the
+/// connections' route caches both choose with it.
+pub(crate) fn least_loaded(n: usize, turn: usize, load: impl Fn(usize) -> usize) -> Option<usize> {
+    if n == 0 {
+        return None;
+    }
+    let start = turn % n;
+    let mut best = start;
+    let mut best_load = load(start);
+    for k in 1..n {
+        let i = (start + k) % n;
+        let l = load(i);
+        if l < best_load {
+            best = i;
+            best_load = l;
+        }
+    }
+    Some(best)
 }
 
 #[cfg(test)]
@@ -375,6 +391,32 @@ mod tests {
             t.resolve_node(&Target::All),
             Err(DeliveryFailure::UnknownTarget)
         );
+    }
+
+    #[test]
+    fn least_loaded_table() {
+        // (loads, turns, the choices)
+        let cases: Vec<(&str, Vec<usize>, Vec<usize>)> = vec![
+            ("ties rotate", vec![0, 0, 0], vec![0, 1, 2, 0]),
+            (
+                "the least loaded wins from any start",
+                vec![5, 0, 5],
+                vec![1, 1, 1],
+            ),
+            (
+                "ties among the least rotate",
+                vec![1, 0, 3, 0],
+                vec![1, 1, 3, 3, 1],
+            ),
+            ("one candidate", vec![9], vec![0, 0]),
+        ];
+        for (name, loads, expected) in cases {
+            let got: Vec<usize> = (0..expected.len())
+                .map(|turn| least_loaded(loads.len(), turn, |i| loads[i]).expect("some"))
+                .collect();
+            assert_eq!(got, expected, "{name}");
+        }
+        assert_eq!(least_loaded(0, 3, |_| 0), None);
     }
 
     #[test]
