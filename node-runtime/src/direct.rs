@@ -20,7 +20,7 @@ use transports::frame::FrameCodec;
 use transports::frame::{peek_cached, BodyArena, NameCache, Peeked};
 use transports::handshake::{self, HandshakeError};
 use transports::protocol::{Header, NodeId, Welcome, PROTOCOL_VERSION};
-use transports::{out_queue, FrameReader, OutFrame, OutQueue};
+use transports::{out_queue, FrameReader, Lane, OutFrame, OutQueue};
 
 use crate::connection::{
     complete, deliver_later, deliver_now, handle_ack, handle_acks, AckBatch, InboxCache, Received,
@@ -434,7 +434,7 @@ pub(crate) async fn idle_sweeper(inner: Arc<Inner>) {
             if now.saturating_sub(last_probe) >= probe_every {
                 let _ = conn
                     .queue
-                    .try_push_control(OutFrame::control(Header::Ping { nonce }));
+                    .try_push(OutFrame::control(Header::Ping { nonce }), Lane::Control);
             }
             if conn.kind != ChannelKind::Lazy {
                 continue;
@@ -446,7 +446,7 @@ pub(crate) async fn idle_sweeper(inner: Arc<Inner>) {
                 inner.activation().forget(&conn.peer);
                 if conn
                     .queue
-                    .try_push_control(OutFrame::control(Header::Goodbye))
+                    .try_push(OutFrame::control(Header::Goodbye), Lane::Control)
                     .is_err()
                 {
                     conn.queue.close();
@@ -611,7 +611,7 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
         };
         match header {
             Header::Ping { nonce } => {
-                let _ = queue.try_push_control(OutFrame::control(Header::Pong { nonce }));
+                let _ = queue.try_push(OutFrame::control(Header::Pong { nonce }), Lane::Control);
             }
             Header::Goodbye => break,
             other => {
@@ -627,5 +627,5 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
     acks.flush_now();
     tracing::debug!("inbound channel stopped");
     // A goodbye back lets the opener tell a planned stop from a break.
-    let _ = queue.try_push_control(OutFrame::control(Header::Goodbye));
+    let _ = queue.try_push(OutFrame::control(Header::Goodbye), Lane::Control);
 }

@@ -7,17 +7,23 @@
 //! them). A push takes the lock once and wakes the writer only if it sleeps;
 //! a small frame is encoded right then into the queue's staging buffer (see
 //! [`STAGE_UP_TO_BYTES`]), so the writer finds it ready to write; the
-//! writer takes everything queued in one swap. Data frames and control
-//! frames are treated differently when it is full:
+//! writer takes everything queued in one swap.
 //!
-//! - [`OutQueue::try_push_data`] never waits: it fails with
-//!   [`PushError::Full`] so that the caller can answer the sender with an
-//!   error. A share of the frame slots is kept free for control frames.
-//! - [`OutQueue::push_data`] waits for room in frames and bytes (a node's own
-//!   sends: back-pressure instead of growth); waiting senders are served in
-//!   the order they came, and nobody overtakes them.
-//! - [`OutQueue::push_control`] waits for a frame slot only; control frames
-//!   are small and must not be lost.
+//! Frames are pushed in one of two [`Lane`]s, treated differently when the
+//! queue is full: data is bounded in frames and bytes, and its waiting
+//! senders are served in the order they came; control frames need only a
+//! frame slot (a share of the slots is kept for them) and must not be
+//! lost. Five ways in:
+//!
+//! - [`OutQueue::try_push`] never waits: it fails with [`PushError::Full`]
+//!   so that the caller can answer the sender with an error.
+//! - [`OutQueue::push`] waits for room as long as its [`Wait`] allows (a
+//!   node's own sends: back-pressure instead of growth).
+//! - [`OutQueue::push_within`] waits a bounded time for a consumer that may
+//!   be slow, and marks the queue congested when it does not keep up.
+//! - [`OutQueue::try_push_message`] and [`OutQueue::try_push_raw`] stage a
+//!   small message given by reference, never building its frame: the hot
+//!   paths, which fall back to the others when they cannot.
 //!
 //! # Layout
 //!
@@ -34,7 +40,7 @@ mod reader;
 mod staging;
 mod writer;
 
-pub use queue::{out_queue, OutQueue, OutReceiver, PushError, Wakes, WeakOutQueue};
+pub use queue::{out_queue, Lane, OutQueue, OutReceiver, PushError, Wait, Wakes, WeakOutQueue};
 pub use reader::{FrameReader, EXACT_BUFFER_FROM_BYTES, READ_CHUNK_BYTES};
 pub use staging::STAGE_UP_TO_BYTES;
 pub use writer::{

@@ -244,7 +244,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 mod tests {
     use super::*;
     use crate::frame::{encode_header, OutFrame};
-    use crate::io::{out_queue, run_writer};
+    use crate::io::{out_queue, run_writer, Lane, Wait};
     use crate::protocol::Header;
 
     /// Frames that one read brought come out without awaiting; past them
@@ -293,10 +293,14 @@ mod tests {
         let expected = bodies.clone();
         let feeder = tokio::spawn(async move {
             for (i, body) in bodies.into_iter().enumerate() {
-                q.push_data(OutFrame::Parts {
-                    header: Header::Subscribed { token: i as u64 },
-                    body,
-                })
+                q.push(
+                    OutFrame::Parts {
+                        header: Header::Subscribed { token: i as u64 },
+                        body,
+                    },
+                    Lane::Data,
+                    Wait::Forever,
+                )
                 .await
                 .expect("queued");
             }

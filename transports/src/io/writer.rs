@@ -252,7 +252,7 @@ mod tests {
 
     use super::*;
     use crate::frame::FrameCodec;
-    use crate::io::{out_queue, FrameReader};
+    use crate::io::{out_queue, FrameReader, Lane, Wait};
 
     #[tokio::test]
     async fn writer_batches_and_reader_reads_back() {
@@ -266,10 +266,14 @@ mod tests {
             } else {
                 Bytes::from(vec![i as u8; 10])
             };
-            q.push_data(OutFrame::Parts {
-                header: Header::Subscribed { token: i },
-                body,
-            })
+            q.push(
+                OutFrame::Parts {
+                    header: Header::Subscribed { token: i },
+                    body,
+                },
+                Lane::Data,
+                Wait::Forever,
+            )
             .await
             .expect("queued");
         }
@@ -348,11 +352,11 @@ mod tests {
             let frame = || OutFrame::control(Header::Subscribed { token: 1 });
             // Let the writer start waiting.
             tokio::task::yield_now().await;
-            q.try_push_data(frame()).expect("room");
+            q.try_push(frame(), Lane::Data).expect("room");
             // The writer takes the one frame, and (coalescing) waits a turn.
             tokio::task::yield_now().await;
             for _ in 0..9 {
-                q.try_push_data(frame()).expect("room");
+                q.try_push(frame(), Lane::Data).expect("room");
             }
             while q.queued_frames() > 0 {
                 tokio::task::yield_now().await;
