@@ -17,10 +17,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use transports::frame::{encode_header, FrameCodec, HANDSHAKE_MAX_FRAME_BYTES};
+use transports::frame::{FrameCodec, HANDSHAKE_MAX_FRAME_BYTES};
 use transports::handshake::{self, HandshakeError};
 use transports::protocol::{Hello, RefusalReason, Welcome};
 use transports::{write_queue, Config, FrameReader, OutFrame, OutReceiver, WriteEnd};
@@ -177,13 +175,11 @@ async fn run_link(
 ) -> LinkEnd {
     if !prelude.is_empty() {
         tracing::info!(messages = prelude.len(), "resending what awaits an outcome");
-        if let Err(e) = write_all_frames(&mut link.writer, prelude, link.max_frame).await {
-            return LinkEnd::Lost(format!("resending: {e}"));
-        }
     }
     let reading = read_frames(inner, &mut link.reader);
     let silent = inner.link_dead.notified();
-    let writing = write_queue(&mut link.writer, rx, link.max_frame);
+    // What is resent goes out first, then the queue.
+    let writing = write_queue(&mut link.writer, rx, link.max_frame, prelude);
     let probing = probe_primary(inner, link.index);
     tokio::pin!(reading, writing, probing);
     // `None`: the writer is still running and may flush a goodbye.
@@ -202,32 +198,6 @@ async fn run_link(
         let _ = tokio::time::timeout(Duration::from_secs(1), &mut writing).await;
     }
     end
-}
-
-async fn write_all_frames(
-    writer: &mut OwnedWriteHalf,
-    frames: Vec<OutFrame>,
-    max_frame: usize,
-) -> Result<(), transports::FrameError> {
-    let mut buf = BytesMut::new();
-    for frame in frames {
-        if let OutFrame::Parts { header, body } = frame {
-            encode_header(&header, body.len(), max_frame, &mut buf)?;
-            if body.len() > 64 * 1024 {
-                writer.write_all(&buf).await?;
-                buf.clear();
-                writer.write_all(&body).await?;
-            } else {
-                buf.extend_from_slice(&body);
-            }
-        }
-        if buf.len() > 256 * 1024 {
-            writer.write_all(&buf).await?;
-            buf.clear();
-        }
-    }
-    writer.write_all(&buf).await?;
-    Ok(())
 }
 
 /// Resolves when the primary answers while this link is to a standby.

@@ -6,6 +6,7 @@ use std::io::IoSlice;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
 
 use super::queue::{OutReceiver, Queued};
 use super::READ_CHUNK_BYTES;
@@ -39,6 +40,9 @@ pub enum WriteEnd {
     Closed,
 }
 
+/// A prelude is written in batches of about this many payload bytes.
+const PRELUDE_BATCH_BYTES: usize = 256 * 1024;
+
 /// Gives back what a batch held when it is done, also if the writing
 /// future is dropped half-way.
 struct Release<'a> {
@@ -53,9 +57,15 @@ impl Drop for Release<'_> {
     }
 }
 
-/// Drains `rx` into `io` until every [`OutQueue`](super::OutQueue) is dropped or a
-/// [`Header::Goodbye`] was written (then flushes and shuts the write side
-/// down), or [`OutQueue::close`](super::OutQueue::close) is called (then stops at once).
+/// Drains `rx` into `io` until every [`OutQueue`](super::OutQueue) is
+/// dropped or a [`Header::Goodbye`] was written (then flushes and shuts the
+/// write side down), or [`OutQueue::close`](super::OutQueue::close) is
+/// called (then stops at once).
+///
+/// The frames of `prelude` go first, before anything queued, encoded and
+/// checked as queued frames are and written in batches; they hold no room
+/// in the queue. A reconnected link resends through it what awaits an
+/// outcome.
 ///
 /// Each batch (everything queued when the writer looks) goes out in as few
 /// vectored writes as the kernel takes: headers and small bodies are copied
@@ -73,19 +83,31 @@ impl Drop for Release<'_> {
 ///
 /// # Cancel safety
 ///
-/// Dropping the future loses the batch being written, nothing else.
+/// Dropping the future loses the batch being written and what is left of
+/// the prelude, nothing else.
 pub async fn write_queue<W: AsyncWrite + Unpin>(
     io: &mut W,
     rx: &mut OutReceiver,
     max_frame: usize,
+    prelude: Vec<OutFrame>,
 ) -> Result<WriteEnd, FrameError> {
-    let mut batch = VecDeque::new();
-    let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
-    let mut chunks: VecDeque<Bytes> = VecDeque::new();
     let closed = rx.closed();
     // Frames staged from now on are checked against this connection's
     // limit as they are queued.
     rx.set_max_frame(max_frame);
+    let mut out = Encoder::new(max_frame);
+    let mut prelude = prelude.into_iter().peekable();
+    while prelude.peek().is_some() {
+        let mut bytes = 0;
+        while let Some(frame) = prelude.next_if(|_| bytes < PRELUDE_BATCH_BYTES) {
+            bytes += frame.payload_len();
+            out.add(Queued::Frame(frame));
+        }
+        if let Some(end) = out.write(io, &closed).await? {
+            return Ok(end);
+        }
+    }
+    let mut batch = VecDeque::new();
     // Coalescing (see `OutReceiver::coalesce_small_batches`): waits left
     // that may gather nothing, and small batches seen.
     let mut credit = COALESCE_CREDIT;
@@ -120,76 +142,116 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
             permits: 0,
             data_slots: 0,
         };
-        let mut goodbye = false;
         for item in batch.drain(..) {
             release.permits += item.permits;
             release.data_slots += item.data;
-            if goodbye {
-                // Nothing follows a goodbye.
-                continue;
-            }
-            let frame = match item.what {
-                Queued::Framed(bytes) => {
-                    // Encoded when queued: written as it is.
-                    if !buf.is_empty() {
-                        chunks.push_back(buf.split().freeze());
-                    }
-                    chunks.push_back(bytes);
-                    continue;
-                }
-                Queued::Frame(frame) => frame,
-            };
-            if let OutFrame::Parts {
-                header: Header::Goodbye,
-                ..
-            } = &frame
-            {
-                goodbye = true;
-            }
-            let body = match frame {
-                OutFrame::Parts { header, body } => {
-                    if let Err(e) = encode_header(&header, body.len(), max_frame, &mut buf) {
-                        tracing::error!(error = %e, kind = header.kind(), "dropping frame that cannot be encoded");
-                        continue;
-                    }
-                    body
-                }
-                OutFrame::Raw(raw) => {
-                    if raw.len() > max_frame || raw.is_empty() {
-                        tracing::error!(
-                            len = raw.len(),
-                            max_frame,
-                            "dropping raw frame outside the limit"
-                        );
-                        continue;
-                    }
-                    buf.reserve(LENGTH_PREFIX_BYTES);
-                    buf.put_u32(raw.len() as u32);
-                    raw
-                }
-            };
-            if body.len() >= VECTORED_MIN_BYTES {
-                chunks.push_back(buf.split().freeze());
-                chunks.push_back(body);
-            } else {
-                buf.extend_from_slice(&body);
-            }
+            out.add(item.what);
         }
-        if !buf.is_empty() {
-            chunks.push_back(buf.split().freeze());
+        let end = out.write(io, &closed).await;
+        drop(release);
+        if let Some(end) = end? {
+            return Ok(end);
+        }
+    }
+}
+
+/// A batch of frames encoded for writing, in order: headers and small
+/// bodies copied into one buffer, staged chunks and large bodies kept as
+/// they are.
+struct Encoder {
+    /// The frames' limit on this connection.
+    max_frame: usize,
+    /// Small pieces, copied.
+    buf: BytesMut,
+    /// What is ready to write, in order.
+    chunks: VecDeque<Bytes>,
+    /// A goodbye was added: nothing after it is written.
+    goodbye: bool,
+}
+
+impl Encoder {
+    fn new(max_frame: usize) -> Self {
+        Encoder {
+            max_frame,
+            buf: BytesMut::with_capacity(READ_CHUNK_BYTES),
+            chunks: VecDeque::new(),
+            goodbye: false,
+        }
+    }
+
+    /// Adds what an entry holds. A frame that cannot be encoded within the
+    /// limit is logged and skipped.
+    fn add(&mut self, what: Queued) {
+        if self.goodbye {
+            // Nothing follows a goodbye.
+            return;
+        }
+        let frame = match what {
+            Queued::Framed(bytes) => {
+                // Encoded when queued: written as it is.
+                if !self.buf.is_empty() {
+                    self.chunks.push_back(self.buf.split().freeze());
+                }
+                self.chunks.push_back(bytes);
+                return;
+            }
+            Queued::Frame(frame) => frame,
+        };
+        let max_frame = self.max_frame;
+        let body = match frame {
+            OutFrame::Parts { header, body } => {
+                self.goodbye = matches!(header, Header::Goodbye);
+                if let Err(e) = encode_header(&header, body.len(), max_frame, &mut self.buf) {
+                    tracing::error!(error = %e, kind = header.kind(), "dropping frame that cannot be encoded");
+                    return;
+                }
+                body
+            }
+            OutFrame::Raw(raw) => {
+                if raw.len() > max_frame || raw.is_empty() {
+                    tracing::error!(
+                        len = raw.len(),
+                        max_frame,
+                        "dropping raw frame outside the limit"
+                    );
+                    return;
+                }
+                self.buf.reserve(LENGTH_PREFIX_BYTES);
+                self.buf.put_u32(raw.len() as u32);
+                raw
+            }
+        };
+        if body.len() >= VECTORED_MIN_BYTES {
+            self.chunks.push_back(self.buf.split().freeze());
+            self.chunks.push_back(body);
+        } else {
+            self.buf.extend_from_slice(&body);
+        }
+    }
+
+    /// Writes everything added, then flushes; after a goodbye, shuts the
+    /// write side down. How the writer ends, if it does: closed meanwhile,
+    /// or finished with the goodbye.
+    async fn write<W: AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut W,
+        closed: &CancellationToken,
+    ) -> Result<Option<WriteEnd>, FrameError> {
+        if !self.buf.is_empty() {
+            self.chunks.push_back(self.buf.split().freeze());
         }
         let written = tokio::select! {
             biased;
-            _ = closed.cancelled() => return Ok(WriteEnd::Closed),
-            w = write_chunks(io, &mut chunks) => w,
+            _ = closed.cancelled() => return Ok(Some(WriteEnd::Closed)),
+            w = write_chunks(io, &mut self.chunks) => w,
         };
-        drop(release);
-        chunks.clear();
+        self.chunks.clear();
         written?;
-        if goodbye {
+        if self.goodbye {
             io.shutdown().await?;
-            return Ok(WriteEnd::Finished);
+            return Ok(Some(WriteEnd::Finished));
         }
+        Ok(None)
     }
 }
 
@@ -204,7 +266,7 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
     mut rx: OutReceiver,
     max_frame: usize,
 ) -> Result<(), FrameError> {
-    let result = write_queue(&mut io, &mut rx, max_frame).await;
+    let result = write_queue(&mut io, &mut rx, max_frame, Vec::new()).await;
     // Dropping the receiver closes the queue for its senders.
     drop(rx);
     result.map(|_| ())
@@ -253,6 +315,52 @@ mod tests {
     use super::*;
     use crate::frame::FrameCodec;
     use crate::io::{out_queue, FrameReader, Lane, Wait};
+
+    fn subscribed(token: u64, len: usize) -> OutFrame {
+        OutFrame::Parts {
+            header: Header::Subscribed { token },
+            body: Bytes::from(vec![token as u8; len]),
+        }
+    }
+
+    /// A prelude goes out before what was queued, in order (over several
+    /// batches), its frames checked against the limit as queued ones are
+    /// (one too large is skipped); it holds no room in the queue.
+    #[tokio::test]
+    async fn the_prelude_goes_out_first_and_is_checked_like_queued_frames() {
+        let max_frame = 64 * 1024;
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (q, mut rx) = out_queue(64, 1 << 20);
+        for token in 100..103 {
+            q.try_push(subscribed(token, 10), Lane::Data).expect("room");
+        }
+        let len = |token| match token {
+            7 => max_frame + 1,
+            t if t < 40 && t % 2 == 0 => 20_000,
+            _ => 10,
+        };
+        let prelude = (0..40).map(|t| subscribed(t, len(t))).collect();
+        let writer = tokio::spawn(async move {
+            let mut client = client;
+            let end = write_queue(&mut client, &mut rx, max_frame, prelude).await;
+            (end, rx)
+        });
+        drop(q);
+        let mut reader = FrameReader::new(server, FrameCodec::new(max_frame));
+        let mut got = Vec::new();
+        while let Some(frame) = reader.next().await.expect("frame") {
+            let (header, body) = frame.into_parts();
+            let Header::Subscribed { token } = header else {
+                panic!("unexpected frame {header:?}");
+            };
+            assert_eq!(body.len(), len(token), "frame {token}");
+            got.push(token);
+        }
+        let expected: Vec<u64> = (0..40).filter(|t| *t != 7).chain(100..103).collect();
+        assert_eq!(got, expected);
+        let (end, _rx) = writer.await.expect("join");
+        assert_eq!(end.expect("written"), WriteEnd::Finished);
+    }
 
     #[tokio::test]
     async fn writer_batches_and_reader_reads_back() {
