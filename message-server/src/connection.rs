@@ -19,7 +19,9 @@ use transports::protocol::{
     MemberInfo, MessageKind, MessageRef, NodeId, RefusalReason, Routed, Target, TargetRef,
     MAX_NAMES_PER_NODE,
 };
-use transports::{out_queue, FrameError, FrameReader, OutFrame, OutQueue, PushError, WeakOutQueue};
+use transports::{
+    out_queue, FrameError, FrameReader, Lane, OutFrame, OutQueue, PushError, Wait, WeakOutQueue,
+};
 
 use crate::counters::Counters;
 use crate::registry::{broadcast_locked, hold, register, unregister, warming_up, Held, Refused};
@@ -633,11 +635,11 @@ impl Connection {
                     // A small frame is copied straight in; otherwise (a
                     // large frame, or no room) it goes as a buffer of its
                     // own, made once for all receivers.
-                    let pushed = if queue.try_push_raw_later(raw, wakes) {
+                    let pushed = if queue.try_push_raw(raw, Some(&mut *wakes)) {
                         Ok(())
                     } else {
                         let own = owned.get_or_insert_with(|| raw.to_bytes()).clone();
-                        queue.try_push_data(OutFrame::Raw(own))
+                        queue.try_push(OutFrame::Raw(own), Lane::Data)
                     };
                     match pushed {
                         Ok(()) => {
@@ -666,7 +668,7 @@ impl Connection {
                 // room in time is answered for.
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 match queue
-                    .push_data_within(
+                    .push_within(
                         OutFrame::Raw(owned.get_or_insert_with(|| raw.to_bytes()).clone()),
                         left,
                     )
@@ -824,15 +826,8 @@ fn routed(
 /// Queues a control frame, waiting up to `message_server.slow_consumer_ms`;
 /// a consumer that does not make room by then is cut off.
 async fn push_control_bounded(shared: &Shared, to: &NodeId, queue: &OutQueue, frame: OutFrame) {
-    let frame = match queue.try_push_control(frame) {
-        Err(PushError::Full(frame)) => *frame,
-        Ok(()) | Err(_) => return,
-    };
     let limit = Duration::from_millis(shared.config.message_server.slow_consumer_ms);
-    if tokio::time::timeout(limit, queue.push_control(frame))
-        .await
-        .is_err()
-    {
+    if let Err(PushError::Full(_)) = queue.push(frame, Lane::Control, Wait::For(limit)).await {
         tracing::warn!(node = %to, "cutting off slow consumer: control frame waited too long");
         Counters::add(&shared.counters.slow_consumers, 1);
         queue.close();

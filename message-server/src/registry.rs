@@ -18,7 +18,7 @@ use transports::protocol::{
     DeliveryFailure, Header, LeaveReason, MemberEvent, MemberInfo, NodeId, Routed, Welcome,
     PROTOCOL_VERSION,
 };
-use transports::{OutFrame, OutQueue, PushError};
+use transports::{Lane, OutFrame, OutQueue, PushError};
 
 use crate::counters::Counters;
 use crate::server::{ConnHandle, Shared, State};
@@ -78,7 +78,7 @@ pub(crate) fn register(
         heartbeat_addr: shared.heartbeat_addr,
     });
     // The queue is new and empty: this cannot fail for lack of room.
-    if let Err(e) = queue.try_push_control(OutFrame::control(welcome)) {
+    if let Err(e) = queue.try_push(OutFrame::control(welcome), Lane::Control) {
         tracing::error!(error = %e, "could not queue welcome");
     }
     let event = Header::Member(MemberEvent::Joined(me.clone()));
@@ -98,7 +98,7 @@ pub(crate) fn register(
     let held = state.held.by_target.remove(&me.id).unwrap_or_default();
     for h in held {
         state.held.bytes -= h.raw.len();
-        if queue.try_push_data(OutFrame::Raw(h.raw)).is_err() {
+        if queue.try_push(OutFrame::Raw(h.raw), Lane::Data).is_err() {
             tracing::error!(node = %me.id, sender = %h.sender, seq = h.seq, "held message did not fit the new queue");
         }
     }
@@ -184,7 +184,7 @@ pub(crate) fn broadcast_locked(
     for (id, conn) in conns {
         match conn
             .queue
-            .try_push_control(OutFrame::control(event.clone()))
+            .try_push(OutFrame::control(event.clone()), Lane::Control)
         {
             Ok(()) | Err(PushError::Closed(_)) => {}
             Err(_) => {
@@ -211,7 +211,10 @@ pub(crate) fn warming_up(shared: &Shared) -> bool {
 pub(crate) fn hold(shared: &Shared, target: &NodeId, held: Held) -> Result<(), Held> {
     let mut state = shared.write();
     if let Some(conn) = state.conns.get(target) {
-        return match conn.queue.try_push_data(OutFrame::Raw(held.raw.clone())) {
+        return match conn
+            .queue
+            .try_push(OutFrame::Raw(held.raw.clone()), Lane::Data)
+        {
             Ok(()) => Ok(()),
             Err(_) => Err(held),
         };
@@ -268,7 +271,7 @@ pub(crate) fn expire_held(shared: &Shared) -> usize {
             });
             if conn
                 .queue
-                .try_push_control(OutFrame::control(routed))
+                .try_push(OutFrame::control(routed), Lane::Control)
                 .is_err()
             {
                 tracing::warn!(sender = %h.sender, "could not answer for an expired held message");

@@ -17,7 +17,7 @@ use transports::protocol::{
     same_name, Ack, AckRef, AckStatus, Acks, DeliveryFailure, Header, MessageKind, MessageRef,
     NodeId, Routed,
 };
-use transports::{Frame, FrameReader, OutFrame, OutQueue};
+use transports::{Frame, FrameReader, Lane, OutFrame, OutQueue, Wait};
 
 use crate::counters::Counters;
 
@@ -254,9 +254,7 @@ impl AckBatch {
     pub(crate) async fn flush(&mut self) {
         // Waiting here waits only for this node's own outgoing socket.
         if let Some(frame) = self.take_frame() {
-            if let Err(transports::PushError::Full(frame)) = self.queue.try_push_control(frame) {
-                let _ = self.queue.push_control(*frame).await;
-            }
+            let _ = self.queue.push(frame, Lane::Control, Wait::Forever).await;
         }
     }
 
@@ -264,7 +262,7 @@ impl AckBatch {
     /// of a reader that stops, or whose future is dropped (see `Drop`).
     pub(crate) fn flush_now(&mut self) {
         if let Some(frame) = self.take_frame() {
-            if self.queue.try_push_control(frame).is_err() {
+            if self.queue.try_push(frame, Lane::Control).is_err() {
                 tracing::warn!(
                     to = ?self.to,
                     "acknowledgements lost: the outgoing queue is full or closed"
@@ -711,9 +709,7 @@ impl Answer {
             status,
         }));
         // Waiting here waits only for this node's own outgoing socket.
-        if let Err(transports::PushError::Full(frame)) = queue.try_push_control(ack) {
-            let _ = queue.push_control(*frame).await;
-        }
+        let _ = queue.push(ack, Lane::Control, Wait::Forever).await;
     }
 }
 
@@ -895,7 +891,7 @@ async fn unsubscribe_now(inner: &Inner, service: &str) {
         let frame = OutFrame::control(Header::Unsubscribe {
             service: service.to_string(),
         });
-        let _ = inner.queue.push_control(frame).await;
+        let _ = inner.queue.push(frame, Lane::Control, Wait::Forever).await;
     }
 }
 

@@ -20,7 +20,7 @@ use transports::frame::FrameCodec;
 use transports::frame::{peek_cached, BodyArena, NameCache, Peeked};
 use transports::handshake::{self, HandshakeError};
 use transports::protocol::{Header, NodeId, Welcome, PROTOCOL_VERSION};
-use transports::{out_queue, FrameReader, OutFrame, OutQueue};
+use transports::{out_queue, FrameReader, Lane, OutFrame, OutQueue};
 
 use crate::connection::{
     deliver_later, deliver_now, handle_ack, handle_acks, AckBatch, InboxCache, Received,
@@ -386,7 +386,7 @@ pub(crate) async fn idle_sweeper(inner: Arc<Inner>) {
                     inner.core.lock().handle_channel_idle(&conn.peer);
                     if conn
                         .queue
-                        .try_push_control(OutFrame::control(Header::Goodbye))
+                        .try_push(OutFrame::control(Header::Goodbye), Lane::Control)
                         .is_err()
                     {
                         conn.queue.close();
@@ -395,7 +395,7 @@ pub(crate) async fn idle_sweeper(inner: Arc<Inner>) {
                 Verdict::Keep if probe => {
                     let _ = conn
                         .queue
-                        .try_push_control(OutFrame::control(Header::Ping { nonce }));
+                        .try_push(OutFrame::control(Header::Ping { nonce }), Lane::Control);
                 }
                 Verdict::Keep => {}
             }
@@ -549,7 +549,7 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
         };
         match header {
             Header::Ping { nonce } => {
-                let _ = queue.try_push_control(OutFrame::control(Header::Pong { nonce }));
+                let _ = queue.try_push(OutFrame::control(Header::Pong { nonce }), Lane::Control);
             }
             Header::Goodbye => break,
             other => {
@@ -565,5 +565,5 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
     acks.flush_now();
     tracing::debug!("inbound channel stopped");
     // A goodbye back lets the opener tell a planned stop from a break.
-    let _ = queue.try_push_control(OutFrame::control(Header::Goodbye));
+    let _ = queue.try_push(OutFrame::control(Header::Goodbye), Lane::Control);
 }

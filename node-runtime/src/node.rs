@@ -18,7 +18,7 @@ use transports::protocol::{
     DeliveryFailure, Header, Hello, MemberEvent, MemberInfo, MessageHeader, MessageKind,
     MessageRef, NodeId, Target, TargetRef,
 };
-use transports::{OutFrame, OutQueue};
+use transports::{Lane, OutFrame, OutQueue, PushError, Wait};
 
 use crate::builder::NodeBuilder;
 use crate::connection::{late_failure, pump, ServiceQueue};
@@ -226,7 +226,12 @@ impl Inner {
         self.core.timers.notify_one();
         self.dispatch(out.events);
         for frame in resend_frames(out.transmits) {
-            if self.queue.push_data(frame).await.is_err() {
+            if self
+                .queue
+                .push(frame, Lane::Data, Wait::Forever)
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -382,19 +387,14 @@ impl Inner {
         deadline: Instant,
     ) -> Result<(), SendError> {
         // Room at once, usually: no timer, no waiting future.
-        match self.queue.try_push_room(frame) {
+        match self
+            .queue
+            .push(frame, Lane::Data, Wait::Until(deadline))
+            .await
+        {
             Ok(()) => Ok(()),
-            Err(frame) => Box::pin(self.enqueue_waiting(frame, deadline)).await,
-        }
-    }
-
-    /// [`Inner::enqueue`] when the queue is full: waits for room by
-    /// `deadline`.
-    async fn enqueue_waiting(&self, frame: OutFrame, deadline: Instant) -> Result<(), SendError> {
-        match tokio::time::timeout_at(deadline, self.queue.push_data(frame)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(self.closed_error()),
-            Err(_) => Err(SendError::Timeout {
+            Err(PushError::Closed(_)) => Err(self.closed_error()),
+            Err(PushError::Full(_) | PushError::Congested) => Err(SendError::Timeout {
                 after: self.config.send_timeout(),
                 waiting_for: vec![],
             }),
@@ -583,7 +583,7 @@ fn begin_shutdown(inner: &Inner) {
     // stop the writer at once.
     if inner
         .queue
-        .try_push_control(OutFrame::control(Header::Goodbye))
+        .try_push(OutFrame::control(Header::Goodbye), Lane::Control)
         .is_err()
     {
         inner.queue.close();
@@ -722,7 +722,7 @@ impl Node {
         let confirmed = tokio::time::timeout(timeout, async {
             inner
                 .queue
-                .push_control(frame)
+                .push(frame, Lane::Control, Wait::Forever)
                 .await
                 .map_err(|_| NodeError::Disconnected)?;
             done_rx.await.map_err(|_| NodeError::Disconnected)

@@ -14,7 +14,7 @@ use cluster_manager::{Awaiting, Completion, SendError};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use transports::protocol::{valid_name, Header, MessageKind, NodeId, Role, Target, TargetRef};
-use transports::{OutFrame, PushError};
+use transports::{Lane, OutFrame, PushError, Wait};
 
 use crate::counters::Counters;
 use crate::direct::{get_or_open, DirectConn};
@@ -462,23 +462,14 @@ impl Inner {
             let target = TargetRef::Node(peer.as_str());
             let header = self.message_ref(msg.seq, msg.incarnation, target, msg.service, msg.kind);
             let queued = if conn.queue.try_push_message(&header, &msg.body) {
-                Ok(Ok(()))
+                Ok(())
             } else {
                 let frame = self.frame_to(&peer, msg);
-                match conn.queue.try_push_room(frame) {
-                    Ok(()) => Ok(Ok(())),
-                    Err(frame) => {
-                        let deadline = deadline.unwrap_or_else(|| self.deadline());
-                        Box::pin(tokio::time::timeout_at(
-                            deadline,
-                            conn.queue.push_data(frame),
-                        ))
-                        .await
-                    }
-                }
+                let wait = deadline.map_or(Wait::For(self.config.send_timeout()), Wait::Until);
+                conn.queue.push(frame, Lane::Data, wait).await
             };
             return match queued {
-                Ok(Ok(())) => {
+                Ok(()) => {
                     let (messages, bytes) = match conn.kind {
                         ChannelKind::Lazy => {
                             (&self.counters.lazy_messages, &self.counters.lazy_bytes)
@@ -492,8 +483,8 @@ impl Inner {
                     Counters::add(bytes, body_len);
                     Ok(())
                 }
-                Ok(Err(PushError::Closed(_))) | Ok(Err(_)) => Err(SendError::Disconnected),
-                Err(_) => Err(SendError::Timeout {
+                Err(PushError::Closed(_)) => Err(SendError::Disconnected),
+                Err(PushError::Full(_) | PushError::Congested) => Err(SendError::Timeout {
                     after: self.config.send_timeout(),
                     waiting_for: vec![peer.clone()],
                 }),
@@ -536,7 +527,7 @@ impl Inner {
         });
         let answer = tokio::time::timeout_at(deadline, async {
             self.queue
-                .push_control(frame)
+                .push(frame, Lane::Control, Wait::Forever)
                 .await
                 .map_err(|_| self.closed_error())?;
             rx.await.map_err(|_| self.closed_error())

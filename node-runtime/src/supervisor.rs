@@ -16,13 +16,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cluster_manager::link::LinkAction;
-
-use bytes::BytesMut;
 use cluster_config::Config;
-use tokio::io::AsyncWriteExt;
+use cluster_manager::link::LinkAction;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use transports::frame::{encode_header, FrameCodec, HANDSHAKE_MAX_FRAME_BYTES};
+use transports::frame::{FrameCodec, HANDSHAKE_MAX_FRAME_BYTES};
 use transports::handshake::{self, HandshakeError};
 use transports::protocol::{Hello, RefusalReason, Welcome};
 use transports::{write_queue, FrameReader, OutFrame, OutReceiver, WriteEnd};
@@ -176,12 +173,9 @@ async fn run_link(
 ) -> LinkEnd {
     if !prelude.is_empty() {
         tracing::info!(messages = prelude.len(), "resending what awaits an outcome");
-        if let Err(e) = write_all_frames(&mut link.writer, prelude, link.max_frame).await {
-            return LinkEnd::Lost(format!("resending: {e}"));
-        }
     }
     let reading = read_frames(inner, &mut link.reader);
-    let writing = write_queue(&mut link.writer, rx, link.max_frame);
+    let writing = write_queue(&mut link.writer, rx, link.max_frame, prelude);
     let watching = watch_link(inner);
     tokio::pin!(reading, writing, watching);
     // `None`: the writer is still running and may flush a goodbye.
@@ -199,32 +193,6 @@ async fn run_link(
         let _ = tokio::time::timeout(Duration::from_secs(1), &mut writing).await;
     }
     end
-}
-
-async fn write_all_frames(
-    writer: &mut OwnedWriteHalf,
-    frames: Vec<OutFrame>,
-    max_frame: usize,
-) -> Result<(), transports::FrameError> {
-    let mut buf = BytesMut::new();
-    for frame in frames {
-        if let OutFrame::Parts { header, body } = frame {
-            encode_header(&header, body.len(), max_frame, &mut buf)?;
-            if body.len() > 64 * 1024 {
-                writer.write_all(&buf).await?;
-                buf.clear();
-                writer.write_all(&body).await?;
-            } else {
-                buf.extend_from_slice(&body);
-            }
-        }
-        if buf.len() > 256 * 1024 {
-            writer.write_all(&buf).await?;
-            buf.clear();
-        }
-    }
-    writer.write_all(&buf).await?;
-    Ok(())
 }
 
 /// Watches the link's deadlines ([`cluster_manager::link::LinkState`]): resolves when the server

@@ -26,7 +26,7 @@ mod wire;
 pub use frame::{Frame, FrameCodec, FrameError, OutFrame};
 pub use handshake::HandshakeError;
 pub use io::{
-    out_queue, run_writer, write_queue, FrameReader, OutQueue, OutReceiver, PushError, Wakes,
-    WeakOutQueue, WriteEnd,
+    out_queue, run_writer, write_queue, FrameReader, Lane, OutQueue, OutReceiver, PushError, Wait,
+    Wakes, WeakOutQueue, WriteEnd,
 };
 pub use protocol::{Header, NodeId, Target};

@@ -1,0 +1,49 @@
+//! The two halves of a connection: a frame reader, and a bounded outgoing
+//! queue drained by one writer task that puts many frames into each
+//! syscall.
+//!
+//! The queue is one lock around a deque, bounded in queued frames, in data
+//! frames and in payload bytes (both given back once the writer has written
+//! them). A push takes the lock once and wakes the writer only if it sleeps;
+//! a small frame is encoded right then into the queue's staging buffer (see
+//! [`STAGE_UP_TO_BYTES`]), so the writer finds it ready to write; the
+//! writer takes everything queued in one swap.
+//!
+//! Frames are pushed in one of two [`Lane`]s, treated differently when the
+//! queue is full: data is bounded in frames and bytes, and its waiting
+//! senders are served in the order they came; control frames need only a
+//! frame slot (a share of the slots is kept for them) and must not be
+//! lost. Five ways in:
+//!
+//! - [`OutQueue::try_push`] never waits: it fails with [`PushError::Full`]
+//!   so that the caller can answer the sender with an error.
+//! - [`OutQueue::push`] waits for room as long as its [`Wait`] allows (a
+//!   node's own sends: back-pressure instead of growth).
+//! - [`OutQueue::push_within`] waits a bounded time for a consumer that may
+//!   be slow, and marks the queue congested when it does not keep up.
+//! - [`OutQueue::try_push_message`] and [`OutQueue::try_push_raw`] stage a
+//!   small message given by reference, never building its frame: the hot
+//!   paths, which fall back to the others when they cannot.
+//!
+//! # Layout
+//!
+//! - `reader`: [`FrameReader`], frames read from one half of a connection.
+//! - `queue`: [`OutQueue`] and its [`OutReceiver`], the bounds and who
+//!   waits for room.
+//! - `staging`: small frames encoded into the queue's staging buffer as
+//!   they are queued.
+//! - `writer`: [`write_queue`] and [`run_writer`], the task that drains a
+//!   queue into its connection.
+
+mod queue;
+mod reader;
+mod staging;
+mod writer;
+
+pub use queue::{out_queue, Lane, OutQueue, OutReceiver, PushError, Wait, Wakes, WeakOutQueue};
+pub use reader::{FrameReader, EXACT_BUFFER_FROM_BYTES, READ_CHUNK_BYTES};
+pub use staging::STAGE_UP_TO_BYTES;
+pub use writer::{
+    run_writer, write_queue, WriteEnd, COALESCE_BELOW, COALESCE_CREDIT, COALESCE_PROBE_EVERY,
+    VECTORED_MIN_BYTES,
+};

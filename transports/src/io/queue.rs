@@ -1,0 +1,1389 @@
+//! The bounded outgoing queue: the handles that push into it, the receiver
+//! its writer drains, and who gets room when it is full.
+//!
+//! Every push takes the queue's lock once. A frame goes in one of two
+//! [`Lane`]s: data is bounded in frames (less a reserve kept for control
+//! frames) and in payload bytes, and data senders that wait for room are
+//! served in the order they came (each holds a ticket; only the first in
+//! line may take room, and nobody overtakes the line); control needs only a
+//! frame slot. Room is given back when the writer has written what it took
+//! ([`OutReceiver::release`]), and senders waiting for it are woken then.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::staging::{staging, Chunk, Head, Staged, Staging, STAGE_UP_TO_BYTES};
+use crate::frame::OutFrame;
+use crate::protocol::MessageRef;
+
+/// Which bound a frame is queued against, and how it waits for room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    /// Messages: bounded in frames and payload bytes, with a share of the
+    /// frame slots kept free for control frames. A data frame never
+    /// overtakes a data sender already waiting for room; waiting senders
+    /// are served in the order they came.
+    Data,
+    /// The protocol's own frames (answers, acknowledgements, membership,
+    /// a goodbye): small, and not to be lost. A control frame needs only a
+    /// frame slot, may use the slots data may not, and does not queue
+    /// behind waiting data senders.
+    Control,
+}
+
+/// How long [`OutQueue::push`] waits for room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// Until there is room or the queue closes.
+    Forever,
+    /// Until this instant at most.
+    Until(Instant),
+    /// At most this long from when the wait starts: the clock is read only
+    /// if there is no room at once.
+    For(Duration),
+}
+
+impl Wait {
+    /// When a wait that starts now ends, if it does.
+    fn deadline(self) -> Option<Instant> {
+        match self {
+            Wait::Forever => None,
+            Wait::Until(deadline) => Some(deadline),
+            Wait::For(wait) => Instant::now().checked_add(wait),
+        }
+    }
+}
+
+/// Why a frame could not be queued.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    /// The queue is full (and stayed full for as long as the push could
+    /// wait): the receiving end does not keep up. The frame is handed back
+    /// (boxed: errors stay small on the hot path).
+    #[error("outgoing queue full")]
+    Full(Box<OutFrame>),
+    /// The connection is closed; the frame is handed back.
+    #[error("connection closed")]
+    Closed(Box<OutFrame>),
+    /// No room was made within the allowed wait; the consumer is marked
+    /// congested (see [`OutQueue::push_within`]). The frame was dropped.
+    #[error("the receiving end made no room in time")]
+    Congested,
+}
+
+/// The sending side of a connection's outgoing queue. Cheap to clone (one
+/// reference count).
+#[derive(Clone, Debug)]
+pub struct OutQueue {
+    shared: Arc<Senders>,
+}
+
+/// A reference to an [`OutQueue`] that does not keep it open: once every
+/// [`OutQueue`] is gone, [`WeakOutQueue::upgrade`] fails and the writer
+/// finishes. For caches that must not outlive the connection.
+#[derive(Clone, Debug)]
+pub struct WeakOutQueue {
+    shared: std::sync::Weak<Senders>,
+}
+
+impl WeakOutQueue {
+    /// The queue, if some [`OutQueue`] still holds it.
+    pub fn upgrade(&self) -> Option<OutQueue> {
+        self.shared.upgrade().map(|shared| OutQueue { shared })
+    }
+}
+
+/// A queue of at most `frames` frames and about `bytes` payload bytes.
+///
+/// A single frame larger than `bytes` is still accepted when the queue is
+/// otherwise empty, so the byte bound never makes a frame impossible to
+/// send.
+pub fn out_queue(frames: usize, bytes: usize) -> (OutQueue, OutReceiver) {
+    let frames = frames.max(4);
+    let max_bytes = u32::try_from(bytes).unwrap_or(u32::MAX).max(1);
+    let core = Arc::new(Core {
+        state: Mutex::new(State::default()),
+        max_frames: frames,
+        max_data: frames - frames / 8,
+        max_bytes,
+        room: Notify::new(),
+        closed: CancellationToken::new(),
+        is_closed: AtomicBool::new(false),
+        congested: AtomicBool::new(false),
+        queued: AtomicUsize::new(0),
+        max_frame: AtomicUsize::new(u32::MAX as usize),
+    });
+    (
+        OutQueue {
+            shared: Arc::new(Senders { core: core.clone() }),
+        },
+        OutReceiver {
+            core,
+            coalesce: false,
+        },
+    )
+}
+
+impl OutQueue {
+    fn core(&self) -> &Core {
+        &self.shared.core
+    }
+
+    /// Queues `frame` on `lane` if there is room right now, never waiting:
+    /// for a caller that answers a full queue itself (the message server
+    /// tells the sender, or cuts a slow consumer off).
+    ///
+    /// A frame that cannot be encoded within the connection's limit is
+    /// accepted and dropped (logged), as the writer drops one.
+    ///
+    /// # Errors
+    ///
+    /// [`PushError::Full`] when there is no room now (on [`Lane::Data`],
+    /// also when data senders wait before it); [`PushError::Closed`] when
+    /// the writer is gone. The frame is handed back.
+    #[inline]
+    pub fn try_push(&self, frame: OutFrame, lane: Lane) -> Result<(), PushError> {
+        self.core()
+            .try_put(frame, lane)
+            .map_err(Refused::into_error)
+    }
+
+    /// Queues `frame` on `lane`, waiting for room as long as `wait` allows:
+    /// back-pressure instead of growth. A frame that fits at once is
+    /// queued without a timer or a waiting future; one that waits
+    /// allocates its waiting future once, so the caller's stays small.
+    ///
+    /// # Errors
+    ///
+    /// [`PushError::Full`] when the wait ended without room;
+    /// [`PushError::Closed`] when the writer is gone, also while waiting.
+    /// The frame is handed back.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a cancelled call queued nothing, and a data sender
+    /// gives its place in line up to the next.
+    pub async fn push(&self, frame: OutFrame, lane: Lane, wait: Wait) -> Result<(), PushError> {
+        match self.core().try_put(frame, lane) {
+            Ok(()) => Ok(()),
+            Err(Refused::Closed(frame)) => Err(PushError::Closed(Box::new(frame))),
+            Err(Refused::Full(frame)) => Box::pin(self.wait_for_room(frame, lane, wait)).await,
+        }
+    }
+
+    /// Queues a data frame for a consumer that may be slow, waiting at most
+    /// `wait` for room: slows the sender down without stalling it for ever.
+    ///
+    /// When a wait ends without room the queue is marked congested: until
+    /// it has drained below a quarter of its frames and bytes, further
+    /// calls fail at once instead of each waiting again.
+    ///
+    /// # Errors
+    ///
+    /// [`PushError::Congested`] when there was no room in time (the frame is
+    /// dropped), [`PushError::Full`] when the queue is congested and full,
+    /// [`PushError::Closed`] when the writer is gone.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a cancelled call queued nothing.
+    pub async fn push_within(&self, frame: OutFrame, wait: Duration) -> Result<(), PushError> {
+        let core = self.core();
+        if core.congested.load(Ordering::Relaxed) {
+            if core.is_drained() {
+                core.congested.store(false, Ordering::Relaxed);
+            } else {
+                return self.try_push(frame, Lane::Data);
+            }
+        }
+        match self.push(frame, Lane::Data, Wait::For(wait)).await {
+            Err(PushError::Full(_)) => {
+                core.congested.store(true, Ordering::Relaxed);
+                Err(PushError::Congested)
+            }
+            other => other,
+        }
+    }
+
+    /// Queues a message given by reference, without building its frame: its
+    /// header is encoded (the names read in place) and the frame staged if
+    /// its body is small ([`STAGE_UP_TO_BYTES`]), it fits within the
+    /// connection's limit, there is room right now and nobody waits before
+    /// it. Whether it was queued; if not, nothing was, and the caller
+    /// queues the frame the usual way (which reports what went wrong).
+    pub fn try_push_message(&self, header: &MessageRef<'_>, body: &[u8]) -> bool {
+        let core = self.core();
+        if body.len() > STAGE_UP_TO_BYTES || core.is_closed() {
+            return false;
+        }
+        let mut head = Head::new();
+        let Some(encoded) = head.append_message(header) else {
+            return false;
+        };
+        let total = encoded + body.len();
+        if total > core.max_frame() {
+            return false;
+        }
+        head.set_length(total);
+        match core.stage_now(&head, body) {
+            Ok(writer) => {
+                if let Some(writer) = writer {
+                    writer.wake();
+                }
+                true
+            }
+            Err(()) => false,
+        }
+    }
+
+    /// Queues a received frame's contents (everything after the length
+    /// prefix) given by reference, as [`OutFrame::Raw`] would be, if it is
+    /// small ([`STAGE_UP_TO_BYTES`]), fits within the connection's limit,
+    /// there is room right now and nobody waits before it: copied straight
+    /// into the staging buffer, no buffer shared or cloned. Whether it was
+    /// queued; if not, nothing was, and the caller queues the frame the
+    /// usual way (which reports what went wrong).
+    ///
+    /// With `wakes`, a writer found asleep is woken when `wakes` is (or
+    /// when it drops), not at once: a reader that queues many frames in a
+    /// row wakes each writer once for the whole run. That caller wakes
+    /// `wakes` before it waits for anything.
+    pub fn try_push_raw(&self, raw: &[u8], wakes: Option<&mut Wakes>) -> bool {
+        let core = self.core();
+        if raw.is_empty()
+            || raw.len() > STAGE_UP_TO_BYTES
+            || raw.len() > core.max_frame()
+            || core.is_closed()
+        {
+            return false;
+        }
+        let mut head = Head::new();
+        head.set_length(raw.len());
+        match core.stage_now(&head, raw) {
+            Ok(writer) => {
+                if let Some(writer) = writer {
+                    match wakes {
+                        Some(wakes) => wakes.wakers.push(writer),
+                        None => writer.wake(),
+                    }
+                }
+                true
+            }
+            Err(()) => false,
+        }
+    }
+
+    /// The waiting part of [`OutQueue::push`], once `frame` did not fit at
+    /// once.
+    async fn wait_for_room(
+        &self,
+        mut frame: OutFrame,
+        lane: Lane,
+        wait: Wait,
+    ) -> Result<(), PushError> {
+        let core = self.core();
+        let permits = core.permits_on(lane, &frame);
+        let staging = staging(&frame, core.max_frame());
+        let deadline = wait.deadline();
+        let expired = async move {
+            match deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expired);
+        let mut place = Place {
+            core,
+            lane,
+            ticket: None,
+            counted: false,
+        };
+        let mut late = false;
+        loop {
+            let notified = core.room.notified();
+            tokio::pin!(notified);
+            // Registered before looking, so no room made after the look is
+            // missed.
+            notified.as_mut().enable();
+            let look = {
+                let mut state = core.lock();
+                if core.is_closed() {
+                    Look::Closed(frame)
+                } else if place.take_room(&mut state, permits) {
+                    let item = OutItem::frame(frame, permits, lane);
+                    Look::Queued(core.put(&mut state, item, &staging))
+                } else {
+                    Look::Wait(frame)
+                }
+            };
+            frame = match look {
+                Look::Queued(put) => {
+                    put.finish();
+                    return Ok(());
+                }
+                Look::Closed(frame) => return Err(PushError::Closed(Box::new(frame))),
+                Look::Wait(frame) => frame,
+            };
+            if late {
+                return Err(PushError::Full(Box::new(frame)));
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = core.closed.cancelled() => {}
+                // One more look, then give up.
+                _ = &mut expired => late = true,
+            }
+        }
+    }
+
+    /// Whether the consumer was found not keeping up (see
+    /// [`OutQueue::push_within`]).
+    pub fn is_congested(&self) -> bool {
+        self.core().congested.load(Ordering::Relaxed)
+    }
+
+    /// A reference that does not keep the queue open.
+    pub fn downgrade(&self) -> WeakOutQueue {
+        WeakOutQueue {
+            shared: Arc::downgrade(&self.shared),
+        }
+    }
+
+    /// Whether `other` is a handle to this same queue.
+    pub fn same_queue(&self, other: &OutQueue) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
+    /// Frames waiting to be written: a measure of the receiver's load.
+    pub fn queued_frames(&self) -> usize {
+        self.core().queued.load(Ordering::Relaxed)
+    }
+
+    /// Whether the connection's writer has stopped.
+    pub fn is_closed(&self) -> bool {
+        self.core().is_closed()
+    }
+
+    /// Stops the writer without draining: frames still queued are dropped.
+    /// Used to cut off a slow consumer or a misbehaving peer.
+    pub fn close(&self) {
+        self.core().close();
+    }
+
+    /// Resolves once the writer has stopped or [`OutQueue::close`] was called.
+    pub async fn closed(&self) {
+        self.core().closed.cancelled().await;
+    }
+}
+
+/// Writers' wakers held back while a reader queues a run of frames (see
+/// [`OutQueue::try_push_raw`]): each writer found asleep is woken once,
+/// when [`Wakes::wake_all`] is called or the batch drops, instead of once
+/// per frame. The batch grows by at most one waker per queue between two
+/// wakes (a writer's waker is handed out once per sleep).
+#[derive(Debug, Default)]
+pub struct Wakes {
+    wakers: Vec<Waker>,
+}
+
+impl Wakes {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Wakes every writer held back.
+    pub fn wake_all(&mut self) {
+        for waker in self.wakers.drain(..) {
+            waker.wake();
+        }
+    }
+
+    /// Whether no writer is held back.
+    pub fn is_empty(&self) -> bool {
+        self.wakers.is_empty()
+    }
+}
+
+impl Drop for Wakes {
+    fn drop(&mut self) {
+        self.wake_all();
+    }
+}
+
+/// The writer's side of an outgoing queue.
+#[derive(Debug)]
+pub struct OutReceiver {
+    core: Arc<Core>,
+    /// Whether a small batch waits one scheduling turn for more.
+    coalesce: bool,
+}
+
+impl OutReceiver {
+    /// Lets the writer wait one scheduling turn before writing a batch of
+    /// fewer than [`COALESCE_BELOW`](super::COALESCE_BELOW) frames, so that
+    /// frames queued by a task that is still running (a burst of sends)
+    /// share one write.
+    ///
+    /// Adaptive: after [`COALESCE_CREDIT`](super::COALESCE_CREDIT) waits in
+    /// a row that gathered nothing (one request at a time, say), it writes
+    /// at once, trying a wait again every
+    /// [`COALESCE_PROBE_EVERY`](super::COALESCE_PROBE_EVERY) small batches.
+    pub fn coalesce_small_batches(&mut self) {
+        self.coalesce = true;
+    }
+
+    /// Whether small batches wait a turn (see
+    /// [`OutReceiver::coalesce_small_batches`]).
+    pub(super) fn coalesces(&self) -> bool {
+        self.coalesce
+    }
+
+    /// Cancelled once the queue is closed.
+    pub(super) fn closed(&self) -> CancellationToken {
+        self.core.closed.clone()
+    }
+
+    /// Sets the frame limit of the connection being written: frames staged
+    /// from now on are checked against it as they are queued.
+    pub(super) fn set_max_frame(&self, max_frame: usize) {
+        self.core.max_frame.store(max_frame, Ordering::Relaxed);
+    }
+
+    /// Moves every queued frame into `batch`: `Ready(Some(frames))` if it
+    /// took any, `Ready(None)` once every sender is gone and nothing is
+    /// left, `Pending` (the writer to be woken) if there is nothing yet.
+    pub(super) fn poll_take(
+        &self,
+        cx: &mut Context<'_>,
+        batch: &mut VecDeque<OutItem>,
+    ) -> Poll<Option<usize>> {
+        let mut state = self.core.lock();
+        let frames = self.core.take_all(&mut state, batch);
+        if frames > 0 {
+            return Poll::Ready(Some(frames));
+        }
+        if state.senders_gone {
+            return Poll::Ready(None);
+        }
+        if !matches!(&state.writer, Some(w) if w.will_wake(cx.waker())) {
+            state.writer = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// Moves what was queued meanwhile into `batch`, without waiting.
+    pub(super) fn take_more(&self, batch: &mut VecDeque<OutItem>) {
+        let mut state = self.core.lock();
+        self.core.take_all(&mut state, batch);
+    }
+
+    /// Gives back what written frames held.
+    pub(super) fn release(&self, data: usize, bytes: usize) {
+        if data == 0 && bytes == 0 {
+            return;
+        }
+        let mut state = self.core.lock();
+        state.data -= data;
+        state.bytes -= bytes;
+        self.core.made_room(&state);
+    }
+}
+
+impl Drop for OutReceiver {
+    /// Nothing will be written any more: senders see the queue closed, and
+    /// what was queued is dropped now, not when the last sender goes.
+    fn drop(&mut self) {
+        self.core.close();
+        let (items, staged) = {
+            let mut state = self.core.lock();
+            state.frames = 0;
+            (std::mem::take(&mut state.items), state.staged.discard())
+        };
+        self.core.queued.store(0, Ordering::Relaxed);
+        drop((items, staged));
+    }
+}
+
+/// What every [`OutQueue`] handle shares; dropped with the last of them,
+/// which tells the writer that nothing more will come.
+#[derive(Debug)]
+struct Senders {
+    core: Arc<Core>,
+}
+
+impl Drop for Senders {
+    fn drop(&mut self) {
+        let waker = {
+            let mut state = self.core.lock();
+            state.senders_gone = true;
+            state.writer.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+/// The queue itself, shared by the senders and the writer.
+#[derive(Debug)]
+struct Core {
+    state: Mutex<State>,
+    /// Frames the queue holds (taken frames no longer count).
+    max_frames: usize,
+    /// Frames data may use (queued or being written): `max_frames` less a
+    /// reserve kept for control frames.
+    max_data: usize,
+    /// Payload bytes queued or being written.
+    max_bytes: u32,
+    /// Wakes senders waiting for room.
+    room: Notify,
+    /// Cancelled by [`OutQueue::close`] or when the writer's side is gone.
+    closed: CancellationToken,
+    /// The same, readable without a lock on every push.
+    is_closed: AtomicBool,
+    /// Set when a bounded wait for room timed out: the consumer is not
+    /// keeping up, so further data fails at once until the queue drains.
+    congested: AtomicBool,
+    /// Frames queued, readable without the lock (a receiver's load, asked
+    /// for on every `AnyOf` choice).
+    queued: AtomicUsize,
+    /// The frame limit of the connection being written (staged frames are
+    /// checked against it when they are queued).
+    max_frame: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    items: VecDeque<OutItem>,
+    /// Frames queued (in `items` or `staged`).
+    frames: usize,
+    /// Small frames encoded since the last item, in order after it.
+    staged: Staged,
+    /// Data frames queued or being written.
+    data: usize,
+    /// Payload bytes queued or being written.
+    bytes: usize,
+    /// The writer, when it waits for frames.
+    writer: Option<Waker>,
+    /// Every [`OutQueue`] is gone.
+    senders_gone: bool,
+    /// Data senders waiting for room, in arrival order (their tickets):
+    /// only the first may take room, and nobody overtakes them.
+    waiting: VecDeque<u64>,
+    next_ticket: u64,
+    /// Senders waiting for a frame slot for a control frame.
+    control_waiting: usize,
+}
+
+/// Why a frame was not queued at once; the frame back, not boxed, for a
+/// caller that goes on to wait.
+enum Refused {
+    Full(OutFrame),
+    Closed(OutFrame),
+}
+
+impl Refused {
+    fn into_error(self) -> PushError {
+        match self {
+            Refused::Full(frame) => PushError::Full(Box::new(frame)),
+            Refused::Closed(frame) => PushError::Closed(Box::new(frame)),
+        }
+    }
+}
+
+/// What a waiting sender found when it looked.
+enum Look {
+    /// Queued; what is left to do once the lock is released.
+    Queued(Put),
+    Closed(OutFrame),
+    Wait(OutFrame),
+}
+
+impl Core {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_closed(&self) -> bool {
+        self.is_closed.load(Ordering::Acquire)
+    }
+
+    fn close(&self) {
+        self.is_closed.store(true, Ordering::Release);
+        self.closed.cancel();
+    }
+
+    fn max_frame(&self) -> usize {
+        self.max_frame.load(Ordering::Relaxed)
+    }
+
+    /// The byte permits `frame` holds on `lane`: control frames hold none.
+    fn permits_on(&self, lane: Lane, frame: &OutFrame) -> u32 {
+        match lane {
+            Lane::Data => self.permits_for_len(frame.payload_len()),
+            Lane::Control => 0,
+        }
+    }
+
+    /// The byte permits a payload of `len` bytes holds.
+    fn permits_for_len(&self, len: usize) -> u32 {
+        u32::try_from(len).unwrap_or(u32::MAX).min(self.max_bytes)
+    }
+
+    /// Whether a data frame of `permits` bytes fits now.
+    fn data_fits(&self, state: &State, permits: u32) -> bool {
+        state.frames < self.max_frames
+            && state.data < self.max_data
+            && state.bytes + permits as usize <= self.max_bytes as usize
+    }
+
+    /// Whether a control frame fits now.
+    fn control_fits(&self, state: &State) -> bool {
+        state.frames < self.max_frames
+    }
+
+    /// Whether the queue holds under a quarter of its data frames and
+    /// bytes.
+    fn is_drained(&self) -> bool {
+        let state = self.lock();
+        state.data < self.max_data / 4 && state.bytes < self.max_bytes as usize / 4
+    }
+
+    /// Queues `frame` on `lane` if it fits now and (for data) nobody waits
+    /// before it.
+    // The frame goes back by value: boxing it would allocate on every
+    // fall-through to the waiting path.
+    #[allow(clippy::result_large_err)]
+    fn try_put(&self, frame: OutFrame, lane: Lane) -> Result<(), Refused> {
+        if self.is_closed() {
+            return Err(Refused::Closed(frame));
+        }
+        let permits = self.permits_on(lane, &frame);
+        // The header is encoded before the lock is taken.
+        let staging = staging(&frame, self.max_frame());
+        let put = {
+            let mut state = self.lock();
+            let fits = match lane {
+                Lane::Data => state.waiting.is_empty() && self.data_fits(&state, permits),
+                Lane::Control => self.control_fits(&state),
+            };
+            if !fits {
+                return Err(Refused::Full(frame));
+            }
+            self.put(&mut state, OutItem::frame(frame, permits, lane), &staging)
+        };
+        put.finish();
+        Ok(())
+    }
+
+    /// Stages a small data frame (`head`, then `payload`) if there is room
+    /// right now and nobody waits before it; the sleeping writer's waker,
+    /// if any, for the caller to wake. `Err` if nothing was staged.
+    fn stage_now(&self, head: &Head, payload: &[u8]) -> Result<Option<Waker>, ()> {
+        let permits = self.permits_for_len(payload.len());
+        let mut state = self.lock();
+        if !state.waiting.is_empty() || !self.data_fits(&state, permits) {
+            return Err(());
+        }
+        self.stage(&mut state, head, payload, permits as usize, 1);
+        Ok(self.count(&mut state, permits as usize, 1))
+    }
+
+    /// Queues a frame known to fit; what is left to do once the lock is
+    /// released.
+    fn put(&self, state: &mut State, item: OutItem, staging: &Staging) -> Put {
+        let OutItem {
+            what,
+            permits,
+            data,
+        } = item;
+        let mut spent = None;
+        match (what, staging) {
+            (Queued::Frame(frame), Staging::Head(head)) => {
+                let payload = match &frame {
+                    OutFrame::Parts { body, .. } => &body[..],
+                    OutFrame::Raw(raw) => &raw[..],
+                };
+                self.stage(state, head, payload, permits, data);
+                // Dropped by the caller, once the lock is released.
+                spent = Some(frame);
+            }
+            (Queued::Frame(frame), Staging::Invalid) => {
+                // As the writer does with a frame it cannot encode (the
+                // error was logged when it was looked at).
+                return Put {
+                    writer: None,
+                    spent: Some(frame),
+                };
+            }
+            (what, _) => {
+                self.seal(state);
+                state.items.push_back(OutItem {
+                    what,
+                    permits,
+                    data,
+                });
+            }
+        }
+        Put {
+            writer: self.count(state, permits, data),
+            spent,
+        }
+    }
+
+    /// Counts a frame just queued; the writer to wake, if it sleeps.
+    fn count(&self, state: &mut State, permits: usize, data: usize) -> Option<Waker> {
+        state.data += data;
+        state.bytes += permits;
+        state.frames += 1;
+        self.queued.store(state.frames, Ordering::Relaxed);
+        state.writer.take()
+    }
+
+    /// Appends a frame (`head`, then `payload`) to the staged frames; a
+    /// chunk it closes on the way goes in line first. The frame's counts
+    /// are the caller's to add.
+    fn stage(&self, state: &mut State, head: &Head, payload: &[u8], permits: usize, data: usize) {
+        if let Some(full) = state.staged.append(head, payload, permits, data) {
+            state.items.push_back(full.into());
+        }
+    }
+
+    /// Closes the staged frames into one item, so that what is queued next
+    /// goes after them.
+    fn seal(&self, state: &mut State) {
+        if let Some(chunk) = state.staged.seal() {
+            state.items.push_back(chunk.into());
+        }
+    }
+
+    /// Moves everything queued into `batch`; how many frames that was.
+    fn take_all(&self, state: &mut State, batch: &mut VecDeque<OutItem>) -> usize {
+        let frames = state.frames;
+        if frames == 0 {
+            return 0;
+        }
+        self.seal(state);
+        if batch.is_empty() {
+            // A swap: the entries are not moved one by one.
+            std::mem::swap(&mut state.items, batch);
+        } else {
+            batch.extend(state.items.drain(..));
+        }
+        state.frames = 0;
+        self.queued.store(0, Ordering::Relaxed);
+        self.made_room(state);
+        frames
+    }
+
+    /// Wakes waiting senders if there are any: room was made.
+    fn made_room(&self, state: &State) {
+        if !state.waiting.is_empty() || state.control_waiting > 0 {
+            self.room.notify_waiters();
+        }
+    }
+}
+
+/// A sender waiting for room on its lane: a data sender's place in line
+/// (its ticket), or a control sender counted as waiting. Dropped, also
+/// when the wait is abandoned, it gives the place up.
+struct Place<'a> {
+    core: &'a Core,
+    lane: Lane,
+    /// A data sender's ticket, once it joined the line.
+    ticket: Option<u64>,
+    /// Whether a control sender is counted in `control_waiting`.
+    counted: bool,
+}
+
+impl Place<'_> {
+    /// Takes room for a frame of `permits` bytes if there is room and it
+    /// is this sender's turn, leaving the line; otherwise stays (or gets)
+    /// in line, so that room made from now on wakes it.
+    fn take_room(&mut self, state: &mut State, permits: u32) -> bool {
+        let core = self.core;
+        match self.lane {
+            Lane::Data => {
+                let ticket = *self.ticket.get_or_insert_with(|| {
+                    let ticket = state.next_ticket;
+                    state.next_ticket += 1;
+                    state.waiting.push_back(ticket);
+                    ticket
+                });
+                if state.waiting.front() != Some(&ticket) || !core.data_fits(state, permits) {
+                    return false;
+                }
+                state.waiting.pop_front();
+                self.ticket = None;
+                // The next in line may fit too.
+                core.made_room(state);
+                true
+            }
+            Lane::Control => {
+                let fits = core.control_fits(state);
+                // Counted while it waits, so that room made wakes it.
+                match (fits, self.counted) {
+                    (true, true) => state.control_waiting -= 1,
+                    (false, false) => state.control_waiting += 1,
+                    _ => {}
+                }
+                self.counted = !fits;
+                fits
+            }
+        }
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        if self.ticket.is_none() && !self.counted {
+            return;
+        }
+        let mut state = self.core.lock();
+        if let Some(ticket) = self.ticket {
+            let first = state.waiting.front() == Some(&ticket);
+            state.waiting.retain(|t| *t != ticket);
+            if first {
+                // The next in line may fit now.
+                self.core.made_room(&state);
+            }
+        }
+        if self.counted {
+            state.control_waiting -= 1;
+        }
+    }
+}
+
+/// One entry of an outgoing queue.
+#[derive(Debug)]
+pub(super) struct OutItem {
+    pub(super) what: Queued,
+    /// Payload bytes it holds until written.
+    pub(super) permits: usize,
+    /// Data slots it holds until written.
+    pub(super) data: usize,
+}
+
+impl OutItem {
+    /// A frame queued on `lane`, holding `permits` payload bytes.
+    pub(super) fn frame(frame: OutFrame, permits: u32, lane: Lane) -> Self {
+        OutItem {
+            what: Queued::Frame(frame),
+            permits: permits as usize,
+            data: usize::from(lane == Lane::Data),
+        }
+    }
+}
+
+impl From<Chunk> for OutItem {
+    fn from(chunk: Chunk) -> Self {
+        OutItem {
+            what: Queued::Framed(chunk.bytes),
+            permits: chunk.permits,
+            data: chunk.data,
+        }
+    }
+}
+
+/// What an [`OutItem`] holds.
+#[derive(Debug)]
+pub(super) enum Queued {
+    /// A frame to encode and write.
+    Frame(OutFrame),
+    /// Small frames encoded as they were queued, ready to write as they
+    /// are.
+    Framed(bytes::Bytes),
+}
+
+/// What queuing a frame leaves to do once the lock is released.
+#[must_use]
+struct Put {
+    /// The writer to wake, if it slept.
+    writer: Option<Waker>,
+    /// A frame whose bytes were copied: dropped outside the lock.
+    spent: Option<OutFrame>,
+}
+
+impl Put {
+    fn finish(self) {
+        if let Some(waker) = self.writer {
+            waker.wake();
+        }
+        drop(self.spent);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::{Bytes, BytesMut};
+
+    use super::*;
+    use crate::frame::{Frame, FrameCodec};
+    use crate::io::run_writer;
+    use crate::protocol::Header;
+
+    #[tokio::test(start_paused = true)]
+    async fn bounded_wait_marks_congestion_until_drained() {
+        let (q, rx) = out_queue(8, 1 << 20);
+        let frame = || OutFrame::control(Header::Subscribed { token: 0 });
+        while q.try_push(frame(), Lane::Data).is_ok() {}
+        let wait = Duration::from_millis(100);
+        assert!(matches!(
+            q.push_within(frame(), wait).await,
+            Err(PushError::Congested)
+        ));
+        assert!(q.is_congested());
+        // Congested and still full: fails at once, no second wait.
+        let started = tokio::time::Instant::now();
+        assert!(matches!(
+            q.push_within(frame(), wait).await,
+            Err(PushError::Full(_))
+        ));
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        // Drained: accepted again and no longer congested.
+        let writer = tokio::spawn(run_writer(tokio::io::sink(), rx, 1 << 20));
+        while q.queued_frames() > 0 {
+            tokio::task::yield_now().await;
+        }
+        assert!(q.push_within(frame(), wait).await.is_ok());
+        assert!(!q.is_congested());
+        drop(q);
+        writer.await.expect("join").expect("writer");
+    }
+
+    #[test]
+    fn try_push_reports_full_and_keeps_control_room() {
+        let (q, _rx) = out_queue(16, 1000);
+        let frame = || OutFrame::Parts {
+            header: Header::Goodbye,
+            body: Bytes::from_static(b"x"),
+        };
+        let mut pushed = 0;
+        while q.try_push(frame(), Lane::Data).is_ok() {
+            pushed += 1;
+        }
+        assert_eq!(pushed, 16 - 16 / 8);
+        assert!(q
+            .try_push(OutFrame::control(Header::Goodbye), Lane::Control)
+            .is_ok());
+
+        let (q, _rx) = out_queue(16, 100);
+        let body = |n| OutFrame::Parts {
+            header: Header::Goodbye,
+            body: Bytes::from(vec![0u8; n]),
+        };
+        assert!(q.try_push(body(60), Lane::Data).is_ok());
+        assert!(matches!(
+            q.try_push(body(60), Lane::Data),
+            Err(PushError::Full(_))
+        ));
+    }
+
+    fn numbered(token: u64, len: usize) -> OutFrame {
+        OutFrame::Parts {
+            header: Header::Subscribed { token },
+            body: Bytes::from(vec![0u8; len]),
+        }
+    }
+
+    /// The tokens of the `Subscribed` frames an entry holds, staged or not.
+    fn tokens_of(item: &OutItem) -> Vec<u64> {
+        let token = |header: &Header| match header {
+            Header::Subscribed { token } => *token,
+            other => panic!("unexpected frame {other:?}"),
+        };
+        match &item.what {
+            Queued::Frame(OutFrame::Parts { header, .. }) => vec![token(header)],
+            Queued::Frame(other) => panic!("unexpected frame {other:?}"),
+            Queued::Framed(bytes) => {
+                let mut src = BytesMut::from(&bytes[..]);
+                let mut codec = FrameCodec::new(1 << 20);
+                let mut tokens = vec![];
+                while let Some(raw) = codec.decode_raw(&mut src).expect("decodes") {
+                    tokens.push(token(Frame::decode(raw).expect("frame").header()));
+                }
+                assert!(src.is_empty(), "whole frames");
+                tokens
+            }
+        }
+    }
+
+    /// A task pushing a data frame, waiting for room.
+    fn spawn_push(
+        q: &OutQueue,
+        token: u64,
+        len: usize,
+    ) -> tokio::task::JoinHandle<Result<(), PushError>> {
+        let q = q.clone();
+        tokio::spawn(async move {
+            q.push(numbered(token, len), Lane::Data, Wait::Forever)
+                .await
+        })
+    }
+
+    /// A task pushing a control frame, waiting for a slot.
+    fn spawn_push_control(
+        q: &OutQueue,
+        token: u64,
+        len: usize,
+    ) -> tokio::task::JoinHandle<Result<(), PushError>> {
+        let q = q.clone();
+        tokio::spawn(async move {
+            q.push(numbered(token, len), Lane::Control, Wait::Forever)
+                .await
+        })
+    }
+
+    /// Takes what is queued, as the writer does, and gives back what the
+    /// taken frames held, as the writer does once they are written.
+    fn take_and_write(rx: &OutReceiver) -> Vec<u64> {
+        let mut batch = VecDeque::new();
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        if rx.poll_take(&mut cx, &mut batch).is_pending() {
+            return vec![];
+        }
+        let tokens = batch.iter().flat_map(tokens_of).collect();
+        let data = batch.iter().map(|i| i.data).sum();
+        let bytes = batch.iter().map(|i| i.permits).sum();
+        rx.release(data, bytes);
+        tokens
+    }
+
+    /// What a queue holds and who waits for room, seen from the writer's
+    /// side.
+    #[derive(Debug, Default, PartialEq, Eq)]
+    struct Held {
+        /// Frames queued, as counted and as published.
+        frames: (usize, usize),
+        /// Entries and staged bytes not yet taken.
+        items: usize,
+        staged: usize,
+        /// Data slots and payload bytes held, queued or being written.
+        data: usize,
+        bytes: usize,
+        /// Data senders in line, control senders waiting.
+        waiting: usize,
+        control_waiting: usize,
+    }
+
+    fn held(rx: &OutReceiver) -> Held {
+        let state = rx.core.lock();
+        let (staged, staged_permits, staged_data) = state.staged.peek();
+        Held {
+            frames: (state.frames, rx.core.queued.load(Ordering::Relaxed)),
+            items: state.items.len(),
+            staged: staged.len() + staged_permits + staged_data,
+            data: state.data,
+            bytes: state.bytes,
+            waiting: state.waiting.len(),
+            control_waiting: state.control_waiting,
+        }
+    }
+
+    /// A sender that waits for room is served before anyone who comes
+    /// later, even one that would fit at once; waiting senders keep their
+    /// order.
+    #[tokio::test(flavor = "current_thread")]
+    async fn waiting_senders_are_served_in_order_and_not_overtaken() {
+        let (q, rx) = out_queue(64, 100);
+        q.try_push(numbered(0, 80), Lane::Data).expect("room");
+        let first = spawn_push(&q, 1, 60);
+        tokio::task::yield_now().await;
+        let second = spawn_push(&q, 2, 10);
+        tokio::task::yield_now().await;
+        // 10 bytes would fit, but two senders wait before this one.
+        assert!(matches!(
+            q.try_push(numbered(3, 10), Lane::Data),
+            Err(PushError::Full(_))
+        ));
+        assert_eq!(take_and_write(&rx), vec![0]);
+        first.await.expect("join").expect("queued");
+        second.await.expect("join").expect("queued");
+        assert_eq!(take_and_write(&rx), vec![1, 2]);
+        q.try_push(numbered(4, 10), Lane::Data)
+            .expect("nobody waits now");
+        assert_eq!(take_and_write(&rx), vec![4]);
+    }
+
+    /// A wait given up (its future dropped) gives its place up: the next
+    /// in line is served.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_abandoned_wait_lets_the_next_sender_in() {
+        let (q, rx) = out_queue(64, 100);
+        q.try_push(numbered(0, 100), Lane::Data).expect("room");
+        let abandoned = spawn_push(&q, 1, 100);
+        tokio::task::yield_now().await;
+        let next = spawn_push(&q, 2, 50);
+        tokio::task::yield_now().await;
+        abandoned.abort();
+        assert!(abandoned.await.is_err(), "aborted");
+        assert_eq!(take_and_write(&rx), vec![0]);
+        next.await.expect("join").expect("queued");
+        assert_eq!(take_and_write(&rx), vec![2]);
+        assert_eq!(held(&rx), Held::default(), "nothing held, nobody waits");
+    }
+
+    /// A push whose wait runs out hands its frame back as `Full` and gives
+    /// its place up; a control push waits for a slot just the same. With
+    /// room at once, an instant already past does not matter.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_wait_that_runs_out_hands_the_frame_back_and_its_place_up() {
+        let (q, rx) = out_queue(8, 100);
+        q.try_push(numbered(0, 100), Lane::Data).expect("room");
+        let wait = Duration::from_millis(100);
+        let bounded = {
+            let q = q.clone();
+            tokio::spawn(async move { q.push(numbered(1, 50), Lane::Data, Wait::For(wait)).await })
+        };
+        tokio::task::yield_now().await;
+        let next = spawn_push(&q, 2, 50);
+        tokio::task::yield_now().await;
+        let started = Instant::now();
+        match bounded.await.expect("join") {
+            Err(PushError::Full(frame)) => assert!(matches!(
+                *frame,
+                OutFrame::Parts {
+                    header: Header::Subscribed { token: 1 },
+                    ..
+                }
+            )),
+            other => panic!("expected the frame back, got {other:?}"),
+        }
+        assert!(started.elapsed() >= wait);
+        assert_eq!(take_and_write(&rx), vec![0]);
+        next.await.expect("join").expect("queued");
+        assert_eq!(take_and_write(&rx), vec![2]);
+
+        while q.try_push(numbered(3, 0), Lane::Control).is_ok() {}
+        let deadline = Instant::now() + wait;
+        assert!(matches!(
+            q.push(numbered(4, 0), Lane::Control, Wait::Until(deadline))
+                .await,
+            Err(PushError::Full(_))
+        ));
+        assert!(Instant::now() >= deadline);
+        assert_eq!(take_and_write(&rx).len(), 8);
+        let past = Instant::now() - wait;
+        q.push(numbered(5, 0), Lane::Control, Wait::Until(past))
+            .await
+            .expect("room at once");
+        q.push(numbered(6, 1), Lane::Data, Wait::Until(past))
+            .await
+            .expect("room at once");
+        assert_eq!(take_and_write(&rx), vec![5, 6]);
+        assert_eq!(held(&rx), Held::default(), "nothing held, nobody waits");
+    }
+
+    /// Closing wakes waiting senders with their frames handed back; a
+    /// dropped writer closes the queue too.
+    #[tokio::test(flavor = "current_thread")]
+    async fn closing_fails_waiting_senders_and_later_pushes() {
+        let (q, rx) = out_queue(8, 100);
+        q.try_push(numbered(0, 100), Lane::Data).expect("room");
+        let waiting = spawn_push(&q, 1, 10);
+        tokio::task::yield_now().await;
+        q.close();
+        assert!(matches!(
+            waiting.await.expect("join"),
+            Err(PushError::Closed(_))
+        ));
+        assert!(q.is_closed());
+        assert!(matches!(
+            q.try_push(numbered(2, 0), Lane::Control),
+            Err(PushError::Closed(_))
+        ));
+        q.closed().await;
+
+        let (q, rx2) = out_queue(8, 100);
+        drop(rx2);
+        assert!(q.is_closed());
+        assert!(matches!(
+            q.push(numbered(3, 0), Lane::Control, Wait::Forever).await,
+            Err(PushError::Closed(_))
+        ));
+        drop(rx);
+    }
+
+    /// Control frames use the slots data may not, and wait only for a
+    /// slot; the writer finishes once every sender is gone.
+    #[tokio::test(flavor = "current_thread")]
+    async fn control_frames_wait_for_a_slot_and_the_writer_ends_with_the_senders() {
+        let (q, rx) = out_queue(8, 1 << 20);
+        while q.try_push(numbered(0, 1), Lane::Data).is_ok() {}
+        assert_eq!(q.queued_frames(), 7);
+        q.try_push(numbered(1, 0), Lane::Control)
+            .expect("the reserved slot");
+        assert!(matches!(
+            q.try_push(numbered(2, 0), Lane::Control),
+            Err(PushError::Full(_))
+        ));
+        let control = spawn_push_control(&q, 2, 0);
+        tokio::task::yield_now().await;
+        assert_eq!(take_and_write(&rx).len(), 8);
+        control.await.expect("join").expect("queued");
+        assert_eq!(take_and_write(&rx), vec![2]);
+        assert_eq!(held(&rx), Held::default(), "nothing held, nobody waits");
+        let weak = q.downgrade();
+        assert!(weak.upgrade().is_some());
+        drop(q);
+        assert!(weak.upgrade().is_none());
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut batch = VecDeque::new();
+        assert_eq!(rx.poll_take(&mut cx, &mut batch), Poll::Ready(None));
+    }
+
+    /// A burst is staged in chunks, queued one after the other in order;
+    /// the staging buffer never grows past one chunk.
+    #[test]
+    fn a_staged_frame_over_the_limit_is_dropped() {
+        let (q, rx) = out_queue(64, 1 << 20);
+        q.core().max_frame.store(100, Ordering::Relaxed);
+        q.try_push(numbered(1, 200), Lane::Data)
+            .expect("accepted and dropped");
+        assert_eq!(q.queued_frames(), 0);
+        q.try_push(numbered(2, 10), Lane::Data).expect("room");
+        assert_eq!(take_and_write(&rx), vec![2]);
+        assert_eq!(q.core().lock().bytes, 0, "nothing held");
+    }
+
+    /// A message queued by reference is staged as exactly the bytes its
+    /// owned frame would be; it is refused (nothing queued) when the queue
+    /// is full, when someone waits, or when its body is not small.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_message_by_reference_stages_the_same_bytes() {
+        use crate::protocol::{MessageHeader, MessageKind, MessageRef, NodeId, Target, TargetRef};
+        let target = Target::Node(NodeId::new("b"));
+        let body = Bytes::from_static(b"hello");
+        let by_ref = MessageRef {
+            sender: "a",
+            incarnation: 7,
+            seq: 42,
+            target: TargetRef::from(&target),
+            service: "svc",
+            kind: MessageKind::Notify,
+        };
+        let owned = OutFrame::Parts {
+            header: Header::Message(MessageHeader {
+                sender: NodeId::new("a"),
+                incarnation: 7,
+                seq: 42,
+                target: target.clone(),
+                service: Arc::from("svc"),
+                kind: MessageKind::Notify,
+            }),
+            body: body.clone(),
+        };
+        let staged = |push: &dyn Fn(&OutQueue)| {
+            let (q, rx) = out_queue(64, 1 << 20);
+            push(&q);
+            let state = rx.core.lock();
+            Bytes::copy_from_slice(state.staged.peek().0)
+        };
+        let a = staged(&|q| assert!(q.try_push_message(&by_ref, &body)));
+        let b = staged(&|q| q.try_push(owned.clone(), Lane::Data).expect("room"));
+        assert_eq!(a, b);
+
+        let (q, rx) = out_queue(64, 10);
+        q.try_push(numbered(0, 10), Lane::Data).expect("room");
+        assert!(!q.try_push_message(&by_ref, &body), "no bytes left");
+        let waiting = spawn_push(&q, 1, 10);
+        tokio::task::yield_now().await;
+        assert_eq!(take_and_write(&rx), vec![0]);
+        assert!(!q.try_push_message(&by_ref, &body), "someone waits");
+        waiting.await.expect("join").expect("queued");
+        let big = vec![0u8; STAGE_UP_TO_BYTES + 1];
+        assert!(!q.try_push_message(&by_ref, &big), "not small");
+        assert_eq!(take_and_write(&rx), vec![1]);
+    }
+
+    /// A received frame queued by reference is staged as exactly the bytes
+    /// of its `OutFrame::Raw`; refused (nothing queued) when full, when
+    /// someone waits, when empty, or when not small.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_raw_frame_by_reference_stages_the_same_bytes() {
+        let raw = Bytes::from_static(b"\x03a received frame");
+        let staged = |push: &dyn Fn(&OutQueue)| {
+            let (q, rx) = out_queue(64, 1 << 20);
+            push(&q);
+            let state = rx.core.lock();
+            (
+                Bytes::copy_from_slice(state.staged.peek().0),
+                state.frames,
+                state.bytes,
+            )
+        };
+        let a = staged(&|q| assert!(q.try_push_raw(&raw, None)));
+        let b = staged(&|q| {
+            q.try_push(OutFrame::Raw(raw.clone()), Lane::Data)
+                .expect("room")
+        });
+        assert_eq!(a, b);
+        assert_eq!(a.1, 1, "one frame");
+
+        let (q, rx) = out_queue(64, 10);
+        q.try_push(numbered(0, 10), Lane::Data).expect("room");
+        assert!(!q.try_push_raw(&raw, None), "no bytes left");
+        let waiting = spawn_push(&q, 1, 10);
+        tokio::task::yield_now().await;
+        assert_eq!(take_and_write(&rx), vec![0]);
+        assert!(!q.try_push_raw(b"x", None), "someone waits");
+        waiting.await.expect("join").expect("queued");
+        assert!(!q.try_push_raw(&[], None), "empty");
+        assert!(
+            !q.try_push_raw(&vec![0u8; STAGE_UP_TO_BYTES + 1], None),
+            "not small"
+        );
+        assert_eq!(take_and_write(&rx), vec![1]);
+    }
+    /// Counts its wakes.
+    struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Frames queued with their wakes held back wake the sleeping writer
+    /// once, when the batch is woken (or dropped), not per frame.
+    #[test]
+    fn held_back_wakes_wake_the_writer_once_per_batch() {
+        let (q, rx) = out_queue(64, 1 << 20);
+        let counter = Arc::new(CountingWaker(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(counter.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut batch = VecDeque::new();
+        let wakes_seen = || counter.0.load(Ordering::SeqCst);
+        // The writer finds nothing and sleeps.
+        assert!(rx.poll_take(&mut cx, &mut batch).is_pending());
+        let mut wakes = Wakes::new();
+        for _ in 0..3 {
+            assert!(q.try_push_raw(b"\x03frame", Some(&mut wakes)));
+        }
+        assert_eq!(wakes_seen(), 0, "held back");
+        assert!(!wakes.is_empty());
+        wakes.wake_all();
+        assert_eq!(wakes_seen(), 1, "woken once for three frames");
+        assert!(wakes.is_empty());
+        assert!(rx.poll_take(&mut cx, &mut batch).is_ready());
+        // Asleep again: a batch dropped wakes what it holds.
+        batch.clear();
+        assert!(rx.poll_take(&mut cx, &mut batch).is_pending());
+        {
+            let mut wakes = Wakes::new();
+            assert!(q.try_push_raw(b"\x03frame", Some(&mut wakes)));
+            assert_eq!(wakes_seen(), 1);
+        }
+        assert_eq!(wakes_seen(), 2, "woken when the batch dropped");
+    }
+}
