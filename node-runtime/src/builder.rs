@@ -1,7 +1,6 @@
 //! Building and starting a node.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cluster_config::Config;
@@ -9,7 +8,8 @@ use tracing::Instrument;
 use transports::out_queue;
 use transports::protocol::{valid_name, Hello, NodeId, Role, MAX_NAMES_PER_NODE, PROTOCOL_VERSION};
 
-use crate::node::{Inner, Node, Parts};
+use crate::node::Node;
+use crate::runtime::{Parts, Runtime};
 use crate::NodeError;
 use crate::{direct, routing, supervisor};
 
@@ -175,34 +175,29 @@ impl NodeBuilder {
         rx.coalesce_small_batches();
         let role = hello.role;
         let address = link.address.clone();
-        let inner = Arc::new(Inner::new(Parts {
+        let rt = Runtime::new(Parts {
             hello,
             config,
             server_max: max_message,
             queue,
             members: welcome.members,
             server_index: link.index,
-        }));
+        });
         let span = tracing::info_span!("node", id = %self.id, incarnation);
         tracing::info!(parent: &span, %address, "node connected to the message server");
-        inner
-            .tasks
-            .spawn(supervisor::supervise(inner.clone(), rx, link).instrument(span.clone()));
-        inner
-            .tasks
-            .spawn(direct::accept_loop(inner.clone(), listener).instrument(span.clone()));
-        inner.tasks.spawn(
-            supervisor::heartbeats(inner.clone(), heartbeat_socket).instrument(span.clone()),
-        );
-        inner
-            .tasks
-            .spawn(direct::idle_sweeper(inner.clone()).instrument(span.clone()));
+        rt.tasks
+            .spawn(supervisor::supervise(rt.clone(), rx, link).instrument(span.clone()));
+        rt.tasks
+            .spawn(direct::accept_loop(rt.clone(), listener).instrument(span.clone()));
+        rt.tasks
+            .spawn(supervisor::heartbeats(rt.clone(), heartbeat_socket).instrument(span.clone()));
+        rt.tasks
+            .spawn(direct::idle_sweeper(rt.clone()).instrument(span.clone()));
         if role == Role::Dispatcher {
-            inner
-                .tasks
-                .spawn(routing::session_keeper(inner.clone()).instrument(span));
+            rt.tasks
+                .spawn(routing::session_keeper(rt.clone()).instrument(span));
         }
-        Ok(Node::from_inner(inner))
+        Ok(Node::from_runtime(rt))
     }
 }
 

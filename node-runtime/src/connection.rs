@@ -23,7 +23,7 @@ use crate::counters::Counters;
 
 use crate::core::CoreCell;
 use crate::inbox::{Closed, InboxSender, Message};
-use crate::node::Inner;
+use crate::runtime::Runtime;
 
 /// How a link to the message server ended.
 #[derive(Debug)]
@@ -37,16 +37,13 @@ pub(crate) enum LinkEnd {
 }
 
 /// Reads frames from the message server until the link ends.
-pub(crate) async fn read_frames(
-    inner: &Arc<Inner>,
-    reader: &mut FrameReader<OwnedReadHalf>,
-) -> LinkEnd {
+pub(crate) async fn read_frames(rt: &Runtime, reader: &mut FrameReader<OwnedReadHalf>) -> LinkEnd {
     // Delivered bodies are copied out of the read buffer into this.
     let mut bodies = BodyArena::new();
     // Senders' and services' names are validated once, not per message.
     let mut names = NameCache::new();
     let mut inboxes = InboxCache::default();
-    let mut acks = AckBatch::new(inner.id.clone(), inner.core.clone(), inner.queue.clone());
+    let mut acks = AckBatch::new(rt.id.clone(), rt.core.clone(), rt.server.queue.clone());
     loop {
         if !reader.has_buffered_frame() {
             // About to wait for the socket: what was accepted meanwhile is
@@ -60,7 +57,7 @@ pub(crate) async fn read_frames(
         } else {
             tokio::select! {
                 biased;
-                _ = inner.cancel.cancelled() => return LinkEnd::Shutdown,
+                _ = rt.cancel.cancelled() => return LinkEnd::Shutdown,
                 f = reader.next_frame() => f,
             }
         };
@@ -75,13 +72,13 @@ pub(crate) async fn read_frames(
         };
         let header = match header {
             Peeked::Message(h) => {
-                Counters::add(&inner.counters.received_server, 1);
+                Counters::add(&rt.counters.received_server, 1);
                 let body = bodies.owned_body(&raw, header_len);
-                let later = deliver_now(inner, &h, body, &mut acks, &mut inboxes, Received::Server);
+                let later = deliver_now(rt, &h, body, &mut acks, &mut inboxes, Received::Server);
                 if let Some(later) = later {
-                    let queue = &inner.queue;
+                    let queue = &rt.server.queue;
                     let delivered =
-                        deliver_later(inner, &h, later, queue, &mut acks, &mut inboxes).await;
+                        deliver_later(rt, &h, later, queue, &mut acks, &mut inboxes).await;
                     if delivered.is_err() {
                         return LinkEnd::Shutdown;
                     }
@@ -98,14 +95,14 @@ pub(crate) async fn read_frames(
                 continue;
             }
             Peeked::Ack(ack) => {
-                handle_ack_ref(inner, &ack);
+                handle_ack_ref(rt, &ack);
                 continue;
             }
             Peeked::Acks(_) => {
                 match Frame::decode(raw.to_bytes()) {
                     Ok(frame) => {
                         if let (Header::Acks(batch), _) = frame.into_parts() {
-                            handle_acks(inner, &batch);
+                            handle_acks(rt, &batch);
                         }
                     }
                     Err(e) => return LinkEnd::Lost(format!("frame error: {e}")),
@@ -116,7 +113,8 @@ pub(crate) async fn read_frames(
         };
         match header {
             Header::Resolved { token, result } => {
-                let waiter = inner
+                let waiter = rt
+                    .server
                     .resolves
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -125,10 +123,11 @@ pub(crate) async fn read_frames(
                     let _ = w.send(result);
                 }
             }
-            Header::Routed(routed) => handle_routed(inner, routed),
-            Header::Member(event) => inner.handle_member_event(event).await,
+            Header::Routed(routed) => handle_routed(rt, routed),
+            Header::Member(event) => rt.handle_member_event(event).await,
             Header::Subscribed { token } => {
-                let waiter = inner
+                let waiter = rt
+                    .server
                     .subscriptions
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -149,16 +148,16 @@ pub(crate) async fn read_frames(
 }
 
 /// A receiver's acknowledgement, from any connection.
-pub(crate) fn handle_ack(inner: &Inner, ack: &Ack) {
-    let ((), out) = inner.core.run(|core| core.handle_ack(ack));
-    inner.dispatch(out.events);
+pub(crate) fn handle_ack(rt: &Runtime, ack: &Ack) {
+    let ((), out) = rt.core.run(|core| core.handle_ack(ack));
+    rt.dispatch(out.events);
 }
 
 /// [`handle_ack`] for an acknowledgement read in place.
-fn handle_ack_ref(inner: &Inner, ack: &AckRef<'_>) {
-    let ((), out) = inner.core.run(|core| {
+fn handle_ack_ref(rt: &Runtime, ack: &AckRef<'_>) {
+    let ((), out) = rt.core.run(|core| {
         let ack = Ack {
-            to: inner.id.clone(),
+            to: rt.id.clone(),
             to_incarnation: ack.to_incarnation,
             seq: ack.seq,
             from: core.members().id_of(ack.from),
@@ -167,13 +166,13 @@ fn handle_ack_ref(inner: &Inner, ack: &AckRef<'_>) {
         };
         core.handle_ack(&ack)
     });
-    inner.dispatch(out.events);
+    rt.dispatch(out.events);
 }
 
 /// Several acknowledgements of accepted messages, from any connection.
-pub(crate) fn handle_acks(inner: &Inner, acks: &Acks) {
-    let ((), out) = inner.core.run(|core| core.handle_acks(acks));
-    inner.dispatch(out.events);
+pub(crate) fn handle_acks(rt: &Runtime, acks: &Acks) {
+    let ((), out) = rt.core.run(|core| core.handle_acks(acks));
+    rt.dispatch(out.events);
 }
 
 /// Acknowledgements of accepted messages gathered while frames keep
@@ -309,9 +308,9 @@ impl Drop for AckBatch {
 
 /// The message server's word on where a message went (the core parks a
 /// message to a member that is only reconnecting).
-fn handle_routed(inner: &Inner, routed: Routed) {
-    let ((), out) = inner.core.run(|core| core.handle_routed(routed));
-    inner.dispatch(out.events);
+fn handle_routed(rt: &Runtime, routed: Routed) {
+    let ((), out) = rt.core.run(|core| core.handle_routed(routed));
+    rt.dispatch(out.events);
 }
 
 /// The path a message arrived on.
@@ -345,7 +344,7 @@ pub(crate) enum Later {
 /// large: making and moving one for each message showed in profiles).
 /// What may wait is left to [`deliver_later`].
 pub(crate) fn deliver_now(
-    inner: &Arc<Inner>,
+    rt: &Runtime,
     h: &MessageRef<'_>,
     body: Bytes,
     batch: &mut AckBatch,
@@ -358,10 +357,10 @@ pub(crate) fn deliver_now(
         requester_incarnation,
     } = h.kind
     {
-        let ((), out) = inner
+        let ((), out) = rt
             .core
             .run(|core| core.handle_reply(h.sender, requester_incarnation, request_seq, body));
-        inner.dispatch(out.events);
+        rt.dispatch(out.events);
         return None;
     }
     // Nothing is accepted from an incarnation declared failed. At most
@@ -371,18 +370,14 @@ pub(crate) fn deliver_now(
     // duplicate window and the core's lock (unless an incarnation was
     // declared failed).
     let sender = if h.kind == MessageKind::Notify {
-        let failed = inner.core.any_failed()
-            && inner
-                .core
-                .lock()
-                .members()
-                .is_failed(h.sender, h.incarnation);
+        let failed =
+            rt.core.any_failed() && rt.core.lock().members().is_failed(h.sender, h.incarnation);
         if failed {
             return Some(Later::Failed);
         }
         cache.sender(h.sender)
     } else {
-        let receipt = inner
+        let receipt = rt
             .core
             .lock()
             .handle_message(h.sender, h.incarnation, h.seq, h.kind);
@@ -394,7 +389,7 @@ pub(crate) fn deliver_now(
     };
     // The inbox of the last message's service, while no backlog waits
     // before it: no lookup.
-    let cached = match cache.get(inner, h.service) {
+    let cached = match cache.get(rt, h.service) {
         Some(cached) if cached.backlog.load(Ordering::Acquire) == 0 => cached,
         _ => return Some(Later::New { sender, body }),
     };
@@ -402,7 +397,7 @@ pub(crate) fn deliver_now(
     let ack_to = (h.kind == MessageKind::Send).then(|| sender.clone());
     match cached
         .inbox
-        .try_send(new_message(inner, h, sender, cached.name.clone(), body))
+        .try_send(new_message(rt, h, sender, cached.name.clone(), body))
     {
         Ok(()) => ack_to.and_then(|to| {
             batch
@@ -420,7 +415,7 @@ pub(crate) fn deliver_now(
 
 /// The message `h` from `sender` to `service`, with `body`.
 fn new_message(
-    inner: &Arc<Inner>,
+    rt: &Runtime,
     h: &MessageRef<'_>,
     sender: NodeId,
     service: SmolStr,
@@ -433,7 +428,7 @@ fn new_message(
         service,
         body,
         one_way: h.kind == MessageKind::Notify,
-        replier: (h.kind == MessageKind::Request).then(|| Arc::downgrade(inner)),
+        replier: (h.kind == MessageKind::Request).then(|| rt.replier.clone()),
     }
 }
 
@@ -445,7 +440,7 @@ fn new_message(
 ///
 /// [`Stopping`] if the node is shutting down.
 pub(crate) async fn deliver_later(
-    inner: &Arc<Inner>,
+    rt: &Runtime,
     h: &MessageRef<'_>,
     later: Later,
     acks: &OutQueue,
@@ -465,18 +460,16 @@ pub(crate) async fn deliver_later(
                 incarnation = h.incarnation,
                 "refused a message from a failed incarnation"
             );
-            Counters::add(&inner.counters.refused_failed, 1);
+            Counters::add(&rt.counters.refused_failed, 1);
             let status = AckStatus::Failed(DeliveryFailure::Rejected(
                 "the sender's incarnation was declared failed".into(),
             ));
-            answer(NodeId::new(h.sender))
-                .send(inner, acks, status)
-                .await;
+            answer(NodeId::new(h.sender)).send(rt, acks, status).await;
             return Ok(());
         }
         Later::Duplicate(sender) => {
             tracing::trace!(sender = h.sender, seq = h.seq, "duplicate dropped");
-            answer(sender).send(inner, acks, AckStatus::Accepted).await;
+            answer(sender).send(rt, acks, AckStatus::Accepted).await;
             return Ok(());
         }
         Later::Ack(to) => {
@@ -499,13 +492,17 @@ pub(crate) async fn deliver_later(
     let straight = {
         // Read before the table: a change after it makes the entry kept
         // below stale at once.
-        let generation = inner.inboxes_generation.load(Ordering::Acquire);
-        let inboxes = inner.inboxes.read().unwrap_or_else(|p| p.into_inner());
+        let generation = rt.services.generation.load(Ordering::Acquire);
+        let inboxes = rt
+            .services
+            .inboxes
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         match inboxes.get_key_value(h.service) {
             None => Straight::NoService(sender),
             Some((service, q)) => {
                 cache.keep(generation, service, q);
-                let message = new_message(inner, h, sender, SmolStr::new(&**service), body);
+                let message = new_message(rt, h, sender, SmolStr::new(&**service), body);
                 // Straight into the inbox when nothing waits before it: the
                 // pump is only for a backlog (which keeps order: nothing
                 // overtakes it).
@@ -545,7 +542,7 @@ pub(crate) async fn deliver_later(
         Straight::Queued => return Ok(()),
         Straight::NoService(sender) => {
             let failed = AckStatus::Failed(DeliveryFailure::NoSuchService);
-            answer(sender).send(inner, acks, failed).await;
+            answer(sender).send(rt, acks, failed).await;
             return Ok(());
         }
         Straight::Refused(q, refused) => (q, refused),
@@ -562,9 +559,9 @@ pub(crate) async fn deliver_later(
                 q.congested.store(false, Ordering::Relaxed);
                 // This may wait: what was accepted before goes out first.
                 batch.flush().await;
-                let wait = std::time::Duration::from_millis(inner.config.node.inbox_wait_ms);
+                let wait = std::time::Duration::from_millis(rt.config.node.inbox_wait_ms);
                 let sent = tokio::select! {
-                    _ = inner.cancel.cancelled() => return Err(Stopping),
+                    _ = rt.cancel.cancelled() => return Err(Stopping),
                     r = tokio::time::timeout(wait, q.tx.reserve()) => r,
                 };
                 match sent {
@@ -581,19 +578,19 @@ pub(crate) async fn deliver_later(
             }
         }
         mpsc::error::TrySendError::Closed(d) => {
-            unsubscribe(inner, &d.message.service).await;
+            unsubscribe(rt, &d.message.service).await;
             Some((d.answer, DeliveryFailure::NoSuchService))
         }
     };
     if let Some((answer, failure)) = refused {
         q.backlog.fetch_sub(1, Ordering::AcqRel);
-        answer.send(inner, acks, AckStatus::Failed(failure)).await;
+        answer.send(rt, acks, AckStatus::Failed(failure)).await;
     }
     Ok(())
 }
 
 /// The inbox a reader delivered to last, kept while the node's services
-/// stay the same (checked against [`Inner::inboxes_generation`] for each
+/// stay the same (checked against [`crate::runtime::Services::generation`] for each
 /// message), so that a run of messages to one service is delivered without
 /// locking and searching the table of inboxes for each. Holds no pump open:
 /// it keeps the inbox, not the pump's queue.
@@ -624,9 +621,9 @@ impl InboxCache {
     }
 
     /// The inbox kept, if it is `service`'s and still current.
-    fn get(&self, inner: &Inner, service: &str) -> Option<&CachedInbox> {
+    fn get(&self, rt: &Runtime, service: &str) -> Option<&CachedInbox> {
         let entry = self.entry.as_ref()?;
-        let current = entry.generation == inner.inboxes_generation.load(Ordering::Acquire);
+        let current = entry.generation == rt.services.generation.load(Ordering::Acquire);
         (current && same_name(&entry.name, service)).then_some(entry)
     }
 
@@ -691,7 +688,7 @@ impl Answer {
     /// Acknowledges: every outcome of a `Send`, a failed `Request` (a
     /// request's success is its reply), and a failed `Notify` (so its sender
     /// counts it instead of losing it silently).
-    async fn send(self, inner: &Inner, queue: &OutQueue, status: AckStatus) {
+    async fn send(self, rt: &Runtime, queue: &OutQueue, status: AckStatus) {
         let needed = match self.kind {
             MessageKind::Send => true,
             MessageKind::Request | MessageKind::Notify => status != AckStatus::Accepted,
@@ -704,8 +701,8 @@ impl Answer {
             to: self.to,
             to_incarnation: self.to_incarnation,
             seq: self.seq,
-            from: inner.id.clone(),
-            from_incarnation: inner.incarnation(),
+            from: rt.id.clone(),
+            from_incarnation: rt.incarnation(),
             status,
         }));
         // Waiting here waits only for this node's own outgoing socket.
@@ -725,7 +722,7 @@ const PUMP_RESERVE_WAIT: std::time::Duration = std::time::Duration::from_millis(
 /// Moves one service's deliveries into its inbox as the application makes
 /// room, acknowledging each once accepted. One task per subscribed service.
 pub(crate) async fn pump(
-    inner: Arc<Inner>,
+    rt: Runtime,
     service: Arc<str>,
     mut deliveries: mpsc::Receiver<Delivery>,
     inbox: InboxSender,
@@ -742,7 +739,7 @@ pub(crate) async fn pump(
             gathered.flush().await;
         }
         let n = tokio::select! {
-            _ = inner.cancel.cancelled() => return,
+            _ = rt.cancel.cancelled() => return,
             n = deliveries.recv_many(&mut batch, PUMP_BATCH) => n,
         };
         if n == 0 {
@@ -768,7 +765,7 @@ pub(crate) async fn pump(
                         }
                     };
                     tokio::select! {
-                        _ = inner.cancel.cancelled() => return,
+                        _ = rt.cancel.cancelled() => return,
                         r = room => r.is_err(),
                     }
                 }
@@ -778,11 +775,11 @@ pub(crate) async fn pump(
             if closed {
                 // The inbox was dropped: unsubscribe, and refuse what is left.
                 deliveries.close();
-                unsubscribe_now(&inner, &service).await;
+                unsubscribe_now(&rt, &service).await;
                 for Delivery { answer, acks, .. } in pending.by_ref() {
                     backlog.fetch_sub(1, Ordering::AcqRel);
                     let refused = AckStatus::Failed(DeliveryFailure::NoSuchService);
-                    answer.send(&inner, &acks, refused).await;
+                    answer.send(&rt, &acks, refused).await;
                 }
                 break;
             }
@@ -792,7 +789,7 @@ pub(crate) async fn pump(
                     if let Some(mut previous) = acks.take() {
                         previous.flush().await;
                     }
-                    acks = Some(AckBatch::new(inner.id.clone(), inner.core.clone(), queue));
+                    acks = Some(AckBatch::new(rt.id.clone(), rt.core.clone(), queue));
                 }
                 if let Some(gathered) = acks.as_mut() {
                     gathered
@@ -844,7 +841,7 @@ fn into_inbox(
 
 /// A routing failure for a message nobody waits on (a `notify`, or a send
 /// whose caller gave up): counted, and logged, never silent.
-pub(crate) fn late_failure(inner: &Inner, routed: &Routed) {
+pub(crate) fn late_failure(rt: &Runtime, routed: &Routed) {
     // A failed `Node` message names its node in `failed` and in `error`.
     let failures = match (routed.failed.len(), &routed.error) {
         (0, Some(_)) => 1,
@@ -853,7 +850,8 @@ pub(crate) fn late_failure(inner: &Inner, routed: &Routed) {
     if failures == 0 {
         return;
     }
-    let before = inner
+    let before = rt
+        .counters
         .late_failures
         .fetch_add(failures as u64, std::sync::atomic::Ordering::Relaxed);
     tracing::debug!(seq = routed.seq, error = ?routed.error, failed = ?routed.failed, "a message nobody waits on was not delivered");
@@ -867,23 +865,28 @@ pub(crate) fn late_failure(inner: &Inner, routed: &Routed) {
 }
 
 /// Unsubscribes `service` if its inbox is gone.
-async fn unsubscribe(inner: &Inner, service: &str) {
-    let closed = inner
+async fn unsubscribe(rt: &Runtime, service: &str) {
+    let closed = rt
+        .services
         .inboxes
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .get(service)
         .is_some_and(|q| q.is_closed());
     if closed {
-        unsubscribe_now(inner, service).await;
+        unsubscribe_now(rt, service).await;
     }
 }
 
 /// Removes `service`'s delivery queue and tells the message server.
-async fn unsubscribe_now(inner: &Inner, service: &str) {
+async fn unsubscribe_now(rt: &Runtime, service: &str) {
     let removed = {
-        let mut inboxes = inner.inboxes.write().unwrap_or_else(|p| p.into_inner());
-        inner.inboxes_generation.fetch_add(1, Ordering::AcqRel);
+        let mut inboxes = rt
+            .services
+            .inboxes
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        rt.services.generation.fetch_add(1, Ordering::AcqRel);
         inboxes.remove(service).is_some()
     };
     if removed {
@@ -891,7 +894,11 @@ async fn unsubscribe_now(inner: &Inner, service: &str) {
         let frame = OutFrame::control(Header::Unsubscribe {
             service: service.to_string(),
         });
-        let _ = inner.queue.push(frame, Lane::Control, Wait::Forever).await;
+        let _ = rt
+            .server
+            .queue
+            .push(frame, Lane::Control, Wait::Forever)
+            .await;
     }
 }
 

@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Live counters.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
+    /// Receivers that missed a message nobody waited on.
+    pub(crate) late_failures: AtomicU64,
     pub(crate) server_messages: AtomicU64,
     pub(crate) server_bytes: AtomicU64,
     pub(crate) lazy_messages: AtomicU64,

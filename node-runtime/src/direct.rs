@@ -26,7 +26,7 @@ use crate::connection::{
     deliver_later, deliver_now, handle_ack, handle_acks, AckBatch, InboxCache, Received,
 };
 use crate::counters::Counters;
-use crate::node::Inner;
+use crate::runtime::Runtime;
 
 /// An open outgoing direct channel: its socket's queue, and its state
 /// (who uses it, what waits on it, when it was last heard from), which
@@ -169,35 +169,32 @@ impl DirectPool {
 ///
 /// Why the channel could not be opened, in words.
 pub(crate) async fn get_or_open(
-    inner: &Arc<Inner>,
+    rt: &Runtime,
     peer: &NodeId,
     kind: ChannelKind,
 ) -> Result<Arc<DirectConn>, String> {
-    if let Some(c) = inner.direct.get(peer, kind) {
+    if let Some(c) = rt.direct.get(peer, kind) {
         return Ok(c);
     }
-    let gate = inner.direct.gate(peer, kind);
+    let gate = rt.direct.gate(peer, kind);
     let _opening = gate.lock().await;
-    if let Some(c) = inner.direct.get(peer, kind) {
+    if let Some(c) = rt.direct.get(peer, kind) {
         return Ok(c);
     }
     let (opened, failed) = match kind {
-        ChannelKind::Lazy => (&inner.counters.lazy_opened, &inner.counters.lazy_failed),
-        ChannelKind::Session => (
-            &inner.counters.session_opened,
-            &inner.counters.session_failed,
-        ),
+        ChannelKind::Lazy => (&rt.counters.lazy_opened, &rt.counters.lazy_failed),
+        ChannelKind::Session => (&rt.counters.session_opened, &rt.counters.session_failed),
     };
-    let addr = inner.core.lock().members().direct_addr(peer);
+    let addr = rt.core.lock().members().direct_addr(peer);
     let Some(addr) = addr else {
         Counters::add(failed, 1);
         return Err(format!("{peer} announced no direct-channel address"));
     };
-    match open(inner, peer, addr, kind).await {
+    match open(rt, peer, addr, kind).await {
         Ok(conn) => {
             Counters::add(opened, 1);
             tracing::info!(%peer, %addr, kind = kind.name(), "channel started");
-            inner.direct.insert(conn.clone());
+            rt.direct.insert(conn.clone());
             Ok(conn)
         }
         Err(e) => {
@@ -218,12 +215,12 @@ enum OpenError {
 }
 
 async fn open(
-    inner: &Arc<Inner>,
+    rt: &Runtime,
     peer: &NodeId,
     addr: SocketAddr,
     kind: ChannelKind,
 ) -> Result<Arc<DirectConn>, OpenError> {
-    let config = &inner.config;
+    let config = &rt.config;
     let stream = transports::tcp::connect(
         &addr.to_string(),
         &config.tcp.options(),
@@ -236,7 +233,7 @@ async fn open(
     let welcome = handshake::connect_handshake(
         &mut reader,
         &mut wr,
-        &inner.hello(),
+        &rt.server.hello(),
         config.connect_timeout(),
     )
     .await?;
@@ -257,7 +254,7 @@ async fn open(
     });
     let span = tracing::debug_span!("peer", %peer, kind = kind.name());
     let max_frame = FrameCodec::for_messages(max_message).max_frame();
-    inner.tasks.spawn(
+    rt.tasks.spawn(
         async move {
             // The writer holds no sender of its own queue: it ends when the
             // channel is dropped, says goodbye, or is closed.
@@ -267,22 +264,21 @@ async fn open(
         }
         .instrument(span.clone()),
     );
-    inner
-        .tasks
-        .spawn(outgoing_reader(inner.clone(), conn.clone(), reader).instrument(span));
+    rt.tasks
+        .spawn(outgoing_reader(rt.clone(), conn.clone(), reader).instrument(span));
     Ok(conn)
 }
 
 /// Reads the acknowledgements on an outgoing channel; when it ends, every
 /// message still waiting on it fails for that receiver.
 async fn outgoing_reader(
-    inner: Arc<Inner>,
+    rt: Runtime,
     conn: Arc<DirectConn>,
     mut reader: FrameReader<OwnedReadHalf>,
 ) {
     let unexpected = loop {
         let frame = tokio::select! {
-            _ = inner.cancel.cancelled() => break None,
+            _ = rt.cancel.cancelled() => break None,
             _ = conn.queue.closed() => break (!conn.is_closing()).then(|| "the writer stopped".to_owned()),
             f = reader.next() => f,
         };
@@ -294,17 +290,17 @@ async fn outgoing_reader(
             Ok(Some(frame)) => match frame.into_parts().0 {
                 Header::Pong { .. } => {}
                 Header::Ack(ack) if ack.from == conn.peer => {
-                    if ack.to_incarnation == inner.incarnation() {
+                    if ack.to_incarnation == rt.incarnation() {
                         conn.settled(ack.seq);
-                        handle_ack(&inner, &ack);
+                        handle_ack(&rt, &ack);
                     }
                 }
                 Header::Acks(acks) if acks.from == conn.peer => {
-                    if acks.to_incarnation == inner.incarnation() {
+                    if acks.to_incarnation == rt.incarnation() {
                         for &seq in &acks.seqs {
                             conn.settled(seq);
                         }
-                        handle_acks(&inner, &acks);
+                        handle_acks(&rt, &acks);
                     }
                 }
                 // The peer stopped as planned: not an error (what was in
@@ -318,11 +314,11 @@ async fn outgoing_reader(
             Err(e) => break Some(e.to_string()),
         }
     };
-    inner.direct.remove(&conn);
+    rt.direct.remove(&conn);
     let lost = conn.lock().take_in_flight();
     conn.queue.close();
     if conn.kind == ChannelKind::Lazy {
-        Counters::add(&inner.counters.lazy_closed, 1);
+        Counters::add(&rt.counters.lazy_closed, 1);
     }
     match unexpected {
         None => tracing::info!(kind = conn.kind.name(), "channel stopped"),
@@ -330,33 +326,33 @@ async fn outgoing_reader(
             tracing::error!(kind = conn.kind.name(), %reason, in_flight = lost.len(), "channel stopped unexpectedly")
         }
     }
-    let ((), out) = inner.core.run(|core| {
+    let ((), out) = rt.core.run(|core| {
         for seq in lost {
             core.handle_failure(seq, &conn.peer, SendError::Disconnected);
         }
     });
-    inner.dispatch(out.events);
+    rt.dispatch(out.events);
 }
 
 /// Closes lazy channels idle for `lazy.idle_close_ms` with nothing in
 /// flight, forgets stale auto-activation windows, and declares gone the
 /// members that disconnected and did not return within the failure
 /// timeout. Runs for the node's life.
-pub(crate) async fn idle_sweeper(inner: Arc<Inner>) {
+pub(crate) async fn idle_sweeper(rt: Runtime) {
     let policy = ChannelPolicy {
-        idle_close: Duration::from_millis(inner.config.lazy.idle_close_ms),
-        failure_timeout: inner.config.failure_timeout(),
+        idle_close: Duration::from_millis(rt.config.lazy.idle_close_ms),
+        failure_timeout: rt.config.failure_timeout(),
     };
     let tick = (policy.idle_close.min(policy.failure_timeout) / 4)
         .clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let probe_every = Duration::from_millis(inner.config.cluster.heartbeat_interval_ms);
+    let probe_every = Duration::from_millis(rt.config.cluster.heartbeat_interval_ms);
     let mut last_probe: Option<Instant> = None;
     let mut nonce = 0u64;
     loop {
         tokio::select! {
-            _ = inner.cancel.cancelled() => return,
+            _ = rt.cancel.cancelled() => return,
             _ = interval.tick() => {}
         }
         let now = Instant::now();
@@ -365,25 +361,25 @@ pub(crate) async fn idle_sweeper(inner: Arc<Inner>) {
             last_probe = Some(now);
             nonce += 1;
         }
-        for conn in inner.direct.all() {
+        for conn in rt.direct.all() {
             // The channel monitor: one whose peer has not answered probes
             // within the failure timeout is broken and closed (what was in
             // flight on it fails); the next need reopens it.
             let queued = conn.queue.queued_frames();
             // The channel's lock, then the core's: never the other way.
             let verdict = conn.lock().check(now, &policy, queued, |seq| {
-                inner.core.lock().tracker().is_tracked(seq)
+                rt.core.lock().tracker().is_tracked(seq)
             });
             match verdict {
                 Verdict::Broken => {
                     tracing::error!(peer = %conn.peer, kind = conn.kind.name(), "channel stopped unexpectedly: no answer to probes within the failure timeout");
-                    inner.direct.remove(&conn);
+                    rt.direct.remove(&conn);
                     conn.queue.close();
                 }
                 Verdict::CloseIdle => {
                     tracing::debug!(peer = %conn.peer, "closing idle lazy channel");
-                    inner.direct.remove(&conn);
-                    inner.core.lock().handle_channel_idle(&conn.peer);
+                    rt.direct.remove(&conn);
+                    rt.core.lock().handle_channel_idle(&conn.peer);
                     if conn
                         .queue
                         .try_push(OutFrame::control(Header::Goodbye), Lane::Control)
@@ -404,18 +400,17 @@ pub(crate) async fn idle_sweeper(inner: Arc<Inner>) {
 }
 
 /// Accepts direct channels from other nodes for the node's life.
-pub(crate) async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
+pub(crate) async fn accept_loop(rt: Runtime, listener: TcpListener) {
     loop {
         let accepted = tokio::select! {
-            _ = inner.cancel.cancelled() => return,
+            _ = rt.cancel.cancelled() => return,
             a = listener.accept() => a,
         };
         match accepted {
             Ok((stream, addr)) => {
                 let span = tracing::debug_span!("inbound", %addr, peer = tracing::field::Empty);
-                inner
-                    .tasks
-                    .spawn(serve_inbound(inner.clone(), stream).instrument(span));
+                rt.tasks
+                    .spawn(serve_inbound(rt.clone(), stream).instrument(span));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accepting a direct channel failed");
@@ -427,8 +422,8 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
 
 /// One inbound direct channel: handshake, then deliver each message and
 /// acknowledge it on the same connection.
-async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
-    let config = &inner.config;
+async fn serve_inbound(rt: Runtime, stream: TcpStream) {
+    let config = &rt.config;
     if let Err(e) = transports::tcp::tune(&stream, &config.tcp.options()) {
         tracing::debug!(error = %e, "could not tune socket");
     }
@@ -467,7 +462,7 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
     // Message bodies are copied out as they are delivered.
     *reader.codec_mut() = codec.in_place();
     let (queue, rx) = out_queue(config.node.queue_frames, config.node.queue_bytes);
-    inner.tasks.spawn(
+    rt.tasks.spawn(
         async move {
             if let Err(e) = transports::run_writer(wr, rx, codec.max_frame()).await {
                 tracing::debug!(error = %e, "inbound channel writer stopped");
@@ -482,7 +477,7 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
     // message.
     let mut names = NameCache::new();
     let mut inboxes = InboxCache::default();
-    let mut acks = AckBatch::new(inner.id.clone(), inner.core.clone(), queue.clone());
+    let mut acks = AckBatch::new(rt.id.clone(), rt.core.clone(), queue.clone());
     loop {
         if !reader.has_buffered_frame() {
             acks.flush().await;
@@ -493,7 +488,7 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
             reader.try_next_frame()
         } else {
             tokio::select! {
-                _ = inner.cancel.cancelled() => break,
+                _ = rt.cancel.cancelled() => break,
                 _ = queue.closed() => break,
                 f = reader.next_frame() => f,
             }
@@ -522,13 +517,12 @@ async fn serve_inbound(inner: Arc<Inner>, stream: TcpStream) {
                     );
                     break;
                 }
-                Counters::add(&inner.counters.received_direct, 1);
+                Counters::add(&rt.counters.received_direct, 1);
                 let body = bodies.owned_body(&raw, header_len);
-                let later =
-                    deliver_now(&inner, &h, body, &mut acks, &mut inboxes, Received::Direct);
+                let later = deliver_now(&rt, &h, body, &mut acks, &mut inboxes, Received::Direct);
                 if let Some(later) = later {
                     let delivered =
-                        deliver_later(&inner, &h, later, &queue, &mut acks, &mut inboxes).await;
+                        deliver_later(&rt, &h, later, &queue, &mut acks, &mut inboxes).await;
                     if delivered.is_err() {
                         break;
                     }

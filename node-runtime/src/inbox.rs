@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
@@ -11,7 +11,7 @@ use smol_str::SmolStr;
 use tokio::sync::Notify;
 use transports::protocol::NodeId;
 
-use crate::node::Inner;
+use crate::runtime::Replier;
 use crate::SendError;
 
 /// A message delivered to a service on this node.
@@ -29,7 +29,7 @@ pub struct Message {
     /// Set for requests (and only for them): the runtime that sends the
     /// reply. Weak: a message the application keeps does not keep its
     /// node alive.
-    pub(crate) replier: Option<Weak<Inner>>,
+    pub(crate) replier: Option<Arc<Replier>>,
 }
 
 impl fmt::Debug for Message {
@@ -93,11 +93,8 @@ impl Message {
         let Some(replier) = &self.replier else {
             return Err(SendError::NotARequest);
         };
-        let Some(inner) = replier.upgrade() else {
-            return Err(SendError::Shutdown);
-        };
-        inner
-            .send_reply(
+        replier
+            .send(
                 &self.sender,
                 self.sender_incarnation,
                 self.seq,

@@ -53,6 +53,7 @@ pub mod inbox;
 pub mod membership;
 pub mod node;
 mod routing;
+mod runtime;
 mod supervisor;
 
 pub use builder::NodeBuilder;

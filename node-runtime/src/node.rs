@@ -1,32 +1,25 @@
-//! The node handle the application holds, and the state its tasks share.
+//! The node handle the application holds, and the handle of a message on
+//! its way.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use cluster_config::Config;
-use cluster_manager::core::{CoreConfig, Event, NodeCore, Transmit};
-use cluster_manager::link::LinkPolicy;
 use cluster_manager::{Awaiting, Completion, DeliveryReport, SendError};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use transports::protocol::{
-    DeliveryFailure, Header, Hello, MemberEvent, MemberInfo, MessageHeader, MessageKind,
-    MessageRef, NodeId, Target, TargetRef,
-};
-use transports::{Lane, OutFrame, OutQueue, PushError, Wait};
+use transports::protocol::{Header, MemberInfo, MessageKind, NodeId, Target};
+use transports::{Lane, OutFrame, Wait};
 
 use crate::builder::NodeBuilder;
-use crate::connection::{late_failure, pump, ServiceQueue};
-use crate::core::{complete, CoreCell, Waiter};
-use crate::counters::{Counters, PathCounters};
-use crate::direct::DirectPool;
+use crate::connection::{pump, ServiceQueue};
+use crate::core::CoreCell;
+use crate::counters::PathCounters;
 use crate::inbox::Inbox;
-use crate::membership::{MemberView, MembershipEvents};
+use crate::membership::MembershipEvents;
+use crate::runtime::Runtime;
 use crate::NodeError;
 
 /// Time [`Node::shutdown`] waits for the node's tasks to finish.
@@ -39,419 +32,6 @@ pub struct Reply {
     pub from: NodeId,
     /// The reply's body.
     pub body: Bytes,
-}
-
-/// Messages the core gives to send again, as frames.
-pub(crate) fn resend_frames(transmits: Vec<Transmit>) -> Vec<OutFrame> {
-    transmits
-        .into_iter()
-        .map(|(header, body)| OutFrame::Parts {
-            header: Header::Message(header),
-            body,
-        })
-        .collect()
-}
-
-/// What a node learnt while connecting, to build its shared state from.
-#[derive(Debug)]
-pub(crate) struct Parts {
-    pub(crate) hello: Hello,
-    pub(crate) config: Config,
-    pub(crate) server_max: u64,
-    pub(crate) queue: OutQueue,
-    pub(crate) members: Vec<MemberInfo>,
-    pub(crate) server_index: usize,
-}
-
-/// State shared by the node handles and the node's tasks.
-#[derive(Debug)]
-pub(crate) struct Inner {
-    pub(crate) id: NodeId,
-    /// Every decision: paths, outcomes, duplicates, members, the link.
-    pub(crate) core: Arc<CoreCell>,
-    /// What this node says when it opens a connection.
-    hello: Mutex<Hello>,
-    pub(crate) config: Config,
-    /// The body limit of the message-server path (negotiated).
-    pub(crate) server_max: u64,
-    tokens: AtomicU64,
-    /// The connection to the message server.
-    pub(crate) queue: OutQueue,
-    /// Each subscribed service's delivery queue, drained by its pump.
-    pub(crate) inboxes: RwLock<HashMap<Arc<str>, ServiceQueue>>,
-    /// Changed (under `inboxes`' write lock) whenever `inboxes` changes:
-    /// readers keep the inbox they delivered to last while it stays the
-    /// same (see [`crate::connection::InboxCache`]).
-    pub(crate) inboxes_generation: AtomicU64,
-    pub(crate) subscriptions: Mutex<HashMap<u64, oneshot::Sender<()>>>,
-    pub(crate) resolves: Mutex<HashMap<u64, oneshot::Sender<ResolveResult>>>,
-    /// The application's stream of membership events.
-    pub(crate) members: MemberView,
-    pub(crate) direct: DirectPool,
-    /// Orders message-server sends: the sequence number is taken and the
-    /// frame queued under it, so the wire order is the number order (also
-    /// for what a member that is back gets again).
-    pub(crate) send_lock: tokio::sync::Mutex<()>,
-    /// Bounds the acknowledged messages awaiting an outcome
-    /// (`node.max_in_flight`); a [`Pending`] holds a place.
-    pub(crate) in_flight: Arc<Semaphore>,
-    /// Where the message server takes heartbeats, for the current link.
-    pub(crate) server_heartbeat: Mutex<Option<std::net::SocketAddr>>,
-    /// Service names sent to, shared instead of allocated per message.
-    service_names: RwLock<rustc_hash::FxHashSet<Arc<str>>>,
-    pub(crate) counters: Counters,
-    /// Routing failures reported for messages nobody waits on.
-    pub(crate) late_failures: AtomicU64,
-    pub(crate) cancel: CancellationToken,
-    pub(crate) tasks: TaskTracker,
-    /// When the node started: the time given to the core where it does not
-    /// need the clock.
-    pub(crate) started: std::time::Instant,
-}
-
-/// Most service names a node keeps shared (see `Inner::service_name`).
-const MAX_SERVICE_NAMES: usize = 1024;
-
-/// The members a target resolves to, or why not.
-pub(crate) type ResolveResult = Result<Vec<(NodeId, u64)>, DeliveryFailure>;
-
-impl Inner {
-    pub(crate) fn new(parts: Parts) -> Inner {
-        let config = &parts.config;
-        let ms = &config.message_server;
-        let lazy = &config.lazy;
-        let core = CoreConfig {
-            id: parts.hello.node.clone(),
-            incarnation: parts.hello.incarnation,
-            role: parts.hello.role,
-            groups: parts.hello.groups.clone(),
-            lazy_threshold_bytes: lazy.threshold_bytes,
-            lazy_services: lazy.services.clone(),
-            auto_activate_messages: lazy.auto_activate_messages,
-            auto_activate_window: Duration::from_millis(lazy.auto_activate_window_ms),
-            max_message_bytes: config.limits.max_message_bytes,
-            server_max_message_bytes: parts.server_max,
-            link: LinkPolicy {
-                addresses: ms.addresses.len(),
-                reconnect_delay: Duration::from_millis(ms.reconnect_delay_ms),
-                reconnect_max_delay: Duration::from_millis(ms.reconnect_max_delay_ms),
-                failure_timeout: config.failure_timeout(),
-            },
-        };
-        let core = NodeCore::new(
-            core,
-            parts.members,
-            parts.server_index,
-            std::time::Instant::now(),
-        );
-        let max_in_flight = parts.config.node.max_in_flight;
-        Inner {
-            id: parts.hello.node.clone(),
-            core: Arc::new(CoreCell::new(core)),
-            hello: Mutex::new(parts.hello),
-            config: parts.config,
-            server_max: parts.server_max,
-            tokens: AtomicU64::new(1),
-            inboxes_generation: AtomicU64::new(0),
-            queue: parts.queue,
-            inboxes: RwLock::new(HashMap::new()),
-            subscriptions: Mutex::new(HashMap::new()),
-            resolves: Mutex::new(HashMap::new()),
-            members: MemberView::new(),
-            direct: DirectPool::default(),
-            send_lock: tokio::sync::Mutex::new(()),
-            in_flight: Arc::new(Semaphore::new(
-                max_in_flight.clamp(1, Semaphore::MAX_PERMITS),
-            )),
-            server_heartbeat: Mutex::new(None),
-            service_names: RwLock::default(),
-            counters: Counters::default(),
-            late_failures: AtomicU64::new(0),
-            cancel: CancellationToken::new(),
-            tasks: TaskTracker::new(),
-            started: std::time::Instant::now(),
-        }
-    }
-
-    /// A new link to address `index` is up: heartbeats go to its server,
-    /// and its silence is measured from now.
-    pub(crate) fn link_started(&self, heartbeat: Option<std::net::SocketAddr>, index: usize) {
-        *self
-            .server_heartbeat
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = heartbeat;
-        let _ = index;
-    }
-
-    /// The current incarnation.
-    pub(crate) fn incarnation(&self) -> u64 {
-        self.core.lock().incarnation()
-    }
-
-    /// Takes a new incarnation (this node was declared failed): what the
-    /// old one was waiting for fails, and with it what would be resent.
-    pub(crate) fn new_incarnation(&self, incarnation: u64) {
-        self.hello
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .incarnation = incarnation;
-        let ((), out) = self
-            .core
-            .run(|core| core.handle_new_incarnation(std::time::Instant::now(), incarnation));
-        self.dispatch(out.events);
-    }
-
-    /// Acts on what the core decided: wakes the waiting senders, tells the
-    /// application, closes the channels of members gone, counts what
-    /// nobody waits on.
-    pub(crate) fn dispatch(&self, events: Vec<Event<Waiter>>) {
-        for event in events {
-            match event {
-                Event::Completed(waiter, completion) => complete(waiter, completion),
-                Event::Membership(event) => self.members.emit(event),
-                Event::PeerGone(id) => self.direct.close_peer(&id),
-                Event::LateFailure(routed) => late_failure(self, &routed),
-            }
-        }
-    }
-
-    /// Applies a membership event from the message server, under the
-    /// send order: a member that is back gets what it missed before
-    /// anything newer.
-    pub(crate) async fn handle_member_event(&self, event: MemberEvent) {
-        let _order = self.send_lock.lock().await;
-        let ((), out) = self
-            .core
-            .run(|core| core.handle_member_event(std::time::Instant::now(), event));
-        self.core.timers.notify_one();
-        self.dispatch(out.events);
-        for frame in resend_frames(out.transmits) {
-            if self
-                .queue
-                .push(frame, Lane::Data, Wait::Forever)
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-    }
-
-    /// This node's `Hello` as it stands (role, groups, direct address).
-    pub(crate) fn hello(&self) -> Hello {
-        self.hello.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// This node's `Hello` as of now: its current services included.
-    pub(crate) fn current_hello(&self) -> Hello {
-        let mut hello = self.hello();
-        hello.services = self
-            .inboxes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .map(|s| s.to_string())
-            .collect();
-        hello
-    }
-
-    /// `service` as a shared name: the same allocation for every message
-    /// to it, for up to [`MAX_SERVICE_NAMES`] names (beyond that, each
-    /// message gets its own, so that the table stays bounded).
-    pub(crate) fn service_name(&self, service: &str) -> Arc<str> {
-        thread_local! {
-            /// The name this thread asked for last: a sender usually sends
-            /// to one service many times in a row. Any `Arc<str>` with
-            /// the same text serves, whichever node interned it.
-            static LAST: std::cell::RefCell<Option<Arc<str>>> =
-                const { std::cell::RefCell::new(None) };
-        }
-        let last = LAST.with_borrow(|last| {
-            last.as_ref()
-                .filter(|name| transports::protocol::same_name(name, service))
-                .cloned()
-        });
-        if let Some(name) = last {
-            return name;
-        }
-        let name = self.interned_service_name(service);
-        LAST.set(Some(name.clone()));
-        name
-    }
-
-    /// [`Inner::service_name`] from the node's table of names.
-    fn interned_service_name(&self, service: &str) -> Arc<str> {
-        if let Some(name) = self
-            .service_names
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(service)
-        {
-            return name.clone();
-        }
-        let mut names = self
-            .service_names
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(name) = names.get(service) {
-            return name.clone();
-        }
-        let name: Arc<str> = Arc::from(service);
-        if names.len() < MAX_SERVICE_NAMES {
-            names.insert(name.clone());
-        }
-        name
-    }
-
-    pub(crate) fn next_token(&self) -> u64 {
-        self.tokens.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Bodies above `limits.max_message_bytes` fail before anything is
-    /// sent, whatever the path.
-    pub(crate) fn check_size(&self, body: &Bytes) -> Result<(), SendError> {
-        let max = self.config.limits.max_message_bytes;
-        if body.len() as u64 > max {
-            return Err(SendError::PayloadTooLarge {
-                size: body.len() as u64,
-                max,
-            });
-        }
-        Ok(())
-    }
-
-    /// The header of this node's message `seq`, by reference: what the
-    /// queues encode in place when a message is queued without a frame.
-    pub(crate) fn message_ref<'a>(
-        &'a self,
-        seq: u64,
-        incarnation: u64,
-        target: TargetRef<'a>,
-        service: &'a str,
-        kind: MessageKind,
-    ) -> MessageRef<'a> {
-        MessageRef {
-            sender: self.id.as_str(),
-            incarnation,
-            seq,
-            target,
-            service,
-            kind,
-        }
-    }
-
-    pub(crate) fn header(
-        &self,
-        seq: u64,
-        incarnation: u64,
-        target: Target,
-        service: Arc<str>,
-        kind: MessageKind,
-    ) -> MessageHeader {
-        MessageHeader {
-            sender: self.id.clone(),
-            incarnation,
-            seq,
-            target,
-            service,
-            kind,
-        }
-    }
-
-    pub(crate) fn message(
-        &self,
-        seq: u64,
-        incarnation: u64,
-        target: Target,
-        service: Arc<str>,
-        kind: MessageKind,
-        body: Bytes,
-    ) -> OutFrame {
-        OutFrame::Parts {
-            header: Header::Message(MessageHeader {
-                sender: self.id.clone(),
-                incarnation,
-                seq,
-                target,
-                service,
-                kind,
-            }),
-            body,
-        }
-    }
-
-    /// Queues a frame to the message server by `deadline`.
-    pub(crate) async fn enqueue(
-        &self,
-        frame: OutFrame,
-        deadline: Instant,
-    ) -> Result<(), SendError> {
-        // Room at once, usually: no timer, no waiting future.
-        match self
-            .queue
-            .push(frame, Lane::Data, Wait::Until(deadline))
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(PushError::Closed(_)) => Err(self.closed_error()),
-            Err(PushError::Full(_) | PushError::Congested) => Err(SendError::Timeout {
-                after: self.config.send_timeout(),
-                waiting_for: vec![],
-            }),
-        }
-    }
-
-    /// Whether the node is shutting down.
-    pub(crate) fn is_stopping(&self) -> bool {
-        self.core.is_stopping()
-    }
-
-    pub(crate) fn closed_error(&self) -> SendError {
-        self.core.closed_error()
-    }
-
-    pub(crate) async fn send_reply(
-        &self,
-        requester: &NodeId,
-        requester_incarnation: u64,
-        request_seq: u64,
-        service: &str,
-        body: Bytes,
-    ) -> Result<(), SendError> {
-        self.check_size(&body)?;
-        let deadline = Instant::now() + self.config.send_timeout();
-        let kind = MessageKind::Reply {
-            request_seq,
-            requester_incarnation,
-        };
-        let (seq, incarnation) = {
-            let mut core = self.core.lock();
-            (core.next_seq(), core.incarnation())
-        };
-        let frame = self.message(
-            seq,
-            incarnation,
-            Target::Node(requester.clone()),
-            self.service_name(service),
-            kind,
-            body,
-        );
-        self.enqueue(frame, deadline).await
-    }
-
-    /// Fails everything pending and closes inboxes; idempotent.
-    pub(crate) fn close(&self, error: &SendError) {
-        let ((), out) = self.core.run(|core| core.handle_shutdown(error));
-        self.dispatch(out.events);
-        self.inboxes
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-        self.subscriptions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-    }
 }
 
 /// A message on its way: queued for the wire, its outcome not yet known.
@@ -565,31 +145,32 @@ impl Drop for Pending {
 /// Shuts the node down when the last [`Node`] handle is dropped.
 #[derive(Debug)]
 struct DropGuard {
-    inner: Arc<Inner>,
+    rt: Runtime,
 }
 
 impl Drop for DropGuard {
     fn drop(&mut self) {
-        begin_shutdown(&self.inner);
+        begin_shutdown(&self.rt);
     }
 }
 
-fn begin_shutdown(inner: &Inner) {
-    if inner.core.begin_stopping() {
+fn begin_shutdown(rt: &Runtime) {
+    if rt.core.begin_stopping() {
         return;
     }
-    inner.cancel.cancel();
+    rt.cancel.cancel();
     // The writer stops after writing the goodbye; if it cannot be queued,
     // stop the writer at once.
-    if inner
+    if rt
+        .server
         .queue
         .try_push(OutFrame::control(Header::Goodbye), Lane::Control)
         .is_err()
     {
-        inner.queue.close();
+        rt.server.queue.close();
     }
-    inner.close(&SendError::Shutdown);
-    inner.tasks.close();
+    rt.close(&SendError::Shutdown);
+    rt.tasks.close();
 }
 
 /// A running cluster node: the handle an application server embeds.
@@ -599,7 +180,7 @@ fn begin_shutdown(inner: &Inner) {
 /// handle is dropped.
 #[derive(Debug, Clone)]
 pub struct Node {
-    inner: Arc<Inner>,
+    rt: Runtime,
     _guard: Arc<DropGuard>,
 }
 
@@ -609,64 +190,57 @@ impl Node {
         NodeBuilder::new(id.into())
     }
 
-    pub(crate) fn from_inner(inner: Arc<Inner>) -> Node {
+    pub(crate) fn from_runtime(rt: Runtime) -> Node {
         Node {
-            _guard: Arc::new(DropGuard {
-                inner: inner.clone(),
-            }),
-            inner,
+            _guard: Arc::new(DropGuard { rt: rt.clone() }),
+            rt,
         }
     }
 
     /// This node's id.
     pub fn id(&self) -> &NodeId {
-        &self.inner.id
+        &self.rt.id
     }
 
     /// This node's incarnation: a fresh number each start.
     pub fn incarnation(&self) -> u64 {
-        self.inner.incarnation()
+        self.rt.incarnation()
     }
 
     /// The configuration in force for this node (its `[nodes.<id>]` section
     /// merged in).
     pub fn config(&self) -> &Config {
-        &self.inner.config
+        &self.rt.config
     }
 
     /// The largest body this node may send (`limits.max_message_bytes`);
     /// larger ones fail with `PayloadTooLarge` before anything is sent.
     pub fn max_message_bytes(&self) -> u64 {
-        self.inner.config.limits.max_message_bytes
+        self.rt.config.limits.max_message_bytes
     }
 
     /// The largest body the message-server path carries (the smaller of the
     /// server's and this node's limits); larger bodies need a lazy channel.
     pub fn server_max_message_bytes(&self) -> u64 {
-        self.inner.server_max
+        self.rt.server.max_message
     }
 
     /// The message server this node is registered with now (an entry of
     /// `message_server.addresses`), or `None` while it is reconnecting.
     pub fn message_server(&self) -> Option<String> {
-        let index = self.inner.core.lock().link().index()?;
-        self.inner
-            .config
-            .message_server
-            .addresses
-            .get(index)
-            .cloned()
+        let index = self.rt.core.lock().link().index()?;
+        self.rt.config.message_server.addresses.get(index).cloned()
     }
 
     /// The address this node announced for direct channels.
     pub fn direct_addr(&self) -> Option<std::net::SocketAddr> {
-        self.inner.hello().direct_addr
+        self.rt.server.hello().direct_addr
     }
 
     /// What this node sent on each path, and what became of its direct
     /// channels.
     pub fn counters(&self) -> PathCounters {
-        self.inner.counters.snapshot()
+        self.rt.counters.snapshot()
     }
 
     /// Starts offering `service` and returns its inbox. Resolves once the
@@ -682,14 +256,18 @@ impl Node {
         if !transports::protocol::valid_name(service) {
             return Err(NodeError::invalid_name("service", service));
         }
-        let inner = &self.inner;
-        let capacity = inner.config.node.inbox_capacity;
+        let rt = &self.rt;
+        let capacity = rt.config.node.inbox_capacity;
         let (tx, rx) = crate::inbox::inbox(service, capacity);
         let (delivery_tx, delivery_rx) = mpsc::channel(capacity);
         let backlog: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
         let name: Arc<str> = Arc::from(service);
         {
-            let mut inboxes = inner.inboxes.write().unwrap_or_else(|p| p.into_inner());
+            let mut inboxes = rt
+                .services
+                .inboxes
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
             if inboxes.get(service).is_some_and(|s| !s.is_closed()) {
                 return Err(NodeError::AlreadySubscribed(service.to_owned()));
             }
@@ -702,14 +280,13 @@ impl Node {
                     congested: Arc::default(),
                 },
             );
-            inner.inboxes_generation.fetch_add(1, Ordering::AcqRel);
+            rt.services.generation.fetch_add(1, Ordering::AcqRel);
         }
-        inner
-            .tasks
-            .spawn(pump(inner.clone(), name, delivery_rx, tx, backlog));
-        let token = inner.tokens.fetch_add(1, Ordering::Relaxed);
+        rt.tasks
+            .spawn(pump(rt.clone(), name, delivery_rx, tx, backlog));
+        let token = rt.server.next_token();
         let (done_tx, done_rx) = oneshot::channel();
-        inner
+        rt.server
             .subscriptions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -718,9 +295,9 @@ impl Node {
             token,
             service: service.to_owned(),
         });
-        let timeout = inner.config.send_timeout();
+        let timeout = rt.config.send_timeout();
         let confirmed = tokio::time::timeout(timeout, async {
-            inner
+            rt.server
                 .queue
                 .push(frame, Lane::Control, Wait::Forever)
                 .await
@@ -732,7 +309,7 @@ impl Node {
             Ok(Ok(())) => Ok(rx),
             Ok(Err(e)) => Err(e),
             Err(_) => {
-                inner
+                rt.server
                     .subscriptions
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -780,7 +357,7 @@ impl Node {
         service: &str,
         body: impl Into<Bytes>,
     ) -> Result<Pending, SendError> {
-        self.inner
+        self.rt
             .submit(
                 target,
                 service,
@@ -804,7 +381,7 @@ impl Node {
         service: &str,
         body: impl Into<Bytes>,
     ) -> Result<(), SendError> {
-        self.inner.notify(target, service, body.into()).await
+        self.rt.notify(target, service, body.into()).await
     }
 
     /// Sends `body` one-way to `target` over this dispatcher's session
@@ -822,7 +399,7 @@ impl Node {
         service: &str,
         body: impl Into<Bytes>,
     ) -> Result<(), SendError> {
-        self.inner.session(target, service, body.into()).await
+        self.rt.session(target, service, body.into()).await
     }
 
     /// Sends a request to one node (`Node` or `AnyOf`) and awaits its reply.
@@ -840,7 +417,7 @@ impl Node {
             return Err(SendError::InvalidTarget(target));
         }
         let pending = self
-            .inner
+            .rt
             .submit(
                 target,
                 service,
@@ -858,12 +435,12 @@ impl Node {
 
     /// The current members of the cluster, this node included.
     pub fn members(&self) -> Vec<MemberInfo> {
-        self.inner.core.lock().members().snapshot()
+        self.rt.core.lock().members().snapshot()
     }
 
     /// A stream of membership changes from now on.
     pub fn membership_events(&self) -> MembershipEvents {
-        self.inner.members.subscribe()
+        self.rt.members.subscribe()
     }
 
     /// How many receivers missed a message that nobody was waiting on: a
@@ -871,24 +448,24 @@ impl Node {
     /// service, receiver overloaded), or a send whose caller stopped
     /// waiting. Each is also logged at `warn`.
     pub fn late_failures(&self) -> u64 {
-        self.inner.late_failures.load(Ordering::Relaxed)
+        self.rt.counters.late_failures.load(Ordering::Relaxed)
     }
 
     /// Acknowledged messages and requests still waiting for an outcome.
     pub fn pending(&self) -> usize {
-        self.inner.core.lock().tracker().len()
+        self.rt.core.lock().tracker().len()
     }
 
     /// Stops the node: tells the message server it is a planned stop, fails
     /// what is still pending with `Shutdown`, closes the inboxes, and waits
     /// up to [`SHUTDOWN_GRACE`] for the node's tasks.
     pub async fn shutdown(self) {
-        begin_shutdown(&self.inner);
-        if tokio::time::timeout(SHUTDOWN_GRACE, self.inner.tasks.wait())
+        begin_shutdown(&self.rt);
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.rt.tasks.wait())
             .await
             .is_err()
         {
-            tracing::warn!(node = %self.inner.id, "node tasks did not stop within the grace period");
+            tracing::warn!(node = %self.rt.id, "node tasks did not stop within the grace period");
         }
     }
 }

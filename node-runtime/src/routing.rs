@@ -18,7 +18,8 @@ use transports::{Lane, OutFrame, PushError, Wait};
 
 use crate::counters::Counters;
 use crate::direct::{get_or_open, DirectConn};
-use crate::node::{Inner, Pending};
+use crate::node::Pending;
+use crate::runtime::Runtime;
 use cluster_manager::channels::ChannelKind;
 use cluster_manager::tracker::Resend;
 
@@ -46,13 +47,13 @@ struct OneByOne<'a> {
     body: Bytes,
 }
 
-impl Inner {
+impl Runtime {
     /// Picks the route of a message (opening a lazy channel if that is the
     /// path), and numbers it. `deadline` is the send's, if it took one
     /// already; a fan-out that has to ask the message server for its
     /// members takes one then.
     async fn route(
-        self: &Arc<Self>,
+        &self,
         target: &Target,
         service: &str,
         body_len: u64,
@@ -110,7 +111,7 @@ impl Inner {
     /// What every send does first: check the body and the node, choose
     /// the route (keeping to `deadline` if the send took one already).
     async fn start_send(
-        self: &Arc<Self>,
+        &self,
         target: &Target,
         service: &str,
         body: &Bytes,
@@ -135,7 +136,7 @@ impl Inner {
     /// awaits its outcome. Messages submitted one after another from one
     /// task go out in that order on each path.
     pub(crate) async fn submit(
-        self: &Arc<Self>,
+        &self,
         target: Target,
         service: &str,
         body: Bytes,
@@ -174,12 +175,14 @@ impl Inner {
                 // The number is taken and the frame queued in send order,
                 // so the wire order is the number order (receivers
                 // deduplicate by number; resends go out in number order).
-                let _order = match self.send_lock.try_lock() {
+                let _order = match self.server.send_lock.try_lock() {
                     Ok(order) => order,
                     Err(_) => {
-                        let waited =
-                            Box::pin(tokio::time::timeout_at(deadline, self.send_lock.lock()))
-                                .await;
+                        let waited = Box::pin(tokio::time::timeout_at(
+                            deadline,
+                            self.server.send_lock.lock(),
+                        ))
+                        .await;
                         let Ok(order) = waited else {
                             return Err(SendError::Timeout {
                                 after: self.config.send_timeout(),
@@ -207,7 +210,7 @@ impl Inner {
                 // in place; otherwise as a frame, waiting for room.
                 let header =
                     self.message_ref(seq, incarnation, TargetRef::from(&target), &service, kind);
-                if !self.queue.try_push_message(&header, &body) {
+                if !self.server.queue.try_push_message(&header, &body) {
                     let header = self.header(seq, incarnation, target, service, kind);
                     let frame = OutFrame::Parts {
                         header: Header::Message(header),
@@ -285,7 +288,7 @@ impl Inner {
 
     /// Sends a one-way message on its path.
     pub(crate) async fn notify(
-        self: &Arc<Self>,
+        &self,
         target: Target,
         service: &str,
         body: Bytes,
@@ -310,7 +313,7 @@ impl Inner {
                 let target_ref = TargetRef::from(&target);
                 let header =
                     self.message_ref(seq, incarnation, target_ref, service, MessageKind::Notify);
-                if !self.queue.try_push_message(&header, &body) {
+                if !self.server.queue.try_push_message(&header, &body) {
                     let service = self.service_name(service);
                     let frame =
                         self.message(seq, incarnation, target, service, MessageKind::Notify, body);
@@ -339,7 +342,7 @@ impl Inner {
     /// Sends one-way over the session channel to a server of this
     /// dispatcher's group.
     pub(crate) async fn session(
-        self: &Arc<Self>,
+        &self,
         target: &NodeId,
         service: &str,
         body: Bytes,
@@ -401,7 +404,7 @@ impl Inner {
     /// the message server when the channel cannot be opened and the body
     /// fits there.
     async fn send_to_member(
-        self: &Arc<Self>,
+        &self,
         member: &NodeId,
         msg: &OneByOne<'_>,
         tracked: bool,
@@ -411,7 +414,7 @@ impl Inner {
             Ok(conn) => self.push_direct(conn, msg, tracked, Some(deadline)).await,
             Err(reason) => {
                 let body_len = msg.body.len() as u64;
-                if path::fallback(body_len, self.server_max) == Fallback::Fail {
+                if path::fallback(body_len, self.server.max_message) == Fallback::Fail {
                     return Err(SendError::DirectUnavailable {
                         node: member.clone(),
                         reason,
@@ -429,7 +432,7 @@ impl Inner {
     /// replaced once. `deadline` is the send's, if it took one; a one-way
     /// send takes one only if it has to wait for room.
     async fn push_direct(
-        self: &Arc<Self>,
+        &self,
         mut conn: Arc<DirectConn>,
         msg: &OneByOne<'_>,
         tracked: bool,
@@ -502,7 +505,8 @@ impl Inner {
     }
 
     fn late_failure(&self, member: &NodeId, error: &SendError) {
-        self.late_failures
+        self.counters
+            .late_failures
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(%member, %error, "a one-way message was not delivered");
     }
@@ -514,9 +518,10 @@ impl Inner {
         service: &str,
         deadline: Instant,
     ) -> Result<Vec<NodeId>, SendError> {
-        let token = self.next_token();
+        let token = self.server.next_token();
         let (tx, rx) = oneshot::channel();
-        self.resolves
+        self.server
+            .resolves
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(token, tx);
@@ -526,7 +531,8 @@ impl Inner {
             service: service.to_owned(),
         });
         let answer = tokio::time::timeout_at(deadline, async {
-            self.queue
+            self.server
+                .queue
                 .push(frame, Lane::Control, Wait::Forever)
                 .await
                 .map_err(|_| self.closed_error())?;
@@ -536,7 +542,8 @@ impl Inner {
         let result = match answer {
             Ok(r) => r,
             Err(_) => {
-                self.resolves
+                self.server
+                    .resolves
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&token);
@@ -554,15 +561,15 @@ impl Inner {
 
 /// Keeps a dispatcher's session channels open: to every server node of its
 /// group, opened when either joins and reopened when broken.
-pub(crate) async fn session_keeper(inner: Arc<Inner>) {
-    let mut events = inner.members.subscribe();
+pub(crate) async fn session_keeper(rt: Runtime) {
+    let mut events = rt.members.subscribe();
     let mut tick = tokio::time::interval(Duration::from_millis(
-        inner.config.message_server.reconnect_delay_ms,
+        rt.config.message_server.reconnect_delay_ms,
     ));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let peers: Vec<NodeId> = {
-            let core = inner.core.lock();
+            let core = rt.core.lock();
             core.members()
                 .snapshot()
                 .into_iter()
@@ -571,14 +578,14 @@ pub(crate) async fn session_keeper(inner: Arc<Inner>) {
                 .collect()
         };
         for peer in peers {
-            if inner.direct.get(&peer, ChannelKind::Session).is_none() {
-                if let Err(reason) = get_or_open(&inner, &peer, ChannelKind::Session).await {
+            if rt.direct.get(&peer, ChannelKind::Session).is_none() {
+                if let Err(reason) = get_or_open(&rt, &peer, ChannelKind::Session).await {
                     tracing::debug!(%peer, %reason, "session channel not open yet");
                 }
             }
         }
         tokio::select! {
-            _ = inner.cancel.cancelled() => return,
+            _ = rt.cancel.cancelled() => return,
             _ = events.recv() => {}
             _ = tick.tick() => {}
         }

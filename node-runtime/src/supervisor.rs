@@ -13,7 +13,6 @@
 //! Sends made while disconnected wait in the bounded outgoing queue, each
 //! bounded by its send timeout; they do not fail at once.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cluster_config::Config;
@@ -26,7 +25,7 @@ use transports::{write_queue, FrameReader, OutFrame, OutReceiver, WriteEnd};
 
 use crate::connection::{read_frames, LinkEnd};
 use crate::membership::MembershipEvent;
-use crate::node::{resend_frames, Inner};
+use crate::runtime::{resend_frames, Runtime};
 use crate::NodeError;
 
 /// A connected, registered link to one message server.
@@ -129,11 +128,11 @@ pub(crate) async fn connect_first(
 }
 
 /// Runs the link until the node shuts down.
-pub(crate) async fn supervise(inner: Arc<Inner>, mut rx: OutReceiver, mut link: Link) {
+pub(crate) async fn supervise(rt: Runtime, mut rx: OutReceiver, mut link: Link) {
     let mut prelude = Vec::new();
     loop {
-        inner.link_started(link.heartbeat, link.index);
-        let end = run_link(&inner, &mut rx, &mut link, std::mem::take(&mut prelude)).await;
+        rt.link_started(link.heartbeat);
+        let end = run_link(&rt, &mut rx, &mut link, std::mem::take(&mut prelude)).await;
         match end {
             LinkEnd::Shutdown => return,
             LinkEnd::Lost(reason) => {
@@ -143,9 +142,9 @@ pub(crate) async fn supervise(inner: Arc<Inner>, mut rx: OutReceiver, mut link: 
                 tracing::info!(address = %link.address, "channel stopped: the primary message server is back, moving to it");
             }
         }
-        let ((), out) = inner.core.run(|core| core.handle_link_lost(Instant::now()));
-        inner.dispatch(out.events);
-        let Some((new_link, welcome)) = reconnect(&inner).await else {
+        let ((), out) = rt.core.run(|core| core.handle_link_lost(Instant::now()));
+        rt.dispatch(out.events);
+        let Some((new_link, welcome)) = reconnect(&rt).await else {
             return;
         };
         link = new_link;
@@ -153,20 +152,20 @@ pub(crate) async fn supervise(inner: Arc<Inner>, mut rx: OutReceiver, mut link: 
         // Members the new server does not know yet get the failure timeout
         // to register; everything awaiting an outcome goes out again first.
         let index = link.index;
-        let ((), out) = inner
+        let ((), out) = rt
             .core
             .run(|core| core.handle_link_up(Instant::now(), index, welcome.members));
-        inner.core.timers.notify_one();
+        rt.core.timers.notify_one();
         prelude = resend_frames(out.transmits);
-        inner.dispatch(out.events);
-        inner.members.emit(MembershipEvent::Reconnected {
+        rt.dispatch(out.events);
+        rt.members.emit(MembershipEvent::Reconnected {
             address: link.address.clone(),
         });
     }
 }
 
 async fn run_link(
-    inner: &Arc<Inner>,
+    rt: &Runtime,
     rx: &mut OutReceiver,
     link: &mut Link,
     prelude: Vec<OutFrame>,
@@ -174,9 +173,9 @@ async fn run_link(
     if !prelude.is_empty() {
         tracing::info!(messages = prelude.len(), "resending what awaits an outcome");
     }
-    let reading = read_frames(inner, &mut link.reader);
+    let reading = read_frames(rt, &mut link.reader);
     let writing = write_queue(&mut link.writer, rx, link.max_frame, prelude);
-    let watching = watch_link(inner);
+    let watching = watch_link(rt);
     tokio::pin!(reading, writing, watching);
     // `None`: the writer is still running and may flush a goodbye.
     let (end, writer_done) = tokio::select! {
@@ -186,7 +185,7 @@ async fn run_link(
             Err(e) => LinkEnd::Lost(format!("writing: {e}")),
         }, true),
         end = &mut watching => (end, false),
-        _ = inner.cancel.cancelled() => (LinkEnd::Shutdown, false),
+        _ = rt.cancel.cancelled() => (LinkEnd::Shutdown, false),
     };
     if matches!(end, LinkEnd::Shutdown) && !writer_done {
         // Shutting down: let the goodbye out.
@@ -198,17 +197,17 @@ async fn run_link(
 /// Watches the link's deadlines ([`cluster_manager::link::LinkState`]): resolves when the server
 /// stopped answering heartbeats, or when the primary answers a probe while
 /// this link is to a standby.
-async fn watch_link(inner: &Inner) -> LinkEnd {
-    let config = &inner.config;
+async fn watch_link(rt: &Runtime) -> LinkEnd {
+    let config = &rt.config;
     loop {
-        let due = inner.core.lock().poll_timeout();
+        let due = rt.core.lock().poll_timeout();
         tokio::select! {
             _ = tokio::time::sleep_until(due.into()) => {}
             // A deadline moved earlier (a member disconnected).
-            _ = inner.core.timers.notified() => continue,
+            _ = rt.core.timers.notified() => continue,
         }
-        let (action, out) = inner.core.run(|core| core.handle_timeout(Instant::now()));
-        inner.dispatch(out.events);
+        let (action, out) = rt.core.run(|core| core.handle_timeout(Instant::now()));
+        rt.dispatch(out.events);
         match action {
             Some(LinkAction::Dead) => {
                 return LinkEnd::Lost(
@@ -238,26 +237,26 @@ async fn watch_link(inner: &Inner) -> LinkEnd {
 
 /// Reconnects when [`cluster_manager::link::LinkState`] says (a capped back-off, the addresses in
 /// order); `None` if the node shuts down.
-async fn reconnect(inner: &Arc<Inner>) -> Option<(Link, Welcome)> {
-    let ms = &inner.config.message_server;
+async fn reconnect(rt: &Runtime) -> Option<(Link, Welcome)> {
+    let ms = &rt.config.message_server;
     loop {
-        let due = inner.core.lock().poll_timeout();
+        let due = rt.core.lock().poll_timeout();
         tokio::select! {
-            _ = inner.cancel.cancelled() => return None,
+            _ = rt.cancel.cancelled() => return None,
             _ = tokio::time::sleep_until(due.into()) => {}
         }
-        let (action, out) = inner.core.run(|core| core.handle_timeout(Instant::now()));
-        inner.dispatch(out.events);
+        let (action, out) = rt.core.run(|core| core.handle_timeout(Instant::now()));
+        rt.dispatch(out.events);
         if action != Some(LinkAction::Reconnect) {
             continue;
         }
-        let hello = inner.current_hello();
-        let order = inner.core.lock().link().attempt_order();
+        let hello = rt.current_hello();
+        let order = rt.core.lock().link().attempt_order();
         let mut rejoin = false;
         for index in order {
             let attempt = tokio::select! {
-                _ = inner.cancel.cancelled() => return None,
-                a = connect(&inner.config, &hello, index) => a,
+                _ = rt.cancel.cancelled() => return None,
+                a = connect(&rt.config, &hello, index) => a,
             };
             match attempt {
                 Ok(ok) => return Some(ok),
@@ -266,11 +265,11 @@ async fn reconnect(inner: &Arc<Inner>) -> Option<(Link, Welcome)> {
                 {
                     let fresh = crate::builder::fresh_incarnation();
                     tracing::warn!(
-                        old = inner.incarnation(),
+                        old = rt.incarnation(),
                         new = fresh,
                         "this node was declared failed; rejoining as a new incarnation"
                     );
-                    inner.new_incarnation(fresh);
+                    rt.new_incarnation(fresh);
                     rejoin = true;
                     break;
                 }
@@ -281,32 +280,32 @@ async fn reconnect(inner: &Arc<Inner>) -> Option<(Link, Welcome)> {
         }
         // A rejoin tries again at once (the core saw the new incarnation).
         if !rejoin {
-            inner.core.lock().handle_attempts_failed(Instant::now());
+            rt.core.lock().handle_attempts_failed(Instant::now());
         }
     }
 }
 
 /// Sends heartbeats to the current message server and notices when it
 /// stops answering (a stopped or cut-off server that TCP has not noticed).
-pub(crate) async fn heartbeats(inner: Arc<Inner>, socket: tokio::net::UdpSocket) {
-    let cluster = &inner.config.cluster;
+pub(crate) async fn heartbeats(rt: Runtime, socket: tokio::net::UdpSocket) {
+    let cluster = &rt.config.cluster;
     let mut tick = tokio::time::interval(Duration::from_millis(cluster.heartbeat_interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = [0u8; transports::heartbeat::MAX_DATAGRAM_BYTES + 1];
     let mut nonce = 0u64;
     loop {
         tokio::select! {
-            _ = inner.cancel.cancelled() => return,
+            _ = rt.cancel.cancelled() => return,
             _ = tick.tick() => {
-                if !inner.core.lock().link().is_up() {
+                if !rt.core.lock().link().is_up() {
                     continue;
                 }
-                let target = *inner.server_heartbeat.lock().unwrap_or_else(|p| p.into_inner());
+                let target = *rt.server.heartbeat.lock().unwrap_or_else(|p| p.into_inner());
                 let Some(target) = target else { continue };
                 nonce += 1;
                 let ping = transports::heartbeat::Beat::Ping {
-                    node: inner.id.clone(),
-                    incarnation: inner.incarnation(),
+                    node: rt.id.clone(),
+                    incarnation: rt.incarnation(),
                     nonce,
                 };
                 if let Err(e) = socket.send_to(&ping.encode(), target).await {
@@ -316,7 +315,7 @@ pub(crate) async fn heartbeats(inner: Arc<Inner>, socket: tokio::net::UdpSocket)
             r = socket.recv_from(&mut buf) => {
                 if let Ok((n, _)) = r {
                     if let Some(transports::heartbeat::Beat::Pong { .. }) = transports::heartbeat::Beat::decode(&buf[..n]) {
-                        inner.core.lock().handle_pong(Instant::now());
+                        rt.core.lock().handle_pong(Instant::now());
                     }
                 }
             }

@@ -1,0 +1,548 @@
+//! The running node as its tasks share it: the core that decides, and
+//! beside it the parts that carry out its decisions, each holding its own
+//! state. A task takes a [`Runtime`] (a handful of shared handles) and
+//! uses the parts it needs; there is no one state behind them all.
+//!
+//! - [`CoreCell`]: every decision ([`cluster_manager::NodeCore`]).
+//! - [`ServerLink`]: the outgoing queue to the message server, the send
+//!   order, this node's `Hello`, and the server's answers to requests
+//!   (subscriptions, fan-out member lists).
+//! - [`Services`]: the subscribed services' delivery queues.
+//! - [`DirectPool`]: the direct channels' sockets.
+//! - [`MemberView`]: the application's membership events.
+//! - [`Counters`]: what went over which path.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cluster_config::Config;
+use cluster_manager::core::{CoreConfig, Event, NodeCore, Transmit};
+use cluster_manager::link::LinkPolicy;
+use cluster_manager::SendError;
+use tokio::sync::{oneshot, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use transports::protocol::{
+    DeliveryFailure, Header, Hello, MemberEvent, MemberInfo, MessageHeader, MessageKind,
+    MessageRef, NodeId, Target, TargetRef,
+};
+use transports::{Lane, OutFrame, OutQueue, PushError, Wait};
+
+use crate::connection::{late_failure, ServiceQueue};
+use crate::core::{complete, CoreCell, Waiter};
+use crate::counters::Counters;
+use crate::direct::DirectPool;
+use crate::membership::MemberView;
+
+/// Messages the core gives to send again, as frames.
+pub(crate) fn resend_frames(transmits: Vec<Transmit>) -> Vec<OutFrame> {
+    transmits
+        .into_iter()
+        .map(|(header, body)| OutFrame::Parts {
+            header: Header::Message(header),
+            body,
+        })
+        .collect()
+}
+
+/// What a node learnt while connecting, to build its runtime from.
+#[derive(Debug)]
+pub(crate) struct Parts {
+    pub(crate) hello: Hello,
+    pub(crate) config: Config,
+    pub(crate) server_max: u64,
+    pub(crate) queue: OutQueue,
+    pub(crate) members: Vec<MemberInfo>,
+    pub(crate) server_index: usize,
+}
+
+/// The members a target resolves to, or why not.
+pub(crate) type ResolveResult = Result<Vec<(NodeId, u64)>, DeliveryFailure>;
+
+/// The node's link to the message server, as the senders see it.
+#[derive(Debug)]
+pub(crate) struct ServerLink {
+    /// The outgoing queue; its writer is the link task's.
+    pub(crate) queue: OutQueue,
+    /// Orders message-server sends: the sequence number is taken and the
+    /// frame queued under it, so the wire order is the number order (also
+    /// for what a member that is back gets again).
+    pub(crate) send_lock: tokio::sync::Mutex<()>,
+    /// The body limit of the message-server path (negotiated).
+    pub(crate) max_message: u64,
+    /// What this node says when it opens a connection.
+    pub(crate) hello: Mutex<Hello>,
+    /// Where the message server takes heartbeats, for the current link.
+    pub(crate) heartbeat: Mutex<Option<std::net::SocketAddr>>,
+    tokens: AtomicU64,
+    /// Subscriptions waiting for the server's confirmation.
+    pub(crate) subscriptions: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    /// Fan-outs waiting for their member lists.
+    pub(crate) resolves: Mutex<HashMap<u64, oneshot::Sender<ResolveResult>>>,
+}
+
+impl ServerLink {
+    /// A token for a request to the server.
+    pub(crate) fn next_token(&self) -> u64 {
+        self.tokens.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// This node's `Hello` as it stands (role, groups, direct address).
+    pub(crate) fn hello(&self) -> Hello {
+        self.hello.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// The subscribed services: each one's delivery queue, drained by its pump.
+#[derive(Debug, Default)]
+pub(crate) struct Services {
+    pub(crate) inboxes: RwLock<HashMap<Arc<str>, ServiceQueue>>,
+    /// Changed (under `inboxes`' write lock) whenever `inboxes` changes:
+    /// readers keep the inbox they delivered to last while it stays the
+    /// same (see [`crate::connection::InboxCache`]).
+    pub(crate) generation: AtomicU64,
+    /// Service names sent to, shared instead of allocated per message.
+    names: RwLock<rustc_hash::FxHashSet<Arc<str>>>,
+}
+
+/// Most service names a node keeps shared (see [`Services::name`]).
+const MAX_SERVICE_NAMES: usize = 1024;
+
+impl Services {
+    /// The subscribed services' names.
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.inboxes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .map(|s| s.to_string())
+            .collect()
+    }
+
+    /// `service` as a shared name: the same allocation for every message
+    /// to it, for up to [`MAX_SERVICE_NAMES`] names (beyond that, each
+    /// message gets its own, so that the table stays bounded).
+    pub(crate) fn name(&self, service: &str) -> Arc<str> {
+        thread_local! {
+            /// The name this thread asked for last: a sender usually sends
+            /// to one service many times in a row. Any `Arc<str>` with
+            /// the same text serves, whichever node interned it.
+            static LAST: std::cell::RefCell<Option<Arc<str>>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        let last =
+            LAST.with_borrow(|last| last.as_ref().filter(|name| &***name == service).cloned());
+        if let Some(name) = last {
+            return name;
+        }
+        let name = self.interned(service);
+        LAST.set(Some(name.clone()));
+        name
+    }
+
+    /// [`Services::name`] from the node's table of names.
+    fn interned(&self, service: &str) -> Arc<str> {
+        if let Some(name) = self
+            .names
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(service)
+        {
+            return name.clone();
+        }
+        let mut names = self.names.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(name) = names.get(service) {
+            return name.clone();
+        }
+        let name: Arc<str> = Arc::from(service);
+        if names.len() < MAX_SERVICE_NAMES {
+            names.insert(name.clone());
+        }
+        name
+    }
+}
+
+/// A running node's parts, shared by its tasks and handles. Cheap to
+/// clone: each part is its own reference.
+#[derive(Debug, Clone)]
+pub(crate) struct Runtime {
+    pub(crate) id: NodeId,
+    pub(crate) config: Arc<Config>,
+    /// Every decision: paths, outcomes, duplicates, members, the link.
+    pub(crate) core: Arc<CoreCell>,
+    pub(crate) server: Arc<ServerLink>,
+    pub(crate) services: Arc<Services>,
+    pub(crate) direct: Arc<DirectPool>,
+    /// The application's stream of membership events.
+    pub(crate) members: Arc<MemberView>,
+    pub(crate) counters: Arc<Counters>,
+    /// Bounds the acknowledged messages awaiting an outcome
+    /// (`node.max_in_flight`); a [`crate::Pending`] holds a place.
+    pub(crate) in_flight: Arc<Semaphore>,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) tasks: TaskTracker,
+    /// What each delivered request keeps to answer it (one per node,
+    /// shared).
+    pub(crate) replier: Arc<Replier>,
+    /// When the node started: the time given to the core where it does not
+    /// need the clock.
+    pub(crate) started: std::time::Instant,
+}
+
+/// What a delivered request keeps to answer it: the parts a reply needs,
+/// held weakly, so that a message the application keeps does not keep its
+/// node alive.
+#[derive(Debug, Clone)]
+pub(crate) struct Replier {
+    id: NodeId,
+    config: Arc<Config>,
+    core: Weak<CoreCell>,
+    server: Weak<ServerLink>,
+    services: Weak<Services>,
+}
+
+impl Replier {
+    fn new(
+        id: &NodeId,
+        config: &Arc<Config>,
+        core: &Arc<CoreCell>,
+        server: &Arc<ServerLink>,
+        services: &Arc<Services>,
+    ) -> Self {
+        Replier {
+            id: id.clone(),
+            config: config.clone(),
+            core: Arc::downgrade(core),
+            server: Arc::downgrade(server),
+            services: Arc::downgrade(services),
+        }
+    }
+
+    /// Sends `body` as the reply to request `request_seq` of
+    /// `requester`'s `requester_incarnation`.
+    ///
+    /// # Errors
+    ///
+    /// `PayloadTooLarge`, `Timeout`, `Disconnected`; `Shutdown` if the
+    /// node stopped.
+    pub(crate) async fn send(
+        &self,
+        requester: &NodeId,
+        requester_incarnation: u64,
+        request_seq: u64,
+        service: &str,
+        body: Bytes,
+    ) -> Result<(), SendError> {
+        let (Some(core), Some(server), Some(services)) = (
+            self.core.upgrade(),
+            self.server.upgrade(),
+            self.services.upgrade(),
+        ) else {
+            return Err(SendError::Shutdown);
+        };
+        check_size(&self.config, &body)?;
+        let deadline = Instant::now() + self.config.send_timeout();
+        let kind = MessageKind::Reply {
+            request_seq,
+            requester_incarnation,
+        };
+        let (seq, incarnation) = {
+            let mut core = core.lock();
+            (core.next_seq(), core.incarnation())
+        };
+        let frame = OutFrame::Parts {
+            header: Header::Message(MessageHeader {
+                sender: self.id.clone(),
+                incarnation,
+                seq,
+                target: Target::Node(requester.clone()),
+                service: services.name(service),
+                kind,
+            }),
+            body,
+        };
+        enqueue(&server, &core, &self.config, frame, deadline).await
+    }
+}
+
+/// Bodies above `limits.max_message_bytes` fail before anything is sent,
+/// whatever the path.
+pub(crate) fn check_size(config: &Config, body: &Bytes) -> Result<(), SendError> {
+    let max = config.limits.max_message_bytes;
+    if body.len() as u64 > max {
+        return Err(SendError::PayloadTooLarge {
+            size: body.len() as u64,
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// Queues a frame to the message server by `deadline`.
+async fn enqueue(
+    server: &ServerLink,
+    core: &CoreCell,
+    config: &Config,
+    frame: OutFrame,
+    deadline: Instant,
+) -> Result<(), SendError> {
+    // Room at once, usually: no timer, no waiting future.
+    match server
+        .queue
+        .push(frame, Lane::Data, Wait::Until(deadline))
+        .await
+    {
+        Ok(()) => Ok(()),
+        Err(PushError::Closed(_)) => Err(core.closed_error()),
+        Err(PushError::Full(_) | PushError::Congested) => Err(SendError::Timeout {
+            after: config.send_timeout(),
+            waiting_for: vec![],
+        }),
+    }
+}
+
+impl Runtime {
+    pub(crate) fn new(parts: Parts) -> Runtime {
+        let config = &parts.config;
+        let ms = &config.message_server;
+        let lazy = &config.lazy;
+        let core = CoreConfig {
+            id: parts.hello.node.clone(),
+            incarnation: parts.hello.incarnation,
+            role: parts.hello.role,
+            groups: parts.hello.groups.clone(),
+            lazy_threshold_bytes: lazy.threshold_bytes,
+            lazy_services: lazy.services.clone(),
+            auto_activate_messages: lazy.auto_activate_messages,
+            auto_activate_window: Duration::from_millis(lazy.auto_activate_window_ms),
+            max_message_bytes: config.limits.max_message_bytes,
+            server_max_message_bytes: parts.server_max,
+            link: LinkPolicy {
+                addresses: ms.addresses.len(),
+                reconnect_delay: Duration::from_millis(ms.reconnect_delay_ms),
+                reconnect_max_delay: Duration::from_millis(ms.reconnect_max_delay_ms),
+                failure_timeout: config.failure_timeout(),
+            },
+        };
+        let core = NodeCore::new(
+            core,
+            parts.members,
+            parts.server_index,
+            std::time::Instant::now(),
+        );
+        let max_in_flight = parts.config.node.max_in_flight;
+        let id = parts.hello.node.clone();
+        let config = Arc::new(parts.config);
+        let core = Arc::new(CoreCell::new(core));
+        let services = Arc::default();
+        let server = Arc::new(ServerLink {
+            queue: parts.queue,
+            send_lock: tokio::sync::Mutex::new(()),
+            max_message: parts.server_max,
+            hello: Mutex::new(parts.hello),
+            heartbeat: Mutex::new(None),
+            tokens: AtomicU64::new(1),
+            subscriptions: Mutex::new(HashMap::new()),
+            resolves: Mutex::new(HashMap::new()),
+        });
+        let replier = Arc::new(Replier::new(&id, &config, &core, &server, &services));
+        Runtime {
+            id,
+            config,
+            core,
+            server,
+            services,
+            replier,
+            direct: Arc::default(),
+            members: Arc::new(MemberView::new()),
+            counters: Arc::default(),
+            in_flight: Arc::new(Semaphore::new(
+                max_in_flight.clamp(1, Semaphore::MAX_PERMITS),
+            )),
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// A new link is up: heartbeats go to its server.
+    pub(crate) fn link_started(&self, heartbeat: Option<std::net::SocketAddr>) {
+        *self
+            .server
+            .heartbeat
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = heartbeat;
+    }
+
+    /// The current incarnation.
+    pub(crate) fn incarnation(&self) -> u64 {
+        self.core.lock().incarnation()
+    }
+
+    /// Takes a new incarnation (this node was declared failed): what the
+    /// old one was waiting for fails, and with it what would be resent.
+    pub(crate) fn new_incarnation(&self, incarnation: u64) {
+        self.server
+            .hello
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .incarnation = incarnation;
+        let ((), out) = self
+            .core
+            .run(|core| core.handle_new_incarnation(std::time::Instant::now(), incarnation));
+        self.dispatch(out.events);
+    }
+
+    /// Acts on what the core decided: wakes the waiting senders, tells the
+    /// application, closes the channels of members gone, counts what
+    /// nobody waits on.
+    pub(crate) fn dispatch(&self, events: Vec<Event<Waiter>>) {
+        for event in events {
+            match event {
+                Event::Completed(waiter, completion) => complete(waiter, completion),
+                Event::Membership(event) => self.members.emit(event),
+                Event::PeerGone(id) => self.direct.close_peer(&id),
+                Event::LateFailure(routed) => late_failure(self, &routed),
+            }
+        }
+    }
+
+    /// Applies a membership event from the message server, under the
+    /// send order: a member that is back gets what it missed before
+    /// anything newer.
+    pub(crate) async fn handle_member_event(&self, event: MemberEvent) {
+        let _order = self.server.send_lock.lock().await;
+        let ((), out) = self
+            .core
+            .run(|core| core.handle_member_event(std::time::Instant::now(), event));
+        self.core.timers.notify_one();
+        self.dispatch(out.events);
+        for frame in resend_frames(out.transmits) {
+            if self
+                .server
+                .queue
+                .push(frame, Lane::Data, Wait::Forever)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    /// This node's `Hello` as of now: its current services included.
+    pub(crate) fn current_hello(&self) -> Hello {
+        let mut hello = self.server.hello();
+        hello.services = self.services.names();
+        hello
+    }
+
+    /// `service` as a shared name (see [`Services::name`]).
+    pub(crate) fn service_name(&self, service: &str) -> Arc<str> {
+        self.services.name(service)
+    }
+
+    /// Bodies above `limits.max_message_bytes` fail before anything is
+    /// sent, whatever the path.
+    pub(crate) fn check_size(&self, body: &Bytes) -> Result<(), SendError> {
+        check_size(&self.config, body)
+    }
+
+    /// The header of this node's message `seq`, by reference: what the
+    /// queues encode in place when a message is queued without a frame.
+    pub(crate) fn message_ref<'a>(
+        &'a self,
+        seq: u64,
+        incarnation: u64,
+        target: TargetRef<'a>,
+        service: &'a str,
+        kind: MessageKind,
+    ) -> MessageRef<'a> {
+        MessageRef {
+            sender: self.id.as_str(),
+            incarnation,
+            seq,
+            target,
+            service,
+            kind,
+        }
+    }
+
+    pub(crate) fn header(
+        &self,
+        seq: u64,
+        incarnation: u64,
+        target: Target,
+        service: Arc<str>,
+        kind: MessageKind,
+    ) -> MessageHeader {
+        MessageHeader {
+            sender: self.id.clone(),
+            incarnation,
+            seq,
+            target,
+            service,
+            kind,
+        }
+    }
+
+    pub(crate) fn message(
+        &self,
+        seq: u64,
+        incarnation: u64,
+        target: Target,
+        service: Arc<str>,
+        kind: MessageKind,
+        body: Bytes,
+    ) -> OutFrame {
+        OutFrame::Parts {
+            header: Header::Message(MessageHeader {
+                sender: self.id.clone(),
+                incarnation,
+                seq,
+                target,
+                service,
+                kind,
+            }),
+            body,
+        }
+    }
+
+    /// Queues a frame to the message server by `deadline`.
+    pub(crate) async fn enqueue(
+        &self,
+        frame: OutFrame,
+        deadline: Instant,
+    ) -> Result<(), SendError> {
+        enqueue(&self.server, &self.core, &self.config, frame, deadline).await
+    }
+
+    /// Whether the node is shutting down.
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.core.is_stopping()
+    }
+
+    pub(crate) fn closed_error(&self) -> SendError {
+        self.core.closed_error()
+    }
+
+    /// Fails everything pending and closes inboxes; idempotent.
+    pub(crate) fn close(&self, error: &SendError) {
+        let ((), out) = self.core.run(|core| core.handle_shutdown(error));
+        self.dispatch(out.events);
+        self.services
+            .inboxes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.server
+            .subscriptions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
