@@ -280,10 +280,7 @@ impl<W> NodeCore<W> {
 
     /// Whether `service` may use lazy channels.
     pub fn service_allowed(&self, service: &str) -> bool {
-        self.config
-            .lazy_services
-            .iter()
-            .any(|s| s == "*" || s == service)
+        path::service_allowed(&self.config.lazy_services, service)
     }
 
     fn check_size(&self, body_len: u64) -> Result<(), SendError> {

@@ -31,7 +31,7 @@ pub const DEFAULT_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 /// of small messages taken four times as much per read costs fewer
 /// system calls and wake-ups: `notify` 128 B through the server measured
 /// about 7% faster than with the message server's 64 KiB
-/// ([`transports::io::READ_CHUNK_BYTES`]), which keeps its smaller reads
+/// (`transports::io::READ_CHUNK_BYTES`), which keeps its smaller reads
 /// for its thousands of connections.
 pub const DEFAULT_NODE_READ_CHUNK_BYTES: usize = 256 * 1024;
 /// Default time a control frame (ack, routing result) may wait for room in

@@ -16,6 +16,7 @@
 //! shared read buffer).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+#[cfg(feature = "io")]
 use tokio_util::codec::{Decoder, Encoder};
 
 use crate::protocol::{AckRef, AcksRef, Header, MessageRef, ACKS_TAG, ACK_TAG, MESSAGE_TAG};
@@ -430,6 +431,7 @@ impl FrameCodec {
     }
 }
 
+#[cfg(feature = "io")]
 impl Decoder for FrameCodec {
     type Item = Frame;
     type Error = FrameError;
@@ -537,6 +539,7 @@ fn peek_with<'a>(
     }
 }
 
+#[cfg(feature = "io")]
 impl Encoder<OutFrame> for FrameCodec {
     type Error = FrameError;
 

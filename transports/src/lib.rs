@@ -16,15 +16,19 @@
 //! - [`heartbeat`]: the UDP heartbeat datagrams.
 
 pub mod frame;
+#[cfg(feature = "io")]
 pub mod handshake;
 pub mod heartbeat;
+#[cfg(feature = "io")]
 pub mod io;
 pub mod protocol;
 pub mod tcp;
 mod wire;
 
 pub use frame::{Frame, FrameCodec, FrameError, OutFrame};
+#[cfg(feature = "io")]
 pub use handshake::HandshakeError;
+#[cfg(feature = "io")]
 pub use io::{
     out_queue, run_writer, write_queue, FrameReader, Lane, OutQueue, OutReceiver, PushError, Wait,
     Wakes, WeakOutQueue, WriteEnd,

@@ -2,11 +2,16 @@
 //! through socket2. The configuration's `[tcp]` section turns into these
 //! options; this module knows nothing of the configuration.
 
+#[cfg(feature = "io")]
 use std::io;
+#[cfg(feature = "io")]
 use std::net::SocketAddr;
+#[cfg(feature = "io")]
 use std::time::Duration;
 
+#[cfg(feature = "io")]
 use socket2::{SockRef, TcpKeepalive};
+#[cfg(feature = "io")]
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Backlog of listening sockets.
@@ -40,6 +45,7 @@ impl Default for TcpOptions {
     }
 }
 
+#[cfg(feature = "io")]
 fn socket_for(addr: &SocketAddr, tcp: &TcpOptions) -> io::Result<TcpSocket> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
@@ -55,6 +61,7 @@ fn socket_for(addr: &SocketAddr, tcp: &TcpOptions) -> io::Result<TcpSocket> {
     Ok(socket)
 }
 
+#[cfg(feature = "io")]
 /// Binds a listener on `addr`. Buffer sizes are set on the listening socket
 /// so accepted connections inherit them before the window is negotiated.
 ///
@@ -68,6 +75,7 @@ pub fn listen(addr: SocketAddr, tcp: &TcpOptions) -> io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+#[cfg(feature = "io")]
 /// Applies nodelay and keepalive to a connected stream.
 ///
 /// # Errors
@@ -90,6 +98,7 @@ pub fn tune(stream: &TcpStream, tcp: &TcpOptions) -> io::Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "io")]
 /// Connects to `addr` (`host:port`), trying each resolved address, with
 /// buffer sizes set before the connect and nodelay/keepalive after.
 ///

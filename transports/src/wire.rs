@@ -14,7 +14,9 @@
 
 use postcard::Error;
 
-use crate::protocol::{MessageKind, MessageRef, TargetRef, MESSAGE_TAG};
+#[cfg(feature = "io")]
+use crate::protocol::MESSAGE_TAG;
+use crate::protocol::{MessageKind, MessageRef, TargetRef};
 
 /// Most bytes a `u64` varint takes.
 const MAX_VARINT_U64: usize = 10;
@@ -22,11 +24,13 @@ const MAX_VARINT_U64: usize = 10;
 const MAX_VARINT_U32: usize = 5;
 
 /// Writes into a byte slice; `None` once it is full.
+#[cfg(feature = "io")]
 struct Writer<'a> {
     out: &'a mut [u8],
     len: usize,
 }
 
+#[cfg(feature = "io")]
 impl Writer<'_> {
     #[inline]
     fn varint(&mut self, mut value: u64) -> Option<()> {
@@ -56,6 +60,7 @@ impl Writer<'_> {
 
 /// Encodes `Header::Message(h)` (the variant index, then the fields) at the
 /// start of `out`: how many bytes it took, or `None` if `out` is too small.
+#[cfg(feature = "io")]
 pub(crate) fn encode_message(h: &MessageRef<'_>, out: &mut [u8]) -> Option<usize> {
     let mut w = Writer { out, len: 0 };
     w.varint(u64::from(MESSAGE_TAG))?;
