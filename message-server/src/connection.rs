@@ -15,9 +15,8 @@ use transports::frame::{peek_cached, FrameCodec, NameCache, Peeked, RawFrame};
 use transports::handshake::{self, HandshakeError};
 use transports::io::Wakes;
 use transports::protocol::{
-    same_name, valid_name, AckRef, AcksRef, DeliveryFailure, Header, LeaveReason, MemberEvent,
-    MemberInfo, MessageKind, MessageRef, NodeId, RefusalReason, Routed, Target, TargetRef,
-    MAX_NAMES_PER_NODE,
+    valid_name, AckRef, AcksRef, DeliveryFailure, Header, LeaveReason, MemberEvent, MemberInfo,
+    MessageKind, MessageRef, NodeId, RefusalReason, Routed, Target, TargetRef, MAX_NAMES_PER_NODE,
 };
 use transports::{
     out_queue, FrameError, FrameReader, Lane, OutFrame, OutQueue, PushError, Wait, WeakOutQueue,
@@ -359,8 +358,7 @@ impl Connection {
             }
             let end = match header {
                 Peeked::Message(h)
-                    if same_name(h.sender, self.me.as_str())
-                        && h.incarnation < self.incarnation =>
+                    if h.sender == self.me.as_str() && h.incarnation < self.incarnation =>
                 {
                     // Queued by an earlier incarnation (declared failed)
                     // before it rejoined: refused.
@@ -368,7 +366,7 @@ impl Connection {
                     None
                 }
                 Peeked::Message(h) => {
-                    if !same_name(h.sender, self.me.as_str()) || h.incarnation != self.incarnation {
+                    if h.sender != self.me.as_str() || h.incarnation != self.incarnation {
                         Some(End::Violation(format!(
                             "message claims sender {} incarnation {}",
                             h.sender, h.incarnation

@@ -14,8 +14,7 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::mpsc;
 use transports::frame::{peek_cached, BodyArena, NameCache, Peeked};
 use transports::protocol::{
-    same_name, Ack, AckRef, AckStatus, Acks, DeliveryFailure, Header, MessageKind, MessageRef,
-    NodeId, Routed,
+    Ack, AckRef, AckStatus, Acks, DeliveryFailure, Header, MessageKind, MessageRef, NodeId, Routed,
 };
 use transports::{Frame, FrameReader, Lane, OutFrame, OutQueue, Wait};
 
@@ -31,9 +30,35 @@ pub(crate) enum LinkEnd {
     /// The node is shutting down.
     Shutdown,
     /// The connection broke, or the server misbehaved.
-    Lost(String),
+    Lost(LinkLost),
     /// The primary answers again (while this link is to a standby).
     PrimaryBack,
+}
+
+/// Why a link to the message server was lost.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LinkLost {
+    /// The server closed the connection without a goodbye.
+    #[error("the message server closed the connection")]
+    Closed,
+    /// The server said goodbye.
+    #[error("the message server is stopping")]
+    Stopping,
+    /// A frame could not be read.
+    #[error("reading a frame: {0}")]
+    Read(#[source] transports::FrameError),
+    /// A frame could not be written.
+    #[error("writing: {0}")]
+    Write(#[source] transports::FrameError),
+    /// The server sent a frame it never sends to a node.
+    #[error("unexpected {kind} frame from the message server")]
+    Unexpected {
+        /// The frame's kind.
+        kind: &'static str,
+    },
+    /// The server stopped answering heartbeats.
+    #[error("the message server did not answer heartbeats within the failure timeout")]
+    Silent,
 }
 
 /// Reads frames from the message server until the link ends.
@@ -63,12 +88,12 @@ pub(crate) async fn read_frames(rt: &Runtime, reader: &mut FrameReader<OwnedRead
         };
         let raw = match raw {
             Ok(Some(raw)) => raw,
-            Ok(None) => return LinkEnd::Lost("the message server closed the connection".into()),
-            Err(e) => return LinkEnd::Lost(format!("frame error: {e}")),
+            Ok(None) => return LinkEnd::Lost(LinkLost::Closed),
+            Err(e) => return LinkEnd::Lost(LinkLost::Read(e)),
         };
         let (header, header_len) = match peek_cached(&raw, &mut names) {
             Ok(peeked) => peeked,
-            Err(e) => return LinkEnd::Lost(format!("frame error: {e}")),
+            Err(e) => return LinkEnd::Lost(LinkLost::Read(e)),
         };
         let header = match header {
             Peeked::Message(h) => {
@@ -105,7 +130,7 @@ pub(crate) async fn read_frames(rt: &Runtime, reader: &mut FrameReader<OwnedRead
                             handle_acks(rt, &batch);
                         }
                     }
-                    Err(e) => return LinkEnd::Lost(format!("frame error: {e}")),
+                    Err(e) => return LinkEnd::Lost(LinkLost::Read(e)),
                 }
                 continue;
             }
@@ -136,13 +161,8 @@ pub(crate) async fn read_frames(rt: &Runtime, reader: &mut FrameReader<OwnedRead
                     let _ = w.send(());
                 }
             }
-            Header::Goodbye => return LinkEnd::Lost("the message server is stopping".into()),
-            other => {
-                return LinkEnd::Lost(format!(
-                    "unexpected {} frame from the message server",
-                    other.kind()
-                ))
-            }
+            Header::Goodbye => return LinkEnd::Lost(LinkLost::Stopping),
+            other => return LinkEnd::Lost(LinkLost::Unexpected { kind: other.kind() }),
         }
     }
 }
@@ -615,7 +635,7 @@ impl InboxCache {
     /// `name` as a node id: the one kept if it is the last sender's.
     fn sender(&mut self, name: &str) -> NodeId {
         match &self.sender {
-            Some(id) if same_name(id.as_str(), name) => id.clone(),
+            Some(id) if id.as_str() == name => id.clone(),
             _ => self.sender.insert(NodeId::new(name)).clone(),
         }
     }
@@ -624,7 +644,7 @@ impl InboxCache {
     fn get(&self, rt: &Runtime, service: &str) -> Option<&CachedInbox> {
         let entry = self.entry.as_ref()?;
         let current = entry.generation == rt.services.generation.load(Ordering::Acquire);
-        (current && same_name(&entry.name, service)).then_some(entry)
+        (current && entry.name == service).then_some(entry)
     }
 
     /// Keeps `service`'s queue `q`, as found in the table of inboxes of
@@ -633,7 +653,7 @@ impl InboxCache {
         let kept = self
             .entry
             .as_ref()
-            .is_some_and(|e| e.generation == generation && same_name(&e.name, service));
+            .is_some_and(|e| e.generation == generation && e.name == service);
         if !kept {
             self.entry = Some(CachedInbox {
                 generation,

@@ -167,12 +167,12 @@ impl DirectPool {
 ///
 /// # Errors
 ///
-/// Why the channel could not be opened, in words.
+/// [`ChannelError`]: why the channel could not be opened.
 pub(crate) async fn get_or_open(
     rt: &Runtime,
     peer: &NodeId,
     kind: ChannelKind,
-) -> Result<Arc<DirectConn>, String> {
+) -> Result<Arc<DirectConn>, ChannelError> {
     if let Some(c) = rt.direct.get(peer, kind) {
         return Ok(c);
     }
@@ -188,7 +188,7 @@ pub(crate) async fn get_or_open(
     let addr = rt.core.lock().members().direct_addr(peer);
     let Some(addr) = addr else {
         Counters::add(failed, 1);
-        return Err(format!("{peer} announced no direct-channel address"));
+        return Err(ChannelError::NoAddress { peer: peer.clone() });
     };
     match open(rt, peer, addr, kind).await {
         Ok(conn) => {
@@ -200,14 +200,34 @@ pub(crate) async fn get_or_open(
         Err(e) => {
             Counters::add(failed, 1);
             tracing::warn!(%peer, %addr, kind = kind.name(), error = %e, "channel could not be opened");
-            Err(format!("connecting to {addr}: {e}"))
+            Err(ChannelError::Open { addr, source: e })
         }
     }
 }
 
+/// Why a direct channel could not be had.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ChannelError {
+    /// The peer is not a member, or announced no address.
+    #[error("{peer} announced no direct-channel address")]
+    NoAddress {
+        /// The peer.
+        peer: NodeId,
+    },
+    /// Connecting or the handshake failed.
+    #[error("connecting to {addr}: {source}")]
+    Open {
+        /// The peer's announced address.
+        addr: SocketAddr,
+        /// What failed.
+        #[source]
+        source: OpenError,
+    },
+}
+
 /// Why opening a channel failed.
 #[derive(Debug, thiserror::Error)]
-enum OpenError {
+pub(crate) enum OpenError {
     #[error(transparent)]
     Connect(#[from] std::io::Error),
     #[error(transparent)]

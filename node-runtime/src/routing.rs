@@ -90,7 +90,7 @@ impl Runtime {
                     Err(reason) => {
                         self.core
                             .lock()
-                            .handle_open_failed(&peer, body_len, reason)?;
+                            .handle_open_failed(&peer, body_len, reason.to_string())?;
                         Route::Server
                     }
                 }
@@ -364,9 +364,9 @@ impl Runtime {
             Some(conn) => conn,
             None => Box::pin(get_or_open(self, target, ChannelKind::Session))
                 .await
-                .map_err(|reason| SendError::DirectUnavailable {
+                .map_err(|e| SendError::DirectUnavailable {
                     node: target.clone(),
-                    reason,
+                    reason: e.to_string(),
                 })?,
         };
         let (seq, incarnation) = {
@@ -417,7 +417,7 @@ impl Runtime {
                 if path::fallback(body_len, self.server.max_message) == Fallback::Fail {
                     return Err(SendError::DirectUnavailable {
                         node: member.clone(),
-                        reason,
+                        reason: reason.to_string(),
                     });
                 }
                 let frame = self.frame_to(member, msg);
@@ -448,9 +448,9 @@ impl Runtime {
                 }
                 conn = Box::pin(get_or_open(self, &peer, conn.kind))
                     .await
-                    .map_err(|reason| SendError::DirectUnavailable {
+                    .map_err(|e| SendError::DirectUnavailable {
                         node: peer.clone(),
-                        reason,
+                        reason: e.to_string(),
                     })?;
                 continue;
             };

@@ -23,7 +23,7 @@ use transports::handshake::{self, HandshakeError};
 use transports::protocol::{Hello, RefusalReason, Welcome};
 use transports::{write_queue, FrameReader, OutFrame, OutReceiver, WriteEnd};
 
-use crate::connection::{read_frames, LinkEnd};
+use crate::connection::{read_frames, LinkEnd, LinkLost};
 use crate::membership::MembershipEvent;
 use crate::runtime::{resend_frames, Runtime};
 use crate::NodeError;
@@ -182,7 +182,7 @@ async fn run_link(
         r = &mut reading => (r, false),
         w = &mut writing => (match w {
             Ok(WriteEnd::Finished | WriteEnd::Closed) => LinkEnd::Shutdown,
-            Err(e) => LinkEnd::Lost(format!("writing: {e}")),
+            Err(e) => LinkEnd::Lost(LinkLost::Write(e)),
         }, true),
         end = &mut watching => (end, false),
         _ = rt.cancel.cancelled() => (LinkEnd::Shutdown, false),
@@ -209,12 +209,7 @@ async fn watch_link(rt: &Runtime) -> LinkEnd {
         let (action, out) = rt.core.run(|core| core.handle_timeout(Instant::now()));
         rt.dispatch(out.events);
         match action {
-            Some(LinkAction::Dead) => {
-                return LinkEnd::Lost(
-                    "the message server did not answer heartbeats within the failure timeout"
-                        .into(),
-                )
-            }
+            Some(LinkAction::Dead) => return LinkEnd::Lost(LinkLost::Silent),
             Some(LinkAction::ProbePrimary) => {
                 let Some(primary) = config.message_server.addresses.first() else {
                     continue;
