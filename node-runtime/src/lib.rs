@@ -27,19 +27,24 @@
 //!
 //! # Layout
 //!
-//! - [`builder`]: configuring and starting a node ([`Config`] is the
-//!   `cluster-config` crate's, re-exported here).
-//! - [`node`]: the [`Node`] handle: send, notify, request, subscribe.
+//! The node's decisions are [`cluster_manager`]'s ([`cluster_manager::NodeCore`]);
+//! this crate is their driver: sockets, tasks, inboxes.
+//!
+//! - [`builder`]: configuring and starting a node.
+//! - [`node`]: the [`Node`] handle (send, notify, request, subscribe) and
+//!   [`Pending`].
+//! - `runtime`: what the node's tasks share: the core, the server link,
+//!   the services, the direct channels (each its own part).
+//! - `core`: the core behind its short lock, and acting on its events.
+//! - `supervisor`: the link to the message server: connect, reconnect and
+//!   watch its deadlines when the core says, heartbeats.
+//! - `connection`: reading the message-server link and delivering into
+//!   inboxes, with acknowledgements.
+//! - `routing`: carrying a send out on the path the core chose, with the
+//!   fallback it allows.
+//! - `direct`: lazy and session channels, both ends, and their monitor.
 //! - [`inbox`]: service inboxes and delivered messages.
-//! - [`membership`]: the members view and its events.
-//! - `supervisor`: the link to the message server: reconnect, standby,
-//!   resend.
-//! - `connection`: reading the message-server link: deliveries, acks,
-//!   routing results, membership.
-//! - `reliable`: what is resent after a reconnect, and duplicate
-//!   suppression.
-//! - `routing`: the cluster manager's driver: path choice and fallback.
-//! - `direct`: lazy and session channels, both ends.
+//! - [`membership`]: the stream of membership events.
 //! - [`counters`]: what went over which path.
 //! - [`error`]: start-up and operation errors.
 
