@@ -1,8 +1,5 @@
 //! Building and starting a node.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use cluster_config::Config;
 use tracing::Instrument;
 use transports::out_queue;
@@ -12,6 +9,13 @@ use crate::node::Node;
 use crate::runtime::{Parts, Runtime};
 use crate::NodeError;
 use crate::{direct, routing, supervisor};
+
+impl Node {
+    /// Starts building a node with the given id.
+    pub fn builder(id: impl Into<NodeId>) -> NodeBuilder {
+        NodeBuilder::new(id.into())
+    }
+}
 
 /// Configures a node; [`NodeBuilder::start`] connects it.
 ///
@@ -113,7 +117,7 @@ impl NodeBuilder {
             config.message_server.addresses = addresses;
         }
         config.validate("")?;
-        let incarnation = fresh_incarnation();
+        let incarnation = crate::runtime::fresh_incarnation();
         let mut hello = Hello {
             version: PROTOCOL_VERSION,
             cluster: config.cluster.name.clone(),
@@ -198,24 +202,6 @@ impl NodeBuilder {
                 .spawn(routing::session_keeper(rt.clone()).instrument(span));
         }
         Ok(Node::from_runtime(rt))
-    }
-}
-
-/// A number that differs for each start of a node: the wall clock in
-/// nanoseconds, bumped so that two nodes started in the same process at the
-/// same instant still differ, and so that it grows across restarts.
-pub(crate) fn fresh_incarnation() -> u64 {
-    static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64);
-    let mut prev = LAST.load(Ordering::Relaxed);
-    loop {
-        let next = now.max(prev + 1);
-        match LAST.compare_exchange(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
-            Ok(_) => return next,
-            Err(p) => prev = p,
-        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use cluster_manager::core::Receipt;
 use smol_str::SmolStr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::tcp::OwnedReadHalf;
 
 use tokio::sync::mpsc;
@@ -23,6 +23,7 @@ use crate::counters::Counters;
 use crate::core::CoreCell;
 use crate::inbox::{Closed, InboxSender, Message};
 use crate::runtime::Runtime;
+use crate::services::{Answer, Delivery, ServiceQueue};
 
 /// How a link to the message server ended.
 #[derive(Debug)]
@@ -484,12 +485,16 @@ pub(crate) async fn deliver_later(
             let status = AckStatus::Failed(DeliveryFailure::Rejected(
                 "the sender's incarnation was declared failed".into(),
             ));
-            answer(NodeId::new(h.sender)).send(rt, acks, status).await;
+            answer(NodeId::new(h.sender))
+                .send(&rt.id, &rt.core, acks, status)
+                .await;
             return Ok(());
         }
         Later::Duplicate(sender) => {
             tracing::trace!(sender = h.sender, seq = h.seq, "duplicate dropped");
-            answer(sender).send(rt, acks, AckStatus::Accepted).await;
+            answer(sender)
+                .send(&rt.id, &rt.core, acks, AckStatus::Accepted)
+                .await;
             return Ok(());
         }
         Later::Ack(to) => {
@@ -562,7 +567,7 @@ pub(crate) async fn deliver_later(
         Straight::Queued => return Ok(()),
         Straight::NoService(sender) => {
             let failed = AckStatus::Failed(DeliveryFailure::NoSuchService);
-            answer(sender).send(rt, acks, failed).await;
+            answer(sender).send(&rt.id, &rt.core, acks, failed).await;
             return Ok(());
         }
         Straight::Refused(q, refused) => (q, refused),
@@ -604,7 +609,9 @@ pub(crate) async fn deliver_later(
     };
     if let Some((answer, failure)) = refused {
         q.backlog.fetch_sub(1, Ordering::AcqRel);
-        answer.send(rt, acks, AckStatus::Failed(failure)).await;
+        answer
+            .send(&rt.id, &rt.core, acks, AckStatus::Failed(failure))
+            .await;
     }
     Ok(())
 }
@@ -662,71 +669,6 @@ impl InboxCache {
                 backlog: q.backlog.clone(),
             });
         }
-    }
-}
-
-/// A subscribed service's delivery queue, drained by its pump.
-#[derive(Debug, Clone)]
-pub(crate) struct ServiceQueue {
-    pub(crate) tx: mpsc::Sender<Delivery>,
-    /// The inbox itself, for deliveries when no backlog waits.
-    pub(crate) inbox: InboxSender,
-    /// Messages queued to, or held by, the pump.
-    pub(crate) backlog: Arc<std::sync::atomic::AtomicUsize>,
-    /// Set when the backlog stayed full for `node.inbox_wait_ms`.
-    pub(crate) congested: Arc<AtomicBool>,
-}
-
-impl ServiceQueue {
-    /// Whether under a quarter of the backlog is in use.
-    fn is_drained(&self) -> bool {
-        self.tx.capacity() * 4 >= self.tx.max_capacity() * 3
-    }
-
-    pub(crate) fn is_closed(&self) -> bool {
-        self.tx.is_closed() || self.inbox.is_closed()
-    }
-}
-
-/// A message on its way into a service's inbox, with whom to acknowledge.
-pub(crate) struct Delivery {
-    message: Message,
-    answer: Answer,
-    /// The connection the message came on.
-    acks: OutQueue,
-}
-
-/// How to answer one delivered message.
-pub(crate) struct Answer {
-    to: NodeId,
-    to_incarnation: u64,
-    seq: u64,
-    kind: MessageKind,
-}
-
-impl Answer {
-    /// Acknowledges: every outcome of a `Send`, a failed `Request` (a
-    /// request's success is its reply), and a failed `Notify` (so its sender
-    /// counts it instead of losing it silently).
-    async fn send(self, rt: &Runtime, queue: &OutQueue, status: AckStatus) {
-        let needed = match self.kind {
-            MessageKind::Send => true,
-            MessageKind::Request | MessageKind::Notify => status != AckStatus::Accepted,
-            MessageKind::Reply { .. } => false,
-        };
-        if !needed {
-            return;
-        }
-        let ack = OutFrame::control(Header::Ack(Ack {
-            to: self.to,
-            to_incarnation: self.to_incarnation,
-            seq: self.seq,
-            from: rt.id.clone(),
-            from_incarnation: rt.incarnation(),
-            status,
-        }));
-        // Waiting here waits only for this node's own outgoing socket.
-        let _ = queue.push(ack, Lane::Control, Wait::Forever).await;
     }
 }
 
@@ -799,7 +741,7 @@ pub(crate) async fn pump(
                 for Delivery { answer, acks, .. } in pending.by_ref() {
                     backlog.fetch_sub(1, Ordering::AcqRel);
                     let refused = AckStatus::Failed(DeliveryFailure::NoSuchService);
-                    answer.send(&rt, &acks, refused).await;
+                    answer.send(&rt.id, &rt.core, &acks, refused).await;
                 }
                 break;
             }
@@ -857,31 +799,6 @@ fn into_inbox(
         }
     }
     Ok(moved)
-}
-
-/// A routing failure for a message nobody waits on (a `notify`, or a send
-/// whose caller gave up): counted, and logged, never silent.
-pub(crate) fn late_failure(rt: &Runtime, routed: &Routed) {
-    // A failed `Node` message names its node in `failed` and in `error`.
-    let failures = match (routed.failed.len(), &routed.error) {
-        (0, Some(_)) => 1,
-        (n, _) => n,
-    };
-    if failures == 0 {
-        return;
-    }
-    let before = rt
-        .counters
-        .late_failures
-        .fetch_add(failures as u64, std::sync::atomic::Ordering::Relaxed);
-    tracing::debug!(seq = routed.seq, error = ?routed.error, failed = ?routed.failed, "a message nobody waits on was not delivered");
-    if before == 0 || (before + failures as u64).next_power_of_two() != before.next_power_of_two() {
-        tracing::warn!(
-            total = before + failures as u64,
-            last_error = ?routed.error,
-            "one-way messages were not delivered (see Node::late_failures)"
-        );
-    }
 }
 
 /// Unsubscribes `service` if its inbox is gone.

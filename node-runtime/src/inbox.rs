@@ -11,7 +11,7 @@ use smol_str::SmolStr;
 use tokio::sync::Notify;
 use transports::protocol::NodeId;
 
-use crate::runtime::Replier;
+use crate::reply::Replier;
 use crate::SendError;
 
 /// A message delivered to a service on this node.

@@ -31,8 +31,8 @@
 //! this crate is their driver: sockets, tasks, inboxes.
 //!
 //! - [`builder`]: configuring and starting a node.
-//! - [`node`]: the [`Node`] handle (send, notify, request, subscribe) and
-//!   [`Pending`].
+//! - [`node`]: the [`Node`] handle: send, notify, request, subscribe.
+//! - `pending`: [`Pending`], a message on its way.
 //! - `runtime`: what the node's tasks share: the core, the server link,
 //!   the services, the direct channels (each its own part).
 //! - `core`: the core behind its short lock, and acting on its events.
@@ -49,6 +49,7 @@
 //! - [`error`]: start-up and operation errors.
 
 pub mod builder;
+mod channels;
 mod connection;
 mod core;
 pub mod counters;
@@ -57,8 +58,12 @@ pub mod error;
 pub mod inbox;
 pub mod membership;
 pub mod node;
+mod pending;
+mod reply;
 mod routing;
 mod runtime;
+mod server;
+mod services;
 mod supervisor;
 
 pub use builder::NodeBuilder;

@@ -8,18 +8,18 @@ use std::time::Duration;
 use bytes::Bytes;
 use cluster_config::Config;
 use cluster_manager::{Awaiting, Completion, DeliveryReport, SendError};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
-use tokio::time::Instant;
+use tokio::sync::{mpsc, oneshot};
 use transports::protocol::{Header, MemberInfo, MessageKind, NodeId, Target};
 use transports::{Lane, OutFrame, Wait};
 
-use crate::builder::NodeBuilder;
-use crate::connection::{pump, ServiceQueue};
-use crate::core::CoreCell;
+use crate::connection::pump;
 use crate::counters::PathCounters;
 use crate::inbox::Inbox;
 use crate::membership::MembershipEvents;
 use crate::runtime::Runtime;
+use crate::services::ServiceQueue;
+
+pub use crate::pending::Pending;
 use crate::NodeError;
 
 /// Time [`Node::shutdown`] waits for the node's tasks to finish.
@@ -32,114 +32,6 @@ pub struct Reply {
     pub from: NodeId,
     /// The reply's body.
     pub body: Bytes,
-}
-
-/// A message on its way: queued for the wire, its outcome not yet known.
-///
-/// Returned by [`Node::submit`]; [`Pending::outcome`] waits for the
-/// receivers' acknowledgements. Dropping it stops tracking the message (it
-/// may still be delivered). It holds the node's core and its place among
-/// the messages in flight (`node.max_in_flight`), not the node.
-#[derive(Debug)]
-#[must_use = "a pending send does nothing unless its outcome is awaited"]
-pub struct Pending {
-    core: Arc<CoreCell>,
-    seq: u64,
-    deadline: Instant,
-    /// The send timeout, for the error that says how long it waited.
-    after: Duration,
-    rx: Option<oneshot::Receiver<Completion>>,
-    /// Set once the outcome arrived: the tracker let go of the message
-    /// then, so dropping this handle has nothing to cancel.
-    settled: bool,
-    /// Its place among the messages in flight; given back on drop.
-    _place: OwnedSemaphorePermit,
-}
-
-impl Pending {
-    pub(crate) fn new(
-        core: Arc<CoreCell>,
-        seq: u64,
-        deadline: Instant,
-        after: Duration,
-        rx: oneshot::Receiver<Completion>,
-        place: OwnedSemaphorePermit,
-    ) -> Pending {
-        Pending {
-            core,
-            seq,
-            deadline,
-            after,
-            rx: Some(rx),
-            settled: false,
-            _place: place,
-        }
-    }
-
-    /// The message's sequence number.
-    pub fn seq(&self) -> u64 {
-        self.seq
-    }
-
-    async fn completion(mut self) -> Result<Completion, SendError> {
-        let Some(mut rx) = self.rx.take() else {
-            return Err(SendError::Shutdown);
-        };
-        // Often there already (many in flight): one poll, no timer armed.
-        // A poll, not a `try_recv`, so that it takes from tokio's
-        // cooperative budget and a sender that never waits still yields.
-        let first = std::future::poll_fn(|cx| {
-            std::task::Poll::Ready(std::future::Future::poll(std::pin::Pin::new(&mut rx), cx))
-        })
-        .await;
-        let outcome = match first {
-            std::task::Poll::Ready(received) => Ok(received),
-            std::task::Poll::Pending => tokio::time::timeout_at(self.deadline, rx).await,
-        };
-        match outcome {
-            Ok(Ok(c)) => {
-                self.settled = true;
-                Ok(c)
-            }
-            Ok(Err(_)) => Err(self.core.closed_error()),
-            Err(_) => {
-                let waiting_for = self
-                    .core
-                    .lock()
-                    .handle_cancel(self.seq)
-                    .map(|(_, m)| m)
-                    .unwrap_or_default();
-                Err(SendError::Timeout {
-                    after: self.after,
-                    waiting_for,
-                })
-            }
-        }
-    }
-
-    /// Waits until every receiver has accepted the message, or it failed.
-    ///
-    /// # Errors
-    ///
-    /// As [`Node::send`].
-    pub async fn outcome(self) -> Result<DeliveryReport, SendError> {
-        match self.completion().await? {
-            Completion::Delivered(report) => Ok(report),
-            Completion::Failed(e) => Err(e),
-            Completion::Replied { .. } => Err(SendError::Disconnected),
-        }
-    }
-}
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        // An unsettled message stops being tracked (and resent); what it
-        // held is freed after the lock is let go.
-        if !self.settled {
-            let cancelled = self.core.lock().handle_cancel(self.seq);
-            drop(cancelled);
-        }
-    }
 }
 
 /// Shuts the node down when the last [`Node`] handle is dropped.
@@ -185,11 +77,6 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts building a node with the given id.
-    pub fn builder(id: impl Into<NodeId>) -> NodeBuilder {
-        NodeBuilder::new(id.into())
-    }
-
     pub(crate) fn from_runtime(rt: Runtime) -> Node {
         Node {
             _guard: Arc::new(DropGuard { rt: rt.clone() }),

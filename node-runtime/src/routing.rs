@@ -16,9 +16,10 @@ use tokio::time::Instant;
 use transports::protocol::{valid_name, Header, MessageKind, NodeId, Role, Target, TargetRef};
 use transports::{Lane, OutFrame, PushError, Wait};
 
+use crate::channels::DirectConn;
 use crate::counters::Counters;
-use crate::direct::{get_or_open, DirectConn};
-use crate::node::Pending;
+use crate::direct::get_or_open;
+use crate::pending::Pending;
 use crate::runtime::Runtime;
 use cluster_manager::channels::ChannelKind;
 use cluster_manager::tracker::Resend;

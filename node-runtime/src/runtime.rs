@@ -14,29 +14,31 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use cluster_config::Config;
 use cluster_manager::core::{CoreConfig, Event, NodeCore, Transmit};
 use cluster_manager::link::LinkPolicy;
 use cluster_manager::SendError;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use transports::protocol::{
-    DeliveryFailure, Header, Hello, MemberEvent, MemberInfo, MessageHeader, MessageKind,
-    MessageRef, NodeId, Target, TargetRef,
+    Header, Hello, MemberEvent, MemberInfo, MessageHeader, MessageKind, MessageRef, NodeId, Routed,
+    Target, TargetRef,
 };
-use transports::{Lane, OutFrame, OutQueue, PushError, Wait};
+use transports::{Lane, OutFrame, OutQueue, Wait};
 
-use crate::connection::{late_failure, ServiceQueue};
+use crate::channels::DirectPool;
 use crate::core::{complete, CoreCell, Waiter};
 use crate::counters::Counters;
-use crate::direct::DirectPool;
 use crate::membership::MemberView;
+use crate::reply::{check_size, enqueue, Replier};
+use crate::server::ServerLink;
+use crate::services::Services;
 
 /// Messages the core gives to send again, as frames.
 pub(crate) fn resend_frames(transmits: Vec<Transmit>) -> Vec<OutFrame> {
@@ -58,112 +60,6 @@ pub(crate) struct Parts {
     pub(crate) queue: OutQueue,
     pub(crate) members: Vec<MemberInfo>,
     pub(crate) server_index: usize,
-}
-
-/// The members a target resolves to, or why not.
-pub(crate) type ResolveResult = Result<Vec<(NodeId, u64)>, DeliveryFailure>;
-
-/// The node's link to the message server, as the senders see it.
-#[derive(Debug)]
-pub(crate) struct ServerLink {
-    /// The outgoing queue; its writer is the link task's.
-    pub(crate) queue: OutQueue,
-    /// Orders message-server sends: the sequence number is taken and the
-    /// frame queued under it, so the wire order is the number order (also
-    /// for what a member that is back gets again).
-    pub(crate) send_lock: tokio::sync::Mutex<()>,
-    /// The body limit of the message-server path (negotiated).
-    pub(crate) max_message: u64,
-    /// What this node says when it opens a connection.
-    pub(crate) hello: Mutex<Hello>,
-    /// Where the message server takes heartbeats, for the current link.
-    pub(crate) heartbeat: Mutex<Option<std::net::SocketAddr>>,
-    tokens: AtomicU64,
-    /// Subscriptions waiting for the server's confirmation.
-    pub(crate) subscriptions: Mutex<HashMap<u64, oneshot::Sender<()>>>,
-    /// Fan-outs waiting for their member lists.
-    pub(crate) resolves: Mutex<HashMap<u64, oneshot::Sender<ResolveResult>>>,
-}
-
-impl ServerLink {
-    /// A token for a request to the server.
-    pub(crate) fn next_token(&self) -> u64 {
-        self.tokens.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// This node's `Hello` as it stands (role, groups, direct address).
-    pub(crate) fn hello(&self) -> Hello {
-        self.hello.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-/// The subscribed services: each one's delivery queue, drained by its pump.
-#[derive(Debug, Default)]
-pub(crate) struct Services {
-    pub(crate) inboxes: RwLock<HashMap<Arc<str>, ServiceQueue>>,
-    /// Changed (under `inboxes`' write lock) whenever `inboxes` changes:
-    /// readers keep the inbox they delivered to last while it stays the
-    /// same (see [`crate::connection::InboxCache`]).
-    pub(crate) generation: AtomicU64,
-    /// Service names sent to, shared instead of allocated per message.
-    names: RwLock<rustc_hash::FxHashSet<Arc<str>>>,
-}
-
-/// Most service names a node keeps shared (see [`Services::name`]).
-const MAX_SERVICE_NAMES: usize = 1024;
-
-impl Services {
-    /// The subscribed services' names.
-    pub(crate) fn names(&self) -> Vec<String> {
-        self.inboxes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .map(|s| s.to_string())
-            .collect()
-    }
-
-    /// `service` as a shared name: the same allocation for every message
-    /// to it, for up to [`MAX_SERVICE_NAMES`] names (beyond that, each
-    /// message gets its own, so that the table stays bounded).
-    pub(crate) fn name(&self, service: &str) -> Arc<str> {
-        thread_local! {
-            /// The name this thread asked for last: a sender usually sends
-            /// to one service many times in a row. Any `Arc<str>` with
-            /// the same text serves, whichever node interned it.
-            static LAST: std::cell::RefCell<Option<Arc<str>>> =
-                const { std::cell::RefCell::new(None) };
-        }
-        let last =
-            LAST.with_borrow(|last| last.as_ref().filter(|name| &***name == service).cloned());
-        if let Some(name) = last {
-            return name;
-        }
-        let name = self.interned(service);
-        LAST.set(Some(name.clone()));
-        name
-    }
-
-    /// [`Services::name`] from the node's table of names.
-    fn interned(&self, service: &str) -> Arc<str> {
-        if let Some(name) = self
-            .names
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(service)
-        {
-            return name.clone();
-        }
-        let mut names = self.names.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(name) = names.get(service) {
-            return name.clone();
-        }
-        let name: Arc<str> = Arc::from(service);
-        if names.len() < MAX_SERVICE_NAMES {
-            names.insert(name.clone());
-        }
-        name
-    }
 }
 
 /// A running node's parts, shared by its tasks and handles. Cheap to
@@ -191,118 +87,6 @@ pub(crate) struct Runtime {
     /// When the node started: the time given to the core where it does not
     /// need the clock.
     pub(crate) started: std::time::Instant,
-}
-
-/// What a delivered request keeps to answer it: the parts a reply needs,
-/// held weakly, so that a message the application keeps does not keep its
-/// node alive.
-#[derive(Debug, Clone)]
-pub(crate) struct Replier {
-    id: NodeId,
-    config: Arc<Config>,
-    core: Weak<CoreCell>,
-    server: Weak<ServerLink>,
-    services: Weak<Services>,
-}
-
-impl Replier {
-    fn new(
-        id: &NodeId,
-        config: &Arc<Config>,
-        core: &Arc<CoreCell>,
-        server: &Arc<ServerLink>,
-        services: &Arc<Services>,
-    ) -> Self {
-        Replier {
-            id: id.clone(),
-            config: config.clone(),
-            core: Arc::downgrade(core),
-            server: Arc::downgrade(server),
-            services: Arc::downgrade(services),
-        }
-    }
-
-    /// Sends `body` as the reply to request `request_seq` of
-    /// `requester`'s `requester_incarnation`.
-    ///
-    /// # Errors
-    ///
-    /// `PayloadTooLarge`, `Timeout`, `Disconnected`; `Shutdown` if the
-    /// node stopped.
-    pub(crate) async fn send(
-        &self,
-        requester: &NodeId,
-        requester_incarnation: u64,
-        request_seq: u64,
-        service: &str,
-        body: Bytes,
-    ) -> Result<(), SendError> {
-        let (Some(core), Some(server), Some(services)) = (
-            self.core.upgrade(),
-            self.server.upgrade(),
-            self.services.upgrade(),
-        ) else {
-            return Err(SendError::Shutdown);
-        };
-        check_size(&self.config, &body)?;
-        let deadline = Instant::now() + self.config.send_timeout();
-        let kind = MessageKind::Reply {
-            request_seq,
-            requester_incarnation,
-        };
-        let (seq, incarnation) = {
-            let mut core = core.lock();
-            (core.next_seq(), core.incarnation())
-        };
-        let frame = OutFrame::Parts {
-            header: Header::Message(MessageHeader {
-                sender: self.id.clone(),
-                incarnation,
-                seq,
-                target: Target::Node(requester.clone()),
-                service: services.name(service),
-                kind,
-            }),
-            body,
-        };
-        enqueue(&server, &core, &self.config, frame, deadline).await
-    }
-}
-
-/// Bodies above `limits.max_message_bytes` fail before anything is sent,
-/// whatever the path.
-pub(crate) fn check_size(config: &Config, body: &Bytes) -> Result<(), SendError> {
-    let max = config.limits.max_message_bytes;
-    if body.len() as u64 > max {
-        return Err(SendError::PayloadTooLarge {
-            size: body.len() as u64,
-            max,
-        });
-    }
-    Ok(())
-}
-
-/// Queues a frame to the message server by `deadline`.
-async fn enqueue(
-    server: &ServerLink,
-    core: &CoreCell,
-    config: &Config,
-    frame: OutFrame,
-    deadline: Instant,
-) -> Result<(), SendError> {
-    // Room at once, usually: no timer, no waiting future.
-    match server
-        .queue
-        .push(frame, Lane::Data, Wait::Until(deadline))
-        .await
-    {
-        Ok(()) => Ok(()),
-        Err(PushError::Closed(_)) => Err(core.closed_error()),
-        Err(PushError::Full(_) | PushError::Congested) => Err(SendError::Timeout {
-            after: config.send_timeout(),
-            waiting_for: vec![],
-        }),
-    }
 }
 
 impl Runtime {
@@ -349,7 +133,7 @@ impl Runtime {
             subscriptions: Mutex::new(HashMap::new()),
             resolves: Mutex::new(HashMap::new()),
         });
-        let replier = Arc::new(Replier::new(&id, &config, &core, &server, &services));
+        let replier = Arc::new(Replier::new(&id, &config, &core, &server));
         Runtime {
             id,
             config,
@@ -544,5 +328,48 @@ impl Runtime {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+    }
+}
+
+/// A number that differs for each start of a node: the wall clock in
+/// nanoseconds, bumped so that two nodes started in the same process at the
+/// same instant still differ, and so that it grows across restarts.
+pub(crate) fn fresh_incarnation() -> u64 {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    let mut prev = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(prev + 1);
+        match LAST.compare_exchange(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(p) => prev = p,
+        }
+    }
+}
+
+/// A routing failure for a message nobody waits on (a `notify`, or a send
+/// whose caller gave up): counted, and logged, never silent.
+pub(crate) fn late_failure(rt: &Runtime, routed: &Routed) {
+    // A failed `Node` message names its node in `failed` and in `error`.
+    let failures = match (routed.failed.len(), &routed.error) {
+        (0, Some(_)) => 1,
+        (n, _) => n,
+    };
+    if failures == 0 {
+        return;
+    }
+    let before = rt
+        .counters
+        .late_failures
+        .fetch_add(failures as u64, std::sync::atomic::Ordering::Relaxed);
+    tracing::debug!(seq = routed.seq, error = ?routed.error, failed = ?routed.failed, "a message nobody waits on was not delivered");
+    if before == 0 || (before + failures as u64).next_power_of_two() != before.next_power_of_two() {
+        tracing::warn!(
+            total = before + failures as u64,
+            last_error = ?routed.error,
+            "one-way messages were not delivered (see Node::late_failures)"
+        );
     }
 }

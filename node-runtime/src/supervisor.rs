@@ -258,7 +258,7 @@ async fn reconnect(rt: &Runtime) -> Option<(Link, Welcome)> {
                 Err(AttemptError::Handshake(HandshakeError::Refused { refusal }))
                     if refusal.reason == RefusalReason::IncarnationFailed =>
                 {
-                    let fresh = crate::builder::fresh_incarnation();
+                    let fresh = crate::runtime::fresh_incarnation();
                     tracing::warn!(
                         old = rt.incarnation(),
                         new = fresh,

@@ -1,0 +1,49 @@
+//! The node's link to the message server as the senders see it: the
+//! outgoing queue (its writer is the link task's, see `supervisor`), the
+//! send order, this node's `Hello`, and requests awaiting the server's
+//! answer.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use tokio::sync::oneshot;
+use transports::protocol::{DeliveryFailure, Hello, NodeId};
+use transports::OutQueue;
+
+/// The members a target resolves to, or why not.
+pub(crate) type ResolveResult = Result<Vec<(NodeId, u64)>, DeliveryFailure>;
+
+/// The node's link to the message server, as the senders see it.
+#[derive(Debug)]
+pub(crate) struct ServerLink {
+    /// The outgoing queue; its writer is the link task's.
+    pub(crate) queue: OutQueue,
+    /// Orders message-server sends: the sequence number is taken and the
+    /// frame queued under it, so the wire order is the number order (also
+    /// for what a member that is back gets again).
+    pub(crate) send_lock: tokio::sync::Mutex<()>,
+    /// The body limit of the message-server path (negotiated).
+    pub(crate) max_message: u64,
+    /// What this node says when it opens a connection.
+    pub(crate) hello: Mutex<Hello>,
+    /// Where the message server takes heartbeats, for the current link.
+    pub(crate) heartbeat: Mutex<Option<std::net::SocketAddr>>,
+    pub(crate) tokens: AtomicU64,
+    /// Subscriptions waiting for the server's confirmation.
+    pub(crate) subscriptions: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    /// Fan-outs waiting for their member lists.
+    pub(crate) resolves: Mutex<HashMap<u64, oneshot::Sender<ResolveResult>>>,
+}
+
+impl ServerLink {
+    /// A token for a request to the server.
+    pub(crate) fn next_token(&self) -> u64 {
+        self.tokens.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// This node's `Hello` as it stands (role, groups, direct address).
+    pub(crate) fn hello(&self) -> Hello {
+        self.hello.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
