@@ -921,6 +921,42 @@ impl Put {
     }
 }
 
+/// What a queue holds and who waits for room, as seen from the writer's
+/// side; all zero once everything is written and nobody waits.
+#[cfg(test)]
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Held {
+    /// Frames queued, as counted and as published.
+    frames: (usize, usize),
+    /// Entries not yet taken, and what the staged frames hold (bytes,
+    /// payload bytes, data slots).
+    items: usize,
+    staged: (usize, usize, usize),
+    /// Data slots and payload bytes held, queued or being written.
+    data: usize,
+    bytes: usize,
+    /// Data senders in line, control senders waiting.
+    waiting: usize,
+    control_waiting: usize,
+}
+
+#[cfg(test)]
+impl OutReceiver {
+    fn held(&self) -> Held {
+        let state = self.core.lock();
+        let (staged, permits, data) = state.staged.peek();
+        Held {
+            frames: (state.frames, self.core.queued.load(Ordering::Relaxed)),
+            items: state.items.len(),
+            staged: (staged.len(), permits, data),
+            data: state.data,
+            bytes: state.bytes,
+            waiting: state.waiting.len(),
+            control_waiting: state.control_waiting,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use bytes::{Bytes, BytesMut};
@@ -1058,37 +1094,6 @@ mod tests {
         tokens
     }
 
-    /// What a queue holds and who waits for room, seen from the writer's
-    /// side.
-    #[derive(Debug, Default, PartialEq, Eq)]
-    struct Held {
-        /// Frames queued, as counted and as published.
-        frames: (usize, usize),
-        /// Entries and staged bytes not yet taken.
-        items: usize,
-        staged: usize,
-        /// Data slots and payload bytes held, queued or being written.
-        data: usize,
-        bytes: usize,
-        /// Data senders in line, control senders waiting.
-        waiting: usize,
-        control_waiting: usize,
-    }
-
-    fn held(rx: &OutReceiver) -> Held {
-        let state = rx.core.lock();
-        let (staged, staged_permits, staged_data) = state.staged.peek();
-        Held {
-            frames: (state.frames, rx.core.queued.load(Ordering::Relaxed)),
-            items: state.items.len(),
-            staged: staged.len() + staged_permits + staged_data,
-            data: state.data,
-            bytes: state.bytes,
-            waiting: state.waiting.len(),
-            control_waiting: state.control_waiting,
-        }
-    }
-
     /// A sender that waits for room is served before anyone who comes
     /// later, even one that would fit at once; waiting senders keep their
     /// order.
@@ -1129,7 +1134,7 @@ mod tests {
         assert_eq!(take_and_write(&rx), vec![0]);
         next.await.expect("join").expect("queued");
         assert_eq!(take_and_write(&rx), vec![2]);
-        assert_eq!(held(&rx), Held::default(), "nothing held, nobody waits");
+        assert_eq!(rx.held(), Held::default(), "nothing held, nobody waits");
     }
 
     /// A push whose wait runs out hands its frame back as `Full` and gives
@@ -1180,7 +1185,7 @@ mod tests {
             .await
             .expect("room at once");
         assert_eq!(take_and_write(&rx), vec![5, 6]);
-        assert_eq!(held(&rx), Held::default(), "nothing held, nobody waits");
+        assert_eq!(rx.held(), Held::default(), "nothing held, nobody waits");
     }
 
     /// Closing wakes waiting senders with their frames handed back; a
@@ -1231,7 +1236,7 @@ mod tests {
         assert_eq!(take_and_write(&rx).len(), 8);
         control.await.expect("join").expect("queued");
         assert_eq!(take_and_write(&rx), vec![2]);
-        assert_eq!(held(&rx), Held::default(), "nothing held, nobody waits");
+        assert_eq!(rx.held(), Held::default(), "nothing held, nobody waits");
         let weak = q.downgrade();
         assert!(weak.upgrade().is_some());
         drop(q);
@@ -1385,5 +1390,224 @@ mod tests {
             assert_eq!(wakes_seen(), 1);
         }
         assert_eq!(wakes_seen(), 2, "woken when the batch dropped");
+    }
+}
+
+/// Pushers racing on one queue through a writer and a reader.
+#[cfg(test)]
+mod stress {
+    use bytes::{Bytes, BytesMut};
+
+    use super::*;
+    use crate::frame::{encode_header, FrameCodec};
+    use crate::io::{write_queue, FrameReader, WriteEnd};
+    use crate::protocol::{Header, MessageKind, TargetRef};
+
+    const PUSHERS: u64 = 8;
+    const FRAMES_EACH: u64 = 2500;
+    const MAX_FRAME: usize = 1 << 20;
+    /// A wait that often runs out while the queue is full.
+    const SHORT: Duration = Duration::from_micros(300);
+
+    /// `task`, failing the test instead of hanging if it is stuck.
+    async fn unstuck<T>(task: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("stuck: nothing moved for 30 s")
+    }
+
+    /// The bits a frame's size and way in are drawn from.
+    fn mix(token: u64) -> u64 {
+        let mut x = token.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^ (x >> 31)
+    }
+
+    /// How a frame is pushed.
+    #[derive(Clone, Copy, Debug)]
+    enum Way {
+        TryData,
+        PushData,
+        /// Waits, for a while at most.
+        PushDataFor,
+        /// Waits until a timeout cancels the wait.
+        PushDataCancelled,
+        Raw,
+        Message,
+        TryControl,
+        PushControl,
+        PushControlFor,
+    }
+
+    /// A frame's body size (staged, an entry of its own, written from its
+    /// own buffer, or larger than the queue's bytes) and way in.
+    fn plan(token: u64) -> (usize, Way) {
+        let bits = mix(token);
+        let len = match bits % 16 {
+            0..=3 => 0,
+            4..=8 => 100,
+            9..=11 => 1500,
+            12..=13 => STAGE_UP_TO_BYTES + 500,
+            14 => 20_000,
+            _ => 40_000,
+        };
+        let way = match (bits >> 8) % 12 {
+            0 => Way::TryData,
+            1 | 2 => Way::PushData,
+            3 => Way::PushDataFor,
+            4 => Way::PushDataCancelled,
+            5 => Way::Raw,
+            6 | 7 => Way::Message,
+            8 => Way::TryControl,
+            9 => Way::PushControl,
+            10 => Way::PushControlFor,
+            _ => Way::PushData,
+        };
+        match way {
+            // Control frames are small.
+            Way::TryControl | Way::PushControl | Way::PushControlFor => (len.min(100), way),
+            _ => (len, way),
+        }
+    }
+
+    fn body(token: u64, len: usize) -> Bytes {
+        Bytes::from(vec![token as u8; len])
+    }
+
+    /// The token a frame read back carries.
+    fn token_of(header: &Header) -> u64 {
+        match header {
+            Header::Subscribed { token } => *token,
+            Header::Pong { nonce } => *nonce,
+            Header::Message(m) => m.seq,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+
+    /// Pushes `FRAMES_EACH` numbered frames; the tokens of those reported
+    /// queued, in order.
+    async fn push_all(q: OutQueue, pusher: u64) -> Vec<u64> {
+        let target = crate::protocol::Target::Node(crate::protocol::NodeId::new("b"));
+        let mut queued = Vec::new();
+        for i in 0..FRAMES_EACH {
+            let token = pusher << 32 | i;
+            let (len, way) = plan(token);
+            let data = || OutFrame::Parts {
+                header: Header::Subscribed { token },
+                body: body(token, len),
+            };
+            let control = || OutFrame::Parts {
+                header: Header::Pong { nonce: token },
+                body: body(token, len),
+            };
+            let ok = match way {
+                Way::TryData => q.try_push(data(), Lane::Data).is_ok(),
+                Way::PushData => {
+                    q.push(data(), Lane::Data, Wait::Forever)
+                        .await
+                        .expect("the queue stays open");
+                    true
+                }
+                Way::PushDataFor => q.push(data(), Lane::Data, Wait::For(SHORT)).await.is_ok(),
+                Way::PushDataCancelled => {
+                    tokio::time::timeout(SHORT, q.push(data(), Lane::Data, Wait::Forever))
+                        .await
+                        .is_ok_and(|pushed| pushed.is_ok())
+                }
+                Way::Raw => {
+                    let mut raw = BytesMut::new();
+                    let header = Header::Subscribed { token };
+                    encode_header(&header, len, MAX_FRAME, &mut raw).expect("encodes");
+                    raw.extend_from_slice(&body(token, len));
+                    q.try_push_raw(&raw[4..], None)
+                }
+                Way::Message => {
+                    let header = MessageRef {
+                        sender: "a",
+                        incarnation: 1,
+                        seq: token,
+                        target: TargetRef::from(&target),
+                        service: "svc",
+                        kind: MessageKind::Notify,
+                    };
+                    q.try_push_message(&header, &body(token, len))
+                }
+                Way::TryControl => q.try_push(control(), Lane::Control).is_ok(),
+                Way::PushControl => {
+                    q.push(control(), Lane::Control, Wait::Forever)
+                        .await
+                        .expect("the queue stays open");
+                    true
+                }
+                Way::PushControlFor => q
+                    .push(control(), Lane::Control, Wait::For(SHORT))
+                    .await
+                    .is_ok(),
+            };
+            if ok {
+                queued.push(token);
+            }
+        }
+        queued
+    }
+
+    /// Pushers race through every way in (waiting and not, waits that run
+    /// out or are cancelled, control frames between data, staged frames and
+    /// entries of their own) while a writer drains the queue into a socket
+    /// that a reader reads back. Each pusher's frames arrive whole, in the
+    /// order they were queued; every frame reported queued arrives once,
+    /// none reported refused does; at the end the queue holds nothing and
+    /// nobody waits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_pushers_lose_nothing_and_keep_their_order() {
+        let (q, mut rx) = out_queue(32, 16 * 1024);
+        let (client, server) = tokio::io::duplex(8 * 1024);
+        let writer = tokio::spawn(async move {
+            let mut client = client;
+            let end = write_queue(&mut client, &mut rx, MAX_FRAME, Vec::new()).await;
+            (end, rx)
+        });
+        let reader = tokio::spawn(async move {
+            let mut reader = FrameReader::new(server, FrameCodec::new(MAX_FRAME));
+            let mut got = vec![Vec::new(); PUSHERS as usize];
+            while let Some(frame) = reader.next().await.expect("a whole frame") {
+                let token = token_of(frame.header());
+                let (len, _) = plan(token);
+                assert_eq!(frame.body(), body(token, len), "frame {token:#x}");
+                got[(token >> 32) as usize].push(token);
+            }
+            got
+        });
+        let pushers: Vec<_> = (0..PUSHERS)
+            .map(|pusher| tokio::spawn(push_all(q.clone(), pusher)))
+            .collect();
+        drop(q);
+        let mut queued = Vec::new();
+        for pusher in pushers {
+            queued.push(unstuck(pusher).await.expect("pusher"));
+        }
+        let got = unstuck(reader).await.expect("reader");
+        let (end, rx) = unstuck(writer).await.expect("writer");
+        assert_eq!(end.expect("written"), WriteEnd::Finished);
+        for (pusher, (got, queued)) in got.iter().zip(&queued).enumerate() {
+            if got != queued {
+                let at = got.iter().zip(queued).take_while(|(g, q)| g == q).count();
+                panic!(
+                    "pusher {pusher}: {} frames read back, {} queued; from #{at} on, read {:#x?} where {:#x?} was queued",
+                    got.len(),
+                    queued.len(),
+                    got.get(at),
+                    queued.get(at),
+                );
+            }
+        }
+        let total: usize = queued.iter().map(Vec::len).sum();
+        let refused = (PUSHERS * FRAMES_EACH) as usize - total;
+        assert!(
+            refused > 0 && total > refused,
+            "{total} queued, {refused} refused"
+        );
+        assert_eq!(rx.held(), Held::default(), "nothing held, nobody waits");
     }
 }
