@@ -40,7 +40,9 @@ mod reader;
 mod staging;
 mod writer;
 
-pub use queue::{out_queue, Lane, OutQueue, OutReceiver, PushError, Wait, Wakes, WeakOutQueue};
+pub use queue::{
+    out_queue, Lane, OutQueue, OutReceiver, Push, PushError, Wait, Wakes, WeakOutQueue,
+};
 pub use reader::{FrameReader, EXACT_BUFFER_FROM_BYTES, READ_CHUNK_BYTES};
 pub use staging::STAGE_UP_TO_BYTES;
 pub use writer::{

@@ -10,6 +10,8 @@
 //! ([`OutReceiver::release`]), and senders waiting for it are woken then.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
@@ -136,6 +138,40 @@ impl OutQueue {
         &self.shared.core
     }
 
+    /// Queues `frame` on `lane` if it fits now and (for data) nobody waits
+    /// before it; hands `frame` back if not, with whether the queue is
+    /// closed.
+    // A method of the handle, called with the frame as it came: a call
+    // made before the frame is passed on (to reach the core, say) would
+    // cost a copy of it. It goes back as it came: boxing it would allocate
+    // on every fall-through to the waiting path.
+    fn try_put<F: Unqueued>(&self, frame: F, lane: Lane) -> Result<(), (F, bool)> {
+        let core = self.core();
+        if core.is_closed() {
+            return Err((frame, true));
+        }
+        let permits = core.permits_on(lane, frame.frame());
+        // The header is encoded before the lock is taken.
+        let staging = staging(frame.frame(), core.max_frame());
+        let put = {
+            let mut state = core.lock();
+            let fits = match lane {
+                Lane::Data => state.waiting.is_empty() && core.data_fits(&state, permits),
+                Lane::Control => core.control_fits(&state),
+            };
+            if !fits {
+                return Err((frame, false));
+            }
+            core.put(
+                &mut state,
+                OutItem::frame(frame.take(), permits, lane),
+                &staging,
+            )
+        };
+        put.finish();
+        Ok(())
+    }
+
     /// Queues `frame` on `lane` if there is room right now, never waiting:
     /// for a caller that answers a full queue itself (the message server
     /// tells the sender, or cuts a slow consumer off).
@@ -148,17 +184,19 @@ impl OutQueue {
     /// [`PushError::Full`] when there is no room now (on [`Lane::Data`],
     /// also when data senders wait before it); [`PushError::Closed`] when
     /// the writer is gone. The frame is handed back.
-    #[inline]
     pub fn try_push(&self, frame: OutFrame, lane: Lane) -> Result<(), PushError> {
-        self.core()
-            .try_put(frame, lane)
-            .map_err(Refused::into_error)
+        match self.try_put(frame, lane) {
+            Ok(()) => Ok(()),
+            Err((frame, true)) => Err(PushError::Closed(Box::new(frame))),
+            Err((frame, false)) => Err(PushError::Full(Box::new(frame))),
+        }
     }
 
     /// Queues `frame` on `lane`, waiting for room as long as `wait` allows:
     /// back-pressure instead of growth. A frame that fits at once is
-    /// queued without a timer or a waiting future; one that waits
-    /// allocates its waiting future once, so the caller's stays small.
+    /// queued by the first poll, without a timer or a waiting future; one
+    /// that waits allocates its waiting future then, once, so that the
+    /// caller's future stays small. Nothing happens until it is polled.
     ///
     /// # Errors
     ///
@@ -170,11 +208,13 @@ impl OutQueue {
     ///
     /// Cancel safe: a cancelled call queued nothing, and a data sender
     /// gives its place in line up to the next.
-    pub async fn push(&self, frame: OutFrame, lane: Lane, wait: Wait) -> Result<(), PushError> {
-        match self.core().try_put(frame, lane) {
-            Ok(()) => Ok(()),
-            Err(Refused::Closed(frame)) => Err(PushError::Closed(Box::new(frame))),
-            Err(Refused::Full(frame)) => Box::pin(self.wait_for_room(frame, lane, wait)).await,
+    pub fn push(&self, frame: OutFrame, lane: Lane, wait: Wait) -> Push<'_> {
+        Push {
+            queue: self,
+            frame: Some(frame),
+            lane,
+            wait,
+            waiting: None,
         }
     }
 
@@ -418,6 +458,90 @@ impl Drop for Wakes {
     }
 }
 
+/// The future of [`OutQueue::push`].
+///
+/// Its first poll queues the frame if there is room, with no timer and no
+/// waiting future; otherwise it waits in a future of its own, allocated
+/// then, so that this one stays small.
+#[must_use = "a push does nothing unless polled"]
+pub struct Push<'a> {
+    queue: &'a OutQueue,
+    /// The frame, until it is queued or handed to the wait.
+    frame: Option<OutFrame>,
+    lane: Lane,
+    wait: Wait,
+    /// The wait for room, once the frame did not fit at once.
+    waiting: Option<Waiting<'a>>,
+}
+
+/// A [`Push`] waiting for room.
+type Waiting<'a> = Pin<Box<dyn Future<Output = Result<(), PushError>> + Send + 'a>>;
+
+impl std::fmt::Debug for Push<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Push")
+            .field("lane", &self.lane)
+            .field("wait", &self.wait)
+            .field("waiting", &self.waiting.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Future for Push<'_> {
+    type Output = Result<(), PushError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if let Some(waiting) = &mut this.waiting {
+            return waiting.as_mut().poll(cx);
+        }
+        // The frame stays in its slot unless it is queued: one move, as for
+        // a frame queued by value.
+        let frame = match this.queue.try_put(&mut this.frame, this.lane) {
+            Ok(()) => return Poll::Ready(Ok(())),
+            Err((slot, closed)) => {
+                let frame = Unqueued::take(slot);
+                if closed {
+                    return Poll::Ready(Err(PushError::Closed(Box::new(frame))));
+                }
+                frame
+            }
+        };
+        let waiting = this.waiting.insert(Box::pin(
+            this.queue.wait_for_room(frame, this.lane, this.wait),
+        ));
+        waiting.as_mut().poll(cx)
+    }
+}
+
+/// A frame not queued yet: owned, or in a slot it leaves only once it is
+/// queued (so that a [`Push`] queued at once moves its frame no more than
+/// [`OutQueue::try_push`] does).
+trait Unqueued {
+    fn frame(&self) -> &OutFrame;
+    fn take(self) -> OutFrame;
+}
+
+impl Unqueued for OutFrame {
+    fn frame(&self) -> &OutFrame {
+        self
+    }
+
+    fn take(self) -> OutFrame {
+        self
+    }
+}
+
+impl Unqueued for &mut Option<OutFrame> {
+    fn frame(&self) -> &OutFrame {
+        self.as_ref().expect("a push polled after it finished")
+    }
+
+    fn take(self) -> OutFrame {
+        Option::take(self).expect("a push polled after it finished")
+    }
+}
+
 /// The writer's side of an outgoing queue.
 #[derive(Debug)]
 pub struct OutReceiver {
@@ -583,22 +707,6 @@ struct State {
     control_waiting: usize,
 }
 
-/// Why a frame was not queued at once; the frame back, not boxed, for a
-/// caller that goes on to wait.
-enum Refused {
-    Full(OutFrame),
-    Closed(OutFrame),
-}
-
-impl Refused {
-    fn into_error(self) -> PushError {
-        match self {
-            Refused::Full(frame) => PushError::Full(Box::new(frame)),
-            Refused::Closed(frame) => PushError::Closed(Box::new(frame)),
-        }
-    }
-}
-
 /// What a waiting sender found when it looked.
 enum Look {
     /// Queued; what is left to do once the lock is released.
@@ -655,33 +763,6 @@ impl Core {
     fn is_drained(&self) -> bool {
         let state = self.lock();
         state.data < self.max_data / 4 && state.bytes < self.max_bytes as usize / 4
-    }
-
-    /// Queues `frame` on `lane` if it fits now and (for data) nobody waits
-    /// before it.
-    // The frame goes back by value: boxing it would allocate on every
-    // fall-through to the waiting path.
-    #[allow(clippy::result_large_err)]
-    fn try_put(&self, frame: OutFrame, lane: Lane) -> Result<(), Refused> {
-        if self.is_closed() {
-            return Err(Refused::Closed(frame));
-        }
-        let permits = self.permits_on(lane, &frame);
-        // The header is encoded before the lock is taken.
-        let staging = staging(&frame, self.max_frame());
-        let put = {
-            let mut state = self.lock();
-            let fits = match lane {
-                Lane::Data => state.waiting.is_empty() && self.data_fits(&state, permits),
-                Lane::Control => self.control_fits(&state),
-            };
-            if !fits {
-                return Err(Refused::Full(frame));
-            }
-            self.put(&mut state, OutItem::frame(frame, permits, lane), &staging)
-        };
-        put.finish();
-        Ok(())
     }
 
     /// Stages a small data frame (`head`, then `payload`) if there is room
@@ -752,9 +833,10 @@ impl Core {
     /// chunk it closes on the way goes in line first. The frame's counts
     /// are the caller's to add.
     fn stage(&self, state: &mut State, head: &Head, payload: &[u8], permits: usize, data: usize) {
-        if let Some(full) = state.staged.append(head, payload, permits, data) {
+        if let Some(full) = state.staged.make_room(head, payload) {
             state.items.push_back(full.into());
         }
+        state.staged.append(head, payload, permits, data);
     }
 
     /// Closes the staged frames into one item, so that what is queued next
@@ -1021,6 +1103,9 @@ mod tests {
             q.try_push(body(60), Lane::Data),
             Err(PushError::Full(_))
         ));
+        // A push not polled queues nothing.
+        drop(q.push(body(10), Lane::Data, Wait::Forever));
+        assert_eq!(q.queued_frames(), 1);
     }
 
     fn numbered(token: u64, len: usize) -> OutFrame {
