@@ -33,7 +33,8 @@
 //! - `staging`: small frames encoded into the queue's staging buffer as
 //!   they are queued.
 //! - `writer`: [`write_queue`] and [`run_writer`], the task that drains a
-//!   queue into its connection.
+//!   queue into its connection (after a prelude of frames, when given one:
+//!   what a reconnected link resends).
 
 mod queue;
 mod reader;
