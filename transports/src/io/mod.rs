@@ -33,14 +33,17 @@
 //! - `staging`: small frames encoded into the queue's staging buffer as
 //!   they are queued.
 //! - `writer`: [`write_queue`] and [`run_writer`], the task that drains a
-//!   queue into its connection.
+//!   queue into its connection (after a prelude of frames, when given one:
+//!   what a reconnected link resends).
 
 mod queue;
 mod reader;
 mod staging;
 mod writer;
 
-pub use queue::{out_queue, Lane, OutQueue, OutReceiver, PushError, Wait, Wakes, WeakOutQueue};
+pub use queue::{
+    out_queue, Lane, OutQueue, OutReceiver, Push, PushError, Wait, Wakes, WeakOutQueue,
+};
 pub use reader::{FrameReader, EXACT_BUFFER_FROM_BYTES, READ_CHUNK_BYTES};
 pub use staging::STAGE_UP_TO_BYTES;
 pub use writer::{

@@ -10,6 +10,8 @@
 //! ([`OutReceiver::release`]), and senders waiting for it are woken then.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
@@ -136,6 +138,40 @@ impl OutQueue {
         &self.shared.core
     }
 
+    /// Queues `frame` on `lane` if it fits now and (for data) nobody waits
+    /// before it; hands `frame` back if not, with whether the queue is
+    /// closed.
+    // A method of the handle, called with the frame as it came: a call
+    // made before the frame is passed on (to reach the core, say) would
+    // cost a copy of it. It goes back as it came: boxing it would allocate
+    // on every fall-through to the waiting path.
+    fn try_put<F: Unqueued>(&self, frame: F, lane: Lane) -> Result<(), (F, bool)> {
+        let core = self.core();
+        if core.is_closed() {
+            return Err((frame, true));
+        }
+        let permits = core.permits_on(lane, frame.frame());
+        // The header is encoded before the lock is taken.
+        let staging = staging(frame.frame(), core.max_frame());
+        let put = {
+            let mut state = core.lock();
+            let fits = match lane {
+                Lane::Data => state.waiting.is_empty() && core.data_fits(&state, permits),
+                Lane::Control => core.control_fits(&state),
+            };
+            if !fits {
+                return Err((frame, false));
+            }
+            core.put(
+                &mut state,
+                OutItem::frame(frame.take(), permits, lane),
+                &staging,
+            )
+        };
+        put.finish();
+        Ok(())
+    }
+
     /// Queues `frame` on `lane` if there is room right now, never waiting:
     /// for a caller that answers a full queue itself (the message server
     /// tells the sender, or cuts a slow consumer off).
@@ -148,17 +184,19 @@ impl OutQueue {
     /// [`PushError::Full`] when there is no room now (on [`Lane::Data`],
     /// also when data senders wait before it); [`PushError::Closed`] when
     /// the writer is gone. The frame is handed back.
-    #[inline]
     pub fn try_push(&self, frame: OutFrame, lane: Lane) -> Result<(), PushError> {
-        self.core()
-            .try_put(frame, lane)
-            .map_err(Refused::into_error)
+        match self.try_put(frame, lane) {
+            Ok(()) => Ok(()),
+            Err((frame, true)) => Err(PushError::Closed(Box::new(frame))),
+            Err((frame, false)) => Err(PushError::Full(Box::new(frame))),
+        }
     }
 
     /// Queues `frame` on `lane`, waiting for room as long as `wait` allows:
     /// back-pressure instead of growth. A frame that fits at once is
-    /// queued without a timer or a waiting future; one that waits
-    /// allocates its waiting future once, so the caller's stays small.
+    /// queued by the first poll, without a timer or a waiting future; one
+    /// that waits allocates its waiting future then, once, so that the
+    /// caller's future stays small. Nothing happens until it is polled.
     ///
     /// # Errors
     ///
@@ -170,11 +208,13 @@ impl OutQueue {
     ///
     /// Cancel safe: a cancelled call queued nothing, and a data sender
     /// gives its place in line up to the next.
-    pub async fn push(&self, frame: OutFrame, lane: Lane, wait: Wait) -> Result<(), PushError> {
-        match self.core().try_put(frame, lane) {
-            Ok(()) => Ok(()),
-            Err(Refused::Closed(frame)) => Err(PushError::Closed(Box::new(frame))),
-            Err(Refused::Full(frame)) => Box::pin(self.wait_for_room(frame, lane, wait)).await,
+    pub fn push(&self, frame: OutFrame, lane: Lane, wait: Wait) -> Push<'_> {
+        Push {
+            queue: self,
+            frame: Some(frame),
+            lane,
+            wait,
+            waiting: None,
         }
     }
 
@@ -418,6 +458,90 @@ impl Drop for Wakes {
     }
 }
 
+/// The future of [`OutQueue::push`].
+///
+/// Its first poll queues the frame if there is room, with no timer and no
+/// waiting future; otherwise it waits in a future of its own, allocated
+/// then, so that this one stays small.
+#[must_use = "a push does nothing unless polled"]
+pub struct Push<'a> {
+    queue: &'a OutQueue,
+    /// The frame, until it is queued or handed to the wait.
+    frame: Option<OutFrame>,
+    lane: Lane,
+    wait: Wait,
+    /// The wait for room, once the frame did not fit at once.
+    waiting: Option<Waiting<'a>>,
+}
+
+/// A [`Push`] waiting for room.
+type Waiting<'a> = Pin<Box<dyn Future<Output = Result<(), PushError>> + Send + 'a>>;
+
+impl std::fmt::Debug for Push<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Push")
+            .field("lane", &self.lane)
+            .field("wait", &self.wait)
+            .field("waiting", &self.waiting.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Future for Push<'_> {
+    type Output = Result<(), PushError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if let Some(waiting) = &mut this.waiting {
+            return waiting.as_mut().poll(cx);
+        }
+        // The frame stays in its slot unless it is queued: one move, as for
+        // a frame queued by value.
+        let frame = match this.queue.try_put(&mut this.frame, this.lane) {
+            Ok(()) => return Poll::Ready(Ok(())),
+            Err((slot, closed)) => {
+                let frame = Unqueued::take(slot);
+                if closed {
+                    return Poll::Ready(Err(PushError::Closed(Box::new(frame))));
+                }
+                frame
+            }
+        };
+        let waiting = this.waiting.insert(Box::pin(
+            this.queue.wait_for_room(frame, this.lane, this.wait),
+        ));
+        waiting.as_mut().poll(cx)
+    }
+}
+
+/// A frame not queued yet: owned, or in a slot it leaves only once it is
+/// queued (so that a [`Push`] queued at once moves its frame no more than
+/// [`OutQueue::try_push`] does).
+trait Unqueued {
+    fn frame(&self) -> &OutFrame;
+    fn take(self) -> OutFrame;
+}
+
+impl Unqueued for OutFrame {
+    fn frame(&self) -> &OutFrame {
+        self
+    }
+
+    fn take(self) -> OutFrame {
+        self
+    }
+}
+
+impl Unqueued for &mut Option<OutFrame> {
+    fn frame(&self) -> &OutFrame {
+        self.as_ref().expect("a push polled after it finished")
+    }
+
+    fn take(self) -> OutFrame {
+        Option::take(self).expect("a push polled after it finished")
+    }
+}
+
 /// The writer's side of an outgoing queue.
 #[derive(Debug)]
 pub struct OutReceiver {
@@ -583,22 +707,6 @@ struct State {
     control_waiting: usize,
 }
 
-/// Why a frame was not queued at once; the frame back, not boxed, for a
-/// caller that goes on to wait.
-enum Refused {
-    Full(OutFrame),
-    Closed(OutFrame),
-}
-
-impl Refused {
-    fn into_error(self) -> PushError {
-        match self {
-            Refused::Full(frame) => PushError::Full(Box::new(frame)),
-            Refused::Closed(frame) => PushError::Closed(Box::new(frame)),
-        }
-    }
-}
-
 /// What a waiting sender found when it looked.
 enum Look {
     /// Queued; what is left to do once the lock is released.
@@ -655,33 +763,6 @@ impl Core {
     fn is_drained(&self) -> bool {
         let state = self.lock();
         state.data < self.max_data / 4 && state.bytes < self.max_bytes as usize / 4
-    }
-
-    /// Queues `frame` on `lane` if it fits now and (for data) nobody waits
-    /// before it.
-    // The frame goes back by value: boxing it would allocate on every
-    // fall-through to the waiting path.
-    #[allow(clippy::result_large_err)]
-    fn try_put(&self, frame: OutFrame, lane: Lane) -> Result<(), Refused> {
-        if self.is_closed() {
-            return Err(Refused::Closed(frame));
-        }
-        let permits = self.permits_on(lane, &frame);
-        // The header is encoded before the lock is taken.
-        let staging = staging(&frame, self.max_frame());
-        let put = {
-            let mut state = self.lock();
-            let fits = match lane {
-                Lane::Data => state.waiting.is_empty() && self.data_fits(&state, permits),
-                Lane::Control => self.control_fits(&state),
-            };
-            if !fits {
-                return Err(Refused::Full(frame));
-            }
-            self.put(&mut state, OutItem::frame(frame, permits, lane), &staging)
-        };
-        put.finish();
-        Ok(())
     }
 
     /// Stages a small data frame (`head`, then `payload`) if there is room
@@ -752,9 +833,10 @@ impl Core {
     /// chunk it closes on the way goes in line first. The frame's counts
     /// are the caller's to add.
     fn stage(&self, state: &mut State, head: &Head, payload: &[u8], permits: usize, data: usize) {
-        if let Some(full) = state.staged.append(head, payload, permits, data) {
+        if let Some(full) = state.staged.make_room(head, payload) {
             state.items.push_back(full.into());
         }
+        state.staged.append(head, payload, permits, data);
     }
 
     /// Closes the staged frames into one item, so that what is queued next
@@ -921,6 +1003,42 @@ impl Put {
     }
 }
 
+/// What a queue holds and who waits for room, as seen from the writer's
+/// side; all zero once everything is written and nobody waits.
+#[cfg(test)]
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Held {
+    /// Frames queued, as counted and as published.
+    frames: (usize, usize),
+    /// Entries not yet taken, and what the staged frames hold (bytes,
+    /// payload bytes, data slots).
+    items: usize,
+    staged: (usize, usize, usize),
+    /// Data slots and payload bytes held, queued or being written.
+    data: usize,
+    bytes: usize,
+    /// Data senders in line, control senders waiting.
+    waiting: usize,
+    control_waiting: usize,
+}
+
+#[cfg(test)]
+impl OutReceiver {
+    fn held(&self) -> Held {
+        let state = self.core.lock();
+        let (staged, permits, data) = state.staged.peek();
+        Held {
+            frames: (state.frames, self.core.queued.load(Ordering::Relaxed)),
+            items: state.items.len(),
+            staged: (staged.len(), permits, data),
+            data: state.data,
+            bytes: state.bytes,
+            waiting: state.waiting.len(),
+            control_waiting: state.control_waiting,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use bytes::{Bytes, BytesMut};
@@ -985,6 +1103,9 @@ mod tests {
             q.try_push(body(60), Lane::Data),
             Err(PushError::Full(_))
         ));
+        // A push not polled queues nothing.
+        drop(q.push(body(10), Lane::Data, Wait::Forever));
+        assert_eq!(q.queued_frames(), 1);
     }
 
     fn numbered(token: u64, len: usize) -> OutFrame {
@@ -1058,37 +1179,6 @@ mod tests {
         tokens
     }
 
-    /// What a queue holds and who waits for room, seen from the writer's
-    /// side.
-    #[derive(Debug, Default, PartialEq, Eq)]
-    struct Held {
-        /// Frames queued, as counted and as published.
-        frames: (usize, usize),
-        /// Entries and staged bytes not yet taken.
-        items: usize,
-        staged: usize,
-        /// Data slots and payload bytes held, queued or being written.
-        data: usize,
-        bytes: usize,
-        /// Data senders in line, control senders waiting.
-        waiting: usize,
-        control_waiting: usize,
-    }
-
-    fn held(rx: &OutReceiver) -> Held {
-        let state = rx.core.lock();
-        let (staged, staged_permits, staged_data) = state.staged.peek();
-        Held {
-            frames: (state.frames, rx.core.queued.load(Ordering::Relaxed)),
-            items: state.items.len(),
-            staged: staged.len() + staged_permits + staged_data,
-            data: state.data,
-            bytes: state.bytes,
-            waiting: state.waiting.len(),
-            control_waiting: state.control_waiting,
-        }
-    }
-
     /// A sender that waits for room is served before anyone who comes
     /// later, even one that would fit at once; waiting senders keep their
     /// order.
@@ -1129,7 +1219,7 @@ mod tests {
         assert_eq!(take_and_write(&rx), vec![0]);
         next.await.expect("join").expect("queued");
         assert_eq!(take_and_write(&rx), vec![2]);
-        assert_eq!(held(&rx), Held::default(), "nothing held, nobody waits");
+        assert_eq!(rx.held(), Held::default(), "nothing held, nobody waits");
     }
 
     /// A push whose wait runs out hands its frame back as `Full` and gives
@@ -1180,7 +1270,7 @@ mod tests {
             .await
             .expect("room at once");
         assert_eq!(take_and_write(&rx), vec![5, 6]);
-        assert_eq!(held(&rx), Held::default(), "nothing held, nobody waits");
+        assert_eq!(rx.held(), Held::default(), "nothing held, nobody waits");
     }
 
     /// Closing wakes waiting senders with their frames handed back; a
@@ -1231,7 +1321,7 @@ mod tests {
         assert_eq!(take_and_write(&rx).len(), 8);
         control.await.expect("join").expect("queued");
         assert_eq!(take_and_write(&rx), vec![2]);
-        assert_eq!(held(&rx), Held::default(), "nothing held, nobody waits");
+        assert_eq!(rx.held(), Held::default(), "nothing held, nobody waits");
         let weak = q.downgrade();
         assert!(weak.upgrade().is_some());
         drop(q);
@@ -1385,5 +1475,224 @@ mod tests {
             assert_eq!(wakes_seen(), 1);
         }
         assert_eq!(wakes_seen(), 2, "woken when the batch dropped");
+    }
+}
+
+/// Pushers racing on one queue through a writer and a reader.
+#[cfg(test)]
+mod stress {
+    use bytes::{Bytes, BytesMut};
+
+    use super::*;
+    use crate::frame::{encode_header, FrameCodec};
+    use crate::io::{write_queue, FrameReader, WriteEnd};
+    use crate::protocol::{Header, MessageKind, TargetRef};
+
+    const PUSHERS: u64 = 8;
+    const FRAMES_EACH: u64 = 2500;
+    const MAX_FRAME: usize = 1 << 20;
+    /// A wait that often runs out while the queue is full.
+    const SHORT: Duration = Duration::from_micros(300);
+
+    /// `task`, failing the test instead of hanging if it is stuck.
+    async fn unstuck<T>(task: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("stuck: nothing moved for 30 s")
+    }
+
+    /// The bits a frame's size and way in are drawn from.
+    fn mix(token: u64) -> u64 {
+        let mut x = token.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^ (x >> 31)
+    }
+
+    /// How a frame is pushed.
+    #[derive(Clone, Copy, Debug)]
+    enum Way {
+        TryData,
+        PushData,
+        /// Waits, for a while at most.
+        PushDataFor,
+        /// Waits until a timeout cancels the wait.
+        PushDataCancelled,
+        Raw,
+        Message,
+        TryControl,
+        PushControl,
+        PushControlFor,
+    }
+
+    /// A frame's body size (staged, an entry of its own, written from its
+    /// own buffer, or larger than the queue's bytes) and way in.
+    fn plan(token: u64) -> (usize, Way) {
+        let bits = mix(token);
+        let len = match bits % 16 {
+            0..=3 => 0,
+            4..=8 => 100,
+            9..=11 => 1500,
+            12..=13 => STAGE_UP_TO_BYTES + 500,
+            14 => 20_000,
+            _ => 40_000,
+        };
+        let way = match (bits >> 8) % 12 {
+            0 => Way::TryData,
+            1 | 2 => Way::PushData,
+            3 => Way::PushDataFor,
+            4 => Way::PushDataCancelled,
+            5 => Way::Raw,
+            6 | 7 => Way::Message,
+            8 => Way::TryControl,
+            9 => Way::PushControl,
+            10 => Way::PushControlFor,
+            _ => Way::PushData,
+        };
+        match way {
+            // Control frames are small.
+            Way::TryControl | Way::PushControl | Way::PushControlFor => (len.min(100), way),
+            _ => (len, way),
+        }
+    }
+
+    fn body(token: u64, len: usize) -> Bytes {
+        Bytes::from(vec![token as u8; len])
+    }
+
+    /// The token a frame read back carries.
+    fn token_of(header: &Header) -> u64 {
+        match header {
+            Header::Subscribed { token } => *token,
+            Header::Pong { nonce } => *nonce,
+            Header::Message(m) => m.seq,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+
+    /// Pushes `FRAMES_EACH` numbered frames; the tokens of those reported
+    /// queued, in order.
+    async fn push_all(q: OutQueue, pusher: u64) -> Vec<u64> {
+        let target = crate::protocol::Target::Node(crate::protocol::NodeId::new("b"));
+        let mut queued = Vec::new();
+        for i in 0..FRAMES_EACH {
+            let token = pusher << 32 | i;
+            let (len, way) = plan(token);
+            let data = || OutFrame::Parts {
+                header: Header::Subscribed { token },
+                body: body(token, len),
+            };
+            let control = || OutFrame::Parts {
+                header: Header::Pong { nonce: token },
+                body: body(token, len),
+            };
+            let ok = match way {
+                Way::TryData => q.try_push(data(), Lane::Data).is_ok(),
+                Way::PushData => {
+                    q.push(data(), Lane::Data, Wait::Forever)
+                        .await
+                        .expect("the queue stays open");
+                    true
+                }
+                Way::PushDataFor => q.push(data(), Lane::Data, Wait::For(SHORT)).await.is_ok(),
+                Way::PushDataCancelled => {
+                    tokio::time::timeout(SHORT, q.push(data(), Lane::Data, Wait::Forever))
+                        .await
+                        .is_ok_and(|pushed| pushed.is_ok())
+                }
+                Way::Raw => {
+                    let mut raw = BytesMut::new();
+                    let header = Header::Subscribed { token };
+                    encode_header(&header, len, MAX_FRAME, &mut raw).expect("encodes");
+                    raw.extend_from_slice(&body(token, len));
+                    q.try_push_raw(&raw[4..], None)
+                }
+                Way::Message => {
+                    let header = MessageRef {
+                        sender: "a",
+                        incarnation: 1,
+                        seq: token,
+                        target: TargetRef::from(&target),
+                        service: "svc",
+                        kind: MessageKind::Notify,
+                    };
+                    q.try_push_message(&header, &body(token, len))
+                }
+                Way::TryControl => q.try_push(control(), Lane::Control).is_ok(),
+                Way::PushControl => {
+                    q.push(control(), Lane::Control, Wait::Forever)
+                        .await
+                        .expect("the queue stays open");
+                    true
+                }
+                Way::PushControlFor => q
+                    .push(control(), Lane::Control, Wait::For(SHORT))
+                    .await
+                    .is_ok(),
+            };
+            if ok {
+                queued.push(token);
+            }
+        }
+        queued
+    }
+
+    /// Pushers race through every way in (waiting and not, waits that run
+    /// out or are cancelled, control frames between data, staged frames and
+    /// entries of their own) while a writer drains the queue into a socket
+    /// that a reader reads back. Each pusher's frames arrive whole, in the
+    /// order they were queued; every frame reported queued arrives once,
+    /// none reported refused does; at the end the queue holds nothing and
+    /// nobody waits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_pushers_lose_nothing_and_keep_their_order() {
+        let (q, mut rx) = out_queue(32, 16 * 1024);
+        let (client, server) = tokio::io::duplex(8 * 1024);
+        let writer = tokio::spawn(async move {
+            let mut client = client;
+            let end = write_queue(&mut client, &mut rx, MAX_FRAME, Vec::new()).await;
+            (end, rx)
+        });
+        let reader = tokio::spawn(async move {
+            let mut reader = FrameReader::new(server, FrameCodec::new(MAX_FRAME));
+            let mut got = vec![Vec::new(); PUSHERS as usize];
+            while let Some(frame) = reader.next().await.expect("a whole frame") {
+                let token = token_of(frame.header());
+                let (len, _) = plan(token);
+                assert_eq!(frame.body(), body(token, len), "frame {token:#x}");
+                got[(token >> 32) as usize].push(token);
+            }
+            got
+        });
+        let pushers: Vec<_> = (0..PUSHERS)
+            .map(|pusher| tokio::spawn(push_all(q.clone(), pusher)))
+            .collect();
+        drop(q);
+        let mut queued = Vec::new();
+        for pusher in pushers {
+            queued.push(unstuck(pusher).await.expect("pusher"));
+        }
+        let got = unstuck(reader).await.expect("reader");
+        let (end, rx) = unstuck(writer).await.expect("writer");
+        assert_eq!(end.expect("written"), WriteEnd::Finished);
+        for (pusher, (got, queued)) in got.iter().zip(&queued).enumerate() {
+            if got != queued {
+                let at = got.iter().zip(queued).take_while(|(g, q)| g == q).count();
+                panic!(
+                    "pusher {pusher}: {} frames read back, {} queued; from #{at} on, read {:#x?} where {:#x?} was queued",
+                    got.len(),
+                    queued.len(),
+                    got.get(at),
+                    queued.get(at),
+                );
+            }
+        }
+        let total: usize = queued.iter().map(Vec::len).sum();
+        let refused = (PUSHERS * FRAMES_EACH) as usize - total;
+        assert!(
+            refused > 0 && total > refused,
+            "{total} queued, {refused} refused"
+        );
+        assert_eq!(rx.held(), Held::default(), "nothing held, nobody waits");
     }
 }

@@ -147,30 +147,28 @@ pub(super) struct Chunk {
 }
 
 impl Staged {
-    /// Appends a frame (`head`, then `payload`) holding `permits` payload
-    /// bytes and `data` data slots. If it does not fit the room left in the
-    /// current chunk, the chunk is closed first and handed back: the caller
-    /// queues it before what stays staged.
-    pub(super) fn append(
-        &mut self,
-        head: &Head,
-        payload: &[u8],
-        permits: usize,
-        data: usize,
-    ) -> Option<Chunk> {
+    /// Makes room for a frame (`head`, then `payload`): if the current
+    /// chunk lacks it, closes the chunk and hands it back (the caller
+    /// queues it before what is staged next) and starts a new one.
+    pub(super) fn make_room(&mut self, head: &Head, payload: &[u8]) -> Option<Chunk> {
         let need = head.len + payload.len();
-        let mut full = None;
-        if self.buf.capacity() - self.buf.len() < need {
-            full = self.seal();
-            // Empty now: a new chunk, or the old one taken back if what was
-            // cut from it is written already.
-            self.buf.reserve(STAGING_CHUNK_BYTES.max(need));
+        if self.buf.capacity() - self.buf.len() >= need {
+            return None;
         }
+        let full = self.seal();
+        // Empty now: a new chunk, or the old one taken back if what was cut
+        // from it is written already.
+        self.buf.reserve(STAGING_CHUNK_BYTES.max(need));
+        full
+    }
+
+    /// Appends a frame (`head`, then `payload`) holding `permits` payload
+    /// bytes and `data` data slots, after [`Staged::make_room`].
+    pub(super) fn append(&mut self, head: &Head, payload: &[u8], permits: usize, data: usize) {
         self.buf.extend_from_slice(head.bytes());
         self.buf.extend_from_slice(payload);
         self.permits += permits;
         self.data += data;
-        full
     }
 
     /// Closes the staged frames into one chunk, so that what is queued next
@@ -315,7 +313,8 @@ mod tests {
             let OutFrame::Parts { body, .. } = &frame else {
                 panic!("parts");
             };
-            chunks.extend(staged.append(&head, body, body.len(), 1));
+            chunks.extend(staged.make_room(&head, body));
+            staged.append(&head, body, body.len(), 1);
             assert!(staged.capacity() <= 2 * STAGING_CHUNK_BYTES);
         }
         assert!(chunks.len() > 10, "full chunks handed back");
