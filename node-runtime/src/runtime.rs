@@ -284,14 +284,7 @@ impl Runtime {
         body: Bytes,
     ) -> OutFrame {
         OutFrame::Parts {
-            header: Header::Message(MessageHeader {
-                sender: self.id.clone(),
-                incarnation,
-                seq,
-                target,
-                service,
-                kind,
-            }),
+            header: Header::Message(self.header(seq, incarnation, target, service, kind)),
             body,
         }
     }
