@@ -729,4 +729,475 @@ mod tests {
         let rest: Vec<u64> = std::iter::from_fn(|| rx.try_recv().map(|m| m.seq)).collect();
         assert_eq!(rest, (33..288).collect::<Vec<_>>(), "all, in order");
     }
+
+    /// Choices for the stress tests: a xorshift, so they vary without a
+    /// dependency and repeat for a seed (the scheduling does not).
+    struct Rng(u64);
+
+    impl Rng {
+        fn new(seed: u64) -> Self {
+            Rng((0x9E37_79B9_7F4A_7C15 ^ seed.wrapping_mul(0xBF58_476D_1CE4_E5B9)) | 1)
+        }
+
+        /// A number below `n` (which is not 0).
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    /// Message `n` of sender `from`: the sender is named `s{from}`, the
+    /// number is the `seq`, and the body holds both.
+    fn numbered(from: usize, n: u64, one_way: bool) -> Message {
+        let mut body = Vec::with_capacity(16);
+        body.extend_from_slice(&(from as u64).to_le_bytes());
+        body.extend_from_slice(&n.to_le_bytes());
+        Message {
+            sender: NodeId::new(format!("s{from}")),
+            sender_incarnation: 1,
+            seq: n,
+            service: SmolStr::new("svc"),
+            body: Bytes::from(body),
+            one_way,
+            replier: None,
+        }
+    }
+
+    /// Which sender sent `m` and its number, checking that its sender, seq
+    /// and body agree.
+    fn origin(m: &Message) -> (usize, u64) {
+        let body: &[u8] = m.body();
+        assert_eq!(body.len(), 16, "{m:?}");
+        let from = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+        let n = u64::from_le_bytes(body[8..].try_into().expect("8 bytes"));
+        assert_eq!(m.seq(), n, "{m:?}");
+        assert_eq!(m.sender().as_str(), format!("s{from}"), "{m:?}");
+        (usize::try_from(from).expect("small"), n)
+    }
+
+    /// Polls once with the task's own waker: `Pending` instead of waiting.
+    async fn poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> Poll<F::Output> {
+        let mut f = f;
+        std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await
+    }
+
+    /// Checks, at the receiver, the bounds the inbox promises: it holds at
+    /// most `bound` messages, and what senders count as used (the shared
+    /// queue and the published batch) stays within it too; the published
+    /// batch is never lower than the batch, and higher by less than a step.
+    fn check_bounds(rx: &Inbox, bound: usize) {
+        let len = rx.len();
+        assert!(
+            len <= bound,
+            "{len} messages in an inbox bounded at {bound}"
+        );
+        let state = rx.shared.lock();
+        let lent = rx.shared.lent.load(Ordering::SeqCst);
+        let batch = rx.batch.len();
+        assert!(batch <= lent, "batch {batch} published as {lent}: too low");
+        assert!(
+            lent < batch + rx.shared.lent_step,
+            "batch {batch} published as {lent}: a step or more too high"
+        );
+        let used = state.queue.len() + lent;
+        assert!(used <= bound, "senders count {used} used of {bound}");
+    }
+
+    /// What the inbox tracks, back at rest: nothing queued, lent or
+    /// wanted, no sender left.
+    fn check_at_rest(rx: &Inbox) {
+        let state = rx.shared.lock();
+        assert!(state.queue.is_empty(), "{} still queued", state.queue.len());
+        assert!(rx.batch.is_empty(), "{} still in the batch", rx.batch.len());
+        assert_eq!(rx.shared.lent.load(Ordering::SeqCst), 0, "lent");
+        assert_eq!(
+            rx.shared.room_wanted.load(Ordering::SeqCst),
+            0,
+            "room wanted"
+        );
+        assert_eq!(state.senders, 0, "senders");
+    }
+
+    /// How a stress sender got on: how often it found the inbox full, and
+    /// how many of its waits for room it cancelled.
+    #[derive(Debug, Default, Clone, Copy)]
+    struct Waits {
+        full: u64,
+        cancelled: u64,
+    }
+
+    /// Sends `count` numbered messages as sender `me`, in order, each way
+    /// the node puts messages in: `try_send` (one-way ones a `one_way` in
+    /// 8 of the time), batches under `slots`, and waits for room when
+    /// full. Waits for room take turns through `pump`, as the inbox allows
+    /// one waiter at a time (the service's pump); some are cut short by a
+    /// timeout or dropped after one poll, then retried.
+    async fn stress_sender(
+        tx: InboxSender,
+        me: usize,
+        count: u64,
+        one_way: u64,
+        pump: Arc<tokio::sync::Mutex<()>>,
+    ) -> Waits {
+        let capacity = tx.capacity() as u64;
+        let mut rng = Rng::new(me as u64 + 1);
+        let mut waits = Waits::default();
+        let mut n = 0u64;
+        while n < count {
+            let sent = if rng.below(2) == 0 {
+                let message = numbered(me, n, rng.below(8) < one_way);
+                match tx.try_send(message) {
+                    Ok(()) => 1,
+                    Err(back) => {
+                        assert_eq!(origin(&back), (me, n), "given back");
+                        0
+                    }
+                }
+            } else {
+                let most = 1 + rng.below(2 * capacity);
+                let mut slots = tx.slots().expect("open");
+                let mut pushed = 0;
+                while slots.has_room() && pushed < most && n + pushed < count {
+                    slots.push(numbered(me, n + pushed, false));
+                    pushed += 1;
+                }
+                pushed
+            };
+            n += sent;
+            if sent > 0 {
+                if rng.below(16) == 0 {
+                    tokio::task::yield_now().await;
+                }
+                continue;
+            }
+            waits.full += 1;
+            // Full. Someone else waiting: try again later, or queue up to
+            // be the one waiting.
+            let turn = match pump.try_lock() {
+                Ok(turn) => turn,
+                Err(_) if rng.below(2) == 0 => {
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                Err(_) => pump.lock().await,
+            };
+            let want = 1 + rng.below(capacity) as usize;
+            match rng.below(3) {
+                0 => tx.room(want).await.expect("open"),
+                1 => loop {
+                    let within = std::time::Duration::from_micros(rng.below(1_500));
+                    match tokio::time::timeout(within, tx.room(want)).await {
+                        Ok(room) => break room.expect("open"),
+                        Err(_) => waits.cancelled += 1,
+                    }
+                },
+                _ => {
+                    let mut room = std::pin::pin!(tx.room(want));
+                    if let Poll::Ready(room) = poll_once(room.as_mut()).await {
+                        room.expect("open");
+                    } else {
+                        // Dropped after one poll; then wait for one place,
+                        // as the pump does after its short wait.
+                        waits.cancelled += 1;
+                        tx.room(1).await.expect("open");
+                    }
+                }
+            }
+            drop(turn);
+        }
+        waits
+    }
+
+    /// Takes messages from `senders` senders until the last is gone, with
+    /// `recv`, `try_recv` and `poll_recv`, sometimes letting others run,
+    /// checking that each sender's come once each and in order and that
+    /// the inbox stays within `bound`: how many it took.
+    async fn stress_receiver(mut rx: Inbox, senders: usize, bound: usize) -> (Inbox, u64) {
+        let mut next = vec![0u64; senders];
+        let mut rng = Rng::new(0);
+        let mut got = 0u64;
+        loop {
+            check_bounds(&rx, bound);
+            let message = match rng.below(8) {
+                0..=2 => rx.recv().await,
+                3 | 4 => match rx.try_recv() {
+                    Some(m) => Some(m),
+                    None => {
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                },
+                5 | 6 => match std::future::poll_fn(|cx| Poll::Ready(rx.poll_recv(cx))).await {
+                    Poll::Ready(m) => m,
+                    Poll::Pending => {
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                },
+                _ => {
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+            };
+            let Some(message) = message else {
+                break;
+            };
+            let (from, n) = origin(&message);
+            assert!(from < senders, "{message:?}");
+            assert_eq!(n, next[from], "sender {from}: once each, in order");
+            next[from] += 1;
+            got += 1;
+        }
+        check_bounds(&rx, bound);
+        assert!(rx.try_recv().is_none(), "ended, and empty");
+        (rx, got)
+    }
+
+    /// Many senders against one receiver on several threads, every way in
+    /// and every way out, over a small inbox (a step of one), a mid-sized
+    /// one (a step of eight) and a large one (a step of `LENT_STEP`),
+    /// with and without one-way messages: each message arrives once, each
+    /// sender's in order, the inbox never holds more than it may, and its
+    /// counts are back at zero at the end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn many_senders_and_a_receiver_lose_nothing_and_keep_the_bound() {
+        const SENDERS: usize = 6;
+        const COUNT: u64 = 20_000;
+        let within = std::time::Duration::from_secs(60);
+        // The capacity, and in how many of 8 `try_send`s the message is
+        // one-way (they may wait past the capacity, as many again).
+        for (capacity, one_way) in [(3usize, 0u64), (64, 2), (256, 0)] {
+            let (tx, rx) = inbox("svc", capacity);
+            let bound = if one_way > 0 { 2 * capacity } else { capacity };
+            let receiver = tokio::spawn(stress_receiver(rx, SENDERS, bound));
+            let pump = Arc::new(tokio::sync::Mutex::new(()));
+            let senders: Vec<_> = (0..SENDERS)
+                .map(|me| tokio::spawn(stress_sender(tx.clone(), me, COUNT, one_way, pump.clone())))
+                .collect();
+            drop(tx);
+            let mut waits = Waits::default();
+            for sender in senders {
+                let w = tokio::time::timeout(within, sender)
+                    .await
+                    .expect("each sender finishes")
+                    .expect("no panic");
+                waits.full += w.full;
+                waits.cancelled += w.cancelled;
+            }
+            let (rx, got) = tokio::time::timeout(within, receiver)
+                .await
+                .expect("the receiver ends")
+                .expect("no panic");
+            assert_eq!(got, SENDERS as u64 * COUNT, "capacity {capacity}");
+            check_at_rest(&rx);
+            eprintln!("capacity {capacity}, one-way {one_way}/8 of try_send: {waits:?}");
+        }
+    }
+
+    /// Senders blocked in `room` while the receiver is dropped, from
+    /// another task while other senders hammer the inbox: every one wakes
+    /// with `Closed`, and everything after sees it closed. Closing wakes
+    /// every waiter, not just the one the inbox expects (the pump).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn dropping_the_inbox_wakes_every_sender_waiting_for_room() {
+        const WAITERS: usize = 6;
+        let within = std::time::Duration::from_secs(10);
+        for round in 0..200u64 {
+            let capacity = 1 + (round % 4) as usize;
+            let (tx, rx) = inbox("svc", capacity);
+            for n in 0..capacity as u64 {
+                assert!(tx.try_send(message(n)).is_ok(), "{n} fits");
+            }
+            let (blocked, mut waiting) = tokio::sync::mpsc::channel(WAITERS);
+            let waiters: Vec<_> = (0..WAITERS)
+                .map(|w| {
+                    let tx = tx.clone();
+                    let blocked = blocked.clone();
+                    tokio::spawn(async move {
+                        let mut room = std::pin::pin!(tx.room(1 + w % capacity));
+                        assert!(poll_once(room.as_mut()).await.is_pending(), "full");
+                        blocked.send(()).await.expect("the test waits");
+                        room.await
+                    })
+                })
+                .collect();
+            drop(blocked);
+            // Others keep trying to put messages in until they see it
+            // closed.
+            let hammers: Vec<_> = (0..2)
+                .map(|h| {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let mut n = 0u64;
+                        loop {
+                            let closed = if h == 0 {
+                                tx.try_send(message(n)).is_err() && tx.is_closed()
+                            } else {
+                                tx.slots().is_err()
+                            };
+                            if closed {
+                                return n;
+                            }
+                            n += 1;
+                            tokio::task::yield_now().await;
+                        }
+                    })
+                })
+                .collect();
+            for _ in 0..WAITERS {
+                tokio::time::timeout(within, waiting.recv())
+                    .await
+                    .expect("each waiter blocks")
+                    .expect("each waiter says so");
+            }
+            tokio::spawn(async move { drop(rx) });
+            for waiter in waiters {
+                let woken = tokio::time::timeout(within, waiter)
+                    .await
+                    .expect("each waiter wakes")
+                    .expect("no panic");
+                assert_eq!(woken, Err(Closed), "round {round}");
+            }
+            for hammer in hammers {
+                tokio::time::timeout(within, hammer)
+                    .await
+                    .expect("each hammer sees it closed")
+                    .expect("no panic");
+            }
+            assert!(tx.is_closed());
+            assert!(tx.try_send(one_way(0)).is_err());
+            assert!(tx.slots().is_err());
+            assert_eq!(tx.room(1).await, Err(Closed), "at once");
+        }
+    }
+
+    /// The receiver drops the inbox at a random point while senders send
+    /// every way and wait for room, several at a time: each sender learns
+    /// it is closed (`room` answers `Closed` to those waiting), and none
+    /// hangs or panics.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn senders_in_full_flight_learn_the_inbox_closed() {
+        const SENDERS: usize = 6;
+        let within = std::time::Duration::from_secs(10);
+        let mut rng = Rng::new(99);
+        let mut in_room_at_close = 0u64;
+        for round in 0..400u64 {
+            let capacity = 1 + rng.below(8) as usize;
+            let keep = rng.below(300);
+            let (tx, mut rx) = inbox("svc", capacity);
+            let receiver = tokio::spawn(async move {
+                for _ in 0..keep {
+                    if rx.recv().await.is_none() {
+                        break;
+                    }
+                }
+                drop(rx);
+            });
+            let senders: Vec<_> = (0..SENDERS)
+                .map(|me| {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let mut rng = Rng::new(round * 64 + me as u64);
+                        let mut n = 0u64;
+                        loop {
+                            let full = if rng.below(2) == 0 {
+                                match tx.try_send(numbered(me, n, false)) {
+                                    Ok(()) => false,
+                                    Err(_) if tx.is_closed() => return (n, false),
+                                    Err(_) => true,
+                                }
+                            } else {
+                                let Ok(mut slots) = tx.slots() else {
+                                    return (n, false);
+                                };
+                                let full = !slots.has_room();
+                                if !full {
+                                    slots.push(numbered(me, n, false));
+                                }
+                                full
+                            };
+                            if !full {
+                                n += 1;
+                                continue;
+                            }
+                            let want = 1 + rng.below(capacity as u64) as usize;
+                            if tx.room(want).await == Err(Closed) {
+                                return (n, true);
+                            }
+                        }
+                    })
+                })
+                .collect();
+            drop(tx);
+            for sender in senders {
+                let (_, in_room) = tokio::time::timeout(within, sender)
+                    .await
+                    .expect("each sender learns it closed")
+                    .expect("no panic");
+                in_room_at_close += u64::from(in_room);
+            }
+            tokio::time::timeout(within, receiver)
+                .await
+                .expect("the receiver ends")
+                .expect("no panic");
+        }
+        eprintln!("senders that learnt it closed in `room`: {in_room_at_close}");
+    }
+
+    /// A sender waiting for room against a receiver on another thread that
+    /// hands out just enough messages and then stops (no `recv` to notice
+    /// that anyone waits): the waiter still gets through. The published
+    /// batch lags by less than a step, so a step less one more than it
+    /// wants is enough, whether the receiver took them before or after the
+    /// waiter said it waits. Both start together, then each spins a random
+    /// while, so the last message handed out falls anywhere around the
+    /// waiter's look at the room.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_waiter_gets_the_room_a_receiver_made_before_it_stopped() {
+        let within = std::time::Duration::from_secs(10);
+        let mut rng = Rng::new(7);
+        for round in 0..1_500u64 {
+            let capacity = [1usize, 2, 3, 8, 64, 256][round as usize % 6];
+            let (tx, mut rx) = inbox("svc", capacity);
+            let step = rx.shared.lent_step;
+            for n in 0..capacity as u64 {
+                assert!(tx.try_send(message(n)).is_ok(), "{n} fits");
+            }
+            let want = 1 + rng.below((capacity + 1 - step) as u64) as usize;
+            let hand_out = want + step - 1;
+            let (receiver_spins, waiter_spins) = (rng.below(4_000), rng.below(4_000));
+            // Both tasks block a worker thread each while they wait for the
+            // other: there are four.
+            let start = Arc::new(std::sync::Barrier::new(2));
+            let receiver = tokio::spawn({
+                let start = start.clone();
+                async move {
+                    start.wait();
+                    for n in 0..hand_out as u64 {
+                        if n + 1 == hand_out as u64 {
+                            (0..receiver_spins).for_each(|_| std::hint::spin_loop());
+                        }
+                        assert_eq!(rx.try_recv().map(|m| m.seq), Some(n));
+                    }
+                    // Kept, but no longer asked for anything.
+                    rx
+                }
+            });
+            let waiter = tokio::spawn(async move {
+                start.wait();
+                (0..waiter_spins).for_each(|_| std::hint::spin_loop());
+                tx.room(want).await
+            });
+            let room = tokio::time::timeout(within, waiter)
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("capacity {capacity}: {hand_out} handed out, {want} wanted, never woken")
+                })
+                .expect("no panic");
+            assert_eq!(room, Ok(()));
+            drop(receiver.await.expect("no panic"));
+        }
+    }
 }
