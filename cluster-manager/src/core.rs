@@ -321,6 +321,34 @@ impl<W> NodeCore<W> {
         })
     }
 
+    /// Checks a one-way message to `peer` over a session channel and
+    /// numbers it: returns its sequence number and this node's
+    /// incarnation.
+    ///
+    /// # Errors
+    ///
+    /// `PayloadTooLarge`, `InvalidName`; `NotADispatcher` unless this node
+    /// is a dispatcher; `NotInSessionGroup` unless `peer` is a server node
+    /// of its group.
+    pub fn handle_session_send(
+        &mut self,
+        peer: &NodeId,
+        service: &str,
+        body_len: u64,
+    ) -> Result<(u64, u64), SendError> {
+        self.check_size(body_len)?;
+        if !valid_name(service) {
+            return Err(SendError::InvalidName(service.chars().take(64).collect()));
+        }
+        if self.config.role != Role::Dispatcher {
+            return Err(SendError::NotADispatcher);
+        }
+        if !self.is_session_peer(peer) {
+            return Err(SendError::NotInSessionGroup { node: peer.clone() });
+        }
+        Ok((self.next_seq(), self.incarnation))
+    }
+
     /// Whether `peer` is a server node sharing a group with this
     /// dispatcher: a session channel's only allowed target.
     pub fn is_session_peer(&self, peer: &NodeId) -> bool {

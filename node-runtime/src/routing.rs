@@ -13,7 +13,7 @@ use cluster_manager::path::{self, Fallback};
 use cluster_manager::{Awaiting, Completion, SendError};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use transports::protocol::{valid_name, Header, MessageKind, NodeId, Role, Target, TargetRef};
+use transports::protocol::{Header, MessageKind, NodeId, Target, TargetRef};
 use transports::{Lane, OutFrame, PushError, Wait};
 
 use crate::channels::DirectConn;
@@ -118,7 +118,7 @@ impl Runtime {
         body: &Bytes,
         deadline: Option<Instant>,
     ) -> Result<Numbered, SendError> {
-        self.check_size(body)?;
+        // The size and the names are the core's to check (in `route`).
         if self.is_stopping() {
             return Err(SendError::Shutdown);
         }
@@ -348,18 +348,10 @@ impl Runtime {
         service: &str,
         body: Bytes,
     ) -> Result<(), SendError> {
-        self.check_size(&body)?;
-        if !valid_name(service) {
-            return Err(SendError::InvalidName(service.chars().take(64).collect()));
-        }
-        if self.core.lock().config().role != Role::Dispatcher {
-            return Err(SendError::NotADispatcher);
-        }
-        if !self.is_session_peer(target) {
-            return Err(SendError::NotInSessionGroup {
-                node: target.clone(),
-            });
-        }
+        let (seq, incarnation) =
+            self.core
+                .lock()
+                .handle_session_send(target, service, body.len() as u64)?;
         // Open already, usually: the opening path is boxed (a large future).
         let conn = match self.direct.get(target, ChannelKind::Session) {
             Some(conn) => conn,
@@ -370,10 +362,6 @@ impl Runtime {
                     reason: e.to_string(),
                 })?,
         };
-        let (seq, incarnation) = {
-            let mut core = self.core.lock();
-            (core.next_seq(), core.incarnation())
-        };
         let msg = OneByOne {
             seq,
             incarnation,
@@ -382,11 +370,6 @@ impl Runtime {
             body,
         };
         self.push_direct(conn, &msg, false, None).await
-    }
-
-    /// Whether `peer` is a server node sharing a group with this node.
-    pub(crate) fn is_session_peer(&self, peer: &NodeId) -> bool {
-        self.core.lock().is_session_peer(peer)
     }
 
     /// `msg` as a frame of its own, addressed to `node`.

@@ -36,7 +36,7 @@ use crate::channels::DirectPool;
 use crate::core::{complete, CoreCell, Waiter};
 use crate::counters::Counters;
 use crate::membership::MemberView;
-use crate::reply::{check_size, enqueue, Replier};
+use crate::reply::{enqueue, Replier};
 use crate::server::ServerLink;
 use crate::services::Services;
 
@@ -228,12 +228,6 @@ impl Runtime {
     /// `service` as a shared name (see [`Services::name`]).
     pub(crate) fn service_name(&self, service: &str) -> Arc<str> {
         self.services.name(service)
-    }
-
-    /// Bodies above `limits.max_message_bytes` fail before anything is
-    /// sent, whatever the path.
-    pub(crate) fn check_size(&self, body: &Bytes) -> Result<(), SendError> {
-        check_size(&self.config, body)
     }
 
     /// The header of this node's message `seq`, by reference: what the
