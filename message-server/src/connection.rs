@@ -15,8 +15,9 @@ use transports::frame::{peek_cached, FrameCodec, NameCache, Peeked, RawFrame};
 use transports::handshake::{self, HandshakeError};
 use transports::io::Wakes;
 use transports::protocol::{
-    valid_name, AckRef, AcksRef, DeliveryFailure, Header, LeaveReason, MemberEvent, MemberInfo,
-    MessageKind, MessageRef, NodeId, RefusalReason, Routed, Target, TargetRef, MAX_NAMES_PER_NODE,
+    same_name, valid_name, AckRef, AcksRef, DeliveryFailure, Header, LeaveReason, MemberEvent,
+    MemberInfo, MessageKind, MessageRef, NodeId, RefusalReason, Routed, Target, TargetRef,
+    MAX_NAMES_PER_NODE,
 };
 use transports::{
     out_queue, FrameError, FrameReader, Lane, OutFrame, OutQueue, PushError, Wait, WeakOutQueue,
@@ -358,7 +359,8 @@ impl Connection {
             }
             let end = match header {
                 Peeked::Message(h)
-                    if h.sender == self.me.as_str() && h.incarnation < self.incarnation =>
+                    if same_name(h.sender, self.me.as_str())
+                        && h.incarnation < self.incarnation =>
                 {
                     // Queued by an earlier incarnation (declared failed)
                     // before it rejoined: refused.
@@ -366,7 +368,7 @@ impl Connection {
                     None
                 }
                 Peeked::Message(h) => {
-                    if h.sender != self.me.as_str() || h.incarnation != self.incarnation {
+                    if !same_name(h.sender, self.me.as_str()) || h.incarnation != self.incarnation {
                         Some(End::Violation(format!(
                             "message claims sender {} incarnation {}",
                             h.sender, h.incarnation

@@ -14,7 +14,8 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::mpsc;
 use transports::frame::{peek_cached, BodyArena, NameCache, Peeked};
 use transports::protocol::{
-    Ack, AckRef, AckStatus, Acks, DeliveryFailure, Header, MessageKind, MessageRef, NodeId, Routed,
+    same_name, Ack, AckRef, AckStatus, Acks, DeliveryFailure, Header, MessageKind, MessageRef,
+    NodeId, Routed,
 };
 use transports::{Frame, FrameReader, Lane, OutFrame, OutQueue, Wait};
 
@@ -642,7 +643,7 @@ impl InboxCache {
     /// `name` as a node id: the one kept if it is the last sender's.
     fn sender(&mut self, name: &str) -> NodeId {
         match &self.sender {
-            Some(id) if id.as_str() == name => id.clone(),
+            Some(id) if same_name(id.as_str(), name) => id.clone(),
             _ => self.sender.insert(NodeId::new(name)).clone(),
         }
     }
@@ -651,7 +652,7 @@ impl InboxCache {
     fn get(&self, rt: &Runtime, service: &str) -> Option<&CachedInbox> {
         let entry = self.entry.as_ref()?;
         let current = entry.generation == rt.services.generation.load(Ordering::Acquire);
-        (current && entry.name == service).then_some(entry)
+        (current && same_name(&entry.name, service)).then_some(entry)
     }
 
     /// Keeps `service`'s queue `q`, as found in the table of inboxes of
@@ -660,7 +661,7 @@ impl InboxCache {
         let kept = self
             .entry
             .as_ref()
-            .is_some_and(|e| e.generation == generation && e.name == service);
+            .is_some_and(|e| e.generation == generation && same_name(&e.name, service));
         if !kept {
             self.entry = Some(CachedInbox {
                 generation,

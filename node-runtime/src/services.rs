@@ -50,8 +50,11 @@ impl Services {
             static LAST: std::cell::RefCell<Option<Arc<str>>> =
                 const { std::cell::RefCell::new(None) };
         }
-        let last =
-            LAST.with_borrow(|last| last.as_ref().filter(|name| &***name == service).cloned());
+        let last = LAST.with_borrow(|last| {
+            last.as_ref()
+                .filter(|name| transports::protocol::same_name(name, service))
+                .cloned()
+        });
         if let Some(name) = last {
             return name;
         }

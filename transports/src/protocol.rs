@@ -25,6 +25,15 @@ pub const MAX_NAME_BYTES: usize = 255;
 /// Most groups or services one node may announce.
 pub const MAX_NAMES_PER_NODE: usize = 1024;
 
+/// Whether two names are the same: for the hot paths that compare the
+/// name in a received header with one they know (the sender, the service
+/// delivered to last), without a call to the C library's `memcmp` (see
+/// `wire::same_bytes` for what that costs).
+#[inline]
+pub fn same_name(a: &str, b: &str) -> bool {
+    crate::wire::same_bytes(a.as_bytes(), b.as_bytes())
+}
+
 /// Whether `name` is a usable node id, group or service name: 1 to
 /// [`MAX_NAME_BYTES`] bytes.
 pub fn valid_name(name: &str) -> bool {

@@ -172,7 +172,7 @@ impl<'a> Reader<'a> {
     {
         let bytes = self.bytes()?;
         match slot {
-            Some(slot) if slot.as_bytes() == bytes => Ok(slot.as_str()),
+            Some(slot) if same_bytes(slot.as_bytes(), bytes) => Ok(slot.as_str()),
             slot => {
                 let s = std::str::from_utf8(bytes).map_err(|_| Error::DeserializeBadUtf8)?;
                 if let Some(slot) = slot {
@@ -182,6 +182,37 @@ impl<'a> Reader<'a> {
                 Ok(s)
             }
         }
+    }
+}
+
+/// Whether `a` and `b` hold the same bytes: names (up to 16 bytes) are
+/// compared as two overlapping words in place, not through a call to the
+/// C library's `memcmp`, which costs more than the comparison: with `==`
+/// instead, `memcmp` took 4% of the CPU samples of the `AnyOf` benchmark
+/// (the server and every node compare names on each message), and the
+/// case ran 6-8% slower in two interleaved A/Bs.
+#[inline]
+pub(crate) fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    fn word(bytes: &[u8]) -> u64 {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(bytes);
+        u64::from_ne_bytes(w)
+    }
+    fn half(bytes: &[u8]) -> u32 {
+        let mut w = [0u8; 4];
+        w.copy_from_slice(bytes);
+        u32::from_ne_bytes(w)
+    }
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    match n {
+        0 => true,
+        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
+        4..=7 => half(&a[..4]) == half(&b[..4]) && half(&a[n - 4..]) == half(&b[n - 4..]),
+        8..=16 => word(&a[..8]) == word(&b[..8]) && word(&a[n - 8..]) == word(&b[n - 8..]),
+        _ => a == b,
     }
 }
 
@@ -407,6 +438,26 @@ mod tests {
                 theirs,
                 "round {round}, cached: {bytes:02x?}"
             );
+        }
+    }
+
+    #[test]
+    fn same_bytes_agrees_with_slice_equality() {
+        let mut rng = Rng(0x5EED_0000_1234_5678);
+        for _ in 0..50_000 {
+            let len = rng.below(40) as usize;
+            let a: Vec<u8> = (0..len).map(|_| rng.below(3) as u8).collect();
+            let mut b = a.clone();
+            match rng.below(4) {
+                0 => {}
+                1 if len > 0 => {
+                    let i = rng.below(len as u64) as usize;
+                    b[i] ^= 1 << rng.below(8);
+                }
+                2 => b.push(0),
+                _ => b = (0..rng.below(40)).map(|_| rng.below(3) as u8).collect(),
+            }
+            assert_eq!(same_bytes(&a, &b), a == b, "{a:?} {b:?}");
         }
     }
 
