@@ -32,10 +32,11 @@ enum Route {
     FanOut(Vec<NodeId>, Instant),
 }
 
-/// A route, and the number (of the incarnation) the message takes on it.
+/// A route, and the number (of the incarnation) the message takes on it;
+/// none yet for an acknowledged send through the message server.
 struct Numbered {
     route: Route,
-    seq: u64,
+    seq: Option<u64>,
     incarnation: u64,
 }
 
@@ -50,15 +51,18 @@ struct OneByOne<'a> {
 
 impl Runtime {
     /// Picks the route of a message (opening a lazy channel if that is the
-    /// path), and numbers it. `deadline` is the send's, if it took one
-    /// already; a fan-out that has to ask the message server for its
-    /// members takes one then.
+    /// path), and numbers it, unless it is `ordered` and goes through the
+    /// message server (an acknowledged send takes its number there under
+    /// the send order). `deadline` is the send's, if it took one already;
+    /// a fan-out that has to ask the message server for its members takes
+    /// one then.
     async fn route(
         &self,
         target: &Target,
         service: &str,
         body_len: u64,
         deadline: Option<Instant>,
+        ordered: bool,
     ) -> Result<Numbered, SendError> {
         let msg = Outgoing {
             target,
@@ -81,7 +85,9 @@ impl Runtime {
         let (route, seq, incarnation) = {
             let mut core = self.core.lock();
             let route = core.handle_send(now, &msg, lazy_open)?;
-            (route, core.next_seq(), core.incarnation())
+            let numbered_later = ordered && route == core::Route::Server;
+            let seq = (!numbered_later).then(|| core.next_seq());
+            (route, seq, core.incarnation())
         };
         let route = match route {
             core::Route::Server => Route::Server,
@@ -117,13 +123,21 @@ impl Runtime {
         service: &str,
         body: &Bytes,
         deadline: Option<Instant>,
+        ordered: bool,
     ) -> Result<Numbered, SendError> {
         // The size and the names are the core's to check (in `route`).
         if self.is_stopping() {
             return Err(SendError::Shutdown);
         }
-        self.route(target, service, body.len() as u64, deadline)
+        self.route(target, service, body.len() as u64, deadline, ordered)
             .await
+    }
+
+    /// The number `numbered` took, or a new one (for the rare route that
+    /// fell back from a channel to the message server after it was
+    /// numbered, or was not numbered; never on the usual paths).
+    fn number(&self, numbered: Option<u64>) -> u64 {
+        numbered.unwrap_or_else(|| self.core.lock().next_seq())
     }
 
     /// A send's deadline, `send_timeout` from now. An acknowledged send
@@ -146,7 +160,7 @@ impl Runtime {
     ) -> Result<Pending, SendError> {
         let deadline = self.deadline();
         let numbered = self
-            .start_send(&target, service, &body, Some(deadline))
+            .start_send(&target, service, &body, Some(deadline), true)
             .await?;
         let body_len = body.len() as u64;
         let service: Arc<str> = self.service_name(service);
@@ -171,7 +185,12 @@ impl Runtime {
             }
         };
         let (tx, rx) = oneshot::channel();
-        match numbered.route {
+        let Numbered {
+            route,
+            seq,
+            incarnation,
+        } = numbered;
+        match route {
             Route::Server => {
                 // The number is taken and the frame queued in send order,
                 // so the wire order is the number order (receivers
@@ -223,9 +242,7 @@ impl Runtime {
                 Ok(pending)
             }
             Route::Direct(conn) => {
-                let Numbered {
-                    seq, incarnation, ..
-                } = numbered;
+                let seq = self.number(seq);
                 self.core
                     .lock()
                     .track(seq, target.clone(), service.clone(), awaiting, tx, None);
@@ -241,9 +258,7 @@ impl Runtime {
                 Ok(pending)
             }
             Route::FanOut(members, _) => {
-                let Numbered {
-                    seq, incarnation, ..
-                } = numbered;
+                let seq = self.number(seq);
                 let ((), out) = self.core.run(|core| {
                     core.track_fan_out(seq, target, service.clone(), awaiting, members.clone(), tx)
                 });
@@ -298,7 +313,10 @@ impl Runtime {
             route,
             seq,
             incarnation,
-        } = self.start_send(&target, service, &body, None).await?;
+        } = self
+            .start_send(&target, service, &body, None, false)
+            .await?;
+        let seq = self.number(seq);
         let body_len = body.len() as u64;
         let one_way = |body| OneByOne {
             seq,
