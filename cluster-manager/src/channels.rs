@@ -11,6 +11,8 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use transports::protocol::NodeId;
+
 /// The two kinds of direct channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ChannelKind {
@@ -169,6 +171,46 @@ impl ChannelState {
     }
 }
 
+/// Who opens a channel: one opener at a time per peer and kind, so that
+/// concurrent first sends open one connection; the others wait for it and
+/// look again when it is done (opened, failed, or given up).
+#[derive(Debug, Default)]
+pub struct Openers {
+    opening: HashSet<(NodeId, ChannelKind)>,
+}
+
+impl Openers {
+    /// A sender needs the channel of `kind` to `peer` and found none open:
+    /// whether it opens it (true), or waits for the opener at work (false).
+    pub fn handle_needed(&mut self, peer: &NodeId, kind: ChannelKind) -> bool {
+        if self.is_opening(peer, kind) {
+            return false;
+        }
+        self.opening.insert((peer.clone(), kind))
+    }
+
+    /// The opener of `kind` to `peer` is done: the next sender that needs
+    /// the channel and finds none may open it.
+    pub fn handle_done(&mut self, peer: &NodeId, kind: ChannelKind) {
+        self.opening.retain(|(p, k)| !(p == peer && *k == kind));
+    }
+
+    /// Whether a channel of `kind` to `peer` is being opened.
+    pub fn is_opening(&self, peer: &NodeId, kind: ChannelKind) -> bool {
+        self.opening.iter().any(|(p, k)| p == peer && *k == kind)
+    }
+
+    /// How many channels are being opened.
+    pub fn len(&self) -> usize {
+        self.opening.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.opening.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,6 +365,41 @@ mod tests {
             &[],
         );
         assert!(!c.is_closing());
+    }
+
+    #[test]
+    fn one_opener_at_a_time_table() {
+        use ChannelKind::*;
+        let (b, c) = (NodeId::new("b"), NodeId::new("c"));
+        let mut o = Openers::default();
+        // (step, who needs or is done, kind, opens)
+        let steps: Vec<(&str, bool, &NodeId, ChannelKind, bool)> = vec![
+            ("the first sender opens", true, &b, Lazy, true),
+            ("a second one waits", true, &b, Lazy, false),
+            ("another peer is not held up", true, &c, Lazy, true),
+            ("nor another kind to the same peer", true, &b, Session, true),
+            ("the opener is done", false, &b, Lazy, false),
+            (
+                "the next sender may open (say, after a failure)",
+                true,
+                &b,
+                Lazy,
+                true,
+            ),
+            ("and the others wait for it again", true, &b, Lazy, false),
+        ];
+        for (name, needs, peer, kind, opens) in steps {
+            if needs {
+                assert_eq!(o.handle_needed(peer, kind), opens, "{name}");
+            } else {
+                o.handle_done(peer, kind);
+            }
+        }
+        assert_eq!(o.len(), 3);
+        for (peer, kind) in [(&b, Lazy), (&c, Lazy), (&b, Session)] {
+            o.handle_done(peer, kind);
+        }
+        assert!(o.is_empty(), "nothing is kept once every opener is done");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use cluster_manager::channels::{ChannelKind, ChannelState};
+use cluster_manager::channels::{ChannelKind, ChannelState, Openers};
 use transports::protocol::NodeId;
 use transports::OutQueue;
 
@@ -72,9 +72,10 @@ pub(crate) struct DirectPool {
     /// every small message asks whether one is open, and the answer is
     /// usually no, so it is read without the lock.
     open_count: std::sync::atomic::AtomicUsize,
-    /// One gate per peer and kind, so that concurrent first sends open one
-    /// connection.
-    gates: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+    /// One opener at a time per peer and kind (the cluster manager's
+    /// rule), and the wake-up of those that wait for one.
+    openers: Mutex<Openers>,
+    opened: tokio::sync::Notify,
 }
 
 impl DirectPool {
@@ -94,13 +95,28 @@ impl DirectPool {
             .cloned()
     }
 
-    pub(crate) fn gate(&self, peer: &NodeId, kind: ChannelKind) -> Arc<tokio::sync::Mutex<()>> {
-        self.gates
+    /// Whether the caller opens the channel of `kind` to `peer` (and must
+    /// call [`DirectPool::open_done`] when done, opened or not) or waits for
+    /// the opener at work ([`DirectPool::opener_done`] wakes it).
+    pub(crate) fn begin_open(&self, peer: &NodeId, kind: ChannelKind) -> bool {
+        self.openers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry((peer.clone(), kind))
-            .or_default()
-            .clone()
+            .handle_needed(peer, kind)
+    }
+
+    /// The opener of `kind` to `peer` is done: those waiting look again.
+    pub(crate) fn open_done(&self, peer: &NodeId, kind: ChannelKind) {
+        self.openers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .handle_done(peer, kind);
+        self.opened.notify_waiters();
+    }
+
+    /// Resolves after the next opener is done.
+    pub(crate) fn opener_done(&self) -> tokio::sync::futures::Notified<'_> {
+        self.opened.notified()
     }
 
     pub(crate) fn remove(&self, conn: &Arc<DirectConn>) {

@@ -39,14 +39,26 @@ pub(crate) async fn get_or_open(
     peer: &NodeId,
     kind: ChannelKind,
 ) -> Result<Arc<DirectConn>, ChannelError> {
-    if let Some(c) = rt.direct.get(peer, kind) {
-        return Ok(c);
+    loop {
+        // Listening before looking: an opener done in between still wakes
+        // this sender.
+        let done = rt.direct.opener_done();
+        tokio::pin!(done);
+        done.as_mut().enable();
+        if let Some(c) = rt.direct.get(peer, kind) {
+            return Ok(c);
+        }
+        if rt.direct.begin_open(peer, kind) {
+            break;
+        }
+        done.await;
     }
-    let gate = rt.direct.gate(peer, kind);
-    let _opening = gate.lock().await;
-    if let Some(c) = rt.direct.get(peer, kind) {
-        return Ok(c);
-    }
+    // Done however this ends, a dropped send included.
+    let _opener = OpenerDone {
+        pool: &rt.direct,
+        peer,
+        kind,
+    };
     let (opened, failed) = match kind {
         ChannelKind::Lazy => (&rt.counters.lazy_opened, &rt.counters.lazy_failed),
         ChannelKind::Session => (&rt.counters.session_opened, &rt.counters.session_failed),
@@ -68,6 +80,19 @@ pub(crate) async fn get_or_open(
             tracing::warn!(%peer, %addr, kind = kind.name(), error = %e, "channel could not be opened");
             Err(ChannelError::Open { addr, source: e })
         }
+    }
+}
+
+/// Tells the pool that this sender's opening is over, when dropped.
+struct OpenerDone<'a> {
+    pool: &'a crate::channels::DirectPool,
+    peer: &'a NodeId,
+    kind: ChannelKind,
+}
+
+impl Drop for OpenerDone<'_> {
+    fn drop(&mut self) {
+        self.pool.open_done(self.peer, self.kind);
     }
 }
 
