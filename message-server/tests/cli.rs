@@ -56,12 +56,12 @@ fn runs_with_no_arguments_on_the_default_port() {
     // In a private network namespace when we can make one, so the default
     // port cannot collide with anything on this machine.
     let private = Command::new("unshare")
-        .args(["-n", "true"])
+        .args(["-rn", "true"])
         .status()
         .is_ok_and(|s| s.success());
     let mut cmd = if private {
         let mut c = Command::new("unshare");
-        c.args(["-n", env!("CARGO_BIN_EXE_message-server")]);
+        c.args(["-rn", env!("CARGO_BIN_EXE_message-server")]);
         c
     } else {
         Command::new(env!("CARGO_BIN_EXE_message-server"))

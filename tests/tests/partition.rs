@@ -1,5 +1,6 @@
 //! A node cut off from the message server by a network partition: `nft`
-//! drop rules in a private network namespace per test (`unshare -n`).
+//! drop rules in a private network namespace per test (`unshare -rn`: a
+//! user namespace in which the test is root, so it needs no privileges).
 //!
 //! Each test re-runs itself inside a new network namespace, where only the
 //! loopback interface exists. The cut-off node reaches the message server
@@ -30,12 +31,12 @@ fn in_private_netns(name: &str) -> anyhow::Result<bool> {
     }
     let exe = std::env::current_exe()?;
     let out = Command::new("unshare")
-        .arg("-n")
+        .arg("-rn")
         .arg(&exe)
         .args(["--exact", name, "--nocapture", "--test-threads", "1"])
         .env(INSIDE, "1")
         .output()
-        .context("running unshare -n (util-linux; needs root)")?;
+        .context("running unshare -rn (util-linux, with unprivileged user namespaces)")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("{stdout}{stderr}");
@@ -51,12 +52,23 @@ fn in_private_netns(name: &str) -> anyhow::Result<bool> {
 }
 
 fn run(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
-    let status = Command::new(cmd)
-        .args(args)
-        .status()
-        .with_context(|| format!("running {cmd}"))?;
+    let status = Command::new(cmd).args(args).status().with_context(|| {
+        format!(
+            "running {cmd} (the partition tests need it: install {})",
+            package_of(cmd)
+        )
+    })?;
     ensure!(status.success(), "{cmd} {args:?} failed");
     Ok(())
+}
+
+/// The Debian package that brings `cmd`.
+fn package_of(cmd: &str) -> &'static str {
+    match cmd {
+        "nft" => "nftables",
+        "ip" => "iproute2",
+        _ => "it",
+    }
 }
 
 /// Cuts 127.0.0.2 off until dropped.
