@@ -569,15 +569,23 @@ impl<W> NodeCore<W> {
         self.complete(done);
     }
 
-    /// When [`NodeCore::handle_timeout`] has something to do next.
-    pub fn poll_timeout(&self) -> Instant {
+    /// When [`NodeCore::handle_timeout`] has something to do next; `None`
+    /// while nothing is due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
         let link = self.link.poll_timeout();
-        match self.members.poll_timeout() {
-            // Members are declared gone only while the link is up (while
-            // it is down, nothing is known).
-            Some(gone) if self.link.is_up() => gone.min(link),
-            _ => link,
+        // Members are declared gone only while the link is up (while it is
+        // down, nothing is known).
+        let gone = self.members.poll_timeout().filter(|_| self.link.is_up());
+        match (link, gone) {
+            (Some(l), Some(g)) => Some(l.min(g)),
+            (l, g) => l.or(g),
         }
+    }
+
+    /// The message server of this link takes no heartbeats: its silence is
+    /// not watched (see [`LinkState::handle_no_heartbeats`]).
+    pub fn handle_no_heartbeats(&mut self) {
+        self.link.handle_no_heartbeats();
     }
 
     /// What is due at `now`: members whose grace ran out are gone, stale

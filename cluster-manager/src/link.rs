@@ -52,6 +52,9 @@ enum Phase {
         index: usize,
         last_heard: Instant,
         next_probe: Option<Instant>,
+        /// Whether the server takes heartbeats on this link (it announced
+        /// where): only then can its silence end the link.
+        watched: bool,
     },
     Down {
         /// The wait after the next failed round.
@@ -101,7 +104,17 @@ impl LinkState {
             index,
             last_heard: now,
             next_probe,
+            watched: true,
         };
+    }
+
+    /// The server of this link takes no heartbeats (it announced no
+    /// address for them): its silence is not watched, and only a broken
+    /// connection ends the link.
+    pub fn handle_no_heartbeats(&mut self) {
+        if let Phase::Up { watched, .. } = &mut self.phase {
+            *watched = false;
+        }
     }
 
     /// The server answered a heartbeat at `now`.
@@ -144,18 +157,24 @@ impl LinkState {
         0..self.policy.addresses
     }
 
-    /// When [`LinkState::handle_timeout`] has something to do next.
-    pub fn poll_timeout(&self) -> Instant {
+    /// When [`LinkState::handle_timeout`] has something to do next; `None`
+    /// while nothing is due (a primary link whose server is not watched).
+    pub fn poll_timeout(&self) -> Option<Instant> {
         match self.phase {
             Phase::Up {
                 last_heard,
                 next_probe,
+                watched,
                 ..
             } => {
-                let silent = last_heard + self.policy.failure_timeout + Duration::from_nanos(1);
-                next_probe.map_or(silent, |p| p.min(silent))
+                let silent = watched
+                    .then(|| last_heard + self.policy.failure_timeout + Duration::from_nanos(1));
+                match (silent, next_probe) {
+                    (Some(s), Some(p)) => Some(s.min(p)),
+                    (s, p) => s.or(p),
+                }
             }
-            Phase::Down { next_round, .. } => next_round,
+            Phase::Down { next_round, .. } => Some(next_round),
         }
     }
 
@@ -166,9 +185,10 @@ impl LinkState {
             Phase::Up {
                 last_heard,
                 next_probe,
+                watched,
                 ..
             } => {
-                if now.saturating_duration_since(*last_heard) > policy.failure_timeout {
+                if *watched && now.saturating_duration_since(*last_heard) > policy.failure_timeout {
                     return Some(LinkAction::Dead);
                 }
                 match next_probe {
@@ -223,7 +243,10 @@ mod tests {
                 Step::Connected(index) => link.handle_connected(now, *index),
                 Step::Timeout(action, next) => {
                     assert_eq!(link.handle_timeout(now), *action, "step {i} at {at} ms");
-                    let due = link.poll_timeout().saturating_duration_since(t0);
+                    let due = link
+                        .poll_timeout()
+                        .expect("a link always has a deadline in these tests")
+                        .saturating_duration_since(t0);
                     assert_eq!(due.as_millis() as u64, *next, "step {i}: next timeout");
                 }
             }
@@ -323,6 +346,29 @@ mod tests {
                 (250, Connected(0)),
                 (300, Timeout(None, 1_250)),
             ],
+        );
+    }
+
+    #[test]
+    fn a_server_without_heartbeats_is_not_given_up_for_silence() {
+        let t0 = Instant::now();
+        let mut link = LinkState::new(policy(), 0, t0);
+        link.handle_no_heartbeats();
+        assert_eq!(link.poll_timeout(), None, "nothing is due");
+        assert_eq!(link.handle_timeout(t0 + MS(60_000)), None);
+        // On a standby the primary is still probed.
+        let mut standby = LinkState::new(policy(), 1, t0);
+        standby.handle_no_heartbeats();
+        assert_eq!(standby.poll_timeout(), Some(t0 + MS(100)));
+        assert_eq!(
+            standby.handle_timeout(t0 + MS(60_000)),
+            Some(LinkAction::ProbePrimary)
+        );
+        // A new link is watched again.
+        link.handle_connected(t0 + MS(60_000), 0);
+        assert_eq!(
+            link.poll_timeout(),
+            Some(t0 + MS(61_000) + Duration::from_nanos(1))
         );
     }
 

@@ -278,9 +278,9 @@ impl Pair {
             let next = self
                 .nodes
                 .values()
-                .map(|n| n.core.poll_timeout())
+                .filter_map(|n| n.core.poll_timeout())
                 .min()
-                .expect("nodes");
+                .expect("every node has a deadline in these scenarios");
             if next > end {
                 break;
             }
@@ -296,7 +296,7 @@ impl Pair {
             for n in ids {
                 let server_up = self.server_up;
                 let node = self.nodes.get_mut(&n).expect("node");
-                if node.core.poll_timeout() > now {
+                if node.core.poll_timeout().is_none_or(|due| due > now) {
                     continue;
                 }
                 let Some(action) = node.core.handle_timeout(now) else {
@@ -417,7 +417,11 @@ fn reconnect_rounds_back_off_while_the_server_is_away() {
             rounds.push(p.now.duration_since(start).as_millis() as u64);
         }
         // Jump to just before the next round of `a`.
-        let next = p.node("a").core.poll_timeout();
+        let next = p
+            .node("a")
+            .core
+            .poll_timeout()
+            .expect("a down link has its next round");
         p.now = next - Duration::from_millis(1);
     }
     // After one delay, then 200 ms, then capped at 400 ms.

@@ -153,8 +153,12 @@ impl Runtime {
         }
     }
 
-    /// A new link is up: heartbeats go to its server.
+    /// A new link is up: heartbeats go to its server; a server that takes
+    /// none is not watched for silence.
     pub(crate) fn link_started(&self, heartbeat: Option<std::net::SocketAddr>) {
+        if heartbeat.is_none() {
+            self.core.lock().handle_no_heartbeats();
+        }
         *self
             .server
             .heartbeat

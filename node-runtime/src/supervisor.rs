@@ -202,7 +202,7 @@ async fn watch_link(rt: &Runtime) -> LinkEnd {
     loop {
         let due = rt.core.lock().poll_timeout();
         tokio::select! {
-            _ = tokio::time::sleep_until(due.into()) => {}
+            _ = sleep_until(due) => {}
             // A deadline moved earlier (a member disconnected).
             _ = rt.core.timers.notified() => continue,
         }
@@ -230,6 +230,14 @@ async fn watch_link(rt: &Runtime) -> LinkEnd {
     }
 }
 
+/// Sleeps until `due`, or for ever if nothing is due.
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Reconnects when [`cluster_manager::link::LinkState`] says (a capped back-off, the addresses in
 /// order); `None` if the node shuts down.
 async fn reconnect(rt: &Runtime) -> Option<(Link, Welcome)> {
@@ -238,7 +246,7 @@ async fn reconnect(rt: &Runtime) -> Option<(Link, Welcome)> {
         let due = rt.core.lock().poll_timeout();
         tokio::select! {
             _ = rt.cancel.cancelled() => return None,
-            _ = tokio::time::sleep_until(due.into()) => {}
+            _ = sleep_until(due) => {}
         }
         let (action, out) = rt.core.run(|core| core.handle_timeout(Instant::now()));
         rt.dispatch(out.events);
