@@ -686,14 +686,20 @@ mod tests {
         assert!(rx.recv().await.is_some());
         assert!(pending(room.as_mut()), "room for one, two wanted");
         assert!(rx.recv().await.is_some());
-        assert_eq!(room.await, Ok(()));
+        let within = std::time::Duration::from_secs(10);
+        let room = tokio::time::timeout(within, room).await;
+        assert_eq!(room.expect("woken once the receiver made room"), Ok(()));
         assert!(tx.try_send(message(2)).is_ok());
         assert!(tx.try_send(message(3)).is_ok());
         let waiting = tx.room(1);
         tokio::pin!(waiting);
         assert!(pending(waiting.as_mut()));
         drop(rx);
-        assert_eq!(waiting.await, Err(Closed));
+        let waited = tokio::time::timeout(within, waiting).await;
+        assert_eq!(
+            waited.expect("woken when the inbox is dropped"),
+            Err(Closed)
+        );
         assert!(tx.is_closed());
         assert!(tx.try_send(message(4)).is_err());
         assert!(tx.slots().is_err());
