@@ -53,7 +53,10 @@ pub(crate) async fn serve(
         }
         let (rd, mut wr) = stream.into_split();
         let mut reader = FrameReader::new(rd, FrameCodec::default());
-        let timeout = shared.config.connect_timeout();
+        let timeout = shared
+            .config
+            .connect_timeout()
+            .min(handshake::HELLO_DEADLINE);
         let hello = tokio::select! {
             _ = cancel.cancelled() => return,
             h = handshake::read_hello(&mut reader, &mut wr, timeout) => h,
@@ -71,17 +74,7 @@ pub(crate) async fn serve(
                 return;
             }
         };
-        tracing::Span::current().record("node", tracing::field::display(&hello.node));
-        let cluster = &shared.config.cluster;
-        if let Err(refusal) =
-            handshake::check_hello(&hello, &cluster.name, cluster.credentials.as_deref())
-        {
-            tracing::warn!(reason = %refusal.reason, detail = %refusal.detail, "refusing node");
-            Counters::add(&shared.counters.connections_refused, 1);
-            handshake::refuse(&mut wr, refusal.reason, refusal.detail).await;
-            return;
-        }
-
+        // The peer's strings are checked before any of them is logged.
         let names_ok = valid_name(hello.node.as_str())
             && hello.groups.len() <= MAX_NAMES_PER_NODE
             && hello.services.len() <= MAX_NAMES_PER_NODE
@@ -91,7 +84,10 @@ pub(crate) async fn serve(
                 .chain(&hello.services)
                 .all(|n| valid_name(n));
         if !names_ok {
-            tracing::warn!("refusing node: invalid names in its hello");
+            tracing::warn!(
+                node = %handshake::for_log(hello.node.as_str()),
+                "refusing node: invalid names in its hello"
+            );
             Counters::add(&shared.counters.connections_refused, 1);
             handshake::refuse(
                 &mut wr,
@@ -99,6 +95,16 @@ pub(crate) async fn serve(
                 "node ids, groups and services are 1 to 255 bytes, at most 1024 of each".into(),
             )
             .await;
+            return;
+        }
+        tracing::Span::current().record("node", tracing::field::display(&hello.node));
+        let cluster = &shared.config.cluster;
+        if let Err(refusal) =
+            handshake::check_hello(&hello, &cluster.name, cluster.credentials.as_deref())
+        {
+            tracing::warn!(reason = %refusal.reason, "refusing node");
+            Counters::add(&shared.counters.connections_refused, 1);
+            handshake::refuse(&mut wr, refusal.reason, refusal.detail).await;
             return;
         }
         let max_message = hello

@@ -18,7 +18,7 @@ use tracing::Instrument;
 use transports::frame::FrameCodec;
 use transports::frame::{peek_cached, BodyArena, NameCache, Peeked};
 use transports::handshake::{self, HandshakeError};
-use transports::protocol::{Header, NodeId, Welcome, PROTOCOL_VERSION};
+use transports::protocol::{Header, NodeId, RefusalReason, Welcome, PROTOCOL_VERSION};
 use transports::{out_queue, FrameReader, Lane, OutFrame};
 
 use crate::channels::DirectConn;
@@ -346,7 +346,7 @@ async fn serve_inbound(rt: Runtime, stream: TcpStream) {
         &mut wr,
         &config.cluster.name,
         config.cluster.credentials.as_deref(),
-        config.connect_timeout(),
+        config.connect_timeout().min(handshake::HELLO_DEADLINE),
     )
     .await
     {
@@ -356,6 +356,16 @@ async fn serve_inbound(rt: Runtime, stream: TcpStream) {
             return;
         }
     };
+    // The peer's id is checked before it is logged.
+    if !transports::protocol::valid_name(hello.node.as_str()) {
+        tracing::warn!(
+            peer = %handshake::for_log(hello.node.as_str()),
+            "refused a direct channel: invalid node id"
+        );
+        let detail = "a node id is 1 to 255 bytes".to_owned();
+        handshake::refuse(&mut wr, RefusalReason::ProtocolViolation, detail).await;
+        return;
+    }
     tracing::Span::current().record("peer", tracing::field::display(&hello.node));
     let max_message = hello.max_message_bytes.min(config.limits.max_message_bytes);
     let welcome = Header::Welcome(Welcome {

@@ -162,11 +162,24 @@ impl ChildProcess {
     ///
     /// If it cannot start, exits, or is not ready in time.
     pub async fn spawn(mut cmd: Command, ready_prefix: &str) -> anyhow::Result<ChildProcess> {
-        cmd.stdout(Stdio::piped()).kill_on_drop(true);
         // Children log to stderr only when asked (RUST_LOG is passed on).
         if std::env::var_os("CLUSTERCOMM_CHILD_LOGS").is_none() {
             cmd.stderr(Stdio::null());
         }
+        Self::spawn_keeping_stderr(cmd, ready_prefix).await
+    }
+
+    /// [`ChildProcess::spawn`], leaving the command's standard error as the
+    /// caller set it (a test that reads the child's log pipes it).
+    ///
+    /// # Errors
+    ///
+    /// If it cannot start, exits, or is not ready in time.
+    pub async fn spawn_keeping_stderr(
+        mut cmd: Command,
+        ready_prefix: &str,
+    ) -> anyhow::Result<ChildProcess> {
+        cmd.stdout(Stdio::piped()).kill_on_drop(true);
         let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
         let stdout = child.stdout.take().context("no stdout")?;
         let mut lines = BufReader::new(stdout).lines();

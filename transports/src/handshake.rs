@@ -47,6 +47,29 @@ pub enum HandshakeError {
     Frame(#[from] FrameError),
 }
 
+/// How long an accepting end waits for a connection's hello before it
+/// closes the connection: an unauthenticated peer holds a connection no
+/// longer than this (less if the configured connect timeout is shorter).
+pub const HELLO_DEADLINE: Duration = Duration::from_secs(2);
+
+/// The most characters of a peer's string that are logged.
+pub const LOGGED_CHARS: usize = 64;
+
+/// A string a peer chose, as it may be logged: at most [`LOGGED_CHARS`]
+/// characters, control characters and quotes escaped (a newline cannot
+/// forge a log line), and the full length said when it was cut.
+pub fn for_log(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .take(LOGGED_CHARS)
+        .flat_map(char::escape_debug)
+        .collect();
+    if s.chars().nth(LOGGED_CHARS).is_some() {
+        out.push_str(&format!("... ({} bytes)", s.len()));
+    }
+    out
+}
+
 /// Writes one frame directly (outside any writer task).
 ///
 /// # Errors
@@ -160,6 +183,10 @@ where
 
 /// Checks a peer's [`Hello`] against our cluster name and credentials.
 ///
+/// A refusal reveals nothing of this end (not its cluster name) and echoes
+/// nothing long of the peer's: its cluster name comes back cut to
+/// [`crate::protocol::MAX_NAME_BYTES`], its node id not at all.
+///
 /// # Errors
 ///
 /// The [`Refusal`] to send back.
@@ -171,28 +198,31 @@ pub fn check_hello(hello: &Hello, cluster: &str, credentials: Option<&str>) -> R
                 theirs: hello.version,
             },
             detail: format!(
-                "node {} speaks protocol version {}, this end speaks {}",
-                hello.node, hello.version, PROTOCOL_VERSION
+                "the hello speaks protocol version {}, this end speaks {}",
+                hello.version, PROTOCOL_VERSION
             ),
         });
     }
     if hello.cluster != cluster {
+        let mut theirs = hello.cluster.clone();
+        let mut cut = theirs.len().min(crate::protocol::MAX_NAME_BYTES);
+        while !theirs.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        theirs.truncate(cut);
         return Err(Refusal {
             reason: RefusalReason::ClusterMismatch {
-                ours: cluster.to_owned(),
-                theirs: hello.cluster.clone(),
+                ours: String::new(),
+                theirs,
             },
-            detail: format!(
-                "node {} belongs to cluster {:?}, this end to {:?}",
-                hello.node, hello.cluster, cluster
-            ),
+            detail: "the hello names another cluster".into(),
         });
     }
     if let Some(expected) = credentials {
         if hello.credentials.as_deref() != Some(expected) {
             return Err(Refusal {
                 reason: RefusalReason::BadCredentials,
-                detail: format!("node {} presented wrong or no credentials", hello.node),
+                detail: "wrong or no credentials".into(),
             });
         }
     }
@@ -231,5 +261,75 @@ pub async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, reason: RefusalReason
     let frame = OutFrame::control(Header::Refused(Refusal { reason, detail }));
     if let Err(e) = write_frame(writer, frame).await {
         tracing::debug!(error = %e, "could not send refusal");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{NodeId, Role};
+
+    fn hello(node: &str, cluster: &str, credentials: Option<&str>) -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            cluster: cluster.into(),
+            node: NodeId::new(node),
+            incarnation: 1,
+            role: Role::Server,
+            groups: vec![],
+            services: vec![],
+            direct_addr: None,
+            credentials: credentials.map(Into::into),
+            max_message_bytes: 1,
+        }
+    }
+
+    #[test]
+    fn a_peer_string_is_logged_short_and_escaped() {
+        let cases = [
+            ("short", "short"),
+            ("line\nbreak", r"line\nbreak"),
+            ("quote\"", r#"quote\""#),
+            ("tab\tand\u{1b}[31m", r"tab\tand\u{1b}[31m"),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(for_log(input), expected, "{input:?}");
+        }
+        let huge = format!("{}\n{}", "x".repeat(100), "y".repeat(900_000));
+        let logged = for_log(&huge);
+        assert!(!logged.contains('\n'), "no raw newline");
+        assert!(
+            logged.len() < 2 * LOGGED_CHARS + 32,
+            "{} bytes",
+            logged.len()
+        );
+        assert!(logged.ends_with(&format!("({} bytes)", huge.len())));
+    }
+
+    #[test]
+    fn refusals_reveal_nothing_and_echo_nothing_long() {
+        let ours = "the-real-cluster";
+        let long = "c".repeat(10_000);
+        let cases: Vec<(&str, Hello, Option<&str>)> = vec![
+            ("another cluster", hello("n", "other", None), None),
+            ("a long cluster name", hello("n", &long, None), None),
+            (
+                "bad credentials",
+                hello(&"n".repeat(200), ours, Some("guess")),
+                Some("s3cret"),
+            ),
+        ];
+        for (name, hello, credentials) in cases {
+            let refusal = check_hello(&hello, ours, credentials).expect_err(name);
+            let said = format!("{:?} {}", refusal.reason, refusal.detail);
+            assert!(!said.contains(ours), "{name}: {said}");
+            assert!(!said.contains("s3cret"), "{name}: {said}");
+            assert!(said.len() < 600, "{name}: {} bytes", said.len());
+            assert!(
+                !said.contains(&"n".repeat(200)),
+                "{name}: the node id echoed"
+            );
+        }
+        assert!(check_hello(&hello("n", ours, Some("s3cret")), ours, Some("s3cret")).is_ok());
     }
 }

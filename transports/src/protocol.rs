@@ -213,6 +213,12 @@ impl fmt::Display for RefusalReason {
                 f,
                 "protocol version mismatch: the refusing end speaks {ours}, this end {theirs}"
             ),
+            // A refusal does not say the refusing end's name; a check at
+            // the connecting end does.
+            RefusalReason::ClusterMismatch { ours, theirs } if ours.is_empty() => write!(
+                f,
+                "cluster name mismatch: the refusing end is in another cluster than {theirs:?}"
+            ),
             RefusalReason::ClusterMismatch { ours, theirs } => write!(
                 f,
                 "cluster name mismatch: the refusing end is in cluster {ours:?}, this end in {theirs:?}"

@@ -1,0 +1,179 @@
+//! Hostile hellos against the real `message-server` binary, before any
+//! authentication: a refusal reveals nothing of the server (not its
+//! cluster name) and echoes nothing long of the peer's; what the server
+//! logs about a peer is cut short and escaped, so a huge id cannot flood
+//! the log and a newline in it cannot forge a line; a connection that
+//! never says hello is closed by the hello deadline. Good nodes keep
+//! registering throughout.
+
+use anyhow::{ensure, Context};
+use bytes::BytesMut;
+use clustercomm_tests::{bounded, init_logging, message_server_bin, ChildProcess};
+use std::process::Stdio;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::Command;
+use transports::frame::{FrameCodec, OutFrame};
+use transports::protocol::{Header, Hello, NodeId, RefusalReason, Role, PROTOCOL_VERSION};
+
+/// The server's cluster name: a refusal must never carry it.
+const SECRET_CLUSTER: &str = "cluster-name-only-members-know";
+
+/// A hello from `node` of cluster `cluster`.
+fn hello(node: &str, cluster: &str) -> Hello {
+    Hello {
+        version: PROTOCOL_VERSION,
+        cluster: cluster.to_owned(),
+        node: NodeId::new(node),
+        incarnation: 1,
+        role: Role::Server,
+        groups: vec![],
+        services: vec![],
+        direct_addr: None,
+        credentials: None,
+        max_message_bytes: 1 << 20,
+    }
+}
+
+/// Sends `hello` on a new connection and returns all the server sent back
+/// before it closed the connection.
+async fn say(server: std::net::SocketAddr, hello: Hello) -> anyhow::Result<BytesMut> {
+    let mut buf = BytesMut::new();
+    tokio_util::codec::Encoder::encode(
+        &mut FrameCodec::new(4 << 20),
+        OutFrame::control(Header::Hello(hello)),
+        &mut buf,
+    )?;
+    let mut stream = TcpStream::connect(server).await?;
+    stream.write_all(&buf).await?;
+    read_until_closed(&mut stream).await
+}
+
+async fn read_until_closed(stream: &mut TcpStream) -> anyhow::Result<BytesMut> {
+    let mut got = BytesMut::new();
+    bounded(async {
+        loop {
+            match stream.read_buf(&mut got).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(()),
+                Err(e) => return Err(anyhow::Error::from(e)),
+            }
+        }
+    })
+    .await
+    .context("the server did not close the connection")?;
+    Ok(got)
+}
+
+/// The refusal in what the server sent.
+fn refusal(mut got: BytesMut) -> anyhow::Result<RefusalReason> {
+    let frame = tokio_util::codec::Decoder::decode(&mut FrameCodec::new(1 << 20), &mut got)?
+        .context("no frame before the close")?;
+    match frame.into_parts().0 {
+        Header::Refused(r) => Ok(r.reason),
+        other => anyhow::bail!("expected a refusal, got {}", other.kind()),
+    }
+}
+
+#[tokio::test]
+async fn refusals_reveal_nothing_and_logs_stay_short_and_escaped() -> anyhow::Result<()> {
+    init_logging();
+    // The server logs to a pipe this test reads (warnings and above).
+    let mut cmd = Command::new(message_server_bin()?);
+    cmd.args(["--listen", "127.0.0.1:0"])
+        .env("CLUSTERCOMM_CLUSTER", SECRET_CLUSTER)
+        .env("RUST_LOG", "warn");
+    cmd.stderr(Stdio::piped());
+    let mut server = ChildProcess::spawn_keeping_stderr(cmd, "message-server listening on").await?;
+    let addr: std::net::SocketAddr = server
+        .ready_line
+        .rsplit(' ')
+        .next()
+        .context("no address in the readiness line")?
+        .parse()?;
+    // Read as it comes, so the server never waits on a full pipe.
+    let mut log = server.child.stderr.take().context("no stderr")?;
+    let log = tokio::spawn(async move {
+        let mut logged = Vec::new();
+        log.read_to_end(&mut logged).await.map(|_| logged)
+    });
+
+    // Another cluster: refused, without the server's name.
+    let got = say(addr, hello("intruder", "some-other-cluster")).await?;
+    let text = String::from_utf8_lossy(&got);
+    ensure!(
+        !text.contains(SECRET_CLUSTER),
+        "a refusal revealed the cluster name: {text:?}"
+    );
+    ensure!(
+        matches!(refusal(got)?, RefusalReason::ClusterMismatch { ours, .. } if ours.is_empty()),
+        "not a cluster refusal"
+    );
+
+    // Huge ids with a forged log line inside, and a huge cluster name:
+    // refused with a short answer that echoes none of it.
+    const ROUNDS: usize = 20;
+    let forged = "\n2026-12-06T00:00:00Z  INFO forged: member joined\n";
+    let huge_id = format!("{}{forged}{}", "a".repeat(450_000), "b".repeat(450_000));
+    for _ in 0..ROUNDS {
+        let got = say(addr, hello(&huge_id, SECRET_CLUSTER)).await?;
+        ensure!(got.len() < 1024, "a refusal of {} bytes", got.len());
+        ensure!(
+            refusal(got)? == RefusalReason::ProtocolViolation,
+            "a huge id was not refused as a violation"
+        );
+        let got = say(addr, hello("n", &"c".repeat(900_000))).await?;
+        ensure!(got.len() < 1024, "a refusal of {} bytes", got.len());
+    }
+
+    // A connection that never says hello is closed (the hello deadline).
+    let mut idle = TcpStream::connect(addr).await?;
+    let got = read_until_closed(&mut idle).await?;
+    ensure!(got.is_empty(), "an idle connection got {} bytes", got.len());
+
+    // Good nodes still register; a node's direct listener refuses the
+    // same hellos the same way.
+    let mut config = clustercomm_tests::test_config();
+    config.cluster.name = SECRET_CLUSTER.into();
+    let node = node_runtime::Node::builder("good")
+        .config(config)
+        .message_server(addr)
+        .start()
+        .await?;
+    let direct = node
+        .direct_addr()
+        .context("the node announced no direct address")?;
+    let got = say(direct, hello("intruder", "some-other-cluster")).await?;
+    let text = String::from_utf8_lossy(&got);
+    ensure!(
+        !text.contains(SECRET_CLUSTER),
+        "a node revealed the cluster name: {text:?}"
+    );
+    let got = say(direct, hello(&huge_id, SECRET_CLUSTER)).await?;
+    ensure!(got.len() < 1024, "a node's refusal of {} bytes", got.len());
+    ensure!(refusal(got)? == RefusalReason::ProtocolViolation);
+    node.shutdown().await;
+
+    // What the server logged about all this: short, and no forged line.
+    drop(server);
+    let logged = bounded(async { Ok(log.await??) }).await?;
+    let logged = String::from_utf8_lossy(&logged);
+    ensure!(
+        logged.len() < 64 * 1024,
+        "{} refused hellos logged {} bytes",
+        2 * ROUNDS + 1,
+        logged.len()
+    );
+    ensure!(
+        !logged
+            .lines()
+            .any(|l| l.contains("forged: member joined") && !l.contains("\\n")),
+        "a newline in a peer's id forged a log line:\n{logged}"
+    );
+    ensure!(
+        logged.contains("refusing node"),
+        "the refusals were not logged:\n{logged}"
+    );
+    Ok(())
+}
