@@ -177,3 +177,68 @@ async fn refusals_reveal_nothing_and_logs_stay_short_and_escaped() -> anyhow::Re
     );
     Ok(())
 }
+
+/// The server's resident memory, from `/proc`.
+fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .context("no VmRSS line")?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kb * 1024)
+}
+
+/// Connections that announce a hello of almost 1 MiB, send a little of it
+/// and stall: each holds the bytes it sent and the reader's chunk, not
+/// the megabyte it announced. Then the hello deadline closes them all.
+#[tokio::test]
+async fn stalled_large_hellos_hold_only_what_they_sent() -> anyhow::Result<()> {
+    init_logging();
+    const CONNECTIONS: usize = 300;
+    let mut cmd = Command::new(message_server_bin()?);
+    cmd.args(["--listen", "127.0.0.1:0"]);
+    let server = ChildProcess::spawn(cmd, "message-server listening on").await?;
+    let addr: std::net::SocketAddr = server
+        .ready_line
+        .rsplit(' ')
+        .next()
+        .context("no address in the readiness line")?
+        .parse()?;
+    let pid = server.child.id().context("the server has no pid")?;
+    let before = rss_bytes(pid)?;
+    let declared = (transports::frame::HANDSHAKE_MAX_FRAME_BYTES - 1) as u32;
+    let mut stalled = Vec::with_capacity(CONNECTIONS);
+    for _ in 0..CONNECTIONS {
+        let mut stream = TcpStream::connect(addr).await?;
+        let mut start = declared.to_be_bytes().to_vec();
+        start.extend_from_slice(&[0u8; 100]);
+        stream.write_all(&start).await?;
+        stalled.push(stream);
+    }
+    // Every one of them has been read: a legitimate node registers after
+    // them on the same listener.
+    let node = node_runtime::Node::builder("good")
+        .config(clustercomm_tests::test_config())
+        .message_server(addr)
+        .start()
+        .await?;
+    let grown = rss_bytes(pid)?.saturating_sub(before);
+    // Reserving what each one announced grew a debug build by about
+    // 22 MiB here; holding what they sent, by about 3 MiB.
+    ensure!(
+        grown < 12 << 20,
+        "{CONNECTIONS} stalled hellos of 1 MiB grew the server by {} KiB",
+        grown >> 10
+    );
+    // The deadline closes them; none is answered with anything.
+    for mut stream in stalled {
+        let got = read_until_closed(&mut stream).await?;
+        ensure!(got.is_empty(), "a stalled hello got {} bytes", got.len());
+    }
+    node.shutdown().await;
+    Ok(())
+}

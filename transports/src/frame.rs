@@ -239,6 +239,10 @@ pub struct FrameCodec {
     /// Whether frames up to [`COPY_FRAMES_UP_TO`] are copied out of the
     /// read buffer (see [`FrameCodec::in_place`]).
     copy_small: bool,
+    /// Frames up to this size are reserved whole in the read buffer once
+    /// their length arrives; 0 for a peer not yet authenticated, whose
+    /// frame takes room only as its bytes arrive.
+    reserve_up_to: usize,
 }
 
 impl FrameCodec {
@@ -247,6 +251,18 @@ impl FrameCodec {
         FrameCodec {
             max_frame,
             copy_small: true,
+            reserve_up_to: RESERVE_FRAMES_UP_TO,
+        }
+    }
+
+    /// The codec of a handshake: frames up to
+    /// [`HANDSHAKE_MAX_FRAME_BYTES`], and nothing reserved from a declared
+    /// length. A peer that declares a large hello and stalls holds only
+    /// the bytes it sent (and the reader's chunk), not what it announced.
+    pub fn handshake() -> Self {
+        FrameCodec {
+            reserve_up_to: 0,
+            ..FrameCodec::new(HANDSHAKE_MAX_FRAME_BYTES)
         }
     }
 
@@ -362,8 +378,9 @@ impl BodyArena {
 }
 
 impl Default for FrameCodec {
+    /// [`FrameCodec::handshake`].
     fn default() -> Self {
-        FrameCodec::new(HANDSHAKE_MAX_FRAME_BYTES)
+        FrameCodec::handshake()
     }
 }
 
@@ -395,7 +412,7 @@ impl FrameCodec {
         if src.len() < needed {
             // Within the limit: reserve the whole frame once, up to a size;
             // `FrameReader` reads larger frames into a buffer of their own.
-            if len <= RESERVE_FRAMES_UP_TO {
+            if len <= self.reserve_up_to {
                 src.reserve(needed - src.len());
             }
             return Ok(None);
