@@ -200,6 +200,19 @@ impl ChildProcess {
         })
     }
 
+    /// The address at the end of the readiness line (`... listening on
+    /// ADDR`).
+    ///
+    /// # Errors
+    ///
+    /// If the line does not end with an address.
+    pub fn ready_addr(&self) -> anyhow::Result<SocketAddr> {
+        let last = self.ready_line.rsplit(' ').next();
+        let addr = last.context("no address in the readiness line")?;
+        addr.parse()
+            .with_context(|| format!("not an address: {addr:?}"))
+    }
+
     /// Takes the process's remaining standard output, line by line.
     ///
     /// # Errors
@@ -265,12 +278,7 @@ pub async fn spawn_message_server(
     let mut cmd = Command::new(message_server_bin()?);
     cmd.args(["--listen", "127.0.0.1:0"]).args(extra_args);
     let child = ChildProcess::spawn(cmd, "message-server listening on").await?;
-    let addr = child
-        .ready_line
-        .rsplit(' ')
-        .next()
-        .context("no address in readiness line")?
-        .parse()?;
+    let addr = child.ready_addr()?;
     Ok((child, addr))
 }
 

@@ -86,12 +86,7 @@ async fn refusals_reveal_nothing_and_logs_stay_short_and_escaped() -> anyhow::Re
         .env("RUST_LOG", "warn");
     cmd.stderr(Stdio::piped());
     let mut server = ChildProcess::spawn_keeping_stderr(cmd, "message-server listening on").await?;
-    let addr: std::net::SocketAddr = server
-        .ready_line
-        .rsplit(' ')
-        .next()
-        .context("no address in the readiness line")?
-        .parse()?;
+    let addr = server.ready_addr()?;
     // Read as it comes, so the server never waits on a full pipe.
     let mut log = server.child.stderr.take().context("no stderr")?;
     let log = tokio::spawn(async move {
@@ -202,12 +197,7 @@ async fn stalled_large_hellos_hold_only_what_they_sent() -> anyhow::Result<()> {
     let mut cmd = Command::new(message_server_bin()?);
     cmd.args(["--listen", "127.0.0.1:0"]);
     let server = ChildProcess::spawn(cmd, "message-server listening on").await?;
-    let addr: std::net::SocketAddr = server
-        .ready_line
-        .rsplit(' ')
-        .next()
-        .context("no address in the readiness line")?
-        .parse()?;
+    let addr = server.ready_addr()?;
     let pid = server.child.id().context("the server has no pid")?;
     let before = rss_bytes(pid)?;
     let declared = (transports::frame::HANDSHAKE_MAX_FRAME_BYTES - 1) as u32;
