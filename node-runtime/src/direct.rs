@@ -96,6 +96,30 @@ impl Drop for OpenerDone<'_> {
     }
 }
 
+/// Whether `node`'s `incarnation` is a member now, or becomes one within
+/// the hello deadline (its join may reach this node after the channel it
+/// opens).
+async fn is_member_soon(rt: &Runtime, node: &NodeId, incarnation: u64) -> bool {
+    let mut events = rt.members.subscribe();
+    let live = || rt.core.lock().members().is_live(node, incarnation);
+    if live() {
+        return true;
+    }
+    let wait = rt.config.connect_timeout().min(handshake::HELLO_DEADLINE);
+    let joined = tokio::time::timeout(wait, async {
+        loop {
+            match events.recv().await {
+                Err(crate::membership::EventsError::Closed) => return,
+                // A change, or changes missed: look again.
+                _ if live() => return,
+                _ => {}
+            }
+        }
+    });
+    let _ = joined.await;
+    live()
+}
+
 /// Why a direct channel could not be had.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ChannelError {
@@ -367,6 +391,19 @@ async fn serve_inbound(rt: Runtime, stream: TcpStream) {
         return;
     }
     tracing::Span::current().record("peer", tracing::field::display(&hello.node));
+    // Only a current member may open a channel: a made-up id gets nothing
+    // here (no duplicate window, no inbox delivery). A member that joined
+    // a moment ago may be known here a moment later: its join is waited
+    // for, within the hello deadline.
+    if !is_member_soon(&rt, &hello.node, hello.incarnation).await {
+        tracing::warn!(
+            incarnation = hello.incarnation,
+            "refused a direct channel: not a member"
+        );
+        let detail = "not a current member of the cluster".to_owned();
+        handshake::refuse(&mut wr, RefusalReason::ProtocolViolation, detail).await;
+        return;
+    }
     let max_message = hello.max_message_bytes.min(config.limits.max_message_bytes);
     let welcome = Header::Welcome(Welcome {
         version: PROTOCOL_VERSION,

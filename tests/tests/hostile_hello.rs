@@ -232,3 +232,74 @@ async fn stalled_large_hellos_hold_only_what_they_sent() -> anyhow::Result<()> {
     node.shutdown().await;
     Ok(())
 }
+
+/// A made-up node id (valid, but no member) opens a node's direct channel
+/// and sends an acknowledged message: it is refused before its messages
+/// are read, nothing reaches the application, nothing is acknowledged,
+/// and no duplicate window is kept for it.
+#[tokio::test]
+async fn a_non_member_cannot_open_a_direct_channel() -> anyhow::Result<()> {
+    init_logging();
+    let (_server, addr) = clustercomm_tests::spawn_message_server(&[]).await?;
+    let config = clustercomm_tests::test_config();
+    let node = node_runtime::Node::builder("b")
+        .config(config.clone())
+        .message_server(addr)
+        .start()
+        .await?;
+    let mut inbox = node.subscribe("svc").await?;
+    let direct = node.direct_addr().context("no direct address")?;
+
+    let mut bytes = BytesMut::new();
+    let mut codec = FrameCodec::new(1 << 20);
+    let ghost = hello("ghost", &config.cluster.name);
+    tokio_util::codec::Encoder::encode(
+        &mut codec,
+        OutFrame::control(Header::Hello(ghost)),
+        &mut bytes,
+    )?;
+    let message = OutFrame::Parts {
+        header: Header::Message(transports::protocol::MessageHeader {
+            sender: NodeId::new("ghost"),
+            incarnation: 1,
+            seq: 1,
+            target: transports::protocol::Target::Node(NodeId::new("b")),
+            service: "svc".into(),
+            kind: transports::protocol::MessageKind::Send,
+        }),
+        body: bytes::Bytes::from_static(b"as if from a member"),
+    };
+    tokio_util::codec::Encoder::encode(&mut codec, message, &mut bytes)?;
+    let mut stream = TcpStream::connect(direct).await?;
+    stream.write_all(&bytes).await?;
+    let mut got = read_until_closed(&mut stream).await?;
+
+    let mut frames = Vec::new();
+    while let Some(frame) = tokio_util::codec::Decoder::decode(&mut codec, &mut got)? {
+        frames.push(frame.into_parts().0);
+    }
+    ensure!(
+        matches!(frames.as_slice(), [Header::Refused(r)] if r.reason == RefusalReason::ProtocolViolation),
+        "expected one refusal and nothing else, got {frames:?}"
+    );
+    ensure!(
+        inbox.try_recv().is_none(),
+        "a non-member's message was delivered"
+    );
+
+    // A member still opens channels to it.
+    let a = node_runtime::Node::builder("a")
+        .config(config)
+        .message_server(addr)
+        .start()
+        .await?;
+    let big = vec![7u8; 256 << 10];
+    a.send(node_runtime::Target::Node(NodeId::new("b")), "svc", big)
+        .await?;
+    ensure!(a.counters().lazy_opened == 1, "{:?}", a.counters());
+    let got = bounded(async { inbox.recv().await.context("inbox closed") }).await?;
+    ensure!(got.sender() == "a");
+    a.shutdown().await;
+    node.shutdown().await;
+    Ok(())
+}
