@@ -28,7 +28,7 @@ use transports::protocol::{
 };
 
 use crate::activation::AutoActivation;
-use crate::dedup::Dedup;
+use crate::dedup::{Dedup, Seen};
 use crate::error::SendError;
 use crate::link::{LinkAction, LinkPolicy, LinkState};
 use crate::members::{Change, Members, MembershipEvent, Update};
@@ -95,6 +95,11 @@ pub enum Receipt {
     Duplicate(NodeId),
     /// From an incarnation declared failed: refuse it.
     Refused,
+    /// Older than the duplicate window of its sender: it may have been
+    /// delivered, so it is not delivered again, and it may not have been,
+    /// so it is not acknowledged as accepted. Refuse it, so that its
+    /// sender learns of it.
+    Stale(NodeId),
 }
 
 /// What the node should do, besides sending.
@@ -425,8 +430,9 @@ impl<W> NodeCore<W> {
             return Receipt::Deliver(self.members.id_of(sender));
         }
         match self.dedup.handle_message(sender, incarnation, seq) {
-            (id, true) => Receipt::Deliver(id),
-            (id, false) => Receipt::Duplicate(id),
+            (id, Seen::New) => Receipt::Deliver(id),
+            (id, Seen::Duplicate) => Receipt::Duplicate(id),
+            (id, Seen::Stale) => Receipt::Stale(id),
         }
     }
 

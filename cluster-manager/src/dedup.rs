@@ -3,9 +3,11 @@
 //!
 //! A message is delivered to the application at most once per runtime
 //! lifetime, also when its sender resent it after a failover. Each
-//! (sender, incarnation) has a sliding window of [`DEDUP_WINDOW`] numbers;
-//! a number older than the window counts as seen (it is dropped, never
-//! delivered twice).
+//! (sender, incarnation) has a sliding window of [`DEDUP_WINDOW`] numbers.
+//! A number older than the window cannot be told apart from one seen
+//! before: it is [`Seen::Stale`], never delivered (it may have been) and
+//! never acknowledged as accepted (it may not have been), so that its
+//! sender learns of it instead of losing it silently.
 
 use std::collections::HashMap;
 
@@ -15,6 +17,17 @@ use transports::protocol::NodeId;
 pub const DEDUP_WINDOW: u64 = 1 << 17;
 
 const WORDS: usize = (DEDUP_WINDOW / 64) as usize;
+
+/// What the window says of a sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// Not seen before: deliver it.
+    New,
+    /// Seen before: acknowledge it again, do not deliver it again.
+    Duplicate,
+    /// Older than the window: whether it was seen cannot be told.
+    Stale,
+}
 
 /// The sequence numbers of one sender incarnation seen recently.
 #[derive(Debug)]
@@ -38,9 +51,9 @@ impl SeqWindow {
         ((i / 64) as usize, 1u64 << (i % 64))
     }
 
-    /// Records `seq`; true if it was not seen before. A number older than
-    /// the window counts as seen.
-    pub fn insert(&mut self, seq: u64) -> bool {
+    /// Records `seq`, and says whether it is new, a duplicate, or too old
+    /// to tell.
+    pub fn insert(&mut self, seq: u64) -> Seen {
         if seq > self.top {
             let gap = seq - self.top;
             if gap >= DEDUP_WINDOW {
@@ -54,20 +67,24 @@ impl SeqWindow {
             self.top = seq;
             let (w, b) = Self::bit(seq);
             self.bits[w] |= b;
-            return true;
+            return Seen::New;
         }
         if self.top - seq >= DEDUP_WINDOW {
             tracing::warn!(
                 seq,
                 top = self.top,
-                "message older than the duplicate window: dropped"
+                "message older than the duplicate window: refused"
             );
-            return false;
+            return Seen::Stale;
         }
         let (w, b) = Self::bit(seq);
         let fresh = self.bits[w] & b == 0;
         self.bits[w] |= b;
-        fresh
+        if fresh {
+            Seen::New
+        } else {
+            Seen::Duplicate
+        }
     }
 }
 
@@ -92,7 +109,7 @@ struct SenderWindows {
 }
 
 impl SenderWindows {
-    fn record(&mut self, incarnation: u64, seq: u64) -> (NodeId, bool) {
+    fn record(&mut self, incarnation: u64, seq: u64) -> (NodeId, Seen) {
         let at = match self.windows.iter().position(|(i, _)| *i == incarnation) {
             Some(at) => at,
             None => {
@@ -106,9 +123,9 @@ impl SenderWindows {
 
 impl Dedup {
     /// Records message `seq` of `sender`'s `incarnation`; returns the
-    /// sender's id (shared, not allocated per message) and whether the
-    /// message is new.
-    pub fn handle_message(&mut self, sender: &str, incarnation: u64, seq: u64) -> (NodeId, bool) {
+    /// sender's id (shared, not allocated per message) and what the window
+    /// says of the message.
+    pub fn handle_message(&mut self, sender: &str, incarnation: u64, seq: u64) -> (NodeId, Seen) {
         if let Some(entry) = self.senders.get_mut(self.last) {
             if entry.id.as_str() == sender {
                 return entry.record(incarnation, seq);
@@ -158,32 +175,34 @@ mod tests {
     use super::*;
 
     fn is_new(d: &mut Dedup, sender: &NodeId, incarnation: u64, seq: u64) -> bool {
-        d.handle_message(sender.as_str(), incarnation, seq).1
+        d.handle_message(sender.as_str(), incarnation, seq).1 == Seen::New
     }
 
     #[test]
     fn window_delivers_each_number_once_in_any_order() {
         let mut w = SeqWindow::default();
-        let steps: Vec<(u64, bool)> = vec![
-            (1, true),
-            (2, true),
-            (2, false),
-            (5, true),
-            (3, true), // late, within the window
-            (3, false),
-            (4, true),
-            (1, false),
-            (5, false),
-            (5 + DEDUP_WINDOW, true),
-            (5, false), // now older than the window
-            (6 + DEDUP_WINDOW, true),
-            (4 + DEDUP_WINDOW, true), // in the gap that was cleared
-            (3 * DEDUP_WINDOW, true), // a jump past the window clears it all
-            (6 + DEDUP_WINDOW, false),
-            (3 * DEDUP_WINDOW - 1, true),
+        use Seen::*;
+        let steps: Vec<(u64, Seen)> = vec![
+            (1, New),
+            (2, New),
+            (2, Duplicate),
+            (5, New),
+            (3, New), // late, within the window
+            (3, Duplicate),
+            (4, New),
+            (1, Duplicate),
+            (5, Duplicate),
+            (5 + DEDUP_WINDOW, New),
+            (5, Stale), // now older than the window: cannot tell
+            (6 + DEDUP_WINDOW, New),
+            (4 + DEDUP_WINDOW, New), // in the gap that was cleared
+            (3 * DEDUP_WINDOW, New), // a jump past the window clears it all
+            (6 + DEDUP_WINDOW, Stale),
+            (3 * DEDUP_WINDOW - 1, New),
+            (3 * DEDUP_WINDOW - 1, Duplicate),
         ];
-        for (i, (seq, fresh)) in steps.into_iter().enumerate() {
-            assert_eq!(w.insert(seq), fresh, "step {i}: seq {seq}");
+        for (i, (seq, seen)) in steps.into_iter().enumerate() {
+            assert_eq!(w.insert(seq), seen, "step {i}: seq {seq}");
         }
     }
 

@@ -210,6 +210,9 @@ impl Pair {
                         Receipt::Refused => AckStatus::Failed(DeliveryFailure::Rejected(
                             "failed incarnation".into(),
                         )),
+                        Receipt::Stale(_) => AckStatus::Failed(DeliveryFailure::Rejected(
+                            "older than the window".into(),
+                        )),
                     };
                     let ack = Ack {
                         to: h.sender.clone(),

@@ -353,6 +353,9 @@ pub(crate) enum Later {
     Failed,
     /// Seen before, from `sender`: acknowledged again, not delivered again.
     Duplicate(NodeId),
+    /// Older than the duplicate window of `sender`: refused, not
+    /// delivered, never acknowledged as accepted.
+    Stale(NodeId),
     /// Accepted from `sender` (recorded as seen, unless one-way), not
     /// delivered yet.
     New { sender: NodeId, body: Bytes },
@@ -407,6 +410,7 @@ pub(crate) fn deliver_now(
             Receipt::Deliver(sender) => sender,
             Receipt::Duplicate(sender) => return Some(Later::Duplicate(sender)),
             Receipt::Refused => return Some(Later::Failed),
+            Receipt::Stale(sender) => return Some(Later::Stale(sender)),
         }
     };
     // The inbox of the last message's service, while no backlog waits
@@ -496,6 +500,14 @@ pub(crate) async fn deliver_later(
             answer(sender)
                 .send(&rt.id, &rt.core, acks, AckStatus::Accepted)
                 .await;
+            return Ok(());
+        }
+        Later::Stale(sender) => {
+            let status = AckStatus::Failed(DeliveryFailure::Rejected(
+                "older than the receiver's duplicate window: it may have been delivered before"
+                    .into(),
+            ));
+            answer(sender).send(&rt.id, &rt.core, acks, status).await;
             return Ok(());
         }
         Later::Ack(to) => {

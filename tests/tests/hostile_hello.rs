@@ -303,3 +303,90 @@ async fn a_non_member_cannot_open_a_direct_channel() -> anyhow::Result<()> {
     node.shutdown().await;
     Ok(())
 }
+
+/// A forged message far ahead of a member's real sequence numbers (a
+/// member's id and incarnation are no secret) moves the receiver's
+/// duplicate window past them. The member's genuine messages are then
+/// older than the window: they must not be acknowledged as accepted and
+/// dropped (a silent loss), but refused, so that the sender learns.
+#[tokio::test]
+async fn a_forged_far_ahead_number_cannot_make_a_silent_loss() -> anyhow::Result<()> {
+    init_logging();
+    let (_server, addr) = clustercomm_tests::spawn_message_server(&[]).await?;
+    let config = clustercomm_tests::test_config();
+    let b = node_runtime::Node::builder("b")
+        .config(config.clone())
+        .message_server(addr)
+        .start()
+        .await?;
+    let mut inbox = b.subscribe("svc").await?;
+    let a = node_runtime::Node::builder("a")
+        .config(config.clone())
+        .message_server(addr)
+        .start()
+        .await?;
+    a.send(
+        node_runtime::Target::Node(NodeId::new("b")),
+        "svc",
+        "genuine 1",
+    )
+    .await?;
+    let first = bounded(async { inbox.recv().await.context("inbox closed") }).await?;
+    ensure!(first.body() == "genuine 1");
+
+    // The forger speaks as `a` on `b`'s direct port, far ahead.
+    let mut bytes = BytesMut::new();
+    let mut codec = FrameCodec::new(1 << 20);
+    let mut as_a = hello("a", &config.cluster.name);
+    as_a.incarnation = a.incarnation();
+    tokio_util::codec::Encoder::encode(
+        &mut codec,
+        OutFrame::control(Header::Hello(as_a)),
+        &mut bytes,
+    )?;
+    let forged = OutFrame::Parts {
+        header: Header::Message(transports::protocol::MessageHeader {
+            sender: NodeId::new("a"),
+            incarnation: a.incarnation(),
+            seq: 1 << 20,
+            target: transports::protocol::Target::Node(NodeId::new("b")),
+            service: "svc".into(),
+            kind: transports::protocol::MessageKind::Send,
+        }),
+        body: bytes::Bytes::from_static(b"forged"),
+    };
+    tokio_util::codec::Encoder::encode(&mut codec, forged, &mut bytes)?;
+    let mut stream = TcpStream::connect(b.direct_addr().context("no direct address")?).await?;
+    stream.write_all(&bytes).await?;
+    let forged_in = bounded(async { inbox.recv().await.context("inbox closed") }).await?;
+    ensure!(forged_in.body() == "forged");
+    drop(stream);
+
+    // `a`'s next genuine message: delivered, or refused; never accepted
+    // and lost.
+    let outcome = a
+        .send(
+            node_runtime::Target::Node(NodeId::new("b")),
+            "svc",
+            "genuine 2",
+        )
+        .await;
+    match outcome {
+        Ok(report) => {
+            let got = bounded(async { inbox.recv().await.context("inbox closed") }).await?;
+            ensure!(
+                got.body() == "genuine 2",
+                "accepted ({report:?}) but {:?} came",
+                got.body()
+            );
+        }
+        Err(node_runtime::SendError::Rejected { reason, .. }) => {
+            ensure!(reason.contains("duplicate window"), "{reason}");
+            ensure!(inbox.try_recv().is_none(), "refused, yet delivered");
+        }
+        Err(e) => anyhow::bail!("unexpected outcome: {e}"),
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+    Ok(())
+}
