@@ -564,9 +564,15 @@ impl<W> NodeCore<W> {
         self.link.handle_rejoin(now);
     }
 
-    /// The message server answered a heartbeat at `now`.
-    pub fn handle_pong(&mut self, now: Instant) {
-        self.link.handle_pong(now);
+    /// A heartbeat with `nonce` went to the message server.
+    pub fn handle_ping(&mut self, nonce: u64) {
+        self.link.handle_ping(nonce);
+    }
+
+    /// The message server answered the heartbeat `nonce` at `now`; a pong
+    /// to no recent ping is not believed (returns false).
+    pub fn handle_pong(&mut self, now: Instant, nonce: u64) -> bool {
+        self.link.handle_pong(now, nonce)
     }
 
     /// The node stops: everything pending fails with `error`.

@@ -63,11 +63,17 @@ enum Phase {
     },
 }
 
+/// How many of the latest pings a pong may answer: one that answers an
+/// older one, or none sent, is not believed.
+pub const PONG_WINDOW: u64 = 16;
+
 /// The link's state.
 #[derive(Debug, Clone)]
 pub struct LinkState {
     policy: LinkPolicy,
     phase: Phase,
+    /// The nonce of the latest ping sent.
+    last_ping: u64,
 }
 
 impl LinkState {
@@ -79,6 +85,7 @@ impl LinkState {
                 delay: policy.reconnect_delay,
                 next_round: now,
             },
+            last_ping: 0,
         };
         link.handle_connected(now, index);
         link
@@ -117,11 +124,21 @@ impl LinkState {
         }
     }
 
-    /// The server answered a heartbeat at `now`.
-    pub fn handle_pong(&mut self, now: Instant) {
-        if let Phase::Up { last_heard, .. } = &mut self.phase {
+    /// A ping with `nonce` went to the server (nonces grow by one from a
+    /// start a peer cannot guess).
+    pub fn handle_ping(&mut self, nonce: u64) {
+        self.last_ping = nonce;
+    }
+
+    /// A pong answering `nonce` came from the server at `now`: believed
+    /// only if it answers one of the latest [`PONG_WINDOW`] pings sent.
+    /// Returns whether it was.
+    pub fn handle_pong(&mut self, now: Instant, nonce: u64) -> bool {
+        let recent = self.last_ping.wrapping_sub(nonce) < PONG_WINDOW;
+        if let (true, Phase::Up { last_heard, .. }) = (recent, &mut self.phase) {
             *last_heard = (*last_heard).max(now);
         }
+        recent
     }
 
     /// The link broke (or was dropped) at `now`: the first round of
@@ -236,7 +253,10 @@ mod tests {
         for (i, (at, step)) in steps.iter().enumerate() {
             let now = t0 + MS(*at);
             match step {
-                Step::Pong => link.handle_pong(now),
+                Step::Pong => {
+                    link.handle_ping(*at);
+                    assert!(link.handle_pong(now, *at));
+                }
                 Step::Lost => link.handle_lost(now),
                 Step::RoundFailed => link.handle_round_failed(now),
                 Step::Rejoin => link.handle_rejoin(now),
@@ -369,6 +389,37 @@ mod tests {
         assert_eq!(
             link.poll_timeout(),
             Some(t0 + MS(61_000) + Duration::from_nanos(1))
+        );
+    }
+
+    #[test]
+    fn only_a_pong_to_a_recent_ping_counts() {
+        let t0 = Instant::now();
+        let mut link = LinkState::new(policy(), 0, t0);
+        let start = u64::MAX - 3; // nonces wrap
+        for k in 0..10 {
+            link.handle_ping(start.wrapping_add(k));
+        }
+        let last = start.wrapping_add(9);
+        // (the nonce a pong carries, believed)
+        let cases = [
+            (last, true),
+            (last.wrapping_sub(PONG_WINDOW - 1), true),
+            (last.wrapping_sub(PONG_WINDOW), false),
+            (last.wrapping_add(1), false), // a ping not sent yet
+            (12345, false),
+        ];
+        for (nonce, believed) in cases {
+            assert_eq!(link.handle_pong(t0 + MS(500), nonce), believed, "{nonce}");
+        }
+        // Only believed pongs keep the link: the last one was at 500 ms.
+        assert_eq!(link.handle_timeout(t0 + MS(1_501)), Some(LinkAction::Dead));
+        let mut unheard = LinkState::new(policy(), 0, t0);
+        unheard.handle_ping(7);
+        assert!(!unheard.handle_pong(t0 + MS(900), 99));
+        assert_eq!(
+            unheard.handle_timeout(t0 + MS(1_001)),
+            Some(LinkAction::Dead)
         );
     }
 

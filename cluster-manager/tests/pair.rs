@@ -331,7 +331,8 @@ impl Pair {
     fn pong(&mut self) {
         let now = self.now;
         for node in self.nodes.values_mut().filter(|n| n.connected) {
-            node.core.handle_pong(now);
+            node.core.handle_ping(1);
+            node.core.handle_pong(now, 1);
         }
     }
 

@@ -295,7 +295,14 @@ pub(crate) async fn heartbeats(rt: Runtime, socket: tokio::net::UdpSocket) {
     let mut tick = tokio::time::interval(Duration::from_millis(cluster.heartbeat_interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = [0u8; transports::heartbeat::MAX_DATAGRAM_BYTES + 1];
-    let mut nonce = 0u64;
+    // Nonces grow from a start nobody can guess, so that a forged pong
+    // cannot answer a ping it never saw.
+    let mut nonce = {
+        use std::hash::{BuildHasher, Hasher};
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+    };
     loop {
         tokio::select! {
             _ = rt.cancel.cancelled() => return,
@@ -305,7 +312,8 @@ pub(crate) async fn heartbeats(rt: Runtime, socket: tokio::net::UdpSocket) {
                 }
                 let target = *rt.server.heartbeat.lock().unwrap_or_else(|p| p.into_inner());
                 let Some(target) = target else { continue };
-                nonce += 1;
+                nonce = nonce.wrapping_add(1);
+                rt.core.lock().handle_ping(nonce);
                 let ping = transports::heartbeat::Beat::Ping {
                     node: rt.id.clone(),
                     incarnation: rt.incarnation(),
@@ -316,10 +324,17 @@ pub(crate) async fn heartbeats(rt: Runtime, socket: tokio::net::UdpSocket) {
                 }
             }
             r = socket.recv_from(&mut buf) => {
-                if let Ok((n, _)) = r {
-                    if let Some(transports::heartbeat::Beat::Pong { .. }) = transports::heartbeat::Beat::decode(&buf[..n]) {
-                        rt.core.lock().handle_pong(Instant::now());
-                    }
+                let Ok((n, from)) = r else { continue };
+                // Only a pong to one of our latest pings counts. (Its source
+                // address is not checked: a server bound to every interface
+                // answers from whichever one the kernel picks.)
+                let Some(transports::heartbeat::Beat::Pong { nonce: answered }) =
+                    transports::heartbeat::Beat::decode(&buf[..n])
+                else {
+                    continue;
+                };
+                if !rt.core.lock().handle_pong(Instant::now(), answered) {
+                    tracing::debug!(%from, "a pong to no recent ping: ignored");
                 }
             }
         }

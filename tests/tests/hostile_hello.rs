@@ -390,3 +390,66 @@ async fn a_forged_far_ahead_number_cannot_make_a_silent_loss() -> anyhow::Result
     b.shutdown().await;
     Ok(())
 }
+
+/// Pongs that answer no ping of the node's (forged, or replayed) do not
+/// keep a link alive: with only such pongs, the node gives the server up
+/// at the failure timeout and reconnects. A stand-in message server
+/// (welcomes the node, then answers its heartbeats with wrong nonces)
+/// shows it.
+#[tokio::test]
+async fn forged_pongs_do_not_keep_a_dead_link() -> anyhow::Result<()> {
+    use transports::heartbeat::Beat;
+    init_logging();
+    let config = clustercomm_tests::test_config();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let beats = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let welcome = transports::protocol::Welcome {
+        version: PROTOCOL_VERSION,
+        cluster: config.cluster.name.clone(),
+        max_message_bytes: 1 << 20,
+        members: vec![],
+        heartbeat_addr: Some(beats.local_addr()?),
+    };
+    let server_addr = listener.local_addr()?;
+    let stand_in = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await?;
+        let (rd, mut wr) = stream.into_split();
+        let mut reader = transports::FrameReader::new(rd, FrameCodec::handshake());
+        let timeout = std::time::Duration::from_secs(5);
+        transports::handshake::read_hello(&mut reader, &mut wr, timeout).await?;
+        let answer = OutFrame::control(Header::Welcome(welcome));
+        transports::handshake::write_frame(&mut wr, answer).await?;
+        // The link stays open (`reader`, `wr` live on); every ping gets a
+        // pong to a ping never sent.
+        let answering = async {
+            let mut buf = [0u8; 600];
+            loop {
+                let (n, from) = beats.recv_from(&mut buf).await?;
+                if let Some(Beat::Ping { nonce, .. }) = Beat::decode(&buf[..n]) {
+                    let forged = Beat::Pong {
+                        nonce: nonce.wrapping_add(1_000),
+                    };
+                    beats.send_to(&forged.encode(), from).await?;
+                }
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), std::io::Error>(())
+        };
+        let again: anyhow::Result<()> = tokio::select! {
+            r = answering => r.map_err(anyhow::Error::from),
+            // The node connects again: it gave the first link up.
+            next = listener.accept() => next.map(drop).map_err(anyhow::Error::from),
+        };
+        again
+    });
+    let node = node_runtime::Node::builder("n")
+        .config(config)
+        .message_server(server_addr)
+        .start()
+        .await?;
+    bounded(async { stand_in.await? })
+        .await
+        .context("the node kept a link whose pongs answered none of its pings")?;
+    drop(node);
+    Ok(())
+}
