@@ -115,6 +115,9 @@ pub(crate) async fn serve(
         // receivers' queues (which stage them), and what is kept longer is
         // copied (see `route_failed`).
         *reader.codec_mut() = codec.in_place();
+        // A registered node that starts a frame and stalls in it is cut
+        // off after the failure timeout, heartbeats or not.
+        reader.set_stall_limit(shared.config.failure_timeout());
         let (queue, rx) = out_queue(
             shared.config.message_server.queue_frames,
             shared.config.message_server.queue_bytes,

@@ -419,6 +419,9 @@ async fn serve_inbound(rt: Runtime, stream: TcpStream) {
     let codec = FrameCodec::for_messages(max_message);
     // Message bodies are copied out as they are delivered.
     *reader.codec_mut() = codec.in_place();
+    // A peer that starts a frame and stalls in it is cut off after the
+    // failure timeout.
+    reader.set_stall_limit(config.failure_timeout());
     let (queue, rx) = out_queue(config.node.queue_frames, config.node.queue_bytes);
     rt.tasks.spawn(
         async move {

@@ -453,3 +453,77 @@ async fn forged_pongs_do_not_keep_a_dead_link() -> anyhow::Result<()> {
     drop(node);
     Ok(())
 }
+
+/// A registered node starts a large frame, sends a little of it and
+/// stalls, while it keeps heartbeating: the server cuts it off once the
+/// frame has made no progress for the failure timeout.
+#[tokio::test]
+async fn a_node_stalled_in_a_frame_is_cut_off_while_it_heartbeats() -> anyhow::Result<()> {
+    use transports::heartbeat::Beat;
+    init_logging();
+    let dir = std::env::temp_dir().join(format!("clustercomm-stall-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("server.toml");
+    std::fs::write(
+        &file,
+        "[cluster]\nheartbeat_interval_ms = 100\nfailure_timeout_ms = 1000\n",
+    )?;
+    let path = file
+        .to_str()
+        .context("a temporary path that is not UTF-8")?;
+    let (_server, addr) = clustercomm_tests::spawn_message_server(&["--config", path]).await?;
+
+    let stream = TcpStream::connect(addr).await?;
+    let (rd, mut wr) = stream.into_split();
+    let mut reader = transports::FrameReader::new(rd, FrameCodec::handshake());
+    let mut me = hello("staller", cluster_config::DEFAULT_CLUSTER_NAME);
+    me.max_message_bytes = 64 << 20;
+    let welcome = transports::handshake::connect_handshake(
+        &mut reader,
+        &mut wr,
+        &me,
+        std::time::Duration::from_secs(5),
+    )
+    .await?;
+    let mut beat_to = welcome.heartbeat_addr.context("no heartbeat address")?;
+    if beat_to.ip().is_unspecified() {
+        beat_to.set_ip(addr.ip());
+    }
+    // Heartbeats, all along.
+    let beats = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let heartbeating = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+        for nonce in 0u64.. {
+            tick.tick().await;
+            let ping = Beat::Ping {
+                node: NodeId::new("staller"),
+                incarnation: 1,
+                nonce,
+            };
+            let _ = beats.send_to(&ping.encode(), beat_to).await;
+        }
+    });
+    // A frame of 8 MiB is announced; 1 KiB of it comes; then nothing.
+    let mut start = ((8u32 << 20) + 1024).to_be_bytes().to_vec();
+    start.extend_from_slice(&[0u8; 1024]);
+    wr.write_all(&start).await?;
+    let mut rd = reader.into_inner();
+    let mut got = BytesMut::new();
+    let cut = bounded(async {
+        loop {
+            match rd.read_buf(&mut got).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(()),
+                Err(e) => return Err(anyhow::Error::from(e)),
+            }
+        }
+    })
+    .await;
+    heartbeating.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+    cut.context("a node stalled in a frame was never cut off")?;
+    // Cut off for the stall, not refused: nothing came back.
+    ensure!(got.is_empty(), "the server answered {} bytes", got.len());
+    Ok(())
+}

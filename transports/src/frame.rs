@@ -76,6 +76,10 @@ pub enum FrameError {
         /// Bytes received of the unfinished frame.
         buffered: usize,
     },
+    /// The peer started a frame and sent nothing more of it for this long
+    /// (see `FrameReader::set_stall_limit`).
+    #[error("the peer stalled in the middle of a frame for {0:?} ({1} bytes buffered)")]
+    Stalled(std::time::Duration, usize),
     /// Reading or writing the socket failed.
     #[error("i/o error on the connection")]
     Io(#[from] std::io::Error),

@@ -1,5 +1,7 @@
 //! The frame reader: one half of a connection, read frame by frame.
 
+use std::time::Duration;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -28,6 +30,24 @@ pub struct FrameReader<R> {
     lent: usize,
     /// Bytes requested from the socket per read when the buffer runs low.
     read_chunk: usize,
+    /// How long a frame once started may go without a byte more.
+    stall_limit: Option<Duration>,
+}
+
+/// A read, bounded by `limit` when `partial` bytes of a frame wait for
+/// more (no bound between frames, or without a limit).
+async fn within(
+    limit: Option<Duration>,
+    partial: usize,
+    read: impl std::future::Future<Output = std::io::Result<usize>>,
+) -> Result<usize, FrameError> {
+    match limit {
+        Some(limit) if partial > 0 => match tokio::time::timeout(limit, read).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(FrameError::Stalled(limit, partial)),
+        },
+        _ => Ok(read.await?),
+    }
 }
 
 /// Frames above this size get a buffer of their own, of exactly their size.
@@ -53,6 +73,24 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             large: None,
             lent: 0,
             read_chunk,
+            stall_limit: None,
+        }
+    }
+
+    /// Cuts off a peer that starts a frame and then sends nothing more of
+    /// it for `limit`: the read fails with [`FrameError::Stalled`]. Between
+    /// frames a peer may stay silent as long as it likes (its liveness is
+    /// the heartbeats' business); a large frame sent slowly but steadily is
+    /// never cut, since each byte that arrives restarts the wait.
+    pub fn set_stall_limit(&mut self, limit: Duration) {
+        self.stall_limit = Some(limit);
+    }
+
+    /// Bytes of a frame not yet whole.
+    fn partial_bytes(&self) -> usize {
+        match &self.large {
+            Some((big, _)) => LENGTH_PREFIX_BYTES + big.len(),
+            None => self.buf.len() - self.lent,
         }
     }
 
@@ -124,7 +162,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if self.buf.capacity() - self.buf.len() < self.read_chunk / 4 {
                 self.buf.reserve(self.read_chunk);
             }
-            if self.io.read_buf(&mut self.buf).await? == 0 {
+            let partial = self.partial_bytes();
+            let read = self.io.read_buf(&mut self.buf);
+            if within(self.stall_limit, partial, read).await? == 0 {
                 return Ok(self
                     .codec
                     .decode_raw_eof(&mut self.buf)?
@@ -192,7 +232,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     let (big, _) = self.large.take().unwrap_or_default();
                     return Ok(Some(big.freeze()));
                 }
-                if self.io.read_buf(&mut (&mut *big).limit(missing)).await? == 0 {
+                let partial = LENGTH_PREFIX_BYTES + big.len();
+                let mut rest = (&mut *big).limit(missing);
+                let read = self.io.read_buf(&mut rest);
+                if within(self.stall_limit, partial, read).await? == 0 {
                     return Err(FrameError::Truncated {
                         buffered: LENGTH_PREFIX_BYTES + big.len(),
                     });
@@ -220,7 +263,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if self.buf.capacity() - self.buf.len() < self.read_chunk / 4 {
                 self.buf.reserve(self.read_chunk);
             }
-            if self.io.read_buf(&mut self.buf).await? == 0 {
+            let partial = self.partial_bytes();
+            let read = self.io.read_buf(&mut self.buf);
+            if within(self.stall_limit, partial, read).await? == 0 {
                 return self.codec.decode_raw_eof(&mut self.buf);
             }
         }
