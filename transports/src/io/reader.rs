@@ -77,20 +77,28 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
-    /// Cuts off a peer that starts a frame and then sends nothing more of
-    /// it for `limit`: the read fails with [`FrameError::Stalled`]. Between
-    /// frames a peer may stay silent as long as it likes (its liveness is
-    /// the heartbeats' business); a large frame sent slowly but steadily is
-    /// never cut, since each byte that arrives restarts the wait.
+    /// Cuts off a peer that starts a frame of more than
+    /// [`crate::frame::COPY_FRAMES_UP_TO`] bytes and then sends nothing more
+    /// of it for `limit`: the read fails with [`FrameError::Stalled`].
+    /// Between frames a peer may stay silent as long as it likes (its
+    /// liveness is the heartbeats' business); a large frame sent slowly but
+    /// steadily is never cut, since each byte that arrives restarts the
+    /// wait. Small frames are not watched (a stalled one holds at most a
+    /// few KiB), so the usual read, a batch of small frames split at the
+    /// buffer's end, arms no timer.
     pub fn set_stall_limit(&mut self, limit: Duration) {
         self.stall_limit = Some(limit);
     }
 
-    /// Bytes of a frame not yet whole.
+    /// Bytes of a large frame not yet whole; 0 if the frame at the front
+    /// is small (or not started).
     fn partial_bytes(&self) -> usize {
         match &self.large {
             Some((big, _)) => LENGTH_PREFIX_BYTES + big.len(),
-            None => self.buf.len() - self.lent,
+            None => match self.prefix() {
+                Some(len) if len > crate::frame::COPY_FRAMES_UP_TO => self.buf.len() - self.lent,
+                _ => 0,
+            },
         }
     }
 
