@@ -44,6 +44,11 @@ async fn main() -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         config.message_server.listen = listen;
     }
+    if config.cluster.credentials.is_none() {
+        tracing::warn!(
+            "no cluster.credentials: any client that reaches this port can register as a node"
+        );
+    }
     let server = MessageServer::bind(config)
         .await
         .context("starting the message server")?;

@@ -189,6 +189,9 @@ impl NodeBuilder {
         });
         let span = tracing::info_span!("node", id = %self.id, incarnation);
         tracing::info!(parent: &span, %address, "node connected to the message server");
+        if rt.config.cluster.credentials.is_none() {
+            tracing::warn!(parent: &span, "no cluster.credentials: any client that reaches this node's direct port can say hello");
+        }
         rt.tasks
             .spawn(supervisor::supervise(rt.clone(), rx, link).instrument(span.clone()));
         rt.tasks
