@@ -170,6 +170,10 @@ async fn refusals_reveal_nothing_and_logs_stay_short_and_escaped() -> anyhow::Re
         logged.contains("refusing node"),
         "the refusals were not logged:\n{logged}"
     );
+    ensure!(
+        logged.contains("no cluster.credentials"),
+        "a server without credentials did not warn of it:\n{logged}"
+    );
     Ok(())
 }
 
