@@ -37,6 +37,13 @@ pub const DEFAULT_NODE_READ_CHUNK_BYTES: usize = 256 * 1024;
 /// Default time a control frame (ack, routing result) may wait for room in
 /// a slow consumer's queue before that consumer is disconnected.
 pub const DEFAULT_SLOW_CONSUMER_MS: u64 = 5_000;
+/// Default cap of the message server's connections: more are refused at
+/// once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4_096;
+/// Default cap of the message server's connections that have not yet
+/// registered (said a hello that was accepted): more are refused at once,
+/// so a flood of idle sockets cannot take more than this.
+pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 256;
 /// Default address of a node's direct-channel listener.
 pub const DEFAULT_DIRECT_LISTEN: &str = "0.0.0.0:0";
 /// Default capacity of each service inbox, in messages.

@@ -106,6 +106,13 @@ pub struct MessageServerConfig {
     /// How long a control frame waits for a slow consumer before that
     /// consumer is disconnected. Default [`DEFAULT_SLOW_CONSUMER_MS`].
     pub slow_consumer_ms: u64,
+    /// Connections the message server keeps at most; more are refused at
+    /// once. Default [`DEFAULT_MAX_CONNECTIONS`].
+    pub max_connections: usize,
+    /// Connections not yet registered that the message server keeps at
+    /// most (each for at most the hello deadline); more are refused at
+    /// once. Default [`DEFAULT_MAX_UNAUTHENTICATED`].
+    pub max_unauthenticated: usize,
 }
 
 impl Default for MessageServerConfig {
@@ -119,6 +126,8 @@ impl Default for MessageServerConfig {
             queue_frames: DEFAULT_QUEUE_FRAMES,
             queue_bytes: DEFAULT_QUEUE_BYTES,
             slow_consumer_ms: DEFAULT_SLOW_CONSUMER_MS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_unauthenticated: DEFAULT_MAX_UNAUTHENTICATED,
         }
     }
 }

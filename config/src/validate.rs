@@ -72,6 +72,12 @@ impl Config {
         for (key, v, min) in [
             ("message_server.queue_frames", ms.queue_frames, 16),
             ("message_server.queue_bytes", ms.queue_bytes, 64 * 1024),
+            ("message_server.max_connections", ms.max_connections, 1),
+            (
+                "message_server.max_unauthenticated",
+                ms.max_unauthenticated,
+                1,
+            ),
             ("node.queue_frames", self.node.queue_frames, 16),
             ("node.queue_bytes", self.node.queue_bytes, 64 * 1024),
             ("node.inbox_capacity", self.node.inbox_capacity, 1),

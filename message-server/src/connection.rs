@@ -38,6 +38,15 @@ enum End {
     Violation(String),
 }
 
+/// A connection's places under the listener's caps
+/// (`message_server.max_connections`, `max_unauthenticated`), held while
+/// it lives and until it registers.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    pub(crate) _place: tokio::sync::OwnedSemaphorePermit,
+    pub(crate) unregistered: tokio::sync::OwnedSemaphorePermit,
+}
+
 /// Serves one accepted connection to its end.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
@@ -45,7 +54,14 @@ pub(crate) async fn serve(
     peer: SocketAddr,
     cancel: CancellationToken,
     tasks: TaskTracker,
+    admission: Admission,
 ) {
+    // The place is held for the connection's life (dropped with this
+    // future); the unregistered one until it registers.
+    let Admission {
+        _place: _kept,
+        unregistered,
+    } = admission;
     let span = tracing::debug_span!("conn", %peer, node = tracing::field::Empty);
     async move {
         if let Err(e) = transports::tcp::tune(&stream, &shared.config.tcp.options()) {
@@ -143,6 +159,8 @@ pub(crate) async fn serve(
                 return;
             }
         };
+        // Registered: the place among the unregistered is free again.
+        drop(unregistered);
         Counters::add(&shared.counters.connections_accepted, 1);
         tracing::info!(incarnation = me.incarnation, groups = ?me.groups, "member joined");
         let max_frame = codec.max_frame();

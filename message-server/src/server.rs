@@ -232,15 +232,37 @@ impl MessageServer {
             }
         });
         tokio::pin!(shutdown);
+        let ms = &shared.config.message_server;
+        let places = Arc::new(tokio::sync::Semaphore::new(ms.max_connections));
+        let unregistered = Arc::new(tokio::sync::Semaphore::new(ms.max_unauthenticated));
+        let mut turned_away = 0u64;
         let result = loop {
             tokio::select! {
                 _ = &mut shutdown => break Ok(()),
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        // Over a cap: refused at once, before anything is
+                        // read or spawned.
+                        let admitted = places.clone().try_acquire_owned().ok().zip(
+                            unregistered.clone().try_acquire_owned().ok(),
+                        );
+                        let Some((place, unregistered)) = admitted else {
+                            drop(stream);
+                            Counters::add(&shared.counters.connections_refused, 1);
+                            turned_away += 1;
+                            if turned_away.is_power_of_two() {
+                                tracing::warn!(%peer, total = turned_away, "connection refused: over max_connections or max_unauthenticated");
+                            }
+                            continue;
+                        };
+                        let admission = connection::Admission {
+                            _place: place,
+                            unregistered,
+                        };
                         let shared = shared.clone();
                         let cancel = cancel.child_token();
                         let tasks = tracker.clone();
-                        tracker.spawn(connection::serve(shared, stream, peer, cancel, tasks));
+                        tracker.spawn(connection::serve(shared, stream, peer, cancel, tasks, admission));
                     }
                     Err(e) if is_transient(&e) => {
                         tracing::warn!(error = %e, "accept failed; continuing");

@@ -198,8 +198,14 @@ fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
 async fn stalled_large_hellos_hold_only_what_they_sent() -> anyhow::Result<()> {
     init_logging();
     const CONNECTIONS: usize = 300;
+    // Room for them all and the good node (the cap on unregistered
+    // connections is another test's).
+    let dir = std::env::temp_dir().join(format!("clustercomm-hellos-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("server.toml");
+    std::fs::write(&file, "[message_server]\nmax_unauthenticated = 512\n")?;
     let mut cmd = Command::new(message_server_bin()?);
-    cmd.args(["--listen", "127.0.0.1:0"]);
+    cmd.args(["--listen", "127.0.0.1:0", "--config"]).arg(&file);
     let server = ChildProcess::spawn(cmd, "message-server listening on").await?;
     let addr = server.ready_addr()?;
     let pid = server.child.id().context("the server has no pid")?;
@@ -234,6 +240,7 @@ async fn stalled_large_hellos_hold_only_what_they_sent() -> anyhow::Result<()> {
         ensure!(got.is_empty(), "a stalled hello got {} bytes", got.len());
     }
     node.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
@@ -529,5 +536,53 @@ async fn a_node_stalled_in_a_frame_is_cut_off_while_it_heartbeats() -> anyhow::R
     cut.context("a node stalled in a frame was never cut off")?;
     // Cut off for the stall, not refused: nothing came back.
     ensure!(got.is_empty(), "the server answered {} bytes", got.len());
+    Ok(())
+}
+
+/// Idle sockets that never say hello take at most
+/// `message_server.max_unauthenticated` places: one more is refused at
+/// once, not read or kept, while the idle ones wait out their hello
+/// deadline; a legitimate node takes a free place and, once registered,
+/// gives it back.
+#[tokio::test]
+async fn a_flood_of_idle_sockets_is_capped_and_refused_at_once() -> anyhow::Result<()> {
+    init_logging();
+    const CAP: usize = 20;
+    let dir = std::env::temp_dir().join(format!("clustercomm-cap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("server.toml");
+    std::fs::write(
+        &file,
+        format!("[message_server]\nmax_unauthenticated = {CAP}\n"),
+    )?;
+    let path = file
+        .to_str()
+        .context("a temporary path that is not UTF-8")?;
+    let (_server, addr) = clustercomm_tests::spawn_message_server(&["--config", path]).await?;
+
+    let mut idle = Vec::new();
+    for _ in 0..CAP - 1 {
+        idle.push(TcpStream::connect(addr).await?);
+    }
+    // One place is left: a good node takes it, and frees it on
+    // registering.
+    let node = node_runtime::Node::builder("good")
+        .config(clustercomm_tests::test_config())
+        .message_server(addr)
+        .start()
+        .await?;
+    idle.push(TcpStream::connect(addr).await?);
+    // Every place is taken now: the next socket is closed at once.
+    let mut extra = TcpStream::connect(addr).await?;
+    let got = read_until_closed(&mut extra).await?;
+    ensure!(got.is_empty(), "a refused socket got {} bytes", got.len());
+    // ...while the idle ones are still open (waiting out their deadline).
+    let mut probe = [0u8; 1];
+    match idle[0].try_read(&mut probe) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => anyhow::bail!("an idle socket was not kept open: {other:?}"),
+    }
+    node.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
