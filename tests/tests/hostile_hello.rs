@@ -177,6 +177,33 @@ async fn refusals_reveal_nothing_and_logs_stay_short_and_escaped() -> anyhow::Re
     Ok(())
 }
 
+/// A server's configuration file, removed when dropped.
+struct ConfigFile {
+    dir: std::path::PathBuf,
+    path: String,
+}
+
+impl ConfigFile {
+    /// Writes `toml` to a file of this test's own (`name`).
+    fn new(name: &str, toml: &str) -> anyhow::Result<ConfigFile> {
+        let dir = std::env::temp_dir().join(format!("clustercomm-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("server.toml");
+        std::fs::write(&file, toml)?;
+        let path = file
+            .to_str()
+            .context("a temporary path that is not UTF-8")?
+            .to_owned();
+        Ok(ConfigFile { dir, path })
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The server's resident memory, from `/proc`.
 fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -200,12 +227,9 @@ async fn stalled_large_hellos_hold_only_what_they_sent() -> anyhow::Result<()> {
     const CONNECTIONS: usize = 300;
     // Room for them all and the good node (the cap on unregistered
     // connections is another test's).
-    let dir = std::env::temp_dir().join(format!("clustercomm-hellos-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let file = dir.join("server.toml");
-    std::fs::write(&file, "[message_server]\nmax_unauthenticated = 512\n")?;
+    let config = ConfigFile::new("hellos", "[message_server]\nmax_unauthenticated = 512\n")?;
     let mut cmd = Command::new(message_server_bin()?);
-    cmd.args(["--listen", "127.0.0.1:0", "--config"]).arg(&file);
+    cmd.args(["--listen", "127.0.0.1:0", "--config", &config.path]);
     let server = ChildProcess::spawn(cmd, "message-server listening on").await?;
     let addr = server.ready_addr()?;
     let pid = server.child.id().context("the server has no pid")?;
@@ -240,7 +264,6 @@ async fn stalled_large_hellos_hold_only_what_they_sent() -> anyhow::Result<()> {
         ensure!(got.is_empty(), "a stalled hello got {} bytes", got.len());
     }
     node.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
@@ -472,17 +495,12 @@ async fn forged_pongs_do_not_keep_a_dead_link() -> anyhow::Result<()> {
 async fn a_node_stalled_in_a_frame_is_cut_off_while_it_heartbeats() -> anyhow::Result<()> {
     use transports::heartbeat::Beat;
     init_logging();
-    let dir = std::env::temp_dir().join(format!("clustercomm-stall-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let file = dir.join("server.toml");
-    std::fs::write(
-        &file,
+    let config = ConfigFile::new(
+        "stall",
         "[cluster]\nheartbeat_interval_ms = 100\nfailure_timeout_ms = 1000\n",
     )?;
-    let path = file
-        .to_str()
-        .context("a temporary path that is not UTF-8")?;
-    let (_server, addr) = clustercomm_tests::spawn_message_server(&["--config", path]).await?;
+    let (_server, addr) =
+        clustercomm_tests::spawn_message_server(&["--config", &config.path]).await?;
 
     let stream = TcpStream::connect(addr).await?;
     let (rd, mut wr) = stream.into_split();
@@ -532,7 +550,6 @@ async fn a_node_stalled_in_a_frame_is_cut_off_while_it_heartbeats() -> anyhow::R
     })
     .await;
     heartbeating.abort();
-    let _ = std::fs::remove_dir_all(&dir);
     cut.context("a node stalled in a frame was never cut off")?;
     // Cut off for the stall, not refused: nothing came back.
     ensure!(got.is_empty(), "the server answered {} bytes", got.len());
@@ -548,17 +565,10 @@ async fn a_node_stalled_in_a_frame_is_cut_off_while_it_heartbeats() -> anyhow::R
 async fn a_flood_of_idle_sockets_is_capped_and_refused_at_once() -> anyhow::Result<()> {
     init_logging();
     const CAP: usize = 20;
-    let dir = std::env::temp_dir().join(format!("clustercomm-cap-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let file = dir.join("server.toml");
-    std::fs::write(
-        &file,
-        format!("[message_server]\nmax_unauthenticated = {CAP}\n"),
-    )?;
-    let path = file
-        .to_str()
-        .context("a temporary path that is not UTF-8")?;
-    let (_server, addr) = clustercomm_tests::spawn_message_server(&["--config", path]).await?;
+    let toml = format!("[message_server]\nmax_unauthenticated = {CAP}\n");
+    let config = ConfigFile::new("cap", &toml)?;
+    let (_server, addr) =
+        clustercomm_tests::spawn_message_server(&["--config", &config.path]).await?;
 
     let mut idle = Vec::new();
     for _ in 0..CAP - 1 {
@@ -583,6 +593,5 @@ async fn a_flood_of_idle_sockets_is_capped_and_refused_at_once() -> anyhow::Resu
         other => anyhow::bail!("an idle socket was not kept open: {other:?}"),
     }
     node.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
