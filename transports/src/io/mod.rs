@@ -50,3 +50,13 @@ pub use writer::{
     run_writer, write_queue, WriteEnd, COALESCE_BELOW, COALESCE_CREDIT, COALESCE_PROBE_EVERY,
     VECTORED_MIN_BYTES,
 };
+
+/// A `Subscribed` frame numbered `token`, with a body of `len` bytes of
+/// that number: the frames the queue's, staging's and writer's tests push.
+#[cfg(test)]
+pub(crate) fn subscribed(token: u64, len: usize) -> crate::frame::OutFrame {
+    crate::frame::OutFrame::Parts {
+        header: crate::protocol::Header::Subscribed { token },
+        body: bytes::Bytes::from(vec![token as u8; len]),
+    }
+}

@@ -1137,30 +1137,16 @@ mod tests {
         }
     }
 
-    /// A task pushing a data frame, waiting for room.
+    /// A task pushing a frame on `lane`, waiting for room (a data frame)
+    /// or a slot (a control frame).
     fn spawn_push(
         q: &OutQueue,
+        lane: Lane,
         token: u64,
         len: usize,
     ) -> tokio::task::JoinHandle<Result<(), PushError>> {
         let q = q.clone();
-        tokio::spawn(async move {
-            q.push(numbered(token, len), Lane::Data, Wait::Forever)
-                .await
-        })
-    }
-
-    /// A task pushing a control frame, waiting for a slot.
-    fn spawn_push_control(
-        q: &OutQueue,
-        token: u64,
-        len: usize,
-    ) -> tokio::task::JoinHandle<Result<(), PushError>> {
-        let q = q.clone();
-        tokio::spawn(async move {
-            q.push(numbered(token, len), Lane::Control, Wait::Forever)
-                .await
-        })
+        tokio::spawn(async move { q.push(numbered(token, len), lane, Wait::Forever).await })
     }
 
     /// Takes what is queued, as the writer does, and gives back what the
@@ -1186,9 +1172,9 @@ mod tests {
     async fn waiting_senders_are_served_in_order_and_not_overtaken() {
         let (q, rx) = out_queue(64, 100);
         q.try_push(numbered(0, 80), Lane::Data).expect("room");
-        let first = spawn_push(&q, 1, 60);
+        let first = spawn_push(&q, Lane::Data, 1, 60);
         tokio::task::yield_now().await;
-        let second = spawn_push(&q, 2, 10);
+        let second = spawn_push(&q, Lane::Data, 2, 10);
         tokio::task::yield_now().await;
         // 10 bytes would fit, but two senders wait before this one.
         assert!(matches!(
@@ -1210,9 +1196,9 @@ mod tests {
     async fn an_abandoned_wait_lets_the_next_sender_in() {
         let (q, rx) = out_queue(64, 100);
         q.try_push(numbered(0, 100), Lane::Data).expect("room");
-        let abandoned = spawn_push(&q, 1, 100);
+        let abandoned = spawn_push(&q, Lane::Data, 1, 100);
         tokio::task::yield_now().await;
-        let next = spawn_push(&q, 2, 50);
+        let next = spawn_push(&q, Lane::Data, 2, 50);
         tokio::task::yield_now().await;
         abandoned.abort();
         assert!(abandoned.await.is_err(), "aborted");
@@ -1235,7 +1221,7 @@ mod tests {
             tokio::spawn(async move { q.push(numbered(1, 50), Lane::Data, Wait::For(wait)).await })
         };
         tokio::task::yield_now().await;
-        let next = spawn_push(&q, 2, 50);
+        let next = spawn_push(&q, Lane::Data, 2, 50);
         tokio::task::yield_now().await;
         let started = Instant::now();
         match bounded.await.expect("join") {
@@ -1279,7 +1265,7 @@ mod tests {
     async fn closing_fails_waiting_senders_and_later_pushes() {
         let (q, rx) = out_queue(8, 100);
         q.try_push(numbered(0, 100), Lane::Data).expect("room");
-        let waiting = spawn_push(&q, 1, 10);
+        let waiting = spawn_push(&q, Lane::Data, 1, 10);
         tokio::task::yield_now().await;
         q.close();
         assert!(matches!(
@@ -1316,7 +1302,7 @@ mod tests {
             q.try_push(numbered(2, 0), Lane::Control),
             Err(PushError::Full(_))
         ));
-        let control = spawn_push_control(&q, 2, 0);
+        let control = spawn_push(&q, Lane::Control, 2, 0);
         tokio::task::yield_now().await;
         assert_eq!(take_and_write(&rx).len(), 8);
         control.await.expect("join").expect("queued");
@@ -1386,7 +1372,7 @@ mod tests {
         let (q, rx) = out_queue(64, 10);
         q.try_push(numbered(0, 10), Lane::Data).expect("room");
         assert!(!q.try_push_message(&by_ref, &body), "no bytes left");
-        let waiting = spawn_push(&q, 1, 10);
+        let waiting = spawn_push(&q, Lane::Data, 1, 10);
         tokio::task::yield_now().await;
         assert_eq!(take_and_write(&rx), vec![0]);
         assert!(!q.try_push_message(&by_ref, &body), "someone waits");
@@ -1423,7 +1409,7 @@ mod tests {
         let (q, rx) = out_queue(64, 10);
         q.try_push(numbered(0, 10), Lane::Data).expect("room");
         assert!(!q.try_push_raw(&raw, None), "no bytes left");
-        let waiting = spawn_push(&q, 1, 10);
+        let waiting = spawn_push(&q, Lane::Data, 1, 10);
         tokio::task::yield_now().await;
         assert_eq!(take_and_write(&rx), vec![0]);
         assert!(!q.try_push_raw(b"x", None), "someone waits");

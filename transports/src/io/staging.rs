@@ -211,12 +211,7 @@ mod tests {
     use super::*;
     use crate::frame::{encode_header, Frame, FrameCodec};
 
-    fn subscribed(token: u64, len: usize) -> OutFrame {
-        OutFrame::Parts {
-            header: Header::Subscribed { token },
-            body: Bytes::from(vec![token as u8; len]),
-        }
-    }
+    use crate::io::subscribed;
 
     /// What staging decides for each kind of frame; a staged head is
     /// exactly the writer's encoding of the prefix and header.

@@ -316,12 +316,7 @@ mod tests {
     use crate::frame::FrameCodec;
     use crate::io::{out_queue, FrameReader, Lane, Wait};
 
-    fn subscribed(token: u64, len: usize) -> OutFrame {
-        OutFrame::Parts {
-            header: Header::Subscribed { token },
-            body: Bytes::from(vec![token as u8; len]),
-        }
-    }
+    use crate::io::subscribed;
 
     /// A prelude goes out before what was queued, in order (over several
     /// batches), its frames checked against the limit as queued ones are
