@@ -29,6 +29,12 @@ fn in_private_netns(name: &str) -> anyhow::Result<bool> {
     if std::env::var_os(INSIDE).is_some() {
         return Ok(true);
     }
+    // What the inside run needs, said in one line before it starts.
+    for (cmd, package) in [("nft", "nftables"), ("ip", "iproute2")] {
+        if Command::new(cmd).arg("--version").output().is_err() {
+            bail!("the partition tests need `{cmd}` on the PATH: install {package}");
+        }
+    }
     let exe = std::env::current_exe()?;
     let out = Command::new("unshare")
         .arg("-rn")
