@@ -123,6 +123,8 @@ pub type Transmit = (MessageHeader, Bytes);
 #[derive(Debug)]
 pub struct NodeCore<W> {
     config: CoreConfig,
+    /// Whether the allow-list holds `"*"`: decided once, not per message.
+    all_services_allowed: bool,
     incarnation: u64,
     next_seq: u64,
     tracker: DeliveryTracker<W>,
@@ -140,6 +142,7 @@ impl<W> NodeCore<W> {
     pub fn new(config: CoreConfig, members: Vec<MemberInfo>, index: usize, now: Instant) -> Self {
         let grace = config.link.failure_timeout;
         NodeCore {
+            all_services_allowed: config.lazy_services.iter().any(|s| s == "*"),
             incarnation: config.incarnation,
             next_seq: 1,
             tracker: DeliveryTracker::new(),
@@ -285,7 +288,7 @@ impl<W> NodeCore<W> {
 
     /// Whether `service` may use lazy channels.
     pub fn service_allowed(&self, service: &str) -> bool {
-        path::service_allowed(&self.config.lazy_services, service)
+        self.all_services_allowed || path::service_allowed(&self.config.lazy_services, service)
     }
 
     fn check_size(&self, body_len: u64) -> Result<(), SendError> {
