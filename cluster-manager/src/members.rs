@@ -273,6 +273,7 @@ mod tests {
             groups: vec![],
             services: vec![],
             direct_addr: None,
+            session_key: [0; 32],
         }
     }
 

@@ -72,6 +72,7 @@ impl Pair {
                 groups: vec!["g".into()],
                 services: vec!["svc".into()],
                 direct_addr: None,
+                session_key: [0; 32],
             })
             .collect();
         let nodes = infos

@@ -113,6 +113,11 @@ pub struct MessageServerConfig {
     /// most (each for at most the hello deadline); more are refused at
     /// once. Default [`DEFAULT_MAX_UNAUTHENTICATED`].
     pub max_unauthenticated: usize,
+    /// Whether a node may announce a direct-channel address on another
+    /// host than the one it connects from (behind NAT, say). Default
+    /// false: such a registration is refused, so that a member cannot
+    /// point the others' channels (and their credentials) elsewhere.
+    pub allow_foreign_direct_addr: bool,
 }
 
 impl Default for MessageServerConfig {
@@ -128,6 +133,7 @@ impl Default for MessageServerConfig {
             slow_consumer_ms: DEFAULT_SLOW_CONSUMER_MS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_unauthenticated: DEFAULT_MAX_UNAUTHENTICATED,
+            allow_foreign_direct_addr: false,
         }
     }
 }

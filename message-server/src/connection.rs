@@ -15,17 +15,19 @@ use transports::frame::{peek_cached, FrameCodec, NameCache, Peeked, RawFrame};
 use transports::handshake::{self, HandshakeError};
 use transports::io::Wakes;
 use transports::protocol::{
-    same_name, valid_name, AckRef, AcksRef, DeliveryFailure, Header, LeaveReason, MemberEvent,
-    MemberInfo, MessageKind, MessageRef, NodeId, RefusalReason, Routed, Target, TargetRef,
-    MAX_NAMES_PER_NODE,
+    same_name, valid_name, AckRef, AcksRef, DeliveryFailure, Header, Hello, LeaveReason,
+    MemberEvent, MemberInfo, MessageKind, MessageRef, NodeId, Refusal, RefusalReason, Routed,
+    Target, TargetRef, MAX_NAMES_PER_NODE,
 };
 use transports::{
     out_queue, FrameError, FrameReader, Lane, OutFrame, OutQueue, PushError, Wait, WeakOutQueue,
 };
 
 use crate::counters::Counters;
-use crate::registry::{broadcast_locked, hold, register, unregister, warming_up, Held, Refused};
-use crate::server::Shared;
+use crate::registry::{
+    broadcast_locked, hold, register, unregister, warming_up, Held, Refused, Registration,
+};
+use crate::server::{Session, Shared};
 use crate::table::Resolution;
 
 /// Why a connection ended.
@@ -73,6 +75,8 @@ pub(crate) async fn serve(
             .config
             .connect_timeout()
             .min(handshake::HELLO_DEADLINE);
+        // The whole handshake, proof included, within the hello deadline.
+        let deadline = tokio::time::Instant::now() + timeout;
         let hello = tokio::select! {
             _ = cancel.cancelled() => return,
             h = handshake::read_hello(&mut reader, &mut wr, timeout) => h,
@@ -115,14 +119,47 @@ pub(crate) async fn serve(
         }
         tracing::Span::current().record("node", tracing::field::display(&hello.node));
         let cluster = &shared.config.cluster;
-        if let Err(refusal) =
-            handshake::check_hello(&hello, &cluster.name, cluster.credentials.as_deref())
-        {
+        if let Err(refusal) = handshake::check_hello(&hello, &cluster.name) {
             tracing::warn!(reason = %refusal.reason, "refusing node");
             Counters::add(&shared.counters.connections_refused, 1);
             handshake::refuse(&mut wr, refusal.reason, refusal.detail).await;
             return;
         }
+        if let Err(refusal) = check_claims(&shared, &hello, peer) {
+            tracing::warn!(reason = %refusal.reason, detail = %refusal.detail, "refusing node");
+            Counters::add(&shared.counters.connections_refused, 1);
+            handshake::refuse(&mut wr, refusal.reason, refusal.detail).await;
+            return;
+        }
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let proven = tokio::select! {
+            _ = cancel.cancelled() => return,
+            p = handshake::challenge(&mut reader, &mut wr, &hello, shared.secret.as_ref(), None, remaining) => p,
+        };
+        let acceptor_nonce = match proven {
+            Ok(nonce) => nonce,
+            Err(e) => {
+                tracing::warn!(error = %e, "refusing node: its proof failed");
+                Counters::add(&shared.counters.connections_refused, 1);
+                return;
+            }
+        };
+        let Ok(session_secret) = transports::auth::random::<{ transports::auth::SESSION_SECRET_BYTES }>()
+        else {
+            tracing::error!("refusing node: the system random number generator failed");
+            return;
+        };
+        let session = Arc::new(Session {
+            mac: transports::auth::SessionMac::new(&session_secret),
+            heartbeat_ip: hello.heartbeat_ip.unwrap_or(peer.ip()),
+            last_nonce: std::sync::atomic::AtomicU64::new(0),
+        });
+        let masked_secret = handshake::mask_session_secret(
+            &session_secret,
+            shared.secret.as_ref(),
+            &hello.nonce,
+            &acceptor_nonce,
+        );
         let max_message = hello
             .max_message_bytes
             .min(shared.config.limits.max_message_bytes);
@@ -145,15 +182,24 @@ pub(crate) async fn serve(
             groups: hello.groups.clone(),
             services: hello.services.clone(),
             direct_addr: hello.direct_addr,
+            session_key: hello.session_key,
         };
-        let conn_id = match register(&shared, &me, &queue, codec.max_frame(), max_message) {
+        let registration = Registration {
+            me: &me,
+            queue: &queue,
+            max_frame: codec.max_frame(),
+            max_message,
+            session,
+            masked_secret,
+        };
+        let conn_id = match register(&shared, registration) {
             Ok(id) => id,
             Err(e) => {
                 tracing::warn!(error = %e, "refusing node");
                 Counters::add(&shared.counters.connections_refused, 1);
                 let reason = match e {
                     Refused::IncarnationFailed => RefusalReason::IncarnationFailed,
-                    Refused::Duplicate(_) => RefusalReason::DuplicateNode,
+                    Refused::Duplicate(_) | Refused::NotTheSession => RefusalReason::DuplicateNode,
                 };
                 handshake::refuse(&mut wr, reason, e.to_string()).await;
                 return;
@@ -205,6 +251,41 @@ pub(crate) async fn serve(
     }
     .instrument(span)
     .await
+}
+
+/// What a hello claims that this server checks before it challenges the
+/// node: a takeover of a live registration must come from the same
+/// session (its key; the proof follows), and the direct-channel address
+/// must be on the host the node connects from (unless
+/// `message_server.allow_foreign_direct_addr`).
+fn check_claims(shared: &Shared, hello: &Hello, peer: SocketAddr) -> Result<(), Refusal> {
+    let taken =
+        shared.read().table.member(&hello.node).is_some_and(|m| {
+            m.incarnation == hello.incarnation && m.session_key != hello.session_key
+        });
+    if taken {
+        return Err(Refusal {
+            reason: RefusalReason::DuplicateNode,
+            detail: "a live session holds this node id and incarnation".into(),
+        });
+    }
+    if let Some(addr) = hello.direct_addr {
+        // Every loopback address is this host, as the peer's is.
+        let same_host = addr.ip() == peer.ip()
+            || addr.ip().is_unspecified()
+            || (addr.ip().is_loopback() && peer.ip().is_loopback());
+        let foreign = !same_host;
+        if foreign && !shared.config.message_server.allow_foreign_direct_addr {
+            return Err(Refusal {
+                reason: RefusalReason::ProtocolViolation,
+                detail: format!(
+                    "the direct-channel address {addr} is not on the host this connection comes from ({}); see message_server.allow_foreign_direct_addr",
+                    peer.ip()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 struct Connection {

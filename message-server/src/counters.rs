@@ -18,6 +18,7 @@ pub struct Counters {
     pub(crate) slow_consumers: AtomicU64,
     pub(crate) failed_nodes: AtomicU64,
     pub(crate) stale_frames: AtomicU64,
+    pub(crate) heartbeats_refused: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -48,6 +49,10 @@ pub struct CountersSnapshot {
     pub failed_nodes: u64,
     /// Frames refused because they came from an earlier incarnation.
     pub stale_frames: u64,
+    /// Heartbeat datagrams ignored: malformed, from no registered node,
+    /// not signed with its session's secret, replayed, or from another
+    /// address than the node's.
+    pub heartbeats_refused: u64,
 }
 
 impl Counters {
@@ -71,6 +76,7 @@ impl Counters {
             slow_consumers: r(&self.slow_consumers),
             failed_nodes: r(&self.failed_nodes),
             stale_frames: r(&self.stale_frames),
+            heartbeats_refused: r(&self.heartbeats_refused),
         }
     }
 }

@@ -15,13 +15,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use transports::protocol::{
-    DeliveryFailure, Header, LeaveReason, MemberEvent, MemberInfo, NodeId, Routed, Welcome,
-    PROTOCOL_VERSION,
+    DeliveryFailure, Header, LeaveReason, MemberEvent, MemberInfo, NodeId, Routed, SessionSecret,
+    Welcome, PROTOCOL_VERSION,
 };
 use transports::{Lane, OutFrame, OutQueue, PushError};
 
 use crate::counters::Counters;
-use crate::server::{ConnHandle, Shared, State};
+use crate::server::{ConnHandle, Session, Shared, State};
 use crate::table::RegisterError;
 
 /// A message held for a node that has not re-registered yet.
@@ -42,21 +42,30 @@ pub(crate) struct HeldMessages {
 /// Registers the node (taking over from a previous connection of the same
 /// incarnation), queues its `Welcome` and then what was held for it, and
 /// tells everyone else. Returns the connection's id.
-pub(crate) fn register(
-    shared: &Shared,
-    me: &MemberInfo,
-    queue: &OutQueue,
-    max_frame: usize,
-    max_message: u64,
-) -> Result<u64, Refused> {
+pub(crate) fn register(shared: &Shared, registration: Registration<'_>) -> Result<u64, Refused> {
+    let Registration {
+        me,
+        queue,
+        max_frame,
+        max_message,
+        session,
+        masked_secret,
+    } = registration;
     let mut state = shared.write();
     if state.failed.contains(&(me.id.clone(), me.incarnation)) {
         return Err(Refused::IncarnationFailed);
     }
-    let takeover = state
-        .table
-        .member(&me.id)
-        .is_some_and(|m| m.incarnation == me.incarnation);
+    let takeover = match state.table.member(&me.id) {
+        Some(m) if m.incarnation == me.incarnation => {
+            // Only the session that registered it (its key, which the
+            // handshake proved) takes a live registration over.
+            if m.session_key != me.session_key {
+                return Err(Refused::NotTheSession);
+            }
+            true
+        }
+        _ => false,
+    };
     if takeover {
         // The same runtime reconnected before its old connection was seen
         // to break: the old one is closed, the node never left.
@@ -70,13 +79,14 @@ pub(crate) fn register(
         .table
         .register(me.clone())
         .map_err(Refused::Duplicate)?;
-    let welcome = Header::Welcome(Welcome {
+    let welcome = Header::Welcome(Box::new(Welcome {
         version: PROTOCOL_VERSION,
         cluster: shared.config.cluster.name.clone(),
         max_message_bytes: max_message,
         members: state.table.members(),
         heartbeat_addr: shared.heartbeat_addr,
-    });
+        session_secret: Some(masked_secret),
+    }));
     // The queue is new and empty: this cannot fail for lack of room.
     if let Err(e) = queue.try_push(OutFrame::control(welcome), Lane::Control) {
         tracing::error!(error = %e, "could not queue welcome");
@@ -93,6 +103,7 @@ pub(crate) fn register(
             queue: queue.clone(),
             max_frame,
             last_seen: Arc::new(AtomicU64::new(shared.now_ms())),
+            session,
         },
     );
     let held = state.held.by_target.remove(&me.id).unwrap_or_default();
@@ -105,6 +116,18 @@ pub(crate) fn register(
     Ok(conn_id)
 }
 
+/// What a registration needs: the member, its connection's queue and
+/// limits, and its session.
+pub(crate) struct Registration<'a> {
+    pub(crate) me: &'a MemberInfo,
+    pub(crate) queue: &'a OutQueue,
+    pub(crate) max_frame: usize,
+    pub(crate) max_message: u64,
+    pub(crate) session: Arc<Session>,
+    /// The session secret as the `Welcome` carries it.
+    pub(crate) masked_secret: SessionSecret,
+}
+
 /// Why a registration was refused.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Refused {
@@ -112,6 +135,8 @@ pub(crate) enum Refused {
     Duplicate(RegisterError),
     #[error("this incarnation was declared failed")]
     IncarnationFailed,
+    #[error("a live session holds this node id and incarnation")]
+    NotTheSession,
 }
 
 /// Incarnations declared failed that are remembered (and refused).

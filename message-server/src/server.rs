@@ -54,6 +54,21 @@ pub(crate) struct ConnHandle {
     /// When the last heartbeat (or the registration) came, in ms since the
     /// server started.
     pub(crate) last_seen: Arc<AtomicU64>,
+    /// What its heartbeats must show.
+    pub(crate) session: Arc<Session>,
+}
+
+/// A registered node's session, as its heartbeats are checked against it.
+#[derive(Debug)]
+pub(crate) struct Session {
+    /// The session secret's key: every ping carries a MAC under it.
+    pub(crate) mac: transports::auth::SessionMac,
+    /// Where its heartbeats must come from: the address it declared for
+    /// them, or its connection's.
+    pub(crate) heartbeat_ip: std::net::IpAddr,
+    /// The highest ping nonce accepted: a ping must go beyond it, so a
+    /// recorded one cannot be played again.
+    pub(crate) last_nonce: AtomicU64,
 }
 
 /// The table and the connections, under one read-mostly lock.
@@ -81,6 +96,8 @@ pub(crate) struct Shared {
     pub(crate) started: std::time::Instant,
     /// Where heartbeats are received.
     pub(crate) heartbeat_addr: Option<SocketAddr>,
+    /// `cluster.credentials`, as the handshake's key.
+    pub(crate) secret: Option<transports::auth::ClusterSecret>,
     /// Bumped whenever the state is locked for writing: a connection's
     /// cached routes are good while it stays the same.
     generation: AtomicU64,
@@ -171,7 +188,13 @@ impl MessageServer {
                 source,
             })?;
         let heartbeat_addr = heartbeat.local_addr().ok();
+        let secret = config
+            .cluster
+            .credentials
+            .as_deref()
+            .map(transports::auth::ClusterSecret::new);
         let shared = Arc::new(Shared {
+            secret,
             config,
             state: RwLock::new(State::default()),
             counters: Counters::default(),
@@ -313,23 +336,39 @@ async fn heartbeats(shared: Arc<Shared>, socket: tokio::net::UdpSocket, cancel: 
             node,
             incarnation,
             nonce,
+            mac,
         }) = Beat::decode(&buf[..n])
         else {
+            Counters::add(&shared.counters.heartbeats_refused, 1);
             continue;
         };
-        let known = {
+        let session = {
             let state = shared.read();
             match state.conns.get(&node) {
                 Some(c) if c.incarnation == incarnation => {
-                    c.last_seen.store(shared.now_ms(), Ordering::Relaxed);
-                    true
+                    Some((c.session.clone(), c.last_seen.clone()))
                 }
-                _ => false,
+                _ => None,
             }
         };
-        if known {
-            let _ = socket.send_to(&Beat::Pong { nonce }.encode(), from).await;
-        }
+        // A ping counts only from the node's address, signed with its
+        // session's secret, and with a nonce beyond the last one.
+        let accepted = session.filter(|(session, _)| {
+            from.ip() == session.heartbeat_ip
+                && session.mac.verify_ping(&node, incarnation, nonce, &mac)
+                && session.last_nonce.fetch_max(nonce, Ordering::AcqRel) < nonce
+        });
+        let Some((session, last_seen)) = accepted else {
+            Counters::add(&shared.counters.heartbeats_refused, 1);
+            tracing::trace!(%from, "heartbeat refused: unknown, unsigned, replayed or from another address");
+            continue;
+        };
+        last_seen.store(shared.now_ms(), Ordering::Relaxed);
+        let pong = Beat::Pong {
+            nonce,
+            mac: session.mac.pong_mac(nonce),
+        };
+        let _ = socket.send_to(&pong.encode(), from).await;
     }
 }
 

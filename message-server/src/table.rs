@@ -295,6 +295,7 @@ mod tests {
             groups: groups.iter().map(|s| s.to_string()).collect(),
             services: services.iter().map(|s| s.to_string()).collect(),
             direct_addr: None,
+            session_key: [0; 32],
         }
     }
 

@@ -118,6 +118,9 @@ impl NodeBuilder {
         }
         config.validate("")?;
         let incarnation = crate::runtime::fresh_incarnation();
+        let credentials = std::sync::Arc::new(crate::identity::Credentials::new(
+            config.cluster.credentials.as_deref(),
+        )?);
         let mut hello = Hello {
             version: PROTOCOL_VERSION,
             cluster: config.cluster.name.clone(),
@@ -127,8 +130,15 @@ impl NodeBuilder {
             groups: self.groups,
             services: Vec::new(),
             direct_addr: None,
-            credentials: config.cluster.credentials.clone(),
             max_message_bytes: config.limits.max_message_bytes,
+            // Each connection gets a fresh one (see `Credentials::fresh`).
+            nonce: [0; transports::protocol::NONCE_BYTES],
+            session_key: credentials.key.public(),
+            heartbeat_ip: config
+                .node
+                .heartbeat_bind
+                .map(|a| a.ip())
+                .filter(|ip| !ip.is_unspecified()),
         };
 
         // The direct-channel listener, announced at registration: the
@@ -170,7 +180,7 @@ impl NodeBuilder {
                     address: heartbeat_at,
                     source,
                 })?;
-        let (link, welcome) = supervisor::connect_first(&config, &hello).await?;
+        let (link, welcome) = supervisor::connect_first(&config, &credentials, &hello).await?;
         let max_message = welcome
             .max_message_bytes
             .min(config.limits.max_message_bytes);
@@ -186,6 +196,7 @@ impl NodeBuilder {
             queue,
             members: welcome.members,
             server_index: link.index,
+            credentials,
         });
         let span = tracing::info_span!("node", id = %self.id, incarnation);
         tracing::info!(parent: &span, %address, "node connected to the message server");

@@ -18,7 +18,7 @@ use tracing::Instrument;
 use transports::frame::FrameCodec;
 use transports::frame::{peek_cached, BodyArena, NameCache, Peeked};
 use transports::handshake::{self, HandshakeError};
-use transports::protocol::{Header, NodeId, RefusalReason, Welcome, PROTOCOL_VERSION};
+use transports::protocol::{Header, NodeId, PublicKey, RefusalReason, Welcome, PROTOCOL_VERSION};
 use transports::{out_queue, FrameReader, Lane, OutFrame};
 
 use crate::channels::DirectConn;
@@ -63,12 +63,18 @@ pub(crate) async fn get_or_open(
         ChannelKind::Lazy => (&rt.counters.lazy_opened, &rt.counters.lazy_failed),
         ChannelKind::Session => (&rt.counters.session_opened, &rt.counters.session_failed),
     };
-    let addr = rt.core.lock().members().direct_addr(peer);
-    let Some(addr) = addr else {
+    let found = {
+        let core = rt.core.lock();
+        let members = core.members();
+        members
+            .direct_addr(peer)
+            .zip(members.get(peer.as_str()).map(|m| m.session_key))
+    };
+    let Some((addr, key)) = found else {
         Counters::add(failed, 1);
         return Err(ChannelError::NoAddress { peer: peer.clone() });
     };
-    match open(rt, peer, addr, kind).await {
+    match open(rt, peer, addr, &key, kind).await {
         Ok(conn) => {
             Counters::add(opened, 1);
             tracing::info!(%peer, %addr, kind = kind.name(), "channel started");
@@ -99,11 +105,18 @@ impl Drop for OpenerDone<'_> {
 /// Whether `node`'s `incarnation` is a member now, or becomes one within
 /// the hello deadline (its join may reach this node after the channel it
 /// opens).
-async fn is_member_soon(rt: &Runtime, node: &NodeId, incarnation: u64) -> bool {
+async fn is_member_soon(rt: &Runtime, node: &NodeId, incarnation: u64) -> Option<PublicKey> {
     let mut events = rt.members.subscribe();
-    let live = || rt.core.lock().members().is_live(node, incarnation);
-    if live() {
-        return true;
+    let live = || {
+        let core = rt.core.lock();
+        let members = core.members();
+        if !members.is_live(node, incarnation) {
+            return None;
+        }
+        members.get(node.as_str()).map(|m| m.session_key)
+    };
+    if let Some(key) = live() {
+        return Some(key);
     }
     let wait = rt.config.connect_timeout().min(handshake::HELLO_DEADLINE);
     let joined = tokio::time::timeout(wait, async {
@@ -111,7 +124,7 @@ async fn is_member_soon(rt: &Runtime, node: &NodeId, incarnation: u64) -> bool {
             match events.recv().await {
                 Err(crate::membership::EventsError::Closed) => return,
                 // A change, or changes missed: look again.
-                _ if live() => return,
+                _ if live().is_some() => return,
                 _ => {}
             }
         }
@@ -147,14 +160,18 @@ pub(crate) enum OpenError {
     Connect(#[from] std::io::Error),
     #[error(transparent)]
     Handshake(#[from] HandshakeError),
+    #[error(transparent)]
+    Identity(#[from] transports::auth::AuthError),
 }
 
 async fn open(
     rt: &Runtime,
     peer: &NodeId,
     addr: SocketAddr,
+    key: &PublicKey,
     kind: ChannelKind,
 ) -> Result<Arc<DirectConn>, OpenError> {
+    let hello = rt.credentials.fresh(&rt.server.hello())?;
     let config = &rt.config;
     let stream = transports::tcp::connect(
         &addr.to_string(),
@@ -165,10 +182,12 @@ async fn open(
     let (rd, mut wr) = stream.into_split();
     let mut reader =
         FrameReader::with_read_chunk(rd, FrameCodec::default(), config.node.read_chunk_bytes);
+    // The peer must sign with the session key the membership names.
     let welcome = handshake::connect_handshake(
         &mut reader,
         &mut wr,
-        &rt.server.hello(),
+        &hello,
+        rt.credentials.opener(Some(key)),
         config.connect_timeout(),
     )
     .await?;
@@ -365,11 +384,12 @@ async fn serve_inbound(rt: Runtime, stream: TcpStream) {
     let (rd, mut wr) = stream.into_split();
     let mut reader =
         FrameReader::with_read_chunk(rd, FrameCodec::default(), config.node.read_chunk_bytes);
+    let deadline =
+        tokio::time::Instant::now() + config.connect_timeout().min(handshake::HELLO_DEADLINE);
     let hello = match handshake::accept_hello(
         &mut reader,
         &mut wr,
         &config.cluster.name,
-        config.cluster.credentials.as_deref(),
         config.connect_timeout().min(handshake::HELLO_DEADLINE),
     )
     .await
@@ -395,7 +415,7 @@ async fn serve_inbound(rt: Runtime, stream: TcpStream) {
     // here (no duplicate window, no inbox delivery). A member that joined
     // a moment ago may be known here a moment later: its join is waited
     // for, within the hello deadline.
-    if !is_member_soon(&rt, &hello.node, hello.incarnation).await {
+    let Some(key) = is_member_soon(&rt, &hello.node, hello.incarnation).await else {
         tracing::warn!(
             incarnation = hello.incarnation,
             "refused a direct channel: not a member"
@@ -403,15 +423,41 @@ async fn serve_inbound(rt: Runtime, stream: TcpStream) {
         let detail = "not a current member of the cluster".to_owned();
         handshake::refuse(&mut wr, RefusalReason::ProtocolViolation, detail).await;
         return;
+    };
+    // It must be that member's session (its key, proven next by its
+    // signature), not another holder of the cluster secret.
+    if key != hello.session_key {
+        tracing::warn!(
+            incarnation = hello.incarnation,
+            "refused a direct channel: not the member's session key"
+        );
+        let detail = "wrong or no credentials".to_owned();
+        handshake::refuse(&mut wr, RefusalReason::BadCredentials, detail).await;
+        return;
+    }
+    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if let Err(e) = handshake::challenge(
+        &mut reader,
+        &mut wr,
+        &hello,
+        rt.credentials.secret.as_ref(),
+        Some(&rt.credentials.key),
+        remaining,
+    )
+    .await
+    {
+        tracing::warn!(error = %e, "refused a direct channel");
+        return;
     }
     let max_message = hello.max_message_bytes.min(config.limits.max_message_bytes);
-    let welcome = Header::Welcome(Welcome {
+    let welcome = Header::Welcome(Box::new(Welcome {
         version: PROTOCOL_VERSION,
         cluster: config.cluster.name.clone(),
         max_message_bytes: config.limits.max_message_bytes,
         members: Vec::new(),
         heartbeat_addr: None,
-    });
+        session_secret: None,
+    }));
     if let Err(e) = handshake::write_frame(&mut wr, OutFrame::control(welcome)).await {
         tracing::debug!(error = %e, "could not answer a direct channel");
         return;

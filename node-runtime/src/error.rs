@@ -59,6 +59,9 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    /// The system could not make this node's session key.
+    #[error("cannot make this node's session key")]
+    Identity(#[from] transports::auth::AuthError),
     /// The service already has an inbox on this node.
     #[error("service {0:?} is already subscribed on this node")]
     AlreadySubscribed(String),

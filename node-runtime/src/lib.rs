@@ -47,6 +47,8 @@
 //! - [`membership`]: the stream of membership events.
 //! - [`counters`]: what went over which path.
 //! - [`error`]: start-up and operation errors.
+//! - `identity`: the session key and cluster secret this node proves
+//!   itself with.
 
 pub mod builder;
 mod channels;
@@ -55,6 +57,7 @@ mod core;
 pub mod counters;
 mod direct;
 pub mod error;
+mod identity;
 pub mod inbox;
 pub mod membership;
 pub mod node;

@@ -35,9 +35,10 @@ use transports::{Lane, OutFrame, OutQueue, Wait};
 use crate::channels::DirectPool;
 use crate::core::{complete, CoreCell, Waiter};
 use crate::counters::Counters;
+use crate::identity::Credentials;
 use crate::membership::MemberView;
 use crate::reply::{enqueue, Replier};
-use crate::server::ServerLink;
+use crate::server::{Heartbeat, ServerLink};
 use crate::services::Services;
 
 /// Messages the core gives to send again, as frames.
@@ -60,6 +61,7 @@ pub(crate) struct Parts {
     pub(crate) queue: OutQueue,
     pub(crate) members: Vec<MemberInfo>,
     pub(crate) server_index: usize,
+    pub(crate) credentials: Arc<Credentials>,
 }
 
 /// A running node's parts, shared by its tasks and handles. Cheap to
@@ -87,6 +89,8 @@ pub(crate) struct Runtime {
     /// When the node started: the time given to the core where it does not
     /// need the clock.
     pub(crate) started: std::time::Instant,
+    /// The session key and cluster secret every connection proves.
+    pub(crate) credentials: Arc<Credentials>,
 }
 
 impl Runtime {
@@ -150,12 +154,13 @@ impl Runtime {
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
             started: std::time::Instant::now(),
+            credentials: parts.credentials,
         }
     }
 
     /// A new link is up: heartbeats go to its server; a server that takes
     /// none is not watched for silence.
-    pub(crate) fn link_started(&self, heartbeat: Option<std::net::SocketAddr>) {
+    pub(crate) fn link_started(&self, heartbeat: Option<Heartbeat>) {
         if heartbeat.is_none() {
             self.core.lock().handle_no_heartbeats();
         }

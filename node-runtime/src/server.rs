@@ -14,6 +14,14 @@ use transports::OutQueue;
 /// The members a target resolves to, or why not.
 pub(crate) type ResolveResult = Result<Vec<(NodeId, u64)>, DeliveryFailure>;
 
+/// Where the current message server takes heartbeats, and the session
+/// secret they are signed with.
+#[derive(Debug, Clone)]
+pub(crate) struct Heartbeat {
+    pub(crate) addr: std::net::SocketAddr,
+    pub(crate) mac: transports::auth::SessionMac,
+}
+
 /// The node's link to the message server, as the senders see it.
 #[derive(Debug)]
 pub(crate) struct ServerLink {
@@ -28,7 +36,7 @@ pub(crate) struct ServerLink {
     /// What this node says when it opens a connection.
     pub(crate) hello: Mutex<Hello>,
     /// Where the message server takes heartbeats, for the current link.
-    pub(crate) heartbeat: Mutex<Option<std::net::SocketAddr>>,
+    pub(crate) heartbeat: Mutex<Option<Heartbeat>>,
     pub(crate) tokens: AtomicU64,
     /// Subscriptions waiting for the server's confirmation.
     pub(crate) subscriptions: Mutex<HashMap<u64, oneshot::Sender<()>>>,

@@ -24,16 +24,18 @@ use transports::protocol::{Hello, RefusalReason, Welcome};
 use transports::{write_queue, FrameReader, OutFrame, OutReceiver, WriteEnd};
 
 use crate::connection::{read_frames, LinkEnd, LinkLost};
+use crate::identity::Credentials;
 use crate::membership::MembershipEvent;
 use crate::runtime::{resend_frames, Runtime};
+use crate::server::Heartbeat;
 use crate::NodeError;
 
 /// A connected, registered link to one message server.
 #[derive(Debug)]
 pub(crate) struct Link {
     pub(crate) address: String,
-    /// Where the server takes heartbeats.
-    pub(crate) heartbeat: Option<std::net::SocketAddr>,
+    /// Where the server takes heartbeats, with this session's secret.
+    pub(crate) heartbeat: Option<Heartbeat>,
     pub(crate) index: usize,
     pub(crate) reader: FrameReader<OwnedReadHalf>,
     pub(crate) writer: OwnedWriteHalf,
@@ -47,14 +49,18 @@ pub(crate) enum AttemptError {
     Connect(#[from] std::io::Error),
     #[error(transparent)]
     Handshake(#[from] HandshakeError),
+    #[error(transparent)]
+    Identity(#[from] transports::auth::AuthError),
 }
 
 /// Connects to `message_server.addresses[index]` and registers.
 pub(crate) async fn connect(
     config: &Config,
+    credentials: &Credentials,
     hello: &Hello,
     index: usize,
 ) -> Result<(Link, Welcome), AttemptError> {
+    let hello = credentials.fresh(hello)?;
     let address = config
         .message_server
         .addresses
@@ -70,20 +76,33 @@ pub(crate) async fn connect(
         FrameCodec::new(HANDSHAKE_MAX_FRAME_BYTES),
         config.node.read_chunk_bytes,
     );
-    let welcome =
-        handshake::connect_handshake(&mut reader, &mut wr, hello, config.connect_timeout()).await?;
+    let welcome = handshake::connect_handshake(
+        &mut reader,
+        &mut wr,
+        &hello,
+        credentials.opener(None),
+        config.connect_timeout(),
+    )
+    .await?;
     let max_message = welcome
         .max_message_bytes
         .min(config.limits.max_message_bytes);
     let codec = FrameCodec::for_messages(max_message);
     // Message bodies are copied out as they are delivered.
     *reader.codec_mut() = codec.in_place();
-    let heartbeat = welcome.heartbeat_addr.map(|mut hb| {
-        if hb.ip().is_unspecified() {
-            hb.set_ip(peer.ip());
+    // Heartbeats need the session secret they are signed with.
+    let heartbeat = match (welcome.heartbeat_addr, welcome.session_secret) {
+        (Some(mut addr), Some(secret)) => {
+            if addr.ip().is_unspecified() {
+                addr.set_ip(peer.ip());
+            }
+            Some(Heartbeat {
+                addr,
+                mac: transports::auth::SessionMac::new(&secret),
+            })
         }
-        hb
-    });
+        _ => None,
+    };
     Ok((
         Link {
             heartbeat,
@@ -105,13 +124,15 @@ pub(crate) async fn connect(
 /// if the last one that answered refused.
 pub(crate) async fn connect_first(
     config: &Config,
+    credentials: &Credentials,
     hello: &Hello,
 ) -> Result<(Link, Welcome), NodeError> {
     let mut last_io = None;
     let mut last_refusal = None;
     for index in 0..config.message_server.addresses.len() {
-        match connect(config, hello, index).await {
+        match connect(config, credentials, hello, index).await {
             Ok(ok) => return Ok(ok),
+            Err(AttemptError::Identity(e)) => return Err(NodeError::Identity(e)),
             Err(AttemptError::Connect(e)) => last_io = Some(e),
             Err(AttemptError::Handshake(e)) => {
                 last_refusal = Some((config.message_server.addresses[index].clone(), e))
@@ -131,7 +152,7 @@ pub(crate) async fn connect_first(
 pub(crate) async fn supervise(rt: Runtime, mut rx: OutReceiver, mut link: Link) {
     let mut prelude = Vec::new();
     loop {
-        rt.link_started(link.heartbeat);
+        rt.link_started(link.heartbeat.clone());
         let end = run_link(&rt, &mut rx, &mut link, std::mem::take(&mut prelude)).await;
         match end {
             LinkEnd::Shutdown => return,
@@ -259,7 +280,7 @@ async fn reconnect(rt: &Runtime) -> Option<(Link, Welcome)> {
         for index in order {
             let attempt = tokio::select! {
                 _ = rt.cancel.cancelled() => return None,
-                a = connect(&rt.config, &hello, index) => a,
+                a = connect(&rt.config, &rt.credentials, &hello, index) => a,
             };
             match attempt {
                 Ok(ok) => return Some(ok),
@@ -295,13 +316,15 @@ pub(crate) async fn heartbeats(rt: Runtime, socket: tokio::net::UdpSocket) {
     let mut tick = tokio::time::interval(Duration::from_millis(cluster.heartbeat_interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = [0u8; transports::heartbeat::MAX_DATAGRAM_BYTES + 1];
-    // Nonces grow from a start nobody can guess, so that a forged pong
-    // cannot answer a ping it never saw.
+    // Nonces grow (the server refuses one that does not) from a start
+    // nobody can guess, so that a forged pong cannot answer a ping it
+    // never saw; from the lower half, so that they never wrap.
     let mut nonce = {
         use std::hash::{BuildHasher, Hasher};
         std::collections::hash_map::RandomState::new()
             .build_hasher()
             .finish()
+            >> 1
     };
     loop {
         tokio::select! {
@@ -310,29 +333,43 @@ pub(crate) async fn heartbeats(rt: Runtime, socket: tokio::net::UdpSocket) {
                 if !rt.core.lock().link().is_up() {
                     continue;
                 }
-                let target = *rt.server.heartbeat.lock().unwrap_or_else(|p| p.into_inner());
+                let target = rt.server.heartbeat.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let Some(target) = target else { continue };
-                nonce = nonce.wrapping_add(1);
+                nonce += 1;
                 rt.core.lock().handle_ping(nonce);
+                let incarnation = rt.incarnation();
                 let ping = transports::heartbeat::Beat::Ping {
                     node: rt.id.clone(),
-                    incarnation: rt.incarnation(),
+                    incarnation,
                     nonce,
+                    mac: target.mac.ping_mac(&rt.id, incarnation, nonce),
                 };
-                if let Err(e) = socket.send_to(&ping.encode(), target).await {
+                if let Err(e) = socket.send_to(&ping.encode(), target.addr).await {
                     tracing::debug!(error = %e, "heartbeat not sent");
                 }
             }
             r = socket.recv_from(&mut buf) => {
                 let Ok((n, from)) = r else { continue };
-                // Only a pong to one of our latest pings counts. (Its source
-                // address is not checked: a server bound to every interface
-                // answers from whichever one the kernel picks.)
-                let Some(transports::heartbeat::Beat::Pong { nonce: answered }) =
+                // Only a pong to one of our latest pings, signed with this
+                // session's secret, counts. (Its source address is not
+                // checked: a server bound to every interface answers from
+                // whichever one the kernel picks.)
+                let Some(transports::heartbeat::Beat::Pong { nonce: answered, mac }) =
                     transports::heartbeat::Beat::decode(&buf[..n])
                 else {
                     continue;
                 };
+                let signed = rt
+                    .server
+                    .heartbeat
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .is_some_and(|hb| hb.mac.verify_pong(answered, &mac));
+                if !signed {
+                    tracing::debug!(%from, "a pong not signed with this session's secret: ignored");
+                    continue;
+                }
                 if !rt.core.lock().handle_pong(Instant::now(), answered) {
                     tracing::debug!(%from, "a pong to no recent ping: ignored");
                 }

@@ -2,9 +2,10 @@
 //! message server, child processes (the `message-server` binary and the
 //! `test-node` helper) that print a readiness line and are killed and reaped
 //! when dropped, short timings for fast tests, and the [`fault`] ledger
-//! that accounts for every message.
+//! that accounts for every message, and [`raw`] nodes spoken by hand.
 
 pub mod fault;
+pub mod raw;
 
 use std::future::Future;
 use std::net::SocketAddr;

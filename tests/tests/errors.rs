@@ -505,10 +505,25 @@ async fn handshake_refusals_name_the_cause_on_both_ends() -> anyhow::Result<()> 
             .message_server(guarded.addr)
             .start()
             .await;
+        // Each end proves the secret to the other: the node finds first
+        // that the server's proof is not under its secret, and says so.
+        assert!(
+            matches!(&refused, Err(NodeError::Handshake { source: HandshakeError::Unauthenticated(why), .. }) if why.contains("cluster.credentials")),
+            "{refused:?}"
+        );
+        // A node without the secret is refused by the server.
+        let mut none = secret.clone();
+        none.cluster.credentials = None;
+        let refused = Node::builder("d")
+            .config(none)
+            .message_server(guarded.addr)
+            .start()
+            .await;
         assert!(
             matches!(&refused, Err(NodeError::Handshake { source: HandshakeError::Refused { refusal }, .. }) if refusal.reason == RefusalReason::BadCredentials),
             "{refused:?}"
         );
+        assert_eq!(guarded.handle.counters().connections_refused, 2);
         Node::builder("d")
             .config(secret)
             .message_server(guarded.addr)

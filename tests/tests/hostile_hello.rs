@@ -8,6 +8,7 @@
 
 use anyhow::{ensure, Context};
 use bytes::BytesMut;
+use clustercomm_tests::raw::{self, RawNode};
 use clustercomm_tests::{bounded, init_logging, message_server_bin, ChildProcess};
 use std::process::Stdio;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -30,8 +31,10 @@ fn hello(node: &str, cluster: &str) -> Hello {
         groups: vec![],
         services: vec![],
         direct_addr: None,
-        credentials: None,
         max_message_bytes: 1 << 20,
+        nonce: [0; 16],
+        session_key: [0; 32],
+        heartbeat_ip: None,
     }
 }
 
@@ -41,7 +44,7 @@ async fn say(server: std::net::SocketAddr, hello: Hello) -> anyhow::Result<Bytes
     let mut buf = BytesMut::new();
     tokio_util::codec::Encoder::encode(
         &mut FrameCodec::new(4 << 20),
-        OutFrame::control(Header::Hello(hello)),
+        OutFrame::control(Header::Hello(Box::new(hello))),
         &mut buf,
     )?;
     let mut stream = TcpStream::connect(server).await?;
@@ -289,7 +292,7 @@ async fn a_non_member_cannot_open_a_direct_channel() -> anyhow::Result<()> {
     let ghost = hello("ghost", &config.cluster.name);
     tokio_util::codec::Encoder::encode(
         &mut codec,
-        OutFrame::control(Header::Hello(ghost)),
+        OutFrame::control(Header::Hello(Box::new(ghost))),
         &mut bytes,
     )?;
     let message = OutFrame::Parts {
@@ -338,13 +341,15 @@ async fn a_non_member_cannot_open_a_direct_channel() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A forged message far ahead of a member's real sequence numbers (a
-/// member's id and incarnation are no secret) moves the receiver's
-/// duplicate window past them. The member's genuine messages are then
-/// older than the window: they must not be acknowledged as accepted and
-/// dropped (a silent loss), but refused, so that the sender learns.
+/// Someone who knows a member's id, incarnation and public session key
+/// (every member is told them) speaks as that member on another node's
+/// direct port, to slip in a message far ahead of the member's real
+/// sequence numbers (which would move the receiver's duplicate window past
+/// them). It is refused before anything is delivered: with a key of its
+/// own at once, with the member's key at its proof, which it cannot sign.
+/// The member's genuine messages keep arriving.
 #[tokio::test]
-async fn a_forged_far_ahead_number_cannot_make_a_silent_loss() -> anyhow::Result<()> {
+async fn a_member_cannot_be_impersonated_on_a_direct_port() -> anyhow::Result<()> {
     init_logging();
     let (_server, addr) = clustercomm_tests::spawn_message_server(&[]).await?;
     let config = clustercomm_tests::test_config();
@@ -367,69 +372,89 @@ async fn a_forged_far_ahead_number_cannot_make_a_silent_loss() -> anyhow::Result
     .await?;
     let first = bounded(async { inbox.recv().await.context("inbox closed") }).await?;
     ensure!(first.body() == "genuine 1");
+    let a_key = b
+        .members()
+        .into_iter()
+        .find(|m| m.id == "a")
+        .context("b does not know a")?
+        .session_key;
+    let direct = b.direct_addr().context("no direct address")?;
 
-    // The forger speaks as `a` on `b`'s direct port, far ahead.
-    let mut bytes = BytesMut::new();
-    let mut codec = FrameCodec::new(1 << 20);
-    let mut as_a = hello("a", &config.cluster.name);
-    as_a.incarnation = a.incarnation();
-    tokio_util::codec::Encoder::encode(
-        &mut codec,
-        OutFrame::control(Header::Hello(as_a)),
-        &mut bytes,
-    )?;
-    let forged = OutFrame::Parts {
-        header: Header::Message(transports::protocol::MessageHeader {
-            sender: NodeId::new("a"),
-            incarnation: a.incarnation(),
-            seq: 1 << 20,
-            target: transports::protocol::Target::Node(NodeId::new("b")),
-            service: "svc".into(),
-            kind: transports::protocol::MessageKind::Send,
-        }),
-        body: bytes::Bytes::from_static(b"forged"),
-    };
-    tokio_util::codec::Encoder::encode(&mut codec, forged, &mut bytes)?;
-    let mut stream = TcpStream::connect(b.direct_addr().context("no direct address")?).await?;
-    stream.write_all(&bytes).await?;
-    let forged_in = bounded(async { inbox.recv().await.context("inbox closed") }).await?;
-    ensure!(forged_in.body() == "forged");
-    drop(stream);
+    for (case, key) in [("its own key", [9u8; 32]), ("a's key, unsigned", a_key)] {
+        let mut as_a = hello("a", &config.cluster.name);
+        as_a.incarnation = a.incarnation();
+        as_a.session_key = key;
+        let forged = OutFrame::Parts {
+            header: Header::Message(transports::protocol::MessageHeader {
+                sender: NodeId::new("a"),
+                incarnation: a.incarnation(),
+                seq: 1 << 20,
+                target: transports::protocol::Target::Node(NodeId::new("b")),
+                service: "svc".into(),
+                kind: transports::protocol::MessageKind::Send,
+            }),
+            body: bytes::Bytes::from_static(b"forged"),
+        };
+        let proof = OutFrame::control(Header::Proof(transports::protocol::Proof {
+            secret_proof: None,
+            signature: vec![0; 64],
+        }));
+        let mut codec = FrameCodec::new(1 << 20);
+        let mut bytes = BytesMut::new();
+        for frame in [
+            OutFrame::control(Header::Hello(Box::new(as_a))),
+            proof,
+            forged,
+        ] {
+            tokio_util::codec::Encoder::encode(&mut codec, frame, &mut bytes)?;
+        }
+        let mut stream = TcpStream::connect(direct).await?;
+        stream.write_all(&bytes).await?;
+        let mut got = read_until_closed(&mut stream).await?;
+        let mut frames = Vec::new();
+        while let Some(frame) = tokio_util::codec::Decoder::decode(&mut codec, &mut got)? {
+            frames.push(frame.into_parts().0);
+        }
+        ensure!(
+            matches!(frames.last(), Some(Header::Refused(r)) if r.reason == RefusalReason::BadCredentials),
+            "{case}: expected a refusal for bad credentials last, got {frames:?}"
+        );
+        ensure!(
+            !frames
+                .iter()
+                .any(|f| matches!(f, Header::Welcome(_) | Header::Ack(_) | Header::Acks(_))),
+            "{case}: welcomed or acknowledged: {frames:?}"
+        );
+    }
 
-    // `a`'s next genuine message: delivered, or refused; never accepted
-    // and lost.
-    let outcome = a
-        .send(
+    // `a`'s next genuine messages are delivered, in order, and nothing
+    // forged ever was.
+    for i in 2..=3 {
+        a.send(
             node_runtime::Target::Node(NodeId::new("b")),
             "svc",
-            "genuine 2",
+            format!("genuine {i}"),
         )
-        .await;
-    match outcome {
-        Ok(report) => {
-            let got = bounded(async { inbox.recv().await.context("inbox closed") }).await?;
-            ensure!(
-                got.body() == "genuine 2",
-                "accepted ({report:?}) but {:?} came",
-                got.body()
-            );
-        }
-        Err(node_runtime::SendError::Rejected { reason, .. }) => {
-            ensure!(reason.contains("duplicate window"), "{reason}");
-            ensure!(inbox.try_recv().is_none(), "refused, yet delivered");
-        }
-        Err(e) => anyhow::bail!("unexpected outcome: {e}"),
+        .await?;
+        let got = bounded(async { inbox.recv().await.context("inbox closed") }).await?;
+        ensure!(
+            got.body() == format!("genuine {i}").as_str(),
+            "{:?}",
+            got.body()
+        );
     }
+    ensure!(inbox.try_recv().is_none(), "something more was delivered");
     a.shutdown().await;
     b.shutdown().await;
     Ok(())
 }
 
-/// Pongs that answer no ping of the node's (forged, or replayed) do not
-/// keep a link alive: with only such pongs, the node gives the server up
-/// at the failure timeout and reconnects. A stand-in message server
-/// (welcomes the node, then answers its heartbeats with wrong nonces)
-/// shows it.
+/// Pongs that answer no ping of the node's (forged, or replayed), or are
+/// not signed with the session's secret, do not keep a link alive: with
+/// only such pongs, the node gives the server up at the failure timeout
+/// and reconnects. A stand-in message server (welcomes the node, then
+/// answers each heartbeat with a pong to another nonce and a pong to the
+/// right one under another secret) shows it.
 #[tokio::test]
 async fn forged_pongs_do_not_keep_a_dead_link() -> anyhow::Result<()> {
     use transports::heartbeat::Beat;
@@ -443,6 +468,7 @@ async fn forged_pongs_do_not_keep_a_dead_link() -> anyhow::Result<()> {
         max_message_bytes: 1 << 20,
         members: vec![],
         heartbeat_addr: Some(beats.local_addr()?),
+        session_secret: Some([5; 32]),
     };
     let server_addr = listener.local_addr()?;
     let stand_in = tokio::spawn(async move {
@@ -450,20 +476,33 @@ async fn forged_pongs_do_not_keep_a_dead_link() -> anyhow::Result<()> {
         let (rd, mut wr) = stream.into_split();
         let mut reader = transports::FrameReader::new(rd, FrameCodec::handshake());
         let timeout = std::time::Duration::from_secs(5);
-        transports::handshake::read_hello(&mut reader, &mut wr, timeout).await?;
-        let answer = OutFrame::control(Header::Welcome(welcome));
+        let hello = transports::handshake::read_hello(&mut reader, &mut wr, timeout).await?;
+        transports::handshake::challenge(&mut reader, &mut wr, &hello, None, None, timeout).await?;
+        let answer = OutFrame::control(Header::Welcome(Box::new(welcome)));
         transports::handshake::write_frame(&mut wr, answer).await?;
         // The link stays open (`reader`, `wr` live on); every ping gets a
         // pong to a ping never sent.
         let answering = async {
             let mut buf = [0u8; 600];
+            let session = transports::auth::SessionMac::new(&[5; 32]);
+            let other = transports::auth::SessionMac::new(&[6; 32]);
             loop {
                 let (n, from) = beats.recv_from(&mut buf).await?;
                 if let Some(Beat::Ping { nonce, .. }) = Beat::decode(&buf[..n]) {
-                    let forged = Beat::Pong {
-                        nonce: nonce.wrapping_add(1_000),
-                    };
-                    beats.send_to(&forged.encode(), from).await?;
+                    let never_sent = nonce.wrapping_add(1_000);
+                    let forged = [
+                        Beat::Pong {
+                            nonce: never_sent,
+                            mac: session.pong_mac(never_sent),
+                        },
+                        Beat::Pong {
+                            nonce,
+                            mac: other.pong_mac(nonce),
+                        },
+                    ];
+                    for pong in forged {
+                        beats.send_to(&pong.encode(), from).await?;
+                    }
                 }
             }
             #[allow(unreachable_code)]
@@ -502,32 +541,28 @@ async fn a_node_stalled_in_a_frame_is_cut_off_while_it_heartbeats() -> anyhow::R
     let (_server, addr) =
         clustercomm_tests::spawn_message_server(&["--config", &config.path]).await?;
 
-    let stream = TcpStream::connect(addr).await?;
-    let (rd, mut wr) = stream.into_split();
-    let mut reader = transports::FrameReader::new(rd, FrameCodec::handshake());
-    let mut me = hello("staller", cluster_config::DEFAULT_CLUSTER_NAME);
+    let key = transports::auth::SessionKey::generate()?;
+    let mut me = raw::hello("staller", cluster_config::DEFAULT_CLUSTER_NAME, &key);
     me.max_message_bytes = 64 << 20;
-    let welcome = transports::handshake::connect_handshake(
-        &mut reader,
-        &mut wr,
-        &me,
-        std::time::Duration::from_secs(5),
-    )
-    .await?;
-    let mut beat_to = welcome.heartbeat_addr.context("no heartbeat address")?;
-    if beat_to.ip().is_unspecified() {
-        beat_to.set_ip(addr.ip());
-    }
+    let RawNode {
+        reader,
+        writer: mut wr,
+        beat_to,
+        session,
+        ..
+    } = RawNode::register(addr, me, key, None).await?;
     // Heartbeats, all along.
     let beats = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
     let heartbeating = tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
-        for nonce in 0u64.. {
+        let node = NodeId::new("staller");
+        for nonce in 1u64.. {
             tick.tick().await;
             let ping = Beat::Ping {
-                node: NodeId::new("staller"),
+                node: node.clone(),
                 incarnation: 1,
                 nonce,
+                mac: session.ping_mac(&node, 1, nonce),
             };
             let _ = beats.send_to(&ping.encode(), beat_to).await;
         }

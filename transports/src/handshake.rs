@@ -1,8 +1,17 @@
-//! The handshake that opens every connection: the connecting end sends
-//! [`Hello`], the accepting end answers [`Welcome`] or [`Refused`] and
-//! closes. A version or cluster-name mismatch is a clear error on both ends:
-//! the acceptor logs and refuses, the connector gets
-//! [`HandshakeError::Refused`] with the reason.
+//! The handshake that opens every connection, in two round trips:
+//!
+//! 1. the opener sends [`Hello`] (with its nonce and session key);
+//! 2. the acceptor checks it and answers [`Challenge`] (its nonce, and its
+//!    proofs: the cluster secret's MAC, a node's signature);
+//! 3. the opener checks those and answers [`Proof`] (its MAC and its
+//!    signature);
+//! 4. the acceptor checks the proof and answers [`Welcome`].
+//!
+//! Any step can instead be answered with [`Refused`] and a closed
+//! connection. A version or cluster-name mismatch or a failed proof is a
+//! clear error on both ends: the acceptor logs and refuses, the connector
+//! gets [`HandshakeError::Refused`] with the reason. See [`crate::auth`]
+//! for what each proof shows.
 //!
 //! [`Refused`]: crate::protocol::Header::Refused
 
@@ -10,9 +19,13 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+use crate::auth::{self, ClusterSecret, SessionKey};
 use crate::frame::{FrameCodec, FrameError, OutFrame, HANDSHAKE_MAX_FRAME_BYTES};
 use crate::io::FrameReader;
-use crate::protocol::{Header, Hello, Refusal, RefusalReason, Welcome, PROTOCOL_VERSION};
+use crate::protocol::{
+    Challenge, Header, Hello, Nonce, Proof, PublicKey, Refusal, RefusalReason, SessionSecret,
+    Welcome, PROTOCOL_VERSION,
+};
 use tokio_util::codec::Encoder;
 
 /// Why a handshake failed.
@@ -36,6 +49,10 @@ pub enum HandshakeError {
         /// What came.
         got: &'static str,
     },
+    /// The peer did not prove what it must (the cluster secret, or the
+    /// session key of the member it was meant to be).
+    #[error("the peer failed authentication: {0}")]
+    Unauthenticated(&'static str),
     /// The peer closed the connection during the handshake.
     #[error("the peer closed the connection during the handshake")]
     Closed,
@@ -87,18 +104,56 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// The connecting side: sends `hello`, waits for the answer.
+/// What a handshake proves over: the opener's hello as encoded, and the
+/// acceptor's nonce, length-prefixed and labelled with who proves.
+fn transcript<'a>(label: &'a [u8], hello: &'a [u8], acceptor_nonce: &'a Nonce) -> [&'a [u8]; 4] {
+    [b"clustercomm handshake", label, hello, acceptor_nonce]
+}
+
+fn transcript_bytes(parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(parts.iter().map(|p| p.len() + 8).sum());
+    for part in parts {
+        out.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+fn encoded(hello: &Hello) -> Vec<u8> {
+    postcard::to_allocvec(hello).unwrap_or_default()
+}
+
+/// What the opening end proves itself with, and whom it means to reach.
+#[derive(Debug, Clone, Copy)]
+pub struct Opener<'a> {
+    /// This incarnation's session key; the hello names its public half.
+    pub key: &'a SessionKey,
+    /// The cluster secret, when the cluster has one.
+    pub secret: Option<&'a ClusterSecret>,
+    /// A member's session key when opening a direct channel to it: the
+    /// acceptor must sign with it. `None` for the message server.
+    pub expect: Option<&'a PublicKey>,
+}
+
+/// The connecting side: sends `hello`, answers the acceptor's challenge,
+/// and waits for the welcome.
+///
+/// The acceptor must prove the cluster secret when `opener` has one, and
+/// sign with the expected session key when one is given. A session secret
+/// in the welcome comes back unmasked.
 ///
 /// The reader keeps any bytes that arrived after the answer.
 ///
 /// # Errors
 ///
-/// [`HandshakeError`]; in particular `Refused` with the peer's reason, and
-/// `Mismatch` if the peer's `Welcome` is of another version or cluster.
+/// [`HandshakeError`]; in particular `Refused` with the peer's reason,
+/// `Unauthenticated` if the acceptor does not prove what it must, and
+/// `Mismatch` if its `Welcome` is of another version or cluster.
 pub async fn connect_handshake<R, W>(
     reader: &mut FrameReader<R>,
     writer: &mut W,
     hello: &Hello,
+    opener: Opener<'_>,
     timeout: Duration,
 ) -> Result<Welcome, HandshakeError>
 where
@@ -106,36 +161,192 @@ where
     W: AsyncWrite + Unpin,
 {
     let exchange = async {
-        write_frame(writer, OutFrame::control(Header::Hello(hello.clone()))).await?;
-        match reader.next().await? {
-            None => Err(HandshakeError::Closed),
-            Some(frame) => match frame.into_parts().0 {
-                Header::Welcome(welcome) => {
-                    if welcome.version != hello.version {
-                        return Err(HandshakeError::Mismatch(RefusalReason::VersionMismatch {
-                            ours: hello.version,
-                            theirs: welcome.version,
-                        }));
-                    }
-                    if welcome.cluster != hello.cluster {
-                        return Err(HandshakeError::Mismatch(RefusalReason::ClusterMismatch {
-                            ours: hello.cluster.clone(),
-                            theirs: welcome.cluster,
-                        }));
-                    }
-                    Ok(welcome)
-                }
-                Header::Refused(refusal) => Err(HandshakeError::Refused { refusal }),
-                other => Err(HandshakeError::Unexpected {
-                    expected: "welcome",
+        write_frame(
+            writer,
+            OutFrame::control(Header::Hello(Box::new(hello.clone()))),
+        )
+        .await?;
+        let challenge = match next_header(reader).await? {
+            Header::Challenge(c) => c,
+            Header::Refused(refusal) => return Err(HandshakeError::Refused { refusal }),
+            other => {
+                return Err(HandshakeError::Unexpected {
+                    expected: "challenge",
                     got: other.kind(),
-                }),
-            },
+                })
+            }
+        };
+        let hello_bytes = encoded(hello);
+        let theirs = transcript(b"acceptor", &hello_bytes, &challenge.nonce);
+        if let Some(secret) = opener.secret {
+            let proven = challenge
+                .secret_proof
+                .is_some_and(|mac| secret.verify(&theirs, &mac));
+            if !proven {
+                let why = "the acceptor did not prove the cluster secret (do both ends have the same cluster.credentials?)";
+                refuse(
+                    writer,
+                    RefusalReason::BadCredentials,
+                    "wrong or no credentials".into(),
+                )
+                .await;
+                return Err(HandshakeError::Unauthenticated(why));
+            }
+        }
+        if let Some(expected) = opener.expect {
+            let signed = challenge.signature.as_deref().is_some_and(|sig| {
+                auth::verify_signature(expected, &transcript_bytes(&theirs), sig)
+            });
+            if !signed {
+                refuse(
+                    writer,
+                    RefusalReason::BadCredentials,
+                    "wrong or no credentials".into(),
+                )
+                .await;
+                return Err(HandshakeError::Unauthenticated(
+                    "the acceptor is not the member it was meant to be: its session key did not sign",
+                ));
+            }
+        }
+        let ours = transcript(b"opener", &hello_bytes, &challenge.nonce);
+        let proof = Proof {
+            secret_proof: opener.secret.map(|s| s.mac(&ours)),
+            signature: opener.key.sign(&transcript_bytes(&ours)).to_vec(),
+        };
+        write_frame(writer, OutFrame::control(Header::Proof(proof))).await?;
+        match next_header(reader).await? {
+            Header::Welcome(welcome) => {
+                let mut welcome = *welcome;
+                if welcome.version != hello.version {
+                    return Err(HandshakeError::Mismatch(RefusalReason::VersionMismatch {
+                        ours: hello.version,
+                        theirs: welcome.version,
+                    }));
+                }
+                if welcome.cluster != hello.cluster {
+                    return Err(HandshakeError::Mismatch(RefusalReason::ClusterMismatch {
+                        ours: hello.cluster.clone(),
+                        theirs: welcome.cluster,
+                    }));
+                }
+                if let (Some(secret), Some(masked)) = (opener.secret, welcome.session_secret) {
+                    welcome.session_secret = Some(auth::xor(
+                        &masked,
+                        &secret.session_mask(&hello.nonce, &challenge.nonce),
+                    ));
+                }
+                Ok(welcome)
+            }
+            Header::Refused(refusal) => Err(HandshakeError::Refused { refusal }),
+            other => Err(HandshakeError::Unexpected {
+                expected: "welcome",
+                got: other.kind(),
+            }),
         }
     };
     match tokio::time::timeout(timeout, exchange).await {
         Ok(result) => result,
         Err(_) => Err(HandshakeError::Timeout(timeout)),
+    }
+}
+
+async fn next_header<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+) -> Result<Header, HandshakeError> {
+    match reader.next().await? {
+        None => Err(HandshakeError::Closed),
+        Some(frame) => Ok(frame.into_parts().0),
+    }
+}
+
+/// The accepting side, second half (after the caller's own checks of the
+/// hello): challenges the opener and checks its proof. The opener must
+/// prove the cluster secret when `secret` is given, and always sign with
+/// the session key its hello names. A node passes its own `key` to sign
+/// in return; the message server has none.
+///
+/// Returns the acceptor's nonce (for [`mask_session_secret`]).
+///
+/// # Errors
+///
+/// [`HandshakeError::Mismatch`] with `BadCredentials` (and the opener is
+/// told so, and nothing more) when the proof fails; otherwise as
+/// [`read_hello`].
+pub async fn challenge<R, W>(
+    reader: &mut FrameReader<R>,
+    writer: &mut W,
+    hello: &Hello,
+    secret: Option<&ClusterSecret>,
+    key: Option<&SessionKey>,
+    timeout: Duration,
+) -> Result<Nonce, HandshakeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let nonce: Nonce = auth::random()
+        .map_err(|e| HandshakeError::Frame(FrameError::Io(std::io::Error::other(e.to_string()))))?;
+    let hello_bytes = encoded(hello);
+    let ours = transcript(b"acceptor", &hello_bytes, &nonce);
+    let challenge = Challenge {
+        nonce,
+        secret_proof: secret.map(|s| s.mac(&ours)),
+        signature: key.map(|k| k.sign(&transcript_bytes(&ours)).to_vec()),
+    };
+    let exchange = async {
+        write_frame(writer, OutFrame::control(Header::Challenge(challenge))).await?;
+        match next_header(reader).await? {
+            Header::Proof(proof) => Ok(proof),
+            // The opener did not believe our proofs.
+            Header::Refused(refusal) => Err(HandshakeError::Refused { refusal }),
+            other => Err(HandshakeError::Unexpected {
+                expected: "proof",
+                got: other.kind(),
+            }),
+        }
+    };
+    let proof = match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(proof)) => proof,
+        Ok(Err(e)) => {
+            if let HandshakeError::Unexpected { got, .. } = &e {
+                let detail = format!("expected a proof frame, got {got}");
+                refuse(writer, RefusalReason::ProtocolViolation, detail).await;
+            }
+            return Err(e);
+        }
+        Err(_) => return Err(HandshakeError::Timeout(timeout)),
+    };
+    let theirs = transcript(b"opener", &hello_bytes, &nonce);
+    let secret_ok = secret.is_none_or(|s| {
+        proof
+            .secret_proof
+            .is_some_and(|mac| s.verify(&theirs, &mac))
+    });
+    let signed = auth::verify_signature(
+        &hello.session_key,
+        &transcript_bytes(&theirs),
+        &proof.signature,
+    );
+    if !(secret_ok && signed) {
+        let reason = RefusalReason::BadCredentials;
+        refuse(writer, reason.clone(), "wrong or no credentials".into()).await;
+        return Err(HandshakeError::Mismatch(reason));
+    }
+    Ok(nonce)
+}
+
+/// The session secret as the message server puts it in a `Welcome`:
+/// masked under the cluster secret when there is one.
+pub fn mask_session_secret(
+    session: &SessionSecret,
+    secret: Option<&ClusterSecret>,
+    opener_nonce: &Nonce,
+    acceptor_nonce: &Nonce,
+) -> SessionSecret {
+    match secret {
+        Some(s) => auth::xor(session, &s.session_mask(opener_nonce, acceptor_nonce)),
+        None => *session,
     }
 }
 
@@ -163,7 +374,7 @@ where
     match first {
         None => Err(HandshakeError::Closed),
         Some(frame) => match frame.into_parts().0 {
-            Header::Hello(hello) => Ok(hello),
+            Header::Hello(hello) => Ok(*hello),
             other => {
                 let got = other.kind();
                 refuse(
@@ -181,7 +392,8 @@ where
     }
 }
 
-/// Checks a peer's [`Hello`] against our cluster name and credentials.
+/// Checks a peer's [`Hello`] against our version and cluster name (its
+/// credentials are checked by [`challenge`]).
 ///
 /// A refusal reveals nothing of this end (not its cluster name) and echoes
 /// nothing long of the peer's: its cluster name comes back cut to
@@ -190,7 +402,7 @@ where
 /// # Errors
 ///
 /// The [`Refusal`] to send back.
-pub fn check_hello(hello: &Hello, cluster: &str, credentials: Option<&str>) -> Result<(), Refusal> {
+pub fn check_hello(hello: &Hello, cluster: &str) -> Result<(), Refusal> {
     if hello.version != PROTOCOL_VERSION {
         return Err(Refusal {
             reason: RefusalReason::VersionMismatch {
@@ -218,20 +430,12 @@ pub fn check_hello(hello: &Hello, cluster: &str, credentials: Option<&str>) -> R
             detail: "the hello names another cluster".into(),
         });
     }
-    if let Some(expected) = credentials {
-        if hello.credentials.as_deref() != Some(expected) {
-            return Err(Refusal {
-                reason: RefusalReason::BadCredentials,
-                detail: "wrong or no credentials".into(),
-            });
-        }
-    }
     Ok(())
 }
 
-/// The accepting side of a peer connection: reads the [`Hello`], checks it
-/// against our cluster and credentials, and refuses a mismatch (telling the
-/// peer why).
+/// The accepting side of a peer connection, first half: reads the
+/// [`Hello`], checks it against our version and cluster, and refuses a
+/// mismatch (telling the peer why). [`challenge`] comes next.
 ///
 /// # Errors
 ///
@@ -241,7 +445,6 @@ pub async fn accept_hello<R, W>(
     reader: &mut FrameReader<R>,
     writer: &mut W,
     cluster: &str,
-    credentials: Option<&str>,
     timeout: Duration,
 ) -> Result<Hello, HandshakeError>
 where
@@ -249,7 +452,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let hello = read_hello(reader, writer, timeout).await?;
-    if let Err(refusal) = check_hello(&hello, cluster, credentials) {
+    if let Err(refusal) = check_hello(&hello, cluster) {
         refuse(writer, refusal.reason.clone(), refusal.detail).await;
         return Err(HandshakeError::Mismatch(refusal.reason));
     }
@@ -269,7 +472,7 @@ mod tests {
     use super::*;
     use crate::protocol::{NodeId, Role};
 
-    fn hello(node: &str, cluster: &str, credentials: Option<&str>) -> Hello {
+    fn hello(node: &str, cluster: &str) -> Hello {
         Hello {
             version: PROTOCOL_VERSION,
             cluster: cluster.into(),
@@ -279,8 +482,10 @@ mod tests {
             groups: vec![],
             services: vec![],
             direct_addr: None,
-            credentials: credentials.map(Into::into),
             max_message_bytes: 1,
+            nonce: [3; 16],
+            session_key: [0; 32],
+            heartbeat_ip: None,
         }
     }
 
@@ -310,17 +515,12 @@ mod tests {
     fn refusals_reveal_nothing_and_echo_nothing_long() {
         let ours = "the-real-cluster";
         let long = "c".repeat(10_000);
-        let cases: Vec<(&str, Hello, Option<&str>)> = vec![
-            ("another cluster", hello("n", "other", None), None),
-            ("a long cluster name", hello("n", &long, None), None),
-            (
-                "bad credentials",
-                hello(&"n".repeat(200), ours, Some("guess")),
-                Some("s3cret"),
-            ),
+        let cases: Vec<(&str, Hello)> = vec![
+            ("another cluster", hello("n", "other")),
+            ("a long cluster name", hello(&"n".repeat(200), &long)),
         ];
-        for (name, hello, credentials) in cases {
-            let refusal = check_hello(&hello, ours, credentials).expect_err(name);
+        for (name, hello) in cases {
+            let refusal = check_hello(&hello, ours).expect_err(name);
             let said = format!("{:?} {}", refusal.reason, refusal.detail);
             assert!(!said.contains(ours), "{name}: {said}");
             assert!(!said.contains("s3cret"), "{name}: {said}");
@@ -330,6 +530,179 @@ mod tests {
                 "{name}: the node id echoed"
             );
         }
-        assert!(check_hello(&hello("n", ours, Some("s3cret")), ours, Some("s3cret")).is_ok());
+        assert!(check_hello(&hello("n", ours), ours).is_ok());
+    }
+
+    /// How one end of a handshake test is set up.
+    struct Side {
+        secret: Option<&'static str>,
+    }
+
+    struct Case {
+        name: &'static str,
+        opener: Side,
+        acceptor: Side,
+        /// The opener's hello names another key than it signs with.
+        foreign_key: bool,
+        /// The opener expects the acceptor to sign with another key.
+        wrong_acceptor: bool,
+        /// What the opener gets: `Ok`, or the start of its error.
+        opener_gets: Result<(), &'static str>,
+    }
+
+    async fn run(
+        case: &Case,
+    ) -> (
+        Result<Welcome, HandshakeError>,
+        Result<Nonce, HandshakeError>,
+    ) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (ard, mut awr) = tokio::io::split(a);
+        let (brd, mut bwr) = tokio::io::split(b);
+        let opener_key = SessionKey::generate().expect("key");
+        let signer = SessionKey::generate().expect("key");
+        let acceptor_key = SessionKey::generate().expect("key");
+        let stranger = SessionKey::generate().expect("key");
+        let mut h = hello("n", "c");
+        h.session_key = if case.foreign_key {
+            signer.public()
+        } else {
+            opener_key.public()
+        };
+        let opener_secret = case.opener.secret.map(ClusterSecret::new);
+        let acceptor_secret = case.acceptor.secret.map(ClusterSecret::new);
+        let expect = if case.wrong_acceptor {
+            stranger.public()
+        } else {
+            acceptor_key.public()
+        };
+        let t = Duration::from_secs(5);
+        let opener = async {
+            let mut reader = FrameReader::new(ard, FrameCodec::default());
+            let opener = Opener {
+                key: &opener_key,
+                secret: opener_secret.as_ref(),
+                expect: Some(&expect),
+            };
+            let r = connect_handshake(&mut reader, &mut awr, &h, opener, t).await;
+            drop(awr);
+            r
+        };
+        let acceptor = async {
+            let mut reader = FrameReader::new(brd, FrameCodec::default());
+            let hello = accept_hello(&mut reader, &mut bwr, "c", t).await?;
+            let nonce = challenge(
+                &mut reader,
+                &mut bwr,
+                &hello,
+                acceptor_secret.as_ref(),
+                Some(&acceptor_key),
+                t,
+            )
+            .await?;
+            let session = [9u8; 32];
+            let welcome = Welcome {
+                version: PROTOCOL_VERSION,
+                cluster: "c".into(),
+                max_message_bytes: 1,
+                members: vec![],
+                heartbeat_addr: None,
+                session_secret: Some(mask_session_secret(
+                    &session,
+                    acceptor_secret.as_ref(),
+                    &hello.nonce,
+                    &nonce,
+                )),
+            };
+            write_frame(
+                &mut bwr,
+                OutFrame::control(Header::Welcome(Box::new(welcome))),
+            )
+            .await?;
+            drop(bwr);
+            Ok(nonce)
+        };
+        tokio::join!(opener, acceptor)
+    }
+
+    #[tokio::test]
+    async fn each_end_proves_what_the_other_requires() {
+        let s = |secret| Side { secret };
+        let cases = [
+            Case {
+                name: "same secret",
+                opener: s(Some("s3cret")),
+                acceptor: s(Some("s3cret")),
+                foreign_key: false,
+                wrong_acceptor: false,
+                opener_gets: Ok(()),
+            },
+            Case {
+                name: "no secret on either end",
+                opener: s(None),
+                acceptor: s(None),
+                foreign_key: false,
+                wrong_acceptor: false,
+                opener_gets: Ok(()),
+            },
+            Case {
+                name: "opener without the secret",
+                opener: s(None),
+                acceptor: s(Some("s3cret")),
+                foreign_key: false,
+                wrong_acceptor: false,
+                opener_gets: Err("the peer refused the connection: bad credentials"),
+            },
+            Case {
+                name: "opener with another secret",
+                opener: s(Some("guess")),
+                acceptor: s(Some("s3cret")),
+                foreign_key: false,
+                wrong_acceptor: false,
+                opener_gets: Err("the peer failed authentication"),
+            },
+            Case {
+                name: "acceptor without the secret",
+                opener: s(Some("s3cret")),
+                acceptor: s(None),
+                foreign_key: false,
+                wrong_acceptor: false,
+                opener_gets: Err("the peer failed authentication"),
+            },
+            Case {
+                name: "a hello naming a key the opener does not hold",
+                opener: s(Some("s3cret")),
+                acceptor: s(Some("s3cret")),
+                foreign_key: true,
+                wrong_acceptor: false,
+                opener_gets: Err("the peer refused the connection: bad credentials"),
+            },
+            Case {
+                name: "an acceptor that is not the member meant",
+                opener: s(None),
+                acceptor: s(None),
+                foreign_key: false,
+                wrong_acceptor: true,
+                opener_gets: Err("the peer failed authentication: the acceptor is not"),
+            },
+        ];
+        for case in &cases {
+            let (opened, accepted) = run(case).await;
+            match (&case.opener_gets, &opened) {
+                (Ok(()), Ok(welcome)) => {
+                    assert_eq!(welcome.session_secret, Some([9; 32]), "{}", case.name);
+                    assert!(accepted.is_ok(), "{}: {accepted:?}", case.name);
+                }
+                (Err(start), Err(e)) => {
+                    assert!(
+                        e.to_string().starts_with(start),
+                        "{}: got {e}, wanted {start}",
+                        case.name
+                    );
+                    assert!(accepted.is_err(), "{}: the acceptor accepted", case.name);
+                }
+                (wanted, got) => panic!("{}: wanted {wanted:?}, got {got:?}", case.name),
+            }
+        }
     }
 }

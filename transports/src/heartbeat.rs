@@ -6,10 +6,16 @@
 //! [`Beat::Pong`]. A node the server does not hear from for
 //! `cluster.failure_timeout_ms` is declared failed; a node that hears no
 //! answer for as long considers its link dead and reconnects.
+//!
+//! Both carry a MAC under the session secret the server issued at
+//! registration (see `transports::auth::SessionMac`): a ping's nonce must
+//! also grow and its source address match the node's, so that neither a
+//! spoofed nor a replayed ping keeps a dead node registered, and a pong
+//! proves it comes from the server that registered the node.
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::NodeId;
+use crate::protocol::{BeatMac, NodeId};
 
 /// Largest heartbeat datagram accepted; larger ones are ignored unread.
 pub const MAX_DATAGRAM_BYTES: usize = 512;
@@ -23,13 +29,17 @@ pub enum Beat {
         node: NodeId,
         /// Its incarnation.
         incarnation: u64,
-        /// Echoed in the answer.
+        /// Echoed in the answer; grows from one ping to the next.
         nonce: u64,
+        /// The MAC under the session secret.
+        mac: BeatMac,
     },
     /// The message server heard a ping.
     Pong {
         /// The ping's nonce.
         nonce: u64,
+        /// The MAC under the session secret.
+        mac: BeatMac,
     },
 }
 
@@ -59,11 +69,21 @@ mod tests {
             node: NodeId::new("a"),
             incarnation: 7,
             nonce: 9,
+            mac: [1; 16],
         };
         assert_eq!(Beat::decode(&ping.encode()), Some(ping));
         assert_eq!(
-            Beat::decode(&Beat::Pong { nonce: 3 }.encode()),
-            Some(Beat::Pong { nonce: 3 })
+            Beat::decode(
+                &Beat::Pong {
+                    nonce: 3,
+                    mac: [2; 16]
+                }
+                .encode()
+            ),
+            Some(Beat::Pong {
+                nonce: 3,
+                mac: [2; 16]
+            })
         );
         assert_eq!(Beat::decode(&[0xff; 40]), None);
         assert_eq!(Beat::decode(&[0u8; 600]), None);

@@ -12,9 +12,12 @@
 //! - [`frame`]: the codec (length prefix, postcard header, raw body).
 //! - [`io`]: the frame reader and the outgoing queue with its writer task.
 //! - [`handshake`]: opening a connection, refusing a bad one.
+//! - [`auth`]: the cluster secret's MACs and the session keys.
 //! - [`tcp`]: listening and connecting with socket options applied.
 //! - [`heartbeat`]: the UDP heartbeat datagrams.
 
+#[cfg(feature = "io")]
+pub mod auth;
 pub mod frame;
 #[cfg(feature = "io")]
 pub mod handshake;

@@ -7,7 +7,7 @@
 //! protocol version can still read which version it is talking to.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -15,7 +15,29 @@ use smol_str::SmolStr;
 
 /// The protocol version this build speaks. Peers with another version are
 /// refused at the handshake with [`RefusalReason::VersionMismatch`].
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
+
+/// Bytes of a handshake nonce.
+pub const NONCE_BYTES: usize = 16;
+/// Bytes of a MAC in a handshake (HMAC-SHA256).
+pub const MAC_BYTES: usize = 32;
+/// Bytes of a session key's public half (Ed25519).
+pub const PUBLIC_KEY_BYTES: usize = 32;
+/// Bytes of a per-session secret.
+pub const SESSION_SECRET_BYTES: usize = 32;
+/// Bytes of a heartbeat's MAC (a truncated HMAC-SHA256).
+pub const BEAT_MAC_BYTES: usize = 16;
+
+/// A handshake nonce: fresh random bytes per connection and end.
+pub type Nonce = [u8; NONCE_BYTES];
+/// A MAC in a handshake.
+pub type Mac = [u8; MAC_BYTES];
+/// A session key's public half: who an incarnation of a node is.
+pub type PublicKey = [u8; PUBLIC_KEY_BYTES];
+/// A per-session secret, issued by the message server.
+pub type SessionSecret = [u8; SESSION_SECRET_BYTES];
+/// A heartbeat's MAC.
+pub type BeatMac = [u8; BEAT_MAC_BYTES];
 
 /// Longest node id, group or service name, in bytes. Keeps every header
 /// small; longer names are refused where they enter (builder, subscribe,
@@ -155,10 +177,43 @@ pub struct Hello {
     pub services: Vec<String>,
     /// Where the node accepts direct (lazy and session) channels.
     pub direct_addr: Option<SocketAddr>,
-    /// Shared cluster secret, if the cluster is configured with one.
-    pub credentials: Option<String>,
     /// Largest body the node is willing to send or receive.
     pub max_message_bytes: u64,
+    /// The opener's fresh nonce, which the acceptor's proofs answer.
+    pub nonce: Nonce,
+    /// The public half of this incarnation's session key: the opener signs
+    /// the handshake with the private half (see [`Proof`]).
+    pub session_key: PublicKey,
+    /// The address the node's heartbeats come from, when it binds them to
+    /// one (`node.heartbeat_bind`); otherwise they must come from this
+    /// connection's address.
+    pub heartbeat_ip: Option<IpAddr>,
+}
+
+/// The acceptor's answer to a [`Hello`] it does not refuse: its own nonce
+/// and proofs. The opener answers with a [`Proof`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Challenge {
+    /// The acceptor's fresh nonce.
+    pub nonce: Nonce,
+    /// With a cluster secret: the acceptor's MAC under it over the hello
+    /// and both nonces.
+    pub secret_proof: Option<Mac>,
+    /// A node accepting a direct channel: its signature of the handshake
+    /// with its session key, so that the opener knows whom it reached.
+    /// The message server has none.
+    pub signature: Option<Vec<u8>>,
+}
+
+/// The opener's answer to a [`Challenge`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proof {
+    /// With a cluster secret: the opener's MAC under it over the hello and
+    /// both nonces.
+    pub secret_proof: Option<Mac>,
+    /// The opener's signature of the handshake with the session key its
+    /// hello names.
+    pub signature: Vec<u8>,
 }
 
 /// The message server's answer to an accepted [`Hello`].
@@ -175,6 +230,10 @@ pub struct Welcome {
     /// Where to send heartbeats (UDP); an unspecified IP means the address
     /// this connection reached.
     pub heartbeat_addr: Option<SocketAddr>,
+    /// From the message server: this session's secret, which heartbeats
+    /// are signed with. With a cluster secret it travels masked (see
+    /// `transports::auth`); the handshake unmasks it.
+    pub session_secret: Option<SessionSecret>,
 }
 
 /// Why a handshake was refused.
@@ -546,6 +605,9 @@ pub struct MemberInfo {
     pub services: Vec<String>,
     /// Where it accepts direct channels.
     pub direct_addr: Option<SocketAddr>,
+    /// The public half of its session key: a direct channel to or from
+    /// this incarnation is signed with it.
+    pub session_key: PublicKey,
 }
 
 /// Why a member left.
@@ -585,10 +647,12 @@ pub enum MemberEvent {
 /// at the end.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Header {
-    /// Opens a connection; must stay the first variant.
-    Hello(Hello),
+    /// Opens a connection; must stay the first variant. (Boxed, as the
+    /// welcome: the handshake's frames are rare, and every other header
+    /// stays small.)
+    Hello(Box<Hello>),
     /// Accepts a connection.
-    Welcome(Welcome),
+    Welcome(Box<Welcome>),
     /// Refuses a connection; the refusing end closes it afterwards.
     Refused(Refusal),
     /// A message; the body follows.
@@ -648,6 +712,10 @@ pub enum Header {
     /// Several acknowledgements in one frame (must stay at index
     /// [`ACKS_TAG`]).
     Acks(Acks),
+    /// The acceptor's answer to a hello (see [`Challenge`]).
+    Challenge(Challenge),
+    /// The opener's answer to a challenge (see [`Proof`]).
+    Proof(Proof),
 }
 
 impl Header {
@@ -670,6 +738,8 @@ impl Header {
             Header::Pong { .. } => "pong",
             Header::Resolved { .. } => "resolved",
             Header::Acks(_) => "acks",
+            Header::Challenge(_) => "challenge",
+            Header::Proof(_) => "proof",
         }
     }
 }

@@ -26,8 +26,9 @@ use transports::frame::{
 };
 use transports::io::FrameReader;
 use transports::protocol::{
-    Ack, AckStatus, Acks, DeliveryFailure, Header, Hello, LeaveReason, MemberEvent, MemberInfo,
-    MessageHeader, MessageKind, NodeId, Refusal, RefusalReason, Role, Routed, Target, Welcome,
+    Ack, AckStatus, Acks, Challenge, DeliveryFailure, Header, Hello, LeaveReason, MemberEvent,
+    MemberInfo, MessageHeader, MessageKind, NodeId, Proof, Refusal, RefusalReason, Role, Routed,
+    Target, Welcome,
 };
 
 /// Upper bound on any await in the async tests.
@@ -74,8 +75,10 @@ fn hello() -> impl Strategy<Value = Hello> {
         names(),
         names(),
         proptest::option::of(socket_addr()),
-        proptest::option::of(text()),
         any::<u64>(),
+        any::<[u8; 16]>(),
+        any::<[u8; 32]>(),
+        proptest::option::of(socket_addr().prop_map(|a| a.ip())),
     )
         .prop_map(
             |(
@@ -87,8 +90,10 @@ fn hello() -> impl Strategy<Value = Hello> {
                 groups,
                 services,
                 direct_addr,
-                credentials,
                 max_message_bytes,
+                nonce,
+                session_key,
+                heartbeat_ip,
             )| Hello {
                 version,
                 cluster,
@@ -98,8 +103,10 @@ fn hello() -> impl Strategy<Value = Hello> {
                 groups,
                 services,
                 direct_addr,
-                credentials,
                 max_message_bytes,
+                nonce,
+                session_key,
+                heartbeat_ip,
             },
         )
 }
@@ -112,15 +119,17 @@ fn member_info() -> impl Strategy<Value = MemberInfo> {
         names(),
         names(),
         proptest::option::of(socket_addr()),
+        any::<[u8; 32]>(),
     )
         .prop_map(
-            |(id, incarnation, role, groups, services, direct_addr)| MemberInfo {
+            |(id, incarnation, role, groups, services, direct_addr, session_key)| MemberInfo {
                 id,
                 incarnation,
                 role,
                 groups,
                 services,
                 direct_addr,
+                session_key,
             },
         )
 }
@@ -132,14 +141,18 @@ fn welcome() -> impl Strategy<Value = Welcome> {
         any::<u64>(),
         vec(member_info(), 0..4),
         proptest::option::of(socket_addr()),
+        proptest::option::of(any::<[u8; 32]>()),
     )
         .prop_map(
-            |(version, cluster, max_message_bytes, members, heartbeat_addr)| Welcome {
-                version,
-                cluster,
-                max_message_bytes,
-                members,
-                heartbeat_addr,
+            |(version, cluster, max_message_bytes, members, heartbeat_addr, session_secret)| {
+                Welcome {
+                    version,
+                    cluster,
+                    max_message_bytes,
+                    members,
+                    heartbeat_addr,
+                    session_secret,
+                }
             },
         )
 }
@@ -278,8 +291,8 @@ fn member_event() -> impl Strategy<Value = MemberEvent> {
 /// Any header, every variant equally likely.
 fn header() -> impl Strategy<Value = Header> {
     prop_oneof![
-        hello().prop_map(Header::Hello),
-        welcome().prop_map(Header::Welcome),
+        hello().prop_map(|h| Header::Hello(Box::new(h))),
+        welcome().prop_map(|w| Header::Welcome(Box::new(w))),
         refusal().prop_map(Header::Refused),
         message_header().prop_map(Header::Message),
         routed().prop_map(Header::Routed),
@@ -320,6 +333,26 @@ fn header() -> impl Strategy<Value = Header> {
                     seqs,
                 })
             }),
+        (
+            any::<[u8; 16]>(),
+            proptest::option::of(any::<[u8; 32]>()),
+            proptest::option::of(vec(any::<u8>(), 0..80)),
+        )
+            .prop_map(|(nonce, secret_proof, signature)| {
+                Header::Challenge(Challenge {
+                    nonce,
+                    secret_proof,
+                    signature,
+                })
+            }),
+        (
+            proptest::option::of(any::<[u8; 32]>()),
+            vec(any::<u8>(), 0..80)
+        )
+            .prop_map(|(secret_proof, signature)| Header::Proof(Proof {
+                secret_proof,
+                signature
+            })),
     ]
 }
 
