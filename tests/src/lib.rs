@@ -337,3 +337,35 @@ fn status_field(text: &str, field: &str) -> anyhow::Result<u64> {
         .context("malformed status line")?
         .parse()?)
 }
+
+/// A server's configuration file, removed when dropped.
+pub struct ConfigFile {
+    dir: std::path::PathBuf,
+    /// The file's path.
+    pub path: String,
+}
+
+impl ConfigFile {
+    /// Writes `toml` to a file of this test's own (`name`).
+    ///
+    /// # Errors
+    ///
+    /// If the file cannot be written.
+    pub fn new(name: &str, toml: &str) -> anyhow::Result<ConfigFile> {
+        let dir = std::env::temp_dir().join(format!("clustercomm-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("server.toml");
+        std::fs::write(&file, toml)?;
+        let path = file
+            .to_str()
+            .context("a temporary path that is not UTF-8")?
+            .to_owned();
+        Ok(ConfigFile { dir, path })
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -9,7 +9,7 @@
 use anyhow::{ensure, Context};
 use bytes::BytesMut;
 use clustercomm_tests::raw::{self, RawNode};
-use clustercomm_tests::{bounded, init_logging, message_server_bin, ChildProcess};
+use clustercomm_tests::{bounded, init_logging, message_server_bin, ChildProcess, ConfigFile};
 use std::process::Stdio;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -178,33 +178,6 @@ async fn refusals_reveal_nothing_and_logs_stay_short_and_escaped() -> anyhow::Re
         "a server without credentials did not warn of it:\n{logged}"
     );
     Ok(())
-}
-
-/// A server's configuration file, removed when dropped.
-struct ConfigFile {
-    dir: std::path::PathBuf,
-    path: String,
-}
-
-impl ConfigFile {
-    /// Writes `toml` to a file of this test's own (`name`).
-    fn new(name: &str, toml: &str) -> anyhow::Result<ConfigFile> {
-        let dir = std::env::temp_dir().join(format!("clustercomm-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let file = dir.join("server.toml");
-        std::fs::write(&file, toml)?;
-        let path = file
-            .to_str()
-            .context("a temporary path that is not UTF-8")?
-            .to_owned();
-        Ok(ConfigFile { dir, path })
-    }
-}
-
-impl Drop for ConfigFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// The server's resident memory, from `/proc`.

@@ -1,0 +1,235 @@
+//! Attacks on live sessions against the real `message-server` binary: an
+//! attacker who holds the cluster secret and knows what every member is
+//! told (a node's id, incarnation and public session key) cannot take a
+//! live node's registration over, and spoofed or replayed heartbeats keep
+//! no dead node registered. The good nodes keep exchanging messages
+//! throughout.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use clustercomm_tests::raw::{self, refused_for, RawNode};
+use clustercomm_tests::{bounded, init_logging, ConfigFile};
+use node_runtime::{Config, LeaveReason, MembershipEvent, Node, NodeId, Target};
+use transports::auth::SessionKey;
+use transports::heartbeat::Beat;
+use transports::protocol::RefusalReason;
+
+const SECRET: &str = "s3cret-only-members-know";
+
+/// A server with the cluster secret and quick failure detection, and the
+/// configuration its nodes use.
+async fn guarded_server(
+    name: &str,
+) -> anyhow::Result<(
+    clustercomm_tests::ChildProcess,
+    std::net::SocketAddr,
+    Config,
+    ConfigFile,
+)> {
+    let toml = format!(
+        "[cluster]\ncredentials = \"{SECRET}\"\nheartbeat_interval_ms = 100\nfailure_timeout_ms = 1000\n"
+    );
+    let file = ConfigFile::new(name, &toml)?;
+    let (server, addr) = clustercomm_tests::spawn_message_server(&["--config", &file.path]).await?;
+    let mut config = clustercomm_tests::test_config();
+    config.cluster.credentials = Some(SECRET.into());
+    config.cluster.heartbeat_interval_ms = 100;
+    config.cluster.failure_timeout_ms = 1000;
+    Ok((server, addr, config, file))
+}
+
+async fn node(id: &str, config: &Config, addr: std::net::SocketAddr) -> anyhow::Result<Node> {
+    Ok(Node::builder(id)
+        .config(config.clone())
+        .message_server(addr)
+        .start()
+        .await?)
+}
+
+/// `from` sends one message to `to`'s inbox and it arrives.
+async fn exchange(
+    from: &Node,
+    to: &str,
+    inbox: &mut node_runtime::Inbox,
+    body: &str,
+) -> anyhow::Result<()> {
+    from.send(Target::Node(NodeId::new(to)), "svc", body.to_owned())
+        .await?;
+    let got = bounded(async { inbox.recv().await.context("inbox closed") }).await?;
+    ensure!(got.body() == body, "got {:?}", got.body());
+    Ok(())
+}
+
+/// Someone with the cluster secret registers as a live node, with its id
+/// and incarnation: with a session key of its own it is refused as a
+/// duplicate; naming the node's own public key it cannot sign the
+/// handshake and is refused for its credentials. The node stays
+/// registered as it was and keeps exchanging messages both ways; nobody
+/// saw it leave.
+#[tokio::test]
+async fn a_live_session_cannot_be_hijacked() -> anyhow::Result<()> {
+    init_logging();
+    let (_server, addr, config, _file) = guarded_server("hijack").await?;
+    let victim = node("victim", &config, addr).await?;
+    let mut victim_inbox = victim.subscribe("svc").await?;
+    let other = node("other", &config, addr).await?;
+    let mut other_inbox = other.subscribe("svc").await?;
+    let mut events = other.membership_events();
+    exchange(&victim, "other", &mut other_inbox, "before").await?;
+    let seen = other
+        .members()
+        .into_iter()
+        .find(|m| m.id == "victim")
+        .context("other does not know victim")?;
+
+    let attempts = [
+        ("a key of its own", None, RefusalReason::DuplicateNode),
+        (
+            "the victim's key, unsigned",
+            Some(seen.session_key),
+            RefusalReason::BadCredentials,
+        ),
+    ];
+    for (case, claimed, expected) in attempts {
+        let key = SessionKey::generate()?;
+        let mut hello = raw::hello("victim", &config.cluster.name, &key);
+        hello.incarnation = victim.incarnation();
+        if let Some(claimed) = claimed {
+            hello.session_key = claimed;
+        }
+        match RawNode::register(addr, hello, key, Some(SECRET)).await {
+            Ok(_) => anyhow::bail!("{case}: the hijacker was welcomed"),
+            Err(e) => ensure!(refused_for(&e, &expected), "{case}: {e:#}"),
+        }
+    }
+
+    // Still the same registration, both ways.
+    exchange(&victim, "other", &mut other_inbox, "after").await?;
+    exchange(&other, "victim", &mut victim_inbox, "back").await?;
+    let now = other
+        .members()
+        .into_iter()
+        .find(|m| m.id == "victim")
+        .context("victim is gone")?;
+    ensure!(now == seen, "the victim's registration changed: {now:?}");
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(1), events.recv())
+        .await
+        .map(Result::ok)
+    {
+        ensure!(
+            !matches!(&event, MembershipEvent::Left { id, .. } | MembershipEvent::Joined(node_runtime::MemberInfo { id, .. }) if id == "victim"),
+            "the others saw the victim change: {event:?}"
+        );
+    }
+    victim.shutdown().await;
+    other.shutdown().await;
+    Ok(())
+}
+
+/// A node registers and then falls silent. Someone keeps sending pings
+/// for it: a recorded one played again, fresh ones with a made-up MAC, and
+/// correctly signed ones from another address. None of them answers or
+/// counts: the node is declared failed within the failure timeout, as if
+/// nobody had pinged, and its connection closed.
+#[tokio::test]
+async fn spoofed_and_replayed_heartbeats_keep_no_dead_node_alive() -> anyhow::Result<()> {
+    init_logging();
+    let (_server, addr, config, _file) = guarded_server("spoofed-beats").await?;
+    let watcher = node("watcher", &config, addr).await?;
+    let mut events = watcher.membership_events();
+    let key = SessionKey::generate()?;
+    let hello = raw::hello("silent", &config.cluster.name, &key);
+    let mut silent = RawNode::register(addr, hello, key, Some(SECRET)).await?;
+    let beat_to = silent.beat_to;
+
+    // Its genuine pings are answered: the checks let a real node through.
+    let own = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let mut recorded = Vec::new();
+    for nonce in 1..=3 {
+        let ping = silent.ping(nonce).encode();
+        own.send_to(&ping, beat_to).await?;
+        let mut buf = [0u8; 600];
+        let (n, _) = bounded(async { Ok(own.recv_from(&mut buf).await?) }).await?;
+        ensure!(
+            matches!(Beat::decode(&buf[..n]), Some(Beat::Pong { nonce: answered, .. }) if answered == nonce),
+            "no pong to a genuine ping"
+        );
+        recorded.push(ping);
+    }
+
+    // Then only spoofs, every 50 ms, until the node is declared failed.
+    let elsewhere = tokio::net::UdpSocket::bind("127.0.0.2:0").await?;
+    let made_up = |nonce: u64| Beat::Ping {
+        node: silent.id.clone(),
+        incarnation: silent.incarnation,
+        nonce,
+        mac: [0xAB; 16],
+    };
+    let spoofing = async {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        for nonce in 100u64.. {
+            tick.tick().await;
+            for old in &recorded {
+                own.send_to(old, beat_to).await?;
+            }
+            own.send_to(&made_up(nonce).encode(), beat_to).await?;
+            elsewhere
+                .send_to(&silent.ping(nonce).encode(), beat_to)
+                .await?;
+        }
+        Ok::<(), anyhow::Error>(())
+    };
+    let failed = async {
+        loop {
+            match events.recv().await? {
+                MembershipEvent::Left { id, reason, .. } if id == "silent" => return Ok(reason),
+                _ => continue,
+            }
+        }
+    };
+    let reason = tokio::select! {
+        r = spoofing => { r?; anyhow::bail!("spoofing stopped") }
+        r = bounded(failed) => r?,
+    };
+    ensure!(reason == LeaveReason::Failed, "left for {reason:?}");
+
+    // No pong went to any spoof, and the silent node's connection is closed.
+    let mut buf = [0u8; 600];
+    for socket in [&own, &elsewhere] {
+        ensure!(
+            socket.try_recv_from(&mut buf).is_err(),
+            "a spoofed ping was answered"
+        );
+    }
+    let closed = bounded(async {
+        loop {
+            if silent.reader.next().await.ok().flatten().is_none() {
+                return Ok(());
+            }
+        }
+    })
+    .await;
+    ensure!(closed.is_ok(), "the failed node's connection stayed open");
+    watcher.shutdown().await;
+    Ok(())
+}
+
+/// With the cluster secret set everywhere, every path works as without
+/// it: the message server, a lazy channel (which proves both ends to each
+/// other) and a request with its reply.
+#[tokio::test]
+async fn a_cluster_with_a_secret_works_on_every_path() -> anyhow::Result<()> {
+    init_logging();
+    let (_server, addr, config, _file) = guarded_server("secret-paths").await?;
+    let a = node("a", &config, addr).await?;
+    let b = node("b", &config, addr).await?;
+    let mut inbox = b.subscribe("svc").await?;
+    exchange(&a, "b", &mut inbox, "small").await?;
+    let big = "x".repeat(256 << 10);
+    exchange(&a, "b", &mut inbox, &big).await?;
+    ensure!(a.counters().lazy_opened == 1, "{:?}", a.counters());
+    a.shutdown().await;
+    b.shutdown().await;
+    Ok(())
+}
