@@ -141,6 +141,13 @@ pub enum SendError {
     /// The node is shut down. Definite for new sends.
     #[error("the node is shut down")]
     Shutdown,
+    /// The sender's permissions (`permissions.send` for it, at the message
+    /// server or at the receiver) do not include the target. Definite.
+    #[error("this node may not send to {target} (permissions.send)")]
+    NotPermitted {
+        /// The target refused.
+        target: Target,
+    },
 }
 
 impl SendError {
@@ -159,6 +166,7 @@ impl SendError {
             | SendError::DirectUnavailable { .. }
             | SendError::NotADispatcher
             | SendError::NotInSessionGroup { .. }
+            | SendError::NotPermitted { .. }
             | SendError::Shutdown => true,
             SendError::TargetStopped { in_flight, .. } => !in_flight,
             SendError::Timeout { .. } | SendError::Disconnected | SendError::Incomplete(_) => false,
@@ -193,6 +201,9 @@ impl SendError {
                     .cloned()
                     .unwrap_or_else(|| NodeId::new(target.to_string())),
                 reason: reason.clone(),
+            },
+            DeliveryFailure::NotPermitted => SendError::NotPermitted {
+                target: target.clone(),
             },
             DeliveryFailure::TargetStopped => SendError::TargetStopped {
                 node: node

@@ -32,16 +32,19 @@
 //!   `[tcp]`), with their defaults.
 //! - `load`: reading a file, per-node overrides, environment overrides.
 //! - `validate`: range and consistency checks.
+//! - [`permissions`]: what each node may subscribe, join and send to.
 //! - `error`: [`ConfigError`], naming the file and the key.
 
 mod defaults;
 mod error;
 mod load;
+pub mod permissions;
 mod sections;
 mod validate;
 
 pub use defaults::*;
 pub use error::ConfigError;
+pub use permissions::PermissionsConfig;
 pub use sections::{
     ClusterConfig, Config, LazyConfig, LimitsConfig, MessageServerConfig, NodeConfig, TcpConfig,
 };

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use transports::tcp::TcpOptions;
 
 use crate::defaults::*;
+use crate::permissions::PermissionsConfig;
 
 /// The whole configuration.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -26,6 +27,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// `[tcp]`
     pub tcp: TcpConfig,
+    /// `[permissions]`
+    pub permissions: PermissionsConfig,
     /// `[nodes.<id>]`: per-node overrides of any of the sections above.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub nodes: BTreeMap<String, toml::Table>,

@@ -19,6 +19,12 @@ impl Config {
         if self.cluster.name.is_empty() {
             return bad("cluster.name", "must not be empty".into());
         }
+        if let Some(p) = self.permissions.bad_send_pattern() {
+            return bad(
+                "permissions.send",
+                format!("{p:?} names no target: use node:<id>, group:<group>, all or *"),
+            );
+        }
         if self.cluster.heartbeat_interval_ms == 0 {
             return bad("cluster.heartbeat_interval_ms", "must be above 0".into());
         }

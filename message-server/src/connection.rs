@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use cluster_config::PermissionsConfig;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -144,6 +145,15 @@ pub(crate) async fn serve(
                 return;
             }
         };
+        let permissions = match permitted(&shared, &hello) {
+            Ok(p) => p,
+            Err(refusal) => {
+                tracing::warn!(reason = %refusal.reason, detail = %refusal.detail, "refusing node");
+                Counters::add(&shared.counters.connections_refused, 1);
+                handshake::refuse(&mut wr, refusal.reason, refusal.detail).await;
+                return;
+            }
+        };
         let Ok(session_secret) = transports::auth::random::<{ transports::auth::SESSION_SECRET_BYTES }>()
         else {
             tracing::error!("refusing node: the system random number generator failed");
@@ -225,6 +235,7 @@ pub(crate) async fn serve(
             incarnation: me.incarnation,
             queue: queue.clone(),
             routes: RouteCache::default(),
+            permissions,
         };
         let end = conn.read_loop(&mut reader, &cancel).await;
         let reason = match &end {
@@ -288,8 +299,51 @@ fn check_claims(shared: &Shared, hello: &Hello, peer: SocketAddr) -> Result<(), 
     Ok(())
 }
 
+/// The node's permissions (`None` when it may do anything), after checking
+/// the groups and services its hello names against them.
+fn permitted(shared: &Shared, hello: &Hello) -> Result<Option<Arc<PermissionsConfig>>, Refusal> {
+    let permissions = match shared.config.for_node(hello.node.as_str()) {
+        Ok(config) => config.permissions,
+        // Checked when the file was loaded; refuse rather than guess.
+        Err(e) => {
+            return Err(Refusal {
+                reason: RefusalReason::NotPermitted,
+                detail: format!("this node's configuration section is invalid: {e}"),
+            })
+        }
+    };
+    if permissions.allows_everything() {
+        return Ok(None);
+    }
+    if let Some(g) = hello.groups.iter().find(|g| !permissions.may_join(g)) {
+        return Err(Refusal {
+            reason: RefusalReason::NotPermitted,
+            detail: format!(
+                "may not join group {} (permissions.join)",
+                handshake::for_log(g)
+            ),
+        });
+    }
+    if let Some(s) = hello
+        .services
+        .iter()
+        .find(|s| !permissions.may_subscribe(s))
+    {
+        return Err(Refusal {
+            reason: RefusalReason::NotPermitted,
+            detail: format!(
+                "may not offer service {} (permissions.subscribe)",
+                handshake::for_log(s)
+            ),
+        });
+    }
+    Ok(Some(Arc::new(permissions)))
+}
+
 struct Connection {
     shared: Arc<Shared>,
+    /// What this node may do; `None`: anything.
+    permissions: Option<Arc<PermissionsConfig>>,
     me: NodeId,
     incarnation: u64,
     queue: OutQueue,
@@ -546,6 +600,18 @@ impl Connection {
                     "service name of bad length, or too many services".into(),
                 ))
             }
+            Header::Subscribe { token, service }
+                if self
+                    .permissions
+                    .as_ref()
+                    .is_some_and(|p| !p.may_subscribe(&service)) =>
+            {
+                tracing::warn!(service = %service, "refused a subscription: not permitted");
+                let reason = format!("may not offer service {service:?} (permissions.subscribe)");
+                let reply = OutFrame::control(Header::SubscribeRefused { token, reason });
+                self.reply(reply).await;
+                None
+            }
             Header::Subscribe { token, service } => {
                 self.update_services(&service, true);
                 let reply = OutFrame::control(Header::Subscribed { token });
@@ -561,7 +627,15 @@ impl Connection {
                 target,
                 service,
             } => {
-                let result = self.resolve_members(&target, &service);
+                let result = if self
+                    .permissions
+                    .as_ref()
+                    .is_some_and(|p| !p.may_send(TargetRef::from(&target)))
+                {
+                    Err(DeliveryFailure::NotPermitted)
+                } else {
+                    self.resolve_members(&target, &service)
+                };
                 let reply = OutFrame::control(Header::Resolved { token, result });
                 self.reply(reply).await;
                 None
@@ -690,6 +764,7 @@ impl Connection {
             None => match resolve_route(
                 &self.shared,
                 &self.me,
+                self.permissions.as_deref(),
                 &mut self.routes,
                 is_reply,
                 h.target,
@@ -869,11 +944,18 @@ impl Connection {
 fn resolve_route(
     shared: &Shared,
     me: &NodeId,
+    permissions: Option<&PermissionsConfig>,
     routes: &mut RouteCache,
     is_reply: bool,
     target: TargetRef<'_>,
     service: &str,
 ) -> Result<usize, DeliveryFailure> {
+    // Checked once per route: a permitted route is cached, and only
+    // permitted routes are. (A reply answers a request the node was
+    // given: not a send of its own.)
+    if !is_reply && permissions.is_some_and(|p| !p.may_send(target)) {
+        return Err(DeliveryFailure::NotPermitted);
+    }
     let (generation, resolved) = {
         let state = shared.read();
         // Stable while the read lock is held: writers change it under

@@ -197,6 +197,7 @@ impl NodeBuilder {
             members: welcome.members,
             server_index: link.index,
             credentials,
+            cluster: std::sync::Arc::new(self.config),
         });
         let span = tracing::info_span!("node", id = %self.id, incarnation);
         tracing::info!(parent: &span, %address, "node connected to the message server");

@@ -160,7 +160,18 @@ pub(crate) async fn read_frames(rt: &Runtime, reader: &mut FrameReader<OwnedRead
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&token);
                 if let Some(w) = waiter {
-                    let _ = w.send(());
+                    let _ = w.send(Ok(()));
+                }
+            }
+            Header::SubscribeRefused { token, reason } => {
+                let waiter = rt
+                    .server
+                    .subscriptions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&token);
+                if let Some(w) = waiter {
+                    let _ = w.send(Err(reason));
                 }
             }
             Header::Goodbye => return LinkEnd::Lost(LinkLost::Stopping),

@@ -21,6 +21,7 @@ pub(crate) struct Counters {
     pub(crate) received_server: AtomicU64,
     pub(crate) received_direct: AtomicU64,
     pub(crate) refused_failed: AtomicU64,
+    pub(crate) refused_not_permitted: AtomicU64,
 }
 
 impl Counters {
@@ -45,6 +46,7 @@ impl Counters {
             received_server: r(&self.received_server),
             received_direct: r(&self.received_direct),
             refused_failed: r(&self.refused_failed),
+            refused_not_permitted: r(&self.refused_not_permitted),
         }
     }
 }
@@ -83,4 +85,7 @@ pub struct PathCounters {
     /// Messages refused because their sender's incarnation was declared
     /// failed.
     pub refused_failed: u64,
+    /// Messages on direct channels refused because their sender may not
+    /// send to their target (`permissions.send`).
+    pub refused_not_permitted: u64,
 }

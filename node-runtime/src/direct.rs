@@ -18,7 +18,10 @@ use tracing::Instrument;
 use transports::frame::FrameCodec;
 use transports::frame::{peek_cached, BodyArena, NameCache, Peeked};
 use transports::handshake::{self, HandshakeError};
-use transports::protocol::{Header, NodeId, PublicKey, RefusalReason, Welcome, PROTOCOL_VERSION};
+use transports::protocol::{
+    AckStatus, DeliveryFailure, Header, MessageKind, NodeId, PublicKey, RefusalReason, Welcome,
+    PROTOCOL_VERSION,
+};
 use transports::{out_queue, FrameReader, Lane, OutFrame};
 
 use crate::channels::DirectConn;
@@ -27,6 +30,7 @@ use crate::connection::{
 };
 use crate::counters::Counters;
 use crate::runtime::Runtime;
+use crate::services::Answer;
 
 /// The channel of `kind` to `peer`, opening it if needed (one opener at a
 /// time per peer).
@@ -449,6 +453,18 @@ async fn serve_inbound(rt: Runtime, stream: TcpStream) {
         tracing::warn!(error = %e, "refused a direct channel");
         return;
     }
+    // What the opener may send to (from this node's copy of the cluster's
+    // file); `None`: anything.
+    let permissions = match rt.cluster.for_node(hello.node.as_str()) {
+        Ok(c) if c.permissions.allows_everything() => None,
+        Ok(c) => Some(c.permissions),
+        Err(e) => {
+            tracing::warn!(error = %e, "refused a direct channel: the opener's configuration section is invalid");
+            let detail = "this node cannot read the opener's permissions".to_owned();
+            handshake::refuse(&mut wr, RefusalReason::NotPermitted, detail).await;
+            return;
+        }
+    };
     let max_message = hello.max_message_bytes.min(config.limits.max_message_bytes);
     let welcome = Header::Welcome(Box::new(Welcome {
         version: PROTOCOL_VERSION,
@@ -523,6 +539,20 @@ async fn serve_inbound(rt: Runtime, stream: TcpStream) {
                         "closing inbound channel: message from another sender"
                     );
                     break;
+                }
+                let is_reply = matches!(h.kind, MessageKind::Reply { .. });
+                if !is_reply && permissions.as_ref().is_some_and(|p| !p.may_send(h.target)) {
+                    tracing::warn!(target = %h.target, service = h.service, "refused a message: its sender may not send to that target");
+                    Counters::add(&rt.counters.refused_not_permitted, 1);
+                    let answer = Answer {
+                        to: hello.node.clone(),
+                        to_incarnation: h.incarnation,
+                        seq: h.seq,
+                        kind: h.kind,
+                    };
+                    let status = AckStatus::Failed(DeliveryFailure::NotPermitted);
+                    answer.send(&rt.id, &rt.core, &queue, status).await;
+                    continue;
                 }
                 Counters::add(&rt.counters.received_direct, 1);
                 let body = bodies.owned_body(&raw, header_len);

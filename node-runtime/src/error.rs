@@ -62,6 +62,10 @@ pub enum NodeError {
     /// The system could not make this node's session key.
     #[error("cannot make this node's session key")]
     Identity(#[from] transports::auth::AuthError),
+    /// The message server refused: this node's permissions do not allow
+    /// it (`permissions.subscribe`).
+    #[error("not permitted: {0}")]
+    NotPermitted(String),
     /// The service already has an inbox on this node.
     #[error("service {0:?} is already subscribed on this node")]
     AlreadySubscribed(String),

@@ -193,7 +193,18 @@ impl Node {
         })
         .await;
         match confirmed {
-            Ok(Ok(())) => Ok(rx),
+            Ok(Ok(Ok(()))) => Ok(rx),
+            Ok(Ok(Err(reason))) => {
+                // Refused: the inbox is not kept.
+                let mut inboxes = rt
+                    .services
+                    .inboxes
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner());
+                inboxes.remove(service);
+                rt.services.generation.fetch_add(1, Ordering::AcqRel);
+                Err(NodeError::NotPermitted(reason))
+            }
             Ok(Err(e)) => Err(e),
             Err(_) => {
                 rt.server

@@ -39,7 +39,7 @@ pub(crate) struct ServerLink {
     pub(crate) heartbeat: Mutex<Option<Heartbeat>>,
     pub(crate) tokens: AtomicU64,
     /// Subscriptions waiting for the server's confirmation.
-    pub(crate) subscriptions: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    pub(crate) subscriptions: Mutex<HashMap<u64, oneshot::Sender<Result<(), String>>>>,
     /// Fan-outs waiting for their member lists.
     pub(crate) resolves: Mutex<HashMap<u64, oneshot::Sender<ResolveResult>>>,
 }

@@ -263,6 +263,9 @@ pub enum RefusalReason {
     /// This incarnation of the node was declared failed; it must rejoin as
     /// a new one.
     IncarnationFailed,
+    /// The node's permissions do not let it join a group or offer a
+    /// service its hello names.
+    NotPermitted,
 }
 
 impl fmt::Display for RefusalReason {
@@ -289,6 +292,9 @@ impl fmt::Display for RefusalReason {
             RefusalReason::ProtocolViolation => f.write_str("protocol violation"),
             RefusalReason::IncarnationFailed => {
                 f.write_str("this incarnation was declared failed; rejoin as a new one")
+            }
+            RefusalReason::NotPermitted => {
+                f.write_str("not permitted: a group or service the hello names")
             }
         }
     }
@@ -530,6 +536,9 @@ pub enum DeliveryFailure {
     Rejected(String),
     /// The receiver stopped before the message left.
     TargetStopped,
+    /// The sender's permissions (`permissions.send`) do not include the
+    /// target.
+    NotPermitted,
 }
 
 impl fmt::Display for DeliveryFailure {
@@ -543,6 +552,9 @@ impl fmt::Display for DeliveryFailure {
             DeliveryFailure::ReceiverOverloaded => f.write_str("receiver overloaded"),
             DeliveryFailure::Rejected(r) => write!(f, "rejected: {r}"),
             DeliveryFailure::TargetStopped => f.write_str("target stopped"),
+            DeliveryFailure::NotPermitted => {
+                f.write_str("not permitted: the sender may not send to this target")
+            }
         }
     }
 }
@@ -716,6 +728,13 @@ pub enum Header {
     Challenge(Challenge),
     /// The opener's answer to a challenge (see [`Proof`]).
     Proof(Proof),
+    /// The server refused a `Subscribe`.
+    SubscribeRefused {
+        /// The token of the `Subscribe`.
+        token: u64,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl Header {
@@ -740,6 +759,7 @@ impl Header {
             Header::Acks(_) => "acks",
             Header::Challenge(_) => "challenge",
             Header::Proof(_) => "proof",
+            Header::SubscribeRefused { .. } => "subscribe refused",
         }
     }
 }
