@@ -106,8 +106,11 @@ pub struct MessageServerConfig {
     /// fit is answered to its sender with an error.
     /// Default [`DEFAULT_QUEUE_BYTES`].
     pub queue_bytes: usize,
-    /// How long a control frame waits for a slow consumer before that
-    /// consumer is disconnected. Default [`DEFAULT_SLOW_CONSUMER_MS`].
+    /// How long a frame waits for room in a consumer's queue. A control
+    /// frame that waits this long, or a message while the consumer read
+    /// nothing at all, disconnects the consumer; a message to a consumer
+    /// that reads, only slowly, is refused as overloaded. Default
+    /// [`DEFAULT_SLOW_CONSUMER_MS`].
     pub slow_consumer_ms: u64,
     /// Connections the message server keeps at most; more are refused at
     /// once. Default [`DEFAULT_MAX_CONNECTIONS`].

@@ -832,7 +832,8 @@ impl Connection {
                             }
                         }
                         Err(PushError::Full(_) | PushError::Congested) => {
-                            waiting.push((r.id.clone(), c.incarnation, queue))
+                            let taken = queue.taken_frames();
+                            waiting.push((r.id.clone(), c.incarnation, queue, taken))
                         }
                         Err(PushError::Closed(_)) => {
                             failed.push((r.id.clone(), DeliveryFailure::TargetStopped))
@@ -845,7 +846,7 @@ impl Connection {
             wakes.wake_all();
             let deadline = tokio::time::Instant::now()
                 + Duration::from_millis(self.shared.config.message_server.slow_consumer_ms);
-            for (id, incarnation, queue) in waiting {
+            for (id, incarnation, queue, taken) in waiting {
                 // A full queue slows the sender down (this read loop waits,
                 // so the sender's socket fills); a receiver that makes no
                 // room in time is answered for.
@@ -865,6 +866,14 @@ impl Connection {
                     }
                     Err(PushError::Full(_) | PushError::Congested) => {
                         Counters::add(&counters.overloaded, 1);
+                        // Not a byte read in all that time: the receiver
+                        // does not read its data at all (it may still
+                        // heartbeat), and is cut off as for control frames.
+                        if queue.taken_frames() == taken {
+                            tracing::warn!(node = %id, "cutting off slow consumer: it read none of its data for message_server.slow_consumer_ms");
+                            Counters::add(&counters.slow_consumers, 1);
+                            queue.close();
+                        }
                         failed.push((id, DeliveryFailure::ReceiverOverloaded));
                     }
                     Err(PushError::Closed(_)) => failed.push((id, DeliveryFailure::TargetStopped)),

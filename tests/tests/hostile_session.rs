@@ -233,3 +233,85 @@ async fn a_cluster_with_a_secret_works_on_every_path() -> anyhow::Result<()> {
     b.shutdown().await;
     Ok(())
 }
+
+/// A registered node keeps heartbeating but never reads its connection.
+/// Once its queue and socket are full and a message has waited
+/// `message_server.slow_consumer_ms` without the node reading anything,
+/// the server cuts it off (it leaves, disconnected: it was never declared
+/// failed, as it heartbeats), and the sender learns of the message that
+/// did not get through. (Members report a disconnected node as left once
+/// it has not come back within the failure timeout.)
+#[tokio::test]
+async fn a_node_that_never_reads_its_data_is_cut_off_while_it_heartbeats() -> anyhow::Result<()> {
+    init_logging();
+    let toml = "[cluster]\nheartbeat_interval_ms = 100\nfailure_timeout_ms = 2000\n\
+                [message_server]\nslow_consumer_ms = 300\nqueue_bytes = 1048576\n";
+    let file = ConfigFile::new("non-reader", toml)?;
+    let (_server, addr) =
+        clustercomm_tests::spawn_message_server(&["--config", &file.path]).await?;
+    let mut config = clustercomm_tests::test_config();
+    config.cluster.heartbeat_interval_ms = 100;
+    config.cluster.failure_timeout_ms = 2_000;
+    config.lazy.threshold_bytes = 1 << 20;
+    let watcher = node("watcher", &config, addr).await?;
+    let mut events = watcher.membership_events();
+    let key = SessionKey::generate()?;
+    let mut hello = raw::hello("deaf", &config.cluster.name, &key);
+    hello.services = vec!["svc".into()];
+    let mut deaf = RawNode::register(addr, hello, key, None).await?;
+    let beats = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let heartbeating = async {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        for nonce in 1u64.. {
+            tick.tick().await;
+            beats
+                .send_to(&deaf.ping(nonce).encode(), deaf.beat_to)
+                .await?;
+        }
+        Ok::<(), anyhow::Error>(())
+    };
+    let sender = node("sender", &config, addr).await?;
+    let body = bytes::Bytes::from(vec![7u8; 16 << 10]);
+    let flooding = async {
+        loop {
+            sender
+                .notify(Target::Node(NodeId::new("deaf")), "svc", body.clone())
+                .await?;
+            if sender.late_failures() > 0 {
+                // Keep heartbeating; wait for the cut-off below.
+                std::future::pending::<()>().await;
+            }
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), anyhow::Error>(())
+    };
+    let cut_off = async {
+        loop {
+            match events.recv().await? {
+                MembershipEvent::Left { id, .. } if id == "deaf" => return Ok(()),
+                _ => continue,
+            }
+        }
+    };
+    // Without the cut-off it would stay a member for ever: it heartbeats.
+    tokio::select! {
+        r = heartbeating => { r?; anyhow::bail!("heartbeats stopped") }
+        r = flooding => { r?; anyhow::bail!("the flood stopped") }
+        r = bounded(cut_off) => r.context("a node that never read was never cut off")?,
+    };
+    // Its connection was closed by the server: what it had not read ends.
+    let closed = bounded(async {
+        while let Ok(Some(_)) = deaf.reader.next().await {}
+        Ok(())
+    })
+    .await;
+    ensure!(closed.is_ok(), "the cut-off node's connection stayed open");
+    ensure!(
+        sender.late_failures() >= 1,
+        "the sender never learnt of the message that did not get through"
+    );
+    drop(deaf);
+    watcher.shutdown().await;
+    sender.shutdown().await;
+    Ok(())
+}

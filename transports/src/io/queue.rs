@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -120,6 +120,7 @@ pub fn out_queue(frames: usize, bytes: usize) -> (OutQueue, OutReceiver) {
         is_closed: AtomicBool::new(false),
         congested: AtomicBool::new(false),
         queued: AtomicUsize::new(0),
+        taken: AtomicU64::new(0),
         max_frame: AtomicUsize::new(u32::MAX as usize),
     });
     (
@@ -401,6 +402,13 @@ impl OutQueue {
         Arc::ptr_eq(&self.shared, &other.shared)
     }
 
+    /// Frames the writer has taken from the queue so far. Unchanged over a
+    /// period, it means the consumer read nothing in it (its socket stayed
+    /// full): the message server cuts such a consumer off.
+    pub fn taken_frames(&self) -> u64 {
+        self.core().taken.load(Ordering::Relaxed)
+    }
+
     /// Frames waiting to be written: a measure of the receiver's load.
     pub fn queued_frames(&self) -> usize {
         self.core().queued.load(Ordering::Relaxed)
@@ -679,6 +687,9 @@ struct Core {
     /// Frames queued, readable without the lock (a receiver's load, asked
     /// for on every `AnyOf` choice).
     queued: AtomicUsize,
+    /// Frames the writer has taken so far: whether the consumer makes
+    /// progress (see [`OutQueue::taken_frames`]).
+    taken: AtomicU64,
     /// The frame limit of the connection being written (staged frames are
     /// checked against it when they are queued).
     max_frame: AtomicUsize,
@@ -862,6 +873,7 @@ impl Core {
         }
         state.frames = 0;
         self.queued.store(0, Ordering::Relaxed);
+        self.taken.fetch_add(frames as u64, Ordering::Relaxed);
         self.made_room(state);
         frames
     }
