@@ -44,6 +44,12 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 4_096;
 /// registered (said a hello that was accepted): more are refused at once,
 /// so a flood of idle sockets cannot take more than this.
 pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 256;
+/// Default cap of the channels a node's direct listener keeps open: more
+/// are refused at once.
+pub const DEFAULT_NODE_MAX_CHANNELS: usize = 1_024;
+/// Default cap of a node's inbound channels still in their handshake: more
+/// are refused at once.
+pub const DEFAULT_NODE_MAX_UNAUTHENTICATED: usize = 64;
 /// Default address of a node's direct-channel listener.
 pub const DEFAULT_DIRECT_LISTEN: &str = "0.0.0.0:0";
 /// Default capacity of each service inbox, in messages.

@@ -190,6 +190,13 @@ pub struct NodeConfig {
     /// connections (each keeps a buffer that size). Default
     /// [`DEFAULT_NODE_READ_CHUNK_BYTES`].
     pub read_chunk_bytes: usize,
+    /// Inbound direct channels the node keeps at most; more are refused at
+    /// once. Default [`DEFAULT_NODE_MAX_CHANNELS`].
+    pub max_channels: usize,
+    /// Inbound direct channels still in their handshake (each for at most
+    /// the hello deadline) the node keeps at most; more are refused at
+    /// once. Default [`DEFAULT_NODE_MAX_UNAUTHENTICATED`].
+    pub max_unauthenticated: usize,
 }
 
 impl Default for NodeConfig {
@@ -208,6 +215,8 @@ impl Default for NodeConfig {
             queue_frames: DEFAULT_QUEUE_FRAMES,
             queue_bytes: DEFAULT_QUEUE_BYTES,
             read_chunk_bytes: DEFAULT_NODE_READ_CHUNK_BYTES,
+            max_channels: DEFAULT_NODE_MAX_CHANNELS,
+            max_unauthenticated: DEFAULT_NODE_MAX_UNAUTHENTICATED,
         }
     }
 }

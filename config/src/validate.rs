@@ -85,6 +85,8 @@ impl Config {
                 1,
             ),
             ("node.queue_frames", self.node.queue_frames, 16),
+            ("node.max_channels", self.node.max_channels, 1),
+            ("node.max_unauthenticated", self.node.max_unauthenticated, 1),
             ("node.queue_bytes", self.node.queue_bytes, 64 * 1024),
             ("node.inbox_capacity", self.node.inbox_capacity, 1),
             ("node.max_in_flight", self.node.max_in_flight, 1),

@@ -22,6 +22,7 @@ pub(crate) struct Counters {
     pub(crate) received_direct: AtomicU64,
     pub(crate) refused_failed: AtomicU64,
     pub(crate) refused_not_permitted: AtomicU64,
+    pub(crate) channels_refused: AtomicU64,
 }
 
 impl Counters {
@@ -47,6 +48,7 @@ impl Counters {
             received_direct: r(&self.received_direct),
             refused_failed: r(&self.refused_failed),
             refused_not_permitted: r(&self.refused_not_permitted),
+            channels_refused: r(&self.channels_refused),
         }
     }
 }
@@ -88,4 +90,7 @@ pub struct PathCounters {
     /// Messages on direct channels refused because their sender may not
     /// send to their target (`permissions.send`).
     pub refused_not_permitted: u64,
+    /// Inbound direct channels refused at once, over `node.max_channels`
+    /// or `node.max_unauthenticated`.
+    pub channels_refused: u64,
 }

@@ -14,6 +14,7 @@ use cluster_manager::channels::{ChannelKind, ChannelPolicy, ChannelState, Verdic
 use cluster_manager::SendError;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 use transports::frame::FrameCodec;
 use transports::frame::{peek_cached, BodyArena, NameCache, Peeked};
@@ -359,6 +360,9 @@ pub(crate) async fn idle_sweeper(rt: Runtime) {
 
 /// Accepts direct channels from other nodes for the node's life.
 pub(crate) async fn accept_loop(rt: Runtime, listener: TcpListener) {
+    let places = Arc::new(Semaphore::new(rt.config.node.max_channels));
+    let unproven = Arc::new(Semaphore::new(rt.config.node.max_unauthenticated));
+    let mut turned_away = 0u64;
     loop {
         let accepted = tokio::select! {
             _ = rt.cancel.cancelled() => return,
@@ -366,9 +370,25 @@ pub(crate) async fn accept_loop(rt: Runtime, listener: TcpListener) {
         };
         match accepted {
             Ok((stream, addr)) => {
+                // Over a cap: refused at once, before anything is read or
+                // spawned.
+                let admitted = places
+                    .clone()
+                    .try_acquire_owned()
+                    .ok()
+                    .zip(unproven.clone().try_acquire_owned().ok());
+                let Some((place, unproven)) = admitted else {
+                    drop(stream);
+                    turned_away += 1;
+                    Counters::add(&rt.counters.channels_refused, 1);
+                    if turned_away.is_power_of_two() {
+                        tracing::warn!(%addr, total = turned_away, "direct channel refused: over node.max_channels or node.max_unauthenticated");
+                    }
+                    continue;
+                };
                 let span = tracing::debug_span!("inbound", %addr, peer = tracing::field::Empty);
                 rt.tasks
-                    .spawn(serve_inbound(rt.clone(), stream).instrument(span));
+                    .spawn(serve_inbound(rt.clone(), stream, place, unproven).instrument(span));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accepting a direct channel failed");
@@ -380,7 +400,12 @@ pub(crate) async fn accept_loop(rt: Runtime, listener: TcpListener) {
 
 /// One inbound direct channel: handshake, then deliver each message and
 /// acknowledge it on the same connection.
-async fn serve_inbound(rt: Runtime, stream: TcpStream) {
+async fn serve_inbound(
+    rt: Runtime,
+    stream: TcpStream,
+    _place: OwnedSemaphorePermit,
+    unproven: OwnedSemaphorePermit,
+) {
     let config = &rt.config;
     if let Err(e) = transports::tcp::tune(&stream, &config.tcp.options()) {
         tracing::debug!(error = %e, "could not tune socket");
@@ -465,6 +490,9 @@ async fn serve_inbound(rt: Runtime, stream: TcpStream) {
             return;
         }
     };
+    // Proven: the place among the unproven is free again (the channel's
+    // own place is held until it ends).
+    drop(unproven);
     let max_message = hello.max_message_bytes.min(config.limits.max_message_bytes);
     let welcome = Header::Welcome(Box::new(Welcome {
         version: PROTOCOL_VERSION,

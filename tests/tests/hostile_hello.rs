@@ -603,3 +603,53 @@ async fn a_flood_of_idle_sockets_is_capped_and_refused_at_once() -> anyhow::Resu
     node.shutdown().await;
     Ok(())
 }
+
+/// The same on a node's direct port: idle sockets take at most
+/// `node.max_unauthenticated` places; one more is refused at once, while
+/// the idle ones wait out their hello deadline; a member takes a free place
+/// and opens its channel.
+#[tokio::test]
+async fn a_flood_of_idle_sockets_at_a_direct_port_is_capped() -> anyhow::Result<()> {
+    init_logging();
+    const CAP: usize = 8;
+    let (_server, addr) = clustercomm_tests::spawn_message_server(&[]).await?;
+    let mut config = clustercomm_tests::test_config();
+    config.node.max_unauthenticated = CAP;
+    let b = node_runtime::Node::builder("b")
+        .config(config.clone())
+        .message_server(addr)
+        .start()
+        .await?;
+    let mut inbox = b.subscribe("svc").await?;
+    let direct = b.direct_addr().context("no direct address")?;
+    let mut idle = Vec::new();
+    for _ in 0..CAP - 1 {
+        idle.push(TcpStream::connect(direct).await?);
+    }
+    // One place is left: a member's lazy channel takes it, and frees it
+    // once proven.
+    let a = node_runtime::Node::builder("a")
+        .config(config)
+        .message_server(addr)
+        .start()
+        .await?;
+    let big = vec![7u8; 256 << 10];
+    a.send(node_runtime::Target::Node(NodeId::new("b")), "svc", big)
+        .await?;
+    ensure!(a.counters().lazy_opened == 1, "{:?}", a.counters());
+    bounded(async { inbox.recv().await.context("inbox closed") }).await?;
+    idle.push(TcpStream::connect(direct).await?);
+    // Every place is taken now: the next socket is closed at once.
+    let mut extra = TcpStream::connect(direct).await?;
+    let got = read_until_closed(&mut extra).await?;
+    ensure!(got.is_empty(), "a refused socket got {} bytes", got.len());
+    let mut probe = [0u8; 1];
+    match idle[0].try_read(&mut probe) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => anyhow::bail!("an idle socket was not kept open: {other:?}"),
+    }
+    ensure!(b.counters().channels_refused >= 1, "{:?}", b.counters());
+    a.shutdown().await;
+    b.shutdown().await;
+    Ok(())
+}
