@@ -223,6 +223,11 @@ impl ChildProcess {
         self.stdout.take().context("stdout already taken")
     }
 
+    /// Whether the process is still running (not exited, not reaped).
+    pub fn child_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// The process id.
     pub fn pid(&self) -> anyhow::Result<u32> {
         self.child.id().context("process already reaped")
