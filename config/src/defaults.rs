@@ -50,6 +50,8 @@ pub const DEFAULT_NODE_MAX_CHANNELS: usize = 1_024;
 /// Default cap of a node's inbound channels still in their handshake: more
 /// are refused at once.
 pub const DEFAULT_NODE_MAX_UNAUTHENTICATED: usize = 64;
+/// Default name the message server's TLS certificate carries.
+pub const DEFAULT_TLS_SERVER_NAME: &str = "message-server";
 /// Default address of a node's direct-channel listener.
 pub const DEFAULT_DIRECT_LISTEN: &str = "0.0.0.0:0";
 /// Default capacity of each service inbox, in messages.

@@ -47,4 +47,5 @@ pub use error::ConfigError;
 pub use permissions::PermissionsConfig;
 pub use sections::{
     ClusterConfig, Config, LazyConfig, LimitsConfig, MessageServerConfig, NodeConfig, TcpConfig,
+    TlsConfig,
 };

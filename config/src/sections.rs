@@ -29,6 +29,8 @@ pub struct Config {
     pub tcp: TcpConfig,
     /// `[permissions]`
     pub permissions: PermissionsConfig,
+    /// `[tls]`
+    pub tls: TlsConfig,
     /// `[nodes.<id>]`: per-node overrides of any of the sections above.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub nodes: BTreeMap<String, toml::Table>,
@@ -269,6 +271,52 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
+    }
+}
+
+/// `[tls]`: mutual TLS on every TCP connection of the cluster (the
+/// message server's port, every node's direct channels). Off unless the
+/// three files are set; a node's own certificate and key usually come from
+/// its `[nodes.<id>.tls]` section.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of the cluster's CA certificate.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM file of this process's certificate (chain). A node's names its
+    /// node id; the message server's names `server_name`.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM file of this process's private key.
+    pub key_file: Option<std::path::PathBuf>,
+    /// The name the message server's certificate carries, which nodes
+    /// check. Default [`DEFAULT_TLS_SERVER_NAME`].
+    pub server_name: String,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            server_name: DEFAULT_TLS_SERVER_NAME.to_owned(),
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Whether TLS is on (all three files are set).
+    pub fn enabled(&self) -> bool {
+        self.ca_file.is_some() && self.cert_file.is_some() && self.key_file.is_some()
+    }
+
+    /// The three files, when TLS is on.
+    pub fn files(&self) -> Option<(&std::path::Path, &std::path::Path, &std::path::Path)> {
+        Some((
+            self.ca_file.as_deref()?,
+            self.cert_file.as_deref()?,
+            self.key_file.as_deref()?,
+        ))
     }
 }
 

@@ -19,6 +19,17 @@ impl Config {
         if self.cluster.name.is_empty() {
             return bad("cluster.name", "must not be empty".into());
         }
+        let tls = &self.tls;
+        let set = [&tls.ca_file, &tls.cert_file, &tls.key_file]
+            .iter()
+            .filter(|f| f.is_some())
+            .count();
+        if set != 0 && set != 3 {
+            return bad(
+                "tls",
+                "ca_file, cert_file and key_file go together: set all three, or none".into(),
+            );
+        }
         if let Some(p) = self.permissions.bad_send_pattern() {
             return bad(
                 "permissions.send",

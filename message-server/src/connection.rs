@@ -70,17 +70,46 @@ pub(crate) async fn serve(
         if let Err(e) = transports::tcp::tune(&stream, &shared.config.tcp.options()) {
             tracing::debug!(error = %e, "could not tune socket");
         }
-        let (rd, mut wr) = stream.into_split();
-        let mut reader = FrameReader::new(rd, FrameCodec::default());
         let timeout = shared
             .config
             .connect_timeout()
             .min(handshake::HELLO_DEADLINE);
-        // The whole handshake, proof included, within the hello deadline.
+        // The whole handshake, TLS and proof included, within the hello
+        // deadline.
         let deadline = tokio::time::Instant::now() + timeout;
+        let (rd, mut wr, certificates) = match &shared.tls {
+            None => {
+                let (rd, wr) = transports::io::split(stream);
+                (rd, wr, None)
+            }
+            Some(tls) => {
+                let accepted = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    a = tokio::time::timeout(timeout, tls.accept(stream)) => a,
+                };
+                match accepted {
+                    Ok(Ok(stream)) => {
+                        let certificates = transports::tls::Tls::peer_certificates(&stream);
+                        let (rd, wr) = transports::io::split_tls(stream);
+                        (rd, wr, Some(certificates))
+                    }
+                    Ok(Err(e)) => {
+                        Counters::add(&shared.counters.connections_refused, 1);
+                        tracing::info!(error = %e, "closing connection: TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!("closing connection: no TLS handshake within the hello deadline");
+                        return;
+                    }
+                }
+            }
+        };
+        let mut reader = FrameReader::new(rd, FrameCodec::default());
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         let hello = tokio::select! {
             _ = cancel.cancelled() => return,
-            h = handshake::read_hello(&mut reader, &mut wr, timeout) => h,
+            h = handshake::read_hello(&mut reader, &mut wr, remaining) => h,
         };
         let hello = match hello {
             Ok(h) => h,
@@ -125,6 +154,16 @@ pub(crate) async fn serve(
             Counters::add(&shared.counters.connections_refused, 1);
             handshake::refuse(&mut wr, refusal.reason, refusal.detail).await;
             return;
+        }
+        // With TLS, the node's certificate must name the id it claims.
+        if let (Some(tls), Some(certificates)) = (&shared.tls, &certificates) {
+            if !tls.names(certificates, hello.node.as_str()) {
+                tracing::warn!("refusing node: its certificate does not name it");
+                Counters::add(&shared.counters.connections_refused, 1);
+                let detail = "the certificate does not name this node id".to_owned();
+                handshake::refuse(&mut wr, RefusalReason::BadCredentials, detail).await;
+                return;
+            }
         }
         if let Err(refusal) = check_claims(&shared, &hello, peer) {
             tracing::warn!(reason = %refusal.reason, detail = %refusal.detail, "refusing node");
@@ -475,7 +514,7 @@ impl RouteCache {
 impl Connection {
     async fn read_loop(
         &mut self,
-        reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+        reader: &mut FrameReader<transports::io::ReadHalf>,
         cancel: &CancellationToken,
     ) -> End {
         // This node's name, and the targets and services it names, are

@@ -44,10 +44,12 @@ async fn main() -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         config.message_server.listen = listen;
     }
-    if config.cluster.credentials.is_none() {
+    if config.cluster.credentials.is_none() && !config.tls.enabled() {
         tracing::warn!(
-            "no cluster.credentials: any client that reaches this port can register as a node"
+            "no cluster.credentials and no [tls]: any client that reaches this port can register as a node"
         );
+    } else if !config.tls.enabled() {
+        tracing::warn!("no [tls]: bodies and handshakes travel in clear text");
     }
     let server = MessageServer::bind(config)
         .await

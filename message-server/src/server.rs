@@ -40,6 +40,9 @@ pub enum ServerError {
     /// Accepting connections failed for good.
     #[error("accepting connections failed")]
     Accept(#[source] std::io::Error),
+    /// The `[tls]` files could not be used.
+    #[error("cannot set up TLS")]
+    Tls(#[from] transports::tls::TlsError),
 }
 
 /// A connected node as the server sees it.
@@ -98,6 +101,9 @@ pub(crate) struct Shared {
     pub(crate) heartbeat_addr: Option<SocketAddr>,
     /// `cluster.credentials`, as the handshake's key.
     pub(crate) secret: Option<transports::auth::ClusterSecret>,
+    /// With `[tls]`: every connection is TLS, and a node's certificate
+    /// must name its node id.
+    pub(crate) tls: Option<transports::tls::Tls>,
     /// Bumped whenever the state is locked for writing: a connection's
     /// cached routes are good while it stays the same.
     generation: AtomicU64,
@@ -172,8 +178,13 @@ impl MessageServer {
     ///
     /// # Errors
     ///
-    /// [`ServerError::Bind`] if the address cannot be bound.
+    /// [`ServerError::Bind`] if the address cannot be bound,
+    /// [`ServerError::Tls`] if the `[tls]` files cannot be used.
     pub async fn bind(config: Config) -> Result<MessageServer, ServerError> {
+        let tls = match config.tls.files() {
+            Some((ca, cert, key)) => Some(transports::tls::Tls::load(ca, cert, key)?),
+            None => None,
+        };
         let addr = config.message_server.listen;
         let listener = transports::tcp::listen(addr, &config.tcp.options())
             .map_err(|source| ServerError::Bind { addr, source })?;
@@ -194,6 +205,7 @@ impl MessageServer {
             .as_deref()
             .map(transports::auth::ClusterSecret::new);
         let shared = Arc::new(Shared {
+            tls,
             secret,
             config,
             state: RwLock::new(State::default()),

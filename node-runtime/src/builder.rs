@@ -118,8 +118,13 @@ impl NodeBuilder {
         }
         config.validate("")?;
         let incarnation = crate::runtime::fresh_incarnation();
+        let tls = match config.tls.files() {
+            Some((ca, cert, key)) => Some(transports::tls::Tls::load(ca, cert, key)?),
+            None => None,
+        };
         let credentials = std::sync::Arc::new(crate::identity::Credentials::new(
             config.cluster.credentials.as_deref(),
+            tls,
         )?);
         let mut hello = Hello {
             version: PROTOCOL_VERSION,
@@ -201,7 +206,7 @@ impl NodeBuilder {
         });
         let span = tracing::info_span!("node", id = %self.id, incarnation);
         tracing::info!(parent: &span, %address, "node connected to the message server");
-        if rt.config.cluster.credentials.is_none() {
+        if rt.config.cluster.credentials.is_none() && !rt.config.tls.enabled() {
             tracing::warn!(parent: &span, "no cluster.credentials: any client that reaches this node's direct port can say hello");
         }
         rt.tasks

@@ -9,7 +9,6 @@ use bytes::Bytes;
 use cluster_manager::core::Receipt;
 use smol_str::SmolStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use tokio::net::tcp::OwnedReadHalf;
 
 use tokio::sync::mpsc;
 use transports::frame::{peek_cached, BodyArena, NameCache, Peeked};
@@ -64,7 +63,10 @@ pub(crate) enum LinkLost {
 }
 
 /// Reads frames from the message server until the link ends.
-pub(crate) async fn read_frames(rt: &Runtime, reader: &mut FrameReader<OwnedReadHalf>) -> LinkEnd {
+pub(crate) async fn read_frames(
+    rt: &Runtime,
+    reader: &mut FrameReader<transports::io::ReadHalf>,
+) -> LinkEnd {
     // Delivered bodies are copied out of the read buffer into this.
     let mut bodies = BodyArena::new();
     // Senders' and services' names are validated once, not per message.

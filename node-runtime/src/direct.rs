@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use cluster_manager::channels::{ChannelKind, ChannelPolicy, ChannelState, Verdict};
 use cluster_manager::SendError;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
@@ -184,7 +183,8 @@ async fn open(
         config.connect_timeout(),
     )
     .await?;
-    let (rd, mut wr) = stream.into_split();
+    // With TLS, the peer's certificate must name it.
+    let (rd, mut wr) = rt.credentials.open(stream, peer.as_str()).await?;
     let mut reader =
         FrameReader::with_read_chunk(rd, FrameCodec::default(), config.node.read_chunk_bytes);
     // The peer must sign with the session key the membership names.
@@ -233,7 +233,7 @@ async fn open(
 async fn outgoing_reader(
     rt: Runtime,
     conn: Arc<DirectConn>,
-    mut reader: FrameReader<OwnedReadHalf>,
+    mut reader: FrameReader<transports::io::ReadHalf>,
 ) {
     let unexpected = loop {
         let frame = tokio::select! {
@@ -410,18 +410,36 @@ async fn serve_inbound(
     if let Err(e) = transports::tcp::tune(&stream, &config.tcp.options()) {
         tracing::debug!(error = %e, "could not tune socket");
     }
-    let (rd, mut wr) = stream.into_split();
-    let mut reader =
-        FrameReader::with_read_chunk(rd, FrameCodec::default(), config.node.read_chunk_bytes);
     let deadline =
         tokio::time::Instant::now() + config.connect_timeout().min(handshake::HELLO_DEADLINE);
-    let hello = match handshake::accept_hello(
-        &mut reader,
-        &mut wr,
-        &config.cluster.name,
-        config.connect_timeout().min(handshake::HELLO_DEADLINE),
-    )
-    .await
+    let (rd, mut wr, certificates) = match &rt.credentials.tls {
+        None => {
+            let (rd, wr) = transports::io::split(stream);
+            (rd, wr, None)
+        }
+        Some(tls) => match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
+            Ok(Ok(stream)) => {
+                let certificates = transports::tls::Tls::peer_certificates(&stream);
+                let (rd, wr) = transports::io::split_tls(stream);
+                (rd, wr, Some(certificates))
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "refused a direct channel: TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(
+                    "closing a direct channel: no TLS handshake within the hello deadline"
+                );
+                return;
+            }
+        },
+    };
+    let mut reader =
+        FrameReader::with_read_chunk(rd, FrameCodec::default(), config.node.read_chunk_bytes);
+    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let hello = match handshake::accept_hello(&mut reader, &mut wr, &config.cluster.name, remaining)
+        .await
     {
         Ok(h) => h,
         Err(e) => {
@@ -440,6 +458,15 @@ async fn serve_inbound(
         return;
     }
     tracing::Span::current().record("peer", tracing::field::display(&hello.node));
+    // With TLS, the opener's certificate must name the id it claims.
+    if let (Some(tls), Some(certificates)) = (&rt.credentials.tls, &certificates) {
+        if !tls.names(certificates, hello.node.as_str()) {
+            tracing::warn!("refused a direct channel: the certificate does not name the opener");
+            let detail = "the certificate does not name this node id".to_owned();
+            handshake::refuse(&mut wr, RefusalReason::BadCredentials, detail).await;
+            return;
+        }
+    }
     // Only a current member may open a channel: a made-up id gets nothing
     // here (no duplicate window, no inbox delivery). A member that joined
     // a moment ago may be known here a moment later: its join is waited

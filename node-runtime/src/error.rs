@@ -59,6 +59,9 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    /// The `[tls]` files could not be used.
+    #[error("cannot set up TLS")]
+    Tls(#[from] transports::tls::TlsError),
     /// The system could not make this node's session key.
     #[error("cannot make this node's session key")]
     Identity(#[from] transports::auth::AuthError),

@@ -4,22 +4,40 @@
 
 use transports::auth::{self, AuthError, ClusterSecret, SessionKey};
 use transports::handshake::Opener;
+use transports::io::{ReadHalf, WriteHalf};
 use transports::protocol::{Hello, PublicKey};
+use transports::tls::Tls;
 
 /// The node's credentials, shared by every connection it opens or accepts.
 #[derive(Debug)]
 pub(crate) struct Credentials {
     pub(crate) key: SessionKey,
     pub(crate) secret: Option<ClusterSecret>,
+    /// With `[tls]`: every connection is TLS, certificates naming node ids.
+    pub(crate) tls: Option<Tls>,
 }
 
 impl Credentials {
-    /// A fresh session key, and the configured cluster secret.
-    pub(crate) fn new(secret: Option<&str>) -> Result<Credentials, AuthError> {
+    /// A fresh session key, the configured cluster secret, and TLS.
+    pub(crate) fn new(secret: Option<&str>, tls: Option<Tls>) -> Result<Credentials, AuthError> {
         Ok(Credentials {
             key: SessionKey::generate()?,
             secret: secret.map(ClusterSecret::new),
+            tls,
         })
+    }
+
+    /// Connects to `addr` (over TLS to a peer whose certificate must name
+    /// `peer`, when TLS is on) and splits the connection.
+    pub(crate) async fn open(
+        &self,
+        stream: tokio::net::TcpStream,
+        peer: &str,
+    ) -> std::io::Result<(ReadHalf, WriteHalf)> {
+        match &self.tls {
+            None => Ok(transports::io::split(stream)),
+            Some(tls) => Ok(transports::io::split_tls(tls.connect(stream, peer).await?)),
+        }
     }
 
     /// How this node opens a connection; `expect` names the member it

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use cluster_config::Config;
 use cluster_manager::link::LinkAction;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use transports::frame::{FrameCodec, HANDSHAKE_MAX_FRAME_BYTES};
 use transports::handshake::{self, HandshakeError};
+use transports::io::{ReadHalf, WriteHalf};
 use transports::protocol::{Hello, RefusalReason, Welcome};
 use transports::{write_queue, FrameReader, OutFrame, OutReceiver, WriteEnd};
 
@@ -37,8 +37,8 @@ pub(crate) struct Link {
     /// Where the server takes heartbeats, with this session's secret.
     pub(crate) heartbeat: Option<Heartbeat>,
     pub(crate) index: usize,
-    pub(crate) reader: FrameReader<OwnedReadHalf>,
-    pub(crate) writer: OwnedWriteHalf,
+    pub(crate) reader: FrameReader<ReadHalf>,
+    pub(crate) writer: WriteHalf,
     pub(crate) max_frame: usize,
 }
 
@@ -70,7 +70,7 @@ pub(crate) async fn connect(
     let stream =
         transports::tcp::connect(&address, &config.tcp.options(), config.connect_timeout()).await?;
     let peer = stream.peer_addr()?;
-    let (rd, mut wr) = stream.into_split();
+    let (rd, mut wr) = credentials.open(stream, &config.tls.server_name).await?;
     let mut reader = FrameReader::with_read_chunk(
         rd,
         FrameCodec::new(HANDSHAKE_MAX_FRAME_BYTES),

@@ -14,6 +14,7 @@
 //! - [`handshake`]: opening a connection, refusing a bad one.
 //! - [`auth`]: the cluster secret's MACs and the session keys.
 //! - [`tcp`]: listening and connecting with socket options applied.
+//! - [`tls`]: mutual TLS with certificates that name node ids.
 //! - [`heartbeat`]: the UDP heartbeat datagrams.
 
 #[cfg(feature = "io")]
@@ -26,6 +27,8 @@ pub mod heartbeat;
 pub mod io;
 pub mod protocol;
 pub mod tcp;
+#[cfg(feature = "io")]
+pub mod tls;
 mod wire;
 
 pub use frame::{Frame, FrameCodec, FrameError, OutFrame};

@@ -32,6 +32,8 @@
 //!   waits for room.
 //! - `staging`: small frames encoded into the queue's staging buffer as
 //!   they are queued.
+//! - `stream`: [`ReadHalf`] and [`WriteHalf`], a connection's halves over
+//!   plain TCP or TLS.
 //! - `writer`: [`write_queue`] and [`run_writer`], the task that drains a
 //!   queue into its connection (after a prelude of frames, when given one:
 //!   what a reconnected link resends).
@@ -39,6 +41,7 @@
 mod queue;
 mod reader;
 mod staging;
+mod stream;
 mod writer;
 
 pub use queue::{
@@ -46,6 +49,7 @@ pub use queue::{
 };
 pub use reader::{FrameReader, EXACT_BUFFER_FROM_BYTES, READ_CHUNK_BYTES};
 pub use staging::STAGE_UP_TO_BYTES;
+pub use stream::{split, split_tls, ReadHalf, WriteHalf};
 pub use writer::{
     run_writer, write_queue, WriteEnd, COALESCE_BELOW, COALESCE_CREDIT, COALESCE_PROBE_EVERY,
     VECTORED_MIN_BYTES,
