@@ -59,6 +59,17 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    /// The TLS handshake with the message server failed: a certificate
+    /// that does not chain to the other end's CA, or does not carry the
+    /// expected name (`tls.server_name` for the server).
+    #[error("TLS handshake with the message server at {address} failed")]
+    TlsHandshake {
+        /// The server's address.
+        address: String,
+        /// The cause, as rustls says it.
+        #[source]
+        source: std::io::Error,
+    },
     /// The `[tls]` files could not be used.
     #[error("cannot set up TLS")]
     Tls(#[from] transports::tls::TlsError),

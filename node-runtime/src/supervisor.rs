@@ -51,6 +51,8 @@ pub(crate) enum AttemptError {
     Handshake(#[from] HandshakeError),
     #[error(transparent)]
     Identity(#[from] transports::auth::AuthError),
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
 }
 
 /// Connects to `message_server.addresses[index]` and registers.
@@ -70,7 +72,10 @@ pub(crate) async fn connect(
     let stream =
         transports::tcp::connect(&address, &config.tcp.options(), config.connect_timeout()).await?;
     let peer = stream.peer_addr()?;
-    let (rd, mut wr) = credentials.open(stream, &config.tls.server_name).await?;
+    let (rd, mut wr) = credentials
+        .open(stream, &config.tls.server_name)
+        .await
+        .map_err(AttemptError::Tls)?;
     let mut reader = FrameReader::with_read_chunk(
         rd,
         FrameCodec::new(HANDSHAKE_MAX_FRAME_BYTES),
@@ -129,10 +134,14 @@ pub(crate) async fn connect_first(
 ) -> Result<(Link, Welcome), NodeError> {
     let mut last_io = None;
     let mut last_refusal = None;
+    let mut last_tls = None;
     for index in 0..config.message_server.addresses.len() {
         match connect(config, credentials, hello, index).await {
             Ok(ok) => return Ok(ok),
             Err(AttemptError::Identity(e)) => return Err(NodeError::Identity(e)),
+            Err(AttemptError::Tls(source)) => {
+                last_tls = Some((config.message_server.addresses[index].clone(), source))
+            }
             Err(AttemptError::Connect(e)) => last_io = Some(e),
             Err(AttemptError::Handshake(e)) => {
                 last_refusal = Some((config.message_server.addresses[index].clone(), e))
@@ -141,6 +150,9 @@ pub(crate) async fn connect_first(
     }
     if let Some((address, source)) = last_refusal {
         return Err(NodeError::Handshake { address, source });
+    }
+    if let Some((address, source)) = last_tls {
+        return Err(NodeError::TlsHandshake { address, source });
     }
     Err(NodeError::Connect {
         addresses: config.message_server.addresses.clone(),
