@@ -60,6 +60,9 @@ pub const DEFAULT_INBOX_CAPACITY: usize = 1_024;
 pub const DEFAULT_INBOX_WAIT_MS: u64 = 1_000;
 /// Default bound of acknowledged messages awaiting an outcome.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 65_536;
+/// Default cap of the body bytes of a node's acknowledged messages
+/// awaiting their outcome (the resend buffer's size in bytes).
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 256 * 1024 * 1024;
 /// Default backlog above which a node reports itself busy.
 pub const DEFAULT_BUSY_UPPER: usize = 768;
 /// Default backlog below which a busy node is no longer busy.

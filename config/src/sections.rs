@@ -173,6 +173,11 @@ pub struct NodeConfig {
     /// further sends wait (bounded by the send timeout). Bounds the resend
     /// buffer. Default [`DEFAULT_MAX_IN_FLIGHT`].
     pub max_in_flight: usize,
+    /// Body bytes of acknowledged messages awaiting their outcome, at
+    /// most; further sends wait (bounded by the send timeout). Bounds the
+    /// resend buffer in bytes. A body larger than this takes all of it.
+    /// Default [`DEFAULT_MAX_IN_FLIGHT_BYTES`].
+    pub max_in_flight_bytes: usize,
     /// Backlog above which the node reports itself busy.
     /// Default [`DEFAULT_BUSY_UPPER`].
     pub busy_upper: usize,
@@ -211,6 +216,7 @@ impl Default for NodeConfig {
             inbox_capacity: DEFAULT_INBOX_CAPACITY,
             inbox_wait_ms: DEFAULT_INBOX_WAIT_MS,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             busy_upper: DEFAULT_BUSY_UPPER,
             busy_lower: DEFAULT_BUSY_LOWER,
             processor_concurrency: DEFAULT_PROCESSOR_CONCURRENCY,

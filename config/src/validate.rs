@@ -102,6 +102,11 @@ impl Config {
             ("node.inbox_capacity", self.node.inbox_capacity, 1),
             ("node.max_in_flight", self.node.max_in_flight, 1),
             (
+                "node.max_in_flight_bytes",
+                self.node.max_in_flight_bytes,
+                64 * 1024,
+            ),
+            (
                 "node.processor_concurrency",
                 self.node.processor_concurrency,
                 1,

@@ -27,8 +27,25 @@ pub struct Pending {
     /// Set once the outcome arrived: the tracker let go of the message
     /// then, so dropping this handle has nothing to cancel.
     settled: bool,
-    /// Its place among the messages in flight; given back on drop.
-    _place: OwnedSemaphorePermit,
+    /// Its places among the messages in flight; given back on drop.
+    _places: Places,
+}
+
+/// A message's places among those in flight: one in their count
+/// (`node.max_in_flight`), and its body's share of their bytes
+/// (`node.max_in_flight_bytes`, in KiB).
+#[derive(Debug)]
+pub(crate) struct Places {
+    // Held, never read: given back when dropped.
+    pub(crate) _message: OwnedSemaphorePermit,
+    pub(crate) _bytes: OwnedSemaphorePermit,
+}
+
+/// The share of the in-flight bytes (in KiB units) a body of `len` bytes
+/// takes: at least one, at most all (`capacity`).
+pub(crate) fn byte_units(len: usize, capacity: usize) -> u32 {
+    let units = len.div_ceil(1024).clamp(1, capacity.max(1));
+    u32::try_from(units).unwrap_or(u32::MAX)
 }
 
 impl Pending {
@@ -38,7 +55,7 @@ impl Pending {
         deadline: Instant,
         after: Duration,
         rx: oneshot::Receiver<Completion>,
-        place: OwnedSemaphorePermit,
+        places: Places,
     ) -> Pending {
         Pending {
             core,
@@ -47,7 +64,7 @@ impl Pending {
             after,
             rx: Some(rx),
             settled: false,
-            _place: place,
+            _places: places,
         }
     }
 
@@ -113,6 +130,31 @@ impl Drop for Pending {
         if !self.settled {
             let cancelled = self.core.lock().handle_cancel(self.seq);
             drop(cancelled);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::byte_units;
+
+    #[test]
+    fn a_body_takes_its_kib_at_least_one_at_most_all() {
+        let cases = [
+            (0, 1024, 1),
+            (1, 1024, 1),
+            (1024, 1024, 1),
+            (1025, 1024, 2),
+            (256 << 10, 1024, 256),
+            (64 << 20, 1024, 1024),
+            (10, 0, 1),
+        ];
+        for (len, capacity, units) in cases {
+            assert_eq!(
+                byte_units(len, capacity),
+                units,
+                "{len} bytes of {capacity} KiB"
+            );
         }
     }
 }

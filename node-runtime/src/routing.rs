@@ -19,7 +19,7 @@ use transports::{Lane, OutFrame, PushError, Wait};
 use crate::channels::DirectConn;
 use crate::counters::Counters;
 use crate::direct::get_or_open;
-use crate::pending::Pending;
+use crate::pending::{byte_units, Pending, Places};
 use crate::runtime::Runtime;
 use cluster_manager::channels::ChannelKind;
 use cluster_manager::tracker::Resend;
@@ -164,26 +164,7 @@ impl Runtime {
             .await?;
         let body_len = body.len() as u64;
         let service: Arc<str> = self.service_name(service);
-        let permit = match self.in_flight.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                let waited = Box::pin(tokio::time::timeout_at(
-                    deadline,
-                    self.in_flight.clone().acquire_owned(),
-                ))
-                .await;
-                match waited {
-                    Ok(Ok(permit)) => permit,
-                    Ok(Err(_)) => return Err(SendError::Shutdown),
-                    Err(_) => {
-                        return Err(SendError::Timeout {
-                            after: self.config.send_timeout(),
-                            waiting_for: vec![],
-                        })
-                    }
-                }
-            }
-        };
+        let permit = self.take_places(body.len(), deadline).await?;
         let (tx, rx) = oneshot::channel();
         let Numbered {
             route,
@@ -284,13 +265,53 @@ impl Runtime {
         }
     }
 
+    /// Places among the messages in flight for a body of `len` bytes: one
+    /// in their count and its share of their bytes, waiting for them until
+    /// `deadline`.
+    async fn take_places(&self, len: usize, deadline: Instant) -> Result<Places, SendError> {
+        let units = byte_units(len, self.in_flight_bytes_capacity);
+        let ready = self.in_flight.clone().try_acquire_owned().ok().zip(
+            self.in_flight_bytes
+                .clone()
+                .try_acquire_many_owned(units)
+                .ok(),
+        );
+        if let Some((message, bytes)) = ready {
+            return Ok(Places {
+                _message: message,
+                _bytes: bytes,
+            });
+        }
+        let waited = Box::pin(tokio::time::timeout_at(deadline, async {
+            let message = self.in_flight.clone().acquire_owned().await?;
+            let bytes = self
+                .in_flight_bytes
+                .clone()
+                .acquire_many_owned(units)
+                .await?;
+            Ok::<_, tokio::sync::AcquireError>(Places {
+                _message: message,
+                _bytes: bytes,
+            })
+        }))
+        .await;
+        match waited {
+            Ok(Ok(places)) => Ok(places),
+            Ok(Err(_)) => Err(SendError::Shutdown),
+            Err(_) => Err(SendError::Timeout {
+                after: self.config.send_timeout(),
+                waiting_for: vec![],
+            }),
+        }
+    }
+
     /// The handle of acknowledged message `seq`.
     fn pending(
         &self,
         seq: u64,
         deadline: Instant,
         rx: oneshot::Receiver<Completion>,
-        permit: tokio::sync::OwnedSemaphorePermit,
+        permit: Places,
     ) -> Pending {
         Pending::new(
             self.core.clone(),

@@ -82,6 +82,11 @@ pub(crate) struct Runtime {
     /// Bounds the acknowledged messages awaiting an outcome
     /// (`node.max_in_flight`); a [`crate::Pending`] holds a place.
     pub(crate) in_flight: Arc<Semaphore>,
+    /// The body bytes of those messages, in KiB
+    /// (`node.max_in_flight_bytes`); a [`crate::Pending`] holds its share.
+    pub(crate) in_flight_bytes: Arc<Semaphore>,
+    /// How many KiB `in_flight_bytes` has in all.
+    pub(crate) in_flight_bytes_capacity: usize,
     pub(crate) cancel: CancellationToken,
     pub(crate) tasks: TaskTracker,
     /// What each delivered request keeps to answer it (one per node,
@@ -127,6 +132,8 @@ impl Runtime {
             std::time::Instant::now(),
         );
         let max_in_flight = parts.config.node.max_in_flight;
+        let in_flight_kib =
+            (parts.config.node.max_in_flight_bytes / 1024).clamp(1, Semaphore::MAX_PERMITS);
         let id = parts.hello.node.clone();
         let config = Arc::new(parts.config);
         let core = Arc::new(CoreCell::new(core));
@@ -155,6 +162,8 @@ impl Runtime {
             in_flight: Arc::new(Semaphore::new(
                 max_in_flight.clamp(1, Semaphore::MAX_PERMITS),
             )),
+            in_flight_bytes: Arc::new(Semaphore::new(in_flight_kib)),
+            in_flight_bytes_capacity: in_flight_kib,
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
             started: std::time::Instant::now(),

@@ -596,3 +596,49 @@ async fn one_way_messages_are_slowed_down_or_reported_never_silently_lost() -> a
     })
     .await
 }
+
+/// The resend buffer is bounded in bytes as well as in messages: with
+/// `node.max_in_flight_bytes` of 1 MiB, four unsettled 256 KiB messages
+/// take it all; a fifth send waits for room and, with none made, fails
+/// with a timeout (nothing silently dropped or grown). Letting one go
+/// makes room for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resend_buffer_is_bounded_in_bytes() -> anyhow::Result<()> {
+    init_logging();
+    bounded(async {
+        let server = TestServer::start(test_config()).await?;
+        let mut config = test_config();
+        config.node.max_in_flight_bytes = 1 << 20;
+        config.node.send_timeout_ms = 500;
+        config.limits.max_message_bytes = 1 << 20;
+        let b = node(&server, "b", test_config()).await?;
+        let _inbox = b.subscribe("svc").await?;
+        let a = node(&server, "a", config).await?;
+        let body = Bytes::from(vec![7u8; 256 << 10]);
+        let to_b = || Target::Node(node_runtime::NodeId::new("b"));
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(a.submit(to_b(), "svc", body.clone()).await?);
+        }
+        match a.submit(to_b(), "svc", body.clone()).await {
+            Err(SendError::Timeout { .. }) => {}
+            other => bail!("a fifth 256 KiB message past 1 MiB in flight: {other:?}"),
+        }
+        // A small message needs only its own share: still no room.
+        match a.submit(to_b(), "svc", Bytes::from_static(b"x")).await {
+            Err(SendError::Timeout { .. }) => {}
+            other => bail!("a message past the byte bound: {other:?}"),
+        }
+        let first = held.remove(0);
+        first.outcome().await?;
+        let fifth = a.submit(to_b(), "svc", body.clone()).await?;
+        fifth.outcome().await?;
+        for pending in held {
+            pending.outcome().await?;
+        }
+        a.shutdown().await;
+        b.shutdown().await;
+        Ok(())
+    })
+    .await
+}
