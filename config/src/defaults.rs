@@ -52,6 +52,9 @@ pub const DEFAULT_NODE_MAX_CHANNELS: usize = 1_024;
 pub const DEFAULT_NODE_MAX_UNAUTHENTICATED: usize = 64;
 /// Default name the message server's TLS certificate carries.
 pub const DEFAULT_TLS_SERVER_NAME: &str = "message-server";
+/// Default memory budget of the message server: the bytes of queued
+/// messages across all its connections.
+pub const DEFAULT_MEMORY_BUDGET_BYTES: usize = 1024 * 1024 * 1024;
 /// Default address of a node's direct-channel listener.
 pub const DEFAULT_DIRECT_LISTEN: &str = "0.0.0.0:0";
 /// Default capacity of each service inbox, in messages.

@@ -126,6 +126,11 @@ pub struct MessageServerConfig {
     /// false: such a registration is refused, so that a member cannot
     /// point the others' channels (and their credentials) elsewhere.
     pub allow_foreign_direct_addr: bool,
+    /// Bytes of messages the message server holds queued across all its
+    /// connections, at most; a message past it is answered as for a full
+    /// queue (the sender waits, then hears `Overloaded`). Default
+    /// [`DEFAULT_MEMORY_BUDGET_BYTES`].
+    pub memory_budget_bytes: usize,
 }
 
 impl Default for MessageServerConfig {
@@ -142,6 +147,7 @@ impl Default for MessageServerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_unauthenticated: DEFAULT_MAX_UNAUTHENTICATED,
             allow_foreign_direct_addr: false,
+            memory_budget_bytes: DEFAULT_MEMORY_BUDGET_BYTES,
         }
     }
 }

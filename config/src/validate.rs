@@ -89,6 +89,11 @@ impl Config {
         for (key, v, min) in [
             ("message_server.queue_frames", ms.queue_frames, 16),
             ("message_server.queue_bytes", ms.queue_bytes, 64 * 1024),
+            (
+                "message_server.memory_budget_bytes",
+                ms.memory_budget_bytes,
+                1024 * 1024,
+            ),
             ("message_server.max_connections", ms.max_connections, 1),
             (
                 "message_server.max_unauthenticated",

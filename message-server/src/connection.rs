@@ -14,14 +14,14 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use transports::frame::{peek_cached, FrameCodec, NameCache, Peeked, RawFrame};
 use transports::handshake::{self, HandshakeError};
-use transports::io::Wakes;
+use transports::io::{out_queue_within, Wakes};
 use transports::protocol::{
     same_name, valid_name, AckRef, AcksRef, DeliveryFailure, Header, Hello, LeaveReason,
     MemberEvent, MemberInfo, MessageKind, MessageRef, NodeId, Refusal, RefusalReason, Routed,
     Target, TargetRef, MAX_NAMES_PER_NODE,
 };
 use transports::{
-    out_queue, FrameError, FrameReader, Lane, OutFrame, OutQueue, PushError, Wait, WeakOutQueue,
+    FrameError, FrameReader, Lane, OutFrame, OutQueue, PushError, Wait, WeakOutQueue,
 };
 
 use crate::counters::Counters;
@@ -220,9 +220,10 @@ pub(crate) async fn serve(
         // A registered node that starts a frame and stalls in it is cut
         // off after the failure timeout, heartbeats or not.
         reader.set_stall_limit(shared.config.failure_timeout());
-        let (queue, rx) = out_queue(
+        let (queue, rx) = out_queue_within(
             shared.config.message_server.queue_frames,
             shared.config.message_server.queue_bytes,
+            shared.budget.clone(),
         );
         let me = MemberInfo {
             id: hello.node.clone(),
@@ -908,7 +909,9 @@ impl Connection {
                         // Not a byte read in all that time: the receiver
                         // does not read its data at all (it may still
                         // heartbeat), and is cut off as for control frames.
-                        if queue.taken_frames() == taken {
+                        // (A queue with nothing in it waits for the
+                        // server's budget, not for its reader.)
+                        if queue.taken_frames() == taken && queue.holds_frames() {
                             tracing::warn!(node = %id, "cutting off slow consumer: it read none of its data for message_server.slow_consumer_ms");
                             Counters::add(&counters.slow_consumers, 1);
                             queue.close();

@@ -104,6 +104,9 @@ pub(crate) struct Shared {
     /// With `[tls]`: every connection is TLS, and a node's certificate
     /// must name its node id.
     pub(crate) tls: Option<transports::tls::Tls>,
+    /// `message_server.memory_budget_bytes`, which every connection's
+    /// queue draws on.
+    pub(crate) budget: Arc<transports::io::Budget>,
     /// Bumped whenever the state is locked for writing: a connection's
     /// cached routes are good while it stays the same.
     generation: AtomicU64,
@@ -204,7 +207,9 @@ impl MessageServer {
             .credentials
             .as_deref()
             .map(transports::auth::ClusterSecret::new);
+        let budget = transports::io::Budget::new(config.message_server.memory_budget_bytes);
         let shared = Arc::new(Shared {
+            budget,
             tls,
             secret,
             config,

@@ -284,6 +284,8 @@ async fn receiver_killed_mid_stream_fails_the_sender_within_the_failure_timeout(
 struct Outcomes {
     delivered: AtomicUsize,
     overloaded: AtomicUsize,
+    /// `TargetStopped`: the receiver was cut off (or stopped) meanwhile.
+    stopped: AtomicUsize,
     other: std::sync::Mutex<Vec<String>>,
 }
 
@@ -291,6 +293,7 @@ impl Outcomes {
     fn settled(&self) -> usize {
         self.delivered.load(Ordering::SeqCst)
             + self.overloaded.load(Ordering::SeqCst)
+            + self.stopped.load(Ordering::SeqCst)
             + self.other.lock().expect("lock").len()
     }
 }
@@ -315,6 +318,9 @@ async fn flood(
                 Ok(_) => outcomes.delivered.fetch_add(1, Ordering::SeqCst),
                 Err(SendError::Overloaded { .. }) => {
                     outcomes.overloaded.fetch_add(1, Ordering::SeqCst)
+                }
+                Err(SendError::TargetStopped { .. }) => {
+                    outcomes.stopped.fetch_add(1, Ordering::SeqCst)
                 }
                 Err(e) => {
                     outcomes.other.lock().expect("lock").push(e.to_string());
@@ -371,6 +377,8 @@ async fn full_inbox_answers_overloaded_and_never_blocks_the_node() -> anyhow::Re
         let received = drain.await?;
         let other = outcomes.other.lock().expect("lock").clone();
         assert!(other.is_empty(), "unexpected errors: {other:?}");
+        // A slow inbox is not a cut-off: nothing stopped.
+        assert_eq!(outcomes.stopped.load(Ordering::SeqCst), 0);
         let delivered = outcomes.delivered.load(Ordering::SeqCst);
         assert_eq!(outcomes.settled(), COUNT);
         assert!(outcomes.overloaded.load(Ordering::SeqCst) > 0);
@@ -401,7 +409,9 @@ async fn stopped_receiver_is_answered_for_by_the_server() -> anyhow::Result<()> 
         let sender = node(&server, "sender", config).await?;
 
         // SIGSTOP: the receiver's socket fills, then its queue at the
-        // server; the server answers the sender instead of dropping.
+        // server; the server answers the sender instead of dropping (and,
+        // as the receiver reads nothing for slow_consumer_ms, cuts it off:
+        // what it held is answered as stopped).
         receiver.signal("STOP").await?;
         let (outcomes, mut tasks) =
             flood(&sender, "frozen", COUNT, Bytes::from(vec![9u8; 32 * 1024])).await?;

@@ -108,6 +108,63 @@ impl WeakOutQueue {
 /// otherwise empty, so the byte bound never makes a frame impossible to
 /// send.
 pub fn out_queue(frames: usize, bytes: usize) -> (OutQueue, OutReceiver) {
+    new_queue(frames, bytes, None)
+}
+
+/// [`out_queue`], its data also drawing on `budget`, which many queues
+/// share: a data frame that does not fit the budget does not fit the
+/// queue (it is [`PushError::Full`], as when the queue itself is full).
+pub fn out_queue_within(
+    frames: usize,
+    bytes: usize,
+    budget: Arc<Budget>,
+) -> (OutQueue, OutReceiver) {
+    new_queue(frames, bytes, Some(budget))
+}
+
+/// Bytes a queue takes from its [`Budget`] at a time, and keeps at most
+/// beyond what it holds: queues touch the shared budget once per this
+/// many bytes, not once per frame.
+pub const BUDGET_CHUNK_BYTES: usize = 256 * 1024;
+
+/// A memory budget shared by many queues (the message server's, across
+/// all its connections): queued data takes its bytes from it, in chunks
+/// of [`BUDGET_CHUNK_BYTES`], and gives them back once written, or when
+/// its queue is dropped.
+#[derive(Debug)]
+pub struct Budget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            limit,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// Bytes taken now (by all queues, their chunks rounded up).
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn try_take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|&after| after <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+fn new_queue(frames: usize, bytes: usize, budget: Option<Arc<Budget>>) -> (OutQueue, OutReceiver) {
     let frames = frames.max(4);
     let max_bytes = u32::try_from(bytes).unwrap_or(u32::MAX).max(1);
     let core = Arc::new(Core {
@@ -121,6 +178,7 @@ pub fn out_queue(frames: usize, bytes: usize) -> (OutQueue, OutReceiver) {
         congested: AtomicBool::new(false),
         queued: AtomicUsize::new(0),
         taken: AtomicU64::new(0),
+        budget,
         max_frame: AtomicUsize::new(u32::MAX as usize),
     });
     (
@@ -157,7 +215,7 @@ impl OutQueue {
         let put = {
             let mut state = core.lock();
             let fits = match lane {
-                Lane::Data => state.waiting.is_empty() && core.data_fits(&state, permits),
+                Lane::Data => state.waiting.is_empty() && core.data_fits(&mut state, permits),
                 Lane::Control => core.control_fits(&state),
             };
             if !fits {
@@ -409,6 +467,13 @@ impl OutQueue {
         self.core().taken.load(Ordering::Relaxed)
     }
 
+    /// Whether the queue holds any frame, queued or being written (a cold
+    /// path: it takes the lock).
+    pub fn holds_frames(&self) -> bool {
+        let state = self.core().lock();
+        state.frames > 0 || state.data > 0
+    }
+
     /// Frames waiting to be written: a measure of the receiver's load.
     pub fn queued_frames(&self) -> usize {
         self.core().queued.load(Ordering::Relaxed)
@@ -625,6 +690,7 @@ impl OutReceiver {
         let mut state = self.core.lock();
         state.data -= data;
         state.bytes -= bytes;
+        self.core.return_budget(&mut state);
         self.core.made_room(&state);
     }
 }
@@ -637,6 +703,11 @@ impl Drop for OutReceiver {
         let (items, staged) = {
             let mut state = self.core.lock();
             state.frames = 0;
+            // Nothing of it will be written: its budget goes back.
+            if let Some(budget) = &self.core.budget {
+                budget.give(state.reserved);
+                state.reserved = 0;
+            }
             (std::mem::take(&mut state.items), state.staged.discard())
         };
         self.core.queued.store(0, Ordering::Relaxed);
@@ -690,6 +761,8 @@ struct Core {
     /// Frames the writer has taken so far: whether the consumer makes
     /// progress (see [`OutQueue::taken_frames`]).
     taken: AtomicU64,
+    /// The budget its data also draws on, if it shares one.
+    budget: Option<Arc<Budget>>,
     /// The frame limit of the connection being written (staged frames are
     /// checked against it when they are queued).
     max_frame: AtomicUsize,
@@ -716,6 +789,8 @@ struct State {
     next_ticket: u64,
     /// Senders waiting for a frame slot for a control frame.
     control_waiting: usize,
+    /// Bytes taken from the shared budget: at least `bytes`.
+    reserved: usize,
 }
 
 /// What a waiting sender found when it looked.
@@ -757,11 +832,43 @@ impl Core {
         u32::try_from(len).unwrap_or(u32::MAX).min(self.max_bytes)
     }
 
-    /// Whether a data frame of `permits` bytes fits now.
-    fn data_fits(&self, state: &State, permits: u32) -> bool {
-        state.frames < self.max_frames
+    /// Whether a data frame of `permits` bytes fits now (in the queue, and
+    /// in the shared budget, taking another chunk of it if need be).
+    fn data_fits(&self, state: &mut State, permits: u32) -> bool {
+        let fits = state.frames < self.max_frames
             && state.data < self.max_data
-            && state.bytes + permits as usize <= self.max_bytes as usize
+            && state.bytes + permits as usize <= self.max_bytes as usize;
+        let Some(budget) = self.budget.as_ref().filter(|_| fits) else {
+            return fits;
+        };
+        let need = state.bytes + permits as usize;
+        if need <= state.reserved {
+            return true;
+        }
+        // A closed queue gave its budget back (under this lock) and takes
+        // none again.
+        if self.is_closed() {
+            return false;
+        }
+        let more = (need - state.reserved).max(BUDGET_CHUNK_BYTES);
+        if budget.try_take(more) {
+            state.reserved += more;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Gives back to the shared budget what the queue holds beyond its
+    /// bytes and a chunk.
+    fn return_budget(&self, state: &mut State) {
+        if let Some(budget) = &self.budget {
+            let keep = state.bytes + BUDGET_CHUNK_BYTES;
+            if state.reserved > keep + BUDGET_CHUNK_BYTES {
+                budget.give(state.reserved - keep);
+                state.reserved = keep;
+            }
+        }
     }
 
     /// Whether a control frame fits now.
@@ -782,7 +889,7 @@ impl Core {
     fn stage_now(&self, head: &Head, payload: &[u8]) -> Result<Option<Waker>, ()> {
         let permits = self.permits_for_len(payload.len());
         let mut state = self.lock();
-        if !state.waiting.is_empty() || !self.data_fits(&state, permits) {
+        if !state.waiting.is_empty() || !self.data_fits(&mut state, permits) {
             return Err(());
         }
         self.stage(&mut state, head, payload, permits as usize, 1);
@@ -1118,6 +1225,51 @@ mod tests {
         // A push not polled queues nothing.
         drop(q.push(body(10), Lane::Data, Wait::Forever));
         assert_eq!(q.queued_frames(), 1);
+    }
+
+    #[test]
+    fn queues_sharing_a_budget_take_no_more_than_it_and_give_it_back() {
+        let chunk = BUDGET_CHUNK_BYTES;
+        let budget = Budget::new(4 * chunk);
+        let body = |n: usize| OutFrame::Parts {
+            header: Header::Goodbye,
+            body: Bytes::from(vec![0u8; n]),
+        };
+        // Each queue alone could hold 8 chunks; together they get 4.
+        let (a, a_rx) = out_queue_within(1024, 8 * chunk, budget.clone());
+        let (b, b_rx) = out_queue_within(1024, 8 * chunk, budget.clone());
+        for _ in 0..3 {
+            assert!(a.try_push(body(chunk), Lane::Data).is_ok());
+        }
+        assert!(b.try_push(body(chunk / 2), Lane::Data).is_ok());
+        assert_eq!(budget.used(), 4 * chunk);
+        // The budget is spent: neither queue takes more data, though
+        // both have room of their own; control frames still go.
+        for q in [&a, &b] {
+            assert!(matches!(
+                q.try_push(body(chunk), Lane::Data),
+                Err(PushError::Full(_))
+            ));
+            assert!(q
+                .try_push(OutFrame::control(Header::Goodbye), Lane::Control)
+                .is_ok());
+        }
+        // Small frames within a queue's chunk still fit.
+        assert!(b.try_push(body(100), Lane::Data).is_ok());
+        // What `a`'s writer writes goes back (but a chunk), and `b` gets it.
+        let mut batch = VecDeque::new();
+        a_rx.take_more(&mut batch);
+        let (data, bytes) = batch
+            .iter()
+            .fold((0, 0), |(d, b), item| (d + item.data, b + item.permits));
+        a_rx.release(data, bytes);
+        assert_eq!(budget.used(), 2 * chunk);
+        assert!(b.try_push(body(chunk), Lane::Data).is_ok());
+        // A dropped queue gives back all it had.
+        drop(b_rx);
+        assert_eq!(budget.used(), chunk);
+        drop(a_rx);
+        assert_eq!(budget.used(), 0);
     }
 
     fn numbered(token: u64, len: usize) -> OutFrame {
