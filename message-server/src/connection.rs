@@ -95,11 +95,15 @@ pub(crate) async fn serve(
                     }
                     Ok(Err(e)) => {
                         Counters::add(&shared.counters.connections_refused, 1);
-                        tracing::info!(error = %e, "closing connection: TLS handshake failed");
+                        if shared.refusals.admit() {
+                            tracing::info!(error = %e, "closing connection: TLS handshake failed");
+                        }
                         return;
                     }
                     Err(_) => {
-                        tracing::info!("closing connection: no TLS handshake within the hello deadline");
+                        if shared.refusals.admit() {
+                            tracing::info!("closing connection: no TLS handshake within the hello deadline");
+                        }
                         return;
                     }
                 }
@@ -120,7 +124,9 @@ pub(crate) async fn serve(
                 ) {
                     Counters::add(&shared.counters.protocol_errors, 1);
                 }
-                tracing::info!(error = %e, "closing connection before registration");
+                if shared.refusals.admit() {
+                    tracing::info!(error = %e, "closing connection before registration");
+                }
                 return;
             }
         };
@@ -134,10 +140,12 @@ pub(crate) async fn serve(
                 .chain(&hello.services)
                 .all(|n| valid_name(n));
         if !names_ok {
-            tracing::warn!(
-                node = %handshake::for_log(hello.node.as_str()),
-                "refusing node: invalid names in its hello"
-            );
+            if shared.refusals.admit() {
+                tracing::warn!(
+                    node = %handshake::for_log(hello.node.as_str()),
+                    "refusing node: invalid names in its hello"
+                );
+            }
             Counters::add(&shared.counters.connections_refused, 1);
             handshake::refuse(
                 &mut wr,
@@ -150,7 +158,9 @@ pub(crate) async fn serve(
         tracing::Span::current().record("node", tracing::field::display(&hello.node));
         let cluster = &shared.config.cluster;
         if let Err(refusal) = handshake::check_hello(&hello, &cluster.name) {
-            tracing::warn!(reason = %refusal.reason, "refusing node");
+            if shared.refusals.admit() {
+                tracing::warn!(reason = %refusal.reason, "refusing node");
+            }
             Counters::add(&shared.counters.connections_refused, 1);
             handshake::refuse(&mut wr, refusal.reason, refusal.detail).await;
             return;
@@ -158,7 +168,9 @@ pub(crate) async fn serve(
         // With TLS, the node's certificate must name the id it claims.
         if let (Some(tls), Some(certificates)) = (&shared.tls, &certificates) {
             if !tls.names(certificates, hello.node.as_str()) {
-                tracing::warn!("refusing node: its certificate does not name it");
+                if shared.refusals.admit() {
+                    tracing::warn!("refusing node: its certificate does not name it");
+                }
                 Counters::add(&shared.counters.connections_refused, 1);
                 let detail = "the certificate does not name this node id".to_owned();
                 handshake::refuse(&mut wr, RefusalReason::BadCredentials, detail).await;
@@ -166,7 +178,9 @@ pub(crate) async fn serve(
             }
         }
         if let Err(refusal) = check_claims(&shared, &hello, peer) {
-            tracing::warn!(reason = %refusal.reason, detail = %refusal.detail, "refusing node");
+            if shared.refusals.admit() {
+                tracing::warn!(reason = %refusal.reason, detail = %refusal.detail, "refusing node");
+            }
             Counters::add(&shared.counters.connections_refused, 1);
             handshake::refuse(&mut wr, refusal.reason, refusal.detail).await;
             return;
@@ -179,7 +193,9 @@ pub(crate) async fn serve(
         let acceptor_nonce = match proven {
             Ok(nonce) => nonce,
             Err(e) => {
-                tracing::warn!(error = %e, "refusing node: its proof failed");
+                if shared.refusals.admit() {
+                    tracing::warn!(error = %e, "refusing node: its proof failed");
+                }
                 Counters::add(&shared.counters.connections_refused, 1);
                 return;
             }
@@ -187,7 +203,9 @@ pub(crate) async fn serve(
         let permissions = match permitted(&shared, &hello) {
             Ok(p) => p,
             Err(refusal) => {
-                tracing::warn!(reason = %refusal.reason, detail = %refusal.detail, "refusing node");
+                if shared.refusals.admit() {
+                    tracing::warn!(reason = %refusal.reason, detail = %refusal.detail, "refusing node");
+                }
                 Counters::add(&shared.counters.connections_refused, 1);
                 handshake::refuse(&mut wr, refusal.reason, refusal.detail).await;
                 return;
@@ -245,7 +263,9 @@ pub(crate) async fn serve(
         let conn_id = match register(&shared, registration) {
             Ok(id) => id,
             Err(e) => {
-                tracing::warn!(error = %e, "refusing node");
+                if shared.refusals.admit() {
+                    tracing::warn!(error = %e, "refusing node");
+                }
                 Counters::add(&shared.counters.connections_refused, 1);
                 let reason = match e {
                     Refused::IncarnationFailed => RefusalReason::IncarnationFailed,

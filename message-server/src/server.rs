@@ -107,6 +107,8 @@ pub(crate) struct Shared {
     /// `message_server.memory_budget_bytes`, which every connection's
     /// queue draws on.
     pub(crate) budget: Arc<transports::io::Budget>,
+    /// Which refusals are logged.
+    pub(crate) refusals: transports::handshake::RefusalLog,
     /// Bumped whenever the state is locked for writing: a connection's
     /// cached routes are good while it stays the same.
     generation: AtomicU64,
@@ -209,6 +211,7 @@ impl MessageServer {
             .map(transports::auth::ClusterSecret::new);
         let budget = transports::io::Budget::new(config.message_server.memory_budget_bytes);
         let shared = Arc::new(Shared {
+            refusals: transports::handshake::RefusalLog::default(),
             budget,
             tls,
             secret,

@@ -76,6 +76,8 @@ pub(crate) struct DirectPool {
     /// rule), and the wake-up of those that wait for one.
     openers: Mutex<Openers>,
     opened: tokio::sync::Notify,
+    /// Which refusals of inbound channels are logged.
+    pub(crate) refusals: transports::handshake::RefusalLog,
 }
 
 impl DirectPool {

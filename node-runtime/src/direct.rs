@@ -424,7 +424,9 @@ async fn serve_inbound(
                 (rd, wr, Some(certificates))
             }
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "refused a direct channel: TLS handshake failed");
+                if rt.direct.refusals.admit() {
+                    tracing::warn!(error = %e, "refused a direct channel: TLS handshake failed");
+                }
                 return;
             }
             Err(_) => {
@@ -443,16 +445,20 @@ async fn serve_inbound(
     {
         Ok(h) => h,
         Err(e) => {
-            tracing::warn!(error = %e, "refused a direct channel");
+            if rt.direct.refusals.admit() {
+                tracing::warn!(error = %e, "refused a direct channel");
+            }
             return;
         }
     };
     // The peer's id is checked before it is logged.
     if !transports::protocol::valid_name(hello.node.as_str()) {
-        tracing::warn!(
-            peer = %handshake::for_log(hello.node.as_str()),
-            "refused a direct channel: invalid node id"
-        );
+        if rt.direct.refusals.admit() {
+            tracing::warn!(
+                peer = %handshake::for_log(hello.node.as_str()),
+                "refused a direct channel: invalid node id"
+            );
+        }
         let detail = "a node id is 1 to 255 bytes".to_owned();
         handshake::refuse(&mut wr, RefusalReason::ProtocolViolation, detail).await;
         return;
@@ -461,7 +467,11 @@ async fn serve_inbound(
     // With TLS, the opener's certificate must name the id it claims.
     if let (Some(tls), Some(certificates)) = (&rt.credentials.tls, &certificates) {
         if !tls.names(certificates, hello.node.as_str()) {
-            tracing::warn!("refused a direct channel: the certificate does not name the opener");
+            if rt.direct.refusals.admit() {
+                tracing::warn!(
+                    "refused a direct channel: the certificate does not name the opener"
+                );
+            }
             let detail = "the certificate does not name this node id".to_owned();
             handshake::refuse(&mut wr, RefusalReason::BadCredentials, detail).await;
             return;
@@ -472,10 +482,12 @@ async fn serve_inbound(
     // a moment ago may be known here a moment later: its join is waited
     // for, within the hello deadline.
     let Some(key) = is_member_soon(&rt, &hello.node, hello.incarnation).await else {
-        tracing::warn!(
-            incarnation = hello.incarnation,
-            "refused a direct channel: not a member"
-        );
+        if rt.direct.refusals.admit() {
+            tracing::warn!(
+                incarnation = hello.incarnation,
+                "refused a direct channel: not a member"
+            );
+        }
         let detail = "not a current member of the cluster".to_owned();
         handshake::refuse(&mut wr, RefusalReason::ProtocolViolation, detail).await;
         return;
@@ -483,10 +495,12 @@ async fn serve_inbound(
     // It must be that member's session (its key, proven next by its
     // signature), not another holder of the cluster secret.
     if key != hello.session_key {
-        tracing::warn!(
-            incarnation = hello.incarnation,
-            "refused a direct channel: not the member's session key"
-        );
+        if rt.direct.refusals.admit() {
+            tracing::warn!(
+                incarnation = hello.incarnation,
+                "refused a direct channel: not the member's session key"
+            );
+        }
         let detail = "wrong or no credentials".to_owned();
         handshake::refuse(&mut wr, RefusalReason::BadCredentials, detail).await;
         return;
@@ -502,7 +516,9 @@ async fn serve_inbound(
     )
     .await
     {
-        tracing::warn!(error = %e, "refused a direct channel");
+        if rt.direct.refusals.admit() {
+            tracing::warn!(error = %e, "refused a direct channel");
+        }
         return;
     }
     // What the opener may send to (from this node's copy of the cluster's
@@ -511,7 +527,9 @@ async fn serve_inbound(
         Ok(c) if c.permissions.allows_everything() => None,
         Ok(c) => Some(c.permissions),
         Err(e) => {
-            tracing::warn!(error = %e, "refused a direct channel: the opener's configuration section is invalid");
+            if rt.direct.refusals.admit() {
+                tracing::warn!(error = %e, "refused a direct channel: the opener's configuration section is invalid");
+            }
             let detail = "this node cannot read the opener's permissions".to_owned();
             handshake::refuse(&mut wr, RefusalReason::NotPermitted, detail).await;
             return;

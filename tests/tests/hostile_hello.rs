@@ -125,6 +125,13 @@ async fn refusals_reveal_nothing_and_logs_stay_short_and_escaped() -> anyhow::Re
         ensure!(got.len() < 1024, "a refusal of {} bytes", got.len());
     }
 
+    // Many small refusals: each answered, few logged.
+    const MANY: usize = 200;
+    for _ in 0..MANY {
+        let got = say(addr, hello("intruder", "some-other-cluster")).await?;
+        ensure!(matches!(refusal(got)?, RefusalReason::ClusterMismatch { .. }));
+    }
+
     // A connection that never says hello is closed (the hello deadline).
     let mut idle = TcpStream::connect(addr).await?;
     let got = read_until_closed(&mut idle).await?;
@@ -172,6 +179,12 @@ async fn refusals_reveal_nothing_and_logs_stay_short_and_escaped() -> anyhow::Re
     ensure!(
         logged.contains("refusing node"),
         "the refusals were not logged:\n{logged}"
+    );
+    let lines = logged.lines().filter(|l| l.contains("refusing node")).count();
+    ensure!(
+        lines <= 32 && logged.contains("only every power of two is logged"),
+        "{} refusals logged {lines} lines:\n{logged}",
+        2 * ROUNDS + 1 + MANY
     );
     ensure!(
         logged.contains("no cluster.credentials"),

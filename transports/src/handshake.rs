@@ -87,6 +87,51 @@ pub fn for_log(s: &str) -> String {
     out
 }
 
+/// Refusals logged in full in each minute; past that, only the ones whose
+/// count is a power of two, so that a flood of bad hellos cannot flood the
+/// log.
+pub const REFUSALS_LOGGED_PER_MINUTE: u64 = 16;
+
+/// Counts a listener's refusals per minute and says which to log.
+#[derive(Debug)]
+pub struct RefusalLog {
+    /// When this minute began, and the refusals in it.
+    window: std::sync::Mutex<(std::time::Instant, u64)>,
+}
+
+impl Default for RefusalLog {
+    fn default() -> RefusalLog {
+        RefusalLog {
+            window: std::sync::Mutex::new((std::time::Instant::now(), 0)),
+        }
+    }
+}
+
+impl RefusalLog {
+    /// Counts a refusal; whether to log it. When a minute with refusals
+    /// left unlogged ends, says how many there were.
+    pub fn admit(&self) -> bool {
+        let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        let (start, count) = &mut *window;
+        if start.elapsed() >= Duration::from_secs(60) {
+            if *count > REFUSALS_LOGGED_PER_MINUTE {
+                tracing::warn!(
+                    refusals = *count,
+                    "refused connections in the last minute; not all were logged"
+                );
+            }
+            *start = std::time::Instant::now();
+            *count = 0;
+        }
+        *count += 1;
+        let n = *count;
+        if n == REFUSALS_LOGGED_PER_MINUTE + 1 {
+            tracing::warn!("more refusals this minute: only every power of two is logged now");
+        }
+        n <= REFUSALS_LOGGED_PER_MINUTE || n.is_power_of_two()
+    }
+}
+
 /// Writes one frame directly (outside any writer task).
 ///
 /// # Errors
