@@ -129,7 +129,10 @@ async fn refusals_reveal_nothing_and_logs_stay_short_and_escaped() -> anyhow::Re
     const MANY: usize = 200;
     for _ in 0..MANY {
         let got = say(addr, hello("intruder", "some-other-cluster")).await?;
-        ensure!(matches!(refusal(got)?, RefusalReason::ClusterMismatch { .. }));
+        ensure!(matches!(
+            refusal(got)?,
+            RefusalReason::ClusterMismatch { .. }
+        ));
     }
 
     // A connection that never says hello is closed (the hello deadline).
@@ -180,7 +183,10 @@ async fn refusals_reveal_nothing_and_logs_stay_short_and_escaped() -> anyhow::Re
         logged.contains("refusing node"),
         "the refusals were not logged:\n{logged}"
     );
-    let lines = logged.lines().filter(|l| l.contains("refusing node")).count();
+    let lines = logged
+        .lines()
+        .filter(|l| l.contains("refusing node"))
+        .count();
     ensure!(
         lines <= 32 && logged.contains("only every power of two is logged"),
         "{} refusals logged {lines} lines:\n{logged}",
@@ -664,5 +670,71 @@ async fn a_flood_of_idle_sockets_at_a_direct_port_is_capped() -> anyhow::Result<
     ensure!(b.counters().channels_refused >= 1, "{:?}", b.counters());
     a.shutdown().await;
     b.shutdown().await;
+    Ok(())
+}
+
+/// 5,000 made-up sender ids at a node's direct port (a real process): each
+/// is refused, none gets a duplicate window or anything else that stays,
+/// and the connections still in their handshake are capped: the node's
+/// memory stays flat. A member then opens a channel to it as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_thousand_made_up_senders_cost_a_node_no_memory() -> anyhow::Result<()> {
+    init_logging();
+    const IDS: usize = 5_000;
+    let (_server, addr) = clustercomm_tests::spawn_message_server(&[]).await?;
+    let receiver = clustercomm_tests::spawn_test_node(addr, "b", "svc").await?;
+    let config = clustercomm_tests::test_config();
+    let a = node_runtime::Node::builder("a")
+        .config(config.clone())
+        .message_server(addr)
+        .start()
+        .await?;
+    let direct = bounded(async {
+        loop {
+            if let Some(d) = a
+                .members()
+                .into_iter()
+                .find(|m| m.id == "b")
+                .and_then(|m| m.direct_addr)
+            {
+                return Ok(d);
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await?;
+    let before = receiver.proc_status_kib("VmRSS")?;
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+    let mut tries = tokio::task::JoinSet::new();
+    for i in 0..IDS {
+        let mut bytes = BytesMut::new();
+        let made_up = hello(&format!("made-up-{i}"), &config.cluster.name);
+        tokio_util::codec::Encoder::encode(
+            &mut FrameCodec::new(1 << 20),
+            OutFrame::control(Header::Hello(Box::new(made_up))),
+            &mut bytes,
+        )?;
+        let permit = limit.clone().acquire_owned().await?;
+        tries.spawn(async move {
+            let _permit = permit;
+            let mut stream = TcpStream::connect(direct).await?;
+            let _ = stream.write_all(&bytes).await;
+            read_until_closed(&mut stream).await.map(|_| ())
+        });
+    }
+    while let Some(done) = tries.join_next().await {
+        done??;
+    }
+    let after = receiver.proc_status_kib("VmRSS")?;
+    let peak = receiver.proc_status_kib("VmHWM")?;
+    ensure!(
+        after < before + 16 * 1024 && peak < before + 32 * 1024,
+        "the node grew from {before} KiB to {after} KiB (peak {peak} KiB) for {IDS} made-up ids"
+    );
+    let big = vec![7u8; 256 << 10];
+    a.send(node_runtime::Target::Node(NodeId::new("b")), "svc", big)
+        .await?;
+    ensure!(a.counters().lazy_opened == 1, "{:?}", a.counters());
+    a.shutdown().await;
     Ok(())
 }
