@@ -17,6 +17,13 @@
 //! recommended `lazy.threshold_bytes` marked. A peer that cannot be had
 //! says why in its column; the rest runs. clustercomm's own message server
 //! binary is never optional: without it the suite fails.
+//!
+//! The TLS rows (`notify 128 B over TLS`, `16 MiB over a lazy channel over
+//! TLS`) run ours in a cluster with `[tls]` (certificates made once per
+//! run, removed at the end) beside nats-server requiring mutual TLS, and
+//! ours in clear once more in each of their rounds, so that TLS is
+//! compared with clear text at the same moment (alone: `-- --quick
+//! "over TLS"`).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -29,6 +36,7 @@ use clustercomm_benches::nats_go::NatsGo;
 use clustercomm_benches::suite::{
     self, BulkPath, Case, Measurement, Outcome, SendPeer, Summary, System, FIXED_RATE_PERCENT,
 };
+use clustercomm_benches::tls::TlsCluster;
 use clustercomm_benches::{ours, plot, raw_cases, relay_cases, Options};
 
 /// One case: every system's rounds.
@@ -36,6 +44,9 @@ struct Row {
     case: Case,
     summaries: HashMap<System, Summary>,
     server_peak_kib: Option<u64>,
+    /// A TLS row's reference: ours in clear ([`Case::plain`]), measured
+    /// after the systems in each of its rounds (empty for other rows).
+    plain: Summary,
 }
 
 impl Row {
@@ -58,6 +69,8 @@ impl Row {
 /// The peers of the run and why any is missing.
 struct Peers {
     server: PathBuf,
+    /// Ours' TLS cluster (certificates and its file), for the TLS rows.
+    tls: Result<TlsCluster, String>,
     nats_go: Result<NatsGo, String>,
     async_nats: Result<Nats, String>,
     relay: Result<PathBuf, String>,
@@ -65,10 +78,15 @@ struct Peers {
 
 impl Peers {
     async fn start(options: &Options, server: PathBuf) -> Peers {
+        let tls = TlsCluster::generate(&ours::TLS_NODES).map_err(|e| format!("{e:#}"));
+        if let Err(why) = &tls {
+            println!("no TLS cluster ({why}): ours fails the TLS rows.");
+        }
         if options.ours_only {
             let off = "--ours-only".to_owned();
             return Peers {
                 server,
+                tls,
                 nats_go: Err(off.clone()),
                 async_nats: Err(off.clone()),
                 relay: Err(off),
@@ -88,6 +106,7 @@ impl Peers {
         }
         Peers {
             server,
+            tls,
             nats_go,
             async_nats,
             relay,
@@ -103,10 +122,12 @@ impl Peers {
         options: &Options,
     ) -> (Measurement, Option<u64>) {
         match system {
-            System::Ours => match ours::run(case, options, &self.server).await {
-                Ok(measured) => measured,
-                Err(e) => (Measurement::failed(format!("{e:#}")), None),
-            },
+            System::Ours => {
+                match ours::run(case, options, &self.server, self.tls.as_ref().ok()).await {
+                    Ok(measured) => measured,
+                    Err(e) => (Measurement::failed(format!("{e:#}")), None),
+                }
+            }
             System::NatsGo => match &self.nats_go {
                 Ok(nats) => (nats.run(case, options).await, None),
                 Err(why) => (Measurement::skipped(why.clone()), None),
@@ -186,6 +207,7 @@ async fn run_case(
     let rounds = options.rounds.unwrap_or(case.rounds());
     let mut summaries: HashMap<System, Summary> = HashMap::new();
     let mut server_peak_kib: Option<u64> = None;
+    let mut plain = Summary::default();
     for round in 0..rounds {
         for system in System::ALL {
             let Some(mut pattern) = system.pattern(case) else {
@@ -211,15 +233,24 @@ async fn run_case(
             summaries.entry(system).or_default().push(measured);
             server_peak_kib = server_peak_kib.max(peak);
         }
+        if case.tls() {
+            // Fresh, not shared with the plain row: this round's moment.
+            let (measured, _) = peers.measure(System::Ours, case.plain(), options).await;
+            plain.push(measured);
+        }
     }
     let row = Row {
         case,
         summaries,
         server_peak_kib,
+        plain,
     };
     let mut line = format!("{case}:");
     for system in System::ALL {
         let _ = write!(line, " {} {};", short_heading(system), row.of(system));
+    }
+    if case.tls() {
+        let _ = write!(line, " ours in clear {};", row.plain);
     }
     println!("{}", line.trim_end_matches(';'));
     row
@@ -296,6 +327,13 @@ fn ratio(row: &Row, other: System) -> String {
 fn ratio_of(row: Option<&Row>, other: System) -> Option<f64> {
     let row = row?;
     Some(row.of(System::Ours).median()? / row.of(other).median()?)
+}
+
+/// Ours over TLS against ours in clear in the same rounds
+/// ([`Row::plain`]), on the medians.
+fn tls_against_plain(row: Option<&Row>) -> Option<f64> {
+    let row = row?;
+    Some(row.of(System::Ours).median()? / row.plain.median()?)
 }
 
 /// The loss cell: what ours, nats.go and async-nats lost over the rounds,
@@ -456,6 +494,21 @@ fn targets(rows: &[Row]) -> String {
         "lazy channel 16 MiB: at least 90% of raw TCP",
         shown(x),
     );
+    let notify_tls = Case::NotifyTls { body: 128 };
+    let x = tls_against_plain(find(rows, notify_tls));
+    check(
+        &mut t,
+        x.map(|x| x >= 0.7),
+        &format!("{notify_tls}: at least 0.7x ours in clear (notify 128 B in the same rounds)"),
+        shown(x),
+    );
+    against_nats(&mut t, rows, notify_tls, 1.5);
+    let lazy_tls = Case::LazyTls { body: 16 << 20 };
+    let _ = writeln!(
+        t,
+        "- {lazy_tls}: {} ours in clear in the same rounds (no target)",
+        shown(tls_against_plain(find(rows, lazy_tls)))
+    );
     let peak = server_peak(rows);
     check(
         &mut t,
@@ -493,16 +546,21 @@ fn table(rows: &[Row]) -> String {
         for system in System::ALL {
             let _ = write!(line, " {} |", r.of(system));
         }
-        let floor = match r.floor() {
-            System::Relay => "relay",
-            _ => "direct",
+        // A TLS row's floor is ours in clear.
+        let floor = match (r.case.tls(), r.floor()) {
+            (true, _) => format!(
+                "{} (ours in clear: {})",
+                tls_against_plain(Some(r)).map_or("-".to_owned(), |x| format!("{x:.2}")),
+                r.plain
+            ),
+            (false, System::Relay) => format!("{} (relay)", ratio(r, System::Relay)),
+            (false, _) => format!("{} (direct)", ratio(r, System::Raw)),
         };
         let _ = write!(
             line,
-            " {} | {} | {} ({floor}) |",
+            " {} | {} | {floor} |",
             loss_cell(r),
             ratio(r, System::NatsGo),
-            ratio(r, r.floor())
         );
         let _ = writeln!(table, "{line}");
     }

@@ -15,6 +15,12 @@
 //	nats-bench-go MODE --url nats://127.0.0.1:4222 [--subs N] [--queue]
 //	    [--body B] [--warmup 300ms] [--measure 600ms] [--rate R]
 //	    [--outstanding N] [--bulk-bodies N] [--timeout 20s]
+//	    [--tls-ca CA.pem --tls-cert CERT.pem --tls-key KEY.pem]
+//
+// With the three --tls- flags every connection is TLS: the server's
+// certificate is checked against the CA (and against the URL's host, an IP
+// address SAN for 127.0.0.1), and the client presents its certificate, for a
+// server that verifies clients (nats.RootCAs, nats.ClientCert).
 //
 // Modes:
 //
@@ -93,6 +99,9 @@ type config struct {
 	outstanding int
 	bulkBodies  int
 	timeout     time.Duration
+	tlsCA       string
+	tlsCert     string
+	tlsKey      string
 }
 
 func main() {
@@ -129,6 +138,9 @@ func parseArgs(args []string) (config, error) {
 	fs.IntVar(&cfg.outstanding, "outstanding", 1, "requests or publishes in flight (reqrate, jspub)")
 	fs.IntVar(&cfg.bulkBodies, "bulk-bodies", 1, "least number of measured bodies (bulk)")
 	fs.DurationVar(&cfg.timeout, "timeout", 20*time.Second, "upper bound on any single wait")
+	fs.StringVar(&cfg.tlsCA, "tls-ca", "", "CA certificate (PEM) the server's is checked against")
+	fs.StringVar(&cfg.tlsCert, "tls-cert", "", "client certificate (PEM)")
+	fs.StringVar(&cfg.tlsKey, "tls-key", "", "client private key (PEM)")
 	if err := fs.Parse(args[1:]); err != nil {
 		return cfg, err
 	}
@@ -143,6 +155,8 @@ func parseArgs(args []string) (config, error) {
 		return cfg, errors.New("--outstanding must be at least 1")
 	case cfg.timeout <= 0:
 		return cfg, errors.New("--timeout must be positive")
+	case (cfg.tlsCA == "") != (cfg.tlsCert == "") || (cfg.tlsCert == "") != (cfg.tlsKey == ""):
+		return cfg, errors.New("--tls-ca, --tls-cert and --tls-key go together")
 	}
 	return cfg, nil
 }
@@ -197,14 +211,25 @@ type report struct {
 // subscriptions, all closed at the end.
 type connections struct {
 	url   string
+	tls   []nats.Option
 	ev    events
 	conns []*nats.Conn
 	subs  []*nats.Subscription
 }
 
+// newConnections are the connections of one run to cfg's server, over TLS
+// with cfg's certificates if it has them.
+func newConnections(cfg config) *connections {
+	c := &connections{url: cfg.url}
+	if cfg.tlsCA != "" {
+		c.tls = []nats.Option{nats.RootCAs(cfg.tlsCA), nats.ClientCert(cfg.tlsCert, cfg.tlsKey)}
+	}
+	return c
+}
+
 func (c *connections) connect(name string) (*nats.Conn, error) {
-	nc, err := nats.Connect(c.url,
-		nats.Name("bench-go-"+name),
+	options := append([]nats.Option{
+		nats.Name("bench-go-" + name),
 		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
 			if errors.Is(err, nats.ErrSlowConsumer) {
 				c.ev.slowConsumers.Add(1)
@@ -216,7 +241,8 @@ func (c *connections) connect(name string) (*nats.Conn, error) {
 		nats.DisconnectErrHandler(func(_ *nats.Conn, _ error) {
 			c.ev.disconnects.Add(1)
 		}),
-	)
+	}, c.tls...)
+	nc, err := nats.Connect(c.url, options...)
 	if err != nil {
 		return nil, fmt.Errorf("connecting %s to %s: %w", name, c.url, err)
 	}
@@ -397,7 +423,7 @@ func publishFor(nc *nats.Conn, subj string, payload []byte, d, timeout time.Dura
 }
 
 func oneway(cfg config, out *bufio.Writer) error {
-	c := &connections{url: cfg.url}
+	c := newConnections(cfg)
 	defer c.close()
 	subj := subject("oneway")
 	queue := ""
@@ -513,7 +539,7 @@ func fixedRate(cfg config, out *bufio.Writer) error {
 	if cfg.rate < 1 {
 		return errors.New("--rate must be at least 1 message per second")
 	}
-	c := &connections{url: cfg.url}
+	c := newConnections(cfg)
 	defer c.close()
 	subj := subject("fixedrate")
 	hist := newHistogram()
@@ -630,7 +656,7 @@ func filled(n int) []byte {
 }
 
 func requestLatency(cfg config, out *bufio.Writer) error {
-	c := &connections{url: cfg.url}
+	c := newConnections(cfg)
 	defer c.close()
 	subj, nc, err := c.requester(cfg.timeout)
 	if err != nil {
@@ -694,7 +720,7 @@ func requestsFor(nc *nats.Conn, subj string, payload []byte, n int, d, timeout t
 }
 
 func requestRate(cfg config, out *bufio.Writer) error {
-	c := &connections{url: cfg.url}
+	c := newConnections(cfg)
 	defer c.close()
 	subj, nc, err := c.requester(cfg.timeout)
 	if err != nil {
@@ -770,7 +796,7 @@ func publishAcked(js nats.JetStreamContext, subj string, payload []byte, outstan
 }
 
 func jetStreamPublish(cfg config, out *bufio.Writer) error {
-	c := &connections{url: cfg.url}
+	c := newConnections(cfg)
 	defer c.close()
 	nc, err := c.connect("jetstream-publisher")
 	if err != nil {
@@ -857,7 +883,7 @@ func sendBodies(nc *nats.Conn, subj string, payload []byte, minBodies int64, d, 
 }
 
 func bulk(cfg config, out *bufio.Writer) error {
-	c := &connections{url: cfg.url}
+	c := newConnections(cfg)
 	defer c.close()
 	subj, err := c.responder([]byte{bulkAck}, cfg.timeout)
 	if err != nil {

@@ -41,6 +41,9 @@
 //!   the floor of every suite case that goes through a server.
 //! - [`ours`]: clustercomm's side of the suite: every case against a fresh
 //!   message-server process, and the lazy-versus-server path sweep.
+//! - [`tls`]: what the TLS cases run with: certificates from
+//!   clustercomm's own generator in a temporary directory removed on
+//!   drop, and clustercomm's cluster file with `[tls]`.
 
 pub mod bulk_report;
 pub mod bulk_tcp;
@@ -58,6 +61,7 @@ pub mod raw_tcp;
 pub mod relay_cases;
 pub mod report;
 pub mod suite;
+pub mod tls;
 pub mod transfer;
 pub mod wait;
 

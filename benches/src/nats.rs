@@ -18,7 +18,7 @@
 //! | `RequestLatency` | a responder echoing the payload, one requester, one request at a time | µs percentiles |
 //! | `RequestRate` | the same responder, `outstanding` requester tasks on one client | requests/s |
 //! | `Bulk` | bodies published as requests, answered with a 1-byte ack, [`BULK_IN_FLIGHT`] in flight | MB/s |
-//! | `SendPipelined` (vs JetStream) | none: skipped (nats.go runs it) | |
+//! | `SendPipelined` (vs JetStream), `NotifyTls`, `LazyTls` | none: skipped (nats.go runs the JetStream and TLS `notify` cases) | |
 //!
 //! One-way cases publish as fast as the client takes messages, with a
 //! [`Client::flush`] every [`FLUSH_EVERY`] messages or
@@ -129,7 +129,9 @@ impl Nats {
             Case::SendPipelined {
                 peer: SendPeer::JetStream,
                 ..
-            } => Ok(Measurement::skipped("n/a")),
+            }
+            | Case::NotifyTls { .. }
+            | Case::LazyTls { .. } => Ok(Measurement::skipped("n/a")),
             Case::Notify { body } | Case::Session { body } | Case::SendPipelined { body, .. } => {
                 self.one_way(1, Fan::Subject, body, options).await
             }

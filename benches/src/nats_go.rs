@@ -8,15 +8,19 @@
 //! `apt-get` if missing, said on stderr), builds the program offline
 //! (`GOPATH=/usr/share/gocode GO111MODULE=off go build`) into
 //! `nats-bench-go/` beside the target directory's profile directory
-//! (rebuilt when its source changed), and starts two nats-servers: a core
-//! one (the limits of [`ServerSetup::core`]) and a JetStream one
-//! (`-js`, file storage in a fresh directory). [`NatsGo::run`] runs the
+//! (rebuilt when its source changed), and starts three nats-servers: a
+//! core one (the limits of [`ServerSetup::core`]), a JetStream one
+//! (`-js`, file storage in a fresh directory), and a core one that
+//! requires mutual TLS ([`ServerSetup::with_tls`], certificates from
+//! clustercomm's generator: the server's names `127.0.0.1`, the address
+//! the client dials and nats.go checks). [`NatsGo::run`] runs the
 //! program once per round; the program measures and prints a result line
 //! (and histogram buckets for latency), which [`parse_output`] reads.
 //!
 //! | case | program mode | result |
 //! | --- | --- | --- |
 //! | `Notify`, `Session`, `SendPipelined` (vs publish) | `oneway --subs 1` | messages/s received |
+//! | `NotifyTls` | `oneway --subs 1 --tls-ca CA --tls-cert CERT --tls-key KEY`, on the TLS server | messages/s received |
 //! | `FanOutAll`, `FanOutGroup` | `oneway --subs N` | deliveries/s (all subscribers) |
 //! | `AnyOf` | `oneway --subs N --queue` | messages/s received in all |
 //! | `FixedRate` | `fixedrate --rate R` | µs percentiles from each message's due time |
@@ -39,10 +43,12 @@ use anyhow::{bail, ensure, Context};
 use crate::latency::{self, Latency};
 use crate::nats_server::{
     apt_install, find_on_path, log_tail, wait_child, KilledOnDrop, NatsServer, ServerSetup,
+    ServerTls,
 };
 use crate::options::{Options, WAIT_TIMEOUT};
 use crate::raw_cases::bulk_plans;
 use crate::suite::{Case, Measurement, Outcome, SendPeer};
+use crate::tls::Certs;
 
 /// The Go program's source, embedded so that the suite builds the program
 /// it was compiled with (also when copied away from the repository).
@@ -86,12 +92,62 @@ const PROGRAM: &str = "nats-bench-go";
 /// Names this peer in stderr messages.
 const LABEL: &str = "nats-go";
 
-/// The built program and the two servers it runs against; the servers
-/// are killed and reaped (the JetStream store removed) on drop.
+/// The name on the TLS server's certificate: the address the program
+/// dials (an IP address SAN), which nats.go checks.
+pub const TLS_SERVER_NAME: &str = "127.0.0.1";
+
+/// The name on the program's client certificate.
+pub const TLS_CLIENT_NAME: &str = "nats-bench-go";
+
+/// The built program and the three servers it runs against; the servers
+/// are killed and reaped (the JetStream store and the TLS server's
+/// certificates removed) on drop.
 pub struct NatsGo {
     program: PathBuf,
     core: NatsServer,
     jetstream: Result<NatsServer, String>,
+    tls: Result<TlsServer, String>,
+}
+
+/// The server that requires mutual TLS, and its certificates.
+struct TlsServer {
+    // Declared first: killed before its certificates go.
+    server: NatsServer,
+    _certs: Certs,
+}
+
+impl TlsServer {
+    /// Makes a CA, the server's certificate ([`TLS_SERVER_NAME`]) and the
+    /// program's ([`TLS_CLIENT_NAME`]), and starts a core server that
+    /// requires them.
+    async fn start() -> Result<TlsServer, String> {
+        let certs = Certs::generate("nats-go-tls", &[TLS_SERVER_NAME, TLS_CLIENT_NAME])
+            .map_err(|e| format!("{e:#}"))?;
+        let identity = |name| certs.identity(name).cloned().map_err(|e| format!("{e:#}"));
+        let tls = ServerTls {
+            ca: certs.ca().to_owned(),
+            server: identity(TLS_SERVER_NAME)?,
+            client: identity(TLS_CLIENT_NAME)?,
+        };
+        let server = NatsServer::start(ServerSetup::core("nats-go-tls").with_tls(tls)).await?;
+        Ok(TlsServer {
+            server,
+            _certs: certs,
+        })
+    }
+}
+
+/// The program's flags for a client of the server `tls` describes.
+pub fn tls_args(tls: &ServerTls) -> Vec<String> {
+    let path = |p: &Path| p.display().to_string();
+    vec![
+        "--tls-ca".to_owned(),
+        path(&tls.ca),
+        "--tls-cert".to_owned(),
+        path(&tls.client.cert),
+        "--tls-key".to_owned(),
+        path(&tls.client.key),
+    ]
 }
 
 impl NatsGo {
@@ -100,8 +156,8 @@ impl NatsGo {
     /// and a JetStream one. Says on stderr what it installs, builds and
     /// starts. `quick` does not change anything here (the bulk minimum
     /// comes from the [`Options`] of each run); it is taken so that every
-    /// peer starts the same way. A JetStream server that does not start
-    /// fails only the JetStream case, with the reason.
+    /// peer starts the same way. A JetStream or TLS server that does not
+    /// start fails only its cases, with the reason.
     ///
     /// # Errors
     ///
@@ -116,10 +172,15 @@ impl NatsGo {
         if let Err(why) = &jetstream {
             eprintln!("{LABEL}: no JetStream server ({why}); the JetStream case fails");
         }
+        let tls = TlsServer::start().await;
+        if let Err(why) = &tls {
+            eprintln!("{LABEL}: no TLS server ({why}); the TLS case fails");
+        }
         Ok(NatsGo {
             program,
             core,
             jetstream,
+            tls,
         })
     }
 
@@ -148,7 +209,12 @@ impl NatsGo {
             Ok(invocation) => invocation,
             Err(instead) => return instead,
         };
-        let server = if invocation.jetstream() {
+        let server = if case.tls() {
+            match &self.tls {
+                Ok(tls) => &tls.server,
+                Err(why) => return Measurement::failed(format!("no TLS server: {why}")),
+            }
+        } else if invocation.jetstream() {
             match &self.jetstream {
                 Ok(server) => server,
                 Err(why) => return Measurement::failed(format!("no JetStream server: {why}")),
@@ -156,7 +222,10 @@ impl NatsGo {
         } else {
             &self.core
         };
-        let args = invocation.args(server.url(), options);
+        let mut args = invocation.args(server.url(), options);
+        if let Some(tls) = server.tls() {
+            args.extend(tls_args(tls));
+        }
         let limit = options.warmup + options.measure + RUN_SLACK;
         let mode = invocation.mode.name();
         match run_program(&self.program, &args, limit).await {
@@ -229,9 +298,11 @@ pub struct Invocation {
 }
 
 impl Invocation {
-    /// The run that measures `case` (see the module docs), or the
+    /// The run that measures `case` (see the module docs; a TLS case
+    /// runs as its plain case, against the TLS server), or the
     /// measurement to report instead: skipped for a bulk body over
-    /// `max_payload`, failed for a fixed-rate case without a rate.
+    /// `max_payload` and for the lazy channel, failed for a fixed-rate
+    /// case without a rate.
     ///
     /// # Errors
     ///
@@ -247,6 +318,7 @@ impl Invocation {
         };
         Ok(match case {
             Case::Notify { body }
+            | Case::NotifyTls { body }
             | Case::Session { body }
             | Case::SendPipelined {
                 body,
@@ -280,6 +352,7 @@ impl Invocation {
                 mode: Mode::JetStream { outstanding },
                 body,
             },
+            Case::LazyTls { .. } => return Err(Measurement::skipped("n/a")),
             Case::Bulk { body, .. } if body > max_payload => {
                 return Err(Measurement::skipped("over nats max_payload"))
             }
@@ -974,6 +1047,39 @@ mod tests {
         assert_eq!(over, Err(Measurement::skipped("over nats max_payload")));
         let unrated = Invocation::for_case(Case::FixedRate { body: 128, rate: 0 }, &o, max);
         assert!(matches!(unrated, Err(m) if matches!(m.outcome, Outcome::Failed(_))));
+        // TLS: notify as in clear (the server and the flags make it TLS);
+        // no lazy channel.
+        assert_eq!(
+            run(Case::NotifyTls { body: 128 }),
+            run(Case::Notify { body: 128 })
+        );
+        assert_eq!(
+            Invocation::for_case(Case::LazyTls { body: 1 << 20 }, &o, max),
+            Err(Measurement::skipped("n/a"))
+        );
+        let file = |name: &str| PathBuf::from(format!("/c/{name}"));
+        let tls = ServerTls {
+            ca: file("ca.pem"),
+            server: crate::tls::Identity {
+                cert: file("s.pem"),
+                key: file("s.key"),
+            },
+            client: crate::tls::Identity {
+                cert: file("c.pem"),
+                key: file("c.key"),
+            },
+        };
+        assert_eq!(
+            tls_args(&tls),
+            [
+                "--tls-ca",
+                "/c/ca.pem",
+                "--tls-cert",
+                "/c/c.pem",
+                "--tls-key",
+                "/c/c.key"
+            ]
+        );
     }
 
     #[test]
@@ -1030,6 +1136,10 @@ mod tests {
                 (Case::Notify { body: 128 }, Outcome::Rate(rate)) => notify_rate = *rate,
                 (Case::Bulk { body, .. }, outcome) if body > nats.max_payload() => {
                     assert_eq!(*outcome, Outcome::Skipped("over nats max_payload".into()));
+                    continue;
+                }
+                (Case::LazyTls { .. }, outcome) => {
+                    assert_eq!(*outcome, Outcome::Skipped("n/a".into()));
                     continue;
                 }
                 (Case::FixedRate { .. }, Outcome::Latency(l)) => {

@@ -1,8 +1,9 @@
 //! nats-server for the suite's NATS peers ([`crate::nats`] with async-nats,
 //! [`crate::nats_go`] with nats.go): finds the binary (installing the
 //! Debian package with `apt-get` if it is missing), starts it on a free
-//! loopback port with a given configuration, waits until it answers, and
-//! on drop kills it, reaps it and removes its files.
+//! loopback port with a given configuration (mutual TLS included, see
+//! [`ServerSetup::with_tls`]), waits until it answers, and on drop kills
+//! it, reaps it and removes its files.
 //!
 //! Also the process helpers both peers share: [`find_on_path`],
 //! [`apt_install`] (which installs the Go toolchain and nats.go too),
@@ -22,6 +23,8 @@ use anyhow::{bail, Context};
 use async_nats::ConnectOptions;
 use tokio::time::Instant;
 
+use crate::tls::{quoted, Identity};
+
 /// The `max_payload` a server is configured with: 64 MB, NATS's
 /// documented maximum. A body larger than what the server announces is
 /// skipped.
@@ -31,6 +34,11 @@ pub const MAX_PAYLOAD: usize = 64 * 1024 * 1024;
 /// must be at least [`MAX_PAYLOAD`], and is larger so that a few bulk
 /// bodies in flight never make the receiver a slow consumer.
 pub const MAX_PENDING: usize = 4 * MAX_PAYLOAD;
+
+/// The `timeout` of a TLS server's `tls` block: seconds a client has to
+/// finish its handshake (nats-server's default is 2; a loaded two-core
+/// machine can take longer).
+pub const TLS_TIMEOUT_SECS: u64 = 5;
 
 /// Upper bound on nats-server starting to accept connections.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,6 +68,22 @@ pub struct ServerSetup {
     /// Directories the server owns: created empty before it starts,
     /// removed with their contents when it is dropped.
     pub owned_dirs: Vec<PathBuf>,
+    /// Mutual TLS, if the server requires it.
+    pub tls: Option<ServerTls>,
+}
+
+/// What a server that requires mutual TLS is given, and what its clients
+/// present.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    /// The CA certificate: the server verifies clients against it, and
+    /// clients the server.
+    pub ca: PathBuf,
+    /// The server's certificate (naming `127.0.0.1`, the address clients
+    /// dial) and key.
+    pub server: Identity,
+    /// A client certificate and key from the same CA.
+    pub client: Identity,
 }
 
 impl ServerSetup {
@@ -71,7 +95,25 @@ impl ServerSetup {
             config: format!("max_payload: {MAX_PAYLOAD}\nmax_pending: {MAX_PENDING}\n"),
             args: Vec::new(),
             owned_dirs: Vec::new(),
+            tls: None,
         }
+    }
+
+    /// The same server requiring mutual TLS: a `tls` block with the
+    /// server's certificate and key, the CA clients are verified against,
+    /// `verify: true` (a client without a certificate from the CA is
+    /// refused) and [`TLS_TIMEOUT_SECS`]. Its readiness check connects
+    /// with `tls.client`.
+    pub fn with_tls(mut self, tls: ServerTls) -> ServerSetup {
+        self.config.push_str(&format!(
+            "tls {{\n  cert_file: {}\n  key_file: {}\n  ca_file: {}\n  verify: true\n  \
+             timeout: {TLS_TIMEOUT_SECS}\n}}\n",
+            quoted(&tls.server.cert),
+            quoted(&tls.server.key),
+            quoted(&tls.ca)
+        ));
+        self.tls = Some(tls);
+        self
     }
 
     /// The same server with JetStream enabled (`-js`), file storage in a
@@ -101,6 +143,7 @@ pub struct NatsServer {
     url: String,
     max_payload: usize,
     jetstream: bool,
+    tls: Option<ServerTls>,
 }
 
 impl NatsServer {
@@ -159,6 +202,7 @@ impl NatsServer {
             url: format!("nats://127.0.0.1:{port}"),
             max_payload: 0,
             jetstream: false,
+            tls: setup.tls.clone(),
         };
         // `server` is dropped (killed, its files removed) on every early
         // return.
@@ -167,12 +211,17 @@ impl NatsServer {
             format!("{} did not start: {e:#}{tail}", binary.display())
         })?;
         eprintln!(
-            "{}: {} listening on {} (max_payload {} bytes{})",
+            "{}: {} listening on {} (max_payload {} bytes{}{})",
             setup.label,
             binary.display(),
             server.url,
             server.max_payload,
-            if server.jetstream { ", JetStream" } else { "" }
+            if server.jetstream { ", JetStream" } else { "" },
+            if server.tls.is_some() {
+                ", mutual TLS"
+            } else {
+                ""
+            }
         );
         Ok(server)
     }
@@ -185,6 +234,11 @@ impl NatsServer {
     /// The largest payload the server accepts, as it announced it.
     pub fn max_payload(&self) -> usize {
         self.max_payload
+    }
+
+    /// The server's TLS, if it requires it.
+    pub fn tls(&self) -> Option<&ServerTls> {
+        self.tls.as_ref()
     }
 
     /// Whether the server announced JetStream.
@@ -210,15 +264,17 @@ impl NatsServer {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let client = tokio::time::timeout(
-            remaining,
-            ConnectOptions::new()
-                .name("bench-ready")
-                .connect(self.url.as_str()),
-        )
-        .await
-        .context("connecting timed out")?
-        .context("connecting")?;
+        let mut connect = ConnectOptions::new().name("bench-ready");
+        if let Some(tls) = &self.tls {
+            connect = connect
+                .require_tls(true)
+                .add_root_certificates(tls.ca.clone())
+                .add_client_certificate(tls.client.cert.clone(), tls.client.key.clone());
+        }
+        let client = tokio::time::timeout(remaining, connect.connect(self.url.as_str()))
+            .await
+            .context("connecting timed out")?
+            .context("connecting")?;
         // A round trip (a request no one answers, which the server turns
         // down); `Client::flush` would not be one.
         tokio::time::timeout(STARTUP_TIMEOUT, client.request("bench.ready", "".into()))
@@ -405,6 +461,25 @@ mod tests {
         assert_eq!(a.owned_dirs.len(), 1);
         assert_eq!(a.args[2], a.owned_dirs[0].as_os_str());
         assert_ne!(a.owned_dirs, b.owned_dirs, "each store is fresh");
+        let id = |name: &str| Identity {
+            cert: PathBuf::from(format!("/c/{name}.pem")),
+            key: PathBuf::from(format!("/c/{name}.key")),
+        };
+        let tls = ServerSetup::core("t").with_tls(ServerTls {
+            ca: PathBuf::from("/c/ca.pem"),
+            server: id("127.0.0.1"),
+            client: id("client"),
+        });
+        assert!(tls.config.starts_with(&core.config));
+        for line in [
+            "cert_file: \"/c/127.0.0.1.pem\"",
+            "key_file: \"/c/127.0.0.1.key\"",
+            "ca_file: \"/c/ca.pem\"",
+            "verify: true",
+        ] {
+            assert!(tls.config.contains(line), "{line} in {}", tls.config);
+        }
+        assert!(core.tls.is_none() && tls.tls.is_some());
     }
 
     #[test]

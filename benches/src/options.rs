@@ -50,7 +50,7 @@ usage: cargo bench -p clustercomm-benches --bench suite -- [--quick] [--ours-onl
   --rounds N    N rounds per case instead of 5 (3 for bulk); the table
                 shows the median round and the range
   CASE          run only the cases whose name contains one of these
-                (say \"notify 128\" \"fan-out\"), or is exactly one that
+                (say \"notify 128\" \"fan-out\" \"over TLS\"), or is exactly one that
                 starts with = (\"=notify 128 B\"); a partial run does not
                 replace the results in benches/results/
   -h, --help    print this and run nothing

@@ -23,6 +23,7 @@
 //! | `RequestRate` | the same responder, `outstanding` requester tasks on one node | requests/s |
 //! | `Session` | `session` from a dispatcher to a server node of its group | messages/s received |
 //! | `Bulk` | acknowledged sends, [`BULK_IN_FLIGHT`] in flight, 64 KiB threshold; `Server` with an empty lazy allow-list | MB/s |
+//! | `NotifyTls`, `LazyTls` | `Notify` and a lazy `Bulk`, in a cluster with `[tls]` ([`TlsCluster`]) | as theirs |
 //!
 //! Nodes run on the default configuration (inboxes of
 //! `node.inbox_capacity` = 1024 messages included), except that
@@ -37,6 +38,16 @@
 //! the moment the last of it arrived; what did not arrive is the
 //! measurement's loss, reported as the sender's late failures when they
 //! account for it, and unexplained when they do not.
+//!
+//! The TLS cases run in a cluster configured as an operator would: one
+//! TOML file with `[tls]` (the message server's certificate) and a
+//! `[nodes.<id>.tls]` section per node, its certificates from
+//! clustercomm's own generator ([`TlsCluster`] with [`TLS_NODES`], made
+//! once per run). The
+//! server loads the file (`bench-message-server --config`) and each node
+//! takes its sections into its case's configuration, so every
+//! connection, to the message server and over a lazy channel, is mutual
+//! TLS.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -57,6 +68,7 @@ use crate::options::{Options, WAIT_TIMEOUT};
 use crate::raw_cases::{bulk_plans, BULK_IN_FLIGHT};
 use crate::report::per_second;
 use crate::suite::{BulkPath, Case, Latency, Measurement, Outcome};
+use crate::tls::TlsCluster;
 use crate::transfer::{Plan, Transfer};
 use crate::wait::{delivered_once, settle, wait_for_count, wait_until, Counter};
 
@@ -82,6 +94,11 @@ pub const SENDS_PER_CLOCK_CHECK: u64 = 16;
 /// How long a count may stand still before it is taken as final.
 pub use crate::wait::STALL;
 
+/// The node ids of the TLS cases, to be given certificates by
+/// [`TlsCluster::generate`]: the sender and receiver of `notify`, and the
+/// lazy bulk pair.
+pub const TLS_NODES: [&str; 4] = ["sender", "receiver", "bulk-lazy-a", "bulk-lazy-b"];
+
 /// Bytes the sweep keeps in flight: `SWEEP_WINDOW_BYTES / body` bodies,
 /// at least [`BULK_IN_FLIGHT`], at most [`SWEEP_MAX_IN_FLIGHT`].
 pub const SWEEP_WINDOW_BYTES: usize = 8 * 1024 * 1024;
@@ -95,7 +112,8 @@ pub const SWEEP_MIN_BODIES: u64 = 3;
 /// Runs `case` against a fresh message-server process (`server`, the
 /// `bench-message-server` binary) and fresh nodes: the measurement, and
 /// the server process's peak resident memory during the case in KiB
-/// (`VmHWM`, read as the case ends; `None` if it could not be read).
+/// (`VmHWM`, read as the case ends; `None` if it could not be read). A
+/// TLS case runs in the cluster `tls` configures.
 ///
 /// A case that ran but went wrong (a node did not start, a send failed, a
 /// message took the wrong path, a wait timed out) is
@@ -103,17 +121,24 @@ pub const SWEEP_MIN_BODIES: u64 = 3;
 ///
 /// # Errors
 ///
-/// Only if the message server process could not be started.
+/// If the message server process could not be started, or a TLS case
+/// has no `tls`.
 pub async fn run(
     case: Case,
     options: &Options,
     server: &Path,
+    tls: Option<&TlsCluster>,
 ) -> anyhow::Result<(Measurement, Option<u64>)> {
     let max_message_bytes = match case {
-        Case::Bulk { .. } => Some(BULK_MAX_MESSAGE_BYTES),
+        Case::Bulk { .. } | Case::LazyTls { .. } => Some(BULK_MAX_MESSAGE_BYTES),
         _ => None,
     };
-    let mut cluster = Cluster::start(server, max_message_bytes).await?;
+    let tls = match (case.tls(), tls) {
+        (true, None) => bail!("{case} needs a TLS cluster"),
+        (true, tls) => tls,
+        (false, _) => None,
+    };
+    let mut cluster = Cluster::start(server, max_message_bytes, tls).await?;
     let budget = options.warmup + options.measure + 4 * WAIT_TIMEOUT;
     let measured = match tokio::time::timeout(budget, measure(case, options, &mut cluster)).await {
         Ok(Ok(measured)) => measured,
@@ -157,7 +182,7 @@ pub async fn sweep(
     options: &Options,
     server: &Path,
 ) -> anyhow::Result<Vec<SweepPoint>> {
-    let mut cluster = Cluster::start(server, Some(BULK_MAX_MESSAGE_BYTES)).await?;
+    let mut cluster = Cluster::start(server, Some(BULK_MAX_MESSAGE_BYTES), None).await?;
     let result = sweep_on(&mut cluster, sizes, options).await;
     cluster.stop().await;
     result
@@ -202,12 +227,17 @@ pub fn server_binary() -> Option<PathBuf> {
 // ---------------------------------------------------------------------------
 
 /// Starts a `bench-message-server` process (`binary`) on a free loopback
-/// port, with `limits.max_message_bytes` at `max_message_bytes` if given.
+/// port, with `limits.max_message_bytes` at `max_message_bytes` if given,
+/// and the cluster file of `tls` if given.
 async fn start_server(
     binary: &Path,
     max_message_bytes: Option<u64>,
+    tls: Option<&TlsCluster>,
 ) -> anyhow::Result<ListeningChild> {
     let mut args = vec!["--listen".to_owned(), "127.0.0.1:0".to_owned()];
+    if let Some(tls) = tls {
+        args.extend(["--config".to_owned(), tls.file().display().to_string()]);
+    }
     if let Some(max) = max_message_bytes {
         args.extend(["--max-message-bytes".to_owned(), max.to_string()]);
     }
@@ -226,28 +256,36 @@ fn peak_kib(pid: u32) -> Option<u64> {
 
 /// A server and the nodes and tasks of one case, all stopped by
 /// [`Cluster::stop`] (or, failing that, on drop).
-struct Cluster {
+struct Cluster<'a> {
     server: ListeningChild,
     addr: SocketAddr,
+    /// The TLS cluster the nodes join, if any.
+    tls: Option<&'a TlsCluster>,
     nodes: Vec<Node>,
     tasks: Vec<JoinHandle<()>>,
 }
 
-impl Cluster {
-    async fn start(binary: &Path, max_message_bytes: Option<u64>) -> anyhow::Result<Cluster> {
-        let server = start_server(binary, max_message_bytes)
+impl<'a> Cluster<'a> {
+    async fn start(
+        binary: &Path,
+        max_message_bytes: Option<u64>,
+        tls: Option<&'a TlsCluster>,
+    ) -> anyhow::Result<Cluster<'a>> {
+        let server = start_server(binary, max_message_bytes, tls)
             .await
             .with_context(|| format!("starting the message server {}", binary.display()))?;
         let addr = server.addr();
         Ok(Cluster {
             server,
             addr,
+            tls,
             nodes: Vec::new(),
             tasks: Vec::new(),
         })
     }
 
-    /// Starts a node in `groups` with `role`.
+    /// Starts a node in `groups` with `role` (with its TLS sections in a
+    /// TLS cluster).
     async fn node(
         &mut self,
         id: &str,
@@ -255,8 +293,12 @@ impl Cluster {
         groups: &[&str],
         role: Role,
     ) -> anyhow::Result<Node> {
+        let config = match self.tls {
+            Some(tls) => tls.apply(id, config)?,
+            None => config.clone(),
+        };
         let builder = Node::builder(id)
-            .config(config.clone())
+            .config(config)
             .message_server(self.addr)
             .groups(groups.iter().copied())
             .role(role);
@@ -316,7 +358,7 @@ impl Cluster {
     }
 }
 
-impl Drop for Cluster {
+impl Drop for Cluster<'_> {
     fn drop(&mut self) {
         for task in &self.tasks {
             task.abort();
@@ -443,11 +485,12 @@ impl PathCheck {
 async fn measure(
     case: Case,
     options: &Options,
-    cluster: &mut Cluster,
+    cluster: &mut Cluster<'_>,
 ) -> anyhow::Result<Measurement> {
     let rate = |outcome: anyhow::Result<Outcome>| outcome.map(Measurement::from);
     match case {
-        Case::Notify { body } => {
+        // Over TLS or not, as the cluster was started.
+        Case::Notify { body } | Case::NotifyTls { body } => {
             let config = small_config();
             let received = Counter::new();
             let receiver = cluster.node("receiver", &config, &[], Role::Server).await?;
@@ -489,22 +532,33 @@ async fn measure(
                 BulkPath::Lazy => Via::Lazy,
                 BulkPath::Server => Via::Server,
             };
-            let pair = Pair::start(cluster, via, BULK_THRESHOLD_BYTES, "bulk").await?;
-            let (warmup, measure) = bulk_plans(options);
-            let payload = Bytes::from(vec![0xB5; body]);
-            let transfer = pair
-                .transfer(&payload, BULK_IN_FLIGHT, &warmup, &measure)
-                .await?;
-            Ok(Outcome::Rate(transfer.mb_per_second()).into())
+            rate(bulk(cluster, via, body, options).await)
         }
+        Case::LazyTls { body } => rate(bulk(cluster, Via::Lazy, body, options).await),
     }
+}
+
+/// Acknowledged bulk bodies on `via`, [`BULK_IN_FLIGHT`] in flight: MB/s.
+async fn bulk(
+    cluster: &mut Cluster<'_>,
+    via: Via,
+    body: usize,
+    options: &Options,
+) -> anyhow::Result<Outcome> {
+    let pair = Pair::start(cluster, via, BULK_THRESHOLD_BYTES, "bulk").await?;
+    let (warmup, measure) = bulk_plans(options);
+    let payload = Bytes::from(vec![0xB5; body]);
+    let transfer = pair
+        .transfer(&payload, BULK_IN_FLIGHT, &warmup, &measure)
+        .await?;
+    Ok(Outcome::Rate(transfer.mb_per_second()))
 }
 
 /// `notify` from one node to another at `rate` messages per second: the
 /// latency from each message's due time to its arrival in the receiver's
 /// task, and what did not arrive (see [`latency::fixed_rate`]).
 async fn fixed_rate(
-    cluster: &mut Cluster,
+    cluster: &mut Cluster<'_>,
     body: usize,
     rate: u64,
     options: &Options,
@@ -643,7 +697,7 @@ impl OneWaySetup {
 /// `target`. `AnyOf` counts one delivery per send, the others one per
 /// receiver.
 async fn fan_out(
-    cluster: &mut Cluster,
+    cluster: &mut Cluster<'_>,
     receivers: usize,
     body: usize,
     target: Target,
@@ -679,7 +733,7 @@ async fn fan_out(
 /// A dispatcher and a server node in [`GROUP`]; one-way over the session
 /// channel once it is open.
 async fn session(
-    cluster: &mut Cluster,
+    cluster: &mut Cluster<'_>,
     body: usize,
     options: &Options,
 ) -> anyhow::Result<Measurement> {
@@ -717,7 +771,7 @@ async fn session(
 /// Acknowledged sends from one node to another, `outstanding` in an
 /// ordered window: acknowledgements per second.
 async fn send_pipelined(
-    cluster: &mut Cluster,
+    cluster: &mut Cluster<'_>,
     body: usize,
     outstanding: usize,
     options: &Options,
@@ -804,7 +858,7 @@ async fn send_window(
 }
 
 /// A requester and a responder that echoes the body.
-async fn request_pair(cluster: &mut Cluster) -> anyhow::Result<(Node, Node)> {
+async fn request_pair(cluster: &mut Cluster<'_>) -> anyhow::Result<(Node, Node)> {
     let config = small_config();
     let responder = cluster
         .node("responder", &config, &[], Role::Server)
@@ -836,7 +890,7 @@ async fn request(node: &Node, target: &Target, payload: &Bytes) -> anyhow::Resul
 
 /// Sequential requests: per-request round-trip percentiles.
 async fn request_latency(
-    cluster: &mut Cluster,
+    cluster: &mut Cluster<'_>,
     body: usize,
     options: &Options,
 ) -> anyhow::Result<Outcome> {
@@ -869,7 +923,7 @@ async fn request_latency(
 
 /// `outstanding` requester tasks on one node: requests per second.
 async fn request_rate(
-    cluster: &mut Cluster,
+    cluster: &mut Cluster<'_>,
     body: usize,
     outstanding: usize,
     options: &Options,
@@ -946,7 +1000,7 @@ impl Pair {
     /// direct-channel address and service (without it the send would
     /// fall back to the message server).
     async fn start(
-        cluster: &mut Cluster,
+        cluster: &mut Cluster<'_>,
         via: Via,
         threshold: u64,
         prefix: &str,
@@ -1019,7 +1073,7 @@ impl Pair {
 }
 
 async fn sweep_on(
-    cluster: &mut Cluster,
+    cluster: &mut Cluster<'_>,
     sizes: &[usize],
     options: &Options,
 ) -> anyhow::Result<Vec<SweepPoint>> {
@@ -1170,13 +1224,16 @@ mod tests {
                 body: 16 << 20,
                 path: BulkPath::Server,
             },
+            Case::NotifyTls { body: 128 },
+            Case::LazyTls { body: 1 << 20 },
         ];
+        let tls = TlsCluster::generate(&TLS_NODES).expect("a TLS cluster");
         let mut failed = Vec::new();
         for case in cases {
             let started = Instant::now();
             let binary =
                 server_binary().expect("cargo build --release -p clustercomm-benches --bins");
-            let (outcome, peak) = run(case, &options, &binary)
+            let (outcome, peak) = run(case, &options, &binary, Some(&tls))
                 .await
                 .expect("a message server");
             println!(

@@ -14,6 +14,7 @@
 //! | `RequestLatency` | one frame echoed back, one at a time | µs percentiles |
 //! | `RequestRate` | frames echoed back, `outstanding` in flight | replies/s |
 //! | `Bulk` | [`bulk_tcp::bulk_ack`], [`BULK_IN_FLIGHT`] in flight (the path is irrelevant) | MB/s |
+//! | `FixedRate`, `NotifyTls`, `LazyTls` | none: "n/a" | |
 //!
 //! For fan-out and round-robin the producer encodes each frame once into
 //! per-connection batches of [`BATCH_BYTES`] (the capacity of a default
@@ -103,7 +104,9 @@ pub async fn run(case: Case, options: &Options) -> Measurement {
             .await
             .map(Outcome::Rate),
         Case::Bulk { body, .. } => bulk(options, body).await.map(Outcome::Rate),
-        Case::FixedRate { .. } => Ok(Outcome::Skipped("n/a".to_owned())),
+        Case::FixedRate { .. } | Case::NotifyTls { .. } | Case::LazyTls { .. } => {
+            Ok(Outcome::Skipped("n/a".to_owned()))
+        }
     };
     result
         .unwrap_or_else(|e| Outcome::Failed(format!("{e:#}")))

@@ -26,7 +26,7 @@
 //! | `Bulk` through the server | bodies each answered by a 1-byte ack frame, [`BULK_IN_FLIGHT`] in flight, [`bulk_plans`] | MB/s |
 //!
 //! `Session` and lazy-channel bulk are direct paths with no relay
-//! counterpart ("n/a"). TCP loses nothing: the loss is always 0, and a
+//! counterpart ("n/a"), and the TLS cases have none either. TCP loses nothing: the loss is always 0, and a
 //! count that falls short fails the case instead of giving a rate.
 
 use std::net::SocketAddr;
@@ -454,6 +454,8 @@ async fn measure(case: Case, options: &Options, relay: SocketAddr) -> anyhow::Re
             path: BulkPath::Server,
         } => rate(bulk(options, relay, body).await?),
         Case::Session { .. }
+        | Case::NotifyTls { .. }
+        | Case::LazyTls { .. }
         | Case::Bulk {
             path: BulkPath::Lazy,
             ..

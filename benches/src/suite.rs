@@ -122,6 +122,19 @@ pub enum Case {
         /// The path forced.
         path: BulkPath,
     },
+    /// [`Case::Notify`] in a cluster with `[tls]`: every connection over
+    /// mutual TLS (NATS: a nats-server whose `tls` block verifies
+    /// clients), messages/s received.
+    NotifyTls {
+        /// Body size.
+        body: usize,
+    },
+    /// [`Case::Bulk`] over a lazy channel in a cluster with `[tls]` (no
+    /// NATS counterpart), MB/s.
+    LazyTls {
+        /// Body size.
+        body: usize,
+    },
 }
 
 /// The fixed-rate case runs each system at this percentage of its own
@@ -135,11 +148,12 @@ impl Case {
             Case::Notify { .. }
             | Case::SendPipelined { .. }
             | Case::AnyOf { .. }
-            | Case::Session { .. } => "msgs/s",
+            | Case::Session { .. }
+            | Case::NotifyTls { .. } => "msgs/s",
             Case::FanOutAll { .. } | Case::FanOutGroup { .. } => "deliveries/s",
             Case::RequestLatency { .. } | Case::FixedRate { .. } => "µs p50/p99/p99.9",
             Case::RequestRate { .. } => "requests/s",
-            Case::Bulk { .. } => "MB/s",
+            Case::Bulk { .. } | Case::LazyTls { .. } => "MB/s",
         }
     }
 
@@ -150,11 +164,30 @@ impl Case {
         !matches!(
             self,
             Case::Session { .. }
+                | Case::LazyTls { .. }
                 | Case::Bulk {
                     path: BulkPath::Lazy,
                     ..
                 }
         )
+    }
+
+    /// Whether the case runs over mutual TLS.
+    pub fn tls(&self) -> bool {
+        matches!(self, Case::NotifyTls { .. } | Case::LazyTls { .. })
+    }
+
+    /// The same case in clear text (a case without TLS is its own): what
+    /// a TLS case runs, and what it is compared with.
+    pub fn plain(self) -> Case {
+        match self {
+            Case::NotifyTls { body } => Case::Notify { body },
+            Case::LazyTls { body } => Case::Bulk {
+                body,
+                path: BulkPath::Lazy,
+            },
+            other => other,
+        }
     }
 
     /// Whether the case is a latency case (lower is better).
@@ -166,7 +199,7 @@ impl Case {
     /// [`BULK_ROUNDS`] for bulk cases.
     pub fn rounds(&self) -> u32 {
         match self {
-            Case::Bulk { .. } => BULK_ROUNDS,
+            Case::Bulk { .. } | Case::LazyTls { .. } => BULK_ROUNDS,
             _ => ROUNDS,
         }
     }
@@ -237,6 +270,9 @@ impl fmt::Display for Case {
             } => {
                 write!(f, "{} through the message server", size(body))
             }
+            Case::NotifyTls { .. } | Case::LazyTls { .. } => {
+                write!(f, "{} over TLS", self.plain())
+            }
         }
     }
 }
@@ -287,6 +323,8 @@ impl System {
     ///   subject with that many subscribers; both bulk paths go through
     ///   the server. The direct paths (session channel, lazy channel)
     ///   have no NATS counterpart. async-nats has no JetStream case.
+    /// - Over TLS, nats.go runs `notify` against a nats-server that
+    ///   requires TLS; the other columns have no TLS case.
     /// - The relay carries what goes through a server, so it has no
     ///   direct-path case; direct raw TCP has no fixed-rate case (the
     ///   relay is that case's floor).
@@ -298,6 +336,9 @@ impl System {
             peer: SendPeer::Publish,
         };
         match (self, case) {
+            (System::NatsGo, Case::NotifyTls { .. }) => Some(case),
+            (System::Ours, Case::NotifyTls { .. } | Case::LazyTls { .. }) => Some(case),
+            (_, Case::NotifyTls { .. } | Case::LazyTls { .. }) => None,
             (System::NatsGo | System::AsyncNats, Case::Session { .. }) => None,
             (
                 System::NatsGo | System::AsyncNats | System::Relay,
@@ -658,7 +699,8 @@ impl fmt::Display for Summary {
 }
 
 /// The cases of a run: `quick` keeps every kind of case but fewer bulk
-/// sizes.
+/// sizes. The TLS rows come last, each compared with its plain row
+/// ([`Case::plain`]) of the same run.
 pub fn cases(quick: bool) -> Vec<Case> {
     let send = |body, peer| Case::SendPipelined {
         body,
@@ -706,6 +748,8 @@ pub fn cases(quick: bool) -> Vec<Case> {
             path: BulkPath::Server,
         });
     }
+    cases.push(Case::NotifyTls { body: 128 });
+    cases.push(Case::LazyTls { body: 16 << 20 });
     cases
 }
 
@@ -839,6 +883,22 @@ mod tests {
         assert_eq!(System::Relay.pattern(fixed), Some(fixed));
         assert!(!session.through_server() && !lazy.through_server());
         assert!(server.through_server() && notify.through_server());
+        // Over TLS: ours, and nats.go for notify; nobody else.
+        let notify_tls = Case::NotifyTls { body: 128 };
+        let lazy_tls = Case::LazyTls { body: 1 << 20 };
+        assert_eq!(System::Ours.pattern(notify_tls), Some(notify_tls));
+        assert_eq!(System::Ours.pattern(lazy_tls), Some(lazy_tls));
+        assert_eq!(System::NatsGo.pattern(notify_tls), Some(notify_tls));
+        assert_eq!(System::NatsGo.pattern(lazy_tls), None);
+        for system in [System::AsyncNats, System::Relay, System::Raw] {
+            assert_eq!(system.pattern(notify_tls), None);
+            assert_eq!(system.pattern(lazy_tls), None);
+        }
+        assert_eq!(notify_tls.plain(), notify);
+        assert_eq!(lazy_tls.plain(), lazy);
+        assert_eq!(notify.plain(), notify);
+        assert!(notify_tls.tls() && lazy_tls.tls() && !notify.tls() && !lazy.tls());
+        assert!(notify_tls.through_server() && !lazy_tls.through_server());
     }
 
     #[test]
@@ -869,5 +929,15 @@ mod tests {
             }
         );
         assert_eq!(fixed.to_string(), "notify 128 B at 50% of max rate");
+        assert_eq!(
+            Case::NotifyTls { body: 128 }.to_string(),
+            "notify 128 B over TLS"
+        );
+        let lazy_tls = Case::LazyTls { body: 16 << 20 };
+        assert_eq!(lazy_tls.to_string(), "16 MiB over a lazy channel over TLS");
+        assert_eq!((lazy_tls.unit(), lazy_tls.rounds()), ("MB/s", BULK_ROUNDS));
+        let quick = cases(true);
+        assert_eq!(quick.iter().filter(|c| c.tls()).count(), 2);
+        assert!(quick.contains(&lazy_tls.plain()));
     }
 }

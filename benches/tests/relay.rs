@@ -214,7 +214,7 @@ async fn quick_phases_beside_raw_and_ours() {
         };
         let ours_case = System::Ours.pattern(case).unwrap_or(case);
         let ours_case = ours_case.at_rate(share(ours_notify));
-        let ours = match ours::run(ours_case, &options, &server).await {
+        let ours = match ours::run(ours_case, &options, &server, None).await {
             Ok((m, _)) => m,
             Err(e) => suite::Measurement::failed(format!("{e:#}")),
         };

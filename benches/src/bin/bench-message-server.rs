@@ -3,10 +3,11 @@
 //! reads the process's peak resident memory from `/proc/<pid>/status`.
 //!
 //! ```text
-//! bench-message-server [--listen ADDR] [--max-message-bytes N]
+//! bench-message-server [--config FILE] [--listen ADDR] [--max-message-bytes N]
 //! ```
 //!
 //! Listens on `ADDR` (default `127.0.0.1:0`, a free loopback port) with the
+//! cluster's TOML file if given (its `[tls]` for the TLS cases), else the
 //! embedded defaults, `limits.max_message_bytes` set to `N` if given, and
 //! prints `listening on ADDR` (the bound address) on stdout once it accepts
 //! connections. It runs until its stdin reaches end of file (the suite
@@ -15,6 +16,7 @@
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use message_server::MessageServer;
@@ -22,14 +24,17 @@ use message_server::MessageServer;
 /// What the command line asked for.
 #[derive(Debug)]
 struct Args {
+    config: Option<PathBuf>,
     listen: SocketAddr,
     max_message_bytes: Option<u64>,
 }
 
-const USAGE: &str = "usage: bench-message-server [--listen ADDR] [--max-message-bytes N]";
+const USAGE: &str =
+    "usage: bench-message-server [--config FILE] [--listen ADDR] [--max-message-bytes N]";
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Args> {
     let mut parsed = Args {
+        config: None,
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         max_message_bytes: None,
     };
@@ -45,6 +50,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Args> {
                 .with_context(|| format!("{flag} needs a value\n{USAGE}"))
         };
         match flag.as_str() {
+            "--config" => parsed.config = Some(PathBuf::from(value("--config")?)),
             "--listen" => {
                 let v = value("--listen")?;
                 parsed.listen = v
@@ -70,7 +76,11 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Args> {
 
 fn main() -> anyhow::Result<()> {
     let args = parse_args(std::env::args().skip(1))?;
-    let mut config = cluster_config::Config::default();
+    let mut config = match &args.config {
+        Some(path) => cluster_config::Config::load(path)
+            .with_context(|| format!("loading {}", path.display()))?,
+        None => cluster_config::Config::default(),
+    };
     config.message_server.listen = args.listen;
     if let Some(max) = args.max_message_bytes {
         config.limits.max_message_bytes = max;
@@ -118,7 +128,10 @@ mod tests {
     fn arguments() {
         let a = parse(&[]).expect("defaults");
         assert_eq!(a.listen, SocketAddr::from(([127, 0, 0, 1], 0)));
-        assert_eq!(a.max_message_bytes, None);
+        assert_eq!((a.max_message_bytes, a.config), (None, None));
+        let a = parse(&["--config", "cluster.toml"]).expect("a config file");
+        assert_eq!(a.config, Some(PathBuf::from("cluster.toml")));
+        assert!(parse(&["--config"]).is_err());
         let a =
             parse(&["--listen", "127.0.0.1:7400", "--max-message-bytes=1024"]).expect("both flags");
         assert_eq!(a.listen.port(), 7400);
