@@ -139,6 +139,14 @@ fn write(path: &Path, text: &str, secret: bool) -> Result<(), CertsError> {
     #[cfg(not(unix))]
     let _ = secret;
     let mut file = options.open(path).map_err(failed)?;
+    // The mode above applies only to a new file: one written over keeps
+    // its own, so a key's is set here too.
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(failed)?;
+    }
     std::io::Write::write_all(&mut file, text.as_bytes()).map_err(failed)
 }
 
@@ -160,6 +168,15 @@ mod tests {
     fn writes_a_ca_and_one_pair_per_name() {
         let dir = std::env::temp_dir().join(format!("clustercomm-certs-{}", std::process::id()));
         let names = vec!["message-server".to_owned(), "a".to_owned()];
+        // A key written over keeps no looser mode than a new one.
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("a.key"), "old").expect("old key");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.join("a.key"), std::fs::Permissions::from_mode(0o644))
+                .expect("mode");
+        }
         let written = generate(&dir, "test", &names).expect("generate");
         assert_eq!(written.issued.len(), 2);
         for (_, cert, key) in &written.issued {

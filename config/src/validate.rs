@@ -30,6 +30,21 @@ impl Config {
                 "ca_file, cert_file and key_file go together: set all three, or none".into(),
             );
         }
+        // Every connection may keep a 64 KiB chunk of the budget while it
+        // holds anything.
+        let chunks = self
+            .message_server
+            .max_connections
+            .saturating_mul(64 * 1024);
+        if self.message_server.memory_budget_bytes < chunks {
+            return bad(
+                "message_server.memory_budget_bytes",
+                format!(
+                    "{} is below 64 KiB for each of message_server.max_connections ({})",
+                    self.message_server.memory_budget_bytes, self.message_server.max_connections
+                ),
+            );
+        }
         if let Some(p) = self.permissions.bad_send_pattern() {
             return bad(
                 "permissions.send",

@@ -218,7 +218,7 @@ pub(crate) async fn serve(
         };
         let session = Arc::new(Session {
             mac: transports::auth::SessionMac::new(&session_secret),
-            heartbeat_ip: hello.heartbeat_ip.unwrap_or(peer.ip()),
+            heartbeat_ip: hello.heartbeat_ip.unwrap_or(peer.ip()).to_canonical(),
             last_nonce: std::sync::atomic::AtomicU64::new(0),
         });
         let masked_secret = handshake::mask_session_secret(
@@ -325,26 +325,15 @@ pub(crate) async fn serve(
 }
 
 /// What a hello claims that this server checks before it challenges the
-/// node: a takeover of a live registration must come from the same
-/// session (its key; the proof follows), and the direct-channel address
-/// must be on the host the node connects from (unless
-/// `message_server.allow_foreign_direct_addr`).
+/// node: the direct-channel address must be on the host the node connects
+/// from (unless `message_server.allow_foreign_direct_addr`). (A takeover
+/// of a live registration is checked at registration, under the lock.)
 fn check_claims(shared: &Shared, hello: &Hello, peer: SocketAddr) -> Result<(), Refusal> {
-    let taken =
-        shared.read().table.member(&hello.node).is_some_and(|m| {
-            m.incarnation == hello.incarnation && m.session_key != hello.session_key
-        });
-    if taken {
-        return Err(Refusal {
-            reason: RefusalReason::DuplicateNode,
-            detail: "a live session holds this node id and incarnation".into(),
-        });
-    }
     if let Some(addr) = hello.direct_addr {
         // Every loopback address is this host, as the peer's is.
-        let same_host = addr.ip() == peer.ip()
-            || addr.ip().is_unspecified()
-            || (addr.ip().is_loopback() && peer.ip().is_loopback());
+        let (ip, from) = (addr.ip().to_canonical(), peer.ip().to_canonical());
+        let same_host =
+            ip == from || ip.is_unspecified() || (ip.is_loopback() && from.is_loopback());
         let foreign = !same_host;
         if foreign && !shared.config.message_server.allow_foreign_direct_addr {
             return Err(Refusal {
@@ -891,9 +880,15 @@ impl Connection {
                                 ok.push((r.id.clone(), c.incarnation));
                             }
                         }
+                        // Over the server's memory budget: answered at once
+                        // (waiting for this queue's room would not help).
+                        Err(PushError::Full(_)) if !self.shared.budget.has_room(raw.len()) => {
+                            Counters::add(&counters.overloaded, 1);
+                            failed.push((r.id.clone(), DeliveryFailure::ReceiverOverloaded));
+                        }
                         Err(PushError::Full(_) | PushError::Congested) => {
-                            let taken = queue.taken_frames();
-                            waiting.push((r.id.clone(), c.incarnation, queue, taken))
+                            let written = queue.written_bytes();
+                            waiting.push((r.id.clone(), c.incarnation, queue, written))
                         }
                         Err(PushError::Closed(_)) => {
                             failed.push((r.id.clone(), DeliveryFailure::TargetStopped))
@@ -906,7 +901,7 @@ impl Connection {
             wakes.wake_all();
             let deadline = tokio::time::Instant::now()
                 + Duration::from_millis(self.shared.config.message_server.slow_consumer_ms);
-            for (id, incarnation, queue, taken) in waiting {
+            for (id, incarnation, queue, written) in waiting {
                 // A full queue slows the sender down (this read loop waits,
                 // so the sender's socket fills); a receiver that makes no
                 // room in time is answered for.
@@ -931,7 +926,7 @@ impl Connection {
                         // heartbeat), and is cut off as for control frames.
                         // (A queue with nothing in it waits for the
                         // server's budget, not for its reader.)
-                        if queue.taken_frames() == taken && queue.holds_frames() {
+                        if queue.written_bytes() == written && queue.holds_frames() {
                             tracing::warn!(node = %id, "cutting off slow consumer: it read none of its data for message_server.slow_consumer_ms");
                             Counters::add(&counters.slow_consumers, 1);
                             queue.close();

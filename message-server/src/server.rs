@@ -374,7 +374,7 @@ async fn heartbeats(shared: Arc<Shared>, socket: tokio::net::UdpSocket, cancel: 
         // A ping counts only from the node's address, signed with its
         // session's secret, and with a nonce beyond the last one.
         let accepted = session.filter(|(session, _)| {
-            from.ip() == session.heartbeat_ip
+            from.ip().to_canonical() == session.heartbeat_ip
                 && session.mac.verify_ping(&node, incarnation, nonce, &mac)
                 && session.last_nonce.fetch_max(nonce, Ordering::AcqRel) < nonce
         });

@@ -430,9 +430,11 @@ async fn serve_inbound(
                 return;
             }
             Err(_) => {
-                tracing::info!(
-                    "closing a direct channel: no TLS handshake within the hello deadline"
-                );
+                if rt.direct.refusals.admit() {
+                    tracing::info!(
+                        "closing a direct channel: no TLS handshake within the hello deadline"
+                    );
+                }
                 return;
             }
         },
@@ -615,7 +617,9 @@ async fn serve_inbound(
                 }
                 let is_reply = matches!(h.kind, MessageKind::Reply { .. });
                 if !is_reply && permissions.as_ref().is_some_and(|p| !p.may_send(h.target)) {
-                    tracing::warn!(target = %h.target, service = h.service, "refused a message: its sender may not send to that target");
+                    if rt.direct.refusals.admit() {
+                        tracing::warn!(target = %h.target, service = h.service, "refused a message: its sender may not send to that target");
+                    }
                     Counters::add(&rt.counters.refused_not_permitted, 1);
                     let answer = Answer {
                         to: hello.node.clone(),

@@ -122,10 +122,10 @@ pub fn out_queue_within(
     new_queue(frames, bytes, Some(budget))
 }
 
-/// Bytes a queue takes from its [`Budget`] at a time, and keeps at most
-/// beyond what it holds: queues touch the shared budget once per this
-/// many bytes, not once per frame.
-pub const BUDGET_CHUNK_BYTES: usize = 256 * 1024;
+/// Bytes a queue takes from its [`Budget`] at a time: queues touch the
+/// shared budget once per this many bytes, not once per frame. A queue
+/// keeps what it holds rounded up to this, and nothing once empty.
+pub const BUDGET_CHUNK_BYTES: usize = 64 * 1024;
 
 /// A memory budget shared by many queues (the message server's, across
 /// all its connections): queued data takes its bytes from it, in chunks
@@ -149,6 +149,12 @@ impl Budget {
     /// Bytes taken now (by all queues, their chunks rounded up).
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
+    }
+
+    /// Whether `n` more bytes would fit now (a hint: another queue may
+    /// take them first).
+    pub fn has_room(&self, n: usize) -> bool {
+        self.used().saturating_add(n) <= self.limit
     }
 
     fn try_take(&self, n: usize) -> bool {
@@ -177,7 +183,7 @@ fn new_queue(frames: usize, bytes: usize, budget: Option<Arc<Budget>>) -> (OutQu
         is_closed: AtomicBool::new(false),
         congested: AtomicBool::new(false),
         queued: AtomicUsize::new(0),
-        taken: AtomicU64::new(0),
+        written: AtomicU64::new(0),
         budget,
         max_frame: AtomicUsize::new(u32::MAX as usize),
     });
@@ -460,11 +466,12 @@ impl OutQueue {
         Arc::ptr_eq(&self.shared, &other.shared)
     }
 
-    /// Frames the writer has taken from the queue so far. Unchanged over a
-    /// period, it means the consumer read nothing in it (its socket stayed
-    /// full): the message server cuts such a consumer off.
-    pub fn taken_frames(&self) -> u64 {
-        self.core().taken.load(Ordering::Relaxed)
+    /// Bytes the writer has written to the connection so far. Unchanged
+    /// over a period while the queue holds frames, it means the consumer
+    /// read nothing in it (its socket stayed full): the message server cuts
+    /// such a consumer off.
+    pub fn written_bytes(&self) -> u64 {
+        self.core().written.load(Ordering::Relaxed)
     }
 
     /// Whether the queue holds any frame, queued or being written (a cold
@@ -682,6 +689,11 @@ impl OutReceiver {
         self.core.take_all(&mut state, batch);
     }
 
+    /// The counter the writer adds what it wrote to.
+    pub(super) fn written_counter(&self) -> WrittenCounter {
+        WrittenCounter(self.core.clone())
+    }
+
     /// Gives back what written frames held.
     pub(super) fn release(&self, data: usize, bytes: usize) {
         if data == 0 && bytes == 0 {
@@ -712,6 +724,17 @@ impl Drop for OutReceiver {
         };
         self.core.queued.store(0, Ordering::Relaxed);
         drop((items, staged));
+    }
+}
+
+/// Where a writer counts the bytes it wrote (see
+/// [`OutQueue::written_bytes`]).
+#[derive(Debug)]
+pub(super) struct WrittenCounter(Arc<Core>);
+
+impl WrittenCounter {
+    pub(super) fn add(&self, n: usize) {
+        self.0.written.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
@@ -758,9 +781,9 @@ struct Core {
     /// Frames queued, readable without the lock (a receiver's load, asked
     /// for on every `AnyOf` choice).
     queued: AtomicUsize,
-    /// Frames the writer has taken so far: whether the consumer makes
-    /// progress (see [`OutQueue::taken_frames`]).
-    taken: AtomicU64,
+    /// Bytes the writer has written to the connection so far: whether the
+    /// consumer makes progress (see [`OutQueue::written_bytes`]).
+    written: AtomicU64,
     /// The budget its data also draws on, if it shares one.
     budget: Option<Arc<Budget>>,
     /// The frame limit of the connection being written (staged frames are
@@ -860,11 +883,11 @@ impl Core {
     }
 
     /// Gives back to the shared budget what the queue holds beyond its
-    /// bytes and a chunk.
+    /// bytes rounded up to a chunk (all of it once empty).
     fn return_budget(&self, state: &mut State) {
         if let Some(budget) = &self.budget {
-            let keep = state.bytes + BUDGET_CHUNK_BYTES;
-            if state.reserved > keep + BUDGET_CHUNK_BYTES {
+            let keep = state.bytes.next_multiple_of(BUDGET_CHUNK_BYTES);
+            if state.reserved > keep {
                 budget.give(state.reserved - keep);
                 state.reserved = keep;
             }
@@ -980,7 +1003,6 @@ impl Core {
         }
         state.frames = 0;
         self.queued.store(0, Ordering::Relaxed);
-        self.taken.fetch_add(frames as u64, Ordering::Relaxed);
         self.made_room(state);
         frames
     }
@@ -1256,18 +1278,20 @@ mod tests {
         }
         // Small frames within a queue's chunk still fit.
         assert!(b.try_push(body(100), Lane::Data).is_ok());
-        // What `a`'s writer writes goes back (but a chunk), and `b` gets it.
+        // What `a`'s writer writes goes back (all of it: `a` is empty), and
+        // `b` gets it.
         let mut batch = VecDeque::new();
         a_rx.take_more(&mut batch);
         let (data, bytes) = batch
             .iter()
             .fold((0, 0), |(d, b), item| (d + item.data, b + item.permits));
         a_rx.release(data, bytes);
-        assert_eq!(budget.used(), 2 * chunk);
+        assert_eq!(budget.used(), chunk);
+        assert!(budget.has_room(3 * chunk) && !budget.has_room(3 * chunk + 1));
         assert!(b.try_push(body(chunk), Lane::Data).is_ok());
         // A dropped queue gives back all it had.
         drop(b_rx);
-        assert_eq!(budget.used(), chunk);
+        assert_eq!(budget.used(), 0);
         drop(a_rx);
         assert_eq!(budget.used(), 0);
     }

@@ -8,7 +8,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use super::queue::{OutReceiver, Queued};
+use super::queue::{OutReceiver, Queued, WrittenCounter};
 use super::READ_CHUNK_BYTES;
 use crate::frame::{encode_header, FrameError, OutFrame, LENGTH_PREFIX_BYTES};
 use crate::protocol::Header;
@@ -92,6 +92,7 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
     prelude: Vec<OutFrame>,
 ) -> Result<WriteEnd, FrameError> {
     let closed = rx.closed();
+    let written = rx.written_counter();
     // Frames staged from now on are checked against this connection's
     // limit as they are queued.
     rx.set_max_frame(max_frame);
@@ -103,7 +104,7 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
             bytes += frame.payload_len();
             out.add(Queued::Frame(frame));
         }
-        if let Some(end) = out.write(io, &closed).await? {
+        if let Some(end) = out.write(io, &closed, &written).await? {
             return Ok(end);
         }
     }
@@ -147,7 +148,7 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
             release.data_slots += item.data;
             out.add(item.what);
         }
-        let end = out.write(io, &closed).await;
+        let end = out.write(io, &closed, &written).await;
         drop(release);
         if let Some(end) = end? {
             return Ok(end);
@@ -236,6 +237,7 @@ impl Encoder {
         &mut self,
         io: &mut W,
         closed: &CancellationToken,
+        written: &WrittenCounter,
     ) -> Result<Option<WriteEnd>, FrameError> {
         if !self.buf.is_empty() {
             self.chunks.push_back(self.buf.split().freeze());
@@ -243,7 +245,7 @@ impl Encoder {
         let written = tokio::select! {
             biased;
             _ = closed.cancelled() => return Ok(Some(WriteEnd::Closed)),
-            w = write_chunks(io, &mut self.chunks) => w,
+            w = write_chunks(io, &mut self.chunks, written) => w,
         };
         self.chunks.clear();
         written?;
@@ -276,6 +278,7 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
 async fn write_chunks<W: AsyncWrite + Unpin>(
     io: &mut W,
     chunks: &mut VecDeque<Bytes>,
+    written: &WrittenCounter,
 ) -> std::io::Result<()> {
     while !chunks.is_empty() {
         let n = {
@@ -290,6 +293,7 @@ async fn write_chunks<W: AsyncWrite + Unpin>(
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
+        written.add(n);
         let mut left = n;
         while left > 0 {
             let Some(front) = chunks.front_mut() else {
