@@ -44,7 +44,7 @@ mod validate;
 
 pub use defaults::*;
 pub use error::ConfigError;
-pub use permissions::PermissionsConfig;
+pub use permissions::{PermissionsConfig, PermissionsTable};
 pub use sections::{
     ClusterConfig, Config, LazyConfig, LimitsConfig, MessageServerConfig, NodeConfig, TcpConfig,
     TlsConfig,

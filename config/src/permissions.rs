@@ -21,8 +21,49 @@
 //! `group:<group>` (`Group` and `AnyOf`), `all`, or `*` for any. Replies
 //! are not sends: a node may always answer a request it was given.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use transports::protocol::TargetRef;
+
+use crate::{Config, ConfigError};
+
+/// Every node's permissions, read once from the file: `[permissions]`, and
+/// each `[nodes.<id>.permissions]` over it.
+#[derive(Clone, Debug, Default)]
+pub struct PermissionsTable {
+    default: Arc<PermissionsConfig>,
+    by_node: HashMap<String, Arc<PermissionsConfig>>,
+}
+
+impl PermissionsTable {
+    /// The permissions of node `id`.
+    pub fn of(&self, id: &str) -> Arc<PermissionsConfig> {
+        self.by_node.get(id).unwrap_or(&self.default).clone()
+    }
+}
+
+impl Config {
+    /// Every node's permissions, as [`PermissionsTable`].
+    ///
+    /// # Errors
+    ///
+    /// A node section that does not merge ([`Config::for_node`]).
+    pub fn permissions_table(&self) -> Result<PermissionsTable, ConfigError> {
+        let mut by_node = HashMap::new();
+        for id in self.nodes.keys() {
+            let own = self.for_node(id)?.permissions;
+            if own != self.permissions {
+                by_node.insert(id.clone(), Arc::new(own));
+            }
+        }
+        Ok(PermissionsTable {
+            default: Arc::new(self.permissions.clone()),
+            by_node,
+        })
+    }
+}
 
 /// `[permissions]`
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

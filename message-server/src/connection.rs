@@ -77,36 +77,24 @@ pub(crate) async fn serve(
         // The whole handshake, TLS and proof included, within the hello
         // deadline.
         let deadline = tokio::time::Instant::now() + timeout;
-        let (rd, mut wr, certificates) = match &shared.tls {
-            None => {
-                let (rd, wr) = transports::io::split(stream);
-                (rd, wr, None)
-            }
-            Some(tls) => {
-                let accepted = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    a = tokio::time::timeout(timeout, tls.accept(stream)) => a,
-                };
-                match accepted {
-                    Ok(Ok(stream)) => {
-                        let certificates = transports::tls::Tls::peer_certificates(&stream);
-                        let (rd, wr) = transports::io::split_tls(stream);
-                        (rd, wr, Some(certificates))
-                    }
-                    Ok(Err(e)) => {
-                        Counters::add(&shared.counters.connections_refused, 1);
-                        if shared.refusals.admit() {
-                            tracing::info!(error = %e, "closing connection: TLS handshake failed");
-                        }
-                        return;
-                    }
-                    Err(_) => {
-                        if shared.refusals.admit() {
-                            tracing::info!("closing connection: no TLS handshake within the hello deadline");
-                        }
-                        return;
-                    }
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            a = tokio::time::timeout(timeout, transports::io::accept(stream, shared.tls.as_ref())) => a,
+        };
+        let (rd, mut wr, certificates) = match accepted {
+            Ok(Ok(accepted)) => accepted,
+            Ok(Err(e)) => {
+                Counters::add(&shared.counters.connections_refused, 1);
+                if shared.refusals.admit() {
+                    tracing::info!(error = %e, "closing connection: TLS handshake failed");
                 }
+                return;
+            }
+            Err(_) => {
+                if shared.refusals.admit() {
+                    tracing::info!("closing connection: no TLS handshake within the hello deadline");
+                }
+                return;
             }
         };
         let mut reader = FrameReader::new(rd, FrameCodec::default());
@@ -351,16 +339,7 @@ fn check_claims(shared: &Shared, hello: &Hello, peer: SocketAddr) -> Result<(), 
 /// The node's permissions (`None` when it may do anything), after checking
 /// the groups and services its hello names against them.
 fn permitted(shared: &Shared, hello: &Hello) -> Result<Option<Arc<PermissionsConfig>>, Refusal> {
-    let permissions = match shared.config.for_node(hello.node.as_str()) {
-        Ok(config) => config.permissions,
-        // Checked when the file was loaded; refuse rather than guess.
-        Err(e) => {
-            return Err(Refusal {
-                reason: RefusalReason::NotPermitted,
-                detail: format!("this node's configuration section is invalid: {e}"),
-            })
-        }
-    };
+    let permissions = shared.permissions.of(hello.node.as_str());
     if permissions.allows_everything() {
         return Ok(None);
     }
@@ -386,7 +365,7 @@ fn permitted(shared: &Shared, hello: &Hello) -> Result<Option<Arc<PermissionsCon
             ),
         });
     }
-    Ok(Some(Arc::new(permissions)))
+    Ok(Some(permissions))
 }
 
 struct Connection {

@@ -43,6 +43,9 @@ pub enum ServerError {
     /// The `[tls]` files could not be used.
     #[error("cannot set up TLS")]
     Tls(#[from] transports::tls::TlsError),
+    /// A node's section of the configuration could not be read.
+    #[error("invalid configuration")]
+    Config(#[from] cluster_config::ConfigError),
 }
 
 /// A connected node as the server sees it.
@@ -109,6 +112,8 @@ pub(crate) struct Shared {
     pub(crate) budget: Arc<transports::io::Budget>,
     /// Which refusals are logged.
     pub(crate) refusals: transports::handshake::RefusalLog,
+    /// Every node's permissions.
+    pub(crate) permissions: cluster_config::PermissionsTable,
     /// Bumped whenever the state is locked for writing: a connection's
     /// cached routes are good while it stays the same.
     generation: AtomicU64,
@@ -210,7 +215,9 @@ impl MessageServer {
             .as_deref()
             .map(transports::auth::ClusterSecret::new);
         let budget = transports::io::Budget::new(config.message_server.memory_budget_bytes);
+        let permissions = config.permissions_table()?;
         let shared = Arc::new(Shared {
+            permissions,
             refusals: transports::handshake::RefusalLog::default(),
             budget,
             tls,

@@ -117,6 +117,7 @@ impl NodeBuilder {
             config.message_server.addresses = addresses;
         }
         config.validate("")?;
+        let permissions = self.config.permissions_table()?;
         let incarnation = crate::runtime::fresh_incarnation();
         let tls = match config.tls.files() {
             Some((ca, cert, key)) => Some(transports::tls::Tls::load(ca, cert, key)?),
@@ -202,7 +203,7 @@ impl NodeBuilder {
             members: welcome.members,
             server_index: link.index,
             credentials,
-            cluster: std::sync::Arc::new(self.config),
+            permissions,
         });
         let span = tracing::info_span!("node", id = %self.id, incarnation);
         tracing::info!(parent: &span, %address, "node connected to the message server");

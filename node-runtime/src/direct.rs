@@ -19,8 +19,8 @@ use transports::frame::FrameCodec;
 use transports::frame::{peek_cached, BodyArena, NameCache, Peeked};
 use transports::handshake::{self, HandshakeError};
 use transports::protocol::{
-    AckStatus, DeliveryFailure, Header, MessageKind, NodeId, PublicKey, RefusalReason, Welcome,
-    PROTOCOL_VERSION,
+    same_name, AckStatus, DeliveryFailure, Header, MessageKind, NodeId, PublicKey, RefusalReason,
+    TargetRef, Welcome, PROTOCOL_VERSION,
 };
 use transports::{out_queue, FrameReader, Lane, OutFrame};
 
@@ -412,32 +412,27 @@ async fn serve_inbound(
     }
     let deadline =
         tokio::time::Instant::now() + config.connect_timeout().min(handshake::HELLO_DEADLINE);
-    let (rd, mut wr, certificates) = match &rt.credentials.tls {
-        None => {
-            let (rd, wr) = transports::io::split(stream);
-            (rd, wr, None)
+    let accepted = tokio::time::timeout_at(
+        deadline,
+        transports::io::accept(stream, rt.credentials.tls.as_ref()),
+    )
+    .await;
+    let (rd, mut wr, certificates) = match accepted {
+        Ok(Ok(accepted)) => accepted,
+        Ok(Err(e)) => {
+            if rt.direct.refusals.admit() {
+                tracing::warn!(error = %e, "refused a direct channel: TLS handshake failed");
+            }
+            return;
         }
-        Some(tls) => match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
-            Ok(Ok(stream)) => {
-                let certificates = transports::tls::Tls::peer_certificates(&stream);
-                let (rd, wr) = transports::io::split_tls(stream);
-                (rd, wr, Some(certificates))
+        Err(_) => {
+            if rt.direct.refusals.admit() {
+                tracing::info!(
+                    "closing a direct channel: no TLS handshake within the hello deadline"
+                );
             }
-            Ok(Err(e)) => {
-                if rt.direct.refusals.admit() {
-                    tracing::warn!(error = %e, "refused a direct channel: TLS handshake failed");
-                }
-                return;
-            }
-            Err(_) => {
-                if rt.direct.refusals.admit() {
-                    tracing::info!(
-                        "closing a direct channel: no TLS handshake within the hello deadline"
-                    );
-                }
-                return;
-            }
-        },
+            return;
+        }
     };
     let mut reader =
         FrameReader::with_read_chunk(rd, FrameCodec::default(), config.node.read_chunk_bytes);
@@ -524,19 +519,13 @@ async fn serve_inbound(
         return;
     }
     // What the opener may send to (from this node's copy of the cluster's
-    // file); `None`: anything.
-    let permissions = match rt.cluster.for_node(hello.node.as_str()) {
-        Ok(c) if c.permissions.allows_everything() => None,
-        Ok(c) => Some(c.permissions),
-        Err(e) => {
-            if rt.direct.refusals.admit() {
-                tracing::warn!(error = %e, "refused a direct channel: the opener's configuration section is invalid");
-            }
-            let detail = "this node cannot read the opener's permissions".to_owned();
-            handshake::refuse(&mut wr, RefusalReason::NotPermitted, detail).await;
-            return;
-        }
-    };
+    // file); `None`: anything. Messages to this node itself, nearly all of
+    // them, are judged once here.
+    let permissions =
+        Some(rt.permissions.of(hello.node.as_str())).filter(|p| !p.allows_everything());
+    let to_me_permitted = permissions
+        .as_ref()
+        .is_none_or(|p| p.may_send(TargetRef::Node(rt.id.as_str())));
     // Proven: the place among the unproven is free again (the channel's
     // own place is held until it ends).
     drop(unproven);
@@ -616,7 +605,15 @@ async fn serve_inbound(
                     break;
                 }
                 let is_reply = matches!(h.kind, MessageKind::Reply { .. });
-                if !is_reply && permissions.as_ref().is_some_and(|p| !p.may_send(h.target)) {
+                let permitted = match (&permissions, h.target) {
+                    (None, _) => true,
+                    _ if is_reply => true,
+                    (Some(_), TargetRef::Node(to)) if same_name(to, rt.id.as_str()) => {
+                        to_me_permitted
+                    }
+                    (Some(p), target) => p.may_send(target),
+                };
+                if !permitted {
                     if rt.direct.refusals.admit() {
                         tracing::warn!(target = %h.target, service = h.service, "refused a message: its sender may not send to that target");
                     }

@@ -137,8 +137,9 @@ impl Node {
     ///
     /// [`NodeError::InvalidName`] for an empty or overlong name;
     /// [`NodeError::AlreadySubscribed`] if the service has a live inbox here;
-    /// [`NodeError::Timeout`] or [`NodeError::Disconnected`] if the message
-    /// server did not confirm.
+    /// [`NodeError::NotPermitted`] if this node's `permissions.subscribe`
+    /// does not include it; [`NodeError::Timeout`] or
+    /// [`NodeError::Disconnected`] if the message server did not confirm.
     pub async fn subscribe(&self, service: &str) -> Result<Inbox, NodeError> {
         if !transports::protocol::valid_name(service) {
             return Err(NodeError::invalid_name("service", service));

@@ -62,7 +62,7 @@ pub(crate) struct Parts {
     pub(crate) members: Vec<MemberInfo>,
     pub(crate) server_index: usize,
     pub(crate) credentials: Arc<Credentials>,
-    pub(crate) cluster: Arc<Config>,
+    pub(crate) permissions: cluster_config::PermissionsTable,
 }
 
 /// A running node's parts, shared by its tasks and handles. Cheap to
@@ -97,9 +97,9 @@ pub(crate) struct Runtime {
     pub(crate) started: std::time::Instant,
     /// The session key and cluster secret every connection proves.
     pub(crate) credentials: Arc<Credentials>,
-    /// The cluster's whole configuration (every node's section), for the
-    /// permissions of the nodes that open channels to this one.
-    pub(crate) cluster: Arc<Config>,
+    /// Every node's permissions, from this node's copy of the cluster's
+    /// file: what the nodes that open channels to this one may send.
+    pub(crate) permissions: cluster_config::PermissionsTable,
 }
 
 impl Runtime {
@@ -168,7 +168,7 @@ impl Runtime {
             tasks: TaskTracker::new(),
             started: std::time::Instant::now(),
             credentials: parts.credentials,
-            cluster: parts.cluster,
+            permissions: parts.permissions,
         }
     }
 

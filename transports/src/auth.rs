@@ -96,13 +96,19 @@ impl ClusterSecret {
     }
 }
 
-fn mac(key: &hmac::Key, parts: &[&[u8]]) -> Mac {
-    let mut ctx = hmac::Context::with_key(key);
+/// `parts`, each after its length: what every MAC and signature covers,
+/// so that no two different lists of parts give the same bytes.
+pub fn framed(parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(parts.iter().map(|p| p.len() + 8).sum());
     for part in parts {
-        ctx.update(&(part.len() as u64).to_be_bytes());
-        ctx.update(part);
+        out.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        out.extend_from_slice(part);
     }
-    let tag = ctx.sign();
+    out
+}
+
+fn mac(key: &hmac::Key, parts: &[&[u8]]) -> Mac {
+    let tag = hmac::sign(key, &framed(parts));
     let mut out = [0u8; MAC_BYTES];
     out.copy_from_slice(tag.as_ref());
     out

@@ -53,6 +53,10 @@ pub enum HandshakeError {
     /// session key of the member it was meant to be).
     #[error("the peer failed authentication: {0}")]
     Unauthenticated(&'static str),
+    /// This end could not make its nonce (the system's random number
+    /// generator failed).
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
     /// The peer closed the connection during the handshake.
     #[error("the peer closed the connection during the handshake")]
     Closed,
@@ -155,17 +159,8 @@ fn transcript<'a>(label: &'a [u8], hello: &'a [u8], acceptor_nonce: &'a Nonce) -
     [b"clustercomm handshake", label, hello, acceptor_nonce]
 }
 
-fn transcript_bytes(parts: &[&[u8]]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(parts.iter().map(|p| p.len() + 8).sum());
-    for part in parts {
-        out.extend_from_slice(&(part.len() as u64).to_be_bytes());
-        out.extend_from_slice(part);
-    }
-    out
-}
-
-fn encoded(hello: &Hello) -> Vec<u8> {
-    postcard::to_allocvec(hello).unwrap_or_default()
+fn encoded(hello: &Hello) -> Result<Vec<u8>, HandshakeError> {
+    postcard::to_allocvec(hello).map_err(|e| HandshakeError::Frame(FrameError::Header(e)))
 }
 
 /// What the opening end proves itself with, and whom it means to reach.
@@ -221,43 +216,33 @@ where
                 })
             }
         };
-        let hello_bytes = encoded(hello);
+        let hello_bytes = encoded(hello)?;
         let theirs = transcript(b"acceptor", &hello_bytes, &challenge.nonce);
-        if let Some(secret) = opener.secret {
-            let proven = challenge
+        let secret_proven = opener.secret.is_none_or(|secret| {
+            challenge
                 .secret_proof
-                .is_some_and(|mac| secret.verify(&theirs, &mac));
-            if !proven {
-                let why = "the acceptor did not prove the cluster secret (do both ends have the same cluster.credentials?)";
-                refuse(
-                    writer,
-                    RefusalReason::BadCredentials,
-                    "wrong or no credentials".into(),
-                )
-                .await;
-                return Err(HandshakeError::Unauthenticated(why));
-            }
-        }
-        if let Some(expected) = opener.expect {
-            let signed = challenge.signature.as_deref().is_some_and(|sig| {
-                auth::verify_signature(expected, &transcript_bytes(&theirs), sig)
-            });
-            if !signed {
-                refuse(
-                    writer,
-                    RefusalReason::BadCredentials,
-                    "wrong or no credentials".into(),
-                )
-                .await;
-                return Err(HandshakeError::Unauthenticated(
-                    "the acceptor is not the member it was meant to be: its session key did not sign",
-                ));
-            }
+                .is_some_and(|mac| secret.verify(&theirs, &mac))
+        });
+        let signed = opener.expect.is_none_or(|expected| {
+            challenge
+                .signature
+                .as_deref()
+                .is_some_and(|sig| auth::verify_signature(expected, &auth::framed(&theirs), sig))
+        });
+        let failed = match (secret_proven, signed) {
+            (false, _) => Some("the acceptor did not prove the cluster secret (do both ends have the same cluster.credentials?)"),
+            (_, false) => Some("the acceptor is not the member it was meant to be: its session key did not sign"),
+            _ => None,
+        };
+        if let Some(why) = failed {
+            let detail = "wrong or no credentials".to_owned();
+            refuse(writer, RefusalReason::BadCredentials, detail).await;
+            return Err(HandshakeError::Unauthenticated(why));
         }
         let ours = transcript(b"opener", &hello_bytes, &challenge.nonce);
         let proof = Proof {
             secret_proof: opener.secret.map(|s| s.mac(&ours)),
-            signature: opener.key.sign(&transcript_bytes(&ours)).to_vec(),
+            signature: opener.key.sign(&auth::framed(&ours)).to_vec(),
         };
         write_frame(writer, OutFrame::control(Header::Proof(proof))).await?;
         match next_header(reader).await? {
@@ -332,12 +317,12 @@ where
 {
     let nonce: Nonce = auth::random()
         .map_err(|e| HandshakeError::Frame(FrameError::Io(std::io::Error::other(e.to_string()))))?;
-    let hello_bytes = encoded(hello);
+    let hello_bytes = encoded(hello)?;
     let ours = transcript(b"acceptor", &hello_bytes, &nonce);
     let challenge = Challenge {
         nonce,
         secret_proof: secret.map(|s| s.mac(&ours)),
-        signature: key.map(|k| k.sign(&transcript_bytes(&ours)).to_vec()),
+        signature: key.map(|k| k.sign(&auth::framed(&ours)).to_vec()),
     };
     let exchange = async {
         write_frame(writer, OutFrame::control(Header::Challenge(challenge))).await?;
@@ -368,11 +353,8 @@ where
             .secret_proof
             .is_some_and(|mac| s.verify(&theirs, &mac))
     });
-    let signed = auth::verify_signature(
-        &hello.session_key,
-        &transcript_bytes(&theirs),
-        &proof.signature,
-    );
+    let signed =
+        auth::verify_signature(&hello.session_key, &auth::framed(&theirs), &proof.signature);
     if !(secret_ok && signed) {
         let reason = RefusalReason::BadCredentials;
         refuse(writer, reason.clone(), "wrong or no credentials".into()).await;

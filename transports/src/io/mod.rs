@@ -50,7 +50,7 @@ pub use queue::{
 };
 pub use reader::{FrameReader, EXACT_BUFFER_FROM_BYTES, READ_CHUNK_BYTES};
 pub use staging::STAGE_UP_TO_BYTES;
-pub use stream::{split, split_tls, ReadHalf, WriteHalf};
+pub use stream::{accept, split, split_tls, PeerCertificates, ReadHalf, WriteHalf};
 pub use writer::{
     run_writer, write_queue, WriteEnd, COALESCE_BELOW, COALESCE_CREDIT, COALESCE_PROBE_EVERY,
     VECTORED_MIN_BYTES,

@@ -35,6 +35,33 @@ pub fn split(stream: TcpStream) -> (ReadHalf, WriteHalf) {
     (ReadHalf::Plain(rd), WriteHalf::Plain(wr))
 }
 
+/// The certificates a TLS peer presented (see [`crate::tls::Tls::names`]).
+pub type PeerCertificates = Vec<rustls::pki_types::CertificateDer<'static>>;
+
+/// An accepted connection split: plain, or (with `tls`) after the TLS
+/// handshake, with the certificates the peer presented.
+///
+/// # Errors
+///
+/// The TLS handshake's error.
+pub async fn accept(
+    stream: TcpStream,
+    tls: Option<&crate::tls::Tls>,
+) -> io::Result<(ReadHalf, WriteHalf, Option<PeerCertificates>)> {
+    match tls {
+        None => {
+            let (rd, wr) = split(stream);
+            Ok((rd, wr, None))
+        }
+        Some(tls) => {
+            let stream = tls.accept(stream).await?;
+            let certificates = crate::tls::Tls::peer_certificates(&stream);
+            let (rd, wr) = split_tls(stream);
+            Ok((rd, wr, Some(certificates)))
+        }
+    }
+}
+
 /// Splits a TLS connection.
 pub fn split_tls(stream: TlsStream<TcpStream>) -> (ReadHalf, WriteHalf) {
     let (rd, wr) = tokio::io::split(stream);
