@@ -181,7 +181,8 @@ pub struct NodeConfig {
     pub max_in_flight: usize,
     /// Body bytes of acknowledged messages awaiting their outcome, at
     /// most; further sends wait (bounded by the send timeout). Bounds the
-    /// resend buffer in bytes. A body larger than this takes all of it.
+    /// resend buffer in bytes. A body larger than this takes all of it;
+    /// bodies of at most 1 KiB are bounded by `max_in_flight` alone.
     /// Default [`DEFAULT_MAX_IN_FLIGHT_BYTES`].
     pub max_in_flight_bytes: usize,
     /// Backlog above which the node reports itself busy.

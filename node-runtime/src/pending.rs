@@ -38,13 +38,22 @@ pub struct Pending {
 pub(crate) struct Places {
     // Held, never read: given back when dropped.
     pub(crate) _message: OwnedSemaphorePermit,
-    pub(crate) _bytes: OwnedSemaphorePermit,
+    pub(crate) _bytes: Option<OwnedSemaphorePermit>,
 }
 
+/// Bodies up to this size take no share of the in-flight bytes: their
+/// count alone bounds them (`node.max_in_flight` of them hold at most
+/// that many KiB), and the hot path of small sends skips the byte count.
+pub(crate) const UNCOUNTED_BODY_BYTES: usize = 1024;
+
 /// The share of the in-flight bytes (in KiB units) a body of `len` bytes
-/// takes: at least one, at most all (`capacity`).
+/// takes: none up to [`UNCOUNTED_BODY_BYTES`], else its KiB, at most all
+/// (`capacity`).
 pub(crate) fn byte_units(len: usize, capacity: usize) -> u32 {
-    let units = len.div_ceil(1024).clamp(1, capacity.max(1));
+    if len <= UNCOUNTED_BODY_BYTES {
+        return 0;
+    }
+    let units = len.div_ceil(1024).min(capacity.max(1));
     u32::try_from(units).unwrap_or(u32::MAX)
 }
 
@@ -139,15 +148,17 @@ mod tests {
     use super::byte_units;
 
     #[test]
-    fn a_body_takes_its_kib_at_least_one_at_most_all() {
+    fn a_body_over_a_kib_takes_its_kib_at_most_all() {
         let cases = [
-            (0, 1024, 1),
-            (1, 1024, 1),
-            (1024, 1024, 1),
+            (0, 1024, 0),
+            (1, 1024, 0),
+            (1024, 1024, 0),
             (1025, 1024, 2),
+            (2048, 1024, 2),
             (256 << 10, 1024, 256),
             (64 << 20, 1024, 1024),
-            (10, 0, 1),
+            (10, 0, 0),
+            (4096, 0, 1),
         ];
         for (len, capacity, units) in cases {
             assert_eq!(

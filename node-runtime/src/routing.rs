@@ -270,25 +270,38 @@ impl Runtime {
     /// `deadline`.
     async fn take_places(&self, len: usize, deadline: Instant) -> Result<Places, SendError> {
         let units = byte_units(len, self.in_flight_bytes_capacity);
-        let ready = self.in_flight.clone().try_acquire_owned().ok().zip(
-            self.in_flight_bytes
-                .clone()
-                .try_acquire_many_owned(units)
-                .ok(),
-        );
-        if let Some((message, bytes)) = ready {
-            return Ok(Places {
-                _message: message,
-                _bytes: bytes,
-            });
+        let bytes = || {
+            (units > 0).then(|| {
+                self.in_flight_bytes
+                    .clone()
+                    .try_acquire_many_owned(units)
+                    .ok()
+            })
+        };
+        if let Ok(message) = self.in_flight.clone().try_acquire_owned() {
+            match bytes() {
+                None => {
+                    return Ok(Places {
+                        _message: message,
+                        _bytes: None,
+                    })
+                }
+                Some(Some(bytes)) => {
+                    return Ok(Places {
+                        _message: message,
+                        _bytes: Some(bytes),
+                    })
+                }
+                // No room for its bytes: waits below, its place given back.
+                Some(None) => drop(message),
+            }
         }
         let waited = Box::pin(tokio::time::timeout_at(deadline, async {
             let message = self.in_flight.clone().acquire_owned().await?;
-            let bytes = self
-                .in_flight_bytes
-                .clone()
-                .acquire_many_owned(units)
-                .await?;
+            let bytes = match units {
+                0 => None,
+                n => Some(self.in_flight_bytes.clone().acquire_many_owned(n).await?),
+            };
             Ok::<_, tokio::sync::AcquireError>(Places {
                 _message: message,
                 _bytes: bytes,

@@ -634,11 +634,14 @@ async fn the_resend_buffer_is_bounded_in_bytes() -> anyhow::Result<()> {
             Err(SendError::Timeout { .. }) => {}
             other => bail!("a fifth 256 KiB message past 1 MiB in flight: {other:?}"),
         }
-        // A small message needs only its own share: still no room.
-        match a.submit(to_b(), "svc", Bytes::from_static(b"x")).await {
+        // A 2 KiB message needs only its own share: still no room.
+        match a.submit(to_b(), "svc", Bytes::from(vec![1u8; 2048])).await {
             Err(SendError::Timeout { .. }) => {}
             other => bail!("a message past the byte bound: {other:?}"),
         }
+        // A body of at most 1 KiB is bounded by the count alone.
+        let small = a.submit(to_b(), "svc", Bytes::from_static(b"x")).await?;
+        small.outcome().await?;
         let first = held.remove(0);
         first.outcome().await?;
         let fifth = a.submit(to_b(), "svc", body.clone()).await?;
