@@ -16,7 +16,7 @@ use transports::frame::{peek_cached, FrameCodec, NameCache, Peeked, RawFrame};
 use transports::handshake::{self, HandshakeError};
 use transports::io::{out_queue_within, Wakes};
 use transports::protocol::{
-    same_name, valid_name, AckRef, AcksRef, DeliveryFailure, Header, Hello, LeaveReason,
+    same_name, valid_name, AckRef, AcksRef, DeliveryFailure, Header, Hello, Interests, LeaveReason,
     MemberEvent, MemberInfo, MessageKind, MessageRef, NodeId, Refusal, RefusalReason, Routed,
     Target, TargetRef, MAX_NAMES_PER_NODE,
 };
@@ -119,15 +119,7 @@ pub(crate) async fn serve(
             }
         };
         // The peer's strings are checked before any of them is logged.
-        let names_ok = valid_name(hello.node.as_str())
-            && hello.groups.len() <= MAX_NAMES_PER_NODE
-            && hello.services.len() <= MAX_NAMES_PER_NODE
-            && hello
-                .groups
-                .iter()
-                .chain(&hello.services)
-                .all(|n| valid_name(n));
-        if !names_ok {
+        if !valid_name(hello.node.as_str()) {
             if shared.refusals.admit() {
                 tracing::warn!(
                     node = %handshake::for_log(hello.node.as_str()),
@@ -138,7 +130,7 @@ pub(crate) async fn serve(
             handshake::refuse(
                 &mut wr,
                 RefusalReason::ProtocolViolation,
-                "node ids, groups and services are 1 to 255 bytes, at most 1024 of each".into(),
+                "node ids are 1 to 255 bytes".into(),
             )
             .await;
             return;
@@ -188,7 +180,43 @@ pub(crate) async fn serve(
                 return;
             }
         };
-        let permissions = match permitted(&shared, &hello) {
+        // Proven: its groups and services may take more than the few KiB
+        // of a frame before the proof.
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let interests = tokio::select! {
+            _ = cancel.cancelled() => return,
+            i = handshake::read_interests(&mut reader, &mut wr, remaining) => i,
+        };
+        let interests = match interests {
+            Ok(i) => i,
+            Err(e) => {
+                if shared.refusals.admit() {
+                    tracing::info!(error = %e, "closing connection before registration");
+                }
+                return;
+            }
+        };
+        let names_ok = interests.groups.len() <= MAX_NAMES_PER_NODE
+            && interests.services.len() <= MAX_NAMES_PER_NODE
+            && interests
+                .groups
+                .iter()
+                .chain(&interests.services)
+                .all(|n| valid_name(n));
+        if !names_ok {
+            if shared.refusals.admit() {
+                tracing::warn!("refusing node: invalid group or service names");
+            }
+            Counters::add(&shared.counters.connections_refused, 1);
+            handshake::refuse(
+                &mut wr,
+                RefusalReason::ProtocolViolation,
+                "groups and services are 1 to 255 bytes, at most 1024 of each".into(),
+            )
+            .await;
+            return;
+        }
+        let permissions = match permitted(&shared, &hello, &interests) {
             Ok(p) => p,
             Err(refusal) => {
                 if shared.refusals.admit() {
@@ -235,8 +263,8 @@ pub(crate) async fn serve(
             id: hello.node.clone(),
             incarnation: hello.incarnation,
             role: hello.role,
-            groups: hello.groups.clone(),
-            services: hello.services.clone(),
+            groups: interests.groups,
+            services: interests.services,
             direct_addr: hello.direct_addr,
             session_key: hello.session_key,
         };
@@ -337,13 +365,17 @@ fn check_claims(shared: &Shared, hello: &Hello, peer: SocketAddr) -> Result<(), 
 }
 
 /// The node's permissions (`None` when it may do anything), after checking
-/// the groups and services its hello names against them.
-fn permitted(shared: &Shared, hello: &Hello) -> Result<Option<Arc<PermissionsConfig>>, Refusal> {
+/// the groups and services it names against them.
+fn permitted(
+    shared: &Shared,
+    hello: &Hello,
+    interests: &Interests,
+) -> Result<Option<Arc<PermissionsConfig>>, Refusal> {
     let permissions = shared.permissions.of(hello.node.as_str());
     if permissions.allows_everything() {
         return Ok(None);
     }
-    if let Some(g) = hello.groups.iter().find(|g| !permissions.may_join(g)) {
+    if let Some(g) = interests.groups.iter().find(|g| !permissions.may_join(g)) {
         return Err(Refusal {
             reason: RefusalReason::NotPermitted,
             detail: format!(
@@ -352,7 +384,7 @@ fn permitted(shared: &Shared, hello: &Hello) -> Result<Option<Arc<PermissionsCon
             ),
         });
     }
-    if let Some(s) = hello
+    if let Some(s) = interests
         .services
         .iter()
         .find(|s| !permissions.may_subscribe(s))

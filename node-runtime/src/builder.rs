@@ -3,7 +3,9 @@
 use cluster_config::Config;
 use tracing::Instrument;
 use transports::out_queue;
-use transports::protocol::{valid_name, Hello, NodeId, Role, MAX_NAMES_PER_NODE, PROTOCOL_VERSION};
+use transports::protocol::{
+    valid_name, Hello, Interests, NodeId, Role, MAX_NAMES_PER_NODE, PROTOCOL_VERSION,
+};
 
 use crate::node::Node;
 use crate::runtime::{Parts, Runtime};
@@ -133,8 +135,6 @@ impl NodeBuilder {
             node: self.id.clone(),
             incarnation,
             role: self.role,
-            groups: self.groups,
-            services: Vec::new(),
             direct_addr: None,
             max_message_bytes: config.limits.max_message_bytes,
             // Each connection gets a fresh one (see `Credentials::fresh`).
@@ -186,7 +186,12 @@ impl NodeBuilder {
                     address: heartbeat_at,
                     source,
                 })?;
-        let (link, welcome) = supervisor::connect_first(&config, &credentials, &hello).await?;
+        let interests = Interests {
+            groups: self.groups,
+            services: Vec::new(),
+        };
+        let (link, welcome) =
+            supervisor::connect_first(&config, &credentials, &hello, &interests).await?;
         let max_message = welcome
             .max_message_bytes
             .min(config.limits.max_message_bytes);
@@ -197,6 +202,7 @@ impl NodeBuilder {
         let address = link.address.clone();
         let rt = Runtime::new(Parts {
             hello,
+            groups: interests.groups,
             config,
             server_max: max_message,
             queue,

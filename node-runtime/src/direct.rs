@@ -192,6 +192,7 @@ async fn open(
         &mut reader,
         &mut wr,
         &hello,
+        None,
         rt.credentials.opener(Some(key)),
         config.connect_timeout(),
     )

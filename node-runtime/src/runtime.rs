@@ -27,8 +27,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use transports::protocol::{
-    Header, Hello, MemberEvent, MemberInfo, MessageHeader, MessageKind, MessageRef, NodeId, Routed,
-    Target, TargetRef,
+    Header, Hello, Interests, MemberEvent, MemberInfo, MessageHeader, MessageKind, MessageRef,
+    NodeId, Routed, Target, TargetRef,
 };
 use transports::{Lane, OutFrame, OutQueue, Wait};
 
@@ -56,6 +56,7 @@ pub(crate) fn resend_frames(transmits: Vec<Transmit>) -> Vec<OutFrame> {
 #[derive(Debug)]
 pub(crate) struct Parts {
     pub(crate) hello: Hello,
+    pub(crate) groups: Vec<String>,
     pub(crate) config: Config,
     pub(crate) server_max: u64,
     pub(crate) queue: OutQueue,
@@ -111,7 +112,7 @@ impl Runtime {
             id: parts.hello.node.clone(),
             incarnation: parts.hello.incarnation,
             role: parts.hello.role,
-            groups: parts.hello.groups.clone(),
+            groups: parts.groups.clone(),
             lazy_threshold_bytes: lazy.threshold_bytes,
             lazy_services: lazy.services.clone(),
             auto_activate_messages: lazy.auto_activate_messages,
@@ -143,6 +144,7 @@ impl Runtime {
             send_lock: tokio::sync::Mutex::new(()),
             max_message: parts.server_max,
             hello: Mutex::new(parts.hello),
+            groups: parts.groups,
             heartbeat: Mutex::new(None),
             tokens: AtomicU64::new(1),
             subscriptions: Mutex::new(HashMap::new()),
@@ -241,11 +243,17 @@ impl Runtime {
         }
     }
 
-    /// This node's `Hello` as of now: its current services included.
+    /// This node's `Hello` as of now.
     pub(crate) fn current_hello(&self) -> Hello {
-        let mut hello = self.server.hello();
-        hello.services = self.services.names();
-        hello
+        self.server.hello()
+    }
+
+    /// This node's groups and its current services, for a registration.
+    pub(crate) fn current_interests(&self) -> Interests {
+        Interests {
+            groups: self.server.groups.clone(),
+            services: self.services.names(),
+        }
     }
 
     /// `service` as a shared name (see [`Services::name`]).

@@ -35,6 +35,8 @@ pub(crate) struct ServerLink {
     pub(crate) max_message: u64,
     /// What this node says when it opens a connection.
     pub(crate) hello: Mutex<Hello>,
+    /// The groups this node joins, told the server at each registration.
+    pub(crate) groups: Vec<String>,
     /// Where the message server takes heartbeats, for the current link.
     pub(crate) heartbeat: Mutex<Option<Heartbeat>>,
     pub(crate) tokens: AtomicU64,
@@ -50,7 +52,7 @@ impl ServerLink {
         self.tokens.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// This node's `Hello` as it stands (role, groups, direct address).
+    /// This node's `Hello` as it stands (role, direct address).
     pub(crate) fn hello(&self) -> Hello {
         self.hello.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use cluster_config::Config;
 use cluster_manager::link::LinkAction;
-use transports::frame::{FrameCodec, HANDSHAKE_MAX_FRAME_BYTES};
+use transports::frame::FrameCodec;
 use transports::handshake::{self, HandshakeError};
 use transports::io::{ReadHalf, WriteHalf};
-use transports::protocol::{Hello, RefusalReason, Welcome};
+use transports::protocol::{Hello, Interests, RefusalReason, Welcome};
 use transports::{write_queue, FrameReader, OutFrame, OutReceiver, WriteEnd};
 
 use crate::connection::{read_frames, LinkEnd, LinkLost};
@@ -60,6 +60,7 @@ pub(crate) async fn connect(
     config: &Config,
     credentials: &Credentials,
     hello: &Hello,
+    interests: &Interests,
     index: usize,
 ) -> Result<(Link, Welcome), AttemptError> {
     let hello = credentials.fresh(hello)?;
@@ -76,15 +77,13 @@ pub(crate) async fn connect(
         .open(stream, &config.tls.server_name)
         .await
         .map_err(AttemptError::Tls)?;
-    let mut reader = FrameReader::with_read_chunk(
-        rd,
-        FrameCodec::new(HANDSHAKE_MAX_FRAME_BYTES),
-        config.node.read_chunk_bytes,
-    );
+    let mut reader =
+        FrameReader::with_read_chunk(rd, FrameCodec::handshake(), config.node.read_chunk_bytes);
     let welcome = handshake::connect_handshake(
         &mut reader,
         &mut wr,
         &hello,
+        Some(interests),
         credentials.opener(None),
         config.connect_timeout(),
     )
@@ -131,12 +130,13 @@ pub(crate) async fn connect_first(
     config: &Config,
     credentials: &Credentials,
     hello: &Hello,
+    interests: &Interests,
 ) -> Result<(Link, Welcome), NodeError> {
     let mut last_io = None;
     let mut last_refusal = None;
     let mut last_tls = None;
     for index in 0..config.message_server.addresses.len() {
-        match connect(config, credentials, hello, index).await {
+        match connect(config, credentials, hello, interests, index).await {
             Ok(ok) => return Ok(ok),
             Err(AttemptError::Identity(e)) => return Err(NodeError::Identity(e)),
             Err(AttemptError::Tls(source)) => {
@@ -287,12 +287,13 @@ async fn reconnect(rt: &Runtime) -> Option<(Link, Welcome)> {
             continue;
         }
         let hello = rt.current_hello();
+        let interests = rt.current_interests();
         let order = rt.core.lock().link().attempt_order();
         let mut rejoin = false;
         for index in order {
             let attempt = tokio::select! {
                 _ = rt.cancel.cancelled() => return None,
-                a = connect(&rt.config, &rt.credentials, &hello, index) => a,
+                a = connect(&rt.config, &rt.credentials, &hello, &interests, index) => a,
             };
             match attempt {
                 Ok(ok) => return Some(ok),

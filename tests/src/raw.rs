@@ -12,7 +12,7 @@ use transports::auth::{ClusterSecret, SessionKey, SessionMac};
 use transports::frame::FrameCodec;
 use transports::handshake::{self, HandshakeError, Opener};
 use transports::heartbeat::Beat;
-use transports::protocol::{Hello, NodeId, Role, Welcome, PROTOCOL_VERSION};
+use transports::protocol::{Hello, Interests, NodeId, Role, Welcome, PROTOCOL_VERSION};
 use transports::FrameReader;
 
 /// A hello from `node` of `cluster`, naming `key`, with a fresh nonce.
@@ -23,8 +23,6 @@ pub fn hello(node: &str, cluster: &str, key: &SessionKey) -> Hello {
         node: NodeId::new(node),
         incarnation: 1,
         role: Role::Server,
-        groups: vec![],
-        services: vec![],
         direct_addr: None,
         max_message_bytes: 1 << 20,
         nonce: transports::auth::random().unwrap_or_default(),
@@ -55,8 +53,9 @@ pub struct RawNode {
 }
 
 impl RawNode {
-    /// Registers `hello` at the server at `addr`, signing with `key` and
-    /// proving `secret` when given.
+    /// Registers `hello` at the server at `addr`, in the groups and with
+    /// the services of `interests`, signing with `key` and proving `secret`
+    /// when given.
     ///
     /// # Errors
     ///
@@ -65,6 +64,7 @@ impl RawNode {
     pub async fn register(
         addr: SocketAddr,
         hello: Hello,
+        interests: &Interests,
         key: SessionKey,
         secret: Option<&str>,
     ) -> anyhow::Result<RawNode> {
@@ -81,6 +81,7 @@ impl RawNode {
             &mut reader,
             &mut writer,
             &hello,
+            Some(interests),
             opener,
             Duration::from_secs(5),
         )

@@ -15,7 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::Command;
 use transports::frame::{FrameCodec, OutFrame};
-use transports::protocol::{Header, Hello, NodeId, RefusalReason, Role, PROTOCOL_VERSION};
+use transports::protocol::{
+    Header, Hello, Interests, NodeId, RefusalReason, Role, PROTOCOL_VERSION,
+};
 
 /// The server's cluster name: a refusal must never carry it.
 const SECRET_CLUSTER: &str = "cluster-name-only-members-know";
@@ -28,8 +30,6 @@ fn hello(node: &str, cluster: &str) -> Hello {
         node: NodeId::new(node),
         incarnation: 1,
         role: Role::Server,
-        groups: vec![],
-        services: vec![],
         direct_addr: None,
         max_message_bytes: 1 << 20,
         nonce: [0; 16],
@@ -49,6 +49,21 @@ async fn say(server: std::net::SocketAddr, hello: Hello) -> anyhow::Result<Bytes
     )?;
     let mut stream = TcpStream::connect(server).await?;
     stream.write_all(&buf).await?;
+    read_until_closed(&mut stream).await
+}
+
+/// Announces a frame of `declared` bytes on a new connection, sends
+/// `sent` bytes of it, and returns all the server sent back before it
+/// closed the connection.
+async fn announce(
+    server: std::net::SocketAddr,
+    declared: u32,
+    sent: usize,
+) -> anyhow::Result<BytesMut> {
+    let mut start = declared.to_be_bytes().to_vec();
+    start.resize(4 + sent, 0);
+    let mut stream = TcpStream::connect(server).await?;
+    stream.write_all(&start).await?;
     read_until_closed(&mut stream).await
 }
 
@@ -109,20 +124,25 @@ async fn refusals_reveal_nothing_and_logs_stay_short_and_escaped() -> anyhow::Re
         "not a cluster refusal"
     );
 
-    // Huge ids with a forged log line inside, and a huge cluster name:
-    // refused with a short answer that echoes none of it.
+    // Long ids with a forged log line inside (as long as a hello before
+    // authentication may be), and hellos of 900 KB: refused with a short
+    // answer that echoes none of it.
     const ROUNDS: usize = 20;
     let forged = "\n2026-12-06T00:00:00Z  INFO forged: member joined\n";
-    let huge_id = format!("{}{forged}{}", "a".repeat(450_000), "b".repeat(450_000));
+    let huge_id = format!("{}{forged}{}", "a".repeat(1_800), "b".repeat(1_800));
     for _ in 0..ROUNDS {
         let got = say(addr, hello(&huge_id, SECRET_CLUSTER)).await?;
         ensure!(got.len() < 1024, "a refusal of {} bytes", got.len());
         ensure!(
             refusal(got)? == RefusalReason::ProtocolViolation,
-            "a huge id was not refused as a violation"
+            "a long id was not refused as a violation"
         );
-        let got = say(addr, hello("n", &"c".repeat(900_000))).await?;
+        let got = announce(addr, 900_000, 1_000).await?;
         ensure!(got.len() < 1024, "a refusal of {} bytes", got.len());
+        ensure!(
+            refusal(got)? == RefusalReason::ProtocolViolation,
+            "a hello of 900 KB was not refused as a violation"
+        );
     }
 
     // Many small refusals: each answered, few logged.
@@ -161,6 +181,11 @@ async fn refusals_reveal_nothing_and_logs_stay_short_and_escaped() -> anyhow::Re
     let got = say(direct, hello(&huge_id, SECRET_CLUSTER)).await?;
     ensure!(got.len() < 1024, "a node's refusal of {} bytes", got.len());
     ensure!(refusal(got)? == RefusalReason::ProtocolViolation);
+    let got = announce(direct, 1 << 20, 100).await?;
+    ensure!(
+        refusal(got)? == RefusalReason::ProtocolViolation,
+        "a node took a hello of 1 MiB"
+    );
     node.shutdown().await;
 
     // What the server logged about all this: short, and no forged line.
@@ -213,9 +238,11 @@ fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     Ok(kb * 1024)
 }
 
-/// Connections that announce a hello of almost 1 MiB, send a little of it
-/// and stall: each holds the bytes it sent and the reader's chunk, not
-/// the megabyte it announced. Then the hello deadline closes them all.
+/// Connections that announce a hello of 1 MiB are refused at once, a
+/// frame larger than the few KiB allowed before authentication. Those
+/// that announce the most it allows, send a little of it and stall hold
+/// the bytes they sent and the reader's chunk, not what they announced;
+/// then the hello deadline closes them all.
 #[tokio::test]
 async fn stalled_large_hellos_hold_only_what_they_sent() -> anyhow::Result<()> {
     init_logging();
@@ -229,7 +256,14 @@ async fn stalled_large_hellos_hold_only_what_they_sent() -> anyhow::Result<()> {
     let addr = server.ready_addr()?;
     let pid = server.child.id().context("the server has no pid")?;
     let before = rss_bytes(pid)?;
-    let declared = (transports::frame::HANDSHAKE_MAX_FRAME_BYTES - 1) as u32;
+    for _ in 0..CONNECTIONS {
+        let got = announce(addr, 1 << 20, 100).await?;
+        ensure!(
+            refusal(got)? == RefusalReason::ProtocolViolation,
+            "a hello of 1 MiB was not refused as a violation"
+        );
+    }
+    let declared = (transports::frame::PRE_AUTH_MAX_FRAME_BYTES - 4) as u32;
     let mut stalled = Vec::with_capacity(CONNECTIONS);
     for _ in 0..CONNECTIONS {
         let mut stream = TcpStream::connect(addr).await?;
@@ -246,11 +280,12 @@ async fn stalled_large_hellos_hold_only_what_they_sent() -> anyhow::Result<()> {
         .start()
         .await?;
     let grown = rss_bytes(pid)?.saturating_sub(before);
-    // Reserving what each one announced grew a debug build by about
-    // 22 MiB here; holding what they sent, by about 3 MiB.
+    // Reserving what each one announced (when a hello could be 1 MiB)
+    // grew a debug build by about 22 MiB here; holding what they sent, by
+    // about 3 MiB.
     ensure!(
         grown < 12 << 20,
-        "{CONNECTIONS} stalled hellos of 1 MiB grew the server by {} KiB",
+        "{CONNECTIONS} refused hellos of 1 MiB and as many stalled ones grew the server by {} KiB",
         grown >> 10
     );
     // The deadline closes them; none is answered with anything.
@@ -542,7 +577,7 @@ async fn a_node_stalled_in_a_frame_is_cut_off_while_it_heartbeats() -> anyhow::R
         beat_to,
         session,
         ..
-    } = RawNode::register(addr, me, key, None).await?;
+    } = RawNode::register(addr, me, &Interests::default(), key, None).await?;
     // Heartbeats, all along.
     let beats = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
     let heartbeating = tokio::spawn(async move {

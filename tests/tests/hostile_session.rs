@@ -13,7 +13,7 @@ use clustercomm_tests::{bounded, init_logging, ConfigFile};
 use node_runtime::{Config, LeaveReason, MembershipEvent, Node, NodeId, Target};
 use transports::auth::SessionKey;
 use transports::heartbeat::Beat;
-use transports::protocol::RefusalReason;
+use transports::protocol::{Interests, RefusalReason};
 
 const SECRET: &str = "s3cret-only-members-know";
 
@@ -98,7 +98,7 @@ async fn a_live_session_cannot_be_hijacked() -> anyhow::Result<()> {
         if let Some(claimed) = claimed {
             hello.session_key = claimed;
         }
-        match RawNode::register(addr, hello, key, Some(SECRET)).await {
+        match RawNode::register(addr, hello, &Interests::default(), key, Some(SECRET)).await {
             Ok(_) => anyhow::bail!("{case}: the hijacker was welcomed"),
             Err(e) => ensure!(refused_for(&e, &expected), "{case}: {e:#}"),
         }
@@ -140,7 +140,8 @@ async fn spoofed_and_replayed_heartbeats_keep_no_dead_node_alive() -> anyhow::Re
     let mut events = watcher.membership_events();
     let key = SessionKey::generate()?;
     let hello = raw::hello("silent", &config.cluster.name, &key);
-    let mut silent = RawNode::register(addr, hello, key, Some(SECRET)).await?;
+    let mut silent =
+        RawNode::register(addr, hello, &Interests::default(), key, Some(SECRET)).await?;
     let beat_to = silent.beat_to;
 
     // Its genuine pings are answered: the checks let a real node through.
@@ -256,9 +257,12 @@ async fn a_node_that_never_reads_its_data_is_cut_off_while_it_heartbeats() -> an
     let watcher = node("watcher", &config, addr).await?;
     let mut events = watcher.membership_events();
     let key = SessionKey::generate()?;
-    let mut hello = raw::hello("deaf", &config.cluster.name, &key);
-    hello.services = vec!["svc".into()];
-    let mut deaf = RawNode::register(addr, hello, key, None).await?;
+    let hello = raw::hello("deaf", &config.cluster.name, &key);
+    let interests = Interests {
+        groups: vec![],
+        services: vec!["svc".into()],
+    };
+    let mut deaf = RawNode::register(addr, hello, &interests, key, None).await?;
     let beats = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
     let heartbeating = async {
         let mut tick = tokio::time::interval(Duration::from_millis(100));

@@ -42,8 +42,14 @@ pub const COPY_FRAMES_UP_TO: usize = 4 * 1024;
 /// ([`crate::io::FrameReader`] gives each a buffer of exactly its size).
 pub const RESERVE_FRAMES_UP_TO: usize = 1024 * 1024;
 
-/// Largest frame a codec accepts before a handshake negotiated a larger one:
-/// enough for any handshake.
+/// Largest frame a peer may send before it has proven who it is: its
+/// hello, its proof, or a refusal. A few KiB, so that unauthenticated
+/// connections cost next to nothing however many there are.
+pub const PRE_AUTH_MAX_FRAME_BYTES: usize = 4 * 1024;
+
+/// Largest frame of a handshake once the peer has proven who it is (a
+/// node's [`crate::protocol::Interests`], the server's welcome listing every
+/// member): enough for any handshake.
 pub const HANDSHAKE_MAX_FRAME_BYTES: usize = MAX_HEADER_BYTES;
 
 /// Errors of the frame layer. Each one ends the connection it came from.
@@ -260,13 +266,15 @@ impl FrameCodec {
     }
 
     /// The codec of a handshake: frames up to
-    /// [`HANDSHAKE_MAX_FRAME_BYTES`], and nothing reserved from a declared
-    /// length. A peer that declares a large hello and stalls holds only
-    /// the bytes it sent (and the reader's chunk), not what it announced.
+    /// [`PRE_AUTH_MAX_FRAME_BYTES`] until the peer has proven who it is
+    /// (the handshake raises it to [`HANDSHAKE_MAX_FRAME_BYTES`] then), and
+    /// nothing reserved from a declared length. A peer that declares a
+    /// large frame and stalls holds only the bytes it sent (and the
+    /// reader's chunk), not what it announced.
     pub fn handshake() -> Self {
         FrameCodec {
             reserve_up_to: 0,
-            ..FrameCodec::new(HANDSHAKE_MAX_FRAME_BYTES)
+            ..FrameCodec::new(PRE_AUTH_MAX_FRAME_BYTES)
         }
     }
 

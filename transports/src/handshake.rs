@@ -4,8 +4,13 @@
 //! 2. the acceptor checks it and answers [`Challenge`] (its nonce, and its
 //!    proofs: the cluster secret's MAC, a node's signature);
 //! 3. the opener checks those and answers [`Proof`] (its MAC and its
-//!    signature);
+//!    signature), and a node registering with the message server follows
+//!    it with its [`Interests`] (groups and services);
 //! 4. the acceptor checks the proof and answers [`Welcome`].
+//!
+//! Until a peer has proven who it is, it may send frames of a few KiB
+//! ([`crate::frame::PRE_AUTH_MAX_FRAME_BYTES`]); afterwards, handshake
+//! frames of up to [`HANDSHAKE_MAX_FRAME_BYTES`].
 //!
 //! Any step can instead be answered with [`Refused`] and a closed
 //! connection. A version or cluster-name mismatch or a failed proof is a
@@ -23,8 +28,8 @@ use crate::auth::{self, ClusterSecret, SessionKey};
 use crate::frame::{FrameCodec, FrameError, OutFrame, HANDSHAKE_MAX_FRAME_BYTES};
 use crate::io::FrameReader;
 use crate::protocol::{
-    Challenge, Header, Hello, Nonce, Proof, PublicKey, Refusal, RefusalReason, SessionSecret,
-    Welcome, PROTOCOL_VERSION,
+    Challenge, Header, Hello, Interests, Nonce, Proof, PublicKey, Refusal, RefusalReason,
+    SessionSecret, Welcome, PROTOCOL_VERSION,
 };
 use tokio_util::codec::Encoder;
 
@@ -175,12 +180,17 @@ pub struct Opener<'a> {
     pub expect: Option<&'a PublicKey>,
 }
 
-/// The connecting side: sends `hello`, answers the acceptor's challenge,
-/// and waits for the welcome.
+/// The connecting side: sends `hello`, answers the acceptor's challenge
+/// (followed by `interests` when given: a node registering with the message
+/// server), and waits for the welcome.
 ///
 /// The acceptor must prove the cluster secret when `opener` has one, and
-/// sign with the expected session key when one is given. A session secret
-/// in the welcome comes back unmasked.
+/// sign with the expected session key when one is given. Until it has,
+/// the reader takes frames of at most
+/// [`crate::frame::PRE_AUTH_MAX_FRAME_BYTES`] (its codec should be
+/// [`FrameCodec::handshake`]); the welcome may be up to
+/// [`HANDSHAKE_MAX_FRAME_BYTES`]. A session secret in the welcome comes
+/// back unmasked.
 ///
 /// The reader keeps any bytes that arrived after the answer.
 ///
@@ -193,6 +203,7 @@ pub async fn connect_handshake<R, W>(
     reader: &mut FrameReader<R>,
     writer: &mut W,
     hello: &Hello,
+    interests: Option<&Interests>,
     opener: Opener<'_>,
     timeout: Duration,
 ) -> Result<Welcome, HandshakeError>
@@ -245,6 +256,13 @@ where
             signature: opener.key.sign(&auth::framed(&ours)).to_vec(),
         };
         write_frame(writer, OutFrame::control(Header::Proof(proof))).await?;
+        if let Some(interests) = interests {
+            let frame = OutFrame::control(Header::Interests(Box::new(interests.clone())));
+            write_frame(writer, frame).await?;
+        }
+        // The acceptor proved what it had to: its welcome may list the
+        // whole cluster.
+        raise_limit(reader);
         match next_header(reader).await? {
             Header::Welcome(welcome) => {
                 let mut welcome = *welcome;
@@ -281,6 +299,14 @@ where
     }
 }
 
+/// Lets the reader take handshake frames of up to
+/// [`HANDSHAKE_MAX_FRAME_BYTES`], once the peer has proven who it is.
+fn raise_limit<R: AsyncRead + Unpin>(reader: &mut FrameReader<R>) {
+    let codec = reader.codec_mut();
+    let max = codec.max_frame().max(HANDSHAKE_MAX_FRAME_BYTES);
+    codec.set_max_frame(max);
+}
+
 async fn next_header<R: AsyncRead + Unpin>(
     reader: &mut FrameReader<R>,
 ) -> Result<Header, HandshakeError> {
@@ -296,7 +322,10 @@ async fn next_header<R: AsyncRead + Unpin>(
 /// the session key its hello names. A node passes its own `key` to sign
 /// in return; the message server has none.
 ///
-/// Returns the acceptor's nonce (for [`mask_session_secret`]).
+/// Returns the acceptor's nonce (for [`mask_session_secret`]). Once the
+/// proof holds, the reader takes frames of up to
+/// [`HANDSHAKE_MAX_FRAME_BYTES`] (see [`read_interests`]); until then its
+/// limit stays that of [`FrameCodec::handshake`].
 ///
 /// # Errors
 ///
@@ -360,7 +389,42 @@ where
         refuse(writer, reason.clone(), "wrong or no credentials".into()).await;
         return Err(HandshakeError::Mismatch(reason));
     }
+    raise_limit(reader);
     Ok(nonce)
+}
+
+/// The message server's side, after [`challenge`]: reads the node's
+/// [`Interests`]. Another frame is answered with a `ProtocolViolation`
+/// refusal.
+///
+/// # Errors
+///
+/// As [`read_hello`].
+pub async fn read_interests<R, W>(
+    reader: &mut FrameReader<R>,
+    writer: &mut W,
+    timeout: Duration,
+) -> Result<Interests, HandshakeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let header = match tokio::time::timeout(timeout, next_header(reader)).await {
+        Err(_) => return Err(HandshakeError::Timeout(timeout)),
+        Ok(h) => h?,
+    };
+    match header {
+        Header::Interests(interests) => Ok(*interests),
+        other => {
+            let got = other.kind();
+            let detail = format!("expected the node's groups and services, got {got}");
+            refuse(writer, RefusalReason::ProtocolViolation, detail).await;
+            Err(HandshakeError::Unexpected {
+                expected: "interests",
+                got,
+            })
+        }
+    }
 }
 
 /// The session secret as the message server puts it in a `Welcome`:
@@ -379,8 +443,8 @@ pub fn mask_session_secret(
 
 /// The accepting side, first half: reads the peer's [`Hello`].
 ///
-/// A first frame that is not a `Hello` is answered with a
-/// `ProtocolViolation` refusal.
+/// A first frame that is not a `Hello`, or is larger than the reader's
+/// limit, is answered with a `ProtocolViolation` refusal.
 ///
 /// # Errors
 ///
@@ -396,6 +460,16 @@ where
 {
     let first = match tokio::time::timeout(timeout, reader.next()).await {
         Err(_) => return Err(HandshakeError::Timeout(timeout)),
+        Ok(Err(FrameError::TooLarge { declared, max })) => {
+            let detail = format!(
+                "a frame of {declared} bytes before authentication; the limit is {max} bytes"
+            );
+            refuse(writer, RefusalReason::ProtocolViolation, detail).await;
+            return Err(HandshakeError::Frame(FrameError::TooLarge {
+                declared,
+                max,
+            }));
+        }
         Ok(r) => r?,
     };
     match first {
@@ -506,8 +580,6 @@ mod tests {
             node: NodeId::new(node),
             incarnation: 1,
             role: Role::Server,
-            groups: vec![],
-            services: vec![],
             direct_addr: None,
             max_message_bytes: 1,
             nonce: [3; 16],
@@ -611,7 +683,7 @@ mod tests {
                 secret: opener_secret.as_ref(),
                 expect: Some(&expect),
             };
-            let r = connect_handshake(&mut reader, &mut awr, &h, opener, t).await;
+            let r = connect_handshake(&mut reader, &mut awr, &h, None, opener, t).await;
             drop(awr);
             r
         };
@@ -650,6 +722,77 @@ mod tests {
             Ok(nonce)
         };
         tokio::join!(opener, acceptor)
+    }
+
+    /// Before its proof a peer may send a few KiB a frame; after it, its
+    /// interests may list the most groups and services a node may have.
+    #[tokio::test]
+    async fn only_a_proven_peer_may_send_large_frames() {
+        use crate::protocol::{MAX_NAMES_PER_NODE, MAX_NAME_BYTES};
+        let t = Duration::from_secs(5);
+        let secret = ClusterSecret::new("s3cret");
+
+        // A hello over the pre-authentication limit is refused unread.
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (_ard, mut awr) = tokio::io::split(a);
+        let (brd, mut bwr) = tokio::io::split(b);
+        let mut big = hello("n", "c");
+        big.cluster = "c".repeat(crate::frame::PRE_AUTH_MAX_FRAME_BYTES);
+        write_frame(&mut awr, OutFrame::control(Header::Hello(Box::new(big))))
+            .await
+            .expect("write");
+        let mut reader = FrameReader::new(brd, FrameCodec::handshake());
+        match read_hello(&mut reader, &mut bwr, t).await {
+            Err(HandshakeError::Frame(FrameError::TooLarge { max, .. })) => {
+                assert_eq!(max, crate::frame::PRE_AUTH_MAX_FRAME_BYTES);
+            }
+            other => panic!("expected a frame too large, got {other:?}"),
+        }
+
+        // The largest interests pass once the proof holds.
+        let name = |i: usize| format!("{i:0>width$}", width = MAX_NAME_BYTES);
+        let interests = Interests {
+            groups: (0..MAX_NAMES_PER_NODE).map(name).collect(),
+            services: (0..MAX_NAMES_PER_NODE).map(name).collect(),
+        };
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (ard, mut awr) = tokio::io::split(a);
+        let (brd, mut bwr) = tokio::io::split(b);
+        let key = SessionKey::generate().expect("key");
+        let mut h = hello("n", "c");
+        h.session_key = key.public();
+        let opener = async {
+            let mut reader = FrameReader::new(ard, FrameCodec::handshake());
+            let opener = Opener {
+                key: &key,
+                secret: Some(&secret),
+                expect: None,
+            };
+            connect_handshake(&mut reader, &mut awr, &h, Some(&interests), opener, t).await
+        };
+        let acceptor = async {
+            let mut reader = FrameReader::new(brd, FrameCodec::handshake());
+            let hello = accept_hello(&mut reader, &mut bwr, "c", t).await?;
+            challenge(&mut reader, &mut bwr, &hello, Some(&secret), None, t).await?;
+            let got = read_interests(&mut reader, &mut bwr, t).await?;
+            let welcome = Welcome {
+                version: PROTOCOL_VERSION,
+                cluster: "c".into(),
+                max_message_bytes: 1,
+                members: vec![],
+                heartbeat_addr: None,
+                session_secret: None,
+            };
+            write_frame(
+                &mut bwr,
+                OutFrame::control(Header::Welcome(Box::new(welcome))),
+            )
+            .await?;
+            Ok::<_, HandshakeError>(got)
+        };
+        let (welcome, got) = tokio::join!(opener, acceptor);
+        welcome.expect("welcomed");
+        assert_eq!(got.expect("interests read"), interests);
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@ use smol_str::SmolStr;
 
 /// The protocol version this build speaks. Peers with another version are
 /// refused at the handshake with [`RefusalReason::VersionMismatch`].
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Bytes of a handshake nonce.
 pub const NONCE_BYTES: usize = 16;
@@ -171,10 +171,6 @@ pub struct Hello {
     pub incarnation: u64,
     /// Role of the node.
     pub role: Role,
-    /// Groups the node belongs to.
-    pub groups: Vec<String>,
-    /// Services the node offers at connect time.
-    pub services: Vec<String>,
     /// Where the node accepts direct (lazy and session) channels.
     pub direct_addr: Option<SocketAddr>,
     /// Largest body the node is willing to send or receive.
@@ -188,6 +184,19 @@ pub struct Hello {
     /// one (`node.heartbeat_bind`); otherwise they must come from this
     /// connection's address.
     pub heartbeat_ip: Option<IpAddr>,
+}
+
+/// The groups a node joins and the services it offers, sent to the message
+/// server right after its [`Proof`]: a node may list up to
+/// [`MAX_NAMES_PER_NODE`] of each, too many for the few KiB a peer may send
+/// before it has proven who it is
+/// ([`crate::frame::PRE_AUTH_MAX_FRAME_BYTES`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interests {
+    /// Groups the node belongs to.
+    pub groups: Vec<String>,
+    /// Services the node offers at connect time.
+    pub services: Vec<String>,
 }
 
 /// The acceptor's answer to a [`Hello`] it does not refuse: its own nonce
@@ -735,6 +744,8 @@ pub enum Header {
         /// Why.
         reason: String,
     },
+    /// A node's groups and services, after its proof (see [`Interests`]).
+    Interests(Box<Interests>),
 }
 
 impl Header {
@@ -760,6 +771,7 @@ impl Header {
             Header::Challenge(_) => "challenge",
             Header::Proof(_) => "proof",
             Header::SubscribeRefused { .. } => "subscribe refused",
+            Header::Interests(_) => "interests",
         }
     }
 }

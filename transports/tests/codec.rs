@@ -26,9 +26,9 @@ use transports::frame::{
 };
 use transports::io::FrameReader;
 use transports::protocol::{
-    Ack, AckStatus, Acks, Challenge, DeliveryFailure, Header, Hello, LeaveReason, MemberEvent,
-    MemberInfo, MessageHeader, MessageKind, NodeId, Proof, Refusal, RefusalReason, Role, Routed,
-    Target, Welcome,
+    Ack, AckStatus, Acks, Challenge, DeliveryFailure, Header, Hello, Interests, LeaveReason,
+    MemberEvent, MemberInfo, MessageHeader, MessageKind, NodeId, Proof, Refusal, RefusalReason,
+    Role, Routed, Target, Welcome,
 };
 
 /// Upper bound on any await in the async tests.
@@ -61,6 +61,14 @@ fn socket_addr() -> impl Strategy<Value = SocketAddr> {
     prop_oneof![v4, v6]
 }
 
+/// The codec of a handshake once the peer is proven: frames up to
+/// [`HANDSHAKE_MAX_FRAME_BYTES`], nothing reserved from a declared length.
+fn handshake_codec() -> FrameCodec {
+    let mut codec = FrameCodec::handshake();
+    codec.set_max_frame(HANDSHAKE_MAX_FRAME_BYTES);
+    codec
+}
+
 fn role() -> impl Strategy<Value = Role> {
     prop_oneof![Just(Role::Server), Just(Role::Dispatcher)]
 }
@@ -72,8 +80,6 @@ fn hello() -> impl Strategy<Value = Hello> {
         node_id(),
         any::<u64>(),
         role(),
-        names(),
-        names(),
         proptest::option::of(socket_addr()),
         any::<u64>(),
         any::<[u8; 16]>(),
@@ -87,8 +93,6 @@ fn hello() -> impl Strategy<Value = Hello> {
                 node,
                 incarnation,
                 role,
-                groups,
-                services,
                 direct_addr,
                 max_message_bytes,
                 nonce,
@@ -100,8 +104,6 @@ fn hello() -> impl Strategy<Value = Hello> {
                 node,
                 incarnation,
                 role,
-                groups,
-                services,
                 direct_addr,
                 max_message_bytes,
                 nonce,
@@ -353,6 +355,12 @@ fn header() -> impl Strategy<Value = Header> {
                 secret_proof,
                 signature
             })),
+        (any::<u64>(), text())
+            .prop_map(|(token, reason)| Header::SubscribeRefused { token, reason }),
+        (names(), names()).prop_map(|(groups, services)| Header::Interests(Box::new(Interests {
+            groups,
+            services
+        }))),
     ]
 }
 
@@ -554,7 +562,7 @@ proptest! {
     /// One frame: header and body come back as they went in.
     #[test]
     fn any_frame_round_trips((header, body, form) in frame_spec()) {
-        let mut codec = FrameCodec::default();
+        let mut codec = handshake_codec();
         let mut buf = BytesMut::new();
         codec.encode(out_frame(&header, &body, form), &mut buf).expect("encodes");
         let declared = u32::from_be_bytes(buf[..LENGTH_PREFIX_BYTES].try_into().expect("4 bytes"));
@@ -569,7 +577,7 @@ proptest! {
     /// `Parts` and `Raw` of the same frame put the same bytes on the wire.
     #[test]
     fn parts_and_raw_encode_alike((header, body, _form) in frame_spec()) {
-        let mut codec = FrameCodec::default();
+        let mut codec = handshake_codec();
         let mut parts = BytesMut::new();
         codec.encode(out_frame(&header, &body, Form::Parts), &mut parts).expect("parts");
         let mut raw = BytesMut::new();
@@ -581,7 +589,7 @@ proptest! {
     /// forwarded as `Raw` is the same frame again.
     #[test]
     fn concatenated_frames_round_trip(specs in frame_specs()) {
-        let mut codec = FrameCodec::default();
+        let mut codec = handshake_codec();
         let mut buf = encode_all(&mut codec, &specs);
         let wire = buf.clone().freeze();
         let mut forwarded = BytesMut::new();
@@ -599,7 +607,7 @@ proptest! {
     /// each one only once its last byte is in.
     #[test]
     fn frames_fed_one_byte_at_a_time(specs in frame_specs()) {
-        let mut codec = FrameCodec::default();
+        let mut codec = handshake_codec();
         let wire = encode_all(&mut codec, &specs);
         let mut buf = BytesMut::new();
         let mut frames = Vec::new();
@@ -630,7 +638,7 @@ proptest! {
         specs in frame_specs(),
         pieces in vec(1usize..700, 1..16),
     ) {
-        let mut codec = FrameCodec::default();
+        let mut codec = handshake_codec();
         let wire = encode_all(&mut codec, &specs);
         let frames = decode_in_pieces(&mut codec, &wire, &pieces);
         prop_assert_eq!(frames.len(), specs.len());
@@ -681,7 +689,7 @@ proptest! {
         edits in vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8),
         limit in prop_oneof![64usize..8192, Just(HANDSHAKE_MAX_FRAME_BYTES)],
     ) {
-        let mut codec = FrameCodec::default();
+        let mut codec = handshake_codec();
         let mut wire = encode_all(&mut codec, &specs).to_vec();
         for (at, byte, op) in edits {
             if wire.is_empty() {
@@ -715,7 +723,7 @@ proptest! {
             .enable_all()
             .build()
             .expect("runtime");
-        let wire = encode_all(&mut FrameCodec::default(), &specs).freeze();
+        let wire = encode_all(&mut handshake_codec(), &specs).freeze();
         let frames = rt.block_on(read_through_duplex(wire, pieces, pipe));
         prop_assert_eq!(frames.len(), specs.len());
         for (frame, (header, body, _)) in frames.iter().zip(&specs) {
@@ -742,7 +750,7 @@ async fn read_through_duplex(wire: Bytes, pieces: Vec<usize>, pipe: usize) -> Ve
         }
         client.shutdown().await.expect("shutdown");
     });
-    let mut reader = FrameReader::new(server, FrameCodec::default());
+    let mut reader = FrameReader::new(server, handshake_codec());
     let mut frames = Vec::new();
     while let Some(frame) = tokio::time::timeout(TEST_TIMEOUT, reader.next())
         .await
@@ -797,7 +805,7 @@ fn peek_tags_match_the_header_variants() {
 
 #[test]
 fn length_prefix_u32_max_is_too_large_and_reserves_nothing() {
-    let mut codec = FrameCodec::default();
+    let mut codec = handshake_codec();
     let mut buf = prefixed(u32::MAX, b"some bytes after the prefix");
     let before = buf.len();
     let err = codec.decode(&mut buf).expect_err("refused");
@@ -823,7 +831,7 @@ fn length_prefix_u32_max_is_too_large_and_reserves_nothing() {
 
 #[test]
 fn length_zero_is_empty() {
-    let mut codec = FrameCodec::default();
+    let mut codec = handshake_codec();
     let mut buf = prefixed(0, &[]);
     let err = codec.decode(&mut buf).expect_err("refused");
     assert!(matches!(err, FrameError::Empty), "{err:?}");
@@ -839,7 +847,7 @@ fn length_zero_is_empty() {
 
 #[test]
 fn encoding_empty_raw_is_empty_and_leaves_dst() {
-    let mut codec = FrameCodec::default();
+    let mut codec = handshake_codec();
     let mut dst = BytesMut::from(&b"earlier"[..]);
     let err = codec
         .encode(OutFrame::Raw(Bytes::new()), &mut dst)
@@ -850,7 +858,7 @@ fn encoding_empty_raw_is_empty_and_leaves_dst() {
 
 #[test]
 fn truncated_frame_then_eof_is_truncated() {
-    let mut codec = FrameCodec::default();
+    let mut codec = handshake_codec();
     let mut full = BytesMut::new();
     codec
         .encode(
@@ -901,7 +909,7 @@ fn truncated_frame_then_eof_is_truncated() {
 
 #[test]
 fn garbage_header_is_header_error() {
-    let mut codec = FrameCodec::default();
+    let mut codec = handshake_codec();
     let hello_start = {
         let mut v = postcard::to_allocvec(&Header::Goodbye).expect("serializes");
         v[0] = 0; // Hello tag, then too few bytes for a Hello.
@@ -1107,7 +1115,7 @@ async fn frame_reader_reads_frames_written_in_tiny_pieces() {
             (header, body, form)
         })
         .collect();
-    let wire = encode_all(&mut FrameCodec::default(), &specs).freeze();
+    let wire = encode_all(&mut handshake_codec(), &specs).freeze();
     let frames = read_through_duplex(wire, vec![1, 2, 3, 1, 5, 7], 8).await;
     assert_eq!(frames.len(), specs.len());
     for (frame, (header, body, _)) in frames.iter().zip(&specs) {
@@ -1137,7 +1145,7 @@ async fn frame_reader_lends_small_frames_and_owns_large_ones() {
             (Header::Subscribed { token: i as u64 }, body, Form::Parts)
         })
         .collect();
-    let wire = encode_all(&mut FrameCodec::default(), &specs).freeze();
+    let wire = encode_all(&mut handshake_codec(), &specs).freeze();
     for pieces in [vec![wire.len()], vec![1, 2, 3, 1, 5, 7, 4096]] {
         let (mut client, server) = tokio::io::duplex(1 << 16);
         let bytes = wire.clone();
@@ -1207,7 +1215,7 @@ fn header_len_of(header: &Header) -> usize {
 #[tokio::test]
 async fn frame_reader_reports_truncated_at_end_of_stream() {
     let mut wire = BytesMut::new();
-    let mut codec = FrameCodec::default();
+    let mut codec = handshake_codec();
     codec
         .encode(OutFrame::control(Header::Goodbye), &mut wire)
         .expect("encodes");
@@ -1256,7 +1264,7 @@ async fn frame_reader_refuses_oversized_prefix() {
         .write_all(&u32::MAX.to_be_bytes())
         .await
         .expect("write");
-    let mut reader = FrameReader::new(server, FrameCodec::default());
+    let mut reader = FrameReader::new(server, handshake_codec());
     let err = tokio::time::timeout(TEST_TIMEOUT, reader.next())
         .await
         .expect("within the timeout")
