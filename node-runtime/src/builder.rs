@@ -21,6 +21,13 @@ impl Node {
 
 /// Configures a node; [`NodeBuilder::start`] connects it.
 ///
+/// The configuration is layered as the `message-server` binary layers its
+/// own: the [`Config`] given (with its `[nodes.<id>]` section), then the
+/// environment (`CLUSTERCOMM_CLUSTER`, `CLUSTERCOMM_MESSAGE_SERVER`, see
+/// [`Config::apply_env`]), then what is set on the builder
+/// ([`NodeBuilder::message_server`]). [`NodeBuilder::ignore_environment`]
+/// leaves the environment out.
+///
 /// ```no_run
 /// # async fn run() -> Result<(), node_runtime::NodeError> {
 /// let node = node_runtime::Node::builder("server-1")
@@ -38,6 +45,7 @@ pub struct NodeBuilder {
     addresses: Option<Vec<String>>,
     groups: Vec<String>,
     role: Role,
+    environment: bool,
 }
 
 impl NodeBuilder {
@@ -48,6 +56,7 @@ impl NodeBuilder {
             addresses: None,
             groups: Vec::new(),
             role: Role::Server,
+            environment: true,
         }
     }
 
@@ -85,10 +94,32 @@ impl NodeBuilder {
         self
     }
 
+    /// Leaves the environment's overrides (`CLUSTERCOMM_*`) out: for an
+    /// application that configures its nodes only in code.
+    pub fn ignore_environment(mut self) -> Self {
+        self.environment = false;
+        self
+    }
+
     /// The node's role (server by default).
     pub fn role(mut self, role: Role) -> Self {
         self.role = role;
         self
+    }
+
+    /// The configuration this node starts with: the given one with its
+    /// `[nodes.<id>]` section, the environment's overrides read with `var`
+    /// (unless ignored), then the builder's own settings; validated.
+    fn layered_config(&self, var: impl Fn(&str) -> Option<String>) -> Result<Config, NodeError> {
+        let mut config = self.config.for_node(self.id.as_str())?;
+        if self.environment {
+            config.apply_env(var)?;
+        }
+        if let Some(addresses) = &self.addresses {
+            config.message_server.addresses = addresses.clone();
+        }
+        config.validate("")?;
+        Ok(config)
     }
 
     /// Connects to the first reachable message server, registers, and starts
@@ -114,11 +145,7 @@ impl NodeBuilder {
                 &self.groups.join(","),
             ));
         }
-        let mut config = self.config.for_node(self.id.as_str())?;
-        if let Some(addresses) = self.addresses {
-            config.message_server.addresses = addresses;
-        }
-        config.validate("")?;
+        let config = self.layered_config(|k| std::env::var(k).ok())?;
         let permissions = self.config.permissions_table()?;
         let incarnation = crate::runtime::fresh_incarnation();
         let tls = match config.tls.files() {
@@ -257,4 +284,64 @@ async fn route_to(addresses: &[String]) -> Option<std::net::IpAddr> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    /// The environment overrides the file, as for the binary; what is set
+    /// on the builder overrides both.
+    #[test]
+    fn the_environment_is_layered_between_the_file_and_the_builder() {
+        let vars = [
+            ("CLUSTERCOMM_CLUSTER", "from-env"),
+            ("CLUSTERCOMM_MESSAGE_SERVER", "10.0.0.1:7400, 10.0.0.2:7400"),
+        ];
+        let builder = Node::builder("n");
+        let config = builder.layered_config(env(&vars)).expect("valid");
+        assert_eq!(config.cluster.name, "from-env");
+        assert_eq!(
+            config.message_server.addresses,
+            ["10.0.0.1:7400", "10.0.0.2:7400"]
+        );
+
+        let config = Node::builder("n")
+            .message_server("127.0.0.1:1")
+            .layered_config(env(&vars))
+            .expect("valid");
+        assert_eq!(config.cluster.name, "from-env");
+        assert_eq!(config.message_server.addresses, ["127.0.0.1:1"]);
+
+        let config = Node::builder("n")
+            .ignore_environment()
+            .layered_config(env(&vars))
+            .expect("valid");
+        assert_eq!(config.cluster.name, Config::default().cluster.name);
+    }
+
+    /// A bad value in the environment is an error naming the variable.
+    #[test]
+    fn a_bad_environment_value_names_the_variable() {
+        let vars = [("CLUSTERCOMM_LISTEN", "not an address")];
+        let err = Node::builder("n")
+            .layered_config(env(&vars))
+            .expect_err("refused");
+        let mut chain = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(e) = source {
+            chain.push_str(&format!(": {e}"));
+            source = e.source();
+        }
+        assert!(chain.contains("CLUSTERCOMM_LISTEN"), "{chain}");
+    }
 }
