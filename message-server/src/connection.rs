@@ -275,6 +275,7 @@ pub(crate) async fn serve(
             max_message,
             session,
             masked_secret,
+            rejoining: hello.rejoining,
         };
         let conn_id = match register(&shared, registration) {
             Ok(id) => id,

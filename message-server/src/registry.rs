@@ -2,16 +2,18 @@
 //! registration, the takeover by a runtime that reconnects with the same
 //! incarnation, its removal, and the warm-up hold.
 //!
-//! The message server holds only soft state. After it restarts, nodes
-//! re-register one by one; a message to a node that has not re-registered
-//! yet is held (bounded) for the warm-up period, `cluster.failure_timeout_ms`
-//! after start, and handed over in order when that node registers. What is
-//! still held when the warm-up ends is answered `UnknownTarget`.
+//! The message server holds only soft state. After it restarts (or a
+//! standby takes over), nodes re-register one by one; a message to a node
+//! that has not re-registered yet is held (bounded) for the warm-up period,
+//! `cluster.failure_timeout_ms` from the first rejoining node's
+//! registration, and handed over in order when that node registers. What
+//! is still held when the warm-up ends is answered `UnknownTarget`. A fresh
+//! server, which nodes register with for the first time, has no warm-up:
+//! it answers an unknown target at once.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use transports::protocol::{
@@ -50,8 +52,20 @@ pub(crate) fn register(shared: &Shared, registration: Registration<'_>) -> Resul
         max_message,
         session,
         masked_secret,
+        rejoining,
     } = registration;
     let mut state = shared.write();
+    if rejoining && state.conns.is_empty() && !warming_up(shared) {
+        // Nodes are coming back to a server that knows none of them: it
+        // restarted, or took over as standby. Hold messages for members
+        // not back yet.
+        let until = shared.now_ms() + shared.config.cluster.failure_timeout_ms;
+        shared.warm_until_ms.store(until, Ordering::Relaxed);
+        tracing::info!(
+            node = %me.id,
+            "a node rejoins an empty server: messages to members not back yet are held for up to the failure timeout"
+        );
+    }
     if state.failed.contains(&(me.id.clone(), me.incarnation)) {
         return Err(Refused::IncarnationFailed);
     }
@@ -126,6 +140,8 @@ pub(crate) struct Registration<'a> {
     pub(crate) session: Arc<Session>,
     /// The session secret as the `Welcome` carries it.
     pub(crate) masked_secret: SessionSecret,
+    /// The node says it was registered before (see `Hello::rejoining`).
+    pub(crate) rejoining: bool,
 }
 
 /// Why a registration was refused.
@@ -221,9 +237,10 @@ pub(crate) fn broadcast_locked(
     }
 }
 
-/// Whether the server is still in its warm-up after start.
+/// Whether the server is in a warm-up: nodes are rejoining it after it
+/// restarted or took over (see the module's docs).
 pub(crate) fn warming_up(shared: &Shared) -> bool {
-    shared.started.elapsed() < Duration::from_millis(shared.config.cluster.failure_timeout_ms)
+    shared.now_ms() < shared.warm_until_ms.load(Ordering::Relaxed)
 }
 
 /// Holds a message for `target`, unknown during the warm-up. If `target`

@@ -98,8 +98,11 @@ pub(crate) struct Shared {
     pub(crate) counters: Counters,
     /// Every connection's reader and writer task.
     pub(crate) tasks: TaskTracker,
-    /// When the server started: its warm-up runs from here.
+    /// When the server started.
     pub(crate) started: std::time::Instant,
+    /// Until when (milliseconds since start) messages to members not back
+    /// yet are held: set when a rejoining node finds the server empty.
+    pub(crate) warm_until_ms: AtomicU64,
     /// Where heartbeats are received.
     pub(crate) heartbeat_addr: Option<SocketAddr>,
     /// `cluster.credentials`, as the handshake's key.
@@ -227,6 +230,7 @@ impl MessageServer {
             counters: Counters::default(),
             tasks: TaskTracker::new(),
             started: std::time::Instant::now(),
+            warm_until_ms: AtomicU64::new(0),
             heartbeat_addr,
             generation: AtomicU64::new(0),
         });

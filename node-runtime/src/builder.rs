@@ -172,6 +172,7 @@ impl NodeBuilder {
                 .heartbeat_bind
                 .map(|a| a.ip())
                 .filter(|ip| !ip.is_unspecified()),
+            rejoining: false,
         };
 
         // The direct-channel listener, announced at registration: the

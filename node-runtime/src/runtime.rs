@@ -243,9 +243,12 @@ impl Runtime {
         }
     }
 
-    /// This node's `Hello` as of now.
+    /// This node's `Hello` for a reconnect: as of now, and rejoining.
     pub(crate) fn current_hello(&self) -> Hello {
-        self.server.hello()
+        Hello {
+            rejoining: true,
+            ..self.server.hello()
+        }
     }
 
     /// This node's groups and its current services, for a registration.

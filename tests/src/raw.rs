@@ -28,6 +28,7 @@ pub fn hello(node: &str, cluster: &str, key: &SessionKey) -> Hello {
         nonce: transports::auth::random().unwrap_or_default(),
         session_key: key.public(),
         heartbeat_ip: None,
+        rejoining: false,
     }
 }
 

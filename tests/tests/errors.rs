@@ -23,6 +23,35 @@ async fn node(server: &TestServer, id: &str, config: Config) -> anyhow::Result<N
         .await?)
 }
 
+/// A fresh server (no node has rejoined it) answers an unknown target at
+/// once, however long the failure timeout: only a server that nodes come
+/// back to after a restart or failover holds messages for members not
+/// back yet (the failover tests cover that side).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_server_answers_unknown_targets_at_once() -> anyhow::Result<()> {
+    init_logging();
+    let mut config = test_config();
+    // A hold would last this long, and the send wait as long.
+    config.cluster.failure_timeout_ms = 120_000;
+    config.cluster.heartbeat_interval_ms = 1_000;
+    config.node.send_timeout_ms = 120_000;
+    let server = TestServer::start(config.clone()).await?;
+    let a = node(&server, "a", config.clone()).await?;
+    // Well within the hold: answered, not held.
+    let answered = tokio::time::timeout(
+        Duration::from_secs(20),
+        a.send(Target::Node("misspelled".into()), "svc", "x"),
+    )
+    .await
+    .context("a fresh server held a message to an unknown node")?;
+    assert_eq!(
+        answered.expect_err("no such node"),
+        SendError::UnknownTarget(Target::Node("misspelled".into()))
+    );
+    a.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_targets_and_missing_services_are_definite_errors() -> anyhow::Result<()> {
     init_logging();

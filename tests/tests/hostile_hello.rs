@@ -35,6 +35,7 @@ fn hello(node: &str, cluster: &str) -> Hello {
         nonce: [0; 16],
         session_key: [0; 32],
         heartbeat_ip: None,
+        rejoining: false,
     }
 }
 

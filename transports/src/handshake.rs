@@ -585,6 +585,7 @@ mod tests {
             nonce: [3; 16],
             session_key: [0; 32],
             heartbeat_ip: None,
+            rejoining: false,
         }
     }
 

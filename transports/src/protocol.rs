@@ -184,6 +184,11 @@ pub struct Hello {
     /// one (`node.heartbeat_bind`); otherwise they must come from this
     /// connection's address.
     pub heartbeat_ip: Option<IpAddr>,
+    /// The node was registered before (with this server or another) and
+    /// lost its link. A server that a rejoining node finds empty (it
+    /// restarted, or a standby took over) holds messages for members not
+    /// back yet; a fresh server answers unknown targets at once.
+    pub rejoining: bool,
 }
 
 /// The groups a node joins and the services it offers, sent to the message

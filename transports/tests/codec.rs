@@ -85,6 +85,7 @@ fn hello() -> impl Strategy<Value = Hello> {
         any::<[u8; 16]>(),
         any::<[u8; 32]>(),
         proptest::option::of(socket_addr().prop_map(|a| a.ip())),
+        any::<bool>(),
     )
         .prop_map(
             |(
@@ -98,6 +99,7 @@ fn hello() -> impl Strategy<Value = Hello> {
                 nonce,
                 session_key,
                 heartbeat_ip,
+                rejoining,
             )| Hello {
                 version,
                 cluster,
@@ -109,6 +111,7 @@ fn hello() -> impl Strategy<Value = Hello> {
                 nonce,
                 session_key,
                 heartbeat_ip,
+                rejoining,
             },
         )
 }

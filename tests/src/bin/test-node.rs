@@ -29,7 +29,8 @@ struct Args {
     /// Body size of those pings.
     #[arg(long, default_value_t = 16)]
     ping_bytes: usize,
-    /// Test timings: heartbeat 200 ms, failure timeout 1 s, reconnect 50 ms.
+    /// Lazy channels from 1 KiB (the timings are always the tests'
+    /// `test_config`: heartbeat 200 ms, failure timeout 1 s, reconnect 50 ms).
     #[arg(long)]
     fast: bool,
     /// Print `got SENDER NUMBER` for each fault-ledger message received.
@@ -49,7 +50,10 @@ async fn main() -> anyhow::Result<()> {
         .filter(|g| !g.is_empty())
         .map(str::to_owned)
         .collect();
-    let mut config = node_runtime::Config::default();
+    // The timings of the in-test servers (`test_config`): a node that
+    // heartbeats at the default 1 s to a server that fails nodes after 1 s
+    // of silence is failed whenever it is a little late.
+    let mut config = clustercomm_tests::test_config();
     if let Some(max) = args.max_message_bytes {
         config.limits.max_message_bytes = max;
     }
@@ -57,10 +61,6 @@ async fn main() -> anyhow::Result<()> {
         config.node.inbox_capacity = n;
     }
     if args.fast {
-        config.cluster.heartbeat_interval_ms = 200;
-        config.cluster.failure_timeout_ms = 1_000;
-        config.message_server.reconnect_delay_ms = 50;
-        config.message_server.reconnect_max_delay_ms = 500;
         config.lazy.threshold_bytes = 1024;
     }
     let node = Node::builder(args.id.as_str())
