@@ -2,9 +2,11 @@
 //! message server, child processes (the `message-server` binary and the
 //! `test-node` helper) that print a readiness line and are killed and reaped
 //! when dropped, short timings for fast tests, and the [`fault`] ledger
-//! that accounts for every message, and [`raw`] nodes spoken by hand.
+//! that accounts for every message, [`raw`] nodes spoken by hand, and the
+//! TCP and UDP fault [`proxy`] that cuts, delays, stalls and resets paths.
 
 pub mod fault;
+pub mod proxy;
 pub mod raw;
 
 use std::future::Future;

@@ -1,154 +1,115 @@
-//! A node cut off from the message server by a network partition: `nft`
-//! drop rules in a private network namespace per test (`unshare -rn`: a
-//! user namespace in which the test is root, so it needs no privileges).
+//! A node cut off by a network partition, made with the in-repo fault
+//! proxies ([`clustercomm_tests::proxy`]): no privileges, no firewall, no
+//! network namespace.
 //!
-//! Each test re-runs itself inside a new network namespace, where only the
-//! loopback interface exists. The cut-off node reaches the message server
-//! through 127.0.0.2 and everyone else through 127.0.0.1, so dropping
-//! everything to and from 127.0.0.2 partitions exactly that node from the
-//! server (its direct channels to other nodes are untouched).
+//! The cut-off node reaches the message server's TCP port through a
+//! [`TcpProxy`] and its heartbeat port through a [`UdpProxy`]; cutting both
+//! partitions exactly that node from the server, while the sender reaches
+//! the server directly.
+//!
+//! How its heartbeats find the UDP proxy: the server binds its heartbeat
+//! socket where it listens, on every IPv4 address (`0.0.0.0`, same port),
+//! and a node sends heartbeats to that port at the address it reached the
+//! server on. The cut-off node reaches the server through the TCP proxy on
+//! the IPv6 loopback, `[::1]`, so its heartbeats go to `[::1]:<port>`,
+//! where the UDP proxy listens and forwards to `127.0.0.1:<port>` (an IPv4
+//! address could not take that port: the server's socket holds it on all
+//! of them). The node sends from `[::]`, and the server sees its heartbeats
+//! come from `127.0.0.1`, as its TCP connection does. So these tests need
+//! the IPv6 loopback.
 //!
 //! - Shorter than the failure timeout: no error, nothing lost or
 //!   duplicated.
 //! - Longer: errors at the sender within the failure timeout and a second,
 //!   and a re-registration (as a new incarnation) after the partition heals.
+//! - A cut lazy channel (through a proxy in front of the receiver's direct
+//!   port) is closed by the channel monitor and opened again after.
 
-use std::process::Command;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use clustercomm_tests::fault::{body, Ledger, Told};
-use clustercomm_tests::{init_logging, test_config, TestServer};
+use clustercomm_tests::proxy::{TcpProxy, UdpProxy};
+use clustercomm_tests::{init_logging, test_config, TestServer, TEST_WAIT};
 use node_runtime::{LeaveReason, MembershipEvent, Node, NodeId, Target};
 
-const INSIDE: &str = "CLUSTERCOMM_IN_PRIVATE_NETNS";
+/// The cut-off node's paths to the message server: its connection and its
+/// heartbeats.
+struct ServerPaths {
+    tcp: TcpProxy,
+    udp: UdpProxy,
+}
 
-/// Runs `name` again inside a private network namespace; true if this is
-/// already the inside run.
-fn in_private_netns(name: &str) -> anyhow::Result<bool> {
-    if std::env::var_os(INSIDE).is_some() {
-        return Ok(true);
+impl ServerPaths {
+    /// Puts proxies on the paths to a server listening (and taking
+    /// heartbeats) on `0.0.0.0:port`.
+    async fn start(port: u16) -> anyhow::Result<ServerPaths> {
+        let server = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let tcp = TcpProxy::bind(SocketAddr::from((Ipv6Addr::LOCALHOST, 0)), server)
+            .await
+            .context("these tests need the IPv6 loopback (::1): see the module's docs")?;
+        let udp = UdpProxy::bind(SocketAddr::from((Ipv6Addr::LOCALHOST, port)), server)
+            .await
+            .context("the heartbeat proxy needs the IPv6 loopback (::1)")?;
+        Ok(ServerPaths { tcp, udp })
     }
-    // What the inside run needs, said in one line before it starts.
-    for (cmd, package) in [("nft", "nftables"), ("ip", "iproute2")] {
-        if Command::new(cmd).arg("--version").output().is_err() {
-            bail!("the partition tests need `{cmd}` on the PATH: install {package}");
+
+    fn cut(&self) {
+        self.tcp.handle().cut();
+        self.udp.handle().cut();
+    }
+
+    fn heal(&self) {
+        self.tcp.handle().pass();
+        self.udp.handle().pass();
+    }
+
+    /// Waits until heartbeats have gone through the proxy both ways,
+    /// `beyond` the given count of answers.
+    async fn heartbeats_pass(&self, beyond: u64) -> anyhow::Result<u64> {
+        let c = self
+            .udp
+            .handle()
+            .wait_for("heartbeats through the proxy", |c| {
+                c.datagrams_to_upstream > 0 && c.datagrams_to_clients > beyond
+            })
+            .await?;
+        Ok(c.datagrams_to_clients)
+    }
+}
+
+/// Waits (at most [`TEST_WAIT`]) until `ready` holds, looking every 10 ms.
+async fn until(what: &str, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + TEST_WAIT;
+    while !ready() {
+        if Instant::now() > deadline {
+            bail!("waited {TEST_WAIT:?} for {what}");
         }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let exe = std::env::current_exe()?;
-    let out = Command::new("unshare")
-        .arg("-rn")
-        .arg(&exe)
-        .args(["--exact", name, "--nocapture", "--test-threads", "1"])
-        .env(INSIDE, "1")
-        .output()
-        .context("running unshare -rn (util-linux, with unprivileged user namespaces)")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{stdout}{stderr}");
-    ensure!(
-        out.status.success(),
-        "the test failed inside its network namespace"
-    );
-    ensure!(
-        stdout.contains("1 passed"),
-        "the inside run did not run the test"
-    );
-    Ok(false)
-}
-
-fn run(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
-    let status = Command::new(cmd).args(args).status().with_context(|| {
-        format!(
-            "running {cmd} (the partition tests need it: install {})",
-            package_of(cmd)
-        )
-    })?;
-    ensure!(status.success(), "{cmd} {args:?} failed");
     Ok(())
-}
-
-/// The Debian package that brings `cmd`.
-fn package_of(cmd: &str) -> &'static str {
-    match cmd {
-        "nft" => "nftables",
-        "ip" => "iproute2",
-        _ => "it",
-    }
-}
-
-/// Cuts 127.0.0.2 off until dropped.
-struct Partition;
-
-impl Partition {
-    fn start() -> anyhow::Result<Partition> {
-        run("nft", &["add", "table", "inet", "ccpart"])?;
-        run(
-            "nft",
-            &[
-                "add",
-                "chain",
-                "inet",
-                "ccpart",
-                "out",
-                "{ type filter hook output priority 0 ; }",
-            ],
-        )?;
-        run(
-            "nft",
-            &[
-                "add",
-                "rule",
-                "inet",
-                "ccpart",
-                "out",
-                "ip",
-                "daddr",
-                "127.0.0.2",
-                "drop",
-            ],
-        )?;
-        run(
-            "nft",
-            &[
-                "add",
-                "rule",
-                "inet",
-                "ccpart",
-                "out",
-                "ip",
-                "saddr",
-                "127.0.0.2",
-                "drop",
-            ],
-        )?;
-        Ok(Partition)
-    }
-}
-
-impl Drop for Partition {
-    fn drop(&mut self) {
-        let _ = Command::new("nft")
-            .args(["delete", "table", "inet", "ccpart"])
-            .status();
-    }
 }
 
 struct Setup {
     server: TestServer,
     sender: Node,
     cut: Node,
+    paths: ServerPaths,
     ledger: Ledger,
 }
 
 async fn setup() -> anyhow::Result<Setup> {
-    run("ip", &["link", "set", "lo", "up"])?;
     let mut config = test_config();
+    // Heartbeats are taken on this address too (see the module's docs).
     config.message_server.listen = "0.0.0.0:0".parse()?;
     config.lazy.auto_activate_messages = 0;
     config.node.send_timeout_ms = 10_000;
     let server = TestServer::start(config.clone()).await?;
     let port = server.addr.port();
+    let paths = ServerPaths::start(port).await?;
     let sender = Node::builder("sender")
         .config(config.clone())
         .message_server(format!("127.0.0.1:{port}"))
@@ -156,11 +117,15 @@ async fn setup() -> anyhow::Result<Setup> {
         .await?;
     let mut cut_config = config.clone();
     cut_config.node.direct_listen = "127.0.0.1:0".parse()?;
+    cut_config.node.heartbeat_bind = Some("[::]:0".parse()?);
     let cut = Node::builder("cut")
         .config(cut_config)
-        .message_server(format!("127.0.0.2:{port}"))
+        .message_server(paths.tcp.addr())
         .start()
         .await?;
+    // Both of its paths go through the proxies.
+    paths.heartbeats_pass(0).await?;
+    ensure!(paths.tcp.handle().counters().connected == 1);
     let ledger = Ledger::default();
     let mut inbox = cut.subscribe("ft").await?;
     let sink = ledger.clone();
@@ -173,15 +138,18 @@ async fn setup() -> anyhow::Result<Setup> {
         server,
         sender,
         cut,
+        paths,
         ledger,
     })
 }
 
 /// Sends numbered acknowledged messages to "cut", one every few ms, until
-/// `stop` resolves; records every outcome.
+/// `stop` resolves; records every outcome, and counts the messages sent
+/// in `sent`.
 async fn stream(
     sender: Node,
     ledger: Ledger,
+    sent: Arc<AtomicU64>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<u64> {
     let mut pending = tokio::task::JoinSet::new();
@@ -205,37 +173,56 @@ async fn stream(
             Err(e) => ledger.told(0, 1, number, Told::Error(e.to_string())),
         }
         n += 1;
+        sent.store(n, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     while pending.join_next().await.is_some() {}
     Ok(n)
 }
 
+/// Waits until every acknowledged message has been delivered (or the
+/// bound passes; the tally then shows what is missing).
+async fn settle(ledger: &Ledger) {
+    let _ = until("every acknowledged message delivered", || {
+        ledger.delivered_count() >= ledger.acknowledged_count()
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_shorter_than_the_failure_timeout_loses_nothing() -> anyhow::Result<()> {
-    if !in_private_netns("partition_shorter_than_the_failure_timeout_loses_nothing")? {
-        return Ok(());
-    }
     init_logging();
     let run = async {
         let s = setup().await?;
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
-        let traffic = tokio::spawn(stream(s.sender.clone(), s.ledger.clone(), stop));
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        {
-            let _cut = Partition::start()?;
-            // 40% of the failure timeout.
-            tokio::time::sleep(Duration::from_millis(400)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        let submitted = Arc::new(AtomicU64::new(0));
+        let traffic = tokio::spawn(stream(
+            s.sender.clone(),
+            s.ledger.clone(),
+            submitted.clone(),
+            stop,
+        ));
+        until("traffic flowing", || s.ledger.delivered_count() >= 20).await?;
+        s.paths.cut();
+        // 40% of the failure timeout.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        s.paths.heal();
+        let dropped = s.paths.udp.handle().counters();
+        ensure!(
+            dropped.dropped_to_upstream > 0,
+            "no heartbeat met the cut: {dropped:?}"
+        );
+        // Traffic goes on after the partition, held messages first (bodies
+        // are numbered from 0, so this many deliveries include 40 messages
+        // sent after it healed).
+        let by_heal = submitted.load(Ordering::Relaxed);
+        until("traffic flowing again", || {
+            s.ledger.delivered_count() >= by_heal + 40
+        })
+        .await?;
         stop_tx.send(true)?;
         let sent = traffic.await??;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while s.ledger.delivered_count() < s.ledger.acknowledged_count()
-            && Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        settle(&s.ledger).await;
         let tally = s.ledger.tally();
         eprintln!("short partition: {sent} sent: {tally}");
         ensure!(tally.errors == 0, "{tally}");
@@ -245,6 +232,8 @@ async fn partition_shorter_than_the_failure_timeout_loses_nothing() -> anyhow::R
         );
         ensure!(s.server.handle.counters().failed_nodes == 0);
         ensure!(s.cut.members().iter().any(|m| m.id == "sender"));
+        // Still the one connection through the proxy.
+        ensure!(s.paths.tcp.handle().counters().connected == 1);
         anyhow::Ok(())
     };
     tokio::time::timeout(Duration::from_secs(60), run).await?
@@ -252,9 +241,6 @@ async fn partition_shorter_than_the_failure_timeout_loses_nothing() -> anyhow::R
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_longer_than_the_failure_timeout_errors_then_rejoins() -> anyhow::Result<()> {
-    if !in_private_netns("partition_longer_than_the_failure_timeout_errors_then_rejoins")? {
-        return Ok(());
-    }
     init_logging();
     let run = async {
         let s = setup().await?;
@@ -262,9 +248,10 @@ async fn partition_longer_than_the_failure_timeout_errors_then_rejoins() -> anyh
         let old = s.cut.incarnation();
         let mut events = s.sender.membership_events();
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
-        let traffic = tokio::spawn(stream(s.sender.clone(), s.ledger.clone(), stop));
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let partition = Partition::start()?;
+        let submitted = Arc::new(AtomicU64::new(0));
+        let traffic = tokio::spawn(stream(s.sender.clone(), s.ledger.clone(), submitted, stop));
+        until("traffic flowing", || s.ledger.delivered_count() >= 20).await?;
+        s.paths.cut();
         let cut_at = Instant::now();
         // The sender learns the node failed within the bound.
         let failed_after = loop {
@@ -280,8 +267,15 @@ async fn partition_longer_than_the_failure_timeout_errors_then_rejoins() -> anyh
             failed_after <= failure_timeout + Duration::from_secs(1),
             "declared failed after {failed_after:?}"
         );
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        drop(partition);
+        // The partition lasts until the cut-off node has noticed it too,
+        // and the sender has been told of failed messages.
+        until("the cut-off node to lose its server", || {
+            s.cut.message_server().is_none()
+        })
+        .await?;
+        until("an error at the sender", || s.ledger.tally().errors > 0).await?;
+        let answered = s.paths.udp.handle().counters().datagrams_to_clients;
+        s.paths.heal();
         let healed_at = Instant::now();
         // It registers again, as a new incarnation.
         let rejoined_after = loop {
@@ -296,14 +290,11 @@ async fn partition_longer_than_the_failure_timeout_errors_then_rejoins() -> anyh
                 _ => continue,
             }
         };
+        // Its heartbeats pass the proxy again.
+        s.paths.heartbeats_pass(answered).await?;
         stop_tx.send(true)?;
         let sent = traffic.await??;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while s.ledger.delivered_count() < s.ledger.acknowledged_count()
-            && Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        settle(&s.ledger).await;
         let tally = s.ledger.tally();
         eprintln!(
             "long partition: declared failed {failed_after:?} after the cut, re-registered \
@@ -320,6 +311,8 @@ async fn partition_longer_than_the_failure_timeout_errors_then_rejoins() -> anyh
         if !s.sender.members().iter().any(|m| m.id == cut_id) {
             bail!("the sender does not see the rejoined node");
         }
+        // It came back through the proxy, on a new connection.
+        ensure!(s.paths.tcp.handle().counters().connected >= 2);
         anyhow::Ok(())
     };
     tokio::time::timeout(Duration::from_secs(60), run).await?
@@ -327,12 +320,8 @@ async fn partition_longer_than_the_failure_timeout_errors_then_rejoins() -> anyh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channel_monitor_closes_a_cut_lazy_channel_and_reopens_it() -> anyhow::Result<()> {
-    if !in_private_netns("channel_monitor_closes_a_cut_lazy_channel_and_reopens_it")? {
-        return Ok(());
-    }
     init_logging();
     let run = async {
-        run("ip", &["link", "set", "lo", "up"])?;
         let mut config = test_config();
         config.lazy.threshold_bytes = 1024;
         config.lazy.auto_activate_messages = 0;
@@ -343,10 +332,17 @@ async fn channel_monitor_closes_a_cut_lazy_channel_and_reopens_it() -> anyhow::R
             .message_server(server.addr)
             .start()
             .await?;
-        // The receiver's direct channels go through 127.0.0.2; its link to
-        // the message server does not.
+        // The receiver's direct channels go through a proxy; its link to
+        // the message server does not. The proxy holds its port on
+        // 127.0.0.1, so the receiver can listen on that port on
+        // 127.0.0.3, known before it starts, and announce the proxy.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let announced = listener.local_addr()?;
+        let behind = SocketAddr::from(([127, 0, 0, 3], announced.port()));
+        let direct = TcpProxy::with_listener(listener, behind)?;
         let mut receiver_config = config.clone();
-        receiver_config.node.direct_listen = "127.0.0.2:0".parse()?;
+        receiver_config.node.direct_listen = behind;
+        receiver_config.node.direct_advertise = Some(announced);
         let receiver = Node::builder("receiver")
             .config(receiver_config)
             .message_server(server.addr)
@@ -359,8 +355,13 @@ async fn channel_monitor_closes_a_cut_lazy_channel_and_reopens_it() -> anyhow::R
             .send(Target::Node("receiver".into()), "bulk", big.clone())
             .await?;
         ensure!(sender.counters().lazy_opened == 1);
+        let through = direct.handle().counters();
+        ensure!(
+            through.connected == 1 && through.bytes_to_upstream >= big.len() as u64,
+            "the lazy channel did not go through the proxy: {through:?}"
+        );
 
-        let partition = Partition::start()?;
+        direct.handle().cut();
         let cut_at = Instant::now();
         let result = sender
             .send(Target::Node("receiver".into()), "bulk", big.clone())
@@ -378,7 +379,7 @@ async fn channel_monitor_closes_a_cut_lazy_channel_and_reopens_it() -> anyhow::R
         ensure!(sender.counters().lazy_closed >= 1);
         // The receiver never left the cluster.
         ensure!(sender.members().iter().any(|m| m.id == "receiver"));
-        drop(partition);
+        direct.handle().pass();
         sender
             .send(Target::Node("receiver".into()), "bulk", big)
             .await?;
@@ -387,6 +388,7 @@ async fn channel_monitor_closes_a_cut_lazy_channel_and_reopens_it() -> anyhow::R
             "{:?}",
             sender.counters()
         );
+        ensure!(direct.handle().counters().connected == 2);
         anyhow::Ok(())
     };
     tokio::time::timeout(Duration::from_secs(60), run).await?
