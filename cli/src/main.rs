@@ -1,7 +1,12 @@
 //! `clustercomm`: the admin command of a clustercomm cluster.
 //!
-//! `clustercomm certs --out DIR NAME...` makes the cluster's CA and a
-//! certificate for the message server and for each node, for `[tls]`.
+//! - `clustercomm certs --out DIR NAME...` makes the cluster's CA and a
+//!   certificate for the message server and for each node, for `[tls]`.
+//! - `members`, `watch`, `send`, `notify` and `request` join the cluster
+//!   as a short-lived node (`--config FILE`, `--server ADDR`) to list its
+//!   members, follow membership events, or send a test message.
+
+mod join;
 
 use std::path::PathBuf;
 
@@ -14,6 +19,8 @@ use clap::{Parser, Subcommand};
 struct Args {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    join: join::Join,
 }
 
 #[derive(Debug, Subcommand)]
@@ -34,19 +41,85 @@ enum Command {
         #[arg(required = true)]
         nodes: Vec<String>,
     },
+    /// Lists the cluster's members.
+    Members {
+        /// Only the members of this group.
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// Prints the members, then membership events as they happen.
+    Watch,
+    /// Sends an acknowledged test message and prints who accepted it.
+    Send(join::Message),
+    /// Sends a one-way test message.
+    Notify(join::Message),
+    /// Sends a test request and prints the reply.
+    Request(join::Message),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Args::parse().command {
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // Once, with its causes, and no backtrace.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let joined = |f: std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>>>>| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?
+            .block_on(f)
+    };
+    let join = &args.join;
+    match args.command {
         Command::Certs {
             out,
             cluster,
             server_name,
             nodes,
-        } => {
-            let mut names = vec![server_name.clone()];
+        } => certs(&out, &cluster, &server_name, nodes),
+        Command::Members { group } => joined(Box::pin(join::members(join, group.as_deref()))),
+        Command::Watch => joined(Box::pin(join::watch(join))),
+        Command::Send(m) => joined(Box::pin(async move {
+            join::message(join, join::Kind::Send, &m).await
+        })),
+        Command::Notify(m) => joined(Box::pin(async move {
+            join::message(join, join::Kind::Notify, &m).await
+        })),
+        Command::Request(m) => joined(Box::pin(async move {
+            join::message(join, join::Kind::Request, &m).await
+        })),
+    }
+}
+
+fn certs(
+    out: &std::path::Path,
+    cluster: &str,
+    server_name: &str,
+    nodes: Vec<String>,
+) -> anyhow::Result<()> {
+    {
+        {
+            let mut names = vec![server_name.to_owned()];
             names.extend(nodes);
-            let written = clustercomm::certs::generate(&out, &cluster, &names)
+            let written = clustercomm::certs::generate(out, cluster, &names)
                 .with_context(|| format!("making certificates in {}", out.display()))?;
             println!(
                 "CA certificate: {} (its key ca.key: keep it offline)",

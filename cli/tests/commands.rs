@@ -1,0 +1,213 @@
+//! The admin command's cluster subcommands against a live cluster: a
+//! message server in this process, nodes in it, and the real
+//! `clustercomm` binary joining as a short-lived node.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use message_server::MessageServer;
+use node_runtime::{Config, MembershipEvent, Node};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+async fn cluster() -> anyhow::Result<(String, Node, Node)> {
+    let mut config = Config::default();
+    config.message_server.listen = "127.0.0.1:0".parse()?;
+    let server = MessageServer::bind(config).await?;
+    let addr = server.local_addr().to_string();
+    tokio::spawn(async move {
+        let _ = server.run(std::future::pending()).await;
+    });
+    let web = Node::builder("web-1")
+        .message_server(&addr)
+        .groups(["web"])
+        .ignore_environment()
+        .start()
+        .await?;
+    let db = Node::builder("db-1")
+        .message_server(&addr)
+        .groups(["db"])
+        .ignore_environment()
+        .start()
+        .await?;
+    Ok((addr, web, db))
+}
+
+/// Runs `clustercomm --server ADDR ARGS...` and returns its stdout; it
+/// must succeed.
+async fn clustercomm(addr: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_clustercomm"))
+        .arg("--server")
+        .arg(addr)
+        .args(args)
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "clustercomm {args:?} failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_and_test_messages() -> anyhow::Result<()> {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let (addr, web, db) = cluster().await?;
+        let mut inbox = web.subscribe("svc").await?;
+        let answering = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(m) = inbox.recv().await {
+                if m.is_request() {
+                    let _ = m
+                        .reply(format!("re: {}", String::from_utf8_lossy(m.body())))
+                        .await;
+                }
+                got.push(String::from_utf8_lossy(m.body()).into_owned());
+                if got.len() == 3 {
+                    break;
+                }
+            }
+            got
+        });
+
+        let all = clustercomm(&addr, &["members"]).await?;
+        ensure!(all.contains("web-1") && all.contains("db-1"), "{all}");
+        ensure!(
+            all.contains("2 members"),
+            "the command's own node is listed: {all}"
+        );
+        let line = all
+            .lines()
+            .find(|l| l.starts_with("web-1"))
+            .context("no web-1")?;
+        ensure!(line.contains(" web ") && line.contains("svc"), "{line}");
+        let dbs = clustercomm(&addr, &["members", "--group", "db"]).await?;
+        ensure!(dbs.contains("db-1") && !dbs.contains("web-1"), "{dbs}");
+
+        let sent = clustercomm(
+            &addr,
+            &[
+                "send",
+                "--to",
+                "node:web-1",
+                "--service",
+                "svc",
+                "--body",
+                "one",
+            ],
+        )
+        .await?;
+        ensure!(sent.contains("delivered to web-1"), "{sent}");
+        let notified = clustercomm(
+            &addr,
+            &[
+                "notify",
+                "--to",
+                "group:web",
+                "--service",
+                "svc",
+                "--body",
+                "two",
+            ],
+        )
+        .await?;
+        ensure!(notified.contains("notified group web"), "{notified}");
+        let replied = clustercomm(
+            &addr,
+            &[
+                "request",
+                "--to",
+                "any:web",
+                "--service",
+                "svc",
+                "--body",
+                "three",
+            ],
+        )
+        .await?;
+        ensure!(replied.contains("reply from web-1: re: three"), "{replied}");
+        let got = answering.await?;
+        ensure!(got == ["one", "two", "three"], "web-1 got {got:?}");
+
+        // A failed delivery is the command's failure, with the reason.
+        let out = Command::new(env!("CARGO_BIN_EXE_clustercomm"))
+            .args([
+                "--server",
+                &addr,
+                "send",
+                "--to",
+                "node:nobody",
+                "--service",
+                "svc",
+            ])
+            .output()
+            .await?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "a send to no one succeeded");
+        ensure!(
+            stderr.lines().count() == 1 && stderr.contains("nobody"),
+            "{stderr}"
+        );
+        drop(db);
+        Ok(())
+    })
+    .await
+    .context("the test did not finish within 60 s")?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_members_and_events() -> anyhow::Result<()> {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let (addr, web, _db) = cluster().await?;
+        let mut events = web.membership_events();
+        let mut watch = Command::new(env!("CARGO_BIN_EXE_clustercomm"))
+            .args(["--server", &addr, "watch"])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut lines = BufReader::new(watch.stdout.take().context("no stdout")?).lines();
+        let mut before = Vec::new();
+        loop {
+            let line = lines.next_line().await?.context("watch ended")?;
+            if line.starts_with("watching") {
+                break;
+            }
+            before.push(line);
+        }
+        ensure!(
+            before.iter().any(|l| l.starts_with("member  web-1")),
+            "{before:?}"
+        );
+        ensure!(
+            before.iter().any(|l| l.starts_with("member  db-1")),
+            "{before:?}"
+        );
+        // The watcher has joined: web-1 saw it. Now a node comes and goes.
+        loop {
+            if let MembershipEvent::Joined(m) = events.recv().await? {
+                if m.id.as_str().starts_with("clustercomm-") {
+                    break;
+                }
+            }
+        }
+        let cache = Node::builder("cache-1")
+            .message_server(&addr)
+            .ignore_environment()
+            .start()
+            .await?;
+        cache.shutdown().await;
+        let joined = lines.next_line().await?.context("watch ended")?;
+        ensure!(joined.starts_with("joined  cache-1"), "{joined}");
+        let left = lines.next_line().await?.context("watch ended")?;
+        ensure!(
+            left.starts_with("left    cache-1") && left.ends_with("stopped"),
+            "{left}"
+        );
+        Ok(())
+    })
+    .await
+    .context("the test did not finish within 60 s")?
+}
