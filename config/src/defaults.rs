@@ -9,6 +9,11 @@ pub const DEFAULT_SERVER_PORT: u16 = 7400;
 pub const DEFAULT_SERVER_ADDRESS: &str = "127.0.0.1:7400";
 /// Default address the message server listens on: every interface.
 pub const DEFAULT_SERVER_LISTEN: &str = "0.0.0.0:7400";
+/// Default port of the message server's monitor (`monitor.listen`).
+pub const DEFAULT_MONITOR_PORT: u16 = 7480;
+/// Default address of the message server's monitor: this host only, since
+/// the monitor has no access control.
+pub const DEFAULT_MONITOR_LISTEN: &str = "127.0.0.1:7480";
 /// Default interval between heartbeats.
 pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 1_000;
 /// Default silence after which a node is declared failed.

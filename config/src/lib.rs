@@ -29,7 +29,7 @@
 //! - `defaults`: the `DEFAULT_*` constants the keys' docs cite.
 //! - `sections`: [`Config`] and its sections, one struct per table
 //!   (`[cluster]`, `[message_server]`, `[node]`, `[lazy]`, `[limits]`,
-//!   `[tcp]`), with their defaults.
+//!   `[tcp]`, `[monitor]`, ...), with their defaults.
 //! - `load`: reading a file, per-node overrides, environment overrides.
 //! - `validate`: range and consistency checks.
 //! - [`permissions`]: what each node may subscribe, join and send to.
@@ -46,6 +46,6 @@ pub use defaults::*;
 pub use error::ConfigError;
 pub use permissions::{PermissionsConfig, PermissionsTable};
 pub use sections::{
-    ClusterConfig, Config, LazyConfig, LimitsConfig, MessageServerConfig, NodeConfig, TcpConfig,
-    TlsConfig,
+    ClusterConfig, Config, LazyConfig, LimitsConfig, MessageServerConfig, MonitorConfig,
+    NodeConfig, TcpConfig, TlsConfig,
 };

@@ -31,6 +31,8 @@ pub struct Config {
     pub permissions: PermissionsConfig,
     /// `[tls]`
     pub tls: TlsConfig,
+    /// `[monitor]`
+    pub monitor: MonitorConfig,
     /// `[nodes.<id>]`: per-node overrides of any of the sections above.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub nodes: BTreeMap<String, toml::Table>,
@@ -333,6 +335,60 @@ impl TlsConfig {
     }
 }
 
+/// `[monitor]`: the message server's monitor, an HTTP listener with the
+/// cluster at a glance (`/`), the same as JSON (`/api/v1/...`) and as
+/// Prometheus metrics (`/metrics`). It has no access control: keep it on
+/// loopback or a management network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MonitorConfig {
+    /// Where the monitor listens; `None` (`listen = ""` in the file) turns
+    /// it off. Default [`DEFAULT_MONITOR_LISTEN`].
+    #[serde(with = "listen_or_off")]
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        MonitorConfig {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_MONITOR_PORT))),
+        }
+    }
+}
+
+/// `monitor.listen` in the file: an address, or `""` for none. A bad value
+/// is an error that names the key.
+mod listen_or_off {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        listen: &Option<SocketAddr>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match listen {
+            Some(addr) => s.collect_str(addr),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "monitor.listen: {text:?} is not an address (ip:port, such as \"127.0.0.1:7480\"), nor \"\" to turn the monitor off"
+            ))
+        })
+    }
+}
+
 /// `[tcp]`: socket options for every connection.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -380,6 +436,23 @@ impl From<&TcpConfig> for TcpOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn monitor_listen_is_an_address_or_off() {
+        let default: SocketAddr = DEFAULT_MONITOR_LISTEN.parse().expect("an address");
+        assert_eq!(MonitorConfig::default().listen, Some(default));
+        let parse = |text: &str| crate::Config::parse(text, "t").map(|c| c.monitor.listen);
+        assert_eq!(parse("[monitor]\nlisten = \"\"\n").expect("off"), None);
+        let addr = parse("[monitor]\nlisten = \"0.0.0.0:9000\"\n").expect("valid");
+        assert_eq!(addr, Some(SocketAddr::from(([0, 0, 0, 0], 9000))));
+        let err = parse("[monitor]\nlisten = \"nowhere\"\n").expect_err("bad");
+        assert!(format!("{err}").contains("monitor.listen"), "{err}");
+        // Off survives a node section's merge (the config goes through
+        // TOML and back).
+        let text = "[monitor]\nlisten = \"\"\n[nodes.a.lazy]\nthreshold_bytes = 10\n";
+        let config = crate::Config::parse(text, "t").expect("valid");
+        assert_eq!(config.for_node("a").expect("merge").monitor.listen, None);
+    }
 
     #[test]
     fn tcp_defaults_are_the_socket_defaults() {

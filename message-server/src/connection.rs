@@ -24,7 +24,7 @@ use transports::{
     FrameError, FrameReader, Lane, OutFrame, OutQueue, PushError, Wait, WeakOutQueue,
 };
 
-use crate::counters::Counters;
+use crate::counters::{Counters, NodeCounters};
 use crate::registry::{
     broadcast_locked, hold, register, unregister, warming_up, Held, Refused, Registration,
 };
@@ -84,7 +84,7 @@ pub(crate) async fn serve(
         let (rd, mut wr, certificates) = match accepted {
             Ok(Ok(accepted)) => accepted,
             Ok(Err(e)) => {
-                Counters::add(&shared.counters.connections_refused, 1);
+                refused(&shared, peer, None, "TLS handshake failed");
                 if shared.refusals.admit() {
                     tracing::info!(error = %e, "closing connection: TLS handshake failed");
                 }
@@ -112,6 +112,8 @@ pub(crate) async fn serve(
                 ) {
                     Counters::add(&shared.counters.protocol_errors, 1);
                 }
+                let why = format!("closed before its hello was accepted: {e}");
+                shared.events.refused(peer, None, &why);
                 if shared.refusals.admit() {
                     tracing::info!(error = %e, "closing connection before registration");
                 }
@@ -126,7 +128,7 @@ pub(crate) async fn serve(
                     "refusing node: invalid names in its hello"
                 );
             }
-            Counters::add(&shared.counters.connections_refused, 1);
+            refused(&shared, peer, Some(hello.node.as_str()), "invalid node id");
             handshake::refuse(
                 &mut wr,
                 RefusalReason::ProtocolViolation,
@@ -141,7 +143,7 @@ pub(crate) async fn serve(
             if shared.refusals.admit() {
                 tracing::warn!(reason = %refusal.reason, "refusing node");
             }
-            Counters::add(&shared.counters.connections_refused, 1);
+            refused(&shared, peer, Some(hello.node.as_str()), &refusal.reason);
             handshake::refuse(&mut wr, refusal.reason, refusal.detail).await;
             return;
         }
@@ -151,7 +153,8 @@ pub(crate) async fn serve(
                 if shared.refusals.admit() {
                     tracing::warn!("refusing node: its certificate does not name it");
                 }
-                Counters::add(&shared.counters.connections_refused, 1);
+                let why = "its certificate does not name it";
+                refused(&shared, peer, Some(hello.node.as_str()), why);
                 let detail = "the certificate does not name this node id".to_owned();
                 handshake::refuse(&mut wr, RefusalReason::BadCredentials, detail).await;
                 return;
@@ -161,7 +164,8 @@ pub(crate) async fn serve(
             if shared.refusals.admit() {
                 tracing::warn!(reason = %refusal.reason, detail = %refusal.detail, "refusing node");
             }
-            Counters::add(&shared.counters.connections_refused, 1);
+            let why = format!("{}: {}", refusal.reason, refusal.detail);
+            refused(&shared, peer, Some(hello.node.as_str()), why);
             handshake::refuse(&mut wr, refusal.reason, refusal.detail).await;
             return;
         }
@@ -176,7 +180,7 @@ pub(crate) async fn serve(
                 if shared.refusals.admit() {
                     tracing::warn!(error = %e, "refusing node: its proof failed");
                 }
-                Counters::add(&shared.counters.connections_refused, 1);
+                refused(&shared, peer, Some(hello.node.as_str()), "its proof failed");
                 return;
             }
         };
@@ -207,7 +211,8 @@ pub(crate) async fn serve(
             if shared.refusals.admit() {
                 tracing::warn!("refusing node: invalid group or service names");
             }
-            Counters::add(&shared.counters.connections_refused, 1);
+            let why = "invalid group or service names";
+            refused(&shared, peer, Some(hello.node.as_str()), why);
             handshake::refuse(
                 &mut wr,
                 RefusalReason::ProtocolViolation,
@@ -222,7 +227,8 @@ pub(crate) async fn serve(
                 if shared.refusals.admit() {
                     tracing::warn!(reason = %refusal.reason, detail = %refusal.detail, "refusing node");
                 }
-                Counters::add(&shared.counters.connections_refused, 1);
+                let why = format!("{}: {}", refusal.reason, refusal.detail);
+                refused(&shared, peer, Some(hello.node.as_str()), why);
                 handshake::refuse(&mut wr, refusal.reason, refusal.detail).await;
                 return;
             }
@@ -236,6 +242,9 @@ pub(crate) async fn serve(
             mac: transports::auth::SessionMac::new(&session_secret),
             heartbeat_ip: hello.heartbeat_ip.unwrap_or(peer.ip()).to_canonical(),
             last_nonce: std::sync::atomic::AtomicU64::new(0),
+            peer,
+            since_ms: shared.now_ms(),
+            counters: NodeCounters::default(),
         });
         let masked_secret = handshake::mask_session_secret(
             &session_secret,
@@ -268,12 +277,19 @@ pub(crate) async fn serve(
             direct_addr: hello.direct_addr,
             session_key: hello.session_key,
         };
+        // The same runtime again, before its old connection was seen to
+        // break (a takeover), for the monitor's events.
+        let takeover = shared
+            .read()
+            .table
+            .member(&me.id)
+            .is_some_and(|m| m.incarnation == me.incarnation);
         let registration = Registration {
             me: &me,
             queue: &queue,
             max_frame: codec.max_frame(),
             max_message,
-            session,
+            session: session.clone(),
             masked_secret,
             rejoining: hello.rejoining,
         };
@@ -283,7 +299,7 @@ pub(crate) async fn serve(
                 if shared.refusals.admit() {
                     tracing::warn!(error = %e, "refusing node");
                 }
-                Counters::add(&shared.counters.connections_refused, 1);
+                refused(&shared, peer, Some(me.id.as_str()), &e);
                 let reason = match e {
                     Refused::IncarnationFailed => RefusalReason::IncarnationFailed,
                     Refused::Duplicate(_) | Refused::NotTheSession => RefusalReason::DuplicateNode,
@@ -295,6 +311,7 @@ pub(crate) async fn serve(
         // Registered: the place among the unregistered is free again.
         drop(unregistered);
         Counters::add(&shared.counters.connections_accepted, 1);
+        shared.events.joined(&me, peer, takeover);
         tracing::info!(incarnation = me.incarnation, groups = ?me.groups, "member joined");
         let max_frame = codec.max_frame();
         tasks.spawn(
@@ -313,6 +330,7 @@ pub(crate) async fn serve(
             queue: queue.clone(),
             routes: RouteCache::default(),
             permissions,
+            session,
         };
         let end = conn.read_loop(&mut reader, &cancel).await;
         let reason = match &end {
@@ -330,7 +348,17 @@ pub(crate) async fn serve(
                 tracing::warn!(reason = %why, "closing connection: protocol violation")
             }
         }
+        // Still this connection's registration (not taken over, not
+        // declared failed): its end is a departure.
+        let departs = shared
+            .read()
+            .conns
+            .get(&me.id)
+            .is_some_and(|c| c.conn_id == conn_id);
         unregister(&shared, &me.id, me.incarnation, conn_id, reason);
+        if departs {
+            shared.events.left(&me.id, me.incarnation, reason);
+        }
         match end {
             // Let the writer drain what is queued (a planned stop).
             End::Goodbye | End::Eof => drop(queue),
@@ -339,6 +367,13 @@ pub(crate) async fn serve(
     }
     .instrument(span)
     .await
+}
+
+/// Counts a refused connection and records it for the monitor; `node` is
+/// the id its hello claimed, if it got that far.
+fn refused(shared: &Shared, peer: SocketAddr, node: Option<&str>, why: impl std::fmt::Display) {
+    Counters::add(&shared.counters.connections_refused, 1);
+    shared.events.refused(peer, node, &why.to_string());
 }
 
 /// What a hello claims that this server checks before it challenges the
@@ -403,6 +438,8 @@ fn permitted(
 
 struct Connection {
     shared: Arc<Shared>,
+    /// This node's session: its counters are counted here.
+    session: Arc<Session>,
     /// What this node may do; `None`: anything.
     permissions: Option<Arc<PermissionsConfig>>,
     me: NodeId,
@@ -814,6 +851,7 @@ impl Connection {
         let counters = &self.shared.counters;
         Counters::add(&counters.messages, 1);
         Counters::add(&counters.message_bytes, body_len as u64);
+        self.session.counters.add_in(raw.len());
         // Replies go to the requesting runtime, not to a service, and
         // nobody waits for their routing result.
         let is_reply = matches!(h.kind, MessageKind::Reply { .. });

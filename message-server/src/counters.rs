@@ -22,7 +22,7 @@ pub struct Counters {
 }
 
 /// A copy of the counters at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CountersSnapshot {
     /// Connections that completed the handshake.
     pub connections_accepted: u64,
@@ -78,5 +78,36 @@ impl Counters {
             stale_frames: r(&self.stale_frames),
             heartbeats_refused: r(&self.heartbeats_refused),
         }
+    }
+}
+
+/// What one node sent through the server, counted by its connection's
+/// read task alone, for the monitor. Each count is a plain load and store
+/// (no read-modify-write), on a cache line no other task writes.
+#[derive(Debug, Default)]
+pub(crate) struct NodeCounters {
+    messages_in: AtomicU64,
+    bytes_in: AtomicU64,
+}
+
+impl NodeCounters {
+    /// Counts a message frame of `bytes` read from the node. Only the
+    /// node's read task calls this (a second writer could lose counts).
+    pub(crate) fn add_in(&self, bytes: usize) {
+        let add = |c: &AtomicU64, n: u64| {
+            c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed)
+        };
+        add(&self.messages_in, 1);
+        add(&self.bytes_in, bytes as u64);
+    }
+
+    /// Message frames read from the node so far.
+    pub(crate) fn messages_in(&self) -> u64 {
+        self.messages_in.load(Ordering::Relaxed)
+    }
+
+    /// Their bytes (header and body).
+    pub(crate) fn bytes_in(&self) -> u64 {
+        self.bytes_in.load(Ordering::Relaxed)
     }
 }

@@ -24,9 +24,11 @@
 //! - `connection`: one node's handshake and read loop.
 //! - `registry`: registration, takeover on reconnect, the warm-up hold.
 //! - [`counters`]: what passed through.
+//! - [`monitor`]: the monitor page, its JSON and Prometheus metrics.
 
 mod connection;
 pub mod counters;
+pub mod monitor;
 mod registry;
 pub mod server;
 pub mod table;

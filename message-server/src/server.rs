@@ -17,7 +17,8 @@ use transports::protocol::{MemberInfo, NodeId};
 use transports::OutQueue;
 
 use crate::connection;
-use crate::counters::{Counters, CountersSnapshot};
+use crate::counters::{Counters, CountersSnapshot, NodeCounters};
+use crate::monitor::EventLog;
 use crate::registry::{self, HeldMessages};
 use crate::table::RoutingTable;
 
@@ -75,6 +76,12 @@ pub(crate) struct Session {
     /// The highest ping nonce accepted: a ping must go beyond it, so a
     /// recorded one cannot be played again.
     pub(crate) last_nonce: AtomicU64,
+    /// Where its connection comes from (for the monitor).
+    pub(crate) peer: SocketAddr,
+    /// When it registered, in ms since the server started.
+    pub(crate) since_ms: u64,
+    /// What it sent through the server (for the monitor).
+    pub(crate) counters: NodeCounters,
 }
 
 /// The table and the connections, under one read-mostly lock.
@@ -117,6 +124,8 @@ pub(crate) struct Shared {
     pub(crate) refusals: transports::handshake::RefusalLog,
     /// Every node's permissions.
     pub(crate) permissions: cluster_config::PermissionsTable,
+    /// Recent membership events and refusals, for the monitor.
+    pub(crate) events: EventLog,
     /// Bumped whenever the state is locked for writing: a connection's
     /// cached routes are good while it stays the same.
     generation: AtomicU64,
@@ -172,9 +181,19 @@ impl ServerHandle {
         self.shared.tasks.len()
     }
 
+    /// Where heartbeats are received (UDP).
+    pub fn heartbeat_addr(&self) -> Option<SocketAddr> {
+        self.shared.heartbeat_addr
+    }
+
     /// The members now.
     pub fn members(&self) -> Vec<MemberInfo> {
         self.shared.read().table.members()
+    }
+
+    /// What every connection shares (for the monitor).
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 }
 
@@ -220,6 +239,7 @@ impl MessageServer {
         let budget = transports::io::Budget::new(config.message_server.memory_budget_bytes);
         let permissions = config.permissions_table()?;
         let shared = Arc::new(Shared {
+            events: EventLog::default(),
             permissions,
             refusals: transports::handshake::RefusalLog::default(),
             budget,
@@ -304,6 +324,7 @@ impl MessageServer {
                             drop(stream);
                             Counters::add(&shared.counters.connections_refused, 1);
                             turned_away += 1;
+                            shared.events.refused(peer, None, "over message_server.max_connections or max_unauthenticated");
                             if turned_away.is_power_of_two() {
                                 tracing::warn!(%peer, total = turned_away, "connection refused: over max_connections or max_unauthenticated");
                             }
@@ -425,6 +446,10 @@ async fn failure_detector(shared: Arc<Shared>, cancel: CancellationToken) {
             .collect();
         for (id, incarnation) in silent {
             registry::declare_failed(&shared, &id, incarnation);
+            // Declared now (a failed incarnation is never registered again).
+            if shared.read().failed.contains(&(id.clone(), incarnation)) {
+                shared.events.failed(&id, incarnation);
+            }
         }
     }
 }

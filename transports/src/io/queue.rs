@@ -481,6 +481,20 @@ impl OutQueue {
         state.frames > 0 || state.data > 0
     }
 
+    /// What the queue holds now and has carried so far, read under its
+    /// lock once: for a monitor, never on a per-frame path.
+    pub fn stats(&self) -> QueueStats {
+        let state = self.core().lock();
+        QueueStats {
+            frames: state.frames,
+            data: state.data,
+            bytes: state.bytes,
+            data_total: state.data_total,
+            bytes_total: state.bytes_total,
+            written_bytes: self.written_bytes(),
+        }
+    }
+
     /// Frames waiting to be written: a measure of the receiver's load.
     pub fn queued_frames(&self) -> usize {
         self.core().queued.load(Ordering::Relaxed)
@@ -501,6 +515,25 @@ impl OutQueue {
     pub async fn closed(&self) {
         self.core().closed.cancelled().await;
     }
+}
+
+/// A queue's depth and what it has carried, as [`OutQueue::stats`] reads
+/// them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Frames queued and not yet taken by the writer (any lane).
+    pub frames: usize,
+    /// Data frames queued or being written.
+    pub data: usize,
+    /// Their payload bytes (a frame's counted up to the queue's byte
+    /// bound).
+    pub bytes: usize,
+    /// Data frames queued since the queue was made.
+    pub data_total: u64,
+    /// Their payload bytes.
+    pub bytes_total: u64,
+    /// Bytes the writer has written (see [`OutQueue::written_bytes`]).
+    pub written_bytes: u64,
 }
 
 /// Writers' wakers held back while a reader queues a run of frames (see
@@ -814,6 +847,10 @@ struct State {
     control_waiting: usize,
     /// Bytes taken from the shared budget: at least `bytes`.
     reserved: usize,
+    /// Data frames ever queued (see [`QueueStats::data_total`]).
+    data_total: u64,
+    /// Their payload bytes (see [`QueueStats::bytes_total`]).
+    bytes_total: u64,
 }
 
 /// What a waiting sender found when it looked.
@@ -965,6 +1002,9 @@ impl Core {
     fn count(&self, state: &mut State, permits: usize, data: usize) -> Option<Waker> {
         state.data += data;
         state.bytes += permits;
+        // Under the lock already held: no atomic of their own.
+        state.data_total += data as u64;
+        state.bytes_total += permits as u64;
         state.frames += 1;
         self.queued.store(state.frames, Ordering::Relaxed);
         state.writer.take()
@@ -1214,6 +1254,33 @@ mod tests {
         }
         assert!(q.push_within(frame(), wait).await.is_ok());
         assert!(!q.is_congested());
+        drop(q);
+        writer.await.expect("join").expect("writer");
+    }
+
+    /// Stats count data frames (staged or not) and their bytes, both what
+    /// is queued and what ever was; control frames only as frames.
+    #[tokio::test]
+    async fn stats_count_depth_and_totals() {
+        let (q, rx) = out_queue(64, 1 << 20);
+        assert_eq!(q.stats(), QueueStats::default());
+        q.try_push(crate::io::subscribed(1, 100), Lane::Data)
+            .expect("room");
+        q.try_push(crate::io::subscribed(2, 10_000), Lane::Data)
+            .expect("room");
+        q.try_push(OutFrame::control(Header::Goodbye), Lane::Control)
+            .expect("room");
+        let stats = q.stats();
+        assert_eq!((stats.frames, stats.data, stats.bytes), (3, 2, 10_100));
+        assert_eq!((stats.data_total, stats.bytes_total), (2, 10_100));
+        let writer = tokio::spawn(run_writer(tokio::io::sink(), rx, 1 << 20));
+        while q.stats().data > 0 {
+            tokio::task::yield_now().await;
+        }
+        let stats = q.stats();
+        assert_eq!((stats.frames, stats.data, stats.bytes), (0, 0, 0));
+        assert_eq!((stats.data_total, stats.bytes_total), (2, 10_100));
+        assert!(stats.written_bytes > 10_100);
         drop(q);
         writer.await.expect("join").expect("writer");
     }
