@@ -245,6 +245,7 @@ pub(crate) async fn serve(
             peer,
             since_ms: shared.now_ms(),
             counters: NodeCounters::default(),
+            report: std::sync::Mutex::new(None),
         });
         let masked_secret = handshake::mask_session_secret(
             &session_secret,
@@ -736,6 +737,14 @@ impl Connection {
                 };
                 let reply = OutFrame::control(Header::Resolved { token, result });
                 self.reply(reply).await;
+                None
+            }
+            Header::Report(report) => {
+                *self
+                    .session
+                    .report
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(report);
                 None
             }
             Header::Goodbye => Some(End::Goodbye),

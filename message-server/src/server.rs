@@ -82,6 +82,15 @@ pub(crate) struct Session {
     pub(crate) since_ms: u64,
     /// What it sent through the server (for the monitor).
     pub(crate) counters: NodeCounters,
+    /// Its latest report of what went past the server (for the monitor).
+    pub(crate) report: std::sync::Mutex<Option<transports::protocol::NodeReport>>,
+}
+
+impl Session {
+    /// The node's latest report, if it sent one.
+    pub(crate) fn report(&self) -> Option<transports::protocol::NodeReport> {
+        *self.report.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The table and the connections, under one read-mostly lock.

@@ -85,6 +85,11 @@ impl DirectPool {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// How many channels this node opened are open now.
+    pub(crate) fn open_count(&self) -> usize {
+        self.open_count.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The open channel to `peer`, if any.
     pub(crate) fn get(&self, peer: &NodeId, kind: ChannelKind) -> Option<Arc<DirectConn>> {
         if self.open_count.load(std::sync::atomic::Ordering::Acquire) == 0 {

@@ -20,8 +20,8 @@ use cluster_manager::link::LinkAction;
 use transports::frame::FrameCodec;
 use transports::handshake::{self, HandshakeError};
 use transports::io::{ReadHalf, WriteHalf};
-use transports::protocol::{Hello, Interests, RefusalReason, Welcome};
-use transports::{write_queue, FrameReader, OutFrame, OutReceiver, WriteEnd};
+use transports::protocol::{Header, Hello, Interests, RefusalReason, Welcome};
+use transports::{write_queue, FrameReader, Lane, OutFrame, OutReceiver, WriteEnd};
 
 use crate::connection::{read_frames, LinkEnd, LinkLost};
 use crate::identity::Credentials;
@@ -359,6 +359,22 @@ pub(crate) async fn heartbeats(rt: Runtime, socket: tokio::net::UdpSocket) {
                 };
                 if let Err(e) = socket.send_to(&ping.encode(), target.addr).await {
                     tracing::debug!(error = %e, "heartbeat not sent");
+                }
+                // What went past the server, for its monitor; skipped
+                // when the link's queue is full.
+                let c = rt.counters.snapshot();
+                let report = transports::protocol::NodeReport {
+                    lazy_messages: c.lazy_messages,
+                    lazy_bytes: c.lazy_bytes,
+                    session_messages: c.session_messages,
+                    session_bytes: c.session_bytes,
+                    received_direct: c.received_direct,
+                    channels_open: rt.direct.open_count() as u64,
+                    busy: None,
+                };
+                let frame = OutFrame::control(Header::Report(report));
+                if rt.server.queue.try_push(frame, Lane::Control).is_err() {
+                    tracing::debug!("report to the message server skipped: its queue is full");
                 }
             }
             r = socket.recv_from(&mut buf) => {

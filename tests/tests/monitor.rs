@@ -250,9 +250,34 @@ async fn json_and_metrics_show_a_live_cluster() -> anyhow::Result<()> {
         assert_eq!(server_path("node-b")?["messages_in"], 0);
         for id in ["app-1", "node-a", "node-b"] {
             let node = by_id(&nodes, id)?;
-            assert!(node["paths"]["lazy"].is_null() && node["paths"]["session"].is_null());
             assert!(node["queue"]["frames"].is_u64(), "{node:#}");
         }
+
+        // A body over the lazy threshold goes over a lazy channel, past
+        // the server: the nodes' reports (every heartbeat interval) say so.
+        let big = vec![7u8; 2 * app.config().lazy.threshold_bytes as usize];
+        let report = app
+            .send(Target::Node("node-a".into()), "cache", big.clone())
+            .await?;
+        assert_eq!(report.delivered.len(), 1);
+        assert_eq!(app.counters().lazy_messages, 1);
+        let nodes = wait_json(monitor, "/api/v1/nodes", |n| {
+            by_id(n, "app-1").is_ok_and(|a| a["paths"]["lazy"]["messages_sent"] == 1)
+                && by_id(n, "node-a").is_ok_and(|a| a["paths"]["received_direct"] == 1)
+        })
+        .await?;
+        let app_paths = &by_id(&nodes, "app-1")?["paths"];
+        assert_eq!(app_paths["lazy"]["bytes_sent"], big.len() as u64);
+        assert_eq!(app_paths["session"]["messages_sent"], 0);
+        assert_eq!(app_paths["channels_open"], 1);
+        assert_eq!(
+            by_id(&nodes, "node-a")?["paths"]["lazy"]["messages_sent"],
+            0
+        );
+        assert_eq!(
+            by_id(&nodes, "app-1")?["paths"]["server"]["messages_in"],
+            15
+        );
 
         let status = get_json(monitor, "/api/v1/status").await?;
         assert_eq!(status["members"], 3);
@@ -319,6 +344,8 @@ async fn check_metrics(monitor: SocketAddr) -> anyhow::Result<()> {
         "clustercomm_server_node_received_messages_total{node=\"app-1\",path=\"server\"} 15",
         "clustercomm_server_node_forwarded_messages_total{node=\"node-a\",path=\"server\"} 15",
         "clustercomm_server_node_forwarded_messages_total{node=\"node-b\",path=\"server\"} 5",
+        "clustercomm_server_node_direct_sent_messages_total{node=\"app-1\",path=\"lazy\"} 1",
+        "clustercomm_server_node_direct_received_messages_total{node=\"node-a\"} 1",
         "# TYPE clustercomm_server_node_queue_bytes gauge",
         "# TYPE clustercomm_server_message_bytes_total counter",
     ] {

@@ -204,6 +204,27 @@ pub struct Interests {
     pub services: Vec<String>,
 }
 
+/// What a node tells the message server every heartbeat interval, for
+/// the monitor: what went past the server (over direct channels). Totals
+/// since the node started; the server keeps the latest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReport {
+    /// Messages the node sent over lazy channels.
+    pub lazy_messages: u64,
+    /// Their body bytes.
+    pub lazy_bytes: u64,
+    /// One-way messages the node sent over session channels.
+    pub session_messages: u64,
+    /// Their body bytes.
+    pub session_bytes: u64,
+    /// Messages the node received over direct (lazy or session) channels.
+    pub received_direct: u64,
+    /// Direct channels this node opened that are open now.
+    pub channels_open: u64,
+    /// Whether the node is busy (flow control). `None`: not reported.
+    pub busy: Option<bool>,
+}
+
 /// The acceptor's answer to a [`Hello`] it does not refuse: its own nonce
 /// and proofs. The opener answers with a [`Proof`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -751,6 +772,9 @@ pub enum Header {
     },
     /// A node's groups and services, after its proof (see [`Interests`]).
     Interests(Box<Interests>),
+    /// A node's periodic report to the message server (see
+    /// [`NodeReport`]).
+    Report(NodeReport),
 }
 
 impl Header {
@@ -777,6 +801,7 @@ impl Header {
             Header::Proof(_) => "proof",
             Header::SubscribeRefused { .. } => "subscribe refused",
             Header::Interests(_) => "interests",
+            Header::Report(_) => "report",
         }
     }
 }

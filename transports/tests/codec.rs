@@ -27,8 +27,8 @@ use transports::frame::{
 use transports::io::FrameReader;
 use transports::protocol::{
     Ack, AckStatus, Acks, Challenge, DeliveryFailure, Header, Hello, Interests, LeaveReason,
-    MemberEvent, MemberInfo, MessageHeader, MessageKind, NodeId, Proof, Refusal, RefusalReason,
-    Role, Routed, Target, Welcome,
+    MemberEvent, MemberInfo, MessageHeader, MessageKind, NodeId, NodeReport, Proof, Refusal,
+    RefusalReason, Role, Routed, Target, Welcome,
 };
 
 /// Upper bound on any await in the async tests.
@@ -360,6 +360,25 @@ fn header() -> impl Strategy<Value = Header> {
             })),
         (any::<u64>(), text())
             .prop_map(|(token, reason)| Header::SubscribeRefused { token, reason }),
+        (
+            (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                proptest::option::of(any::<bool>())
+            ),
+        )
+            .prop_map(|((lm, lb, sm, sb), (received, open, busy))| {
+                Header::Report(NodeReport {
+                    lazy_messages: lm,
+                    lazy_bytes: lb,
+                    session_messages: sm,
+                    session_bytes: sb,
+                    received_direct: received,
+                    channels_open: open,
+                    busy,
+                })
+            }),
         (names(), names()).prop_map(|(groups, services)| Header::Interests(Box::new(Interests {
             groups,
             services

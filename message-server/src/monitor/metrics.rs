@@ -21,7 +21,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 use super::role::RoleKind;
-use super::snapshot::{NodeStats, PathCounts, Snapshot};
+use super::snapshot::{DirectCounts, NodeStats, PathCounts, Snapshot};
 
 /// Which text format to write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -204,14 +204,81 @@ impl Collector for SnapshotCollector {
             })
         };
         let paths: [(Name, PathField); 4] = [
-            (("clustercomm_server_node_received_messages", "Message frames the server read from the node, by path (lazy and session paths are not reported yet).", None), |p| p.messages_in),
-            (("clustercomm_server_node_received", "Bytes of the message frames read from the node (header and body), by path.", Some(Unit::Bytes)), |p| p.bytes_in),
-            (("clustercomm_server_node_forwarded_messages", "Message frames queued to the node, by path.", None), |p| p.messages_out),
-            (("clustercomm_server_node_forwarded", "Bytes of the message frames queued to the node (header and body), by path.", Some(Unit::Bytes)), |p| p.bytes_out),
+            (
+                (
+                    "clustercomm_server_node_received_messages",
+                    "Message frames the server read from the node, by path.",
+                    None,
+                ),
+                |p| p.messages_in,
+            ),
+            (
+                (
+                    "clustercomm_server_node_received",
+                    "Bytes of the message frames read from the node (header and body), by path.",
+                    Some(Unit::Bytes),
+                ),
+                |p| p.bytes_in,
+            ),
+            (
+                (
+                    "clustercomm_server_node_forwarded_messages",
+                    "Message frames queued to the node, by path.",
+                    None,
+                ),
+                |p| p.messages_out,
+            ),
+            (
+                (
+                    "clustercomm_server_node_forwarded",
+                    "Bytes of the message frames queued to the node (header and body), by path.",
+                    Some(Unit::Bytes),
+                ),
+                |p| p.bytes_out,
+            ),
         ];
         for (name, f) in paths {
             counters(&mut enc, name, per_server_path(f))?;
         }
+        // What nodes report of the paths past the server.
+        let direct = |f: fn(&DirectCounts) -> u64| {
+            s.nodes.iter().flat_map(move |n| {
+                [("lazy", n.paths.lazy), ("session", n.paths.session)]
+                    .into_iter()
+                    .filter_map(move |(path, c)| {
+                        Some(([("node", n.id.as_str()), ("path", path)], f(&c?)))
+                    })
+            })
+        };
+        counters(
+            &mut enc,
+            (
+                "clustercomm_server_node_direct_sent_messages",
+                "Messages the node sent over direct channels, by path, as it last reported.",
+                None,
+            ),
+            direct(|c| c.messages_sent),
+        )?;
+        counters(
+            &mut enc,
+            (
+                "clustercomm_server_node_direct_sent",
+                "Body bytes the node sent over direct channels, by path, as it last reported.",
+                Some(Unit::Bytes),
+            ),
+            direct(|c| c.bytes_sent),
+        )?;
+        counters(
+            &mut enc,
+            (
+                "clustercomm_server_node_direct_received_messages",
+                "Messages the node received over direct channels, as it last reported.",
+                None,
+            ),
+            s.nodes
+                .iter()
+                .filter_map(|n| Some(([("node", n.id.as_str())], n.paths.received_direct?))),
+        )?;
         counters(
             &mut enc,
             (

@@ -130,8 +130,8 @@ pub struct Member {
     pub address: Option<SocketAddr>,
     /// Where it accepts direct channels.
     pub direct_address: Option<SocketAddr>,
-    /// Whether it reports itself busy. Not reported by nodes yet: always
-    /// `None` (shown as n/a).
+    /// Whether it reports itself busy. `None` (shown as n/a) until nodes
+    /// report it (flow control).
     pub busy: Option<bool>,
     /// Milliseconds since its last heartbeat (or its registration).
     pub heartbeat_age_ms: Option<u64>,
@@ -195,10 +195,26 @@ pub struct Rates {
 pub struct Paths {
     /// Through this server.
     pub server: PathCounts,
-    /// Over lazy channels: not reported by nodes yet (`None`).
-    pub lazy: Option<PathCounts>,
-    /// Over session channels: not reported by nodes yet (`None`).
-    pub session: Option<PathCounts>,
+    /// Over lazy channels, as the node last reported (`None`: no report
+    /// yet; nodes report every heartbeat interval).
+    pub lazy: Option<DirectCounts>,
+    /// Over session channels, as the node last reported.
+    pub session: Option<DirectCounts>,
+    /// Messages the node received over direct (lazy or session) channels,
+    /// as it last reported.
+    pub received_direct: Option<u64>,
+    /// Direct channels the node opened that are open, as it last reported.
+    pub channels_open: Option<u64>,
+}
+
+/// What a node sent on a direct path, as it reported: a receiver does not
+/// tell lazy from session channels, so only the sender's side is split.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DirectCounts {
+    /// Messages the node sent.
+    pub messages_sent: u64,
+    /// Their body bytes.
+    pub bytes_sent: u64,
 }
 
 /// Messages and bytes in each direction on one path. Bytes are whole
@@ -251,6 +267,7 @@ struct NodeRead {
     incarnation: u64,
     stats: transports::io::QueueStats,
     counts: PathCounts,
+    report: Option<transports::protocol::NodeReport>,
     rates: Option<Rates>,
     progress_at: Instant,
 }
@@ -296,7 +313,10 @@ pub(crate) fn gather(
             services: info.services,
             address: session.as_ref().map(|s| s.peer),
             direct_address: info.direct_addr,
-            busy: None,
+            busy: session
+                .as_ref()
+                .and_then(|s| s.report())
+                .and_then(|r| r.busy),
             heartbeat_age_ms: conn.as_ref().map(|c| {
                 now_ms.saturating_sub(c.last_seen.load(std::sync::atomic::Ordering::Relaxed))
             }),
@@ -331,6 +351,7 @@ pub(crate) fn gather(
             incarnation: info.incarnation,
             stats,
             counts,
+            report: conn.session.report(),
             rates,
             progress_at,
         });
@@ -369,6 +390,7 @@ pub(crate) fn gather(
                 incarnation,
                 stats,
                 counts,
+                report,
                 rates,
                 progress_at,
             } = node;
@@ -400,8 +422,16 @@ pub(crate) fn gather(
                 rates,
                 paths: Paths {
                     server: counts,
-                    lazy: None,
-                    session: None,
+                    lazy: report.map(|r| DirectCounts {
+                        messages_sent: r.lazy_messages,
+                        bytes_sent: r.lazy_bytes,
+                    }),
+                    session: report.map(|r| DirectCounts {
+                        messages_sent: r.session_messages,
+                        bytes_sent: r.session_bytes,
+                    }),
+                    received_direct: report.map(|r| r.received_direct),
+                    channels_open: report.map(|r| r.channels_open),
                 },
             }
         })
