@@ -102,3 +102,42 @@ fn bad_config_names_the_key_and_exits() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A key this version does not act on yet is named in a warning at start,
+/// not accepted silently.
+#[test]
+fn inert_keys_are_named_at_start() {
+    let dir = std::env::temp_dir().join(format!("cc-cli-inert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("inert.toml");
+    std::fs::write(
+        &path,
+        "[node]\nbusy_upper = 1000\n[monitor]\nlisten = \"\"\n",
+    )
+    .expect("write config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_message-server"))
+        .args(["--listen", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn message-server");
+    let stderr = child.stderr.take().expect("stderr");
+    let _guard = Guard(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if line.contains("does not act on") {
+                let _ = tx.send(line);
+                return;
+            }
+        }
+    });
+    let warning = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("no warning about node.busy_upper");
+    assert!(warning.contains("node.busy_upper"), "{warning}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
