@@ -60,6 +60,7 @@ pub mod error;
 mod identity;
 pub mod inbox;
 pub mod membership;
+mod metrics;
 pub mod node;
 mod pending;
 mod reply;

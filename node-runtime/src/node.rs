@@ -350,6 +350,27 @@ impl Node {
         self.rt.counters.late_failures.load(Ordering::Relaxed)
     }
 
+    /// A Prometheus registry holding this node's metrics (see
+    /// [`Node::register_metrics`]), to encode with
+    /// `prometheus_client::encoding::text::encode`.
+    pub fn metrics(&self) -> prometheus_client::registry::Registry {
+        let mut registry = prometheus_client::registry::Registry::default();
+        self.register_metrics(&mut registry);
+        registry
+    }
+
+    /// Adds this node's metrics to an application's own registry:
+    /// `clustercomm_node_*` counters of what it sent and received on each
+    /// path, its direct channels and refusals, and gauges of members,
+    /// pending messages and open channels, each sample labelled with the
+    /// node's id. They are read live when the registry is encoded, and
+    /// hold no reference that keeps the node running.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register_collector(Box::new(crate::metrics::NodeCollector::new(
+            self.rt.clone(),
+        )));
+    }
+
     /// Acknowledged messages and requests still waiting for an outcome.
     pub fn pending(&self) -> usize {
         self.rt.core.lock().tracker().len()

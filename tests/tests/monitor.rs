@@ -610,3 +610,87 @@ fn check_one_error(
     );
     Ok(())
 }
+
+/// `promtool check metrics` on `text`: it must pass.
+async fn promtool_check(text: &str) -> anyhow::Result<()> {
+    let promtool = tool("/usr/bin/promtool", "prometheus")?;
+    let mut check = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut stdin = check.stdin.take().context("promtool stdin")?;
+    stdin.write_all(text.as_bytes()).await?;
+    drop(stdin);
+    let out = tokio::time::timeout(TEST_WAIT, check.wait_with_output()).await??;
+    ensure!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n--- the metrics:\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// A node's own metrics, merged into an application's registry, pass
+/// `promtool check metrics` and count what the node sent on each path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_metrics_count_its_paths() -> anyhow::Result<()> {
+    init_logging();
+    bounded(async {
+        let server = start_server(&["--listen", "127.0.0.1:0", "--monitor", ""]).await?;
+        let _b = spawn_test_node_with(server.addr, "node-b", "cache", &[]).await?;
+        let app = Node::builder("app-1")
+            .config(test_config())
+            .message_server(server.addr)
+            .start()
+            .await?;
+        let mut events = app.membership_events();
+        while !app.members().iter().any(|m| m.id == "node-b") {
+            events.recv().await?;
+        }
+        for i in 0..3u32 {
+            app.send(Target::Node("node-b".into()), "cache", i.to_string())
+                .await?;
+        }
+        let big = vec![1u8; 2 * app.config().lazy.threshold_bytes as usize];
+        app.send(Target::Node("node-b".into()), "cache", big.clone())
+            .await?;
+
+        // The application's registry, with the node's metrics in it.
+        let mut registry = prometheus_client::registry::Registry::default();
+        app.register_metrics(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &registry)?;
+        promtool_check(&text).await?;
+        for line in [
+            "clustercomm_node_sent_messages_total{node=\"app-1\",path=\"server\"} 3",
+            "clustercomm_node_sent_messages_total{node=\"app-1\",path=\"lazy\"} 1",
+            &format!(
+                "clustercomm_node_sent_bytes_total{{node=\"app-1\",path=\"lazy\"}} {}",
+                big.len()
+            ),
+            "clustercomm_node_channels_opened_total{node=\"app-1\",kind=\"lazy\"} 1",
+            "clustercomm_node_channels_open{node=\"app-1\"} 1",
+            "clustercomm_node_members{node=\"app-1\"} 2",
+            "clustercomm_node_pending{node=\"app-1\"} 0",
+        ] {
+            ensure!(
+                text.lines().any(|l| l == line),
+                "no {line:?} in the node's metrics:\n{text}"
+            );
+        }
+        // Its own registry says the same.
+        let mut own = String::new();
+        prometheus_client::encoding::text::encode(&mut own, &app.metrics())?;
+        ensure!(
+            own.contains("clustercomm_node_sent_messages_total{node=\"app-1\",path=\"server\"} 3"),
+            "{own}"
+        );
+        app.shutdown().await;
+        Ok(())
+    })
+    .await
+}
