@@ -5,8 +5,10 @@
 //! - `members`, `watch`, `send`, `notify` and `request` join the cluster
 //!   as a short-lived node (`--config FILE`, `--server ADDR`) to list its
 //!   members, follow membership events, or send a test message.
+//! - `status` reads the message server's monitor (`/api/v1/...`).
 
 mod join;
+mod status;
 
 use std::path::PathBuf;
 
@@ -40,6 +42,13 @@ enum Command {
         /// The node ids to make certificates for.
         #[arg(required = true)]
         nodes: Vec<String>,
+    },
+    /// Shows the message server's state and its nodes' traffic, from its
+    /// monitor (`monitor.listen`).
+    Status {
+        /// The monitor's address, if not the config's `monitor.listen`.
+        #[arg(long)]
+        monitor: Option<std::net::SocketAddr>,
     },
     /// Lists the cluster's members.
     Members {
@@ -95,6 +104,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             server_name,
             nodes,
         } => certs(&out, &cluster, &server_name, nodes),
+        Command::Status { monitor } => {
+            let addr = status::monitor_addr(monitor, join.config.as_deref())?;
+            joined(Box::pin(status::status(addr)))
+        }
         Command::Members { group } => joined(Box::pin(join::members(join, group.as_deref()))),
         Command::Watch => joined(Box::pin(join::watch(join))),
         Command::Send(m) => joined(Box::pin(async move {

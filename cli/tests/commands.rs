@@ -211,3 +211,63 @@ async fn watch_prints_members_and_events() -> anyhow::Result<()> {
     .await
     .context("the test did not finish within 60 s")?
 }
+
+/// `status` reads the monitor: the server's cluster and role, and a line
+/// per node with what went through the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reads_the_monitor() -> anyhow::Result<()> {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let mut config = Config::default();
+        config.message_server.listen = "127.0.0.1:0".parse()?;
+        config.cluster.name = "status-test".into();
+        let server = MessageServer::bind(config).await?;
+        let addr = server.local_addr().to_string();
+        let monitor =
+            message_server::monitor::Monitor::bind("127.0.0.1:0".parse()?, server.handle()).await?;
+        let monitor_addr = monitor.local_addr().to_string();
+        tokio::spawn(monitor.run(std::future::pending()));
+        tokio::spawn(async move {
+            let _ = server.run(std::future::pending()).await;
+        });
+        let mut config = Config::default();
+        config.cluster.name = "status-test".into();
+        let web = Node::builder("web-1")
+            .config(config)
+            .message_server(&addr)
+            .ignore_environment()
+            .start()
+            .await?;
+        let _inbox = web.subscribe("svc").await?;
+        let out = Command::new(env!("CARGO_BIN_EXE_clustercomm"))
+            .args(["status", "--monitor", &monitor_addr])
+            .output()
+            .await?;
+        let said = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success(),
+            "status failed: {said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(said.contains("cluster status-test"), "{said}");
+        ensure!(said.contains("members 1"), "{said}");
+        ensure!(
+            said.lines().any(|l| l.starts_with("web-1")),
+            "no line for web-1: {said}"
+        );
+
+        // No monitor there: one line saying so.
+        let out = Command::new(env!("CARGO_BIN_EXE_clustercomm"))
+            .args(["status", "--monitor", "127.0.0.1:9"])
+            .output()
+            .await?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success());
+        ensure!(
+            stderr.lines().count() == 1 && stderr.contains("no monitor answers"),
+            "{stderr}"
+        );
+        Ok(())
+    })
+    .await
+    .context("the test did not finish within 60 s")?
+}
