@@ -6,9 +6,12 @@
 //!   as a short-lived node (`--config FILE`, `--server ADDR`) to list its
 //!   members, follow membership events, or send a test message.
 //! - `status` reads the message server's monitor (`/api/v1/...`).
+//! - `trace` prints the messages passing the message server that match a
+//!   filter (sender, target, service), for a bounded count or time.
 
 mod join;
 mod status;
+mod trace;
 
 use std::path::PathBuf;
 
@@ -50,6 +53,9 @@ enum Command {
         #[arg(long)]
         monitor: Option<std::net::SocketAddr>,
     },
+    /// Prints the messages passing the message server that match a
+    /// filter, for a bounded count or time.
+    Trace(trace::Filter),
     /// Lists the cluster's members.
     Members {
         /// Only the members of this group.
@@ -107,6 +113,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Status { monitor } => {
             let addr = status::monitor_addr(monitor, join.config.as_deref())?;
             joined(Box::pin(status::status(addr)))
+        }
+        Command::Trace(filter) => {
+            joined(Box::pin(async move { trace::trace(join, &filter).await }))
         }
         Command::Members { group } => joined(Box::pin(join::members(join, group.as_deref()))),
         Command::Watch => joined(Box::pin(join::watch(join))),

@@ -271,3 +271,88 @@ async fn status_reads_the_monitor() -> anyhow::Result<()> {
     .await
     .context("the test did not finish within 60 s")?
 }
+
+/// `trace` prints exactly the messages that match its filter, with their
+/// bodies when asked, and ends at its count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_captures_exactly_the_matching_messages() -> anyhow::Result<()> {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let (addr, web, db) = cluster().await?;
+        let _svc = web.subscribe("svc").await?;
+        let _other = web.subscribe("other").await?;
+        let mut trace = Command::new(env!("CARGO_BIN_EXE_clustercomm"))
+            .args([
+                "--server",
+                &addr,
+                "trace",
+                "--service",
+                "svc",
+                "--sender",
+                "db-1",
+            ])
+            .args(["--count", "3", "--bodies"])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut lines = BufReader::new(trace.stdout.take().context("no stdout")?).lines();
+        let first = lines.next_line().await?.context("trace ended")?;
+        ensure!(first.starts_with("tracing"), "{first}");
+        let to_web = || node_runtime::Target::Node("web-1".into());
+        for i in 0..4 {
+            // Not matching: another service, or another sender.
+            db.send(to_web(), "other", format!("skip-{i}")).await?;
+            web.send(node_runtime::Target::Node("web-1".into()), "svc", "self")
+                .await
+                .ok();
+            db.send(to_web(), "svc", format!("match-{i}")).await?;
+        }
+        let mut got = Vec::new();
+        loop {
+            let line = lines.next_line().await?.context("trace ended early")?;
+            if line.starts_with("trace ended") {
+                ensure!(line.contains("3 captured, 0 dropped"), "{line}");
+                break;
+            }
+            got.push(line);
+        }
+        ensure!(got.len() == 3, "{got:?}");
+        for (i, line) in got.iter().enumerate() {
+            ensure!(
+                line.contains("send db-1#")
+                    && line.contains("-> node web-1 service svc 7 bytes")
+                    && line.ends_with(&format!(": \"match-{i}\"")),
+                "{line}"
+            );
+        }
+        ensure!(trace.wait().await?.success());
+        Ok(())
+    })
+    .await
+    .context("the test did not finish within 60 s")?
+}
+
+/// A node whose `permissions.trace` is false is refused a trace, and the
+/// command says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_without_permission_is_refused() -> anyhow::Result<()> {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let mut config = Config::default();
+        config.message_server.listen = "127.0.0.1:0".parse()?;
+        config.permissions.trace = false;
+        let server = MessageServer::bind(config).await?;
+        let addr = server.local_addr().to_string();
+        tokio::spawn(async move {
+            let _ = server.run(std::future::pending()).await;
+        });
+        let out = Command::new(env!("CARGO_BIN_EXE_clustercomm"))
+            .args(["--server", &addr, "trace", "--count", "1"])
+            .output()
+            .await?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "a trace without permission ran");
+        ensure!(stderr.contains("permissions.trace"), "{stderr}");
+        Ok(())
+    })
+    .await
+    .context("the test did not finish within 60 s")?
+}

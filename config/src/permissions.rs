@@ -14,6 +14,7 @@
 //! subscribe = ["cache-*"]   # services it may offer
 //! join = ["web"]            # groups it may join
 //! send = ["group:web", "node:db-*", "all"]
+//! trace = false             # may not capture others' messages
 //! ```
 //!
 //! A pattern is a name in which `*` stands for any run of characters. A
@@ -76,6 +77,10 @@ pub struct PermissionsConfig {
     /// Targets the node may send to (`node:<id>`, `group:<group>`,
     /// `all`). Default `["*"]`.
     pub send: Vec<String>,
+    /// Whether the node may ask the message server for a trace of
+    /// others' messages (`clustercomm trace`). Default `true`, as every
+    /// other permission defaults to anything.
+    pub trace: bool,
 }
 
 impl Default for PermissionsConfig {
@@ -85,6 +90,7 @@ impl Default for PermissionsConfig {
             subscribe: any(),
             join: any(),
             send: any(),
+            trace: true,
         }
     }
 }
@@ -113,7 +119,7 @@ impl PermissionsConfig {
     /// skipped.
     pub fn allows_everything(&self) -> bool {
         let any = |list: &[String]| list.iter().any(|p| p == "*");
-        any(&self.subscribe) && any(&self.join) && any(&self.send)
+        any(&self.subscribe) && any(&self.join) && any(&self.send) && self.trace
     }
 
     /// The first `send` pattern that names no kind of target, if any.
@@ -201,6 +207,7 @@ mod tests {
             subscribe: vec!["cache-*".into()],
             join: vec!["web".into()],
             send: vec!["group:web".into(), "node:db-*".into()],
+            trace: true,
         };
         assert!(p.may_subscribe("cache-users"));
         assert!(!p.may_subscribe("orders"));
@@ -222,6 +229,11 @@ mod tests {
         assert!(all.may_send(TargetRef::All));
         assert!(!all.may_send(TargetRef::Node("x")));
         assert!(PermissionsConfig::default().allows_everything());
+        let no_trace = PermissionsConfig {
+            trace: false,
+            ..PermissionsConfig::default()
+        };
+        assert!(!no_trace.allows_everything(), "trace is checked too");
         assert!(PermissionsConfig::default().may_send(TargetRef::All));
     }
 }

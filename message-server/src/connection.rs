@@ -747,6 +747,31 @@ impl Connection {
                     .unwrap_or_else(|p| p.into_inner()) = Some(report);
                 None
             }
+            Header::Trace(request) => {
+                let started = if self.permissions.as_ref().is_some_and(|p| !p.trace) {
+                    Err("not permitted (permissions.trace)".to_owned())
+                } else {
+                    self.shared
+                        .traces
+                        .start(&self.me, &self.queue, *request, self.shared.now_ms())
+                };
+                match started {
+                    Ok(()) => {
+                        tracing::info!("trace started");
+                        self.reply(OutFrame::control(Header::TraceStarted)).await;
+                    }
+                    Err(reason) => {
+                        tracing::warn!(%reason, "trace refused");
+                        let end = Header::TraceEnd {
+                            captured: 0,
+                            dropped: 0,
+                            reason: format!("refused: {reason}"),
+                        };
+                        self.reply(OutFrame::control(end)).await;
+                    }
+                }
+                None
+            }
             Header::Goodbye => Some(End::Goodbye),
             other => Some(End::Violation(format!(
                 "unexpected {} frame from a node",
@@ -861,6 +886,15 @@ impl Connection {
         Counters::add(&counters.messages, 1);
         Counters::add(&counters.message_bytes, body_len as u64);
         self.session.counters.add_in(raw.len());
+        if self.shared.traces.any() {
+            let unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let body = &raw[raw.len() - body_len..];
+            self.shared
+                .traces
+                .capture(h, body, self.shared.now_ms(), unix_ms);
+        }
         // Replies go to the requesting runtime, not to a service, and
         // nobody waits for their routing result.
         let is_reply = matches!(h.kind, MessageKind::Reply { .. });

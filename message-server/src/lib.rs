@@ -32,6 +32,7 @@ pub mod monitor;
 mod registry;
 pub mod server;
 pub mod table;
+mod trace;
 
 pub use counters::CountersSnapshot;
 pub use server::{MessageServer, ServerError, ServerHandle};

@@ -135,6 +135,8 @@ pub(crate) struct Shared {
     pub(crate) permissions: cluster_config::PermissionsTable,
     /// Recent membership events and refusals, for the monitor.
     pub(crate) events: EventLog,
+    /// The message traces running.
+    pub(crate) traces: crate::trace::Traces,
     /// Bumped whenever the state is locked for writing: a connection's
     /// cached routes are good while it stays the same.
     generation: AtomicU64,
@@ -259,6 +261,7 @@ impl MessageServer {
             counters: Counters::default(),
             tasks: TaskTracker::new(),
             started: std::time::Instant::now(),
+            traces: crate::trace::Traces::default(),
             warm_until_ms: AtomicU64::new(0),
             heartbeat_addr,
             generation: AtomicU64::new(0),
@@ -305,6 +308,7 @@ impl MessageServer {
                     _ = expiry_cancel.cancelled() => return,
                     _ = tick.tick() => {}
                 }
+                expiry.traces.expire(expiry.now_ms());
                 let n = registry::expire_held(&expiry);
                 if n > 0 {
                     tracing::info!(

@@ -176,6 +176,41 @@ pub(crate) async fn read_frames(
                     let _ = w.send(Err(reason));
                 }
             }
+            Header::TraceStarted => {
+                let sink = rt.server.trace.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(sink) = sink.as_ref() {
+                    sink.offer(crate::trace::TraceEvent::Started);
+                }
+            }
+            Header::Traced(traced) => {
+                let body = bodies.owned_body(&raw, header_len);
+                let sink = rt.server.trace.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(sink) = sink.as_ref() {
+                    sink.offer(crate::trace::TraceEvent::Message {
+                        traced: *traced,
+                        body,
+                    });
+                }
+            }
+            Header::TraceEnd {
+                captured,
+                dropped,
+                reason,
+            } => {
+                let sink = rt
+                    .server
+                    .trace
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+                if let Some(sink) = sink {
+                    sink.offer(crate::trace::TraceEvent::End {
+                        captured,
+                        dropped,
+                        reason,
+                    });
+                }
+            }
             Header::Goodbye => return LinkEnd::Lost(LinkLost::Stopping),
             other => return LinkEnd::Lost(LinkLost::Unexpected { kind: other.kind() }),
         }

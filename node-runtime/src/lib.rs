@@ -69,6 +69,7 @@ mod runtime;
 mod server;
 mod services;
 mod supervisor;
+pub mod trace;
 
 pub use builder::NodeBuilder;
 pub use cluster_config::Config;
@@ -78,7 +79,10 @@ pub use error::NodeError;
 pub use inbox::{Inbox, Message};
 pub use membership::{EventsError, MembershipEvent, MembershipEvents};
 pub use node::{Node, Pending, Reply};
-pub use transports::protocol::{LeaveReason, MemberInfo, NodeId, Role, Target};
+pub use trace::{Trace, TraceEvent};
+pub use transports::protocol::{
+    LeaveReason, MemberInfo, MessageKind, NodeId, Role, Target, TraceRequest, Traced,
+};
 
 /// The README's examples, compiled and run as doc-tests.
 #[doc = include_str!("../../README.md")]

@@ -350,6 +350,39 @@ impl Node {
         self.rt.counters.late_failures.load(Ordering::Relaxed)
     }
 
+    /// Asks the message server for a trace: the headers (and, with
+    /// `request.bodies`, the first bytes of the bodies) of the messages it
+    /// routes that match `request`'s filter, until `request.max_messages`
+    /// were captured or `request.duration_ms` passed. A trace asked for
+    /// before replaces this node's earlier one. It ends with
+    /// [`TraceEvent::End`]; the server refuses it (an `End` saying why)
+    /// when this node's `permissions.trace` is false. Messages over
+    /// direct channels never pass the server and are not traced.
+    ///
+    /// # Errors
+    ///
+    /// [`NodeError::Disconnected`] if the request could not be queued.
+    pub async fn trace(
+        &self,
+        request: transports::protocol::TraceRequest,
+    ) -> Result<crate::Trace, NodeError> {
+        let (sink, trace) = crate::trace::trace();
+        *self
+            .rt
+            .server
+            .trace
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(sink);
+        let frame = OutFrame::control(Header::Trace(Box::new(request)));
+        self.rt
+            .server
+            .queue
+            .push(frame, Lane::Control, Wait::Forever)
+            .await
+            .map_err(|_| NodeError::Disconnected)?;
+        Ok(trace)
+    }
+
     /// A Prometheus registry holding this node's metrics (see
     /// [`Node::register_metrics`]), to encode with
     /// `prometheus_client::encoding::text::encode`.

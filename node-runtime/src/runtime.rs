@@ -149,6 +149,7 @@ impl Runtime {
             tokens: AtomicU64::new(1),
             subscriptions: Mutex::new(HashMap::new()),
             resolves: Mutex::new(HashMap::new()),
+            trace: Mutex::new(None),
         });
         let replier = Arc::new(Replier::new(&id, &config, &core, &server));
         Runtime {

@@ -42,6 +42,8 @@ pub(crate) struct ServerLink {
     pub(crate) tokens: AtomicU64,
     /// Subscriptions waiting for the server's confirmation.
     pub(crate) subscriptions: Mutex<HashMap<u64, oneshot::Sender<Result<(), String>>>>,
+    /// The running trace's sink, if any.
+    pub(crate) trace: Mutex<Option<crate::trace::TraceSink>>,
     /// Fan-outs waiting for their member lists.
     pub(crate) resolves: Mutex<HashMap<u64, oneshot::Sender<ResolveResult>>>,
 }

@@ -225,6 +225,51 @@ pub struct NodeReport {
     pub busy: Option<bool>,
 }
 
+/// A node's request to the message server for a trace: the headers (and
+/// optionally the bodies) of the messages that pass it and match the
+/// filter, for a bounded time or count. Each filter left `None` matches
+/// anything.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceRequest {
+    /// Only messages from this node.
+    pub sender: Option<NodeId>,
+    /// Only messages to this target.
+    pub target: Option<Target>,
+    /// Only messages for this service.
+    pub service: Option<String>,
+    /// Capture the bodies too (each cut to [`TRACE_BODY_BYTES`]).
+    pub bodies: bool,
+    /// Stop after this many messages.
+    pub max_messages: u64,
+    /// Stop after this long, in milliseconds.
+    pub duration_ms: u64,
+}
+
+/// Most bytes of a body a trace carries.
+pub const TRACE_BODY_BYTES: usize = 4096;
+
+/// One message a trace captured: its header; the frame's body is the
+/// message's body (cut to [`TRACE_BODY_BYTES`]) when bodies were asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traced {
+    /// When the server routed it, in Unix milliseconds.
+    pub at_unix_ms: u64,
+    /// The sender.
+    pub sender: NodeId,
+    /// Its incarnation.
+    pub incarnation: u64,
+    /// The sender's sequence number.
+    pub seq: u64,
+    /// What kind of message.
+    pub kind: MessageKind,
+    /// Its target.
+    pub target: Target,
+    /// Its service.
+    pub service: String,
+    /// Its body's length (the whole body, also when cut or not carried).
+    pub body_bytes: u64,
+}
+
 /// The acceptor's answer to a [`Hello`] it does not refuse: its own nonce
 /// and proofs. The opener answers with a [`Proof`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -775,6 +820,21 @@ pub enum Header {
     /// A node's periodic report to the message server (see
     /// [`NodeReport`]).
     Report(NodeReport),
+    /// A node asks for a trace (see [`TraceRequest`]).
+    Trace(Box<TraceRequest>),
+    /// The server started the trace a node asked for.
+    TraceStarted,
+    /// A message a trace captured (see [`Traced`]).
+    Traced(Box<Traced>),
+    /// A trace ended.
+    TraceEnd {
+        /// Messages sent to the tracer.
+        captured: u64,
+        /// Matching messages not sent: the tracer's queue was full.
+        dropped: u64,
+        /// Why it ended: its count, its time, or a refusal.
+        reason: String,
+    },
 }
 
 impl Header {
@@ -802,6 +862,10 @@ impl Header {
             Header::SubscribeRefused { .. } => "subscribe refused",
             Header::Interests(_) => "interests",
             Header::Report(_) => "report",
+            Header::Trace(_) => "trace",
+            Header::TraceStarted => "trace started",
+            Header::Traced(_) => "traced",
+            Header::TraceEnd { .. } => "trace end",
         }
     }
 }
