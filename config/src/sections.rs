@@ -95,6 +95,13 @@ pub struct MessageServerConfig {
     pub addresses: Vec<String>,
     /// Where the message server listens. Default [`DEFAULT_SERVER_LISTEN`].
     pub listen: SocketAddr,
+    /// The heartbeat address (UDP) the message server tells nodes, instead
+    /// of the one it bound (`cluster.heartbeat_listen`, or its listen
+    /// address): for a server behind NAT or a forwarder. An unspecified IP
+    /// (`0.0.0.0:7402`) has each node use the IP it reached the server on,
+    /// as it does when the bound address is unspecified. Heartbeats must
+    /// still arrive from the node's own address. None: the bound address.
+    pub heartbeat_advertise: Option<SocketAddr>,
     /// Time allowed to connect and complete the handshake.
     /// Default [`DEFAULT_CONNECT_TIMEOUT_MS`].
     pub connect_timeout_ms: u64,
@@ -140,6 +147,7 @@ impl Default for MessageServerConfig {
         MessageServerConfig {
             addresses: vec![DEFAULT_SERVER_ADDRESS.to_owned()],
             listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_SERVER_PORT)),
+            heartbeat_advertise: None,
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             reconnect_delay_ms: DEFAULT_RECONNECT_DELAY_MS,
             reconnect_max_delay_ms: DEFAULT_RECONNECT_MAX_DELAY_MS,

@@ -98,6 +98,21 @@ impl Config {
                 format!("{a:?} is not host:port"),
             );
         }
+        if let Some(addr) = ms.heartbeat_advertise {
+            if addr.port() == 0 {
+                return bad(
+                    "message_server.heartbeat_advertise",
+                    format!("{addr} has port 0: give the port nodes are to send heartbeats to"),
+                );
+            }
+            let ip = addr.ip().to_canonical();
+            if ip.is_multicast() || ip == std::net::Ipv4Addr::BROADCAST {
+                return bad(
+                    "message_server.heartbeat_advertise",
+                    format!("{addr} is a multicast or broadcast address, not one server's"),
+                );
+            }
+        }
         for (key, v) in [
             ("message_server.connect_timeout_ms", ms.connect_timeout_ms),
             ("message_server.reconnect_delay_ms", ms.reconnect_delay_ms),
@@ -218,6 +233,48 @@ mod tests {
         );
     }
 
+    /// `message_server.heartbeat_advertise`: unset by default, any one
+    /// host's address (an unspecified IP included) when set, and a bad
+    /// one is refused naming the key, in a node section too.
+    #[test]
+    fn heartbeat_advertise_is_optional_and_checked() {
+        assert_eq!(Config::default().message_server.heartbeat_advertise, None);
+        for addr in ["192.0.2.7:7402", "0.0.0.0:7402", "[2001:db8::7]:7402"] {
+            let text = format!("[message_server]\nheartbeat_advertise = \"{addr}\"\n");
+            let config = Config::parse(&text, "t").expect("a valid address");
+            assert_eq!(config.message_server.heartbeat_advertise, addr.parse().ok());
+        }
+        for (addr, says) in [
+            ("192.0.2.7:0", "port 0"),
+            ("255.255.255.255:7402", "broadcast"),
+            ("[ff02::1]:7402", "multicast"),
+            ("[::ffff:224.0.0.1]:7402", "multicast"),
+        ] {
+            let text = format!("[message_server]\nheartbeat_advertise = \"{addr}\"\n");
+            match Config::parse(&text, "t") {
+                Err(e @ ConfigError::Invalid { .. }) => {
+                    let text = e.to_string();
+                    assert!(
+                        text.contains("`message_server.heartbeat_advertise`")
+                            && text.contains(says),
+                        "{addr}: {text}"
+                    );
+                }
+                other => panic!("{addr}: expected an error naming the key, got {other:?}"),
+            }
+        }
+        let text = "[nodes.a.message_server]\nheartbeat_advertise = \"192.0.2.7:0\"\n";
+        match Config::parse(text, "t") {
+            Err(ConfigError::Invalid { key, .. }) => {
+                assert_eq!(key, "nodes.a.message_server.heartbeat_advertise");
+            }
+            other => panic!("expected an error naming the node's key, got {other:?}"),
+        }
+        let err = Config::parse("[message_server]\nheartbeat_advertise = \"nowhere\"\n", "t")
+            .expect_err("not an address");
+        assert!(err.to_string().contains("heartbeat_advertise"), "{err}");
+    }
+
     #[test]
     fn inconsistent_values_name_the_key() {
         let cases = [
@@ -236,6 +293,14 @@ mod tests {
             (
                 "[message_server]\naddresses = []\n",
                 "message_server.addresses",
+            ),
+            (
+                "[message_server]\nheartbeat_advertise = \"192.0.2.7:0\"\n",
+                "message_server.heartbeat_advertise",
+            ),
+            (
+                "[message_server]\nheartbeat_advertise = \"239.1.2.3:7402\"\n",
+                "message_server.heartbeat_advertise",
             ),
             ("[node]\ninbox_capacity = 0\n", "node.inbox_capacity"),
             ("[node]\nread_chunk_bytes = 1024\n", "node.read_chunk_bytes"),

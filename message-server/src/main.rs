@@ -167,9 +167,12 @@ enum MonitorStart {
 fn print_banner(args: &Args, config: &Config, server: &MessageServer, monitor: &MonitorStart) {
     let handle = server.handle();
     let yes_no = |on: bool| if on { "on" } else { "off" };
-    let heartbeats = handle
+    let mut heartbeats = handle
         .heartbeat_addr()
         .map_or_else(|| "none".to_owned(), |a| format!("{a} (udp)"));
+    if let Some(told) = config.message_server.heartbeat_advertise {
+        heartbeats.push_str(&format!(", told to nodes as {told}"));
+    }
     let monitor = match monitor {
         MonitorStart::On(m) => m.url(),
         MonitorStart::Off => "off (monitor.listen = \"\")".to_owned(),

@@ -98,7 +98,13 @@ pub(crate) fn register(shared: &Shared, registration: Registration<'_>) -> Resul
         cluster: shared.config.cluster.name.clone(),
         max_message_bytes: max_message,
         members: state.table.members(),
-        heartbeat_addr: shared.heartbeat_addr,
+        // `message_server.heartbeat_advertise`, when set, in place of the
+        // bound address.
+        heartbeat_addr: shared
+            .config
+            .message_server
+            .heartbeat_advertise
+            .or(shared.heartbeat_addr),
         session_secret: Some(masked_secret),
     }));
     // The queue is new and empty: this cannot fail for lack of room.

@@ -655,6 +655,20 @@ impl UdpProxy {
         let socket = UdpSocket::bind(listen)
             .await
             .with_context(|| format!("binding the UDP proxy on {listen}"))?;
+        Self::with_socket(socket, upstream)
+    }
+
+    /// Takes datagrams on `socket` (bound by the caller, who may need its
+    /// port before choosing `upstream`) and forwards them to `upstream`.
+    ///
+    /// # Errors
+    ///
+    /// If the socket has no local address.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn with_socket(socket: UdpSocket, upstream: SocketAddr) -> anyhow::Result<UdpProxy> {
         let addr = socket.local_addr()?;
         let shared = Arc::new(UdpShared {
             upstream,

@@ -7,16 +7,16 @@
 //! partitions exactly that node from the server, while the sender reaches
 //! the server directly.
 //!
-//! How its heartbeats find the UDP proxy: the server binds its heartbeat
-//! socket where it listens, on every IPv4 address (`0.0.0.0`, same port),
-//! and a node sends heartbeats to that port at the address it reached the
-//! server on. The cut-off node reaches the server through the TCP proxy on
-//! the IPv6 loopback, `[::1]`, so its heartbeats go to `[::1]:<port>`,
-//! where the UDP proxy listens and forwards to `127.0.0.1:<port>` (an IPv4
-//! address could not take that port: the server's socket holds it on all
-//! of them). The node sends from `[::]`, and the server sees its heartbeats
-//! come from `127.0.0.1`, as its TCP connection does. So these tests need
-//! the IPv6 loopback.
+//! How its heartbeats find the UDP proxy: the server takes heartbeats on
+//! `127.0.0.1` and tells nodes to send them to `0.0.0.0:<port>`
+//! (`message_server.heartbeat_advertise`), a port the test holds on two
+//! loopback addresses; a node puts in the IP it reached the server on. The
+//! sender reaches the server on `127.0.0.1`, so its heartbeats go to
+//! `127.0.0.1:<port>`, a proxy that always passes them; the cut-off node
+//! reaches it through the TCP proxy on `127.0.0.2`, so its heartbeats go to
+//! `127.0.0.2:<port>`, the UDP proxy that the tests cut. Both proxies send
+//! upstream from `127.0.0.1`, where the server sees both nodes' connections
+//! come from, so the heartbeats pass its check of their source address.
 //!
 //! - Shorter than the failure timeout: no error, nothing lost or
 //!   duplicated.
@@ -25,7 +25,7 @@
 //! - A cut lazy channel (through a proxy in front of the receiver's direct
 //!   port) is closed by the channel monitor and opened again after.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,26 +35,59 @@ use clustercomm_tests::fault::{body, Ledger, Told};
 use clustercomm_tests::proxy::{TcpProxy, UdpProxy};
 use clustercomm_tests::{init_logging, test_config, TestServer, TEST_WAIT};
 use node_runtime::{LeaveReason, MembershipEvent, Node, NodeId, Target};
+use tokio::net::UdpSocket;
+
+/// The loopback address the cut-off node reaches the message server on
+/// (through the proxies); every other node reaches it on `127.0.0.1`.
+const CUT_OFF_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 
 /// The cut-off node's paths to the message server: its connection and its
-/// heartbeats.
+/// heartbeats; and the path of the other nodes' heartbeats, never cut.
 struct ServerPaths {
     tcp: TcpProxy,
     udp: UdpProxy,
+    others_udp: UdpProxy,
 }
 
 impl ServerPaths {
-    /// Puts proxies on the paths to a server listening (and taking
-    /// heartbeats) on `0.0.0.0:port`.
-    async fn start(port: u16) -> anyhow::Result<ServerPaths> {
-        let server = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let tcp = TcpProxy::bind(SocketAddr::from((Ipv6Addr::LOCALHOST, 0)), server)
-            .await
-            .context("these tests need the IPv6 loopback (::1): see the module's docs")?;
-        let udp = UdpProxy::bind(SocketAddr::from((Ipv6Addr::LOCALHOST, port)), server)
-            .await
-            .context("the heartbeat proxy needs the IPv6 loopback (::1)")?;
-        Ok(ServerPaths { tcp, udp })
+    /// One UDP port held on `127.0.0.1` (for the other nodes' heartbeats)
+    /// and on [`CUT_OFF_IP`] (for the cut-off node's).
+    async fn heartbeat_sockets() -> anyhow::Result<(UdpSocket, UdpSocket)> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let others = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+            let port = others.local_addr()?.port();
+            match UdpSocket::bind((CUT_OFF_IP, port)).await {
+                Ok(cut) => return Ok((others, cut)),
+                // That port is taken there: try another.
+                Err(_) if attempts < 16 => continue,
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("binding one UDP port on 127.0.0.1 and {CUT_OFF_IP}")
+                    })
+                }
+            }
+        }
+    }
+
+    /// Puts proxies on the paths to `server`, whose heartbeats are
+    /// advertised at the port of `sockets` (from [`Self::heartbeat_sockets`]).
+    async fn start(
+        server: &TestServer,
+        sockets: (UdpSocket, UdpSocket),
+    ) -> anyhow::Result<ServerPaths> {
+        let heartbeats = server
+            .handle
+            .heartbeat_addr()
+            .context("the server takes no heartbeats")?;
+        let (others, cut) = sockets;
+        let tcp = TcpProxy::bind(SocketAddr::from((CUT_OFF_IP, 0)), server.addr).await?;
+        Ok(ServerPaths {
+            tcp,
+            udp: UdpProxy::with_socket(cut, heartbeats)?,
+            others_udp: UdpProxy::with_socket(others, heartbeats)?,
+        })
     }
 
     fn cut(&self) {
@@ -103,29 +136,42 @@ struct Setup {
 
 async fn setup() -> anyhow::Result<Setup> {
     let mut config = test_config();
-    // Heartbeats are taken on this address too (see the module's docs).
-    config.message_server.listen = "0.0.0.0:0".parse()?;
+    // Heartbeats are taken on 127.0.0.1 and advertised at a port of the
+    // proxies' (see the module's docs).
+    let sockets = ServerPaths::heartbeat_sockets().await?;
+    let port = sockets.0.local_addr()?.port();
+    config.cluster.heartbeat_listen = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+    config.message_server.heartbeat_advertise =
+        Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)));
     config.lazy.auto_activate_messages = 0;
     config.node.send_timeout_ms = 10_000;
     let server = TestServer::start(config.clone()).await?;
-    let port = server.addr.port();
-    let paths = ServerPaths::start(port).await?;
+    let paths = ServerPaths::start(&server, sockets).await?;
     let sender = Node::builder("sender")
         .config(config.clone())
-        .message_server(format!("127.0.0.1:{port}"))
+        .message_server(server.addr)
         .start()
         .await?;
     let mut cut_config = config.clone();
     cut_config.node.direct_listen = "127.0.0.1:0".parse()?;
-    cut_config.node.heartbeat_bind = Some("[::]:0".parse()?);
     let cut = Node::builder("cut")
         .config(cut_config)
         .message_server(paths.tcp.addr())
         .start()
         .await?;
-    // Both of its paths go through the proxies.
+    // Both of its paths go through the proxies, and only its heartbeats
+    // through the one the tests cut; the server accepts them all.
     paths.heartbeats_pass(0).await?;
+    paths
+        .others_udp
+        .handle()
+        .wait_for("the sender's heartbeats through their proxy", |c| {
+            c.datagrams_to_clients > 0
+        })
+        .await?;
     ensure!(paths.tcp.handle().counters().connected == 1);
+    ensure!(paths.udp.handle().counters().clients == 1);
+    ensure!(server.handle.counters().heartbeats_refused == 0);
     let ledger = Ledger::default();
     let mut inbox = cut.subscribe("ft").await?;
     let sink = ledger.clone();
