@@ -12,6 +12,7 @@
 mod join;
 mod status;
 mod trace;
+mod tune;
 
 use std::path::PathBuf;
 
@@ -56,6 +57,9 @@ enum Command {
     /// Prints the messages passing the message server that match a
     /// filter, for a bounded count or time.
     Trace(trace::Filter),
+    /// Times requests of growing bodies to a node over the message server
+    /// and over a lazy channel, and recommends `lazy.threshold_bytes`.
+    Tune(tune::Tune),
     /// Lists the cluster's members.
     Members {
         /// Only the members of this group.
@@ -117,6 +121,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Trace(filter) => {
             joined(Box::pin(async move { trace::trace(join, &filter).await }))
         }
+        Command::Tune(t) => joined(Box::pin(async move { tune::tune(join, &t).await })),
         Command::Members { group } => joined(Box::pin(join::members(join, group.as_deref()))),
         Command::Watch => joined(Box::pin(join::watch(join))),
         Command::Send(m) => joined(Box::pin(async move {

@@ -21,6 +21,11 @@
 //! `send` pattern names a target: `node:<id>` (a `Node` target),
 //! `group:<group>` (`Group` and `AnyOf`), `all`, or `*` for any. Replies
 //! are not sends: a node may always answer a request it was given.
+//!
+//! Service names starting with [`RESERVED_SERVICE_PREFIX`] belong to the
+//! node runtime: every node offers [`TUNE_SERVICE`] whatever its
+//! `subscribe` patterns say, and no application may subscribe to a name
+//! with that prefix.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,6 +34,15 @@ use serde::{Deserialize, Serialize};
 use transports::protocol::TargetRef;
 
 use crate::{Config, ConfigError};
+
+/// The prefix of the services the node runtime offers by itself; an
+/// application's service may not start with it.
+pub const RESERVED_SERVICE_PREFIX: &str = "clustercomm.";
+
+/// The built-in service every node runtime offers: it answers a request
+/// with an empty body, so that `clustercomm tune` can time the request
+/// paths to a node. Always permitted ([`PermissionsConfig::may_subscribe`]).
+pub const TUNE_SERVICE: &str = "clustercomm.tune";
 
 /// Every node's permissions, read once from the file: `[permissions]`, and
 /// each `[nodes.<id>.permissions]` over it.
@@ -96,9 +110,10 @@ impl Default for PermissionsConfig {
 }
 
 impl PermissionsConfig {
-    /// Whether the node may offer `service`.
+    /// Whether the node may offer `service`. Every node may offer the
+    /// built-in [`TUNE_SERVICE`], which its runtime offers by itself.
     pub fn may_subscribe(&self, service: &str) -> bool {
-        any_matches(&self.subscribe, "", service)
+        service == TUNE_SERVICE || any_matches(&self.subscribe, "", service)
     }
 
     /// Whether the node may join `group`.
@@ -211,6 +226,11 @@ mod tests {
         };
         assert!(p.may_subscribe("cache-users"));
         assert!(!p.may_subscribe("orders"));
+        assert!(
+            p.may_subscribe(TUNE_SERVICE),
+            "the built-in service, always"
+        );
+        assert!(!p.may_subscribe("clustercomm.other"), "only that one");
         assert!(p.may_join("web"));
         assert!(!p.may_join("admin"));
         assert!(p.may_send(TargetRef::Group("web")));

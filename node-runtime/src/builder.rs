@@ -222,9 +222,11 @@ impl NodeBuilder {
                     address: heartbeat_at,
                     source,
                 })?;
+        // The built-in service is registered with the node (its inbox is
+        // opened below, before anything is read).
         let interests = Interests {
             groups: self.groups,
-            services: Vec::new(),
+            services: vec![crate::tune::TUNE_SERVICE.to_owned()],
         };
         let (link, welcome) =
             supervisor::connect_first(&config, &credentials, &hello, &interests).await?;
@@ -247,6 +249,7 @@ impl NodeBuilder {
             credentials,
             permissions,
         });
+        crate::tune::start(&rt)?;
         let span = tracing::info_span!("node", id = %self.id, incarnation);
         tracing::info!(parent: &span, %address, "node connected to the message server");
         if rt.config.cluster.credentials.is_none() && !rt.config.tls.enabled() {

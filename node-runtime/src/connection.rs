@@ -23,7 +23,7 @@ use crate::counters::Counters;
 use crate::core::CoreCell;
 use crate::inbox::{Closed, InboxSender, Message};
 use crate::runtime::Runtime;
-use crate::services::{Answer, Delivery, ServiceQueue};
+use crate::services::{Answer, Delivery, ServiceQueue, WhenFull};
 
 /// How a link to the message server ended.
 #[derive(Debug)]
@@ -572,8 +572,9 @@ pub(crate) async fn deliver_later(
         /// In the pump's backlog (it acknowledges once the inbox takes it).
         Queued,
         NoService(NodeId),
-        /// The backlog is full, or its pump is gone.
-        Refused(ServiceQueue, mpsc::error::TrySendError<Delivery>),
+        /// The backlog is full, or its pump is gone (boxed: the rare case
+        /// keeps the others small).
+        Refused(Box<ServiceQueue>, mpsc::error::TrySendError<Delivery>),
     }
     let straight = {
         // Read before the table: a change after it makes the entry kept
@@ -611,7 +612,7 @@ pub(crate) async fn deliver_later(
                         // queue is cloned only when this has to wait.
                         match q.tx.try_send(delivery) {
                             Ok(()) => Straight::Queued,
-                            Err(refused) => Straight::Refused(q.clone(), refused),
+                            Err(refused) => Straight::Refused(Box::new(q.clone()), refused),
                         }
                     }
                 }
@@ -636,10 +637,12 @@ pub(crate) async fn deliver_later(
     // A full backlog holds this connection back (so the sender slows
     // down) for at most `node.inbox_wait_ms`; a service that stays full
     // that long is congested, and is answered `Overloaded` at once until
-    // its backlog drains, so the connection's other traffic flows.
+    // its backlog drains, so the connection's other traffic flows. A
+    // built-in service's message is refused at once (`WhenFull::Refuse`).
     let refused = match refused {
         mpsc::error::TrySendError::Full(d) => {
-            if q.congested.load(Ordering::Relaxed) && !q.is_drained() {
+            let congested = q.congested.load(Ordering::Relaxed) && !q.is_drained();
+            if congested || q.when_full == WhenFull::Refuse {
                 Some((d.answer, DeliveryFailure::ReceiverOverloaded))
             } else {
                 q.congested.store(false, Ordering::Relaxed);

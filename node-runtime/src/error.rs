@@ -80,6 +80,11 @@ pub enum NodeError {
     /// it (`permissions.subscribe`).
     #[error("not permitted: {0}")]
     NotPermitted(String),
+    /// The service name starts with `clustercomm.`, the prefix of the
+    /// services every node runtime offers by itself (see
+    /// [`crate::tune`]).
+    #[error("service {0:?} is reserved: names starting with \"clustercomm.\" are the node runtime's own")]
+    Reserved(String),
     /// The service already has an inbox on this node.
     #[error("service {0:?} is already subscribed on this node")]
     AlreadySubscribed(String),

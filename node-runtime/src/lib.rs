@@ -46,6 +46,8 @@
 //! - [`inbox`]: service inboxes and delivered messages.
 //! - [`membership`]: the stream of membership events.
 //! - [`counters`]: what went over which path.
+//! - [`tune`]: the built-in service `clustercomm.tune` every node answers,
+//!   for `clustercomm tune` to time the paths with.
 //! - [`error`]: start-up and operation errors.
 //! - `identity`: the session key and cluster secret this node proves
 //!   itself with.
@@ -70,6 +72,7 @@ mod server;
 mod services;
 mod supervisor;
 pub mod trace;
+pub mod tune;
 
 pub use builder::NodeBuilder;
 pub use cluster_config::Config;
@@ -83,6 +86,7 @@ pub use trace::{Trace, TraceEvent};
 pub use transports::protocol::{
     LeaveReason, MemberInfo, MessageKind, NodeId, Role, Target, TraceRequest, Traced,
 };
+pub use tune::TUNE_SERVICE;
 
 /// The README's examples, compiled and run as doc-tests.
 #[doc = include_str!("../../README.md")]

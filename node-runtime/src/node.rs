@@ -17,7 +17,7 @@ use crate::counters::PathCounters;
 use crate::inbox::Inbox;
 use crate::membership::MembershipEvents;
 use crate::runtime::Runtime;
-use crate::services::ServiceQueue;
+use crate::services::{ServiceQueue, WhenFull};
 
 pub use crate::pending::Pending;
 use crate::NodeError;
@@ -63,6 +63,49 @@ fn begin_shutdown(rt: &Runtime) {
     }
     rt.close(&SendError::Shutdown);
     rt.tasks.close();
+}
+
+/// Opens `service`'s inbox on this node: `capacity` messages in it and as
+/// many waiting in its backlog, drained by its pump. The caller tells the
+/// message server (a subscription, or the registration's services).
+///
+/// # Errors
+///
+/// [`NodeError::AlreadySubscribed`] if the service has a live inbox here.
+pub(crate) fn open_inbox(
+    rt: &Runtime,
+    service: &str,
+    capacity: usize,
+    when_full: WhenFull,
+) -> Result<Inbox, NodeError> {
+    let (tx, rx) = crate::inbox::inbox(service, capacity);
+    let (delivery_tx, delivery_rx) = mpsc::channel(capacity);
+    let backlog: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+    let name: Arc<str> = Arc::from(service);
+    {
+        let mut inboxes = rt
+            .services
+            .inboxes
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if inboxes.get(service).is_some_and(|s| !s.is_closed()) {
+            return Err(NodeError::AlreadySubscribed(service.to_owned()));
+        }
+        inboxes.insert(
+            name.clone(),
+            ServiceQueue {
+                tx: delivery_tx,
+                inbox: tx.clone(),
+                backlog: backlog.clone(),
+                congested: Arc::default(),
+                when_full,
+            },
+        );
+        rt.services.generation.fetch_add(1, Ordering::AcqRel);
+    }
+    rt.tasks
+        .spawn(pump(rt.clone(), name, delivery_rx, tx, backlog));
+    Ok(rx)
 }
 
 /// A running cluster node: the handle an application server embeds.
@@ -136,6 +179,8 @@ impl Node {
     /// # Errors
     ///
     /// [`NodeError::InvalidName`] for an empty or overlong name;
+    /// [`NodeError::Reserved`] for a name starting with `clustercomm.`
+    /// (the built-in services', see [`crate::tune`]);
     /// [`NodeError::AlreadySubscribed`] if the service has a live inbox here;
     /// [`NodeError::NotPermitted`] if this node's `permissions.subscribe`
     /// does not include it; [`NodeError::Timeout`] or
@@ -144,34 +189,12 @@ impl Node {
         if !transports::protocol::valid_name(service) {
             return Err(NodeError::invalid_name("service", service));
         }
+        if service.starts_with(crate::tune::RESERVED_SERVICE_PREFIX) {
+            return Err(NodeError::Reserved(service.to_owned()));
+        }
         let rt = &self.rt;
         let capacity = rt.config.node.inbox_capacity;
-        let (tx, rx) = crate::inbox::inbox(service, capacity);
-        let (delivery_tx, delivery_rx) = mpsc::channel(capacity);
-        let backlog: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
-        let name: Arc<str> = Arc::from(service);
-        {
-            let mut inboxes = rt
-                .services
-                .inboxes
-                .write()
-                .unwrap_or_else(|p| p.into_inner());
-            if inboxes.get(service).is_some_and(|s| !s.is_closed()) {
-                return Err(NodeError::AlreadySubscribed(service.to_owned()));
-            }
-            inboxes.insert(
-                name.clone(),
-                ServiceQueue {
-                    tx: delivery_tx,
-                    inbox: tx.clone(),
-                    backlog: backlog.clone(),
-                    congested: Arc::default(),
-                },
-            );
-            rt.services.generation.fetch_add(1, Ordering::AcqRel);
-        }
-        rt.tasks
-            .spawn(pump(rt.clone(), name, delivery_rx, tx, backlog));
+        let rx = open_inbox(rt, service, capacity, WhenFull::Wait)?;
         let token = rt.server.next_token();
         let (done_tx, done_rx) = oneshot::channel();
         rt.server

@@ -95,6 +95,20 @@ pub(crate) struct ServiceQueue {
     pub(crate) backlog: Arc<std::sync::atomic::AtomicUsize>,
     /// Set when the backlog stayed full for `node.inbox_wait_ms`.
     pub(crate) congested: Arc<AtomicBool>,
+    /// What becomes of a message that finds the backlog full.
+    pub(crate) when_full: WhenFull,
+}
+
+/// What becomes of a message that finds a service's inbox and backlog full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WhenFull {
+    /// The connection it came on is held back for up to
+    /// `node.inbox_wait_ms`, then it is refused (`Overloaded`): the
+    /// application's services.
+    Wait,
+    /// It is refused (`Overloaded`) at once, holding nothing back: the
+    /// built-in services, which must never slow the application's traffic.
+    Refuse,
 }
 
 impl ServiceQueue {

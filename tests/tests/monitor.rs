@@ -205,10 +205,12 @@ async fn json_and_metrics_show_a_live_cluster() -> anyhow::Result<()> {
             m.as_array().is_some_and(|a| a.len() == 3)
         })
         .await?;
+        // Every node offers the built-in service first (`clustercomm.tune`).
+        let tune = node_runtime::TUNE_SERVICE;
         for (id, groups, services) in [
-            ("node-a", vec!["web"], vec!["cache"]),
-            ("node-b", vec!["web", "db"], vec!["cache"]),
-            ("app-1", vec!["ops"], vec!["audit"]),
+            ("node-a", vec!["web"], vec![tune, "cache"]),
+            ("node-b", vec!["web", "db"], vec![tune, "cache"]),
+            ("app-1", vec!["ops"], vec![tune, "audit"]),
         ] {
             let m = by_id(&members, id)?;
             assert_eq!(strings(&m["groups"]), groups, "{id}: {m:#}");
