@@ -317,28 +317,11 @@ async fn json_and_metrics_show_a_live_cluster() -> anyhow::Result<()> {
 /// metrics` (format and naming conventions) and counts what was sent;
 /// asked for OpenMetrics, it answers in it.
 async fn check_metrics(monitor: SocketAddr) -> anyhow::Result<()> {
-    let promtool = tool("/usr/bin/promtool", "prometheus")?;
     let (status, headers, text) = get(monitor, "/metrics", None).await?;
     ensure!(status == 200, "/metrics: {status}");
     let kind = headers.get("content-type").map_or("", String::as_str);
     ensure!(kind.starts_with("text/plain; version=0.0.4"), "{kind}");
-    let mut check = Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut stdin = check.stdin.take().context("promtool stdin")?;
-    stdin.write_all(text.as_bytes()).await?;
-    drop(stdin);
-    let out = tokio::time::timeout(TEST_WAIT, check.wait_with_output()).await??;
-    ensure!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n--- the metrics:\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    promtool_check(&text).await?;
     for line in [
         "clustercomm_server_messages_total 15",
         "clustercomm_server_deliveries_total 20",
