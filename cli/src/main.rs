@@ -4,10 +4,13 @@
 //!   certificate for the message server and for each node, for `[tls]`.
 //! - `members`, `watch`, `send`, `notify` and `request` join the cluster
 //!   as a short-lived node (`--config FILE`, `--server ADDR`) to list its
-//!   members, follow membership events, or send a test message.
+//!   members, follow membership events (with rates read from the monitor),
+//!   or send a test message.
 //! - `status` reads the message server's monitor (`/api/v1/...`).
 //! - `trace` prints the messages passing the message server that match a
 //!   filter (sender, target, service), for a bounded count or time.
+//! - `tune` times requests of growing bodies to one node over both paths
+//!   and recommends `lazy.threshold_bytes`.
 
 mod join;
 mod status;
@@ -66,8 +69,9 @@ enum Command {
         #[arg(long)]
         group: Option<String>,
     },
-    /// Prints the members, then membership events as they happen.
-    Watch,
+    /// Prints the members, then membership events as they happen, and
+    /// every few seconds the cluster's message rates from the monitor.
+    Watch(join::Watch),
     /// Sends an acknowledged test message and prints who accepted it.
     Send(join::Message),
     /// Sends a one-way test message.
@@ -123,7 +127,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         Command::Tune(t) => joined(Box::pin(async move { tune::tune(join, &t).await })),
         Command::Members { group } => joined(Box::pin(join::members(join, group.as_deref()))),
-        Command::Watch => joined(Box::pin(join::watch(join))),
+        Command::Watch(w) => joined(Box::pin(async move { join::watch(join, &w).await })),
         Command::Send(m) => joined(Box::pin(async move {
             join::message(join, join::Kind::Send, &m).await
         })),

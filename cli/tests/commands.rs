@@ -164,7 +164,7 @@ async fn watch_prints_members_and_events() -> anyhow::Result<()> {
         let (addr, web, _db) = cluster().await?;
         let mut events = web.membership_events();
         let mut watch = Command::new(env!("CARGO_BIN_EXE_clustercomm"))
-            .args(["--server", &addr, "watch"])
+            .args(["--server", &addr, "watch", "--rates-every", "0"])
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()?;
@@ -205,6 +205,97 @@ async fn watch_prints_members_and_events() -> anyhow::Result<()> {
         ensure!(
             left.starts_with("left    cache-1") && left.ends_with("stopped"),
             "{left}"
+        );
+        Ok(())
+    })
+    .await
+    .context("the test did not finish within 60 s")?
+}
+
+/// With a monitor, `watch` prints the rates of the traffic between its
+/// reads, naming the busiest node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_rates_from_the_monitor() -> anyhow::Result<()> {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let mut config = Config::default();
+        config.message_server.listen = "127.0.0.1:0".parse()?;
+        let server = MessageServer::bind(config).await?;
+        let addr = server.local_addr().to_string();
+        let monitor =
+            message_server::monitor::Monitor::bind("127.0.0.1:0".parse()?, server.handle()).await?;
+        let monitor_addr = monitor.local_addr().to_string();
+        tokio::spawn(monitor.run(std::future::pending()));
+        tokio::spawn(async move {
+            let _ = server.run(std::future::pending()).await;
+        });
+        let node = |id: &'static str| {
+            Node::builder(id)
+                .message_server(&addr)
+                .ignore_environment()
+                .start()
+        };
+        let (sender, receiver) = (node("sender-1").await?, node("receiver-1").await?);
+        let mut inbox = receiver.subscribe("svc").await?;
+        let mut watch = Command::new(env!("CARGO_BIN_EXE_clustercomm"))
+            .args(["--server", &addr, "watch", "--monitor", &monitor_addr])
+            .args(["--rates-every", "1"])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut lines = BufReader::new(watch.stdout.take().context("no stdout")?).lines();
+        loop {
+            let line = lines.next_line().await?.context("watch ended")?;
+            ensure!(!line.starts_with("rates   none"), "{line}");
+            if line.starts_with("watching") {
+                break;
+            }
+        }
+        // Traffic until a rate line shows it: acknowledged sends, so each
+        // went through the server before the next.
+        let mut sent = 0u64;
+        let line = loop {
+            tokio::select! {
+                line = lines.next_line() => {
+                    let line = line?.context("watch ended")?;
+                    if line.starts_with("rates   routed") && line.contains("sender-1 in") {
+                        break line;
+                    }
+                }
+                report = sender.send(node_runtime::Target::Node(receiver.id().clone()), "svc", "x") => {
+                    ensure!(report?.is_complete());
+                    inbox.recv().await.context("inbox closed")?;
+                    sent += 1;
+                }
+            }
+        };
+        ensure!(sent > 0);
+        let routed: f64 = line
+            .strip_prefix("rates   routed ")
+            .and_then(|l| l.split_whitespace().next())
+            .context("no rate")?
+            .parse()?;
+        ensure!(routed > 0.0, "{line}");
+        ensure!(line.contains("route failures 0/s"), "{line}");
+
+        // A monitor that does not answer: one line saying so, then events.
+        let mut watch = Command::new(env!("CARGO_BIN_EXE_clustercomm"))
+            .args(["--server", &addr, "watch", "--monitor", "127.0.0.1:9"])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut lines = BufReader::new(watch.stdout.take().context("no stdout")?).lines();
+        let mut before = Vec::new();
+        loop {
+            let line = lines.next_line().await?.context("watch ended")?;
+            if line.starts_with("watching") {
+                break;
+            }
+            before.push(line);
+        }
+        let none: Vec<_> = before.iter().filter(|l| l.starts_with("rates")).collect();
+        ensure!(
+            none.len() == 1 && none[0].contains("no monitor answers at 127.0.0.1:9"),
+            "{before:?}"
         );
         Ok(())
     })
