@@ -221,6 +221,11 @@ pub struct NodeConfig {
     /// the hello deadline) the node keeps at most; more are refused at
     /// once. Default [`DEFAULT_NODE_MAX_UNAUTHENTICATED`].
     pub max_unauthenticated: usize,
+    /// Where the node serves its own metrics (`/metrics`, Prometheus text)
+    /// over HTTP, for an application without a `/metrics` to merge them
+    /// into. No access control: keep it on loopback or a management
+    /// network. None (the default): not served.
+    pub monitor_listen: Option<SocketAddr>,
 }
 
 impl Default for NodeConfig {
@@ -242,6 +247,7 @@ impl Default for NodeConfig {
             read_chunk_bytes: DEFAULT_NODE_READ_CHUNK_BYTES,
             max_channels: DEFAULT_NODE_MAX_CHANNELS,
             max_unauthenticated: DEFAULT_NODE_MAX_UNAUTHENTICATED,
+            monitor_listen: None,
         }
     }
 }

@@ -211,6 +211,20 @@ impl NodeBuilder {
             None => bound,
         });
 
+        // The node's own metrics listener, bound before connecting so a
+        // taken address fails the start, not a later scrape.
+        let monitor = match config.node.monitor_listen {
+            Some(address) => Some(
+                crate::monitor::bind(address)
+                    .and_then(|l| {
+                        let bound = l.local_addr()?;
+                        Ok((l, bound))
+                    })
+                    .map_err(|source| NodeError::MonitorListen { address, source })?,
+            ),
+            None => None,
+        };
+
         let heartbeat_at = config
             .node
             .heartbeat_bind
@@ -263,11 +277,19 @@ impl NodeBuilder {
             .spawn(supervisor::heartbeats(rt.clone(), heartbeat_socket).instrument(span.clone()));
         rt.tasks
             .spawn(direct::idle_sweeper(rt.clone()).instrument(span.clone()));
+        let monitor_addr = monitor.map(|(listener, bound)| {
+            tracing::info!(parent: &span, "node metrics at http://{bound}/metrics");
+            rt.tasks
+                .spawn(crate::monitor::serve(rt.clone(), listener).instrument(span.clone()));
+            bound
+        });
         if role == Role::Dispatcher {
             rt.tasks
                 .spawn(routing::session_keeper(rt.clone()).instrument(span));
         }
-        Ok(Node::from_runtime(rt))
+        let mut node = Node::from_runtime(rt);
+        node.monitor_addr = monitor_addr;
+        Ok(node)
     }
 }
 

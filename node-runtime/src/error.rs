@@ -41,6 +41,16 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    /// The node's metrics listener (`node.monitor_listen`) could not be
+    /// bound.
+    #[error("cannot serve the node's metrics on {address} (node.monitor_listen)")]
+    MonitorListen {
+        /// The address.
+        address: std::net::SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A node id, group or service name that is empty or longer than
     /// `transports::protocol::MAX_NAME_BYTES`, or too many of them.
     #[error("invalid {what} {name:?}: names are 1 to 255 bytes, at most 1024 groups")]

@@ -63,6 +63,7 @@ mod identity;
 pub mod inbox;
 pub mod membership;
 mod metrics;
+pub mod monitor;
 pub mod node;
 mod pending;
 mod reply;

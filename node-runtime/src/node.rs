@@ -117,6 +117,7 @@ pub(crate) fn open_inbox(
 pub struct Node {
     rt: Runtime,
     _guard: Arc<DropGuard>,
+    pub(crate) monitor_addr: Option<std::net::SocketAddr>,
 }
 
 impl Node {
@@ -124,6 +125,7 @@ impl Node {
         Node {
             _guard: Arc::new(DropGuard { rt: rt.clone() }),
             rt,
+            monitor_addr: None,
         }
     }
 
@@ -165,6 +167,12 @@ impl Node {
     /// The address this node announced for direct channels.
     pub fn direct_addr(&self) -> Option<std::net::SocketAddr> {
         self.rt.server.hello().direct_addr
+    }
+
+    /// Where this node serves its own metrics (`http://ADDR/metrics`), as
+    /// bound from `node.monitor_listen`; `None` when it is not set.
+    pub fn monitor_addr(&self) -> Option<std::net::SocketAddr> {
+        self.monitor_addr
     }
 
     /// What this node sent on each path, and what became of its direct

@@ -679,3 +679,142 @@ async fn a_nodes_metrics_count_its_paths() -> anyhow::Result<()> {
     })
     .await
 }
+
+/// Writes `request` to `addr` and reads the answer until the server
+/// closes.
+async fn exchange(addr: SocketAddr, request: &[u8]) -> anyhow::Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(request).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(TEST_WAIT, stream.read_to_end(&mut raw))
+        .await
+        .context("the node's monitor did not close")??;
+    Ok(String::from_utf8_lossy(&raw).into_owned())
+}
+
+/// `node.monitor_listen` serves the node's own metrics, in both text
+/// formats, which promtool accepts; anything else gets a clear status, a
+/// request head over 8 KiB is refused, and connections beyond the cap are
+/// closed unread while the ones served go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_serves_its_own_metrics() -> anyhow::Result<()> {
+    use node_runtime::monitor::{MAX_CONNECTIONS, MAX_REQUEST_BYTES};
+    init_logging();
+    bounded(async {
+        let server = start_server(&["--listen", "127.0.0.1:0", "--monitor", ""]).await?;
+        let mut config = test_config();
+        config.node.monitor_listen = Some("127.0.0.1:0".parse()?);
+        let app = Node::builder("app-1")
+            .config(config.clone())
+            .message_server(server.addr)
+            .start()
+            .await?;
+        let addr = app.monitor_addr().context("no monitor address")?;
+        app.notify(Target::Node("app-1".into()), "nobody", "x")
+            .await?;
+
+        let (status, headers, body) = get(addr, "/metrics", None).await?;
+        ensure!(status == 200, "{status}: {body}");
+        ensure!(
+            headers["content-type"].starts_with("text/plain; version=0.0.4"),
+            "{headers:?}"
+        );
+        promtool_check(&body).await?;
+        ensure!(
+            body.lines()
+                .any(|l| l
+                    == "clustercomm_node_sent_messages_total{node=\"app-1\",path=\"server\"} 1"),
+            "{body}"
+        );
+        let (status, headers, body) =
+            get(addr, "/metrics", Some("application/openmetrics-text")).await?;
+        ensure!(status == 200, "{status}: {body}");
+        ensure!(
+            headers["content-type"].starts_with("application/openmetrics-text"),
+            "{headers:?}"
+        );
+        ensure!(body.ends_with("# EOF\n"), "{body}");
+
+        // Everything else: a status saying what is wrong.
+        let head = exchange(addr, b"HEAD /metrics HTTP/1.1\r\n\r\n").await?;
+        ensure!(
+            head.starts_with("HTTP/1.1 200 ") && head.ends_with("\r\n\r\n"),
+            "{head}"
+        );
+        for (request, status) in [
+            (&b"GET /nothing HTTP/1.1\r\n\r\n"[..], "404"),
+            (b"POST /metrics HTTP/1.1\r\n\r\n", "405"),
+            (b"GET /metrics SPDY/3\r\n\r\n", "505"),
+            (b"GET\r\n\r\n", "400"),
+            (b"\xff\xfe /metrics HTTP/1.1\r\n\r\n", "400"),
+        ] {
+            let answer = exchange(addr, request).await?;
+            ensure!(
+                answer.starts_with(&format!("HTTP/1.1 {status} ")),
+                "{:?}: {answer}",
+                String::from_utf8_lossy(request)
+            );
+        }
+        let mut huge = b"GET /metrics HTTP/1.1\r\nX-Filler: ".to_vec();
+        huge.resize(MAX_REQUEST_BYTES + 2048, b'a');
+        let answer = exchange(addr, &huge).await?;
+        ensure!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+
+        // The cap: that many connections with half a request are held;
+        // one more is closed before anything is read from it.
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            s.write_all(b"GET").await?;
+            held.push(s);
+        }
+        let closed_unread = async {
+            loop {
+                let mut extra = tokio::net::TcpStream::connect(addr).await?;
+                let mut buf = [0u8; 64];
+                // Closed at once (EOF or reset), without an answer.
+                match tokio::time::timeout(Duration::from_secs(1), extra.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return anyhow::Ok(()),
+                    Ok(Ok(_)) => bail!("a connection over the cap was answered"),
+                    // Not yet closed: the held ones may still be being
+                    // accepted; this one waits its turn. Try again.
+                    Err(_) => continue,
+                }
+            }
+        };
+        tokio::time::timeout(TEST_WAIT, closed_unread)
+            .await
+            .context("no connection over the cap was closed")??;
+        // Finishing the held requests frees their places.
+        for mut s in held {
+            s.write_all(b" / HTTP/1.1\r\n\r\n").await?;
+            let mut raw = Vec::new();
+            s.read_to_end(&mut raw).await?;
+            ensure!(
+                raw.starts_with(b"HTTP/1.1 200 "),
+                "{}",
+                String::from_utf8_lossy(&raw)
+            );
+        }
+        let (status, _, _) = get(addr, "/metrics", None).await?;
+        ensure!(status == 200);
+
+        // The address taken: the start fails naming the key.
+        config.node.monitor_listen = Some(addr);
+        let err = Node::builder("app-2")
+            .config(config)
+            .message_server(server.addr)
+            .start()
+            .await
+            .err()
+            .context("a second node bound the same monitor address")?;
+        ensure!(
+            err.to_string().contains("node.monitor_listen")
+                && err.to_string().contains(&addr.to_string()),
+            "{err}"
+        );
+        app.shutdown().await;
+        Ok(())
+    })
+    .await
+}
