@@ -81,6 +81,15 @@ pub enum SendError {
         /// The receiver.
         node: NodeId,
     },
+    /// The receiver is busy (its backlog reached `node.busy_upper`): the
+    /// send waited for it to drain for its whole timeout, or its queue for
+    /// the service was full while it was busy. For an `AnyOf` target, every
+    /// member that offers the service was busy. Definite: not delivered.
+    #[error("{node} is busy (its backlog reached node.busy_upper): the message was not sent")]
+    Busy {
+        /// The busy receiver (for `AnyOf`, the group).
+        node: NodeId,
+    },
     /// The target stopped. Definite when `in_flight` is false (the message
     /// never left); uncertain when true (it may have been delivered).
     #[error("node {node} stopped {}", if *.in_flight { "while the message was in flight; it may have been delivered" } else { "before the message left" })]
@@ -160,6 +169,7 @@ impl SendError {
             | SendError::PayloadTooLarge { .. }
             | SendError::Rejected { .. }
             | SendError::Overloaded { .. }
+            | SendError::Busy { .. }
             | SendError::InvalidTarget(_)
             | SendError::NotARequest
             | SendError::InvalidName(_)
@@ -192,6 +202,11 @@ impl SendError {
                 max: *max,
             },
             DeliveryFailure::ReceiverOverloaded => SendError::Overloaded {
+                node: node
+                    .cloned()
+                    .unwrap_or_else(|| NodeId::new(target.to_string())),
+            },
+            DeliveryFailure::ReceiverBusy => SendError::Busy {
                 node: node
                     .cloned()
                     .unwrap_or_else(|| NodeId::new(target.to_string())),

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-use transports::protocol::{LeaveReason, MemberEvent, MemberInfo, NodeId};
+use transports::protocol::{LeaveReason, MemberEvent, MemberInfo, NodeId, Target};
 
 /// A change the application may react to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,7 +20,8 @@ use transports::protocol::{LeaveReason, MemberEvent, MemberInfo, NodeId};
 pub enum MembershipEvent {
     /// A node joined the cluster.
     Joined(MemberInfo),
-    /// A node changed its services.
+    /// A node changed its services, or became busy or no longer busy
+    /// ([`MemberInfo::busy`]).
     Updated(MemberInfo),
     /// A node left.
     Left {
@@ -77,13 +78,18 @@ pub struct Members {
     /// Incarnations declared failed: nothing from them is accepted.
     failed: HashSet<(NodeId, u64)>,
     grace: Duration,
+    /// How many members are busy ([`MemberInfo::busy`]): a send looks
+    /// further only when some are.
+    busy: usize,
 }
 
 impl Members {
     /// The members a node was welcomed with; a disconnected member gets
     /// `grace` (the failure timeout) to come back.
     pub fn new(initial: Vec<MemberInfo>, grace: Duration) -> Self {
+        let busy = initial.iter().filter(|m| m.busy).count();
         Members {
+            busy,
             members: initial
                 .into_iter()
                 .map(|info| {
@@ -142,6 +148,66 @@ impl Members {
         self.get(id.as_str()).and_then(|m| m.direct_addr)
     }
 
+    /// How many members are busy.
+    pub fn busy_count(&self) -> usize {
+        self.busy
+    }
+
+    /// The busy member that holds back a message from `me` to `target`'s
+    /// `service`, if any: a busy `Node`; a busy member of a `Group` that
+    /// offers the service; for `AnyOf`, the group itself when every member
+    /// that could take it is busy (another member offering the service is
+    /// preferred over `me`, as the message server chooses). `All` is
+    /// never held back. Members unknown here are left to the message
+    /// server to answer.
+    pub fn busy_blocker(&self, me: &NodeId, target: &Target, service: &str) -> Option<NodeId> {
+        if self.busy == 0 {
+            return None;
+        }
+        let in_group = |g: &str| -> Vec<&MemberInfo> {
+            self.members
+                .values()
+                .map(|e| &e.info)
+                .filter(|m| {
+                    m.services.iter().any(|s| s == service) && m.groups.iter().any(|mg| mg == g)
+                })
+                .collect()
+        };
+        match target {
+            Target::Node(id) => self
+                .get(id.as_str())
+                .filter(|m| m.busy)
+                .map(|m| m.id.clone()),
+            Target::Group(g) => in_group(g)
+                .into_iter()
+                .find(|m| m.busy)
+                .map(|m| m.id.clone()),
+            Target::AnyOf(g) => {
+                let all = in_group(g);
+                let others: Vec<&MemberInfo> =
+                    all.iter().copied().filter(|m| m.id != *me).collect();
+                let pool = if others.is_empty() { all } else { others };
+                (!pool.is_empty() && pool.iter().all(|m| m.busy)).then(|| NodeId::new(g))
+            }
+            Target::All => None,
+        }
+    }
+
+    /// Puts `entry` in, keeping the busy count.
+    fn insert(&mut self, id: NodeId, entry: Entry) {
+        self.busy += usize::from(entry.info.busy);
+        if let Some(old) = self.members.insert(id, entry) {
+            self.busy -= usize::from(old.info.busy);
+        }
+    }
+
+    /// Takes `id` out, keeping the busy count.
+    fn remove(&mut self, id: &NodeId) -> Option<Entry> {
+        let old = self.members.remove(id)?;
+        self.busy -= usize::from(old.info.busy);
+        Some(old)
+    }
+
     /// Whether `incarnation` of `id` is the member now.
     pub fn is_live(&self, id: &NodeId, incarnation: u64) -> bool {
         self.get(id.as_str())
@@ -174,7 +240,7 @@ impl Members {
                     }
                     None => update.events.push(MembershipEvent::Joined(info.clone())),
                 }
-                self.members.insert(
+                self.insert(
                     id.clone(),
                     Entry {
                         info,
@@ -198,7 +264,7 @@ impl Members {
                         if reason == LeaveReason::Failed {
                             self.failed.insert((id.clone(), incarnation));
                         }
-                        self.members.remove(&id);
+                        self.remove(&id);
                         update.events.push(MembershipEvent::Left {
                             id: id.clone(),
                             incarnation,
@@ -246,7 +312,7 @@ impl Members {
             .collect();
         let mut update = Update::default();
         for id in ids {
-            let Some(e) = self.members.remove(&id) else {
+            let Some(e) = self.remove(&id) else {
                 continue;
             };
             tracing::info!(node = %id, "member did not come back within the failure timeout");
@@ -274,6 +340,7 @@ mod tests {
             services: vec![],
             direct_addr: None,
             session_key: [0; 32],
+            busy: false,
         }
     }
 

@@ -73,6 +73,7 @@ impl Pair {
                 services: vec!["svc".into()],
                 direct_addr: None,
                 session_key: [0; 32],
+                busy: false,
             })
             .collect();
         let nodes = infos

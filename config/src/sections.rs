@@ -195,11 +195,14 @@ pub struct NodeConfig {
     /// bodies of at most 1 KiB are bounded by `max_in_flight` alone.
     /// Default [`DEFAULT_MAX_IN_FLIGHT_BYTES`].
     pub max_in_flight_bytes: usize,
-    /// Backlog above which the node reports itself busy.
-    /// Default [`DEFAULT_BUSY_UPPER`].
+    /// Messages waiting in one of the node's service inboxes at which the
+    /// node becomes busy (at most the inbox's capacity: a smaller inbox
+    /// makes the node busy when full). A busy node tells the message
+    /// server at once; senders to it wait (bounded by their timeout) and
+    /// `AnyOf` passes it over. Default [`DEFAULT_BUSY_UPPER`].
     pub busy_upper: usize,
-    /// Backlog below which the node is no longer busy.
-    /// Default [`DEFAULT_BUSY_LOWER`].
+    /// Messages waiting in each of its inboxes at or below which a busy
+    /// node is no longer busy. Default [`DEFAULT_BUSY_LOWER`].
     pub busy_lower: usize,
     /// Messages processed concurrently. Default
     /// [`DEFAULT_PROCESSOR_CONCURRENCY`].

@@ -5,21 +5,17 @@ use crate::{Config, ConfigError};
 
 impl Config {
     /// Keys set to something other than their default that this build
-    /// does not act on yet (flow control: busy limits and processor
-    /// concurrency), with `prefix` before each. The message server and
+    /// does not act on yet (flow control: processor concurrency), with
+    /// `prefix` before each. The message server and
     /// every node log a warning naming them, so that none is accepted
     /// silently.
     pub fn inert_keys(&self, prefix: &str) -> Vec<String> {
         let node = &self.node;
         let defaults = crate::NodeConfig::default();
-        [
-            ("node.busy_upper", node.busy_upper != defaults.busy_upper),
-            ("node.busy_lower", node.busy_lower != defaults.busy_lower),
-            (
-                "node.processor_concurrency",
-                node.processor_concurrency != defaults.processor_concurrency,
-            ),
-        ]
+        [(
+            "node.processor_concurrency",
+            node.processor_concurrency != defaults.processor_concurrency,
+        )]
         .into_iter()
         .filter(|(_, set)| *set)
         .map(|(key, _)| format!("{prefix}{key}"))
@@ -224,12 +220,10 @@ mod tests {
         let mut config = Config::default();
         config.node.busy_upper += 1;
         config.node.processor_concurrency += 1;
+        // The busy limits are live.
         assert_eq!(
             config.inert_keys("nodes.a."),
-            [
-                "nodes.a.node.busy_upper",
-                "nodes.a.node.processor_concurrency"
-            ]
+            ["nodes.a.node.processor_concurrency"]
         );
     }
 

@@ -3,6 +3,7 @@
 //! task that drains this node's own queue.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -246,6 +247,8 @@ pub(crate) async fn serve(
             since_ms: shared.now_ms(),
             counters: NodeCounters::default(),
             report: std::sync::Mutex::new(None),
+            busy: std::sync::atomic::AtomicBool::new(false),
+            backlog: std::sync::atomic::AtomicU64::new(0),
         });
         let masked_secret = handshake::mask_session_secret(
             &session_secret,
@@ -277,6 +280,7 @@ pub(crate) async fn serve(
             services: interests.services,
             direct_addr: hello.direct_addr,
             session_key: hello.session_key,
+            busy: false,
         };
         // The same runtime again, before its old connection was seen to
         // break (a takeover), for the monitor's events.
@@ -495,7 +499,14 @@ struct CachedConn {
     queue: WeakOutQueue,
     incarnation: u64,
     max_frame: usize,
+    /// Its busy state and backlog (no queue: holding it keeps nothing
+    /// open).
+    session: Arc<crate::server::Session>,
 }
+
+/// Added to a busy receiver's load: `AnyOf` takes any member that is not
+/// busy first.
+const BUSY_LOAD: usize = usize::MAX / 2;
 
 impl Receiver {
     /// The receiver's queue and connection details, while it is open.
@@ -504,9 +515,20 @@ impl Receiver {
         Some((conn.queue.upgrade()?, conn))
     }
 
+    /// How loaded the receiver is, for `AnyOf`: the frames queued to it
+    /// here and the backlog it reported; a busy one after every one that
+    /// is not, a closed one last.
     fn load(&self) -> usize {
-        self.open()
-            .map_or(usize::MAX, |(queue, _)| queue.queued_frames())
+        let Some((queue, conn)) = self.open() else {
+            return usize::MAX;
+        };
+        let backlog = conn.session.backlog.load(Ordering::Relaxed) as usize;
+        let load = queue.queued_frames().saturating_add(backlog);
+        if conn.session.busy.load(Ordering::Relaxed) {
+            load.saturating_add(BUSY_LOAD).min(usize::MAX - 1)
+        } else {
+            load.min(BUSY_LOAD - 1)
+        }
     }
 }
 
@@ -740,6 +762,12 @@ impl Connection {
                 None
             }
             Header::Report(report) => {
+                self.session
+                    .backlog
+                    .store(report.backlog, Ordering::Relaxed);
+                if let Some(busy) = report.busy {
+                    self.set_busy(busy);
+                }
                 *self
                     .session
                     .report
@@ -836,6 +864,25 @@ impl Connection {
             state.table.unsubscribe(&self.me, service)
         };
         if let Some(info) = updated {
+            let event = Header::Member(MemberEvent::Updated(info));
+            broadcast_locked(&self.shared, &state.conns, &event);
+        }
+    }
+
+    /// The node reported itself busy, or no longer busy: every member is
+    /// told (with the member's information, as for a change of services).
+    fn set_busy(&self, busy: bool) {
+        if self.session.busy.swap(busy, Ordering::Relaxed) == busy {
+            return;
+        }
+        let mut state = self.shared.write();
+        if let Some(info) = state.table.set_busy(&self.me, busy) {
+            tracing::info!(
+                busy,
+                "node {}",
+                if busy { "busy" } else { "no longer busy" }
+            );
+            self.shared.events.busy(&self.me, info.incarnation, busy);
             let event = Header::Member(MemberEvent::Updated(info));
             broadcast_locked(&self.shared, &state.conns, &event);
         }
@@ -1125,6 +1172,7 @@ fn resolve_route(
                 queue: c.queue.downgrade(),
                 incarnation: c.incarnation,
                 max_frame: c.max_frame,
+                session: c.session.clone(),
             }),
             id,
         };

@@ -84,6 +84,11 @@ pub(crate) struct Session {
     pub(crate) counters: NodeCounters,
     /// Its latest report of what went past the server (for the monitor).
     pub(crate) report: std::sync::Mutex<Option<transports::protocol::NodeReport>>,
+    /// Whether it reported itself busy: `AnyOf` passes it over.
+    pub(crate) busy: std::sync::atomic::AtomicBool,
+    /// The backlog in its inboxes it reported last: `AnyOf` sends to the
+    /// least loaded.
+    pub(crate) backlog: AtomicU64,
 }
 
 impl Session {

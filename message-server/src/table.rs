@@ -128,6 +128,17 @@ impl RoutingTable {
         Some(entry.info.clone())
     }
 
+    /// Sets whether member `id` is busy; returns the updated member, or
+    /// `None` if nothing changed.
+    pub fn set_busy(&mut self, id: &NodeId, busy: bool) -> Option<MemberInfo> {
+        let entry = self.nodes.get_mut(id)?;
+        if entry.info.busy == busy {
+            return None;
+        }
+        entry.info.busy = busy;
+        Some(entry.info.clone())
+    }
+
     /// The member registered under `id`.
     pub fn member(&self, id: &NodeId) -> Option<&MemberInfo> {
         self.nodes.get(id).map(|e| &e.info)
@@ -296,6 +307,7 @@ mod tests {
             services: services.iter().map(|s| s.to_string()).collect(),
             direct_addr: None,
             session_key: [0; 32],
+            busy: false,
         }
     }
 

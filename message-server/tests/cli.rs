@@ -112,7 +112,7 @@ fn inert_keys_are_named_at_start() {
     let path = dir.join("inert.toml");
     std::fs::write(
         &path,
-        "[node]\nbusy_upper = 1000\n[monitor]\nlisten = \"\"\n",
+        "[node]\nbusy_upper = 1000\nprocessor_concurrency = 8\n[monitor]\nlisten = \"\"\n",
     )
     .expect("write config");
     let mut child = Command::new(env!("CARGO_BIN_EXE_message-server"))
@@ -137,7 +137,9 @@ fn inert_keys_are_named_at_start() {
     });
     let warning = rx
         .recv_timeout(Duration::from_secs(20))
-        .expect("no warning about node.busy_upper");
-    assert!(warning.contains("node.busy_upper"), "{warning}");
+        .expect("no warning about node.processor_concurrency");
+    // The busy limits are live; processors are not yet.
+    assert!(warning.contains("node.processor_concurrency"), "{warning}");
+    assert!(!warning.contains("busy_upper"), "{warning}");
     let _ = std::fs::remove_dir_all(&dir);
 }

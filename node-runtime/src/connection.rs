@@ -639,11 +639,18 @@ pub(crate) async fn deliver_later(
     // that long is congested, and is answered `Overloaded` at once until
     // its backlog drains, so the connection's other traffic flows. A
     // built-in service's message is refused at once (`WhenFull::Refuse`).
+    // A busy node says so: its sender waits for it to drain before it
+    // sends again.
+    let full = if q.when_full == WhenFull::Wait && rt.busy.is_busy() {
+        DeliveryFailure::ReceiverBusy
+    } else {
+        DeliveryFailure::ReceiverOverloaded
+    };
     let refused = match refused {
         mpsc::error::TrySendError::Full(d) => {
             let congested = q.congested.load(Ordering::Relaxed) && !q.is_drained();
             if congested || q.when_full == WhenFull::Refuse {
-                Some((d.answer, DeliveryFailure::ReceiverOverloaded))
+                Some((d.answer, full))
             } else {
                 q.congested.store(false, Ordering::Relaxed);
                 // This may wait: what was accepted before goes out first.
@@ -661,7 +668,7 @@ pub(crate) async fn deliver_later(
                     Ok(Err(_)) => Some((d.answer, DeliveryFailure::NoSuchService)),
                     Err(_) => {
                         q.congested.store(true, Ordering::Relaxed);
-                        Some((d.answer, DeliveryFailure::ReceiverOverloaded))
+                        Some((d.answer, full))
                     }
                 }
             }

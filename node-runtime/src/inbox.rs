@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -11,6 +11,7 @@ use smol_str::SmolStr;
 use tokio::sync::Notify;
 use transports::protocol::NodeId;
 
+use crate::busy::BusyWatch;
 use crate::reply::Replier;
 use crate::SendError;
 
@@ -138,9 +139,24 @@ pub(crate) struct InboxSender {
     shared: Arc<Shared>,
 }
 
-/// An inbox and its sender, holding `capacity` messages.
-pub(crate) fn inbox(service: &str, capacity: usize) -> (InboxSender, Inbox) {
+/// An inbox and its sender, holding `capacity` messages; with `busy`, it
+/// tells the node's busy watch when its backlog crosses a busy limit.
+pub(crate) fn inbox(
+    service: &str,
+    capacity: usize,
+    busy: Option<Arc<BusyWatch>>,
+) -> (InboxSender, Inbox) {
+    let busy = busy.map(|watch| {
+        let (upper, lower) = watch.limits(capacity.max(1));
+        InboxBusy {
+            watch,
+            upper,
+            lower,
+            over: AtomicBool::new(false),
+        }
+    });
     let shared = Arc::new(Shared {
+        busy,
         state: OwnLine(Mutex::new(State {
             queue: VecDeque::new(),
             waker: None,
@@ -181,8 +197,23 @@ impl<T> std::ops::Deref for OwnLine<T> {
     }
 }
 
+/// An application inbox's part in the node's busy state.
+#[derive(Debug)]
+struct InboxBusy {
+    watch: Arc<BusyWatch>,
+    /// Busy when this many messages are in the inbox...
+    upper: usize,
+    /// ...until no more than this many are.
+    lower: usize,
+    /// Whether this inbox reached `upper` and has not fallen to `lower`.
+    /// Changed under the inbox's lock; read without it as a hint.
+    over: AtomicBool,
+}
+
 #[derive(Debug)]
 struct Shared {
+    /// See [`InboxBusy`]; `None` for the built-in services.
+    busy: Option<InboxBusy>,
     /// Written by every sender for every message.
     state: OwnLine<Mutex<State>>,
     capacity: usize,
@@ -236,6 +267,36 @@ impl Shared {
         state.queue.len() + self.lent.load(Ordering::SeqCst)
     }
 
+    /// After a message went in, under the lock: `used` messages are in
+    /// the inbox now.
+    fn pushed(&self, used: usize) {
+        if let Some(b) = &self.busy {
+            if used >= b.upper && !b.over.load(Ordering::Relaxed) {
+                b.over.store(true, Ordering::Relaxed);
+                b.watch.service_over();
+            }
+        }
+    }
+
+    /// After the receiver took messages, if this inbox was over its upper
+    /// limit: `batch` are still in the receiver's batch.
+    fn taken(&self, batch: usize) {
+        let Some(b) = &self.busy else { return };
+        let state = self.lock();
+        if b.over.load(Ordering::Relaxed) && state.queue.len() + batch <= b.lower {
+            b.over.store(false, Ordering::Relaxed);
+            b.watch.service_under();
+        }
+    }
+
+    /// Whether this inbox is over its busy limit (a hint, without the
+    /// lock).
+    fn is_over(&self) -> bool {
+        self.busy
+            .as_ref()
+            .is_some_and(|b| b.over.load(Ordering::Relaxed))
+    }
+
     /// Wakes the sender waiting for room if it may have enough now:
     /// `lent` is the receiver's batch (what it knows of the room without
     /// the lock; the waiter checks again).
@@ -268,6 +329,9 @@ impl InboxSender {
                 return Err(message);
             }
             state.queue.push_back(message);
+            if self.shared.busy.is_some() {
+                self.shared.pushed(self.shared.used(&state));
+            }
             state.waker.take()
         };
         if let Some(waker) = waker {
@@ -289,6 +353,7 @@ impl InboxSender {
         }
         let room = self.shared.room(&state);
         Ok(Slots {
+            shared: &self.shared,
             state,
             room,
             pushed: false,
@@ -326,6 +391,12 @@ impl InboxSender {
     /// Whether the receiver is gone.
     pub(crate) fn is_closed(&self) -> bool {
         self.shared.lock().receiver_gone
+    }
+
+    /// Messages in the inbox, the receiver's batch included.
+    pub(crate) fn backlog(&self) -> usize {
+        let state = self.shared.lock();
+        self.shared.used(&state)
     }
 
     /// How many messages the inbox holds at most.
@@ -366,6 +437,7 @@ pub(crate) struct Closed;
 
 /// Places in a locked inbox, from [`InboxSender::slots`].
 pub(crate) struct Slots<'a> {
+    shared: &'a Shared,
     state: MutexGuard<'a, State>,
     room: usize,
     pushed: bool,
@@ -383,6 +455,9 @@ impl Slots<'_> {
         self.room = self.room.saturating_sub(1);
         self.state.queue.push_back(message);
         self.pushed = true;
+        if self.shared.busy.is_some() {
+            self.shared.pushed(self.shared.used(&self.state));
+        }
     }
 }
 
@@ -484,6 +559,11 @@ impl Inbox {
         if lent % self.shared.lent_step == 0 || self.shared.room_wanted.load(Ordering::SeqCst) > 0 {
             self.shared.lent.store(lent, Ordering::SeqCst);
             self.shared.room_made(lent);
+            // A busy inbox looks whether it drained to its lower limit
+            // as often as it tells senders of room.
+            if self.shared.is_over() {
+                self.shared.taken(lent);
+            }
         }
         Some(message)
     }
@@ -501,6 +581,11 @@ impl Drop for Inbox {
         let queued = {
             let mut state = self.shared.lock();
             state.receiver_gone = true;
+            if let Some(b) = &self.shared.busy {
+                if b.over.swap(false, Ordering::Relaxed) {
+                    b.watch.service_under();
+                }
+            }
             std::mem::take(&mut state.queue)
         };
         self.shared.lent.store(0, Ordering::SeqCst);
@@ -541,7 +626,7 @@ mod tests {
 
     #[test]
     fn one_way_messages_may_wait_past_the_capacity_in_order() {
-        let (tx, mut rx) = inbox("svc", 2);
+        let (tx, mut rx) = inbox("svc", 2, None);
         assert!(tx.try_send(message(0)).is_ok());
         assert!(tx.try_send(one_way(1)).is_ok());
         // Full for acknowledged messages, and for the pump.
@@ -571,7 +656,7 @@ mod tests {
 
     #[test]
     fn the_capacity_holds_while_a_batch_is_handed_out() {
-        let (tx, mut rx) = inbox("svc", 4);
+        let (tx, mut rx) = inbox("svc", 4, None);
         for seq in 0..4 {
             assert!(tx.try_send(message(seq)).is_ok(), "{seq} fits");
         }
@@ -600,7 +685,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_receiver_is_woken_and_ends_with_the_last_sender() {
-        let (tx, mut rx) = inbox("svc", 8);
+        let (tx, mut rx) = inbox("svc", 8, None);
         let other = tx.clone();
         let receiver = tokio::spawn(async move {
             let mut got = Vec::new();
@@ -638,7 +723,7 @@ mod tests {
     async fn a_waiting_pump_is_always_woken_by_the_receiver() {
         const COUNT: u64 = 20_000;
         for capacity in [1usize, 2, 3, 8] {
-            let (tx, mut rx) = inbox("svc", capacity);
+            let (tx, mut rx) = inbox("svc", capacity, None);
             let receiver = tokio::spawn(async move {
                 let mut next = 0u64;
                 while let Some(m) = rx.recv().await {
@@ -677,7 +762,7 @@ mod tests {
 
     #[tokio::test]
     async fn room_waits_for_the_receiver_and_fails_once_it_is_gone() {
-        let (tx, mut rx) = inbox("svc", 2);
+        let (tx, mut rx) = inbox("svc", 2, None);
         assert!(tx.try_send(message(0)).is_ok());
         assert!(tx.try_send(message(1)).is_ok());
         let room = tx.room(2);
@@ -710,7 +795,7 @@ mod tests {
     /// to a sender that waits for room.
     #[test]
     fn a_large_inbox_shows_room_in_steps_and_at_once_to_a_waiter() {
-        let (tx, mut rx) = inbox("svc", 256);
+        let (tx, mut rx) = inbox("svc", 256, None);
         assert_eq!(tx.shared.lent_step, LENT_STEP);
         for seq in 0..256 {
             assert!(tx.try_send(message(seq)).is_ok(), "{seq} fits");
@@ -975,7 +1060,7 @@ mod tests {
         // The capacity, and in how many of 8 `try_send`s the message is
         // one-way (they may wait past the capacity, as many again).
         for (capacity, one_way) in [(3usize, 0u64), (64, 2), (256, 0)] {
-            let (tx, rx) = inbox("svc", capacity);
+            let (tx, rx) = inbox("svc", capacity, None);
             let bound = if one_way > 0 { 2 * capacity } else { capacity };
             let receiver = tokio::spawn(stress_receiver(rx, SENDERS, bound));
             let pump = Arc::new(tokio::sync::Mutex::new(()));
@@ -1012,7 +1097,7 @@ mod tests {
         let within = std::time::Duration::from_secs(10);
         for round in 0..200u64 {
             let capacity = 1 + (round % 4) as usize;
-            let (tx, rx) = inbox("svc", capacity);
+            let (tx, rx) = inbox("svc", capacity, None);
             for n in 0..capacity as u64 {
                 assert!(tx.try_send(message(n)).is_ok(), "{n} fits");
             }
@@ -1092,7 +1177,7 @@ mod tests {
         for round in 0..400u64 {
             let capacity = 1 + rng.below(8) as usize;
             let keep = rng.below(300);
-            let (tx, mut rx) = inbox("svc", capacity);
+            let (tx, mut rx) = inbox("svc", capacity, None);
             let receiver = tokio::spawn(async move {
                 for _ in 0..keep {
                     if rx.recv().await.is_none() {
@@ -1166,7 +1251,7 @@ mod tests {
         let mut rng = Rng::new(7);
         for round in 0..1_500u64 {
             let capacity = [1usize, 2, 3, 8, 64, 256][round as usize % 6];
-            let (tx, mut rx) = inbox("svc", capacity);
+            let (tx, mut rx) = inbox("svc", capacity, None);
             let step = rx.shared.lent_step;
             for n in 0..capacity as u64 {
                 assert!(tx.try_send(message(n)).is_ok(), "{n} fits");

@@ -53,6 +53,7 @@
 //!   itself with.
 
 pub mod builder;
+mod busy;
 mod channels;
 mod connection;
 mod core;

@@ -54,12 +54,18 @@ impl MembershipEvents {
 #[derive(Debug)]
 pub(crate) struct MemberView {
     events: broadcast::Sender<MembershipEvent>,
+    /// Woken at every membership event: sends held back by a busy member
+    /// look again.
+    pub(crate) changed: tokio::sync::Notify,
 }
 
 impl MemberView {
     pub(crate) fn new() -> Self {
         let (events, _) = broadcast::channel(MEMBERSHIP_EVENT_CAPACITY);
-        MemberView { events }
+        MemberView {
+            events,
+            changed: tokio::sync::Notify::new(),
+        }
     }
 
     pub(crate) fn subscribe(&self) -> MembershipEvents {
@@ -71,5 +77,6 @@ impl MemberView {
     pub(crate) fn emit(&self, event: MembershipEvent) {
         // No subscriber is fine.
         let _ = self.events.send(event);
+        self.changed.notify_waiters();
     }
 }

@@ -78,7 +78,10 @@ pub(crate) fn open_inbox(
     capacity: usize,
     when_full: WhenFull,
 ) -> Result<Inbox, NodeError> {
-    let (tx, rx) = crate::inbox::inbox(service, capacity);
+    // The application's services make the node busy; the built-in ones
+    // (refused at once when full) never do.
+    let busy = (when_full == WhenFull::Wait).then(|| rt.busy.clone());
+    let (tx, rx) = crate::inbox::inbox(service, capacity, busy);
     let (delivery_tx, delivery_rx) = mpsc::channel(capacity);
     let backlog: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
     let name: Arc<str> = Arc::from(service);
@@ -167,6 +170,14 @@ impl Node {
     /// The address this node announced for direct channels.
     pub fn direct_addr(&self) -> Option<std::net::SocketAddr> {
         self.rt.server.hello().direct_addr
+    }
+
+    /// Whether this node is busy: one of its service inboxes reached
+    /// `node.busy_upper` messages and not all have fallen to
+    /// `node.busy_lower` since. The other members see it in
+    /// [`MemberInfo::busy`](crate::MemberInfo).
+    pub fn is_busy(&self) -> bool {
+        self.rt.busy.is_busy()
     }
 
     /// Where this node serves its own metrics (`http://ADDR/metrics`), as

@@ -84,6 +84,12 @@ impl Runtime {
         };
         let (route, seq, incarnation) = {
             let mut core = self.core.lock();
+            // Held back while its receiver is busy (see `start_send`).
+            if core.members().busy_count() > 0 {
+                if let Some(node) = core.members().busy_blocker(&self.id, target, service) {
+                    return Err(SendError::Busy { node });
+                }
+            }
             let route = core.handle_send(now, &msg, lazy_open)?;
             let numbered_later = ordered && route == core::Route::Server;
             let seq = (!numbered_later).then(|| core.next_seq());
@@ -129,8 +135,38 @@ impl Runtime {
         if self.is_stopping() {
             return Err(SendError::Shutdown);
         }
-        self.route(target, service, body.len() as u64, deadline, ordered)
-            .await
+        let first = self
+            .route(target, service, body.len() as u64, deadline, ordered)
+            .await;
+        match first {
+            Err(SendError::Busy { .. }) => {}
+            other => return other,
+        }
+        // A busy receiver slows its senders: the send waits for it to
+        // drain (a membership event says so), up to its deadline, and is
+        // never dropped; at the deadline it fails `Busy`.
+        let deadline = deadline.unwrap_or_else(|| self.deadline());
+        loop {
+            let changed = self.members.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match self
+                .route(target, service, body.len() as u64, Some(deadline), ordered)
+                .await
+            {
+                Err(busy @ SendError::Busy { .. }) => {
+                    let woken = tokio::select! {
+                        () = changed => true,
+                        () = self.cancel.cancelled() => return Err(SendError::Shutdown),
+                        () = tokio::time::sleep_until(deadline) => false,
+                    };
+                    if !woken {
+                        return Err(busy);
+                    }
+                }
+                other => return other,
+            }
+        }
     }
 
     /// The number `numbered` took, or a new one (for the rare route that

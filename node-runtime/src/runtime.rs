@@ -101,6 +101,8 @@ pub(crate) struct Runtime {
     /// Every node's permissions, from this node's copy of the cluster's
     /// file: what the nodes that open channels to this one may send.
     pub(crate) permissions: cluster_config::PermissionsTable,
+    /// Whether this node is busy (`node.busy_upper`, `node.busy_lower`).
+    pub(crate) busy: Arc<crate::busy::BusyWatch>,
 }
 
 impl Runtime {
@@ -152,6 +154,10 @@ impl Runtime {
             trace: Mutex::new(None),
         });
         let replier = Arc::new(Replier::new(&id, &config, &core, &server));
+        let busy = Arc::new(crate::busy::BusyWatch::new(
+            config.node.busy_upper,
+            config.node.busy_lower,
+        ));
         Runtime {
             id,
             config,
@@ -172,6 +178,7 @@ impl Runtime {
             started: std::time::Instant::now(),
             credentials: parts.credentials,
             permissions: parts.permissions,
+            busy,
         }
     }
 

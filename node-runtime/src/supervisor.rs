@@ -20,7 +20,7 @@ use cluster_manager::link::LinkAction;
 use transports::frame::FrameCodec;
 use transports::handshake::{self, HandshakeError};
 use transports::io::{ReadHalf, WriteHalf};
-use transports::protocol::{Header, Hello, Interests, RefusalReason, Welcome};
+use transports::protocol::{Header, Hello, Interests, NodeReport, RefusalReason, Welcome};
 use transports::{write_queue, FrameReader, Lane, OutFrame, OutReceiver, WriteEnd};
 
 use crate::connection::{read_frames, LinkEnd, LinkLost};
@@ -322,6 +322,45 @@ async fn reconnect(rt: &Runtime) -> Option<(Link, Welcome)> {
     }
 }
 
+/// Queues this node's report to the message server (see [`NodeReport`]);
+/// `reported_busy` is the busy state it carried, if it was queued.
+fn send_report(rt: &Runtime, reported_busy: &mut bool) {
+    let c = rt.counters.snapshot();
+    let busy = rt.busy.is_busy();
+    let backlog = rt
+        .services
+        .inboxes
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .map(|q| q.inbox.backlog() + q.backlog.load(std::sync::atomic::Ordering::Relaxed))
+        .sum::<usize>();
+    let report = NodeReport {
+        lazy_messages: c.lazy_messages,
+        lazy_bytes: c.lazy_bytes,
+        session_messages: c.session_messages,
+        session_bytes: c.session_bytes,
+        received_direct: c.received_direct,
+        channels_open: rt.direct.open_count() as u64,
+        busy: Some(busy),
+        backlog: backlog as u64,
+    };
+    let frame = OutFrame::control(Header::Report(report));
+    if rt.server.queue.try_push(frame, Lane::Control).is_err() {
+        tracing::debug!("report to the message server skipped: its queue is full");
+    } else {
+        if busy != *reported_busy {
+            tracing::info!(
+                busy,
+                backlog,
+                "this node is {}",
+                if busy { "busy" } else { "no longer busy" }
+            );
+        }
+        *reported_busy = busy;
+    }
+}
+
 /// Sends heartbeats to the current message server and notices when it
 /// stops answering (a stopped or cut-off server that TCP has not noticed).
 pub(crate) async fn heartbeats(rt: Runtime, socket: tokio::net::UdpSocket) {
@@ -339,6 +378,7 @@ pub(crate) async fn heartbeats(rt: Runtime, socket: tokio::net::UdpSocket) {
             .finish()
             >> 1
     };
+    let mut reported_busy = false;
     loop {
         tokio::select! {
             _ = rt.cancel.cancelled() => return,
@@ -360,21 +400,15 @@ pub(crate) async fn heartbeats(rt: Runtime, socket: tokio::net::UdpSocket) {
                 if let Err(e) = socket.send_to(&ping.encode(), target.addr).await {
                     tracing::debug!(error = %e, "heartbeat not sent");
                 }
-                // What went past the server, for its monitor; skipped
-                // when the link's queue is full.
-                let c = rt.counters.snapshot();
-                let report = transports::protocol::NodeReport {
-                    lazy_messages: c.lazy_messages,
-                    lazy_bytes: c.lazy_bytes,
-                    session_messages: c.session_messages,
-                    session_bytes: c.session_bytes,
-                    received_direct: c.received_direct,
-                    channels_open: rt.direct.open_count() as u64,
-                    busy: None,
-                };
-                let frame = OutFrame::control(Header::Report(report));
-                if rt.server.queue.try_push(frame, Lane::Control).is_err() {
-                    tracing::debug!("report to the message server skipped: its queue is full");
+                // What went past the server, for its monitor, and whether
+                // this node is busy; skipped when the link's queue is full.
+                send_report(&rt, &mut reported_busy);
+            }
+            // Busy or no longer busy: the server hears it at once, not at
+            // the next heartbeat.
+            () = rt.busy.changed.notified() => {
+                if rt.busy.is_busy() != reported_busy && rt.core.lock().link().is_up() {
+                    send_report(&rt, &mut reported_busy);
                 }
             }
             r = socket.recv_from(&mut buf) => {

@@ -15,7 +15,7 @@ use smol_str::SmolStr;
 
 /// The protocol version this build speaks. Peers with another version are
 /// refused at the handshake with [`RefusalReason::VersionMismatch`].
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Bytes of a handshake nonce.
 pub const NONCE_BYTES: usize = 16;
@@ -221,8 +221,13 @@ pub struct NodeReport {
     pub received_direct: u64,
     /// Direct channels this node opened that are open now.
     pub channels_open: u64,
-    /// Whether the node is busy (flow control). `None`: not reported.
+    /// Whether the node is busy (its backlog reached `node.busy_upper`
+    /// and has not fallen to `node.busy_lower` since). `None`: not
+    /// reported. A node sends a report at once when this changes.
     pub busy: Option<bool>,
+    /// Messages waiting in the node's service inboxes, all services
+    /// together: `AnyOf` sends to the least loaded.
+    pub backlog: u64,
 }
 
 /// A node's request to the message server for a trace: the headers (and
@@ -619,6 +624,9 @@ pub enum DeliveryFailure {
     /// The sender's permissions (`permissions.send`) do not include the
     /// target.
     NotPermitted,
+    /// The receiver is busy (see [`MemberInfo::busy`]) and its queue for
+    /// the service was full.
+    ReceiverBusy,
 }
 
 impl fmt::Display for DeliveryFailure {
@@ -635,6 +643,7 @@ impl fmt::Display for DeliveryFailure {
             DeliveryFailure::NotPermitted => {
                 f.write_str("not permitted: the sender may not send to this target")
             }
+            DeliveryFailure::ReceiverBusy => f.write_str("receiver busy"),
         }
     }
 }
@@ -700,6 +709,10 @@ pub struct MemberInfo {
     /// The public half of its session key: a direct channel to or from
     /// this incarnation is signed with it.
     pub session_key: PublicKey,
+    /// Whether it reported itself busy (its backlog reached
+    /// `node.busy_upper` and has not yet fallen to `node.busy_lower`):
+    /// senders wait before sending to it, and `AnyOf` passes it over.
+    pub busy: bool,
 }
 
 /// Why a member left.

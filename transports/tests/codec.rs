@@ -124,17 +124,20 @@ fn member_info() -> impl Strategy<Value = MemberInfo> {
         names(),
         names(),
         proptest::option::of(socket_addr()),
-        any::<[u8; 32]>(),
+        (any::<[u8; 32]>(), any::<bool>()),
     )
         .prop_map(
-            |(id, incarnation, role, groups, services, direct_addr, session_key)| MemberInfo {
-                id,
-                incarnation,
-                role,
-                groups,
-                services,
-                direct_addr,
-                session_key,
+            |(id, incarnation, role, groups, services, direct_addr, (session_key, busy))| {
+                MemberInfo {
+                    id,
+                    incarnation,
+                    role,
+                    groups,
+                    services,
+                    direct_addr,
+                    session_key,
+                    busy,
+                }
             },
         )
 }
@@ -231,6 +234,8 @@ fn delivery_failure() -> impl Strategy<Value = DeliveryFailure> {
         Just(DeliveryFailure::ReceiverOverloaded),
         text().prop_map(DeliveryFailure::Rejected),
         Just(DeliveryFailure::TargetStopped),
+        Just(DeliveryFailure::NotPermitted),
+        Just(DeliveryFailure::ReceiverBusy),
     ]
 }
 
@@ -365,10 +370,11 @@ fn header() -> impl Strategy<Value = Header> {
             (
                 any::<u64>(),
                 any::<u64>(),
-                proptest::option::of(any::<bool>())
+                proptest::option::of(any::<bool>()),
+                any::<u64>(),
             ),
         )
-            .prop_map(|((lm, lb, sm, sb), (received, open, busy))| {
+            .prop_map(|((lm, lb, sm, sb), (received, open, busy, backlog))| {
                 Header::Report(NodeReport {
                     lazy_messages: lm,
                     lazy_bytes: lb,
@@ -377,6 +383,7 @@ fn header() -> impl Strategy<Value = Header> {
                     received_direct: received,
                     channels_open: open,
                     busy,
+                    backlog,
                 })
             }),
         (names(), names()).prop_map(|(groups, services)| Header::Interests(Box::new(Interests {

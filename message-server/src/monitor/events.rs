@@ -43,6 +43,10 @@ pub enum MembershipKind {
     Disconnected,
     /// A node was declared failed: no heartbeat within the failure timeout.
     Failed,
+    /// A node reported itself busy (its backlog reached `node.busy_upper`).
+    Busy,
+    /// A busy node reported it drained to `node.busy_lower`.
+    NotBusy,
 }
 
 /// One membership event.
@@ -90,6 +94,8 @@ pub struct EventTotals {
     pub disconnected: u64,
     /// Members declared failed.
     pub failed: u64,
+    /// Times a member became busy.
+    pub busy: u64,
     /// Refused connections.
     pub refused: u64,
 }
@@ -157,6 +163,16 @@ impl EventLog {
         log.push(kind, id, incarnation, None);
     }
 
+    /// A node reported itself busy, or no longer busy.
+    pub(crate) fn busy(&self, id: &NodeId, incarnation: u64, busy: bool) {
+        let kind = if busy {
+            MembershipKind::Busy
+        } else {
+            MembershipKind::NotBusy
+        };
+        self.log().push(kind, id, incarnation, None);
+    }
+
     /// A node was declared failed.
     pub(crate) fn failed(&self, id: &NodeId, incarnation: u64) {
         self.left(id, incarnation, LeaveReason::Failed);
@@ -198,14 +214,18 @@ impl Log {
         peer: Option<SocketAddr>,
     ) {
         let total = match kind {
-            MembershipKind::Joined => &mut self.totals.joined,
-            MembershipKind::Returned => &mut self.totals.returned,
-            MembershipKind::Reconnected => &mut self.totals.reconnected,
-            MembershipKind::Stopped => &mut self.totals.stopped,
-            MembershipKind::Disconnected => &mut self.totals.disconnected,
-            MembershipKind::Failed => &mut self.totals.failed,
+            MembershipKind::Joined => Some(&mut self.totals.joined),
+            MembershipKind::Returned => Some(&mut self.totals.returned),
+            MembershipKind::Reconnected => Some(&mut self.totals.reconnected),
+            MembershipKind::Stopped => Some(&mut self.totals.stopped),
+            MembershipKind::Disconnected => Some(&mut self.totals.disconnected),
+            MembershipKind::Failed => Some(&mut self.totals.failed),
+            MembershipKind::Busy => Some(&mut self.totals.busy),
+            MembershipKind::NotBusy => None,
         };
-        *total += 1;
+        if let Some(total) = total {
+            *total += 1;
+        }
         if self.membership.len() >= EVENTS_KEPT {
             self.membership.pop_front();
         }
@@ -264,6 +284,7 @@ mod tests {
             services: vec![],
             direct_addr: None,
             session_key: [0; 32],
+            busy: false,
         }
     }
 

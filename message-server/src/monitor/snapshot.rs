@@ -130,9 +130,13 @@ pub struct Member {
     pub address: Option<SocketAddr>,
     /// Where it accepts direct channels.
     pub direct_address: Option<SocketAddr>,
-    /// Whether it reports itself busy. `None` (shown as n/a) until nodes
-    /// report it (flow control).
+    /// Whether it reports itself busy (`node.busy_upper`). `None` (shown
+    /// as n/a) until it sent its first report.
     pub busy: Option<bool>,
+    /// Messages waiting in its service inboxes, as it reported last
+    /// (every heartbeat interval, and at once when it becomes busy or no
+    /// longer busy); `AnyOf` prefers the least.
+    pub backlog: Option<u64>,
     /// Milliseconds since its last heartbeat (or its registration).
     pub heartbeat_age_ms: Option<u64>,
     /// Milliseconds since it registered.
@@ -317,6 +321,7 @@ pub(crate) fn gather(
                 .as_ref()
                 .and_then(|s| s.report())
                 .and_then(|r| r.busy),
+            backlog: session.as_ref().and_then(|s| s.report()).map(|r| r.backlog),
             heartbeat_age_ms: conn.as_ref().map(|c| {
                 now_ms.saturating_sub(c.last_seen.load(std::sync::atomic::Ordering::Relaxed))
             }),

@@ -1,0 +1,206 @@
+//! Flow control: busy hysteresis. A node whose inbox reaches
+//! `node.busy_upper` says so at once (heartbeats are 30 s apart here, so
+//! only the immediate report can explain what the others see); `AnyOf`
+//! passes it over; sends to it wait and fail `Busy` at their timeout, never
+//! dropped; once it drains to `node.busy_lower` it is back in rotation and
+//! the waiting send goes through. The monitor's JSON shows the state.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use clustercomm_tests::{bounded, init_logging, test_config, TestServer};
+use node_runtime::{Config, MembershipEvent, MembershipEvents, Node, NodeId, SendError, Target};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const UPPER: usize = 64;
+const LOWER: usize = 16;
+
+fn config() -> Config {
+    let mut config = test_config();
+    // Only an immediate report can tell the others in time.
+    config.cluster.heartbeat_interval_ms = 30_000;
+    config.cluster.failure_timeout_ms = 90_000;
+    config.node.busy_upper = UPPER;
+    config.node.busy_lower = LOWER;
+    config.node.inbox_capacity = 128;
+    config.node.send_timeout_ms = 1_000;
+    config
+}
+
+async fn node(server: SocketAddr, id: &str, groups: &[&str]) -> anyhow::Result<Node> {
+    Ok(Node::builder(id)
+        .config(config())
+        .message_server(server)
+        .groups(groups.iter().copied())
+        .ignore_environment()
+        .start()
+        .await?)
+}
+
+/// Waits for `id` to be seen busy (or not), returning when.
+async fn busy_seen(events: &mut MembershipEvents, id: &str, busy: bool) -> anyhow::Result<Instant> {
+    loop {
+        match events.recv().await? {
+            MembershipEvent::Updated(m) if m.id == *id && m.busy == busy => {
+                return Ok(Instant::now())
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await?;
+    let (_, body) = raw.split_once("\r\n\r\n").context("no body")?;
+    Ok(serde_json::from_str(body)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_node_is_spared_until_it_drains() -> anyhow::Result<()> {
+    init_logging();
+    bounded(async {
+        let server = TestServer::start(config()).await?;
+        let monitor =
+            message_server::monitor::Monitor::bind("127.0.0.1:0".parse()?, server.handle.clone())
+                .await?;
+        let monitor_addr = monitor.local_addr();
+        tokio::spawn(monitor.run(std::future::pending()));
+
+        let slow = node(server.addr, "slow", &["workers", "solo"]).await?;
+        let fast = node(server.addr, "fast", &["workers"]).await?;
+        let client = node(server.addr, "client", &[]).await?;
+        let mut slow_inbox = slow.subscribe("jobs").await?;
+        let mut fast_inbox = fast.subscribe("jobs").await?;
+        let fast_reader = tokio::spawn(async move {
+            let mut n = 0u64;
+            while fast_inbox.recv().await.is_some() {
+                n += 1;
+            }
+            n
+        });
+        // The client knows both offer the service.
+        let mut events = client.membership_events();
+        loop {
+            let offering = client
+                .members()
+                .iter()
+                .filter(|m| m.services.iter().any(|s| s == "jobs"))
+                .count();
+            if offering == 2 {
+                break;
+            }
+            events.recv().await?;
+        }
+
+        // Fill slow's inbox to the upper limit; each send is acknowledged
+        // once the inbox took it.
+        let to_slow = Target::Node(NodeId::new("slow"));
+        for i in 0..UPPER {
+            client.send(to_slow.clone(), "jobs", i.to_string()).await?;
+        }
+        let filled = Instant::now();
+        let seen = tokio::time::timeout(Duration::from_secs(5), busy_seen(&mut events, "slow", true))
+            .await
+            .context("slow was not seen busy within 5 s (heartbeats are 30 s apart)")??;
+        println!(
+            "slow seen busy by the client {:.1} ms after its inbox reached busy_upper (target: within 50 ms)",
+            seen.duration_since(filled).as_secs_f64() * 1e3
+        );
+        ensure!(slow.is_busy());
+        ensure!(client.members().iter().any(|m| m.id == "slow" && m.busy));
+        let members = get_json(monitor_addr, "/api/v1/members").await?;
+        let shown = members
+            .as_array()
+            .and_then(|a| a.iter().find(|m| m["id"] == "slow"))
+            .context("slow not in the monitor")?;
+        ensure!(shown["busy"] == Value::Bool(true), "{shown}");
+        ensure!(shown["backlog"].as_u64() == Some(UPPER as u64), "{shown}");
+        let events_json = get_json(monitor_addr, "/api/v1/events").await?;
+        ensure!(
+            events_json["membership"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|e| e["kind"] == "busy" && e["node"] == "slow")),
+            "{events_json}"
+        );
+
+        // AnyOf passes slow over.
+        const SPARED: usize = 50;
+        for i in 0..SPARED {
+            let report = client
+                .send(Target::AnyOf("workers".into()), "jobs", format!("any {i}"))
+                .await?;
+            ensure!(
+                report.delivered == [NodeId::new("fast")],
+                "AnyOf went to {:?} while slow was busy",
+                report.delivered
+            );
+        }
+        // A send to slow alone waits for its timeout and fails Busy; so does
+        // AnyOf over a group whose only member is busy. Nothing reaches it.
+        for target in [to_slow.clone(), Target::AnyOf("solo".into())] {
+            let started = Instant::now();
+            match client.send(target.clone(), "jobs", "held").await {
+                Err(SendError::Busy { node }) => println!(
+                    "{target}: Busy ({node}) after {:.0} ms (send timeout 1000 ms)",
+                    started.elapsed().as_secs_f64() * 1e3
+                ),
+                other => bail!("{target}: {other:?}, not Busy"),
+            }
+        }
+        ensure!(slow_inbox.len() == UPPER, "{} in slow's inbox", slow_inbox.len());
+
+        // A send that waits while slow drains goes through.
+        let waiting = {
+            let client = client.clone();
+            let to_slow = to_slow.clone();
+            tokio::spawn(async move { client.send(to_slow, "jobs", "after").await })
+        };
+        let mut drained = 0;
+        while slow_inbox.len() > LOWER {
+            slow_inbox.recv().await.context("slow's inbox closed")?;
+            drained += 1;
+        }
+        // The drain is seen when the receiver hands out messages.
+        while slow.is_busy() {
+            slow_inbox.recv().await.context("slow's inbox closed")?;
+            drained += 1;
+        }
+        tokio::time::timeout(Duration::from_secs(5), busy_seen(&mut events, "slow", false))
+            .await
+            .context("slow not seen drained")??;
+        let report = waiting.await??;
+        ensure!(report.delivered == [NodeId::new("slow")]);
+        println!("slow no longer busy after taking {drained} messages; the waiting send went through");
+
+        // Back in rotation: with fast gone, AnyOf goes to slow (while it
+        // was busy, this waited for the send timeout and failed `Busy`).
+        fast.shutdown().await;
+        let fast_got = fast_reader.await?;
+        ensure!(fast_got >= SPARED as u64, "fast got {fast_got}");
+        loop {
+            if let MembershipEvent::Left { id, .. } = events.recv().await? {
+                if id == "fast" {
+                    break;
+                }
+            }
+        }
+        for i in 0..5 {
+            let report = client
+                .send(Target::AnyOf("workers".into()), "jobs", format!("again {i}"))
+                .await?;
+            ensure!(report.delivered == [NodeId::new("slow")], "{report:?}");
+        }
+        slow.shutdown().await;
+        client.shutdown().await;
+        server.stop().await;
+        Ok(())
+    })
+    .await
+}
