@@ -67,6 +67,8 @@ pub async fn trace(join: &Join, filter: &Filter) -> anyhow::Result<()> {
                         MessageKind::Send => "send",
                         MessageKind::Request => "request",
                         MessageKind::Reply { .. } => "reply",
+                        MessageKind::ReplyError { code: Some(_), .. } => "error reply",
+                        MessageKind::ReplyError { code: None, .. } => "no reply",
                     };
                     let mut line = format!(
                         "{} {} {}#{} -> {} service {} {} bytes",

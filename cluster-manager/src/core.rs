@@ -456,6 +456,34 @@ impl<W> NodeCore<W> {
         self.complete(done);
     }
 
+    /// An error answer from `sender` to this node's request `request_seq`
+    /// (sent by `requester_incarnation`): `code` from the application's
+    /// `reply_err`, or `None` when the request was dropped without a
+    /// reply; `text` is the error's text.
+    pub fn handle_reply_error(
+        &mut self,
+        sender: &str,
+        requester_incarnation: u64,
+        request_seq: u64,
+        code: Option<u32>,
+        text: &[u8],
+    ) {
+        if requester_incarnation != self.incarnation {
+            return;
+        }
+        let from = self.members.id_of(sender);
+        let error = match code {
+            Some(code) => SendError::Remote {
+                node: from.clone(),
+                code,
+                text: String::from_utf8_lossy(text).into_owned(),
+            },
+            None => SendError::NoReply { node: from.clone() },
+        };
+        let done = self.tracker.handle_reply_error(request_seq, &from, error);
+        self.complete(done);
+    }
+
     /// A receiver's acknowledgement.
     pub fn handle_ack(&mut self, ack: &Ack) {
         if ack.to_incarnation != self.incarnation {

@@ -90,6 +90,26 @@ pub enum SendError {
         /// The busy receiver (for `AnyOf`, the group).
         node: NodeId,
     },
+    /// The receiver answered the request with an error
+    /// (`Message::reply_err`). It was delivered and handled: not
+    /// definite in the sense of [`SendError::is_definite`].
+    #[error("{node} answered with error {code}: {text}")]
+    Remote {
+        /// The receiver that answered.
+        node: NodeId,
+        /// The application's error code.
+        code: u32,
+        /// Its text.
+        text: String,
+    },
+    /// The receiver dropped the request without replying (its handler
+    /// let go of the message, or its service closed with the request in
+    /// its inbox). It was delivered: not definite.
+    #[error("{node} dropped the request without a reply")]
+    NoReply {
+        /// The receiver.
+        node: NodeId,
+    },
     /// The target stopped. Definite when `in_flight` is false (the message
     /// never left); uncertain when true (it may have been delivered).
     #[error("node {node} stopped {}", if *.in_flight { "while the message was in flight; it may have been delivered" } else { "before the message left" })]
@@ -179,7 +199,11 @@ impl SendError {
             | SendError::NotPermitted { .. }
             | SendError::Shutdown => true,
             SendError::TargetStopped { in_flight, .. } => !in_flight,
-            SendError::Timeout { .. } | SendError::Disconnected | SendError::Incomplete(_) => false,
+            SendError::Timeout { .. }
+            | SendError::Disconnected
+            | SendError::Incomplete(_)
+            | SendError::Remote { .. }
+            | SendError::NoReply { .. } => false,
         }
     }
 

@@ -482,6 +482,24 @@ impl<W> DeliveryTracker<W> {
         ))
     }
 
+    /// An error answer (see [`SendError::Remote`], [`SendError::NoReply`])
+    /// from `from` to request `request_seq`: it fails with `error`.
+    pub fn handle_reply_error(
+        &mut self,
+        request_seq: u64,
+        from: &NodeId,
+        error: SendError,
+    ) -> Option<(W, Completion)> {
+        match self.pending.get(&request_seq) {
+            Some(p)
+                if p.awaiting == Awaiting::Reply
+                    && p.expected().is_none_or(|e| e.contains(from)) => {}
+            _ => return None,
+        }
+        let p = self.take(request_seq)?;
+        Some((p.waiter, Completion::Failed(error)))
+    }
+
     /// A member left: every message waiting on it fails for that receiver
     /// (it may have been delivered).
     pub fn handle_member_left(&mut self, id: &NodeId) -> Vec<(W, Completion)> {

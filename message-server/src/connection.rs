@@ -944,7 +944,7 @@ impl Connection {
         }
         // Replies go to the requesting runtime, not to a service, and
         // nobody waits for their routing result.
-        let is_reply = matches!(h.kind, MessageKind::Reply { .. });
+        let is_reply = h.kind.is_reply();
         let acked = matches!(h.kind, MessageKind::Send | MessageKind::Request);
         let to_node = matches!(h.target, TargetRef::Node(_));
         let generation = self.shared.generation();

@@ -436,6 +436,18 @@ pub(crate) fn deliver_now(
         rt.dispatch(out.events);
         return None;
     }
+    if let MessageKind::ReplyError {
+        request_seq,
+        requester_incarnation,
+        code,
+    } = h.kind
+    {
+        let ((), out) = rt.core.run(|core| {
+            core.handle_reply_error(h.sender, requester_incarnation, request_seq, code, &body)
+        });
+        rt.dispatch(out.events);
+        return None;
+    }
     // Nothing is accepted from an incarnation declared failed. At most
     // once per runtime: a resent message is acknowledged again, not
     // delivered again. Only acknowledged messages are ever resent (they
@@ -480,9 +492,9 @@ pub(crate) fn deliver_now(
                 .map(Later::Ack)
         }),
         // Full, or its receiver gone: the usual way.
-        Err(message) => Some(Later::New {
-            sender: message.sender,
-            body: message.body,
+        Err(mut message) => Some(Later::New {
+            sender: message.sender.clone(),
+            body: std::mem::take(&mut message.body),
         }),
     }
 }
@@ -503,6 +515,8 @@ fn new_message(
         body,
         one_way: h.kind == MessageKind::Notify,
         replier: (h.kind == MessageKind::Request).then(|| rt.replier.clone()),
+        handed: false,
+        replied: std::sync::atomic::AtomicBool::new(false),
     }
 }
 

@@ -19,8 +19,8 @@ use transports::frame::FrameCodec;
 use transports::frame::{peek_cached, BodyArena, NameCache, Peeked};
 use transports::handshake::{self, HandshakeError};
 use transports::protocol::{
-    same_name, AckStatus, DeliveryFailure, Header, MessageKind, NodeId, PublicKey, RefusalReason,
-    TargetRef, Welcome, PROTOCOL_VERSION,
+    same_name, AckStatus, DeliveryFailure, Header, NodeId, PublicKey, RefusalReason, TargetRef,
+    Welcome, PROTOCOL_VERSION,
 };
 use transports::{out_queue, FrameReader, Lane, OutFrame};
 
@@ -605,7 +605,7 @@ async fn serve_inbound(
                     );
                     break;
                 }
-                let is_reply = matches!(h.kind, MessageKind::Reply { .. });
+                let is_reply = h.kind.is_reply();
                 let permitted = match (&permissions, h.target) {
                     (None, _) => true,
                     _ if is_reply => true,

@@ -31,6 +31,28 @@ pub struct Message {
     /// reply. Weak: a message the application keeps does not keep its
     /// node alive.
     pub(crate) replier: Option<Arc<Replier>>,
+    /// Whether the application was handed the message (a request it drops
+    /// without replying is answered `NoReply`; one the node refused was
+    /// answered already).
+    pub(crate) handed: bool,
+    /// Whether the request was answered (`reply` or `reply_err`).
+    pub(crate) replied: AtomicBool,
+}
+
+impl Drop for Message {
+    fn drop(&mut self) {
+        if !self.handed || self.replied.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Some(replier) = &self.replier {
+            replier.no_reply_now(
+                &self.sender,
+                self.sender_incarnation,
+                self.seq,
+                &self.service,
+            );
+        }
+    }
 }
 
 impl fmt::Debug for Message {
@@ -73,9 +95,11 @@ impl Message {
         &self.body
     }
 
-    /// Takes the body.
-    pub fn into_body(self) -> Bytes {
-        self.body
+    /// Takes the body. A request whose body is taken can no longer be
+    /// answered: its requester gets `NoReply` (reply first, with
+    /// [`Message::body`], to answer it).
+    pub fn into_body(mut self) -> Bytes {
+        std::mem::take(&mut self.body)
     }
 
     /// Whether the sender awaits a reply.
@@ -94,6 +118,7 @@ impl Message {
         let Some(replier) = &self.replier else {
             return Err(SendError::NotARequest);
         };
+        self.replied.store(true, Ordering::Relaxed);
         replier
             .send(
                 &self.sender,
@@ -101,6 +126,29 @@ impl Message {
                 self.seq,
                 &self.service,
                 body.into(),
+            )
+            .await
+    }
+
+    /// Answers a request with an error: the requester's `request` fails
+    /// with [`SendError::Remote`] carrying `code` and `text`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Message::reply`].
+    pub async fn reply_err(&self, code: u32, text: impl Into<String>) -> Result<(), SendError> {
+        let Some(replier) = &self.replier else {
+            return Err(SendError::NotARequest);
+        };
+        self.replied.store(true, Ordering::Relaxed);
+        replier
+            .send_error(
+                &self.sender,
+                self.sender_incarnation,
+                self.seq,
+                &self.service,
+                Some(code),
+                Bytes::from(text.into()),
             )
             .await
     }
@@ -554,7 +602,8 @@ impl Inbox {
     /// the message, both sequentially consistent: one of the two sees the
     /// other).
     fn next_taken(&mut self) -> Option<Message> {
-        let message = self.batch.pop_front()?;
+        let mut message = self.batch.pop_front()?;
+        message.handed = true;
         let lent = self.batch.len();
         if lent % self.shared.lent_step == 0 || self.shared.room_wanted.load(Ordering::SeqCst) > 0 {
             self.shared.lent.store(lent, Ordering::SeqCst);
@@ -578,6 +627,10 @@ fn take_batch(shared: &Shared, state: &mut State, batch: &mut VecDeque<Message>)
 
 impl Drop for Inbox {
     fn drop(&mut self) {
+        // Requests never handed out are answered `NoReply` as they go.
+        for m in self.batch.iter_mut() {
+            m.handed = true;
+        }
         let queued = {
             let mut state = self.shared.lock();
             state.receiver_gone = true;
@@ -591,6 +644,10 @@ impl Drop for Inbox {
         self.shared.lent.store(0, Ordering::SeqCst);
         // A sender waiting for room learns the inbox is gone.
         self.shared.room.notify_waiters();
+        let mut queued = queued;
+        for m in queued.iter_mut() {
+            m.handed = true;
+        }
         drop(queued);
     }
 }
@@ -606,10 +663,9 @@ mod tests {
 
     /// An acknowledged message (it only ever takes the inbox's places).
     fn message(seq: u64) -> Message {
-        Message {
-            one_way: false,
-            ..one_way(seq)
-        }
+        let mut m = one_way(seq);
+        m.one_way = false;
+        m
     }
 
     fn one_way(seq: u64) -> Message {
@@ -621,6 +677,8 @@ mod tests {
             body: Bytes::new(),
             one_way: true,
             replier: None,
+            handed: false,
+            replied: AtomicBool::new(false),
         }
     }
 
@@ -853,6 +911,8 @@ mod tests {
             body: Bytes::from(body),
             one_way,
             replier: None,
+            handed: false,
+            replied: AtomicBool::new(false),
         }
     }
 

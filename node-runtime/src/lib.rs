@@ -66,6 +66,7 @@ pub mod membership;
 mod metrics;
 pub mod monitor;
 pub mod node;
+pub mod options;
 mod pending;
 mod reply;
 mod routing;
@@ -84,6 +85,7 @@ pub use error::NodeError;
 pub use inbox::{Inbox, Message};
 pub use membership::{EventsError, MembershipEvent, MembershipEvents};
 pub use node::{Node, Pending, Reply};
+pub use options::SendOptions;
 pub use trace::{Trace, TraceEvent};
 pub use transports::protocol::{
     LeaveReason, MemberInfo, MessageKind, NodeId, Role, Target, TraceRequest, Traced,

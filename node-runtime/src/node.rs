@@ -16,6 +16,7 @@ use crate::connection::pump;
 use crate::counters::PathCounters;
 use crate::inbox::Inbox;
 use crate::membership::MembershipEvents;
+use crate::options::SendOptions;
 use crate::runtime::Runtime;
 use crate::services::{ServiceQueue, WhenFull};
 
@@ -284,6 +285,24 @@ impl Node {
         self.submit(target, service, body).await?.outcome().await
     }
 
+    /// [`Node::send`] with `options` (its own timeout, for one).
+    ///
+    /// # Errors
+    ///
+    /// As [`Node::send`].
+    pub async fn send_with(
+        &self,
+        target: Target,
+        service: &str,
+        body: impl Into<Bytes>,
+        options: &SendOptions,
+    ) -> Result<DeliveryReport, SendError> {
+        self.submit_with(target, service, body, options)
+            .await?
+            .outcome()
+            .await
+    }
+
     /// Queues an acknowledged message and returns as soon as it is queued,
     /// with a handle to await its outcome: pipelining without giving up
     /// order. Messages submitted one after another go out in that order.
@@ -298,6 +317,23 @@ impl Node {
         service: &str,
         body: impl Into<Bytes>,
     ) -> Result<Pending, SendError> {
+        self.submit_with(target, service, body, &SendOptions::default())
+            .await
+    }
+
+    /// [`Node::submit`] with `options`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Node::submit`].
+    pub async fn submit_with(
+        &self,
+        target: Target,
+        service: &str,
+        body: impl Into<Bytes>,
+        options: &SendOptions,
+    ) -> Result<Pending, SendError> {
+        let timeout = options.timeout_or(self.rt.config.send_timeout());
         self.rt
             .submit(
                 target,
@@ -305,6 +341,7 @@ impl Node {
                 body.into(),
                 MessageKind::Send,
                 Awaiting::Acks,
+                timeout,
             )
             .await
     }
@@ -322,7 +359,24 @@ impl Node {
         service: &str,
         body: impl Into<Bytes>,
     ) -> Result<(), SendError> {
-        self.rt.notify(target, service, body.into()).await
+        self.rt.notify(target, service, body.into(), None).await
+    }
+
+    /// [`Node::notify`] with `options`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Node::notify`].
+    pub async fn notify_with(
+        &self,
+        target: Target,
+        service: &str,
+        body: impl Into<Bytes>,
+        options: &SendOptions,
+    ) -> Result<(), SendError> {
+        self.rt
+            .notify(target, service, body.into(), options.given_timeout())
+            .await
     }
 
     /// Sends `body` one-way to `target` over this dispatcher's session
@@ -347,16 +401,38 @@ impl Node {
     ///
     /// # Errors
     ///
-    /// `InvalidTarget` for `Group` and `All`; otherwise as [`Node::send`].
+    /// `InvalidTarget` for `Group` and `All`; [`SendError::Remote`] when
+    /// the receiver answered with `reply_err`; [`SendError::NoReply`] at
+    /// once when it dropped the request without replying;
+    /// `TargetStopped` when it stopped or failed first (within the
+    /// failure timeout); `Timeout` when no answer came in time; otherwise
+    /// as [`Node::send`].
     pub async fn request(
         &self,
         target: Target,
         service: &str,
         body: impl Into<Bytes>,
     ) -> Result<Reply, SendError> {
+        self.request_with(target, service, body, &SendOptions::default())
+            .await
+    }
+
+    /// [`Node::request`] with `options` (its own timeout, for one).
+    ///
+    /// # Errors
+    ///
+    /// As [`Node::request`].
+    pub async fn request_with(
+        &self,
+        target: Target,
+        service: &str,
+        body: impl Into<Bytes>,
+        options: &SendOptions,
+    ) -> Result<Reply, SendError> {
         if matches!(target, Target::Group(_) | Target::All) {
             return Err(SendError::InvalidTarget(target));
         }
+        let timeout = options.timeout_or(self.rt.config.send_timeout());
         let pending = self
             .rt
             .submit(
@@ -365,6 +441,7 @@ impl Node {
                 body.into(),
                 MessageKind::Request,
                 Awaiting::Reply,
+                timeout,
             )
             .await?;
         match pending.completion().await? {

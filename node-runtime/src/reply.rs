@@ -57,15 +57,84 @@ impl Replier {
         service: &str,
         body: Bytes,
     ) -> Result<(), SendError> {
+        let kind = MessageKind::Reply {
+            request_seq,
+            requester_incarnation,
+        };
+        self.answer(requester, kind, service, body).await
+    }
+
+    /// Sends an error answer (`code`, or `None`: dropped without a reply)
+    /// with `text` to request `request_seq` of `requester`'s
+    /// `requester_incarnation`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Replier::send`].
+    pub(crate) async fn send_error(
+        &self,
+        requester: &NodeId,
+        requester_incarnation: u64,
+        request_seq: u64,
+        service: &str,
+        code: Option<u32>,
+        text: Bytes,
+    ) -> Result<(), SendError> {
+        let kind = MessageKind::ReplyError {
+            request_seq,
+            requester_incarnation,
+            code,
+        };
+        self.answer(requester, kind, service, text).await
+    }
+
+    /// Tells `requester` that its request `request_seq` was dropped without
+    /// a reply, without waiting: if the link's queue has no room now, the
+    /// requester's own timeout ends its wait instead.
+    pub(crate) fn no_reply_now(
+        &self,
+        requester: &NodeId,
+        requester_incarnation: u64,
+        request_seq: u64,
+        service: &str,
+    ) {
+        let (Some(core), Some(server)) = (self.core.upgrade(), self.server.upgrade()) else {
+            return;
+        };
+        let (seq, incarnation) = {
+            let mut core = core.lock();
+            (core.next_seq(), core.incarnation())
+        };
+        let header = MessageRef {
+            sender: self.id.as_str(),
+            incarnation,
+            seq,
+            target: TargetRef::Node(requester.as_str()),
+            service,
+            kind: MessageKind::ReplyError {
+                request_seq,
+                requester_incarnation,
+                code: None,
+            },
+        };
+        if !server.queue.try_push_message(&header, &Bytes::new()) {
+            tracing::debug!(%requester, request_seq, "no room to say a request was dropped; the requester times out");
+        }
+    }
+
+    /// Sends an answer of `kind` to `requester`.
+    async fn answer(
+        &self,
+        requester: &NodeId,
+        kind: MessageKind,
+        service: &str,
+        body: Bytes,
+    ) -> Result<(), SendError> {
         let (Some(core), Some(server)) = (self.core.upgrade(), self.server.upgrade()) else {
             return Err(SendError::Shutdown);
         };
         check_size(&self.config, &body)?;
         let deadline = Instant::now() + self.config.send_timeout();
-        let kind = MessageKind::Reply {
-            request_seq,
-            requester_incarnation,
-        };
         let (seq, incarnation) = {
             let mut core = core.lock();
             (core.next_seq(), core.incarnation())

@@ -183,6 +183,18 @@ impl Runtime {
         Instant::now() + self.config.send_timeout()
     }
 
+    /// The error a wait inside a send reports, with the send's own
+    /// `timeout` (the waits below report the config's).
+    fn with_timeout(error: SendError, timeout: Duration) -> SendError {
+        match error {
+            SendError::Timeout { waiting_for, .. } => SendError::Timeout {
+                after: timeout,
+                waiting_for,
+            },
+            other => other,
+        }
+    }
+
     /// Queues an acknowledged message (or request) on its path; the handle
     /// awaits its outcome. Messages submitted one after another from one
     /// task go out in that order on each path.
@@ -193,8 +205,23 @@ impl Runtime {
         body: Bytes,
         kind: MessageKind,
         awaiting: Awaiting,
+        timeout: Duration,
     ) -> Result<Pending, SendError> {
-        let deadline = self.deadline();
+        self.submit_within(target, service, body, kind, awaiting, timeout)
+            .await
+            .map_err(|e| Self::with_timeout(e, timeout))
+    }
+
+    async fn submit_within(
+        &self,
+        target: Target,
+        service: &str,
+        body: Bytes,
+        kind: MessageKind,
+        awaiting: Awaiting,
+        timeout: Duration,
+    ) -> Result<Pending, SendError> {
+        let deadline = Instant::now() + timeout;
         let numbered = self
             .start_send(&target, service, &body, Some(deadline), true)
             .await?;
@@ -242,7 +269,7 @@ impl Runtime {
                     core.track(seq, target.clone(), service.clone(), awaiting, tx, resend);
                     (seq, core.incarnation())
                 };
-                let pending = self.pending(seq, deadline, rx, permit);
+                let pending = self.pending(seq, deadline, timeout, rx, permit);
                 // Usually queued at once, its header encoded from the names
                 // in place; otherwise as a frame, waiting for room.
                 let header =
@@ -263,7 +290,7 @@ impl Runtime {
                 self.core
                     .lock()
                     .track(seq, target.clone(), service.clone(), awaiting, tx, None);
-                let pending = self.pending(seq, deadline, rx, permit);
+                let pending = self.pending(seq, deadline, timeout, rx, permit);
                 let msg = OneByOne {
                     seq,
                     incarnation,
@@ -279,7 +306,7 @@ impl Runtime {
                 let ((), out) = self.core.run(|core| {
                     core.track_fan_out(seq, target, service.clone(), awaiting, members.clone(), tx)
                 });
-                let pending = self.pending(seq, deadline, rx, permit);
+                let pending = self.pending(seq, deadline, timeout, rx, permit);
                 self.dispatch(out.events);
                 let msg = OneByOne {
                     seq,
@@ -359,17 +386,11 @@ impl Runtime {
         &self,
         seq: u64,
         deadline: Instant,
+        timeout: Duration,
         rx: oneshot::Receiver<Completion>,
         permit: Places,
     ) -> Pending {
-        Pending::new(
-            self.core.clone(),
-            seq,
-            deadline,
-            self.config.send_timeout(),
-            rx,
-            permit,
-        )
+        Pending::new(self.core.clone(), seq, deadline, timeout, rx, permit)
     }
 
     /// Sends a one-way message on its path.
@@ -378,13 +399,32 @@ impl Runtime {
         target: Target,
         service: &str,
         body: Bytes,
+        timeout: Option<Duration>,
+    ) -> Result<(), SendError> {
+        match timeout {
+            None => self.notify_within(target, service, body, None).await,
+            Some(t) => self
+                .notify_within(target, service, body, Some(Instant::now() + t))
+                .await
+                .map_err(|e| Self::with_timeout(e, t)),
+        }
+    }
+
+    /// [`Runtime::notify`] by `deadline` (`None`: the config's timeout,
+    /// the clock read only if it must wait).
+    async fn notify_within(
+        &self,
+        target: Target,
+        service: &str,
+        body: Bytes,
+        deadline: Option<Instant>,
     ) -> Result<(), SendError> {
         let Numbered {
             route,
             seq,
             incarnation,
         } = self
-            .start_send(&target, service, &body, None, false)
+            .start_send(&target, service, &body, deadline, false)
             .await?;
         let seq = self.number(seq);
         let body_len = body.len() as u64;
@@ -406,13 +446,14 @@ impl Runtime {
                     let service = self.service_name(service);
                     let frame =
                         self.message(seq, incarnation, target, service, MessageKind::Notify, body);
-                    self.enqueue(frame, self.deadline()).await?;
+                    let deadline = deadline.unwrap_or_else(|| self.deadline());
+                    self.enqueue(frame, deadline).await?;
                 }
                 self.count_server(body_len);
             }
             Route::Direct(conn) => {
                 let msg = one_way(body);
-                Box::pin(self.push_direct(conn, &msg, false, None)).await?
+                Box::pin(self.push_direct(conn, &msg, false, deadline)).await?
             }
             Route::FanOut(members, deadline) => {
                 let msg = one_way(body);

@@ -152,7 +152,7 @@ impl Answer {
         let needed = match self.kind {
             MessageKind::Send => true,
             MessageKind::Request | MessageKind::Notify => status != AckStatus::Accepted,
-            MessageKind::Reply { .. } => false,
+            MessageKind::Reply { .. } | MessageKind::ReplyError { .. } => false,
         };
         if !needed {
             return;

@@ -411,6 +411,27 @@ pub enum MessageKind {
         /// incarnation.
         requester_incarnation: u64,
     },
+    /// A request's answer that is an error; the body is its text (UTF-8).
+    ReplyError {
+        /// Sequence number of the request answered.
+        request_seq: u64,
+        /// Incarnation of the requester.
+        requester_incarnation: u64,
+        /// The application's error code; `None`: the request was dropped
+        /// without a reply.
+        code: Option<u32>,
+    },
+}
+
+impl MessageKind {
+    /// Whether this answers a request (a reply or an error reply): it goes
+    /// to the requester whatever services it offers.
+    pub fn is_reply(&self) -> bool {
+        matches!(
+            self,
+            MessageKind::Reply { .. } | MessageKind::ReplyError { .. }
+        )
+    }
 }
 
 /// Header of a message frame; the body follows raw.

@@ -95,6 +95,22 @@ pub(crate) fn encode_message(h: &MessageRef<'_>, out: &mut [u8]) -> Option<usize
             w.varint(request_seq)?;
             w.varint(requester_incarnation)?;
         }
+        MessageKind::ReplyError {
+            request_seq,
+            requester_incarnation,
+            code,
+        } => {
+            w.varint(4)?;
+            w.varint(request_seq)?;
+            w.varint(requester_incarnation)?;
+            match code {
+                None => w.varint(0)?,
+                Some(code) => {
+                    w.varint(1)?;
+                    w.varint(u64::from(code))?;
+                }
+            }
+        }
     }
     Some(w.len)
 }
@@ -278,6 +294,16 @@ pub(crate) fn decode_message_with<'a>(
             request_seq: r.u64()?,
             requester_incarnation: r.u64()?,
         },
+        4 => MessageKind::ReplyError {
+            request_seq: r.u64()?,
+            requester_incarnation: r.u64()?,
+            code: match r.variant()? {
+                0 => None,
+                // A `u32`, read as postcard reads one (as the variant).
+                1 => Some(r.variant()?),
+                _ => return Err(Error::SerdeDeCustom),
+            },
+        },
         _ => return Err(Error::SerdeDeCustom),
     };
     let header = MessageRef {
@@ -350,10 +376,20 @@ mod tests {
             2 => TargetRef::AnyOf(name(rng)),
             _ => TargetRef::All,
         };
-        let kind = match rng.below(4) {
+        let kind = match rng.below(6) {
             0 => MessageKind::Notify,
             1 => MessageKind::Send,
             2 => MessageKind::Request,
+            3 => MessageKind::ReplyError {
+                request_seq: rng.number(),
+                requester_incarnation: rng.number(),
+                code: None,
+            },
+            4 => MessageKind::ReplyError {
+                request_seq: rng.number(),
+                requester_incarnation: rng.number(),
+                code: Some(rng.number() as u32),
+            },
             _ => MessageKind::Reply {
                 request_seq: rng.number(),
                 requester_incarnation: rng.number(),

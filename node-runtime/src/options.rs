@@ -1,0 +1,40 @@
+//! [`SendOptions`]: how one send, notify or request is made.
+
+use std::time::Duration;
+
+/// Options of one send, notify or request; the defaults are the config's.
+///
+/// ```
+/// use std::time::Duration;
+/// use node_runtime::SendOptions;
+/// let quick = SendOptions::new().timeout(Duration::from_millis(200));
+/// assert_eq!(quick.timeout_or(Duration::from_secs(10)), Duration::from_millis(200));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SendOptions {
+    timeout: Option<Duration>,
+}
+
+impl SendOptions {
+    /// The config's defaults.
+    pub fn new() -> SendOptions {
+        SendOptions::default()
+    }
+
+    /// How long this call waits: for room, for a busy receiver, for its
+    /// acknowledgements or its reply. Default `node.send_timeout_ms`.
+    pub fn timeout(mut self, timeout: Duration) -> SendOptions {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// The timeout set, or `default`.
+    pub fn timeout_or(&self, default: Duration) -> Duration {
+        self.timeout.unwrap_or(default)
+    }
+
+    /// The timeout set, if any.
+    pub(crate) fn given_timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+}
