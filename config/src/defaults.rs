@@ -77,6 +77,9 @@ pub const DEFAULT_BUSY_UPPER: usize = 768;
 pub const DEFAULT_BUSY_LOWER: usize = 256;
 /// Default number of messages a node processes concurrently.
 pub const DEFAULT_PROCESSOR_CONCURRENCY: usize = 4;
+/// Default number of messages of one sender a processor handles in a row
+/// while others wait.
+pub const DEFAULT_MAX_IN_A_ROW: usize = 10;
 /// Default body size above which the lazy path is used.
 pub const DEFAULT_LAZY_THRESHOLD_BYTES: u64 = 64 * 1024;
 /// Default idle time after which a lazy channel closes.

@@ -207,6 +207,10 @@ pub struct NodeConfig {
     /// Messages processed concurrently. Default
     /// [`DEFAULT_PROCESSOR_CONCURRENCY`].
     pub processor_concurrency: usize,
+    /// Messages of one sender a processor handles in a row while messages
+    /// of other senders wait (`Node::serve`). Default
+    /// [`DEFAULT_MAX_IN_A_ROW`].
+    pub max_in_a_row: usize,
     /// Frames the node's outgoing queue to the message server holds.
     /// Default [`DEFAULT_QUEUE_FRAMES`].
     pub queue_frames: usize,
@@ -245,6 +249,7 @@ impl Default for NodeConfig {
             busy_upper: DEFAULT_BUSY_UPPER,
             busy_lower: DEFAULT_BUSY_LOWER,
             processor_concurrency: DEFAULT_PROCESSOR_CONCURRENCY,
+            max_in_a_row: DEFAULT_MAX_IN_A_ROW,
             queue_frames: DEFAULT_QUEUE_FRAMES,
             queue_bytes: DEFAULT_QUEUE_BYTES,
             read_chunk_bytes: DEFAULT_NODE_READ_CHUNK_BYTES,

@@ -4,24 +4,6 @@
 use crate::{Config, ConfigError};
 
 impl Config {
-    /// Keys set to something other than their default that this build
-    /// does not act on yet (flow control: processor concurrency), with
-    /// `prefix` before each. The message server and
-    /// every node log a warning naming them, so that none is accepted
-    /// silently.
-    pub fn inert_keys(&self, prefix: &str) -> Vec<String> {
-        let node = &self.node;
-        let defaults = crate::NodeConfig::default();
-        [(
-            "node.processor_concurrency",
-            node.processor_concurrency != defaults.processor_concurrency,
-        )]
-        .into_iter()
-        .filter(|(_, set)| *set)
-        .map(|(key, _)| format!("{prefix}{key}"))
-        .collect()
-    }
-
     /// Checks ranges and consistency; `prefix` is put before key names.
     ///
     /// # Errors
@@ -164,6 +146,7 @@ impl Config {
                 self.node.processor_concurrency,
                 1,
             ),
+            ("node.max_in_a_row", self.node.max_in_a_row, 1),
         ] {
             if v < min {
                 return bad(key, format!("{v} is below the minimum of {min}"));
@@ -211,21 +194,6 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Keys that nothing acts on yet are named when set, never when left
-    /// at their defaults.
-    #[test]
-    fn inert_keys_are_named_when_set() {
-        assert!(Config::default().inert_keys("").is_empty());
-        let mut config = Config::default();
-        config.node.busy_upper += 1;
-        config.node.processor_concurrency += 1;
-        // The busy limits are live.
-        assert_eq!(
-            config.inert_keys("nodes.a."),
-            ["nodes.a.node.processor_concurrency"]
-        );
-    }
 
     /// `message_server.heartbeat_advertise`: unset by default, any one
     /// host's address (an unspecified IP included) when set, and a bad

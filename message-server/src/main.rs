@@ -104,13 +104,6 @@ async fn run(args: &Args, config: Config) -> anyhow::Result<()> {
     } else if !config.tls.enabled() {
         tracing::warn!("no [tls]: bodies and handshakes travel in clear text");
     }
-    let inert = config.inert_keys("");
-    if !inert.is_empty() {
-        tracing::warn!(
-            keys = %inert.join(", "),
-            "config keys set that this version does not act on yet (flow control): they have no effect"
-        );
-    }
     let server = MessageServer::bind(config.clone())
         .await
         .context("starting the message server")?;

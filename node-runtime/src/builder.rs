@@ -146,14 +146,6 @@ impl NodeBuilder {
             ));
         }
         let config = self.layered_config(|k| std::env::var(k).ok())?;
-        let inert = config.inert_keys("");
-        if !inert.is_empty() {
-            tracing::warn!(
-                node = %self.id,
-                keys = %inert.join(", "),
-                "config keys set that this version does not act on yet (flow control): they have no effect"
-            );
-        }
         let permissions = self.config.permissions_table()?;
         let incarnation = crate::runtime::fresh_incarnation();
         let tls = match config.tls.files() {

@@ -178,6 +178,28 @@ pub struct Inbox {
     shared: Arc<Shared>,
     /// Taken from the shared queue, not yet handed out.
     batch: VecDeque<Message>,
+    /// Set when processors serve the inbox: each message handed out
+    /// counts in the backlog until [`Held::done`] says it was processed.
+    holding: bool,
+}
+
+/// What a service's processors hold: each message taken from the inbox
+/// counts in the node's busy backlog until it is done.
+#[derive(Debug, Clone)]
+pub(crate) struct Held {
+    shared: Arc<Shared>,
+}
+
+impl Held {
+    /// One held message was processed.
+    pub(crate) fn done(&self) {
+        self.shared.held.fetch_sub(1, Ordering::Relaxed);
+        if self.shared.is_over() {
+            // The receiver's batch as far as it said (read high, never
+            // low: busy ends no earlier than it should).
+            self.shared.taken(self.shared.lent.load(Ordering::SeqCst));
+        }
+    }
 }
 
 /// The half of an inbox the node holds: the reader and the pump put
@@ -205,6 +227,7 @@ pub(crate) fn inbox(
     });
     let shared = Arc::new(Shared {
         busy,
+        held: AtomicUsize::new(0),
         state: OwnLine(Mutex::new(State {
             queue: VecDeque::new(),
             waker: None,
@@ -221,6 +244,7 @@ pub(crate) fn inbox(
         service: service.to_owned(),
         shared: shared.clone(),
         batch: VecDeque::new(),
+        holding: false,
     };
     (InboxSender { shared }, inbox)
 }
@@ -262,6 +286,9 @@ struct InboxBusy {
 struct Shared {
     /// See [`InboxBusy`]; `None` for the built-in services.
     busy: Option<InboxBusy>,
+    /// Messages handed to a service's processors (see [`Inbox::holding`])
+    /// and not yet processed: they count in the service's backlog.
+    held: AtomicUsize,
     /// Written by every sender for every message.
     state: OwnLine<Mutex<State>>,
     capacity: usize,
@@ -319,6 +346,7 @@ impl Shared {
     /// the inbox now.
     fn pushed(&self, used: usize) {
         if let Some(b) = &self.busy {
+            let used = used + self.held.load(Ordering::Relaxed);
             if used >= b.upper && !b.over.load(Ordering::Relaxed) {
                 b.over.store(true, Ordering::Relaxed);
                 b.watch.service_over();
@@ -331,7 +359,8 @@ impl Shared {
     fn taken(&self, batch: usize) {
         let Some(b) = &self.busy else { return };
         let state = self.lock();
-        if b.over.load(Ordering::Relaxed) && state.queue.len() + batch <= b.lower {
+        let held = self.held.load(Ordering::Relaxed);
+        if b.over.load(Ordering::Relaxed) && state.queue.len() + batch + held <= b.lower {
             b.over.store(false, Ordering::Relaxed);
             b.watch.service_under();
         }
@@ -441,10 +470,11 @@ impl InboxSender {
         self.shared.lock().receiver_gone
     }
 
-    /// Messages in the inbox, the receiver's batch included.
+    /// Messages in the inbox, the receiver's batch included, and those
+    /// its processors hold.
     pub(crate) fn backlog(&self) -> usize {
         let state = self.shared.lock();
-        self.shared.used(&state)
+        self.shared.used(&state) + self.shared.held.load(Ordering::Relaxed)
     }
 
     /// How many messages the inbox holds at most.
@@ -581,6 +611,15 @@ impl Inbox {
         self.next_taken()
     }
 
+    /// From now on each message handed out is held by processors until
+    /// the returned [`Held::done`] is called for it.
+    pub(crate) fn holding(&mut self) -> Held {
+        self.holding = true;
+        Held {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Messages waiting.
     pub fn len(&self) -> usize {
         self.batch.len() + self.shared.lock().queue.len()
@@ -604,6 +643,9 @@ impl Inbox {
     fn next_taken(&mut self) -> Option<Message> {
         let mut message = self.batch.pop_front()?;
         message.handed = true;
+        if self.holding {
+            self.shared.held.fetch_add(1, Ordering::Relaxed);
+        }
         let lent = self.batch.len();
         if lent % self.shared.lent_step == 0 || self.shared.room_wanted.load(Ordering::SeqCst) > 0 {
             self.shared.lent.store(lent, Ordering::SeqCst);

@@ -68,6 +68,7 @@ pub mod monitor;
 pub mod node;
 pub mod options;
 mod pending;
+pub mod processors;
 mod reply;
 mod routing;
 mod runtime;
@@ -86,6 +87,7 @@ pub use inbox::{Inbox, Message};
 pub use membership::{EventsError, MembershipEvent, MembershipEvents};
 pub use node::{Node, Pending, Reply};
 pub use options::SendOptions;
+pub use processors::{HandlerResult, ServeOptions, Serving, ServingStats};
 pub use trace::{Trace, TraceEvent};
 pub use transports::protocol::{
     LeaveReason, MemberInfo, MessageKind, NodeId, Role, Target, TraceRequest, Traced,

@@ -15,8 +15,10 @@ use transports::{Lane, OutFrame, Wait};
 use crate::connection::pump;
 use crate::counters::PathCounters;
 use crate::inbox::Inbox;
+use crate::inbox::Message;
 use crate::membership::MembershipEvents;
 use crate::options::SendOptions;
+use crate::processors::{HandlerResult, ServeOptions, Serving};
 use crate::runtime::Runtime;
 use crate::services::{ServiceQueue, WhenFull};
 
@@ -259,6 +261,66 @@ impl Node {
                 Err(NodeError::Timeout(timeout))
             }
         }
+    }
+
+    /// Offers `service` and handles its messages with `handler` on
+    /// `node.processor_concurrency` processors: messages of one sender in
+    /// order, at most `node.max_in_a_row` of one sender in a row while
+    /// others wait (see [`crate::processors`]). The handler answers
+    /// requests itself (`reply`, `reply_err`); one it lets go of unanswered
+    /// is answered `NoReply`. Serving ends when the returned handle is
+    /// dropped or the node stops.
+    ///
+    /// ```no_run
+    /// # async fn f(node: node_runtime::Node) -> Result<(), node_runtime::NodeError> {
+    /// let serving = node
+    ///     .serve("orders", |m: node_runtime::Message| async move {
+    ///         if m.is_request() {
+    ///             m.reply("done").await?;
+    ///         }
+    ///         Ok(())
+    ///     })
+    ///     .await?;
+    /// # drop(serving); Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`Node::subscribe`].
+    pub async fn serve<F, Fut>(&self, service: &str, handler: F) -> Result<Serving, NodeError>
+    where
+        F: Fn(Message) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = HandlerResult> + Send + 'static,
+    {
+        self.serve_with(service, &ServeOptions::default(), handler)
+            .await
+    }
+
+    /// [`Node::serve`] with `options`: this service's own number of
+    /// processors and `max_in_a_row`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Node::subscribe`].
+    pub async fn serve_with<F, Fut>(
+        &self,
+        service: &str,
+        options: &ServeOptions,
+        handler: F,
+    ) -> Result<Serving, NodeError>
+    where
+        F: Fn(Message) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = HandlerResult> + Send + 'static,
+    {
+        let inbox = self.subscribe(service).await?;
+        let (processors, max_in_a_row) = options.resolve(&self.rt.config);
+        Ok(crate::processors::start(
+            &self.rt,
+            inbox,
+            processors,
+            max_in_a_row,
+            handler,
+        ))
     }
 
     /// Sends `body` to `service` on `target` and resolves when every
