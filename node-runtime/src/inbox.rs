@@ -330,20 +330,13 @@ impl Shared {
         self.capacity.saturating_sub(self.used(state))
     }
 
-    /// Free places counting those past the capacity, where one-way messages
-    /// may wait (as many again).
-    fn room_waiting(&self, state: &State) -> usize {
-        self.capacity
-            .saturating_mul(2)
-            .saturating_sub(self.used(state))
-    }
-
     fn used(&self, state: &State) -> usize {
         state.queue.len() + self.lent.load(Ordering::SeqCst)
     }
 
     /// After a message went in, under the lock: `used` messages are in
     /// the inbox now.
+    #[inline]
     fn pushed(&self, used: usize) {
         if let Some(b) = &self.busy {
             let used = used + self.held.load(Ordering::Relaxed);
@@ -397,18 +390,20 @@ impl InboxSender {
     pub(crate) fn try_send(&self, message: Message) -> Result<(), Message> {
         let waker = {
             let mut state = self.shared.lock();
-            let room = if message.one_way {
-                self.shared.room_waiting(&state)
+            // Read once: `lent` is on the receiver's cache line. One-way
+            // messages may also take the places past the capacity (as many
+            // again), where they wait to enter the inbox proper.
+            let used = self.shared.used(&state);
+            let limit = if message.one_way {
+                self.shared.capacity.saturating_mul(2)
             } else {
-                self.shared.room(&state)
+                self.shared.capacity
             };
-            if state.receiver_gone || room == 0 {
+            if state.receiver_gone || used >= limit {
                 return Err(message);
             }
             state.queue.push_back(message);
-            if self.shared.busy.is_some() {
-                self.shared.pushed(self.shared.used(&state));
-            }
+            self.shared.pushed(used + 1);
             state.waker.take()
         };
         if let Some(waker) = waker {
@@ -533,9 +528,9 @@ impl Slots<'_> {
         self.room = self.room.saturating_sub(1);
         self.state.queue.push_back(message);
         self.pushed = true;
-        if self.shared.busy.is_some() {
-            self.shared.pushed(self.shared.used(&self.state));
-        }
+        // The room was the capacity less what was used when the slots
+        // were taken; each push took one.
+        self.shared.pushed(self.shared.capacity - self.room);
     }
 }
 
