@@ -406,6 +406,7 @@ impl Node {
                 timeout,
             )
             .await
+            .map_err(|e| Runtime::with_timeout(e, timeout))
     }
 
     /// Sends `body` one-way: resolves once the message is queued for the
@@ -436,9 +437,19 @@ impl Node {
         body: impl Into<Bytes>,
         options: &SendOptions,
     ) -> Result<(), SendError> {
-        self.rt
-            .notify(target, service, body.into(), options.given_timeout())
-            .await
+        match options.given_timeout() {
+            None => self.rt.notify(target, service, body.into(), None).await,
+            Some(t) => self
+                .rt
+                .notify(
+                    target,
+                    service,
+                    body.into(),
+                    Some(tokio::time::Instant::now() + t),
+                )
+                .await
+                .map_err(|e| Runtime::with_timeout(e, t)),
+        }
     }
 
     /// Sends `body` one-way to `target` over this dispatcher's session
@@ -505,7 +516,8 @@ impl Node {
                 Awaiting::Reply,
                 timeout,
             )
-            .await?;
+            .await
+            .map_err(|e| Runtime::with_timeout(e, timeout))?;
         match pending.completion().await? {
             Completion::Replied { from, body } => Ok(Reply { from, body }),
             Completion::Failed(e) => Err(e),

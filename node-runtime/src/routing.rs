@@ -135,16 +135,30 @@ impl Runtime {
         if self.is_stopping() {
             return Err(SendError::Shutdown);
         }
-        let first = self
+        match self
             .route(target, service, body.len() as u64, deadline, ordered)
-            .await;
-        match first {
-            Err(SendError::Busy { .. }) => {}
-            other => return other,
+            .await
+        {
+            // Boxed: the waiting is rare, and its future must not make
+            // every send's larger.
+            Err(SendError::Busy { .. }) => {
+                Box::pin(self.wait_not_busy(target, service, body, deadline, ordered)).await
+            }
+            other => other,
         }
-        // A busy receiver slows its senders: the send waits for it to
-        // drain (a membership event says so), up to its deadline, and is
-        // never dropped; at the deadline it fails `Busy`.
+    }
+
+    /// A busy receiver slows its senders: the send waits for it to drain
+    /// (a membership event says so), up to its deadline, and is never
+    /// dropped; at the deadline it fails `Busy`.
+    async fn wait_not_busy(
+        &self,
+        target: &Target,
+        service: &str,
+        body: &Bytes,
+        deadline: Option<Instant>,
+        ordered: bool,
+    ) -> Result<Numbered, SendError> {
         let deadline = deadline.unwrap_or_else(|| self.deadline());
         loop {
             let changed = self.members.changed.notified();
@@ -184,8 +198,8 @@ impl Runtime {
     }
 
     /// The error a wait inside a send reports, with the send's own
-    /// `timeout` (the waits below report the config's).
-    fn with_timeout(error: SendError, timeout: Duration) -> SendError {
+    /// `timeout` (the waits inside report the config's).
+    pub(crate) fn with_timeout(error: SendError, timeout: Duration) -> SendError {
         match error {
             SendError::Timeout { waiting_for, .. } => SendError::Timeout {
                 after: timeout,
@@ -199,20 +213,6 @@ impl Runtime {
     /// awaits its outcome. Messages submitted one after another from one
     /// task go out in that order on each path.
     pub(crate) async fn submit(
-        &self,
-        target: Target,
-        service: &str,
-        body: Bytes,
-        kind: MessageKind,
-        awaiting: Awaiting,
-        timeout: Duration,
-    ) -> Result<Pending, SendError> {
-        self.submit_within(target, service, body, kind, awaiting, timeout)
-            .await
-            .map_err(|e| Self::with_timeout(e, timeout))
-    }
-
-    async fn submit_within(
         &self,
         target: Target,
         service: &str,
@@ -393,26 +393,9 @@ impl Runtime {
         Pending::new(self.core.clone(), seq, deadline, timeout, rx, permit)
     }
 
-    /// Sends a one-way message on its path.
+    /// Sends a one-way message on its path, by `deadline` (`None`: the
+    /// config's timeout, the clock read only if it must wait).
     pub(crate) async fn notify(
-        &self,
-        target: Target,
-        service: &str,
-        body: Bytes,
-        timeout: Option<Duration>,
-    ) -> Result<(), SendError> {
-        match timeout {
-            None => self.notify_within(target, service, body, None).await,
-            Some(t) => self
-                .notify_within(target, service, body, Some(Instant::now() + t))
-                .await
-                .map_err(|e| Self::with_timeout(e, t)),
-        }
-    }
-
-    /// [`Runtime::notify`] by `deadline` (`None`: the config's timeout,
-    /// the clock read only if it must wait).
-    async fn notify_within(
         &self,
         target: Target,
         service: &str,
