@@ -226,6 +226,7 @@ pub(crate) fn inbox(
         }
     });
     let shared = Arc::new(Shared {
+        busy_upper: busy.as_ref().map_or(usize::MAX, |b| b.upper),
         busy,
         held: AtomicUsize::new(0),
         state: OwnLine(Mutex::new(State {
@@ -286,6 +287,8 @@ struct InboxBusy {
 struct Shared {
     /// See [`InboxBusy`]; `None` for the built-in services.
     busy: Option<InboxBusy>,
+    /// Its upper limit (`usize::MAX` without one), beside `held`.
+    busy_upper: usize,
     /// Messages handed to a service's processors (see [`Inbox::holding`])
     /// and not yet processed: they count in the service's backlog.
     held: AtomicUsize,
@@ -338,6 +341,16 @@ impl Shared {
     /// the inbox now.
     #[inline]
     fn pushed(&self, used: usize) {
+        // One compare per message; what the processors hold is read only
+        // when they hold any.
+        if used >= self.busy_upper || self.held.load(Ordering::Relaxed) > 0 {
+            self.pushed_near_busy(used);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn pushed_near_busy(&self, used: usize) {
         if let Some(b) = &self.busy {
             let used = used + self.held.load(Ordering::Relaxed);
             if used >= b.upper && !b.over.load(Ordering::Relaxed) {

@@ -135,17 +135,15 @@ impl Runtime {
         if self.is_stopping() {
             return Err(SendError::Shutdown);
         }
-        match self
+        let routed = self
             .route(target, service, body.len() as u64, deadline, ordered)
-            .await
-        {
+            .await;
+        if matches!(routed, Err(SendError::Busy { .. })) {
             // Boxed: the waiting is rare, and its future must not make
             // every send's larger.
-            Err(SendError::Busy { .. }) => {
-                Box::pin(self.wait_not_busy(target, service, body, deadline, ordered)).await
-            }
-            other => other,
+            return Box::pin(self.wait_not_busy(target, service, body, deadline, ordered)).await;
         }
+        routed
     }
 
     /// A busy receiver slows its senders: the send waits for it to drain
