@@ -135,15 +135,17 @@ impl Runtime {
         if self.is_stopping() {
             return Err(SendError::Shutdown);
         }
-        let routed = self
+        match self
             .route(target, service, body.len() as u64, deadline, ordered)
-            .await;
-        if matches!(routed, Err(SendError::Busy { .. })) {
-            // Boxed: the waiting is rare, and its future must not make
-            // every send's larger.
-            return Box::pin(self.wait_not_busy(target, service, body, deadline, ordered)).await;
+            .await
+        {
+            Err(SendError::Busy { .. }) => {}
+            routed => return routed,
         }
-        routed
+        // Boxed, and after the match (so that no route is kept across the
+        // wait): the waiting is rare, and must not make every send's future
+        // larger.
+        Box::pin(self.wait_not_busy(target, service, body, deadline, ordered)).await
     }
 
     /// A busy receiver slows its senders: the send waits for it to drain
