@@ -884,7 +884,12 @@ impl Connection {
             );
             self.shared.events.busy(&self.me, info.incarnation, busy);
             let event = Header::Member(MemberEvent::Updated(info));
-            broadcast_locked(&self.shared, &state.conns, &event);
+            crate::registry::broadcast_locked_except(
+                &self.shared,
+                &state.conns,
+                &event,
+                Some(&self.me),
+            );
         }
     }
 

@@ -228,7 +228,20 @@ pub(crate) fn broadcast_locked(
     conns: &HashMap<NodeId, ConnHandle>,
     event: &Header,
 ) {
+    broadcast_locked_except(shared, conns, event, None);
+}
+
+/// [`broadcast_locked`] to every node but `except` (which knows already).
+pub(crate) fn broadcast_locked_except(
+    shared: &Shared,
+    conns: &HashMap<NodeId, ConnHandle>,
+    event: &Header,
+    except: Option<&NodeId>,
+) {
     for (id, conn) in conns {
+        if except == Some(id) {
+            continue;
+        }
         match conn
             .queue
             .try_push(OutFrame::control(event.clone()), Lane::Control)

@@ -23,7 +23,7 @@ use crate::counters::Counters;
 use crate::core::CoreCell;
 use crate::inbox::{Closed, InboxSender, Message};
 use crate::runtime::Runtime;
-use crate::services::{Answer, Delivery, ServiceQueue, WhenFull};
+use crate::services::{AckToken, Answer, Delivery, ServiceQueue, WhenFull};
 
 /// How a link to the message server ended.
 #[derive(Debug)]
@@ -476,7 +476,12 @@ pub(crate) fn deliver_now(
     // The inbox of the last message's service, while no backlog waits
     // before it: no lookup.
     let cached = match cache.get(rt, h.service) {
-        Some(cached) if cached.backlog.load(Ordering::Acquire) == 0 => cached,
+        Some(cached)
+            if cached.backlog.load(Ordering::Acquire) == 0
+                && !(cached.on_processed && h.kind == MessageKind::Send) =>
+        {
+            cached
+        }
         _ => return Some(Later::New { sender, body }),
     };
     // Only a `Send` is acknowledged when all goes well.
@@ -517,6 +522,7 @@ fn new_message(
         replier: (h.kind == MessageKind::Request).then(|| rt.replier.clone()),
         handed: false,
         replied: std::sync::atomic::AtomicBool::new(false),
+        ack: None,
     }
 }
 
@@ -559,6 +565,11 @@ pub(crate) async fn deliver_later(
         }
         Later::Duplicate(sender) => {
             tracing::trace!(sender = h.sender, seq = h.seq, "duplicate dropped");
+            // A copy of a message still being processed: its own
+            // acknowledgement comes once it is.
+            if rt.unacked.contains(&sender, h.incarnation, h.seq) {
+                return Ok(());
+            }
             answer(sender)
                 .send(&rt.id, &rt.core, acks, AckStatus::Accepted)
                 .await;
@@ -578,7 +589,7 @@ pub(crate) async fn deliver_later(
         }
         Later::New { sender, body } => (sender, body),
     };
-    let ack_to = (h.kind == MessageKind::Send).then(|| sender.clone());
+    let mut ack_to = (h.kind == MessageKind::Send).then(|| sender.clone());
     /// How the attempt to hand the message over without waiting went.
     enum Straight {
         /// In the inbox.
@@ -603,7 +614,19 @@ pub(crate) async fn deliver_later(
             None => Straight::NoService(sender),
             Some((service, q)) => {
                 cache.keep(generation, service, q);
-                let message = new_message(rt, h, sender, SmolStr::new(&**service), body);
+                let mut message = new_message(rt, h, sender, SmolStr::new(&**service), body);
+                // Acknowledged once processed: the message carries its
+                // acknowledgement, and none goes now.
+                if q.on_processed && h.kind == MessageKind::Send {
+                    ack_to = None;
+                    message.ack = Some(Box::new(AckToken::new(
+                        answer(message.sender.clone()),
+                        &rt.id,
+                        &rt.core,
+                        acks,
+                        &rt.unacked,
+                    )));
+                }
                 // Straight into the inbox when nothing waits before it: the
                 // pump is only for a backlog (which keeps order: nothing
                 // overtakes it).
@@ -661,9 +684,10 @@ pub(crate) async fn deliver_later(
         DeliveryFailure::ReceiverOverloaded
     };
     let refused = match refused {
-        mpsc::error::TrySendError::Full(d) => {
+        mpsc::error::TrySendError::Full(mut d) => {
             let congested = q.congested.load(Ordering::Relaxed) && !q.is_drained();
             if congested || q.when_full == WhenFull::Refuse {
+                disarm(&mut d.message);
                 Some((d.answer, full))
             } else {
                 q.congested.store(false, Ordering::Relaxed);
@@ -679,16 +703,21 @@ pub(crate) async fn deliver_later(
                         slot.send(d);
                         None
                     }
-                    Ok(Err(_)) => Some((d.answer, DeliveryFailure::NoSuchService)),
+                    Ok(Err(_)) => {
+                        disarm(&mut d.message);
+                        Some((d.answer, DeliveryFailure::NoSuchService))
+                    }
                     Err(_) => {
                         q.congested.store(true, Ordering::Relaxed);
+                        disarm(&mut d.message);
                         Some((d.answer, full))
                     }
                 }
             }
         }
-        mpsc::error::TrySendError::Closed(d) => {
+        mpsc::error::TrySendError::Closed(mut d) => {
             unsubscribe(rt, &d.message.service).await;
+            disarm(&mut d.message);
             Some((d.answer, DeliveryFailure::NoSuchService))
         }
     };
@@ -721,6 +750,8 @@ struct CachedInbox {
     name: SmolStr,
     inbox: InboxSender,
     backlog: Arc<std::sync::atomic::AtomicUsize>,
+    /// Acknowledged on processing: its `Send`s take the slow path.
+    on_processed: bool,
 }
 
 impl InboxCache {
@@ -752,6 +783,7 @@ impl InboxCache {
                 name: SmolStr::new(service),
                 inbox: q.inbox.clone(),
                 backlog: q.backlog.clone(),
+                on_processed: q.on_processed,
             });
         }
     }
@@ -823,7 +855,13 @@ pub(crate) async fn pump(
                 // The inbox was dropped: unsubscribe, and refuse what is left.
                 deliveries.close();
                 unsubscribe_now(&rt, &service).await;
-                for Delivery { answer, acks, .. } in pending.by_ref() {
+                for Delivery {
+                    answer,
+                    acks,
+                    mut message,
+                } in pending.by_ref()
+                {
+                    disarm(&mut message);
                     backlog.fetch_sub(1, Ordering::AcqRel);
                     let refused = AckStatus::Failed(DeliveryFailure::NoSuchService);
                     answer.send(&rt.id, &rt.core, &acks, refused).await;
@@ -873,17 +911,27 @@ fn into_inbox(
         else {
             break;
         };
+        // Acknowledged later, once processed.
+        let deferred = message.ack.is_some();
         slots.push(message);
         moved += 1;
         // In the inbox before the count drops: a delivery that then goes
         // straight in comes after it.
         backlog.fetch_sub(1, Ordering::AcqRel);
         // Only a `Send` is acknowledged when all goes well.
-        if answer.kind == MessageKind::Send {
+        if answer.kind == MessageKind::Send && !deferred {
             accepted.push((answer, acks));
         }
     }
     Ok(moved)
+}
+
+/// A message refused here is answered by the refusal: its acknowledgement
+/// on processing (if it has one) must not answer it again.
+fn disarm(message: &mut Message) {
+    if let Some(token) = message.ack.take() {
+        token.disarm();
+    }
 }
 
 /// Unsubscribes `service` if its inbox is gone.

@@ -13,7 +13,9 @@ use transports::protocol::NodeId;
 
 use crate::busy::BusyWatch;
 use crate::reply::Replier;
+use crate::services::AckToken;
 use crate::SendError;
+use transports::protocol::{AckStatus, DeliveryFailure};
 
 /// A message delivered to a service on this node.
 pub struct Message {
@@ -37,6 +39,10 @@ pub struct Message {
     pub(crate) handed: bool,
     /// Whether the request was answered (`reply` or `reply_err`).
     pub(crate) replied: AtomicBool,
+    /// Its acknowledgement, for a service acknowledged on processing
+    /// (`AckMode::OnProcessed`); `None` when it was acknowledged on
+    /// receipt, or needs none.
+    pub(crate) ack: Option<Box<AckToken>>,
 }
 
 impl Drop for Message {
@@ -128,6 +134,35 @@ impl Message {
                 body.into(),
             )
             .await
+    }
+
+    /// Acknowledges the message as processed, for a service subscribed
+    /// with `AckMode::OnProcessed`: its sender's `send` resolves
+    /// delivered. Does nothing for a message acknowledged already (on
+    /// receipt, or by an earlier call) or that needs none.
+    pub async fn ack(&mut self) {
+        if let Some(token) = self.ack.take() {
+            token.send(AckStatus::Accepted).await;
+        }
+    }
+
+    /// Refuses the message, for a service subscribed with
+    /// `AckMode::OnProcessed`: its sender's `send` fails with
+    /// `SendError::Rejected` carrying `reason`. Does nothing for a message
+    /// acknowledged already. A message of such a service dropped without
+    /// `ack` or `reject` is refused the same way.
+    pub async fn reject(&mut self, reason: impl Into<String>) {
+        if let Some(token) = self.ack.take() {
+            token
+                .send(AckStatus::Failed(DeliveryFailure::Rejected(reason.into())))
+                .await;
+        }
+    }
+
+    /// Whether the message still waits for [`Message::ack`] or
+    /// [`Message::reject`].
+    pub fn awaits_ack(&self) -> bool {
+        self.ack.is_some()
     }
 
     /// Answers a request with an error: the requester's `request` fails
@@ -729,6 +764,7 @@ mod tests {
             replier: None,
             handed: false,
             replied: AtomicBool::new(false),
+            ack: None,
         }
     }
 
@@ -963,6 +999,7 @@ mod tests {
             replier: None,
             handed: false,
             replied: AtomicBool::new(false),
+            ack: None,
         }
     }
 

@@ -86,7 +86,7 @@ pub use error::NodeError;
 pub use inbox::{Inbox, Message};
 pub use membership::{EventsError, MembershipEvent, MembershipEvents};
 pub use node::{Node, Pending, Reply};
-pub use options::SendOptions;
+pub use options::{AckMode, SendOptions, SubscribeOptions};
 pub use processors::{HandlerResult, ServeOptions, Serving, ServingStats};
 pub use trace::{Trace, TraceEvent};
 pub use transports::protocol::{

@@ -17,7 +17,7 @@ use crate::counters::PathCounters;
 use crate::inbox::Inbox;
 use crate::inbox::Message;
 use crate::membership::MembershipEvents;
-use crate::options::SendOptions;
+use crate::options::{AckMode, SendOptions, SubscribeOptions};
 use crate::processors::{HandlerResult, ServeOptions, Serving};
 use crate::runtime::Runtime;
 use crate::services::{ServiceQueue, WhenFull};
@@ -80,6 +80,7 @@ pub(crate) fn open_inbox(
     service: &str,
     capacity: usize,
     when_full: WhenFull,
+    ack: AckMode,
 ) -> Result<Inbox, NodeError> {
     // The application's services make the node busy; the built-in ones
     // (refused at once when full) never do.
@@ -105,6 +106,7 @@ pub(crate) fn open_inbox(
                 backlog: backlog.clone(),
                 congested: Arc::default(),
                 when_full,
+                on_processed: ack == AckMode::OnProcessed,
             },
         );
         rt.services.generation.fetch_add(1, Ordering::AcqRel);
@@ -208,6 +210,23 @@ impl Node {
     /// does not include it; [`NodeError::Timeout`] or
     /// [`NodeError::Disconnected`] if the message server did not confirm.
     pub async fn subscribe(&self, service: &str) -> Result<Inbox, NodeError> {
+        self.subscribe_with(service, &SubscribeOptions::default())
+            .await
+    }
+
+    /// [`Node::subscribe`] with `options`: with
+    /// `AckMode::OnProcessed`, a `send` to the service is acknowledged
+    /// only when the application calls [`Message::ack`] (or refused with
+    /// [`Message::reject`], or by dropping the message unacknowledged).
+    ///
+    /// # Errors
+    ///
+    /// As [`Node::subscribe`].
+    pub async fn subscribe_with(
+        &self,
+        service: &str,
+        options: &SubscribeOptions,
+    ) -> Result<Inbox, NodeError> {
         if !transports::protocol::valid_name(service) {
             return Err(NodeError::invalid_name("service", service));
         }
@@ -216,7 +235,7 @@ impl Node {
         }
         let rt = &self.rt;
         let capacity = rt.config.node.inbox_capacity;
-        let rx = open_inbox(rt, service, capacity, WhenFull::Wait)?;
+        let rx = open_inbox(rt, service, capacity, WhenFull::Wait, options.ack)?;
         let token = rt.server.next_token();
         let (done_tx, done_rx) = oneshot::channel();
         rt.server
@@ -312,7 +331,8 @@ impl Node {
         F: Fn(Message) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = HandlerResult> + Send + 'static,
     {
-        let inbox = self.subscribe(service).await?;
+        let subscribe = SubscribeOptions::new().ack(options.ack_mode());
+        let inbox = self.subscribe_with(service, &subscribe).await?;
         let (processors, max_in_a_row) = options.resolve(&self.rt.config);
         Ok(crate::processors::start(
             &self.rt,

@@ -38,3 +38,37 @@ impl SendOptions {
         self.timeout
     }
 }
+
+/// When a service's receiver acknowledges an acknowledged message (`send`,
+/// `submit`) to its sender.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AckMode {
+    /// Once it is in the service's inbox (the default).
+    #[default]
+    OnReceipt,
+    /// Once the application says it processed it: a served service's
+    /// handler returned `Ok` (an `Err` goes back as `Rejected`), or an
+    /// inbox's user called `Message::ack` (`Message::reject`). A receiver
+    /// that stops before leaves it unacknowledged: its sender gets an
+    /// error that says it may have been delivered, never "delivered".
+    OnProcessed,
+}
+
+/// How a service is subscribed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubscribeOptions {
+    pub(crate) ack: AckMode,
+}
+
+impl SubscribeOptions {
+    /// The defaults: acknowledged on receipt.
+    pub fn new() -> SubscribeOptions {
+        SubscribeOptions::default()
+    }
+
+    /// When its messages are acknowledged.
+    pub fn ack(mut self, mode: AckMode) -> SubscribeOptions {
+        self.ack = mode;
+        self
+    }
+}

@@ -28,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 use transports::protocol::NodeId;
 
 use crate::inbox::{Held, Inbox, Message};
+use crate::options::AckMode;
+use transports::protocol::{AckStatus, DeliveryFailure};
 
 /// What a handler returns. An error is logged and counted
 /// ([`ServingStats::failed`]); a request it did not answer is answered
@@ -39,6 +41,7 @@ pub type HandlerResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 pub struct ServeOptions {
     processors: Option<usize>,
     max_in_a_row: Option<usize>,
+    ack: AckMode,
 }
 
 impl ServeOptions {
@@ -59,6 +62,18 @@ impl ServeOptions {
     pub fn max_in_a_row(mut self, n: usize) -> ServeOptions {
         self.max_in_a_row = Some(n.max(1));
         self
+    }
+
+    /// When a `send` to the service is acknowledged: on receipt (the
+    /// default), or once its handler returned `Ok` (an `Err` goes back to
+    /// the sender as `SendError::Rejected` with the error's text).
+    pub fn ack(mut self, mode: AckMode) -> ServeOptions {
+        self.ack = mode;
+        self
+    }
+
+    pub(crate) fn ack_mode(&self) -> AckMode {
+        self.ack
     }
 
     pub(crate) fn resolve(&self, config: &cluster_config::Config) -> (usize, usize) {
@@ -320,8 +335,18 @@ where
         pool.room.notify_one();
         pool.in_hand.fetch_add(batch.len(), Ordering::Relaxed);
         let mut batch = batch.into_iter();
-        for message in batch.by_ref() {
+        for mut message in batch.by_ref() {
+            // Acknowledged on processing: after the handler, by its
+            // result.
+            let ack = message.ack.take();
             let result = handler(message).await;
+            if let Some(ack) = ack {
+                let status = match &result {
+                    Ok(()) => AckStatus::Accepted,
+                    Err(e) => AckStatus::Failed(DeliveryFailure::Rejected(e.to_string())),
+                };
+                ack.send(status).await;
+            }
             pool.in_hand.fetch_sub(1, Ordering::Relaxed);
             pool.held.done();
             pool.handled.fetch_add(1, Ordering::Relaxed);

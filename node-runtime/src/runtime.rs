@@ -103,6 +103,8 @@ pub(crate) struct Runtime {
     pub(crate) permissions: cluster_config::PermissionsTable,
     /// Whether this node is busy (`node.busy_upper`, `node.busy_lower`).
     pub(crate) busy: Arc<crate::busy::BusyWatch>,
+    /// Messages acknowledged on processing that are not yet.
+    pub(crate) unacked: Arc<crate::services::Unacked>,
 }
 
 impl Runtime {
@@ -179,6 +181,7 @@ impl Runtime {
             credentials: parts.credentials,
             permissions: parts.permissions,
             busy,
+            unacked: Arc::default(),
         }
     }
 

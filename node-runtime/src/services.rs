@@ -97,6 +97,9 @@ pub(crate) struct ServiceQueue {
     pub(crate) congested: Arc<AtomicBool>,
     /// What becomes of a message that finds the backlog full.
     pub(crate) when_full: WhenFull,
+    /// Acknowledged once processed (`AckMode::OnProcessed`), not on
+    /// receipt.
+    pub(crate) on_processed: bool,
 }
 
 /// What becomes of a message that finds a service's inbox and backlog full.
@@ -131,6 +134,7 @@ pub(crate) struct Delivery {
 }
 
 /// How to answer one delivered message.
+#[derive(Debug)]
 pub(crate) struct Answer {
     pub(crate) to: NodeId,
     pub(crate) to_incarnation: u64,
@@ -167,5 +171,118 @@ impl Answer {
         }));
         // Waiting here waits only for this node's own outgoing socket.
         let _ = queue.push(ack, Lane::Control, Wait::Forever).await;
+    }
+}
+
+/// The acknowledgement of one message of an `AckMode::OnProcessed`
+/// service, sent when the application says it processed it. Dropped
+/// unsent, it refuses the message (`Rejected`); a receiver that dies with
+/// it sends nothing, and its sender learns the message may have been
+/// delivered.
+#[derive(Debug)]
+pub(crate) struct AckToken {
+    answer: Option<Answer>,
+    from: NodeId,
+    core: std::sync::Weak<CoreCell>,
+    /// The connection the message came on (weakly: a message the
+    /// application keeps does not keep it open).
+    queue: transports::WeakOutQueue,
+    /// Removed from when sent or dropped.
+    unacked: std::sync::Weak<Unacked>,
+}
+
+/// The messages of `AckMode::OnProcessed` services handed over and not
+/// yet acknowledged, by (sender, incarnation, sequence number): a resent
+/// copy of one is not acknowledged again while it is being processed.
+#[derive(Debug, Default)]
+pub(crate) struct Unacked(std::sync::Mutex<std::collections::HashSet<(NodeId, u64, u64)>>);
+
+impl Unacked {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<(NodeId, u64, u64)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this message is being processed.
+    pub(crate) fn contains(&self, sender: &NodeId, incarnation: u64, seq: u64) -> bool {
+        self.lock().contains(&(sender.clone(), incarnation, seq))
+    }
+}
+
+impl AckToken {
+    /// The token of message `answer` of a `Send`, to be acknowledged
+    /// on `queue` from node `from`.
+    pub(crate) fn new(
+        answer: Answer,
+        from: &NodeId,
+        core: &std::sync::Arc<CoreCell>,
+        queue: &OutQueue,
+        unacked: &std::sync::Arc<Unacked>,
+    ) -> AckToken {
+        unacked
+            .lock()
+            .insert((answer.to.clone(), answer.to_incarnation, answer.seq));
+        AckToken {
+            answer: Some(answer),
+            from: from.clone(),
+            core: std::sync::Arc::downgrade(core),
+            queue: queue.downgrade(),
+            unacked: std::sync::Arc::downgrade(unacked),
+        }
+    }
+
+    /// Sends `status` (waiting for room in this node's own outgoing
+    /// queue).
+    pub(crate) async fn send(mut self, status: AckStatus) {
+        let Some(answer) = self.answer.take() else {
+            return;
+        };
+        self.forget(&answer);
+        let (Some(core), Some(queue)) = (self.core.upgrade(), self.queue.upgrade()) else {
+            // The connection is gone: the sender resends, and the copy
+            // is acknowledged as a duplicate of a processed message.
+            return;
+        };
+        answer.send(&self.from, &core, &queue, status).await;
+    }
+
+    /// Leaves the message to be answered otherwise (it was refused).
+    pub(crate) fn disarm(mut self) {
+        if let Some(answer) = self.answer.take() {
+            self.forget(&answer);
+        }
+    }
+
+    fn forget(&self, answer: &Answer) {
+        if let Some(unacked) = self.unacked.upgrade() {
+            unacked
+                .lock()
+                .remove(&(answer.to.clone(), answer.to_incarnation, answer.seq));
+        }
+    }
+}
+
+impl Drop for AckToken {
+    fn drop(&mut self) {
+        let Some(answer) = self.answer.take() else {
+            return;
+        };
+        self.forget(&answer);
+        // Dropped by the application without a word: refused, if there
+        // is room to say so now (otherwise the sender's timeout ends its
+        // wait, uncertain).
+        let (Some(core), Some(queue)) = (self.core.upgrade(), self.queue.upgrade()) else {
+            return;
+        };
+        let ack = OutFrame::control(Header::Ack(Ack {
+            to: answer.to,
+            to_incarnation: answer.to_incarnation,
+            seq: answer.seq,
+            from: self.from.clone(),
+            from_incarnation: core.lock().incarnation(),
+            status: AckStatus::Failed(transports::protocol::DeliveryFailure::Rejected(
+                "dropped by the application without an acknowledgement".into(),
+            )),
+        }));
+        let _ = queue.try_push(ack, Lane::Control);
     }
 }

@@ -322,6 +322,9 @@ async fn reconnect(rt: &Runtime) -> Option<(Link, Welcome)> {
     }
 }
 
+/// Least time between two reports of a change of busy state.
+const BUSY_REPORT_GAP: Duration = Duration::from_millis(10);
+
 /// Queues this node's report to the message server (see [`NodeReport`]);
 /// `reported_busy` is the busy state it carried, if it was queued.
 fn send_report(rt: &Runtime, reported_busy: &mut bool) {
@@ -379,6 +382,7 @@ pub(crate) async fn heartbeats(rt: Runtime, socket: tokio::net::UdpSocket) {
             >> 1
     };
     let mut reported_busy = false;
+    let mut last_busy_report = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = rt.cancel.cancelled() => return,
@@ -405,10 +409,15 @@ pub(crate) async fn heartbeats(rt: Runtime, socket: tokio::net::UdpSocket) {
                 send_report(&rt, &mut reported_busy);
             }
             // Busy or no longer busy: the server hears it at once, not at
-            // the next heartbeat.
+            // the next heartbeat; but no more often than every
+            // BUSY_REPORT_GAP, so that a node flapping about its limits
+            // does not flood every member with membership events (what it
+            // is at the end of the gap is what is reported).
             () = rt.busy.changed.notified() => {
+                tokio::time::sleep_until(last_busy_report + BUSY_REPORT_GAP).await;
                 if rt.busy.is_busy() != reported_busy && rt.core.lock().link().is_up() {
                     send_report(&rt, &mut reported_busy);
+                    last_busy_report = tokio::time::Instant::now();
                 }
             }
             r = socket.recv_from(&mut buf) => {

@@ -41,7 +41,13 @@ pub const TUNE_INBOX_CAPACITY: usize = 8;
 ///
 /// [`NodeError::AlreadySubscribed`], which cannot happen on a fresh node.
 pub(crate) fn start(rt: &Runtime) -> Result<(), NodeError> {
-    let inbox = open_inbox(rt, TUNE_SERVICE, TUNE_INBOX_CAPACITY, WhenFull::Refuse)?;
+    let inbox = open_inbox(
+        rt,
+        TUNE_SERVICE,
+        TUNE_INBOX_CAPACITY,
+        WhenFull::Refuse,
+        crate::options::AckMode::OnReceipt,
+    )?;
     rt.tasks.spawn(answer(inbox, rt.cancel.clone()));
     Ok(())
 }

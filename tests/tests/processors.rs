@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::ensure;
+use anyhow::{ensure, Context};
 use clustercomm_tests::{bounded, init_logging, test_config, TestServer};
 use node_runtime::{Config, Message, Node, NodeId, ServeOptions, Target};
 use tokio::sync::Semaphore;
@@ -254,6 +254,81 @@ async fn held_messages_make_a_node_busy() -> anyhow::Result<()> {
             "processors holding 32 messages made the node busy; no longer busy with {} handled",
             serving.stats().handled
         );
+        Ok(())
+    })
+    .await
+}
+
+/// Acknowledgement on processing, with an inbox: a `send` resolves only
+/// when the application acks; `reject` and dropping the message refuse
+/// it; a served handler's error refuses it with the error's text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_on_processing() -> anyhow::Result<()> {
+    use node_runtime::{AckMode, SendError, SubscribeOptions};
+    init_logging();
+    bounded(async {
+        let config = test_config();
+        let server = TestServer::start(config.clone()).await?;
+        let worker = node(&config, &server, "worker").await?;
+        let sender = node(&config, &server, "sender").await?;
+        let mut pings = sender.subscribe("pings").await?;
+        let mut inbox = worker
+            .subscribe_with("jobs", &SubscribeOptions::new().ack(AckMode::OnProcessed))
+            .await?;
+        let to = || Target::Node(NodeId::new("worker"));
+
+        let pending = sender.submit(to(), "jobs", "a").await?;
+        let mut m = inbox.recv().await.context("inbox closed")?;
+        ensure!(m.awaits_ack());
+        // An acknowledgement queued on receipt would reach the sender
+        // before this (control frames go first on each link): none did.
+        worker
+            .send(Target::Node(NodeId::new("sender")), "pings", "")
+            .await?;
+        pings.recv().await.context("pings closed")?;
+        ensure!(sender.pending() == 1, "acknowledged before processing");
+        m.ack().await;
+        ensure!(!m.awaits_ack());
+        let report = pending.outcome().await?;
+        ensure!(report.delivered == [NodeId::new("worker")]);
+
+        let pending = sender.submit(to(), "jobs", "b").await?;
+        let mut m = inbox.recv().await.context("inbox closed")?;
+        m.reject("no stock").await;
+        match pending.outcome().await {
+            Err(SendError::Rejected { reason, .. }) => ensure!(reason == "no stock"),
+            other => anyhow::bail!("rejected: {other:?}"),
+        }
+
+        let pending = sender.submit(to(), "jobs", "c").await?;
+        drop(inbox.recv().await.context("inbox closed")?);
+        match pending.outcome().await {
+            Err(SendError::Rejected { reason, .. }) => {
+                ensure!(reason.contains("without an acknowledgement"), "{reason}")
+            }
+            other => anyhow::bail!("dropped: {other:?}"),
+        }
+        drop(inbox);
+
+        // Served: the handler's result decides.
+        let _serving = worker
+            .serve_with(
+                "orders",
+                &ServeOptions::new().ack(AckMode::OnProcessed),
+                |m: Message| async move {
+                    if m.body().as_ref() == b"bad" {
+                        return Err("malformed order".into());
+                    }
+                    Ok(())
+                },
+            )
+            .await?;
+        let to = || Target::Node(NodeId::new("worker"));
+        sender.send(to(), "orders", "good").await?;
+        match sender.send(to(), "orders", "bad").await {
+            Err(SendError::Rejected { reason, .. }) => ensure!(reason == "malformed order"),
+            other => anyhow::bail!("handler error: {other:?}"),
+        }
         Ok(())
     })
     .await

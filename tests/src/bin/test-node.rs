@@ -39,6 +39,15 @@ struct Args {
     /// Inbox capacity (`node.inbox_capacity`).
     #[arg(long)]
     inbox_capacity: Option<usize>,
+    /// Serve the service with one processor, acknowledging each message
+    /// once processed (`AckMode::OnProcessed`); with `--print`, printing
+    /// it is the processing.
+    #[arg(long)]
+    on_processed: bool,
+    /// Milliseconds each message takes to process (after it is printed),
+    /// so that a backlog builds up.
+    #[arg(long, default_value_t = 0)]
+    process_ms: u64,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -69,6 +78,42 @@ async fn main() -> anyhow::Result<()> {
         .groups(groups)
         .start()
         .await?;
+    if args.on_processed {
+        let print = args.print;
+        let pause = std::time::Duration::from_millis(args.process_ms);
+        let options = node_runtime::ServeOptions::new()
+            .processors(1)
+            .ack(node_runtime::AckMode::OnProcessed);
+        let _serving = node
+            .serve_with(
+                &args.service,
+                &options,
+                move |message: node_runtime::Message| async move {
+                    if print {
+                        if let Some((sender, number)) =
+                            clustercomm_tests::fault::parse(message.body())
+                        {
+                            use std::io::Write;
+                            let mut out = std::io::stdout().lock();
+                            writeln!(out, "got {sender} {number}")?;
+                            out.flush()?;
+                        }
+                    }
+                    if !pause.is_zero() {
+                        tokio::time::sleep(pause).await;
+                    }
+                    if message.is_request() {
+                        message.reply(message.body().clone()).await?;
+                    }
+                    Ok(())
+                },
+            )
+            .await?;
+        println!("ready {}", args.id);
+        // Served until killed.
+        std::future::pending::<()>().await;
+        return Ok(());
+    }
     let mut inbox = node.subscribe(&args.service).await?;
     if let Some(target) = args.ping {
         let node = node.clone();
@@ -96,6 +141,9 @@ async fn main() -> anyhow::Result<()> {
                 writeln!(out, "got {sender} {number}")?;
                 out.flush()?;
             }
+        }
+        if args.process_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(args.process_ms)).await;
         }
         if message.is_request() {
             let _ = message.reply(message.body().clone()).await;
