@@ -297,11 +297,12 @@ pub(crate) fn decode_message_with<'a>(
         4 => MessageKind::ReplyError {
             request_seq: r.u64()?,
             requester_incarnation: r.u64()?,
-            code: match r.variant()? {
+            // An option's tag is one byte, as postcard reads it.
+            code: match r.byte()? {
                 0 => None,
                 // A `u32`, read as postcard reads one (as the variant).
                 1 => Some(r.variant()?),
-                _ => return Err(Error::SerdeDeCustom),
+                _ => return Err(Error::DeserializeBadOption),
             },
         },
         _ => return Err(Error::SerdeDeCustom),
