@@ -519,10 +519,12 @@ fn new_message(
         service,
         body,
         one_way: h.kind == MessageKind::Notify,
-        replier: (h.kind == MessageKind::Request).then(|| rt.replier.clone()),
-        handed: false,
-        replied: std::sync::atomic::AtomicBool::new(false),
-        ack: None,
+        answering: (h.kind == MessageKind::Request).then(|| {
+            Box::new(crate::inbox::Answering {
+                replier: Some(rt.replier.clone()),
+                ..Default::default()
+            })
+        }),
     }
 }
 
@@ -619,13 +621,14 @@ pub(crate) async fn deliver_later(
                 // acknowledgement, and none goes now.
                 if q.on_processed && h.kind == MessageKind::Send {
                     ack_to = None;
-                    message.ack = Some(Box::new(AckToken::new(
+                    let token = AckToken::new(
                         answer(message.sender.clone()),
                         &rt.id,
                         &rt.core,
                         acks,
                         &rt.unacked,
-                    )));
+                    );
+                    message.answering.get_or_insert_with(Default::default).ack = Some(token);
                 }
                 // Straight into the inbox when nothing waits before it: the
                 // pump is only for a backlog (which keeps order: nothing
@@ -912,7 +915,7 @@ fn into_inbox(
             break;
         };
         // Acknowledged later, once processed.
-        let deferred = message.ack.is_some();
+        let deferred = message.awaits_ack();
         slots.push(message);
         moved += 1;
         // In the inbox before the count drops: a delivery that then goes
@@ -929,7 +932,7 @@ fn into_inbox(
 /// A message refused here is answered by the refusal: its acknowledgement
 /// on processing (if it has one) must not answer it again.
 fn disarm(message: &mut Message) {
-    if let Some(token) = message.ack.take() {
+    if let Some(token) = message.take_ack() {
         token.disarm();
     }
 }

@@ -29,9 +29,19 @@ pub struct Message {
     /// A `Notify`: nobody is told when it enters the inbox, so it may
     /// wait past the capacity.
     pub(crate) one_way: bool,
+    /// What a request or a message acknowledged on processing needs to be
+    /// answered; `None` for every other message (boxed: they stay small,
+    /// and dropping them checks one pointer).
+    pub(crate) answering: Option<Box<Answering>>,
+}
+
+/// The part of a message that answers it: a request's replier, or the
+/// acknowledgement of a message acknowledged on processing.
+#[derive(Debug, Default)]
+pub(crate) struct Answering {
     /// Set for requests (and only for them): the runtime that sends the
-    /// reply. Weak: a message the application keeps does not keep its
-    /// node alive.
+    /// reply. Weak inside: a message the application keeps does not keep
+    /// its node alive.
     pub(crate) replier: Option<Arc<Replier>>,
     /// Whether the application was handed the message (a request it drops
     /// without replying is answered `NoReply`; one the node refused was
@@ -39,18 +49,38 @@ pub struct Message {
     pub(crate) handed: bool,
     /// Whether the request was answered (`reply` or `reply_err`).
     pub(crate) replied: AtomicBool,
-    /// Its acknowledgement, for a service acknowledged on processing
-    /// (`AckMode::OnProcessed`); `None` when it was acknowledged on
-    /// receipt, or needs none.
-    pub(crate) ack: Option<Box<AckToken>>,
+    /// The acknowledgement of a message of a service acknowledged on
+    /// processing (`AckMode::OnProcessed`), until it is sent.
+    pub(crate) ack: Option<AckToken>,
+}
+
+impl Message {
+    /// This message's acknowledgement on processing, if it still waits
+    /// for one.
+    pub(crate) fn take_ack(&mut self) -> Option<AckToken> {
+        self.answering.as_mut().and_then(|a| a.ack.take())
+    }
+
+    /// Marks the message as handed to the application.
+    #[inline]
+    pub(crate) fn hand_over(&mut self) {
+        if let Some(a) = self.answering.as_mut() {
+            a.handed = true;
+        }
+    }
+
+    fn replier(&self) -> Option<&Arc<Replier>> {
+        self.answering.as_ref().and_then(|a| a.replier.as_ref())
+    }
 }
 
 impl Drop for Message {
     fn drop(&mut self) {
-        if !self.handed || self.replied.load(Ordering::Relaxed) {
+        let Some(a) = &self.answering else { return };
+        if !a.handed || a.replied.load(Ordering::Relaxed) {
             return;
         }
-        if let Some(replier) = &self.replier {
+        if let Some(replier) = &a.replier {
             replier.no_reply_now(
                 &self.sender,
                 self.sender_incarnation,
@@ -71,6 +101,7 @@ impl fmt::Debug for Message {
             .field("one_way", &self.one_way)
             .field("request", &self.is_request())
             .field("body_len", &self.body.len())
+            .field("awaits_ack", &self.awaits_ack())
             .finish()
     }
 }
@@ -110,7 +141,7 @@ impl Message {
 
     /// Whether the sender awaits a reply.
     pub fn is_request(&self) -> bool {
-        self.replier.is_some()
+        self.replier().is_some()
     }
 
     /// Answers a request.
@@ -121,10 +152,10 @@ impl Message {
     /// [`SendError::PayloadTooLarge`] for a body over the limit;
     /// [`SendError::Shutdown`] if the node stopped.
     pub async fn reply(&self, body: impl Into<Bytes>) -> Result<(), SendError> {
-        let Some(replier) = &self.replier else {
+        let (Some(replier), Some(a)) = (self.replier(), self.answering.as_ref()) else {
             return Err(SendError::NotARequest);
         };
-        self.replied.store(true, Ordering::Relaxed);
+        a.replied.store(true, Ordering::Relaxed);
         replier
             .send(
                 &self.sender,
@@ -141,7 +172,7 @@ impl Message {
     /// delivered. Does nothing for a message acknowledged already (on
     /// receipt, or by an earlier call) or that needs none.
     pub async fn ack(&mut self) {
-        if let Some(token) = self.ack.take() {
+        if let Some(token) = self.take_ack() {
             token.send(AckStatus::Accepted).await;
         }
     }
@@ -152,7 +183,7 @@ impl Message {
     /// acknowledged already. A message of such a service dropped without
     /// `ack` or `reject` is refused the same way.
     pub async fn reject(&mut self, reason: impl Into<String>) {
-        if let Some(token) = self.ack.take() {
+        if let Some(token) = self.take_ack() {
             token
                 .send(AckStatus::Failed(DeliveryFailure::Rejected(reason.into())))
                 .await;
@@ -162,7 +193,7 @@ impl Message {
     /// Whether the message still waits for [`Message::ack`] or
     /// [`Message::reject`].
     pub fn awaits_ack(&self) -> bool {
-        self.ack.is_some()
+        self.answering.as_ref().is_some_and(|a| a.ack.is_some())
     }
 
     /// Answers a request with an error: the requester's `request` fails
@@ -172,10 +203,10 @@ impl Message {
     ///
     /// As [`Message::reply`].
     pub async fn reply_err(&self, code: u32, text: impl Into<String>) -> Result<(), SendError> {
-        let Some(replier) = &self.replier else {
+        let (Some(replier), Some(a)) = (self.replier(), self.answering.as_ref()) else {
             return Err(SendError::NotARequest);
         };
-        self.replied.store(true, Ordering::Relaxed);
+        a.replied.store(true, Ordering::Relaxed);
         replier
             .send_error(
                 &self.sender,
@@ -685,7 +716,7 @@ impl Inbox {
     /// other).
     fn next_taken(&mut self) -> Option<Message> {
         let mut message = self.batch.pop_front()?;
-        message.handed = true;
+        message.hand_over();
         if self.holding {
             self.shared.held.fetch_add(1, Ordering::Relaxed);
         }
@@ -714,7 +745,7 @@ impl Drop for Inbox {
     fn drop(&mut self) {
         // Requests never handed out are answered `NoReply` as they go.
         for m in self.batch.iter_mut() {
-            m.handed = true;
+            m.hand_over();
         }
         let queued = {
             let mut state = self.shared.lock();
@@ -731,7 +762,7 @@ impl Drop for Inbox {
         self.shared.room.notify_waiters();
         let mut queued = queued;
         for m in queued.iter_mut() {
-            m.handed = true;
+            m.hand_over();
         }
         drop(queued);
     }
@@ -761,10 +792,7 @@ mod tests {
             service: SmolStr::new("svc"),
             body: Bytes::new(),
             one_way: true,
-            replier: None,
-            handed: false,
-            replied: AtomicBool::new(false),
-            ack: None,
+            answering: None,
         }
     }
 
@@ -996,10 +1024,7 @@ mod tests {
             service: SmolStr::new("svc"),
             body: Bytes::from(body),
             one_way,
-            replier: None,
-            handed: false,
-            replied: AtomicBool::new(false),
-            ack: None,
+            answering: None,
         }
     }
 

@@ -338,7 +338,7 @@ where
         for mut message in batch.by_ref() {
             // Acknowledged on processing: after the handler, by its
             // result.
-            let ack = message.ack.take();
+            let ack = message.take_ack();
             let result = handler(message).await;
             if let Some(ack) = ack {
                 let status = match &result {
