@@ -63,6 +63,7 @@ impl Runtime {
         body_len: u64,
         deadline: Option<Instant>,
         ordered: bool,
+        wait_if_busy: bool,
     ) -> Result<Numbered, SendError> {
         let msg = Outgoing {
             target,
@@ -84,10 +85,19 @@ impl Runtime {
         };
         let (route, seq, incarnation) = {
             let mut core = self.core.lock();
-            // Held back while its receiver is busy (see `start_send`).
+            // Held back while its receiver is busy (see `wait_not_busy`).
             if core.members().busy_count() > 0 {
                 if let Some(node) = core.members().busy_blocker(&self.id, target, service) {
-                    return Err(SendError::Busy { node });
+                    drop(core);
+                    if !wait_if_busy {
+                        return Err(SendError::Busy { node });
+                    }
+                    // Boxed: the waiting is rare, and must not make every
+                    // send's future larger.
+                    return Box::pin(
+                        self.wait_not_busy(target, service, body_len, deadline, ordered),
+                    )
+                    .await;
                 }
             }
             let route = core.handle_send(now, &msg, lazy_open)?;
@@ -135,17 +145,8 @@ impl Runtime {
         if self.is_stopping() {
             return Err(SendError::Shutdown);
         }
-        match self
-            .route(target, service, body.len() as u64, deadline, ordered)
+        self.route(target, service, body.len() as u64, deadline, ordered, true)
             .await
-        {
-            Err(SendError::Busy { .. }) => {}
-            routed => return routed,
-        }
-        // Boxed, and after the match (so that no route is kept across the
-        // wait): the waiting is rare, and must not make every send's future
-        // larger.
-        Box::pin(self.wait_not_busy(target, service, body, deadline, ordered)).await
     }
 
     /// A busy receiver slows its senders: the send waits for it to drain
@@ -155,7 +156,7 @@ impl Runtime {
         &self,
         target: &Target,
         service: &str,
-        body: &Bytes,
+        body_len: u64,
         deadline: Option<Instant>,
         ordered: bool,
     ) -> Result<Numbered, SendError> {
@@ -165,7 +166,7 @@ impl Runtime {
             tokio::pin!(changed);
             changed.as_mut().enable();
             match self
-                .route(target, service, body.len() as u64, Some(deadline), ordered)
+                .route(target, service, body_len, Some(deadline), ordered, false)
                 .await
             {
                 Err(busy @ SendError::Busy { .. }) => {
