@@ -83,27 +83,33 @@ impl Runtime {
         } else {
             self.started
         };
-        let (route, seq, incarnation) = {
+        let routed = {
             let mut core = self.core.lock();
             // Held back while its receiver is busy (see `wait_not_busy`).
-            if core.members().busy_count() > 0 {
-                if let Some(node) = core.members().busy_blocker(&self.id, target, service) {
-                    drop(core);
-                    if !wait_if_busy {
-                        return Err(SendError::Busy { node });
-                    }
-                    // Boxed: the waiting is rare, and must not make every
-                    // send's future larger.
-                    return Box::pin(
-                        self.wait_not_busy(target, service, body_len, deadline, ordered),
-                    )
-                    .await;
+            let blocker = if core.members().busy_count() > 0 {
+                core.members().busy_blocker(&self.id, target, service)
+            } else {
+                None
+            };
+            match blocker {
+                Some(node) => Err(node),
+                None => {
+                    let route = core.handle_send(now, &msg, lazy_open)?;
+                    let numbered_later = ordered && route == core::Route::Server;
+                    let seq = (!numbered_later).then(|| core.next_seq());
+                    Ok((route, seq, core.incarnation()))
                 }
             }
-            let route = core.handle_send(now, &msg, lazy_open)?;
-            let numbered_later = ordered && route == core::Route::Server;
-            let seq = (!numbered_later).then(|| core.next_seq());
-            (route, seq, core.incarnation())
+        };
+        let (route, seq, incarnation) = match routed {
+            Ok(routed) => routed,
+            Err(node) if !wait_if_busy => return Err(SendError::Busy { node }),
+            // Boxed: the waiting is rare, and must not make every send's
+            // future larger.
+            Err(_) => {
+                return Box::pin(self.wait_not_busy(target, service, body_len, deadline, ordered))
+                    .await
+            }
         };
         let route = match route {
             core::Route::Server => Route::Server,
