@@ -457,6 +457,19 @@ impl<W> DeliveryTracker<W> {
         }
     }
 
+    /// Request `request_seq`, taken out if `from` may answer it: only
+    /// the receiver the request went to (any, for `AnyOf` before the
+    /// routing result names it).
+    fn take_answered(&mut self, request_seq: u64, from: &NodeId) -> Option<Pending<W>> {
+        match self.pending.get(&request_seq) {
+            Some(p)
+                if p.awaiting == Awaiting::Reply
+                    && p.expected().is_none_or(|e| e.contains(from)) => {}
+            _ => return None,
+        }
+        self.take(request_seq)
+    }
+
     /// The reply to request `request_seq`.
     pub fn handle_reply(
         &mut self,
@@ -464,15 +477,7 @@ impl<W> DeliveryTracker<W> {
         from: &NodeId,
         body: Bytes,
     ) -> Option<(W, Completion)> {
-        match self.pending.get(&request_seq) {
-            // Only the receiver the request went to may answer it (any, for
-            // `AnyOf` before the routing result names it).
-            Some(p)
-                if p.awaiting == Awaiting::Reply
-                    && p.expected().is_none_or(|e| e.contains(from)) => {}
-            _ => return None,
-        }
-        let p = self.take(request_seq)?;
+        let p = self.take_answered(request_seq, from)?;
         Some((
             p.waiter,
             Completion::Replied {
@@ -490,13 +495,7 @@ impl<W> DeliveryTracker<W> {
         from: &NodeId,
         error: SendError,
     ) -> Option<(W, Completion)> {
-        match self.pending.get(&request_seq) {
-            Some(p)
-                if p.awaiting == Awaiting::Reply
-                    && p.expected().is_none_or(|e| e.contains(from)) => {}
-            _ => return None,
-        }
-        let p = self.take(request_seq)?;
+        let p = self.take_answered(request_seq, from)?;
         Some((p.waiter, Completion::Failed(error)))
     }
 

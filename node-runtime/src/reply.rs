@@ -101,24 +101,36 @@ impl Replier {
         let (Some(core), Some(server)) = (self.core.upgrade(), self.server.upgrade()) else {
             return;
         };
+        let kind = MessageKind::ReplyError {
+            request_seq,
+            requester_incarnation,
+            code: None,
+        };
+        let header = self.header(&core, requester, service, kind);
+        if !server.queue.try_push_message(&header, &Bytes::new()) {
+            tracing::debug!(%requester, request_seq, "no room to say a request was dropped; the requester times out");
+        }
+    }
+
+    /// The header of an answer of `kind` to `requester`, numbered now.
+    fn header<'a>(
+        &'a self,
+        core: &CoreCell,
+        requester: &'a NodeId,
+        service: &'a str,
+        kind: MessageKind,
+    ) -> MessageRef<'a> {
         let (seq, incarnation) = {
             let mut core = core.lock();
             (core.next_seq(), core.incarnation())
         };
-        let header = MessageRef {
+        MessageRef {
             sender: self.id.as_str(),
             incarnation,
             seq,
             target: TargetRef::Node(requester.as_str()),
             service,
-            kind: MessageKind::ReplyError {
-                request_seq,
-                requester_incarnation,
-                code: None,
-            },
-        };
-        if !server.queue.try_push_message(&header, &Bytes::new()) {
-            tracing::debug!(%requester, request_seq, "no room to say a request was dropped; the requester times out");
+            kind,
         }
     }
 
@@ -135,20 +147,10 @@ impl Replier {
         };
         check_size(&self.config, &body)?;
         let deadline = Instant::now() + self.config.send_timeout();
-        let (seq, incarnation) = {
-            let mut core = core.lock();
-            (core.next_seq(), core.incarnation())
-        };
         // Usually queued at once, its header encoded from the names in
         // place; otherwise as a frame, waiting for room.
-        let header = MessageRef {
-            sender: self.id.as_str(),
-            incarnation,
-            seq,
-            target: TargetRef::Node(requester.as_str()),
-            service,
-            kind,
-        };
+        let header = self.header(&core, requester, service, kind);
+        let (seq, incarnation) = (header.seq, header.incarnation);
         if server.queue.try_push_message(&header, &body) {
             return Ok(());
         }
