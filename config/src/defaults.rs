@@ -72,9 +72,9 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 65_536;
 /// awaiting their outcome (the resend buffer's size in bytes).
 pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 256 * 1024 * 1024;
 /// Default backlog above which a node reports itself busy.
-pub const DEFAULT_BUSY_UPPER: usize = 768;
+pub const DEFAULT_BUSY_UPPER: usize = 1024;
 /// Default backlog below which a busy node is no longer busy.
-pub const DEFAULT_BUSY_LOWER: usize = 256;
+pub const DEFAULT_BUSY_LOWER: usize = 512;
 /// Default number of messages a node processes concurrently.
 pub const DEFAULT_PROCESSOR_CONCURRENCY: usize = 4;
 /// Default number of messages of one sender a processor handles in a row

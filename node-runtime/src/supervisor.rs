@@ -409,15 +409,20 @@ pub(crate) async fn heartbeats(rt: Runtime, socket: tokio::net::UdpSocket) {
                 send_report(&rt, &mut reported_busy);
             }
             // Busy or no longer busy: the server hears it at once, not at
-            // the next heartbeat; but no more often than every
+            // the next heartbeat. Becoming busy is said at most once every
             // BUSY_REPORT_GAP, so that a node flapping about its limits
             // does not flood every member with membership events (what it
-            // is at the end of the gap is what is reported).
+            // is at the end of the gap is what is reported); the end of
+            // busy is said at once, as its senders wait for it.
             () = rt.busy.changed.notified() => {
-                tokio::time::sleep_until(last_busy_report + BUSY_REPORT_GAP).await;
+                if !reported_busy {
+                    tokio::time::sleep_until(last_busy_report + BUSY_REPORT_GAP).await;
+                }
                 if rt.busy.is_busy() != reported_busy && rt.core.lock().link().is_up() {
                     send_report(&rt, &mut reported_busy);
-                    last_busy_report = tokio::time::Instant::now();
+                    if reported_busy {
+                        last_busy_report = tokio::time::Instant::now();
+                    }
                 }
             }
             r = socket.recv_from(&mut buf) => {
