@@ -336,6 +336,7 @@ pub(crate) async fn serve(
             routes: RouteCache::default(),
             permissions,
             session,
+            member_changes: (0, 0),
         };
         let end = conn.read_loop(&mut reader, &cancel).await;
         let reason = match &end {
@@ -451,7 +452,16 @@ struct Connection {
     incarnation: u64,
     queue: OutQueue,
     routes: RouteCache,
+    /// Changes of this node's membership (busy state, services) in the
+    /// current second: (when the second began, in ms since start; count).
+    member_changes: (u64, u32),
 }
+
+/// Most changes of its own membership (busy state, services) a node may
+/// make in a second: each one is sent to every member, so more is an
+/// amplification, refused as a protocol violation. An honest node reports
+/// becoming busy at most 100 times a second.
+pub const MAX_MEMBER_CHANGES_PER_S: u32 = 400;
 
 /// Most frames a read loop routes before it wakes the receivers' writers
 /// it found asleep (it wakes them sooner when it runs out of frames).
@@ -734,12 +744,22 @@ impl Connection {
                 None
             }
             Header::Subscribe { token, service } => {
+                if !self.offers(&service) {
+                    if let Some(end) = self.member_changed() {
+                        return Some(end);
+                    }
+                }
                 self.update_services(&service, true);
                 let reply = OutFrame::control(Header::Subscribed { token });
                 self.reply(reply).await;
                 None
             }
             Header::Unsubscribe { service } => {
+                if self.offers(&service) {
+                    if let Some(end) = self.member_changed() {
+                        return Some(end);
+                    }
+                }
                 self.update_services(&service, false);
                 None
             }
@@ -766,6 +786,12 @@ impl Connection {
                     .backlog
                     .store(report.backlog, Ordering::Relaxed);
                 if let Some(busy) = report.busy {
+                    // Counted before every member is told.
+                    if self.session.busy.load(Ordering::Relaxed) != busy {
+                        if let Some(end) = self.member_changed() {
+                            return Some(end);
+                        }
+                    }
                     self.set_busy(busy);
                 }
                 *self
@@ -845,16 +871,38 @@ impl Connection {
             .map_or(0, |m| m.services.len())
     }
 
-    fn update_services(&self, service: &str, add: bool) {
-        // Nothing to change: no write lock, which would make every
-        // connection resolve its routes again.
-        let offered = self
-            .shared
+    /// Counts a change of this node's membership; too many in a second
+    /// end the connection (see [`MAX_MEMBER_CHANGES_PER_S`]).
+    fn member_changed(&mut self) -> Option<End> {
+        let now = self.shared.now_ms();
+        let (since, count) = &mut self.member_changes;
+        if now.saturating_sub(*since) >= 1000 {
+            *since = now;
+            *count = 0;
+        }
+        *count += 1;
+        (*count > MAX_MEMBER_CHANGES_PER_S).then(|| {
+            End::Violation(format!(
+                "more than {MAX_MEMBER_CHANGES_PER_S} changes of its membership (busy state, services) in a second: each is sent to every member"
+            ))
+        })
+    }
+
+    /// Whether this node offers `service` now.
+    fn offers(&self, service: &str) -> bool {
+        self.shared
             .read()
             .table
             .member(&self.me)
-            .is_some_and(|m| m.services.iter().any(|s| s == service));
-        if offered == add {
+            .is_some_and(|m| m.services.iter().any(|s| s == service))
+    }
+
+    /// Adds or removes one of this node's services (every member is told
+    /// of a change).
+    fn update_services(&self, service: &str, add: bool) {
+        // Nothing to change: no write lock, which would make every
+        // connection resolve its routes again.
+        if self.offers(service) == add {
             return;
         }
         let mut state = self.shared.write();

@@ -34,5 +34,6 @@ pub mod server;
 pub mod table;
 mod trace;
 
+pub use connection::MAX_MEMBER_CHANGES_PER_S;
 pub use counters::CountersSnapshot;
 pub use server::{MessageServer, ServerError, ServerHandle};

@@ -319,3 +319,74 @@ async fn a_node_that_never_reads_its_data_is_cut_off_while_it_heartbeats() -> an
     sender.shutdown().await;
     Ok(())
 }
+
+/// A registered node that flips its busy state as fast as it can would
+/// have the server send every member an event per flip. Past
+/// `MAX_MEMBER_CHANGES_PER_S` in a second its connection is closed as a
+/// protocol violation, and the other members saw no more than that many
+/// of its changes; they keep working.
+#[tokio::test]
+async fn a_node_flapping_its_membership_is_cut_off() -> anyhow::Result<()> {
+    use message_server::MAX_MEMBER_CHANGES_PER_S;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use transports::frame::FrameCodec;
+    use transports::protocol::{Header, NodeReport};
+    use transports::OutFrame;
+    init_logging();
+    bounded(async {
+        let (_server, addr, config, _file) = guarded_server("flap").await?;
+        let watcher = node("watcher", &config, addr).await?;
+        let mut events = watcher.membership_events();
+        let key = SessionKey::generate()?;
+        let hello = raw::hello("flapper", &config.cluster.name, &key);
+        let RawNode {
+            reader, mut writer, ..
+        } = RawNode::register(addr, hello, &Interests::default(), key, Some(SECRET)).await?;
+        // Every report flips busy: 4 seconds' worth of the cap, in one go.
+        let flips = 4 * MAX_MEMBER_CHANGES_PER_S as usize;
+        let mut bytes = bytes::BytesMut::new();
+        for i in 0..flips {
+            let report = Header::Report(NodeReport {
+                busy: Some(i % 2 == 0),
+                ..NodeReport::default()
+            });
+            tokio_util::codec::Encoder::encode(
+                &mut FrameCodec::new(1 << 20),
+                OutFrame::control(report),
+                &mut bytes,
+            )?;
+        }
+        // The server may close while this is still being written.
+        let _ = writer.write_all(&bytes).await;
+        let mut rd = reader.into_inner();
+        let mut sink = Vec::new();
+        loop {
+            match rd.read_buf(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => sink.clear(),
+            }
+        }
+        // What the watcher saw of it, until it left.
+        let mut changes = 0u32;
+        loop {
+            match events.recv().await? {
+                MembershipEvent::Updated(m) if m.id == "flapper" => changes += 1,
+                MembershipEvent::Left { id, .. } if id == "flapper" => break,
+                _ => {}
+            }
+        }
+        println!(
+            "{flips} busy flips sent; the watcher saw {changes} before the flapper was cut off"
+        );
+        ensure!(
+            changes <= MAX_MEMBER_CHANGES_PER_S,
+            "{changes} changes reached the watcher"
+        );
+        ensure!(changes > 0, "the first flips are legitimate and pass");
+        // The watcher works on.
+        let mut inbox = watcher.subscribe("svc").await?;
+        exchange(&watcher, "watcher", &mut inbox, "still here").await?;
+        Ok(())
+    })
+    .await
+}
