@@ -163,6 +163,11 @@ async fn max_in_a_row_holds() -> anyhow::Result<()> {
             node(&config, &server, "s3").await?,
         ];
         send_numbered(&senders, EACH).await?;
+        // Acknowledged means in the inbox; the pool takes them from there.
+        // Only once it holds them all do the senders all wait.
+        while serving.stats().held < 3 * EACH as usize {
+            tokio::task::yield_now().await;
+        }
         gate.add_permits(Semaphore::MAX_PERMITS);
         while serving.stats().handled < 3 * EACH {
             tokio::task::yield_now().await;
