@@ -158,25 +158,47 @@ async fn members_and_test_messages() -> anyhow::Result<()> {
     .context("the test did not finish within 60 s")?
 }
 
+/// A running `clustercomm --server ADDR watch ARGS...`: its output after
+/// the `watching` line, and the lines before it.
+struct Watch {
+    _process: tokio::process::Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    before: Vec<String>,
+}
+
+async fn watch(addr: &str, args: &[&str]) -> anyhow::Result<Watch> {
+    let mut process = Command::new(env!("CARGO_BIN_EXE_clustercomm"))
+        .args(["--server", addr, "watch"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(process.stdout.take().context("no stdout")?).lines();
+    let mut before = Vec::new();
+    loop {
+        let line = lines.next_line().await?.context("watch ended")?;
+        if line.starts_with("watching") {
+            break;
+        }
+        before.push(line);
+    }
+    Ok(Watch {
+        _process: process,
+        lines,
+        before,
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_prints_members_and_events() -> anyhow::Result<()> {
     tokio::time::timeout(Duration::from_secs(60), async {
         let (addr, web, _db) = cluster().await?;
         let mut events = web.membership_events();
-        let mut watch = Command::new(env!("CARGO_BIN_EXE_clustercomm"))
-            .args(["--server", &addr, "watch", "--rates-every", "0"])
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let mut lines = BufReader::new(watch.stdout.take().context("no stdout")?).lines();
-        let mut before = Vec::new();
-        loop {
-            let line = lines.next_line().await?.context("watch ended")?;
-            if line.starts_with("watching") {
-                break;
-            }
-            before.push(line);
-        }
+        let Watch {
+            _process,
+            mut lines,
+            before,
+        } = watch(&addr, &["--rates-every", "0"]).await?;
         ensure!(
             before.iter().any(|l| l.starts_with("member  web-1")),
             "{before:?}"
@@ -236,19 +258,13 @@ async fn watch_prints_rates_from_the_monitor() -> anyhow::Result<()> {
         };
         let (sender, receiver) = (node("sender-1").await?, node("receiver-1").await?);
         let mut inbox = receiver.subscribe("svc").await?;
-        let mut watch = Command::new(env!("CARGO_BIN_EXE_clustercomm"))
-            .args(["--server", &addr, "watch", "--monitor", &monitor_addr])
-            .args(["--rates-every", "1"])
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let mut lines = BufReader::new(watch.stdout.take().context("no stdout")?).lines();
-        loop {
-            let line = lines.next_line().await?.context("watch ended")?;
+        let Watch {
+            _process,
+            mut lines,
+            before,
+        } = watch(&addr, &["--monitor", &monitor_addr, "--rates-every", "1"]).await?;
+        for line in &before {
             ensure!(!line.starts_with("rates   none"), "{line}");
-            if line.starts_with("watching") {
-                break;
-            }
         }
         // Traffic until a rate line shows it: acknowledged sends, so each
         // went through the server before the next.
@@ -278,20 +294,7 @@ async fn watch_prints_rates_from_the_monitor() -> anyhow::Result<()> {
         ensure!(line.contains("route failures 0/s"), "{line}");
 
         // A monitor that does not answer: one line saying so, then events.
-        let mut watch = Command::new(env!("CARGO_BIN_EXE_clustercomm"))
-            .args(["--server", &addr, "watch", "--monitor", "127.0.0.1:9"])
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let mut lines = BufReader::new(watch.stdout.take().context("no stdout")?).lines();
-        let mut before = Vec::new();
-        loop {
-            let line = lines.next_line().await?.context("watch ended")?;
-            if line.starts_with("watching") {
-                break;
-            }
-            before.push(line);
-        }
+        let Watch { before, .. } = watch(&addr, &["--monitor", "127.0.0.1:9"]).await?;
         let none: Vec<_> = before.iter().filter(|l| l.starts_with("rates")).collect();
         ensure!(
             none.len() == 1 && none[0].contains("no monitor answers at 127.0.0.1:9"),

@@ -744,25 +744,14 @@ impl Connection {
                 None
             }
             Header::Subscribe { token, service } => {
-                if !self.offers(&service) {
-                    if let Some(end) = self.member_changed() {
-                        return Some(end);
-                    }
+                if let Some(end) = self.update_services(&service, true) {
+                    return Some(end);
                 }
-                self.update_services(&service, true);
                 let reply = OutFrame::control(Header::Subscribed { token });
                 self.reply(reply).await;
                 None
             }
-            Header::Unsubscribe { service } => {
-                if self.offers(&service) {
-                    if let Some(end) = self.member_changed() {
-                        return Some(end);
-                    }
-                }
-                self.update_services(&service, false);
-                None
-            }
+            Header::Unsubscribe { service } => self.update_services(&service, false),
             Header::Resolve {
                 token,
                 target,
@@ -785,14 +774,8 @@ impl Connection {
                 self.session
                     .backlog
                     .store(report.backlog, Ordering::Relaxed);
-                if let Some(busy) = report.busy {
-                    // Counted before every member is told.
-                    if self.session.busy.load(Ordering::Relaxed) != busy {
-                        if let Some(end) = self.member_changed() {
-                            return Some(end);
-                        }
-                    }
-                    self.set_busy(busy);
+                if let Some(end) = report.busy.and_then(|busy| self.set_busy(busy)) {
+                    return Some(end);
                 }
                 *self
                     .session
@@ -899,11 +882,16 @@ impl Connection {
 
     /// Adds or removes one of this node's services (every member is told
     /// of a change).
-    fn update_services(&self, service: &str, add: bool) {
+    /// A change is counted before anyone is told (see
+    /// [`Connection::member_changed`]); too many end the connection.
+    fn update_services(&mut self, service: &str, add: bool) -> Option<End> {
         // Nothing to change: no write lock, which would make every
         // connection resolve its routes again.
         if self.offers(service) == add {
-            return;
+            return None;
+        }
+        if let Some(end) = self.member_changed() {
+            return Some(end);
         }
         let mut state = self.shared.write();
         let updated = if add {
@@ -915,13 +903,19 @@ impl Connection {
             let event = Header::Member(MemberEvent::Updated(info));
             broadcast_locked(&self.shared, &state.conns, &event);
         }
+        None
     }
 
     /// The node reported itself busy, or no longer busy: every member is
     /// told (with the member's information, as for a change of services).
-    fn set_busy(&self, busy: bool) {
+    /// A change is counted before anyone is told; too many end the
+    /// connection.
+    fn set_busy(&mut self, busy: bool) -> Option<End> {
         if self.session.busy.swap(busy, Ordering::Relaxed) == busy {
-            return;
+            return None;
+        }
+        if let Some(end) = self.member_changed() {
+            return Some(end);
         }
         let mut state = self.shared.write();
         if let Some(info) = state.table.set_busy(&self.me, busy) {
@@ -939,6 +933,7 @@ impl Connection {
                 Some(&self.me),
             );
         }
+        None
     }
 
     /// Queues a control frame to this node, waiting for room up to the

@@ -207,7 +207,7 @@ impl NodeBuilder {
         // taken address fails the start, not a later scrape.
         let monitor = match config.node.monitor_listen {
             Some(address) => Some(
-                crate::monitor::bind(address)
+                transports::tcp::listen(address, &config.tcp.options())
                     .and_then(|l| {
                         let bound = l.local_addr()?;
                         Ok((l, bound))

@@ -10,7 +10,6 @@
 //! control: keep it on loopback or a management network. A plain HTTP/1.1
 //! responder is enough here and spares every application an HTTP stack.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -250,17 +249,6 @@ async fn write(stream: &mut TcpStream, reply: &Reply, head_only: bool) -> std::i
     }
     stream.write_all(out.as_bytes()).await?;
     stream.shutdown().await
-}
-
-/// Binds `node.monitor_listen`.
-pub(crate) fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = match address {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(address)?;
-    socket.listen(64)
 }
 
 #[cfg(test)]

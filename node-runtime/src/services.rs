@@ -161,16 +161,22 @@ impl Answer {
         if !needed {
             return;
         }
-        let ack = OutFrame::control(Header::Ack(Ack {
+        // Waiting here waits only for this node's own outgoing socket.
+        let _ = queue
+            .push(self.frame(from, core, status), Lane::Control, Wait::Forever)
+            .await;
+    }
+
+    /// The acknowledgement frame carrying `status`, from `from`.
+    fn frame(self, from: &NodeId, core: &CoreCell, status: AckStatus) -> OutFrame {
+        OutFrame::control(Header::Ack(Ack {
             to: self.to,
             to_incarnation: self.to_incarnation,
             seq: self.seq,
             from: from.clone(),
             from_incarnation: core.lock().incarnation(),
             status,
-        }));
-        // Waiting here waits only for this node's own outgoing socket.
-        let _ = queue.push(ack, Lane::Control, Wait::Forever).await;
+        }))
     }
 }
 
@@ -273,16 +279,9 @@ impl Drop for AckToken {
         let (Some(core), Some(queue)) = (self.core.upgrade(), self.queue.upgrade()) else {
             return;
         };
-        let ack = OutFrame::control(Header::Ack(Ack {
-            to: answer.to,
-            to_incarnation: answer.to_incarnation,
-            seq: answer.seq,
-            from: self.from.clone(),
-            from_incarnation: core.lock().incarnation(),
-            status: AckStatus::Failed(transports::protocol::DeliveryFailure::Rejected(
-                "dropped by the application without an acknowledgement".into(),
-            )),
-        }));
-        let _ = queue.try_push(ack, Lane::Control);
+        let status = AckStatus::Failed(transports::protocol::DeliveryFailure::Rejected(
+            "dropped by the application without an acknowledgement".into(),
+        ));
+        let _ = queue.try_push(answer.frame(&self.from, &core, status), Lane::Control);
     }
 }

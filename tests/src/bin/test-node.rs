@@ -90,14 +90,7 @@ async fn main() -> anyhow::Result<()> {
                 &options,
                 move |message: node_runtime::Message| async move {
                     if print {
-                        if let Some((sender, number)) =
-                            clustercomm_tests::fault::parse(message.body())
-                        {
-                            use std::io::Write;
-                            let mut out = std::io::stdout().lock();
-                            writeln!(out, "got {sender} {number}")?;
-                            out.flush()?;
-                        }
+                        print_ledger(&message)?;
                     }
                     if !pause.is_zero() {
                         tokio::time::sleep(pause).await;
@@ -133,14 +126,9 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     println!("ready {}", args.id);
-    let mut out = std::io::stdout().lock();
     while let Some(message) = inbox.recv().await {
         if args.print {
-            if let Some((sender, number)) = clustercomm_tests::fault::parse(message.body()) {
-                use std::io::Write;
-                writeln!(out, "got {sender} {number}")?;
-                out.flush()?;
-            }
+            print_ledger(&message)?;
         }
         if args.process_ms > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(args.process_ms)).await;
@@ -148,6 +136,17 @@ async fn main() -> anyhow::Result<()> {
         if message.is_request() {
             let _ = message.reply(message.body().clone()).await;
         }
+    }
+    Ok(())
+}
+
+/// Prints `got SENDER NUMBER` for a fault-ledger message, at once.
+fn print_ledger(message: &node_runtime::Message) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some((sender, number)) = clustercomm_tests::fault::parse(message.body()) {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "got {sender} {number}")?;
+        out.flush()?;
     }
     Ok(())
 }
