@@ -24,6 +24,13 @@
 //! ours in clear once more in each of their rounds, so that TLS is
 //! compared with clear text at the same moment (alone: `-- --quick
 //! "over TLS"`).
+//!
+//! The processors case (`processors 4 against 1, 20 µs handler`, issue 17;
+//! alone: `-- --quick processors`) is clustercomm against itself: a
+//! service served with 4 processors against the same service with 1, in
+//! interleaved rounds, through a `bench-message-server` process
+//! ([`clustercomm_benches::processors`]). It runs after the other cases,
+//! once their peers are stopped, and has a table of its own in the report.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -33,6 +40,7 @@ use anyhow::Context;
 use clustercomm_benches::latency::Latency;
 use clustercomm_benches::nats::Nats;
 use clustercomm_benches::nats_go::NatsGo;
+use clustercomm_benches::processors::{self, Comparison, Plan, Topology};
 use clustercomm_benches::suite::{
     self, BulkPath, Case, Measurement, Outcome, SendPeer, Summary, System, FIXED_RATE_PERCENT,
 };
@@ -354,6 +362,21 @@ fn loss_cell(row: &Row) -> String {
     cells.join(" / ")
 }
 
+/// The processors case: 4 processors against 1 in interleaved rounds
+/// (`--quick` and `--rounds N` as for the other cases), through a
+/// `bench-message-server` process like every clustercomm case; its
+/// header and result (failed, not fatal, if it could not run).
+async fn processors_case(options: &Options, server: &Path) -> (String, Comparison) {
+    let plan = Plan::new(options.quick, options.rounds);
+    let topology = Topology::Process(server);
+    let header = format!("{}, nodes in the bench process", plan.header(topology));
+    let comparison = processors::run(&plan, topology)
+        .await
+        .unwrap_or_else(|e| Comparison::failed(format!("{e:#}")));
+    println!("{}", comparison.line());
+    (header, comparison)
+}
+
 fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -670,17 +693,26 @@ async fn run() -> anyhow::Result<()> {
     );
     println!("{title}");
     println!("{machine}; compare ratios, not absolutes.\n");
-    let peers = Peers::start(&options, server).await;
-    let mut taken = Taken::default();
+    let cases: Vec<Case> = suite::cases(options.quick)
+        .into_iter()
+        .filter(|case| options.selects(&case.to_string()))
+        .collect();
     let mut rows: Vec<Row> = Vec::new();
-    for case in suite::cases(options.quick) {
-        if !options.selects(&case.to_string()) {
-            continue;
+    // No peers to start when the filters leave only the processors case.
+    if !cases.is_empty() {
+        let peers = Peers::start(&options, server.clone()).await;
+        let mut taken = Taken::default();
+        for case in cases {
+            let row = run_case(&peers, &mut taken, &rows, case, &options).await;
+            rows.push(row);
         }
-        let row = run_case(&peers, &mut taken, &rows, case, &options).await;
-        rows.push(row);
     }
-    drop(peers);
+
+    let processors = if options.selects(&processors::name()) {
+        Some(processors_case(&options, &server).await)
+    } else {
+        None
+    };
 
     let sweep_text = if options.selects("sweep") {
         sweep(&options, &server_binary()?, &machine).await
@@ -719,9 +751,15 @@ async fn run() -> anyhow::Result<()> {
             k as f64 / 1024.0
         ))
     );
+    if let Some((header, comparison)) = &processors {
+        report.push_str(&processors::section(header, comparison));
+    }
     report.push_str(&sweep_text);
     let _ = writeln!(report, "\n## Targets (medians)\n");
     report.push_str(&targets(&rows));
+    if let Some((_, comparison)) = &processors {
+        let _ = writeln!(report, "{}", processors::target_line(Some(comparison)));
+    }
     println!("\n{report}");
     if !options.filters.is_empty() || options.ours_only || options.rounds.is_some() {
         // A partial run does not replace the recorded results.

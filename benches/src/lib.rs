@@ -6,7 +6,8 @@
 //!
 //! The benchmarks themselves live in `benches/`: the suite
 //! (`cargo bench -p clustercomm-benches --bench suite`, `-- --quick` for
-//! short rounds) and the older, narrower `--bench p2p` and `--bench bulk`.
+//! short rounds) and the older, narrower `--bench p2p`, `--bench bulk`
+//! and `--bench processors` (a thin wrapper around [`processors`]).
 //! Numbers are only meaningful as ratios against the peers measured in the
 //! same run, at nearly the same moment.
 //!
@@ -41,6 +42,9 @@
 //!   the floor of every suite case that goes through a server.
 //! - [`ours`]: clustercomm's side of the suite: every case against a fresh
 //!   message-server process, and the lazy-versus-server path sweep.
+//! - [`processors`]: the processors case (4 processors against 1 on a
+//!   20 µs handler, in interleaved rounds), for the suite and the
+//!   standalone `--bench processors`.
 //! - [`tls`]: what the TLS cases run with: certificates from
 //!   clustercomm's own generator in a temporary directory removed on
 //!   drop, and clustercomm's cluster file with `[tls]`.
@@ -56,6 +60,7 @@ pub mod nats_server;
 pub mod options;
 pub mod ours;
 pub mod plot;
+pub mod processors;
 pub mod raw_cases;
 pub mod raw_tcp;
 pub mod relay_cases;

@@ -30,7 +30,9 @@ pub struct Options {
     /// The measured interval of one round.
     pub measure: Duration,
     /// `--rounds N`: rounds per case instead of each case's own
-    /// ([`crate::suite::ROUNDS`], [`crate::suite::BULK_ROUNDS`]).
+    /// ([`crate::suite::ROUNDS`], [`crate::suite::BULK_ROUNDS`],
+    /// [`crate::processors::ROUNDS`] or with `--quick`
+    /// [`crate::processors::QUICK_ROUNDS`]).
     pub rounds: Option<u32>,
     /// Case-name filters; empty runs every case.
     pub filters: Vec<String>,
@@ -47,10 +49,11 @@ usage: cargo bench -p clustercomm-benches --bench suite -- [--quick] [--ours-onl
   --quick       short rounds: a few minutes in all (a full run takes about 15)
   --ours-only   skip nats-server, the relay and raw TCP (for profiling
                 clustercomm alone, or an A/B of two builds)
-  --rounds N    N rounds per case instead of 5 (3 for bulk); the table
-                shows the median round and the range
+  --rounds N    N rounds per case instead of 5 (3 for bulk, and for
+                processors with --quick); the table shows the median
+                round and the range
   CASE          run only the cases whose name contains one of these
-                (say \"notify 128\" \"fan-out\" \"over TLS\"), or is exactly one that
+                (say \"notify 128\" \"fan-out\" \"over TLS\" processors), or is exactly one that
                 starts with = (\"=notify 128 B\"); a partial run does not
                 replace the results in benches/results/
   -h, --help    print this and run nothing

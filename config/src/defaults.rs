@@ -42,6 +42,17 @@ pub const DEFAULT_NODE_READ_CHUNK_BYTES: usize = 256 * 1024;
 /// Default time a control frame (ack, routing result) may wait for room in
 /// a slow consumer's queue before that consumer is disconnected.
 pub const DEFAULT_SLOW_CONSUMER_MS: u64 = 5_000;
+/// Bytes of one sender's messages parked for one full receiver
+/// (`message_server.park_bytes`): enough for what a sender has in flight
+/// when it hears the receiver is busy (its share of its queue, and the
+/// sockets' buffers, up to about 10 MiB on Linux).
+pub const DEFAULT_PARK_BYTES: usize = 16 * 1024 * 1024;
+/// How long a message waits for room in a full receiver's queue before it
+/// is parked (`message_server.park_after_ms`).
+pub const DEFAULT_PARK_AFTER_MS: u64 = 20;
+/// Bytes of one target's messages a node's outgoing queue holds ahead of
+/// its writer (`node.target_queue_bytes`).
+pub const DEFAULT_TARGET_QUEUE_BYTES: usize = 1024 * 1024;
 /// Default cap of the message server's connections: more are refused at
 /// once.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4_096;

@@ -123,6 +123,22 @@ pub struct MessageServerConfig {
     /// that reads, only slowly, is refused as overloaded. Default
     /// [`DEFAULT_SLOW_CONSUMER_MS`].
     pub slow_consumer_ms: u64,
+    /// Bytes of one sender's messages the message server parks for one
+    /// receiver whose queue is full, so that the sender's messages to
+    /// everyone else go on meanwhile (each parked message waits at most
+    /// `slow_consumer_ms`). An acknowledged message past it is answered
+    /// `Overloaded` at once, to its sender and for that receiver only; a
+    /// one-way message waits for room, holding its sender back. Parked
+    /// bytes count against `memory_budget_bytes`. Default
+    /// [`DEFAULT_PARK_BYTES`].
+    pub park_bytes: usize,
+    /// How long a message waits for room in a full receiver's queue,
+    /// holding its sender back, before it is parked: a queue full only
+    /// until its writer takes the next batch costs no parking, and a
+    /// stream to a slower receiver keeps its pace. Once parked for, a
+    /// receiver's further messages park at once. Default
+    /// [`DEFAULT_PARK_AFTER_MS`].
+    pub park_after_ms: u64,
     /// Connections the message server keeps at most; more are refused at
     /// once. Default [`DEFAULT_MAX_CONNECTIONS`].
     pub max_connections: usize,
@@ -154,6 +170,8 @@ impl Default for MessageServerConfig {
             queue_frames: DEFAULT_QUEUE_FRAMES,
             queue_bytes: DEFAULT_QUEUE_BYTES,
             slow_consumer_ms: DEFAULT_SLOW_CONSUMER_MS,
+            park_bytes: DEFAULT_PARK_BYTES,
+            park_after_ms: DEFAULT_PARK_AFTER_MS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_unauthenticated: DEFAULT_MAX_UNAUTHENTICATED,
             allow_foreign_direct_addr: false,
@@ -217,6 +235,12 @@ pub struct NodeConfig {
     /// Bytes the node's outgoing queue holds; senders wait for room.
     /// Default [`DEFAULT_QUEUE_BYTES`].
     pub queue_bytes: usize,
+    /// Bytes of messages to one target the outgoing queue holds ahead of
+    /// its writer, at most: a send to a target past it waits (bounded by
+    /// its timeout), so that messages to other targets never queue behind
+    /// more than this of one target's. Default
+    /// [`DEFAULT_TARGET_QUEUE_BYTES`].
+    pub target_queue_bytes: usize,
     /// Bytes a node asks the socket for per read on each of its
     /// connections (each keeps a buffer that size). Default
     /// [`DEFAULT_NODE_READ_CHUNK_BYTES`].
@@ -252,6 +276,7 @@ impl Default for NodeConfig {
             max_in_a_row: DEFAULT_MAX_IN_A_ROW,
             queue_frames: DEFAULT_QUEUE_FRAMES,
             queue_bytes: DEFAULT_QUEUE_BYTES,
+            target_queue_bytes: DEFAULT_TARGET_QUEUE_BYTES,
             read_chunk_bytes: DEFAULT_NODE_READ_CHUNK_BYTES,
             max_channels: DEFAULT_NODE_MAX_CHANNELS,
             max_unauthenticated: DEFAULT_NODE_MAX_UNAUTHENTICATED,

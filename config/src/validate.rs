@@ -134,6 +134,7 @@ impl Config {
             ("node.max_channels", self.node.max_channels, 1),
             ("node.max_unauthenticated", self.node.max_unauthenticated, 1),
             ("node.queue_bytes", self.node.queue_bytes, 64 * 1024),
+            ("node.target_queue_bytes", self.node.target_queue_bytes, 1),
             ("node.inbox_capacity", self.node.inbox_capacity, 1),
             ("node.max_in_flight", self.node.max_in_flight, 1),
             (

@@ -26,6 +26,7 @@ use transports::{
 };
 
 use crate::counters::{Counters, NodeCounters};
+use crate::parked::{ParkError, Parked, Progress};
 use crate::registry::{
     broadcast_locked, hold, register, unregister, warming_up, Held, Refused, Registration,
 };
@@ -248,6 +249,7 @@ pub(crate) async fn serve(
             counters: NodeCounters::default(),
             report: std::sync::Mutex::new(None),
             busy: std::sync::atomic::AtomicBool::new(false),
+            parked_lines: std::sync::atomic::AtomicUsize::new(0),
             backlog: std::sync::atomic::AtomicU64::new(0),
         });
         let masked_secret = handshake::mask_session_secret(
@@ -337,8 +339,14 @@ pub(crate) async fn serve(
             permissions,
             session,
             member_changes: (0, 0),
+            parked: Parked::new(
+                shared.config.message_server.park_bytes,
+                shared.budget.clone(),
+                Duration::from_millis(shared.config.message_server.slow_consumer_ms),
+            ),
         };
         let end = conn.read_loop(&mut reader, &cancel).await;
+        conn.finish_parked();
         let reason = match &end {
             End::Goodbye => LeaveReason::Stopped,
             _ => LeaveReason::Disconnected,
@@ -455,6 +463,8 @@ struct Connection {
     /// Changes of this node's membership (busy state, services) in the
     /// current second: (when the second began, in ms since start; count).
     member_changes: (u64, u32),
+    /// This node's messages for receivers whose queues were full.
+    parked: Parked,
 }
 
 /// Most changes of its own membership (busy state, services) a node may
@@ -534,7 +544,7 @@ impl Receiver {
         };
         let backlog = conn.session.backlog.load(Ordering::Relaxed) as usize;
         let load = queue.queued_frames().saturating_add(backlog);
-        if conn.session.busy.load(Ordering::Relaxed) {
+        if conn.session.is_busy() {
             load.saturating_add(BUSY_LOAD).min(usize::MAX - 1)
         } else {
             load.min(BUSY_LOAD - 1)
@@ -622,6 +632,11 @@ impl Connection {
             if since_wake >= WAKE_EVERY_FRAMES {
                 wakes.wake_all();
                 since_wake = 0;
+                // Parked messages move on between reads too, not only
+                // when the sender pauses.
+                if let Some(progress) = self.parked.poll_progress() {
+                    self.parked_progress(progress).await;
+                }
             }
             // What the last read brought first, without awaiting.
             // Small frames are read in place.
@@ -629,10 +644,15 @@ impl Connection {
                 reader.try_next_frame()
             } else {
                 wakes.wake_all();
+                let parked = self.parked.is_empty();
                 tokio::select! {
                     biased;
                     _ = cancel.cancelled() => return End::Cancelled,
                     _ = self.queue.closed() => return End::WriterStopped,
+                    progress = self.parked.progress(), if !parked => {
+                        self.parked_progress(progress).await;
+                        continue;
+                    }
                     f = reader.next_frame() => f,
                 }
             };
@@ -917,23 +937,31 @@ impl Connection {
         if let Some(end) = self.member_changed() {
             return Some(end);
         }
-        let mut state = self.shared.write();
-        if let Some(info) = state.table.set_busy(&self.me, busy) {
-            tracing::info!(
-                busy,
-                "node {}",
-                if busy { "busy" } else { "no longer busy" }
-            );
-            self.shared.events.busy(&self.me, info.incarnation, busy);
-            let event = Header::Member(MemberEvent::Updated(info));
-            crate::registry::broadcast_locked_except(
-                &self.shared,
-                &state.conns,
-                &event,
-                Some(&self.me),
+        publish_busy(&self.shared, &self.me, &self.session);
+        None
+    }
+
+    /// Counts what came of this node's parked messages, and answers it
+    /// for those that did not get there.
+    async fn parked_progress(&self, progress: Progress) {
+        answer_parked(&self.shared, &self.me, &self.queue, progress).await;
+    }
+
+    /// The connection ended: its parked messages go into their receivers'
+    /// queues if there is room now; the rest are dropped, counted (their
+    /// sender is gone; it resends what was not acknowledged when it
+    /// reconnects).
+    fn finish_parked(&mut self) {
+        let (delivered, dropped) = self.parked.finish();
+        let counters = &self.shared.counters;
+        Counters::add(&counters.deliveries, delivered as u64);
+        if dropped > 0 {
+            Counters::add(&counters.route_failures, dropped as u64);
+            tracing::warn!(
+                dropped,
+                "the connection ended with messages parked for full receivers: dropped"
             );
         }
-        None
     }
 
     /// Queues a control frame to this node, waiting for room up to the
@@ -1035,12 +1063,10 @@ impl Connection {
         let mut delivered = 0usize;
         let mut ok = Vec::new();
         let mut failed = Vec::new();
-        // First every receiver with room; then the full ones, all against
-        // one deadline, so a fan-out holds its sender back at most one
-        // slow-consumer period however many receivers are slow.
-        let mut waiting = Vec::new();
         // `raw` as a buffer of its own, once one is needed.
         let mut owned: Option<Bytes> = None;
+        // Until when a full receiver is waited for before it is parked for.
+        let mut park_after = None;
         for r in receivers {
             match r.open() {
                 None => failed.push((r.id.clone(), DeliveryFailure::TargetStopped)),
@@ -1052,76 +1078,116 @@ impl Connection {
                     },
                 )),
                 Some((queue, c)) => {
+                    // Behind this sender's messages parked for the same
+                    // receiver, if there are any: its order holds.
+                    let behind = !self.parked.is_empty() && self.parked.holds(&r.id, c.incarnation);
                     // A small frame is copied straight in; otherwise (a
                     // large frame, or no room) it goes as a buffer of its
                     // own, made once for all receivers.
-                    let pushed = if queue.try_push_raw(raw, Some(&mut *wakes)) {
+                    let pushed = if behind {
+                        Err(None)
+                    } else if queue.try_push_raw(raw, Some(&mut *wakes)) {
                         Ok(())
                     } else {
                         let own = owned.get_or_insert_with(|| raw.to_bytes()).clone();
-                        queue.try_push(OutFrame::Raw(own), Lane::Data)
+                        queue.try_push(OutFrame::Raw(own), Lane::Data).map_err(Some)
                     };
-                    match pushed {
+                    // A queue full for a moment (its writer about to take
+                    // the next batch) has room again within
+                    // `message_server.park_after_ms`: waiting that long
+                    // keeps a sender's stream to a slower receiver
+                    // flowing, as before parking. One that stays full is
+                    // parked for. One deadline for all the receivers of
+                    // the message.
+                    let pushed = match pushed {
+                        Err(Some(PushError::Full(_) | PushError::Congested))
+                            if self.shared.budget.has_room(raw.len()) =>
+                        {
+                            wakes.wake_all();
+                            let until = *park_after.get_or_insert_with(|| {
+                                let wait = self.shared.config.message_server.park_after_ms;
+                                tokio::time::Instant::now() + Duration::from_millis(wait)
+                            });
+                            let own = owned.get_or_insert_with(|| raw.to_bytes()).clone();
+                            queue
+                                .push(OutFrame::Raw(own), Lane::Data, Wait::Until(until))
+                                .await
+                                .map_err(Some)
+                        }
+                        other => other,
+                    };
+                    let parked = match pushed {
                         Ok(()) => {
                             delivered += 1;
+                            Ok(())
+                        }
+                        // Over the server's memory budget: answered at once
+                        // (waiting for this queue's room would not help).
+                        Err(Some(PushError::Full(_)))
+                            if !self.shared.budget.has_room(raw.len()) =>
+                        {
+                            Err(DeliveryFailure::ReceiverOverloaded)
+                        }
+                        // A full queue: parked, so that this sender's
+                        // messages to everyone else go on meanwhile.
+                        Err(None | Some(PushError::Full(_) | PushError::Congested)) => {
+                            let own = owned.get_or_insert_with(|| raw.to_bytes()).clone();
+                            let mut parked = self.parked.park(
+                                &r.id,
+                                c.incarnation,
+                                &queue,
+                                &c.session,
+                                own.clone(),
+                                h.seq,
+                            );
+                            // A one-way message has nobody to answer but
+                            // a counter: past its line's bound it waits
+                            // for room (this sender is held back, as
+                            // before parking) rather than being dropped.
+                            // Its receiver is busy by now, so the sender
+                            // stops soon; the line moves or is answered
+                            // for within `slow_consumer_ms`.
+                            while !acked && parked == Err(ParkError::LineFull) {
+                                tracing::debug!(node = %r.id, "one-way message waits for room in its line");
+                                wakes.wake_all();
+                                let progress = self.parked.progress().await;
+                                answer_parked(&self.shared, &self.me, &self.queue, progress).await;
+                                parked = self.parked.park(
+                                    &r.id,
+                                    c.incarnation,
+                                    &queue,
+                                    &c.session,
+                                    own.clone(),
+                                    h.seq,
+                                );
+                            }
+                            match parked {
+                                Ok(true) => {
+                                    // Busy now for this sender: it holds
+                                    // back.
+                                    tell_busy(&self.shared, &self.me, &self.queue, &r.id, true)
+                                        .await;
+                                    Ok(())
+                                }
+                                Ok(false) => Ok(()),
+                                Err(_) => Err(DeliveryFailure::ReceiverOverloaded),
+                            }
+                        }
+                        Err(Some(PushError::Closed(_))) => Err(DeliveryFailure::TargetStopped),
+                    };
+                    match parked {
+                        Ok(()) => {
                             if name_receivers {
                                 ok.push((r.id.clone(), c.incarnation));
                             }
                         }
-                        // Over the server's memory budget: answered at once
-                        // (waiting for this queue's room would not help).
-                        Err(PushError::Full(_)) if !self.shared.budget.has_room(raw.len()) => {
-                            Counters::add(&counters.overloaded, 1);
-                            failed.push((r.id.clone(), DeliveryFailure::ReceiverOverloaded));
-                        }
-                        Err(PushError::Full(_) | PushError::Congested) => {
-                            let written = queue.written_bytes();
-                            waiting.push((r.id.clone(), c.incarnation, queue, written))
-                        }
-                        Err(PushError::Closed(_)) => {
-                            failed.push((r.id.clone(), DeliveryFailure::TargetStopped))
+                        Err(failure) => {
+                            if failure == DeliveryFailure::ReceiverOverloaded {
+                                Counters::add(&counters.overloaded, 1);
+                            }
+                            failed.push((r.id.clone(), failure));
                         }
                     }
-                }
-            }
-        }
-        if !waiting.is_empty() {
-            wakes.wake_all();
-            let deadline = tokio::time::Instant::now()
-                + Duration::from_millis(self.shared.config.message_server.slow_consumer_ms);
-            for (id, incarnation, queue, written) in waiting {
-                // A full queue slows the sender down (this read loop waits,
-                // so the sender's socket fills); a receiver that makes no
-                // room in time is answered for.
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                match queue
-                    .push_within(
-                        OutFrame::Raw(owned.get_or_insert_with(|| raw.to_bytes()).clone()),
-                        left,
-                    )
-                    .await
-                {
-                    Ok(()) => {
-                        delivered += 1;
-                        if name_receivers {
-                            ok.push((id, incarnation));
-                        }
-                    }
-                    Err(PushError::Full(_) | PushError::Congested) => {
-                        Counters::add(&counters.overloaded, 1);
-                        // Not a byte read in all that time: the receiver
-                        // does not read its data at all (it may still
-                        // heartbeat), and is cut off as for control frames.
-                        // (A queue with nothing in it waits for the
-                        // server's budget, not for its reader.)
-                        if queue.written_bytes() == written && queue.holds_frames() {
-                            tracing::warn!(node = %id, "cutting off slow consumer: it read none of its data for message_server.slow_consumer_ms");
-                            Counters::add(&counters.slow_consumers, 1);
-                            queue.close();
-                        }
-                        failed.push((id, DeliveryFailure::ReceiverOverloaded));
-                    }
-                    Err(PushError::Closed(_)) => failed.push((id, DeliveryFailure::TargetStopped)),
                 }
             }
         }
@@ -1135,7 +1201,7 @@ impl Connection {
             // and its ack will say the rest.
             return;
         }
-        let error = if single && delivered == 0 {
+        let error = if single && failed.len() == receivers.len() {
             failed.first().map(|(_, f)| f.clone())
         } else {
             None
@@ -1252,6 +1318,76 @@ fn resolve_route(
         resolved,
     };
     Ok(routes.insert(generation, route))
+}
+
+/// Counts what came of the parked messages of sender `me` (whose queue is
+/// `queue`), and answers it for those that did not get there.
+async fn answer_parked(shared: &Shared, me: &NodeId, queue: &OutQueue, progress: Progress) {
+    let counters = &shared.counters;
+    Counters::add(&counters.deliveries, progress.delivered as u64);
+    Counters::add(&counters.delivery_bytes, progress.delivered_bytes as u64);
+    for node in &progress.relieved {
+        tell_busy(shared, me, queue, node, false).await;
+    }
+    for node in &progress.cut_off {
+        tracing::warn!(%node, "cutting off slow consumer: it read none of its data for message_server.slow_consumer_ms");
+        Counters::add(&counters.slow_consumers, 1);
+    }
+    for refusal in progress.refused {
+        Counters::add(&counters.route_failures, 1);
+        if refusal.failure == DeliveryFailure::ReceiverOverloaded {
+            Counters::add(&counters.overloaded, 1);
+        }
+        let failure = refusal.failure;
+        let answer = routed(
+            refusal.seq,
+            vec![],
+            vec![(refusal.receiver, failure.clone())],
+            Some(failure),
+        );
+        push_control_bounded(shared, me, queue, answer).await;
+    }
+}
+
+/// Tells sender `me` alone (its queue is `queue`) whether `receiver` is
+/// busy for it: busy while it has messages parked for it (`parked`),
+/// otherwise as the receiver itself reported. A membership update, as for
+/// a reported change, but to this sender only: the others are not held
+/// back by its traffic, and a receiver's overload costs no broadcast.
+async fn tell_busy(
+    shared: &Shared,
+    me: &NodeId,
+    queue: &OutQueue,
+    receiver: &NodeId,
+    parked: bool,
+) {
+    let info = shared.read().table.member(receiver).cloned();
+    let Some(mut info) = info else {
+        return;
+    };
+    info.busy |= parked;
+    tracing::debug!(%receiver, busy = info.busy, "telling the sender");
+    let update = OutFrame::control(Header::Member(MemberEvent::Updated(info)));
+    push_control_bounded(shared, me, queue, update).await;
+}
+
+/// Tells every member but `id` whether it is busy now (as it reported), if
+/// that changed. Looked at under the table's lock, so that of two changes
+/// at once the last to publish says how things stand.
+fn publish_busy(shared: &Shared, id: &NodeId, session: &Session) {
+    let mut state = shared.write();
+    let busy = session.busy.load(Ordering::Relaxed);
+    if let Some(info) = state.table.set_busy(id, busy) {
+        tracing::info!(
+            node = %id,
+            busy,
+            "node {}",
+            if busy { "busy" } else { "no longer busy" }
+        );
+        shared.events.busy(id, info.incarnation, busy);
+        let event = Header::Member(MemberEvent::Updated(info));
+        crate::registry::broadcast_locked_except(shared, &state.conns, &event, Some(id));
+    }
 }
 
 fn routed(

@@ -29,6 +29,7 @@
 mod connection;
 pub mod counters;
 pub mod monitor;
+mod parked;
 mod registry;
 pub mod server;
 pub mod table;

@@ -86,12 +86,22 @@ pub(crate) struct Session {
     pub(crate) report: std::sync::Mutex<Option<transports::protocol::NodeReport>>,
     /// Whether it reported itself busy: `AnyOf` passes it over.
     pub(crate) busy: std::sync::atomic::AtomicBool,
+    /// Senders' lines of messages parked for it (its queue was full; see
+    /// `parked`): while there are any, `AnyOf` counts it as busy.
+    pub(crate) parked_lines: std::sync::atomic::AtomicUsize,
     /// The backlog in its inboxes it reported last: `AnyOf` sends to the
     /// least loaded.
     pub(crate) backlog: AtomicU64,
 }
 
 impl Session {
+    /// Whether it counts as busy for `AnyOf`: its own report, or a queue
+    /// here that its senders filled.
+    pub(crate) fn is_busy(&self) -> bool {
+        self.busy.load(std::sync::atomic::Ordering::Relaxed)
+            || self.parked_lines.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
+
     /// The node's latest report, if it sent one.
     pub(crate) fn report(&self) -> Option<transports::protocol::NodeReport> {
         *self.report.lock().unwrap_or_else(|p| p.into_inner())

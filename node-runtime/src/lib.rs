@@ -60,6 +60,7 @@ mod core;
 pub mod counters;
 mod direct;
 pub mod error;
+mod fair;
 mod identity;
 pub mod inbox;
 pub mod membership;

@@ -19,6 +19,7 @@ use transports::{Lane, OutFrame, PushError, Wait};
 use crate::channels::DirectConn;
 use crate::counters::Counters;
 use crate::direct::get_or_open;
+use crate::fair::ShareTimeout;
 use crate::pending::{byte_units, Pending, Places};
 use crate::runtime::Runtime;
 use cluster_manager::channels::ChannelKind;
@@ -38,6 +39,17 @@ struct Numbered {
     route: Route,
     seq: Option<u64>,
     incarnation: u64,
+}
+
+/// A message waiting for its target's share of the queue to the message
+/// server.
+struct Turn<'a> {
+    /// Its target, as the queue's shares know it.
+    key: TargetRef<'a>,
+    /// Its body's length.
+    len: usize,
+    target: &'a Target,
+    service: &'a str,
 }
 
 /// A message addressed to one receiver at a time.
@@ -175,15 +187,16 @@ impl Runtime {
                 .route(target, service, body_len, Some(deadline), ordered, false)
                 .await
             {
-                Err(busy @ SendError::Busy { .. }) => {
+                Err(SendError::Busy { node }) => {
                     let woken = tokio::select! {
                         () = changed => true,
                         () = self.cancel.cancelled() => return Err(SendError::Shutdown),
                         () = tokio::time::sleep_until(deadline) => false,
                     };
                     if !woken {
-                        return Err(busy);
+                        return Err(SendError::Busy { node });
                     }
+                    self.still_member(target, node)?;
                 }
                 other => return other,
             }
@@ -243,6 +256,17 @@ impl Runtime {
         } = numbered;
         match route {
             Route::Server => {
+                // Its target's share of the queue first, outside the send
+                // order: a send held back by its own target holds back
+                // nobody else's.
+                let key = TargetRef::from(&target);
+                let turn = Turn {
+                    key,
+                    len: body.len(),
+                    target: &target,
+                    service: &service,
+                };
+                self.fair_turn(turn, Some(deadline)).await?;
                 // The number is taken and the frame queued in send order,
                 // so the wire order is the number order (receivers
                 // deduplicate by number; resends go out in number order).
@@ -282,13 +306,15 @@ impl Runtime {
                 let header =
                     self.message_ref(seq, incarnation, TargetRef::from(&target), &service, kind);
                 if !self.server.queue.try_push_message(&header, &body) {
-                    let header = self.header(seq, incarnation, target, service, kind);
+                    // (A clone: the share is noted by the target below.)
+                    let header = self.header(seq, incarnation, target.clone(), service, kind);
                     let frame = OutFrame::Parts {
                         header: Header::Message(header),
                         body,
                     };
                     self.enqueue(frame, deadline).await?;
                 }
+                self.server.fair.queued(&self.server.queue, key);
                 self.count_server(body_len);
                 Ok(pending)
             }
@@ -332,6 +358,81 @@ impl Runtime {
                 }
                 Ok(pending)
             }
+        }
+    }
+
+    /// Waits until the message's target is within its share of the
+    /// queue to the message server (see [`crate::fair`]), at most until
+    /// `deadline` (`None`: the config's timeout, the clock read only if it
+    /// must wait). A send that waited looks again whether its receiver
+    /// became busy meanwhile, and waits for that too: a send held back by
+    /// its own target's traffic must not pour into a receiver that said
+    /// stop.
+    async fn fair_turn(&self, turn: Turn<'_>, deadline: Option<Instant>) -> Result<(), SendError> {
+        let server = &self.server;
+        let timeout = self.config.send_timeout();
+        match server
+            .fair
+            .wait_turn(&server.queue, turn.key, turn.len, deadline, timeout)
+            .await
+        {
+            Ok(false) => Ok(()),
+            Ok(true) => {
+                let deadline = deadline.unwrap_or_else(|| self.deadline());
+                Box::pin(self.hold_while_busy(turn.target, turn.service, deadline)).await
+            }
+            Err(ShareTimeout) => Err(SendError::Timeout {
+                after: timeout,
+                waiting_for: vec![],
+            }),
+        }
+    }
+
+    /// Waits while a receiver of a message to `target` is busy, until
+    /// `deadline`, when it fails `Busy`.
+    async fn hold_while_busy(
+        &self,
+        target: &Target,
+        service: &str,
+        deadline: Instant,
+    ) -> Result<(), SendError> {
+        loop {
+            let changed = self.members.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let blocker = {
+                let core = self.core.lock();
+                if core.members().busy_count() > 0 {
+                    core.members().busy_blocker(&self.id, target, service)
+                } else {
+                    None
+                }
+            };
+            let Some(node) = blocker else {
+                return Ok(());
+            };
+            tokio::select! {
+                () = changed => {}
+                () = self.cancel.cancelled() => return Err(SendError::Shutdown),
+                () = tokio::time::sleep_until(deadline) => return Err(SendError::Busy { node }),
+            }
+            self.still_member(target, node)?;
+        }
+    }
+
+    /// A message to `node` held back while it was busy goes on only if
+    /// `node` is still a member: one that left meanwhile (a receiver the
+    /// server cut off for not reading, say) stopped before the message
+    /// left. (A group's message goes on to the members left.)
+    fn still_member(&self, target: &Target, node: NodeId) -> Result<(), SendError> {
+        let to_it = matches!(target, Target::Node(id) if *id == node);
+        if !to_it || self.core.lock().members().is_member(&node) {
+            Ok(())
+        } else {
+            Err(SendError::TargetStopped {
+                node,
+                in_flight: false,
+            })
         }
     }
 
@@ -430,15 +531,30 @@ impl Runtime {
                 // Usually queued at once, its header encoded from the names
                 // in place; otherwise as a frame, waiting for room.
                 let target_ref = TargetRef::from(&target);
+                let key = target_ref;
+                let turn = Turn {
+                    key,
+                    len: body.len(),
+                    target: &target,
+                    service,
+                };
+                self.fair_turn(turn, deadline).await?;
                 let header =
                     self.message_ref(seq, incarnation, target_ref, service, MessageKind::Notify);
                 if !self.server.queue.try_push_message(&header, &body) {
                     let service = self.service_name(service);
-                    let frame =
-                        self.message(seq, incarnation, target, service, MessageKind::Notify, body);
+                    let frame = self.message(
+                        seq,
+                        incarnation,
+                        target.clone(),
+                        service,
+                        MessageKind::Notify,
+                        body,
+                    );
                     let deadline = deadline.unwrap_or_else(|| self.deadline());
                     self.enqueue(frame, deadline).await?;
                 }
+                self.server.fair.queued(&self.server.queue, key);
                 self.count_server(body_len);
             }
             Route::Direct(conn) => {

@@ -145,6 +145,7 @@ impl Runtime {
         let services = Arc::default();
         let server = Arc::new(ServerLink {
             queue: parts.queue,
+            fair: crate::fair::FairShare::new(config.node.target_queue_bytes),
             send_lock: tokio::sync::Mutex::new(()),
             max_message: parts.server_max,
             hello: Mutex::new(parts.hello),

@@ -27,6 +27,8 @@ pub(crate) struct Heartbeat {
 pub(crate) struct ServerLink {
     /// The outgoing queue; its writer is the link task's.
     pub(crate) queue: OutQueue,
+    /// Each target's share of it (`node.target_queue_bytes`).
+    pub(crate) fair: crate::fair::FairShare,
     /// Orders message-server sends: the sequence number is taken and the
     /// frame queued under it, so the wire order is the number order (also
     /// for what a member that is back gets again).

@@ -1,6 +1,7 @@
 //! `test-node`: a node in its own process for fault tests. It subscribes
 //! one service, prints `ready <id>`, and accepts (and answers requests on)
-//! everything it receives until it is killed or its stdin closes.
+//! everything it receives until it is killed or its stdin closes; with
+//! `--no-read` it takes nothing from its inbox at all.
 
 use clap::Parser;
 use node_runtime::Node;
@@ -48,6 +49,12 @@ struct Args {
     /// so that a backlog builds up.
     #[arg(long, default_value_t = 0)]
     process_ms: u64,
+    /// Subscribe the service but never take a message from its inbox: a
+    /// receiver whose application has stopped reading while its process
+    /// (and its node runtime) runs on. The inbox fills and the node stays
+    /// busy until it is killed.
+    #[arg(long)]
+    no_read: bool,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -126,6 +133,10 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     println!("ready {}", args.id);
+    if args.no_read {
+        // The inbox stays subscribed (and full) until the process is killed.
+        std::future::pending::<()>().await;
+    }
     while let Some(message) = inbox.recv().await {
         if args.print {
             print_ledger(&message)?;

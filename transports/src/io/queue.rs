@@ -157,7 +157,10 @@ impl Budget {
         self.used().saturating_add(n) <= self.limit
     }
 
-    fn try_take(&self, n: usize) -> bool {
+    /// Takes `n` bytes if they fit, for memory held outside any queue
+    /// (the message server's parked messages); [`Budget::give`] returns
+    /// them. Whether they were taken.
+    pub fn try_take(&self, n: usize) -> bool {
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 used.checked_add(n).filter(|&after| after <= self.limit)
@@ -165,7 +168,8 @@ impl Budget {
             .is_ok()
     }
 
-    fn give(&self, n: usize) {
+    /// Returns `n` bytes taken with [`Budget::try_take`].
+    pub fn give(&self, n: usize) {
         self.used.fetch_sub(n, Ordering::AcqRel);
     }
 }
@@ -184,6 +188,10 @@ fn new_queue(frames: usize, bytes: usize, budget: Option<Arc<Budget>>) -> (OutQu
         congested: AtomicBool::new(false),
         queued: AtomicUsize::new(0),
         written: AtomicU64::new(0),
+        pushed: AtomicU64::new(0),
+        taken: AtomicU64::new(0),
+        progress: Notify::new(),
+        progress_waiters: AtomicUsize::new(0),
         budget,
         max_frame: AtomicUsize::new(u32::MAX as usize),
     });
@@ -474,6 +482,68 @@ impl OutQueue {
         self.core().written.load(Ordering::Relaxed)
     }
 
+    /// Where the queue stands, in payload bytes counted since it was made:
+    /// `(queued, taken)`, all ever queued and all the writer has taken of
+    /// them (to write now). A frame queued when the first stood at `p` is
+    /// taken once the second reaches `p`; the difference is what waits in
+    /// the queue now. Read without the lock: a hint, for sharing the queue
+    /// fairly among the targets of its messages.
+    pub fn positions(&self) -> (u64, u64) {
+        let core = self.core();
+        // Taken first: it can only fall behind the other, never pass it.
+        let taken = core.taken.load(Ordering::Relaxed);
+        (core.pushed.load(Ordering::Relaxed).max(taken), taken)
+    }
+
+    /// Waits until the writer has taken the queue up to `position` (see
+    /// [`OutQueue::positions`]), or the queue closed.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn taken_up_to(&self, position: u64) {
+        let core = self.core();
+        core.progress_waiters.fetch_add(1, Ordering::SeqCst);
+        let _counted = ProgressWaiter(core);
+        loop {
+            let progressed = core.progress.notified();
+            tokio::pin!(progressed);
+            progressed.as_mut().enable();
+            if core.taken.load(Ordering::SeqCst) >= position || core.is_closed() {
+                return;
+            }
+            tokio::select! {
+                () = progressed => {}
+                () = core.closed.cancelled() => return,
+            }
+        }
+    }
+
+    /// Waits until the writer has taken all but `frames` of the frames
+    /// queued (see [`OutQueue::queued_frames`]; frames it took may still be
+    /// being written), or the queue closed.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn taken_down_to(&self, frames: usize) {
+        let core = self.core();
+        core.progress_waiters.fetch_add(1, Ordering::SeqCst);
+        let _counted = ProgressWaiter(core);
+        loop {
+            let progressed = core.progress.notified();
+            tokio::pin!(progressed);
+            progressed.as_mut().enable();
+            if core.queued.load(Ordering::SeqCst) <= frames || core.is_closed() {
+                return;
+            }
+            tokio::select! {
+                () = progressed => {}
+                () = core.closed.cancelled() => return,
+            }
+        }
+    }
+
     /// Whether the queue holds any frame, queued or being written (a cold
     /// path: it takes the lock).
     pub fn holds_frames(&self) -> bool {
@@ -760,6 +830,15 @@ impl Drop for OutReceiver {
     }
 }
 
+/// A waiter of [`OutQueue::written_up_to`], counted while it waits.
+struct ProgressWaiter<'a>(&'a Core);
+
+impl Drop for ProgressWaiter<'_> {
+    fn drop(&mut self) {
+        self.0.progress_waiters.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Where a writer counts the bytes it wrote (see
 /// [`OutQueue::written_bytes`]).
 #[derive(Debug)]
@@ -817,6 +896,14 @@ struct Core {
     /// Bytes the writer has written to the connection so far: whether the
     /// consumer makes progress (see [`OutQueue::written_bytes`]).
     written: AtomicU64,
+    /// Payload bytes ever queued (`State::bytes_total`, readable without
+    /// the lock) and ever taken by the writer: see [`OutQueue::positions`].
+    pushed: AtomicU64,
+    taken: AtomicU64,
+    /// Wakes [`OutQueue::taken_up_to`] and [`OutQueue::taken_down_to`]
+    /// waiters, of whom there are `progress_waiters`.
+    progress: Notify,
+    progress_waiters: AtomicUsize,
     /// The budget its data also draws on, if it shares one.
     budget: Option<Arc<Budget>>,
     /// The frame limit of the connection being written (staged frames are
@@ -1005,6 +1092,7 @@ impl Core {
         // Under the lock already held: no atomic of their own.
         state.data_total += data as u64;
         state.bytes_total += permits as u64;
+        self.pushed.store(state.bytes_total, Ordering::Relaxed);
         state.frames += 1;
         self.queued.store(state.frames, Ordering::Relaxed);
         state.writer.take()
@@ -1042,8 +1130,14 @@ impl Core {
             batch.extend(state.items.drain(..));
         }
         state.frames = 0;
-        self.queued.store(0, Ordering::Relaxed);
+        // Sequentially consistent with the waiters' count and look: one of
+        // the two sees the other.
+        self.queued.store(0, Ordering::SeqCst);
+        self.taken.store(state.bytes_total, Ordering::SeqCst);
         self.made_room(state);
+        if self.progress_waiters.load(Ordering::SeqCst) > 0 {
+            self.progress.notify_waiters();
+        }
         frames
     }
 

@@ -1,0 +1,475 @@
+//! Messages parked for receivers whose queues are full, so that one
+//! receiver that does not keep up never holds up its sender's messages to
+//! the others.
+//!
+//! A connection's read loop routes each message into its receivers'
+//! queues without waiting. When a receiver's queue is full, the message is
+//! parked here instead, in a line of its own for that receiver; the
+//! sender's later messages to that receiver join the line behind it (the
+//! order from one sender to one receiver holds), while its messages to
+//! everyone else go on. The head of each line waits for room in its
+//! receiver's queue, all lines at once; a head that finds room takes the
+//! line with it as far as the room goes.
+//!
+//! While a sender has a line for a receiver, that sender is told the
+//! receiver is busy (a membership update sent to it alone): it holds its
+//! messages for the receiver (bounded by their timeouts) instead of
+//! pouring them into the server. `AnyOf` passes over a receiver anyone
+//! has a line for (see `Session::is_busy`). A line ends, and the sender
+//! hears the receiver's own busy state again once everything parked went
+//! into the receiver's queue and the receiver's writer has taken half of
+//! what the queue then held (and at least [`MIN_BUSY`] after the line
+//! began): the sender resumes while the receiver still has work, a
+//! stopped receiver stays busy, and a sender hears of it at most once per
+//! [`MIN_BUSY`].
+//!
+//! A line is bounded (`message_server.park_bytes`, and every parked byte
+//! is also taken from the server's memory budget): an acknowledged
+//! message that does not fit is refused at once as overloaded, to its
+//! sender and for that receiver only; a one-way message waits for room
+//! (the connection's read loop does). A parked message waits at most
+//! `message_server.slow_consumer_ms`; then it is refused as overloaded,
+//! and a receiver that read nothing at all meanwhile is cut off, as before
+//! parking existed.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::time::Instant;
+use transports::io::Budget;
+use transports::protocol::{DeliveryFailure, NodeId};
+use transports::{Lane, OutFrame, OutQueue, PushError, Wait};
+
+use crate::server::Session;
+
+/// Bytes a parked message is counted at beyond its frame: the line's own
+/// bookkeeping, so that many tiny messages are bounded too.
+const OVERHEAD_BYTES: usize = 64;
+
+/// The shortest time a line lasts: a receiver made busy by its queue stays
+/// so at least this long (every change is sent to every member).
+pub(crate) const MIN_BUSY: Duration = Duration::from_millis(1);
+
+/// A receiver's answer for one parked message, for the sender to hear.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    /// The message's number.
+    pub(crate) seq: u64,
+    /// The receiver it was for.
+    pub(crate) receiver: NodeId,
+    /// Why it did not get there.
+    pub(crate) failure: DeliveryFailure,
+}
+
+/// What came of the lines since the last look.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    /// Messages that reached their receivers' queues.
+    pub(crate) delivered: usize,
+    /// Their bytes (whole frames).
+    pub(crate) delivered_bytes: usize,
+    /// Messages that did not, to be answered.
+    pub(crate) refused: Vec<Refusal>,
+    /// Receivers cut off for reading nothing while a message waited.
+    pub(crate) cut_off: Vec<NodeId>,
+    /// Receivers whose line ended: the sender may send to them again.
+    pub(crate) relieved: Vec<NodeId>,
+}
+
+/// Why a message could not be parked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ParkError {
+    /// Its receiver's line holds `message_server.park_bytes` already.
+    LineFull,
+    /// The server's memory budget is spent.
+    NoBudget,
+    /// Parking is off (`park_bytes` is 0).
+    Off,
+}
+
+/// A parked message.
+struct Waiting {
+    raw: Bytes,
+    seq: u64,
+    /// When it is refused if it has not found room.
+    deadline: Instant,
+}
+
+impl Waiting {
+    /// What it counts against its line and the budget.
+    fn charge(&self) -> usize {
+        self.raw.len() + OVERHEAD_BYTES
+    }
+}
+
+/// One receiver's parked messages, oldest first.
+struct Line {
+    receiver: NodeId,
+    incarnation: u64,
+    queue: OutQueue,
+    /// The receiver's session: its count of lines.
+    session: Arc<Session>,
+    /// When the line may end at the earliest.
+    until: Instant,
+    /// Whether everything parked went in, and it waits out its shortest
+    /// time.
+    draining: bool,
+    waiting: VecDeque<Waiting>,
+    /// Bytes charged for `waiting`.
+    bytes: usize,
+    /// Whether the head's push is under way.
+    pushing: bool,
+    /// Bytes the receiver's writer had written when the head's push began:
+    /// none since, and it reads nothing at all.
+    written: u64,
+}
+
+/// How a line's wait ended.
+struct Pushed {
+    receiver: NodeId,
+    incarnation: u64,
+    /// The head's push; `None` for the drain wait of a line with nothing
+    /// parked.
+    result: Option<Result<(), PushError>>,
+}
+
+type PushFuture = Pin<Box<dyn Future<Output = Pushed> + Send>>;
+
+/// The pushes under way. Behind a mutex only to be `Sync` (the futures
+/// are not): it is only ever reached through `&mut`, never locked.
+type Pushes = Mutex<FuturesUnordered<PushFuture>>;
+
+fn pushes(pushes: &mut Pushes) -> &mut FuturesUnordered<PushFuture> {
+    pushes.get_mut().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One sender connection's parked messages.
+pub(crate) struct Parked {
+    lines: Vec<Line>,
+    pushes: Pushes,
+    /// Bytes one line holds at most.
+    line_bytes: usize,
+    budget: Arc<Budget>,
+    /// How long a parked message waits for room.
+    wait: Duration,
+}
+
+impl Parked {
+    /// Lines of at most `line_bytes`, their bytes taken from `budget`,
+    /// each message waiting at most `wait`.
+    pub(crate) fn new(line_bytes: usize, budget: Arc<Budget>, wait: Duration) -> Parked {
+        Parked {
+            lines: Vec::new(),
+            pushes: Mutex::new(FuturesUnordered::new()),
+            line_bytes,
+            budget,
+            wait,
+        }
+    }
+
+    /// Whether nothing is parked (the read loop's fast path).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+
+    /// Whether messages wait for this receiver: a message to it must join
+    /// them rather than overtake them.
+    pub(crate) fn holds(&self, receiver: &NodeId, incarnation: u64) -> bool {
+        !self.lines.is_empty()
+            && self
+                .find(receiver, incarnation)
+                .is_some_and(|i| !self.lines[i].waiting.is_empty())
+    }
+
+    fn find(&self, receiver: &NodeId, incarnation: u64) -> Option<usize> {
+        self.lines
+            .iter()
+            .position(|l| l.incarnation == incarnation && l.receiver == *receiver)
+    }
+
+    /// Parks `raw` (message `seq`) for `receiver`, whose queue is full or
+    /// who has messages parked already. Whether this began the receiver's
+    /// line (it is busy now for this sender: the caller tells it).
+    ///
+    /// # Errors
+    ///
+    /// [`ParkError`] when the receiver's line or the server's memory
+    /// budget has no room for it, or parking is off: the message is
+    /// refused for this receiver only (or waits for room: see
+    /// [`Parked::progress`]).
+    pub(crate) fn park(
+        &mut self,
+        receiver: &NodeId,
+        incarnation: u64,
+        queue: &OutQueue,
+        session: &Arc<Session>,
+        raw: Bytes,
+        seq: u64,
+    ) -> Result<bool, ParkError> {
+        let waiting = Waiting {
+            raw,
+            seq,
+            deadline: Instant::now() + self.wait,
+        };
+        let charge = waiting.charge();
+        if self.line_bytes == 0 {
+            // Parking is off: a full queue refuses at once.
+            return Err(ParkError::Off);
+        }
+        // A line takes its first message whatever its size (a frame larger
+        // than the line could never park otherwise), later ones while they
+        // fit.
+        let found = self.find(receiver, incarnation);
+        if let Some(i) = found {
+            if !self.lines[i].waiting.is_empty() && self.lines[i].bytes + charge > self.line_bytes {
+                return Err(ParkError::LineFull);
+            }
+        }
+        if !self.budget.try_take(charge) {
+            return Err(ParkError::NoBudget);
+        }
+        let (index, first) = match found {
+            Some(i) => (i, false),
+            None => {
+                session.parked_lines.fetch_add(1, Ordering::Relaxed);
+                let first = true;
+                self.lines.push(Line {
+                    receiver: receiver.clone(),
+                    incarnation,
+                    queue: queue.clone(),
+                    session: session.clone(),
+                    until: Instant::now() + MIN_BUSY,
+                    draining: false,
+                    waiting: VecDeque::new(),
+                    bytes: 0,
+                    pushing: false,
+                    written: 0,
+                });
+                (self.lines.len() - 1, first)
+            }
+        };
+        let line = &mut self.lines[index];
+        line.bytes += charge;
+        line.waiting.push_back(waiting);
+        if !line.pushing {
+            Self::start_push(line, pushes(&mut self.pushes));
+        }
+        Ok(first)
+    }
+
+    /// Starts the wait of `line`, whose messages all went in, for its
+    /// receiver's writer to take half of what its queue holds now (a
+    /// writer stuck on a full socket takes nothing), and for its shortest
+    /// time to pass.
+    fn start_drain(line: &mut Line, pushes: &mut FuturesUnordered<PushFuture>) {
+        line.draining = true;
+        let until = line.until;
+        let receiver = line.receiver.clone();
+        let incarnation = line.incarnation;
+        let queue = line.queue.clone();
+        let half = queue.queued_frames() / 2;
+        pushes.push(Box::pin(async move {
+            tokio::time::sleep_until(until).await;
+            queue.taken_down_to(half).await;
+            Pushed {
+                receiver,
+                incarnation,
+                result: None,
+            }
+        }));
+    }
+
+    /// Ends the line at `index`.
+    fn end_line(&mut self, index: usize, progress: &mut Progress) {
+        let line = self.lines.swap_remove(index);
+        self.budget.give(line.bytes);
+        line.session.parked_lines.fetch_sub(1, Ordering::Relaxed);
+        progress.relieved.push(line.receiver);
+    }
+
+    /// Starts the push of `line`'s head.
+    fn start_push(line: &mut Line, pushes: &mut FuturesUnordered<PushFuture>) {
+        let Some(head) = line.waiting.front() else {
+            return;
+        };
+        line.pushing = true;
+        line.written = line.queue.written_bytes();
+        let queue = line.queue.clone();
+        let raw = head.raw.clone();
+        let deadline = head.deadline;
+        let receiver = line.receiver.clone();
+        let incarnation = line.incarnation;
+        pushes.push(Box::pin(async move {
+            let result = queue
+                .push(OutFrame::Raw(raw), Lane::Data, Wait::Until(deadline))
+                .await;
+            Pushed {
+                receiver,
+                incarnation,
+                result: Some(result),
+            }
+        }));
+    }
+
+    /// Waits until some head's push ends, and moves its line on. Pending
+    /// for ever while nothing is parked.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a push that ended is taken in the same poll that sees
+    /// it end.
+    pub(crate) async fn progress(&mut self) -> Progress {
+        let mut progress = Progress::default();
+        match pushes(&mut self.pushes).next().await {
+            Some(pushed) => self.pushed(pushed, &mut progress),
+            None => std::future::pending().await,
+        }
+        progress
+    }
+
+    /// What ended without waiting, if anything did.
+    pub(crate) fn poll_progress(&mut self) -> Option<Progress> {
+        if pushes(&mut self.pushes).is_empty() {
+            return None;
+        }
+        let waker = futures_util::task::noop_waker_ref();
+        let mut cx = std::task::Context::from_waker(waker);
+        let mut progress = Progress::default();
+        let mut any = false;
+        while let std::task::Poll::Ready(Some(pushed)) =
+            pushes(&mut self.pushes).poll_next_unpin(&mut cx)
+        {
+            any = true;
+            self.pushed(pushed, &mut progress);
+        }
+        any.then_some(progress)
+    }
+
+    /// A head's push ended: its line moves on as far as the room goes.
+    fn pushed(&mut self, pushed: Pushed, progress: &mut Progress) {
+        let Some(index) = self.find(&pushed.receiver, pushed.incarnation) else {
+            return;
+        };
+        let line = &mut self.lines[index];
+        let Some(result) = pushed.result else {
+            // Drained: the line ends, unless messages were parked since
+            // (their push is under way; a drain follows them).
+            line.draining = false;
+            if line.waiting.is_empty() {
+                self.end_line(index, progress);
+            }
+            return;
+        };
+        line.pushing = false;
+        let Some(head) = line.waiting.pop_front() else {
+            return;
+        };
+        let charge = head.charge();
+        line.bytes -= charge;
+        self.budget.give(charge);
+        match result {
+            Ok(()) => {
+                progress.delivered += 1;
+                progress.delivered_bytes += head.raw.len();
+            }
+            Err(PushError::Closed(_)) => progress.refused.push(Refusal {
+                seq: head.seq,
+                receiver: line.receiver.clone(),
+                failure: DeliveryFailure::TargetStopped,
+            }),
+            Err(PushError::Full(_) | PushError::Congested) => {
+                if line.queue.written_bytes() == line.written && line.queue.holds_frames() {
+                    // Not a byte read while the message waited: the
+                    // receiver does not read at all (it may still
+                    // heartbeat). What is parked behind is refused as
+                    // stopped below.
+                    line.queue.close();
+                    progress.cut_off.push(line.receiver.clone());
+                }
+                progress.refused.push(Refusal {
+                    seq: head.seq,
+                    receiver: line.receiver.clone(),
+                    failure: DeliveryFailure::ReceiverOverloaded,
+                });
+            }
+        }
+        // The rest, as far as the room goes without waiting.
+        while let Some(next) = line.waiting.front() {
+            let frame = OutFrame::Raw(next.raw.clone());
+            let failure = match line.queue.try_push(frame, Lane::Data) {
+                Ok(()) => None,
+                Err(PushError::Closed(_)) => Some(DeliveryFailure::TargetStopped),
+                Err(PushError::Full(_) | PushError::Congested) => {
+                    if next.deadline > Instant::now() {
+                        break;
+                    }
+                    Some(DeliveryFailure::ReceiverOverloaded)
+                }
+            };
+            let Some(done) = line.waiting.pop_front() else {
+                break;
+            };
+            let charge = done.charge();
+            line.bytes -= charge;
+            self.budget.give(charge);
+            match failure {
+                None => {
+                    progress.delivered += 1;
+                    progress.delivered_bytes += done.raw.len();
+                }
+                Some(failure) => progress.refused.push(Refusal {
+                    seq: done.seq,
+                    receiver: line.receiver.clone(),
+                    failure,
+                }),
+            }
+        }
+        if !line.waiting.is_empty() {
+            Self::start_push(line, pushes(&mut self.pushes));
+        } else if !line.draining {
+            Self::start_drain(line, pushes(&mut self.pushes));
+        }
+    }
+
+    /// The connection ended: what fits its receivers' queues now goes in,
+    /// the rest is refused (its sender is gone, and hears nothing).
+    /// Returns how many were delivered and how many dropped.
+    pub(crate) fn finish(&mut self) -> (usize, usize) {
+        let (mut delivered, mut dropped) = (0, 0);
+        pushes(&mut self.pushes).clear();
+        for mut line in self.lines.drain(..) {
+            line.session.parked_lines.fetch_sub(1, Ordering::Relaxed);
+            let mut full = false;
+            for waiting in line.waiting.drain(..) {
+                self.budget.give(waiting.charge());
+                if !full
+                    && line
+                        .queue
+                        .try_push(OutFrame::Raw(waiting.raw), Lane::Data)
+                        .is_ok()
+                {
+                    delivered += 1;
+                } else {
+                    full = true;
+                    dropped += 1;
+                }
+            }
+        }
+        (delivered, dropped)
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        for line in &self.lines {
+            self.budget.give(line.bytes);
+            line.session.parked_lines.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
