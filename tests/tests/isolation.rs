@@ -13,9 +13,11 @@
 //!    kept outstanding.
 //!
 //! The undisturbed figures are taken again at the end, and the baseline
-//! pools both undisturbed windows. In each disturbed
-//! case the traffic to `b` must keep at least 80% of the undisturbed rate,
-//! with a p99 latency within 5x of the undisturbed p99, and lose nothing.
+//! pools both undisturbed windows. In each disturbed case the traffic to
+//! `b` must keep at least 80% of the undisturbed rate, with a p99 latency
+//! within 5x of the undisturbed p99, and lose nothing. The flood case
+//! does not meet the rate and p99 yet (issue 17 stays open): it asserts
+//! that nothing to `b` fails, and prints `NOT MET YET` with its figures.
 //! Every figure is printed (`cargo test --test isolation -- --nocapture`)
 //! before anything is asserted.
 //!
