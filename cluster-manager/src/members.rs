@@ -208,6 +208,15 @@ impl Members {
         Some(old)
     }
 
+    /// Whether `incarnation` of `id` is the member now and connected (not
+    /// waiting out the failure timeout after a disconnect): an update of
+    /// it changes nothing but its details.
+    pub fn is_present(&self, id: &NodeId, incarnation: u64) -> bool {
+        self.members
+            .get(id)
+            .is_some_and(|e| e.info.incarnation == incarnation && e.gone_at.is_none())
+    }
+
     /// Whether `incarnation` of `id` is the member now.
     pub fn is_live(&self, id: &NodeId, incarnation: u64) -> bool {
         self.get(id.as_str())

@@ -126,11 +126,10 @@ pub struct MessageServerConfig {
     /// Bytes of one sender's messages the message server parks for one
     /// receiver whose queue is full, so that the sender's messages to
     /// everyone else go on meanwhile (each parked message waits at most
-    /// `slow_consumer_ms`). An acknowledged message past it is answered
-    /// `Overloaded` at once, to its sender and for that receiver only; a
-    /// one-way message waits for room, holding its sender back. Parked
-    /// bytes count against `memory_budget_bytes`. Default
-    /// [`DEFAULT_PARK_BYTES`].
+    /// `slow_consumer_ms`). A message past it is answered `Overloaded` at
+    /// once, to its sender and for that receiver only (a one-way message
+    /// as a failure the sender counts). Parked bytes count against
+    /// `memory_budget_bytes`. Default [`DEFAULT_PARK_BYTES`].
     pub park_bytes: usize,
     /// How long a message waits for room in a full receiver's queue,
     /// holding its sender back, before it is parked: a queue full only

@@ -26,7 +26,7 @@ use transports::{
 };
 
 use crate::counters::{Counters, NodeCounters};
-use crate::parked::{ParkError, Parked, Progress};
+use crate::parked::{Parked, Progress};
 use crate::registry::{
     broadcast_locked, hold, register, unregister, warming_up, Held, Refused, Registration,
 };
@@ -1132,35 +1132,18 @@ impl Connection {
                         // messages to everyone else go on meanwhile.
                         Err(None | Some(PushError::Full(_) | PushError::Congested)) => {
                             let own = owned.get_or_insert_with(|| raw.to_bytes()).clone();
-                            let mut parked = self.parked.park(
+                            // Past the line's bound it is answered for
+                            // that receiver only (a one-way message as a
+                            // failure its sender counts): this sender's
+                            // messages to others never wait for it.
+                            let parked = self.parked.park(
                                 &r.id,
                                 c.incarnation,
                                 &queue,
                                 &c.session,
-                                own.clone(),
+                                own,
                                 h.seq,
                             );
-                            // A one-way message has nobody to answer but
-                            // a counter: past its line's bound it waits
-                            // for room (this sender is held back, as
-                            // before parking) rather than being dropped.
-                            // Its receiver is busy by now, so the sender
-                            // stops soon; the line moves or is answered
-                            // for within `slow_consumer_ms`.
-                            while !acked && parked == Err(ParkError::LineFull) {
-                                tracing::debug!(node = %r.id, "one-way message waits for room in its line");
-                                wakes.wake_all();
-                                let progress = self.parked.progress().await;
-                                answer_parked(&self.shared, &self.me, &self.queue, progress).await;
-                                parked = self.parked.park(
-                                    &r.id,
-                                    c.incarnation,
-                                    &queue,
-                                    &c.session,
-                                    own.clone(),
-                                    h.seq,
-                                );
-                            }
                             match parked {
                                 Ok(true) => {
                                     // Busy now for this sender: it holds
@@ -1329,10 +1312,6 @@ async fn answer_parked(shared: &Shared, me: &NodeId, queue: &OutQueue, progress:
     for node in &progress.relieved {
         tell_busy(shared, me, queue, node, false).await;
     }
-    for node in &progress.cut_off {
-        tracing::warn!(%node, "cutting off slow consumer: it read none of its data for message_server.slow_consumer_ms");
-        Counters::add(&counters.slow_consumers, 1);
-    }
     for refusal in progress.refused {
         Counters::add(&counters.route_failures, 1);
         if refusal.failure == DeliveryFailure::ReceiverOverloaded {
@@ -1346,6 +1325,13 @@ async fn answer_parked(shared: &Shared, me: &NodeId, queue: &OutQueue, progress:
             Some(failure),
         );
         push_control_bounded(shared, me, queue, answer).await;
+    }
+    // After the answers: the sender hears why its message failed before it
+    // hears the receiver left.
+    for (node, cut) in &progress.cut_off {
+        tracing::warn!(%node, "cutting off slow consumer: it read none of its data for message_server.slow_consumer_ms");
+        Counters::add(&counters.slow_consumers, 1);
+        cut.close();
     }
 }
 

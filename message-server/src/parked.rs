@@ -24,10 +24,9 @@
 //! [`MIN_BUSY`].
 //!
 //! A line is bounded (`message_server.park_bytes`, and every parked byte
-//! is also taken from the server's memory budget): an acknowledged
-//! message that does not fit is refused at once as overloaded, to its
-//! sender and for that receiver only; a one-way message waits for room
-//! (the connection's read loop does). A parked message waits at most
+//! is also taken from the server's memory budget): a message that does
+//! not fit is refused at once as overloaded, to its sender and for that
+//! receiver only (a one-way message as a failure its sender counts). A parked message waits at most
 //! `message_server.slow_consumer_ms`; then it is refused as overloaded,
 //! and a receiver that read nothing at all meanwhile is cut off, as before
 //! parking existed.
@@ -76,8 +75,9 @@ pub(crate) struct Progress {
     pub(crate) delivered_bytes: usize,
     /// Messages that did not, to be answered.
     pub(crate) refused: Vec<Refusal>,
-    /// Receivers cut off for reading nothing while a message waited.
-    pub(crate) cut_off: Vec<NodeId>,
+    /// Receivers to cut off for reading nothing while a message waited,
+    /// and their queues (closed once the refusals are answered).
+    pub(crate) cut_off: Vec<(NodeId, OutQueue)>,
     /// Receivers whose line ended: the sender may send to them again.
     pub(crate) relieved: Vec<NodeId>,
 }
@@ -387,10 +387,12 @@ impl Parked {
                 if line.queue.written_bytes() == line.written && line.queue.holds_frames() {
                     // Not a byte read while the message waited: the
                     // receiver does not read at all (it may still
-                    // heartbeat). What is parked behind is refused as
-                    // stopped below.
-                    line.queue.close();
-                    progress.cut_off.push(line.receiver.clone());
+                    // heartbeat). Cut off once its sender has heard of
+                    // this message (before it hears the receiver left);
+                    // what is parked behind is then refused as stopped.
+                    progress
+                        .cut_off
+                        .push((line.receiver.clone(), line.queue.clone()));
                 }
                 progress.refused.push(Refusal {
                     seq: head.seq,

@@ -234,9 +234,24 @@ impl Runtime {
 
     /// Applies a membership event from the message server, under the
     /// send order: a member that is back gets what it missed before
-    /// anything newer.
+    /// anything newer. An update of a member that is present (its busy
+    /// state, its services) resends nothing, and is applied at once: it
+    /// must not wait behind a send that waits for room in the queue, as a
+    /// busy receiver's update is what lets that room come.
     pub(crate) async fn handle_member_event(&self, event: MemberEvent) {
-        let _order = self.server.send_lock.lock().await;
+        let present = match &event {
+            MemberEvent::Updated(info) => self
+                .core
+                .lock()
+                .members()
+                .is_present(&info.id, info.incarnation),
+            _ => false,
+        };
+        let _order = if present {
+            None
+        } else {
+            Some(self.server.send_lock.lock().await)
+        };
         let ((), out) = self
             .core
             .run(|core| core.handle_member_event(std::time::Instant::now(), event));
