@@ -3,8 +3,9 @@
 //! the others.
 //!
 //! A connection's read loop routes each message into its receivers'
-//! queues without waiting. When a receiver's queue is full, the message is
-//! parked here instead, in a line of its own for that receiver; the
+//! queues. When a receiver's queue is full (and stays full for
+//! `message_server.park_after_ms`), the message is parked here instead,
+//! in a line of its own for that receiver; the
 //! sender's later messages to that receiver join the line behind it (the
 //! order from one sender to one receiver holds), while its messages to
 //! everyone else go on. The head of each line waits for room in its
@@ -26,10 +27,10 @@
 //! A line is bounded (`message_server.park_bytes`, and every parked byte
 //! is also taken from the server's memory budget): a message that does
 //! not fit is refused at once as overloaded, to its sender and for that
-//! receiver only (a one-way message as a failure its sender counts). A parked message waits at most
-//! `message_server.slow_consumer_ms`; then it is refused as overloaded,
-//! and a receiver that read nothing at all meanwhile is cut off, as before
-//! parking existed.
+//! receiver only (a one-way message as a failure its sender counts). A
+//! parked message waits at most `message_server.slow_consumer_ms`; then
+//! it is refused as overloaded, and a receiver that read nothing at all
+//! meanwhile is cut off, as before parking existed.
 
 use std::collections::VecDeque;
 use std::future::Future;

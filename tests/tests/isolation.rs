@@ -182,8 +182,9 @@ async fn traffic_to_one_target_does_not_hold_up_the_others() -> anyhow::Result<(
 }
 
 /// Case 1: the sender keeps sending to `r`, which never reads its inbox,
-/// until `r` is busy in the sender's view; then the traffic to `b` is
-/// measured. `r` is killed afterwards.
+/// until `r` is busy in the sender's view and what reached the server
+/// before has been answered (the server's queue to `r` is empty); then
+/// the traffic to `b` is measured. `r` is killed afterwards.
 async fn never_reading_case(cluster: &mut Cluster) -> anyhow::Result<Figures> {
     let sender = &cluster.sender;
     let disturbance = Disturbance::start(sender, NEVER_READS);
@@ -192,6 +193,13 @@ async fn never_reading_case(cluster: &mut Cluster) -> anyhow::Result<Figures> {
         "r: busy in the sender's view {:.0} ms after the traffic started; server queue to r: {}",
         busy_after.as_secs_f64() * 1e3,
         cluster.queue_to(NEVER_READS).await?
+    );
+    // The steady state: what reached the server before the sender heard
+    // `r` was busy has been answered (each message `Busy`, by `r`'s node).
+    let settled = cluster.wait_queue_empty(NEVER_READS).await?;
+    println!(
+        "r: the server's queue to r empty {:.0} ms later",
+        settled.as_secs_f64() * 1e3
     );
     let figures = measure(sender, usize::MAX, WINDOW).await?;
     println!(
@@ -221,7 +229,7 @@ async fn stopped_case(cluster: &mut Cluster) -> anyhow::Result<Figures> {
     println!(
         "s: the server's writer to s stuck {:.0} ms after the traffic started; server queue to s: {stuck}; busy in the sender's view: {}",
         started.elapsed().as_secs_f64() * 1e3,
-        node_busy(&sender, STOPPED)
+        is_busy(&sender, STOPPED)
     );
     let slow_before = cluster.server_counter("slow_consumers").await?;
     let figures = measure(&sender, usize::MAX, WINDOW).await?;
@@ -368,6 +376,15 @@ impl Cluster {
         }
     }
 
+    /// Waits until the server's queue to `id` is empty; how long that took.
+    async fn wait_queue_empty(&self, id: &str) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        while self.queue_to(id).await?.messages > 0 {
+            tokio::time::sleep(POLL).await;
+        }
+        Ok(started.elapsed())
+    }
+
     /// Waits until the server's writer to `id` has written nothing for
     /// [`WRITER_STUCK`] while messages wait in its queue: `id` reads nothing
     /// and its socket is full. Returns the queue then.
@@ -494,10 +511,6 @@ fn is_busy(node: &Node, id: &str) -> bool {
 }
 
 /// Whether `id` is a member in `node`'s view.
-fn node_busy(node: &Node, id: &str) -> bool {
-    node.members().iter().any(|m| m.id == *id && m.busy)
-}
-
 fn is_member(node: &Node, id: &str) -> bool {
     node.members().iter().any(|m| m.id == *id)
 }
