@@ -52,7 +52,7 @@ pub const DEFAULT_PARK_BYTES: usize = 16 * 1024 * 1024;
 pub const DEFAULT_PARK_AFTER_MS: u64 = 20;
 /// Bytes of one target's messages a node's outgoing queue holds ahead of
 /// its writer (`node.target_queue_bytes`).
-pub const DEFAULT_TARGET_QUEUE_BYTES: usize = 256 * 1024;
+pub const DEFAULT_TARGET_QUEUE_BYTES: usize = 1024 * 1024;
 /// Default cap of the message server's connections: more are refused at
 /// once.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4_096;
