@@ -41,6 +41,21 @@ struct Numbered {
     incarnation: u64,
 }
 
+/// The busy member that holds back a message from `me` to `target`'s
+/// `service`, if any (looked for only while some member is busy).
+fn busy_blocker(
+    members: &cluster_manager::members::Members,
+    me: &NodeId,
+    target: &Target,
+    service: &str,
+) -> Option<NodeId> {
+    if members.busy_count() > 0 {
+        members.busy_blocker(me, target, service)
+    } else {
+        None
+    }
+}
+
 /// A message waiting for its target's share of the queue to the message
 /// server.
 struct Turn<'a> {
@@ -98,11 +113,7 @@ impl Runtime {
         let routed = {
             let mut core = self.core.lock();
             // Held back while its receiver is busy (see `wait_not_busy`).
-            let blocker = if core.members().busy_count() > 0 {
-                core.members().busy_blocker(&self.id, target, service)
-            } else {
-                None
-            };
+            let blocker = busy_blocker(core.members(), &self.id, target, service);
             match blocker {
                 Some(node) => Err(node),
                 None => {
@@ -400,14 +411,7 @@ impl Runtime {
             let changed = self.members.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let blocker = {
-                let core = self.core.lock();
-                if core.members().busy_count() > 0 {
-                    core.members().busy_blocker(&self.id, target, service)
-                } else {
-                    None
-                }
-            };
+            let blocker = busy_blocker(self.core.lock().members(), &self.id, target, service);
             let Some(node) = blocker else {
                 return Ok(());
             };

@@ -502,21 +502,8 @@ impl OutQueue {
     ///
     /// Cancel safe.
     pub async fn taken_up_to(&self, position: u64) {
-        let core = self.core();
-        core.progress_waiters.fetch_add(1, Ordering::SeqCst);
-        let _counted = ProgressWaiter(core);
-        loop {
-            let progressed = core.progress.notified();
-            tokio::pin!(progressed);
-            progressed.as_mut().enable();
-            if core.taken.load(Ordering::SeqCst) >= position || core.is_closed() {
-                return;
-            }
-            tokio::select! {
-                () = progressed => {}
-                () = core.closed.cancelled() => return,
-            }
-        }
+        self.progressed(|core| core.taken.load(Ordering::SeqCst) >= position)
+            .await;
     }
 
     /// Waits until the writer has taken all but `frames` of the frames
@@ -527,6 +514,13 @@ impl OutQueue {
     ///
     /// Cancel safe.
     pub async fn taken_down_to(&self, frames: usize) {
+        self.progressed(|core| core.queued.load(Ordering::SeqCst) <= frames)
+            .await;
+    }
+
+    /// Waits until `done` holds, looking each time the writer takes
+    /// frames, or until the queue closed.
+    async fn progressed(&self, done: impl Fn(&Core) -> bool) {
         let core = self.core();
         core.progress_waiters.fetch_add(1, Ordering::SeqCst);
         let _counted = ProgressWaiter(core);
@@ -534,7 +528,7 @@ impl OutQueue {
             let progressed = core.progress.notified();
             tokio::pin!(progressed);
             progressed.as_mut().enable();
-            if core.queued.load(Ordering::SeqCst) <= frames || core.is_closed() {
+            if done(core) || core.is_closed() {
                 return;
             }
             tokio::select! {
