@@ -1144,17 +1144,12 @@ impl Connection {
                                 own,
                                 h.seq,
                             );
-                            match parked {
-                                Ok(true) => {
-                                    // Busy now for this sender: it holds
-                                    // back.
-                                    tell_busy(&self.shared, &self.me, &self.queue, &r.id, true)
-                                        .await;
-                                    Ok(())
-                                }
-                                Ok(false) => Ok(()),
-                                Err(_) => Err(DeliveryFailure::ReceiverOverloaded),
+                            if parked == Ok(true) {
+                                // A new line: busy now for this sender,
+                                // which holds back.
+                                tell_busy(&self.shared, &self.me, &self.queue, &r.id, true).await;
                             }
+                            parked.map(|_| ())
                         }
                         Err(Some(PushError::Closed(_))) => Err(DeliveryFailure::TargetStopped),
                     };

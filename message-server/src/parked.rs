@@ -83,17 +83,6 @@ pub(crate) struct Progress {
     pub(crate) relieved: Vec<NodeId>,
 }
 
-/// Why a message could not be parked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ParkError {
-    /// Its receiver's line holds `message_server.park_bytes` already.
-    LineFull,
-    /// The server's memory budget is spent.
-    NoBudget,
-    /// Parking is off (`park_bytes` is 0).
-    Off,
-}
-
 /// A parked message.
 struct Waiting {
     raw: Bytes,
@@ -200,10 +189,9 @@ impl Parked {
     ///
     /// # Errors
     ///
-    /// [`ParkError`] when the receiver's line or the server's memory
-    /// budget has no room for it, or parking is off: the message is
-    /// refused for this receiver only (or waits for room: see
-    /// [`Parked::progress`]).
+    /// [`DeliveryFailure::ReceiverOverloaded`] when the receiver's line or
+    /// the server's memory budget has no room for it, or parking is off:
+    /// the message is refused for this receiver only.
     pub(crate) fn park(
         &mut self,
         receiver: &NodeId,
@@ -212,7 +200,7 @@ impl Parked {
         session: &Arc<Session>,
         raw: Bytes,
         seq: u64,
-    ) -> Result<bool, ParkError> {
+    ) -> Result<bool, DeliveryFailure> {
         let waiting = Waiting {
             raw,
             seq,
@@ -221,7 +209,7 @@ impl Parked {
         let charge = waiting.charge();
         if self.line_bytes == 0 {
             // Parking is off: a full queue refuses at once.
-            return Err(ParkError::Off);
+            return Err(DeliveryFailure::ReceiverOverloaded);
         }
         // A line takes its first message whatever its size (a frame larger
         // than the line could never park otherwise), later ones while they
@@ -229,11 +217,11 @@ impl Parked {
         let found = self.find(receiver, incarnation);
         if let Some(i) = found {
             if !self.lines[i].waiting.is_empty() && self.lines[i].bytes + charge > self.line_bytes {
-                return Err(ParkError::LineFull);
+                return Err(DeliveryFailure::ReceiverOverloaded);
             }
         }
         if !self.budget.try_take(charge) {
-            return Err(ParkError::NoBudget);
+            return Err(DeliveryFailure::ReceiverOverloaded);
         }
         let (index, first) = match found {
             Some(i) => (i, false),

@@ -376,3 +376,36 @@ impl Drop for ConfigFile {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// The address of a monitor URL as the server's banner prints it
+/// (`http://ADDR/`).
+///
+/// # Errors
+///
+/// If it is not such a URL.
+pub fn monitor_url_addr(url: &str) -> anyhow::Result<SocketAddr> {
+    let addr = url
+        .strip_prefix("http://")
+        .and_then(|rest| rest.strip_suffix('/'))
+        .with_context(|| format!("not a monitor URL: {url:?}"))?;
+    addr.parse()
+        .with_context(|| format!("not an address: {addr:?}"))
+}
+
+/// A plain GET of the monitor's JSON at `path` (HTTP/1.0, the body as it
+/// comes; `tests/monitor.rs` checks the response itself).
+///
+/// # Errors
+///
+/// If the monitor cannot be reached or the body is not JSON.
+pub async fn monitor_json(addr: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await?;
+    let (_, body) = raw.split_once("\r\n\r\n").context("no body")?;
+    serde_json::from_str(body).with_context(|| format!("{path} is not JSON: {body}"))
+}

@@ -9,10 +9,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use clustercomm_tests::{bounded, init_logging, test_config, TestServer};
+use clustercomm_tests::{bounded, init_logging, monitor_json, test_config, TestServer};
 use node_runtime::{Config, MembershipEvent, MembershipEvents, Node, NodeId, SendError, Target};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const UPPER: usize = 64;
 const LOWER: usize = 16;
@@ -49,17 +48,6 @@ async fn busy_seen(events: &mut MembershipEvents, id: &str, busy: bool) -> anyho
             _ => {}
         }
     }
-}
-
-async fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await?;
-    let (_, body) = raw.split_once("\r\n\r\n").context("no body")?;
-    Ok(serde_json::from_str(body)?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,14 +103,14 @@ async fn a_busy_node_is_spared_until_it_drains() -> anyhow::Result<()> {
         );
         ensure!(slow.is_busy());
         ensure!(client.members().iter().any(|m| m.id == "slow" && m.busy));
-        let members = get_json(monitor_addr, "/api/v1/members").await?;
+        let members = monitor_json(monitor_addr, "/api/v1/members").await?;
         let shown = members
             .as_array()
             .and_then(|a| a.iter().find(|m| m["id"] == "slow"))
             .context("slow not in the monitor")?;
         ensure!(shown["busy"] == Value::Bool(true), "{shown}");
         ensure!(shown["backlog"].as_u64() == Some(UPPER as u64), "{shown}");
-        let events_json = get_json(monitor_addr, "/api/v1/events").await?;
+        let events_json = monitor_json(monitor_addr, "/api/v1/events").await?;
         ensure!(
             events_json["membership"]
                 .as_array()

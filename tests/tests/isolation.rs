@@ -40,12 +40,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use bytes::Bytes;
 use clustercomm_tests::{
-    bounded, init_logging, spawn_message_server, spawn_test_node, spawn_test_node_with,
-    test_config, ChildProcess, ConfigFile, TEST_WAIT,
+    bounded, init_logging, monitor_json, monitor_url_addr, spawn_message_server, spawn_test_node,
+    spawn_test_node_with, test_config, ChildProcess, ConfigFile, TEST_WAIT,
 };
 use node_runtime::{Config, MemberInfo, Node, SendError, SendOptions, Target};
-use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 
 /// The service every receiver subscribes.
@@ -335,7 +333,7 @@ impl Cluster {
 
     /// The server's outgoing queue to `id`, from its monitor.
     async fn queue_to(&self, id: &str) -> anyhow::Result<Queue> {
-        let nodes = get_json(self.monitor, "/api/v1/nodes").await?;
+        let nodes = monitor_json(self.monitor, "/api/v1/nodes").await?;
         let node = nodes
             .as_array()
             .and_then(|a| a.iter().find(|n| n["id"] == id))
@@ -351,7 +349,7 @@ impl Cluster {
 
     /// One of the server's counters (`/api/v1/status`).
     async fn server_counter(&self, name: &str) -> anyhow::Result<u64> {
-        let status = get_json(self.monitor, "/api/v1/status").await?;
+        let status = monitor_json(self.monitor, "/api/v1/status").await?;
         status["counters"][name]
             .as_u64()
             .with_context(|| format!("no counter {name} in {status}"))
@@ -363,7 +361,7 @@ impl Cluster {
     /// its failure timeout, in case it comes back.)
     async fn wait_gone(&self, id: &str) -> anyhow::Result<()> {
         loop {
-            let members = get_json(self.monitor, "/api/v1/members").await?;
+            let members = monitor_json(self.monitor, "/api/v1/members").await?;
             let listed = members
                 .as_array()
                 .with_context(|| format!("members are not a list: {members}"))?
@@ -442,24 +440,7 @@ async fn monitor_addr(server: &mut ChildProcess) -> anyhow::Result<SocketAddr> {
     })
     .await
     .context("no banner in time")??;
-    let addr = url
-        .strip_prefix("http://")
-        .and_then(|rest| rest.strip_suffix('/'))
-        .with_context(|| format!("not a monitor URL: {url:?}"))?;
-    addr.parse()
-        .with_context(|| format!("not an address: {addr:?}"))
-}
-
-/// A GET of the monitor's JSON.
-async fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await?;
-    let (_, body) = raw.split_once("\r\n\r\n").context("no body")?;
-    serde_json::from_str(body).with_context(|| format!("{path} is not JSON: {body}"))
+    monitor_url_addr(&url)
 }
 
 /// The message server's outgoing queue to one node.

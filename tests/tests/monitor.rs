@@ -36,12 +36,7 @@ impl Server {
     /// The monitor's address, from the banner's URL.
     fn monitor(&self) -> anyhow::Result<SocketAddr> {
         let url = self.banner.get("monitor").context("no monitor line")?;
-        let addr = url
-            .strip_prefix("http://")
-            .and_then(|rest| rest.strip_suffix('/'))
-            .with_context(|| format!("not a monitor URL: {url:?}"))?;
-        addr.parse()
-            .with_context(|| format!("not an address: {addr:?}"))
+        clustercomm_tests::monitor_url_addr(url)
     }
 }
 
