@@ -47,6 +47,11 @@ pub const DEFAULT_SLOW_CONSUMER_MS: u64 = 5_000;
 /// when it hears the receiver is busy (its share of its queue, and the
 /// sockets' buffers, up to about 10 MiB on Linux).
 pub const DEFAULT_PARK_BYTES: usize = 16 * 1024 * 1024;
+/// Bytes of one sender's messages parked for all its full receivers
+/// together (`message_server.park_sender_bytes`): four receivers' worth of
+/// [`DEFAULT_PARK_BYTES`], so that a sender which ignores "busy" cannot
+/// take the memory budget from everyone else.
+pub const DEFAULT_PARK_SENDER_BYTES: usize = 64 * 1024 * 1024;
 /// How long a message waits for room in a full receiver's queue before it
 /// is parked (`message_server.park_after_ms`).
 pub const DEFAULT_PARK_AFTER_MS: u64 = 20;

@@ -131,6 +131,13 @@ pub struct MessageServerConfig {
     /// as a failure the sender counts). Parked bytes count against
     /// `memory_budget_bytes`. Default [`DEFAULT_PARK_BYTES`].
     pub park_bytes: usize,
+    /// Bytes of one sender's messages the message server parks for all
+    /// its full receivers together; past it, a message that would park is
+    /// answered `Overloaded` as past `park_bytes`. All senders together
+    /// park at most half of `memory_budget_bytes`, so that parking never
+    /// takes the room the queues need. Default
+    /// [`DEFAULT_PARK_SENDER_BYTES`].
+    pub park_sender_bytes: usize,
     /// How long a message waits for room in a full receiver's queue,
     /// holding its sender back, before it is parked: a queue full only
     /// until its writer takes the next batch costs no parking, and a
@@ -170,6 +177,7 @@ impl Default for MessageServerConfig {
             queue_bytes: DEFAULT_QUEUE_BYTES,
             slow_consumer_ms: DEFAULT_SLOW_CONSUMER_MS,
             park_bytes: DEFAULT_PARK_BYTES,
+            park_sender_bytes: DEFAULT_PARK_SENDER_BYTES,
             park_after_ms: DEFAULT_PARK_AFTER_MS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_unauthenticated: DEFAULT_MAX_UNAUTHENTICATED,

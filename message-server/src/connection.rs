@@ -339,11 +339,13 @@ pub(crate) async fn serve(
             permissions,
             session,
             member_changes: (0, 0),
-            parked: Parked::new(
-                shared.config.message_server.park_bytes,
-                shared.budget.clone(),
-                Duration::from_millis(shared.config.message_server.slow_consumer_ms),
-            ),
+            parked: Parked::new(crate::parked::Limits {
+                line_bytes: shared.config.message_server.park_bytes,
+                sender_bytes: shared.config.message_server.park_sender_bytes,
+                budget: shared.budget.clone(),
+                parked: shared.parked.clone(),
+                wait: Duration::from_millis(shared.config.message_server.slow_consumer_ms),
+            }),
         };
         let end = conn.read_loop(&mut reader, &cancel).await;
         conn.finish_parked();

@@ -24,10 +24,13 @@
 //! stopped receiver stays busy, and a sender hears of it at most once per
 //! [`MIN_BUSY`].
 //!
-//! A line is bounded (`message_server.park_bytes`, and every parked byte
-//! is also taken from the server's memory budget): a message that does
-//! not fit is refused at once as overloaded, to its sender and for that
-//! receiver only (a one-way message as a failure its sender counts). A
+//! A line is bounded (`message_server.park_bytes`), and so is all a
+//! sender parks across its lines (`message_server.park_sender_bytes`) and
+//! all the server parks (half its memory budget, so that parking never
+//! leaves the queues nothing; every parked byte is also taken from the
+//! memory budget itself): a message that does not fit is refused at once
+//! as overloaded, to its sender and for that receiver only (a one-way
+//! message as a failure its sender counts). A
 //! parked message waits at most `message_server.slow_consumer_ms`; then
 //! it is refused as overloaded, and a receiver that read nothing at all
 //! meanwhile is cut off, as before parking existed.
@@ -139,27 +142,73 @@ fn pushes(pushes: &mut Pushes) -> &mut FuturesUnordered<PushFuture> {
     pushes.get_mut().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// The bounds of parking.
+#[derive(Debug, Clone)]
+pub(crate) struct Limits {
+    /// Bytes one line holds at most (`message_server.park_bytes`; 0 turns
+    /// parking off).
+    pub(crate) line_bytes: usize,
+    /// Bytes one sender's lines hold at most, together
+    /// (`message_server.park_sender_bytes`).
+    pub(crate) sender_bytes: usize,
+    /// The server's memory budget, which every parked byte draws on.
+    pub(crate) budget: Arc<Budget>,
+    /// What every sender's parked bytes draw on together (see
+    /// `Shared::parked`).
+    pub(crate) parked: Arc<Budget>,
+    /// How long a parked message waits for room.
+    pub(crate) wait: Duration,
+}
+
+/// The bytes one sender has parked, and what they are taken from.
+struct Charges {
+    limits: Limits,
+    /// Bytes charged across this sender's lines.
+    total: usize,
+}
+
+impl Charges {
+    /// Takes `charge` for a new parked message if every bound has room
+    /// for it. While nothing of this sender's is parked, a message larger
+    /// than the sender's bound may park alone (it could never park
+    /// otherwise).
+    fn take(&mut self, charge: usize) -> bool {
+        if self.total > 0 && self.total + charge > self.limits.sender_bytes {
+            return false;
+        }
+        if !self.limits.parked.try_take(charge) {
+            return false;
+        }
+        if !self.limits.budget.try_take(charge) {
+            self.limits.parked.give(charge);
+            return false;
+        }
+        self.total += charge;
+        true
+    }
+
+    /// Gives back what a message no longer parked was charged.
+    fn give(&mut self, charge: usize) {
+        self.limits.budget.give(charge);
+        self.limits.parked.give(charge);
+        self.total -= charge;
+    }
+}
+
 /// One sender connection's parked messages.
 pub(crate) struct Parked {
     lines: Vec<Line>,
     pushes: Pushes,
-    /// Bytes one line holds at most.
-    line_bytes: usize,
-    budget: Arc<Budget>,
-    /// How long a parked message waits for room.
-    wait: Duration,
+    charges: Charges,
 }
 
 impl Parked {
-    /// Lines of at most `line_bytes`, their bytes taken from `budget`,
-    /// each message waiting at most `wait`.
-    pub(crate) fn new(line_bytes: usize, budget: Arc<Budget>, wait: Duration) -> Parked {
+    /// Lines within `limits`.
+    pub(crate) fn new(limits: Limits) -> Parked {
         Parked {
             lines: Vec::new(),
             pushes: Mutex::new(FuturesUnordered::new()),
-            line_bytes,
-            budget,
-            wait,
+            charges: Charges { limits, total: 0 },
         }
     }
 
@@ -189,9 +238,10 @@ impl Parked {
     ///
     /// # Errors
     ///
-    /// [`DeliveryFailure::ReceiverOverloaded`] when the receiver's line or
-    /// the server's memory budget has no room for it, or parking is off:
-    /// the message is refused for this receiver only.
+    /// [`DeliveryFailure::ReceiverOverloaded`] when the receiver's line,
+    /// the sender's parked bytes, the server's parked bytes or its memory
+    /// budget have no room for it, or parking is off: the message is
+    /// refused for this receiver only.
     pub(crate) fn park(
         &mut self,
         receiver: &NodeId,
@@ -204,10 +254,11 @@ impl Parked {
         let waiting = Waiting {
             raw,
             seq,
-            deadline: Instant::now() + self.wait,
+            deadline: Instant::now() + self.charges.limits.wait,
         };
         let charge = waiting.charge();
-        if self.line_bytes == 0 {
+        let line_bytes = self.charges.limits.line_bytes;
+        if line_bytes == 0 {
             // Parking is off: a full queue refuses at once.
             return Err(DeliveryFailure::ReceiverOverloaded);
         }
@@ -216,11 +267,11 @@ impl Parked {
         // fit.
         let found = self.find(receiver, incarnation);
         if let Some(i) = found {
-            if !self.lines[i].waiting.is_empty() && self.lines[i].bytes + charge > self.line_bytes {
+            if !self.lines[i].waiting.is_empty() && self.lines[i].bytes + charge > line_bytes {
                 return Err(DeliveryFailure::ReceiverOverloaded);
             }
         }
-        if !self.budget.try_take(charge) {
+        if !self.charges.take(charge) {
             return Err(DeliveryFailure::ReceiverOverloaded);
         }
         let (index, first) = match found {
@@ -277,7 +328,7 @@ impl Parked {
     /// Ends the line at `index`.
     fn end_line(&mut self, index: usize, progress: &mut Progress) {
         let line = self.lines.swap_remove(index);
-        self.budget.give(line.bytes);
+        self.charges.give(line.bytes);
         line.session.parked_lines.fetch_sub(1, Ordering::Relaxed);
         progress.relieved.push(line.receiver);
     }
@@ -361,7 +412,7 @@ impl Parked {
         };
         let charge = head.charge();
         line.bytes -= charge;
-        self.budget.give(charge);
+        self.charges.give(charge);
         match result {
             Ok(()) => {
                 progress.delivered += 1;
@@ -408,7 +459,7 @@ impl Parked {
             };
             let charge = done.charge();
             line.bytes -= charge;
-            self.budget.give(charge);
+            self.charges.give(charge);
             match failure {
                 None => {
                     progress.delivered += 1;
@@ -438,7 +489,7 @@ impl Parked {
             line.session.parked_lines.fetch_sub(1, Ordering::Relaxed);
             let mut full = false;
             for waiting in line.waiting.drain(..) {
-                self.budget.give(waiting.charge());
+                self.charges.give(waiting.charge());
                 if !full
                     && line
                         .queue
@@ -459,8 +510,84 @@ impl Parked {
 impl Drop for Parked {
     fn drop(&mut self) {
         for line in &self.lines {
-            self.budget.give(line.bytes);
+            self.charges.limits.budget.give(line.bytes);
+            self.charges.limits.parked.give(line.bytes);
             line.session.parked_lines.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn charges(sender_bytes: usize, parked: usize, budget: usize) -> Charges {
+        Charges {
+            limits: Limits {
+                line_bytes: 1 << 20,
+                sender_bytes,
+                budget: Budget::new(budget),
+                parked: Budget::new(parked),
+                wait: Duration::from_secs(1),
+            },
+            total: 0,
+        }
+    }
+
+    #[test]
+    fn a_sender_parks_up_to_its_bound_and_no_further() {
+        let mut c = charges(1000, 10_000, 10_000);
+        assert!(c.take(400));
+        assert!(c.take(600));
+        assert!(!c.take(1), "past the sender's bound");
+        assert_eq!(
+            (c.total, c.limits.parked.used(), c.limits.budget.used()),
+            (1000, 1000, 1000),
+            "a refusal takes nothing"
+        );
+        c.give(400);
+        assert!(c.take(400), "room given back is room again");
+    }
+
+    #[test]
+    fn a_message_larger_than_the_sender_bound_parks_alone() {
+        let mut c = charges(100, 10_000, 10_000);
+        assert!(c.take(500), "nothing else parked: it may park");
+        assert!(!c.take(1), "but nothing joins it");
+        c.give(500);
+        assert_eq!(c.total, 0);
+    }
+
+    #[test]
+    fn all_senders_together_are_bounded_by_the_servers_share() {
+        let parked = Budget::new(1000);
+        let budget = Budget::new(10_000);
+        let sender = |parked: &Arc<Budget>| Charges {
+            limits: Limits {
+                line_bytes: 1 << 20,
+                sender_bytes: 800,
+                budget: budget.clone(),
+                parked: parked.clone(),
+                wait: Duration::from_secs(1),
+            },
+            total: 0,
+        };
+        let (mut a, mut b) = (sender(&parked), sender(&parked));
+        assert!(a.take(800));
+        assert!(!b.take(300), "the server's share is spent");
+        assert!(b.take(200));
+        assert_eq!((parked.used(), budget.used()), (1000, 1000));
+    }
+
+    #[test]
+    fn a_full_memory_budget_refuses_and_keeps_the_share_unspent() {
+        let mut c = charges(10_000, 10_000, 500);
+        assert!(c.take(500));
+        assert!(!c.take(1));
+        assert_eq!(
+            c.limits.parked.used(),
+            500,
+            "the refused charge was given back"
+        );
     }
 }

@@ -144,6 +144,9 @@ pub(crate) struct Shared {
     /// `message_server.memory_budget_bytes`, which every connection's
     /// queue draws on.
     pub(crate) budget: Arc<transports::io::Budget>,
+    /// Half of the memory budget: what the messages parked for full
+    /// receivers may take of it, all senders together (see `parked`).
+    pub(crate) parked: Arc<transports::io::Budget>,
     /// Which refusals are logged.
     pub(crate) refusals: transports::handshake::RefusalLog,
     /// Every node's permissions.
@@ -263,12 +266,14 @@ impl MessageServer {
             .as_deref()
             .map(transports::auth::ClusterSecret::new);
         let budget = transports::io::Budget::new(config.message_server.memory_budget_bytes);
+        let parked = transports::io::Budget::new(config.message_server.memory_budget_bytes / 2);
         let permissions = config.permissions_table()?;
         let shared = Arc::new(Shared {
             events: EventLog::default(),
             permissions,
             refusals: transports::handshake::RefusalLog::default(),
             budget,
+            parked,
             tls,
             secret,
             config,

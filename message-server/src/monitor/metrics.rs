@@ -144,6 +144,15 @@ impl Collector for SnapshotCollector {
             ),
             status.memory.budget_bytes as u64,
         )?;
+        gauge(
+            &mut enc,
+            (
+                "clustercomm_server_parked",
+                "Bytes of messages parked for full receivers (part of the memory budget used).",
+                Some(Unit::Bytes),
+            ),
+            status.memory.parked_bytes as u64,
+        )?;
         let c = &status.counters;
         let totals: [(Name, u64); 13] = [
             (("clustercomm_server_connections_accepted", "Connections that completed the handshake.", None), c.connections_accepted),

@@ -109,6 +109,9 @@ pub struct Memory {
     pub used_bytes: usize,
     /// `message_server.memory_budget_bytes`.
     pub budget_bytes: usize,
+    /// Of `used_bytes`, the messages parked for full receivers (at most
+    /// half the budget).
+    pub parked_bytes: usize,
 }
 
 /// A registered member.
@@ -487,6 +490,7 @@ pub(crate) fn status(
         memory: Memory {
             used_bytes: shared.budget.used(),
             budget_bytes: config.message_server.memory_budget_bytes,
+            parked_bytes: shared.parked.used(),
         },
         counters: shared.counters.snapshot(),
     }
