@@ -377,6 +377,28 @@ impl Drop for ConfigFile {
     }
 }
 
+/// The address of the monitor of a `message-server` started with
+/// `--monitor`, from its banner line `  monitor      http://ADDR/` (the
+/// server's stdout is taken).
+///
+/// # Errors
+///
+/// If the banner names no monitor within [`TEST_WAIT`].
+pub async fn monitor_addr(server: &mut ChildProcess) -> anyhow::Result<SocketAddr> {
+    let mut lines = server.take_stdout()?;
+    let url = tokio::time::timeout(TEST_WAIT, async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(url) = line.trim().strip_prefix("monitor") {
+                return Ok(url.trim().to_owned());
+            }
+        }
+        anyhow::bail!("the server's banner has no monitor line")
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no banner in time"))??;
+    monitor_url_addr(&url)
+}
+
 /// The address of a monitor URL as the server's banner prints it
 /// (`http://ADDR/`).
 ///

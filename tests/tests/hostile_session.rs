@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use clustercomm_tests::raw::{self, refused_for, RawNode};
-use clustercomm_tests::{bounded, init_logging, ConfigFile};
+use clustercomm_tests::{bounded, init_logging, monitor_addr, monitor_json, ConfigFile};
 use node_runtime::{Config, LeaveReason, MembershipEvent, Node, NodeId, Target};
 use transports::auth::SessionKey;
 use transports::heartbeat::Beat;
@@ -393,6 +393,149 @@ async fn a_node_flapping_its_membership_is_cut_off() -> anyhow::Result<()> {
         // The watcher works on.
         let mut inbox = watcher.subscribe("svc").await?;
         exchange(&watcher, "watcher", &mut inbox, "still here").await?;
+        Ok(())
+    })
+    .await
+}
+
+/// A sender that ignores "busy" and keeps sending to three receivers that
+/// never read would have the server park a full line for each (three
+/// times `message_server.park_bytes`), and with enough receivers take the
+/// whole memory budget from every other connection's queue. Its parked
+/// messages together stay within `message_server.park_sender_bytes`: past
+/// it, each message is answered `Overloaded` at once, for its receiver
+/// only, and the other nodes keep exchanging messages.
+#[tokio::test]
+async fn a_sender_ignoring_busy_parks_no_more_than_its_bound() -> anyhow::Result<()> {
+    use std::collections::BTreeMap;
+    use tokio::io::AsyncWriteExt;
+    use transports::frame::FrameCodec;
+    use transports::protocol::{DeliveryFailure, Header, MessageHeader, MessageKind};
+    use transports::OutFrame;
+
+    const LINE: usize = 1 << 20;
+    const SENDER: usize = 2 << 20;
+    const BODY: usize = 64 * 1024;
+    /// Per receiver: far more than its queue, its socket and a line hold.
+    const PER_RECEIVER: usize = 96;
+    init_logging();
+    bounded(async {
+        // Receivers that never read and never heartbeat stay members for
+        // the whole test; nothing waits long enough to be cut off.
+        let toml = format!(
+            "[cluster]\nheartbeat_interval_ms = 100\nfailure_timeout_ms = 60000\n\
+             [message_server]\nqueue_frames = 64\nqueue_bytes = 65536\npark_bytes = {LINE}\n\
+             park_sender_bytes = {SENDER}\nslow_consumer_ms = 60000\n\
+             [tcp]\nsend_buffer_bytes = 65536\n"
+        );
+        let file = ConfigFile::new("park-bound", &toml)?;
+        let (mut server, addr) = clustercomm_tests::spawn_message_server(&[
+            "--config",
+            &file.path,
+            "--monitor",
+            "127.0.0.1:0",
+        ])
+        .await?;
+        let monitor = monitor_addr(&mut server).await?;
+        let interests = Interests {
+            groups: Vec::new(),
+            services: vec!["svc".into()],
+        };
+        let mut receivers = Vec::new();
+        for id in ["full-1", "full-2", "full-3"] {
+            let key = SessionKey::generate()?;
+            let hello = raw::hello(id, "clustercomm", &key);
+            receivers.push(RawNode::register(addr, hello, &interests, key, None).await?);
+        }
+        let key = SessionKey::generate()?;
+        let hello = raw::hello("hog", "clustercomm", &key);
+        let hog = RawNode::register(addr, hello, &Interests::default(), key, None).await?;
+        let (incarnation, mut reader, mut writer) = (hog.incarnation, hog.reader, hog.writer);
+
+        // What the server answers the hog, by receiver and failure.
+        let answers = tokio::spawn(async move {
+            let mut refused: BTreeMap<String, u64> = BTreeMap::new();
+            while let Ok(Some(frame)) = reader.next().await {
+                if let Header::Routed(routed) = frame.header() {
+                    for (receiver, failure) in &routed.failed {
+                        if *failure == DeliveryFailure::ReceiverOverloaded {
+                            *refused.entry(receiver.to_string()).or_default() += 1;
+                        }
+                    }
+                }
+            }
+            refused
+        });
+        let body = bytes::Bytes::from(vec![0x5au8; BODY]);
+        let mut codec = FrameCodec::new(1 << 20);
+        let mut seq = 0;
+        for _ in 0..PER_RECEIVER {
+            for receiver in ["full-1", "full-2", "full-3"] {
+                seq += 1;
+                let mut frame = bytes::BytesMut::new();
+                tokio_util::codec::Encoder::encode(
+                    &mut codec,
+                    OutFrame::Parts {
+                        header: Header::Message(MessageHeader {
+                            sender: "hog".into(),
+                            incarnation,
+                            seq,
+                            target: Target::Node(receiver.into()),
+                            service: "svc".into(),
+                            kind: MessageKind::Send,
+                        }),
+                        body: body.clone(),
+                    },
+                    &mut frame,
+                )?;
+                writer.write_all(&frame).await?;
+            }
+        }
+        // Every message read and routed, parked or refused.
+        let status = loop {
+            let status = monitor_json(monitor, "/api/v1/status").await?;
+            if status["counters"]["messages"].as_u64() == Some(seq) {
+                break status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let parked = status["memory"]["parked_bytes"]
+            .as_u64()
+            .context("no parked_bytes in the status")? as usize;
+        let overloaded = status["counters"]["overloaded"].as_u64().unwrap_or(0);
+        println!(
+            "{seq} messages of {BODY} B to 3 receivers that never read: {parked} bytes parked \
+             (line {LINE}, sender {SENDER}), {overloaded} answered overloaded"
+        );
+        ensure!(
+            parked > LINE,
+            "the hog parked {parked} bytes: more than one line's worth was expected, or the test proves nothing"
+        );
+        ensure!(
+            parked <= SENDER,
+            "the hog parked {parked} bytes, past park_sender_bytes ({SENDER})"
+        );
+        ensure!(overloaded > 0, "nothing was refused");
+
+        // The others are not held back.
+        let mut config = clustercomm_tests::test_config();
+        config.cluster.failure_timeout_ms = 60_000;
+        let a = node("honest-a", &config, addr).await?;
+        let b = node("honest-b", &config, addr).await?;
+        let mut inbox = b.subscribe("svc").await?;
+        exchange(&a, "honest-b", &mut inbox, "still here").await?;
+
+        // The hog hears of every refusal, for the receiver it was for.
+        drop(writer);
+        drop(receivers);
+        server.kill().await?;
+        let refused = answers.await?;
+        println!("refusals the hog heard, by receiver: {refused:?}");
+        let heard: u64 = refused.values().sum();
+        ensure!(
+            heard >= overloaded,
+            "the server refused {overloaded}, the hog heard of {heard}"
+        );
         Ok(())
     })
     .await

@@ -58,8 +58,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use bytes::Bytes;
 use clustercomm_tests::{
-    bounded, init_logging, monitor_json, monitor_url_addr, spawn_message_server, spawn_test_node,
-    spawn_test_node_with, test_config, ChildProcess, ConfigFile, TEST_WAIT,
+    bounded, init_logging, monitor_addr, monitor_json, spawn_message_server, spawn_test_node,
+    spawn_test_node_with, test_config, ChildProcess, ConfigFile,
 };
 use node_runtime::{Config, MemberInfo, Node, SendError, SendOptions, Target};
 use tokio::task::JoinSet;
@@ -598,23 +598,6 @@ fn sender_config() -> Config {
     config.cluster.failure_timeout_ms = FAILURE_TIMEOUT_MS;
     config.lazy.services = vec![FLOOD_SERVICE.to_owned()];
     config
-}
-
-/// The monitor's address, from the server's banner line
-/// `  monitor      http://ADDR/`.
-async fn monitor_addr(server: &mut ChildProcess) -> anyhow::Result<SocketAddr> {
-    let mut lines = server.take_stdout()?;
-    let url = tokio::time::timeout(TEST_WAIT, async {
-        while let Some(line) = lines.next_line().await? {
-            if let Some(url) = line.trim().strip_prefix("monitor") {
-                return Ok(url.trim().to_owned());
-            }
-        }
-        bail!("the server's banner has no monitor line")
-    })
-    .await
-    .context("no banner in time")??;
-    monitor_url_addr(&url)
 }
 
 /// The message server's outgoing queue to one node.
