@@ -15,7 +15,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
-use transports::protocol::{Ack, AckStatus, MessageHeader, MessageKind, NodeId, Routed, Target};
+use transports::protocol::{
+    Ack, AckStatus, MessageHeader, MessageKind, NodeId, Priority, Routed, Target,
+};
 
 use crate::error::{DeliveryReport, SendError};
 
@@ -108,6 +110,8 @@ struct Pending<W> {
 pub struct Resend {
     /// The message's kind.
     pub kind: MessageKind,
+    /// Its priority.
+    pub priority: Priority,
     /// Its body (a reference, not a copy).
     pub body: Bytes,
 }
@@ -289,6 +293,7 @@ impl<W> DeliveryTracker<W> {
                     target: p.target.clone(),
                     service: p.service.clone(),
                     kind: resend.kind,
+                    priority: resend.priority,
                 };
                 (header, resend.body.clone())
             })
@@ -755,6 +760,7 @@ mod tests {
     fn resend(seq: u64) -> Resend {
         Resend {
             kind: MessageKind::Send,
+            priority: Priority::Normal,
             body: Bytes::from(format!("body {seq}")),
         }
     }

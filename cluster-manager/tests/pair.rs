@@ -141,6 +141,7 @@ impl Pair {
             let seq = node.core.next_seq();
             let resend = Resend {
                 kind: MessageKind::Send,
+                priority: transports::protocol::Priority::Normal,
                 body: body.clone(),
             };
             let service: Arc<str> = Arc::from("svc");
@@ -159,6 +160,7 @@ impl Pair {
                 target: target.clone(),
                 service,
                 kind: MessageKind::Send,
+                priority: transports::protocol::Priority::Normal,
             };
             if node.connected && self.server_up {
                 self.wire.push_back(Wire::Message(header, body));

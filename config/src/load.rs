@@ -137,6 +137,26 @@ mod tests {
     }
 
     #[test]
+    fn a_service_takes_its_priority_and_a_bad_one_is_named() {
+        use transports::protocol::Priority;
+        let c = Config::parse(
+            "[services.cache-invalidation]\npriority = \"express\"\n[services.audit]\npriority = \"low\"\n",
+            "t",
+        )
+        .expect("valid");
+        assert_eq!(c.service_priority("cache-invalidation"), Priority::Express);
+        assert_eq!(c.service_priority("audit"), Priority::Low);
+        assert_eq!(c.service_priority("other"), Priority::Normal);
+        let err = Config::parse("[services.audit]\npriority = \"urgent\"\n", "t.toml")
+            .expect_err("no such priority");
+        let text = format!("{err}");
+        assert!(
+            text.contains("priority") && text.contains("urgent"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn wrong_type_is_named() {
         let err = Config::parse("[node]\nsend_timeout_ms = \"soon\"\n", "t").expect_err("type");
         let text = format!("{err}");

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use transports::protocol::Priority;
 use transports::tcp::TcpOptions;
 
 use crate::defaults::*;
@@ -33,12 +34,28 @@ pub struct Config {
     pub tls: TlsConfig,
     /// `[monitor]`
     pub monitor: MonitorConfig,
+    /// `[services.<name>]`: the defaults of one service's messages, for
+    /// the nodes that send to it.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub services: BTreeMap<String, ServiceConfig>,
     /// `[nodes.<id>]`: per-node overrides of any of the sections above.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub nodes: BTreeMap<String, toml::Table>,
 }
 
 impl Config {
+    /// The priority of a message to `service` sent without one:
+    /// `services.<service>.priority`, or [`Priority::Normal`].
+    pub fn service_priority(&self, service: &str) -> Priority {
+        if self.services.is_empty() {
+            return Priority::Normal;
+        }
+        self.services
+            .get(service)
+            .and_then(|s| s.priority)
+            .unwrap_or_default()
+    }
+
     /// `cluster.failure_timeout_ms` as a duration.
     pub fn failure_timeout(&self) -> Duration {
         Duration::from_millis(self.cluster.failure_timeout_ms)
@@ -53,6 +70,17 @@ impl Config {
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.message_server.connect_timeout_ms)
     }
+}
+
+/// `[services.<name>]`: how messages to one service are sent when the
+/// sender does not say otherwise.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// The priority of its messages: `"express"`, `"high"`, `"normal"`
+    /// or `"low"`. None: normal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
 }
 
 /// `[cluster]`: what every member must agree on.

@@ -198,6 +198,7 @@ mod tests {
             target,
             service,
             kind: MessageKind::Send,
+            priority: transports::protocol::Priority::Normal,
         }
     }
 

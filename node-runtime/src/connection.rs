@@ -519,6 +519,7 @@ fn new_message(
         service,
         body,
         one_way: h.kind == MessageKind::Notify,
+        priority: h.priority,
         answering: (h.kind == MessageKind::Request).then(|| {
             Box::new(crate::inbox::Answering {
                 replier: Some(rt.replier.clone()),

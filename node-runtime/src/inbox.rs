@@ -9,7 +9,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use smol_str::SmolStr;
 use tokio::sync::Notify;
-use transports::protocol::NodeId;
+use transports::protocol::{NodeId, Priority};
 
 use crate::busy::BusyWatch;
 use crate::reply::Replier;
@@ -29,6 +29,8 @@ pub struct Message {
     /// A `Notify`: nobody is told when it enters the inbox, so it may
     /// wait past the capacity.
     pub(crate) one_way: bool,
+    /// The priority it was sent with (a reply takes it too).
+    pub(crate) priority: Priority,
     /// What a request or a message acknowledged on processing needs to be
     /// answered; `None` for every other message (boxed: they stay small,
     /// and dropping them checks one pointer).
@@ -86,6 +88,7 @@ impl Drop for Message {
                 self.sender_incarnation,
                 self.seq,
                 &self.service,
+                self.priority,
             );
         }
     }
@@ -127,6 +130,11 @@ impl Message {
         &self.service
     }
 
+    /// The priority it was sent with; a reply to it takes the same.
+    pub fn priority(&self) -> Priority {
+        self.priority
+    }
+
     /// The body (a shared buffer; cloning it copies nothing).
     pub fn body(&self) -> &Bytes {
         &self.body
@@ -162,6 +170,7 @@ impl Message {
                 self.sender_incarnation,
                 self.seq,
                 &self.service,
+                self.priority,
                 body.into(),
             )
             .await
@@ -213,6 +222,7 @@ impl Message {
                 self.sender_incarnation,
                 self.seq,
                 &self.service,
+                self.priority,
                 Some(code),
                 Bytes::from(text.into()),
             )
@@ -792,6 +802,7 @@ mod tests {
             service: SmolStr::new("svc"),
             body: Bytes::new(),
             one_way: true,
+            priority: Priority::Normal,
             answering: None,
         }
     }
@@ -1024,6 +1035,7 @@ mod tests {
             service: SmolStr::new("svc"),
             body: Bytes::from(body),
             one_way,
+            priority: Priority::Normal,
             answering: None,
         }
     }

@@ -80,7 +80,7 @@ pub mod trace;
 pub mod tune;
 
 pub use builder::NodeBuilder;
-pub use cluster_config::Config;
+pub use cluster_config::{Config, ServiceConfig};
 pub use cluster_manager::{DeliveryReport, SendError};
 pub use counters::PathCounters;
 pub use error::NodeError;
@@ -91,7 +91,7 @@ pub use options::{AckMode, SendOptions, SubscribeOptions};
 pub use processors::{HandlerResult, ServeOptions, Serving, ServingStats};
 pub use trace::{Trace, TraceEvent};
 pub use transports::protocol::{
-    LeaveReason, MemberInfo, MessageKind, NodeId, Role, Target, TraceRequest, Traced,
+    LeaveReason, MemberInfo, MessageKind, NodeId, Priority, Role, Target, TraceRequest, Traced,
 };
 pub use tune::TUNE_SERVICE;
 

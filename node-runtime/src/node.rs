@@ -422,6 +422,7 @@ impl Node {
                 service,
                 body.into(),
                 MessageKind::Send,
+                options.given_priority(),
                 Awaiting::Acks,
                 timeout,
             )
@@ -442,7 +443,9 @@ impl Node {
         service: &str,
         body: impl Into<Bytes>,
     ) -> Result<(), SendError> {
-        self.rt.notify(target, service, body.into(), None).await
+        self.rt
+            .notify(target, service, body.into(), None, None)
+            .await
     }
 
     /// [`Node::notify`] with `options`.
@@ -457,8 +460,13 @@ impl Node {
         body: impl Into<Bytes>,
         options: &SendOptions,
     ) -> Result<(), SendError> {
+        let priority = options.given_priority();
         match options.given_timeout() {
-            None => self.rt.notify(target, service, body.into(), None).await,
+            None => {
+                self.rt
+                    .notify(target, service, body.into(), None, priority)
+                    .await
+            }
             Some(t) => self
                 .rt
                 .notify(
@@ -466,6 +474,7 @@ impl Node {
                     service,
                     body.into(),
                     Some(tokio::time::Instant::now() + t),
+                    priority,
                 )
                 .await
                 .map_err(|e| Runtime::with_timeout(e, t)),
@@ -533,6 +542,7 @@ impl Node {
                 service,
                 body.into(),
                 MessageKind::Request,
+                options.given_priority(),
                 Awaiting::Reply,
                 timeout,
             )

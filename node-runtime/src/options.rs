@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use transports::protocol::Priority;
+
 /// Options of one send, notify or request; the defaults are the config's.
 ///
 /// ```
@@ -13,6 +15,7 @@ use std::time::Duration;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SendOptions {
     timeout: Option<Duration>,
+    priority: Option<Priority>,
 }
 
 impl SendOptions {
@@ -26,6 +29,19 @@ impl SendOptions {
     pub fn timeout(mut self, timeout: Duration) -> SendOptions {
         self.timeout = Some(timeout);
         self
+    }
+
+    /// Which queue the message takes on every hop: the most urgent go
+    /// first (see [`Priority`]). Default `services.<service>.priority`, or
+    /// [`Priority::Normal`]. A reply takes its request's priority.
+    pub fn priority(mut self, priority: Priority) -> SendOptions {
+        self.priority = Some(priority);
+        self
+    }
+
+    /// The priority set, if any.
+    pub(crate) fn given_priority(&self) -> Option<Priority> {
+        self.priority
     }
 
     /// The timeout set, or `default`.

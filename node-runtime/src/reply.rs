@@ -9,7 +9,7 @@ use cluster_config::Config;
 use cluster_manager::SendError;
 use tokio::time::Instant;
 use transports::protocol::{
-    Header, MessageHeader, MessageKind, MessageRef, NodeId, Target, TargetRef,
+    Header, MessageHeader, MessageKind, MessageRef, NodeId, Priority, Target, TargetRef,
 };
 use transports::{Lane, OutFrame, PushError, Wait};
 
@@ -43,7 +43,7 @@ impl Replier {
     }
 
     /// Sends `body` as the reply to request `request_seq` of
-    /// `requester`'s `requester_incarnation`.
+    /// `requester`'s `requester_incarnation`, at the request's `priority`.
     ///
     /// # Errors
     ///
@@ -55,13 +55,14 @@ impl Replier {
         requester_incarnation: u64,
         request_seq: u64,
         service: &str,
+        priority: Priority,
         body: Bytes,
     ) -> Result<(), SendError> {
         let kind = MessageKind::Reply {
             request_seq,
             requester_incarnation,
         };
-        self.answer(requester, kind, service, body).await
+        self.answer(requester, kind, service, priority, body).await
     }
 
     /// Sends an error answer (`code`, or `None`: dropped without a reply)
@@ -77,6 +78,7 @@ impl Replier {
         requester_incarnation: u64,
         request_seq: u64,
         service: &str,
+        priority: Priority,
         code: Option<u32>,
         text: Bytes,
     ) -> Result<(), SendError> {
@@ -85,7 +87,7 @@ impl Replier {
             requester_incarnation,
             code,
         };
-        self.answer(requester, kind, service, text).await
+        self.answer(requester, kind, service, priority, text).await
     }
 
     /// Tells `requester` that its request `request_seq` was dropped without
@@ -97,6 +99,7 @@ impl Replier {
         requester_incarnation: u64,
         request_seq: u64,
         service: &str,
+        priority: Priority,
     ) {
         let (Some(core), Some(server)) = (self.core.upgrade(), self.server.upgrade()) else {
             return;
@@ -106,7 +109,7 @@ impl Replier {
             requester_incarnation,
             code: None,
         };
-        let header = self.header(&core, requester, service, kind);
+        let header = self.header(&core, requester, service, kind, priority);
         if !server.queue.try_push_message(&header, &Bytes::new()) {
             tracing::debug!(%requester, request_seq, "no room to say a request was dropped; the requester times out");
         }
@@ -119,6 +122,7 @@ impl Replier {
         requester: &'a NodeId,
         service: &'a str,
         kind: MessageKind,
+        priority: Priority,
     ) -> MessageRef<'a> {
         let (seq, incarnation) = {
             let mut core = core.lock();
@@ -131,6 +135,7 @@ impl Replier {
             target: TargetRef::Node(requester.as_str()),
             service,
             kind,
+            priority,
         }
     }
 
@@ -140,6 +145,7 @@ impl Replier {
         requester: &NodeId,
         kind: MessageKind,
         service: &str,
+        priority: Priority,
         body: Bytes,
     ) -> Result<(), SendError> {
         let (Some(core), Some(server)) = (self.core.upgrade(), self.server.upgrade()) else {
@@ -149,7 +155,7 @@ impl Replier {
         let deadline = Instant::now() + self.config.send_timeout();
         // Usually queued at once, its header encoded from the names in
         // place; otherwise as a frame, waiting for room.
-        let header = self.header(&core, requester, service, kind);
+        let header = self.header(&core, requester, service, kind, priority);
         let (seq, incarnation) = (header.seq, header.incarnation);
         if server.queue.try_push_message(&header, &body) {
             return Ok(());
@@ -162,6 +168,7 @@ impl Replier {
                 target: Target::Node(requester.clone()),
                 service: Arc::from(service),
                 kind,
+                priority,
             }),
             body,
         };

@@ -13,7 +13,7 @@ use cluster_manager::path::{self, Fallback};
 use cluster_manager::{Awaiting, Completion, SendError};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use transports::protocol::{Header, MessageKind, NodeId, Target, TargetRef};
+use transports::protocol::{Header, MessageKind, NodeId, Priority, Target, TargetRef};
 use transports::{Lane, OutFrame, PushError, Wait};
 
 use crate::channels::DirectConn;
@@ -73,6 +73,7 @@ struct OneByOne<'a> {
     incarnation: u64,
     service: &'a str,
     kind: MessageKind,
+    priority: Priority,
     body: Bytes,
 }
 
@@ -249,10 +250,12 @@ impl Runtime {
         service: &str,
         body: Bytes,
         kind: MessageKind,
+        priority: Option<Priority>,
         awaiting: Awaiting,
         timeout: Duration,
     ) -> Result<Pending, SendError> {
         let deadline = Instant::now() + timeout;
+        let priority = priority.unwrap_or_else(|| self.config.service_priority(service));
         let numbered = self
             .start_send(&target, service, &body, Some(deadline), true)
             .await?;
@@ -302,6 +305,7 @@ impl Runtime {
                 // queued: its acknowledgement may come back at once.
                 let resend = Resend {
                     kind,
+                    priority,
                     body: body.clone(),
                 };
                 let (seq, incarnation) = {
@@ -314,11 +318,18 @@ impl Runtime {
                 let pending = self.pending(seq, deadline, timeout, rx, permit);
                 // Usually queued at once, its header encoded from the names
                 // in place; otherwise as a frame, waiting for room.
-                let header =
-                    self.message_ref(seq, incarnation, TargetRef::from(&target), &service, kind);
+                let header = self.message_ref(
+                    seq,
+                    incarnation,
+                    TargetRef::from(&target),
+                    &service,
+                    kind,
+                    priority,
+                );
                 if !self.server.queue.try_push_message(&header, &body) {
                     // (A clone: the share is noted by the target below.)
-                    let header = self.header(seq, incarnation, target.clone(), service, kind);
+                    let header =
+                        self.header(seq, incarnation, target.clone(), service, kind, priority);
                     let frame = OutFrame::Parts {
                         header: Header::Message(header),
                         body,
@@ -340,6 +351,7 @@ impl Runtime {
                     incarnation,
                     service: &service,
                     kind,
+                    priority,
                     body,
                 };
                 Box::pin(self.push_direct(conn, &msg, true, Some(deadline))).await?;
@@ -357,6 +369,7 @@ impl Runtime {
                     incarnation,
                     service: &service,
                     kind,
+                    priority,
                     body,
                 };
                 for member in &members {
@@ -513,7 +526,9 @@ impl Runtime {
         service: &str,
         body: Bytes,
         deadline: Option<Instant>,
+        priority: Option<Priority>,
     ) -> Result<(), SendError> {
+        let priority = priority.unwrap_or_else(|| self.config.service_priority(service));
         let Numbered {
             route,
             seq,
@@ -528,6 +543,7 @@ impl Runtime {
             incarnation,
             service,
             kind: MessageKind::Notify,
+            priority,
             body,
         };
         match route {
@@ -543,8 +559,14 @@ impl Runtime {
                     service,
                 };
                 self.fair_turn(turn, deadline).await?;
-                let header =
-                    self.message_ref(seq, incarnation, target_ref, service, MessageKind::Notify);
+                let header = self.message_ref(
+                    seq,
+                    incarnation,
+                    target_ref,
+                    service,
+                    MessageKind::Notify,
+                    priority,
+                );
                 if !self.server.queue.try_push_message(&header, &body) {
                     let service = self.service_name(service);
                     let frame = self.message(
@@ -553,6 +575,7 @@ impl Runtime {
                         target.clone(),
                         service,
                         MessageKind::Notify,
+                        priority,
                         body,
                     );
                     let deadline = deadline.unwrap_or_else(|| self.deadline());
@@ -606,6 +629,7 @@ impl Runtime {
             incarnation,
             service,
             kind: MessageKind::Notify,
+            priority: self.config.service_priority(service),
             body,
         };
         self.push_direct(conn, &msg, false, None).await
@@ -619,6 +643,7 @@ impl Runtime {
             Target::Node(node.clone()),
             self.service_name(msg.service),
             msg.kind,
+            msg.priority,
             msg.body.clone(),
         )
     }
@@ -686,7 +711,14 @@ impl Runtime {
             // Room at once, usually: the header encoded from the names in
             // place, no frame built, no timer, no waiting future.
             let target = TargetRef::Node(peer.as_str());
-            let header = self.message_ref(msg.seq, msg.incarnation, target, msg.service, msg.kind);
+            let header = self.message_ref(
+                msg.seq,
+                msg.incarnation,
+                target,
+                msg.service,
+                msg.kind,
+                msg.priority,
+            );
             let queued = if conn.queue.try_push_message(&header, &msg.body) {
                 Ok(())
             } else {

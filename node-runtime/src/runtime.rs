@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use transports::protocol::{
     Header, Hello, Interests, MemberEvent, MemberInfo, MessageHeader, MessageKind, MessageRef,
-    NodeId, Routed, Target, TargetRef,
+    NodeId, Priority, Routed, Target, TargetRef,
 };
 use transports::{Lane, OutFrame, OutQueue, Wait};
 
@@ -300,6 +300,7 @@ impl Runtime {
         target: TargetRef<'a>,
         service: &'a str,
         kind: MessageKind,
+        priority: Priority,
     ) -> MessageRef<'a> {
         MessageRef {
             sender: self.id.as_str(),
@@ -308,6 +309,7 @@ impl Runtime {
             target,
             service,
             kind,
+            priority,
         }
     }
 
@@ -318,6 +320,7 @@ impl Runtime {
         target: Target,
         service: Arc<str>,
         kind: MessageKind,
+        priority: Priority,
     ) -> MessageHeader {
         MessageHeader {
             sender: self.id.clone(),
@@ -326,6 +329,7 @@ impl Runtime {
             target,
             service,
             kind,
+            priority,
         }
     }
 
@@ -336,10 +340,11 @@ impl Runtime {
         target: Target,
         service: Arc<str>,
         kind: MessageKind,
+        priority: Priority,
         body: Bytes,
     ) -> OutFrame {
         OutFrame::Parts {
-            header: Header::Message(self.header(seq, incarnation, target, service, kind)),
+            header: Header::Message(self.header(seq, incarnation, target, service, kind, priority)),
             body,
         }
     }

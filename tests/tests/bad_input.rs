@@ -128,6 +128,7 @@ async fn bad_clients_are_cut_off_and_good_nodes_keep_working() -> anyhow::Result
                 target: Target::Node("good-b".into()),
                 service: "svc".into(),
                 kind: MessageKind::Send,
+                priority: transports::protocol::Priority::Normal,
             }),
             body: bytes::Bytes::from_static(b"sneaky"),
         })?;

@@ -331,6 +331,7 @@ async fn a_non_member_cannot_open_a_direct_channel() -> anyhow::Result<()> {
             target: transports::protocol::Target::Node(NodeId::new("b")),
             service: "svc".into(),
             kind: transports::protocol::MessageKind::Send,
+            priority: transports::protocol::Priority::Normal,
         }),
         body: bytes::Bytes::from_static(b"as if from a member"),
     };
@@ -420,6 +421,7 @@ async fn a_member_cannot_be_impersonated_on_a_direct_port() -> anyhow::Result<()
                 target: transports::protocol::Target::Node(NodeId::new("b")),
                 service: "svc".into(),
                 kind: transports::protocol::MessageKind::Send,
+                priority: transports::protocol::Priority::Normal,
             }),
             body: bytes::Bytes::from_static(b"forged"),
         };

@@ -483,6 +483,7 @@ async fn a_sender_ignoring_busy_parks_no_more_than_its_bound() -> anyhow::Result
                             target: Target::Node(receiver.into()),
                             service: "svc".into(),
                             kind: MessageKind::Send,
+                            priority: transports::protocol::Priority::Normal,
                         }),
                         body: body.clone(),
                     },

@@ -15,7 +15,7 @@ use smol_str::SmolStr;
 
 /// The protocol version this build speaks. Peers with another version are
 /// refused at the handshake with [`RefusalReason::VersionMismatch`].
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Bytes of a handshake nonce.
 pub const NONCE_BYTES: usize = 16;
@@ -434,6 +434,65 @@ impl MessageKind {
     }
 }
 
+/// How urgent a message is. Every hop (the sender's queue, the message
+/// server's queue to each receiver, every direct channel) keeps one queue
+/// per priority, and its writer takes the most urgent non-empty one first,
+/// with a bounded share for the others so that none starves. The
+/// protocol's own frames (acknowledgements, membership, pings) go before
+/// all of them. Order holds per sender, receiver, priority and path.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// Before everything else.
+    Express,
+    /// Before normal traffic.
+    High,
+    /// The default.
+    #[default]
+    Normal,
+    /// After everything else (within its bounded share).
+    Low,
+}
+
+impl Priority {
+    /// Every priority, most urgent first.
+    pub const ALL: [Priority; 4] = [
+        Priority::Express,
+        Priority::High,
+        Priority::Normal,
+        Priority::Low,
+    ];
+
+    /// Its place in [`Priority::ALL`] (0: most urgent), which is also its
+    /// wire value.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The priority whose wire value is `index`.
+    pub fn from_index(index: usize) -> Option<Priority> {
+        Priority::ALL.get(index).copied()
+    }
+
+    /// Its name, as the configuration spells it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Priority::Express => "express",
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+}
+
+impl fmt::Display for Priority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Header of a message frame; the body follows raw.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MessageHeader {
@@ -449,6 +508,8 @@ pub struct MessageHeader {
     pub service: Arc<str>,
     /// How the receiver treats it.
     pub kind: MessageKind,
+    /// Which queue it takes on every hop.
+    pub priority: Priority,
 }
 
 /// A [`Target`] read in place from a received frame: names borrowed, not
@@ -518,6 +579,8 @@ pub struct MessageRef<'a> {
     pub service: &'a str,
     /// How the receiver treats it.
     pub kind: MessageKind,
+    /// Which queue it takes on every hop.
+    pub priority: Priority,
 }
 
 impl<'a> From<&'a MessageHeader> for MessageRef<'a> {
@@ -529,6 +592,7 @@ impl<'a> From<&'a MessageHeader> for MessageRef<'a> {
             target: TargetRef::from(&h.target),
             service: &h.service,
             kind: h.kind,
+            priority: h.priority,
         }
     }
 }

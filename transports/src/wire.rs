@@ -16,7 +16,7 @@ use postcard::Error;
 
 #[cfg(feature = "io")]
 use crate::protocol::MESSAGE_TAG;
-use crate::protocol::{MessageKind, MessageRef, TargetRef};
+use crate::protocol::{MessageKind, MessageRef, Priority, TargetRef};
 
 /// Most bytes a `u64` varint takes.
 const MAX_VARINT_U64: usize = 10;
@@ -112,6 +112,7 @@ pub(crate) fn encode_message(h: &MessageRef<'_>, out: &mut [u8]) -> Option<usize
             }
         }
     }
+    w.varint(h.priority.index() as u64)?;
     Some(w.len)
 }
 
@@ -307,6 +308,7 @@ pub(crate) fn decode_message_with<'a>(
         },
         _ => return Err(Error::SerdeDeCustom),
     };
+    let priority = Priority::from_index(r.variant()? as usize).ok_or(Error::SerdeDeCustom)?;
     let header = MessageRef {
         sender,
         incarnation,
@@ -314,6 +316,7 @@ pub(crate) fn decode_message_with<'a>(
         target,
         service,
         kind,
+        priority,
     };
     Ok((header, r.pos))
 }
@@ -403,6 +406,7 @@ mod tests {
             target,
             service: name(rng),
             kind,
+            priority: Priority::ALL[rng.number() as usize % Priority::ALL.len()],
         }
     }
 
@@ -509,6 +513,7 @@ mod tests {
             target: TargetRef::Node("ünïcødé"),
             service: "web",
             kind: MessageKind::Send,
+            priority: Priority::High,
         };
         let n = encode_message(&h, &mut buf).expect("fits");
         for _ in 0..3 {

@@ -212,15 +212,17 @@ fn message_header() -> impl Strategy<Value = MessageHeader> {
         target(),
         text(),
         message_kind(),
+        0..transports::protocol::Priority::ALL.len(),
     )
         .prop_map(
-            |(sender, incarnation, seq, target, service, kind)| MessageHeader {
+            |(sender, incarnation, seq, target, service, kind, priority)| MessageHeader {
                 sender,
                 incarnation,
                 seq,
                 target,
                 service: Arc::from(service),
                 kind,
+                priority: transports::protocol::Priority::ALL[priority],
             },
         )
 }
@@ -811,6 +813,7 @@ fn peek_tags_match_the_header_variants() {
         target: Target::All,
         service: Arc::from("svc"),
         kind: MessageKind::Notify,
+        priority: transports::protocol::Priority::Normal,
     });
     let ack = Header::Ack(Ack {
         to: NodeId::new("a"),

@@ -1680,7 +1680,9 @@ mod tests {
     /// is full, when someone waits, or when its body is not small.
     #[tokio::test(flavor = "current_thread")]
     async fn a_message_by_reference_stages_the_same_bytes() {
-        use crate::protocol::{MessageHeader, MessageKind, MessageRef, NodeId, Target, TargetRef};
+        use crate::protocol::{
+            MessageHeader, MessageKind, MessageRef, NodeId, Priority, Target, TargetRef,
+        };
         let target = Target::Node(NodeId::new("b"));
         let body = Bytes::from_static(b"hello");
         let by_ref = MessageRef {
@@ -1690,6 +1692,7 @@ mod tests {
             target: TargetRef::from(&target),
             service: "svc",
             kind: MessageKind::Notify,
+            priority: Priority::Low,
         };
         let owned = OutFrame::Parts {
             header: Header::Message(MessageHeader {
@@ -1699,6 +1702,7 @@ mod tests {
                 target: target.clone(),
                 service: Arc::from("svc"),
                 kind: MessageKind::Notify,
+                priority: Priority::Low,
             }),
             body: body.clone(),
         };
@@ -1815,7 +1819,7 @@ mod stress {
     use super::*;
     use crate::frame::{encode_header, FrameCodec};
     use crate::io::{write_queue, FrameReader, WriteEnd};
-    use crate::protocol::{Header, MessageKind, TargetRef};
+    use crate::protocol::{Header, MessageKind, Priority, TargetRef};
 
     const PUSHERS: u64 = 8;
     const FRAMES_EACH: u64 = 2500;
@@ -1944,6 +1948,7 @@ mod stress {
                         target: TargetRef::from(&target),
                         service: "svc",
                         kind: MessageKind::Notify,
+                        priority: Priority::Normal,
                     };
                     q.try_push_message(&header, &body(token, len))
                 }
