@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use transports::protocol::{NodeId, Priority};
 
 use crate::busy::BusyWatch;
-use crate::reply::Replier;
+use crate::reply::{Asked, Replier};
 use crate::services::AckToken;
 use crate::SendError;
 use transports::protocol::{AckStatus, DeliveryFailure};
@@ -71,6 +71,17 @@ impl Message {
         }
     }
 
+    /// The request this message is, as an answer names it.
+    fn asked(&self) -> Asked<'_> {
+        Asked {
+            requester: &self.sender,
+            incarnation: self.sender_incarnation,
+            seq: self.seq,
+            service: &self.service,
+            priority: self.priority,
+        }
+    }
+
     fn replier(&self) -> Option<&Arc<Replier>> {
         self.answering.as_ref().and_then(|a| a.replier.as_ref())
     }
@@ -83,13 +94,7 @@ impl Drop for Message {
             return;
         }
         if let Some(replier) = &a.replier {
-            replier.no_reply_now(
-                &self.sender,
-                self.sender_incarnation,
-                self.seq,
-                &self.service,
-                self.priority,
-            );
+            replier.no_reply_now(&self.asked());
         }
     }
 }
@@ -164,16 +169,7 @@ impl Message {
             return Err(SendError::NotARequest);
         };
         a.replied.store(true, Ordering::Relaxed);
-        replier
-            .send(
-                &self.sender,
-                self.sender_incarnation,
-                self.seq,
-                &self.service,
-                self.priority,
-                body.into(),
-            )
-            .await
+        replier.send(&self.asked(), body.into()).await
     }
 
     /// Acknowledges the message as processed, for a service subscribed
@@ -217,15 +213,7 @@ impl Message {
         };
         a.replied.store(true, Ordering::Relaxed);
         replier
-            .send_error(
-                &self.sender,
-                self.sender_incarnation,
-                self.seq,
-                &self.service,
-                self.priority,
-                Some(code),
-                Bytes::from(text.into()),
-            )
+            .send_error(&self.asked(), Some(code), Bytes::from(text.into()))
             .await
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cluster_config::Config;
-use cluster_manager::{Awaiting, Completion, DeliveryReport, SendError};
+use cluster_manager::{Completion, DeliveryReport, SendError};
 use tokio::sync::{mpsc, oneshot};
 use transports::protocol::{Header, MemberInfo, MessageKind, NodeId, Target};
 use transports::{Lane, OutFrame, Wait};
@@ -423,7 +423,6 @@ impl Node {
                 body.into(),
                 MessageKind::Send,
                 options.given_priority(),
-                Awaiting::Acks,
                 timeout,
             )
             .await
@@ -543,7 +542,6 @@ impl Node {
                 body.into(),
                 MessageKind::Request,
                 options.given_priority(),
-                Awaiting::Reply,
                 timeout,
             )
             .await

@@ -16,6 +16,21 @@ use transports::{Lane, OutFrame, PushError, Wait};
 use crate::core::CoreCell;
 use crate::server::ServerLink;
 
+/// The request an answer is for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Asked<'a> {
+    /// Who sent it.
+    pub(crate) requester: &'a NodeId,
+    /// The requester's incarnation.
+    pub(crate) incarnation: u64,
+    /// Its number.
+    pub(crate) seq: u64,
+    /// Its service.
+    pub(crate) service: &'a str,
+    /// Its priority, which the answer takes.
+    pub(crate) priority: Priority,
+}
+
 /// What a delivered request keeps to answer it: the parts a reply needs,
 /// held weakly, so that a message the application keeps does not keep its
 /// node alive.
@@ -42,87 +57,65 @@ impl Replier {
         }
     }
 
-    /// Sends `body` as the reply to request `request_seq` of
-    /// `requester`'s `requester_incarnation`, at the request's `priority`.
+    /// Sends `body` as the reply to `request`.
     ///
     /// # Errors
     ///
     /// `PayloadTooLarge`, `Timeout`, `Disconnected`; `Shutdown` if the
     /// node stopped.
-    pub(crate) async fn send(
-        &self,
-        requester: &NodeId,
-        requester_incarnation: u64,
-        request_seq: u64,
-        service: &str,
-        priority: Priority,
-        body: Bytes,
-    ) -> Result<(), SendError> {
+    pub(crate) async fn send(&self, request: &Asked<'_>, body: Bytes) -> Result<(), SendError> {
         let kind = MessageKind::Reply {
-            request_seq,
-            requester_incarnation,
+            request_seq: request.seq,
+            requester_incarnation: request.incarnation,
         };
-        self.answer(requester, kind, service, priority, body).await
+        self.answer(request, kind, body).await
     }
 
     /// Sends an error answer (`code`, or `None`: dropped without a reply)
-    /// with `text` to request `request_seq` of `requester`'s
-    /// `requester_incarnation`.
+    /// with `text` to `request`.
     ///
     /// # Errors
     ///
     /// As [`Replier::send`].
     pub(crate) async fn send_error(
         &self,
-        requester: &NodeId,
-        requester_incarnation: u64,
-        request_seq: u64,
-        service: &str,
-        priority: Priority,
+        request: &Asked<'_>,
         code: Option<u32>,
         text: Bytes,
     ) -> Result<(), SendError> {
         let kind = MessageKind::ReplyError {
-            request_seq,
-            requester_incarnation,
+            request_seq: request.seq,
+            requester_incarnation: request.incarnation,
             code,
         };
-        self.answer(requester, kind, service, priority, text).await
+        self.answer(request, kind, text).await
     }
 
-    /// Tells `requester` that its request `request_seq` was dropped without
-    /// a reply, without waiting: if the link's queue has no room now, the
+    /// Tells the requester that its `request` was dropped without a reply,
+    /// without waiting: if the link's queue has no room now, the
     /// requester's own timeout ends its wait instead.
-    pub(crate) fn no_reply_now(
-        &self,
-        requester: &NodeId,
-        requester_incarnation: u64,
-        request_seq: u64,
-        service: &str,
-        priority: Priority,
-    ) {
+    pub(crate) fn no_reply_now(&self, request: &Asked<'_>) {
         let (Some(core), Some(server)) = (self.core.upgrade(), self.server.upgrade()) else {
             return;
         };
         let kind = MessageKind::ReplyError {
-            request_seq,
-            requester_incarnation,
+            request_seq: request.seq,
+            requester_incarnation: request.incarnation,
             code: None,
         };
-        let header = self.header(&core, requester, service, kind, priority);
+        let (requester, request_seq) = (request.requester, request.seq);
+        let header = self.header(&core, request, kind);
         if !server.queue.try_push_message(&header, &Bytes::new()) {
             tracing::debug!(%requester, request_seq, "no room to say a request was dropped; the requester times out");
         }
     }
 
-    /// The header of an answer of `kind` to `requester`, numbered now.
+    /// The header of an answer of `kind` to `request`, numbered now.
     fn header<'a>(
         &'a self,
         core: &CoreCell,
-        requester: &'a NodeId,
-        service: &'a str,
+        request: &Asked<'a>,
         kind: MessageKind,
-        priority: Priority,
     ) -> MessageRef<'a> {
         let (seq, incarnation) = {
             let mut core = core.lock();
@@ -132,20 +125,18 @@ impl Replier {
             sender: self.id.as_str(),
             incarnation,
             seq,
-            target: TargetRef::Node(requester.as_str()),
-            service,
+            target: TargetRef::Node(request.requester.as_str()),
+            service: request.service,
             kind,
-            priority,
+            priority: request.priority,
         }
     }
 
-    /// Sends an answer of `kind` to `requester`.
+    /// Sends an answer of `kind` to `request`'s requester.
     async fn answer(
         &self,
-        requester: &NodeId,
+        request: &Asked<'_>,
         kind: MessageKind,
-        service: &str,
-        priority: Priority,
         body: Bytes,
     ) -> Result<(), SendError> {
         let (Some(core), Some(server)) = (self.core.upgrade(), self.server.upgrade()) else {
@@ -155,7 +146,7 @@ impl Replier {
         let deadline = Instant::now() + self.config.send_timeout();
         // Usually queued at once, its header encoded from the names in
         // place; otherwise as a frame, waiting for room.
-        let header = self.header(&core, requester, service, kind, priority);
+        let header = self.header(&core, request, kind);
         let (seq, incarnation) = (header.seq, header.incarnation);
         if server.queue.try_push_message(&header, &body) {
             return Ok(());
@@ -165,10 +156,10 @@ impl Replier {
                 sender: self.id.clone(),
                 incarnation,
                 seq,
-                target: Target::Node(requester.clone()),
-                service: Arc::from(service),
+                target: Target::Node(request.requester.clone()),
+                service: Arc::from(request.service),
                 kind,
-                priority,
+                priority: request.priority,
             }),
             body,
         };

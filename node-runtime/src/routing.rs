@@ -251,10 +251,16 @@ impl Runtime {
         body: Bytes,
         kind: MessageKind,
         priority: Option<Priority>,
-        awaiting: Awaiting,
         timeout: Duration,
     ) -> Result<Pending, SendError> {
         let deadline = Instant::now() + timeout;
+        // A request awaits its reply, every other message its
+        // acknowledgements.
+        let awaiting = if kind == MessageKind::Request {
+            Awaiting::Reply
+        } else {
+            Awaiting::Acks
+        };
         let priority = priority.unwrap_or_else(|| self.config.service_priority(service));
         let numbered = self
             .start_send(&target, service, &body, Some(deadline), true)
@@ -569,15 +575,18 @@ impl Runtime {
                 );
                 if !self.server.queue.try_push_message(&header, &body) {
                     let service = self.service_name(service);
-                    let frame = self.message(
+                    let header = self.header(
                         seq,
                         incarnation,
                         target.clone(),
                         service,
                         MessageKind::Notify,
                         priority,
-                        body,
                     );
+                    let frame = OutFrame::Parts {
+                        header: Header::Message(header),
+                        body,
+                    };
                     let deadline = deadline.unwrap_or_else(|| self.deadline());
                     self.enqueue(frame, deadline).await?;
                 }
@@ -637,15 +646,18 @@ impl Runtime {
 
     /// `msg` as a frame of its own, addressed to `node`.
     fn frame_to(&self, node: &NodeId, msg: &OneByOne<'_>) -> OutFrame {
-        self.message(
+        let header = self.header(
             msg.seq,
             msg.incarnation,
             Target::Node(node.clone()),
             self.service_name(msg.service),
             msg.kind,
             msg.priority,
-            msg.body.clone(),
-        )
+        );
+        OutFrame::Parts {
+            header: Header::Message(header),
+            body: msg.body.clone(),
+        }
     }
 
     /// Sends one fan-out copy to `member`: over its lazy channel, or through

@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use cluster_config::Config;
 use cluster_manager::core::{CoreConfig, Event, NodeCore, Transmit};
 use cluster_manager::link::LinkPolicy;
@@ -330,22 +329,6 @@ impl Runtime {
             service,
             kind,
             priority,
-        }
-    }
-
-    pub(crate) fn message(
-        &self,
-        seq: u64,
-        incarnation: u64,
-        target: Target,
-        service: Arc<str>,
-        kind: MessageKind,
-        priority: Priority,
-        body: Bytes,
-    ) -> OutFrame {
-        OutFrame::Parts {
-            header: Header::Message(self.header(seq, incarnation, target, service, kind, priority)),
-            body,
         }
     }
 
