@@ -1088,11 +1088,13 @@ impl Connection {
                     // own, made once for all receivers.
                     let pushed = if behind {
                         Err(None)
-                    } else if queue.try_push_raw(raw, Some(&mut *wakes)) {
+                    } else if queue.try_push_raw(raw, h.priority, Some(&mut *wakes)) {
                         Ok(())
                     } else {
                         let own = owned.get_or_insert_with(|| raw.to_bytes()).clone();
-                        queue.try_push(OutFrame::Raw(own), Lane::Data).map_err(Some)
+                        queue
+                            .try_push_at(OutFrame::Raw(own), h.priority)
+                            .map_err(Some)
                     };
                     // A queue full for a moment (its writer about to take
                     // the next batch) has room again within
@@ -1112,7 +1114,7 @@ impl Connection {
                             });
                             let own = owned.get_or_insert_with(|| raw.to_bytes()).clone();
                             queue
-                                .push(OutFrame::Raw(own), Lane::Data, Wait::Until(until))
+                                .push_at(OutFrame::Raw(own), h.priority, Wait::Until(until))
                                 .await
                                 .map_err(Some)
                         }
@@ -1144,7 +1146,7 @@ impl Connection {
                                 &queue,
                                 &c.session,
                                 own,
-                                h.seq,
+                                (h.seq, h.priority),
                             );
                             if parked == Ok(true) {
                                 // A new line: busy now for this sender,
@@ -1212,6 +1214,7 @@ impl Connection {
                 raw: Bytes::copy_from_slice(raw),
                 sender: self.me.clone(),
                 seq: h.seq,
+                priority: h.priority,
             };
             if hold(&self.shared, &target, held).is_err() {
                 Counters::add(&counters.route_failures, 1);

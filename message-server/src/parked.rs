@@ -46,8 +46,8 @@ use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
 use transports::io::Budget;
-use transports::protocol::{DeliveryFailure, NodeId};
-use transports::{Lane, OutFrame, OutQueue, PushError, Wait};
+use transports::protocol::{DeliveryFailure, NodeId, Priority};
+use transports::{OutFrame, OutQueue, PushError, Wait};
 
 use crate::server::Session;
 
@@ -90,6 +90,8 @@ pub(crate) struct Progress {
 struct Waiting {
     raw: Bytes,
     seq: u64,
+    /// The class it goes in.
+    priority: Priority,
     /// When it is refused if it has not found room.
     deadline: Instant,
 }
@@ -121,6 +123,9 @@ struct Line {
     /// Bytes the receiver's writer had written when the head's push began:
     /// none since, and it reads nothing at all.
     written: u64,
+    /// The priority of the message parked last: the class whose queue the
+    /// line's drain waits on.
+    priority: Priority,
 }
 
 /// How a line's wait ended.
@@ -232,7 +237,7 @@ impl Parked {
             .position(|l| l.incarnation == incarnation && l.receiver == *receiver)
     }
 
-    /// Parks `raw` (message `seq`) for `receiver`, whose queue is full or
+    /// Parks `raw` (message `seq`, of `priority`) for `receiver`, whose queue is full or
     /// who has messages parked already. Whether this began the receiver's
     /// line (it is busy now for this sender: the caller tells it).
     ///
@@ -249,11 +254,12 @@ impl Parked {
         queue: &OutQueue,
         session: &Arc<Session>,
         raw: Bytes,
-        seq: u64,
+        (seq, priority): (u64, Priority),
     ) -> Result<bool, DeliveryFailure> {
         let waiting = Waiting {
             raw,
             seq,
+            priority,
             deadline: Instant::now() + self.charges.limits.wait,
         };
         let charge = waiting.charge();
@@ -290,12 +296,14 @@ impl Parked {
                     bytes: 0,
                     pushing: false,
                     written: 0,
+                    priority,
                 });
                 (self.lines.len() - 1, first)
             }
         };
         let line = &mut self.lines[index];
         line.bytes += charge;
+        line.priority = priority;
         line.waiting.push_back(waiting);
         if !line.pushing {
             Self::start_push(line, pushes(&mut self.pushes));
@@ -313,10 +321,11 @@ impl Parked {
         let receiver = line.receiver.clone();
         let incarnation = line.incarnation;
         let queue = line.queue.clone();
-        let half = queue.queued_frames() / 2;
+        let priority = line.priority;
+        let half = queue.queued_at(priority) / 2;
         pushes.push(Box::pin(async move {
             tokio::time::sleep_until(until).await;
-            queue.taken_down_to(half).await;
+            queue.taken_down_to(priority, half).await;
             Pushed {
                 receiver,
                 incarnation,
@@ -342,12 +351,12 @@ impl Parked {
         line.written = line.queue.written_bytes();
         let queue = line.queue.clone();
         let raw = head.raw.clone();
-        let deadline = head.deadline;
+        let (deadline, priority) = (head.deadline, head.priority);
         let receiver = line.receiver.clone();
         let incarnation = line.incarnation;
         pushes.push(Box::pin(async move {
             let result = queue
-                .push(OutFrame::Raw(raw), Lane::Data, Wait::Until(deadline))
+                .push_at(OutFrame::Raw(raw), priority, Wait::Until(deadline))
                 .await;
             Pushed {
                 receiver,
@@ -444,7 +453,7 @@ impl Parked {
         // The rest, as far as the room goes without waiting.
         while let Some(next) = line.waiting.front() {
             let frame = OutFrame::Raw(next.raw.clone());
-            let failure = match line.queue.try_push(frame, Lane::Data) {
+            let failure = match line.queue.try_push_at(frame, next.priority) {
                 Ok(()) => None,
                 Err(PushError::Closed(_)) => Some(DeliveryFailure::TargetStopped),
                 Err(PushError::Full(_) | PushError::Congested) => {
@@ -493,7 +502,7 @@ impl Parked {
                 if !full
                     && line
                         .queue
-                        .try_push(OutFrame::Raw(waiting.raw), Lane::Data)
+                        .try_push_at(OutFrame::Raw(waiting.raw), waiting.priority)
                         .is_ok()
                 {
                     delivered += 1;

@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use transports::protocol::{
-    DeliveryFailure, Header, LeaveReason, MemberEvent, MemberInfo, NodeId, Routed, SessionSecret,
-    Welcome, PROTOCOL_VERSION,
+    DeliveryFailure, Header, LeaveReason, MemberEvent, MemberInfo, NodeId, Priority, Routed,
+    SessionSecret, Welcome, PROTOCOL_VERSION,
 };
 use transports::{Lane, OutFrame, OutQueue, PushError};
 
@@ -32,6 +32,8 @@ pub(crate) struct Held {
     pub(crate) raw: Bytes,
     pub(crate) sender: NodeId,
     pub(crate) seq: u64,
+    /// Its priority (the class it is queued in).
+    pub(crate) priority: Priority,
 }
 
 /// Messages held per target, and in all.
@@ -129,7 +131,7 @@ pub(crate) fn register(shared: &Shared, registration: Registration<'_>) -> Resul
     let held = state.held.by_target.remove(&me.id).unwrap_or_default();
     for h in held {
         state.held.bytes -= h.raw.len();
-        if queue.try_push(OutFrame::Raw(h.raw), Lane::Data).is_err() {
+        if queue.try_push_at(OutFrame::Raw(h.raw), h.priority).is_err() {
             tracing::error!(node = %me.id, sender = %h.sender, seq = h.seq, "held message did not fit the new queue");
         }
     }
@@ -274,7 +276,7 @@ pub(crate) fn hold(shared: &Shared, target: &NodeId, held: Held) -> Result<(), H
     if let Some(conn) = state.conns.get(target) {
         return match conn
             .queue
-            .try_push(OutFrame::Raw(held.raw.clone()), Lane::Data)
+            .try_push_at(OutFrame::Raw(held.raw.clone()), held.priority)
         {
             Ok(()) => Ok(()),
             Err(_) => Err(held),

@@ -153,10 +153,14 @@ fn end_done(running: &mut Vec<Running>, now_ms: u64) {
             dropped: r.dropped,
             reason: reason.to_owned(),
         };
-        if r.queue
-            .try_push(OutFrame::control(end), Lane::Control)
-            .is_err()
-        {
+        // Behind the captures (in their class), so that the tracer reads
+        // every capture before the end; ahead of them only if their class
+        // is full.
+        let pushed = match r.queue.try_push(OutFrame::control(end), Lane::Data) {
+            Err(transports::PushError::Full(end)) => r.queue.try_push(*end, Lane::Control),
+            other => other,
+        };
+        if pushed.is_err() {
             tracing::debug!(tracer = %r.tracer, "no room for the end of a trace");
         }
         false

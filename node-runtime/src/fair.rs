@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use rustc_hash::FxHasher;
 use tokio::time::Instant;
-use transports::protocol::TargetRef;
+use transports::protocol::{Priority, TargetRef};
 use transports::OutQueue;
 
 /// Targets remembered before the positions already taken are
@@ -46,9 +46,11 @@ pub(crate) struct FairShare {
 struct TargetKey(u64);
 
 impl TargetKey {
-    /// The key of `target`.
-    fn of(target: TargetRef<'_>) -> TargetKey {
+    /// The key of `target`'s messages of `priority` (each priority has a
+    /// queue of its own, and so a share of its own).
+    fn of(target: TargetRef<'_>, priority: Priority) -> TargetKey {
         let mut h = FxHasher::default();
+        priority.hash(&mut h);
         match target {
             TargetRef::Node(id) => (0u8, id).hash(&mut h),
             TargetRef::Group(g) => (1u8, g).hash(&mut h),
@@ -74,12 +76,12 @@ impl FairShare {
 
     /// How far the writer must get before `key` is within its share, if
     /// it is over it now.
-    fn over(&self, queue: &OutQueue, target: TargetRef<'_>) -> Option<u64> {
-        let (queued, taken) = queue.positions();
+    fn over(&self, queue: &OutQueue, target: TargetRef<'_>, priority: Priority) -> Option<u64> {
+        let (queued, taken) = queue.positions(priority);
         if queued - taken <= self.share {
             return None;
         }
-        let key = TargetKey::of(target);
+        let key = TargetKey::of(target, priority);
         let last = *self
             .last
             .lock()
@@ -92,9 +94,15 @@ impl FairShare {
     /// it is, its message of `len` bytes takes its place at once (under
     /// the lock), so that of many senders woken together only as many go
     /// as the share has room for, and the others wait again.
-    fn enter(&self, queue: &OutQueue, key: TargetKey, len: u64) -> Result<(), u64> {
+    fn enter(
+        &self,
+        queue: &OutQueue,
+        key: TargetKey,
+        priority: Priority,
+        len: u64,
+    ) -> Result<(), u64> {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let (queued, taken) = queue.positions();
+        let (queued, taken) = queue.positions(priority);
         let mine = last.entry(key.0).or_insert(0);
         if *mine > taken + self.share {
             return Err(*mine - self.share);
@@ -103,8 +111,8 @@ impl FairShare {
         Ok(())
     }
 
-    /// Waits until `target` is within its share of `queue` for a message of
-    /// `len` payload bytes, at most until `deadline` (`None`: for
+    /// Waits until `target` is within its share of `queue`'s `priority`
+    /// for a message of `len` payload bytes, at most until `deadline` (`None`: for
     /// `timeout` from when it starts waiting; the clock is read only
     /// then). Whether it waited.
     ///
@@ -115,26 +123,27 @@ impl FairShare {
         &self,
         queue: &OutQueue,
         target: TargetRef<'_>,
+        priority: Priority,
         len: usize,
         deadline: Option<Instant>,
         timeout: Duration,
     ) -> Result<bool, ShareTimeout> {
-        let Some(mut position) = self.over(queue, target) else {
+        let Some(mut position) = self.over(queue, target, priority) else {
             return Ok(false);
         };
-        let key = TargetKey::of(target);
+        let key = TargetKey::of(target, priority);
         let deadline = deadline.unwrap_or_else(|| Instant::now() + timeout);
         // Boxed: rare, and every send's future would grow otherwise.
         Box::pin(async {
             loop {
-                tokio::time::timeout_at(deadline, queue.taken_up_to(position))
+                tokio::time::timeout_at(deadline, queue.taken_up_to(priority, position))
                     .await
                     .map_err(|_| ShareTimeout)?;
                 if queue.is_closed() {
                     // The send itself reports the closed queue.
                     return Ok(true);
                 }
-                match self.enter(queue, key, len as u64) {
+                match self.enter(queue, key, priority, len as u64) {
                     Err(next) => position = next,
                     Ok(()) => return Ok(true),
                 }
@@ -143,13 +152,13 @@ impl FairShare {
         .await
     }
 
-    /// Notes that a message to `target` was just queued.
-    pub(crate) fn queued(&self, queue: &OutQueue, target: TargetRef<'_>) {
-        let (queued, taken) = queue.positions();
+    /// Notes that a message to `target` of `priority` was just queued.
+    pub(crate) fn queued(&self, queue: &OutQueue, target: TargetRef<'_>, priority: Priority) {
+        let (queued, taken) = queue.positions(priority);
         if queued - taken <= self.share {
             return;
         }
-        let key = TargetKey::of(target);
+        let key = TargetKey::of(target, priority);
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         if last.len() >= PRUNE_AT {
             last.retain(|_, position| *position > taken);
@@ -175,18 +184,25 @@ mod tests {
         let fair = FairShare::new(1000);
         let flood = TargetRef::Node("flood");
         let other = TargetRef::Node("other");
-        assert_ne!(TargetKey::of(flood), TargetKey::of(other));
+        let normal = Priority::Normal;
+        assert_ne!(TargetKey::of(flood, normal), TargetKey::of(other, normal));
+        assert_ne!(
+            TargetKey::of(flood, normal),
+            TargetKey::of(flood, Priority::Express)
+        );
         // Within the share: nothing is over, nothing recorded.
         for _ in 0..3 {
-            assert!(fair.over(&queue, flood).is_none());
+            assert!(fair.over(&queue, flood, normal).is_none());
             queue.try_push(frame(300), Lane::Data).ok();
-            fair.queued(&queue, flood);
+            fair.queued(&queue, flood, normal);
         }
         // 1200 bytes queued: the flood's last one stands past the share.
         queue.try_push(frame(300), Lane::Data).ok();
-        fair.queued(&queue, flood);
-        assert_eq!(fair.over(&queue, flood), Some(1200 - 1000));
-        // Another target goes at once.
-        assert!(fair.over(&queue, other).is_none());
+        fair.queued(&queue, flood, normal);
+        assert_eq!(fair.over(&queue, flood, normal), Some(1200 - 1000));
+        // Another target goes at once, and so does the same target's more
+        // urgent traffic (a queue of its own).
+        assert!(fair.over(&queue, other, normal).is_none());
+        assert!(fair.over(&queue, flood, Priority::Express).is_none());
     }
 }

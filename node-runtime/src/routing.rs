@@ -61,6 +61,8 @@ fn busy_blocker(
 struct Turn<'a> {
     /// Its target, as the queue's shares know it.
     key: TargetRef<'a>,
+    /// Its priority: each has a queue, and so shares, of its own.
+    priority: Priority,
     /// Its body's length.
     len: usize,
     target: &'a Target,
@@ -282,6 +284,7 @@ impl Runtime {
                 let key = TargetRef::from(&target);
                 let turn = Turn {
                     key,
+                    priority,
                     len: body.len(),
                     target: &target,
                     service: &service,
@@ -342,7 +345,7 @@ impl Runtime {
                     };
                     self.enqueue(frame, deadline).await?;
                 }
-                self.server.fair.queued(&self.server.queue, key);
+                self.server.fair.queued(&self.server.queue, key, priority);
                 self.count_server(body_len);
                 Ok(pending)
             }
@@ -403,7 +406,14 @@ impl Runtime {
         let timeout = self.config.send_timeout();
         match server
             .fair
-            .wait_turn(&server.queue, turn.key, turn.len, deadline, timeout)
+            .wait_turn(
+                &server.queue,
+                turn.key,
+                turn.priority,
+                turn.len,
+                deadline,
+                timeout,
+            )
             .await
         {
             Ok(false) => Ok(()),
@@ -560,6 +570,7 @@ impl Runtime {
                 let key = target_ref;
                 let turn = Turn {
                     key,
+                    priority,
                     len: body.len(),
                     target: &target,
                     service,
@@ -590,7 +601,7 @@ impl Runtime {
                     let deadline = deadline.unwrap_or_else(|| self.deadline());
                     self.enqueue(frame, deadline).await?;
                 }
-                self.server.fair.queued(&self.server.queue, key);
+                self.server.fair.queued(&self.server.queue, key, priority);
                 self.count_server(body_len);
             }
             Route::Direct(conn) => {

@@ -1,6 +1,14 @@
 //! The bounded outgoing queue: the handles that push into it, the receiver
 //! its writer drains, and who gets room when it is full.
 //!
+//! A connection's queue is one queue per class: the protocol's own frames
+//! (control), then one per message [`Priority`]. Each class is bounded and
+//! waited on by itself, so a full class never holds up another. The
+//! writer takes the control class first, then the most urgent non-empty
+//! priority, a batch of at most [`TAKE_UP_TO_BYTES`] at a time, except that
+//! a class passed over [`PASSED_OVER_AT_MOST`] times in a row goes next:
+//! the less urgent get a bounded share, and none starves.
+//!
 //! Every push takes the queue's lock once. A frame goes in one of two
 //! [`Lane`]s: data is bounded in frames (less a reserve kept for control
 //! frames) and in payload bytes, and data senders that wait for room are
@@ -23,7 +31,41 @@ use tokio_util::sync::CancellationToken;
 
 use super::staging::{staging, Chunk, Head, Staged, Staging, STAGE_UP_TO_BYTES};
 use crate::frame::OutFrame;
-use crate::protocol::MessageRef;
+use crate::protocol::{Header, MessageRef, Priority};
+
+/// Classes of a connection's queue: control, then one per priority.
+pub const CLASSES: usize = 1 + Priority::ALL.len();
+/// The class of the protocol's own frames.
+const CONTROL: usize = 0;
+/// The class of `priority`'s messages.
+const fn data_class(priority: Priority) -> usize {
+    1 + priority.index()
+}
+/// The class of frames given no priority.
+const NORMAL: usize = data_class(Priority::Normal);
+
+/// Bytes the writer takes from one class at a time, at most (at least one
+/// entry): how long a more urgent frame queued meanwhile may wait.
+pub const TAKE_UP_TO_BYTES: usize = 256 * 1024;
+/// Times in a row a non-empty class may be passed over for more urgent
+/// ones before it goes next.
+pub const PASSED_OVER_AT_MOST: u8 = 4;
+
+/// The class `frame` goes in on `lane`: control frames in the control
+/// class; data in `priority`'s class, or its message's, or normal.
+fn class_for(frame: &OutFrame, lane: Lane, priority: Option<Priority>) -> usize {
+    match (lane, priority) {
+        (Lane::Control, _) => CONTROL,
+        (Lane::Data, Some(priority)) => data_class(priority),
+        (Lane::Data, None) => match frame {
+            OutFrame::Parts {
+                header: Header::Message(h),
+                ..
+            } => data_class(h.priority),
+            _ => NORMAL,
+        },
+    }
+}
 
 /// Which bound a frame is queued against, and how it waits for room.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,9 +217,27 @@ impl Budget {
 }
 
 fn new_queue(frames: usize, bytes: usize, budget: Option<Arc<Budget>>) -> (OutQueue, OutReceiver) {
+    let cores: [Arc<Core>; CLASSES] =
+        std::array::from_fn(|_| new_core(frames, bytes, budget.clone()));
+    (
+        OutQueue {
+            shared: Arc::new(Senders {
+                cores: cores.clone(),
+            }),
+        },
+        OutReceiver {
+            cores,
+            coalesce: false,
+            passed_over: [0; CLASSES],
+        },
+    )
+}
+
+/// One class of a queue.
+fn new_core(frames: usize, bytes: usize, budget: Option<Arc<Budget>>) -> Arc<Core> {
     let frames = frames.max(4);
     let max_bytes = u32::try_from(bytes).unwrap_or(u32::MAX).max(1);
-    let core = Arc::new(Core {
+    Arc::new(Core {
         state: Mutex::new(State::default()),
         max_frames: frames,
         max_data: frames - frames / 8,
@@ -194,21 +254,19 @@ fn new_queue(frames: usize, bytes: usize, budget: Option<Arc<Budget>>) -> (OutQu
         progress_waiters: AtomicUsize::new(0),
         budget,
         max_frame: AtomicUsize::new(u32::MAX as usize),
-    });
-    (
-        OutQueue {
-            shared: Arc::new(Senders { core: core.clone() }),
-        },
-        OutReceiver {
-            core,
-            coalesce: false,
-        },
-    )
+    })
 }
 
 impl OutQueue {
+    /// The class `class`.
+    fn class(&self, class: usize) -> &Core {
+        &self.shared.cores[class]
+    }
+
+    /// The control class, which stands for the connection (its written
+    /// bytes, its closing).
     fn core(&self) -> &Core {
-        &self.shared.core
+        self.class(CONTROL)
     }
 
     /// Queues `frame` on `lane` if it fits now and (for data) nobody waits
@@ -218,8 +276,8 @@ impl OutQueue {
     // made before the frame is passed on (to reach the core, say) would
     // cost a copy of it. It goes back as it came: boxing it would allocate
     // on every fall-through to the waiting path.
-    fn try_put<F: Unqueued>(&self, frame: F, lane: Lane) -> Result<(), (F, bool)> {
-        let core = self.core();
+    fn try_put<F: Unqueued>(&self, frame: F, lane: Lane, class: usize) -> Result<(), (F, bool)> {
+        let core = self.class(class);
         if core.is_closed() {
             return Err((frame, true));
         }
@@ -258,7 +316,22 @@ impl OutQueue {
     /// also when data senders wait before it); [`PushError::Closed`] when
     /// the writer is gone. The frame is handed back.
     pub fn try_push(&self, frame: OutFrame, lane: Lane) -> Result<(), PushError> {
-        match self.try_put(frame, lane) {
+        let class = class_for(&frame, lane, None);
+        self.try_push_in(frame, lane, class)
+    }
+
+    /// [`OutQueue::try_push`] of a data frame at `priority` (for a frame
+    /// that does not say, such as [`OutFrame::Raw`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`OutQueue::try_push`].
+    pub fn try_push_at(&self, frame: OutFrame, priority: Priority) -> Result<(), PushError> {
+        self.try_push_in(frame, Lane::Data, data_class(priority))
+    }
+
+    fn try_push_in(&self, frame: OutFrame, lane: Lane, class: usize) -> Result<(), PushError> {
+        match self.try_put(frame, lane, class) {
             Ok(()) => Ok(()),
             Err((frame, true)) => Err(PushError::Closed(Box::new(frame))),
             Err((frame, false)) => Err(PushError::Full(Box::new(frame))),
@@ -282,10 +355,25 @@ impl OutQueue {
     /// Cancel safe: a cancelled call queued nothing, and a data sender
     /// gives its place in line up to the next.
     pub fn push(&self, frame: OutFrame, lane: Lane, wait: Wait) -> Push<'_> {
+        let class = class_for(&frame, lane, None);
         Push {
             queue: self,
             frame: Some(frame),
             lane,
+            class,
+            wait,
+            waiting: None,
+        }
+    }
+
+    /// [`OutQueue::push`] of a data frame at `priority` (for a frame that
+    /// does not say, such as [`OutFrame::Raw`]).
+    pub fn push_at(&self, frame: OutFrame, priority: Priority, wait: Wait) -> Push<'_> {
+        Push {
+            queue: self,
+            frame: Some(frame),
+            lane: Lane::Data,
+            class: data_class(priority),
             wait,
             waiting: None,
         }
@@ -308,7 +396,7 @@ impl OutQueue {
     ///
     /// Cancel safe: a cancelled call queued nothing.
     pub async fn push_within(&self, frame: OutFrame, wait: Duration) -> Result<(), PushError> {
-        let core = self.core();
+        let core = self.class(class_for(&frame, Lane::Data, None));
         if core.congested.load(Ordering::Relaxed) {
             if core.is_drained() {
                 core.congested.store(false, Ordering::Relaxed);
@@ -332,7 +420,7 @@ impl OutQueue {
     /// it. Whether it was queued; if not, nothing was, and the caller
     /// queues the frame the usual way (which reports what went wrong).
     pub fn try_push_message(&self, header: &MessageRef<'_>, body: &[u8]) -> bool {
-        let core = self.core();
+        let core = self.class(data_class(header.priority));
         if body.len() > STAGE_UP_TO_BYTES || core.is_closed() {
             return false;
         }
@@ -368,8 +456,11 @@ impl OutQueue {
     /// when it drops), not at once: a reader that queues many frames in a
     /// row wakes each writer once for the whole run. That caller wakes
     /// `wakes` before it waits for anything.
-    pub fn try_push_raw(&self, raw: &[u8], wakes: Option<&mut Wakes>) -> bool {
-        let core = self.core();
+    ///
+    /// It goes in `priority`'s class: the caller read it from the frame's
+    /// header.
+    pub fn try_push_raw(&self, raw: &[u8], priority: Priority, wakes: Option<&mut Wakes>) -> bool {
+        let core = self.class(data_class(priority));
         if raw.is_empty()
             || raw.len() > STAGE_UP_TO_BYTES
             || raw.len() > core.max_frame()
@@ -399,9 +490,10 @@ impl OutQueue {
         &self,
         mut frame: OutFrame,
         lane: Lane,
+        class: usize,
         wait: Wait,
     ) -> Result<(), PushError> {
-        let core = self.core();
+        let core = self.class(class);
         let permits = core.permits_on(lane, &frame);
         let staging = staging(&frame, core.max_frame());
         let deadline = wait.deadline();
@@ -459,7 +551,10 @@ impl OutQueue {
     /// Whether the consumer was found not keeping up (see
     /// [`OutQueue::push_within`]).
     pub fn is_congested(&self) -> bool {
-        self.core().congested.load(Ordering::Relaxed)
+        self.shared
+            .cores
+            .iter()
+            .any(|core| core.congested.load(Ordering::Relaxed))
     }
 
     /// A reference that does not keep the queue open.
@@ -488,40 +583,46 @@ impl OutQueue {
     /// taken once the second reaches `p`; the difference is what waits in
     /// the queue now. Read without the lock: a hint, for sharing the queue
     /// fairly among the targets of its messages.
-    pub fn positions(&self) -> (u64, u64) {
-        let core = self.core();
+    ///
+    /// Each priority has a queue of its own: these are `priority`'s.
+    pub fn positions(&self, priority: Priority) -> (u64, u64) {
+        let core = self.class(data_class(priority));
         // Taken first: it can only fall behind the other, never pass it.
         let taken = core.taken.load(Ordering::Relaxed);
         (core.pushed.load(Ordering::Relaxed).max(taken), taken)
     }
 
-    /// Waits until the writer has taken the queue up to `position` (see
-    /// [`OutQueue::positions`]), or the queue closed.
+    /// Waits until the writer has taken `priority`'s queue up to
+    /// `position` (see [`OutQueue::positions`]), or the queue closed.
     ///
     /// # Cancel safety
     ///
     /// Cancel safe.
-    pub async fn taken_up_to(&self, position: u64) {
-        self.progressed(|core| core.taken.load(Ordering::SeqCst) >= position)
-            .await;
+    pub async fn taken_up_to(&self, priority: Priority, position: u64) {
+        self.progressed(data_class(priority), |core| {
+            core.taken.load(Ordering::SeqCst) >= position
+        })
+        .await;
     }
 
     /// Waits until the writer has taken all but `frames` of the frames
-    /// queued (see [`OutQueue::queued_frames`]; frames it took may still be
-    /// being written), or the queue closed.
+    /// queued at `priority` (see [`OutQueue::queued_at`]; frames it took
+    /// may still be being written), or the queue closed.
     ///
     /// # Cancel safety
     ///
     /// Cancel safe.
-    pub async fn taken_down_to(&self, frames: usize) {
-        self.progressed(|core| core.queued.load(Ordering::SeqCst) <= frames)
-            .await;
+    pub async fn taken_down_to(&self, priority: Priority, frames: usize) {
+        self.progressed(data_class(priority), |core| {
+            core.queued.load(Ordering::SeqCst) <= frames
+        })
+        .await;
     }
 
-    /// Waits until `done` holds, looking each time the writer takes
-    /// frames, or until the queue closed.
-    async fn progressed(&self, done: impl Fn(&Core) -> bool) {
-        let core = self.core();
+    /// Waits until `done` holds of `class`, looking each time the writer
+    /// takes frames of it, or until the queue closed.
+    async fn progressed(&self, class: usize, done: impl Fn(&Core) -> bool) {
+        let core = self.class(class);
         core.progress_waiters.fetch_add(1, Ordering::SeqCst);
         let _counted = ProgressWaiter(core);
         loop {
@@ -541,27 +642,45 @@ impl OutQueue {
     /// Whether the queue holds any frame, queued or being written (a cold
     /// path: it takes the lock).
     pub fn holds_frames(&self) -> bool {
-        let state = self.core().lock();
-        state.frames > 0 || state.data > 0
+        self.shared.cores.iter().any(|core| {
+            let state = core.lock();
+            state.frames > 0 || state.data > 0
+        })
     }
 
     /// What the queue holds now and has carried so far, read under its
     /// lock once: for a monitor, never on a per-frame path.
     pub fn stats(&self) -> QueueStats {
-        let state = self.core().lock();
-        QueueStats {
-            frames: state.frames,
-            data: state.data,
-            bytes: state.bytes,
-            data_total: state.data_total,
-            bytes_total: state.bytes_total,
+        let mut stats = QueueStats {
             written_bytes: self.written_bytes(),
+            ..QueueStats::default()
+        };
+        for core in self.shared.cores.iter() {
+            let state = core.lock();
+            stats.frames += state.frames;
+            stats.data += state.data;
+            stats.bytes += state.bytes;
+            stats.data_total += state.data_total;
+            stats.bytes_total += state.bytes_total;
         }
+        stats
     }
 
-    /// Frames waiting to be written: a measure of the receiver's load.
+    /// Frames waiting to be written, in every class: a measure of the
+    /// receiver's load.
     pub fn queued_frames(&self) -> usize {
-        self.core().queued.load(Ordering::Relaxed)
+        self.shared
+            .cores
+            .iter()
+            .map(|core| core.queued.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Frames waiting to be written at `priority`.
+    pub fn queued_at(&self, priority: Priority) -> usize {
+        self.class(data_class(priority))
+            .queued
+            .load(Ordering::Relaxed)
     }
 
     /// Whether the connection's writer has stopped.
@@ -572,7 +691,9 @@ impl OutQueue {
     /// Stops the writer without draining: frames still queued are dropped.
     /// Used to cut off a slow consumer or a misbehaving peer.
     pub fn close(&self) {
-        self.core().close();
+        for core in self.shared.cores.iter() {
+            core.close();
+        }
     }
 
     /// Resolves once the writer has stopped or [`OutQueue::close`] was called.
@@ -646,6 +767,8 @@ pub struct Push<'a> {
     /// The frame, until it is queued or handed to the wait.
     frame: Option<OutFrame>,
     lane: Lane,
+    /// The class it goes in.
+    class: usize,
     wait: Wait,
     /// The wait for room, once the frame did not fit at once.
     waiting: Option<Waiting<'a>>,
@@ -674,7 +797,7 @@ impl Future for Push<'_> {
         }
         // The frame stays in its slot unless it is queued: one move, as for
         // a frame queued by value.
-        let frame = match this.queue.try_put(&mut this.frame, this.lane) {
+        let frame = match this.queue.try_put(&mut this.frame, this.lane, this.class) {
             Ok(()) => return Poll::Ready(Ok(())),
             Err((slot, closed)) => {
                 let frame = Unqueued::take(slot);
@@ -685,7 +808,8 @@ impl Future for Push<'_> {
             }
         };
         let waiting = this.waiting.insert(Box::pin(
-            this.queue.wait_for_room(frame, this.lane, this.wait),
+            this.queue
+                .wait_for_room(frame, this.lane, this.class, this.wait),
         ));
         waiting.as_mut().poll(cx)
     }
@@ -722,9 +846,13 @@ impl Unqueued for &mut Option<OutFrame> {
 /// The writer's side of an outgoing queue.
 #[derive(Debug)]
 pub struct OutReceiver {
-    core: Arc<Core>,
+    /// The classes, control first, then the priorities, most urgent first.
+    cores: [Arc<Core>; CLASSES],
     /// Whether a small batch waits one scheduling turn for more.
     coalesce: bool,
+    /// How many takes in a row each class was passed over while it held
+    /// frames.
+    passed_over: [u8; CLASSES],
 }
 
 impl OutReceiver {
@@ -749,58 +877,116 @@ impl OutReceiver {
 
     /// Cancelled once the queue is closed.
     pub(super) fn closed(&self) -> CancellationToken {
-        self.core.closed.clone()
+        self.cores[CONTROL].closed.clone()
     }
 
     /// Sets the frame limit of the connection being written: frames staged
     /// from now on are checked against it as they are queued.
     pub(super) fn set_max_frame(&self, max_frame: usize) {
-        self.core.max_frame.store(max_frame, Ordering::Relaxed);
+        for core in &self.cores {
+            core.max_frame.store(max_frame, Ordering::Relaxed);
+        }
     }
 
-    /// Moves every queued frame into `batch`: `Ready(Some(frames))` if it
-    /// took any, `Ready(None)` once every sender is gone and nothing is
-    /// left, `Pending` (the writer to be woken) if there is nothing yet.
+    /// The class to take from next, judged without the locks: control if
+    /// it holds frames, else the most urgent priority that does, unless a
+    /// less urgent one was passed over [`PASSED_OVER_AT_MOST`] times (the
+    /// least urgent of those goes first). Counts the classes passed over.
+    /// `None` if every class looks empty.
+    fn next_class(&mut self) -> Option<usize> {
+        let holds = |core: &Core| core.queued.load(Ordering::Relaxed) > 0;
+        if holds(&self.cores[CONTROL]) {
+            return Some(CONTROL);
+        }
+        let urgent = (1..CLASSES).find(|&c| holds(&self.cores[c]))?;
+        let starved = (urgent + 1..CLASSES)
+            .rev()
+            .find(|&c| self.passed_over[c] >= PASSED_OVER_AT_MOST && holds(&self.cores[c]));
+        let chosen = starved.unwrap_or(urgent);
+        // Passed over: a less urgent class that holds frames.
+        for c in 1..CLASSES {
+            self.passed_over[c] = if c > chosen && holds(&self.cores[c]) {
+                self.passed_over[c].saturating_add(1)
+            } else {
+                0
+            };
+        }
+        Some(chosen)
+    }
+
+    /// Moves the next batch into `batch` (see [`OutReceiver::next_class`]:
+    /// at most about [`TAKE_UP_TO_BYTES`] of one class): `Ready(Some(frames))`
+    /// if it took any, `Ready(None)` once every sender is gone and nothing
+    /// is left, `Pending` (the writer to be woken) if there is nothing yet.
     pub(super) fn poll_take(
-        &self,
+        &mut self,
         cx: &mut Context<'_>,
         batch: &mut VecDeque<OutItem>,
     ) -> Poll<Option<usize>> {
-        let mut state = self.core.lock();
-        let frames = self.core.take_all(&mut state, batch);
-        if frames > 0 {
-            return Poll::Ready(Some(frames));
+        if let Some(class) = self.next_class() {
+            let core = &self.cores[class];
+            let frames = core.take(&mut core.lock(), batch, class);
+            if frames > 0 {
+                return Poll::Ready(Some(frames));
+            }
         }
-        if state.senders_gone {
+        // Everything looked empty (or was taken meanwhile): each class,
+        // under its lock, is taken from or told to wake the writer, so that
+        // nothing queued from now on is missed.
+        let mut gone = false;
+        for (class, core) in self.cores.iter().enumerate() {
+            let mut state = core.lock();
+            let frames = core.take(&mut state, batch, class);
+            if frames > 0 {
+                return Poll::Ready(Some(frames));
+            }
+            gone |= state.senders_gone;
+            if !matches!(&state.writer, Some(w) if w.will_wake(cx.waker())) {
+                state.writer = Some(cx.waker().clone());
+            }
+        }
+        if gone {
             return Poll::Ready(None);
-        }
-        if !matches!(&state.writer, Some(w) if w.will_wake(cx.waker())) {
-            state.writer = Some(cx.waker().clone());
         }
         Poll::Pending
     }
 
-    /// Moves what was queued meanwhile into `batch`, without waiting.
+    /// Moves what was queued meanwhile into `batch`, without waiting: the
+    /// control class's, then the most urgent priority's.
     pub(super) fn take_more(&self, batch: &mut VecDeque<OutItem>) {
-        let mut state = self.core.lock();
-        self.core.take_all(&mut state, batch);
+        for (class, core) in self.cores.iter().enumerate() {
+            if core.queued.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            core.take(&mut core.lock(), batch, class);
+            if class != CONTROL {
+                return;
+            }
+        }
     }
 
     /// The counter the writer adds what it wrote to.
     pub(super) fn written_counter(&self) -> WrittenCounter {
-        WrittenCounter(self.core.clone())
+        WrittenCounter(self.cores[CONTROL].clone())
     }
 
-    /// Gives back what written frames held.
-    pub(super) fn release(&self, data: usize, bytes: usize) {
+    /// Whether some class other than control holds frames (a cold path:
+    /// it takes the locks).
+    pub(super) fn holds_data(&self) -> bool {
+        self.cores[1..].iter().any(|core| core.lock().frames > 0)
+    }
+
+    /// Gives back what written frames of `class` held.
+    pub(super) fn release(&self, class: usize, data: usize, bytes: usize) {
         if data == 0 && bytes == 0 {
             return;
         }
-        let mut state = self.core.lock();
+        let core = &self.cores[class];
+        let mut state = core.lock();
         state.data -= data;
         state.bytes -= bytes;
-        self.core.return_budget(&mut state);
-        self.core.made_room(&state);
+        core.return_budget(&mut state);
+        core.made_room(&state);
     }
 }
 
@@ -808,19 +994,21 @@ impl Drop for OutReceiver {
     /// Nothing will be written any more: senders see the queue closed, and
     /// what was queued is dropped now, not when the last sender goes.
     fn drop(&mut self) {
-        self.core.close();
-        let (items, staged) = {
-            let mut state = self.core.lock();
-            state.frames = 0;
-            // Nothing of it will be written: its budget goes back.
-            if let Some(budget) = &self.core.budget {
-                budget.give(state.reserved);
-                state.reserved = 0;
-            }
-            (std::mem::take(&mut state.items), state.staged.discard())
-        };
-        self.core.queued.store(0, Ordering::Relaxed);
-        drop((items, staged));
+        for core in &self.cores {
+            core.close();
+            let (items, staged) = {
+                let mut state = core.lock();
+                state.frames = 0;
+                // Nothing of it will be written: its budget goes back.
+                if let Some(budget) = &core.budget {
+                    budget.give(state.reserved);
+                    state.reserved = 0;
+                }
+                (std::mem::take(&mut state.items), state.staged.discard())
+            };
+            core.queued.store(0, Ordering::Relaxed);
+            drop((items, staged));
+        }
     }
 }
 
@@ -848,18 +1036,21 @@ impl WrittenCounter {
 /// which tells the writer that nothing more will come.
 #[derive(Debug)]
 struct Senders {
-    core: Arc<Core>,
+    /// The classes (see [`OutReceiver::cores`]).
+    cores: [Arc<Core>; CLASSES],
 }
 
 impl Drop for Senders {
     fn drop(&mut self) {
-        let waker = {
-            let mut state = self.core.lock();
-            state.senders_gone = true;
-            state.writer.take()
-        };
-        if let Some(waker) = waker {
-            waker.wake();
+        for core in &self.cores {
+            let waker = {
+                let mut state = core.lock();
+                state.senders_gone = true;
+                state.writer.take()
+            };
+            if let Some(waker) = waker {
+                waker.wake();
+            }
         }
     }
 }
@@ -932,6 +1123,8 @@ struct State {
     data_total: u64,
     /// Their payload bytes (see [`QueueStats::bytes_total`]).
     bytes_total: u64,
+    /// The payload bytes of the frames taken by the writer so far.
+    taken_total: u64,
 }
 
 /// What a waiting sender found when it looked.
@@ -1044,6 +1237,8 @@ impl Core {
             what,
             permits,
             data,
+            frames,
+            class,
         } = item;
         let mut spent = None;
         match (what, staging) {
@@ -1070,6 +1265,8 @@ impl Core {
                     what,
                     permits,
                     data,
+                    frames,
+                    class,
                 });
             }
         }
@@ -1110,24 +1307,37 @@ impl Core {
         }
     }
 
-    /// Moves everything queued into `batch`; how many frames that was.
-    fn take_all(&self, state: &mut State, batch: &mut VecDeque<OutItem>) -> usize {
-        let frames = state.frames;
-        if frames == 0 {
+    /// Moves what is queued into `batch`, oldest first, up to about
+    /// [`TAKE_UP_TO_BYTES`] (at least one entry), marking each entry as of
+    /// `class`; how many frames that was.
+    fn take(&self, state: &mut State, batch: &mut VecDeque<OutItem>, class: usize) -> usize {
+        if state.frames == 0 {
             return 0;
         }
         self.seal(state);
-        if batch.is_empty() {
+        let (mut frames, mut permits, mut bytes, mut count) = (0, 0, 0, 0);
+        for item in state.items.iter_mut() {
+            if count > 0 && bytes >= TAKE_UP_TO_BYTES {
+                break;
+            }
+            item.class = class;
+            frames += item.frames;
+            permits += item.permits;
+            bytes += item.len();
+            count += 1;
+        }
+        if count == state.items.len() && batch.is_empty() {
             // A swap: the entries are not moved one by one.
             std::mem::swap(&mut state.items, batch);
         } else {
-            batch.extend(state.items.drain(..));
+            batch.extend(state.items.drain(..count));
         }
-        state.frames = 0;
+        state.frames -= frames;
+        state.taken_total += permits as u64;
         // Sequentially consistent with the waiters' count and look: one of
         // the two sees the other.
-        self.queued.store(0, Ordering::SeqCst);
-        self.taken.store(state.bytes_total, Ordering::SeqCst);
+        self.queued.store(state.frames, Ordering::SeqCst);
+        self.taken.store(state.taken_total, Ordering::SeqCst);
         self.made_room(state);
         if self.progress_waiters.load(Ordering::SeqCst) > 0 {
             self.progress.notify_waiters();
@@ -1221,6 +1431,10 @@ pub(super) struct OutItem {
     pub(super) permits: usize,
     /// Data slots it holds until written.
     pub(super) data: usize,
+    /// Frames it holds.
+    frames: usize,
+    /// The class it was queued in, once taken (its room goes back there).
+    pub(super) class: usize,
 }
 
 impl OutItem {
@@ -1230,6 +1444,16 @@ impl OutItem {
             what: Queued::Frame(frame),
             permits: permits as usize,
             data: usize::from(lane == Lane::Data),
+            frames: 1,
+            class: NORMAL,
+        }
+    }
+
+    /// About the bytes it takes on the wire.
+    fn len(&self) -> usize {
+        match &self.what {
+            Queued::Frame(frame) => frame.payload_len(),
+            Queued::Framed(bytes) => bytes.len(),
         }
     }
 }
@@ -1240,6 +1464,8 @@ impl From<Chunk> for OutItem {
             what: Queued::Framed(chunk.bytes),
             permits: chunk.permits,
             data: chunk.data,
+            frames: chunk.frames,
+            class: NORMAL,
         }
     }
 }
@@ -1293,17 +1519,30 @@ struct Held {
 
 #[cfg(test)]
 impl OutReceiver {
+    /// What every class holds, added up.
     fn held(&self) -> Held {
-        let state = self.core.lock();
-        let (staged, permits, data) = state.staged.peek();
-        Held {
-            frames: (state.frames, self.core.queued.load(Ordering::Relaxed)),
-            items: state.items.len(),
-            staged: (staged.len(), permits, data),
-            data: state.data,
-            bytes: state.bytes,
-            waiting: state.waiting.len(),
-            control_waiting: state.control_waiting,
+        let mut held = Held::default();
+        for core in &self.cores {
+            let state = core.lock();
+            let (staged, permits, data) = state.staged.peek();
+            held.frames.0 += state.frames;
+            held.frames.1 += core.queued.load(Ordering::Relaxed);
+            held.items += state.items.len();
+            held.staged.0 += staged.len();
+            held.staged.1 += permits;
+            held.staged.2 += data;
+            held.data += state.data;
+            held.bytes += state.bytes;
+            held.waiting += state.waiting.len();
+            held.control_waiting += state.control_waiting;
+        }
+        held
+    }
+
+    /// Gives back what the written `batch` held, class by class.
+    fn release_batch(&self, batch: &VecDeque<OutItem>) {
+        for item in batch {
+            self.release(item.class, item.data, item.permits);
         }
     }
 }
@@ -1437,10 +1676,7 @@ mod tests {
         // `b` gets it.
         let mut batch = VecDeque::new();
         a_rx.take_more(&mut batch);
-        let (data, bytes) = batch
-            .iter()
-            .fold((0, 0), |(d, b), item| (d + item.data, b + item.permits));
-        a_rx.release(data, bytes);
+        a_rx.release_batch(&batch);
         assert_eq!(budget.used(), chunk);
         assert!(budget.has_room(3 * chunk) && !budget.has_room(3 * chunk + 1));
         assert!(b.try_push(body(chunk), Lane::Data).is_ok());
@@ -1494,17 +1730,14 @@ mod tests {
 
     /// Takes what is queued, as the writer does, and gives back what the
     /// taken frames held, as the writer does once they are written.
-    fn take_and_write(rx: &OutReceiver) -> Vec<u64> {
+    fn take_and_write(rx: &mut OutReceiver) -> Vec<u64> {
         let mut batch = VecDeque::new();
         let waker = std::task::Waker::noop();
         let mut cx = Context::from_waker(waker);
-        if rx.poll_take(&mut cx, &mut batch).is_pending() {
-            return vec![];
-        }
+        // Every class, as the writer takes them: batch after batch.
+        while rx.poll_take(&mut cx, &mut batch).is_ready() && rx.held().frames.0 > 0 {}
         let tokens = batch.iter().flat_map(tokens_of).collect();
-        let data = batch.iter().map(|i| i.data).sum();
-        let bytes = batch.iter().map(|i| i.permits).sum();
-        rx.release(data, bytes);
+        rx.release_batch(&batch);
         tokens
     }
 
@@ -1513,7 +1746,7 @@ mod tests {
     /// order.
     #[tokio::test(flavor = "current_thread")]
     async fn waiting_senders_are_served_in_order_and_not_overtaken() {
-        let (q, rx) = out_queue(64, 100);
+        let (q, mut rx) = out_queue(64, 100);
         q.try_push(numbered(0, 80), Lane::Data).expect("room");
         let first = spawn_push(&q, Lane::Data, 1, 60);
         tokio::task::yield_now().await;
@@ -1524,20 +1757,20 @@ mod tests {
             q.try_push(numbered(3, 10), Lane::Data),
             Err(PushError::Full(_))
         ));
-        assert_eq!(take_and_write(&rx), vec![0]);
+        assert_eq!(take_and_write(&mut rx), vec![0]);
         first.await.expect("join").expect("queued");
         second.await.expect("join").expect("queued");
-        assert_eq!(take_and_write(&rx), vec![1, 2]);
+        assert_eq!(take_and_write(&mut rx), vec![1, 2]);
         q.try_push(numbered(4, 10), Lane::Data)
             .expect("nobody waits now");
-        assert_eq!(take_and_write(&rx), vec![4]);
+        assert_eq!(take_and_write(&mut rx), vec![4]);
     }
 
     /// A wait given up (its future dropped) gives its place up: the next
     /// in line is served.
     #[tokio::test(flavor = "current_thread")]
     async fn an_abandoned_wait_lets_the_next_sender_in() {
-        let (q, rx) = out_queue(64, 100);
+        let (q, mut rx) = out_queue(64, 100);
         q.try_push(numbered(0, 100), Lane::Data).expect("room");
         let abandoned = spawn_push(&q, Lane::Data, 1, 100);
         tokio::task::yield_now().await;
@@ -1545,9 +1778,9 @@ mod tests {
         tokio::task::yield_now().await;
         abandoned.abort();
         assert!(abandoned.await.is_err(), "aborted");
-        assert_eq!(take_and_write(&rx), vec![0]);
+        assert_eq!(take_and_write(&mut rx), vec![0]);
         next.await.expect("join").expect("queued");
-        assert_eq!(take_and_write(&rx), vec![2]);
+        assert_eq!(take_and_write(&mut rx), vec![2]);
         assert_eq!(rx.held(), Held::default(), "nothing held, nobody waits");
     }
 
@@ -1556,7 +1789,7 @@ mod tests {
     /// room at once, an instant already past does not matter.
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn a_wait_that_runs_out_hands_the_frame_back_and_its_place_up() {
-        let (q, rx) = out_queue(8, 100);
+        let (q, mut rx) = out_queue(8, 100);
         q.try_push(numbered(0, 100), Lane::Data).expect("room");
         let wait = Duration::from_millis(100);
         let bounded = {
@@ -1578,9 +1811,9 @@ mod tests {
             other => panic!("expected the frame back, got {other:?}"),
         }
         assert!(started.elapsed() >= wait);
-        assert_eq!(take_and_write(&rx), vec![0]);
+        assert_eq!(take_and_write(&mut rx), vec![0]);
         next.await.expect("join").expect("queued");
-        assert_eq!(take_and_write(&rx), vec![2]);
+        assert_eq!(take_and_write(&mut rx), vec![2]);
 
         while q.try_push(numbered(3, 0), Lane::Control).is_ok() {}
         let deadline = Instant::now() + wait;
@@ -1590,7 +1823,7 @@ mod tests {
             Err(PushError::Full(_))
         ));
         assert!(Instant::now() >= deadline);
-        assert_eq!(take_and_write(&rx).len(), 8);
+        assert_eq!(take_and_write(&mut rx).len(), 8);
         let past = Instant::now() - wait;
         q.push(numbered(5, 0), Lane::Control, Wait::Until(past))
             .await
@@ -1598,7 +1831,7 @@ mod tests {
         q.push(numbered(6, 1), Lane::Data, Wait::Until(past))
             .await
             .expect("room at once");
-        assert_eq!(take_and_write(&rx), vec![5, 6]);
+        assert_eq!(take_and_write(&mut rx), vec![5, 6]);
         assert_eq!(rx.held(), Held::default(), "nothing held, nobody waits");
     }
 
@@ -1632,24 +1865,144 @@ mod tests {
         drop(rx);
     }
 
-    /// Control frames use the slots data may not, and wait only for a
-    /// slot; the writer finishes once every sender is gone.
+    /// Takes one batch, as the writer does, and gives back what it held.
+    fn take_once(rx: &mut OutReceiver) -> Vec<u64> {
+        let mut batch = VecDeque::new();
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        if rx.poll_take(&mut cx, &mut batch).is_pending() {
+            return vec![];
+        }
+        let tokens = batch.iter().flat_map(tokens_of).collect();
+        rx.release_batch(&batch);
+        tokens
+    }
+
+    /// Control frames first, then the priorities, most urgent first; each
+    /// in the order it was queued.
+    #[test]
+    fn the_writer_takes_the_most_urgent_class_first() {
+        let (q, mut rx) = out_queue(1024, 1 << 20);
+        for token in 0..3 {
+            q.try_push_at(numbered(token, 10), Priority::Low)
+                .expect("room");
+        }
+        q.try_push(numbered(10, 10), Lane::Data).expect("room");
+        q.try_push_at(numbered(20, 10), Priority::Express)
+            .expect("room");
+        q.try_push(numbered(30, 0), Lane::Control).expect("room");
+        q.try_push_at(numbered(21, 10), Priority::High)
+            .expect("room");
+        q.try_push_at(numbered(22, 10), Priority::Express)
+            .expect("room");
+        assert_eq!(take_once(&mut rx), vec![30], "control first");
+        assert_eq!(take_once(&mut rx), vec![20, 22]);
+        assert_eq!(take_once(&mut rx), vec![21]);
+        assert_eq!(take_once(&mut rx), vec![10]);
+        assert_eq!(take_once(&mut rx), vec![0, 1, 2]);
+        assert_eq!(rx.held(), Held::default(), "nothing held, nobody waits");
+    }
+
+    /// A class that holds frames while more urgent ones keep coming is
+    /// passed over at most `PASSED_OVER_AT_MOST` times in a row.
+    #[test]
+    fn a_class_passed_over_gets_its_turn() {
+        let (q, mut rx) = out_queue(1024, 1 << 20);
+        for token in 100..110 {
+            q.try_push_at(numbered(token, 10), Priority::Low)
+                .expect("room");
+        }
+        let mut turns = Vec::new();
+        for round in 0..8 {
+            q.try_push_at(numbered(round, 10), Priority::Express)
+                .expect("room");
+            turns.push(take_once(&mut rx));
+        }
+        let low_at = turns
+            .iter()
+            .position(|t| t.first() == Some(&100))
+            .expect("the low class had its turn");
+        assert_eq!(low_at, usize::from(PASSED_OVER_AT_MOST), "{turns:?}");
+        assert_eq!(turns[low_at], (100..110).collect::<Vec<_>>());
+        // The express frames queued meanwhile go next, in order.
+        assert_eq!(turns[low_at + 1], vec![4, 5]);
+    }
+
+    /// A batch holds at most about `TAKE_UP_TO_BYTES` of one class, so a
+    /// more urgent frame queued meanwhile waits for no more than that.
+    #[test]
+    fn a_batch_is_bounded_and_an_urgent_frame_goes_next() {
+        let (q, mut rx) = out_queue(1024, 8 << 20);
+        let large = 100 * 1024;
+        for token in 0..8 {
+            q.try_push(numbered(token, large), Lane::Data)
+                .expect("room");
+        }
+        let first = take_once(&mut rx);
+        assert_eq!(first, vec![0, 1, 2], "{} bytes at most", TAKE_UP_TO_BYTES);
+        q.try_push_at(numbered(50, 10), Priority::Express)
+            .expect("room");
+        assert_eq!(take_once(&mut rx), vec![50]);
+        assert_eq!(take_once(&mut rx), vec![3, 4, 5]);
+    }
+
+    /// A goodbye is written after the messages queued before it, even
+    /// those of less urgent classes than its own, and nothing after it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_goodbye_goes_after_the_messages_queued_before_it() {
+        use crate::io::{write_queue, FrameReader, WriteEnd};
+        let (q, mut rx) = out_queue(64, 1 << 20);
+        for token in 0..3 {
+            q.try_push_at(numbered(token, 10), Priority::Low)
+                .expect("room");
+        }
+        q.try_push(OutFrame::control(Header::Goodbye), Lane::Control)
+            .expect("room");
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let end = write_queue(&mut client, &mut rx, 1 << 20, Vec::new())
+            .await
+            .expect("written");
+        assert_eq!(end, WriteEnd::Finished);
+        drop(client);
+        let mut reader = FrameReader::new(server, FrameCodec::new(1 << 20));
+        let mut got = Vec::new();
+        while let Some(frame) = reader.next().await.expect("whole frames") {
+            got.push(match frame.header() {
+                Header::Subscribed { token } => Some(*token),
+                Header::Goodbye => None,
+                other => panic!("unexpected frame {other:?}"),
+            });
+        }
+        assert_eq!(got, vec![Some(0), Some(1), Some(2), None]);
+        drop(q);
+    }
+
+    /// Control frames have a class of their own, which a queue full of
+    /// data does not hold up, wait only for a slot in it, and are written
+    /// first; the writer finishes once every sender is gone.
     #[tokio::test(flavor = "current_thread")]
     async fn control_frames_wait_for_a_slot_and_the_writer_ends_with_the_senders() {
-        let (q, rx) = out_queue(8, 1 << 20);
+        let (q, mut rx) = out_queue(8, 1 << 20);
         while q.try_push(numbered(0, 1), Lane::Data).is_ok() {}
         assert_eq!(q.queued_frames(), 7);
-        q.try_push(numbered(1, 0), Lane::Control)
-            .expect("the reserved slot");
+        for _ in 0..8 {
+            q.try_push(numbered(1, 0), Lane::Control)
+                .expect("a slot of its own class");
+        }
         assert!(matches!(
             q.try_push(numbered(2, 0), Lane::Control),
             Err(PushError::Full(_))
         ));
         let control = spawn_push(&q, Lane::Control, 2, 0);
         tokio::task::yield_now().await;
-        assert_eq!(take_and_write(&rx).len(), 8);
+        let taken = take_and_write(&mut rx);
+        assert_eq!(taken.len(), 15);
+        assert!(
+            taken[..8].iter().all(|&t| t == 1),
+            "control first: {taken:?}"
+        );
         control.await.expect("join").expect("queued");
-        assert_eq!(take_and_write(&rx), vec![2]);
+        assert_eq!(take_and_write(&mut rx), vec![2]);
         assert_eq!(rx.held(), Held::default(), "nothing held, nobody waits");
         let weak = q.downgrade();
         assert!(weak.upgrade().is_some());
@@ -1665,14 +2018,14 @@ mod tests {
     /// the staging buffer never grows past one chunk.
     #[test]
     fn a_staged_frame_over_the_limit_is_dropped() {
-        let (q, rx) = out_queue(64, 1 << 20);
-        q.core().max_frame.store(100, Ordering::Relaxed);
+        let (q, mut rx) = out_queue(64, 1 << 20);
+        rx.set_max_frame(100);
         q.try_push(numbered(1, 200), Lane::Data)
             .expect("accepted and dropped");
         assert_eq!(q.queued_frames(), 0);
         q.try_push(numbered(2, 10), Lane::Data).expect("room");
-        assert_eq!(take_and_write(&rx), vec![2]);
-        assert_eq!(q.core().lock().bytes, 0, "nothing held");
+        assert_eq!(take_and_write(&mut rx), vec![2]);
+        assert_eq!(q.class(NORMAL).lock().bytes, 0, "nothing held");
     }
 
     /// A message queued by reference is staged as exactly the bytes its
@@ -1709,24 +2062,30 @@ mod tests {
         let staged = |push: &dyn Fn(&OutQueue)| {
             let (q, rx) = out_queue(64, 1 << 20);
             push(&q);
-            let state = rx.core.lock();
+            let state = rx.cores[data_class(Priority::Low)].lock();
             Bytes::copy_from_slice(state.staged.peek().0)
         };
         let a = staged(&|q| assert!(q.try_push_message(&by_ref, &body)));
         let b = staged(&|q| q.try_push(owned.clone(), Lane::Data).expect("room"));
         assert_eq!(a, b);
 
-        let (q, rx) = out_queue(64, 10);
+        // Refused when its own class is full or waited on: the normal one,
+        // as the numbered frames'.
+        let by_ref = MessageRef {
+            priority: Priority::Normal,
+            ..by_ref
+        };
+        let (q, mut rx) = out_queue(64, 10);
         q.try_push(numbered(0, 10), Lane::Data).expect("room");
         assert!(!q.try_push_message(&by_ref, &body), "no bytes left");
         let waiting = spawn_push(&q, Lane::Data, 1, 10);
         tokio::task::yield_now().await;
-        assert_eq!(take_and_write(&rx), vec![0]);
+        assert_eq!(take_and_write(&mut rx), vec![0]);
         assert!(!q.try_push_message(&by_ref, &body), "someone waits");
         waiting.await.expect("join").expect("queued");
         let big = vec![0u8; STAGE_UP_TO_BYTES + 1];
         assert!(!q.try_push_message(&by_ref, &big), "not small");
-        assert_eq!(take_and_write(&rx), vec![1]);
+        assert_eq!(take_and_write(&mut rx), vec![1]);
     }
 
     /// A received frame queued by reference is staged as exactly the bytes
@@ -1738,14 +2097,14 @@ mod tests {
         let staged = |push: &dyn Fn(&OutQueue)| {
             let (q, rx) = out_queue(64, 1 << 20);
             push(&q);
-            let state = rx.core.lock();
+            let state = rx.cores[NORMAL].lock();
             (
                 Bytes::copy_from_slice(state.staged.peek().0),
                 state.frames,
                 state.bytes,
             )
         };
-        let a = staged(&|q| assert!(q.try_push_raw(&raw, None)));
+        let a = staged(&|q| assert!(q.try_push_raw(&raw, Priority::Normal, None)));
         let b = staged(&|q| {
             q.try_push(OutFrame::Raw(raw.clone()), Lane::Data)
                 .expect("room")
@@ -1753,20 +2112,26 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(a.1, 1, "one frame");
 
-        let (q, rx) = out_queue(64, 10);
+        let (q, mut rx) = out_queue(64, 10);
         q.try_push(numbered(0, 10), Lane::Data).expect("room");
-        assert!(!q.try_push_raw(&raw, None), "no bytes left");
+        assert!(
+            !q.try_push_raw(&raw, Priority::Normal, None),
+            "no bytes left"
+        );
         let waiting = spawn_push(&q, Lane::Data, 1, 10);
         tokio::task::yield_now().await;
-        assert_eq!(take_and_write(&rx), vec![0]);
-        assert!(!q.try_push_raw(b"x", None), "someone waits");
-        waiting.await.expect("join").expect("queued");
-        assert!(!q.try_push_raw(&[], None), "empty");
+        assert_eq!(take_and_write(&mut rx), vec![0]);
         assert!(
-            !q.try_push_raw(&vec![0u8; STAGE_UP_TO_BYTES + 1], None),
+            !q.try_push_raw(b"x", Priority::Normal, None),
+            "someone waits"
+        );
+        waiting.await.expect("join").expect("queued");
+        assert!(!q.try_push_raw(&[], Priority::Normal, None), "empty");
+        assert!(
+            !q.try_push_raw(&vec![0u8; STAGE_UP_TO_BYTES + 1], Priority::Normal, None),
             "not small"
         );
-        assert_eq!(take_and_write(&rx), vec![1]);
+        assert_eq!(take_and_write(&mut rx), vec![1]);
     }
     /// Counts its wakes.
     struct CountingWaker(std::sync::atomic::AtomicUsize);
@@ -1781,7 +2146,7 @@ mod tests {
     /// once, when the batch is woken (or dropped), not per frame.
     #[test]
     fn held_back_wakes_wake_the_writer_once_per_batch() {
-        let (q, rx) = out_queue(64, 1 << 20);
+        let (q, mut rx) = out_queue(64, 1 << 20);
         let counter = Arc::new(CountingWaker(std::sync::atomic::AtomicUsize::new(0)));
         let waker = std::task::Waker::from(counter.clone());
         let mut cx = Context::from_waker(&waker);
@@ -1791,7 +2156,7 @@ mod tests {
         assert!(rx.poll_take(&mut cx, &mut batch).is_pending());
         let mut wakes = Wakes::new();
         for _ in 0..3 {
-            assert!(q.try_push_raw(b"\x03frame", Some(&mut wakes)));
+            assert!(q.try_push_raw(b"\x03frame", Priority::Normal, Some(&mut wakes)));
         }
         assert_eq!(wakes_seen(), 0, "held back");
         assert!(!wakes.is_empty());
@@ -1804,7 +2169,7 @@ mod tests {
         assert!(rx.poll_take(&mut cx, &mut batch).is_pending());
         {
             let mut wakes = Wakes::new();
-            assert!(q.try_push_raw(b"\x03frame", Some(&mut wakes)));
+            assert!(q.try_push_raw(b"\x03frame", Priority::Normal, Some(&mut wakes)));
             assert_eq!(wakes_seen(), 1);
         }
         assert_eq!(wakes_seen(), 2, "woken when the batch dropped");
@@ -1893,6 +2258,20 @@ mod stress {
         Bytes::from(vec![token as u8; len])
     }
 
+    /// The priority of a frame that gives one (raw frames and messages).
+    fn priority(token: u64) -> Priority {
+        Priority::ALL[(mix(token) >> 16) as usize % Priority::ALL.len()]
+    }
+
+    /// The class a frame goes in: the only order that holds.
+    fn class_of(token: u64) -> usize {
+        match plan(token).1 {
+            Way::TryControl | Way::PushControl | Way::PushControlFor => CONTROL,
+            Way::Raw | Way::Message => data_class(priority(token)),
+            _ => NORMAL,
+        }
+    }
+
     /// The token a frame read back carries.
     fn token_of(header: &Header) -> u64 {
         match header {
@@ -1938,7 +2317,7 @@ mod stress {
                     let header = Header::Subscribed { token };
                     encode_header(&header, len, MAX_FRAME, &mut raw).expect("encodes");
                     raw.extend_from_slice(&body(token, len));
-                    q.try_push_raw(&raw[4..], None)
+                    q.try_push_raw(&raw[4..], priority(token), None)
                 }
                 Way::Message => {
                     let header = MessageRef {
@@ -1948,7 +2327,7 @@ mod stress {
                         target: TargetRef::from(&target),
                         service: "svc",
                         kind: MessageKind::Notify,
-                        priority: Priority::Normal,
+                        priority: priority(token),
                     };
                     q.try_push_message(&header, &body(token, len))
                 }
@@ -1972,12 +2351,12 @@ mod stress {
     }
 
     /// Pushers race through every way in (waiting and not, waits that run
-    /// out or are cancelled, control frames between data, staged frames and
-    /// entries of their own) while a writer drains the queue into a socket
-    /// that a reader reads back. Each pusher's frames arrive whole, in the
-    /// order they were queued; every frame reported queued arrives once,
-    /// none reported refused does; at the end the queue holds nothing and
-    /// nobody waits.
+    /// out or are cancelled, control frames between data, every priority,
+    /// staged frames and entries of their own) while a writer drains the
+    /// queue into a socket that a reader reads back. Each pusher's frames
+    /// arrive whole, in the order they were queued in each class; every
+    /// frame reported queued arrives once, none reported refused does; at
+    /// the end the queue holds nothing and nobody waits.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn racing_pushers_lose_nothing_and_keep_their_order() {
         let (q, mut rx) = out_queue(32, 16 * 1024);
@@ -2009,9 +2388,26 @@ mod stress {
         let got = unstuck(reader).await.expect("reader");
         let (end, rx) = unstuck(writer).await.expect("writer");
         assert_eq!(end.expect("written"), WriteEnd::Finished);
-        for (pusher, (got, queued)) in got.iter().zip(&queued).enumerate() {
+        for (pusher, class, got, queued) in
+            got.iter()
+                .zip(&queued)
+                .enumerate()
+                .flat_map(|(pusher, (got, queued))| {
+                    (0..CLASSES).map(move |class| {
+                        let of = |tokens: &Vec<u64>| -> Vec<u64> {
+                            tokens
+                                .iter()
+                                .copied()
+                                .filter(|&t| class_of(t) == class)
+                                .collect()
+                        };
+                        (pusher, class, of(got), of(queued))
+                    })
+                })
+        {
             if got != queued {
-                let at = got.iter().zip(queued).take_while(|(g, q)| g == q).count();
+                let pusher = format!("{pusher}, class {class}");
+                let at = got.iter().zip(&queued).take_while(|(g, q)| g == q).count();
                 panic!(
                     "pusher {pusher}: {} frames read back, {} queued; from #{at} on, read {:#x?} where {:#x?} was queued",
                     got.len(),

@@ -133,6 +133,8 @@ pub(super) struct Staged {
     permits: usize,
     /// Data slots the staged frames hold.
     data: usize,
+    /// Frames staged.
+    frames: usize,
 }
 
 /// Staged frames closed into one piece, to be queued as one entry.
@@ -144,6 +146,8 @@ pub(super) struct Chunk {
     pub(super) permits: usize,
     /// Data slots they hold.
     pub(super) data: usize,
+    /// Frames in it.
+    pub(super) frames: usize,
 }
 
 impl Staged {
@@ -169,6 +173,7 @@ impl Staged {
         self.buf.extend_from_slice(payload);
         self.permits += permits;
         self.data += data;
+        self.frames += 1;
     }
 
     /// Closes the staged frames into one chunk, so that what is queued next
@@ -181,6 +186,7 @@ impl Staged {
             bytes: self.buf.split().freeze(),
             permits: std::mem::take(&mut self.permits),
             data: std::mem::take(&mut self.data),
+            frames: std::mem::take(&mut self.frames),
         })
     }
 
@@ -189,6 +195,7 @@ impl Staged {
     pub(super) fn discard(&mut self) -> BytesMut {
         self.permits = 0;
         self.data = 0;
+        self.frames = 0;
         std::mem::take(&mut self.buf)
     }
 

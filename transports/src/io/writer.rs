@@ -8,7 +8,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use super::queue::{OutReceiver, Queued, WrittenCounter};
+use super::queue::{OutItem, OutReceiver, Queued, WrittenCounter, CLASSES};
 use super::READ_CHUNK_BYTES;
 use crate::frame::{encode_header, FrameError, OutFrame, LENGTH_PREFIX_BYTES};
 use crate::protocol::Header;
@@ -47,14 +47,35 @@ const PRELUDE_BATCH_BYTES: usize = 256 * 1024;
 /// future is dropped half-way.
 struct Release<'a> {
     rx: &'a OutReceiver,
-    permits: usize,
-    data_slots: usize,
+    /// Per class: payload bytes and data slots.
+    held: [(usize, usize); CLASSES],
+}
+
+impl Release<'_> {
+    fn add(&mut self, item: &OutItem) {
+        let held = &mut self.held[item.class];
+        held.0 += item.permits;
+        held.1 += item.data;
+    }
 }
 
 impl Drop for Release<'_> {
     fn drop(&mut self) {
-        self.rx.release(self.data_slots, self.permits);
+        for (class, (permits, data_slots)) in self.held.iter().enumerate() {
+            self.rx.release(class, *data_slots, *permits);
+        }
     }
+}
+
+/// Whether `item` is a goodbye, after which nothing is written.
+fn is_goodbye(item: &OutItem) -> bool {
+    matches!(
+        &item.what,
+        Queued::Frame(OutFrame::Parts {
+            header: Header::Goodbye,
+            ..
+        })
+    )
 }
 
 /// Drains `rx` into `io` until every [`OutQueue`](super::OutQueue) is
@@ -113,6 +134,8 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
     // that may gather nothing, and small batches seen.
     let mut credit = COALESCE_CREDIT;
     let mut small_batches = 0u32;
+    // A goodbye taken while messages still wait: written once they are.
+    let mut goodbye = None;
     loop {
         let took = tokio::select! {
             biased;
@@ -140,13 +163,22 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
         }
         let mut release = Release {
             rx,
-            permits: 0,
-            data_slots: 0,
+            held: [(0, 0); CLASSES],
         };
         for item in batch.drain(..) {
-            release.permits += item.permits;
-            release.data_slots += item.data;
+            release.add(&item);
+            if is_goodbye(&item) {
+                // It goes last: after every message queued before it, which
+                // may wait in less urgent classes than its own.
+                goodbye = Some(item.what);
+                continue;
+            }
             out.add(item.what);
+        }
+        if goodbye.is_some() && !rx.holds_data() {
+            if let Some(what) = goodbye.take() {
+                out.add(what);
+            }
         }
         let end = out.write(io, &closed, &written).await;
         drop(release);
