@@ -20,7 +20,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -50,6 +50,31 @@ pub const TAKE_UP_TO_BYTES: usize = 256 * 1024;
 /// Times in a row a non-empty class may be passed over for more urgent
 /// ones before it goes next.
 pub const PASSED_OVER_AT_MOST: u8 = 4;
+
+/// The class the writer takes from next, given which classes hold frames:
+/// control if it does; else the most urgent priority that does, unless a
+/// less urgent one was passed over [`PASSED_OVER_AT_MOST`] times in a row
+/// (then the least urgent of those). `passed_over` counts, for each
+/// priority, the takes in a row it held frames and another was chosen; a
+/// take of the control class counts for none. `None` if none holds any.
+fn choose(holds: [bool; CLASSES], passed_over: &mut [u8; CLASSES]) -> Option<usize> {
+    if holds[CONTROL] {
+        return Some(CONTROL);
+    }
+    let urgent = (1..CLASSES).find(|&c| holds[c])?;
+    let chosen = (urgent + 1..CLASSES)
+        .rev()
+        .find(|&c| holds[c] && passed_over[c] >= PASSED_OVER_AT_MOST)
+        .unwrap_or(urgent);
+    for c in 1..CLASSES {
+        passed_over[c] = if c == chosen || !holds[c] {
+            0
+        } else {
+            passed_over[c].saturating_add(1)
+        };
+    }
+    Some(chosen)
+}
 
 /// The class `frame` goes in on `lane`: control frames in the control
 /// class; data in `priority`'s class, or its message's, or normal.
@@ -228,7 +253,7 @@ fn new_queue(frames: usize, bytes: usize, budget: Option<Arc<Budget>>) -> (OutQu
         OutReceiver {
             cores,
             coalesce: false,
-            passed_over: [0; CLASSES],
+            passed_over: std::array::from_fn(|_| AtomicU8::new(0)),
         },
     )
 }
@@ -724,7 +749,7 @@ pub struct QueueStats {
 /// Writers' wakers held back while a reader queues a run of frames (see
 /// [`OutQueue::try_push_raw`]): each writer found asleep is woken once,
 /// when [`Wakes::wake_all`] is called or the batch drops, instead of once
-/// per frame. The batch grows by at most one waker per queue between two
+/// per frame. The batch grows by at most one waker per class of a queue between two
 /// wakes (a writer's waker is handed out once per sleep).
 #[derive(Debug, Default)]
 pub struct Wakes {
@@ -851,8 +876,9 @@ pub struct OutReceiver {
     /// Whether a small batch waits one scheduling turn for more.
     coalesce: bool,
     /// How many takes in a row each class was passed over while it held
-    /// frames.
-    passed_over: [u8; CLASSES],
+    /// frames (see [`choose`]). Only the writer touches them: atomics only
+    /// so that the writer may take through a shared reference.
+    passed_over: [AtomicU8; CLASSES],
 }
 
 impl OutReceiver {
@@ -888,55 +914,51 @@ impl OutReceiver {
         }
     }
 
-    /// The class to take from next, judged without the locks: control if
-    /// it holds frames, else the most urgent priority that does, unless a
-    /// less urgent one was passed over [`PASSED_OVER_AT_MOST`] times (the
-    /// least urgent of those goes first). Counts the classes passed over.
-    /// `None` if every class looks empty.
-    fn next_class(&mut self) -> Option<usize> {
-        let holds = |core: &Core| core.queued.load(Ordering::Relaxed) > 0;
-        if holds(&self.cores[CONTROL]) {
-            return Some(CONTROL);
-        }
-        let urgent = (1..CLASSES).find(|&c| holds(&self.cores[c]))?;
-        let starved = (urgent + 1..CLASSES)
-            .rev()
-            .find(|&c| self.passed_over[c] >= PASSED_OVER_AT_MOST && holds(&self.cores[c]));
-        let chosen = starved.unwrap_or(urgent);
-        // Passed over: a less urgent class that holds frames.
-        for c in 1..CLASSES {
-            self.passed_over[c] = if c > chosen && holds(&self.cores[c]) {
-                self.passed_over[c].saturating_add(1)
-            } else {
-                0
-            };
-        }
-        Some(chosen)
+    /// Which classes hold frames, read without the locks.
+    fn holding(&self) -> [bool; CLASSES] {
+        std::array::from_fn(|c| self.cores[c].queued.load(Ordering::Relaxed) > 0)
     }
 
-    /// Moves the next batch into `batch` (see [`OutReceiver::next_class`]:
-    /// at most about [`TAKE_UP_TO_BYTES`] of one class): `Ready(Some(frames))`
-    /// if it took any, `Ready(None)` once every sender is gone and nothing
-    /// is left, `Pending` (the writer to be woken) if there is nothing yet.
+    /// Takes one batch from the class [`choose`] picks: how many frames,
+    /// 0 if every class looked empty (or was emptied meanwhile).
+    fn take_next(&self, batch: &mut VecDeque<OutItem>) -> usize {
+        let mut passed_over = self
+            .passed_over
+            .each_ref()
+            .map(|c| c.load(Ordering::Relaxed));
+        let chosen = choose(self.holding(), &mut passed_over);
+        for (counter, n) in self.passed_over.iter().zip(passed_over) {
+            counter.store(n, Ordering::Relaxed);
+        }
+        let Some(class) = chosen else {
+            return 0;
+        };
+        let core = &self.cores[class];
+        core.take(&mut core.lock(), batch, class, usize::MAX)
+    }
+
+    /// Moves the next batch into `batch` (at most about
+    /// [`TAKE_UP_TO_BYTES`] of the class [`choose`] picks):
+    /// `Ready(Some(frames))` if it took any, `Ready(None)` once every
+    /// sender is gone and nothing is left, `Pending` (the writer to be
+    /// woken) if there is nothing yet.
     pub(super) fn poll_take(
-        &mut self,
+        &self,
         cx: &mut Context<'_>,
         batch: &mut VecDeque<OutItem>,
     ) -> Poll<Option<usize>> {
-        if let Some(class) = self.next_class() {
-            let core = &self.cores[class];
-            let frames = core.take(&mut core.lock(), batch, class);
-            if frames > 0 {
-                return Poll::Ready(Some(frames));
-            }
+        let frames = self.take_next(batch);
+        if frames > 0 {
+            return Poll::Ready(Some(frames));
         }
-        // Everything looked empty (or was taken meanwhile): each class,
-        // under its lock, is taken from or told to wake the writer, so that
-        // nothing queued from now on is missed.
+        // Everything looked empty: each class, under its lock, is taken
+        // from (a frame queued since the look; rare, so in class order) or
+        // told to wake the writer, so that nothing queued from now on is
+        // missed.
         let mut gone = false;
         for (class, core) in self.cores.iter().enumerate() {
             let mut state = core.lock();
-            let frames = core.take(&mut state, batch, class);
+            let frames = core.take(&mut state, batch, class, usize::MAX);
             if frames > 0 {
                 return Poll::Ready(Some(frames));
             }
@@ -946,34 +968,64 @@ impl OutReceiver {
             }
         }
         if gone {
+            // A class looked at before the last sender left may have had a
+            // frame queued since; once the senders are gone nothing more
+            // comes, so one more look at each is the last.
+            for (class, core) in self.cores.iter().enumerate() {
+                let frames = core.take(&mut core.lock(), batch, class, usize::MAX);
+                if frames > 0 {
+                    return Poll::Ready(Some(frames));
+                }
+            }
             return Poll::Ready(None);
         }
         Poll::Pending
     }
 
-    /// Moves what was queued meanwhile into `batch`, without waiting: the
-    /// control class's, then the most urgent priority's.
+    /// Moves what was queued meanwhile into `batch`, without waiting: one
+    /// more batch, as [`OutReceiver::poll_take`] would take it.
     pub(super) fn take_more(&self, batch: &mut VecDeque<OutItem>) {
-        for (class, core) in self.cores.iter().enumerate() {
-            if core.queued.load(Ordering::Relaxed) == 0 {
-                continue;
+        self.take_next(batch);
+    }
+
+    /// Marks where a goodbye stands: seals what each priority has queued
+    /// and returns how many entries each holds now, the messages to write
+    /// before the goodbye (see [`OutReceiver::take_before`]).
+    pub(super) fn mark(&self) -> [usize; CLASSES] {
+        std::array::from_fn(|class| {
+            if class == CONTROL {
+                return 0;
             }
-            core.take(&mut core.lock(), batch, class);
-            if class != CONTROL {
-                return;
-            }
-        }
+            let core = &self.cores[class];
+            let mut state = core.lock();
+            core.seal(&mut state);
+            state.items.len()
+        })
+    }
+
+    /// Takes, from the most urgent priority that has any left, a batch of
+    /// the entries `left` counts (see [`OutReceiver::mark`]), counting them
+    /// off: nothing queued after the mark. How many frames.
+    pub(super) fn take_before(
+        &self,
+        left: &mut [usize; CLASSES],
+        batch: &mut VecDeque<OutItem>,
+    ) -> usize {
+        let Some(class) = (1..CLASSES).find(|&c| left[c] > 0) else {
+            return 0;
+        };
+        let core = &self.cores[class];
+        let before = batch.len();
+        let frames = core.take(&mut core.lock(), batch, class, left[class]);
+        // Entries cannot be taken from under the writer: what it counted
+        // is there (a closed queue dropped them, and ends the writer).
+        left[class] = left[class].saturating_sub((batch.len() - before).max(1));
+        frames
     }
 
     /// The counter the writer adds what it wrote to.
     pub(super) fn written_counter(&self) -> WrittenCounter {
         WrittenCounter(self.cores[CONTROL].clone())
-    }
-
-    /// Whether some class other than control holds frames (a cold path:
-    /// it takes the locks).
-    pub(super) fn holds_data(&self) -> bool {
-        self.cores[1..].iter().any(|core| core.lock().frames > 0)
     }
 
     /// Gives back what written frames of `class` held.
@@ -1308,16 +1360,22 @@ impl Core {
     }
 
     /// Moves what is queued into `batch`, oldest first, up to about
-    /// [`TAKE_UP_TO_BYTES`] (at least one entry), marking each entry as of
-    /// `class`; how many frames that was.
-    fn take(&self, state: &mut State, batch: &mut VecDeque<OutItem>, class: usize) -> usize {
+    /// [`TAKE_UP_TO_BYTES`] and at most `max_items` entries (at least one),
+    /// marking each entry as of `class`; how many frames that was.
+    fn take(
+        &self,
+        state: &mut State,
+        batch: &mut VecDeque<OutItem>,
+        class: usize,
+        max_items: usize,
+    ) -> usize {
         if state.frames == 0 {
             return 0;
         }
         self.seal(state);
         let (mut frames, mut permits, mut bytes, mut count) = (0, 0, 0, 0);
         for item in state.items.iter_mut() {
-            if count > 0 && bytes >= TAKE_UP_TO_BYTES {
+            if count > 0 && (bytes >= TAKE_UP_TO_BYTES || count >= max_items) {
                 break;
             }
             item.class = class;
@@ -1612,6 +1670,8 @@ mod tests {
         writer.await.expect("join").expect("writer");
     }
 
+    /// A full data class refuses at once; control frames, a class of their
+    /// own, still go.
     #[test]
     fn try_push_reports_full_and_keeps_control_room() {
         let (q, _rx) = out_queue(16, 1000);
@@ -1675,7 +1735,13 @@ mod tests {
         // What `a`'s writer writes goes back (all of it: `a` is empty), and
         // `b` gets it.
         let mut batch = VecDeque::new();
-        a_rx.take_more(&mut batch);
+        loop {
+            let before = batch.len();
+            a_rx.take_more(&mut batch);
+            if batch.len() == before {
+                break;
+            }
+        }
         a_rx.release_batch(&batch);
         assert_eq!(budget.used(), chunk);
         assert!(budget.has_room(3 * chunk) && !budget.has_room(3 * chunk + 1));
@@ -1903,6 +1969,98 @@ mod tests {
         assert_eq!(rx.held(), Held::default(), "nothing held, nobody waits");
     }
 
+    /// Which class goes next, take after take, while the classes marked
+    /// keep holding frames: none is passed over more than
+    /// `PASSED_OVER_AT_MOST` times in a row, the middle ones included.
+    #[test]
+    fn choose_passes_no_busy_class_over_too_often() {
+        let (e, h, n, l) = (
+            data_class(Priority::Express),
+            data_class(Priority::High),
+            data_class(Priority::Normal),
+            data_class(Priority::Low),
+        );
+        let busy = |classes: &[usize]| {
+            let mut holds = [false; CLASSES];
+            for &c in classes {
+                holds[c] = true;
+            }
+            holds
+        };
+        let picks = |holds: [bool; CLASSES], takes: usize| {
+            let mut passed_over = [0u8; CLASSES];
+            (0..takes)
+                .map(|_| choose(holds, &mut passed_over).expect("some class holds frames"))
+                .collect::<Vec<_>>()
+        };
+        // (classes holding frames, takes, the picks)
+        let cases: [(&[usize], usize, Vec<usize>); 4] = [
+            (&[n], 3, vec![n, n, n]),
+            (&[e, l], 6, vec![e, e, e, e, l, e]),
+            (&[e, h, l], 12, vec![e, e, e, e, l, h, e, e, e, l, h, e]),
+            (&[CONTROL, e, l], 3, vec![CONTROL, CONTROL, CONTROL]),
+        ];
+        for (classes, takes, want) in cases {
+            assert_eq!(picks(busy(classes), takes), want, "busy {classes:?}");
+        }
+        // Every busy class gets a take within each run of
+        // `PASSED_OVER_AT_MOST + 1` takes after the first ones.
+        let all = busy(&[e, h, n, l]);
+        let got = picks(all, 200);
+        for class in [e, h, n, l] {
+            let gaps = got
+                .iter()
+                .enumerate()
+                .filter(|(_, &c)| c == class)
+                .map(|(i, _)| i)
+                .collect::<Vec<_>>();
+            let longest = gaps.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+            assert!(!gaps.is_empty(), "class {class} never taken: {got:?}");
+            assert!(
+                longest <= 2 * usize::from(PASSED_OVER_AT_MOST) + 2,
+                "class {class} waited {longest} takes: {got:?}"
+            );
+        }
+        assert_eq!(choose([false; CLASSES], &mut [0; CLASSES]), None);
+    }
+
+    /// A goodbye queued by the last sender just before it leaves is still
+    /// written: the writer finishes only once nothing is left.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_last_senders_goodbye_is_written_before_the_writer_finishes() {
+        use crate::io::{write_queue, FrameReader, WriteEnd};
+        for data_first in [false, true] {
+            let (q, mut rx) = out_queue(64, 1 << 20);
+            // The writer is asleep, registered with every class.
+            let waker = std::task::Waker::noop();
+            let mut cx = Context::from_waker(waker);
+            assert!(rx.poll_take(&mut cx, &mut VecDeque::new()).is_pending());
+            if data_first {
+                q.try_push_at(numbered(1, 10), Priority::Low).expect("room");
+            }
+            q.try_push(OutFrame::control(Header::Goodbye), Lane::Control)
+                .expect("room");
+            drop(q);
+            let (mut client, server) = tokio::io::duplex(64 * 1024);
+            let end = write_queue(&mut client, &mut rx, 1 << 20, Vec::new())
+                .await
+                .expect("written");
+            assert_eq!(end, WriteEnd::Finished);
+            drop(client);
+            let mut reader = FrameReader::new(server, FrameCodec::new(1 << 20));
+            let mut got = Vec::new();
+            while let Some(frame) = reader.next().await.expect("whole frames") {
+                got.push(matches!(frame.header(), Header::Goodbye));
+            }
+            let want = if data_first {
+                vec![false, true]
+            } else {
+                vec![true]
+            };
+            assert_eq!(got, want, "goodbyes among the frames read");
+        }
+    }
+
     /// A class that holds frames while more urgent ones keep coming is
     /// passed over at most `PASSED_OVER_AT_MOST` times in a row.
     #[test]
@@ -1947,10 +2105,35 @@ mod tests {
     }
 
     /// A goodbye is written after the messages queued before it, even
-    /// those of less urgent classes than its own, and nothing after it.
+    /// those of less urgent classes than its own, and nothing queued after
+    /// the writer took it.
     #[tokio::test(flavor = "current_thread")]
     async fn a_goodbye_goes_after_the_messages_queued_before_it() {
         use crate::io::{write_queue, FrameReader, WriteEnd};
+        let (q, rx) = out_queue(64, 1 << 20);
+        for token in 0..3 {
+            q.try_push_at(numbered(token, 10), Priority::Low)
+                .expect("room");
+        }
+        q.try_push(OutFrame::control(Header::Goodbye), Lane::Control)
+            .expect("room");
+        // The writer takes the goodbye (control first) and marks what was
+        // queued before it; a message queued after that is not written.
+        let mut taken = VecDeque::new();
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert!(rx.poll_take(&mut cx, &mut taken).is_ready());
+        let mut left = rx.mark();
+        q.try_push_at(numbered(9, 10), Priority::Express)
+            .expect("room");
+        let mut before = VecDeque::new();
+        while rx.take_before(&mut left, &mut before) > 0 {}
+        let tokens: Vec<u64> = before.iter().flat_map(tokens_of).collect();
+        assert_eq!(tokens, vec![0, 1, 2], "only what was queued before");
+        rx.release_batch(&before);
+        rx.release_batch(&taken);
+        drop(rx);
+        // The whole writer: the same, end to end.
         let (q, mut rx) = out_queue(64, 1 << 20);
         for token in 0..3 {
             q.try_push_at(numbered(token, 10), Priority::Low)
@@ -2014,8 +2197,8 @@ mod tests {
         assert_eq!(rx.poll_take(&mut cx, &mut batch), Poll::Ready(None));
     }
 
-    /// A burst is staged in chunks, queued one after the other in order;
-    /// the staging buffer never grows past one chunk.
+    /// A staged frame over the connection's limit is accepted and dropped
+    /// (as the writer drops one), holding nothing; the next one goes.
     #[test]
     fn a_staged_frame_over_the_limit_is_dropped() {
         let (q, mut rx) = out_queue(64, 1 << 20);
@@ -2146,7 +2329,7 @@ mod tests {
     /// once, when the batch is woken (or dropped), not per frame.
     #[test]
     fn held_back_wakes_wake_the_writer_once_per_batch() {
-        let (q, mut rx) = out_queue(64, 1 << 20);
+        let (q, rx) = out_queue(64, 1 << 20);
         let counter = Arc::new(CountingWaker(std::sync::atomic::AtomicUsize::new(0)));
         let waker = std::task::Waker::from(counter.clone());
         let mut cx = Context::from_waker(&waker);

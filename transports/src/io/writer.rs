@@ -52,10 +52,12 @@ struct Release<'a> {
 }
 
 impl Release<'_> {
-    fn add(&mut self, item: &OutItem) {
-        let held = &mut self.held[item.class];
-        held.0 += item.permits;
-        held.1 += item.data;
+    fn add_all<'i>(&mut self, items: impl Iterator<Item = &'i OutItem>) {
+        for item in items {
+            let held = &mut self.held[item.class];
+            held.0 += item.permits;
+            held.1 += item.data;
+        }
     }
 }
 
@@ -88,7 +90,8 @@ fn is_goodbye(item: &OutItem) -> bool {
 /// in the queue. A reconnected link resends through it what awaits an
 /// outcome.
 ///
-/// Each batch (everything queued when the writer looks) goes out in as few
+/// Each batch (at most about 256 KiB of one class, see
+/// [`OutReceiver`]'s classes) goes out in as few
 /// vectored writes as the kernel takes: headers and small bodies are copied
 /// into one buffer, bodies of [`VECTORED_MIN_BYTES`] and more are written
 /// from their own `Bytes`.
@@ -134,19 +137,46 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
     // that may gather nothing, and small batches seen.
     let mut credit = COALESCE_CREDIT;
     let mut small_batches = 0u32;
-    // A goodbye taken while messages still wait: written once they are.
-    let mut goodbye = None;
+    // A goodbye taken, and the messages queued before it that are still to
+    // be written (entries per class, see `OutReceiver::mark`).
+    let mut goodbye: Option<(Queued, [usize; CLASSES])> = None;
     loop {
-        let took = tokio::select! {
-            biased;
-            _ = closed.cancelled() => return Ok(WriteEnd::Closed),
-            took = std::future::poll_fn(|cx| rx.poll_take(cx, &mut batch)) => took,
+        let frames = match goodbye.as_mut() {
+            Some((_, left)) => match rx.take_before(left, &mut batch) {
+                0 => {
+                    // Everything queued before it is written: it goes now,
+                    // and nothing after it.
+                    if let Some((what, _)) = goodbye.take() {
+                        out.add(what);
+                    }
+                    if let Some(end) = out.write(io, &closed, &written).await? {
+                        return Ok(end);
+                    }
+                    continue;
+                }
+                frames => frames,
+            },
+            None => {
+                let took = tokio::select! {
+                    biased;
+                    _ = closed.cancelled() => return Ok(WriteEnd::Closed),
+                    took = std::future::poll_fn(|cx| rx.poll_take(cx, &mut batch)) => took,
+                };
+                let Some(frames) = took else {
+                    io.shutdown().await?;
+                    return Ok(WriteEnd::Finished);
+                };
+                frames
+            }
         };
-        let Some(frames) = took else {
-            io.shutdown().await?;
-            return Ok(WriteEnd::Finished);
+        // What the batch holds is given back however this turn ends (the
+        // future may be dropped at any await below).
+        let mut release = Release {
+            rx,
+            held: [(0, 0); CLASSES],
         };
-        if rx.coalesces() && frames < COALESCE_BELOW {
+        release.add_all(batch.iter());
+        if rx.coalesces() && frames < COALESCE_BELOW && goodbye.is_none() {
             small_batches = small_batches.wrapping_add(1);
             // Only while waiting pays off: a lone request/reply pair gains
             // nothing from it but latency.
@@ -154,6 +184,7 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
                 let before = batch.len();
                 tokio::task::yield_now().await;
                 rx.take_more(&mut batch);
+                release.add_all(batch.iter().skip(before));
                 credit = if batch.len() > before {
                     COALESCE_CREDIT
                 } else {
@@ -161,24 +192,20 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
                 };
             }
         }
-        let mut release = Release {
-            rx,
-            held: [(0, 0); CLASSES],
-        };
+        let mut after_goodbye = false;
         for item in batch.drain(..) {
-            release.add(&item);
-            if is_goodbye(&item) {
+            if after_goodbye {
+                // Queued after the goodbye: not written.
+                continue;
+            }
+            if goodbye.is_none() && is_goodbye(&item) {
                 // It goes last: after every message queued before it, which
                 // may wait in less urgent classes than its own.
-                goodbye = Some(item.what);
+                goodbye = Some((item.what, rx.mark()));
+                after_goodbye = true;
                 continue;
             }
             out.add(item.what);
-        }
-        if goodbye.is_some() && !rx.holds_data() {
-            if let Some(what) = goodbye.take() {
-                out.add(what);
-            }
         }
         let end = out.write(io, &closed, &written).await;
         drop(release);
