@@ -36,7 +36,7 @@ use crate::protocol::{Header, MessageRef, Priority};
 /// Classes of a connection's queue: control, then one per priority.
 pub const CLASSES: usize = 1 + Priority::ALL.len();
 /// The class of the protocol's own frames.
-const CONTROL: usize = 0;
+pub(super) const CONTROL: usize = 0;
 /// The class of `priority`'s messages.
 const fn data_class(priority: Priority) -> usize {
     1 + priority.index()
@@ -2025,12 +2025,18 @@ mod tests {
     }
 
     /// A goodbye queued by the last sender just before it leaves is still
-    /// written: the writer finishes only once nothing is left.
+    /// written, after the message queued before it: the writer finishes
+    /// only once nothing is left. Also when the writer coalesces small
+    /// batches and takes the message into the goodbye's batch (it was lost
+    /// so once: a one-way message a node sent just before it stopped).
     #[tokio::test(flavor = "current_thread")]
     async fn the_last_senders_goodbye_is_written_before_the_writer_finishes() {
         use crate::io::{write_queue, FrameReader, WriteEnd};
-        for data_first in [false, true] {
+        for (data_first, coalesce) in [(false, false), (true, false), (true, true)] {
             let (q, mut rx) = out_queue(64, 1 << 20);
+            if coalesce {
+                rx.coalesce_small_batches();
+            }
             // The writer is asleep, registered with every class.
             let waker = std::task::Waker::noop();
             let mut cx = Context::from_waker(waker);

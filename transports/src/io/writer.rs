@@ -8,7 +8,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use super::queue::{OutItem, OutReceiver, Queued, WrittenCounter, CLASSES};
+use super::queue::{OutItem, OutReceiver, Queued, WrittenCounter, CLASSES, CONTROL};
 use super::READ_CHUNK_BYTES;
 use crate::frame::{encode_header, FrameError, OutFrame, LENGTH_PREFIX_BYTES};
 use crate::protocol::Header;
@@ -194,8 +194,10 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
         }
         let mut after_goodbye = false;
         for item in batch.drain(..) {
-            if after_goodbye {
-                // Queued after the goodbye: not written.
+            if after_goodbye && item.class == CONTROL {
+                // Queued after the goodbye: not written. (Messages in the
+                // batch were taken before the goodbye's mark: they are
+                // written, as those the mark counts.)
                 continue;
             }
             if goodbye.is_none() && is_goodbye(&item) {
