@@ -303,9 +303,19 @@ async fn json_and_metrics_show_a_live_cluster() -> anyhow::Result<()> {
         for id in ["node-a", "node-b", "app-1"] {
             assert!(joined.contains(&id), "{id} did not join: {events:#}");
         }
-        // The snapshot holds all of it.
+        // The snapshot holds all of it, the queue per priority included.
         let all = get_json(monitor, "/api/v1/snapshot").await?;
         assert_eq!(all["members"].as_array().map(Vec::len), Some(3));
+        let node_a = all["nodes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["id"] == "node-a"))
+            .context("node-a in the snapshot's nodes")?;
+        for priority in ["express", "high", "normal", "low"] {
+            assert!(
+                node_a["queue"]["by_priority"][priority].is_u64(),
+                "no {priority} count in node-a's queue: {node_a:#}"
+            );
+        }
         let (status, _, _) = get(monitor, "/nope", None).await?;
         assert_eq!(status, 404);
 
@@ -336,6 +346,9 @@ async fn check_metrics(monitor: SocketAddr) -> anyhow::Result<()> {
         "clustercomm_server_node_direct_received_messages_total{node=\"node-a\"} 1",
         "# TYPE clustercomm_server_node_queue_bytes gauge",
         "# TYPE clustercomm_server_message_bytes_total counter",
+        "# TYPE clustercomm_server_node_queue_priority_frames gauge",
+        "clustercomm_server_node_queue_priority_frames{node=\"node-a\",priority=\"express\"} 0",
+        "clustercomm_server_node_queue_priority_frames{node=\"node-a\",priority=\"low\"} 0",
     ] {
         let (name, value) = line.rsplit_once(' ').context("a sample line")?;
         let found = text.lines().any(|l| {

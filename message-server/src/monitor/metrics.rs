@@ -329,6 +329,22 @@ impl Collector for SnapshotCollector {
         gauges(
             &mut enc,
             (
+                "clustercomm_server_node_queue_priority_frames",
+                "Messages queued to the node at each priority, not yet taken by its writer.",
+                None,
+            ),
+            s.nodes.iter().flat_map(|n| {
+                n.queue.by_priority.named().map(|(priority, frames)| {
+                    (
+                        [("node", n.id.as_str()), ("priority", priority)],
+                        frames as u64,
+                    )
+                })
+            }),
+        )?;
+        gauges(
+            &mut enc,
+            (
                 "clustercomm_server_node_queue_wait_estimate",
                 "Estimated time a message waits in the node's queue (Little's law, or the time since its writer last wrote).",
                 Some(Unit::Seconds),

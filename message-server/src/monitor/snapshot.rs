@@ -180,6 +180,44 @@ pub struct QueueDepth {
     pub wait_ms_estimate: Option<u64>,
     /// Bytes its writer has written to the node's socket.
     pub written_bytes: u64,
+    /// Of `frames`, the messages queued at each priority (each has a queue
+    /// of its own, see the README's Priorities).
+    pub by_priority: ByPriority,
+}
+
+/// A count per message priority.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct ByPriority {
+    /// `Express`.
+    pub express: usize,
+    /// `High`.
+    pub high: usize,
+    /// `Normal`.
+    pub normal: usize,
+    /// `Low`.
+    pub low: usize,
+}
+
+impl ByPriority {
+    /// The counts, in [`transports::protocol::Priority::ALL`]'s order.
+    fn of([express, high, normal, low]: [usize; 4]) -> ByPriority {
+        ByPriority {
+            express,
+            high,
+            normal,
+            low,
+        }
+    }
+
+    /// Each priority's name and count.
+    pub fn named(&self) -> [(&'static str, usize); 4] {
+        [
+            ("express", self.express),
+            ("high", self.high),
+            ("normal", self.normal),
+            ("low", self.low),
+        ]
+    }
 }
 
 /// Rates over the last window.
@@ -426,6 +464,7 @@ pub(crate) fn gather(
                     limit_bytes: ms.queue_bytes,
                     wait_ms_estimate,
                     written_bytes: stats.written_bytes,
+                    by_priority: ByPriority::of(stats.frames_by_priority),
                 },
                 rates,
                 paths: Paths {

@@ -680,8 +680,11 @@ impl OutQueue {
             written_bytes: self.written_bytes(),
             ..QueueStats::default()
         };
-        for core in self.shared.cores.iter() {
+        for (class, core) in self.shared.cores.iter().enumerate() {
             let state = core.lock();
+            if class != CONTROL {
+                stats.frames_by_priority[class - 1] = state.frames;
+            }
             stats.frames += state.frames;
             stats.data += state.data;
             stats.bytes += state.bytes;
@@ -744,6 +747,9 @@ pub struct QueueStats {
     pub bytes_total: u64,
     /// Bytes the writer has written (see [`OutQueue::written_bytes`]).
     pub written_bytes: u64,
+    /// Frames queued and not yet taken, per priority (in
+    /// [`Priority::ALL`]'s order).
+    pub frames_by_priority: [usize; 4],
 }
 
 /// Writers' wakers held back while a reader queues a run of frames (see
