@@ -1937,6 +1937,24 @@ mod tests {
         drop(rx);
     }
 
+    /// Runs the writer on `rx` until it finishes (a goodbye written, or
+    /// every sender gone) and reads back the headers of what it wrote.
+    async fn write_to_the_end(rx: &mut OutReceiver) -> Vec<Header> {
+        use crate::io::{write_queue, FrameReader, WriteEnd};
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let end = write_queue(&mut client, rx, 1 << 20, Vec::new())
+            .await
+            .expect("written");
+        assert_eq!(end, WriteEnd::Finished);
+        drop(client);
+        let mut reader = FrameReader::new(server, FrameCodec::new(1 << 20));
+        let mut headers = Vec::new();
+        while let Some(frame) = reader.next().await.expect("whole frames") {
+            headers.push(frame.header().clone());
+        }
+        headers
+    }
+
     /// Takes one batch, as the writer does, and gives back what it held.
     fn take_once(rx: &mut OutReceiver) -> Vec<u64> {
         let mut batch = VecDeque::new();
@@ -2037,7 +2055,6 @@ mod tests {
     /// so once: a one-way message a node sent just before it stopped).
     #[tokio::test(flavor = "current_thread")]
     async fn the_last_senders_goodbye_is_written_before_the_writer_finishes() {
-        use crate::io::{write_queue, FrameReader, WriteEnd};
         for (data_first, coalesce) in [(false, false), (true, false), (true, true)] {
             let (q, mut rx) = out_queue(64, 1 << 20);
             if coalesce {
@@ -2053,17 +2070,11 @@ mod tests {
             q.try_push(OutFrame::control(Header::Goodbye), Lane::Control)
                 .expect("room");
             drop(q);
-            let (mut client, server) = tokio::io::duplex(64 * 1024);
-            let end = write_queue(&mut client, &mut rx, 1 << 20, Vec::new())
+            let got: Vec<bool> = write_to_the_end(&mut rx)
                 .await
-                .expect("written");
-            assert_eq!(end, WriteEnd::Finished);
-            drop(client);
-            let mut reader = FrameReader::new(server, FrameCodec::new(1 << 20));
-            let mut got = Vec::new();
-            while let Some(frame) = reader.next().await.expect("whole frames") {
-                got.push(matches!(frame.header(), Header::Goodbye));
-            }
+                .iter()
+                .map(|h| matches!(h, Header::Goodbye))
+                .collect();
             let want = if data_first {
                 vec![false, true]
             } else {
@@ -2121,7 +2132,6 @@ mod tests {
     /// the writer took it.
     #[tokio::test(flavor = "current_thread")]
     async fn a_goodbye_goes_after_the_messages_queued_before_it() {
-        use crate::io::{write_queue, FrameReader, WriteEnd};
         let (q, rx) = out_queue(64, 1 << 20);
         for token in 0..3 {
             q.try_push_at(numbered(token, 10), Priority::Low)
@@ -2153,21 +2163,15 @@ mod tests {
         }
         q.try_push(OutFrame::control(Header::Goodbye), Lane::Control)
             .expect("room");
-        let (mut client, server) = tokio::io::duplex(64 * 1024);
-        let end = write_queue(&mut client, &mut rx, 1 << 20, Vec::new())
+        let got: Vec<Option<u64>> = write_to_the_end(&mut rx)
             .await
-            .expect("written");
-        assert_eq!(end, WriteEnd::Finished);
-        drop(client);
-        let mut reader = FrameReader::new(server, FrameCodec::new(1 << 20));
-        let mut got = Vec::new();
-        while let Some(frame) = reader.next().await.expect("whole frames") {
-            got.push(match frame.header() {
+            .iter()
+            .map(|h| match h {
                 Header::Subscribed { token } => Some(*token),
                 Header::Goodbye => None,
                 other => panic!("unexpected frame {other:?}"),
-            });
-        }
+            })
+            .collect();
         assert_eq!(got, vec![Some(0), Some(1), Some(2), None]);
         drop(q);
     }
