@@ -361,12 +361,18 @@ pub struct LimitsConfig {
     /// `PayloadTooLarge` before anything is sent.
     /// Default [`DEFAULT_MAX_MESSAGE_BYTES`].
     pub max_message_bytes: u64,
+    /// A frame whose header and body are larger than this travels in
+    /// parts of this size, interleaved with other frames on every hop, so
+    /// that a small message never waits behind more than one part of a
+    /// large body. 4 KiB to 16 MiB; default [`DEFAULT_CHUNK_BYTES`].
+    pub chunk_bytes: usize,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
         }
     }
 }

@@ -153,6 +153,13 @@ impl Config {
                 return bad(key, format!("{v} is below the minimum of {min}"));
             }
         }
+        let chunk = self.limits.chunk_bytes;
+        if !(transports::io::MIN_CHUNK_BYTES..=16 * 1024 * 1024).contains(&chunk) {
+            return bad(
+                "limits.chunk_bytes",
+                format!("{chunk} is outside 4096 to 16777216 (4 KiB to 16 MiB)"),
+            );
+        }
         let chunk = self.node.read_chunk_bytes;
         if !(4 * 1024..=16 * 1024 * 1024).contains(&chunk) {
             return bad(
@@ -172,11 +179,12 @@ impl Config {
                 ),
             );
         }
-        let max_frame_body = u64::from(u32::MAX) - transports::frame::MAX_HEADER_BYTES as u64;
+        let max_frame_body =
+            transports::frame::MAX_FRAME_LEN as u64 - transports::frame::MAX_HEADER_BYTES as u64;
         if self.limits.max_message_bytes > max_frame_body {
             return bad(
                 "limits.max_message_bytes",
-                format!("must be at most {max_frame_body} (4 GiB less a header)"),
+                format!("must be at most {max_frame_body} (2 GiB less a header)"),
             );
         }
         if self.lazy.threshold_bytes > self.limits.max_message_bytes {

@@ -269,11 +269,12 @@ pub(crate) async fn serve(
         // A registered node that starts a frame and stalls in it is cut
         // off after the failure timeout, heartbeats or not.
         reader.set_stall_limit(shared.config.failure_timeout());
-        let (queue, rx) = out_queue_within(
+        let (queue, mut rx) = out_queue_within(
             shared.config.message_server.queue_frames,
             shared.config.message_server.queue_bytes,
             shared.budget.clone(),
         );
+        rx.chunk_above(shared.config.limits.chunk_bytes);
         let me = MemberInfo {
             id: hello.node.clone(),
             incarnation: hello.incarnation,

@@ -242,6 +242,7 @@ impl NodeBuilder {
         let (queue, mut rx) = out_queue(config.node.queue_frames, config.node.queue_bytes);
         // The application's sends come in bursts: let them share writes.
         rx.coalesce_small_batches();
+        rx.chunk_above(config.limits.chunk_bytes);
         let role = hello.role;
         let address = link.address.clone();
         let rt = Runtime::new(Parts {

@@ -32,6 +32,10 @@ use crate::counters::Counters;
 use crate::runtime::Runtime;
 use crate::services::Answer;
 
+/// Parts of large bodies a channel's writer sends ahead of what its peer
+/// has read ([`transports::OutReceiver::window_parts`]), in chunks.
+pub(crate) const PART_WINDOW_CHUNKS: usize = 2;
+
 /// The channel of `kind` to `peer`, opening it if needed (one opener at a
 /// time per peer).
 ///
@@ -205,6 +209,11 @@ async fn open(
     let (queue, mut rx) = out_queue(config.node.queue_frames, config.node.queue_bytes);
     // The application's sends come in bursts: let them share writes.
     rx.coalesce_small_batches();
+    rx.chunk_above(config.limits.chunk_bytes);
+    // Large bodies go in parts, a few ahead of what the peer has read:
+    // the sockets hold little of them, so a small message written after
+    // waits for little (the peer grants each part as it reads it).
+    rx.window_parts(PART_WINDOW_CHUNKS * config.limits.chunk_bytes);
     let conn = Arc::new(DirectConn {
         peer: peer.clone(),
         kind,
@@ -249,6 +258,7 @@ async fn outgoing_reader(
         match frame {
             Ok(Some(frame)) => match frame.into_parts().0 {
                 Header::Pong { .. } => {}
+                Header::Credit { read } => conn.queue.grant(read),
                 Header::Ack(ack) if ack.from == conn.peer => {
                     if ack.to_incarnation == rt.incarnation() {
                         conn.settled(ack.seq);
@@ -550,6 +560,8 @@ async fn serve_inbound(
     // failure timeout.
     reader.set_stall_limit(config.failure_timeout());
     let (queue, rx) = out_queue(config.node.queue_frames, config.node.queue_bytes);
+    // The opener writes large bodies in parts as this grants them.
+    reader.grant_to(queue.clone());
     rt.tasks.spawn(
         async move {
             if let Err(e) = transports::run_writer(wr, rx, codec.max_frame()).await {

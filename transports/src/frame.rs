@@ -42,6 +42,39 @@ pub const COPY_FRAMES_UP_TO: usize = 4 * 1024;
 /// ([`crate::io::FrameReader`] gives each a buffer of exactly its size).
 pub const RESERVE_FRAMES_UP_TO: usize = 1024 * 1024;
 
+/// The top bit of a length prefix marks a *part*: one chunk of a frame
+/// whose contents (header and body) are larger than the writer's chunk
+/// size (`limits.chunk_bytes`). A large frame thus never holds the
+/// connection for longer than one chunk: the writer interleaves its parts
+/// with other frames.
+///
+/// ```text
+/// +----------------------------+-------+----------------+---------------+
+/// | PART_BIT | len (u32 BE)    | flags | total (u32 BE) | piece         |
+/// +----------------------------+-------+----------------+---------------+
+///                              |  1 B  | first part only|<- the rest  ->|
+/// ```
+///
+/// `flags` holds the lane (the low three bits, below [`PART_LANES`]),
+/// [`PART_FIRST`] and [`PART_LAST`]. The first part of a frame declares
+/// the frame's whole length (checked against the limit before anything is
+/// reserved); its pieces, concatenated in order, are the frame's contents.
+/// Parts of different frames interleave only across lanes: on one lane a
+/// frame's parts come one after the other, so the reader keeps at most one
+/// frame in assembly per lane.
+pub const PART_BIT: u32 = 1 << 31;
+/// The flag of a frame's first part, which carries the frame's length.
+pub const PART_FIRST: u8 = 0x40;
+/// The flag of a frame's last part.
+pub const PART_LAST: u8 = 0x80;
+/// The bits of a part's flags that name its lane.
+pub const PART_LANE_MASK: u8 = 0x07;
+/// Lanes a connection may have frames in assembly on at once: one per
+/// class of the outgoing queue (control and the four priorities).
+pub const PART_LANES: usize = 5;
+/// Largest frame length a prefix may declare (the top bit marks parts).
+pub const MAX_FRAME_LEN: usize = (PART_BIT - 1) as usize;
+
 /// Largest frame a peer may send before it has proven who it is: its
 /// hello, its proof, or a refusal. A few KiB, so that unauthenticated
 /// connections cost next to nothing however many there are.
@@ -86,6 +119,11 @@ pub enum FrameError {
     /// (see `FrameReader::set_stall_limit`).
     #[error("the peer stalled in the middle of a frame for {0:?} ({1} bytes buffered)")]
     Stalled(std::time::Duration, usize),
+    /// A part of a chunked frame (see [`PART_BIT`]) broke the rules: an
+    /// unknown lane or flag, a part that continues no frame, or parts that
+    /// do not add up to the length the first one declared.
+    #[error("malformed chunk of a frame: {0}")]
+    BadPart(&'static str),
     /// Reading or writing the socket failed.
     #[error("i/o error on the connection")]
     Io(#[from] std::io::Error),
@@ -197,7 +235,7 @@ pub fn encode_header(
         return Err(FrameError::HeaderTooLarge { size: header_len });
     }
     let total = header_len + body_len;
-    if total > max_frame || total > u32::MAX as usize {
+    if total > max_frame || total > MAX_FRAME_LEN {
         dst.truncate(start);
         return Err(FrameError::TooLarge {
             declared: total as u64,
@@ -259,7 +297,7 @@ impl FrameCodec {
     /// A codec refusing frames over `max_frame` bytes.
     pub fn new(max_frame: usize) -> Self {
         FrameCodec {
-            max_frame,
+            max_frame: max_frame.min(MAX_FRAME_LEN),
             copy_small: true,
             reserve_up_to: RESERVE_FRAMES_UP_TO,
         }
@@ -292,7 +330,7 @@ impl FrameCodec {
         let max = usize::try_from(max_message_bytes)
             .unwrap_or(usize::MAX)
             .saturating_add(MAX_HEADER_BYTES)
-            .min(u32::MAX as usize);
+            .min(MAX_FRAME_LEN);
         FrameCodec::new(max)
     }
 
@@ -303,7 +341,7 @@ impl FrameCodec {
 
     /// Changes the limit, as after a handshake.
     pub fn set_max_frame(&mut self, max_frame: usize) {
-        self.max_frame = max_frame;
+        self.max_frame = max_frame.min(MAX_FRAME_LEN);
     }
 }
 

@@ -15,7 +15,7 @@ use smol_str::SmolStr;
 
 /// The protocol version this build speaks. Peers with another version are
 /// refused at the handshake with [`RefusalReason::VersionMismatch`].
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// Bytes of a handshake nonce.
 pub const NONCE_BYTES: usize = 16;
@@ -933,6 +933,14 @@ pub enum Header {
         /// Why it ended: its count, its time, or a refusal.
         reason: String,
     },
+    /// The reader of a connection read this many bytes of parts (chunks
+    /// of large frames, see [`crate::frame::PART_BIT`]) so far: the
+    /// writer at the other end may send more (see
+    /// [`crate::io::OutQueue::grant`]).
+    Credit {
+        /// Bytes of parts read since the connection opened.
+        read: u64,
+    },
 }
 
 impl Header {
@@ -964,6 +972,7 @@ impl Header {
             Header::TraceStarted => "trace started",
             Header::Traced(_) => "traced",
             Header::TraceEnd { .. } => "trace end",
+            Header::Credit { .. } => "credit",
         }
     }
 }

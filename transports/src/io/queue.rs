@@ -16,6 +16,12 @@
 //! line may take room, and nobody overtakes the line); control needs only a
 //! frame slot. Room is given back when the writer has written what it took
 //! ([`OutReceiver::release`]), and senders waiting for it are woken then.
+//!
+//! Frames larger than the chunk size ([`OutReceiver::chunk_above`]) are
+//! large: the writer sends them in parts between other frames. A large
+//! frame holds at most three quarters of its class's bytes, and large
+//! frames wait for room in a line of their own, so that small frames
+//! never wait for a large one to find room.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -51,13 +57,19 @@ pub const TAKE_UP_TO_BYTES: usize = 256 * 1024;
 /// ones before it goes next.
 pub const PASSED_OVER_AT_MOST: u8 = 4;
 
+/// The chunk size a writer uses unless told otherwise
+/// ([`OutReceiver::chunk_above`]): `limits.chunk_bytes`' default.
+pub const DEFAULT_CHUNK_BYTES: usize = 256 * 1024;
+/// The smallest chunk size a writer takes.
+pub const MIN_CHUNK_BYTES: usize = 4 * 1024;
+
 /// The class the writer takes from next, given which classes hold frames:
 /// control if it does; else the most urgent priority that does, unless a
 /// less urgent one was passed over [`PASSED_OVER_AT_MOST`] times in a row
 /// (then the least urgent of those). `passed_over` counts, for each
 /// priority, the takes in a row it held frames and another was chosen; a
 /// take of the control class counts for none. `None` if none holds any.
-fn choose(holds: [bool; CLASSES], passed_over: &mut [u8; CLASSES]) -> Option<usize> {
+pub(super) fn choose(holds: [bool; CLASSES], passed_over: &mut [u8; CLASSES]) -> Option<usize> {
     if holds[CONTROL] {
         return Some(CONTROL);
     }
@@ -253,6 +265,8 @@ fn new_queue(frames: usize, bytes: usize, budget: Option<Arc<Budget>>) -> (OutQu
         OutReceiver {
             cores,
             coalesce: false,
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
+            window: None,
             passed_over: std::array::from_fn(|_| AtomicU8::new(0)),
         },
     )
@@ -277,6 +291,9 @@ fn new_core(frames: usize, bytes: usize, budget: Option<Arc<Budget>>) -> Arc<Cor
         taken: AtomicU64::new(0),
         progress: Notify::new(),
         progress_waiters: AtomicUsize::new(0),
+        granted: AtomicU64::new(0),
+        chunk_bytes: AtomicUsize::new(DEFAULT_CHUNK_BYTES),
+        grants: Notify::new(),
         budget,
         max_frame: AtomicUsize::new(u32::MAX as usize),
     })
@@ -312,7 +329,10 @@ impl OutQueue {
         let put = {
             let mut state = core.lock();
             let fits = match lane {
-                Lane::Data => state.waiting.is_empty() && core.data_fits(&mut state, permits),
+                Lane::Data => {
+                    let large = core.is_large(frame.frame().payload_len());
+                    core.nobody_waits(&state, large) && core.data_fits(&mut state, permits)
+                }
                 Lane::Control => core.control_fits(&state),
             };
             if !fits {
@@ -532,6 +552,7 @@ impl OutQueue {
         let mut place = Place {
             core,
             lane,
+            large: lane == Lane::Data && core.is_large(frame.payload_len()),
             ticket: None,
             counted: false,
         };
@@ -580,6 +601,17 @@ impl OutQueue {
             .cores
             .iter()
             .any(|core| core.congested.load(Ordering::Relaxed))
+    }
+
+    /// The peer says it has read `read` bytes of the parts written to it
+    /// so far (a `Credit` frame, see [`crate::io::FrameReader::grant_to`]):
+    /// a writer with a window ([`OutReceiver::window_parts`]) may write
+    /// parts up to `read` plus the window. Older news is ignored.
+    pub fn grant(&self, read: u64) {
+        let core = self.core();
+        if core.granted.fetch_max(read, Ordering::AcqRel) < read {
+            core.grants.notify_waiters();
+        }
     }
 
     /// A reference that does not keep the queue open.
@@ -881,6 +913,12 @@ pub struct OutReceiver {
     cores: [Arc<Core>; CLASSES],
     /// Whether a small batch waits one scheduling turn for more.
     coalesce: bool,
+    /// Frames whose contents are larger than this are written in parts
+    /// of this size (see [`OutReceiver::chunk_above`]).
+    chunk_bytes: usize,
+    /// Bytes of parts that may be written beyond what the peer said it
+    /// read (see [`OutReceiver::window_parts`]); none: no window.
+    window: Option<u64>,
     /// How many takes in a row each class was passed over while it held
     /// frames (see [`choose`]). Only the writer touches them: atomics only
     /// so that the writer may take through a shared reference.
@@ -899,6 +937,58 @@ impl OutReceiver {
     /// [`COALESCE_PROBE_EVERY`](super::COALESCE_PROBE_EVERY) small batches.
     pub fn coalesce_small_batches(&mut self) {
         self.coalesce = true;
+    }
+
+    /// Has the writer send a frame whose contents (header and body) are
+    /// larger than `chunk_bytes` in parts of at most that size
+    /// ([`crate::frame::PART_BIT`]), interleaved with the other frames: a
+    /// frame queued behind it, or in a more urgent class, waits for one
+    /// part at most, not for the whole of it. At least
+    /// [`MIN_CHUNK_BYTES`]; [`DEFAULT_CHUNK_BYTES`] unless set.
+    pub fn chunk_above(&mut self, chunk_bytes: usize) {
+        self.chunk_bytes = chunk_bytes.max(MIN_CHUNK_BYTES);
+        for core in &self.cores {
+            core.chunk_bytes.store(self.chunk_bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// See [`OutReceiver::chunk_above`].
+    pub(super) fn chunk_bytes(&self) -> usize {
+        self.chunk_bytes
+    }
+
+    /// Has the writer keep at most `window` bytes of parts between itself
+    /// and the peer's reader: a part goes out only while the bytes of
+    /// parts written exceed those the peer said it read
+    /// ([`OutQueue::grant`]) by less than `window`. The socket buffers then
+    /// hold little of a large frame, and a small frame written after them
+    /// waits for that little. Only for a peer whose reader grants
+    /// ([`crate::io::FrameReader::grant_to`]): without grants, parts stop
+    /// after the first window.
+    pub fn window_parts(&mut self, window: usize) {
+        self.window = Some(window.max(1) as u64);
+    }
+
+    /// Whether a part may go out after `sent` bytes of parts.
+    pub(super) fn may_send_part(&self, sent: u64) -> bool {
+        match self.window {
+            None => true,
+            Some(window) => sent < self.cores[CONTROL].granted.load(Ordering::Acquire) + window,
+        }
+    }
+
+    /// Waits until a part may go out after `sent` bytes of parts.
+    pub(super) async fn part_granted(&self, sent: u64) {
+        let core = &self.cores[CONTROL];
+        loop {
+            let granted = core.grants.notified();
+            tokio::pin!(granted);
+            granted.as_mut().enable();
+            if self.may_send_part(sent) {
+                return;
+            }
+            granted.await;
+        }
     }
 
     /// Whether small batches wait a turn (see
@@ -928,19 +1018,36 @@ impl OutReceiver {
     /// Takes one batch from the class [`choose`] picks: how many frames,
     /// 0 if every class looked empty (or was emptied meanwhile).
     fn take_next(&self, batch: &mut VecDeque<OutItem>) -> usize {
+        let before = batch.len();
+        self.take_turn(batch, [false; CLASSES]);
+        batch.len() - before
+    }
+
+    /// One turn of the writer: the class [`choose`] picks among those
+    /// that hold frames and those `also` names (the writer's frames being
+    /// written in parts), with a batch of its frames moved into `batch`
+    /// (none if it holds none). `None` if no class holds anything.
+    pub(super) fn take_turn(
+        &self,
+        batch: &mut VecDeque<OutItem>,
+        also: [bool; CLASSES],
+    ) -> Option<usize> {
         let mut passed_over = self
             .passed_over
             .each_ref()
             .map(|c| c.load(Ordering::Relaxed));
-        let chosen = choose(self.holding(), &mut passed_over);
+        let mut holds = self.holding();
+        for (holds, also) in holds.iter_mut().zip(also) {
+            *holds |= also;
+        }
+        let chosen = choose(holds, &mut passed_over);
         for (counter, n) in self.passed_over.iter().zip(passed_over) {
             counter.store(n, Ordering::Relaxed);
         }
-        let Some(class) = chosen else {
-            return 0;
-        };
+        let class = chosen?;
         let core = &self.cores[class];
-        core.take(&mut core.lock(), batch, class, usize::MAX)
+        core.take(&mut core.lock(), batch, class, usize::MAX);
+        Some(class)
     }
 
     /// Moves the next batch into `batch` (at most about
@@ -1152,6 +1259,13 @@ struct Core {
     /// The frame limit of the connection being written (staged frames are
     /// checked against it when they are queued).
     max_frame: AtomicUsize,
+    /// [`OutReceiver::chunk_above`]'s size, for [`Core::is_large`].
+    chunk_bytes: AtomicUsize,
+    /// Bytes of parts the peer said it read (see [`OutQueue::grant`]);
+    /// the control class's only.
+    granted: AtomicU64,
+    /// Wakes a writer waiting for the peer to read parts.
+    grants: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -1172,6 +1286,11 @@ struct State {
     /// Data senders waiting for room, in arrival order (their tickets):
     /// only the first may take room, and nobody overtakes them.
     waiting: VecDeque<u64>,
+    /// The same for large frames ([`Core::is_large`]), which wait in a
+    /// line of their own: a small frame never waits for a large one to
+    /// find room (a large frame goes in parts, and may be overtaken on
+    /// the wire anyway).
+    waiting_large: VecDeque<u64>,
     next_ticket: u64,
     /// Senders waiting for a frame slot for a control frame.
     control_waiting: usize,
@@ -1183,6 +1302,17 @@ struct State {
     bytes_total: u64,
     /// The payload bytes of the frames taken by the writer so far.
     taken_total: u64,
+}
+
+impl State {
+    /// The line data senders of large frames wait in, or the other's.
+    fn line(&mut self, large: bool) -> &mut VecDeque<u64> {
+        if large {
+            &mut self.waiting_large
+        } else {
+            &mut self.waiting
+        }
+    }
 }
 
 /// What a waiting sender found when it looked.
@@ -1219,9 +1349,35 @@ impl Core {
         }
     }
 
-    /// The byte permits a payload of `len` bytes holds.
+    /// The byte permits a payload of `len` bytes holds: all the class's
+    /// bytes at most; for a large frame ([`Core::is_large`]) three
+    /// quarters at most, so that small frames find room beside a large
+    /// one however large it is.
     fn permits_for_len(&self, len: usize) -> u32 {
-        u32::try_from(len).unwrap_or(u32::MAX).min(self.max_bytes)
+        let max = if self.is_large(len) {
+            (self.max_bytes - self.max_bytes / 4).max(1)
+        } else {
+            self.max_bytes
+        };
+        u32::try_from(len).unwrap_or(u32::MAX).min(max)
+    }
+
+    /// Whether a data frame with a payload of `len` bytes is large: the
+    /// writer sends it in parts (see [`OutReceiver::chunk_above`]). Large
+    /// frames wait for room in a line of their own (see
+    /// [`State::waiting_large`]).
+    fn is_large(&self, len: usize) -> bool {
+        len > self.chunk_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether no data sender waits before a frame in its line (the large
+    /// frames' if `large`).
+    fn nobody_waits(&self, state: &State, large: bool) -> bool {
+        if large {
+            state.waiting_large.is_empty()
+        } else {
+            state.waiting.is_empty()
+        }
     }
 
     /// Whether a data frame of `permits` bytes fits now (in the queue, and
@@ -1281,7 +1437,9 @@ impl Core {
     fn stage_now(&self, head: &Head, payload: &[u8]) -> Result<Option<Waker>, ()> {
         let permits = self.permits_for_len(payload.len());
         let mut state = self.lock();
-        if !state.waiting.is_empty() || !self.data_fits(&mut state, permits) {
+        if !self.nobody_waits(&state, self.is_large(payload.len()))
+            || !self.data_fits(&mut state, permits)
+        {
             return Err(());
         }
         self.stage(&mut state, head, payload, permits as usize, 1);
@@ -1411,7 +1569,8 @@ impl Core {
 
     /// Wakes waiting senders if there are any: room was made.
     fn made_room(&self, state: &State) {
-        if !state.waiting.is_empty() || state.control_waiting > 0 {
+        if !state.waiting.is_empty() || !state.waiting_large.is_empty() || state.control_waiting > 0
+        {
             self.room.notify_waiters();
         }
     }
@@ -1425,6 +1584,8 @@ struct Place<'a> {
     lane: Lane,
     /// A data sender's ticket, once it joined the line.
     ticket: Option<u64>,
+    /// Whether its line is the large frames' ([`State::waiting_large`]).
+    large: bool,
     /// Whether a control sender is counted in `control_waiting`.
     counted: bool,
 }
@@ -1437,16 +1598,17 @@ impl Place<'_> {
         let core = self.core;
         match self.lane {
             Lane::Data => {
+                let large = self.large;
                 let ticket = *self.ticket.get_or_insert_with(|| {
                     let ticket = state.next_ticket;
                     state.next_ticket += 1;
-                    state.waiting.push_back(ticket);
+                    state.line(large).push_back(ticket);
                     ticket
                 });
-                if state.waiting.front() != Some(&ticket) || !core.data_fits(state, permits) {
+                if state.line(large).front() != Some(&ticket) || !core.data_fits(state, permits) {
                     return false;
                 }
-                state.waiting.pop_front();
+                state.line(large).pop_front();
                 self.ticket = None;
                 // The next in line may fit too.
                 core.made_room(state);
@@ -1474,8 +1636,9 @@ impl Drop for Place<'_> {
         }
         let mut state = self.core.lock();
         if let Some(ticket) = self.ticket {
-            let first = state.waiting.front() == Some(&ticket);
-            state.waiting.retain(|t| *t != ticket);
+            let line = state.line(self.large);
+            let first = line.front() == Some(&ticket);
+            line.retain(|t| *t != ticket);
             if first {
                 // The next in line may fit now.
                 self.core.made_room(&state);
@@ -1597,7 +1760,7 @@ impl OutReceiver {
             held.staged.2 += data;
             held.data += state.data;
             held.bytes += state.bytes;
-            held.waiting += state.waiting.len();
+            held.waiting += state.waiting.len() + state.waiting_large.len();
             held.control_waiting += state.control_waiting;
         }
         held
@@ -1836,6 +1999,37 @@ mod tests {
         q.try_push(numbered(4, 10), Lane::Data)
             .expect("nobody waits now");
         assert_eq!(take_and_write(&mut rx), vec![4]);
+    }
+
+    /// A large frame (one the writer sends in parts) holds three quarters
+    /// of the bytes at most, and waits in a line of its own: small frames
+    /// find room beside it, and never wait behind a large one waiting for
+    /// room.
+    #[tokio::test(flavor = "current_thread")]
+    async fn small_frames_pass_a_large_one_waiting_for_room() {
+        let (q, mut rx) = out_queue(64, 64 * 1024);
+        rx.chunk_above(4 * 1024);
+        q.try_push(numbered(0, 1 << 20), Lane::Data).expect("room");
+        assert_eq!(rx.held().bytes, 48 * 1024, "three quarters of the bytes");
+        let large = spawn_push(&q, Lane::Data, 1, 1 << 20);
+        tokio::task::yield_now().await;
+        assert!(!large.is_finished(), "no room for a second large frame");
+        q.try_push(numbered(2, 4 * 1024), Lane::Data)
+            .expect("a small frame does not wait behind the large one");
+        for token in 3..6 {
+            q.try_push(numbered(token, 4 * 1024), Lane::Data)
+                .expect("up to the bound beside the large one");
+        }
+        assert!(matches!(
+            q.try_push(numbered(6, 1), Lane::Data),
+            Err(PushError::Full(_))
+        ));
+        assert_eq!(take_and_write(&mut rx), vec![0, 2, 3, 4, 5]);
+        large
+            .await
+            .expect("join")
+            .expect("queued once room was made");
+        assert_eq!(take_and_write(&mut rx), vec![1]);
     }
 
     /// A wait given up (its future dropped) gives its place up: the next

@@ -5,7 +5,14 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::frame::{Frame, FrameCodec, FrameError, RawFrame, LENGTH_PREFIX_BYTES};
+use super::queue::{Lane, OutQueue, PushError, Wait};
+use crate::frame::OutFrame;
+use crate::protocol::Header;
+
+use crate::frame::{
+    Frame, FrameCodec, FrameError, RawFrame, LENGTH_PREFIX_BYTES, PART_BIT, PART_FIRST, PART_LANES,
+    PART_LANE_MASK, PART_LAST,
+};
 
 /// Bytes requested from the socket per read when the buffer runs low, by
 /// default (the message server's connections); a node reads more at once
@@ -18,13 +25,29 @@ pub const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// than [`EXACT_BUFFER_FROM_BYTES`] is read into a buffer of exactly its
 /// size, allocated once: its body is never copied or reallocated on the way
 /// in, and never shares an allocation with other frames.
+///
+/// A frame sent in parts (see [`crate::frame::PART_BIT`]) is put together
+/// the same way: its first part declares its length, which is checked
+/// against the limit and then allocated once, and each part is read into
+/// it. The frame comes out whole when its last part is in; frames of other
+/// lanes may come out meanwhile. At most [`PART_LANES`] frames are in
+/// assembly at once, each within the limit.
 #[derive(Debug)]
 pub struct FrameReader<R> {
     io: R,
     buf: BytesMut,
     codec: FrameCodec,
-    /// A large frame being read: its buffer, and its declared length.
-    large: Option<(BytesMut, usize)>,
+    /// A large frame or a part being read into its buffer.
+    large: Option<Large>,
+    /// Per lane, the frame being put together from parts, with its
+    /// declared length.
+    parts: [Option<(BytesMut, usize)>; PART_LANES],
+    /// Where to say how much of the parts was read (see
+    /// [`FrameReader::grant_to`]).
+    grants: Option<OutQueue>,
+    /// Bytes of parts read so far, and whether the peer is yet to hear.
+    parts_read: u64,
+    grant_due: bool,
     /// Bytes at the front of `buf` still lent out by the last
     /// [`FrameReader::try_next_frame`]; dropped at the next call.
     lent: usize,
@@ -53,6 +76,25 @@ async fn within(
 /// Frames above this size get a buffer of their own, of exactly their size.
 pub const EXACT_BUFFER_FROM_BYTES: usize = crate::frame::RESERVE_FRAMES_UP_TO;
 
+/// Bytes read straight into a buffer of their own: a large frame, or one
+/// part of a frame sent in parts.
+#[derive(Debug)]
+struct Large {
+    buf: BytesMut,
+    /// The length `buf` has once this frame or part is in.
+    until: usize,
+    /// The bytes of the part (the frame's, for a whole frame).
+    piece: usize,
+    /// For a part: its lane, whether it is the last, and the length the
+    /// frame declared.
+    part: Option<(usize, bool, usize)>,
+}
+
+/// Whether a length prefix marks a part.
+fn is_part(prefix: usize) -> bool {
+    prefix & PART_BIT as usize != 0
+}
+
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// A reader with the given codec, reading [`READ_CHUNK_BYTES`] at a
     /// time.
@@ -71,6 +113,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buf: BytesMut::with_capacity(read_chunk),
             codec,
             large: None,
+            parts: Default::default(),
+            grants: None,
+            parts_read: 0,
+            grant_due: false,
             lent: 0,
             read_chunk,
             stall_limit: None,
@@ -90,11 +136,38 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.stall_limit = Some(limit);
     }
 
+    /// Tells the peer's writer, through `queue` (this connection's
+    /// outgoing queue), how much of its parts this reader has read: a
+    /// [`Header::Credit`] for each part read, whatever the writer's chunk
+    /// size. A writer with a window
+    /// ([`crate::io::OutReceiver::window_parts`]) needs them to go on.
+    pub fn grant_to(&mut self, queue: OutQueue) {
+        self.grants = Some(queue);
+    }
+
+    /// Grants what was read of the parts so far, if a grant is due: at
+    /// once if the control class has a slot, else waiting for one (the
+    /// writer at the other end may wait for nothing else).
+    async fn grant(&mut self) {
+        if !std::mem::take(&mut self.grant_due) {
+            return;
+        }
+        let Some(queue) = &self.grants else {
+            return;
+        };
+        let credit = OutFrame::control(Header::Credit {
+            read: self.parts_read,
+        });
+        if let Err(PushError::Full(credit)) = queue.try_push(credit, Lane::Control) {
+            let _ = queue.push(*credit, Lane::Control, Wait::Forever).await;
+        }
+    }
+
     /// Bytes of a large frame not yet whole; 0 if the frame at the front
     /// is small (or not started).
     fn partial_bytes(&self) -> usize {
         match &self.large {
-            Some((big, _)) => LENGTH_PREFIX_BYTES + big.len(),
+            Some(large) => LENGTH_PREFIX_BYTES + large.buf.len(),
             None => match self.prefix() {
                 Some(len) if len > crate::frame::COPY_FRAMES_UP_TO => self.buf.len() - self.lent,
                 _ => 0,
@@ -121,7 +194,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// As [`FrameReader::next_raw`].
     pub fn try_next_frame(&mut self) -> Result<Option<RawFrame<'_>>, FrameError> {
         self.settle();
-        if self.large.is_some() {
+        if self.large.is_some() || self.prefix().is_some_and(is_part) {
+            // Parts are put together by `next_raw`.
             return Ok(None);
         }
         if let Some(len) = self.buffered_len() {
@@ -191,9 +265,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// The length of the whole frame at the front of the buffer, if there
-    /// is one.
+    /// is one (not a part).
     fn buffered_len(&self) -> Option<usize> {
-        let len = self.prefix()?;
+        let len = self.prefix().filter(|len| !is_part(*len))?;
         let have = self.buf.len() - self.lent - LENGTH_PREFIX_BYTES;
         (have >= len).then_some(len)
     }
@@ -234,23 +308,29 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub async fn next_raw(&mut self) -> Result<Option<Bytes>, FrameError> {
         self.settle();
         loop {
-            if let Some((big, len)) = &mut self.large {
-                let missing = *len - big.len();
+            if let Some(large) = &mut self.large {
+                let missing = large.until - large.buf.len();
                 if missing == 0 {
-                    let (big, _) = self.large.take().unwrap_or_default();
-                    return Ok(Some(big.freeze()));
+                    let whole = self.finish_large()?;
+                    self.grant().await;
+                    if let Some(whole) = whole {
+                        return Ok(Some(whole));
+                    }
+                    continue;
                 }
-                let partial = LENGTH_PREFIX_BYTES + big.len();
-                let mut rest = (&mut *big).limit(missing);
+                let partial = LENGTH_PREFIX_BYTES + large.buf.len();
+                let mut rest = (&mut large.buf).limit(missing);
                 let read = self.io.read_buf(&mut rest);
                 if within(self.stall_limit, partial, read).await? == 0 {
-                    return Err(FrameError::Truncated {
-                        buffered: LENGTH_PREFIX_BYTES + big.len(),
-                    });
+                    return Err(FrameError::Truncated { buffered: partial });
                 }
                 continue;
             }
-            if let Some(raw) = self.codec.decode_raw(&mut self.buf)? {
+            if self.prefix().is_some_and(is_part) {
+                if self.start_part()? {
+                    continue;
+                }
+            } else if let Some(raw) = self.codec.decode_raw(&mut self.buf)? {
                 return Ok(Some(raw));
             }
             // The codec checked the declared length against the limit.
@@ -258,13 +338,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
                 prefix.copy_from_slice(&self.buf[..LENGTH_PREFIX_BYTES]);
                 let len = u32::from_be_bytes(prefix) as usize;
-                if len > EXACT_BUFFER_FROM_BYTES {
+                if len > EXACT_BUFFER_FROM_BYTES && !is_part(len) {
                     bytes::Buf::advance(&mut self.buf, LENGTH_PREFIX_BYTES);
-                    let mut big = BytesMut::with_capacity(len);
-                    let have = self.buf.len().min(len);
-                    big.extend_from_slice(&self.buf[..have]);
-                    bytes::Buf::advance(&mut self.buf, have);
-                    self.large = Some((big, len));
+                    let big = BytesMut::with_capacity(len);
+                    self.read_into(big, len, None);
                     continue;
                 }
             }
@@ -274,9 +351,120 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             let partial = self.partial_bytes();
             let read = self.io.read_buf(&mut self.buf);
             if within(self.stall_limit, partial, read).await? == 0 {
+                let assembling: usize = self.parts.iter().flatten().map(|(b, _)| b.len()).sum();
+                if assembling > 0 || self.prefix().is_some_and(is_part) {
+                    return Err(FrameError::Truncated {
+                        buffered: assembling + self.buf.len(),
+                    });
+                }
                 return self.codec.decode_raw_eof(&mut self.buf);
             }
         }
+    }
+
+    /// Moves what is buffered of the next `len` bytes into `buf`, and
+    /// reads the rest straight into it.
+    fn read_into(&mut self, mut buf: BytesMut, len: usize, part: Option<(usize, bool, usize)>) {
+        let until = buf.len() + len;
+        let have = self.buf.len().min(len);
+        buf.extend_from_slice(&self.buf[..have]);
+        bytes::Buf::advance(&mut self.buf, have);
+        self.large = Some(Large {
+            buf,
+            until,
+            piece: len,
+            part,
+        });
+    }
+
+    /// A large frame or a part is in: the frame, if it is whole now.
+    fn finish_large(&mut self) -> Result<Option<Bytes>, FrameError> {
+        let Some(Large {
+            buf, part, piece, ..
+        }) = self.large.take()
+        else {
+            return Ok(None);
+        };
+        if part.is_some() {
+            self.parts_read += piece as u64;
+            self.grant_due = self.grants.is_some();
+        }
+        match part {
+            None => Ok(Some(buf.freeze())),
+            Some((_, true, total)) if buf.len() != total => Err(FrameError::BadPart(
+                "the last part ends before the length the first declared",
+            )),
+            Some((_, true, _)) => Ok(Some(buf.freeze())),
+            Some((lane, false, total)) => {
+                self.parts[lane] = Some((buf, total));
+                Ok(None)
+            }
+        }
+    }
+
+    /// Starts reading the part at the front of the buffer into its lane's
+    /// frame: `false` if its flags (and the length a first part declares)
+    /// are not buffered yet.
+    fn start_part(&mut self) -> Result<bool, FrameError> {
+        let Some(prefix) = self.prefix() else {
+            return Ok(false);
+        };
+        let declared = prefix & !(PART_BIT as usize);
+        if declared > self.codec.max_frame() {
+            return Err(FrameError::TooLarge {
+                declared: declared as u64,
+                max: self.codec.max_frame(),
+            });
+        }
+        let Some(&flags) = self.buf.get(LENGTH_PREFIX_BYTES) else {
+            return Ok(false);
+        };
+        let lane = usize::from(flags & PART_LANE_MASK);
+        if flags & !(PART_LANE_MASK | PART_FIRST | PART_LAST) != 0 || lane >= PART_LANES {
+            return Err(FrameError::BadPart("unknown flags or lane"));
+        }
+        let first = flags & PART_FIRST != 0;
+        let head = 1 + if first { LENGTH_PREFIX_BYTES } else { 0 };
+        let piece = declared
+            .checked_sub(head)
+            .ok_or(FrameError::BadPart("a part shorter than its own flags"))?;
+        if self.buf.len() < LENGTH_PREFIX_BYTES + head {
+            return Ok(false);
+        }
+        let (buf, total) = if first {
+            if self.parts[lane].is_some() {
+                return Err(FrameError::BadPart(
+                    "a frame began on a lane before the last one on it ended",
+                ));
+            }
+            let mut total = [0u8; LENGTH_PREFIX_BYTES];
+            total.copy_from_slice(&self.buf[LENGTH_PREFIX_BYTES + 1..][..LENGTH_PREFIX_BYTES]);
+            let total = u32::from_be_bytes(total) as usize;
+            if total == 0 {
+                return Err(FrameError::Empty);
+            }
+            if total > self.codec.max_frame() {
+                return Err(FrameError::TooLarge {
+                    declared: total as u64,
+                    max: self.codec.max_frame(),
+                });
+            }
+            (BytesMut::with_capacity(total), total)
+        } else {
+            self.parts[lane]
+                .take()
+                .ok_or(FrameError::BadPart("a part continues no frame"))?
+        };
+        if buf.len() + piece > total {
+            return Err(FrameError::BadPart(
+                "parts add up to more than the length the first declared",
+            ));
+        }
+        bytes::Buf::advance(&mut self.buf, LENGTH_PREFIX_BYTES + head);
+        // The writer counts a first part's flags and length field as
+        // this does: not at all.
+        self.read_into(buf, piece, Some((lane, flags & PART_LAST != 0, total)));
+        Ok(true)
     }
 
     /// Whether a whole frame is already buffered, so that the next
@@ -335,7 +523,9 @@ mod tests {
     #[tokio::test]
     async fn large_frames_get_exact_buffers_between_small_ones() {
         let (client, server) = tokio::io::duplex(64 * 1024);
-        let (q, rx) = out_queue(64, 64 << 20);
+        let (q, mut rx) = out_queue(64, 64 << 20);
+        // Whole frames: the exact buffers are what this test is about.
+        rx.chunk_above(64 << 20);
         let writer = tokio::spawn(run_writer(client, rx, 64 << 20));
         let sizes = [10usize, 3 << 20, 20, (1 << 20) + 1, 0, 5 << 20, 7];
         let bodies: Vec<Bytes> = sizes

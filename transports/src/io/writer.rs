@@ -10,7 +10,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::queue::{OutItem, OutReceiver, Queued, WrittenCounter, CLASSES, CONTROL};
 use super::READ_CHUNK_BYTES;
-use crate::frame::{encode_header, FrameError, OutFrame, LENGTH_PREFIX_BYTES};
+use crate::frame::{
+    encode_header, FrameError, OutFrame, LENGTH_PREFIX_BYTES, PART_BIT, PART_FIRST, PART_LAST,
+};
 use crate::protocol::Header;
 
 /// Bodies at least this large are written from their own buffer in the
@@ -65,6 +67,101 @@ impl Drop for Release<'_> {
     fn drop(&mut self) {
         for (class, (permits, data_slots)) in self.held.iter().enumerate() {
             self.rx.release(class, *data_slots, *permits);
+        }
+    }
+}
+
+/// What is left to write of a frame sent in parts.
+struct Partial {
+    /// The encoded header (without its length prefix), for a frame
+    /// queued as header and body, until the first part takes it.
+    head: Option<Bytes>,
+    /// The rest of the contents.
+    rest: Bytes,
+    /// The whole contents' length.
+    total: usize,
+    /// Whether the first part was written.
+    started: bool,
+    /// Payload bytes and data slots it holds in its class until written.
+    permits: usize,
+    data: usize,
+}
+
+/// The frames a writer sends in parts: per class, in the order they were
+/// queued (one at a time per class, so that the reader has one frame in
+/// assembly per lane). What they hold in the queue is given back as their
+/// last parts are written, or when the writer ends.
+struct Partials<'a> {
+    rx: &'a OutReceiver,
+    lanes: [VecDeque<Partial>; CLASSES],
+    /// For [`choose`](super::queue::choose) among them alone.
+    passed_over: [u8; CLASSES],
+}
+
+impl<'a> Partials<'a> {
+    fn new(rx: &'a OutReceiver) -> Self {
+        Partials {
+            rx,
+            lanes: Default::default(),
+            passed_over: [0; CLASSES],
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lanes.iter().all(VecDeque::is_empty)
+    }
+
+    fn holds(&self, class: usize) -> bool {
+        !self.lanes[class].is_empty()
+    }
+
+    fn holding(&self) -> [bool; CLASSES] {
+        std::array::from_fn(|c| self.holds(c))
+    }
+
+    /// The class among those holding frames in parts that goes next, by
+    /// the queue's rule (the less urgent get a bounded share).
+    fn most_urgent(&mut self) -> usize {
+        super::queue::choose(self.holding(), &mut self.passed_over).unwrap_or(CONTROL)
+    }
+
+    fn push(&mut self, class: usize, mut partial: Partial, permits: usize, data: usize) {
+        partial.permits = permits;
+        partial.data = data;
+        self.lanes[class].push_back(partial);
+    }
+
+    /// Adds the next part of `class`'s first frame in parts to `out`: the
+    /// bytes of its piece. Once its last part is added, what it held goes
+    /// to `release`, given back when the batch is written.
+    fn add_part(
+        &mut self,
+        class: usize,
+        out: &mut Encoder,
+        chunk_bytes: usize,
+        release: &mut Release<'_>,
+    ) -> u64 {
+        let Some(partial) = self.lanes[class].front_mut() else {
+            return 0;
+        };
+        let (last, piece) = out.add_part(class, partial, chunk_bytes);
+        if last {
+            if let Some(done) = self.lanes[class].pop_front() {
+                let held = &mut release.held[class];
+                held.0 += done.permits;
+                held.1 += done.data;
+            }
+        }
+        piece as u64
+    }
+}
+
+impl Drop for Partials<'_> {
+    fn drop(&mut self) {
+        for (class, lane) in self.lanes.iter().enumerate() {
+            for partial in lane {
+                self.rx.release(class, partial.data, partial.permits);
+            }
         }
     }
 }
@@ -133,6 +230,9 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
         }
     }
     let mut batch = VecDeque::new();
+    let chunk_bytes = rx.chunk_bytes();
+    // Frames larger than a chunk, written a part per turn.
+    let mut partials = Partials::new(rx);
     // Coalescing (see `OutReceiver::coalesce_small_batches`): waits left
     // that may gather nothing, and small batches seen.
     let mut credit = COALESCE_CREDIT;
@@ -140,9 +240,35 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
     // A goodbye taken, and the messages queued before it that are still to
     // be written (entries per class, see `OutReceiver::mark`).
     let mut goodbye: Option<(Queued, [usize; CLASSES])> = None;
+    // The class whose turn this is, when the writer chose it.
+    let mut turn: Option<usize> = None;
+    // Bytes of parts written (see `OutReceiver::window_parts`), and
+    // whether every sender is gone while parts are left to write.
+    let mut sent_parts = 0u64;
+    let mut senders_gone = false;
     loop {
         let frames = match goodbye.as_mut() {
             Some((_, left)) => match rx.take_before(left, &mut batch) {
+                0 if !partials.is_empty() => {
+                    // Frames in parts were taken before it: they go first.
+                    tokio::select! {
+                        biased;
+                        _ = closed.cancelled() => return Ok(WriteEnd::Closed),
+                        () = rx.part_granted(sent_parts) => {}
+                    }
+                    let mut release = Release {
+                        rx,
+                        held: [(0, 0); CLASSES],
+                    };
+                    let class = partials.most_urgent();
+                    sent_parts += partials.add_part(class, &mut out, chunk_bytes, &mut release);
+                    let end = out.write(io, &closed, &written).await;
+                    drop(release);
+                    if let Some(end) = end? {
+                        return Ok(end);
+                    }
+                    continue;
+                }
                 0 => {
                     // Everything queued before it is written: it goes now,
                     // and nothing after it.
@@ -156,6 +282,34 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
                 }
                 frames => frames,
             },
+            None if !partials.is_empty() && rx.may_send_part(sent_parts) => {
+                // Frames in parts are being written: no waiting, a turn of
+                // the class chosen among the queue's and theirs.
+                if closed.is_cancelled() {
+                    return Ok(WriteEnd::Closed);
+                }
+                let before = batch.len();
+                turn = rx.take_turn(&mut batch, partials.holding());
+                batch.len() - before
+            }
+            None if !partials.is_empty() => {
+                // Parts wait for the peer to read what it has: whatever
+                // comes first, frames to write or its word.
+                tokio::select! {
+                    biased;
+                    _ = closed.cancelled() => return Ok(WriteEnd::Closed),
+                    () = rx.part_granted(sent_parts) => 0,
+                    took = std::future::poll_fn(|cx| rx.poll_take(cx, &mut batch)), if !senders_gone => {
+                        match took {
+                            Some(frames) => frames,
+                            None => {
+                                senders_gone = true;
+                                0
+                            }
+                        }
+                    }
+                }
+            }
             None => {
                 let took = tokio::select! {
                     biased;
@@ -176,7 +330,7 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
             held: [(0, 0); CLASSES],
         };
         release.add_all(batch.iter());
-        if rx.coalesces() && frames < COALESCE_BELOW && goodbye.is_none() {
+        if rx.coalesces() && frames < COALESCE_BELOW && goodbye.is_none() && partials.is_empty() {
             small_batches = small_batches.wrapping_add(1);
             // Only while waiting pays off: a lone request/reply pair gains
             // nothing from it but latency.
@@ -207,8 +361,29 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
                 after_goodbye = true;
                 continue;
             }
-            out.add(item.what);
+            let class = item.class;
+            match out.add_or_split(item.what, chunk_bytes) {
+                None => {}
+                Some(partial) => {
+                    // Held until its last part is written.
+                    let held = &mut release.held[class];
+                    held.0 -= item.permits;
+                    held.1 -= item.data;
+                    partials.push(class, partial, item.permits, item.data);
+                    turn = turn.or(Some(class));
+                }
+            }
         }
+        // One part of a frame in parts: of the class whose turn it is if it
+        // has one (a class taken from the queue has its batch and a part),
+        // else of the most urgent.
+        if !partials.is_empty() && rx.may_send_part(sent_parts) {
+            let class = turn
+                .filter(|c| partials.holds(*c))
+                .unwrap_or_else(|| partials.most_urgent());
+            sent_parts += partials.add_part(class, &mut out, chunk_bytes, &mut release);
+        }
+        turn = None;
         let end = out.write(io, &closed, &written).await;
         drop(release);
         if let Some(end) = end? {
@@ -291,6 +466,101 @@ impl Encoder {
         }
     }
 
+    /// Adds `what` as [`Encoder::add`] does, unless its contents are
+    /// larger than `chunk_bytes`: then it is handed back to be written in
+    /// parts ([`Encoder::add_part`]). One over the limit is logged and
+    /// skipped either way.
+    fn add_or_split(&mut self, what: Queued, chunk_bytes: usize) -> Option<Partial> {
+        if self.goodbye || what_len(&what) <= chunk_bytes {
+            self.add(what);
+            return None;
+        }
+        let (head, rest) = match what {
+            Queued::Frame(OutFrame::Parts { header, body }) => {
+                let mut head = BytesMut::new();
+                if let Err(e) = encode_header(&header, body.len(), self.max_frame, &mut head) {
+                    tracing::error!(error = %e, kind = header.kind(), "dropping frame that cannot be encoded");
+                    return None;
+                }
+                let head = head.freeze().slice(LENGTH_PREFIX_BYTES..);
+                (Some(head), body)
+            }
+            Queued::Frame(OutFrame::Raw(raw)) => {
+                if raw.len() > self.max_frame {
+                    tracing::error!(
+                        len = raw.len(),
+                        max_frame = self.max_frame,
+                        "dropping raw frame outside the limit"
+                    );
+                    return None;
+                }
+                (None, raw)
+            }
+            framed @ Queued::Framed(_) => {
+                // Small frames staged as queued: never split.
+                self.add(framed);
+                return None;
+            }
+        };
+        let total = head.as_ref().map_or(0, Bytes::len) + rest.len();
+        Some(Partial {
+            head,
+            rest,
+            total,
+            started: false,
+            permits: 0,
+            data: 0,
+        })
+    }
+
+    /// Adds the next part of `partial`, on `lane`: its header (the first
+    /// part) and up to `chunk_bytes` of the rest. Whether that was its
+    /// last, and the bytes of its piece (what the reader counts, see
+    /// [`crate::io::FrameReader::grant_to`]).
+    fn add_part(
+        &mut self,
+        lane: usize,
+        partial: &mut Partial,
+        chunk_bytes: usize,
+    ) -> (bool, usize) {
+        let first = !partial.started;
+        partial.started = true;
+        let head = partial.head.take();
+        let head_len = head.as_ref().map_or(0, Bytes::len);
+        let piece = partial.rest.split_to(
+            partial
+                .rest
+                .len()
+                .min(chunk_bytes.saturating_sub(head_len).max(1)),
+        );
+        let last = partial.rest.is_empty();
+        let piece_len = head_len + piece.len();
+        let mut flags = lane as u8;
+        if first {
+            flags |= PART_FIRST;
+        }
+        if last {
+            flags |= PART_LAST;
+        }
+        let declared = 1 + if first { LENGTH_PREFIX_BYTES } else { 0 } + head_len + piece.len();
+        self.buf.reserve(2 * LENGTH_PREFIX_BYTES + 1 + head_len);
+        self.buf.put_u32(PART_BIT | declared as u32);
+        self.buf.put_u8(flags);
+        if first {
+            self.buf.put_u32(partial.total as u32);
+        }
+        if let Some(head) = head {
+            self.buf.extend_from_slice(&head);
+        }
+        if piece.len() >= VECTORED_MIN_BYTES {
+            self.chunks.push_back(self.buf.split().freeze());
+            self.chunks.push_back(piece);
+        } else {
+            self.buf.extend_from_slice(&piece);
+        }
+        (last, piece_len)
+    }
+
     /// Writes everything added, then flushes; after a goodbye, shuts the
     /// write side down. How the writer ends, if it does: closed meanwhile,
     /// or finished with the goodbye.
@@ -315,6 +585,14 @@ impl Encoder {
             return Ok(Some(WriteEnd::Finished));
         }
         Ok(None)
+    }
+}
+
+/// About the bytes a queued entry's contents take (header aside).
+fn what_len(what: &Queued) -> usize {
+    match what {
+        Queued::Frame(frame) => frame.payload_len(),
+        Queued::Framed(bytes) => bytes.len(),
     }
 }
 
@@ -380,6 +658,7 @@ mod tests {
     use super::*;
     use crate::frame::FrameCodec;
     use crate::io::{out_queue, FrameReader, Lane, Wait};
+    use crate::protocol::Priority;
 
     use crate::io::subscribed;
 
@@ -538,5 +817,211 @@ mod tests {
             drop(q);
             writer.await.expect("join").expect("writer");
         }
+    }
+
+    /// Reads frames until the end: each one's token and body.
+    async fn read_all(server: tokio::io::DuplexStream, max_frame: usize) -> Vec<(u64, Bytes)> {
+        let mut reader = FrameReader::new(server, FrameCodec::new(max_frame));
+        let mut got = Vec::new();
+        while let Some(frame) = reader.next().await.expect("frame") {
+            let (header, body) = frame.into_parts();
+            match header {
+                Header::Subscribed { token } => got.push((token, body)),
+                Header::Goodbye => got.push((u64::MAX, body)),
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+        got
+    }
+
+    /// A frame larger than the chunk size goes in parts, and the frames
+    /// queued after it (of its class or a more urgent one, by header and
+    /// body or raw) come out before it is whole; every frame arrives
+    /// intact, the large ones in their order.
+    #[tokio::test]
+    async fn large_frames_go_in_parts_and_small_ones_pass_them() {
+        let max_frame = 16 << 20;
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let (q, mut rx) = out_queue(1024, 64 << 20);
+        rx.chunk_above(64 * 1024);
+        let body = |token: u64, len: usize| {
+            Bytes::from(
+                (0..len)
+                    .map(|i| (i as u64 ^ token) as u8)
+                    .collect::<Vec<u8>>(),
+            )
+        };
+        // Two large frames of the normal class, a large raw one of the
+        // express class, and small ones behind them in each.
+        let large = [(1u64, 3 << 20), (2, (1 << 20) + 17)];
+        for (token, len) in large {
+            q.try_push(
+                OutFrame::Parts {
+                    header: Header::Subscribed { token },
+                    body: body(token, len),
+                },
+                Lane::Data,
+            )
+            .expect("room");
+        }
+        let mut raw = BytesMut::new();
+        encode_header(&Header::Subscribed { token: 3 }, 0, max_frame, &mut raw).expect("encodes");
+        let mut raw = raw.split_off(LENGTH_PREFIX_BYTES);
+        raw.extend_from_slice(&body(3, 700 * 1024));
+        q.try_push_at(OutFrame::Raw(raw.freeze()), Priority::Express)
+            .expect("room");
+        for token in 10..20 {
+            q.try_push(subscribed(token, 100), Lane::Data)
+                .expect("room");
+        }
+        for token in 20..25 {
+            q.try_push_at(subscribed(token, 100), Priority::Express)
+                .expect("room");
+        }
+        let writer = tokio::spawn(run_writer(client, rx, max_frame));
+        drop(q);
+        let got = read_all(server, max_frame).await;
+        writer.await.expect("join").expect("writer");
+        let order: Vec<u64> = got.iter().map(|(t, _)| *t).collect();
+        assert_eq!(order.len(), 18, "every frame arrives once: {order:?}");
+        let at = |token| order.iter().position(|t| *t == token).expect("arrived");
+        for small in 10..25 {
+            assert!(
+                at(small) < at(1),
+                "{small} waited for the large frame: {order:?}"
+            );
+        }
+        assert!(at(1) < at(2), "large frames of a class keep their order");
+        for (token, b) in &got {
+            match token {
+                1..=3 => {
+                    let len = large
+                        .iter()
+                        .find(|(t, _)| t == token)
+                        .map_or(700 * 1024, |l| l.1);
+                    assert_eq!(b, &body(*token, len), "frame {token} intact");
+                }
+                _ => assert_eq!(b.len(), 100),
+            }
+        }
+    }
+
+    /// A goodbye queued after a frame in parts goes after its last part.
+    #[tokio::test]
+    async fn a_goodbye_waits_for_the_frame_in_parts_before_it() {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let (q, mut rx) = out_queue(64, 8 << 20);
+        rx.chunk_above(16 * 1024);
+        q.try_push(subscribed(1, 1 << 20), Lane::Data)
+            .expect("room");
+        q.try_push(OutFrame::control(Header::Goodbye), Lane::Control)
+            .expect("room");
+        let writer = tokio::spawn(run_writer(client, rx, 4 << 20));
+        let got = read_all(server, 4 << 20).await;
+        writer.await.expect("join").expect("writer");
+        let order: Vec<(u64, usize)> = got.iter().map(|(t, b)| (*t, b.len())).collect();
+        assert_eq!(order, vec![(1, 1 << 20), (u64::MAX, 0)]);
+        drop(q);
+    }
+
+    /// The reader refuses parts that break the rules, each with its own
+    /// error, and a connection that ends with a frame half put together.
+    #[tokio::test]
+    async fn broken_parts_are_refused() {
+        use crate::frame::{PART_BIT, PART_FIRST, PART_LAST};
+        use tokio::io::AsyncWriteExt;
+        fn part(flags: u8, total: Option<u32>, piece: &[u8]) -> Vec<u8> {
+            let declared = 1 + total.map_or(0, |_| 4) + piece.len();
+            let mut v = (PART_BIT | declared as u32).to_be_bytes().to_vec();
+            v.push(flags);
+            if let Some(total) = total {
+                v.extend_from_slice(&total.to_be_bytes());
+            }
+            v.extend_from_slice(piece);
+            v
+        }
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (part(7, Some(10), b"x"), "unknown flags or lane"),
+            (part(0x20, Some(10), b"x"), "unknown flags or lane"),
+            (part(1, None, b"x"), "continues no frame"),
+            (
+                [part(PART_FIRST | 1, Some(4), b"ab"), part(1, None, b"cde")].concat(),
+                "add up to more",
+            ),
+            (
+                [
+                    part(PART_FIRST | 1, Some(4), b"ab"),
+                    part(PART_FIRST | 1, Some(4), b"ab"),
+                ]
+                .concat(),
+                "began on a lane",
+            ),
+            (part(PART_FIRST | PART_LAST, Some(4), b"ab"), "ends before"),
+            (part(PART_FIRST, Some(1 << 20), b"ab"), "exceeds the limit"),
+            (part(PART_FIRST, Some(0), b""), "empty frame"),
+            (part(PART_FIRST, Some(8), b"ab"), "in the middle of a frame"),
+            (PART_BIT.to_be_bytes().to_vec(), "in the middle of a frame"),
+        ];
+        for (bytes, expected) in cases {
+            let (mut client, server) = tokio::io::duplex(64 * 1024);
+            client.write_all(&bytes).await.expect("written");
+            drop(client);
+            let mut reader = FrameReader::new(server, FrameCodec::new(64 * 1024));
+            let err = loop {
+                match reader.next_raw().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => panic!("{expected}: ended cleanly"),
+                    Err(e) => break e,
+                }
+            };
+            assert!(err.to_string().contains(expected), "{expected}: got {err}");
+        }
+    }
+
+    /// With a window, parts stop once the window is out and go on as the
+    /// peer grants what it read; small frames pass meanwhile.
+    #[tokio::test]
+    async fn parts_wait_for_grants_beyond_the_window() {
+        let chunk = 16 * 1024;
+        let (client, server) = tokio::io::duplex(4 << 20);
+        let (q, mut rx) = out_queue(1024, 8 << 20);
+        rx.chunk_above(chunk);
+        rx.window_parts(2 * chunk);
+        q.try_push(subscribed(1, 10 * chunk), Lane::Data)
+            .expect("room");
+        let writer = tokio::spawn(run_writer(client, rx, 1 << 20));
+        let mut reader = FrameReader::new(server, FrameCodec::new(1 << 20));
+        let (grants, grant_rx) = out_queue(1024, 1 << 20);
+        reader.grant_to(grants);
+        // Nothing whole arrives yet: the window is out (the grants go to a
+        // queue nobody forwards).
+        let early = tokio::time::timeout(std::time::Duration::from_millis(50), reader.next()).await;
+        assert!(early.is_err(), "more than the window was written");
+        // A small frame passes the waiting parts.
+        q.try_push(subscribed(2, 10), Lane::Data).expect("room");
+        let frame = reader.next().await.expect("frame").expect("not eof");
+        assert_eq!(frame.header(), &Header::Subscribed { token: 2 });
+        // Forward the grants as they come: the large frame completes.
+        let (grants_in, grants_out) = tokio::io::duplex(64 * 1024);
+        let grant_writer = tokio::spawn(run_writer(grants_in, grant_rx, 1 << 20));
+        let forward = tokio::spawn({
+            let q = q.clone();
+            async move {
+                let mut grants = FrameReader::new(grants_out, FrameCodec::new(1 << 20));
+                while let Ok(Some(frame)) = grants.next().await {
+                    if let Header::Credit { read } = frame.header() {
+                        q.grant(*read);
+                    }
+                }
+            }
+        });
+        let frame = reader.next().await.expect("frame").expect("not eof");
+        assert_eq!(frame.header(), &Header::Subscribed { token: 1 });
+        assert_eq!(frame.body().len(), 10 * chunk);
+        forward.abort();
+        grant_writer.abort();
+        drop(q);
+        assert!(reader.next().await.expect("clean end").is_none());
+        writer.await.expect("join").expect("writer");
     }
 }
