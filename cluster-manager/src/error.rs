@@ -177,6 +177,17 @@ pub enum SendError {
         /// The target refused.
         target: Target,
     },
+    /// A stream (`Node::send_stream`) ended without its body: the receiver
+    /// refused it or gave it up, its source failed or ended early, or its
+    /// channel broke and could not be resumed. Definite: the receiving
+    /// application sees an error, never a partial body.
+    #[error("the stream to {node} failed: {reason}")]
+    StreamFailed {
+        /// The receiver.
+        node: NodeId,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl SendError {
@@ -197,6 +208,7 @@ impl SendError {
             | SendError::NotADispatcher
             | SendError::NotInSessionGroup { .. }
             | SendError::NotPermitted { .. }
+            | SendError::StreamFailed { .. }
             | SendError::Shutdown => true,
             SendError::TargetStopped { in_flight, .. } => !in_flight,
             SendError::Timeout { .. }

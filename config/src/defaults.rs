@@ -108,7 +108,10 @@ pub const DEFAULT_AUTO_ACTIVATE_WINDOW_MS: u64 = 1_000;
 /// Default largest body of one message.
 pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 64 * 1024 * 1024;
 /// Default chunk size: frames larger than this travel in parts of it.
-pub const DEFAULT_CHUNK_BYTES: usize = transports::io::DEFAULT_CHUNK_BYTES;
+pub const DEFAULT_CHUNK_BYTES: usize = 256 * 1024;
+/// Default window of a stream: bytes its sender may send beyond what the
+/// receiving application has read.
+pub const DEFAULT_STREAM_WINDOW_BYTES: usize = 4 * 1024 * 1024;
 /// Default TCP keepalive idle time: the socket layer's own default,
 /// [`transports::tcp::DEFAULT_KEEPALIVE_MS`].
 pub const DEFAULT_TCP_KEEPALIVE_MS: u64 = transports::tcp::DEFAULT_KEEPALIVE_MS;

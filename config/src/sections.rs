@@ -366,6 +366,16 @@ pub struct LimitsConfig {
     /// that a small message never waits behind more than one part of a
     /// large body. 4 KiB to 16 MiB; default [`DEFAULT_CHUNK_BYTES`].
     pub chunk_bytes: usize,
+    /// Largest stream (`Node::send_stream`) a node sends or accepts; none
+    /// (the default): no limit. Streams are not bound by
+    /// `max_message_bytes`.
+    pub max_stream_bytes: Option<u64>,
+    /// Bytes a stream's sender may have sent beyond what the receiving
+    /// application has read: what each end of a stream holds at most
+    /// (the sender keeps what the receiver has not yet got, to resend it
+    /// on a new channel). At least two chunks; default
+    /// [`DEFAULT_STREAM_WINDOW_BYTES`].
+    pub stream_window_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -373,6 +383,8 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             chunk_bytes: DEFAULT_CHUNK_BYTES,
+            max_stream_bytes: None,
+            stream_window_bytes: DEFAULT_STREAM_WINDOW_BYTES,
         }
     }
 }

@@ -154,10 +154,19 @@ impl Config {
             }
         }
         let chunk = self.limits.chunk_bytes;
-        if !(transports::io::MIN_CHUNK_BYTES..=16 * 1024 * 1024).contains(&chunk) {
+        if !(4 * 1024..=16 * 1024 * 1024).contains(&chunk) {
             return bad(
                 "limits.chunk_bytes",
                 format!("{chunk} is outside 4096 to 16777216 (4 KiB to 16 MiB)"),
+            );
+        }
+        if self.limits.stream_window_bytes < 2 * self.limits.chunk_bytes {
+            return bad(
+                "limits.stream_window_bytes",
+                format!(
+                    "{} is below two chunks (limits.chunk_bytes is {})",
+                    self.limits.stream_window_bytes, self.limits.chunk_bytes
+                ),
             );
         }
         let chunk = self.node.read_chunk_bytes;

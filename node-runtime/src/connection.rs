@@ -520,12 +520,72 @@ fn new_message(
         body,
         one_way: h.kind == MessageKind::Notify,
         priority: h.priority,
+        stream: None,
         answering: (h.kind == MessageKind::Request).then(|| {
             Box::new(crate::inbox::Answering {
                 replier: Some(rt.replier.clone()),
                 ..Default::default()
             })
         }),
+    }
+}
+
+/// Delivers a message that came as a stream (see [`crate::stream`]) to
+/// `service`, as [`deliver_later`] delivers a one-way message: straight
+/// into the inbox when no backlog waits, else behind the backlog, waiting
+/// for room for at most `node.inbox_wait_ms`.
+///
+/// # Errors
+///
+/// Why it was not delivered, with the message handed back if it still
+/// is (one given up waiting was dropped, and its stream with it).
+pub(crate) async fn deliver_stream(
+    rt: &Runtime,
+    message: Message,
+    acks: &OutQueue,
+) -> Result<(), (DeliveryFailure, Option<Message>)> {
+    let q = {
+        let inboxes = rt
+            .services
+            .inboxes
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        inboxes.get(message.service.as_str()).cloned()
+    };
+    let Some(q) = q else {
+        return Err((DeliveryFailure::NoSuchService, Some(message)));
+    };
+    let message = if q.backlog.load(Ordering::Acquire) == 0 {
+        match q.inbox.try_send(message) {
+            Ok(()) => return Ok(()),
+            Err(message) => message,
+        }
+    } else {
+        message
+    };
+    q.backlog.fetch_add(1, Ordering::AcqRel);
+    let delivery = Delivery {
+        answer: Answer {
+            to: message.sender.clone(),
+            to_incarnation: message.sender_incarnation,
+            seq: message.seq,
+            kind: MessageKind::Notify,
+        },
+        message,
+        acks: acks.clone(),
+    };
+    let wait = std::time::Duration::from_millis(rt.config.node.inbox_wait_ms);
+    match tokio::time::timeout(wait, q.tx.send(delivery)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(refused)) => {
+            q.backlog.fetch_sub(1, Ordering::AcqRel);
+            Err((DeliveryFailure::NoSuchService, Some(refused.0.message)))
+        }
+        Err(_) => {
+            // Dropped with the send, and its stream with it.
+            q.backlog.fetch_sub(1, Ordering::AcqRel);
+            Err((DeliveryFailure::ReceiverOverloaded, None))
+        }
     }
 }
 

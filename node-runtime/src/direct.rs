@@ -26,11 +26,15 @@ use transports::{out_queue, FrameReader, Lane, OutFrame};
 
 use crate::channels::DirectConn;
 use crate::connection::{
-    deliver_later, deliver_now, handle_ack, handle_acks, AckBatch, InboxCache, Received,
+    deliver_later, deliver_now, deliver_stream, handle_ack, handle_acks, AckBatch, InboxCache,
+    Received,
 };
 use crate::counters::Counters;
+use crate::inbox::Message;
 use crate::runtime::Runtime;
 use crate::services::Answer;
+use crate::stream::Started;
+use smol_str::SmolStr;
 
 /// Parts of large bodies a channel's writer sends ahead of what its peer
 /// has read ([`transports::OutReceiver::window_parts`]), in chunks.
@@ -259,6 +263,14 @@ async fn outgoing_reader(
             Ok(Some(frame)) => match frame.into_parts().0 {
                 Header::Pong { .. } => {}
                 Header::Credit { read } => conn.queue.grant(read),
+                Header::StreamAck {
+                    seq,
+                    received,
+                    consumed,
+                } => rt.streams_out.acked(&conn.peer, seq, received, consumed),
+                Header::StreamFailed { seq, reason } => {
+                    rt.streams_out.failed(&conn.peer, seq, reason);
+                }
                 Header::Ack(ack) if ack.from == conn.peer => {
                     if ack.to_incarnation == rt.incarnation() {
                         conn.settled(ack.seq);
@@ -668,6 +680,68 @@ async fn serve_inbound(
         match header {
             Header::Ping { nonce } => {
                 let _ = queue.try_push(OutFrame::control(Header::Pong { nonce }), Lane::Control);
+            }
+            Header::StreamStart(start) => {
+                let msg = &start.msg;
+                if msg.sender != hello.node
+                    || msg.incarnation != hello.incarnation
+                    || !transports::protocol::valid_name(&msg.service)
+                {
+                    tracing::warn!(sender = %msg.sender, "closing inbound channel: a stream from another sender, or to a bad service name");
+                    break;
+                }
+                if permissions.is_some() && !to_me_permitted {
+                    Counters::add(&rt.counters.refused_not_permitted, 1);
+                    let refused = Header::StreamFailed {
+                        seq: msg.seq,
+                        reason: DeliveryFailure::NotPermitted.to_string(),
+                    };
+                    let _ = queue.try_push(OutFrame::control(refused), Lane::Control);
+                    continue;
+                }
+                if let Started::New(stream) = rt.streams_in.start(&start, &queue) {
+                    Counters::add(&rt.counters.received_direct, 1);
+                    let message = Message {
+                        sender: hello.node.clone(),
+                        sender_incarnation: msg.incarnation,
+                        seq: msg.seq,
+                        service: SmolStr::new(&*msg.service),
+                        body: bytes::Bytes::new(),
+                        one_way: true,
+                        priority: msg.priority,
+                        answering: None,
+                        stream: Some(Box::new(stream)),
+                    };
+                    if let Err((failure, message)) = deliver_stream(&rt, message, &queue).await {
+                        if let Some(stream) = message.and_then(|mut m| m.body_stream()) {
+                            stream.give_up(failure.to_string());
+                        }
+                    }
+                }
+            }
+            Header::StreamChunk { seq, offset } => {
+                let body = bodies.owned_body(&raw, header_len);
+                let chunk = rt
+                    .streams_in
+                    .chunk(&hello.node, hello.incarnation, seq, offset, body);
+                if let Err(why) = chunk {
+                    tracing::warn!(
+                        seq,
+                        offset,
+                        why,
+                        "closing inbound channel: a bad stream chunk"
+                    );
+                    break;
+                }
+            }
+            Header::StreamFailed { seq, reason } => {
+                crate::stream::sender_failed(
+                    &rt.streams_in,
+                    &hello.node,
+                    hello.incarnation,
+                    seq,
+                    reason,
+                );
             }
             Header::Goodbye => break,
             other => {

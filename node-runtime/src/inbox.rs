@@ -14,6 +14,7 @@ use transports::protocol::{NodeId, Priority};
 use crate::busy::BusyWatch;
 use crate::reply::{Asked, Replier};
 use crate::services::AckToken;
+use crate::stream::BodyStream;
 use crate::SendError;
 use transports::protocol::{AckStatus, DeliveryFailure};
 
@@ -35,6 +36,9 @@ pub struct Message {
     /// answered; `None` for every other message (boxed: they stay small,
     /// and dropping them checks one pointer).
     pub(crate) answering: Option<Box<Answering>>,
+    /// The body of a message sent as a stream, until the application
+    /// takes it (boxed: other messages stay small).
+    pub(crate) stream: Option<Box<BodyStream>>,
 }
 
 /// The part of a message that answers it: a request's replier, or the
@@ -109,6 +113,7 @@ impl fmt::Debug for Message {
             .field("one_way", &self.one_way)
             .field("request", &self.is_request())
             .field("body_len", &self.body.len())
+            .field("stream", &self.stream.as_ref().map(|s| s.len()))
             .field("awaits_ack", &self.awaits_ack())
             .finish()
     }
@@ -143,6 +148,20 @@ impl Message {
     /// The body (a shared buffer; cloning it copies nothing).
     pub fn body(&self) -> &Bytes {
         &self.body
+    }
+
+    /// The body of a message sent as a stream ([`crate::Node::send_stream`]),
+    /// to read as it arrives; `None` for a message sent whole (its body is
+    /// [`Message::body`]), or once taken. Dropping the message without
+    /// taking it, or the stream before its end, gives the stream up: its
+    /// sender gets an error.
+    pub fn body_stream(&mut self) -> Option<BodyStream> {
+        self.stream.take().map(|s| *s)
+    }
+
+    /// Whether the message came as a stream (see [`Message::body_stream`]).
+    pub fn is_stream(&self) -> bool {
+        self.stream.is_some()
     }
 
     /// Takes the body. A request whose body is taken can no longer be
@@ -792,6 +811,7 @@ mod tests {
             one_way: true,
             priority: Priority::Normal,
             answering: None,
+            stream: None,
         }
     }
 
@@ -1025,6 +1045,7 @@ mod tests {
             one_way,
             priority: Priority::Normal,
             answering: None,
+            stream: None,
         }
     }
 

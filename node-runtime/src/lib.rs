@@ -75,6 +75,7 @@ mod routing;
 mod runtime;
 mod server;
 mod services;
+pub mod stream;
 mod supervisor;
 pub mod trace;
 pub mod tune;
@@ -89,6 +90,7 @@ pub use membership::{EventsError, MembershipEvent, MembershipEvents};
 pub use node::{Node, Pending, Reply};
 pub use options::{AckMode, SendOptions, SubscribeOptions};
 pub use processors::{HandlerResult, ServeOptions, Serving, ServingStats};
+pub use stream::{BodyStream, StreamError};
 pub use trace::{Trace, TraceEvent};
 pub use transports::protocol::{
     LeaveReason, MemberInfo, MessageKind, NodeId, Priority, Role, Target, TraceRequest, Traced,

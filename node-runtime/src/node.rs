@@ -385,6 +385,79 @@ impl Node {
             .await
     }
 
+    /// Sends a body of `len` bytes read from `source` to one node's
+    /// `service` as a stream: it travels over the lazy channel to the node
+    /// in chunks (`limits.chunk_bytes`) as the receiving application reads
+    /// it ([`crate::Message::body_stream`]), so that memory on either end
+    /// stays within the stream's window (`limits.stream_window_bytes`)
+    /// whatever `len` is. Not bound by `limits.max_message_bytes`; by
+    /// `limits.max_stream_bytes` if set.
+    ///
+    /// If the channel breaks midway while the receiver is still a member,
+    /// the stream resumes on a new channel from what the receiver holds.
+    /// Resolves once the receiving application has read the whole body;
+    /// the receiver sees the whole body, in order and once, or an error.
+    ///
+    /// # Errors
+    ///
+    /// [`SendError::InvalidTarget`] for a target other than `Node`;
+    /// `UnknownTarget` if it is not a member; `PayloadTooLarge` past
+    /// `limits.max_stream_bytes`; [`SendError::StreamFailed`] if the
+    /// receiver refused or gave it up, `source` failed or ended before
+    /// `len` bytes, or no channel could be opened; `TargetStopped` if the
+    /// receiver left midway; `Timeout` if the stream made no progress for
+    /// the send timeout; `Shutdown`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future abandons the stream: its receiver's read ends
+    /// in an error once it stalls.
+    pub async fn send_stream<R: tokio::io::AsyncRead + Unpin>(
+        &self,
+        target: Target,
+        service: &str,
+        source: R,
+        len: u64,
+    ) -> Result<(), SendError> {
+        self.send_stream_with(target, service, source, len, &SendOptions::default())
+            .await
+    }
+
+    /// [`Node::send_stream`] with `options`: its priority, and its timeout
+    /// (how long the stream may go without progress).
+    ///
+    /// # Errors
+    ///
+    /// As [`Node::send_stream`].
+    pub async fn send_stream_with<R: tokio::io::AsyncRead + Unpin>(
+        &self,
+        target: Target,
+        service: &str,
+        source: R,
+        len: u64,
+        options: &SendOptions,
+    ) -> Result<(), SendError> {
+        let Target::Node(peer) = target else {
+            return Err(SendError::InvalidTarget(target));
+        };
+        if !transports::protocol::valid_name(service) {
+            return Err(SendError::InvalidName(service.to_owned()));
+        }
+        let priority = options
+            .given_priority()
+            .unwrap_or_else(|| self.rt.config.service_priority(service));
+        let idle = options.timeout_or(self.rt.config.send_timeout());
+        let out = crate::stream::Outgoing {
+            peer,
+            service,
+            source,
+            len,
+            priority,
+            idle,
+        };
+        crate::stream::send(&self.rt, out).await
+    }
+
     /// Queues an acknowledged message and returns as soon as it is queued,
     /// with a handle to await its outcome: pipelining without giving up
     /// order. Messages submitted one after another go out in that order.

@@ -104,6 +104,9 @@ pub(crate) struct Runtime {
     pub(crate) busy: Arc<crate::busy::BusyWatch>,
     /// Messages acknowledged on processing that are not yet.
     pub(crate) unacked: Arc<crate::services::Unacked>,
+    /// The streams this node sends, and those it receives.
+    pub(crate) streams_out: Arc<crate::stream::StreamsOut>,
+    pub(crate) streams_in: Arc<crate::stream::StreamsIn>,
 }
 
 impl Runtime {
@@ -156,6 +159,7 @@ impl Runtime {
             trace: Mutex::new(None),
         });
         let replier = Arc::new(Replier::new(&id, &config, &core, &server));
+        let streams_in = Arc::new(crate::stream::StreamsIn::new(&config));
         let busy = Arc::new(crate::busy::BusyWatch::new(
             config.node.busy_upper,
             config.node.busy_lower,
@@ -182,6 +186,8 @@ impl Runtime {
             permissions: parts.permissions,
             busy,
             unacked: Arc::default(),
+            streams_out: Arc::default(),
+            streams_in,
         }
     }
 

@@ -941,6 +941,47 @@ pub enum Header {
         /// Bytes of parts read since the connection opened.
         read: u64,
     },
+    /// Opens a stream on a direct channel, or resumes it on a new one
+    /// after the last broke (see [`StreamStart`]).
+    StreamStart(Box<StreamStart>),
+    /// The next bytes of a stream (the frame's body), from `offset`.
+    StreamChunk {
+        /// The stream: its message's sequence number.
+        seq: u64,
+        /// Where in the stream the body starts.
+        offset: u64,
+    },
+    /// A stream's receiver holds `received` bytes (never to be sent
+    /// again), and its application has read `consumed` of them: the
+    /// sender may send up to `consumed` plus the stream window.
+    StreamAck {
+        /// The stream.
+        seq: u64,
+        /// Bytes the receiver holds, from the start.
+        received: u64,
+        /// Bytes its application has read.
+        consumed: u64,
+    },
+    /// A stream ended without its body: the receiver refused it or gave
+    /// it up, or the sender could not finish it.
+    StreamFailed {
+        /// The stream.
+        seq: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A stream's opening (and, on a new channel after the last broke, its
+/// resumption): the message it is, and how long its body is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamStart {
+    /// The message: its sender, incarnation, sequence number (the
+    /// stream's), service and priority. Its kind is `Notify`: the stream
+    /// answers for itself.
+    pub msg: MessageHeader,
+    /// The body's length in bytes.
+    pub len: u64,
 }
 
 impl Header {
@@ -973,6 +1014,10 @@ impl Header {
             Header::Traced(_) => "traced",
             Header::TraceEnd { .. } => "trace end",
             Header::Credit { .. } => "credit",
+            Header::StreamStart(_) => "stream start",
+            Header::StreamChunk { .. } => "stream chunk",
+            Header::StreamAck { .. } => "stream ack",
+            Header::StreamFailed { .. } => "stream failed",
         }
     }
 }
