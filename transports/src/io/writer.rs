@@ -466,12 +466,14 @@ impl Encoder {
         }
     }
 
-    /// Adds `what` as [`Encoder::add`] does, unless its contents are
-    /// larger than `chunk_bytes`: then it is handed back to be written in
-    /// parts ([`Encoder::add_part`]). One over the limit is logged and
-    /// skipped either way.
+    /// Adds `what` as [`Encoder::add`] does, unless its body is a chunk
+    /// (`chunk_bytes`) or more, so that its contents are larger than a
+    /// chunk: then it is handed back to be written in parts
+    /// ([`Encoder::add_part`]). A stream's chunks go in parts too, and so
+    /// under a channel's window. One over the limit is logged and skipped
+    /// either way.
     fn add_or_split(&mut self, what: Queued, chunk_bytes: usize) -> Option<Partial> {
-        if self.goodbye || what_len(&what) <= chunk_bytes {
+        if self.goodbye || what_len(&what) < chunk_bytes {
             self.add(what);
             return None;
         }
