@@ -56,8 +56,10 @@ fn quantile(sorted: &[Duration], q: f64) -> Duration {
 /// probe went unanswered), and no member leaves.
 ///
 /// The requests wait behind a part or two of the bulk, not behind a body:
-/// their p50 stays within 3x of the idle p50 (measured 1.6-2.1x; without
-/// parts it was 150x: 52 ms). The issue's p99 bound, 5x the idle p99, is
+/// their p50 stays within twice the idle p50 plus the time four parts take
+/// at the bulk's rate (measured 1.6-2.1x the idle p50 in a debug build,
+/// 3x in a release build, where the idle p50 is 0.11 ms; without parts
+/// it was 150x: 52 ms). The issue's p99 bound, 5x the idle p99, is
 /// printed `NOT MET` when it is missed, as it mostly is here (3-8.5x): the
 /// bulk runs at 600-850 MB/s and keeps both cores of this machine busy
 /// (every node and the server share this test's two runtime threads,
@@ -174,8 +176,14 @@ async fn head_of_line(streamed: bool) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let first = received.load(Ordering::Relaxed);
+        let timed = Instant::now();
         let loaded = round_trips(&a, || received.load(Ordering::Relaxed) >= first + 12).await?;
         let during = received.load(Ordering::Relaxed) - first;
+        // The bulk's rate meanwhile, and how long the parts a request may
+        // wait behind take at it: the channel's window of two, the one
+        // being written, and one more on the way.
+        let rate = (during as usize * BULK_BYTES) as f64 / timed.elapsed().as_secs_f64();
+        let behind_parts = Duration::from_secs_f64(4.0 * config.limits.chunk_bytes as f64 / rate);
         stop.store(true, Ordering::Relaxed);
         bulk.await.context("bulk task")??;
         let sent = sent.load(Ordering::Relaxed);
@@ -219,10 +227,13 @@ async fn head_of_line(streamed: bool) -> anyhow::Result<()> {
         watching.abort();
         let troubles = troubles.load(Ordering::Relaxed);
         ensure!(troubles == 0, "{troubles} members left or links broke during the transfer");
-        let median_ratio = l50.as_secs_f64() / p50.as_secs_f64();
         ensure!(
-            median_ratio <= 3.0,
-            "p50 of small requests during the bulk is {median_ratio:.1}x the idle p50 (at most 3x)"
+            during > 0 && l50 <= 2 * p50 + behind_parts,
+            "p50 of small requests during the bulk is {:.2} ms: more than twice the idle p50 ({:.2} ms) \
+             and the time of four parts at the bulk's rate ({:.2} ms)",
+            ms(l50),
+            ms(p50),
+            ms(behind_parts)
         );
         ensure!(
             ratio <= 20.0,
