@@ -46,6 +46,10 @@ use crate::SendError;
 /// that a late resume or chunk is answered instead of starting over.
 const FINISHED_KEPT: usize = 4096;
 
+/// Channels in a row a stream's sender opens without its receiver getting
+/// a byte more before it gives the stream up.
+const MAX_FRUITLESS_CHANNELS: u32 = 3;
+
 /// Why a stream being read ended without the rest of its body.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StreamError {
@@ -180,6 +184,10 @@ pub(crate) async fn send<R: AsyncRead + Unpin>(
     let mut read_to = 0u64;
     let mut sent = 0u64;
     let mut channel: Option<(Arc<DirectConn>, crate::channels::Use)> = None;
+    // What the receiver held when the last channel was opened, and how
+    // many channels in a row it got nothing more on.
+    let mut reopened_at: Option<u64> = None;
+    let mut fruitless = 0u32;
     loop {
         let now = progress.borrow_and_update().clone();
         if let Some(reason) = now.failed {
@@ -202,6 +210,20 @@ pub(crate) async fn send<R: AsyncRead + Unpin>(
             Some((conn, _)) if !conn.queue.is_closed() => conn.clone(),
             _ => {
                 channel = None;
+                // A channel that keeps breaking with nothing more received
+                // meanwhile (the receiver refusing what this sends, say)
+                // ends the stream instead of opening channels forever.
+                if reopened_at.is_some_and(|at| at >= now.received) {
+                    fruitless += 1;
+                    if fruitless > MAX_FRUITLESS_CHANNELS {
+                        return Err(failed(format!(
+                            "its channel broke {fruitless} times in a row with nothing received"
+                        )));
+                    }
+                } else {
+                    fruitless = 0;
+                }
+                reopened_at = Some(now.received);
                 if !rt.core.lock().members().is_member(&peer) {
                     return Err(SendError::TargetStopped {
                         node: peer.clone(),
@@ -212,6 +234,9 @@ pub(crate) async fn send<R: AsyncRead + Unpin>(
                     .await
                     .map_err(|e| failed(format!("no channel: {e}")))?;
                 let Some(usage) = conn.begin_use(None) else {
+                    // Closing, not yet out of the pool: a moment for it to
+                    // go, then another.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                     continue;
                 };
                 let header = Header::StreamStart(Box::new(start.clone()));
@@ -413,6 +438,7 @@ impl StreamsIn {
                 consumed: 0,
                 answers: answers.clone(),
                 waker: None,
+                tail: None,
                 failed: None,
                 finished: false,
             }),
@@ -448,24 +474,31 @@ impl StreamsIn {
             if state.finished {
                 return Ok(());
             }
-            if offset > state.received {
-                return Err("a chunk past a gap in its stream");
-            }
-            // Sent again after a resume: what is held already is skipped.
-            let skip = (state.received - offset) as usize;
-            if skip >= body.len() {
-                return Ok(());
-            }
-            let body = body.slice(skip..);
-            let n = body.len() as u64;
-            if state.received + n > inbound.len {
+            let end = offset.saturating_add(body.len() as u64);
+            if end > inbound.len {
                 return Err("a chunk past its stream's length");
             }
-            if state.received + n - state.consumed > self.window {
+            if end.saturating_sub(state.consumed) > self.window {
                 return Err("a chunk past its stream's window");
             }
-            state.received += n;
-            state.chunks.push_back(body);
+            if offset > state.received {
+                // The last chunk, smaller than the others, is written whole
+                // and may pass the one before it, written in parts: it
+                // waits here for it. Any other gap breaks the protocol.
+                if end != inbound.len {
+                    return Err("a chunk past a gap in its stream");
+                }
+                state.tail = Some((offset, body));
+                return Ok(());
+            }
+            state.append(offset, body);
+            if let Some((offset, tail)) = state.tail.take() {
+                if offset <= state.received {
+                    state.append(offset, tail);
+                } else {
+                    state.tail = Some((offset, tail));
+                }
+            }
             state.waker.take()
         };
         if let Some(waker) = waker {
@@ -506,6 +539,9 @@ struct InState {
     answers: OutQueue,
     /// The application, waiting for a chunk.
     waker: Option<Waker>,
+    /// The last chunk, come before the one before it (see
+    /// [`StreamsIn::chunk`]).
+    tail: Option<(u64, Bytes)>,
     /// Why it failed, if it did.
     failed: Option<String>,
     /// Read whole or failed.
@@ -515,6 +551,19 @@ struct InState {
 impl Inbound {
     fn lock(&self) -> MutexGuard<'_, InState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl InState {
+    /// Takes what `body`, from `offset` (at most `received`), adds past
+    /// what is held: bytes sent again after a resume are skipped.
+    fn append(&mut self, offset: u64, body: Bytes) {
+        let skip = (self.received - offset) as usize;
+        if skip < body.len() {
+            let body = body.slice(skip..);
+            self.received += body.len() as u64;
+            self.chunks.push_back(body);
+        }
     }
 }
 
@@ -621,6 +670,7 @@ impl BodyStream {
         state.finished = true;
         state.failed = Some(reason.clone());
         state.chunks.clear();
+        state.tail = None;
         answer(
             &state.answers,
             Header::StreamFailed {
@@ -661,6 +711,7 @@ pub(crate) fn sender_failed(
         state.finished = true;
         state.failed = Some(format!("its sender gave it up: {reason}"));
         state.chunks.clear();
+        state.tail = None;
         state.waker.take()
     };
     streams.finish(&key, Some(reason));
@@ -689,5 +740,61 @@ mod tests {
         streams.acked(&NodeId::new("b"), 7, 80, 40);
         let now = rx.borrow().clone();
         assert_eq!((now.received, now.consumed), (100, 50), "never backwards");
+    }
+
+    /// The last chunk (smaller, written whole) may pass the one before it
+    /// (written in parts): it waits for it, and the body comes out in
+    /// order. Any other gap, and anything past the length or the window,
+    /// breaks the protocol.
+    #[tokio::test]
+    async fn the_last_chunk_may_come_early_and_nothing_else() {
+        let mut config = cluster_config::Config::default();
+        config.limits.stream_window_bytes = 1000;
+        let streams = Arc::new(StreamsIn::new(&config));
+        let (answers, _rx) = transports::out_queue(64, 1 << 20);
+        let a = NodeId::new("a");
+        let start = |seq: u64, len: u64| StreamStart {
+            msg: MessageHeader {
+                sender: a.clone(),
+                incarnation: 1,
+                seq,
+                target: Target::Node(NodeId::new("b")),
+                service: Arc::from("files"),
+                kind: MessageKind::Notify,
+                priority: Priority::Normal,
+            },
+            len,
+        };
+        let Started::New(mut stream) = streams.start(&start(1, 250), &answers) else {
+            panic!("a new stream");
+        };
+        let piece = |byte: u8, n: usize| Bytes::from(vec![byte; n]);
+        streams.chunk(&a, 1, 1, 0, piece(1, 100)).expect("in order");
+        streams
+            .chunk(&a, 1, 1, 200, piece(3, 50))
+            .expect("the last, early");
+        streams
+            .chunk(&a, 1, 1, 100, piece(2, 100))
+            .expect("the one it passed");
+        let body = stream.to_bytes().await.expect("whole");
+        let expected: Vec<u8> = [vec![1; 100], vec![2; 100], vec![3; 50]].concat();
+        assert_eq!(body.as_ref(), expected.as_slice());
+
+        let Started::New(_other) = streams.start(&start(2, 5000), &answers) else {
+            panic!("a new stream");
+        };
+        assert!(streams.chunk(&a, 1, 2, 100, piece(1, 10)).is_err(), "a gap");
+        assert!(
+            streams.chunk(&a, 1, 2, 0, piece(1, 1001)).is_err(),
+            "past the window"
+        );
+        assert!(
+            streams.chunk(&a, 1, 2, 4990, piece(1, 20)).is_err(),
+            "past the length"
+        );
+        assert!(
+            streams.chunk(&a, 1, 9, 0, piece(1, 1)).is_err(),
+            "no stream"
+        );
     }
 }

@@ -48,6 +48,8 @@ pub struct FrameReader<R> {
     /// Bytes of parts read so far, and whether the peer is yet to hear.
     parts_read: u64,
     grant_due: bool,
+    /// Whether the last thing read was a part (see `next_raw`).
+    after_part: bool,
     /// Bytes at the front of `buf` still lent out by the last
     /// [`FrameReader::try_next_frame`]; dropped at the next call.
     lent: usize,
@@ -90,6 +92,10 @@ struct Large {
     part: Option<(usize, bool, usize)>,
 }
 
+/// A part's length prefix, flags and (for a first part) the frame's
+/// length.
+const PART_HEAD_BYTES: usize = 2 * LENGTH_PREFIX_BYTES + 1;
+
 /// Whether a length prefix marks a part.
 fn is_part(prefix: usize) -> bool {
     prefix & PART_BIT as usize != 0
@@ -117,6 +123,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             grants: None,
             parts_read: 0,
             grant_due: false,
+            after_part: false,
             lent: 0,
             read_chunk,
             stall_limit: None,
@@ -349,8 +356,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 self.buf.reserve(self.read_chunk);
             }
             let partial = self.partial_bytes();
-            let read = self.io.read_buf(&mut self.buf);
-            if within(self.stall_limit, partial, read).await? == 0 {
+            // After a part, another part likely follows: its header alone
+            // is read into the shared buffer, and its piece then straight
+            // into its frame's, not copied there from the shared one.
+            let wanted = if self.after_part && self.buf.is_empty() {
+                PART_HEAD_BYTES
+            } else {
+                usize::MAX
+            };
+            let mut room = (&mut self.buf).limit(wanted);
+            let read = self.io.read_buf(&mut room);
+            let read = within(self.stall_limit, partial, read).await?;
+            if self.prefix().is_some_and(|p| !is_part(p)) {
+                self.after_part = false;
+            }
+            if read == 0 {
                 let assembling: usize = self.parts.iter().flatten().map(|(b, _)| b.len()).sum();
                 if assembling > 0 || self.prefix().is_some_and(is_part) {
                     return Err(FrameError::Truncated {
@@ -385,6 +405,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         else {
             return Ok(None);
         };
+        self.after_part = part.is_some();
         if part.is_some() {
             self.parts_read += piece as u64;
             self.grant_due = self.grants.is_some();
