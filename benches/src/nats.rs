@@ -131,7 +131,8 @@ impl Nats {
                 ..
             }
             | Case::NotifyTls { .. }
-            | Case::LazyTls { .. } => Ok(Measurement::skipped("n/a")),
+            | Case::LazyTls { .. }
+            | Case::Stream { .. } => Ok(Measurement::skipped("n/a")),
             Case::Notify { body } | Case::Session { body } | Case::SendPipelined { body, .. } => {
                 self.one_way(1, Fan::Subject, body, options).await
             }

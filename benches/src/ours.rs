@@ -316,7 +316,13 @@ impl<'a> Cluster<'a> {
         let mut inbox = subscribe(node).await?;
         let counter = received.clone();
         self.tasks.push(tokio::spawn(async move {
-            while let Some(message) = inbox.recv().await {
+            while let Some(mut message) = inbox.recv().await {
+                // A stream is read to its end, as it arrives.
+                if let Some(mut stream) = message.body_stream() {
+                    while let Ok(Some(chunk)) = stream.chunk().await {
+                        drop(chunk);
+                    }
+                }
                 drop(message);
                 counter.add(1);
             }
@@ -535,6 +541,7 @@ async fn measure(
             rate(bulk(cluster, via, body, options).await)
         }
         Case::LazyTls { body } => rate(bulk(cluster, Via::Lazy, body, options).await),
+        Case::Stream { body } => rate(streams(cluster, body, options).await),
     }
 }
 
@@ -552,6 +559,52 @@ async fn bulk(
         .transfer(&payload, BULK_IN_FLIGHT, &warmup, &measure)
         .await?;
     Ok(Outcome::Rate(transfer.mb_per_second()))
+}
+
+/// Bodies of `body` bytes sent as streams, one after the other, over a
+/// lazy channel, each read by the receiver as it arrives: MB/s of the
+/// measured phase.
+async fn streams(
+    cluster: &mut Cluster<'_>,
+    body: usize,
+    options: &Options,
+) -> anyhow::Result<Outcome> {
+    let pair = Pair::start(cluster, Via::Lazy, BULK_THRESHOLD_BYTES, "stream").await?;
+    let (warmup, measure) = bulk_plans(options);
+    let payload = Bytes::from(vec![0xB5; body]);
+    let target = Target::Node(pair.receivers[0].id().clone());
+    let base = pair.received.get();
+    let send = |plan: &Plan| {
+        let (sender, target, payload, plan) = (&pair.sender, &target, &payload, *plan);
+        async move {
+            let start = Instant::now();
+            let mut sent = 0u64;
+            while plan.more(sent, start.elapsed()) {
+                let source = std::io::Cursor::new(payload.clone());
+                sender
+                    .send_stream(target.clone(), SERVICE, source, payload.len() as u64)
+                    .await
+                    .context("send_stream")?;
+                sent += 1;
+            }
+            anyhow::Ok((sent, start.elapsed()))
+        }
+    };
+    let (warm, _) = send(&warmup).await.context("warm-up")?;
+    let (sent, took) = send(&measure).await?;
+    wait_for_count(&pair.received, base + warm + sent, WAIT_TIMEOUT)
+        .await
+        .context("draining the receiver's inbox")?;
+    let lazy = pair.sender.counters().lazy_messages;
+    ensure!(
+        lazy >= warm + sent,
+        "{} of {} streams went over the lazy channel",
+        lazy,
+        warm + sent
+    );
+    Ok(Outcome::Rate(
+        Transfer::new(sent, body, took).mb_per_second(),
+    ))
 }
 
 /// `notify` from one node to another at `rate` messages per second: the

@@ -104,9 +104,10 @@ pub async fn run(case: Case, options: &Options) -> Measurement {
             .await
             .map(Outcome::Rate),
         Case::Bulk { body, .. } => bulk(options, body).await.map(Outcome::Rate),
-        Case::FixedRate { .. } | Case::NotifyTls { .. } | Case::LazyTls { .. } => {
-            Ok(Outcome::Skipped("n/a".to_owned()))
-        }
+        Case::FixedRate { .. }
+        | Case::NotifyTls { .. }
+        | Case::LazyTls { .. }
+        | Case::Stream { .. } => Ok(Outcome::Skipped("n/a".to_owned())),
     };
     result
         .unwrap_or_else(|e| Outcome::Failed(format!("{e:#}")))

@@ -456,6 +456,7 @@ async fn measure(case: Case, options: &Options, relay: SocketAddr) -> anyhow::Re
         Case::Session { .. }
         | Case::NotifyTls { .. }
         | Case::LazyTls { .. }
+        | Case::Stream { .. }
         | Case::Bulk {
             path: BulkPath::Lazy,
             ..

@@ -135,6 +135,14 @@ pub enum Case {
         /// Body size.
         body: usize,
     },
+    /// Bodies sent as streams (`Node::send_stream`, read by the receiver
+    /// with `Message::body_stream` as they arrive), one after the other,
+    /// over a lazy channel, MB/s. Its floor is raw TCP direct moving
+    /// bodies of the same size (no NATS counterpart).
+    Stream {
+        /// Body size.
+        body: usize,
+    },
 }
 
 /// The fixed-rate case runs each system at this percentage of its own
@@ -153,7 +161,7 @@ impl Case {
             Case::FanOutAll { .. } | Case::FanOutGroup { .. } => "deliveries/s",
             Case::RequestLatency { .. } | Case::FixedRate { .. } => "µs p50/p99/p99.9",
             Case::RequestRate { .. } => "requests/s",
-            Case::Bulk { .. } | Case::LazyTls { .. } => "MB/s",
+            Case::Bulk { .. } | Case::LazyTls { .. } | Case::Stream { .. } => "MB/s",
         }
     }
 
@@ -165,6 +173,7 @@ impl Case {
             self,
             Case::Session { .. }
                 | Case::LazyTls { .. }
+                | Case::Stream { .. }
                 | Case::Bulk {
                     path: BulkPath::Lazy,
                     ..
@@ -199,7 +208,7 @@ impl Case {
     /// [`BULK_ROUNDS`] for bulk cases.
     pub fn rounds(&self) -> u32 {
         match self {
-            Case::Bulk { .. } | Case::LazyTls { .. } => BULK_ROUNDS,
+            Case::Bulk { .. } | Case::LazyTls { .. } | Case::Stream { .. } => BULK_ROUNDS,
             _ => ROUNDS,
         }
     }
@@ -273,6 +282,7 @@ impl fmt::Display for Case {
             Case::NotifyTls { .. } | Case::LazyTls { .. } => {
                 write!(f, "{} over TLS", self.plain())
             }
+            Case::Stream { body } => write!(f, "{} streams over a lazy channel", size(body)),
         }
     }
 }
@@ -339,6 +349,12 @@ impl System {
             (System::NatsGo, Case::NotifyTls { .. }) => Some(case),
             (System::Ours, Case::NotifyTls { .. } | Case::LazyTls { .. }) => Some(case),
             (_, Case::NotifyTls { .. } | Case::LazyTls { .. }) => None,
+            (System::Ours, Case::Stream { .. }) => Some(case),
+            (System::Raw, Case::Stream { body }) => Some(Case::Bulk {
+                body,
+                path: BulkPath::Lazy,
+            }),
+            (_, Case::Stream { .. }) => None,
             (System::NatsGo | System::AsyncNats, Case::Session { .. }) => None,
             (
                 System::NatsGo | System::AsyncNats | System::Relay,
@@ -750,6 +766,7 @@ pub fn cases(quick: bool) -> Vec<Case> {
     }
     cases.push(Case::NotifyTls { body: 128 });
     cases.push(Case::LazyTls { body: 16 << 20 });
+    cases.push(Case::Stream { body: 64 << 20 });
     cases
 }
 
