@@ -541,3 +541,82 @@ async fn a_sender_ignoring_busy_parks_no_more_than_its_bound() -> anyhow::Result
     })
     .await
 }
+
+/// A registered node sends the message server chunks of frames that break
+/// the rules: each time the server closes that node's connection (and
+/// nothing else), and a part that declares a frame over the limit is
+/// refused before anything is reserved. Two good nodes keep exchanging
+/// messages, large ones in parts among them.
+#[tokio::test]
+async fn broken_parts_cost_the_sender_its_connection_and_nobody_else_anything() -> anyhow::Result<()>
+{
+    use tokio::io::AsyncWriteExt;
+    use transports::frame::{PART_BIT, PART_FIRST, PART_LAST};
+    init_logging();
+    let (_server, addr, mut config, _file) = guarded_server("broken-parts").await?;
+    // Bodies of 1 MiB go through the message server, in parts.
+    config.lazy.threshold_bytes = 2 << 20;
+    config.lazy.auto_activate_messages = 0;
+    let a = node("a", &config, addr).await?;
+    let b = node("b", &config, addr).await?;
+    let mut inbox = b.subscribe("svc").await?;
+    fn part(flags: u8, total: Option<u32>, piece: &[u8]) -> Vec<u8> {
+        let declared = 1 + total.map_or(0, |_| 4) + piece.len();
+        let mut v = (PART_BIT | declared as u32).to_be_bytes().to_vec();
+        v.push(flags);
+        if let Some(total) = total {
+            v.extend_from_slice(&total.to_be_bytes());
+        }
+        v.extend_from_slice(piece);
+        v
+    }
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("an unknown lane", part(PART_FIRST | 6, Some(10), b"x")),
+        ("a part of nothing", part(2, None, b"x")),
+        (
+            "over the limit",
+            part(PART_FIRST | 2, Some(u32::MAX >> 1), b"x"),
+        ),
+        (
+            "more than declared",
+            [
+                part(PART_FIRST | 2, Some(3), b"ab"),
+                part(PART_LAST | 2, None, b"cd"),
+            ]
+            .concat(),
+        ),
+        (
+            "not a frame once whole",
+            part(PART_FIRST | PART_LAST | 2, Some(4), &[0xff; 4]),
+        ),
+    ];
+    for (i, (case, bytes)) in cases.into_iter().enumerate() {
+        let key = SessionKey::generate()?;
+        let hello = raw::hello(&format!("mallory-{i}"), &config.cluster.name, &key);
+        let interests = Interests {
+            groups: vec![],
+            services: vec![],
+        };
+        let mut mallory = RawNode::register(addr, hello, &interests, key, Some(SECRET)).await?;
+        mallory.writer.write_all(&bytes).await?;
+        let closed = bounded(async {
+            loop {
+                match mallory.reader.next_raw().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) | Err(_) => return Ok(()),
+                }
+            }
+        })
+        .await;
+        closed.with_context(|| format!("{case}: the server kept the connection"))?;
+        exchange(&a, "b", &mut inbox, case).await?;
+        let large = "L".repeat(1 << 20);
+        exchange(&a, "b", &mut inbox, &large).await?;
+    }
+    let counters = a.counters();
+    ensure!(
+        counters.server_bytes >= 5 << 20 && counters.lazy_messages == 0,
+        "the large bodies did not go through the message server: {counters:?}"
+    );
+    Ok(())
+}
