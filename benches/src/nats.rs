@@ -132,7 +132,8 @@ impl Nats {
             }
             | Case::NotifyTls { .. }
             | Case::LazyTls { .. }
-            | Case::Stream { .. } => Ok(Measurement::skipped("n/a")),
+            | Case::Stream { .. }
+            | Case::HeadOfLine { .. } => Ok(Measurement::skipped("n/a")),
             Case::Notify { body } | Case::Session { body } | Case::SendPipelined { body, .. } => {
                 self.one_way(1, Fan::Subject, body, options).await
             }

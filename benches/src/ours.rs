@@ -130,7 +130,10 @@ pub async fn run(
     tls: Option<&TlsCluster>,
 ) -> anyhow::Result<(Measurement, Option<u64>)> {
     let max_message_bytes = match case {
-        Case::Bulk { .. } | Case::LazyTls { .. } => Some(BULK_MAX_MESSAGE_BYTES),
+        Case::Bulk { .. }
+        | Case::LazyTls { .. }
+        | Case::Stream { .. }
+        | Case::HeadOfLine { .. } => Some(BULK_MAX_MESSAGE_BYTES),
         _ => None,
     };
     let tls = match (case.tls(), tls) {
@@ -542,6 +545,7 @@ async fn measure(
         }
         Case::LazyTls { body } => rate(bulk(cluster, Via::Lazy, body, options).await),
         Case::Stream { body } => rate(streams(cluster, body, options).await),
+        Case::HeadOfLine { body } => rate(head_of_line(cluster, body, options).await),
     }
 }
 
@@ -559,6 +563,76 @@ async fn bulk(
         .transfer(&payload, BULK_IN_FLIGHT, &warmup, &measure)
         .await?;
     Ok(Outcome::Rate(transfer.mb_per_second()))
+}
+
+/// Requests of `body` bytes, one at a time, while the requester sends
+/// [`crate::suite::HOL_BULK_BYTES`] bodies to the responder back to back
+/// over their lazy channel (which the requests take too): per-request
+/// round-trip percentiles.
+async fn head_of_line(
+    cluster: &mut Cluster<'_>,
+    body: usize,
+    options: &Options,
+) -> anyhow::Result<Outcome> {
+    let config = bulk_config(Via::Lazy, BULK_THRESHOLD_BYTES);
+    let responder = cluster.node("hol-b", &config, &[], Role::Server).await?;
+    // Answers the requests; the bulk bodies, one-way, are dropped.
+    cluster.respond(&responder).await?;
+    let requester = cluster.node("hol-a", &config, &[], Role::Server).await?;
+    let id = responder.id().clone();
+    let known = || {
+        requester.members().iter().any(|m| {
+            m.id == id && m.direct_addr.is_some() && m.services.iter().any(|s| s == SERVICE)
+        })
+    };
+    if wait_until(WAIT_TIMEOUT, known).await.is_none() {
+        bail!("hol-a did not learn of hol-b's direct address and {SERVICE} service");
+    }
+    let target = Target::Node(id);
+    let bulk = Bytes::from(vec![0xB5; crate::suite::HOL_BULK_BYTES]);
+    // The first body opens the channel the requests then take.
+    requester
+        .send(target.clone(), SERVICE, bulk.clone())
+        .await
+        .context("the first bulk body")?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flowing = {
+        let (requester, target, stop) = (requester.clone(), target.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                requester
+                    .send(target.clone(), SERVICE, bulk.clone())
+                    .await
+                    .context("a bulk body")?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let payload = Bytes::from(vec![0x5A; body]);
+    let mut samples = crate::latency::histogram();
+    let start = Instant::now();
+    let measured = async {
+        while start.elapsed() < options.warmup + options.measure {
+            let sent = Instant::now();
+            request(&requester, &target, &payload).await?;
+            if start.elapsed() > options.warmup {
+                crate::latency::record(&mut samples, sent.elapsed().as_nanos() as u64);
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flowing.await??;
+    measured?;
+    let counters = requester.counters();
+    ensure!(
+        counters.lazy_opened == 1 && counters.lazy_closed == 0 && counters.server_messages == 0,
+        "the requests and the bulk did not share one lazy channel: {counters:?}"
+    );
+    Latency::from_histogram(&samples)
+        .map(Outcome::Latency)
+        .context("no request completed")
 }
 
 /// Bodies of `body` bytes sent as streams, one after the other, over a

@@ -104,6 +104,7 @@ pub async fn run(case: Case, options: &Options) -> Measurement {
             .await
             .map(Outcome::Rate),
         Case::Bulk { body, .. } => bulk(options, body).await.map(Outcome::Rate),
+        Case::HeadOfLine { body } => head_of_line(options, body).await,
         Case::FixedRate { .. }
         | Case::NotifyTls { .. }
         | Case::LazyTls { .. }
@@ -398,6 +399,97 @@ where
         }
         counter.add(frames);
     }
+}
+
+/// Requests of `body_len` bytes echoed one at a time, while a producer
+/// writes [`crate::suite::HOL_BULK_BYTES`] frames back to back on the
+/// same connection (a request waits for the frame being written and the
+/// one queued before it): latency percentiles. A request's first body
+/// byte says it is one (a bulk frame's is 0).
+async fn head_of_line(options: &Options, body_len: usize) -> anyhow::Result<Outcome> {
+    ensure!(body_len > 0, "a request needs a body");
+    let (client, server) = loopback_pair().await?;
+    let (mut read, mut write) = client.into_split();
+    // The receiver: echoes requests, drops bulk frames.
+    let receiver = tokio::spawn(async move {
+        let (mut sread, mut swrite) = server.into_split();
+        let mut buf = BytesMut::with_capacity(2 * READ_CHUNK);
+        loop {
+            buf.reserve(READ_CHUNK);
+            if sread.read_buf(&mut buf).await? == 0 {
+                return anyhow::Ok(());
+            }
+            while buf.len() >= 4 {
+                let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+                if buf.len() < 4 + len {
+                    // A large frame: room for it at once.
+                    buf.reserve(4 + len - buf.len());
+                    break;
+                }
+                let frame = buf.split_to(4 + len);
+                if len > 0 && frame[4] == 1 {
+                    swrite.write_all(&frame).await?;
+                }
+            }
+        }
+    });
+    // One writer: bulk and requests in one stream, in the order handed
+    // over (one bulk frame queued at most).
+    let (tx, mut rx) = mpsc::channel::<Bytes>(1);
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            write.write_all(&frame).await?;
+        }
+        write.shutdown().await?;
+        anyhow::Ok(())
+    });
+    let mut bulk = BytesMut::with_capacity(4 + crate::suite::HOL_BULK_BYTES);
+    bulk.put_u32(u32::try_from(crate::suite::HOL_BULK_BYTES)?);
+    bulk.put_bytes(0, crate::suite::HOL_BULK_BYTES);
+    let bulk = bulk.freeze();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = {
+        let (tx, stop) = (tx.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if tx.send(bulk.clone()).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let mut request = BytesMut::with_capacity(4 + body_len);
+    request.put_u32(u32::try_from(body_len)?);
+    request.put_u8(1);
+    request.put_bytes(0xAB, body_len - 1);
+    let request = request.freeze();
+    let mut reply = vec![0u8; request.len()];
+    let mut samples = crate::latency::histogram();
+    let start = Instant::now();
+    while start.elapsed() < options.warmup + options.measure {
+        let sent = Instant::now();
+        tx.send(request.clone())
+            .await
+            .context("the raw writer stopped")?;
+        tokio::time::timeout(WAIT_TIMEOUT, read.read_exact(&mut reply))
+            .await
+            .context("raw request timed out behind the bulk")??;
+        if start.elapsed() > options.warmup {
+            crate::latency::record(&mut samples, sent.elapsed().as_nanos() as u64);
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(tx);
+    producer.await?;
+    tokio::time::timeout(WAIT_TIMEOUT, writer)
+        .await
+        .context("raw writer did not stop")???;
+    tokio::time::timeout(WAIT_TIMEOUT, receiver)
+        .await
+        .context("raw receiver did not stop")???;
+    Latency::from_histogram(&samples)
+        .map(Outcome::Latency)
+        .context("no request completed")
 }
 
 /// One encoded frame: the length prefix and a body of `body_len` bytes.

@@ -457,6 +457,7 @@ async fn measure(case: Case, options: &Options, relay: SocketAddr) -> anyhow::Re
         | Case::NotifyTls { .. }
         | Case::LazyTls { .. }
         | Case::Stream { .. }
+        | Case::HeadOfLine { .. }
         | Case::Bulk {
             path: BulkPath::Lazy,
             ..

@@ -135,6 +135,16 @@ pub enum Case {
         /// Body size.
         body: usize,
     },
+    /// Requests of `body` bytes, one at a time, while the sender sends
+    /// [`HOL_BULK_BYTES`] bodies to the same receiver back to back over
+    /// the same connection: latency percentiles. Ours over a lazy channel
+    /// (large bodies in parts, under the channel's window); its floor is
+    /// raw TCP direct, one connection carrying both in order. No NATS
+    /// counterpart.
+    HeadOfLine {
+        /// Request body size.
+        body: usize,
+    },
     /// Bodies sent as streams (`Node::send_stream`, read by the receiver
     /// with `Message::body_stream` as they arrive), one after the other,
     /// over a lazy channel, MB/s. Its floor is raw TCP direct moving
@@ -144,6 +154,9 @@ pub enum Case {
         body: usize,
     },
 }
+
+/// The bulk bodies of [`Case::HeadOfLine`].
+pub const HOL_BULK_BYTES: usize = 64 << 20;
 
 /// The fixed-rate case runs each system at this percentage of its own
 /// maximum (its median `notify` rate in the same run).
@@ -159,7 +172,9 @@ impl Case {
             | Case::Session { .. }
             | Case::NotifyTls { .. } => "msgs/s",
             Case::FanOutAll { .. } | Case::FanOutGroup { .. } => "deliveries/s",
-            Case::RequestLatency { .. } | Case::FixedRate { .. } => "µs p50/p99/p99.9",
+            Case::RequestLatency { .. } | Case::FixedRate { .. } | Case::HeadOfLine { .. } => {
+                "µs p50/p99/p99.9"
+            }
             Case::RequestRate { .. } => "requests/s",
             Case::Bulk { .. } | Case::LazyTls { .. } | Case::Stream { .. } => "MB/s",
         }
@@ -174,6 +189,7 @@ impl Case {
             Case::Session { .. }
                 | Case::LazyTls { .. }
                 | Case::Stream { .. }
+                | Case::HeadOfLine { .. }
                 | Case::Bulk {
                     path: BulkPath::Lazy,
                     ..
@@ -201,7 +217,10 @@ impl Case {
 
     /// Whether the case is a latency case (lower is better).
     pub fn is_latency(&self) -> bool {
-        matches!(self, Case::RequestLatency { .. } | Case::FixedRate { .. })
+        matches!(
+            self,
+            Case::RequestLatency { .. } | Case::FixedRate { .. } | Case::HeadOfLine { .. }
+        )
     }
 
     /// How many rounds this case runs per system: [`ROUNDS`], or
@@ -283,6 +302,12 @@ impl fmt::Display for Case {
                 write!(f, "{} over TLS", self.plain())
             }
             Case::Stream { body } => write!(f, "{} streams over a lazy channel", size(body)),
+            Case::HeadOfLine { body } => write!(
+                f,
+                "request/reply {} while {} bodies flow",
+                size(body),
+                size(HOL_BULK_BYTES)
+            ),
         }
     }
 }
@@ -355,6 +380,8 @@ impl System {
                 path: BulkPath::Lazy,
             }),
             (_, Case::Stream { .. }) => None,
+            (System::Ours | System::Raw, Case::HeadOfLine { .. }) => Some(case),
+            (_, Case::HeadOfLine { .. }) => None,
             (System::NatsGo | System::AsyncNats, Case::Session { .. }) => None,
             (
                 System::NatsGo | System::AsyncNats | System::Relay,
@@ -767,6 +794,7 @@ pub fn cases(quick: bool) -> Vec<Case> {
     cases.push(Case::NotifyTls { body: 128 });
     cases.push(Case::LazyTls { body: 16 << 20 });
     cases.push(Case::Stream { body: 64 << 20 });
+    cases.push(Case::HeadOfLine { body: 128 });
     cases
 }
 
