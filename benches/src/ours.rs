@@ -579,16 +579,8 @@ async fn head_of_line(
     // Answers the requests; the bulk bodies, one-way, are dropped.
     cluster.respond(&responder).await?;
     let requester = cluster.node("hol-a", &config, &[], Role::Server).await?;
-    let id = responder.id().clone();
-    let known = || {
-        requester.members().iter().any(|m| {
-            m.id == id && m.direct_addr.is_some() && m.services.iter().any(|s| s == SERVICE)
-        })
-    };
-    if wait_until(WAIT_TIMEOUT, known).await.is_none() {
-        bail!("hol-a did not learn of hol-b's direct address and {SERVICE} service");
-    }
-    let target = Target::Node(id);
+    knows_direct(&requester, &responder).await?;
+    let target = Target::Node(responder.id().clone());
     let bulk = Bytes::from(vec![0xB5; crate::suite::HOL_BULK_BYTES]);
     // The first body opens the channel the requests then take.
     requester
@@ -1113,6 +1105,25 @@ async fn requests_for(
 // Bulk and the sweep
 // ---------------------------------------------------------------------------
 
+/// Waits until `sender` knows `receiver`'s direct-channel address and its
+/// [`SERVICE`] (without them a send would fall back to the message
+/// server).
+async fn knows_direct(sender: &Node, receiver: &Node) -> anyhow::Result<()> {
+    let id = receiver.id();
+    let known = || {
+        sender.members().iter().any(|m| {
+            &m.id == id && m.direct_addr.is_some() && m.services.iter().any(|s| s == SERVICE)
+        })
+    };
+    if wait_until(WAIT_TIMEOUT, known).await.is_none() {
+        bail!(
+            "{} did not learn of {id}'s direct address and {SERVICE} service",
+            sender.id()
+        );
+    }
+    Ok(())
+}
+
 /// A sender and a receiver draining [`SERVICE`], configured for one path.
 struct Pair {
     via: Via,
@@ -1146,18 +1157,7 @@ impl Pair {
             .node(&format!("{prefix}-{name}-a"), &config, &[], Role::Server)
             .await?;
         if via == Via::Lazy {
-            let id = receiver.id().clone();
-            let known = || {
-                sender.members().iter().any(|m| {
-                    m.id == id && m.direct_addr.is_some() && m.services.iter().any(|s| s == SERVICE)
-                })
-            };
-            if wait_until(WAIT_TIMEOUT, known).await.is_none() {
-                bail!(
-                    "{} did not learn of {id}'s direct address and {SERVICE} service",
-                    sender.id()
-                );
-            }
+            knows_direct(&sender, &receiver).await?;
         }
         Ok(Pair {
             via,

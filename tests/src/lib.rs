@@ -22,6 +22,17 @@ use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio::sync::oneshot;
 
+/// The next message in `inbox`, waiting at most [`TEST_WAIT`].
+///
+/// # Errors
+///
+/// If the inbox closed, or nothing came in time.
+pub async fn next_message(
+    inbox: &mut node_runtime::Inbox,
+) -> anyhow::Result<node_runtime::Message> {
+    bounded(async { inbox.recv().await.context("inbox closed") }).await
+}
+
 /// Upper bound for any single wait in a test.
 pub const TEST_WAIT: Duration = Duration::from_secs(30);
 
@@ -93,6 +104,21 @@ impl TestServer {
             stop: Some(stop),
             task,
         })
+    }
+
+    /// Starts node `id` with `config`, connected to this server (and
+    /// deaf to the environment's overrides).
+    ///
+    /// # Errors
+    ///
+    /// If the node cannot start.
+    pub async fn node(&self, id: &str, config: &Config) -> anyhow::Result<node_runtime::Node> {
+        Ok(node_runtime::Node::builder(id)
+            .config(config.clone())
+            .message_server(self.addr)
+            .ignore_environment()
+            .start()
+            .await?)
     }
 
     /// Stops the server and waits for it.

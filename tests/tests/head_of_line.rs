@@ -9,21 +9,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use clustercomm_tests::{bounded, init_logging, test_config, TestServer};
-use node_runtime::{Config, MembershipEvent, Node, NodeId, Target};
+use node_runtime::{MembershipEvent, Node, NodeId, Target};
 
 /// The size of each bulk body.
 const BULK_BYTES: usize = 64 << 20;
 /// Small requests timed idle, and at most while the bulk flows.
 const MEASURED: usize = 1000;
-
-async fn node(id: &str, config: &Config, server: &TestServer) -> anyhow::Result<Node> {
-    Ok(Node::builder(id)
-        .config(config.clone())
-        .message_server(server.addr)
-        .ignore_environment()
-        .start()
-        .await?)
-}
 
 /// One-at-a-time 128 B requests from `a` to `b`, [`MEASURED`] of them or
 /// until `done`: their round trips, sorted.
@@ -96,8 +87,8 @@ async fn head_of_line(streamed: bool) -> anyhow::Result<()> {
         config.limits.max_message_bytes = BULK_BYTES as u64;
         config.node.send_timeout_ms = 60_000;
         let server = TestServer::start(config.clone()).await?;
-        let a = node("a", &config, &server).await?;
-        let b = node("b", &config, &server).await?;
+        let a = server.node("a", &config).await?;
+        let b = server.node("b", &config).await?;
         // Members leaving, or a link to the server lost, as `a` sees it.
         let troubles = Arc::new(AtomicU64::new(0));
         let watching = {

@@ -551,7 +551,7 @@ async fn a_sender_ignoring_busy_parks_no_more_than_its_bound() -> anyhow::Result
 async fn broken_parts_cost_the_sender_its_connection_and_nobody_else_anything() -> anyhow::Result<()>
 {
     use tokio::io::AsyncWriteExt;
-    use transports::frame::{PART_BIT, PART_FIRST, PART_LAST};
+    use transports::frame::{PART_FIRST, PART_LAST};
     init_logging();
     let (_server, addr, mut config, _file) = guarded_server("broken-parts").await?;
     // Bodies of 1 MiB go through the message server, in parts.
@@ -561,12 +561,8 @@ async fn broken_parts_cost_the_sender_its_connection_and_nobody_else_anything() 
     let b = node("b", &config, addr).await?;
     let mut inbox = b.subscribe("svc").await?;
     fn part(flags: u8, total: Option<u32>, piece: &[u8]) -> Vec<u8> {
-        let declared = 1 + total.map_or(0, |_| 4) + piece.len();
-        let mut v = (PART_BIT | declared as u32).to_be_bytes().to_vec();
-        v.push(flags);
-        if let Some(total) = total {
-            v.extend_from_slice(&total.to_be_bytes());
-        }
+        let mut v = Vec::new();
+        transports::frame::put_part_head(&mut v, flags, total, piece.len());
         v.extend_from_slice(piece);
         v
     }

@@ -9,17 +9,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use clustercomm_tests::{bounded, init_logging, test_config, TestServer};
-use node_runtime::{Config, Message, Node, NodeId, ServeOptions, Target};
+use node_runtime::{Message, Node, NodeId, ServeOptions, Target};
 use tokio::sync::Semaphore;
-
-async fn node(config: &Config, server: &TestServer, id: &str) -> anyhow::Result<Node> {
-    Ok(Node::builder(id)
-        .config(config.clone())
-        .message_server(server.addr)
-        .ignore_environment()
-        .start()
-        .await?)
-}
 
 /// The body of message `n`: its number.
 fn number(m: &Message) -> u64 {
@@ -64,7 +55,7 @@ async fn processors_keep_each_senders_order() -> anyhow::Result<()> {
         const EACH: u64 = 300;
         let config = test_config();
         let server = TestServer::start(config.clone()).await?;
-        let worker = node(&config, &server, "worker").await?;
+        let worker = server.node("worker", &config).await?;
         let seen: Arc<Mutex<Vec<(NodeId, u64)>>> = Arc::default();
         let running = Arc::new(AtomicUsize::new(0));
         let most = Arc::new(AtomicUsize::new(0));
@@ -92,9 +83,9 @@ async fn processors_keep_each_senders_order() -> anyhow::Result<()> {
                 .await?
         };
         let senders = vec![
-            node(&config, &server, "s1").await?,
-            node(&config, &server, "s2").await?,
-            node(&config, &server, "s3").await?,
+            server.node("s1", &config).await?,
+            server.node("s2", &config).await?,
+            server.node("s3", &config).await?,
         ];
         send_numbered(&senders, EACH).await?;
         while serving.stats().handled < 3 * EACH {
@@ -134,7 +125,7 @@ async fn max_in_a_row_holds() -> anyhow::Result<()> {
         const IN_A_ROW: usize = 7;
         let config = test_config();
         let server = TestServer::start(config.clone()).await?;
-        let worker = node(&config, &server, "worker").await?;
+        let worker = server.node("worker", &config).await?;
         let seen: Arc<Mutex<Vec<NodeId>>> = Arc::default();
         // Closed until every message has arrived.
         let gate = Arc::new(Semaphore::new(0));
@@ -158,9 +149,9 @@ async fn max_in_a_row_holds() -> anyhow::Result<()> {
                 .await?
         };
         let senders = vec![
-            node(&config, &server, "s1").await?,
-            node(&config, &server, "s2").await?,
-            node(&config, &server, "s3").await?,
+            server.node("s1", &config).await?,
+            server.node("s2", &config).await?,
+            server.node("s3", &config).await?,
         ];
         send_numbered(&senders, EACH).await?;
         // Acknowledged means in the inbox; the pool takes them from there.
@@ -212,7 +203,7 @@ async fn held_messages_make_a_node_busy() -> anyhow::Result<()> {
         config.node.busy_upper = 32;
         config.node.busy_lower = 4;
         let server = TestServer::start(config.clone()).await?;
-        let worker = node(&config, &server, "worker").await?;
+        let worker = server.node("worker", &config).await?;
         let gate = Arc::new(Semaphore::new(0));
         let serving = {
             let gate = gate.clone();
@@ -230,7 +221,7 @@ async fn held_messages_make_a_node_busy() -> anyhow::Result<()> {
                 )
                 .await?
         };
-        let sender = node(&config, &server, "s1").await?;
+        let sender = server.node("s1", &config).await?;
         let mut events = sender.membership_events();
         // Exactly busy_upper: every one was sent before the node could
         // turn busy (a busy node would hold the sender back).
@@ -274,8 +265,8 @@ async fn acknowledged_on_processing() -> anyhow::Result<()> {
     bounded(async {
         let config = test_config();
         let server = TestServer::start(config.clone()).await?;
-        let worker = node(&config, &server, "worker").await?;
-        let sender = node(&config, &server, "sender").await?;
+        let worker = server.node("worker", &config).await?;
+        let sender = server.node("sender", &config).await?;
         let mut pings = sender.subscribe("pings").await?;
         let mut inbox = worker
             .subscribe_with("jobs", &SubscribeOptions::new().ack(AckMode::OnProcessed))

@@ -11,22 +11,11 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context as _};
 use clustercomm_tests::proxy::TcpProxy;
-use clustercomm_tests::{bounded, init_logging, own_status_kib, test_config, TestServer};
-use node_runtime::{Config, Inbox, Message, Node, NodeId, SendError, StreamError, Target};
+use clustercomm_tests::{
+    bounded, init_logging, next_message, own_status_kib, test_config, TestServer,
+};
+use node_runtime::{Message, Node, NodeId, SendError, StreamError, Target};
 use tokio::io::{AsyncRead, ReadBuf};
-
-async fn node(id: &str, config: &Config, server: &TestServer) -> anyhow::Result<Node> {
-    Ok(Node::builder(id)
-        .config(config.clone())
-        .message_server(server.addr)
-        .ignore_environment()
-        .start()
-        .await?)
-}
-
-async fn next(inbox: &mut Inbox) -> anyhow::Result<Message> {
-    bounded(async { inbox.recv().await.context("inbox closed") }).await
-}
 
 fn to(id: &str) -> Target {
     Target::Node(NodeId::new(id))
@@ -119,8 +108,8 @@ async fn a_stream_arrives_whole_and_failures_reach_the_other_end() -> anyhow::Re
     bounded(async {
         let config = test_config();
         let server = TestServer::start(config.clone()).await?;
-        let a = node("a", &config, &server).await?;
-        let b = node("b", &config, &server).await?;
+        let a = server.node("a", &config).await?;
+        let b = server.node("b", &config).await?;
         let mut inbox = b.subscribe("files").await?;
         let len = (3 << 20) + 12_345;
         let (expected, _) = hash_of(Pattern::new(len, 7)).await?;
@@ -128,7 +117,7 @@ async fn a_stream_arrives_whole_and_failures_reach_the_other_end() -> anyhow::Re
             let a = a.clone();
             tokio::spawn(async move { a.send_stream(to("b"), "files", Pattern::new(len, 7), len).await })
         };
-        let mut message = next(&mut inbox).await?;
+        let mut message = next_message(&mut inbox).await?;
         ensure!(message.is_stream() && message.body().is_empty());
         ensure!(message.sender() == &NodeId::new("a") && message.service() == "files");
         let (hash, got) = read_stream(&mut message).await?;
@@ -156,7 +145,7 @@ async fn a_stream_arrives_whole_and_failures_reach_the_other_end() -> anyhow::Re
                     .await
             })
         };
-        let mut message = next(&mut inbox).await?;
+        let mut message = next_message(&mut inbox).await?;
         let mut stream = message.body_stream().context("a stream")?;
         stream.chunk().await?.context("a first chunk")?;
         drop(stream);
@@ -176,7 +165,7 @@ async fn a_stream_arrives_whole_and_failures_reach_the_other_end() -> anyhow::Re
             let a = a.clone();
             tokio::spawn(async move { a.send_stream(to("b"), "files", failing, 4 << 20).await })
         };
-        let mut message = next(&mut inbox).await?;
+        let mut message = next_message(&mut inbox).await?;
         let read = read_stream(&mut message).await;
         let err = read.expect_err("the stream failed");
         ensure!(
@@ -243,8 +232,8 @@ async fn a_four_gib_stream_from_a_file_takes_bounded_memory() -> anyhow::Result<
         ensure!(len == LEN);
         let config = test_config();
         let server = TestServer::start(config.clone()).await?;
-        let a = node("a", &config, &server).await?;
-        let b = node("b", &config, &server).await?;
+        let a = server.node("a", &config).await?;
+        let b = server.node("b", &config).await?;
         let mut inbox = b.subscribe("files").await?;
 
         // The lazy channel's rate for whole 16 MiB bodies, hashed as read.
@@ -278,7 +267,7 @@ async fn a_four_gib_stream_from_a_file_takes_bounded_memory() -> anyhow::Result<
                 anyhow::Ok(())
             })
         };
-        let mut message = next(&mut inbox).await?;
+        let mut message = next_message(&mut inbox).await?;
         let (hash, got) = read_stream(&mut message).await?;
         sending.await??;
         let stream_rate = LEN as f64 / started.elapsed().as_secs_f64();
@@ -315,7 +304,7 @@ async fn a_stream_resumes_on_a_new_channel_after_a_cut() -> anyhow::Result<()> {
     bounded(async {
         let config = test_config();
         let server = TestServer::start(config.clone()).await?;
-        let a = node("a", &config, &server).await?;
+        let a = server.node("a", &config).await?;
         // b's direct channels go through the proxy (see partition.rs).
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let announced = listener.local_addr()?;
@@ -324,7 +313,7 @@ async fn a_stream_resumes_on_a_new_channel_after_a_cut() -> anyhow::Result<()> {
         let mut b_config = config.clone();
         b_config.node.direct_listen = behind;
         b_config.node.direct_advertise = Some(announced);
-        let b = node("b", &b_config, &server).await?;
+        let b = server.node("b", &b_config).await?;
         let mut inbox = b.subscribe("files").await?;
         let len = 256u64 << 20;
         let (expected, _) = hash_of(Pattern::new(len, 11)).await?;
@@ -335,7 +324,7 @@ async fn a_stream_resumes_on_a_new_channel_after_a_cut() -> anyhow::Result<()> {
                     .await
             })
         };
-        let mut message = next(&mut inbox).await?;
+        let mut message = next_message(&mut inbox).await?;
         let mut stream = message.body_stream().context("a stream")?;
         let mut hasher = std::hash::DefaultHasher::new();
         let mut got = 0u64;
@@ -365,7 +354,7 @@ async fn a_stream_resumes_on_a_new_channel_after_a_cut() -> anyhow::Result<()> {
         // A message sent after it, on the same channel, comes next: the
         // stream was not delivered again meanwhile.
         a.send(to("b"), "files", &b"after"[..]).await?;
-        let after = next(&mut inbox).await?;
+        let after = next_message(&mut inbox).await?;
         ensure!(
             !after.is_stream() && after.body().as_ref() == b"after",
             "the stream was delivered more than once"
@@ -432,7 +421,7 @@ async fn hostile_stream_frames_close_the_channel() -> anyhow::Result<()> {
     let mut config = test_config();
     config.cluster.failure_timeout_ms = 5_000;
     let server = TestServer::start(config.clone()).await?;
-    let b = node("b", &config, &server).await?;
+    let b = server.node("b", &config).await?;
     let mut inbox = b.subscribe("files").await?;
     let key = transports::auth::SessionKey::generate()?;
     let hello = raw::hello("mallory", &config.cluster.name, &key);
@@ -514,7 +503,7 @@ async fn hostile_stream_frames_close_the_channel() -> anyhow::Result<()> {
             closed.with_context(|| format!("{case}: the channel stayed open"))?;
             if delivered {
                 // The stream was delivered before the break; it gives up.
-                let mut message = next(&mut inbox).await?;
+                let mut message = next_message(&mut inbox).await?;
                 ensure!(message.is_stream(), "{case}: not the stream");
                 drop(message.body_stream());
             }
@@ -524,7 +513,7 @@ async fn hostile_stream_frames_close_the_channel() -> anyhow::Result<()> {
             );
         }
         // A member's stream still arrives.
-        let a = node("a", &config, &server).await?;
+        let a = server.node("a", &config).await?;
         let sending = {
             let a = a.clone();
             tokio::spawn(async move {
@@ -532,7 +521,7 @@ async fn hostile_stream_frames_close_the_channel() -> anyhow::Result<()> {
                     .await
             })
         };
-        let mut message = next(&mut inbox).await?;
+        let mut message = next_message(&mut inbox).await?;
         let (_, got) = read_stream(&mut message).await?;
         sending.await??;
         ensure!(got == 1 << 20);

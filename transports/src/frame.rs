@@ -72,6 +72,19 @@ pub const PART_LANE_MASK: u8 = 0x07;
 /// Lanes a connection may have frames in assembly on at once: one per
 /// class of the outgoing queue (control and the four priorities).
 pub const PART_LANES: usize = 5;
+/// Writes a part's head (see [`PART_BIT`]) to `buf`: its length prefix,
+/// `flags`, and for a first part the frame's `total` length. The part's
+/// `piece_len` bytes are to follow. (For hand-made parts too: a test's,
+/// or an attacker's.)
+pub fn put_part_head(buf: &mut impl BufMut, flags: u8, total: Option<u32>, piece_len: usize) {
+    let declared = 1 + total.map_or(0, |_| LENGTH_PREFIX_BYTES) + piece_len;
+    buf.put_u32(PART_BIT | declared as u32);
+    buf.put_u8(flags);
+    if let Some(total) = total {
+        buf.put_u32(total);
+    }
+}
+
 /// Largest frame length a prefix may declare (the top bit marks parts).
 pub const MAX_FRAME_LEN: usize = (PART_BIT - 1) as usize;
 

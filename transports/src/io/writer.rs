@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::queue::{OutItem, OutReceiver, Queued, WrittenCounter, CLASSES, CONTROL};
 use super::READ_CHUNK_BYTES;
 use crate::frame::{
-    encode_header, FrameError, OutFrame, LENGTH_PREFIX_BYTES, PART_BIT, PART_FIRST, PART_LAST,
+    encode_header, put_part_head, FrameError, OutFrame, LENGTH_PREFIX_BYTES, PART_FIRST, PART_LAST,
 };
 use crate::protocol::Header;
 
@@ -544,13 +544,9 @@ impl Encoder {
         if last {
             flags |= PART_LAST;
         }
-        let declared = 1 + if first { LENGTH_PREFIX_BYTES } else { 0 } + head_len + piece.len();
         self.buf.reserve(2 * LENGTH_PREFIX_BYTES + 1 + head_len);
-        self.buf.put_u32(PART_BIT | declared as u32);
-        self.buf.put_u8(flags);
-        if first {
-            self.buf.put_u32(partial.total as u32);
-        }
+        let total = first.then_some(partial.total as u32);
+        put_part_head(&mut self.buf, flags, total, piece_len);
         if let Some(head) = head {
             self.buf.extend_from_slice(&head);
         }
@@ -933,12 +929,8 @@ mod tests {
         use crate::frame::{PART_BIT, PART_FIRST, PART_LAST};
         use tokio::io::AsyncWriteExt;
         fn part(flags: u8, total: Option<u32>, piece: &[u8]) -> Vec<u8> {
-            let declared = 1 + total.map_or(0, |_| 4) + piece.len();
-            let mut v = (PART_BIT | declared as u32).to_be_bytes().to_vec();
-            v.push(flags);
-            if let Some(total) = total {
-                v.extend_from_slice(&total.to_be_bytes());
-            }
+            let mut v = Vec::new();
+            crate::frame::put_part_head(&mut v, flags, total, piece.len());
             v.extend_from_slice(piece);
             v
         }
