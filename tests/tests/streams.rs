@@ -70,6 +70,11 @@ impl AsyncRead for Pattern {
     }
 }
 
+/// The tests of this file run one at a time: the 4 GiB stream measures
+/// its rate against whole bodies in the same test, which the others'
+/// load would skew, and it takes both cores for a while.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The hash of everything `source` yields.
 async fn hash_of(mut source: impl AsyncRead + Unpin) -> anyhow::Result<(u64, u64)> {
     use tokio::io::AsyncReadExt;
@@ -104,6 +109,7 @@ async fn read_stream(message: &mut Message) -> anyhow::Result<(u64, u64)> {
 /// source that fails midway, a target that is not one node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_arrives_whole_and_failures_reach_the_other_end() -> anyhow::Result<()> {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     init_logging();
     bounded(async {
         let config = test_config();
@@ -191,9 +197,13 @@ async fn a_stream_arrives_whole_and_failures_reach_the_other_end() -> anyhow::Re
 /// whole 16 MiB bodies over the same lazy channel, measured before it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_four_gib_stream_from_a_file_takes_bounded_memory() -> anyhow::Result<()> {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     const LEN: u64 = 4 << 30;
     init_logging();
-    bounded(async {
+    // 4 GiB take 20-40 s in a debug build on two cores: a bound of its
+    // own, past the usual one.
+    let bound = std::time::Duration::from_secs(240);
+    let test = async {
         // The file: sparse, with a block of the pattern every 16 MiB.
         let dir = std::env::temp_dir().join(format!("clustercomm-stream-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
@@ -202,7 +212,9 @@ async fn a_four_gib_stream_from_a_file_takes_bounded_memory() -> anyhow::Result<
             use std::io::{Seek, SeekFrom, Write};
             let mut file = std::fs::File::create(&path)?;
             file.set_len(LEN)?;
-            let block: Vec<u8> = (0..64 * 1024u32).map(|i| i.wrapping_mul(2_654_435_761) as u8).collect();
+            let block: Vec<u8> = (0..64 * 1024u32)
+                .map(|i| i.wrapping_mul(2_654_435_761) as u8)
+                .collect();
             let mut at = 0;
             while at < LEN {
                 file.seek(SeekFrom::Start(at))?;
@@ -283,16 +295,24 @@ async fn a_four_gib_stream_from_a_file_takes_bounded_memory() -> anyhow::Result<
             before / 1024,
             peak / 1024,
         );
-        ensure!(got == LEN && hash == expected, "the body differs: {got} bytes");
-        ensure!(grew_mib < 64.0, "memory grew by {grew_mib:.1} MiB (at most 64)");
+        ensure!(
+            got == LEN && hash == expected,
+            "the body differs: {got} bytes"
+        );
+        ensure!(
+            grew_mib < 64.0,
+            "memory grew by {grew_mib:.1} MiB (at most 64)"
+        );
         ensure!(
             stream_rate >= 0.8 * whole_rate,
             "the stream ran at {:.0}% of the lazy channel's 16 MiB rate (at least 80%)",
             100.0 * stream_rate / whole_rate
         );
         Ok(())
-    })
-    .await
+    };
+    tokio::time::timeout(bound, test)
+        .await
+        .context("the 4 GiB stream exceeded its time bound")?
 }
 
 /// The fault proxy resets the receiver's lazy channel twice mid-stream:
@@ -300,6 +320,7 @@ async fn a_four_gib_stream_from_a_file_takes_bounded_memory() -> anyhow::Result<
 /// the same hash, delivered once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_resumes_on_a_new_channel_after_a_cut() -> anyhow::Result<()> {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     init_logging();
     bounded(async {
         let config = test_config();
@@ -411,6 +432,7 @@ async fn raw_channel(
 /// The receiver goes on taking streams from others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_stream_frames_close_the_channel() -> anyhow::Result<()> {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     use clustercomm_tests::raw::{self, RawNode};
     use tokio::io::AsyncWriteExt;
     use transports::protocol::{
