@@ -735,13 +735,8 @@ async fn serve_inbound(
                 }
             }
             Header::StreamFailed { seq, reason } => {
-                crate::stream::sender_failed(
-                    &rt.streams_in,
-                    &hello.node,
-                    hello.incarnation,
-                    seq,
-                    reason,
-                );
+                rt.streams_in
+                    .sender_failed(&hello.node, hello.incarnation, seq, reason);
             }
             Header::Goodbye => break,
             other => {

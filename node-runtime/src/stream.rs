@@ -508,6 +508,34 @@ impl StreamsIn {
     }
 }
 
+impl StreamsIn {
+    /// The sender's word that it gave its stream `seq` up: the
+    /// application's read ends in an error.
+    pub(crate) fn sender_failed(
+        &self,
+        sender: &NodeId,
+        incarnation: u64,
+        seq: u64,
+        reason: String,
+    ) {
+        let key = (sender.clone(), incarnation, seq);
+        let Some(inbound) = self.open().get(&key).cloned() else {
+            return;
+        };
+        let waker = {
+            let mut state = inbound.lock();
+            if !state.fail(format!("its sender gave it up: {reason}")) {
+                return;
+            }
+            state.waker.take()
+        };
+        self.finish(&key, Some(reason));
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
 /// Sends `header` on a stream's channel: at once if the control class has
 /// a slot; else (rarely: the writer is stuck) from a task of its own,
 /// since the sender may wait for nothing else.
@@ -555,6 +583,19 @@ impl Inbound {
 }
 
 impl InState {
+    /// Ends the stream as failed for `reason`, dropping what it held:
+    /// `false` if it had ended already.
+    fn fail(&mut self, reason: String) -> bool {
+        if self.finished {
+            return false;
+        }
+        self.finished = true;
+        self.failed = Some(reason);
+        self.chunks.clear();
+        self.tail = None;
+        true
+    }
+
     /// Takes what `body`, from `offset` (at most `received`), adds past
     /// what is held: bytes sent again after a resume are skipped.
     fn append(&mut self, offset: u64, body: Bytes) {
@@ -664,13 +705,9 @@ impl BodyStream {
     /// Fails the stream here and tells its sender why.
     pub(crate) fn give_up(&self, reason: String) {
         let mut state = self.inbound.lock();
-        if state.finished {
+        if !state.fail(reason.clone()) {
             return;
         }
-        state.finished = true;
-        state.failed = Some(reason.clone());
-        state.chunks.clear();
-        state.tail = None;
         answer(
             &state.answers,
             Header::StreamFailed {
@@ -688,35 +725,6 @@ impl BodyStream {
 impl Drop for BodyStream {
     fn drop(&mut self) {
         self.give_up("the receiving application dropped the stream".into());
-    }
-}
-
-/// The sender's word that it gave stream `seq` up.
-pub(crate) fn sender_failed(
-    streams: &StreamsIn,
-    sender: &NodeId,
-    incarnation: u64,
-    seq: u64,
-    reason: String,
-) {
-    let key = (sender.clone(), incarnation, seq);
-    let Some(inbound) = streams.open().get(&key).cloned() else {
-        return;
-    };
-    let waker = {
-        let mut state = inbound.lock();
-        if state.finished {
-            return;
-        }
-        state.finished = true;
-        state.failed = Some(format!("its sender gave it up: {reason}"));
-        state.chunks.clear();
-        state.tail = None;
-        state.waker.take()
-    };
-    streams.finish(&key, Some(reason));
-    if let Some(waker) = waker {
-        waker.wake();
     }
 }
 
