@@ -1083,7 +1083,8 @@ impl Connection {
                 Some((queue, c)) => {
                     // Behind this sender's messages parked for the same
                     // receiver, if there are any: its order holds.
-                    let behind = !self.parked.is_empty() && self.parked.holds(&r.id, c.incarnation);
+                    let behind = !self.parked.is_empty()
+                        && self.parked.holds(&r.id, c.incarnation, h.priority);
                     // A small frame is copied straight in; otherwise (a
                     // large frame, or no room) it goes as a buffer of its
                     // own, made once for all receivers.

@@ -6,9 +6,10 @@
 //! queues. When a receiver's queue is full (and stays full for
 //! `message_server.park_after_ms`), the message is parked here instead,
 //! in a line of its own for that receiver; the
-//! sender's later messages to that receiver join the line behind it (the
-//! order from one sender to one receiver holds), while its messages to
-//! everyone else go on. The head of each line waits for room in its
+//! sender's later messages of the same priority to that receiver join the
+//! line behind it (the order from one sender to one receiver holds per
+//! priority), while its more urgent messages to that receiver, and its
+//! messages to everyone else, go on. The head of each line waits for room in its
 //! receiver's queue, all lines at once; a head that finds room takes the
 //! line with it as far as the room goes.
 //!
@@ -126,6 +127,17 @@ struct Line {
     /// The priority of the message parked last: the class whose queue the
     /// line's drain waits on.
     priority: Priority,
+    /// How many of `waiting` are of each priority.
+    parked_at: [usize; Priority::ALL.len()],
+}
+
+impl Line {
+    /// Takes the oldest waiting message off the line.
+    fn pop(&mut self) -> Option<Waiting> {
+        let head = self.waiting.pop_front()?;
+        self.parked_at[head.priority.index()] -= 1;
+        Some(head)
+    }
 }
 
 /// How a line's wait ended.
@@ -222,13 +234,15 @@ impl Parked {
         self.lines.is_empty()
     }
 
-    /// Whether messages wait for this receiver: a message to it must join
-    /// them rather than overtake them.
-    pub(crate) fn holds(&self, receiver: &NodeId, incarnation: u64) -> bool {
+    /// Whether messages of `priority` wait for this receiver: a message of
+    /// that priority to it must join them rather than overtake them (order
+    /// holds per priority; a more urgent message passes a line of less
+    /// urgent ones).
+    pub(crate) fn holds(&self, receiver: &NodeId, incarnation: u64, priority: Priority) -> bool {
         !self.lines.is_empty()
             && self
                 .find(receiver, incarnation)
-                .is_some_and(|i| !self.lines[i].waiting.is_empty())
+                .is_some_and(|i| self.lines[i].parked_at[priority.index()] > 0)
     }
 
     fn find(&self, receiver: &NodeId, incarnation: u64) -> Option<usize> {
@@ -297,6 +311,7 @@ impl Parked {
                     pushing: false,
                     written: 0,
                     priority,
+                    parked_at: [0; Priority::ALL.len()],
                 });
                 (self.lines.len() - 1, first)
             }
@@ -304,6 +319,7 @@ impl Parked {
         let line = &mut self.lines[index];
         line.bytes += charge;
         line.priority = priority;
+        line.parked_at[priority.index()] += 1;
         line.waiting.push_back(waiting);
         if !line.pushing {
             Self::start_push(line, pushes(&mut self.pushes));
@@ -416,7 +432,7 @@ impl Parked {
             return;
         };
         line.pushing = false;
-        let Some(head) = line.waiting.pop_front() else {
+        let Some(head) = line.pop() else {
             return;
         };
         let charge = head.charge();
@@ -463,7 +479,7 @@ impl Parked {
                     Some(DeliveryFailure::ReceiverOverloaded)
                 }
             };
-            let Some(done) = line.waiting.pop_front() else {
+            let Some(done) = line.pop() else {
                 break;
             };
             let charge = done.charge();
@@ -586,6 +602,51 @@ mod tests {
         assert!(!b.take(300), "the server's share is spent");
         assert!(b.take(200));
         assert_eq!((parked.used(), budget.used()), (1000, 1000));
+    }
+
+    /// A line holds back later messages of its own priorities only: a more
+    /// urgent one to the same receiver passes it.
+    #[tokio::test]
+    async fn a_line_holds_back_its_own_priorities_only() {
+        let secret = transports::auth::random::<{ transports::auth::SESSION_SECRET_BYTES }>()
+            .expect("random");
+        let session = Arc::new(Session {
+            mac: transports::auth::SessionMac::new(&secret),
+            heartbeat_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            last_nonce: std::sync::atomic::AtomicU64::new(0),
+            peer: "127.0.0.1:1".parse().expect("address"),
+            since_ms: 0,
+            counters: Default::default(),
+            report: Mutex::new(None),
+            busy: std::sync::atomic::AtomicBool::new(false),
+            parked_lines: std::sync::atomic::AtomicUsize::new(0),
+            backlog: std::sync::atomic::AtomicU64::new(0),
+        });
+        let mut parked = Parked::new(charges(1 << 20, 1 << 20, 1 << 20).limits);
+        let (queue, _rx) = transports::out_queue(16, 1 << 20);
+        let r = NodeId::new("r");
+        let raw = Bytes::from_static(b"parked");
+        assert_eq!(
+            parked.park(&r, 1, &queue, &session, raw.clone(), (1, Priority::Low)),
+            Ok(true),
+            "a new line"
+        );
+        assert_eq!(
+            parked.park(&r, 1, &queue, &session, raw, (2, Priority::Normal)),
+            Ok(false)
+        );
+        assert!(parked.holds(&r, 1, Priority::Low));
+        assert!(parked.holds(&r, 1, Priority::Normal));
+        assert!(!parked.holds(&r, 1, Priority::High), "High passes");
+        assert!(!parked.holds(&r, 1, Priority::Express), "Express passes");
+        assert!(!parked.holds(&r, 2, Priority::Low), "another incarnation");
+        // The queue has room: the line drains into it, in order.
+        let mut delivered = 0;
+        while delivered < 2 {
+            delivered += parked.progress().await.delivered;
+        }
+        assert!(!parked.holds(&r, 1, Priority::Low));
+        assert!(!parked.holds(&r, 1, Priority::Normal));
     }
 
     #[test]

@@ -56,6 +56,17 @@ fn busy_blocker(
     }
 }
 
+/// What a send does when its receiver is busy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IfBusy {
+    /// Waits for it to drain (see `Runtime::wait_not_busy`).
+    Wait,
+    /// Fails `Busy` at once (the waiting itself asks).
+    Fail,
+    /// Goes on as if it were not (an Express message).
+    Pass,
+}
+
 /// A message waiting for its target's share of the queue to the message
 /// server.
 struct Turn<'a> {
@@ -93,7 +104,7 @@ impl Runtime {
         body_len: u64,
         deadline: Option<Instant>,
         ordered: bool,
-        wait_if_busy: bool,
+        busy: IfBusy,
     ) -> Result<Numbered, SendError> {
         let msg = Outgoing {
             target,
@@ -116,7 +127,12 @@ impl Runtime {
         let routed = {
             let mut core = self.core.lock();
             // Held back while its receiver is busy (see `wait_not_busy`).
-            let blocker = busy_blocker(core.members(), &self.id, target, service);
+            let blocker = match busy {
+                IfBusy::Pass => None,
+                IfBusy::Wait | IfBusy::Fail => {
+                    busy_blocker(core.members(), &self.id, target, service)
+                }
+            };
             match blocker {
                 Some(node) => Err(node),
                 None => {
@@ -129,7 +145,7 @@ impl Runtime {
         };
         let (route, seq, incarnation) = match routed {
             Ok(routed) => routed,
-            Err(node) if !wait_if_busy => return Err(SendError::Busy { node }),
+            Err(node) if busy == IfBusy::Fail => return Err(SendError::Busy { node }),
             // Boxed: the waiting is rare, and must not make every send's
             // future larger.
             Err(_) => {
@@ -169,6 +185,7 @@ impl Runtime {
         &self,
         target: &Target,
         service: &str,
+        priority: Priority,
         body: &Bytes,
         deadline: Option<Instant>,
         ordered: bool,
@@ -177,7 +194,14 @@ impl Runtime {
         if self.is_stopping() {
             return Err(SendError::Shutdown);
         }
-        self.route(target, service, body.len() as u64, deadline, ordered, true)
+        // Busy is a backlog of data: an Express message passes it, as it
+        // passes data on every hop.
+        let busy = if priority == Priority::Express {
+            IfBusy::Pass
+        } else {
+            IfBusy::Wait
+        };
+        self.route(target, service, body.len() as u64, deadline, ordered, busy)
             .await
     }
 
@@ -198,7 +222,14 @@ impl Runtime {
             tokio::pin!(changed);
             changed.as_mut().enable();
             match self
-                .route(target, service, body_len, Some(deadline), ordered, false)
+                .route(
+                    target,
+                    service,
+                    body_len,
+                    Some(deadline),
+                    ordered,
+                    IfBusy::Fail,
+                )
                 .await
             {
                 Err(SendError::Busy { node }) => {
@@ -265,7 +296,7 @@ impl Runtime {
         };
         let priority = priority.unwrap_or_else(|| self.config.service_priority(service));
         let numbered = self
-            .start_send(&target, service, &body, Some(deadline), true)
+            .start_send(&target, service, priority, &body, Some(deadline), true)
             .await?;
         let body_len = body.len() as u64;
         let service: Arc<str> = self.service_name(service);
@@ -550,7 +581,7 @@ impl Runtime {
             seq,
             incarnation,
         } = self
-            .start_send(&target, service, &body, deadline, false)
+            .start_send(&target, service, priority, &body, deadline, false)
             .await?;
         let seq = self.number(seq);
         let body_len = body.len() as u64;

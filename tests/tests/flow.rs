@@ -3,14 +3,18 @@
 //! only the immediate report can explain what the others see); `AnyOf`
 //! passes it over; sends to it wait and fail `Busy` at their timeout, never
 //! dropped; once it drains to `node.busy_lower` it is back in rotation and
-//! the waiting send goes through. The monitor's JSON shows the state.
+//! the waiting send goes through. An Express send is never held back. The
+//! monitor's JSON shows the state.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use clustercomm_tests::{bounded, init_logging, monitor_json, test_config, TestServer};
-use node_runtime::{Config, MembershipEvent, MembershipEvents, Node, NodeId, SendError, Target};
+use node_runtime::{
+    Config, MembershipEvent, MembershipEvents, Node, NodeId, Priority, SendError, SendOptions,
+    Target,
+};
 use serde_json::Value;
 
 const UPPER: usize = 64;
@@ -143,6 +147,20 @@ async fn a_busy_node_is_spared_until_it_drains() -> anyhow::Result<()> {
             }
         }
         ensure!(slow_inbox.len() == UPPER, "{} in slow's inbox", slow_inbox.len());
+        // An Express message is not held back: busy is a backlog of data,
+        // and Express passes it on every hop.
+        let express = SendOptions::new().priority(Priority::Express);
+        let report = client
+            .send_with(to_slow.clone(), "jobs", "urgent", &express)
+            .await
+            .context("an Express send to a busy node")?;
+        ensure!(report.delivered == [NodeId::new("slow")], "{report:?}");
+        ensure!(slow.is_busy(), "slow stopped being busy meanwhile");
+        ensure!(
+            slow_inbox.len() == UPPER + 1,
+            "{} in slow's inbox",
+            slow_inbox.len()
+        );
 
         // A send that waits while slow drains goes through.
         let waiting = {
