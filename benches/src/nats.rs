@@ -133,7 +133,8 @@ impl Nats {
             | Case::NotifyTls { .. }
             | Case::LazyTls { .. }
             | Case::Stream { .. }
-            | Case::HeadOfLine { .. } => Ok(Measurement::skipped("n/a")),
+            | Case::HeadOfLine { .. }
+            | Case::Priority { .. } => Ok(Measurement::skipped("n/a")),
             Case::Notify { body } | Case::Session { body } | Case::SendPipelined { body, .. } => {
                 self.one_way(1, Fan::Subject, body, options).await
             }

@@ -352,9 +352,10 @@ impl Invocation {
                 mode: Mode::JetStream { outstanding },
                 body,
             },
-            Case::LazyTls { .. } | Case::Stream { .. } | Case::HeadOfLine { .. } => {
-                return Err(Measurement::skipped("n/a"))
-            }
+            Case::LazyTls { .. }
+            | Case::Stream { .. }
+            | Case::HeadOfLine { .. }
+            | Case::Priority { .. } => return Err(Measurement::skipped("n/a")),
             Case::Bulk { body, .. } if body > max_payload => {
                 return Err(Measurement::skipped("over nats max_payload"))
             }

@@ -24,6 +24,9 @@
 //! | `Session` | `session` from a dispatcher to a server node of its group | messages/s received |
 //! | `Bulk` | acknowledged sends, [`BULK_IN_FLIGHT`] in flight, 64 KiB threshold; `Server` with an empty lazy allow-list | MB/s |
 //! | `NotifyTls`, `LazyTls` | `Notify` and a lazy `Bulk`, in a cluster with `[tls]` ([`TlsCluster`]) | as theirs |
+//! | `Stream` | `send_stream` over a lazy channel, one after the other | MB/s |
+//! | `HeadOfLine` | `request` over a lazy channel that carries 64 MiB bodies back to back | µs percentiles |
+//! | `Priority` | `send_with` at `Express`, one at a time, through the message server, while the sender pours `Low` 4 KiB `notify`s to the same node | µs percentiles |
 //!
 //! Nodes run on the default configuration (inboxes of
 //! `node.inbox_capacity` = 1024 messages included), except that
@@ -57,7 +60,9 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
 use bytes::Bytes;
-use node_runtime::{Config, Node, NodeId, PathCounters, Pending, Role, Target};
+use node_runtime::{
+    Config, Node, NodeId, PathCounters, Pending, Priority, Role, SendOptions, Target,
+};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
@@ -546,6 +551,7 @@ async fn measure(
         Case::LazyTls { body } => rate(bulk(cluster, Via::Lazy, body, options).await),
         Case::Stream { body } => rate(streams(cluster, body, options).await),
         Case::HeadOfLine { body } => rate(head_of_line(cluster, body, options).await),
+        Case::Priority { body } => rate(express_behind_low(cluster, body, options).await),
     }
 }
 
@@ -625,6 +631,69 @@ async fn head_of_line(
     Latency::from_histogram(&samples)
         .map(Outcome::Latency)
         .context("no request completed")
+}
+
+/// Acknowledged `Express` sends of `body` bytes, one at a time, through
+/// the message server, while the sender pours one-way `Low` messages of
+/// [`crate::suite::PRIORITY_BACKLOG_BYTES`] to the same receiver as fast
+/// as its queue takes them: per-send percentiles.
+async fn express_behind_low(
+    cluster: &mut Cluster<'_>,
+    body: usize,
+    options: &Options,
+) -> anyhow::Result<Outcome> {
+    let config = small_config();
+    let receiver = cluster.node("prio-b", &config, &[], Role::Server).await?;
+    // Acknowledges what enters its inbox, and drops it.
+    cluster.respond(&receiver).await?;
+    let sender = cluster.node("prio-a", &config, &[], Role::Server).await?;
+    let target = Target::Node(receiver.id().clone());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let backlog = {
+        let (sender, target, stop) = (sender.clone(), target.clone(), stop.clone());
+        let low = SendOptions::new().priority(Priority::Low);
+        let body = Bytes::from(vec![0u8; crate::suite::PRIORITY_BACKLOG_BYTES]);
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                sender
+                    .notify_with(target.clone(), SERVICE, body.clone(), &low)
+                    .await
+                    .context("a Low message")?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let express = SendOptions::new()
+        .priority(Priority::Express)
+        .timeout(WAIT_TIMEOUT);
+    let payload = Bytes::from(vec![0x5A; body]);
+    let mut samples = crate::latency::histogram();
+    let start = Instant::now();
+    let measured = async {
+        while start.elapsed() < options.warmup + options.measure {
+            let sent = Instant::now();
+            sender
+                .send_with(target.clone(), SERVICE, payload.clone(), &express)
+                .await
+                .context("an Express send")?;
+            if start.elapsed() > options.warmup {
+                crate::latency::record(&mut samples, sent.elapsed().as_nanos() as u64);
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    backlog.await??;
+    measured?;
+    let counters = sender.counters();
+    ensure!(
+        counters.lazy_messages == 0,
+        "messages took a lazy channel: {counters:?}"
+    );
+    Latency::from_histogram(&samples)
+        .map(Outcome::Latency)
+        .context("no Express send completed")
 }
 
 /// Bodies of `body` bytes sent as streams, one after the other, over a

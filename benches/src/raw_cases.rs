@@ -105,7 +105,8 @@ pub async fn run(case: Case, options: &Options) -> Measurement {
             .map(Outcome::Rate),
         Case::Bulk { body, .. } => bulk(options, body).await.map(Outcome::Rate),
         Case::HeadOfLine { body } => head_of_line(options, body).await,
-        Case::FixedRate { .. }
+        Case::Priority { .. }
+        | Case::FixedRate { .. }
         | Case::NotifyTls { .. }
         | Case::LazyTls { .. }
         | Case::Stream { .. } => Ok(Outcome::Skipped("n/a".to_owned())),

@@ -22,6 +22,7 @@
 //! | `FanOutAll`, `FanOutGroup` | frames to [`ALL`] of `receivers` receivers | deliveries/s |
 //! | `AnyOf` | frames to [`ANY`] of `members` receivers | frames/s received in all |
 //! | `RequestLatency` | a frame echoed back (readdressed), one at a time | µs percentiles |
+//! | `Priority` | the same, while the sender's one queue carries a backlog of 4 KiB frames to the same receiver ahead of it | µs percentiles |
 //! | `RequestRate` | frames echoed back, `outstanding` in flight | replies/s |
 //! | `Bulk` through the server | bodies each answered by a 1-byte ack frame, [`BULK_IN_FLIGHT`] in flight, [`bulk_plans`] | MB/s |
 //!
@@ -39,7 +40,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -445,6 +446,7 @@ async fn measure(case: Case, options: &Options, relay: SocketAddr) -> anyhow::Re
         }
         Case::AnyOf { members, body } => rate(one_way(options, relay, body, members, ANY).await?),
         Case::RequestLatency { body } => ping_pong(options, relay, body).await?.into(),
+        Case::Priority { body } => behind_a_backlog(options, relay, body).await?.into(),
         Case::RequestRate { body, outstanding } => {
             let echo = Answer::Echo { to: SENDER };
             rate(answered(options, relay, body, outstanding, echo, "echo rate").await?)
@@ -612,6 +614,116 @@ async fn ping_pong(
     Latency::from_histogram(&samples)
         .map(Outcome::Latency)
         .context("no round trip completed")
+}
+
+/// Frames waiting in the sender's queue ahead of a measured one in
+/// [`behind_a_backlog`], at most: one FIFO, as a sender without
+/// priorities has.
+const BACKLOG_QUEUED: usize = 64;
+
+/// The first body byte of a measured frame in [`behind_a_backlog`] (a
+/// backlog frame's is 0).
+const MEASURED: u8 = 1;
+
+/// Frames of `body_len` bytes echoed back through the relay one at a
+/// time, while the same sender keeps a backlog of
+/// [`crate::suite::PRIORITY_BACKLOG_BYTES`] frames flowing to the same
+/// receiver on the same connection: round-trip percentiles. One writer
+/// takes both from one queue in order (at most [`BACKLOG_QUEUED`] frames
+/// ahead), as a sender without priorities does; the receiver echoes the
+/// measured frames and drops the backlog.
+async fn behind_a_backlog(
+    options: &Options,
+    relay: SocketAddr,
+    body_len: usize,
+) -> anyhow::Result<Outcome> {
+    ensure!(body_len > 0, "a measured frame needs a body");
+    let receiver = {
+        let (mut read, write) = connect(relay, receiver_id(0)?).await?.into_split();
+        tokio::spawn(async move {
+            let mut write = BufWriter::new(write);
+            let mut buf = BytesMut::with_capacity(2 * READ_CHUNK);
+            let mut room = READ_CHUNK;
+            loop {
+                buf.reserve(room);
+                if read.read_buf(&mut buf).await? == 0 {
+                    return anyhow::Ok(());
+                }
+                let (_, complete) = complete_frames(&buf);
+                room = room_for(&buf[complete..])?;
+                let mut chunk = buf.split_to(complete);
+                let mut echoed = false;
+                while let Some(payload) = next_payload(&mut chunk) {
+                    if payload.get(DEST_LEN) == Some(&MEASURED) {
+                        write
+                            .write_all(&frame(SENDER, &payload[DEST_LEN..])?)
+                            .await?;
+                        echoed = true;
+                    }
+                }
+                if echoed {
+                    write.flush().await?;
+                }
+            }
+        })
+    };
+    let (mut read, write) = connect(relay, SENDER).await?.into_split();
+    let (tx, mut rx) = mpsc::channel::<Bytes>(BACKLOG_QUEUED);
+    let writer = tokio::spawn(async move {
+        let mut write = BufWriter::with_capacity(BATCH_BYTES, write);
+        while let Some(frame) = rx.recv().await {
+            write.write_all(&frame).await?;
+            if rx.is_empty() {
+                write.flush().await?;
+            }
+        }
+        write.shutdown().await?;
+        anyhow::Ok(())
+    });
+    let to = receiver_id(0)?;
+    let backlog = frame(to, &vec![0; crate::suite::PRIORITY_BACKLOG_BYTES])?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = {
+        let (tx, stop) = (tx.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if tx.send(backlog.clone()).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let mut body = vec![0xAB; body_len];
+    body[0] = MEASURED;
+    let measured = frame(to, &body)?;
+    let mut reply = vec![0u8; measured.len()];
+    let mut samples = latency::histogram();
+    let start = Instant::now();
+    let run = async {
+        while start.elapsed() < options.warmup + options.measure {
+            let sent = Instant::now();
+            tx.send(measured.clone())
+                .await
+                .context("the writer is gone")?;
+            tokio::time::timeout(WAIT_TIMEOUT, read.read_exact(&mut reply))
+                .await
+                .context("no echo in time")??;
+            if start.elapsed() > options.warmup {
+                latency::record(&mut samples, sent.elapsed().as_nanos() as u64);
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    producer.await.context("the backlog's producer panicked")?;
+    drop(tx);
+    writer.await.context("the writer panicked")??;
+    receiver.abort();
+    run?;
+    Latency::from_histogram(&samples)
+        .map(Outcome::Latency)
+        .context("no measured frame came back")
 }
 
 /// Bodies of `body_len` bytes, each answered by a 1-byte ack frame,

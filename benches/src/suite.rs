@@ -145,6 +145,16 @@ pub enum Case {
         /// Request body size.
         body: usize,
     },
+    /// Acknowledged `Express` sends of `body` bytes, one at a time, while
+    /// the sender keeps a backlog of one-way `Low` messages of
+    /// [`PRIORITY_BACKLOG_BYTES`] flowing to the same receiver through the
+    /// message server: latency percentiles. Its floor is raw TCP via the
+    /// relay, where each measured frame waits in one stream behind the
+    /// backlog queued before it (no priorities). No NATS counterpart.
+    Priority {
+        /// Measured body size.
+        body: usize,
+    },
     /// Bodies sent as streams (`Node::send_stream`, read by the receiver
     /// with `Message::body_stream` as they arrive), one after the other,
     /// over a lazy channel, MB/s. Its floor is raw TCP direct moving
@@ -154,6 +164,9 @@ pub enum Case {
         body: usize,
     },
 }
+
+/// The backlog's bodies in [`Case::Priority`].
+pub const PRIORITY_BACKLOG_BYTES: usize = 4096;
 
 /// The bulk bodies of [`Case::HeadOfLine`].
 pub const HOL_BULK_BYTES: usize = 64 << 20;
@@ -172,9 +185,10 @@ impl Case {
             | Case::Session { .. }
             | Case::NotifyTls { .. } => "msgs/s",
             Case::FanOutAll { .. } | Case::FanOutGroup { .. } => "deliveries/s",
-            Case::RequestLatency { .. } | Case::FixedRate { .. } | Case::HeadOfLine { .. } => {
-                "µs p50/p99/p99.9"
-            }
+            Case::RequestLatency { .. }
+            | Case::FixedRate { .. }
+            | Case::HeadOfLine { .. }
+            | Case::Priority { .. } => "µs p50/p99/p99.9",
             Case::RequestRate { .. } => "requests/s",
             Case::Bulk { .. } | Case::LazyTls { .. } | Case::Stream { .. } => "MB/s",
         }
@@ -219,7 +233,10 @@ impl Case {
     pub fn is_latency(&self) -> bool {
         matches!(
             self,
-            Case::RequestLatency { .. } | Case::FixedRate { .. } | Case::HeadOfLine { .. }
+            Case::RequestLatency { .. }
+                | Case::FixedRate { .. }
+                | Case::HeadOfLine { .. }
+                | Case::Priority { .. }
         )
     }
 
@@ -302,6 +319,12 @@ impl fmt::Display for Case {
                 write!(f, "{} over TLS", self.plain())
             }
             Case::Stream { body } => write!(f, "{} streams over a lazy channel", size(body)),
+            Case::Priority { body } => write!(
+                f,
+                "Express send {} while a Low backlog of {} flows",
+                size(body),
+                size(PRIORITY_BACKLOG_BYTES)
+            ),
             Case::HeadOfLine { body } => write!(
                 f,
                 "request/reply {} while {} bodies flow",
@@ -382,6 +405,8 @@ impl System {
             (_, Case::Stream { .. }) => None,
             (System::Ours | System::Raw, Case::HeadOfLine { .. }) => Some(case),
             (_, Case::HeadOfLine { .. }) => None,
+            (System::Ours | System::Relay, Case::Priority { .. }) => Some(case),
+            (_, Case::Priority { .. }) => None,
             (System::NatsGo | System::AsyncNats, Case::Session { .. }) => None,
             (
                 System::NatsGo | System::AsyncNats | System::Relay,
@@ -795,6 +820,7 @@ pub fn cases(quick: bool) -> Vec<Case> {
     cases.push(Case::LazyTls { body: 16 << 20 });
     cases.push(Case::Stream { body: 64 << 20 });
     cases.push(Case::HeadOfLine { body: 128 });
+    cases.push(Case::Priority { body: 128 });
     cases
 }
 
