@@ -275,6 +275,9 @@ pub(crate) async fn serve(
             shared.budget.clone(),
         );
         rx.chunk_above(shared.config.limits.chunk_bytes);
+        // `Low` messages fill the socket to the node no deeper than a
+        // window ahead of the more urgent ones.
+        rx.window_low(transports::io::LOW_WINDOW_MARKS);
         let me = MemberInfo {
             id: hello.node.clone(),
             incarnation: hello.incarnation,
@@ -832,6 +835,15 @@ impl Connection {
                 }
                 None
             }
+            Header::LowMark { mark } => {
+                self.reply(OutFrame::control(Header::LowCredit { mark }))
+                    .await;
+                None
+            }
+            Header::LowCredit { mark } => match self.queue.grant_low(mark) {
+                Ok(()) => None,
+                Err(e) => Some(End::Violation(e.to_string())),
+            },
             Header::Goodbye => Some(End::Goodbye),
             other => Some(End::Violation(format!(
                 "unexpected {} frame from a node",

@@ -243,6 +243,9 @@ impl NodeBuilder {
         // The application's sends come in bursts: let them share writes.
         rx.coalesce_small_batches();
         rx.chunk_above(config.limits.chunk_bytes);
+        // `Low` messages fill the sockets to the message server no deeper
+        // than a window ahead of the more urgent ones.
+        rx.window_low(transports::io::LOW_WINDOW_MARKS);
         let role = hello.role;
         let address = link.address.clone();
         let rt = Runtime::new(Parts {

@@ -16,7 +16,7 @@ use transports::protocol::{
     same_name, Ack, AckRef, AckStatus, Acks, DeliveryFailure, Header, MessageKind, MessageRef,
     NodeId, Routed,
 };
-use transports::{Frame, FrameReader, Lane, OutFrame, OutQueue, Wait};
+use transports::{Frame, FrameReader, Lane, OutFrame, OutQueue, PushError, Wait};
 
 use crate::counters::Counters;
 
@@ -208,6 +208,22 @@ pub(crate) async fn read_frames(
                         captured,
                         dropped,
                         reason,
+                    });
+                }
+            }
+            Header::LowMark { mark } => {
+                // Everything before it is taken in: the server may send
+                // more `Low` messages.
+                let credit = OutFrame::control(Header::LowCredit { mark });
+                let queue = &rt.server.queue;
+                if let Err(PushError::Full(credit)) = queue.try_push(credit, Lane::Control) {
+                    let _ = queue.push(*credit, Lane::Control, Wait::Forever).await;
+                }
+            }
+            Header::LowCredit { mark } => {
+                if rt.server.queue.grant_low(mark).is_err() {
+                    return LinkEnd::Lost(LinkLost::Unexpected {
+                        kind: "low credit for a mark never written",
                     });
                 }
             }

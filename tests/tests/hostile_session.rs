@@ -616,3 +616,65 @@ async fn broken_parts_cost_the_sender_its_connection_and_nobody_else_anything() 
     );
     Ok(())
 }
+
+/// A registered node that marks its `Low` messages is answered with
+/// credit for each mark; one that claims credit for a mark the server
+/// never wrote to it loses its connection, and nobody else notices.
+#[tokio::test]
+async fn credit_for_a_mark_never_written_costs_the_node_its_connection() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    use transports::protocol::Header;
+    init_logging();
+    let (_server, addr, config, _file) = guarded_server("low-credit").await?;
+    let a = node("a", &config, addr).await?;
+    let b = node("b", &config, addr).await?;
+    let mut inbox = b.subscribe("svc").await?;
+    let key = SessionKey::generate()?;
+    let hello = raw::hello("mallory", &config.cluster.name, &key);
+    let interests = Interests {
+        groups: vec![],
+        services: vec![],
+    };
+    let mut mallory = RawNode::register(addr, hello, &interests, key, Some(SECRET)).await?;
+    let frame = |header: Header| -> anyhow::Result<bytes::BytesMut> {
+        let mut buf = bytes::BytesMut::new();
+        transports::frame::encode_header(&header, 0, 1 << 20, &mut buf)?;
+        Ok(buf)
+    };
+    // A mark is answered with credit for it.
+    mallory
+        .writer
+        .write_all(&frame(Header::LowMark { mark: 7 })?)
+        .await?;
+    bounded(async {
+        loop {
+            let frame = mallory
+                .reader
+                .next()
+                .await?
+                .context("the server closed the connection after a mark")?;
+            if let Header::LowCredit { mark } = frame.header() {
+                ensure!(*mark == 7, "credit for mark {mark}");
+                return anyhow::Ok(());
+            }
+        }
+    })
+    .await?;
+    // Credit for a mark the server never wrote: the connection ends.
+    mallory
+        .writer
+        .write_all(&frame(Header::LowCredit { mark: 1 })?)
+        .await?;
+    bounded(async {
+        loop {
+            match mallory.reader.next_raw().await {
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return anyhow::Ok(()),
+            }
+        }
+    })
+    .await
+    .context("the server kept the connection")?;
+    exchange(&a, "b", &mut inbox, "after").await?;
+    Ok(())
+}

@@ -15,7 +15,7 @@ use smol_str::SmolStr;
 
 /// The protocol version this build speaks. Peers with another version are
 /// refused at the handshake with [`RefusalReason::VersionMismatch`].
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// Bytes of a handshake nonce.
 pub const NONCE_BYTES: usize = 16;
@@ -970,6 +970,22 @@ pub enum Header {
         /// Why.
         reason: String,
     },
+    /// Written among a connection's `Low` messages, after each
+    /// [`crate::io::LOW_MARK_EVERY`] bytes of them: the reader answers it
+    /// with a [`Header::LowCredit`] once it has taken in everything
+    /// before it (see [`crate::io::OutReceiver::window_low`]).
+    LowMark {
+        /// The marks written on this connection so far, this one
+        /// included.
+        mark: u64,
+    },
+    /// The reader of a connection took in everything written before
+    /// [`Header::LowMark`] `mark`: the writer at the other end may send
+    /// more `Low` messages.
+    LowCredit {
+        /// The mark answered.
+        mark: u64,
+    },
 }
 
 /// A stream's opening (and, on a new channel after the last broke, its
@@ -1018,6 +1034,8 @@ impl Header {
             Header::StreamChunk { .. } => "stream chunk",
             Header::StreamAck { .. } => "stream ack",
             Header::StreamFailed { .. } => "stream failed",
+            Header::LowMark { .. } => "low mark",
+            Header::LowCredit { .. } => "low credit",
         }
     }
 }

@@ -46,7 +46,8 @@ mod writer;
 
 pub use queue::{
     out_queue, out_queue_within, Budget, Lane, OutQueue, OutReceiver, Push, PushError, QueueStats,
-    Wait, Wakes, WeakOutQueue, BUDGET_CHUNK_BYTES, DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES,
+    UnknownMark, Wait, Wakes, WeakOutQueue, BUDGET_CHUNK_BYTES, DEFAULT_CHUNK_BYTES,
+    LOW_MARK_EVERY, LOW_WINDOW_MARKS, MIN_CHUNK_BYTES,
 };
 pub use reader::{FrameReader, EXACT_BUFFER_FROM_BYTES, READ_CHUNK_BYTES};
 pub use staging::STAGE_UP_TO_BYTES;

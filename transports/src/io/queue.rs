@@ -49,6 +49,13 @@ const fn data_class(priority: Priority) -> usize {
 }
 /// The class of frames given no priority.
 const NORMAL: usize = data_class(Priority::Normal);
+/// The class of `Low` messages, the one [`OutReceiver::window_low`]
+/// bounds.
+pub(super) const LOW: usize = data_class(Priority::Low);
+
+/// Bytes of `Low` messages between two [`Header::LowMark`]s a writer with
+/// a `Low` window writes (see [`OutReceiver::window_low`]).
+pub const LOW_MARK_EVERY: usize = 64 * 1024;
 
 /// Bytes the writer takes from one class at a time, at most (at least one
 /// entry): how long a more urgent frame queued meanwhile may wait.
@@ -141,6 +148,16 @@ impl Wait {
         }
     }
 }
+
+/// A [`Header::LowCredit`] answered a mark that was never written (see
+/// [`OutQueue::grant_low`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("credit for low mark {0}, which was never written")]
+pub struct UnknownMark(pub u64);
+
+/// The marks a writer with a `Low` window may have unanswered (see
+/// [`OutReceiver::window_low`]): with [`LOW_MARK_EVERY`], 128 KiB.
+pub const LOW_WINDOW_MARKS: u64 = 2;
 
 /// Why a frame could not be queued.
 #[derive(Debug, thiserror::Error)]
@@ -267,6 +284,7 @@ fn new_queue(frames: usize, bytes: usize, budget: Option<Arc<Budget>>) -> (OutQu
             coalesce: false,
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             window: None,
+            low_window: None,
             passed_over: std::array::from_fn(|_| AtomicU8::new(0)),
         },
     )
@@ -292,6 +310,8 @@ fn new_core(frames: usize, bytes: usize, budget: Option<Arc<Budget>>) -> Arc<Cor
         progress: Notify::new(),
         progress_waiters: AtomicUsize::new(0),
         granted: AtomicU64::new(0),
+        low_granted: AtomicU64::new(0),
+        low_marks: AtomicU64::new(0),
         chunk_bytes: AtomicUsize::new(DEFAULT_CHUNK_BYTES),
         grants: Notify::new(),
         budget,
@@ -614,6 +634,31 @@ impl OutQueue {
         }
     }
 
+    /// The peer took in everything written before its `mark`th
+    /// [`Header::LowMark`] (a [`Header::LowCredit`]): a writer with a `Low`
+    /// window ([`OutReceiver::window_low`]) may write more `Low` messages.
+    /// Older news is ignored.
+    ///
+    /// # Errors
+    ///
+    /// [`UnknownMark`] if no such mark was written on this connection: the
+    /// peer answers what it never read.
+    pub fn grant_low(&self, mark: u64) -> Result<(), UnknownMark> {
+        let core = self.core();
+        if mark > core.low_marks.load(Ordering::Acquire) {
+            return Err(UnknownMark(mark));
+        }
+        if core.low_granted.fetch_max(mark, Ordering::AcqRel) < mark {
+            // Under the class's lock: a writer that found the window shut
+            // looked at it under the same lock, and left its waker there.
+            let waker = self.class(LOW).lock().writer.take();
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+        }
+        Ok(())
+    }
+
     /// A reference that does not keep the queue open.
     pub fn downgrade(&self) -> WeakOutQueue {
         WeakOutQueue {
@@ -919,6 +964,9 @@ pub struct OutReceiver {
     /// Bytes of parts that may be written beyond what the peer said it
     /// read (see [`OutReceiver::window_parts`]); none: no window.
     window: Option<u64>,
+    /// [`Header::LowMark`]s that may be unanswered before `Low` messages
+    /// wait (see [`OutReceiver::window_low`]); none: no window.
+    low_window: Option<u64>,
     /// How many takes in a row each class was passed over while it held
     /// frames (see [`choose`]). Only the writer touches them: atomics only
     /// so that the writer may take through a shared reference.
@@ -969,6 +1017,52 @@ impl OutReceiver {
         self.window = Some(window.max(1) as u64);
     }
 
+    /// Bounds the `Low` messages between the writer and what the peer's
+    /// reader has taken in: after every [`LOW_MARK_EVERY`] bytes of them
+    /// the writer writes a [`Header::LowMark`], and while `marks` of those
+    /// are unanswered (no [`Header::LowCredit`], see
+    /// [`OutQueue::grant_low`]) it takes no `Low` messages; the other
+    /// classes go on. A mark follows the batch that passed
+    /// [`LOW_MARK_EVERY`], so the sockets' buffers hold at most `marks`
+    /// times that and a batch ([`TAKE_UP_TO_BYTES`]), and
+    /// `LOW_MARK_EVERY` more, of `Low` messages ahead of a more urgent
+    /// frame, however many are queued. Only for a
+    /// peer that answers marks: without credits, `Low` messages stop after
+    /// the first window.
+    pub fn window_low(&mut self, marks: u64) {
+        self.low_window = Some(marks.max(1));
+    }
+
+    /// Whether this writer writes [`Header::LowMark`]s.
+    pub(super) fn marks_low(&self) -> bool {
+        self.low_window.is_some()
+    }
+
+    /// A new connection: no marks written or answered on it yet.
+    pub(super) fn reset_low(&self) {
+        let core = &self.cores[CONTROL];
+        core.low_marks.store(0, Ordering::Release);
+        core.low_granted.store(0, Ordering::Release);
+    }
+
+    /// Counts a [`Header::LowMark`] written: its number.
+    pub(super) fn next_low_mark(&self) -> u64 {
+        self.cores[CONTROL].low_marks.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Whether `Low` messages may be taken now (see
+    /// [`OutReceiver::window_low`]).
+    fn low_open(&self) -> bool {
+        match self.low_window {
+            None => true,
+            Some(window) => {
+                let core = &self.cores[CONTROL];
+                core.low_marks.load(Ordering::Acquire)
+                    < core.low_granted.load(Ordering::Acquire) + window
+            }
+        }
+    }
+
     /// Whether a part may go out after `sent` bytes of parts.
     pub(super) fn may_send_part(&self, sent: u64) -> bool {
         match self.window {
@@ -1010,9 +1104,15 @@ impl OutReceiver {
         }
     }
 
-    /// Which classes hold frames, read without the locks.
+    /// Which classes hold frames that may be taken, read without the
+    /// locks (`Low` not while its window is shut).
     fn holding(&self) -> [bool; CLASSES] {
-        std::array::from_fn(|c| self.cores[c].queued.load(Ordering::Relaxed) > 0)
+        let mut holds: [bool; CLASSES] =
+            std::array::from_fn(|c| self.cores[c].queued.load(Ordering::Relaxed) > 0);
+        if holds[LOW] && !self.low_open() {
+            holds[LOW] = false;
+        }
+        holds
     }
 
     /// Takes one batch from the class [`choose`] picks: how many frames,
@@ -1071,7 +1171,13 @@ impl OutReceiver {
         let mut gone = false;
         for (class, core) in self.cores.iter().enumerate() {
             let mut state = core.lock();
-            let frames = core.take(&mut state, batch, class, usize::MAX);
+            // A shut `Low` window is looked at under the class's lock, as
+            // a credit opens it (see `OutQueue::grant_low`).
+            let frames = if class == LOW && !self.low_open() {
+                0
+            } else {
+                core.take(&mut state, batch, class, usize::MAX)
+            };
             if frames > 0 {
                 return Poll::Ready(Some(frames));
             }
@@ -1264,6 +1370,12 @@ struct Core {
     /// Bytes of parts the peer said it read (see [`OutQueue::grant`]);
     /// the control class's only.
     granted: AtomicU64,
+    /// The last [`Header::LowMark`] the peer answered (see
+    /// [`OutQueue::grant_low`]); the control class's only.
+    low_granted: AtomicU64,
+    /// `LowMark`s written on the current connection; the control class's
+    /// only, changed by the writer alone.
+    low_marks: AtomicU64,
     /// Wakes a writer waiting for the peer to read parts.
     grants: Notify,
 }

@@ -8,7 +8,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use super::queue::{OutItem, OutReceiver, Queued, WrittenCounter, CLASSES, CONTROL};
+use super::queue::{
+    OutItem, OutReceiver, Queued, WrittenCounter, CLASSES, CONTROL, LOW, LOW_MARK_EVERY,
+};
 use super::READ_CHUNK_BYTES;
 use crate::frame::{
     encode_header, put_part_head, FrameError, OutFrame, LENGTH_PREFIX_BYTES, PART_FIRST, PART_LAST,
@@ -217,6 +219,8 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
     // Frames staged from now on are checked against this connection's
     // limit as they are queued.
     rx.set_max_frame(max_frame);
+    // No `Low` marks written or answered on this connection yet.
+    rx.reset_low();
     let mut out = Encoder::new(max_frame);
     let mut prelude = prelude.into_iter().peekable();
     while prelude.peek().is_some() {
@@ -246,6 +250,9 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
     // whether every sender is gone while parts are left to write.
     let mut sent_parts = 0u64;
     let mut senders_gone = false;
+    // Bytes of `Low` messages written since the last `LowMark` (see
+    // `OutReceiver::window_low`).
+    let mut low_unmarked = 0usize;
     loop {
         let frames = match goodbye.as_mut() {
             Some((_, left)) => match rx.take_before(left, &mut batch) {
@@ -362,6 +369,9 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
                 continue;
             }
             let class = item.class;
+            if class == LOW {
+                low_unmarked += what_len(&item.what);
+            }
             match out.add_or_split(item.what, chunk_bytes) {
                 None => {}
                 Some(partial) => {
@@ -384,6 +394,13 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
             sent_parts += partials.add_part(class, &mut out, chunk_bytes, &mut release);
         }
         turn = None;
+        // A mark after each `LOW_MARK_EVERY` bytes of `Low` messages: the
+        // peer answers it once it has taken in what came before.
+        if low_unmarked >= LOW_MARK_EVERY && rx.marks_low() {
+            let mark = rx.next_low_mark();
+            out.add(Queued::Frame(OutFrame::control(Header::LowMark { mark })));
+            low_unmarked = 0;
+        }
         let end = out.write(io, &closed, &written).await;
         drop(release);
         if let Some(end) = end? {
@@ -655,7 +672,7 @@ mod tests {
 
     use super::*;
     use crate::frame::FrameCodec;
-    use crate::io::{out_queue, FrameReader, Lane, Wait};
+    use crate::io::{out_queue, FrameReader, Lane, UnknownMark, Wait};
     use crate::protocol::Priority;
 
     use crate::io::subscribed;
@@ -1016,6 +1033,82 @@ mod tests {
         grant_writer.abort();
         drop(q);
         assert!(reader.next().await.expect("clean end").is_none());
+        writer.await.expect("join").expect("writer");
+    }
+
+    /// With a `Low` window, `Low` messages stop once the marks written
+    /// after them go unanswered, more urgent ones pass meanwhile, and the
+    /// rest follow the peer's credit. A credit for a mark never written is
+    /// refused.
+    #[tokio::test]
+    async fn low_messages_wait_for_credit_beyond_the_window() {
+        use crate::io::queue::{LOW_MARK_EVERY, TAKE_UP_TO_BYTES};
+        const FRAMES: u64 = 400;
+        const LEN: usize = 4096;
+        let (client, server) = tokio::io::duplex(16 << 20);
+        let (q, mut rx) = out_queue(4096, 64 << 20);
+        rx.window_low(2);
+        for token in 0..FRAMES {
+            q.try_push_at(subscribed(token, LEN), Priority::Low)
+                .expect("room");
+        }
+        let writer = tokio::spawn(run_writer(client, rx, 1 << 20));
+        let mut reader = FrameReader::new(server, FrameCodec::new(1 << 20));
+        let (mut low, mut marks) = (0u64, 0u64);
+        let short = std::time::Duration::from_millis(100);
+        while let Ok(frame) = tokio::time::timeout(short, reader.next()).await {
+            match frame.expect("frame").expect("not eof").header() {
+                Header::Subscribed { token } => {
+                    assert_eq!(*token, low, "in order");
+                    low += 1;
+                }
+                Header::LowMark { mark } => {
+                    marks += 1;
+                    assert_eq!(*mark, marks);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // Two marks unanswered: before each, less than `LOW_MARK_EVERY`
+        // and a batch since the last; after the last, less than
+        // `LOW_MARK_EVERY`.
+        assert_eq!(marks, 2, "marks before the window shut");
+        let most = ((2 * (LOW_MARK_EVERY + TAKE_UP_TO_BYTES) + LOW_MARK_EVERY) / LEN) as u64;
+        assert!(
+            low < FRAMES && low <= most,
+            "{low} Low frames written, at most {most}"
+        );
+        assert_eq!(q.grant_low(3), Err(UnknownMark(3)), "never written");
+        // A more urgent frame passes the shut window.
+        q.try_push_at(subscribed(FRAMES, 10), Priority::Express)
+            .expect("room");
+        let frame = reader.next().await.expect("frame").expect("not eof");
+        assert_eq!(frame.header(), &Header::Subscribed { token: FRAMES });
+        // Credit as the marks come: the rest follow, in order.
+        q.grant_low(2).expect("written");
+        while low < FRAMES {
+            match reader
+                .next()
+                .await
+                .expect("frame")
+                .expect("not eof")
+                .header()
+            {
+                Header::Subscribed { token } => {
+                    assert_eq!(*token, low, "in order");
+                    low += 1;
+                }
+                Header::LowMark { mark } => q.grant_low(*mark).expect("written"),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        drop(q);
+        while let Some(frame) = reader.next().await.expect("clean end") {
+            assert!(
+                matches!(frame.header(), Header::LowMark { .. }),
+                "only marks left"
+            );
+        }
         writer.await.expect("join").expect("writer");
     }
 }
