@@ -54,7 +54,7 @@ pub use staging::STAGE_UP_TO_BYTES;
 pub use stream::{accept, split, split_tls, PeerCertificates, ReadHalf, WriteHalf};
 pub use writer::{
     run_writer, write_queue, WriteEnd, COALESCE_BELOW, COALESCE_CREDIT, COALESCE_PROBE_EVERY,
-    VECTORED_MIN_BYTES,
+    VECTORED_MIN_BYTES, WINDOW_AFTER_SMALL_PARTS,
 };
 
 /// A `Subscribed` frame numbered `token`, with a body of `len` bytes of

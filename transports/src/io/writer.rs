@@ -134,18 +134,20 @@ impl<'a> Partials<'a> {
     }
 
     /// Adds the next part of `class`'s first frame in parts to `out`: the
-    /// bytes of its piece. Once its last part is added, what it held goes
-    /// to `release`, given back when the batch is written.
+    /// bytes of its piece and, for a frame's first part, the frame's size.
+    /// Once its last part is added, what it held goes to `release`, given
+    /// back when the batch is written.
     fn add_part(
         &mut self,
         class: usize,
         out: &mut Encoder,
         chunk_bytes: usize,
         release: &mut Release<'_>,
-    ) -> u64 {
+    ) -> (u64, Option<usize>) {
         let Some(partial) = self.lanes[class].front_mut() else {
-            return 0;
+            return (0, None);
         };
+        let first = (!partial.started).then_some(partial.total);
         let (last, piece) = out.add_part(class, partial, chunk_bytes);
         if last {
             if let Some(done) = self.lanes[class].pop_front() {
@@ -154,7 +156,7 @@ impl<'a> Partials<'a> {
                 held.1 += done.data;
             }
         }
-        piece as u64
+        (piece as u64, first)
     }
 }
 
@@ -248,7 +250,7 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
     let mut turn: Option<usize> = None;
     // Bytes of parts written (see `OutReceiver::window_parts`), and
     // whether every sender is gone while parts are left to write.
-    let mut sent_parts = 0u64;
+    let mut parts = PartWindow::default();
     let mut senders_gone = false;
     // Bytes of `Low` messages written since the last `LowMark` (see
     // `OutReceiver::window_low`).
@@ -261,14 +263,17 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
                     tokio::select! {
                         biased;
                         _ = closed.cancelled() => return Ok(WriteEnd::Closed),
-                        () = rx.part_granted(sent_parts) => {}
+                        () = parts.granted(rx) => {}
                     }
                     let mut release = Release {
                         rx,
                         held: [(0, 0); CLASSES],
                     };
                     let class = partials.most_urgent();
-                    sent_parts += partials.add_part(class, &mut out, chunk_bytes, &mut release);
+                    parts.wrote(
+                        partials.add_part(class, &mut out, chunk_bytes, &mut release),
+                        chunk_bytes,
+                    );
                     let end = out.write(io, &closed, &written).await;
                     drop(release);
                     if let Some(end) = end? {
@@ -289,7 +294,7 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
                 }
                 frames => frames,
             },
-            None if !partials.is_empty() && rx.may_send_part(sent_parts) => {
+            None if !partials.is_empty() && parts.open(rx) => {
                 // Frames in parts are being written: no waiting, a turn of
                 // the class chosen among the queue's and theirs.
                 if closed.is_cancelled() {
@@ -305,7 +310,7 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
                 tokio::select! {
                     biased;
                     _ = closed.cancelled() => return Ok(WriteEnd::Closed),
-                    () = rx.part_granted(sent_parts) => 0,
+                    () = parts.granted(rx) => 0,
                     took = std::future::poll_fn(|cx| rx.poll_take(cx, &mut batch)), if !senders_gone => {
                         match took {
                             Some(frames) => frames,
@@ -373,6 +378,7 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
                 low_unmarked += what_len(&item.what);
             }
             match out.add_or_split(item.what, chunk_bytes) {
+                None if class != CONTROL => parts.small_message(),
                 None => {}
                 Some(partial) => {
                     // Held until its last part is written.
@@ -387,11 +393,14 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
         // One part of a frame in parts: of the class whose turn it is if it
         // has one (a class taken from the queue has its batch and a part),
         // else of the most urgent.
-        if !partials.is_empty() && rx.may_send_part(sent_parts) {
+        if !partials.is_empty() && parts.open(rx) {
             let class = turn
                 .filter(|c| partials.holds(*c))
                 .unwrap_or_else(|| partials.most_urgent());
-            sent_parts += partials.add_part(class, &mut out, chunk_bytes, &mut release);
+            parts.wrote(
+                partials.add_part(class, &mut out, chunk_bytes, &mut release),
+                chunk_bytes,
+            );
         }
         turn = None;
         // A mark after each `LOW_MARK_EVERY` bytes of `Low` messages: the
@@ -406,6 +415,59 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
         if let Some(end) = end? {
             return Ok(end);
         }
+    }
+}
+
+/// How many chunks' worth of parts make the window on parts
+/// ([`OutReceiver::window_parts`]) give way, and how large a frame must be
+/// for it to. The window keeps the sockets' buffers shallow for small
+/// messages that go beside large frames (and, measured, moves frames of a
+/// few chunks faster), but costs very large frames that go alone: a part
+/// waits for the peer's word on the one before last. So once a writer has
+/// written this many parts with no message going whole meanwhile, it
+/// writes frames of at least this many chunks without the window, until
+/// the next message that goes whole. That message may wait for what the
+/// buffers hold; those after it do not.
+pub const WINDOW_AFTER_SMALL_PARTS: u32 = 16;
+
+/// The writer's account of its parts, for the window on them.
+#[derive(Debug, Default)]
+struct PartWindow {
+    /// Bytes of parts written on this connection.
+    sent: u64,
+    /// Parts written since the last message that went whole.
+    since_small: u32,
+    /// Whether the frame whose part was written last is of at least
+    /// [`WINDOW_AFTER_SMALL_PARTS`] chunks.
+    large: bool,
+}
+
+impl PartWindow {
+    /// Whether a part may go out now.
+    fn open(&self, rx: &OutReceiver) -> bool {
+        (self.large && self.since_small >= WINDOW_AFTER_SMALL_PARTS) || rx.may_send_part(self.sent)
+    }
+
+    /// Waits until a part may go out.
+    async fn granted(&self, rx: &OutReceiver) {
+        if !self.open(rx) {
+            rx.part_granted(self.sent).await;
+        }
+    }
+
+    /// A part of `bytes` was added, and, if it was a frame's first, the
+    /// frame's size.
+    fn wrote(&mut self, (bytes, first): (u64, Option<usize>), chunk_bytes: usize) {
+        self.sent += bytes;
+        self.since_small = self.since_small.saturating_add(1);
+        if let Some(total) = first {
+            self.large = total >= WINDOW_AFTER_SMALL_PARTS as usize * chunk_bytes;
+        }
+    }
+
+    /// A message went whole.
+    fn small_message(&mut self) {
+        self.since_small = 0;
     }
 }
 
@@ -1110,5 +1172,69 @@ mod tests {
             );
         }
         writer.await.expect("join").expect("writer");
+    }
+
+    /// The window on parts gives way for a large frame once the writer has
+    /// written [`WINDOW_AFTER_SMALL_PARTS`] parts and nothing whole: the
+    /// rest goes without the peer's grants. After the next small message
+    /// it holds again.
+    #[tokio::test]
+    async fn the_part_window_gives_way_to_large_frames_alone() {
+        let chunk = 16 * 1024;
+        let parts = WINDOW_AFTER_SMALL_PARTS as usize;
+        let (client, server) = tokio::io::duplex(16 << 20);
+        let (q, mut rx) = out_queue(1024, 16 << 20);
+        rx.chunk_above(chunk);
+        rx.window_parts(2 * chunk);
+        let writer = tokio::spawn(run_writer(client, rx, 8 << 20));
+        let mut reader = FrameReader::new(server, FrameCodec::new(8 << 20));
+        let (grants, grant_rx) = out_queue(1024, 1 << 20);
+        reader.grant_to(grants);
+        // The peer's grants reach the writer until it read as many parts
+        // as it takes for the window to give way, then no more.
+        let forwarded = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (grants_in, grants_out) = tokio::io::duplex(64 * 1024);
+        let grant_writer = tokio::spawn(run_writer(grants_in, grant_rx, 1 << 20));
+        let forward = tokio::spawn({
+            let (q, forwarded) = (q.clone(), forwarded.clone());
+            async move {
+                let mut grants = FrameReader::new(grants_out, FrameCodec::new(1 << 20));
+                while let Ok(Some(frame)) = grants.next().await {
+                    if let Header::Credit { read } = frame.header() {
+                        if *read <= (parts * chunk) as u64 {
+                            q.grant(*read);
+                            forwarded.store(*read, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        });
+        // A large frame alone: granted for its first parts, then written
+        // without grants.
+        q.try_push(subscribed(1, 4 * parts * chunk), Lane::Data)
+            .expect("room");
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(10), reader.next())
+            .await
+            .expect("the window did not give way")
+            .expect("frame")
+            .expect("not eof");
+        assert_eq!(frame.header(), &Header::Subscribed { token: 1 });
+        assert!(forwarded.load(Ordering::Relaxed) <= (parts * chunk) as u64);
+        // A small message, then a large frame again: held to the window,
+        // and no grant comes any more.
+        q.try_push(subscribed(2, 10), Lane::Data).expect("room");
+        q.try_push(subscribed(3, 4 * parts * chunk), Lane::Data)
+            .expect("room");
+        let frame = reader.next().await.expect("frame").expect("not eof");
+        assert_eq!(frame.header(), &Header::Subscribed { token: 2 });
+        let stalled =
+            tokio::time::timeout(std::time::Duration::from_millis(100), reader.next()).await;
+        assert!(
+            stalled.is_err(),
+            "parts went past the window after a small message"
+        );
+        forward.abort();
+        grant_writer.abort();
+        writer.abort();
     }
 }
