@@ -269,6 +269,11 @@ pub(crate) async fn serve(
         // A registered node that starts a frame and stalls in it is cut
         // off after the failure timeout, heartbeats or not.
         reader.set_stall_limit(shared.config.failure_timeout());
+        // Frames larger than the read buffer, and frames in parts, hold
+        // memory from their first byte: the server's budget pays for it,
+        // so that a node declaring frames it never finishes cannot take
+        // more than the budget has.
+        reader.charge_to(shared.budget.clone());
         let (queue, mut rx) = out_queue_within(
             shared.config.message_server.queue_frames,
             shared.config.message_server.queue_bytes,

@@ -678,3 +678,71 @@ async fn credit_for_a_mark_never_written_costs_the_node_its_connection() -> anyh
     exchange(&a, "b", &mut inbox, "after").await?;
     Ok(())
 }
+
+/// A registered node that declares frames in parts and never finishes
+/// them holds no more of the message server's memory than its budget
+/// has: the frame that does not fit ends its connection before anything
+/// is allocated, and what it held is given back, so that good nodes then
+/// move bodies that need that memory.
+#[tokio::test]
+async fn frames_declared_and_never_finished_hold_no_more_than_the_budget() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    use transports::frame::PART_FIRST;
+    init_logging();
+    const BUDGET: usize = 32 << 20;
+    // A failure timeout longer than the test's bound: a stall in a frame
+    // is not what ends the connection.
+    let toml = format!(
+        "[cluster]\ncredentials = \"{SECRET}\"\nheartbeat_interval_ms = 1000\nfailure_timeout_ms = 120000\n\
+         [message_server]\nmemory_budget_bytes = {BUDGET}\nmax_connections = 64\n"
+    );
+    let file = ConfigFile::new("over-budget", &toml)?;
+    let (_server, addr) =
+        clustercomm_tests::spawn_message_server(&["--config", &file.path]).await?;
+    let mut config = clustercomm_tests::test_config();
+    config.cluster.credentials = Some(SECRET.into());
+    config.cluster.heartbeat_interval_ms = 1000;
+    config.cluster.failure_timeout_ms = 120_000;
+    // Bodies of 12 MiB go through the message server.
+    config.lazy.threshold_bytes = 32 << 20;
+    config.lazy.auto_activate_messages = 0;
+    let a = node("a", &config, addr).await?;
+    let b = node("b", &config, addr).await?;
+    let mut inbox = b.subscribe("svc").await?;
+    let key = SessionKey::generate()?;
+    let mut hello = raw::hello("mallory", &config.cluster.name, &key);
+    // Frames of 24 MiB are within its limit.
+    hello.max_message_bytes = 64 << 20;
+    let interests = Interests {
+        groups: vec![],
+        services: vec![],
+    };
+    let mut mallory = RawNode::register(addr, hello, &interests, key, Some(SECRET)).await?;
+    // Two frames of 24 MiB begun on two lanes, one byte of each sent:
+    // the first fits the budget, the second does not.
+    let mut begun = Vec::new();
+    for lane in [2u8, 3] {
+        transports::frame::put_part_head(&mut begun, PART_FIRST | lane, Some(24 << 20), 1);
+        begun.push(b'x');
+    }
+    mallory.writer.write_all(&begun).await?;
+    bounded(async {
+        loop {
+            match mallory.reader.next_raw().await {
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return anyhow::Ok(()),
+            }
+        }
+    })
+    .await
+    .context("the server kept the connection of a node over its budget")?;
+    // Its 24 MiB were given back: a 12 MiB body (put together at the
+    // server, then queued to b) needs 24 MiB of the 32.
+    let large = "L".repeat(12 << 20);
+    exchange(&a, "b", &mut inbox, &large).await?;
+    ensure!(
+        a.counters().lazy_messages == 0,
+        "the body did not go through the message server"
+    );
+    Ok(())
+}

@@ -137,6 +137,18 @@ pub enum FrameError {
     /// do not add up to the length the first one declared.
     #[error("malformed chunk of a frame: {0}")]
     BadPart(&'static str),
+    /// A large frame (or the first part of one) declared more bytes than
+    /// the reader's memory budget has left (see
+    /// `FrameReader::charge_to`); nothing was allocated.
+    #[error("a frame of {declared} bytes does not fit the memory budget ({used} of {limit} bytes in use)")]
+    OverBudget {
+        /// The length the peer declared.
+        declared: u64,
+        /// Bytes of the budget in use.
+        used: usize,
+        /// The budget.
+        limit: usize,
+    },
     /// Reading or writing the socket failed.
     #[error("i/o error on the connection")]
     Io(#[from] std::io::Error),

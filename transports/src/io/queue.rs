@@ -242,6 +242,11 @@ impl Budget {
         })
     }
 
+    /// Bytes it holds at most.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// Bytes taken now (by all queues, their chunks rounded up).
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)

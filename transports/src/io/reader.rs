@@ -1,11 +1,12 @@
 //! The frame reader: one half of a connection, read frame by frame.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::queue::{Lane, OutQueue, PushError, Wait};
+use super::queue::{Budget, Lane, OutQueue, PushError, Wait};
 use crate::frame::OutFrame;
 use crate::protocol::Header;
 
@@ -57,6 +58,53 @@ pub struct FrameReader<R> {
     read_chunk: usize,
     /// How long a frame once started may go without a byte more.
     stall_limit: Option<Duration>,
+    /// What the buffers of large frames and frames in parts draw on (see
+    /// [`FrameReader::charge_to`]).
+    charge: Charge,
+}
+
+/// The memory a reader holds for frames larger than its shared buffer,
+/// charged to a budget while it holds it, and given back when the frame is
+/// handed out or the reader dropped.
+#[derive(Debug, Default)]
+struct Charge {
+    budget: Option<Arc<Budget>>,
+    /// Bytes taken from `budget` and not given back.
+    held: usize,
+}
+
+impl Charge {
+    /// Takes `len` bytes for a frame's buffer, if there is a budget.
+    fn take(&mut self, len: usize) -> Result<(), FrameError> {
+        let Some(budget) = &self.budget else {
+            return Ok(());
+        };
+        if !budget.try_take(len) {
+            return Err(FrameError::OverBudget {
+                declared: len as u64,
+                used: budget.used(),
+                limit: budget.limit(),
+            });
+        }
+        self.held += len;
+        Ok(())
+    }
+
+    /// Gives back `len` bytes taken for a frame now handed out.
+    fn give(&mut self, len: usize) {
+        if let Some(budget) = &self.budget {
+            let len = len.min(self.held);
+            budget.give(len);
+            self.held -= len;
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        let held = self.held;
+        self.give(held);
+    }
 }
 
 /// A read, bounded by `limit` when `partial` bytes of a frame wait for
@@ -127,6 +175,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             lent: 0,
             read_chunk,
             stall_limit: None,
+            charge: Charge::default(),
         }
     }
 
@@ -141,6 +190,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// buffer's end, arms no timer.
     pub fn set_stall_limit(&mut self, limit: Duration) {
         self.stall_limit = Some(limit);
+    }
+
+    /// Charges the buffers of large frames, and of frames in parts, to
+    /// `budget` from when their length is declared until they are handed
+    /// out (or the reader is dropped): a frame that does not fit ends the
+    /// connection with [`FrameError::OverBudget`] before anything is
+    /// allocated. So a peer that declares frames it does not finish holds
+    /// no more memory than the budget has.
+    pub fn charge_to(&mut self, budget: Arc<Budget>) {
+        self.charge.budget = Some(budget);
     }
 
     /// Tells the peer's writer, through `queue` (this connection's
@@ -346,6 +405,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 prefix.copy_from_slice(&self.buf[..LENGTH_PREFIX_BYTES]);
                 let len = u32::from_be_bytes(prefix) as usize;
                 if len > EXACT_BUFFER_FROM_BYTES && !is_part(len) {
+                    self.charge.take(len)?;
                     bytes::Buf::advance(&mut self.buf, LENGTH_PREFIX_BYTES);
                     let big = BytesMut::with_capacity(len);
                     self.read_into(big, len, None);
@@ -411,11 +471,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             self.grant_due = self.grants.is_some();
         }
         match part {
-            None => Ok(Some(buf.freeze())),
+            None => {
+                self.charge.give(buf.len());
+                Ok(Some(buf.freeze()))
+            }
             Some((_, true, total)) if buf.len() != total => Err(FrameError::BadPart(
                 "the last part ends before the length the first declared",
             )),
-            Some((_, true, _)) => Ok(Some(buf.freeze())),
+            Some((_, true, total)) => {
+                self.charge.give(total);
+                Ok(Some(buf.freeze()))
+            }
             Some((lane, false, total)) => {
                 self.parts[lane] = Some((buf, total));
                 Ok(None)
@@ -470,6 +536,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     max: self.codec.max_frame(),
                 });
             }
+            self.charge.take(total)?;
             (BytesMut::with_capacity(total), total)
         } else {
             self.parts[lane]
