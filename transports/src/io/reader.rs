@@ -66,11 +66,18 @@ pub struct FrameReader<R> {
 /// The memory a reader holds for frames larger than its shared buffer,
 /// charged to a budget while it holds it, and given back when the frame is
 /// handed out or the reader dropped.
+///
+/// A reader that holds nothing may always take one frame past the budget
+/// (an overdraft, not charged), as a reader did before frames came in
+/// parts: a busy server slows a node that sends one large frame at a
+/// time, never cuts it off. Only a second frame at once must fit.
 #[derive(Debug, Default)]
 struct Charge {
     budget: Option<Arc<Budget>>,
     /// Bytes taken from `budget` and not given back.
     held: usize,
+    /// The length of the frame taken past the budget, 0 if none.
+    overdraft: usize,
 }
 
 impl Charge {
@@ -79,19 +86,30 @@ impl Charge {
         let Some(budget) = &self.budget else {
             return Ok(());
         };
-        if !budget.try_take(len) {
-            return Err(FrameError::OverBudget {
-                declared: len as u64,
-                used: budget.used(),
-                limit: budget.limit(),
-            });
+        if budget.try_take(len) {
+            self.held += len;
+            return Ok(());
         }
-        self.held += len;
-        Ok(())
+        if self.held == 0 && self.overdraft == 0 {
+            self.overdraft = len;
+            return Ok(());
+        }
+        Err(FrameError::OverBudget {
+            declared: len as u64,
+            used: budget.used(),
+            limit: budget.limit(),
+        })
     }
 
-    /// Gives back `len` bytes taken for a frame now handed out.
+    /// Gives back what was taken for a frame of `len` bytes now handed
+    /// out. (Frames of one length are interchangeable here: whichever
+    /// ends first settles the overdraft, and the budget gets back what
+    /// was taken from it.)
     fn give(&mut self, len: usize) {
+        if self.overdraft > 0 && self.overdraft == len {
+            self.overdraft = 0;
+            return;
+        }
         if let Some(budget) = &self.budget {
             let len = len.min(self.held);
             budget.give(len);
@@ -102,8 +120,9 @@ impl Charge {
 
 impl Drop for Charge {
     fn drop(&mut self) {
-        let held = self.held;
-        self.give(held);
+        if let Some(budget) = &self.budget {
+            budget.give(self.held);
+        }
     }
 }
 
@@ -194,10 +213,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// Charges the buffers of large frames, and of frames in parts, to
     /// `budget` from when their length is declared until they are handed
-    /// out (or the reader is dropped): a frame that does not fit ends the
-    /// connection with [`FrameError::OverBudget`] before anything is
-    /// allocated. So a peer that declares frames it does not finish holds
-    /// no more memory than the budget has.
+    /// out (or the reader is dropped). A reader that holds no other frame
+    /// may take one past the budget; a second frame at once that does not
+    /// fit ends the connection with [`FrameError::OverBudget`] before
+    /// anything is allocated. So a peer that declares frames it does not
+    /// finish holds no more than the budget and one frame.
     pub fn charge_to(&mut self, budget: Arc<Budget>) {
         self.charge.budget = Some(budget);
     }
@@ -575,6 +595,43 @@ mod tests {
     use crate::frame::{encode_header, OutFrame};
     use crate::io::{out_queue, run_writer, Lane, Wait};
     use crate::protocol::Header;
+
+    /// A reader's frames draw on its budget: one frame past it is allowed
+    /// while nothing else is held, a second is refused, and everything is
+    /// given back as frames end and when the reader goes.
+    #[test]
+    fn frames_draw_on_the_budget_with_one_overdraft() {
+        let budget = Budget::new(100);
+        let mut charge = Charge {
+            budget: Some(budget.clone()),
+            ..Charge::default()
+        };
+        charge.take(60).expect("fits");
+        assert!(
+            matches!(
+                charge.take(60),
+                Err(FrameError::OverBudget {
+                    declared: 60,
+                    used: 60,
+                    limit: 100
+                })
+            ),
+            "a second frame past the budget"
+        );
+        charge.give(60);
+        assert_eq!(budget.used(), 0);
+        charge
+            .take(500)
+            .expect("alone, one frame may go past the budget");
+        assert_eq!(budget.used(), 0, "an overdraft is not charged");
+        assert!(charge.take(1).is_ok(), "what fits still fits");
+        assert!(charge.take(100).is_err(), "no second overdraft");
+        charge.give(500);
+        charge.give(1);
+        charge.take(500).expect("the overdraft was settled");
+        drop(charge);
+        assert_eq!(budget.used(), 0, "given back when the reader goes");
+    }
 
     /// Frames that one read brought come out without awaiting; past them
     /// `try_next_frame` says so instead of reading.
