@@ -575,6 +575,10 @@ impl Runtime {
         deadline: Option<Instant>,
         priority: Option<Priority>,
     ) -> Result<(), SendError> {
+        // A send takes from tokio's cooperative budget, as a channel's
+        // does: a task that sends in a loop and never waits still lets the
+        // writer it woke (and the others on its thread) run.
+        tokio::task::consume_budget().await;
         let priority = priority.unwrap_or_else(|| self.config.service_priority(service));
         let Numbered {
             route,

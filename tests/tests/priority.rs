@@ -2,7 +2,7 @@
 //! (`SendOptions::priority`, or its service's `[services.<name>]` default)
 //! on every path, and its receiver sees it.
 
-use anyhow::ensure;
+use anyhow::{ensure, Context};
 use clustercomm_tests::{bounded, init_logging, next_message, test_config, TestServer};
 use node_runtime::{Node, NodeId, Priority, SendOptions, ServiceConfig, Target};
 
@@ -236,6 +236,45 @@ async fn express_overtakes_a_low_backlog() -> anyhow::Result<()> {
         if ratio > 2.0 {
             println!("NOT MET on this machine (issue 18): express p99 {ratio:.1}x its idle p99 (at most 2x)");
         }
+        Ok(())
+    })
+    .await
+}
+
+/// A task that sends in a loop and never waits for room still lets the
+/// other tasks of its thread run (each send takes from tokio's
+/// cooperative budget, as a channel send does): the writer it woke, and
+/// here a task that only records that it ran.
+#[tokio::test(flavor = "current_thread")]
+async fn a_sender_in_a_tight_loop_lets_other_tasks_run() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    init_logging();
+    bounded(async {
+        let config = test_config();
+        let server = TestServer::start(config.clone()).await?;
+        let sender = server.node("sender", &config).await?;
+        let receiver = server.node(RECEIVER, &config).await?;
+        let _inbox = receiver.subscribe("svc").await?;
+        let ran = Arc::new(AtomicBool::new(false));
+        let other = tokio::spawn({
+            let ran = ran.clone();
+            async move { ran.store(true, Ordering::Relaxed) }
+        });
+        // Far fewer than the queue holds: no send waits for room.
+        let mut sent_before_it_ran = None;
+        for i in 0..1_000u32 {
+            sender
+                .notify(Target::Node(NodeId::new(RECEIVER)), "svc", "x")
+                .await?;
+            if sent_before_it_ran.is_none() && ran.load(Ordering::Relaxed) {
+                sent_before_it_ran = Some(i);
+            }
+        }
+        other.await?;
+        let sent =
+            sent_before_it_ran.context("the other task ran only once the sending loop ended")?;
+        println!("the other task ran after {sent} sends");
         Ok(())
     })
     .await
