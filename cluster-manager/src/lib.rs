@@ -30,6 +30,9 @@
 //!   receivers, how each one ends, and the order in which they are resent
 //!   after a reconnect.
 //! - [`dedup`]: the receivers' duplicate window per sender incarnation.
+//! - [`recovery`]: recoverable messages: the numbered stream from a
+//!   sender's store to each receiver, and the receiver's verdict on each
+//!   number (stored once, in order).
 //! - [`error`]: the delivery report and the send errors, definite or
 //!   uncertain.
 //!
@@ -45,6 +48,7 @@ pub mod error;
 pub mod link;
 pub mod members;
 pub mod path;
+pub mod recovery;
 pub mod tracker;
 
 pub use crate::core::NodeCore;
