@@ -262,9 +262,9 @@ impl Case {
 
 /// A body size for humans: `128 B`, `1 KiB`, `16 MiB`.
 pub fn size(len: usize) -> String {
-    if len >= 1 << 20 && len % (1 << 20) == 0 {
+    if len >= 1 << 20 && len.is_multiple_of(1 << 20) {
         format!("{} MiB", len >> 20)
-    } else if len >= 1 << 10 && len % (1 << 10) == 0 {
+    } else if len >= 1 << 10 && len.is_multiple_of(1 << 10) {
         format!("{} KiB", len >> 10)
     } else {
         format!("{len} B")

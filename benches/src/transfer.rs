@@ -77,9 +77,9 @@ impl Transfer {
 /// `len` bytes as `64 MiB`, `512 KiB` or `100 B`.
 pub fn size_label(len: usize) -> String {
     const KIB: usize = 1024;
-    if len >= MIB && len % MIB == 0 {
+    if len >= MIB && len.is_multiple_of(MIB) {
         format!("{} MiB", len / MIB)
-    } else if len >= KIB && len % KIB == 0 {
+    } else if len >= KIB && len.is_multiple_of(KIB) {
         format!("{} KiB", len / KIB)
     } else {
         format!("{len} B")

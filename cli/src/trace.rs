@@ -69,6 +69,7 @@ pub async fn trace(join: &Join, filter: &Filter) -> anyhow::Result<()> {
                         MessageKind::Reply { .. } => "reply",
                         MessageKind::ReplyError { code: Some(_), .. } => "error reply",
                         MessageKind::ReplyError { code: None, .. } => "no reply",
+                        MessageKind::Recoverable { .. } => "recoverable send",
                     };
                     let mut line = format!(
                         "{} {} {}#{} -> {} service {} {} bytes",

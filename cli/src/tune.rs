@@ -566,7 +566,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 /// A size in the largest binary unit that divides it.
 pub fn format_size(bytes: u64) -> String {
     for (scale, unit) in [(1u64 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")] {
-        if bytes >= scale && bytes % scale == 0 {
+        if bytes >= scale && bytes.is_multiple_of(scale) {
             return format!("{} {unit}", bytes / scale);
         }
     }

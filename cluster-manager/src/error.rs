@@ -188,6 +188,27 @@ pub enum SendError {
         /// Why.
         reason: String,
     },
+    /// A recoverable send on a node without a store, or one the store
+    /// failed to take. Definite: nothing was sent.
+    #[error("the message cannot be made recoverable: {reason}")]
+    NotRecoverable {
+        /// Why: no `node.data_dir`, a target other than one node, or the
+        /// store's error.
+        reason: String,
+    },
+    /// A recoverable message was not delivered within its timeout. It is
+    /// in the sender's store, and is sent again until its receiver
+    /// acknowledges it, across restarts of every process: not an error to
+    /// act on, but the send's answer that delivery goes on without it.
+    #[error("recoverable message {pseq} to {node} is stored and will be sent again: {cause}")]
+    StillQueued {
+        /// The receiver.
+        node: NodeId,
+        /// Its number on this node's stream to the receiver.
+        pseq: u64,
+        /// Why this attempt failed.
+        cause: Box<SendError>,
+    },
 }
 
 impl SendError {
@@ -209,13 +230,15 @@ impl SendError {
             | SendError::NotInSessionGroup { .. }
             | SendError::NotPermitted { .. }
             | SendError::StreamFailed { .. }
+            | SendError::NotRecoverable { .. }
             | SendError::Shutdown => true,
             SendError::TargetStopped { in_flight, .. } => !in_flight,
             SendError::Timeout { .. }
             | SendError::Disconnected
             | SendError::Incomplete(_)
             | SendError::Remote { .. }
-            | SendError::NoReply { .. } => false,
+            | SendError::NoReply { .. }
+            | SendError::StillQueued { .. } => false,
         }
     }
 

@@ -47,5 +47,5 @@ pub use error::ConfigError;
 pub use permissions::{PermissionsConfig, PermissionsTable};
 pub use sections::{
     ClusterConfig, Config, LazyConfig, LimitsConfig, MessageServerConfig, MonitorConfig,
-    NodeConfig, ServiceConfig, TcpConfig, TlsConfig,
+    NodeConfig, ServiceConfig, StoreOnDamage, TcpConfig, TlsConfig,
 };

@@ -292,6 +292,27 @@ pub struct NodeConfig {
     /// into. No access control: keep it on loopback or a management
     /// network. None (the default): not served.
     pub monitor_listen: Option<SocketAddr>,
+    /// Where the node keeps its store (`store.redb`): recoverable messages
+    /// it sends until they are acknowledged, those it received until its
+    /// application has them, and the numbers that keep each delivered once.
+    /// None (the default): no store, and a recoverable send fails.
+    pub data_dir: Option<std::path::PathBuf>,
+    /// What the node does at start with a store found damaged: `"refuse"`
+    /// (the default: it does not start, and says why) or `"salvage"` (it
+    /// keeps every intact record, moves the damaged file aside and logs
+    /// what it could not read).
+    pub store_on_damage: StoreOnDamage,
+}
+
+/// What a node does with a store found damaged at start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreOnDamage {
+    /// It does not start.
+    #[default]
+    Refuse,
+    /// It starts with what is intact.
+    Salvage,
 }
 
 impl Default for NodeConfig {
@@ -316,6 +337,8 @@ impl Default for NodeConfig {
             max_channels: DEFAULT_NODE_MAX_CHANNELS,
             max_unauthenticated: DEFAULT_NODE_MAX_UNAUTHENTICATED,
             monitor_listen: None,
+            data_dir: None,
+            store_on_damage: StoreOnDamage::Refuse,
         }
     }
 }

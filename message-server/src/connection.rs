@@ -1041,7 +1041,7 @@ impl Connection {
         // Replies go to the requesting runtime, not to a service, and
         // nobody waits for their routing result.
         let is_reply = h.kind.is_reply();
-        let acked = matches!(h.kind, MessageKind::Send | MessageKind::Request);
+        let acked = h.kind.is_acknowledged() || h.kind == MessageKind::Request;
         let to_node = matches!(h.target, TargetRef::Node(_));
         let generation = self.shared.generation();
         let index = match self.routes.find(generation, is_reply, h.target, h.service) {

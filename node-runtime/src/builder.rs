@@ -147,6 +147,7 @@ impl NodeBuilder {
         }
         let config = self.layered_config(|k| std::env::var(k).ok())?;
         let permissions = self.config.permissions_table()?;
+        let recovery = open_store(&config).await?;
         let incarnation = crate::runtime::fresh_incarnation();
         let tls = match config.tls.files() {
             Some((ca, cert, key)) => Some(transports::tls::Tls::load(ca, cert, key)?),
@@ -258,6 +259,7 @@ impl NodeBuilder {
             server_index: link.index,
             credentials,
             permissions,
+            recovery,
         });
         crate::tune::start(&rt)?;
         let span = tracing::info_span!("node", id = %self.id, incarnation);
@@ -273,6 +275,12 @@ impl NodeBuilder {
             .spawn(supervisor::heartbeats(rt.clone(), heartbeat_socket).instrument(span.clone()));
         rt.tasks
             .spawn(direct::idle_sweeper(rt.clone()).instrument(span.clone()));
+        if rt.recovery.is_some() {
+            rt.tasks
+                .spawn(rt.clone().redeliver().instrument(span.clone()));
+            rt.tasks
+                .spawn(rt.clone().store_receipts().instrument(span.clone()));
+        }
         let monitor_addr = monitor.map(|(listener, bound)| {
             tracing::info!(parent: &span, "node metrics at http://{bound}/metrics");
             rt.tasks
@@ -314,6 +322,41 @@ async fn route_to(addresses: &[String]) -> Option<std::net::IpAddr> {
         }
     }
     None
+}
+
+/// Opens the node's store if `node.data_dir` is set (see
+/// [`crate::recovery`]); logs what a salvage could not keep.
+async fn open_store(
+    config: &Config,
+) -> Result<Option<std::sync::Arc<crate::recovery::Recovery>>, NodeError> {
+    let Some(dir) = config.node.data_dir.clone() else {
+        return Ok(None);
+    };
+    let on_damage = match config.node.store_on_damage {
+        cluster_config::StoreOnDamage::Refuse => clustercomm_store::OnDamage::Refuse,
+        cluster_config::StoreOnDamage::Salvage => clustercomm_store::OnDamage::Salvage,
+    };
+    let opened =
+        tokio::task::spawn_blocking(move || clustercomm_store::Store::open(&dir, on_damage))
+            .await
+            .map_err(|e| clustercomm_store::StoreError::Write {
+                path: config.node.data_dir.clone().unwrap_or_default(),
+                detail: format!("the thread opening the store failed: {e}"),
+            })??;
+    if let Some(damage) = &opened.damage {
+        tracing::error!(path = %opened.store.path().display(), %damage, "the node's store was damaged; started with what was intact");
+    }
+    let contents = opened.contents;
+    tracing::info!(
+        path = %opened.store.path().display(),
+        outgoing = contents.outgoing.len(),
+        incoming = contents.incoming.len(),
+        "node store opened"
+    );
+    Ok(Some(std::sync::Arc::new(crate::recovery::Recovery::new(
+        opened.store,
+        contents,
+    ))))
 }
 
 #[cfg(test)]

@@ -484,11 +484,20 @@ pub(crate) fn deliver_now(
             .handle_message(h.sender, h.incarnation, h.seq, h.kind);
         match receipt {
             Receipt::Deliver(sender) => sender,
+            // A recoverable message's stream number says whether a copy
+            // was stored (see `deliver_recoverable`).
+            Receipt::Duplicate(sender) if matches!(h.kind, MessageKind::Recoverable { .. }) => {
+                sender
+            }
             Receipt::Duplicate(sender) => return Some(Later::Duplicate(sender)),
             Receipt::Refused => return Some(Later::Failed),
             Receipt::Stale(sender) => return Some(Later::Stale(sender)),
         }
     };
+    // A recoverable message is stored before it is delivered.
+    if matches!(h.kind, MessageKind::Recoverable { .. }) {
+        return Some(Later::New { sender, body });
+    }
     // The inbox of the last message's service, while no backlog waits
     // before it: no lookup.
     let cached = match cache.get(rt, h.service) {
@@ -605,6 +614,56 @@ pub(crate) async fn deliver_stream(
     }
 }
 
+/// Hands a recoverable message (or a copy of one) to
+/// [`crate::recovery`]: stored, then acknowledged, if it is the next of
+/// its stream; answered at once otherwise.
+async fn deliver_recoverable(
+    rt: &Runtime,
+    h: &MessageRef<'_>,
+    sender: NodeId,
+    body: Bytes,
+    (epoch, pseq, floor): (u64, u64, u64),
+    acks: &OutQueue,
+) -> Result<(), Stopping> {
+    let answer = Answer {
+        to: sender.clone(),
+        to_incarnation: h.incarnation,
+        seq: h.seq,
+        kind: h.kind,
+    };
+    let queue = {
+        let inboxes = rt
+            .services
+            .inboxes
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        inboxes.get(h.service).cloned()
+    };
+    let Some(queue) = queue else {
+        let failed = AckStatus::Failed(DeliveryFailure::NoSuchService);
+        answer.send(&rt.id, &rt.core, acks, failed).await;
+        return Ok(());
+    };
+    if rt.replaying(h.service) {
+        let failed = AckStatus::Failed(DeliveryFailure::Rejected(
+            "the receiver is still handing over messages stored before its restart".into(),
+        ));
+        answer.send(&rt.id, &rt.core, acks, failed).await;
+        return Ok(());
+    }
+    let message = new_message(rt, h, sender.clone(), SmolStr::new(h.service), body);
+    let receipt = crate::recovery::Receipt {
+        origin: sender,
+        epoch,
+        pseq,
+        message,
+        answer: Some((answer, acks.clone())),
+        queue,
+    };
+    rt.receive_recoverable(receipt, floor).await;
+    Ok(())
+}
+
 /// Does what [`deliver_now`] left: refusals and acknowledgements that may
 /// wait for room in this node's outgoing queue (`acks`, the connection the
 /// message came on), and deliveries that may wait for the service's inbox.
@@ -626,6 +685,11 @@ pub(crate) async fn deliver_later(
         seq: h.seq,
         kind: h.kind,
     };
+    if let MessageKind::Recoverable { epoch, pseq, floor } = h.kind {
+        if let Later::New { sender, body } = later {
+            return deliver_recoverable(rt, h, sender, body, (epoch, pseq, floor), acks).await;
+        }
+    }
     let (sender, body) = match later {
         Later::Failed => {
             tracing::debug!(

@@ -41,6 +41,11 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    /// The node's store (`node.data_dir`) could not be opened: it is
+    /// damaged and `node.store_on_damage` is `"refuse"`, or its directory
+    /// cannot be used.
+    #[error("cannot open the node's store (node.data_dir)")]
+    Store(#[from] clustercomm_store::StoreError),
     /// The node's metrics listener (`node.monitor_listen`) could not be
     /// bound.
     #[error("cannot serve the node's metrics on {address} (node.monitor_listen)")]

@@ -58,9 +58,100 @@ pub(crate) struct Answering {
     /// The acknowledgement of a message of a service acknowledged on
     /// processing (`AckMode::OnProcessed`), until it is sent.
     pub(crate) ack: Option<AckToken>,
+    /// A recoverable message's record in this node's store, removed once
+    /// the application had the message and dropped it.
+    pub(crate) recovered: Option<Recovered>,
+}
+
+/// Where a received recoverable message is stored (see
+/// [`crate::recovery`]).
+#[derive(Debug)]
+pub(crate) struct Recovered {
+    store: clustercomm_store::Store,
+    origin: NodeId,
+    epoch: u64,
+    pseq: u64,
+}
+
+impl Recovered {
+    /// The application had the message: its record goes, and its stream's
+    /// `Handed` mark rises (not awaited: lost in a crash, the message is
+    /// handed over again at start).
+    fn done(self) {
+        use clustercomm_store::{Change, Mark, MarkKind, Record, RecordKey};
+        let changes = vec![
+            Change::Remove(RecordKey::Incoming(
+                self.origin.to_string(),
+                self.epoch,
+                self.pseq,
+            )),
+            Change::Put(Record::Mark(Mark {
+                kind: MarkKind::Handed,
+                node: self.origin.to_string(),
+                epoch: self.epoch,
+                value: self.pseq,
+            })),
+        ];
+        if let Err(e) = self.store.commit_later(changes) {
+            tracing::warn!(error = %e, origin = %self.origin, pseq = self.pseq, "could not queue the removal of a handed recoverable message; it is handed over again at the next start");
+        }
+    }
 }
 
 impl Message {
+    /// A recoverable message stored before a restart, from `origin`.
+    pub(crate) fn recovered(stored: &clustercomm_store::Incoming, origin: NodeId) -> Message {
+        Message {
+            sender: origin,
+            sender_incarnation: 0,
+            seq: 0,
+            service: SmolStr::new(&stored.service),
+            body: Bytes::copy_from_slice(&stored.body),
+            one_way: false,
+            priority: Priority::ALL
+                .get(stored.priority as usize)
+                .copied()
+                .unwrap_or(Priority::Normal),
+            answering: None,
+            stream: None,
+        }
+    }
+
+    /// Ties this message to its record in `store`: once the application
+    /// has had it and drops it, the record goes.
+    pub(crate) fn hand_over_recovered(
+        &mut self,
+        store: clustercomm_store::Store,
+        origin: NodeId,
+        epoch: u64,
+        pseq: u64,
+    ) {
+        self.answering
+            .get_or_insert_with(Default::default)
+            .recovered = Some(Recovered {
+            store,
+            origin,
+            epoch,
+            pseq,
+        });
+    }
+
+    /// The application never had this recoverable message: its record
+    /// stays in the store (it is handed over at the next start).
+    pub(crate) fn keep_stored(&mut self) {
+        if let Some(a) = self.answering.as_mut() {
+            a.recovered = None;
+        }
+    }
+
+    /// Whether this is a recoverable message (kept in the receiver's store
+    /// until the application has had it).
+    pub fn is_recoverable(&self) -> bool {
+        self.answering
+            .as_ref()
+            .is_some_and(|a| a.recovered.is_some())
+    }
+
     /// This message's acknowledgement on processing, if it still waits
     /// for one.
     pub(crate) fn take_ack(&mut self) -> Option<AckToken> {
@@ -93,6 +184,13 @@ impl Message {
 
 impl Drop for Message {
     fn drop(&mut self) {
+        if let Some(a) = &mut self.answering {
+            if a.handed {
+                if let Some(recovered) = a.recovered.take() {
+                    recovered.done();
+                }
+            }
+        }
         let Some(a) = &self.answering else { return };
         if !a.handed || a.replied.load(Ordering::Relaxed) {
             return;
@@ -738,7 +836,9 @@ impl Inbox {
             self.shared.held.fetch_add(1, Ordering::Relaxed);
         }
         let lent = self.batch.len();
-        if lent % self.shared.lent_step == 0 || self.shared.room_wanted.load(Ordering::SeqCst) > 0 {
+        if lent.is_multiple_of(self.shared.lent_step)
+            || self.shared.room_wanted.load(Ordering::SeqCst) > 0
+        {
             self.shared.lent.store(lent, Ordering::SeqCst);
             self.shared.room_made(lent);
             // A busy inbox looks whether it drained to its lower limit
@@ -760,8 +860,10 @@ fn take_batch(shared: &Shared, state: &mut State, batch: &mut VecDeque<Message>)
 
 impl Drop for Inbox {
     fn drop(&mut self) {
-        // Requests never handed out are answered `NoReply` as they go.
+        // Requests never handed out are answered `NoReply` as they go;
+        // recoverable messages stay in the store, for the next start.
         for m in self.batch.iter_mut() {
+            m.keep_stored();
             m.hand_over();
         }
         let queued = {
@@ -779,6 +881,7 @@ impl Drop for Inbox {
         self.shared.room.notify_waiters();
         let mut queued = queued;
         for m in queued.iter_mut() {
+            m.keep_stored();
             m.hand_over();
         }
         drop(queued);
@@ -920,7 +1023,7 @@ mod tests {
                 while let Some(m) = rx.recv().await {
                     assert_eq!(m.seq, next, "in order");
                     next += 1;
-                    if next % 7 == 0 {
+                    if next.is_multiple_of(7) {
                         tokio::task::yield_now().await;
                     }
                 }

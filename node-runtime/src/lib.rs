@@ -70,6 +70,7 @@ pub mod node;
 pub mod options;
 mod pending;
 pub mod processors;
+mod recovery;
 mod reply;
 mod routing;
 mod runtime;

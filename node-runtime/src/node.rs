@@ -87,6 +87,7 @@ pub(crate) fn open_inbox(
     let busy = (when_full == WhenFull::Wait).then(|| rt.busy.clone());
     let (tx, rx) = crate::inbox::inbox(service, capacity, busy);
     let (delivery_tx, delivery_rx) = mpsc::channel(capacity);
+    let delivery_tx_for_replay = delivery_tx.clone();
     let backlog: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
     let name: Arc<str> = Arc::from(service);
     {
@@ -101,7 +102,7 @@ pub(crate) fn open_inbox(
         inboxes.insert(
             name.clone(),
             ServiceQueue {
-                tx: delivery_tx,
+                tx: delivery_tx.clone(),
                 inbox: tx.clone(),
                 backlog: backlog.clone(),
                 congested: Arc::default(),
@@ -110,6 +111,13 @@ pub(crate) fn open_inbox(
             },
         );
         rt.services.generation.fetch_add(1, Ordering::AcqRel);
+    }
+    if rt.replaying(service) {
+        rt.tasks.spawn(rt.clone().replay(
+            service.to_owned(),
+            delivery_tx_for_replay,
+            backlog.clone(),
+        ));
     }
     rt.tasks
         .spawn(pump(rt.clone(), name, delivery_rx, tx, backlog));
@@ -379,10 +387,30 @@ impl Node {
         body: impl Into<Bytes>,
         options: &SendOptions,
     ) -> Result<DeliveryReport, SendError> {
+        if options.is_recoverable() {
+            let timeout = options.timeout_or(self.rt.config.send_timeout());
+            return self
+                .rt
+                .send_recoverable(
+                    target,
+                    service,
+                    body.into(),
+                    options.given_priority(),
+                    timeout,
+                )
+                .await;
+        }
         self.submit_with(target, service, body, options)
             .await?
             .outcome()
             .await
+    }
+
+    /// Recoverable messages this node sent that its receivers have not
+    /// acknowledged yet (they are in its store, and sent again until they
+    /// are).
+    pub fn recoverable_unacknowledged(&self) -> usize {
+        self.rt.recovery.as_ref().map_or(0, |r| r.held())
     }
 
     /// Sends a body of `len` bytes read from `source` to one node's
@@ -488,6 +516,11 @@ impl Node {
         body: impl Into<Bytes>,
         options: &SendOptions,
     ) -> Result<Pending, SendError> {
+        if options.is_recoverable() {
+            return Err(SendError::NotRecoverable {
+                reason: "submit does not take recoverable messages yet: use send_with".into(),
+            });
+        }
         let timeout = options.timeout_or(self.rt.config.send_timeout());
         self.rt
             .submit(
@@ -532,6 +565,11 @@ impl Node {
         body: impl Into<Bytes>,
         options: &SendOptions,
     ) -> Result<(), SendError> {
+        if options.is_recoverable() {
+            return Err(SendError::NotRecoverable {
+                reason: "a one-way message is never recoverable: use send_with".into(),
+            });
+        }
         let priority = options.given_priority();
         match options.given_timeout() {
             None => {
@@ -605,6 +643,11 @@ impl Node {
     ) -> Result<Reply, SendError> {
         if matches!(target, Target::Group(_) | Target::All) {
             return Err(SendError::InvalidTarget(target));
+        }
+        if options.is_recoverable() {
+            return Err(SendError::NotRecoverable {
+                reason: "a request is never recoverable: use send_with".into(),
+            });
         }
         let timeout = options.timeout_or(self.rt.config.send_timeout());
         let pending = self

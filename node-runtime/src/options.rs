@@ -16,6 +16,7 @@ use transports::protocol::Priority;
 pub struct SendOptions {
     timeout: Option<Duration>,
     priority: Option<Priority>,
+    recoverable: bool,
 }
 
 impl SendOptions {
@@ -37,6 +38,23 @@ impl SendOptions {
     pub fn priority(mut self, priority: Priority) -> SendOptions {
         self.priority = Some(priority);
         self
+    }
+
+    /// Makes the message recoverable (`Node::send_with` to one node): it
+    /// is fsynced in this node's store (`node.data_dir`) before it is
+    /// sent, stored by its receiver before it is acknowledged, and sent
+    /// again until it is, across restarts of every process. Its receiver's
+    /// application sees it once (see `Message::is_recoverable`). If it is
+    /// not delivered within the timeout, the send answers
+    /// `SendError::StillQueued` and delivery goes on.
+    pub fn recoverable(mut self) -> SendOptions {
+        self.recoverable = true;
+        self
+    }
+
+    /// Whether the message is recoverable.
+    pub fn is_recoverable(&self) -> bool {
+        self.recoverable
     }
 
     /// The priority set, if any.

@@ -63,6 +63,7 @@ pub(crate) struct Parts {
     pub(crate) server_index: usize,
     pub(crate) credentials: Arc<Credentials>,
     pub(crate) permissions: cluster_config::PermissionsTable,
+    pub(crate) recovery: Option<Arc<crate::recovery::Recovery>>,
 }
 
 /// A running node's parts, shared by its tasks and handles. Cheap to
@@ -107,6 +108,8 @@ pub(crate) struct Runtime {
     /// The streams this node sends, and those it receives.
     pub(crate) streams_out: Arc<crate::stream::StreamsOut>,
     pub(crate) streams_in: Arc<crate::stream::StreamsIn>,
+    /// Recoverable messages, with the node's store (`node.data_dir`).
+    pub(crate) recovery: Option<Arc<crate::recovery::Recovery>>,
 }
 
 impl Runtime {
@@ -188,6 +191,7 @@ impl Runtime {
             unacked: Arc::default(),
             streams_out: Arc::default(),
             streams_in,
+            recovery: parts.recovery,
         }
     }
 

@@ -134,7 +134,7 @@ pub(crate) struct Delivery {
 }
 
 /// How to answer one delivered message.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Answer {
     pub(crate) to: NodeId,
     pub(crate) to_incarnation: u64,
@@ -154,7 +154,7 @@ impl Answer {
         status: AckStatus,
     ) {
         let needed = match self.kind {
-            MessageKind::Send => true,
+            MessageKind::Send | MessageKind::Recoverable { .. } => true,
             MessageKind::Request | MessageKind::Notify => status != AckStatus::Accepted,
             MessageKind::Reply { .. } | MessageKind::ReplyError { .. } => false,
         };

@@ -31,7 +31,7 @@ use std::path::PathBuf;
 pub use contents::Contents;
 pub use record::{Incoming, Mark, MarkKind, Outgoing, Record, RecordError, RecordKey};
 pub use salvage::{Damage, Unreadable};
-pub use store::{Change, OnDamage, Opened, Store, FILE_NAME};
+pub use store::{Change, OnDamage, Opened, Queued, Store, FILE_NAME};
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +62,12 @@ pub enum StoreError {
         /// What failed.
         detail: String,
     },
+    /// Another store has the file open (in this process or another).
+    #[error("store {path} is in use by another node or process")]
+    InUse {
+        /// The file.
+        path: PathBuf,
+    },
     /// The queue of commits is full (only [`Store::commit_later`] says so).
     #[error("the store's queue of commits is full")]
     Busy,
@@ -85,6 +91,7 @@ impl Clone for StoreError {
                 path: path.clone(),
                 detail: detail.clone(),
             },
+            StoreError::InUse { path } => StoreError::InUse { path: path.clone() },
             StoreError::Busy => StoreError::Busy,
             StoreError::Closed => StoreError::Closed,
         }

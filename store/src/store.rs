@@ -72,6 +72,25 @@ pub struct Store {
     closed: Arc<tokio::sync::Mutex<Option<oneshot::Receiver<()>>>>,
 }
 
+/// Changes queued for a commit (see [`Store::queue`]).
+#[derive(Debug)]
+#[must_use = "a queued commit is only known durable once awaited"]
+pub struct Queued(Option<oneshot::Receiver<Result<(), StoreError>>>);
+
+impl Queued {
+    /// Waits until the changes are on disk.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::commit`].
+    pub async fn durable(self) -> Result<(), StoreError> {
+        match self.0 {
+            Some(rx) => rx.await.map_err(|_| StoreError::Closed)?,
+            None => Err(StoreError::Closed),
+        }
+    }
+}
+
 /// A store just opened: the store, what it holds, and what was damaged.
 #[derive(Debug)]
 pub struct Opened {
@@ -100,7 +119,8 @@ impl Store {
         let path = dir.join(FILE_NAME);
         let (db, contents, damage) = match open_checked(&path) {
             Ok((db, contents)) => (db, contents, None),
-            Err(Damaged(detail)) => match on_damage {
+            Err(Damaged::Not(e)) => return Err(e),
+            Err(Damaged::Is(detail)) => match on_damage {
                 OnDamage::Refuse => return Err(StoreError::Damaged { path, detail }),
                 OnDamage::Salvage => {
                     let (db, contents, damage) = salvage(&path, detail)?;
@@ -154,6 +174,21 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Queues `changes` for the next commit, and returns once they are
+    /// queued: commits queued one after another are committed in that
+    /// order. [`Queued::durable`] waits until they are on disk.
+    pub async fn queue(&self, changes: Vec<Change>) -> Queued {
+        let (done, rx) = oneshot::channel();
+        let job = Job {
+            changes,
+            done: Some(done),
+        };
+        match self.jobs.send(job).await {
+            Ok(()) => Queued(Some(rx)),
+            Err(_) => Queued(None),
+        }
+    }
+
     /// Queues `changes` for the next commit without waiting for it; for
     /// changes whose loss in a crash costs only a repeat (a removal).
     ///
@@ -199,7 +234,12 @@ impl Store {
 }
 
 /// Why a file could not be opened as it is.
-pub(crate) struct Damaged(pub(crate) String);
+pub(crate) enum Damaged {
+    /// It is damaged: what is wrong.
+    Is(String),
+    /// It could not be opened for another reason.
+    Not(StoreError),
+}
 
 /// Opens `path` with redb's integrity check and reads every record,
 /// checking each; any failure is damage.
@@ -211,14 +251,30 @@ fn open_checked(path: &Path) -> Result<(redb::Database, Contents), Damaged> {
     }));
     let db = match opened {
         Ok(Ok(db)) => db,
-        Ok(Err(e)) => return Err(Damaged(format!("redb refused the file: {e}"))),
-        Err(_) => return Err(Damaged("redb panicked opening the file".into())),
+        // Not damage: the file is in use, or cannot be read at all.
+        Ok(Err(
+            redb::DatabaseError::DatabaseAlreadyOpen | redb::DatabaseError::LockProtocolMismatch,
+        )) => {
+            return Err(Damaged::Not(StoreError::InUse {
+                path: path.to_owned(),
+            }))
+        }
+        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e))))
+            if e.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            return Err(Damaged::Not(StoreError::Io {
+                path: path.to_owned(),
+                source: e,
+            }))
+        }
+        Ok(Err(e)) => return Err(Damaged::Is(format!("redb refused the file: {e}"))),
+        Err(_) => return Err(Damaged::Is("redb panicked opening the file".into())),
     };
     let read = catch_unwind(AssertUnwindSafe(|| read_all(&db)));
     match read {
         Ok(Ok(contents)) => Ok((db, contents)),
-        Ok(Err(detail)) => Err(Damaged(detail)),
-        Err(_) => Err(Damaged("redb panicked reading the file".into())),
+        Ok(Err(detail)) => Err(Damaged::Is(detail)),
+        Err(_) => Err(Damaged::Is("redb panicked reading the file".into())),
     }
 }
 

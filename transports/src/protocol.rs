@@ -15,7 +15,7 @@ use smol_str::SmolStr;
 
 /// The protocol version this build speaks. Peers with another version are
 /// refused at the handshake with [`RefusalReason::VersionMismatch`].
-pub const PROTOCOL_VERSION: u16 = 8;
+pub const PROTOCOL_VERSION: u16 = 9;
 
 /// Bytes of a handshake nonce.
 pub const NONCE_BYTES: usize = 16;
@@ -421,9 +421,26 @@ pub enum MessageKind {
         /// without a reply.
         code: Option<u32>,
     },
+    /// A recoverable message: acknowledged as a `Send`, once the receiver
+    /// has it in its store. Numbered on the sender's stream to this
+    /// receiver (see `cluster_manager::recovery`).
+    Recoverable {
+        /// The epoch of the sender's store.
+        epoch: u64,
+        /// Its number on the stream.
+        pseq: u64,
+        /// Every number below this one was acknowledged.
+        floor: u64,
+    },
 }
 
 impl MessageKind {
+    /// Whether the receiver acknowledges it (a `Send` or a recoverable
+    /// message).
+    pub fn is_acknowledged(&self) -> bool {
+        matches!(self, MessageKind::Send | MessageKind::Recoverable { .. })
+    }
+
     /// Whether this answers a request (a reply or an error reply): it goes
     /// to the requester whatever services it offers.
     pub fn is_reply(&self) -> bool {

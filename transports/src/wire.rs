@@ -111,6 +111,12 @@ pub(crate) fn encode_message(h: &MessageRef<'_>, out: &mut [u8]) -> Option<usize
                 }
             }
         }
+        MessageKind::Recoverable { epoch, pseq, floor } => {
+            w.varint(5)?;
+            w.varint(epoch)?;
+            w.varint(pseq)?;
+            w.varint(floor)?;
+        }
     }
     w.varint(h.priority.index() as u64)?;
     Some(w.len)
@@ -306,6 +312,11 @@ pub(crate) fn decode_message_with<'a>(
                 _ => return Err(Error::DeserializeBadOption),
             },
         },
+        5 => MessageKind::Recoverable {
+            epoch: r.u64()?,
+            pseq: r.u64()?,
+            floor: r.u64()?,
+        },
         _ => return Err(Error::SerdeDeCustom),
     };
     let priority = Priority::from_index(r.variant()? as usize).ok_or(Error::SerdeDeCustom)?;
@@ -380,7 +391,7 @@ mod tests {
             2 => TargetRef::AnyOf(name(rng)),
             _ => TargetRef::All,
         };
-        let kind = match rng.below(6) {
+        let kind = match rng.below(7) {
             0 => MessageKind::Notify,
             1 => MessageKind::Send,
             2 => MessageKind::Request,
@@ -393,6 +404,11 @@ mod tests {
                 request_seq: rng.number(),
                 requester_incarnation: rng.number(),
                 code: Some(rng.number() as u32),
+            },
+            5 => MessageKind::Recoverable {
+                epoch: rng.number(),
+                pseq: rng.number(),
+                floor: rng.number(),
             },
             _ => MessageKind::Reply {
                 request_seq: rng.number(),

@@ -346,7 +346,7 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
             small_batches = small_batches.wrapping_add(1);
             // Only while waiting pays off: a lone request/reply pair gains
             // nothing from it but latency.
-            if credit > 0 || small_batches % COALESCE_PROBE_EVERY == 0 {
+            if credit > 0 || small_batches.is_multiple_of(COALESCE_PROBE_EVERY) {
                 let before = batch.len();
                 tokio::task::yield_now().await;
                 rx.take_more(&mut batch);

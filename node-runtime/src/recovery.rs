@@ -1,0 +1,558 @@
+//! Recoverable messages on a node with a store (`node.data_dir`): the
+//! driver of [`cluster_manager::recovery`].
+//!
+//! - **Sending.** [`Runtime::send_recoverable`] numbers the message on the
+//!   stream to its receiver and commits it, with the stream's next number,
+//!   to the store; only once that is fsynced is it sent (as a
+//!   `MessageKind::Recoverable`). Its acknowledgement removes it from the
+//!   store; a failure leaves it there, and the redelivery task sends it
+//!   again, in order with the others of its stream, until it is
+//!   acknowledged. At start the node sends again whatever its store
+//!   holds.
+//! - **Receiving.** The connection that reads a recoverable message asks
+//!   [`cluster_manager::recovery::Receipts`] for a verdict. A new one goes
+//!   to the receipt task, which commits it with its stream's `Received`
+//!   mark (many in one transaction), acknowledges it, and queues it for its
+//!   service's inbox. The application has it once it drops the
+//!   [`crate::Message`]: then the record is removed and the stream's
+//!   `Handed` mark raised. At start, the stored messages not yet handed
+//!   over are queued for their service when it is subscribed, before
+//!   anything new.
+//!
+//! Order holds per sender and receiver among recoverable messages. The
+//! application sees each once, unless the node crashes while the
+//! application holds it: then it is handed over again at start (its
+//! processing was never confirmed).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cluster_manager::recovery::{Outbox, Receipts};
+use cluster_manager::{DeliveryReport, SendError};
+use clustercomm_store::{Change, Incoming, Mark, MarkKind, Outgoing, Record, RecordKey, Store};
+use tokio::sync::{mpsc, Notify};
+use transports::protocol::{AckStatus, DeliveryFailure, MessageKind, NodeId, Priority, Target};
+use transports::OutQueue;
+
+use crate::inbox::Message;
+use crate::runtime::Runtime;
+use crate::services::{Answer, Delivery, ServiceQueue};
+
+/// How long a failed recoverable message waits before it is sent again.
+const RETRY_DELAY: Duration = Duration::from_millis(250);
+
+/// Received messages waiting for the receipt task, at most.
+const RECEIPT_QUEUE: usize = 1024;
+
+/// A held outgoing message's body and where it goes.
+#[derive(Debug, Clone)]
+struct Held {
+    service: Arc<str>,
+    priority: Priority,
+    body: Bytes,
+}
+
+/// A received message for the receipt task: to store (unless it was
+/// stored before, at start), acknowledge, and queue for its service.
+pub(crate) struct Receipt {
+    pub(crate) origin: NodeId,
+    pub(crate) epoch: u64,
+    pub(crate) pseq: u64,
+    pub(crate) message: Message,
+    /// The acknowledgement, and the connection it goes on; none for a
+    /// message replayed at start.
+    pub(crate) answer: Option<(Answer, OutQueue)>,
+    pub(crate) queue: ServiceQueue,
+}
+
+/// A node's recoverable messages, sent and received.
+#[derive(Debug)]
+pub(crate) struct Recovery {
+    pub(crate) store: Store,
+    pub(crate) epoch: u64,
+    outbox: Mutex<Outbox>,
+    held: Mutex<HashMap<(NodeId, u64), Held>>,
+    /// Numbering and queueing a commit happen under this, so the store
+    /// commits each stream's numbers in order (no gap after a crash).
+    order: tokio::sync::Mutex<()>,
+    pub(crate) receipts: Mutex<Receipts>,
+    receipt_tx: mpsc::Sender<Receipt>,
+    receipt_rx: Mutex<Option<mpsc::Receiver<Receipt>>>,
+    /// Wakes the redelivery task: something failed.
+    wake: Notify,
+    /// Messages stored and not handed over at start, by service.
+    replay: Mutex<HashMap<String, Vec<Incoming>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Recovery {
+    /// The recovery of a node whose store was opened with `contents`.
+    pub(crate) fn new(store: Store, contents: clustercomm_store::Contents) -> Recovery {
+        tracing::debug!(epoch = contents.epoch, "recovery state restored");
+        let now = std::time::Instant::now();
+        let mut outbox = Outbox::new();
+        let mut receipts = Receipts::new();
+        let mut held = HashMap::new();
+        let mut by_receiver: HashMap<String, Vec<u64>> = HashMap::new();
+        for o in contents.outgoing {
+            by_receiver
+                .entry(o.receiver.clone())
+                .or_default()
+                .push(o.pseq);
+            held.insert(
+                (NodeId::new(&o.receiver), o.pseq),
+                Held {
+                    service: Arc::from(o.service.as_str()),
+                    priority: Priority::ALL
+                        .get(o.priority as usize)
+                        .copied()
+                        .unwrap_or(Priority::Normal),
+                    body: Bytes::from(o.body),
+                },
+            );
+        }
+        let mut streams: Vec<String> = by_receiver.keys().cloned().collect();
+        for m in &contents.marks {
+            match m.kind {
+                MarkKind::NextSeq | MarkKind::Acked => streams.push(m.node.clone()),
+                MarkKind::Received => receipts.restore(NodeId::new(&m.node), m.epoch, m.value),
+                _ => {}
+            }
+        }
+        streams.sort();
+        streams.dedup();
+        for receiver in streams {
+            let next = mark(&contents.marks, MarkKind::NextSeq, &receiver);
+            let acked = mark(&contents.marks, MarkKind::Acked, &receiver);
+            let pseqs = by_receiver.remove(&receiver).unwrap_or_default();
+            outbox.restore(NodeId::new(&receiver), next, acked, &pseqs, now);
+        }
+        let mut replay: HashMap<String, Vec<Incoming>> = HashMap::new();
+        for i in contents.incoming {
+            replay.entry(i.service.clone()).or_default().push(i);
+        }
+        let (receipt_tx, receipt_rx) = mpsc::channel(RECEIPT_QUEUE);
+        Recovery {
+            store,
+            epoch: contents.epoch,
+            outbox: Mutex::new(outbox),
+            held: Mutex::new(held),
+            order: tokio::sync::Mutex::new(()),
+            receipts: Mutex::new(receipts),
+            receipt_tx,
+            receipt_rx: Mutex::new(Some(receipt_rx)),
+            wake: Notify::new(),
+            replay: Mutex::new(replay),
+        }
+    }
+
+    /// Recoverable messages this node holds, sent and not acknowledged.
+    pub(crate) fn held(&self) -> usize {
+        lock(&self.outbox).held()
+    }
+}
+
+fn mark(marks: &[Mark], kind: MarkKind, node: &str) -> u64 {
+    marks
+        .iter()
+        .find(|m| m.kind == kind && m.node == node)
+        .map_or(0, |m| m.value)
+}
+
+impl Runtime {
+    /// Sends `body` to `receiver`'s `service` as a recoverable message
+    /// (see the module docs).
+    pub(crate) async fn send_recoverable(
+        &self,
+        target: Target,
+        service: &str,
+        body: Bytes,
+        priority: Option<Priority>,
+        timeout: Duration,
+    ) -> Result<DeliveryReport, SendError> {
+        let Some(rec) = self.recovery.as_ref() else {
+            return Err(SendError::NotRecoverable {
+                reason: "this node has no store: set node.data_dir".into(),
+            });
+        };
+        let Target::Node(receiver) = target else {
+            return Err(SendError::NotRecoverable {
+                reason: format!("{target} is not one node: recoverable messages go to one node"),
+            });
+        };
+        if !transports::protocol::valid_name(service) {
+            return Err(SendError::InvalidName(service.to_owned()));
+        }
+        let priority = priority.unwrap_or_else(|| self.config.service_priority(service));
+        let service: Arc<str> = Arc::from(service);
+        let (numbered, committed) = {
+            let _order = rec.order.lock().await;
+            let numbered = lock(&rec.outbox).number(&receiver);
+            lock(&rec.held).insert(
+                (receiver.clone(), numbered.pseq),
+                Held {
+                    service: service.clone(),
+                    priority,
+                    body: body.clone(),
+                },
+            );
+            let record = Outgoing {
+                receiver: receiver.to_string(),
+                pseq: numbered.pseq,
+                service: service.to_string(),
+                priority: priority.index() as u8,
+                created_ms: now_ms(),
+                body: body.to_vec(),
+            };
+            let next = Mark {
+                kind: MarkKind::NextSeq,
+                node: receiver.to_string(),
+                epoch: 0,
+                value: numbered.pseq + 1,
+            };
+            let changes = vec![
+                Change::Put(Record::Outgoing(record)),
+                Change::Put(Record::Mark(next)),
+            ];
+            (numbered, rec.store.queue(changes).await)
+        };
+        if let Err(e) = committed.durable().await {
+            // Not stored: not sent, and never to be.
+            lock(&rec.held).remove(&(receiver.clone(), numbered.pseq));
+            self.recovery_outcome(&receiver, numbered.pseq, Err(()));
+            return Err(SendError::NotRecoverable {
+                reason: e.to_string(),
+            });
+        }
+        let kind = MessageKind::Recoverable {
+            epoch: rec.epoch,
+            pseq: numbered.pseq,
+            floor: numbered.floor,
+        };
+        let target = Target::Node(receiver.clone());
+        let outcome = match self
+            .submit(target, &service, body, kind, Some(priority), timeout)
+            .await
+        {
+            Ok(pending) => pending.outcome().await,
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(report) => {
+                self.recovery_outcome(&receiver, numbered.pseq, Ok(()));
+                Ok(report)
+            }
+            Err(cause) => {
+                self.recovery_outcome(&receiver, numbered.pseq, Err(()));
+                Err(SendError::StillQueued {
+                    node: receiver,
+                    pseq: numbered.pseq,
+                    cause: Box::new(Runtime::with_timeout(cause, timeout)),
+                })
+            }
+        }
+    }
+
+    /// What became of recoverable message `pseq` to `receiver`: once
+    /// acknowledged it (and every number before it) leaves the store; a
+    /// failure is sent again later.
+    fn recovery_outcome(&self, receiver: &NodeId, pseq: u64, outcome: Result<(), ()>) {
+        let Some(rec) = self.recovery.as_ref() else {
+            return;
+        };
+        match outcome {
+            Ok(()) => {
+                let done = lock(&rec.outbox).delivered(receiver, pseq);
+                if done.is_empty() {
+                    return;
+                }
+                {
+                    let mut held = lock(&rec.held);
+                    for n in &done {
+                        held.remove(&(receiver.clone(), *n));
+                    }
+                }
+                let mut changes: Vec<Change> = done
+                    .iter()
+                    .map(|&n| Change::Remove(RecordKey::Outgoing(receiver.to_string(), n)))
+                    .collect();
+                changes.push(Change::Put(Record::Mark(Mark {
+                    kind: MarkKind::Acked,
+                    node: receiver.to_string(),
+                    epoch: 0,
+                    value: pseq,
+                })));
+                // Lost in a crash, they are sent again and acknowledged
+                // again as duplicates: no need to wait.
+                if let Err(e) = rec.store.commit_later(changes) {
+                    tracing::warn!(error = %e, "could not queue the removal of acknowledged recoverable messages");
+                }
+            }
+            Err(()) => {
+                lock(&rec.outbox).failed(receiver, pseq, std::time::Instant::now(), RETRY_DELAY);
+                rec.wake.notify_one();
+            }
+        }
+    }
+
+    /// The redelivery task: sends failed recoverable messages again when
+    /// they are due, in order per receiver, until the node stops.
+    pub(crate) async fn redeliver(self) {
+        let Some(rec) = self.recovery.as_ref() else {
+            return;
+        };
+        loop {
+            let next = lock(&rec.outbox).poll_timeout();
+            let wake = rec.wake.notified();
+            tokio::select! {
+                () = self.cancel.cancelled() => return,
+                () = wake => continue,
+                () = sleep_until(next) => {}
+            }
+            let due = lock(&rec.outbox).due(std::time::Instant::now());
+            for resend in due {
+                let mut pendings = Vec::new();
+                for pseq in resend.pseqs {
+                    let held = lock(&rec.held)
+                        .get(&(resend.receiver.clone(), pseq))
+                        .cloned();
+                    let Some(held) = held else { continue };
+                    let kind = MessageKind::Recoverable {
+                        epoch: rec.epoch,
+                        pseq,
+                        floor: resend.floor,
+                    };
+                    let target = Target::Node(resend.receiver.clone());
+                    let submitted = self
+                        .submit(
+                            target,
+                            &held.service,
+                            held.body,
+                            kind,
+                            Some(held.priority),
+                            self.config.send_timeout(),
+                        )
+                        .await;
+                    match submitted {
+                        Ok(pending) => pendings.push((pseq, pending)),
+                        Err(_) => self.recovery_outcome(&resend.receiver, pseq, Err(())),
+                    }
+                }
+                for (pseq, pending) in pendings {
+                    let outcome = pending.outcome().await.map(|_| ()).map_err(|_| ());
+                    self.recovery_outcome(&resend.receiver, pseq, outcome);
+                }
+            }
+        }
+    }
+
+    /// Takes a received recoverable message: answers a duplicate or a gap
+    /// at once, and gives a new one to the receipt task.
+    pub(crate) async fn receive_recoverable(&self, receipt: Receipt, floor: u64) {
+        use cluster_manager::recovery::Verdict;
+        let Some(rec) = self.recovery.as_ref() else {
+            if let Some((answer, acks)) = receipt.answer {
+                let failed = AckStatus::Failed(DeliveryFailure::Rejected(
+                    "the receiver has no store (node.data_dir): it takes no recoverable messages"
+                        .into(),
+                ));
+                answer.send(&self.id, &self.core, &acks, failed).await;
+            }
+            return;
+        };
+        let verdict =
+            lock(&rec.receipts).receive(&receipt.origin, receipt.epoch, receipt.pseq, floor);
+        let status = match verdict {
+            Verdict::Store => {
+                // Waits for room: the connection slows down with the store.
+                let _ = rec.receipt_tx.send(receipt).await;
+                return;
+            }
+            Verdict::Storing => return,
+            Verdict::StoredBefore => AckStatus::Accepted,
+            Verdict::Gap { expected } => AckStatus::Failed(DeliveryFailure::Rejected(format!(
+                "out of order: recoverable message {} came before {expected}",
+                receipt.pseq
+            ))),
+        };
+        if let Some((answer, acks)) = receipt.answer {
+            answer.send(&self.id, &self.core, &acks, status).await;
+        }
+    }
+
+    /// Whether messages stored before a restart are still being handed to
+    /// `service`: new ones wait (they are refused, and sent again).
+    pub(crate) fn replaying(&self, service: &str) -> bool {
+        self.recovery
+            .as_ref()
+            .is_some_and(|rec| lock(&rec.replay).contains_key(service))
+    }
+
+    /// Hands the messages stored and not handed over before a restart to
+    /// `service`'s backlog `tx`, in order; until they are all in it, new
+    /// recoverable messages for the service are refused (see
+    /// [`Runtime::replaying`]).
+    pub(crate) async fn replay(
+        self,
+        service: String,
+        tx: mpsc::Sender<Delivery>,
+        backlog: Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        let Some(rec) = self.recovery.as_ref() else {
+            return;
+        };
+        let stored = lock(&rec.replay).get(&service).cloned().unwrap_or_default();
+        tracing::info!(%service, messages = stored.len(), "handing over recoverable messages stored before a restart");
+        for i in stored {
+            let origin = NodeId::new(&i.origin);
+            let mut message = Message::recovered(&i, origin.clone());
+            message.hand_over_recovered(rec.store.clone(), origin.clone(), i.epoch, i.pseq);
+            // Nobody to answer: an answer to incarnation 0 is dropped as
+            // stale by its sender.
+            let answer = Answer {
+                to: origin,
+                to_incarnation: 0,
+                seq: 0,
+                kind: MessageKind::Recoverable {
+                    epoch: i.epoch,
+                    pseq: i.pseq,
+                    floor: 0,
+                },
+            };
+            backlog.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            let delivery = Delivery {
+                answer,
+                message,
+                acks: self.server.queue.clone(),
+            };
+            if tx.send(delivery).await.is_err() {
+                backlog.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                tracing::warn!(%service, "the service was unsubscribed while stored messages were handed over; they are handed over at the next start");
+                return;
+            }
+        }
+        lock(&rec.replay).remove(&service);
+    }
+
+    /// The receipt task: stores what it is given (many in one commit),
+    /// acknowledges it, and queues it for its service, in order.
+    pub(crate) async fn store_receipts(self) {
+        let Some(rec) = self.recovery.as_ref() else {
+            return;
+        };
+        let Some(mut rx) = lock(&rec.receipt_rx).take() else {
+            return;
+        };
+        let mut batch = Vec::new();
+        loop {
+            tokio::select! {
+                () = self.cancel.cancelled() => return,
+                n = rx.recv_many(&mut batch, 256) => if n == 0 { return },
+            }
+            let mut changes = Vec::new();
+            for r in &batch {
+                if r.answer.is_none() {
+                    continue; // stored before the restart
+                }
+                let m = &r.message;
+                changes.push(Change::Put(Record::Incoming(Incoming {
+                    origin: r.origin.to_string(),
+                    epoch: r.epoch,
+                    pseq: r.pseq,
+                    service: m.service().to_owned(),
+                    priority: m.priority().index() as u8,
+                    body: m.body().to_vec(),
+                })));
+                changes.push(Change::Put(Record::Mark(Mark {
+                    kind: MarkKind::Received,
+                    node: r.origin.to_string(),
+                    epoch: r.epoch,
+                    value: r.pseq,
+                })));
+            }
+            let stored = if changes.is_empty() {
+                Ok(())
+            } else {
+                rec.store.commit(changes).await
+            };
+            for mut r in batch.drain(..) {
+                if let Err(e) = &stored {
+                    if r.answer.is_some() {
+                        lock(&rec.receipts).not_stored(&r.origin, r.epoch, r.pseq);
+                    }
+                    if let Some((answer, acks)) = r.answer {
+                        let failed = AckStatus::Failed(DeliveryFailure::Rejected(format!(
+                            "the receiver's store failed: {e}"
+                        )));
+                        answer.send(&self.id, &self.core, &acks, failed).await;
+                    }
+                    continue;
+                }
+                lock(&rec.receipts).stored(&r.origin, r.epoch, r.pseq);
+                r.message
+                    .hand_over_recovered(rec.store.clone(), r.origin.clone(), r.epoch, r.pseq);
+                let answer = match r.answer.take() {
+                    Some((answer, acks)) => {
+                        answer
+                            .clone()
+                            .send(&self.id, &self.core, &acks, AckStatus::Accepted)
+                            .await;
+                        Some((answer, acks))
+                    }
+                    None => None,
+                };
+                // Into the service's backlog: its pump moves it into the
+                // inbox, in order, as room is made; the acknowledgement
+                // went already (it is in the store).
+                // A replayed message has nobody to answer: an answer to
+                // incarnation 0 is dropped as stale by its sender.
+                let (answer, acks) = answer.unwrap_or_else(|| {
+                    let answer = Answer {
+                        to: r.origin.clone(),
+                        to_incarnation: 0,
+                        seq: 0,
+                        kind: MessageKind::Recoverable {
+                            epoch: r.epoch,
+                            pseq: r.pseq,
+                            floor: 0,
+                        },
+                    };
+                    (answer, self.server.queue.clone())
+                });
+                r.queue
+                    .backlog
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                let delivery = Delivery {
+                    answer,
+                    message: r.message,
+                    acks,
+                };
+                if r.queue.tx.send(delivery).await.is_err() {
+                    r.queue
+                        .backlog
+                        .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                    tracing::warn!(origin = %r.origin, pseq = r.pseq, "a stored recoverable message's service was unsubscribed; it is handed over at the next start");
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}

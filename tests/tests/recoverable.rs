@@ -1,0 +1,232 @@
+//! Recoverable messages (issue 19): stored by the sender before they count
+//! as sent, stored by the receiver before they are acknowledged, sent again
+//! until they are, and handed to the receiving application once, across
+//! restarts of sender and receiver.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use clustercomm_tests::{bounded, init_logging, next_message, test_config, TestServer};
+use node_runtime::{Config, Node, NodeId, SendError, SendOptions, Target};
+
+/// A directory of its own, removed when dropped.
+struct DataDir(PathBuf);
+
+impl DataDir {
+    fn new(name: &str) -> DataDir {
+        let dir = std::env::temp_dir().join(format!(
+            "clustercomm-recoverable-{name}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        ));
+        DataDir(dir)
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Starts node `id` with its store in `dir`; a store still closing after
+/// the node's last stop is waited for (its file is locked until then).
+async fn start(server: &TestServer, id: &str, config: &Config, dir: &Path) -> anyhow::Result<Node> {
+    let mut config = config.clone();
+    config.node.data_dir = Some(dir.to_owned());
+    for _ in 0..500 {
+        match server.node(id, &config).await {
+            Ok(node) => return Ok(node),
+            Err(e) if format!("{e:?}").contains("in use") => tokio::task::yield_now().await,
+            Err(e) => return Err(e),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    anyhow::bail!("the store in {} stayed in use", dir.display())
+}
+
+fn recoverable() -> SendOptions {
+    SendOptions::new().recoverable()
+}
+
+const RECEIVER: &str = "receiver";
+
+fn to() -> Target {
+    Target::Node(NodeId::new(RECEIVER))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recoverable_messages_wait_for_a_receiver_that_restarts_and_arrive_once_in_order(
+) -> anyhow::Result<()> {
+    init_logging();
+    bounded(async {
+        let config = test_config();
+        let server = TestServer::start(config.clone()).await?;
+        let (dir_s, dir_r) = (DataDir::new("s"), DataDir::new("r"));
+        let sender = start(&server, "sender", &config, dir_s.path()).await?;
+        let receiver = start(&server, RECEIVER, &config, dir_r.path()).await?;
+        let mut inbox = receiver.subscribe("svc").await?;
+        for i in 0..20u32 {
+            sender
+                .send_with(to(), "svc", i.to_string(), &recoverable())
+                .await?;
+            let m = next_message(&mut inbox).await?;
+            ensure!(m.is_recoverable(), "message {i} is recoverable");
+            ensure!(m.body() == i.to_string().as_bytes(), "message {i} in order");
+        }
+        ensure!(sender.recoverable_unacknowledged() == 0);
+
+        // The receiver stops; ten more wait in the sender's store.
+        drop(inbox);
+        receiver.shutdown().await;
+        let quick = recoverable().timeout(Duration::from_millis(200));
+        for i in 20..30u32 {
+            match sender.send_with(to(), "svc", i.to_string(), &quick).await {
+                Err(SendError::StillQueued { pseq, .. }) => {
+                    ensure!(pseq == u64::from(i) + 1, "numbered {pseq}")
+                }
+                other => anyhow::bail!("message {i} to a stopped receiver: {other:?}"),
+            }
+        }
+        ensure!(sender.recoverable_unacknowledged() == 10);
+
+        // Back, with its store: the ten arrive once, in order.
+        let receiver = start(&server, RECEIVER, &config, dir_r.path()).await?;
+        let mut inbox = receiver.subscribe("svc").await?;
+        for i in 20..30u32 {
+            let m = next_message(&mut inbox).await?;
+            ensure!(
+                m.body() == i.to_string().as_bytes(),
+                "got {:?} for {i}",
+                m.body()
+            );
+        }
+        // Nothing more comes: no duplicate.
+        sender
+            .send_with(to(), "svc", "last", &recoverable())
+            .await?;
+        let m = next_message(&mut inbox).await?;
+        ensure!(
+            m.body() == "last".as_bytes(),
+            "then the next: {:?}",
+            m.body()
+        );
+        while sender.recoverable_unacknowledged() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_message_not_yet_handed_over_is_handed_over_after_a_restart() -> anyhow::Result<()>
+{
+    init_logging();
+    bounded(async {
+        let config = test_config();
+        let server = TestServer::start(config.clone()).await?;
+        let (dir_s, dir_r) = (DataDir::new("s2"), DataDir::new("r2"));
+        let sender = start(&server, "sender", &config, dir_s.path()).await?;
+        let receiver = start(&server, RECEIVER, &config, dir_r.path()).await?;
+        let mut inbox = receiver.subscribe("svc").await?;
+        // Acknowledged: in the receiver's store.
+        for i in 0..5u32 {
+            sender
+                .send_with(to(), "svc", i.to_string(), &recoverable())
+                .await?;
+        }
+        // The application takes two, and stops before the rest.
+        for i in 0..2u32 {
+            let m = next_message(&mut inbox).await?;
+            ensure!(m.body() == i.to_string().as_bytes());
+        }
+        drop(inbox);
+        receiver.shutdown().await;
+        let receiver = start(&server, RECEIVER, &config, dir_r.path()).await?;
+        let mut inbox = receiver.subscribe("svc").await?;
+        for i in 2..5u32 {
+            let m = next_message(&mut inbox).await?;
+            ensure!(
+                m.body() == i.to_string().as_bytes(),
+                "got {:?} for {i}",
+                m.body()
+            );
+            ensure!(m.is_recoverable());
+        }
+        sender
+            .send_with(to(), "svc", "next", &recoverable())
+            .await?;
+        let m = next_message(&mut inbox).await?;
+        ensure!(
+            m.body() == "next".as_bytes(),
+            "then the next: {:?}",
+            m.body()
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_that_restarts_sends_what_its_store_holds() -> anyhow::Result<()> {
+    init_logging();
+    bounded(async {
+        let config = test_config();
+        let server = TestServer::start(config.clone()).await?;
+        let (dir_s, dir_r) = (DataDir::new("s3"), DataDir::new("r3"));
+        let sender = start(&server, "sender", &config, dir_s.path()).await?;
+        let quick = recoverable().timeout(Duration::from_millis(100));
+        for i in 0..3u32 {
+            let sent = sender.send_with(to(), "svc", i.to_string(), &quick).await;
+            ensure!(
+                matches!(sent, Err(SendError::StillQueued { .. })),
+                "to nobody: {sent:?}"
+            );
+        }
+        sender.shutdown().await;
+        let receiver = start(&server, RECEIVER, &config, dir_r.path()).await?;
+        let mut inbox = receiver.subscribe("svc").await?;
+        let sender = start(&server, "sender", &config, dir_s.path()).await?;
+        for i in 0..3u32 {
+            let m = next_message(&mut inbox).await?;
+            ensure!(m.body() == i.to_string().as_bytes(), "got {:?}", m.body());
+        }
+        while sender.recoverable_unacknowledged() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn recoverable_sends_need_a_store_and_one_node() -> anyhow::Result<()> {
+    init_logging();
+    bounded(async {
+        let config = test_config();
+        let server = TestServer::start(config.clone()).await?;
+        let plain = server.node("plain", &config).await?;
+        let sent = plain.send_with(to(), "svc", "x", &recoverable()).await;
+        let err = sent.err().context("no store, no recoverable send")?;
+        ensure!(err.to_string().contains("node.data_dir"), "{err}");
+        let dir = DataDir::new("one");
+        let stored = start(&server, "stored", &config, dir.path()).await?;
+        let sent = stored
+            .send_with(Target::All, "svc", "x", &recoverable())
+            .await;
+        ensure!(
+            matches!(sent, Err(SendError::NotRecoverable { .. })),
+            "{sent:?}"
+        );
+        Ok(())
+    })
+    .await
+}
