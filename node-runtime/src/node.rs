@@ -516,12 +516,19 @@ impl Node {
         body: impl Into<Bytes>,
         options: &SendOptions,
     ) -> Result<Pending, SendError> {
-        if options.is_recoverable() {
-            return Err(SendError::NotRecoverable {
-                reason: "submit does not take recoverable messages yet: use send_with".into(),
-            });
-        }
         let timeout = options.timeout_or(self.rt.config.send_timeout());
+        if options.is_recoverable() {
+            return self
+                .rt
+                .submit_recoverable(
+                    target,
+                    service,
+                    body.into(),
+                    options.given_priority(),
+                    timeout,
+                )
+                .await;
+        }
         self.rt
             .submit(
                 target,

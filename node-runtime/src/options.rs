@@ -40,7 +40,8 @@ impl SendOptions {
         self
     }
 
-    /// Makes the message recoverable (`Node::send_with` to one node): it
+    /// Makes the message recoverable (`Node::send_with` or
+    /// `Node::submit_with`, to one node): it
     /// is fsynced in this node's store (`node.data_dir`) before it is
     /// sent, stored by its receiver before it is acknowledged, and sent
     /// again until it is, across restarts of every process. Its receiver's

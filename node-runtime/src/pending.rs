@@ -27,8 +27,10 @@ pub struct Pending {
     /// Set once the outcome arrived: the tracker let go of the message
     /// then, so dropping this handle has nothing to cancel.
     settled: bool,
-    /// Its places among the messages in flight; given back on drop.
-    _places: Places,
+    /// Its places among the messages in flight; given back on drop. None
+    /// for a recoverable message's handle: the node's own handle on the
+    /// message holds them (see [`Pending::detached`]).
+    _places: Option<Places>,
 }
 
 /// A message's places among those in flight: one in their count
@@ -73,7 +75,28 @@ impl Pending {
             after,
             rx: Some(rx),
             settled: false,
-            _places: places,
+            _places: Some(places),
+        }
+    }
+
+    /// A handle fed by the node rather than by the core: a recoverable
+    /// message's, whose outcome the node watches itself (it stays in the
+    /// store until acknowledged). Dropping it cancels nothing.
+    pub(crate) fn detached(
+        core: Arc<CoreCell>,
+        seq: u64,
+        deadline: Instant,
+        after: Duration,
+        rx: oneshot::Receiver<Completion>,
+    ) -> Pending {
+        Pending {
+            core,
+            seq,
+            deadline,
+            after,
+            rx: Some(rx),
+            settled: true,
+            _places: None,
         }
     }
 
@@ -103,6 +126,10 @@ impl Pending {
                 Ok(c)
             }
             Ok(Err(_)) => Err(self.core.closed_error()),
+            Err(_) if self._places.is_none() => Err(SendError::Timeout {
+                after: self.after,
+                waiting_for: vec![],
+            }),
             Err(_) => {
                 let waiting_for = self
                     .core

@@ -30,18 +30,38 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cluster_manager::recovery::{Outbox, Receipts};
-use cluster_manager::{DeliveryReport, SendError};
+use cluster_manager::{Completion, DeliveryReport, SendError};
 use clustercomm_store::{Change, Incoming, Mark, MarkKind, Outgoing, Record, RecordKey, Store};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use transports::protocol::{AckStatus, DeliveryFailure, MessageKind, NodeId, Priority, Target};
 use transports::OutQueue;
 
 use crate::inbox::Message;
+use crate::pending::Pending;
 use crate::runtime::Runtime;
 use crate::services::{Answer, Delivery, ServiceQueue};
 
 /// How long a failed recoverable message waits before it is sent again.
 const RETRY_DELAY: Duration = Duration::from_millis(250);
+
+/// How much later than the node's own handle on a recoverable message the
+/// application's handle times out (the node's answers first, saying the
+/// message is still queued).
+const WATCH_SLACK: Duration = Duration::from_millis(250);
+
+/// Recoverable messages handed to the watch task and not yet taken, at
+/// most (those it watches are bounded by `node.max_in_flight`).
+const WATCH_QUEUE: usize = 1024;
+
+/// A recoverable message sent for the first time, watched until its
+/// outcome is known.
+struct Watched {
+    receiver: NodeId,
+    pseq: u64,
+    pending: Pending,
+    tx: oneshot::Sender<Completion>,
+    timeout: Duration,
+}
 
 /// Received messages waiting for the receipt task, at most.
 const RECEIPT_QUEUE: usize = 1024;
@@ -80,6 +100,8 @@ pub(crate) struct Recovery {
     pub(crate) receipts: Mutex<Receipts>,
     receipt_tx: mpsc::Sender<Receipt>,
     receipt_rx: Mutex<Option<mpsc::Receiver<Receipt>>>,
+    watch_tx: mpsc::Sender<Watched>,
+    watch_rx: Mutex<Option<mpsc::Receiver<Watched>>>,
     /// Wakes the redelivery task: something failed.
     wake: Notify,
     /// Messages stored and not handed over at start, by service.
@@ -143,6 +165,7 @@ impl Recovery {
             replay.entry(i.service.clone()).or_default().push(i);
         }
         let (receipt_tx, receipt_rx) = mpsc::channel(RECEIPT_QUEUE);
+        let (watch_tx, watch_rx) = mpsc::channel(WATCH_QUEUE);
         Recovery {
             store,
             epoch: contents.epoch,
@@ -152,6 +175,8 @@ impl Recovery {
             receipts: Mutex::new(receipts),
             receipt_tx,
             receipt_rx: Mutex::new(Some(receipt_rx)),
+            watch_tx,
+            watch_rx: Mutex::new(Some(watch_rx)),
             wake: Notify::new(),
             replay: Mutex::new(replay),
         }
@@ -181,6 +206,25 @@ impl Runtime {
         priority: Option<Priority>,
         timeout: Duration,
     ) -> Result<DeliveryReport, SendError> {
+        self.submit_recoverable(target, service, body, priority, timeout)
+            .await?
+            .outcome()
+            .await
+    }
+
+    /// Stores `body` for `receiver`'s `service` as a recoverable message
+    /// and queues it (see the module docs): returns once it is stored and
+    /// queued, with a handle to await its outcome. Dropping the handle
+    /// changes nothing: the node watches the message until it is
+    /// acknowledged.
+    pub(crate) async fn submit_recoverable(
+        &self,
+        target: Target,
+        service: &str,
+        body: Bytes,
+        priority: Option<Priority>,
+        timeout: Duration,
+    ) -> Result<Pending, SendError> {
         let Some(rec) = self.recovery.as_ref() else {
             return Err(SendError::NotRecoverable {
                 reason: "this node has no store: set node.data_dir".into(),
@@ -241,25 +285,83 @@ impl Runtime {
             floor: numbered.floor,
         };
         let target = Target::Node(receiver.clone());
-        let outcome = match self
+        let pseq = numbered.pseq;
+        let pending = match self
             .submit(target, &service, body, kind, Some(priority), timeout)
             .await
         {
-            Ok(pending) => pending.outcome().await,
-            Err(e) => Err(e),
-        };
-        match outcome {
-            Ok(report) => {
-                self.recovery_outcome(&receiver, numbered.pseq, Ok(()));
-                Ok(report)
-            }
+            Ok(pending) => pending,
             Err(cause) => {
-                self.recovery_outcome(&receiver, numbered.pseq, Err(()));
-                Err(SendError::StillQueued {
+                self.recovery_outcome(&receiver, pseq, Err(()));
+                return Err(SendError::StillQueued {
                     node: receiver,
-                    pseq: numbered.pseq,
+                    pseq,
                     cause: Box::new(Runtime::with_timeout(cause, timeout)),
-                })
+                });
+            }
+        };
+        let (tx, rx) = oneshot::channel();
+        // A little later than the node's own handle, which answers first.
+        let deadline = tokio::time::Instant::now() + timeout + WATCH_SLACK;
+        let handle = Pending::detached(self.core.clone(), pending.seq(), deadline, timeout, rx);
+        let watched = Watched {
+            receiver,
+            pseq,
+            pending,
+            tx,
+            timeout,
+        };
+        if rec.watch_tx.send(watched).await.is_err() {
+            return Err(self.core.closed_error());
+        }
+        Ok(handle)
+    }
+
+    /// The watch task: learns what became of each recoverable message sent
+    /// for the first time (see [`Runtime::recovery_outcome`]) and tells its
+    /// sender's handle.
+    pub(crate) async fn watch_recoverable(self) {
+        use futures_util::stream::{FuturesUnordered, StreamExt};
+        let Some(rec) = self.recovery.as_ref() else {
+            return;
+        };
+        let Some(mut rx) = lock(&rec.watch_rx).take() else {
+            return;
+        };
+        let mut watching = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                () = self.cancel.cancelled() => return,
+                watched = rx.recv() => {
+                    let Some(Watched { receiver, pseq, pending, tx, timeout }) = watched else {
+                        return;
+                    };
+                    watching.push(async move {
+                        let completion = pending.completion().await;
+                        (receiver, pseq, completion, tx, timeout)
+                    });
+                }
+                Some((receiver, pseq, completion, tx, timeout)) = watching.next(), if !watching.is_empty() => {
+                    let forwarded = match completion {
+                        Ok(Completion::Delivered(report)) => {
+                            self.recovery_outcome(&receiver, pseq, Ok(()));
+                            Completion::Delivered(report)
+                        }
+                        other => {
+                            self.recovery_outcome(&receiver, pseq, Err(()));
+                            let cause = match other {
+                                Ok(Completion::Failed(e)) | Err(e) => e,
+                                _ => SendError::Disconnected,
+                            };
+                            Completion::Failed(SendError::StillQueued {
+                                node: receiver,
+                                pseq,
+                                cause: Box::new(Runtime::with_timeout(cause, timeout)),
+                            })
+                        }
+                    };
+                    let _ = tx.send(forwarded);
+                }
             }
         }
     }

@@ -230,3 +230,48 @@ async fn recoverable_sends_need_a_store_and_one_node() -> anyhow::Result<()> {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submitted_recoverable_messages_pipeline_and_arrive_once_in_order_even_when_dropped(
+) -> anyhow::Result<()> {
+    init_logging();
+    bounded(async {
+        let config = test_config();
+        let server = TestServer::start(config.clone()).await?;
+        let (dir_s, dir_r) = (DataDir::new("s5"), DataDir::new("r5"));
+        let sender = start(&server, "sender", &config, dir_s.path()).await?;
+        let receiver = start(&server, RECEIVER, &config, dir_r.path()).await?;
+        let mut inbox = receiver.subscribe("svc").await?;
+        let reader = tokio::spawn(async move {
+            for i in 0..2_000u32 {
+                let m = next_message(&mut inbox).await?;
+                ensure!(
+                    m.body() == i.to_string().as_bytes(),
+                    "got {:?} for {i}",
+                    m.body()
+                );
+            }
+            Ok::<_, anyhow::Error>(inbox)
+        });
+        let mut handles = Vec::new();
+        for i in 0..2_000u32 {
+            let pending = sender
+                .submit_with(to(), "svc", i.to_string(), &recoverable())
+                .await?;
+            // Every other handle is dropped: the node watches anyway.
+            if i % 2 == 0 {
+                handles.push(pending);
+            }
+        }
+        for pending in handles {
+            pending.outcome().await?;
+        }
+        let mut inbox = reader.await??;
+        ensure!(inbox.try_recv().is_none(), "nothing more");
+        while sender.recoverable_unacknowledged() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    })
+    .await
+}
