@@ -61,6 +61,8 @@ pub(crate) struct Answering {
     /// A recoverable message's record in this node's store, removed once
     /// the application had the message and dropped it.
     pub(crate) recovered: Option<Recovered>,
+    /// Whether the message is recoverable (its record may be gone).
+    pub(crate) recoverable: bool,
 }
 
 /// Where a received recoverable message is stored (see
@@ -78,8 +80,15 @@ impl Recovered {
     /// `Handed` mark rises (not awaited: lost in a crash, the message is
     /// handed over again at start).
     fn done(self) {
+        if let Err(e) = self.store.commit_later(self.changes()) {
+            tracing::warn!(error = %e, origin = %self.origin, pseq = self.pseq, "could not queue the removal of a handed recoverable message; it is handed over again at the next start");
+        }
+    }
+
+    /// The changes that mark the message handed over.
+    fn changes(&self) -> Vec<clustercomm_store::Change> {
         use clustercomm_store::{Change, Mark, MarkKind, Record, RecordKey};
-        let changes = vec![
+        vec![
             Change::Remove(RecordKey::Incoming(
                 self.origin.to_string(),
                 self.epoch,
@@ -91,10 +100,7 @@ impl Recovered {
                 epoch: self.epoch,
                 value: self.pseq,
             })),
-        ];
-        if let Err(e) = self.store.commit_later(changes) {
-            tracing::warn!(error = %e, origin = %self.origin, pseq = self.pseq, "could not queue the removal of a handed recoverable message; it is handed over again at the next start");
-        }
+        ]
     }
 }
 
@@ -126,14 +132,21 @@ impl Message {
         epoch: u64,
         pseq: u64,
     ) {
-        self.answering
-            .get_or_insert_with(Default::default)
-            .recovered = Some(Recovered {
+        let answering = self.answering.get_or_insert_with(Default::default);
+        answering.recoverable = true;
+        answering.recovered = Some(Recovered {
             store,
             origin,
             epoch,
             pseq,
         });
+    }
+
+    /// The store and the changes that mark this recoverable message handed
+    /// over.
+    fn handed_changes(&self) -> Option<(clustercomm_store::Store, Vec<clustercomm_store::Change>)> {
+        let r = self.answering.as_ref()?.recovered.as_ref()?;
+        Some((r.store.clone(), r.changes()))
     }
 
     /// The application never had this recoverable message: its record
@@ -147,9 +160,7 @@ impl Message {
     /// Whether this is a recoverable message (kept in the receiver's store
     /// until the application has had it).
     pub fn is_recoverable(&self) -> bool {
-        self.answering
-            .as_ref()
-            .is_some_and(|a| a.recovered.is_some())
+        self.answering.as_ref().is_some_and(|a| a.recoverable)
     }
 
     /// This message's acknowledgement on processing, if it still waits
@@ -362,6 +373,9 @@ pub struct Inbox {
     /// Set when processors serve the inbox: each message handed out
     /// counts in the backlog until [`Held::done`] says it was processed.
     holding: bool,
+    /// A recoverable message taken by [`Inbox::recv`] while its hand-over
+    /// is made durable: a cancelled `recv` leaves it here for the next.
+    handing: Option<Message>,
 }
 
 /// What a service's processors hold: each message taken from the inbox
@@ -427,6 +441,7 @@ pub(crate) fn inbox(
         shared: shared.clone(),
         batch: VecDeque::new(),
         holding: false,
+        handing: None,
     };
     (InboxSender { shared }, inbox)
 }
@@ -753,8 +768,30 @@ impl Inbox {
     /// # Cancel safety
     ///
     /// Cancel safe: no message is lost if the call is cancelled.
+    ///
+    /// A recoverable message ([`Message::is_recoverable`]) is marked handed
+    /// over in the node's store, fsynced, before it is returned: after a
+    /// crash it is never handed over again. (With [`Inbox::poll_recv`] and
+    /// [`Inbox::try_recv`], which cannot wait for the disk, the mark is
+    /// written once the message is dropped: a crash before that hands it
+    /// over again at the next start.)
     pub async fn recv(&mut self) -> Option<Message> {
-        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+        if self.handing.is_none() {
+            let message = std::future::poll_fn(|cx| self.poll_recv(cx)).await?;
+            if !message.is_recoverable() {
+                return Some(message);
+            }
+            self.handing = Some(message);
+        }
+        if let Some((store, changes)) = self.handing.as_ref().and_then(Message::handed_changes) {
+            // Done again after a cancelled wait: the same changes.
+            if let Err(e) = store.commit(changes).await {
+                tracing::error!(error = %e, "the store could not mark a recoverable message handed over; it may be handed over again at the next start");
+            }
+        }
+        let mut message = self.handing.take()?;
+        message.keep_stored();
+        Some(message)
     }
 
     /// [`Inbox::recv`] as a poll; takes from tokio's cooperative budget, as
@@ -762,6 +799,10 @@ impl Inbox {
     /// tasks of its thread run.
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
         let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+        if let Some(message) = self.handing.take() {
+            coop.made_progress();
+            return Poll::Ready(Some(message));
+        }
         if let Some(message) = self.next_taken() {
             coop.made_progress();
             return Poll::Ready(Some(message));
@@ -788,6 +829,9 @@ impl Inbox {
 
     /// A message if one is waiting.
     pub fn try_recv(&mut self) -> Option<Message> {
+        if let Some(message) = self.handing.take() {
+            return Some(message);
+        }
         if let Some(message) = self.next_taken() {
             return Some(message);
         }
