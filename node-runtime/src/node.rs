@@ -413,6 +413,19 @@ impl Node {
         self.rt.recovery.as_ref().map_or(0, |r| r.held())
     }
 
+    /// How many recoverable messages to `receiver` this node's store has
+    /// taken, ever (the position of its stream to `receiver`; it survives
+    /// restarts). An application that numbers its messages to a receiver
+    /// goes on from here after a crash: a message whose `send` or `submit`
+    /// did not return before the crash is counted if and only if it was
+    /// stored, and then it is delivered.
+    pub fn recoverable_sent(&self, receiver: &NodeId) -> u64 {
+        self.rt
+            .recovery
+            .as_ref()
+            .map_or(0, |r| r.next(receiver).saturating_sub(1))
+    }
+
     /// Sends a body of `len` bytes read from `source` to one node's
     /// `service` as a stream: it travels over the lazy channel to the node
     /// in chunks (`limits.chunk_bytes`) as the receiving application reads

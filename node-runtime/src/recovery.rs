@@ -182,6 +182,11 @@ impl Recovery {
         }
     }
 
+    /// The number the next recoverable message to `receiver` takes.
+    pub(crate) fn next(&self, receiver: &NodeId) -> u64 {
+        lock(&self.outbox).next(receiver)
+    }
+
     /// Recoverable messages this node holds, sent and not acknowledged.
     pub(crate) fn held(&self) -> usize {
         lock(&self.outbox).held()
