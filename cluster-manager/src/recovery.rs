@@ -11,10 +11,11 @@
 //! its store, each message reaches the application once, whatever process
 //! restarts.
 //!
-//! Each message carries the sender's *floor*: every number below it was
-//! acknowledged. A receiver with no memory of the stream (its store is
-//! new) starts at the floor instead of waiting for numbers the sender no
-//! longer holds.
+//! Each message carries the sender's *floor*: the lowest number it still
+//! holds; every number below it was acknowledged, or lost with a damaged
+//! store. A receiver with no memory of the stream (its store is new), or
+//! waiting for a number the sender lost, goes on from the floor instead of
+//! waiting for numbers the sender no longer holds.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -43,6 +44,16 @@ struct Stream {
 }
 
 impl Stream {
+    /// The lowest number held, or the next if none is.
+    fn floor(&self) -> u64 {
+        let held = [self.in_flight.first(), self.waiting.first()];
+        held.into_iter()
+            .flatten()
+            .copied()
+            .min()
+            .unwrap_or(self.next)
+    }
+
     fn with(next: u64, acked: u64) -> Stream {
         Stream {
             next: next.max(acked + 1).max(1),
@@ -105,17 +116,15 @@ impl Outbox {
             .entry(receiver.clone())
             .or_insert_with(|| Stream::with(1, 0));
         let pseq = stream.next;
+        let floor = stream.floor();
         stream.next += 1;
         stream.in_flight.insert(pseq);
-        Numbered {
-            pseq,
-            floor: stream.acked + 1,
-        }
+        Numbered { pseq, floor }
     }
 
     /// The floor of the stream to `receiver`.
     pub fn floor(&self, receiver: &NodeId) -> u64 {
-        self.to.get(receiver).map_or(1, |s| s.acked + 1)
+        self.to.get(receiver).map_or(1, Stream::floor)
     }
 
     /// The number the next message to `receiver` takes (its store's
@@ -169,13 +178,14 @@ impl Outbox {
         for (receiver, stream) in &mut self.to {
             if stream.retry_at.is_some_and(|t| t <= now) {
                 stream.retry_at = None;
+                let floor = stream.floor();
                 let pseqs: Vec<u64> = std::mem::take(&mut stream.waiting).into_iter().collect();
                 stream.in_flight.extend(&pseqs);
                 if !pseqs.is_empty() {
                     out.push(Resend {
                         receiver: receiver.clone(),
                         pseqs,
-                        floor: stream.acked + 1,
+                        floor,
                     });
                 }
             }
@@ -358,6 +368,10 @@ mod tests {
             }]
         );
         assert_eq!(out.number(&b()).pseq, 8);
+        // 6 was lost with a damaged store: once 5 is acknowledged, the
+        // floor passes it, and the receiver goes on from 7.
+        assert_eq!(out.delivered(&b(), 5), vec![5]);
+        assert_eq!(out.floor(&b()), 7);
         // A store that lost its NextSeq mark still never reuses a held
         // number.
         let mut out = Outbox::new();

@@ -56,6 +56,12 @@ impl Config {
             .unwrap_or_default()
     }
 
+    /// Whether acknowledged messages to `service` are recoverable by
+    /// default (`services.<service>.recoverable`).
+    pub fn service_recoverable(&self, service: &str) -> bool {
+        !self.services.is_empty() && self.services.get(service).is_some_and(|s| s.recoverable)
+    }
+
     /// `cluster.failure_timeout_ms` as a duration.
     pub fn failure_timeout(&self) -> Duration {
         Duration::from_millis(self.cluster.failure_timeout_ms)
@@ -81,6 +87,11 @@ pub struct ServiceConfig {
     /// or `"low"`. None: normal.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub priority: Option<Priority>,
+    /// Whether its acknowledged messages (`send`, `submit`) to one node
+    /// are recoverable (kept in the sender's store, `node.data_dir`, until
+    /// acknowledged). Default false.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub recoverable: bool,
 }
 
 /// `[cluster]`: what every member must agree on.

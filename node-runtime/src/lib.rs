@@ -82,7 +82,7 @@ pub mod trace;
 pub mod tune;
 
 pub use builder::NodeBuilder;
-pub use cluster_config::{Config, ServiceConfig};
+pub use cluster_config::{Config, ServiceConfig, StoreOnDamage};
 pub use cluster_manager::{DeliveryReport, SendError};
 pub use counters::PathCounters;
 pub use error::NodeError;

@@ -387,7 +387,7 @@ impl Node {
         body: impl Into<Bytes>,
         options: &SendOptions,
     ) -> Result<DeliveryReport, SendError> {
-        if options.is_recoverable() {
+        if options.is_recoverable() || self.rt.config.service_recoverable(service) {
             let timeout = options.timeout_or(self.rt.config.send_timeout());
             return self
                 .rt
@@ -530,7 +530,7 @@ impl Node {
         options: &SendOptions,
     ) -> Result<Pending, SendError> {
         let timeout = options.timeout_or(self.rt.config.send_timeout());
-        if options.is_recoverable() {
+        if options.is_recoverable() || self.rt.config.service_recoverable(service) {
             return self
                 .rt
                 .submit_recoverable(

@@ -20,6 +20,7 @@ async fn a_message_keeps_its_priority_on_every_path() -> anyhow::Result<()> {
             "audit".into(),
             ServiceConfig {
                 priority: Some(Priority::Low),
+                ..ServiceConfig::default()
             },
         );
         let server = TestServer::start(config.clone()).await?;

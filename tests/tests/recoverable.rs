@@ -275,3 +275,80 @@ async fn submitted_recoverable_messages_pipeline_and_arrive_once_in_order_even_w
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_store_is_refused_or_salvaged_and_every_intact_message_is_delivered(
+) -> anyhow::Result<()> {
+    init_logging();
+    bounded(async {
+        let config = test_config();
+        let server = TestServer::start(config.clone()).await?;
+        let (dir_s, dir_r) = (DataDir::new("s6"), DataDir::new("r6"));
+        let sender = start(&server, "sender", &config, dir_s.path()).await?;
+        // Twenty wait in the sender's store for a receiver not yet there.
+        let body = |i: u32| format!("message {i:04} {}", "x".repeat(300));
+        let quick = recoverable().timeout(Duration::from_millis(50));
+        for i in 0..20u32 {
+            let sent = sender.send_with(to(), "svc", body(i), &quick).await;
+            ensure!(
+                matches!(sent, Err(SendError::StillQueued { .. })),
+                "{sent:?}"
+            );
+        }
+        sender.shutdown().await;
+        // Every copy of message 7 in the file is damaged.
+        let file = dir_s.path().join("store.redb");
+        let mut bytes = std::fs::read(&file)?;
+        let victim = body(7).into_bytes();
+        let copies: Vec<usize> = bytes
+            .windows(victim.len())
+            .enumerate()
+            .filter(|(_, w)| *w == victim.as_slice())
+            .map(|(i, _)| i)
+            .collect();
+        ensure!(!copies.is_empty(), "message 7 is in the file");
+        for at in copies {
+            bytes[at + 100] ^= 0x20;
+        }
+        std::fs::write(&file, &bytes)?;
+
+        // Refused by default, naming the file.
+        let mut refusing = config.clone();
+        refusing.node.data_dir = Some(dir_s.path().to_owned());
+        let mut text = String::new();
+        for _ in 0..500 {
+            let refused = server
+                .node("sender", &refusing)
+                .await
+                .err()
+                .context("a damaged store is refused")?;
+            text = format!("{refused:#}");
+            if !text.contains("in use") {
+                break;
+            }
+            // The stopped node's store is still closing.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        ensure!(
+            text.contains("damaged") && text.contains(&file.display().to_string()),
+            "{text}"
+        );
+
+        // Salvaged: the other nineteen arrive, in order.
+        let mut salvaging = config.clone();
+        salvaging.node.store_on_damage = node_runtime::StoreOnDamage::Salvage;
+        let _sender = start(&server, "sender", &salvaging, dir_s.path()).await?;
+        let receiver = start(&server, RECEIVER, &config, dir_r.path()).await?;
+        let mut inbox = receiver.subscribe("svc").await?;
+        for i in (0..20u32).filter(|&i| i != 7) {
+            let m = next_message(&mut inbox).await?;
+            ensure!(
+                m.body() == body(i).as_bytes(),
+                "got {:?} for {i}",
+                String::from_utf8_lossy(&m.body()[..12])
+            );
+        }
+        Ok(())
+    })
+    .await
+}
