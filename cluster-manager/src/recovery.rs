@@ -157,6 +157,19 @@ impl Outbox {
         done
     }
 
+    /// `pseq` to `receiver` can no longer be sent (its store lost it): it is
+    /// held no more, and once every number before it is acknowledged the
+    /// floor passes it. Nothing below it is taken as acknowledged.
+    pub fn lost(&mut self, receiver: &NodeId, pseq: u64) {
+        if let Some(stream) = self.to.get_mut(receiver) {
+            stream.in_flight.remove(&pseq);
+            stream.waiting.remove(&pseq);
+            if stream.waiting.is_empty() {
+                stream.retry_at = None;
+            }
+        }
+    }
+
     /// Sending `pseq` to `receiver` failed: it is sent again after
     /// `delay` (with every other failed one of its stream, in order).
     pub fn failed(&mut self, receiver: &NodeId, pseq: u64, now: Instant, delay: Duration) {
@@ -372,6 +385,11 @@ mod tests {
         // floor passes it, and the receiver goes on from 7.
         assert_eq!(out.delivered(&b(), 5), vec![5]);
         assert_eq!(out.floor(&b()), 7);
+        // 7 is lost at run time: 8 (in flight) becomes the floor; nothing
+        // is taken as acknowledged.
+        out.lost(&b(), 7);
+        assert_eq!(out.floor(&b()), 8);
+        assert_eq!(out.held(), 1);
         // A store that lost its NextSeq mark still never reuses a held
         // number.
         let mut out = Outbox::new();

@@ -799,9 +799,9 @@ impl Inbox {
     /// tasks of its thread run.
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
         let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
-        if let Some(message) = self.handing.take() {
+        if self.handing.is_some() {
             coop.made_progress();
-            return Poll::Ready(Some(message));
+            return Poll::Ready(self.handing.take());
         }
         if let Some(message) = self.next_taken() {
             coop.made_progress();
@@ -829,8 +829,8 @@ impl Inbox {
 
     /// A message if one is waiting.
     pub fn try_recv(&mut self) -> Option<Message> {
-        if let Some(message) = self.handing.take() {
-            return Some(message);
+        if self.handing.is_some() {
+            return self.handing.take();
         }
         if let Some(message) = self.next_taken() {
             return Some(message);

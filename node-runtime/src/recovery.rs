@@ -66,13 +66,9 @@ struct Watched {
 /// Received messages waiting for the receipt task, at most.
 const RECEIPT_QUEUE: usize = 1024;
 
-/// A held outgoing message's body and where it goes.
-#[derive(Debug, Clone)]
-struct Held {
-    service: Arc<str>,
-    priority: Priority,
-    body: Bytes,
-}
+/// Messages sent again in one go, at most (their bodies are read from the
+/// store together, and their outcomes awaited before the next).
+const RESEND_BATCH: usize = 256;
 
 /// A received message for the receipt task: to store (unless it was
 /// stored before, at start), acknowledge, and queue for its service.
@@ -93,7 +89,6 @@ pub(crate) struct Recovery {
     pub(crate) store: Store,
     pub(crate) epoch: u64,
     outbox: Mutex<Outbox>,
-    held: Mutex<HashMap<(NodeId, u64), Held>>,
     /// Numbering and queueing a commit happen under this, so the store
     /// commits each stream's numbers in order (no gap after a crash).
     order: tokio::sync::Mutex<()>,
@@ -125,24 +120,14 @@ impl Recovery {
         let now = std::time::Instant::now();
         let mut outbox = Outbox::new();
         let mut receipts = Receipts::new();
-        let mut held = HashMap::new();
+        // Only the numbers stay in memory: the bodies are read back from
+        // the store when they are sent again.
         let mut by_receiver: HashMap<String, Vec<u64>> = HashMap::new();
         for o in contents.outgoing {
             by_receiver
                 .entry(o.receiver.clone())
                 .or_default()
                 .push(o.pseq);
-            held.insert(
-                (NodeId::new(&o.receiver), o.pseq),
-                Held {
-                    service: Arc::from(o.service.as_str()),
-                    priority: Priority::ALL
-                        .get(o.priority as usize)
-                        .copied()
-                        .unwrap_or(Priority::Normal),
-                    body: Bytes::from(o.body),
-                },
-            );
         }
         let mut streams: Vec<String> = by_receiver.keys().cloned().collect();
         for m in &contents.marks {
@@ -170,7 +155,6 @@ impl Recovery {
             store,
             epoch: contents.epoch,
             outbox: Mutex::new(outbox),
-            held: Mutex::new(held),
             order: tokio::sync::Mutex::new(()),
             receipts: Mutex::new(receipts),
             receipt_tx,
@@ -248,14 +232,6 @@ impl Runtime {
         let (numbered, committed) = {
             let _order = rec.order.lock().await;
             let numbered = lock(&rec.outbox).number(&receiver);
-            lock(&rec.held).insert(
-                (receiver.clone(), numbered.pseq),
-                Held {
-                    service: service.clone(),
-                    priority,
-                    body: body.clone(),
-                },
-            );
             let record = Outgoing {
                 receiver: receiver.to_string(),
                 pseq: numbered.pseq,
@@ -278,7 +254,6 @@ impl Runtime {
         };
         if let Err(e) = committed.durable().await {
             // Not stored: not sent, and never to be.
-            lock(&rec.held).remove(&(receiver.clone(), numbered.pseq));
             self.recovery_outcome(&receiver, numbered.pseq, Err(()));
             return Err(SendError::NotRecoverable {
                 reason: e.to_string(),
@@ -384,12 +359,6 @@ impl Runtime {
                 if done.is_empty() {
                     return;
                 }
-                {
-                    let mut held = lock(&rec.held);
-                    for n in &done {
-                        held.remove(&(receiver.clone(), *n));
-                    }
-                }
                 let mut changes: Vec<Change> = done
                     .iter()
                     .map(|&n| Change::Remove(RecordKey::Outgoing(receiver.to_string(), n)))
@@ -429,38 +398,70 @@ impl Runtime {
             }
             let due = lock(&rec.outbox).due(std::time::Instant::now());
             for resend in due {
-                let mut pendings = Vec::new();
-                for pseq in resend.pseqs {
-                    let held = lock(&rec.held)
-                        .get(&(resend.receiver.clone(), pseq))
-                        .cloned();
-                    let Some(held) = held else { continue };
-                    let kind = MessageKind::Recoverable {
-                        epoch: rec.epoch,
-                        pseq,
-                        floor: resend.floor,
-                    };
-                    let target = Target::Node(resend.receiver.clone());
-                    let submitted = self
-                        .submit(
-                            target,
-                            &held.service,
-                            held.body,
-                            kind,
-                            Some(held.priority),
-                            self.config.send_timeout(),
-                        )
+                for batch in resend.pseqs.chunks(RESEND_BATCH) {
+                    self.resend(rec, &resend.receiver, batch, resend.floor)
                         .await;
-                    match submitted {
-                        Ok(pending) => pendings.push((pseq, pending)),
-                        Err(_) => self.recovery_outcome(&resend.receiver, pseq, Err(())),
-                    }
-                }
-                for (pseq, pending) in pendings {
-                    let outcome = pending.outcome().await.map(|_| ()).map_err(|_| ());
-                    self.recovery_outcome(&resend.receiver, pseq, outcome);
                 }
             }
+        }
+    }
+
+    /// Sends `pseqs` to `receiver` again, their bodies read from the store,
+    /// and waits for their outcomes.
+    async fn resend(&self, rec: &Recovery, receiver: &NodeId, pseqs: &[u64], floor: u64) {
+        let keys: Vec<RecordKey> = pseqs
+            .iter()
+            .map(|&n| RecordKey::Outgoing(receiver.to_string(), n))
+            .collect();
+        let store = rec.store.clone();
+        let read = tokio::task::spawn_blocking(move || store.read(&keys)).await;
+        let records = match read {
+            Ok(Ok(records)) => records,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot read recoverable messages to send them again");
+                vec![None; pseqs.len()]
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the store read failed");
+                vec![None; pseqs.len()]
+            }
+        };
+        let mut pendings = Vec::new();
+        for (&pseq, record) in pseqs.iter().zip(records) {
+            let Some(Record::Outgoing(o)) = record else {
+                // Gone (acknowledged meanwhile), or unreadable (logged):
+                // the floor lets the receiver pass it.
+                tracing::debug!(%receiver, pseq, "a recoverable message to send again is not in the store");
+                lock(&rec.outbox).lost(receiver, pseq);
+                continue;
+            };
+            let kind = MessageKind::Recoverable {
+                epoch: rec.epoch,
+                pseq,
+                floor,
+            };
+            let priority = Priority::ALL
+                .get(o.priority as usize)
+                .copied()
+                .unwrap_or(Priority::Normal);
+            let submitted = self
+                .submit(
+                    Target::Node(receiver.clone()),
+                    &o.service,
+                    Bytes::from(o.body),
+                    kind,
+                    Some(priority),
+                    self.config.send_timeout(),
+                )
+                .await;
+            match submitted {
+                Ok(pending) => pendings.push((pseq, pending)),
+                Err(_) => self.recovery_outcome(receiver, pseq, Err(())),
+            }
+        }
+        for (pseq, pending) in pendings {
+            let outcome = pending.outcome().await.map(|_| ()).map_err(|_| ());
+            self.recovery_outcome(receiver, pseq, outcome);
         }
     }
 

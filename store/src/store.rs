@@ -66,6 +66,8 @@ struct Stats {
 #[derive(Clone, Debug)]
 pub struct Store {
     jobs: mpsc::Sender<Job>,
+    /// For reads; the writer thread writes through its own reference.
+    db: Arc<redb::Database>,
     stats: Arc<Stats>,
     path: Arc<PathBuf>,
     /// Fires when the writer thread has ended and the file is closed.
@@ -129,6 +131,8 @@ impl Store {
             },
         };
         let (db, contents) = with_epoch(db, contents, &path)?;
+        let db = Arc::new(db);
+        let reader = db.clone();
         let (jobs, rx) = mpsc::channel(QUEUED_COMMITS);
         let stats = Arc::new(Stats::default());
         let (closed_tx, closed_rx) = oneshot::channel();
@@ -148,6 +152,7 @@ impl Store {
         Ok(Opened {
             store: Store {
                 jobs,
+                db: reader,
                 stats,
                 path: Arc::new(path),
                 closed: Arc::new(tokio::sync::Mutex::new(Some(closed_rx))),
@@ -204,6 +209,42 @@ impl Store {
             mpsc::error::TrySendError::Full(_) => StoreError::Busy,
             mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
         })
+    }
+
+    /// The records under `keys`, as committed (`None` where there is none,
+    /// or where a record no longer reads back whole: that is logged).
+    /// Blocking: call it from `spawn_blocking`.
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read.
+    pub fn read(&self, keys: &[RecordKey]) -> Result<Vec<Option<Record>>, StoreError> {
+        let failed = |detail: String| StoreError::Write {
+            path: self.path.to_path_buf(),
+            detail: format!("reading: {detail}"),
+        };
+        let txn = self.db.begin_read().map_err(|e| failed(e.to_string()))?;
+        let table = match txn.open_table(RECORDS) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(vec![None; keys.len()]),
+            Err(e) => return Err(failed(e.to_string())),
+        };
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            let value = table
+                .get(key.encode().as_slice())
+                .map_err(|e| failed(e.to_string()))?;
+            let record = match value.map(|v| unframe(v.value())) {
+                None => None,
+                Some(Ok((record, _))) => Some(record),
+                Some(Err(e)) => {
+                    tracing::error!(path = %self.path.display(), ?key, error = %e, "a stored record no longer reads back whole");
+                    None
+                }
+            };
+            out.push(record);
+        }
+        Ok(out)
     }
 
     /// Where the store's file is.
