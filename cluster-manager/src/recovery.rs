@@ -236,13 +236,24 @@ pub enum Verdict {
         /// The number the receiver takes next.
         expected: u64,
     },
+    /// A stream this receiver will not keep: the sender has
+    /// [`MAX_EPOCHS_PER_SENDER`] streams here already, or the stream's
+    /// numbers ran out. Refused.
+    Refused,
 }
+
+/// Streams (stores) of one sender a receiver keeps marks for, at most: a
+/// sender makes a new one only when its store is made anew, so more is a
+/// sender inventing epochs to grow the receiver's memory and store.
+pub const MAX_EPOCHS_PER_SENDER: usize = 16;
 
 /// The receiver's side: per sender stream (node and epoch), the highest
 /// number taken and the highest stored.
 #[derive(Debug, Default)]
 pub struct Receipts {
     from: HashMap<(NodeId, u64), Taken>,
+    /// Streams known per sender.
+    epochs: HashMap<NodeId, usize>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -259,7 +270,11 @@ impl Receipts {
 
     /// Restores a stream's mark from the store.
     pub fn restore(&mut self, origin: NodeId, epoch: u64, received: u64) {
-        let taken = self.from.entry((origin, epoch)).or_default();
+        let key = (origin.clone(), epoch);
+        if !self.from.contains_key(&key) {
+            *self.epochs.entry(origin).or_default() += 1;
+        }
+        let taken = self.from.entry(key).or_default();
         taken.decided = taken.decided.max(received);
         taken.stored = taken.stored.max(received);
     }
@@ -267,7 +282,15 @@ impl Receipts {
     /// The verdict on number `pseq` of `origin`'s stream `epoch`, sent
     /// with `floor`. A `Store` verdict takes the number.
     pub fn receive(&mut self, origin: &NodeId, epoch: u64, pseq: u64, floor: u64) -> Verdict {
-        let taken = self.from.entry((origin.clone(), epoch)).or_default();
+        let key = (origin.clone(), epoch);
+        if !self.from.contains_key(&key) {
+            let known = self.epochs.entry(origin.clone()).or_default();
+            if *known >= MAX_EPOCHS_PER_SENDER {
+                return Verdict::Refused;
+            }
+            *known += 1;
+        }
+        let taken = self.from.entry(key).or_default();
         // Everything below the floor was acknowledged by this node once;
         // a node that does not remember it (a new store) starts there.
         let below = floor.saturating_sub(1);
@@ -275,22 +298,21 @@ impl Receipts {
             taken.decided = below;
             taken.stored = taken.stored.max(below);
         }
-        if pseq == 0 {
-            return Verdict::Gap {
-                expected: taken.decided + 1,
-            };
+        if pseq != 0 && pseq <= taken.stored {
+            return Verdict::StoredBefore;
         }
-        if pseq <= taken.stored {
-            Verdict::StoredBefore
-        } else if pseq <= taken.decided {
-            Verdict::Storing
-        } else if pseq == taken.decided + 1 {
+        if pseq != 0 && pseq <= taken.decided {
+            return Verdict::Storing;
+        }
+        // The numbers a sender claims are checked, never trusted to add up.
+        let Some(expected) = taken.decided.checked_add(1) else {
+            return Verdict::Refused;
+        };
+        if pseq == expected {
             taken.decided = pseq;
             Verdict::Store
         } else {
-            Verdict::Gap {
-                expected: taken.decided + 1,
-            }
+            Verdict::Gap { expected }
         }
     }
 
@@ -418,6 +440,31 @@ mod tests {
         assert_eq!(r.receive(&a, 7, 2, 1), Verdict::StoredBefore);
         // Another epoch is another stream.
         assert_eq!(r.receive(&a, 8, 2, 1), Verdict::Gap { expected: 1 });
+    }
+
+    #[test]
+    fn claimed_numbers_and_epochs_cannot_grow_or_break_a_receiver() {
+        let m = NodeId::new("mallory");
+        let mut r = Receipts::new();
+        // Numbers at the end of the range: no overflow, refused past it.
+        assert_eq!(r.receive(&m, 1, u64::MAX, u64::MAX), Verdict::Store);
+        assert_eq!(r.receive(&m, 1, u64::MAX, u64::MAX), Verdict::Storing);
+        r.stored(&m, 1, u64::MAX);
+        assert_eq!(r.receive(&m, 1, 5, 1), Verdict::StoredBefore);
+        assert_eq!(
+            r.receive(&m, 1, 0, 1),
+            Verdict::Refused,
+            "nothing comes next"
+        );
+        // Epochs invented by the sender: a bounded number of streams.
+        for epoch in 2..=MAX_EPOCHS_PER_SENDER as u64 {
+            assert_eq!(r.receive(&m, epoch, 1, 1), Verdict::Store, "epoch {epoch}");
+        }
+        let one_more = MAX_EPOCHS_PER_SENDER as u64 + 1;
+        assert_eq!(r.receive(&m, one_more, 1, 1), Verdict::Refused);
+        // Known streams go on; another sender is not affected.
+        assert_eq!(r.receive(&m, 2, 2, 1), Verdict::Store);
+        assert_eq!(r.receive(&NodeId::new("a"), 9, 1, 1), Verdict::Store);
     }
 
     #[test]

@@ -493,6 +493,13 @@ impl Runtime {
                 "out of order: recoverable message {} came before {expected}",
                 receipt.pseq
             ))),
+            Verdict::Refused => {
+                tracing::warn!(origin = %receipt.origin, epoch = receipt.epoch, pseq = receipt.pseq, "refused a recoverable message: too many streams from its sender, or its numbers ran out");
+                AckStatus::Failed(DeliveryFailure::Rejected(format!(
+                    "recoverable stream refused: at most {} streams per sender, numbers below 2^64",
+                    cluster_manager::recovery::MAX_EPOCHS_PER_SENDER
+                )))
+            }
         };
         if let Some((answer, acks)) = receipt.answer {
             answer.send(&self.id, &self.core, &acks, status).await;
