@@ -657,7 +657,7 @@ async fn deliver_recoverable(
         epoch,
         pseq,
         message,
-        answer: Some((answer, acks.clone())),
+        answer: (answer, acks.clone()),
         queue,
     };
     rt.receive_recoverable(receipt, floor).await;

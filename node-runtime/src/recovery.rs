@@ -70,16 +70,15 @@ const RECEIPT_QUEUE: usize = 1024;
 /// store together, and their outcomes awaited before the next).
 const RESEND_BATCH: usize = 256;
 
-/// A received message for the receipt task: to store (unless it was
-/// stored before, at start), acknowledge, and queue for its service.
+/// A received message for the receipt task: to store, acknowledge, and
+/// queue for its service.
 pub(crate) struct Receipt {
     pub(crate) origin: NodeId,
     pub(crate) epoch: u64,
     pub(crate) pseq: u64,
     pub(crate) message: Message,
-    /// The acknowledgement, and the connection it goes on; none for a
-    /// message replayed at start.
-    pub(crate) answer: Option<(Answer, OutQueue)>,
+    /// The acknowledgement, and the connection it goes on.
+    pub(crate) answer: (Answer, OutQueue),
     pub(crate) queue: ServiceQueue,
 }
 
@@ -470,7 +469,8 @@ impl Runtime {
     pub(crate) async fn receive_recoverable(&self, receipt: Receipt, floor: u64) {
         use cluster_manager::recovery::Verdict;
         let Some(rec) = self.recovery.as_ref() else {
-            if let Some((answer, acks)) = receipt.answer {
+            {
+                let (answer, acks) = receipt.answer;
                 let failed = AckStatus::Failed(DeliveryFailure::Rejected(
                     "the receiver has no store (node.data_dir): it takes no recoverable messages"
                         .into(),
@@ -501,9 +501,8 @@ impl Runtime {
                 )))
             }
         };
-        if let Some((answer, acks)) = receipt.answer {
-            answer.send(&self.id, &self.core, &acks, status).await;
-        }
+        let (answer, acks) = receipt.answer;
+        answer.send(&self.id, &self.core, &acks, status).await;
     }
 
     /// Whether messages stored before a restart are still being handed to
@@ -577,9 +576,6 @@ impl Runtime {
             }
             let mut changes = Vec::new();
             for r in &batch {
-                if r.answer.is_none() {
-                    continue; // stored before the restart
-                }
                 let m = &r.message;
                 changes.push(Change::Put(Record::Incoming(Incoming {
                     origin: r.origin.to_string(),
@@ -596,55 +592,28 @@ impl Runtime {
                     value: r.pseq,
                 })));
             }
-            let stored = if changes.is_empty() {
-                Ok(())
-            } else {
-                rec.store.commit(changes).await
-            };
+            let stored = rec.store.commit(changes).await;
             for mut r in batch.drain(..) {
+                let (answer, acks) = r.answer;
                 if let Err(e) = &stored {
-                    if r.answer.is_some() {
-                        lock(&rec.receipts).not_stored(&r.origin, r.epoch, r.pseq);
-                    }
-                    if let Some((answer, acks)) = r.answer {
-                        let failed = AckStatus::Failed(DeliveryFailure::Rejected(format!(
-                            "the receiver's store failed: {e}"
-                        )));
-                        answer.send(&self.id, &self.core, &acks, failed).await;
-                    }
+                    lock(&rec.receipts).not_stored(&r.origin, r.epoch, r.pseq);
+                    let failed = AckStatus::Failed(DeliveryFailure::Rejected(format!(
+                        "the receiver's store failed: {e}"
+                    )));
+                    answer.send(&self.id, &self.core, &acks, failed).await;
                     continue;
                 }
                 lock(&rec.receipts).stored(&r.origin, r.epoch, r.pseq);
                 r.message
                     .hand_over_recovered(rec.store.clone(), r.origin.clone(), r.epoch, r.pseq);
-                let answer = match r.answer.take() {
-                    Some((answer, acks)) => {
-                        answer
-                            .clone()
-                            .send(&self.id, &self.core, &acks, AckStatus::Accepted)
-                            .await;
-                        Some((answer, acks))
-                    }
-                    None => None,
-                };
+                answer
+                    .clone()
+                    .send(&self.id, &self.core, &acks, AckStatus::Accepted)
+                    .await;
                 // Into the service's backlog: its pump moves it into the
                 // inbox, in order, as room is made; the acknowledgement
-                // went already (it is in the store).
-                // A replayed message has nobody to answer: an answer to
-                // incarnation 0 is dropped as stale by its sender.
-                let (answer, acks) = answer.unwrap_or_else(|| {
-                    let answer = Answer {
-                        to: r.origin.clone(),
-                        to_incarnation: 0,
-                        seq: 0,
-                        kind: MessageKind::Recoverable {
-                            epoch: r.epoch,
-                            pseq: r.pseq,
-                            floor: 0,
-                        },
-                    };
-                    (answer, self.server.queue.clone())
-                });
+                // went already (it is in the store), and the pump sends
+                // none for a recoverable message.
                 r.queue
                     .backlog
                     .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
