@@ -25,6 +25,12 @@
 //! compared with clear text at the same moment (alone: `-- --quick
 //! "over TLS"`).
 //!
+//! The recoverable rows (issue 19; alone: `-- --quick "recoverable
+//! send"`) run ours with a store on both nodes, each in a fresh temporary
+//! directory, beside JetStream publish-with-ack to a file-backed stream:
+//! 256 in flight (the same nats.go measurement as the plain send's
+//! JetStream row when both run), and one at a time for p50/p99.
+//!
 //! The processors case (`processors 4 against 1, 20 µs handler`, issue 17;
 //! alone: `-- --quick processors`) is clustercomm against itself: a
 //! service served with 4 processors against the same service with 1, in
@@ -466,6 +472,20 @@ fn targets(rows: &[Row]) -> String {
     };
     against_nats(&mut t, rows, send(SendPeer::Publish), 0.8);
     against_nats(&mut t, rows, send(SendPeer::JetStream), 3.0);
+    let recoverable = Case::RecoverableSend {
+        body: 128,
+        outstanding: 256,
+    };
+    against_nats(&mut t, rows, recoverable, 1.0);
+    let one = Case::RecoverableLatency { body: 128 };
+    let of = |system| find(rows, one).and_then(|r| r.of(system).median_latency());
+    let _ = writeln!(
+        t,
+        "- {one}: p50/p99 µs: ours {}, JetStream publish-with-ack one at a time (nats.go) {} \
+         (no target)",
+        show_latency(of(System::Ours)),
+        show_latency(of(System::NatsGo))
+    );
 
     let latency = find(rows, Case::RequestLatency { body: 128 });
     let of = |system| latency.and_then(|r| r.of(system).median_latency());
@@ -480,11 +500,6 @@ fn targets(rows: &[Row]) -> String {
         ),
         _ => None,
     };
-    let show = |l: Option<Latency>| {
-        l.map_or("-".to_owned(), |l| {
-            format!("{:.0}/{:.0}", l.p50_us, l.p99_us)
-        })
-    };
     check(
         &mut t,
         ok,
@@ -493,10 +508,10 @@ fn targets(rows: &[Row]) -> String {
         format!(
             "p50/p99 µs: ours {}, raw direct {}, NATS {}; the relay floor (four hops through a \
              process, as ours) {}",
-            show(ours),
-            show(raw),
-            show(nats),
-            show(relay)
+            show_latency(ours),
+            show_latency(raw),
+            show_latency(nats),
+            show_latency(relay)
         ),
     );
     let x = ratio_of(find(rows, Case::Notify { body: 128 }), System::Relay);
@@ -542,6 +557,13 @@ fn targets(rows: &[Row]) -> String {
         }),
     );
     t
+}
+
+/// `p50/p99` in µs, or `-`.
+fn show_latency(l: Option<Latency>) -> String {
+    l.map_or("-".to_owned(), |l| {
+        format!("{:.0}/{:.0}", l.p50_us, l.p99_us)
+    })
 }
 
 fn server_peak(rows: &[Row]) -> Option<u64> {

@@ -32,6 +32,8 @@
 //	reqrate    the same responder, --outstanding requesters on one connection; requests/s
 //	jspub      JetStream publish-with-ack to a file-backed stream, --outstanding
 //	           unacknowledged; acks/s (needs a server started with -js)
+//	jslat      JetStream publish-with-ack to a file-backed stream, one at a time;
+//	           publish-to-ack times (needs a server started with -js)
 //	bulk       --body bodies sent as requests, answered with 1 byte, 2 in flight,
 //	           at least --bulk-bodies of them; MB/s (10^6 bytes)
 //
@@ -124,7 +126,7 @@ func main() {
 func parseArgs(args []string) (config, error) {
 	var cfg config
 	if len(args) == 0 {
-		return cfg, errors.New("usage: nats-bench-go MODE [flags] (modes: oneway fixedrate reqlat reqrate jspub bulk)")
+		return cfg, errors.New("usage: nats-bench-go MODE [flags] (modes: oneway fixedrate reqlat reqrate jspub jslat bulk)")
 	}
 	cfg.mode = args[0]
 	fs := flag.NewFlagSet(cfg.mode, flag.ContinueOnError)
@@ -173,6 +175,8 @@ func run(cfg config, out *bufio.Writer) error {
 		return requestRate(cfg, out)
 	case "jspub":
 		return jetStreamPublish(cfg, out)
+	case "jslat":
+		return jetStreamLatency(cfg, out)
 	case "bulk":
 		return bulk(cfg, out)
 	default:
@@ -795,6 +799,29 @@ func publishAcked(js nats.JetStreamContext, subj string, payload []byte, outstan
 	return acked, time.Since(start), nil
 }
 
+// fileStream creates this process's file-backed stream on js (deleting an
+// earlier one of the same name first): its subject, and a function that
+// deletes it.
+func fileStream(js nats.JetStreamContext, url string) (string, func(), error) {
+	name := fmt.Sprintf("BENCH_GO_%d", os.Getpid())
+	subj := subject("jetstream")
+	switch err := js.DeleteStream(name); {
+	case err == nil, errors.Is(err, nats.ErrStreamNotFound):
+	case errors.Is(err, nats.ErrNoResponders), errors.Is(err, nats.ErrJetStreamNotEnabled):
+		return "", nil, fmt.Errorf("JetStream is not enabled on %s (start nats-server with -js): %w", url, err)
+	default:
+		return "", nil, fmt.Errorf("deleting an earlier stream %s: %w", name, err)
+	}
+	if _, err := js.AddStream(&nats.StreamConfig{
+		Name:     name,
+		Subjects: []string{subj},
+		Storage:  nats.FileStorage,
+	}); err != nil {
+		return "", nil, fmt.Errorf("creating stream %s (is JetStream enabled?): %w", name, err)
+	}
+	return subj, func() { _ = js.DeleteStream(name) }, nil
+}
+
 func jetStreamPublish(cfg config, out *bufio.Writer) error {
 	c := newConnections(cfg)
 	defer c.close()
@@ -809,23 +836,11 @@ func jetStreamPublish(cfg config, out *bufio.Writer) error {
 	if err != nil {
 		return fmt.Errorf("JetStream context: %w", err)
 	}
-	name := fmt.Sprintf("BENCH_GO_%d", os.Getpid())
-	subj := subject("jetstream")
-	switch err := js.DeleteStream(name); {
-	case err == nil, errors.Is(err, nats.ErrStreamNotFound):
-	case errors.Is(err, nats.ErrNoResponders), errors.Is(err, nats.ErrJetStreamNotEnabled):
-		return fmt.Errorf("JetStream is not enabled on %s (start nats-server with -js): %w", cfg.url, err)
-	default:
-		return fmt.Errorf("deleting an earlier stream %s: %w", name, err)
+	subj, deleteStream, err := fileStream(js, cfg.url)
+	if err != nil {
+		return err
 	}
-	if _, err := js.AddStream(&nats.StreamConfig{
-		Name:     name,
-		Subjects: []string{subj},
-		Storage:  nats.FileStorage,
-	}); err != nil {
-		return fmt.Errorf("creating stream %s (is JetStream enabled?): %w", name, err)
-	}
-	defer func() { _ = js.DeleteStream(name) }()
+	defer deleteStream()
 	payload := filled(cfg.body)
 	if _, _, err := publishAcked(js, subj, payload, cfg.outstanding, cfg.warmup, cfg.timeout); err != nil {
 		return fmt.Errorf("warm-up: %w", err)
@@ -837,6 +852,56 @@ func jetStreamPublish(cfg config, out *bufio.Writer) error {
 	r := report{sent: acked, expected: acked, received: acked}
 	c.fill(&r)
 	writeResult(out, float64(acked)/elapsed.Seconds(), r)
+	return nil
+}
+
+// ---------------------------------------------------------------------------
+// jslat
+// ---------------------------------------------------------------------------
+
+// jetStreamLatency publishes with acks one at a time (js.Publish, which
+// waits for the ack) and records the time from each publish to its ack.
+func jetStreamLatency(cfg config, out *bufio.Writer) error {
+	c := newConnections(cfg)
+	defer c.close()
+	nc, err := c.connect("jetstream-publisher")
+	if err != nil {
+		return err
+	}
+	js, err := nc.JetStream(nats.MaxWait(cfg.timeout))
+	if err != nil {
+		return fmt.Errorf("JetStream context: %w", err)
+	}
+	subj, deleteStream, err := fileStream(js, cfg.url)
+	if err != nil {
+		return err
+	}
+	defer deleteStream()
+	payload := filled(cfg.body)
+	start := time.Now()
+	for time.Since(start) < cfg.warmup {
+		if _, err := js.Publish(subj, payload); err != nil {
+			return fmt.Errorf("warm-up publish: %w", err)
+		}
+	}
+	hist := newHistogram()
+	var done int64
+	start = time.Now()
+	for time.Since(start) < cfg.measure {
+		t := now()
+		if _, err := js.Publish(subj, payload); err != nil {
+			return fmt.Errorf("publish not acknowledged: %w", err)
+		}
+		hist.record(now() - t)
+		done++
+	}
+	if done == 0 {
+		return errors.New("no publish was acknowledged")
+	}
+	r := report{sent: done, expected: done, received: done}
+	c.fill(&r)
+	hist.write(out)
+	writeResult(out, float64(done)/cfg.measure.Seconds(), r)
 	return nil
 }
 

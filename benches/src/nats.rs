@@ -122,8 +122,8 @@ impl Nats {
     /// One-way cases carry their loss (explained by what async-nats
     /// reported, if it reported anything). Never panics on a peer problem:
     /// failures come back as [`Outcome::Failed`], bodies over the server's
-    /// limit and the JetStream send (which async-nats does not run) as
-    /// [`Outcome::Skipped`].
+    /// limit and the JetStream and recoverable sends (which async-nats
+    /// does not run) as [`Outcome::Skipped`].
     pub async fn run(&self, case: Case, options: &Options) -> Measurement {
         let result = match case {
             Case::SendPipelined {
@@ -134,7 +134,9 @@ impl Nats {
             | Case::LazyTls { .. }
             | Case::Stream { .. }
             | Case::HeadOfLine { .. }
-            | Case::Priority { .. } => Ok(Measurement::skipped("n/a")),
+            | Case::Priority { .. }
+            | Case::RecoverableSend { .. }
+            | Case::RecoverableLatency { .. } => Ok(Measurement::skipped("n/a")),
             Case::Notify { body } | Case::Session { body } | Case::SendPipelined { body, .. } => {
                 self.one_way(1, Fan::Subject, body, options).await
             }

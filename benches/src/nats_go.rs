@@ -26,7 +26,8 @@
 //! | `FixedRate` | `fixedrate --rate R` | µs percentiles from each message's due time |
 //! | `RequestLatency` | `reqlat` | µs percentiles of round trips |
 //! | `RequestRate` | `reqrate --outstanding N` | requests/s |
-//! | `SendPipelined` (vs JetStream) | `jspub --outstanding N`, on the JetStream server | acks/s |
+//! | `SendPipelined` (vs JetStream), `RecoverableSend` | `jspub --outstanding N`, on the JetStream server | acks/s |
+//! | `RecoverableLatency` | `jslat`, on the JetStream server: one publish-with-ack at a time | µs percentiles of publish to ack |
 //! | `Bulk` | `bulk --body B --bulk-bodies N` (skipped over `max_payload`) | MB/s |
 //!
 //! One-way modes report what did not arrive as loss, explained only by
@@ -170,7 +171,7 @@ impl NatsGo {
         let core = NatsServer::start(ServerSetup::core(LABEL)).await?;
         let jetstream = NatsServer::start(ServerSetup::jetstream("nats-go-js")).await;
         if let Err(why) = &jetstream {
-            eprintln!("{LABEL}: no JetStream server ({why}); the JetStream case fails");
+            eprintln!("{LABEL}: no JetStream server ({why}); the JetStream cases fail");
         }
         let tls = TlsServer::start().await;
         if let Err(why) = &tls {
@@ -267,6 +268,8 @@ pub enum Mode {
         /// Publishes unacknowledged at once.
         outstanding: usize,
     },
+    /// JetStream publish-with-ack, one at a time.
+    JetStreamLatency,
     /// Bodies as requests, answered with 1 byte.
     Bulk {
         /// Least number of measured bodies.
@@ -283,6 +286,7 @@ impl Mode {
             Mode::RequestLatency => "reqlat",
             Mode::RequestRate { .. } => "reqrate",
             Mode::JetStream { .. } => "jspub",
+            Mode::JetStreamLatency => "jslat",
             Mode::Bulk { .. } => "bulk",
         }
     }
@@ -348,8 +352,13 @@ impl Invocation {
                 body,
                 outstanding,
                 peer: SendPeer::JetStream,
-            } => Invocation {
+            }
+            | Case::RecoverableSend { body, outstanding } => Invocation {
                 mode: Mode::JetStream { outstanding },
+                body,
+            },
+            Case::RecoverableLatency { body } => Invocation {
+                mode: Mode::JetStreamLatency,
                 body,
             },
             Case::LazyTls { .. }
@@ -370,7 +379,7 @@ impl Invocation {
 
     /// Whether it runs against the JetStream server.
     pub fn jetstream(&self) -> bool {
-        matches!(self.mode, Mode::JetStream { .. })
+        matches!(self.mode, Mode::JetStream { .. } | Mode::JetStreamLatency)
     }
 
     /// The program's arguments against the server at `url`, with the
@@ -402,7 +411,7 @@ impl Invocation {
                 }
             }
             Mode::FixedRate { rate } => flag("rate", rate.to_string()),
-            Mode::RequestLatency => {}
+            Mode::RequestLatency | Mode::JetStreamLatency => {}
             Mode::RequestRate { outstanding } | Mode::JetStream { outstanding } => {
                 flag("outstanding", outstanding.to_string())
             }
@@ -416,7 +425,7 @@ impl Invocation {
     /// run), with its loss.
     pub fn measurement(&self, report: &GoReport) -> Measurement {
         let outcome = match self.mode {
-            Mode::FixedRate { .. } | Mode::RequestLatency => {
+            Mode::FixedRate { .. } | Mode::RequestLatency | Mode::JetStreamLatency => {
                 let mut histogram = latency::histogram();
                 latency::record_buckets(&mut histogram, &report.buckets);
                 let Some(latency) = Latency::from_histogram(&histogram) else {
@@ -1007,6 +1016,18 @@ mod tests {
         let js = run(send(SendPeer::JetStream));
         assert_eq!(js.mode, Mode::JetStream { outstanding: 256 });
         assert!(js.jetstream() && !run(Case::Notify { body: 128 }).jetstream());
+        // Recoverable: the same publish-with-ack window, and one at a time.
+        let recoverable = Case::RecoverableSend {
+            body: 128,
+            outstanding: 256,
+        };
+        assert_eq!(run(recoverable), js);
+        let one = run(Case::RecoverableLatency { body: 128 });
+        assert_eq!((one.mode, one.body), (Mode::JetStreamLatency, 128));
+        assert!(one.jetstream());
+        let args = one.args("nats://127.0.0.1:1", &o);
+        assert_eq!(args[0], "jslat");
+        assert!(!args.iter().any(|a| a == "--outstanding"), "{args:?}");
         let any = run(Case::AnyOf {
             members: 4,
             body: 128,

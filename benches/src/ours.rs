@@ -27,6 +27,8 @@
 //! | `Stream` | `send_stream` over a lazy channel, one after the other | MB/s |
 //! | `HeadOfLine` | `request` over a lazy channel that carries 64 MiB bodies back to back | µs percentiles |
 //! | `Priority` | `send_with` at `Express`, one at a time, through the message server, while the sender pours `Low` 4 KiB `notify`s to the same node | µs percentiles |
+//! | `RecoverableSend` | `submit_with(.., SendOptions::recoverable())` + `Pending::outcome` in an ordered window of `outstanding`, both nodes with a store; the receiver reads with `Inbox::recv` | messages/s acknowledged |
+//! | `RecoverableLatency` | `send_with(.., SendOptions::recoverable())`, one at a time, the same pair | µs percentiles |
 //!
 //! Nodes run on the default configuration (inboxes of
 //! `node.inbox_capacity` = 1024 messages included), except that
@@ -34,6 +36,16 @@
 //! (`lazy.auto_activate_messages = 0`), so they measure the message-server
 //! path (the session channel for `Session`). Every case checks the nodes'
 //! [`PathCounters`] and fails if any message took another path.
+//!
+//! The recoverable cases give the sender and the receiver each a store
+//! (`node.data_dir`) in a fresh directory of its own under the temporary
+//! directory ([`StoreDir`]), removed when the case ends. A recoverable
+//! message that its node answers `SendError::StillQueued` for (stored,
+//! not delivered in time, to be sent again) fails the case: a healthy run
+//! has none. Each `Inbox::recv` of a recoverable message marks it handed
+//! over in the receiver's store, and a receiver that falls behind holds
+//! up the acknowledgements once its inbox is full, so its reading is part
+//! of the rate.
 //!
 //! One-way cases have no flow control past the sender's outgoing queue: a
 //! message the server or a receiver could not take is dropped (counted by
@@ -56,6 +68,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
@@ -271,6 +284,8 @@ struct Cluster<'a> {
     tls: Option<&'a TlsCluster>,
     nodes: Vec<Node>,
     tasks: Vec<JoinHandle<()>>,
+    /// The nodes' stores, removed after the nodes are stopped.
+    stores: Vec<StoreDir>,
 }
 
 impl<'a> Cluster<'a> {
@@ -289,7 +304,17 @@ impl<'a> Cluster<'a> {
             tls,
             nodes: Vec::new(),
             tasks: Vec::new(),
+            stores: Vec::new(),
         })
+    }
+
+    /// A fresh directory for node `id`'s store, removed when the case
+    /// ends.
+    fn store_dir(&mut self, id: &str) -> PathBuf {
+        let dir = StoreDir::new(id);
+        let path = dir.path().to_owned();
+        self.stores.push(dir);
+        path
     }
 
     /// Starts a node in `groups` with `role` (with its TLS sections in a
@@ -368,7 +393,41 @@ impl<'a> Cluster<'a> {
         for task in self.tasks.drain(..) {
             task.abort();
         }
-        // Dropping `self` kills the server.
+        // Dropping `self` kills the server and removes the stores.
+    }
+}
+
+/// A directory of its own under [`std::env::temp_dir`] for one node's
+/// store (the store creates it), removed with what is in it when dropped.
+struct StoreDir(PathBuf);
+
+impl StoreDir {
+    /// A name no other store of this or another process takes: the node's
+    /// id, the process id, a counter and the time.
+    fn new(id: &str) -> StoreDir {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        StoreDir(std::env::temp_dir().join(format!(
+            "clustercomm-bench-store-{id}-{}-{}-{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        )))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for StoreDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("clustercomm: could not remove {}: {e}", self.0.display());
+            }
+        }
     }
 }
 
@@ -552,6 +611,12 @@ async fn measure(
         Case::Stream { body } => rate(streams(cluster, body, options).await),
         Case::HeadOfLine { body } => rate(head_of_line(cluster, body, options).await),
         Case::Priority { body } => rate(express_behind_low(cluster, body, options).await),
+        Case::RecoverableSend { body, outstanding } => {
+            rate(recoverable_send(cluster, body, outstanding, options).await)
+        }
+        Case::RecoverableLatency { body } => {
+            rate(recoverable_latency(cluster, body, options).await)
+        }
     }
 }
 
@@ -978,10 +1043,12 @@ async fn send_pipelined(
         duration,
         min_bodies: 1,
     };
+    let plain = SendOptions::default();
     let (warm, _) = send_window(
         &sender,
         &target,
         &payload,
+        &plain,
         outstanding,
         &plan(options.warmup),
     )
@@ -992,6 +1059,7 @@ async fn send_pipelined(
         &sender,
         &target,
         &payload,
+        &plain,
         outstanding,
         &plan(options.measure),
     )
@@ -1003,18 +1071,19 @@ async fn send_pipelined(
     Ok(Outcome::Rate(per_second(acked, done - start)))
 }
 
-/// Sends `payload` to `target` for `plan`, at most `window` unacknowledged,
-/// each awaited in order; returns how many, and when the last outcome
-/// arrived.
+/// Sends `payload` to `target` with `options` for `plan`, at most
+/// `window` unacknowledged, each awaited in order; returns how many, and
+/// when the last outcome arrived.
 ///
 /// # Errors
 ///
-/// If any send failed, or a submit or an outcome took longer than
-/// [`WAIT_TIMEOUT`].
+/// If any send failed (a recoverable one still queued included), or a
+/// submit or an outcome took longer than [`WAIT_TIMEOUT`].
 async fn send_window(
     sender: &Node,
     target: &Target,
     payload: &Bytes,
+    options: &SendOptions,
     window: usize,
     plan: &Plan,
 ) -> anyhow::Result<(u64, Instant)> {
@@ -1032,7 +1101,7 @@ async fn send_window(
                 }
             }
             let next = sender
-                .submit(target.clone(), SERVICE, payload.clone())
+                .submit_with(target.clone(), SERVICE, payload.clone(), options)
                 .await
                 .context("submit")?;
             pending.push_back(next);
@@ -1043,6 +1112,141 @@ async fn send_window(
         delivered_once(oldest).await?;
     }
     Ok((sent, Instant::now()))
+}
+
+/// A receiver and a sender (returned in that order), each with a store
+/// of its own ([`Cluster::store_dir`]); the receiver reads every message
+/// of [`SERVICE`] with `Inbox::recv` and counts it into `received`.
+async fn recoverable_pair(
+    cluster: &mut Cluster<'_>,
+    received: &Counter,
+) -> anyhow::Result<(Node, Node)> {
+    let mut config = small_config();
+    config.node.data_dir = Some(cluster.store_dir("receiver"));
+    let receiver = cluster.node("receiver", &config, &[], Role::Server).await?;
+    cluster.drain_into(&receiver, received).await?;
+    config.node.data_dir = Some(cluster.store_dir("sender"));
+    let sender = cluster.node("sender", &config, &[], Role::Server).await?;
+    Ok((receiver, sender))
+}
+
+/// Checks that `sender` holds no recoverable message its receiver has
+/// not acknowledged (each outcome was `Ok`, so none should be).
+fn none_held(sender: &Node) -> anyhow::Result<()> {
+    let held = sender.recoverable_unacknowledged();
+    ensure!(
+        held == 0,
+        "{held} recoverable messages still unacknowledged after every outcome was Ok"
+    );
+    Ok(())
+}
+
+/// Recoverable sends from one node with a store to another, `outstanding`
+/// in an ordered window, through the message server: acknowledgements
+/// per second (each one stored by both nodes).
+async fn recoverable_send(
+    cluster: &mut Cluster<'_>,
+    body: usize,
+    outstanding: usize,
+    options: &Options,
+) -> anyhow::Result<Outcome> {
+    ensure!(outstanding > 0, "nothing in flight");
+    let received = Counter::new();
+    let (receiver, sender) = recoverable_pair(cluster, &received).await?;
+    let target = Target::Node(receiver.id().clone());
+    let payload = Bytes::from(vec![0x5A; body]);
+    let receivers = [receiver];
+    let check = PathCheck::begin(Via::Server, &sender, &receivers);
+    let recoverable = SendOptions::new().recoverable();
+    let plan = |duration| Plan {
+        duration,
+        min_bodies: 1,
+    };
+    let (warm, _) = send_window(
+        &sender,
+        &target,
+        &payload,
+        &recoverable,
+        outstanding,
+        &plan(options.warmup),
+    )
+    .await
+    .context("warm-up")?;
+    let start = Instant::now();
+    let (acked, done) = send_window(
+        &sender,
+        &target,
+        &payload,
+        &recoverable,
+        outstanding,
+        &plan(options.measure),
+    )
+    .await?;
+    wait_for_count(&received, warm + acked, WAIT_TIMEOUT)
+        .await
+        .context("draining the receiver's inbox")?;
+    check.verify(&sender, &receivers, warm + acked, Some(warm + acked))?;
+    none_held(&sender)?;
+    Ok(Outcome::Rate(per_second(acked, done - start)))
+}
+
+/// One recoverable send, awaited: it must reach its one receiver.
+async fn recoverable_once(
+    sender: &Node,
+    target: &Target,
+    payload: &Bytes,
+    options: &SendOptions,
+) -> anyhow::Result<()> {
+    let report = sender
+        .send_with(target.clone(), SERVICE, payload.clone(), options)
+        .await
+        .context("a recoverable send")?;
+    ensure!(
+        report.is_complete() && report.delivered.len() == 1,
+        "a recoverable send not delivered: {report:?}"
+    );
+    Ok(())
+}
+
+/// Recoverable sends one at a time, through the message server:
+/// per-send percentiles (from the call until the receiver stored and
+/// acknowledged it).
+async fn recoverable_latency(
+    cluster: &mut Cluster<'_>,
+    body: usize,
+    options: &Options,
+) -> anyhow::Result<Outcome> {
+    let received = Counter::new();
+    let (receiver, sender) = recoverable_pair(cluster, &received).await?;
+    let target = Target::Node(receiver.id().clone());
+    let payload = Bytes::from(vec![0x5A; body]);
+    let receivers = [receiver];
+    let check = PathCheck::begin(Via::Server, &sender, &receivers);
+    let recoverable = SendOptions::new().recoverable();
+    let mut sends = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < options.warmup {
+        recoverable_once(&sender, &target, &payload, &recoverable)
+            .await
+            .context("warm-up")?;
+        sends += 1;
+    }
+    let mut samples = crate::latency::histogram();
+    let start = Instant::now();
+    while start.elapsed() < options.measure {
+        let sent = Instant::now();
+        recoverable_once(&sender, &target, &payload, &recoverable).await?;
+        crate::latency::record(&mut samples, sent.elapsed().as_nanos() as u64);
+    }
+    sends += samples.len();
+    wait_for_count(&received, sends, WAIT_TIMEOUT)
+        .await
+        .context("draining the receiver's inbox")?;
+    check.verify(&sender, &receivers, sends, Some(sends))?;
+    none_held(&sender)?;
+    Latency::from_histogram(&samples)
+        .map(Outcome::Latency)
+        .context("no recoverable send completed")
 }
 
 /// A requester and a responder that echoes the body.
@@ -1249,11 +1453,13 @@ impl Pair {
         let target = Target::Node(self.receivers[0].id().clone());
         let check = PathCheck::begin(self.via, &self.sender, &self.receivers);
         let base = self.received.get();
-        let (warm, _) = send_window(&self.sender, &target, payload, window, warmup)
+        let plain = SendOptions::default();
+        let (warm, _) = send_window(&self.sender, &target, payload, &plain, window, warmup)
             .await
             .context("warm-up")?;
         let start = Instant::now();
-        let (sent, done) = send_window(&self.sender, &target, payload, window, measure).await?;
+        let (sent, done) =
+            send_window(&self.sender, &target, payload, &plain, window, measure).await?;
         let transfer = Transfer::new(sent, payload.len(), done - start);
         wait_for_count(&self.received, base + warm + sent, WAIT_TIMEOUT)
             .await

@@ -8,10 +8,10 @@
 //! | case | raw pattern | result |
 //! | --- | --- | --- |
 //! | `Notify`, `Session` | [`raw_tcp::sink`]: one connection, one-way | frames/s received |
-//! | `SendPipelined` | [`raw_tcp::pipelined_ack`]: a 4-byte ack per frame, `outstanding` unacknowledged | acks/s |
+//! | `SendPipelined`, `RecoverableSend` | [`raw_tcp::pipelined_ack`]: a 4-byte ack per frame, `outstanding` unacknowledged | acks/s |
 //! | `FanOutAll`, `FanOutGroup` | one producer, `receivers` connections each carrying every frame | deliveries/s |
 //! | `AnyOf` | one producer, frames dealt round-robin over `members` connections | frames/s received in all |
-//! | `RequestLatency` | one frame echoed back, one at a time | µs percentiles |
+//! | `RequestLatency`, `RecoverableLatency` | one frame echoed back, one at a time | µs percentiles |
 //! | `RequestRate` | frames echoed back, `outstanding` in flight | replies/s |
 //! | `Bulk` | [`bulk_tcp::bulk_ack`], [`BULK_IN_FLIGHT`] in flight (the path is irrelevant) | MB/s |
 //! | `FixedRate`, `NotifyTls`, `LazyTls` | none: "n/a" | |
@@ -88,9 +88,12 @@ pub async fn run(case: Case, options: &Options) -> Measurement {
         }
         Case::SendPipelined {
             body, outstanding, ..
-        } => raw_tcp::pipelined_ack(options, body, outstanding)
-            .await
-            .map(Outcome::Rate),
+        }
+        | Case::RecoverableSend { body, outstanding } => {
+            raw_tcp::pipelined_ack(options, body, outstanding)
+                .await
+                .map(Outcome::Rate)
+        }
         Case::FanOutAll { receivers, body } | Case::FanOutGroup { receivers, body } => {
             spread(options, body, receivers, Spread::Every)
                 .await
@@ -99,7 +102,9 @@ pub async fn run(case: Case, options: &Options) -> Measurement {
         Case::AnyOf { members, body } => spread(options, body, members, Spread::RoundRobin)
             .await
             .map(Outcome::Rate),
-        Case::RequestLatency { body } => ping_pong(options, body).await,
+        Case::RequestLatency { body } | Case::RecoverableLatency { body } => {
+            ping_pong(options, body).await
+        }
         Case::RequestRate { body, outstanding } => echo_rate(options, body, outstanding)
             .await
             .map(Outcome::Rate),

@@ -18,10 +18,10 @@
 //! | --- | --- | --- |
 //! | `Notify` | one sender, one receiver, one-way | frames/s received |
 //! | `FixedRate` | the same at the case's rate, bodies stamped with their due time ([`crate::latency`]) | µs percentiles of arrival minus due time |
-//! | `SendPipelined` | the receiver answers each frame with an ack frame to the sender, `outstanding` unacknowledged | acks/s |
+//! | `SendPipelined`, `RecoverableSend` | the receiver answers each frame with an ack frame to the sender, `outstanding` unacknowledged | acks/s |
 //! | `FanOutAll`, `FanOutGroup` | frames to [`ALL`] of `receivers` receivers | deliveries/s |
 //! | `AnyOf` | frames to [`ANY`] of `members` receivers | frames/s received in all |
-//! | `RequestLatency` | a frame echoed back (readdressed), one at a time | µs percentiles |
+//! | `RequestLatency`, `RecoverableLatency` | a frame echoed back (readdressed), one at a time | µs percentiles |
 //! | `Priority` | the same, while the sender's one queue carries a backlog of 4 KiB frames to the same receiver ahead of it | µs percentiles |
 //! | `RequestRate` | frames echoed back, `outstanding` in flight | replies/s |
 //! | `Bulk` through the server | bodies each answered by a 1-byte ack frame, [`BULK_IN_FLIGHT`] in flight, [`bulk_plans`] | MB/s |
@@ -437,7 +437,8 @@ async fn measure(case: Case, options: &Options, relay: SocketAddr) -> anyhow::Re
         Case::FixedRate { body, rate } => fixed_rate(options, relay, body, rate).await?,
         Case::SendPipelined {
             body, outstanding, ..
-        } => {
+        }
+        | Case::RecoverableSend { body, outstanding } => {
             let ack = Answer::Ack(frame(SENDER, &[0; 4])?);
             rate(answered(options, relay, body, outstanding, ack, "acked").await?)
         }
@@ -445,7 +446,9 @@ async fn measure(case: Case, options: &Options, relay: SocketAddr) -> anyhow::Re
             rate(one_way(options, relay, body, receivers, ALL).await?)
         }
         Case::AnyOf { members, body } => rate(one_way(options, relay, body, members, ANY).await?),
-        Case::RequestLatency { body } => ping_pong(options, relay, body).await?.into(),
+        Case::RequestLatency { body } | Case::RecoverableLatency { body } => {
+            ping_pong(options, relay, body).await?.into()
+        }
         Case::Priority { body } => behind_a_backlog(options, relay, body).await?.into(),
         Case::RequestRate { body, outstanding } => {
             let echo = Answer::Echo { to: SENDER };

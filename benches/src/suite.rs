@@ -163,6 +163,26 @@ pub enum Case {
         /// Body size.
         body: usize,
     },
+    /// Recoverable `send` (stored by the sender, then by the receiver,
+    /// before it is acknowledged) from one node with a store to another,
+    /// `outstanding` in flight through the message server, messages/s
+    /// acknowledged; compared with JetStream publish-with-ack with the
+    /// same window (the pattern of [`Case::SendPipelined`] against
+    /// [`SendPeer::JetStream`]). Its floors are those of the plain send.
+    RecoverableSend {
+        /// Body size.
+        body: usize,
+        /// Messages in flight.
+        outstanding: usize,
+    },
+    /// One recoverable `send` at a time through the message server:
+    /// latency percentiles; compared with JetStream publish-with-ack, one
+    /// outstanding. Its floors are those of request/reply, one
+    /// outstanding (the same four hops).
+    RecoverableLatency {
+        /// Body size.
+        body: usize,
+    },
 }
 
 /// The backlog's bodies in [`Case::Priority`].
@@ -181,6 +201,7 @@ impl Case {
         match self {
             Case::Notify { .. }
             | Case::SendPipelined { .. }
+            | Case::RecoverableSend { .. }
             | Case::AnyOf { .. }
             | Case::Session { .. }
             | Case::NotifyTls { .. } => "msgs/s",
@@ -188,7 +209,8 @@ impl Case {
             Case::RequestLatency { .. }
             | Case::FixedRate { .. }
             | Case::HeadOfLine { .. }
-            | Case::Priority { .. } => "µs p50/p99/p99.9",
+            | Case::Priority { .. }
+            | Case::RecoverableLatency { .. } => "µs p50/p99/p99.9",
             Case::RequestRate { .. } => "requests/s",
             Case::Bulk { .. } | Case::LazyTls { .. } | Case::Stream { .. } => "MB/s",
         }
@@ -237,6 +259,7 @@ impl Case {
                 | Case::FixedRate { .. }
                 | Case::HeadOfLine { .. }
                 | Case::Priority { .. }
+                | Case::RecoverableLatency { .. }
         )
     }
 
@@ -331,6 +354,14 @@ impl fmt::Display for Case {
                 size(body),
                 size(HOL_BULK_BYTES)
             ),
+            Case::RecoverableSend { body, outstanding } => write!(
+                f,
+                "recoverable send {}, {outstanding} in flight vs JetStream publish-with-ack",
+                size(body)
+            ),
+            Case::RecoverableLatency { body } => {
+                write!(f, "recoverable send {}, 1 outstanding", size(body))
+            }
         }
     }
 }
@@ -387,6 +418,11 @@ impl System {
     ///   direct-path case; direct raw TCP has no fixed-rate case (the
     ///   relay is that case's floor).
     /// - Ours runs a send once whichever NATS peer it is compared with.
+    /// - A recoverable send: nats.go runs the JetStream publish-with-ack of
+    ///   the plain send's row (the same window), or one publish at a time
+    ///   for the latency row; async-nats has none. The relay and raw TCP
+    ///   run the floors of the plain send and of request/reply with one
+    ///   outstanding: the path without a store.
     pub fn pattern(self, case: Case) -> Option<Case> {
         let send = |body, outstanding| Case::SendPipelined {
             body,
@@ -394,6 +430,22 @@ impl System {
             peer: SendPeer::Publish,
         };
         match (self, case) {
+            (System::Ours, Case::RecoverableSend { .. } | Case::RecoverableLatency { .. }) => {
+                Some(case)
+            }
+            (System::AsyncNats, Case::RecoverableSend { .. } | Case::RecoverableLatency { .. }) => {
+                None
+            }
+            (System::NatsGo, Case::RecoverableSend { body, outstanding }) => {
+                Some(Case::SendPipelined {
+                    body,
+                    outstanding,
+                    peer: SendPeer::JetStream,
+                })
+            }
+            (System::NatsGo, Case::RecoverableLatency { .. }) => Some(case),
+            (_, Case::RecoverableSend { body, outstanding }) => Some(send(body, outstanding)),
+            (_, Case::RecoverableLatency { body }) => Some(Case::RequestLatency { body }),
             (System::NatsGo, Case::NotifyTls { .. }) => Some(case),
             (System::Ours, Case::NotifyTls { .. } | Case::LazyTls { .. }) => Some(case),
             (_, Case::NotifyTls { .. } | Case::LazyTls { .. }) => None,
@@ -781,6 +833,11 @@ pub fn cases(quick: bool) -> Vec<Case> {
         Case::FixedRate { body: 128, rate: 0 },
         send(128, SendPeer::Publish),
         send(128, SendPeer::JetStream),
+        Case::RecoverableSend {
+            body: 128,
+            outstanding: 256,
+        },
+        Case::RecoverableLatency { body: 128 },
         send(1024, SendPeer::Publish),
         Case::FanOutAll {
             receivers: 8,
@@ -970,6 +1027,33 @@ mod tests {
         assert_eq!(notify.plain(), notify);
         assert!(notify_tls.tls() && lazy_tls.tls() && !notify.tls() && !lazy.tls());
         assert!(notify_tls.through_server() && !lazy_tls.through_server());
+        // Recoverable: nats.go's JetStream (the plain row's window shared),
+        // no async-nats, the floors of the plain send and of request/reply.
+        let recoverable = Case::RecoverableSend {
+            body: 128,
+            outstanding: 256,
+        };
+        let one = Case::RecoverableLatency { body: 128 };
+        assert_eq!(System::Ours.pattern(recoverable), Some(recoverable));
+        assert_eq!(System::Ours.pattern(one), Some(one));
+        assert_eq!(
+            System::NatsGo.pattern(recoverable),
+            System::NatsGo.pattern(send(SendPeer::JetStream))
+        );
+        assert_eq!(System::NatsGo.pattern(one), Some(one));
+        assert_eq!(System::AsyncNats.pattern(recoverable), None);
+        assert_eq!(System::AsyncNats.pattern(one), None);
+        let request = Case::RequestLatency { body: 128 };
+        for system in [System::Relay, System::Raw] {
+            assert_eq!(
+                system.pattern(recoverable),
+                system.pattern(send(SendPeer::Publish))
+            );
+            assert_eq!(system.pattern(one), system.pattern(request));
+        }
+        assert!(recoverable.through_server() && one.through_server());
+        assert!(!recoverable.is_latency() && one.is_latency());
+        assert_eq!((recoverable.unit(), one.unit()), ("msgs/s", request.unit()));
     }
 
     #[test]
@@ -1010,5 +1094,20 @@ mod tests {
         let quick = cases(true);
         assert_eq!(quick.iter().filter(|c| c.tls()).count(), 2);
         assert!(quick.contains(&lazy_tls.plain()));
+        let recoverable = Case::RecoverableSend {
+            body: 128,
+            outstanding: 256,
+        };
+        let one = Case::RecoverableLatency { body: 128 };
+        assert_eq!(
+            recoverable.to_string(),
+            "recoverable send 128 B, 256 in flight vs JetStream publish-with-ack"
+        );
+        assert_eq!(one.to_string(), "recoverable send 128 B, 1 outstanding");
+        assert!(quick.contains(&recoverable) && quick.contains(&one));
+        // Case names are unique: `=name` selects exactly one.
+        let names: std::collections::HashSet<String> =
+            cases(false).iter().map(Case::to_string).collect();
+        assert_eq!(names.len(), cases(false).len());
     }
 }
