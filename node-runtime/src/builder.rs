@@ -282,6 +282,8 @@ impl NodeBuilder {
                 .spawn(rt.clone().store_receipts().instrument(span.clone()));
             rt.tasks
                 .spawn(rt.clone().watch_recoverable().instrument(span.clone()));
+            rt.tasks
+                .spawn(rt.clone().dispatch_recoverable().instrument(span.clone()));
         }
         let monitor_addr = monitor.map(|(listener, bound)| {
             tracing::info!(parent: &span, "node metrics at http://{bound}/metrics");

@@ -43,7 +43,9 @@ impl SendOptions {
     /// Makes the message recoverable (`Node::send_with` or
     /// `Node::submit_with`, to one node): it
     /// is fsynced in this node's store (`node.data_dir`) before it is
-    /// sent, stored by its receiver before it is acknowledged, and sent
+    /// sent (`submit_with` returns once it is queued for the store, so that
+    /// messages submitted in a row share one fsync; after a crash,
+    /// `Node::recoverable_sent` says which were stored), stored by its receiver before it is acknowledged, and sent
     /// again until it is, across restarts of every process. Its receiver's
     /// application sees it once (see `Message::is_recoverable`). If it is
     /// not delivered within the timeout, the send answers

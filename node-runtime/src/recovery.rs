@@ -1,10 +1,11 @@
 //! Recoverable messages on a node with a store (`node.data_dir`): the
 //! driver of [`cluster_manager::recovery`].
 //!
-//! - **Sending.** [`Runtime::send_recoverable`] numbers the message on the
-//!   stream to its receiver and commits it, with the stream's next number,
-//!   to the store; only once that is fsynced is it sent (as a
-//!   `MessageKind::Recoverable`). Its acknowledgement removes it from the
+//! - **Sending.** [`Runtime::submit_recoverable`] numbers the message on
+//!   the stream to its receiver and queues it, with the stream's next
+//!   number, for the store; the dispatch task sends it (as a
+//!   `MessageKind::Recoverable`) only once that is fsynced, in number
+//!   order, so that messages submitted one after another share fsyncs. Its acknowledgement removes it from the
 //!   store; a failure leaves it there, and the redelivery task sends it
 //!   again, in order with the others of its stream, until it is
 //!   acknowledged. At start the node sends again whatever its store
@@ -53,6 +54,21 @@ const WATCH_SLACK: Duration = Duration::from_millis(250);
 /// most (those it watches are bounded by `node.max_in_flight`).
 const WATCH_QUEUE: usize = 1024;
 
+/// A recoverable message numbered and queued for the store, to send once
+/// it is on disk.
+struct Dispatch {
+    receiver: NodeId,
+    pseq: u64,
+    floor: u64,
+    service: Arc<str>,
+    priority: Priority,
+    body: Bytes,
+    durable: clustercomm_store::Queued,
+    tx: oneshot::Sender<Completion>,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+}
+
 /// A recoverable message sent for the first time, watched until its
 /// outcome is known.
 struct Watched {
@@ -94,6 +110,8 @@ pub(crate) struct Recovery {
     pub(crate) receipts: Mutex<Receipts>,
     receipt_tx: mpsc::Sender<Receipt>,
     receipt_rx: Mutex<Option<mpsc::Receiver<Receipt>>>,
+    dispatch_tx: mpsc::Sender<Dispatch>,
+    dispatch_rx: Mutex<Option<mpsc::Receiver<Dispatch>>>,
     watch_tx: mpsc::Sender<Watched>,
     watch_rx: Mutex<Option<mpsc::Receiver<Watched>>>,
     /// Wakes the redelivery task: something failed.
@@ -150,6 +168,7 @@ impl Recovery {
         }
         let (receipt_tx, receipt_rx) = mpsc::channel(RECEIPT_QUEUE);
         let (watch_tx, watch_rx) = mpsc::channel(WATCH_QUEUE);
+        let (dispatch_tx, dispatch_rx) = mpsc::channel(WATCH_QUEUE);
         Recovery {
             store,
             epoch: contents.epoch,
@@ -158,6 +177,8 @@ impl Recovery {
             receipts: Mutex::new(receipts),
             receipt_tx,
             receipt_rx: Mutex::new(Some(receipt_rx)),
+            dispatch_tx,
+            dispatch_rx: Mutex::new(Some(dispatch_rx)),
             watch_tx,
             watch_rx: Mutex::new(Some(watch_rx)),
             wake: Notify::new(),
@@ -200,11 +221,11 @@ impl Runtime {
             .await
     }
 
-    /// Stores `body` for `receiver`'s `service` as a recoverable message
-    /// and queues it (see the module docs): returns once it is stored and
-    /// queued, with a handle to await its outcome. Dropping the handle
-    /// changes nothing: the node watches the message until it is
-    /// acknowledged.
+    /// Queues `body` for `receiver`'s `service` as a recoverable message
+    /// (see the module docs): returns once it is numbered and queued for
+    /// the store, with a handle to await its outcome; it is sent once it
+    /// is on disk. Dropping the handle changes nothing: the node watches
+    /// the message until it is acknowledged.
     pub(crate) async fn submit_recoverable(
         &self,
         target: Target,
@@ -228,7 +249,12 @@ impl Runtime {
         }
         let priority = priority.unwrap_or_else(|| self.config.service_priority(service));
         let service: Arc<str> = Arc::from(service);
-        let (numbered, committed) = {
+        let (tx, rx) = oneshot::channel();
+        let started = tokio::time::Instant::now();
+        // Numbered and queued for the store under the order lock, and
+        // handed to the dispatch task in the same order: the store commits,
+        // and the wire carries, each stream's numbers in order.
+        let pseq = {
             let _order = rec.order.lock().await;
             let numbered = lock(&rec.outbox).number(&receiver);
             let record = Outgoing {
@@ -249,51 +275,98 @@ impl Runtime {
                 Change::Put(Record::Outgoing(record)),
                 Change::Put(Record::Mark(next)),
             ];
-            (numbered, rec.store.queue(changes).await)
-        };
-        if let Err(e) = committed.durable().await {
-            // Not stored: not sent, and never to be.
-            self.recovery_outcome(&receiver, numbered.pseq, Err(()));
-            return Err(SendError::NotRecoverable {
-                reason: e.to_string(),
-            });
-        }
-        let kind = MessageKind::Recoverable {
-            epoch: rec.epoch,
-            pseq: numbered.pseq,
-            floor: numbered.floor,
-        };
-        let target = Target::Node(receiver.clone());
-        let pseq = numbered.pseq;
-        let pending = match self
-            .submit(target, &service, body, kind, Some(priority), timeout)
-            .await
-        {
-            Ok(pending) => pending,
-            Err(cause) => {
-                self.recovery_outcome(&receiver, pseq, Err(()));
-                return Err(SendError::StillQueued {
-                    node: receiver,
-                    pseq,
-                    cause: Box::new(Runtime::with_timeout(cause, timeout)),
-                });
+            let durable = rec.store.queue(changes).await;
+            let dispatch = Dispatch {
+                receiver,
+                pseq: numbered.pseq,
+                floor: numbered.floor,
+                service,
+                priority,
+                body,
+                durable,
+                tx,
+                deadline: started + timeout,
+                timeout,
+            };
+            if rec.dispatch_tx.send(dispatch).await.is_err() {
+                return Err(self.core.closed_error());
             }
+            numbered.pseq
         };
-        let (tx, rx) = oneshot::channel();
         // A little later than the node's own handle, which answers first.
-        let deadline = tokio::time::Instant::now() + timeout + WATCH_SLACK;
-        let handle = Pending::detached(self.core.clone(), pending.seq(), deadline, timeout, rx);
-        let watched = Watched {
-            receiver,
+        let deadline = started + timeout + WATCH_SLACK;
+        Ok(Pending::detached(
+            self.core.clone(),
             pseq,
-            pending,
-            tx,
+            deadline,
             timeout,
+            rx,
+        ))
+    }
+
+    /// The dispatch task: sends each recoverable message once it is on
+    /// disk, in the order they were numbered, and hands it to the watch
+    /// task. Waiting for the disk here, not in `submit`, lets one task
+    /// submit many messages that share one fsync.
+    pub(crate) async fn dispatch_recoverable(self) {
+        let Some(rec) = self.recovery.as_ref() else {
+            return;
         };
-        if rec.watch_tx.send(watched).await.is_err() {
-            return Err(self.core.closed_error());
+        let Some(mut rx) = lock(&rec.dispatch_rx).take() else {
+            return;
+        };
+        loop {
+            let next = tokio::select! {
+                () = self.cancel.cancelled() => return,
+                next = rx.recv() => next,
+            };
+            let Some(d) = next else { return };
+            if let Err(e) = d.durable.durable().await {
+                // Not stored: never sent.
+                lock(&rec.outbox).lost(&d.receiver, d.pseq);
+                let _ = d.tx.send(Completion::Failed(SendError::NotRecoverable {
+                    reason: e.to_string(),
+                }));
+                continue;
+            }
+            let kind = MessageKind::Recoverable {
+                epoch: rec.epoch,
+                pseq: d.pseq,
+                floor: d.floor,
+            };
+            // What is left of its timeout (a little, if the disk took it
+            // all: it is stored, and sent again if this attempt fails).
+            let left = d
+                .deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .max(Duration::from_millis(1));
+            let target = Target::Node(d.receiver.clone());
+            match self
+                .submit(target, &d.service, d.body, kind, Some(d.priority), left)
+                .await
+            {
+                Ok(pending) => {
+                    let watched = Watched {
+                        receiver: d.receiver,
+                        pseq: d.pseq,
+                        pending,
+                        tx: d.tx,
+                        timeout: d.timeout,
+                    };
+                    if rec.watch_tx.send(watched).await.is_err() {
+                        return;
+                    }
+                }
+                Err(cause) => {
+                    self.recovery_outcome(&d.receiver, d.pseq, Err(()));
+                    let _ = d.tx.send(Completion::Failed(SendError::StillQueued {
+                        node: d.receiver,
+                        pseq: d.pseq,
+                        cause: Box::new(Runtime::with_timeout(cause, d.timeout)),
+                    }));
+                }
+            }
         }
-        Ok(handle)
     }
 
     /// The watch task: learns what became of each recoverable message sent
