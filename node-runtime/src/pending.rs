@@ -31,6 +31,9 @@ pub struct Pending {
     /// for a recoverable message's handle: the node's own handle on the
     /// message holds them (see [`Pending::detached`]).
     _places: Option<Places>,
+    /// A recoverable message's receiver and number: its handle's own
+    /// timeout says it is still queued (see [`Pending::detached`]).
+    recoverable: Option<Box<(transports::protocol::NodeId, u64)>>,
 }
 
 /// A message's places among those in flight: one in their count
@@ -76,14 +79,17 @@ impl Pending {
             rx: Some(rx),
             settled: false,
             _places: Some(places),
+            recoverable: None,
         }
     }
 
-    /// A handle fed by the node rather than by the core: a recoverable
-    /// message's, whose outcome the node watches itself (it stays in the
-    /// store until acknowledged). Dropping it cancels nothing.
+    /// A handle fed by the node rather than by the core: recoverable
+    /// message `seq` to `receiver`, whose outcome the node watches itself
+    /// (it stays in the store until acknowledged). Dropping it cancels
+    /// nothing; its timeout answers `StillQueued`.
     pub(crate) fn detached(
         core: Arc<CoreCell>,
+        receiver: transports::protocol::NodeId,
         seq: u64,
         deadline: Instant,
         after: Duration,
@@ -97,6 +103,7 @@ impl Pending {
             rx: Some(rx),
             settled: true,
             _places: None,
+            recoverable: Some(Box::new((receiver, seq))),
         }
     }
 
@@ -126,10 +133,21 @@ impl Pending {
                 Ok(c)
             }
             Ok(Err(_)) => Err(self.core.closed_error()),
-            Err(_) if self._places.is_none() => Err(SendError::Timeout {
-                after: self.after,
-                waiting_for: vec![],
-            }),
+            Err(_) if self.recoverable.is_some() => {
+                let (node, pseq) = self
+                    .recoverable
+                    .take()
+                    .map(|b| *b)
+                    .unwrap_or_else(|| (transports::protocol::NodeId::new(""), self.seq));
+                Err(SendError::StillQueued {
+                    node,
+                    pseq,
+                    cause: Box::new(SendError::Timeout {
+                        after: self.after,
+                        waiting_for: vec![],
+                    }),
+                })
+            }
             Err(_) => {
                 let waiting_for = self
                     .core

@@ -251,6 +251,7 @@ impl Runtime {
         let service: Arc<str> = Arc::from(service);
         let (tx, rx) = oneshot::channel();
         let started = tokio::time::Instant::now();
+        let receiver_for_handle = receiver.clone();
         // Numbered and queued for the store under the order lock, and
         // handed to the dispatch task in the same order: the store commits,
         // and the wire carries, each stream's numbers in order.
@@ -297,6 +298,7 @@ impl Runtime {
         let deadline = started + timeout + WATCH_SLACK;
         Ok(Pending::detached(
             self.core.clone(),
+            receiver_for_handle,
             pseq,
             deadline,
             timeout,
