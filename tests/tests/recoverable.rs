@@ -388,8 +388,13 @@ async fn recoverable_messages_on_two_paths_arrive_once_in_order() -> anyhow::Res
                 String::from_utf8_lossy(&m.body()[..4])
             );
         }
+        // A message that overtook one on the other path was refused as
+        // past a gap and sent again: its handle says it is still queued.
         for p in pendings {
-            p.outcome().await?;
+            match p.outcome().await {
+                Ok(_) | Err(SendError::StillQueued { .. }) => {}
+                Err(e) => anyhow::bail!("{e}"),
+            }
         }
         ensure!(inbox.try_recv().is_none(), "nothing more");
         let paths = sender.counters();
