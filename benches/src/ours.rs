@@ -27,7 +27,7 @@
 //! | `Stream` | `send_stream` over a lazy channel, one after the other | MB/s |
 //! | `HeadOfLine` | `request` over a lazy channel that carries 64 MiB bodies back to back | µs percentiles |
 //! | `Priority` | `send_with` at `Express`, one at a time, through the message server, while the sender pours `Low` 4 KiB `notify`s to the same node | µs percentiles |
-//! | `RecoverableSend` | `submit_with(.., SendOptions::recoverable())` + `Pending::outcome` in an ordered window of `outstanding`, both nodes with a store; the receiver reads with `Inbox::recv` | messages/s acknowledged |
+//! | `RecoverableSend` | `submit_with(.., SendOptions::recoverable())` + `Pending::outcome` in an ordered window of `outstanding`, both nodes with a store; the receiver reads with `Inbox::recv_many` (256) | messages/s acknowledged |
 //! | `RecoverableLatency` | `send_with(.., SendOptions::recoverable())`, one at a time, the same pair | µs percentiles |
 //!
 //! Nodes run on the default configuration (inboxes of
@@ -42,8 +42,9 @@
 //! directory ([`StoreDir`]), removed when the case ends. A recoverable
 //! message that its node answers `SendError::StillQueued` for (stored,
 //! not delivered in time, to be sent again) fails the case: a healthy run
-//! has none. Each `Inbox::recv` of a recoverable message marks it handed
-//! over in the receiver's store, and a receiver that falls behind holds
+//! has none. The receiver takes messages in batches (`Inbox::recv_many`),
+//! each batch marked handed over in its store with one fsync (`recv` would
+//! take one fsync per message), and a receiver that falls behind holds
 //! up the acknowledgements once its inbox is full, so its reading is part
 //! of the rate.
 //!
@@ -358,6 +359,22 @@ impl<'a> Cluster<'a> {
                 }
                 drop(message);
                 counter.add(1);
+            }
+        }));
+        Ok(())
+    }
+
+    /// Subscribes `node` to [`SERVICE`] and counts every message into
+    /// `received`, taking them in batches with `Inbox::recv_many` (one
+    /// fsync marks a batch of recoverable messages handed over).
+    async fn drain_batches_into(&mut self, node: &Node, received: &Counter) -> anyhow::Result<()> {
+        let mut inbox = subscribe(node).await?;
+        let counter = received.clone();
+        self.tasks.push(tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(256);
+            while inbox.recv_many(&mut batch, 256).await > 0 {
+                counter.add(batch.len() as u64);
+                batch.clear();
             }
         }));
         Ok(())
@@ -1116,7 +1133,7 @@ async fn send_window(
 
 /// A receiver and a sender (returned in that order), each with a store
 /// of its own ([`Cluster::store_dir`]); the receiver reads every message
-/// of [`SERVICE`] with `Inbox::recv` and counts it into `received`.
+/// of [`SERVICE`] with `Inbox::recv_many` and counts it into `received`.
 async fn recoverable_pair(
     cluster: &mut Cluster<'_>,
     received: &Counter,
@@ -1124,7 +1141,7 @@ async fn recoverable_pair(
     let mut config = small_config();
     config.node.data_dir = Some(cluster.store_dir("receiver"));
     let receiver = cluster.node("receiver", &config, &[], Role::Server).await?;
-    cluster.drain_into(&receiver, received).await?;
+    cluster.drain_batches_into(&receiver, received).await?;
     config.node.data_dir = Some(cluster.store_dir("sender"));
     let sender = cluster.node("sender", &config, &[], Role::Server).await?;
     Ok((receiver, sender))

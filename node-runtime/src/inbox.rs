@@ -376,6 +376,8 @@ pub struct Inbox {
     /// A recoverable message taken by [`Inbox::recv`] while its hand-over
     /// is made durable: a cancelled `recv` leaves it here for the next.
     handing: Option<Message>,
+    /// The same for [`Inbox::recv_many`].
+    handing_many: VecDeque<Message>,
 }
 
 /// What a service's processors hold: each message taken from the inbox
@@ -442,6 +444,7 @@ pub(crate) fn inbox(
         batch: VecDeque::new(),
         holding: false,
         handing: None,
+        handing_many: VecDeque::new(),
     };
     (InboxSender { shared }, inbox)
 }
@@ -794,6 +797,51 @@ impl Inbox {
         Some(message)
     }
 
+    /// Up to `limit` messages (at least one: it waits for the first),
+    /// appended to `buf`; how many, 0 once the node has shut down. The
+    /// recoverable ones among them are marked handed over with one fsync
+    /// for all, before they are returned (as [`Inbox::recv`] marks one):
+    /// the way to read recoverable messages faster than one per disk
+    /// flush.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: messages taken by a cancelled call come with the next.
+    pub async fn recv_many(&mut self, buf: &mut Vec<Message>, limit: usize) -> usize {
+        if self.handing_many.is_empty() {
+            let Some(first) = std::future::poll_fn(|cx| self.poll_recv(cx)).await else {
+                return 0;
+            };
+            self.handing_many.push_back(first);
+            while self.handing_many.len() < limit.max(1) {
+                match self.try_recv() {
+                    Some(message) => self.handing_many.push_back(message),
+                    None => break,
+                }
+            }
+        }
+        let mut store = None;
+        let mut changes = Vec::new();
+        for message in &self.handing_many {
+            if let Some((s, c)) = message.handed_changes() {
+                store.get_or_insert(s);
+                changes.extend(c);
+            }
+        }
+        if let Some(store) = store {
+            // Done again after a cancelled wait: the same changes.
+            if let Err(e) = store.commit(changes).await {
+                tracing::error!(error = %e, "the store could not mark recoverable messages handed over; they may be handed over again at the next start");
+            }
+        }
+        let n = self.handing_many.len();
+        for mut message in self.handing_many.drain(..) {
+            message.keep_stored();
+            buf.push(message);
+        }
+        n
+    }
+
     /// [`Inbox::recv`] as a poll; takes from tokio's cooperative budget, as
     /// its channels do, so a service that never waits still lets the other
     /// tasks of its thread run.
@@ -802,6 +850,10 @@ impl Inbox {
         if self.handing.is_some() {
             coop.made_progress();
             return Poll::Ready(self.handing.take());
+        }
+        if !self.handing_many.is_empty() {
+            coop.made_progress();
+            return Poll::Ready(self.handing_many.pop_front());
         }
         if let Some(message) = self.next_taken() {
             coop.made_progress();

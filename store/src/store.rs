@@ -54,6 +54,15 @@ struct Job {
     done: Option<oneshot::Sender<Result<(), StoreError>>>,
 }
 
+impl Job {
+    /// Whether it must be on disk before it is answered (only
+    /// [`Store::commit_later`]'s jobs need not: they are written without
+    /// an fsync, and reach the disk with the next commit that has one).
+    fn durable(&self) -> bool {
+        self.done.is_some()
+    }
+}
+
 /// Counts kept by the writer thread.
 #[derive(Debug, Default)]
 struct Stats {
@@ -194,8 +203,10 @@ impl Store {
         }
     }
 
-    /// Queues `changes` for the next commit without waiting for it; for
-    /// changes whose loss in a crash costs only a repeat (a removal).
+    /// Queues `changes` for the next commit without waiting for it, and
+    /// without an fsync of their own: they reach the disk with the next
+    /// commit that has one. For changes whose loss in a crash costs only a
+    /// repeat (a removal).
     ///
     /// # Errors
     ///
@@ -252,7 +263,8 @@ impl Store {
         &self.path
     }
 
-    /// Transactions written so far (each one fsync).
+    /// Transactions written so far (each one fsync, but those made only of
+    /// [`Store::commit_later`]'s changes).
     pub fn transactions(&self) -> u64 {
         self.stats.transactions.load(Ordering::Relaxed)
     }
@@ -383,9 +395,17 @@ fn draw_epoch() -> u64 {
 
 /// Writes `changes` in one durable transaction.
 pub(crate) fn apply(db: &redb::Database, changes: &[Change]) -> Result<(), String> {
+    apply_with(db, changes, Durability::Immediate)
+}
+
+/// Writes `changes` in one transaction of `durability`.
+fn apply_with(
+    db: &redb::Database,
+    changes: &[Change],
+    durability: Durability,
+) -> Result<(), String> {
     let mut txn = db.begin_write().map_err(|e| e.to_string())?;
-    txn.set_durability(Durability::Immediate)
-        .map_err(|e| e.to_string())?;
+    txn.set_durability(durability).map_err(|e| e.to_string())?;
     {
         let mut table = txn.open_table(RECORDS).map_err(|e| e.to_string())?;
         for change in changes {
@@ -438,8 +458,14 @@ fn write_loop(db: &redb::Database, path: &Path, mut rx: mpsc::Receiver<Job>, sta
                     .iter()
                     .flat_map(|j| j.changes.iter().cloned())
                     .collect();
-                let applied = catch_unwind(AssertUnwindSafe(|| apply(db, &changes)))
-                    .unwrap_or_else(|_| Err("redb panicked writing".into()));
+                let durability = if batch.iter().any(Job::durable) {
+                    Durability::Immediate
+                } else {
+                    Durability::None
+                };
+                let applied =
+                    catch_unwind(AssertUnwindSafe(|| apply_with(db, &changes, durability)))
+                        .unwrap_or_else(|_| Err("redb panicked writing".into()));
                 stats.transactions.fetch_add(1, Ordering::Relaxed);
                 if let Err(detail) = &applied {
                     tracing::error!(path = %path.display(), detail, "the store failed a write; it refuses every write from now on");
