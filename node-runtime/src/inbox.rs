@@ -373,11 +373,12 @@ pub struct Inbox {
     /// Set when processors serve the inbox: each message handed out
     /// counts in the backlog until [`Held::done`] says it was processed.
     holding: bool,
-    /// A recoverable message taken by [`Inbox::recv`] while its hand-over
-    /// is made durable: a cancelled `recv` leaves it here for the next.
-    handing: Option<Message>,
-    /// The same for [`Inbox::recv_many`].
-    handing_many: VecDeque<Message>,
+    /// Messages taken by [`Inbox::recv`] or [`Inbox::recv_many`] while
+    /// the hand-over of the recoverable ones is made durable: a cancelled
+    /// call leaves them here for the next (boxed: one pointer to check on
+    /// every receive).
+    #[allow(clippy::box_collection)]
+    handing: Option<Box<VecDeque<Message>>>,
 }
 
 /// What a service's processors hold: each message taken from the inbox
@@ -444,7 +445,6 @@ pub(crate) fn inbox(
         batch: VecDeque::new(),
         holding: false,
         handing: None,
-        handing_many: VecDeque::new(),
     };
     (InboxSender { shared }, inbox)
 }
@@ -784,17 +784,40 @@ impl Inbox {
             if !message.is_recoverable() {
                 return Some(message);
             }
-            self.handing = Some(message);
+            self.handing = Some(Box::new(VecDeque::from([message])));
         }
-        if let Some((store, changes)) = self.handing.as_ref().and_then(Message::handed_changes) {
-            // Done again after a cancelled wait: the same changes.
-            if let Err(e) = store.commit(changes).await {
-                tracing::error!(error = %e, "the store could not mark a recoverable message handed over; it may be handed over again at the next start");
+        self.mark_handing().await;
+        let handing = self.handing.as_mut()?;
+        let message = handing.pop_front();
+        if handing.is_empty() {
+            self.handing = None;
+        }
+        message
+    }
+
+    /// Marks the recoverable messages in [`Inbox::handing`] handed over,
+    /// with one fsync (done again after a cancelled wait: the same
+    /// changes), so that none is ever handed over again.
+    async fn mark_handing(&mut self) {
+        let Some(handing) = self.handing.as_mut() else {
+            return;
+        };
+        let mut store = None;
+        let mut changes = Vec::new();
+        for message in handing.iter() {
+            if let Some((s, c)) = message.handed_changes() {
+                store.get_or_insert(s);
+                changes.extend(c);
             }
         }
-        let mut message = self.handing.take()?;
-        message.keep_stored();
-        Some(message)
+        if let Some(store) = store {
+            if let Err(e) = store.commit(changes).await {
+                tracing::error!(error = %e, "the store could not mark recoverable messages handed over; they may be handed over again at the next start");
+            }
+        }
+        for message in handing.iter_mut() {
+            message.keep_stored();
+        }
     }
 
     /// Up to `limit` messages (at least one: it waits for the first),
@@ -808,38 +831,37 @@ impl Inbox {
     ///
     /// Cancel safe: messages taken by a cancelled call come with the next.
     pub async fn recv_many(&mut self, buf: &mut Vec<Message>, limit: usize) -> usize {
-        if self.handing_many.is_empty() {
+        if self.handing.is_none() {
             let Some(first) = std::future::poll_fn(|cx| self.poll_recv(cx)).await else {
                 return 0;
             };
-            self.handing_many.push_back(first);
-            while self.handing_many.len() < limit.max(1) {
+            let mut taken = VecDeque::from([first]);
+            while taken.len() < limit.max(1) {
                 match self.try_recv() {
-                    Some(message) => self.handing_many.push_back(message),
+                    Some(message) => taken.push_back(message),
                     None => break,
                 }
             }
+            self.handing = Some(Box::new(taken));
         }
-        let mut store = None;
-        let mut changes = Vec::new();
-        for message in &self.handing_many {
-            if let Some((s, c)) = message.handed_changes() {
-                store.get_or_insert(s);
-                changes.extend(c);
-            }
-        }
-        if let Some(store) = store {
-            // Done again after a cancelled wait: the same changes.
-            if let Err(e) = store.commit(changes).await {
-                tracing::error!(error = %e, "the store could not mark recoverable messages handed over; they may be handed over again at the next start");
-            }
-        }
-        let n = self.handing_many.len();
-        for mut message in self.handing_many.drain(..) {
-            message.keep_stored();
-            buf.push(message);
-        }
+        self.mark_handing().await;
+        let Some(handing) = self.handing.take() else {
+            return 0;
+        };
+        let n = handing.len();
+        buf.extend(*handing);
         n
+    }
+
+    /// The first message a cancelled `recv` or `recv_many` left (its mark,
+    /// if it was not made, is made once it is dropped).
+    fn take_handing(&mut self) -> Option<Message> {
+        let handing = self.handing.as_mut()?;
+        let message = handing.pop_front();
+        if handing.is_empty() {
+            self.handing = None;
+        }
+        message
     }
 
     /// [`Inbox::recv`] as a poll; takes from tokio's cooperative budget, as
@@ -849,11 +871,7 @@ impl Inbox {
         let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
         if self.handing.is_some() {
             coop.made_progress();
-            return Poll::Ready(self.handing.take());
-        }
-        if !self.handing_many.is_empty() {
-            coop.made_progress();
-            return Poll::Ready(self.handing_many.pop_front());
+            return Poll::Ready(self.take_handing());
         }
         if let Some(message) = self.next_taken() {
             coop.made_progress();
@@ -882,7 +900,7 @@ impl Inbox {
     /// A message if one is waiting.
     pub fn try_recv(&mut self) -> Option<Message> {
         if self.handing.is_some() {
-            return self.handing.take();
+            return self.take_handing();
         }
         if let Some(message) = self.next_taken() {
             return Some(message);
@@ -958,6 +976,11 @@ impl Drop for Inbox {
     fn drop(&mut self) {
         // Requests never handed out are answered `NoReply` as they go;
         // recoverable messages stay in the store, for the next start.
+        if let Some(handing) = self.handing.as_mut() {
+            for m in handing.iter_mut() {
+                m.keep_stored();
+            }
+        }
         for m in self.batch.iter_mut() {
             m.keep_stored();
             m.hand_over();
