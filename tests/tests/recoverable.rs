@@ -367,7 +367,7 @@ async fn recoverable_messages_on_two_paths_arrive_once_in_order() -> anyhow::Res
         // lazy channel: pipelined, they may arrive out of order, and the
         // receiver takes them in order all the same.
         let body = |i: u32| {
-            let len = if i % 2 == 0 { 64 } else { 200 * 1024 };
+            let len = if i.is_multiple_of(2) { 64 } else { 200 * 1024 };
             let mut b = format!("{i:04}").into_bytes();
             b.resize(len, b'.');
             b
