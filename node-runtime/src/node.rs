@@ -387,19 +387,7 @@ impl Node {
         body: impl Into<Bytes>,
         options: &SendOptions,
     ) -> Result<DeliveryReport, SendError> {
-        if options.is_recoverable() || self.rt.config.service_recoverable(service) {
-            let timeout = options.timeout_or(self.rt.config.send_timeout());
-            return self
-                .rt
-                .send_recoverable(
-                    target,
-                    service,
-                    body.into(),
-                    options.given_priority(),
-                    timeout,
-                )
-                .await;
-        }
+        // A recoverable message too: `submit_with` takes it.
         self.submit_with(target, service, body, options)
             .await?
             .outcome()

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cluster_manager::recovery::{Outbox, Receipts};
-use cluster_manager::{Completion, DeliveryReport, SendError};
+use cluster_manager::{Completion, SendError};
 use clustercomm_store::{Change, Incoming, Mark, MarkKind, Outgoing, Record, RecordKey, Store};
 use tokio::sync::{mpsc, oneshot, Notify};
 use transports::protocol::{AckStatus, DeliveryFailure, MessageKind, NodeId, Priority, Target};
@@ -205,22 +205,6 @@ fn mark(marks: &[Mark], kind: MarkKind, node: &str) -> u64 {
 }
 
 impl Runtime {
-    /// Sends `body` to `receiver`'s `service` as a recoverable message
-    /// (see the module docs).
-    pub(crate) async fn send_recoverable(
-        &self,
-        target: Target,
-        service: &str,
-        body: Bytes,
-        priority: Option<Priority>,
-        timeout: Duration,
-    ) -> Result<DeliveryReport, SendError> {
-        self.submit_recoverable(target, service, body, priority, timeout)
-            .await?
-            .outcome()
-            .await
-    }
-
     /// Queues `body` for `receiver`'s `service` as a recoverable message
     /// (see the module docs): returns once it is numbered and queued for
     /// the store, with a handle to await its outcome; it is sent once it
