@@ -5,25 +5,25 @@
 //!   the stream to its receiver and queues it, with the stream's next
 //!   number, for the store; the dispatch task sends it (as a
 //!   `MessageKind::Recoverable`) only once that is fsynced, in number
-//!   order, so that messages submitted one after another share fsyncs. Its acknowledgement removes it from the
-//!   store; a failure leaves it there, and the redelivery task sends it
-//!   again, in order with the others of its stream, until it is
-//!   acknowledged. At start the node sends again whatever its store
-//!   holds.
+//!   order, so that messages submitted one after another share fsyncs.
+//!   The watch task learns its outcome: an acknowledgement removes it from
+//!   the store; a failure leaves it there, and the redelivery task sends
+//!   it again (its body read back from the store), in order with the
+//!   others of its stream, until it is acknowledged. At start the node
+//!   sends again whatever its store holds.
 //! - **Receiving.** The connection that reads a recoverable message asks
 //!   [`cluster_manager::recovery::Receipts`] for a verdict. A new one goes
 //!   to the receipt task, which commits it with its stream's `Received`
 //!   mark (many in one transaction), acknowledges it, and queues it for its
-//!   service's inbox. The application has it once it drops the
-//!   [`crate::Message`]: then the record is removed and the stream's
-//!   `Handed` mark raised. At start, the stored messages not yet handed
-//!   over are queued for their service when it is subscribed, before
-//!   anything new.
+//!   service's inbox. `Inbox::recv` (or `recv_many`) removes the record
+//!   and raises the stream's `Handed` mark, fsynced, before it returns the
+//!   message (`poll_recv` and `try_recv` once it is dropped). At start,
+//!   the stored messages not yet handed over are queued for their service
+//!   when it is subscribed, before anything new.
 //!
 //! Order holds per sender and receiver among recoverable messages. The
-//! application sees each once, unless the node crashes while the
-//! application holds it: then it is handed over again at start (its
-//! processing was never confirmed).
+//! application is handed each once; a message in its hands when it
+//! crashes is its own loss.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
