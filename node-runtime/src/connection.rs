@@ -331,7 +331,7 @@ impl AckBatch {
     }
 
     /// Whether the acknowledgements go out on `queue`.
-    fn goes_to(&self, queue: &OutQueue) -> bool {
+    pub(crate) fn goes_to(&self, queue: &OutQueue) -> bool {
         self.queue.same_queue(queue)
     }
 

@@ -37,6 +37,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use transports::protocol::{AckStatus, DeliveryFailure, MessageKind, NodeId, Priority, Target};
 use transports::OutQueue;
 
+use crate::connection::AckBatch;
 use crate::inbox::Message;
 use crate::pending::Pending;
 use crate::runtime::Runtime;
@@ -652,6 +653,9 @@ impl Runtime {
                 })));
             }
             let stored = rec.store.commit(changes).await;
+            // Acknowledgements gathered per connection and sender, a frame
+            // for many (as the pump does).
+            let mut acked: Option<AckBatch> = None;
             for mut r in batch.drain(..) {
                 let (answer, acks) = r.answer;
                 if let Err(e) = &stored {
@@ -665,10 +669,21 @@ impl Runtime {
                 lock(&rec.receipts).stored(&r.origin, r.epoch, r.pseq);
                 r.message
                     .hand_over_recovered(rec.store.clone(), r.origin.clone(), r.epoch, r.pseq);
-                answer
-                    .clone()
-                    .send(&self.id, &self.core, &acks, AckStatus::Accepted)
-                    .await;
+                if !acked.as_ref().is_some_and(|b| b.goes_to(&acks)) {
+                    if let Some(mut previous) = acked.take() {
+                        previous.flush().await;
+                    }
+                    acked = Some(AckBatch::new(
+                        self.id.clone(),
+                        self.core.clone(),
+                        acks.clone(),
+                    ));
+                }
+                if let Some(gathered) = acked.as_mut() {
+                    gathered
+                        .add(answer.to.clone(), answer.to_incarnation, answer.seq)
+                        .await;
+                }
                 // Into the service's backlog: its pump moves it into the
                 // inbox, in order, as room is made; the acknowledgement
                 // went already (it is in the store), and the pump sends
@@ -681,12 +696,31 @@ impl Runtime {
                     message: r.message,
                     acks,
                 };
+                let delivery = match r.queue.tx.try_send(delivery) {
+                    Ok(()) => continue,
+                    Err(mpsc::error::TrySendError::Full(delivery)) => delivery,
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        r.queue
+                            .backlog
+                            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                        tracing::warn!(origin = %r.origin, pseq = r.pseq, "a stored recoverable message's service was unsubscribed; it is handed over at the next start");
+                        continue;
+                    }
+                };
+                // The backlog is full: what is acknowledged goes out before
+                // this waits for room.
+                if let Some(gathered) = acked.as_mut() {
+                    gathered.flush().await;
+                }
                 if r.queue.tx.send(delivery).await.is_err() {
                     r.queue
                         .backlog
                         .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                     tracing::warn!(origin = %r.origin, pseq = r.pseq, "a stored recoverable message's service was unsubscribed; it is handed over at the next start");
                 }
+            }
+            if let Some(mut gathered) = acked {
+                gathered.flush().await;
             }
         }
     }
