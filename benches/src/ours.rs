@@ -1052,20 +1052,46 @@ async fn send_pipelined(
     let receiver = cluster.node("receiver", &config, &[], Role::Server).await?;
     cluster.drain_into(&receiver, &received).await?;
     let sender = cluster.node("sender", &config, &[], Role::Server).await?;
+    let rate = windowed_rate(
+        &sender,
+        receiver,
+        &received,
+        body,
+        outstanding,
+        &SendOptions::default(),
+        options,
+    )
+    .await?;
+    Ok(Outcome::Rate(rate))
+}
+
+/// Sends `body`-byte messages from `sender` to `receiver` (whose inbox
+/// counts into `received`) with `send_options`, `outstanding` in an
+/// ordered window, for the warm-up and then the measured time; waits
+/// until the receiver has them all and checks their path. Acknowledged
+/// messages per second.
+async fn windowed_rate(
+    sender: &Node,
+    receiver: Node,
+    received: &Counter,
+    body: usize,
+    outstanding: usize,
+    send_options: &SendOptions,
+    options: &Options,
+) -> anyhow::Result<f64> {
     let target = Target::Node(receiver.id().clone());
     let payload = Bytes::from(vec![0x5A; body]);
     let receivers = [receiver];
-    let check = PathCheck::begin(Via::Server, &sender, &receivers);
+    let check = PathCheck::begin(Via::Server, sender, &receivers);
     let plan = |duration| Plan {
         duration,
         min_bodies: 1,
     };
-    let plain = SendOptions::default();
     let (warm, _) = send_window(
-        &sender,
+        sender,
         &target,
         &payload,
-        &plain,
+        send_options,
         outstanding,
         &plan(options.warmup),
     )
@@ -1073,19 +1099,19 @@ async fn send_pipelined(
     .context("warm-up")?;
     let start = Instant::now();
     let (acked, done) = send_window(
-        &sender,
+        sender,
         &target,
         &payload,
-        &plain,
+        send_options,
         outstanding,
         &plan(options.measure),
     )
     .await?;
-    wait_for_count(&received, warm + acked, WAIT_TIMEOUT)
+    wait_for_count(received, warm + acked, WAIT_TIMEOUT)
         .await
         .context("draining the receiver's inbox")?;
-    check.verify(&sender, &receivers, warm + acked, Some(warm + acked))?;
-    Ok(Outcome::Rate(per_second(acked, done - start)))
+    check.verify(sender, &receivers, warm + acked, Some(warm + acked))?;
+    Ok(per_second(acked, done - start))
 }
 
 /// Sends `payload` to `target` with `options` for `plan`, at most
@@ -1170,41 +1196,19 @@ async fn recoverable_send(
     ensure!(outstanding > 0, "nothing in flight");
     let received = Counter::new();
     let (receiver, sender) = recoverable_pair(cluster, &received).await?;
-    let target = Target::Node(receiver.id().clone());
-    let payload = Bytes::from(vec![0x5A; body]);
-    let receivers = [receiver];
-    let check = PathCheck::begin(Via::Server, &sender, &receivers);
     let recoverable = SendOptions::new().recoverable();
-    let plan = |duration| Plan {
-        duration,
-        min_bodies: 1,
-    };
-    let (warm, _) = send_window(
+    let rate = windowed_rate(
         &sender,
-        &target,
-        &payload,
-        &recoverable,
+        receiver,
+        &received,
+        body,
         outstanding,
-        &plan(options.warmup),
-    )
-    .await
-    .context("warm-up")?;
-    let start = Instant::now();
-    let (acked, done) = send_window(
-        &sender,
-        &target,
-        &payload,
         &recoverable,
-        outstanding,
-        &plan(options.measure),
+        options,
     )
     .await?;
-    wait_for_count(&received, warm + acked, WAIT_TIMEOUT)
-        .await
-        .context("draining the receiver's inbox")?;
-    check.verify(&sender, &receivers, warm + acked, Some(warm + acked))?;
     none_held(&sender)?;
-    Ok(Outcome::Rate(per_second(acked, done - start)))
+    Ok(Outcome::Rate(rate))
 }
 
 /// One recoverable send, awaited: it must reach its one receiver.

@@ -457,3 +457,33 @@ pub async fn monitor_json(addr: SocketAddr, path: &str) -> anyhow::Result<serde_
     let (_, body) = raw.split_once("\r\n\r\n").context("no body")?;
     serde_json::from_str(body).with_context(|| format!("{path} is not JSON: {body}"))
 }
+
+/// A directory of its own under the system's temporary directory (for a
+/// node's store, `node.data_dir`), removed when dropped.
+pub struct DataDir(PathBuf);
+
+impl DataDir {
+    /// A new directory name for `name`, unique to this process and moment
+    /// (the directory itself is made by whoever writes into it).
+    pub fn new(name: &str) -> DataDir {
+        DataDir(std::env::temp_dir().join(format!(
+            "clustercomm-data-{name}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        )))
+    }
+
+    /// Where it is.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -15,7 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
-use clustercomm_tests::{init_logging, message_server_bin, test_config, ChildProcess, TEST_WAIT};
+use clustercomm_tests::{
+    init_logging, message_server_bin, test_config, ChildProcess, DataDir, TEST_WAIT,
+};
 use node_runtime::{Node, NodeId, SendOptions, Target};
 use tokio::process::Command;
 
@@ -24,28 +26,6 @@ const RECEIVERS: u32 = 2;
 
 fn long() -> bool {
     std::env::var("CLUSTERCOMM_LONG_FAULTS").is_ok_and(|v| v == "1")
-}
-
-/// A directory of its own, removed when dropped.
-struct DataDir(PathBuf);
-
-impl DataDir {
-    fn new(name: &str) -> DataDir {
-        DataDir(std::env::temp_dir().join(format!(
-            "cc-crash-{name}-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or_default()
-        )))
-    }
-}
-
-impl Drop for DataDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn bin(name: &str) -> anyhow::Result<PathBuf> {
@@ -184,7 +164,7 @@ async fn recoverable_messages_survive_kills_of_every_process() -> anyhow::Result
     let mut rng = Lcg(seed);
     let root = DataDir::new("run");
     let server_addr = free_addr()?;
-    let server_config = server_config(&root.0)?;
+    let server_config = server_config(root.path())?;
     let mut server = start_server(server_addr, &server_config).await?;
     let delivered: Delivered = Arc::default();
     let to: Vec<String> = (0..RECEIVERS).map(|r| format!("r{r}")).collect();
@@ -195,7 +175,7 @@ async fn recoverable_messages_survive_kills_of_every_process() -> anyhow::Result
             "--id".to_owned(),
             id.to_owned(),
             "--data".to_owned(),
-            root.0.join(id).display().to_string(),
+            root.path().join(id).display().to_string(),
             "--role".to_owned(),
             role.to_owned(),
         ]
@@ -356,7 +336,7 @@ async fn recoverable_messages_survive_kills_of_every_process() -> anyhow::Result
         }
         for id in ["s0", "s1", "r0", "r1"] {
             let opened = clustercomm_store::Store::open(
-                &root.0.join(id),
+                &root.path().join(id),
                 clustercomm_store::OnDamage::Refuse,
             )?;
             let c = &opened.contents;
@@ -403,9 +383,9 @@ async fn an_acknowledged_message_is_in_the_receivers_store_when_its_sender_learn
     init_logging();
     let root = DataDir::new("ack");
     let server_addr = free_addr()?;
-    let server_config = server_config(&root.0)?;
+    let server_config = server_config(root.path())?;
     let _server = start_server(server_addr, &server_config).await?;
-    let receiver_dir = root.0.join("r0");
+    let receiver_dir = root.path().join("r0");
     let mut receiver = CrashNode {
         args: vec![
             "--server".to_owned(),
@@ -423,7 +403,7 @@ async fn an_acknowledged_message_is_in_the_receivers_store_when_its_sender_learn
     };
     receiver.start(Some((0, Arc::default()))).await?;
     let mut config = test_config();
-    config.node.data_dir = Some(root.0.join("s0"));
+    config.node.data_dir = Some(root.path().join("s0"));
     let sender = Node::builder("s0")
         .config(config)
         .message_server(server_addr.to_string())

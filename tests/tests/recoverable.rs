@@ -3,38 +3,12 @@
 //! until they are, and handed to the receiving application once, across
 //! restarts of sender and receiver.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
-use clustercomm_tests::{bounded, init_logging, next_message, test_config, TestServer};
+use clustercomm_tests::{bounded, init_logging, next_message, test_config, DataDir, TestServer};
 use node_runtime::{Config, Node, NodeId, SendError, SendOptions, Target};
-
-/// A directory of its own, removed when dropped.
-struct DataDir(PathBuf);
-
-impl DataDir {
-    fn new(name: &str) -> DataDir {
-        let dir = std::env::temp_dir().join(format!(
-            "clustercomm-recoverable-{name}-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or_default()
-        ));
-        DataDir(dir)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for DataDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Starts node `id` with its store in `dir`; a store still closing after
 /// the node's last stop is waited for (its file is locked until then).
