@@ -112,6 +112,8 @@ pub struct Resend {
     pub kind: MessageKind,
     /// Its priority.
     pub priority: Priority,
+    /// When it expires (Unix milliseconds), if it does.
+    pub expires_ms: Option<u64>,
     /// Its body (a reference, not a copy).
     pub body: Bytes,
 }
@@ -294,6 +296,7 @@ impl<W> DeliveryTracker<W> {
                     service: p.service.clone(),
                     kind: resend.kind,
                     priority: resend.priority,
+                    expires_ms: resend.expires_ms,
                 };
                 (header, resend.body.clone())
             })
@@ -761,6 +764,7 @@ mod tests {
         Resend {
             kind: MessageKind::Send,
             priority: Priority::Normal,
+            expires_ms: None,
             body: Bytes::from(format!("body {seq}")),
         }
     }

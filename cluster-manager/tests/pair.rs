@@ -142,6 +142,7 @@ impl Pair {
             let resend = Resend {
                 kind: MessageKind::Send,
                 priority: transports::protocol::Priority::Normal,
+                expires_ms: None,
                 body: body.clone(),
             };
             let service: Arc<str> = Arc::from("svc");
@@ -161,6 +162,7 @@ impl Pair {
                 service,
                 kind: MessageKind::Send,
                 priority: transports::protocol::Priority::Normal,
+                expires_ms: None,
             };
             if node.connected && self.server_up {
                 self.wire.push_back(Wire::Message(header, body));

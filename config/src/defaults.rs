@@ -55,6 +55,14 @@ pub const DEFAULT_PARK_SENDER_BYTES: usize = 64 * 1024 * 1024;
 /// How long a message waits for room in a full receiver's queue before it
 /// is parked (`message_server.park_after_ms`).
 pub const DEFAULT_PARK_AFTER_MS: u64 = 20;
+
+/// Entries the message server's dead-letter queue holds at most
+/// (`message_server.dead_letter_entries`).
+pub const DEFAULT_DEAD_LETTER_ENTRIES: usize = 100_000;
+
+/// Bytes of bodies the dead-letter queue holds at most
+/// (`message_server.dead_letter_bytes`): 64 MiB.
+pub const DEFAULT_DEAD_LETTER_BYTES: usize = 64 << 20;
 /// Bytes of one target's messages a node's outgoing queue holds ahead of
 /// its writer (`node.target_queue_bytes`).
 pub const DEFAULT_TARGET_QUEUE_BYTES: usize = 1024 * 1024;

@@ -62,6 +62,18 @@ impl Config {
         !self.services.is_empty() && self.services.get(service).is_some_and(|s| s.recoverable)
     }
 
+    /// How long messages to `service` live by default
+    /// (`services.<service>.retention_ms`), if they expire.
+    pub fn service_retention(&self, service: &str) -> Option<Duration> {
+        if self.services.is_empty() {
+            return None;
+        }
+        self.services
+            .get(service)
+            .and_then(|s| s.retention_ms)
+            .map(Duration::from_millis)
+    }
+
     /// `cluster.failure_timeout_ms` as a duration.
     pub fn failure_timeout(&self) -> Duration {
         Duration::from_millis(self.cluster.failure_timeout_ms)
@@ -92,6 +104,11 @@ pub struct ServiceConfig {
     /// acknowledged). Default false.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub recoverable: bool,
+    /// How long its messages live, in milliseconds, when the sender does
+    /// not say (`SendOptions::ttl`): past it a message is never delivered,
+    /// and it goes to the dead-letter queue. None (the default): forever.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention_ms: Option<u64>,
 }
 
 /// `[cluster]`: what every member must agree on.
@@ -201,6 +218,17 @@ pub struct MessageServerConfig {
     /// queue (the sender waits, then hears `Overloaded`). Default
     /// [`DEFAULT_MEMORY_BUDGET_BYTES`].
     pub memory_budget_bytes: usize,
+    /// Where the message server keeps its dead-letter queue
+    /// (`store.redb`), so that it survives a restart. None (the default):
+    /// the queue lives in memory only.
+    pub data_dir: Option<std::path::PathBuf>,
+    /// Entries the dead-letter queue holds at most; a message past it is
+    /// counted (`overflowed`) and logged, not held. Default
+    /// [`DEFAULT_DEAD_LETTER_ENTRIES`].
+    pub dead_letter_entries: usize,
+    /// Bytes of bodies the dead-letter queue holds at most; as
+    /// `dead_letter_entries`. Default [`DEFAULT_DEAD_LETTER_BYTES`].
+    pub dead_letter_bytes: usize,
 }
 
 impl Default for MessageServerConfig {
@@ -222,6 +250,9 @@ impl Default for MessageServerConfig {
             max_unauthenticated: DEFAULT_MAX_UNAUTHENTICATED,
             allow_foreign_direct_addr: false,
             memory_budget_bytes: DEFAULT_MEMORY_BUDGET_BYTES,
+            data_dir: None,
+            dead_letter_entries: DEFAULT_DEAD_LETTER_ENTRIES,
+            dead_letter_bytes: DEFAULT_DEAD_LETTER_BYTES,
         }
     }
 }

@@ -30,6 +30,18 @@ impl Config {
                 "ca_file, cert_file and key_file go together: set all three, or none".into(),
             );
         }
+        if self.message_server.dead_letter_entries == 0 {
+            return bad(
+                "message_server.dead_letter_entries",
+                "must be at least 1 (the dead-letter queue cannot be turned off)".into(),
+            );
+        }
+        if self.services.values().any(|s| s.retention_ms == Some(0)) {
+            return bad(
+                "services.retention_ms",
+                "must be at least 1 (leave it out for messages that never expire)".into(),
+            );
+        }
         // Every connection may keep a 64 KiB chunk of the budget while it
         // holds anything.
         let chunks = self

@@ -203,6 +203,7 @@ mod tests {
             service,
             kind: MessageKind::Send,
             priority: transports::protocol::Priority::Normal,
+            expires_ms: None,
         }
     }
 

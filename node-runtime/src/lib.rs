@@ -89,7 +89,7 @@ pub use error::NodeError;
 pub use inbox::{Inbox, Message};
 pub use membership::{EventsError, MembershipEvent, MembershipEvents};
 pub use node::{Node, Pending, Reply};
-pub use options::{AckMode, SendOptions, SubscribeOptions};
+pub use options::{AckMode, RetryPolicy, SendOptions, SubscribeOptions};
 pub use processors::{HandlerResult, ServeOptions, Serving, ServingStats};
 pub use stream::{BodyStream, StreamError};
 pub use trace::{Trace, TraceEvent};

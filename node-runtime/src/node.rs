@@ -17,7 +17,7 @@ use crate::counters::PathCounters;
 use crate::inbox::Inbox;
 use crate::inbox::Message;
 use crate::membership::MembershipEvents;
-use crate::options::{AckMode, SendOptions, SubscribeOptions};
+use crate::options::{AckMode, SendOptions, Stamp, SubscribeOptions};
 use crate::processors::{HandlerResult, ServeOptions, Serving};
 use crate::runtime::Runtime;
 use crate::services::{ServiceQueue, WhenFull};
@@ -536,7 +536,7 @@ impl Node {
                 service,
                 body.into(),
                 MessageKind::Send,
-                options.given_priority(),
+                options.stamp(&self.rt.config, service),
                 timeout,
             )
             .await
@@ -556,8 +556,10 @@ impl Node {
         service: &str,
         body: impl Into<Bytes>,
     ) -> Result<(), SendError> {
+        // The service's retention, if it has one.
+        let stamp = SendOptions::default().stamp(&self.rt.config, service);
         self.rt
-            .notify(target, service, body.into(), None, None)
+            .notify(target, service, body.into(), None, stamp)
             .await
     }
 
@@ -578,11 +580,11 @@ impl Node {
                 reason: "a one-way message is never recoverable: use send_with".into(),
             });
         }
-        let priority = options.given_priority();
+        let stamp = options.stamp(&self.rt.config, service);
         match options.given_timeout() {
             None => {
                 self.rt
-                    .notify(target, service, body.into(), None, priority)
+                    .notify(target, service, body.into(), None, stamp)
                     .await
             }
             Some(t) => self
@@ -592,7 +594,7 @@ impl Node {
                     service,
                     body.into(),
                     Some(tokio::time::Instant::now() + t),
-                    priority,
+                    stamp,
                 )
                 .await
                 .map_err(|e| Runtime::with_timeout(e, t)),
@@ -665,7 +667,7 @@ impl Node {
                 service,
                 body.into(),
                 MessageKind::Request,
-                options.given_priority(),
+                Stamp::priority(options.given_priority()),
                 timeout,
             )
             .await

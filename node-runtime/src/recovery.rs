@@ -39,6 +39,7 @@ use transports::OutQueue;
 
 use crate::connection::AckBatch;
 use crate::inbox::Message;
+use crate::options::Stamp;
 use crate::pending::Pending;
 use crate::runtime::Runtime;
 use crate::services::{Answer, Delivery, ServiceQueue};
@@ -329,7 +330,14 @@ impl Runtime {
                 .max(Duration::from_millis(1));
             let target = Target::Node(d.receiver.clone());
             match self
-                .submit(target, &d.service, d.body, kind, Some(d.priority), left)
+                .submit(
+                    target,
+                    &d.service,
+                    d.body,
+                    kind,
+                    Stamp::priority(Some(d.priority)),
+                    left,
+                )
                 .await
             {
                 Ok(pending) => {
@@ -509,7 +517,7 @@ impl Runtime {
                     &o.service,
                     Bytes::from(o.body),
                     kind,
-                    Some(priority),
+                    Stamp::priority(Some(priority)),
                     self.config.send_timeout(),
                 )
                 .await;

@@ -129,6 +129,7 @@ impl Replier {
             service: request.service,
             kind,
             priority: request.priority,
+            expires_ms: None,
         }
     }
 
@@ -160,6 +161,7 @@ impl Replier {
                 service: Arc::from(request.service),
                 kind,
                 priority: request.priority,
+                expires_ms: None,
             }),
             body,
         };

@@ -20,6 +20,7 @@ use crate::channels::DirectConn;
 use crate::counters::Counters;
 use crate::direct::get_or_open;
 use crate::fair::ShareTimeout;
+use crate::options::Stamp;
 use crate::pending::{byte_units, Pending, Places};
 use crate::runtime::Runtime;
 use cluster_manager::channels::ChannelKind;
@@ -87,6 +88,7 @@ struct OneByOne<'a> {
     service: &'a str,
     kind: MessageKind,
     priority: Priority,
+    expires_ms: Option<u64>,
     body: Bytes,
 }
 
@@ -283,7 +285,7 @@ impl Runtime {
         service: &str,
         body: Bytes,
         kind: MessageKind,
-        priority: Option<Priority>,
+        stamp: Stamp,
         timeout: Duration,
     ) -> Result<Pending, SendError> {
         let deadline = Instant::now() + timeout;
@@ -294,7 +296,10 @@ impl Runtime {
         } else {
             Awaiting::Acks
         };
-        let priority = priority.unwrap_or_else(|| self.config.service_priority(service));
+        let priority = stamp
+            .priority
+            .unwrap_or_else(|| self.config.service_priority(service));
+        let expires_ms = stamp.expires_ms;
         let numbered = self
             .start_send(&target, service, priority, &body, Some(deadline), true)
             .await?;
@@ -346,6 +351,7 @@ impl Runtime {
                 let resend = Resend {
                     kind,
                     priority,
+                    expires_ms,
                     body: body.clone(),
                 };
                 let (seq, incarnation) = {
@@ -358,7 +364,7 @@ impl Runtime {
                 let pending = self.pending(seq, deadline, timeout, rx, permit);
                 // Usually queued at once, its header encoded from the names
                 // in place; otherwise as a frame, waiting for room.
-                let header = self.message_ref(
+                let mut header = self.message_ref(
                     seq,
                     incarnation,
                     TargetRef::from(&target),
@@ -366,10 +372,12 @@ impl Runtime {
                     kind,
                     priority,
                 );
+                header.expires_ms = expires_ms;
                 if !self.server.queue.try_push_message(&header, &body) {
                     // (A clone: the share is noted by the target below.)
-                    let header =
+                    let mut header =
                         self.header(seq, incarnation, target.clone(), service, kind, priority);
+                    header.expires_ms = expires_ms;
                     let frame = OutFrame::Parts {
                         header: Header::Message(header),
                         body,
@@ -392,6 +400,7 @@ impl Runtime {
                     service: &service,
                     kind,
                     priority,
+                    expires_ms,
                     body,
                 };
                 Box::pin(self.push_direct(conn, &msg, true, Some(deadline))).await?;
@@ -410,6 +419,7 @@ impl Runtime {
                     service: &service,
                     kind,
                     priority,
+                    expires_ms,
                     body,
                 };
                 for member in &members {
@@ -573,13 +583,16 @@ impl Runtime {
         service: &str,
         body: Bytes,
         deadline: Option<Instant>,
-        priority: Option<Priority>,
+        stamp: Stamp,
     ) -> Result<(), SendError> {
         // A send takes from tokio's cooperative budget, as a channel's
         // does: a task that sends in a loop and never waits still lets the
         // writer it woke (and the others on its thread) run.
         tokio::task::consume_budget().await;
-        let priority = priority.unwrap_or_else(|| self.config.service_priority(service));
+        let priority = stamp
+            .priority
+            .unwrap_or_else(|| self.config.service_priority(service));
+        let expires_ms = stamp.expires_ms;
         let Numbered {
             route,
             seq,
@@ -595,6 +608,7 @@ impl Runtime {
             service,
             kind: MessageKind::Notify,
             priority,
+            expires_ms,
             body,
         };
         match route {
@@ -611,7 +625,7 @@ impl Runtime {
                     service,
                 };
                 self.fair_turn(turn, deadline).await?;
-                let header = self.message_ref(
+                let mut header = self.message_ref(
                     seq,
                     incarnation,
                     target_ref,
@@ -619,9 +633,10 @@ impl Runtime {
                     MessageKind::Notify,
                     priority,
                 );
+                header.expires_ms = expires_ms;
                 if !self.server.queue.try_push_message(&header, &body) {
                     let service = self.service_name(service);
-                    let header = self.header(
+                    let mut header = self.header(
                         seq,
                         incarnation,
                         target.clone(),
@@ -629,6 +644,7 @@ impl Runtime {
                         MessageKind::Notify,
                         priority,
                     );
+                    header.expires_ms = expires_ms;
                     let frame = OutFrame::Parts {
                         header: Header::Message(header),
                         body,
@@ -685,6 +701,7 @@ impl Runtime {
             service,
             kind: MessageKind::Notify,
             priority: self.config.service_priority(service),
+            expires_ms: None,
             body,
         };
         self.push_direct(conn, &msg, false, None).await
@@ -692,7 +709,7 @@ impl Runtime {
 
     /// `msg` as a frame of its own, addressed to `node`.
     fn frame_to(&self, node: &NodeId, msg: &OneByOne<'_>) -> OutFrame {
-        let header = self.header(
+        let mut header = self.header(
             msg.seq,
             msg.incarnation,
             Target::Node(node.clone()),
@@ -700,6 +717,7 @@ impl Runtime {
             msg.kind,
             msg.priority,
         );
+        header.expires_ms = msg.expires_ms;
         OutFrame::Parts {
             header: Header::Message(header),
             body: msg.body.clone(),
@@ -769,7 +787,7 @@ impl Runtime {
             // Room at once, usually: the header encoded from the names in
             // place, no frame built, no timer, no waiting future.
             let target = TargetRef::Node(peer.as_str());
-            let header = self.message_ref(
+            let mut header = self.message_ref(
                 msg.seq,
                 msg.incarnation,
                 target,
@@ -777,6 +795,7 @@ impl Runtime {
                 msg.kind,
                 msg.priority,
             );
+            header.expires_ms = msg.expires_ms;
             let queued = if conn.queue.try_push_message(&header, &msg.body) {
                 Ok(())
             } else {

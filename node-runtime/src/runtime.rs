@@ -319,6 +319,7 @@ impl Runtime {
             service,
             kind,
             priority,
+            expires_ms: None,
         }
     }
 
@@ -339,6 +340,7 @@ impl Runtime {
             service,
             kind,
             priority,
+            expires_ms: None,
         }
     }
 

@@ -169,6 +169,7 @@ pub(crate) async fn send<R: AsyncRead + Unpin>(
             service: Arc::from(service),
             kind: MessageKind::Notify,
             priority,
+            expires_ms: None,
         },
         len,
     };
@@ -770,6 +771,7 @@ mod tests {
                 service: Arc::from("files"),
                 kind: MessageKind::Notify,
                 priority: Priority::Normal,
+                expires_ms: None,
             },
             len,
         };

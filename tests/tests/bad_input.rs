@@ -129,6 +129,7 @@ async fn bad_clients_are_cut_off_and_good_nodes_keep_working() -> anyhow::Result
                 service: "svc".into(),
                 kind: MessageKind::Send,
                 priority: transports::protocol::Priority::Normal,
+                expires_ms: None,
             }),
             body: bytes::Bytes::from_static(b"sneaky"),
         })?;

@@ -332,6 +332,7 @@ async fn a_non_member_cannot_open_a_direct_channel() -> anyhow::Result<()> {
             service: "svc".into(),
             kind: transports::protocol::MessageKind::Send,
             priority: transports::protocol::Priority::Normal,
+            expires_ms: None,
         }),
         body: bytes::Bytes::from_static(b"as if from a member"),
     };
@@ -422,6 +423,7 @@ async fn a_member_cannot_be_impersonated_on_a_direct_port() -> anyhow::Result<()
                 service: "svc".into(),
                 kind: transports::protocol::MessageKind::Send,
                 priority: transports::protocol::Priority::Normal,
+                expires_ms: None,
             }),
             body: bytes::Bytes::from_static(b"forged"),
         };

@@ -484,6 +484,7 @@ async fn a_sender_ignoring_busy_parks_no_more_than_its_bound() -> anyhow::Result
                             service: "svc".into(),
                             kind: MessageKind::Send,
                             priority: transports::protocol::Priority::Normal,
+                            expires_ms: None,
                         }),
                         body: body.clone(),
                     },

@@ -472,6 +472,7 @@ async fn hostile_stream_frames_close_the_channel() -> anyhow::Result<()> {
                 service: "files".into(),
                 kind: MessageKind::Notify,
                 priority: Priority::Normal,
+                expires_ms: None,
             },
             len,
         })))

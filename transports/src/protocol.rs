@@ -15,7 +15,7 @@ use smol_str::SmolStr;
 
 /// The protocol version this build speaks. Peers with another version are
 /// refused at the handshake with [`RefusalReason::VersionMismatch`].
-pub const PROTOCOL_VERSION: u16 = 9;
+pub const PROTOCOL_VERSION: u16 = 10;
 
 /// Bytes of a handshake nonce.
 pub const NONCE_BYTES: usize = 16;
@@ -527,6 +527,11 @@ pub struct MessageHeader {
     pub kind: MessageKind,
     /// Which queue it takes on every hop.
     pub priority: Priority,
+    /// When it expires, in milliseconds since the Unix epoch: after that
+    /// it is never delivered, wherever it waits (see [`DeadReason::Expired`]).
+    /// `None`: never. Clocks are taken to be synchronised (NTP): a skew
+    /// between two hosts moves the expiry by as much.
+    pub expires_ms: Option<u64>,
 }
 
 /// A [`Target`] read in place from a received frame: names borrowed, not
@@ -598,6 +603,15 @@ pub struct MessageRef<'a> {
     pub kind: MessageKind,
     /// Which queue it takes on every hop.
     pub priority: Priority,
+    /// When it expires (see [`MessageHeader::expires_ms`]).
+    pub expires_ms: Option<u64>,
+}
+
+impl MessageRef<'_> {
+    /// Whether it has expired at `now_ms` (Unix milliseconds).
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.expires_ms.is_some_and(|at| at <= now_ms)
+    }
 }
 
 impl<'a> From<&'a MessageHeader> for MessageRef<'a> {
@@ -610,6 +624,7 @@ impl<'a> From<&'a MessageHeader> for MessageRef<'a> {
             service: &h.service,
             kind: h.kind,
             priority: h.priority,
+            expires_ms: h.expires_ms,
         }
     }
 }
@@ -729,6 +744,9 @@ pub enum DeliveryFailure {
     /// The receiver is busy (see [`MemberInfo::busy`]) and its queue for
     /// the service was full.
     ReceiverBusy,
+    /// Its time to live ran out before it was delivered
+    /// ([`MessageHeader::expires_ms`]).
+    Expired,
 }
 
 impl fmt::Display for DeliveryFailure {
@@ -746,6 +764,7 @@ impl fmt::Display for DeliveryFailure {
                 f.write_str("not permitted: the sender may not send to this target")
             }
             DeliveryFailure::ReceiverBusy => f.write_str("receiver busy"),
+            DeliveryFailure::Expired => f.write_str("expired: its time to live ran out"),
         }
     }
 }
@@ -1003,6 +1022,158 @@ pub enum Header {
         /// The mark answered.
         mark: u64,
     },
+    /// A node files a message in the message server's dead-letter queue;
+    /// the frame's body is the message's body (see [`DeadLetter`]).
+    DeadLetter(Box<DeadLetter>),
+    /// A node asks the message server for dead letters (see
+    /// [`DeadLetterQuery`]).
+    DeadLetters(Box<DeadLetterQuery>),
+    /// One entry of the answer to a [`Header::DeadLetters`] query; the
+    /// frame's body is the message's body, if bodies were asked for.
+    DeadLetterEntry {
+        /// The query's token.
+        token: u64,
+        /// The entry.
+        entry: Box<DeadLetter>,
+    },
+    /// The end of the answer to a [`Header::DeadLetters`] query.
+    DeadLettersEnd {
+        /// The query's token.
+        token: u64,
+        /// The queue's state after the query, or why it was refused.
+        result: Result<DeadLetterStats, String>,
+    },
+}
+
+/// Why a message went to the dead-letter queue.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeadReason {
+    /// Its time to live ran out before it was delivered.
+    Expired,
+    /// Its target left the cluster for good, or was never in it.
+    TargetGone,
+    /// Its sender may not send to its target (`permissions.send`).
+    NotPermitted,
+    /// Every attempt its retry policy allowed failed.
+    RetriesExhausted {
+        /// The attempts made.
+        attempts: u32,
+        /// Why the last one failed.
+        last: DeliveryFailure,
+    },
+    /// A one-way message that could not be delivered.
+    Undeliverable(DeliveryFailure),
+}
+
+impl DeadReason {
+    /// The reason a message that failed with `failure` is dead-lettered
+    /// for, if it is: a target gone, a refusal by permissions, an expiry;
+    /// any other failure of a one-way message (`one_way`), whose sender
+    /// has nobody to tell. An acknowledged message's other failures are
+    /// its sender's to handle, and not dead-lettered.
+    pub fn for_failure(failure: &DeliveryFailure, one_way: bool) -> Option<DeadReason> {
+        match failure {
+            DeliveryFailure::UnknownTarget | DeliveryFailure::TargetStopped => {
+                Some(DeadReason::TargetGone)
+            }
+            DeliveryFailure::NotPermitted => Some(DeadReason::NotPermitted),
+            DeliveryFailure::Expired => Some(DeadReason::Expired),
+            other if one_way => Some(DeadReason::Undeliverable(other.clone())),
+            _ => None,
+        }
+    }
+
+    /// A short name, for metrics and filters: `expired`, `target_gone`,
+    /// `not_permitted`, `retries_exhausted`, `undeliverable`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DeadReason::Expired => "expired",
+            DeadReason::TargetGone => "target_gone",
+            DeadReason::NotPermitted => "not_permitted",
+            DeadReason::RetriesExhausted { .. } => "retries_exhausted",
+            DeadReason::Undeliverable(_) => "undeliverable",
+        }
+    }
+}
+
+impl fmt::Display for DeadReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeadReason::Expired => f.write_str("expired"),
+            DeadReason::TargetGone => f.write_str("target gone"),
+            DeadReason::NotPermitted => f.write_str("not permitted"),
+            DeadReason::RetriesExhausted { attempts, last } => {
+                write!(
+                    f,
+                    "retries exhausted after {attempts} attempts (last: {last})"
+                )
+            }
+            DeadReason::Undeliverable(why) => write!(f, "undeliverable: {why}"),
+        }
+    }
+}
+
+/// One entry of the dead-letter queue: a message that was not delivered,
+/// and why. Its body travels as the frame's body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Its number in the queue, given by the message server (0 when a node
+    /// files it).
+    pub id: u64,
+    /// The node that sent the message.
+    pub sender: NodeId,
+    /// Where it was going.
+    pub target: Target,
+    /// The service it addressed.
+    pub service: String,
+    /// Its priority.
+    pub priority: Priority,
+    /// Why it is here.
+    pub reason: DeadReason,
+    /// When it was dead-lettered, in Unix milliseconds.
+    pub at_unix_ms: u64,
+    /// The node that filed it (set by the message server from the
+    /// connection it came on; empty for what the server filed itself).
+    pub filed_by: String,
+    /// Its body's length.
+    pub body_bytes: u64,
+}
+
+/// Most entries a [`DeadLetterQuery`] names or returns.
+pub const MAX_DEAD_LETTER_QUERY: usize = 10_000;
+
+/// A query of the dead-letter queue: browse it, or take entries out.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetterQuery {
+    /// Echoed in the answer.
+    pub token: u64,
+    /// Only these entries; empty: every entry after `after`.
+    pub ids: Vec<u64>,
+    /// With no `ids`: entries with a greater id (0: from the first).
+    pub after: u64,
+    /// Most entries answered (at most [`MAX_DEAD_LETTER_QUERY`]).
+    pub limit: u32,
+    /// Remove the entries answered from the queue.
+    pub take: bool,
+    /// Carry their bodies.
+    pub bodies: bool,
+}
+
+/// The dead-letter queue's state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetterStats {
+    /// Entries held.
+    pub entries: u64,
+    /// Bytes of bodies held.
+    pub bytes: u64,
+    /// Entries ever added.
+    pub added: u64,
+    /// Messages that could not be held (the queue was full), ever.
+    pub overflowed: u64,
+    /// The queue's limits: entries and bytes.
+    pub max_entries: u64,
+    /// Its byte limit.
+    pub max_bytes: u64,
 }
 
 /// A stream's opening (and, on a new channel after the last broke, its
@@ -1053,6 +1224,10 @@ impl Header {
             Header::StreamFailed { .. } => "stream failed",
             Header::LowMark { .. } => "low mark",
             Header::LowCredit { .. } => "low credit",
+            Header::DeadLetter(_) => "dead letter",
+            Header::DeadLetters(_) => "dead letters",
+            Header::DeadLetterEntry { .. } => "dead letter entry",
+            Header::DeadLettersEnd { .. } => "dead letters end",
         }
     }
 }

@@ -119,6 +119,13 @@ pub(crate) fn encode_message(h: &MessageRef<'_>, out: &mut [u8]) -> Option<usize
         }
     }
     w.varint(h.priority.index() as u64)?;
+    match h.expires_ms {
+        None => w.varint(0)?,
+        Some(at) => {
+            w.varint(1)?;
+            w.varint(at)?;
+        }
+    }
     Some(w.len)
 }
 
@@ -320,6 +327,12 @@ pub(crate) fn decode_message_with<'a>(
         _ => return Err(Error::SerdeDeCustom),
     };
     let priority = Priority::from_index(r.variant()? as usize).ok_or(Error::SerdeDeCustom)?;
+    // An option's tag is one byte, as postcard reads it.
+    let expires_ms = match r.byte()? {
+        0 => None,
+        1 => Some(r.u64()?),
+        _ => return Err(Error::DeserializeBadOption),
+    };
     let header = MessageRef {
         sender,
         incarnation,
@@ -328,6 +341,7 @@ pub(crate) fn decode_message_with<'a>(
         service,
         kind,
         priority,
+        expires_ms,
     };
     Ok((header, r.pos))
 }
@@ -423,6 +437,7 @@ mod tests {
             service: name(rng),
             kind,
             priority: Priority::ALL[rng.number() as usize % Priority::ALL.len()],
+            expires_ms: (rng.below(2) == 0).then(|| rng.number()),
         }
     }
 
@@ -530,6 +545,7 @@ mod tests {
             service: "web",
             kind: MessageKind::Send,
             priority: Priority::High,
+            expires_ms: None,
         };
         let n = encode_message(&h, &mut buf).expect("fits");
         for _ in 0..3 {

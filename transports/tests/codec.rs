@@ -213,16 +213,20 @@ fn message_header() -> impl Strategy<Value = MessageHeader> {
         text(),
         message_kind(),
         0..transports::protocol::Priority::ALL.len(),
+        proptest::option::of(any::<u64>()),
     )
         .prop_map(
-            |(sender, incarnation, seq, target, service, kind, priority)| MessageHeader {
-                sender,
-                incarnation,
-                seq,
-                target,
-                service: Arc::from(service),
-                kind,
-                priority: transports::protocol::Priority::ALL[priority],
+            |(sender, incarnation, seq, target, service, kind, priority, expires_ms)| {
+                MessageHeader {
+                    sender,
+                    incarnation,
+                    seq,
+                    target,
+                    service: Arc::from(service),
+                    kind,
+                    priority: transports::protocol::Priority::ALL[priority],
+                    expires_ms,
+                }
             },
         )
 }
@@ -814,6 +818,7 @@ fn peek_tags_match_the_header_variants() {
         service: Arc::from("svc"),
         kind: MessageKind::Notify,
         priority: transports::protocol::Priority::Normal,
+        expires_ms: None,
     });
     let ack = Header::Ack(Ack {
         to: NodeId::new("a"),

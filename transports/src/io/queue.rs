@@ -2556,6 +2556,7 @@ mod tests {
             service: "svc",
             kind: MessageKind::Notify,
             priority: Priority::Low,
+            expires_ms: None,
         };
         let owned = OutFrame::Parts {
             header: Header::Message(MessageHeader {
@@ -2566,6 +2567,7 @@ mod tests {
                 service: Arc::from("svc"),
                 kind: MessageKind::Notify,
                 priority: Priority::Low,
+                expires_ms: None,
             }),
             body: body.clone(),
         };
@@ -2583,6 +2585,7 @@ mod tests {
         // as the numbered frames'.
         let by_ref = MessageRef {
             priority: Priority::Normal,
+            expires_ms: None,
             ..by_ref
         };
         let (q, mut rx) = out_queue(64, 10);
@@ -2838,6 +2841,7 @@ mod stress {
                         service: "svc",
                         kind: MessageKind::Notify,
                         priority: priority(token),
+                        expires_ms: None,
                     };
                     q.try_push_message(&header, &body(token, len))
                 }
