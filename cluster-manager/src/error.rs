@@ -209,6 +209,15 @@ pub enum SendError {
         /// Why this attempt failed.
         cause: Box<SendError>,
     },
+    /// The message's time to live (`SendOptions::ttl`, or its service's
+    /// `retention_ms`) ran out before it was delivered: it was not
+    /// delivered, and went to the dead-letter queue. Definite.
+    #[error("the message to {target} expired before it was delivered (its time to live ran out); it went to the dead-letter queue")]
+    Expired {
+        /// Where it was going (the node that found it expired, if one
+        /// did).
+        target: Target,
+    },
 }
 
 impl SendError {
@@ -231,6 +240,7 @@ impl SendError {
             | SendError::NotPermitted { .. }
             | SendError::StreamFailed { .. }
             | SendError::NotRecoverable { .. }
+            | SendError::Expired { .. }
             | SendError::Shutdown => true,
             SendError::TargetStopped { in_flight, .. } => !in_flight,
             SendError::Timeout { .. }
@@ -284,6 +294,9 @@ impl SendError {
                     .cloned()
                     .unwrap_or_else(|| NodeId::new(target.to_string())),
                 in_flight: false,
+            },
+            DeliveryFailure::Expired => SendError::Expired {
+                target: node_or_target(),
             },
             _ => SendError::Rejected {
                 node: node

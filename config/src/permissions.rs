@@ -95,6 +95,10 @@ pub struct PermissionsConfig {
     /// others' messages (`clustercomm trace`). Default `true`, as every
     /// other permission defaults to anything.
     pub trace: bool,
+    /// Whether the node may browse, take and replay the message server's
+    /// dead letters (`Node::dead_letters`, `clustercomm dead-letters`).
+    /// Default `true`. Filing a dead letter is always permitted.
+    pub dead_letters: bool,
 }
 
 impl Default for PermissionsConfig {
@@ -105,6 +109,7 @@ impl Default for PermissionsConfig {
             join: any(),
             send: any(),
             trace: true,
+            dead_letters: true,
         }
     }
 }
@@ -223,6 +228,7 @@ mod tests {
             join: vec!["web".into()],
             send: vec!["group:web".into(), "node:db-*".into()],
             trace: true,
+            dead_letters: true,
         };
         assert!(p.may_subscribe("cache-users"));
         assert!(!p.may_subscribe("orders"));

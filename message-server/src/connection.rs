@@ -720,7 +720,7 @@ impl Connection {
                     self.acknowledgement(from, from_incarnation, to, to_incarnation, &raw)
                         .await
                 }
-                Peeked::Other(header) => self.control(*header).await,
+                Peeked::Other(header) => self.control(*header, &raw[header_len..]).await,
             };
             if let Some(end) = end {
                 return end;
@@ -752,9 +752,50 @@ impl Connection {
         None
     }
 
-    /// Handles a frame other than a message or an ack.
-    async fn control(&mut self, header: Header) -> Option<End> {
+    /// Handles a frame other than a message or an ack; `body` is the
+    /// frame's body.
+    async fn control(&mut self, header: Header, body: &[u8]) -> Option<End> {
         match header {
+            Header::DeadLetter(mut entry) => {
+                if !valid_name(&entry.service) || !valid_target(&entry.target) {
+                    return Some(End::Violation(
+                        "dead letter with a name of bad length".into(),
+                    ));
+                }
+                // What the server knows, not what the node claims.
+                entry.filed_by = self.me.to_string();
+                self.shared.dead.file(*entry, Bytes::copy_from_slice(body));
+                None
+            }
+            Header::DeadLetters(query) => {
+                let token = query.token;
+                if self.permissions.as_ref().is_some_and(|p| !p.dead_letters) {
+                    tracing::warn!("dead-letter query refused: not permitted");
+                    let end = Header::DeadLettersEnd {
+                        token,
+                        result: Err("not permitted (permissions.dead_letters)".into()),
+                    };
+                    self.reply(OutFrame::control(end)).await;
+                    return None;
+                }
+                let (entries, stats) = self.shared.dead.query(&query);
+                if query.take && !entries.is_empty() {
+                    tracing::info!(taken = entries.len(), "dead letters taken");
+                }
+                for (entry, body) in entries {
+                    let header = Header::DeadLetterEntry {
+                        token,
+                        entry: Box::new(entry),
+                    };
+                    self.reply(OutFrame::Parts { header, body }).await;
+                }
+                let end = Header::DeadLettersEnd {
+                    token,
+                    result: Ok(stats),
+                };
+                self.reply(OutFrame::control(end)).await;
+                None
+            }
             Header::Subscribe { service, .. }
                 if !valid_name(&service) || self.service_count() >= MAX_NAMES_PER_NODE =>
             {
@@ -1029,6 +1070,14 @@ impl Connection {
         Counters::add(&counters.messages, 1);
         Counters::add(&counters.message_bytes, body_len as u64);
         self.session.counters.add_in(raw.len());
+        // Read the clock only for a message that expires.
+        if h.expires_ms.is_some() && h.expired(unix_ms()) {
+            Counters::add(&counters.expired, 1);
+            wakes.wake_all();
+            return self
+                .route_failed(h, raw, body_len, DeliveryFailure::Expired)
+                .await;
+        }
         if self.shared.traces.any() {
             let unix_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -1058,7 +1107,7 @@ impl Connection {
                 Ok(i) => i,
                 Err(failure) => {
                     wakes.wake_all();
-                    return self.route_failed(h, raw, failure).await;
+                    return self.route_failed(h, raw, body_len, failure).await;
                 }
             },
         };
@@ -1196,6 +1245,14 @@ impl Connection {
         Counters::add(&counters.delivery_bytes, (delivered * body_len) as u64);
         if !failed.is_empty() {
             Counters::add(&counters.route_failures, failed.len() as u64);
+            if h.kind == MessageKind::Notify {
+                // Nobody to tell: each receiver's copy is a dead letter.
+                for (receiver, failure) in &failed {
+                    let mut copy = *h;
+                    copy.target = TargetRef::Node(receiver.as_str());
+                    dead_letter(&self.shared, &copy, raw, body_len, failure);
+                }
+            }
         }
         if failed.is_empty() && (!acked || to_node) {
             // Nobody waits (one-way), or the sender knows its only receiver
@@ -1214,7 +1271,13 @@ impl Connection {
     /// A message the table could not route: held during the warm-up after
     /// a restart (its target may not have re-registered yet), answered with
     /// the failure otherwise.
-    async fn route_failed(&self, h: &MessageRef<'_>, raw: &RawFrame<'_>, failure: DeliveryFailure) {
+    async fn route_failed(
+        &self,
+        h: &MessageRef<'_>,
+        raw: &RawFrame<'_>,
+        body_len: usize,
+        failure: DeliveryFailure,
+    ) {
         let counters = &self.shared.counters;
         if failure == DeliveryFailure::UnknownTarget && warming_up(&self.shared) {
             let TargetRef::Node(target) = h.target else {
@@ -1237,6 +1300,13 @@ impl Connection {
             };
             if hold(&self.shared, &target, held).is_err() {
                 Counters::add(&counters.route_failures, 1);
+                dead_letter(
+                    &self.shared,
+                    h,
+                    raw,
+                    body_len,
+                    &DeliveryFailure::UnknownTarget,
+                );
                 let failed = vec![(target, DeliveryFailure::UnknownTarget)];
                 self.reply(routed(
                     h.seq,
@@ -1249,6 +1319,7 @@ impl Connection {
             return;
         }
         Counters::add(&counters.route_failures, 1);
+        dead_letter(&self.shared, h, raw, body_len, &failure);
         // Also for one-way messages: the sender hears of every message that
         // went nowhere. Name the node of a `Node` target, so that a sender
         // reaching several nodes one by one knows which one failed.
@@ -1258,6 +1329,40 @@ impl Connection {
         };
         self.reply(routed(h.seq, vec![], failed, Some(failure)))
             .await;
+    }
+}
+
+/// Files message `h` (whose frame is `raw`, ending in its body of
+/// `body_len` bytes) in the dead-letter queue, if a message of its kind
+/// that failed so goes there (see [`crate::dead::server_files`]).
+fn dead_letter(
+    shared: &Shared,
+    h: &MessageRef<'_>,
+    raw: &RawFrame<'_>,
+    body_len: usize,
+    failure: &DeliveryFailure,
+) {
+    let Some(reason) = crate::dead::server_files(h.kind, failure) else {
+        return;
+    };
+    let entry = crate::dead::from_message(h, reason, unix_ms());
+    let body = Bytes::copy_from_slice(&raw[raw.len() - body_len..]);
+    shared.dead.file(entry, body);
+}
+
+/// Now, in milliseconds since the Unix epoch.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Whether the names of a target a node claims are of valid length.
+fn valid_target(target: &Target) -> bool {
+    match target {
+        Target::Node(n) => valid_name(n.as_str()),
+        Target::Group(g) | Target::AnyOf(g) => valid_name(g),
+        Target::All => true,
     }
 }
 

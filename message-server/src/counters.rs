@@ -19,6 +19,7 @@ pub struct Counters {
     pub(crate) failed_nodes: AtomicU64,
     pub(crate) stale_frames: AtomicU64,
     pub(crate) heartbeats_refused: AtomicU64,
+    pub(crate) expired: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -53,6 +54,9 @@ pub struct CountersSnapshot {
     /// not signed with its session's secret, replayed, or from another
     /// address than the node's.
     pub heartbeats_refused: u64,
+    /// Messages the server found expired (their time to live ran out) and
+    /// did not forward.
+    pub expired: u64,
 }
 
 impl Counters {
@@ -77,6 +81,7 @@ impl Counters {
             failed_nodes: r(&self.failed_nodes),
             stale_frames: r(&self.stale_frames),
             heartbeats_refused: r(&self.heartbeats_refused),
+            expired: r(&self.expired),
         }
     }
 }

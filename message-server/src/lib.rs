@@ -28,6 +28,7 @@
 
 mod connection;
 pub mod counters;
+mod dead;
 pub mod monitor;
 mod parked;
 mod registry;

@@ -47,6 +47,10 @@ pub enum ServerError {
     /// A node's section of the configuration could not be read.
     #[error("invalid configuration")]
     Config(#[from] cluster_config::ConfigError),
+    /// The dead-letter store (`message_server.data_dir`) could not be
+    /// opened: it is damaged, or its directory cannot be used.
+    #[error("cannot open the dead-letter store (message_server.data_dir)")]
+    Store(#[from] clustercomm_store::StoreError),
 }
 
 /// A connected node as the server sees it.
@@ -155,6 +159,8 @@ pub(crate) struct Shared {
     pub(crate) events: EventLog,
     /// The message traces running.
     pub(crate) traces: crate::trace::Traces,
+    /// The dead-letter queue.
+    pub(crate) dead: crate::dead::DeadLetters,
     /// Bumped whenever the state is locked for writing: a connection's
     /// cached routes are good while it stays the same.
     generation: AtomicU64,
@@ -220,6 +226,17 @@ impl ServerHandle {
         self.shared.read().table.members()
     }
 
+    /// The dead-letter queue's state.
+    pub fn dead_letter_stats(&self) -> transports::protocol::DeadLetterStats {
+        self.shared.dead.stats()
+    }
+
+    /// The newest `limit` dead letters (without their bodies), newest
+    /// first.
+    pub fn dead_letters(&self, limit: usize) -> Vec<transports::protocol::DeadLetter> {
+        self.shared.dead.newest(limit)
+    }
+
     /// What every connection shares (for the monitor).
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
@@ -268,7 +285,18 @@ impl MessageServer {
         let budget = transports::io::Budget::new(config.message_server.memory_budget_bytes);
         let parked = transports::io::Budget::new(config.message_server.memory_budget_bytes / 2);
         let permissions = config.permissions_table()?;
+        let ms = &config.message_server;
+        let (entries, bytes) = (ms.dead_letter_entries, ms.dead_letter_bytes);
+        let dead = match ms.data_dir.clone() {
+            Some(dir) => tokio::task::spawn_blocking(move || {
+                crate::dead::DeadLetters::open(&dir, entries, bytes)
+            })
+            .await
+            .map_err(|_| clustercomm_store::StoreError::Closed)??,
+            None => crate::dead::DeadLetters::in_memory(entries, bytes),
+        };
         let shared = Arc::new(Shared {
+            dead,
             events: EventLog::default(),
             permissions,
             refusals: transports::handshake::RefusalLog::default(),
@@ -391,6 +419,7 @@ impl MessageServer {
         {
             tracing::warn!("connection tasks did not finish within the grace period");
         }
+        shared.dead.flush().await;
         result
     }
 }

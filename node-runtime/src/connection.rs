@@ -176,6 +176,13 @@ pub(crate) async fn read_frames(
                     let _ = w.send(Err(reason));
                 }
             }
+            Header::DeadLetterEntry { token, entry } => {
+                let body = bodies.owned_body(&raw, header_len);
+                rt.server.dead_letters.entry(token, *entry, body);
+            }
+            Header::DeadLettersEnd { token, result } => {
+                rt.server.dead_letters.end(token, result);
+            }
             Header::TraceStarted => {
                 let sink = rt.server.trace.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(sink) = sink.as_ref() {

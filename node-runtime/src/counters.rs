@@ -23,6 +23,9 @@ pub(crate) struct Counters {
     pub(crate) refused_failed: AtomicU64,
     pub(crate) refused_not_permitted: AtomicU64,
     pub(crate) channels_refused: AtomicU64,
+    pub(crate) dead_letters_filed: AtomicU64,
+    pub(crate) dead_letters_unfiled: AtomicU64,
+    pub(crate) expired: AtomicU64,
 }
 
 impl Counters {
@@ -49,6 +52,9 @@ impl Counters {
             refused_failed: r(&self.refused_failed),
             refused_not_permitted: r(&self.refused_not_permitted),
             channels_refused: r(&self.channels_refused),
+            dead_letters_filed: r(&self.dead_letters_filed),
+            dead_letters_unfiled: r(&self.dead_letters_unfiled),
+            expired: r(&self.expired),
         }
     }
 }
@@ -93,4 +99,13 @@ pub struct PathCounters {
     /// Inbound direct channels refused at once, over `node.max_channels`
     /// or `node.max_unauthenticated`.
     pub channels_refused: u64,
+    /// Messages this node filed in the message server's dead-letter queue
+    /// (see `Node::dead_letters`).
+    pub dead_letters_filed: u64,
+    /// Dead letters this node could not file (its link to the message
+    /// server was full or down): counted here and logged.
+    pub dead_letters_unfiled: u64,
+    /// Messages this node found expired (in its queues or inboxes) and
+    /// did not deliver.
+    pub expired: u64,
 }

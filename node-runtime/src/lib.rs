@@ -58,6 +58,7 @@ mod channels;
 mod connection;
 mod core;
 pub mod counters;
+pub mod dead_letters;
 mod direct;
 pub mod error;
 mod fair;
@@ -85,6 +86,7 @@ pub use builder::NodeBuilder;
 pub use cluster_config::{Config, ServiceConfig, StoreOnDamage};
 pub use cluster_manager::{DeliveryReport, SendError};
 pub use counters::PathCounters;
+pub use dead_letters::{DeadLetterEntry, DeadLetterError, DeadLetterPage, DeadLetters};
 pub use error::NodeError;
 pub use inbox::{Inbox, Message};
 pub use membership::{EventsError, MembershipEvent, MembershipEvents};
@@ -94,7 +96,8 @@ pub use processors::{HandlerResult, ServeOptions, Serving, ServingStats};
 pub use stream::{BodyStream, StreamError};
 pub use trace::{Trace, TraceEvent};
 pub use transports::protocol::{
-    LeaveReason, MemberInfo, MessageKind, NodeId, Priority, Role, Target, TraceRequest, Traced,
+    DeadLetter, DeadLetterStats, DeadReason, DeliveryFailure, LeaveReason, MemberInfo, MessageKind,
+    NodeId, Priority, Role, Target, TraceRequest, Traced,
 };
 pub use tune::TUNE_SERVICE;
 

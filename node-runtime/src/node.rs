@@ -9,7 +9,9 @@ use bytes::Bytes;
 use cluster_config::Config;
 use cluster_manager::{Completion, DeliveryReport, SendError};
 use tokio::sync::{mpsc, oneshot};
-use transports::protocol::{Header, MemberInfo, MessageKind, NodeId, Target};
+use transports::protocol::{
+    DeadReason, DeliveryFailure, Header, MemberInfo, MessageKind, NodeId, Target,
+};
 use transports::{Lane, OutFrame, Wait};
 
 use crate::connection::pump;
@@ -372,14 +374,23 @@ impl Node {
         service: &str,
         body: impl Into<Bytes>,
     ) -> Result<DeliveryReport, SendError> {
-        self.submit(target, service, body).await?.outcome().await
+        self.send_with(target, service, body, &SendOptions::default())
+            .await
     }
 
-    /// [`Node::send`] with `options` (its own timeout, for one).
+    /// [`Node::send`] with `options`: its own timeout, priority, time to
+    /// live ([`SendOptions::ttl`]), retry policy ([`SendOptions::retry`]),
+    /// or recoverable.
+    ///
+    /// A message whose target is gone (`UnknownTarget`, or
+    /// `TargetStopped` before it left), whose retries ran out, or that
+    /// expired here, goes to the message server's dead-letter queue
+    /// ([`Node::dead_letters`]) as well as failing the send.
     ///
     /// # Errors
     ///
-    /// As [`Node::send`].
+    /// As [`Node::send`]; [`SendError::Expired`] when its time to live ran
+    /// out first.
     pub async fn send_with(
         &self,
         target: Target,
@@ -387,11 +398,91 @@ impl Node {
         body: impl Into<Bytes>,
         options: &SendOptions,
     ) -> Result<DeliveryReport, SendError> {
-        // A recoverable message too: `submit_with` takes it.
-        self.submit_with(target, service, body, options)
-            .await?
-            .outcome()
-            .await
+        if options.is_recoverable() || self.rt.config.service_recoverable(service) {
+            // `submit_with` takes it; its store sends it again.
+            return self
+                .submit_with(target, service, body, options)
+                .await?
+                .outcome()
+                .await;
+        }
+        let body = body.into();
+        let timeout = options.timeout_or(self.rt.config.send_timeout());
+        // One expiry for every attempt.
+        let stamp = options.stamp(&self.rt.config, service);
+        let policy = options.retry_policy();
+        let mut attempt = 1u32;
+        loop {
+            if stamp
+                .expires_ms
+                .is_some_and(|at| at <= crate::options::unix_ms())
+            {
+                self.give_up(&target, service, &stamp, DeadReason::Expired, body);
+                self.rt.counters.expired.fetch_add(1, Ordering::Relaxed);
+                return Err(SendError::Expired { target });
+            }
+            let outcome = match self
+                .rt
+                .submit(
+                    target.clone(),
+                    service,
+                    body.clone(),
+                    MessageKind::Send,
+                    stamp,
+                    timeout,
+                )
+                .await
+            {
+                Ok(pending) => pending.outcome().await,
+                Err(e) => Err(Runtime::with_timeout(e, timeout)),
+            };
+            let error = match outcome {
+                Ok(report) => return Ok(report),
+                Err(e) => e,
+            };
+            if let Some(policy) = policy.filter(|_| retryable(&error)) {
+                if let Some(delay) = policy.delay_before(attempt + 1) {
+                    tracing::debug!(attempt, ?delay, error = %error, "send failed; retrying after the policy's delay");
+                    attempt += 1;
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => continue,
+                        () = self.rt.cancel.cancelled() => return Err(SendError::Shutdown),
+                    }
+                }
+                let reason = DeadReason::RetriesExhausted {
+                    attempts: attempt,
+                    last: failure_of(&error),
+                };
+                self.give_up(&target, service, &stamp, reason, body);
+                return Err(error);
+            }
+            if let Some(reason) = crate::dead_letters::sender_files(MessageKind::Send, &error) {
+                self.give_up(&target, service, &stamp, reason, body);
+            }
+            return Err(error);
+        }
+    }
+
+    /// Files a message this node gave up on as a dead letter.
+    fn give_up(
+        &self,
+        target: &Target,
+        service: &str,
+        stamp: &crate::options::Stamp,
+        reason: DeadReason,
+        body: Bytes,
+    ) {
+        let priority = stamp
+            .priority
+            .unwrap_or_else(|| self.rt.config.service_priority(service));
+        self.rt.file_dead_letter(crate::dead_letters::GivenUp {
+            sender: &self.rt.id,
+            target,
+            service,
+            priority,
+            reason,
+            body,
+        });
     }
 
     /// Recoverable messages this node sent that its receivers have not
@@ -730,6 +821,12 @@ impl Node {
         Ok(trace)
     }
 
+    /// The message server's dead-letter queue: browse it, take entries out
+    /// and replay them (see [`crate::dead_letters`]).
+    pub fn dead_letters(&self) -> crate::DeadLetters {
+        crate::DeadLetters::new(self.rt.clone())
+    }
+
     /// A Prometheus registry holding this node's metrics (see
     /// [`Node::register_metrics`]), to encode with
     /// `prometheus_client::encoding::text::encode`.
@@ -767,5 +864,34 @@ impl Node {
         {
             tracing::warn!(node = %self.rt.id, "node tasks did not stop within the grace period");
         }
+    }
+}
+
+/// Whether a failed send may be tried again by a retry policy: only a
+/// definite failure that may pass (a busy, overloaded, absent or stopped
+/// receiver), never one that may have been delivered.
+fn retryable(error: &SendError) -> bool {
+    matches!(
+        error,
+        SendError::Busy { .. }
+            | SendError::Overloaded { .. }
+            | SendError::UnknownTarget(_)
+            | SendError::TargetStopped {
+                in_flight: false,
+                ..
+            }
+    )
+}
+
+/// The wire's word for a send's failure, for a dead letter.
+fn failure_of(error: &SendError) -> DeliveryFailure {
+    match error {
+        SendError::Busy { .. } => DeliveryFailure::ReceiverBusy,
+        SendError::Overloaded { .. } => DeliveryFailure::ReceiverOverloaded,
+        SendError::UnknownTarget(_) => DeliveryFailure::UnknownTarget,
+        SendError::TargetStopped { .. } => DeliveryFailure::TargetStopped,
+        SendError::NotPermitted { .. } => DeliveryFailure::NotPermitted,
+        SendError::Expired { .. } => DeliveryFailure::Expired,
+        other => DeliveryFailure::Rejected(other.to_string()),
     }
 }

@@ -160,6 +160,7 @@ impl Runtime {
             subscriptions: Mutex::new(HashMap::new()),
             resolves: Mutex::new(HashMap::new()),
             trace: Mutex::new(None),
+            dead_letters: crate::dead_letters::Queries::default(),
         });
         let replier = Arc::new(Replier::new(&id, &config, &core, &server));
         let streams_in = Arc::new(crate::stream::StreamsIn::new(&config));

@@ -46,6 +46,8 @@ pub(crate) struct ServerLink {
     pub(crate) subscriptions: Mutex<HashMap<u64, oneshot::Sender<Result<(), String>>>>,
     /// The running trace's sink, if any.
     pub(crate) trace: Mutex<Option<crate::trace::TraceSink>>,
+    /// Dead-letter queries awaiting the server's answer.
+    pub(crate) dead_letters: crate::dead_letters::Queries,
     /// Fan-outs waiting for their member lists.
     pub(crate) resolves: Mutex<HashMap<u64, oneshot::Sender<ResolveResult>>>,
 }

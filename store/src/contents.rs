@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use crate::record::{Incoming, Mark, MarkKind, Outgoing, Record};
+use crate::record::{DeadLetterRecord, Incoming, Mark, MarkKind, Outgoing, Record};
 use crate::store::latest;
 
 /// What a store holds: the current version of each record, without those
@@ -17,6 +17,8 @@ pub struct Contents {
     pub incoming: Vec<Incoming>,
     /// Every mark but the epoch.
     pub marks: Vec<Mark>,
+    /// Dead letters, by number.
+    pub dead_letters: Vec<DeadLetterRecord>,
 }
 
 impl Contents {
@@ -55,9 +57,11 @@ impl Contents {
                         contents.incoming.push(i);
                     }
                 }
+                Record::DeadLetter(d) => contents.dead_letters.push(d),
                 Record::Mark(_) => {}
             }
         }
+        contents.dead_letters.sort_by_key(|d| d.id);
         contents
             .outgoing
             .sort_by(|a, b| (&a.receiver, a.pseq).cmp(&(&b.receiver, b.pseq)));
@@ -93,6 +97,7 @@ impl Contents {
         out.extend(self.marks.iter().cloned().map(Record::Mark));
         out.extend(self.outgoing.iter().cloned().map(Record::Outgoing));
         out.extend(self.incoming.iter().cloned().map(Record::Incoming));
+        out.extend(self.dead_letters.iter().cloned().map(Record::DeadLetter));
         out
     }
 }

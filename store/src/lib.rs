@@ -29,7 +29,9 @@ mod store;
 use std::path::PathBuf;
 
 pub use contents::Contents;
-pub use record::{Incoming, Mark, MarkKind, Outgoing, Record, RecordError, RecordKey};
+pub use record::{
+    DeadLetterRecord, Incoming, Mark, MarkKind, Outgoing, Record, RecordError, RecordKey,
+};
 pub use salvage::{Damage, Unreadable};
 pub use store::{Change, OnDamage, Opened, Queued, Store, FILE_NAME};
 

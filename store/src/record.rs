@@ -85,6 +85,19 @@ pub struct Mark {
     pub value: u64,
 }
 
+/// An entry of the message server's dead-letter queue: its number, its
+/// description as the wire encodes it, and its body. The store does not
+/// read the description.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetterRecord {
+    /// Its number in the queue.
+    pub id: u64,
+    /// What it is (sender, target, reason...), encoded by its owner.
+    pub entry: Vec<u8>,
+    /// The message's body.
+    pub body: Vec<u8>,
+}
+
 /// One thing the store holds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Record {
@@ -94,6 +107,8 @@ pub enum Record {
     Incoming(Incoming),
     /// A high-water mark.
     Mark(Mark),
+    /// A dead letter (the message server's store).
+    DeadLetter(DeadLetterRecord),
 }
 
 /// What identifies a record: writing a record with the same key replaces
@@ -106,6 +121,8 @@ pub enum RecordKey {
     Incoming(String, u64, u64),
     /// A [`Mark`]: kind, node and epoch.
     Mark(MarkKind, String, u64),
+    /// A [`DeadLetterRecord`]: its number.
+    DeadLetter(u64),
 }
 
 impl Record {
@@ -115,6 +132,7 @@ impl Record {
             Record::Outgoing(o) => RecordKey::Outgoing(o.receiver.clone(), o.pseq),
             Record::Incoming(i) => RecordKey::Incoming(i.origin.clone(), i.epoch, i.pseq),
             Record::Mark(m) => RecordKey::Mark(m.kind, m.node.clone(), m.epoch),
+            Record::DeadLetter(d) => RecordKey::DeadLetter(d.id),
         }
     }
 }

@@ -242,6 +242,7 @@ fn delivery_failure() -> impl Strategy<Value = DeliveryFailure> {
         Just(DeliveryFailure::TargetStopped),
         Just(DeliveryFailure::NotPermitted),
         Just(DeliveryFailure::ReceiverBusy),
+        Just(DeliveryFailure::Expired),
     ]
 }
 
