@@ -150,7 +150,12 @@ impl DeadLetters {
                 .map(|(id, _)| *id)
                 .collect()
         } else {
-            query.ids.iter().copied().take(limit).collect()
+            query
+                .ids
+                .iter()
+                .copied()
+                .take(MAX_DEAD_LETTER_QUERY)
+                .collect()
         };
         let mut out = Vec::with_capacity(ids.len());
         let mut removed = Vec::new();

@@ -1151,7 +1151,8 @@ pub struct DeadLetterQuery {
     pub ids: Vec<u64>,
     /// With no `ids`: entries with a greater id (0: from the first).
     pub after: u64,
-    /// Most entries answered (at most [`MAX_DEAD_LETTER_QUERY`]).
+    /// With no `ids`: most entries answered (1 to
+    /// [`MAX_DEAD_LETTER_QUERY`]).
     pub limit: u32,
     /// Remove the entries answered from the queue.
     pub take: bool,
