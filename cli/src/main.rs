@@ -11,7 +11,11 @@
 //!   filter (sender, target, service), for a bounded count or time.
 //! - `tune` times requests of growing bodies to one node over both paths
 //!   and recommends `lazy.threshold_bytes`.
+//! - `dead-letters list`, `take` and `replay` join the cluster as a
+//!   short-lived node to browse the message server's dead-letter queue,
+//!   take entries out of it, or send them again to their targets.
 
+mod dead_letters;
 mod join;
 mod status;
 mod trace;
@@ -78,6 +82,12 @@ enum Command {
     Notify(join::Message),
     /// Sends a test request and prints the reply.
     Request(join::Message),
+    /// Lists, takes out or replays the message server's dead letters:
+    /// messages that were not delivered.
+    DeadLetters {
+        #[command(subcommand)]
+        command: dead_letters::Command,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -137,6 +147,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Request(m) => joined(Box::pin(async move {
             join::message(join, join::Kind::Request, &m).await
         })),
+        Command::DeadLetters { command } => {
+            joined(Box::pin(
+                async move { dead_letters::run(join, &command).await },
+            ))
+        }
     }
 }
 

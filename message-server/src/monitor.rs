@@ -9,6 +9,7 @@
 //! | `/api/v1/members` | every member: groups, services, addresses, heartbeat age |
 //! | `/api/v1/nodes` | every member's queue, rates and per-path counts |
 //! | `/api/v1/events` | the last [`EVENTS_KEPT`] membership events and refusals |
+//! | `/api/v1/dead-letters?limit=N` | the dead-letter queue's state and its newest `N` entries (default [`DEAD_LETTERS_DEFAULT_LIMIT`], at most [`DEAD_LETTERS_MAX_LIMIT`]), without bodies |
 //! | `/metrics` | Prometheus metrics (OpenMetrics if the scraper asks) |
 //!
 //! It costs nothing per message beyond the counters the server keeps
@@ -41,11 +42,13 @@
 //! - `http`: the routes, and the listener's caps (connections, idle time).
 //! - [`snapshot`]: what is shown, and how it is read from the server.
 //! - [`events`]: the ring buffers of membership events and refusals.
+//! - [`dead_letters`]: the dead-letter queue's state and newest entries.
 //! - [`metrics`]: the snapshot as Prometheus metrics.
 //! - [`role`]: primary or standby, from `message_server.addresses`.
 //!
 //! [`MessageServer`]: crate::MessageServer
 
+pub mod dead_letters;
 pub mod events;
 mod http;
 pub mod metrics;
@@ -57,6 +60,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use dead_letters::{DEAD_LETTERS_DEFAULT_LIMIT, DEAD_LETTERS_MAX_LIMIT};
 pub(crate) use events::EventLog;
 pub use events::EVENTS_KEPT;
 pub use snapshot::Snapshot;

@@ -432,6 +432,9 @@ pub(crate) enum Later {
     New { sender: NodeId, body: Bytes },
     /// Delivered; its acknowledgement to `sender` waits for the batch.
     Ack(NodeId),
+    /// Its time to live ran out before it arrived: not delivered,
+    /// dead-lettered, and (if acknowledged) answered `Expired`.
+    Expired { sender: NodeId, body: Bytes },
 }
 
 /// Hands a message to its service's inbox, or completes a request with
@@ -501,9 +504,14 @@ pub(crate) fn deliver_now(
             Receipt::Stale(sender) => return Some(Later::Stale(sender)),
         }
     };
-    // A recoverable message is stored before it is delivered.
+    // A recoverable message is stored before it is delivered (and an
+    // expired one taken in its stream's order: see `recovery`).
     if matches!(h.kind, MessageKind::Recoverable { .. }) {
         return Some(Later::New { sender, body });
+    }
+    // The clock is read only for a message that expires.
+    if h.expires_ms.is_some() && h.expired(crate::options::unix_ms()) {
+        return Some(Later::Expired { sender, body });
     }
     // The inbox of the last message's service, while no backlog waits
     // before it: no lookup.
@@ -553,6 +561,7 @@ fn new_message(
         one_way: h.kind == MessageKind::Notify,
         priority: h.priority,
         stream: None,
+        expires_ms: h.expires_ms.unwrap_or(0),
         answering: (h.kind == MessageKind::Request).then(|| {
             Box::new(crate::inbox::Answering {
                 replier: Some(rt.replier.clone()),
@@ -735,6 +744,23 @@ pub(crate) async fn deliver_later(
         }
         Later::Ack(to) => {
             batch.add(to, h.incarnation, h.seq).await;
+            return Ok(());
+        }
+        Later::Expired { sender, body } => {
+            tracing::debug!(sender = h.sender, seq = h.seq, "an expired message arrived");
+            Counters::add(&rt.counters.expired, 1);
+            rt.file_dead_letter(crate::dead_letters::GivenUp {
+                sender: &sender,
+                target: &transports::protocol::Target::Node(rt.id.clone()),
+                service: h.service,
+                priority: h.priority,
+                reason: transports::protocol::DeadReason::Expired,
+                body,
+            });
+            if h.kind == MessageKind::Send {
+                let status = AckStatus::Failed(DeliveryFailure::Expired);
+                answer(sender).send(&rt.id, &rt.core, acks, status).await;
+            }
             return Ok(());
         }
         Later::New { sender, body } => (sender, body),

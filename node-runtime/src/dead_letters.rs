@@ -270,10 +270,49 @@ pub(crate) struct GivenUp<'a> {
 
 impl Runtime {
     /// Files a message this node gave up on in the message server's
-    /// dead-letter queue. Never waits: if the link to the server has no
+    /// dead-letter queue (see [`Filer::file`]).
+    pub(crate) fn file_dead_letter(&self, given_up: GivenUp<'_>) {
+        self.filer().file(given_up);
+    }
+
+    /// What files this node's dead letters, for the parts of the node that
+    /// do not hold the runtime (inboxes).
+    pub(crate) fn filer(&self) -> Filer {
+        Filer {
+            id: self.id.clone(),
+            queue: self.server.queue.downgrade(),
+            counters: self.counters.clone(),
+        }
+    }
+}
+
+/// Files this node's dead letters in the message server's queue, over its
+/// link to the server (held weakly: an inbox kept by the application does
+/// not keep the node's link).
+#[derive(Debug, Clone)]
+pub(crate) struct Filer {
+    id: NodeId,
+    queue: transports::WeakOutQueue,
+    counters: std::sync::Arc<crate::counters::Counters>,
+}
+
+impl Filer {
+    /// This node.
+    pub(crate) fn id(&self) -> &NodeId {
+        &self.id
+    }
+
+    /// Counts a message found expired here.
+    pub(crate) fn count_expired(&self) {
+        self.counters
+            .expired
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Files `given_up`. Never waits: if the link to the server has no
     /// room or is down, the dead letter is counted
     /// (`dead_letters_unfiled`) and logged, not lost silently.
-    pub(crate) fn file_dead_letter(&self, given_up: GivenUp<'_>) {
+    pub(crate) fn file(&self, given_up: GivenUp<'_>) {
         let entry = DeadLetter {
             id: 0,
             sender: given_up.sender.clone(),
@@ -290,7 +329,11 @@ impl Runtime {
             header: Header::DeadLetter(Box::new(entry)),
             body: given_up.body,
         };
-        match self.server.queue.try_push(frame, Lane::Control) {
+        let pushed = match self.queue.upgrade() {
+            Some(queue) => queue.try_push(frame, Lane::Control),
+            None => Err(PushError::Closed(Box::new(frame))),
+        };
+        match pushed {
             Ok(()) => {
                 self.counters
                     .dead_letters_filed

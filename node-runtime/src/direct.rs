@@ -711,6 +711,7 @@ async fn serve_inbound(
                         priority: msg.priority,
                         answering: None,
                         stream: Some(Box::new(stream)),
+                        expires_ms: msg.expires_ms.unwrap_or(0),
                     };
                     if let Err((failure, message)) = deliver_stream(&rt, message, &queue).await {
                         if let Some(stream) = message.and_then(|mut m| m.body_stream()) {

@@ -39,6 +39,9 @@ pub struct Message {
     /// The body of a message sent as a stream, until the application
     /// takes it (boxed: other messages stay small).
     pub(crate) stream: Option<Box<BodyStream>>,
+    /// When it expires (Unix milliseconds; 0: never): an expired message
+    /// is never handed to the application (see [`Inbox::recv`]).
+    pub(crate) expires_ms: u64,
 }
 
 /// The part of a message that answers it: a request's replier, or the
@@ -120,6 +123,7 @@ impl Message {
                 .unwrap_or(Priority::Normal),
             answering: None,
             stream: None,
+            expires_ms: stored.expires_ms.unwrap_or(0),
         }
     }
 
@@ -379,6 +383,8 @@ pub struct Inbox {
     /// every receive).
     #[allow(clippy::box_collection)]
     handing: Option<Box<VecDeque<Message>>>,
+    /// Files the messages found expired as dead letters.
+    filer: Option<crate::dead_letters::Filer>,
 }
 
 /// What a service's processors hold: each message taken from the inbox
@@ -413,6 +419,7 @@ pub(crate) fn inbox(
     service: &str,
     capacity: usize,
     busy: Option<Arc<BusyWatch>>,
+    filer: Option<crate::dead_letters::Filer>,
 ) -> (InboxSender, Inbox) {
     let busy = busy.map(|watch| {
         let (upper, lower) = watch.limits(capacity.max(1));
@@ -445,6 +452,7 @@ pub(crate) fn inbox(
         batch: VecDeque::new(),
         holding: false,
         handing: None,
+        filer,
     };
     (InboxSender { shared }, inbox)
 }
@@ -944,11 +952,62 @@ impl Inbox {
     /// the message, both sequentially consistent: one of the two sees the
     /// other).
     fn next_taken(&mut self) -> Option<Message> {
-        let mut message = self.batch.pop_front()?;
+        loop {
+            let message = self.batch.pop_front()?;
+            // The clock is read only for a message that expires.
+            if message.expires_ms != 0 && message.expires_ms <= crate::options::unix_ms() {
+                self.expired(message);
+                self.lent_taken();
+                continue;
+            }
+            return Some(self.handed(message));
+        }
+    }
+
+    /// `message` is handed to the application.
+    fn handed(&mut self, mut message: Message) -> Message {
         message.hand_over();
         if self.holding {
             self.shared.held.fetch_add(1, Ordering::Relaxed);
         }
+        self.lent_taken();
+        message
+    }
+
+    /// A message whose time to live ran out while it waited here: never
+    /// handed over. It goes to the dead-letter queue; a message that
+    /// waits for its acknowledgement on processing is answered
+    /// `Expired`; a recoverable one is marked handed in the store (it is
+    /// done with).
+    fn expired(&mut self, mut message: Message) {
+        if let Some(a) = message.answering.as_mut() {
+            if let Some(token) = a.ack.take() {
+                token.try_send(AckStatus::Failed(DeliveryFailure::Expired));
+            }
+            a.handed = true;
+        }
+        let Some(filer) = &self.filer else {
+            return;
+        };
+        filer.count_expired();
+        let target = transports::protocol::Target::Node(filer.id().clone());
+        filer.file(crate::dead_letters::GivenUp {
+            sender: &message.sender,
+            target: &target,
+            service: &message.service,
+            priority: message.priority,
+            reason: transports::protocol::DeadReason::Expired,
+            body: std::mem::take(&mut message.body),
+        });
+        // A request's replier must not answer "no reply" for it.
+        if let Some(a) = message.answering.as_mut() {
+            a.replied.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Bookkeeping of a message taken from the batch (see
+    /// [`Inbox::next_taken`]).
+    fn lent_taken(&mut self) {
         let lent = self.batch.len();
         if lent.is_multiple_of(self.shared.lent_step)
             || self.shared.room_wanted.load(Ordering::SeqCst) > 0
@@ -961,7 +1020,6 @@ impl Inbox {
                 self.shared.taken(lent);
             }
         }
-        Some(message)
     }
 }
 
@@ -1034,12 +1092,33 @@ mod tests {
             priority: Priority::Normal,
             answering: None,
             stream: None,
+            expires_ms: 0,
         }
+    }
+
+    /// A message past its expiry is never handed out: the next one is,
+    /// and the queue's room is made for both.
+    #[test]
+    fn expired_messages_are_never_handed_out() {
+        let (tx, mut rx) = inbox("svc", 4, None, None);
+        let mut old = one_way(1);
+        old.expires_ms = 1;
+        let mut later = one_way(2);
+        later.expires_ms = u64::MAX;
+        let mut gone = one_way(3);
+        gone.expires_ms = crate::options::unix_ms().saturating_sub(1).max(1);
+        for m in [old, later, gone, one_way(4)] {
+            tx.try_send(m).expect("room");
+        }
+        assert_eq!(rx.try_recv().map(|m| m.seq()), Some(2));
+        assert_eq!(rx.try_recv().map(|m| m.seq()), Some(4));
+        assert!(rx.try_recv().is_none());
+        assert!(rx.is_empty());
     }
 
     #[test]
     fn one_way_messages_may_wait_past_the_capacity_in_order() {
-        let (tx, mut rx) = inbox("svc", 2, None);
+        let (tx, mut rx) = inbox("svc", 2, None, None);
         assert!(tx.try_send(message(0)).is_ok());
         assert!(tx.try_send(one_way(1)).is_ok());
         // Full for acknowledged messages, and for the pump.
@@ -1069,7 +1148,7 @@ mod tests {
 
     #[test]
     fn the_capacity_holds_while_a_batch_is_handed_out() {
-        let (tx, mut rx) = inbox("svc", 4, None);
+        let (tx, mut rx) = inbox("svc", 4, None, None);
         for seq in 0..4 {
             assert!(tx.try_send(message(seq)).is_ok(), "{seq} fits");
         }
@@ -1098,7 +1177,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_receiver_is_woken_and_ends_with_the_last_sender() {
-        let (tx, mut rx) = inbox("svc", 8, None);
+        let (tx, mut rx) = inbox("svc", 8, None, None);
         let other = tx.clone();
         let receiver = tokio::spawn(async move {
             let mut got = Vec::new();
@@ -1136,7 +1215,7 @@ mod tests {
     async fn a_waiting_pump_is_always_woken_by_the_receiver() {
         const COUNT: u64 = 20_000;
         for capacity in [1usize, 2, 3, 8] {
-            let (tx, mut rx) = inbox("svc", capacity, None);
+            let (tx, mut rx) = inbox("svc", capacity, None, None);
             let receiver = tokio::spawn(async move {
                 let mut next = 0u64;
                 while let Some(m) = rx.recv().await {
@@ -1175,7 +1254,7 @@ mod tests {
 
     #[tokio::test]
     async fn room_waits_for_the_receiver_and_fails_once_it_is_gone() {
-        let (tx, mut rx) = inbox("svc", 2, None);
+        let (tx, mut rx) = inbox("svc", 2, None, None);
         assert!(tx.try_send(message(0)).is_ok());
         assert!(tx.try_send(message(1)).is_ok());
         let room = tx.room(2);
@@ -1208,7 +1287,7 @@ mod tests {
     /// to a sender that waits for room.
     #[test]
     fn a_large_inbox_shows_room_in_steps_and_at_once_to_a_waiter() {
-        let (tx, mut rx) = inbox("svc", 256, None);
+        let (tx, mut rx) = inbox("svc", 256, None, None);
         assert_eq!(tx.shared.lent_step, LENT_STEP);
         for seq in 0..256 {
             assert!(tx.try_send(message(seq)).is_ok(), "{seq} fits");
@@ -1268,6 +1347,7 @@ mod tests {
             priority: Priority::Normal,
             answering: None,
             stream: None,
+            expires_ms: 0,
         }
     }
 
@@ -1475,7 +1555,7 @@ mod tests {
         // The capacity, and in how many of 8 `try_send`s the message is
         // one-way (they may wait past the capacity, as many again).
         for (capacity, one_way) in [(3usize, 0u64), (64, 2), (256, 0)] {
-            let (tx, rx) = inbox("svc", capacity, None);
+            let (tx, rx) = inbox("svc", capacity, None, None);
             let bound = if one_way > 0 { 2 * capacity } else { capacity };
             let receiver = tokio::spawn(stress_receiver(rx, SENDERS, bound));
             let pump = Arc::new(tokio::sync::Mutex::new(()));
@@ -1512,7 +1592,7 @@ mod tests {
         let within = std::time::Duration::from_secs(10);
         for round in 0..200u64 {
             let capacity = 1 + (round % 4) as usize;
-            let (tx, rx) = inbox("svc", capacity, None);
+            let (tx, rx) = inbox("svc", capacity, None, None);
             for n in 0..capacity as u64 {
                 assert!(tx.try_send(message(n)).is_ok(), "{n} fits");
             }
@@ -1592,7 +1672,7 @@ mod tests {
         for round in 0..400u64 {
             let capacity = 1 + rng.below(8) as usize;
             let keep = rng.below(300);
-            let (tx, mut rx) = inbox("svc", capacity, None);
+            let (tx, mut rx) = inbox("svc", capacity, None, None);
             let receiver = tokio::spawn(async move {
                 for _ in 0..keep {
                     if rx.recv().await.is_none() {
@@ -1666,7 +1746,7 @@ mod tests {
         let mut rng = Rng::new(7);
         for round in 0..1_500u64 {
             let capacity = [1usize, 2, 3, 8, 64, 256][round as usize % 6];
-            let (tx, mut rx) = inbox("svc", capacity, None);
+            let (tx, mut rx) = inbox("svc", capacity, None, None);
             let step = rx.shared.lent_step;
             for n in 0..capacity as u64 {
                 assert!(tx.try_send(message(n)).is_ok(), "{n} fits");

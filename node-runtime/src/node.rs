@@ -87,7 +87,7 @@ pub(crate) fn open_inbox(
     // The application's services make the node busy; the built-in ones
     // (refused at once when full) never do.
     let busy = (when_full == WhenFull::Wait).then(|| rt.busy.clone());
-    let (tx, rx) = crate::inbox::inbox(service, capacity, busy);
+    let (tx, rx) = crate::inbox::inbox(service, capacity, busy, Some(rt.filer()));
     let (delivery_tx, delivery_rx) = mpsc::channel(capacity);
     let delivery_tx_for_replay = delivery_tx.clone();
     let backlog: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
@@ -616,7 +616,7 @@ impl Node {
                     target,
                     service,
                     body.into(),
-                    options.given_priority(),
+                    options.stamp(&self.rt.config, service),
                     timeout,
                 )
                 .await;

@@ -34,10 +34,13 @@ use cluster_manager::recovery::{Outbox, Receipts};
 use cluster_manager::{Completion, SendError};
 use clustercomm_store::{Change, Incoming, Mark, MarkKind, Outgoing, Record, RecordKey, Store};
 use tokio::sync::{mpsc, oneshot, Notify};
-use transports::protocol::{AckStatus, DeliveryFailure, MessageKind, NodeId, Priority, Target};
+use transports::protocol::{
+    AckStatus, DeadReason, DeliveryFailure, MessageKind, NodeId, Priority, Target,
+};
 use transports::OutQueue;
 
 use crate::connection::AckBatch;
+use crate::dead_letters::GivenUp;
 use crate::inbox::Message;
 use crate::options::Stamp;
 use crate::pending::Pending;
@@ -64,6 +67,7 @@ struct Dispatch {
     floor: u64,
     service: Arc<str>,
     priority: Priority,
+    expires_ms: Option<u64>,
     body: Bytes,
     durable: clustercomm_store::Queued,
     tx: oneshot::Sender<Completion>,
@@ -217,9 +221,10 @@ impl Runtime {
         target: Target,
         service: &str,
         body: Bytes,
-        priority: Option<Priority>,
+        stamp: Stamp,
         timeout: Duration,
     ) -> Result<Pending, SendError> {
+        let (priority, expires_ms) = (stamp.priority, stamp.expires_ms);
         let Some(rec) = self.recovery.as_ref() else {
             return Err(SendError::NotRecoverable {
                 reason: "this node has no store: set node.data_dir".into(),
@@ -250,6 +255,7 @@ impl Runtime {
                 service: service.to_string(),
                 priority: priority.index() as u8,
                 created_ms: now_ms(),
+                expires_ms,
                 body: body.to_vec(),
             };
             let next = Mark {
@@ -269,6 +275,7 @@ impl Runtime {
                 floor: numbered.floor,
                 service,
                 priority,
+                expires_ms,
                 body,
                 durable,
                 tx,
@@ -317,6 +324,20 @@ impl Runtime {
                 }));
                 continue;
             }
+            if is_expired(d.expires_ms) {
+                let given_up = GivenUp {
+                    sender: &self.id,
+                    target: &Target::Node(d.receiver.clone()),
+                    service: &d.service,
+                    priority: d.priority,
+                    reason: DeadReason::Expired,
+                    body: d.body,
+                };
+                self.recoverable_expired(&d.receiver, d.pseq, Some(given_up));
+                let target = Target::Node(d.receiver);
+                let _ = d.tx.send(Completion::Failed(SendError::Expired { target }));
+                continue;
+            }
             let kind = MessageKind::Recoverable {
                 epoch: rec.epoch,
                 pseq: d.pseq,
@@ -335,7 +356,10 @@ impl Runtime {
                     &d.service,
                     d.body,
                     kind,
-                    Stamp::priority(Some(d.priority)),
+                    Stamp {
+                        priority: Some(d.priority),
+                        expires_ms: d.expires_ms,
+                    },
                     left,
                 )
                 .await
@@ -394,6 +418,11 @@ impl Runtime {
                             self.recovery_outcome(&receiver, pseq, Ok(()));
                             Completion::Delivered(report)
                         }
+                        // Found expired on its way, and dead-lettered there.
+                        Ok(Completion::Failed(e @ SendError::Expired { .. })) | Err(e @ SendError::Expired { .. }) => {
+                            self.recoverable_expired(&receiver, pseq, None);
+                            Completion::Failed(e)
+                        }
                         other => {
                             self.recovery_outcome(&receiver, pseq, Err(()));
                             let cause = match other {
@@ -446,6 +475,30 @@ impl Runtime {
                 lock(&rec.outbox).failed(receiver, pseq, std::time::Instant::now(), RETRY_DELAY);
                 rec.wake.notify_one();
             }
+        }
+    }
+
+    /// Recoverable message `pseq` to `receiver` expired: it is never sent
+    /// again, and leaves the store (the floor lets its receiver pass it).
+    /// Filed as a dead letter here if this node found it expired
+    /// (`given_up`).
+    fn recoverable_expired(&self, receiver: &NodeId, pseq: u64, given_up: Option<GivenUp<'_>>) {
+        let Some(rec) = self.recovery.as_ref() else {
+            return;
+        };
+        if let Some(given_up) = given_up {
+            self.counters
+                .expired
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.file_dead_letter(given_up);
+        }
+        lock(&rec.outbox).lost(receiver, pseq);
+        let remove = vec![Change::Remove(RecordKey::Outgoing(
+            receiver.to_string(),
+            pseq,
+        ))];
+        if let Err(e) = rec.store.commit_later(remove) {
+            tracing::warn!(error = %e, "could not queue the removal of an expired recoverable message; it expires again at the next start");
         }
     }
 
@@ -511,13 +564,29 @@ impl Runtime {
                 .get(o.priority as usize)
                 .copied()
                 .unwrap_or(Priority::Normal);
+            if is_expired(o.expires_ms) {
+                let given_up = GivenUp {
+                    sender: &self.id,
+                    target: &Target::Node(receiver.clone()),
+                    service: &o.service,
+                    priority,
+                    reason: DeadReason::Expired,
+                    body: Bytes::from(o.body),
+                };
+                self.recoverable_expired(receiver, pseq, Some(given_up));
+                continue;
+            }
+            let stamp = Stamp {
+                priority: Some(priority),
+                expires_ms: o.expires_ms,
+            };
             let submitted = self
                 .submit(
                     Target::Node(receiver.clone()),
                     &o.service,
                     Bytes::from(o.body),
                     kind,
-                    Stamp::priority(Some(priority)),
+                    stamp,
                     self.config.send_timeout(),
                 )
                 .await;
@@ -527,8 +596,11 @@ impl Runtime {
             }
         }
         for (pseq, pending) in pendings {
-            let outcome = pending.outcome().await.map(|_| ()).map_err(|_| ());
-            self.recovery_outcome(receiver, pseq, outcome);
+            match pending.outcome().await {
+                Ok(_) => self.recovery_outcome(receiver, pseq, Ok(())),
+                Err(SendError::Expired { .. }) => self.recoverable_expired(receiver, pseq, None),
+                Err(_) => self.recovery_outcome(receiver, pseq, Err(())),
+            }
         }
     }
 
@@ -643,14 +715,26 @@ impl Runtime {
                 n = rx.recv_many(&mut batch, 256) => if n == 0 { return },
             }
             let mut changes = Vec::new();
+            let now = crate::options::unix_ms();
             for r in &batch {
                 let m = &r.message;
+                // An expired one takes its number, and is not kept.
+                if m.expires_ms != 0 && m.expires_ms <= now {
+                    changes.push(Change::Put(Record::Mark(Mark {
+                        kind: MarkKind::Received,
+                        node: r.origin.to_string(),
+                        epoch: r.epoch,
+                        value: r.pseq,
+                    })));
+                    continue;
+                }
                 changes.push(Change::Put(Record::Incoming(Incoming {
                     origin: r.origin.to_string(),
                     epoch: r.epoch,
                     pseq: r.pseq,
                     service: m.service().to_owned(),
                     priority: m.priority().index() as u8,
+                    expires_ms: (m.expires_ms != 0).then_some(m.expires_ms),
                     body: m.body().to_vec(),
                 })));
                 changes.push(Change::Put(Record::Mark(Mark {
@@ -675,6 +759,23 @@ impl Runtime {
                     continue;
                 }
                 lock(&rec.receipts).stored(&r.origin, r.epoch, r.pseq);
+                if r.message.expires_ms != 0 && r.message.expires_ms <= now {
+                    self.counters
+                        .expired
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let body = std::mem::take(&mut r.message.body);
+                    self.file_dead_letter(GivenUp {
+                        sender: &r.origin,
+                        target: &Target::Node(self.id.clone()),
+                        service: r.message.service(),
+                        priority: r.message.priority(),
+                        reason: DeadReason::Expired,
+                        body,
+                    });
+                    let status = AckStatus::Failed(DeliveryFailure::Expired);
+                    answer.send(&self.id, &self.core, &acks, status).await;
+                    continue;
+                }
                 r.message
                     .hand_over_recovered(rec.store.clone(), r.origin.clone(), r.epoch, r.pseq);
                 if !acked.as_ref().is_some_and(|b| b.goes_to(&acks)) {
@@ -732,6 +833,12 @@ impl Runtime {
             }
         }
     }
+}
+
+/// Whether a message that expires at `expires_ms` (Unix milliseconds) has
+/// expired.
+fn is_expired(expires_ms: Option<u64>) -> bool {
+    expires_ms.is_some_and(|at| at <= crate::options::unix_ms())
 }
 
 /// Sleeps until `at`, or forever.

@@ -251,6 +251,19 @@ impl AckToken {
         answer.send(&self.from, &core, &queue, status).await;
     }
 
+    /// Sends `status` if there is room for it now in this node's own
+    /// outgoing queue (otherwise the sender's timeout ends its wait).
+    pub(crate) fn try_send(mut self, status: AckStatus) {
+        let Some(answer) = self.answer.take() else {
+            return;
+        };
+        self.forget(&answer);
+        let (Some(core), Some(queue)) = (self.core.upgrade(), self.queue.upgrade()) else {
+            return;
+        };
+        let _ = queue.try_push(answer.frame(&self.from, &core, status), Lane::Control);
+    }
+
     /// Leaves the message to be answered otherwise (it was refused).
     pub(crate) fn disarm(mut self) {
         if let Some(answer) = self.answer.take() {

@@ -29,6 +29,8 @@ pub struct Outgoing {
     pub priority: u8,
     /// When it was accepted (milliseconds since the Unix epoch).
     pub created_ms: u64,
+    /// When it expires (milliseconds since the Unix epoch), if it does.
+    pub expires_ms: Option<u64>,
     /// The body.
     pub body: Vec<u8>,
 }
@@ -47,6 +49,8 @@ pub struct Incoming {
     pub service: String,
     /// Its priority, as the wire numbers it.
     pub priority: u8,
+    /// When it expires (milliseconds since the Unix epoch), if it does.
+    pub expires_ms: Option<u64>,
     /// The body.
     pub body: Vec<u8>,
 }
@@ -267,6 +271,7 @@ mod tests {
             service: "svc".into(),
             priority: 2,
             created_ms: 1,
+            expires_ms: Some(2),
             body: b"hello".to_vec(),
         })
     }

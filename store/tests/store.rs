@@ -47,6 +47,7 @@ fn outgoing(receiver: &str, pseq: u64, len: usize) -> Outgoing {
         service: "svc".into(),
         priority: 2,
         created_ms: pseq,
+        expires_ms: None,
         body,
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::extract::State as Extract;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -44,6 +44,7 @@ pub(super) async fn serve(
         .route("/api/v1/members", get(members))
         .route("/api/v1/nodes", get(nodes))
         .route("/api/v1/events", get(events))
+        .route("/api/v1/dead-letters", get(dead_letters))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(state);
@@ -109,6 +110,16 @@ async fn events(Extract(state): Extract<Arc<State>>) -> Response {
     fresh(Json(state.server.shared().events.recent()).into_response())
 }
 
+/// `/api/v1/dead-letters?limit=N`: 400 when `limit` is not a number.
+async fn dead_letters(Extract(state): Extract<Arc<State>>, uri: Uri) -> Response {
+    match super::dead_letters::limit(uri.query()) {
+        Ok(limit) => {
+            fresh(Json(super::dead_letters::gather(state.server.shared(), limit)).into_response())
+        }
+        Err(why) => (StatusCode::BAD_REQUEST, format!("{why}\n")).into_response(),
+    }
+}
+
 async fn metrics(Extract(state): Extract<Arc<State>>, headers: HeaderMap) -> Response {
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let format = Format::from_accept(accept);
@@ -125,7 +136,7 @@ async fn metrics(Extract(state): Extract<Arc<State>>, headers: HeaderMap) -> Res
 async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
-        "not found: the monitor serves /, /api/v1/snapshot, /api/v1/status, /api/v1/members, /api/v1/nodes, /api/v1/events and /metrics\n",
+        "not found: the monitor serves /, /api/v1/snapshot, /api/v1/status, /api/v1/members, /api/v1/nodes, /api/v1/events, /api/v1/dead-letters and /metrics\n",
     )
         .into_response()
 }

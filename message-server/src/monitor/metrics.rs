@@ -154,7 +154,7 @@ impl Collector for SnapshotCollector {
             status.memory.parked_bytes as u64,
         )?;
         let c = &status.counters;
-        let totals: [(Name, u64); 13] = [
+        let totals: [(Name, u64); 14] = [
             (("clustercomm_server_connections_accepted", "Connections that completed the handshake.", None), c.connections_accepted),
             (("clustercomm_server_connections_refused", "Connections refused (at the caps or the handshake).", None), c.connections_refused),
             (("clustercomm_server_protocol_errors", "Connections closed for a protocol violation or a bad frame.", None), c.protocol_errors),
@@ -168,6 +168,7 @@ impl Collector for SnapshotCollector {
             (("clustercomm_server_failed_nodes", "Nodes declared failed (no heartbeat within the failure timeout).", None), c.failed_nodes),
             (("clustercomm_server_stale_frames", "Frames refused because they came from an earlier incarnation.", None), c.stale_frames),
             (("clustercomm_server_heartbeats_refused", "Heartbeat datagrams ignored: malformed, unknown, unsigned, replayed or from elsewhere.", None), c.heartbeats_refused),
+            (("clustercomm_server_expired", "Messages the server found expired (their time to live ran out) and did not forward.", None), c.expired),
         ];
         for (name, value) in totals {
             counter(&mut enc, name, value)?;
@@ -181,6 +182,65 @@ impl Collector for SnapshotCollector {
             ),
             status.failover.failovers_in,
         )?;
+        let dead = &s.dead_letters.stats;
+        let dead_gauges: [(Name, u64); 4] = [
+            (
+                (
+                    "clustercomm_server_dead_letters",
+                    "Dead letters held in the dead-letter queue.",
+                    None,
+                ),
+                dead.entries,
+            ),
+            (
+                (
+                    "clustercomm_server_dead_letters",
+                    "Body bytes of the dead letters held.",
+                    Some(Unit::Bytes),
+                ),
+                dead.bytes,
+            ),
+            (
+                (
+                    "clustercomm_server_dead_letters_limit",
+                    "message_server.dead_letter_entries: the dead letters the queue holds at most.",
+                    None,
+                ),
+                dead.max_entries,
+            ),
+            (
+                (
+                    "clustercomm_server_dead_letters_limit",
+                    "message_server.dead_letter_bytes: the body bytes the queue holds at most.",
+                    Some(Unit::Bytes),
+                ),
+                dead.max_bytes,
+            ),
+        ];
+        for (name, value) in dead_gauges {
+            gauge(&mut enc, name, value)?;
+        }
+        let dead_totals: [(Name, u64); 2] = [
+            (
+                (
+                    "clustercomm_server_dead_letters_added",
+                    "Dead letters added to the queue (by the server, or filed by nodes).",
+                    None,
+                ),
+                dead.added,
+            ),
+            (
+                (
+                    "clustercomm_server_dead_letters_overflowed",
+                    "Dead letters not held because the queue was full (message_server.dead_letter_entries or dead_letter_bytes).",
+                    None,
+                ),
+                dead.overflowed,
+            ),
+        ];
+        for (name, value) in dead_totals {
+            counter(&mut enc, name, value)?;
+        }
         let t = &s.events.totals;
         let events = [
             ("joined", t.joined),

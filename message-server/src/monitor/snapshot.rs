@@ -1,7 +1,7 @@
 //! What the monitor shows, read from the running server when a page, the
 //! JSON or the metrics are asked for: the table, each connection's queue
-//! and counters, the server's counters and the event log. Nothing here
-//! runs per message.
+//! and counters, the server's counters, the event log and the dead-letter
+//! queue. Nothing here runs per message.
 //!
 //! Rates (messages and bytes per second) are the change of the counters
 //! between two reads at least [`RATE_WINDOW`] apart; the first read has
@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use transports::protocol::{NodeId, Role};
 
+use super::dead_letters::{DeadLetterList, DEAD_LETTERS_SHOWN};
 use super::events::{unix_ms, EventTotals, RecentEvents};
 use super::role::ServerRole;
 use crate::counters::CountersSnapshot;
@@ -41,6 +42,9 @@ pub struct Snapshot {
     pub nodes: Vec<NodeStats>,
     /// Recent membership events and refusals.
     pub events: RecentEvents,
+    /// The dead-letter queue's state and its newest
+    /// [`DEAD_LETTERS_SHOWN`] entries.
+    pub dead_letters: DeadLetterList,
 }
 
 /// The server: identity, role, totals.
@@ -490,6 +494,7 @@ pub(crate) fn gather(
         members,
         nodes,
         events,
+        dead_letters: super::dead_letters::gather(shared, DEAD_LETTERS_SHOWN),
     }
 }
 
