@@ -111,15 +111,16 @@ impl Queries {
 
 /// The message server's dead-letter queue, from this node (see the
 /// module's docs). Every call asks the server; each waits at most the
-/// node's send timeout.
+/// node's send timeout. It holds a handle of its node (which runs while
+/// any handle is held).
 #[derive(Debug, Clone)]
 pub struct DeadLetters {
-    rt: Runtime,
+    node: crate::Node,
 }
 
 impl DeadLetters {
-    pub(crate) fn new(rt: Runtime) -> DeadLetters {
-        DeadLetters { rt }
+    pub(crate) fn new(node: crate::Node) -> DeadLetters {
+        DeadLetters { node }
     }
 
     /// Up to `limit` entries numbered above `after` (0: from the first),
@@ -204,8 +205,8 @@ impl DeadLetters {
         let Some(entry) = page.entries.into_iter().next() else {
             return Err(DeadLetterError::NotFound(id));
         };
-        let node = crate::Node::from_runtime(self.rt.clone());
-        let report = node
+        let report = self
+            .node
             .send_with(
                 entry.letter.target.clone(),
                 &entry.letter.service,
@@ -220,7 +221,8 @@ impl DeadLetters {
     }
 
     async fn query(&self, mut query: DeadLetterQuery) -> Result<DeadLetterPage, DeadLetterError> {
-        let server = &self.rt.server;
+        let rt = self.node.runtime();
+        let server = &rt.server;
         let token = server.next_token();
         query.token = token;
         let (done, rx) = oneshot::channel();
@@ -231,7 +233,7 @@ impl DeadLetters {
                 done,
             },
         );
-        let timeout = self.rt.config.send_timeout();
+        let timeout = rt.config.send_timeout();
         let frame = OutFrame::control(Header::DeadLetters(Box::new(query)));
         let answer = tokio::time::timeout(timeout, async {
             server

@@ -824,7 +824,12 @@ impl Node {
     /// The message server's dead-letter queue: browse it, take entries out
     /// and replay them (see [`crate::dead_letters`]).
     pub fn dead_letters(&self) -> crate::DeadLetters {
-        crate::DeadLetters::new(self.rt.clone())
+        crate::DeadLetters::new(self.clone())
+    }
+
+    /// The runtime behind this handle.
+    pub(crate) fn runtime(&self) -> &Runtime {
+        &self.rt
     }
 
     /// A Prometheus registry holding this node's metrics (see
