@@ -772,7 +772,7 @@ pub(crate) async fn deliver_later(
         Delivered,
         /// In the pump's backlog (it acknowledges once the inbox takes it).
         Queued,
-        NoService(NodeId),
+        NoService(NodeId, Bytes),
         /// The backlog is full, or its pump is gone (boxed: the rare case
         /// keeps the others small).
         Refused(Box<ServiceQueue>, mpsc::error::TrySendError<Delivery>),
@@ -787,7 +787,7 @@ pub(crate) async fn deliver_later(
             .read()
             .unwrap_or_else(|p| p.into_inner());
         match inboxes.get_key_value(h.service) {
-            None => Straight::NoService(sender),
+            None => Straight::NoService(sender, body),
             Some((service, q)) => {
                 cache.keep(generation, service, q);
                 let mut message = new_message(rt, h, sender, SmolStr::new(&**service), body);
@@ -841,7 +841,8 @@ pub(crate) async fn deliver_later(
             return Ok(());
         }
         Straight::Queued => return Ok(()),
-        Straight::NoService(sender) => {
+        Straight::NoService(sender, body) => {
+            undeliverable(rt, h, &sender, &DeliveryFailure::NoSuchService, body);
             let failed = AckStatus::Failed(DeliveryFailure::NoSuchService);
             answer(sender).send(&rt.id, &rt.core, acks, failed).await;
             return Ok(());
@@ -865,7 +866,7 @@ pub(crate) async fn deliver_later(
             let congested = q.congested.load(Ordering::Relaxed) && !q.is_drained();
             if congested || q.when_full == WhenFull::Refuse {
                 disarm(&mut d.message);
-                Some((d.answer, full))
+                Some((d.answer, full, std::mem::take(&mut d.message.body)))
             } else {
                 q.congested.store(false, Ordering::Relaxed);
                 // This may wait: what was accepted before goes out first.
@@ -880,14 +881,15 @@ pub(crate) async fn deliver_later(
                         slot.send(d);
                         None
                     }
-                    Ok(Err(_)) => {
+                    Ok(Err(mpsc::error::SendError(_))) => {
                         disarm(&mut d.message);
-                        Some((d.answer, DeliveryFailure::NoSuchService))
+                        let body = std::mem::take(&mut d.message.body);
+                        Some((d.answer, DeliveryFailure::NoSuchService, body))
                     }
                     Err(_) => {
                         q.congested.store(true, Ordering::Relaxed);
                         disarm(&mut d.message);
-                        Some((d.answer, full))
+                        Some((d.answer, full, std::mem::take(&mut d.message.body)))
                     }
                 }
             }
@@ -895,16 +897,40 @@ pub(crate) async fn deliver_later(
         mpsc::error::TrySendError::Closed(mut d) => {
             unsubscribe(rt, &d.message.service).await;
             disarm(&mut d.message);
-            Some((d.answer, DeliveryFailure::NoSuchService))
+            let body = std::mem::take(&mut d.message.body);
+            Some((d.answer, DeliveryFailure::NoSuchService, body))
         }
     };
-    if let Some((answer, failure)) = refused {
+    if let Some((answer, failure, body)) = refused {
+        undeliverable(rt, h, &answer.to, &failure, body);
         q.backlog.fetch_sub(1, Ordering::AcqRel);
         answer
             .send(&rt.id, &rt.core, acks, AckStatus::Failed(failure))
             .await;
     }
     Ok(())
+}
+
+/// A one-way message `h` from `sender` that this node could not take
+/// (`failure`): its sender has nobody to tell, so it is dead-lettered.
+fn undeliverable(
+    rt: &Runtime,
+    h: &MessageRef<'_>,
+    sender: &NodeId,
+    failure: &DeliveryFailure,
+    body: Bytes,
+) {
+    if h.kind != MessageKind::Notify {
+        return;
+    }
+    rt.file_dead_letter(crate::dead_letters::GivenUp {
+        sender,
+        target: &transports::protocol::Target::Node(rt.id.clone()),
+        service: h.service,
+        priority: h.priority,
+        reason: transports::protocol::DeadReason::Undeliverable(failure.clone()),
+        body,
+    });
 }
 
 /// The inbox a reader delivered to last, kept while the node's services
