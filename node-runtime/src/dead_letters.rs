@@ -205,13 +205,15 @@ impl DeadLetters {
         let Some(entry) = page.entries.into_iter().next() else {
             return Err(DeadLetterError::NotFound(id));
         };
+        // Not filed again if it fails: its entry stays.
         let report = self
             .node
-            .send_with(
+            .send_filing(
                 entry.letter.target.clone(),
                 &entry.letter.service,
                 entry.body,
                 options,
+                false,
             )
             .await
             .map_err(|source| DeadLetterError::Replay { id, source })?;
@@ -364,5 +366,20 @@ pub(crate) fn sender_files(kind: MessageKind, failure: &SendError) -> Option<Dea
             Some(DeadReason::TargetGone)
         }
         _ => None,
+    }
+}
+
+/// The wire's word for a send's failure, for a dead letter.
+pub(crate) fn failure_of(error: &SendError) -> transports::protocol::DeliveryFailure {
+    use transports::protocol::DeliveryFailure;
+    match error {
+        SendError::Busy { .. } => DeliveryFailure::ReceiverBusy,
+        SendError::Overloaded { .. } => DeliveryFailure::ReceiverOverloaded,
+        SendError::UnknownTarget(_) => DeliveryFailure::UnknownTarget,
+        SendError::TargetStopped { .. } => DeliveryFailure::TargetStopped,
+        SendError::NotPermitted { .. } => DeliveryFailure::NotPermitted,
+        SendError::Expired { .. } => DeliveryFailure::Expired,
+        SendError::StillQueued { cause, .. } => failure_of(cause),
+        other => DeliveryFailure::Rejected(other.to_string()),
     }
 }

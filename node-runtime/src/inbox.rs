@@ -607,6 +607,9 @@ impl InboxSender {
     /// of the places past the capacity, where it waits to enter the inbox
     /// proper (nobody is to be told when it does); the caller sees to it
     /// that nothing waits before it elsewhere.
+    // The message comes back by value on the hot path: boxing it would
+    // allocate for every full inbox.
+    #[allow(clippy::result_large_err)]
     pub(crate) fn try_send(&self, message: Message) -> Result<(), Message> {
         let waker = {
             let mut state = self.shared.lock();

@@ -9,9 +9,7 @@ use bytes::Bytes;
 use cluster_config::Config;
 use cluster_manager::{Completion, DeliveryReport, SendError};
 use tokio::sync::{mpsc, oneshot};
-use transports::protocol::{
-    DeadReason, DeliveryFailure, Header, MemberInfo, MessageKind, NodeId, Target,
-};
+use transports::protocol::{DeadReason, Header, MemberInfo, MessageKind, NodeId, Target};
 use transports::{Lane, OutFrame, Wait};
 
 use crate::connection::pump;
@@ -398,6 +396,20 @@ impl Node {
         body: impl Into<Bytes>,
         options: &SendOptions,
     ) -> Result<DeliveryReport, SendError> {
+        self.send_filing(target, service, body.into(), options, true)
+            .await
+    }
+
+    /// [`Node::send_with`]; a message given up is dead-lettered only if
+    /// `file` (a replay of a dead letter leaves its entry instead).
+    pub(crate) async fn send_filing(
+        &self,
+        target: Target,
+        service: &str,
+        body: Bytes,
+        options: &SendOptions,
+        file: bool,
+    ) -> Result<DeliveryReport, SendError> {
         if options.is_recoverable() || self.rt.config.service_recoverable(service) {
             // `submit_with` takes it; its store sends it again.
             return self
@@ -406,7 +418,6 @@ impl Node {
                 .outcome()
                 .await;
         }
-        let body = body.into();
         let timeout = options.timeout_or(self.rt.config.send_timeout());
         // One expiry for every attempt.
         let stamp = options.stamp(&self.rt.config, service);
@@ -417,7 +428,9 @@ impl Node {
                 .expires_ms
                 .is_some_and(|at| at <= crate::options::unix_ms())
             {
-                self.give_up(&target, service, &stamp, DeadReason::Expired, body);
+                if file {
+                    self.give_up(&target, service, &stamp, DeadReason::Expired, body);
+                }
                 self.rt.counters.expired.fetch_add(1, Ordering::Relaxed);
                 return Err(SendError::Expired { target });
             }
@@ -451,12 +464,16 @@ impl Node {
                 }
                 let reason = DeadReason::RetriesExhausted {
                     attempts: attempt,
-                    last: failure_of(&error),
+                    last: crate::dead_letters::failure_of(&error),
                 };
-                self.give_up(&target, service, &stamp, reason, body);
+                if file {
+                    self.give_up(&target, service, &stamp, reason, body);
+                }
                 return Err(error);
             }
-            if let Some(reason) = crate::dead_letters::sender_files(MessageKind::Send, &error) {
+            if let Some(reason) =
+                crate::dead_letters::sender_files(MessageKind::Send, &error).filter(|_| file)
+            {
                 self.give_up(&target, service, &stamp, reason, body);
             }
             return Err(error);
@@ -617,6 +634,7 @@ impl Node {
                     service,
                     body.into(),
                     options.stamp(&self.rt.config, service),
+                    options.retry_policy(),
                     timeout,
                 )
                 .await;
@@ -886,17 +904,4 @@ fn retryable(error: &SendError) -> bool {
                 ..
             }
     )
-}
-
-/// The wire's word for a send's failure, for a dead letter.
-fn failure_of(error: &SendError) -> DeliveryFailure {
-    match error {
-        SendError::Busy { .. } => DeliveryFailure::ReceiverBusy,
-        SendError::Overloaded { .. } => DeliveryFailure::ReceiverOverloaded,
-        SendError::UnknownTarget(_) => DeliveryFailure::UnknownTarget,
-        SendError::TargetStopped { .. } => DeliveryFailure::TargetStopped,
-        SendError::NotPermitted { .. } => DeliveryFailure::NotPermitted,
-        SendError::Expired { .. } => DeliveryFailure::Expired,
-        other => DeliveryFailure::Rejected(other.to_string()),
-    }
 }

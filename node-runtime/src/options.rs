@@ -45,6 +45,24 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// As the store keeps it.
+    pub(crate) fn stored(&self) -> clustercomm_store::StoredRetry {
+        clustercomm_store::StoredRetry {
+            attempts: self.attempts,
+            delay_ms: self.delay.as_millis().min(u128::from(u64::MAX)) as u64,
+            backoff_permille: (self.backoff.clamp(0.0, 1_000_000.0) * 1000.0) as u32,
+        }
+    }
+
+    /// As the store kept it.
+    pub(crate) fn from_stored(s: clustercomm_store::StoredRetry) -> RetryPolicy {
+        RetryPolicy {
+            attempts: s.attempts,
+            delay: Duration::from_millis(s.delay_ms),
+            backoff: f64::from(s.backoff_permille) / 1000.0,
+        }
+    }
+
     /// The wait before attempt `attempt` (2, 3, ...), or `None` past the
     /// last attempt. Waits are capped at one hour.
     pub fn delay_before(&self, attempt: u32) -> Option<Duration> {
@@ -120,8 +138,11 @@ impl SendOptions {
     /// attempts run out the send answers the last failure, and the
     /// message goes to the dead-letter queue (`DeadReason::RetriesExhausted`).
     /// The waits are in the sending task (this node's delay queue for
-    /// non-recoverable messages); a recoverable message is sent again
-    /// from its store anyway, so the policy bounds its attempts.
+    /// non-recoverable messages). A recoverable message waits in its
+    /// sender's store: it is sent again after the policy's delays (in its
+    /// stream's order), for any failure, and once its attempts (counted
+    /// since the node started) ran out it leaves the store for the
+    /// dead-letter queue.
     pub fn retry(mut self, policy: RetryPolicy) -> SendOptions {
         self.retry = Some(policy);
         self

@@ -42,7 +42,7 @@ use transports::OutQueue;
 use crate::connection::AckBatch;
 use crate::dead_letters::GivenUp;
 use crate::inbox::Message;
-use crate::options::Stamp;
+use crate::options::{RetryPolicy, Stamp};
 use crate::pending::Pending;
 use crate::runtime::Runtime;
 use crate::services::{Answer, Delivery, ServiceQueue};
@@ -124,6 +124,27 @@ pub(crate) struct Recovery {
     wake: Notify,
     /// Messages stored and not handed over at start, by service.
     replay: Mutex<HashMap<String, Vec<Incoming>>>,
+    /// The messages sent with a retry policy, by receiver and number: the
+    /// attempts they made since this node started.
+    retries: Mutex<HashMap<(NodeId, u64), Retrying>>,
+}
+
+/// A recoverable message with a retry policy (see
+/// [`crate::SendOptions::retry`]).
+#[derive(Debug)]
+struct Retrying {
+    policy: RetryPolicy,
+    /// Attempts that failed.
+    failed: u32,
+    /// Why the last one failed.
+    last: Option<DeliveryFailure>,
+}
+
+impl Retrying {
+    /// Whether its attempts ran out.
+    fn exhausted(&self) -> bool {
+        self.failed >= self.policy.attempts.max(1)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -146,7 +167,16 @@ impl Recovery {
         // Only the numbers stay in memory: the bodies are read back from
         // the store when they are sent again.
         let mut by_receiver: HashMap<String, Vec<u64>> = HashMap::new();
+        let mut retries = HashMap::new();
         for o in contents.outgoing {
+            if let Some(stored) = o.retry {
+                let retrying = Retrying {
+                    policy: RetryPolicy::from_stored(stored),
+                    failed: 0,
+                    last: None,
+                };
+                retries.insert((NodeId::new(&o.receiver), o.pseq), retrying);
+            }
             by_receiver
                 .entry(o.receiver.clone())
                 .or_default()
@@ -189,6 +219,7 @@ impl Recovery {
             watch_rx: Mutex::new(Some(watch_rx)),
             wake: Notify::new(),
             replay: Mutex::new(replay),
+            retries: Mutex::new(retries),
         }
     }
 
@@ -222,6 +253,7 @@ impl Runtime {
         service: &str,
         body: Bytes,
         stamp: Stamp,
+        retry: Option<RetryPolicy>,
         timeout: Duration,
     ) -> Result<Pending, SendError> {
         let (priority, expires_ms) = (stamp.priority, stamp.expires_ms);
@@ -256,8 +288,17 @@ impl Runtime {
                 priority: priority.index() as u8,
                 created_ms: now_ms(),
                 expires_ms,
+                retry: retry.as_ref().map(RetryPolicy::stored),
                 body: body.to_vec(),
             };
+            if let Some(policy) = retry {
+                let retrying = Retrying {
+                    policy,
+                    failed: 0,
+                    last: None,
+                };
+                lock(&rec.retries).insert((receiver.clone(), numbered.pseq), retrying);
+            }
             let next = Mark {
                 kind: MarkKind::NextSeq,
                 node: receiver.to_string(),
@@ -377,7 +418,7 @@ impl Runtime {
                     }
                 }
                 Err(cause) => {
-                    self.recovery_outcome(&d.receiver, d.pseq, Err(()));
+                    self.recovery_outcome(&d.receiver, d.pseq, Err(&cause));
                     let _ = d.tx.send(Completion::Failed(SendError::StillQueued {
                         node: d.receiver,
                         pseq: d.pseq,
@@ -424,11 +465,11 @@ impl Runtime {
                             Completion::Failed(e)
                         }
                         other => {
-                            self.recovery_outcome(&receiver, pseq, Err(()));
                             let cause = match other {
                                 Ok(Completion::Failed(e)) | Err(e) => e,
                                 _ => SendError::Disconnected,
                             };
+                            self.recovery_outcome(&receiver, pseq, Err(&cause));
                             Completion::Failed(SendError::StillQueued {
                                 node: receiver,
                                 pseq,
@@ -445,7 +486,7 @@ impl Runtime {
     /// What became of recoverable message `pseq` to `receiver`: once
     /// acknowledged it (and every number before it) leaves the store; a
     /// failure is sent again later.
-    fn recovery_outcome(&self, receiver: &NodeId, pseq: u64, outcome: Result<(), ()>) {
+    fn recovery_outcome(&self, receiver: &NodeId, pseq: u64, outcome: Result<(), &SendError>) {
         let Some(rec) = self.recovery.as_ref() else {
             return;
         };
@@ -454,6 +495,14 @@ impl Runtime {
                 let done = lock(&rec.outbox).delivered(receiver, pseq);
                 if done.is_empty() {
                     return;
+                }
+                {
+                    let mut retries = lock(&rec.retries);
+                    if !retries.is_empty() {
+                        for &n in &done {
+                            retries.remove(&(receiver.clone(), n));
+                        }
+                    }
                 }
                 let mut changes: Vec<Change> = done
                     .iter()
@@ -471,8 +520,23 @@ impl Runtime {
                     tracing::warn!(error = %e, "could not queue the removal of acknowledged recoverable messages");
                 }
             }
-            Err(()) => {
-                lock(&rec.outbox).failed(receiver, pseq, std::time::Instant::now(), RETRY_DELAY);
+            Err(cause) => {
+                // Its policy's wait, if it has one; once its attempts ran
+                // out it is due at once, to be dead-lettered by `resend`.
+                let delay = {
+                    let mut retries = lock(&rec.retries);
+                    match retries.get_mut(&(receiver.clone(), pseq)) {
+                        None => RETRY_DELAY,
+                        Some(r) => {
+                            r.failed += 1;
+                            r.last = Some(crate::dead_letters::failure_of(cause));
+                            r.policy
+                                .delay_before(r.failed + 1)
+                                .unwrap_or(Duration::ZERO)
+                        }
+                    }
+                };
+                lock(&rec.outbox).failed(receiver, pseq, std::time::Instant::now(), delay);
                 rec.wake.notify_one();
             }
         }
@@ -483,22 +547,30 @@ impl Runtime {
     /// Filed as a dead letter here if this node found it expired
     /// (`given_up`).
     fn recoverable_expired(&self, receiver: &NodeId, pseq: u64, given_up: Option<GivenUp<'_>>) {
-        let Some(rec) = self.recovery.as_ref() else {
-            return;
-        };
         if let Some(given_up) = given_up {
             self.counters
                 .expired
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.file_dead_letter(given_up);
         }
+        self.recoverable_dropped(receiver, pseq);
+    }
+
+    /// Recoverable message `pseq` to `receiver` is given up (expired, or
+    /// its retries ran out): never sent again, and it leaves the store
+    /// (the floor lets its receiver pass it).
+    fn recoverable_dropped(&self, receiver: &NodeId, pseq: u64) {
+        let Some(rec) = self.recovery.as_ref() else {
+            return;
+        };
+        lock(&rec.retries).remove(&(receiver.clone(), pseq));
         lock(&rec.outbox).lost(receiver, pseq);
         let remove = vec![Change::Remove(RecordKey::Outgoing(
             receiver.to_string(),
             pseq,
         ))];
         if let Err(e) = rec.store.commit_later(remove) {
-            tracing::warn!(error = %e, "could not queue the removal of an expired recoverable message; it expires again at the next start");
+            tracing::warn!(error = %e, "could not queue the removal of a given-up recoverable message; it is given up again at the next start");
         }
     }
 
@@ -564,6 +636,30 @@ impl Runtime {
                 .get(o.priority as usize)
                 .copied()
                 .unwrap_or(Priority::Normal);
+            let exhausted = {
+                let retries = lock(&rec.retries);
+                retries
+                    .get(&(receiver.clone(), pseq))
+                    .filter(|r| r.exhausted())
+                    .map(|r| (r.failed, r.last.clone()))
+            };
+            if let Some((attempts, last)) = exhausted {
+                let reason = DeadReason::RetriesExhausted {
+                    attempts,
+                    last: last.unwrap_or(DeliveryFailure::UnknownTarget),
+                };
+                tracing::info!(%receiver, pseq, attempts, "a recoverable message's retries ran out");
+                self.file_dead_letter(GivenUp {
+                    sender: &self.id,
+                    target: &Target::Node(receiver.clone()),
+                    service: &o.service,
+                    priority,
+                    reason,
+                    body: Bytes::from(o.body),
+                });
+                self.recoverable_dropped(receiver, pseq);
+                continue;
+            }
             if is_expired(o.expires_ms) {
                 let given_up = GivenUp {
                     sender: &self.id,
@@ -592,14 +688,14 @@ impl Runtime {
                 .await;
             match submitted {
                 Ok(pending) => pendings.push((pseq, pending)),
-                Err(_) => self.recovery_outcome(receiver, pseq, Err(())),
+                Err(e) => self.recovery_outcome(receiver, pseq, Err(&e)),
             }
         }
         for (pseq, pending) in pendings {
             match pending.outcome().await {
                 Ok(_) => self.recovery_outcome(receiver, pseq, Ok(())),
                 Err(SendError::Expired { .. }) => self.recoverable_expired(receiver, pseq, None),
-                Err(_) => self.recovery_outcome(receiver, pseq, Err(())),
+                Err(e) => self.recovery_outcome(receiver, pseq, Err(&e)),
             }
         }
     }

@@ -31,6 +31,7 @@ use std::path::PathBuf;
 pub use contents::Contents;
 pub use record::{
     DeadLetterRecord, Incoming, Mark, MarkKind, Outgoing, Record, RecordError, RecordKey,
+    StoredRetry,
 };
 pub use salvage::{Damage, Unreadable};
 pub use store::{Change, OnDamage, Opened, Queued, Store, FILE_NAME};

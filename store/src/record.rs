@@ -31,8 +31,21 @@ pub struct Outgoing {
     pub created_ms: u64,
     /// When it expires (milliseconds since the Unix epoch), if it does.
     pub expires_ms: Option<u64>,
+    /// Its retry policy, if it has one.
+    pub retry: Option<StoredRetry>,
     /// The body.
     pub body: Vec<u8>,
+}
+
+/// A retry policy as the store keeps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredRetry {
+    /// Attempts in all.
+    pub attempts: u32,
+    /// The wait before the second, in milliseconds.
+    pub delay_ms: u64,
+    /// What each later wait is multiplied by, in thousandths.
+    pub backoff_permille: u32,
 }
 
 /// A recoverable message this node received and has not yet handed to its
@@ -272,6 +285,11 @@ mod tests {
             priority: 2,
             created_ms: 1,
             expires_ms: Some(2),
+            retry: Some(StoredRetry {
+                attempts: 3,
+                delay_ms: 10,
+                backoff_permille: 2000,
+            }),
             body: b"hello".to_vec(),
         })
     }

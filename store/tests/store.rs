@@ -48,6 +48,7 @@ fn outgoing(receiver: &str, pseq: u64, len: usize) -> Outgoing {
         priority: 2,
         created_ms: pseq,
         expires_ms: None,
+        retry: None,
         body,
     }
 }
