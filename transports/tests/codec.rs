@@ -397,7 +397,86 @@ fn header() -> impl Strategy<Value = Header> {
             groups,
             services
         }))),
+        dead_letter().prop_map(|d| Header::DeadLetter(Box::new(d))),
+        (
+            any::<u64>(),
+            vec(any::<u64>(), 0..8),
+            any::<u64>(),
+            any::<u32>(),
+            any::<bool>(),
+            any::<bool>()
+        )
+            .prop_map(|(token, ids, after, limit, take, bodies)| {
+                Header::DeadLetters(Box::new(transports::protocol::DeadLetterQuery {
+                    token,
+                    ids,
+                    after,
+                    limit,
+                    take,
+                    bodies,
+                }))
+            }),
+        (any::<u64>(), dead_letter()).prop_map(|(token, d)| Header::DeadLetterEntry {
+            token,
+            entry: Box::new(d)
+        }),
+        (
+            any::<u64>(),
+            prop_oneof![
+                vec(any::<u64>(), 6).prop_map(|v| Ok(transports::protocol::DeadLetterStats {
+                    entries: v[0],
+                    bytes: v[1],
+                    added: v[2],
+                    overflowed: v[3],
+                    max_entries: v[4],
+                    max_bytes: v[5],
+                })),
+                text().prop_map(Err),
+            ]
+        )
+            .prop_map(|(token, result)| Header::DeadLettersEnd { token, result }),
     ]
+}
+
+/// Any dead letter.
+fn dead_letter() -> impl Strategy<Value = transports::protocol::DeadLetter> {
+    use transports::protocol::{DeadLetter, DeadReason};
+    let reason = prop_oneof![
+        Just(DeadReason::Expired),
+        Just(DeadReason::TargetGone),
+        Just(DeadReason::NotPermitted),
+        (any::<u32>(), delivery_failure())
+            .prop_map(|(attempts, last)| DeadReason::RetriesExhausted { attempts, last }),
+        delivery_failure().prop_map(DeadReason::Undeliverable),
+    ];
+    (
+        (any::<u64>(), node_id(), target(), text()),
+        (
+            0..transports::protocol::Priority::ALL.len(),
+            reason,
+            any::<u64>(),
+            text(),
+            any::<u64>(),
+        ),
+    )
+        .prop_map(
+            |(
+                (id, sender, target, service),
+                (priority, reason, at_unix_ms, filed_by, body_bytes),
+            )| {
+                DeadLetter {
+                    id,
+                    sender,
+                    target,
+                    service,
+                    priority: transports::protocol::Priority::ALL[priority],
+                    reason,
+                    at_unix_ms,
+                    filed_by,
+                    body_bytes,
+                }
+            },
+        )
 }
 
 fn body() -> impl Strategy<Value = Bytes> {
