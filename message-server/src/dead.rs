@@ -28,6 +28,9 @@ use transports::protocol::{
 pub(crate) struct DeadLetters {
     queue: Mutex<Queue>,
     store: Option<Store>,
+    /// Wakes the flusher ([`DeadLetters::flusher`]): changes wait for an
+    /// fsync.
+    unflushed: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -52,6 +55,7 @@ impl DeadLetters {
                 ..Queue::default()
             }),
             store: None,
+            unflushed: tokio::sync::Notify::new(),
         }
     }
 
@@ -122,10 +126,14 @@ impl DeadLetters {
             entry.body_bytes = len;
             if let Some(store) = &self.store {
                 let record = encode_record(&entry, &body);
-                // Queued in the store's commit order, fsynced with its
-                // next group commit; not awaited on the routing path.
-                if let Err(e) = store.commit_later(vec![Change::Put(record)]) {
-                    tracing::warn!(id, error = %e, "a dead letter could not be queued for the store; it is held in memory only");
+                // Queued in the store's commit order without waiting (this
+                // is the routing path); the flusher fsyncs it at once,
+                // with whatever else was filed meanwhile.
+                match store.commit_later(vec![Change::Put(record)]) {
+                    Ok(()) => self.unflushed.notify_one(),
+                    Err(e) => {
+                        tracing::warn!(id, error = %e, "a dead letter could not be queued for the store; it is held in memory only");
+                    }
                 }
             }
             tracing::debug!(id, sender = %entry.sender, target = %entry.target, reason = %entry.reason, "dead letter filed");
@@ -173,8 +181,11 @@ impl DeadLetters {
         let stats = q.stats();
         drop(q);
         if let (Some(store), false) = (&self.store, removed.is_empty()) {
-            if let Err(e) = store.commit_later(removed) {
-                tracing::warn!(error = %e, "taken dead letters could not be removed from the store; they return after a restart");
+            match store.commit_later(removed) {
+                Ok(()) => self.unflushed.notify_one(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "taken dead letters could not be removed from the store; they return after a restart");
+                }
             }
         }
         if !query.bodies {
@@ -200,6 +211,22 @@ impl DeadLetters {
             .take(limit)
             .map(|(entry, _)| entry.clone())
             .collect()
+    }
+
+    /// Makes what is filed durable as it comes, until `cancel`: one fsync
+    /// (an empty durable commit, which carries every change queued before
+    /// it) for whatever was filed or taken since the last, so that a
+    /// message server killed a moment after filing keeps the dead letter.
+    pub(crate) async fn flusher(&self, cancel: tokio_util::sync::CancellationToken) {
+        if self.store.is_none() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = self.unflushed.notified() => self.flush().await,
+            }
+        }
     }
 
     /// Waits until what was filed so far is on disk.

@@ -349,6 +349,11 @@ impl MessageServer {
         let housekeeping = TaskTracker::new();
         housekeeping.spawn(heartbeats(shared.clone(), self.heartbeat, cancel.clone()));
         housekeeping.spawn(failure_detector(shared.clone(), cancel.clone()));
+        {
+            let shared = shared.clone();
+            let cancel = cancel.clone();
+            housekeeping.spawn(async move { shared.dead.flusher(cancel).await });
+        }
         housekeeping.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {

@@ -585,3 +585,53 @@ async fn a_recoverable_message_is_dead_lettered_when_its_retry_policy_runs_out(
     })
     .await
 }
+
+/// The real binary, killed with SIGKILL a moment after it filed dead
+/// letters: they are on disk (each is fsynced as it is filed), and the
+/// server started again on the same directory holds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_filed_before_a_kill_9_are_kept() -> anyhow::Result<()> {
+    init_logging();
+    bounded(async {
+        let dir = DataDir::new("dlq-kill");
+        let toml = format!(
+            "[message_server]\ndata_dir = {:?}\n\n[monitor]\nlisten = \"\"\n",
+            dir.path().display().to_string()
+        );
+        let file = ConfigFile::new("dlq-kill", &toml)?;
+        let config = test_config();
+        let (mut server, addr) =
+            clustercomm_tests::spawn_message_server(&["--config", &file.path]).await?;
+        let start = |id: &'static str, addr| {
+            node_runtime::Node::builder(id)
+                .config(config.clone())
+                .message_server(addr)
+                .ignore_environment()
+                .start()
+        };
+        let a = start("a", addr).await?;
+        for i in 0..3u32 {
+            a.notify(node("ghost"), "svc", format!("kept {i}")).await?;
+        }
+        let dead = a.dead_letters();
+        bounded(async {
+            while dead.stats().await?.entries < 3 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            anyhow::Ok(())
+        })
+        .await?;
+        server.kill().await?;
+        drop(dead);
+        a.shutdown().await;
+
+        let (_server, addr) =
+            clustercomm_tests::spawn_message_server(&["--config", &file.path]).await?;
+        let reader = start("reader", addr).await?;
+        let page = reader.dead_letters().browse(0, 10).await?;
+        let bodies: Vec<_> = page.entries.iter().map(|e| e.body.clone()).collect();
+        ensure!(bodies == ["kept 0", "kept 1", "kept 2"], "{bodies:?}");
+        Ok(())
+    })
+    .await
+}
