@@ -33,6 +33,57 @@ pub async fn next_message(
     bounded(async { inbox.recv().await.context("inbox closed") }).await
 }
 
+/// Waits (bounded by [`TEST_WAIT`]) until `condition` holds, looking
+/// every 5 ms; the error names `what` was awaited.
+///
+/// # Errors
+///
+/// If it does not hold in time.
+pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) -> anyhow::Result<()> {
+    bounded(async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    })
+    .await
+    .with_context(|| what.to_owned())
+}
+
+/// Waits (bounded) until the server's dead-letter queue satisfies `done`,
+/// and returns its state.
+///
+/// # Errors
+///
+/// If it does not get there in time.
+pub async fn wait_dead_letters(
+    server: &ServerHandle,
+    done: impl Fn(&transports::protocol::DeadLetterStats) -> bool,
+) -> anyhow::Result<transports::protocol::DeadLetterStats> {
+    wait_until("the dead-letter queue to get there", || {
+        done(&server.dead_letter_stats())
+    })
+    .await
+    .with_context(|| format!("the queue: {:?}", server.dead_letter_stats()))?;
+    Ok(server.dead_letter_stats())
+}
+
+/// A program a test needs, or an error that says how to get it.
+///
+/// # Errors
+///
+/// If `path` does not exist.
+pub fn required_tool(path: &str, package: &str) -> anyhow::Result<PathBuf> {
+    let path = PathBuf::from(path);
+    if !path.exists() {
+        bail!(
+            "{} is missing: install Debian's {package} package (apt-get install {package}; .ci/run does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// Upper bound for any single wait in a test.
 pub const TEST_WAIT: Duration = Duration::from_secs(30);
 

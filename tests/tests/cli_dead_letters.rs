@@ -9,12 +9,10 @@
 
 use std::path::PathBuf;
 use std::process::Output;
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use clustercomm_tests::{bounded, init_logging, next_message, test_config, TestServer, TEST_WAIT};
-use message_server::ServerHandle;
-use node_runtime::{DeadLetterStats, Node, NodeId, Target};
+use node_runtime::{Node, NodeId, Target};
 use tokio::process::Command;
 
 /// The `clustercomm` binary, beside this test's (`target/debug`).
@@ -75,25 +73,6 @@ async fn fails(server: &TestServer, args: &[&str]) -> anyhow::Result<(String, St
     Ok((stdout, stderr))
 }
 
-/// Waits (bounded, in short steps) until the server's dead-letter queue
-/// satisfies `done`, and returns its state.
-async fn wait_dead_letters(
-    server: &ServerHandle,
-    done: impl Fn(&DeadLetterStats) -> bool,
-) -> anyhow::Result<DeadLetterStats> {
-    let deadline = Instant::now() + TEST_WAIT;
-    loop {
-        let stats = server.dead_letter_stats();
-        if done(&stats) {
-            return Ok(stats);
-        }
-        if Instant::now() > deadline {
-            bail!("the dead-letter queue never got there: {stats:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// A server whose queue holds one dead letter per body, numbered from 1:
 /// one-way messages from `app-1` to `nobody`, service `orders`.
 async fn server_with_dead_letters(bodies: &[&str]) -> anyhow::Result<(TestServer, Node)> {
@@ -108,7 +87,7 @@ async fn server_with_dead_letters(bodies: &[&str]) -> anyhow::Result<(TestServer
         .await?;
     }
     let want = bodies.len() as u64;
-    wait_dead_letters(&server.handle, |s| s.added == want).await?;
+    clustercomm_tests::wait_dead_letters(&server.handle, |s| s.added == want).await?;
     Ok((server, app))
 }
 
@@ -196,7 +175,8 @@ async fn list_take_and_replay() -> anyhow::Result<()> {
             ensure!(message.body().as_ref() == body.as_bytes());
             ensure!(message.sender().as_str().starts_with("clustercomm-"));
         }
-        let stats = wait_dead_letters(&server.handle, |s| s.entries == 0).await?;
+        let stats =
+            clustercomm_tests::wait_dead_letters(&server.handle, |s| s.entries == 0).await?;
         ensure!((stats.bytes, stats.added) == (0, 3), "{stats:?}");
         let empty = succeeds(&server, &["dead-letters", "list"]).await?;
         ensure!(
@@ -229,7 +209,7 @@ async fn replay_several_in_one_command() -> anyhow::Result<()> {
             let message = next_message(&mut inbox).await?;
             ensure!(message.body().as_ref() == body.as_bytes());
         }
-        wait_dead_letters(&server.handle, |s| s.entries == 0).await?;
+        clustercomm_tests::wait_dead_letters(&server.handle, |s| s.entries == 0).await?;
         Ok(())
     })
     .await

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use clustercomm_tests::{
-    bounded, init_logging, next_message, test_config, ConfigFile, DataDir, TestServer,
+    bounded, init_logging, next_message, test_config, wait_until, ConfigFile, DataDir, TestServer,
 };
 use node_runtime::{
     AckMode, Config, DeadLetter, DeadReason, NodeId, RetryPolicy, SendError, SendOptions,
@@ -35,18 +35,6 @@ fn config() -> anyhow::Result<(Config, ConfigFile)> {
 
 fn node(id: &str) -> Target {
     Target::Node(NodeId::new(id))
-}
-
-/// Waits (bounded) until `condition` holds, looking every 5 ms.
-async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) -> anyhow::Result<()> {
-    bounded(async {
-        while !condition() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        Ok(())
-    })
-    .await
-    .context(what.to_owned())
 }
 
 /// Waits until the wall clock passes `at` (a message's expiry): the TTL is

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -146,18 +146,6 @@ fn by_id<'v>(list: &'v Value, id: &str) -> anyhow::Result<&'v Value> {
     list.as_array()
         .and_then(|a| a.iter().find(|m| m["id"] == id))
         .with_context(|| format!("{id} is missing from {list:#}"))
-}
-
-/// A program the tests need, or an error that says how to get it.
-fn tool(path: &str, package: &str) -> anyhow::Result<PathBuf> {
-    let path = PathBuf::from(path);
-    if !path.exists() {
-        bail!(
-            "{} is missing: install Debian's {package} package (apt-get install {package}; .ci/run does)",
-            path.display()
-        );
-    }
-    Ok(path)
 }
 
 /// A live cluster of three nodes: two `test-node` processes and one node
@@ -384,7 +372,7 @@ async fn check_metrics(monitor: SocketAddr) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn page_renders_the_members_in_chromium() -> anyhow::Result<()> {
     init_logging();
-    let chromium = tool("/usr/bin/chromium", "chromium")?;
+    let chromium = clustercomm_tests::required_tool("/usr/bin/chromium", "chromium")?;
     bounded(async {
         let server = start_server(&["--listen", "127.0.0.1:0", "--monitor", "127.0.0.1:0"]).await?;
         let monitor = server.monitor()?;
@@ -614,7 +602,7 @@ fn check_one_error(
 
 /// `promtool check metrics` on `text`: it must pass.
 async fn promtool_check(text: &str) -> anyhow::Result<()> {
-    let promtool = tool("/usr/bin/promtool", "prometheus")?;
+    let promtool = clustercomm_tests::required_tool("/usr/bin/promtool", "prometheus")?;
     let mut check = Command::new(promtool)
         .args(["check", "metrics"])
         .stdin(Stdio::piped())

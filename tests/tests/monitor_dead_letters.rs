@@ -11,40 +11,20 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, ensure, Context};
+use anyhow::{ensure, Context};
 use clustercomm_tests::{bounded, init_logging, test_config, TestServer, TEST_WAIT};
 use message_server::monitor::Monitor;
-use message_server::ServerHandle;
-use node_runtime::{DeadLetterStats, NodeId, Target};
+use node_runtime::{NodeId, Target};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
 /// A service name that is markup, to see the page escape it.
 const SERVICE: &str = "<b>orders</b>";
-
-/// Waits (bounded, in short steps) until the server's dead-letter queue
-/// satisfies `done`, and returns its state.
-async fn wait_dead_letters(
-    server: &ServerHandle,
-    done: impl Fn(&DeadLetterStats) -> bool,
-) -> anyhow::Result<DeadLetterStats> {
-    let deadline = Instant::now() + TEST_WAIT;
-    loop {
-        let stats = server.dead_letter_stats();
-        if done(&stats) {
-            return Ok(stats);
-        }
-        if Instant::now() > deadline {
-            bail!("the dead-letter queue never got there: {stats:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// An HTTP/1.1 GET: status, headers (lower-case names), body.
 async fn get(
@@ -92,18 +72,6 @@ fn ids(list: &Value) -> Vec<u64> {
         .unwrap_or_default()
 }
 
-/// A program the test needs, or an error that says how to get it.
-fn tool(path: &str, package: &str) -> anyhow::Result<PathBuf> {
-    let path = PathBuf::from(path);
-    if !path.exists() {
-        bail!(
-            "{} is missing: install Debian's {package} package (apt-get install {package}; .ci/run does)",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
 /// Four one-way messages to a node that does not exist, with room for
 /// three: the queue holds three, counts one as overflowed, and the
 /// monitor shows exactly that everywhere; a node taking one out is seen
@@ -111,8 +79,8 @@ fn tool(path: &str, package: &str) -> anyhow::Result<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_monitor_shows_the_dead_letter_queue() -> anyhow::Result<()> {
     init_logging();
-    let promtool = tool("/usr/bin/promtool", "prometheus")?;
-    let chromium = tool("/usr/bin/chromium", "chromium")?;
+    let promtool = clustercomm_tests::required_tool("/usr/bin/promtool", "prometheus")?;
+    let chromium = clustercomm_tests::required_tool("/usr/bin/chromium", "chromium")?;
     bounded(async {
         let mut config = test_config();
         config.message_server.dead_letter_entries = 3;
@@ -139,8 +107,10 @@ async fn the_monitor_shows_the_dead_letter_queue() -> anyhow::Result<()> {
             )
             .await?;
         }
-        let stats =
-            wait_dead_letters(&server.handle, |s| s.added == 3 && s.overflowed == 1).await?;
+        let stats = clustercomm_tests::wait_dead_letters(&server.handle, |s| {
+            s.added == 3 && s.overflowed == 1
+        })
+        .await?;
         assert_eq!((stats.entries, stats.bytes), (3, 18), "{stats:?}");
         let after = unix_ms();
 
