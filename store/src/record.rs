@@ -195,13 +195,16 @@ pub enum RecordError {
 
 /// `record` framed: magic, length, CRC-32C, contents.
 pub(crate) fn frame(record: &Record) -> Vec<u8> {
-    // A record is plain data: encoding cannot fail.
-    let payload = postcard::to_stdvec(record).unwrap_or_default();
-    let mut out = Vec::with_capacity(FRAME_HEADER + payload.len());
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32c(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
+    // Encoded in place after room for the header, which is filled in
+    // then: one buffer, no copy. A record is plain data: encoding cannot
+    // fail.
+    let mut out = vec![0u8; FRAME_HEADER];
+    out = postcard::to_extend(record, out).unwrap_or_else(|_| vec![0u8; FRAME_HEADER]);
+    let len = (out.len() - FRAME_HEADER) as u32;
+    let crc = crc32c(&out[FRAME_HEADER..]);
+    out[..4].copy_from_slice(&MAGIC);
+    out[4..8].copy_from_slice(&len.to_le_bytes());
+    out[8..12].copy_from_slice(&crc.to_le_bytes());
     out
 }
 

@@ -2,7 +2,7 @@
 //! commits whatever is waiting in one durable (fsynced) transaction: many
 //! writers share one flush (group commit).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -454,10 +454,12 @@ fn write_loop(db: &redb::Database, path: &Path, mut rx: mpsc::Receiver<Job>, sta
         let result = match &failed {
             Some(detail) => Err(detail.clone()),
             None => {
-                let changes: Vec<Change> = batch
-                    .iter()
-                    .flat_map(|j| j.changes.iter().cloned())
-                    .collect();
+                // Moved out, not copied: the jobs only wait for the answer.
+                let changes = coalesce_marks(
+                    batch
+                        .iter_mut()
+                        .flat_map(|j| std::mem::take(&mut j.changes)),
+                );
                 let durability = if batch.iter().any(Job::durable) {
                     Durability::Immediate
                 } else {
@@ -488,6 +490,31 @@ fn write_loop(db: &redb::Database, path: &Path, mut rx: mpsc::Receiver<Job>, sta
     }
 }
 
+/// `changes` with each mark written once, at its highest value (marks
+/// only rise: the rest would be compared and dropped one by one), after
+/// the other changes, which keep their order.
+fn coalesce_marks(changes: impl Iterator<Item = Change>) -> Vec<Change> {
+    let mut out = Vec::new();
+    let mut marks: HashMap<(MarkKind, String, u64), Mark> = HashMap::new();
+    for change in changes {
+        match change {
+            Change::Put(Record::Mark(mark)) => {
+                let key = (mark.kind, mark.node.clone(), mark.epoch);
+                match marks.get_mut(&key) {
+                    Some(kept) if kept.value >= mark.value => {}
+                    Some(kept) => *kept = mark,
+                    None => {
+                        marks.insert(key, mark);
+                    }
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out.extend(marks.into_values().map(|m| Change::Put(Record::Mark(m))));
+    out
+}
+
 /// Keeps, of records read in any order and possibly in several versions,
 /// what is current (see [`Contents::from_records`]).
 pub(crate) fn latest(records: Vec<Record>) -> BTreeMap<RecordKey, Record> {
@@ -502,4 +529,37 @@ pub(crate) fn latest(records: Vec<Record>) -> BTreeMap<RecordKey, Record> {
         }
     }
     map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mark(node: &str, value: u64) -> Change {
+        Change::Put(Record::Mark(Mark {
+            kind: MarkKind::Received,
+            node: node.into(),
+            epoch: 1,
+            value,
+        }))
+    }
+
+    #[test]
+    fn a_batch_writes_each_mark_once_at_its_highest() {
+        let remove = Change::Remove(RecordKey::Outgoing("b".into(), 3));
+        let changes = vec![
+            mark("a", 5),
+            remove.clone(),
+            mark("a", 7),
+            mark("b", 2),
+            mark("a", 6),
+        ];
+        let mut out = coalesce_marks(changes.into_iter());
+        assert_eq!(out.remove(0), remove, "other changes first, in order");
+        out.sort_by_key(|c| match c {
+            Change::Put(Record::Mark(m)) => m.node.clone(),
+            _ => String::new(),
+        });
+        assert_eq!(out, vec![mark("a", 7), mark("b", 2)]);
+    }
 }
