@@ -201,16 +201,23 @@ impl DeadLetters {
         self.lock().stats()
     }
 
-    /// The newest `limit` entries (without bodies), newest first: for the
-    /// monitor.
+    /// The newest `limit` entries (without bodies), newest first.
     pub(crate) fn newest(&self, limit: usize) -> Vec<DeadLetter> {
-        self.lock()
+        self.view(limit).1
+    }
+
+    /// The queue's state and its newest `limit` entries (without bodies),
+    /// newest first, read together: for the monitor.
+    pub(crate) fn view(&self, limit: usize) -> (DeadLetterStats, Vec<DeadLetter>) {
+        let q = self.lock();
+        let newest = q
             .entries
             .values()
             .rev()
             .take(limit)
             .map(|(entry, _)| entry.clone())
-            .collect()
+            .collect();
+        (q.stats(), newest)
     }
 
     /// Makes what is filed durable as it comes, until `cancel`: one fsync

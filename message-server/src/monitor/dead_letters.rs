@@ -104,15 +104,11 @@ impl From<&DeadLetter> for DeadLetterRow {
 
 /// The queue's state and its newest `limit` entries.
 pub(crate) fn gather(shared: &Shared, limit: usize) -> DeadLetterList {
-    let entries = shared
-        .dead
-        .newest(limit)
-        .iter()
-        .map(DeadLetterRow::from)
-        .collect();
+    // One read of the queue: the rows and the counts agree.
+    let (stats, newest) = shared.dead.view(limit);
     DeadLetterList {
-        stats: shared.dead.stats(),
-        entries,
+        stats,
+        entries: newest.iter().map(DeadLetterRow::from).collect(),
     }
 }
 
