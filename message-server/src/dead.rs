@@ -114,8 +114,13 @@ impl DeadLetters {
             let len = body.len() as u64;
             if q.entries.len() as u64 >= q.max_entries || q.bytes + len > q.max_bytes {
                 q.overflowed += 1;
+                let overflowed = q.overflowed;
                 drop(q);
-                tracing::warn!(sender = %entry.sender, target = %entry.target, service = %entry.service, reason = %entry.reason, "dead-letter queue full: a dead letter is counted, not held (message_server.dead_letter_entries, dead_letter_bytes)");
+                // Logged at the 1st, 2nd, 4th, 8th... so that a flood
+                // cannot flood the log; every one is counted.
+                if overflowed.is_power_of_two() {
+                    tracing::warn!(overflowed, sender = %entry.sender, target = %entry.target, service = %entry.service, reason = %entry.reason, "dead-letter queue full: dead letters are counted, not held (message_server.dead_letter_entries, dead_letter_bytes)");
+                }
                 return None;
             }
             let id = q.next_id;

@@ -328,7 +328,7 @@ impl Filer {
             filed_by: String::new(),
             body_bytes: given_up.body.len() as u64,
         };
-        tracing::info!(target = %entry.target, service = %entry.service, reason = %entry.reason, "message dead-lettered");
+        tracing::debug!(target = %entry.target, service = %entry.service, reason = %entry.reason, "message dead-lettered");
         let frame = OutFrame::Parts {
             header: Header::DeadLetter(Box::new(entry)),
             body: given_up.body,
@@ -344,10 +344,15 @@ impl Filer {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             Err(PushError::Full(_) | PushError::Congested | PushError::Closed(_)) => {
-                self.counters
+                let unfiled = self
+                    .counters
                     .dead_letters_unfiled
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!("a dead letter could not be filed: the link to the message server is full or down (counted in dead_letters_unfiled)");
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1;
+                // Every one counted; the 1st, 2nd, 4th, 8th... logged.
+                if unfiled.is_power_of_two() {
+                    tracing::warn!(unfiled, "dead letters could not be filed: the link to the message server is full or down (counted in dead_letters_unfiled)");
+                }
             }
         }
     }
