@@ -42,6 +42,8 @@ struct Queue {
     overflowed: u64,
     max_entries: u64,
     max_bytes: u64,
+    /// Entries added that are known to be on disk.
+    durable: u64,
 }
 
 impl DeadLetters {
@@ -244,8 +246,17 @@ impl DeadLetters {
     /// Waits until what was filed so far is on disk.
     pub(crate) async fn flush(&self) {
         if let Some(store) = &self.store {
-            if let Err(e) = store.commit(vec![]).await {
-                tracing::warn!(error = %e, "the dead-letter store could not be flushed");
+            // Everything added by now was queued for the store before this
+            // commit, which carries it.
+            let added = self.lock().added;
+            match store.commit(vec![]).await {
+                Ok(()) => {
+                    let mut q = self.lock();
+                    q.durable = q.durable.max(added);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the dead-letter store could not be flushed");
+                }
             }
         }
     }
@@ -269,6 +280,7 @@ impl Queue {
             overflowed: self.overflowed,
             max_entries: self.max_entries,
             max_bytes: self.max_bytes,
+            durable: self.durable,
         }
     }
 }

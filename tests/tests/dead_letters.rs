@@ -601,9 +601,10 @@ async fn dead_letters_filed_before_a_kill_9_are_kept() -> anyhow::Result<()> {
         for i in 0..3u32 {
             a.notify(node("ghost"), "svc", format!("kept {i}")).await?;
         }
+        // On disk once the server says so (an fsync after filing).
         let dead = a.dead_letters();
         bounded(async {
-            while dead.stats().await?.entries < 3 {
+            while dead.stats().await?.durable < 3 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             anyhow::Ok(())

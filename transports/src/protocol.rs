@@ -1175,6 +1175,11 @@ pub struct DeadLetterStats {
     pub max_entries: u64,
     /// Its byte limit.
     pub max_bytes: u64,
+    /// Of the entries added since the message server started, how many
+    /// are known to be on disk (with `message_server.data_dir`; 0
+    /// without): the first `durable` of them survive a crash of the
+    /// server. Each is fsynced within one flush of being filed.
+    pub durable: u64,
 }
 
 /// A stream's opening (and, on a new channel after the last broke, its

@@ -423,13 +423,14 @@ fn header() -> impl Strategy<Value = Header> {
         (
             any::<u64>(),
             prop_oneof![
-                vec(any::<u64>(), 6).prop_map(|v| Ok(transports::protocol::DeadLetterStats {
+                vec(any::<u64>(), 7).prop_map(|v| Ok(transports::protocol::DeadLetterStats {
                     entries: v[0],
                     bytes: v[1],
                     added: v[2],
                     overflowed: v[3],
                     max_entries: v[4],
                     max_bytes: v[5],
+                    durable: v[6],
                 })),
                 text().prop_map(Err),
             ]
