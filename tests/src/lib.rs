@@ -190,7 +190,11 @@ impl Drop for TestServer {
 }
 
 /// The directory holding the workspace's built binaries (`target/debug`).
-fn bin_dir() -> anyhow::Result<PathBuf> {
+///
+/// # Errors
+///
+/// If the test binary's own path has no parent.
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     // target/debug/deps/<test> -> target/debug
     let deps = exe.parent().context("test binary has no directory")?;

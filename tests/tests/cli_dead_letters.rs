@@ -17,14 +17,7 @@ use tokio::process::Command;
 
 /// The `clustercomm` binary, beside this test's (`target/debug`).
 fn clustercomm_bin() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let deps = exe.parent().context("test binary has no directory")?;
-    let dir = if deps.ends_with("deps") {
-        deps.parent().context("no target directory")?
-    } else {
-        deps
-    };
-    let path = dir.join("clustercomm");
+    let path = clustercomm_tests::bin_dir()?.join("clustercomm");
     if !path.exists() {
         bail!(
             "{} is missing: run the tests with `cargo test --workspace`, which builds it",
