@@ -15,10 +15,10 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{bail, ensure, Context};
 use cluster_config::Config;
 use message_server::{MessageServer, ServerHandle};
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio::sync::oneshot;
 
@@ -82,6 +82,33 @@ pub fn required_tool(path: &str, package: &str) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+/// `promtool check metrics` on `text`: it must pass.
+///
+/// # Errors
+///
+/// If promtool is missing, fails, or finds the text wrong.
+pub async fn promtool_check(text: &str) -> anyhow::Result<()> {
+    let promtool = required_tool("/usr/bin/promtool", "prometheus")?;
+    let mut check = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut stdin = check.stdin.take().context("promtool stdin")?;
+    stdin.write_all(text.as_bytes()).await?;
+    drop(stdin);
+    let out = tokio::time::timeout(TEST_WAIT, check.wait_with_output()).await??;
+    ensure!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n--- the metrics:\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }
 
 /// Upper bound for any single wait in a test.

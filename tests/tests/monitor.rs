@@ -322,7 +322,7 @@ async fn check_metrics(monitor: SocketAddr) -> anyhow::Result<()> {
     ensure!(status == 200, "/metrics: {status}");
     let kind = headers.get("content-type").map_or("", String::as_str);
     ensure!(kind.starts_with("text/plain; version=0.0.4"), "{kind}");
-    promtool_check(&text).await?;
+    clustercomm_tests::promtool_check(&text).await?;
     for line in [
         "clustercomm_server_messages_total 15",
         "clustercomm_server_deliveries_total 20",
@@ -600,29 +600,6 @@ fn check_one_error(
     Ok(())
 }
 
-/// `promtool check metrics` on `text`: it must pass.
-async fn promtool_check(text: &str) -> anyhow::Result<()> {
-    let promtool = clustercomm_tests::required_tool("/usr/bin/promtool", "prometheus")?;
-    let mut check = Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut stdin = check.stdin.take().context("promtool stdin")?;
-    stdin.write_all(text.as_bytes()).await?;
-    drop(stdin);
-    let out = tokio::time::timeout(TEST_WAIT, check.wait_with_output()).await??;
-    ensure!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n--- the metrics:\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
 /// A node's own metrics, merged into an application's registry, pass
 /// `promtool check metrics` and count what the node sent on each path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -653,7 +630,7 @@ async fn a_nodes_metrics_count_its_paths() -> anyhow::Result<()> {
         app.register_metrics(&mut registry);
         let mut text = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut text, &registry)?;
-        promtool_check(&text).await?;
+        clustercomm_tests::promtool_check(&text).await?;
         for line in [
             "clustercomm_node_sent_messages_total{node=\"app-1\",path=\"server\"} 3",
             "clustercomm_node_sent_messages_total{node=\"app-1\",path=\"lazy\"} 1",
@@ -723,7 +700,7 @@ async fn a_node_serves_its_own_metrics() -> anyhow::Result<()> {
             headers["content-type"].starts_with("text/plain; version=0.0.4"),
             "{headers:?}"
         );
-        promtool_check(&body).await?;
+        clustercomm_tests::promtool_check(&body).await?;
         ensure!(
             body.lines()
                 .any(|l| l

@@ -16,7 +16,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
-use clustercomm_tests::{bounded, init_logging, test_config, TestServer, TEST_WAIT};
+use clustercomm_tests::{bounded, init_logging, test_config, TestServer};
 use message_server::monitor::Monitor;
 use node_runtime::{NodeId, Target};
 use serde_json::Value;
@@ -79,7 +79,8 @@ fn ids(list: &Value) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_monitor_shows_the_dead_letter_queue() -> anyhow::Result<()> {
     init_logging();
-    let promtool = clustercomm_tests::required_tool("/usr/bin/promtool", "prometheus")?;
+    // Both tools are needed: said at once if one is missing.
+    clustercomm_tests::required_tool("/usr/bin/promtool", "prometheus")?;
     let chromium = clustercomm_tests::required_tool("/usr/bin/chromium", "chromium")?;
     bounded(async {
         let mut config = test_config();
@@ -166,7 +167,7 @@ async fn the_monitor_shows_the_dead_letter_queue() -> anyhow::Result<()> {
         assert_eq!(ids(&snapshot["dead_letters"]), [3, 2, 1]);
         assert_eq!(snapshot["status"]["counters"]["expired"], 0);
 
-        check_metrics(&promtool, addr).await?;
+        check_metrics(addr).await?;
         check_page(&chromium, addr).await?;
 
         // A node takes one out: the monitor's next read shows it gone.
@@ -193,26 +194,10 @@ fn unix_ms() -> u64 {
 }
 
 /// `/metrics` passes `promtool check metrics` and counts the queue.
-async fn check_metrics(promtool: &Path, addr: SocketAddr) -> anyhow::Result<()> {
+async fn check_metrics(addr: SocketAddr) -> anyhow::Result<()> {
     let (status, _, text) = get(addr, "/metrics").await?;
     ensure!(status == 200, "/metrics: {status}");
-    let mut check = Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut stdin = check.stdin.take().context("promtool stdin")?;
-    stdin.write_all(text.as_bytes()).await?;
-    drop(stdin);
-    let out = tokio::time::timeout(TEST_WAIT, check.wait_with_output()).await??;
-    ensure!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n--- the metrics:\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    clustercomm_tests::promtool_check(&text).await?;
     for line in [
         "# TYPE clustercomm_server_dead_letters gauge",
         "clustercomm_server_dead_letters 3",
