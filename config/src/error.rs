@@ -23,6 +23,15 @@ pub enum ConfigError {
         #[source]
         source: toml::de::Error,
     },
+    /// A network interface named by a key cannot be used on this host.
+    #[error("`{key}`: {reason}")]
+    Interface {
+        /// The key naming the interface.
+        key: String,
+        /// What is wrong: the interface is missing or has no address, and
+        /// which interfaces the host has.
+        reason: String,
+    },
     /// A value is out of range or inconsistent with another.
     #[error("invalid config value for `{key}`: {reason}")]
     Invalid {

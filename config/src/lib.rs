@@ -32,11 +32,14 @@
 //!   `[tcp]`, `[monitor]`, ...), with their defaults.
 //! - `load`: reading a file, per-node overrides, environment overrides.
 //! - `validate`: range and consistency checks.
+//! - [`interfaces`]: network interfaces named in the config, resolved to
+//!   their addresses at start.
 //! - [`permissions`]: what each node may subscribe, join and send to.
 //! - `error`: [`ConfigError`], naming the file and the key.
 
 mod defaults;
 mod error;
+pub mod interfaces;
 mod load;
 pub mod permissions;
 mod sections;

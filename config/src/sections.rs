@@ -128,6 +128,12 @@ pub struct ClusterConfig {
     /// Where the message server receives heartbeats (UDP), so cluster
     /// traffic can use its own interface. None: its listen address.
     pub heartbeat_listen: Option<SocketAddr>,
+    /// The network interface (`eth1`) the message server receives
+    /// heartbeats on: its address, at start, with `heartbeat_listen`'s port
+    /// (or the listen port) becomes `heartbeat_listen`. Missing at start:
+    /// an error. None: as `heartbeat_listen` says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_interface: Option<String>,
 }
 
 impl Default for ClusterConfig {
@@ -138,6 +144,7 @@ impl Default for ClusterConfig {
             heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
             failure_timeout_ms: DEFAULT_FAILURE_TIMEOUT_MS,
             heartbeat_listen: None,
+            heartbeat_interface: None,
         }
     }
 }
@@ -151,6 +158,11 @@ pub struct MessageServerConfig {
     pub addresses: Vec<String>,
     /// Where the message server listens. Default [`DEFAULT_SERVER_LISTEN`].
     pub listen: SocketAddr,
+    /// The network interface (`eth0`) the message server listens on: its
+    /// address, at start, with `listen`'s port becomes `listen` (the
+    /// seeds' NIC selection). Missing at start: an error. None: `listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
     /// The heartbeat address (UDP) the message server tells nodes, instead
     /// of the one it bound (`cluster.heartbeat_listen`, or its listen
     /// address): for a server behind NAT or a forwarder. An unspecified IP
@@ -236,6 +248,7 @@ impl Default for MessageServerConfig {
         MessageServerConfig {
             addresses: vec![DEFAULT_SERVER_ADDRESS.to_owned()],
             listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_SERVER_PORT)),
+            interface: None,
             heartbeat_advertise: None,
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             reconnect_delay_ms: DEFAULT_RECONNECT_DELAY_MS,
@@ -264,9 +277,21 @@ pub struct NodeConfig {
     /// Where the node accepts direct channels. Default
     /// [`DEFAULT_DIRECT_LISTEN`].
     pub direct_listen: SocketAddr,
+    /// The network interface (`eth0`) the node accepts direct channels on:
+    /// its address, at start, with `direct_listen`'s port becomes
+    /// `direct_listen` (and, without `direct_advertise`, the address
+    /// announced). Missing at start: an error. None: `direct_listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub direct_interface: Option<String>,
     /// Where a node sends its heartbeats from (UDP). None: any interface,
     /// an ephemeral port.
     pub heartbeat_bind: Option<SocketAddr>,
+    /// The network interface (`eth1`) the node sends its heartbeats from:
+    /// its address, at start, with `heartbeat_bind`'s port (or any)
+    /// becomes `heartbeat_bind`. Missing at start: an error. None:
+    /// `heartbeat_bind`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_interface: Option<String>,
     /// The direct-channel address announced to other nodes. None: the
     /// listen address, or, when that is unspecified (`0.0.0.0`), the
     /// interface that reaches the message server.
@@ -362,7 +387,9 @@ impl Default for NodeConfig {
         NodeConfig {
             direct_listen: SocketAddr::from(([0, 0, 0, 0], 0)),
             direct_advertise: None,
+            direct_interface: None,
             heartbeat_bind: None,
+            heartbeat_interface: None,
             send_timeout_ms: DEFAULT_SEND_TIMEOUT_MS,
             inbox_capacity: DEFAULT_INBOX_CAPACITY,
             inbox_wait_ms: DEFAULT_INBOX_WAIT_MS,

@@ -30,6 +30,47 @@ impl Config {
                 "ca_file, cert_file and key_file go together: set all three, or none".into(),
             );
         }
+        let pairs = [
+            (
+                "message_server.interface",
+                &self.message_server.interface,
+                Some(self.message_server.listen),
+                "message_server.listen",
+            ),
+            (
+                "cluster.heartbeat_interface",
+                &self.cluster.heartbeat_interface,
+                self.cluster.heartbeat_listen,
+                "cluster.heartbeat_listen",
+            ),
+            (
+                "node.direct_interface",
+                &self.node.direct_interface,
+                Some(self.node.direct_listen),
+                "node.direct_listen",
+            ),
+            (
+                "node.heartbeat_interface",
+                &self.node.heartbeat_interface,
+                self.node.heartbeat_bind,
+                "node.heartbeat_bind",
+            ),
+        ];
+        for (key, interface, address, address_key) in pairs {
+            let Some(name) = interface else { continue };
+            if name.is_empty() {
+                return bad(
+                    key,
+                    "must name an interface (\"eth0\") or be left out".into(),
+                );
+            }
+            if let Some(address) = address.filter(|a| !a.ip().is_unspecified()) {
+                return bad(
+                    key,
+                    format!("{address_key} = \"{address}\" names an address too: give its port with an unspecified address (0.0.0.0), or drop the interface"),
+                );
+            }
+        }
         if self.message_server.dead_letter_entries == 0 {
             return bad(
                 "message_server.dead_letter_entries",

@@ -29,8 +29,8 @@ struct Args {
     /// The cluster's TOML config file (every key optional).
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// Address to listen on, overriding `message_server.listen`
-    /// (default 0.0.0.0:7400).
+    /// Address to listen on, overriding `message_server.listen` and
+    /// `message_server.interface` (default 0.0.0.0:7400).
     #[arg(long, short)]
     listen: Option<SocketAddr>,
     /// Address of the monitor page, JSON and metrics, overriding
@@ -79,6 +79,8 @@ fn configure(args: &Args) -> Result<Config, ConfigError> {
     config.apply_env(|k| std::env::var(k).ok())?;
     if let Some(listen) = args.listen {
         config.message_server.listen = listen;
+        // The command line's address wins over an interface in the file.
+        config.message_server.interface = None;
     }
     if let Some(monitor) = &args.monitor {
         let monitor = monitor.trim();

@@ -252,13 +252,18 @@ pub struct MessageServer {
 }
 
 impl MessageServer {
-    /// Binds `config.message_server.listen`.
+    /// Binds `config.message_server.listen` (on `message_server.interface`'s
+    /// address when set).
     ///
     /// # Errors
     ///
+    /// [`ServerError::Config`] if an interface the config names is missing,
     /// [`ServerError::Bind`] if the address cannot be bound,
     /// [`ServerError::Tls`] if the `[tls]` files cannot be used.
     pub async fn bind(config: Config) -> Result<MessageServer, ServerError> {
+        // `message_server.interface` and `cluster.heartbeat_interface`
+        // become addresses here, once: a missing interface fails the start.
+        let config = config.resolve_interfaces()?;
         let tls = match config.tls.files() {
             Some((ca, cert, key)) => Some(transports::tls::Tls::load(ca, cert, key)?),
             None => None,

@@ -82,6 +82,14 @@ fn bad_config_names_the_key_and_exits() {
             "node.busy_lower",
         ),
         ("[message_server]\nlisten = \"nowhere\"\n", "listen"),
+        (
+            "[message_server]\ninterface = \"cc-missing0\"\n",
+            "`message_server.interface`: this host has no network interface \"cc-missing0\"",
+        ),
+        (
+            "[cluster]\nheartbeat_interface = \"cc-missing1\"\n",
+            "`cluster.heartbeat_interface`: this host has no network interface \"cc-missing1\"",
+        ),
     ];
     for (i, (text, key)) in cases.iter().enumerate() {
         let path = dir.join(format!("bad-{i}.toml"));

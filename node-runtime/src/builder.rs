@@ -109,7 +109,8 @@ impl NodeBuilder {
 
     /// The configuration this node starts with: the given one with its
     /// `[nodes.<id>]` section, the environment's overrides read with `var`
-    /// (unless ignored), then the builder's own settings; validated.
+    /// (unless ignored), then the builder's own settings; validated, with
+    /// the interfaces it names resolved to their addresses.
     fn layered_config(&self, var: impl Fn(&str) -> Option<String>) -> Result<Config, NodeError> {
         let mut config = self.config.for_node(self.id.as_str())?;
         if self.environment {
@@ -119,7 +120,9 @@ impl NodeBuilder {
             config.message_server.addresses = addresses.clone();
         }
         config.validate("")?;
-        Ok(config)
+        // `node.direct_interface` and `node.heartbeat_interface` become
+        // addresses here, once: a missing interface fails the start.
+        Ok(config.resolve_interfaces()?)
     }
 
     /// Connects to the first reachable message server, registers, and starts
@@ -127,7 +130,8 @@ impl NodeBuilder {
     ///
     /// # Errors
     ///
-    /// [`NodeError::Config`] for a bad configuration,
+    /// [`NodeError::Config`] for a bad configuration (or an interface it
+    /// names that this host does not have),
     /// [`NodeError::Connect`] if no message server answers within
     /// `message_server.connect_timeout_ms` (for example when none is
     /// running), [`NodeError::Handshake`] if one refused this node (another

@@ -52,3 +52,43 @@ async fn send_notify_request() -> anyhow::Result<()> {
     })
     .await?
 }
+
+/// Interfaces named in the config: `lo` resolves to loopback and the node
+/// listens and announces there; one the host lacks fails the start with
+/// an error naming the key and the interface.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interfaces_by_name() -> anyhow::Result<()> {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        let (addr, _server) = server().await?;
+        let mut config = Config::default();
+        config.node.direct_interface = Some("lo".into());
+        config.node.heartbeat_interface = Some("lo".into());
+        let a = Node::builder("a")
+            .config(config.clone())
+            .message_server(addr)
+            .start()
+            .await?;
+        let direct = a.direct_addr().expect("a direct listener");
+        assert!(direct.ip().is_loopback(), "announced {direct}");
+        assert_ne!(direct.port(), 0);
+        a.shutdown().await;
+
+        config.node.direct_interface = Some("cc-missing0".into());
+        let err = Node::builder("b")
+            .config(config)
+            .message_server(addr)
+            .start()
+            .await
+            .expect_err("no such interface");
+        let err = format!("{:#}", anyhow::Error::from(err));
+        assert!(
+            err.contains(
+                "`node.direct_interface`: this host has no network interface \"cc-missing0\""
+            ),
+            "{err}"
+        );
+        assert!(err.contains("lo"), "lists what the host has: {err}");
+        anyhow::Ok(())
+    })
+    .await?
+}
