@@ -41,6 +41,10 @@ enum End {
     WriterStopped,
     Frame(FrameError),
     Violation(String),
+    /// Nothing arrived on the connection for the failure timeout (every
+    /// node reports at each heartbeat interval): its data network is down,
+    /// whatever its heartbeats say. The member was declared failed.
+    Silent,
 }
 
 /// A connection's places under the listener's caps
@@ -244,6 +248,7 @@ pub(crate) async fn serve(
             mac: transports::auth::SessionMac::new(&session_secret),
             heartbeat_ip: hello.heartbeat_ip.unwrap_or(peer.ip()).to_canonical(),
             last_nonce: std::sync::atomic::AtomicU64::new(0),
+            wrong_address_told: std::sync::atomic::AtomicBool::new(false),
             peer,
             since_ms: shared.now_ms(),
             counters: NodeCounters::default(),
@@ -367,6 +372,7 @@ pub(crate) async fn serve(
             End::Eof => tracing::info!("member disconnected"),
             End::Cancelled => tracing::debug!("connection closed by shutdown"),
             End::WriterStopped => tracing::warn!("member disconnected: its writer stopped"),
+            End::Silent => {}
             End::Frame(e) => tracing::warn!(error = %e, "member disconnected on a frame error"),
             End::Violation(why) => {
                 Counters::add(&shared.counters.protocol_errors, 1);
@@ -638,6 +644,13 @@ impl Connection {
         // for anything, and at least every `WAKE_EVERY_FRAMES` frames.
         let mut wakes = Wakes::new();
         let mut since_wake = 0usize;
+        // A member's connection must carry something every failure
+        // timeout (its node reports at every heartbeat interval): one
+        // timer, moved on only when it fires, against the last read.
+        let silence = self.shared.config.failure_timeout();
+        let mut last_read = tokio::time::Instant::now();
+        let quiet = tokio::time::sleep(silence);
+        tokio::pin!(quiet);
         loop {
             since_wake += 1;
             if since_wake >= WAKE_EVERY_FRAMES {
@@ -664,7 +677,24 @@ impl Connection {
                         self.parked_progress(progress).await;
                         continue;
                     }
-                    f = reader.next_frame() => f,
+                    f = reader.next_frame() => {
+                        last_read = tokio::time::Instant::now();
+                        f
+                    }
+                    // Last: a frame that is ready wins over the timer.
+                    () = &mut quiet => {
+                        if last_read.elapsed() < silence {
+                            quiet.as_mut().reset(last_read + silence);
+                            continue;
+                        }
+                        crate::registry::declare_failed(
+                            &self.shared,
+                            &self.me,
+                            self.incarnation,
+                            "nothing arrived on its connection within the failure timeout (its data network is down, or it stalled), whatever its heartbeats say",
+                        );
+                        return End::Silent;
+                    }
                 }
             };
             let raw = match raw {
@@ -843,6 +873,13 @@ impl Connection {
                 None
             }
             Header::Report(report) => {
+                // Answered on the connection itself, so that the node sees
+                // its data path live (its heartbeats prove only theirs). A
+                // full control class means the node reads nothing: no
+                // answer then, which is what it should see.
+                let _ = self
+                    .queue
+                    .try_push(OutFrame::control(Header::Pong { nonce: 0 }), Lane::Control);
                 self.session
                     .backlog
                     .store(report.backlog, Ordering::Relaxed);

@@ -614,6 +614,7 @@ mod tests {
             mac: transports::auth::SessionMac::new(&secret),
             heartbeat_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             last_nonce: std::sync::atomic::AtomicU64::new(0),
+            wrong_address_told: std::sync::atomic::AtomicBool::new(false),
             peer: "127.0.0.1:1".parse().expect("address"),
             since_ms: 0,
             counters: Default::default(),

@@ -166,10 +166,10 @@ pub(crate) enum Refused {
 /// Incarnations declared failed that are remembered (and refused).
 const FAILED_REMEMBERED: usize = 4096;
 
-/// Declares the node failed (silent past the failure timeout): it is
-/// removed, its connection closed, everyone told, and nothing from that
-/// incarnation is accepted again.
-pub(crate) fn declare_failed(shared: &Shared, id: &NodeId, incarnation: u64) {
+/// Declares the node failed (silent past the failure timeout, `why`): it
+/// is removed, its connection closed, everyone told, and nothing from
+/// that incarnation is accepted again.
+pub(crate) fn declare_failed(shared: &Shared, id: &NodeId, incarnation: u64, why: &str) {
     let mut state = shared.write();
     let Some(conn) = state
         .conns
@@ -190,13 +190,15 @@ pub(crate) fn declare_failed(shared: &Shared, id: &NodeId, incarnation: u64) {
     state.failed_order.push_back((id.clone(), incarnation));
     conn.queue.close();
     Counters::add(&shared.counters.failed_nodes, 1);
-    tracing::warn!(node = %id, incarnation, "member failed: no heartbeat within the failure timeout");
+    tracing::warn!(node = %id, incarnation, "member failed: {why}");
     let event = Header::Member(MemberEvent::Left {
         id: id.clone(),
         incarnation,
         reason: LeaveReason::Failed,
     });
     broadcast_locked(shared, &state.conns, &event);
+    drop(state);
+    shared.events.failed(id, incarnation);
 }
 
 /// Removes the node if `conn_id` is still its connection, and tells

@@ -80,6 +80,8 @@ pub(crate) struct Session {
     /// The highest ping nonce accepted: a ping must go beyond it, so a
     /// recorded one cannot be played again.
     pub(crate) last_nonce: AtomicU64,
+    /// Whether a signed heartbeat from another address was logged.
+    pub(crate) wrong_address_told: std::sync::atomic::AtomicBool,
     /// Where its connection comes from (for the monitor).
     pub(crate) peer: SocketAddr,
     /// When it registered, in ms since the server started.
@@ -478,8 +480,22 @@ async fn heartbeats(shared: Arc<Shared>, socket: tokio::net::UdpSocket, cancel: 
         // A ping counts only from the node's address, signed with its
         // session's secret, and with a nonce beyond the last one.
         let accepted = session.filter(|(session, _)| {
-            from.ip().to_canonical() == session.heartbeat_ip
-                && session.mac.verify_ping(&node, incarnation, nonce, &mac)
+            let from_ip = from.ip().to_canonical();
+            if from_ip != session.heartbeat_ip {
+                // Signed by the node itself, from another address: a
+                // node that sends from the wrong interface, not an
+                // attacker (who cannot sign). Said once per session.
+                if session.mac.verify_ping(&node, incarnation, nonce, &mac)
+                    && !session.wrong_address_told.swap(true, Ordering::Relaxed)
+                {
+                    tracing::warn!(
+                        node = %node, %from, expected = %session.heartbeat_ip,
+                        "heartbeats refused: they come from another address than the node declared or connected from (set node.heartbeat_bind or node.heartbeat_interface on it); it will be failed"
+                    );
+                }
+                return false;
+            }
+            session.mac.verify_ping(&node, incarnation, nonce, &mac)
                 && session.last_nonce.fetch_max(nonce, Ordering::AcqRel) < nonce
         });
         let Some((session, last_seen)) = accepted else {
@@ -517,11 +533,12 @@ async fn failure_detector(shared: Arc<Shared>, cancel: CancellationToken) {
             .map(|(id, c)| (id.clone(), c.incarnation))
             .collect();
         for (id, incarnation) in silent {
-            registry::declare_failed(&shared, &id, incarnation);
-            // Declared now (a failed incarnation is never registered again).
-            if shared.read().failed.contains(&(id.clone(), incarnation)) {
-                shared.events.failed(&id, incarnation);
-            }
+            registry::declare_failed(
+                &shared,
+                &id,
+                incarnation,
+                "no heartbeat within the failure timeout",
+            );
         }
     }
 }

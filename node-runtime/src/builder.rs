@@ -149,7 +149,16 @@ impl NodeBuilder {
                 &self.groups.join(","),
             ));
         }
-        let config = self.layered_config(|k| std::env::var(k).ok())?;
+        let mut config = self.layered_config(|k| std::env::var(k).ok())?;
+        // Heartbeats must leave from the address declared for them (or
+        // the connection's). When the server takes them on an address of
+        // its own (`cluster.heartbeat_listen`, on a heartbeat network) and
+        // this node did not say where to send them from, they leave from
+        // the interface that routes there, and that address is declared.
+        if let Some(ip) = heartbeat_route(&config).await {
+            let port = config.node.heartbeat_bind.map_or(0, |a| a.port());
+            config.node.heartbeat_bind = Some(std::net::SocketAddr::new(ip, port));
+        }
         let permissions = self.config.permissions_table()?;
         let recovery = open_store(&config).await?;
         let incarnation = crate::runtime::fresh_incarnation();
@@ -330,6 +339,28 @@ async fn route_to(addresses: &[String]) -> Option<std::net::IpAddr> {
         }
     }
     None
+}
+
+/// The address this node's heartbeats should leave from when the
+/// config gives the server's heartbeat address (`cluster.heartbeat_listen`,
+/// a specific IP) but not the node's own (`node.heartbeat_bind` unset or
+/// unspecified): the one that routes to it, if it is not the one that
+/// routes to the message server (then the connection's address serves).
+async fn heartbeat_route(config: &Config) -> Option<std::net::IpAddr> {
+    if config
+        .node
+        .heartbeat_bind
+        .is_some_and(|a| !a.ip().is_unspecified())
+    {
+        return None;
+    }
+    let listen = config
+        .cluster
+        .heartbeat_listen
+        .filter(|a| !a.ip().is_unspecified())?;
+    let heartbeats = route_to(&[listen.to_string()]).await?;
+    let connection = route_to(&config.message_server.addresses).await;
+    (connection != Some(heartbeats)).then_some(heartbeats)
 }
 
 /// Opens the node's store if `node.data_dir` is set (see

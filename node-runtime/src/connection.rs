@@ -60,6 +60,11 @@ pub(crate) enum LinkLost {
     /// The server stopped answering heartbeats.
     #[error("the message server did not answer heartbeats within the failure timeout")]
     Silent,
+    /// Nothing arrived on the connection for the failure timeout (the
+    /// server answers every report, sent each heartbeat interval): the
+    /// data network is down, whatever the heartbeats say.
+    #[error("nothing arrived from the message server on the connection within the failure timeout (its data network is down?)")]
+    Quiet,
 }
 
 /// Reads frames from the message server until the link ends.
@@ -73,6 +78,14 @@ pub(crate) async fn read_frames(
     let mut names = NameCache::new();
     let mut inboxes = InboxCache::default();
     let mut acks = AckBatch::new(rt.id.clone(), rt.core.clone(), rt.server.queue.clone());
+    // The server answers each report (one per heartbeat interval): a
+    // connection silent for the failure timeout is dead even while the
+    // heartbeats, on their own network, are answered. One timer, moved on
+    // only when it fires, against the last read.
+    let silence = rt.config.failure_timeout();
+    let mut last_read = tokio::time::Instant::now();
+    let quiet = tokio::time::sleep(silence);
+    tokio::pin!(quiet);
     loop {
         if !reader.has_buffered_frame() {
             // About to wait for the socket: what was accepted meanwhile is
@@ -87,7 +100,18 @@ pub(crate) async fn read_frames(
             tokio::select! {
                 biased;
                 _ = rt.cancel.cancelled() => return LinkEnd::Shutdown,
-                f = reader.next_frame() => f,
+                f = reader.next_frame() => {
+                    last_read = tokio::time::Instant::now();
+                    f
+                }
+                // Last: a frame that is ready wins over the timer.
+                () = &mut quiet => {
+                    if last_read.elapsed() < silence {
+                        quiet.as_mut().reset(last_read + silence);
+                        continue;
+                    }
+                    return LinkEnd::Lost(LinkLost::Quiet);
+                }
             }
         };
         let raw = match raw {
@@ -234,6 +258,8 @@ pub(crate) async fn read_frames(
                     });
                 }
             }
+            // The answer to a report: its arrival is all it says.
+            Header::Pong { .. } => {}
             Header::Goodbye => return LinkEnd::Lost(LinkLost::Stopping),
             other => return LinkEnd::Lost(LinkLost::Unexpected { kind: other.kind() }),
         }

@@ -390,6 +390,12 @@ pub(crate) async fn heartbeats(rt: Runtime, socket: tokio::net::UdpSocket) {
                 if !rt.core.lock().link().is_up() {
                     continue;
                 }
+                // What went past the server, for its monitor, and whether
+                // this node is busy; skipped when the link's queue is full.
+                // Also what keeps the connection from falling silent: the
+                // server answers it, and each side counts a connection
+                // silent for the failure timeout as dead.
+                send_report(&rt, &mut reported_busy);
                 let target = rt.server.heartbeat.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let Some(target) = target else { continue };
                 nonce += 1;
@@ -404,9 +410,6 @@ pub(crate) async fn heartbeats(rt: Runtime, socket: tokio::net::UdpSocket) {
                 if let Err(e) = socket.send_to(&ping.encode(), target.addr).await {
                     tracing::debug!(error = %e, "heartbeat not sent");
                 }
-                // What went past the server, for its monitor, and whether
-                // this node is busy; skipped when the link's queue is full.
-                send_report(&rt, &mut reported_busy);
             }
             // Busy or no longer busy: the server hears it at once, not at
             // the next heartbeat. Becoming busy is said at most once every

@@ -6,6 +6,7 @@
 //! TCP and UDP fault [`proxy`] that cuts, delays, stalls and resets paths.
 
 pub mod fault;
+pub mod hosts;
 pub mod proxy;
 pub mod raw;
 

@@ -15,7 +15,7 @@ use smol_str::SmolStr;
 
 /// The protocol version this build speaks. Peers with another version are
 /// refused at the handshake with [`RefusalReason::VersionMismatch`].
-pub const PROTOCOL_VERSION: u16 = 10;
+pub const PROTOCOL_VERSION: u16 = 11;
 
 /// Bytes of a handshake nonce.
 pub const NONCE_BYTES: usize = 16;
