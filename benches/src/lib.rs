@@ -7,7 +7,8 @@
 //! The benchmarks themselves live in `benches/`: the suite
 //! (`cargo bench -p clustercomm-benches --bench suite`, `-- --quick` for
 //! short rounds) and the older, narrower `--bench p2p`, `--bench bulk`
-//! and `--bench processors` (a thin wrapper around [`processors`]).
+//! and `--bench processors` (a thin wrapper around [`processors`]), and
+//! `--bench scale` ([`scale`]).
 //! Numbers are only meaningful as ratios against the peers measured in the
 //! same run, at nearly the same moment.
 //!
@@ -45,6 +46,10 @@
 //! - [`processors`]: the processors case (4 processors against 1 on a
 //!   20 µs handler, in interleaved rounds), for the suite and the
 //!   standalone `--bench processors`.
+//! - [`scale`]: the scale benchmark (`--bench scale`): many nodes in
+//!   `bench-nodes` processes on one server; convergence, membership bytes
+//!   per join, the server's memory and CPU, broadcast, failure detection
+//!   and re-registration after a restart.
 //! - [`tls`]: what the TLS cases run with: certificates from
 //!   clustercomm's own generator in a temporary directory removed on
 //!   drop, and clustercomm's cluster file with `[tls]`.
@@ -65,6 +70,7 @@ pub mod raw_cases;
 pub mod raw_tcp;
 pub mod relay_cases;
 pub mod report;
+pub mod scale;
 pub mod suite;
 pub mod tls;
 pub mod transfer;

@@ -17,6 +17,10 @@
 //!   after the loss (also when the link was dropped for the primary), each
 //!   failed round doubles the wait up to its cap. A node told that its
 //!   incarnation was declared failed rejoins at once as a new one.
+//! - Every wait (the first round, each later one, each primary probe) is
+//!   drawn between half and all of its length ([`LinkPolicy::jitter_seed`]):
+//!   a thousand nodes that lost one server at one instant come back spread
+//!   over half a reconnect delay, not all at once.
 
 use std::time::{Duration, Instant};
 
@@ -32,6 +36,10 @@ pub struct LinkPolicy {
     pub reconnect_max_delay: Duration,
     /// How long the server may stay silent (`cluster.failure_timeout_ms`).
     pub failure_timeout: Duration,
+    /// Seeds the draw of each wait between half and all of its length
+    /// (each node its own: the runtime passes a random one); 0: no
+    /// jitter, every wait its full length.
+    pub jitter_seed: u64,
 }
 
 /// What the runtime should do now.
@@ -74,6 +82,8 @@ pub struct LinkState {
     phase: Phase,
     /// The nonce of the latest ping sent.
     last_ping: u64,
+    /// The jitter's generator state (xorshift64*); 0: no jitter.
+    jitter: u64,
 }
 
 impl LinkState {
@@ -86,6 +96,17 @@ impl LinkState {
                 next_round: now,
             },
             last_ping: 0,
+            // Seeds close together (incarnations are clock readings) are
+            // spread over the whole range first (splitmix64's finisher).
+            jitter: match policy.jitter_seed {
+                0 => 0,
+                seed => {
+                    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                    (z ^ (z >> 31)).max(1)
+                }
+            },
         };
         link.handle_connected(now, index);
         link
@@ -106,7 +127,8 @@ impl LinkState {
 
     /// Registered with address `index` at `now`.
     pub fn handle_connected(&mut self, now: Instant, index: usize) {
-        let next_probe = (index > 0).then(|| now + self.policy.reconnect_delay);
+        let probe = self.jittered(self.policy.reconnect_delay);
+        let next_probe = (index > 0).then(|| now + probe);
         self.phase = Phase::Up {
             index,
             last_heard: now,
@@ -145,9 +167,10 @@ impl LinkState {
     /// attempts waits one reconnect delay.
     pub fn handle_lost(&mut self, now: Instant) {
         if self.is_up() {
+            let wait = self.jittered(self.policy.reconnect_delay);
             self.phase = Phase::Down {
                 delay: self.policy.reconnect_delay,
-                next_round: now + self.policy.reconnect_delay,
+                next_round: now + wait,
             };
         }
     }
@@ -155,9 +178,13 @@ impl LinkState {
     /// A whole round of attempts failed at `now`: wait, doubling up to the
     /// cap.
     pub fn handle_round_failed(&mut self, now: Instant) {
-        if let Phase::Down { delay, next_round } = &mut self.phase {
-            *delay = (*delay * 2).min(self.policy.reconnect_max_delay);
-            *next_round = now + *delay;
+        if let Phase::Down { delay, .. } = self.phase {
+            let delay = (delay * 2).min(self.policy.reconnect_max_delay);
+            let wait = self.jittered(delay);
+            self.phase = Phase::Down {
+                delay,
+                next_round: now + wait,
+            };
         }
     }
 
@@ -167,6 +194,20 @@ impl LinkState {
         if let Phase::Down { next_round, .. } = &mut self.phase {
             *next_round = now;
         }
+    }
+
+    /// `wait` drawn between half and all of it (all of it without jitter).
+    fn jittered(&mut self, wait: Duration) -> Duration {
+        if self.jitter == 0 {
+            return wait;
+        }
+        // xorshift64*: enough to spread nodes apart, and no dependency.
+        self.jitter ^= self.jitter >> 12;
+        self.jitter ^= self.jitter << 25;
+        self.jitter ^= self.jitter >> 27;
+        let draw = self.jitter.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11; // 53 bits
+        let fraction = draw as f64 / (1u64 << 53) as f64;
+        wait / 2 + wait.mul_f64(fraction / 2.0)
     }
 
     /// The addresses a round tries, in order: primary first, then standbys.
@@ -198,6 +239,7 @@ impl LinkState {
     /// What to do at `now`, if anything.
     pub fn handle_timeout(&mut self, now: Instant) -> Option<LinkAction> {
         let policy = self.policy;
+        let probe = self.jittered(policy.reconnect_delay);
         match &mut self.phase {
             Phase::Up {
                 last_heard,
@@ -210,7 +252,7 @@ impl LinkState {
                 }
                 match next_probe {
                     Some(at) if *at <= now => {
-                        *at = now + policy.reconnect_delay;
+                        *at = now + probe;
                         Some(LinkAction::ProbePrimary)
                     }
                     _ => None,
@@ -232,6 +274,7 @@ mod tests {
             addresses: 3,
             reconnect_delay: MS(100),
             reconnect_max_delay: MS(500),
+            jitter_seed: 0,
             failure_timeout: MS(1_000),
         }
     }
@@ -296,6 +339,40 @@ mod tests {
                 (1_801, Timeout(Some(Dead), 1_800)),
             ],
         );
+    }
+
+    #[test]
+    fn jittered_waits_fall_between_half_and_all_and_differ_by_seed() {
+        let start = Instant::now();
+        let lost_at = |seed: u64| {
+            let mut link = LinkState::new(
+                LinkPolicy {
+                    jitter_seed: seed,
+                    ..policy()
+                },
+                0,
+                start,
+            );
+            link.handle_lost(start);
+            let first = link.poll_timeout().expect("a round is due") - start;
+            link.handle_round_failed(start);
+            let second = link.poll_timeout().expect("a round is due") - start;
+            (first, second)
+        };
+        let mut firsts = std::collections::BTreeSet::new();
+        for seed in 1..=200u64 {
+            // Close seeds, as clock readings are.
+            let (first, second) = lost_at(1_796_000_000_000_000_000 + seed);
+            assert!(first >= MS(50) && first <= MS(100), "first {first:?}");
+            assert!(second >= MS(100) && second <= MS(200), "second {second:?}");
+            firsts.insert(first.as_micros() / 5_000);
+        }
+        assert!(
+            firsts.len() >= 8,
+            "200 nodes land in only {} 5 ms slots",
+            firsts.len()
+        );
+        assert_eq!(lost_at(0), (MS(100), MS(200)), "seed 0: no jitter");
     }
 
     #[test]

@@ -125,6 +125,16 @@ impl Members {
         self.members.values().map(|e| e.info.clone()).collect()
     }
 
+    /// How many members there are.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
     /// The member `id`, if it is one.
     pub fn get(&self, id: &str) -> Option<&MemberInfo> {
         self.members.get(id).map(|e| &e.info)

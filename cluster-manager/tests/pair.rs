@@ -95,6 +95,7 @@ impl Pair {
                         reconnect_delay: RECONNECT,
                         reconnect_max_delay: MAX_RECONNECT,
                         failure_timeout: FAILURE,
+                        jitter_seed: 0,
                     },
                 };
                 let node = SimNode {

@@ -125,6 +125,7 @@ impl CoreCell {
                 reconnect_delay: Duration::from_millis(100),
                 reconnect_max_delay: Duration::from_secs(1),
                 failure_timeout: Duration::from_secs(5),
+                jitter_seed: 0,
             },
         };
         let core = NodeCore::new(config, vec![], 0, std::time::Instant::now());

@@ -793,6 +793,17 @@ impl Node {
         self.rt.core.lock().members().snapshot()
     }
 
+    /// How many members the cluster has, this node included, without
+    /// copying them (as [`Node::members`] does).
+    pub fn member_count(&self) -> usize {
+        self.rt.core.lock().members().len()
+    }
+
+    /// Whether `id` is a member, as this node knows.
+    pub fn is_member(&self, id: &str) -> bool {
+        self.rt.core.lock().members().get(id).is_some()
+    }
+
     /// A stream of membership changes from now on.
     pub fn membership_events(&self) -> MembershipEvents {
         self.rt.members.subscribe()

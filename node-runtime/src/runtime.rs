@@ -133,6 +133,8 @@ impl Runtime {
                 reconnect_delay: Duration::from_millis(ms.reconnect_delay_ms),
                 reconnect_max_delay: Duration::from_millis(ms.reconnect_max_delay_ms),
                 failure_timeout: config.failure_timeout(),
+                // Each node its own (never 0: that means no jitter).
+                jitter_seed: parts.hello.incarnation | 1,
             },
         };
         let core = NodeCore::new(
