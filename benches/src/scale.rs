@@ -23,7 +23,10 @@
 //!
 //! The cluster runs on the defaults' timings (heartbeat 1 s, failure
 //! timeout 5 s, reconnect delay 500 ms), with the server's connection caps
-//! raised for the cluster size and each node reading 16 KiB at a time (a
+//! raised for the cluster size, 30 s for a handshake and 300 s for a
+//! subscription (thousands of nodes join at once, and each join and
+//! subscription is told to every member), and each node reading 16 KiB at
+//! a time (a
 //! node's default 256 KiB read buffer, a thousand times in one process,
 //! would measure the bench, not the cluster).
 
@@ -49,13 +52,20 @@ pub const SERVICE: &str = "scale";
 pub const NODES_PER_PROCESS: usize = 500;
 
 /// Nodes one process starts at once.
-const STARTING_AT_ONCE: usize = 32;
+const STARTING_AT_ONCE: usize = 256;
 
 /// Nodes that join after convergence, for the traffic per join.
 pub const LATE_JOINERS: usize = 10;
 
-/// Upper bound on any one step.
-pub const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+/// Upper bound on any one wait of a node process (the controller's own
+/// bound, [`step_timeout`], ends it sooner: it kills the processes).
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// Upper bound on any one step of a cluster of `nodes`: 2 minutes, or 120
+/// ms a node (on two cores, 5,000 nodes take minutes to converge).
+pub fn step_timeout(nodes: usize) -> Duration {
+    Duration::from_secs(120).max(Duration::from_millis(120) * nodes as u32)
+}
 
 /// How often a process looks at its nodes while it waits for a condition.
 const POLL: Duration = Duration::from_millis(2);
@@ -86,7 +96,8 @@ struct Hosted {
 /// | --- | --- |
 /// | `converge N` | `converged MS`: every node sees N members |
 /// | `gone ID` | `gone MS`: no node counts `ID` as a member |
-/// | `reconnected SINCE` | `reconnected MS`: every node registered again after `SINCE` (its latest registration) |
+/// | `watch` | `watching`: from now on, registrations are noted |
+/// | `reconnected SINCE` | `reconnected MS`: every node registered again after `SINCE` (its latest registration), as noted since `watch` |
 /// | `received` | `received N`: messages its nodes took |
 /// | `broadcast N BYTES` | `sent FAILED`: its first node notified `All` N times |
 ///
@@ -159,6 +170,10 @@ pub async fn serve_nodes(
                     None => format!("timeout reconnected {since}"),
                 }
             }
+            ["watch"] => {
+                nodes.iter().for_each(watch_reconnects);
+                "watching".to_owned()
+            }
             ["received"] => format!("received {}", received.load(Ordering::Relaxed)),
             ["broadcast", n, bytes] => {
                 let n: usize = n.parse().context("broadcast N")?;
@@ -214,9 +229,19 @@ async fn start_one(
         }
     });
     let reconnected_ms = Arc::new(AtomicU64::new(0));
-    let mut events = node.membership_events();
-    let noted = reconnected_ms.clone();
-    let watched = node.clone();
+    Ok(Hosted {
+        node,
+        reconnected_ms,
+    })
+}
+
+/// From now on, notes when `hosted` registers again with a server. Only
+/// asked for before a restart: a subscription to membership events takes a
+/// copy of every join, which would weigh on the convergence measured.
+fn watch_reconnects(hosted: &Hosted) {
+    let mut events = hosted.node.membership_events();
+    let noted = hosted.reconnected_ms.clone();
+    let watched = hosted.node.clone();
     tokio::spawn(async move {
         loop {
             match events.recv().await {
@@ -238,10 +263,6 @@ async fn start_one(
             }
         }
     });
-    Ok(Hosted {
-        node,
-        reconnected_ms,
-    })
 }
 
 /// Waits until `ready`, looking every [`POLL`], at most [`STEP_TIMEOUT`].
@@ -305,6 +326,8 @@ pub struct ScaleReport {
 /// A `bench-nodes` process, driven through its stdin and stdout.
 struct NodesProcess {
     name: String,
+    /// How long a step may take.
+    step: Duration,
     child: Child,
     stdin: Option<ChildStdin>,
     lines: Receiver<String>,
@@ -341,6 +364,7 @@ impl NodesProcess {
         });
         Ok(NodesProcess {
             name: prefix.to_owned(),
+            step: STEP_TIMEOUT,
             stdin: child.stdin.take(),
             child,
             lines,
@@ -356,10 +380,7 @@ impl NodesProcess {
 
     /// The next line, which must start with `prefix`.
     fn expect(&mut self, prefix: &str) -> anyhow::Result<String> {
-        match self
-            .lines
-            .recv_timeout(STEP_TIMEOUT + Duration::from_secs(10))
-        {
+        match self.lines.recv_timeout(self.step) {
             Ok(line) if line.starts_with(prefix) => Ok(line),
             Ok(line) => bail!("{}: {line:?} where {prefix:?} was expected", self.name),
             Err(RecvTimeoutError::Timeout) => {
@@ -510,8 +531,8 @@ fn write_config(dir: &Path, nodes: usize) -> anyhow::Result<PathBuf> {
     std::fs::write(
         &path,
         format!(
-            "[message_server]\nmax_connections = {connections}\nmax_unauthenticated = {connections}\n\n\
-             [node]\ndirect_listen = \"127.0.0.1:0\"\nread_chunk_bytes = 16384\ninbox_capacity = 4096\n"
+            "[message_server]\nmax_connections = {connections}\nmax_unauthenticated = {connections}\nconnect_timeout_ms = 30000\n\n\
+             [node]\ndirect_listen = \"127.0.0.1:0\"\nread_chunk_bytes = 16384\ninbox_capacity = 4096\nsend_timeout_ms = 300000\n"
         ),
     )
     .with_context(|| format!("writing {}", path.display()))?;
@@ -532,7 +553,7 @@ fn helper(name: &str) -> anyhow::Result<PathBuf> {
 /// # Errors
 ///
 /// A helper is missing, a process fails, or a step does not finish
-/// within [`STEP_TIMEOUT`].
+/// within [`step_timeout`].
 pub fn run(nodes: usize, dir: &Path, broadcasts: usize) -> anyhow::Result<ScaleReport> {
     ensure!(nodes >= 2, "a scale run needs at least 2 nodes");
     std::fs::create_dir_all(dir)?;
@@ -565,6 +586,10 @@ pub fn run(nodes: usize, dir: &Path, broadcasts: usize) -> anyhow::Result<ScaleR
         )?);
     }
     let mut victim = NodesProcess::start(&nodes_exe, server.addr, &config, "victim", 1)?;
+    let step = step_timeout(nodes);
+    for p in procs.iter_mut().chain(std::iter::once(&mut victim)) {
+        p.step = step;
+    }
     for p in procs.iter_mut().chain(std::iter::once(&mut victim)) {
         p.expect("started ")?;
     }
@@ -583,6 +608,7 @@ pub fn run(nodes: usize, dir: &Path, broadcasts: usize) -> anyhow::Result<ScaleR
     let before = proc_stat(server.pid())?;
     let joining = Instant::now();
     let mut late = NodesProcess::start(&nodes_exe, server.addr, &config, "late", LATE_JOINERS)?;
+    late.step = step;
     late.expect("started ")?;
     procs.push(late);
     converge(&mut procs, nodes + LATE_JOINERS)?;
@@ -600,7 +626,7 @@ pub fn run(nodes: usize, dir: &Path, broadcasts: usize) -> anyhow::Result<ScaleR
     let failed = procs[0].expect_number("sent ")?;
     ensure!(failed == 0, "{failed} broadcasts failed");
     let mut counted = 0;
-    let deadline = Instant::now() + STEP_TIMEOUT;
+    let deadline = Instant::now() + step;
     while Instant::now() < deadline {
         counted = received(&mut procs, &mut victim)? - base;
         if counted >= expected {
@@ -624,6 +650,12 @@ pub fn run(nodes: usize, dir: &Path, broadcasts: usize) -> anyhow::Result<ScaleR
     let failure_known = Duration::from_millis(known.saturating_sub(killed_ms));
 
     // 6. The server restarts.
+    for p in &mut procs {
+        p.send("watch")?;
+    }
+    for p in &mut procs {
+        p.expect("watching")?;
+    }
     let before_restart = proc_stat(server.pid())?;
     let since = unix_ms();
     server.restart()?;

@@ -81,6 +81,10 @@ pub struct Members {
     /// How many members are busy ([`MemberInfo::busy`]): a send looks
     /// further only when some are.
     busy: usize,
+    /// How many members wait out their grace (`gone_at` set): the timer
+    /// is looked for only when some do, not over every member at every
+    /// event (a join in a cluster of thousands).
+    in_grace: usize,
 }
 
 impl Members {
@@ -90,6 +94,7 @@ impl Members {
         let busy = initial.iter().filter(|m| m.busy).count();
         Members {
             busy,
+            in_grace: 0,
             members: initial
                 .into_iter()
                 .map(|info| {
@@ -206,8 +211,10 @@ impl Members {
     /// Puts `entry` in, keeping the busy count.
     fn insert(&mut self, id: NodeId, entry: Entry) {
         self.busy += usize::from(entry.info.busy);
+        self.in_grace += usize::from(entry.gone_at.is_some());
         if let Some(old) = self.members.insert(id, entry) {
             self.busy -= usize::from(old.info.busy);
+            self.in_grace -= usize::from(old.gone_at.is_some());
         }
     }
 
@@ -215,6 +222,7 @@ impl Members {
     fn remove(&mut self, id: &NodeId) -> Option<Entry> {
         let old = self.members.remove(id)?;
         self.busy -= usize::from(old.info.busy);
+        self.in_grace -= usize::from(old.gone_at.is_some());
         Some(old)
     }
 
@@ -278,7 +286,10 @@ impl Members {
                 Some(e) if e.info.incarnation == incarnation => {
                     if reason == LeaveReason::Disconnected {
                         // Maybe reconnecting: wait for the failure timeout.
-                        e.gone_at.get_or_insert(now + self.grace);
+                        if e.gone_at.is_none() {
+                            e.gone_at = Some(now + self.grace);
+                            self.in_grace += 1;
+                        }
                     } else {
                         if reason == LeaveReason::Failed {
                             self.failed.insert((id.clone(), incarnation));
@@ -302,8 +313,14 @@ impl Members {
     /// it lacks get the failure timeout to register again (what happened
     /// while this node was away is unknown).
     pub fn handle_welcome(&mut self, now: Instant, current: Vec<MemberInfo>) -> Update {
+        // A set, not a scan per member: welcomes to thousands of members
+        // come all at once after a server restart.
+        let listed: HashSet<&str> = current.iter().map(|m| m.id.as_str()).collect();
         for e in self.members.values_mut() {
-            if !current.iter().any(|m| m.id == e.info.id) {
+            if !listed.contains(e.info.id.as_str()) {
+                if e.gone_at.is_none() {
+                    self.in_grace += 1;
+                }
                 e.gone_at = Some(now + self.grace);
             }
         }
@@ -318,11 +335,17 @@ impl Members {
 
     /// When the next disconnected member's grace runs out.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.in_grace == 0 {
+            return None;
+        }
         self.members.values().filter_map(|e| e.gone_at).min()
     }
 
     /// Declares gone the members whose grace ran out by `now`.
     pub fn handle_timeout(&mut self, now: Instant) -> Update {
+        if self.in_grace == 0 {
+            return Update::default();
+        }
         let ids: Vec<NodeId> = self
             .members
             .iter()
@@ -369,6 +392,27 @@ mod tests {
             incarnation,
             reason,
         }
+    }
+
+    #[test]
+    fn the_grace_timer_is_there_exactly_while_a_member_waits_out_its_grace() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(1);
+        let mut m = Members::new(vec![info("a", 1), info("b", 1), info("c", 1)], grace);
+        assert_eq!(m.poll_timeout(), None);
+        m.handle_event(t0, left("b", 1, LeaveReason::Disconnected));
+        m.handle_event(t0, left("b", 1, LeaveReason::Disconnected));
+        assert_eq!(m.poll_timeout(), Some(t0 + grace), "b waits");
+        // A welcome without b and c: c starts waiting too.
+        m.handle_welcome(t0, vec![info("a", 1)]);
+        m.handle_event(t0, MemberEvent::Joined(info("b", 1)));
+        assert_eq!(m.poll_timeout(), Some(t0 + grace), "c still waits");
+        m.handle_event(t0, MemberEvent::Joined(info("c", 2)));
+        assert_eq!(m.poll_timeout(), None, "nobody waits");
+        m.handle_event(t0, left("a", 1, LeaveReason::Disconnected));
+        m.handle_event(t0, left("a", 1, LeaveReason::Stopped));
+        assert_eq!(m.poll_timeout(), None, "a left for good while waiting");
+        assert!(m.handle_timeout(t0 + grace).events.is_empty());
     }
 
     #[test]

@@ -109,8 +109,12 @@ pub(crate) fn register(shared: &Shared, registration: Registration<'_>) -> Resul
             .or(shared.heartbeat_addr),
         session_secret: Some(masked_secret),
     }));
-    // The queue is new and empty: this cannot fail for lack of room.
-    if let Err(e) = queue.try_push(OutFrame::control(welcome), Lane::Control) {
+    // Encoded now: the member list lives as its bytes until written, not
+    // as a copy of every member's details (hundreds of joins at once in a
+    // cluster of thousands hold one each). The queue is new and empty:
+    // this cannot fail for lack of room.
+    let welcome = OutFrame::shared(&welcome).unwrap_or_else(|_| OutFrame::control(welcome));
+    if let Err(e) = queue.try_push(welcome, Lane::Control) {
         tracing::error!(error = %e, "could not queue welcome");
     }
     let event = Header::Member(MemberEvent::Joined(me.clone()));
@@ -242,14 +246,19 @@ pub(crate) fn broadcast_locked_except(
     event: &Header,
     except: Option<&NodeId>,
 ) {
+    // Encoded once for everyone: a join in a cluster of N is N events.
+    let frame = match OutFrame::shared(event) {
+        Ok(frame) => frame,
+        Err(e) => {
+            tracing::error!(error = %e, kind = event.kind(), "a membership event could not be encoded");
+            return;
+        }
+    };
     for (id, conn) in conns {
         if except == Some(id) {
             continue;
         }
-        match conn
-            .queue
-            .try_push(OutFrame::control(event.clone()), Lane::Control)
-        {
+        match conn.queue.try_push(frame.clone(), Lane::Control) {
             Ok(()) | Err(PushError::Closed(_)) => {}
             Err(_) => {
                 tracing::warn!(node = %id, "cutting off slow consumer: no room for a membership event");
