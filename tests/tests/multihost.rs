@@ -342,6 +342,35 @@ fn fault_config(world: &World, server: &Host) -> PathBuf {
     )
 }
 
+/// The fault tests' cluster: the server on host 1, `n2` on host 2 and
+/// `n3` on host 3, joined.
+struct FaultCluster {
+    server: HostProcess,
+    n2: HostProcess,
+    n3: HostProcess,
+    /// Hosts 1 and 2.
+    hosts: [Host; 2],
+    h3: Host,
+}
+
+fn fault_cluster(world: &World) -> FaultCluster {
+    let h1 = world.host(1);
+    let h2 = world.host(2);
+    let h3 = world.host(3);
+    let config = fault_config(world, &h1);
+    let server = start_server(&h1, &config);
+    let mut n2 = start_node(&h2, &config, "n2");
+    let n3 = start_node(&h3, &config, "n3");
+    n2.expect_line("joined n3", TEST_WAIT);
+    FaultCluster {
+        server,
+        n2,
+        n3,
+        hosts: [h1, h2],
+        h3,
+    }
+}
+
 /// The part of a `send` answer that names its outcome (`ok`, or `err`
 /// and the error's variant), and its milliseconds.
 fn outcome(answer: &str) -> (String, u64) {
@@ -367,14 +396,15 @@ fn a_cut_data_network_fails_the_node_within_the_failure_timeout() {
     else {
         return;
     };
-    let h1 = world.host(1);
-    let h2 = world.host(2);
-    let h3 = world.host(3);
-    let config = fault_config(&world, &h1);
-    let _server = start_server(&h1, &config);
-    let mut n2 = start_node(&h2, &config, "n2");
-    let mut n3 = start_node(&h3, &config, "n3");
-    n2.expect_line("joined n3", TEST_WAIT);
+    // Every part bound: what is left out of a pattern is dropped (and a
+    // process killed) at once.
+    let FaultCluster {
+        server: _server,
+        hosts: _hosts,
+        h3,
+        mut n2,
+        mut n3,
+    } = fault_cluster(&world);
     n2.ask("send n3 16", "ok ");
 
     // Its heartbeats still arrive; its connection carries nothing. A send
@@ -405,14 +435,15 @@ fn a_cut_heartbeat_network_fails_the_node_which_rejoins_over_its_data_network() 
     else {
         return;
     };
-    let h1 = world.host(1);
-    let h2 = world.host(2);
-    let h3 = world.host(3);
-    let config = fault_config(&world, &h1);
-    let _server = start_server(&h1, &config);
-    let mut n2 = start_node(&h2, &config, "n2");
-    let mut n3 = start_node(&h3, &config, "n3");
-    n2.expect_line("joined n3", TEST_WAIT);
+    // Every part bound: what is left out of a pattern is dropped (and a
+    // process killed) at once.
+    let FaultCluster {
+        server: _server,
+        hosts: _hosts,
+        h3,
+        mut n2,
+        mut n3,
+    } = fault_cluster(&world);
 
     // The heartbeats are the failure detector: without them n3 is failed,
     // and n3, unanswered, drops its link; over its data network it
