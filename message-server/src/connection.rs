@@ -645,12 +645,8 @@ impl Connection {
         let mut wakes = Wakes::new();
         let mut since_wake = 0usize;
         // A member's connection must carry something every failure
-        // timeout (its node reports at every heartbeat interval): one
-        // timer, moved on only when it fires, against the last read.
-        let silence = self.shared.config.failure_timeout();
-        let mut last_read = tokio::time::Instant::now();
-        let quiet = tokio::time::sleep(silence);
-        tokio::pin!(quiet);
+        // timeout (its node reports at every heartbeat interval).
+        let mut silence = transports::io::Silence::new(self.shared.config.failure_timeout());
         loop {
             since_wake += 1;
             if since_wake >= WAKE_EVERY_FRAMES {
@@ -678,15 +674,11 @@ impl Connection {
                         continue;
                     }
                     f = reader.next_frame() => {
-                        last_read = tokio::time::Instant::now();
+                        silence.heard();
                         f
                     }
                     // Last: a frame that is ready wins over the timer.
-                    () = &mut quiet => {
-                        if last_read.elapsed() < silence {
-                            quiet.as_mut().reset(last_read + silence);
-                            continue;
-                        }
+                    () = silence.elapsed() => {
                         crate::registry::declare_failed(
                             &self.shared,
                             &self.me,

@@ -80,12 +80,8 @@ pub(crate) async fn read_frames(
     let mut acks = AckBatch::new(rt.id.clone(), rt.core.clone(), rt.server.queue.clone());
     // The server answers each report (one per heartbeat interval): a
     // connection silent for the failure timeout is dead even while the
-    // heartbeats, on their own network, are answered. One timer, moved on
-    // only when it fires, against the last read.
-    let silence = rt.config.failure_timeout();
-    let mut last_read = tokio::time::Instant::now();
-    let quiet = tokio::time::sleep(silence);
-    tokio::pin!(quiet);
+    // heartbeats, on their own network, are answered.
+    let mut silence = transports::io::Silence::new(rt.config.failure_timeout());
     loop {
         if !reader.has_buffered_frame() {
             // About to wait for the socket: what was accepted meanwhile is
@@ -101,17 +97,11 @@ pub(crate) async fn read_frames(
                 biased;
                 _ = rt.cancel.cancelled() => return LinkEnd::Shutdown,
                 f = reader.next_frame() => {
-                    last_read = tokio::time::Instant::now();
+                    silence.heard();
                     f
                 }
                 // Last: a frame that is ready wins over the timer.
-                () = &mut quiet => {
-                    if last_read.elapsed() < silence {
-                        quiet.as_mut().reset(last_read + silence);
-                        continue;
-                    }
-                    return LinkEnd::Lost(LinkLost::Quiet);
-                }
+                () = silence.elapsed() => return LinkEnd::Lost(LinkLost::Quiet),
             }
         };
         let raw = match raw {

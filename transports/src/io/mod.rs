@@ -40,6 +40,7 @@
 
 mod queue;
 mod reader;
+mod silence;
 mod staging;
 mod stream;
 mod writer;
@@ -50,6 +51,7 @@ pub use queue::{
     LOW_MARK_EVERY, LOW_WINDOW_MARKS, MIN_CHUNK_BYTES,
 };
 pub use reader::{FrameReader, EXACT_BUFFER_FROM_BYTES, READ_CHUNK_BYTES};
+pub use silence::Silence;
 pub use staging::STAGE_UP_TO_BYTES;
 pub use stream::{accept, split, split_tls, PeerCertificates, ReadHalf, WriteHalf};
 pub use writer::{
