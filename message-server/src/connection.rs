@@ -1011,7 +1011,7 @@ impl Connection {
         };
         if let Some(info) = updated {
             let event = Header::Member(MemberEvent::Updated(info));
-            broadcast_locked(&self.shared, &state.conns, &event);
+            broadcast_locked(&self.shared, &state, &event);
         }
         None
     }
@@ -1510,8 +1510,8 @@ async fn tell_busy(
     push_control_bounded(shared, me, queue, update).await;
 }
 
-/// Tells every member but `id` whether it is busy now (as it reported), if
-/// that changed. Looked at under the table's lock, so that of two changes
+/// Tells every member whether `id` is busy now (as it reported), if that
+/// changed. Looked at under the table's lock, so that of two changes
 /// at once the last to publish says how things stand.
 fn publish_busy(shared: &Shared, id: &NodeId, session: &Session) {
     let mut state = shared.write();
@@ -1525,7 +1525,7 @@ fn publish_busy(shared: &Shared, id: &NodeId, session: &Session) {
         );
         shared.events.busy(id, info.incarnation, busy);
         let event = Header::Member(MemberEvent::Updated(info));
-        crate::registry::broadcast_locked_except(shared, &state.conns, &event, Some(id));
+        broadcast_locked(shared, &state, &event);
     }
 }
 

@@ -20,7 +20,7 @@ use transports::protocol::{
     DeliveryFailure, Header, LeaveReason, MemberEvent, MemberInfo, NodeId, Priority, Routed,
     SessionSecret, Welcome, PROTOCOL_VERSION,
 };
-use transports::{Lane, OutFrame, OutQueue, PushError};
+use transports::{Lane, OutFrame, OutQueue};
 
 use crate::counters::Counters;
 use crate::server::{ConnHandle, Session, Shared, State};
@@ -95,11 +95,11 @@ pub(crate) fn register(shared: &Shared, registration: Registration<'_>) -> Resul
         .table
         .register(me.clone())
         .map_err(Refused::Duplicate)?;
-    let welcome = Header::Welcome(Box::new(Welcome {
+    let welcome = Welcome {
         version: PROTOCOL_VERSION,
         cluster: shared.config.cluster.name.clone(),
         max_message_bytes: max_message,
-        members: state.table.members(),
+        members: Vec::new(),
         // `message_server.heartbeat_advertise`, when set, in place of the
         // bound address.
         heartbeat_addr: shared
@@ -108,17 +108,21 @@ pub(crate) fn register(shared: &Shared, registration: Registration<'_>) -> Resul
             .heartbeat_advertise
             .or(shared.heartbeat_addr),
         session_secret: Some(masked_secret),
-    }));
-    // Encoded now: the member list lives as its bytes until written, not
-    // as a copy of every member's details (hundreds of joins at once in a
-    // cluster of thousands hold one each). The queue is new and empty:
-    // this cannot fail for lack of room.
-    let welcome = OutFrame::shared(&welcome).unwrap_or_else(|_| OutFrame::control(welcome));
+    };
+    // Assembled from the members' encodings, kept since they joined: a
+    // welcome in a cluster of N is N copies, not N clones encoded again,
+    // under the lock every join takes. It lives as its bytes until
+    // written. The queue is new and empty: this cannot fail for lack of
+    // room.
+    let welcome = welcome_frame(welcome, &state.table);
     if let Err(e) = queue.try_push(welcome, Lane::Control) {
         tracing::error!(error = %e, "could not queue welcome");
     }
     let event = Header::Member(MemberEvent::Joined(me.clone()));
-    broadcast_locked(shared, &state.conns, &event);
+    broadcast_locked(shared, &state, &event);
+    // Every membership event from now on, after the welcome (which counts
+    // this node's own join).
+    queue.follow(&shared.membership, shared.membership.head());
     state.next_conn_id += 1;
     let conn_id = state.next_conn_id;
     state.conns.insert(
@@ -140,6 +144,28 @@ pub(crate) fn register(shared: &Shared, registration: Registration<'_>) -> Resul
         }
     }
     Ok(conn_id)
+}
+
+/// The welcome frame with every member of `table`: assembled from their
+/// encodings, or (should one be missing) encoded whole.
+fn welcome_frame(mut welcome: Welcome, table: &crate::table::RoutingTable) -> OutFrame {
+    if let Some(members) = table.encoded_members() {
+        match welcome.clone().encode_with_members(&members) {
+            Ok(raw) if raw.len() <= transports::frame::MAX_HEADER_BYTES => {
+                return OutFrame::Raw(Bytes::from(raw));
+            }
+            Ok(raw) => {
+                tracing::error!(
+                    bytes = raw.len(),
+                    members = members.len(),
+                    "the welcome is over the header limit"
+                );
+            }
+            Err(e) => tracing::error!(error = %e, "the welcome could not be assembled"),
+        }
+    }
+    welcome.members = table.members();
+    OutFrame::control(Header::Welcome(Box::new(welcome)))
 }
 
 /// What a registration needs: the member, its connection's queue and
@@ -200,7 +226,7 @@ pub(crate) fn declare_failed(shared: &Shared, id: &NodeId, incarnation: u64, why
         incarnation,
         reason: LeaveReason::Failed,
     });
-    broadcast_locked(shared, &state.conns, &event);
+    broadcast_locked(shared, &state, &event);
     drop(state);
     shared.events.failed(id, incarnation);
 }
@@ -225,47 +251,20 @@ pub(crate) fn unregister(
         incarnation,
         reason,
     });
-    broadcast_locked(shared, &state.conns, &event);
+    broadcast_locked(shared, &state, &event);
 }
 
-/// Queues a membership event to every connection, under the lock that
-/// orders membership. A connection with no room even for control frames is
-/// hopelessly behind and is cut off.
-pub(crate) fn broadcast_locked(
-    shared: &Shared,
-    conns: &HashMap<NodeId, ConnHandle>,
-    event: &Header,
-) {
-    broadcast_locked_except(shared, conns, event, None);
-}
-
-/// [`broadcast_locked`] to every node but `except` (which knows already).
-pub(crate) fn broadcast_locked_except(
-    shared: &Shared,
-    conns: &HashMap<NodeId, ConnHandle>,
-    event: &Header,
-    except: Option<&NodeId>,
-) {
-    // Encoded once for everyone: a join in a cluster of N is N events.
-    let frame = match OutFrame::shared(event) {
-        Ok(frame) => frame,
-        Err(e) => {
-            tracing::error!(error = %e, kind = event.kind(), "a membership event could not be encoded");
-            return;
-        }
-    };
-    for (id, conn) in conns {
-        if except == Some(id) {
-            continue;
-        }
-        match conn.queue.try_push(frame.clone(), Lane::Control) {
-            Ok(()) | Err(PushError::Closed(_)) => {}
-            Err(_) => {
-                tracing::warn!(node = %id, "cutting off slow consumer: no room for a membership event");
-                Counters::add(&shared.counters.slow_consumers, 1);
-                conn.queue.close();
-            }
-        }
+/// Tells every member of a membership event, under the lock that orders
+/// membership: the event is appended once to the membership feed, which
+/// every registered connection's writer follows from its registration on
+/// (see [`transports::io::Feed`]). A connection that falls further behind
+/// than the feed keeps (`message_server.queue_bytes`) is cut off, and
+/// counted as a slow consumer.
+/// `_locked` is the state, write-locked: events are appended in the order
+/// membership changes.
+pub(crate) fn broadcast_locked(shared: &Shared, _locked: &State, event: &Header) {
+    if let Err(e) = shared.membership.append(event) {
+        tracing::error!(error = %e, kind = event.kind(), "a membership event could not be encoded");
     }
 }
 

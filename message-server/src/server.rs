@@ -163,6 +163,10 @@ pub(crate) struct Shared {
     pub(crate) traces: crate::trace::Traces,
     /// The dead-letter queue.
     pub(crate) dead: crate::dead::DeadLetters,
+    /// Membership events, kept once for every member's writer (see
+    /// `registry::broadcast_locked`); bounded by
+    /// `message_server.queue_bytes`.
+    pub(crate) membership: Arc<transports::io::Feed>,
     /// Bumped whenever the state is locked for writing: a connection's
     /// cached routes are good while it stays the same.
     generation: AtomicU64,
@@ -209,7 +213,10 @@ impl ServerHandle {
 
     /// The counters now.
     pub fn counters(&self) -> CountersSnapshot {
-        self.shared.counters.snapshot()
+        let mut counters = self.shared.counters.snapshot();
+        // Members cut off for falling too far behind membership events.
+        counters.slow_consumers += self.shared.membership.lagged();
+        counters
     }
 
     /// Connection tasks (one reader and one writer per connection) still
@@ -302,7 +309,9 @@ impl MessageServer {
             .map_err(|_| clustercomm_store::StoreError::Closed)??,
             None => crate::dead::DeadLetters::in_memory(entries, bytes),
         };
+        let membership = transports::io::Feed::new(config.message_server.queue_bytes);
         let shared = Arc::new(Shared {
+            membership,
             dead,
             events: EventLog::default(),
             permissions,

@@ -7,6 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use bytes::Bytes;
+
 #[cfg(test)]
 use transports::protocol::Target;
 use transports::protocol::{DeliveryFailure, MemberInfo, NodeId, TargetRef};
@@ -39,6 +41,34 @@ pub enum Resolution {
 struct Entry {
     info: MemberInfo,
     services: HashSet<String>,
+    /// `info` as postcard encodes it, for welcomes (see
+    /// [`RoutingTable::encoded_members`]); `None` if it could not be
+    /// encoded (logged).
+    encoded: Option<Bytes>,
+}
+
+impl Entry {
+    fn new(info: MemberInfo) -> Self {
+        let services = info.services.iter().cloned().collect();
+        let mut entry = Entry {
+            info,
+            services,
+            encoded: None,
+        };
+        entry.encode();
+        entry
+    }
+
+    /// Encodes `info` again, after a change.
+    fn encode(&mut self) {
+        self.encoded = match postcard::to_allocvec(&self.info) {
+            Ok(bytes) => Some(Bytes::from(bytes)),
+            Err(e) => {
+                tracing::error!(node = %self.info.id, error = %e, "a member's details could not be encoded");
+                None
+            }
+        };
+    }
 }
 
 /// The registry of members and the resolution of targets.
@@ -83,8 +113,7 @@ impl RoutingTable {
                 .or_default()
                 .insert(info.id.clone());
         }
-        let services = info.services.iter().cloned().collect();
-        self.nodes.insert(info.id.clone(), Entry { info, services });
+        self.nodes.insert(info.id.clone(), Entry::new(info));
         Ok(())
     }
 
@@ -114,6 +143,7 @@ impl RoutingTable {
             return None;
         }
         entry.info.services.push(service.to_owned());
+        entry.encode();
         Some(entry.info.clone())
     }
 
@@ -125,6 +155,7 @@ impl RoutingTable {
             return None;
         }
         entry.info.services.retain(|s| s != service);
+        entry.encode();
         Some(entry.info.clone())
     }
 
@@ -136,6 +167,7 @@ impl RoutingTable {
             return None;
         }
         entry.info.busy = busy;
+        entry.encode();
         Some(entry.info.clone())
     }
 
@@ -147,6 +179,13 @@ impl RoutingTable {
     /// Every member, ordered by id.
     pub fn members(&self) -> Vec<MemberInfo> {
         self.nodes.values().map(|e| e.info.clone()).collect()
+    }
+
+    /// Every member as postcard encodes it, ordered by id: what a welcome
+    /// carries (see [`transports::protocol::Welcome::encode_with_members`]).
+    /// `None` if one could not be encoded.
+    pub fn encoded_members(&self) -> Option<Vec<Bytes>> {
+        self.nodes.values().map(|e| e.encoded.clone()).collect()
     }
 
     fn offers(&self, id: &str, service: &str) -> bool {

@@ -36,6 +36,7 @@ pub use frame::{Frame, FrameCodec, FrameError, OutFrame};
 pub use handshake::HandshakeError;
 #[cfg(feature = "io")]
 pub use io::{
+    Feed,
     out_queue, run_writer, write_queue, FrameReader, Lane, OutQueue, OutReceiver, PushError, Wait,
     Wakes, WeakOutQueue, WriteEnd,
 };

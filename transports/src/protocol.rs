@@ -321,6 +321,25 @@ pub struct Welcome {
     pub session_secret: Option<SessionSecret>,
 }
 
+impl Welcome {
+    /// This welcome's encoding as a `Header::Welcome`, with `members`
+    /// (each a [`MemberInfo`] as postcard encodes it) as its member list in
+    /// place of `self.members`: a message server's welcome assembled from
+    /// its members' encodings, kept since they joined, instead of every
+    /// member cloned and encoded again for each node that joins. The same
+    /// bytes as postcard's encoding of the whole.
+    ///
+    /// # Errors
+    ///
+    /// The welcome's other fields cannot be encoded.
+    pub fn encode_with_members<M: AsRef<[u8]>>(
+        self,
+        members: &[M],
+    ) -> Result<Vec<u8>, postcard::Error> {
+        crate::wire::encode_welcome(self, members)
+    }
+}
+
 /// Why a handshake was refused.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]

@@ -346,9 +346,80 @@ pub(crate) fn decode_message_with<'a>(
     Ok((header, r.pos))
 }
 
+/// [`Welcome::encode_with_members`](crate::protocol::Welcome::encode_with_members).
+pub(crate) fn encode_welcome<M: AsRef<[u8]>>(
+    mut welcome: crate::protocol::Welcome,
+    members: &[M],
+) -> Result<Vec<u8>, Error> {
+    welcome.members = Vec::new();
+    let tail = postcard::to_allocvec(&(&welcome.heartbeat_addr, &welcome.session_secret))?;
+    let empty = postcard::to_allocvec(&crate::protocol::Header::Welcome(Box::new(welcome)))?;
+    // The empty list is one byte, a zero length, just before the fields
+    // after it.
+    let at = empty
+        .len()
+        .checked_sub(tail.len() + 1)
+        .filter(|&at| empty[at] == 0)
+        .ok_or(Error::SerializeSeqLengthUnknown)?;
+    let len: usize = members.iter().map(|m| m.as_ref().len()).sum();
+    let mut out = Vec::with_capacity(empty.len() + MAX_VARINT_U64 + len);
+    out.extend_from_slice(&empty[..at]);
+    let mut count = members.len() as u64;
+    while count >= 0x80 {
+        out.push((count as u8) | 0x80);
+        count >>= 7;
+    }
+    out.push(count as u8);
+    for member in members {
+        out.extend_from_slice(member.as_ref());
+    }
+    out.extend_from_slice(&empty[at + 1..]);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A welcome assembled from its members' encodings is exactly the
+    /// welcome postcard encodes, for lists across the varint's widths and
+    /// with or without the optional fields.
+    #[test]
+    fn welcome_from_encoded_members_is_postcards() {
+        use crate::protocol::{Header, MemberInfo, NodeId, Role, Welcome};
+        let mut rng = Rng(0x5EED_1234);
+        for count in [0usize, 1, 2, 127, 128, 300, 20_000] {
+            let members: Vec<MemberInfo> = (0..count)
+                .map(|i| MemberInfo {
+                    id: NodeId::from(format!("n-{i}-{}", rng.below(1000))),
+                    incarnation: rng.number(),
+                    role: Role::Server,
+                    groups: (0..rng.below(3)).map(|g| format!("g{g}")).collect(),
+                    services: (0..rng.below(3)).map(|s| format!("s{s}")).collect(),
+                    direct_addr: (rng.below(2) == 0)
+                        .then(|| std::net::SocketAddr::from(([10, 0, 0, 1], 4000))),
+                    session_key: [rng.below(256) as u8; 32],
+                    busy: rng.below(2) == 0,
+                })
+                .collect();
+            let welcome = Welcome {
+                version: rng.below(65536) as u16,
+                cluster: "c".repeat(rng.below(200) as usize),
+                max_message_bytes: rng.number(),
+                members: members.clone(),
+                heartbeat_addr: (count % 2 == 0)
+                    .then(|| std::net::SocketAddr::from(([127, 0, 0, 1], 7000))),
+                session_secret: (count % 3 == 0).then_some([7u8; 32]),
+            };
+            let encoded: Vec<Vec<u8>> = members
+                .iter()
+                .map(|m| postcard::to_allocvec(m).unwrap())
+                .collect();
+            let expected = postcard::to_allocvec(&Header::Welcome(Box::new(welcome.clone())))
+                .unwrap();
+            assert_eq!(welcome.encode_with_members(&encoded).unwrap(), expected, "{count} members");
+        }
+    }
 
     /// Decodes without a cache.
     fn decode_message(buf: &[u8]) -> Result<(MessageRef<'_>, usize), Error> {

@@ -30,6 +30,8 @@
 //! - `reader`: [`FrameReader`], frames read from one half of a connection.
 //! - `queue`: [`OutQueue`] and its [`OutReceiver`], the bounds and who
 //!   waits for room.
+//! - `feed`: [`Feed`], frames kept once that many queues' writers write
+//!   from where each stands (membership events).
 //! - `staging`: small frames encoded into the queue's staging buffer as
 //!   they are queued.
 //! - `stream`: [`ReadHalf`] and [`WriteHalf`], a connection's halves over
@@ -38,6 +40,7 @@
 //!   queue into its connection (after a prelude of frames, when given one:
 //!   what a reconnected link resends).
 
+mod feed;
 mod queue;
 mod reader;
 mod silence;
@@ -45,6 +48,7 @@ mod staging;
 mod stream;
 mod writer;
 
+pub use feed::{Feed, FEED_TAKE_BYTES};
 pub use queue::{
     out_queue, out_queue_within, Budget, Lane, OutQueue, OutReceiver, Push, PushError, QueueStats,
     UnknownMark, Wait, Wakes, WeakOutQueue, BUDGET_CHUNK_BYTES, DEFAULT_CHUNK_BYTES,

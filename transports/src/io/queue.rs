@@ -27,7 +27,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -35,6 +35,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::feed::{Feed, Follower, FEED_TAKE_BYTES};
 use super::staging::{staging, Chunk, Head, Staged, Staging, STAGE_UP_TO_BYTES};
 use crate::frame::OutFrame;
 use crate::protocol::{Header, MessageRef, Priority};
@@ -321,6 +322,8 @@ fn new_core(frames: usize, bytes: usize, budget: Option<Arc<Budget>>) -> Arc<Cor
         grants: Notify::new(),
         budget,
         max_frame: AtomicUsize::new(u32::MAX as usize),
+        feed: OnceLock::new(),
+        feed_position: AtomicU64::new(0),
     })
 }
 
@@ -793,6 +796,29 @@ impl OutQueue {
             .load(Ordering::Relaxed)
     }
 
+    /// Has the writer also write `feed`'s frames from `from` on (see
+    /// [`Feed`]), after what the control class holds each time it takes
+    /// from it: frames every connection gets, kept once. A queue follows
+    /// one feed, from one position: a second call is ignored (and logged).
+    pub fn follow(&self, feed: &Arc<Feed>, from: u64) {
+        let core = self.core();
+        if core.feed.set(feed.clone()).is_err() {
+            tracing::error!("a queue follows one feed only: ignored");
+            return;
+        }
+        let follower = Follower::new(feed, from);
+        let writer = {
+            let mut state = core.lock();
+            core.feed_position
+                .store(follower.position(), Ordering::Release);
+            state.follower = Some(follower);
+            state.writer.take()
+        };
+        if let Some(writer) = writer {
+            writer.wake();
+        }
+    }
+
     /// Whether the connection's writer has stopped.
     pub fn is_closed(&self) -> bool {
         self.core().is_closed()
@@ -1114,6 +1140,7 @@ impl OutReceiver {
     fn holding(&self) -> [bool; CLASSES] {
         let mut holds: [bool; CLASSES] =
             std::array::from_fn(|c| self.cores[c].queued.load(Ordering::Relaxed) > 0);
+        holds[CONTROL] |= self.cores[CONTROL].feed_behind();
         if holds[LOW] && !self.low_open() {
             holds[LOW] = false;
         }
@@ -1189,6 +1216,17 @@ impl OutReceiver {
             gone |= state.senders_gone;
             if !matches!(&state.writer, Some(w) if w.will_wake(cx.waker())) {
                 state.writer = Some(cx.waker().clone());
+            }
+            // The feed too: what is appended from now on wakes the writer.
+            if state
+                .follower
+                .as_ref()
+                .is_some_and(|f| f.behind_or_wake(cx.waker()))
+            {
+                let frames = core.take(&mut state, batch, class, usize::MAX);
+                if frames > 0 {
+                    return Poll::Ready(Some(frames));
+                }
             }
         }
         if gone {
@@ -1272,7 +1310,7 @@ impl Drop for OutReceiver {
     fn drop(&mut self) {
         for core in &self.cores {
             core.close();
-            let (items, staged) = {
+            let (items, staged, follower) = {
                 let mut state = core.lock();
                 state.frames = 0;
                 // Nothing of it will be written: its budget goes back.
@@ -1280,10 +1318,14 @@ impl Drop for OutReceiver {
                     budget.give(state.reserved);
                     state.reserved = 0;
                 }
-                (std::mem::take(&mut state.items), state.staged.discard())
+                (
+                    std::mem::take(&mut state.items),
+                    state.staged.discard(),
+                    state.follower.take(),
+                )
             };
             core.queued.store(0, Ordering::Relaxed);
-            drop((items, staged));
+            drop((items, staged, follower));
         }
     }
 }
@@ -1383,6 +1425,11 @@ struct Core {
     low_marks: AtomicU64,
     /// Wakes a writer waiting for the peer to read parts.
     grants: Notify,
+    /// The feed the control class follows, if it does (see
+    /// [`OutQueue::follow`]), and its position there, readable without
+    /// the lock (the follower itself is in [`State::follower`]).
+    feed: OnceLock<Arc<Feed>>,
+    feed_position: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -1419,6 +1466,8 @@ struct State {
     bytes_total: u64,
     /// The payload bytes of the frames taken by the writer so far.
     taken_total: u64,
+    /// The control class's place in a feed (see [`OutQueue::follow`]).
+    follower: Option<Follower>,
 }
 
 impl State {
@@ -1644,6 +1693,62 @@ impl Core {
     /// [`TAKE_UP_TO_BYTES`] and at most `max_items` entries (at least one),
     /// marking each entry as of `class`; how many frames that was.
     fn take(
+        &self,
+        state: &mut State,
+        batch: &mut VecDeque<OutItem>,
+        class: usize,
+        max_items: usize,
+    ) -> usize {
+        let frames = self.take_queued(state, batch, class, max_items);
+        if state.frames == 0 {
+            // The feed's frames after everything queued before the look.
+            frames + self.take_feed(state, batch, class)
+        } else {
+            frames
+        }
+    }
+
+    /// Whether the class follows a feed and has frames to take there
+    /// (read without the lock).
+    fn feed_behind(&self) -> bool {
+        self.feed
+            .get()
+            .is_some_and(|feed| feed.head() > self.feed_position.load(Ordering::Acquire))
+    }
+
+    /// Moves a batch of the feed's frames beyond its position into `batch`
+    /// as one entry, if it follows one: how many frames. One that lost
+    /// its place closes the queue: the peer cannot be told what it missed.
+    fn take_feed(&self, state: &mut State, batch: &mut VecDeque<OutItem>, class: usize) -> usize {
+        let Some(follower) = state.follower.as_mut() else {
+            return 0;
+        };
+        match follower.take(FEED_TAKE_BYTES) {
+            Ok(Some((bytes, frames))) => {
+                self.feed_position
+                    .store(follower.position(), Ordering::Release);
+                batch.push_back(OutItem {
+                    what: Queued::Framed(bytes),
+                    permits: 0,
+                    data: 0,
+                    frames: 0,
+                    class,
+                });
+                frames
+            }
+            Ok(None) => 0,
+            Err(lagged) => {
+                tracing::warn!(error = %lagged, "closing the connection: it missed frames every peer gets");
+                state.follower = None;
+                self.feed_position.store(u64::MAX, Ordering::Release);
+                self.close();
+                0
+            }
+        }
+    }
+
+    /// [`Core::take`] of the frames queued.
+    fn take_queued(
         &self,
         state: &mut State,
         batch: &mut VecDeque<OutItem>,

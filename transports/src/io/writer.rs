@@ -739,6 +739,81 @@ mod tests {
 
     use crate::io::subscribed;
 
+    /// The token of a `Subscribed` frame read back.
+    async fn token_of<R: tokio::io::AsyncRead + Unpin>(reader: &mut FrameReader<R>) -> u64 {
+        let frame = reader.next().await.expect("frame").expect("not the end");
+        match frame.into_parts().0 {
+            Header::Subscribed { token } => token,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+
+    /// A queue that follows a feed writes what its control class held
+    /// first (the welcome), then every frame of the feed from its start,
+    /// once and in order, before data queued beside them; frames appended
+    /// while the writer sleeps wake it.
+    #[tokio::test]
+    async fn a_follower_writes_the_feed_in_order_after_its_control_frames() {
+        let feed = crate::io::Feed::new(1 << 20);
+        // Before the follower: not its to write.
+        feed.append(&Header::Subscribed { token: 999 }).unwrap();
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let (q, rx) = out_queue(64, 1 << 20);
+        q.try_push(OutFrame::control(Header::Subscribed { token: 0 }), Lane::Control)
+            .unwrap();
+        q.follow(&feed, feed.head());
+        for token in 1..=3 {
+            feed.append(&Header::Subscribed { token }).unwrap();
+        }
+        q.try_push(subscribed(100, 10), Lane::Data).unwrap();
+        let writer = tokio::spawn(run_writer(client, rx, 1 << 20));
+        let mut reader = FrameReader::new(server, FrameCodec::new(1 << 20));
+        let got: Vec<u64> = [
+            token_of(&mut reader).await,
+            token_of(&mut reader).await,
+            token_of(&mut reader).await,
+            token_of(&mut reader).await,
+            token_of(&mut reader).await,
+        ]
+        .into();
+        assert_eq!(got, [0, 1, 2, 3, 100]);
+        // The writer sleeps now; an append wakes it.
+        for token in 4..200 {
+            feed.append(&Header::Subscribed { token }).unwrap();
+        }
+        for token in 4..200 {
+            assert_eq!(token_of(&mut reader).await, token);
+        }
+        assert_eq!(feed.held(), (0, 0), "everything written is let go");
+        drop(q);
+        assert!(reader.next().await.expect("clean end").is_none());
+        writer.await.unwrap().unwrap();
+        assert_eq!(feed.followers(), 0);
+    }
+
+    /// A follower that fell further behind than the feed keeps loses its
+    /// place: its connection is closed, not left with a gap.
+    #[tokio::test]
+    async fn a_follower_past_the_feeds_bound_is_closed() {
+        let one = 4 + postcard::to_allocvec(&Header::Subscribed { token: 0 })
+            .unwrap()
+            .len();
+        let feed = crate::io::Feed::new(4 * one);
+        let (client, _server) = tokio::io::duplex(1 << 20);
+        let (q, rx) = out_queue(64, 1 << 20);
+        q.follow(&feed, feed.head());
+        for token in 0..10 {
+            feed.append(&Header::Subscribed { token }).unwrap();
+        }
+        assert!(feed.held().1 <= 4 * one);
+        let writer = tokio::spawn(run_writer(client, rx, 1 << 20));
+        q.closed().await;
+        assert!(q.is_closed());
+        writer.await.unwrap().unwrap();
+        assert_eq!(feed.lagged(), 1);
+        assert_eq!(feed.followers(), 0);
+    }
+
     /// A prelude goes out before what was queued, in order (over several
     /// batches), its frames checked against the limit as queued ones are
     /// (one too large is skipped); it holds no room in the queue.

@@ -1,0 +1,442 @@
+//! A feed: frames kept once and written by many connections, each from
+//! where it stands in it.
+//!
+//! Membership events go to every member: pushed into every connection's
+//! queue, the joins of N nodes cost N² pushes, each a lock, a copy and a
+//! wake, all under the lock that orders membership, and every connection
+//! holds its own copy of what it has not written yet. A [`Feed`] keeps each
+//! frame once, encoded. A queue that follows it
+//! ([`OutQueue::follow`](super::OutQueue::follow)) has a position in it,
+//! and its writer takes what lies beyond that position, in one batch, after
+//! the frames queued in its control class; a writer with nothing to write
+//! waits on the feed too. An append wakes only the writers that wait.
+//!
+//! The feed holds what some follower has not taken yet, and no more, up to
+//! a bound in bytes. A follower that falls further behind than the bound
+//! loses its place: its queue is closed, and the peer, reconnecting, is
+//! told the whole state again. It is counted ([`Feed::lagged`]).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::frame::{FrameError, LENGTH_PREFIX_BYTES, MAX_HEADER_BYTES};
+use crate::protocol::Header;
+
+/// Bytes of frames a writer takes from a feed at a time, at most (at least
+/// one frame): a follower far behind catches up in batches of this size,
+/// each one buffer.
+pub const FEED_TAKE_BYTES: usize = 64 * 1024;
+
+/// Frames kept once for many connections (see the module's docs).
+#[derive(Debug)]
+pub struct Feed {
+    state: Mutex<FeedState>,
+    /// The sequence number of the next frame appended, readable without
+    /// the lock (a writer's look at whether it is behind).
+    head: AtomicU64,
+    /// Bytes of frames kept, at most.
+    max_bytes: usize,
+    /// Followers that lost their place.
+    lagged: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct FeedState {
+    /// The sequence number of `frames[0]`.
+    base: u64,
+    /// The frames kept, length prefix included.
+    frames: VecDeque<Bytes>,
+    /// Their bytes.
+    bytes: usize,
+    /// Followers' positions: how many stand at each.
+    positions: BTreeMap<u64, usize>,
+    /// Writers waiting for a frame beyond their position, by follower.
+    waiting: HashMap<u64, Waker>,
+    next_follower: u64,
+}
+
+impl Feed {
+    /// An empty feed that keeps at most `max_bytes` of frames (at least
+    /// one frame) for followers that are behind.
+    pub fn new(max_bytes: usize) -> Arc<Feed> {
+        Arc::new(Feed {
+            state: Mutex::new(FeedState::default()),
+            head: AtomicU64::new(0),
+            max_bytes,
+            lagged: AtomicU64::new(0),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, FeedState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends `header` (a frame without a body), encoded once; its
+    /// sequence number.
+    ///
+    /// # Errors
+    ///
+    /// The header cannot be encoded, or is over [`MAX_HEADER_BYTES`].
+    pub fn append(&self, header: &Header) -> Result<u64, FrameError> {
+        let encoded = postcard::to_allocvec(header).map_err(FrameError::Header)?;
+        self.append_encoded(&encoded)
+    }
+
+    /// Appends a frame whose header is already encoded (`header`, without
+    /// its length prefix; no body); its sequence number.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::HeaderTooLarge`] over [`MAX_HEADER_BYTES`].
+    pub fn append_encoded(&self, header: &[u8]) -> Result<u64, FrameError> {
+        if header.len() > MAX_HEADER_BYTES {
+            return Err(FrameError::HeaderTooLarge { size: header.len() });
+        }
+        let mut frame = BytesMut::with_capacity(LENGTH_PREFIX_BYTES + header.len());
+        frame.put_u32(header.len() as u32);
+        frame.extend_from_slice(header);
+        let frame = frame.freeze();
+        let (seq, waiting) = {
+            let mut state = self.lock();
+            let seq = state.base + state.frames.len() as u64;
+            if state.positions.is_empty() {
+                // Nobody to keep it for: followers from now on start after
+                // it.
+                state.base = seq + 1;
+            } else {
+                state.bytes += frame.len();
+                state.frames.push_back(frame);
+                while state.bytes > self.max_bytes && state.frames.len() > 1 {
+                    // Followers still before it lose their place.
+                    if let Some(old) = state.frames.pop_front() {
+                        state.bytes -= old.len();
+                        state.base += 1;
+                    }
+                }
+            }
+            self.head.store(seq + 1, Ordering::Release);
+            let waiting: Vec<Waker> = state.waiting.drain().map(|(_, w)| w).collect();
+            (seq, waiting)
+        };
+        for waker in waiting {
+            waker.wake();
+        }
+        Ok(seq)
+    }
+
+    /// The sequence number the next frame appended gets: a follower that
+    /// starts there gets every frame appended from now on.
+    pub fn head(&self) -> u64 {
+        self.head.load(Ordering::Acquire)
+    }
+
+    /// Followers that lost their place (fell more than the bound behind).
+    pub fn lagged(&self) -> u64 {
+        self.lagged.load(Ordering::Relaxed)
+    }
+
+    /// Frames and bytes kept for followers that are behind.
+    pub fn held(&self) -> (usize, usize) {
+        let state = self.lock();
+        (state.frames.len(), state.bytes)
+    }
+
+    /// Followers.
+    pub fn followers(&self) -> usize {
+        self.lock().positions.values().sum()
+    }
+}
+
+impl FeedState {
+    /// Moves a follower from `from` to `to`.
+    fn reposition(&mut self, from: u64, to: u64) {
+        *self.positions.entry(to).or_default() += 1;
+        self.leave(from);
+    }
+
+    /// A follower at `at` goes; frames nobody needs any more are dropped.
+    fn leave(&mut self, at: u64) {
+        if let Some(n) = self.positions.get_mut(&at) {
+            *n -= 1;
+            if *n == 0 {
+                self.positions.remove(&at);
+            }
+        }
+        let keep_from = self
+            .positions
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(self.base + self.frames.len() as u64);
+        while self.base < keep_from {
+            let Some(old) = self.frames.pop_front() else {
+                break;
+            };
+            self.bytes -= old.len();
+            self.base += 1;
+        }
+    }
+}
+
+/// A follower lost its place: frames it had not taken were dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("fell behind the membership feed by more than its bound ({missed} frames dropped before they were written)")]
+pub(super) struct Lagged {
+    /// Frames it missed.
+    pub(super) missed: u64,
+}
+
+/// A queue's place in a feed.
+#[derive(Debug)]
+pub(super) struct Follower {
+    feed: Arc<Feed>,
+    id: u64,
+    position: u64,
+}
+
+impl Follower {
+    /// Follows `feed` from `from` on (at most its head).
+    pub(super) fn new(feed: &Arc<Feed>, from: u64) -> Follower {
+        let mut state = feed.lock();
+        let head = state.base + state.frames.len() as u64;
+        let position = from.min(head).max(state.base);
+        let id = state.next_follower;
+        state.next_follower += 1;
+        *state.positions.entry(position).or_default() += 1;
+        Follower {
+            feed: feed.clone(),
+            id,
+            position,
+        }
+    }
+
+    /// Its position: the sequence number of the next frame it takes.
+    pub(super) fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// Takes the frames beyond its position, up to about `max_bytes` (at
+    /// least one), as one buffer, and how many; `None` if there are none.
+    ///
+    /// # Errors
+    ///
+    /// [`Lagged`] if frames it had not taken were dropped: it cannot go
+    /// on (and has left the feed).
+    pub(super) fn take(&mut self, max_bytes: usize) -> Result<Option<(Bytes, usize)>, Lagged> {
+        if self.feed.head() <= self.position {
+            return Ok(None);
+        }
+        let mut state = self.feed.lock();
+        if self.position < state.base {
+            let missed = state.base - self.position;
+            state.leave(self.position);
+            state.waiting.remove(&self.id);
+            self.position = u64::MAX;
+            drop(state);
+            self.feed.lagged.fetch_add(1, Ordering::Relaxed);
+            return Err(Lagged { missed });
+        }
+        let skip = (self.position - state.base) as usize;
+        let mut len = 0;
+        let mut count = 0;
+        for frame in state.frames.range(skip..) {
+            if count > 0 && len + frame.len() > max_bytes {
+                break;
+            }
+            len += frame.len();
+            count += 1;
+        }
+        if count == 0 {
+            return Ok(None);
+        }
+        let taken = if count == 1 {
+            state.frames[skip].clone()
+        } else {
+            let mut buf = BytesMut::with_capacity(len);
+            for frame in state.frames.range(skip..skip + count) {
+                buf.extend_from_slice(frame);
+            }
+            buf.freeze()
+        };
+        let to = self.position + count as u64;
+        state.reposition(self.position, to);
+        self.position = to;
+        Ok(Some((taken, count)))
+    }
+
+    /// Whether there are frames beyond its position; if not, `waker` is
+    /// woken once there are.
+    pub(super) fn behind_or_wake(&self, waker: &Waker) -> bool {
+        let mut state = self.feed.lock();
+        if state.base + state.frames.len() as u64 > self.position || self.position < state.base {
+            return true;
+        }
+        match state.waiting.get(&self.id) {
+            Some(w) if w.will_wake(waker) => {}
+            _ => {
+                state.waiting.insert(self.id, waker.clone());
+            }
+        }
+        false
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        if self.position == u64::MAX {
+            return;
+        }
+        let mut state = self.feed.lock();
+        state.waiting.remove(&self.id);
+        state.leave(self.position);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Header;
+
+    fn ping(n: u64) -> Header {
+        Header::Subscribed { token: n }
+    }
+
+    fn frames(bytes: &Bytes) -> Vec<Header> {
+        let mut out = Vec::new();
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+            out.push(postcard::from_bytes(&rest[4..4 + len]).unwrap());
+            rest = &rest[4 + len..];
+        }
+        out
+    }
+
+    #[test]
+    fn keeps_nothing_without_followers() {
+        let feed = Feed::new(1 << 20);
+        for n in 0..10 {
+            assert_eq!(feed.append(&ping(n)).unwrap(), n);
+        }
+        assert_eq!(feed.held(), (0, 0));
+        assert_eq!(feed.head(), 10);
+        let mut f = Follower::new(&feed, feed.head());
+        assert_eq!(f.take(usize::MAX).unwrap(), None);
+        feed.append(&ping(10)).unwrap();
+        let (bytes, n) = f.take(usize::MAX).unwrap().unwrap();
+        assert_eq!((frames(&bytes), n), (vec![ping(10)], 1));
+    }
+
+    #[test]
+    fn each_follower_gets_everything_from_its_start_in_order() {
+        let feed = Feed::new(1 << 20);
+        let mut a = Follower::new(&feed, 0);
+        for n in 0..5 {
+            feed.append(&ping(n)).unwrap();
+        }
+        let mut b = Follower::new(&feed, feed.head());
+        for n in 5..8 {
+            feed.append(&ping(n)).unwrap();
+        }
+        let (bytes, n) = a.take(usize::MAX).unwrap().unwrap();
+        assert_eq!(n, 8);
+        assert_eq!(frames(&bytes), (0..8).map(ping).collect::<Vec<_>>());
+        let (bytes, _) = b.take(usize::MAX).unwrap().unwrap();
+        assert_eq!(frames(&bytes), (5..8).map(ping).collect::<Vec<_>>());
+        // Everything taken by everyone: nothing kept.
+        assert_eq!(feed.held(), (0, 0));
+    }
+
+    #[test]
+    fn takes_in_batches_of_the_bound() {
+        let feed = Feed::new(1 << 20);
+        let mut a = Follower::new(&feed, 0);
+        for n in 0..100 {
+            feed.append(&ping(n)).unwrap();
+        }
+        let one = 4 + postcard::to_allocvec(&ping(0)).unwrap().len();
+        let mut got = Vec::new();
+        while let Some((bytes, n)) = a.take(10 * one).unwrap() {
+            assert!(n <= 10 && bytes.len() <= 10 * one);
+            got.extend(frames(&bytes));
+        }
+        assert_eq!(got, (0..100).map(ping).collect::<Vec<_>>());
+        // A frame over the bound still goes, alone.
+        feed.append(&ping(100)).unwrap();
+        assert_eq!(a.take(1).unwrap().unwrap().1, 1);
+    }
+
+    #[test]
+    fn keeps_what_the_slowest_needs_and_drops_it_after() {
+        let feed = Feed::new(1 << 20);
+        let mut fast = Follower::new(&feed, 0);
+        let slow = Follower::new(&feed, 0);
+        for n in 0..4 {
+            feed.append(&ping(n)).unwrap();
+        }
+        fast.take(usize::MAX).unwrap();
+        assert_eq!(feed.held().0, 4);
+        drop(slow);
+        assert_eq!(feed.held().0, 0);
+        assert_eq!(feed.followers(), 1);
+        drop(fast);
+        assert_eq!(feed.followers(), 0);
+    }
+
+    #[test]
+    fn a_follower_past_the_bound_loses_its_place() {
+        let one = 4 + postcard::to_allocvec(&ping(0)).unwrap().len();
+        let feed = Feed::new(10 * one);
+        let mut slow = Follower::new(&feed, 0);
+        let mut fast = Follower::new(&feed, 0);
+        for n in 0..30 {
+            feed.append(&ping(n)).unwrap();
+            fast.take(usize::MAX).unwrap();
+        }
+        // The bound holds, whoever lags.
+        assert!(feed.held().1 <= 10 * one);
+        assert_eq!(slow.take(usize::MAX), Err(Lagged { missed: 20 }));
+        assert_eq!(feed.lagged(), 1);
+        assert_eq!(feed.followers(), 1);
+        assert_eq!(feed.held(), (0, 0));
+        drop(slow);
+        assert_eq!(feed.followers(), 1);
+    }
+
+    #[test]
+    fn a_waiting_writer_is_woken_by_an_append() {
+        use std::sync::atomic::AtomicUsize;
+        use std::task::Wake;
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let feed = Feed::new(1 << 20);
+        let f = Follower::new(&feed, 0);
+        assert!(!f.behind_or_wake(&waker));
+        assert!(!f.behind_or_wake(&waker));
+        feed.append(&ping(0)).unwrap();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "woken once");
+        assert!(f.behind_or_wake(&waker));
+        feed.append(&ping(1)).unwrap();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "not waiting any more");
+    }
+
+    #[test]
+    fn refuses_an_oversized_header() {
+        let feed = Feed::new(1 << 20);
+        assert!(matches!(
+            feed.append_encoded(&vec![0u8; MAX_HEADER_BYTES + 1]),
+            Err(FrameError::HeaderTooLarge { .. })
+        ));
+        assert_eq!(feed.head(), 0);
+    }
+}
