@@ -370,6 +370,18 @@ impl MessageServer {
             let cancel = cancel.clone();
             housekeeping.spawn(async move { shared.dead.flusher(cancel).await });
         }
+        {
+            // Membership events in a burst reach each member once per
+            // linger, not once per event (see `transports::io::Feed`).
+            let feed = shared.membership.clone();
+            let cancel = cancel.clone();
+            housekeeping.spawn(async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    () = feed.run_linger() => {}
+                }
+            });
+        }
         housekeeping.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::mpsc;
 use transports::frame::{peek_cached, BodyArena, NameCache, Peeked};
 use transports::protocol::{
-    same_name, Ack, AckRef, AckStatus, Acks, DeliveryFailure, Header, MessageKind, MessageRef,
-    NodeId, Routed,
+    same_name, Ack, AckRef, AckStatus, Acks, DeliveryFailure, Header, MemberEvent, MessageKind,
+    MessageRef, NodeId, Routed,
 };
 use transports::{Frame, FrameReader, Lane, OutFrame, OutQueue, PushError, Wait};
 
@@ -82,7 +82,16 @@ pub(crate) async fn read_frames(
     // connection silent for the failure timeout is dead even while the
     // heartbeats, on their own network, are answered.
     let mut silence = transports::io::Silence::new(rt.config.failure_timeout());
+    // Membership events read and not yet applied: those one read brings
+    // are applied together, before any other frame and before the next
+    // wait for the socket (see `Runtime::handle_member_events`).
+    let mut members: Vec<MemberEvent> = Vec::new();
     loop {
+        if !members.is_empty()
+            && (!reader.has_buffered_frame() || members.len() >= MEMBER_EVENTS_AT_ONCE)
+        {
+            rt.handle_member_events(&mut members).await;
+        }
         if !reader.has_buffered_frame() {
             // About to wait for the socket: what was accepted meanwhile is
             // acknowledged now.
@@ -113,6 +122,17 @@ pub(crate) async fn read_frames(
             Ok(peeked) => peeked,
             Err(e) => return LinkEnd::Lost(LinkLost::Read(e)),
         };
+        if matches!(&header, Peeked::Other(h) if matches!(**h, Header::Member(_))) {
+            if let Peeked::Other(h) = header {
+                if let Header::Member(event) = *h {
+                    members.push(event);
+                }
+            }
+            continue;
+        }
+        if !members.is_empty() {
+            rt.handle_member_events(&mut members).await;
+        }
         let header = match header {
             Peeked::Message(h) => {
                 Counters::add(&rt.counters.received_server, 1);
@@ -167,7 +187,8 @@ pub(crate) async fn read_frames(
                 }
             }
             Header::Routed(routed) => handle_routed(rt, routed),
-            Header::Member(event) => rt.handle_member_event(event).await,
+            // Taken above.
+            Header::Member(_) => {}
             Header::Subscribed { token } => {
                 let waiter = rt
                     .server
@@ -304,6 +325,11 @@ pub(crate) struct AckBatch {
 
 /// Most acknowledgements in one [`Acks`] frame.
 const MAX_BATCHED_ACKS: usize = 1024;
+
+/// Most membership events applied together (see `read_frames`): a read
+/// of a join burst brings hundreds; the core is locked for this many at
+/// most.
+const MEMBER_EVENTS_AT_ONCE: usize = 256;
 
 impl AckBatch {
     /// An empty batch of acknowledgements from `node` (of the incarnation

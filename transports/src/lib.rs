@@ -36,8 +36,7 @@ pub use frame::{Frame, FrameCodec, FrameError, OutFrame};
 pub use handshake::HandshakeError;
 #[cfg(feature = "io")]
 pub use io::{
-    Feed,
-    out_queue, run_writer, write_queue, FrameReader, Lane, OutQueue, OutReceiver, PushError, Wait,
-    Wakes, WeakOutQueue, WriteEnd,
+    out_queue, run_writer, write_queue, Feed, FrameReader, Lane, OutQueue, OutReceiver, PushError,
+    Wait, Wakes, WeakOutQueue, WriteEnd,
 };
 pub use protocol::{Header, NodeId, Target};

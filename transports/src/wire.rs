@@ -415,9 +415,13 @@ mod tests {
                 .iter()
                 .map(|m| postcard::to_allocvec(m).unwrap())
                 .collect();
-            let expected = postcard::to_allocvec(&Header::Welcome(Box::new(welcome.clone())))
-                .unwrap();
-            assert_eq!(welcome.encode_with_members(&encoded).unwrap(), expected, "{count} members");
+            let expected =
+                postcard::to_allocvec(&Header::Welcome(Box::new(welcome.clone()))).unwrap();
+            assert_eq!(
+                welcome.encode_with_members(&encoded).unwrap(),
+                expected,
+                "{count} members"
+            );
         }
     }
 

@@ -12,7 +12,9 @@
 //! prints `listening on ADDR` (the bound address) on stdout once it accepts
 //! connections. It runs until its stdin reaches end of file (the suite
 //! holds the write end, so the server ends with the suite) or until ctrl-c
-//! (SIGINT's default action).
+//! (SIGINT's default action). With `RUST_LOG` set, it logs to stderr as
+//! `message-server` does (quiet otherwise: the suite's figures are taken
+//! without logging).
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -75,6 +77,13 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Args> {
 }
 
 fn main() -> anyhow::Result<()> {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .init();
+    }
     let args = parse_args(std::env::args().skip(1))?;
     let mut config = match &args.config {
         Some(path) => cluster_config::Config::load(path)

@@ -11,15 +11,28 @@
 //! the frames queued in its control class; a writer with nothing to write
 //! waits on the feed too. An append wakes only the writers that wait.
 //!
+//! An append wakes the waiting writers at once if none was woken within
+//! the linger (see [`Feed::run_linger`]); within it, once the linger is
+//! over: a burst of appends (thousands of joins) wakes each writer at most
+//! once per linger, and each write carries what came meanwhile, instead of
+//! one write per append to every member. The linger grows with the
+//! followers ([`LINGER_PER_FOLLOWER`], at most [`MAX_LINGER`]), which
+//! bounds the writes a burst causes to about one per
+//! [`LINGER_PER_FOLLOWER`], whatever the cluster's size.
+//!
 //! The feed holds what some follower has not taken yet, and no more, up to
 //! a bound in bytes. A follower that falls further behind than the bound
 //! loses its place: its queue is closed, and the peer, reconnecting, is
 //! told the whole state again. It is counted ([`Feed::lagged`]).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -31,10 +44,23 @@ use crate::protocol::Header;
 /// each one buffer.
 pub const FEED_TAKE_BYTES: usize = 64 * 1024;
 
+/// How much the linger grows per follower (see the module's docs): with a
+/// thousand members, a burst wakes each writer at most every 50 ms, and a
+/// burst costs the server about 20,000 writes a second whatever the
+/// cluster's size.
+pub const LINGER_PER_FOLLOWER: Duration = Duration::from_micros(50);
+
+/// The longest linger: a membership event waits at most this long.
+pub const MAX_LINGER: Duration = Duration::from_millis(500);
+
 /// Frames kept once for many connections (see the module's docs).
 #[derive(Debug)]
 pub struct Feed {
     state: Mutex<FeedState>,
+    /// Told when a wake is due at the end of a linger.
+    due: Notify,
+    /// Whether [`Feed::run_linger`] runs: without it, appends wake at once.
+    lingers: AtomicBool,
     /// The sequence number of the next frame appended, readable without
     /// the lock (a writer's look at whether it is behind).
     head: AtomicU64,
@@ -57,6 +83,12 @@ struct FeedState {
     /// Writers waiting for a frame beyond their position, by follower.
     waiting: HashMap<u64, Waker>,
     next_follower: u64,
+    /// Followers.
+    followers: usize,
+    /// When waiting writers were last woken.
+    last_wake: Option<Instant>,
+    /// When they are to be woken next, if frames came within the linger.
+    wake_due: Option<Instant>,
 }
 
 impl Feed {
@@ -65,6 +97,8 @@ impl Feed {
     pub fn new(max_bytes: usize) -> Arc<Feed> {
         Arc::new(Feed {
             state: Mutex::new(FeedState::default()),
+            due: Notify::new(),
+            lingers: AtomicBool::new(false),
             head: AtomicU64::new(0),
             max_bytes,
             lagged: AtomicU64::new(0),
@@ -119,13 +153,72 @@ impl Feed {
                 }
             }
             self.head.store(seq + 1, Ordering::Release);
-            let waiting: Vec<Waker> = state.waiting.drain().map(|(_, w)| w).collect();
-            (seq, waiting)
+            let now = Instant::now();
+            let linger = self.linger(state.followers);
+            let within = state
+                .last_wake
+                .is_some_and(|last| now.saturating_duration_since(last) < linger);
+            if !within || !self.lingers.load(Ordering::Acquire) {
+                (seq, state.wake_all(now))
+            } else {
+                if state.wake_due.is_none() {
+                    state.wake_due = state.last_wake.map(|last| last + linger);
+                    self.due.notify_one();
+                }
+                (seq, Vec::new())
+            }
         };
         for waker in waiting {
             waker.wake();
         }
         Ok(seq)
+    }
+
+    /// The linger with `followers` (see the module's docs).
+    fn linger(&self, followers: usize) -> Duration {
+        LINGER_PER_FOLLOWER
+            .saturating_mul(u32::try_from(followers).unwrap_or(u32::MAX))
+            .min(MAX_LINGER)
+    }
+
+    /// Wakes the waiting writers at the end of each linger in which frames
+    /// came (see the module's docs); run it (spawned) for as long as the
+    /// feed is used. Until it runs, and without it, appends wake at once.
+    pub async fn run_linger(self: Arc<Self>) {
+        /// Once it stops (dropped): appends wake at once again, and what
+        /// waits for a linger's end is woken now.
+        struct Stopped<'a>(&'a Feed);
+        impl Drop for Stopped<'_> {
+            fn drop(&mut self) {
+                self.0.lingers.store(false, Ordering::Release);
+                let waiting = self.0.lock().wake_all(Instant::now());
+                for waker in waiting {
+                    waker.wake();
+                }
+            }
+        }
+        self.lingers.store(true, Ordering::Release);
+        let _stopped = Stopped(&self);
+        loop {
+            let due = self.due.notified();
+            let when = self.lock().wake_due;
+            match when {
+                Some(when) => {
+                    tokio::time::sleep_until(when).await;
+                    let waiting = {
+                        let mut state = self.lock();
+                        match state.wake_due {
+                            Some(due) if due <= Instant::now() => state.wake_all(Instant::now()),
+                            _ => Vec::new(),
+                        }
+                    };
+                    for waker in waiting {
+                        waker.wake();
+                    }
+                }
+                None => due.await,
+            }
+        }
     }
 
     /// The sequence number the next frame appended gets: a follower that
@@ -147,11 +240,19 @@ impl Feed {
 
     /// Followers.
     pub fn followers(&self) -> usize {
-        self.lock().positions.values().sum()
+        self.lock().followers
     }
 }
 
 impl FeedState {
+    /// The waiting writers, to be woken once the lock is released; the
+    /// linger starts again.
+    fn wake_all(&mut self, now: Instant) -> Vec<Waker> {
+        self.last_wake = Some(now);
+        self.wake_due = None;
+        self.waiting.drain().map(|(_, w)| w).collect()
+    }
+
     /// Moves a follower from `from` to `to`.
     fn reposition(&mut self, from: u64, to: u64) {
         *self.positions.entry(to).or_default() += 1;
@@ -206,6 +307,7 @@ impl Follower {
         let position = from.min(head).max(state.base);
         let id = state.next_follower;
         state.next_follower += 1;
+        state.followers += 1;
         *state.positions.entry(position).or_default() += 1;
         Follower {
             feed: feed.clone(),
@@ -233,6 +335,7 @@ impl Follower {
         let mut state = self.feed.lock();
         if self.position < state.base {
             let missed = state.base - self.position;
+            state.followers -= 1;
             state.leave(self.position);
             state.waiting.remove(&self.id);
             self.position = u64::MAX;
@@ -292,6 +395,7 @@ impl Drop for Follower {
         }
         let mut state = self.feed.lock();
         state.waiting.remove(&self.id);
+        state.followers -= 1;
         state.leave(self.position);
     }
 }
@@ -428,6 +532,46 @@ mod tests {
         assert!(f.behind_or_wake(&waker));
         feed.append(&ping(1)).unwrap();
         assert_eq!(count.0.load(Ordering::SeqCst), 1, "not waiting any more");
+    }
+
+    /// Within a linger an append wakes nobody; the linger's end wakes the
+    /// writers that wait, once, with everything that came meanwhile.
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_wakes_a_waiting_writer_once_per_linger() {
+        use std::sync::atomic::AtomicUsize;
+        use std::task::Wake;
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let woken = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(woken.clone());
+        let count = || woken.0.load(Ordering::SeqCst);
+        let feed = Feed::new(1 << 20);
+        let followers: Vec<Follower> = (0..100).map(|_| Follower::new(&feed, 0)).collect();
+        let linger = LINGER_PER_FOLLOWER * 101;
+        tokio::spawn(feed.clone().run_linger());
+        tokio::task::yield_now().await;
+        let mut f = Follower::new(&feed, 0);
+        assert!(!f.behind_or_wake(&waker));
+        // The first append after a quiet spell wakes at once.
+        feed.append(&ping(0)).unwrap();
+        assert_eq!(count(), 1);
+        f.take(usize::MAX).unwrap();
+        assert!(!f.behind_or_wake(&waker));
+        for n in 1..50 {
+            feed.append(&ping(n)).unwrap();
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(count(), 1, "not within the linger");
+        tokio::time::sleep(linger).await;
+        tokio::task::yield_now().await;
+        assert_eq!(count(), 2, "once, at the linger's end");
+        let (bytes, n) = f.take(usize::MAX).unwrap().unwrap();
+        assert_eq!((n, frames(&bytes).len()), (49, 49));
+        drop(followers);
     }
 
     #[test]

@@ -48,7 +48,7 @@ mod staging;
 mod stream;
 mod writer;
 
-pub use feed::{Feed, FEED_TAKE_BYTES};
+pub use feed::{Feed, FEED_TAKE_BYTES, LINGER_PER_FOLLOWER, MAX_LINGER};
 pub use queue::{
     out_queue, out_queue_within, Budget, Lane, OutQueue, OutReceiver, Push, PushError, QueueStats,
     UnknownMark, Wait, Wakes, WeakOutQueue, BUDGET_CHUNK_BYTES, DEFAULT_CHUNK_BYTES,

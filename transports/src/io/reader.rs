@@ -15,10 +15,22 @@ use crate::frame::{
     PART_LANE_MASK, PART_LAST,
 };
 
-/// Bytes requested from the socket per read when the buffer runs low, by
-/// default (the message server's connections); a node reads more at once
-/// (`node.read_chunk_bytes`, see [`FrameReader::with_read_chunk`]).
+/// Bytes requested from the socket per read when the buffer runs low, at
+/// most, by default (the message server's connections); a node reads more
+/// at once (`node.read_chunk_bytes`, see [`FrameReader::with_read_chunk`]).
 pub const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// The least a reader asks the socket for per read, and the buffer it
+/// starts with. The read size doubles, up to the reader's read chunk, each
+/// time a read fills the room it was given, and halves after
+/// [`SMALL_READS_BEFORE_SHRINK`] reads in a row that take under an eighth
+/// of it: a connection that carries little (most of a message server's
+/// thousands) keeps a buffer of this size, not of the read chunk.
+pub const MIN_READ_BYTES: usize = 4 * 1024;
+
+/// Reads in a row that take under an eighth of the read size before it
+/// halves (see [`MIN_READ_BYTES`]).
+pub const SMALL_READS_BEFORE_SHRINK: u32 = 64;
 
 /// Reads frames from one half of a connection.
 ///
@@ -54,8 +66,14 @@ pub struct FrameReader<R> {
     /// Bytes at the front of `buf` still lent out by the last
     /// [`FrameReader::try_next_frame`]; dropped at the next call.
     lent: usize,
-    /// Bytes requested from the socket per read when the buffer runs low.
+    /// Bytes requested from the socket per read when the buffer runs low,
+    /// at most.
     read_chunk: usize,
+    /// Bytes requested now: from [`MIN_READ_BYTES`] to `read_chunk`, as
+    /// reads fill what they are given or not (see [`FrameReader::adapt`]).
+    want: usize,
+    /// Reads in a row that took under an eighth of `want`.
+    small_reads: u32,
     /// How long a frame once started may go without a byte more.
     stall_limit: Option<Duration>,
     /// What the buffers of large frames and frames in parts draw on (see
@@ -176,14 +194,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// A reader with the given codec that asks the socket for up to
-    /// `read_chunk` bytes per read (at least 4 KiB): larger reads take
-    /// more of a backlog per system call, at the cost of a buffer that
-    /// size for as long as the connection lives.
+    /// `read_chunk` bytes per read (at least [`MIN_READ_BYTES`]): larger
+    /// reads take more of a backlog per system call, at the cost of a
+    /// buffer that size while the backlog lasts. It starts with reads of
+    /// [`MIN_READ_BYTES`] and grows them as reads fill them.
     pub fn with_read_chunk(io: R, codec: FrameCodec, read_chunk: usize) -> Self {
-        let read_chunk = read_chunk.max(4 * 1024);
+        let read_chunk = read_chunk.max(MIN_READ_BYTES);
         FrameReader {
             io,
-            buf: BytesMut::with_capacity(read_chunk),
+            buf: BytesMut::with_capacity(MIN_READ_BYTES),
+            want: MIN_READ_BYTES,
+            small_reads: 0,
             codec,
             large: None,
             parts: Default::default(),
@@ -327,17 +348,52 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 return Ok(self.next_raw().await?.map(RawFrame::Owned));
             }
             // More of a small frame, to be lent once it is whole.
-            if self.buf.capacity() - self.buf.len() < self.read_chunk / 4 {
-                self.buf.reserve(self.read_chunk);
-            }
+            let room = self.make_room();
             let partial = self.partial_bytes();
             let read = self.io.read_buf(&mut self.buf);
-            if within(self.stall_limit, partial, read).await? == 0 {
+            let read = within(self.stall_limit, partial, read).await?;
+            self.adapt(read, room);
+            if read == 0 {
                 return Ok(self
                     .codec
                     .decode_raw_eof(&mut self.buf)?
                     .map(RawFrame::Owned));
             }
+        }
+    }
+
+    /// Makes room for the next read, of the current read size: a fresh
+    /// buffer of that size when nothing is buffered (so one grown for a
+    /// burst is let go once the burst is over), else more of the one in
+    /// use. The room there is now.
+    fn make_room(&mut self) -> usize {
+        let idle = self.buf.is_empty() && self.lent == 0;
+        if self.buf.capacity() - self.buf.len() < self.want / 4
+            || (idle && self.buf.capacity() > 4 * self.want)
+        {
+            if idle {
+                self.buf = BytesMut::with_capacity(self.want);
+            } else {
+                self.buf.reserve(self.want);
+            }
+        }
+        self.buf.capacity() - self.buf.len()
+    }
+
+    /// Adapts the read size to a read that took `read` bytes of the `room`
+    /// it was given (see [`MIN_READ_BYTES`]).
+    fn adapt(&mut self, read: usize, room: usize) {
+        if read >= room {
+            self.want = (self.want * 2).min(self.read_chunk);
+            self.small_reads = 0;
+        } else if read < self.want / 8 && self.want > MIN_READ_BYTES {
+            self.small_reads += 1;
+            if self.small_reads >= SMALL_READS_BEFORE_SHRINK {
+                self.want = (self.want / 2).max(MIN_READ_BYTES);
+                self.small_reads = 0;
+            }
+        } else {
+            self.small_reads = 0;
         }
     }
 
@@ -432,9 +488,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     continue;
                 }
             }
-            if self.buf.capacity() - self.buf.len() < self.read_chunk / 4 {
-                self.buf.reserve(self.read_chunk);
-            }
+            let room = self.make_room();
             let partial = self.partial_bytes();
             // After a part, another part likely follows: its header alone
             // is read into the shared buffer, and its piece then straight
@@ -444,9 +498,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             } else {
                 usize::MAX
             };
-            let mut room = (&mut self.buf).limit(wanted);
-            let read = self.io.read_buf(&mut room);
+            let mut limited = (&mut self.buf).limit(wanted);
+            let read = self.io.read_buf(&mut limited);
             let read = within(self.stall_limit, partial, read).await?;
+            if wanted == usize::MAX {
+                self.adapt(read, room);
+            }
             if self.prefix().is_some_and(|p| !is_part(p)) {
                 self.after_part = false;
             }
@@ -631,6 +688,54 @@ mod tests {
         charge.take(500).expect("the overdraft was settled");
         drop(charge);
         assert_eq!(budget.used(), 0, "given back when the reader goes");
+    }
+
+    /// A reader starts small and stays small while frames come one at a
+    /// time; a backlog that fills its reads grows them (doubling, up to its
+    /// read chunk); many small reads in a row shrink them again, and the
+    /// buffer grown for the backlog is let go.
+    #[tokio::test]
+    async fn the_read_size_follows_the_traffic() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let mut reader = FrameReader::with_read_chunk(server, FrameCodec::new(1 << 20), 64 * 1024);
+        assert_eq!(reader.want, MIN_READ_BYTES);
+        let frame = |token: u64| {
+            let mut wire = BytesMut::new();
+            encode_header(&Header::Subscribed { token }, 0, 1 << 20, &mut wire).expect("encodes");
+            wire
+        };
+        // One frame per read.
+        for token in 0..10 {
+            client.write_all(&frame(token)).await.expect("written");
+            let got = reader.next().await.expect("read").expect("frame");
+            assert_eq!(got.header(), &Header::Subscribed { token });
+        }
+        assert_eq!(reader.want, MIN_READ_BYTES);
+        assert!(reader.buf.capacity() <= 2 * MIN_READ_BYTES);
+        // A backlog: 512 KiB of small frames written before any is read.
+        let mut backlog = BytesMut::new();
+        let mut count = 0u64;
+        while backlog.len() < 512 * 1024 {
+            backlog.extend_from_slice(&frame(count));
+            count += 1;
+        }
+        client.write_all(&backlog).await.expect("written");
+        for token in 0..count {
+            let got = reader.next().await.expect("read").expect("frame");
+            assert_eq!(got.header(), &Header::Subscribed { token });
+        }
+        assert_eq!(reader.want, 64 * 1024, "reads grew to the read chunk");
+        // Quiet again: one small frame per read.
+        for token in 0..u64::from(SMALL_READS_BEFORE_SHRINK) * 8 {
+            client.write_all(&frame(token)).await.expect("written");
+            reader.next().await.expect("read").expect("frame");
+        }
+        assert_eq!(reader.want, MIN_READ_BYTES, "shrunk back");
+        assert!(
+            reader.buf.capacity() <= 2 * MIN_READ_BYTES,
+            "the large buffer is let go"
+        );
     }
 
     /// Frames that one read brought come out without awaiting; past them

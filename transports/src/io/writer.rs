@@ -759,8 +759,11 @@ mod tests {
         feed.append(&Header::Subscribed { token: 999 }).unwrap();
         let (client, server) = tokio::io::duplex(1 << 20);
         let (q, rx) = out_queue(64, 1 << 20);
-        q.try_push(OutFrame::control(Header::Subscribed { token: 0 }), Lane::Control)
-            .unwrap();
+        q.try_push(
+            OutFrame::control(Header::Subscribed { token: 0 }),
+            Lane::Control,
+        )
+        .unwrap();
         q.follow(&feed, feed.head());
         for token in 1..=3 {
             feed.append(&Header::Subscribed { token }).unwrap();
