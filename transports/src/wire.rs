@@ -413,12 +413,12 @@ mod tests {
             };
             let encoded: Vec<Vec<u8>> = members
                 .iter()
-                .map(|m| postcard::to_allocvec(m).unwrap())
+                .map(|m| postcard::to_allocvec(m).expect("encodes"))
                 .collect();
-            let expected =
-                postcard::to_allocvec(&Header::Welcome(Box::new(welcome.clone()))).unwrap();
+            let expected = postcard::to_allocvec(&Header::Welcome(Box::new(welcome.clone())))
+                .expect("encodes");
             assert_eq!(
-                welcome.encode_with_members(&encoded).unwrap(),
+                welcome.encode_with_members(&encoded).expect("encodes"),
                 expected,
                 "{count} members"
             );

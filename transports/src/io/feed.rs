@@ -413,8 +413,8 @@ mod tests {
         let mut out = Vec::new();
         let mut rest = &bytes[..];
         while !rest.is_empty() {
-            let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
-            out.push(postcard::from_bytes(&rest[4..4 + len]).unwrap());
+            let len = u32::from_be_bytes(rest[..4].try_into().expect("a prefix")) as usize;
+            out.push(postcard::from_bytes(&rest[4..4 + len]).expect("a header"));
             rest = &rest[4 + len..];
         }
         out
@@ -424,14 +424,14 @@ mod tests {
     fn keeps_nothing_without_followers() {
         let feed = Feed::new(1 << 20);
         for n in 0..10 {
-            assert_eq!(feed.append(&ping(n)).unwrap(), n);
+            assert_eq!(feed.append(&ping(n)).expect("appends"), n);
         }
         assert_eq!(feed.held(), (0, 0));
         assert_eq!(feed.head(), 10);
         let mut f = Follower::new(&feed, feed.head());
-        assert_eq!(f.take(usize::MAX).unwrap(), None);
-        feed.append(&ping(10)).unwrap();
-        let (bytes, n) = f.take(usize::MAX).unwrap().unwrap();
+        assert_eq!(f.take(usize::MAX).expect("in place"), None);
+        feed.append(&ping(10)).expect("appends");
+        let (bytes, n) = f.take(usize::MAX).expect("in place").expect("frames");
         assert_eq!((frames(&bytes), n), (vec![ping(10)], 1));
     }
 
@@ -440,16 +440,16 @@ mod tests {
         let feed = Feed::new(1 << 20);
         let mut a = Follower::new(&feed, 0);
         for n in 0..5 {
-            feed.append(&ping(n)).unwrap();
+            feed.append(&ping(n)).expect("appends");
         }
         let mut b = Follower::new(&feed, feed.head());
         for n in 5..8 {
-            feed.append(&ping(n)).unwrap();
+            feed.append(&ping(n)).expect("appends");
         }
-        let (bytes, n) = a.take(usize::MAX).unwrap().unwrap();
+        let (bytes, n) = a.take(usize::MAX).expect("in place").expect("frames");
         assert_eq!(n, 8);
         assert_eq!(frames(&bytes), (0..8).map(ping).collect::<Vec<_>>());
-        let (bytes, _) = b.take(usize::MAX).unwrap().unwrap();
+        let (bytes, _) = b.take(usize::MAX).expect("in place").expect("frames");
         assert_eq!(frames(&bytes), (5..8).map(ping).collect::<Vec<_>>());
         // Everything taken by everyone: nothing kept.
         assert_eq!(feed.held(), (0, 0));
@@ -460,18 +460,18 @@ mod tests {
         let feed = Feed::new(1 << 20);
         let mut a = Follower::new(&feed, 0);
         for n in 0..100 {
-            feed.append(&ping(n)).unwrap();
+            feed.append(&ping(n)).expect("appends");
         }
-        let one = 4 + postcard::to_allocvec(&ping(0)).unwrap().len();
+        let one = 4 + postcard::to_allocvec(&ping(0)).expect("encodes").len();
         let mut got = Vec::new();
-        while let Some((bytes, n)) = a.take(10 * one).unwrap() {
+        while let Some((bytes, n)) = a.take(10 * one).expect("in place") {
             assert!(n <= 10 && bytes.len() <= 10 * one);
             got.extend(frames(&bytes));
         }
         assert_eq!(got, (0..100).map(ping).collect::<Vec<_>>());
         // A frame over the bound still goes, alone.
-        feed.append(&ping(100)).unwrap();
-        assert_eq!(a.take(1).unwrap().unwrap().1, 1);
+        feed.append(&ping(100)).expect("appends");
+        assert_eq!(a.take(1).expect("in place").expect("frames").1, 1);
     }
 
     #[test]
@@ -480,9 +480,9 @@ mod tests {
         let mut fast = Follower::new(&feed, 0);
         let slow = Follower::new(&feed, 0);
         for n in 0..4 {
-            feed.append(&ping(n)).unwrap();
+            feed.append(&ping(n)).expect("appends");
         }
-        fast.take(usize::MAX).unwrap();
+        fast.take(usize::MAX).expect("in place");
         assert_eq!(feed.held().0, 4);
         drop(slow);
         assert_eq!(feed.held().0, 0);
@@ -493,13 +493,13 @@ mod tests {
 
     #[test]
     fn a_follower_past_the_bound_loses_its_place() {
-        let one = 4 + postcard::to_allocvec(&ping(0)).unwrap().len();
+        let one = 4 + postcard::to_allocvec(&ping(0)).expect("encodes").len();
         let feed = Feed::new(10 * one);
         let mut slow = Follower::new(&feed, 0);
         let mut fast = Follower::new(&feed, 0);
         for n in 0..30 {
-            feed.append(&ping(n)).unwrap();
-            fast.take(usize::MAX).unwrap();
+            feed.append(&ping(n)).expect("appends");
+            fast.take(usize::MAX).expect("in place");
         }
         // The bound holds, whoever lags.
         assert!(feed.held().1 <= 10 * one);
@@ -527,10 +527,10 @@ mod tests {
         let f = Follower::new(&feed, 0);
         assert!(!f.behind_or_wake(&waker));
         assert!(!f.behind_or_wake(&waker));
-        feed.append(&ping(0)).unwrap();
+        feed.append(&ping(0)).expect("appends");
         assert_eq!(count.0.load(Ordering::SeqCst), 1, "woken once");
         assert!(f.behind_or_wake(&waker));
-        feed.append(&ping(1)).unwrap();
+        feed.append(&ping(1)).expect("appends");
         assert_eq!(count.0.load(Ordering::SeqCst), 1, "not waiting any more");
     }
 
@@ -557,19 +557,19 @@ mod tests {
         let mut f = Follower::new(&feed, 0);
         assert!(!f.behind_or_wake(&waker));
         // The first append after a quiet spell wakes at once.
-        feed.append(&ping(0)).unwrap();
+        feed.append(&ping(0)).expect("appends");
         assert_eq!(count(), 1);
-        f.take(usize::MAX).unwrap();
+        f.take(usize::MAX).expect("in place");
         assert!(!f.behind_or_wake(&waker));
         for n in 1..50 {
-            feed.append(&ping(n)).unwrap();
+            feed.append(&ping(n)).expect("appends");
         }
         tokio::task::yield_now().await;
         assert_eq!(count(), 1, "not within the linger");
         tokio::time::sleep(linger).await;
         tokio::task::yield_now().await;
         assert_eq!(count(), 2, "once, at the linger's end");
-        let (bytes, n) = f.take(usize::MAX).unwrap().unwrap();
+        let (bytes, n) = f.take(usize::MAX).expect("in place").expect("frames");
         assert_eq!((n, frames(&bytes).len()), (49, 49));
         drop(followers);
     }

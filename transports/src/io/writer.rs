@@ -756,19 +756,20 @@ mod tests {
     async fn a_follower_writes_the_feed_in_order_after_its_control_frames() {
         let feed = crate::io::Feed::new(1 << 20);
         // Before the follower: not its to write.
-        feed.append(&Header::Subscribed { token: 999 }).unwrap();
+        feed.append(&Header::Subscribed { token: 999 })
+            .expect("appends");
         let (client, server) = tokio::io::duplex(1 << 20);
         let (q, rx) = out_queue(64, 1 << 20);
         q.try_push(
             OutFrame::control(Header::Subscribed { token: 0 }),
             Lane::Control,
         )
-        .unwrap();
+        .expect("room");
         q.follow(&feed, feed.head());
         for token in 1..=3 {
-            feed.append(&Header::Subscribed { token }).unwrap();
+            feed.append(&Header::Subscribed { token }).expect("appends");
         }
-        q.try_push(subscribed(100, 10), Lane::Data).unwrap();
+        q.try_push(subscribed(100, 10), Lane::Data).expect("room");
         let writer = tokio::spawn(run_writer(client, rx, 1 << 20));
         let mut reader = FrameReader::new(server, FrameCodec::new(1 << 20));
         let got: Vec<u64> = [
@@ -782,7 +783,7 @@ mod tests {
         assert_eq!(got, [0, 1, 2, 3, 100]);
         // The writer sleeps now; an append wakes it.
         for token in 4..200 {
-            feed.append(&Header::Subscribed { token }).unwrap();
+            feed.append(&Header::Subscribed { token }).expect("appends");
         }
         for token in 4..200 {
             assert_eq!(token_of(&mut reader).await, token);
@@ -790,7 +791,7 @@ mod tests {
         assert_eq!(feed.held(), (0, 0), "everything written is let go");
         drop(q);
         assert!(reader.next().await.expect("clean end").is_none());
-        writer.await.unwrap().unwrap();
+        writer.await.expect("joins").expect("writes");
         assert_eq!(feed.followers(), 0);
     }
 
@@ -799,20 +800,20 @@ mod tests {
     #[tokio::test]
     async fn a_follower_past_the_feeds_bound_is_closed() {
         let one = 4 + postcard::to_allocvec(&Header::Subscribed { token: 0 })
-            .unwrap()
+            .expect("encodes")
             .len();
         let feed = crate::io::Feed::new(4 * one);
         let (client, _server) = tokio::io::duplex(1 << 20);
         let (q, rx) = out_queue(64, 1 << 20);
         q.follow(&feed, feed.head());
         for token in 0..10 {
-            feed.append(&Header::Subscribed { token }).unwrap();
+            feed.append(&Header::Subscribed { token }).expect("appends");
         }
         assert!(feed.held().1 <= 4 * one);
         let writer = tokio::spawn(run_writer(client, rx, 1 << 20));
         q.closed().await;
         assert!(q.is_closed());
-        writer.await.unwrap().unwrap();
+        writer.await.expect("joins").expect("writes");
         assert_eq!(feed.lagged(), 1);
         assert_eq!(feed.followers(), 0);
     }
