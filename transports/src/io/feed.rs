@@ -439,13 +439,9 @@ mod tests {
     fn each_follower_gets_everything_from_its_start_in_order() {
         let feed = Feed::new(1 << 20);
         let mut a = Follower::new(&feed, 0);
-        for n in 0..5 {
-            feed.append(&ping(n)).expect("appends");
-        }
+        append_all(&feed, 0..5);
         let mut b = Follower::new(&feed, feed.head());
-        for n in 5..8 {
-            feed.append(&ping(n)).expect("appends");
-        }
+        append_all(&feed, 5..8);
         let (bytes, n) = a.take(usize::MAX).expect("in place").expect("frames");
         assert_eq!(n, 8);
         assert_eq!(frames(&bytes), (0..8).map(ping).collect::<Vec<_>>());
@@ -459,9 +455,7 @@ mod tests {
     fn takes_in_batches_of_the_bound() {
         let feed = Feed::new(1 << 20);
         let mut a = Follower::new(&feed, 0);
-        for n in 0..100 {
-            feed.append(&ping(n)).expect("appends");
-        }
+        append_all(&feed, 0..100);
         let one = 4 + postcard::to_allocvec(&ping(0)).expect("encodes").len();
         let mut got = Vec::new();
         while let Some((bytes, n)) = a.take(10 * one).expect("in place") {
@@ -479,9 +473,7 @@ mod tests {
         let feed = Feed::new(1 << 20);
         let mut fast = Follower::new(&feed, 0);
         let slow = Follower::new(&feed, 0);
-        for n in 0..4 {
-            feed.append(&ping(n)).expect("appends");
-        }
+        append_all(&feed, 0..4);
         fast.take(usize::MAX).expect("in place");
         assert_eq!(feed.held().0, 4);
         drop(slow);
@@ -511,8 +503,15 @@ mod tests {
         assert_eq!(feed.followers(), 1);
     }
 
-    #[test]
-    fn a_waiting_writer_is_woken_by_an_append() {
+    /// Appends `ping(n)` for each `n` of `range`.
+    fn append_all(feed: &Feed, range: std::ops::Range<u64>) {
+        for n in range {
+            feed.append(&ping(n)).expect("appends");
+        }
+    }
+
+    /// A waker, and how many times it was woken.
+    fn counting_waker() -> (Waker, impl Fn() -> usize) {
         use std::sync::atomic::AtomicUsize;
         use std::task::Wake;
         struct Count(AtomicUsize);
@@ -523,32 +522,28 @@ mod tests {
         }
         let count = Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(count.clone());
+        (waker, move || count.0.load(Ordering::SeqCst))
+    }
+
+    #[test]
+    fn a_waiting_writer_is_woken_by_an_append() {
+        let (waker, count) = counting_waker();
         let feed = Feed::new(1 << 20);
         let f = Follower::new(&feed, 0);
         assert!(!f.behind_or_wake(&waker));
         assert!(!f.behind_or_wake(&waker));
         feed.append(&ping(0)).expect("appends");
-        assert_eq!(count.0.load(Ordering::SeqCst), 1, "woken once");
+        assert_eq!(count(), 1, "woken once");
         assert!(f.behind_or_wake(&waker));
         feed.append(&ping(1)).expect("appends");
-        assert_eq!(count.0.load(Ordering::SeqCst), 1, "not waiting any more");
+        assert_eq!(count(), 1, "not waiting any more");
     }
 
     /// Within a linger an append wakes nobody; the linger's end wakes the
     /// writers that wait, once, with everything that came meanwhile.
     #[tokio::test(start_paused = true)]
     async fn a_burst_wakes_a_waiting_writer_once_per_linger() {
-        use std::sync::atomic::AtomicUsize;
-        use std::task::Wake;
-        struct Count(AtomicUsize);
-        impl Wake for Count {
-            fn wake(self: Arc<Self>) {
-                self.0.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        let woken = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(woken.clone());
-        let count = || woken.0.load(Ordering::SeqCst);
+        let (waker, count) = counting_waker();
         let feed = Feed::new(1 << 20);
         let followers: Vec<Follower> = (0..100).map(|_| Follower::new(&feed, 0)).collect();
         let linger = LINGER_PER_FOLLOWER * 101;
@@ -561,9 +556,7 @@ mod tests {
         assert_eq!(count(), 1);
         f.take(usize::MAX).expect("in place");
         assert!(!f.behind_or_wake(&waker));
-        for n in 1..50 {
-            feed.append(&ping(n)).expect("appends");
-        }
+        append_all(&feed, 1..50);
         tokio::task::yield_now().await;
         assert_eq!(count(), 1, "not within the linger");
         tokio::time::sleep(linger).await;
