@@ -7,9 +7,11 @@
 //! holds its own copy of what it has not written yet. A [`Feed`] keeps each
 //! frame once, encoded. A queue that follows it
 //! ([`OutQueue::follow`](super::OutQueue::follow)) has a position in it,
-//! and its writer takes what lies beyond that position, in one batch, after
-//! the frames queued in its control class; a writer with nothing to write
-//! waits on the feed too. An append wakes only the writers that wait.
+//! and its writer takes what lies beyond that position in batches; a writer
+//! with nothing to write waits on the feed too. The feed's frames and the
+//! queue's control frames go in the order they came: a control frame
+//! queued after an append carries a mark, and the feed's frames before the
+//! mark are written first. An append wakes only the writers that wait.
 //!
 //! An append wakes the waiting writers at once if none was woken within
 //! the linger (see [`Feed::run_linger`]); within it, once the linger is
@@ -328,8 +330,22 @@ impl Follower {
     ///
     /// [`Lagged`] if frames it had not taken were dropped: it cannot go
     /// on (and has left the feed).
+    #[cfg(test)]
     pub(super) fn take(&mut self, max_bytes: usize) -> Result<Option<(Bytes, usize)>, Lagged> {
-        if self.feed.head() <= self.position {
+        self.take_before(max_bytes, u64::MAX)
+    }
+
+    /// [`Follower::take`] of the frames before sequence number `end` only.
+    ///
+    /// # Errors
+    ///
+    /// As [`Follower::take`].
+    pub(super) fn take_before(
+        &mut self,
+        max_bytes: usize,
+        end: u64,
+    ) -> Result<Option<(Bytes, usize)>, Lagged> {
+        if self.feed.head().min(end) <= self.position {
             return Ok(None);
         }
         let mut state = self.feed.lock();
@@ -344,9 +360,12 @@ impl Follower {
             return Err(Lagged { missed });
         }
         let skip = (self.position - state.base) as usize;
+        let until = usize::try_from(end.saturating_sub(state.base))
+            .unwrap_or(usize::MAX)
+            .min(state.frames.len());
         let mut len = 0;
         let mut count = 0;
-        for frame in state.frames.range(skip..) {
+        for frame in state.frames.range(skip..until.max(skip)) {
             if count > 0 && len + frame.len() > max_bytes {
                 break;
             }

@@ -797,9 +797,11 @@ impl OutQueue {
     }
 
     /// Has the writer also write `feed`'s frames from `from` on (see
-    /// [`Feed`]), after what the control class holds each time it takes
-    /// from it: frames every connection gets, kept once. A queue follows
-    /// one feed, from one position: a second call is ignored (and logged).
+    /// [`Feed`]): frames every connection gets, kept once. They go in the
+    /// order they came among the control frames queued from now on (what
+    /// the control class holds already goes first: the welcome). A queue
+    /// follows one feed, from one position: a second call is ignored (and
+    /// logged).
     pub fn follow(&self, feed: &Arc<Feed>, from: u64) {
         let core = self.core();
         if core.feed.set(feed.clone()).is_err() {
@@ -811,6 +813,7 @@ impl OutQueue {
             let mut state = core.lock();
             core.feed_position
                 .store(follower.position(), Ordering::Release);
+            state.feed_marked = follower.position();
             state.follower = Some(follower);
             state.writer.take()
         };
@@ -1468,6 +1471,8 @@ struct State {
     taken_total: u64,
     /// The control class's place in a feed (see [`OutQueue::follow`]).
     follower: Option<Follower>,
+    /// The feed's head at the last mark (see [`Core::mark_feed`]).
+    feed_marked: u64,
 }
 
 impl State {
@@ -1615,12 +1620,14 @@ impl Core {
     /// Queues a frame known to fit; what is left to do once the lock is
     /// released.
     fn put(&self, state: &mut State, item: OutItem, staging: &Staging) -> Put {
+        self.mark_feed(state);
         let OutItem {
             what,
             permits,
             data,
             frames,
             class,
+            feed_mark,
         } = item;
         let mut spent = None;
         match (what, staging) {
@@ -1649,6 +1656,7 @@ impl Core {
                     data,
                     frames,
                     class,
+                    feed_mark,
                 });
             }
         }
@@ -1720,31 +1728,103 @@ impl Core {
     /// as one entry, if it follows one: how many frames. One that lost
     /// its place closes the queue: the peer cannot be told what it missed.
     fn take_feed(&self, state: &mut State, batch: &mut VecDeque<OutItem>, class: usize) -> usize {
-        let Some(follower) = state.follower.as_mut() else {
-            return 0;
-        };
-        match follower.take(FEED_TAKE_BYTES) {
-            Ok(Some((bytes, frames))) => {
-                self.feed_position
-                    .store(follower.position(), Ordering::Release);
-                batch.push_back(OutItem {
-                    what: Queued::Framed(bytes),
-                    permits: 0,
-                    data: 0,
-                    frames: 0,
-                    class,
-                });
-                frames
-            }
-            Ok(None) => 0,
-            Err(lagged) => {
-                tracing::warn!(error = %lagged, "closing the connection: it missed frames every peer gets");
-                state.follower = None;
-                self.feed_position.store(u64::MAX, Ordering::Release);
-                self.close();
-                0
+        self.take_feed_from(state, batch, class, u64::MAX, false)
+    }
+
+    /// Moves every frame of the feed before `end` not taken yet into
+    /// `batch`, in entries of at most about [`FEED_TAKE_BYTES`].
+    fn take_feed_before(
+        &self,
+        state: &mut State,
+        batch: &mut VecDeque<OutItem>,
+        class: usize,
+        end: u64,
+    ) -> usize {
+        self.take_feed_from(state, batch, class, end, true)
+    }
+
+    /// Takes the feed's frames before `end`: one entry, or (`all`) as
+    /// many as it takes.
+    fn take_feed_from(
+        &self,
+        state: &mut State,
+        batch: &mut VecDeque<OutItem>,
+        class: usize,
+        end: u64,
+        all: bool,
+    ) -> usize {
+        let mut taken = 0;
+        loop {
+            let Some(follower) = state.follower.as_mut() else {
+                return taken;
+            };
+            match follower.take_before(FEED_TAKE_BYTES, end) {
+                Ok(Some((bytes, frames))) => {
+                    self.feed_position
+                        .store(follower.position(), Ordering::Release);
+                    batch.push_back(OutItem {
+                        what: Queued::Framed(bytes),
+                        permits: 0,
+                        data: 0,
+                        frames: 0,
+                        class,
+                        feed_mark: None,
+                    });
+                    taken += frames;
+                    if !all {
+                        return taken;
+                    }
+                }
+                Ok(None) => return taken,
+                Err(lagged) => {
+                    tracing::warn!(error = %lagged, "closing the connection: it missed frames every peer gets");
+                    state.follower = None;
+                    self.feed_position.store(u64::MAX, Ordering::Release);
+                    self.close();
+                    return taken;
+                }
             }
         }
+    }
+
+    /// In a class that follows a feed: if frames were appended to the
+    /// feed since the last mark, a mark, so that they are written before
+    /// the frame about to be queued, as they were appended before it (a
+    /// member's own update before the answer to its subscription, a busy
+    /// receiver's update told to one sender before the one told to all).
+    fn mark_feed(&self, state: &mut State) {
+        let Some(feed) = self.feed.get() else {
+            return;
+        };
+        let head = feed.head();
+        if head > state.feed_marked {
+            self.seal(state);
+            state.items.push_back(OutItem::feed_mark(head));
+            state.feed_marked = head;
+        }
+    }
+
+    /// Replaces the marks among `batch[from..]` with the feed's frames
+    /// before each; how many frames that was.
+    fn expand_feed_marks(
+        &self,
+        state: &mut State,
+        batch: &mut VecDeque<OutItem>,
+        from: usize,
+        class: usize,
+    ) -> usize {
+        if !batch.range(from..).any(|item| item.feed_mark.is_some()) {
+            return 0;
+        }
+        let taken: Vec<OutItem> = batch.drain(from..).collect();
+        let mut frames = 0;
+        for item in taken {
+            match item.feed_mark {
+                Some(end) => frames += self.take_feed_before(state, batch, class, end),
+                None => batch.push_back(item),
+            }
+        }
+        frames
     }
 
     /// [`Core::take`] of the frames queued.
@@ -1770,6 +1850,7 @@ impl Core {
             bytes += item.len();
             count += 1;
         }
+        let from = batch.len();
         if count == state.items.len() && batch.is_empty() {
             // A swap: the entries are not moved one by one.
             std::mem::swap(&mut state.items, batch);
@@ -1777,6 +1858,7 @@ impl Core {
             batch.extend(state.items.drain(..count));
         }
         state.frames -= frames;
+        let feed_frames = self.expand_feed_marks(state, batch, from, class);
         state.taken_total += permits as u64;
         // Sequentially consistent with the waiters' count and look: one of
         // the two sees the other.
@@ -1786,7 +1868,7 @@ impl Core {
         if self.progress_waiters.load(Ordering::SeqCst) > 0 {
             self.progress.notify_waiters();
         }
-        frames
+        frames + feed_frames
     }
 
     /// Wakes waiting senders if there are any: room was made.
@@ -1884,6 +1966,10 @@ pub(super) struct OutItem {
     frames: usize,
     /// The class it was queued in, once taken (its room goes back there).
     pub(super) class: usize,
+    /// For a mark in a class that follows a feed (see
+    /// [`Core::mark_feed`]): the feed's frames before this sequence number
+    /// go here, before what was queued after the mark.
+    pub(super) feed_mark: Option<u64>,
 }
 
 impl OutItem {
@@ -1895,6 +1981,19 @@ impl OutItem {
             data: usize::from(lane == Lane::Data),
             frames: 1,
             class: NORMAL,
+            feed_mark: None,
+        }
+    }
+
+    /// A mark: the feed's frames before `end` go where it stands.
+    fn feed_mark(end: u64) -> Self {
+        OutItem {
+            what: Queued::Framed(bytes::Bytes::new()),
+            permits: 0,
+            data: 0,
+            frames: 0,
+            class: CONTROL,
+            feed_mark: Some(end),
         }
     }
 
@@ -1915,6 +2014,7 @@ impl From<Chunk> for OutItem {
             data: chunk.data,
             frames: chunk.frames,
             class: NORMAL,
+            feed_mark: None,
         }
     }
 }

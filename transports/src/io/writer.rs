@@ -751,9 +751,10 @@ mod tests {
     /// A queue that follows a feed writes what its control class held
     /// first (the welcome), then every frame of the feed from its start,
     /// once and in order, before data queued beside them; frames appended
-    /// while the writer sleeps wake it.
+    /// while the writer sleeps wake it; the feed's frames and control
+    /// frames go in the order they came.
     #[tokio::test]
-    async fn a_follower_writes_the_feed_in_order_after_its_control_frames() {
+    async fn a_follower_writes_the_feed_and_control_frames_in_the_order_they_came() {
         let feed = crate::io::Feed::new(1 << 20);
         // Before the follower: not its to write.
         feed.append(&Header::Subscribed { token: 999 })
@@ -786,6 +787,29 @@ mod tests {
             feed.append(&Header::Subscribed { token }).expect("appends");
         }
         for token in 4..200 {
+            assert_eq!(token_of(&mut reader).await, token);
+        }
+        // Control frames and the feed's, interleaved: each goes in the
+        // order it came, whatever the writer takes when.
+        let control = |token| OutFrame::control(Header::Subscribed { token });
+        let mut expected = Vec::new();
+        for round in 0..50u64 {
+            let base = 1000 + round * 10;
+            feed.append(&Header::Subscribed { token: base })
+                .expect("appends");
+            q.try_push(control(base + 1), Lane::Control).expect("room");
+            q.try_push(control(base + 2), Lane::Control).expect("room");
+            feed.append(&Header::Subscribed { token: base + 3 })
+                .expect("appends");
+            feed.append(&Header::Subscribed { token: base + 4 })
+                .expect("appends");
+            q.try_push(control(base + 5), Lane::Control).expect("room");
+            expected.extend([base, base + 1, base + 2, base + 3, base + 4, base + 5]);
+            if round % 7 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        for token in expected {
             assert_eq!(token_of(&mut reader).await, token);
         }
         assert_eq!(feed.held(), (0, 0), "everything written is let go");
