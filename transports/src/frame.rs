@@ -295,21 +295,6 @@ impl OutFrame {
         }
     }
 
-    /// `header` with no body, encoded once: a frame to push to many
-    /// queues, each push sharing the bytes (a membership event to every
-    /// member) instead of each writer encoding its own copy.
-    ///
-    /// # Errors
-    ///
-    /// The header cannot be encoded, or is over [`MAX_HEADER_BYTES`].
-    pub fn shared(header: &Header) -> Result<Self, FrameError> {
-        let raw = postcard::to_allocvec(header).map_err(FrameError::Header)?;
-        if raw.len() > MAX_HEADER_BYTES {
-            return Err(FrameError::HeaderTooLarge { size: raw.len() });
-        }
-        Ok(OutFrame::Raw(Bytes::from(raw)))
-    }
-
     /// The number of body (or raw) bytes this frame carries.
     pub fn payload_len(&self) -> usize {
         match self {

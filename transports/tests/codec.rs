@@ -701,20 +701,6 @@ proptest! {
         prop_assert_eq!(parts, raw);
     }
 
-    /// A membership event or a welcome encoded once to share
-    /// (`OutFrame::shared`) is the same frame as its `Parts`.
-    #[test]
-    fn shared_encodes_as_parts(event in member_event(), welcome in welcome()) {
-        let mut codec = handshake_codec();
-        for header in [Header::Member(event), Header::Welcome(Box::new(welcome))] {
-            let mut parts = BytesMut::new();
-            codec.encode(OutFrame::control(header.clone()), &mut parts).expect("parts");
-            let mut shared = BytesMut::new();
-            codec.encode(OutFrame::shared(&header).expect("encodes"), &mut shared).expect("shared");
-            prop_assert_eq!(parts, shared);
-        }
-    }
-
     /// Several frames in one buffer come out in order, and a decoded frame
     /// forwarded as `Raw` is the same frame again.
     #[test]
