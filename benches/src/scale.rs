@@ -243,8 +243,10 @@ pub async fn serve_nodes(
     Ok(())
 }
 
-/// Starts one node: it subscribes [`SERVICE`], counts what it takes into
-/// `received`, and notes when it registers again.
+/// Starts one node: it offers [`SERVICE`] from the start (registered with
+/// the node, as an application that knows its services does: one
+/// membership event per join, not a join and an update), counts what it
+/// takes into `received`, and notes when it registers again.
 async fn start_one(
     config: &Config,
     server: SocketAddr,
@@ -260,6 +262,7 @@ async fn start_one(
             .config(config.clone())
             .ignore_environment()
             .message_server(server)
+            .subscribe(SERVICE)
             .start()
             .await;
         match started {
@@ -273,7 +276,9 @@ async fn start_one(
             Err(e) => return Err(e).with_context(|| format!("starting node {id}")),
         }
     };
-    let mut inbox = node.subscribe(SERVICE).await.context("subscribing")?;
+    let mut inbox = node
+        .take_inbox(SERVICE)
+        .context("the service's inbox, offered at the start")?;
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(64);
         loop {

@@ -109,6 +109,10 @@ pub enum Event<W> {
     Completed(W, Completion),
     /// Tell the application.
     Membership(MembershipEvent),
+    /// The members changed, while the application is told nothing (see
+    /// [`NodeCore::set_membership_reporting`]): what waits on a member's
+    /// state should look again. Once per run of changes.
+    MembersChanged,
     /// A member is gone for good: close its direct channels.
     PeerGone(NodeId),
     /// Receivers missed a message that nobody waits on (a `notify`, or a
@@ -549,6 +553,13 @@ impl<W> NodeCore<W> {
 
     // ---- membership and the link ------------------------------------
 
+    /// Whether membership changes become [`Event::Membership`] events (by
+    /// default they do) or only [`Event::MembersChanged`]: off while the
+    /// application does not listen (see [`Members::set_reporting`]).
+    pub fn set_membership_reporting(&mut self, report: bool) {
+        self.members.set_reporting(report);
+    }
+
     /// A membership event from the message server.
     pub fn handle_member_event(&mut self, now: Instant, event: MemberEvent) {
         let update = self.members.handle_event(now, event);
@@ -668,8 +679,14 @@ impl<W> NodeCore<W> {
     }
 
     fn apply(&mut self, update: Update) {
-        for event in update.events {
-            self.events.push_back(Event::Membership(event));
+        if update.events.is_empty() {
+            if update.changed && !matches!(self.events.back(), Some(Event::MembersChanged)) {
+                self.events.push_back(Event::MembersChanged);
+            }
+        } else {
+            for event in update.events {
+                self.events.push_back(Event::Membership(event));
+            }
         }
         for change in update.changes {
             match change {

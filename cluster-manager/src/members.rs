@@ -59,8 +59,12 @@ pub enum Change {
 pub struct Update {
     /// For the node to act on.
     pub changes: Vec<Change>,
-    /// For the application.
+    /// For the application (none while nobody listens, see
+    /// [`Members::set_reporting`]).
     pub events: Vec<MembershipEvent>,
+    /// Whether the members changed (a member came, went, or changed its
+    /// details): what waits on a member's state should look again.
+    pub changed: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -85,6 +89,9 @@ pub struct Members {
     /// is looked for only when some do, not over every member at every
     /// event (a join in a cluster of thousands).
     in_grace: usize,
+    /// Whether [`MembershipEvent`]s are made (see
+    /// [`Members::set_reporting`]).
+    report: bool,
 }
 
 impl Members {
@@ -95,6 +102,7 @@ impl Members {
         Members {
             busy,
             in_grace: 0,
+            report: true,
             members: initial
                 .into_iter()
                 .map(|info| {
@@ -108,6 +116,14 @@ impl Members {
             failed: HashSet::new(),
             grace,
         }
+    }
+
+    /// Whether updates carry [`MembershipEvent`]s for the application (by
+    /// default they do). Off while nobody listens: in a join burst of
+    /// thousands, copying every member's details for events nobody reads
+    /// is most of the work. [`Update::changed`] is kept either way.
+    pub fn set_reporting(&mut self, report: bool) {
+        self.report = report;
     }
 
     /// Whether `incarnation` of `id` was declared failed.
@@ -244,28 +260,33 @@ impl Members {
     /// Applies a server event received at `now`.
     pub fn handle_event(&mut self, now: Instant, event: MemberEvent) -> Update {
         let mut update = Update::default();
+        let report = self.report;
         match event {
             MemberEvent::Joined(info) | MemberEvent::Updated(info) => {
                 let id = info.id.clone();
                 let mut back = false;
+                update.changed = true;
                 match self.members.get(&id) {
                     Some(e) if e.info.incarnation == info.incarnation => {
                         back = e.gone_at.is_some();
-                        if e.info != info {
+                        if report && e.info != info {
                             update.events.push(MembershipEvent::Updated(info.clone()));
                         }
                     }
                     Some(old) => {
                         // A new incarnation: the old one is gone.
-                        update.events.push(MembershipEvent::Left {
-                            id: id.clone(),
-                            incarnation: old.info.incarnation,
-                            reason: LeaveReason::Disconnected,
-                        });
+                        if report {
+                            update.events.push(MembershipEvent::Left {
+                                id: id.clone(),
+                                incarnation: old.info.incarnation,
+                                reason: LeaveReason::Disconnected,
+                            });
+                            update.events.push(MembershipEvent::Joined(info.clone()));
+                        }
                         update.changes.push(Change::Left(id.clone()));
-                        update.events.push(MembershipEvent::Joined(info.clone()));
                     }
-                    None => update.events.push(MembershipEvent::Joined(info.clone())),
+                    None if report => update.events.push(MembershipEvent::Joined(info.clone())),
+                    None => {}
                 }
                 self.insert(
                     id.clone(),
@@ -284,6 +305,7 @@ impl Members {
                 reason,
             } => match self.members.get_mut(&id) {
                 Some(e) if e.info.incarnation == incarnation => {
+                    update.changed = true;
                     if reason == LeaveReason::Disconnected {
                         // Maybe reconnecting: wait for the failure timeout.
                         if e.gone_at.is_none() {
@@ -295,11 +317,13 @@ impl Members {
                             self.failed.insert((id.clone(), incarnation));
                         }
                         self.remove(&id);
-                        update.events.push(MembershipEvent::Left {
-                            id: id.clone(),
-                            incarnation,
-                            reason,
-                        });
+                        if report {
+                            update.events.push(MembershipEvent::Left {
+                                id: id.clone(),
+                                incarnation,
+                                reason,
+                            });
+                        }
                         update.changes.push(Change::Left(id));
                     }
                 }
@@ -329,6 +353,7 @@ impl Members {
             let one = self.handle_event(now, MemberEvent::Joined(info));
             update.changes.extend(one.changes);
             update.events.extend(one.events);
+            update.changed |= one.changed;
         }
         update
     }
@@ -358,11 +383,14 @@ impl Members {
                 continue;
             };
             tracing::info!(node = %id, "member did not come back within the failure timeout");
-            update.events.push(MembershipEvent::Left {
-                id: id.clone(),
-                incarnation: e.info.incarnation,
-                reason: LeaveReason::Failed,
-            });
+            update.changed = true;
+            if self.report {
+                update.events.push(MembershipEvent::Left {
+                    id: id.clone(),
+                    incarnation: e.info.incarnation,
+                    reason: LeaveReason::Failed,
+                });
+            }
             update.changes.push(Change::Left(id));
         }
         update
@@ -413,6 +441,44 @@ mod tests {
         m.handle_event(t0, left("a", 1, LeaveReason::Stopped));
         assert_eq!(m.poll_timeout(), None, "a left for good while waiting");
         assert!(m.handle_timeout(t0 + grace).events.is_empty());
+    }
+
+    /// With reporting off, the members change as before and say so, but
+    /// no event is made.
+    #[test]
+    fn without_reporting_changes_are_kept_and_no_events_made() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(1);
+        let mut quiet = Members::new(vec![], grace);
+        quiet.set_reporting(false);
+        let mut told = Members::new(vec![], grace);
+        let mut busy_b = info("b", 1);
+        busy_b.busy = true;
+        let events = [
+            MemberEvent::Joined(info("a", 1)),
+            MemberEvent::Joined(info("b", 1)),
+            MemberEvent::Updated(busy_b),
+            MemberEvent::Joined(info("a", 2)),
+            left("b", 1, LeaveReason::Disconnected),
+            left("a", 2, LeaveReason::Failed),
+            left("x", 1, LeaveReason::Stopped),
+        ];
+        for event in events {
+            let q = quiet.handle_event(t0, event.clone());
+            let t = told.handle_event(t0, event);
+            assert!(q.events.is_empty(), "{q:?}");
+            assert_eq!(q.changes, t.changes);
+            assert_eq!(q.changed, t.changed);
+        }
+        assert_eq!(quiet.snapshot(), told.snapshot());
+        assert_eq!(quiet.busy_count(), 1);
+        assert!(quiet.is_failed("a", 2));
+        let q = quiet.handle_timeout(t0 + grace);
+        let t = told.handle_timeout(t0 + grace);
+        assert!(q.changed && q.events.is_empty());
+        assert_eq!(q.changes, t.changes);
+        assert_eq!(t.events.len(), 1);
+        assert!(quiet.is_empty() && told.is_empty());
     }
 
     #[test]

@@ -256,7 +256,7 @@ impl Pair {
                     }
                     Event::Membership(e) => node.membership.push(e),
                     Event::PeerGone(peer) => node.gone.push(peer),
-                    Event::LateFailure(_) => {}
+                    Event::LateFailure(_) | Event::MembersChanged => {}
                 }
             }
             while let Some((header, body)) = node.core.poll_transmit() {

@@ -7,7 +7,8 @@ use transports::protocol::{
     valid_name, Hello, Interests, NodeId, Role, MAX_NAMES_PER_NODE, PROTOCOL_VERSION,
 };
 
-use crate::node::Node;
+use crate::node::{open_inbox, Node};
+use crate::options::SubscribeOptions;
 use crate::runtime::{Parts, Runtime};
 use crate::NodeError;
 use crate::{direct, routing, supervisor};
@@ -44,6 +45,8 @@ pub struct NodeBuilder {
     config: Config,
     addresses: Option<Vec<String>>,
     groups: Vec<String>,
+    /// Services offered from the start (see [`NodeBuilder::subscribe`]).
+    services: Vec<(String, SubscribeOptions)>,
     role: Role,
     environment: bool,
 }
@@ -55,6 +58,7 @@ impl NodeBuilder {
             config: Config::default(),
             addresses: None,
             groups: Vec::new(),
+            services: Vec::new(),
             role: Role::Server,
             environment: true,
         }
@@ -91,6 +95,35 @@ impl NodeBuilder {
         S: Into<String>,
     {
         self.groups = groups.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Offers `service` from the start: the node registers with it, so
+    /// that every member learns of the node and of its service in one
+    /// membership event (a [`Node::subscribe`] after the start is a
+    /// second one, sent to every member: in a cluster of thousands
+    /// starting at once, that doubles the membership traffic). Its inbox
+    /// is opened before the node reads anything; take it with
+    /// [`Node::take_inbox`]. What arrives before it is taken waits there,
+    /// as in any inbox, up to `node.inbox_capacity`.
+    ///
+    /// The start fails with [`NodeError::InvalidName`] for a bad name,
+    /// [`NodeError::Reserved`] for a built-in one,
+    /// [`NodeError::AlreadySubscribed`] for one named twice, and
+    /// [`NodeError::Handshake`] if the message server's permissions refuse
+    /// it.
+    pub fn subscribe(self, service: impl Into<String>) -> Self {
+        self.subscribe_with(service, &SubscribeOptions::default())
+    }
+
+    /// [`NodeBuilder::subscribe`] with `options` (as for
+    /// [`Node::subscribe_with`]).
+    pub fn subscribe_with(
+        mut self,
+        service: impl Into<String>,
+        options: &SubscribeOptions,
+    ) -> Self {
+        self.services.push((service.into(), options.clone()));
         self
     }
 
@@ -148,6 +181,22 @@ impl NodeBuilder {
                 "group list",
                 &self.groups.join(","),
             ));
+        }
+        let mut services = vec![crate::tune::TUNE_SERVICE.to_owned()];
+        for (service, _) in &self.services {
+            if !valid_name(service) {
+                return Err(NodeError::invalid_name("service", service));
+            }
+            if service.starts_with(crate::tune::RESERVED_SERVICE_PREFIX) {
+                return Err(NodeError::Reserved(service.clone()));
+            }
+            if services.contains(service) {
+                return Err(NodeError::AlreadySubscribed(service.clone()));
+            }
+            services.push(service.clone());
+        }
+        if services.len() > MAX_NAMES_PER_NODE {
+            return Err(NodeError::invalid_name("service list", &services.join(",")));
         }
         let mut config = self.layered_config(|k| std::env::var(k).ok())?;
         // Heartbeats must leave from the address declared for them (or
@@ -242,11 +291,12 @@ impl NodeBuilder {
                     address: heartbeat_at,
                     source,
                 })?;
-        // The built-in service is registered with the node (its inbox is
-        // opened below, before anything is read).
+        // The built-in service, and those offered from the start, are
+        // registered with the node (their inboxes are opened below, before
+        // anything is read).
         let interests = Interests {
             groups: self.groups,
-            services: vec![crate::tune::TUNE_SERVICE.to_owned()],
+            services,
         };
         let (link, welcome) =
             supervisor::connect_first(&config, &credentials, &hello, &interests).await?;
@@ -275,6 +325,18 @@ impl NodeBuilder {
             recovery,
         });
         crate::tune::start(&rt)?;
+        let mut inboxes = std::collections::HashMap::new();
+        for (service, options) in &self.services {
+            let capacity = rt.config.node.inbox_capacity;
+            let inbox = open_inbox(
+                &rt,
+                service,
+                capacity,
+                crate::services::WhenFull::Wait,
+                options.ack,
+            )?;
+            inboxes.insert(service.clone(), inbox);
+        }
         let span = tracing::info_span!("node", id = %self.id, incarnation);
         tracing::info!(parent: &span, %address, "node connected to the message server");
         if rt.config.cluster.credentials.is_none() && !rt.config.tls.enabled() {
@@ -310,6 +372,7 @@ impl NodeBuilder {
         }
         let mut node = Node::from_runtime(rt);
         node.monitor_addr = monitor_addr;
+        node.offered = std::sync::Arc::new(std::sync::Mutex::new(inboxes));
         Ok(node)
     }
 }

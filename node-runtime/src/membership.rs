@@ -51,9 +51,15 @@ impl MembershipEvents {
 
 /// The broadcast of membership events to the application's
 /// subscriptions (the members themselves are the core's).
+///
+/// The channel is made at the first subscription: a node nobody watches
+/// holds no buffer of [`MEMBERSHIP_EVENT_CAPACITY`] events (in a process
+/// of hundreds of nodes, that buffer alone was most of their memory), and
+/// its core makes no events until then (see
+/// `NodeCore::set_membership_reporting`).
 #[derive(Debug)]
 pub(crate) struct MemberView {
-    events: broadcast::Sender<MembershipEvent>,
+    events: std::sync::OnceLock<broadcast::Sender<MembershipEvent>>,
     /// Woken at every membership event: sends held back by a busy member
     /// look again.
     pub(crate) changed: tokio::sync::Notify,
@@ -61,22 +67,26 @@ pub(crate) struct MemberView {
 
 impl MemberView {
     pub(crate) fn new() -> Self {
-        let (events, _) = broadcast::channel(MEMBERSHIP_EVENT_CAPACITY);
         MemberView {
-            events,
+            events: std::sync::OnceLock::new(),
             changed: tokio::sync::Notify::new(),
         }
     }
 
     pub(crate) fn subscribe(&self) -> MembershipEvents {
+        let events = self
+            .events
+            .get_or_init(|| broadcast::channel(MEMBERSHIP_EVENT_CAPACITY).0);
         MembershipEvents {
-            rx: self.events.subscribe(),
+            rx: events.subscribe(),
         }
     }
 
     pub(crate) fn emit(&self, event: MembershipEvent) {
-        // No subscriber is fine.
-        let _ = self.events.send(event);
+        if let Some(events) = self.events.get() {
+            // No subscriber is fine.
+            let _ = events.send(event);
+        }
         self.changed.notify_waiters();
     }
 }

@@ -134,6 +134,9 @@ pub struct Node {
     rt: Runtime,
     _guard: Arc<DropGuard>,
     pub(crate) monitor_addr: Option<std::net::SocketAddr>,
+    /// The inboxes of the services offered from the start
+    /// ([`crate::NodeBuilder::subscribe`]), until taken.
+    pub(crate) offered: Arc<std::sync::Mutex<std::collections::HashMap<String, Inbox>>>,
 }
 
 impl Node {
@@ -142,7 +145,19 @@ impl Node {
             _guard: Arc::new(DropGuard { rt: rt.clone() }),
             rt,
             monitor_addr: None,
+            offered: Arc::default(),
         }
+    }
+
+    /// The inbox of `service`, offered from the start with
+    /// [`crate::NodeBuilder::subscribe`]: once (`None` after, and for a
+    /// service not offered that way). Its messages are delivered from the
+    /// start, and wait in it until it is taken.
+    pub fn take_inbox(&self, service: &str) -> Option<Inbox> {
+        self.offered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(service)
     }
 
     /// This node's id.
@@ -806,7 +821,12 @@ impl Node {
 
     /// A stream of membership changes from now on.
     pub fn membership_events(&self) -> MembershipEvents {
-        self.rt.members.subscribe()
+        // Subscribed under the core's lock, so that no change falls
+        // between the subscription and the core's reporting it.
+        let mut core = self.rt.core.lock();
+        let events = self.rt.members.subscribe();
+        core.set_membership_reporting(true);
+        events
     }
 
     /// How many receivers missed a message that nobody was waiting on: a

@@ -137,12 +137,15 @@ impl Runtime {
                 jitter_seed: parts.hello.incarnation | 1,
             },
         };
-        let core = NodeCore::new(
+        let mut core = NodeCore::new(
             core,
             parts.members,
             parts.server_index,
             std::time::Instant::now(),
         );
+        // Events are made once the application listens
+        // (`Node::membership_events`).
+        core.set_membership_reporting(false);
         let max_in_flight = parts.config.node.max_in_flight;
         let in_flight_kib =
             (parts.config.node.max_in_flight_bytes / 1024).clamp(1, Semaphore::MAX_PERMITS);
@@ -238,6 +241,7 @@ impl Runtime {
             match event {
                 Event::Completed(waiter, completion) => complete(waiter, completion),
                 Event::Membership(event) => self.members.emit(event),
+                Event::MembersChanged => self.members.changed.notify_waiters(),
                 Event::PeerGone(id) => self.direct.close_peer(&id),
                 Event::LateFailure(routed) => late_failure(self, &routed),
             }

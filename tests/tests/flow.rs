@@ -210,3 +210,118 @@ async fn a_busy_node_is_spared_until_it_drains() -> anyhow::Result<()> {
     })
     .await
 }
+
+/// Polls `ready` (a look at a node's state), every millisecond, for at
+/// most 5 s.
+async fn until(what: &str, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ready() {
+        ensure!(Instant::now() < deadline, "{what}: not within 5 s");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
+}
+
+/// With nobody watching membership events, a node makes none (see
+/// `Members::set_reporting`), yet a send held back by a busy receiver
+/// still wakes when the receiver drains. The receiver offers its service
+/// from the start (`NodeBuilder::subscribe`): the client knows it from its
+/// welcome, and its inbox, taken after the first messages came, holds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_send_wakes_when_nobody_watches_membership() -> anyhow::Result<()> {
+    init_logging();
+    bounded(async {
+        let server = TestServer::start(config()).await?;
+        let slow = Node::builder("slow")
+            .config(config())
+            .message_server(server.addr)
+            .ignore_environment()
+            .subscribe("jobs")
+            .start()
+            .await?;
+        let client = node(server.addr, "client", &[]).await?;
+        ensure!(
+            client
+                .members()
+                .iter()
+                .any(|m| m.id == "slow" && m.services.iter().any(|s| s == "jobs")),
+            "the client's welcome did not show slow offering jobs"
+        );
+        let to_slow = Target::Node(NodeId::new("slow"));
+        for i in 0..UPPER {
+            client.send(to_slow.clone(), "jobs", i.to_string()).await?;
+        }
+        let mut inbox = slow.take_inbox("jobs").context("slow's inbox")?;
+        ensure!(slow.take_inbox("jobs").is_none(), "an inbox taken twice");
+        ensure!(inbox.len() == UPPER, "{} in slow's inbox", inbox.len());
+        until("slow seen busy", || {
+            client.members().iter().any(|m| m.id == "slow" && m.busy)
+        })
+        .await?;
+
+        let waiting = {
+            let client = client.clone();
+            let to_slow = to_slow.clone();
+            tokio::spawn(async move { client.send(to_slow, "jobs", "after").await })
+        };
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        ensure!(
+            !waiting.is_finished(),
+            "the send to a busy node was not held"
+        );
+        while slow.is_busy() {
+            inbox.recv().await.context("slow's inbox closed")?;
+        }
+        let report = waiting
+            .await?
+            .context("the held send, after slow drained (send timeout 1 s)")?;
+        ensure!(report.delivered == [NodeId::new("slow")], "{report:?}");
+        let mut got = Vec::new();
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(1), inbox.recv()).await {
+            let last = m.body() == "after";
+            got.push(m);
+            if last {
+                break;
+            }
+        }
+        ensure!(
+            got.last().is_some_and(|m| m.body() == "after"),
+            "the held message did not arrive"
+        );
+        slow.shutdown().await;
+        client.shutdown().await;
+        server.stop().await;
+        Ok(())
+    })
+    .await
+}
+
+/// A service offered from the start is checked before anything connects.
+#[tokio::test]
+async fn a_bad_service_offered_from_the_start_fails_the_start() -> anyhow::Result<()> {
+    let unreachable = "127.0.0.1:1";
+    for (builder, expected) in [
+        (Node::builder("n").subscribe(""), "InvalidName"),
+        (Node::builder("n").subscribe("clustercomm.mine"), "Reserved"),
+        (
+            Node::builder("n").subscribe("jobs").subscribe("jobs"),
+            "AlreadySubscribed",
+        ),
+    ] {
+        let err = builder
+            .config(config())
+            .message_server(unreachable)
+            .ignore_environment()
+            .start()
+            .await
+            .err()
+            .context("started")?;
+        ensure!(
+            format!("{err:?}").starts_with(expected),
+            "{err:?}, not {expected}"
+        );
+    }
+    Ok(())
+}
