@@ -9,7 +9,9 @@
 //! what changed for the node to act on ([`Change`]) and what the
 //! application is told ([`MembershipEvent`]).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
+
+use rustc_hash::FxHashMap;
 use std::time::{Duration, Instant};
 
 use transports::protocol::{LeaveReason, MemberEvent, MemberInfo, NodeId, Target};
@@ -78,7 +80,11 @@ struct Entry {
 /// The current members, by id.
 #[derive(Debug)]
 pub struct Members {
-    members: BTreeMap<NodeId, Entry>,
+    /// A hash map, not a B-tree: in a cluster of thousands, every node
+    /// applies every join, and a B-tree's search and shifting of entries
+    /// this size were a large part of it. What is shown in order
+    /// ([`Members::snapshot`]) is sorted when asked for.
+    members: FxHashMap<NodeId, Entry>,
     /// Incarnations declared failed: nothing from them is accepted.
     failed: HashSet<(NodeId, u64)>,
     grace: Duration,
@@ -99,20 +105,21 @@ impl Members {
     /// `grace` (the failure timeout) to come back.
     pub fn new(initial: Vec<MemberInfo>, grace: Duration) -> Self {
         let busy = initial.iter().filter(|m| m.busy).count();
+        let mut members = FxHashMap::with_capacity_and_hasher(initial.len(), Default::default());
+        for info in initial {
+            members.insert(
+                info.id.clone(),
+                Entry {
+                    info,
+                    gone_at: None,
+                },
+            );
+        }
         Members {
             busy,
             in_grace: 0,
             report: true,
-            members: initial
-                .into_iter()
-                .map(|info| {
-                    let entry = Entry {
-                        info,
-                        gone_at: None,
-                    };
-                    (entry.info.id.clone(), entry)
-                })
-                .collect(),
+            members,
             failed: HashSet::new(),
             grace,
         }
@@ -141,9 +148,11 @@ impl Members {
         !self.failed.is_empty()
     }
 
-    /// Every member's information.
+    /// Every member's information, by id.
     pub fn snapshot(&self) -> Vec<MemberInfo> {
-        self.members.values().map(|e| e.info.clone()).collect()
+        let mut all: Vec<MemberInfo> = self.members.values().map(|e| e.info.clone()).collect();
+        all.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        all
     }
 
     /// How many members there are.
@@ -209,9 +218,11 @@ impl Members {
                 .get(id.as_str())
                 .filter(|m| m.busy)
                 .map(|m| m.id.clone()),
+            // The first by id, whatever the map's order.
             Target::Group(g) => in_group(g)
                 .into_iter()
-                .find(|m| m.busy)
+                .filter(|m| m.busy)
+                .min_by(|a, b| a.id.cmp(&b.id))
                 .map(|m| m.id.clone()),
             Target::AnyOf(g) => {
                 let all = in_group(g);
@@ -371,12 +382,14 @@ impl Members {
         if self.in_grace == 0 {
             return Update::default();
         }
-        let ids: Vec<NodeId> = self
+        let mut ids: Vec<NodeId> = self
             .members
             .iter()
             .filter(|(_, e)| e.gone_at.is_some_and(|t| t <= now))
             .map(|(id, _)| id.clone())
             .collect();
+        // Told in order of id, whatever the map's order.
+        ids.sort_unstable();
         let mut update = Update::default();
         for id in ids {
             let Some(e) = self.remove(&id) else {

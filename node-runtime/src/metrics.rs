@@ -39,7 +39,7 @@ impl Collector for NodeCollector {
         let node = self.rt.id.as_str();
         let (members, pending) = {
             let core = self.rt.core.lock();
-            (core.members().snapshot().len(), core.tracker().len())
+            (core.members().len(), core.tracker().len())
         };
         let by_path = |values: [(&'static str, u64); 3]| {
             values.map(|(path, v)| ([("node", node), ("path", path)], v))
