@@ -25,8 +25,9 @@
 //! timeout 5 s, reconnect delay 500 ms; beyond 1,000 nodes a failure
 //! timeout that grows with the cluster, see [`failure_timeout`]), with the server's connection caps
 //! raised for the cluster size, 30 s for a handshake and 300 s for a
-//! subscription (thousands of nodes join at once, and each join and
-//! subscription is told to every member), and each node reading 16 KiB at
+//! send (thousands of nodes join at once, and each join is told to every
+//! member; each node offers its service from the start, so a join is one
+//! membership event, not a join and an update), and each node reading 16 KiB at
 //! a time (a
 //! node's default 256 KiB read buffer, a thousand times in one process,
 //! would measure the bench, not the cluster). The node processes run at a
@@ -71,11 +72,12 @@ pub const FAILURE_TIMEOUT_MS_PER_NODE: u64 = 30;
 /// up to 1,000 nodes (the size the targets are set at), and
 /// [`FAILURE_TIMEOUT_MS_PER_NODE`] per node beyond (150 s at 5,000).
 ///
-/// Every node learns of every join and every subscription, so the
-/// membership work of a cluster's start grows with the square of its size:
-/// spread over thousands of hosts it is a few milliseconds each, but here
-/// two cores do all of it. At 5,000 nodes that is about 60 million member
-/// updates applied, over a minute of CPU, during which each simulated host
+/// Every node learns of every join (each node offers its service from the
+/// start, so a join is one event), so the membership work of a cluster's
+/// start grows with the square of its size: spread over thousands of hosts
+/// it is a few milliseconds each, but here two cores do all of it. At
+/// 5,000 nodes that is about 25 million member updates applied (welcomes
+/// and joins), tens of seconds of CPU, during which each simulated host
 /// gets a sliver of a core and its report to the server waits behind its
 /// process's other 499 nodes: on the default timeout they were declared
 /// failed, rejoined, and the churn fed itself. The timeout measured
