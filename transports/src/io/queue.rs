@@ -1025,8 +1025,10 @@ impl OutReceiver {
     /// larger than `chunk_bytes` in parts of at most that size
     /// ([`crate::frame::PART_BIT`]), interleaved with the other frames: a
     /// frame queued behind it, or in a more urgent class, waits for one
-    /// part at most, not for the whole of it. At least
-    /// [`MIN_CHUNK_BYTES`]; [`DEFAULT_CHUNK_BYTES`] unless set.
+    /// part at most, not for the whole of it. Control frames go whole
+    /// (a welcome must reach the peer before the membership events after
+    /// it). At least [`MIN_CHUNK_BYTES`]; [`DEFAULT_CHUNK_BYTES`] unless
+    /// set.
     pub fn chunk_above(&mut self, chunk_bytes: usize) {
         self.chunk_bytes = chunk_bytes.max(MIN_CHUNK_BYTES);
         for core in &self.cores {

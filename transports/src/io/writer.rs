@@ -377,7 +377,16 @@ pub async fn write_queue<W: AsyncWrite + Unpin>(
             if class == LOW {
                 low_unmarked += what_len(&item.what);
             }
-            match out.add_or_split(item.what, chunk_bytes) {
+            // A control frame goes whole, however large: the peer hands
+            // out a frame in parts only once its last part is in, so the
+            // frames written between its parts (the feed's membership
+            // events after a welcome) would overtake it.
+            let split_above = if class == CONTROL {
+                usize::MAX
+            } else {
+                chunk_bytes
+            };
+            match out.add_or_split(item.what, split_above) {
                 None if class != CONTROL => parts.small_message(),
                 None => {}
                 Some(partial) => {
@@ -817,6 +826,63 @@ mod tests {
         assert!(reader.next().await.expect("clean end").is_none());
         writer.await.expect("joins").expect("writes");
         assert_eq!(feed.followers(), 0);
+    }
+
+    /// A control frame larger than the chunk size (a welcome listing
+    /// thousands of members) is written whole: the peer takes the frames
+    /// of the feed that follow it after it, not between its parts (a
+    /// reader hands out whole frames while one in parts is put together,
+    /// so a node saw a membership event before its welcome, and its
+    /// handshake failed).
+    #[tokio::test]
+    async fn a_large_control_frame_goes_whole_before_the_feed_after_it() {
+        let feed = crate::io::Feed::new(1 << 22);
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let (q, mut rx) = out_queue(64, 1 << 22);
+        rx.chunk_above(crate::io::MIN_CHUNK_BYTES);
+        let member = |i: u64| crate::protocol::MemberInfo {
+            id: crate::protocol::NodeId::new(format!("node-{i}")),
+            incarnation: i,
+            role: crate::protocol::Role::Server,
+            groups: vec![],
+            services: vec!["service".to_owned()],
+            direct_addr: None,
+            session_key: [7; 32],
+            busy: false,
+        };
+        let welcome = crate::protocol::Welcome {
+            version: crate::protocol::PROTOCOL_VERSION,
+            cluster: "c".to_owned(),
+            max_message_bytes: 1 << 20,
+            members: vec![],
+            heartbeat_addr: None,
+            session_secret: None,
+        };
+        // As the message server assembles it: from each member's encoding.
+        let members: Vec<Vec<u8>> = (0..2_000)
+            .map(|i| postcard::to_allocvec(&member(i)).expect("encodes"))
+            .collect();
+        let raw = welcome.encode_with_members(&members).expect("encodes");
+        assert!(raw.len() > 16 * crate::io::MIN_CHUNK_BYTES, "{}", raw.len());
+        q.try_push(OutFrame::Raw(Bytes::from(raw)), Lane::Control)
+            .expect("room");
+        q.follow(&feed, feed.head());
+        for token in 0..100 {
+            feed.append(&Header::Subscribed { token }).expect("appends");
+        }
+        let writer = tokio::spawn(run_writer(client, rx, 1 << 22));
+        let mut reader = FrameReader::new(server, FrameCodec::new(1 << 22));
+        let first = reader.next().await.expect("frame").expect("not the end");
+        match first.into_parts().0 {
+            Header::Welcome(w) => assert_eq!(w.members.len(), 2_000),
+            other => panic!("{} before the welcome", other.kind()),
+        }
+        for token in 0..100 {
+            assert_eq!(token_of(&mut reader).await, token);
+        }
+        drop(q);
+        assert!(reader.next().await.expect("clean end").is_none());
+        writer.await.expect("joins").expect("writes");
     }
 
     /// A follower that fell further behind than the feed keeps loses its
