@@ -118,6 +118,48 @@ async fn joins_and_subscriptions_outside_a_nodes_permissions_are_refused() -> an
     Ok(())
 }
 
+/// A service offered from the start (`NodeBuilder::subscribe`) is checked
+/// with the registration: one outside the node's permissions refuses it,
+/// naming the service; a permitted one is offered from the first moment.
+#[tokio::test]
+async fn services_offered_from_the_start_outside_a_nodes_permissions_are_refused(
+) -> anyhow::Result<()> {
+    init_logging();
+    let (_server, addr, config, _file) = setup("perm-offered").await?;
+    let offered = |service: &str| {
+        Node::builder("limited")
+            .config(config.clone())
+            .message_server(addr)
+            .groups(["web"])
+            .subscribe(service)
+            .start()
+    };
+    match offered("orders").await {
+        Err(NodeError::Handshake {
+            source: HandshakeError::Refused { refusal },
+            ..
+        }) => {
+            ensure!(refusal.reason == RefusalReason::NotPermitted, "{refusal:?}");
+            ensure!(refusal.detail.contains("orders"), "{}", refusal.detail);
+        }
+        Err(e) => anyhow::bail!("expected a refusal for the service, got {e:#}"),
+        Ok(_) => anyhow::bail!("a node offered a service it may not offer"),
+    }
+    let limited = offered("cache-users").await?;
+    let mut cache = limited
+        .take_inbox("cache-users")
+        .context("the offered service's inbox")?;
+    let other = start("open-1", &config, addr, &[], Role::Server).await?;
+    other
+        .send(Target::Node(NodeId::new("limited")), "cache-users", "y")
+        .await?;
+    let got = bounded(async { cache.recv().await.context("inbox closed") }).await?;
+    ensure!(got.body() == "y");
+    limited.shutdown().await;
+    other.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_send_outside_a_nodes_permissions_is_refused_on_every_path() -> anyhow::Result<()> {
     init_logging();
