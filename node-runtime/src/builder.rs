@@ -7,7 +7,7 @@ use transports::protocol::{
     valid_name, Hello, Interests, NodeId, Role, MAX_NAMES_PER_NODE, PROTOCOL_VERSION,
 };
 
-use crate::node::{open_inbox, Node};
+use crate::node::{check_service_name, open_inbox, Node};
 use crate::options::SubscribeOptions;
 use crate::runtime::{Parts, Runtime};
 use crate::NodeError;
@@ -184,12 +184,7 @@ impl NodeBuilder {
         }
         let mut services = vec![crate::tune::TUNE_SERVICE.to_owned()];
         for (service, _) in &self.services {
-            if !valid_name(service) {
-                return Err(NodeError::invalid_name("service", service));
-            }
-            if service.starts_with(crate::tune::RESERVED_SERVICE_PREFIX) {
-                return Err(NodeError::Reserved(service.clone()));
-            }
+            check_service_name(service)?;
             if services.contains(service) {
                 return Err(NodeError::AlreadySubscribed(service.clone()));
             }
@@ -326,8 +321,8 @@ impl NodeBuilder {
         });
         crate::tune::start(&rt)?;
         let mut inboxes = std::collections::HashMap::new();
+        let capacity = rt.config.node.inbox_capacity;
         for (service, options) in &self.services {
-            let capacity = rt.config.node.inbox_capacity;
             let inbox = open_inbox(
                 &rt,
                 service,

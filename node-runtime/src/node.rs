@@ -68,6 +68,19 @@ fn begin_shutdown(rt: &Runtime) {
     rt.tasks.close();
 }
 
+/// A service name an application may subscribe: a valid name
+/// ([`NodeError::InvalidName`]) outside the runtime's own
+/// ([`NodeError::Reserved`]).
+pub(crate) fn check_service_name(service: &str) -> Result<(), NodeError> {
+    if !transports::protocol::valid_name(service) {
+        return Err(NodeError::invalid_name("service", service));
+    }
+    if service.starts_with(crate::tune::RESERVED_SERVICE_PREFIX) {
+        return Err(NodeError::Reserved(service.to_owned()));
+    }
+    Ok(())
+}
+
 /// Opens `service`'s inbox on this node: `capacity` messages in it and as
 /// many waiting in its backlog, drained by its pump. The caller tells the
 /// message server (a subscription, or the registration's services).
@@ -250,12 +263,7 @@ impl Node {
         service: &str,
         options: &SubscribeOptions,
     ) -> Result<Inbox, NodeError> {
-        if !transports::protocol::valid_name(service) {
-            return Err(NodeError::invalid_name("service", service));
-        }
-        if service.starts_with(crate::tune::RESERVED_SERVICE_PREFIX) {
-            return Err(NodeError::Reserved(service.to_owned()));
-        }
+        check_service_name(service)?;
         let rt = &self.rt;
         let capacity = rt.config.node.inbox_capacity;
         let rx = open_inbox(rt, service, capacity, WhenFull::Wait, options.ack)?;
