@@ -69,32 +69,32 @@ pub struct Update {
     pub changed: bool,
 }
 
-#[derive(Debug, Clone)]
-struct Entry {
-    info: MemberInfo,
-    /// Set while the member is disconnected from the message server: it is
-    /// declared gone at this instant unless it registers again.
-    gone_at: Option<Instant>,
-}
-
 /// The current members, by id.
+///
+/// Laid out for clusters of thousands, where every node holds every
+/// member: the details sit in one dense list (the `Welcome`'s own, taken
+/// over without a copy), found through a small index of positions, and
+/// the few members waiting out their grace are kept apart. A hash map of
+/// whole entries was twice the memory (half its slots empty after each
+/// doubling), and in a simulated cluster of a thousand nodes on one host,
+/// touching that memory for the first time was a fifth of the machine's
+/// work while the cluster formed. What is shown in order
+/// ([`Members::snapshot`]) is sorted when asked for.
 #[derive(Debug)]
 pub struct Members {
-    /// A hash map, not a B-tree: in a cluster of thousands, every node
-    /// applies every join, and a B-tree's search and shifting of entries
-    /// this size were a large part of it. What is shown in order
-    /// ([`Members::snapshot`]) is sorted when asked for.
-    members: FxHashMap<NodeId, Entry>,
+    /// Every member's details, in no particular order.
+    list: Vec<MemberInfo>,
+    /// Where each member is in `list`.
+    index: FxHashMap<NodeId, usize>,
+    /// The members disconnected from the message server, each declared
+    /// gone at its instant unless it registers again.
+    gone_at: FxHashMap<NodeId, Instant>,
     /// Incarnations declared failed: nothing from them is accepted.
     failed: HashSet<(NodeId, u64)>,
     grace: Duration,
     /// How many members are busy ([`MemberInfo::busy`]): a send looks
     /// further only when some are.
     busy: usize,
-    /// How many members wait out their grace (`gone_at` set): the timer
-    /// is looked for only when some do, not over every member at every
-    /// event (a join in a cluster of thousands).
-    in_grace: usize,
     /// Whether [`MembershipEvent`]s are made (see
     /// [`Members::set_reporting`]).
     report: bool,
@@ -104,25 +104,32 @@ impl Members {
     /// The members a node was welcomed with; a disconnected member gets
     /// `grace` (the failure timeout) to come back.
     pub fn new(initial: Vec<MemberInfo>, grace: Duration) -> Self {
-        let busy = initial.iter().filter(|m| m.busy).count();
-        let mut members = FxHashMap::with_capacity_and_hasher(initial.len(), Default::default());
-        for info in initial {
-            members.insert(
-                info.id.clone(),
-                Entry {
-                    info,
-                    gone_at: None,
-                },
-            );
-        }
-        Members {
-            busy,
-            in_grace: 0,
+        let mut members = Members {
+            busy: 0,
             report: true,
-            members,
+            list: Vec::new(),
+            index: FxHashMap::default(),
+            gone_at: FxHashMap::default(),
             failed: HashSet::new(),
             grace,
+        };
+        let mut index = FxHashMap::with_capacity_and_hasher(initial.len(), Default::default());
+        let unique = initial
+            .iter()
+            .enumerate()
+            .all(|(i, m)| index.insert(m.id.clone(), i).is_none());
+        if unique {
+            members.busy = initial.iter().filter(|m| m.busy).count();
+            members.list = initial;
+            members.index = index;
+        } else {
+            // A list naming a member twice (the last one counts): one by
+            // one.
+            for info in initial {
+                members.insert(info);
+            }
         }
+        members
     }
 
     /// Whether updates carry [`MembershipEvent`]s for the application (by
@@ -150,37 +157,37 @@ impl Members {
 
     /// Every member's information, by id.
     pub fn snapshot(&self) -> Vec<MemberInfo> {
-        let mut all: Vec<MemberInfo> = self.members.values().map(|e| e.info.clone()).collect();
+        let mut all = self.list.clone();
         all.sort_unstable_by(|a, b| a.id.cmp(&b.id));
         all
     }
 
     /// How many members there are.
     pub fn len(&self) -> usize {
-        self.members.len()
+        self.list.len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.members.is_empty()
+        self.list.is_empty()
     }
 
     /// The member `id`, if it is one.
     pub fn get(&self, id: &str) -> Option<&MemberInfo> {
-        self.members.get(id).map(|e| &e.info)
+        self.index.get(id).map(|&i| &self.list[i])
     }
 
     /// The id of the member named `name`, shared with the table (no
     /// allocation), or a new one for a name not (or no longer) a member.
     pub fn id_of(&self, name: &str) -> NodeId {
-        self.members
+        self.index
             .get_key_value(name)
             .map_or_else(|| NodeId::new(name), |(id, _)| id.clone())
     }
 
     /// Whether `id` is a member.
     pub fn is_member(&self, id: &NodeId) -> bool {
-        self.members.contains_key(id)
+        self.index.contains_key(id)
     }
 
     /// The direct-channel address `id` announced.
@@ -205,9 +212,8 @@ impl Members {
             return None;
         }
         let in_group = |g: &str| -> Vec<&MemberInfo> {
-            self.members
-                .values()
-                .map(|e| &e.info)
+            self.list
+                .iter()
                 .filter(|m| {
                     m.services.iter().any(|s| s == service) && m.groups.iter().any(|mg| mg == g)
                 })
@@ -218,7 +224,7 @@ impl Members {
                 .get(id.as_str())
                 .filter(|m| m.busy)
                 .map(|m| m.id.clone()),
-            // The first by id, whatever the map's order.
+            // The first by id, whatever the list's order.
             Target::Group(g) => in_group(g)
                 .into_iter()
                 .filter(|m| m.busy)
@@ -235,21 +241,33 @@ impl Members {
         }
     }
 
-    /// Puts `entry` in, keeping the busy count.
-    fn insert(&mut self, id: NodeId, entry: Entry) {
-        self.busy += usize::from(entry.info.busy);
-        self.in_grace += usize::from(entry.gone_at.is_some());
-        if let Some(old) = self.members.insert(id, entry) {
-            self.busy -= usize::from(old.info.busy);
-            self.in_grace -= usize::from(old.gone_at.is_some());
+    /// Puts `info` in, connected (not waiting out a grace), keeping the
+    /// busy count. Whether it was waiting out its grace.
+    fn insert(&mut self, info: MemberInfo) -> bool {
+        let back = self.gone_at.remove(&info.id).is_some();
+        self.busy += usize::from(info.busy);
+        match self.index.get(&info.id) {
+            Some(&i) => {
+                let old = std::mem::replace(&mut self.list[i], info);
+                self.busy -= usize::from(old.busy);
+            }
+            None => {
+                self.index.insert(info.id.clone(), self.list.len());
+                self.list.push(info);
+            }
         }
+        back
     }
 
     /// Takes `id` out, keeping the busy count.
-    fn remove(&mut self, id: &NodeId) -> Option<Entry> {
-        let old = self.members.remove(id)?;
-        self.busy -= usize::from(old.info.busy);
-        self.in_grace -= usize::from(old.gone_at.is_some());
+    fn remove(&mut self, id: &NodeId) -> Option<MemberInfo> {
+        let at = self.index.remove(id)?;
+        self.gone_at.remove(id);
+        let old = self.list.swap_remove(at);
+        if let Some(moved) = self.list.get(at) {
+            self.index.insert(moved.id.clone(), at);
+        }
+        self.busy -= usize::from(old.busy);
         Some(old)
     }
 
@@ -257,9 +275,7 @@ impl Members {
     /// waiting out the failure timeout after a disconnect): an update of
     /// it changes nothing but its details.
     pub fn is_present(&self, id: &NodeId, incarnation: u64) -> bool {
-        self.members
-            .get(id)
-            .is_some_and(|e| e.info.incarnation == incarnation && e.gone_at.is_none())
+        self.is_live(id, incarnation) && !self.gone_at.contains_key(id)
     }
 
     /// Whether `incarnation` of `id` is the member now.
@@ -275,38 +291,30 @@ impl Members {
         match event {
             MemberEvent::Joined(info) | MemberEvent::Updated(info) => {
                 let id = info.id.clone();
-                let mut back = false;
                 update.changed = true;
-                match self.members.get(&id) {
-                    Some(e) if e.info.incarnation == info.incarnation => {
-                        back = e.gone_at.is_some();
-                        if report && e.info != info {
-                            update.events.push(MembershipEvent::Updated(info.clone()));
-                        }
-                    }
-                    Some(old) => {
+                let old = self.get(id.as_str());
+                let same = old.is_some_and(|old| old.incarnation == info.incarnation);
+                match old {
+                    Some(old) if !same => {
                         // A new incarnation: the old one is gone.
                         if report {
                             update.events.push(MembershipEvent::Left {
                                 id: id.clone(),
-                                incarnation: old.info.incarnation,
+                                incarnation: old.incarnation,
                                 reason: LeaveReason::Disconnected,
                             });
                             update.events.push(MembershipEvent::Joined(info.clone()));
                         }
                         update.changes.push(Change::Left(id.clone()));
                     }
+                    Some(old) if report && *old != info => {
+                        update.events.push(MembershipEvent::Updated(info.clone()));
+                    }
                     None if report => update.events.push(MembershipEvent::Joined(info.clone())),
-                    None => {}
+                    _ => {}
                 }
-                self.insert(
-                    id.clone(),
-                    Entry {
-                        info,
-                        gone_at: None,
-                    },
-                );
-                if back {
+                let back = self.insert(info);
+                if back && same {
                     update.changes.push(Change::Present(id));
                 }
             }
@@ -314,32 +322,29 @@ impl Members {
                 id,
                 incarnation,
                 reason,
-            } => match self.members.get_mut(&id) {
-                Some(e) if e.info.incarnation == incarnation => {
-                    update.changed = true;
-                    if reason == LeaveReason::Disconnected {
-                        // Maybe reconnecting: wait for the failure timeout.
-                        if e.gone_at.is_none() {
-                            e.gone_at = Some(now + self.grace);
-                            self.in_grace += 1;
-                        }
-                    } else {
-                        if reason == LeaveReason::Failed {
-                            self.failed.insert((id.clone(), incarnation));
-                        }
-                        self.remove(&id);
-                        if report {
-                            update.events.push(MembershipEvent::Left {
-                                id: id.clone(),
-                                incarnation,
-                                reason,
-                            });
-                        }
-                        update.changes.push(Change::Left(id));
-                    }
+            } => {
+                if !self.is_live(&id, incarnation) {
+                    return update;
                 }
-                _ => {}
-            },
+                update.changed = true;
+                if reason == LeaveReason::Disconnected {
+                    // Maybe reconnecting: wait for the failure timeout.
+                    self.gone_at.entry(id).or_insert(now + self.grace);
+                } else {
+                    if reason == LeaveReason::Failed {
+                        self.failed.insert((id.clone(), incarnation));
+                    }
+                    self.remove(&id);
+                    if report {
+                        update.events.push(MembershipEvent::Left {
+                            id: id.clone(),
+                            incarnation,
+                            reason,
+                        });
+                    }
+                    update.changes.push(Change::Left(id));
+                }
+            }
         }
         update
     }
@@ -351,12 +356,9 @@ impl Members {
         // A set, not a scan per member: welcomes to thousands of members
         // come all at once after a server restart.
         let listed: HashSet<&str> = current.iter().map(|m| m.id.as_str()).collect();
-        for e in self.members.values_mut() {
-            if !listed.contains(e.info.id.as_str()) {
-                if e.gone_at.is_none() {
-                    self.in_grace += 1;
-                }
-                e.gone_at = Some(now + self.grace);
+        for m in &self.list {
+            if !listed.contains(m.id.as_str()) {
+                self.gone_at.insert(m.id.clone(), now + self.grace);
             }
         }
         let mut update = Update::default();
@@ -371,28 +373,25 @@ impl Members {
 
     /// When the next disconnected member's grace runs out.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.in_grace == 0 {
-            return None;
-        }
-        self.members.values().filter_map(|e| e.gone_at).min()
+        self.gone_at.values().copied().min()
     }
 
     /// Declares gone the members whose grace ran out by `now`.
     pub fn handle_timeout(&mut self, now: Instant) -> Update {
-        if self.in_grace == 0 {
+        if self.gone_at.is_empty() {
             return Update::default();
         }
         let mut ids: Vec<NodeId> = self
-            .members
+            .gone_at
             .iter()
-            .filter(|(_, e)| e.gone_at.is_some_and(|t| t <= now))
+            .filter(|(_, t)| **t <= now)
             .map(|(id, _)| id.clone())
             .collect();
         // Told in order of id, whatever the map's order.
         ids.sort_unstable();
         let mut update = Update::default();
         for id in ids {
-            let Some(e) = self.remove(&id) else {
+            let Some(info) = self.remove(&id) else {
                 continue;
             };
             tracing::info!(node = %id, "member did not come back within the failure timeout");
@@ -400,7 +399,7 @@ impl Members {
             if self.report {
                 update.events.push(MembershipEvent::Left {
                     id: id.clone(),
-                    incarnation: e.info.incarnation,
+                    incarnation: info.incarnation,
                     reason: LeaveReason::Failed,
                 });
             }
@@ -492,6 +491,53 @@ mod tests {
         assert_eq!(q.changes, t.changes);
         assert_eq!(t.events.len(), 1);
         assert!(quiet.is_empty() && told.is_empty());
+    }
+
+    /// The list and its index stay one: members taken out from anywhere
+    /// (the last moves into the gap) and put back are all found, a list
+    /// naming a member twice keeps the last, and the busy count follows.
+    #[test]
+    fn members_taken_out_and_put_back_are_all_found() {
+        let t0 = Instant::now();
+        let mut busy_c = info("c", 1);
+        busy_c.busy = true;
+        let mut m = Members::new(
+            vec![
+                info("a", 1),
+                busy_c,
+                info("c", 2),
+                info("d", 1),
+                info("e", 1),
+            ],
+            Duration::from_secs(1),
+        );
+        assert_eq!(m.len(), 4, "c named twice counts once");
+        assert_eq!(m.get("c").map(|c| c.incarnation), Some(2), "the last c");
+        assert_eq!(m.busy_count(), 0);
+        let mut busy_e = info("e", 1);
+        busy_e.busy = true;
+        m.handle_event(t0, MemberEvent::Updated(busy_e));
+        assert_eq!(m.busy_count(), 1);
+        m.handle_event(t0, left("a", 1, LeaveReason::Stopped));
+        m.handle_event(t0, left("c", 2, LeaveReason::Failed));
+        assert_eq!(m.busy_count(), 1);
+        for (id, there) in [("a", false), ("c", false), ("d", true), ("e", true)] {
+            assert_eq!(m.is_member(&NodeId::new(id)), there, "{id}");
+            assert_eq!(
+                m.get(id).is_some_and(|x| x.id.as_str() == id),
+                there,
+                "{id}"
+            );
+        }
+        m.handle_event(t0, left("e", 1, LeaveReason::Stopped));
+        assert_eq!(m.busy_count(), 0);
+        m.handle_event(t0, MemberEvent::Joined(info("a", 2)));
+        m.handle_event(t0, MemberEvent::Joined(info("f", 1)));
+        let ids: Vec<String> = m.snapshot().iter().map(|x| x.id.to_string()).collect();
+        assert_eq!(ids, ["a", "d", "f"]);
+        for id in ["a", "d", "f"] {
+            assert_eq!(m.get(id).map(|x| x.id.as_str()), Some(id));
+        }
     }
 
     #[test]
