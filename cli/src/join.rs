@@ -118,13 +118,13 @@ fn member_line(m: &MemberInfo) -> String {
         Role::Server => "server",
         Role::Dispatcher => "dispatcher",
     };
-    let or_dash = |v: &[String]| {
+    fn or_dash<S: AsRef<str>>(v: &[S]) -> String {
         if v.is_empty() {
             "-".to_owned()
         } else {
-            v.join(",")
+            v.iter().map(AsRef::as_ref).collect::<Vec<_>>().join(",")
         }
-    };
+    }
     format!(
         "{:<24} {:<20} {:<10} {:<20} {:<24} {}",
         m.id.as_str(),

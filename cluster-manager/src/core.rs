@@ -366,7 +366,10 @@ impl<W> NodeCore<W> {
     pub fn is_session_peer(&self, peer: &NodeId) -> bool {
         *peer != self.config.id
             && self.members.get(peer.as_str()).is_some_and(|m| {
-                m.role == Role::Server && m.groups.iter().any(|g| self.config.groups.contains(g))
+                m.role == Role::Server
+                    && m.groups
+                        .iter()
+                        .any(|g| self.config.groups.iter().any(|c| c == g))
             })
     }
 

@@ -83,7 +83,7 @@ impl Pair {
                     id: info.id.clone(),
                     incarnation: info.incarnation,
                     role: Role::Server,
-                    groups: info.groups.clone(),
+                    groups: info.groups.iter().map(ToString::to_string).collect(),
                     lazy_threshold_bytes: 1 << 16,
                     lazy_services: vec!["*".into()],
                     auto_activate_messages: 0,

@@ -49,7 +49,7 @@ struct Entry {
 
 impl Entry {
     fn new(info: MemberInfo) -> Self {
-        let services = info.services.iter().cloned().collect();
+        let services = info.services.iter().map(ToString::to_string).collect();
         let mut entry = Entry {
             info,
             services,
@@ -109,7 +109,7 @@ impl RoutingTable {
         }
         for g in &info.groups {
             self.groups
-                .entry(g.clone())
+                .entry(g.to_string())
                 .or_default()
                 .insert(info.id.clone());
         }
@@ -125,10 +125,10 @@ impl RoutingTable {
         }
         let entry = self.nodes.remove(id)?;
         for g in &entry.info.groups {
-            if let Some(members) = self.groups.get_mut(g) {
+            if let Some(members) = self.groups.get_mut(g.as_str()) {
                 members.remove(id);
                 if members.is_empty() {
-                    self.groups.remove(g);
+                    self.groups.remove(g.as_str());
                 }
             }
         }
@@ -142,7 +142,7 @@ impl RoutingTable {
         if !entry.services.insert(service.to_owned()) {
             return None;
         }
-        entry.info.services.push(service.to_owned());
+        entry.info.services.push(service.into());
         entry.encode();
         Some(entry.info.clone())
     }
@@ -342,8 +342,8 @@ mod tests {
             id: NodeId::new(id),
             incarnation: 1,
             role: Role::Server,
-            groups: groups.iter().map(|s| s.to_string()).collect(),
-            services: services.iter().map(|s| s.to_string()).collect(),
+            groups: groups.iter().map(|s| (*s).into()).collect(),
+            services: services.iter().map(|s| (*s).into()).collect(),
             direct_addr: None,
             session_key: [0; 32],
             busy: false,

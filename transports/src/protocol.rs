@@ -11,7 +11,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use smol_str::SmolStr;
+/// The string type of names carried in member details
+/// ([`MemberInfo::groups`], [`MemberInfo::services`]): one of up to 23
+/// bytes is kept inline, so a member's details cost one allocation for
+/// each list, not one per name.
+pub use smol_str::SmolStr;
 
 /// The protocol version this build speaks. Peers with another version are
 /// refused at the handshake with [`RefusalReason::VersionMismatch`].
@@ -841,9 +845,9 @@ pub struct MemberInfo {
     /// Its role.
     pub role: Role,
     /// Groups it belongs to.
-    pub groups: Vec<String>,
+    pub groups: Vec<SmolStr>,
     /// Services it offers.
-    pub services: Vec<String>,
+    pub services: Vec<SmolStr>,
     /// Where it accepts direct channels.
     pub direct_addr: Option<SocketAddr>,
     /// The public half of its session key: a direct channel to or from

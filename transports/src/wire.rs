@@ -394,8 +394,8 @@ mod tests {
                     id: NodeId::from(format!("n-{i}-{}", rng.below(1000))),
                     incarnation: rng.number(),
                     role: Role::Server,
-                    groups: (0..rng.below(3)).map(|g| format!("g{g}")).collect(),
-                    services: (0..rng.below(3)).map(|s| format!("s{s}")).collect(),
+                    groups: (0..rng.below(3)).map(|g| format!("g{g}").into()).collect(),
+                    services: (0..rng.below(3)).map(|s| format!("s{s}").into()).collect(),
                     direct_addr: (rng.below(2) == 0)
                         .then(|| std::net::SocketAddr::from(([10, 0, 0, 1], 4000))),
                     session_key: [rng.below(256) as u8; 32],

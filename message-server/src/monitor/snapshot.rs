@@ -358,8 +358,8 @@ pub(crate) fn gather(
                 Role::Server => "server",
                 Role::Dispatcher => "dispatcher",
             },
-            groups: info.groups,
-            services: info.services,
+            groups: info.groups.iter().map(ToString::to_string).collect(),
+            services: info.services.iter().map(ToString::to_string).collect(),
             address: session.as_ref().map(|s| s.peer),
             direct_address: info.direct_addr,
             busy: session

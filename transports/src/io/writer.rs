@@ -845,7 +845,7 @@ mod tests {
             incarnation: i,
             role: crate::protocol::Role::Server,
             groups: vec![],
-            services: vec!["service".to_owned()],
+            services: vec!["service".into()],
             direct_addr: None,
             session_key: [7; 32],
             busy: false,
