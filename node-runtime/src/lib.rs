@@ -97,7 +97,7 @@ pub use stream::{BodyStream, StreamError};
 pub use trace::{Trace, TraceEvent};
 pub use transports::protocol::{
     DeadLetter, DeadLetterStats, DeadReason, DeliveryFailure, LeaveReason, MemberInfo, MessageKind,
-    NodeId, Priority, Role, Target, TraceRequest, Traced,
+    NodeId, Priority, Role, SmolStr, Target, TraceRequest, Traced,
 };
 pub use tune::TUNE_SERVICE;
 
