@@ -140,8 +140,10 @@ const MAX_P99_RATIO: f64 = 5.0;
 /// Largest multiple of the undisturbed p50 the flood over the lazy channel
 /// may reach: a message queued behind the flood waits for some of its
 /// megabytes (the flood kept on the message server: 5-8x), one that
-/// is not waits only for a core (1.0-1.3x measured).
-const MAX_FLOOD_P50_RATIO: f64 = 2.0;
+/// is not waits only for a core. That was 1.0-1.3x when measured first;
+/// on a busier day, 21 runs of a debug build on two cores gave 1.2-2.4x,
+/// and a bound of 2x failed 2 of them. 3x lies between the two cases.
+const MAX_FLOOD_P50_RATIO: f64 = 3.0;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_to_one_target_does_not_hold_up_the_others() -> anyhow::Result<()> {
