@@ -633,8 +633,78 @@ fn helper(name: &str) -> anyhow::Result<PathBuf> {
     })
 }
 
+/// Open files one process of a cluster of `nodes` may hold at once: the
+/// server a connection per node, and as many again being made while
+/// nodes rejoin after its restart; a node process four per node (its
+/// connection, direct listener, heartbeat socket and a channel); and a
+/// margin for the rest.
+pub fn open_files_needed(nodes: usize) -> u64 {
+    let server = (nodes + LATE_JOINERS) * 2;
+    let node_process = NODES_PER_PROCESS.min(nodes) * 4;
+    (server.max(node_process) + 256) as u64
+}
+
+/// This process' soft and hard limits on open files (`/proc/self/limits`;
+/// `u64::MAX`: unlimited).
+fn open_file_limits() -> anyhow::Result<(u64, u64)> {
+    let limits =
+        std::fs::read_to_string("/proc/self/limits").context("reading /proc/self/limits")?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .context("no open-file limit in /proc/self/limits")?;
+    let value = |v: Option<&str>| -> anyhow::Result<u64> {
+        match v {
+            Some("unlimited") => Ok(u64::MAX),
+            Some(v) => v.parse().with_context(|| format!("open-file limit {v:?}")),
+            None => bail!("no open-file limit in {line:?}"),
+        }
+    };
+    let mut words = line["Max open files".len()..].split_whitespace();
+    Ok((value(words.next())?, value(words.next())?))
+}
+
+/// Raises this process' soft limit on open files to what a cluster of
+/// `nodes` needs ([`open_files_needed`]), if it is lower, and says so on
+/// stderr; the server and the node processes it starts inherit it. With
+/// `prlimit` (util-linux): the workspace has no `unsafe` to call
+/// `setrlimit` with.
+///
+/// # Errors
+///
+/// The hard limit is lower than what is needed, or `prlimit` failed:
+/// one line saying which, and how to raise it.
+pub fn raise_open_file_limit(nodes: usize) -> anyhow::Result<()> {
+    let need = open_files_needed(nodes);
+    let (soft, hard) = open_file_limits()?;
+    if soft >= need {
+        return Ok(());
+    }
+    ensure!(
+        hard >= need,
+        "a cluster of {nodes} nodes needs {need} open files a process, and the hard limit is {hard}: raise it (as root: ulimit -Hn {need}), then run again"
+    );
+    let status = Command::new("prlimit")
+        .args([
+            "--pid",
+            &std::process::id().to_string(),
+            &format!("--nofile={need}:"),
+        ])
+        .status()
+        .context("running prlimit (util-linux) to raise the open-file limit")?;
+    ensure!(
+        status.success(),
+        "prlimit could not raise the open-file limit from {soft} to {need} ({status})"
+    );
+    eprintln!(
+        "scale: raised the open-file limit from {soft} to {need} for {nodes} nodes (the server and node processes inherit it)"
+    );
+    Ok(())
+}
+
 /// Runs the whole measurement for `nodes` nodes (at least 2), in a
-/// temporary directory under `dir`.
+/// temporary directory under `dir`. The open-file limit is raised first
+/// if the cluster needs it ([`raise_open_file_limit`]).
 ///
 /// # Errors
 ///
@@ -642,6 +712,7 @@ fn helper(name: &str) -> anyhow::Result<PathBuf> {
 /// within [`step_timeout`].
 pub fn run(nodes: usize, dir: &Path, broadcasts: usize) -> anyhow::Result<ScaleReport> {
     ensure!(nodes >= 2, "a scale run needs at least 2 nodes");
+    raise_open_file_limit(nodes)?;
     std::fs::create_dir_all(dir)?;
     let config = write_config(dir, nodes)?;
     let mut server = Server::start(
@@ -892,5 +963,41 @@ impl NodesArgs {
             prefix: get("--prefix")?,
             count: get("--count")?.parse().context("--count")?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With a soft limit lower than a 1,000-node cluster needs, the bench
+    /// raises it (the hard limit allows it) before it starts anything;
+    /// with one high enough, it leaves it alone.
+    #[test]
+    fn the_open_file_limit_is_raised_to_what_the_cluster_needs() -> anyhow::Result<()> {
+        let need = open_files_needed(1000);
+        let (_, hard) = open_file_limits()?;
+        ensure!(
+            hard >= need,
+            "this test needs a hard open-file limit of at least {need} (it is {hard})"
+        );
+        let lowered = Command::new("prlimit")
+            .args([
+                "--pid",
+                &std::process::id().to_string(),
+                &format!("--nofile={}:", need - 1),
+            ])
+            .status()
+            .context("this test needs prlimit (util-linux)")?;
+        ensure!(lowered.success(), "prlimit could not lower the soft limit");
+        ensure!(open_file_limits()?.0 == need - 1);
+        raise_open_file_limit(1000)?;
+        ensure!(open_file_limits()?.0 == need, "{:?}", open_file_limits()?);
+        raise_open_file_limit(100)?;
+        ensure!(
+            open_file_limits()?.0 == need,
+            "a lower need changes nothing"
+        );
+        Ok(())
     }
 }
