@@ -242,7 +242,12 @@ async fn a_four_gib_stream_from_a_file_takes_bounded_memory() -> anyhow::Result<
             .await??
         };
         ensure!(len == LEN);
-        let config = test_config();
+        // What is measured is memory and rate, not failure detection: a
+        // debug build moving gigabytes on two cores once left a node's
+        // connection to the server unanswered for test_config's 1 s, and
+        // the sender was declared failed mid-test. 5 s, the default.
+        let mut config = test_config();
+        config.cluster.failure_timeout_ms = cluster_config::DEFAULT_FAILURE_TIMEOUT_MS;
         let server = TestServer::start(config.clone()).await?;
         let a = server.node("a", &config).await?;
         let b = server.node("b", &config).await?;
