@@ -684,21 +684,26 @@ pub fn raise_open_file_limit(nodes: usize) -> anyhow::Result<()> {
         hard >= need,
         "a cluster of {nodes} nodes needs {need} open files a process, and the hard limit is {hard}: raise it (as root: ulimit -Hn {need}), then run again"
     );
+    set_soft_open_file_limit(need)
+        .with_context(|| format!("raising the open-file limit from {soft} to {need}"))?;
+    eprintln!(
+        "scale: raised the open-file limit from {soft} to {need} for {nodes} nodes (the server and node processes inherit it)"
+    );
+    Ok(())
+}
+
+/// Sets this process' soft limit on open files to `soft` (within the hard
+/// limit), with `prlimit` (util-linux).
+fn set_soft_open_file_limit(soft: u64) -> anyhow::Result<()> {
     let status = Command::new("prlimit")
         .args([
             "--pid",
             &std::process::id().to_string(),
-            &format!("--nofile={need}:"),
+            &format!("--nofile={soft}:"),
         ])
         .status()
-        .context("running prlimit (util-linux) to raise the open-file limit")?;
-    ensure!(
-        status.success(),
-        "prlimit could not raise the open-file limit from {soft} to {need} ({status})"
-    );
-    eprintln!(
-        "scale: raised the open-file limit from {soft} to {need} for {nodes} nodes (the server and node processes inherit it)"
-    );
+        .context("running prlimit (util-linux)")?;
+    ensure!(status.success(), "prlimit failed ({status})");
     Ok(())
 }
 
@@ -981,15 +986,7 @@ mod tests {
             hard >= need,
             "this test needs a hard open-file limit of at least {need} (it is {hard})"
         );
-        let lowered = Command::new("prlimit")
-            .args([
-                "--pid",
-                &std::process::id().to_string(),
-                &format!("--nofile={}:", need - 1),
-            ])
-            .status()
-            .context("this test needs prlimit (util-linux)")?;
-        ensure!(lowered.success(), "prlimit could not lower the soft limit");
+        set_soft_open_file_limit(need - 1).context("lowering the soft limit")?;
         ensure!(open_file_limits()?.0 == need - 1);
         raise_open_file_limit(1000)?;
         ensure!(open_file_limits()?.0 == need, "{:?}", open_file_limits()?);
